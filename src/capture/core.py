@@ -1,0 +1,502 @@
+"""The framework-neutral capture core that every adapter drives.
+
+An adapter translates framework events into four calls::
+
+    hook.begin_step(mode)            # a step starts; returns whether anything is saved
+    hook.offer(name, value, colls)   # a tensor is available (cheap no-op if not saved)
+    hook.end_step()                  # the step is over: its record goes to the writer
+    hook.close()
+
+and supplies a :class:`TensorOps` that computes reductions on the framework's
+device and copies raw values to host. On a step that is not saved,
+``begin_step`` costs a few comparisons and ``offer`` one attribute test.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from .. import reductions as red
+from ..backends import layout
+from ..backends.registry import get_storage
+from ..backends.shard import StepRecord, TensorRecord
+from ..config import (
+    BUILTIN_COLLECTIONS,
+    Collection,
+    ModeSaveConfig,
+    ReductionConfig,
+    SaveConfig,
+    SaveConfigLike,
+    compile_regexes,
+)
+from ..modes import Mode
+from .writer import ShardPolicy, TrialWriter, logger, register_for_exit
+
+CONFIG_ENV = "TENSORTAP_CONFIG"
+STOP_POLL_SECONDS = 1.0
+
+
+class TensorOps:
+    """How the core turns one framework's tensors into stored values.
+
+    The default handles NumPy arrays and anything ``numpy.asarray`` accepts.
+    Adapters override :meth:`prepare` to reduce on the device before copying.
+    """
+
+    def prepare(self, value: Any, keys: Sequence[str], raw: bool) -> tuple[np.ndarray | None, dict[str, float], str | None]:
+        """Return ``(raw copy or None, {reduction key: value}, original dtype or None)``.
+
+        Parameters
+        ----------
+        value
+            The tensor as the framework gave it.
+        keys
+            Reduction keys to compute (``"mean"``, ``"abs_max"``, ``"l2"``, ``"nan_count"``, ...).
+        raw
+            Whether a host copy of the whole tensor is wanted. The copy must not
+            share memory with the framework's tensor.
+        """
+        a = np.asarray(value)
+        if a.dtype.kind not in "biufc":
+            raise TypeError(f"cannot store a tensor of dtype {a.dtype} (numeric and bool only)")
+        return (np.array(a, copy=True) if raw else None), red.compute_many(a, list(keys)), None
+
+
+@dataclass(frozen=True)
+class _Plan:
+    collections: tuple[str, ...]
+    keys: tuple[str, ...]
+    raw: bool
+
+
+def _as_collection(name: str, cfg: Collection | Mapping[str, Any]) -> Collection:
+    if isinstance(cfg, Collection):
+        return cfg
+    if isinstance(cfg, Mapping):
+        return Collection(name=name, **dict(cfg))
+    raise ValueError(f"collection_configs[{name!r}]: expected a Collection or a dict, got {cfg!r}")
+
+
+def _default_rank() -> int:
+    for var in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
+class Hook:
+    """Framework-neutral hook: configuration, step bookkeeping and saving.
+
+    Parameters
+    ----------
+    out_dir
+        Local directory or fsspec URL of the trial.
+    save_config
+        A :class:`SaveConfig`, or a mapping of :class:`Mode` to SaveConfig.
+        Default: every 100 steps (every step for :class:`Writer`).
+    reduction_config
+        Default :class:`ReductionConfig` for collections without one; ``None``
+        saves raw tensors.
+    include_collections
+        Collections to save; default :attr:`default_collections`.
+    include_regex
+        Tensors whose name matches one of these are saved too (collection ``custom``).
+    save_all
+        Save every tensor the adapter offers.
+    collection_configs
+        ``{name: Collection or {"save_config": ..., "reduction_config": ..., "include_regex": [...]}}``.
+        Defines new collections or overrides built-in ones.
+    include_workers
+        ``"all"`` (every rank writes) or ``"one"`` (rank 0 only).
+    rank
+        The process's rank; default from ``RANK`` (and MPI/SLURM equivalents), else 0.
+    strict
+        Raise errors of the capture path instead of logging them once and disabling capture.
+    shard_policy
+        When shards are published (:class:`ShardPolicy`).
+    rules
+        Rules evaluated in-process on every saved step (see :mod:`tensortap.rules`).
+    storage_options
+        Passed to fsspec for URLs.
+    """
+
+    framework: ClassVar[str] = "numpy"
+    default_collections: ClassVar[tuple[str, ...]] = ("weights", "biases", "gradients", "losses", "metrics")
+    default_interval: ClassVar[int] = 100
+    # per-collection defaults an adapter sets, e.g. a coarser interval for SHAP
+    collection_defaults: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
+    ops: TensorOps = TensorOps()
+
+    def __init__(
+        self,
+        out_dir: str | os.PathLike[str],
+        save_config: SaveConfigLike | None = None,
+        reduction_config: ReductionConfig | None = None,
+        include_collections: Sequence[str] | None = None,
+        include_regex: Sequence[str] | None = None,
+        save_all: bool = False,
+        collection_configs: Mapping[str, Collection | Mapping[str, Any]] | None = None,
+        include_workers: str = "all",
+        rank: int | None = None,
+        strict: bool = False,
+        shard_policy: ShardPolicy | None = None,
+        rules: Sequence[Any] | None = None,
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.strict = bool(strict)
+        self.out_dir = os.fspath(out_dir)
+        self.save_config = ModeSaveConfig(save_config, SaveConfig(save_interval=self.default_interval))
+        if reduction_config is not None and not isinstance(reduction_config, ReductionConfig):
+            raise ValueError(f"reduction_config: expected a ReductionConfig or None, got {reduction_config!r}")
+        self.reduction_config = reduction_config
+        if include_workers not in ("all", "one"):
+            raise ValueError(f"include_workers: {include_workers!r} is not valid; valid: 'all', 'one'")
+        self.shard_policy = shard_policy or ShardPolicy()
+        if not isinstance(self.shard_policy, ShardPolicy):
+            raise ValueError(f"shard_policy: expected a ShardPolicy, got {shard_policy!r}")
+        self.collections: dict[str, Collection] = {n: Collection(n) for n in BUILTIN_COLLECTIONS}
+        for name, cfg in self.collection_defaults.items():
+            self.collections[name] = Collection(name=name, **dict(cfg))
+        for name, cfg in (collection_configs or {}).items():
+            self.collections[name] = _as_collection(name, cfg)
+        if include_regex:
+            custom = self.collections["custom"]
+            self.collections["custom"] = Collection(
+                "custom", tuple(include_regex), custom.save_config, custom.reduction_config
+            )
+        compile_regexes("include_regex", include_regex)
+        if isinstance(include_collections, str):
+            raise ValueError(f"include_collections: expected a list of names, got the string {include_collections!r}")
+        chosen = list(self.collections) if save_all else list(include_collections or self.default_collections)
+        if include_regex and "custom" not in chosen:
+            chosen.append("custom")
+        for name in chosen:
+            if name not in self.collections:
+                raise ValueError(
+                    f"include_collections: {name!r} is not a collection; valid: {', '.join(self.collections)} "
+                    "(define new ones with collection_configs)"
+                )
+        self.save_all = bool(save_all)
+        self.included = tuple(dict.fromkeys(chosen))
+        self._save_configs = {
+            n: ModeSaveConfig(c.save_config, self.save_config.default) if c.save_config is not None else self.save_config
+            for n, c in self.collections.items()
+        }
+        self._regex_collections = [c for c in self.collections.values() if c.include_regex]
+        self.rank = _default_rank() if rank is None else int(rank)
+        self.worker = layout.worker_name(self.rank)
+        self.rules = list(rules or [])
+        self.step_listeners: list[Callable[[StepRecord], None]] = []
+        self.mode = Mode.TRAIN
+        self.step = -1
+        self.mode_steps: dict[Mode, int] = {}
+        self.mode_step = -1
+        self._active: frozenset[str] = frozenset()
+        self._saving = False
+        self._in_step = False
+        self._records: list[TensorRecord] = []
+        self._plans: dict[tuple[str, tuple[str, ...], frozenset[str], bool], _Plan | None] = {}
+        self._failed = False
+        self._error: BaseException | None = None
+        self._stop_checked = 0.0
+        self._stop_request: dict[str, Any] | None = None
+        self.writer: TrialWriter | None = None
+        self.enabled = include_workers == "all" or self.rank == 0
+        self.storage = get_storage(self.out_dir, **dict(storage_options or {}))
+        if self.enabled:
+            try:
+                self.writer = TrialWriter(
+                    self.storage, self.worker, self.shard_policy, self._worker_info(), self._on_writer_error
+                )
+            except Exception as exc:
+                self._fail(exc, f"cannot write the trial at {self.out_dir}")
+        register_for_exit(self)
+        for rule in self.rules:
+            attach = getattr(rule, "attach_to_hook", None)
+            if attach is not None:
+                attach(self)
+
+    # ---------------------------------------------------------------- config
+    def _worker_info(self) -> dict[str, Any]:
+        return {
+            "framework": self.framework,
+            "format_version": layout.FORMAT_VERSION,
+            "save_config": self.save_config.to_json(),
+            "collections": {n: self.collections[n].to_json() for n in self.included},
+        }
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike[str], **overrides: Any) -> Hook:
+        """Build a hook from a JSON file (never pickled or eval'd).
+
+        Keys: ``out_dir``, ``save_config`` (one SaveConfig object, or one per mode name
+        plus ``"default"``), ``reduction_config``, ``include_collections``, ``include_regex``,
+        ``save_all``, ``collection_configs`` (name to ``{"save_config", "reduction_config",
+        "include_regex"}``), ``include_workers``, ``strict``, ``shard_policy``.
+        Keyword arguments override the file.
+        """
+        with open(path, encoding="utf-8") as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}: not valid JSON ({exc})") from None
+        return cls(**(cls._kwargs_from_json(data) | overrides))
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> Hook | None:
+        """Build a hook from the JSON file named by ``TENSORTAP_CONFIG``; None if it is unset."""
+        path = os.environ.get(CONFIG_ENV)
+        return cls.from_json(path, **overrides) if path else None
+
+    @classmethod
+    def _kwargs_from_json(cls, data: Any) -> dict[str, Any]:
+        valid = {
+            "out_dir", "save_config", "reduction_config", "include_collections", "include_regex",
+            "save_all", "collection_configs", "include_workers", "strict", "shard_policy",
+        }
+        if not isinstance(data, dict):
+            raise ValueError(f"config: expected a JSON object, got {type(data).__name__}")
+        unknown = set(data) - valid
+        if unknown:
+            raise ValueError(f"config: unknown key(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(valid))}")
+        kw = dict(data)
+        if "save_config" in kw:
+            kw["save_config"] = ModeSaveConfig.from_json(kw["save_config"])
+        if kw.get("reduction_config") is not None:
+            kw["reduction_config"] = ReductionConfig.from_json(kw["reduction_config"])
+        if "collection_configs" in kw:
+            kw["collection_configs"] = {
+                n: Collection.from_json({"name": n, **c}) for n, c in kw["collection_configs"].items()
+            }
+        if "shard_policy" in kw:
+            kw["shard_policy"] = ShardPolicy(**kw["shard_policy"])
+        return kw
+
+    # ------------------------------------------------------------------ steps
+    def set_mode(self, mode: Mode | str) -> None:
+        """Set the mode of the steps that follow."""
+        self.mode = Mode.parse(mode)
+
+    def begin_step(self, mode: Mode | str | None = None, step: int | None = None) -> bool:
+        """Start the next step and return whether anything is saved at it.
+
+        Parameters
+        ----------
+        mode
+            Mode of this step (default: the current mode).
+        step
+            Explicit global step number (must be greater than the last one); default: last + 1.
+        """
+        if mode is not None:
+            self.mode = Mode.parse(mode)
+        self.step = self.step + 1 if step is None else int(step)
+        self.mode_step = self.mode_steps.get(self.mode, -1) + 1
+        self.mode_steps[self.mode] = self.mode_step
+        self._in_step = True
+        if not self.enabled or self._failed:
+            self._saving = False
+            return False
+        active = frozenset(
+            n for n in (self.collections if self.save_all else self.included)
+            if self._save_configs[n].should_save(self.mode, self.mode_step)
+        )
+        self._active = active
+        self._saving = bool(active)
+        return self._saving
+
+    def is_saving(self, collection: str | None = None) -> bool:
+        """Whether the current step is saved (for ``collection``, if given)."""
+        if collection is None:
+            return self._saving
+        return self._saving and collection in self._active
+
+    def _plan(self, name: str, collections: tuple[str, ...], force: bool) -> _Plan | None:
+        key = (name, collections, self._active, force)
+        if key not in self._plans:
+            member = set(collections) | {c.name for c in self._regex_collections if c.matches(name)}
+            saved = sorted(member) if force or self.save_all else sorted(member & self._active)
+            if not saved:
+                self._plans[key] = None
+            else:
+                keys: dict[str, None] = {}
+                raw = False
+                for n in saved:
+                    rc = self.collections[n].reduction_config if n in self.collections else None
+                    rc = rc or self.reduction_config
+                    if rc is None:
+                        raw = True
+                    else:
+                        keys.update(dict.fromkeys(rc.keys))
+                        raw = raw or rc.saves_raw
+                self._plans[key] = _Plan(tuple(sorted(member)), tuple(keys), raw)
+        return self._plans[key]
+
+    def offer(self, name: str, value: Any, collections: Sequence[str] = ("custom",), force: bool = False) -> None:
+        """Offer a tensor at the current step; it is saved if one of its collections is.
+
+        Parameters
+        ----------
+        name
+            The tensor's name (any string).
+        value
+            The tensor, in the adapter's framework (see :attr:`ops`).
+        collections
+            Collections the tensor belongs to.
+        force
+            Save it on this saved step whatever ``include_collections`` says.
+        """
+        if not self._saving:
+            return
+        plan = self._plan(name, tuple(collections), force)
+        if plan is None:
+            return
+        try:
+            raw, values, orig = self.ops.prepare(value, plan.keys, plan.raw)
+        except Exception as exc:
+            self._fail(exc, f"cannot convert tensor {name!r} at step {self.step}")
+            return
+        self._records.append(TensorRecord(name, plan.collections, raw, values, orig))
+
+    def save_tensor(self, name: str, value: Any, collections: Sequence[str] = ("custom",)) -> None:
+        """Save ``value`` under ``name`` on the current step if it is saved, whatever the collections."""
+        self.offer(name, value, tuple(collections), force=True)
+
+    def save_scalar(self, name: str, value: Any, collections: Sequence[str] = ("metrics",)) -> None:
+        """Save a scalar as ``<first collection>/<name>`` on the current step if it is saved."""
+        colls = tuple(collections) or ("metrics",)
+        self.offer(f"{colls[0]}/{name}", np.asarray(value), colls, force=True)
+
+    def end_step(self) -> None:
+        """End the current step and hand its record to the writer."""
+        self._in_step = False
+        if not self._saving:
+            return
+        self._saving = False
+        records, self._records = self._records, []
+        if not records or self.writer is None:
+            return
+        record = StepRecord(self.step, int(self.mode), self.mode_step, records)
+        for listener in self.step_listeners:
+            listener(record)
+        self.writer.add_step(record)
+        self._raise_if_strict()
+
+    @contextmanager
+    def stepping(self, mode: Mode | str | None = None, step: int | None = None) -> Iterator[bool]:
+        """``with hook.stepping(): ...`` brackets one step; yields whether it is saved."""
+        saving = self.begin_step(mode, step)
+        try:
+            yield saving
+        finally:
+            self.end_step()
+
+    # --------------------------------------------------------------- control
+    @property
+    def should_stop(self) -> bool:
+        """True once a stop request was written into the trial (polled at most once a second)."""
+        if self._stop_request is None and time.monotonic() - self._stop_checked >= STOP_POLL_SECONDS:
+            self._stop_checked = time.monotonic()
+            try:
+                if self.storage.exists(layout.STOP_REQUEST):
+                    self._stop_request = self.storage.read_json(layout.STOP_REQUEST)
+            except (OSError, ValueError):
+                pass
+        return self._stop_request is not None
+
+    @property
+    def stop_reason(self) -> str | None:
+        """The reason given by the stop request, once :attr:`should_stop` is true."""
+        return None if self._stop_request is None else str(self._stop_request.get("reason", ""))
+
+    # -------------------------------------------------------------- failures
+    def _fail(self, exc: BaseException, context: str) -> None:
+        if self.strict:
+            raise RuntimeError(f"tensortap: {context}: {exc}") from exc
+        if not self._failed:
+            logger.error("tensortap: %s: %s; capture is disabled, training continues", context, exc, exc_info=exc)
+        self._failed = True
+        self._saving = False
+
+    def _on_writer_error(self, exc: BaseException) -> None:
+        self._error = exc
+        if not self.strict:
+            self._fail(exc, f"cannot publish a shard to {self.out_dir}")
+
+    def _raise_if_strict(self) -> None:
+        if self.strict and self._error is not None:
+            exc, self._error = self._error, None
+            raise RuntimeError(f"tensortap: cannot publish a shard to {self.out_dir}: {exc}") from exc
+
+    @property
+    def failed(self) -> bool:
+        """True once capture disabled itself after an error."""
+        return self._failed
+
+    # --------------------------------------------------------------- closing
+    def flush(self) -> None:
+        """Publish everything saved so far (a partial shard) and wait for it."""
+        if self.writer is not None:
+            self.writer.flush()
+            self._raise_if_strict()
+
+    def close(self, reason: str = "closed") -> None:
+        """Publish what is left and mark this worker's training as ended. Idempotent."""
+        if self._in_step:
+            self.end_step()
+        if self.writer is not None:
+            if self._stop_request is not None and reason == "closed":
+                reason = "stop_request"
+            self._close_writer(reason)
+            self._raise_if_strict()
+
+    def close_for_exit(self, reason: str) -> None:
+        """Close at interpreter exit or SIGTERM, dropping a step still in progress."""
+        self._in_step = False
+        self._saving = False
+        self._records = []
+        self._close_writer(reason)
+
+    def _close_writer(self, reason: str) -> None:
+        if self.writer is not None:
+            last = self.step if self.step >= 0 else None
+            self.writer.close(reason, last, {m.name: s for m, s in self.mode_steps.items()})
+
+    def __enter__(self) -> Hook:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Writer(Hook):
+    """Capture from plain NumPy, without a framework.
+
+    Saves every step by default and every collection offered::
+
+        with tensortap.capture.Writer("/tmp/run") as w:
+            for step in range(10):
+                with w.stepping():
+                    w.save("losses/loss", np.float32(loss), collections=["losses"])
+    """
+
+    default_interval = 1
+
+    def __init__(self, out_dir: str | os.PathLike[str], **kwargs: Any) -> None:
+        if "include_collections" not in kwargs and not kwargs.get("include_regex"):
+            kwargs.setdefault("save_all", True)
+        super().__init__(out_dir, **kwargs)
+
+    def save(self, name: str, value: Any, collections: Sequence[str] = ("custom",)) -> None:
+        """Offer ``value`` under ``name`` at the current step (see :meth:`Hook.offer`)."""
+        if not self._in_step:
+            raise RuntimeError("Writer.save: no step is open; call begin_step() or use `with writer.stepping():`")
+        self.offer(name, value, tuple(collections))

@@ -1,0 +1,50 @@
+"""Training modes and step states shared by the write and the read side."""
+
+from __future__ import annotations
+
+import enum
+
+
+class Mode(enum.IntEnum):
+    """The phase a step belongs to.
+
+    Values are stored on disk as small integers; never renumber them.
+    """
+
+    TRAIN = 1
+    EVAL = 2
+    PREDICT = 3
+    GLOBAL = 4
+
+    @classmethod
+    def parse(cls, value: Mode | str | int) -> Mode:
+        """Return the mode named by ``value`` (a Mode, its name or its number).
+
+        Raises
+        ------
+        ValueError
+            If ``value`` names no mode; the message lists the valid names.
+        """
+        if isinstance(value, Mode):
+            return value
+        if isinstance(value, str):
+            try:
+                return cls[value.upper()]
+            except KeyError:
+                pass
+        elif isinstance(value, int):
+            try:
+                return cls(value)
+            except ValueError:
+                pass
+        raise ValueError(
+            f"mode: {value!r} is not a mode; valid: {', '.join(m.name for m in cls)}"
+        )
+
+
+class StepState(enum.Enum):
+    """Answer of :meth:`tensortap.trial.Trial.has_passed_step`."""
+
+    AVAILABLE = "available"
+    NOT_YET_AVAILABLE = "not_yet_available"
+    UNAVAILABLE = "unavailable"
