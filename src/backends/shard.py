@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,23 +25,21 @@ from .layout import FORMAT_VERSION
 SHARD_MAGIC = "tensortap-shard"
 INDEX_MAGIC = "tensortap-index"
 ALL_STEPS = "*"
-_STACK_LIMIT = 64 << 20  # stack a tensor's steps in memory below this many bytes
 
 
 @dataclass
 class TensorRecord:
-    """One tensor at one step, ready to store."""
+    """One tensor at one step, as handed to step listeners (in-process rules).
+
+    ``raw`` is a view into the shard buffer: valid while the listener runs;
+    copy what you keep.
+    """
 
     name: str
     collections: tuple[str, ...]
     raw: np.ndarray | None = None
     reductions: dict[str, float] = field(default_factory=dict)
     orig_dtype: str | None = None
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes this record adds to a shard (roughly)."""
-        return (self.raw.nbytes if self.raw is not None else 0) + 16 * len(self.reductions) + 64
 
 
 @dataclass
@@ -52,6 +52,206 @@ class StepRecord:
     tensors: list[TensorRecord] = field(default_factory=list)
 
 
+class BufferPool:
+    """Recycles the stacked arrays of published shards, so that steady-state capture
+    copies each value once into memory that is already mapped (no page faults)."""
+
+    def __init__(self, max_bytes: int = 1 << 30) -> None:
+        self.max_bytes = max_bytes
+        self._free: dict[tuple[str, tuple[int, ...]], list[np.ndarray]] = {}
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, dtype: np.dtype[Any], shape: tuple[int, ...], rows: int) -> np.ndarray:
+        """An uninitialised array of at least ``rows`` rows of ``shape``."""
+        with self._lock:
+            free = self._free.get((dtype.str, shape))
+            if free:
+                for i, arr in enumerate(free):
+                    if arr.shape[0] >= rows:
+                        self._bytes -= arr.nbytes
+                        return free.pop(i)
+        return np.empty((rows, *shape), dtype=dtype)
+
+    def put(self, arr: np.ndarray) -> None:
+        """Give back ``arr`` unless a view of it is still referenced elsewhere, or the pool is full."""
+        # references: the caller's variable, getrefcount's argument and ours
+        if sys.getrefcount(arr) > 3 or self._bytes + arr.nbytes > self.max_bytes:
+            return
+        with self._lock:
+            self._free.setdefault((arr.dtype.str, arr.shape[1:]), []).append(arr)
+            self._bytes += arr.nbytes
+
+    def clear(self) -> None:
+        """Drop every pooled array."""
+        with self._lock:
+            self._free.clear()
+            self._bytes = 0
+
+
+POOL = BufferPool()
+_FIRST_ROWS = 8
+
+
+class _Column:
+    """One tensor's values within the shard being built."""
+
+    __slots__ = ("collections", "data", "n", "orig_dtype", "ragged", "red", "steps")
+
+    def __init__(self) -> None:
+        self.collections: set[str] = set()
+        self.steps: list[int] = []  # steps with a raw value
+        self.data: np.ndarray | None = None  # stacked rows while every value has one shape and dtype
+        self.n = 0
+        self.ragged: list[np.ndarray] | None = None
+        self.red: list[tuple[int, str, float]] = []
+        self.orig_dtype: str | None = None
+
+    def add_raw(self, step: int, value: np.ndarray) -> np.ndarray:
+        self.steps.append(step)
+        if self.data is not None and self.n == 0 and self.conflicts(value):
+            self.release()
+        if self.ragged is None and self.data is None:
+            self.data = POOL.get(value.dtype, value.shape, _FIRST_ROWS)
+        elif self.ragged is None and self.data is not None and self.data.shape[1:] != value.shape:
+            self.ragged = [self.data[i].copy() for i in range(self.n)]
+            POOL.put(self.data)
+            self.data, self.n = None, 0
+        if self.ragged is not None:
+            self.ragged.append(np.array(value, copy=True))
+            return self.ragged[-1]
+        assert self.data is not None
+        if self.n == self.data.shape[0]:
+            bigger = POOL.get(self.data.dtype, self.data.shape[1:], 2 * self.n)
+            bigger[: self.n] = self.data[: self.n]
+            POOL.put(self.data)
+            self.data = bigger
+        self.data[self.n] = value
+        self.n += 1
+        return self.data[self.n - 1]
+
+    def conflicts(self, value: np.ndarray) -> bool:
+        """Whether ``value`` has another dtype than the values stored (one dtype per tensor and shard)."""
+        if self.ragged is not None:
+            return bool(self.ragged) and self.ragged[0].dtype != value.dtype
+        return self.data is not None and self.data.dtype != value.dtype
+
+    def pop_raw(self) -> None:
+        self.steps.pop()
+        if self.ragged is not None:
+            self.ragged.pop()
+        else:
+            self.n -= 1
+
+    def last_raw(self) -> np.ndarray:
+        return self.ragged[-1] if self.ragged is not None else self.data[self.n - 1]  # type: ignore[index]
+
+    def values(self) -> list[np.ndarray] | np.ndarray:
+        if self.ragged is not None:
+            return self.ragged
+        assert self.data is not None
+        return self.data[: self.n]
+
+    def release(self) -> None:
+        if self.data is not None:
+            data, self.data = self.data, None
+            POOL.put(data)
+
+
+class ShardBuffer:
+    """The shard being built: values are copied once, at :meth:`stage`, into
+    per-tensor stacked arrays; a step counts once :meth:`commit` is called."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[int, int, int]] = []
+        self.columns: dict[str, _Column] = {}
+        self.nbytes = 0
+        self._staged: list[tuple[str, int, bool, int]] = []  # name, step, raw added, reductions added
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    @property
+    def staging(self) -> bool:
+        """Whether values of a step that is not committed yet are in the buffer."""
+        return bool(self._staged)
+
+    def stage(
+        self,
+        step: int,
+        name: str,
+        collections: Sequence[str],
+        raw: np.ndarray | None,
+        reductions: dict[str, float],
+        orig_dtype: str | None,
+    ) -> np.ndarray | None:
+        """Copy one tensor of the step in progress into the buffer; return the stored raw value."""
+        col = self.columns.get(name)
+        if col is None:
+            col = self.columns[name] = _Column()
+        col.collections.update(collections)
+        if orig_dtype:
+            col.orig_dtype = orig_dtype
+        stored = None
+        if raw is not None:
+            if col.steps and col.steps[-1] == step:  # the same name twice in one step: last wins
+                col.pop_raw()
+                self._staged = [(n, s, r and n != name, k) for n, s, r, k in self._staged]
+            stored = col.add_raw(step, raw)
+            self.nbytes += raw.nbytes
+        col.red.extend((step, k, float(v)) for k, v in reductions.items())
+        self.nbytes += 24 * len(reductions) + 64
+        self._staged.append((name, step, raw is not None, len(reductions)))
+        return stored
+
+    def conflicts(self, name: str, raw: np.ndarray | None) -> bool:
+        """Whether staging ``raw`` under ``name`` would change the tensor's dtype within this shard."""
+        col = self.columns.get(name)
+        if raw is None or col is None:
+            return False
+        if col.steps and col.steps[-1] == self._step_in_progress():
+            return False  # replaces this step's value
+        return col.conflicts(raw)
+
+    def _step_in_progress(self) -> int | None:
+        return self._staged[-1][1] if self._staged else None
+
+    def detach_staged(self) -> ShardBuffer:
+        """Move the values of the step in progress into a new buffer, and return it."""
+        moved = ShardBuffer()
+        for name, step, raw, n_red in self._staged:
+            col = self.columns[name]
+            value = np.array(col.last_raw(), copy=True) if raw else None
+            reds = {k: v for _, k, v in col.red[len(col.red) - n_red :]}
+            moved.stage(step, name, sorted(col.collections), value, reds, col.orig_dtype)
+        self.rollback()
+        return moved
+
+    def commit(self, step: int, mode: int, mode_step: int) -> None:
+        """The step in progress is complete."""
+        self.steps.append((step, mode, mode_step))
+        self._staged = []
+
+    def rollback(self) -> None:
+        """Drop the values of the step in progress."""
+        for name, _, raw, n_red in reversed(self._staged):
+            col = self.columns[name]
+            if raw:
+                col.pop_raw()
+            if n_red:
+                del col.red[-n_red:]
+            if not col.steps and not col.red:
+                col.release()
+                del self.columns[name]
+        self._staged = []
+
+    def release(self) -> None:
+        """Give the stacked arrays back to the pool (after the shard is written)."""
+        for col in self.columns.values():
+            col.release()
+        self.columns = {}
+
+
 def _json_dataset(group: h5py.Group, name: str, obj: Any) -> None:
     data = np.frombuffer(json.dumps(obj, ensure_ascii=False).encode("utf-8"), dtype=np.uint8)
     group.create_dataset(name, data=data)
@@ -62,52 +262,39 @@ def read_json_dataset(ds: h5py.Dataset) -> Any:
     return json.loads(ds[()].tobytes().decode("utf-8"))
 
 
-def _write_raw(group: h5py.Group, items: list[tuple[int, np.ndarray]], compression: str | None) -> dict[str, Any]:
-    steps = np.array([s for s, _ in items], dtype=np.int64)
-    arrays = [a for _, a in items]
-    dtype = np.result_type(*arrays) if len({a.dtype for a in arrays}) > 1 else arrays[0].dtype
-    group.create_dataset("steps", data=steps)
-    shapes = {a.shape for a in arrays}
-    opts: dict[str, Any] = {}
-    if compression:
-        opts = {"compression": compression, "shuffle": True}
-    if len(shapes) == 1:
-        shape = arrays[0].shape
-        total = sum(a.nbytes for a in arrays)
-        if compression and (len(arrays) * int(np.prod(shape, dtype=np.int64)) == 0):
-            opts = {}
-        if total <= _STACK_LIMIT:
-            group.create_dataset("data", data=np.stack(arrays).astype(dtype, copy=False), **opts)
-        else:
-            ds = group.create_dataset("data", shape=(len(arrays), *shape), dtype=dtype, **opts)
-            for i, a in enumerate(arrays):
-                ds[i] = a
+def _write_raw(group: h5py.Group, col: _Column, compression: str | None) -> dict[str, Any]:
+    group.create_dataset("steps", data=np.array(col.steps, dtype=np.int64))
+    values = col.values()
+    opts: dict[str, Any] = {"compression": compression, "shuffle": True} if compression else {}
+    if isinstance(values, np.ndarray):
+        group.create_dataset("data", data=values, **(opts if values.size else {}))
         group.attrs["layout"] = "fixed"
-    else:
-        ndim = max(a.ndim for a in arrays)
-        flat = np.concatenate([a.astype(dtype, copy=False).ravel() for a in arrays])
-        offsets = np.zeros(len(arrays) + 1, dtype=np.int64)
-        offsets[1:] = np.cumsum([a.size for a in arrays])
-        shp = np.full((len(arrays), ndim), -1, dtype=np.int64)
-        for i, a in enumerate(arrays):
-            shp[i, : a.ndim] = a.shape
-        group.create_dataset("data", data=flat, **(opts if flat.size else {}))
-        group.create_dataset("offsets", data=offsets)
-        group.create_dataset("shapes", data=shp)
-        group.create_dataset("ndims", data=np.array([a.ndim for a in arrays], dtype=np.int8))
-        group.attrs["layout"] = "ragged"
-    return {"dtype": str(np.dtype(dtype)), "shape": list(arrays[-1].shape)}
+        return {"dtype": str(values.dtype), "shape": list(values.shape[1:])}
+    dtype = np.result_type(*values)
+    ndim = max(a.ndim for a in values)
+    flat = np.concatenate([a.astype(dtype, copy=False).ravel() for a in values])
+    offsets = np.zeros(len(values) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([a.size for a in values])
+    shapes = np.full((len(values), ndim), -1, dtype=np.int64)
+    for i, a in enumerate(values):
+        shapes[i, : a.ndim] = a.shape
+    group.create_dataset("data", data=flat, **(opts if flat.size else {}))
+    group.create_dataset("offsets", data=offsets)
+    group.create_dataset("shapes", data=shapes)
+    group.create_dataset("ndims", data=np.array([a.ndim for a in values], dtype=np.int8))
+    group.attrs["layout"] = "ragged"
+    return {"dtype": str(np.dtype(dtype)), "shape": list(values[-1].shape)}
 
 
 def write_shard(
     path: str,
     worker: str,
     seq: int,
-    steps: Sequence[StepRecord],
+    buffer: ShardBuffer,
     shard_key: str,
     compression: str | None = None,
 ) -> dict[str, Any]:
-    """Write ``steps`` into a new HDF5 file at ``path`` and return its index record.
+    """Write the committed steps of ``buffer`` into a new HDF5 file at ``path``; return its index record.
 
     Parameters
     ----------
@@ -115,19 +302,15 @@ def write_shard(
         Local file to create (the caller publishes it afterwards).
     worker, seq
         Written into the file's attributes and the index record.
-    steps
-        The saved steps, in order.
+    buffer
+        The steps to write (no step may be in progress).
     shard_key
         The key under which the shard will be published (recorded in the index record).
     compression
         ``None`` (default, fastest), ``"gzip"`` or ``"lzf"``: built-in HDF5 filters only.
     """
-    by_name: dict[str, list[tuple[int, TensorRecord]]] = {}
-    for i, st in enumerate(steps):
-        for rec in st.tensors:
-            by_name.setdefault(rec.name, []).append((i, rec))
-    names = sorted(by_name)
-    step_numbers = [st.step for st in steps]
+    names = sorted(buffer.columns)
+    n_steps = len(buffer.steps)
     tensors_index: dict[str, Any] = {}
     red_rows: list[tuple[int, int, str, float]] = []
     with h5py.File(path, "w", libver=("v110", "v110")) as f:
@@ -135,36 +318,29 @@ def write_shard(
         f.attrs["format_version"] = FORMAT_VERSION
         f.attrs["worker"] = worker
         f.attrs["seq"] = seq
+        steps = np.array(buffer.steps, dtype=np.int64).reshape(n_steps, 3)
         st_group = f.create_group("steps")
-        st_group.create_dataset("step", data=np.array(step_numbers, dtype=np.int64))
-        st_group.create_dataset("mode", data=np.array([st.mode for st in steps], dtype=np.int8))
-        st_group.create_dataset("mode_step", data=np.array([st.mode_step for st in steps], dtype=np.int64))
+        st_group.create_dataset("step", data=steps[:, 0])
+        st_group.create_dataset("mode", data=steps[:, 1].astype(np.int8))
+        st_group.create_dataset("mode_step", data=steps[:, 2])
         _json_dataset(f, "names", names)
         tgroup = f.create_group("tensors")
         for tid, name in enumerate(names):
-            recs = by_name[name]
+            col = buffer.columns[name]
             g = tgroup.create_group(str(tid))
-            collections = sorted({c for _, r in recs for c in r.collections})
+            collections = sorted(col.collections)
             g.attrs["collections"] = json.dumps(collections)
             entry: dict[str, Any] = {"id": tid, "collections": collections}
-            raw_items = [(step_numbers[i], r.raw) for i, r in recs if r.raw is not None]
-            if raw_items:
-                entry.update(_write_raw(g, raw_items, compression))
-                entry["raw_steps"] = ALL_STEPS if len(raw_items) == len(steps) else [s for s, _ in raw_items]
-            orig = {r.orig_dtype for _, r in recs if r.orig_dtype}
-            if orig:
-                g.attrs["orig_dtype"] = entry["orig_dtype"] = sorted(orig)[0]
-            red_steps = []
-            keys: set[str] = set()
-            for i, r in recs:
-                if r.reductions:
-                    red_steps.append(step_numbers[i])
-                    for k, v in r.reductions.items():
-                        red_rows.append((tid, step_numbers[i], k, float(v)))
-                        keys.add(k)
-            if red_steps:
-                entry["reductions"] = sorted(keys)
-                entry["reduction_steps"] = ALL_STEPS if len(red_steps) == len(steps) else red_steps
+            if col.steps:
+                entry.update(_write_raw(g, col, compression))
+                entry["raw_steps"] = ALL_STEPS if len(col.steps) == n_steps else list(col.steps)
+            if col.orig_dtype:
+                g.attrs["orig_dtype"] = entry["orig_dtype"] = col.orig_dtype
+            if col.red:
+                red_steps = sorted({s for s, _, _ in col.red})
+                entry["reductions"] = sorted({k for _, k, _ in col.red})
+                entry["reduction_steps"] = ALL_STEPS if len(red_steps) == n_steps else red_steps
+                red_rows.extend((tid, s, k, v) for s, k, v in col.red)
             tensors_index[name] = entry
         kinds = sorted({k for _, _, k, _ in red_rows})
         kind_id = {k: i for i, k in enumerate(kinds)}
@@ -181,7 +357,7 @@ def write_shard(
         "seq": seq,
         "shard": shard_key,
         "bytes": os.path.getsize(path),
-        "steps": [[st.step, st.mode, st.mode_step] for st in steps],
+        "steps": [list(s) for s in buffer.steps],
         "tensors": tensors_index,
     }
 

@@ -36,6 +36,7 @@ from ..config import (
     ReductionConfig,
     SaveConfig,
     SaveConfigLike,
+    check_keys,
     compile_regexes,
 )
 from ..modes import Mode
@@ -53,7 +54,7 @@ class TensorOps:
     """
 
     def prepare(self, value: Any, keys: Sequence[str], raw: bool) -> tuple[np.ndarray | None, dict[str, float], str | None]:
-        """Return ``(raw copy or None, {reduction key: value}, original dtype or None)``.
+        """Return ``(raw host array or None, {reduction key: value}, original dtype or None)``.
 
         Parameters
         ----------
@@ -62,13 +63,14 @@ class TensorOps:
         keys
             Reduction keys to compute (``"mean"``, ``"abs_max"``, ``"l2"``, ``"nan_count"``, ...).
         raw
-            Whether a host copy of the whole tensor is wanted. The copy must not
-            share memory with the framework's tensor.
+            Whether the whole tensor is wanted on the host. The array returned may
+            share memory with the framework's tensor: the core copies it into the
+            shard buffer before ``offer`` returns, so an extra copy here is waste.
         """
         a = np.asarray(value)
         if a.dtype.kind not in "biufc":
             raise TypeError(f"cannot store a tensor of dtype {a.dtype} (numeric and bool only)")
-        return (np.array(a, copy=True) if raw else None), red.compute_many(a, list(keys)), None
+        return (a if raw else None), red.compute_many(a, list(keys)), None
 
 
 @dataclass(frozen=True)
@@ -135,6 +137,8 @@ class Hook:
     # per-collection defaults an adapter sets, e.g. a coarser interval for SHAP
     collection_defaults: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
     ops: TensorOps = TensorOps()
+    # minimum seconds between two looks for a stop request (class or instance attribute)
+    stop_poll_seconds: float = STOP_POLL_SECONDS
 
     def __init__(
         self,
@@ -212,6 +216,12 @@ class Hook:
         self.writer: TrialWriter | None = None
         self.enabled = include_workers == "all" or self.rank == 0
         self.storage = get_storage(self.out_dir, **dict(storage_options or {}))
+        # rules may widen what is captured (require_capture), so they attach before the
+        # worker record, which lists the collections, is written
+        for rule in self.rules:
+            attach = getattr(rule, "attach_to_hook", None)
+            if attach is not None:
+                attach(self)
         if self.enabled:
             try:
                 self.writer = TrialWriter(
@@ -220,10 +230,6 @@ class Hook:
             except Exception as exc:
                 self._fail(exc, f"cannot write the trial at {self.out_dir}")
         register_for_exit(self)
-        for rule in self.rules:
-            attach = getattr(rule, "attach_to_hook", None)
-            if attach is not None:
-                attach(self)
 
     # ---------------------------------------------------------------- config
     def _worker_info(self) -> dict[str, Any]:
@@ -274,11 +280,14 @@ class Hook:
         if kw.get("reduction_config") is not None:
             kw["reduction_config"] = ReductionConfig.from_json(kw["reduction_config"])
         if "collection_configs" in kw:
-            kw["collection_configs"] = {
-                n: Collection.from_json({"name": n, **c}) for n, c in kw["collection_configs"].items()
-            }
+            configs = kw["collection_configs"]
+            if not isinstance(configs, dict):
+                raise ValueError(f"collection_configs: expected an object of name to collection, got {configs!r}")
+            for n, c in configs.items():
+                check_keys(f"collection_configs[{n!r}]", c, {"include_regex", "save_config", "reduction_config"})
+            kw["collection_configs"] = {n: Collection.from_json({"name": n, **c}) for n, c in configs.items()}
         if "shard_policy" in kw:
-            kw["shard_policy"] = ShardPolicy(**kw["shard_policy"])
+            kw["shard_policy"] = ShardPolicy.from_json(kw["shard_policy"])
         return kw
 
     # ------------------------------------------------------------------ steps
@@ -359,12 +368,15 @@ class Hook:
         plan = self._plan(name, tuple(collections), force)
         if plan is None:
             return
+        if self.writer is None:
+            return
         try:
             raw, values, orig = self.ops.prepare(value, plan.keys, plan.raw)
+            stored = self.writer.stage(self.step, name, plan.collections, raw, values, orig)
         except Exception as exc:
             self._fail(exc, f"cannot convert tensor {name!r} at step {self.step}")
             return
-        self._records.append(TensorRecord(name, plan.collections, raw, values, orig))
+        self._records.append(TensorRecord(name, plan.collections, stored, values, orig))
 
     def save_tensor(self, name: str, value: Any, collections: Sequence[str] = ("custom",)) -> None:
         """Save ``value`` under ``name`` on the current step if it is saved, whatever the collections."""
@@ -384,10 +396,11 @@ class Hook:
         records, self._records = self._records, []
         if not records or self.writer is None:
             return
-        record = StepRecord(self.step, int(self.mode), self.mode_step, records)
-        for listener in self.step_listeners:
-            listener(record)
-        self.writer.add_step(record)
+        if self.step_listeners:
+            record = StepRecord(self.step, int(self.mode), self.mode_step, records)
+            for listener in self.step_listeners:
+                listener(record)
+        self.writer.commit(self.step, int(self.mode), self.mode_step)
         self._raise_if_strict()
 
     @contextmanager
@@ -399,11 +412,56 @@ class Hook:
         finally:
             self.end_step()
 
+    def require_capture(self, collection: str, reductions: Sequence[str] = (), raw: bool = False) -> None:
+        """Make sure ``collection`` is saved with these reduction keys (and the raw tensor if ``raw``).
+
+        Used by rules attached with ``Hook(rules=[...])``. Adds the collection to the
+        included ones and widens its reduction configuration; when its tensors are
+        already saved raw, every reduction is computable and nothing changes.
+
+        Parameters
+        ----------
+        collection
+            A collection name; unknown names are defined as new, empty collections.
+        reductions
+            Reduction keys such as ``"abs_mean"``, ``"l2"`` or ``"nan_count"``.
+        raw
+            Whether the rule needs the raw tensor.
+        """
+        current = self.collections.get(collection) or Collection(collection)
+        rc = current.reduction_config or self.reduction_config
+        if rc is not None:
+            plain = [red.split_key(k)[0] for k in reductions if not red.split_key(k)[1]]
+            absolute = [red.split_key(k)[0] for k in reductions if red.split_key(k)[1]]
+            rc = ReductionConfig(
+                reductions=tuple(dict.fromkeys([*rc.reductions, *(r for r in plain if r not in red.NORMS)])),
+                abs_reductions=tuple(dict.fromkeys([*rc.abs_reductions, *(r for r in absolute if r not in red.NORMS)])),
+                norms=tuple(dict.fromkeys([*rc.norms, *(r for r in plain if r in red.NORMS)])),
+                abs_norms=tuple(dict.fromkeys([*rc.abs_norms, *(r for r in absolute if r in red.NORMS)])),
+                save_raw_tensor=rc.save_raw_tensor or raw,
+            )
+        self.collections[collection] = Collection(collection, current.include_regex, current.save_config, rc)
+        if collection not in self._save_configs:
+            self._save_configs[collection] = self.save_config
+        self._regex_collections = [c for c in self.collections.values() if c.include_regex]
+        if not self.save_all and collection not in self.included:
+            self.included = (*self.included, collection)
+        self._plans.clear()
+
     # --------------------------------------------------------------- control
+    def request_stop(self, reason: str, **details: Any) -> None:
+        """Write a stop request into the trial (as :meth:`tensortap.Trial.request_stop` does) and see it at once.
+
+        Used by in-process rules; :attr:`should_stop` is true from now on.
+        """
+        request = {"reason": reason, "time": time.time(), **details}
+        self.storage.write_json(layout.STOP_REQUEST, request)
+        self._stop_request = request
+
     @property
     def should_stop(self) -> bool:
-        """True once a stop request was written into the trial (polled at most once a second)."""
-        if self._stop_request is None and time.monotonic() - self._stop_checked >= STOP_POLL_SECONDS:
+        """True once a stop request was written into the trial (polled at most every ``stop_poll_seconds``, default 1)."""
+        if self._stop_request is None and time.monotonic() - self._stop_checked >= self.stop_poll_seconds:
             self._stop_checked = time.monotonic()
             try:
                 if self.storage.exists(layout.STOP_REQUEST):
@@ -425,6 +483,9 @@ class Hook:
             logger.error("tensortap: %s: %s; capture is disabled, training continues", context, exc, exc_info=exc)
         self._failed = True
         self._saving = False
+        self._records = []
+        if self.writer is not None:
+            self.writer.rollback()
 
     def _on_writer_error(self, exc: BaseException) -> None:
         self._error = exc
@@ -463,6 +524,8 @@ class Hook:
         self._in_step = False
         self._saving = False
         self._records = []
+        if self.writer is not None:
+            self.writer.rollback()
         self._close_writer(reason)
 
     def _close_writer(self, reason: str) -> None:

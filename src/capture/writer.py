@@ -20,14 +20,15 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
 from types import FrameType
 from typing import Any
 
 from ..backends import layout
-from ..backends.shard import StepRecord, write_shard
+from ..backends.shard import POOL, ShardBuffer, write_shard
 from ..backends.storage import Storage
+from ..config import check_keys
 
 logger = logging.getLogger("tensortap")
 
@@ -62,6 +63,12 @@ class ShardPolicy:
             raise ValueError(f"max_bytes: expected an integer >= 1, got {self.max_bytes!r}")
         if self.compression not in (None, "gzip", "lzf"):
             raise ValueError(f"compression: {self.compression!r} is not valid; valid: None, 'gzip', 'lzf'")
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ShardPolicy:
+        """Build from a JSON object with the fields above."""
+        check_keys("shard_policy", data, {f.name for f in fields(cls)})
+        return cls(**dict(data))
 
 
 class _Job:
@@ -154,8 +161,7 @@ class TrialWriter:
         self.error: BaseException | None = None
         self.closed = False
         self._lock = threading.RLock()
-        self._buffer: list[StepRecord] = []
-        self._bytes = 0
+        self._buffer = ShardBuffer()
         self._since = 0.0
         self._pending: list[_Job] = []
         self._io_lock = threading.Lock()  # held by the writer thread while it publishes on its own
@@ -171,19 +177,48 @@ class TrialWriter:
         self._thread.writers.add(self)
         _OPEN_WRITERS.add(self)
 
-    def add_step(self, record: StepRecord) -> None:
-        """Add one saved step; publish the buffer when a limit is reached."""
+    def stage(
+        self,
+        step: int,
+        name: str,
+        collections: tuple[str, ...],
+        raw: Any,
+        reductions: dict[str, float],
+        orig_dtype: str | None,
+    ) -> Any:
+        """Copy one tensor of the step in progress into the shard buffer; return the stored raw value.
+
+        A tensor keeps one dtype within a shard: when its dtype changes, the
+        committed steps are published first and the step in progress moves to a new shard.
+        """
+        job = None
+        with self._lock:
+            if self.closed or self.error is not None:
+                return raw
+            if self._buffer.conflicts(name, raw):
+                job = self._take_locked()
+            if not self._buffer.steps and not self._buffer.staging:
+                self._since = time.monotonic()
+            stored = self._buffer.stage(step, name, collections, raw, reductions, orig_dtype)
+        if job is not None:
+            self._submit(job)
+        return stored
+
+    def commit(self, step: int, mode: int, mode_step: int) -> None:
+        """The step in progress is complete; publish the buffer when a limit is reached."""
         with self._lock:
             if self.closed or self.error is not None:
                 return
-            if not self._buffer:
-                self._since = time.monotonic()
-            self._buffer.append(record)
-            self._bytes += sum(t.nbytes for t in record.tensors)
-            full = len(self._buffer) >= self.policy.max_steps or self._bytes >= self.policy.max_bytes
+            self._buffer.commit(step, mode, mode_step)
+            full = len(self._buffer) >= self.policy.max_steps or self._buffer.nbytes >= self.policy.max_bytes
             job = self._take_locked() if full or self._old() else None
         if job is not None:
             self._submit(job)
+
+    def rollback(self) -> None:
+        """Drop the values of the step in progress (the process is exiting mid-step)."""
+        with self._lock:
+            self._buffer.rollback()
 
     def _old(self) -> bool:
         return bool(self._buffer) and time.monotonic() - self._since >= self.policy.max_seconds
@@ -203,15 +238,17 @@ class TrialWriter:
     def _take_locked(self) -> Callable[[], None] | None:
         if not self._buffer:
             return None
-        steps, seq = self._buffer, self._seq
-        self._buffer, self._bytes, self._seq = [], 0, self._seq + 1
-        return lambda: self._publish(steps, seq)
+        buffer, seq = self._buffer, self._seq
+        # a step in progress moves on to the next shard
+        self._buffer = buffer.detach_staged() if buffer.staging else ShardBuffer()
+        self._seq += 1
+        return lambda: self._publish(buffer, seq)
 
     def _submit(self, fn: Callable[[], None]) -> None:
         self._pending = [j for j in self._pending if not j.done.is_set()]
         self._pending.append(self._thread.submit(fn))
 
-    def _publish(self, steps: list[StepRecord], seq: int) -> None:
+    def _publish(self, buffer: ShardBuffer, seq: int) -> None:
         if self.error is not None:
             return
         key = layout.shard_key(self.worker, seq)
@@ -221,7 +258,8 @@ class TrialWriter:
             fd, tmp = tempfile.mkstemp(prefix=f".{seq:010d}.", suffix=".h5.tmp", dir=staging)
             os.close(fd)
             try:
-                record = write_shard(tmp, self.worker, seq, steps, key, self.policy.compression)
+                record = write_shard(tmp, self.worker, seq, buffer, key, self.policy.compression)
+                buffer.release()
                 self.storage.publish_file(tmp, key)
             finally:
                 if os.path.exists(tmp):
@@ -264,6 +302,8 @@ class TrialWriter:
         self.closed = True
         _OPEN_WRITERS.discard(self)
         self._thread.writers.discard(self)
+        if not _OPEN_WRITERS:
+            POOL.clear()  # keep no memory once capture is over
         if self.error is None:
             try:
                 self.storage.write_json(

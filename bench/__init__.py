@@ -1,0 +1,1 @@
+"""Benchmarks: ``nox -s bench`` (or ``python -m bench``) writes docs/performance.md."""

@@ -1,0 +1,68 @@
+"""Sessions: ``nox -s demo``, ``nox -s tests``, ``nox -s bench``, ``nox -s lint``.
+
+Every session installs from scratch. torch is always pinned to 2.13.0 (CPU):
+any other version pulls gigabytes of CUDA packages. With uv, the local CPU
+wheel directory is passed as find-links (uv ignores pip's configuration).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nox
+
+nox.options.default_venv_backend = "uv|virtualenv"
+nox.options.sessions = ["tests"]
+
+PYTHON = "3.11"
+TORCH = "torch==2.13.0"
+WHEELS = Path(os.environ.get("TENSORTAP_TORCH_WHEELS", "/opt/wheels"))
+
+
+def torch_requirement(session: nox.Session) -> list[str]:
+    """Arguments that install the CPU build of torch 2.13.0 and nothing else."""
+    if session.venv_backend != "uv":
+        return [TORCH]  # pip finds the local CPU wheel through its own configuration
+    if WHEELS.is_dir():
+        return ["--find-links", str(WHEELS), f"{TORCH}+cpu"]
+    return ["--extra-index-url", "https://download.pytorch.org/whl/cpu", f"{TORCH}+cpu"]
+
+
+def install_all(session: nox.Session) -> None:
+    """tensortap with every framework (CPU builds) and the test tools, in one resolution."""
+    session.install(
+        *torch_requirement(session), "-r", "requirements/frameworks.txt", "-r", "requirements/test.txt", "-e", "."
+    )
+
+
+@nox.session(python=PYTHON)
+def tests(session: nox.Session) -> None:
+    """Run the whole test suite, then the Keras tests on the torch and JAX backends."""
+    install_all(session)
+    session.run("pytest", *session.posargs)
+    if not session.posargs:
+        for backend in ("torch", "jax"):
+            session.run("pytest", "tests/capture/test_keras.py", env={"KERAS_BACKEND": backend})
+
+
+@nox.session(python=PYTHON)
+def demo(session: nox.Session) -> None:
+    """Train with capture on each framework, query the trials and run rules (local directory)."""
+    install_all(session)
+    session.run("python", "examples/demo.py", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def bench(session: nox.Session) -> None:
+    """Run the benchmarks and write docs/performance.md."""
+    install_all(session)
+    session.run("python", "-m", "bench", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def lint(session: nox.Session) -> None:
+    """ruff and mypy."""
+    session.install("ruff", "mypy", "-e", ".")
+    session.run("ruff", "check", "src", "tests", "bench", "examples")
+    session.run("mypy", "src")
