@@ -1,0 +1,70 @@
+"""Run every benchmark and write docs/performance.md: ``python -m bench [NAME ...]``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+BENCHMARKS = {
+    "io": "bench.bench_io",
+    "torch": "bench.bench_torch",
+    "keras": "bench.bench_keras",
+    "xgboost": "bench.bench_xgboost",
+}
+OUT = Path(__file__).resolve().parent.parent / "docs" / "performance.md"
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
+    return str(value)
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(_fmt(r.get(k, "")) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("names", nargs="*", help=f"benchmarks to run: {', '.join(BENCHMARKS)} (default: all)")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave docs/performance.md alone")
+    args = parser.parse_args()
+    names = args.names or list(BENCHMARKS)
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown:
+        parser.error(f"unknown benchmark(s) {', '.join(unknown)}; valid: {', '.join(BENCHMARKS)}")
+    sections = []
+    for name in names:
+        print(f"== {name}", flush=True)
+        t0 = time.perf_counter()
+        rows = importlib.import_module(BENCHMARKS[name]).run()
+        for r in rows:
+            print("  ", {k: _fmt(v) for k, v in r.items()}, flush=True)
+        doc = (importlib.import_module(BENCHMARKS[name]).__doc__ or "").strip()
+        sections.append(f"## {name}\n\n{doc}\n\n{_table(rows)}\n\n({time.perf_counter() - t0:.0f} s)\n")
+    if args.no_write:
+        return 0
+    header = (
+        "# Performance\n\n"
+        "Measured by `nox -s bench` (`python -m bench`); every figure is compared with a baseline "
+        "measured in the same run on the same machine. `ratio` is time with tensortap divided by "
+        "the baseline's time (1.0 = no overhead; lower is better).\n\n"
+        f"Machine: {platform.platform()}, Python {platform.python_version()}, "
+        f"{os.cpu_count()} CPUs; run on {time.strftime('%Y-%m-%d')}.\n\n"
+    )
+    OUT.write_text(header + "\n".join(sections))
+    print(f"wrote {OUT}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
