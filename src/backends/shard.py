@@ -143,6 +143,14 @@ class _Column:
         else:
             self.n -= 1
 
+    def truncate(self, n: int) -> None:
+        """Keep the first ``n`` raw values (``add_raw`` records the step before the value)."""
+        del self.steps[n:]
+        if self.ragged is not None:
+            del self.ragged[n:]
+        else:
+            self.n = min(self.n, n)
+
     def last_raw(self) -> np.ndarray:
         return self.ragged[-1] if self.ragged is not None else self.data[self.n - 1]  # type: ignore[index]
 
@@ -233,13 +241,16 @@ class ShardBuffer:
         self._staged = []
 
     def rollback(self) -> None:
-        """Drop the values of the step in progress."""
-        for name, _, raw, n_red in reversed(self._staged):
-            col = self.columns[name]
-            if raw:
-                col.pop_raw()
-            if n_red:
-                del col.red[-n_red:]
+        """Drop every value of a step that is not committed.
+
+        Works from the committed steps rather than from what :meth:`stage` recorded,
+        so that it is also right when a signal handler (SIGTERM) runs it while
+        :meth:`stage` is half-way through adding a value.
+        """
+        last = self.steps[-1][0] if self.steps else -1
+        for name, col in list(self.columns.items()):
+            col.truncate(sum(1 for s in col.steps if s <= last))
+            col.red = [r for r in col.red if r[0] <= last]
             if not col.steps and not col.red:
                 col.release()
                 del self.columns[name]

@@ -2,24 +2,46 @@
 
 A backend stores whole files under string keys relative to the trial root
 (``"shards/worker_0/0000000001.h5"``). Writes are atomic: a reader sees a
-file whole or not at all. Two implementations ship: :class:`LocalStorage`
-(a directory; temp file, fsync, ``os.replace``) and :class:`FsspecStorage`
-(any fsspec URL; whole-object uploads, reads through a local cache).
+file whole or not at all. Names starting with ``"."`` are temporary files of
+writes in progress; listings never return them. Two implementations ship:
+:class:`LocalStorage` (a directory; temp file, fsync, ``os.replace``) and
+:class:`FsspecStorage` (any fsspec URL; whole-object uploads to object
+stores, upload-then-rename elsewhere; reads through a local cache).
+``docs/storage.md`` describes the guarantees and how to write a plugin.
 """
 
 from __future__ import annotations
 
 import abc
+import atexit
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+import uuid
+import weakref
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+Keys = list[str]  # an alias: inside Storage classes, ``list`` names the method
+
+# fsspec protocols whose uploads appear whole or not at all: an object is
+# only visible once its single PUT (or multipart upload) completes.
+OBJECT_STORE_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "oss"})
+
+
+def is_hidden(key: str) -> bool:
+    """Return whether any part of ``key`` starts with ``"."`` (a temporary file of a write in progress)."""
+    return any(part.startswith(".") for part in key.split("/"))
 
 
 class Storage(abc.ABC):
     """The interface every backend implements.
+
+    Keys are ``/``-separated paths relative to the root, for example
+    ``"index/worker_0/0000000000.json"``; ``""`` is the root itself.
 
     Attributes
     ----------
@@ -32,21 +54,24 @@ class Storage(abc.ABC):
     url: str
     is_local: bool = False
 
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.url!r})"
+
     @abc.abstractmethod
     def exists(self, key: str = "") -> bool:
-        """Return whether ``key`` (or the root, for ``""``) exists."""
+        """Return whether ``key`` (or the root, for ``""``) exists; never answers from a stale cache."""
 
     @abc.abstractmethod
-    def list(self, prefix: str) -> list[str]:
-        """Return the keys of files directly under folder ``prefix`` (names only, sorted)."""
+    def list(self, prefix: str) -> Keys:
+        """Return the names of files directly under folder ``prefix`` (sorted, no hidden names; [] if none)."""
 
     @abc.abstractmethod
-    def list_dirs(self, prefix: str) -> list[str]:
-        """Return the names of folders directly under folder ``prefix`` (sorted)."""
+    def list_dirs(self, prefix: str) -> Keys:
+        """Return the names of folders directly under folder ``prefix`` (sorted, no hidden names; [] if none)."""
 
     @abc.abstractmethod
-    def walk(self) -> list[str]:
-        """Return every file key under the root (for ``tensortap check``)."""
+    def walk(self) -> Keys:
+        """Return every file key under the root, sorted, without hidden ones (for ``tensortap check``)."""
 
     @abc.abstractmethod
     def read_bytes(self, key: str) -> bytes:
@@ -58,11 +83,15 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     def publish_file(self, local_path: str, key: str) -> None:
-        """Atomically move the finished local file ``local_path`` to ``key``."""
+        """Atomically move the finished local file ``local_path`` to ``key`` (``local_path`` is gone after)."""
 
     @abc.abstractmethod
     def local_path(self, key: str) -> str:
-        """Return a local file path with the content of ``key`` (a cached copy for remote stores)."""
+        """Return a local file path with the content of ``key``; FileNotFoundError if it does not exist.
+
+        Remote backends return a cached copy that is never refreshed, so use
+        this only for immutable keys (published shards).
+        """
 
     @abc.abstractmethod
     def delete(self, key: str) -> None:
@@ -86,7 +115,13 @@ class Storage(abc.ABC):
 
 
 class LocalStorage(Storage):
-    """A trial in a local directory."""
+    """A trial in a local directory.
+
+    Parameters
+    ----------
+    root
+        The trial directory (created by :meth:`makedirs`).
+    """
 
     is_local = True
 
@@ -100,29 +135,29 @@ class LocalStorage(Storage):
     def exists(self, key: str = "") -> bool:
         return self._path(key).exists()
 
-    def list(self, prefix: str) -> list[str]:
+    def _entries(self, prefix: str, want_dir: bool) -> Keys:
         try:
             with os.scandir(self._path(prefix)) as it:
-                return sorted(e.name for e in it if e.is_file() and not e.name.startswith("."))
+                return sorted(e.name for e in it if e.is_dir() == want_dir and not e.name.startswith("."))
         except (FileNotFoundError, NotADirectoryError):
             return []
 
-    def list_dirs(self, prefix: str) -> list[str]:
-        try:
-            with os.scandir(self._path(prefix)) as it:
-                return sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
-        except (FileNotFoundError, NotADirectoryError):
-            return []
+    def list(self, prefix: str) -> Keys:
+        return self._entries(prefix, want_dir=False)
 
-    def walk(self) -> list[str]:
+    def list_dirs(self, prefix: str) -> Keys:
+        return self._entries(prefix, want_dir=True)
+
+    def walk(self) -> Keys:
         if not self.root.is_dir():
             return []
-        return sorted(str(p.relative_to(self.root)) for p in self.root.rglob("*") if p.is_file())
+        keys = (p.relative_to(self.root).as_posix() for p in self.root.rglob("*") if p.is_file())
+        return sorted(k for k in keys if not is_hidden(k))
 
     def read_bytes(self, key: str) -> bytes:
         return self._path(key).read_bytes()
 
-    def _atomic(self, key: str, write: Any) -> None:
+    def _atomic(self, key: str, write: Callable[[IO[bytes]], Any]) -> None:
         dest = self._path(key)
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
@@ -141,13 +176,13 @@ class LocalStorage(Storage):
 
     def publish_file(self, local_path: str, key: str) -> None:
         dest = self._path(key)
-        if Path(local_path).parent == dest.parent:
+        if Path(local_path).parent == dest.parent:  # the writer stages next to the destination: rename
             with open(local_path, "rb+") as f:
                 os.fsync(f.fileno())
             os.replace(local_path, dest)
             return
 
-        def copy(f: Any) -> None:
+        def copy(f: IO[bytes]) -> None:
             with open(local_path, "rb") as src:
                 shutil.copyfileobj(src, f, 1 << 22)
 
@@ -155,7 +190,10 @@ class LocalStorage(Storage):
         os.unlink(local_path)
 
     def local_path(self, key: str) -> str:
-        return str(self._path(key))
+        path = self._path(key)
+        if not path.is_file():
+            raise FileNotFoundError(f"{self.url}: no file {key!r}")
+        return str(path)
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
@@ -172,72 +210,131 @@ class LocalStorage(Storage):
 class FsspecStorage(Storage):
     """A trial at any fsspec URL (``s3://bucket/prefix``, ``memory://x``, ...).
 
-    Object stores have no rename, so files are uploaded whole; a reader never
-    sees a partial object. Files read are cached in a local directory.
+    Object stores (:data:`OBJECT_STORE_PROTOCOLS`) get each file as one
+    upload of a finished local file, which S3, GCS and Azure make visible
+    whole or not at all. Other filesystems get an upload under a hidden
+    temporary name followed by a move. Listings and :meth:`exists` bypass
+    fsspec's listing cache, so files written by another process are seen at
+    once. Files read through :meth:`local_path` are cached in a temporary
+    directory that is removed when the storage is garbage-collected or the
+    interpreter exits.
+
+    Parameters
+    ----------
+    url
+        The trial root.
+    storage_options
+        Passed to the fsspec filesystem (for s3fs: ``key``, ``secret``,
+        ``client_kwargs={"endpoint_url": ...}``, ``anon``, ...).
     """
 
     def __init__(self, url: str, **storage_options: Any) -> None:
-        try:
-            import fsspec
-        except ImportError as exc:  # pragma: no cover - fsspec is a core dependency
-            raise ImportError('fsspec is needed for URLs: pip install "tensortap[s3]"') from exc
+        import fsspec
+
         self.url = url
-        self.fs, self.root = fsspec.core.url_to_fs(url, **storage_options)
-        self.root = self.root.rstrip("/")
-        self._cache = tempfile.mkdtemp(prefix="tensortap-cache-")
+        self.fs, root = fsspec.core.url_to_fs(url, **storage_options)
+        self.root = root.rstrip("/")
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+        self.whole_object_uploads = not OBJECT_STORE_PROTOCOLS.isdisjoint(protocols)
+        self._tmp = tempfile.mkdtemp(prefix="tensortap-")
+        self._cache = os.path.join(self._tmp, "cache")
+        self._staging = os.path.join(self._tmp, "staging")
+        self._cleanup = weakref.finalize(self, shutil.rmtree, self._tmp, ignore_errors=True)
+        self._cleanup.atexit = False  # at exit, _remove_temporary_dirs runs it after the writers closed
+        _LIVE_FSSPEC.add(self)
 
     def _path(self, key: str) -> str:
         return f"{self.root}/{key}" if key else self.root
 
     def exists(self, key: str = "") -> bool:
-        return bool(self.fs.exists(self._path(key)))
+        path = self._path(key)
+        self.fs.invalidate_cache(path)
+        return bool(self.fs.exists(path))
 
-    def list(self, prefix: str) -> list[str]:
+    def _entries(self, prefix: str, want_dir: bool) -> Keys:
+        path = self._path(prefix)
+        self.fs.invalidate_cache(path)
         try:
-            entries = self.fs.ls(self._path(prefix), detail=True, refresh=True)
+            entries = self.fs.ls(path, detail=True)
         except (FileNotFoundError, NotADirectoryError):
             return []
-        return sorted(
-            name
-            for e in entries
-            if e.get("type") == "file" and not (name := e["name"].rstrip("/").rsplit("/", 1)[-1]).startswith(".")
-        )
+        names = ((e["name"].rstrip("/").rsplit("/", 1)[-1], e.get("type") == "directory") for e in entries)
+        return sorted(n for n, is_dir in names if is_dir == want_dir and not n.startswith("."))
 
-    def list_dirs(self, prefix: str) -> list[str]:
+    def list(self, prefix: str) -> Keys:
+        return self._entries(prefix, want_dir=False)
+
+    def list_dirs(self, prefix: str) -> Keys:
+        return self._entries(prefix, want_dir=True)
+
+    def walk(self) -> Keys:
+        self.fs.invalidate_cache(self.root)
         try:
-            entries = self.fs.ls(self._path(prefix), detail=True, refresh=True)
-        except (FileNotFoundError, NotADirectoryError):
-            return []
-        return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "directory")
-
-    def walk(self) -> list[str]:
-        if not self.exists():
+            found = self.fs.find(self.root)
+        except FileNotFoundError:
             return []
         n = len(self.root) + 1
-        return sorted(p[n:] for p in self.fs.find(self.root))
+        return sorted(k for p in found if (k := p[n:]) and not is_hidden(k))
 
     def read_bytes(self, key: str) -> bytes:
         return bytes(self.fs.cat_file(self._path(key)))
 
+    def _put(self, key: str, upload: Callable[[str], Any]) -> None:
+        """Make ``key`` appear whole: ``upload(path)`` writes a complete file at ``path``."""
+        dest = self._path(key)
+        if self.whole_object_uploads:
+            upload(dest)
+            return
+        parent, _, name = dest.rpartition("/")
+        self.fs.makedirs(parent, exist_ok=True)
+        tmp = f"{parent}/.{name}.{uuid.uuid4().hex}.tmp"
+        try:
+            upload(tmp)
+            self.fs.mv(tmp, dest)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                self.fs.rm_file(tmp)
+            raise
+
     def write_bytes(self, key: str, data: bytes) -> None:
-        self.fs.pipe_file(self._path(key), data)
+        self._put(key, lambda path: self.fs.pipe_file(path, data))
 
     def publish_file(self, local_path: str, key: str) -> None:
-        self.fs.put_file(local_path, self._path(key))
+        self._put(key, lambda path: self.fs.put_file(local_path, path))
         os.unlink(local_path)
 
     def local_path(self, key: str) -> str:
-        dest = os.path.join(self._cache, key)
+        dest = os.path.join(self._cache, *key.split("/"))
         if not os.path.exists(dest):  # published files are immutable: cache forever
             os.makedirs(os.path.dirname(dest), exist_ok=True)
-            tmp = dest + ".part"
-            self.fs.get_file(self._path(key), tmp)
-            os.replace(tmp, dest)
+            fd, tmp = tempfile.mkstemp(prefix=".", suffix=".part", dir=os.path.dirname(dest))
+            os.close(fd)
+            try:
+                self.fs.get_file(self._path(key), tmp)
+                os.replace(tmp, dest)
+            finally:
+                Path(tmp).unlink(missing_ok=True)
         return dest
 
     def delete(self, key: str) -> None:
-        if self.fs.exists(self._path(key)):
+        with contextlib.suppress(FileNotFoundError):
             self.fs.rm_file(self._path(key))
 
     def makedirs(self) -> None:
+        if self.whole_object_uploads:
+            return  # no folders to make; the bucket must exist (creating one needs rights writers rarely have)
         self.fs.makedirs(self.root, exist_ok=True)
+
+    def staging_dir(self) -> str:
+        os.makedirs(self._staging, exist_ok=True)
+        return self._staging
+
+
+_LIVE_FSSPEC: weakref.WeakSet[FsspecStorage] = weakref.WeakSet()
+
+
+@atexit.register  # registered at import, so it runs after the exit handler that closes writers (LIFO)
+def _remove_temporary_dirs() -> None:
+    for storage in list(_LIVE_FSSPEC):
+        if storage._cleanup.detach() is not None:  # calling a finalizer is a no-op once weakref's exit hook ran
+            shutil.rmtree(storage._tmp, ignore_errors=True)

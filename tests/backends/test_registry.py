@@ -1,0 +1,176 @@
+"""SPEC section 6: choosing a backend; plugins through the ``tensortap.backends`` entry points.
+
+Plugins are real distributions: a ``*.dist-info`` folder with
+``entry_points.txt`` next to a module, on a folder added to ``sys.path``,
+found by :mod:`importlib.metadata` as an installed package would be.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import uuid
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import tensortap
+from tensortap.backends import ENTRY_POINT_GROUP, FsspecStorage, LocalStorage, get_storage
+from tensortap.backends.registry import list_backends, plugin_schemes
+from tensortap.capture import Writer
+
+PLUGIN_SOURCE = '''
+from tensortap.backends import LocalStorage
+
+
+class DirStorage(LocalStorage):
+    """<scheme>://<path>: a local directory, reached through a plugin."""
+
+    def __init__(self, url, **options):
+        super().__init__(url.partition("://")[2])
+        self.url = url
+        self.options = options
+
+
+class NotAStorage:
+    pass
+'''
+
+
+def install_distribution(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, entry_points: dict[str, str], source: str = PLUGIN_SOURCE
+) -> str:
+    """Create a distribution on a new ``sys.path`` folder; return its module's name.
+
+    ``entry_points`` maps a scheme to ``"{module}:Object"`` (``{module}`` is filled in).
+    """
+    module = f"tt_plugin_{uuid.uuid4().hex[:12]}"
+    site = tmp_path / "site"
+    dist_info = site / f"{module}-1.0.dist-info"
+    dist_info.mkdir(parents=True)
+    (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module}\nVersion: 1.0\n")
+    lines = "".join(f"{scheme} = {target.format(module=module)}\n" for scheme, target in entry_points.items())
+    (dist_info / "entry_points.txt").write_text(f"[{ENTRY_POINT_GROUP}]\n{lines}")
+    (site / f"{module}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(site))
+    return module
+
+
+@pytest.fixture
+def plugin(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> str:
+    """A working plugin for ``tapdir://``; returns its module name."""
+    return install_distribution(monkeypatch, tmp_path, {"tapdir": "{module}:DirStorage"})
+
+
+def test_plugin_scheme_maps_to_the_plugin_class(plugin: str, tmp_path: Path) -> None:
+    assert "tapdir" in plugin_schemes()
+    storage = get_storage(f"tapdir://{tmp_path}/trial", region="eu")
+    assert type(storage).__name__ == "DirStorage"
+    assert type(storage).__module__ == plugin
+    assert storage.url == f"tapdir://{tmp_path}/trial"
+    assert storage.options == {"region": "eu"}
+    assert list_backends()["tapdir"] is type(storage)
+
+
+def test_plugin_serves_a_whole_trial(plugin: str, tmp_path: Path) -> None:
+    url = f"tapdir://{tmp_path}/trial"
+    with Writer(url) as writer:
+        for step in range(3):
+            with writer.stepping():
+                writer.save("dense/kernel", np.full(4, step, dtype=np.float32), collections=["weights"])
+    assert (tmp_path / "trial" / "end" / "worker_0.json").is_file()
+    trial = tensortap.create_trial(url)
+    assert type(trial.storage).__name__ == "DirStorage"
+    assert trial.steps() == [0, 1, 2]
+    np.testing.assert_array_equal(trial.tensor("dense/kernel").value(2), np.full(4, 2, dtype=np.float32))
+
+
+def test_plugin_takes_precedence_over_fsspec(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    install_distribution(monkeypatch, tmp_path, {"memory": "{module}:DirStorage"})
+    assert type(get_storage(f"memory://{tmp_path}/trial")).__name__ == "DirStorage"
+
+
+def test_broken_plugins_warn_and_are_skipped(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    install_distribution(
+        monkeypatch,
+        tmp_path,
+        {
+            "tapdir": "{module}:DirStorage",
+            "tapgone": "{module}_missing_module:Storage",
+            "tapwrong": "{module}:NotAStorage",
+        },
+    )
+    with pytest.warns(RuntimeWarning) as caught:
+        found = list_backends()
+    messages = [str(w.message) for w in caught]
+    assert sorted(found) == ["tapdir"]
+    assert any("'tapgone'" in m and "failed to load" in m and "ModuleNotFoundError" in m for m in messages), messages
+    assert any("'tapwrong'" in m and "subclass of tensortap.backends.Storage" in m for m in messages), messages
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the working plugin loads without touching the broken ones
+        assert type(get_storage(f"tapdir://{tmp_path}/trial")).__name__ == "DirStorage"
+        assert isinstance(get_storage(f"memory://tensortap-{uuid.uuid4().hex}"), FsspecStorage)
+    with pytest.warns(RuntimeWarning, match="'tapgone'"), pytest.raises(ValueError, match="unknown scheme 'tapgone'"):
+        get_storage("tapgone://x")
+
+
+def test_unknown_scheme_lists_the_valid_choices(plugin: str) -> None:
+    with pytest.raises(ValueError) as info:
+        get_storage("nosuchscheme://bucket/run")
+    message = str(info.value)
+    assert "'nosuchscheme://bucket/run'" in message
+    assert "unknown scheme 'nosuchscheme'" in message
+    for choice in ("a local path", "file://", "tapdir://", "s3", "memory", "gcs"):
+        assert choice in message
+
+
+def test_unknown_scheme_inside_a_chained_url() -> None:
+    with pytest.raises(ValueError, match="unknown scheme 'nosuchscheme'"):
+        get_storage("simplecache::nosuchscheme://bucket/run")
+
+
+@pytest.mark.parametrize(("scheme", "package"), [("gs", "gcsfs"), ("az", "adlfs")])
+def test_missing_optional_dependency_gives_an_install_hint(scheme: str, package: str) -> None:
+    if importlib.util.find_spec(package) is not None:
+        pytest.skip(f"{package} is installed")
+    with pytest.raises(ImportError, match=f"{scheme}:// needs the package {package}.*pip install {package}"):
+        get_storage(f"{scheme}://bucket/run")
+    with pytest.raises(ImportError, match=f"pip install {package}"):
+        Writer(f"{scheme}://bucket/run")
+
+
+def test_local_paths_and_file_urls(tmp_path: Path) -> None:
+    assert isinstance(get_storage(str(tmp_path)), LocalStorage)
+    assert isinstance(get_storage(tmp_path), LocalStorage)
+    storage = get_storage(f"file://{tmp_path}/x")
+    assert isinstance(storage, LocalStorage)
+    assert storage.root == tmp_path / "x"
+
+
+def test_a_ready_storage_is_returned_as_is(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    assert get_storage(storage) is storage
+    with pytest.raises(ValueError, match="storage_options"):
+        get_storage(storage, anon=True)
+
+
+def test_storage_options_for_a_local_path_are_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"storage_options: .*\['anon'\].*local path"):
+        get_storage(tmp_path, anon=True)
+
+
+def test_fsspec_urls_go_to_fsspec() -> None:
+    storage = get_storage(f"memory://tensortap-{uuid.uuid4().hex}/run")
+    assert isinstance(storage, FsspecStorage)
+    assert storage.root.endswith("/run")
+
+
+def test_no_plugin_module_is_imported_until_its_scheme_is_used(plugin: str, tmp_path: Path) -> None:
+    get_storage(tmp_path)
+    get_storage(f"memory://tensortap-{uuid.uuid4().hex}")
+    assert "tapdir" in plugin_schemes()
+    assert plugin not in sys.modules
+    get_storage(f"tapdir://{tmp_path}")
+    assert plugin in sys.modules

@@ -1,0 +1,207 @@
+"""SPEC section 6 end to end on S3 (a moto server on 127.0.0.1): capture, publish, read back live."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import tensortap
+from tensortap import StepState
+from tensortap.backends.shard import ShardError, ShardReader
+from tensortap.capture import ShardPolicy, Writer
+
+pytestmark = pytest.mark.s3
+
+
+def weight(step: int, size: int = 6) -> np.ndarray:
+    return (np.arange(size, dtype=np.float32) + 0.5) * (step + 1)
+
+
+def write_steps(writer: Writer, steps: range, size: int = 6) -> None:
+    for step in steps:
+        with writer.stepping():
+            writer.save("dense/kernel", weight(step, size), collections=["weights"])
+            writer.save("losses/loss", np.float32(1.0 / (step + 1)), collections=["losses"])
+
+
+def test_values_written_to_s3_read_back_equal(s3_url: str, s3_options: dict[str, Any]) -> None:
+    with Writer(s3_url, storage_options=s3_options, shard_policy=ShardPolicy(max_steps=2)) as writer:
+        write_steps(writer, range(5))
+    assert not writer.failed
+    trial = tensortap.create_trial(s3_url, **s3_options)
+    assert trial.steps() == [0, 1, 2, 3, 4]
+    assert trial.tensor_names() == ["dense/kernel", "losses/loss"]
+    for step in range(5):
+        np.testing.assert_array_equal(trial.tensor("dense/kernel").value(step), weight(step))
+        assert trial.tensor("losses/loss").value(step) == np.float32(1.0 / (step + 1))
+    assert trial.training_ended
+    assert trial.end_reasons() == {"worker_0": "closed"}
+    assert trial.problems() == {}
+    shards = trial.storage.list("shards/worker_0")
+    assert shards == ["0000000000.h5", "0000000001.h5", "0000000002.h5"]
+
+
+def test_trial_accepts_storage_options_as_a_mapping(s3_url: str, s3_options: dict[str, Any]) -> None:
+    with Writer(s3_url, storage_options=s3_options) as writer:
+        write_steps(writer, range(2))
+    trial = tensortap.create_trial(s3_url, storage_options=s3_options)
+    assert trial.steps() == [0, 1]
+
+
+def test_live_reader_sees_new_steps_and_the_end(s3_url: str, s3_options: dict[str, Any]) -> None:
+    writer = Writer(s3_url, storage_options=s3_options, shard_policy=ShardPolicy(max_steps=1))
+    try:
+        write_steps(writer, range(2))
+        writer.flush()
+        # a separate s3fs client, as a reader in another process has: its listing cache is its own
+        trial = tensortap.create_trial(s3_url, refresh_interval=0, skip_instance_cache=True, **s3_options)
+        assert trial.storage.fs is not writer.storage.fs
+        assert trial.steps() == [0, 1]
+        assert not trial.training_ended
+        assert trial.has_passed_step(3) == StepState.NOT_YET_AVAILABLE
+        write_steps(writer, range(2, 4))
+        writer.flush()
+        assert trial.steps() == [0, 1, 2, 3]
+        np.testing.assert_array_equal(trial.tensor("dense/kernel").value(3), weight(3))
+    finally:
+        writer.close()
+    assert trial.training_ended
+    assert trial.end_reasons() == {"worker_0": "closed"}
+    assert trial.has_passed_step(3) == StepState.AVAILABLE
+    assert trial.has_passed_step(4) == StepState.UNAVAILABLE
+
+
+def test_stop_request_reaches_the_writer_through_s3(s3_url: str, s3_options: dict[str, Any]) -> None:
+    with Writer(s3_url, storage_options=s3_options) as writer:
+        write_steps(writer, range(1))
+        writer.flush()
+        trial = tensortap.create_trial(s3_url, refresh_interval=0, skip_instance_cache=True, **s3_options)
+        assert trial.stop_request() is None
+        trial.request_stop("loss is NaN", step=0)
+        assert writer.should_stop  # its first poll
+        assert writer.stop_reason == "loss is NaN"
+    assert trial.end_reasons() == {"worker_0": "stop_request"}
+
+
+def test_no_partial_shard_is_ever_visible(s3_url: str, s3_options: dict[str, Any]) -> None:
+    import s3fs
+
+    size = 128 * 1024  # 512 KiB of float32 per step and shard
+    steps = 8
+    observer = s3fs.S3FileSystem(skip_instance_cache=True, **s3_options)
+    root = s3_url.removeprefix("s3://")
+    checked: dict[str, int] = {}
+    problems: list[str] = []
+    done = threading.Event()
+    scans = 0
+
+    def check_new_objects() -> None:
+        observer.invalidate_cache()
+        for path in observer.find(root):
+            key = path[len(root) + 1 :]
+            if key in checked:
+                continue
+            if os.path.basename(key).startswith(".") or not key.endswith((".h5", ".json")):
+                problems.append(f"unexpected object {key}")
+            if key.startswith("index/"):  # an index record is written after its shard
+                shard = key.replace("index/", "shards/", 1).removesuffix(".json") + ".h5"
+                if not observer.exists(f"{root}/{shard}"):
+                    problems.append(f"{key} is visible before {shard}")
+            if key.endswith(".h5"):
+                with tempfile.NamedTemporaryFile(suffix=".h5") as f:
+                    f.write(observer.cat_file(path))
+                    f.flush()
+                    try:
+                        reader = ShardReader(f.name)
+                        reader.validate()
+                        [(step, value)] = reader.values("dense/kernel").items()
+                        reader.close()
+                        np.testing.assert_array_equal(value, weight(step, size))
+                    except (ShardError, AssertionError) as exc:
+                        problems.append(f"{key}: {exc}")
+            checked[key] = 1
+
+    def watch() -> None:
+        nonlocal scans
+        while not done.is_set():
+            try:
+                check_new_objects()
+            except Exception as exc:  # report in the test, not in a dying thread
+                problems.append(repr(exc))
+                return
+            scans += 1
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        with Writer(s3_url, storage_options=s3_options, shard_policy=ShardPolicy(max_steps=1)) as writer:
+            write_steps(writer, range(steps), size)
+    finally:
+        done.set()
+        watcher.join()
+    check_new_objects()
+    assert not problems, problems[:5]
+    assert scans > 0
+    assert sorted(k for k in checked if k.endswith(".h5")) == [f"shards/worker_0/{i:010d}.h5" for i in range(steps)]
+    assert "end/worker_0.json" in checked
+
+
+EXIT_WITHOUT_CLOSE = """
+import json, sys
+import numpy as np
+from tensortap.capture import ShardPolicy, Writer
+
+url, options, local = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+Writer(local)  # a writer made before the S3 client's own exit hooks exist
+writer = Writer(url, storage_options=options, shard_policy=ShardPolicy(max_steps=1000, max_seconds=60))
+for step in range(3):
+    with writer.stepping():
+        writer.save("dense/kernel", np.full(4, step, dtype=np.float32), collections=["weights"])
+# no close(): the exit handler publishes the buffered steps and the end marker
+"""
+
+
+def test_exit_without_close_publishes_to_s3_and_leaves_no_local_files(
+    s3_url: str, s3_options: dict[str, Any], tmp_path: Path
+) -> None:
+    # A host name with no DNS cache makes every new connection resolve through a thread pool,
+    # as with real S3 after some idle time: publishing at exit must happen before pools shut down.
+    options = {
+        **s3_options,
+        "client_kwargs": {
+            "endpoint_url": s3_options["client_kwargs"]["endpoint_url"].replace("127.0.0.1", "localhost")
+        },
+        "config_kwargs": {"connector_args": {"use_dns_cache": False}},
+    }
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp)}
+    args = [s3_url, json.dumps(options), str(tmp_path / "local")]
+    done = subprocess.run(
+        [sys.executable, "-c", EXIT_WITHOUT_CLOSE, *args], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    trial = tensortap.create_trial(s3_url, **s3_options)
+    assert trial.steps() == [0, 1, 2]
+    np.testing.assert_array_equal(trial.tensor("dense/kernel").value(2), np.full(4, 2, dtype=np.float32))
+    assert trial.end_reasons() == {"worker_0": "exit"}
+    assert list(tmp.iterdir()) == []  # the staging directory was removed
+
+
+def test_a_missing_bucket_is_an_error_not_created(s3_options: dict[str, Any]) -> None:
+    import s3fs
+
+    url = "s3://tensortap-no-such-bucket/run"
+    with pytest.raises(RuntimeError, match="cannot write the trial at s3://tensortap-no-such-bucket/run"):
+        Writer(url, storage_options=s3_options, strict=True)
+    assert not s3fs.S3FileSystem(skip_instance_cache=True, **s3_options).exists("tensortap-no-such-bucket")
