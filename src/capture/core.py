@@ -331,6 +331,10 @@ class Hook:
     def _plan(self, name: str, collections: tuple[str, ...], force: bool) -> _Plan | None:
         key = (name, collections, self._active, force)
         if key not in self._plans:
+            try:
+                name.encode("utf-8")  # stored as UTF-8: fail here, not when the whole shard is written
+            except UnicodeEncodeError as exc:
+                raise ValueError(f"name: {name!r} is not valid Unicode ({exc.reason})") from None
             member = set(collections) | {c.name for c in self._regex_collections if c.matches(name)}
             saved = sorted(member) if force or self.save_all else sorted(member & self._active)
             if not saved:
@@ -363,14 +367,12 @@ class Hook:
         force
             Save it on this saved step whatever ``include_collections`` says.
         """
-        if not self._saving:
-            return
-        plan = self._plan(name, tuple(collections), force)
-        if plan is None:
-            return
-        if self.writer is None:
+        if not self._saving or self.writer is None:
             return
         try:
+            plan = self._plan(name, tuple(collections), force)
+            if plan is None:
+                return
             raw, values, orig = self.ops.prepare(value, plan.keys, plan.raw)
             stored = self.writer.stage(self.step, name, plan.collections, raw, values, orig)
         except Exception as exc:

@@ -1,0 +1,352 @@
+"""The XGBoost adapter, on real (tiny) XGBoost training: what it captures equals what XGBoost reports."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import pickle
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+xgb = pytest.importorskip("xgboost")
+pytest.importorskip("sklearn")
+
+import tensortap  # noqa: E402
+import tensortap.xgboost as ttx  # noqa: E402
+from tensortap import SaveConfig  # noqa: E402
+
+pytestmark = pytest.mark.xgboost
+
+ALL = [
+    "metrics", "losses", "feature_importance", "predictions", "labels", "hyperparameters",
+    "average_shap", "full_shap", "trees",
+]  # fmt: skip
+EVERY_ROUND = {name: {"save_config": SaveConfig(save_interval=1)} for name in ALL}
+PARAMS = {
+    "objective": "binary:logistic",
+    "max_depth": 3,
+    "eta": 0.3,
+    "nthread": 1,
+    "eval_metric": ["logloss", "auc", "error"],
+}
+
+
+def _data(rows: int = 300, features: int = 6, seed: int = 0, flip: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import make_classification
+
+    return make_classification(rows, features, n_informative=3, n_redundant=0, flip_y=flip, random_state=seed)
+
+
+@pytest.fixture(scope="module")
+def dmatrices() -> tuple[Any, Any]:
+    X, y = _data()
+    return xgb.DMatrix(X[:200], label=y[:200]), xgb.DMatrix(X[200:], label=y[200:])
+
+
+def _train(out_dir: Path, dtrain: Any, dval: Any, rounds: int = 10, **cb_kwargs: Any) -> tuple[Any, dict[str, Any]]:
+    result: dict[str, Any] = {}
+    booster = xgb.train(
+        PARAMS, dtrain, num_boost_round=rounds, evals=[(dtrain, "train"), (dval, "validation")],
+        callbacks=[ttx.Callback(out_dir, **cb_kwargs)], evals_result=result, verbose_eval=False,
+    )  # fmt: skip
+    return booster, result
+
+
+def test_every_round_metrics_and_losses_equal_evals_result(tmp_path: Path, dmatrices: tuple[Any, Any]) -> None:
+    _, result = _train(tmp_path, *dmatrices, save_config=SaveConfig(save_interval=1))
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.steps() == list(range(10))
+    assert trial.workers() == ["worker_0"] and trial.training_ended
+    assert trial.tensor_names(collection="losses") == [
+        "losses/train-error", "losses/train-logloss", "losses/validation-error", "losses/validation-logloss",
+    ]  # fmt: skip
+    assert trial.tensor_names(collection="metrics") == ["metrics/train-auc", "metrics/validation-auc"]
+    for data, metrics in result.items():
+        for metric, history in metrics.items():
+            name = f"{ttx.metric_collection(metric)}/{data}-{metric}"
+            values = trial.tensor(name).values()
+            assert [float(values[s]) for s in range(10)] == history, name
+
+
+def test_default_intervals(tmp_path: Path, dmatrices: tuple[Any, Any]) -> None:
+    assert ttx.Hook.default_interval == 1
+    assert ttx.Hook.default_collections == ("metrics", "losses", "hyperparameters")
+    intervals = {n: c["save_config"].save_interval for n, c in ttx.Hook.collection_defaults.items()}
+    assert intervals == {
+        "hyperparameters": 1, "feature_importance": 10, "predictions": 10, "labels": 10,
+        "average_shap": 50, "full_shap": 50, "trees": 50,
+    }  # fmt: skip
+    _train(tmp_path / "default", *dmatrices, rounds=21)
+    trial = tensortap.create_trial(tmp_path / "default")
+    assert trial.tensor("losses/validation-logloss").steps() == list(range(21))
+    assert trial.tensor("metrics/validation-auc").steps() == list(range(21))
+    assert trial.tensor("hyperparameters/max_depth").steps() == [0]
+    assert trial.tensor_names(regex="^(?!losses/|metrics/|hyperparameters/)") == []
+    _train(tmp_path / "all", *dmatrices, rounds=21, include_collections=ALL)
+    trial = tensortap.create_trial(tmp_path / "all")
+    importance = trial.tensor_names(collection="feature_importance")
+    assert sorted(set().union(*(trial.tensor(n).steps() for n in importance))) == [0, 10, 20]
+    for name, steps in {"predictions": [0, 10, 20], "labels": [0, 10, 20], "full_shap": [0], "trees/Gain": [0]}.items():
+        assert trial.tensor(name).steps() == steps, name
+    assert trial.tensor("average_shap/f0").steps() == [0]
+
+
+def test_predictions_labels_shap_and_importance_equal_xgboost(tmp_path: Path, dmatrices: tuple[Any, Any]) -> None:
+    dtrain, dval = dmatrices
+    booster, _ = _train(tmp_path, dtrain, dval, include_collections=ALL, collection_configs=EVERY_ROUND, shap_rows=1000)
+    trial = tensortap.create_trial(tmp_path)
+    features = [f"f{i}" for i in range(6)]
+    for s in range(10):
+        rounds = (0, s + 1)
+        np.testing.assert_array_equal(
+            trial.tensor("predictions").value(s), booster.predict(dval, iteration_range=rounds)
+        )
+        np.testing.assert_array_equal(trial.tensor("labels").value(s), dval.get_label())
+        shap = booster.predict(dval, pred_contribs=True, iteration_range=rounds)
+        full = trial.tensor("full_shap").value(s)
+        assert full.shape == (100, 7)
+        np.testing.assert_array_equal(full, shap)
+        average = np.array([trial.tensor(f"average_shap/{f}").value(s) for f in features])
+        np.testing.assert_allclose(average, np.abs(shap[:, :-1]).mean(axis=0), rtol=1e-12)
+        partial = booster[: s + 1]
+        for kind in ttx.IMPORTANCE_TYPES:
+            score = partial.get_score(importance_type=kind)
+            captured = {
+                n.rsplit("/", 1)[1]: float(trial.tensor(n).value(s))
+                for n in trial.tensor_names(regex=f"^feature_importance/{kind}/", step=s)
+            }
+            assert captured == pytest.approx(score, rel=1e-6), (kind, s)
+    final = {
+        n.rsplit("/", 1)[1]: float(trial.tensor(n).value(9))
+        for n in trial.tensor_names(regex="^feature_importance/gain/")
+    }
+    assert final == booster.get_score(importance_type="gain")
+
+
+def test_hyperparameters_read_back(tmp_path: Path, dmatrices: tuple[Any, Any]) -> None:
+    _train(tmp_path, *dmatrices, include_collections=["hyperparameters"])
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.steps() == [0]
+    assert trial.tensor("hyperparameters/max_depth").value(0) == 3
+    assert np.float32(trial.tensor("hyperparameters/eta").value(0)) == np.float32(0.3)
+    assert trial.tensor("hyperparameters/nthread").value(0) == 1
+    assert "hyperparameters/objective" not in trial.tensor_names()  # strings live in the worker record
+    params = json.loads((tmp_path / "workers" / "worker_0.json").read_text())["hyperparameters"]
+    assert params["objective"] == "binary:logistic"
+    assert params["eval_metric"] == "logloss,auc,error"
+    assert params["max_depth"] == "3"
+
+
+def test_shap_row_sample_and_multiclass_shapes(tmp_path: Path) -> None:
+    X, y = _data(rows=400, features=5)
+    y = (X[:, 0] > 0).astype(int) + (X[:, 1] > 0).astype(int)  # three classes
+    dtrain, dval = xgb.DMatrix(X[:200], label=y[:200]), xgb.DMatrix(X[200:], label=y[200:])
+    params = {"objective": "multi:softprob", "num_class": 3, "max_depth": 2, "nthread": 1}
+    callback = ttx.Callback(tmp_path, include_collections=["average_shap", "full_shap", "predictions"], shap_rows=40)
+    booster = xgb.train(params, dtrain, 3, evals=[(dval, "validation")], verbose_eval=False, callbacks=[callback])
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.tensor("full_shap").shape(0) == (40, 3, 6)
+    assert trial.tensor_names(collection="average_shap") == [f"average_shap/f{i}" for i in range(5)]
+    np.testing.assert_array_equal(trial.tensor("predictions").value(0), booster.predict(dval, iteration_range=(0, 1)))
+    # the sampled rows are real rows of the evaluation set: their SHAP values sum to the margin
+    margins = booster.predict(dval, output_margin=True, iteration_range=(0, 1))
+    sums = trial.tensor("full_shap").value(0).sum(axis=-1)
+    assert all(np.isclose(margins, row, atol=1e-5).all(axis=1).any() for row in sums)
+
+
+def test_trees_are_the_numeric_columns_of_trees_to_dataframe(tmp_path: Path, dmatrices: tuple[Any, Any]) -> None:
+    booster, _ = _train(tmp_path, *dmatrices, rounds=4, include_collections=["trees"], collection_configs=EVERY_ROUND)
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.tensor_names(collection="trees") == [
+        f"trees/{c}" for c in ("Category", "Cover", "Feature", "Gain", "Missing", "No", "Node", "Split", "Tree", "Yes")
+    ]
+    frame = booster.trees_to_dataframe()
+    np.testing.assert_array_equal(trial.tensor("trees/Tree").value(3), frame["Tree"].to_numpy())
+    np.testing.assert_array_equal(trial.tensor("trees/Gain").value(3), frame["Gain"].to_numpy())
+    features = trial.tensor("trees/Feature").value(3)
+    assert [f"f{i}" if i >= 0 else "Leaf" for i in features] == list(frame["Feature"])
+    yes = trial.tensor("trees/Yes").value(3)
+    expected = [float("nan") if isinstance(v, float) else float(v.split("-")[1]) for v in frame["Yes"]]
+    np.testing.assert_array_equal(yes, np.array(expected))
+    assert len(trial.tensor("trees/Tree").value(0)) == len(booster[:1].trees_to_dataframe())
+
+
+def test_sklearn_api(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    X, y = _data(rows=400)
+    Xv, yv = X[300:], y[300:]
+    clf = xgb.XGBClassifier(
+        n_estimators=6, max_depth=2, n_jobs=1, eval_metric="logloss",
+        callbacks=[ttx.Callback(tmp_path, include_collections=[*ALL], collection_configs=EVERY_ROUND, shap_rows=50)],
+    )  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        clf.fit(X[:300], y[:300], eval_set=[(Xv, yv)], verbose=False)
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.steps() == list(range(6))
+    values = trial.tensor("losses/validation_0-logloss").values()
+    assert [float(values[s]) for s in range(6)] == clf.evals_result()["validation_0"]["logloss"]
+    for s in range(6):
+        np.testing.assert_allclose(
+            trial.tensor("predictions").value(s), clf.predict_proba(Xv, iteration_range=(0, s + 1))[:, 1], rtol=1e-6
+        )
+    np.testing.assert_array_equal(trial.tensor("labels").value(0), yv)
+    # the sklearn API evaluates on a QuantileDMatrix, which cannot be sliced: SHAP uses every row, and says so
+    assert trial.tensor("full_shap").shape(0) == (100, 7)
+    assert "cannot be sliced" in caplog.text
+
+
+def test_xgboost_early_stopping_ends_the_trial_at_its_round(tmp_path: Path) -> None:
+    X, y = _data(rows=300, flip=0.4, seed=1)
+    dtrain, dval = xgb.DMatrix(X[:150], label=y[:150]), xgb.DMatrix(X[150:], label=y[150:])
+    booster = xgb.train(
+        {**PARAMS, "eta": 1.0, "max_depth": 6, "eval_metric": "logloss"}, dtrain, 200, evals=[(dval, "validation")],
+        early_stopping_rounds=3, callbacks=[ttx.Callback(tmp_path)], verbose_eval=False,
+    )  # fmt: skip
+    rounds = booster.num_boosted_rounds()
+    assert rounds < 200 and rounds == booster.best_iteration + 4
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.steps() == list(range(rounds))
+    assert trial.end_reasons() == {"worker_0": "closed"}
+
+
+class _RequestStopAt(xgb.callback.TrainingCallback):
+    """Writes a stop request into the trial, as an out-of-process rule runner would."""
+
+    def __init__(self, out_dir: Path, round_: int) -> None:
+        super().__init__()
+        self.out_dir, self.round, self.time, self.last = out_dir, round_, 0.0, 0.0
+
+    def after_iteration(self, model: Any, epoch: int, evals_log: Any) -> bool:
+        self.last = time.monotonic()  # the time of the last round
+        if epoch == self.round:
+            tensortap.create_trial(self.out_dir).request_stop("test", rule="none")
+            self.time = time.monotonic()
+        return False
+
+
+def test_stop_request_ends_training_at_the_next_poll(tmp_path: Path, dmatrices: tuple[Any, Any]) -> None:
+    dtrain, _ = dmatrices
+    requester = _RequestStopAt(tmp_path, 3)
+    callbacks = [requester, ttx.Callback(tmp_path, stop_poll_seconds=0.0)]
+    booster = xgb.train(PARAMS, dtrain, 50, evals=[(dtrain, "train")], callbacks=callbacks, verbose_eval=False)
+    assert booster.num_boosted_rounds() == 4
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.steps() == [0, 1, 2, 3]
+    assert trial.end_reasons() == {"worker_0": "stop_request"}
+
+
+def test_stop_request_with_the_default_poll_of_one_second(tmp_path: Path) -> None:
+    X, y = _data(rows=60, features=3)
+    dtrain = xgb.DMatrix(X, label=y)
+    requester = _RequestStopAt(tmp_path / "t", 3)
+    callback = ttx.Callback(tmp_path / "t", save_config=SaveConfig(save_interval=100))
+    assert ttx.Hook.stop_poll_seconds == 1.0
+    booster = xgb.train(
+        {**PARAMS, "max_depth": 1}, dtrain, 1_000_000, callbacks=[requester, callback], verbose_eval=False
+    )
+    assert 4 <= booster.num_boosted_rounds() < 1_000_000
+    # the first poll more than a second after the previous one sees the request
+    assert requester.last - requester.time < 1.5, requester.last - requester.time
+    assert tensortap.create_trial(tmp_path / "t").end_reasons() == {"worker_0": "stop_request"}
+
+
+def test_training_further_continues_the_steps(tmp_path: Path, dmatrices: tuple[Any, Any]) -> None:
+    dtrain, dval = dmatrices
+    callback = ttx.Callback(tmp_path, include_collections=["losses", "predictions"], collection_configs=EVERY_ROUND)
+    first: dict[str, Any] = {}
+    second: dict[str, Any] = {}
+    booster = xgb.train(
+        PARAMS, dtrain, 4, evals=[(dval, "validation")], callbacks=[callback], evals_result=first, verbose_eval=False
+    )
+    booster = xgb.train(
+        PARAMS, dtrain, 3, evals=[(dval, "validation")], callbacks=[callback], evals_result=second, verbose_eval=False,
+        xgb_model=booster,
+    )  # fmt: skip
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.steps() == list(range(7))
+    values = trial.tensor("losses/validation-logloss").values()
+    assert [float(values[s]) for s in range(7)] == first["validation"]["logloss"] + second["validation"]["logloss"]
+    np.testing.assert_array_equal(trial.tensor("predictions").value(6), booster.predict(dval))
+    assert trial.training_ended
+
+
+def test_cv_captures_mean_and_std_of_the_folds(tmp_path: Path, dmatrices: tuple[Any, Any]) -> None:
+    dtrain, _ = dmatrices
+    result = xgb.cv(PARAMS, dtrain, num_boost_round=4, nfold=3, callbacks=[ttx.Callback(tmp_path)], as_pandas=False)
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.steps() == list(range(4))
+    for key in ("test-logloss", "train-error"):
+        for stat, name in (("mean", f"losses/{key}"), ("std", f"losses/{key}-std")):
+            values = trial.tensor(name).values()
+            assert [float(values[s]) for s in range(4)] == result[f"{key}-{stat}"], name
+    assert not trial.tensor_names(collection="feature_importance")  # one booster per fold: nothing model-wide
+
+
+def test_callback_is_picklable_and_writes_nothing_until_training(tmp_path: Path, dmatrices: tuple[Any, Any]) -> None:
+    out = tmp_path / "trial"
+    callback = ttx.Callback(out)
+    assert not out.exists()
+    _train(out, *dmatrices, rounds=2)  # a fresh callback of the same configuration
+    clone = pickle.loads(pickle.dumps(callback))
+    xgb.train(PARAMS, dmatrices[0], 2, callbacks=[clone], verbose_eval=False)
+    assert clone.hook is not None and clone.hook.step == 1
+    assert copy.deepcopy(clone).hook is None  # a used callback copies without its (closed) writer
+    assert tensortap.create_trial(out).steps() == [0, 1]
+
+
+def test_configuration_errors(tmp_path: Path, dmatrices: tuple[Any, Any]) -> None:
+    with pytest.raises(ValueError, match=r"include_collections: 'shap' is not a collection; valid: .*full_shap"):
+        ttx.Callback(tmp_path, include_collections=["shap"])
+    with pytest.raises(ValueError, match="shap_rows: expected an integer >= 1, got 0"):
+        ttx.Callback(tmp_path, shap_rows=0)
+    with pytest.raises(ValueError, match="save_interval"):
+        ttx.Callback(tmp_path, save_config=SaveConfig(save_interval=0))
+    with pytest.raises(ValueError, match="eval_name: 'test' is not an evaluation set; valid: train, validation"):
+        _train(tmp_path, *dmatrices, eval_name="test")
+
+
+def test_from_json(tmp_path: Path, dmatrices: tuple[Any, Any]) -> None:
+    config = tmp_path / "config.json"
+    config.write_text(
+        json.dumps(
+            {"out_dir": str(tmp_path / "t"), "save_config": {"save_interval": 3}, "include_collections": ["losses"]}
+        )
+    )
+    callback = ttx.Callback.from_json(config, eval_name="validation")
+    xgb.train(PARAMS, dmatrices[0], 7, evals=[(dmatrices[1], "validation")], callbacks=[callback], verbose_eval=False)
+    trial = tensortap.create_trial(tmp_path / "t")
+    assert trial.steps() == [0, 3, 6]
+    assert trial.tensor_names() == ["losses/validation-error", "losses/validation-logloss"]
+
+
+@pytest.mark.slow
+def test_dask_two_workers_each_write_their_shards(tmp_path: Path) -> None:
+    da = pytest.importorskip("dask.array")
+    distributed = pytest.importorskip("dask.distributed")
+    from xgboost import dask as dxgb
+
+    X, y = _data(rows=400)
+    with (
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
+        dX, dy = client.persist([da.from_array(X, chunks=(100, 6)), da.from_array(y, chunks=100)])
+        client.rebalance()
+        dtrain = dxgb.DaskDMatrix(client, dX, dy)
+        callback = ttx.Callback(tmp_path, save_config=SaveConfig(save_interval=1))
+        out = dxgb.train(
+            client, {**PARAMS, "eval_metric": "logloss"}, dtrain, num_boost_round=5, evals=[(dtrain, "train")],
+            callbacks=[callback],
+        )  # fmt: skip
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.workers() == ["worker_0", "worker_1"] and trial.training_ended
+    tensor = trial.tensor("losses/train-logloss")
+    for worker in trial.workers():
+        values = tensor.values(worker=worker)
+        assert [float(values[s]) for s in range(5)] == out["history"]["train"]["logloss"], worker
