@@ -170,8 +170,8 @@ class Hook:
         self.collections: dict[str, Collection] = {n: Collection(n) for n in BUILTIN_COLLECTIONS}
         for name, cfg in self.collection_defaults.items():
             self.collections[name] = Collection(name=name, **dict(cfg))
-        for name, cfg in (collection_configs or {}).items():
-            self.collections[name] = _as_collection(name, cfg)
+        for name, given in (collection_configs or {}).items():
+            self.collections[name] = _as_collection(name, given)
         if include_regex:
             custom = self.collections["custom"]
             self.collections["custom"] = Collection(

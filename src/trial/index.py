@@ -87,6 +87,16 @@ class TrialIndex:
                         w.info = self.storage.read_json(f"{layout.WORKERS}/{name}")
                     except (OSError, ValueError) as exc:
                         self._warn_bad(f"{layout.WORKERS}/{name}", str(exc))
+        # End markers before index records: a worker writes its end marker after its last
+        # index record, so every record of an ended worker is read in this same refresh.
+        for name in self.storage.list(layout.ENDS):
+            if name.endswith(".json"):
+                w = self._worker(name[: -len(".json")])
+                if w.end is None:
+                    try:
+                        w.end = self.storage.read_json(f"{layout.ENDS}/{name}")
+                    except (OSError, ValueError) as exc:
+                        self._warn_bad(f"{layout.ENDS}/{name}", str(exc))
         for worker in self._index_folders():
             w = self._worker(worker)
             for name in self.storage.list(f"{layout.INDEX}/{worker}"):
@@ -102,14 +112,6 @@ class TrialIndex:
                     self._warn_bad(key, f"unreadable index record ({exc})")
                     continue
                 self._add_record(worker, w, record)
-        for name in self.storage.list(layout.ENDS):
-            if name.endswith(".json"):
-                w = self._worker(name[: -len(".json")])
-                if w.end is None:
-                    try:
-                        w.end = self.storage.read_json(f"{layout.ENDS}/{name}")
-                    except (OSError, ValueError) as exc:
-                        self._warn_bad(f"{layout.ENDS}/{name}", str(exc))
 
     def _index_folders(self) -> list[str]:
         return sorted(set(self.workers) | set(self.storage.list_dirs(layout.INDEX)))
@@ -150,6 +152,8 @@ class TrialIndex:
                 if workers:
                     for wk in [wk for wk, loc in workers.items() if loc.shard == shard]:
                         del workers[wk]
+                    if not workers:
+                        del info.locations[step]
 
     def reader(self, shard: str) -> ShardReader | None:
         """Return the open reader of ``shard``, or None (with a warning) if it cannot be read."""

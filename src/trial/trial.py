@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -51,7 +51,9 @@ class Trial:
     refresh_interval
         Minimum seconds between two automatic refreshes.
     storage_options
-        Passed to fsspec for URLs.
+        Passed to the storage backend (fsspec) for URLs, as :class:`~tensortap.capture.Writer` takes them.
+    options
+        More storage options as keyword arguments (``create_trial(url, key=..., secret=...)``).
     """
 
     def __init__(
@@ -60,9 +62,10 @@ class Trial:
         wait: bool = False,
         timeout: float | None = None,
         refresh_interval: float = REFRESH_SECONDS,
-        **storage_options: Any,
+        storage_options: Mapping[str, Any] | None = None,
+        **options: Any,
     ) -> None:
-        self.storage = get_storage(path, **storage_options)
+        self.storage = get_storage(path, **{**(storage_options or {}), **options})
         self.path = self.storage.url
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self.storage.exists():
@@ -157,6 +160,11 @@ class Trial:
         if mode is None:
             return step
         return self._index.mode_steps.get(Mode.parse(mode), {}).get(step)
+
+    def mode_step(self, step: int) -> tuple[Mode, int] | None:
+        """The mode and mode step of saved global step ``step``; None if it was not saved (yet)."""
+        self._auto_refresh()
+        return self._index.steps.get(step)
 
     def has_passed_step(self, step: int, mode: Mode | str | None = None) -> StepState:
         """Whether ``step`` (a mode step if ``mode``) is readable, may still come, or never will."""

@@ -1,0 +1,274 @@
+"""Rules on activations and initialization: dead ReLUs, saturated tanh/sigmoid, poor initialization."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from .base import Requirement, Rule, check_number, check_regexes, regex_list
+from .reading import PerTensorRule, Selection, raw_at, reduction_at, scalar_at
+
+
+def inactive_percent(x: np.ndarray, active: Callable[[np.ndarray], np.ndarray], threshold_inactivity: float
+                     ) -> tuple[float, int]:
+    """Percentage of units active in less than ``threshold_inactivity`` percent of the samples.
+
+    ``x`` is read as ``(samples, units)``: the first axis is the batch, the other
+    axes are flattened into units (a 1-d tensor is one sample). Returns the
+    percentage and the number of units.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    rows = x.reshape(x.shape[0], -1) if x.ndim >= 2 else x.reshape(1, -1)
+    if rows.size == 0:
+        return 0.0, 0
+    activity = 100.0 * np.count_nonzero(active(rows), axis=0) / rows.shape[0]
+    return 100.0 * float(np.count_nonzero(activity < threshold_inactivity)) / rows.shape[1], rows.shape[1]
+
+
+class DeadRelu(PerTensorRule):
+    """Fires when more than ``threshold_layer`` percent of a layer's ReLUs are dead.
+
+    Formula: each selected output tensor is read as ``(samples, units)`` (first
+    axis the batch, the rest flattened). A unit's activity is
+    ``100 * count(y[:, u] > 0) / samples``; the unit is dead when its activity is
+    below ``threshold_inactivity``. Fires when ``100 * dead / units >
+    threshold_layer`` for a tensor.
+
+    Needs: collection ``outputs`` (or the selected ones) as raw tensors. Select
+    the ReLU layers with ``tensor_regex`` when outputs of other layers are saved
+    too (a linear layer's output is negative about half of the time, but rarely
+    for every sample of a unit).
+
+    Parameters
+    ----------
+    base_trial
+        The trial to inspect.
+    tensor_regex
+        Regexes of tensor names to inspect; default: every tensor of ``collection_names``.
+    threshold_inactivity
+        Percentage of samples below which a unit counts as dead. Default ``1.0``.
+    threshold_layer
+        Percentage of dead units above which the rule fires. Default ``50.0``.
+    collection_names
+        Collections to inspect. Default (with no ``tensor_regex``): ``outputs``.
+    """
+
+    def __init__(
+        self,
+        base_trial: Any = None,
+        tensor_regex: str | Sequence[str] | None = None,
+        threshold_inactivity: float = 1.0,
+        threshold_layer: float = 50.0,
+        collection_names: str | Sequence[str] | None = None,
+    ) -> None:
+        super().__init__(base_trial)
+        check_number("threshold_inactivity", threshold_inactivity, 0)
+        check_number("threshold_layer", threshold_layer, 0)
+        self.threshold_inactivity, self.threshold_layer = threshold_inactivity, threshold_layer
+        self.selection = Selection(collection_names, tensor_regex, ("outputs",))
+        self.hook_collections = ("outputs",)
+
+    def check(self, step: int, name: str) -> str | None:
+        y = raw_at(self, self.base_trial, name, step, self.requirement())
+        if y is None:
+            return None
+        dead, units = inactive_percent(y, lambda r: r > 0, self.threshold_inactivity)
+        if units and dead > self.threshold_layer:
+            return (f"{name}: {dead:.4g}% of its {units} units are dead (active in < "
+                    f"{self.threshold_inactivity:g}% of samples; threshold_layer {self.threshold_layer:g}%)")
+        return None
+
+
+class SaturatedActivation(PerTensorRule):
+    """Fires when more than ``threshold_layer`` percent of a tanh or sigmoid layer's units are saturated.
+
+    Formula: each selected input tensor of a tanh layer (name matches
+    ``tanh_regex``) or sigmoid layer (``sigmoid_regex``) is read as
+    ``(samples, units)``. A unit's activity is the percentage of samples whose
+    input lies strictly inside ``(min, max)`` of ``threshold_tanh`` or
+    ``threshold_sigmoid``; the unit is saturated when its activity is below
+    ``threshold_inactivity``. Fires when ``100 * saturated / units >
+    threshold_layer``. The default bounds are where the derivative of tanh
+    (sigmoid) drops below ``1e-7``.
+
+    Needs: collection ``inputs`` (or the selected ones) as raw tensors, for layers
+    whose names match ``tanh_regex`` or ``sigmoid_regex``.
+
+    Parameters
+    ----------
+    base_trial
+        The trial to inspect.
+    collection_names
+        Collections to inspect. Default (with no ``tensor_regex``): ``inputs``.
+    tensor_regex
+        Regexes of tensor names to inspect, in addition.
+    threshold_tanh
+        ``(min, max)`` inputs of tanh beyond which it is saturated. Default ``(-9.4999, 9.4999)``.
+    threshold_sigmoid
+        ``(min, max)`` for sigmoid. Default ``(-23, 16.99999)``.
+    threshold_inactivity
+        Percentage of samples below which a unit counts as saturated. Default ``1.0``.
+    threshold_layer
+        Percentage of saturated units above which the rule fires. Default ``50.0``.
+    tanh_regex, sigmoid_regex
+        Which tensors are inputs of tanh and of sigmoid layers. Defaults ``"tanh"``, ``"sigmoid"``.
+    """
+
+    def __init__(
+        self,
+        base_trial: Any = None,
+        collection_names: str | Sequence[str] | None = None,
+        tensor_regex: str | Sequence[str] | None = None,
+        threshold_tanh: Sequence[float] = (-9.4999, 9.4999),
+        threshold_sigmoid: Sequence[float] = (-23.0, 16.99999),
+        threshold_inactivity: float = 1.0,
+        threshold_layer: float = 50.0,
+        tanh_regex: str = "tanh",
+        sigmoid_regex: str = "sigmoid",
+    ) -> None:
+        super().__init__(base_trial)
+        self.bounds: dict[str, tuple[float, float]] = {}
+        for field_name, b in (("threshold_tanh", threshold_tanh), ("threshold_sigmoid", threshold_sigmoid)):
+            if len(b) != 2 or not b[0] < b[1]:
+                raise ValueError(f"{field_name}: expected (min, max) with min < max, got {b!r}")
+            self.bounds[field_name] = (float(b[0]), float(b[1]))
+        check_number("threshold_inactivity", threshold_inactivity, 0)
+        check_number("threshold_layer", threshold_layer, 0)
+        check_regexes("tanh_regex", [tanh_regex, sigmoid_regex])
+        self.threshold_inactivity, self.threshold_layer = threshold_inactivity, threshold_layer
+        self.patterns = {"threshold_tanh": re.compile(tanh_regex), "threshold_sigmoid": re.compile(sigmoid_regex)}
+        self.selection = Selection(collection_names, tensor_regex, ("inputs",))
+        self.hook_collections = ("inputs",)
+
+    def check(self, step: int, name: str) -> str | None:
+        kind = next((k for k, p in self.patterns.items() if p.search(name)), None)
+        if kind is None:
+            return None
+        x = raw_at(self, self.base_trial, name, step, self.requirement())
+        if x is None:
+            return None
+        lo, hi = self.bounds[kind]
+        saturated, units = inactive_percent(x, lambda r: (r > lo) & (r < hi), self.threshold_inactivity)
+        if units and saturated > self.threshold_layer:
+            fn = kind.removeprefix("threshold_")
+            return (f"{name}: {saturated:.4g}% of its {units} {fn} units are saturated (input outside "
+                    f"({lo:g}, {hi:g}); threshold_layer {self.threshold_layer:g}%)")
+        return None
+
+
+class PoorWeightInitialization(Rule):
+    """Fires in the first ``steps`` steps when the initialization looks poor.
+
+    Formula, at a global step ``s < steps`` (three checks; any one fires):
+
+    1. Variance: over the tensors matching ``activation_inputs_regex`` (default:
+       collection ``weights``) saved at ``s``, ``var_i`` = variance of tensor
+       ``i``. Fires when at least two are saved and
+       ``max(var) / min(var) > threshold`` (infinite when ``min(var) == 0 < max(var)``).
+    2. Gradients: for every tensor of collection ``gradients`` with at least two
+       elements, ``spread = percentile95 - percentile5`` of its values. Fires
+       when the smallest spread ``< distribution_range``.
+    3. Loss: for a tensor of collection ``losses`` saved at ``s`` and at an
+       earlier step, ``p`` = the latest such step with ``p <= s - patience``.
+       Fires when ``loss(s) >= loss(p)``.
+
+    Needs: collection ``weights`` with reduction ``variance``, ``gradients``
+    as raw tensors, ``losses``.
+
+    Parameters
+    ----------
+    base_trial
+        The trial to inspect.
+    activation_inputs_regex
+        Regexes of the tensors whose variances are compared; default: collection ``weights``.
+    threshold
+        Largest allowed ratio of the largest to the smallest variance. Default ``10.0``.
+    distribution_range
+        Smallest allowed 5th-to-95th percentile spread of a gradient. Default ``0.001``.
+    patience
+        Steps after which the loss must have decreased. Default 5.
+    steps
+        Number of first steps analysed. Default 10.
+    """
+
+    def __init__(
+        self,
+        base_trial: Any = None,
+        activation_inputs_regex: str | Sequence[str] | None = None,
+        threshold: float = 10.0,
+        distribution_range: float = 0.001,
+        patience: int = 5,
+        steps: int = 10,
+    ) -> None:
+        super().__init__(base_trial)
+        check_number("threshold", threshold, 1)
+        check_number("distribution_range", distribution_range, 0)
+        check_number("patience", patience, 1, integer=True)
+        check_number("steps", steps, 1, integer=True)
+        self.threshold, self.distribution_range, self.patience, self.steps = (
+            threshold, distribution_range, patience, steps)
+        regexes = regex_list(activation_inputs_regex)
+        self.variances = Selection(None if regexes else ("weights",), regexes or None, ())
+        self.gradients = Selection(("gradients",), None, ())
+        self.losses = Selection(("losses",), None, ())
+
+    def required_captures(self) -> list[Requirement]:
+        return [*self.variances.requirements(("variance",)), Requirement("gradients", (), True),
+                Requirement("losses")]
+
+    def invoke_at_step(self, step: int) -> bool:
+        if step >= self.steps:
+            return False
+        for check in (self._variance, self._gradient_spread, self._loss):
+            found = check(step)
+            if found is not None:
+                return self.fire(step, f"{found[0]} at step {step}", found[1])
+        return False
+
+    def _variance(self, step: int) -> tuple[str, list[str]] | None:
+        req = self.required_captures()[0]
+        var = {}
+        for n in self.variances.names(self.base_trial, step):
+            v = reduction_at(self, self.base_trial, n, step, "variance", req)
+            if v is not None and np.isfinite(v):
+                var[n] = v
+        if len(var) < 2:
+            return None
+        hi, lo = max(var, key=var.__getitem__), min(var, key=var.__getitem__)
+        ratio = var[hi] / var[lo] if var[lo] > 0 else (np.inf if var[hi] > 0 else 1.0)
+        if ratio > self.threshold:
+            return (f"variance ratio {ratio:.3g} between {hi} ({var[hi]:.3g}) and {lo} ({var[lo]:.3g}) "
+                    f"> threshold {self.threshold:g}", [hi, lo])
+        return None
+
+    def _gradient_spread(self, step: int) -> tuple[str, list[str]] | None:
+        spreads = {}
+        for n in self.gradients.names(self.base_trial, step):
+            g = raw_at(self, self.base_trial, n, step, Requirement("gradients", (), True))
+            if g is not None and g.size >= 2:
+                p5, p95 = np.percentile(g.astype(np.float64), [5, 95])
+                spreads[n] = float(p95 - p5)
+        if not spreads:
+            return None
+        n = min(spreads, key=spreads.__getitem__)
+        if spreads[n] < self.distribution_range:
+            return (f"{n}: 5th-95th percentile spread of the gradient {spreads[n]:.3g} < distribution_range "
+                    f"{self.distribution_range:g}", [n])
+        return None
+
+    def _loss(self, step: int) -> tuple[str, list[str]] | None:
+        for n in self.losses.names(self.base_trial, step):
+            t = self.base_trial.tensor(n)
+            earlier = [s for s in t.steps() if s <= step - self.patience]
+            if not earlier:
+                continue
+            req = Requirement("losses")
+            now, before = scalar_at(self, self.base_trial, n, step, req), scalar_at(
+                self, self.base_trial, n, earlier[-1], req)
+            if now is not None and before is not None and now >= before:
+                return (f"{n}: loss {now:.4g} did not decrease from {before:.4g} at step {earlier[-1]} "
+                        f"(patience {self.patience})", [n])
+        return None

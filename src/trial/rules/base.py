@@ -1,0 +1,316 @@
+"""The rule contract: :class:`Rule`, its :class:`Verdict`, and :class:`RuleConditionMet`.
+
+A rule looks at one step of a trial at a time (:meth:`Rule.invoke_at_step`)
+and answers whether its condition holds there. Built-in rules explain every
+firing with :meth:`Rule.fire` (a reason a person can act on, and the tensors
+involved) and say what they would need when their inputs are missing
+(:meth:`Rule.need`) instead of passing silently.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ...exceptions import TensortapError
+
+if TYPE_CHECKING:
+    from .actions import Action
+
+logger = logging.getLogger("tensortap")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The outcome of one rule at one step.
+
+    Attributes
+    ----------
+    rule
+        The rule's name (its class name).
+    step
+        The global step the rule looked at.
+    fired
+        Whether the rule's condition held.
+    reason
+        Why it fired, in words a person can act on.
+    tensors
+        Names of the tensors involved.
+    """
+
+    rule: str
+    step: int
+    fired: bool
+    reason: str = ""
+    tensors: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        """Return a JSON-serialisable dict."""
+        return {"rule": self.rule, "step": self.step, "fired": self.fired, "reason": self.reason,
+                "tensors": list(self.tensors)}
+
+
+@dataclass(frozen=True)
+class Requirement:
+    """What a rule needs captured: a collection, with reductions and/or raw tensors.
+
+    Attributes
+    ----------
+    collection
+        Collection name, e.g. ``"gradients"``.
+    reductions
+        Reduction keys, e.g. ``("abs_mean",)``; computable from a raw tensor too.
+    raw
+        Whether the raw tensor itself is needed.
+    """
+
+    collection: str
+    reductions: tuple[str, ...] = ()
+    raw: bool = False
+
+    def describe(self) -> str:
+        """A sentence telling what to capture."""
+        if self.raw:
+            return (f"collection {self.collection!r} with raw tensors "
+                    "(no ReductionConfig, or ReductionConfig(save_raw_tensor=True))")
+        if self.reductions:
+            return f"collection {self.collection!r} with reductions {', '.join(self.reductions)} (or raw tensors)"
+        return f"collection {self.collection!r}"
+
+    def to_json(self) -> dict[str, Any]:
+        """Return a JSON-serialisable dict."""
+        return {"collection": self.collection, "reductions": list(self.reductions), "raw": self.raw}
+
+
+class RuleConditionMet(TensortapError):
+    """Raised by :func:`~tensortap.rules.invoke_rule` with ``raise_eval_cond=True`` at the first firing.
+
+    Parameters
+    ----------
+    rule_name
+        Name of the rule that fired.
+    step
+        The global step at which it fired.
+    reason
+        Why it fired.
+    tensors
+        The tensors involved.
+    """
+
+    def __init__(self, rule_name: str, step: int, reason: str = "", tensors: Sequence[str] = ()) -> None:
+        self.rule_name = rule_name
+        self.step = step
+        self.reason = reason
+        self.tensors = tuple(tensors)
+        super().__init__(f"{rule_name} fired at step {step}: {reason}" if reason else
+                         f"{rule_name} fired at step {step}")
+
+
+def regex_list(value: str | Sequence[str] | None) -> tuple[str, ...]:
+    """Normalise a regex parameter: None, one pattern, or a list of patterns."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    return tuple(value)
+
+
+def name_list(field_name: str, value: str | Sequence[str] | None) -> tuple[str, ...]:
+    """Normalise a list-of-names parameter; a string is one name or several separated by commas."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return tuple(v.strip() for v in value.split(",") if v.strip())
+    if not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{field_name}: expected names, got {value!r}")
+    return tuple(value)
+
+
+def check_regexes(field_name: str, patterns: Iterable[str]) -> None:
+    """Raise a ValueError naming the first pattern that does not compile."""
+    for p in patterns:
+        try:
+            re.compile(p)
+        except re.error as exc:
+            raise ValueError(f"{field_name}: {p!r} is not a valid regular expression ({exc})") from None
+
+
+def check_number(field_name: str, value: Any, minimum: float | None = None, integer: bool = False) -> None:
+    """Raise a ValueError unless ``value`` is a number (an integer if asked) ``>= minimum``."""
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or (minimum is not None and value < minimum):
+        what = "an integer" if integer else "a number"
+        bound = f" >= {minimum}" if minimum is not None else ""
+        raise ValueError(f"{field_name}: expected {what}{bound}, got {value!r}")
+
+
+@dataclass
+class _Progress:
+    last_step: int = -1
+    fired_steps: list[int] = field(default_factory=list)
+    missing: dict[str, int] = field(default_factory=dict)
+
+
+class Rule:
+    """Base class of every rule.
+
+    Subclasses implement :meth:`invoke_at_step` and call ``super().__init__(base_trial)``::
+
+        class LossAbove(Rule):
+            def __init__(self, base_trial=None, threshold=10.0):
+                super().__init__(base_trial)
+                self.threshold = threshold
+
+            def invoke_at_step(self, step):
+                for name in self.base_trial.tensor_names(collection="losses", step=step):
+                    v = float(self.base_trial.tensor(name).value(step))
+                    if v > self.threshold:
+                        return self.fire(step, f"{name} = {v} > {self.threshold}", [name])
+                return False
+
+    Parameters
+    ----------
+    base_trial
+        The trial the rule reads; None when the rule is given to a hook
+        (``Hook(rules=[...])``), which provides a view of the steps being saved.
+
+    Attributes
+    ----------
+    state_attrs
+        Names of the attributes that hold the rule's progress between steps;
+        :meth:`state_dict` saves them (JSON values only) so a runner can resume.
+    history
+        How many saved steps of raw values an in-process rule needs to look back
+        over (the hook keeps that many in memory).
+    """
+
+    state_attrs: tuple[str, ...] = ()
+    history: int = 1
+
+    def __init__(self, base_trial: Any = None) -> None:
+        self.base_trial = base_trial
+        self.actions: list[Action] = []
+        self._progress = _Progress()
+        self._verdict: Verdict | None = None
+
+    # ------------------------------------------------------------ identity
+    @property
+    def name(self) -> str:
+        """The rule's name (its class name), as used in reasons and stop requests."""
+        return type(self).__name__
+
+    def __repr__(self) -> str:
+        return f"<{self.name} rule>"
+
+    # -------------------------------------------------------- requirements
+    def required_captures(self) -> list[Requirement]:
+        """What this rule reads: collections with the reductions (or raw tensors) it needs.
+
+        ``Hook(..., rules=[rule])`` configures capture from this list.
+        """
+        return []
+
+    def required_collections(self) -> list[str]:
+        """Names of the collections this rule reads."""
+        return list(dict.fromkeys(r.collection for r in self.required_captures()))
+
+    # ----------------------------------------------------------- evaluation
+    def invoke_at_step(self, step: int) -> bool:
+        """Return whether the rule's condition holds at global step ``step``."""
+        raise NotImplementedError(f"{self.name} must implement invoke_at_step(step)")
+
+    def on_idle(self, last_step: int, idle_seconds: float) -> bool:
+        """Called while a live runner waits for new steps; return True to fire at ``last_step``.
+
+        ``idle_seconds`` is how long no new step has appeared. Default: never fires.
+        """
+        return False
+
+    def fire(self, step: int, reason: str, tensors: Iterable[str] = ()) -> bool:
+        """Record why the rule fires at ``step`` and return True (``return self.fire(...)``)."""
+        self._verdict = Verdict(self.name, step, True, reason, tuple(tensors))
+        return True
+
+    def need(self, step: int, requirement: Requirement, detail: str = "") -> None:
+        """Record (and log once) that an input is missing at ``step``, and what to capture instead."""
+        message = f"{self.name} needs {requirement.describe()}" + (f": {detail}" if detail else "")
+        if message not in self._progress.missing:
+            self._progress.missing[message] = step
+            logger.warning("tensortap: %s (first at step %d)", message, step)
+
+    @property
+    def missing_inputs(self) -> dict[str, int]:
+        """Messages telling what this rule lacked, with the first step each was seen."""
+        return dict(self._progress.missing)
+
+    @property
+    def fired_steps(self) -> list[int]:
+        """Steps at which the rule has fired so far."""
+        return list(self._progress.fired_steps)
+
+    @property
+    def last_step(self) -> int:
+        """The last step evaluated (-1 before the first)."""
+        return self._progress.last_step
+
+    def invoke(self, step: int) -> Verdict:
+        """Evaluate the rule at ``step`` and return its :class:`Verdict` (the runners use this)."""
+        self._verdict = None
+        fired = bool(self.invoke_at_step(step))
+        self._progress.last_step = max(self._progress.last_step, step)
+        return self._conclude(step, fired, f"condition met at step {step}")
+
+    def invoke_idle(self, last_step: int, idle_seconds: float) -> Verdict:
+        """Ask :meth:`on_idle` and return the resulting :class:`Verdict`."""
+        self._verdict = None
+        fired = bool(self.on_idle(last_step, idle_seconds))
+        return self._conclude(last_step, fired, f"no new step for {idle_seconds:.0f} s after step {last_step}")
+
+    def _conclude(self, step: int, fired: bool, default_reason: str) -> Verdict:
+        if not fired:
+            return Verdict(self.name, step, False)
+        verdict = self._verdict if self._verdict is not None else Verdict(self.name, step, True, default_reason)
+        self._progress.fired_steps.append(step)
+        return verdict
+
+    # -------------------------------------------------------------- actions
+    def add_action(self, action: Action) -> Rule:
+        """Run ``action`` every time this rule fires; returns the rule, so calls chain."""
+        self.actions.append(action)
+        return self
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """The rule's progress as JSON-serialisable data (see :meth:`load_state_dict`)."""
+        state = {
+            "rule": self.name,
+            "last_step": self._progress.last_step,
+            "fired_steps": list(self._progress.fired_steps),
+            "missing": dict(self._progress.missing),
+            "attrs": {a: getattr(self, a) for a in self.state_attrs},
+        }
+        return json.loads(json.dumps(state))
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore progress saved by :meth:`state_dict`; a runner then resumes after ``last_step``."""
+        if state.get("rule") != self.name:
+            raise ValueError(f"state: saved by rule {state.get('rule')!r}, cannot load into {self.name}")
+        unknown = set(state.get("attrs", {})) - set(self.state_attrs)
+        if unknown:
+            raise ValueError(f"state: unknown attribute(s) {', '.join(sorted(unknown))}; "
+                             f"valid: {', '.join(self.state_attrs) or 'none'}")
+        self._progress = _Progress(int(state["last_step"]), [int(s) for s in state["fired_steps"]],
+                                   {str(k): int(v) for k, v in state.get("missing", {}).items()})
+        for a, v in state.get("attrs", {}).items():
+            setattr(self, a, v)
+
+    # ----------------------------------------------------------- in-process
+    def attach_to_hook(self, hook: Any) -> None:
+        """Evaluate this rule in-process on every step ``hook`` saves (``Hook(rules=[...])`` calls this)."""
+        from .inprocess import attach
+
+        attach(hook, self)

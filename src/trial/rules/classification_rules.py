@@ -1,0 +1,211 @@
+"""Rules on labels and predictions: class imbalance, confusion."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import numpy as np
+
+from .base import Requirement, Rule, check_number
+from .reading import Selection, raw_at
+
+
+def as_classes(values: np.ndarray, argmax: bool) -> np.ndarray:
+    """Class numbers: ``argmax`` over the last axis if asked (or for 2-d scores), else rounded values."""
+    v = np.asarray(values)
+    if v.ndim >= 2 and (argmax or v.shape[-1] > 1):
+        return np.argmax(v, axis=-1).reshape(-1)
+    return np.rint(v.astype(np.float64)).astype(np.int64).reshape(-1)
+
+
+def _named(name: str | None, collection: str) -> Selection:
+    """The tensor called ``name``, else the tensors of ``collection``."""
+    return Selection((collection,), None, ()) if name is None else Selection(None, f"^{re.escape(name)}$", ())
+
+
+class _LabelsPredictions(Rule):
+    """Reads a labels tensor and a predictions tensor saved at the same step."""
+
+    def __init__(self, base_trial: Any, labels: Selection, predictions: Selection) -> None:
+        super().__init__(base_trial)
+        self.labels, self.predictions = labels, predictions
+
+    def required_captures(self) -> list[Requirement]:
+        return [*self.labels.requirements(raw=True), *self.predictions.requirements(raw=True)]
+
+    def read(self, step: int, selection: Selection, need: bool) -> tuple[str, np.ndarray] | None:
+        """The first tensor of ``selection`` saved at ``step`` and its raw value."""
+        names = selection.names(self.base_trial, step)
+        if not names:
+            if need and not selection.names(self.base_trial):
+                req = (selection.requirements(raw=True) or [Requirement("labels", (), True)])[0]
+                self.need(step, req, f"no tensor of {selection.describe()} in the trial")
+            return None
+        req = (selection.requirements(raw=True) or [Requirement("custom", (), True)])[0]
+        value = raw_at(self, self.base_trial, names[0], step, req)
+        return None if value is None else (names[0], value)
+
+
+class ClassImbalance(_LabelsPredictions):
+    """Fires when the classes of the labels are too imbalanced, or a class is mostly mispredicted.
+
+    Formula: the labels saved at every step so far are accumulated (class =
+    argmax over the last axis with ``argmax=True`` or for 2-d scores, else the
+    rounded value); ``n_c`` counts class ``c``. Once ``sum(n_c) >= samples``:
+
+    - fires when ``max(n_c) / min(n_c) > threshold_imbalance`` (over the classes seen);
+    - else, with predictions saved at the same steps (same length), ``m_c`` =
+      fraction of the samples of class ``c`` predicted as another class; fires
+      when ``m_c > threshold_misprediction`` for a class.
+
+    Needs: collections ``labels`` and ``predictions`` as raw tensors.
+
+    Parameters
+    ----------
+    base_trial
+        The trial to inspect.
+    threshold_imbalance
+        Largest tolerated ratio of the largest to the smallest class. Default ``10``.
+    threshold_misprediction
+        Largest tolerated misprediction fraction of a class. Default ``0.7``.
+    samples
+        Labels to accumulate before judging. Default 500.
+    argmax
+        Take the argmax over the last axis of labels and predictions. Default False.
+    labels_regex
+        Regex of the labels tensor, besides collection ``labels``. Default ``".*labels"``.
+    predictions_regex
+        Regex of the predictions tensor, besides collection ``predictions``. Default ``".*predictions"``.
+    """
+
+    state_attrs = ("counts", "wrong", "predicted")
+
+    def __init__(
+        self,
+        base_trial: Any = None,
+        threshold_imbalance: float = 10.0,
+        threshold_misprediction: float = 0.7,
+        samples: int = 500,
+        argmax: bool = False,
+        labels_regex: str = ".*labels",
+        predictions_regex: str = ".*predictions",
+    ) -> None:
+        super().__init__(base_trial, Selection(("labels",), labels_regex, ()),
+                         Selection(("predictions",), predictions_regex, ()))
+        check_number("threshold_imbalance", threshold_imbalance, 1)
+        check_number("threshold_misprediction", threshold_misprediction, 0)
+        check_number("samples", samples, 1, integer=True)
+        self.threshold_imbalance, self.threshold_misprediction = threshold_imbalance, threshold_misprediction
+        self.samples, self.argmax = samples, bool(argmax)
+        self.counts: dict[str, int] = {}
+        self.wrong: dict[str, int] = {}
+        self.predicted: dict[str, int] = {}
+
+    def invoke_at_step(self, step: int) -> bool:
+        found = self.read(step, self.labels, need=True)
+        if found is None:
+            return False
+        lname, labels = found[0], as_classes(found[1], self.argmax)
+        for c, n in zip(*np.unique(labels, return_counts=True), strict=True):
+            self.counts[str(c)] = self.counts.get(str(c), 0) + int(n)
+        preds = self.read(step, self.predictions, need=False)
+        tensors = [lname]
+        if preds is not None and as_classes(preds[1], self.argmax).size == labels.size:
+            tensors.append(preds[0])
+            p = as_classes(preds[1], self.argmax)
+            for c in np.unique(labels):
+                mask = labels == c
+                self.predicted[str(c)] = self.predicted.get(str(c), 0) + int(mask.sum())
+                self.wrong[str(c)] = self.wrong.get(str(c), 0) + int((p[mask] != c).sum())
+        total = sum(self.counts.values())
+        if total < self.samples:
+            return False
+        big, small = max(self.counts, key=self.counts.__getitem__), min(self.counts, key=self.counts.__getitem__)
+        ratio = self.counts[big] / self.counts[small]
+        if ratio > self.threshold_imbalance:
+            return self.fire(step, f"{lname}: class {big} has {self.counts[big]} samples, class {small} "
+                                   f"{self.counts[small]}: ratio {ratio:.3g} > threshold_imbalance "
+                                   f"{self.threshold_imbalance:g} (over {total} labels) at step {step}", tensors)
+        for c, n in self.predicted.items():
+            frac = self.wrong[c] / n
+            if frac > self.threshold_misprediction:
+                return self.fire(step, f"class {c}: {frac:.3g} of its {n} samples mispredicted > "
+                                       f"threshold_misprediction {self.threshold_misprediction:g} at step {step}",
+                                 tensors)
+        return False
+
+
+class Confusion(_LabelsPredictions):
+    """Fires when the confusion matrix of a step's labels and predictions is poor.
+
+    Formula: at each step with both tensors (classes as in :class:`ClassImbalance`),
+    ``C[i][j]`` counts samples of label ``i`` predicted as ``j`` (size
+    ``category_no``, default the largest class seen + 1). For every predicted
+    class ``j`` with ``S_j = sum_i C[i][j] > 0``: fires when
+    ``C[j][j] / S_j < min_diag`` or ``C[i][j] / S_j > max_off_diag`` for some
+    ``i != j``. (smdebug's documentation writes the diagonal denominator as
+    ``sum_j C[j][j]``, which two balanced classes could never bring to 0.9; the
+    column sum is used for both checks.)
+
+    Needs: collections ``labels`` and ``predictions`` as raw tensors.
+
+    Parameters
+    ----------
+    base_trial
+        The trial to inspect.
+    category_no
+        Number of classes. Default: largest class seen + 1.
+    labels
+        Name of the labels tensor. Default: the first of ``labels_collection``.
+    predictions
+        Name of the predictions tensor. Default: the first of ``predictions_collection``.
+    labels_collection, predictions_collection
+        Collections searched when no name is given. Defaults ``"labels"``, ``"predictions"``.
+    min_diag
+        Least share of correct predictions of a predicted class. Default ``0.9``.
+    max_off_diag
+        Largest share of one wrong label among a predicted class. Default ``0.1``.
+    """
+
+    def __init__(
+        self,
+        base_trial: Any = None,
+        category_no: int | None = None,
+        labels: str | None = None,
+        predictions: str | None = None,
+        labels_collection: str = "labels",
+        predictions_collection: str = "predictions",
+        min_diag: float = 0.9,
+        max_off_diag: float = 0.1,
+    ) -> None:
+        super().__init__(base_trial, _named(labels, labels_collection), _named(predictions, predictions_collection))
+        if category_no is not None:
+            check_number("category_no", category_no, 2, integer=True)
+        check_number("min_diag", min_diag, 0)
+        check_number("max_off_diag", max_off_diag, 0)
+        self.category_no, self.min_diag, self.max_off_diag = category_no, min_diag, max_off_diag
+
+    def invoke_at_step(self, step: int) -> bool:
+        lab, pred = self.read(step, self.labels, need=True), self.read(step, self.predictions, need=True)
+        if lab is None or pred is None:
+            return False
+        y, p = as_classes(lab[1], False), as_classes(pred[1], False)
+        if y.size != p.size or y.size == 0:
+            return False
+        k = self.category_no or int(max(y.max(), p.max())) + 1
+        keep = (y >= 0) & (y < k) & (p >= 0) & (p < k)
+        c = np.zeros((k, k), dtype=np.int64)
+        np.add.at(c, (y[keep], p[keep]), 1)
+        for j in range(k):
+            col = c[:, j].sum()
+            if col == 0:
+                continue
+            if c[j, j] / col < self.min_diag:
+                return self.fire(step, f"predicted class {j}: {c[j, j] / col:.3g} correct < min_diag "
+                                       f"{self.min_diag:g} at step {step}", [lab[0], pred[0]])
+            off = [i for i in range(k) if i != j and c[i, j] / col > self.max_off_diag]
+            if off:
+                return self.fire(step, f"predicted class {j}: {c[off[0], j] / col:.3g} of it is label {off[0]} > "
+                                       f"max_off_diag {self.max_off_diag:g} at step {step}", [lab[0], pred[0]])
+        return False

@@ -1,0 +1,359 @@
+"""Rules on the course of training: loss not decreasing, overfit, overtraining, stalled."""
+
+from __future__ import annotations
+
+import bisect
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ...modes import Mode
+from .actions import StopTraining
+from .base import Requirement, Rule, check_number, check_regexes
+from .reading import LOSS_MODES, ModeSeries, Selection, parse_mode, scalar_at
+
+VALIDATION_REGEX = r"(^|[/_.-])(val|valid|validation|eval|test)([/_.-]|$)"
+
+
+def percent_change(before: float, now: float) -> float:
+    """``100 * (now - before) / |before|``; with ``before == 0``: 0 if equal, else +-inf."""
+    if before == 0:
+        return 0.0 if now == 0 else float(np.sign(now) * np.inf)
+    return 100.0 * (now - before) / abs(before)
+
+
+class LossNotDecreasing(Rule):
+    """Fires when a loss has not decreased enough over ``num_steps`` steps.
+
+    Formula, for each selected loss tensor, in its mode ``M`` (``mode``, or the
+    first of EVAL, TRAIN, GLOBAL in which the tensor has steps); steps below are
+    mode steps of ``M``:
+
+    - Check steps: the first saved step ``s`` that has a saved step
+      ``b <= s - num_steps``, then each first saved step ``>= last check + num_steps``.
+      At a check step, ``b`` is the latest saved step ``<= s - num_steps`` and
+      ``decrease = 100 * (loss(b) - loss(s)) / |loss(b)|``. Fires when
+      ``decrease <= diff_percent``.
+    - Between check steps: fires when the loss is more than
+      ``increase_threshold_percent`` percent above its value at the last check step.
+
+    Example: loss saved every 4 steps with 0.30, 0.33, 0.31, 0.30, 0.28 at steps
+    0, 4, 8, 12, 16 and ``num_steps=10``: the first check is step 12 (against
+    step 0): decrease 0% <= 0%, fires. Step 16 is not a check step (the next is
+    >= 22) and 0.28 is below 0.30, so it does not fire.
+
+    Needs: collection ``losses`` (scalars).
+
+    Parameters
+    ----------
+    base_trial
+        The trial to inspect.
+    collection_names
+        Collections of losses to inspect, in addition to ``losses``.
+    tensor_regex
+        Regexes of loss tensor names, in addition.
+    use_losses_collection
+        Inspect the ``losses`` collection. Default True.
+    num_steps
+        Steps between checks, and the least distance to the step compared. Default 10.
+    diff_percent
+        Least decrease, in percent, the loss must show at a check. Default ``0.0``.
+    increase_threshold_percent
+        Largest increase, in percent of the last checked value, tolerated between checks. Default ``5.0``.
+    mode
+        Mode of the steps compared (``"TRAIN"``, ``"EVAL"``, ...); default: EVAL, else TRAIN, else GLOBAL.
+    """
+
+    state_attrs = ("last_checked", "last_value")
+
+    def __init__(
+        self,
+        base_trial: Any = None,
+        collection_names: str | Sequence[str] | None = None,
+        tensor_regex: str | Sequence[str] | None = None,
+        use_losses_collection: bool = True,
+        num_steps: int = 10,
+        diff_percent: float = 0.0,
+        increase_threshold_percent: float = 5.0,
+        mode: Mode | str | None = None,
+    ) -> None:
+        super().__init__(base_trial)
+        check_number("num_steps", num_steps, 1, integer=True)
+        check_number("diff_percent", diff_percent)
+        check_number("increase_threshold_percent", increase_threshold_percent, 0)
+        names = [*((collection_names,) if isinstance(collection_names, str) else collection_names or ())]
+        if use_losses_collection:
+            names.append("losses")
+        if not names and tensor_regex is None:
+            raise ValueError("LossNotDecreasing: nothing to inspect; give collection_names or tensor_regex, "
+                             "or keep use_losses_collection=True")
+        self.selection = Selection(",".join(names) or None, tensor_regex, ())
+        self.num_steps, self.diff_percent = num_steps, diff_percent
+        self.increase_threshold_percent = increase_threshold_percent
+        self.mode = parse_mode(mode)
+        self.series = ModeSeries((self.mode,) if self.mode is not None else LOSS_MODES)
+        self.last_checked: dict[str, int] = {}
+        self.last_value: dict[str, float] = {}
+
+    def required_captures(self) -> list[Requirement]:
+        return self.selection.requirements()
+
+    def invoke_at_step(self, step: int) -> bool:
+        trial = self.base_trial
+        names = self.selection.names(trial, step)
+        if not names and not self.selection.names(trial):
+            self.need(step, Requirement("losses"), f"no tensor of {self.selection.describe()} in the trial")
+        hits = [(n, r) for n in names if (r := self._check(step, n)) is not None]
+        if not hits:
+            return False
+        return self.fire(step, "; ".join(r for _, r in hits), [n for n, _ in hits])
+
+    def _check(self, step: int, name: str) -> str | None:
+        trial = self.base_trial
+        found = self.series.at(trial, name, step)
+        if found is None:
+            return None
+        mode, ms, series, _ = found
+        req = Requirement("losses")
+        now = scalar_at(self, trial, name, step, req)
+        if now is None:
+            return None
+        where = f"{mode.name} step {ms}" if mode is not Mode.GLOBAL else f"step {ms}"
+        last = self.last_checked.get(name)
+        if last is not None and ms < last + self.num_steps:
+            rise = percent_change(self.last_value[name], now)
+            if rise > self.increase_threshold_percent:
+                return (f"{name}: loss {now:.4g} at {where} is {rise:.3g}% above {self.last_value[name]:.4g} "
+                        f"at the last check ({mode.name} step {last}; increase_threshold_percent "
+                        f"{self.increase_threshold_percent:g})")
+            return None
+        i = bisect.bisect_right(series, (ms - self.num_steps, float("inf"))) - 1
+        if i < 0:
+            return None
+        base, base_global = series[i]
+        before = scalar_at(self, trial, name, base_global, req)
+        if before is None:
+            return None
+        self.last_checked[name], self.last_value[name] = ms, now
+        decrease = -percent_change(before, now) + 0.0  # no "-0%"
+        if decrease <= self.diff_percent:
+            return (f"{name}: loss {now:.4g} at {where} decreased {decrease:.3g}% from {before:.4g} at "
+                    f"{mode.name} step {base} (num_steps {self.num_steps}; needs > {self.diff_percent:g}%)")
+        return None
+
+
+class _TrainValidation(Rule):
+    """Splits the losses saved at a step into training and validation losses.
+
+    A loss is a validation loss when its name matches ``validation_regex`` or it
+    was saved at an EVAL step; the others, saved at TRAIN or GLOBAL steps, are
+    training losses.
+    """
+
+    def __init__(self, base_trial: Any, tensor_regex: str | Sequence[str] | None, validation_regex: str) -> None:
+        super().__init__(base_trial)
+        check_regexes("validation_regex", [validation_regex])
+        self.validation = re.compile(validation_regex)
+        self.selection = Selection(None if tensor_regex else ("losses",), tensor_regex, ())
+
+    def required_captures(self) -> list[Requirement]:
+        return self.selection.requirements() or [Requirement("losses")]
+
+    def split(self, step: int) -> tuple[dict[str, float], dict[str, float]]:
+        """``({training loss: value}, {validation loss: value})`` saved at ``step``."""
+        trial = self.base_trial
+        names = self.selection.names(trial, step)
+        if not names and not self.selection.names(trial):
+            self.need(step, Requirement("losses"), f"no tensor of {self.selection.describe()} in the trial")
+        where = trial.mode_step(step)
+        eval_step = where is not None and where[0] is Mode.EVAL
+        train: dict[str, float] = {}
+        val: dict[str, float] = {}
+        for n in names:
+            v = scalar_at(self, trial, n, step, Requirement("losses"))
+            if v is None or not np.isfinite(v):
+                continue
+            (val if eval_step or self.validation.search(n) else train)[n] = v
+        return train, val
+
+
+class Overfit(_TrainValidation):
+    """Fires when the validation loss exceeds the training loss by more than ``ratio_threshold`` for long.
+
+    Formula: training losses are averaged over every training value saved since
+    the previous validation (``t``); at each step ``s >= start_step`` with
+    validation losses (mean ``v``), ``ratio = (v - t) / |t|``. A step with
+    ``ratio > ratio_threshold`` counts one; any other evaluation resets the
+    count. Fires when the count reaches ``patience``.
+
+    Losses are those of collection ``losses`` (or ``tensor_regex``); a loss is a
+    validation loss when its name matches ``validation_regex`` (``val_loss``,
+    ``validation-logloss``, ``eval/...``) or it was saved at an EVAL step.
+
+    Needs: collection ``losses`` with training and validation losses.
+
+    Parameters
+    ----------
+    base_trial
+        The trial to inspect.
+    tensor_regex
+        Regexes of the loss tensors; default: collection ``losses``.
+    start_step
+        First global step compared. Default 0.
+    patience
+        Consecutive evaluations above the threshold that fire. Default 1.
+    ratio_threshold
+        Largest tolerated ``(validation - training) / training``. Default ``0.1``.
+    validation_regex
+        Which loss names are validation losses. Default matches ``val``, ``valid``,
+        ``validation``, ``eval`` and ``test`` as name parts.
+    """
+
+    state_attrs = ("train_values", "exceeded")
+
+    def __init__(
+        self,
+        base_trial: Any = None,
+        tensor_regex: str | Sequence[str] | None = None,
+        start_step: int = 0,
+        patience: int = 1,
+        ratio_threshold: float = 0.1,
+        validation_regex: str = VALIDATION_REGEX,
+    ) -> None:
+        super().__init__(base_trial, tensor_regex, validation_regex)
+        check_number("start_step", start_step, 0, integer=True)
+        check_number("patience", patience, 1, integer=True)
+        check_number("ratio_threshold", ratio_threshold)
+        self.start_step, self.patience, self.ratio_threshold = start_step, patience, ratio_threshold
+        self.train_values: list[float] = []
+        self.exceeded = 0
+
+    def invoke_at_step(self, step: int) -> bool:
+        if step < self.start_step:
+            return False
+        train, val = self.split(step)
+        self.train_values.extend(train.values())
+        if not val or not self.train_values:
+            return False
+        t, v = float(np.mean(self.train_values)), float(np.mean(list(val.values())))
+        self.train_values = []
+        ratio = (v - t) / abs(t) if t != 0 else float(np.sign(v - t) * np.inf)
+        self.exceeded = self.exceeded + 1 if ratio > self.ratio_threshold else 0
+        if self.exceeded >= self.patience:
+            return self.fire(step, f"validation loss {v:.4g} is {ratio:.3g} x above training loss {t:.4g} "
+                                   f"(> ratio_threshold {self.ratio_threshold:g} for {self.exceeded} evaluation(s)) "
+                                   f"at step {step}", [*train, *val])
+        return False
+
+
+class Overtraining(_TrainValidation):
+    """Fires when the training or the validation loss has stopped improving.
+
+    Formula: at each step with training losses, ``t`` = their mean; the training
+    loss improves when ``best_t - t >= delta`` (or it is the first value), which
+    sets ``best_t = t`` and resets a counter; otherwise the counter grows by one.
+    The validation losses keep their own best and counter likewise. Fires while
+    the training counter is ``>= patience_train`` or the validation counter is
+    ``>= patience_validation``. Training and validation losses are told apart as
+    in :class:`Overfit`.
+
+    Needs: collection ``losses``.
+
+    Parameters
+    ----------
+    base_trial
+        The trial to inspect.
+    patience_train
+        Saved training steps without improvement that fire. Default 5.
+    patience_validation
+        Validations without improvement that fire. Default 10.
+    delta
+        Least decrease that counts as an improvement. Default ``0.01``.
+    tensor_regex
+        Regexes of the loss tensors; default: collection ``losses``.
+    validation_regex
+        Which loss names are validation losses (as in :class:`Overfit`).
+    """
+
+    state_attrs = ("best", "since")
+
+    def __init__(
+        self,
+        base_trial: Any = None,
+        patience_train: int = 5,
+        patience_validation: int = 10,
+        delta: float = 0.01,
+        tensor_regex: str | Sequence[str] | None = None,
+        validation_regex: str = VALIDATION_REGEX,
+    ) -> None:
+        super().__init__(base_trial, tensor_regex, validation_regex)
+        check_number("patience_train", patience_train, 1, integer=True)
+        check_number("patience_validation", patience_validation, 1, integer=True)
+        check_number("delta", delta, 0)
+        self.patience = {"training": patience_train, "validation": patience_validation}
+        self.delta = delta
+        self.best: dict[str, float] = {}
+        self.since: dict[str, int] = {"training": 0, "validation": 0}
+
+    def invoke_at_step(self, step: int) -> bool:
+        train, val = self.split(step)
+        reasons = []
+        for kind, values in (("training", train), ("validation", val)):
+            if not values:
+                continue
+            x = float(np.mean(list(values.values())))
+            if kind not in self.best or self.best[kind] - x >= self.delta:
+                self.best[kind], self.since[kind] = x, 0
+            else:
+                self.since[kind] += 1
+            if self.since[kind] >= self.patience[kind]:
+                reasons.append(f"{kind} loss {x:.4g} has not improved by {self.delta:g} on its best "
+                               f"{self.best[kind]:.4g} for {self.since[kind]} saved step(s) "
+                               f"(patience_{'train' if kind == 'training' else kind} {self.patience[kind]})")
+        if reasons:
+            return self.fire(step, "; ".join(reasons) + f" at step {step}", [*train, *val])
+        return False
+
+
+class StalledTraining(Rule):
+    """Fires when a running training has saved no new step for ``threshold`` seconds.
+
+    Formula: a live runner (``invoke_rule`` or ``tensortap rules --follow``)
+    measures the time since the last new step appeared in the trial, while the
+    training has not ended. Fires once per stall, at the last step seen, when
+    that time exceeds ``threshold``. On an ended trial it never fires; in-process
+    (``Hook(rules=[...])``) it cannot see stalls.
+
+    Needs: nothing beyond any saved step.
+
+    Parameters
+    ----------
+    base_trial
+        The trial to inspect.
+    threshold
+        Seconds without a new step that fire. Default 1800.
+    stop_training_on_fire
+        Also ask the training to stop (as the :class:`~tensortap.rules.StopTraining` action). Default False.
+    """
+
+    state_attrs = ("stalled_at",)
+
+    def __init__(self, base_trial: Any = None, threshold: float = 1800, stop_training_on_fire: bool = False) -> None:
+        super().__init__(base_trial)
+        check_number("threshold", threshold, 0)
+        self.threshold = threshold
+        self.stalled_at = -2
+        if stop_training_on_fire:
+            self.add_action(StopTraining())
+
+    def invoke_at_step(self, step: int) -> bool:
+        return False
+
+    def on_idle(self, last_step: int, idle_seconds: float) -> bool:
+        if idle_seconds <= self.threshold or self.stalled_at == last_step:
+            return False
+        self.stalled_at = last_step
+        return self.fire(last_step, f"no new step for {idle_seconds:.0f} s after step {last_step} "
+                                    f"(threshold {self.threshold:g} s)")

@@ -1,0 +1,212 @@
+"""How rules pick tensors (collections and regexes) and read them (reductions first, raw when needed).
+
+Everything here works on a :class:`~tensortap.trial.Trial` and on the
+in-memory view a hook gives in-process rules, which offer the same methods.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ... import reductions as red
+from ...modes import Mode
+from .base import Requirement, Rule, check_regexes, name_list, regex_list
+
+LOSS_MODES = (Mode.EVAL, Mode.TRAIN, Mode.GLOBAL)
+
+
+class Selection:
+    """Which tensors a rule inspects.
+
+    ``collection_names`` and ``tensor_regex`` select the union of the tensors of
+    those collections and the tensors whose name matches one of the regexes
+    (``re.search``). When neither is given, ``default_collections`` are used.
+
+    Parameters
+    ----------
+    collection_names
+        Collection names (a list, or one string with names separated by commas).
+    tensor_regex
+        One regex or a list of regexes.
+    default_collections
+        Collections used when nothing is given; empty: every tensor.
+    """
+
+    def __init__(
+        self,
+        collection_names: str | Sequence[str] | None,
+        tensor_regex: str | Sequence[str] | None,
+        default_collections: Sequence[str],
+    ) -> None:
+        self.collections = name_list("collection_names", collection_names)
+        self.regexes = regex_list(tensor_regex)
+        check_regexes("tensor_regex", self.regexes)
+        if not self.collections and not self.regexes:
+            self.collections = tuple(default_collections)
+
+    def names(self, trial: Any, step: int | None = None) -> list[str]:
+        """Selected tensor names saved at global ``step`` (all steps if None), sorted."""
+        if not self.collections and not self.regexes:
+            return list(trial.tensor_names(step=step))
+        out: set[str] = set()
+        for c in self.collections:
+            out.update(trial.tensor_names(collection=c, step=step))
+        if self.regexes:
+            out.update(trial.tensor_names(regex=list(self.regexes), step=step))
+        return sorted(out)
+
+    def requirements(self, reductions: Sequence[str] = (), raw: bool = False) -> list[Requirement]:
+        """One :class:`Requirement` per selected collection."""
+        return [Requirement(c, tuple(reductions), raw) for c in self.collections]
+
+    def describe(self) -> str:
+        """Words for error messages: which collections and regexes were searched."""
+        parts = [] if self.collections or self.regexes else ["any tensor"]
+        if self.collections:
+            parts.append(f"collection(s) {', '.join(self.collections)}")
+        if self.regexes:
+            parts.append(f"regex(es) {', '.join(self.regexes)}")
+        return " or ".join(parts)
+
+
+def saved_at(tensor: Any, step: int) -> bool:
+    """Whether ``tensor`` was saved at global ``step``."""
+    return bool(tensor.workers(step))
+
+
+def reduction_at(rule: Rule, trial: Any, name: str, step: int, key: str, requirement: Requirement) -> float | None:
+    """Reduction ``key`` (e.g. ``"abs_mean"``) of ``name`` at ``step``: saved, or computed from the raw value.
+
+    Returns None (after recording what is missing with :meth:`Rule.need`) when
+    neither the reduction nor the raw tensor was saved.
+    """
+    t = trial.tensor(name)
+    if t.has_raw(step) or key in t.available_reductions(step):
+        base, absolute = red.split_key(key)
+        return float(t.reduction_value(step, base, abs=absolute))
+    rule.need(step, requirement, f"{name!r} has neither reduction {key!r} nor its raw value")
+    return None
+
+
+def raw_at(rule: Rule, trial: Any, name: str, step: int, requirement: Requirement) -> np.ndarray | None:
+    """The raw value of ``name`` at ``step``, or None after recording that it is missing."""
+    t = trial.tensor(name)
+    if t.has_raw(step):
+        return np.asarray(t.value(step))
+    rule.need(step, requirement, f"{name!r} was saved as reductions only")
+    return None
+
+
+def scalar_at(rule: Rule, trial: Any, name: str, step: int, requirement: Requirement) -> float | None:
+    """A scalar tensor (a loss, a metric) at ``step``: its value, or its saved ``mean``."""
+    t = trial.tensor(name)
+    if t.has_raw(step):
+        v = np.asarray(t.value(step), dtype=np.float64)
+        return float(v.reshape(-1)[0]) if v.size == 1 else float(np.mean(v))
+    if "mean" in t.available_reductions(step):
+        return float(t.reduction_value(step, "mean"))
+    rule.need(step, requirement, f"{name!r} has neither its value nor its mean")
+    return None
+
+
+def mode_steps(trial: Any, tensor: Any, mode: Mode) -> dict[int, int]:
+    """``{global step: mode step}`` of the steps of ``mode`` at which ``tensor`` was saved."""
+    out = {}
+    for ms in tensor.steps(mode=mode):
+        g = trial.global_step(ms, mode)
+        if g is not None:
+            out[g] = ms
+    return out
+
+
+def parse_mode(value: Mode | str | None) -> Mode | None:
+    """A rule's ``mode`` parameter: None, a Mode, or a mode name."""
+    return None if value is None else Mode.parse(value)
+
+
+class PerTensorRule(Rule):
+    """A rule that checks each selected tensor on its own and fires when any one fails.
+
+    Subclasses set :attr:`selection` and implement :meth:`check`, which returns
+    the reason of a failure or None.
+    """
+
+    selection: Selection
+    hook_collections: tuple[str, ...] = ("weights", "biases", "gradients", "losses")
+
+    def check(self, step: int, name: str) -> str | None:
+        """Return why tensor ``name`` fails at ``step``, or None."""
+        raise NotImplementedError
+
+    def capture(self) -> tuple[tuple[str, ...], bool]:
+        """Reduction keys this rule reads, and whether it needs raw tensors."""
+        return (), True
+
+    def required_captures(self) -> list[Requirement]:
+        """The selected collections (or :attr:`hook_collections` when every tensor is selected)."""
+        keys, raw = self.capture()
+        collections = self.selection.collections or self.hook_collections
+        return [Requirement(c, keys, raw) for c in collections]
+
+    def requirement(self) -> Requirement:
+        """The requirement reported when an input is missing."""
+        return self.required_captures()[0]
+
+    def invoke_at_step(self, step: int) -> bool:
+        """Fire when :meth:`check` finds a failing tensor at ``step``; the reason names the first."""
+        names = self.selection.names(self.base_trial, step)
+        if not names:
+            if not self.selection.names(self.base_trial):
+                self.need(step, self.requirement(), f"no tensor of {self.selection.describe()} in the trial")
+            return False
+        hits = [(n, r) for n in names if (r := self.check(step, n)) is not None]
+        if not hits:
+            return False
+        more = f" (and {len(hits) - 1} more tensor(s))" if len(hits) > 1 else ""
+        return self.fire(step, f"{hits[0][1]} at step {step}{more}", [n for n, _ in hits])
+
+
+class ModeSeries:
+    """Per tensor, its saved steps in the mode a rule judges it in, kept up to date as steps come in order.
+
+    A tensor is judged in the first mode of ``preference`` in which it has saved
+    steps; steps of its other modes are skipped. The series is read from the
+    trial once, then extended step by step, so each step costs ``O(log n)``.
+
+    Parameters
+    ----------
+    preference
+        Modes in order of preference.
+    """
+
+    def __init__(self, preference: Sequence[Mode]) -> None:
+        self.preference = tuple(preference)
+        self._modes: dict[str, set[Mode]] = {}
+        self._series: dict[tuple[str, Mode], list[tuple[int, int]]] = {}
+
+    def at(self, trial: Any, name: str, step: int) -> tuple[Mode, int, list[tuple[int, int]], int] | None:
+        """``(mode, mode step, [(mode step, global step), ...], index of step)``, or None if ``step`` is not judged."""
+        where = trial.mode_step(step)
+        if where is None:
+            return None
+        mode: Mode = where[0]
+        ms: int = where[1]
+        seen = self._modes.get(name)
+        if seen is None:
+            t = trial.tensor(name)
+            seen = self._modes[name] = {m for m in Mode if t.steps(mode=m)}
+        seen.add(mode)
+        judged = next((m for m in self.preference if m in seen), None)
+        if judged is None or judged is not mode:
+            return None
+        series = self._series.get((name, mode))
+        if series is None:
+            by_global = mode_steps(trial, trial.tensor(name), mode)
+            series = self._series[(name, mode)] = sorted((m, g) for g, m in by_global.items())
+        if not series or series[-1][1] < step:
+            series.append((ms, step))
+        return mode, ms, series, bisect.bisect_right(series, (ms, step)) - 1

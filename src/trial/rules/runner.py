@@ -1,0 +1,154 @@
+"""Running rules on a trial: :func:`invoke_rule` and :class:`RuleRunner` (offline or alongside a training)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ...modes import StepState
+from .actions import Action
+from .base import Rule, RuleConditionMet, Verdict, logger
+
+POLL_SECONDS = 0.2
+
+
+class RuleRunner:
+    """Evaluate several rules on one trial, step by step, in step order.
+
+    Parameters
+    ----------
+    trial
+        The trial (a :class:`~tensortap.trial.Trial`).
+    rules
+        Rules whose ``base_trial`` is ``trial``.
+    actions
+        Actions run on every firing of every rule, after the rule's own actions.
+    poll_seconds
+        Pause between two looks for new steps while a training runs.
+    """
+
+    def __init__(self, trial: Any, rules: Sequence[Rule], actions: Sequence[Action] = (),
+                 poll_seconds: float = POLL_SECONDS) -> None:
+        if not rules:
+            raise ValueError("rules: expected at least one rule")
+        self.trial = trial
+        self.rules = list(rules)
+        self.actions = list(actions)
+        self.poll_seconds = poll_seconds
+
+    def _act(self, rule: Rule, verdict: Verdict, raise_eval_cond: bool,
+             on_verdict: Callable[[Rule, Verdict], None] | None) -> None:
+        logger.info("tensortap: rule %s fired at step %d: %s", rule.name, verdict.step, verdict.reason)
+        for action in [*rule.actions, *self.actions]:
+            action(rule, verdict, self.trial)
+        if on_verdict is not None:
+            on_verdict(rule, verdict)
+        if raise_eval_cond:
+            raise RuleConditionMet(rule.name, verdict.step, verdict.reason, verdict.tensors)
+
+    def run(
+        self,
+        start_step: int | None = None,
+        end_step: int | None = None,
+        wait: bool = True,
+        raise_eval_cond: bool = False,
+        idle_timeout: float | None = None,
+        on_verdict: Callable[[Rule, Verdict], None] | None = None,
+    ) -> dict[Rule, list[int]]:
+        """Evaluate every rule on every complete step in ``[start_step, end_step)``.
+
+        Parameters
+        ----------
+        start_step
+            First global step; default: after the last step each rule evaluated
+            (0 for a fresh rule, or where :meth:`Rule.load_state_dict` left it).
+        end_step
+            Stop before this global step; default: at the end of the training.
+        wait
+            While the training runs, wait for steps that are not written yet
+            (calling :meth:`Rule.on_idle` meanwhile). False: stop at the last complete step.
+        raise_eval_cond
+            Raise :class:`RuleConditionMet` at the first firing (after its actions ran).
+        idle_timeout
+            Stop waiting after this many seconds without a new step (None: wait until the training ends).
+        on_verdict
+            Called with ``(rule, verdict)`` at every firing.
+
+        Returns
+        -------
+        dict
+            The steps at which each rule fired during this run.
+        """
+        fired: dict[Rule, list[int]] = {r: [] for r in self.rules}
+        floor = {r: (start_step - 1 if start_step is not None else r.last_step) for r in self.rules}
+        next_step = min(floor.values()) + 1
+        last_new, last_seen = time.monotonic(), next_step - 1
+        while True:
+            ended = self.trial.training_ended
+            self.trial.refresh()
+            pending = [s for s in self.trial.steps() if s >= next_step and (end_step is None or s < end_step)]
+            for s in pending:
+                for rule in self.rules:
+                    if s <= floor[rule]:
+                        continue
+                    verdict = rule.invoke(s)
+                    if verdict.fired:
+                        fired[rule].append(s)
+                        self._act(rule, verdict, raise_eval_cond, on_verdict)
+                next_step, last_seen = s + 1, s
+            reached_end = end_step is not None and (
+                end_step <= next_step or self.trial.has_passed_step(end_step - 1) is not StepState.NOT_YET_AVAILABLE)
+            if reached_end or not wait or (ended and not pending):
+                return fired
+            if pending:
+                last_new = time.monotonic()
+                continue
+            idle = time.monotonic() - last_new
+            if idle_timeout is not None and idle >= idle_timeout:
+                logger.warning("tensortap: no new step for %.0f s; rules stop waiting at step %d", idle, last_seen)
+                return fired
+            for rule in self.rules:
+                verdict = rule.invoke_idle(last_seen, idle)
+                if verdict.fired:
+                    fired[rule].append(verdict.step)
+                    self._act(rule, verdict, raise_eval_cond, on_verdict)
+            time.sleep(self.poll_seconds)
+
+
+def invoke_rule(
+    rule: Rule,
+    start_step: int | None = None,
+    end_step: int | None = None,
+    raise_eval_cond: bool = False,
+    actions: Sequence[Action] = (),
+    wait: bool = True,
+    idle_timeout: float | None = None,
+) -> list[int]:
+    """Run ``rule`` over the steps of its trial and return the steps at which its condition held.
+
+    Walks the complete global steps in order, waits for steps not yet written
+    while the training runs, and returns normally once the training has ended
+    and no step remains (it never ends by raising ``NoMoreData``).
+
+    Parameters
+    ----------
+    rule
+        A rule built on a trial (``MyRule(trial, ...)``).
+    start_step
+        First global step; default 0 (or after the last step a restored rule evaluated).
+    end_step
+        Stop before this global step; default: at the end of the training.
+    raise_eval_cond
+        Raise :class:`RuleConditionMet` ``(rule_name, step, reason)`` at the first firing.
+    actions
+        Actions run at every firing (e.g. :class:`~tensortap.rules.StopTraining`).
+    wait
+        Wait for steps not written yet while the training runs (default True).
+    idle_timeout
+        Give up waiting after this many seconds without a new step.
+    """
+    if rule.base_trial is None:
+        raise ValueError(f"{rule.name}: base_trial is None; build the rule on a trial: {rule.name}(trial, ...)")
+    runner = RuleRunner(rule.base_trial, [rule], actions)
+    return runner.run(start_step, end_step, wait, raise_eval_cond, idle_timeout)[rule]

@@ -1,0 +1,416 @@
+"""Rules on the values of individual tensors: vanishing, exploding, zero, unchanged, variance, updates, runs."""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ...modes import Mode
+from .base import check_number
+from .reading import ModeSeries, PerTensorRule, Selection, raw_at, reduction_at, saved_at
+
+# weights saved while evaluating do not change: judge tensors on their TRAIN steps when they have some
+TRAIN_FIRST = (Mode.TRAIN, Mode.GLOBAL, Mode.EVAL, Mode.PREDICT)
+
+
+class VanishingGradient(PerTensorRule):
+    """Fires when a gradient becomes vanishingly small.
+
+    Formula: for every tensor ``g`` of collection ``gradients`` saved at the step,
+    ``m = mean(|g|)`` (the saved ``abs_mean`` reduction, or computed from the raw
+    tensor). Fires when ``m < threshold`` for at least one gradient. A NaN mean
+    does not fire (see :class:`ExplodingTensor`).
+
+    Needs: collection ``gradients`` with reduction ``abs_mean`` (or raw gradients).
+
+    Parameters
+    ----------
+    base_trial
+        The trial to inspect (None inside ``Hook(rules=[...])``).
+    threshold
+        Mean absolute gradient below which a gradient has vanished. Default ``1e-7``.
+    """
+
+    def __init__(self, base_trial: Any = None, threshold: float = 1e-7) -> None:
+        super().__init__(base_trial)
+        check_number("threshold", threshold, 0)
+        self.threshold = threshold
+        self.selection = Selection(("gradients",), None, ())
+
+    def capture(self) -> tuple[tuple[str, ...], bool]:
+        return ("abs_mean",), False
+
+    def check(self, step: int, name: str) -> str | None:
+        m = reduction_at(self, self.base_trial, name, step, "abs_mean", self.requirement())
+        if m is not None and m < self.threshold:
+            return f"{name}: mean |g| = {m:.3g} < threshold {self.threshold:g}"
+        return None
+
+
+class ExplodingTensor(PerTensorRule):
+    """Fires when a tensor holds NaN (or, unless ``only_nan``, infinite) values.
+
+    Formula: for every selected tensor saved at the step, ``n = nan_count`` and
+    ``i = inf_count`` (saved health counts, or counted on the raw tensor). Fires
+    when ``n > 0``, or when ``i > 0`` and ``only_nan`` is False.
+
+    Needs: the selected collections with reductions ``nan_count`` and
+    ``inf_count`` (or raw tensors). In-process, a hook captures ``weights``,
+    ``biases``, ``gradients`` and ``losses`` when no collection is named.
+
+    Parameters
+    ----------
+    base_trial
+        The trial to inspect.
+    collection_names
+        Collections to inspect. With neither this nor ``tensor_regex``: every tensor.
+    tensor_regex
+        Regexes (``re.search``) of tensor names to inspect, in addition.
+    only_nan
+        Ignore infinite values. Default False.
+    """
+
+    def __init__(
+        self,
+        base_trial: Any = None,
+        collection_names: str | Sequence[str] | None = None,
+        tensor_regex: str | Sequence[str] | None = None,
+        only_nan: bool = False,
+    ) -> None:
+        super().__init__(base_trial)
+        self.only_nan = bool(only_nan)
+        self.selection = Selection(collection_names, tensor_regex, ())
+
+    def capture(self) -> tuple[tuple[str, ...], bool]:
+        return ("nan_count",) if self.only_nan else ("nan_count", "inf_count"), False
+
+    def check(self, step: int, name: str) -> str | None:
+        req = self.requirement()
+        nan = reduction_at(self, self.base_trial, name, step, "nan_count", req)
+        inf = 0.0 if self.only_nan else reduction_at(self, self.base_trial, name, step, "inf_count", req)
+        if nan is None or inf is None:
+            return None
+        if nan > 0 or inf > 0:
+            what = f"{int(nan)} NaN" if self.only_nan else f"{int(nan)} NaN and {int(inf)} infinite value(s)"
+            return f"{name}: {what}"
+        return None
+
+
+class AllZero(PerTensorRule):
+    """Fires when at least ``threshold`` percent of a tensor's values are zero.
+
+    Formula: ``z = 100 * count(v == 0) / size(v)`` on the raw tensor; fires when
+    ``z >= threshold``. With ``threshold >= 100`` saved reductions suffice: the
+    tensor is all zero when its ``abs_max`` (or ``l1`` or ``l2``) is 0. Empty
+    tensors never fire.
+
+    Needs: the selected collections as raw tensors (for ``threshold >= 100``,
+    reduction ``abs_max`` is enough).
+
+    Parameters
+    ----------
+    base_trial
+        The trial to inspect.
+    collection_names
+        Collections to inspect. With neither this nor ``tensor_regex``: every tensor.
+    tensor_regex
+        Regexes of tensor names to inspect, in addition.
+    threshold
+        Percentage of zero values that fires. Default ``100``.
+    """
+
+    def __init__(
+        self,
+        base_trial: Any = None,
+        collection_names: str | Sequence[str] | None = None,
+        tensor_regex: str | Sequence[str] | None = None,
+        threshold: float = 100.0,
+    ) -> None:
+        super().__init__(base_trial)
+        check_number("threshold", threshold, 0)
+        self.threshold = threshold
+        self.selection = Selection(collection_names, tensor_regex, ())
+
+    def capture(self) -> tuple[tuple[str, ...], bool]:
+        return (("abs_max",), False) if self.threshold >= 100 else ((), True)
+
+    def check(self, step: int, name: str) -> str | None:
+        t = self.base_trial.tensor(name)
+        if not t.has_raw(step) and self.threshold >= 100:
+            saved = [k for k in ("abs_max", "l1", "l2") if k in t.available_reductions(step)]
+            if saved:
+                value = reduction_at(self, self.base_trial, name, step, saved[0], self.requirement())
+                return f"{name}: all values are zero ({saved[0]} = 0)" if value == 0 else None
+        v = raw_at(self, self.base_trial, name, step, self.requirement())
+        if v is None or v.size == 0:
+            return None
+        percent = 100.0 * np.count_nonzero(v == 0) / v.size
+        if percent >= self.threshold:
+            return f"{name}: {percent:.4g}% of its {v.size} values are zero (threshold {self.threshold:g}%)"
+        return None
+
+
+class TensorVariance(PerTensorRule):
+    """Fires when a tensor's variance leaves the band ``[min_threshold, max_threshold]``.
+
+    Formula: ``var = mean((v - mean(v))**2)`` over all elements (the saved
+    ``variance`` reduction, or computed from the raw tensor). Fires when
+    ``var > max_threshold`` or ``var < min_threshold``; a bound left as None is
+    not checked, but at least one must be given.
+
+    Needs: the selected collections with reduction ``variance`` (or raw tensors).
+
+    Parameters
+    ----------
+    base_trial
+        The trial to inspect.
+    collection_names
+        Collections to inspect. Default (with no ``tensor_regex``): ``weights`` and ``gradients``.
+    tensor_regex
+        Regexes of tensor names to inspect, in addition.
+    max_threshold
+        Upper bound of the variance. Default None.
+    min_threshold
+        Lower bound of the variance. Default None.
+    """
+
+    def __init__(
+        self,
+        base_trial: Any = None,
+        collection_names: str | Sequence[str] | None = None,
+        tensor_regex: str | Sequence[str] | None = None,
+        max_threshold: float | None = None,
+        min_threshold: float | None = None,
+    ) -> None:
+        super().__init__(base_trial)
+        if max_threshold is None and min_threshold is None:
+            raise ValueError("TensorVariance: give max_threshold and/or min_threshold (both are None)")
+        for field_name, v in (("max_threshold", max_threshold), ("min_threshold", min_threshold)):
+            if v is not None:
+                check_number(field_name, v)
+        self.max_threshold = max_threshold
+        self.min_threshold = min_threshold
+        self.selection = Selection(collection_names, tensor_regex, ("weights", "gradients"))
+
+    def capture(self) -> tuple[tuple[str, ...], bool]:
+        return ("variance",), False
+
+    def check(self, step: int, name: str) -> str | None:
+        var = reduction_at(self, self.base_trial, name, step, "variance", self.requirement())
+        if var is None:
+            return None
+        if self.max_threshold is not None and var > self.max_threshold:
+            return f"{name}: variance {var:.4g} > max_threshold {self.max_threshold:g}"
+        if self.min_threshold is not None and var < self.min_threshold:
+            return f"{name}: variance {var:.4g} < min_threshold {self.min_threshold:g}"
+        return None
+
+
+class UnchangedTensor(PerTensorRule):
+    """Fires when a tensor has stopped changing over its last ``num_steps`` saved steps.
+
+    Formula: at step ``s``, take the last ``num_steps`` saved steps of the tensor
+    up to and including ``s``: ``s_1 < ... < s_n = s``. Fires when
+    ``n == num_steps`` and ``numpy.allclose(v(s_i), v(s), rtol, atol, equal_nan)``
+    holds for every ``i``. So identical values at steps 0, 1, 2 fire at step 2
+    with ``num_steps=3``, and not before. The steps are those of the tensor's
+    TRAIN mode when it has TRAIN steps (weights saved while evaluating do not
+    change), else of its first mode among GLOBAL, EVAL, PREDICT; steps of its
+    other modes are not judged.
+
+    Needs: the selected collections as raw tensors.
+
+    Parameters
+    ----------
+    base_trial
+        The trial to inspect.
+    collection_names
+        Collections to inspect. With neither this nor ``tensor_regex``: every tensor.
+    tensor_regex
+        Regexes of tensor names to inspect, in addition.
+    num_steps
+        Number of saved steps (the current one included) that must be all close. Default 3.
+    rtol, atol, equal_nan
+        As in ``numpy.allclose``. Defaults ``1e-05``, ``1e-08``, False.
+    """
+
+    def __init__(
+        self,
+        base_trial: Any = None,
+        collection_names: str | Sequence[str] | None = None,
+        tensor_regex: str | Sequence[str] | None = None,
+        num_steps: int = 3,
+        rtol: float = 1e-05,
+        atol: float = 1e-08,
+        equal_nan: bool = False,
+    ) -> None:
+        super().__init__(base_trial)
+        check_number("num_steps", num_steps, 2, integer=True)
+        check_number("rtol", rtol, 0)
+        check_number("atol", atol, 0)
+        self.num_steps, self.rtol, self.atol, self.equal_nan = num_steps, rtol, atol, bool(equal_nan)
+        self.history = num_steps
+        self.selection = Selection(collection_names, tensor_regex, ())
+        self.series = ModeSeries(TRAIN_FIRST)
+        self._recent: dict[str, dict[int, np.ndarray]] = {}  # raw values of the last window, by tensor
+
+    def check(self, step: int, name: str) -> str | None:
+        found = self.series.at(self.base_trial, name, step)
+        if found is None or found[3] + 1 < self.num_steps:
+            return None
+        _, _, series, i = found
+        steps = [g for _, g in series[i + 1 - self.num_steps: i + 1]]
+        recent = {g: v for g, v in self._recent.get(name, {}).items() if g >= steps[0]}
+        for g in steps:
+            if g not in recent:
+                v = raw_at(self, self.base_trial, name, g, self.requirement())
+                if v is None:
+                    return None
+                recent[g] = v
+        self._recent[name] = recent
+        values = [recent[g] for g in steps]
+        current = values[-1]
+        for v in values[:-1]:
+            if v.shape != current.shape or not np.allclose(v, current, self.rtol, self.atol, self.equal_nan):
+                return None
+        return (f"{name}: unchanged over its last {self.num_steps} saved steps "
+                f"({', '.join(map(str, steps))}; rtol={self.rtol:g}, atol={self.atol:g})")
+
+
+class WeightUpdateRatio(PerTensorRule):
+    """Fires when the update of a weight is too large or too small relative to the weight.
+
+    Formula: for each tensor ``w`` of collection ``weights`` saved at step ``s``,
+    with ``p`` the previous saved step of ``w`` (``num_steps=None``), or the
+    earliest saved step with ``s - num_steps <= p < s``:
+    ``ratio = ||w(s) - w(p)||_2 / (||w(p)||_2 + epsilon)``. Fires when
+    ``ratio > large_threshold`` or ``ratio < small_threshold``. Steps (and
+    ``num_steps``) are counted in the tensor's TRAIN mode when it has TRAIN
+    steps (weights saved during evaluation do not change), else in its first
+    mode among GLOBAL, EVAL, PREDICT; steps of its other modes are not judged.
+
+    Needs: collection ``weights`` as raw tensors, saved at consecutive (or close) steps.
+
+    Parameters
+    ----------
+    base_trial
+        The trial to inspect.
+    num_steps
+        Largest distance between the two steps compared; None: the previous saved step.
+    large_threshold
+        Ratio above which the update is too large. Default ``10.0``.
+    small_threshold
+        Ratio below which the update is too small. Default ``1e-8``.
+    epsilon
+        Added to the denominator. Default ``1e-9``.
+    """
+
+    history = 2
+
+    def __init__(
+        self,
+        base_trial: Any = None,
+        num_steps: int | None = None,
+        large_threshold: float = 10.0,
+        small_threshold: float = 1e-8,
+        epsilon: float = 1e-9,
+    ) -> None:
+        super().__init__(base_trial)
+        if num_steps is not None:
+            check_number("num_steps", num_steps, 1, integer=True)
+            self.history = num_steps + 1
+        for field_name, v in (("large_threshold", large_threshold), ("small_threshold", small_threshold),
+                              ("epsilon", epsilon)):
+            check_number(field_name, v, 0)
+        self.num_steps = num_steps
+        self.large_threshold, self.small_threshold, self.epsilon = large_threshold, small_threshold, epsilon
+        self.selection = Selection(("weights",), None, ())
+        self.series = ModeSeries(TRAIN_FIRST)
+
+    def check(self, step: int, name: str) -> str | None:
+        trial = self.base_trial
+        found = self.series.at(trial, name, step)
+        if found is None or found[3] == 0:
+            return None
+        _, now, series, i = found
+        if self.num_steps is None:
+            prev_step = series[i - 1][1]
+        else:
+            first = bisect.bisect_left(series, (now - self.num_steps, -1))
+            if first >= i:
+                return None
+            prev_step = series[first][1]
+        w, w_prev = raw_at(self, trial, name, step, self.requirement()), raw_at(self, trial, name, prev_step,
+                                                                                self.requirement())
+        if w is None or w_prev is None or w.shape != w_prev.shape:
+            return None
+        w64, p64 = w.astype(np.float64), w_prev.astype(np.float64)
+        ratio = float(np.linalg.norm(w64 - p64) / (np.linalg.norm(p64) + self.epsilon))
+        if ratio > self.large_threshold:
+            return f"{name}: update/weight ratio {ratio:.3g} (steps {prev_step}->{step}) > large_threshold " \
+                   f"{self.large_threshold:g}"
+        if ratio < self.small_threshold:
+            return f"{name}: update/weight ratio {ratio:.3g} (steps {prev_step}->{step}) < small_threshold " \
+                   f"{self.small_threshold:g}"
+        return None
+
+
+class SimilarAcrossRuns(PerTensorRule):
+    """Fires when a tensor differs between this trial and another run at the same step.
+
+    Formula: for every selected tensor saved at step ``s`` in both trials, fires
+    when ``not numpy.allclose(a, b, rtol, atol)`` (or the shapes differ), where
+    ``a`` and ``b`` are the raw values of the two runs.
+
+    Needs: the selected collections as raw tensors in both trials.
+
+    Parameters
+    ----------
+    base_trial
+        The trial to inspect.
+    other_trials
+        The other run: a trial path or URL, or a :class:`~tensortap.trial.Trial`.
+    collection_names
+        Collections to compare. With neither this nor ``tensor_regex``: every tensor.
+    tensor_regex
+        Regexes of tensor names to compare, in addition.
+    rtol, atol
+        As in ``numpy.allclose``. Defaults ``1e-05``, ``1e-08``.
+    """
+
+    def __init__(
+        self,
+        base_trial: Any = None,
+        other_trials: Any = None,
+        collection_names: str | Sequence[str] | None = None,
+        tensor_regex: str | Sequence[str] | None = None,
+        rtol: float = 1e-05,
+        atol: float = 1e-08,
+    ) -> None:
+        super().__init__(base_trial)
+        if other_trials is None:
+            raise ValueError("other_trials: expected the path of the other run (or a Trial), got None")
+        if isinstance(other_trials, str):
+            from ..trial import create_trial
+
+            other_trials = create_trial(other_trials)
+        self.other_trial = other_trials
+        self.rtol, self.atol = rtol, atol
+        self.selection = Selection(collection_names, tensor_regex, ())
+
+    def check(self, step: int, name: str) -> str | None:
+        if name not in self.other_trial.tensor_names() or not saved_at(self.other_trial.tensor(name), step):
+            return None
+        a = raw_at(self, self.base_trial, name, step, self.requirement())
+        b = raw_at(self, self.other_trial, name, step, self.requirement())
+        if a is None or b is None:
+            return None
+        if a.shape != b.shape:
+            return f"{name}: shape {a.shape} here, {b.shape} in the other run"
+        if not np.allclose(a, b, self.rtol, self.atol):
+            diff = float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64))))
+            return f"{name}: differs from the other run (max |a - b| = {diff:.3g})"
+        return None

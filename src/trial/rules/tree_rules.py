@@ -1,0 +1,136 @@
+"""Rules on gradient-boosted trees (XGBoost): feature importance overweight, tree depth."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from .base import Requirement, Rule, check_number
+from .reading import Selection, raw_at, scalar_at
+
+
+class FeatureImportanceOverweight(Rule):
+    """Fires when a few features hold too much of the model's feature importance.
+
+    Formula: at each step, ``v_f`` = the scalar importance of each tensor matching
+    ``tensor_regex`` (one per feature); with ``r_f = v_f / sum(v)``, fires when
+    more than ``nfeatures`` features are saved and the sum of the ``nfeatures``
+    largest ``r_f`` exceeds ``threshold``.
+
+    Needs: collection ``feature_importance`` (the XGBoost adapter saves
+    ``feature_importance/<type>/<feature>`` for five importance types).
+
+    Parameters
+    ----------
+    base_trial
+        The trial to inspect.
+    threshold
+        Largest tolerated share of the top features. Default ``0.8``.
+    nfeatures
+        How many of the largest features are summed. Default 3.
+    tensor_regex
+        Which importance tensors (one type). Default ``".*feature_importance/weight"``.
+    """
+
+    def __init__(
+        self,
+        base_trial: Any = None,
+        threshold: float = 0.8,
+        nfeatures: int = 3,
+        tensor_regex: str | Sequence[str] = ".*feature_importance/weight",
+    ) -> None:
+        super().__init__(base_trial)
+        check_number("threshold", threshold, 0)
+        check_number("nfeatures", nfeatures, 1, integer=True)
+        self.threshold, self.nfeatures = threshold, nfeatures
+        self.selection = Selection(None, tensor_regex, ())
+
+    def required_captures(self) -> list[Requirement]:
+        return [Requirement("feature_importance")]
+
+    def invoke_at_step(self, step: int) -> bool:
+        names = self.selection.names(self.base_trial, step)
+        if not names:
+            if not self.selection.names(self.base_trial):
+                self.need(step, Requirement("feature_importance"), f"no tensor of {self.selection.describe()}")
+            return False
+        values = {n: scalar_at(self, self.base_trial, n, step, Requirement("feature_importance")) for n in names}
+        clean = {n: v for n, v in values.items() if v is not None and np.isfinite(v)}
+        total = sum(clean.values())
+        if len(clean) <= self.nfeatures or total <= 0:
+            return False
+        top = sorted(clean, key=clean.__getitem__, reverse=True)[: self.nfeatures]
+        share = sum(clean[n] for n in top) / total
+        if share > self.threshold:
+            return self.fire(step, f"the {self.nfeatures} most important of {len(clean)} features "
+                                   f"({', '.join(top)}) hold {share:.3g} of the importance > threshold "
+                                   f"{self.threshold:g} at step {step}", top)
+        return False
+
+
+def tree_depths(tree: np.ndarray, node: np.ndarray, yes: np.ndarray, no: np.ndarray) -> dict[int, int]:
+    """Depth of every tree (edges from the root to the deepest leaf) from ``trees_to_dataframe`` columns."""
+    depths: dict[int, int] = {}
+    for t in np.unique(tree):
+        rows = tree == t
+        children = {int(n): [int(c) for c in (y, m) if np.isfinite(c)]
+                    for n, y, m in zip(node[rows], yes[rows], no[rows], strict=True)}
+        level, frontier = 0, [0] if 0 in children else []
+        while frontier:
+            nxt = [c for n in frontier for c in children.get(n, [])]
+            if not nxt:
+                break
+            level, frontier = level + 1, nxt
+        depths[int(t)] = level
+    return depths
+
+
+class TreeDepth(Rule):
+    """Fires when the trees of a boosted model are shallower than ``depth``.
+
+    Formula: from the ``trees`` collection (``trees/Tree``, ``trees/Node``,
+    ``trees/Yes``, ``trees/No``: the ``trees_to_dataframe`` columns the XGBoost
+    adapter saves), the depth of each tree is the number of edges from its root
+    to its deepest leaf. Fires when the deepest tree at the step has depth
+    ``< depth`` (XGBoost rejected the splits that would have made it deeper:
+    the model is not learning, or is regularized more than intended).
+
+    Needs: collection ``trees`` as raw tensors (it needs pandas at capture time).
+
+    Parameters
+    ----------
+    base_trial
+        The trial to inspect.
+    depth
+        Least depth the deepest tree should reach. Default 4.
+    """
+
+    columns = ("Tree", "Node", "Yes", "No")
+
+    def __init__(self, base_trial: Any = None, depth: int = 4) -> None:
+        super().__init__(base_trial)
+        check_number("depth", depth, 1, integer=True)
+        self.depth = depth
+
+    def required_captures(self) -> list[Requirement]:
+        return [Requirement("trees", (), True)]
+
+    def invoke_at_step(self, step: int) -> bool:
+        trial = self.base_trial
+        saved = set(trial.tensor_names(collection="trees", step=step))
+        names = [n for n in (f"trees/{c}" for c in self.columns) if n in saved]
+        if len(names) < len(self.columns):
+            if not trial.tensor_names(collection="trees"):
+                self.need(step, self.required_captures()[0], "no tree of the model was saved")
+            return False
+        arrays = [raw_at(self, trial, n, step, self.required_captures()[0]) for n in names]
+        if any(a is None for a in arrays):
+            return False
+        depths = tree_depths(*(np.asarray(a, dtype=np.float64) for a in arrays))
+        deepest = max(depths.values(), default=0)
+        if deepest < self.depth:
+            return self.fire(step, f"the deepest of {len(depths)} trees has depth {deepest} < depth {self.depth} "
+                                   f"at step {step}", names)
+        return False

@@ -1,0 +1,487 @@
+"""Built-in rules on synthetic trials written with the NumPy Writer: each fires exactly where its formula says."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import tensortap
+from tensortap import Mode, ReductionConfig, SaveConfig
+from tensortap.capture import ShardPolicy, Writer
+from tensortap.rules import (
+    AllZero,
+    ClassImbalance,
+    Confusion,
+    DeadRelu,
+    ExplodingTensor,
+    FeatureImportanceOverweight,
+    LossNotDecreasing,
+    Overfit,
+    Overtraining,
+    PoorWeightInitialization,
+    Rule,
+    RuleConditionMet,
+    SaturatedActivation,
+    SimilarAcrossRuns,
+    StalledTraining,
+    StopTraining,
+    TensorVariance,
+    TreeDepth,
+    UnchangedTensor,
+    VanishingGradient,
+    WeightUpdateRatio,
+    invoke_rule,
+)
+
+Values = dict[str, tuple[Any, tuple[str, ...]]]
+
+
+def make_trial(path: Path, n: int, values: Callable[[int], Values], mode: Callable[[int], str] = lambda s: "TRAIN",
+               **kw: Any) -> tensortap.Trial:
+    """Write ``n`` steps (``values(step)`` gives ``{name: (value, collections)}``), close, open the trial."""
+    with Writer(path, **kw) as w:
+        for s in range(n):
+            with w.stepping(mode=mode(s)):
+                for name, (v, colls) in values(s).items():
+                    w.save(name, np.asarray(v), colls)
+    return tensortap.create_trial(path)
+
+
+def scalars(name: str, collection: str, by_step: dict[int, float]) -> Callable[[int], Values]:
+    return lambda s: {name: (np.float32(by_step[s]), (collection,))} if s in by_step else {}
+
+
+def each_step(rule: Rule, n: int) -> list[int]:
+    """Firing steps found by invoking the rule at every integer step 0..n-1 (saved or not)."""
+    return [s for s in range(n) if rule.invoke(s).fired]
+
+
+# ----------------------------------------------------------------- gradients
+def test_vanishing_gradient_fires_where_mean_abs_is_below_threshold(tmp_path: Path) -> None:
+    scale = [1e-3, 1e-5, 1e-8, 1e-6, 0.0]
+    trial = make_trial(tmp_path, 5, lambda s: {"gradients/fc.weight": (
+        scale[s] * np.array([1.0, -1.0, 1.0, -1.0]), ("gradients",))})
+    rule = VanishingGradient(trial)
+    assert invoke_rule(rule) == [2, 4]
+    v = VanishingGradient(trial).invoke(2)
+    assert v.reason == "gradients/fc.weight: mean |g| = 1e-08 < threshold 1e-07 at step 2"
+    assert v.tensors == ("gradients/fc.weight",)
+    assert invoke_rule(VanishingGradient(trial, threshold=1e-5)) == [2, 3, 4]
+
+
+def test_vanishing_gradient_uses_saved_reduction_and_says_what_is_missing(tmp_path: Path) -> None:
+    g = lambda s: {"gradients/w": (np.full(3, 10.0 ** -(s + 5)), ("gradients",))}  # noqa: E731
+    trial = make_trial(tmp_path / "red", 4, g, reduction_config=ReductionConfig(abs_reductions=["mean"]))
+    assert not trial.tensor("gradients/w").has_raw(0)
+    assert invoke_rule(VanishingGradient(trial)) == [3]  # 1e-8 at step 3
+    bare = make_trial(tmp_path / "bare", 4, g, reduction_config=ReductionConfig(reductions=["max"]))
+    rule = VanishingGradient(bare)
+    assert invoke_rule(rule) == []
+    (message,) = rule.missing_inputs
+    assert "'gradients'" in message and "abs_mean" in message
+
+
+def test_rule_with_no_input_tensor_says_what_to_capture(tmp_path: Path) -> None:
+    trial = make_trial(tmp_path, 3, scalars("losses/loss", "losses", {0: 1.0, 1: 1.0, 2: 1.0}))
+    rule = VanishingGradient(trial)
+    assert invoke_rule(rule) == []
+    assert any("collection 'gradients'" in m for m in rule.missing_inputs)
+
+
+def test_exploding_tensor_nan_and_inf(tmp_path: Path) -> None:
+    def w(s: int) -> Values:
+        v = np.ones(4, dtype=np.float32)
+        if s == 3:
+            v[1] = np.nan
+        if s == 5:
+            v[2] = -np.inf
+        return {"fc.weight": (v, ("weights",)), "losses/loss": (np.float32(1.0), ("losses",))}
+
+    trial = make_trial(tmp_path / "raw", 7, w)
+    assert invoke_rule(ExplodingTensor(trial)) == [3, 5]
+    assert invoke_rule(ExplodingTensor(trial, only_nan=True)) == [3]
+    v = ExplodingTensor(trial).invoke(3)
+    assert v.reason == "fc.weight: 1 NaN and 0 infinite value(s) at step 3" and v.tensors == ("fc.weight",)
+    assert invoke_rule(ExplodingTensor(trial, collection_names=["losses"])) == []
+    counts = make_trial(tmp_path / "counts", 7, w, reduction_config=ReductionConfig(reductions=["nan_count",
+                                                                                                  "inf_count"]))
+    assert invoke_rule(ExplodingTensor(counts, tensor_regex=r"\.weight$")) == [3, 5]
+
+
+def test_poor_weight_initialization(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    good = lambda s: {  # noqa: E731
+        "a.weight": (rng.normal(0, 1.0, 100), ("weights",)),
+        "b.weight": (rng.normal(0, 1.2, 100), ("weights",)),
+        "gradients/a.weight": (rng.normal(0, 0.1, 100), ("gradients",)),
+        "losses/loss": (np.float32(1.0 - 0.05 * s), ("losses",)),
+    }
+    assert invoke_rule(PoorWeightInitialization(make_trial(tmp_path / "good", 12, good))) == []
+
+    def bad_variance(s: int) -> Values:
+        return {**good(s), "b.weight": (rng.normal(0, 10.0, 100), ("weights",))}
+
+    trial = make_trial(tmp_path / "var", 12, bad_variance)
+    fired = invoke_rule(PoorWeightInitialization(trial))
+    assert fired == list(range(10)), "every analysed step (< steps=10), none after"
+    assert "variance ratio" in PoorWeightInitialization(trial).invoke(0).reason
+
+    def flat_loss(s: int) -> Values:
+        return {**good(s), "losses/loss": (np.float32(1.0), ("losses",))}
+
+    assert invoke_rule(PoorWeightInitialization(make_trial(tmp_path / "flat", 12, flat_loss))) == [5, 6, 7, 8, 9]
+
+    def narrow_grad(s: int) -> Values:
+        return {**good(s), "gradients/a.weight": (rng.normal(0, 1e-5, 100), ("gradients",))}
+
+    assert invoke_rule(PoorWeightInitialization(make_trial(tmp_path / "grad", 3, narrow_grad))) == [0, 1, 2]
+
+
+# --------------------------------------------------------------- activations
+def test_saturated_activation(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+
+    def x(s: int) -> Values:
+        t = rng.normal(0, 1, (32, 8))
+        if s == 1:
+            t[:, :6] = 20.0  # 6 of 8 tanh units beyond 9.4999 for every sample: 75% > 50%
+        if s == 2:
+            t[:, :4] = -20.0  # 50%: not more than threshold_layer
+        sig = rng.normal(0, 1, (32, 4))
+        if s == 3:
+            sig[:, :3] = -30.0  # below -23 for sigmoid
+        return {"inputs/tanh1": (t, ("inputs",)), "inputs/sigmoid_out": (sig, ("inputs",)),
+                "inputs/fc": (np.full((32, 8), 50.0), ("inputs",))}
+
+    trial = make_trial(tmp_path, 4, x)
+    assert invoke_rule(SaturatedActivation(trial)) == [1, 3]
+    assert "inputs/tanh1: 75% of its 8 tanh units are saturated" in SaturatedActivation(trial).invoke(1).reason
+
+
+def test_dead_relu(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+
+    def y(s: int) -> Values:
+        out = np.maximum(rng.normal(0, 1, (64, 10)), 0)
+        if s == 1:
+            out[:, :6] = 0.0
+        if s == 2:
+            out[:, :5] = 0.0
+        return {"outputs/relu1": (out, ("outputs",))}
+
+    trial = make_trial(tmp_path, 3, y)
+    assert invoke_rule(DeadRelu(trial)) == [1]
+    assert DeadRelu(trial).invoke(1).reason.startswith("outputs/relu1: 60% of its 10 units are dead")
+    assert invoke_rule(DeadRelu(trial, threshold_layer=40.0)) == [1, 2]
+
+
+# ------------------------------------------------------------ weight updates
+def test_weight_update_ratio(tmp_path: Path) -> None:
+    w = [np.ones(10), np.ones(10) + 0.01, np.ones(10) + 0.01, (np.ones(10) + 0.01) * 100]
+    trial = make_trial(tmp_path, 4, lambda s: {"fc.weight": (w[s], ("weights",))})
+    assert invoke_rule(WeightUpdateRatio(trial)) == [2, 3]
+    assert "< small_threshold" in WeightUpdateRatio(trial).invoke(2).reason
+
+
+def test_weight_update_ratio_ignores_eval_steps(tmp_path: Path) -> None:
+    w = [np.ones(4), np.ones(4), np.ones(4) * 1.5, np.ones(4) * 1.5]
+    modes = ["TRAIN", "EVAL", "TRAIN", "EVAL"]
+    trial = make_trial(tmp_path, 4, lambda s: {"fc.weight": (w[s], ("weights",))}, mode=lambda s: modes[s])
+    assert invoke_rule(WeightUpdateRatio(trial)) == []
+
+
+def test_tensor_variance(tmp_path: Path) -> None:
+    base = np.array([-1.0, 1.0])  # variance 1
+    vals = [base, base * 10, base * 0.01]
+    trial = make_trial(tmp_path, 3, lambda s: {"fc.weight": (vals[s], ("weights",))})
+    assert invoke_rule(TensorVariance(trial, max_threshold=10, min_threshold=0.01)) == [1, 2]
+    assert invoke_rule(TensorVariance(trial, max_threshold=10)) == [1]
+    with pytest.raises(ValueError, match="max_threshold and/or min_threshold"):
+        TensorVariance(trial)
+
+
+def test_all_zero(tmp_path: Path) -> None:
+    vals = [np.ones(4), np.zeros(4), np.array([0.0, 0.0, 1.0, 2.0])]
+    trial = make_trial(tmp_path / "raw", 3, lambda s: {"fc.weight": (vals[s], ("weights",))})
+    assert invoke_rule(AllZero(trial)) == [1]
+    assert invoke_rule(AllZero(trial, threshold=50)) == [1, 2]
+    reduced = make_trial(tmp_path / "red", 3, lambda s: {"fc.weight": (vals[s], ("weights",))},
+                         reduction_config=ReductionConfig(abs_reductions=["max"]))
+    assert invoke_rule(AllZero(reduced)) == [1]
+
+
+def test_unchanged_tensor(tmp_path: Path) -> None:
+    a, b = np.arange(4.0), np.arange(4.0) + 1
+    vals = [a, a, a + 1e-9, b, b, b]
+    trial = make_trial(tmp_path, 6, lambda s: {"fc.weight": (vals[s], ("weights",))})
+    rule = UnchangedTensor(trial, num_steps=3)
+    assert each_step(rule, 6) == [2, 5]
+    assert "unchanged over its last 3 saved steps (0, 1, 2" in UnchangedTensor(trial).invoke(2).reason
+    assert invoke_rule(UnchangedTensor(trial, num_steps=4)) == []
+
+
+def test_unchanged_tensor_judges_train_steps(tmp_path: Path) -> None:
+    modes = ["TRAIN", "EVAL", "EVAL", "EVAL", "TRAIN", "TRAIN", "TRAIN"]
+    vals = [0.0, 1.0, 1.0, 1.0, 1.0, 2.0, 2.0]  # weights do not change while evaluating (steps 1-3)
+    trial = make_trial(tmp_path, 7, lambda s: {"fc.weight": (np.full(3, vals[s]), ("weights",))},
+                       mode=lambda s: modes[s])
+    assert invoke_rule(UnchangedTensor(trial)) == []
+    assert invoke_rule(UnchangedTensor(trial, num_steps=2)) == [6]
+
+
+# -------------------------------------------------------------------- losses
+def test_loss_not_decreasing_example_from_the_docstring(tmp_path: Path) -> None:
+    loss = {0: 0.30, 4: 0.33, 8: 0.31, 12: 0.30, 16: 0.28}
+    trial = make_trial(tmp_path, 17, lambda s: {"losses/loss": (np.float32(loss.get(s, 9.0)), ("losses",))},
+                       save_config=SaveConfig(save_interval=4))
+    assert trial.steps() == [0, 4, 8, 12, 16]
+    rule = LossNotDecreasing(trial, num_steps=10)
+    assert each_step(rule, 17) == [12]
+    v = LossNotDecreasing(trial, num_steps=10)
+    assert invoke_rule(v) == [12]
+    assert invoke_rule(LossNotDecreasing(trial, num_steps=4)) == [4]  # 0.33 vs 0.30; later checks decrease
+
+
+def test_loss_not_decreasing_diff_percent_and_increase_between_checks(tmp_path: Path) -> None:
+    loss = [1.0, 0.99, 0.985, 1.2, 0.9, 0.89]
+    trial = make_trial(tmp_path, 6, lambda s: {"losses/loss": (np.float32(loss[s]), ("losses",))})
+    # checks at 2 (vs 0: -1.5%), 4 (vs 2: -8.6%); step 3 is 21.8% above the check at 2
+    assert invoke_rule(LossNotDecreasing(trial, num_steps=2)) == [3]
+    assert invoke_rule(LossNotDecreasing(trial, num_steps=2, increase_threshold_percent=50)) == []
+    assert invoke_rule(LossNotDecreasing(trial, num_steps=2, diff_percent=2.0,
+                                         increase_threshold_percent=50)) == [2]
+
+
+def test_loss_not_decreasing_prefers_eval_mode(tmp_path: Path) -> None:
+    modes = ["TRAIN", "TRAIN", "EVAL", "TRAIN", "TRAIN", "EVAL", "TRAIN", "TRAIN", "EVAL"]
+    loss = [1.0, 0.9, 2.0, 0.8, 0.7, 2.0, 0.6, 0.5, 2.0]  # training decreases, evaluation stays at 2.0
+    trial = make_trial(tmp_path, 9, lambda s: {"losses/loss": (np.float32(loss[s]), ("losses",))},
+                       mode=lambda s: modes[s])
+    assert invoke_rule(LossNotDecreasing(trial, num_steps=1)) == [5, 8]
+    assert invoke_rule(LossNotDecreasing(trial, num_steps=1, mode="TRAIN")) == []
+
+
+def test_overfit(tmp_path: Path) -> None:
+    val = {1: 1.05, 3: 1.2, 5: 1.0, 7: 1.3, 9: 1.3}
+
+    def v(s: int) -> Values:
+        out: Values = {"losses/loss": (np.float32(1.0), ("losses",))}
+        if s in val:
+            out["losses/val_loss"] = (np.float32(val[s]), ("losses",))
+        return out
+
+    trial = make_trial(tmp_path, 10, v)
+    assert invoke_rule(Overfit(trial)) == [3, 7, 9]
+    assert invoke_rule(Overfit(trial, patience=2)) == [9]
+    assert invoke_rule(Overfit(trial, start_step=4)) == [7, 9]
+    assert "validation loss 1.2 is 0.2 x above training loss 1" in Overfit(trial).invoke(3).reason
+
+
+def test_overtraining(tmp_path: Path) -> None:
+    train = [1.0, 0.9, 0.8, 0.8, 0.8, 0.8, 0.75]
+    trial = make_trial(tmp_path, 7, scalars("losses/loss", "losses", dict(enumerate(train))))
+    assert invoke_rule(Overtraining(trial, patience_train=3)) == [5]
+    assert invoke_rule(Overtraining(trial)) == []
+
+
+def test_stalled_training_fires_while_waiting(tmp_path: Path) -> None:
+    w = Writer(tmp_path, shard_policy=ShardPolicy(max_steps=1))
+    for _ in range(3):
+        with w.stepping():
+            w.save("losses/loss", np.float32(1.0), ["losses"])
+    w.flush()
+
+    def finish() -> None:
+        time.sleep(2.0)
+        with w.stepping():
+            w.save("losses/loss", np.float32(1.0), ["losses"])
+        w.close()
+
+    t = threading.Thread(target=finish)
+    t.start()
+    rule = StalledTraining(tensortap.create_trial(tmp_path), threshold=0.8)
+    assert invoke_rule(rule) == [2]
+    t.join()
+    assert rule.last_step == 3
+    assert invoke_rule(StalledTraining(tensortap.create_trial(tmp_path), threshold=0.0)) == []
+
+
+# ----------------------------------------------------------- other runs
+def test_similar_across_runs(tmp_path: Path) -> None:
+    vals = lambda s: {"fc.weight": (np.arange(3.0) + s, ("weights",))}  # noqa: E731
+    other = make_trial(tmp_path / "other", 5, vals)
+    changed = {"fc.weight": (np.zeros(3), ("weights",))}
+    trial = make_trial(tmp_path / "base", 5, lambda s: vals(s) if s != 3 else changed)
+    assert invoke_rule(SimilarAcrossRuns(trial, other_trials=other)) == [3]
+    assert invoke_rule(SimilarAcrossRuns(trial, other_trials=str(tmp_path / "other"))) == [3]
+
+
+# ----------------------------------------------------------- classification
+def test_class_imbalance(tmp_path: Path) -> None:
+    labels = np.array([0] * 990 + [1] * 10, dtype=np.float32)
+    trial = make_trial(tmp_path / "imb", 1, lambda s: {"labels": (labels, ("labels",))})
+    rule = ClassImbalance(trial)
+    assert invoke_rule(rule) == [0]
+    assert "ratio 99 > threshold_imbalance 10" in ClassImbalance(trial).invoke(0).reason
+
+    balanced = np.array([0, 1] * 200, dtype=np.float32)
+    good = make_trial(tmp_path / "bal", 3, lambda s: {"labels": (balanced, ("labels",)),
+                                                       "predictions": (balanced, ("predictions",))})
+    assert invoke_rule(ClassImbalance(good)) == []  # 400 labels, then 800 >= 500: balanced, predicted right
+    wrong = make_trial(tmp_path / "wrong", 2, lambda s: {"labels": (balanced, ("labels",)),
+                                                          "predictions": (np.zeros(400), ("predictions",))})
+    assert invoke_rule(ClassImbalance(wrong)) == [1]  # judged once 800 >= 500 labels are seen
+    assert invoke_rule(ClassImbalance(wrong, samples=100)) == [0, 1]
+
+
+def test_confusion(tmp_path: Path) -> None:
+    y = np.array([0, 1, 2] * 30, dtype=np.float32)
+    bad = y.copy()
+    bad[:30] = 0  # labels 1 and 2 among the first 30 predicted as 0
+    trial = make_trial(tmp_path, 2, lambda s: {"labels": (y, ("labels",)),
+                                               "predictions": (y if s == 0 else bad, ("predictions",))})
+    assert invoke_rule(Confusion(trial)) == [1]
+    assert invoke_rule(Confusion(trial, min_diag=0.5, max_off_diag=0.5)) == []
+
+
+# ---------------------------------------------------------------- trees
+def test_feature_importance_overweight(tmp_path: Path) -> None:
+    imp = [[1, 1, 1, 1, 1], [10, 5, 5, 1, 1]]
+
+    def v(s: int) -> Values:
+        out: Values = {f"feature_importance/weight/f{i}": (np.float64(x), ("feature_importance",))
+                       for i, x in enumerate(imp[s])}
+        out["feature_importance/gain/f0"] = (np.float64(100.0), ("feature_importance",))
+        return out
+
+    trial = make_trial(tmp_path, 2, v)
+    assert invoke_rule(FeatureImportanceOverweight(trial)) == [1]
+    assert "hold 0.909 of the importance" in FeatureImportanceOverweight(trial).invoke(1).reason
+
+
+def test_tree_depth(tmp_path: Path) -> None:
+    nan = np.nan
+    shallow = {"Tree": [0, 0, 0], "Node": [0, 1, 2], "Yes": [1, nan, nan], "No": [2, nan, nan]}
+    deep = {"Tree": [0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1], "Node": [0, 1, 2, 0, 1, 2, 3, 4, 5, 6, 7, 8],
+            "Yes": [1, nan, nan, 1, 3, nan, 5, nan, 7, nan, nan, nan],
+            "No": [2, nan, nan, 2, 4, nan, 6, nan, 8, nan, nan, nan]}
+    trees = [shallow, deep]
+    trial = make_trial(tmp_path, 2, lambda s: {f"trees/{c}": (np.asarray(v, dtype=np.float64), ("trees",))
+                                               for c, v in trees[s].items()})
+    assert invoke_rule(TreeDepth(trial)) == [0]
+    assert "depth 1 < depth 4" in TreeDepth(trial).invoke(0).reason
+    assert invoke_rule(TreeDepth(trial, depth=5)) == [0, 1]
+
+
+# ------------------------------------------------------------- invoke_rule
+def losses_trial(path: Path) -> tensortap.Trial:
+    return make_trial(path, 20, lambda s: {"losses/loss": (np.float32(1.0), ("losses",))})
+
+
+def test_invoke_rule_on_ended_trial_returns_and_raise_eval_cond(tmp_path: Path) -> None:
+    trial = losses_trial(tmp_path)
+    assert trial.training_ended
+    assert invoke_rule(LossNotDecreasing(trial, num_steps=5)) == [5, 10, 15]
+    with pytest.raises(RuleConditionMet) as info:
+        invoke_rule(LossNotDecreasing(trial, num_steps=5), raise_eval_cond=True)
+    err = info.value
+    assert (err.rule_name, err.step) == ("LossNotDecreasing", 5)
+    assert err.reason.startswith("losses/loss: loss 1 at TRAIN step 5 decreased 0% from 1")
+    assert invoke_rule(LossNotDecreasing(trial, num_steps=5), start_step=6, end_step=15) == [6, 11]
+
+
+def test_invoke_rule_waits_for_steps_written_while_it_runs(tmp_path: Path) -> None:
+    w = Writer(tmp_path, shard_policy=ShardPolicy(max_steps=1))
+    written_after_start: list[int] = []
+    started = threading.Event()
+
+    def train() -> None:
+        started.wait(10)
+        for s in range(12):
+            time.sleep(0.05)
+            with w.stepping():
+                w.save("losses/loss", np.float32(1.0 if s < 8 else float("nan")), ["losses"])
+            written_after_start.append(s)
+        w.close()
+
+    t = threading.Thread(target=train)
+    t.start()
+    rule = ExplodingTensor(tensortap.create_trial(tmp_path))
+    started.set()
+    assert invoke_rule(rule) == [8, 9, 10, 11]
+    t.join()
+    assert written_after_start == list(range(12))
+    assert rule.last_step == 11
+
+
+def test_state_dict_resumes(tmp_path: Path) -> None:
+    trial = losses_trial(tmp_path)
+    whole = invoke_rule(LossNotDecreasing(trial, num_steps=3))
+    first = LossNotDecreasing(trial, num_steps=3)
+    part = invoke_rule(first, end_step=8)
+    state = json.loads(json.dumps(first.state_dict()))
+    second = LossNotDecreasing(trial, num_steps=3)
+    second.load_state_dict(state)
+    assert part + invoke_rule(second) == whole == [3, 6, 9, 12, 15, 18]
+    assert second.fired_steps == whole
+    with pytest.raises(ValueError, match="cannot load into Overfit"):
+        Overfit(trial).load_state_dict(state)
+
+
+def test_stop_training_action_writes_the_request(tmp_path: Path) -> None:
+    trial = losses_trial(tmp_path)
+    assert invoke_rule(LossNotDecreasing(trial, num_steps=5), actions=[StopTraining()]) == [5, 10, 15]
+    req = trial.stop_request()
+    assert req["rule"] == "LossNotDecreasing" and req["step"] == 5 and req["tensors"] == ["losses/loss"]
+    assert req["reason"].startswith("losses/loss: loss 1 at TRAIN step 5")
+
+
+# --------------------------------------------------------------- in-process
+def test_in_process_rule_stops_the_hook_at_once(tmp_path: Path) -> None:
+    rule = ExplodingTensor().add_action(StopTraining())
+    w = Writer(tmp_path, rules=[rule])
+    stopped_at = None
+    for s in range(10):
+        with w.stepping():
+            w.save("losses/loss", np.float32(1.0 if s < 4 else float("inf")), ["losses"])
+        if w.should_stop:
+            stopped_at = s
+            break
+    w.close()
+    assert stopped_at == 4 and rule.fired_steps == [4]
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.end_reasons() == {"worker_0": "stop_request"}
+    req = trial.stop_request()
+    assert req["rule"] == "ExplodingTensor" and req["step"] == 4
+    assert req["reason"] == "losses/loss: 0 NaN and 1 infinite value(s) at step 4"
+
+
+def test_in_process_rule_configures_capture(tmp_path: Path) -> None:
+    rule = VanishingGradient()
+    w = Writer(tmp_path, include_collections=["losses"], reduction_config=ReductionConfig(reductions=["max"]),
+               rules=[rule])
+    assert "gradients" in w.included
+    for s in range(3):
+        with w.stepping():
+            w.offer("gradients/w", np.full(4, 1e-9 if s == 2 else 1.0), ["gradients"])
+    w.close()
+    assert rule.fired_steps == [2] and rule.missing_inputs == {}
+    t = tensortap.create_trial(tmp_path).tensor("gradients/w")
+    assert set(t.available_reductions(0)) == {"max", "abs_mean"} and not t.has_raw(0)
+    assert "gradients" in tensortap.create_trial(tmp_path).collections()
+
+
+def test_in_process_keeps_history_for_unchanged_tensor(tmp_path: Path) -> None:
+    rule = UnchangedTensor(num_steps=3)
+    with Writer(tmp_path, rules=[rule]) as w:
+        for s in range(8):
+            with w.stepping(mode=Mode.TRAIN):
+                w.save("fc.weight", np.arange(50.0) + (s if s < 4 else 4), ["weights"])
+    assert rule.fired_steps == [6, 7]

@@ -1,0 +1,338 @@
+"""One rule, three frameworks: built-in rules on real tiny PyTorch, Keras and XGBoost trainings.
+
+Also the live path: a rule runner in another process (``tensortap rules --follow
+--stop-training``) stops a diverging PyTorch training.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import tensortap
+from tensortap import SaveConfig
+from tensortap.rules import (
+    DeadRelu,
+    ExplodingTensor,
+    LossNotDecreasing,
+    StopTraining,
+    VanishingGradient,
+    invoke_rule,
+)
+
+EVERY_STEP = SaveConfig(save_interval=1)
+
+
+def regression_data(n: int = 64, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 4)).astype(np.float32)
+    y = (x @ np.array([1.0, -2.0, 0.5, 3.0], dtype=np.float32) + 0.1).reshape(-1, 1).astype(np.float32)
+    return x, y
+
+
+# ------------------------------------------------------------------ PyTorch
+def torch_run(out: Path, model: Any, lr: float, steps: int, **hook_kw: Any) -> Any:
+    """Full-batch SGD on the regression data with a tensortap hook; returns the hook (closed)."""
+    torch = pytest.importorskip("torch")
+    import tensortap.torch as ttt
+
+    x, y = (torch.from_numpy(a) for a in regression_data())
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    loss_fn = torch.nn.MSELoss()
+    hook = ttt.capture(model, out, optimizer=opt, loss=loss_fn, save_config=EVERY_STEP, **hook_kw)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        opt.step()
+    hook.close()
+    return hook
+
+
+@pytest.fixture
+def torch() -> Any:
+    torch = pytest.importorskip("torch")
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    return torch
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize(("lr", "fired"), [(0.0, [10, 20]), (0.05, [])])
+def test_loss_not_decreasing_pytorch(tmp_path: Path, torch: Any, lr: float, fired: list[int]) -> None:
+    torch_run(tmp_path, torch.nn.Linear(4, 1), lr, 25, include_collections=["losses"])
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.tensor_names(collection="losses") == ["losses/MSELoss"]
+    assert invoke_rule(LossNotDecreasing(trial)) == fired
+
+
+@pytest.mark.torch
+def test_exploding_tensor_pytorch_fires_at_the_first_nan(tmp_path: Path, torch: Any) -> None:
+    import tensortap.torch as ttt
+
+    x, y = (torch.from_numpy(a) for a in regression_data())
+    model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=50.0)
+    loss_fn = torch.nn.MSELoss()
+    hook = ttt.capture(model, tmp_path, optimizer=opt, loss=loss_fn, save_config=EVERY_STEP,
+                       include_collections=["weights", "biases", "gradients", "losses"])
+    first_bad = first_nan = None  # the truth, from the training loop: loss of the step, parameters after it
+    for step in range(40):
+        opt.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+        values = [loss.detach(), *(p.detach() for p in model.parameters())]
+        if first_bad is None and not all(bool(torch.isfinite(v).all()) for v in values):
+            first_bad = step
+        if first_nan is None and any(bool(torch.isnan(v).any()) for v in values):
+            first_nan = step
+    hook.close()
+    assert first_bad is not None and first_bad > 0, "the learning rate must make the run diverge, not at once"
+    assert first_nan is not None
+    trial = tensortap.create_trial(tmp_path)
+    assert invoke_rule(ExplodingTensor(trial))[0] == first_bad
+    assert invoke_rule(ExplodingTensor(trial, only_nan=True))[0] == first_nan
+
+
+@pytest.mark.torch
+def test_vanishing_gradient_deep_sigmoid_not_relu(tmp_path: Path, torch: Any) -> None:
+    nn = torch.nn
+
+    def mlp(act: Any, depth: int) -> Any:
+        layers: list[Any] = [nn.Linear(4, 16), act()]
+        for _ in range(depth - 1):
+            layers += [nn.Linear(16, 16), act()]
+        model = nn.Sequential(*layers, nn.Linear(16, 1))
+        if act is nn.ReLU:
+            for m in model:
+                if isinstance(m, nn.Linear):
+                    nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+        return model
+
+    sigmoid_rule, relu_rule = VanishingGradient(), VanishingGradient()
+    torch_run(tmp_path / "sigmoid", mlp(nn.Sigmoid, 20), 0.01, 3, include_collections=["losses"],
+              rules=[sigmoid_rule])
+    torch_run(tmp_path / "relu", mlp(nn.ReLU, 4), 0.01, 3, include_collections=["losses"], rules=[relu_rule])
+    # in-process, during training
+    assert sigmoid_rule.fired_steps == [0, 1, 2] and relu_rule.fired_steps == []
+    assert sigmoid_rule.missing_inputs == {} and relu_rule.missing_inputs == {}
+    # and offline, from the trials the hooks wrote (the rule added gradients to the capture)
+    sig = tensortap.create_trial(tmp_path / "sigmoid")
+    assert "gradients/0.weight" in sig.tensor_names(collection="gradients")
+    assert invoke_rule(VanishingGradient(sig)) == [0, 1, 2]
+    assert VanishingGradient(sig).invoke(0).reason.startswith("gradients/0.bias: mean |g| = ")
+    assert invoke_rule(VanishingGradient(tensortap.create_trial(tmp_path / "relu"))) == []
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize(("bias", "fired"), [(-100.0, [0, 1, 2]), (None, [])])
+def test_dead_relu_pytorch(tmp_path: Path, torch: Any, bias: float | None, fired: list[int]) -> None:
+    nn = torch.nn
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.act, self.fc2 = nn.Linear(4, 32), nn.ReLU(), nn.Linear(32, 1)
+
+        def forward(self, x: Any) -> Any:
+            return self.fc2(self.act(self.fc1(x)))
+
+    net = Net()
+    if bias is not None:
+        with torch.no_grad():
+            net.fc1.bias.fill_(bias)
+    torch_run(tmp_path, net, 0.01, 3, include_collections=["outputs", "losses"])
+    trial = tensortap.create_trial(tmp_path)
+    assert "outputs/act" in trial.tensor_names(collection="outputs")
+    assert invoke_rule(DeadRelu(trial, tensor_regex=r"^outputs/act$")) == fired
+
+
+# -------------------------------------------------------------------- Keras
+@pytest.fixture
+def keras() -> Any:
+    return pytest.importorskip("keras")
+
+
+def keras_model(keras: Any, hidden: int = 0) -> Any:
+    layers = [keras.Input((4,))]
+    if hidden:
+        layers.append(keras.layers.Dense(hidden, activation="relu"))
+    layers.append(keras.layers.Dense(1))
+    keras.utils.set_random_seed(0)
+    return keras.Sequential(layers)
+
+
+@pytest.mark.keras
+@pytest.mark.parametrize(("lr", "fired"), [(0.0, [10, 20]), (0.05, [])])
+def test_loss_not_decreasing_keras(tmp_path: Path, keras: Any, lr: float, fired: list[int]) -> None:
+    import tensortap.keras as ttk
+
+    x, y = regression_data()
+    model = keras_model(keras)
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=lr), loss="mse")
+    cb = ttk.Callback(tmp_path, save_config=EVERY_STEP, include_collections=["losses"])
+    model.fit(x, y, batch_size=len(x), epochs=25, shuffle=False, verbose=0, callbacks=[cb])
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.tensor_names(collection="losses") == ["losses/loss"]
+    assert invoke_rule(LossNotDecreasing(trial)) == fired
+
+
+@pytest.mark.keras
+def test_exploding_tensor_keras_fires_at_the_first_nan(tmp_path: Path, keras: Any) -> None:
+    import tensortap.keras as ttk
+
+    x, y = regression_data(160)
+    model = keras_model(keras, hidden=16)
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=5.0), loss="mse")
+    bad: list[int] = []
+
+    class Watch(keras.callbacks.Callback):  # the truth: first batch after which a weight is NaN
+        def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+            if any(np.isnan(np.asarray(w)).any() for w in self.model.get_weights()):
+                bad.append(batch)
+
+    cb = ttk.Callback(tmp_path, save_config=EVERY_STEP, include_collections=["weights", "biases", "gradients",
+                                                                             "losses"])
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[cb, Watch()])
+    assert bad and bad[0] > 0, "the learning rate must make the run diverge, not at once"
+    trial = tensortap.create_trial(tmp_path)
+    assert invoke_rule(ExplodingTensor(trial, only_nan=True))[0] == bad[0]
+    assert invoke_rule(ExplodingTensor(trial))[0] <= bad[0]  # an infinite loss may come first
+
+
+@pytest.mark.keras
+def test_in_process_stop_training_stops_keras_fit(tmp_path: Path, keras: Any) -> None:
+    import tensortap.keras as ttk
+
+    x, y = regression_data(160)
+    model = keras_model(keras, hidden=16)
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=5.0), loss="mse")
+    batches: list[int] = []
+    nan_at: list[int] = []
+
+    class Watch(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+            batches.append(batch)
+            if any(np.isnan(np.asarray(w)).any() for w in self.model.get_weights()):
+                nan_at.append(batch)
+
+    rule = ExplodingTensor(only_nan=True).add_action(StopTraining())
+    cb = ttk.Callback(tmp_path, save_config=EVERY_STEP, include_collections=["losses"], rules=[rule])
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[cb, Watch()])
+    assert nan_at, "the run must diverge"
+    assert rule.fired_steps[0] == nan_at[0]
+    assert batches[-1] <= nan_at[0] + 1 < 19, "fit stopped right after the firing step, long before its 20 batches"
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.end_reasons() == {"worker_0": "stop_request"}
+    assert trial.stop_request()["rule"] == "ExplodingTensor" and trial.stop_request()["step"] == nan_at[0]
+
+
+# ------------------------------------------------------------------ XGBoost
+@pytest.mark.xgboost
+@pytest.mark.parametrize(("eta", "fired"), [(0.0, [10, 20]), (0.3, [])])
+def test_loss_not_decreasing_xgboost(tmp_path: Path, eta: float, fired: list[int]) -> None:
+    xgb = pytest.importorskip("xgboost")
+    import tensortap.xgboost as ttx
+
+    x, y = regression_data(200)
+    dtrain = xgb.DMatrix(x, label=y.ravel())
+    xgb.train({"eta": eta, "max_depth": 2, "objective": "reg:squarederror", "nthread": 1}, dtrain,
+              num_boost_round=25, evals=[(dtrain, "train")], callbacks=[ttx.Callback(tmp_path)], verbose_eval=False)
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.tensor_names(collection="losses") == ["losses/train-rmse"]
+    assert invoke_rule(LossNotDecreasing(trial)) == fired
+
+
+@pytest.mark.xgboost
+def test_in_process_stop_training_stops_xgboost(tmp_path: Path) -> None:
+    xgb = pytest.importorskip("xgboost")
+    import tensortap.xgboost as ttx
+
+    x, y = regression_data(200)
+    dtrain = xgb.DMatrix(x, label=y.ravel())
+    rule = LossNotDecreasing().add_action(StopTraining())
+    booster = xgb.train({"eta": 0.0, "max_depth": 2, "nthread": 1}, dtrain, num_boost_round=50,
+                        evals=[(dtrain, "train")], callbacks=[ttx.Callback(tmp_path, rules=[rule])],
+                        verbose_eval=False)
+    assert rule.fired_steps == [10]
+    assert booster.num_boosted_rounds() == 11, "after_iteration returned True at round 10"
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.end_reasons() == {"worker_0": "stop_request"}
+    assert trial.stop_request()["rule"] == "LossNotDecreasing" and trial.stop_request()["step"] == 10
+
+
+# --------------------------------------------------------------------- live
+TRAINING = textwrap.dedent('''
+    import json, sys, time
+    import torch
+    import tensortap.torch as ttt
+    from tensortap import SaveConfig, StopTrainingRequested
+    from tensortap.capture import ShardPolicy
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 4, generator=g)
+    y = x @ torch.tensor([[1.0], [-2.0], [0.5], [3.0]])
+    model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    loss_fn = torch.nn.MSELoss()
+    hook = ttt.capture(model, sys.argv[1], optimizer=opt, loss=loss_fn, save_config=SaveConfig(save_interval=1),
+                       include_collections=["weights", "gradients", "losses"],
+                       shard_policy=ShardPolicy(max_steps=1), raise_on_stop=True)
+    hook.stop_poll_seconds = 0.1
+    first_bad = stopped = None
+    step = -1
+    try:
+        for step in range(2000):
+            if step == 40:
+                opt.param_groups[0]["lr"] = 1e4  # a learning-rate spike: the run diverges
+            opt.zero_grad()
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            opt.step()
+            finite = bool(torch.isfinite(loss)) and all(bool(torch.isfinite(p).all()) for p in model.parameters())
+            if not finite and first_bad is None:
+                first_bad = step
+            time.sleep(0.05)
+    except StopTrainingRequested:
+        stopped = step
+    hook.close()
+    print(json.dumps({"first_bad": first_bad, "stopped": stopped}))
+''')
+
+
+@pytest.mark.torch
+@pytest.mark.slow
+def test_live_rule_runner_stops_a_diverging_pytorch_training(tmp_path: Path, torch: Any) -> None:
+    out = tmp_path / "trial"
+    script = tmp_path / "train.py"
+    script.write_text(TRAINING)
+    runner = subprocess.Popen(
+        [sys.executable, "-m", "tensortap.cli", "rules", str(out), "--rule", "exploding_tensor", "--follow",
+         "--stop-training", "--json", "--idle-timeout", "120"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    training = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True, timeout=300)
+    assert training.returncode == 0, training.stderr
+    result = json.loads(training.stdout.strip().splitlines()[-1])
+    out_text, err_text = runner.communicate(timeout=120)
+    assert runner.returncode == 1, err_text
+    report = json.loads(out_text)
+    first_bad, stopped = result["first_bad"], result["stopped"]
+    assert first_bad is not None and first_bad >= 40
+    assert stopped is not None and first_bad <= stopped <= first_bad + 25, result
+    assert report["rules"][0]["fired_steps"][0] == first_bad
+    trial = tensortap.create_trial(out)
+    assert trial.training_ended and trial.end_reasons() == {"worker_0": "stop_request"}
+    request = trial.stop_request()
+    assert request["rule"] == "ExplodingTensor" and request["step"] == first_bad
+    assert "infinite value(s)" in request["reason"] or "NaN" in request["reason"]
+    print(f"first non-finite step {first_bad}, training stopped after step {stopped} "
+          f"({stopped - first_bad} steps later)")
