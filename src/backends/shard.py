@@ -90,7 +90,7 @@ class BufferPool:
 
 
 POOL = BufferPool()
-_FIRST_ROWS = 8
+_FIRST_RESERVE = 64 << 20  # bytes a tensor's stacked array may reserve up front (untouched pages cost nothing)
 
 
 class _Column:
@@ -107,12 +107,13 @@ class _Column:
         self.red: list[tuple[int, str, float]] = []
         self.orig_dtype: str | None = None
 
-    def add_raw(self, step: int, value: np.ndarray) -> np.ndarray:
+    def add_raw(self, step: int, value: np.ndarray, rows: int) -> np.ndarray:
+        """Copy ``value`` in as the row of ``step``; ``rows`` is how many rows to reserve at first."""
         self.steps.append(step)
         if self.data is not None and self.n == 0 and self.conflicts(value):
             self.release()
         if self.ragged is None and self.data is None:
-            self.data = POOL.get(value.dtype, value.shape, _FIRST_ROWS)
+            self.data = POOL.get(value.dtype, value.shape, rows)
         elif self.ragged is None and self.data is not None and self.data.shape[1:] != value.shape:
             self.ragged = [self.data[i].copy() for i in range(self.n)]
             POOL.put(self.data)
@@ -168,9 +169,18 @@ class _Column:
 
 class ShardBuffer:
     """The shard being built: values are copied once, at :meth:`stage`, into
-    per-tensor stacked arrays; a step counts once :meth:`commit` is called."""
+    per-tensor stacked arrays; a step counts once :meth:`commit` is called.
 
-    def __init__(self) -> None:
+    Parameters
+    ----------
+    max_steps, max_bytes
+        The shard's limits (:class:`~tensortap.capture.ShardPolicy`): a tensor's
+        stacked array is sized for them at once, so it rarely has to grow.
+    """
+
+    def __init__(self, max_steps: int = 1000, max_bytes: int = 256 << 20) -> None:
+        self.max_steps = max_steps
+        self.max_bytes = max_bytes
         self.steps: list[tuple[int, int, int]] = []
         self.columns: dict[str, _Column] = {}
         self.nbytes = 0
@@ -205,7 +215,8 @@ class ShardBuffer:
             if col.steps and col.steps[-1] == step:  # the same name twice in one step: last wins
                 col.pop_raw()
                 self._staged = [(n, s, r and n != name, k) for n, s, r, k in self._staged]
-            stored = col.add_raw(step, raw)
+            reserve = min(self.max_steps, self.max_bytes // max(raw.nbytes, 1) + 1, _FIRST_RESERVE // max(raw.nbytes, 1))
+            stored = col.add_raw(step, raw, max(reserve, 1))
             self.nbytes += raw.nbytes
         col.red.extend((step, k, float(v)) for k, v in reductions.items())
         self.nbytes += 24 * len(reductions) + 64
@@ -226,7 +237,7 @@ class ShardBuffer:
 
     def detach_staged(self) -> ShardBuffer:
         """Move the values of the step in progress into a new buffer, and return it."""
-        moved = ShardBuffer()
+        moved = ShardBuffer(self.max_steps, self.max_bytes)
         for name, step, raw, n_red in self._staged:
             col = self.columns[name]
             value = np.array(col.last_raw(), copy=True) if raw else None

@@ -161,7 +161,7 @@ class TrialWriter:
         self.error: BaseException | None = None
         self.closed = False
         self._lock = threading.RLock()
-        self._buffer = ShardBuffer()
+        self._buffer = ShardBuffer(policy.max_steps, policy.max_bytes)
         self._since = 0.0
         self._pending: list[_Job] = []
         self._io_lock = threading.Lock()  # held by the writer thread while it publishes on its own
@@ -240,7 +240,9 @@ class TrialWriter:
             return None
         buffer, seq = self._buffer, self._seq
         # a step in progress moves on to the next shard
-        self._buffer = buffer.detach_staged() if buffer.staging else ShardBuffer()
+        self._buffer = (
+            buffer.detach_staged() if buffer.staging else ShardBuffer(self.policy.max_steps, self.policy.max_bytes)
+        )
         self._seq += 1
         return lambda: self._publish(buffer, seq)
 
@@ -342,12 +344,26 @@ def close_all(reason: str) -> None:
         w.close(reason)
 
 
+def _close_at_threading_exit() -> None:
+    main = threading.main_thread()
+    if not any(t is not main and not t.daemon and t.is_alive() for t in threading.enumerate()):
+        close_all("exit")
+
+
 def _install_exit_handlers() -> None:
     global _handlers_installed
     if _handlers_installed:
         return
     _handlers_installed = True
     atexit.register(close_all, "exit")
+    # Close earlier where possible: before threading shuts down thread pools, which asyncio
+    # clients (s3fs/aiobotocore) need for DNS and new connections, and before weakref
+    # finalizers close their sessions. Not while other non-daemon threads may still train.
+    import concurrent.futures.thread  # noqa: F401  its exit hook stops the pools; registered first, it runs after ours
+
+    register_threading_exit = getattr(threading, "_register_atexit", None)
+    if register_threading_exit is not None:
+        register_threading_exit(_close_at_threading_exit)
     if threading.current_thread() is not threading.main_thread():
         return
     previous = signal.getsignal(signal.SIGTERM)

@@ -1,0 +1,535 @@
+"""The PyTorch adapter on real tiny trainings: captured values against what PyTorch reports."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+import tensortap  # noqa: E402
+import tensortap.torch as ttt  # noqa: E402
+from tensortap import Mode, ReductionConfig, SaveConfig  # noqa: E402
+
+pytestmark = pytest.mark.torch
+
+EVERY_STEP = SaveConfig(save_interval=1)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+
+
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(6, 5)
+        self.relu = nn.ReLU()
+        self.fc2 = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.relu(self.fc1(x)))
+
+    @staticmethod
+    def data(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randn(8, 6, generator=gen), torch.randint(0, 3, (8,), generator=gen)
+
+    @staticmethod
+    def expected_outputs(params: dict[str, torch.Tensor], x: torch.Tensor) -> dict[str, torch.Tensor]:
+        fc1 = F.linear(x, params["fc1.weight"], params["fc1.bias"])
+        relu = fc1.clamp_min(0)
+        return {"fc1": fc1, "relu": relu, "fc2": F.linear(relu, params["fc2.weight"], params["fc2.bias"])}
+
+
+class CNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3)
+        self.pool = nn.MaxPool2d(2)
+        self.fc = nn.Linear(3 * 3 * 3, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(F.relu(self.conv(x))), 1))
+
+    @staticmethod
+    def data(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randn(5, 1, 8, 8, generator=gen), torch.randint(0, 4, (5,), generator=gen)
+
+    @staticmethod
+    def expected_outputs(params: dict[str, torch.Tensor], x: torch.Tensor) -> dict[str, torch.Tensor]:
+        conv = F.conv2d(x, params["conv.weight"], params["conv.bias"])
+        pool = F.max_pool2d(conv.clamp_min(0), 2)
+        return {"conv": conv, "pool": pool, "fc": F.linear(pool.flatten(1), params["fc.weight"], params["fc.bias"])}
+
+
+def _params(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _trial(path: Path) -> tensortap.Trial:
+    return tensortap.create_trial(path)
+
+
+@pytest.mark.parametrize(
+    ("model_cls", "make_opt"),
+    [
+        (MLP, lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9)),
+        (CNN, lambda ps: torch.optim.Adam(ps, lr=0.01)),
+    ],
+    ids=["mlp-sgd", "cnn-adam"],
+)
+def test_captured_values_equal_what_pytorch_reports(
+    tmp_path: Path, model_cls: type[nn.Module], make_opt: Callable[[Any], torch.optim.Optimizer]
+) -> None:
+    model = model_cls()
+    opt = make_opt(model.parameters())
+    loss_fn = nn.CrossEntropyLoss()
+    hook = ttt.capture(
+        model, tmp_path, optimizer=opt, loss=loss_fn, save_config=EVERY_STEP,
+        include_collections=["weights", "biases", "gradients", "losses", "outputs", "optimizer_variables"],
+    )
+    gen = torch.Generator().manual_seed(1)
+    seen: list[dict[str, Any]] = []
+    for _ in range(4):
+        x, y = model_cls.data(gen)  # type: ignore[attr-defined]
+        before = _params(model)
+        opt.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+        opt.step()
+        seen.append({
+            "after": _params(model), "grads": grads, "loss": loss.item(),
+            "outputs": model_cls.expected_outputs(before, x),  # type: ignore[attr-defined]
+            "state": {(n, k): v.clone() for n, p in model.named_parameters() for k, v in opt.state[p].items()},
+        })
+    hook.close()
+
+    trial = _trial(tmp_path)
+    assert trial.steps() == [0, 1, 2, 3]
+    assert trial.workers() == ["worker_0"]
+    for step, s in enumerate(seen):
+        for name, value in s["after"].items():
+            np.testing.assert_array_equal(trial.tensor(name).value(step), value.numpy(), err_msg=f"{name} @ {step}")
+        for name, value in s["grads"].items():
+            np.testing.assert_array_equal(trial.tensor(f"gradients/{name}").value(step), value.numpy())
+        for name, value in s["outputs"].items():
+            np.testing.assert_allclose(trial.tensor(f"outputs/{name}").value(step), value.numpy(), rtol=1e-6, atol=1e-6)
+        assert float(trial.tensor("losses/CrossEntropyLoss").value(step)) == pytest.approx(s["loss"], rel=1e-7)
+        for (name, key), value in s["state"].items():
+            np.testing.assert_array_equal(trial.tensor(f"optimizer/{name}/{key}").value(step), value.numpy())
+    assert set(trial.tensor_names(collection="biases")) == {n for n in seen[0]["after"] if n.endswith("bias")}
+    assert trial.training_ended
+
+
+def test_gradient_accumulation_is_one_step_per_optimizer_step(tmp_path: Path) -> None:
+    model = MLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss_fn = nn.CrossEntropyLoss()
+    gen = torch.Generator().manual_seed(2)
+    grads: list[dict[str, torch.Tensor]] = []
+    losses: list[list[float]] = []
+    with ttt.capture(model, tmp_path, optimizer=opt, loss=loss_fn, save_config=EVERY_STEP):
+        for _ in range(3):
+            opt.zero_grad()
+            losses.append([])
+            for _ in range(4):
+                x, y = MLP.data(gen)
+                loss = loss_fn(model(x), y) / 4
+                loss.backward()
+                losses[-1].append(loss.item() * 4)
+            grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters()})
+            opt.step()
+    trial = _trial(tmp_path)
+    assert trial.steps() == [0, 1, 2]
+    assert trial.tensor_names(collection="losses") == [f"losses/CrossEntropyLoss:{i}" for i in range(4)]
+    for step in range(3):
+        for name, g in grads[step].items():
+            np.testing.assert_array_equal(trial.tensor(f"gradients/{name}").value(step), g.numpy())
+        for i in range(4):
+            captured = float(trial.tensor(f"losses/CrossEntropyLoss:{i}").value(step))
+            assert captured == pytest.approx(losses[step][i], rel=1e-6)  # the loss module's output, unscaled
+
+
+class Shared(nn.Module):
+    """One Linear applied three times, and a frozen layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.frozen = nn.Linear(4, 4)
+        self.frozen.requires_grad_(False)
+        self.block = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(torch.tanh(self.block(torch.tanh(self.block(self.frozen(x))))))
+
+
+def test_module_called_three_times_and_frozen_parameters(tmp_path: Path) -> None:
+    model = Shared()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    x = torch.randn(3, 4)
+    with ttt.capture(
+        model, tmp_path, optimizer=opt, save_config=EVERY_STEP,
+        include_collections=["weights", "biases", "gradients", "outputs", "inputs"],
+    ):
+        before = _params(model)
+        opt.zero_grad()
+        model(x).sum().backward()
+        opt.step()
+    trial = _trial(tmp_path)
+    w, b = before["block.weight"], before["block.bias"]
+    h = F.linear(x, before["frozen.weight"], before["frozen.bias"])
+    expected = []
+    for _ in range(3):
+        h = F.linear(h, w, b)
+        expected.append(h)
+        h = torch.tanh(h)
+    assert trial.tensor_names(regex="^outputs/block") == ["outputs/block:0", "outputs/block:1", "outputs/block:2"]
+    assert trial.tensor_names(regex="^inputs/block") == ["inputs/block:0", "inputs/block:1", "inputs/block:2"]
+    for i, e in enumerate(expected):
+        np.testing.assert_allclose(trial.tensor(f"outputs/block:{i}").value(0), e.numpy(), rtol=1e-6, atol=1e-6)
+    values = [trial.tensor(f"outputs/block:{i}").value(0) for i in range(3)]
+    assert not np.array_equal(values[0], values[1]) and not np.array_equal(values[1], values[2])
+    assert "gradients/frozen.weight" not in trial.tensor_names()
+    assert "gradients/block.weight" in trial.tensor_names()
+    np.testing.assert_array_equal(trial.tensor("frozen.weight").value(0), before["frozen.weight"].numpy())
+
+
+def test_eval_and_predict_steps_count_in_their_own_modes(tmp_path: Path) -> None:
+    model = MLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss_fn = nn.CrossEntropyLoss()
+    gen = torch.Generator().manual_seed(3)
+    hook = ttt.capture(model, tmp_path, optimizer=opt, loss=loss_fn, save_config=EVERY_STEP)
+
+    def train_step() -> None:
+        x, y = MLP.data(gen)
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        opt.step()
+        hook.save_scalar("lr", 0.1)
+
+    eval_losses = []
+    for _ in range(2):
+        train_step()
+    model.eval()  # detected
+    with torch.no_grad():
+        for _ in range(3):
+            x, y = MLP.data(gen)
+            eval_losses.append(loss_fn(model(x), y).item())
+    model.train()
+    train_step()
+    hook.set_mode(Mode.PREDICT)  # explicit
+    with torch.no_grad():
+        model(torch.randn(2, 6))
+    hook.close()
+
+    trial = _trial(tmp_path)
+    assert trial.modes() == [Mode.TRAIN, Mode.EVAL, Mode.PREDICT]
+    assert trial.steps() == list(range(7))
+    assert trial.steps(mode=Mode.TRAIN) == [0, 1, 2]
+    assert trial.steps(mode=Mode.EVAL) == [0, 1, 2]
+    assert trial.steps(mode=Mode.PREDICT) == [0]
+    assert trial.tensor("metrics/lr").steps(mode=Mode.TRAIN) == [0, 1, 2]
+    loss = trial.tensor("losses/CrossEntropyLoss")
+    assert [float(loss.value(s, mode=Mode.EVAL)) for s in range(3)] == pytest.approx(eval_losses, rel=1e-7)
+    assert loss.steps(mode=Mode.PREDICT) == []
+
+
+def test_save_interval_and_no_work_on_unsaved_steps(tmp_path: Path) -> None:
+    class CountingOps(ttt.TorchOps):
+        def __init__(self) -> None:
+            self.calls: list[int] = []
+
+        def prepare(self, value: Any, keys: Any, raw: bool) -> Any:
+            self.calls.append(hook.step)
+            return super().prepare(value, keys, raw)
+
+    model = MLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss_fn = nn.CrossEntropyLoss()
+    hook = ttt.capture(
+        model, tmp_path, optimizer=opt, loss=loss_fn, save_config=SaveConfig(save_interval=3),
+        include_collections=["weights", "gradients", "losses", "outputs", "inputs"],
+    )
+    hook.ops = CountingOps()
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(7):
+        x, y = MLP.data(gen)
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        opt.step()
+        hook.save_scalar("lr", 0.1)
+    hook.close()
+    assert sorted(set(hook.ops.calls)) == [0, 3, 6]
+    trial = _trial(tmp_path)
+    assert trial.steps() == [0, 3, 6]
+    assert trial.last_complete_step() == 6
+    assert trial.tensor("gradients/fc1.weight").steps() == [0, 3, 6]
+
+
+def test_training_without_optimizer_steps_per_forward(tmp_path: Path) -> None:
+    model = MLP()
+    loss_fn = nn.CrossEntropyLoss()
+    gen = torch.Generator().manual_seed(5)
+    seen = []
+    with ttt.Hook(
+        tmp_path, save_config=EVERY_STEP, include_collections=["weights", "biases", "gradients", "losses"]
+    ) as hook:
+        hook.register_module(model)
+        hook.register_loss(loss_fn, name="xent")
+        for _ in range(3):
+            model.zero_grad()
+            x, y = MLP.data(gen)
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+            with torch.no_grad():
+                for p in model.parameters():
+                    p -= 0.1 * p.grad
+            seen.append((grads, _params(model), loss.item()))
+    trial = _trial(tmp_path)
+    assert trial.steps() == [0, 1, 2]
+    for step, (grads, after, loss) in enumerate(seen):
+        for name in grads:
+            np.testing.assert_array_equal(trial.tensor(f"gradients/{name}").value(step), grads[name].numpy())
+            np.testing.assert_array_equal(trial.tensor(name).value(step), after[name].numpy())
+        assert float(trial.tensor("losses/xent").value(step)) == pytest.approx(loss, rel=1e-7)
+
+
+def test_save_tensor_save_scalar_and_reductions(tmp_path: Path) -> None:
+    model = MLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    hook = ttt.Hook(
+        tmp_path, save_config=EVERY_STEP, include_collections=["gradients"],
+        reduction_config=ReductionConfig(reductions=["mean", "nan_count"], norms=["l2"]),
+    )
+    hook.register_module(model)
+    hook.attach_optimizer(opt)
+    model(torch.randn(4, 6)).sum().backward()
+    grad = model.fc1.weight.grad.detach().clone()
+    t = torch.tensor([1.0, float("nan"), 3.0])
+    hook.save_tensor("my/tensor", t, collections=["custom"])
+    hook.save_scalar("loss_scale", torch.tensor(2.5), collections=["metrics"])
+    opt.step()
+    hook.close()
+    trial = _trial(tmp_path)
+    assert trial.tensor_names() == sorted(
+        ["my/tensor", "metrics/loss_scale"] + [f"gradients/{n}" for n, _ in model.named_parameters()]
+    )
+    g = trial.tensor("gradients/fc1.weight")
+    assert g.reduction_value(0, "mean") == pytest.approx(grad.double().mean().item(), rel=1e-12)
+    assert g.reduction_value(0, "l2") == pytest.approx(float(np.sqrt((grad.double().numpy() ** 2).sum())), rel=1e-12)
+    with pytest.raises(tensortap.TensorUnavailableForStep):
+        g.value(0)
+    assert trial.tensor("my/tensor").reduction_value(0, "nan_count") == 1.0
+    assert trial.tensor("metrics/loss_scale").reduction_value(0, "mean") == 2.5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.bool])
+def test_torch_ops_prepare_matches_numpy_formulas(dtype: torch.dtype) -> None:
+    from tensortap import reductions as red
+
+    base = torch.tensor([[0.0, -1.5, 2.25], [float("inf"), float("nan"), 3.0]])
+    if dtype in (torch.int64, torch.bool):
+        base = torch.tensor([[0, -1, 2], [5, 0, 3]])
+    t = base.to(dtype)
+    keys = ["min", "max", "mean", "std", "variance", "sum", "prod", "l1", "l2", "abs_mean", "abs_max",
+            "nan_count", "inf_count", "zero_count"]
+    raw, values, orig = ttt.TorchOps().prepare(t, keys, raw=True)
+    assert raw is not None
+    assert orig == ("bfloat16" if dtype == torch.bfloat16 else None)
+    reference = t.float().numpy() if dtype == torch.bfloat16 else t.numpy()
+    np.testing.assert_array_equal(raw, reference)
+    expected = red.compute_many(reference, keys)
+    for key in keys:
+        assert values[key] == pytest.approx(expected[key], rel=1e-12, nan_ok=True), key
+    empty_raw, empty_values, _ = ttt.TorchOps().prepare(torch.empty(0, 3), ["mean", "sum"], raw=True)
+    assert empty_raw is not None and empty_raw.shape == (0, 3)
+    assert np.isnan(empty_values["mean"]) and empty_values["sum"] == 0.0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_torch_ops_on_cuda_pinned_copy_and_device_reductions() -> None:
+    t = torch.randn(64, 33, device="cuda").to(torch.bfloat16)
+    raw, values, orig = ttt.TorchOps().prepare(t, ["mean", "l2", "nan_count"], raw=True)
+    reference = t.float().cpu().numpy()
+    assert orig == "bfloat16"
+    np.testing.assert_array_equal(raw, reference)
+    assert values["mean"] == pytest.approx(float(reference.astype(np.float64).mean()), rel=1e-9)
+    assert values["l2"] == pytest.approx(float(np.sqrt((reference.astype(np.float64) ** 2).sum())), rel=1e-9)
+    raw_only, _, _ = ttt.TorchOps().prepare(t.float(), [], raw=True)  # no reductions: the copy is waited for
+    np.testing.assert_array_equal(raw_only, reference)
+
+
+def test_unwritable_out_dir_logs_once_and_training_continues(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    model = MLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with caplog.at_level(logging.ERROR, logger="tensortap"):
+        hook = ttt.capture(model, blocker / "trial", optimizer=opt, save_config=EVERY_STEP)
+        for _ in range(3):
+            opt.zero_grad()
+            model(torch.randn(4, 6)).sum().backward()
+            opt.step()
+        hook.close()
+    assert hook.failed
+    assert len([r for r in caplog.records if r.name == "tensortap"]) == 1
+    with pytest.raises(RuntimeError, match="tensortap"):
+        ttt.capture(model, blocker / "trial", optimizer=opt, strict=True)
+
+
+def test_stop_request_sets_should_stop_and_raises_on_opt_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ttt.Hook, "stop_poll_seconds", 0.0)
+    model = MLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    hook = ttt.capture(model, tmp_path, optimizer=opt, save_config=EVERY_STEP, raise_on_stop=True)
+    steps_done = 0
+    with pytest.raises(tensortap.StopTrainingRequested, match="loss diverged"):
+        for step in range(10):
+            if step == 2:
+                _trial(tmp_path).request_stop("loss diverged")
+            opt.zero_grad()
+            model(torch.randn(4, 6)).sum().backward()
+            opt.step()
+            steps_done += 1
+    assert steps_done == 2  # the third optimizer step completed, then raised
+    assert hook.should_stop and hook.stop_reason == "loss diverged"
+    trial = _trial(tmp_path)
+    assert trial.steps() == [0, 1, 2]
+    assert trial.end_reasons() == {"worker_0": "stop_request"}
+
+
+def test_should_stop_without_raising(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ttt.Hook, "stop_poll_seconds", 0.0)
+    model = MLP()
+    with ttt.capture(model, tmp_path, save_config=EVERY_STEP) as hook:
+        model(torch.randn(2, 6))
+        assert not hook.should_stop
+        _trial(tmp_path).request_stop("enough")
+        assert hook.should_stop
+        model(torch.randn(2, 6))  # nothing raises without raise_on_stop
+    assert _trial(tmp_path).end_reasons() == {"worker_0": "stop_request"}
+
+
+def test_compiled_module_warns_at_registration(tmp_path: Path) -> None:
+    compiled = torch.compile(MLP())
+    with ttt.Hook(tmp_path, include_collections=["weights", "outputs"]) as hook:
+        with pytest.warns(UserWarning, match="torch.compile"):
+            hook.register_module(compiled)
+    assert compiled.fc1 is not None
+
+
+def test_from_json_builds_a_torch_hook(tmp_path: Path) -> None:
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text('{"save_config": {"save_interval": 2}, "include_collections": ["weights"], "raise_on_stop": true}')
+    model = MLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    hook = ttt.Hook.from_json(cfg, out_dir=tmp_path / "trial")
+    assert isinstance(hook, ttt.Hook) and hook.raise_on_stop
+    hook.register_module(model)
+    hook.attach_optimizer(opt)
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(2, 6)).sum().backward()
+        opt.step()
+    hook.close()
+    trial = _trial(tmp_path / "trial")
+    assert trial.steps() == [0, 2]
+    assert trial.tensor_names() == ["fc1.weight", "fc2.weight"]
+
+
+def test_exit_without_close_keeps_the_last_step(tmp_path: Path) -> None:
+    code = (
+        "import sys, torch, tensortap, tensortap.torch as ttt\n"
+        "torch.set_num_threads(1)\n"
+        "m = torch.nn.Linear(3, 2); opt = torch.optim.SGD(m.parameters(), lr=0.1)\n"
+        "hook = ttt.capture(m, sys.argv[1], optimizer=opt, save_config=tensortap.SaveConfig(save_interval=1))\n"
+        "for _ in range(3):\n"
+        "    opt.zero_grad(); m(torch.randn(4, 3)).sum().backward(); opt.step()\n"
+        "print(m.weight.detach().numpy().tolist())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    trial = _trial(tmp_path)
+    assert trial.steps() == [0, 1, 2]
+    assert trial.end_reasons() == {"worker_0": "exit"}
+    np.testing.assert_array_equal(trial.tensor("weight").value(2), np.array(json.loads(out.stdout), dtype=np.float32))
+
+
+def test_missing_torch_gives_an_install_hint() -> None:
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "import tensortap\n"
+        "try:\n    import tensortap.torch\nexcept ImportError as e:\n    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert 'pip install "tensortap[torch]"' in out.stdout
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_with_torchrun(tmp_path: Path) -> None:
+    worker = Path(__file__).with_name("ddp_worker.py")
+    out, rec = tmp_path / "trial", tmp_path / "rec"
+    rec.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           str(worker), str(out), str(rec)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trial = _trial(out)
+    assert trial.workers() == ["worker_0", "worker_1"]
+    records = {r: np.load(rec / f"rank{r}.npz") for r in (0, 1)}
+    # rank 0 asked to stop after step 2; the ranks agree every 10 steps and both raise after step 10
+    assert int(records[0]["stopped_at"]) == int(records[1]["stopped_at"]) == 10
+    assert trial.steps() == list(range(11))
+    assert trial.end_reasons() == {"worker_0": "stop_request", "worker_1": "stop_request"}
+    names = [n for n, _ in nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).named_parameters()]
+    for r, record in records.items():
+        for step in range(3):
+            for name in names:
+                g = trial.tensor(f"gradients/{name}")
+                assert g.workers(step) == ["worker_0", "worker_1"]
+                np.testing.assert_array_equal(g.value(step, worker=f"worker_{r}"), record[f"grad/{step}/{name}"])
+            loss = trial.tensor("losses/CrossEntropyLoss").value(step, worker=f"worker_{r}")
+            assert float(loss) == pytest.approx(float(record[f"loss/{step}"]), rel=1e-7)
+    # weights are identical across ranks and saved from rank 0 only
+    for step in range(3):
+        w = trial.tensor("0.weight")
+        assert w.workers(step) == ["worker_0"]
+        np.testing.assert_array_equal(w.value(step), records[1][f"param/{step}/0.weight"])
+    # DDP averages gradients: each rank saw the same p.grad, different losses
+    np.testing.assert_allclose(records[0]["grad/0/0.weight"], records[1]["grad/0/0.weight"], rtol=1e-6)
+    assert records[0]["loss/0"] != records[1]["loss/0"]
+
+
+def test_value_is_copied_when_captured_not_later(tmp_path: Path) -> None:
+    """An in-place ReLU overwrites the linear layer's output after the hook saw it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(inplace=True))
+    x = torch.randn(16, 4)
+    with torch.no_grad():
+        expected = model[0](x).numpy().copy()
+    assert (expected < 0).any()
+    hook = ttt.capture(model, tmp_path / "run", save_config=tensortap.SaveConfig(save_interval=1),
+                       include_collections=["outputs"])
+    model(x)
+    hook.close()
+    captured = tensortap.create_trial(tmp_path / "run").tensor("outputs/0").value(0)
+    np.testing.assert_array_equal(captured, expected)
