@@ -5,7 +5,9 @@ smdebug needs its own environment (NumPy < 2.3, protobuf <= 3.20.3)::
     python -m venv /work/smdebug-venv
     /work/smdebug-venv/bin/pip install smdebug==1.0.34 "numpy==2.2.*" "protobuf<=3.20.3" \\
         torch==2.13.0 requests pandas psutil
-    /work/smdebug-venv/bin/python -m bench.bench_torch_smdebug
+    /work/smdebug-venv/bin/python -m bench.bench_torch_smdebug [RESULTS.json]
+
+``nox -s bench`` does this in ``.nox/smdebug`` and merges the rows into the torch table.
 
 smdebug captures gradients with backward hooks and writes one TFRecord event
 file per step; its losses come from the registered loss module, as ours do.
@@ -13,7 +15,10 @@ file per step; its losses come from the registered loss module, as ours do.
 
 from __future__ import annotations
 
+import json
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -46,4 +51,8 @@ def run() -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    show(run())
+    rows = run()
+    show(rows)
+    if len(sys.argv) > 1:  # a JSON file for `python -m bench` to merge into docs/performance.md
+        Path(sys.argv[1]).parent.mkdir(parents=True, exist_ok=True)
+        Path(sys.argv[1]).write_text(json.dumps(rows, indent=1))
