@@ -54,7 +54,6 @@ def cmd_ls(args: argparse.Namespace) -> int:
     trial = _open(args.path)
     names = trial.tensor_names(collection=args.collection, regex=args.regex)
     if args.json:
-        info = trial._index.tensors
         print(
             json.dumps(
                 {
@@ -63,15 +62,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
                     "training_ended": trial.training_ended,
                     "modes": {m.name: trial.steps(mode=m) for m in trial.modes()},
                     "steps": trial.steps(show_incomplete=True),
-                    "tensors": {
-                        n: {
-                            "collections": sorted(info[n].collections),
-                            "dtype": info[n].dtype,
-                            "shape": info[n].shape,
-                            "steps": len(info[n].locations),
-                        }
-                        for n in names
-                    },
+                    "tensors": {n: trial.tensor(n).summary() for n in names},
                 },
                 indent=2,
             )
@@ -87,12 +78,13 @@ def cmd_ls(args: argparse.Namespace) -> int:
     print(f"steps    {_steps_summary(complete)}" + (f" (+{incomplete} incomplete)" if incomplete else ""))
     rows = []
     for n in names:
-        info = trial._index.tensors[n]
-        shape = "x".join(map(str, info.shape)) if info.shape else ("()" if info.shape == () else "-")
-        dtype = info.dtype or "reductions only"
-        if info.orig_dtype:
-            dtype += f" (from {info.orig_dtype})"
-        rows.append((n, ",".join(sorted(info.collections)), dtype, shape, len(info.locations)))
+        info = trial.tensor(n).summary()
+        shape = info["shape"]
+        shape_text = "-" if shape is None else "x".join(map(str, shape)) or "()"
+        dtype = info["dtype"] or "reductions only"
+        if info["orig_dtype"]:
+            dtype += f" (from {info['orig_dtype']})"
+        rows.append((n, ",".join(info["collections"]), dtype, shape_text, info["steps"]))
     print()
     print(_table(rows, ("tensor", "collections", "dtype", "shape", "steps")) if rows else "no tensors")
     return 0

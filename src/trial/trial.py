@@ -337,6 +337,18 @@ class Tensor:
         """Collections this tensor belongs to."""
         return sorted(self._info.collections)
 
+    def summary(self) -> dict[str, Any]:
+        """What the index knows without opening a shard: collections, dtype, shape and
+        original dtype of the last raw value (None if only reductions were saved), saved steps."""
+        info = self._info
+        return {
+            "collections": sorted(info.collections),
+            "dtype": info.dtype,
+            "orig_dtype": info.orig_dtype,
+            "shape": info.shape,
+            "steps": len(info.locations),
+        }
+
     def steps(self, mode: Mode | str | None = None) -> list[int]:
         """Steps at which this tensor was saved (mode steps when ``mode`` is given)."""
         locs = self._info.locations
