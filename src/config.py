@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeAlias
 
 from .modes import Mode
 from .reductions import HEALTH_COUNTS, NORMS, REDUCTIONS, reduction_key
@@ -103,11 +103,11 @@ class SaveConfig:
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> SaveConfig:
         """Build from a dict such as one :meth:`to_json` returned."""
-        _check_keys("save_config", data, {"save_interval", "start_step", "end_step", "save_steps"})
+        check_keys("save_config", data, {"save_interval", "start_step", "end_step", "save_steps"})
         return cls(**dict(data))
 
 
-SaveConfigLike = "SaveConfig | Mapping[Mode | str, SaveConfig] | ModeSaveConfig"
+SaveConfigLike: TypeAlias = "SaveConfig | Mapping[Mode, SaveConfig] | Mapping[str, SaveConfig] | ModeSaveConfig"
 
 
 class ModeSaveConfig:
@@ -150,6 +150,8 @@ class ModeSaveConfig:
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> ModeSaveConfig:
         """Accept either one SaveConfig dict or ``{"default": ..., "TRAIN": ...}``."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"save_config: expected an object, got {data!r}")
         if "default" in data or any(k.upper() in Mode.__members__ for k in data):
             default = SaveConfig.from_json(data.get("default", {}))
             modes = {Mode.parse(k): SaveConfig.from_json(v) for k, v in data.items() if k != "default"}
@@ -232,10 +234,11 @@ class ReductionConfig:
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> ReductionConfig:
         """Build from a dict such as one :meth:`to_json` returned."""
-        _check_keys(
+        check_keys(
             "reduction_config", data, {"reductions", "abs_reductions", "norms", "abs_norms", "save_raw_tensor"}
         )
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+        kwargs: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        return cls(**kwargs)
 
 
 def compile_regexes(field_name: str, patterns: Sequence[str] | str | None) -> tuple[re.Pattern[str], ...]:
@@ -305,7 +308,7 @@ class Collection:
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Collection:
         """Build from a dict such as one :meth:`to_json` returned."""
-        _check_keys("collection", data, {"name", "include_regex", "save_config", "reduction_config"})
+        check_keys("collection", data, {"name", "include_regex", "save_config", "reduction_config"})
         save = data.get("save_config")
         red = data.get("reduction_config")
         msc = ModeSaveConfig.from_json(save) if save else None
@@ -317,7 +320,8 @@ class Collection:
         )
 
 
-def _check_keys(field_name: str, data: Mapping[str, Any], valid: set[str]) -> None:
+def check_keys(field_name: str, data: Mapping[str, Any], valid: set[str]) -> None:
+    """Raise a ValueError unless ``data`` is a mapping whose keys are all in ``valid`` (JSON configs)."""
     if not isinstance(data, Mapping):
         raise ValueError(f"{field_name}: expected an object, got {data!r}")
     unknown = set(data) - valid

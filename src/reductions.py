@@ -4,6 +4,7 @@ The same functions compute a reduction at write time (for NumPy inputs) and at
 read time (from a raw tensor), so the two always agree. Every reduction is
 computed in float64 over all elements; on an empty tensor ``min``, ``max``,
 ``mean``, ``std`` and ``variance`` are NaN, ``sum`` is 0 and ``prod`` is 1.
+Complex tensors are reduced by magnitude ``|z|`` (so ``l2`` is their vector norm).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ def split_key(key: str) -> tuple[str, bool]:
 def _as_float64(a: np.ndarray) -> np.ndarray:
     if a.dtype == np.float64:
         return a
+    if a.dtype.kind == "c":  # complex: reduce the magnitudes
+        return np.abs(a).astype(np.float64)
     return a.astype(np.float64)
 
 

@@ -333,6 +333,23 @@ def register_for_exit(hook: Any) -> None:
     _CLOSE_CALLBACKS.add(hook)
 
 
+def _forget_after_fork() -> None:
+    """In a forked child (a DataLoader worker, ...): the parent's writers are not the child's.
+
+    The child must neither publish the parent's buffered steps nor end its
+    training, and cannot: the writer thread does not exist in the child.
+    """
+    for w in list(_OPEN_WRITERS):
+        w.closed = True
+    _OPEN_WRITERS.clear()
+    _CLOSE_CALLBACKS.clear()
+    _WriterThread._instance = None
+
+
+if hasattr(os, "register_at_fork"):  # POSIX; there is no fork elsewhere
+    os.register_at_fork(after_in_child=_forget_after_fork)
+
+
 def close_all(reason: str) -> None:
     """Close every open hook and writer (at exit, on SIGTERM)."""
     for hook in list(_CLOSE_CALLBACKS):

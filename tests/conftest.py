@@ -1,0 +1,96 @@
+"""Shared fixtures: trial directories and writer processes driven over stdin."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+HELPERS = Path(__file__).parent / "helpers"
+
+
+class WriterProc:
+    """A ``tests/helpers/writer_proc.py`` process; :meth:`cmd` sends one command and waits for its answer."""
+
+    def __init__(self, out_dir: Path, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(HELPERS / "writer_proc.py"), str(out_dir), *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._read_stdout, daemon=True).start()
+        self.expect("ready")
+
+    def _read_stdout(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line)
+        self.lines.put("")  # end of output
+
+    def expect(self, prefix: str, timeout: float = 30.0) -> str:
+        """Wait for the next stdout line and check that it starts with ``prefix``."""
+        try:
+            line = self.lines.get(timeout=timeout)
+        except queue.Empty:
+            line = ""
+        if not line.startswith(prefix):
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+            err = self.proc.stderr.read() if self.proc.stderr else ""
+            raise AssertionError(f"writer answered {line!r}, expected {prefix!r}; stderr:\n{err}")
+        return line
+
+    def send(self, op: str, **kw: Any) -> None:
+        """Send a command without waiting."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"op": op, **kw}) + "\n")
+        self.proc.stdin.flush()
+
+    def cmd(self, op: str, **kw: Any) -> str:
+        """Send a command and wait until the writer has done it."""
+        self.send(op, **kw)
+        return self.expect(f"ok {op}")
+
+    def signal(self, sig: int) -> int:
+        """Send ``sig`` and return the exit status."""
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout=30)
+
+    def wait(self) -> tuple[int, str]:
+        """Close stdin, wait for the exit; return the status and stderr."""
+        assert self.proc.stdin is not None and self.proc.stderr is not None
+        self.proc.stdin.close()
+        status = self.proc.wait(timeout=30)
+        return status, self.proc.stderr.read()
+
+
+@pytest.fixture
+def writer_proc() -> Iterator[Any]:
+    """Factory of :class:`WriterProc`; every process still running at teardown is killed."""
+    procs: list[WriterProc] = []
+
+    def start(out_dir: Path, *args: str) -> WriterProc:
+        w = WriterProc(out_dir, *args)
+        procs.append(w)
+        return w
+
+    yield start
+    for w in procs:
+        if w.proc.poll() is None:
+            os.kill(w.proc.pid, signal.SIGKILL)
+        w.proc.wait(timeout=10)
+        for stream in (w.proc.stdin, w.proc.stderr):
+            if stream is not None:
+                stream.close()

@@ -1,0 +1,1 @@
+"""Helpers for the spine tests: writer processes driven over stdin."""

@@ -1,0 +1,265 @@
+"""SPEC section 3: when steps are saved, per-mode and per-collection configs, validation, JSON configs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers.trials import default_value, run_steps, write_trial
+
+import tensortap
+from tensortap import Collection, Mode, ReductionConfig, SaveConfig
+from tensortap.capture import Hook, Writer
+from tensortap.config import BUILTIN_COLLECTIONS
+
+
+def test_every_3_steps_over_10_saves_0_3_6_9(tmp_path: Path) -> None:
+    assert [s for s in range(10) if SaveConfig(save_interval=3).should_save(s)] == [0, 3, 6, 9]
+    write_trial(tmp_path, 10, save_config=SaveConfig(save_interval=3))
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.steps() == [0, 3, 6, 9]
+    assert trial.tensor("a").steps() == [0, 3, 6, 9]
+    for s in (0, 3, 6, 9):
+        np.testing.assert_array_equal(trial.tensor("a").value(s), default_value("a", s))
+
+
+def test_start_end_and_save_steps(tmp_path: Path) -> None:
+    cfg = SaveConfig(save_interval=2, start_step=3, end_step=9, save_steps=[1, 12])
+    expected = [1, 3, 5, 7, 12]
+    assert [s for s in range(15) if cfg.should_save(s)] == expected
+    write_trial(tmp_path, 15, save_config=cfg)
+    assert tensortap.create_trial(tmp_path).steps() == expected
+
+
+def test_default_intervals() -> None:
+    assert SaveConfig().save_interval == 100
+    assert Hook.default_interval == 100
+    assert Writer.default_interval == 1
+
+
+def test_per_mode_configs_count_mode_steps(tmp_path: Path) -> None:
+    cfg = {Mode.TRAIN: SaveConfig(save_interval=3), "eval": SaveConfig(save_interval=2)}
+    with Writer(tmp_path, save_config=cfg) as w:
+        run_steps(w, 10, mode="train")  # global 0..9
+        run_steps(w, 5, mode=Mode.EVAL)  # global 10..14, eval steps 0..4
+        run_steps(w, 2, mode="train")  # global 15, 16 = train steps 10, 11
+        assert (w.step, w.mode_step) == (16, 11)
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.steps(mode=Mode.TRAIN) == [0, 3, 6, 9]
+    assert trial.steps(mode="EVAL") == [0, 2, 4]
+    assert trial.steps() == [0, 3, 6, 9, 10, 12, 14]
+    assert trial.modes() == [Mode.TRAIN, Mode.EVAL]
+    assert trial.global_step(2, mode=Mode.EVAL) == 12
+    t = trial.tensor("a")
+    assert t.steps(mode=Mode.EVAL) == [0, 2, 4]
+    np.testing.assert_array_equal(t.value(2, mode=Mode.EVAL), default_value("a", 12))
+    np.testing.assert_array_equal(t.value(12), default_value("a", 12))
+    assert set(t.values(mode=Mode.EVAL)) == {0, 2, 4}
+    assert trial.tensor_names(mode=Mode.PREDICT) == []
+    assert trial.tensor_names(mode=Mode.EVAL, step=2) == ["a"]
+
+
+def test_collection_save_config_and_include_regex(tmp_path: Path) -> None:
+    with Writer(
+        tmp_path,
+        save_config=SaveConfig(save_interval=2),
+        include_collections=["losses", "weights"],
+        include_regex=["^keep"],
+        collection_configs={"losses": {"save_config": SaveConfig(save_interval=5)}},
+    ) as w:
+        for _ in range(10):
+            with w.stepping():
+                w.save("losses/loss", np.float32(w.step), ["losses"])
+                w.save("w", np.ones(2), ["weights"])
+                w.save("keep/out", np.zeros(2), ["outputs"])
+                w.save("drop/out", np.zeros(2), ["outputs"])
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.tensor("losses/loss").steps() == [0, 5]
+    assert trial.tensor("w").steps() == [0, 2, 4, 6, 8]
+    assert trial.tensor_names() == ["keep/out", "losses/loss", "w"]
+    assert trial.tensor("keep/out").collections == ["custom", "outputs"]
+    assert trial.tensor_names(collection="weights") == ["w"]
+    assert trial.collection("losses").tensor_names == {"losses/loss"}
+    with pytest.raises(KeyError, match="gradients"):
+        trial.collection("gradients")
+
+
+def test_save_tensor_and_save_scalar_ignore_include_collections(tmp_path: Path) -> None:
+    with Writer(tmp_path, include_collections=["weights"]) as w, w.stepping():
+        w.save("ignored", np.ones(2), ["outputs"])
+        w.save_tensor("forced", np.ones(2), ["outputs"])
+        w.save_scalar("acc", 0.5)
+        w.save_scalar("ce", 1.5, collections=["losses"])
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.tensor_names() == ["forced", "losses/ce", "metrics/acc"]
+    assert trial.tensor("metrics/acc").value(0) == 0.5
+    assert trial.tensor_names(collection="losses") == ["losses/ce"]
+
+
+def test_include_workers_one_writes_rank_0_only(tmp_path: Path) -> None:
+    write_trial(tmp_path, 2, include_workers="one", rank=1)
+    write_trial(tmp_path, 2, include_workers="one", rank=0)
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.workers() == ["worker_0"]
+    assert trial.tensor("a").workers(1) == ["worker_0"]
+
+
+BAD_CONFIGS = [
+    (lambda: SaveConfig(save_interval=0), ["save_interval", "0", ">= 1"]),
+    (lambda: SaveConfig(save_interval=-3), ["save_interval", "-3", ">= 1"]),
+    (lambda: SaveConfig(save_interval=2.5), ["save_interval", "2.5", "integer"]),
+    (lambda: SaveConfig(start_step=4, end_step=4), ["end_step", "4", "start_step=4"]),
+    (lambda: SaveConfig(start_step=4, end_step=2), ["end_step", "2", "greater than start_step=4"]),
+    (lambda: SaveConfig(save_steps=[1, -1]), ["save_steps", "-1", ">= 0"]),
+    (lambda: ReductionConfig(reductions=["median"]), ["reductions", "'median'", "mean", "nan_count"]),
+    (lambda: ReductionConfig(reductions="mean"), ["reductions", "'mean'", "list"]),
+    (lambda: ReductionConfig(norms=["l3"]), ["norms", "'l3'", "l1, l2"]),
+    (lambda: ReductionConfig(abs_reductions=["nan_count"]), ["abs_reductions", "'nan_count'", "min"]),
+    (lambda: Collection("c", include_regex=["("]), ["include_regex", "'('", "regular expression"]),
+    (lambda: Collection(""), ["name", "''"]),
+    (lambda: Mode.parse("training"), ["mode", "'training'", "TRAIN, EVAL, PREDICT, GLOBAL"]),
+]
+
+
+@pytest.mark.parametrize(("make", "words"), BAD_CONFIGS)
+def test_invalid_config_values_raise_naming_field_value_choices(make, words: list[str]) -> None:
+    with pytest.raises(ValueError) as info:
+        make()
+    for word in words:
+        assert word in str(info.value)
+
+
+BAD_HOOK_ARGS = [
+    (
+        {"include_collections": ["weights", "nope"]},
+        ["include_collections", "'nope'", "gradients", "collection_configs"],
+    ),
+    ({"include_collections": "weights"}, ["include_collections", "'weights'", "list"]),
+    ({"include_regex": ["[a-"]}, ["include_regex", "'[a-'", "regular expression"]),
+    ({"include_workers": "some"}, ["include_workers", "'some'", "'all', 'one'"]),
+    ({"save_config": {"TRAIN": 3}}, ["save_config", "3", "SaveConfig"]),
+    ({"save_config": {"bogus": SaveConfig()}}, ["mode", "'bogus'", "TRAIN"]),
+    ({"reduction_config": ["mean"]}, ["reduction_config", "['mean']", "ReductionConfig"]),
+    ({"collection_configs": {"c": 3}}, ["collection_configs['c']", "3", "Collection"]),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "words"), BAD_HOOK_ARGS)
+def test_invalid_hook_arguments_raise_before_writing(tmp_path: Path, kwargs: dict, words: list[str]) -> None:
+    out = tmp_path / "trial"
+    with pytest.raises(ValueError) as info:
+        Writer(out, **kwargs)
+    for word in words:
+        assert word in str(info.value)
+    assert not out.exists()
+
+
+def _config_file(tmp_path: Path, config: dict) -> Path:
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config), encoding="utf-8")
+    return path
+
+
+JSON_CONFIG = {
+    "save_config": {"default": {"save_interval": 4}, "EVAL": {"save_interval": 1, "end_step": 2}},
+    "reduction_config": {"reductions": ["mean", "nan_count"], "save_raw_tensor": True},
+    "include_collections": ["weights", "losses"],
+    "collection_configs": {"losses": {"save_config": {"save_interval": 3}, "reduction_config": {"norms": ["l2"]}}},
+    "shard_policy": {"max_steps": 2},
+}
+
+
+def _check_json_trial(out: Path) -> None:
+    trial = tensortap.create_trial(out)
+    w = trial.tensor("w")
+    assert w.steps(mode=Mode.TRAIN) == [0, 4, 8]
+    assert w.steps(mode=Mode.EVAL) == [0, 1]
+    assert w.available_reductions(0) == ["mean", "nan_count"]
+    np.testing.assert_array_equal(w.value(4), default_value("w", 4))
+    loss = trial.tensor("losses/loss")
+    assert loss.steps(mode=Mode.TRAIN) == [0, 3, 6, 9]
+    assert loss.available_reductions(3) == ["l2"]
+    assert not loss.has_raw(3)
+    assert len(list((out / "index" / "worker_0").glob("*.json"))) >= 2  # shard_policy max_steps=2
+
+
+def _run_json_writer(w: Writer) -> None:
+    with w:
+        for _ in range(10):
+            with w.stepping(mode="train"):
+                w.save("w", default_value("w", w.step), ["weights"])
+                w.save("losses/loss", default_value("l", w.step), ["losses"])
+        run_steps(w, 3, names=["w"], mode="eval", collections=["weights"])
+
+
+def test_hook_from_json(tmp_path: Path) -> None:
+    out = tmp_path / "trial"
+    path = _config_file(tmp_path, {"out_dir": str(out), **JSON_CONFIG})
+    w = Writer.from_json(path)
+    assert isinstance(w, Writer)
+    _run_json_writer(w)
+    _check_json_trial(out)
+
+
+def test_hook_from_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "trial"
+    monkeypatch.delenv("TENSORTAP_CONFIG", raising=False)
+    assert Writer.from_env() is None
+    monkeypatch.setenv("TENSORTAP_CONFIG", str(_config_file(tmp_path, JSON_CONFIG)))
+    w = Writer.from_env(out_dir=out)  # keyword arguments override the file
+    assert w.out_dir == str(out)
+    _run_json_writer(w)
+    _check_json_trial(out)
+
+
+BAD_JSON = [
+    ({"bogus": 1}, ["config", "bogus", "save_config", "include_collections"]),
+    ({"save_config": {"save_intervall": 3}}, ["save_config", "save_intervall", "save_interval"]),
+    ({"save_config": {"TRAIN": {"save_interval": 0}}}, ["save_interval", "0"]),
+    ({"save_config": {"TRAIN": {}, "warmup": {}}}, ["mode", "'warmup'", "TRAIN"]),
+    ({"save_config": 5}, ["save_config", "5", "object"]),
+    ({"save_config": {"EVAL": 5}}, ["save_config", "5", "object"]),
+    ({"include_workers": "any"}, ["include_workers", "'any'", "'one'"]),
+    ({"collection_configs": ["losses"]}, ["collection_configs", "['losses']", "object"]),
+    ({"reduction_config": {"reductions": ["median"]}}, ["reductions", "'median'", "mean"]),
+    ({"reduction_config": {"reduction": ["mean"]}}, ["reduction_config", "reduction", "reductions"]),
+    ({"collection_configs": {"c": {"regex": ["x"]}}}, ["collection", "regex", "include_regex"]),
+    ({"collection_configs": {"c": ["x"]}}, ["collection", "['x']", "object"]),
+    ({"shard_policy": {"max_stepz": 2}}, ["shard_policy", "max_stepz", "max_steps"]),
+    ({"shard_policy": {"max_steps": 0}}, ["max_steps", "0", ">= 1"]),
+    ({"include_collections": ["nope"]}, ["include_collections", "'nope'", "weights"]),
+    ([1, 2], ["config", "object", "list"]),
+]
+
+
+@pytest.mark.parametrize(("config", "words"), BAD_JSON)
+def test_bad_json_config_raises_value_error(tmp_path: Path, config: dict, words: list[str]) -> None:
+    out = tmp_path / "trial"
+    if isinstance(config, dict):
+        config = {"out_dir": str(out), **config}
+    with pytest.raises(ValueError) as info:
+        Writer.from_json(_config_file(tmp_path, config))
+    for word in words:
+        assert word in str(info.value)
+    assert not out.exists()
+
+
+def test_json_that_does_not_parse(tmp_path: Path) -> None:
+    path = tmp_path / "config.json"
+    path.write_text("{'out_dir': 'x'}", encoding="utf-8")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        Writer.from_json(path)
+
+
+def test_config_json_round_trip() -> None:
+    cfg = SaveConfig(save_interval=7, start_step=2, end_step=30, save_steps=[1])
+    assert SaveConfig.from_json(json.loads(json.dumps(cfg.to_json()))) == cfg
+    rc = ReductionConfig(reductions=["max", "zero_count"], abs_reductions=["mean"], norms=["l1"], save_raw_tensor=True)
+    assert ReductionConfig.from_json(json.loads(json.dumps(rc.to_json()))) == rc
+    assert rc.keys == ("max", "zero_count", "l1", "abs_mean")
+    c = Collection("c", include_regex=["^a"], save_config={Mode.EVAL: cfg}, reduction_config=rc)
+    back = Collection.from_json(json.loads(json.dumps(c.to_json())))
+    assert back.to_json() == c.to_json()
+    assert set(BUILTIN_COLLECTIONS) >= {"weights", "gradients", "full_shap", "feature_importance"}

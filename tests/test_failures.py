@@ -1,0 +1,204 @@
+"""SPEC section 7: capture never breaks training; corrupt shards are skipped with a warning."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers.trials import default_value, run_steps, write_trial
+
+import tensortap
+from tensortap import TensorUnavailableForStep
+from tensortap.capture import ShardPolicy, Writer
+
+
+def _errors(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "tensortap" and r.levelno >= logging.ERROR]
+
+
+def _train(w: Writer, n: int = 3) -> None:
+    """What a training loop does with the hook: every call must go through without raising."""
+    for _ in range(n):
+        with w.stepping():
+            w.save("a", np.ones(3))
+            w.save_scalar("loss", 0.5, collections=["losses"])
+        assert not w.should_stop
+    w.flush()
+
+
+def _shard(out: Path, seq: int) -> Path:
+    return out / "shards" / "worker_0" / f"{seq:010d}.h5"
+
+
+@pytest.fixture
+def unwritable(tmp_path: Path) -> Path:
+    """A trial path whose parent is a regular file: nothing can be created there, even by root."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    return blocker / "trial"
+
+
+@pytest.mark.parametrize("out", ["unwritable", "/proc/tensortap-trial"])
+def test_unwritable_out_dir_logs_once_and_disables(
+    out: str, unwritable: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = unwritable if out == "unwritable" else Path(out)
+    caplog.set_level(logging.ERROR, logger="tensortap")
+    w = Writer(path)
+    assert w.failed
+    _train(w)
+    assert not w.begin_step()
+    w.end_step()
+    w.close()
+    errors = _errors(caplog)
+    assert len(errors) == 1
+    assert str(path) in errors[0].getMessage()
+    assert "capture is disabled" in errors[0].getMessage()
+    assert errors[0].exc_info is not None  # the cause is logged with it
+    assert not path.exists()
+
+
+def test_unwritable_out_dir_raises_when_strict(unwritable: Path) -> None:
+    with pytest.raises(RuntimeError, match=str(unwritable)) as info:
+        Writer(unwritable, strict=True)
+    assert isinstance(info.value.__cause__, OSError)
+
+
+def test_tensor_that_cannot_be_converted_logs_once_and_disables(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, logger="tensortap")
+    with Writer(tmp_path) as w:
+        run_steps(w, 2)
+        with w.stepping():
+            w.save("a", default_value("a", 2))
+            w.save("obj", np.array([object(), 1], dtype=object))
+            w.save("obj", np.array([object(), 2], dtype=object))
+        assert w.failed
+        _train(w)
+    errors = _errors(caplog)
+    assert len(errors) == 1
+    assert "'obj'" in errors[0].getMessage()
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.steps() == [0, 1]  # saved before the failure; the failing step is dropped
+    assert trial.tensor_names() == ["a"]
+    assert trial.training_ended
+
+
+def test_tensor_that_cannot_be_converted_raises_when_strict(tmp_path: Path) -> None:
+    with Writer(tmp_path, strict=True) as w, w.stepping():
+        with pytest.raises(RuntimeError, match="'obj'"):
+            w.save("obj", np.array(["text"]))
+
+
+def _break_publishing(out: Path) -> None:
+    shutil.rmtree(out / "shards")
+    (out / "shards").write_text("in the way")
+
+
+def test_publish_failure_mid_run_logs_once_and_disables(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.ERROR, logger="tensortap")
+    w = Writer(tmp_path, shard_policy=ShardPolicy(max_steps=1))
+    run_steps(w, 2)
+    w.flush()
+    _break_publishing(tmp_path)
+    run_steps(w, 3)
+    w.flush()
+    assert w.failed
+    _train(w)
+    w.close()
+    errors = _errors(caplog)
+    assert len(errors) == 1
+    assert "cannot publish" in errors[0].getMessage()
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.steps() == [0, 1]
+    assert not trial.training_ended  # no end marker is claimed after a failure
+
+
+def test_publish_failure_raises_when_strict(tmp_path: Path) -> None:
+    w = Writer(tmp_path, strict=True, shard_policy=ShardPolicy(max_steps=1))
+    run_steps(w, 1)
+    w.flush()
+    _break_publishing(tmp_path)
+    run_steps(w, 1)
+    with pytest.raises(RuntimeError, match="cannot publish"):
+        w.flush()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+def test_corrupt_shard_is_skipped_with_a_warning_naming_it(tmp_path: Path, damage: str) -> None:
+    write_trial(tmp_path, 4, names=["a", "b"], shard_policy=ShardPolicy(max_steps=1))
+    bad = _shard(tmp_path, 1)
+    data = bad.read_bytes()
+    bad.write_bytes({"truncate": data[: len(data) // 2], "garbage": b"\x89HDF junk" * 100, "empty": b""}[damage])
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.steps() == [0, 1, 2, 3]
+    a = trial.tensor("a")
+    np.testing.assert_array_equal(a.value(0), default_value("a", 0))
+    with pytest.warns(RuntimeWarning, match="0000000001.h5"), pytest.raises(TensorUnavailableForStep, match="read"):
+        a.value(1)
+    assert set(a.values()) == {0, 2, 3}
+    np.testing.assert_array_equal(trial.tensor("b").values()[3], default_value("b", 3))
+    assert list(trial.problems()) == ["shards/worker_0/0000000001.h5"]
+
+
+def test_corrupt_shard_warns_once_through_values(tmp_path: Path) -> None:
+    write_trial(tmp_path, 3, shard_policy=ShardPolicy(max_steps=1))
+    _shard(tmp_path, 2).write_bytes(b"garbage")
+    trial = tensortap.create_trial(tmp_path)
+    with pytest.warns(RuntimeWarning, match="0000000002.h5") as record:
+        assert set(trial.tensor("a").values()) == {0, 1}
+        assert set(trial.tensor("a").values()) == {0, 1}
+    assert len(record) == 1
+
+
+def test_garbage_index_record_is_skipped_with_a_warning(tmp_path: Path) -> None:
+    write_trial(tmp_path, 3, shard_policy=ShardPolicy(max_steps=1))
+    (tmp_path / "index" / "worker_0" / "0000000001.json").write_text("{not json")
+    (tmp_path / "index" / "worker_0" / "0000000007.json").write_text('{"format": "something else"}')
+    with pytest.warns(RuntimeWarning) as record:
+        trial = tensortap.create_trial(tmp_path)
+    messages = " ".join(str(r.message) for r in record)
+    assert "0000000001.json" in messages and "0000000007.json" in messages
+    assert trial.steps() == [0, 2]
+    np.testing.assert_array_equal(trial.tensor("a").value(2), default_value("a", 2))
+
+
+def test_stray_h5_file_is_ignored_by_the_trial(tmp_path: Path) -> None:
+    write_trial(tmp_path, 2)
+    (tmp_path / "shards" / "worker_0" / "stray.h5").write_bytes(b"junk")
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.steps() == [0, 1]
+    assert set(trial.tensor("a").values()) == {0, 1}
+
+
+def test_calls_after_close_are_harmless(tmp_path: Path) -> None:
+    w = Writer(tmp_path)
+    run_steps(w, 2)
+    w.close()
+    w.close()  # idempotent
+    _train(w)
+    w.close()
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.steps() == [0, 1]
+    assert trial.end_reasons() == {"worker_0": "closed"}
+
+
+def test_a_name_that_is_not_valid_unicode_logs_once_and_keeps_earlier_steps(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, logger="tensortap")
+    with Writer(tmp_path) as w:
+        run_steps(w, 2)
+        with w.stepping():
+            w.save("lone \udc80 surrogate", np.ones(2))
+        assert w.failed
+    errors = _errors(caplog)
+    assert len(errors) == 1
+    assert "surrogate" in errors[0].getMessage()
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.steps() == [0, 1]
+    assert trial.training_ended

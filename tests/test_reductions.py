@@ -1,0 +1,219 @@
+"""SPEC sections 3, 4: reductions saved at write time and computed at read time agree with NumPy."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import tensortap
+from tensortap import Collection, ReductionConfig, SaveConfig, TensorUnavailableForStep
+from tensortap.capture import Writer
+from tensortap.reductions import ALL_REDUCTIONS, REDUCTIONS, compute
+
+ALL = ReductionConfig(
+    reductions=[*REDUCTIONS, "nan_count", "inf_count", "zero_count"],
+    abs_reductions=list(REDUCTIONS),
+    norms=["l1", "l2"],
+    abs_norms=["l1", "l2"],
+    save_raw_tensor=True,
+)
+
+
+def numpy_reduction(a: np.ndarray, name: str, absolute: bool = False) -> float:
+    """The documented formula, written with NumPy directly: float64 over all elements."""
+    x = np.abs(a).astype(np.float64) if a.dtype.kind == "c" else a.astype(np.float64)
+    if absolute:
+        x = np.abs(x)
+    with np.errstate(all="ignore"):
+        if x.size == 0 and name in ("min", "max", "mean", "std", "variance"):
+            return math.nan
+        return float(
+            {
+                "min": np.min,
+                "max": np.max,
+                "mean": np.mean,
+                "std": np.std,
+                "variance": np.var,
+                "sum": np.sum,
+                "prod": np.prod,
+                "l1": lambda v: np.sum(np.abs(v)),
+                "l2": lambda v: np.sqrt(np.sum(v * v)),
+            }[name](x)
+        )
+
+
+def same(a: float, b: float) -> bool:
+    return (math.isnan(a) and math.isnan(b)) or a == b
+
+
+ARRAYS = {
+    "f32": np.random.default_rng(1).standard_normal((5, 7)).astype(np.float32),
+    "f16": np.random.default_rng(2).standard_normal(33).astype(np.float16),
+    "f64 nan": np.array([1.0, np.nan, -2.0]),
+    "f64 inf": np.array([1.0, -np.inf, 0.0]),
+    "int8": np.array([-128, 127, 0, 5], dtype=np.int8),
+    "uint8": np.arange(250, 256, dtype=np.uint8),
+    "int64": np.array([3, -4, 10**12], dtype=np.int64),
+    "bool": np.array([True, False, True]),
+    "complex64": np.array([3 + 4j, -1j, np.nan + 0j, 0], dtype=np.complex64),
+    "0-d": np.array(-2.5, dtype=np.float32),
+    "empty": np.zeros((0, 4), dtype=np.float32),
+}
+
+
+@pytest.fixture(scope="module")
+def trial(tmp_path_factory: pytest.TempPathFactory) -> tensortap.Trial:
+    """One step: each array saved as ``reduced/<k>`` (all reductions + raw) and ``raw/<k>`` (raw only)."""
+    out = tmp_path_factory.mktemp("reductions")
+    with Writer(out, collection_configs={"reduced": Collection("reduced", reduction_config=ALL)}) as w, w.stepping():
+        for key, a in ARRAYS.items():
+            w.save(f"reduced/{key}", a, ["reduced"])
+            w.save(f"raw/{key}", a, ["custom"])
+    return tensortap.create_trial(out)
+
+
+@pytest.mark.parametrize("key", ARRAYS)
+def test_saved_reductions_equal_numpy(trial: tensortap.Trial, key: str) -> None:
+    a = ARRAYS[key]
+    t = trial.tensor(f"reduced/{key}")
+    assert set(t.available_reductions(0)) == set(ALL.keys)
+    for name in (*REDUCTIONS, "l1", "l2"):
+        for absolute in (False, True):
+            got = t.reduction_value(0, name, abs=absolute)
+            want = numpy_reduction(a, name, absolute)
+            assert same(got, want), (key, name, absolute, got, want)
+
+
+@pytest.mark.parametrize("key", ARRAYS)
+def test_read_time_reductions_equal_write_time(trial: tensortap.Trial, key: str) -> None:
+    saved = trial.tensor(f"reduced/{key}")
+    raw = trial.tensor(f"raw/{key}")
+    assert raw.available_reductions(0) == []  # so every value below is computed from the raw tensor
+    for rkey in ALL.keys:
+        name, absolute = (rkey[4:], True) if rkey.startswith("abs_") else (rkey, False)
+        got, want = raw.reduction_value(0, name, abs=absolute), saved.reduction_value(0, name, abs=absolute)
+        assert same(got, want), (key, rkey, got, want)
+        assert same(compute(ARRAYS[key], rkey), want)
+
+
+def test_health_counts(tmp_path: Path) -> None:
+    a = np.array([[np.nan, 0.0, np.inf], [-np.inf, -0.0, np.nan], [1.0, 0.0, np.inf]], dtype=np.float32)
+    ints = np.array([0, 1, 0, 2], dtype=np.int32)
+    rc = ReductionConfig(reductions=["nan_count", "inf_count", "zero_count", "mean"])
+    with Writer(tmp_path, reduction_config=rc) as w, w.stepping():
+        w.save("a", a)
+        w.save("ints", ints)
+    trial = tensortap.create_trial(tmp_path)
+    t = trial.tensor("a")
+    assert t.reduction_value(0, "nan_count") == 2
+    assert t.reduction_value(0, "inf_count") == 3
+    assert t.reduction_value(0, "zero_count") == 3
+    assert math.isnan(t.reduction_value(0, "mean"))
+    i = trial.tensor("ints")
+    assert (i.reduction_value(0, "nan_count"), i.reduction_value(0, "inf_count")) == (0, 0)
+    assert i.reduction_value(0, "zero_count") == 2
+    assert i.reduction_value(0, "mean") == 0.75
+
+
+def test_value_of_reduction_only_tensor_names_the_reductions(tmp_path: Path) -> None:
+    rc = ReductionConfig(reductions=["mean", "nan_count"], abs_norms=["l2"])
+    assert not rc.saves_raw
+    with Writer(tmp_path, reduction_config=rc) as w, w.stepping():
+        w.save("g", np.array([3.0, -4.0]))
+    t = tensortap.create_trial(tmp_path).tensor("g")
+    assert not t.has_raw(0)
+    with pytest.raises(TensorUnavailableForStep) as info:
+        t.value(0)
+    for word in ("'g'", "mean", "nan_count", "abs_l2", "save_raw_tensor"):
+        assert word in str(info.value)
+    assert t.reduction_value(0, "l2", abs=True) == 5.0
+    assert t.reduction_value(0, "mean") == -0.5
+    with pytest.raises(TensorUnavailableForStep, match=r"'max'.*saved: abs_l2, mean, nan_count"):
+        t.reduction_value(0, "max")
+    with pytest.raises(ValueError, match=r"'median'.*valid: min"):
+        t.reduction_value(0, "median")
+
+
+def test_reduction_values_over_steps_and_collections_merge(tmp_path: Path) -> None:
+    """A tensor in two collections gets the union of their reductions; raw only if one asks for it."""
+    cfgs = {
+        "gradients": Collection("gradients", reduction_config=ReductionConfig(reductions=["max"])),
+        "weights": Collection("weights", reduction_config=ReductionConfig(norms=["l1"])),
+    }
+    with Writer(tmp_path, collection_configs=cfgs, include_collections=["gradients", "weights"]) as w:
+        for s in range(3):
+            with w.stepping():
+                w.save("both", np.array([1.0, -2.0]) * (s + 1), ["gradients", "weights"])
+    t = tensortap.create_trial(tmp_path).tensor("both")
+    assert t.available_reductions(2) == ["l1", "max"]
+    assert not t.has_raw(2)
+    assert t.reduction_values("max") == {0: 1.0, 1: 2.0, 2: 3.0}
+    assert t.reduction_values("l1") == {0: 3.0, 1: 6.0, 2: 9.0}
+    assert t.reduction_values("min") == {}
+
+
+def test_every_reduction_name_is_computable() -> None:
+    a = np.array([1.0, -2.0, 0.0, np.nan])
+    assert {k: compute(a[:3], k) for k in ALL_REDUCTIONS} == {
+        "min": -2.0, "max": 1.0, "mean": -1 / 3, "std": float(np.std([1.0, -2.0, 0.0])),
+        "variance": float(np.var([1.0, -2.0, 0.0])), "sum": -1.0, "prod": -0.0, "l1": 3.0,
+        "l2": math.sqrt(5.0), "nan_count": 0.0, "inf_count": 0.0, "zero_count": 1.0,
+    }  # fmt: skip
+    assert compute(a, "nan_count") == 1.0
+    with pytest.raises(ValueError, match="'median'"):
+        compute(a, "median")
+
+
+def test_to_pandas_long_format(tmp_path: Path) -> None:
+    weights = Collection("weights", reduction_config=ReductionConfig(reductions=["mean"], norms=["l2"]))
+    with Writer(tmp_path, collection_configs={"weights": weights}) as w:
+        for mode, n in (("TRAIN", 2), ("EVAL", 1)):
+            for _ in range(n):
+                with w.stepping(mode=mode):
+                    w.save_scalar("loss", np.float32(w.step + 0.5), collections=["losses"])
+                    w.save("w", np.array([3.0, -4.0]) * (w.step + 1), ["weights"])
+    trial = tensortap.create_trial(tmp_path)
+    df = trial.to_pandas()
+    assert list(df.columns) == ["worker", "mode", "mode_step", "step", "name", "reduction", "value"]
+    rows = sorted(df.itertuples(index=False, name=None), key=lambda r: (r[3], r[4], r[5]))
+    assert rows == [
+        ("worker_0", "TRAIN", 0, 0, "losses/loss", "value", 0.5),
+        ("worker_0", "TRAIN", 0, 0, "w", "l2", 5.0),
+        ("worker_0", "TRAIN", 0, 0, "w", "mean", -0.5),
+        ("worker_0", "TRAIN", 1, 1, "losses/loss", "value", 1.5),
+        ("worker_0", "TRAIN", 1, 1, "w", "l2", 10.0),
+        ("worker_0", "TRAIN", 1, 1, "w", "mean", -1.0),
+        ("worker_0", "EVAL", 0, 2, "losses/loss", "value", 2.5),
+        ("worker_0", "EVAL", 0, 2, "w", "l2", 15.0),
+        ("worker_0", "EVAL", 0, 2, "w", "mean", -1.5),
+    ]
+    losses = trial.to_pandas(collection="losses", reductions=["max", "abs_min", "l2"])
+    assert set(losses["name"]) == {"losses/loss"}
+    assert len(losses) == 9  # computed from the raw scalars
+    assert losses[(losses.step == 2) & (losses.reduction == "abs_min")]["value"].item() == 2.5
+    only_mean = trial.to_pandas(names=["w"], reductions=["mean", "max"])
+    assert list(only_mean["reduction"]) == ["mean"] * 3  # max was not saved and there is no raw tensor
+    assert list(only_mean["value"]) == [-0.5, -1.0, -1.5]
+
+
+def test_raw_at_some_steps_reductions_at_others(tmp_path: Path) -> None:
+    cfgs = {
+        "gradients": Collection("gradients", reduction_config=ReductionConfig(reductions=["max"])),
+        "weights": Collection("weights", save_config=SaveConfig(save_interval=2)),  # raw
+    }
+    with Writer(tmp_path, collection_configs=cfgs, include_collections=["gradients", "weights"]) as w:
+        for s in range(4):
+            with w.stepping():
+                w.save("t", np.array([-1.0, 2.0]) * (s + 1), ["gradients", "weights"])
+    t = tensortap.create_trial(tmp_path).tensor("t")
+    assert t.steps() == [0, 1, 2, 3]
+    assert [t.has_raw(s) for s in range(4)] == [True, False, True, False]
+    np.testing.assert_array_equal(t.value(2), [-3.0, 6.0])
+    with pytest.raises(TensorUnavailableForStep, match="only reductions were saved \\(max\\)"):
+        t.value(1)
+    assert list(t.values()) == [0, 2]
+    assert t.reduction_values("max") == {0: 2.0, 1: 4.0, 2: 6.0, 3: 8.0}
+    assert t.reduction_values("min") == {0: -1.0, 2: -3.0}  # computable where the raw tensor is

@@ -1,0 +1,180 @@
+"""SPEC sections 2, 6, 7: values read back equal what was written, bit for bit."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import h5py
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+import tensortap
+from tensortap.capture import ShardPolicy, Writer
+
+DTYPES = ["float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "bool", "complex64"]
+SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def assert_identical(got: np.ndarray, want: np.ndarray) -> None:
+    """Same dtype, same shape, same bytes (so NaN payloads and -0.0 count)."""
+    assert isinstance(got, np.ndarray)
+    assert got.dtype == want.dtype
+    assert got.shape == want.shape
+    assert got.tobytes() == np.ascontiguousarray(want).tobytes()
+
+
+SHAPES = hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=4)  # 0-d and empty included
+
+
+def arrays_of(dtype: str) -> st.SearchStrategy[np.ndarray]:
+    return hnp.arrays(np.dtype(dtype), SHAPES)
+
+
+@st.composite
+def tensors(draw: st.DrawFn) -> tuple[str, np.ndarray]:
+    dtype = draw(st.sampled_from(DTYPES))
+    return draw(st.text(max_size=20)), draw(arrays_of(dtype))
+
+
+@SETTINGS
+@given(st.lists(tensors(), min_size=1, max_size=4, unique_by=lambda t: t[0]), st.sampled_from([None, "gzip"]))
+def test_any_dtype_shape_and_name_round_trips(items: list[tuple[str, np.ndarray]], compression: str | None) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        with Writer(d, shard_policy=ShardPolicy(compression=compression)) as w:
+            for _ in range(2):
+                with w.stepping():
+                    for name, a in items:
+                        w.save(name, a)
+        trial = tensortap.create_trial(d)
+        assert trial.tensor_names() == sorted(n for n, _ in items)
+        for name, a in items:
+            t = trial.tensor(name)
+            assert t.steps() == [0, 1]
+            assert_identical(t.value(1), a)
+            assert t.shape(0) == a.shape
+            values = t.values()
+            assert list(values) == [0, 1]
+            for v in values.values():
+                assert_identical(v, a)
+        trial.close()
+
+
+@SETTINGS
+@given(
+    st.sampled_from(DTYPES).flatmap(lambda dt: st.lists(arrays_of(dt), min_size=2, max_size=4)),
+    st.integers(1, 3),
+)
+def test_shape_changing_between_steps_round_trips(steps: list[np.ndarray], max_steps: int) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        with Writer(d, shard_policy=ShardPolicy(max_steps=max_steps)) as w:
+            for a in steps:
+                with w.stepping():
+                    w.save("ragged", a)
+        trial = tensortap.create_trial(d)
+        t = trial.tensor("ragged")
+        for i, a in enumerate(steps):
+            assert_identical(t.value(i), a)
+            assert t.shape(i) == a.shape
+        values = t.values()
+        assert list(values) == list(range(len(steps)))
+        for i, a in enumerate(steps):
+            assert_identical(values[i], a)
+        trial.close()
+
+
+def test_ragged_layout_is_used_and_readable_with_plain_h5py(tmp_path: Path) -> None:
+    steps = [np.arange(3, dtype=np.int16), np.arange(6, dtype=np.int16).reshape(2, 3), np.array(7, dtype=np.int16)]
+    with Writer(tmp_path) as w:
+        for a in steps:
+            with w.stepping():
+                w.save("x", a)
+    (shard,) = (tmp_path / "shards" / "worker_0").glob("*.h5")
+    with h5py.File(shard, "r") as f:
+        assert f["tensors/0"].attrs["layout"] == "ragged"
+    trial = tensortap.create_trial(tmp_path)
+    for i, a in enumerate(steps):
+        assert_identical(trial.tensor("x").value(i), a)
+
+
+def test_dtype_changing_between_steps_keeps_each_dtype(tmp_path: Path) -> None:
+    big = np.array([2**62 + 1, -(2**62) - 3], dtype=np.int64)
+    steps = [big, np.array([0.1, np.nan], dtype=np.float32), np.array([True]), np.array([-1, 255], dtype=np.int16)]
+    with Writer(tmp_path) as w:
+        for a in steps:
+            with w.stepping():
+                w.save("x", a)
+    t = tensortap.create_trial(tmp_path).tensor("x")
+    for i, a in enumerate(steps):
+        assert_identical(t.value(i), a)
+    for i, v in t.values().items():
+        assert_identical(v, steps[i])
+
+
+SPECIAL = {
+    "nan/inf": np.array([np.nan, np.inf, -np.inf, -0.0, 0.0, 1e-310], dtype=np.float64),
+    "nan payload": np.array([0x7FF8000000000001, 0xFFF0000000000002], dtype=np.uint64).view(np.float64),
+    "f16 nan": np.array([np.nan, -np.inf, 65504.0, 6e-8], dtype=np.float16),
+    "f32 nan.inf": np.array([[np.nan], [np.inf]], dtype=np.float32),
+    "0-d": np.array(-3.25, dtype=np.float32),
+    "0-d int": np.array(-128, dtype=np.int8),
+    "empty": np.zeros((0,), dtype=np.float32),
+    "empty 2d": np.zeros((3, 0), dtype=np.int64),
+    "extremes": np.array([np.iinfo(np.int64).min, np.iinfo(np.int64).max], dtype=np.int64),
+    "bools": np.array([[True, False], [False, True]]),
+    "uint8": np.arange(256, dtype=np.uint8),
+    "layer.1/weight ü 名前 🙂": np.ones((2, 2), dtype=np.float64),
+    "a//b/../c": np.ones(1, dtype=np.int32),
+    " lead and trail ": np.zeros(1, dtype=np.int16),
+    "": np.ones(2, dtype=np.uint8),
+    "0": np.zeros(2, dtype=np.uint8),
+}
+
+
+def test_special_values_and_names_round_trip(tmp_path: Path) -> None:
+    with Writer(tmp_path) as w, w.stepping():
+        for name, a in SPECIAL.items():
+            w.save(name, a)
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.tensor_names() == sorted(SPECIAL)
+    for name, a in SPECIAL.items():
+        assert_identical(trial.tensor(name).value(0), a)
+    assert trial.tensor_names(regex="名前") == ["layer.1/weight ü 名前 🙂"]
+
+
+def test_non_contiguous_input_and_copy_semantics(tmp_path: Path) -> None:
+    base = np.arange(24, dtype=np.float32).reshape(4, 6)
+    view = base[::2, ::3]
+    with Writer(tmp_path) as w:
+        with w.stepping():
+            w.save("v", view)
+            w.save("f", np.asfortranarray(base))
+        base[:] = -1  # the writer keeps its own copy of what was saved
+    trial = tensortap.create_trial(tmp_path)
+    assert_identical(trial.tensor("v").value(0), np.arange(24, dtype=np.float32).reshape(4, 6)[::2, ::3].copy())
+    assert_identical(trial.tensor("f").value(0), np.arange(24, dtype=np.float32).reshape(4, 6))
+
+
+def test_python_scalars_and_lists(tmp_path: Path) -> None:
+    with Writer(tmp_path) as w, w.stepping():
+        w.save("int", 3)
+        w.save("float", 0.1)
+        w.save("list", [[1, 2], [3, 4]])
+    trial = tensortap.create_trial(tmp_path)
+    assert_identical(trial.tensor("int").value(0), np.asarray(3))
+    assert_identical(trial.tensor("float").value(0), np.asarray(0.1))
+    assert_identical(trial.tensor("list").value(0), np.asarray([[1, 2], [3, 4]]))
+
+
+def test_64_mib_tensor(tmp_path: Path) -> None:
+    big = np.random.default_rng(0).standard_normal(16 << 20, dtype=np.float32)  # 64 MiB
+    big[::4096] = np.nan
+    with Writer(tmp_path) as w:
+        for _ in range(2):
+            with w.stepping():
+                w.save("big", big)
+    t = tensortap.create_trial(tmp_path).tensor("big")
+    assert_identical(t.value(1), big)
+    assert t.shape(0) == (16 << 20,)

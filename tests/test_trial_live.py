@@ -1,0 +1,213 @@
+"""SPEC section 4 and 8: a trial read while another process is still writing it."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers.trials import run_steps
+from helpers.writer_proc import value_for
+
+import tensortap
+from tensortap import (
+    NoMoreData,
+    StepNotYetAvailable,
+    StepState,
+    StepUnavailable,
+    TensorUnavailable,
+    TensorUnavailableForStep,
+    TrialNotFound,
+)
+from tensortap.backends.storage import LocalStorage
+from tensortap.capture import Writer
+from tensortap.trial.trial import REFRESH_SECONDS
+
+
+def _later() -> None:
+    time.sleep(REFRESH_SECONDS + 0.05)  # the next call refreshes on its own
+
+
+def test_live_trial_sees_new_steps_and_names_without_recreation(tmp_path: Path, writer_proc) -> None:
+    w = writer_proc(tmp_path, "--interval", "2")
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.steps() == []
+    assert trial.workers() == ["worker_0"]
+    assert not trial.training_ended
+
+    w.cmd("steps", n=5, names=["a"])  # steps 0..4, saved 0, 2, 4
+    w.cmd("flush")
+    _later()
+    assert trial.steps() == [0, 2, 4]
+    assert trial.tensor_names() == ["a"]
+    np.testing.assert_array_equal(trial.tensor("a").value(2), value_for("a", 2, 0))
+    assert trial.has_passed_step(2) is StepState.AVAILABLE
+    assert trial.has_passed_step(3) is StepState.UNAVAILABLE  # skipped, and step 4 came after it
+    assert trial.has_passed_step(6) is StepState.NOT_YET_AVAILABLE
+    assert trial.last_complete_step() == 4
+    with pytest.raises(StepUnavailable):
+        trial.tensor("a").value(3)
+    with pytest.raises(StepNotYetAvailable):
+        trial.tensor("a").value(6)
+    with pytest.raises(TensorUnavailable, match="'b'"):
+        trial.tensor("b")
+
+    w.cmd("steps", n=3, names=["a", "b"])  # steps 5..7, saved 6
+    w.cmd("flush")
+    _later()
+    assert trial.steps() == [0, 2, 4, 6]
+    assert trial.tensor_names() == ["a", "b"]
+    b = trial.tensor("b")
+    assert b.steps() == [6]
+    np.testing.assert_array_equal(b.value(6), value_for("b", 6, 0))
+    with pytest.raises(TensorUnavailableForStep, match="'b' was not saved at step 4"):
+        b.value(4)
+    assert trial.has_passed_step(6) is StepState.AVAILABLE
+
+    w.cmd("close")
+    _later()
+    assert trial.training_ended
+    assert trial.end_reasons() == {"worker_0": "closed"}
+    assert trial.has_passed_step(7) is StepState.UNAVAILABLE  # counted (last step 7), not saved
+    assert trial.has_passed_step(8) is StepState.UNAVAILABLE
+    with pytest.raises(StepUnavailable):
+        trial.tensor("a").value(7)
+    with pytest.raises(NoMoreData):
+        trial.tensor("a").value(8)
+    with pytest.raises(NoMoreData):
+        trial.wait_for_steps([8], timeout=5)
+    trial.wait_for_steps([6, 7])  # passed: returns at once
+
+
+def test_wait_for_steps(tmp_path: Path, writer_proc) -> None:
+    w = writer_proc(tmp_path)
+    w.cmd("steps", n=2, names=["a"])
+    w.cmd("flush")
+    trial = tensortap.create_trial(tmp_path)
+    trial.wait_for_steps([0, 1], timeout=5)
+    t0 = time.monotonic()
+    with pytest.raises(StepNotYetAvailable) as info:
+        trial.wait_for_steps([1, 2], timeout=0.3)
+    assert info.value.step == 2
+    assert 0.3 <= time.monotonic() - t0 < 5
+
+    w.send("steps", n=1, names=["a"], delay=0.5)  # step 2 lands in about half a second
+    w.send("flush")
+    t0 = time.monotonic()
+    trial.wait_for_steps([2], timeout=20)
+    assert time.monotonic() - t0 >= 0.3
+    np.testing.assert_array_equal(trial.tensor("a").value(2), value_for("a", 2, 0))
+    w.expect("ok steps")
+    w.expect("ok flush")
+
+    waiter_error: list[BaseException] = []
+
+    def wait_past_end() -> None:
+        try:
+            trial.wait_for_steps([3, 10])
+        except BaseException as exc:
+            waiter_error.append(exc)
+
+    waiter = threading.Thread(target=wait_past_end)
+    waiter.start()
+    w.cmd("steps", n=1, names=["a"])  # step 3, then the end at step 3: step 10 never comes
+    w.cmd("close")
+    waiter.join(timeout=20)
+    assert not waiter.is_alive()
+    assert len(waiter_error) == 1 and isinstance(waiter_error[0], NoMoreData)
+    assert trial.steps() == [0, 1, 2, 3]
+
+
+def test_mode_steps_live(tmp_path: Path, writer_proc) -> None:
+    w = writer_proc(tmp_path)
+    w.cmd("steps", n=3, names=["a"], mode="TRAIN")  # global 0..2
+    w.cmd("steps", n=2, names=["a"], mode="EVAL")  # global 3, 4
+    w.cmd("flush")
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.steps(mode="EVAL") == [0, 1]
+    assert trial.has_passed_step(1, mode="EVAL") is StepState.AVAILABLE
+    assert trial.has_passed_step(2, mode="EVAL") is StepState.NOT_YET_AVAILABLE
+    np.testing.assert_array_equal(trial.tensor("a").value(1, mode="EVAL"), value_for("a", 4, 0))
+    w.cmd("close")
+    _later()
+    with pytest.raises(NoMoreData):
+        trial.tensor("a").value(2, mode="EVAL")
+    with pytest.raises(NoMoreData):
+        trial.wait_for_steps([2], mode="EVAL", timeout=5)
+    assert trial.steps(mode="TRAIN") == [0, 1, 2]
+
+
+def test_missing_trial_raises_trial_not_found(tmp_path: Path) -> None:
+    with pytest.raises(TrialNotFound) as info:
+        tensortap.create_trial(tmp_path / "nope")
+    assert isinstance(info.value, FileNotFoundError)
+    assert "nope" in str(info.value)
+    t0 = time.monotonic()
+    with pytest.raises(TrialNotFound):
+        tensortap.create_trial(tmp_path / "nope", wait=True, timeout=0.3)
+    assert time.monotonic() - t0 >= 0.3
+
+
+def test_wait_for_a_trial_that_appears(tmp_path: Path) -> None:
+    out = tmp_path / "later"
+    timer = threading.Timer(0.3, out.mkdir)
+    timer.start()
+    trial = tensortap.create_trial(out, wait=True, timeout=20)
+    timer.join()
+    assert trial.steps() == []
+
+
+def test_empty_trial_directory(tmp_path: Path) -> None:
+    trial = tensortap.open_trial(tmp_path)
+    assert trial.steps() == []
+    assert trial.steps(show_incomplete=True) == []
+    assert trial.tensor_names() == []
+    assert trial.workers() == []
+    assert trial.modes() == []
+    assert trial.last_complete_step() is None
+    assert not trial.training_ended
+    assert trial.has_passed_step(0) is StepState.NOT_YET_AVAILABLE
+    with pytest.raises(StepNotYetAvailable):
+        trial.wait_for_steps([0], timeout=0.2)
+    assert trial.to_pandas().empty
+
+
+def test_data_reaches_a_live_reader_within_max_seconds_without_flush(tmp_path: Path, writer_proc) -> None:
+    w = writer_proc(tmp_path, "--max-seconds", "0.3")
+    trial = tensortap.create_trial(tmp_path)
+    w.cmd("steps", n=3, names=["a"])  # then the writer idles: only its thread can publish
+    trial.wait_for_steps([0, 1, 2], timeout=8)  # 0.3 s plus polling, with room for a loaded machine
+    assert trial.steps() == [0, 1, 2]
+    np.testing.assert_array_equal(trial.tensor("a").value(2), value_for("a", 2, 0))
+    assert not trial.training_ended
+
+
+class _ClosingStorage(LocalStorage):
+    """A local trial whose writer finishes right after the reader lists its index records."""
+
+    def __init__(self, root: Path, on_index_listed) -> None:
+        super().__init__(root)
+        self.on_index_listed = on_index_listed
+
+    def list(self, prefix: str) -> list[str]:
+        names = super().list(prefix)
+        if prefix == "index/worker_0" and self.on_index_listed is not None:
+            callback, self.on_index_listed = self.on_index_listed, None
+            callback()
+        return names
+
+
+def test_end_marker_written_during_a_refresh_hides_no_step(tmp_path: Path) -> None:
+    w = Writer(tmp_path)
+    run_steps(w, 3)
+    w.flush()
+    run_steps(w, 2)  # steps 3, 4: still buffered
+    trial = tensortap.create_trial(_ClosingStorage(tmp_path, w.close))
+    for step in range(5):  # never "unavailable" for a step that was saved
+        assert trial.has_passed_step(step) is not StepState.UNAVAILABLE
+    trial.refresh()
+    assert trial.training_ended
+    assert trial.steps() == [0, 1, 2, 3, 4]
+    assert trial.has_passed_step(4) is StepState.AVAILABLE
