@@ -35,8 +35,9 @@ class WriterProc:
 
     def _read_stdout(self) -> None:
         assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.put(line)
+        with self.proc.stdout:
+            for line in self.proc.stdout:
+                self.lines.put(line)
         self.lines.put("")  # end of output
 
     def expect(self, prefix: str, timeout: float = 30.0) -> str:

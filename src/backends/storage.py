@@ -254,10 +254,15 @@ class FsspecStorage(Storage):
     def _entries(self, prefix: str, want_dir: bool) -> Keys:
         path = self._path(prefix)
         self.fs.invalidate_cache(path)
-        try:
-            entries = self.fs.ls(path, detail=True)
-        except (FileNotFoundError, NotADirectoryError):
-            return []
+        for attempt in range(3):
+            try:
+                entries = self.fs.ls(path, detail=True)
+                break
+            except (FileNotFoundError, NotADirectoryError):
+                return []
+            except (KeyError, RuntimeError):  # memory:// lists a dict that a concurrent write may change
+                if attempt == 2:
+                    raise
         names = ((e["name"].rstrip("/").rsplit("/", 1)[-1], e.get("type") == "directory") for e in entries)
         return sorted(n for n, is_dir in names if is_dir == want_dir and not n.startswith("."))
 
