@@ -82,12 +82,14 @@ def seconds_per_step(interval: int | str | None, collections: Sequence[str], x: 
             pass
 
     keras.utils.set_random_seed(0)
-    model = keras.Sequential([
-        keras.Input((784,)),
-        keras.layers.Dense(512, activation="relu"),
-        keras.layers.Dense(256, activation="relu"),
-        keras.layers.Dense(10),
-    ])
+    model = keras.Sequential(
+        [
+            keras.Input((784,)),
+            keras.layers.Dense(512, activation="relu"),
+            keras.layers.Dense(256, activation="relu"),
+            keras.layers.Dense(10),
+        ]
+    )
     model.compile(
         optimizer=keras.optimizers.SGD(0.01), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     )
@@ -97,10 +99,13 @@ def seconds_per_step(interval: int | str | None, collections: Sequence[str], x: 
         if interval == "noop":
             callbacks.append(NoOp())
         elif interval is not None:
-            callbacks.append(ttk.Callback(
-                out_dir, save_config=tensortap.SaveConfig(save_interval=int(interval)),
-                include_collections=list(collections),
-            ))
+            callbacks.append(
+                ttk.Callback(
+                    out_dir,
+                    save_config=tensortap.SaveConfig(save_interval=int(interval)),
+                    include_collections=list(collections),
+                )
+            )
         timer = Timer()
         model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=[*callbacks, timer])
         return (timer.t1 - timer.t0) / (STEPS - SKIP)
@@ -119,7 +124,7 @@ def measure() -> list[dict[str, Any]]:
     y = rng.integers(0, 10, STEPS * BATCH)
     best = {case: float("inf") for case, _, _ in CASES}
     for r in range(REPEATS):
-        for case, interval, collections in CASES[r % len(CASES):] + CASES[: r % len(CASES)]:
+        for case, interval, collections in CASES[r % len(CASES) :] + CASES[: r % len(CASES)]:
             best[case] = min(best[case], seconds_per_step(interval, collections, x, y))
     base = best["no callback"]
     name = f"keras ({keras.backend.backend()}) MLP 784-512-256-10, batch 64"
@@ -135,7 +140,10 @@ def _in_subprocess(backend: str) -> list[dict[str, Any]]:
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
     proc = subprocess.run(
         [sys.executable, "-m", "bench.bench_keras", "--json"],
-        env=env, capture_output=True, text=True, check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
     )
     if proc.returncode != 0:

@@ -1,0 +1,11 @@
+"""Keras 3 adapter: ``import tensortap.keras as ttk; model.fit(..., callbacks=[ttk.Callback(out_dir)])``.
+
+Importing this module imports Keras (and its backend); see
+:mod:`tensortap.capture.keras` for how capture works.
+"""
+
+from __future__ import annotations
+
+from .capture.keras import Callback, KerasOps
+
+__all__ = ["Callback", "KerasOps"]
