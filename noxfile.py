@@ -67,8 +67,13 @@ def bench(session: nox.Session) -> None:
         session.run("python", "-m", "venv", "--clear", str(env), external=True)
         try:
             session.run(str(env / "bin/pip"), "install", "-q", *SMDEBUG, TORCH, external=True)
-            session.run(str(env / "bin/python"), "-m", "bench.bench_torch_smdebug", "bench/results/smdebug-torch.json",
-                        external=True)
+            session.run(
+                str(env / "bin/python"),
+                "-m",
+                "bench.bench_torch_smdebug",
+                "bench/results/smdebug-torch.json",
+                external=True,
+            )
         except CommandFailed:
             session.warn("smdebug could not run; its rows are left out")
     session.run("python", "-m", "bench", *session.posargs)
@@ -78,5 +83,6 @@ def bench(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     """ruff and mypy."""
     session.install("ruff", "mypy", "-e", ".")
-    session.run("ruff", "check", "src", "tests", "bench", "examples")
+    session.run("ruff", "check", "src", "tests", "bench", "examples", "noxfile.py")
+    session.run("ruff", "format", "--check", "src", "tests", "bench", "examples", "noxfile.py")
     session.run("mypy", "src")

@@ -54,7 +54,11 @@ def main() -> int:
         if external is not None and external.exists():
             extra = json.loads(external.read_text())
             base = next(r for r in extra if r["ratio"] == 1.0)
-            rows += [dict(r, case=f"{r['case']} (own env, its no hook {base['ms_per_step']:.3g} ms)") for r in extra if r is not base]
+            rows += [
+                dict(r, case=f"{r['case']} (own env, its no hook {base['ms_per_step']:.3g} ms)")
+                for r in extra
+                if r is not base
+            ]
         for r in rows:
             print("  ", {k: _fmt(v) for k, v in r.items()}, flush=True)
         doc = (importlib.import_module(BENCHMARKS[name]).__doc__ or "").strip()

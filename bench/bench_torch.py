@@ -40,8 +40,9 @@ HookFactory = Callable[[nn.Module, torch.optim.Optimizer, nn.Module, str, int, S
 def data() -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``STEPS`` random batches, the same in every run."""
     gen = torch.Generator().manual_seed(0)
-    return [(torch.randn(BATCH, 784, generator=gen), torch.randint(0, 10, (BATCH,), generator=gen))
-            for _ in range(STEPS)]
+    return [
+        (torch.randn(BATCH, 784, generator=gen), torch.randint(0, 10, (BATCH,), generator=gen)) for _ in range(STEPS)
+    ]
 
 
 def _model() -> nn.Module:
@@ -50,7 +51,9 @@ def _model() -> nn.Module:
 
 
 def seconds_per_step(
-    make_hook: HookFactory | None, interval: int | None, collections: Sequence[str],
+    make_hook: HookFactory | None,
+    interval: int | None,
+    collections: Sequence[str],
     batches: list[tuple[torch.Tensor, torch.Tensor]],
 ) -> float:
     """Seconds per training step of one run with a hook from ``make_hook`` (None or interval None: no hook)."""
@@ -81,26 +84,38 @@ def measure(make_hook: HookFactory, library: str) -> list[dict[str, Any]]:
     seconds_per_step(None, None, (), batches[:30])  # warm up
     best = {case: float("inf") for case, _, _ in CASES}
     for r in range(REPEATS):
-        for case, interval, collections in CASES[r % len(CASES):] + CASES[: r % len(CASES)]:
+        for case, interval, collections in CASES[r % len(CASES) :] + CASES[: r % len(CASES)]:
             best[case] = min(best[case], seconds_per_step(make_hook, interval, collections, batches))
     base = best["no hook"]
     return [
-        {"benchmark": BENCHMARK, "case": case if interval is None else f"{library}: {case}",
-         "ms_per_step": best[case] * 1e3, "ratio": best[case] / base}
+        {
+            "benchmark": BENCHMARK,
+            "case": case if interval is None else f"{library}: {case}",
+            "ms_per_step": best[case] * 1e3,
+            "ratio": best[case] / base,
+        }
         for case, interval, _ in CASES
     ]
 
 
 def _tensortap_hook(
-    model: nn.Module, opt: torch.optim.Optimizer, loss_fn: nn.Module, out_dir: str, interval: int,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    out_dir: str,
+    interval: int,
     collections: Sequence[str],
 ) -> Any:
     import tensortap
     import tensortap.torch as ttt
 
     return ttt.capture(
-        model, out_dir, optimizer=opt, loss=loss_fn,
-        save_config=tensortap.SaveConfig(save_interval=interval), include_collections=list(collections),
+        model,
+        out_dir,
+        optimizer=opt,
+        loss=loss_fn,
+        save_config=tensortap.SaveConfig(save_interval=interval),
+        include_collections=list(collections),
     )
 
 

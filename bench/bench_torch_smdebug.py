@@ -28,7 +28,11 @@ from bench.bench_torch import measure, show
 
 
 def _smdebug_hook(
-    model: nn.Module, opt: torch.optim.Optimizer, loss_fn: nn.Module, out_dir: str, interval: int,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    out_dir: str,
+    interval: int,
     collections: Sequence[str],
 ) -> Any:
     import smdebug.pytorch as smd

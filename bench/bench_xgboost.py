@@ -20,9 +20,9 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import xgboost as xgb
 
 import tensortap.xgboost as ttx
-import xgboost as xgb
 
 ROWS, FEATURES, ROUNDS = 10_000, 50, 100
 PARAMS = {

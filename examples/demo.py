@@ -46,7 +46,9 @@ def main() -> int:
         args = [a for r in rules for a in ("--rule", r)]
         banner(f"tensortap rules {trial} {' '.join(args)}")
         status = tensortap(["rules", str(trial), *args])
-        print(f"(exit status {status}: {'a rule fired' if status == 1 else 'nothing fired' if status == 0 else 'error'})")
+        print(
+            f"(exit status {status}: {'a rule fired' if status == 1 else 'nothing fired' if status == 0 else 'error'})"
+        )
         if status not in (0, 1):
             failures.append(f"rules on {trial} exited {status}")
         banner(f"tensortap check {trial}")

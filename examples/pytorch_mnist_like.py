@@ -56,7 +56,10 @@ def main(out_dir: str) -> None:
     loss_fn = nn.CrossEntropyLoss()
 
     hook = ttt.capture(
-        model, out_dir, optimizer=opt, loss=loss_fn,
+        model,
+        out_dir,
+        optimizer=opt,
+        loss=loss_fn,
         save_config=tensortap.SaveConfig(save_interval=10),
         include_collections=["weights", "biases", "gradients", "losses", "outputs", "metrics"],
         reduction_config=None,  # raw tensors

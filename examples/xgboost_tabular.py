@@ -9,10 +9,10 @@ import sys
 import tempfile
 
 import numpy as np
+import xgboost as xgb
 
 import tensortap
 import tensortap.xgboost as ttx
-import xgboost as xgb
 
 
 def main(out_dir: str) -> None:

@@ -100,7 +100,9 @@ def cmd_show(args: argparse.Namespace) -> int:
     out: dict[str, Any] = {}
     for s in steps:
         if args.reduction:
-            name, absolute = (args.reduction[4:], True) if args.reduction.startswith("abs_") else (args.reduction, False)
+            name, absolute = (
+                (args.reduction[4:], True) if args.reduction.startswith("abs_") else (args.reduction, False)
+            )
             value: Any = tensor.reduction_value(s, name, abs=absolute, mode=mode, worker=args.worker)
         else:
             value = tensor.value(s, mode=mode, worker=args.worker)

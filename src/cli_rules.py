@@ -28,15 +28,21 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         description="Run built-in rules on a trial. Exit status: 0 nothing fired, 1 a rule fired, 2 usage error.",
     )
     p.add_argument("path", nargs="?", help="trial directory or URL")
-    p.add_argument("--rule", action="append", default=[], metavar="NAME[:PARAM=VALUE,...]",
-                   help="a built-in rule, e.g. vanishing_gradient:threshold=1e-6 (repeatable; see --list)")
+    p.add_argument(
+        "--rule",
+        action="append",
+        default=[],
+        metavar="NAME[:PARAM=VALUE,...]",
+        help="a built-in rule, e.g. vanishing_gradient:threshold=1e-6 (repeatable; see --list)",
+    )
     p.add_argument("--list", action="store_true", help="list the built-in rules with their parameters")
     p.add_argument("--follow", action="store_true", help="run alongside the training until it ends")
     p.add_argument("--stop-training", action="store_true", help="ask the training to stop when a rule fires")
     p.add_argument("--start-step", type=int, help="first global step to evaluate (default 0)")
     p.add_argument("--end-step", type=int, help="stop before this global step")
-    p.add_argument("--idle-timeout", type=float,
-                   help="with --follow: give up after this many seconds without a new step")
+    p.add_argument(
+        "--idle-timeout", type=float, help="with --follow: give up after this many seconds without a new step"
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=run)
     return p
@@ -46,9 +52,16 @@ def _list(as_json: bool) -> int:
     entries: list[dict[str, Any]] = []
     for name, cls in BUILTIN_RULES.items():
         doc = (cls.__doc__ or "").strip().splitlines()[0]
-        entries.append({"name": name, "class": cls.__name__, "summary": doc,
-                        "parameters": [{"name": p.name, "default": repr(p.default), "type": p.annotation}
-                                       for p in parameters(cls)]})
+        entries.append(
+            {
+                "name": name,
+                "class": cls.__name__,
+                "summary": doc,
+                "parameters": [
+                    {"name": p.name, "default": repr(p.default), "type": p.annotation} for p in parameters(cls)
+                ],
+            }
+        )
     if as_json:
         print(json.dumps(entries, indent=2))
         return 0
@@ -86,19 +99,32 @@ def run(args: argparse.Namespace) -> int:
             print(f"{rule.name} fired at step {verdict.step}: {verdict.reason}", flush=True)
 
     RuleRunner(trial, rules, actions).run(
-        args.start_step, args.end_step, wait=args.follow, idle_timeout=args.idle_timeout, on_verdict=report)
+        args.start_step, args.end_step, wait=args.follow, idle_timeout=args.idle_timeout, on_verdict=report
+    )
     fired = any(verdicts.values())
     if args.json:
-        print(json.dumps({
-            "path": trial.path,
-            "training_ended": trial.training_ended,
-            "fired": fired,
-            "stop_request": trial.stop_request(),
-            "rules": [{"rule": r.name, "spec": spec, "last_step": r.last_step,
-                       "fired_steps": [v.step for v in verdicts[r]],
-                       "verdicts": [v.to_json() for v in verdicts[r]],
-                       "missing_inputs": list(r.missing_inputs)} for r, spec in zip(rules, args.rule, strict=True)],
-        }, indent=2))
+        print(
+            json.dumps(
+                {
+                    "path": trial.path,
+                    "training_ended": trial.training_ended,
+                    "fired": fired,
+                    "stop_request": trial.stop_request(),
+                    "rules": [
+                        {
+                            "rule": r.name,
+                            "spec": spec,
+                            "last_step": r.last_step,
+                            "fired_steps": [v.step for v in verdicts[r]],
+                            "verdicts": [v.to_json() for v in verdicts[r]],
+                            "missing_inputs": list(r.missing_inputs),
+                        }
+                        for r, spec in zip(rules, args.rule, strict=True)
+                    ],
+                },
+                indent=2,
+            )
+        )
     else:
         for r in rules:
             steps = [v.step for v in verdicts[r]]

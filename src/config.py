@@ -73,9 +73,7 @@ class SaveConfig:
         if self.end_step is not None:
             _check_int("end_step", self.end_step, 0)
             if self.end_step <= self.start_step:
-                raise ValueError(
-                    f"end_step: must be greater than start_step={self.start_step}, got {self.end_step}"
-                )
+                raise ValueError(f"end_step: must be greater than start_step={self.start_step}, got {self.end_step}")
         steps = self.save_steps if self.save_steps is not None else ()
         if not isinstance(steps, Iterable) or isinstance(steps, (str, bytes)):
             raise ValueError(f"save_steps: expected a list of integers >= 0, got {steps!r}")
@@ -125,9 +123,7 @@ class ModeSaveConfig:
             self.default, self.by_mode = config.default, dict(config.by_mode)
             return
         if not isinstance(config, Mapping):
-            raise ValueError(
-                f"save_config: expected a SaveConfig or a mapping of Mode to SaveConfig, got {config!r}"
-            )
+            raise ValueError(f"save_config: expected a SaveConfig or a mapping of Mode to SaveConfig, got {config!r}")
         for mode, cfg in config.items():
             if not isinstance(cfg, SaveConfig):
                 raise ValueError(f"save_config[{mode!r}]: expected a SaveConfig, got {cfg!r}")
@@ -198,12 +194,8 @@ class ReductionConfig:
     save_raw_tensor: bool = False
 
     def __post_init__(self) -> None:
-        object.__setattr__(
-            self, "reductions", _check_names("reductions", self.reductions, REDUCTIONS + HEALTH_COUNTS)
-        )
-        object.__setattr__(
-            self, "abs_reductions", _check_names("abs_reductions", self.abs_reductions, REDUCTIONS)
-        )
+        object.__setattr__(self, "reductions", _check_names("reductions", self.reductions, REDUCTIONS + HEALTH_COUNTS))
+        object.__setattr__(self, "abs_reductions", _check_names("abs_reductions", self.abs_reductions, REDUCTIONS))
         object.__setattr__(self, "norms", _check_names("norms", self.norms, NORMS))
         object.__setattr__(self, "abs_norms", _check_names("abs_norms", self.abs_norms, NORMS))
         if not isinstance(self.save_raw_tensor, bool):
@@ -234,9 +226,7 @@ class ReductionConfig:
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> ReductionConfig:
         """Build from a dict such as one :meth:`to_json` returned."""
-        check_keys(
-            "reduction_config", data, {"reductions", "abs_reductions", "norms", "abs_norms", "save_raw_tensor"}
-        )
+        check_keys("reduction_config", data, {"reductions", "abs_reductions", "norms", "abs_norms", "save_raw_tensor"})
         kwargs: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
         return cls(**kwargs)
 

@@ -37,9 +37,7 @@ class Mode(enum.IntEnum):
                 return cls(value)
             except ValueError:
                 pass
-        raise ValueError(
-            f"mode: {value!r} is not a mode; valid: {', '.join(m.name for m in cls)}"
-        )
+        raise ValueError(f"mode: {value!r} is not a mode; valid: {', '.join(m.name for m in cls)}")
 
 
 class StepState(enum.Enum):

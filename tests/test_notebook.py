@@ -17,7 +17,9 @@ NOTEBOOK = Path(__file__).resolve().parent.parent / "docs" / "example.ipynb"
 @pytest.mark.torch
 def test_example_notebook_executes(tmp_path: Path) -> None:
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    client = nbclient.NotebookClient(nb, timeout=180, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
+    client = nbclient.NotebookClient(
+        nb, timeout=180, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    )
     client.execute()
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
     assert not [o for o in outputs if o.output_type == "error"]

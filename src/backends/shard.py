@@ -215,7 +215,9 @@ class ShardBuffer:
             if col.steps and col.steps[-1] == step:  # the same name twice in one step: last wins
                 col.pop_raw()
                 self._staged = [(n, s, r and n != name, k) for n, s, r, k in self._staged]
-            reserve = min(self.max_steps, self.max_bytes // max(raw.nbytes, 1) + 1, _FIRST_RESERVE // max(raw.nbytes, 1))
+            reserve = min(
+                self.max_steps, self.max_bytes // max(raw.nbytes, 1) + 1, _FIRST_RESERVE // max(raw.nbytes, 1)
+            )
             stored = col.add_raw(step, raw, max(reserve, 1))
             self.nbytes += raw.nbytes
         col.red.extend((step, k, float(v)) for k, v in reductions.items())
@@ -405,7 +407,9 @@ class ShardReader:
                 raise ShardError(f"{path}: not a tensortap shard (no format attribute {SHARD_MAGIC!r})")
             version = int(self._file.attrs["format_version"])
             if version > FORMAT_VERSION:
-                raise ShardError(f"{path}: format version {version} is newer than this tensortap reads ({FORMAT_VERSION})")
+                raise ShardError(
+                    f"{path}: format version {version} is newer than this tensortap reads ({FORMAT_VERSION})"
+                )
             self.names: list[str] = read_json_dataset(self._file["names"])
         except ShardError:
             self.close()
@@ -425,6 +429,7 @@ class ShardReader:
     def validate(self) -> None:
         """Read every dataset once; raise ShardError on the first that fails."""
         try:
+
             def visit(_: str, obj: Any) -> None:
                 if isinstance(obj, h5py.Dataset):
                     obj[()]
@@ -452,8 +457,7 @@ class ShardReader:
             return {int(s): data[i, ...] for i, s in enumerate(steps)}
         offsets, shapes, ndims = g["offsets"][()], g["shapes"][()], g["ndims"][()]
         return {
-            int(s): data[offsets[i] : offsets[i + 1]].reshape(tuple(shapes[i, : ndims[i]]))
-            for i, s in enumerate(steps)
+            int(s): data[offsets[i] : offsets[i + 1]].reshape(tuple(shapes[i, : ndims[i]])) for i, s in enumerate(steps)
         }
 
     def value(self, name: str, step: int) -> np.ndarray | None:

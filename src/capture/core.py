@@ -15,7 +15,6 @@ device and copies raw values to host. On a step that is not saved,
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -53,7 +52,9 @@ class TensorOps:
     Adapters override :meth:`prepare` to reduce on the device before copying.
     """
 
-    def prepare(self, value: Any, keys: Sequence[str], raw: bool) -> tuple[np.ndarray | None, dict[str, float], str | None]:
+    def prepare(
+        self, value: Any, keys: Sequence[str], raw: bool
+    ) -> tuple[np.ndarray | None, dict[str, float], str | None]:
         """Return ``(raw host array or None, {reduction key: value}, original dtype or None)``.
 
         Parameters
@@ -192,7 +193,9 @@ class Hook:
         self.save_all = bool(save_all)
         self.included = tuple(dict.fromkeys(chosen))
         self._save_configs = {
-            n: ModeSaveConfig(c.save_config, self.save_config.default) if c.save_config is not None else self.save_config
+            n: ModeSaveConfig(c.save_config, self.save_config.default)
+            if c.save_config is not None
+            else self.save_config
             for n, c in self.collections.items()
         }
         self._regex_collections = [c for c in self.collections.values() if c.include_regex]
@@ -266,8 +269,16 @@ class Hook:
     @classmethod
     def _kwargs_from_json(cls, data: Any) -> dict[str, Any]:
         valid = {
-            "out_dir", "save_config", "reduction_config", "include_collections", "include_regex",
-            "save_all", "collection_configs", "include_workers", "strict", "shard_policy",
+            "out_dir",
+            "save_config",
+            "reduction_config",
+            "include_collections",
+            "include_regex",
+            "save_all",
+            "collection_configs",
+            "include_workers",
+            "strict",
+            "shard_policy",
         }
         if not isinstance(data, dict):
             raise ValueError(f"config: expected a JSON object, got {type(data).__name__}")
@@ -315,7 +326,8 @@ class Hook:
             self._saving = False
             return False
         active = frozenset(
-            n for n in (self.collections if self.save_all else self.included)
+            n
+            for n in (self.collections if self.save_all else self.included)
             if self._save_configs[n].should_save(self.mode, self.mode_step)
         )
         self._active = active
@@ -462,7 +474,10 @@ class Hook:
 
     @property
     def should_stop(self) -> bool:
-        """True once a stop request was written into the trial (polled at most every ``stop_poll_seconds``, default 1)."""
+        """True once a stop request was written into the trial.
+
+        The trial is polled at most every :attr:`stop_poll_seconds` (default 1).
+        """
         if self._stop_request is None and time.monotonic() - self._stop_checked >= self.stop_poll_seconds:
             self._stop_checked = time.monotonic()
             try:

@@ -426,11 +426,7 @@ class Hook(core.Hook):
             if self._depth > 1 or self._closed:
                 return
             mode = self._detect_mode(inner)
-            if (
-                not self._open
-                or self._pending
-                or (mode != self.mode and not self._ends_at_optimizer(self.mode))
-            ):
+            if not self._open or self._pending or (mode != self.mode and not self._ends_at_optimizer(self.mode)):
                 self._start_step(mode)
 
         return pre

@@ -185,4 +185,3 @@ def _expand(spec: Any, steps: list[int]) -> set[int]:
     if spec == ALL_STEPS:
         return set(steps)
     return set(spec)
-

@@ -178,7 +178,9 @@ class Trial:
     def _past_end(self, step: int, mode: Mode | None) -> bool:
         return self.training_ended and step > self._last(mode)
 
-    def wait_for_steps(self, steps: Sequence[int], mode: Mode | str | None = None, timeout: float | None = None) -> None:
+    def wait_for_steps(
+        self, steps: Sequence[int], mode: Mode | str | None = None, timeout: float | None = None
+    ) -> None:
         """Return once every step in ``steps`` has passed (saved or skipped).
 
         Raises
@@ -369,7 +371,8 @@ class Tensor:
             if worker in workers:
                 return gstep, worker, workers[worker]  # type: ignore[return-value]
             raise TensorUnavailableForStep(
-                f"{self.name!r} at step {step}: worker {worker!r} did not save it; workers: {', '.join(sorted(workers))}"
+                f"{self.name!r} at step {step}: worker {worker!r} did not save it; "
+                f"workers: {', '.join(sorted(workers))}"
             )
         state = self.trial.has_passed_step(step, m)
         if state is StepState.NOT_YET_AVAILABLE:
@@ -433,7 +436,7 @@ class Tensor:
         key = red.reduction_key(reduction, abs)
         if red.split_key(key)[0] not in red.ALL_REDUCTIONS:
             raise ValueError(f"reduction: {reduction!r} is not valid; valid: {', '.join(red.ALL_REDUCTIONS)}")
-        gstep, wk, loc = self._locate(step, mode, worker)
+        gstep, _, loc = self._locate(step, mode, worker)
         if key in loc.reductions:
             reader = self.trial._index.reader(loc.shard)
             if reader is not None:
@@ -496,7 +499,9 @@ class Tensor:
         return out
 
 
-def create_trial(path: str | os.PathLike[str], wait: bool = False, timeout: float | None = None, **kwargs: Any) -> Trial:
+def create_trial(
+    path: str | os.PathLike[str], wait: bool = False, timeout: float | None = None, **kwargs: Any
+) -> Trial:
     """Open the trial at ``path`` (local directory or fsspec URL).
 
     Raises

@@ -97,7 +97,11 @@ def test_captured_values_equal_what_pytorch_reports(
     opt = make_opt(model.parameters())
     loss_fn = nn.CrossEntropyLoss()
     hook = ttt.capture(
-        model, tmp_path, optimizer=opt, loss=loss_fn, save_config=EVERY_STEP,
+        model,
+        tmp_path,
+        optimizer=opt,
+        loss=loss_fn,
+        save_config=EVERY_STEP,
         include_collections=["weights", "biases", "gradients", "losses", "outputs", "optimizer_variables"],
     )
     gen = torch.Generator().manual_seed(1)
@@ -110,11 +114,15 @@ def test_captured_values_equal_what_pytorch_reports(
         loss.backward()
         grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
         opt.step()
-        seen.append({
-            "after": _params(model), "grads": grads, "loss": loss.item(),
-            "outputs": model_cls.expected_outputs(before, x),  # type: ignore[attr-defined]
-            "state": {(n, k): v.clone() for n, p in model.named_parameters() for k, v in opt.state[p].items()},
-        })
+        seen.append(
+            {
+                "after": _params(model),
+                "grads": grads,
+                "loss": loss.item(),
+                "outputs": model_cls.expected_outputs(before, x),  # type: ignore[attr-defined]
+                "state": {(n, k): v.clone() for n, p in model.named_parameters() for k, v in opt.state[p].items()},
+            }
+        )
     hook.close()
 
     trial = _trial(tmp_path)
@@ -181,7 +189,10 @@ def test_module_called_three_times_and_frozen_parameters(tmp_path: Path) -> None
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     x = torch.randn(3, 4)
     with ttt.capture(
-        model, tmp_path, optimizer=opt, save_config=EVERY_STEP,
+        model,
+        tmp_path,
+        optimizer=opt,
+        save_config=EVERY_STEP,
         include_collections=["weights", "biases", "gradients", "outputs", "inputs"],
     ):
         before = _params(model)
@@ -261,7 +272,11 @@ def test_save_interval_and_no_work_on_unsaved_steps(tmp_path: Path) -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     loss_fn = nn.CrossEntropyLoss()
     hook = ttt.capture(
-        model, tmp_path, optimizer=opt, loss=loss_fn, save_config=SaveConfig(save_interval=3),
+        model,
+        tmp_path,
+        optimizer=opt,
+        loss=loss_fn,
+        save_config=SaveConfig(save_interval=3),
         include_collections=["weights", "gradients", "losses", "outputs", "inputs"],
     )
     hook.ops = CountingOps()
@@ -313,7 +328,9 @@ def test_save_tensor_save_scalar_and_reductions(tmp_path: Path) -> None:
     model = MLP()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     hook = ttt.Hook(
-        tmp_path, save_config=EVERY_STEP, include_collections=["gradients"],
+        tmp_path,
+        save_config=EVERY_STEP,
+        include_collections=["gradients"],
         reduction_config=ReductionConfig(reductions=["mean", "nan_count"], norms=["l2"]),
     )
     hook.register_module(model)
@@ -346,8 +363,22 @@ def test_torch_ops_prepare_matches_numpy_formulas(dtype: torch.dtype) -> None:
     if dtype in (torch.int64, torch.bool):
         base = torch.tensor([[0, -1, 2], [5, 0, 3]])
     t = base.to(dtype)
-    keys = ["min", "max", "mean", "std", "variance", "sum", "prod", "l1", "l2", "abs_mean", "abs_max",
-            "nan_count", "inf_count", "zero_count"]
+    keys = [
+        "min",
+        "max",
+        "mean",
+        "std",
+        "variance",
+        "sum",
+        "prod",
+        "l1",
+        "l2",
+        "abs_mean",
+        "abs_max",
+        "nan_count",
+        "inf_count",
+        "zero_count",
+    ]
     raw, values, orig = ttt.TorchOps().prepare(t, keys, raw=True)
     assert raw is not None
     assert orig == ("bfloat16" if dtype == torch.bfloat16 else None)
@@ -374,9 +405,7 @@ def test_torch_ops_on_cuda_pinned_copy_and_device_reductions() -> None:
     np.testing.assert_array_equal(raw_only, reference)
 
 
-def test_unwritable_out_dir_logs_once_and_training_continues(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_unwritable_out_dir_logs_once_and_training_continues(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     model = MLP()
@@ -394,9 +423,7 @@ def test_unwritable_out_dir_logs_once_and_training_continues(
         ttt.capture(model, blocker / "trial", optimizer=opt, strict=True)
 
 
-def test_stop_request_sets_should_stop_and_raises_on_opt_in(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_stop_request_sets_should_stop_and_raises_on_opt_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ttt.Hook, "stop_poll_seconds", 0.0)
     model = MLP()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -489,8 +516,16 @@ def test_ddp_two_ranks_with_torchrun(tmp_path: Path) -> None:
     worker = Path(__file__).with_name("ddp_worker.py")
     out, rec = tmp_path / "trial", tmp_path / "rec"
     rec.mkdir()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           str(worker), str(out), str(rec)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        str(worker),
+        str(out),
+        str(rec),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     trial = _trial(out)
@@ -527,8 +562,9 @@ def test_value_is_copied_when_captured_not_later(tmp_path: Path) -> None:
     with torch.no_grad():
         expected = model[0](x).numpy().copy()
     assert (expected < 0).any()
-    hook = ttt.capture(model, tmp_path / "run", save_config=tensortap.SaveConfig(save_interval=1),
-                       include_collections=["outputs"])
+    hook = ttt.capture(
+        model, tmp_path / "run", save_config=tensortap.SaveConfig(save_interval=1), include_collections=["outputs"]
+    )
     model(x)
     hook.close()
     captured = tensortap.create_trial(tmp_path / "run").tensor("outputs/0").value(0)

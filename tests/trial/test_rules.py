@@ -43,8 +43,9 @@ from tensortap.rules import (
 Values = dict[str, tuple[Any, tuple[str, ...]]]
 
 
-def make_trial(path: Path, n: int, values: Callable[[int], Values], mode: Callable[[int], str] = lambda s: "TRAIN",
-               **kw: Any) -> tensortap.Trial:
+def make_trial(
+    path: Path, n: int, values: Callable[[int], Values], mode: Callable[[int], str] = lambda s: "TRAIN", **kw: Any
+) -> tensortap.Trial:
     """Write ``n`` steps (``values(step)`` gives ``{name: (value, collections)}``), close, open the trial."""
     with Writer(path, **kw) as w:
         for s in range(n):
@@ -66,8 +67,9 @@ def each_step(rule: Rule, n: int) -> list[int]:
 # ----------------------------------------------------------------- gradients
 def test_vanishing_gradient_fires_where_mean_abs_is_below_threshold(tmp_path: Path) -> None:
     scale = [1e-3, 1e-5, 1e-8, 1e-6, 0.0]
-    trial = make_trial(tmp_path, 5, lambda s: {"gradients/fc.weight": (
-        scale[s] * np.array([1.0, -1.0, 1.0, -1.0]), ("gradients",))})
+    trial = make_trial(
+        tmp_path, 5, lambda s: {"gradients/fc.weight": (scale[s] * np.array([1.0, -1.0, 1.0, -1.0]), ("gradients",))}
+    )
     rule = VanishingGradient(trial)
     assert invoke_rule(rule) == [2, 4]
     v = VanishingGradient(trial).invoke(2)
@@ -110,8 +112,9 @@ def test_exploding_tensor_nan_and_inf(tmp_path: Path) -> None:
     v = ExplodingTensor(trial).invoke(3)
     assert v.reason == "fc.weight: 1 NaN and 0 infinite value(s) at step 3" and v.tensors == ("fc.weight",)
     assert invoke_rule(ExplodingTensor(trial, collection_names=["losses"])) == []
-    counts = make_trial(tmp_path / "counts", 7, w, reduction_config=ReductionConfig(reductions=["nan_count",
-                                                                                                  "inf_count"]))
+    counts = make_trial(
+        tmp_path / "counts", 7, w, reduction_config=ReductionConfig(reductions=["nan_count", "inf_count"])
+    )
     assert invoke_rule(ExplodingTensor(counts, tensor_regex=r"\.weight$")) == [3, 5]
 
 
@@ -157,8 +160,11 @@ def test_saturated_activation(tmp_path: Path) -> None:
         sig = rng.normal(0, 1, (32, 4))
         if s == 3:
             sig[:, :3] = -30.0  # below -23 for sigmoid
-        return {"inputs/tanh1": (t, ("inputs",)), "inputs/sigmoid_out": (sig, ("inputs",)),
-                "inputs/fc": (np.full((32, 8), 50.0), ("inputs",))}
+        return {
+            "inputs/tanh1": (t, ("inputs",)),
+            "inputs/sigmoid_out": (sig, ("inputs",)),
+            "inputs/fc": (np.full((32, 8), 50.0), ("inputs",)),
+        }
 
     trial = make_trial(tmp_path, 4, x)
     assert invoke_rule(SaturatedActivation(trial)) == [1, 3]
@@ -212,8 +218,12 @@ def test_all_zero(tmp_path: Path) -> None:
     trial = make_trial(tmp_path / "raw", 3, lambda s: {"fc.weight": (vals[s], ("weights",))})
     assert invoke_rule(AllZero(trial)) == [1]
     assert invoke_rule(AllZero(trial, threshold=50)) == [1, 2]
-    reduced = make_trial(tmp_path / "red", 3, lambda s: {"fc.weight": (vals[s], ("weights",))},
-                         reduction_config=ReductionConfig(abs_reductions=["max"]))
+    reduced = make_trial(
+        tmp_path / "red",
+        3,
+        lambda s: {"fc.weight": (vals[s], ("weights",))},
+        reduction_config=ReductionConfig(abs_reductions=["max"]),
+    )
     assert invoke_rule(AllZero(reduced)) == [1]
 
 
@@ -230,8 +240,9 @@ def test_unchanged_tensor(tmp_path: Path) -> None:
 def test_unchanged_tensor_judges_train_steps(tmp_path: Path) -> None:
     modes = ["TRAIN", "EVAL", "EVAL", "EVAL", "TRAIN", "TRAIN", "TRAIN"]
     vals = [0.0, 1.0, 1.0, 1.0, 1.0, 2.0, 2.0]  # weights do not change while evaluating (steps 1-3)
-    trial = make_trial(tmp_path, 7, lambda s: {"fc.weight": (np.full(3, vals[s]), ("weights",))},
-                       mode=lambda s: modes[s])
+    trial = make_trial(
+        tmp_path, 7, lambda s: {"fc.weight": (np.full(3, vals[s]), ("weights",))}, mode=lambda s: modes[s]
+    )
     assert invoke_rule(UnchangedTensor(trial)) == []
     assert invoke_rule(UnchangedTensor(trial, num_steps=2)) == [6]
 
@@ -239,8 +250,12 @@ def test_unchanged_tensor_judges_train_steps(tmp_path: Path) -> None:
 # -------------------------------------------------------------------- losses
 def test_loss_not_decreasing_example_from_the_docstring(tmp_path: Path) -> None:
     loss = {0: 0.30, 4: 0.33, 8: 0.31, 12: 0.30, 16: 0.28}
-    trial = make_trial(tmp_path, 17, lambda s: {"losses/loss": (np.float32(loss.get(s, 9.0)), ("losses",))},
-                       save_config=SaveConfig(save_interval=4))
+    trial = make_trial(
+        tmp_path,
+        17,
+        lambda s: {"losses/loss": (np.float32(loss.get(s, 9.0)), ("losses",))},
+        save_config=SaveConfig(save_interval=4),
+    )
     assert trial.steps() == [0, 4, 8, 12, 16]
     rule = LossNotDecreasing(trial, num_steps=10)
     assert each_step(rule, 17) == [12]
@@ -255,15 +270,15 @@ def test_loss_not_decreasing_diff_percent_and_increase_between_checks(tmp_path: 
     # checks at 2 (vs 0: -1.5%), 4 (vs 2: -8.6%); step 3 is 21.8% above the check at 2
     assert invoke_rule(LossNotDecreasing(trial, num_steps=2)) == [3]
     assert invoke_rule(LossNotDecreasing(trial, num_steps=2, increase_threshold_percent=50)) == []
-    assert invoke_rule(LossNotDecreasing(trial, num_steps=2, diff_percent=2.0,
-                                         increase_threshold_percent=50)) == [2]
+    assert invoke_rule(LossNotDecreasing(trial, num_steps=2, diff_percent=2.0, increase_threshold_percent=50)) == [2]
 
 
 def test_loss_not_decreasing_prefers_eval_mode(tmp_path: Path) -> None:
     modes = ["TRAIN", "TRAIN", "EVAL", "TRAIN", "TRAIN", "EVAL", "TRAIN", "TRAIN", "EVAL"]
     loss = [1.0, 0.9, 2.0, 0.8, 0.7, 2.0, 0.6, 0.5, 2.0]  # training decreases, evaluation stays at 2.0
-    trial = make_trial(tmp_path, 9, lambda s: {"losses/loss": (np.float32(loss[s]), ("losses",))},
-                       mode=lambda s: modes[s])
+    trial = make_trial(
+        tmp_path, 9, lambda s: {"losses/loss": (np.float32(loss[s]), ("losses",))}, mode=lambda s: modes[s]
+    )
     assert invoke_rule(LossNotDecreasing(trial, num_steps=1)) == [5, 8]
     assert invoke_rule(LossNotDecreasing(trial, num_steps=1, mode="TRAIN")) == []
 
@@ -332,11 +347,15 @@ def test_class_imbalance(tmp_path: Path) -> None:
     assert "ratio 99 > threshold_imbalance 10" in ClassImbalance(trial).invoke(0).reason
 
     balanced = np.array([0, 1] * 200, dtype=np.float32)
-    good = make_trial(tmp_path / "bal", 3, lambda s: {"labels": (balanced, ("labels",)),
-                                                       "predictions": (balanced, ("predictions",))})
+    good = make_trial(
+        tmp_path / "bal", 3, lambda s: {"labels": (balanced, ("labels",)), "predictions": (balanced, ("predictions",))}
+    )
     assert invoke_rule(ClassImbalance(good)) == []  # 400 labels, then 800 >= 500: balanced, predicted right
-    wrong = make_trial(tmp_path / "wrong", 2, lambda s: {"labels": (balanced, ("labels",)),
-                                                          "predictions": (np.zeros(400), ("predictions",))})
+    wrong = make_trial(
+        tmp_path / "wrong",
+        2,
+        lambda s: {"labels": (balanced, ("labels",)), "predictions": (np.zeros(400), ("predictions",))},
+    )
     assert invoke_rule(ClassImbalance(wrong)) == [1]  # judged once 800 >= 500 labels are seen
     assert invoke_rule(ClassImbalance(wrong, samples=100)) == [0, 1]
 
@@ -345,8 +364,9 @@ def test_confusion(tmp_path: Path) -> None:
     y = np.array([0, 1, 2] * 30, dtype=np.float32)
     bad = y.copy()
     bad[:30] = 0  # labels 1 and 2 among the first 30 predicted as 0
-    trial = make_trial(tmp_path, 2, lambda s: {"labels": (y, ("labels",)),
-                                               "predictions": (y if s == 0 else bad, ("predictions",))})
+    trial = make_trial(
+        tmp_path, 2, lambda s: {"labels": (y, ("labels",)), "predictions": (y if s == 0 else bad, ("predictions",))}
+    )
     assert invoke_rule(Confusion(trial)) == [1]
     assert invoke_rule(Confusion(trial, min_diag=0.5, max_off_diag=0.5)) == []
 
@@ -356,8 +376,9 @@ def test_feature_importance_overweight(tmp_path: Path) -> None:
     imp = [[1, 1, 1, 1, 1], [10, 5, 5, 1, 1]]
 
     def v(s: int) -> Values:
-        out: Values = {f"feature_importance/weight/f{i}": (np.float64(x), ("feature_importance",))
-                       for i, x in enumerate(imp[s])}
+        out: Values = {
+            f"feature_importance/weight/f{i}": (np.float64(x), ("feature_importance",)) for i, x in enumerate(imp[s])
+        }
         out["feature_importance/gain/f0"] = (np.float64(100.0), ("feature_importance",))
         return out
 
@@ -369,12 +390,18 @@ def test_feature_importance_overweight(tmp_path: Path) -> None:
 def test_tree_depth(tmp_path: Path) -> None:
     nan = np.nan
     shallow = {"Tree": [0, 0, 0], "Node": [0, 1, 2], "Yes": [1, nan, nan], "No": [2, nan, nan]}
-    deep = {"Tree": [0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1], "Node": [0, 1, 2, 0, 1, 2, 3, 4, 5, 6, 7, 8],
-            "Yes": [1, nan, nan, 1, 3, nan, 5, nan, 7, nan, nan, nan],
-            "No": [2, nan, nan, 2, 4, nan, 6, nan, 8, nan, nan, nan]}
+    deep = {
+        "Tree": [0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1],
+        "Node": [0, 1, 2, 0, 1, 2, 3, 4, 5, 6, 7, 8],
+        "Yes": [1, nan, nan, 1, 3, nan, 5, nan, 7, nan, nan, nan],
+        "No": [2, nan, nan, 2, 4, nan, 6, nan, 8, nan, nan, nan],
+    }
     trees = [shallow, deep]
-    trial = make_trial(tmp_path, 2, lambda s: {f"trees/{c}": (np.asarray(v, dtype=np.float64), ("trees",))
-                                               for c, v in trees[s].items()})
+    trial = make_trial(
+        tmp_path,
+        2,
+        lambda s: {f"trees/{c}": (np.asarray(v, dtype=np.float64), ("trees",)) for c, v in trees[s].items()},
+    )
     assert invoke_rule(TreeDepth(trial)) == [0]
     assert "depth 1 < depth 4" in TreeDepth(trial).invoke(0).reason
     assert invoke_rule(TreeDepth(trial, depth=5)) == [0, 1]
@@ -465,8 +492,9 @@ def test_in_process_rule_stops_the_hook_at_once(tmp_path: Path) -> None:
 
 def test_in_process_rule_configures_capture(tmp_path: Path) -> None:
     rule = VanishingGradient()
-    w = Writer(tmp_path, include_collections=["losses"], reduction_config=ReductionConfig(reductions=["max"]),
-               rules=[rule])
+    w = Writer(
+        tmp_path, include_collections=["losses"], reduction_config=ReductionConfig(reductions=["max"]), rules=[rule]
+    )
     assert "gradients" in w.included
     for s in range(3):
         with w.stepping():

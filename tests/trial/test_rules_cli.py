@@ -69,8 +69,7 @@ def test_json_output(flat: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert rule["rule"] == "LossNotDecreasing" and rule["fired_steps"] == [5, 10]
     assert rule["spec"] == "loss_not_decreasing:num_steps=5,diff_percent=0.5"
     assert rule["verdicts"][0]["tensors"] == ["losses/loss"] and rule["missing_inputs"] == []
-    assert main(["rules", str(flat), "--rule", "loss_not_decreasing:num_steps=5", "--end-step", "8",
-                 "--json"]) == 1
+    assert main(["rules", str(flat), "--rule", "loss_not_decreasing:num_steps=5", "--end-step", "8", "--json"]) == 1
     assert json.loads(capsys.readouterr().out)["rules"][0]["fired_steps"] == [5]
 
 
@@ -106,16 +105,22 @@ def test_param_values_are_parsed_by_type(tmp_path: Path, capsys: pytest.CaptureF
         with w.stepping():
             w.save("inputs/tanh", rng.normal(0, 3, (64, 4)), ["inputs"])
     assert main(["rules", str(tmp_path), "--rule", "saturated_activation"]) == 0
-    assert main(["rules", str(tmp_path), "--rule", "saturated_activation:threshold_tanh=-0.5,0.5,"
-                 "threshold_inactivity=90"]) == 1
+    assert (
+        main(["rules", str(tmp_path), "--rule", "saturated_activation:threshold_tanh=-0.5,0.5,threshold_inactivity=90"])
+        == 1
+    )
     assert "inputs/tanh: 100% of its 4 tanh units are saturated (input outside (-0.5, 0.5)" in capsys.readouterr().out
     assert main(["rules", str(tmp_path), "--rule", "exploding_tensor:only_nan=maybe"]) == 2
     assert "only_nan: expected true or false, got 'maybe'" in capsys.readouterr().err
 
 
 def cli(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "tensortap.cli", "rules", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "tensortap.cli", "rules", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_follow_runs_until_the_training_ends(tmp_path: Path) -> None:

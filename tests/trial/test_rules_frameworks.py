@@ -80,8 +80,14 @@ def test_exploding_tensor_pytorch_fires_at_the_first_nan(tmp_path: Path, torch: 
     model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
     opt = torch.optim.SGD(model.parameters(), lr=50.0)
     loss_fn = torch.nn.MSELoss()
-    hook = ttt.capture(model, tmp_path, optimizer=opt, loss=loss_fn, save_config=EVERY_STEP,
-                       include_collections=["weights", "biases", "gradients", "losses"])
+    hook = ttt.capture(
+        model,
+        tmp_path,
+        optimizer=opt,
+        loss=loss_fn,
+        save_config=EVERY_STEP,
+        include_collections=["weights", "biases", "gradients", "losses"],
+    )
     first_bad = first_nan = None  # the truth, from the training loop: loss of the step, parameters after it
     for step in range(40):
         opt.zero_grad()
@@ -117,8 +123,7 @@ def test_vanishing_gradient_deep_sigmoid_not_relu(tmp_path: Path, torch: Any) ->
         return model
 
     sigmoid_rule, relu_rule = VanishingGradient(), VanishingGradient()
-    torch_run(tmp_path / "sigmoid", mlp(nn.Sigmoid, 20), 0.01, 3, include_collections=["losses"],
-              rules=[sigmoid_rule])
+    torch_run(tmp_path / "sigmoid", mlp(nn.Sigmoid, 20), 0.01, 3, include_collections=["losses"], rules=[sigmoid_rule])
     torch_run(tmp_path / "relu", mlp(nn.ReLU, 4), 0.01, 3, include_collections=["losses"], rules=[relu_rule])
     # in-process, during training
     assert sigmoid_rule.fired_steps == [0, 1, 2] and relu_rule.fired_steps == []
@@ -198,8 +203,9 @@ def test_exploding_tensor_keras_fires_at_the_first_nan(tmp_path: Path, keras: An
             if any(np.isnan(np.asarray(w)).any() for w in self.model.get_weights()):
                 bad.append(batch)
 
-    cb = ttk.Callback(tmp_path, save_config=EVERY_STEP, include_collections=["weights", "biases", "gradients",
-                                                                             "losses"])
+    cb = ttk.Callback(
+        tmp_path, save_config=EVERY_STEP, include_collections=["weights", "biases", "gradients", "losses"]
+    )
     model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[cb, Watch()])
     assert bad and bad[0] > 0, "the learning rate must make the run diverge, not at once"
     trial = tensortap.create_trial(tmp_path)
@@ -243,8 +249,14 @@ def test_loss_not_decreasing_xgboost(tmp_path: Path, eta: float, fired: list[int
 
     x, y = regression_data(200)
     dtrain = xgb.DMatrix(x, label=y.ravel())
-    xgb.train({"eta": eta, "max_depth": 2, "objective": "reg:squarederror", "nthread": 1}, dtrain,
-              num_boost_round=25, evals=[(dtrain, "train")], callbacks=[ttx.Callback(tmp_path)], verbose_eval=False)
+    xgb.train(
+        {"eta": eta, "max_depth": 2, "objective": "reg:squarederror", "nthread": 1},
+        dtrain,
+        num_boost_round=25,
+        evals=[(dtrain, "train")],
+        callbacks=[ttx.Callback(tmp_path)],
+        verbose_eval=False,
+    )
     trial = tensortap.create_trial(tmp_path)
     assert trial.tensor_names(collection="losses") == ["losses/train-rmse"]
     assert invoke_rule(LossNotDecreasing(trial)) == fired
@@ -258,9 +270,14 @@ def test_in_process_stop_training_stops_xgboost(tmp_path: Path) -> None:
     x, y = regression_data(200)
     dtrain = xgb.DMatrix(x, label=y.ravel())
     rule = LossNotDecreasing().add_action(StopTraining())
-    booster = xgb.train({"eta": 0.0, "max_depth": 2, "nthread": 1}, dtrain, num_boost_round=50,
-                        evals=[(dtrain, "train")], callbacks=[ttx.Callback(tmp_path, rules=[rule])],
-                        verbose_eval=False)
+    booster = xgb.train(
+        {"eta": 0.0, "max_depth": 2, "nthread": 1},
+        dtrain,
+        num_boost_round=50,
+        evals=[(dtrain, "train")],
+        callbacks=[ttx.Callback(tmp_path, rules=[rule])],
+        verbose_eval=False,
+    )
     assert rule.fired_steps == [10]
     assert booster.num_boosted_rounds() == 11, "after_iteration returned True at round 10"
     trial = tensortap.create_trial(tmp_path)
@@ -269,7 +286,7 @@ def test_in_process_stop_training_stops_xgboost(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------- live
-TRAINING = textwrap.dedent('''
+TRAINING = textwrap.dedent("""
     import json, sys, time
     import torch
     import tensortap.torch as ttt
@@ -306,7 +323,7 @@ TRAINING = textwrap.dedent('''
         stopped = step
     hook.close()
     print(json.dumps({"first_bad": first_bad, "stopped": stopped}))
-''')
+""")
 
 
 @pytest.mark.torch
@@ -316,9 +333,24 @@ def test_live_rule_runner_stops_a_diverging_pytorch_training(tmp_path: Path, tor
     script = tmp_path / "train.py"
     script.write_text(TRAINING)
     runner = subprocess.Popen(
-        [sys.executable, "-m", "tensortap.cli", "rules", str(out), "--rule", "exploding_tensor", "--follow",
-         "--stop-training", "--json", "--idle-timeout", "120"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "tensortap.cli",
+            "rules",
+            str(out),
+            "--rule",
+            "exploding_tensor",
+            "--follow",
+            "--stop-training",
+            "--json",
+            "--idle-timeout",
+            "120",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     training = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True, timeout=300)
     assert training.returncode == 0, training.stderr
     result = json.loads(training.stdout.strip().splitlines()[-1])
@@ -334,5 +366,6 @@ def test_live_rule_runner_stops_a_diverging_pytorch_training(tmp_path: Path, tor
     request = trial.stop_request()
     assert request["rule"] == "ExplodingTensor" and request["step"] == first_bad
     assert "infinite value(s)" in request["reason"] or "NaN" in request["reason"]
-    print(f"first non-finite step {first_bad}, training stopped after step {stopped} "
-          f"({stopped - first_bad} steps later)")
+    print(
+        f"first non-finite step {first_bad}, training stopped after step {stopped} ({stopped - first_bad} steps later)"
+    )

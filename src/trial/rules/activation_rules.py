@@ -12,8 +12,9 @@ from .base import Requirement, Rule, check_number, check_regexes, regex_list
 from .reading import PerTensorRule, Selection, raw_at, reduction_at, scalar_at
 
 
-def inactive_percent(x: np.ndarray, active: Callable[[np.ndarray], np.ndarray], threshold_inactivity: float
-                     ) -> tuple[float, int]:
+def inactive_percent(
+    x: np.ndarray, active: Callable[[np.ndarray], np.ndarray], threshold_inactivity: float
+) -> tuple[float, int]:
     """Percentage of units active in less than ``threshold_inactivity`` percent of the samples.
 
     ``x`` is read as ``(samples, units)``: the first axis is the batch, the other
@@ -77,8 +78,10 @@ class DeadRelu(PerTensorRule):
             return None
         dead, units = inactive_percent(y, lambda r: r > 0, self.threshold_inactivity)
         if units and dead > self.threshold_layer:
-            return (f"{name}: {dead:.4g}% of its {units} units are dead (active in < "
-                    f"{self.threshold_inactivity:g}% of samples; threshold_layer {self.threshold_layer:g}%)")
+            return (
+                f"{name}: {dead:.4g}% of its {units} units are dead (active in < "
+                f"{self.threshold_inactivity:g}% of samples; threshold_layer {self.threshold_layer:g}%)"
+            )
         return None
 
 
@@ -154,8 +157,10 @@ class SaturatedActivation(PerTensorRule):
         saturated, units = inactive_percent(x, lambda r: (r > lo) & (r < hi), self.threshold_inactivity)
         if units and saturated > self.threshold_layer:
             fn = kind.removeprefix("threshold_")
-            return (f"{name}: {saturated:.4g}% of its {units} {fn} units are saturated (input outside "
-                    f"({lo:g}, {hi:g}); threshold_layer {self.threshold_layer:g}%)")
+            return (
+                f"{name}: {saturated:.4g}% of its {units} {fn} units are saturated (input outside "
+                f"({lo:g}, {hi:g}); threshold_layer {self.threshold_layer:g}%)"
+            )
         return None
 
 
@@ -209,15 +214,18 @@ class PoorWeightInitialization(Rule):
         check_number("patience", patience, 1, integer=True)
         check_number("steps", steps, 1, integer=True)
         self.threshold, self.distribution_range, self.patience, self.steps = (
-            threshold, distribution_range, patience, steps)
+            threshold,
+            distribution_range,
+            patience,
+            steps,
+        )
         regexes = regex_list(activation_inputs_regex)
         self.variances = Selection(None if regexes else ("weights",), regexes or None, ())
         self.gradients = Selection(("gradients",), None, ())
         self.losses = Selection(("losses",), None, ())
 
     def required_captures(self) -> list[Requirement]:
-        return [*self.variances.requirements(("variance",)), Requirement("gradients", (), True),
-                Requirement("losses")]
+        return [*self.variances.requirements(("variance",)), Requirement("gradients", (), True), Requirement("losses")]
 
     def invoke_at_step(self, step: int) -> bool:
         if step >= self.steps:
@@ -240,8 +248,11 @@ class PoorWeightInitialization(Rule):
         hi, lo = max(var, key=var.__getitem__), min(var, key=var.__getitem__)
         ratio = var[hi] / var[lo] if var[lo] > 0 else (np.inf if var[hi] > 0 else 1.0)
         if ratio > self.threshold:
-            return (f"variance ratio {ratio:.3g} between {hi} ({var[hi]:.3g}) and {lo} ({var[lo]:.3g}) "
-                    f"> threshold {self.threshold:g}", [hi, lo])
+            return (
+                f"variance ratio {ratio:.3g} between {hi} ({var[hi]:.3g}) and {lo} ({var[lo]:.3g}) "
+                f"> threshold {self.threshold:g}",
+                [hi, lo],
+            )
         return None
 
     def _gradient_spread(self, step: int) -> tuple[str, list[str]] | None:
@@ -255,8 +266,11 @@ class PoorWeightInitialization(Rule):
             return None
         n = min(spreads, key=spreads.__getitem__)
         if spreads[n] < self.distribution_range:
-            return (f"{n}: 5th-95th percentile spread of the gradient {spreads[n]:.3g} < distribution_range "
-                    f"{self.distribution_range:g}", [n])
+            return (
+                f"{n}: 5th-95th percentile spread of the gradient {spreads[n]:.3g} < distribution_range "
+                f"{self.distribution_range:g}",
+                [n],
+            )
         return None
 
     def _loss(self, step: int) -> tuple[str, list[str]] | None:
@@ -266,9 +280,14 @@ class PoorWeightInitialization(Rule):
             if not earlier:
                 continue
             req = Requirement("losses")
-            now, before = scalar_at(self, self.base_trial, n, step, req), scalar_at(
-                self, self.base_trial, n, earlier[-1], req)
+            now, before = (
+                scalar_at(self, self.base_trial, n, step, req),
+                scalar_at(self, self.base_trial, n, earlier[-1], req),
+            )
             if now is not None and before is not None and now >= before:
-                return (f"{n}: loss {now:.4g} did not decrease from {before:.4g} at step {earlier[-1]} "
-                        f"(patience {self.patience})", [n])
+                return (
+                    f"{n}: loss {now:.4g} did not decrease from {before:.4g} at step {earlier[-1]} "
+                    f"(patience {self.patience})",
+                    [n],
+                )
         return None

@@ -50,8 +50,13 @@ class Verdict:
 
     def to_json(self) -> dict[str, Any]:
         """Return a JSON-serialisable dict."""
-        return {"rule": self.rule, "step": self.step, "fired": self.fired, "reason": self.reason,
-                "tensors": list(self.tensors)}
+        return {
+            "rule": self.rule,
+            "step": self.step,
+            "fired": self.fired,
+            "reason": self.reason,
+            "tensors": list(self.tensors),
+        }
 
 
 @dataclass(frozen=True)
@@ -75,8 +80,10 @@ class Requirement:
     def describe(self) -> str:
         """A sentence telling what to capture."""
         if self.raw:
-            return (f"collection {self.collection!r} with raw tensors "
-                    "(no ReductionConfig, or ReductionConfig(save_raw_tensor=True))")
+            return (
+                f"collection {self.collection!r} with raw tensors "
+                "(no ReductionConfig, or ReductionConfig(save_raw_tensor=True))"
+            )
         if self.reductions:
             return f"collection {self.collection!r} with reductions {', '.join(self.reductions)} (or raw tensors)"
         return f"collection {self.collection!r}"
@@ -106,8 +113,9 @@ class RuleConditionMet(TensortapError):
         self.step = step
         self.reason = reason
         self.tensors = tuple(tensors)
-        super().__init__(f"{rule_name} fired at step {step}: {reason}" if reason else
-                         f"{rule_name} fired at step {step}")
+        super().__init__(
+            f"{rule_name} fired at step {step}: {reason}" if reason else f"{rule_name} fired at step {step}"
+        )
 
 
 def regex_list(value: str | Sequence[str] | None) -> tuple[str, ...]:
@@ -301,10 +309,15 @@ class Rule:
             raise ValueError(f"state: saved by rule {state.get('rule')!r}, cannot load into {self.name}")
         unknown = set(state.get("attrs", {})) - set(self.state_attrs)
         if unknown:
-            raise ValueError(f"state: unknown attribute(s) {', '.join(sorted(unknown))}; "
-                             f"valid: {', '.join(self.state_attrs) or 'none'}")
-        self._progress = _Progress(int(state["last_step"]), [int(s) for s in state["fired_steps"]],
-                                   {str(k): int(v) for k, v in state.get("missing", {}).items()})
+            raise ValueError(
+                f"state: unknown attribute(s) {', '.join(sorted(unknown))}; "
+                f"valid: {', '.join(self.state_attrs) or 'none'}"
+            )
+        self._progress = _Progress(
+            int(state["last_step"]),
+            [int(s) for s in state["fired_steps"]],
+            {str(k): int(v) for k, v in state.get("missing", {}).items()},
+        )
         for a, v in state.get("attrs", {}).items():
             setattr(self, a, v)
 

@@ -28,9 +28,24 @@ from .tensor_rules import (
 from .tree_rules import FeatureImportanceOverweight, TreeDepth
 
 _CLASSES: tuple[type[Rule], ...] = (
-    VanishingGradient, ExplodingTensor, PoorWeightInitialization, SaturatedActivation, DeadRelu,
-    WeightUpdateRatio, TensorVariance, AllZero, UnchangedTensor, LossNotDecreasing, Overfit, Overtraining,
-    SimilarAcrossRuns, ClassImbalance, Confusion, StalledTraining, FeatureImportanceOverweight, TreeDepth,
+    VanishingGradient,
+    ExplodingTensor,
+    PoorWeightInitialization,
+    SaturatedActivation,
+    DeadRelu,
+    WeightUpdateRatio,
+    TensorVariance,
+    AllZero,
+    UnchangedTensor,
+    LossNotDecreasing,
+    Overfit,
+    Overtraining,
+    SimilarAcrossRuns,
+    ClassImbalance,
+    Confusion,
+    StalledTraining,
+    FeatureImportanceOverweight,
+    TreeDepth,
 )
 
 
@@ -67,8 +82,11 @@ class Parameter:
 def parameters(cls: type[Rule]) -> list[Parameter]:
     """The parameters of ``cls`` (``base_trial`` left out)."""
     sig = inspect.signature(cls.__init__)
-    return [Parameter(p.name, p.default, str(p.annotation)) for p in sig.parameters.values()
-            if p.name not in ("self", "base_trial")]
+    return [
+        Parameter(p.name, p.default, str(p.annotation))
+        for p in sig.parameters.values()
+        if p.name not in ("self", "base_trial")
+    ]
 
 
 _BOOLS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
@@ -124,7 +142,8 @@ def make_rule(spec: str, trial: Any) -> Rule:
     params = {p.name: p for p in parameters(cls)}
     unknown = set(texts) - set(params)
     if unknown:
-        raise ValueError(f"{cls.__name__}: unknown parameter(s) {', '.join(sorted(unknown))}; "
-                         f"valid: {', '.join(params) or 'none'}")
+        raise ValueError(
+            f"{cls.__name__}: unknown parameter(s) {', '.join(sorted(unknown))}; valid: {', '.join(params) or 'none'}"
+        )
     values = {k: convert(k, v, params[k].annotation) for k, v in texts.items()}
     return cls(trial, **values)

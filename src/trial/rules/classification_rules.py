@@ -91,8 +91,9 @@ class ClassImbalance(_LabelsPredictions):
         labels_regex: str = ".*labels",
         predictions_regex: str = ".*predictions",
     ) -> None:
-        super().__init__(base_trial, Selection(("labels",), labels_regex, ()),
-                         Selection(("predictions",), predictions_regex, ()))
+        super().__init__(
+            base_trial, Selection(("labels",), labels_regex, ()), Selection(("predictions",), predictions_regex, ())
+        )
         check_number("threshold_imbalance", threshold_imbalance, 1)
         check_number("threshold_misprediction", threshold_misprediction, 0)
         check_number("samples", samples, 1, integer=True)
@@ -124,15 +125,22 @@ class ClassImbalance(_LabelsPredictions):
         big, small = max(self.counts, key=self.counts.__getitem__), min(self.counts, key=self.counts.__getitem__)
         ratio = self.counts[big] / self.counts[small]
         if ratio > self.threshold_imbalance:
-            return self.fire(step, f"{lname}: class {big} has {self.counts[big]} samples, class {small} "
-                                   f"{self.counts[small]}: ratio {ratio:.3g} > threshold_imbalance "
-                                   f"{self.threshold_imbalance:g} (over {total} labels) at step {step}", tensors)
+            return self.fire(
+                step,
+                f"{lname}: class {big} has {self.counts[big]} samples, class {small} "
+                f"{self.counts[small]}: ratio {ratio:.3g} > threshold_imbalance "
+                f"{self.threshold_imbalance:g} (over {total} labels) at step {step}",
+                tensors,
+            )
         for c, n in self.predicted.items():
             frac = self.wrong[c] / n
             if frac > self.threshold_misprediction:
-                return self.fire(step, f"class {c}: {frac:.3g} of its {n} samples mispredicted > "
-                                       f"threshold_misprediction {self.threshold_misprediction:g} at step {step}",
-                                 tensors)
+                return self.fire(
+                    step,
+                    f"class {c}: {frac:.3g} of its {n} samples mispredicted > "
+                    f"threshold_misprediction {self.threshold_misprediction:g} at step {step}",
+                    tensors,
+                )
         return False
 
 
@@ -202,10 +210,17 @@ class Confusion(_LabelsPredictions):
             if col == 0:
                 continue
             if c[j, j] / col < self.min_diag:
-                return self.fire(step, f"predicted class {j}: {c[j, j] / col:.3g} correct < min_diag "
-                                       f"{self.min_diag:g} at step {step}", [lab[0], pred[0]])
+                return self.fire(
+                    step,
+                    f"predicted class {j}: {c[j, j] / col:.3g} correct < min_diag {self.min_diag:g} at step {step}",
+                    [lab[0], pred[0]],
+                )
             off = [i for i in range(k) if i != j and c[i, j] / col > self.max_off_diag]
             if off:
-                return self.fire(step, f"predicted class {j}: {c[off[0], j] / col:.3g} of it is label {off[0]} > "
-                                       f"max_off_diag {self.max_off_diag:g} at step {step}", [lab[0], pred[0]])
+                return self.fire(
+                    step,
+                    f"predicted class {j}: {c[off[0], j] / col:.3g} of it is label {off[0]} > "
+                    f"max_off_diag {self.max_off_diag:g} at step {step}",
+                    [lab[0], pred[0]],
+                )
         return False

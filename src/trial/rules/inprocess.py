@@ -80,8 +80,9 @@ class MemoryTensor:
         """The raw value at ``step``."""
         raw, reds = self._entry(step, mode)
         if raw is None:
-            raise TensorUnavailableForStep(f"{self.name!r} at step {step}: only reductions were saved "
-                                           f"({', '.join(reds) or 'none'})")
+            raise TensorUnavailableForStep(
+                f"{self.name!r} at step {step}: only reductions were saved ({', '.join(reds) or 'none'})"
+            )
         return raw
 
     def reduction_value(self, step: int, reduction: str, abs: bool = False, mode: Mode | str | None = None) -> float:
@@ -225,14 +226,25 @@ class InProcessRunner:
                         action(rule, verdict, self.trial)
             except Exception as exc:
                 self._broken.add(id(rule))
-                logger.error("tensortap: rule %s failed at step %d and is switched off: %s", rule.name,
-                             record.step, exc, exc_info=exc)
+                logger.error(
+                    "tensortap: rule %s failed at step %d and is switched off: %s",
+                    rule.name,
+                    record.step,
+                    exc,
+                    exc_info=exc,
+                )
 
 
 def attach(hook: Any, rule: Rule) -> None:
     """Make ``hook`` capture what ``rule`` needs and evaluate it on every saved step."""
-    runner = next((getattr(fn, "__self__", None) for fn in hook.step_listeners
-                   if isinstance(getattr(fn, "__self__", None), InProcessRunner)), None)
+    runner = next(
+        (
+            getattr(fn, "__self__", None)
+            for fn in hook.step_listeners
+            if isinstance(getattr(fn, "__self__", None), InProcessRunner)
+        ),
+        None,
+    )
     if runner is None:
         runner = InProcessRunner(hook)
         hook.step_listeners.append(runner.on_step)

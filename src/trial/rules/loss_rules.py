@@ -87,8 +87,10 @@ class LossNotDecreasing(Rule):
         if use_losses_collection:
             names.append("losses")
         if not names and tensor_regex is None:
-            raise ValueError("LossNotDecreasing: nothing to inspect; give collection_names or tensor_regex, "
-                             "or keep use_losses_collection=True")
+            raise ValueError(
+                "LossNotDecreasing: nothing to inspect; give collection_names or tensor_regex, "
+                "or keep use_losses_collection=True"
+            )
         self.selection = Selection(",".join(names) or None, tensor_regex, ())
         self.num_steps, self.diff_percent = num_steps, diff_percent
         self.increase_threshold_percent = increase_threshold_percent
@@ -125,9 +127,11 @@ class LossNotDecreasing(Rule):
         if last is not None and ms < last + self.num_steps:
             rise = percent_change(self.last_value[name], now)
             if rise > self.increase_threshold_percent:
-                return (f"{name}: loss {now:.4g} at {where} is {rise:.3g}% above {self.last_value[name]:.4g} "
-                        f"at the last check ({mode.name} step {last}; increase_threshold_percent "
-                        f"{self.increase_threshold_percent:g})")
+                return (
+                    f"{name}: loss {now:.4g} at {where} is {rise:.3g}% above {self.last_value[name]:.4g} "
+                    f"at the last check ({mode.name} step {last}; increase_threshold_percent "
+                    f"{self.increase_threshold_percent:g})"
+                )
             return None
         i = bisect.bisect_right(series, (ms - self.num_steps, float("inf"))) - 1
         if i < 0:
@@ -139,8 +143,10 @@ class LossNotDecreasing(Rule):
         self.last_checked[name], self.last_value[name] = ms, now
         decrease = -percent_change(before, now) + 0.0  # no "-0%"
         if decrease <= self.diff_percent:
-            return (f"{name}: loss {now:.4g} at {where} decreased {decrease:.3g}% from {before:.4g} at "
-                    f"{mode.name} step {base} (num_steps {self.num_steps}; needs > {self.diff_percent:g}%)")
+            return (
+                f"{name}: loss {now:.4g} at {where} decreased {decrease:.3g}% from {before:.4g} at "
+                f"{mode.name} step {base} (num_steps {self.num_steps}; needs > {self.diff_percent:g}%)"
+            )
         return None
 
 
@@ -242,9 +248,13 @@ class Overfit(_TrainValidation):
         ratio = (v - t) / abs(t) if t != 0 else float(np.sign(v - t) * np.inf)
         self.exceeded = self.exceeded + 1 if ratio > self.ratio_threshold else 0
         if self.exceeded >= self.patience:
-            return self.fire(step, f"validation loss {v:.4g} is {ratio:.3g} x above training loss {t:.4g} "
-                                   f"(> ratio_threshold {self.ratio_threshold:g} for {self.exceeded} evaluation(s)) "
-                                   f"at step {step}", [*train, *val])
+            return self.fire(
+                step,
+                f"validation loss {v:.4g} is {ratio:.3g} x above training loss {t:.4g} "
+                f"(> ratio_threshold {self.ratio_threshold:g} for {self.exceeded} evaluation(s)) "
+                f"at step {step}",
+                [*train, *val],
+            )
         return False
 
 
@@ -309,9 +319,11 @@ class Overtraining(_TrainValidation):
             else:
                 self.since[kind] += 1
             if self.since[kind] >= self.patience[kind]:
-                reasons.append(f"{kind} loss {x:.4g} has not improved by {self.delta:g} on its best "
-                               f"{self.best[kind]:.4g} for {self.since[kind]} saved step(s) "
-                               f"(patience_{'train' if kind == 'training' else kind} {self.patience[kind]})")
+                reasons.append(
+                    f"{kind} loss {x:.4g} has not improved by {self.delta:g} on its best "
+                    f"{self.best[kind]:.4g} for {self.since[kind]} saved step(s) "
+                    f"(patience_{'train' if kind == 'training' else kind} {self.patience[kind]})"
+                )
         if reasons:
             return self.fire(step, "; ".join(reasons) + f" at step {step}", [*train, *val])
         return False
@@ -355,5 +367,6 @@ class StalledTraining(Rule):
         if idle_seconds <= self.threshold or self.stalled_at == last_step:
             return False
         self.stalled_at = last_step
-        return self.fire(last_step, f"no new step for {idle_seconds:.0f} s after step {last_step} "
-                                    f"(threshold {self.threshold:g} s)")
+        return self.fire(
+            last_step, f"no new step for {idle_seconds:.0f} s after step {last_step} (threshold {self.threshold:g} s)"
+        )

@@ -28,8 +28,9 @@ class RuleRunner:
         Pause between two looks for new steps while a training runs.
     """
 
-    def __init__(self, trial: Any, rules: Sequence[Rule], actions: Sequence[Action] = (),
-                 poll_seconds: float = POLL_SECONDS) -> None:
+    def __init__(
+        self, trial: Any, rules: Sequence[Rule], actions: Sequence[Action] = (), poll_seconds: float = POLL_SECONDS
+    ) -> None:
         if not rules:
             raise ValueError("rules: expected at least one rule")
         self.trial = trial
@@ -37,8 +38,9 @@ class RuleRunner:
         self.actions = list(actions)
         self.poll_seconds = poll_seconds
 
-    def _act(self, rule: Rule, verdict: Verdict, raise_eval_cond: bool,
-             on_verdict: Callable[[Rule, Verdict], None] | None) -> None:
+    def _act(
+        self, rule: Rule, verdict: Verdict, raise_eval_cond: bool, on_verdict: Callable[[Rule, Verdict], None] | None
+    ) -> None:
         logger.info("tensortap: rule %s fired at step %d: %s", rule.name, verdict.step, verdict.reason)
         for action in [*rule.actions, *self.actions]:
             action(rule, verdict, self.trial)
@@ -98,7 +100,8 @@ class RuleRunner:
                         self._act(rule, verdict, raise_eval_cond, on_verdict)
                 next_step, last_seen = s + 1, s
             reached_end = end_step is not None and (
-                end_step <= next_step or self.trial.has_passed_step(end_step - 1) is not StepState.NOT_YET_AVAILABLE)
+                end_step <= next_step or self.trial.has_passed_step(end_step - 1) is not StepState.NOT_YET_AVAILABLE
+            )
             if reached_end or not wait or (ended and not pending):
                 return fired
             if pending:

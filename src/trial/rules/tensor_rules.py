@@ -262,7 +262,7 @@ class UnchangedTensor(PerTensorRule):
         if found is None or found[3] + 1 < self.num_steps:
             return None
         _, _, series, i = found
-        steps = [g for _, g in series[i + 1 - self.num_steps: i + 1]]
+        steps = [g for _, g in series[i + 1 - self.num_steps : i + 1]]
         recent = {g: v for g, v in self._recent.get(name, {}).items() if g >= steps[0]}
         for g in steps:
             if g not in recent:
@@ -276,8 +276,10 @@ class UnchangedTensor(PerTensorRule):
         for v in values[:-1]:
             if v.shape != current.shape or not np.allclose(v, current, self.rtol, self.atol, self.equal_nan):
                 return None
-        return (f"{name}: unchanged over its last {self.num_steps} saved steps "
-                f"({', '.join(map(str, steps))}; rtol={self.rtol:g}, atol={self.atol:g})")
+        return (
+            f"{name}: unchanged over its last {self.num_steps} saved steps "
+            f"({', '.join(map(str, steps))}; rtol={self.rtol:g}, atol={self.atol:g})"
+        )
 
 
 class WeightUpdateRatio(PerTensorRule):
@@ -322,8 +324,11 @@ class WeightUpdateRatio(PerTensorRule):
         if num_steps is not None:
             check_number("num_steps", num_steps, 1, integer=True)
             self.history = num_steps + 1
-        for field_name, v in (("large_threshold", large_threshold), ("small_threshold", small_threshold),
-                              ("epsilon", epsilon)):
+        for field_name, v in (
+            ("large_threshold", large_threshold),
+            ("small_threshold", small_threshold),
+            ("epsilon", epsilon),
+        ):
             check_number(field_name, v, 0)
         self.num_steps = num_steps
         self.large_threshold, self.small_threshold, self.epsilon = large_threshold, small_threshold, epsilon
@@ -343,18 +348,24 @@ class WeightUpdateRatio(PerTensorRule):
             if first >= i:
                 return None
             prev_step = series[first][1]
-        w, w_prev = raw_at(self, trial, name, step, self.requirement()), raw_at(self, trial, name, prev_step,
-                                                                                self.requirement())
+        w, w_prev = (
+            raw_at(self, trial, name, step, self.requirement()),
+            raw_at(self, trial, name, prev_step, self.requirement()),
+        )
         if w is None or w_prev is None or w.shape != w_prev.shape:
             return None
         w64, p64 = w.astype(np.float64), w_prev.astype(np.float64)
         ratio = float(np.linalg.norm(w64 - p64) / (np.linalg.norm(p64) + self.epsilon))
         if ratio > self.large_threshold:
-            return f"{name}: update/weight ratio {ratio:.3g} (steps {prev_step}->{step}) > large_threshold " \
-                   f"{self.large_threshold:g}"
+            return (
+                f"{name}: update/weight ratio {ratio:.3g} (steps {prev_step}->{step}) > large_threshold "
+                f"{self.large_threshold:g}"
+            )
         if ratio < self.small_threshold:
-            return f"{name}: update/weight ratio {ratio:.3g} (steps {prev_step}->{step}) < small_threshold " \
-                   f"{self.small_threshold:g}"
+            return (
+                f"{name}: update/weight ratio {ratio:.3g} (steps {prev_step}->{step}) < small_threshold "
+                f"{self.small_threshold:g}"
+            )
         return None
 
 

@@ -64,9 +64,13 @@ class FeatureImportanceOverweight(Rule):
         top = sorted(clean, key=clean.__getitem__, reverse=True)[: self.nfeatures]
         share = sum(clean[n] for n in top) / total
         if share > self.threshold:
-            return self.fire(step, f"the {self.nfeatures} most important of {len(clean)} features "
-                                   f"({', '.join(top)}) hold {share:.3g} of the importance > threshold "
-                                   f"{self.threshold:g} at step {step}", top)
+            return self.fire(
+                step,
+                f"the {self.nfeatures} most important of {len(clean)} features "
+                f"({', '.join(top)}) hold {share:.3g} of the importance > threshold "
+                f"{self.threshold:g} at step {step}",
+                top,
+            )
         return False
 
 
@@ -75,8 +79,10 @@ def tree_depths(tree: np.ndarray, node: np.ndarray, yes: np.ndarray, no: np.ndar
     depths: dict[int, int] = {}
     for t in np.unique(tree):
         rows = tree == t
-        children = {int(n): [int(c) for c in (y, m) if np.isfinite(c)]
-                    for n, y, m in zip(node[rows], yes[rows], no[rows], strict=True)}
+        children = {
+            int(n): [int(c) for c in (y, m) if np.isfinite(c)]
+            for n, y, m in zip(node[rows], yes[rows], no[rows], strict=True)
+        }
         level, frontier = 0, [0] if 0 in children else []
         while frontier:
             nxt = [c for n in frontier for c in children.get(n, [])]
@@ -131,6 +137,9 @@ class TreeDepth(Rule):
         depths = tree_depths(*(np.asarray(a, dtype=np.float64) for a in arrays))
         deepest = max(depths.values(), default=0)
         if deepest < self.depth:
-            return self.fire(step, f"the deepest of {len(depths)} trees has depth {deepest} < depth {self.depth} "
-                                   f"at step {step}", names)
+            return self.fire(
+                step,
+                f"the deepest of {len(depths)} trees has depth {deepest} < depth {self.depth} at step {step}",
+                names,
+            )
         return False
