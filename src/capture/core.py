@@ -45,6 +45,18 @@ CONFIG_ENV = "TENSORTAP_CONFIG"
 STOP_POLL_SECONDS = 1.0
 
 
+def read_json_config(path: str | os.PathLike[str]) -> Any:
+    """The parsed content of a JSON configuration file (see :meth:`Hook.from_json`).
+
+    JSON only: nothing is pickled or eval'd.
+    """
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON ({exc})") from None
+
+
 class TensorOps:
     """How the core turns one framework's tensors into stored values.
 
@@ -253,12 +265,7 @@ class Hook:
         "include_regex"}``), ``include_workers``, ``strict``, ``shard_policy``.
         Keyword arguments override the file.
         """
-        with open(path, encoding="utf-8") as f:
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}: not valid JSON ({exc})") from None
-        return cls(**(cls._kwargs_from_json(data) | overrides))
+        return cls(**(cls._kwargs_from_json(read_json_config(path)) | overrides))
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Hook | None:

@@ -280,12 +280,7 @@ class Callback(xgb.callback.TrainingCallback):
     @classmethod
     def from_json(cls, path: str | os.PathLike[str], **overrides: Any) -> Callback:
         """Build a callback from a JSON hook configuration (see :meth:`tensortap.capture.Hook.from_json`)."""
-        with open(path, encoding="utf-8") as f:
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}: not valid JSON ({exc})") from None
-        return cls(**(Hook._kwargs_from_json(data) | overrides))
+        return cls(**(Hook._kwargs_from_json(core.read_json_config(path)) | overrides))
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Callback | None:
