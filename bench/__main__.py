@@ -23,6 +23,20 @@ OUT = Path(__file__).resolve().parent.parent / "docs" / "performance.md"
 EXTERNAL = {"torch": Path(__file__).resolve().parent / "results" / "smdebug-torch.json"}
 
 
+NOTES = """
+## Notes
+
+- smdebug 1.0.34 runs only in its own environment (NumPy < 2.3, protobuf <= 3.20.3); `nox -s bench`
+  builds one in `.nox/smdebug` and merges its PyTorch rows above. Its XGBoost hook cannot run with
+  XGBoost >= 1.6: it is a function-style callback (`__call__(env)`), an API XGBoost removed, and it
+  asks `pkg_resources` for the `xgboost` distribution; so the XGBoost table has no smdebug row.
+- Saving raw tensors every step is bound by copying and writing the bytes (4.3 MB per step for the
+  MLP); the default interval of 100 steps is the case to read for the everyday cost.
+- These machines are small shared VMs (2 cores): the first touch of fresh memory is expensive and
+  other jobs add noise, so each case is the best of several interleaved runs.
+"""
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
@@ -73,7 +87,7 @@ def main() -> int:
         f"Machine: {platform.platform()}, Python {platform.python_version()}, "
         f"{os.cpu_count()} CPUs; run on {time.strftime('%Y-%m-%d')}.\n\n"
     )
-    OUT.write_text(header + "\n".join(sections))
+    OUT.write_text(header + "\n".join(sections) + NOTES)
     print(f"wrote {OUT}")
     return 0
 

@@ -1,5 +1,5 @@
 """End-to-end demo (``nox -s demo``): train with capture on PyTorch, Keras and XGBoost,
-then query each trial, judge it with rules and check its files.
+then query each trial, judge it with rules, plot its losses and check its files.
 
 Usage: ``python examples/demo.py [OUT_DIR]`` (default ``./tensortap-demo``; emptied first).
 Exits non-zero if any step fails.
@@ -51,6 +51,10 @@ def main() -> int:
         )
         if status not in (0, 1):
             failures.append(f"rules on {trial} exited {status}")
+        plot = trial / "losses.png"
+        banner(f"tensortap plot {trial} --regex ^losses/ -o {plot}")
+        if tensortap(["plot", str(trial), "--regex", "^losses/", "-o", str(plot)]) != 0:
+            failures.append(f"plot of {trial} failed")
         banner(f"tensortap check {trial}")
         if tensortap(["check", str(trial)]) != 0:
             failures.append(f"check found problems in {trial}")

@@ -1,4 +1,4 @@
-"""The ``tensortap`` command: ls, show, check, export, rules.
+"""The ``tensortap`` command: ls, show, check, export, plot, rules.
 
 Exit status: 0 on success, 1 when ``check`` finds problems (or ``rules``
 fires), 2 on usage errors.
@@ -182,6 +182,26 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    """Plot tensors (scalars, or a reduction) across steps into an image file."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from .trial.plot import plot_tensors, save_plot
+
+    trial = _open(args.path)
+    names = list(args.names)
+    if args.regex:
+        names += [n for n in trial.tensor_names(regex=args.regex) if n not in names]
+    if not names:
+        print("tensortap plot: give tensor names or a --regex that matches some", file=sys.stderr)
+        return 2
+    ax = plot_tensors(trial, names, args.reduction, Mode.parse(args.mode) if args.mode else None, logy=args.logy)
+    save_plot(ax, args.output)
+    print(f"wrote {args.output} ({len(names)} tensor(s))")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``tensortap`` command."""
     parser = argparse.ArgumentParser(prog="tensortap", description="Inspect and judge tensortap trials.")
@@ -215,6 +235,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default="-", help="CSV file (default: standard output)")
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser("plot", help="plot tensors across steps into an image (needs matplotlib)")
+    p.add_argument("path", help="trial directory or URL")
+    p.add_argument("names", nargs="*", help="tensor names")
+    p.add_argument("--regex", help="also every tensor whose name matches")
+    p.add_argument("--reduction", help="reduction to plot (mean, abs_max, l2, ...); default: scalar values, else mean")
+    p.add_argument("--mode", choices=[m.name.lower() for m in Mode], help="only steps of this mode")
+    p.add_argument("--logy", action="store_true", help="logarithmic y axis")
+    p.add_argument("-o", "--output", default="tensortap-plot.png", help="image file (.png, .svg, .pdf)")
+    p.set_defaults(func=cmd_plot)
+
     try:
         from .cli_rules import add_parser as add_rules_parser
     except ImportError:  # the rules command is optional until it lands
@@ -230,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
-    except (TensortapError, FileNotFoundError, ValueError, KeyError) as exc:
+    except (TensortapError, FileNotFoundError, ValueError, KeyError, ImportError) as exc:
         print(f"tensortap {args.command}: {exc}", file=sys.stderr)
         return 2
 

@@ -89,7 +89,7 @@ def test_export_csv(trial_dir: Path, tmp_path: Path) -> None:
     assert len(lines) == 4 and lines[1].startswith("worker_0,TRAIN,0,0,losses/loss,value,1.0")
 
 
-@pytest.mark.parametrize("command", [[], ["ls"], ["show"], ["check"], ["export"]])
+@pytest.mark.parametrize("command", [[], ["ls"], ["show"], ["check"], ["export"], ["plot"]])
 def test_help_for_every_command(command: list[str]) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "tensortap.cli", *command, "--help"], capture_output=True, text=True, check=False
@@ -102,3 +102,17 @@ def test_usage_error_exit_2() -> None:
     result = subprocess.run([sys.executable, "-m", "tensortap.cli", "frobnicate"], capture_output=True, text=True)
     assert result.returncode == 2
     assert "invalid choice" in result.stderr
+
+
+def test_plot_writes_an_image_of_the_series(trial_dir: Path, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from tensortap.trial.plot import series
+
+    trial = tensortap.create_trial(trial_dir)
+    assert series(trial, "losses/loss") == {0: 1.0, 2: 1 / 3, 4: 0.2}
+    assert series(trial, "fc1.weight", reduction="abs_max") == {0: 0.0, 2: 2.0, 4: 4.0}
+    assert series(trial, "fc1.weight") == {0: 0.0, 2: 2.0, 4: 4.0}  # mean of a non-scalar
+    out = tmp_path / "plot.png"
+    assert main(["plot", str(trial_dir), "losses/loss", "--regex", "fc1", "-o", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["plot", str(trial_dir), "--regex", "nothing-matches"]) == 2
