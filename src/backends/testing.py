@@ -1,0 +1,265 @@
+"""The conformance suite of storage backends (needs pytest; never imported by tensortap itself).
+
+:class:`StorageTests` is the contract of :class:`tensortap.backends.Storage`
+(like zarr's ``StoreTests``). A backend's test class subclasses it and
+provides the ``storage`` fixture (a backend whose root does not exist yet)
+and :meth:`StorageTests.raw_keys` (every key really stored, hidden ones too)::
+
+    from tensortap.backends.testing import StorageTests
+
+    class TestMyStorage(StorageTests):
+        @pytest.fixture
+        def storage(self, tmp_path):
+            return MyStorage(f"my://{tmp_path}/trial")
+
+        def raw_keys(self, storage):
+            return sorted(...)  # every key stored, bypassing the backend
+
+tensortap runs it against its local, ``memory://`` and S3 backends.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from .storage import Storage
+
+KEYS = [
+    "workers/worker_0.json",
+    "index/worker_0/0000000000.json",
+    "index/worker_1/0000000000.json",
+    "shards/worker_0/0000000000.h5",
+    "end/worker_0.json",
+]
+
+
+def payload(fill: int, size: int) -> bytes:
+    """``size`` bytes of value ``fill`` (a torn read shows as a mix)."""
+    return bytes([fill]) * size
+
+
+class StorageTests:
+    """The behaviour every backend must have. Subclass and provide the fixtures."""
+
+    @pytest.fixture
+    def storage(self) -> Storage:
+        """A backend whose root does not exist yet."""
+        raise NotImplementedError
+
+    def raw_keys(self, storage: Storage) -> list[str]:
+        """Every key stored under the root, temporary (hidden) ones included, bypassing the backend."""
+        raise NotImplementedError
+
+    def staged_file(self, storage: Storage, content: bytes) -> str:
+        """A finished file where the writer builds shards (``staging_dir``), as the writer makes it."""
+        staging = os.path.join(storage.staging_dir(), "shards", "worker_0")
+        os.makedirs(staging, exist_ok=True)
+        fd, path = tempfile.mkstemp(prefix=".0000000000.", suffix=".h5.tmp", dir=staging)
+        with os.fdopen(fd, "wb") as f:
+            f.write(content)
+        return path
+
+    # ------------------------------------------------------------- root
+    def test_missing_root_is_empty(self, storage: Storage) -> None:
+        assert not storage.exists()
+        assert not storage.exists("workers/worker_0.json")
+        assert storage.list("") == []
+        assert storage.list_dirs("") == []
+        assert storage.walk() == []
+
+    def test_root_exists_once_written(self, storage: Storage) -> None:
+        storage.makedirs()
+        storage.makedirs()  # idempotent
+        storage.write_json("workers/worker_0.json", {"worker": "worker_0"})
+        assert storage.exists()
+        assert storage.exists("workers/worker_0.json")
+        assert storage.exists("workers")
+
+    # ------------------------------------------------------- read, write
+    def test_write_then_read(self, storage: Storage) -> None:
+        data = bytes(range(256)) * 3
+        storage.write_bytes("index/worker_0/0000000000.json", data)
+        assert storage.read_bytes("index/worker_0/0000000000.json") == data
+
+    def test_write_replaces(self, storage: Storage) -> None:
+        storage.write_bytes("control/stop.json", b"first, longer content")
+        storage.write_bytes("control/stop.json", b"second")
+        assert storage.read_bytes("control/stop.json") == b"second"
+        assert storage.list("control") == ["stop.json"]
+
+    def test_json_round_trip(self, storage: Storage) -> None:
+        record = {"reason": "loss is NaN", "step": 12, "names": ["fc1.weight", "ünïcödé/λ"], "ok": None}
+        storage.write_json("control/stop.json", record)
+        assert storage.read_json("control/stop.json") == record
+
+    @pytest.mark.parametrize("key", ["missing.json", "no/such/folder/file.json"])
+    def test_read_missing_raises_file_not_found(self, storage: Storage, key: str) -> None:
+        storage.write_bytes("present.json", b"{}")
+        with pytest.raises(FileNotFoundError):
+            storage.read_bytes(key)
+        with pytest.raises(FileNotFoundError):
+            storage.read_json(key)
+        with pytest.raises(FileNotFoundError):
+            storage.local_path(key)
+
+    # ------------------------------------------------------------ listing
+    def test_list_separates_files_and_folders(self, storage: Storage) -> None:
+        for key in [*KEYS, "index/summary.json"]:
+            storage.write_bytes(key, key.encode())
+        assert storage.list("") == []
+        assert storage.list_dirs("") == ["end", "index", "shards", "workers"]
+        assert storage.list("index") == ["summary.json"]
+        assert storage.list_dirs("index") == ["worker_0", "worker_1"]
+        assert storage.list("index/worker_0") == ["0000000000.json"]
+        assert storage.list_dirs("index/worker_0") == []
+        assert storage.list("workers") == ["worker_0.json"]
+        assert storage.list("missing") == []
+        assert storage.list_dirs("missing") == []
+
+    def test_list_is_sorted(self, storage: Storage) -> None:
+        names = [f"{i:010d}.json" for i in (7, 0, 12, 3)]
+        for name in names:
+            storage.write_bytes(f"index/worker_0/{name}", b"{}")
+        assert storage.list("index/worker_0") == sorted(names)
+
+    def test_hidden_names_are_never_listed(self, storage: Storage) -> None:
+        storage.write_bytes("index/worker_0/0000000000.json", b"{}")
+        storage.write_bytes("index/worker_0/.0000000001.json.tmp", b"partial")
+        storage.write_bytes("index/.staging/worker_0.json", b"{}")
+        assert storage.list("index/worker_0") == ["0000000000.json"]
+        assert storage.list_dirs("index") == ["worker_0"]
+        assert storage.walk() == ["index/worker_0/0000000000.json"]
+
+    def test_walk_lists_every_file(self, storage: Storage) -> None:
+        for key in KEYS:
+            storage.write_bytes(key, b"x")
+        assert storage.walk() == sorted(KEYS)
+
+    def test_writes_leave_no_temporary_files(self, storage: Storage, tmp_path: Path) -> None:
+        storage.write_bytes("end/worker_0.json", b"{}")
+        storage.write_bytes("end/worker_0.json", b"{}")
+        storage.publish_file(self.staged_file(storage, b"shard"), "shards/worker_0/0000000000.h5")
+        outside = tmp_path / "elsewhere.h5"
+        outside.write_bytes(b"shard 2")
+        storage.publish_file(str(outside), "shards/worker_0/0000000001.h5")
+        assert self.raw_keys(storage) == [
+            "end/worker_0.json",
+            "shards/worker_0/0000000000.h5",
+            "shards/worker_0/0000000001.h5",
+        ]
+
+    # ------------------------------------------------------------ delete
+    def test_delete(self, storage: Storage) -> None:
+        storage.write_bytes("end/worker_0.json", b"{}")
+        storage.write_bytes("end/worker_1.json", b"{}")
+        storage.delete("end/worker_0.json")
+        assert not storage.exists("end/worker_0.json")
+        assert storage.list("end") == ["worker_1.json"]
+        storage.delete("end/worker_0.json")  # missing: no error
+        storage.delete("never/was.json")
+        assert storage.walk() == ["end/worker_1.json"]
+
+    # ---------------------------------------------------------- publish
+    def test_publish_file_moves_a_finished_file(self, storage: Storage) -> None:
+        content = os.urandom(100_000)
+        local = self.staged_file(storage, content)
+        storage.publish_file(local, "shards/worker_0/0000000000.h5")
+        assert not os.path.exists(local)
+        assert storage.read_bytes("shards/worker_0/0000000000.h5") == content
+        assert storage.list("shards/worker_0") == ["0000000000.h5"]
+
+    def test_publish_file_from_another_directory(self, storage: Storage, tmp_path: Path) -> None:
+        local = tmp_path / "shard.h5"
+        local.write_bytes(b"whole shard")
+        storage.publish_file(str(local), "shards/worker_3/0000000004.h5")
+        assert not local.exists()
+        assert storage.read_bytes("shards/worker_3/0000000004.h5") == b"whole shard"
+
+    def test_local_path_opens_a_published_shard_with_h5py(self, storage: Storage) -> None:
+        local = self.staged_file(storage, b"")
+        data = np.arange(12, dtype=np.float32).reshape(3, 4)
+        with h5py.File(local, "w") as f:
+            f.create_dataset("data", data=data)
+        storage.publish_file(local, "shards/worker_0/0000000000.h5")
+        path = storage.local_path("shards/worker_0/0000000000.h5")
+        with h5py.File(path, "r") as f:
+            np.testing.assert_array_equal(f["data"][()], data)
+        assert storage.local_path("shards/worker_0/0000000000.h5") == path
+
+    # ------------------------------------------------------- atomicity
+    def _check_whole_under_reads(self, storage: Storage, key: str, writes: list[Callable[[], bytes]]) -> None:
+        """Run ``writes`` (each returns what it wrote) while another thread reads ``key``; every read is whole."""
+        written: set[bytes] = set()
+        bad: list[str] = []
+        done = threading.Event()
+        reads = 0
+
+        def read_loop() -> None:
+            nonlocal reads
+            while not done.is_set():
+                try:
+                    if any(n.startswith(".") for n in storage.list(key.rsplit("/", 1)[0])):
+                        bad.append("a hidden name was listed")
+                    data = storage.read_bytes(key)
+                except FileNotFoundError:
+                    continue
+                except Exception as exc:
+                    bad.append(repr(exc))
+                    return
+                reads += 1
+                if not data or data != payload(data[0], len(data)):
+                    bad.append(f"a torn read of {len(data)} bytes")
+
+        reader = threading.Thread(target=read_loop)
+        reader.start()
+        try:
+            for write in writes:
+                written.add(write())
+        finally:
+            done.set()
+            reader.join()
+        assert not bad, bad[:3]
+        assert reads > 0
+        assert storage.read_bytes(key) in written
+
+    def test_replace_is_atomic_under_concurrent_reads(self, storage: Storage) -> None:
+        key = "control/stop.json"
+
+        def write(i: int) -> Callable[[], bytes]:
+            def run() -> bytes:
+                data = payload(65 + i % 26, 300_000 + 70_000 * (i % 3))
+                storage.write_bytes(key, data)
+                return data
+
+            return run
+
+        storage.write_bytes(key, payload(64, 10))
+        self._check_whole_under_reads(storage, key, [write(i) for i in range(12)])
+
+    def test_publish_is_atomic_under_concurrent_reads(self, storage: Storage) -> None:
+        key = "shards/worker_0/0000000000.h5"
+
+        def publish(i: int) -> Callable[[], bytes]:
+            def run() -> bytes:
+                data = payload(65 + i, 400_000 + 100_000 * i)
+                storage.publish_file(self.staged_file(storage, data), key)
+                return data
+
+            return run
+
+        storage.write_bytes(key, payload(64, 10))
+        self._check_whole_under_reads(storage, key, [publish(i) for i in range(8)])
+
+    # ---------------------------------------------------------- naming
+    def test_url_and_repr_name_the_root(self, storage: Storage) -> None:
+        assert isinstance(storage.url, str)
+        assert storage.url in repr(storage)
+        assert isinstance(storage.is_local, bool)
