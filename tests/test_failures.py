@@ -11,7 +11,7 @@ import pytest
 from helpers.trials import default_value, run_steps, write_trial
 
 import tensortap
-from tensortap import TensorUnavailableForStep
+from tensortap import StepState, StepUnavailable, TensorUnavailableForStep
 from tensortap.capture import ShardPolicy, Writer
 
 
@@ -143,6 +143,11 @@ def test_corrupt_shard_is_skipped_with_a_warning_naming_it(tmp_path: Path, damag
     assert set(a.values()) == {0, 2, 3}
     np.testing.assert_array_equal(trial.tensor("b").values()[3], default_value("b", 3))
     assert list(trial.problems()) == ["shards/worker_0/0000000001.h5"]
+    # once found unreadable, the shard's step is no longer listed as saved
+    assert trial.steps() == [0, 2, 3]
+    assert trial.has_passed_step(1) is StepState.UNAVAILABLE
+    with pytest.raises(StepUnavailable):
+        a.value(1)
 
 
 def test_corrupt_shard_warns_once_through_values(tmp_path: Path) -> None:

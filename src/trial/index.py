@@ -154,6 +154,14 @@ class TrialIndex:
                         del workers[wk]
                     if not workers:
                         del info.locations[step]
+        worker = shard.split("/")[1]  # shards/<worker>/<seq>.h5
+        for step in self.shard_steps.pop(shard, ()):
+            holders = self.step_workers.get(step, set())
+            holders.discard(worker)
+            if not holders:  # no readable copy of this step is left: it was not saved, as far as readers go
+                self.step_workers.pop(step, None)
+                mode, mode_step = self.steps.pop(step)
+                self.mode_steps[mode].pop(mode_step, None)
 
     def reader(self, shard: str) -> ShardReader | None:
         """Return the open reader of ``shard``, or None (with a warning) if it cannot be read."""
