@@ -39,10 +39,33 @@ def _steps_summary(steps: list[int]) -> str:
     return f"{len(steps)} steps: {steps[0]}, {steps[1]}, ... {steps[-1]}"
 
 
-def _open(path: str) -> Trial:
+def storage_options(text: str) -> dict[str, Any]:
+    """Parse ``--storage-options``: a JSON object (never eval'd)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r} ({exc})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
+def add_trial_arguments(parser: argparse.ArgumentParser, path_nargs: str | None = None) -> None:
+    """The trial's path and, for object storage, its fsspec options (every subcommand takes them)."""
+    parser.add_argument("path", nargs=path_nargs, help="trial directory or URL (s3://bucket/prefix, ...)")
+    parser.add_argument(
+        "--storage-options",
+        type=storage_options,
+        default={},
+        metavar="JSON",
+        help='fsspec options for URLs, e.g. \'{"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}\'',
+    )
+
+
+def _open(args: argparse.Namespace) -> Trial:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trial = create_trial(path)
+        trial = create_trial(args.path, storage_options=args.storage_options)
         trial.tensor_names()
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
@@ -51,7 +74,7 @@ def _open(path: str) -> Trial:
 
 def cmd_ls(args: argparse.Namespace) -> int:
     """Print workers, modes, steps and tensors of a trial."""
-    trial = _open(args.path)
+    trial = _open(args)
     names = trial.tensor_names(collection=args.collection, regex=args.regex)
     if args.json:
         print(
@@ -92,7 +115,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 def cmd_show(args: argparse.Namespace) -> int:
     """Print one tensor's value or reduction at one step or every step."""
-    trial = _open(args.path)
+    trial = _open(args)
     tensor = trial.tensor(args.name)
     mode = Mode.parse(args.mode) if args.mode else None
     steps = [args.step] if args.step is not None else tensor.steps(mode)
@@ -119,13 +142,13 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def find_problems(path: str) -> list[str]:
+def find_problems(path: str, options: dict[str, Any] | None = None) -> list[str]:
     """Every problem in the trial at ``path``: unreadable shards, index records and markers.
 
     Every ``.h5`` file under the trial is opened and read in full, whether or
     not an index record names it; every index record must name a readable shard.
     """
-    storage = get_storage(path)
+    storage = get_storage(path, **(options or {}))
     if not storage.exists():
         raise TrialNotFound(f"no trial at {path!r}")
     problems = []
@@ -160,7 +183,7 @@ def find_problems(path: str) -> list[str]:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Report unreadable files; exit 1 when there are any."""
-    problems = find_problems(args.path)
+    problems = find_problems(args.path, args.storage_options)
     for p in problems:
         print(p)
     if problems:
@@ -172,7 +195,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Write the trial's scalars and reductions as CSV (long format)."""
-    trial = _open(args.path)
+    trial = _open(args)
     df = trial.to_pandas(collection=args.collection)
     if args.output == "-":
         df.to_csv(sys.stdout, index=False)
@@ -189,7 +212,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     matplotlib.use("Agg")
     from .trial.plot import plot_tensors, save_plot
 
-    trial = _open(args.path)
+    trial = _open(args)
     names = list(args.names)
     if args.regex:
         names += [n for n in trial.tensor_names(regex=args.regex) if n not in names]
@@ -208,14 +231,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("ls", help="list workers, modes, steps and tensors of a trial")
-    p.add_argument("path", help="trial directory or URL")
+    add_trial_arguments(p)
     p.add_argument("--collection", help="only tensors of this collection")
     p.add_argument("--regex", help="only tensors whose name matches")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_ls)
 
     p = sub.add_parser("show", help="print a tensor's values or reductions")
-    p.add_argument("path", help="trial directory or URL")
+    add_trial_arguments(p)
     p.add_argument("name", help="tensor name (see `tensortap ls`)")
     p.add_argument("--step", type=int, help="only this step (default: every step)")
     p.add_argument("--mode", choices=[m.name.lower() for m in Mode], help="interpret --step as a step of this mode")
@@ -226,17 +249,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_show)
 
     p = sub.add_parser("check", help="find unreadable shards and records; exit 1 if any")
-    p.add_argument("path", help="trial directory or URL")
+    add_trial_arguments(p)
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("export", help="write scalars and reductions as CSV")
-    p.add_argument("path", help="trial directory or URL")
+    add_trial_arguments(p)
     p.add_argument("--collection", help="only this collection")
     p.add_argument("-o", "--output", default="-", help="CSV file (default: standard output)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("plot", help="plot tensors across steps into an image (needs matplotlib)")
-    p.add_argument("path", help="trial directory or URL")
+    add_trial_arguments(p)
     p.add_argument("names", nargs="*", help="tensor names")
     p.add_argument("--regex", help="also every tensor whose name matches")
     p.add_argument("--reduction", help="reduction to plot (mean, abs_max, l2, ...); default: scalar values, else mean")

@@ -16,6 +16,7 @@ import json
 import sys
 from typing import Any
 
+from .cli import add_trial_arguments
 from .trial import create_trial
 from .trial.rules import BUILTIN_RULES, Rule, RuleRunner, StopTraining, Verdict, make_rule, parameters
 
@@ -27,7 +28,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="run rules on a trial; exit 1 if one fires",
         description="Run built-in rules on a trial. Exit status: 0 nothing fired, 1 a rule fired, 2 usage error.",
     )
-    p.add_argument("path", nargs="?", help="trial directory or URL")
+    add_trial_arguments(p, path_nargs="?")
     p.add_argument(
         "--rule",
         action="append",
@@ -85,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         return _usage("PATH is required (or use --list)")
     if not args.rule:
         return _usage(f"give at least one --rule; built-in rules: {', '.join(BUILTIN_RULES)}")
-    trial = create_trial(args.path, wait=args.follow, timeout=args.idle_timeout)
+    trial = create_trial(args.path, wait=args.follow, timeout=args.idle_timeout, storage_options=args.storage_options)
     try:
         rules = [make_rule(spec, trial) for spec in args.rule]
     except (ValueError, TypeError) as exc:

@@ -205,3 +205,24 @@ def test_a_missing_bucket_is_an_error_not_created(s3_options: dict[str, Any]) ->
     with pytest.raises(RuntimeError, match="cannot write the trial at s3://tensortap-no-such-bucket/run"):
         Writer(url, storage_options=s3_options, strict=True)
     assert not s3fs.S3FileSystem(skip_instance_cache=True, **s3_options).exists("tensortap-no-such-bucket")
+
+
+def test_cli_reads_an_s3_trial_with_storage_options(
+    s3_url: str, s3_options: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tensortap.cli import main
+
+    with Writer(s3_url, storage_options=s3_options) as w:
+        write_steps(w, range(3))
+    options = json.dumps(s3_options)
+    assert main(["ls", s3_url, "--storage-options", options, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["steps"] == [0, 1, 2]
+    assert main(["show", s3_url, "dense/kernel", "--step", "2", "--json", "--storage-options", options]) == 0
+    assert json.loads(capsys.readouterr().out) == {"2": weight(2).tolist()}
+    assert main(["check", s3_url, "--storage-options", options]) == 0
+    assert main(["rules", s3_url, "--rule", "exploding_tensor", "--storage-options", options]) == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(["ls", s3_url, "--storage-options", "[1, 2]"])
+    assert exc.value.code == 2
+    assert "expected a JSON object" in capsys.readouterr().err
