@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -216,21 +217,8 @@ class Trial:
     ) -> list[str]:
         """Names of saved tensors, sorted, filtered by collection, regex, mode and step."""
         self._auto_refresh()
-        pats = [re.compile(r) for r in ([regex] if isinstance(regex, str) else regex or [])]
-        m = None if mode is None else Mode.parse(mode)
-        gstep = None if step is None else self.global_step(step, m)
-        out = []
-        for name, info in self._index.tensors.items():
-            if collection is not None and collection not in info.collections:
-                continue
-            if pats and not any(p.search(name) for p in pats):
-                continue
-            if step is not None and (gstep is None or gstep not in info.locations):
-                continue
-            if m is not None and not any(self._index.steps[s][0] is m for s in info.locations):
-                continue
-            out.append(name)
-        return sorted(out)
+        entries = ((name, info.collections, info.locations) for name, info in self._index.tensors.items())
+        return select_names(entries, self._index.steps, collection, regex, mode, step, self.global_step)
 
     def collections(self) -> dict[str, Collection]:
         """Collections with their tensor names (and configuration, from the workers' records)."""
@@ -497,6 +485,47 @@ class Tensor:
             except TensorUnavailableForStep:
                 continue
         return out
+
+
+def select_names(
+    entries: Iterable[tuple[str, AbstractSet[str], Mapping[int, Any]]],
+    step_modes: Mapping[int, tuple[Mode, int]],
+    collection: str | None,
+    regex: str | Sequence[str] | None,
+    mode: Mode | str | None,
+    step: int | None,
+    global_step: Callable[[int, Mode | None], int | None],
+) -> list[str]:
+    """The filter behind ``tensor_names`` of :class:`Trial` and of the rules' in-memory trial.
+
+    Parameters
+    ----------
+    entries
+        ``(name, collections, {global step: ...})`` of every tensor.
+    step_modes
+        ``{global step: (mode, mode step)}`` of every saved step.
+    collection, regex, mode, step
+        As :meth:`Trial.tensor_names` takes them (``step`` is a mode step when ``mode`` is given).
+    global_step
+        Maps a (mode) step to its global step, None when it is unknown.
+    """
+    pats = [re.compile(r) for r in ([regex] if isinstance(regex, str) else regex or [])]
+    m = None if mode is None else Mode.parse(mode)
+    gstep = None if step is None else global_step(step, m)
+    if step is not None and gstep is None:
+        return []
+    out = []
+    for name, collections, steps in entries:
+        if collection is not None and collection not in collections:
+            continue
+        if pats and not any(p.search(name) for p in pats):
+            continue
+        if gstep is not None and gstep not in steps:
+            continue
+        if m is not None and not any(step_modes[s][0] is m for s in steps if s in step_modes):
+            continue
+        out.append(name)
+    return sorted(out)
 
 
 def create_trial(

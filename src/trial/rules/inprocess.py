@@ -9,7 +9,6 @@ training at the step that made it fire.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +19,7 @@ from ... import reductions as red
 from ...backends.shard import StepRecord
 from ...exceptions import TensorUnavailable, TensorUnavailableForStep
 from ...modes import Mode
+from ..trial import select_names
 from .base import Rule, logger
 
 # saved steps of scalars and reductions kept in memory (raw tensors: each rule's ``history``)
@@ -167,21 +167,8 @@ class MemoryTrial:
         step: int | None = None,
     ) -> list[str]:
         """Names kept in memory, filtered like :meth:`tensortap.trial.Trial.tensor_names`."""
-        pats = [re.compile(r) for r in ([regex] if isinstance(regex, str) else regex or [])]
-        g = None if step is None else self.global_step(step, mode)
-        m = None if mode is None else Mode.parse(mode)
-        out = []
-        for name, saved in self._tensors.items():
-            if collection is not None and collection not in saved.collections:
-                continue
-            if pats and not any(p.search(name) for p in pats):
-                continue
-            if step is not None and g not in saved.values:
-                continue
-            if m is not None and not any(self._steps[s][0] is m for s in saved.values):
-                continue
-            out.append(name)
-        return sorted(out)
+        entries = ((name, saved.collections, saved.values) for name, saved in self._tensors.items())
+        return select_names(entries, self._steps, collection, regex, mode, step, self.global_step)
 
     def tensor(self, name: str) -> MemoryTensor:
         """One tensor; :class:`~tensortap.TensorUnavailable` if it was never saved."""
