@@ -59,24 +59,32 @@ SMDEBUG = ["smdebug==1.0.34", "numpy==2.2.*", "protobuf<=3.20.3", "requests", "p
 
 @nox.session(python=PYTHON)
 def bench(session: nox.Session) -> None:
-    """Run the benchmarks (smdebug in its own environment, where it still runs) and write docs/performance.md."""
+    """Run the benchmarks (smdebug in its own environment, where it still runs) and write docs/performance.md.
+
+    ``nox -s bench -- --quick`` only checks that every script runs (tiny sizes, no smdebug, nothing written).
+    """
     install_all(session)
-    if not session.posargs or "torch" in session.posargs:
-        env = Path(".nox/smdebug")
+    quick = "--quick" in session.posargs
+    names = [a for a in session.posargs if not a.startswith("-")]
+    env: dict[str, str] = {}
+    if not quick and (not names or {"torch", "read"} & set(names)):
+        venv = Path(".nox/smdebug")
         Path("bench/results/smdebug-torch.json").unlink(missing_ok=True)
-        session.run("python", "-m", "venv", "--clear", str(env), external=True)
+        session.run("python", "-m", "venv", "--clear", str(venv), external=True)
         try:
-            session.run(str(env / "bin/pip"), "install", "-q", *SMDEBUG, TORCH, external=True)
-            session.run(
-                str(env / "bin/python"),
-                "-m",
-                "bench.bench_torch_smdebug",
-                "bench/results/smdebug-torch.json",
-                external=True,
-            )
+            session.run(str(venv / "bin/pip"), "install", "-q", *SMDEBUG, TORCH, external=True)
+            env["TENSORTAP_SMDEBUG_PYTHON"] = str((venv / "bin/python").resolve())
+            if not names or "torch" in names:
+                session.run(
+                    str(venv / "bin/python"),
+                    "-m",
+                    "bench.bench_torch_smdebug",
+                    "bench/results/smdebug-torch.json",
+                    external=True,
+                )
         except CommandFailed:
             session.warn("smdebug could not run; its rows are left out")
-    session.run("python", "-m", "bench", *session.posargs)
+    session.run("python", "-m", "bench", *session.posargs, env=env)
 
 
 @nox.session(python=PYTHON)

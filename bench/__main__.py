@@ -1,10 +1,11 @@
-"""Run every benchmark and write docs/performance.md: ``python -m bench [NAME ...]``."""
+"""Run every benchmark and write docs/performance.md: ``python -m bench [NAME ...] [--quick] [--no-write]``."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 import json
+import math
 import os
 import platform
 import sys
@@ -17,28 +18,59 @@ BENCHMARKS = {
     "torch": "bench.bench_torch",
     "keras": "bench.bench_keras",
     "xgboost": "bench.bench_xgboost",
+    "read": "bench.bench_read",
+    "trial": "bench.bench_trial",
 }
 OUT = Path(__file__).resolve().parent.parent / "docs" / "performance.md"
 # rows measured in another environment (smdebug needs NumPy < 2.3), merged into a section
 EXTERNAL = {"torch": Path(__file__).resolve().parent / "results" / "smdebug-torch.json"}
 
+# (figure, benchmark name contains, case contains, column, "<=" or ">=", target)
+TARGETS: list[tuple[str, str, str, str, str, float]] = [
+    ("PyTorch MLP, every step / no hook", "torch MLP", "tensortap: weights+biases+gradients+losses, every step",
+     "ratio", "<=", 1.3),
+    ("PyTorch MLP, every 100 steps / no hook", "torch MLP", "tensortap: weights+biases+gradients+losses, every 100",
+     "ratio", "<=", 1.02),
+    ("Keras TF, every step / no callback", "keras (tensorflow)", "losses, every step", "ratio", "<=", 1.5),
+    ("Keras torch, every step / no callback", "keras (torch)", "losses, every step", "ratio", "<=", 1.5),
+    ("Keras JAX, every step / no callback", "keras (jax)", "losses, every step", "ratio", "<=", 1.5),
+    ("Keras TF, every 100 steps / no callback", "keras (tensorflow)", "every 100 steps", "ratio", "<=", 1.03),
+    ("Keras torch, every 100 steps / no callback", "keras (torch)", "every 100 steps", "ratio", "<=", 1.03),
+    ("Keras JAX, every 100 steps / no callback", "keras (jax)", "every 100 steps", "ratio", "<=", 1.03),
+    ("XGBoost 100 rounds, default collections / no callback", "xgboost", "default collections", "ratio", "<=", 1.05),
+    ("write path bytes/s / numpy.save floor", "write", "tensortap Writer", "floor/this (bytes/s)", ">=", 0.8),
+    ("read a scalar over 1,000 steps: smdebug / tensortap", "read the loss", "tensortap", "ratio smdebug/this",
+     ">=", 20),
+    ("read a 1.6 MB tensor over 1,000 steps: smdebug / tensortap", "read a 1.6 MB", "tensortap",
+     "ratio smdebug/this", ">=", 5),
+    ("tensor_names() on 100,000 steps x 200 tensors (s)", "trial of 100000", "tensor_names()", "seconds", "<=", 0.2),
+    ("steps() on 100,000 steps x 200 tensors (s)", "trial of 100000", "steps()", "seconds", "<=", 0.2),
+    ("open a trial of 100,000 steps (s)", "trial of 100000", "open", "seconds", "<=", 1.0),
+    ("a saved step visible to a live trial, max (s)", "live", "max", "seconds", "<=", 1.0),
+]  # fmt: skip
 
 NOTES = """
-## Notes
+## How to read these figures
 
+- Every table compares arms measured in the same run, interleaved in blocks (`bench/harness.py`):
+  each arm keeps its own model and hook and runs a block of steps in turn, so a slow spell of the
+  machine falls on every arm alike. Two arms run the baseline; `noise` is how far they disagree
+  (|second / first - 1|): a ratio closer to 1 than the noise is no measurable overhead. `block
+  spread` is the interquartile range of one arm's blocks over their median.
 - smdebug 1.0.34 runs only in its own environment (NumPy < 2.3, protobuf <= 3.20.3); `nox -s bench`
-  builds one in `.nox/smdebug` and merges its PyTorch rows above. Its XGBoost hook cannot run with
-  XGBoost >= 1.6: it is a function-style callback (`__call__(env)`), an API XGBoost removed, and it
-  asks `pkg_resources` for the `xgboost` distribution; so the XGBoost table has no smdebug row.
-- Saving raw tensors every step is bound by copying and writing the bytes (4.3 MB per step for the
-  MLP); the default interval of 100 steps is the case to read for the everyday cost.
-- These machines are small shared VMs (2 cores): the first touch of fresh memory is expensive and
-  other jobs add noise, so each case is the best of several interleaved runs.
+  builds one in `.nox/smdebug`, runs the PyTorch arms there and merges its rows above, and reads
+  its trials from there (`TENSORTAP_SMDEBUG_PYTHON`). Its XGBoost hook cannot run with
+  XGBoost >= 1.6 (a function-style callback, an API XGBoost removed), so the XGBoost table has no
+  smdebug row.
+- These machines are small shared VMs (2 cores): figures measured while other jobs run are noisy,
+  which the noise column shows.
 """
 
 
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
+        if math.isnan(value):
+            return "n/a"
         return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
     return str(value)
 
@@ -50,34 +82,63 @@ def _table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per target of :data:`TARGETS` that this run measured: the figure, the target, met or not."""
+    out = []
+    for figure, bench, case, column, op, target in TARGETS:
+        row = next((r for r in rows if bench in str(r.get("benchmark")) and case in str(r.get("case"))), None)
+        if row is None or column not in row or not isinstance(row[column], float) or math.isnan(row[column]):
+            continue
+        value = row[column]
+        met = value <= target if op == "<=" else value >= target
+        out.append(
+            {
+                "figure": figure,
+                "measured": value,
+                "noise": row.get("noise", ""),
+                "target": f"{op} {target}",
+                "met": "yes" if met else "**no**",
+            }
+        )
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("names", nargs="*", help=f"benchmarks to run: {', '.join(BENCHMARKS)} (default: all)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/performance.md alone")
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny sizes: check that every script runs (implies --no-write)"
+    )
     args = parser.parse_args()
     names = args.names or list(BENCHMARKS)
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
         parser.error(f"unknown benchmark(s) {', '.join(unknown)}; valid: {', '.join(BENCHMARKS)}")
-    sections = []
+    sections, every_row = [], []
     for name in names:
         print(f"== {name}", flush=True)
         t0 = time.perf_counter()
-        rows = importlib.import_module(BENCHMARKS[name]).run()
+        module = importlib.import_module(BENCHMARKS[name])
+        rows = module.run(quick=args.quick)
         external = EXTERNAL.get(name)
-        if external is not None and external.exists():
+        if external is not None and external.exists() and not args.quick:
             extra = json.loads(external.read_text())
-            base = next(r for r in extra if r["ratio"] == 1.0)
+            base = next(r for r in extra if r["case"] == "baseline")
             rows += [
-                dict(r, case=f"{r['case']} (own env, its no hook {base['ms_per_step']:.3g} ms)")
+                dict(r, case=f"{r['case']} (own env, its baseline {base['ms_per_step']:.3g} ms)")
                 for r in extra
-                if r is not base
+                if r["case"].startswith("smdebug")
             ]
         for r in rows:
             print("  ", {k: _fmt(v) for k, v in r.items()}, flush=True)
-        doc = (importlib.import_module(BENCHMARKS[name]).__doc__ or "").strip()
+        every_row += rows
+        doc = (module.__doc__ or "").strip()
         sections.append(f"## {name}\n\n{doc}\n\n{_table(rows)}\n\n({time.perf_counter() - t0:.0f} s)\n")
-    if args.no_write:
+    summary = targets(every_row)
+    for r in summary:
+        print("  ", {k: _fmt(v) for k, v in r.items()}, flush=True)
+    if args.no_write or args.quick:
         return 0
     header = (
         "# Performance\n\n"
@@ -86,6 +147,7 @@ def main() -> int:
         "the baseline's time (1.0 = no overhead; lower is better).\n\n"
         f"Machine: {platform.platform()}, Python {platform.python_version()}, "
         f"{os.cpu_count()} CPUs; run on {time.strftime('%Y-%m-%d')}.\n\n"
+        f"## Targets\n\n{_table(summary)}\n\n"
     )
     OUT.write_text(header + "\n".join(sections) + NOTES)
     print(f"wrote {OUT}")

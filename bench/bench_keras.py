@@ -1,15 +1,16 @@
 """Cost of the Keras callback on a small ``fit``, against the same ``fit`` without it, per Keras backend.
 
-An MLP 784-512-256-10 (535k parameters), batch 64, SGD, ``STEPS`` steps of one
-``fit`` in Keras's default compiled mode, one CPU thread. The time per step is
-measured from the start of step ``SKIP`` (after tracing and compiling) to the
-end of ``fit``, which includes publishing the last shard. Cases: no callback;
-a no-op callback that overrides ``on_train_batch_end`` (which turns Keras's
+An MLP 784-512-256-10 (535k parameters), batch 64, SGD, one ``fit`` per arm in
+Keras's default compiled mode, one CPU thread. Every arm's ``fit`` runs in a
+thread of its own, held by a gate callback at batch begins; the arms run
+``BLOCK`` steps at a time in turns (:mod:`bench.harness`), after ``WARMUP``
+untimed steps (tracing, compiling); the end of ``fit`` (tensortap publishes its
+last shard there) is timed with its arm. Arms: no callback, twice (the run's
+noise); a no-op callback that overrides ``on_train_batch_end`` (which turns Keras's
 asynchronous batch-end dispatch off on the torch and JAX backends; tensortap's
 callback overrides no batch-end method); tensortap saving weights, biases,
 gradients and losses (raw tensors) every step and every 100 steps; and with
-every layer's outputs too, every step. Cases are interleaved and their order
-rotated between ``REPEATS`` rounds; the best run of each counts. The backend
+every layer's outputs too, every step. The backend
 Keras was imported with runs in this process, the other installed backends in
 subprocesses with ``KERAS_BACKEND`` set.
 """
@@ -24,19 +25,19 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-STEPS = 300
-SKIP = 20
+from bench import harness
+
 BATCH = 64
-REPEATS = 2
+BLOCK = 25
+ROUNDS = 10
+WARMUP = 5
 BACKENDS = ("tensorflow", "torch", "jax")
 BASIC = ("weights", "biases", "gradients", "losses")
 # (case, save interval or "noop" or None for no callback, collections)
 CASES: list[tuple[str, int | str | None, Sequence[str]]] = [
-    ("no callback", None, ()),
     ("no-op callback with on_train_batch_end (sync dispatch)", "noop", ()),
     ("tensortap: weights+biases+gradients+losses, every step", 1, BASIC),
     ("tensortap: weights+biases+gradients+losses, every 100 steps", 100, BASIC),
@@ -62,84 +63,87 @@ def _single_thread() -> None:
             pass
 
 
-def seconds_per_step(interval: int | str | None, collections: Sequence[str], x: Any, y: Any) -> float:
-    """Seconds per step of one ``fit`` (steps ``SKIP`` to the end, including the callback's close)."""
-    import keras
+class FitArm(harness.GatedThread):
+    """One ``fit`` (a fresh model, its callbacks), held at batch begins by a gate callback."""
 
-    import tensortap
-    import tensortap.keras as ttk
+    def __init__(self, interval: int | str | None, collections: Sequence[str], x: Any, y: Any) -> None:
+        import keras
 
-    class Timer(keras.callbacks.Callback):
-        def on_train_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
-            if batch == SKIP:
-                self.t0 = time.perf_counter()
+        import tensortap
+        import tensortap.keras as ttk
 
-        def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
-            self.t1 = time.perf_counter()
+        gate = self.gate
 
-    class NoOp(keras.callbacks.Callback):
-        def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
-            pass
+        class Gate(keras.callbacks.Callback):
+            def on_train_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+                gate()
 
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential(
-        [
-            keras.Input((784,)),
-            keras.layers.Dense(512, activation="relu"),
-            keras.layers.Dense(256, activation="relu"),
-            keras.layers.Dense(10),
-        ]
-    )
-    model.compile(
-        optimizer=keras.optimizers.SGD(0.01), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    )
-    out_dir = tempfile.mkdtemp(prefix="tensortap-bench-")
-    try:
-        callbacks: list[Any] = []
+        class NoOp(keras.callbacks.Callback):
+            def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+                pass
+
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential(
+            [
+                keras.Input((784,)),
+                keras.layers.Dense(512, activation="relu"),
+                keras.layers.Dense(256, activation="relu"),
+                keras.layers.Dense(10),
+            ]
+        )
+        model.compile(
+            optimizer=keras.optimizers.SGD(0.01), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        )
+        self.out_dir = tempfile.mkdtemp(prefix="tensortap-bench-")
+        callbacks: list[Any] = [Gate()]
         if interval == "noop":
             callbacks.append(NoOp())
         elif interval is not None:
             callbacks.append(
                 ttk.Callback(
-                    out_dir,
+                    self.out_dir,
                     save_config=tensortap.SaveConfig(save_interval=int(interval)),
                     include_collections=list(collections),
                 )
             )
-        timer = Timer()
-        model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=[*callbacks, timer])
-        return (timer.t1 - timer.t0) / (STEPS - SKIP)
-    finally:
-        shutil.rmtree(out_dir, ignore_errors=True)
+        super().__init__(
+            lambda: model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=callbacks)
+        )
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            shutil.rmtree(self.out_dir, ignore_errors=True)
 
 
-def measure() -> list[dict[str, Any]]:
-    """Time every case of :data:`CASES` on the backend Keras runs on in this process."""
+def measure(quick: bool = False) -> list[dict[str, Any]]:
+    """Time every case of :data:`CASES`, interleaved, on the backend Keras runs on in this process."""
     import keras
     import numpy as np
 
     _single_thread()
+    rounds, block = (2, 5) if quick else (ROUNDS, BLOCK)
+    steps = WARMUP + rounds * block + 2
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(STEPS * BATCH, 784)).astype("float32")
-    y = rng.integers(0, 10, STEPS * BATCH)
-    best = {case: float("inf") for case, _, _ in CASES}
-    for r in range(REPEATS):
-        for case, interval, collections in CASES[r % len(CASES) :] + CASES[: r % len(CASES)]:
-            best[case] = min(best[case], seconds_per_step(interval, collections, x, y))
-    base = best["no callback"]
-    name = f"keras ({keras.backend.backend()}) MLP 784-512-256-10, batch 64"
-    return [
-        {"benchmark": name, "case": case, "ms_per_step": best[case] * 1e3, "ratio": best[case] / base}
-        for case, _, _ in CASES
-    ]
+    x = rng.normal(size=(steps * BATCH, 784)).astype("float32")
+    y = rng.integers(0, 10, steps * BATCH)
+    arms: dict[str, Callable[[], harness.Arm]] = {
+        harness.BASELINE: lambda: FitArm(None, (), x, y),
+        harness.BASELINE_2: lambda: FitArm(None, (), x, y),
+    }
+    for case, interval, collections in CASES:
+        arms[case] = lambda i=interval, c=collections: FitArm(i, c, x, y)
+    timings = harness.interleave(arms, rounds=rounds, block=block, warmup=WARMUP)
+    return harness.rows(f"keras ({keras.backend.backend()}) MLP 784-512-256-10, batch 64", timings)
 
 
-def _in_subprocess(backend: str) -> list[dict[str, Any]]:
+def _in_subprocess(backend: str, quick: bool) -> list[dict[str, Any]]:
     env = dict(os.environ, KERAS_BACKEND=backend)
     if backend == "jax":
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.bench_keras", "--json"],
+        [sys.executable, "-m", "bench.bench_keras", "--json", *(["--quick"] if quick else [])],
         env=env,
         capture_output=True,
         text=True,
@@ -151,7 +155,7 @@ def _in_subprocess(backend: str) -> list[dict[str, Any]]:
     return list(json.loads(proc.stdout.strip().splitlines()[-1]))
 
 
-def run() -> list[dict[str, Any]]:
+def run(quick: bool = False) -> list[dict[str, Any]]:
     """One row per backend and case: ms per step and the ratio to no callback.
 
     The backend of this process first (TensorFlow unless ``KERAS_BACKEND`` says
@@ -160,10 +164,10 @@ def run() -> list[dict[str, Any]]:
     import keras
 
     here = keras.backend.backend()
-    rows = measure()
+    rows = measure(quick)
     for backend in BACKENDS:
-        if backend != here and importlib.util.find_spec(backend) is not None:
-            rows += _in_subprocess(backend)
+        if backend != here and importlib.util.find_spec(backend) is not None and not quick:
+            rows += _in_subprocess(backend, quick)
     return rows
 
 
@@ -176,7 +180,9 @@ def show(rows: list[dict[str, Any]]) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="measure this process's backend only; print JSON rows")
-    if parser.parse_args().json:
-        print(json.dumps(measure()))
+    parser.add_argument("--quick", action="store_true", help="two rounds only: check that the benchmark runs")
+    args = parser.parse_args()
+    if args.json:
+        print(json.dumps(measure(args.quick)))
     else:
-        show(run())
+        show(run(args.quick))

@@ -1,33 +1,36 @@
 """Cost of the PyTorch adapter on a small training, against the same training without a hook.
 
-An MLP 784-512-256-10 (535k parameters), batch 64, SGD, ``STEPS`` steps on one
-CPU thread (``torch.set_num_threads(1)``). Cases: no hook; tensortap saving
-weights, biases, gradients and losses (raw tensors) every step and every 100
-steps; and with every layer's outputs too, every step. Cases are interleaved
-and their order rotated between ``REPEATS`` rounds; the best run of each counts.
-Hook construction and ``close()`` (publishing the last shard) are inside the
-timed region. ``bench/bench_torch_smdebug.py`` times smdebug on the same cases.
+An MLP 784-512-256-10 (535k parameters), batch 64, SGD, one CPU thread
+(``torch.set_num_threads(1)``). Arms (each its own model, optimizer and hook
+for the whole run, see :mod:`bench.harness`): no hook, twice (the run's
+noise); tensortap saving weights, biases, gradients and losses (raw tensors)
+every step and every 100 steps; the same with every layer's outputs, every
+step. The arms run ``BLOCK`` steps at a time, interleaved, ``ROUNDS`` times;
+``close()`` (publishing the last shard) is timed with its arm.
+``bench/bench_torch_smdebug.py`` runs the same arms with smdebug in its own
+environment.
 """
 
 from __future__ import annotations
 
 import shutil
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-STEPS = 300
+from bench import harness
+
 BATCH = 64
-REPEATS = 3
+BLOCK = 25
+ROUNDS = 12
+WARMUP = 10
 BENCHMARK = "torch MLP 784-512-256-10, batch 64"
 BASIC = ("weights", "biases", "gradients", "losses")
-# (case, save interval, collections); interval None: no hook
-CASES: list[tuple[str, int | None, Sequence[str]]] = [
-    ("no hook", None, ()),
+# (arm, save interval, collections)
+CASES: list[tuple[str, int, Sequence[str]]] = [
     ("weights+biases+gradients+losses, every step", 1, BASIC),
     ("weights+biases+gradients+losses, every 100 steps", 100, BASIC),
     ("weights+biases+gradients+losses+outputs, every step", 1, (*BASIC, "outputs")),
@@ -37,65 +40,48 @@ CASES: list[tuple[str, int | None, Sequence[str]]] = [
 HookFactory = Callable[[nn.Module, torch.optim.Optimizer, nn.Module, str, int, Sequence[str]], Any]
 
 
-def data() -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``STEPS`` random batches, the same in every run."""
-    gen = torch.Generator().manual_seed(0)
-    return [
-        (torch.randn(BATCH, 784, generator=gen), torch.randint(0, 10, (BATCH,), generator=gen)) for _ in range(STEPS)
-    ]
+class TrainArm:
+    """One training (its own model, optimizer, data and, optionally, a hook) that runs steps on demand."""
+
+    def __init__(
+        self, make_hook: HookFactory | None = None, interval: int = 1, collections: Sequence[str] = ()
+    ) -> None:
+        torch.manual_seed(0)
+        self.model = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 10))
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01)
+        self.loss_fn = nn.CrossEntropyLoss()
+        gen = torch.Generator().manual_seed(0)
+        self.batches = [
+            (torch.randn(BATCH, 784, generator=gen), torch.randint(0, 10, (BATCH,), generator=gen)) for _ in range(16)
+        ]
+        self.i = 0
+        self.out_dir = tempfile.mkdtemp(prefix="tensortap-bench-")
+        self.hook = None
+        if make_hook is not None:
+            self.hook = make_hook(self.model, self.opt, self.loss_fn, self.out_dir, interval, collections)
+
+    def run(self, n: int) -> None:
+        for _ in range(n):
+            x, y = self.batches[self.i % len(self.batches)]
+            self.i += 1
+            self.opt.zero_grad()
+            self.loss_fn(self.model(x), y).backward()
+            self.opt.step()
+
+    def close(self) -> None:
+        if self.hook is not None:
+            self.hook.close()
+        shutil.rmtree(self.out_dir, ignore_errors=True)
 
 
-def _model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 10))
-
-
-def seconds_per_step(
-    make_hook: HookFactory | None,
-    interval: int | None,
-    collections: Sequence[str],
-    batches: list[tuple[torch.Tensor, torch.Tensor]],
-) -> float:
-    """Seconds per training step of one run with a hook from ``make_hook`` (None or interval None: no hook)."""
-    model = _model()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    loss_fn = nn.CrossEntropyLoss()
-    out_dir = tempfile.mkdtemp(prefix="tensortap-bench-")
-    try:
-        t0 = time.perf_counter()
-        hook = None
-        if make_hook is not None and interval is not None:
-            hook = make_hook(model, opt, loss_fn, out_dir, interval, collections)
-        for x, y in batches:
-            opt.zero_grad()
-            loss_fn(model(x), y).backward()
-            opt.step()
-        if hook is not None:
-            hook.close()
-        return (time.perf_counter() - t0) / len(batches)
-    finally:
-        shutil.rmtree(out_dir, ignore_errors=True)
-
-
-def measure(make_hook: HookFactory, library: str) -> list[dict[str, Any]]:
-    """Time every case of :data:`CASES` with hooks from ``make_hook``; one row per case."""
+def measure(make_hook: HookFactory, library: str, quick: bool = False) -> list[dict[str, Any]]:
+    """Time the two baseline arms and every case of :data:`CASES` with hooks from ``make_hook``."""
     torch.set_num_threads(1)
-    batches = data()
-    seconds_per_step(None, None, (), batches[:30])  # warm up
-    best = {case: float("inf") for case, _, _ in CASES}
-    for r in range(REPEATS):
-        for case, interval, collections in CASES[r % len(CASES) :] + CASES[: r % len(CASES)]:
-            best[case] = min(best[case], seconds_per_step(make_hook, interval, collections, batches))
-    base = best["no hook"]
-    return [
-        {
-            "benchmark": BENCHMARK,
-            "case": case if interval is None else f"{library}: {case}",
-            "ms_per_step": best[case] * 1e3,
-            "ratio": best[case] / base,
-        }
-        for case, interval, _ in CASES
-    ]
+    arms: dict[str, Callable[[], harness.Arm]] = {harness.BASELINE: TrainArm, harness.BASELINE_2: TrainArm}
+    for case, interval, collections in CASES:
+        arms[f"{library}: {case}"] = lambda i=interval, c=collections: TrainArm(make_hook, i, c)
+    timings = harness.interleave(arms, rounds=2 if quick else ROUNDS, block=5 if quick else BLOCK, warmup=WARMUP)
+    return harness.rows(BENCHMARK, timings)
 
 
 def _tensortap_hook(
@@ -119,15 +105,15 @@ def _tensortap_hook(
     )
 
 
-def run() -> list[dict[str, Any]]:
-    """Measure and return one row per case: ms per step and the ratio to no hook."""
-    return measure(_tensortap_hook, "tensortap")
+def run(quick: bool = False) -> list[dict[str, Any]]:
+    """Measure and return one row per arm: ms per step, the ratio to no hook, the run's noise."""
+    return measure(_tensortap_hook, "tensortap", quick)
 
 
 def show(rows: list[dict[str, Any]]) -> None:
     """Print rows as a small table."""
     for row in rows:
-        print(f"{row['case']:66s} {row['ms_per_step']:7.2f} ms/step  x{row['ratio']:.2f}")
+        print(f"{row['case']:66s} {row['ms_per_step']:7.2f} ms/step  x{row['ratio']:.2f}  noise {row['noise']:.3f}")
 
 
 if __name__ == "__main__":

@@ -1,21 +1,17 @@
-"""Cost of the XGBoost callback: 10k rows x 50 features, 100 boosting rounds.
+"""Cost of the XGBoost callback: 10k rows x 50 features, 100 boosting rounds, one thread.
 
-Cases: no callback; metrics and losses every round; the default collections
-(``ttx.Callback(out_dir)``); every collection at its default interval.
-XGBoost runs on one thread and the cases are interleaved, so that machines
-shared with other work still give comparable figures: ``seconds`` is the
-process CPU time (XGBoost plus tensortap's writer thread) of the best of
-``repeats`` trainings, ``wall_seconds`` its wall-clock time, ``ratio`` the CPU
-time relative to no callback.
-
-Run ``python bench/bench_xgboost.py``.
+Arms: no callback, twice (the run's noise); metrics and losses every round;
+the default collections (``ttx.Callback(out_dir)``); every collection at its
+default interval. Each arm is one ``xgb.train`` in a thread of its own, held
+before each round by a gate callback; the arms run ``BLOCK`` rounds at a time
+in turns (:mod:`bench.harness`), and the end of training (where tensortap
+publishes its last shard) is timed with its arm.
 """
 
 from __future__ import annotations
 
 import shutil
 import tempfile
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -23,8 +19,10 @@ import numpy as np
 import xgboost as xgb
 
 import tensortap.xgboost as ttx
+from bench import harness
 
 ROWS, FEATURES, ROUNDS = 10_000, 50, 100
+BLOCK = 10
 PARAMS = {
     "objective": "binary:logistic",
     "tree_method": "hist",
@@ -38,7 +36,7 @@ ALL = [
     "average_shap", "full_shap", "trees",
 ]  # fmt: skip
 CASES: dict[str, Callable[[str], list[xgb.callback.TrainingCallback]]] = {
-    "no callback": lambda out: [],
+    harness.BASELINE: lambda out: [],
     "metrics+losses every round": lambda out: [ttx.Callback(out, include_collections=["metrics", "losses"])],
     "default collections": lambda out: [ttx.Callback(out)],
     "all collections, default intervals": lambda out: [ttx.Callback(out, include_collections=ALL)],
@@ -52,46 +50,44 @@ def _data() -> tuple[xgb.DMatrix, xgb.DMatrix]:
     return xgb.DMatrix(X[:ROWS], label=y[:ROWS]), xgb.DMatrix(X[ROWS:], label=y[ROWS:])
 
 
-def _time(make: Callable[[str], list[Any]], dtrain: xgb.DMatrix, dval: xgb.DMatrix) -> tuple[float, float]:
-    """Return (CPU seconds, wall seconds) of one training, the callback's closing included."""
-    out = tempfile.mkdtemp(prefix="tensortap-bench-")
-    try:
-        cpu, wall = time.process_time(), time.perf_counter()
-        xgb.train(
-            PARAMS, dtrain, ROUNDS, evals=[(dtrain, "train"), (dval, "validation")], callbacks=make(out),
-            verbose_eval=False,
-        )  # fmt: skip
-        return time.process_time() - cpu, time.perf_counter() - wall
-    finally:
-        shutil.rmtree(out, ignore_errors=True)
+class BoostArm(harness.GatedThread):
+    """One ``xgb.train`` of ``rounds`` rounds with the callbacks of a case, held before each round by a gate."""
+
+    def __init__(self, case: str, dtrain: xgb.DMatrix, dval: xgb.DMatrix, rounds: int) -> None:
+        gate = self.gate
+
+        class Gate(xgb.callback.TrainingCallback):
+            def before_iteration(self, model: Any, epoch: int, evals_log: Any) -> bool:
+                gate()
+                return False
+
+        self.out_dir = tempfile.mkdtemp(prefix="tensortap-bench-")
+        callbacks = [Gate(), *CASES[case](self.out_dir)]
+        evals = [(dtrain, "train"), (dval, "validation")]
+        super().__init__(
+            lambda: xgb.train(PARAMS, dtrain, rounds, evals=evals, callbacks=callbacks, verbose_eval=False)
+        )
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            shutil.rmtree(self.out_dir, ignore_errors=True)
 
 
-def run(repeats: int = 3) -> list[dict[str, Any]]:
-    """Time every case; return rows ``{"benchmark", "case", "seconds", "ratio", "wall_seconds"}``."""
+def run(quick: bool = False) -> list[dict[str, Any]]:
+    """Time every case, interleaved in blocks of rounds; one row per case with the run's noise."""
     dtrain, dval = _data()
-    _time(CASES["no callback"], dtrain, dval)  # warm-up
-    times: dict[str, list[tuple[float, float]]] = {case: [] for case in CASES}
-    for _ in range(repeats):
-        for case, make in CASES.items():
-            times[case].append(_time(make, dtrain, dval))
-    best = {case: min(t) for case, t in times.items()}
-    base = best["no callback"][0]
-    bench = f"xgboost {ROWS // 1000}k x {FEATURES}, {ROUNDS} rounds"
-    return [
-        {
-            "benchmark": bench,
-            "case": c,
-            "seconds": round(cpu, 3),
-            "ratio": round(cpu / base, 3),
-            "wall_seconds": round(wall, 3),
-        }
-        for c, (cpu, wall) in best.items()
-    ]
+    rounds, block = (4, 2) if quick else (ROUNDS // BLOCK, BLOCK)
+    arms: dict[str, Callable[[], harness.Arm]] = {}
+    for case in CASES:
+        arms[case] = lambda c=case: BoostArm(c, dtrain, dval, rounds * block + 2)
+        if case == harness.BASELINE:
+            arms[harness.BASELINE_2] = lambda: BoostArm(harness.BASELINE, dtrain, dval, rounds * block + 2)
+    timings = harness.interleave(arms, rounds=rounds, block=block, warmup=1)
+    return harness.rows(f"xgboost {ROWS // 1000}k x {FEATURES}, {ROUNDS} rounds", timings, unit="ms_per_round")
 
 
 if __name__ == "__main__":
     for row in run():
-        print(
-            f"{row['benchmark']:<30} {row['case']:<36} cpu {row['seconds']:7.3f} s  x{row['ratio']:.3f}"
-            f"  wall {row['wall_seconds']:7.3f} s"
-        )
+        print(row)

@@ -1,0 +1,164 @@
+"""Trial metadata at scale, live visibility, and memory while saving every step.
+
+- **Scale**: trials of ``N`` steps x ``TENSORS`` scalar tensors (written with the
+  NumPy ``Writer``, 10,000 steps per shard) for two ``N``; times of opening the
+  trial (``create_trial`` + first ``steps()``), then ``tensor_names()`` and
+  ``steps()`` on the open trial (median of 5). "Flat in steps" means the two
+  sizes give about the same time.
+- **Live**: a writer process saves a step every 50 ms (default ``ShardPolicy``);
+  this process polls a live trial and records how long after its save each
+  step became visible (median and max).
+- **Memory**: peak resident memory of the PyTorch MLP of :mod:`bench.bench_torch`
+  trained 300 steps in a fresh process, without a hook and with tensortap
+  saving weights, biases, gradients and losses every step; the difference,
+  next to the shard budget (``ShardPolicy.max_bytes``) and the size of one
+  step's data.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+TENSORS = 200
+SIZES = (10_000, 100_000)
+QUICK_SIZES = (200, 1_000)
+LIVE_STEPS = 40
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _write(path: Path, steps: int) -> None:
+    from tensortap.capture import ShardPolicy, Writer
+
+    names = [f"layer{i}/value" for i in range(TENSORS)]
+    value = np.float32(1.0)
+    with Writer(path, shard_policy=ShardPolicy(max_steps=10_000, max_seconds=3600)) as w:
+        for _ in range(steps):
+            with w.stepping():
+                for name in names:
+                    w.save(name, value)
+
+
+def _median_time(fn: Any, n: int = 5) -> float:
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _scale(root: Path, sizes: tuple[int, ...]) -> list[dict[str, Any]]:
+    import tensortap
+
+    rows = []
+    for steps in sizes:
+        path = root / f"scale-{steps}"
+        _write(path, steps)
+        t0 = time.perf_counter()
+        trial = tensortap.create_trial(path)
+        assert len(trial.steps()) == steps
+        opened = time.perf_counter() - t0
+        bench = f"trial of {steps} steps x {TENSORS} tensors"
+        rows.append({"benchmark": bench, "case": "open (create_trial + first steps())", "seconds": opened})
+        rows.append({"benchmark": bench, "case": "tensor_names()", "seconds": _median_time(trial.tensor_names)})
+        rows.append({"benchmark": bench, "case": "steps()", "seconds": _median_time(trial.steps)})
+        shutil.rmtree(path)
+    return rows
+
+
+LIVE_WRITER = """
+import sys, time
+import numpy as np
+from tensortap.capture import Writer
+with Writer(sys.argv[1]) as w:
+    print("ready", flush=True)
+    for _ in range(int(sys.argv[2])):
+        with w.stepping():
+            w.save("metrics/saved_at", np.float64(time.time()), ["metrics"])
+        time.sleep(0.05)
+"""
+
+
+def _live(root: Path, steps: int) -> list[dict[str, Any]]:
+    import tensortap
+
+    path = root / "live"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", LIVE_WRITER, str(path), str(steps)], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None and proc.stdout.readline().startswith("ready")
+    trial = tensortap.create_trial(path, wait=True)
+    seen: dict[int, float] = {}
+    while len(seen) < steps:
+        for s in trial.steps():
+            seen.setdefault(s, time.time())
+        if proc.poll() is not None and len(seen) < steps and trial.training_ended:
+            break
+        time.sleep(0.01)
+    proc.wait(timeout=60)
+    saved = trial.tensor("metrics/saved_at").values()
+    lags = [seen[s] - float(saved[s]) for s in seen if s in saved]
+    bench = f"live: a step every 50 ms, {steps} steps"
+    return [
+        {"benchmark": bench, "case": "seconds from save to visible, median", "seconds": statistics.median(lags)},
+        {"benchmark": bench, "case": "seconds from save to visible, max", "seconds": max(lags)},
+    ]
+
+
+MEMORY_RUN = """
+import resource, sys, tempfile
+import torch
+from bench.bench_torch import TrainArm, _tensortap_hook
+torch.set_num_threads(1)
+arm = TrainArm(_tensortap_hook if sys.argv[1] == "hook" else None, 1, ("weights", "biases", "gradients", "losses"))
+arm.run(int(sys.argv[2]))
+arm.close()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+def _memory(steps: int) -> list[dict[str, Any]]:
+    from tensortap.capture import ShardPolicy
+
+    def peak(arm: str) -> int:
+        out = subprocess.run(
+            [sys.executable, "-c", MEMORY_RUN, arm, str(steps)], cwd=ROOT, capture_output=True, text=True, check=True
+        )
+        return int(out.stdout.split()[-1])
+
+    bare, hooked = peak("none"), peak("hook")
+    step_bytes = 2 * 4 * (784 * 512 + 512 + 512 * 256 + 256 + 256 * 10 + 10)  # weights + gradients, float32
+    bench = f"peak memory, torch MLP, {steps} steps, every step saved"
+    return [
+        {"benchmark": bench, "case": "no hook (MB)", "MB": bare / 1e6},
+        {"benchmark": bench, "case": "tensortap, extra (MB)", "MB": (hooked - bare) / 1e6},
+        {"benchmark": bench, "case": "shard budget max_bytes (MB)", "MB": ShardPolicy().max_bytes / 1e6},
+        {"benchmark": bench, "case": "one step's weights+gradients (MB)", "MB": step_bytes / 1e6},
+    ]
+
+
+def run(quick: bool = False) -> list[dict[str, Any]]:
+    """Measure and return one row per figure."""
+    root = Path(tempfile.mkdtemp(prefix="tensortap-bench-trial-"))
+    try:
+        rows = _scale(root, QUICK_SIZES if quick else SIZES)
+        rows += _live(root, 10 if quick else LIVE_STEPS)
+        rows += _memory(30 if quick else 300)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return rows
+
+
+if __name__ == "__main__":
+    for row in run(quick="--quick" in sys.argv):
+        print(json.dumps(row))

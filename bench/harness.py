@@ -1,0 +1,179 @@
+"""Interleaved measurement of several arms, with a second baseline arm for the run's own noise.
+
+Every arm keeps its own state (a model, an optimizer, a hook) for the whole
+measurement and runs ``block`` units of work at a time; the arms take turns,
+block after block, in an order rotated every round, so that a slow spell of
+the machine (another job, a page-cache flush) falls on every arm alike
+instead of on whichever ran then. Two arms run the baseline: their ratio,
+which would be exactly 1 on a quiet machine, is the run's noise, reported
+next to every figure. This is why no "best of N" is taken: a minimum hides
+contention and favours whichever arm was lucky.
+
+Only the standard library is used here: smdebug's own environment imports
+this module too.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+BASELINE = "baseline"
+BASELINE_2 = "baseline (2nd arm)"
+
+
+class Arm(Protocol):
+    """One measured configuration: runs ``n`` units of work per call, closes at the end."""
+
+    def run(self, n: int) -> None:
+        """Do ``n`` units of work (training steps, boosting rounds, writes)."""
+
+    def close(self) -> None:
+        """Finish (a hook publishes its last shard here); timed as part of the arm."""
+
+
+class GatedThread:
+    """An :class:`Arm` for trainings that run to their end on their own (``fit``, ``xgb.train``).
+
+    The training runs in a thread of its own and calls :meth:`gate` at the
+    start of every step (from a callback of the framework); :meth:`run` lets
+    ``n`` more steps through and returns when the training waits at its gate
+    again, so every arm runs exactly as its framework runs it, one arm at a
+    time. :meth:`close` lets the training finish and times its end (where a
+    hook publishes its last shard).
+    """
+
+    def __init__(self, train: Callable[[], None]) -> None:
+        self.allowed = 0  # steps the training may still start
+        self.waiting = False  # the training waits at its gate
+        self.ended = False
+        self.error: BaseException | None = None
+        self.cond = threading.Condition()
+        self.thread = threading.Thread(target=self._train, args=(train,), daemon=True)
+        self.thread.start()
+
+    def _train(self, train: Callable[[], None]) -> None:
+        try:
+            train()
+        except BaseException as exc:  # reported by run and close
+            self.error = exc
+        with self.cond:
+            self.ended = True
+            self.cond.notify_all()
+
+    def gate(self) -> None:
+        """Called by the training before each step: wait until it may start."""
+        with self.cond:
+            self.waiting = True
+            self.cond.notify_all()
+            self.cond.wait_for(lambda: self.allowed > 0)
+            self.waiting = False
+            self.allowed -= 1
+
+    def run(self, n: int) -> None:
+        """Let ``n`` steps through and wait for them."""
+        with self.cond:
+            self.cond.wait_for(lambda: self.waiting or self.ended)
+            if self.ended:
+                raise RuntimeError(f"the training ended early: {self.error!r}")
+            self.allowed = n
+            self.cond.notify_all()
+            self.cond.wait_for(lambda: (self.waiting and self.allowed == 0) or self.ended)
+        if self.error is not None:
+            raise RuntimeError(f"the training failed: {self.error!r}") from self.error
+
+    def close(self) -> None:
+        """Let the training run to its end."""
+        with self.cond:
+            self.allowed = 1 << 60
+            self.cond.notify_all()
+        self.thread.join()
+        if self.error is not None:
+            raise RuntimeError(f"the training failed: {self.error!r}") from self.error
+
+
+@dataclass
+class Timing:
+    """What one arm took: per-block seconds and the closing time."""
+
+    blocks: list[float] = field(default_factory=list)
+    closing: float = 0.0
+    units: int = 0
+
+    @property
+    def total(self) -> float:
+        """Seconds of every block plus closing."""
+        return sum(self.blocks) + self.closing
+
+    @property
+    def per_unit(self) -> float:
+        """Seconds per unit of work, closing included."""
+        return self.total / max(self.units, 1)
+
+
+def interleave(arms: Mapping[str, Callable[[], Arm]], *, rounds: int, block: int, warmup: int = 0) -> dict[str, Timing]:
+    """Build every arm, run ``rounds`` blocks of ``block`` units each, interleaved, and close them.
+
+    Parameters
+    ----------
+    arms
+        Arm name to a factory (construction is not timed).
+    rounds
+        How many blocks each arm runs.
+    block
+        Units of work per block.
+    warmup
+        Untimed units each arm runs first (tracing, first-touch memory).
+    """
+    built = {name: make() for name, make in arms.items()}
+    for arm in built.values():
+        if warmup:
+            arm.run(warmup)
+    timings = {name: Timing() for name in built}
+    names = list(built)
+    for r in range(rounds):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for name in order:
+            t0 = time.perf_counter()
+            built[name].run(block)
+            timings[name].blocks.append(time.perf_counter() - t0)
+            timings[name].units += block
+    for name, arm in built.items():
+        t0 = time.perf_counter()
+        arm.close()
+        timings[name].closing = time.perf_counter() - t0
+    return timings
+
+
+def noise(timings: Mapping[str, Timing]) -> float:
+    """|second baseline / baseline - 1|: how far two identical arms disagree in this run."""
+    return abs(timings[BASELINE_2].total / timings[BASELINE].total - 1.0)
+
+
+def spread(t: Timing) -> float:
+    """Relative spread of one arm's blocks: (upper - lower quartile) / median."""
+    if len(t.blocks) < 4:
+        return 0.0
+    q = statistics.quantiles(t.blocks, n=4)
+    return (q[2] - q[0]) / q[1]
+
+
+def rows(benchmark: str, timings: Mapping[str, Timing], unit: str = "ms_per_step") -> list[dict[str, object]]:
+    """One row per arm: time per unit, ratio to the baseline arm, and the run's noise."""
+    base = timings[BASELINE].total
+    n = noise(timings)
+    return [
+        {
+            "benchmark": benchmark,
+            "case": name,
+            unit: t.per_unit * 1e3,
+            "ratio": t.total / base,
+            "noise": n,
+            "block spread": spread(t),
+        }
+        for name, t in timings.items()
+    ]
