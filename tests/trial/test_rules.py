@@ -438,7 +438,7 @@ def test_invoke_rule_on_ended_trial_returns_and_raise_eval_cond(tmp_path: Path) 
         invoke_rule(LossNotDecreasing(trial, num_steps=5), raise_eval_cond=True)
     err = info.value
     assert (err.rule_name, err.step) == ("LossNotDecreasing", 5)
-    assert err.reason.startswith("losses/loss: loss 1 at TRAIN step 5 decreased 0% from 1")
+    assert err.reason.startswith("losses/loss: loss 1 at TRAIN step 5 did not change from 1")
     assert invoke_rule(LossNotDecreasing(trial, num_steps=5), start_step=6, end_step=15) == [6, 11]
 
 

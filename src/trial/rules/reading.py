@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from ... import reductions as red
+from ...exceptions import UnknownName
 from ...modes import Mode
 from .base import Requirement, Rule, check_regexes, name_list, regex_list
 
@@ -54,7 +55,10 @@ class Selection:
             return list(trial.tensor_names(step=step))
         out: set[str] = set()
         for c in self.collections:
-            out.update(trial.tensor_names(collection=c, step=step))
+            try:
+                out.update(trial.tensor_names(collection=c, step=step))
+            except UnknownName:  # not in the trial: the rule says what it needs (Rule.need)
+                continue
         if self.regexes:
             out.update(trial.tensor_names(regex=list(self.regexes), step=step))
         return sorted(out)
