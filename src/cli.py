@@ -134,8 +134,13 @@ def step_ranges(steps: Iterable[int], saved: Sequence[int] | None = None, limit:
     return ", ".join(text)
 
 
+def count(n: int, noun: str) -> str:
+    """``"1 step"``, ``"4 steps"``."""
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def _steps_summary(steps: list[int]) -> str:
-    return f"{step_ranges(steps)} ({len(steps)} steps)" if steps else "none"
+    return f"{step_ranges(steps)} ({count(len(steps), 'step')})" if steps else "none"
 
 
 # ------------------------------------------------------------- arguments

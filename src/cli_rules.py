@@ -28,6 +28,7 @@ from .cli import (
     EXIT_USAGE,
     Style,
     add_trial_arguments,
+    count,
     open_trial,
     print_json,
     step_ranges,
@@ -137,11 +138,13 @@ def _rule_line(rule: Rule, verdicts: list[Verdict], saved: list[int], missing: l
         steps = [v.step for v in verdicts]
         first = verdicts[0]
         return (
-            f"{rule.name}: {style('fired', 'red')} at {step_ranges(steps, saved)} ({len(steps)} steps); "
+            f"{rule.name}: {style('fired', 'red')} at {step_ranges(steps, saved)} ({count(len(steps), 'step')}); "
             f"at step {first.step}: {first.reason}"
         )
     evaluated = [s for s in saved if s <= rule.last_step]
-    where = f"{len(evaluated)} steps up to step {rule.last_step}" if rule.last_step >= 0 else "no step evaluated"
+    where = (
+        f"{count(len(evaluated), 'step')} up to step {rule.last_step}" if rule.last_step >= 0 else "no step evaluated"
+    )
     return f"{rule.name}: {style('did not fire', 'green')} ({where})"
 
 
@@ -163,9 +166,9 @@ def run(args: argparse.Namespace) -> int:
     style = Style(sys.stdout)
 
     def report(rule: Rule, verdict: Verdict) -> None:
-        if args.follow and not args.json and not verdicts[rule]:
+        verdicts[rule].append(verdict)  # first: a Ctrl-C during the print below must not lose it
+        if args.follow and not args.json and len(verdicts[rule]) == 1:
             print(f"{rule.name} {style('fired', 'red')} at step {verdict.step}: {verdict.reason}", flush=True)
-        verdicts[rule].append(verdict)
 
     missing: dict[str, list[str]] = {}
     interrupted = False
