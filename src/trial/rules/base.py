@@ -190,7 +190,8 @@ class Rule:
                 self.threshold = threshold
 
             def invoke_at_step(self, step):
-                for name in self.base_trial.tensor_names(collection="losses", step=step):
+                # Selection.names gives [] for a collection the trial lacks (tensor_names raises UnknownName)
+                for name in Selection(("losses",), None, ()).names(self.base_trial, step):
                     v = float(self.base_trial.tensor(name).value(step))
                     if v > self.threshold:
                         return self.fire(step, f"{name} = {v} > {self.threshold}", [name])
