@@ -15,6 +15,7 @@ from .exceptions import (
     TensortapError,
     TensorUnavailable,
     TensorUnavailableForStep,
+    TrialExistsError,
     TrialNotFound,
 )
 from .modes import Mode, StepState
@@ -37,6 +38,7 @@ __all__ = [
     "TensorUnavailableForStep",
     "TensortapError",
     "Trial",
+    "TrialExistsError",
     "TrialNotFound",
     "create_trial",
     "open_trial",
