@@ -67,8 +67,9 @@ def retried(what: str, fn: Callable[[], _T], attempts: int = WRITE_ATTEMPTS, pau
         except PERMANENT_ERRORS:
             raise
         except Exception as exc:
-            logger.warning("tensortap: %s failed (%s: %s); attempt %d of %d", what, type(exc).__name__, exc,
-                           attempt + 1, attempts)
+            logger.warning(
+                "tensortap: %s failed (%s: %s); attempt %d of %d", what, type(exc).__name__, exc, attempt + 1, attempts
+            )
             time.sleep(pause * 2 ** (attempt - 1) * (0.5 + random.random()))
     return fn()
 
@@ -405,9 +406,7 @@ class FsspecStorage(Storage):
         retried(f"writing {self._path(key)}", lambda: self._put(key, lambda path: self.fs.pipe_file(path, data)))
 
     def publish_file(self, local_path: str, key: str) -> None:
-        retried(
-            f"uploading {self._path(key)}", lambda: self._put(key, lambda path: self.fs.put_file(local_path, path))
-        )
+        retried(f"uploading {self._path(key)}", lambda: self._put(key, lambda path: self.fs.put_file(local_path, path)))
         os.unlink(local_path)
 
     def local_path(self, key: str) -> str:

@@ -97,7 +97,6 @@ class ShardPolicy:
         return cls(**dict(data))
 
 
-
 def run_bounded(fn: Callable[[], _T], timeout: float, what: str) -> _T:
     """Return ``fn()`` run on a daemon thread; raise TimeoutError if it takes longer than ``timeout`` s.
 
@@ -128,8 +127,8 @@ def run_bounded(fn: Callable[[], _T], timeout: float, what: str) -> _T:
 def _exists_message(storage: Storage, worker: str) -> str:
     return (
         f"{storage.url} already holds data of {worker} ({layout.worker_key(worker)}: a previous run, or another "
-        "process running now with the same rank). Choose: if_exists=\"overwrite\" replaces that worker's data, "
-        f"if_exists=\"new_run\" writes each run to {storage.url.rstrip('/')}/{RUN_PREFIX}<n>, or give each run "
+        'process running now with the same rank). Choose: if_exists="overwrite" replaces that worker\'s data, '
+        f'if_exists="new_run" writes each run to {storage.url.rstrip("/")}/{RUN_PREFIX}<n>, or give each run '
         "a folder of its own (and each process of one run its own rank)"
     )
 
@@ -448,7 +447,8 @@ class TrialWriter:
                 return
             if not j.done.wait(self.policy.timeout):
                 self._hung = True
-                self._report(TimeoutError(f"publishing to {self.storage.url}: no answer within {self.policy.timeout:g} s"))
+                timeout = self.policy.timeout
+                self._report(TimeoutError(f"publishing to {self.storage.url}: no answer within {timeout:g} s"))
                 return
         if self._io_lock.acquire(timeout=self.policy.timeout):  # a publish the writer thread started on its own
             self._io_lock.release()
@@ -501,7 +501,9 @@ class TrialWriter:
             if self.error is None:
                 self._report(exc)
             else:
-                logger.warning("tensortap: cannot write the end marker of %s to %s: %s", self.worker, self.storage.url, exc)
+                logger.warning(
+                    "tensortap: cannot write the end marker of %s to %s: %s", self.worker, self.storage.url, exc
+                )
 
     def close(
         self,
