@@ -586,7 +586,7 @@ def _close_at_threading_exit() -> None:
 _PACKAGE = os.path.dirname(os.path.dirname(__file__)) + os.sep
 _NOT_CAPTURE = (os.path.join(_PACKAGE, "trial") + os.sep, os.path.join(_PACKAGE, "cli"))
 MAX_DEFER_SECONDS = 5.0  # a signal is deferred this long at most, then handled wherever the main thread is
-_RELAY_PAUSE = 0.005
+_RELAY_PAUSE = 0.002
 _previous: dict[int, Any] = {}
 _deferred: dict[int, float] = {}  # signal -> when it was first deferred
 _pending_signals: collections.deque[int] = collections.deque()
@@ -608,8 +608,9 @@ def _relay_signals(wake: threading.Event) -> None:
         wake.wait()
         wake.clear()
         time.sleep(_RELAY_PAUSE)
-        while _pending_signals:
-            os.kill(os.getpid(), _pending_signals.popleft())
+        main = threading.main_thread().ident
+        while _pending_signals and main is not None:
+            signal.pthread_kill(main, _pending_signals.popleft())  # to the main thread: it interrupts a blocking read
 
 
 def _on_signal(signum: int, frame: FrameType | None) -> None:
