@@ -152,20 +152,19 @@ def test_ranks_of_one_run_share_its_run_folder(tmp_path: Path) -> None:
 @pytest.mark.parametrize("if_exists", ["error", "new_run"])
 def test_two_writers_starting_at_the_same_instant_with_one_worker_name(tmp_path: Path, if_exists: str) -> None:
     """The claim of a worker name is atomic on local storage: exactly one wins, never both."""
-    rounds = 8
-    for r in range(rounds):
+
+    def start(out: Path, barrier: threading.Barrier, results: list[Writer | BaseException]) -> None:
+        barrier.wait()
+        try:
+            results.append(Writer(out, if_exists=if_exists))
+        except TrialExistsError as exc:
+            results.append(exc)
+
+    for r in range(8):
         out = tmp_path / str(r)
         barrier = threading.Barrier(2)
         results: list[Writer | BaseException] = []
-
-        def start() -> None:
-            barrier.wait()
-            try:
-                results.append(Writer(out, if_exists=if_exists))
-            except TrialExistsError as exc:
-                results.append(exc)
-
-        threads = [threading.Thread(target=start) for _ in range(2)]
+        threads = [threading.Thread(target=start, args=(out, barrier, results)) for _ in range(2)]
         for t in threads:
             t.start()
         for t in threads:
