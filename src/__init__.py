@@ -16,6 +16,7 @@ from .exceptions import (
     TensortapError,
     TensorUnavailable,
     TensorUnavailableForStep,
+    TrialExistsError,
     TrialNotFound,
 )
 from .modes import Mode, StepState
@@ -39,6 +40,7 @@ __all__ = [
     "TensorUnavailableForStep",
     "TensortapError",
     "Trial",
+    "TrialExistsError",
     "TrialNotFound",
     "create_trial",
     "open_trial",

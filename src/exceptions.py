@@ -163,3 +163,7 @@ class RuleInputsMissing(TensortapError):
 
 class StopTrainingRequested(TensortapError):
     """Raised from a framework's step when a stop request was found and raising was asked for."""
+
+
+class TrialExistsError(TensortapError, ValueError):
+    """A worker of that name already wrote into the trial folder (see ``if_exists``)."""

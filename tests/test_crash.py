@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import random
 import signal
 import time
 from pathlib import Path
@@ -168,3 +169,92 @@ def test_forked_child_neither_hangs_nor_publishes_the_parents_steps(tmp_path: Pa
     assert trial.steps() == [0, 1, 2, 3, 4]
     assert trial.tensor("a").values()[4].shape == (3,)  # the parent's values, not the child's
     assert trial.end_reasons() == {"worker_0": "closed"}
+
+
+# ---------------------------------------------------------------- signals while a hook records a step
+def _torch_weights(steps: int) -> list[dict[str, np.ndarray]]:
+    """The parameters after each of ``steps`` optimizer steps of the helper's training, as training computes them."""
+    from helpers.writer_proc import torch_model, torch_step
+
+    model, opt, x, y = torch_model()
+    out = []
+    for _ in range(steps):
+        torch_step(model, opt, x, y)
+        out.append({n: p.detach().numpy().copy() for n, p in model.named_parameters()})
+    return out
+
+
+def _check_published_prefix(trial: tensortap.Trial, torch_run: bool) -> list[int]:
+    steps = trial.steps()
+    assert steps == list(range(len(steps)))
+    if torch_run:
+        expected = _torch_weights(len(steps))
+        for name in ("weight", "bias"):
+            for step, v in trial.tensor(name).values().items():
+                np.testing.assert_array_equal(v, expected[step][name])  # bit-equal
+    else:
+        _check_values(trial, ["a"])
+    return steps
+
+
+@pytest.mark.parametrize("torch_run", [False, True], ids=["numpy", "torch"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_while_the_hook_records_a_step_publishes_that_step(
+    tmp_path: Path, writer_proc, sig: signal.Signals, torch_run: bool
+) -> None:
+    """The signal lands inside ``end_step`` of step 2 (a step listener sends it): step 2 finished, so it is kept."""
+    args = ["--signal-at", f"{sig.name}:2", *(["--torch"] if torch_run else [])]
+    w = writer_proc(tmp_path, *args)
+    w.send("steps", n=200, names=["a"], delay=0)
+    w.expect("signalled 2")  # the handler did not end the process inside the hook
+    status, err = w.wait()
+    if sig == signal.SIGTERM:
+        assert status == -signal.SIGTERM
+    else:
+        assert "KeyboardInterrupt" in err
+    trial = tensortap.create_trial(tmp_path)
+    steps = _check_published_prefix(trial, torch_run)
+    assert 2 in steps and len(steps) < 200
+    assert trial.end_reasons() == {"worker_0": "sigterm" if sig == signal.SIGTERM else "exit"}
+
+
+def test_sigterm_while_the_main_thread_holds_the_buffer_pool_lock(tmp_path: Path, writer_proc) -> None:
+    """Today's deadlock: the handler published (taking the pool's lock) inside ``BufferPool.get``."""
+    w = writer_proc(tmp_path, "--signal-in-pool", "SIGTERM", "--max-steps", "2")
+    w.send("steps", n=2000, names=["a", "b"])
+    assert w.proc.wait(timeout=60) == -signal.SIGTERM  # a deadlock never returns
+    trial = tensortap.create_trial(tmp_path)
+    steps = trial.steps()
+    assert steps and steps == list(range(len(steps)))
+    _check_values(trial, ["a", "b"])
+    assert trial.end_reasons() == {"worker_0": "sigterm"}
+
+
+def _interrupt_repeatedly(w, count: int, seed: int) -> None:
+    rng = random.Random(seed)
+    for _ in range(count):
+        time.sleep(rng.uniform(0.002, 0.02))
+        w.proc.send_signal(signal.SIGINT)
+
+
+@pytest.mark.parametrize("handler", ["tensortap", "default"])
+def test_caught_ctrl_c_leaves_a_consistent_trial(tmp_path: Path, writer_proc, handler: str) -> None:
+    """A notebook: Ctrl-C lands anywhere, the user catches it and trains on; then the trial is consistent.
+
+    ``default``: Python's own SIGINT handler is back (Jupyter restores it around every cell),
+    so the KeyboardInterrupt may land inside tensortap's code.
+    """
+    w = writer_proc(tmp_path, "--max-steps", "3", *(["--default-sigint"] if handler == "default" else []))
+    w.send("steps", n=100_000, names=["a", "b", "c"], catch=True)
+    _interrupt_repeatedly(w, 40, seed=7)
+    w.proc.send_signal(signal.SIGTERM)
+    assert w.proc.wait(timeout=60) == -signal.SIGTERM
+    trial = tensortap.create_trial(tmp_path)
+    steps = set(trial.steps())
+    assert steps
+    for name in ("a", "b", "c"):
+        values = trial.tensor(name).values()
+        assert set(values) <= steps  # no tensor lists a step that steps() does not have
+        for step, v in values.items():
+            np.testing.assert_array_equal(v, value_for(name, step, 0))
+    assert trial.problems() == {}

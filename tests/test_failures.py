@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -116,7 +117,10 @@ def test_publish_failure_mid_run_logs_once_and_disables(tmp_path: Path, caplog: 
     assert "cannot publish" in errors[0].getMessage()
     trial = tensortap.create_trial(tmp_path)
     assert trial.steps() == [0, 1]
-    assert not trial.training_ended  # no end marker is claimed after a failure
+    # the end marker still tells live readers (rules --follow) that nothing more will come, and why
+    assert trial.end_reasons() == {"worker_0": "error"}
+    end = json.loads((tmp_path / "end" / "worker_0.json").read_text())
+    assert "Not a directory" in end["error"]
 
 
 def test_publish_failure_raises_when_strict(tmp_path: Path) -> None:

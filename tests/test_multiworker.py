@@ -1,16 +1,21 @@
-"""SPEC sections 2, 4, 8: several writer processes, one lagging; complete and incomplete steps."""
+"""SPEC sections 2, 4, 8, 9: several writer processes, one lagging; complete and incomplete steps; one run per trial."""
 
 from __future__ import annotations
 
+import json
+import shutil
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers.trials import run_steps
 from helpers.writer_proc import value_for
 
 import tensortap
-from tensortap import StepState, TensorUnavailableForStep
+from tensortap import StepState, TensorUnavailableForStep, TrialExistsError
+from tensortap.capture import ShardPolicy, Writer
 from tensortap.trial.trial import REFRESH_SECONDS
 
 WORKERS = ["worker_0", "worker_1", "worker_2"]
@@ -72,3 +77,117 @@ def test_three_workers_one_lagging(tmp_path: Path, writer_proc) -> None:
     assert trial.end_reasons() == dict.fromkeys(WORKERS, "closed")
     for p in procs:
         assert p.wait()[0] == 0
+
+
+# ---------------------------------------------------------------- one run per trial (if_exists)
+def _run(out: Path, n: int, scale: float, **kwargs) -> Writer:
+    """A finished run of ``n`` steps whose values are ``scale * (step + 1)``; returns its writer."""
+    with Writer(out, **kwargs) as w:
+        run_steps(w, n, value=lambda name, step: np.full(2, scale * (step + 1), np.float32))
+    return w
+
+
+def _values(trial: tensortap.Trial, worker: str = "worker_0") -> dict[int, float]:
+    return {s: float(v[0]) for s, v in trial.tensor("a").values(worker=worker).items()}
+
+
+def test_a_second_run_into_a_trial_is_refused_with_how_to_choose(tmp_path: Path) -> None:
+    _run(tmp_path, 3, 1.0)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    with pytest.raises(TrialExistsError) as info:
+        Writer(tmp_path)
+    assert isinstance(info.value, ValueError)
+    message = str(info.value)
+    assert "worker_0" in message and str(tmp_path) in message
+    assert 'if_exists="overwrite"' in message and 'if_exists="new_run"' in message and "folder" in message
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing touched
+    trial = tensortap.create_trial(tmp_path)
+    assert _values(trial) == {0: 1.0, 1: 2.0, 2: 3.0}
+    assert trial.end_reasons() == {"worker_0": "closed"}
+
+
+def test_overwrite_replaces_that_workers_data_only(tmp_path: Path) -> None:
+    _run(tmp_path, 4, 1.0, rank=0, shard_policy=ShardPolicy(max_steps=1))
+    _run(tmp_path, 3, 5.0, rank=1)
+    old = tensortap.create_trial(tmp_path)
+    old.request_stop("the first run's request")
+    _run(tmp_path, 2, 10.0, rank=0, if_exists="overwrite")
+    trial = tensortap.create_trial(tmp_path)
+    assert _values(trial, "worker_0") == {0: 10.0, 1: 20.0}  # none of the first run's 4 steps is left
+    assert len(list((tmp_path / "shards" / "worker_0").iterdir())) == 1
+    assert _values(trial, "worker_1") == {0: 5.0, 1: 10.0, 2: 15.0}
+    assert trial.stop_request() is None  # it stopped the run that was replaced
+    assert trial.problems() == {}
+
+
+def test_new_run_keeps_every_fit_and_the_first_trial_as_it_was(tmp_path: Path) -> None:
+    """A KFold loop: one hook per fit, each fit in a run folder of its own."""
+    _run(tmp_path, 2, 1.0)  # a trial written before, straight into the folder
+    folds = [_run(tmp_path, 3, 100.0 * (k + 1), if_exists="new_run") for k in range(3)]
+    assert [w.out_dir for w in folds] == [str(tmp_path / f"run-{k}") for k in range(3)]
+    for k in range(3):
+        trial = tensortap.create_trial(tmp_path / f"run-{k}")
+        scale = 100.0 * (k + 1)
+        assert _values(trial) == {0: scale, 1: 2 * scale, 2: 3 * scale}
+        assert trial.end_reasons() == {"worker_0": "closed"}
+    first = tensortap.create_trial(tmp_path)
+    assert _values(first) == {0: 1.0, 1: 2.0}
+
+
+def test_ranks_of_one_run_share_its_run_folder(tmp_path: Path) -> None:
+    """The check is per worker name: rank 1, starting after rank 0, joins rank 0's run."""
+    for run in range(2):
+        writers = [Writer(tmp_path, rank=rank, if_exists="new_run") for rank in range(3)]
+        assert {w.out_dir for w in writers} == {str(tmp_path / f"run-{run}")}
+        for rank, w in enumerate(writers):
+            run_steps(w, 2, value=lambda name, step, rank=rank: np.full(2, rank, np.float32))
+            w.close()
+        trial = tensortap.create_trial(tmp_path / f"run-{run}")
+        assert trial.workers() == WORKERS
+        assert trial.training_ended
+    with Writer(tmp_path, rank=1) as w:  # the parent folder: rank 1 is free there, no run folder involved
+        assert w.out_dir == str(tmp_path)
+
+
+@pytest.mark.parametrize("if_exists", ["error", "new_run"])
+def test_two_writers_starting_at_the_same_instant_with_one_worker_name(tmp_path: Path, if_exists: str) -> None:
+    """The claim of a worker name is atomic on local storage: exactly one wins, never both."""
+
+    def start(out: Path, barrier: threading.Barrier, results: list[Writer | BaseException]) -> None:
+        barrier.wait()
+        try:
+            results.append(Writer(out, if_exists=if_exists))
+        except TrialExistsError as exc:
+            results.append(exc)
+
+    for r in range(8):
+        out = tmp_path / str(r)
+        barrier = threading.Barrier(2)
+        results: list[Writer | BaseException] = []
+        threads = [threading.Thread(target=start, args=(out, barrier, results)) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        writers = [w for w in results if isinstance(w, Writer)]
+        for w in writers:
+            w.close()
+        if if_exists == "error":
+            assert len(writers) == 1 and len(results) == 2
+        else:
+            assert sorted(w.out_dir for w in writers) == [str(out / "run-0"), str(out / "run-1")]
+
+
+def test_records_of_a_second_writer_of_one_worker_are_reported(tmp_path: Path) -> None:
+    """Where the claim cannot be exclusive (object stores), the run id in every record tells the reader."""
+    _run(tmp_path / "a", 2, 1.0)
+    _run(tmp_path / "b", 2, 7.0)
+    # what a second process writing worker_0 into "a" at the same time leaves there
+    shutil.copy(tmp_path / "b/shards/worker_0/0000000000.h5", tmp_path / "a/shards/worker_0/0000000001.h5")
+    record = json.loads((tmp_path / "b/index/worker_0/0000000000.json").read_text())
+    record |= {"seq": 1, "shard": "shards/worker_0/0000000001.h5"}
+    (tmp_path / "a/index/worker_0/0000000001.json").write_text(json.dumps(record))
+    with pytest.warns(RuntimeWarning, match="two processes wrote the worker worker_0"):
+        trial = tensortap.create_trial(tmp_path / "a")
+    assert _values(trial) == {0: 1.0, 1: 2.0}  # the records of the run the worker record names
+    assert list(trial.problems()) == ["index/worker_0/0000000001.json"]

@@ -16,20 +16,62 @@ import abc
 import atexit
 import contextlib
 import json
+import logging
 import os
+import random
 import shutil
 import tempfile
+import time
 import uuid
 import weakref
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 Keys = list[str]  # an alias: inside Storage classes, ``list`` names the method
 
 # fsspec protocols whose uploads appear whole or not at all: an object is
 # only visible once its single PUT (or multipart upload) completes.
 OBJECT_STORE_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "oss"})
+
+
+# Retries of a failed write to a remote backend: attempts in all, and the first pause (doubled each
+# time, with jitter). The writer bounds the whole publish by ShardPolicy.timeout on top of this.
+WRITE_ATTEMPTS = 4
+FIRST_RETRY_PAUSE = 0.2
+
+# Errors that another attempt cannot cure: retrying them only delays the report.
+PERMANENT_ERRORS: tuple[type[BaseException], ...] = (
+    FileNotFoundError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+    FileExistsError,
+    ValueError,
+    TypeError,
+)
+
+_T = TypeVar("_T")
+logger = logging.getLogger("tensortap")
+
+
+def retried(what: str, fn: Callable[[], _T], attempts: int = WRITE_ATTEMPTS, pause: float = FIRST_RETRY_PAUSE) -> _T:
+    """Return ``fn()``, calling it again after a transient error (bounded exponential backoff with jitter).
+
+    Errors in :data:`PERMANENT_ERRORS` are raised at once; the last transient error is raised
+    after ``attempts`` calls. Each retry is logged (``tensortap`` logger, warning) with ``what``.
+    """
+    for attempt in range(1, attempts):
+        try:
+            return fn()
+        except PERMANENT_ERRORS:
+            raise
+        except Exception as exc:
+            logger.warning(
+                "tensortap: %s failed (%s: %s); attempt %d of %d", what, type(exc).__name__, exc, attempt + 1, attempts
+            )
+            time.sleep(pause * 2 ** (attempt - 1) * (0.5 + random.random()))
+    return fn()
 
 
 def is_hidden(key: str) -> bool:
@@ -111,7 +153,36 @@ class Storage(abc.ABC):
 
     def write_json(self, key: str, obj: Any) -> None:
         """Atomically write ``obj`` as JSON to ``key``."""
-        self.write_bytes(key, json.dumps(obj, separators=(",", ":")).encode())
+        self.write_bytes(key, _json_bytes(obj))
+
+    #: Whether :meth:`create_json` is exclusive even against a concurrent writer.
+    exclusive_create: bool = False
+
+    def create_json(self, key: str, obj: Any) -> bool:
+        """Write ``obj`` as JSON to ``key`` unless ``key`` exists; return whether it was written.
+
+        The default checks, then writes: two processes that call it at the same instant may
+        both succeed (:attr:`exclusive_create` is False). Backends that can create a file
+        exclusively override it (the writer's claim of a worker name relies on it).
+        """
+        if self.exists(key):
+            return False
+        self.write_json(key, obj)
+        return True
+
+    def child(self, name: str) -> Storage:
+        """Return the storage of the folder ``name`` directly under the root (a run folder).
+
+        Raises
+        ------
+        NotImplementedError
+            When the backend cannot open a sub-folder (``if_exists="new_run"`` needs it).
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot open the sub-folder {name!r} of {self.url}")
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
 
 
 class LocalStorage(Storage):
@@ -189,6 +260,35 @@ class LocalStorage(Storage):
         self._atomic(key, copy)
         os.unlink(local_path)
 
+    exclusive_create = True
+
+    def create_json(self, key: str, obj: Any) -> bool:
+        """Exclusive: the finished file is hard-linked to ``key``, which fails if ``key`` exists."""
+        dest = self._path(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(_json_bytes(obj))
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, dest)
+            except FileExistsError:
+                return False
+            except OSError:  # a filesystem without hard links: exclusive create, then write
+                try:
+                    with open(dest, "xb") as f:
+                        f.write(_json_bytes(obj))
+                except FileExistsError:
+                    return False
+            return True
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
+    def child(self, name: str) -> Storage:
+        return LocalStorage(self.root / name)
+
     def local_path(self, key: str) -> str:
         path = self._path(key)
         if not path.is_file():
@@ -232,6 +332,7 @@ class FsspecStorage(Storage):
         import fsspec
 
         self.url = url
+        self._options = storage_options  # for child()
         self.fs, root = fsspec.core.url_to_fs(url, **storage_options)
         self.root = root.rstrip("/")
         protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
@@ -302,10 +403,10 @@ class FsspecStorage(Storage):
             raise
 
     def write_bytes(self, key: str, data: bytes) -> None:
-        self._put(key, lambda path: self.fs.pipe_file(path, data))
+        retried(f"writing {self._path(key)}", lambda: self._put(key, lambda path: self.fs.pipe_file(path, data)))
 
     def publish_file(self, local_path: str, key: str) -> None:
-        self._put(key, lambda path: self.fs.put_file(local_path, path))
+        retried(f"uploading {self._path(key)}", lambda: self._put(key, lambda path: self.fs.put_file(local_path, path)))
         os.unlink(local_path)
 
     def local_path(self, key: str) -> str:
@@ -322,13 +423,19 @@ class FsspecStorage(Storage):
         return dest
 
     def delete(self, key: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.fs.rm_file(self._path(key))
+        def rm() -> None:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm_file(self._path(key))
+
+        retried(f"deleting {self._path(key)}", rm)
 
     def makedirs(self) -> None:
         if self.whole_object_uploads:
             return  # no folders to make; the bucket must exist (creating one needs rights writers rarely have)
-        self.fs.makedirs(self.root, exist_ok=True)
+        retried(f"creating {self.root}", lambda: self.fs.makedirs(self.root, exist_ok=True))
+
+    def child(self, name: str) -> Storage:
+        return FsspecStorage(f"{self.url.rstrip('/')}/{name}", **self._options)
 
     def staging_dir(self) -> str:
         os.makedirs(self._staging, exist_ok=True)

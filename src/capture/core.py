@@ -45,9 +45,10 @@ from ..config import (
     check_keys,
     compile_regexes,
 )
+from ..exceptions import TrialExistsError
 from ..modes import Mode
 from .stop import STOP_POLL_SECONDS, StopChannel
-from .writer import ShardPolicy, TrialWriter, logger, register_for_exit
+from .writer import IfExists, ShardPolicy, TrialWriter, logger, register_for_exit
 
 CONFIG_ENV = "TENSORTAP_CONFIG"
 
@@ -149,6 +150,12 @@ class Hook:
         Rules evaluated in-process on every saved step (see :mod:`tensortap.rules`).
     storage_options
         Passed to fsspec for URLs.
+    if_exists
+        When ``out_dir`` already holds data of this worker (``worker_<rank>``: a previous
+        run, or another process with the same rank): ``"error"`` (default) raises
+        :class:`~tensortap.TrialExistsError`; ``"overwrite"`` replaces that worker's data;
+        ``"new_run"`` writes every run to ``out_dir/run-<n>`` (then :attr:`out_dir` is that
+        folder), so a KFold loop or a grid search keeps every fit. Ranks of one run share a run folder.
     """
 
     framework: ClassVar[str] = "numpy"
@@ -175,6 +182,7 @@ class Hook:
         shard_policy: ShardPolicy | None = None,
         rules: Sequence[Any] | None = None,
         storage_options: Mapping[str, Any] | None = None,
+        if_exists: IfExists = "error",
     ) -> None:
         self.strict = bool(strict)
         self.out_dir = os.fspath(out_dir)
@@ -238,7 +246,6 @@ class Hook:
         self.writer: TrialWriter | None = None
         self.enabled = include_workers == "all" or self.rank == 0
         self.storage = get_storage(self.out_dir, **dict(storage_options or {}))
-        self.stop_channel = StopChannel(self.storage)
         # rules may widen what is captured (require_capture), so they attach before the
         # worker record, which lists the collections, is written
         for rule in self.rules:
@@ -248,10 +255,14 @@ class Hook:
         if self.enabled:
             try:
                 self.writer = TrialWriter(
-                    self.storage, self.worker, self.shard_policy, self._worker_info(), self._on_writer_error
+                    self.storage, self.worker, self.shard_policy, self._worker_info(), self._on_writer_error, if_exists
                 )
+                self.storage, self.out_dir = self.writer.storage, self.writer.storage.url  # new_run: the run folder
+            except TrialExistsError:
+                raise
             except Exception as exc:
                 self.fail(exc, f"cannot write the trial at {self.out_dir}")
+        self.stop_channel = StopChannel(self.storage)  # after the writer chose the run folder (new_run)
         register_for_exit(self)
 
     # ---------------------------------------------------------------- config
@@ -294,6 +305,7 @@ class Hook:
             "include_workers",
             "strict",
             "shard_policy",
+            "if_exists",
         }
         if not isinstance(data, dict):
             raise ValueError(f"config: expected a JSON object, got {type(data).__name__}")
@@ -337,6 +349,7 @@ class Hook:
         self.mode_step = self.mode_steps.get(self.mode, -1) + 1
         self.mode_steps[self.mode] = self.mode_step
         self._in_step = True
+        self._records = []  # of a step that never ended (interrupted)
         if not self.enabled or self._failed:
             self._saving = False
             return False
@@ -534,7 +547,7 @@ class Hook:
         self._records = []
         self._offered = set()
         if self.writer is not None:
-            self.writer.rollback()
+            self.writer.disable(*self._progress())  # publishes what is committed, then the end marker
 
     _fail = fail  # the name the XGBoost adapter still uses
 
@@ -580,10 +593,13 @@ class Hook:
             self.writer.rollback()
         self._close_writer(reason)
 
+    def _progress(self) -> tuple[int | None, dict[str, int]]:
+        """The last step counted and the last step of each mode, for the end marker."""
+        return (self.step if self.step >= 0 else None), {m.name: s for m, s in self.mode_steps.items()}
+
     def _close_writer(self, reason: str) -> None:
         if self.writer is not None:
-            last = self.step if self.step >= 0 else None
-            self.writer.close(reason, last, {m.name: s for m, s in self.mode_steps.items()})
+            self.writer.close(reason, *self._progress())
 
     def __enter__(self) -> Hook:
         return self

@@ -1,36 +1,55 @@
-"""The write path below the hook: shard buffering, the writer thread, publishing.
+"""The write path below the hook: claiming a worker name, shard buffering, the writer thread, publishing.
 
 One daemon thread per process owns every h5py call made while capturing. A
-:class:`TrialWriter` (one per hook) buffers saved steps and hands a full
-buffer to that thread, which writes the shard to a temporary file, publishes
-it atomically and then writes its index record. The thread also publishes
-buffers that are older than ``max_seconds`` while training is idle, so data
-reaches live readers in time. Every open writer is closed at normal
-interpreter exit and on SIGTERM.
+:class:`TrialWriter` (one per hook) claims its worker name in the trial (see
+``if_exists``), buffers saved steps and hands a full buffer to that thread,
+which writes the shard to a temporary file, publishes it atomically and then
+writes its index record. The thread also publishes buffers before they are
+``max_seconds`` old, so data reaches live readers in time. Every storage call
+runs off the training thread, and the training thread never waits for one
+longer than ``ShardPolicy.timeout``.
+
+Every open writer is closed at normal interpreter exit and on SIGTERM. The
+SIGTERM and SIGINT handlers never interrupt tensortap's own code: a signal
+that lands while the main thread is inside it (recording a step, holding a
+lock) is delivered again once the main thread is back in the user's code, so
+a step being recorded is finished first and no lock is ever taken twice.
+``docs/reliability-writing.md`` lists what is promised and the tests that check it.
 """
 
 from __future__ import annotations
 
 import atexit
+import collections
 import logging
 import os
 import queue
+import re
 import signal
 import tempfile
 import threading
 import time
+import uuid
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from types import FrameType
-from typing import Any
+from typing import Any, Literal, TypeVar
 
 from ..backends import layout
 from ..backends.shard import POOL, ShardBuffer, write_shard
 from ..backends.storage import Storage
 from ..config import check_keys
+from ..exceptions import TrialExistsError
+from ..modes import Mode
 
 logger = logging.getLogger("tensortap")
+
+IfExists = Literal["error", "overwrite", "new_run"]
+IF_EXISTS = ("error", "overwrite", "new_run")
+RUN_PREFIX = "run-"
+POLL_SECONDS = 0.1  # how often the writer thread looks for buffers due for publishing
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -47,12 +66,17 @@ class ShardPolicy:
         Bytes of tensor data buffered per shard.
     compression
         ``None`` (default), ``"gzip"`` or ``"lzf"``.
+    timeout
+        Seconds the training thread waits, at most, for the storage: for the set-up at
+        construction, for room in the publishing queue, for one publish at ``flush``/``close``.
+        Past it, capture turns itself off (training goes on) and the error is logged.
     """
 
     max_steps: int = 1000
     max_seconds: float = 2.0
     max_bytes: int = 256 << 20
     compression: str | None = None
+    timeout: float = 60.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_steps, int) or self.max_steps < 1:
@@ -61,6 +85,8 @@ class ShardPolicy:
             raise ValueError(f"max_seconds: expected a number > 0, got {self.max_seconds!r}")
         if not isinstance(self.max_bytes, int) or self.max_bytes < 1:
             raise ValueError(f"max_bytes: expected an integer >= 1, got {self.max_bytes!r}")
+        if not isinstance(self.timeout, (int, float)) or self.timeout <= 0:
+            raise ValueError(f"timeout: expected a number > 0, got {self.timeout!r}")
         if self.compression not in (None, "gzip", "lzf"):
             raise ValueError(f"compression: {self.compression!r} is not valid; valid: None, 'gzip', 'lzf'")
 
@@ -71,6 +97,88 @@ class ShardPolicy:
         return cls(**dict(data))
 
 
+def run_bounded(fn: Callable[[], _T], timeout: float, what: str) -> _T:
+    """Return ``fn()`` run on a daemon thread; raise TimeoutError if it takes longer than ``timeout`` s.
+
+    A call that never returns (a storage endpoint that accepts connections and never
+    answers) is left behind on its daemon thread; the caller goes on.
+    """
+    result: list[Any] = []
+    failure: list[BaseException] = []
+    done = threading.Event()
+
+    def target() -> None:
+        try:
+            result.append(fn())
+        except BaseException as exc:  # handed to the caller
+            failure.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=target, name="tensortap-storage", daemon=True).start()
+    if not done.wait(timeout):
+        raise TimeoutError(f"{what}: the storage did not answer within {timeout:g} s")
+    if failure:
+        raise failure[0]
+    return result[0]
+
+
+# ------------------------------------------------------------------ claiming a worker name
+def _exists_message(storage: Storage, worker: str) -> str:
+    return (
+        f"{storage.url} already holds data of {worker} ({layout.worker_key(worker)}: a previous run, or another "
+        'process running now with the same rank). Choose: if_exists="overwrite" replaces that worker\'s data, '
+        f'if_exists="new_run" writes each run to {storage.url.rstrip("/")}/{RUN_PREFIX}<n>, or give each run '
+        "a folder of its own (and each process of one run its own rank)"
+    )
+
+
+def _remove_worker(storage: Storage, worker: str, started: float) -> None:
+    """Delete what an earlier run of ``worker`` wrote: index records first, so no reader follows one to a gone shard."""
+    for folder in (f"{layout.INDEX}/{worker}", f"{layout.SHARDS}/{worker}"):
+        for name in storage.list(folder):
+            storage.delete(f"{folder}/{name}")
+    storage.delete(layout.end_key(worker))
+    try:
+        request = storage.read_json(layout.STOP_REQUEST)
+    except (OSError, ValueError):
+        return
+    stale = not isinstance(request, dict) or not isinstance(request.get("time"), (int, float))
+    if stale or request["time"] < started:  # written before this run started: it stopped the run replaced
+        storage.delete(layout.STOP_REQUEST)
+
+
+def claim_worker(storage: Storage, worker: str, record: dict[str, Any], if_exists: IfExists) -> Storage:
+    """Create the trial root and write ``worker``'s record; return the storage the worker writes to.
+
+    ``if_exists`` says what happens when ``worker`` is already recorded there: ``"error"``
+    raises :class:`TrialExistsError`, ``"overwrite"`` removes that worker's data first,
+    ``"new_run"`` writes to the run folder ``run-<n>`` (the last one, if this worker is not
+    recorded in it yet: ranks of one run share it; otherwise a new one). On storage with
+    exclusive create (local folders), two processes claiming one name at the same instant
+    cannot both succeed.
+    """
+    storage.makedirs()
+    key = layout.worker_key(worker)
+    if if_exists == "new_run":
+        numbers = [int(n[len(RUN_PREFIX) :]) for n in storage.list_dirs("") if re.fullmatch(r"run-\d{1,9}", n)]
+        n = max(numbers, default=0)
+        while True:
+            run = storage.child(f"{RUN_PREFIX}{n}")
+            run.makedirs()
+            if run.create_json(key, record):
+                return run
+            n += 1
+    if storage.create_json(key, record):
+        return storage
+    if if_exists == "error":
+        raise TrialExistsError(_exists_message(storage, worker))
+    _remove_worker(storage, worker, record["started"])
+    storage.write_json(key, record)
+    return storage
+
+
+# ------------------------------------------------------------------ the writer thread
 class _Job:
     def __init__(self, fn: Callable[[], None]) -> None:
         self.fn = fn
@@ -97,12 +205,16 @@ class _WriterThread:
                 _install_exit_handlers()
             return cls._instance
 
-    def submit(self, fn: Callable[[], None]) -> _Job:
+    def submit(self, fn: Callable[[], None], timeout: float) -> _Job:
+        """Queue ``fn``; TimeoutError if the queue stays full for ``timeout`` s (the storage hangs)."""
         job = _Job(fn)
         if threading.current_thread() is self.thread:
             self._execute(job)
-        else:
-            self.jobs.put(job)  # blocks when the queue is full: backpressure on training
+            return job
+        try:
+            self.jobs.put(job, timeout=timeout)  # blocks when the queue is full: backpressure on training
+        except queue.Full:
+            raise TimeoutError(f"publishing made no progress for {timeout:g} s (the storage does not answer)") from None
         return job
 
     @staticmethod
@@ -115,12 +227,11 @@ class _WriterThread:
     def _run(self) -> None:
         while True:
             try:
-                job = self.jobs.get(timeout=0.1)
+                self._execute(self.jobs.get(timeout=POLL_SECONDS))
             except queue.Empty:
-                for w in list(self.writers):
-                    w.publish_if_old()
-                continue
-            self._execute(job)
+                pass
+            for w in list(self.writers):
+                w.publish_if_due()
 
 
 class TrialWriter:
@@ -133,17 +244,29 @@ class TrialWriter:
     worker
         ``worker_<rank>``.
     policy
-        When to close a shard.
+        When to close a shard, and how long to wait for the storage.
     worker_info
         JSON-serialisable facts written to the worker record at start
         (framework, collections, configuration).
     on_error
-        Called once, from the writer thread, with the first exception a publish raised.
+        Called once, from the thread that met it, with the first error of publishing.
+    if_exists
+        What to do when ``worker`` is already recorded in ``storage`` (see :func:`claim_worker`).
+
+    Attributes
+    ----------
+    storage
+        Where this worker writes: ``storage``, or its run folder with ``if_exists="new_run"``.
+    run_id
+        Written into the worker record and every index record, so readers detect two
+        processes writing one worker name.
 
     Raises
     ------
-    OSError
-        If the trial root cannot be created or written.
+    TrialExistsError
+        With ``if_exists="error"``, when ``worker`` is already recorded.
+    OSError, TimeoutError
+        If the trial cannot be set up, or the storage does not answer within ``policy.timeout``.
     """
 
     def __init__(
@@ -153,26 +276,37 @@ class TrialWriter:
         policy: ShardPolicy,
         worker_info: dict[str, Any],
         on_error: Callable[[BaseException], None],
+        if_exists: IfExists = "error",
     ) -> None:
-        self.storage = storage
+        if if_exists not in IF_EXISTS:
+            raise ValueError(f"if_exists: {if_exists!r} is not valid; valid: {', '.join(map(repr, IF_EXISTS))}")
         self.worker = worker
         self.policy = policy
         self.on_error = on_error
         self.error: BaseException | None = None
-        self.closed = False
+        self.closed = False  # accepts no more data
+        self._finished = False
+        self.run_id = uuid.uuid4().hex
         self._lock = threading.RLock()
         self._buffer = ShardBuffer(policy.max_steps, policy.max_bytes)
         self._since = 0.0
+        self._publish_seconds = 0.0  # moving average of one publish: publishing starts this much earlier
+        self._seq = 0
+        self._last: tuple[int, int, int] | None = None  # the last committed (step, mode, mode_step)
+        self._staging_step = -1
+        self._hung = False  # the storage did not answer within policy.timeout: wait for it no more
         self._pending: list[_Job] = []
         self._io_lock = threading.Lock()  # held by the writer thread while it publishes on its own
-        storage.makedirs()
-        storage.write_json(
-            layout.worker_key(worker),
-            {"worker": worker, "pid": os.getpid(), "started": time.time(), **worker_info},
+        record = {
+            "worker": worker,
+            "pid": os.getpid(),
+            "started": time.time(),
+            "run_id": self.run_id,
+            **worker_info,
+        }
+        self.storage = run_bounded(
+            lambda: claim_worker(storage, worker, record, if_exists), policy.timeout, f"setting up {storage.url}"
         )
-        storage.delete(layout.end_key(worker))
-        existing = storage.list(f"{layout.INDEX}/{worker}")
-        self._seq = max((int(n.split(".")[0]) for n in existing if n.endswith(".json")), default=-1) + 1
         self._thread = _WriterThread.get()
         self._thread.writers.add(self)
         _OPEN_WRITERS.add(self)
@@ -190,16 +324,25 @@ class TrialWriter:
 
         A tensor keeps one dtype within a shard: when its dtype changes, the
         committed steps are published first and the step in progress moves to a new shard.
+        Values of an earlier step that was never committed (a step interrupted by a
+        ``KeyboardInterrupt`` that the user caught) are dropped first.
         """
         job = None
         with self._lock:
             if self.closed or self.error is not None:
                 return raw
-            if self._buffer.conflicts(name, raw):
-                job = self._take_locked()
-            if not self._buffer.steps and not self._buffer.staging:
-                self._since = time.monotonic()
-            stored = self._buffer.stage(step, name, collections, raw, reductions, orig_dtype)
+            try:
+                if self._buffer.staging and self._staging_step != step:
+                    self._buffer.rollback()
+                self._staging_step = step
+                if self._buffer.conflicts(name, raw):
+                    job = self._take_locked()
+                if not self._buffer.steps and not self._buffer.staging:
+                    self._since = time.monotonic()
+                stored = self._buffer.stage(step, name, collections, raw, reductions, orig_dtype)
+            except BaseException:  # an interrupt half-way: keep the buffer consistent
+                self._buffer.rollback()
+                raise
         if job is not None:
             self._submit(job)
         return stored
@@ -210,8 +353,9 @@ class TrialWriter:
             if self.closed or self.error is not None:
                 return
             self._buffer.commit(step, mode, mode_step)
+            self._last = (step, mode, mode_step)
             full = len(self._buffer) >= self.policy.max_steps or self._buffer.nbytes >= self.policy.max_bytes
-            job = self._take_locked() if full or self._old() else None
+            job = self._take_locked() if full or self._due() else None
         if job is not None:
             self._submit(job)
 
@@ -220,16 +364,24 @@ class TrialWriter:
         with self._lock:
             self._buffer.rollback()
 
-    def _old(self) -> bool:
-        return bool(self._buffer) and time.monotonic() - self._since >= self.policy.max_seconds
+    def _due(self) -> bool:
+        """Whether the buffer must be published now to reach readers within ``max_seconds``.
 
-    def publish_if_old(self) -> None:
-        """Publish the buffer if its oldest step is older than ``max_seconds`` (writer thread)."""
+        Publishing starts early by the time a publish takes (twice its moving average) plus
+        one poll of the writer thread, but never before half of ``max_seconds``.
+        """
+        if not self._buffer:
+            return False
+        lead = min(POLL_SECONDS + 2 * self._publish_seconds, self.policy.max_seconds / 2)
+        return time.monotonic() - self._since >= self.policy.max_seconds - lead
+
+    def publish_if_due(self) -> None:
+        """Publish the buffer if :meth:`_due` (writer thread)."""
         with self._io_lock:
-            if not self._lock.acquire(blocking=False):
+            if not self._lock.acquire(timeout=POLL_SECONDS):
                 return
             try:
-                job = self._take_locked() if self._old() else None
+                job = self._take_locked() if not self.closed and self.error is None and self._due() else None
             finally:
                 self._lock.release()
             if job is not None:
@@ -247,12 +399,25 @@ class TrialWriter:
         return lambda: self._publish(buffer, seq)
 
     def _submit(self, fn: Callable[[], None]) -> None:
+        if self._hung:
+            return
         self._pending = [j for j in self._pending if not j.done.is_set()]
-        self._pending.append(self._thread.submit(fn))
+        try:
+            self._pending.append(self._thread.submit(fn, self.policy.timeout))
+        except TimeoutError as exc:
+            self._hung = True
+            self._report(exc)
+
+    def _report(self, exc: BaseException) -> None:
+        if self.error is None:
+            self.error = exc
+            self.on_error(exc)
 
     def _publish(self, buffer: ShardBuffer, seq: int) -> None:
         if self.error is not None:
+            buffer.release()
             return
+        start = time.monotonic()
         key = layout.shard_key(self.worker, seq)
         try:
             staging = os.path.join(self.storage.staging_dir(), layout.SHARDS, self.worker)
@@ -266,22 +431,79 @@ class TrialWriter:
             finally:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
+            record["run_id"] = self.run_id
             self.storage.write_json(layout.index_key(self.worker, seq), record)
         except BaseException as exc:  # reported to the hook, never raised into the writer thread
-            self.error = exc
-            self.on_error(exc)
+            buffer.release()
+            self._report(exc)
+            return
+        self._publish_seconds = 0.7 * self._publish_seconds + 0.3 * (time.monotonic() - start)
+
+    def _wait(self) -> None:
+        """Wait until every submitted job is done, ``policy.timeout`` at most for each."""
+        pending, self._pending = self._pending, []
+        for j in pending:
+            if self._hung:
+                return
+            if not j.done.wait(self.policy.timeout):
+                self._hung = True
+                timeout = self.policy.timeout
+                self._report(TimeoutError(f"publishing to {self.storage.url}: no answer within {timeout:g} s"))
+                return
+        if self._io_lock.acquire(timeout=self.policy.timeout):  # a publish the writer thread started on its own
+            self._io_lock.release()
 
     def flush(self) -> None:
         """Publish what is buffered and wait until every submitted shard is published."""
         with self._lock:
+            job = None if self.closed else self._take_locked()
+        if job is not None:
+            self._submit(job)
+        self._wait()
+
+    def disable(self, last_step: int | None, mode_steps: dict[str, int]) -> None:
+        """Capture turned itself off: publish the committed steps, then end this worker (reason ``error``).
+
+        Returns at once; the storage work happens on the writer thread, and :meth:`close` waits for it.
+        """
+        self._end("error", last_step, mode_steps)
+
+    def _end(self, reason: str, last_step: int | None, mode_steps: dict[str, int] | None) -> None:
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+            self._buffer.rollback()
             job = self._take_locked()
         if job is not None:
             self._submit(job)
-        for j in self._pending:
-            j.done.wait()
-        self._pending = []
-        with self._io_lock:  # a publish the writer thread started on its own
-            pass
+        if last_step is None and self._last is not None:
+            last_step = self._last[0]
+        if mode_steps is None:
+            mode_steps = {} if self._last is None else {Mode(self._last[1]).name: self._last[2]}
+        record: dict[str, Any] = {
+            "worker": self.worker,
+            "reason": reason,
+            "last_step": last_step,
+            "mode_steps": mode_steps,
+            "time": time.time(),
+            "run_id": self.run_id,
+        }
+        self._submit(lambda: self._write_end(record))
+
+    def _write_end(self, record: dict[str, Any]) -> None:
+        if self.error is not None:
+            record["reason"] = "error"
+            record["error"] = f"{type(self.error).__name__}: {self.error}"
+        try:
+            self.storage.write_json(layout.end_key(self.worker), record)
+        except Exception as exc:  # the storage is gone: readers cannot be told
+            if self.error is None:
+                self._report(exc)
+            else:
+                logger.warning(
+                    "tensortap: cannot write the end marker of %s to %s: %s", self.worker, self.storage.url, exc
+                )
 
     def close(
         self,
@@ -289,7 +511,9 @@ class TrialWriter:
         last_step: int | None = None,
         mode_steps: dict[str, int] | None = None,
     ) -> None:
-        """Flush, then write the end-of-training marker (unless publishing failed). Idempotent.
+        """Publish what is committed, then write the end-of-training marker, and wait for both. Idempotent.
+
+        After an error the end marker says ``"reason": "error"`` (when the storage still takes it).
 
         Parameters
         ----------
@@ -298,29 +522,15 @@ class TrialWriter:
         last_step, mode_steps
             The last global step the hook counted, and the last step of each mode (by name).
         """
-        if self.closed:
+        if self._finished:
             return
-        self.flush()
-        self.closed = True
+        self._end(reason, last_step, mode_steps)
+        self._wait()
+        self._finished = True
         _OPEN_WRITERS.discard(self)
         self._thread.writers.discard(self)
         if not _OPEN_WRITERS:
             POOL.clear()  # keep no memory once capture is over
-        if self.error is None:
-            try:
-                self.storage.write_json(
-                    layout.end_key(self.worker),
-                    {
-                        "worker": self.worker,
-                        "reason": reason,
-                        "last_step": last_step,
-                        "mode_steps": mode_steps or {},
-                        "time": time.time(),
-                    },
-                )
-            except OSError as exc:
-                self.error = exc
-                self.on_error(exc)
 
 
 _OPEN_WRITERS: weakref.WeakSet[TrialWriter] = weakref.WeakSet()
@@ -339,11 +549,14 @@ def _forget_after_fork() -> None:
     The child must neither publish the parent's buffered steps nor end its
     training, and cannot: the writer thread does not exist in the child.
     """
+    global _relay
     for w in list(_OPEN_WRITERS):
-        w.closed = True
+        w.closed = w._finished = True
     _OPEN_WRITERS.clear()
     _CLOSE_CALLBACKS.clear()
     _WriterThread._instance = None
+    _relay = None
+    _deferred.clear()
 
 
 if hasattr(os, "register_at_fork"):  # POSIX; there is no fork elsewhere
@@ -367,8 +580,60 @@ def _close_at_threading_exit() -> None:
         close_all("exit")
 
 
+# ------------------------------------------------------------------ signals
+# tensortap's own capture code: a signal landing while the main thread runs it is deferred.
+# The read side (trial/, the CLI) is not: a program that reads a trial in a loop stays interruptible.
+_PACKAGE = os.path.dirname(os.path.dirname(__file__)) + os.sep
+_NOT_CAPTURE = (os.path.join(_PACKAGE, "trial") + os.sep, os.path.join(_PACKAGE, "cli"))
+MAX_DEFER_SECONDS = 5.0  # a signal is deferred this long at most, then handled wherever the main thread is
+_RELAY_PAUSE = 0.002
+_previous: dict[int, Any] = {}
+_deferred: dict[int, float] = {}  # signal -> when it was first deferred
+_pending_signals: collections.deque[int] = collections.deque()
+_relay: threading.Event | None = None
+
+
+def _in_capture_code(frame: FrameType | None) -> bool:
+    while frame is not None:
+        path = frame.f_code.co_filename
+        if path.startswith(_PACKAGE) and not path.startswith(_NOT_CAPTURE):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _relay_signals(wake: threading.Event) -> None:
+    """Send deferred signals again, until the handler finds the main thread outside capture code."""
+    while True:
+        wake.wait()
+        wake.clear()
+        time.sleep(_RELAY_PAUSE)
+        main = threading.main_thread().ident
+        while _pending_signals and main is not None:
+            signal.pthread_kill(main, _pending_signals.popleft())  # to the main thread: it interrupts a blocking read
+
+
+def _on_signal(signum: int, frame: FrameType | None) -> None:
+    now = time.monotonic()
+    if _relay is not None and _in_capture_code(frame) and now - _deferred.setdefault(signum, now) < MAX_DEFER_SECONDS:
+        _pending_signals.append(signum)  # lock-free; the relay thread sends it again shortly
+        _relay.set()
+        return
+    _deferred.pop(signum, None)
+    if signum == signal.SIGTERM:
+        close_all("sigterm")
+    previous = _previous.get(signum)
+    if callable(previous):
+        previous(signum, frame)  # SIGINT: default_int_handler raises KeyboardInterrupt here, in the user's code
+    elif previous != signal.SIG_IGN:
+        if signum != signal.SIGTERM:
+            close_all("exit")  # SIG_DFL ends the process without running exit handlers
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+
 def _install_exit_handlers() -> None:
-    global _handlers_installed
+    global _handlers_installed, _relay
     if _handlers_installed:
         return
     _handlers_installed = True
@@ -383,17 +648,15 @@ def _install_exit_handlers() -> None:
         register_threading_exit(_close_at_threading_exit)
     if threading.current_thread() is not threading.main_thread():
         return
-    previous = signal.getsignal(signal.SIGTERM)
-
-    def on_sigterm(signum: int, frame: FrameType | None) -> None:
-        close_all("sigterm")
-        if callable(previous):
-            previous(signum, frame)
-        elif previous != signal.SIG_IGN:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    try:
-        signal.signal(signal.SIGTERM, on_sigterm)
-    except ValueError:  # not the main thread of the main interpreter
-        pass
+    wake = threading.Event()
+    threading.Thread(target=_relay_signals, args=(wake,), name="tensortap-signals", daemon=True).start()
+    _relay = wake
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        previous = signal.getsignal(signum)
+        if previous == signal.SIG_IGN:
+            continue  # the program ignores it: so does capture
+        try:
+            signal.signal(signum, _on_signal)
+        except ValueError:  # not the main thread of the main interpreter
+            return
+        _previous[signum] = previous

@@ -113,6 +113,14 @@ class TrialIndex:
                 except (OSError, ValueError) as exc:
                     self._warn_bad(key, f"unreadable index record ({exc})")
                     continue
+                run, claimed = record.get("run_id"), w.info.get("run_id")
+                if run is not None and claimed is not None and run != claimed:
+                    self._warn_bad(
+                        key,
+                        f"written by another process than the one {layout.worker_key(worker)} names "
+                        f"(run {run}, not {claimed}): two processes wrote the worker {worker}",
+                    )
+                    continue
                 self._add_record(worker, w, record)
 
     def _index_folders(self) -> list[str]:
