@@ -43,14 +43,13 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError('XGBoost is needed for tensortap.xgboost: pip install "tensortap[xgboost]"') from exc
 
 from .callback import Callback
-from .evals import LOSS_METRICS, TRAINING_DATA, metric_collection
+from .evals import LOSS_METRICS, metric_collection
 from .hook import Hook
 from .model import IMPORTANCE_TYPES, booster_parameters
 
 __all__ = [
     "IMPORTANCE_TYPES",
     "LOSS_METRICS",
-    "TRAINING_DATA",
     "Callback",
     "Hook",
     "booster_parameters",

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import xgboost as xgb
 
+from ...config import TRAINING_DATA
 from ..core import Hook
 from ..writer import logger
 
@@ -35,10 +36,6 @@ LOSS_METRICS = frozenset(
         "quantile",
     }
 )
-# the collection that also holds the losses and metrics of an evaluation set that is
-# the training DMatrix itself (``evals=[(dtrain, ...)]``, or ``eval_set=[(X, y), ...]``
-# with the very arrays given to ``fit``); rules use it to tell training from validation
-TRAINING_DATA = "training_data"
 _TRAIN_CODE = inspect.unwrap(xgb.training.train).__code__
 
 EvalsLog = Mapping[str, Mapping[str, Sequence[Any]]]
@@ -73,7 +70,9 @@ def offer_evals(hook: Hook, evals_log: EvalsLog, training: Collection[str]) -> N
     """Offer the last value of every metric of ``evals_log`` to ``losses`` or ``metrics``.
 
     ``losses/<data>-<metric>`` or ``metrics/<data>-<metric>``; the metrics of the
-    sets named in ``training`` are in :data:`TRAINING_DATA` too. With ``xgb.cv``
+    sets named in ``training`` (the training DMatrix itself: ``evals=[(dtrain, ...)]``,
+    or ``eval_set=[(X, y), ...]`` with the very arrays given to ``fit``) are in
+    collection ``training_data`` too, which rules use to tell training from validation. With ``xgb.cv``
     the log holds ``(mean, std)`` over the folds: the mean under that name, the
     standard deviation as ``metrics/<data>-<metric>-std`` (a spread, not a loss).
     """
