@@ -124,6 +124,11 @@ class Callback(xgb.callback.TrainingCallback):
         self.hook = hook = Hook(self.out_dir, hyperparameters=params, **kwargs)
         if self.stop_poll_seconds is not None:
             hook.stop_poll_seconds = self.stop_poll_seconds
+        if booster is not None and not evals and {"losses", "metrics"} & set(hook.included):
+            logger.warning(
+                "tensortap: no evaluation set, so XGBoost computes no loss or metric to capture; pass "
+                "evals=[(dtrain, 'train'), (dval, 'validation')] to xgb.train, or eval_set=[...] to fit"
+            )
         if mdl.is_multi_target_tree(params):
             unsupported = [c for c in mdl.MULTI_TARGET_UNSUPPORTED if c in hook.included]
             if unsupported:
