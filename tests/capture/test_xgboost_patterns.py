@@ -186,9 +186,10 @@ def test_overfit_recognises_the_names_of_the_demos(tmp_path: Path, train_name: s
 def test_overfit_on_the_sklearn_api_knows_the_training_set_by_identity(tmp_path: Path) -> None:
     X, y = _data(flip=0.3)
     Xt, yt, Xv, yv = X[:120], y[:120], X[120:], y[120:]
+    in_process = Overfit()
     clf = xgb.XGBClassifier(
         n_estimators=6, max_depth=6, learning_rate=1.0, n_jobs=1, eval_metric="logloss",
-        callbacks=[ttx.Callback(tmp_path)],
+        callbacks=[ttx.Callback(tmp_path, rules=[in_process])],
     )  # fmt: skip
     clf.fit(Xt, yt, eval_set=[(Xt, yt), (Xv, yv)], verbose=False)
     trial = tensortap.create_trial(tmp_path)
@@ -198,6 +199,7 @@ def test_overfit_on_the_sklearn_api_knows_the_training_set_by_identity(tmp_path:
     expected = _overfit_steps(result["validation_0"]["logloss"], result["validation_1"]["logloss"])
     assert expected
     assert invoke_rule(Overfit(trial)) == expected
+    assert in_process.fired_steps == expected
 
 
 def test_overfit_says_when_it_has_no_training_loss(tmp_path: Path) -> None:

@@ -158,9 +158,7 @@ class _TrainValidation(Rule):
 
     A loss is a training loss when it is in collection ``training_data``;
     otherwise a validation loss when its name matches ``validation_regex`` or it
-    was saved at an EVAL step; the others are training losses. When the trial
-    has no training loss, or (once training has ended) no validation loss, the
-    rule records the missing input (:attr:`Rule.missing_inputs`).
+    was saved at an EVAL step; the others are training losses.
     """
 
     def __init__(self, base_trial: Any, tensor_regex: str | Sequence[str] | None, validation_regex: str) -> None:
@@ -180,8 +178,9 @@ class _TrainValidation(Rule):
         """``({training loss: value}, {validation loss: value})`` saved at ``step``."""
         trial = self.base_trial
         names = self.selection.names(trial, step)
+        if not names and not self.selection.names(trial):
+            self.need(step, Requirement("losses"), f"no tensor of {self.selection.describe()} in the trial")
         training = set(trial.tensor_names(collection=TRAINING_DATA))
-        self._check_inputs(step, training)
         where = trial.mode_step(step)
         eval_step = where is not None and where[0] is Mode.EVAL
         train: dict[str, float] = {}
@@ -193,13 +192,17 @@ class _TrainValidation(Rule):
             (val if self.is_validation(n, training, eval_step) else train)[n] = v
         return train, val
 
-    def _check_inputs(self, step: int, training: set[str]) -> None:
-        """Record a missing input when no loss of the trial is a training loss, or none a validation loss."""
+    def check_both_kinds(self, step: int) -> None:
+        """Record a missing input when no loss of the trial is a training loss, or none a validation loss.
+
+        The lack of validation losses is only recorded once training has ended
+        (they may come later, at the end of an epoch).
+        """
         trial = self.base_trial
         names = self.selection.names(trial)
         if not names:
-            self.need(step, Requirement("losses"), f"no tensor of {self.selection.describe()} in the trial")
             return
+        training = set(trial.tensor_names(collection=TRAINING_DATA))
         val = [n for n in names if self.is_validation(n, training, False)]
         if len(val) == len(names):
             self.need(
@@ -282,6 +285,7 @@ class Overfit(_TrainValidation):
     def invoke_at_step(self, step: int) -> bool:
         if step < self.start_step:
             return False
+        self.check_both_kinds(step)
         train, val = self.split(step)
         self.train_values.extend(train.values())
         if not val or not self.train_values:
