@@ -133,6 +133,32 @@ def test_multi_output_tree_skips_trees_and_shap_with_one_warning(
     assert not trial.tensor_names(regex="^(trees/|full_shap|average_shap/)")
 
 
+def test_what_xgboost_cannot_compute_is_skipped_with_one_warning_each(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    dtrain, dval = _split()
+    params = {"booster": "gblinear", "objective": "binary:logistic", "nthread": 1}
+    result: dict[str, Any] = {}
+    collections = ["losses", "feature_importance", "trees", "predictions"]
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        booster = xgb.train(
+            params, dtrain, 3, evals=[(dval, "validation")], evals_result=result, verbose_eval=False,
+            callbacks=[ttx.Callback(tmp_path, include_collections=collections, save_config=EVERY_ROUND)],
+        )  # fmt: skip
+    warnings = _warnings(caplog)
+    # gblinear has no trees, and only the "weight" importance: one warning for each thing skipped
+    skipped = sorted(w.split(" not captured")[0].removeprefix("tensortap: ") for w in warnings)
+    assert skipped == sorted(["trees", *(f"feature_importance/{k}" for k in ttx.IMPORTANCE_TYPES if k != "weight")])
+    trial = tensortap.create_trial(tmp_path)
+    assert _series(trial, "losses/validation-logloss") == result["validation"]["logloss"]
+    weight = booster.get_score(importance_type="weight")
+    names = sorted(f"feature_importance/weight/{f}" for f in weight)
+    assert trial.tensor_names(collection="feature_importance") == names
+    assert {f: float(trial.tensor(f"feature_importance/weight/{f}").value(2)) for f in weight} == pytest.approx(weight)
+    np.testing.assert_array_equal(trial.tensor("predictions").value(2), booster.predict(dval))
+    assert not trial.tensor_names(collection="trees")
+
+
 # ------------------------------------------------------- trees and NaN
 def test_exploding_tensor_ignores_the_nan_encoding_of_trees(tmp_path: Path) -> None:
     dtrain, dval = _split()

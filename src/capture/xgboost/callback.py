@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -137,7 +138,7 @@ class Callback(xgb.callback.TrainingCallback):
                     '(multi_strategy="multi_output_tree"); the other collections are',
                     ", ".join(unsupported),
                 )
-                self._skipped.update(unsupported)
+                self._skipped.update(mdl.MULTI_TARGET_UNSUPPORTED)
         return model
 
     def before_iteration(self, model: Any, epoch: int, evals_log: EvalsLog) -> bool:
@@ -202,11 +203,13 @@ class Callback(xgb.callback.TrainingCallback):
         hook.end_step()
 
     def _skip_model(self, hook: Hook, round_: int) -> None:
-        wanted = [c for c in hook.included if c not in ("losses", "metrics") and hook.is_saving(c)]
+        done = {"losses", "metrics", *self._skipped, *(("hyperparameters",) if self._hyperparameters_saved else ())}
+        wanted = [c for c in hook.included if c not in done and hook.is_saving(c)]
         if wanted:
             logger.warning(
                 "tensortap: round %d: %s not captured: the booster after training is not the one of round %d "
-                "(EarlyStopping(save_best=True) comes before the tensortap callback; put it after to capture them)",
+                "(EarlyStopping(save_best=True) comes before the tensortap callback in callbacks=[...]; "
+                "list the tensortap callback first to capture them)",
                 round_,
                 ", ".join(wanted),
                 round_,
@@ -217,7 +220,13 @@ class Callback(xgb.callback.TrainingCallback):
             # constant during a training: saved once, at its first round saved for the collection
             self._hyperparameters_saved = True
             self._compute(hook, ("hyperparameters",), lambda: mdl.offer_hyperparameters(hook, hook.hyperparameters))
-        self._compute(hook, ("feature_importance",), lambda: mdl.offer_feature_importance(hook, model))
+        for kind in mdl.IMPORTANCE_TYPES:  # gblinear has "weight" only: the others are skipped
+            self._compute(
+                hook,
+                ("feature_importance",),
+                functools.partial(mdl.offer_feature_importance, hook, model, kind),
+                f"feature_importance/{kind}",
+            )
         self._compute(hook, ("trees",), lambda: mdl.offer_trees(hook, model))
         data = self._eval
         if data is None:
@@ -228,19 +237,25 @@ class Callback(xgb.callback.TrainingCallback):
             hook, ("full_shap", "average_shap"), lambda: mdl.offer_shap(hook, model, round_, data, self.shap_approx)
         )
 
-    def _compute(self, hook: Hook, collections: tuple[str, ...], offer: Callable[[], None]) -> None:
-        """Run ``offer`` if one of ``collections`` is saved now; if it fails, skip them from now on, saying so once."""
-        if not any(hook.is_saving(c) and c not in self._skipped for c in collections):
+    def _compute(
+        self, hook: Hook, collections: tuple[str, ...], offer: Callable[[], None], what: str | None = None
+    ) -> None:
+        """Run ``offer`` if one of ``collections`` is saved now; if it fails, skip it from now on, saying so once.
+
+        ``what`` names what ``offer`` captures (default: its collections).
+        """
+        what = what or ", ".join(collections)
+        if what in self._skipped or not any(hook.is_saving(c) and c not in self._skipped for c in collections):
             return
         try:
             offer()
         except Exception as exc:
             if hook.strict:
                 raise
-            self._skipped.update(collections)
+            self._skipped.add(what)
             logger.warning(
                 "tensortap: %s not captured from round %d on: %s: %s",
-                ", ".join(collections),
+                what,
                 hook.step,
                 type(exc).__name__,
                 str(exc).splitlines()[0] if str(exc) else "",

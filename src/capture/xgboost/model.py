@@ -100,11 +100,10 @@ def offer_hyperparameters(hook: Hook, params: Mapping[str, str]) -> None:
             hook.offer(f"hyperparameters/{name}", np.float64(number), ("hyperparameters",))
 
 
-def offer_feature_importance(hook: Hook, model: Any) -> None:
-    """``feature_importance/<type>/<feature>``: ``get_score`` for every importance type."""
-    for kind in IMPORTANCE_TYPES:
-        for feature, value in model.get_score(importance_type=kind).items():
-            hook.offer(f"feature_importance/{kind}/{feature}", np.asarray(value), ("feature_importance",))
+def offer_feature_importance(hook: Hook, model: Any, kind: str) -> None:
+    """``feature_importance/<kind>/<feature>``: ``get_score`` for importance type ``kind``."""
+    for feature, value in model.get_score(importance_type=kind).items():
+        hook.offer(f"feature_importance/{kind}/{feature}", np.asarray(value), ("feature_importance",))
 
 
 def offer_trees(hook: Hook, model: Any) -> None:
