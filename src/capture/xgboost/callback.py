@@ -135,7 +135,7 @@ class Callback(xgb.callback.TrainingCallback):
             if unsupported:
                 logger.warning(
                     "tensortap: %s not captured: XGBoost cannot compute them for multi-target trees "
-                    '(multi_strategy="multi_output_tree"); the other collections are',
+                    '(multi_strategy="multi_output_tree"); the other collections are still captured',
                     ", ".join(unsupported),
                 )
                 self._skipped.update(mdl.MULTI_TARGET_UNSUPPORTED)
