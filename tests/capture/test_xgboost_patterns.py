@@ -193,13 +193,14 @@ def test_exploding_tensor_fires_on_a_real_nan_in_the_trees(tmp_path: Path) -> No
 # ---------------------------------------------------- Overfit and set names
 @pytest.mark.parametrize(
     ("train_name", "val_name"),
-    [("train", "eval"), ("dtrain", "dtest"), ("train", "test"), ("train", "valid"), ("dtrain", "validation")],
+    [("train", "eval"), ("dtrain", "dtest"), ("Train", "Test"), ("Train", "Valid"), ("dtrain", "validation")],
 )
 def test_overfit_recognises_the_names_of_the_demos(tmp_path: Path, train_name: str, val_name: str) -> None:
     dtrain, dval = _split(flip=0.3)
     result: dict[str, Any] = {}
+    # the demos list the validation set first: watchlist = [(dtest, "eval"), (dtrain, "train")]
     xgb.train(
-        OVERFITTING, dtrain, 6, evals=[(dtrain, train_name), (dval, val_name)], evals_result=result,
+        OVERFITTING, dtrain, 6, evals=[(dval, val_name), (dtrain, train_name)], evals_result=result,
         callbacks=[ttx.Callback(tmp_path)], verbose_eval=False,
     )  # fmt: skip
     expected = _overfit_steps(result[train_name]["logloss"], result[val_name]["logloss"])
@@ -276,6 +277,18 @@ def test_a_callback_after_early_stopping_records_the_last_round(
         assert booster.num_boosted_rounds() == rounds
         np.testing.assert_array_equal(trial.tensor("predictions").value(last), booster.predict(dval))
         assert _warnings(caplog) == []
+
+
+def test_cv_with_early_stopping_before_the_callback(tmp_path: Path) -> None:
+    """As in XGBoost's cross_validation demo, with the tensortap callback appended to its list."""
+    dtrain, _ = _split(flip=0.4)
+    callbacks = [xgb.callback.EarlyStopping(rounds=2), ttx.Callback(tmp_path)]
+    res = xgb.cv(OVERFITTING, dtrain, num_boost_round=100, nfold=3, seed=0, callbacks=callbacks, as_pandas=False)
+    best = len(res["test-logloss-mean"])  # xgb.cv keeps the rounds up to the best one
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.steps() == list(range(best + 2))  # the rounds evaluated: two more than the best
+    assert _series(trial, "losses/test-logloss")[:best] == res["test-logloss-mean"]
+    assert _series(trial, "metrics/test-logloss-std")[:best] == res["test-logloss-std"]
 
 
 def test_sklearn_early_stopping_rounds(tmp_path: Path) -> None:

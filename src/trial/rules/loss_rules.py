@@ -15,9 +15,9 @@ from .actions import StopTraining
 from .base import Requirement, Rule, check_number, check_regexes
 from .reading import LOSS_MODES, ModeSeries, Selection, parse_mode, scalar_at
 
-# a name part (between "/", "_", ".", "-") "val", "valid", "validation", "eval" or "test",
-# optionally prefixed with "d" (``dtest``, ``dval``) and followed by digits (``test1``)
-VALIDATION_REGEX = r"(^|[/_.-])d?(val|valid|validation|eval|test)\d*([/_.-]|$)"
+# a name part (between "/", "_", ".", "-") "val", "valid", "validation", "eval" or "test", in any
+# case (``Valid``), optionally prefixed with "d" (``dtest``, ``dval``) and followed by digits (``test1``)
+VALIDATION_REGEX = r"(?i)(^|[/_.-])d?(val|valid|validation|eval|test)\d*([/_.-]|$)"
 
 
 def percent_change(before: float, now: float) -> float:
@@ -259,8 +259,8 @@ class Overfit(_TrainValidation):
         Largest tolerated ``(validation - training) / training``. Default ``0.1``.
     validation_regex
         Which loss names are validation losses. Default matches ``val``, ``valid``,
-        ``validation``, ``eval`` and ``test`` as name parts, optionally prefixed with
-        ``d`` and followed by digits (``dtest``, ``validation_1``, ``test2``).
+        ``validation``, ``eval`` and ``test`` as name parts, in any case, optionally
+        prefixed with ``d`` and followed by digits (``dtest``, ``Valid``, ``validation_1``, ``test2``).
     """
 
     state_attrs = ("train_values", "exceeded")
