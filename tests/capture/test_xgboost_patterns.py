@@ -8,6 +8,7 @@ multi-class and multi-target models, ranking.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -229,7 +230,7 @@ def test_overfit_on_the_sklearn_api_knows_the_training_set_by_identity(tmp_path:
     assert in_process.fired_steps == expected
 
 
-def test_overfit_says_when_it_has_no_training_loss(tmp_path: Path) -> None:
+def test_overfit_says_when_it_has_no_training_loss(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     X, y = _data(flip=0.3)
     clf = xgb.XGBClassifier(n_estimators=3, n_jobs=1, eval_metric="logloss", callbacks=[ttx.Callback(tmp_path)])
     clf.fit(X[:120], y[:120], eval_set=[(X[120:], y[120:])], verbose=False)
@@ -237,6 +238,12 @@ def test_overfit_says_when_it_has_no_training_loss(tmp_path: Path) -> None:
     assert invoke_rule(rule) == []
     [message] = rule.missing_inputs
     assert "no training loss" in message and "losses/validation_0-logloss" in message
+    # the command line reports it (its exit status is the CLI's: see tests/trial/test_rules_cli.py)
+    from tensortap.cli import main
+
+    main(["rules", str(tmp_path), "--rule", "overfit", "--json"])
+    [report] = json.loads(capsys.readouterr().out)["rules"]
+    assert report["missing_inputs"] == [message]
 
 
 def test_overfit_says_when_it_has_no_validation_loss(tmp_path: Path) -> None:
