@@ -298,18 +298,27 @@ def test_cv_with_early_stopping_before_the_callback(tmp_path: Path) -> None:
     assert _series(trial, "metrics/test-logloss-std")[:best] == res["test-logloss-std"]
 
 
-def test_sklearn_early_stopping_rounds(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("estimator", "metric"), [("XGBClassifier", "logloss"), ("XGBRegressor", "rmse")])
+def test_sklearn_early_stopping_rounds(tmp_path: Path, estimator: str, metric: str) -> None:
     X, y = _data(flip=0.4)
-    clf = xgb.XGBClassifier(
-        n_estimators=100, max_depth=6, learning_rate=1.0, n_jobs=1, eval_metric="logloss", early_stopping_rounds=2,
+    model = getattr(xgb, estimator)(
+        n_estimators=100, max_depth=6, learning_rate=1.0, n_jobs=1, eval_metric=metric, early_stopping_rounds=2,
         callbacks=[ttx.Callback(tmp_path, include_collections=["losses", "predictions"], save_config=EVERY_ROUND)],
     )  # fmt: skip
-    clf.fit(X[:120], y[:120], eval_set=[(X[120:], y[120:])], verbose=False)
-    history = clf.evals_result()["validation_0"]["logloss"]
-    assert len(history) < 100 and clf.best_iteration == len(history) - 3
+    Xt, yt, Xv, yv = X[:120], y[:120], X[120:], y[120:]
+    model.fit(Xt, yt, eval_set=[(Xt, yt), (Xv, yv)], verbose=False)
+    history = model.evals_result()["validation_1"][metric]  # the last set decides when to stop
+    assert len(history) < 100 and model.best_iteration == len(history) - 3
     trial = tensortap.create_trial(tmp_path)
     assert trial.steps() == list(range(len(history)))
-    assert _series(trial, "losses/validation_0-logloss") == history
+    assert _series(trial, f"losses/validation_1-{metric}") == history
+    assert _series(trial, f"losses/validation_0-{metric}") == model.evals_result()["validation_0"][metric]
+    last = len(history) - 1
+    expected = model.predict_proba(Xv)[:, 1] if estimator == "XGBClassifier" else model.predict(Xv)
+    # predict() uses the best iteration; the last round's predictions are those of every round
+    full = model.get_booster().predict(xgb.DMatrix(Xv), iteration_range=(0, last + 1))
+    np.testing.assert_allclose(trial.tensor("predictions").value(last), full, rtol=1e-6)
+    assert not np.array_equal(full, expected)
 
 
 # ----------------------------------------------------------- sklearn
