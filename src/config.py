@@ -34,6 +34,9 @@ BUILTIN_COLLECTIONS = (
     "trees",
     "custom",
 )
+# a marker collection: an adapter also puts there the losses and metrics computed on the
+# training data itself, so that rules tell them from validation ones whatever their names
+TRAINING_DATA = "training_data"
 
 
 def _check_int(field_name: str, value: Any, minimum: int) -> int:

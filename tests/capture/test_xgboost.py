@@ -78,7 +78,7 @@ def test_default_intervals(tmp_path: Path, dmatrices: tuple[Any, Any]) -> None:
     assert ttx.Hook.default_collections == ("metrics", "losses", "hyperparameters")
     intervals = {n: c["save_config"].save_interval for n, c in ttx.Hook.collection_defaults.items()}
     assert intervals == {
-        "hyperparameters": 1, "feature_importance": 10, "predictions": 10, "labels": 10,
+        "feature_importance": 10, "predictions": 10, "labels": 10,
         "average_shap": 50, "full_shap": 50, "trees": 50,
     }  # fmt: skip
     _train(tmp_path / "default", *dmatrices, rounds=21)
@@ -280,7 +280,8 @@ def test_cv_captures_mean_and_std_of_the_folds(tmp_path: Path, dmatrices: tuple[
     trial = tensortap.create_trial(tmp_path)
     assert trial.steps() == list(range(4))
     for key in ("test-logloss", "train-error"):
-        for stat, name in (("mean", f"losses/{key}"), ("std", f"losses/{key}-std")):
+        # the spread over the folds is a metric, not a loss
+        for stat, name in (("mean", f"losses/{key}"), ("std", f"metrics/{key}-std")):
             values = trial.tensor(name).values()
             assert [float(values[s]) for s in range(4)] == result[f"{key}-{stat}"], name
     assert not trial.tensor_names(collection="feature_importance")  # one booster per fold: nothing model-wide

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import bisect
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import numpy as np
 
+from ...config import TRAINING_DATA
 from ...modes import Mode
 from .actions import StopTraining
 from .base import Requirement, Rule, check_number, check_regexes
 from .reading import LOSS_MODES, ModeSeries, Selection, parse_mode, scalar_at
 
-VALIDATION_REGEX = r"(^|[/_.-])(val|valid|validation|eval|test)([/_.-]|$)"
+# a name part (between "/", "_", ".", "-") "val", "valid", "validation", "eval" or "test", in any
+# case (``Valid``), optionally prefixed with "d" (``dtest``, ``dval``) and followed by digits (``test1``)
+VALIDATION_REGEX = r"(?i)(^|[/_.-])d?(val|valid|validation|eval|test)\d*([/_.-]|$)"
 
 
 def percent_change(before: float, now: float) -> float:
@@ -162,9 +165,9 @@ def change_words(decrease: float) -> str:
 class _TrainValidation(Rule):
     """Splits the losses saved at a step into training and validation losses.
 
-    A loss is a validation loss when its name matches ``validation_regex`` or it
-    was saved at an EVAL step; the others, saved at TRAIN or GLOBAL steps, are
-    training losses.
+    A loss is a training loss when it is in collection ``training_data``;
+    otherwise a validation loss when its name matches ``validation_regex`` or it
+    was saved at an EVAL step; the others are training losses.
     """
 
     def __init__(self, base_trial: Any, tensor_regex: str | Sequence[str] | None, validation_regex: str) -> None:
@@ -176,12 +179,17 @@ class _TrainValidation(Rule):
     def required_captures(self) -> list[Requirement]:
         return self.selection.requirements() or [Requirement("losses")]
 
+    def is_validation(self, name: str, training: Collection[str], eval_step: bool) -> bool:
+        """Whether loss ``name`` is a validation loss (``training``: the names in collection ``training_data``)."""
+        return name not in training and (eval_step or bool(self.validation.search(name)))
+
     def split(self, step: int) -> tuple[dict[str, float], dict[str, float]]:
         """``({training loss: value}, {validation loss: value})`` saved at ``step``."""
         trial = self.base_trial
         names = self.selection.names(trial, step)
         if not names and not self.selection.names(trial):
             self.need(step, Requirement("losses"), f"no tensor of {self.selection.describe()} in the trial")
+        training = set(trial.tensor_names(collection=TRAINING_DATA))
         where = trial.mode_step(step)
         eval_step = where is not None and where[0] is Mode.EVAL
         train: dict[str, float] = {}
@@ -190,8 +198,37 @@ class _TrainValidation(Rule):
             v = scalar_at(self, trial, n, step, Requirement("losses"))
             if v is None or not np.isfinite(v):
                 continue
-            (val if eval_step or self.validation.search(n) else train)[n] = v
+            (val if self.is_validation(n, training, eval_step) else train)[n] = v
         return train, val
+
+    def check_both_kinds(self, step: int) -> None:
+        """Record a missing input when no loss of the trial is a training loss, or none a validation loss.
+
+        The lack of validation losses is only recorded once training has ended
+        (they may come later, at the end of an epoch).
+        """
+        trial = self.base_trial
+        names = self.selection.names(trial)
+        if not names:
+            return
+        training = set(trial.tensor_names(collection=TRAINING_DATA))
+        val = [n for n in names if self.is_validation(n, training, False)]
+        if len(val) == len(names):
+            self.need(
+                step,
+                Requirement("losses"),
+                f"no training loss: every loss ({', '.join(names)}) is a validation loss by its name "
+                f"(validation_regex {self.validation.pattern!r}); evaluate on the training data too, e.g. "
+                "evals=[(dtrain, 'train'), (dval, 'validation')], or eval_set=[(X_train, y_train), (X_val, y_val)] "
+                "with the arrays given to fit",
+            )
+        elif not val and Mode.EVAL not in trial.modes() and trial.training_ended:
+            self.need(
+                step,
+                Requirement("losses"),
+                f"no validation loss: no loss ({', '.join(names)}) matches validation_regex "
+                f"{self.validation.pattern!r} and none was saved at an EVAL step",
+            )
 
 
 class Overfit(_TrainValidation):
@@ -203,9 +240,17 @@ class Overfit(_TrainValidation):
     ``ratio > ratio_threshold`` counts one; any other evaluation resets the
     count. Fires when the count reaches ``patience``.
 
-    Losses are those of collection ``losses`` (or ``tensor_regex``); a loss is a
-    validation loss when its name matches ``validation_regex`` (``val_loss``,
-    ``validation-logloss``, ``eval/...``) or it was saved at an EVAL step.
+    Losses are those of collection ``losses`` (or ``tensor_regex``). A loss in
+    collection ``training_data`` is a training loss (the XGBoost callback puts
+    there the losses of an evaluation set that is the training data itself,
+    such as ``validation_0`` of ``eval_set=[(X_train, y_train), (X_val, y_val)]``);
+    otherwise a loss is a validation loss when its name matches
+    ``validation_regex`` (``val_loss``, ``validation-logloss``, ``eval/...``,
+    ``dtest-rmse``, ``validation_1-logloss``) or it was saved at an EVAL step;
+    every other loss (``loss``, ``train-logloss``, ``dtrain-rmse``) is a
+    training loss. Without training losses, or (on an ended trial) without
+    validation losses, the rule cannot compare and records the missing input
+    (:attr:`~tensortap.rules.Rule.missing_inputs`).
 
     Needs: collection ``losses`` with training and validation losses.
 
@@ -223,7 +268,8 @@ class Overfit(_TrainValidation):
         Largest tolerated ``(validation - training) / training``. Default ``0.1``.
     validation_regex
         Which loss names are validation losses. Default matches ``val``, ``valid``,
-        ``validation``, ``eval`` and ``test`` as name parts.
+        ``validation``, ``eval`` and ``test`` as name parts, in any case, optionally
+        prefixed with ``d`` and followed by digits (``dtest``, ``Valid``, ``validation_1``, ``test2``).
     """
 
     state_attrs = ("train_values", "exceeded")
@@ -248,6 +294,7 @@ class Overfit(_TrainValidation):
     def invoke_at_step(self, step: int) -> bool:
         if step < self.start_step:
             return False
+        self.check_both_kinds(step)
         train, val = self.split(step)
         self.train_values.extend(train.values())
         if not val or not self.train_values:

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import bisect
+import re
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from ...modes import Mode
-from .base import check_number
+from .base import check_number, check_regexes
 from .reading import ModeSeries, PerTensorRule, Selection, raw_at, reduction_at, saved_at
 
+# XGBoost's tree table (trees_to_dataframe) writes NaN for "none": the split of a leaf,
+# the children of a leaf, the category of a numeric split
+NAN_ENCODED_REGEX = r"^trees/(Split|Category|Yes|No|Missing)$"
 # weights saved while evaluating do not change: judge tensors on their TRAIN steps when they have some
 TRAIN_FIRST = (Mode.TRAIN, Mode.GLOBAL, Mode.EVAL, Mode.PREDICT)
 
@@ -55,7 +59,13 @@ class ExplodingTensor(PerTensorRule):
 
     Formula: for every selected tensor saved at the step, ``n = nan_count`` and
     ``i = inf_count`` (saved health counts, or counted on the raw tensor). Fires
-    when ``n > 0``, or when ``i > 0`` and ``only_nan`` is False.
+    when ``n > 0``, or when ``i > 0`` and ``only_nan`` is False. In tensors whose
+    name matches ``nan_encoded_regex`` a NaN is an encoding, not a failure, and
+    ``n`` is taken as 0: by default the columns of XGBoost's tree table where
+    ``trees_to_dataframe`` writes NaN for "none" (``trees/Split``,
+    ``trees/Category``, and ``trees/Yes``, ``trees/No``, ``trees/Missing`` of
+    leaves). Their infinite values still count, and so does every NaN of the
+    other tree columns (``trees/Gain``, ``trees/Cover``).
 
     Needs: the selected collections with reductions ``nan_count`` and
     ``inf_count`` (or raw tensors). In-process, a hook captures ``weights``,
@@ -71,6 +81,9 @@ class ExplodingTensor(PerTensorRule):
         Regexes (``re.search``) of tensor names to inspect, in addition.
     only_nan
         Ignore infinite values. Default False.
+    nan_encoded_regex
+        Tensors whose NaN values are not counted; None counts every NaN.
+        Default ``NAN_ENCODED_REGEX``, the XGBoost tree columns above.
     """
 
     def __init__(
@@ -79,20 +92,29 @@ class ExplodingTensor(PerTensorRule):
         collection_names: str | Sequence[str] | None = None,
         tensor_regex: str | Sequence[str] | None = None,
         only_nan: bool = False,
+        nan_encoded_regex: str | None = NAN_ENCODED_REGEX,
     ) -> None:
         super().__init__(base_trial)
         self.only_nan = bool(only_nan)
         self.selection = Selection(collection_names, tensor_regex, ())
+        if nan_encoded_regex is not None:
+            check_regexes("nan_encoded_regex", [nan_encoded_regex])
+        self.nan_encoded = re.compile(nan_encoded_regex) if nan_encoded_regex is not None else None
 
     def capture(self) -> tuple[tuple[str, ...], bool]:
         return ("nan_count",) if self.only_nan else ("nan_count", "inf_count"), False
 
     def check(self, step: int, name: str) -> str | None:
         req = self.requirement()
-        nan = reduction_at(self, self.base_trial, name, step, "nan_count", req)
+        encoded = self.nan_encoded is not None and self.nan_encoded.search(name) is not None
+        if encoded and self.only_nan:
+            return None
+        nan = 0.0 if encoded else reduction_at(self, self.base_trial, name, step, "nan_count", req)
         inf = 0.0 if self.only_nan else reduction_at(self, self.base_trial, name, step, "inf_count", req)
         if nan is None or inf is None:
             return None
+        if encoded and inf > 0:
+            return f"{name}: {int(inf)} infinite value(s) (its NaNs encode missing values and are not counted)"
         if nan > 0 or inf > 0:
             what = f"{int(nan)} NaN" if self.only_nan else f"{int(nan)} NaN and {int(inf)} infinite value(s)"
             return f"{name}: {what}"

@@ -1,0 +1,262 @@
+"""The XGBoost ``TrainingCallback``: XGBoost's events become the steps of the capture core."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import xgboost as xgb
+from xgboost import collective
+
+from .. import core
+from ..writer import logger
+from . import model as mdl
+from .evals import EvalData, EvalsLog, offer_evals, running_train, training_sets
+from .hook import Hook
+
+
+class Callback(xgb.callback.TrainingCallback):
+    """Capture every boosting round of ``xgb.train``, ``xgb.cv``, the sklearn estimators and ``xgboost.dask``.
+
+    The callback is picklable: the hook that writes is created in
+    :meth:`before_training`, in the process that trains (each dask worker
+    writes ``worker_<rank>``, the rank being XGBoost's collective rank), and
+    closed in :meth:`after_training`.
+
+    A collection XGBoost cannot compute for this model (trees and SHAP values of
+    multi-target trees) is skipped with one warning naming it; the others are
+    still captured.
+
+    Parameters
+    ----------
+    out_dir
+        Local directory or fsspec URL of the trial.
+    eval_name
+        Name of the evaluation set whose predictions, labels and SHAP values are
+        captured (as given in ``evals``, e.g. ``"validation"``, or ``"validation_0"``
+        for the sklearn API); default: the last one.
+    shap_rows
+        SHAP values are computed on at most this many rows of that set (a fixed
+        random sample, seed 0).
+    shap_approx
+        Use XGBoost's approximate contributions (``approx_contribs=True``, ~100 times faster).
+    stop_poll_seconds
+        Minimum seconds between two looks for a stop request (default 1).
+    **hook_kwargs
+        ``save_config``, ``include_collections``, ``collection_configs``, ... as
+        :class:`tensortap.capture.Hook`; checked here, at construction. An explicit
+        ``save_config`` applies to every collection not configured in ``collection_configs``.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | os.PathLike[str],
+        *,
+        eval_name: str | None = None,
+        shap_rows: int = 200,
+        shap_approx: bool = False,
+        stop_poll_seconds: float | None = None,
+        **hook_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        if isinstance(shap_rows, bool) or not isinstance(shap_rows, int) or shap_rows < 1:
+            raise ValueError(f"shap_rows: expected an integer >= 1, got {shap_rows!r}")
+        if eval_name is not None and not isinstance(eval_name, str):
+            raise ValueError(f"eval_name: expected the name of an evaluation set or None, got {eval_name!r}")
+        self.out_dir = os.fspath(out_dir)
+        self.eval_name = eval_name
+        self.shap_rows = shap_rows
+        self.shap_approx = bool(shap_approx)
+        self.stop_poll_seconds = stop_poll_seconds
+        self.hook_kwargs = hook_kwargs
+        # a rank-1 hook of include_workers="one" opens no writer: this only checks the configuration
+        probe = {**hook_kwargs, "rank": 1, "rules": None}
+        if probe.get("include_workers", "all") == "all":
+            probe["include_workers"] = "one"
+        included = Hook(self.out_dir, **probe).included
+        if "trees" in included and importlib.util.find_spec("pandas") is None:
+            raise ImportError("include_collections: 'trees' needs pandas: pip install pandas")
+        self.hook: Hook | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        """Forget the state of the last training (what :meth:`before_training` sets)."""
+        self._offset = 0
+        self._eval: EvalData | None = None
+        self._training: frozenset[str] = frozenset()
+        self._evals_log: EvalsLog | None = None
+        self._next_epoch = 0
+        self._skipped: set[str] = set()
+        self._hyperparameters_saved = False
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike[str], **overrides: Any) -> Callback:
+        """Build a callback from a JSON hook configuration (see :meth:`tensortap.capture.Hook.from_json`)."""
+        return cls(**(Hook._kwargs_from_json(core.read_json_config(path)) | overrides))
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> Callback | None:
+        """Build a callback from the JSON file named by ``TENSORTAP_CONFIG``; None if it is unset."""
+        path = os.environ.get(core.CONFIG_ENV)
+        return cls.from_json(path, **overrides) if path else None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "hook": None, "_eval": None, "_evals_log": None}
+
+    # ------------------------------------------------------------ callbacks
+    def before_training(self, model: Any) -> Any:
+        """Open the hook in the training process, after the booster exists."""
+        self._reset()
+        dtrain, evals = running_train(sys._getframe(1))
+        self._eval = EvalData.choose(evals, self.eval_name, self.shap_rows)
+        self._training = training_sets(dtrain, evals)
+        self._offset = model.num_boosted_rounds()
+        booster = model if isinstance(model, xgb.Booster) else None
+        params = mdl.booster_parameters(json.loads(booster.save_config())) if booster is not None else {}
+        kwargs = dict(self.hook_kwargs)
+        if collective.is_distributed():
+            kwargs["rank"] = collective.get_rank()
+        self.hook = hook = Hook(self.out_dir, hyperparameters=params, **kwargs)
+        if self.stop_poll_seconds is not None:
+            hook.stop_poll_seconds = self.stop_poll_seconds
+        if booster is not None and not evals and {"losses", "metrics"} & set(hook.included):
+            logger.warning(
+                "tensortap: no evaluation set, so XGBoost computes no loss or metric to capture; pass "
+                "evals=[(dtrain, 'train'), (dval, 'validation')] to xgb.train, or eval_set=[...] to fit"
+            )
+        if mdl.is_multi_target_tree(params):
+            unsupported = [c for c in mdl.MULTI_TARGET_UNSUPPORTED if c in hook.included]
+            if unsupported:
+                logger.warning(
+                    "tensortap: %s not captured: XGBoost cannot compute them for multi-target trees "
+                    '(multi_strategy="multi_output_tree"); the other collections are still captured',
+                    ", ".join(unsupported),
+                )
+                self._skipped.update(mdl.MULTI_TARGET_UNSUPPORTED)
+        return model
+
+    def before_iteration(self, model: Any, epoch: int, evals_log: EvalsLog) -> bool:
+        """Keep XGBoost's evaluation log (the same object every round), for a round :meth:`after_iteration` misses."""
+        self._evals_log = evals_log
+        return False
+
+    def after_iteration(self, model: Any, epoch: int, evals_log: EvalsLog) -> bool:
+        """Capture round ``epoch``; return True when a stop request was written into the trial."""
+        hook = self.hook
+        if hook is None:
+            raise RuntimeError("tensortap Callback: after_iteration before before_training")
+        self._evals_log = evals_log
+        self._capture_round(hook, model, epoch, model_has_round=True)
+        stop = hook.should_stop
+        if collective.is_distributed():  # a stop one worker sees stops all, at the same round
+            stop = bool(collective.allreduce(np.array([stop], dtype=np.int32), collective.Op.MAX)[0])
+        return stop
+
+    def after_training(self, model: Any) -> Any:
+        """Capture the last round if a callback before this one ended training, then close the hook."""
+        if self.hook is not None:
+            self._capture_missed_round(self.hook, model)
+            self.hook.close()
+        self._eval = None
+        self._evals_log = None
+        return model
+
+    # -------------------------------------------------------------- capture
+    def _capture_missed_round(self, hook: Hook, model: Any) -> None:
+        """The round after which an earlier callback stopped training (XGBoost then skips the later ones).
+
+        XGBoost asks the callbacks one after the other and stops asking at the
+        first that returns True (``EarlyStopping`` does at its last round), so a
+        callback listed after it never sees that round.
+        """
+        log = self._evals_log
+        histories = [h for metrics in (log or {}).values() for h in metrics.values()]
+        is_booster = isinstance(model, xgb.Booster)
+        if histories:
+            epochs = len(histories[0])
+        elif is_booster:
+            epochs = model.num_boosted_rounds() - self._offset
+        else:
+            return
+        if epochs <= self._next_epoch:
+            return
+        # EarlyStopping(save_best=True) before this callback hands over the best round's model
+        has_round = is_booster and model.num_boosted_rounds() == self._offset + epochs
+        self._capture_round(hook, model, epochs - 1, model_has_round=has_round)
+
+    def _capture_round(self, hook: Hook, model: Any, epoch: int, model_has_round: bool) -> None:
+        round_ = self._offset + epoch
+        self._next_epoch = epoch + 1
+        if hook.begin_round(round_):
+            offer_evals(hook, self._evals_log or {}, self._training)
+            if isinstance(model, xgb.Booster):  # xgb.cv: one booster per fold, only the evaluation log is shared
+                if model_has_round:
+                    self._capture_model(hook, model, round_)
+                else:
+                    self._skip_model(hook, round_)
+        hook.end_step()
+
+    def _skip_model(self, hook: Hook, round_: int) -> None:
+        done = {"losses", "metrics", *self._skipped, *(("hyperparameters",) if self._hyperparameters_saved else ())}
+        wanted = [c for c in hook.included if c not in done and hook.is_saving(c)]
+        if wanted:
+            logger.warning(
+                "tensortap: round %d: %s not captured: the booster after training is not the one of round %d "
+                "(EarlyStopping(save_best=True) comes before the tensortap callback in callbacks=[...]; "
+                "list the tensortap callback first to capture them)",
+                round_,
+                ", ".join(wanted),
+                round_,
+            )
+
+    def _capture_model(self, hook: Hook, model: Any, round_: int) -> None:
+        if not self._hyperparameters_saved and hook.is_saving("hyperparameters"):
+            # constant during a training: saved once, at its first round saved for the collection
+            self._hyperparameters_saved = True
+            self._compute(hook, ("hyperparameters",), lambda: mdl.offer_hyperparameters(hook, hook.hyperparameters))
+        for kind in mdl.IMPORTANCE_TYPES:  # gblinear has "weight" only: the others are skipped
+            self._compute(
+                hook,
+                ("feature_importance",),
+                functools.partial(mdl.offer_feature_importance, hook, model, kind),
+                f"feature_importance/{kind}",
+            )
+        self._compute(hook, ("trees",), lambda: mdl.offer_trees(hook, model))
+        data = self._eval
+        if data is None:
+            return
+        self._compute(hook, ("predictions",), lambda: mdl.offer_predictions(hook, model, round_, data))
+        self._compute(hook, ("labels",), lambda: mdl.offer_labels(hook, data))
+        self._compute(
+            hook, ("full_shap", "average_shap"), lambda: mdl.offer_shap(hook, model, round_, data, self.shap_approx)
+        )
+
+    def _compute(
+        self, hook: Hook, collections: tuple[str, ...], offer: Callable[[], None], what: str | None = None
+    ) -> None:
+        """Run ``offer`` if one of ``collections`` is saved now; if it fails, skip it from now on, saying so once.
+
+        ``what`` names what ``offer`` captures (default: its collections).
+        """
+        what = what or ", ".join(collections)
+        if what in self._skipped or not any(hook.is_saving(c) and c not in self._skipped for c in collections):
+            return
+        try:
+            offer()
+        except Exception as exc:
+            if hook.strict:
+                raise
+            self._skipped.add(what)
+            logger.warning(
+                "tensortap: %s not captured from round %d on: %s: %s",
+                what,
+                hook.step,
+                type(exc).__name__,
+                str(exc).splitlines()[0] if str(exc) else "",
+            )

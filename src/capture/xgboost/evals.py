@@ -1,0 +1,150 @@
+"""XGBoost's evaluation log (losses and metrics) and the evaluation sets of the running training."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Collection, Mapping, Sequence
+from types import FrameType
+from typing import Any
+
+import numpy as np
+import xgboost as xgb
+
+from ...config import TRAINING_DATA
+from ..core import Hook
+from ..writer import logger
+
+# XGBoost's built-in metrics where lower is better (the part before "@"); every
+# other metric, custom ones included, goes to the "metrics" collection.
+LOSS_METRICS = frozenset(
+    {
+        "rmse",
+        "rmsle",
+        "mae",
+        "mape",
+        "mphe",
+        "logloss",
+        "error",
+        "merror",
+        "mlogloss",
+        "poisson-nloglik",
+        "gamma-nloglik",
+        "cox-nloglik",
+        "gamma-deviance",
+        "tweedie-nloglik",
+        "aft-nloglik",
+        "quantile",
+    }
+)
+_TRAIN_CODE = inspect.unwrap(xgb.training.train).__code__
+
+EvalsLog = Mapping[str, Mapping[str, Sequence[Any]]]
+
+
+def metric_collection(metric: str) -> str:
+    """Return ``"losses"`` for a loss-like XGBoost metric name (``"logloss"``, ``"error@0.7"``), else ``"metrics"``."""
+    return "losses" if metric.split("@")[0] in LOSS_METRICS else "metrics"
+
+
+def running_train(frame: FrameType | None) -> tuple[Any, list[tuple[Any, str]]]:
+    """``(dtrain, evals)`` of the ``xgboost.train`` call that is running, found on the stack.
+
+    XGBoost's callback API passes evaluation results to callbacks but not the
+    DMatrix objects; every path (``xgb.train``, the sklearn estimators,
+    ``xgboost.dask``) runs ``xgboost.train``, whose arguments hold them.
+    ``(None, [])`` outside ``xgboost.train`` (``xgb.cv``).
+    """
+    while frame is not None:
+        if frame.f_code is _TRAIN_CODE:
+            return frame.f_locals.get("dtrain"), list(frame.f_locals.get("evals") or [])
+        frame = frame.f_back
+    return None, []
+
+
+def training_sets(dtrain: Any, evals: Sequence[tuple[Any, str]]) -> frozenset[str]:
+    """Names of the evaluation sets that are the training DMatrix itself."""
+    return frozenset(name for dmatrix, name in evals if dtrain is not None and dmatrix is dtrain)
+
+
+def offer_evals(hook: Hook, evals_log: EvalsLog, training: Collection[str]) -> None:
+    """Offer the last value of every metric of ``evals_log`` to ``losses`` or ``metrics``.
+
+    ``losses/<data>-<metric>`` or ``metrics/<data>-<metric>``; the metrics of the
+    sets named in ``training`` (the training DMatrix itself: ``evals=[(dtrain, ...)]``,
+    or ``eval_set=[(X, y), ...]`` with the very arrays given to ``fit``) are in
+    collection ``training_data`` too, which rules use to tell training from validation. With ``xgb.cv``
+    the log holds ``(mean, std)`` over the folds: the mean under that name, the
+    standard deviation as ``metrics/<data>-<metric>-std`` (a spread, not a loss).
+    """
+    for data, metrics in evals_log.items():
+        extra = (TRAINING_DATA,) if data in training else ()
+        for metric, history in metrics.items():
+            collection = metric_collection(metric)
+            last = history[-1]
+            if isinstance(last, tuple):  # xgb.cv: (mean, std) over the folds
+                hook.offer(f"{collection}/{data}-{metric}", np.float64(last[0]), (collection, *extra))
+                hook.offer(f"metrics/{data}-{metric}-std", np.float64(last[1]), ("metrics", *extra))
+            else:
+                hook.offer(f"{collection}/{data}-{metric}", np.float64(last), (collection, *extra))
+
+
+class EvalData:
+    """The evaluation set whose predictions, labels and SHAP values are captured.
+
+    Parameters
+    ----------
+    dmatrix
+        The evaluation DMatrix.
+    name
+        Its name in ``evals``.
+    shap_rows
+        SHAP values are computed on at most this many rows (a fixed sample, seed 0).
+    """
+
+    def __init__(self, dmatrix: Any, name: str, shap_rows: int) -> None:
+        self.dmatrix = dmatrix
+        self.name = name
+        self.shap_rows = shap_rows
+        self._labels: np.ndarray | None = None
+        self._shap_sample: Any = None
+
+    @classmethod
+    def choose(cls, evals: Sequence[tuple[Any, str]], eval_name: str | None, shap_rows: int) -> EvalData | None:
+        """The set named ``eval_name`` (default: the last one); None without evaluation sets."""
+        if not evals:
+            return None
+        names = [name for _, name in evals]
+        if eval_name is None:
+            dmatrix, name = evals[-1]
+        elif eval_name in names:
+            dmatrix, name = evals[names.index(eval_name)]
+        else:
+            raise ValueError(f"eval_name: {eval_name!r} is not an evaluation set; valid: {', '.join(names)}")
+        return cls(dmatrix, name, shap_rows)
+
+    @property
+    def labels(self) -> np.ndarray:
+        """The set's labels, as ``get_label()`` returns them."""
+        if self._labels is None:
+            self._labels = np.asarray(self.dmatrix.get_label())
+        return self._labels
+
+    @property
+    def shap_sample(self) -> Any:
+        """The rows SHAP values are computed on: all rows, or ``shap_rows`` of them drawn with seed 0."""
+        if self._shap_sample is None:
+            n = self.dmatrix.num_row()
+            self._shap_sample = self.dmatrix
+            if n > self.shap_rows:
+                rows = np.sort(np.random.default_rng(0).choice(n, self.shap_rows, replace=False))
+                try:
+                    self._shap_sample = self.dmatrix.slice(rows)
+                except xgb.core.XGBoostError as exc:
+                    logger.warning(
+                        "tensortap: SHAP values use all %d rows of %r: it cannot be sliced to %d rows (%s)",
+                        n,
+                        self.name,
+                        self.shap_rows,
+                        str(exc).splitlines()[0],
+                    )
+        return self._shap_sample

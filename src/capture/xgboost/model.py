@@ -1,0 +1,133 @@
+"""What is computed from the booster: hyperparameters, feature importance, trees, predictions, SHAP values."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from ..core import Hook
+from .evals import EvalData
+
+IMPORTANCE_TYPES = ("weight", "gain", "cover", "total_gain", "total_cover")
+# collections XGBoost cannot compute for multi-target trees (multi_strategy="multi_output_tree"):
+# trees_to_dataframe needs tree statistics, pred_contribs is not implemented there
+MULTI_TARGET_UNSUPPORTED = ("trees", "average_shap", "full_shap")
+# trees_to_dataframe columns holding node ids "<tree>-<node>", stored as the node number
+_NODE_COLUMNS = ("Yes", "No", "Missing")
+# model state in the booster's configuration, not a hyperparameter
+_NOT_HYPERPARAMETERS = frozenset({"num_trees"})
+
+
+def booster_parameters(config: Mapping[str, Any]) -> dict[str, str]:
+    """Flatten the parameters of a booster's ``save_config()`` JSON into ``{name: value string}``.
+
+    Every ``*_param`` section is merged (``eta``, ``max_depth``, ``objective``, ...),
+    plus ``eval_metric`` (comma-separated) when metrics are configured.
+    """
+    params: dict[str, str] = {}
+
+    def walk(node: Any) -> None:
+        if isinstance(node, list):
+            for item in node:
+                walk(item)
+        elif isinstance(node, dict):
+            for key, value in node.items():
+                if key.endswith("_param") and isinstance(value, dict):
+                    params.update({k: v for k, v in value.items() if isinstance(v, str)})
+                else:
+                    walk(value)
+
+    walk(config)
+    metrics = config.get("learner", {}).get("metrics") or []
+    if metrics:
+        params["eval_metric"] = ",".join(str(m.get("name")) for m in metrics)
+    return {k: v for k, v in sorted(params.items()) if k not in _NOT_HYPERPARAMETERS}
+
+
+def is_multi_target_tree(params: Mapping[str, str]) -> bool:
+    """Whether the booster grows one tree for all targets (``multi_strategy="multi_output_tree"``)."""
+    return params.get("multi_strategy") == "multi_output_tree"
+
+
+def _as_number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def feature_names(model: Any) -> list[str]:
+    """The booster's feature names; ``f0``, ``f1``, ... (as ``get_score`` uses) when it has none."""
+    return list(model.feature_names or [f"f{i}" for i in range(model.num_features())])
+
+
+def tree_columns(model: Any) -> dict[str, np.ndarray]:
+    """The columns of ``trees_to_dataframe()`` as numeric arrays.
+
+    Numeric columns are kept as they are; ``Feature`` becomes the feature's index
+    (-1 for leaves); ``Yes``, ``No`` and ``Missing`` become the child's node number
+    (NaN for leaves); ``ID`` (``"<Tree>-<Node>"``) is left out.
+    """
+    from pandas.api.types import is_numeric_dtype
+
+    frame = model.trees_to_dataframe()
+    index = {name: i for i, name in enumerate(feature_names(model))}
+    out: dict[str, np.ndarray] = {}
+    for column in frame.columns:
+        values = frame[column].tolist()
+        if column == "Feature":
+            out[column] = np.array([index.get(v, -1) for v in values], dtype=np.int64)
+        elif column in _NODE_COLUMNS:
+            nodes = [float(v.rpartition("-")[2]) if isinstance(v, str) else np.nan for v in values]
+            out[column] = np.array(nodes, dtype=np.float64)
+        elif is_numeric_dtype(frame[column]):
+            out[column] = frame[column].to_numpy()
+    return out
+
+
+# ------------------------------------------------- one function per collection
+# each offers the tensors of its collection at the open step of ``hook``; ``round_``
+# is the boosting round, ``data`` the evaluation set (None when there is none)
+
+
+def offer_hyperparameters(hook: Hook, params: Mapping[str, str]) -> None:
+    """``hyperparameters/<param>``: the numeric parameters, as float64 scalars."""
+    for name, text in params.items():
+        number = _as_number(text)
+        if number is not None:
+            hook.offer(f"hyperparameters/{name}", np.float64(number), ("hyperparameters",))
+
+
+def offer_feature_importance(hook: Hook, model: Any, kind: str) -> None:
+    """``feature_importance/<kind>/<feature>``: ``get_score`` for importance type ``kind``."""
+    for feature, value in model.get_score(importance_type=kind).items():
+        hook.offer(f"feature_importance/{kind}/{feature}", np.asarray(value), ("feature_importance",))
+
+
+def offer_trees(hook: Hook, model: Any) -> None:
+    """``trees/<column>``: the columns of :func:`tree_columns`."""
+    for column, values in tree_columns(model).items():
+        hook.offer(f"trees/{column}", values, ("trees",))
+
+
+def offer_predictions(hook: Hook, model: Any, round_: int, data: EvalData) -> None:
+    """``predictions``: the transformed predictions of the model after ``round_`` on the evaluation set."""
+    hook.offer("predictions", model.predict(data.dmatrix, iteration_range=(0, round_ + 1)), ("predictions",))
+
+
+def offer_labels(hook: Hook, data: EvalData) -> None:
+    """``labels``: the labels of the evaluation set."""
+    hook.offer("labels", data.labels, ("labels",))
+
+
+def offer_shap(hook: Hook, model: Any, round_: int, data: EvalData, approx: bool) -> None:
+    """``full_shap`` (the SHAP matrix of the row sample) and ``average_shap/<feature>`` (mean |SHAP|)."""
+    shap = model.predict(data.shap_sample, pred_contribs=True, approx_contribs=approx, iteration_range=(0, round_ + 1))
+    hook.offer("full_shap", shap, ("full_shap",))
+    if hook.is_saving("average_shap"):
+        # the last column is the bias; average |SHAP| over rows (and classes) per feature
+        mean_abs = np.abs(shap[..., :-1]).reshape(-1, shap.shape[-1] - 1).mean(axis=0)
+        for feature, value in zip(feature_names(model), mean_abs, strict=True):
+            hook.offer(f"average_shap/{feature}", np.float64(value), ("average_shap",))

@@ -1,0 +1,462 @@
+"""The XGBoost adapter on the patterns real training code uses, each checked against what XGBoost computed.
+
+The patterns come from XGBoost's own demos (demo/guide-python): named sets such as
+``dtrain``/``dtest`` or ``train``/``eval``, custom objectives and metrics, the
+sklearn estimators (early stopping, pipelines, cross-validation, grid search),
+multi-class and multi-target models, ranking.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+xgb = pytest.importorskip("xgboost")
+pytest.importorskip("sklearn")
+
+import tensortap  # noqa: E402
+import tensortap.xgboost as ttx  # noqa: E402
+from tensortap import ReductionConfig, SaveConfig  # noqa: E402
+from tensortap.rules import ExplodingTensor, Overfit, invoke_rule  # noqa: E402
+
+pytestmark = pytest.mark.xgboost
+
+ALL = [
+    "metrics", "losses", "feature_importance", "predictions", "labels", "hyperparameters",
+    "average_shap", "full_shap", "trees",
+]  # fmt: skip
+EVERY_ROUND = SaveConfig(save_interval=1)
+PARAMS = {"objective": "binary:logistic", "max_depth": 3, "eta": 0.3, "nthread": 1, "eval_metric": "logloss"}
+# overfits at once: deep trees, a large step, noisy labels
+OVERFITTING = {**PARAMS, "eta": 1.0, "max_depth": 6}
+
+
+def _data(rows: int = 200, features: int = 5, seed: int = 0, flip: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import make_classification
+
+    return make_classification(rows, features, n_informative=3, n_redundant=0, flip_y=flip, random_state=seed)
+
+
+def _split(flip: float = 0.0) -> tuple[Any, Any]:
+    X, y = _data(flip=flip)
+    return xgb.DMatrix(X[:120], label=y[:120]), xgb.DMatrix(X[120:], label=y[120:])
+
+
+def _series(trial: Any, name: str) -> list[float]:
+    values = trial.tensor(name).values()
+    return [float(values[s]) for s in sorted(values)]
+
+
+def _overfit_steps(train: list[float], val: list[float], threshold: float = 0.1) -> list[int]:
+    """The steps Overfit (patience 1) fires at, from XGBoost's own evaluation log."""
+    return [s for s, (t, v) in enumerate(zip(train, val, strict=True)) if (v - t) / abs(t) > threshold]
+
+
+def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "tensortap" and r.levelno == logging.WARNING]
+
+
+# ------------------------------------------------------------ save_config
+def test_an_explicit_save_config_applies_to_every_collection(tmp_path: Path) -> None:
+    dtrain, dval = _split()
+    callback = ttx.Callback(tmp_path, include_collections=ALL, save_config=EVERY_ROUND, shap_rows=1000)
+    booster = xgb.train(PARAMS, dtrain, 4, evals=[(dval, "validation")], callbacks=[callback], verbose_eval=False)
+    trial = tensortap.create_trial(tmp_path)
+    for name in ("predictions", "labels", "full_shap", "trees/Gain", "average_shap/f0", "losses/validation-logloss"):
+        assert trial.tensor(name).steps() == [0, 1, 2, 3], name
+    importance = trial.tensor_names(collection="feature_importance")
+    assert sorted(set().union(*(trial.tensor(n).steps() for n in importance))) == [0, 1, 2, 3]
+    for s in range(4):
+        score = booster[: s + 1].get_score(importance_type="gain")
+        captured = {f: float(trial.tensor(f"feature_importance/gain/{f}").value(s)) for f in score}
+        assert captured == pytest.approx(score, rel=1e-6), s
+        expected = booster.predict(dval, iteration_range=(0, s + 1))
+        np.testing.assert_array_equal(trial.tensor("predictions").value(s), expected)
+    # the hyperparameters do not change during a training: saved once
+    assert trial.tensor("hyperparameters/max_depth").steps() == [0]
+
+
+def test_a_collection_config_overrides_the_explicit_save_config(tmp_path: Path) -> None:
+    dtrain, dval = _split()
+    callback = ttx.Callback(
+        tmp_path / "a", include_collections=["losses", "predictions", "trees"], save_config=EVERY_ROUND,
+        collection_configs={"trees": {"save_config": SaveConfig(save_interval=2)}},
+    )  # fmt: skip
+    xgb.train(PARAMS, dtrain, 4, evals=[(dval, "validation")], callbacks=[callback], verbose_eval=False)
+    trial = tensortap.create_trial(tmp_path / "a")
+    assert trial.tensor("predictions").steps() == [0, 1, 2, 3]
+    assert trial.tensor("trees/Gain").steps() == [0, 2]
+    # without save_config, a collection configured without one keeps its built-in interval (10 rounds)
+    callback = ttx.Callback(
+        tmp_path / "b", include_collections=["losses", "predictions"],
+        collection_configs={"predictions": {"reduction_config": ReductionConfig(reductions=("mean",))}},
+    )  # fmt: skip
+    booster = xgb.train(PARAMS, dtrain, 4, evals=[(dval, "validation")], callbacks=[callback], verbose_eval=False)
+    trial = tensortap.create_trial(tmp_path / "b")
+    assert trial.tensor("losses/validation-logloss").steps() == [0, 1, 2, 3]
+    assert trial.tensor("predictions").steps() == [0]
+    mean = trial.tensor("predictions").reduction_value(0, "mean")
+    assert mean == pytest.approx(float(np.mean(booster.predict(dval, iteration_range=(0, 1)))), rel=1e-6)
+
+
+# ------------------------------------------------------ multi-target trees
+def test_multi_output_tree_skips_trees_and_shap_with_one_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(120, 4))
+    Y = np.stack([X[:, 0] + X[:, 1], X[:, 2] - X[:, 3]], axis=1)
+    dtrain, dval = xgb.DMatrix(X[:80], label=Y[:80]), xgb.DMatrix(X[80:], label=Y[80:])
+    params = {"tree_method": "hist", "multi_strategy": "multi_output_tree", "max_depth": 2, "nthread": 1}
+    result: dict[str, Any] = {}
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        booster = xgb.train(
+            params, dtrain, 3, evals=[(dtrain, "train"), (dval, "validation")], evals_result=result,
+            callbacks=[ttx.Callback(tmp_path, include_collections=ALL, save_config=EVERY_ROUND)], verbose_eval=False,
+        )  # fmt: skip
+    warnings = _warnings(caplog)
+    assert len(warnings) == 1, warnings
+    assert "trees, average_shap, full_shap not captured" in warnings[0] and "multi_output_tree" in warnings[0]
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.steps() == [0, 1, 2]
+    assert _series(trial, "losses/validation-rmse") == result["validation"]["rmse"]
+    assert _series(trial, "losses/train-rmse") == result["train"]["rmse"]
+    np.testing.assert_array_equal(trial.tensor("predictions").value(2), booster.predict(dval))
+    assert trial.tensor("predictions").shape(2) == (40, 2)
+    np.testing.assert_array_equal(trial.tensor("labels").value(0), dval.get_label().reshape(40, 2))
+    gain = booster.get_score(importance_type="gain")
+    assert {f: float(trial.tensor(f"feature_importance/gain/{f}").value(2)) for f in gain} == pytest.approx(gain)
+    assert not trial.tensor_names(regex="^(trees/|full_shap|average_shap/)")
+
+
+def test_what_xgboost_cannot_compute_is_skipped_with_one_warning_each(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    dtrain, dval = _split()
+    params = {"booster": "gblinear", "objective": "binary:logistic", "nthread": 1}
+    result: dict[str, Any] = {}
+    collections = ["losses", "feature_importance", "trees", "predictions"]
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        booster = xgb.train(
+            params, dtrain, 3, evals=[(dval, "validation")], evals_result=result, verbose_eval=False,
+            callbacks=[ttx.Callback(tmp_path, include_collections=collections, save_config=EVERY_ROUND)],
+        )  # fmt: skip
+    warnings = _warnings(caplog)
+    # gblinear has no trees, and only the "weight" importance: one warning for each thing skipped
+    skipped = sorted(w.split(" not captured")[0].removeprefix("tensortap: ") for w in warnings)
+    assert skipped == sorted(["trees", *(f"feature_importance/{k}" for k in ttx.IMPORTANCE_TYPES if k != "weight")])
+    trial = tensortap.create_trial(tmp_path)
+    assert _series(trial, "losses/validation-logloss") == result["validation"]["logloss"]
+    weight = booster.get_score(importance_type="weight")
+    names = sorted(f"feature_importance/weight/{f}" for f in weight)
+    assert trial.tensor_names(collection="feature_importance") == names
+    assert {f: float(trial.tensor(f"feature_importance/weight/{f}").value(2)) for f in weight} == pytest.approx(weight)
+    np.testing.assert_array_equal(trial.tensor("predictions").value(2), booster.predict(dval))
+    assert not trial.tensor_names(collection="trees")
+
+
+# ------------------------------------------------------- trees and NaN
+def test_exploding_tensor_ignores_the_nan_encoding_of_trees(tmp_path: Path) -> None:
+    dtrain, dval = _split()
+    callback = ttx.Callback(tmp_path, include_collections=["losses", "trees"], save_config=EVERY_ROUND)
+    booster = xgb.train(PARAMS, dtrain, 3, evals=[(dval, "validation")], callbacks=[callback], verbose_eval=False)
+    trial = tensortap.create_trial(tmp_path)
+    frame = booster.trees_to_dataframe()
+    assert frame["Yes"].isna().any() and frame["Split"].isna().any()  # XGBoost's encoding of leaves
+    assert np.isnan(trial.tensor("trees/Yes").value(2)).sum() == frame["Yes"].isna().sum()
+    assert invoke_rule(ExplodingTensor(trial)) == []
+    assert invoke_rule(ExplodingTensor(trial, collection_names="trees")) == []
+    # counting every NaN, as before, fires on the leaves
+    assert invoke_rule(ExplodingTensor(trial, nan_encoded_regex=None)) == [0, 1, 2]
+
+
+def test_exploding_tensor_fires_on_a_real_nan_in_the_trees(tmp_path: Path) -> None:
+    dtrain, _ = _split()
+    n = dtrain.num_row()
+
+    def broken(predt: np.ndarray, data: Any) -> tuple[np.ndarray, np.ndarray]:
+        return np.ones(n), np.full(n, np.nan)  # a NaN hessian: the leaf values and covers become NaN
+
+    callback = ttx.Callback(tmp_path, include_collections=["trees"], save_config=EVERY_ROUND)
+    params = {"nthread": 1, "max_depth": 2, "lambda": 0, "min_child_weight": 0}
+    booster = xgb.train(params, dtrain, 2, obj=broken, callbacks=[callback], verbose_eval=False)
+    assert booster.trees_to_dataframe()["Gain"].isna().any()
+    trial = tensortap.create_trial(tmp_path)
+    assert invoke_rule(ExplodingTensor(trial, collection_names="trees")) == [0, 1]
+    assert "trees/Gain" in ExplodingTensor(trial).invoke(0).tensors
+
+
+# ---------------------------------------------------- Overfit and set names
+@pytest.mark.parametrize(
+    ("train_name", "val_name"),
+    [("train", "eval"), ("dtrain", "dtest"), ("Train", "Test"), ("Train", "Valid"), ("dtrain", "validation")],
+)
+def test_overfit_recognises_the_names_of_the_demos(tmp_path: Path, train_name: str, val_name: str) -> None:
+    dtrain, dval = _split(flip=0.3)
+    result: dict[str, Any] = {}
+    # the demos list the validation set first: watchlist = [(dtest, "eval"), (dtrain, "train")]
+    xgb.train(
+        OVERFITTING, dtrain, 6, evals=[(dval, val_name), (dtrain, train_name)], evals_result=result,
+        callbacks=[ttx.Callback(tmp_path)], verbose_eval=False,
+    )  # fmt: skip
+    expected = _overfit_steps(result[train_name]["logloss"], result[val_name]["logloss"])
+    assert expected  # the model overfits
+    rule = Overfit(tensortap.create_trial(tmp_path))
+    assert invoke_rule(rule) == expected
+    assert rule.missing_inputs == {}
+
+
+def test_overfit_on_the_sklearn_api_knows_the_training_set_by_identity(tmp_path: Path) -> None:
+    X, y = _data(flip=0.3)
+    Xt, yt, Xv, yv = X[:120], y[:120], X[120:], y[120:]
+    in_process = Overfit()
+    clf = xgb.XGBClassifier(
+        n_estimators=6, max_depth=6, learning_rate=1.0, n_jobs=1, eval_metric="logloss",
+        callbacks=[ttx.Callback(tmp_path, rules=[in_process])],
+    )  # fmt: skip
+    clf.fit(Xt, yt, eval_set=[(Xt, yt), (Xv, yv)], verbose=False)
+    trial = tensortap.create_trial(tmp_path)
+    # validation_0 is the training data itself (the arrays given to fit), whatever its name says
+    assert trial.tensor_names(collection="training_data") == ["losses/validation_0-logloss"]
+    result = clf.evals_result()
+    expected = _overfit_steps(result["validation_0"]["logloss"], result["validation_1"]["logloss"])
+    assert expected
+    assert invoke_rule(Overfit(trial)) == expected
+    assert in_process.fired_steps == expected
+
+
+def test_overfit_says_when_it_has_no_training_loss(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    X, y = _data(flip=0.3)
+    clf = xgb.XGBClassifier(n_estimators=3, n_jobs=1, eval_metric="logloss", callbacks=[ttx.Callback(tmp_path)])
+    clf.fit(X[:120], y[:120], eval_set=[(X[120:], y[120:])], verbose=False)
+    rule = Overfit(tensortap.create_trial(tmp_path))
+    assert invoke_rule(rule) == []
+    [message] = rule.missing_inputs
+    assert "no training loss" in message and "losses/validation_0-logloss" in message
+    # the command line reports it (its exit status is the CLI's: see tests/trial/test_rules_cli.py)
+    from tensortap.cli import main
+
+    main(["rules", str(tmp_path), "--rule", "overfit", "--json"])
+    [report] = json.loads(capsys.readouterr().out)["rules"]
+    assert report["missing_inputs"] == [message]
+
+
+def test_overfit_says_when_it_has_no_validation_loss(tmp_path: Path) -> None:
+    dtrain, _ = _split()
+    xgb.train(PARAMS, dtrain, 3, evals=[(dtrain, "dtrain")], callbacks=[ttx.Callback(tmp_path)], verbose_eval=False)
+    rule = Overfit(tensortap.create_trial(tmp_path))
+    assert invoke_rule(rule) == []
+    [message] = rule.missing_inputs
+    assert "no validation loss" in message and "losses/dtrain-logloss" in message
+
+
+# ----------------------------------------------------------- early stopping
+@pytest.mark.parametrize("save_best", [False, True])
+def test_a_callback_after_early_stopping_records_the_last_round(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, save_best: bool
+) -> None:
+    dtrain, dval = _split(flip=0.4)
+    result: dict[str, Any] = {}
+    stopping = xgb.callback.EarlyStopping(rounds=2, save_best=save_best)
+    callback = ttx.Callback(tmp_path, include_collections=["losses", "predictions"], save_config=EVERY_ROUND)
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        booster = xgb.train(
+            OVERFITTING, dtrain, 100, evals=[(dval, "validation")], evals_result=result,
+            callbacks=[stopping, callback], verbose_eval=False,
+        )  # fmt: skip
+    rounds = len(result["validation"]["logloss"])
+    assert rounds < 100
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.steps() == list(range(rounds))
+    assert _series(trial, "losses/validation-logloss") == result["validation"]["logloss"]
+    last = rounds - 1
+    if save_best:  # the booster after training is the best round's: the last round's predictions are gone
+        assert booster.num_boosted_rounds() == booster.best_iteration + 1 < rounds
+        assert trial.tensor("predictions").steps() == list(range(last))
+        [warning] = _warnings(caplog)
+        assert f"round {last}: predictions not captured" in warning
+    else:
+        assert booster.num_boosted_rounds() == rounds
+        np.testing.assert_array_equal(trial.tensor("predictions").value(last), booster.predict(dval))
+        assert _warnings(caplog) == []
+
+
+def test_cv_with_early_stopping_before_the_callback(tmp_path: Path) -> None:
+    """As in XGBoost's cross_validation demo, with the tensortap callback appended to its list."""
+    dtrain, _ = _split(flip=0.4)
+    callbacks = [xgb.callback.EarlyStopping(rounds=2), ttx.Callback(tmp_path)]
+    res = xgb.cv(OVERFITTING, dtrain, num_boost_round=100, nfold=3, seed=0, callbacks=callbacks, as_pandas=False)
+    best = len(res["test-logloss-mean"])  # xgb.cv keeps the rounds up to the best one
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.steps() == list(range(best + 2))  # the rounds evaluated: two more than the best
+    assert _series(trial, "losses/test-logloss")[:best] == res["test-logloss-mean"]
+    assert _series(trial, "metrics/test-logloss-std")[:best] == res["test-logloss-std"]
+
+
+@pytest.mark.parametrize(("estimator", "metric"), [("XGBClassifier", "logloss"), ("XGBRegressor", "rmse")])
+def test_sklearn_early_stopping_rounds(tmp_path: Path, estimator: str, metric: str) -> None:
+    X, y = _data(flip=0.4)
+    model = getattr(xgb, estimator)(
+        n_estimators=100, max_depth=6, learning_rate=1.0, n_jobs=1, eval_metric=metric, early_stopping_rounds=2,
+        callbacks=[ttx.Callback(tmp_path, include_collections=["losses", "predictions"], save_config=EVERY_ROUND)],
+    )  # fmt: skip
+    Xt, yt, Xv, yv = X[:120], y[:120], X[120:], y[120:]
+    model.fit(Xt, yt, eval_set=[(Xt, yt), (Xv, yv)], verbose=False)
+    history = model.evals_result()["validation_1"][metric]  # the last set decides when to stop
+    assert len(history) < 100 and model.best_iteration == len(history) - 3
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.steps() == list(range(len(history)))
+    assert _series(trial, f"losses/validation_1-{metric}") == history
+    assert _series(trial, f"losses/validation_0-{metric}") == model.evals_result()["validation_0"][metric]
+    last = len(history) - 1
+    expected = model.predict_proba(Xv)[:, 1] if estimator == "XGBClassifier" else model.predict(Xv)
+    # predict() uses the best iteration; the last round's predictions are those of every round
+    full = model.get_booster().predict(xgb.DMatrix(Xv), iteration_range=(0, last + 1))
+    np.testing.assert_allclose(trial.tensor("predictions").value(last), full, rtol=1e-6)
+    assert not np.array_equal(full, expected)
+
+
+# ----------------------------------------------------------- sklearn
+def test_sklearn_pipeline(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    X, y = _data()
+    model = xgb.XGBClassifier(n_estimators=4, max_depth=2, n_jobs=1, callbacks=[ttx.Callback(tmp_path / "a")])
+    pipe = Pipeline([("scale", StandardScaler()), ("xgb", model)])
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        pipe.fit(X, y)  # no evaluation set: XGBoost computes no loss, and the callback says so
+    assert any("no evaluation set" in w for w in _warnings(caplog))
+    trial = tensortap.create_trial(tmp_path / "a")
+    assert trial.tensor("hyperparameters/max_depth").value(0) == 2
+    # with an evaluation set, transformed as the pipeline transforms the training data
+    model = xgb.XGBClassifier(n_estimators=4, max_depth=2, n_jobs=1, callbacks=[ttx.Callback(tmp_path / "b")])
+    pipe = Pipeline([("scale", StandardScaler()), ("xgb", model)])
+    scaler = StandardScaler().fit(X[:150])
+    pipe.fit(X[:150], y[:150], xgb__eval_set=[(scaler.transform(X[150:]), y[150:])], xgb__verbose=False)
+    trial = tensortap.create_trial(tmp_path / "b")
+    assert _series(trial, "losses/validation_0-logloss") == pipe[-1].evals_result()["validation_0"]["logloss"]
+
+
+def test_cross_val_score_and_grid_search_train_the_same_models(tmp_path: Path) -> None:
+    """Capture changes no score; every fit writes into the one folder its (cloned) callback names.
+
+    Tolerant on purpose: whether a second fit into a folder that holds a trial is
+    refused or gets a run folder of its own is the writer's decision; here the
+    trial must hold the rounds of a fit, readable.
+    """
+    from sklearn.model_selection import GridSearchCV, cross_val_score
+
+    X, y = _data()
+
+    def model(callbacks: list[Any] | None) -> Any:
+        return xgb.XGBClassifier(n_estimators=3, max_depth=2, n_jobs=1, callbacks=callbacks)
+
+    plain = cross_val_score(model(None), X, y, cv=3, error_score="raise")
+    captured = cross_val_score(model([ttx.Callback(tmp_path / "cv")]), X, y, cv=3, error_score="raise")
+    np.testing.assert_array_equal(captured, plain)
+    assert tensortap.create_trial(tmp_path / "cv").tensor("hyperparameters/max_depth").value(0) == 2
+
+    grid = {"max_depth": [1, 2]}
+    plain_search = GridSearchCV(model(None), grid, cv=2, error_score="raise").fit(X, y)
+    search = GridSearchCV(model([ttx.Callback(tmp_path / "grid")]), grid, cv=2, error_score="raise").fit(X, y)
+    assert search.best_params_ == plain_search.best_params_
+    np.testing.assert_array_equal(search.cv_results_["mean_test_score"], plain_search.cv_results_["mean_test_score"])
+    assert tensortap.create_trial(tmp_path / "grid").steps() == [0]
+
+
+# ------------------------------------------ custom objective, custom metric
+def test_custom_objective_and_metric_of_the_rmsle_demo(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    X = rng.uniform(size=(150, 4))
+    y = np.exp(X @ np.array([1.0, 2.0, 0.5, 0.0])) + rng.uniform(size=150)
+    dtrain, dtest = xgb.DMatrix(X[:100], label=y[:100]), xgb.DMatrix(X[100:], label=y[100:])
+
+    def squared_log(predt: np.ndarray, data: Any) -> tuple[np.ndarray, np.ndarray]:
+        label = data.get_label()
+        predt[predt < -1] = -1 + 1e-6
+        grad = (np.log1p(predt) - np.log1p(label)) / (predt + 1)
+        hess = (-np.log1p(predt) + np.log1p(label) + 1) / np.power(predt + 1, 2)
+        return grad, hess
+
+    def rmsle(predt: np.ndarray, data: Any) -> tuple[str, float]:
+        label = data.get_label()
+        predt[predt < -1] = -1 + 1e-6
+        return "PyRMSLE", float(np.sqrt(np.mean(np.power(np.log1p(label) - np.log1p(predt), 2))))
+
+    result: dict[str, Any] = {}
+    xgb.train(
+        {"tree_method": "hist", "seed": 0, "nthread": 1, "disable_default_eval_metric": 1}, dtrain, 5,
+        obj=squared_log, custom_metric=rmsle, evals=[(dtrain, "dtrain"), (dtest, "dtest")], evals_result=result,
+        callbacks=[ttx.Callback(tmp_path)], verbose_eval=False,
+    )  # fmt: skip
+    trial = tensortap.create_trial(tmp_path)
+    # a custom metric is a metric: tensortap cannot know whether lower is better
+    assert trial.tensor_names(collection="losses") == []
+    assert _series(trial, "metrics/dtrain-PyRMSLE") == result["dtrain"]["PyRMSLE"]
+    assert _series(trial, "metrics/dtest-PyRMSLE") == result["dtest"]["PyRMSLE"]
+    # rules on losses take it by name
+    expected = _overfit_steps(result["dtrain"]["PyRMSLE"], result["dtest"]["PyRMSLE"], threshold=0.0)
+    assert invoke_rule(Overfit(trial, tensor_regex="PyRMSLE", ratio_threshold=0.0)) == expected
+
+
+# ---------------------------------------------- feature names, multi-class
+def test_feature_names_name_importance_shap_and_tree_features(tmp_path: Path) -> None:
+    X, y = _data(features=4)
+    names = ["age", "income", "height", "score"]
+    dtrain = xgb.DMatrix(X[:150], label=y[:150], feature_names=names)
+    dval = xgb.DMatrix(X[150:], label=y[150:], feature_names=names)
+    callback = ttx.Callback(
+        tmp_path, include_collections=["feature_importance", "average_shap", "trees"], save_config=EVERY_ROUND
+    )
+    booster = xgb.train(PARAMS, dtrain, 3, evals=[(dval, "validation")], callbacks=[callback], verbose_eval=False)
+    trial = tensortap.create_trial(tmp_path)
+    gain = booster.get_score(importance_type="gain")
+    assert set(gain) <= set(names)
+    assert {f: float(trial.tensor(f"feature_importance/gain/{f}").value(2)) for f in gain} == pytest.approx(gain)
+    assert trial.tensor_names(collection="average_shap") == sorted(f"average_shap/{n}" for n in names)
+    shap = booster.predict(dval, pred_contribs=True)
+    for i, n in enumerate(names):
+        assert float(trial.tensor(f"average_shap/{n}").value(2)) == pytest.approx(float(np.abs(shap[:, i]).mean()))
+    features = trial.tensor("trees/Feature").value(2)
+    assert [names[i] if i >= 0 else "Leaf" for i in features] == list(booster.trees_to_dataframe()["Feature"])
+
+
+def test_multiclass_softprob(tmp_path: Path) -> None:
+    X, _ = _data(rows=240, features=4)
+    y = (X[:, 0] > 0).astype(int) + (X[:, 1] > 0).astype(int)
+    dtrain, dval = xgb.DMatrix(X[:160], label=y[:160]), xgb.DMatrix(X[160:], label=y[160:])
+    params = {"objective": "multi:softprob", "num_class": 3, "max_depth": 2, "nthread": 1,
+              "eval_metric": ["mlogloss", "merror", "auc"]}  # fmt: skip
+    result: dict[str, Any] = {}
+    booster = xgb.train(
+        params, dtrain, 3, evals=[(dtrain, "train"), (dval, "eval")], evals_result=result, verbose_eval=False,
+        callbacks=[ttx.Callback(tmp_path, include_collections=["losses", "metrics", "predictions"])],
+    )  # fmt: skip
+    trial = tensortap.create_trial(tmp_path)
+    for data in ("train", "eval"):
+        for metric in ("mlogloss", "merror", "auc"):
+            assert _series(trial, f"{ttx.metric_collection(metric)}/{data}-{metric}") == result[data][metric]
+    assert trial.tensor("predictions").shape(0) == (80, 3)
+    np.testing.assert_array_equal(trial.tensor("predictions").value(0), booster.predict(dval, iteration_range=(0, 1)))
+
+
+def test_ranking_with_query_groups(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(120, 4))
+    y = (X[:, 0] > 0).astype(int) + (X[:, 1] > 0.5).astype(int)
+    qid = np.repeat(np.arange(12), 10)
+    train, val = slice(0, 80), slice(80, 120)
+    ranker = xgb.XGBRanker(
+        n_estimators=3, max_depth=2, n_jobs=1, eval_metric=["ndcg@5", "ndcg"], callbacks=[ttx.Callback(tmp_path)]
+    )
+    ranker.fit(X[train], y[train], qid=qid[train], eval_set=[(X[val], y[val])], eval_qid=[qid[val]], verbose=False)
+    trial = tensortap.create_trial(tmp_path)
+    result = ranker.evals_result()["validation_0"]
+    assert _series(trial, "metrics/validation_0-ndcg@5") == result["ndcg@5"]
+    assert _series(trial, "metrics/validation_0-ndcg") == result["ndcg"]
