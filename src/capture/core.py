@@ -61,8 +61,21 @@ class TensorOps:
     """How the core turns one framework's tensors into stored values.
 
     The default handles NumPy arrays and anything ``numpy.asarray`` accepts.
-    Adapters override :meth:`prepare` to reduce on the device before copying.
+    Adapters override :meth:`prepare` to reduce on the device before copying,
+    and :meth:`histogram` (with :attr:`device_histogram` set) to bin there too.
     """
+
+    #: Whether :meth:`histogram` takes the framework's tensor. When False the core asks
+    #: :meth:`prepare` for the raw host array and bins that with NumPy.
+    device_histogram: ClassVar[bool] = False
+
+    def histogram(self, value: Any, edges: np.ndarray | None, bins: int) -> red.Histogram | None:
+        """The histogram of ``value`` over ``edges``; with ``edges=None`` first ``bins`` equal
+        bins over its finite range. None if there are no edges to use (no finite value yet).
+
+        Must count as :func:`tensortap.reductions.histogram_counts` does.
+        """
+        return red.histogram(np.asarray(value), bins if edges is None else edges)
 
     def prepare(
         self, value: Any, keys: Sequence[str], raw: bool
@@ -91,6 +104,7 @@ class _Plan:
     collections: tuple[str, ...]
     keys: tuple[str, ...]
     raw: bool
+    histogram: int | tuple[float, ...] | None = None
 
 
 def _as_collection(name: str, cfg: Collection | Mapping[str, Any]) -> Collection:
@@ -224,6 +238,7 @@ class Hook:
         self._in_step = False
         self._records: list[TensorRecord] = []
         self._plans: dict[tuple[str, tuple[str, ...], frozenset[str], bool], _Plan | None] = {}
+        self._histogram_edges: dict[str, np.ndarray] = {}  # fixed per tensor from its first saved value
         self._failed = False
         self._error: BaseException | None = None
         self._stop_checked = 0.0
@@ -361,6 +376,7 @@ class Hook:
             else:
                 keys: dict[str, None] = {}
                 raw = False
+                histogram: int | tuple[float, ...] | None = None
                 for n in saved:
                     rc = self.collections[n].reduction_config if n in self.collections else None
                     rc = rc or self.reduction_config
@@ -369,7 +385,8 @@ class Hook:
                     else:
                         keys.update(dict.fromkeys(rc.keys))
                         raw = raw or rc.saves_raw
-                self._plans[key] = _Plan(tuple(sorted(member)), tuple(keys), raw)
+                        histogram = histogram if histogram is not None else rc.histogram
+                self._plans[key] = _Plan(tuple(sorted(member)), tuple(keys), raw, histogram)
         return self._plans[key]
 
     def offer(self, name: str, value: Any, collections: Sequence[str] = ("custom",), force: bool = False) -> None:
@@ -392,12 +409,27 @@ class Hook:
             plan = self._plan(name, tuple(collections), force)
             if plan is None:
                 return
-            raw, values, orig = self.ops.prepare(value, plan.keys, plan.raw)
-            stored = self.writer.stage(self.step, name, plan.collections, raw, values, orig)
+            on_host = plan.histogram is not None and not self.ops.device_histogram
+            raw, values, orig = self.ops.prepare(value, plan.keys, plan.raw or on_host)
+            hist = None
+            if plan.histogram is not None:
+                hist = self._histogram(name, raw if on_host else value, plan.histogram)
+                raw = raw if plan.raw else None
+            stored = self.writer.stage(self.step, name, plan.collections, raw, values, orig, hist)
         except Exception as exc:
             self._fail(exc, f"cannot convert tensor {name!r} at step {self.step}")
             return
-        self._records.append(TensorRecord(name, plan.collections, stored, values, orig))
+        self._records.append(TensorRecord(name, plan.collections, stored, values, orig, hist))
+
+    def _histogram(self, name: str, value: Any, spec: int | tuple[float, ...]) -> red.Histogram | None:
+        """The histogram of ``value``, on bins fixed for ``name`` by its first value (or ``spec``'s edges)."""
+        edges = self._histogram_edges.get(name)
+        if edges is None and not isinstance(spec, int):
+            edges = np.asarray(spec, dtype=np.float64)
+        hist = self.ops.histogram(value, edges, spec if isinstance(spec, int) else len(spec) - 1)
+        if hist is not None:
+            self._histogram_edges.setdefault(name, hist.edges)
+        return hist
 
     def save_tensor(self, name: str, value: Any, collections: Sequence[str] = ("custom",)) -> None:
         """Save ``value`` under ``name`` on the current step if it is saved, whatever the collections."""

@@ -29,6 +29,7 @@ from ..backends import layout
 from ..backends.shard import POOL, ShardBuffer, write_shard
 from ..backends.storage import Storage
 from ..config import check_keys
+from ..reductions import Histogram
 
 logger = logging.getLogger("tensortap")
 
@@ -185,6 +186,7 @@ class TrialWriter:
         raw: Any,
         reductions: dict[str, float],
         orig_dtype: str | None,
+        histogram: Histogram | None = None,
     ) -> Any:
         """Copy one tensor of the step in progress into the shard buffer; return the stored raw value.
 
@@ -199,7 +201,7 @@ class TrialWriter:
                 job = self._take_locked()
             if not self._buffer.steps and not self._buffer.staging:
                 self._since = time.monotonic()
-            stored = self._buffer.stage(step, name, collections, raw, reductions, orig_dtype)
+            stored = self._buffer.stage(step, name, collections, raw, reductions, orig_dtype, histogram)
         if job is not None:
             self._submit(job)
         return stored
