@@ -116,30 +116,34 @@ def compute_many(array: np.ndarray, keys: Sequence[str]) -> dict[str, float]:
     return {k: compute(x if split_key(k)[0] not in HEALTH_COUNTS else a, k) for k in keys}
 
 
-def compute_rows(stacked: np.ndarray, keys: Sequence[str]) -> dict[str, np.ndarray]:
-    """Reductions of each row of ``stacked`` (``[steps, *shape]``), with the formulas of :func:`compute`.
+def compute_rows(arrays: Sequence[np.ndarray] | np.ndarray, keys: Sequence[str]) -> dict[str, np.ndarray]:
+    """Reductions of each of ``arrays`` (same shape and dtype, or stacked as ``[n, *shape]``).
 
-    Row ``i`` of each result equals ``compute(stacked[i], key)``; the block is
-    converted to float64 a slice of rows at a time, so memory stays bounded.
+    Element ``i`` of each result equals ``compute(arrays[i], key)``: the same
+    formulas, applied to a block of rows at once. Rows are converted to float64
+    a block at a time, so memory stays bounded.
     """
     for k in keys:
         _check_key(k)
-    a = np.asarray(stacked)
-    n = a.shape[0] if a.ndim else 1
-    rows = a.reshape(n, -1)
+    n = len(arrays)
     out = {k: np.empty(n, dtype=np.float64) for k in keys}
-    chunk = max(1, _CHUNK_BYTES // max(rows.shape[1] * 8, 1))
+    if n == 0:
+        return out
+    size = int(np.asarray(arrays[0]).size)
+    chunk = max(1, _CHUNK_BYTES // max(size * 8, 1))
+    absolute = any(split_key(k)[1] for k in keys)
     for start in range(0, n, chunk):
-        block = rows[start : start + chunk]
-        x = _as_float64(block) if block.dtype.kind in "biufc" else block
-        ax = np.abs(x) if any(split_key(k)[1] for k in keys) else x
+        part = arrays[start : start + chunk]
+        block = (part if isinstance(part, np.ndarray) else np.stack(part)).reshape(len(part), size)
+        x = _as_float64(block)
+        ax = np.abs(x) if absolute else x
         with np.errstate(all="ignore"):
             for k in keys:
-                name, absolute = split_key(k)
+                name, is_abs = split_key(k)
                 if name in HEALTH_COUNTS:
-                    out[k][start : start + len(block)] = _health(block, name, 1)
+                    out[k][start : start + len(part)] = _health(block, name, 1)
                 else:
-                    out[k][start : start + len(block)] = _FORMULAS[name](ax if absolute else x, 1)
+                    out[k][start : start + len(part)] = _FORMULAS[name](ax if is_abs else x, 1)
     return out
 
 
