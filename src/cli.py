@@ -193,38 +193,6 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_export(args: argparse.Namespace) -> int:
-    """Write the trial's scalars and reductions as CSV (long format)."""
-    trial = _open(args)
-    df = trial.to_pandas(collection=args.collection)
-    if args.output == "-":
-        df.to_csv(sys.stdout, index=False)
-    else:
-        df.to_csv(args.output, index=False)
-        print(f"wrote {len(df)} rows to {args.output}")
-    return 0
-
-
-def cmd_plot(args: argparse.Namespace) -> int:
-    """Plot tensors (scalars, or a reduction) across steps into an image file."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from .trial.plot import plot_tensors, save_plot
-
-    trial = _open(args)
-    names = list(args.names)
-    if args.regex:
-        names += [n for n in trial.tensor_names(regex=args.regex) if n not in names]
-    if not names:
-        print("tensortap plot: give tensor names or a --regex that matches some", file=sys.stderr)
-        return 2
-    ax = plot_tensors(trial, names, args.reduction, Mode.parse(args.mode) if args.mode else None, logy=args.logy)
-    save_plot(ax, args.output)
-    print(f"wrote {args.output} ({len(names)} tensor(s))")
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``tensortap`` command."""
     parser = argparse.ArgumentParser(prog="tensortap", description="Inspect and judge tensortap trials.")
@@ -252,21 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_trial_arguments(p)
     p.set_defaults(func=cmd_check)
 
-    p = sub.add_parser("export", help="write scalars and reductions as CSV")
-    add_trial_arguments(p)
-    p.add_argument("--collection", help="only this collection")
-    p.add_argument("-o", "--output", default="-", help="CSV file (default: standard output)")
-    p.set_defaults(func=cmd_export)
+    from .cli_view import add_parsers as add_view_parsers
 
-    p = sub.add_parser("plot", help="plot tensors across steps into an image (needs matplotlib)")
-    add_trial_arguments(p)
-    p.add_argument("names", nargs="*", help="tensor names")
-    p.add_argument("--regex", help="also every tensor whose name matches")
-    p.add_argument("--reduction", help="reduction to plot (mean, abs_max, l2, ...); default: scalar values, else mean")
-    p.add_argument("--mode", choices=[m.name.lower() for m in Mode], help="only steps of this mode")
-    p.add_argument("--logy", action="store_true", help="logarithmic y axis")
-    p.add_argument("-o", "--output", default="tensortap-plot.png", help="image file (.png, .svg, .pdf)")
-    p.set_defaults(func=cmd_plot)
+    add_view_parsers(sub)
 
     try:
         from .cli_rules import add_parser as add_rules_parser

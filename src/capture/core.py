@@ -239,6 +239,7 @@ class Hook:
         self._records: list[TensorRecord] = []
         self._plans: dict[tuple[str, tuple[str, ...], frozenset[str], bool], _Plan | None] = {}
         self._histogram_edges: dict[str, np.ndarray] = {}  # fixed per tensor from its first saved value
+        self._histogram_unfixed: set[str] = set()  # warned once: no finite value to fix bins from yet
         self._failed = False
         self._error: BaseException | None = None
         self._stop_checked = 0.0
@@ -429,6 +430,14 @@ class Hook:
         hist = self.ops.histogram(value, edges, spec if isinstance(spec, int) else len(spec) - 1)
         if hist is not None:
             self._histogram_edges.setdefault(name, hist.edges)
+        elif name not in self._histogram_unfixed:
+            self._histogram_unfixed.add(name)
+            logger.warning(
+                "tensortap: no histogram of %r at step %d: no finite value to fix its bins from "
+                "(they are fixed at its first step that has one)",
+                name,
+                self.step,
+            )
         return hist
 
     def save_tensor(self, name: str, value: Any, collections: Sequence[str] = ("custom",)) -> None:

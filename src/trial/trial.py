@@ -725,6 +725,9 @@ class Tensor:
         """
         from .plot import plot_tensors
 
+        shape = self._info.shape
+        if reduction == "mean" and shape is not None and int(np.prod(shape)) == 1:
+            reduction = None  # the mean of a scalar is its value: label it so
         return plot_tensors([self.trial], [self.name], reduction, mode, x=x, ax=ax, logy=logy)
 
     def histogram(
