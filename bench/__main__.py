@@ -17,6 +17,8 @@ BENCHMARKS = {
     "torch": "bench.bench_torch",
     "keras": "bench.bench_keras",
     "xgboost": "bench.bench_xgboost",
+    "pandas": "bench.bench_pandas",
+    "histogram": "bench.bench_histogram",
 }
 OUT = Path(__file__).resolve().parent.parent / "docs" / "performance.md"
 # rows measured in another environment (smdebug needs NumPy < 2.3), merged into a section
@@ -32,6 +34,12 @@ NOTES = """
   asks `pkg_resources` for the `xgboost` distribution; so the XGBoost table has no smdebug row.
 - Saving raw tensors every step is bound by copying and writing the bytes (4.3 MB per step for the
   MLP); the default interval of 100 steps is the case to read for the everyday cost.
+- The histogram reduction in the `histogram` table runs with NumPy on the host (the core asks the
+  adapter for a host copy of the tensor, bins it with `numpy.histogram` and drops the copy): it costs
+  about as much CPU per step as raw capture, and writes about 250 times fewer bytes. Adapters that bin
+  on the device (`TensorOps.device_histogram`) skip the host copy.
+- `to_pandas(reductions=...)` of a raw tensor reads each shard once and reduces all its steps as one
+  block; on these shared machines its ratio to `values()` varies between runs from about 1.1 to 2.7.
 - These machines are small shared VMs (2 cores): the first touch of fresh memory is expensive and
   other jobs add noise, so each case is the best of several interleaved runs.
 """

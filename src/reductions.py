@@ -23,7 +23,7 @@ HEALTH_COUNTS = ("nan_count", "inf_count", "zero_count")
 ALL_REDUCTIONS = REDUCTIONS + NORMS + HEALTH_COUNTS
 DEFAULT_BINS = 64
 MAX_BINS = 4096
-_CHUNK_BYTES = 64 << 20  # float64 bytes converted at once by compute_rows
+_CHUNK_BYTES = 8 << 20  # float64 bytes converted at once by compute_rows
 
 
 def reduction_key(name: str, abs: bool = False) -> str:
@@ -121,7 +121,7 @@ def compute_rows(arrays: Sequence[np.ndarray] | np.ndarray, keys: Sequence[str])
 
     Element ``i`` of each result equals ``compute(arrays[i], key)``: the same
     formulas, applied to a block of rows at once. Rows are converted to float64
-    a block at a time, so memory stays bounded.
+    into one reused buffer a block at a time, so memory stays bounded.
     """
     for k in keys:
         _check_key(k)
@@ -131,19 +131,28 @@ def compute_rows(arrays: Sequence[np.ndarray] | np.ndarray, keys: Sequence[str])
         return out
     size = int(np.asarray(arrays[0]).size)
     chunk = max(1, _CHUNK_BYTES // max(size * 8, 1))
-    absolute = any(split_key(k)[1] for k in keys)
+    buf = np.empty((min(chunk, n), size), dtype=np.float64)
+    abs_buf = np.empty_like(buf) if any(split_key(k)[1] for k in keys) else None
     for start in range(0, n, chunk):
         part = arrays[start : start + chunk]
-        block = (part if isinstance(part, np.ndarray) else np.stack(part)).reshape(len(part), size)
-        x = _as_float64(block)
-        ax = np.abs(x) if absolute else x
+        m = len(part)
+        x = buf[:m]
+        if isinstance(part, np.ndarray):  # one cast copy into memory that is already mapped
+            x[...] = np.abs(part).reshape(m, size) if part.dtype.kind == "c" else part.reshape(m, size)
+        else:
+            for j in range(m):
+                row = np.asarray(part[j]).reshape(size)
+                x[j] = np.abs(row) if row.dtype.kind == "c" else row
+        ax = np.abs(x, out=abs_buf[:m]) if abs_buf is not None else x
         with np.errstate(all="ignore"):
             for k in keys:
                 name, is_abs = split_key(k)
-                if name in HEALTH_COUNTS:
-                    out[k][start : start + len(part)] = _health(block, name, 1)
+                if name in HEALTH_COUNTS and isinstance(part, np.ndarray):
+                    out[k][start : start + m] = _health(part.reshape(m, size), name, 1)
+                elif name in HEALTH_COUNTS:
+                    out[k][start : start + m] = [_health(np.asarray(a), name, None) for a in part]
                 else:
-                    out[k][start : start + len(part)] = _FORMULAS[name](ax if is_abs else x, 1)
+                    out[k][start : start + m] = _FORMULAS[name](ax if is_abs else x, 1)
     return out
 
 

@@ -492,6 +492,14 @@ class ShardReader:
             int(s): data[offsets[i] : offsets[i + 1]].reshape(tuple(shapes[i, : ndims[i]])) for i, s in enumerate(steps)
         }
 
+    def stacked(self, name: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(steps, values)`` of ``name`` with ``values[i]`` the raw value at ``steps[i]``, in one read;
+        None unless its values have one shape here (fixed layout)."""
+        g = self._group(name)
+        if "data" not in g or g.attrs["layout"] != "fixed":
+            return None
+        return g["steps"][()], g["data"][()]
+
     def value(self, name: str, step: int) -> np.ndarray | None:
         """The raw value of ``name`` at global ``step``, or None."""
         g = self._group(name)

@@ -580,7 +580,12 @@ class Tensor:
             if reader is None:  # unreadable: the index warned once and forgot it
                 continue
             saved = reader.reductions(self.name) if any(loc.reductions for _, _, loc in entries) else {}
-            raw = reader.values(self.name) if any(loc.raw for _, _, loc in entries) else {}
+            stacked = reader.stacked(self.name) if any(loc.raw for _, _, loc in entries) else None
+            if stacked is not None:
+                position = {int(s): i for i, s in enumerate(stacked[0])}
+                raw = {s: stacked[1][i] for s, i in position.items()}
+            else:
+                raw = reader.values(self.name) if any(loc.raw for _, _, loc in entries) else {}
             todo: dict[tuple[tuple[str, ...], tuple[int, ...], str], list[tuple[int, str]]] = {}
             for gstep, w, loc in entries:
                 value = raw.get(gstep) if loc.raw else None
@@ -597,7 +602,12 @@ class Tensor:
                 if missing and value is not None:
                     todo.setdefault((tuple(missing), value.shape, value.dtype.str), []).append((gstep, w))
             for (ks, _, _), members in todo.items():
-                computed = red.compute_rows([raw[g] for g, _ in members], ks)
+                arrays: np.ndarray | list[np.ndarray] = [raw[g] for g, _ in members]
+                if stacked is not None:  # rows of the one array read: no per-step copy
+                    rows_at = np.array([position[g] for g, _ in members])
+                    whole = np.array_equal(rows_at, np.arange(len(stacked[1])))
+                    arrays = stacked[1] if whole else stacked[1][rows_at]
+                computed = red.compute_rows(arrays, ks)
                 for i, (gstep, w) in enumerate(members):
                     rows.extend((gstep, w, k, float(computed[k][i])) for k in ks)
         order = {k: i for i, k in enumerate(keys or ())}
