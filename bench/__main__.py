@@ -20,6 +20,8 @@ BENCHMARKS = {
     "xgboost": "bench.bench_xgboost",
     "read": "bench.bench_read",
     "trial": "bench.bench_trial",
+    "pandas": "bench.bench_pandas",
+    "histogram": "bench.bench_histogram",
 }
 OUT = Path(__file__).resolve().parent.parent / "docs" / "performance.md"
 # rows measured in another environment (smdebug needs NumPy < 2.3), merged into a section
@@ -62,6 +64,14 @@ NOTES = """
   its trials from there (`TENSORTAP_SMDEBUG_PYTHON`). Its XGBoost hook cannot run with
   XGBoost >= 1.6 (a function-style callback, an API XGBoost removed), so the XGBoost table has no
   smdebug row.
+- Saving raw tensors every step is bound by copying and writing the bytes (4.3 MB per step for the
+  MLP); the default interval of 100 steps is the case to read for the everyday cost.
+- The histogram reduction in the `histogram` table runs with NumPy on the host (the core asks the
+  adapter for a host copy of the tensor, bins it with `numpy.histogram` and drops the copy): it costs
+  about as much CPU per step as raw capture, and writes about 250 times fewer bytes. Adapters that bin
+  on the device (`TensorOps.device_histogram`) skip the host copy.
+- `to_pandas(reductions=...)` of a raw tensor reads each shard once and reduces all its steps as one
+  block; on these shared machines its ratio to `values()` varies between runs from about 1.1 to 2.7.
 - These machines are small shared VMs (2 cores): figures measured while other jobs run are noisy,
   which the noise column shows.
 """

@@ -21,11 +21,13 @@ from .exceptions import (
 )
 from .modes import Mode, StepState
 from .trial import Tensor, Trial, create_trial, open_trial
+from .trial.compare import Comparison, compare
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Collection",
+    "Comparison",
     "Mode",
     "NoMoreData",
     "ReductionConfig",
@@ -42,6 +44,7 @@ __all__ = [
     "Trial",
     "TrialExistsError",
     "TrialNotFound",
+    "compare",
     "create_trial",
     "open_trial",
 ]

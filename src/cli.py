@@ -7,9 +7,10 @@ interrupted (Ctrl-C); 141 standard output closed early (``... | head``).
 Results go to standard output, diagnostics (the ``tensortap`` logger) to
 standard error. See ``docs/trial.md`` for every ``--json`` schema.
 
-A subcommand lives in a module that exposes ``add_parser(subparsers)``
-(returning its parser, with ``func`` set to a function of the parsed
-arguments returning the exit status); :data:`COMMAND_MODULES` lists them.
+Subcommands live in modules that expose ``PARSERS``: functions that each add
+one subcommand to the subparsers and return its parser, with ``func`` set to
+a function of the parsed arguments returning the exit status;
+:data:`COMMAND_MODULES` lists those modules.
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ from .trial.trial import trial_problem
 
 EXIT_OK, EXIT_FOUND, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_PIPE = 0, 1, 2, 130, 141
 
-#: Modules (in this package) whose ``add_parser(subparsers)`` adds a subcommand, after the ones of this module.
-COMMAND_MODULES: list[str] = ["cli_rules"]
+#: Modules (in this package) whose ``PARSERS`` add subcommands, after the ones of this module.
+COMMAND_MODULES: list[str] = ["cli_rules", "cli_view"]
 
 #: Optional dependencies (top-level module) and the extra that installs them.
 EXTRAS = {
@@ -425,39 +426,6 @@ def cmd_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# ----------------------------------------------------------- export, plot
-def cmd_export(args: argparse.Namespace) -> int:
-    """Write the trial's scalars and reductions as CSV (long format)."""
-    trial = open_trial(args)
-    df = trial.to_pandas(collection=args.collection)
-    if args.output == "-":
-        df.to_csv(sys.stdout, index=False)
-    else:
-        df.to_csv(args.output, index=False)
-        print(f"wrote {len(df)} rows to {args.output}")
-    return EXIT_OK
-
-
-def cmd_plot(args: argparse.Namespace) -> int:
-    """Plot tensors (scalars, or a reduction) across steps into an image file."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from .trial.plot import plot_tensors, save_plot
-
-    trial = open_trial(args)
-    names = list(args.names)
-    if args.regex:
-        names += [n for n in trial.tensor_names(regex=args.regex) if n not in names]
-    if not names:
-        print("tensortap plot: give tensor names or a --regex that matches some", file=sys.stderr)
-        return EXIT_USAGE
-    ax = plot_tensors(trial, names, args.reduction, Mode.parse(args.mode) if args.mode else None, logy=args.logy)
-    save_plot(ax, args.output)
-    print(f"wrote {args.output} ({len(names)} tensor(s))")
-    return EXIT_OK
-
-
 # ---------------------------------------------------------------- parsers
 def add_ls_parser(sub: Any) -> argparse.ArgumentParser:
     """``tensortap ls``."""
@@ -498,36 +466,10 @@ def add_check_parser(sub: Any) -> argparse.ArgumentParser:
     return p
 
 
-def add_export_parser(sub: Any) -> argparse.ArgumentParser:
-    """``tensortap export``."""
-    p = sub.add_parser("export", help="write scalars and reductions as CSV")
-    add_trial_arguments(p)
-    p.add_argument("--collection", help="only this collection")
-    p.add_argument("-o", "--output", default="-", help="CSV file (default: standard output)")
-    p.set_defaults(func=cmd_export)
-    return p
-
-
-def add_plot_parser(sub: Any) -> argparse.ArgumentParser:
-    """``tensortap plot``."""
-    p = sub.add_parser("plot", help="plot tensors across steps into an image (needs matplotlib)")
-    add_trial_arguments(p)
-    p.add_argument("names", nargs="*", help="tensor names")
-    p.add_argument("--regex", help="also every tensor whose name matches")
-    p.add_argument("--reduction", help="reduction to plot (mean, abs_max, l2, ...); default: scalar values, else mean")
-    p.add_argument("--mode", choices=[m.name.lower() for m in Mode], help="only steps of this mode")
-    p.add_argument("--logy", action="store_true", help="logarithmic y axis")
-    p.add_argument("-o", "--output", default="tensortap-plot.png", help="image file (.png, .svg, .pdf)")
-    p.set_defaults(func=cmd_plot)
-    return p
-
-
 PARSERS: list[Callable[[Any], argparse.ArgumentParser]] = [
     add_ls_parser,
     add_show_parser,
     add_check_parser,
-    add_export_parser,
-    add_plot_parser,
 ]
 
 
@@ -543,7 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     adders = list(PARSERS)
     for module in COMMAND_MODULES:
-        adders.append(importlib.import_module(f".{module}", __package__).add_parser)
+        adders.extend(importlib.import_module(f".{module}", __package__).PARSERS)
     for add in adders:
         add_verbosity_arguments(add(sub), defaults=False)
     return parser

@@ -218,3 +218,6 @@ def run(args: argparse.Namespace) -> int:
     if nothing_judged:
         return _usage(f"no complete step to judge in {trial.path} (is the training still starting? use --follow)")
     return EXIT_FOUND if fired else EXIT_OK
+
+
+PARSERS = [add_parser]

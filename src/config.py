@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
 from .modes import Mode
-from .reductions import HEALTH_COUNTS, NORMS, REDUCTIONS, reduction_key
+from .reductions import HEALTH_COUNTS, MAX_BINS, NORMS, REDUCTIONS, check_edges, reduction_key
 
 DEFAULT_SAVE_INTERVAL = 100
 
@@ -188,6 +188,12 @@ class ReductionConfig:
     save_raw_tensor
         Also save the full tensor. When no reduction is asked for, the raw tensor
         is always saved.
+    histogram
+        Also save a histogram of the tensor's finite values at every saved step,
+        read back as ``(edges, counts)`` (:meth:`tensortap.Tensor.histogram_value`):
+        a number of equal bins (e.g. ``64``) over the range of the first value
+        saved, then fixed for that tensor, or explicit bin edges. Values outside
+        the fixed range count in the first or last bin.
     """
 
     reductions: tuple[str, ...] = ()
@@ -195,6 +201,7 @@ class ReductionConfig:
     norms: tuple[str, ...] = ()
     abs_norms: tuple[str, ...] = ()
     save_raw_tensor: bool = False
+    histogram: int | tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "reductions", _check_names("reductions", self.reductions, REDUCTIONS + HEALTH_COUNTS))
@@ -203,6 +210,7 @@ class ReductionConfig:
         object.__setattr__(self, "abs_norms", _check_names("abs_norms", self.abs_norms, NORMS))
         if not isinstance(self.save_raw_tensor, bool):
             raise ValueError(f"save_raw_tensor: expected True or False, got {self.save_raw_tensor!r}")
+        object.__setattr__(self, "histogram", _check_histogram(self.histogram))
 
     @property
     def keys(self) -> tuple[str, ...]:
@@ -213,25 +221,49 @@ class ReductionConfig:
 
     @property
     def saves_raw(self) -> bool:
-        """Whether the raw tensor is saved (asked for, or no reduction asked for)."""
-        return self.save_raw_tensor or not self.keys
+        """Whether the raw tensor is saved (asked for, or neither a reduction nor a histogram asked for)."""
+        return self.save_raw_tensor or (not self.keys and self.histogram is None)
 
     def to_json(self) -> dict[str, Any]:
         """Return a JSON-serialisable dict."""
-        return {
+        out: dict[str, Any] = {
             "reductions": list(self.reductions),
             "abs_reductions": list(self.abs_reductions),
             "norms": list(self.norms),
             "abs_norms": list(self.abs_norms),
             "save_raw_tensor": self.save_raw_tensor,
         }
+        if self.histogram is not None:
+            out["histogram"] = self.histogram if isinstance(self.histogram, int) else list(self.histogram)
+        return out
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> ReductionConfig:
         """Build from a dict such as one :meth:`to_json` returned."""
-        check_keys("reduction_config", data, {"reductions", "abs_reductions", "norms", "abs_norms", "save_raw_tensor"})
+        check_keys(
+            "reduction_config",
+            data,
+            {"reductions", "abs_reductions", "norms", "abs_norms", "save_raw_tensor", "histogram"},
+        )
         kwargs: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
         return cls(**kwargs)
+
+
+def _check_histogram(value: Any) -> int | tuple[float, ...] | None:
+    """``None``, a number of bins (1 to MAX_BINS) or a tuple of bin edges; a ValueError naming the field else."""
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_BINS:
+        return value
+    if not isinstance(value, (int, str, bytes)) and isinstance(value, Iterable):
+        try:
+            return tuple(float(e) for e in check_edges(list(value)))
+        except (TypeError, ValueError):
+            pass
+    raise ValueError(
+        f"histogram: expected a number of bins (1 to {MAX_BINS}) or a list of 2 to {MAX_BINS + 1} finite, "
+        f"strictly increasing edges, got {value!r}"
+    )
 
 
 def compile_regexes(field_name: str, patterns: Sequence[str] | str | None) -> tuple[re.Pattern[str], ...]:

@@ -5,11 +5,15 @@ read time (from a raw tensor), so the two always agree. Every reduction is
 computed in float64 over all elements; on an empty tensor ``min``, ``max``,
 ``mean``, ``std`` and ``variance`` are NaN, ``sum`` is 0 and ``prod`` is 1.
 Complex tensors are reduced by magnitude ``|z|`` (so ``l2`` is their vector norm).
+
+Histograms (:func:`histogram_edges`, :func:`histogram_counts`) are the one
+reduction that is not a number: ``(edges, counts)`` of the finite values.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -17,6 +21,9 @@ REDUCTIONS = ("min", "max", "mean", "std", "variance", "sum", "prod")
 NORMS = ("l1", "l2")
 HEALTH_COUNTS = ("nan_count", "inf_count", "zero_count")
 ALL_REDUCTIONS = REDUCTIONS + NORMS + HEALTH_COUNTS
+DEFAULT_BINS = 64
+MAX_BINS = 4096
+_CHUNK_BYTES = 8 << 20  # float64 bytes converted at once by compute_rows
 
 
 def reduction_key(name: str, abs: bool = False) -> str:
@@ -39,24 +46,46 @@ def _as_float64(a: np.ndarray) -> np.ndarray:
     return a.astype(np.float64)
 
 
-def _empty_nan(fn: Callable[[np.ndarray], float]) -> Callable[[np.ndarray], float]:
-    def wrapped(a: np.ndarray) -> float:
-        return float("nan") if a.size == 0 else fn(a)
+Formula = Callable[[np.ndarray, Any], Any]
+
+
+def _empty_nan(fn: Formula) -> Formula:
+    def wrapped(a: np.ndarray, axis: Any) -> Any:
+        if a.size == 0 or (axis is not None and a.shape[axis] == 0):
+            return np.full(a.shape[0], np.nan) if axis is not None else np.nan
+        return fn(a, axis)
 
     return wrapped
 
 
-_FORMULAS: dict[str, Callable[[np.ndarray], float]] = {
-    "min": _empty_nan(lambda a: float(np.min(a))),
-    "max": _empty_nan(lambda a: float(np.max(a))),
-    "mean": _empty_nan(lambda a: float(np.mean(a))),
-    "std": _empty_nan(lambda a: float(np.std(a))),
-    "variance": _empty_nan(lambda a: float(np.var(a))),
-    "sum": lambda a: float(np.sum(a)),
-    "prod": lambda a: float(np.prod(a)),
-    "l1": lambda a: float(np.sum(np.abs(a))),
-    "l2": lambda a: float(np.sqrt(np.sum(a * a))),
+# Each formula takes ``axis=None`` (the whole array, one number) or ``axis=1`` (each row of a 2-D block).
+_FORMULAS: dict[str, Formula] = {
+    "min": _empty_nan(lambda a, axis: np.min(a, axis=axis)),
+    "max": _empty_nan(lambda a, axis: np.max(a, axis=axis)),
+    "mean": _empty_nan(lambda a, axis: np.mean(a, axis=axis)),
+    "std": _empty_nan(lambda a, axis: np.std(a, axis=axis)),
+    "variance": _empty_nan(lambda a, axis: np.var(a, axis=axis)),
+    "sum": lambda a, axis: np.sum(a, axis=axis),
+    "prod": lambda a, axis: np.prod(a, axis=axis),
+    "l1": lambda a, axis: np.sum(np.abs(a), axis=axis),
+    "l2": lambda a, axis: np.sqrt(np.sum(a * a, axis=axis)),
 }
+
+
+def _health(a: np.ndarray, name: str, axis: Any) -> Any:
+    if name == "zero_count":
+        return np.count_nonzero(a == 0, axis=axis)
+    if a.dtype.kind not in "fc":
+        return 0 if axis is None else np.zeros(a.shape[0], dtype=np.int64)
+    test = np.isnan if name == "nan_count" else np.isinf
+    return np.count_nonzero(test(a), axis=axis)
+
+
+def _check_key(key: str) -> tuple[str, bool]:
+    name, absolute = split_key(key)
+    if name not in ALL_REDUCTIONS:
+        raise ValueError(f"reduction: {key!r} is not a reduction; valid: {', '.join(ALL_REDUCTIONS)}")
+    return name, absolute
 
 
 def compute(array: np.ndarray, key: str) -> float:
@@ -69,26 +98,123 @@ def compute(array: np.ndarray, key: str) -> float:
     key
         A reduction name from :data:`ALL_REDUCTIONS`, optionally prefixed ``abs_``.
     """
-    name, absolute = split_key(key)
+    name, absolute = _check_key(key)
     a = np.asarray(array)
     if name in HEALTH_COUNTS:
-        if name == "zero_count":
-            return float(np.count_nonzero(a == 0))
-        if a.dtype.kind not in "fc":
-            return 0.0
-        test = np.isnan if name == "nan_count" else np.isinf
-        return float(np.count_nonzero(test(a)))
-    if name not in _FORMULAS:
-        raise ValueError(f"reduction: {key!r} is not a reduction; valid: {', '.join(ALL_REDUCTIONS)}")
+        return float(_health(a, name, None))
     x = _as_float64(a)
     if absolute:
         x = np.abs(x)
     with np.errstate(all="ignore"):
-        return _FORMULAS[name](x)
+        return float(_FORMULAS[name](x, None))
 
 
-def compute_many(array: np.ndarray, keys: list[str]) -> dict[str, float]:
+def compute_many(array: np.ndarray, keys: Sequence[str]) -> dict[str, float]:
     """Compute several reductions on one array (it is converted to float64 once)."""
     a = np.asarray(array)
     x = _as_float64(a) if a.dtype.kind in "biufc" and keys else a
     return {k: compute(x if split_key(k)[0] not in HEALTH_COUNTS else a, k) for k in keys}
+
+
+def compute_rows(arrays: Sequence[np.ndarray] | np.ndarray, keys: Sequence[str]) -> dict[str, np.ndarray]:
+    """Reductions of each of ``arrays`` (same shape and dtype, or stacked as ``[n, *shape]``).
+
+    Element ``i`` of each result equals ``compute(arrays[i], key)``: the same
+    formulas, applied to a block of rows at once. Rows are converted to float64
+    into one reused buffer a block at a time, so memory stays bounded.
+    """
+    for k in keys:
+        _check_key(k)
+    n = len(arrays)
+    out = {k: np.empty(n, dtype=np.float64) for k in keys}
+    if n == 0:
+        return out
+    size = int(np.asarray(arrays[0]).size)
+    chunk = max(1, _CHUNK_BYTES // max(size * 8, 1))
+    buf = np.empty((min(chunk, n), size), dtype=np.float64)
+    abs_buf = np.empty_like(buf) if any(split_key(k)[1] for k in keys) else None
+    for start in range(0, n, chunk):
+        part = arrays[start : start + chunk]
+        m = len(part)
+        x = buf[:m]
+        if isinstance(part, np.ndarray):  # one cast copy into memory that is already mapped
+            x[...] = np.abs(part).reshape(m, size) if part.dtype.kind == "c" else part.reshape(m, size)
+        else:
+            for j in range(m):
+                row = np.asarray(part[j]).reshape(size)
+                x[j] = np.abs(row) if row.dtype.kind == "c" else row
+        ax = np.abs(x, out=abs_buf[:m]) if abs_buf is not None else x
+        with np.errstate(all="ignore"):
+            for k in keys:
+                name, is_abs = split_key(k)
+                if name in HEALTH_COUNTS and isinstance(part, np.ndarray):
+                    out[k][start : start + m] = _health(part.reshape(m, size), name, 1)
+                elif name in HEALTH_COUNTS:
+                    out[k][start : start + m] = [_health(np.asarray(a), name, None) for a in part]
+                else:
+                    out[k][start : start + m] = _FORMULAS[name](ax if is_abs else x, 1)
+    return out
+
+
+class Histogram(NamedTuple):
+    """A histogram: ``counts[i]`` values fell in ``[edges[i], edges[i+1])`` (the last bin includes its right edge).
+
+    Unpacks as ``edges, counts = histogram``.
+    """
+
+    edges: np.ndarray
+    counts: np.ndarray
+
+
+def check_edges(edges: Sequence[float] | np.ndarray, field_name: str = "histogram") -> np.ndarray:
+    """``edges`` as float64, or a ValueError: at least 2 finite, strictly increasing numbers."""
+    e = np.asarray(edges, dtype=np.float64)
+    if e.ndim != 1 or not 2 <= len(e) <= MAX_BINS + 1 or not np.all(np.isfinite(e)) or np.any(np.diff(e) <= 0):
+        raise ValueError(
+            f"{field_name}: expected a number of bins (1 to {MAX_BINS}) or 2 to {MAX_BINS + 1} finite, "
+            f"strictly increasing edges, got {edges!r}"
+        )
+    return e
+
+
+def histogram_edges(array: np.ndarray, bins: int = DEFAULT_BINS) -> np.ndarray | None:
+    """``bins`` equal bins over the range of the finite values of ``array``; None if it has none.
+
+    A constant tensor gets the range ``[x - 0.5, x + 0.5]``.
+    """
+    a = _as_float64(np.asarray(array)).ravel()
+    finite = a[np.isfinite(a)]
+    if finite.size == 0:
+        return None
+    lo, hi = float(finite.min()), float(finite.max())
+    if not lo < hi:
+        lo, hi = lo - 0.5, hi + 0.5
+    return np.linspace(lo, hi, bins + 1)
+
+
+def histogram_counts(array: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Counts (int64) of the finite values of ``array`` in the bins ``edges``.
+
+    The bins are fixed, the values move: a value below ``edges[0]`` is counted
+    in the first bin and one above ``edges[-1]`` in the last, so that every
+    finite value is counted. NaN and infinities are not (``nan_count`` and
+    ``inf_count`` count them). Complex values are binned by magnitude.
+    """
+    a = _as_float64(np.asarray(array)).ravel()
+    finite = a[np.isfinite(a)]
+    counts, _ = np.histogram(np.clip(finite, edges[0], edges[-1]), bins=edges)
+    return counts.astype(np.int64)
+
+
+def histogram(array: np.ndarray, bins: int | Sequence[float] | np.ndarray = DEFAULT_BINS) -> Histogram | None:
+    """The histogram of ``array`` with ``bins`` equal bins over its finite range, or with the given edges.
+
+    None when there are no edges to use: ``bins`` is a number and ``array`` has no finite value.
+    """
+    if isinstance(bins, (int, np.integer)):
+        edges = histogram_edges(array, int(bins))
+        if edges is None:
+            return None
+    else:
+        edges = check_edges(bins)
+    return Histogram(edges, histogram_counts(array, edges))

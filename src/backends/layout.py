@@ -6,6 +6,8 @@ See ``docs/format.md`` for the normative description.
 from __future__ import annotations
 
 FORMAT_VERSION = 1
+# Additions within a version that older readers ignore safely: 1 = per-step wall time and histograms.
+FORMAT_MINOR = 1
 
 SHARDS = "shards"
 INDEX = "index"

@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,7 +21,8 @@ from typing import Any
 import h5py
 import numpy as np
 
-from .layout import FORMAT_VERSION
+from ..reductions import Histogram
+from .layout import FORMAT_MINOR, FORMAT_VERSION
 
 SHARD_MAGIC = "tensortap-shard"
 INDEX_MAGIC = "tensortap-index"
@@ -40,6 +42,7 @@ class TensorRecord:
     raw: np.ndarray | None = None
     reductions: dict[str, float] = field(default_factory=dict)
     orig_dtype: str | None = None
+    histogram: Histogram | None = None
 
 
 @dataclass
@@ -96,7 +99,7 @@ _FIRST_RESERVE = 64 << 20  # bytes a tensor's stacked array may reserve up front
 class _Column:
     """One tensor's values within the shard being built."""
 
-    __slots__ = ("collections", "data", "n", "orig_dtype", "ragged", "red", "steps")
+    __slots__ = ("collections", "data", "hist", "n", "orig_dtype", "ragged", "red", "steps")
 
     def __init__(self) -> None:
         self.collections: set[str] = set()
@@ -105,6 +108,7 @@ class _Column:
         self.n = 0
         self.ragged: list[np.ndarray] | None = None
         self.red: list[tuple[int, str, float]] = []
+        self.hist: list[tuple[int, Histogram]] = []
         self.orig_dtype: str | None = None
 
     def add_raw(self, step: int, value: np.ndarray, rows: int) -> np.ndarray:
@@ -182,6 +186,7 @@ class ShardBuffer:
         self.max_steps = max_steps
         self.max_bytes = max_bytes
         self.steps: list[tuple[int, int, int]] = []
+        self.wall_times: list[float] = []  # time.time() at each commit
         self.columns: dict[str, _Column] = {}
         self.nbytes = 0
         self._staged: list[tuple[str, int, bool, int]] = []  # name, step, raw added, reductions added
@@ -202,6 +207,7 @@ class ShardBuffer:
         raw: np.ndarray | None,
         reductions: dict[str, float],
         orig_dtype: str | None,
+        histogram: Histogram | None = None,
     ) -> np.ndarray | None:
         """Copy one tensor of the step in progress into the buffer; return the stored raw value."""
         col = self.columns.get(name)
@@ -224,6 +230,11 @@ class ShardBuffer:
             self.nbytes += raw.nbytes
         col.red.extend((step, k, float(v)) for k, v in reductions.items())
         self.nbytes += 24 * len(reductions) + 64
+        if histogram is not None:
+            if col.hist and col.hist[-1][0] == step:  # the same name twice in one step: last wins
+                col.hist.pop()
+            col.hist.append((step, histogram))
+            self.nbytes += histogram.edges.nbytes + histogram.counts.nbytes
         self._staged.append((name, step, raw is not None, len(reductions)))
         return stored
 
@@ -246,13 +257,15 @@ class ShardBuffer:
             col = self.columns[name]
             value = np.array(col.last_raw(), copy=True) if raw else None
             reds = {k: v for _, k, v in col.red[len(col.red) - n_red :]}
-            moved.stage(step, name, sorted(col.collections), value, reds, col.orig_dtype)
+            hist = col.hist[-1][1] if col.hist and col.hist[-1][0] == step else None
+            moved.stage(step, name, sorted(col.collections), value, reds, col.orig_dtype, hist)
         self.rollback()
         return moved
 
     def commit(self, step: int, mode: int, mode_step: int) -> None:
         """The step in progress is complete."""
         self.steps.append((step, mode, mode_step))
+        self.wall_times.append(time.time())
         self._staged = []
 
     def rollback(self) -> None:
@@ -266,7 +279,8 @@ class ShardBuffer:
         for name, col in list(self.columns.items()):
             col.truncate(sum(1 for s in col.steps if s <= last))
             col.red = [r for r in col.red if r[0] <= last]
-            if not col.steps and not col.red:
+            col.hist = [h for h in col.hist if h[0] <= last]
+            if not col.steps and not col.red and not col.hist:
                 col.release()
                 del self.columns[name]
         self._staged = []
@@ -312,6 +326,18 @@ def _write_raw(group: h5py.Group, col: _Column, compression: str | None) -> dict
     return {"dtype": str(np.dtype(dtype)), "shape": list(values[-1].shape)}
 
 
+def _write_histograms(group: h5py.Group, hists: list[tuple[int, Histogram]], n_steps: int) -> Any:
+    """``/tensors/<id>/histogram/{steps,edges,counts}``; return the index record's ``histogram_steps``."""
+    bins = {len(h.counts) for _, h in hists}
+    if len(bins) != 1:  # the core fixes a tensor's bins once: this is a bug, never silent
+        raise ValueError(f"histograms of one tensor with different numbers of bins in one shard: {sorted(bins)}")
+    hg = group.create_group("histogram")
+    hg.create_dataset("steps", data=np.array([s for s, _ in hists], dtype=np.int64))
+    hg.create_dataset("edges", data=np.stack([h.edges for _, h in hists]).astype(np.float64))
+    hg.create_dataset("counts", data=np.stack([h.counts for _, h in hists]).astype(np.int64))
+    return ALL_STEPS if len(hists) == n_steps else [s for s, _ in hists]
+
+
 def write_shard(
     path: str,
     worker: str,
@@ -342,6 +368,7 @@ def write_shard(
     with h5py.File(path, "w", libver=("v110", "v110")) as f:
         f.attrs["format"] = SHARD_MAGIC
         f.attrs["format_version"] = FORMAT_VERSION
+        f.attrs["format_minor"] = FORMAT_MINOR
         f.attrs["worker"] = worker
         f.attrs["seq"] = seq
         steps = np.array(buffer.steps, dtype=np.int64).reshape(n_steps, 3)
@@ -349,6 +376,7 @@ def write_shard(
         st_group.create_dataset("step", data=steps[:, 0])
         st_group.create_dataset("mode", data=steps[:, 1].astype(np.int8))
         st_group.create_dataset("mode_step", data=steps[:, 2])
+        st_group.create_dataset("wall_time", data=np.array(buffer.wall_times, dtype=np.float64))
         _json_dataset(f, "names", names)
         tgroup = f.create_group("tensors")
         for tid, name in enumerate(names):
@@ -367,6 +395,8 @@ def write_shard(
                 entry["reductions"] = sorted({k for _, k, _ in col.red})
                 entry["reduction_steps"] = ALL_STEPS if len(red_steps) == n_steps else red_steps
                 red_rows.extend((tid, s, k, v) for s, k, v in col.red)
+            if col.hist:
+                entry["histogram_steps"] = _write_histograms(g, col.hist, n_steps)
             tensors_index[name] = entry
         kinds = sorted({k for _, _, k, _ in red_rows})
         kind_id = {k: i for i, k in enumerate(kinds)}
@@ -379,11 +409,13 @@ def write_shard(
     return {
         "format": INDEX_MAGIC,
         "format_version": FORMAT_VERSION,
+        "format_minor": FORMAT_MINOR,
         "worker": worker,
         "seq": seq,
         "shard": shard_key,
         "bytes": os.path.getsize(path),
         "steps": [list(s) for s in buffer.steps],
+        "wall_times": list(buffer.wall_times),
         "tensors": tensors_index,
     }
 
@@ -462,6 +494,14 @@ class ShardReader:
             int(s): data[offsets[i] : offsets[i + 1]].reshape(tuple(shapes[i, : ndims[i]])) for i, s in enumerate(steps)
         }
 
+    def stacked(self, name: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(steps, values)`` of ``name`` with ``values[i]`` the raw value at ``steps[i]``, in one read;
+        None unless its values have one shape here (fixed layout)."""
+        g = self._group(name)
+        if "data" not in g or g.attrs["layout"] != "fixed":
+            return None
+        return g["steps"][()], g["data"][()]
+
     def value(self, name: str, step: int) -> np.ndarray | None:
         """The raw value of ``name`` at global ``step``, or None."""
         g = self._group(name)
@@ -477,6 +517,22 @@ class ShardReader:
         o = g["offsets"][i : i + 2]
         shape = tuple(g["shapes"][i, : g["ndims"][i]])
         return g["data"][o[0] : o[1]].reshape(shape)
+
+    def histograms(self, name: str) -> dict[int, Histogram]:
+        """Saved histograms of ``name`` in this shard, by global step (none before format 1.1)."""
+        g = self._group(name)
+        if "histogram" not in g:
+            return {}
+        hg = g["histogram"]
+        edges, counts = hg["edges"][()], hg["counts"][()]
+        return {int(s): Histogram(edges[i], counts[i]) for i, s in enumerate(hg["steps"][()])}
+
+    def wall_times(self) -> dict[int, float]:
+        """``{global step: time.time() when it was committed}`` (empty before format 1.1)."""
+        st = self._file["steps"]
+        if "wall_time" not in st:
+            return {}
+        return {int(s): float(t) for s, t in zip(st["step"][()], st["wall_time"][()], strict=True)}
 
     def reductions(self, name: str) -> dict[tuple[int, str], float]:
         """Saved reductions of ``name``: ``{(step, key): value}``."""

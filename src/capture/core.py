@@ -69,8 +69,21 @@ class TensorOps:
     """How the core turns one framework's tensors into stored values.
 
     The default handles NumPy arrays and anything ``numpy.asarray`` accepts.
-    Adapters override :meth:`prepare` to reduce on the device before copying.
+    Adapters override :meth:`prepare` to reduce on the device before copying,
+    and :meth:`histogram` (with :attr:`device_histogram` set) to bin there too.
     """
+
+    #: Whether :meth:`histogram` takes the framework's tensor. When False the core asks
+    #: :meth:`prepare` for the raw host array and bins that with NumPy.
+    device_histogram: ClassVar[bool] = False
+
+    def histogram(self, value: Any, edges: np.ndarray | None, bins: int) -> red.Histogram | None:
+        """The histogram of ``value`` over ``edges``; with ``edges=None`` first ``bins`` equal
+        bins over its finite range. None if there are no edges to use (no finite value yet).
+
+        Must count as :func:`tensortap.reductions.histogram_counts` does.
+        """
+        return red.histogram(np.asarray(value), bins if edges is None else edges)
 
     def prepare(
         self, value: Any, keys: Sequence[str], raw: bool
@@ -99,6 +112,7 @@ class _Plan:
     collections: tuple[str, ...]
     keys: tuple[str, ...]
     raw: bool
+    histogram: int | tuple[float, ...] | None = None
 
 
 def _as_collection(name: str, cfg: Collection | Mapping[str, Any]) -> Collection:
@@ -241,6 +255,8 @@ class Hook:
         self._plans: dict[tuple[str, tuple[str, ...], frozenset[str], bool], _Plan | None] = {}
         self._offered: set[str] = set()  # names in _records
         self._skipped: set[str] = set()  # tensors that could not be captured (warned once)
+        self._histogram_edges: dict[str, np.ndarray] = {}  # fixed per tensor from its first saved value
+        self._histogram_unfixed: set[str] = set()  # warned once: no finite value to fix bins from yet
         self._failed = False
         self._error: BaseException | None = None
         self.writer: TrialWriter | None = None
@@ -387,6 +403,7 @@ class Hook:
             else:
                 keys: dict[str, None] = {}
                 raw = False
+                histogram: int | tuple[float, ...] | None = None
                 for n in saved:
                     rc = self.collections[n].reduction_config if n in self.collections else None
                     rc = rc or self.reduction_config
@@ -395,7 +412,8 @@ class Hook:
                     else:
                         keys.update(dict.fromkeys(rc.keys))
                         raw = raw or rc.saves_raw
-                self._plans[key] = _Plan(tuple(sorted(member)), tuple(keys), raw)
+                        histogram = histogram if histogram is not None else rc.histogram
+                self._plans[key] = _Plan(tuple(sorted(member)), tuple(keys), raw, histogram)
         return self._plans[key]
 
     def offer(self, name: str, value: Any, collections: Sequence[str] = ("custom",), force: bool = False) -> None:
@@ -418,16 +436,21 @@ class Hook:
             plan = self._plan(name, tuple(collections), force)
             if plan is None:
                 return
-            raw, values, orig = self.ops.prepare(value, plan.keys, plan.raw)
+            on_host = plan.histogram is not None and not self.ops.device_histogram
+            raw, values, orig = self.ops.prepare(value, plan.keys, plan.raw or on_host)
+            hist = None
+            if plan.histogram is not None:
+                hist = self._histogram(name, raw if on_host else value, plan.histogram)
+                raw = raw if plan.raw else None
         except Exception as exc:  # this tensor cannot be captured; the others can
             self._skip(name, exc)
             return
         try:
-            stored = self.writer.stage(self.step, name, plan.collections, raw, values, orig)
+            stored = self.writer.stage(self.step, name, plan.collections, raw, values, orig, hist)
         except Exception as exc:
             self.fail(exc, f"cannot buffer tensor {name!r} at step {self.step}")
             return
-        record = TensorRecord(name, plan.collections, stored, values, orig)
+        record = TensorRecord(name, plan.collections, stored, values, orig, hist)
         if name in self._offered:  # offered again in this step: the last value wins
             self._records = [r for r in self._records if r.name != name]
         self._offered.add(name)
@@ -439,6 +462,24 @@ class Hook:
         if name not in self._skipped:
             self._skipped.add(name)
             logger.warning("tensortap: %s cannot be captured and is skipped: %s", name, exc)
+
+    def _histogram(self, name: str, value: Any, spec: int | tuple[float, ...]) -> red.Histogram | None:
+        """The histogram of ``value``, on bins fixed for ``name`` by its first value (or ``spec``'s edges)."""
+        edges = self._histogram_edges.get(name)
+        if edges is None and not isinstance(spec, int):
+            edges = np.asarray(spec, dtype=np.float64)
+        hist = self.ops.histogram(value, edges, spec if isinstance(spec, int) else len(spec) - 1)
+        if hist is not None:
+            self._histogram_edges.setdefault(name, hist.edges)
+        elif name not in self._histogram_unfixed:
+            self._histogram_unfixed.add(name)
+            logger.warning(
+                "tensortap: no histogram of %r at step %d: no finite value to fix its bins from "
+                "(they are fixed at its first step that has one)",
+                name,
+                self.step,
+            )
+        return hist
 
     def save_tensor(self, name: str, value: Any, collections: Sequence[str] = ("custom",)) -> None:
         """Save ``value`` under ``name`` on the current step if it is saved, whatever the collections."""

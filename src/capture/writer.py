@@ -42,6 +42,7 @@ from ..backends.storage import Storage
 from ..config import check_keys
 from ..exceptions import TrialExistsError
 from ..modes import Mode
+from ..reductions import Histogram
 
 logger = logging.getLogger("tensortap")
 
@@ -319,6 +320,7 @@ class TrialWriter:
         raw: Any,
         reductions: dict[str, float],
         orig_dtype: str | None,
+        histogram: Histogram | None = None,
     ) -> Any:
         """Copy one tensor of the step in progress into the shard buffer; return the stored raw value.
 
@@ -339,7 +341,7 @@ class TrialWriter:
                     job = self._take_locked()
                 if not self._buffer.steps and not self._buffer.staging:
                     self._since = time.monotonic()
-                stored = self._buffer.stage(step, name, collections, raw, reductions, orig_dtype)
+                stored = self._buffer.stage(step, name, collections, raw, reductions, orig_dtype, histogram)
             except BaseException:  # an interrupt half-way: keep the buffer consistent
                 self._buffer.rollback()
                 raise

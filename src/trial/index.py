@@ -30,6 +30,7 @@ class Location:
     shard: str
     raw: bool
     reductions: tuple[str, ...]
+    histogram: bool = False
 
 
 @dataclass
@@ -66,6 +67,7 @@ class TrialIndex:
         self.mode_steps: dict[Mode, dict[int, int]] = {}  # mode -> mode_step -> step
         self.step_workers: dict[int, set[str]] = {}
         self.shard_steps: dict[str, list[int]] = {}
+        self.wall_times: dict[int, float] = {}  # saved step -> latest commit time of any worker (format 1.1)
         self.bad_files: dict[str, str] = {}
         self._readers: OrderedDict[str, ShardReader] = OrderedDict()
 
@@ -130,6 +132,11 @@ class TrialIndex:
         shard = record["shard"]
         steps = [int(s[0]) for s in record["steps"]]
         self.shard_steps[shard] = steps
+        times = record.get("wall_times")
+        if isinstance(times, list) and len(times) == len(steps):
+            for step, t in zip(steps, times, strict=True):
+                if isinstance(t, (int, float)):
+                    self.wall_times[step] = max(float(t), self.wall_times.get(step, float("-inf")))
         for step, mode_value, mode_step in record["steps"]:
             mode = Mode(mode_value)
             self.steps[step] = (mode, mode_step)
@@ -147,10 +154,11 @@ class TrialIndex:
             info.orig_dtype = entry.get("orig_dtype", info.orig_dtype)
             raw_steps = _expand(entry.get("raw_steps"), steps)
             red_steps = _expand(entry.get("reduction_steps"), steps)
+            hist_steps = _expand(entry.get("histogram_steps"), steps)
             reds = tuple(entry.get("reductions", ()))
-            for step in sorted(raw_steps | red_steps):
+            for step in sorted(raw_steps | red_steps | hist_steps):
                 info.locations.setdefault(step, {})[worker] = Location(
-                    shard, step in raw_steps, reds if step in red_steps else ()
+                    shard, step in raw_steps, reds if step in red_steps else (), step in hist_steps
                 )
 
     def drop_shard(self, shard: str, why: str) -> None:
@@ -172,6 +180,7 @@ class TrialIndex:
                 self.step_workers.pop(step, None)
                 mode, mode_step = self.steps.pop(step)
                 self.mode_steps[mode].pop(mode_step, None)
+                self.wall_times.pop(step, None)
 
     def reader(self, shard: str) -> ShardReader | None:
         """Return the open reader of ``shard``, or None (with a warning) if it cannot be read."""

@@ -1,72 +1,251 @@
-"""Plots of tensors across steps (matplotlib, from the ``notebook`` extra)."""
+"""Plots of tensors across steps and of their distributions (matplotlib, from the ``notebook`` extra).
+
+Every function returns the matplotlib Axes it drew on, so it can be changed
+further. The methods :meth:`Trial.plot <tensortap.Trial.plot>`,
+:meth:`Tensor.plot <tensortap.Tensor.plot>`, :meth:`Tensor.histogram
+<tensortap.Tensor.histogram>`, :meth:`Tensor.plot_histograms
+<tensortap.Tensor.plot_histograms>` and :func:`tensortap.compare` call these.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
-from ..exceptions import TensorUnavailableForStep
+import numpy as np
+
 from ..modes import Mode
 from ..reductions import split_key
+from .progress import progress
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
-    from .trial import Trial
+    from .trial import Tensor, Trial
+
+XAxis = Literal["step", "global_step", "time"]
+"""The x axis of a plot over steps: the mode step, the global step, or seconds since the trial's first saved step."""
+
+X_LABELS: Mapping[str, str] = {"step": "step", "global_step": "global step", "time": "time since start (s)"}
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise ImportError('plots need matplotlib: pip install "tensortap[notebook]"') from exc
+    return plt
+
+
+def _axes(ax: Axes | None, figsize: tuple[float, float] = (8, 4.5)) -> Axes:
+    if ax is not None:
+        return ax
+    _, new = _pyplot().subplots(figsize=figsize)
+    return new
 
 
 def series(trial: Trial, name: str, reduction: str | None = None, mode: Mode | str | None = None) -> dict[int, float]:
-    """One number per saved step: the value of a scalar tensor, else ``reduction`` (default ``"mean"``).
+    """One number per saved step (mode step if ``mode``): the value of a scalar tensor, else ``reduction``.
 
-    ``reduction`` is a reduction key such as ``"mean"``, ``"abs_max"`` or ``"l2"``.
+    ``reduction`` is a reduction key such as ``"mean"`` (the default for
+    non-scalar tensors), ``"abs_max"`` or ``"l2"``.
     """
     tensor = trial.tensor(name)
-    out: dict[int, float] = {}
-    for step in tensor.steps(mode):
-        try:
-            if reduction is None and tensor.has_raw(step, mode):
-                value = tensor.value(step, mode)
-                if value.size == 1:
-                    out[step] = float(value.reshape(()))
-                    continue
-            key, absolute = split_key(reduction or "mean")
-            out[step] = tensor.reduction_value(step, key, abs=absolute, mode=mode)
-        except TensorUnavailableForStep:
+    shape = tensor.summary()["shape"]
+    if reduction is None and shape is not None and int(np.prod(shape)) == 1:
+        return dict(tensor.to_series(None, mode=mode).items())
+    key, absolute = split_key(reduction or "mean")
+    return tensor.reduction_values(key, absolute, mode)
+
+
+def mode_lines(
+    tensor: Tensor, reduction: str | None, mode: Mode | str | None, x: XAxis = "step"
+) -> dict[Mode, tuple[list[float], list[float]]]:
+    """``{mode: (xs, ys)}``: :func:`series` split by mode, on the x axis ``x``.
+
+    Raises
+    ------
+    ValueError
+        ``x="time"`` on a trial written before wall times were recorded, or an unknown ``x``.
+    """
+    if x not in X_LABELS:
+        raise ValueError(f"x: {x!r} is not valid; valid: {', '.join(X_LABELS)}")
+    trial = tensor.trial
+    data = series(trial, tensor.name, reduction)  # by global step
+    steps = trial._index.steps
+    times = trial.wall_times() if x == "time" else {}
+    if x == "time" and not times:
+        raise ValueError(f"{trial.path} has no wall times (written before format 1.1): use x='step'")
+    start = min(times.values()) if times else 0.0
+    wanted = None if mode is None else Mode.parse(mode)
+    out: dict[Mode, tuple[list[float], list[float]]] = {}
+    for gstep, value in sorted(data.items()):
+        m, mstep = steps.get(gstep, (Mode.GLOBAL, gstep))
+        if wanted is not None and m is not wanted:
             continue
-    return out
+        if x == "time":
+            if gstep not in times:
+                continue
+            where: float = times[gstep] - start
+        else:
+            where = mstep if x == "step" else gstep
+        xs, ys = out.setdefault(m, ([], []))
+        xs.append(where)
+        ys.append(value)
+    return dict(sorted(out.items()))
 
 
 def plot_tensors(
-    trial: Trial,
+    trials: Trial | Sequence[Trial],
     names: Sequence[str],
     reduction: str | None = None,
     mode: Mode | str | None = None,
     ax: Axes | None = None,
     logy: bool = False,
+    x: XAxis = "step",
+    labels: Sequence[str] | None = None,
 ) -> Axes:
-    """Plot each tensor's :func:`series` against the step; return the matplotlib Axes.
+    """Plot each tensor of each trial across steps, one line per mode; return the matplotlib Axes.
+
+    Parameters
+    ----------
+    trials
+        One trial, or several (runs side by side: lines are labelled with ``labels``).
+    names
+        Tensor names; a trial that lacks one is skipped for it (it must exist in at least one).
+    reduction
+        Reduction key; default: the value of scalar tensors, the mean of others.
+    mode
+        Only this mode (default: each mode as its own line).
+    ax, logy
+        Axes to draw into (default: a new figure); logarithmic y axis.
+    x
+        ``"step"`` (mode step), ``"global_step"`` or ``"time"``.
+    labels
+        One label per trial (default: their paths, when there are several).
 
     Raises
     ------
     ImportError
         If matplotlib is missing (``pip install "tensortap[notebook]"``).
     """
-    try:
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise ImportError('plots need matplotlib: pip install "tensortap[notebook]"') from exc
-    if ax is None:
-        _, ax = plt.subplots(figsize=(8, 4.5))
-    for name in names:
-        data = series(trial, name, reduction, mode)
-        ax.plot(list(data), list(data.values()), marker="." if len(data) < 50 else None, label=name)
-    what = reduction or "value (scalars) / mean"
-    ax.set(xlabel=f"{Mode.parse(mode).name.lower()} step" if mode else "step", ylabel=what)
+    from ..exceptions import TensorUnavailable
+
+    runs = [trials] if not isinstance(trials, Sequence) else list(trials)
+    run_labels = list(labels) if labels is not None else [t.path for t in runs]
+    ax = _axes(ax)
+    drawn = 0
+    work = [(r, label, n) for r, label in zip(runs, run_labels, strict=True) for n in names]
+    for run, run_label, name in progress(work, desc="plotting"):
+        try:
+            tensor = run.tensor(name)
+        except TensorUnavailable:
+            continue
+        lines = mode_lines(tensor, reduction, mode, x)
+        for m, (xs, ys) in lines.items():
+            label = name if len(runs) == 1 else f"{run_label}: {name}"
+            if len(lines) > 1 or m not in (Mode.TRAIN, Mode.GLOBAL):
+                label += f" ({m.name.lower()})"
+            ax.plot(xs, ys, marker="." if len(xs) < 50 else None, label=label)
+            drawn += 1
+    if not drawn:
+        raise TensorUnavailable(f"nothing to plot: none of {', '.join(map(repr, names))} has values")
+    scalar_only = reduction is None and all(_is_scalar(r, n) for r in runs for n in names if n in r._index.tensors)
+    what = "value" if scalar_only else reduction or "value (scalars) / mean"
+    ylabel = f"{names[0]} ({what})" if len(names) == 1 and not scalar_only else names[0] if len(names) == 1 else what
+    xlabel = X_LABELS[x] if x != "step" or mode is None else f"{Mode.parse(mode).name.lower()} step"
+    ax.set(xlabel=xlabel, ylabel=ylabel)
     if logy:
         ax.set_yscale("log")
-    ax.set_title(trial.path, fontsize=9)
+    if len(runs) == 1:
+        ax.set_title(runs[0].path, fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
+    return ax
+
+
+def _is_scalar(trial: Trial, name: str) -> bool:
+    shape = trial.tensor(name).summary()["shape"]
+    return shape is not None and int(np.prod(shape)) == 1
+
+
+def plot_histogram(
+    tensor: Tensor,
+    step: int,
+    mode: Mode | str | None = None,
+    bins: int | Sequence[float] = 64,
+    ax: Axes | None = None,
+) -> Axes:
+    """Draw the histogram of ``tensor`` at ``step`` as steps (``ax.stairs``); return the Axes."""
+    edges, counts = tensor.histogram_value(step, mode, bins=bins)
+    ax = _axes(ax)
+    ax.stairs(counts, edges, fill=True, alpha=0.7)
+    where = f"{Mode.parse(mode).name.lower()} step {step}" if mode is not None else f"step {step}"
+    ax.set(xlabel=f"{tensor.name} (value)", ylabel="count", title=f"{tensor.name} at {where}")
+    ax.grid(alpha=0.3)
+    return ax
+
+
+def _cell_edges(xs: np.ndarray) -> np.ndarray:
+    """Cell boundaries around sorted centres ``xs`` (half-way between neighbours)."""
+    if len(xs) == 1:
+        return np.array([xs[0] - 0.5, xs[0] + 0.5])
+    mid = (xs[1:] + xs[:-1]) / 2
+    return np.concatenate([[xs[0] - (mid[0] - xs[0])], mid, [xs[-1] + (xs[-1] - mid[-1])]])
+
+
+def plot_histograms(
+    tensor: Tensor,
+    mode: Mode | str | None = None,
+    bins: int | Sequence[float] = 64,
+    x: XAxis = "step",
+    ax: Axes | None = None,
+) -> Axes:
+    """Heat map of the distribution over steps: one column per step, one row per bin, colour = count.
+
+    Steps whose bins differ (a histogram captured by another run of the hook)
+    are drawn as separate meshes. Returns the Axes; ``ax.collections`` holds
+    the meshes (``QuadMesh.get_array()`` is ``counts`` with one row per bin).
+    """
+    trial = tensor.trial
+    modes = sorted({trial._index.steps[s][0] for s in tensor.steps() if s in trial._index.steps})
+    if mode is None and modes:
+        mode = Mode.TRAIN if Mode.TRAIN in modes else modes[0]
+    hists = tensor.histogram_values(mode, bins=bins)  # by mode step
+    if not hists:
+        raise ValueError(f"{tensor.name!r}: no histogram and no raw tensor was saved at any step")
+    m = Mode.parse(mode) if mode is not None else Mode.GLOBAL
+    if x == "step":
+        positions = {s: float(s) for s in hists}
+    else:
+        gsteps = {s: trial.global_step(s, m) for s in hists}
+        times = trial.wall_times()
+        if x == "time" and not times:
+            raise ValueError(f"{trial.path} has no wall times (written before format 1.1): use x='step'")
+        start = min(times.values()) if times else 0.0
+        positions = {
+            s: float(g) if x == "global_step" else times[g] - start
+            for s, g in gsteps.items()
+            if g is not None and (x == "global_step" or g in times)
+        }
+    steps = sorted(positions)
+    ax = _axes(ax)
+    xs = np.array([positions[s] for s in steps])
+    cells = _cell_edges(xs)
+    vmax = max(float(hists[s].counts.max()) for s in steps) or 1.0
+    start_i = 0
+    mesh = None
+    for i in range(1, len(steps) + 1):  # runs of consecutive steps with the same edges
+        if i < len(steps) and np.array_equal(hists[steps[i]].edges, hists[steps[start_i]].edges):
+            continue
+        run = steps[start_i:i]
+        counts = np.stack([hists[s].counts for s in run]).T  # [bins, steps]
+        mesh = ax.pcolormesh(cells[start_i : i + 1], hists[run[0]].edges, counts, vmin=0, vmax=vmax, cmap="viridis")
+        start_i = i
+    if mesh is not None:
+        ax.figure.colorbar(mesh, ax=ax, label="count")
+    xlabel = X_LABELS[x] if x != "step" else f"{m.name.lower()} step" if m is not Mode.GLOBAL else "step"
+    ax.set(xlabel=xlabel, ylabel=f"{tensor.name} (value)", title=f"{tensor.name}: distribution over steps")
     return ax
 
 

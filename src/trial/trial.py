@@ -32,6 +32,9 @@ from .index import Location, TensorInfo, TrialIndex
 
 if TYPE_CHECKING:
     import pandas
+    from matplotlib.axes import Axes
+
+    from .plot import XAxis
 
 REFRESH_SECONDS = 0.25
 WAIT_POLL_SECONDS = 0.1
@@ -103,6 +106,10 @@ def trial_problem(storage: Storage) -> TrialNotFound | None:
     return TrialNotFound(path, why, trials)
 
 
+DEFAULT_RAW_REDUCTIONS = ("min", "max", "mean", "std", "l2")
+"""Reductions exported for a raw, non-scalar tensor when none were saved and none are asked for."""
+
+
 class Trial:
     """A trial: every tensor one training run saved, from all its workers.
 
@@ -149,7 +156,14 @@ class Trial:
         self.refresh()
 
     def __repr__(self) -> str:
-        return f"<Trial {self.path!r}: {len(self._index.steps)} steps, {len(self._index.tensors)} tensors>"
+        from .views import trial_text
+
+        return trial_text(self)
+
+    def _repr_html_(self) -> str:
+        from .views import trial_html
+
+        return trial_html(self)
 
     # ---------------------------------------------------------------- refresh
     def refresh(self) -> None:
@@ -349,6 +363,74 @@ class Trial:
         self._auto_refresh()
         return {n: str(w.end.get("reason")) for n, w in sorted(self._index.workers.items()) if w.end is not None}
 
+    def wall_times(self, mode: Mode | str | None = None) -> dict[int, float]:
+        """When each saved step was written (``time.time()`` at its end), by step (mode step if ``mode``).
+
+        Empty for trials written before format 1.1, which did not record it.
+        """
+        self._auto_refresh()
+        m = None if mode is None else Mode.parse(mode)
+        index = self._index.steps
+        out = {}
+        for gstep, t in self._index.wall_times.items():
+            if m is None:
+                out[gstep] = t
+            elif gstep in index and index[gstep][0] is m:
+                out[index[gstep][1]] = t
+        return dict(sorted(out.items()))
+
+    def steps_per_second(self, mode: Mode | str | None = None) -> float | None:
+        """Training speed: steps counted between the first and last saved step over the seconds between them.
+
+        None when fewer than two saved steps have a wall time (or they share one).
+        """
+        times = self.wall_times(mode)
+        if len(times) < 2:
+            return None
+        (s0, t0), (s1, t1) = min(times.items()), max(times.items())
+        return (s1 - s0) / (t1 - t0) if t1 > t0 else None
+
+    def plot(
+        self,
+        names_or_regex: str | Sequence[str],
+        reduction: str | None = None,
+        mode: Mode | str | None = None,
+        x: XAxis = "step",
+        ax: Axes | None = None,
+        logy: bool = False,
+    ) -> Axes:
+        """Plot tensors across steps, one line per tensor and mode; return the matplotlib Axes.
+
+        Parameters
+        ----------
+        names_or_regex
+            Tensor names, or one string: a tensor name, else a regular expression.
+        reduction
+            A reduction key (``"mean"``, ``"abs_max"``, ``"l2"``...); default: the value
+            of scalar tensors, the mean of the others.
+        mode
+            Only steps of this mode (default: every mode, as separate lines).
+        x
+            ``"step"`` (the mode step), ``"global_step"`` or ``"time"`` (seconds since the first saved step).
+        ax
+            Draw into these Axes (default: a new figure).
+        logy
+            Logarithmic y axis.
+        """
+        from .plot import plot_tensors
+
+        return plot_tensors([self], self._resolve(names_or_regex), reduction, mode, x=x, ax=ax, logy=logy)
+
+    def _resolve(self, names_or_regex: str | Sequence[str]) -> list[str]:
+        if not isinstance(names_or_regex, str):
+            return list(names_or_regex)
+        if names_or_regex in self._index.tensors:
+            return [names_or_regex]
+        names = self.tensor_names(regex=names_or_regex)
+        if not names:
+            raise TensorUnavailable(f"no tensor name matches {names_or_regex!r} in {self.path}")
+        return names
+
     def problems(self) -> dict[str, str]:
         """Files found unreadable so far, with why."""
         return dict(self._index.bad_files)
@@ -358,24 +440,36 @@ class Trial:
         names: Sequence[str] | None = None,
         collection: str | None = None,
         reductions: Sequence[str] | None = None,
+        progress: bool | None = None,
     ) -> pandas.DataFrame:
         """A long-format DataFrame: one row per worker, step, tensor and reduction.
 
         Columns: ``worker, mode, mode_step, step, name, reduction, value``.
-        Without ``reductions``, scalar tensors give one row with reduction
-        ``"value"`` and others give their saved reductions.
+        With ``reductions`` (keys such as ``"mean"``, ``"abs_max"``, ``"l2"``), each
+        is the saved value or is computed from the raw tensor; a tensor's shard is
+        read once for all its steps. Without, scalar tensors give one row with
+        reduction ``"value"``, others their saved reductions, and raw tensors that
+        have none :data:`DEFAULT_RAW_REDUCTIONS`. Histograms are not rows (see
+        :meth:`Tensor.histogram_values`).
+
+        Parameters
+        ----------
+        progress
+            Show a progress bar over tensors (default: when standard error is a terminal).
         """
         import pandas as pd
 
+        from .progress import progress as bar
+
+        for k in reductions or ():
+            if red.split_key(k)[0] not in red.ALL_REDUCTIONS:
+                raise ValueError(f"reduction: {k!r} is not valid; valid: {', '.join(red.ALL_REDUCTIONS)}")
         selected = list(names) if names is not None else self.tensor_names(collection=collection)
         rows: list[tuple[Any, ...]] = []
-        for name in selected:
-            t = self.tensor(name)
-            for step, workers in sorted(t._info.locations.items()):
+        for name in bar(selected, desc="tensors", enable=progress):
+            for step, worker, key, value in self.tensor(name)._rows(reductions):
                 mode, mode_step = self._index.steps.get(step, (Mode.GLOBAL, step))
-                for worker, loc in sorted(workers.items()):
-                    for key, value in t._row_values(step, worker, loc, reductions):
-                        rows.append((worker, mode.name, mode_step, step, name, key, value))
+                rows.append((worker, mode.name, mode_step, step, name, key, value))
         return pd.DataFrame(rows, columns=["worker", "mode", "mode_step", "step", "name", "reduction", "value"])
 
     def close(self) -> None:
@@ -397,7 +491,14 @@ class Tensor:
         self.name = name
 
     def __repr__(self) -> str:
-        return f"<Tensor {self.name!r}>"
+        from .views import tensor_text
+
+        return tensor_text(self)
+
+    def _repr_html_(self) -> str:
+        from .views import tensor_html
+
+        return tensor_html(self)
 
     @property
     def _info(self) -> TensorInfo:
@@ -521,14 +622,234 @@ class Tensor:
     def reduction_values(
         self, reduction: str, abs: bool = False, mode: Mode | str | None = None, worker: str | None = None
     ) -> dict[int, float]:
-        """A reduction at every step where it is saved or computable, by step."""
-        out = {}
-        for s in self.steps(mode):
-            try:
-                out[s] = self.reduction_value(s, reduction, abs, mode, worker)
-            except TensorUnavailableForStep:
+        """A reduction at every step where it is saved or computable, by step (mode step if ``mode``).
+
+        Reads each shard once. Without ``worker``, each step comes from the first
+        worker (in sorted order) that saved it.
+        """
+        key = red.reduction_key(reduction, abs)
+        if red.split_key(key)[0] not in red.ALL_REDUCTIONS:
+            raise ValueError(f"reduction: {reduction!r} is not valid; valid: {', '.join(red.ALL_REDUCTIONS)}")
+        return self._keyed(self._rows([key], worker, mode), mode)
+
+    def _keyed(self, rows: list[tuple[int, str, str, float]], mode: Mode | str | None) -> dict[int, float]:
+        """``{step or mode step: value}`` from rows of one key, the first worker per step."""
+        index = self.trial._index.steps
+        out: dict[int, float] = {}
+        for gstep, _, _, value in sorted(rows, key=lambda r: (r[0], r[1])):
+            key = gstep if mode is None else index[gstep][1]
+            out.setdefault(key, value)
+        return dict(sorted(out.items()))
+
+    def _rows(
+        self, keys: Sequence[str] | None, worker: str | None = None, mode: Mode | str | None = None
+    ) -> list[tuple[int, str, str, float]]:
+        """``(global step, worker, key, value)`` of every saved location, sorted, reading each shard once.
+
+        ``keys=None``: the value of a scalar (key ``"value"``), else the saved
+        reductions, else (raw only) :data:`DEFAULT_RAW_REDUCTIONS`.
+        """
+        m = None if mode is None else Mode.parse(mode)
+        index = self.trial._index
+        by_shard: dict[str, list[tuple[int, str, Location]]] = {}
+        for gstep, workers in self._info.locations.items():
+            if m is not None and (gstep not in index.steps or index.steps[gstep][0] is not m):
                 continue
-        return out
+            for w, loc in workers.items():
+                if worker is None or w == worker:
+                    by_shard.setdefault(loc.shard, []).append((gstep, w, loc))
+        rows: list[tuple[int, str, str, float]] = []
+        for shard, entries in by_shard.items():
+            reader = index.reader(shard)
+            if reader is None:  # unreadable: the index warned once and forgot it
+                continue
+            saved = reader.reductions(self.name) if any(loc.reductions for _, _, loc in entries) else {}
+            stacked = reader.stacked(self.name) if any(loc.raw for _, _, loc in entries) else None
+            if stacked is not None:
+                position = {int(s): i for i, s in enumerate(stacked[0])}
+                raw = {s: stacked[1][i] for s, i in position.items()}
+            else:
+                raw = reader.values(self.name) if any(loc.raw for _, _, loc in entries) else {}
+            todo: dict[tuple[tuple[str, ...], tuple[int, ...], str], list[tuple[int, str]]] = {}
+            for gstep, w, loc in entries:
+                value = raw.get(gstep) if loc.raw else None
+                if keys is None and value is not None and value.size == 1:
+                    rows.append((gstep, w, "value", red.compute(value, "sum")))  # the scalar, as float64
+                    continue
+                want = keys if keys is not None else loc.reductions or (DEFAULT_RAW_REDUCTIONS if loc.raw else ())
+                missing = []
+                for k in want:
+                    if k in loc.reductions and (gstep, k) in saved:
+                        rows.append((gstep, w, k, saved[(gstep, k)]))
+                    elif value is not None:
+                        missing.append(k)
+                if missing and value is not None:
+                    todo.setdefault((tuple(missing), value.shape, value.dtype.str), []).append((gstep, w))
+            for (ks, _, _), members in todo.items():
+                arrays: np.ndarray | list[np.ndarray] = [raw[g] for g, _ in members]
+                if stacked is not None:  # rows of the one array read: no per-step copy
+                    rows_at = np.array([position[g] for g, _ in members])
+                    whole = np.array_equal(rows_at, np.arange(len(stacked[1])))
+                    arrays = stacked[1] if whole else stacked[1][rows_at]
+                computed = red.compute_rows(arrays, ks)
+                for i, (gstep, w) in enumerate(members):
+                    rows.extend((gstep, w, k, float(computed[k][i])) for k in ks)
+        order = {k: i for i, k in enumerate(keys or ())}
+        return sorted(rows, key=lambda r: (r[0], r[1], order.get(r[2], len(order)), r[2]))
+
+    def to_series(
+        self, reduction: str | None = None, mode: Mode | str | None = None, worker: str | None = None
+    ) -> pandas.Series:
+        """A pandas Series of floats indexed by step (mode step if ``mode``).
+
+        Parameters
+        ----------
+        reduction
+            A reduction key (``"mean"``, ``"abs_max"``...); None: the values of a scalar tensor.
+        mode, worker
+            Only steps of this mode; read this worker (default: the first that saved each step).
+
+        Raises
+        ------
+        ValueError
+            ``reduction=None`` and the tensor is not a scalar.
+        """
+        import pandas as pd
+
+        if reduction is None:
+            info = self._info
+            if info.shape is None or int(np.prod(info.shape)) != 1:
+                saved = sorted({k for w in info.locations.values() for loc in w.values() for k in loc.reductions})
+                what = "only reductions were saved" if info.shape is None else f"its shape is {info.shape}"
+                raise ValueError(
+                    f"{self.name!r} is not a scalar ({what}); pass reduction= one of "
+                    f"{', '.join(saved) or ', '.join(DEFAULT_RAW_REDUCTIONS)}"
+                )
+            data = self._keyed([r for r in self._rows(None, worker, mode) if r[2] == "value"], mode)
+        else:
+            name, absolute = red.split_key(reduction)
+            data = self.reduction_values(name, absolute, mode, worker)
+        m = None if mode is None else Mode.parse(mode)
+        index = pd.Index(list(data), dtype="int64", name="step" if m is None else f"{m.name.lower()} step")
+        return pd.Series(list(data.values()), index=index, dtype="float64", name=self.name)
+
+    def histogram_value(
+        self,
+        step: int,
+        mode: Mode | str | None = None,
+        worker: str | None = None,
+        bins: int | Sequence[float] = red.DEFAULT_BINS,
+    ) -> red.Histogram:
+        """The histogram ``(edges, counts)`` at ``step``: the saved one, else binned from the raw tensor.
+
+        Parameters
+        ----------
+        bins
+            For a raw tensor: equal bins over its finite range, or explicit edges.
+            A saved histogram keeps the bins it was captured with.
+        """
+        gstep, _, loc = self._locate(step, mode, worker)
+        if loc.histogram:
+            reader = self.trial._index.reader(loc.shard)
+            if reader is not None and gstep in (saved := reader.histograms(self.name)):
+                return saved[gstep]
+        if loc.raw:
+            hist = red.histogram(self._reader_value(gstep, loc), bins)
+            if hist is None:
+                raise TensorUnavailableForStep(f"{self.name!r} at step {step}: no finite value to bin")
+            return hist
+        raise TensorUnavailableForStep(
+            f"{self.name!r} at step {step}: neither a histogram nor the raw tensor was saved; "
+            "capture with ReductionConfig(histogram=64) or save_raw_tensor=True"
+        )
+
+    def histogram_values(
+        self,
+        mode: Mode | str | None = None,
+        worker: str | None = None,
+        bins: int | Sequence[float] = red.DEFAULT_BINS,
+    ) -> dict[int, red.Histogram]:
+        """Histograms at every step where one was saved or the raw tensor was, by step (mode step if ``mode``).
+
+        Saved histograms are returned as captured. Raw tensors are binned on
+        common edges: ``bins`` equal bins over the finite range of all their
+        steps (or explicit edges). Each shard is read once.
+        """
+        m = None if mode is None else Mode.parse(mode)
+        index = self.trial._index
+        by_shard: dict[str, list[tuple[int, Location]]] = {}
+        for gstep, workers in self._info.locations.items():
+            if m is not None and (gstep not in index.steps or index.steps[gstep][0] is not m):
+                continue
+            w = worker if worker is not None else min(workers)
+            if (loc := workers.get(w)) is not None and (loc.histogram or loc.raw):
+                by_shard.setdefault(loc.shard, []).append((gstep, loc))
+        found: dict[int, red.Histogram] = {}
+        raw: dict[int, np.ndarray] = {}
+        for shard, entries in by_shard.items():
+            reader = index.reader(shard)
+            if reader is None:
+                continue
+            saved = reader.histograms(self.name) if any(loc.histogram for _, loc in entries) else {}
+            values = reader.values(self.name) if any(loc.raw and not loc.histogram for _, loc in entries) else {}
+            for gstep, _ in entries:
+                if gstep in saved:
+                    found[gstep] = saved[gstep]
+                elif gstep in values:
+                    raw[gstep] = values[gstep]
+        if raw:
+            edges = _common_edges(raw.values(), bins)
+            if edges is not None:
+                found.update({g: red.Histogram(edges, red.histogram_counts(v, edges)) for g, v in raw.items()})
+        keyed = {(g if m is None else index.steps[g][1]): h for g, h in found.items()}
+        return dict(sorted(keyed.items()))
+
+    def plot(
+        self,
+        reduction: str | None = "mean",
+        mode: Mode | str | None = None,
+        x: XAxis = "step",
+        ax: Axes | None = None,
+        logy: bool = False,
+    ) -> Axes:
+        """Plot a reduction (``None``: the value of a scalar) across steps, one line per mode.
+
+        ``x`` is ``"step"`` (mode step, the default), ``"global_step"`` or ``"time"``
+        (seconds since the trial's first saved step). Returns the matplotlib Axes.
+        """
+        from .plot import plot_tensors
+
+        shape = self._info.shape
+        if reduction == "mean" and shape is not None and int(np.prod(shape)) == 1:
+            reduction = None  # the mean of a scalar is its value: label it so
+        return plot_tensors([self.trial], [self.name], reduction, mode, x=x, ax=ax, logy=logy)
+
+    def histogram(
+        self,
+        step: int,
+        mode: Mode | str | None = None,
+        bins: int | Sequence[float] = red.DEFAULT_BINS,
+        ax: Axes | None = None,
+    ) -> Axes:
+        """Plot the histogram at ``step`` (see :meth:`histogram_value`); return the matplotlib Axes."""
+        from .plot import plot_histogram
+
+        return plot_histogram(self, step, mode, bins, ax)
+
+    def plot_histograms(
+        self,
+        mode: Mode | str | None = None,
+        bins: int | Sequence[float] = red.DEFAULT_BINS,
+        x: XAxis = "step",
+        ax: Axes | None = None,
+    ) -> Axes:
+        """The distribution over steps as a heat map (x: step, y: value, colour: count), as TensorBoard's.
+
+        Without ``mode``: the TRAIN steps if there are any, else the first mode's.
+        """
+        from .plot import plot_histograms
+
+        return plot_histograms(self, mode, bins, x, ax)
 
     def available_reductions(self, step: int, mode: Mode | str | None = None, worker: str | None = None) -> list[str]:
         """Reduction keys saved at ``step`` (any reduction is computable when the raw tensor was saved)."""
@@ -548,25 +869,21 @@ class Tensor:
         """Shape of the raw value at ``step``."""
         return tuple(self.value(step, mode, worker).shape)
 
-    def _row_values(
-        self, step: int, worker: str, loc: Location, reductions: Sequence[str] | None
-    ) -> list[tuple[str, float]]:
-        if reductions is None:
-            if loc.raw:
-                v = self._reader_value(step, loc)
-                if v.size == 1:
-                    return [("value", float(v.reshape(()).item()))]
-            keys = list(loc.reductions)
-        else:
-            keys = list(reductions)
-        out = []
-        for k in keys:
-            name, absolute = red.split_key(k)
-            try:
-                out.append((k, self.reduction_value(step, name, absolute, worker=worker)))
-            except TensorUnavailableForStep:
-                continue
-        return out
+
+def _common_edges(values: Iterable[np.ndarray], bins: int | Sequence[float]) -> np.ndarray | None:
+    """Edges shared by histograms of several arrays: explicit ``bins``, or equal bins over their joint finite range."""
+    if not isinstance(bins, (int, np.integer)):
+        return red.check_edges(bins, "bins")
+    lo, hi = np.inf, -np.inf
+    for v in values:
+        a = np.asarray(v)
+        a = np.abs(a) if a.dtype.kind == "c" else a
+        finite = a[np.isfinite(a)] if a.dtype.kind == "f" else a.ravel()
+        if finite.size:
+            lo, hi = min(lo, float(finite.min())), max(hi, float(finite.max()))
+    if not np.isfinite(lo):
+        return None
+    return red.histogram_edges(np.array([lo, hi]), int(bins))
 
 
 def _compile(pattern: str) -> re.Pattern[str]:

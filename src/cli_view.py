@@ -1,0 +1,148 @@
+"""The viewing commands of ``tensortap``: ``export``, ``plot`` and ``report``.
+
+::
+
+    tensortap export PATH [-o out.csv|out.parquet] [--reduction mean ...] [--collection C]
+    tensortap export tensorboard PATH LOGDIR [--reduction mean ...]
+    tensortap plot RUN [RUN ...] [NAME ...] [--regex R] [--reduction R] [--mode M] [--x step] [-o plot.png]
+    tensortap report PATH [-o report.html]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from .modes import Mode
+
+X_CHOICES = ("step", "global_step", "time")
+
+
+def _trial(args: argparse.Namespace, path: str) -> Any:
+    from .cli import open_trial
+
+    return open_trial(argparse.Namespace(**{**vars(args), "path": path}))
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export reductions of every tensor to CSV/Parquet, or the trial to TensorBoard event files."""
+    from .trial.export import export_table, export_tensorboard
+
+    targets = list(args.path)
+    if targets[0] == "tensorboard" and len(targets) == 3:
+        trial = _trial(args, targets[1])
+        counts = export_tensorboard(trial, targets[2], reductions=args.reduction or None)
+        print(f"wrote {counts['scalars']} scalars and {counts['histograms']} histograms to {targets[2]}")
+        return 0
+    if len(targets) != 1:
+        print("tensortap export: expected PATH, or `tensorboard PATH LOGDIR`", file=sys.stderr)
+        return 2
+    trial = _trial(args, targets[0])
+    rows = export_table(trial, args.output, reductions=args.reduction or None, collection=args.collection)
+    if args.output != "-":
+        print(f"wrote {rows} rows to {args.output}")
+    return 0
+
+
+def _is_trial(path: str, options: dict[str, Any]) -> bool:
+    from .backends.registry import get_storage
+    from .trial.trial import is_trial
+
+    try:
+        return is_trial(get_storage(path, **options))
+    except (ValueError, OSError, ImportError):
+        return False
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    """Plot tensors (scalars, or a reduction) of one or more runs across steps into an image file."""
+    from matplotlib.figure import Figure
+
+    from .trial.compare import Comparison
+    from .trial.plot import plot_tensors, save_plot
+
+    runs = [args.path]
+    names: list[str] = []
+    for item in args.items:  # runs first; an item that is not a trial is a tensor name
+        (runs if not names and _is_trial(item, args.storage_options) else names).append(item)
+    comparison = Comparison([_trial(args, r) for r in runs])
+    names += [n for n in comparison.tensor_names(regex=args.regex) if n not in names] if args.regex else []
+    if not names:
+        print("tensortap plot: give tensor names or a --regex that matches some", file=sys.stderr)
+        return 2
+    ax = Figure(figsize=(8, 4.5)).subplots()
+    mode = Mode.parse(args.mode) if args.mode else None
+    plot_tensors(
+        comparison.trials, names, args.reduction, mode, ax=ax, logy=args.logy, x=args.x, labels=comparison.labels
+    )
+    save_plot(ax, args.output)
+    print(f"wrote {args.output} ({len(names)} tensor(s), {len(runs)} run(s))")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Write a self-contained HTML report of a trial."""
+    from .trial.report import DEFAULT_RULES, write_report
+
+    trial = _trial(args, args.path)
+    write_report(trial, args.output, rules=args.rule or DEFAULT_RULES)
+    print(f"wrote {args.output}")
+    return 0
+
+
+def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """``tensortap export``."""
+    from .cli import add_trial_arguments
+
+    p = subparsers.add_parser(
+        "export",
+        help="write reductions of every tensor as CSV/Parquet, or export to TensorBoard",
+        description="tensortap export PATH [-o out.csv|out.parquet]  |  tensortap export tensorboard PATH LOGDIR",
+    )
+    add_trial_arguments(p, path_nargs="+")
+    p.add_argument("--collection", help="only this collection")
+    p.add_argument(
+        "--reduction",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="export this reduction of every tensor, saved or computed from raw (repeatable: mean, abs_max, l2, ...)",
+    )
+    p.add_argument("-o", "--output", default="-", help="file.csv or file.parquet (default: CSV on standard output)")
+    p.set_defaults(func=cmd_export)
+    return p
+
+
+def add_plot_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """``tensortap plot``."""
+    from .cli import add_trial_arguments
+
+    p = subparsers.add_parser("plot", help="plot tensors of one or more runs across steps into an image")
+    add_trial_arguments(p)
+    p.add_argument("items", nargs="*", metavar="RUN_OR_NAME", help="more runs (trial paths), then tensor names")
+    p.add_argument("--regex", help="also every tensor whose name matches")
+    p.add_argument("--reduction", help="reduction to plot (mean, abs_max, l2, ...); default: scalar values, else mean")
+    p.add_argument("--mode", choices=[m.name.lower() for m in Mode], help="only steps of this mode")
+    p.add_argument("--x", choices=X_CHOICES, default="step", help="x axis: mode step, global step or seconds")
+    p.add_argument("--logy", action="store_true", help="logarithmic y axis")
+    p.add_argument("-o", "--output", default="tensortap-plot.png", help="image file (.png, .svg, .pdf)")
+    p.set_defaults(func=cmd_plot)
+    return p
+
+
+def add_report_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """``tensortap report``."""
+    from .cli import add_trial_arguments
+
+    p = subparsers.add_parser("report", help="write a self-contained HTML report of a trial")
+    add_trial_arguments(p)
+    p.add_argument("-o", "--output", default="report.html", help="HTML file (default: report.html)")
+    p.add_argument(
+        "--rule", action="append", default=[], metavar="NAME[:PARAM=VALUE,...]", help="rules to run (default: a set)"
+    )
+    p.set_defaults(func=cmd_report)
+    return p
+
+
+PARSERS = [add_export_parser, add_plot_parser, add_report_parser]

@@ -1,0 +1,139 @@
+"""Exporting a trial: a table of reductions (CSV, Parquet) and TensorBoard event files."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..modes import Mode
+from .progress import progress
+
+if TYPE_CHECKING:
+    from .trial import Trial
+
+TABLE_SUFFIXES = (".csv", ".parquet")
+
+
+def export_table(
+    trial: Trial,
+    output: str | os.PathLike[str],
+    reductions: Sequence[str] | None = None,
+    collection: str | None = None,
+    show_progress: bool | None = None,
+) -> int:
+    """Write :meth:`Trial.to_pandas` (every tensor, raw or not) to ``output``; return the number of rows.
+
+    Parameters
+    ----------
+    output
+        ``*.csv``, ``*.parquet`` (needs pyarrow), or ``"-"`` for CSV on standard output.
+    reductions
+        Reduction keys to export for every tensor (saved, or computed from the raw tensor).
+    show_progress
+        A progress bar over tensors (default: when standard error is a terminal).
+    """
+    path = os.fspath(output)
+    suffix = os.path.splitext(path)[1].lower()
+    if path != "-" and suffix not in TABLE_SUFFIXES:
+        raise ValueError(f"output: {path!r} must end in {' or '.join(TABLE_SUFFIXES)} (or be '-')")
+    df = trial.to_pandas(collection=collection, reductions=reductions, progress=show_progress)
+    if path == "-":
+        df.to_csv(sys.stdout, index=False)
+    elif suffix == ".parquet":
+        df.to_parquet(path, index=False)
+    else:
+        df.to_csv(path, index=False)
+    return len(df)
+
+
+def export_tensorboard(
+    trial: Trial,
+    logdir: str | os.PathLike[str],
+    reductions: Sequence[str] | None = None,
+    bins: int = 64,
+    show_progress: bool | None = None,
+) -> dict[str, int]:
+    """Write the trial as TensorBoard event files (with tensorboardX), one run per mode (``logdir/train``...).
+
+    Scalar tensors and reductions become scalars (``<name>`` and ``<name>/<reduction>``);
+    raw tensors and histogram reductions become histograms. Each event has the
+    step's global step and, from format 1.1 on, its wall time (older trials: the
+    time of the export).
+
+    Parameters
+    ----------
+    reductions
+        Also export these reductions of every tensor (computed from raw tensors).
+    bins
+        Bins of the histograms of raw tensors (equal bins over their range across all steps).
+
+    Returns
+    -------
+    dict
+        How many ``scalars`` and ``histograms`` were written.
+    """
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError as exc:
+        raise ImportError('the TensorBoard export needs tensorboardX: pip install "tensortap[tensorboard]"') from exc
+    times = trial.wall_times()
+    steps = trial._index.steps
+    writers: dict[Mode, Any] = {}
+
+    def writer(gstep: int) -> Any:
+        mode = steps.get(gstep, (Mode.GLOBAL, gstep))[0]
+        if mode not in writers:
+            writers[mode] = SummaryWriter(os.path.join(os.fspath(logdir), mode.name.lower()))
+        return writers[mode]
+
+    counts = {"scalars": 0, "histograms": 0}
+    try:
+        for name in progress(trial.tensor_names(), desc="tensors", enable=show_progress):
+            tensor = trial.tensor(name)
+            for gstep, _, key, value in _first_worker(tensor._rows(None)):
+                tag = name if key == "value" else f"{name}/{key}"
+                writer(gstep).add_scalar(tag, value, gstep, walltime=times.get(gstep))
+                counts["scalars"] += 1
+            if reductions:
+                for gstep, _, key, value in _first_worker(tensor._rows(reductions)):
+                    writer(gstep).add_scalar(f"{name}/{key}", value, gstep, walltime=times.get(gstep))
+                    counts["scalars"] += 1
+            shape = tensor.summary()["shape"]
+            if shape is not None and int(np.prod(shape)) == 1:
+                continue  # a scalar: its curve is enough
+            for gstep, hist in tensor.histogram_values(bins=bins).items():
+                c = hist.counts.astype(np.float64)
+                centres = (hist.edges[1:] + hist.edges[:-1]) / 2
+                total = float(c.sum())
+                writer(gstep).add_histogram_raw(
+                    name,
+                    min=float(hist.edges[0]),
+                    max=float(hist.edges[-1]),
+                    num=total,
+                    sum=float((c * centres).sum()),
+                    sum_squares=float((c * centres * centres).sum()),
+                    bucket_limits=hist.edges[1:].tolist(),
+                    bucket_counts=c.tolist(),
+                    global_step=gstep,
+                    walltime=times.get(gstep),
+                )
+                counts["histograms"] += 1
+    finally:
+        for w in writers.values():
+            w.close()
+    return counts
+
+
+def _first_worker(rows: list[tuple[int, str, str, float]]) -> list[tuple[int, str, str, float]]:
+    """One row per (step, key): the first worker in sorted order (TensorBoard has one value per step)."""
+    seen: set[tuple[int, str]] = set()
+    out = []
+    for row in sorted(rows, key=lambda r: (r[0], r[1])):
+        if (row[0], row[2]) not in seen:
+            seen.add((row[0], row[2]))
+            out.append(row)
+    return out

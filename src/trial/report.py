@@ -1,0 +1,186 @@
+"""``tensortap report``: one self-contained HTML page about a trial (plots embedded as data URIs).
+
+Sections: the trial summary, loss and metric curves, gradient norms per layer,
+weight and gradient distributions over steps, and the verdicts of the
+:data:`DEFAULT_RULES` with their reasons. A section that cannot be drawn says
+why instead of disappearing.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import time
+from collections.abc import Callable, Sequence
+from html import escape
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..exceptions import TensortapError
+from .progress import progress
+from .views import trial_html
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+
+    from .trial import Tensor, Trial
+
+DEFAULT_RULES = (
+    "loss_not_decreasing",
+    "vanishing_gradient",
+    "exploding_tensor",
+    "poor_weight_initialization",
+    "all_zero",
+)
+"""Rules run by the report, with their default parameters."""
+
+MAX_DISTRIBUTIONS = 8  # heat maps per collection
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.2em; border-bottom: 1px solid #ddd; margin-top: 2em; }
+table { border-collapse: collapse; margin: 0.5em 0; } td, th { padding: 2px 10px; font-size: 0.9em; }
+tr:nth-child(even) { background: #f6f6f6; } img { max-width: 100%; display: block; margin: 0.5em 0; }
+.fired { color: #b00020; font-weight: bold; } .ok { color: #2e7d32; } .note { color: #666; font-style: italic; }
+"""
+
+
+def _png(draw: Callable[[Axes], Any], figsize: tuple[float, float] = (9, 4)) -> str:
+    """Draw on a new figure (no pyplot: no GUI backend) and return an ``<img>`` with a PNG data URI."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    ax = fig.subplots()
+    draw(ax)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    data = base64.b64encode(buf.getvalue()).decode("ascii")
+    return f"<img alt='plot' src='data:image/png;base64,{data}'>"
+
+
+def _note(text: str) -> str:
+    return f"<p class='note'>{escape(text)}</p>"
+
+
+def _section(title: str, draw: Callable[[], str]) -> str:
+    try:
+        body = draw()
+    except (TensortapError, ValueError, KeyError) as exc:
+        body = _note(f"not drawn: {exc}")
+    return f"<section><h2>{escape(title)}</h2>{body}</section>"
+
+
+def _scalars(trial: Trial, collection: str) -> list[str]:
+    out = []
+    for n in trial.tensor_names(collection=collection):
+        shape = trial.tensor(n).summary()["shape"]
+        if shape is not None and int(np.prod(shape)) == 1:
+            out.append(n)
+    return out
+
+
+def _curves(trial: Trial, collection: str) -> str:
+    from .plot import plot_tensors
+
+    names = _scalars(trial, collection)
+    if not names:
+        return _note(f"no scalar tensor in collection {collection!r}")
+    return _png(lambda ax: plot_tensors(trial, names, ax=ax))
+
+
+def _gradient_norms(trial: Trial) -> str:
+    from .plot import plot_tensors
+
+    names = [n for n in trial.tensor_names(collection="gradients") if n not in _scalars(trial, "gradients")]
+    if not names:
+        return _note("no gradients were captured (collection 'gradients')")
+    return _png(lambda ax: plot_tensors(trial, names, "l2", ax=ax, logy=True), figsize=(9, 5))
+
+
+def _distributions(trial: Trial, collection: str) -> str:
+    names = [n for n in trial.tensor_names(collection=collection) if n not in _scalars(trial, collection)]
+    if not names:
+        return _note(f"no tensor in collection {collection!r}")
+    parts = []
+    for name in names[:MAX_DISTRIBUTIONS]:
+        tensor = trial.tensor(name)
+
+        def draw(ax: Axes, t: Tensor = tensor) -> None:
+            t.plot_histograms(ax=ax)
+
+        try:
+            parts.append(_png(draw, figsize=(9, 3.2)))
+        except (TensortapError, ValueError) as exc:
+            parts.append(_note(f"{name}: {exc}"))
+    if len(names) > MAX_DISTRIBUTIONS:
+        parts.append(_note(f"... and {len(names) - MAX_DISTRIBUTIONS} more tensors in {collection!r}"))
+    return "".join(parts)
+
+
+def _rules(trial: Trial, rules: Sequence[str]) -> str:
+    from .rules import RuleRunner, make_rule
+
+    rows = []
+    built = []
+    for spec in rules:
+        try:
+            built.append((spec, make_rule(spec, trial)))
+        except (ValueError, TypeError) as exc:
+            rows.append((spec, "<span class='note'>not run</span>", escape(str(exc))))
+    fired: dict[str, list[Any]] = {spec: [] for spec, _ in built}
+    errors: dict[str, str] = {}
+    for spec, rule in built:  # one runner per rule: one rule that cannot judge does not stop the others
+        try:
+            RuleRunner(trial, [rule]).run(wait=False, on_verdict=lambda _, verdict: fired[spec].append(verdict))  # noqa: B023
+        except TensortapError as exc:
+            errors[spec] = str(exc)
+    for spec, rule in built:
+        verdicts = fired[spec]
+        missing = "; ".join([*rule.missing_inputs, *([errors[spec]] if spec in errors else [])])
+        if verdicts:
+            steps = ", ".join(str(v.step) for v in verdicts[:10]) + (" ..." if len(verdicts) > 10 else "")
+            status = f"<span class='fired'>fired at {len(verdicts)} step(s): {steps}</span>"
+            reason = escape(verdicts[0].reason)
+        elif missing:
+            status, reason = "<span class='note'>could not judge</span>", escape(missing)
+        else:
+            status, reason = "<span class='ok'>did not fire</span>", f"evaluated up to step {rule.last_step}"
+        rows.append((escape(spec), status, reason))
+    body = "".join(f"<tr><td>{a}</td><td>{b}</td><td>{c}</td></tr>" for a, b, c in rows)
+    return f"<table><tr><th>rule</th><th>verdict</th><th>reason</th></tr>{body}</table>"
+
+
+def build_report(trial: Trial, rules: Sequence[str] = DEFAULT_RULES, show_progress: bool | None = None) -> str:
+    """The report of ``trial`` as one HTML document (no external resources)."""
+    sections: list[tuple[str, Callable[[], str]]] = [
+        ("Summary", lambda: trial_html(trial)),
+        ("Losses", lambda: _curves(trial, "losses")),
+        ("Metrics", lambda: _curves(trial, "metrics")),
+        ("Gradient norms per layer (L2)", lambda: _gradient_norms(trial)),
+        ("Weight distributions over steps", lambda: _distributions(trial, "weights")),
+        ("Gradient distributions over steps", lambda: _distributions(trial, "gradients")),
+        ("Rules", lambda: _rules(trial, rules)),
+    ]
+    parts = [_section(title, draw) for title, draw in progress(sections, desc="report", enable=show_progress)]
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    return (
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+        f"<title>tensortap report: {escape(trial.path)}</title><style>{STYLE}</style></head><body>"
+        f"<h1>tensortap report</h1><p>{escape(trial.path)} &middot; generated {stamp}</p>"
+        f"{''.join(parts)}</body></html>"
+    )
+
+
+def write_report(
+    trial: Trial,
+    output: str | os.PathLike[str],
+    rules: Sequence[str] = DEFAULT_RULES,
+    show_progress: bool | None = None,
+) -> None:
+    """Write :func:`build_report` to ``output`` (UTF-8)."""
+    html = build_report(trial, rules, show_progress)
+    with open(output, "w", encoding="utf-8") as f:
+        f.write(html)

@@ -1,0 +1,161 @@
+"""How a Trial and a Tensor show themselves: plain ``repr`` and notebook HTML (``_repr_html_``).
+
+Everything shown comes from the trial index (no shard is opened) except a
+tensor's sparkline. Names come from a trial that may be a stranger's: every
+one is HTML-escaped.
+"""
+
+from __future__ import annotations
+
+from html import escape
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..exceptions import TensortapError
+
+if TYPE_CHECKING:
+    from .trial import Tensor, Trial
+
+MAX_ROWS = 200  # tensors listed in a trial's HTML table
+SPARK_POINTS = 200
+
+
+def _shape_text(shape: Any) -> str:
+    return "-" if shape is None else "x".join(map(str, shape)) or "scalar"
+
+
+def _range_text(steps: list[int]) -> str:
+    if not steps:
+        return "none"
+    return f"{len(steps)} ({steps[0]}-{steps[-1]})" if len(steps) > 1 else f"1 ({steps[0]})"
+
+
+def _frameworks(trial: Trial) -> str:
+    found = {str(w.info.get("framework")) for w in trial._index.workers.values() if w.info.get("framework")}
+    return ", ".join(sorted(found)) or "unknown"
+
+
+def _status(trial: Trial) -> str:
+    return "ended" if trial.training_ended else "running (or stopped without an end marker)"
+
+
+def _kv_rows(rows: list[tuple[str, str]]) -> str:
+    """Table rows of (already escaped) label and value."""
+    cell = "style='text-align:left'"
+    return "".join(f"<tr><th {cell}>{k}</th><td {cell}>{v}</td></tr>" for k, v in rows)
+
+
+def trial_text(trial: Trial) -> str:
+    """One line: path, steps per mode, tensors, workers and status."""
+    modes = ", ".join(f"{m.name.lower()} {len(trial.steps(m, show_incomplete=True))}" for m in trial.modes())
+    idx = trial._index
+    return (
+        f"<Trial {trial.path!r}: {len(idx.steps)} steps ({modes or 'none'}), {len(idx.tensors)} tensors, "
+        f"{len(idx.workers)} worker(s), {'ended' if trial.training_ended else 'running'}>"
+    )
+
+
+def trial_html(trial: Trial) -> str:
+    """A summary table, the collections with their sizes and a table of tensors."""
+    idx = trial._index
+    rows = [
+        ("path", escape(trial.path)),
+        ("framework", escape(_frameworks(trial))),
+        ("workers", escape(", ".join(trial.workers()) or "none")),
+        ("status", escape(_status(trial))),
+    ]
+    for m in trial.modes():
+        rows.append((f"{m.name.lower()} steps", _range_text(trial.steps(m, show_incomplete=True))))
+    speed = trial.steps_per_second()
+    if speed is not None:
+        rows.append(("speed", f"{speed:.3g} steps/s"))
+    cols = trial.collections()
+    rows.append(("collections", escape(", ".join(f"{n} ({len(c.tensor_names)})" for n, c in cols.items()) or "none")))
+    problems = trial.problems()
+    if problems:
+        rows.append(("problems", escape(f"{len(problems)} unreadable file(s)")))
+    head = "".join(
+        f"<tr><th style='text-align:left'>{k}</th><td style='text-align:left'>{v}</td></tr>" for k, v in rows
+    )
+    names = sorted(idx.tensors)
+    body = []
+    for name in names[:MAX_ROWS]:
+        info = idx.tensors[name]
+        dtype = info.dtype or "reductions only"
+        body.append(
+            f"<tr><td style='text-align:left'>{escape(name)}</td><td>{escape(', '.join(sorted(info.collections)))}</td>"
+            f"<td>{escape(_shape_text(info.shape))}</td><td>{escape(dtype)}</td><td>{len(info.locations)}</td></tr>"
+        )
+    more = f"<p>… and {len(names) - MAX_ROWS} more tensors</p>" if len(names) > MAX_ROWS else ""
+    return (
+        "<div class='tensortap-trial'>"
+        f"<strong>tensortap trial</strong><table>{head}</table>"
+        "<table><thead><tr><th style='text-align:left'>tensor</th><th>collections</th><th>shape</th>"
+        f"<th>dtype</th><th>steps</th></tr></thead><tbody>{''.join(body)}</tbody></table>{more}</div>"
+    )
+
+
+def tensor_text(tensor: Tensor) -> str:
+    """One line: name, steps, dtype and shape, collections."""
+    info = tensor.summary()
+    what = f"{info['dtype']} {_shape_text(info['shape'])}" if info["dtype"] else "reductions only"
+    return f"<Tensor {tensor.name!r}: {info['steps']} steps, {what}, collections {', '.join(info['collections'])}>"
+
+
+def sparkline(values: list[float], width: int = 160, height: int = 32) -> str:
+    """An inline SVG polyline of ``values`` (finite ones; at most SPARK_POINTS, evenly sampled)."""
+    y = np.asarray(values, dtype=np.float64)
+    y = y[np.isfinite(y)]
+    if len(y) > SPARK_POINTS:
+        y = y[np.linspace(0, len(y) - 1, SPARK_POINTS).astype(int)]
+    if len(y) < 2:
+        return ""
+    lo, hi = float(y.min()), float(y.max())
+    span = hi - lo or 1.0
+    xs = np.linspace(1, width - 1, len(y))
+    ys = height - 1 - (y - lo) / span * (height - 2)
+    points = " ".join(f"{a:.1f},{b:.1f}" for a, b in zip(xs, ys, strict=True))
+    return (
+        f"<svg width='{width}' height='{height}' xmlns='http://www.w3.org/2000/svg'>"
+        f"<polyline fill='none' stroke='#1f77b4' stroke-width='1.5' points='{points}'/></svg>"
+    )
+
+
+def default_series(tensor: Tensor) -> tuple[str, dict[int, float]]:
+    """The series a tensor is summarised by: its value if scalar, else a saved reduction or the mean."""
+    info = tensor.summary()
+    shape = info["shape"]
+    if shape is not None and int(np.prod(shape)) == 1:
+        return "value", dict(tensor.to_series(None).items())
+    if shape is None:
+        saved = sorted({k for w in tensor._info.locations.values() for loc in w.values() for k in loc.reductions})
+        key = next((k for k in ("mean", "abs_mean", "l2", "max") if k in saved), saved[0] if saved else "mean")
+    else:
+        key = "mean"
+    name, absolute = (key[4:], True) if key.startswith("abs_") else (key, False)
+    return key, tensor.reduction_values(name, absolute)
+
+
+def tensor_html(tensor: Tensor) -> str:
+    """Name, collections, steps, shape, dtype and a sparkline of :func:`default_series`."""
+    info = tensor.summary()
+    steps = tensor.steps()
+    rows = [
+        ("tensor", escape(tensor.name)),
+        ("collections", escape(", ".join(info["collections"]))),
+        ("steps", _range_text(steps)),
+        ("shape", escape(_shape_text(info["shape"]))),
+        ("dtype", escape(info["dtype"] or "reductions only")),
+    ]
+    try:
+        key, values = default_series(tensor)
+    except (TensortapError, ValueError, KeyError):
+        key, values = "", {}
+    spark = sparkline(list(values.values()))
+    if spark:
+        rows.append((escape(key), spark))
+    body = "".join(
+        f"<tr><th style='text-align:left'>{k}</th><td style='text-align:left'>{v}</td></tr>" for k, v in rows
+    )
+    return f"<div class='tensortap-tensor'><table>{body}</table></div>"

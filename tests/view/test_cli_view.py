@@ -1,0 +1,198 @@
+"""``tensortap export``, ``export tensorboard``, ``plot`` with several runs and ``report`` (in headless Chromium)."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import pty
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import termios
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pd = pytest.importorskip("pandas")
+
+import tensortap  # noqa: E402
+from tensortap.cli import main  # noqa: E402
+
+from .conftest import TRAIN_STEPS, Run  # noqa: E402
+
+pytestmark = pytest.mark.torch
+
+
+def test_export_csv_has_a_row_per_tensor_and_step(run: Run, tmp_path: Path) -> None:
+    out = tmp_path / "all.csv"
+    assert main(["export", str(run.path), "--reduction", "mean", "--reduction", "l2", "-o", str(out)]) == 0
+    df = pd.read_csv(out)
+    trial = run.trial()
+    raw = [n for n in trial.tensor_names() if not n.startswith("gradients/")]
+    for name in raw:  # raw tensors: both reductions at every step, computed
+        rows = df[df.name == name]
+        assert len(rows) == 2 * len(trial.tensor(name).steps()), name
+        assert set(rows.reduction) == {"mean", "l2"}
+    for name in trial.tensor_names(regex="^gradients/"):  # only l2 was saved
+        rows = df[df.name == name]
+        assert list(rows.reduction.unique()) == ["l2"] and len(rows) == TRAIN_STEPS
+    w = df[(df.name == "0.weight") & (df["mode"] == "TRAIN") & (df.reduction == "mean")].sort_values("mode_step")
+    np.testing.assert_allclose(w.value, [s["0.weight"].astype(np.float64).mean() for s in run.weights], rtol=1e-6)
+
+
+def test_export_parquet_and_bad_suffix(run: Run, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("pyarrow")
+    out = tmp_path / "t.parquet"
+    assert main(["export", str(run.path), "--collection", "losses", "-o", str(out)]) == 0
+    df = pd.read_parquet(out)
+    train = df[df["mode"] == "TRAIN"].sort_values("mode_step")
+    np.testing.assert_allclose(train.value, run.train_loss, rtol=1e-6)
+    assert main(["export", str(run.path), "-o", str(tmp_path / "t.xlsx")]) == 2
+    assert "must end in .csv or .parquet" in capsys.readouterr().err
+    assert main(["export", str(run.path), "--reduction", "median"]) == 2
+    assert main(["export", str(run.path), "a", "b", "c"]) == 2
+
+
+def test_export_tensorboard_reads_back_with_tensorboards_loader(run: Run, tmp_path: Path) -> None:
+    pytest.importorskip("tensorboardX")
+    ea_mod = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    logdir = tmp_path / "tb"
+    assert main(["export", "tensorboard", str(run.path), str(logdir)]) == 0
+    trial = run.trial()
+    loss = trial.tensor_names(regex="^losses/")[0]
+    times = trial.wall_times()
+    train = ea_mod.EventAccumulator(str(logdir / "train"), size_guidance={"scalars": 0, "histograms": 0})
+    train.Reload()
+    events = train.Scalars(loss)
+    assert [e.step for e in events] == [trial.global_step(s, "train") for s in range(TRAIN_STEPS)]
+    np.testing.assert_allclose([e.value for e in events], run.train_loss, rtol=1e-6)
+    np.testing.assert_allclose([e.wall_time for e in events], [times[e.step] for e in events])
+    l2 = train.Scalars("gradients/0.weight/l2")
+    np.testing.assert_allclose([e.value for e in l2], [np.linalg.norm(g["0.weight"]) for g in run.grads], rtol=1e-5)
+    hists = train.Histograms("gradients/0.weight")
+    assert len(hists) == TRAIN_STEPS
+    saved = trial.tensor("gradients/0.weight").histogram_value(2, "train")
+    h = hists[2].histogram_value
+    assert hists[2].step == trial.global_step(2, "train")
+    np.testing.assert_allclose(h.bucket_limit, saved.edges[1:])
+    np.testing.assert_array_equal(h.bucket, saved.counts)
+    assert "0.weight" in train.Tags()["histograms"]
+    evals = ea_mod.EventAccumulator(str(logdir / "eval"))
+    evals.Reload()
+    np.testing.assert_allclose([e.value for e in evals.Scalars(loss)], run.eval_loss, rtol=1e-6)
+
+
+def test_plot_two_runs(run: Run, run_b: Run, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "cmp.png"
+    assert main(["plot", str(run.path), str(run_b.path), "--regex", "^losses/", "--mode", "train", "-o", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["plot", str(run.path), str(run_b.path), "--regex", "^nothing"]) == 2
+
+
+def test_no_progress_bar_when_not_a_terminal(run: Run, tmp_path: Path) -> None:
+    out = tmp_path / "x.csv"
+    cmd = [sys.executable, "-m", "tensortap.cli", "export", str(run.path), "-o", str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=_env())
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+
+
+def test_progress_bar_on_a_terminal(run: Run, tmp_path: Path) -> None:
+    pytest.importorskip("tqdm")
+    out = tmp_path / "x.csv"
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a new pty is 0 wide
+    cmd = [sys.executable, "-m", "tensortap.cli", "export", str(run.path), "-o", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=follower, env=_env())
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            data = os.read(leader, 4096)
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    assert proc.wait() == 0
+    os.close(leader)
+    text = b"".join(chunks).decode("utf-8", "replace")
+    assert re.search(r"tensors: +\d+%", text), text
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(tensortap.__file__).parent.parent), env.get("PYTHONPATH", "")])
+    return env
+
+
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def test_report_renders_in_headless_chromium(run: Run, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "report.html"
+    assert main(["report", str(run.path), "-o", str(out)]) == 0
+    html = out.read_text(encoding="utf-8")
+    assert "http://" not in html and "https://" not in html  # self-contained
+    for section in ("Summary", "Losses", "Gradient norms per layer", "Weight distributions", "Rules"):
+        assert f"<h2>{section}" in html
+    assert "loss_not_decreasing" in html and "vanishing_gradient" in html
+    n_images = html.count("src='data:image/png;base64,")
+    assert n_images >= 6
+    browser = _chromium()
+    if browser is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed (CI must install the Debian package `chromium`)")
+        pytest.skip("chromium is not installed")
+    shot = tmp_path / "shot.png"
+    # the page reports what rendered into its title; --dump-dom prints the DOM after scripts ran
+    probe = tmp_path / "probe.html"
+    probe.write_text(
+        html.replace(
+            "</body>",
+            "<script>window.addEventListener('load', () => { const imgs = [...document.images];"
+            " document.body.setAttribute('data-rendered', imgs.filter(i => i.complete && i.naturalWidth > 0).length);"
+            " document.body.setAttribute('data-images', imgs.length); });</script></body>",
+        ),
+        encoding="utf-8",
+    )
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--window-size=1200,2000",
+        "--enable-logging=stderr",
+        "--v=0",
+    ]
+    shot_run = subprocess.run(
+        [browser, *flags, f"--screenshot={shot}", out.as_uri()], capture_output=True, text=True, timeout=120
+    )
+    assert shot.exists(), shot_run.stderr[-2000:]
+    console = [line for line in shot_run.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
+    assert not console, console
+    from matplotlib.image import imread
+
+    pixels = imread(str(shot))
+    assert pixels.shape[0] >= 1000 and pixels.shape[1] >= 1000
+    assert float(pixels[..., :3].std()) > 0.05  # not a blank page
+    assert (pixels[..., :3].reshape(-1, 3).std(axis=1) > 0.1).mean() > 0.01  # coloured plot pixels, not only text
+    dom = subprocess.run([browser, *flags, "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120)
+    match = re.search(r"data-rendered=\"(\d+)\" data-images=\"(\d+)\"", dom.stdout)
+    assert match is not None, dom.stdout[-500:]
+    assert int(match.group(1)) == int(match.group(2)) == n_images
+    assert not [line for line in dom.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]

@@ -1,0 +1,277 @@
+"""Notebook views of a real PyTorch trial: reprs, series, plots and histograms, checked against PyTorch's numbers."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+matplotlib = pytest.importorskip("matplotlib")
+matplotlib.use("Agg")
+pd = pytest.importorskip("pandas")
+import matplotlib.pyplot as plt  # noqa: E402
+
+import tensortap  # noqa: E402
+from tensortap import Mode, ReductionConfig, TensorUnavailableForStep  # noqa: E402
+from tensortap.capture import Writer  # noqa: E402
+
+from .conftest import BINS, EVAL_EVERY, TRAIN_STEPS, Run  # noqa: E402
+
+pytestmark = pytest.mark.torch
+
+
+@pytest.fixture(autouse=True)
+def _close_figures() -> None:
+    yield
+    plt.close("all")
+
+
+def loss_name(trial: tensortap.Trial) -> str:
+    (name,) = trial.tensor_names(regex="^losses/")
+    return name
+
+
+def test_plain_and_html_repr_of_trial(run: Run) -> None:
+    trial = run.trial()
+    text = repr(trial)
+    assert f"{TRAIN_STEPS + TRAIN_STEPS // EVAL_EVERY} steps" in text
+    assert f"train {TRAIN_STEPS}" in text and f"eval {TRAIN_STEPS // EVAL_EVERY}" in text and "ended" in text
+    html = trial._repr_html_()
+    assert "worker_0" in html and "pytorch" in html
+    assert f"train steps</th><td style='text-align:left'>{TRAIN_STEPS} (0-{TRAIN_STEPS - 1})" in html
+    assert "gradients (4)" in html and "weights (2)" in html
+    row = re.search(r"<tr><td style='text-align:left'>0.weight</td><td>(.*?)</td><td>(.*?)</td><td>(.*?)</td>", html)
+    assert row is not None and row.groups() == ("weights", "8x6", "float32")
+    assert "steps/s" in html
+
+
+def test_html_escapes_names_from_the_trial(tmp_path: Path) -> None:
+    with Writer(tmp_path) as w, w.stepping():
+        w.save("<script>alert(1)</script>", np.float32(1.0))
+    trial = tensortap.create_trial(tmp_path)
+    assert "<script>" not in trial._repr_html_()
+    assert "&lt;script&gt;" in trial._repr_html_()
+    assert "<script>" not in trial.tensor("<script>alert(1)</script>")._repr_html_()
+
+
+def test_tensor_repr_and_sparkline(run: Run) -> None:
+    trial = run.trial()
+    t = trial.tensor(loss_name(trial))
+    assert (
+        repr(t)
+        == f"<Tensor {t.name!r}: {TRAIN_STEPS + TRAIN_STEPS // EVAL_EVERY} steps, float32 scalar, collections losses>"
+    )
+    html = t._repr_html_()
+    points = re.search(r"points='([^']+)'", html)
+    assert points is not None
+    ys = [float(p.split(",")[1]) for p in points.group(1).split()]
+    values = list(t.to_series().values)
+    assert len(ys) == len(values)
+    # the highest loss is drawn highest (smallest SVG y), the lowest lowest
+    assert int(np.argmin(ys)) == int(np.argmax(values)) and int(np.argmax(ys)) == int(np.argmin(values))
+    g = trial.tensor("gradients/0.weight")
+    assert "reductions only" in repr(g) and "l2" in g._repr_html_()
+
+
+def test_to_series_of_a_scalar_is_floats(run: Run) -> None:
+    trial = run.trial()
+    t = trial.tensor(loss_name(trial))
+    train = t.to_series(mode="train")
+    assert train.dtype == np.float64 and train.index.name == "train step"
+    assert list(train.index) == list(range(TRAIN_STEPS))
+    np.testing.assert_allclose(train.values, run.train_loss, rtol=1e-6)
+    np.testing.assert_allclose(t.to_series(mode="eval").values, run.eval_loss, rtol=1e-6)
+    assert t.to_series().index.name == "step" and len(t.to_series()) == len(trial.steps())
+    assert math.isclose(t.to_series().mean(), np.mean(run.train_loss + run.eval_loss), rel_tol=1e-6)
+    with pytest.raises(ValueError, match=r"not a scalar.*shape is \(8, 6\)"):
+        trial.tensor("0.weight").to_series()
+    w = trial.tensor("0.weight").to_series("abs_max", mode="train")
+    np.testing.assert_allclose(w.values, [np.abs(s["0.weight"]).max() for s in run.weights], rtol=1e-6)
+
+
+def test_tensor_plot_modes_as_lines_against_mode_step(run: Run) -> None:
+    trial = run.trial()
+    ax = trial.tensor(loss_name(trial)).plot()
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    name = loss_name(trial)
+    assert set(lines) == {f"{name} (train)", f"{name} (eval)"}
+    train, evals = lines[f"{name} (train)"], lines[f"{name} (eval)"]
+    assert list(train.get_xdata()) == list(range(TRAIN_STEPS))
+    np.testing.assert_allclose(train.get_ydata(), run.train_loss, rtol=1e-6)
+    assert list(evals.get_xdata()) == [0, 1, 2]
+    np.testing.assert_allclose(evals.get_ydata(), run.eval_loss, rtol=1e-6)
+    assert ax.get_xlabel() == "step" and ax.get_ylabel() == name
+
+
+def test_plot_against_global_step_and_time(run: Run) -> None:
+    trial = run.trial()
+    name = loss_name(trial)
+    ax = trial.tensor(name).plot(x="global_step", mode="eval")
+    (line,) = ax.get_lines()
+    assert list(line.get_xdata()) == [trial.global_step(s, "eval") for s in range(3)] == [4, 9, 14]
+    assert ax.get_xlabel() == "global step"
+    ax = trial.tensor(name).plot(x="time", mode="train")
+    (line,) = ax.get_lines()
+    xs = np.asarray(line.get_xdata())
+    assert xs[0] == 0.0 and np.all(np.diff(xs) > 0)
+    assert ax.get_xlabel() == "time since start (s)"
+    assert trial.steps_per_second() is not None and trial.steps_per_second() > 0
+
+
+def test_trial_plot_regex_with_a_reduction(run: Run) -> None:
+    trial = run.trial()
+    ax = trial.plot("^gradients/.*weight", reduction="l2", mode="train")
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert set(lines) == {"gradients/0.weight", "gradients/2.weight"}
+    for layer in ("0.weight", "2.weight"):
+        np.testing.assert_allclose(
+            lines[f"gradients/{layer}"].get_ydata(), [np.linalg.norm(g[layer]) for g in run.grads], rtol=1e-5
+        )
+    assert ax.get_ylabel() == "l2" and ax.get_xlabel() == "train step"
+    with pytest.raises(tensortap.TensorUnavailable, match="no tensor name matches"):
+        trial.plot("^nothing")
+
+
+def test_histogram_reduction_equals_numpy_on_pytorch_gradients(run: Run) -> None:
+    trial = run.trial()
+    g = trial.tensor("gradients/0.weight")
+    first = run.grads[0]["0.weight"]
+    edges0 = np.linspace(first.min(), first.max(), BINS + 1)
+    for step in range(TRAIN_STEPS):
+        edges, counts = g.histogram_value(step, mode="train")
+        np.testing.assert_allclose(edges, edges0, rtol=1e-6)  # fixed from the first saved range
+        grad = run.grads[step]["0.weight"].astype(np.float64)
+        want, _ = np.histogram(np.clip(grad, edges[0], edges[-1]), bins=edges)
+        np.testing.assert_array_equal(counts, want)
+        assert counts.sum() == grad.size
+    with pytest.raises(TensorUnavailableForStep):
+        g.value(0, mode="train")
+
+
+def test_histogram_plot_draws_the_counts(run: Run) -> None:
+    trial = run.trial()
+    ax = trial.tensor("gradients/2.weight").histogram(3, mode="train")
+    (patch,) = ax.patches
+    values, edges, _ = patch.get_data()
+    saved = trial.tensor("gradients/2.weight").histogram_value(3, mode="train")
+    np.testing.assert_array_equal(values, saved.counts)
+    np.testing.assert_array_equal(edges, saved.edges)
+    assert ax.get_xlabel() == "gradients/2.weight (value)" and ax.get_ylabel() == "count"
+    # a raw tensor is binned on the fly
+    ax = trial.tensor("0.weight").histogram(0, mode="train", bins=10)
+    values, edges, _ = ax.patches[0].get_data()
+    w = run.weights[0]["0.weight"]
+    np.testing.assert_array_equal(values, np.histogram(w.astype(np.float64), bins=10)[0])
+
+
+def test_histograms_over_steps_heat_map(run: Run) -> None:
+    trial = run.trial()
+    ax = trial.tensor("gradients/0.weight").plot_histograms()
+    (mesh,) = ax.collections
+    counts = np.asarray(mesh.get_array()).reshape(BINS, TRAIN_STEPS)
+    for step in range(TRAIN_STEPS):
+        np.testing.assert_array_equal(
+            counts[:, step], trial.tensor("gradients/0.weight").histogram_value(step, "train").counts
+        )
+    assert ax.get_xlabel() == "train step" and ax.get_ylabel() == "gradients/0.weight (value)"
+    # raw weights: common bins over every step's range
+    ax = trial.tensor("2.weight").plot_histograms(bins=8)
+    (mesh,) = ax.collections
+    counts = np.asarray(mesh.get_array()).reshape(8, TRAIN_STEPS)
+    assert list(counts.sum(axis=0)) == [24] * TRAIN_STEPS
+    lo = min(w["2.weight"].min() for w in run.weights)
+    hi = max(w["2.weight"].max() for w in run.weights)
+    edges = np.linspace(lo, hi, 9)
+    np.testing.assert_array_equal(counts[:, 5], np.histogram(run.weights[5]["2.weight"].astype(np.float64), edges)[0])
+
+
+def test_compare_plots_runs_side_by_side(run: Run, run_b: Run) -> None:
+    cmp = tensortap.compare([run.trial(), str(run_b.path)])
+    assert cmp.labels == ["run_a", "run_b"]
+    name = loss_name(run.trial())
+    ax = cmp.plot(name, mode="train")
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert set(lines) == {f"run_a: {name}", f"run_b: {name}"}
+    np.testing.assert_allclose(lines[f"run_a: {name}"].get_ydata(), run.train_loss, rtol=1e-6)
+    np.testing.assert_allclose(lines[f"run_b: {name}"].get_ydata(), run_b.train_loss, rtol=1e-6)
+    df = cmp.to_pandas([name])
+    assert set(df["run"]) == {"run_a", "run_b"}
+
+
+def test_to_pandas_computes_reductions_of_raw_tensors(run: Run) -> None:
+    trial = run.trial()
+    df = trial.to_pandas(names=["0.weight", "gradients/0.weight"], reductions=["mean", "l2"])
+    w = df[(df.name == "0.weight") & (df["mode"] == "TRAIN")]
+    assert len(w) == 2 * TRAIN_STEPS
+    means = w[w.reduction == "mean"].sort_values("mode_step")["value"].to_numpy()
+    np.testing.assert_allclose(means, [s["0.weight"].astype(np.float64).mean() for s in run.weights], rtol=1e-6)
+    g = df[df.name == "gradients/0.weight"]
+    assert set(g.reduction) == {"l2"}  # saved; the mean is not computable without the raw tensor
+    default = trial.to_pandas(names=["0.weight"])
+    assert set(default.reduction) == set(tensortap.trial.trial.DEFAULT_RAW_REDUCTIONS)
+
+
+def test_wall_times_of_a_trial_written_before_format_1_1(tmp_path: Path) -> None:
+    """Old trials have no wall time: they still read, and time plots say why they cannot."""
+    import json
+
+    with Writer(tmp_path) as w:
+        for _ in range(3):
+            with w.stepping():
+                w.save("x", np.float32(w.step))
+    for record in (tmp_path / "index" / "worker_0").glob("*.json"):
+        data = json.loads(record.read_text())
+        del data["wall_times"], data["format_minor"]
+        record.write_text(json.dumps(data))
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.wall_times() == {} and trial.steps_per_second() is None
+    assert list(trial.tensor("x").to_series()) == [0.0, 1.0, 2.0]
+    with pytest.raises(ValueError, match="no wall times"):
+        trial.tensor("x").plot(x="time")
+
+
+def test_histogram_config_validation_and_json() -> None:
+    assert ReductionConfig(histogram=64).saves_raw is False
+    assert ReductionConfig(histogram=[0, 1, 2]).histogram == (0.0, 1.0, 2.0)
+    for bad in (0, True, "64", [1.0], [0, 0], [0, float("nan")], 10**6):
+        with pytest.raises(ValueError, match="histogram"):
+            ReductionConfig(histogram=bad)  # type: ignore[arg-type]
+    rc = ReductionConfig(norms=["l2"], histogram=[-1, 0, 1])
+    assert ReductionConfig.from_json(rc.to_json()) == rc
+    assert "histogram" not in ReductionConfig(norms=["l2"]).to_json()
+
+
+def test_histogram_with_explicit_edges_and_no_finite_values(tmp_path: Path) -> None:
+    rc = ReductionConfig(histogram=[-1.0, 0.0, 1.0])
+    with Writer(tmp_path, reduction_config=rc) as w:
+        for values in ([np.nan, np.inf], [-5.0, -0.5, 0.5, 0.7, np.nan]):
+            with w.stepping():
+                w.save("x", np.array(values))
+    t = tensortap.create_trial(tmp_path).tensor("x")
+    np.testing.assert_array_equal(t.histogram_value(0).counts, [0, 0])  # no finite value: nothing counted
+    edges, counts = t.histogram_value(1)
+    np.testing.assert_array_equal(edges, [-1.0, 0.0, 1.0])
+    np.testing.assert_array_equal(counts, [2, 2])  # -5 counts in the first bin
+
+
+def test_bins_fixed_from_the_first_step_with_a_finite_value(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with Writer(tmp_path, reduction_config=ReductionConfig(histogram=4)) as w:
+        for values in ([np.nan], [np.inf], [0.0, 4.0], [10.0, 1.0]):
+            with w.stepping():
+                w.save("x", np.array(values))
+    warnings = [r.getMessage() for r in caplog.records if r.name == "tensortap"]
+    assert len(warnings) == 1 and "no histogram of 'x' at step 0: no finite value" in warnings[0]
+    t = tensortap.create_trial(tmp_path).tensor("x")
+    assert t.steps() == [2, 3]  # nothing could be stored at steps 0 and 1
+    np.testing.assert_array_equal(t.histogram_value(3).edges, [0.0, 1.0, 2.0, 3.0, 4.0])
+    np.testing.assert_array_equal(t.histogram_value(3).counts, [0, 1, 0, 1])
+
+
+def test_mode_lines_reject_an_unknown_axis(run: Run) -> None:
+    trial = run.trial()
+    with pytest.raises(ValueError, match="x: 'epoch'"):
+        trial.tensor(loss_name(trial)).plot(x="epoch")  # type: ignore[arg-type]
+    assert Mode.TRAIN in trial.modes()
