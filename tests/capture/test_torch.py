@@ -21,15 +21,9 @@ import tensortap  # noqa: E402
 import tensortap.torch as ttt  # noqa: E402
 from tensortap import Mode, ReductionConfig, SaveConfig  # noqa: E402
 
-pytestmark = pytest.mark.torch
+pytestmark = [pytest.mark.torch, pytest.mark.usefixtures("torch_one_thread")]
 
 EVERY_STEP = SaveConfig(save_interval=1)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
 
 
 class MLP(nn.Module):

@@ -19,19 +19,12 @@ import tensortap  # noqa: E402
 import tensortap.torch as ttt  # noqa: E402
 from tensortap import Mode, SaveConfig  # noqa: E402
 
-pytestmark = pytest.mark.torch
+pytestmark = [pytest.mark.torch, pytest.mark.usefixtures("torch_one_thread")]
 
 EVERY_STEP = SaveConfig(save_interval=1)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-
-
-def _trial(path: Path) -> tensortap.Trial:
-    return tensortap.create_trial(path)
+_trial = tensortap.create_trial
 
 
 def _value(trial: tensortap.Trial, name: str, step: int, mode: Mode | None = None) -> np.ndarray:

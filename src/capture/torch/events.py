@@ -505,6 +505,9 @@ class Hook(core.Hook):
         """``backward()`` is about to run on ``tensors``: a scalar reaching our parameters is the step's loss."""
         if self._closed or not self._params:
             return
+        if not self._losses and self._forwarded and self.session.is_open and not self._ended_by_optimizer:
+            self._trained = True  # an unsaved step after our forward: no graph walk
+            return
         loss = tensors[0] if isinstance(tensors, (tuple, list)) and len(tensors) == 1 else tensors
         if not isinstance(loss, torch.Tensor) or loss.grad_fn is None:
             return
