@@ -490,8 +490,7 @@ class Hook(core.Hook):
     def _on_loss_module(self, name: str, module: nn.Module, args: Any, output: Any) -> None:
         if self._closed:
             return
-        if not self.session.is_open:
-            self._ensure_open(tentative=False)
+        self._ensure_open(tentative=False)
         if self._losses and isinstance(output, torch.Tensor):
             self._named[id(output)] = output
             self.session.guard(self.session.offer_call, name, output, ("losses",))
