@@ -502,3 +502,30 @@ def test_naming_parity_of_nested_outputs(tmp_path: Path) -> None:
     assert "inputs/dict" in trial.tensor_names(collection="inputs")  # the positional (x,) is one tensor
     np.testing.assert_array_equal(_value(trial, "outputs/dict/c", 0), (x + 1).numpy() * 3)
     np.testing.assert_array_equal(_value(trial, "outputs/nested/1/1", 0), ((x + 1) * 2 - 2).numpy() * 6)
+
+
+def test_two_hooks_each_get_their_own_model_loss_and_torch_is_restored(tmp_path: Path) -> None:
+    backward = torch.autograd.backward
+    scale = torch.amp.GradScaler.scale
+    a, b = _mlp(), _mlp()
+    opt_a, opt_b = torch.optim.SGD(a.parameters(), lr=0.1), torch.optim.SGD(b.parameters(), lr=0.1)
+    hook_a = ttt.capture(a, tmp_path / "a", optimizer=opt_a, save_config=EVERY_STEP)
+    hook_b = ttt.capture(b, tmp_path / "b", optimizer=opt_b, save_config=EVERY_STEP)
+    gen = torch.Generator().manual_seed(12)
+    losses: dict[str, list[float]] = {"a": [], "b": []}
+    for _ in range(2):
+        for key, model, opt in (("a", a, opt_a), ("b", b, opt_b), ("b", b, opt_b)):  # b trains twice as often
+            x, y = _batch(gen)
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            losses[key].append(loss.item())
+    hook_a.close()
+    assert torch.autograd.backward is not backward  # hook_b is still open
+    hook_b.close()
+    assert torch.autograd.backward is backward and torch.amp.GradScaler.scale is scale
+    for key, n in (("a", 2), ("b", 4)):
+        trial = _trial(tmp_path / key)
+        assert trial.steps() == list(range(n))
+        assert [float(_value(trial, "losses/loss", s)) for s in range(n)] == losses[key]
