@@ -471,7 +471,7 @@ class Nests(nn.Module):
             nest(x)
 
 
-def test_nested_outputs_are_named_by_the_one_rule(tmp_path: Path) -> None:
+def test_naming_parity_of_nested_outputs(tmp_path: Path) -> None:
     """The torch side of the naming-parity test (tests/capture/naming_parity.py; Keras: test_keras.py)."""
     model = Nests()
     x = torch.randn(4, 6)
