@@ -13,7 +13,8 @@ What a step is
   next step). A ``GradScaler`` step that skips the update is still a step.
 * **Explicit steps** (``explicit_steps=True``): :meth:`Hook.finish_step` alone ends TRAIN steps.
 * **Without optimizers, and in EVAL and PREDICT**: a step is one top-level
-  forward of a registered module, with the loss and backward that follow it.
+  forward of a registered module, with the loss, backward and values given
+  after it (until the next forward, or a value given in another mode).
 * The mode is the one given to :meth:`Hook.set_mode`; until then EVAL when
   the module is in ``eval()`` or gradients are disabled (``no_grad``,
   ``inference_mode``), TRAIN otherwise. A TRAIN step that saw a forward but
