@@ -17,6 +17,7 @@ from .exceptions import (
     TensorUnavailable,
     TensorUnavailableForStep,
     TrialNotFound,
+    UnknownName,
 )
 from .modes import Mode, StepState
 from .trial import Tensor, Trial, create_trial, open_trial
@@ -40,6 +41,7 @@ __all__ = [
     "TensortapError",
     "Trial",
     "TrialNotFound",
+    "UnknownName",
     "create_trial",
     "open_trial",
 ]

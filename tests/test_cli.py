@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 import tensortap
+from tensortap import TrialNotFound, UnknownName
 from tensortap.capture import Writer
-from tensortap.exceptions import TrialNotFound, UnknownName
 
 
 def cli(
