@@ -140,7 +140,8 @@ class Trial:
         deadline = None if timeout is None else time.monotonic() + timeout
         while (problem := trial_problem(self.storage)) is not None:
             late = deadline is not None and time.monotonic() >= deadline
-            if not wait or late or problem.trials_below or "is a file" in problem.why:
+            never = bool(problem.trials_below) or ("://" not in self.path and os.path.isfile(self.path))
+            if not wait or late or never:  # a file, or a folder of trials, never becomes a trial
                 raise problem
             time.sleep(WAIT_POLL_SECONDS)
         self.refresh_interval = refresh_interval
