@@ -18,6 +18,7 @@ from .exceptions import (
     TensorUnavailableForStep,
     TrialExistsError,
     TrialNotFound,
+    UnknownName,
 )
 from .modes import Mode, StepState
 from .trial import Tensor, Trial, create_trial, open_trial
@@ -44,6 +45,7 @@ __all__ = [
     "Trial",
     "TrialExistsError",
     "TrialNotFound",
+    "UnknownName",
     "compare",
     "create_trial",
     "open_trial",

@@ -235,7 +235,7 @@ def _ls_parent(args: argparse.Namespace, found: Sequence[str]) -> int:
         print_json({"path": args.path, "trials": rows})
         return EXIT_OK
     style = Style(sys.stdout)
-    print(f"{style(args.path, 'bold')} holds {len(rows)} trial(s), not one:")
+    print(f"{style(args.path, 'bold')} is not a trial; it holds {count(len(rows), 'trial')}:")
     print()
     lines = []
     for r in rows:
@@ -546,6 +546,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (TensortapError, OSError, ValueError, KeyError) as exc:
         message = str(exc) if not isinstance(exc, KeyError) or isinstance(exc, TensortapError) else exc.args[0]
         print(f"tensortap {args.command}: {message}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as exc:  # unreadable input from a stranger, or a bug: still exit 2, never 1
+        logger.info("tensortap %s: the error's traceback", args.command, exc_info=exc)
+        hint = "" if logger.isEnabledFor(logging.INFO) else " (-v shows the traceback)"
+        print(f"tensortap {args.command}: unexpected error: {exc!r}{hint}", file=sys.stderr)
         return EXIT_USAGE
 
 

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 import tensortap
+from tensortap import TrialNotFound, UnknownName
 from tensortap.capture import Writer
-from tensortap.exceptions import TrialNotFound, UnknownName
 
 
 def cli(
@@ -102,14 +102,19 @@ def test_ls_of_a_folder_of_trials_lists_them(tmp_path: Path) -> None:
     write_run(tmp_path / "runs" / "first", n=4)
     live = write_run(tmp_path / "runs" / "group" / "second", n=6, close=False)
     (tmp_path / "runs" / "notes.txt").write_text("not a trial")
+    write_run(tmp_path / "runs" / "stranger", n=2)
+    (tmp_path / "runs" / "stranger" / "workers" / "worker_0.json").write_text("[1, 2]")  # untrusted input
     try:
         result = cli("ls", str(tmp_path / "runs"))
         assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith(f"{tmp_path / 'runs'} is not a trial; it holds 3 trials:\n")
         rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()[3:]}
+        assert rows["stranger"][1:4] == ["-", "1", "ended"]
+        assert "skipping workers/worker_0.json: expected a JSON object, got list" in result.stderr
         assert rows["first"][1:5] == ["numpy", "2", "ended", "0.3333"]  # last loss 1/3 at step 2
         assert rows["group/second"][1:5] == ["numpy", "3", "running", "0.2"]  # 1/5 at step 4
         data = strict_json(cli("ls", str(tmp_path / "runs"), "--json").stdout)
-        first, second = data["trials"]
+        first, second, _ = data["trials"]
         assert first["name"] == "first" and first["ended"] is True and first["steps"] == 2
         assert first["last_loss"] == {"name": "losses/loss", "step": 2, "value": 1 / 3}
         assert second["name"] == "group/second" and second["ended"] is False and second["framework"] == "numpy"
@@ -213,6 +218,8 @@ def test_create_trial_accepts_a_started_or_empty_trial_and_waits(tmp_path: Path)
     with pytest.raises(TrialNotFound, match="trials found below it: started") as info:
         tensortap.create_trial(tmp_path, wait=True)  # a parent folder never becomes a trial: no waiting
     assert info.value.trials_below == ["started"]
+    with pytest.raises(TrialNotFound, match="it is a file"):
+        tensortap.create_trial(tmp_path / "other" / "config.yaml", wait=True)  # neither does a file
     assert isinstance(info.value, FileNotFoundError)
 
 

@@ -20,6 +20,14 @@ from ..modes import Mode
 
 logger = logging.getLogger("tensortap")
 
+
+def _record(value: Any) -> dict[str, Any]:
+    """A worker record or end marker read from a trial (untrusted): it must be a JSON object."""
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a JSON object, got {type(value).__name__}")
+    return value
+
+
 MAX_OPEN_SHARDS = 64
 
 
@@ -88,7 +96,7 @@ class TrialIndex:
                 w = self._worker(name[: -len(".json")])
                 if not w.info:
                     try:
-                        w.info = self.storage.read_json(f"{layout.WORKERS}/{name}")
+                        w.info = _record(self.storage.read_json(f"{layout.WORKERS}/{name}"))
                     except (OSError, ValueError) as exc:
                         self._warn_bad(f"{layout.WORKERS}/{name}", str(exc))
         # End markers before index records: a worker writes its end marker after its last
@@ -98,7 +106,7 @@ class TrialIndex:
                 w = self._worker(name[: -len(".json")])
                 if w.end is None:
                     try:
-                        w.end = self.storage.read_json(f"{layout.ENDS}/{name}")
+                        w.end = _record(self.storage.read_json(f"{layout.ENDS}/{name}"))
                     except (OSError, ValueError) as exc:
                         self._warn_bad(f"{layout.ENDS}/{name}", str(exc))
         for worker in self._index_folders():

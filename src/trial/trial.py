@@ -147,7 +147,8 @@ class Trial:
         deadline = None if timeout is None else time.monotonic() + timeout
         while (problem := trial_problem(self.storage)) is not None:
             late = deadline is not None and time.monotonic() >= deadline
-            if not wait or late or problem.trials_below or "is a file" in problem.why:
+            never = bool(problem.trials_below) or ("://" not in self.path and os.path.isfile(self.path))
+            if not wait or late or never:  # a file, or a folder of trials, never becomes a trial
                 raise problem
             time.sleep(WAIT_POLL_SECONDS)
         self.refresh_interval = refresh_interval
@@ -310,18 +311,28 @@ class Trial:
         """
         self._auto_refresh()
         if collection is not None:
-            known = self.collections()
+            known = self._collection_names()
             if collection not in known:
                 raise UnknownName("collection", collection, known, f" in {self.path}")
         entries = ((name, info.collections, info.locations) for name, info in self._index.tensors.items())
         return select_names(entries, self._index.steps, collection, regex, mode, step, self.global_step)
+
+    def _collection_names(self) -> set[str]:
+        """Names of the collections the workers configured or saved tensors in."""
+        names = {c for info in self._index.tensors.values() for c in info.collections}
+        for w in self._index.workers.values():
+            configured = w.info.get("collections")
+            if isinstance(configured, dict):
+                names.update(str(c) for c in configured)
+        return names
 
     def collections(self) -> dict[str, Collection]:
         """Collections with their tensor names (and configuration, from the workers' records)."""
         self._auto_refresh()
         out: dict[str, Collection] = {}
         for w in self._index.workers.values():
-            for name, cfg in (w.info.get("collections") or {}).items():
+            configured = w.info.get("collections")
+            for name, cfg in (configured if isinstance(configured, dict) else {}).items():
                 if name not in out:
                     try:
                         out[name] = Collection.from_json(cfg)

@@ -217,8 +217,12 @@ def test_cli_reads_an_s3_trial_with_storage_options(
     options = json.dumps(s3_options)
     assert main(["ls", s3_url, "--storage-options", options, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["steps"] == [0, 1, 2]
-    assert main(["show", s3_url, "dense/kernel", "--step", "2", "--json", "--storage-options", options]) == 0
-    assert json.loads(capsys.readouterr().out) == {"2": weight(2).tolist()}
+    show = ["show", s3_url, "dense/kernel", "--step", "2", "--full", "--json", "--storage-options", options]
+    assert main(show) == 0
+    (entry,) = json.loads(capsys.readouterr().out)["steps"]
+    assert entry["step"] == 2 and entry["value"] == weight(2).tolist()
+    assert main(["ls", f"{s3_url}-misspelt", "--storage-options", options]) == 2
+    assert f"no tensortap trial at {s3_url}-misspelt: nothing exists there" in capsys.readouterr().err
     assert main(["check", s3_url, "--storage-options", options]) == 0
     assert main(["rules", s3_url, "--rule", "exploding_tensor", "--storage-options", options]) == 0
     capsys.readouterr()

@@ -73,7 +73,10 @@ def test_exit_0_when_nothing_fires_and_1_when_a_rule_fires(falling: Path, flat: 
     assert result.returncode == 0, result.stderr
     assert result.stdout == "LossNotDecreasing: did not fire (12 steps up to step 11)\n"
     result = rules(str(flat), "--rule", "loss_not_decreasing:num_steps=5")
-    assert result.returncode == 1
+    assert result.returncode == 1 and result.stderr == ""
+    verbose = rules(str(flat), "--rule", "loss_not_decreasing:num_steps=5", "-v")
+    assert verbose.stdout == result.stdout
+    assert "tensortap: rule LossNotDecreasing fired at step 10: losses/loss: loss 1" in verbose.stderr
     assert result.stdout == (
         "LossNotDecreasing: fired at 5, 10 (2 steps); at step 5: losses/loss: loss 1 at TRAIN step 5 did not change "
         "from 1 at TRAIN step 0 (num_steps 5; needs a decrease > 0%)\n"
