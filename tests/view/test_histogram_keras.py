@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 pytest.importorskip("keras")
-import keras  # noqa: E402
+import keras
 
-import tensortap  # noqa: E402
-from tensortap import Collection, ReductionConfig, SaveConfig  # noqa: E402
+import tensortap
+from tensortap import Collection, ReductionConfig, SaveConfig
 
 ttk = pytest.importorskip("tensortap.keras")
 
