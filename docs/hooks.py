@@ -13,25 +13,23 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from mkdocs.plugins import event_priority
+
 ROOT = Path(__file__).resolve().parent.parent
 LINK_DIR = ROOT / "build" / "docs-src"
 MARKER = "<!-- rules -->"
 
 
-def _link_package() -> None:
-    """Link ``build/docs-src/tensortap`` to ``src`` and put it on ``sys.path``.
-
-    Done when mkdocs loads this file, before any plugin looks for the package.
-    """
+@event_priority(100)  # before mkdocstrings looks for the package
+def on_config(config: Any) -> Any:
+    """Link ``build/docs-src/tensortap`` to ``src`` and put it on ``sys.path``."""
     LINK_DIR.mkdir(parents=True, exist_ok=True)
     link = LINK_DIR / "tensortap"
     if not link.exists():
         os.symlink(ROOT / "src", link, target_is_directory=True)
     if str(LINK_DIR) not in sys.path:
         sys.path.insert(0, str(LINK_DIR))
-
-
-_link_package()
+    return config
 
 
 def on_page_markdown(markdown: str, page: Any, **kwargs: Any) -> str:
