@@ -1,4 +1,4 @@
-"""Sessions: ``nox -s demo``, ``nox -s tests``, ``nox -s bench``, ``nox -s lint``.
+"""Sessions: ``nox -s demo``, ``nox -s tests``, ``nox -s bench``, ``nox -s lint``, ``nox -s docs``.
 
 Every session installs from scratch. torch is always pinned to 2.13.0 (CPU):
 any other version pulls gigabytes of CUDA packages. With uv, the local CPU
@@ -94,3 +94,10 @@ def lint(session: nox.Session) -> None:
     session.run("ruff", "check", "src", "tests", "bench", "examples", "noxfile.py")
     session.run("ruff", "format", "--check", "src", "tests", "bench", "examples", "noxfile.py")
     session.run("mypy", "src")
+
+
+@nox.session(python=PYTHON)
+def docs(session: nox.Session) -> None:
+    """Build the documentation site (mkdocs-material, mkdocstrings) into build/site; any warning fails it."""
+    session.install("-r", "requirements/docs.txt", "-e", ".")
+    session.run("mkdocs", "build", "--strict", *session.posargs, env={"NO_MKDOCS_2_WARNING": "1"})

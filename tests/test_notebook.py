@@ -27,3 +27,32 @@ def test_example_notebook_executes(tmp_path: Path) -> None:
     assert "workers: ['worker_0']" in text
     assert "steps: [0, 5, 10, 15, 20, 25, 30, 35]" in text
     assert "vanishing gradient fired at: []" in text
+
+
+ANALYSIS = Path(__file__).resolve().parent.parent / "docs" / "examples" / "analysis.ipynb"
+
+
+@pytest.mark.slow
+@pytest.mark.torch
+def test_analysis_notebook_executes(tmp_path: Path) -> None:
+    """docs/examples/analysis.ipynb: rich repr, curves, histograms over steps, rules and TensorBoard, with no error."""
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("tensorboardX")
+    nb = nbformat.read(ANALYSIS, as_version=4)
+    client = nbclient.NotebookClient(
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    )
+    client.execute()
+    outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    rich = [o for o in outputs if o.output_type == "execute_result"]
+    html = "".join(o["data"].get("text/html", "") for o in rich)
+    assert "tensortap trial" in html and "pytorch" in html  # the trial's _repr_html_
+    assert "<polyline" in html  # the loss tensor's sparkline
+    images = [o for o in outputs if o.output_type == "display_data" and "image/png" in o.get("data", {})]
+    assert len(images) >= 5  # loss curves, gradient norms, a histogram and two heat maps
+    text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    assert "train loss steps: [0, 2, 4, 6, 8]" in text  # every 2nd step saved
+    assert "bins: 32 values counted: 640" in text
+    assert "exploding_tensor fired at: []" in text
+    assert "tensorboard: {'scalars':" in text
