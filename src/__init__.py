@@ -9,6 +9,7 @@ from __future__ import annotations
 from .config import Collection, ReductionConfig, SaveConfig
 from .exceptions import (
     NoMoreData,
+    RuleInputsMissing,
     StepNotYetAvailable,
     StepUnavailable,
     StopTrainingRequested,
@@ -27,6 +28,7 @@ __all__ = [
     "Mode",
     "NoMoreData",
     "ReductionConfig",
+    "RuleInputsMissing",
     "SaveConfig",
     "StepNotYetAvailable",
     "StepState",

@@ -1,44 +1,149 @@
 """The ``tensortap`` command: ls, show, check, export, plot, rules.
 
-Exit status: 0 on success, 1 when ``check`` finds problems (or ``rules``
-fires), 2 on usage errors.
+Exit status, one meaning each: 0 ok (no rule fired, no problem found); 1 a
+rule fired or ``check`` found problems; 2 a usage error, no trial at the path,
+unreadable input, an unknown name, a rule that found none of its inputs; 130
+interrupted (Ctrl-C); 141 standard output closed early (``... | head``).
+Results go to standard output, diagnostics (the ``tensortap`` logger) to
+standard error. See ``docs/trial.md`` for every ``--json`` schema.
+
+A subcommand lives in a module that exposes ``add_parser(subparsers)``
+(returning its parser, with ``func`` set to a function of the parsed
+arguments returning the exit status); :data:`COMMAND_MODULES` lists them.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import logging
+import math
+import os
 import sys
-import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
 
+from . import __version__
 from .backends import layout
 from .backends.registry import get_storage
 from .backends.shard import INDEX_MAGIC, ShardError, ShardReader
 from .exceptions import TensortapError, TrialNotFound
 from .modes import Mode
 from .trial import Trial, create_trial
+from .trial.trial import trial_problem
+
+EXIT_OK, EXIT_FOUND, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_PIPE = 0, 1, 2, 130, 141
+
+#: Modules (in this package) whose ``add_parser(subparsers)`` adds a subcommand, after the ones of this module.
+COMMAND_MODULES: list[str] = ["cli_rules"]
+
+#: Optional dependencies (top-level module) and the extra that installs them.
+EXTRAS = {
+    "pandas": "notebook",
+    "matplotlib": "notebook",
+    "tqdm": "notebook",
+    "torch": "torch",
+    "keras": "keras",
+    "tensorflow": "keras",
+    "xgboost": "xgboost-cpu",
+    "s3fs": "s3",
+}
+
+logger = logging.getLogger("tensortap")
 
 
-def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
-    cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
+# ------------------------------------------------------------------ output
+class Style:
+    """ANSI colour on a terminal only, never when ``NO_COLOR`` is set (https://no-color.org)."""
+
+    CODES = {"bold": "1", "red": "31", "green": "32", "yellow": "33", "dim": "2"}
+
+    def __init__(self, stream: Any) -> None:
+        tty = hasattr(stream, "isatty") and stream.isatty()
+        self.enabled = bool(tty and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb")
+
+    def __call__(self, text: str, style: str) -> str:
+        """``text`` in ``style`` (a key of :attr:`CODES`), or plain."""
+        return f"\033[{self.CODES[style]}m{text}\033[0m" if self.enabled else text
+
+
+def fmt(value: Any, digits: int = 4) -> str:
+    """A number to ``digits`` significant digits (integers in full); anything else as ``str``."""
+    if isinstance(value, bool | np.bool_):
+        return str(bool(value))
+    if isinstance(value, int | np.integer):
+        return str(int(value))
+    if isinstance(value, float | np.floating):
+        return f"{float(value):.{digits}g}"
+    return str(value)
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` as plain JSON data: arrays and NumPy scalars become lists and numbers, and the
+    non-finite floats become the strings ``"NaN"``, ``"Infinity"`` and ``"-Infinity"``."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return json_safe(value.tolist())
+    if isinstance(value, np.generic):
+        return json_safe(value.item())
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    return value
+
+
+def print_json(value: Any) -> None:
+    """Print ``value`` as JSON (never a ``NaN`` or ``Infinity`` literal: see :func:`json_safe`)."""
+    print(json.dumps(json_safe(value), indent=2, allow_nan=False))
+
+
+def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
+    """A plain text table with a rule under the header; numbers to significant digits."""
+    cells = [[str(c) for c in header]] + [[fmt(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
 
+def step_ranges(steps: Iterable[int], saved: Sequence[int] | None = None, limit: int = 8) -> str:
+    """``"17-19, 40"``: runs of consecutive steps joined into ranges.
+
+    Steps are consecutive when nothing lies between them in ``saved`` (the
+    saved steps, so every 10th step saved reads ``0-90``), else when they
+    differ by one. More than ``limit`` runs are shortened with ``...``.
+    """
+    order = {s: i for i, s in enumerate(saved)} if saved is not None else None
+    runs: list[list[int]] = []
+    for s in sorted(set(steps)):
+        if runs:
+            last = runs[-1][-1]
+            adjacent = order[s] == order[last] + 1 if order and s in order and last in order else s == last + 1
+            if adjacent:
+                runs[-1].append(s)
+                continue
+        runs.append([s])
+    text = [f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs]
+    if len(text) > limit:
+        text = [*text[: limit - 2], "...", *text[-2:]]
+    return ", ".join(text)
+
+
+def count(n: int, noun: str) -> str:
+    """``"1 step"``, ``"4 steps"``."""
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def _steps_summary(steps: list[int]) -> str:
-    if not steps:
-        return "none"
-    if len(steps) <= 8:
-        return ", ".join(map(str, steps))
-    return f"{len(steps)} steps: {steps[0]}, {steps[1]}, ... {steps[-1]}"
+    return f"{step_ranges(steps)} ({count(len(steps), 'step')})" if steps else "none"
 
 
+# ------------------------------------------------------------- arguments
 def storage_options(text: str) -> dict[str, Any]:
     """Parse ``--storage-options``: a JSON object (never eval'd)."""
     try:
@@ -62,38 +167,123 @@ def add_trial_arguments(parser: argparse.ArgumentParser, path_nargs: str | None 
     )
 
 
-def _open(args: argparse.Namespace) -> Trial:
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        trial = create_trial(args.path, storage_options=args.storage_options)
-        trial.tensor_names()
-    for w in caught:
-        print(f"warning: {w.message}", file=sys.stderr)
-    return trial
+def add_verbosity_arguments(parser: argparse.ArgumentParser, defaults: bool) -> None:
+    """``-v`` (repeatable) and ``-q``; only the top-level parser sets defaults, so both places work."""
+    kw: dict[str, Any] = {} if defaults else {"default": argparse.SUPPRESS}
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "-v", "--verbose", action="count", help="more diagnostics on stderr (-vv: debug)", **({"default": 0} | kw)
+    )
+    group.add_argument("-q", "--quiet", action="store_true", help="only errors on stderr", **({"default": False} | kw))
+
+
+def open_trial(args: argparse.Namespace, **kwargs: Any) -> Trial:
+    """The trial at ``args.path``; :class:`TrialNotFound` (exit 2) if no trial is there."""
+    return create_trial(args.path, storage_options=args.storage_options, **kwargs)
+
+
+_open = open_trial  # the name the subcommands used before
+
+
+# --------------------------------------------------------------------- ls
+def _last_loss(trial: Trial) -> dict[str, Any] | None:
+    """The last saved value of the trial's first loss (``losses/loss`` first), or None."""
+    names = trial.tensor_names(collection="losses") if "losses" in trial.collections() else []
+    if not names:
+        return None
+    name = "losses/loss" if "losses/loss" in names else names[0]
+    tensor = trial.tensor(name)
+    for step in reversed(tensor.steps()):
+        try:
+            if tensor.has_raw(step):
+                value = float(np.mean(tensor.value(step)))
+            else:
+                value = tensor.reduction_value(step, "mean")
+        except TensortapError:
+            continue
+        return {"name": name, "step": step, "value": value}
+    return None
+
+
+def _trials_overview(path: str, options: dict[str, Any], found: Sequence[str]) -> list[dict[str, Any]]:
+    rows = []
+    base = path.rstrip("/")
+    for rel in found:
+        trial = create_trial(f"{base}/{rel}", storage_options=options)
+        frameworks = {str(w.info.get("framework") or "") for w in trial._index.workers.values()}
+        steps = trial.steps()
+        rows.append(
+            {
+                "name": rel,
+                "path": trial.path,
+                "framework": ",".join(sorted(f for f in frameworks if f)) or None,
+                "workers": len(trial.workers()),
+                "steps": len(steps),
+                "last_step": steps[-1] if steps else None,
+                "ended": trial.training_ended,
+                "last_loss": _last_loss(trial),
+            }
+        )
+        trial.close()
+    return rows
+
+
+def _ls_parent(args: argparse.Namespace, found: Sequence[str]) -> int:
+    rows = _trials_overview(args.path, args.storage_options, found)
+    if args.json:
+        print_json({"path": args.path, "trials": rows})
+        return EXIT_OK
+    style = Style(sys.stdout)
+    print(f"{style(args.path, 'bold')} holds {len(rows)} trial(s), not one:")
+    print()
+    lines = []
+    for r in rows:
+        loss = r["last_loss"]
+        lines.append(
+            (
+                r["name"],
+                r["framework"] or "-",
+                r["steps"],
+                "ended" if r["ended"] else "running",
+                "-" if loss is None else f"{fmt(loss['value'])} ({loss['name']} at step {loss['step']})",
+            )
+        )
+    print(table(lines, ("trial", "framework", "steps", "status", "last loss")))
+    return EXIT_OK
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    """Print workers, modes, steps and tensors of a trial."""
-    trial = _open(args)
+    """Print workers, modes, steps and tensors of a trial (or the trials in a folder that holds several)."""
+    try:
+        trial = open_trial(args)
+    except TrialNotFound as exc:
+        if exc.trials_below:
+            return _ls_parent(args, exc.trials_below)
+        raise
     names = trial.tensor_names(collection=args.collection, regex=args.regex)
     if args.json:
-        print(
-            json.dumps(
-                {
-                    "path": trial.path,
-                    "workers": trial.workers(),
-                    "training_ended": trial.training_ended,
-                    "modes": {m.name: trial.steps(mode=m) for m in trial.modes()},
-                    "steps": trial.steps(show_incomplete=True),
-                    "tensors": {n: trial.tensor(n).summary() for n in names},
-                },
-                indent=2,
-            )
+        print_json(
+            {
+                "path": trial.path,
+                "workers": trial.workers(),
+                "training_ended": trial.training_ended,
+                "end_reasons": trial.end_reasons(),
+                "modes": {m.name: trial.steps(mode=m) for m in trial.modes()},
+                "steps": trial.steps(show_incomplete=True),
+                "complete_steps": trial.steps(),
+                "tensors": {n: trial.tensor(n).summary() for n in names},
+            }
         )
-        return 0
-    ended = "ended" if trial.training_ended else "running (or crashed)"
-    print(f"trial    {trial.path}")
-    print(f"workers  {', '.join(trial.workers()) or 'none'}  [{ended}]")
+        return EXIT_OK
+    style = Style(sys.stdout)
+    if not trial.workers():
+        status = style("no data yet (no worker has started)", "yellow")
+    elif trial.training_ended:
+        status = style("ended", "green")
+    else:
+        status = style("running (or crashed)", "yellow")
+    print(f"trial    {style(trial.path, 'bold')}")
+    print(f"workers  {', '.join(trial.workers()) or 'none'}  [{status}]")
     for m in trial.modes():
         print(f"{m.name.lower():8} {_steps_summary(trial.steps(mode=m))}")
     complete = trial.steps()
@@ -109,39 +299,77 @@ def cmd_ls(args: argparse.Namespace) -> int:
             dtype += f" (from {info['orig_dtype']})"
         rows.append((n, ",".join(info["collections"]), dtype, shape_text, info["steps"]))
     print()
-    print(_table(rows, ("tensor", "collections", "dtype", "shape", "steps")) if rows else "no tensors")
-    return 0
+    print(table(rows, ("tensor", "collections", "dtype", "shape", "steps")) if rows else "no tensors")
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------- show
+def array_summary(value: np.ndarray) -> dict[str, Any]:
+    """Shape, dtype, min, mean and max of the finite elements, and the NaN and infinite counts."""
+    data = np.asarray(value)
+    out: dict[str, Any] = {"dtype": str(data.dtype), "shape": list(data.shape)}
+    if data.dtype.kind in "biuf":
+        as_float = data.astype(np.float64, copy=False)
+        finite = as_float[np.isfinite(as_float)]
+        out["min"] = float(finite.min()) if finite.size else None
+        out["mean"] = float(finite.mean()) if finite.size else None
+        out["max"] = float(finite.max()) if finite.size else None
+        out["nan_count"] = int(np.isnan(as_float).sum())
+        out["inf_count"] = int(np.isinf(as_float).sum())
+    return out
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    """Print one tensor's value or reduction at one step or every step."""
-    trial = _open(args)
+    """Print one tensor at one step or every step: a scalar, a summary of an array, or a reduction."""
+    trial = open_trial(args)
     tensor = trial.tensor(args.name)
     mode = Mode.parse(args.mode) if args.mode else None
     steps = [args.step] if args.step is not None else tensor.steps(mode)
-    np.set_printoptions(threshold=args.max_elements, linewidth=120)
-    out: dict[str, Any] = {}
+    entries: list[dict[str, Any]] = []
+    style = Style(sys.stdout)
     for s in steps:
+        entry: dict[str, Any] = {"step": s}
         if args.reduction:
             name, absolute = (
                 (args.reduction[4:], True) if args.reduction.startswith("abs_") else (args.reduction, False)
             )
-            value: Any = tensor.reduction_value(s, name, abs=absolute, mode=mode, worker=args.worker)
+            entry["value"] = tensor.reduction_value(s, name, abs=absolute, mode=mode, worker=args.worker)
+            text = fmt(entry["value"], 6)
         else:
-            value = tensor.value(s, mode=mode, worker=args.worker)
-        if args.json:
-            out[str(s)] = value.tolist() if isinstance(value, np.ndarray) else value
-        else:
-            label = f"step {s}" + (f" ({mode.name.lower()})" if mode else "")
-            text = repr(value) if not isinstance(value, np.ndarray) else np.array2string(value)
-            if isinstance(value, np.ndarray):
-                label += f" {value.dtype} {tuple(value.shape)}"
-            print(f"{label}: {text}" if "\n" not in text else f"{label}:\n{text}")
+            value = np.asarray(tensor.value(s, mode=mode, worker=args.worker))
+            if value.size == 1 and value.dtype.kind in "biuf":
+                entry["value"] = value.reshape(()).item()
+                text = fmt(entry["value"], 6)
+            else:
+                entry.update(array_summary(value))
+                text = " ".join(
+                    [f"{entry['dtype']} {tuple(value.shape)}"]
+                    + [f"{k} {fmt(entry[k])}" for k in ("min", "mean", "max") if k in entry]
+                    + [f"{k.split('_')[0]} {entry[k]}" for k in ("nan_count", "inf_count") if k in entry]
+                )
+                if args.full:
+                    entry["value"] = value
+                    with np.printoptions(threshold=sys.maxsize, linewidth=120):
+                        text += "\n" + np.array2string(value)
+        entries.append(entry)
+        if not args.json:
+            label = style(f"step {s}" + (f" ({mode.name.lower()})" if mode else ""), "bold")
+            print(f"{label}: {text}")
     if args.json:
-        print(json.dumps(out, allow_nan=True))
-    return 0
+        print_json(
+            {
+                "path": trial.path,
+                "tensor": args.name,
+                "mode": mode.name if mode else None,
+                "reduction": args.reduction,
+                "worker": args.worker,
+                "steps": entries,
+            }
+        )
+    return EXIT_OK
 
 
+# ------------------------------------------------------------------ check
 def find_problems(path: str, options: dict[str, Any] | None = None) -> list[str]:
     """Every problem in the trial at ``path``: unreadable shards, index records and markers.
 
@@ -149,8 +377,9 @@ def find_problems(path: str, options: dict[str, Any] | None = None) -> list[str]
     not an index record names it; every index record must name a readable shard.
     """
     storage = get_storage(path, **(options or {}))
-    if not storage.exists():
-        raise TrialNotFound(f"no trial at {path!r}")
+    problem = trial_problem(storage)
+    if problem is not None:
+        raise problem
     problems = []
     keys = storage.walk()
     present = set(keys)
@@ -184,25 +413,29 @@ def find_problems(path: str, options: dict[str, Any] | None = None) -> list[str]
 def cmd_check(args: argparse.Namespace) -> int:
     """Report unreadable files; exit 1 when there are any."""
     problems = find_problems(args.path, args.storage_options)
+    if args.json:
+        print_json({"path": args.path, "ok": not problems, "problems": problems})
+        return EXIT_FOUND if problems else EXIT_OK
     for p in problems:
         print(p)
     if problems:
-        print(f"{len(problems)} problem(s) found in {args.path}", file=sys.stderr)
-        return 1
+        logger.warning("tensortap: %d problem(s) found in %s", len(problems), args.path)
+        return EXIT_FOUND
     print(f"ok: no problems in {args.path}")
-    return 0
+    return EXIT_OK
 
 
+# ----------------------------------------------------------- export, plot
 def cmd_export(args: argparse.Namespace) -> int:
     """Write the trial's scalars and reductions as CSV (long format)."""
-    trial = _open(args)
+    trial = open_trial(args)
     df = trial.to_pandas(collection=args.collection)
     if args.output == "-":
         df.to_csv(sys.stdout, index=False)
     else:
         df.to_csv(args.output, index=False)
         print(f"wrote {len(df)} rows to {args.output}")
-    return 0
+    return EXIT_OK
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
@@ -212,52 +445,71 @@ def cmd_plot(args: argparse.Namespace) -> int:
     matplotlib.use("Agg")
     from .trial.plot import plot_tensors, save_plot
 
-    trial = _open(args)
+    trial = open_trial(args)
     names = list(args.names)
     if args.regex:
         names += [n for n in trial.tensor_names(regex=args.regex) if n not in names]
     if not names:
         print("tensortap plot: give tensor names or a --regex that matches some", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     ax = plot_tensors(trial, names, args.reduction, Mode.parse(args.mode) if args.mode else None, logy=args.logy)
     save_plot(ax, args.output)
     print(f"wrote {args.output} ({len(names)} tensor(s))")
-    return 0
+    return EXIT_OK
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``tensortap`` command."""
-    parser = argparse.ArgumentParser(prog="tensortap", description="Inspect and judge tensortap trials.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("ls", help="list workers, modes, steps and tensors of a trial")
+# ---------------------------------------------------------------- parsers
+def add_ls_parser(sub: Any) -> argparse.ArgumentParser:
+    """``tensortap ls``."""
+    p = sub.add_parser(
+        "ls",
+        help="list workers, modes, steps and tensors of a trial (or the trials in a folder)",
+        description="List a trial; on a folder that holds several trials, list them.",
+    )
     add_trial_arguments(p)
     p.add_argument("--collection", help="only tensors of this collection")
     p.add_argument("--regex", help="only tensors whose name matches")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--json", action="store_true", help="machine-readable output (schema: docs/trial.md)")
     p.set_defaults(func=cmd_ls)
+    return p
 
-    p = sub.add_parser("show", help="print a tensor's values or reductions")
+
+def add_show_parser(sub: Any) -> argparse.ArgumentParser:
+    """``tensortap show``."""
+    p = sub.add_parser("show", help="print a tensor's values (a summary of arrays) or reductions")
     add_trial_arguments(p)
     p.add_argument("name", help="tensor name (see `tensortap ls`)")
     p.add_argument("--step", type=int, help="only this step (default: every step)")
     p.add_argument("--mode", choices=[m.name.lower() for m in Mode], help="interpret --step as a step of this mode")
     p.add_argument("--reduction", help="print a reduction instead of the value, e.g. mean, abs_max, l2, nan_count")
     p.add_argument("--worker", help="worker to read (default: the first)")
-    p.add_argument("--max-elements", type=int, default=100, help="summarise arrays larger than this")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--full", action="store_true", help="print every element of arrays, not only a summary")
+    p.add_argument("--json", action="store_true", help="machine-readable output (schema: docs/trial.md)")
     p.set_defaults(func=cmd_show)
+    return p
 
+
+def add_check_parser(sub: Any) -> argparse.ArgumentParser:
+    """``tensortap check``."""
     p = sub.add_parser("check", help="find unreadable shards and records; exit 1 if any")
     add_trial_arguments(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output (schema: docs/trial.md)")
     p.set_defaults(func=cmd_check)
+    return p
 
+
+def add_export_parser(sub: Any) -> argparse.ArgumentParser:
+    """``tensortap export``."""
     p = sub.add_parser("export", help="write scalars and reductions as CSV")
     add_trial_arguments(p)
     p.add_argument("--collection", help="only this collection")
     p.add_argument("-o", "--output", default="-", help="CSV file (default: standard output)")
     p.set_defaults(func=cmd_export)
+    return p
 
+
+def add_plot_parser(sub: Any) -> argparse.ArgumentParser:
+    """``tensortap plot``."""
     p = sub.add_parser("plot", help="plot tensors across steps into an image (needs matplotlib)")
     add_trial_arguments(p)
     p.add_argument("names", nargs="*", help="tensor names")
@@ -267,25 +519,92 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--logy", action="store_true", help="logarithmic y axis")
     p.add_argument("-o", "--output", default="tensortap-plot.png", help="image file (.png, .svg, .pdf)")
     p.set_defaults(func=cmd_plot)
+    return p
 
-    try:
-        from .cli_rules import add_parser as add_rules_parser
-    except ImportError:  # the rules command is optional until it lands
-        pass
-    else:
-        add_rules_parser(sub)
+
+PARSERS: list[Callable[[Any], argparse.ArgumentParser]] = [
+    add_ls_parser,
+    add_show_parser,
+    add_check_parser,
+    add_export_parser,
+    add_plot_parser,
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``tensortap`` command (every subcommand takes ``-v``/``-q``)."""
+    parser = argparse.ArgumentParser(
+        prog="tensortap",
+        description="Inspect and judge tensortap trials. Exit status: 0 ok, 1 a rule fired or check found "
+        "problems, 2 usage or input error (no trial at the path, unknown name, rule inputs missing).",
+    )
+    parser.add_argument("--version", action="version", version=f"tensortap {__version__}")
+    add_verbosity_arguments(parser, defaults=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    adders = list(PARSERS)
+    for module in COMMAND_MODULES:
+        adders.append(importlib.import_module(f".{module}", __package__).add_parser)
+    for add in adders:
+        add_verbosity_arguments(add(sub), defaults=False)
     return parser
+
+
+# ------------------------------------------------------------------- main
+class _Formatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return text if text.startswith("tensortap") else f"tensortap: {text}"
+
+
+def setup_logging(verbose: int, quiet: bool) -> None:
+    """Send the ``tensortap`` logger to stderr: warnings (default), errors only (-q), info (-v), debug (-vv)."""
+    level = logging.ERROR if quiet else {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter("%(message)s"))
+    logger.handlers = [h for h in logger.handlers if not getattr(h, "_tensortap_cli", False)]
+    handler._tensortap_cli = True  # type: ignore[attr-defined]
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+
+
+def missing_dependency_hint(exc: ImportError) -> str:
+    """``exc``'s message, with the ``pip install "tensortap[...]"`` that installs the missing module."""
+    module = (exc.name or "").split(".")[0]
+    extra = EXTRAS.get(module)
+    if extra is None:
+        return str(exc)
+    return f'this needs {module}, which is not installed: pip install "tensortap[{extra}]"'
+
+
+def _stdout_gone() -> None:
+    """Point stdout at /dev/null so that the interpreter's last flush does not fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    setup_logging(args.verbose or 0, args.quiet)
     try:
-        return int(args.func(args))
-    except (TensortapError, FileNotFoundError, ValueError, KeyError, ImportError) as exc:
-        print(f"tensortap {args.command}: {exc}", file=sys.stderr)
-        return 2
+        status = int(args.func(args))
+        sys.stdout.flush()
+        return status
+    except BrokenPipeError:
+        _stdout_gone()
+        return EXIT_PIPE
+    except KeyboardInterrupt:
+        print(f"tensortap {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except ImportError as exc:
+        print(f"tensortap {args.command}: {missing_dependency_hint(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    except (TensortapError, OSError, ValueError, KeyError) as exc:
+        message = str(exc) if not isinstance(exc, KeyError) or isinstance(exc, TensortapError) else exc.args[0]
+        print(f"tensortap {args.command}: {message}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

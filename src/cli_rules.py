@@ -6,18 +6,34 @@
                          [--follow] [--stop-training] [--json]
     tensortap rules --list
 
-Exit status: 0 when no rule fired, 1 when one did, 2 on usage errors.
+Prints one line per rule: the steps where it fired as ranges, with the reason
+at the first; or that it did not fire; or that it found none of its inputs.
+Exit status: 0 no rule fired, 1 a rule fired, 2 a usage error, no trial at
+PATH, no step to judge, or a rule that found none of its inputs; 130 when
+interrupted (Ctrl-C during ``--follow``), after printing what was evaluated.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import inspect
+import re
 import sys
 from typing import Any
 
-from .cli import add_trial_arguments
-from .trial import create_trial
+from .cli import (
+    EXIT_FOUND,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    Style,
+    add_trial_arguments,
+    count,
+    open_trial,
+    print_json,
+    step_ranges,
+)
+from .exceptions import RuleInputsMissing
 from .trial.rules import BUILTIN_RULES, Rule, RuleRunner, StopTraining, Verdict, make_rule, parameters
 
 
@@ -26,7 +42,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "rules",
         help="run rules on a trial; exit 1 if one fires",
-        description="Run built-in rules on a trial. Exit status: 0 nothing fired, 1 a rule fired, 2 usage error.",
+        description="Run built-in rules on a trial. Exit status: 0 nothing fired, 1 a rule fired, 2 usage or "
+        "input error (no trial, a rule that found none of its inputs), 130 interrupted.",
     )
     add_trial_arguments(p, path_nargs="?")
     p.add_argument(
@@ -44,38 +61,91 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--idle-timeout", type=float, help="with --follow: give up after this many seconds without a new step"
     )
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--json", action="store_true", help="machine-readable output (schema: docs/rules.md)")
     p.set_defaults(func=run)
     return p
+
+
+# ------------------------------------------------------------------- --list
+def plain(text: str) -> str:
+    """reStructuredText of a docstring as plain text: roles, literals and emphasis markup removed."""
+    text = re.sub(r":\w+:`~[\w.]*?(\w+)`", r"\1", text)  # :class:`~a.b.C` -> C
+    text = re.sub(r":\w+:`([^`<]+?)\s*(?:<[^>]*>)?`", r"\1", text)  # :meth:`x` / :ref:`t <x>` -> x / t
+    text = text.replace("``", "")
+    return re.sub(r"(?<![\w*])\*{1,2}([^*\s][^*]*?)\*{1,2}(?![\w*])", r"\1", text)
+
+
+def rule_doc(cls: type[Rule]) -> tuple[str, dict[str, str]]:
+    """A rule's summary (first paragraph) and its parameters' descriptions, as plain text."""
+    doc = inspect.cleandoc(cls.__doc__ or "")
+    summary = " ".join(doc.split("\n\n", 1)[0].split())
+    params: dict[str, str] = {}
+    section = re.search(r"^Parameters\n-+\n(.*?)(?:\n\n\S[^\n]*\n-+\n|\Z)", doc, re.S | re.M)
+    current = None
+    for line in (section.group(1) if section else "").splitlines():
+        if line and not line[0].isspace():
+            current = line.split(":")[0].strip()
+            params[current] = ""
+        elif current is not None and line.strip():
+            params[current] = f"{params[current]} {line.strip()}".strip()
+    return plain(summary), {k: plain(v) for k, v in params.items()}
 
 
 def _list(as_json: bool) -> int:
     entries: list[dict[str, Any]] = []
     for name, cls in BUILTIN_RULES.items():
-        doc = (cls.__doc__ or "").strip().splitlines()[0]
+        summary, described = rule_doc(cls)
         entries.append(
             {
                 "name": name,
                 "class": cls.__name__,
-                "summary": doc,
+                "summary": summary,
                 "parameters": [
-                    {"name": p.name, "default": repr(p.default), "type": p.annotation} for p in parameters(cls)
+                    {
+                        "name": p.name,
+                        "default": None if p.default is inspect.Parameter.empty else repr(p.default),
+                        "type": p.annotation,
+                        "description": described.get(p.name, ""),
+                    }
+                    for p in parameters(cls)
                 ],
             }
         )
     if as_json:
-        print(json.dumps(entries, indent=2))
-        return 0
+        print_json(entries)
+        return EXIT_OK
+    style = Style(sys.stdout)
     for e in entries:
-        print(f"{e['name']} ({e['class']}): {e['summary']}")
+        print(f"{style(e['name'], 'bold')} ({e['class']}): {e['summary']}")
         for p in e["parameters"]:
-            print(f"    {p['name']}={p['default']}  ({p['type']})")
-    return 0
+            default = "required" if p["default"] is None else p["default"]
+            print(f"    {p['name']}={default} ({p['type']})" + (f": {p['description']}" if p["description"] else ""))
+        print()
+    return EXIT_OK
 
 
+# ---------------------------------------------------------------- running
 def _usage(message: str) -> int:
     print(f"tensortap rules: {message}", file=sys.stderr)
-    return 2
+    return EXIT_USAGE
+
+
+def _rule_line(rule: Rule, verdicts: list[Verdict], saved: list[int], missing: list[str] | None, style: Style) -> str:
+    if missing is not None:
+        needs = "; ".join(m.removeprefix(f"{rule.name} ") for m in missing)
+        return f"{rule.name}: {style('found none of its inputs', 'yellow')}: it {needs}"
+    if verdicts:
+        steps = [v.step for v in verdicts]
+        first = verdicts[0]
+        return (
+            f"{rule.name}: {style('fired', 'red')} at {step_ranges(steps, saved)} ({count(len(steps), 'step')}); "
+            f"at step {first.step}: {first.reason}"
+        )
+    evaluated = [s for s in saved if s <= rule.last_step]
+    where = (
+        f"{count(len(evaluated), 'step')} up to step {rule.last_step}" if rule.last_step >= 0 else "no step evaluated"
+    )
+    return f"{rule.name}: {style('did not fire', 'green')} ({where})"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -86,51 +156,65 @@ def run(args: argparse.Namespace) -> int:
         return _usage("PATH is required (or use --list)")
     if not args.rule:
         return _usage(f"give at least one --rule; built-in rules: {', '.join(BUILTIN_RULES)}")
-    trial = create_trial(args.path, wait=args.follow, timeout=args.idle_timeout, storage_options=args.storage_options)
+    trial = open_trial(args, wait=args.follow, timeout=args.idle_timeout)
     try:
         rules = [make_rule(spec, trial) for spec in args.rule]
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError) as exc:  # a bad parameter value
         return _usage(str(exc))
     actions = [StopTraining()] if args.stop_training else []
     verdicts: dict[Rule, list[Verdict]] = {r: [] for r in rules}
+    style = Style(sys.stdout)
 
     def report(rule: Rule, verdict: Verdict) -> None:
-        verdicts[rule].append(verdict)
-        if not args.json:
-            print(f"{rule.name} fired at step {verdict.step}: {verdict.reason}", flush=True)
+        verdicts[rule].append(verdict)  # first: a Ctrl-C during the print below must not lose it
+        if args.follow and not args.json and len(verdicts[rule]) == 1:
+            print(f"{rule.name} {style('fired', 'red')} at step {verdict.step}: {verdict.reason}", flush=True)
 
-    RuleRunner(trial, rules, actions).run(
-        args.start_step, args.end_step, wait=args.follow, idle_timeout=args.idle_timeout, on_verdict=report
-    )
+    missing: dict[str, list[str]] = {}
+    interrupted = False
+    try:
+        RuleRunner(trial, rules, actions).run(
+            args.start_step, args.end_step, wait=args.follow, idle_timeout=args.idle_timeout, on_verdict=report
+        )
+    except RuleInputsMissing as exc:
+        missing = exc.missing
+    except KeyboardInterrupt:
+        interrupted = True
+    saved = trial.steps()
     fired = any(verdicts.values())
+    nothing_judged = all(r.last_step < 0 for r in rules) and not interrupted
     if args.json:
-        print(
-            json.dumps(
-                {
-                    "path": trial.path,
-                    "training_ended": trial.training_ended,
-                    "fired": fired,
-                    "stop_request": trial.stop_request(),
-                    "rules": [
-                        {
-                            "rule": r.name,
-                            "spec": spec,
-                            "last_step": r.last_step,
-                            "fired_steps": [v.step for v in verdicts[r]],
-                            "verdicts": [v.to_json() for v in verdicts[r]],
-                            "missing_inputs": list(r.missing_inputs),
-                        }
-                        for r, spec in zip(rules, args.rule, strict=True)
-                    ],
-                },
-                indent=2,
-            )
+        print_json(
+            {
+                "path": trial.path,
+                "training_ended": trial.training_ended,
+                "interrupted": interrupted,
+                "fired": fired,
+                "inputs_missing": bool(missing),
+                "stop_request": trial.stop_request(),
+                "rules": [
+                    {
+                        "rule": r.name,
+                        "spec": spec,
+                        "status": "inputs_missing" if r.name in missing else ("fired" if verdicts[r] else "passed"),
+                        "last_step": r.last_step,
+                        "fired_steps": [v.step for v in verdicts[r]],
+                        "fired_ranges": step_ranges([v.step for v in verdicts[r]], saved, limit=sys.maxsize),
+                        "verdicts": [v.to_json() for v in verdicts[r]],
+                        "missing_inputs": list(r.missing_inputs),
+                    }
+                    for r, spec in zip(rules, args.rule, strict=True)
+                ],
+            }
         )
     else:
         for r in rules:
-            steps = [v.step for v in verdicts[r]]
-            summary = f"fired at {len(steps)} step(s)" if steps else "did not fire"
-            print(f"{r.name}: {summary} (evaluated up to step {r.last_step})")
-            for message in r.missing_inputs:
-                print(f"  {message}")
-    return 1 if fired else 0
+            print(_rule_line(r, verdicts[r], saved, missing.get(r.name), style))
+    if interrupted:
+        print("tensortap rules: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if missing:
+        return EXIT_USAGE
+    if nothing_judged:
+        return _usage(f"no complete step to judge in {trial.path} (is the training still starting? use --follow)")
+    return EXIT_FOUND if fired else EXIT_OK

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
 
 class TensortapError(Exception):
     """Base class of tensortap's own errors."""
@@ -31,6 +34,54 @@ class NoMoreData(TensortapError):
     """A step past the end of a training that has ended was asked for."""
 
 
+def suggest(name: str, valid: Iterable[str]) -> str:
+    """``"; did you mean 'a' or 'b'?"`` for the valid names closest to ``name`` (difflib), or ``""``."""
+    close = difflib.get_close_matches(name, list(valid), n=3, cutoff=0.6)
+    return f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+
+
+class UnknownName(TensortapError, KeyError, ValueError):
+    """A name that does not exist: a collection, reduction, rule, parameter, ...
+
+    Both a ``KeyError`` and a ``ValueError`` (what the lookups raised before).
+    The message names it, suggests the closest valid names and lists the valid
+    ones when they are few.
+
+    Parameters
+    ----------
+    kind
+        What was looked up (``"collection"``, ``"reduction"``, ``"rule"``, ...).
+    name
+        The name given.
+    valid
+        The names that exist.
+    where
+        Where it was looked up, e.g. ``" in /tmp/run"``.
+
+    Attributes
+    ----------
+    kind, name
+        As given.
+    valid
+        The valid names, sorted.
+    """
+
+    MAX_LISTED = 20
+
+    def __init__(self, kind: str, name: str, valid: Iterable[str], where: str = "") -> None:
+        self.kind, self.name = kind, name
+        self.valid = sorted(set(valid))
+        message = f"no {kind} {name!r}{where}{suggest(name, self.valid)}"
+        if not self.valid:
+            message += f" (there is no {kind} at all)"
+        elif len(self.valid) <= self.MAX_LISTED:
+            message += f" (valid: {', '.join(self.valid)})"
+        super().__init__(message)
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
 class TensorUnavailable(TensortapError, KeyError):
     """No tensor of that name exists in the trial."""
 
@@ -43,7 +94,71 @@ class TensorUnavailableForStep(TensortapError):
 
 
 class TrialNotFound(TensortapError, FileNotFoundError):
-    """The trial path or URL does not exist."""
+    """No tensortap trial at the path or URL: nothing there, a file, or a folder with no trial's marker files.
+
+    Parameters
+    ----------
+    path
+        The path or URL given.
+    why
+        What is there instead (``"nothing exists there"``, ``"it is a file"``, ...).
+    trials_below
+        Trials found in folders below ``path`` (paths relative to it).
+
+    Attributes
+    ----------
+    path, why, trials_below
+        As given.
+    """
+
+    MAX_LISTED = 10
+
+    def __init__(self, path: str, why: str = "", trials_below: Iterable[str] = ()) -> None:
+        self.path = path
+        self.why = why
+        self.trials_below = list(trials_below)
+        message = f"no tensortap trial at {path}" + (f": {why}" if why else "")
+        if self.trials_below:
+            shown = self.trials_below[: self.MAX_LISTED]
+            more = len(self.trials_below) - len(shown)
+            message += f"; trials found below it: {', '.join(shown)}" + (f" (and {more} more)" if more else "")
+        super().__init__(message)
+
+    def __str__(self) -> str:  # OSError would format (errno, strerror)
+        return str(self.args[0]) if self.args else ""
+
+
+class RuleInputsMissing(TensortapError):
+    """One or more rules found none of their inputs, so they judged nothing.
+
+    Raised by :meth:`~tensortap.rules.RuleRunner.run` (and so by
+    :func:`~tensortap.rules.invoke_rule` and ``tensortap rules``, which exits 2)
+    when a rule evaluated steps but could use none of them: every step lacked
+    what :meth:`~tensortap.rules.Rule.need` reported. A rule that finds no
+    input is a wrong folder or a wrong capture setting, never a pass.
+
+    Parameters
+    ----------
+    missing
+        ``{rule name: [what it needs, ...]}`` for each rule that found nothing.
+    fired
+        ``{rule name: [steps]}`` where the rules of the same run fired (the
+        results that would have been returned).
+
+    Attributes
+    ----------
+    missing, fired
+        As given.
+    """
+
+    def __init__(self, missing: dict[str, list[str]], fired: dict[str, list[int]] | None = None) -> None:
+        self.missing = {k: list(v) for k, v in missing.items()}
+        self.fired = dict(fired or {})
+        parts = []
+        for rule, needs in self.missing.items():
+            words = "; ".join(n.removeprefix(f"{rule} ") for n in needs)
+            parts.append(f"{rule} found none of its inputs" + (f": it {words}" if words else ""))
+        super().__init__("; ".join(parts))
 
 
 class StopTrainingRequested(TensortapError):

@@ -1,107 +1,336 @@
-"""The `tensortap` command: ls, show, check, export, --help and exit codes."""
+"""The `tensortap` command, through real subprocesses: output, --json, exit codes, wrong paths, names, pipes."""
 
 from __future__ import annotations
 
 import json
+import os
+import pty
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 import tensortap
 from tensortap.capture import Writer
-from tensortap.cli import main
+from tensortap.exceptions import TrialNotFound, UnknownName
+
+
+def cli(
+    *args: str, env: dict[str, str] | None = None, module: str = "tensortap.cli"
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m tensortap.cli ARGS`` and return what it did."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def strict_json(text: str) -> Any:
+    """Parse JSON, refusing the NaN / Infinity literals Python would accept."""
+
+    def refuse(literal: str) -> None:
+        raise AssertionError(f"{literal} literal in JSON output")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def user_error(result: subprocess.CompletedProcess[str], code: int = 2) -> str:
+    """Check a user error: the exit status, a one-line message on stderr, nothing on stdout, no traceback."""
+    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.stdout == ""
+    return result.stderr
+
+
+def write_run(out: Path, n: int = 6, close: bool = True, **kw: Any) -> Writer:
+    w = Writer(out, save_config=tensortap.SaveConfig(save_interval=2), **kw)
+    for s in range(n):
+        with w.stepping():
+            w.save("fc1.weight", np.full((2, 3), s, dtype=np.float32), ["weights"])
+            w.save("losses/loss", np.float64(1.0 / (s + 1)), ["losses"])
+            odd = np.array([1.0, -2.0, np.nan, np.inf, 5.0], dtype=np.float32) * (s + 1)
+            w.save("act/odd", odd, ["outputs"])
+    if close:
+        w.close()
+    else:
+        w.flush()
+    return w
 
 
 @pytest.fixture
 def trial_dir(tmp_path: Path) -> Path:
-    out = tmp_path / "run"
-    with Writer(out, save_config=tensortap.SaveConfig(save_interval=2)) as w:
-        for s in range(6):
-            with w.stepping():
-                w.save("fc1.weight", np.full((2, 3), s, dtype=np.float32), ["weights"])
-                w.save("losses/loss", np.float64(1.0 / (s + 1)), ["losses"])
-    return out
+    write_run(tmp_path / "run")
+    return tmp_path / "run"
 
 
-def test_ls_lists_workers_steps_and_tensors(trial_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["ls", str(trial_dir)]) == 0
-    out = capsys.readouterr().out
+# ------------------------------------------------------------------------ ls
+def test_ls_lists_workers_steps_and_tensors(trial_dir: Path) -> None:
+    result = cli("ls", str(trial_dir))
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
     assert "worker_0" in out and "[ended]" in out
-    assert "steps    0, 2, 4" in out
+    assert "steps    0, 2, 4 (3 steps)" in out
     lines = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(("fc1", "losses/"))}
     assert lines["fc1.weight"][1:] == ["weights", "float32", "2x3", "3"]
     assert lines["losses/loss"][1:] == ["losses", "float64", "()", "3"]
+    assert "\033[" not in out  # not a terminal: no colour
 
 
-def test_ls_json(trial_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["ls", str(trial_dir), "--json", "--collection", "weights"]) == 0
-    data = json.loads(capsys.readouterr().out)
-    assert data["workers"] == ["worker_0"]
-    assert data["steps"] == [0, 2, 4]
+def test_ls_json(trial_dir: Path) -> None:
+    result = cli("ls", str(trial_dir), "--json", "--collection", "weights")
+    data = strict_json(result.stdout)
+    assert data["workers"] == ["worker_0"] and data["training_ended"] is True
+    assert data["steps"] == [0, 2, 4] and data["complete_steps"] == [0, 2, 4]
+    assert data["modes"] == {"TRAIN": [0, 2, 4]} and data["end_reasons"] == {"worker_0": "closed"}
     assert list(data["tensors"]) == ["fc1.weight"]
-    assert data["tensors"]["fc1.weight"]["shape"] == [2, 3]
+    assert data["tensors"]["fc1.weight"] == {
+        "collections": ["weights"],
+        "dtype": "float32",
+        "orig_dtype": None,
+        "shape": [2, 3],
+        "steps": 3,
+    }
 
 
-def test_show_value_and_reduction(trial_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["show", str(trial_dir), "fc1.weight", "--step", "4", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out) == {"4": [[4.0] * 3] * 2}
-    assert main(["show", str(trial_dir), "fc1.weight", "--reduction", "l1", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out) == {"0": 0.0, "2": 12.0, "4": 24.0}
-    assert main(["show", str(trial_dir), "losses/loss", "--step", "2", "--mode", "train"]) == 0
-    assert "0.333" in capsys.readouterr().out
+def test_ls_of_a_folder_of_trials_lists_them(tmp_path: Path) -> None:
+    write_run(tmp_path / "runs" / "first", n=4)
+    live = write_run(tmp_path / "runs" / "group" / "second", n=6, close=False)
+    (tmp_path / "runs" / "notes.txt").write_text("not a trial")
+    try:
+        result = cli("ls", str(tmp_path / "runs"))
+        assert result.returncode == 0, result.stderr
+        rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()[3:]}
+        assert rows["first"][1:5] == ["numpy", "2", "ended", "0.3333"]  # last loss 1/3 at step 2
+        assert rows["group/second"][1:5] == ["numpy", "3", "running", "0.2"]  # 1/5 at step 4
+        data = strict_json(cli("ls", str(tmp_path / "runs"), "--json").stdout)
+        first, second = data["trials"]
+        assert first["name"] == "first" and first["ended"] is True and first["steps"] == 2
+        assert first["last_loss"] == {"name": "losses/loss", "step": 2, "value": 1 / 3}
+        assert second["name"] == "group/second" and second["ended"] is False and second["framework"] == "numpy"
+    finally:
+        live.close()
 
 
-def test_show_errors_exit_2(trial_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["show", str(trial_dir), "nope"]) == 2
-    assert "no tensor named 'nope'" in capsys.readouterr().err
-    assert main(["show", str(trial_dir), "fc1.weight", "--step", "3"]) == 2
-    assert "step 3" in capsys.readouterr().err
-    assert main(["ls", str(trial_dir / "missing")]) == 2
+# ---------------------------------------------------------------------- show
+def test_show_scalar_summary_full_and_reduction(trial_dir: Path) -> None:
+    out = cli("show", str(trial_dir), "losses/loss", "--step", "2").stdout
+    assert out == "step 2: 0.333333\n"  # significant digits, not 0.3333333333333333
+    out = cli("show", str(trial_dir), "act/odd", "--step", "4").stdout
+    assert out == "step 4: float32 (5,) min -10 mean 6.667 max 25 nan 1 inf 1\n"
+    out = cli("show", str(trial_dir), "act/odd", "--step", "4", "--full").stdout
+    assert out.splitlines()[1] == "[  5. -10.  nan  inf  25.]"
+    out = cli("show", str(trial_dir), "fc1.weight", "--reduction", "l1").stdout
+    assert out == "step 0: 0\nstep 2: 12\nstep 4: 24\n"
 
 
-def test_check_clean_then_damaged(trial_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["check", str(trial_dir)]) == 0
-    assert "ok" in capsys.readouterr().out
+def test_show_json_has_no_nan_literals(trial_dir: Path) -> None:
+    data = strict_json(cli("show", str(trial_dir), "act/odd", "--step", "0", "--full", "--json").stdout)
+    (entry,) = data["steps"]
+    assert data["tensor"] == "act/odd" and data["reduction"] is None
+    assert entry["value"] == [1.0, -2.0, "NaN", "Infinity", 5.0]
+    assert (entry["min"], entry["max"], entry["nan_count"], entry["inf_count"]) == (-2.0, 5.0, 1, 1)
+    data = strict_json(cli("show", str(trial_dir), "act/odd", "--reduction", "max", "--json").stdout)
+    assert [e["value"] for e in data["steps"]] == ["NaN", "NaN", "NaN"]  # the saved max of a tensor with a NaN
+    data = strict_json(cli("show", str(trial_dir), "losses/loss", "--json").stdout)
+    assert [(e["step"], e["value"]) for e in data["steps"]] == [(0, 1.0), (2, 1 / 3), (4, 0.2)]
+
+
+# --------------------------------------------------------------------- check
+def test_check_clean_then_damaged(trial_dir: Path) -> None:
+    result = cli("check", str(trial_dir))
+    assert result.returncode == 0 and "ok" in result.stdout
+    assert strict_json(cli("check", str(trial_dir), "--json").stdout) == {
+        "path": str(trial_dir),
+        "ok": True,
+        "problems": [],
+    }
     shard = next((trial_dir / "shards" / "worker_0").glob("*.h5"))
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) // 2])  # truncated, and named by an index record
     (trial_dir / "shards" / "worker_0" / "stray.h5").write_bytes(b"not hdf5 at all")  # named by none
-    assert main(["check", str(trial_dir)]) == 1
-    out = capsys.readouterr().out
-    assert f"shards/worker_0/{shard.name}" in out
-    assert "shards/worker_0/stray.h5" in out
+    result = cli("check", str(trial_dir))
+    assert result.returncode == 1
+    assert f"shards/worker_0/{shard.name}" in result.stdout and "shards/worker_0/stray.h5" in result.stdout
+    assert "2 problem(s) found" in result.stderr
+    report = cli("check", str(trial_dir), "--json")
+    assert report.returncode == 1
+    data = strict_json(report.stdout)
+    assert data["ok"] is False and len(data["problems"]) == 2
 
 
-def test_check_reports_index_naming_missing_shard(trial_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    next((trial_dir / "shards" / "worker_0").glob("*.h5")).unlink()
-    assert main(["check", str(trial_dir)]) == 1
-    assert "does not exist" in capsys.readouterr().out
+# -------------------------------------------------------------- wrong paths
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["ls"],
+        ["show", "{path}", "losses/loss"],
+        ["rules", "{path}", "--rule", "all_zero"],
+        ["check"],
+        ["plot", "{path}", "losses/loss"],
+        ["export"],
+    ],
+)
+@pytest.mark.parametrize("kind", ["parent", "file", "misspelt"])
+def test_a_path_without_a_trial_is_an_error_not_an_empty_trial(tmp_path: Path, command: list[str], kind: str) -> None:
+    write_run(tmp_path / "runs" / "alpha", n=2)
+    write_run(tmp_path / "runs" / "beta", n=2)
+    (tmp_path / "runs" / "notes.txt").write_text("hello")
+    path = {"parent": tmp_path, "file": tmp_path / "runs" / "notes.txt", "misspelt": tmp_path / "runs" / "alpah"}[kind]
+    args = [a.format(path=path) for a in command] if len(command) > 1 else [*command, str(path)]
+    if kind == "parent" and command == ["ls"]:
+        result = cli(*args)  # ls lists the trials of a folder
+        assert result.returncode == 0 and "runs/alpha" in result.stdout and "runs/beta" in result.stdout
+        return
+    err = user_error(cli(*args))
+    assert f"tensortap {command[0]}: no tensortap trial at {path}" in err
+    expected = {
+        "parent": "trials found below it: runs/alpha, runs/beta",
+        "file": "it is a file",
+        "misspelt": "nothing exists there, did you mean 'alpha'?",
+    }[kind]
+    assert expected in err
 
 
-def test_export_csv(trial_dir: Path, tmp_path: Path) -> None:
-    out = tmp_path / "x.csv"
-    assert main(["export", str(trial_dir), "--collection", "losses", "-o", str(out)]) == 0
-    lines = out.read_text().splitlines()
-    assert lines[0] == "worker,mode,mode_step,step,name,reduction,value"
-    assert len(lines) == 4 and lines[1].startswith("worker_0,TRAIN,0,0,losses/loss,value,1.0")
+def test_create_trial_accepts_a_started_or_empty_trial_and_waits(tmp_path: Path) -> None:
+    w = Writer(tmp_path / "started")  # a live run about to save its first step: its worker record exists
+    try:
+        assert tensortap.create_trial(tmp_path / "started").steps() == []
+        assert cli("ls", str(tmp_path / "started")).returncode == 0
+    finally:
+        w.close()
+    (tmp_path / "empty").mkdir()
+    assert tensortap.create_trial(tmp_path / "empty").workers() == []
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.yaml").write_text("lr: 1")
+    with pytest.raises(TrialNotFound, match="none of a trial's marker files"):
+        tensortap.create_trial(tmp_path / "other")
+    with pytest.raises(TrialNotFound, match="trials found below it: started") as info:
+        tensortap.create_trial(tmp_path, wait=True)  # a parent folder never becomes a trial: no waiting
+    assert info.value.trials_below == ["started"]
+    assert isinstance(info.value, FileNotFoundError)
 
 
-@pytest.mark.parametrize("command", [[], ["ls"], ["show"], ["check"], ["export"], ["plot"]])
-def test_help_for_every_command(command: list[str]) -> None:
+# ------------------------------------------------------------ unknown names
+def test_unknown_names_are_errors_with_suggestions(trial_dir: Path) -> None:
+    trial = tensortap.create_trial(trial_dir)
+    with pytest.raises(UnknownName, match=r"no collection 'gradient' in .*did you mean 'gradients'"):
+        trial.tensor_names(collection="gradient")
+    with pytest.raises(KeyError, match=r"did you mean 'fc1\.weight'"):
+        trial.tensor("fc1.weigth")
+    with pytest.raises(ValueError, match="did you mean 'mean'"):
+        trial.tensor("fc1.weight").reduction_value(0, "maen")
+    assert trial.tensor_names(collection="gradients") == []  # configured, nothing saved: empty, not an error
+    for args, message in [
+        (["ls", str(trial_dir), "--collection", "weight"], "no collection 'weight' in"),
+        (["show", str(trial_dir), "fc1.weigth"], "no tensor named 'fc1.weigth'"),
+        (["show", str(trial_dir), "fc1.weight", "--reduction", "meen"], "no reduction 'meen'; did you mean 'mean'"),
+        (["rules", str(trial_dir), "--rule", "all_zeros"], "no built-in rule 'all_zeros'; did you mean 'all_zero'"),
+        (["rules", str(trial_dir), "--rule", "all_zero:collection=weights"], "did you mean 'collection_names'"),
+        (["ls", str(trial_dir), "--regex", "fc1("], "regex: 'fc1(' is not a valid regular expression"),
+    ]:
+        assert message in user_error(cli(*args)), args
+
+
+# ------------------------------------------------------------- pipes, deps
+@pytest.fixture
+def big_trial(tmp_path: Path) -> Path:
+    with Writer(tmp_path / "big") as w, w.stepping():
+        for i in range(3000):
+            w.save(f"scalar/{i:05d}", np.float32(i), ["metrics"])
+        w.save("big", np.arange(90_000, dtype=np.float32).reshape(300, 300), ["weights"])
+    return tmp_path / "big"
+
+
+@pytest.mark.parametrize("command", [["ls"], ["show", "{path}", "big", "--full"], ["export"], ["ls", "--json"]])
+def test_a_pipe_closed_early_ends_quietly(big_trial: Path, command: list[str]) -> None:
+    args = [a.format(path=big_trial) for a in command] if len(command) > 1 and "{path}" in command[1] else None
+    args = args or [command[0], str(big_trial), *command[1:]]
+    quoted = " ".join(f"'{a}'" for a in args)
     result = subprocess.run(
-        [sys.executable, "-m", "tensortap.cli", *command, "--help"], capture_output=True, text=True, check=False
+        f"set -o pipefail; '{sys.executable}' -m tensortap.cli {quoted} | head -n 2",
+        shell=True,
+        executable="/bin/bash",
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
+    assert len(result.stdout.splitlines()) == 2
+    assert result.stderr == ""  # no BrokenPipeError, no "Exception ignored"
+    assert result.returncode == 141  # 128 + SIGPIPE, like other tools whose reader went away
+
+
+def test_a_missing_optional_dependency_says_what_to_install(trial_dir: Path, tmp_path: Path) -> None:
+    fake = tmp_path / "nopandas" / "pandas"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'pandas'\", name='pandas')\n")
+    env = {"PYTHONPATH": os.pathsep.join([str(fake.parent), os.environ.get("PYTHONPATH", "")])}
+    err = user_error(cli("export", str(trial_dir), env=env))
+    assert 'export: this needs pandas, which is not installed: pip install "tensortap[notebook]"' in err
+
+
+# -------------------------------------------------- entry points, verbosity
+def test_python_m_tensortap_and_version(trial_dir: Path) -> None:
+    result = cli("--version", module="tensortap")
+    assert result.returncode == 0 and result.stdout == f"tensortap {tensortap.__version__}\n"
+    assert cli("ls", str(trial_dir), module="tensortap").stdout == cli("ls", str(trial_dir)).stdout
+
+
+@pytest.mark.parametrize("command", [[], ["ls"], ["show"], ["check"], ["export"], ["plot"], ["rules"]])
+def test_help_for_every_command(command: list[str]) -> None:
+    result = cli(*command, "--help")
     assert result.returncode == 0
     assert "usage: tensortap" in result.stdout
+    if command:
+        assert "-q, --quiet" in result.stdout and "-v, --verbose" in result.stdout
 
 
 def test_usage_error_exit_2() -> None:
-    result = subprocess.run([sys.executable, "-m", "tensortap.cli", "frobnicate"], capture_output=True, text=True)
-    assert result.returncode == 2
-    assert "invalid choice" in result.stderr
+    result = cli("frobnicate")
+    assert result.returncode == 2 and "invalid choice" in result.stderr
+
+
+def test_warnings_go_to_stderr_and_quiet_silences_them(trial_dir: Path) -> None:
+    (trial_dir / "index" / "worker_0" / "0000000009.json").write_text("{not json")
+    for command in (["ls", str(trial_dir)], ["show", str(trial_dir), "losses/loss"], ["export", str(trial_dir)]):
+        loud = cli(*command)
+        assert loud.returncode == 0 and "tensortap: skipping index/worker_0/0000000009.json" in loud.stderr
+        for quiet in (cli(*command, "-q"), cli("-q", *command)):
+            assert quiet.returncode == 0 and quiet.stderr == "" and quiet.stdout == loud.stdout
+    assert cli("check", str(trial_dir), "-q").returncode == 1
+
+
+def test_colour_only_on_a_terminal_and_never_with_no_color(trial_dir: Path) -> None:
+    def on_terminal(env: dict[str, str]) -> str:
+        main_fd, child_fd = pty.openpty()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tensortap.cli", "ls", str(trial_dir)],
+            stdout=child_fd,
+            stderr=subprocess.PIPE,
+            env={k: v for k, v in {**os.environ, "TERM": "xterm", **env}.items() if v is not None},
+        )
+        os.close(child_fd)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(main_fd, 65536)
+            except OSError:  # the terminal's other end closed
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        os.close(main_fd)
+        assert proc.wait(timeout=60) == 0
+        return b"".join(chunks).decode()
+
+    env = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
+    assert "\033[1m" in on_terminal({**env, "NO_COLOR": ""})  # an empty NO_COLOR does not count
+    assert "\033[" not in on_terminal({"NO_COLOR": "1"})
 
 
 def test_plot_writes_an_image_of_the_series(trial_dir: Path, tmp_path: Path) -> None:
@@ -111,8 +340,8 @@ def test_plot_writes_an_image_of_the_series(trial_dir: Path, tmp_path: Path) -> 
     trial = tensortap.create_trial(trial_dir)
     assert series(trial, "losses/loss") == {0: 1.0, 2: 1 / 3, 4: 0.2}
     assert series(trial, "fc1.weight", reduction="abs_max") == {0: 0.0, 2: 2.0, 4: 4.0}
-    assert series(trial, "fc1.weight") == {0: 0.0, 2: 2.0, 4: 4.0}  # mean of a non-scalar
     out = tmp_path / "plot.png"
-    assert main(["plot", str(trial_dir), "losses/loss", "--regex", "fc1", "-o", str(out)]) == 0
+    result = cli("plot", str(trial_dir), "losses/loss", "--regex", "fc1", "-o", str(out))
+    assert result.returncode == 0, result.stderr
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert main(["plot", str(trial_dir), "--regex", "nothing-matches"]) == 2
+    assert "give tensor names" in user_error(cli("plot", str(trial_dir), "--regex", "nothing-matches"))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import multiprocessing
 import signal
 import time
-import warnings
 from pathlib import Path
 
 import h5py
@@ -39,22 +38,23 @@ def _check_values(trial: tensortap.Trial, names: list[str]) -> None:
             np.testing.assert_array_equal(v, value_for(name, step, 0))
 
 
-def test_sigkill_while_publishing_leaves_published_shards_readable(tmp_path: Path, writer_proc) -> None:
+def test_sigkill_while_publishing_leaves_published_shards_readable(
+    tmp_path: Path, writer_proc, caplog: pytest.LogCaptureFixture
+) -> None:
     w = writer_proc(tmp_path, "--max-steps", "1")  # every step is a shard: always publishing
     w.cmd("steps", n=3, names=["a", "b"])
     w.cmd("flush")
     w.cmd("spin")
     time.sleep(0.7)
     assert w.signal(signal.SIGKILL) == -signal.SIGKILL
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a partial shard would warn
-        assert _check_every_h5_is_whole(tmp_path) >= 3
-        trial = tensortap.create_trial(tmp_path)
-        steps = trial.steps()
-        assert steps[:3] == [0, 1, 2]
-        assert len(steps) > 3  # it was killed while publishing, not before
-        assert steps == list(range(len(steps)))
-        _check_values(trial, ["a", "b"])
+    assert _check_every_h5_is_whole(tmp_path) >= 3
+    trial = tensortap.create_trial(tmp_path)
+    steps = trial.steps()
+    assert steps[:3] == [0, 1, 2]
+    assert len(steps) > 3  # it was killed while publishing, not before
+    assert steps == list(range(len(steps)))
+    _check_values(trial, ["a", "b"])
+    assert not [r for r in caplog.records if r.name == "tensortap"]  # a partial shard would warn
     assert not trial.training_ended
     assert trial.end_reasons() == {}
 

@@ -129,7 +129,9 @@ def test_publish_failure_raises_when_strict(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
-def test_corrupt_shard_is_skipped_with_a_warning_naming_it(tmp_path: Path, damage: str) -> None:
+def test_corrupt_shard_is_skipped_with_a_warning_naming_it(
+    tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture
+) -> None:
     write_trial(tmp_path, 4, names=["a", "b"], shard_policy=ShardPolicy(max_steps=1))
     bad = _shard(tmp_path, 1)
     data = bad.read_bytes()
@@ -138,8 +140,9 @@ def test_corrupt_shard_is_skipped_with_a_warning_naming_it(tmp_path: Path, damag
     assert trial.steps() == [0, 1, 2, 3]
     a = trial.tensor("a")
     np.testing.assert_array_equal(a.value(0), default_value("a", 0))
-    with pytest.warns(RuntimeWarning, match="0000000001.h5"), pytest.raises(TensorUnavailableForStep, match="read"):
+    with pytest.raises(TensorUnavailableForStep, match="read"):
         a.value(1)
+    assert [r.name for r in caplog.records if "0000000001.h5" in r.getMessage()] == ["tensortap"]
     assert set(a.values()) == {0, 2, 3}
     np.testing.assert_array_equal(trial.tensor("b").values()[3], default_value("b", 3))
     assert list(trial.problems()) == ["shards/worker_0/0000000001.h5"]
@@ -150,23 +153,21 @@ def test_corrupt_shard_is_skipped_with_a_warning_naming_it(tmp_path: Path, damag
         a.value(1)
 
 
-def test_corrupt_shard_warns_once_through_values(tmp_path: Path) -> None:
+def test_corrupt_shard_warns_once_through_values(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     write_trial(tmp_path, 3, shard_policy=ShardPolicy(max_steps=1))
     _shard(tmp_path, 2).write_bytes(b"garbage")
     trial = tensortap.create_trial(tmp_path)
-    with pytest.warns(RuntimeWarning, match="0000000002.h5") as record:
-        assert set(trial.tensor("a").values()) == {0, 1}
-        assert set(trial.tensor("a").values()) == {0, 1}
-    assert len(record) == 1
+    assert set(trial.tensor("a").values()) == {0, 1}
+    assert set(trial.tensor("a").values()) == {0, 1}
+    assert len([r for r in caplog.records if "0000000002.h5" in r.getMessage()]) == 1
 
 
-def test_garbage_index_record_is_skipped_with_a_warning(tmp_path: Path) -> None:
+def test_garbage_index_record_is_skipped_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     write_trial(tmp_path, 3, shard_policy=ShardPolicy(max_steps=1))
     (tmp_path / "index" / "worker_0" / "0000000001.json").write_text("{not json")
     (tmp_path / "index" / "worker_0" / "0000000007.json").write_text('{"format": "something else"}')
-    with pytest.warns(RuntimeWarning) as record:
-        trial = tensortap.create_trial(tmp_path)
-    messages = " ".join(str(r.message) for r in record)
+    trial = tensortap.create_trial(tmp_path)
+    messages = " ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
     assert "0000000001.json" in messages and "0000000007.json" in messages
     assert trial.steps() == [0, 2]
     np.testing.assert_array_equal(trial.tensor("a").value(2), default_value("a", 2))

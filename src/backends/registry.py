@@ -15,13 +15,15 @@ plugin of the scheme in use is imported; a plugin that fails to load warns
 
 from __future__ import annotations
 
+import logging
 import os
-import warnings
 from collections.abc import Callable
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
 from .storage import FsspecStorage, LocalStorage, Storage
+
+logger = logging.getLogger("tensortap")
 
 ENTRY_POINT_GROUP = "tensortap.backends"
 
@@ -46,14 +48,10 @@ def _load(ep: EntryPoint) -> type[Storage] | None:
     try:
         cls = ep.load()
     except Exception as exc:  # a broken plugin must not break tensortap
-        warnings.warn(f"{where}) failed to load and is skipped: {exc!r}", RuntimeWarning, stacklevel=3)
+        logger.warning("%s) failed to load and is skipped: %r", where, exc)
         return None
     if not (isinstance(cls, type) and issubclass(cls, Storage)):
-        warnings.warn(
-            f"{where}) is skipped: expected a subclass of tensortap.backends.Storage, got {cls!r}",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+        logger.warning("%s) is skipped: expected a subclass of tensortap.backends.Storage, got %r", where, cls)
         return None
     return cls
 

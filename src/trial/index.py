@@ -8,7 +8,7 @@ open in a small LRU cache.
 
 from __future__ import annotations
 
-import warnings
+import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +17,8 @@ from ..backends import layout
 from ..backends.shard import ALL_STEPS, INDEX_MAGIC, ShardError, ShardReader
 from ..backends.storage import Storage
 from ..modes import Mode
+
+logger = logging.getLogger("tensortap")
 
 MAX_OPEN_SHARDS = 64
 
@@ -75,7 +77,7 @@ class TrialIndex:
     def _warn_bad(self, key: str, why: str) -> None:
         if key not in self.bad_files:
             self.bad_files[key] = why
-            warnings.warn(f"tensortap: skipping {key}: {why}", RuntimeWarning, stacklevel=4)
+            logger.warning("tensortap: skipping %s: %s", key, why)
 
     def refresh(self) -> None:
         """Read index records, worker records and end markers that are new."""

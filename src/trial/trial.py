@@ -7,6 +7,7 @@ import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -23,6 +24,8 @@ from ..exceptions import (
     TensorUnavailable,
     TensorUnavailableForStep,
     TrialNotFound,
+    UnknownName,
+    suggest,
 )
 from ..modes import Mode, StepState
 from .index import Location, TensorInfo, TrialIndex
@@ -32,6 +35,72 @@ if TYPE_CHECKING:
 
 REFRESH_SECONDS = 0.25
 WAIT_POLL_SECONDS = 0.1
+SEARCH_DEPTH = 3  # folders below a path searched for trials when it holds none
+SEARCH_FOLDERS = 2000  # at most this many folders looked into
+
+
+def is_trial(storage: Storage, prefix: str = "") -> bool:
+    """Whether ``storage`` (its folder ``prefix``, ending in ``/``) holds a tensortap trial.
+
+    A trial is told apart from any other folder by its marker files.
+    The markers are what a writer creates before any data: a worker record
+    (``workers/<worker>.json``, written when a worker starts), an index folder
+    (``index/<worker>/``) or an end marker (``end/<worker>.json``). A folder
+    with none of them (empty, or holding other things) is not a trial.
+    """
+    return (
+        any(k.endswith(".json") for k in storage.list(f"{prefix}{layout.WORKERS}"))
+        or bool(storage.list_dirs(f"{prefix}{layout.INDEX}"))
+        or any(k.endswith(".json") for k in storage.list(f"{prefix}{layout.ENDS}"))
+    )
+
+
+def find_trials(storage: Storage, depth: int = SEARCH_DEPTH) -> list[str]:
+    """Folders below ``storage`` (up to ``depth`` levels) that hold a trial, relative to it, sorted.
+
+    The search does not go into trials, and looks into at most
+    ``SEARCH_FOLDERS`` folders (a path given by mistake may be a large tree).
+    """
+    found: list[str] = []
+    level, visited = [""], 0
+    for _ in range(depth):
+        below: list[str] = []
+        for prefix in level:
+            for name in storage.list_dirs(prefix):
+                if visited >= SEARCH_FOLDERS:
+                    return sorted(found)
+                visited += 1
+                key = f"{prefix}{name}"
+                if is_trial(storage, f"{key}/"):
+                    found.append(key)
+                else:
+                    below.append(f"{key}/")
+        level = below
+    return sorted(found)
+
+
+def trial_problem(storage: Storage) -> TrialNotFound | None:
+    """None if ``storage`` holds a trial (or is an empty folder); else the :class:`TrialNotFound` to raise.
+
+    Its message says what is there instead, and lists the trials found below.
+    """
+    if is_trial(storage):
+        return None
+    path = storage.url
+    local = "://" not in path
+    if not storage.exists():
+        why = "nothing exists there"
+        if local and Path(path).parent.is_dir():
+            siblings = [p.name for p in Path(path).parent.iterdir() if p.is_dir()]
+            why += suggest(Path(path).name, siblings).replace("; did", ", did", 1)
+        return TrialNotFound(path, why)
+    if local and Path(path).is_file():
+        return TrialNotFound(path, "it is a file, not a trial folder")
+    if not storage.list("") and not storage.list_dirs(""):
+        return None  # an empty folder: a run about to start
+    trials = find_trials(storage)
+    why = "" if trials else "the folder holds none of a trial's marker files (workers/, index/, end/)"
+    return TrialNotFound(path, why, trials)
 
 
 class Trial:
@@ -69,9 +138,10 @@ class Trial:
         self.storage = get_storage(path, **{**(storage_options or {}), **options})
         self.path = self.storage.url
         deadline = None if timeout is None else time.monotonic() + timeout
-        while not self.storage.exists():
-            if not wait or (deadline is not None and time.monotonic() >= deadline):
-                raise TrialNotFound(f"no trial at {self.path!r}")
+        while (problem := trial_problem(self.storage)) is not None:
+            late = deadline is not None and time.monotonic() >= deadline
+            if not wait or late or problem.trials_below or "is a file" in problem.why:
+                raise problem
             time.sleep(WAIT_POLL_SECONDS)
         self.refresh_interval = refresh_interval
         self._index = TrialIndex(self.storage)
@@ -215,8 +285,20 @@ class Trial:
         mode: Mode | str | None = None,
         step: int | None = None,
     ) -> list[str]:
-        """Names of saved tensors, sorted, filtered by collection, regex, mode and step."""
+        """Names of saved tensors, sorted, filtered by collection, regex, mode and step.
+
+        Raises
+        ------
+        UnknownName
+            ``collection`` is not a collection of this trial (the message suggests close names).
+        ValueError
+            ``regex`` is not a valid regular expression, or ``mode`` names no mode.
+        """
         self._auto_refresh()
+        if collection is not None:
+            known = self.collections()
+            if collection not in known:
+                raise UnknownName("collection", collection, known, f" in {self.path}")
         entries = ((name, info.collections, info.locations) for name, info in self._index.tensors.items())
         return select_names(entries, self._index.steps, collection, regex, mode, step, self.global_step)
 
@@ -237,10 +319,10 @@ class Trial:
         return dict(sorted(out.items()))
 
     def collection(self, name: str) -> Collection:
-        """One collection; KeyError listing the ones that exist."""
+        """One collection; :class:`UnknownName` (a KeyError) naming close ones if there is no such collection."""
         cols = self.collections()
         if name not in cols:
-            raise KeyError(f"collection {name!r} is not in this trial; present: {', '.join(cols) or 'none'}")
+            raise UnknownName("collection", name, cols, f" in {self.path}")
         return cols[name]
 
     def tensor(self, name: str) -> Tensor:
@@ -249,7 +331,7 @@ class Trial:
         if name not in self._index.tensors:
             self.refresh()
             if name not in self._index.tensors:
-                raise TensorUnavailable(f"no tensor named {name!r} in {self.path}")
+                raise TensorUnavailable(f"no tensor named {name!r} in {self.path}{suggest(name, self._index.tensors)}")
         return Tensor(self, name)
 
     def stop_request(self) -> dict[str, Any] | None:
@@ -423,7 +505,7 @@ class Tensor:
         """A reduction at ``step``: the saved one, or computed from the raw tensor with the same formula."""
         key = red.reduction_key(reduction, abs)
         if red.split_key(key)[0] not in red.ALL_REDUCTIONS:
-            raise ValueError(f"reduction: {reduction!r} is not valid; valid: {', '.join(red.ALL_REDUCTIONS)}")
+            raise UnknownName("reduction", reduction, [*red.ALL_REDUCTIONS, *(f"abs_{r}" for r in red.ALL_REDUCTIONS)])
         gstep, _, loc = self._locate(step, mode, worker)
         if key in loc.reductions:
             reader = self.trial._index.reader(loc.shard)
@@ -487,6 +569,13 @@ class Tensor:
         return out
 
 
+def _compile(pattern: str) -> re.Pattern[str]:
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"regex: {pattern!r} is not a valid regular expression ({exc})") from None
+
+
 def select_names(
     entries: Iterable[tuple[str, AbstractSet[str], Mapping[int, Any]]],
     step_modes: Mapping[int, tuple[Mode, int]],
@@ -509,7 +598,7 @@ def select_names(
     global_step
         Maps a (mode) step to its global step, None when it is unknown.
     """
-    pats = [re.compile(r) for r in ([regex] if isinstance(regex, str) else regex or [])]
+    pats = [_compile(r) for r in ([regex] if isinstance(regex, str) else regex or [])]
     m = None if mode is None else Mode.parse(mode)
     gstep = None if step is None else global_step(step, m)
     if step is not None and gstep is None:
@@ -533,10 +622,18 @@ def create_trial(
 ) -> Trial:
     """Open the trial at ``path`` (local directory or fsspec URL).
 
+    A trial is a folder holding a trial's marker files (see :func:`is_trial`),
+    or an empty folder (a run about to start); either may have no data yet,
+    and is then a trial with no steps. Anything else is not a trial. With
+    ``wait=True`` the call waits for the path to appear, or for a folder
+    without markers to get them, unless it is a file or holds trials below it.
+
     Raises
     ------
     TrialNotFound
-        If nothing exists at ``path`` (with ``wait=True``: after ``timeout`` seconds).
+        If ``path`` holds no trial (with ``wait=True``: after ``timeout``
+        seconds): nothing there, a file, or a folder without a trial's marker
+        files; the message lists trials found in the folders below it.
     """
     return Trial(path, wait=wait, timeout=timeout, **kwargs)
 

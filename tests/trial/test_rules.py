@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import tensortap
-from tensortap import Mode, ReductionConfig, SaveConfig
+from tensortap import Mode, ReductionConfig, RuleInputsMissing, SaveConfig
 from tensortap.capture import ShardPolicy, Writer
 from tensortap.rules import (
     AllZero,
@@ -85,16 +85,34 @@ def test_vanishing_gradient_uses_saved_reduction_and_says_what_is_missing(tmp_pa
     assert invoke_rule(VanishingGradient(trial)) == [3]  # 1e-8 at step 3
     bare = make_trial(tmp_path / "bare", 4, g, reduction_config=ReductionConfig(reductions=["max"]))
     rule = VanishingGradient(bare)
-    assert invoke_rule(rule) == []
+    with pytest.raises(RuleInputsMissing, match="VanishingGradient found none of its inputs") as info:
+        invoke_rule(rule)
     (message,) = rule.missing_inputs
     assert "'gradients'" in message and "abs_mean" in message
+    assert info.value.missing == {"VanishingGradient": [message]} and info.value.fired == {"VanishingGradient": []}
 
 
 def test_rule_with_no_input_tensor_says_what_to_capture(tmp_path: Path) -> None:
     trial = make_trial(tmp_path, 3, scalars("losses/loss", "losses", {0: 1.0, 1: 1.0, 2: 1.0}))
     rule = VanishingGradient(trial)
-    assert invoke_rule(rule) == []
-    assert any("collection 'gradients'" in m for m in rule.missing_inputs)
+    with pytest.raises(RuleInputsMissing, match="needs collection 'gradients'"):
+        invoke_rule(rule)
+    assert rule.lacks_inputs and any("collection 'gradients'" in m for m in rule.missing_inputs)
+
+
+def test_a_rule_missing_only_some_inputs_still_judges_the_others(tmp_path: Path) -> None:
+    v = lambda s: {  # noqa: E731
+        "raw": (np.array([1.0, np.nan]), ("weights",)),
+        "bare": (np.full(3, 1.0), ("stats",)),
+    }
+    configs = {"stats": {"reduction_config": ReductionConfig(reductions=["max"])}}
+    trial = make_trial(tmp_path, 2, v, collection_configs=configs, include_collections=["weights", "stats"])
+    assert not trial.tensor("bare").has_raw(0)
+    rule = ExplodingTensor(trial, collection_names="weights,stats")
+    assert invoke_rule(rule) == [0, 1]
+    assert not rule.lacks_inputs and any("'bare'" in m for m in rule.missing_inputs)
+    state = rule.state_dict()
+    assert state["usable_steps"] == 2
 
 
 def test_exploding_tensor_nan_and_inf(tmp_path: Path) -> None:
@@ -420,7 +438,7 @@ def test_invoke_rule_on_ended_trial_returns_and_raise_eval_cond(tmp_path: Path) 
         invoke_rule(LossNotDecreasing(trial, num_steps=5), raise_eval_cond=True)
     err = info.value
     assert (err.rule_name, err.step) == ("LossNotDecreasing", 5)
-    assert err.reason.startswith("losses/loss: loss 1 at TRAIN step 5 decreased 0% from 1")
+    assert err.reason.startswith("losses/loss: loss 1 at TRAIN step 5 did not change from 1")
     assert invoke_rule(LossNotDecreasing(trial, num_steps=5), start_step=6, end_step=15) == [6, 11]
 
 

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 import tensortap
 from tensortap.capture import ShardPolicy, Writer
-from tensortap.cli import main
 from tensortap.rules import BUILTIN_RULES, parameters
 
 
@@ -36,46 +37,111 @@ def falling(tmp_path: Path) -> Path:
     return write_losses(tmp_path / "falling", [1.0 - 0.05 * s for s in range(12)])
 
 
-def test_list_prints_every_rule_with_its_parameters(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["rules", "--list"]) == 0
-    out = capsys.readouterr().out
+def rules(*args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m tensortap.cli rules ARGS``, run to its end."""
+    return subprocess.run(
+        [sys.executable, "-m", "tensortap.cli", "rules", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def strict_json(text: str) -> Any:
+    def refuse(literal: str) -> None:
+        raise AssertionError(f"{literal} literal in JSON output")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_list_prints_every_rule_with_its_parameters_as_plain_text() -> None:
+    result = rules("--list")
+    assert result.returncode == 0
+    out = result.stdout
     for name, cls in BUILTIN_RULES.items():
-        assert f"{name} ({cls.__name__}):" in out
+        assert f"{name} ({cls.__name__}): " in out
         for p in parameters(cls):
             assert f"    {p.name}=" in out
-    assert "    threshold=1e-07  (float)" in out
-    assert main(["rules", "--list", "--json"]) == 0
-    entries = json.loads(capsys.readouterr().out)
+    assert "    threshold=1e-07 (float): Mean absolute gradient below which a gradient has vanished." in out
+    assert "loss_not_decreasing (LossNotDecreasing): Fires when a loss has not decreased enough over num_steps" in out
+    for markup in ("``", ":class:`", ":meth:`", ":func:`"):
+        assert markup not in out
+    entries = strict_json(rules("--list", "--json").stdout)
     assert [e["name"] for e in entries] == list(BUILTIN_RULES)
+    assert "``" not in json.dumps(entries)
 
 
-def test_exit_0_when_nothing_fires_and_1_when_a_rule_fires(
-    falling: Path, flat: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    assert main(["rules", str(falling), "--rule", "loss_not_decreasing"]) == 0
-    assert "LossNotDecreasing: did not fire (evaluated up to step 11)" in capsys.readouterr().out
-    assert main(["rules", str(flat), "--rule", "loss_not_decreasing:num_steps=5", "--rule", "vanishing_gradient"]) == 1
-    out = capsys.readouterr().out
-    assert "LossNotDecreasing fired at step 5: losses/loss: loss 1 at TRAIN step 5 decreased 0%" in out
-    assert "LossNotDecreasing: fired at 2 step(s)" in out
-    assert "VanishingGradient needs collection 'gradients'" in out
+def test_exit_0_when_nothing_fires_and_1_when_a_rule_fires(falling: Path, flat: Path) -> None:
+    result = rules(str(falling), "--rule", "loss_not_decreasing")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "LossNotDecreasing: did not fire (12 steps up to step 11)\n"
+    result = rules(str(flat), "--rule", "loss_not_decreasing:num_steps=5")
+    assert result.returncode == 1
+    assert result.stdout == (
+        "LossNotDecreasing: fired at 5, 10 (2 steps); at step 5: losses/loss: loss 1 at TRAIN step 5 did not change "
+        "from 1 at TRAIN step 0 (num_steps 5; needs a decrease > 0%)\n"
+    )
 
 
-def test_json_output(flat: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["rules", str(flat), "--rule", "loss_not_decreasing:num_steps=5,diff_percent=0.5", "--json"]) == 1
-    report = json.loads(capsys.readouterr().out)
+def test_fired_steps_read_as_ranges_one_line_per_rule(tmp_path: Path) -> None:
+    bad = {17, 18, 19, 40}
+    write_losses(tmp_path, [float("nan") if s in bad else 1.0 for s in range(50)])
+    result = rules(str(tmp_path), "--rule", "exploding_tensor", "--rule", "all_zero")
+    assert result.returncode == 1
+    assert result.stdout.splitlines() == [
+        "ExplodingTensor: fired at 17-19, 40 (4 steps); at step 17: losses/loss: 1 NaN and 0 infinite value(s) "
+        "at step 17",
+        "AllZero: did not fire (50 steps up to step 11)".replace("11", "49"),
+    ]
+
+
+def test_a_rising_loss_reads_rose(tmp_path: Path) -> None:
+    write_losses(tmp_path, [1.0] * 5 + [1.016] * 5)
+    result = rules(str(tmp_path), "--rule", "loss_not_decreasing:num_steps=5")
+    assert result.returncode == 1
+    assert "loss 1.016 at TRAIN step 5 rose 1.6% from 1 at TRAIN step 0" in result.stdout
+
+
+def test_a_rule_that_finds_none_of_its_inputs_exits_2(flat: Path) -> None:
+    result = rules(str(flat), "--rule", "loss_not_decreasing:num_steps=5", "--rule", "vanishing_gradient")
+    assert result.returncode == 2, result.stdout
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("LossNotDecreasing: fired at 5, 10 (2 steps)")
+    assert lines[1] == (
+        "VanishingGradient: found none of its inputs: it needs collection 'gradients' with reductions abs_mean "
+        "(or raw tensors): no tensor of collection(s) gradients in the trial"
+    )
+    assert "Traceback" not in result.stderr
+    report = strict_json(rules(str(flat), "--rule", "vanishing_gradient", "--json").stdout)
+    assert report["inputs_missing"] is True and report["rules"][0]["status"] == "inputs_missing"
+
+
+def test_a_trial_with_no_step_to_judge_exits_2(tmp_path: Path) -> None:
+    w = Writer(tmp_path)  # started, nothing saved yet
+    try:
+        result = rules(str(tmp_path), "--rule", "exploding_tensor")
+    finally:
+        w.close()
+    assert result.returncode == 2
+    assert "no complete step to judge" in result.stderr
+
+
+def test_json_output(flat: Path) -> None:
+    result = rules(str(flat), "--rule", "loss_not_decreasing:num_steps=5,diff_percent=0.5", "--json")
+    assert result.returncode == 1
+    report = strict_json(result.stdout)
     assert report["fired"] is True and report["training_ended"] is True and report["stop_request"] is None
+    assert report["interrupted"] is False and report["inputs_missing"] is False
     (rule,) = report["rules"]
-    assert rule["rule"] == "LossNotDecreasing" and rule["fired_steps"] == [5, 10]
+    assert rule["rule"] == "LossNotDecreasing" and rule["fired_steps"] == [5, 10] and rule["status"] == "fired"
+    assert rule["fired_ranges"] == "5, 10" and rule["last_step"] == 11
     assert rule["spec"] == "loss_not_decreasing:num_steps=5,diff_percent=0.5"
     assert rule["verdicts"][0]["tensors"] == ["losses/loss"] and rule["missing_inputs"] == []
-    assert main(["rules", str(flat), "--rule", "loss_not_decreasing:num_steps=5", "--end-step", "8", "--json"]) == 1
-    assert json.loads(capsys.readouterr().out)["rules"][0]["fired_steps"] == [5]
+    result = rules(str(flat), "--rule", "loss_not_decreasing:num_steps=5", "--end-step", "8", "--json")
+    assert strict_json(result.stdout)["rules"][0]["fired_steps"] == [5]
 
 
-def test_stop_training_writes_the_request(flat: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["rules", str(flat), "--rule", "loss_not_decreasing:num_steps=5", "--stop-training", "--json"]) == 1
-    req = json.loads(capsys.readouterr().out)["stop_request"]
+def test_stop_training_writes_the_request(flat: Path) -> None:
+    result = rules(str(flat), "--rule", "loss_not_decreasing:num_steps=5", "--stop-training", "--json")
+    assert result.returncode == 1
+    req = strict_json(result.stdout)["stop_request"]
     assert req["rule"] == "LossNotDecreasing" and req["step"] == 5
     assert tensortap.create_trial(flat).stop_request()["step"] == 5
 
@@ -85,33 +151,33 @@ def test_stop_training_writes_the_request(flat: Path, capsys: pytest.CaptureFixt
     [
         (["--rule", "loss_not_decreasing"], "PATH is required"),
         (["{path}"], "give at least one --rule"),
-        (["{path}", "--rule", "no_such_rule"], "'no_such_rule' is not a built-in rule; valid: vanishing_gradient"),
-        (["{path}", "--rule", "vanishing_gradient:thresh=1"], "unknown parameter(s) thresh; valid: threshold"),
+        (["{path}", "--rule", "no_such_rule"], "no built-in rule 'no_such_rule' (valid: all_zero, class_imbalance"),
+        (["{path}", "--rule", "vanishing_gradient:thresh=1"], "no parameter 'thresh' of VanishingGradient; did you"),
         (["{path}", "--rule", "loss_not_decreasing:num_steps=abc"], "num_steps: expected int, got 'abc'"),
         (["{path}", "--rule", "loss_not_decreasing:num_steps=0"], "num_steps: expected an integer >= 1, got 0"),
         (["{path}", "--rule", "tensor_variance"], "give max_threshold and/or min_threshold"),
         (["{path}", "--rule", "dead_relu:threshold_layer"], "expected param=value"),
-        (["{path}/missing", "--rule", "all_zero"], "no trial at"),
+        (["{path}", "--rule", "exploding_tensor:tensor_regex=a("], "'a(' is not a valid regular expression"),
+        (["{path}/missing", "--rule", "all_zero"], "no tensortap trial at"),
     ],
 )
-def test_usage_errors_exit_2(flat: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str) -> None:
-    assert main(["rules", *(a.format(path=flat) for a in argv)]) == 2
-    assert message in capsys.readouterr().err
+def test_usage_errors_exit_2(flat: Path, argv: list[str], message: str) -> None:
+    result = rules(*(a.format(path=flat) for a in argv))
+    assert result.returncode == 2, result.stdout
+    assert message in result.stderr and "Traceback" not in result.stderr
 
 
-def test_param_values_are_parsed_by_type(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_param_values_are_parsed_by_type(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     with Writer(tmp_path) as w:
         with w.stepping():
             w.save("inputs/tanh", rng.normal(0, 3, (64, 4)), ["inputs"])
-    assert main(["rules", str(tmp_path), "--rule", "saturated_activation"]) == 0
-    assert (
-        main(["rules", str(tmp_path), "--rule", "saturated_activation:threshold_tanh=-0.5,0.5,threshold_inactivity=90"])
-        == 1
-    )
-    assert "inputs/tanh: 100% of its 4 tanh units are saturated (input outside (-0.5, 0.5)" in capsys.readouterr().out
-    assert main(["rules", str(tmp_path), "--rule", "exploding_tensor:only_nan=maybe"]) == 2
-    assert "only_nan: expected true or false, got 'maybe'" in capsys.readouterr().err
+    assert rules(str(tmp_path), "--rule", "saturated_activation").returncode == 0
+    result = rules(str(tmp_path), "--rule", "saturated_activation:threshold_tanh=-0.5,0.5,threshold_inactivity=90")
+    assert result.returncode == 1
+    assert "inputs/tanh: 100% of its 4 tanh units are saturated (input outside (-0.5, 0.5)" in result.stdout
+    result = rules(str(tmp_path), "--rule", "exploding_tensor:only_nan=maybe")
+    assert result.returncode == 2 and "only_nan: expected true or false, got 'maybe'" in result.stderr
 
 
 def cli(*args: str) -> subprocess.Popen[str]:
@@ -164,3 +230,25 @@ def test_follow_stop_training_stops_a_writer_in_another_process(tmp_path: Path) 
     assert trial.end_reasons() == {"worker_0": "stop_request"}
     assert trial.stop_request()["rule"] == "ExplodingTensor" and trial.stop_request()["step"] == 20
     assert "ExplodingTensor fired at step 20: losses/loss: 0 NaN and 1 infinite value(s) at step 20" in out
+
+
+def test_ctrl_c_during_follow_prints_what_was_evaluated_and_exits_130(tmp_path: Path) -> None:
+    w = Writer(tmp_path, shard_policy=ShardPolicy(max_steps=1, max_seconds=0.2))
+    try:
+        proc = cli(str(tmp_path), "--rule", "exploding_tensor", "--rule", "all_zero", "--follow")
+        for s in range(5):
+            with w.stepping():
+                w.save("losses/loss", np.float32(float("nan") if s == 3 else 1.0), ["losses"])
+        w.flush()
+        assert proc.stdout is not None
+        live = proc.stdout.readline()  # printed when the rule first fires, while the training runs
+        assert live.startswith("ExplodingTensor fired at step 3: losses/loss: 1 NaN"), live
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        w.close()
+    assert proc.returncode == 130, err
+    lines = out.splitlines()
+    assert lines[0].startswith("ExplodingTensor: fired at 3 (1 step); at step 3: losses/loss: 1 NaN")
+    assert lines[1].startswith("AllZero: did not fire (") and len(lines) == 2
+    assert err.strip().endswith("tensortap rules: interrupted") and "Traceback" not in err

@@ -11,6 +11,7 @@ Built-in rules are listed in :data:`BUILTIN_RULES` by snake_case name; see ``doc
 
 from __future__ import annotations
 
+from ...exceptions import RuleInputsMissing
 from .actions import Action, StopTraining
 from .activation_rules import DeadRelu, PoorWeightInitialization, SaturatedActivation
 from .base import Requirement, Rule, RuleConditionMet, Verdict
@@ -47,6 +48,7 @@ __all__ = [
     "Requirement",
     "Rule",
     "RuleConditionMet",
+    "RuleInputsMissing",
     "RuleRunner",
     "SaturatedActivation",
     "SimilarAcrossRuns",

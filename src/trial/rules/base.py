@@ -4,7 +4,9 @@ A rule looks at one step of a trial at a time (:meth:`Rule.invoke_at_step`)
 and answers whether its condition holds there. Built-in rules explain every
 firing with :meth:`Rule.fire` (a reason a person can act on, and the tensors
 involved) and say what they would need when their inputs are missing
-(:meth:`Rule.need`) instead of passing silently.
+(:meth:`Rule.need`) instead of passing silently. A rule that could use none of
+the steps it evaluated (:attr:`Rule.lacks_inputs`) makes the runner raise
+:class:`~tensortap.exceptions.RuleInputsMissing`.
 """
 
 from __future__ import annotations
@@ -161,6 +163,20 @@ class _Progress:
     last_step: int = -1
     fired_steps: list[int] = field(default_factory=list)
     missing: dict[str, int] = field(default_factory=dict)
+    usable_steps: int = 0  # steps evaluated with (some of) the rule's inputs
+
+
+@dataclass
+class _StepInputs:
+    """What happened to the inputs during the evaluation of one step."""
+
+    found: bool = False  # an input was read
+    needed: bool = False  # need() was called
+    blocked: bool = False  # need() was called for an input the step cannot do without
+
+    @property
+    def usable(self) -> bool:
+        return not self.blocked and (self.found or not self.needed)
 
 
 class Rule:
@@ -174,7 +190,8 @@ class Rule:
                 self.threshold = threshold
 
             def invoke_at_step(self, step):
-                for name in self.base_trial.tensor_names(collection="losses", step=step):
+                # Selection.names gives [] for a collection the trial lacks (tensor_names raises UnknownName)
+                for name in Selection(("losses",), None, ()).names(self.base_trial, step):
                     v = float(self.base_trial.tensor(name).value(step))
                     if v > self.threshold:
                         return self.fire(step, f"{name} = {v} > {self.threshold}", [name])
@@ -204,6 +221,7 @@ class Rule:
         self.actions: list[Action] = []
         self._progress = _Progress()
         self._verdict: Verdict | None = None
+        self._step_inputs = _StepInputs()
 
     # ------------------------------------------------------------ identity
     @property
@@ -243,17 +261,57 @@ class Rule:
         self._verdict = Verdict(self.name, step, True, reason, tuple(tensors))
         return True
 
-    def need(self, step: int, requirement: Requirement, detail: str = "") -> None:
-        """Record (and log once) that an input is missing at ``step``, and what to capture instead."""
+    def need(self, step: int, requirement: Requirement, detail: str = "", *, partial: bool = False) -> None:
+        """Record (and log once) that an input is missing at ``step``, and what to capture instead.
+
+        Parameters
+        ----------
+        step
+            The step being evaluated.
+        requirement
+            What should have been captured.
+        detail
+            What exactly was missing (a tensor name, a reduction).
+        partial
+            False (default): the rule cannot judge this step without the input
+            (no tensor of a collection in the whole trial, no validation loss
+            for an overfit check). True: one input of several lacks something
+            and the rule judges the step with the others
+            (:meth:`found_input`).
+
+        Notes
+        -----
+        A rule that evaluated steps but could use none of them (each was
+        blocked by a ``need``, or only partial needs and nothing found) has
+        :attr:`lacks_inputs` set, and :class:`~tensortap.rules.RuleRunner`
+        raises :class:`~tensortap.exceptions.RuleInputsMissing` at the end of
+        its run. A rule that never calls ``need`` is never said to lack inputs.
+        """
+        self._step_inputs.needed = True
+        self._step_inputs.blocked |= not partial
         message = f"{self.name} needs {requirement.describe()}" + (f": {detail}" if detail else "")
         if message not in self._progress.missing:
             self._progress.missing[message] = step
             logger.warning("tensortap: %s (first at step %d)", message, step)
 
+    def found_input(self) -> None:
+        """Record that the step being evaluated read one of the rule's inputs.
+
+        The reading helpers (``reduction_at``, ``raw_at``, ``scalar_at``) call
+        this; a rule that reads tensors itself and reports partial needs calls
+        it after each successful read.
+        """
+        self._step_inputs.found = True
+
     @property
     def missing_inputs(self) -> dict[str, int]:
         """Messages telling what this rule lacked, with the first step each was seen."""
         return dict(self._progress.missing)
+
+    @property
+    def lacks_inputs(self) -> bool:
+        """Whether the rule reported missing inputs and could use none of the steps it evaluated."""
+        return bool(self._progress.missing) and self._progress.last_step >= 0 and not self._progress.usable_steps
 
     @property
     def fired_steps(self) -> list[int]:
@@ -268,8 +326,10 @@ class Rule:
     def invoke(self, step: int) -> Verdict:
         """Evaluate the rule at ``step`` and return its :class:`Verdict` (the runners use this)."""
         self._verdict = None
+        self._step_inputs = _StepInputs()
         fired = bool(self.invoke_at_step(step))
         self._progress.last_step = max(self._progress.last_step, step)
+        self._progress.usable_steps += self._step_inputs.usable
         return self._conclude(step, fired, f"condition met at step {step}")
 
     def invoke_idle(self, last_step: int, idle_seconds: float) -> Verdict:
@@ -299,6 +359,7 @@ class Rule:
             "last_step": self._progress.last_step,
             "fired_steps": list(self._progress.fired_steps),
             "missing": dict(self._progress.missing),
+            "usable_steps": self._progress.usable_steps,
             "attrs": {a: getattr(self, a) for a in self.state_attrs},
         }
         return json.loads(json.dumps(state))
@@ -317,6 +378,7 @@ class Rule:
             int(state["last_step"]),
             [int(s) for s in state["fired_steps"]],
             {str(k): int(v) for k, v in state.get("missing", {}).items()},
+            int(state.get("usable_steps", 0)),
         )
         for a, v in state.get("attrs", {}).items():
             setattr(self, a, v)

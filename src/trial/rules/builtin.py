@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from ...exceptions import UnknownName
 from .activation_rules import DeadRelu, PoorWeightInitialization, SaturatedActivation
 from .base import Rule
 from .classification_rules import ClassImbalance, Confusion
@@ -61,7 +62,7 @@ def rule_class(name: str) -> type[Rule]:
     """The built-in rule called ``name`` (snake_case or its class name)."""
     key = name if name in BUILTIN_RULES else snake_case(name)
     if key not in BUILTIN_RULES:
-        raise ValueError(f"rule: {name!r} is not a built-in rule; valid: {', '.join(BUILTIN_RULES)}")
+        raise UnknownName("built-in rule", name, BUILTIN_RULES)
     return BUILTIN_RULES[key]
 
 
@@ -140,10 +141,8 @@ def make_rule(spec: str, trial: Any) -> Rule:
     name, texts = split_spec(spec)
     cls = rule_class(name)
     params = {p.name: p for p in parameters(cls)}
-    unknown = set(texts) - set(params)
-    if unknown:
-        raise ValueError(
-            f"{cls.__name__}: unknown parameter(s) {', '.join(sorted(unknown))}; valid: {', '.join(params) or 'none'}"
-        )
+    for given in texts:
+        if given not in params:
+            raise UnknownName("parameter", given, params, f" of {cls.__name__}")
     values = {k: convert(k, v, params[k].annotation) for k, v in texts.items()}
     return cls(trial, **values)

@@ -149,10 +149,19 @@ class LossNotDecreasing(Rule):
         decrease = -percent_change(before, now) + 0.0  # no "-0%"
         if decrease <= self.diff_percent:
             return (
-                f"{name}: loss {now:.4g} at {where} decreased {decrease:.3g}% from {before:.4g} at "
-                f"{mode.name} step {base} (num_steps {self.num_steps}; needs > {self.diff_percent:g}%)"
+                f"{name}: loss {now:.4g} at {where} {change_words(decrease)} from {before:.4g} at "
+                f"{mode.name} step {base} (num_steps {self.num_steps}; needs a decrease > {self.diff_percent:g}%)"
             )
         return None
+
+
+def change_words(decrease: float) -> str:
+    """``"rose 1.6%"``, ``"did not change"`` or ``"decreased only 0.5%"`` for a decrease in percent."""
+    if decrease < 0:
+        return f"rose {-decrease:.2g}%"
+    if decrease == 0:
+        return "did not change"
+    return f"decreased only {decrease:.2g}%"
 
 
 class _TrainValidation(Rule):

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from ... import reductions as red
+from ...exceptions import UnknownName
 from ...modes import Mode
 from .base import Requirement, Rule, check_regexes, name_list, regex_list
 
@@ -54,7 +55,10 @@ class Selection:
             return list(trial.tensor_names(step=step))
         out: set[str] = set()
         for c in self.collections:
-            out.update(trial.tensor_names(collection=c, step=step))
+            try:
+                out.update(trial.tensor_names(collection=c, step=step))
+            except UnknownName:  # not in the trial: the rule says what it needs (Rule.need)
+                continue
         if self.regexes:
             out.update(trial.tensor_names(regex=list(self.regexes), step=step))
         return sorted(out)
@@ -87,8 +91,9 @@ def reduction_at(rule: Rule, trial: Any, name: str, step: int, key: str, require
     t = trial.tensor(name)
     if t.has_raw(step) or key in t.available_reductions(step):
         base, absolute = red.split_key(key)
+        rule.found_input()
         return float(t.reduction_value(step, base, abs=absolute))
-    rule.need(step, requirement, f"{name!r} has neither reduction {key!r} nor its raw value")
+    rule.need(step, requirement, f"{name!r} has neither reduction {key!r} nor its raw value", partial=True)
     return None
 
 
@@ -96,8 +101,9 @@ def raw_at(rule: Rule, trial: Any, name: str, step: int, requirement: Requiremen
     """The raw value of ``name`` at ``step``, or None after recording that it is missing."""
     t = trial.tensor(name)
     if t.has_raw(step):
+        rule.found_input()
         return np.asarray(t.value(step))
-    rule.need(step, requirement, f"{name!r} was saved as reductions only")
+    rule.need(step, requirement, f"{name!r} was saved as reductions only", partial=True)
     return None
 
 
@@ -105,11 +111,13 @@ def scalar_at(rule: Rule, trial: Any, name: str, step: int, requirement: Require
     """A scalar tensor (a loss, a metric) at ``step``: its value, or its saved ``mean``."""
     t = trial.tensor(name)
     if t.has_raw(step):
+        rule.found_input()
         v = np.asarray(t.value(step), dtype=np.float64)
         return float(v.reshape(-1)[0]) if v.size == 1 else float(np.mean(v))
     if "mean" in t.available_reductions(step):
+        rule.found_input()
         return float(t.reduction_value(step, "mean"))
-    rule.need(step, requirement, f"{name!r} has neither its value nor its mean")
+    rule.need(step, requirement, f"{name!r} has neither its value nor its mean", partial=True)
     return None
 
 

@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from ...exceptions import RuleInputsMissing
 from ...modes import StepState
 from .actions import Action
 from .base import Rule, RuleConditionMet, Verdict, logger
@@ -81,7 +82,29 @@ class RuleRunner:
         -------
         dict
             The steps at which each rule fired during this run.
+
+        Raises
+        ------
+        RuleInputsMissing
+            At the end of the run, when a rule evaluated steps but found none
+            of its inputs (:attr:`Rule.lacks_inputs`); the exception carries
+            the steps where the other rules fired.
         """
+        fired = self._run(start_step, end_step, wait, raise_eval_cond, idle_timeout, on_verdict)
+        lacking = {r.name: list(r.missing_inputs) for r in self.rules if r.lacks_inputs}
+        if lacking:
+            raise RuleInputsMissing(lacking, {r.name: steps for r, steps in fired.items()})
+        return fired
+
+    def _run(
+        self,
+        start_step: int | None,
+        end_step: int | None,
+        wait: bool,
+        raise_eval_cond: bool,
+        idle_timeout: float | None,
+        on_verdict: Callable[[Rule, Verdict], None] | None,
+    ) -> dict[Rule, list[int]]:
         fired: dict[Rule, list[int]] = {r: [] for r in self.rules}
         floor = {r: (start_step - 1 if start_step is not None else r.last_step) for r in self.rules}
         next_step = min(floor.values()) + 1
@@ -150,6 +173,11 @@ def invoke_rule(
         Wait for steps not written yet while the training runs (default True).
     idle_timeout
         Give up waiting after this many seconds without a new step.
+
+    Raises
+    ------
+    RuleInputsMissing
+        The rule evaluated steps but found none of its inputs (see :meth:`Rule.need`).
     """
     if rule.base_trial is None:
         raise ValueError(f"{rule.name}: base_trial is None; build the rule on a trial: {rule.name}(trial, ...)")

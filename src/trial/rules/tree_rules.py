@@ -125,10 +125,11 @@ class TreeDepth(Rule):
 
     def invoke_at_step(self, step: int) -> bool:
         trial = self.base_trial
-        saved = set(trial.tensor_names(collection="trees", step=step))
+        trees = Selection(("trees",), None, ())
+        saved = set(trees.names(trial, step))
         names = [n for n in (f"trees/{c}" for c in self.columns) if n in saved]
         if len(names) < len(self.columns):
-            if not trial.tensor_names(collection="trees"):
+            if not trees.names(trial):
                 self.need(step, self.required_captures()[0], "no tree of the model was saved")
             return False
         arrays = [raw_at(self, trial, n, step, self.required_captures()[0]) for n in names]
