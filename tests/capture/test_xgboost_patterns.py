@@ -21,7 +21,8 @@ pytest.importorskip("sklearn")
 
 import tensortap  # noqa: E402
 import tensortap.xgboost as ttx  # noqa: E402
-from tensortap import ReductionConfig, SaveConfig  # noqa: E402
+from tensortap import ReductionConfig, RuleInputsMissing, SaveConfig  # noqa: E402
+from tensortap.cli import main  # noqa: E402
 from tensortap.rules import ExplodingTensor, Overfit, invoke_rule  # noqa: E402
 
 pytestmark = pytest.mark.xgboost
@@ -235,24 +236,26 @@ def test_overfit_says_when_it_has_no_training_loss(tmp_path: Path, capsys: pytes
     clf = xgb.XGBClassifier(n_estimators=3, n_jobs=1, eval_metric="logloss", callbacks=[ttx.Callback(tmp_path)])
     clf.fit(X[:120], y[:120], eval_set=[(X[120:], y[120:])], verbose=False)
     rule = Overfit(tensortap.create_trial(tmp_path))
-    assert invoke_rule(rule) == []
+    with pytest.raises(RuleInputsMissing, match="Overfit found none of its inputs") as raised:
+        invoke_rule(rule)
     [message] = rule.missing_inputs
     assert "no training loss" in message and "losses/validation_0-logloss" in message
-    # the command line reports it (its exit status is the CLI's: see tests/trial/test_rules_cli.py)
-    from tensortap.cli import main
-
-    main(["rules", str(tmp_path), "--rule", "overfit", "--json"])
+    assert raised.value.missing == {"Overfit": [message]}
+    # the command line says so and exits 2
+    assert main(["rules", str(tmp_path), "--rule", "overfit", "--json"]) == 2
     [report] = json.loads(capsys.readouterr().out)["rules"]
-    assert report["missing_inputs"] == [message]
+    assert report["status"] == "inputs_missing" and report["missing_inputs"] == [message]
 
 
 def test_overfit_says_when_it_has_no_validation_loss(tmp_path: Path) -> None:
     dtrain, _ = _split()
     xgb.train(PARAMS, dtrain, 3, evals=[(dtrain, "dtrain")], callbacks=[ttx.Callback(tmp_path)], verbose_eval=False)
     rule = Overfit(tensortap.create_trial(tmp_path))
-    assert invoke_rule(rule) == []
+    with pytest.raises(RuleInputsMissing, match="no validation loss"):
+        invoke_rule(rule)
     [message] = rule.missing_inputs
     assert "no validation loss" in message and "losses/dtrain-logloss" in message
+    assert main(["rules", str(tmp_path), "--rule", "overfit"]) == 2
 
 
 # ----------------------------------------------------------- early stopping

@@ -251,8 +251,9 @@ class Overfit(_TrainValidation):
     ``dtest-rmse``, ``validation_1-logloss``) or it was saved at an EVAL step;
     every other loss (``loss``, ``train-logloss``, ``dtrain-rmse``) is a
     training loss. Without training losses, or (on an ended trial) without
-    validation losses, the rule cannot compare and records the missing input
-    (:attr:`~tensortap.rules.Rule.missing_inputs`).
+    validation losses, the rule cannot compare: it records the missing input
+    (:attr:`~tensortap.rules.Rule.missing_inputs`), so the run raises
+    :class:`~tensortap.exceptions.RuleInputsMissing` and ``tensortap rules`` exits 2.
 
     Needs: collection ``losses`` with training and validation losses.
 
