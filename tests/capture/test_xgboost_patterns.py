@@ -430,6 +430,43 @@ def test_feature_names_name_importance_shap_and_tree_features(tmp_path: Path) ->
     assert [names[i] if i >= 0 else "Leaf" for i in features] == list(booster.trees_to_dataframe()["Feature"])
 
 
+def test_categorical_splits(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """As in XGBoost's categorical demo: a pandas categorical column, enable_categorical=True."""
+    pd = pytest.importorskip("pandas")
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame({"colour": pd.Categorical(rng.choice(list("abcd"), 200)), "x": rng.normal(size=200)})
+    y = frame["colour"].isin(["a", "c"]).astype(float) + 0.1 * frame["x"]
+    dtrain = xgb.DMatrix(frame[:150], label=y[:150], enable_categorical=True)
+    dval = xgb.DMatrix(frame[150:], label=y[150:], enable_categorical=True)
+    params = {"tree_method": "hist", "max_cat_to_onehot": 1, "max_depth": 2, "nthread": 1}
+    callback = ttx.Callback(
+        tmp_path, include_collections=["losses", "trees", "feature_importance"], save_config=EVERY_ROUND
+    )
+    result: dict[str, Any] = {}
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        booster = xgb.train(
+            params,
+            dtrain,
+            3,
+            evals=[(dval, "validation")],
+            evals_result=result,
+            callbacks=[callback],
+            verbose_eval=False,
+        )
+    trees = booster.trees_to_dataframe()
+    assert trees["Category"].map(lambda v: isinstance(v, list)).any()  # a categorical split
+    assert _warnings(caplog) == ["tensortap: trees/Category not captured from round 0 on: not numeric "
+                                 "(categorical splits hold lists)"]  # fmt: skip
+    trial = tensortap.create_trial(tmp_path)
+    assert _series(trial, "losses/validation-rmse") == result["validation"]["rmse"]
+    np.testing.assert_array_equal(trial.tensor("trees/Gain").value(2), trees["Gain"].to_numpy())
+    features = trial.tensor("trees/Feature").value(2)
+    assert [["colour", "x"][i] if i >= 0 else "Leaf" for i in features] == list(trees["Feature"])
+    assert "trees/Category" not in trial.tensor_names()
+    # the NaN Split of a categorical split is an encoding too: ExplodingTensor stays quiet
+    assert invoke_rule(ExplodingTensor(trial)) == []
+
+
 def test_multiclass_softprob(tmp_path: Path) -> None:
     X, _ = _data(rows=240, features=4)
     y = (X[:, 0] > 0).astype(int) + (X[:, 1] > 0).astype(int)
