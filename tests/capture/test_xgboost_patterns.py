@@ -21,7 +21,8 @@ pytest.importorskip("sklearn")
 
 import tensortap  # noqa: E402
 import tensortap.xgboost as ttx  # noqa: E402
-from tensortap import ReductionConfig, SaveConfig  # noqa: E402
+from tensortap import ReductionConfig, RuleInputsMissing, SaveConfig  # noqa: E402
+from tensortap.cli import main  # noqa: E402
 from tensortap.rules import ExplodingTensor, Overfit, invoke_rule  # noqa: E402
 
 pytestmark = pytest.mark.xgboost
@@ -235,24 +236,26 @@ def test_overfit_says_when_it_has_no_training_loss(tmp_path: Path, capsys: pytes
     clf = xgb.XGBClassifier(n_estimators=3, n_jobs=1, eval_metric="logloss", callbacks=[ttx.Callback(tmp_path)])
     clf.fit(X[:120], y[:120], eval_set=[(X[120:], y[120:])], verbose=False)
     rule = Overfit(tensortap.create_trial(tmp_path))
-    assert invoke_rule(rule) == []
+    with pytest.raises(RuleInputsMissing, match="Overfit found none of its inputs") as raised:
+        invoke_rule(rule)
     [message] = rule.missing_inputs
     assert "no training loss" in message and "losses/validation_0-logloss" in message
-    # the command line reports it (its exit status is the CLI's: see tests/trial/test_rules_cli.py)
-    from tensortap.cli import main
-
-    main(["rules", str(tmp_path), "--rule", "overfit", "--json"])
+    assert raised.value.missing == {"Overfit": [message]}
+    # the command line says so and exits 2
+    assert main(["rules", str(tmp_path), "--rule", "overfit", "--json"]) == 2
     [report] = json.loads(capsys.readouterr().out)["rules"]
-    assert report["missing_inputs"] == [message]
+    assert report["status"] == "inputs_missing" and report["missing_inputs"] == [message]
 
 
 def test_overfit_says_when_it_has_no_validation_loss(tmp_path: Path) -> None:
     dtrain, _ = _split()
     xgb.train(PARAMS, dtrain, 3, evals=[(dtrain, "dtrain")], callbacks=[ttx.Callback(tmp_path)], verbose_eval=False)
     rule = Overfit(tensortap.create_trial(tmp_path))
-    assert invoke_rule(rule) == []
+    with pytest.raises(RuleInputsMissing, match="no validation loss"):
+        invoke_rule(rule)
     [message] = rule.missing_inputs
     assert "no validation loss" in message and "losses/dtrain-logloss" in message
+    assert main(["rules", str(tmp_path), "--rule", "overfit"]) == 2
 
 
 # ----------------------------------------------------------- early stopping
@@ -425,6 +428,43 @@ def test_feature_names_name_importance_shap_and_tree_features(tmp_path: Path) ->
         assert float(trial.tensor(f"average_shap/{n}").value(2)) == pytest.approx(float(np.abs(shap[:, i]).mean()))
     features = trial.tensor("trees/Feature").value(2)
     assert [names[i] if i >= 0 else "Leaf" for i in features] == list(booster.trees_to_dataframe()["Feature"])
+
+
+def test_categorical_splits(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """As in XGBoost's categorical demo: a pandas categorical column, enable_categorical=True."""
+    pd = pytest.importorskip("pandas")
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame({"colour": pd.Categorical(rng.choice(list("abcd"), 200)), "x": rng.normal(size=200)})
+    y = frame["colour"].isin(["a", "c"]).astype(float) + 0.1 * frame["x"]
+    dtrain = xgb.DMatrix(frame[:150], label=y[:150], enable_categorical=True)
+    dval = xgb.DMatrix(frame[150:], label=y[150:], enable_categorical=True)
+    params = {"tree_method": "hist", "max_cat_to_onehot": 1, "max_depth": 2, "nthread": 1}
+    callback = ttx.Callback(
+        tmp_path, include_collections=["losses", "trees", "feature_importance"], save_config=EVERY_ROUND
+    )
+    result: dict[str, Any] = {}
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        booster = xgb.train(
+            params,
+            dtrain,
+            3,
+            evals=[(dval, "validation")],
+            evals_result=result,
+            callbacks=[callback],
+            verbose_eval=False,
+        )
+    trees = booster.trees_to_dataframe()
+    assert trees["Category"].map(lambda v: isinstance(v, list)).any()  # a categorical split
+    assert _warnings(caplog) == ["tensortap: trees/Category not captured from round 0 on: not numeric "
+                                 "(categorical splits hold lists)"]  # fmt: skip
+    trial = tensortap.create_trial(tmp_path)
+    assert _series(trial, "losses/validation-rmse") == result["validation"]["rmse"]
+    np.testing.assert_array_equal(trial.tensor("trees/Gain").value(2), trees["Gain"].to_numpy())
+    features = trial.tensor("trees/Feature").value(2)
+    assert [["colour", "x"][i] if i >= 0 else "Leaf" for i in features] == list(trees["Feature"])
+    assert "trees/Category" not in trial.tensor_names()
+    # the NaN Split of a categorical split is an encoding too: ExplodingTensor stays quiet
+    assert invoke_rule(ExplodingTensor(trial)) == []
 
 
 def test_multiclass_softprob(tmp_path: Path) -> None:

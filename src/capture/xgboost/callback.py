@@ -227,7 +227,7 @@ class Callback(xgb.callback.TrainingCallback):
                 functools.partial(mdl.offer_feature_importance, hook, model, kind),
                 f"feature_importance/{kind}",
             )
-        self._compute(hook, ("trees",), lambda: mdl.offer_trees(hook, model))
+        self._compute(hook, ("trees",), lambda: self._offer_trees(hook, model))
         data = self._eval
         if data is None:
             return
@@ -236,6 +236,16 @@ class Callback(xgb.callback.TrainingCallback):
         self._compute(
             hook, ("full_shap", "average_shap"), lambda: mdl.offer_shap(hook, model, round_, data, self.shap_approx)
         )
+
+    def _offer_trees(self, hook: Hook, model: Any) -> None:
+        left_out = [c for c in mdl.offer_trees(hook, model) if c not in self._skipped]
+        if left_out:  # said once per training
+            self._skipped.update(left_out)
+            logger.warning(
+                "tensortap: %s not captured from round %d on: not numeric (categorical splits hold lists)",
+                ", ".join(left_out),
+                hook.step,
+            )
 
     def _compute(
         self, hook: Hook, collections: tuple[str, ...], offer: Callable[[], None], what: str | None = None

@@ -63,18 +63,22 @@ def feature_names(model: Any) -> list[str]:
     return list(model.feature_names or [f"f{i}" for i in range(model.num_features())])
 
 
-def tree_columns(model: Any) -> dict[str, np.ndarray]:
-    """The columns of ``trees_to_dataframe()`` as numeric arrays.
+def tree_columns(model: Any) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The columns of ``trees_to_dataframe()`` as numeric arrays, and the columns left out.
 
     Numeric columns are kept as they are; ``Feature`` becomes the feature's index
     (-1 for leaves); ``Yes``, ``No`` and ``Missing`` become the child's node number
-    (NaN for leaves); ``ID`` (``"<Tree>-<Node>"``) is left out.
+    (NaN for leaves); ``ID`` (``"<Tree>-<Node>"``, the same as ``Tree`` and
+    ``Node``) is dropped. Any other column that is not numeric (``Category``
+    of a model with categorical splits, which holds lists) is left out and named
+    in the second value.
     """
     from pandas.api.types import is_numeric_dtype
 
     frame = model.trees_to_dataframe()
     index = {name: i for i, name in enumerate(feature_names(model))}
     out: dict[str, np.ndarray] = {}
+    left_out: list[str] = []
     for column in frame.columns:
         values = frame[column].tolist()
         if column == "Feature":
@@ -84,7 +88,9 @@ def tree_columns(model: Any) -> dict[str, np.ndarray]:
             out[column] = np.array(nodes, dtype=np.float64)
         elif is_numeric_dtype(frame[column]):
             out[column] = frame[column].to_numpy()
-    return out
+        elif column != "ID":
+            left_out.append(str(column))
+    return out, left_out
 
 
 # ------------------------------------------------- one function per collection
@@ -106,10 +112,12 @@ def offer_feature_importance(hook: Hook, model: Any, kind: str) -> None:
         hook.offer(f"feature_importance/{kind}/{feature}", np.asarray(value), ("feature_importance",))
 
 
-def offer_trees(hook: Hook, model: Any) -> None:
-    """``trees/<column>``: the columns of :func:`tree_columns`."""
-    for column, values in tree_columns(model).items():
+def offer_trees(hook: Hook, model: Any) -> list[str]:
+    """``trees/<column>``: the columns of :func:`tree_columns`; returns the names of the columns left out."""
+    columns, left_out = tree_columns(model)
+    for column, values in columns.items():
         hook.offer(f"trees/{column}", values, ("trees",))
+    return [f"trees/{c}" for c in left_out]
 
 
 def offer_predictions(hook: Hook, model: Any, round_: int, data: EvalData) -> None:

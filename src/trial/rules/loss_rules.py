@@ -17,6 +17,8 @@ from .reading import LOSS_MODES, ModeSeries, Selection, parse_mode, scalar_at
 
 # a name part (between "/", "_", ".", "-") "val", "valid", "validation", "eval" or "test", in any
 # case (``Valid``), optionally prefixed with "d" (``dtest``, ``dval``) and followed by digits (``test1``)
+# the losses an adapter marked as computed on the training data itself (collection training_data)
+TRAINING_SELECTION = Selection((TRAINING_DATA,), None, ())
 VALIDATION_REGEX = r"(?i)(^|[/_.-])d?(val|valid|validation|eval|test)\d*([/_.-]|$)"
 
 
@@ -189,7 +191,7 @@ class _TrainValidation(Rule):
         names = self.selection.names(trial, step)
         if not names and not self.selection.names(trial):
             self.need(step, Requirement("losses"), f"no tensor of {self.selection.describe()} in the trial")
-        training = set(trial.tensor_names(collection=TRAINING_DATA))
+        training = set(TRAINING_SELECTION.names(trial))
         where = trial.mode_step(step)
         eval_step = where is not None and where[0] is Mode.EVAL
         train: dict[str, float] = {}
@@ -211,7 +213,7 @@ class _TrainValidation(Rule):
         names = self.selection.names(trial)
         if not names:
             return
-        training = set(trial.tensor_names(collection=TRAINING_DATA))
+        training = set(TRAINING_SELECTION.names(trial))
         val = [n for n in names if self.is_validation(n, training, False)]
         if len(val) == len(names):
             self.need(
@@ -249,8 +251,9 @@ class Overfit(_TrainValidation):
     ``dtest-rmse``, ``validation_1-logloss``) or it was saved at an EVAL step;
     every other loss (``loss``, ``train-logloss``, ``dtrain-rmse``) is a
     training loss. Without training losses, or (on an ended trial) without
-    validation losses, the rule cannot compare and records the missing input
-    (:attr:`~tensortap.rules.Rule.missing_inputs`).
+    validation losses, the rule cannot compare: it records the missing input
+    (:attr:`~tensortap.rules.Rule.missing_inputs`), so the run raises
+    :class:`~tensortap.exceptions.RuleInputsMissing` and ``tensortap rules`` exits 2.
 
     Needs: collection ``losses`` with training and validation losses.
 
