@@ -133,7 +133,7 @@ def test_value_of_reduction_only_tensor_names_the_reductions(tmp_path: Path) -> 
     assert t.reduction_value(0, "mean") == -0.5
     with pytest.raises(TensorUnavailableForStep, match=r"'max'.*saved: abs_l2, mean, nan_count"):
         t.reduction_value(0, "max")
-    with pytest.raises(ValueError, match=r"'median'.*valid: min"):
+    with pytest.raises(ValueError, match=r"'median'.*did you mean 'mean' or 'min'"):
         t.reduction_value(0, "median")
 
 
