@@ -1065,7 +1065,7 @@ def test_a_local_stop_request_waits_for_the_next_agreement(tmp_path: Path) -> No
     model = mlp()
     cb = ttk.Callback(tmp_path, save_config=EVERY_STEP, include_collections=["losses"], all_reduce_max=all_reduce_max)
     cb.stop_sync_steps = 2
-    cb.stop_poll_seconds = 0.0
+    cb.hook.stop_poll_seconds = 0.0
 
     class AskAtStep1(keras.callbacks.Callback):
         def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:

@@ -8,7 +8,7 @@ and from training loops of your own.
               callbacks=[ttk.Callback(out_dir, include_collections=["weights", "gradients", "losses"])])
 
 Modules: :mod:`.ops` (backend tensors: reductions, host copies, what cannot be
-captured), :mod:`.naming` (names of nested values), :mod:`.patches`
+captured), :mod:`.naming` (Keras's logs), :mod:`.patches`
 (wrappers on instances and on Keras's ``Mean`` metric, and how to undo them),
 :mod:`.transport` (how values leave a compiled step) and :mod:`.events` (the
 callback: Keras events to capture calls).

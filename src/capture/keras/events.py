@@ -36,11 +36,12 @@ import keras
 import numpy as np
 
 from ...modes import Mode
-from ..core import Hook
-from .naming import flatten, flatten_logs
+from ..core import CONFIG_ENV, Hook
+from ..session import MAX_CALLS, Session, flatten
+from ..stop import AllReduceMax, StopAgreement
+from .naming import flatten_logs
 from .ops import (
     BACKEND,
-    AllReduceMax,
     KerasOps,
     backend_all_reduce_max,
     graph_mode,
@@ -69,7 +70,14 @@ def _loss_name(key: str, mode: Mode | None) -> str:
     return f"losses/val_{key}" if mode == Mode.EVAL else f"losses/{key}"
 
 
-class Callback(keras.callbacks.Callback, Hook):
+class KerasHook(Hook):
+    """The capture core as the Keras callback configures it (its framework name and tensor ops); nothing overridden."""
+
+    framework = "keras"
+    ops = KerasOps()
+
+
+class Callback(keras.callbacks.Callback):
     """Keras 3 callback that captures tensors into a tensortap trial.
 
     Pass it to ``fit``, ``evaluate`` or ``predict``; nothing else in the code
@@ -100,9 +108,19 @@ class Callback(keras.callbacks.Callback, Hook):
         takes this process's flag (0 or 1) and returns the maximum over all
         of them. Default: the backend's (torch.distributed, JAX multi-process);
         TensorFlow has none to offer a callback, pass yours.
+    max_calls
+        Calls of one layer per step saved in full (``outputs/<layer>:<i>``);
+        beyond, only the last one (see :class:`tensortap.capture.Session`).
     **kwargs
         Everything :class:`tensortap.capture.Hook` takes (``save_config``,
         ``include_collections``, ``reduction_config``, ...).
+
+    Attributes
+    ----------
+    hook
+        The capture core (:class:`tensortap.capture.Hook`) this callback drives.
+    session
+        The step machinery (:class:`tensortap.capture.Session`) over it.
 
     Notes
     -----
@@ -113,8 +131,6 @@ class Callback(keras.callbacks.Callback, Hook):
     agree every :attr:`stop_sync_steps` training steps, so all stop at the same step.
     """
 
-    framework = "keras"
-    ops = KerasOps()
     # with several processes, they agree on a stop request every this many training steps
     stop_sync_steps: int = 10
 
@@ -123,10 +139,18 @@ class Callback(keras.callbacks.Callback, Hook):
         out_dir: str | os.PathLike[str],
         close_on_train_end: bool = True,
         all_reduce_max: AllReduceMax | None = None,
+        max_calls: int = MAX_CALLS,
         **kwargs: Any,
     ) -> None:
+        self._setup(KerasHook(out_dir, **kwargs), close_on_train_end, all_reduce_max, max_calls)
+
+    def _setup(
+        self, hook: KerasHook, close_on_train_end: bool, all_reduce_max: AllReduceMax | None, max_calls: int
+    ) -> None:
         keras.callbacks.Callback.__init__(self)
-        Hook.__init__(self, out_dir, **kwargs)
+        self.hook = hook
+        self.session = Session(hook, is_tensor, snapshot=snapshot, max_calls=max_calls)
+        self.session.at_finish(self._collect_after_step)
         self.close_on_train_end = bool(close_on_train_end)
         self.all_reduce_max = all_reduce_max
         self._reduce_max: AllReduceMax | None = None
@@ -145,6 +169,68 @@ class Callback(keras.callbacks.Callback, Hook):
         self.flags_now = NO_FLAGS
         self._jax_flags: Any = None
         self._prefix = ""
+
+    @classmethod
+    def from_json(
+        cls,
+        path: str | os.PathLike[str],
+        close_on_train_end: bool = True,
+        all_reduce_max: AllReduceMax | None = None,
+        max_calls: int = MAX_CALLS,
+        **overrides: Any,
+    ) -> Callback:
+        """A callback configured by a JSON file (see :meth:`tensortap.capture.Hook.from_json`)."""
+        cb = cls.__new__(cls)
+        hook = KerasHook.from_json(path, **overrides)
+        assert isinstance(hook, KerasHook)
+        cb._setup(hook, close_on_train_end, all_reduce_max, max_calls)
+        return cb
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> Callback | None:
+        """A callback configured by the JSON file named by ``TENSORTAP_CONFIG``; None if it is unset."""
+        path = os.environ.get(CONFIG_ENV)
+        return cls.from_json(path, **overrides) if path else None
+
+    # ---------------------------------------------------- the core, read-only
+    @property
+    def out_dir(self) -> str:
+        """Where the trial is written."""
+        return self.hook.out_dir
+
+    @property
+    def step(self) -> int:
+        """The global step number of the last step begun (-1 before the first)."""
+        return self.hook.step
+
+    @property
+    def mode(self) -> Mode:
+        """The mode of the last step begun."""
+        return self.hook.mode
+
+    @property
+    def mode_step(self) -> int:
+        """The step number of the last step begun, counted in its mode."""
+        return self.hook.mode_step
+
+    @property
+    def failed(self) -> bool:
+        """True once capture disabled itself after an error of the capture path."""
+        return self.hook.failed
+
+    @property
+    def should_stop(self) -> bool:
+        """True once a stop request was written into the trial (polled at most every second)."""
+        return self.hook.should_stop
+
+    @property
+    def stop_reason(self) -> str | None:
+        """The reason given by the stop request, once :attr:`should_stop` is true."""
+        return self.hook.stop_reason
+
+    def flush(self) -> None:
+        """Publish everything saved so far (a partial shard) and wait for it."""
+        self.hook.flush()
 
     # ------------------------------------------------------------ lifecycle
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
@@ -194,14 +280,15 @@ class Callback(keras.callbacks.Callback, Hook):
         getattr(model, f"make_{kind}_function")()
 
     def _attach(self, model: Any, optimizers: Sequence[Any]) -> None:
-        if self.writer is not None and self.writer.closed:
+        writer = self.hook.writer
+        if writer is not None and writer.closed:
             logger.warning("tensortap: the trial at %s is closed; nothing more is captured", self.out_dir)
         self._reduce_max = self.all_reduce_max or backend_all_reduce_max()
         try:
             self._install(model, optimizers)
         except Exception as exc:
             self._detach()
-            self._fail(exc, "cannot attach to the Keras model")
+            self.hook.fail(exc, "cannot attach to the Keras model")
 
     def _exit(self) -> None:
         self._finish_step()
@@ -209,7 +296,8 @@ class Callback(keras.callbacks.Callback, Hook):
         if self._depth > 0:
             return
         self._detach()
-        if self.writer is not None and not self.writer.closed:
+        writer = self.hook.writer
+        if writer is not None and not writer.closed:
             self.flush()
 
     def _detach(self) -> None:
@@ -233,7 +321,8 @@ class Callback(keras.callbacks.Callback, Hook):
         if self._depth:
             self._finish_step()
             self._detach()
-        super().close(reason)
+        self.session.finish()
+        self.hook.close(reason)
 
     # ------------------------------------------------------ loops of your own
     def attach(self, model: Any, optimizer: Any | Sequence[Any] | None = None) -> Callback:
@@ -299,7 +388,7 @@ class Callback(keras.callbacks.Callback, Hook):
         self._calls, self._loss_names = {}, set()
         outer, self._ctx_mode = self._ctx_mode, mode
         try:
-            yield self.is_saving()
+            yield self.hook.is_saving()
         finally:
             self._ctx_mode = outer
             self._finish_step()
@@ -311,20 +400,19 @@ class Callback(keras.callbacks.Callback, Hook):
         ``compute_loss`` or a ``Mean`` loss tracker. Works inside compiled steps
         (``tf.function``, ``jax.jit``) as outside.
         """
-        mode = self._ctx_mode or self.mode
+        mode = self._ctx_mode or self.hook.mode
         key = _loss_name(name, mode)
         self._loss_names.add(key)
         self._tap("losses", [(Slot(key), value)])
 
     # ----------------------------------------------------------------- steps
     def _begin(self, mode: Mode, step: int | None = None) -> None:
-        self._finish_step()
         self._accepting = False
-        saving = self.begin_step(mode, step)
+        saving = self.session.open(mode, step)  # records the previous step first
         self._arrived = []
-        wanted = {c: self._wants(c) for c in STEP_COLLECTIONS} if saving else _NOTHING_WANTED
+        wanted = {c: self.session.saving(c) for c in STEP_COLLECTIONS} if saving else _NOTHING_WANTED
         if self._graph is not None:
-            self._graph.set_flags(wanted, self.step)
+            self._graph.set_flags(wanted, self.hook.step)
         if BACKEND == "jax":
             self.flags_now = np.array(list(wanted.values()), dtype=bool) if saving else NO_FLAGS
         if saving and BACKEND == "jax":
@@ -332,16 +420,10 @@ class Callback(keras.callbacks.Callback, Hook):
         self._accepting = True
 
     def _finish_step(self) -> None:
-        if not self._in_step:
-            return
-        if self.is_saving():
-            try:
-                self._collect_after_step()
-            except Exception as exc:
-                self._fail(exc, f"cannot read the tensors of step {self.step}")
-        self.end_step()
+        self.session.finish()
 
     def _collect_after_step(self) -> None:
+        """When a saved step is recorded: what arrived from inside it, then the variables after it."""
         if BACKEND == "jax":
             jax.effects_barrier()
         arrived, self._arrived = self._arrived, []
@@ -350,30 +432,19 @@ class Callback(keras.callbacks.Callback, Hook):
             for slot, value in zip(slots, values, strict=True):
                 latest[slot] = (collection, value)
         if self._graph is not None:
-            for slot, collection, value in self._graph.written(self.step):
+            for slot, collection, value in self._graph.written(self.hook.step):
                 latest[slot] = (collection, value)
-        calls: dict[str, dict[int, list[tuple[str, str, Any]]]] = {}
+        calls: dict[tuple[str, int], tuple[str, dict[str, Any]]] = {}
         for slot, (collection, value) in latest.items():
             if slot.call is None:
-                self.offer(slot.name, value, (collection,))
-            else:
-                calls.setdefault(slot.name, {}).setdefault(slot.call, []).append((slot.sub, collection, value))
-        for base, by_call in calls.items():
-            numbered = len(by_call) > 1 or 0 not in by_call
-            for i, entries in sorted(by_call.items()):
-                for sub, collection, value in entries:
-                    self.offer(f"{base}:{i}{sub}" if numbered else f"{base}{sub}", value, (collection,))
-        if self.mode == Mode.TRAIN:
+                self.session.offer(slot.name, value, (collection,))
+            else:  # the call's tensors, keyed by their place in its output: "" alone, else "0", "key", "1/0"
+                calls.setdefault((slot.name, slot.call), (collection, {}))[1][slot.sub.lstrip("/")] = value
+        for (base, _), (collection, tensors) in sorted(calls.items()):  # each layer's calls in order
+            self.session.offer_call(base, tensors, (collection,))
+        if self.hook.mode == Mode.TRAIN:
             for name, coll, value in self._variables():
-                self.offer(name, value, (coll,))
-
-    def _wants(self, collection: str) -> bool:
-        """Whether tensors of ``collection`` may be saved at this step (through a regex collection too)."""
-        return self.is_saving(collection) or any(self.is_saving(c.name) for c in self._regex_collections)
-
-    def _may_save(self, collection: str) -> bool:
-        """Whether ``collection`` is saved at any step (decides which wrappers are installed)."""
-        return self.save_all or collection in self.included or bool(self._regex_collections)
+                self.session.offer(name, value, (coll,))
 
     def stop_agreed(self) -> bool:
         """Whether to stop now: :attr:`should_stop`, agreed by every process every :attr:`stop_sync_steps` steps.
@@ -381,15 +452,23 @@ class Callback(keras.callbacks.Callback, Hook):
         Processes may see the request at different times; one leaving a data-parallel
         training alone would leave the others waiting in their next collective.
         """
-        if self._reduce_max is None:
-            return self.should_stop
-        if self.mode_step % self.stop_sync_steps:
-            return False
-        return bool(self._reduce_max(1 if self.should_stop else 0))
+        agreement = StopAgreement(every=self.stop_sync_steps)
+        return agreement.check(self.hook.mode_step, lambda: self.hook.should_stop, self._reduce_max)
 
     # ------------------------------------------------------------- variables
     def _name(self, path: str) -> str:
         return path[len(self._prefix) :] if path.startswith(self._prefix) else path
+
+    def _saved(self, *collections: str) -> bool:
+        """Whether one of ``collections`` is saved at the step being recorded (a regex collection may match).
+
+        :meth:`Session.saving` answers for an open step; the step is already closed when
+        the session runs its ``at_finish`` work.
+        """
+        hook = self.hook
+        return any(hook.is_saving(c) for c in collections) or any(
+            hook.is_saving(c.name) for c in hook.regex_collections
+        )
 
     def _variables(self) -> Iterator[tuple[str, str, Any]]:
         """``(name, collection, value)`` of the weights and optimizer variables after the step."""
@@ -404,13 +483,13 @@ class Callback(keras.callbacks.Callback, Hook):
             else:
                 yield from ((v, v.value) for v in variables)
 
-        if self.is_saving("weights") or self.is_saving("biases") or self._regex_collections or self.save_all:
+        if self._saved("weights", "biases"):
             for key in ("trainable_variables", "non_trainable_variables"):
                 for v, value in values(getattr(model, key), key):
                     if keras.backend.is_float_dtype(v.dtype):
                         coll = "biases" if v.name.endswith("bias") else "weights"
                         yield self._name(v.path), coll, value
-        if self.is_saving("optimizer_variables") or self._regex_collections or self.save_all:
+        if self._saved("optimizer_variables"):
             for optimizer in self._optimizers:
                 if not getattr(optimizer, "built", True):
                     continue  # never applied (the default optimizer of a model that trains its own)
@@ -429,15 +508,15 @@ class Callback(keras.callbacks.Callback, Hook):
                 self._patches.set(model, attr, self._wrap_step(getattr(model, attr), mode))
             if BACKEND == "jax":
                 self._patches.set(model, "_make_function", self._wrap_make_function(model._make_function))
-        if self._may_save("losses"):
+        if self.session.may_save("losses"):
             if getattr(model, "compiled", False):
                 self._patches.set(model, "compute_loss", self._wrap_loss(model.compute_loss))
             self._unlisten = listen_to_mean_updates(self._on_mean_update)
         self._optimizers = list(dict.fromkeys([*optimizers, *_optimizers_of(model)]))
-        if self._may_save("gradients"):
+        if self.session.may_save("gradients"):
             for optimizer in self._optimizers:
                 self._patches.set(optimizer, "apply", self._wrap_apply(optimizer))
-        if self._may_save("outputs") or self._may_save("inputs"):
+        if self.session.may_save("outputs") or self.session.may_save("inputs"):
             for layer in model._flatten_layers(include_self=False, recursive=True):
                 if isinstance(layer, keras.layers.InputLayer):
                     continue
@@ -575,7 +654,7 @@ class Callback(keras.callbacks.Callback, Hook):
 
     def _tap(self, collection: str, items: list[tuple[Slot, Any]]) -> None:
         """Hand ``items`` of ``collection`` over from inside a step, in the way the step allows."""
-        if not items or not self._may_save(collection):
+        if not items or not self.session.may_save(collection):
             return
         try:
             items = self._capturable(items)
@@ -596,11 +675,11 @@ class Callback(keras.callbacks.Callback, Hook):
             else:
                 self._deliver(collection, slots, [snapshot(v) for v in tensors])
         except Exception as exc:
-            self._fail(exc, f"cannot capture {collection} ({items[0][0].label()}, ...)")
+            self.hook.fail(exc, f"cannot capture {collection} ({items[0][0].label()}, ...)")
 
     def _deliver(self, collection: str, slots: list[Slot], values: list[Any]) -> None:
         """Keep values handed over in a step until it ends (JAX callbacks arrive on another thread)."""
-        if self._accepting and self._in_step and self._wants(collection):
+        if self._accepting and self.session.is_open and self.session.saving(collection):
             self._arrived.append((collection, slots, values))
 
 
