@@ -29,9 +29,11 @@ import keras
 
 import tensortap
 from tensortap import Mode, SaveConfig
+from tensortap.capture.testing import TensorOpsConformance
 
 ttk = pytest.importorskip("tensortap.keras")
 
+import naming_parity  # noqa: E402
 from keras.src.utils.python_utils import is_default  # noqa: E402
 
 pytestmark = [
@@ -887,6 +889,7 @@ def test_gan_with_two_optimizers(tmp_path: Path, raw: bool) -> None:
     z = RNG.normal(size=(32, LATENT)).astype("float32")
     real = X[:32, :3]
     gan.generator(z[:1]), gan.discriminator(real[:1])  # build, so the recorder sees the initial weights
+    gan.built = True  # (a GAN has no call of its own to build it with)
     rec = Recorder()
     cb = ttk.Callback(
         tmp_path, save_config=EVERY_STEP, include_collections=["weights", "biases", "gradients", "losses"]
@@ -1075,3 +1078,51 @@ def test_a_local_stop_request_waits_for_the_next_agreement(tmp_path: Path) -> No
     model.fit(X, Y, batch_size=BATCH, epochs=3, callbacks=[cb, AskAtStep1()], verbose=0)
     assert asked == [0, 2]  # no collective between two agreements
     assert tensortap.create_trial(tmp_path).steps(mode=Mode.TRAIN) == [0, 1, 2]
+
+
+# ------------------------------------------------------ naming parity, tensor ops
+class Nest(keras.layers.Layer):
+    """Returns one of the naming-parity structures, built from three slices of its input."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(name=kind)
+        self.kind = kind
+
+    def call(self, x: Any) -> Any:
+        return naming_parity.structures(x[:, :2], x[:, 2:4], x[:, 4:])[self.kind]
+
+
+class Nests(keras.Model):
+    def __init__(self) -> None:
+        super().__init__(name="nests")
+        self.nests = [Nest(kind) for kind in naming_parity.EXPECTED]
+
+    def call(self, x: Any) -> Any:
+        for nest in self.nests:
+            nest(x)
+        return x[:, :1]
+
+
+def test_nested_outputs_are_named_by_the_one_rule(tmp_path: Path) -> None:
+    """The Keras side of the naming-parity test (tests/capture/naming_parity.py)."""
+    model = Nests()
+    model(X[:1])
+    cb = ttk.Callback(tmp_path, save_config=EVERY_STEP, include_collections=["outputs"])
+    model.predict(X[:BATCH], batch_size=BATCH, callbacks=[cb], verbose=0)
+    cb.close()
+    trial = tensortap.create_trial(tmp_path)
+    expected = {name for names in naming_parity.EXPECTED.values() for name in names}
+    assert set(trial.tensor_names()) == expected
+    np.testing.assert_allclose(trial.tensor("outputs/deep/x/z/1").value(0, mode=Mode.PREDICT), X[:BATCH, 4:])
+    np.testing.assert_allclose(trial.tensor("outputs/dict/c").value(0, mode=Mode.PREDICT), X[:BATCH, 2:4])
+
+
+class TestKerasOps(TensorOpsConformance):
+    """The TensorOps conformance suite for the running Keras backend."""
+
+    ops = ttk.KerasOps()
+    # JAX without x64 has no 64-bit tensors
+    unsupported = frozenset({"float64", "int64"}) if BACKEND == "jax" else frozenset()
+
+    def make(self, array: np.ndarray) -> Any:
+        return keras.ops.convert_to_tensor(array)

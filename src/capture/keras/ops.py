@@ -173,14 +173,20 @@ class KerasOps(TensorOps):
         if int(np.prod(ops.shape(value))) == 0:
             return red.compute_many(to_numpy(value), keys)
         x = ops.cast(value, "float64")
+        n = float(np.prod(ops.shape(value)))
+
+        def variance(a: Any) -> Any:  # NumPy's formula; keras.ops.var/mean may reduce in float32 (torch)
+            return ops.sum(ops.square(a - ops.sum(a) / n)) / n
+
         formulas: dict[str, Callable[[Any], Any]] = {
             "min": ops.min,
             "max": ops.max,
-            "mean": ops.mean,
-            "std": ops.std,
-            "variance": ops.var,
+            "mean": lambda a: ops.sum(a) / n,
+            "std": lambda a: ops.sqrt(variance(a)),
+            "variance": variance,
             "sum": ops.sum,
-            "prod": ops.prod,
+            # keras.ops.prod returns float32 on torch, whatever the input
+            "prod": torch.prod if BACKEND == "torch" else ops.prod,
             "l1": lambda a: ops.sum(ops.abs(a)),
             "l2": lambda a: ops.sqrt(ops.sum(a * a)),
             "nan_count": lambda a: ops.sum(ops.cast(ops.isnan(a), "float64")),
