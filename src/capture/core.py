@@ -354,6 +354,23 @@ class Hook:
         """The collections that take tensors by name (``include_regex``): any tensor may belong to them."""
         return tuple(self._regex_collections)
 
+    def relabel_step(self, mode: Mode | str) -> None:
+        """Give the step in progress another mode: it turned out to be something else than it was opened as.
+
+        Its global step number stays; it takes the next step number of ``mode``. What is
+        saved at it was decided when it began.
+        """
+        mode = Mode.parse(mode)
+        if not self._in_step or mode == self.mode:
+            return
+        if self.mode_step == 0:
+            self.mode_steps.pop(self.mode, None)
+        else:
+            self.mode_steps[self.mode] = self.mode_step - 1
+        self.mode = mode
+        self.mode_step = self.mode_steps.get(mode, -1) + 1
+        self.mode_steps[mode] = self.mode_step
+
     def is_saving(self, collection: str | None = None) -> bool:
         """Whether the current step is saved (for ``collection``, if given)."""
         if collection is None:

@@ -200,11 +200,11 @@ class Session:
         """Record the open (or pending) step now: the adapter's step-end values, held calls, then the record."""
         if not self.is_open:
             return
-        self.is_open = self.pending = False
         if self.hook.is_saving():
             for callback in self._finishers:
                 self.guard(callback)
             self.guard(self._offer_held)
+        self.is_open = self.pending = False
         self._calls.clear()
         self.hook.end_step()
 

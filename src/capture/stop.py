@@ -16,8 +16,7 @@ Interface::
     channel.poll(poll_seconds=1.0) -> bool                     # rate-limited look
     channel.reason -> str | None
     agree(channel.poll(), all_reduce_max) -> bool              # any rank asked => all stop
-    agreement = StopAgreement(every=10)
-    agreement.check(step, channel.poll, all_reduce_max) -> bool
+    agreed(step, every=10, poll=channel.poll, all_reduce_max=...) -> bool  # agree every 10 steps
 """
 
 from __future__ import annotations
@@ -104,24 +103,14 @@ def agree(flag: bool, all_reduce_max: AllReduceMax | None) -> bool:
     return bool(all_reduce_max(1 if flag else 0))
 
 
-class StopAgreement:
-    """Ranks agree on a stop every ``every`` steps (an all-reduce per step would cost too much).
+def agreed(step: int, every: int, poll: Callable[[], bool], all_reduce_max: AllReduceMax | None) -> bool:
+    """Whether to stop after ``step``; every rank gets the same answer at the same step.
 
-    Parameters
-    ----------
-    every
-        Steps between two agreements when there are several ranks; alone, every step.
+    Alone, :func:`poll` decides at every step. With several ranks they :func:`agree`
+    every ``every`` steps only (an all-reduce per step would cost too much).
     """
-
-    def __init__(self, every: int = 10) -> None:
-        if every < 1:
-            raise ValueError(f"every: expected an integer >= 1, got {every!r}")
-        self.every = every
-
-    def check(self, step: int, poll: Callable[[], bool], all_reduce_max: AllReduceMax | None) -> bool:
-        """Whether to stop after ``step`` (every rank gets the same answer at the same step)."""
-        if all_reduce_max is None:
-            return poll()
-        if step % self.every:
-            return False
-        return agree(poll(), all_reduce_max)
+    if all_reduce_max is None:
+        return poll()
+    if step % max(int(every), 1):
+        return False
+    return agree(poll(), all_reduce_max)

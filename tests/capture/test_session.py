@@ -13,7 +13,7 @@ import tensortap
 from tensortap import Mode
 from tensortap.capture import Writer
 from tensortap.capture.session import Session, flatten
-from tensortap.capture.stop import StopAgreement, StopChannel, agree
+from tensortap.capture.stop import StopChannel, agree, agreed
 
 
 def _is_array(v: Any) -> bool:
@@ -171,7 +171,6 @@ def test_agreement_over_an_all_reduce() -> None:
         return max(int(r) for r in ranks) | flag
 
     assert agree(False, all_reduce_max)
-    agreement = StopAgreement(every=5)
-    assert not agreement.check(3, lambda: True, all_reduce_max)  # not an agreement step
-    assert agreement.check(5, lambda: False, all_reduce_max)
-    assert agreement.check(3, lambda: True, None)  # alone: every step
+    assert not agreed(3, 5, lambda: True, all_reduce_max)  # not an agreement step
+    assert agreed(5, 5, lambda: False, all_reduce_max)
+    assert agreed(3, 5, lambda: True, None)  # alone: every step
