@@ -38,7 +38,7 @@ import numpy as np
 from ...modes import Mode
 from ..core import CONFIG_ENV, Hook
 from ..session import MAX_CALLS, Session, flatten
-from ..stop import AllReduceMax, StopAgreement
+from ..stop import AllReduceMax, agreed
 from .naming import flatten_logs
 from .ops import (
     BACKEND,
@@ -452,23 +452,11 @@ class Callback(keras.callbacks.Callback):
         Processes may see the request at different times; one leaving a data-parallel
         training alone would leave the others waiting in their next collective.
         """
-        agreement = StopAgreement(every=self.stop_sync_steps)
-        return agreement.check(self.hook.mode_step, lambda: self.hook.should_stop, self._reduce_max)
+        return agreed(self.hook.mode_step, self.stop_sync_steps, lambda: self.hook.should_stop, self._reduce_max)
 
     # ------------------------------------------------------------- variables
     def _name(self, path: str) -> str:
         return path[len(self._prefix) :] if path.startswith(self._prefix) else path
-
-    def _saved(self, *collections: str) -> bool:
-        """Whether one of ``collections`` is saved at the step being recorded (a regex collection may match).
-
-        :meth:`Session.saving` answers for an open step; the step is already closed when
-        the session runs its ``at_finish`` work.
-        """
-        hook = self.hook
-        return any(hook.is_saving(c) for c in collections) or any(
-            hook.is_saving(c.name) for c in hook.regex_collections
-        )
 
     def _variables(self) -> Iterator[tuple[str, str, Any]]:
         """``(name, collection, value)`` of the weights and optimizer variables after the step."""
@@ -483,13 +471,13 @@ class Callback(keras.callbacks.Callback):
             else:
                 yield from ((v, v.value) for v in variables)
 
-        if self._saved("weights", "biases"):
+        if self.session.saving("weights", "biases"):
             for key in ("trainable_variables", "non_trainable_variables"):
                 for v, value in values(getattr(model, key), key):
                     if keras.backend.is_float_dtype(v.dtype):
                         coll = "biases" if v.name.endswith("bias") else "weights"
                         yield self._name(v.path), coll, value
-        if self._saved("optimizer_variables"):
+        if self.session.saving("optimizer_variables"):
             for optimizer in self._optimizers:
                 if not getattr(optimizer, "built", True):
                     continue  # never applied (the default optimizer of a model that trains its own)
