@@ -989,6 +989,8 @@ def test_gradient_tape_loop_one_object(tmp_path: Path, compiled: bool) -> None:
             trial.tensor("outputs/dense").value(s, mode=Mode.TRAIN), xb @ before[0] + before[1], rtol=1e-5, atol=1e-6
         )
     assert "apply" not in optimizer.__dict__ and all("call" not in layer.__dict__ for layer in model.layers)
+    with pytest.raises(RuntimeError, match="no step is open"):
+        cb.record_loss(np.float32(1.0))
 
 
 # ------------------------------------------------------- what cannot be captured

@@ -400,6 +400,8 @@ class Callback(keras.callbacks.Callback):
         ``compute_loss`` or a ``Mean`` loss tracker. Works inside compiled steps
         (``tf.function``, ``jax.jit``) as outside.
         """
+        if not (self.session.is_open or graph_mode() or is_tracer(value)):
+            raise RuntimeError("Callback.record_loss: no step is open (call it inside `with cb.stepping():` or a step)")
         mode = self._ctx_mode or self.hook.mode
         key = _loss_name(name, mode)
         self._loss_names.add(key)
