@@ -149,7 +149,8 @@ class Callback(keras.callbacks.Callback):
     ) -> None:
         keras.callbacks.Callback.__init__(self)
         self.hook = hook
-        self.session = Session(hook, is_tensor, snapshot=snapshot, max_calls=max_calls)
+        # values reach the session at the step's end, already snapshotted by _tap: no second copy
+        self.session = Session(hook, is_tensor, max_calls=max_calls)
         self.session.at_finish(self._collect_after_step)
         self.close_on_train_end = bool(close_on_train_end)
         self.all_reduce_max = all_reduce_max
