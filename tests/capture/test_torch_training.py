@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
+import naming_parity  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -448,6 +449,44 @@ def test_clipping_schedulers_set_to_none_and_accumulation(tmp_path: Path) -> Non
     assert [float(_value(trial, "metrics/lr", s)) for s in range(3)] == [0.5, 0.25, 0.125]
 
 
+class Nest(nn.Module):
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, x: torch.Tensor) -> Any:
+        return naming_parity.structures(x[:, :2], x[:, 2:4], x[:, 4:])[self.kind]
+
+
+class Nests(nn.Module):
+    """One submodule per naming-parity case, named after it; returns nothing itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        for kind in naming_parity.EXPECTED:
+            self.add_module(kind, Nest(kind))
+
+    def forward(self, x: torch.Tensor) -> None:
+        for nest in self.children():
+            nest(x)
+
+
+def test_naming_parity_of_nested_outputs(tmp_path: Path) -> None:
+    """The torch side of the naming-parity test (tests/capture/naming_parity.py; Keras: test_keras.py)."""
+    model = Nests()
+    x = torch.randn(4, 6)
+    hook = ttt.Hook(tmp_path, save_config=EVERY_STEP, include_collections=["outputs"])
+    hook.register_module(model)
+    with torch.no_grad():
+        model(x)
+    hook.close()
+    trial = _trial(tmp_path)
+    expected = {name for names in naming_parity.EXPECTED.values() for name in names}
+    assert set(trial.tensor_names()) == expected
+    np.testing.assert_array_equal(_value(trial, "outputs/deep/x/z/1", 0, Mode.EVAL), x[:, 4:].numpy())
+    np.testing.assert_array_equal(_value(trial, "outputs/dict/c", 0, Mode.EVAL), x[:, 2:4].numpy())
+
+
 class Shapes(nn.Module):
     """Submodules whose outputs are a 1-tuple, a dict, a list and a nested structure."""
 
@@ -479,8 +518,8 @@ class Shapes(nn.Module):
         return n[1][1] + self.one(x)[0]
 
 
-def test_naming_parity_of_nested_outputs(tmp_path: Path) -> None:
-    """docs/format.md, "Names of nested values" (the Keras side is tested in test_keras.py)."""
+def test_naming_of_repeated_calls_and_inputs(tmp_path: Path) -> None:
+    """docs/format.md, "Tensor names": repeated calls, positional inputs, nesting inside a real forward."""
     model = Shapes()
     x = torch.arange(3.0)
     hook = ttt.capture(model, tmp_path, save_config=EVERY_STEP, include_collections=["outputs", "inputs"])
@@ -502,3 +541,30 @@ def test_naming_parity_of_nested_outputs(tmp_path: Path) -> None:
     assert "inputs/dict" in trial.tensor_names(collection="inputs")  # the positional (x,) is one tensor
     np.testing.assert_array_equal(_value(trial, "outputs/dict/c", 0), (x + 1).numpy() * 3)
     np.testing.assert_array_equal(_value(trial, "outputs/nested/1/1", 0), ((x + 1) * 2 - 2).numpy() * 6)
+
+
+def test_two_hooks_each_get_their_own_model_loss_and_torch_is_restored(tmp_path: Path) -> None:
+    backward = torch.autograd.backward
+    scale = torch.amp.GradScaler.scale
+    a, b = _mlp(), _mlp()
+    opt_a, opt_b = torch.optim.SGD(a.parameters(), lr=0.1), torch.optim.SGD(b.parameters(), lr=0.1)
+    hook_a = ttt.capture(a, tmp_path / "a", optimizer=opt_a, save_config=EVERY_STEP)
+    hook_b = ttt.capture(b, tmp_path / "b", optimizer=opt_b, save_config=EVERY_STEP)
+    gen = torch.Generator().manual_seed(12)
+    losses: dict[str, list[float]] = {"a": [], "b": []}
+    for _ in range(2):
+        for key, model, opt in (("a", a, opt_a), ("b", b, opt_b), ("b", b, opt_b)):  # b trains twice as often
+            x, y = _batch(gen)
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            losses[key].append(loss.item())
+    hook_a.close()
+    assert torch.autograd.backward is not backward  # hook_b is still open
+    hook_b.close()
+    assert torch.autograd.backward is backward and torch.amp.GradScaler.scale is scale
+    for key, n in (("a", 2), ("b", 4)):
+        trial = _trial(tmp_path / key)
+        assert trial.steps() == list(range(n))
+        assert [float(_value(trial, "losses/loss", s)) for s in range(n)] == losses[key]

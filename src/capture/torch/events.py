@@ -13,7 +13,8 @@ What a step is
   next step). A ``GradScaler`` step that skips the update is still a step.
 * **Explicit steps** (``explicit_steps=True``): :meth:`Hook.finish_step` alone ends TRAIN steps.
 * **Without optimizers, and in EVAL and PREDICT**: a step is one top-level
-  forward of a registered module, with the loss and backward that follow it.
+  forward of a registered module, with the loss, backward and values given
+  after it (until the next forward, or a value given in another mode).
 * The mode is the one given to :meth:`Hook.set_mode`; until then EVAL when
   the module is in ``eval()`` or gradients are disabled (``no_grad``,
   ``inference_mode``), TRAIN otherwise. A TRAIN step that saw a forward but
@@ -490,8 +491,7 @@ class Hook(core.Hook):
     def _on_loss_module(self, name: str, module: nn.Module, args: Any, output: Any) -> None:
         if self._closed:
             return
-        if not self.session.is_open:
-            self._ensure_open(tentative=False)
+        self._ensure_open(tentative=False)
         if self._losses and isinstance(output, torch.Tensor):
             self._named[id(output)] = output
             self.session.guard(self.session.offer_call, name, output, ("losses",))
