@@ -12,6 +12,8 @@ NumPy recomputations of the same layers and loss.
 
 from __future__ import annotations
 
+import functools
+import logging
 import subprocess
 import sys
 from collections.abc import Callable
@@ -27,9 +29,11 @@ import keras
 
 import tensortap
 from tensortap import Mode, SaveConfig
+from tensortap.capture.testing import TensorOpsConformance
 
 ttk = pytest.importorskip("tensortap.keras")
 
+import naming_parity  # noqa: E402
 from keras.src.utils.python_utils import is_default  # noqa: E402
 
 pytestmark = [
@@ -546,3 +550,603 @@ def test_stop_request_sets_stop_training(tmp_path: Path) -> None:
     assert trial.steps(mode=Mode.TRAIN) == [0]
     assert trial.end_reasons() == {"worker_0": "stop_request"}
     assert cb.stop_reason == "rule fired"
+
+
+# ------------------------------------------------- real training code (issue 10)
+def linear(features: int = 6, units: int = 1, cls: type = keras.Model, name: str = "linear") -> Any:
+    """``Input -> Dense(units, name="dense")`` as an instance of ``cls`` (a model class of the guides)."""
+    keras.utils.set_random_seed(4)
+    inputs = keras.Input((features,))
+    return cls(inputs, keras.layers.Dense(units, name="dense")(inputs), name=name)
+
+
+def guide_steps() -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """``train_step`` and ``test_step`` of the Keras guide "Customizing what happens in fit()", per backend.
+
+    They return ``{m.name: m.result() for m in self.metrics}``, which nests ``compile_metrics``.
+    """
+    if BACKEND == "jax":
+        import jax
+
+        def jax_loss(self: Any, tv: Any, ntv: Any, mv: Any, x: Any, y: Any, training: bool) -> Any:
+            y_pred, ntv = self.stateless_call(tv, ntv, x, training=training)
+            loss, (tv, ntv, mv) = self.stateless_compute_loss(tv, ntv, mv, x=x, y=y, y_pred=y_pred, training=training)
+            return loss, (y_pred, ntv, mv)
+
+        def jax_metrics(self: Any, mv: Any, loss: Any, y: Any, y_pred: Any) -> tuple[dict[str, Any], list[Any]]:
+            new, logs = [], {}
+            for metric in self.metrics:
+                these = mv[len(new) : len(new) + len(metric.variables)]
+                if metric.name == "loss":
+                    these = metric.stateless_update_state(these, loss)
+                else:
+                    these = metric.stateless_update_state(these, y, y_pred)
+                logs[metric.name] = metric.stateless_result(these)
+                new += these
+            return logs, new
+
+        def jax_train_step(self: Any, state: Any, data: Any) -> Any:
+            tv, ntv, ov, mv = state
+            x, y = data
+            grad_fn = jax.value_and_grad(functools.partial(jax_loss, self), has_aux=True)
+            (loss, (y_pred, ntv, mv)), grads = grad_fn(tv, ntv, mv, x, y, True)
+            tv, ov = self.optimizer.stateless_apply(ov, grads, tv)
+            logs, mv = jax_metrics(self, mv, loss, y, y_pred)
+            return logs, (tv, ntv, ov, mv)
+
+        def jax_test_step(self: Any, state: Any, data: Any) -> Any:
+            tv, ntv, mv = state
+            x, y = data
+            loss, (y_pred, ntv, mv) = jax_loss(self, tv, ntv, mv, x, y, False)
+            logs, mv = jax_metrics(self, mv, loss, y, y_pred)
+            return logs, (tv, ntv, mv)
+
+        return jax_train_step, jax_test_step
+
+    def update_metrics(self: Any, loss: Any, y: Any, y_pred: Any) -> dict[str, Any]:
+        for metric in self.metrics:
+            if metric.name == "loss":
+                metric.update_state(loss)
+            else:
+                metric.update_state(y, y_pred)
+        return {m.name: m.result() for m in self.metrics}
+
+    def test_step(self: Any, data: Any) -> Any:
+        x, y = data
+        y_pred = self(x, training=False)
+        return update_metrics(self, self.compute_loss(y=y, y_pred=y_pred), y, y_pred)
+
+    if BACKEND == "torch":
+
+        def torch_train_step(self: Any, data: Any) -> Any:
+            x, y = data
+            self.zero_grad()
+            y_pred = self(x, training=True)
+            loss = self.compute_loss(y=y, y_pred=y_pred)
+            loss.backward()
+            weights = list(self.trainable_weights)
+            with torch.no_grad():
+                self.optimizer.apply([v.value.grad for v in weights], weights)
+            return update_metrics(self, loss, y, y_pred)
+
+        return torch_train_step, test_step
+
+    def tf_train_step(self: Any, data: Any) -> Any:
+        x, y = data
+        with tf.GradientTape() as tape:
+            y_pred = self(x, training=True)
+            loss = self.compute_loss(y=y, y_pred=y_pred)
+        weights = self.trainable_variables
+        self.optimizer.apply(tape.gradient(loss, weights), weights)
+        return update_metrics(self, loss, y, y_pred)
+
+    return tf_train_step, test_step
+
+
+class GuideModel(keras.Model):
+    train_step, test_step = guide_steps()
+
+
+def linear_mse(w: list[np.ndarray], x: np.ndarray, y: np.ndarray) -> float:
+    return float(np.mean((x @ w[0] + w[1] - y) ** 2))
+
+
+def assert_sgd_steps(trial: Any, rec: Recorder, names: list[str], lr: float = LR) -> None:
+    """Weights after each step are Keras's, gradients are what SGD applied: (before - after) / lr."""
+    for s, (before, after) in enumerate(zip([rec.initial, *rec.weights], rec.weights, strict=False)):
+        for name, w0, w1 in zip(names, before, after, strict=True):
+            np.testing.assert_allclose(trial.tensor(name).value(s, mode=Mode.TRAIN), w1, rtol=1e-6, atol=1e-7)
+            np.testing.assert_allclose(
+                trial.tensor(f"gradients/{name}").value(s, mode=Mode.TRAIN), (w0 - w1) / lr, rtol=1e-4, atol=1e-5
+            )
+
+
+@pytest.mark.parametrize("run_eagerly", [False, True], ids=["compiled", "eager"])
+def test_guide_custom_train_and_test_step(tmp_path: Path, run_eagerly: bool) -> None:
+    model = linear(cls=GuideModel)
+    model.compile(optimizer=keras.optimizers.SGD(LR), loss="mse", metrics=["mae"], run_eagerly=run_eagerly)
+    rec = Recorder()
+    cb = ttk.Callback(tmp_path, save_config=EVERY_STEP, include_collections=ALL, strict=True)
+    history = model.fit(
+        X[:32], Y[:32], batch_size=BATCH, shuffle=False, validation_data=(XV, YV), callbacks=[rec, cb], verbose=0
+    )
+    assert not cb.failed
+    trial = tensortap.create_trial(tmp_path)
+    assert {"losses/loss", "losses/val_loss", "metrics/mae", "metrics/val_mae", "outputs/dense"} <= set(
+        trial.tensor_names()
+    )
+    assert not any("compile_metrics" in n for n in trial.tensor_names())
+    assert_sgd_steps(trial, rec, ["dense/kernel", "dense/bias"])
+    for s, before in enumerate([rec.initial, rec.weights[0]]):
+        xb, yb = X[s * BATCH : (s + 1) * BATCH], Y[s * BATCH : (s + 1) * BATCH]
+        loss = float(trial.tensor("losses/loss").value(s, mode=Mode.TRAIN))
+        assert loss == pytest.approx(linear_mse(before, xb, yb), rel=1e-5)
+    assert float(trial.tensor("metrics/mae").value(1, mode=Mode.TRAIN)) == pytest.approx(history.history["mae"][-1])
+    val = trial.tensor("losses/val_loss").value(1, mode=Mode.EVAL)
+    assert float(val) == pytest.approx(linear_mse(rec.weights[-1], XV[BATCH:], YV[BATCH:]), rel=1e-5)
+    assert float(trial.tensor("metrics/val_mae").value(1, mode=Mode.EVAL)) == pytest.approx(
+        history.history["val_mae"][-1], rel=1e-5
+    )
+    assert_model_clean(model)
+
+
+class OwnLossModel(keras.Model):
+    """The guide's "going lower-level": its own loss tracker, metric and loss function, no compute_loss."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+        self.mae_metric = keras.metrics.MeanAbsoluteError(name="mae")
+        self.loss_fn = keras.losses.MeanSquaredError()
+
+    @property
+    def metrics(self) -> list[Any]:
+        return [self.loss_tracker, self.mae_metric]
+
+    def own_loss(self, x: Any, y: Any) -> tuple[Any, Any]:
+        y_pred = self(x, training=True)
+        return self.loss_fn(y, y_pred), y_pred
+
+    def logs(self, loss: Any, y: Any, y_pred: Any) -> dict[str, Any]:
+        self.loss_tracker.update_state(loss)
+        self.mae_metric.update_state(y, y_pred)
+        return {"loss": self.loss_tracker.result(), "mae": self.mae_metric.result()}
+
+    if BACKEND == "tensorflow":
+
+        def train_step(self, data: Any) -> Any:
+            x, y = data
+            with tf.GradientTape() as tape:
+                loss, y_pred = self.own_loss(x, y)
+            self.optimizer.apply(tape.gradient(loss, self.trainable_variables), self.trainable_variables)
+            return self.logs(loss, y, y_pred)
+
+    elif BACKEND == "torch":
+
+        def train_step(self, data: Any) -> Any:
+            x, y = data
+            self.zero_grad()
+            loss, y_pred = self.own_loss(x, y)
+            loss.backward()
+            weights = list(self.trainable_weights)
+            with torch.no_grad():
+                self.optimizer.apply([v.value.grad for v in weights], weights)
+            return self.logs(loss, y, y_pred)
+
+    else:
+
+        def train_step(self, state: Any, data: Any) -> Any:
+            import jax
+
+            tv, ntv, ov, mv = state
+            x, y = data
+
+            def loss_fn(tv: Any, ntv: Any) -> Any:
+                y_pred, ntv = self.stateless_call(tv, ntv, x, training=True)
+                return self.loss_fn(y, y_pred), (y_pred, ntv)
+
+            (loss, (y_pred, ntv)), grads = jax.value_and_grad(loss_fn, has_aux=True)(tv, ntv)
+            tv, ov = self.optimizer.stateless_apply(ov, grads, tv)
+            n = len(self.loss_tracker.variables)
+            loss_vars = self.loss_tracker.stateless_update_state(mv[:n], loss)
+            mae_vars = self.mae_metric.stateless_update_state(mv[n:], y, y_pred)
+            logs = {
+                "loss": self.loss_tracker.stateless_result(loss_vars),
+                "mae": self.mae_metric.stateless_result(mae_vars),
+            }
+            return logs, (tv, ntv, ov, loss_vars + mae_vars)
+
+
+def test_loss_computed_without_compute_loss_comes_from_the_loss_tracker(tmp_path: Path) -> None:
+    model = linear(cls=OwnLossModel)
+    model.compile(optimizer=keras.optimizers.SGD(LR))
+    rec = Recorder()
+    cb = ttk.Callback(
+        tmp_path, save_config=EVERY_STEP, include_collections=["weights", "biases", "gradients", "losses"]
+    )
+    model.fit(X[:32], Y[:32], batch_size=BATCH, shuffle=False, callbacks=[rec, cb], verbose=0)
+    trial = tensortap.create_trial(tmp_path)
+    assert_sgd_steps(trial, rec, ["dense/kernel", "dense/bias"])
+    losses = values(trial, "losses/loss")
+    for s, before in enumerate([rec.initial, rec.weights[0]]):
+        xb, yb = X[s * BATCH : (s + 1) * BATCH], Y[s * BATCH : (s + 1) * BATCH]
+        assert float(losses[s]) == pytest.approx(linear_mse(before, xb, yb), rel=1e-5)
+
+
+class Halves(keras.layers.Layer):
+    """A layer with a nested output: a dict of two tensors, and a 1-tuple."""
+
+    def call(self, x: Any) -> Any:
+        return {"left": x[:, :3], "right": (x[:, 3:],)}
+
+
+def test_multi_output_losses_and_nested_names(tmp_path: Path) -> None:
+    keras.utils.set_random_seed(5)
+    inputs = keras.Input((6,))
+    halves = Halves(name="halves")(inputs)
+    out_a = keras.layers.Dense(1, name="a")(halves["left"])
+    out_b = keras.layers.Dense(1, name="b")(halves["right"][0])
+    model = keras.Model(inputs, {"a": out_a, "b": out_b}, name="two")
+    model.compile(optimizer=keras.optimizers.SGD(LR), loss={"a": "mse", "b": "mae"})
+    rec = Recorder()
+    cb = ttk.Callback(tmp_path, save_config=EVERY_STEP, include_collections=["weights", "outputs", "losses"])
+    y = {"a": Y[:32], "b": -Y[:32]}
+    history = model.fit(X[:32], y, batch_size=BATCH, shuffle=False, callbacks=[rec, cb], verbose=0)
+    trial = tensortap.create_trial(tmp_path)
+    names = set(trial.tensor_names())
+    assert {"losses/loss", "losses/a_loss", "losses/b_loss", "outputs/halves/left", "outputs/halves/right"} <= names
+    assert not any(n.startswith("outputs/halves/0") for n in names)
+    w = {v.path.removeprefix("two/"): i for i, v in enumerate(model.weights)}
+    for s, before in enumerate([rec.initial, rec.weights[0]]):
+        xb = X[s * BATCH : (s + 1) * BATCH]
+        a = xb[:, :3] @ before[w["a/kernel"]] + before[w["a/bias"]]
+        b = xb[:, 3:] @ before[w["b/kernel"]] + before[w["b/bias"]]
+        a_loss = np.mean((a - y["a"][s * BATCH : (s + 1) * BATCH]) ** 2)
+        b_loss = np.mean(np.abs(b - y["b"][s * BATCH : (s + 1) * BATCH]))
+        assert float(trial.tensor("losses/a_loss").value(s, mode=Mode.TRAIN)) == pytest.approx(a_loss, rel=1e-5)
+        assert float(trial.tensor("losses/b_loss").value(s, mode=Mode.TRAIN)) == pytest.approx(b_loss, rel=1e-5)
+        assert float(trial.tensor("losses/loss").value(s, mode=Mode.TRAIN)) == pytest.approx(a_loss + b_loss, rel=1e-5)
+        np.testing.assert_allclose(trial.tensor("outputs/halves/right").value(s, mode=Mode.TRAIN), xb[:, 3:])
+    # Keras's logs hold the running means; the trial holds each step's own loss
+    assert np.mean([float(v) for v in values(trial, "losses/a_loss").values()]) == pytest.approx(
+        history.history["a_loss"][-1], rel=1e-5
+    )
+
+
+LATENT = 2
+
+
+class GAN(keras.Model):
+    """The guides' GAN (two networks, two optimizers, one loss function), with deterministic latents.
+
+    ``raw=True`` returns the step's losses themselves (the DCGAN example),
+    otherwise ``Mean`` trackers' results (the "Customizing fit()" guide).
+    """
+
+    def __init__(self, raw: bool) -> None:
+        super().__init__(name="gan")
+        keras.utils.set_random_seed(6)
+        self.discriminator = keras.Sequential(
+            [keras.Input((3,)), keras.layers.Dense(1, name="d_dense")], name="discriminator"
+        )
+        self.generator = keras.Sequential(
+            [keras.Input((LATENT,)), keras.layers.Dense(3, name="g_dense")], name="generator"
+        )
+        self.raw = raw
+        self.d_loss_tracker = keras.metrics.Mean(name="d_loss")
+        self.g_loss_tracker = keras.metrics.Mean(name="g_loss")
+
+    @property
+    def metrics(self) -> list[Any]:
+        return [] if self.raw else [self.d_loss_tracker, self.g_loss_tracker]
+
+    def compile(self, d_optimizer: Any, g_optimizer: Any) -> None:
+        super().compile()
+        self.d_optimizer, self.g_optimizer = d_optimizer, g_optimizer
+        self.loss_fn = keras.losses.BinaryCrossentropy(from_logits=True)
+
+    def parts(self, data: Any) -> tuple[Any, Any, Any, Any]:
+        real, z = data["real"], data["z"]
+        n = keras.ops.shape(real)[0]
+        labels = keras.ops.concatenate([keras.ops.ones((n, 1)), keras.ops.zeros((n, 1))], axis=0)
+        return real, z, labels, keras.ops.zeros((n, 1))
+
+    def d_loss(self, real: Any, z: Any, labels: Any) -> Any:
+        combined = keras.ops.concatenate([self.generator(z), real], axis=0)
+        return self.loss_fn(labels, self.discriminator(combined))
+
+    def g_loss(self, z: Any, misleading: Any) -> Any:
+        return self.loss_fn(misleading, self.discriminator(self.generator(z)))
+
+    def logs(self, d_loss: Any, g_loss: Any) -> dict[str, Any]:
+        if self.raw:
+            return {"d_loss": d_loss, "g_loss": g_loss}
+        self.d_loss_tracker.update_state(d_loss)
+        self.g_loss_tracker.update_state(g_loss)
+        return {"d_loss": self.d_loss_tracker.result(), "g_loss": self.g_loss_tracker.result()}
+
+    if BACKEND == "tensorflow":
+
+        def train_step(self, data: Any) -> Any:
+            real, z, labels, misleading = self.parts(data)
+            with tf.GradientTape() as tape:
+                d_loss = self.d_loss(real, z, labels)
+            d_weights = self.discriminator.trainable_weights
+            self.d_optimizer.apply_gradients(zip(tape.gradient(d_loss, d_weights), d_weights, strict=True))
+            with tf.GradientTape() as tape:
+                g_loss = self.g_loss(z, misleading)
+            self.g_optimizer.apply(
+                tape.gradient(g_loss, self.generator.trainable_weights), self.generator.trainable_weights
+            )
+            return self.logs(d_loss, g_loss)
+
+    elif BACKEND == "torch":
+
+        def train_step(self, data: Any) -> Any:
+            real, z, labels, misleading = self.parts(data)
+            for net, opt, loss_of in (
+                (self.discriminator, self.d_optimizer, lambda: self.d_loss(real, z, labels)),
+                (self.generator, self.g_optimizer, lambda: self.g_loss(z, misleading)),
+            ):
+                self.zero_grad()
+                loss = loss_of()
+                loss.backward()
+                weights = list(net.trainable_weights)
+                with torch.no_grad():
+                    opt.apply([v.value.grad for v in weights], weights)
+                if net is self.discriminator:
+                    d_loss = loss
+            return self.logs(d_loss, loss)
+
+
+def bce_logits(labels: np.ndarray, logits: np.ndarray) -> float:
+    return float(np.mean(np.maximum(logits, 0) - logits * labels + np.log1p(np.exp(-np.abs(logits)))))
+
+
+@pytest.mark.skipif(BACKEND == "jax", reason="Keras's JAX trainer threads only model.optimizer's state")
+@pytest.mark.parametrize("raw", [False, True], ids=["trackers", "raw-losses"])
+def test_gan_with_two_optimizers(tmp_path: Path, raw: bool) -> None:
+    gan = GAN(raw)
+    gan.compile(keras.optimizers.SGD(LR, name="d_sgd"), keras.optimizers.SGD(LR / 2, name="g_sgd"))
+    z = RNG.normal(size=(32, LATENT)).astype("float32")
+    real = X[:32, :3]
+    gan.generator(z[:1]), gan.discriminator(real[:1])  # build, so the recorder sees the initial weights
+    gan.built = True  # (a GAN has no call of its own to build it with)
+    rec = Recorder()
+    cb = ttk.Callback(
+        tmp_path, save_config=EVERY_STEP, include_collections=["weights", "biases", "gradients", "losses"]
+    )
+    gan.fit({"real": real, "z": z}, batch_size=BATCH, shuffle=False, callbacks=[rec, cb], verbose=0)
+    trial = tensortap.create_trial(tmp_path)
+    paths = [v.path.removeprefix("gan/") for v in gan.weights]
+    assert set(paths) == {
+        "discriminator/d_dense/kernel",
+        "discriminator/d_dense/bias",
+        "generator/g_dense/kernel",
+        "generator/g_dense/bias",
+    }
+    lrs = {p: LR if p.startswith("discriminator") else LR / 2 for p in paths}
+    for s, (before, after) in enumerate(zip([rec.initial, *rec.weights], rec.weights, strict=False)):
+        w0, w1 = dict(zip(paths, before, strict=True)), dict(zip(paths, after, strict=True))
+        for p in paths:
+            np.testing.assert_allclose(trial.tensor(p).value(s, mode=Mode.TRAIN), w1[p], rtol=1e-6, atol=1e-7)
+            np.testing.assert_allclose(
+                trial.tensor(f"gradients/{p}").value(s, mode=Mode.TRAIN), (w0[p] - w1[p]) / lrs[p], rtol=1e-4, atol=1e-5
+            )
+        rb, zb = real[s * BATCH : (s + 1) * BATCH], z[s * BATCH : (s + 1) * BATCH]
+
+        def net(w: dict[str, np.ndarray], name: str, x: np.ndarray) -> np.ndarray:
+            prefix = "discriminator/d_dense" if name == "d" else "generator/g_dense"
+            return x @ w[f"{prefix}/kernel"] + w[f"{prefix}/bias"]
+
+        fake = net(w0, "g", zb)
+        labels = np.concatenate([np.ones((BATCH, 1)), np.zeros((BATCH, 1))])
+        d_loss = bce_logits(labels, net(w0, "d", np.concatenate([fake, rb])))
+        g_loss = bce_logits(np.zeros((BATCH, 1)), net(w1, "d", fake))  # the discriminator already updated
+        assert float(trial.tensor("losses/d_loss").value(s, mode=Mode.TRAIN)) == pytest.approx(d_loss, rel=1e-5)
+        assert float(trial.tensor("losses/g_loss").value(s, mode=Mode.TRAIN)) == pytest.approx(g_loss, rel=1e-5)
+    assert_model_clean(gan)
+    assert "apply" not in gan.d_optimizer.__dict__ and "apply" not in gan.g_optimizer.__dict__
+
+
+# ------------------------------------------------------ loops of your own
+@pytest.mark.skipif(BACKEND == "jax", reason="a JAX loop keeps its weights in its own state (documented)")
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "tf.function"])
+def test_gradient_tape_loop_one_object(tmp_path: Path, compiled: bool) -> None:
+    if compiled and BACKEND != "tensorflow":
+        pytest.skip("tf.function is TensorFlow's")
+    model = linear(name="loop")
+    optimizer = keras.optimizers.SGD(LR)
+    loss_fn = keras.losses.MeanSquaredError()
+    cb = ttk.Callback(
+        tmp_path, save_config=EVERY_STEP, include_collections=["weights", "biases", "gradients", "outputs", "losses"]
+    )
+    cb.attach(model, optimizer)
+
+    if BACKEND == "tensorflow":
+
+        def train_step(x: Any, y: Any) -> Any:
+            with tf.GradientTape() as tape:
+                loss = loss_fn(y, model(x, training=True))
+            optimizer.apply(tape.gradient(loss, model.trainable_weights), model.trainable_weights)
+            cb.record_loss(loss)  # inside the step function: traced into the tf.function too
+            return loss
+
+        if compiled:
+            train_step = tf.function(train_step)
+    else:
+
+        def train_step(x: Any, y: Any) -> Any:
+            model.zero_grad()
+            loss = loss_fn(y, model(x, training=True))
+            loss.backward()
+            with torch.no_grad():
+                optimizer.apply([v.value.grad for v in model.trainable_weights], model.trainable_weights)
+            cb.record_loss(loss)
+            return loss
+
+    history = [numpy_weights(model)]
+    for s in range(3):
+        with cb.stepping():
+            train_step(X[s * BATCH : (s + 1) * BATCH], Y[s * BATCH : (s + 1) * BATCH])
+        history.append(numpy_weights(model))
+    cb.close()
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.steps(mode=Mode.TRAIN) == [0, 1, 2] and trial.training_ended
+    for s in range(3):
+        before, after = history[s], history[s + 1]
+        xb, yb = X[s * BATCH : (s + 1) * BATCH], Y[s * BATCH : (s + 1) * BATCH]
+        for i, name in enumerate(["dense/kernel", "dense/bias"]):
+            np.testing.assert_allclose(trial.tensor(name).value(s, mode=Mode.TRAIN), after[i], rtol=1e-6, atol=1e-7)
+            np.testing.assert_allclose(
+                trial.tensor(f"gradients/{name}").value(s, mode=Mode.TRAIN),
+                (before[i] - after[i]) / LR,
+                rtol=1e-4,
+                atol=1e-5,
+            )
+        assert float(trial.tensor("losses/loss").value(s, mode=Mode.TRAIN)) == pytest.approx(
+            linear_mse(before, xb, yb), rel=1e-5
+        )
+        np.testing.assert_allclose(
+            trial.tensor("outputs/dense").value(s, mode=Mode.TRAIN), xb @ before[0] + before[1], rtol=1e-5, atol=1e-6
+        )
+    assert "apply" not in optimizer.__dict__ and all("call" not in layer.__dict__ for layer in model.layers)
+    with pytest.raises(RuntimeError, match="no step is open"):
+        cb.record_loss(np.float32(1.0))
+
+
+# ------------------------------------------------------- what cannot be captured
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="string and ragged tensors are TensorFlow's")
+def test_string_and_ragged_tensors_are_skipped_with_one_warning_each(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    keras.utils.set_random_seed(8)
+    words = np.array([["a b"], ["c"], ["b c a"], ["a"]] * 8)
+    inputs = keras.Input((1,), dtype="string")
+    vectorize = keras.layers.TextVectorization(vocabulary=["a", "b", "c"], ragged=True, name="vectorize")
+    lookup = keras.layers.StringLookup(vocabulary=["a", "b", "c"], output_mode="multi_hot", name="lookup")
+
+    class Count(keras.layers.Layer):
+        """Tokens per row of a ragged tensor."""
+
+        def call(self, ragged: Any) -> Any:
+            return tf.cast(ragged.row_lengths()[:, None], "float32")
+
+        def compute_output_shape(self, shape: Any) -> Any:
+            return (shape[0], 1)
+
+    features = keras.layers.Concatenate(name="features")([Count(name="count")(vectorize(inputs)), lookup(inputs)])
+    model = keras.Model(inputs, keras.layers.Dense(1, name="dense")(features), name="text")
+    model.compile(optimizer=keras.optimizers.SGD(LR), loss="mse")
+    cb = ttk.Callback(
+        tmp_path, save_config=EVERY_STEP, include_collections=["weights", "gradients", "inputs", "outputs", "losses"]
+    )
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        data = tf.data.Dataset.from_tensor_slices((words, np.ones((32, 1), "float32"))).batch(BATCH)
+        model.fit(data, epochs=2, shuffle=False, callbacks=[cb], verbose=0)
+    assert not cb.failed
+    trial = tensortap.create_trial(tmp_path)
+    names = set(trial.tensor_names())
+    skipped = {"inputs/vectorize", "outputs/vectorize", "inputs/count", "inputs/lookup"}
+    assert not names & skipped
+    assert {
+        "outputs/count",
+        "outputs/lookup",
+        "outputs/features",
+        "outputs/dense",
+        "dense/kernel",
+        "gradients/dense/kernel",
+        "losses/loss",
+    } <= names
+    assert trial.tensor("dense/kernel").steps(mode=Mode.TRAIN) == [0, 1, 2, 3]
+    warnings = [r.getMessage() for r in caplog.records if "not captured" in r.getMessage()]
+    for name in skipped:
+        assert len([m for m in warnings if m.startswith(f"tensortap: {name} is")]) == 1, (name, warnings)
+    assert any("ragged" in m for m in warnings) and any("string" in m for m in warnings)
+
+
+# ------------------------------------------------------------ stop agreement
+def test_stop_is_agreed_across_processes_every_stop_sync_steps(tmp_path: Path) -> None:
+    asked: list[tuple[int, int]] = []
+
+    def all_reduce_max(flag: int) -> int:  # as if another process had seen a request
+        asked.append((cb.mode_step, flag))
+        return 1
+
+    model = mlp()
+    cb = ttk.Callback(tmp_path, save_config=EVERY_STEP, include_collections=["losses"], all_reduce_max=all_reduce_max)
+    cb.stop_sync_steps = 2
+    history = model.fit(X, Y, batch_size=BATCH, epochs=3, callbacks=[cb], verbose=0)
+    # agreement at steps 0 only: it answered "stop", so fit ends after step 0, with no local request
+    assert asked == [(0, 0)] and model.stop_training is True and len(history.epoch) == 1
+    assert tensortap.create_trial(tmp_path).steps(mode=Mode.TRAIN) == [0]
+
+
+def test_a_local_stop_request_waits_for_the_next_agreement(tmp_path: Path) -> None:
+    asked: list[int] = []
+
+    def all_reduce_max(flag: int) -> int:  # alone: the maximum is this process's flag
+        asked.append(cb.mode_step)
+        return flag
+
+    model = mlp()
+    cb = ttk.Callback(tmp_path, save_config=EVERY_STEP, include_collections=["losses"], all_reduce_max=all_reduce_max)
+    cb.stop_sync_steps = 2
+    cb.hook.stop_poll_seconds = 0.0
+
+    class AskAtStep1(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+            if cb.mode_step == 1:
+                tensortap.create_trial(tmp_path).request_stop("rule fired")
+
+    model.fit(X, Y, batch_size=BATCH, epochs=3, callbacks=[cb, AskAtStep1()], verbose=0)
+    assert asked == [0, 2]  # no collective between two agreements
+    assert tensortap.create_trial(tmp_path).steps(mode=Mode.TRAIN) == [0, 1, 2]
+
+
+# ------------------------------------------------------ naming parity, tensor ops
+class Nest(keras.layers.Layer):
+    """Returns one of the naming-parity structures, built from three slices of its input."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(name=kind)
+        self.kind = kind
+
+    def call(self, x: Any) -> Any:
+        return naming_parity.structures(x[:, :2], x[:, 2:4], x[:, 4:])[self.kind]
+
+
+class Nests(keras.Model):
+    def __init__(self) -> None:
+        super().__init__(name="nests")
+        self.nests = [Nest(kind) for kind in naming_parity.EXPECTED]
+
+    def call(self, x: Any) -> Any:
+        for nest in self.nests:
+            nest(x)
+        return x[:, :1]
+
+
+def test_nested_outputs_are_named_by_the_one_rule(tmp_path: Path) -> None:
+    """The Keras side of the naming-parity test (tests/capture/naming_parity.py)."""
+    model = Nests()
+    model(X[:1])
+    cb = ttk.Callback(tmp_path, save_config=EVERY_STEP, include_collections=["outputs"])
+    model.predict(X[:BATCH], batch_size=BATCH, callbacks=[cb], verbose=0)
+    cb.close()
+    trial = tensortap.create_trial(tmp_path)
+    expected = {name for names in naming_parity.EXPECTED.values() for name in names}
+    assert set(trial.tensor_names()) == expected
+    np.testing.assert_allclose(trial.tensor("outputs/deep/x/z/1").value(0, mode=Mode.PREDICT), X[:BATCH, 4:])
+    np.testing.assert_allclose(trial.tensor("outputs/dict/c").value(0, mode=Mode.PREDICT), X[:BATCH, 2:4])
+
+
+class TestKerasOps(TensorOpsConformance):
+    """The TensorOps conformance suite for the running Keras backend."""
+
+    ops = ttk.KerasOps()
+    # JAX without x64 has no 64-bit tensors
+    unsupported = frozenset({"float64", "int64"}) if BACKEND == "jax" else frozenset()
+
+    def make(self, array: np.ndarray) -> Any:
+        return keras.ops.convert_to_tensor(array)

@@ -1,0 +1,681 @@
+"""The Keras callback: Keras events (and a loop's own steps) translated into capture calls.
+
+While the callback is active (from ``on_train_begin``, ``on_test_begin`` or
+``on_predict_begin`` to the matching end, or from :meth:`Callback.attach` to
+:meth:`Callback.close` for a loop of your own) it puts wrappers on the
+model's *instance*: every sub-layer's ``call`` (outputs, inputs),
+``model.compute_loss`` (the step's loss), ``apply`` of every optimizer of the
+model (gradients; a GAN has two) and ``model.train_step`` / ``test_step`` /
+``predict_step`` (the mode, and the metrics and losses the step returns). It
+also listens to ``keras.metrics.Mean.update_state``: a ``Mean`` named
+``...loss`` updated with a scalar is a loss tracker, and the scalar is the
+step's loss of that name (Keras's ``loss`` and per-output ``<output>_loss``,
+the guides' ``Mean(name="d_loss")``). For ``fit``/``evaluate``/``predict`` it
+rebuilds the step function so that the wrappers are traced into it, and at
+the end removes every wrapper and drops the step functions so that a later
+``fit`` traces a clean model.
+
+How values leave the step: see :mod:`.transport`. Weights, biases and
+optimizer variables are read after the step (on JAX from the trainer's live
+state, since the Variables are stale during ``fit``). A step is closed when
+the next one begins (or at the end of the epoch, evaluation or training), so
+the callback overrides no ``on_*_batch_end`` method and Keras keeps
+dispatching batch-end callbacks asynchronously.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import keras
+import numpy as np
+
+from ...modes import Mode
+from ..core import CONFIG_ENV, Hook
+from ..session import MAX_CALLS, Session, flatten
+from ..stop import AllReduceMax, agreed
+from .naming import flatten_logs
+from .ops import (
+    BACKEND,
+    KerasOps,
+    backend_all_reduce_max,
+    graph_mode,
+    is_scalar,
+    is_tensor,
+    is_tracer,
+    snapshot,
+    uncapturable,
+)
+from .patches import Patches, listen_to_mean_updates
+from .transport import NO_FLAGS, STEP_COLLECTIONS, FlagIterator, Slot, Tagged, TFGraphTaps
+
+if BACKEND == "jax":
+    import jax
+elif BACKEND == "tensorflow":
+    import tensorflow as tf
+
+logger = logging.getLogger("tensortap")
+
+_NOTHING_WANTED = dict.fromkeys(STEP_COLLECTIONS, False)
+_STEP_FUNCTIONS = ("train_function", "test_function", "predict_function")
+Arrival = tuple[str, list[Slot], list[Any]]
+
+
+def _loss_name(key: str, mode: Mode | None) -> str:
+    return f"losses/val_{key}" if mode == Mode.EVAL else f"losses/{key}"
+
+
+class KerasHook(Hook):
+    """The capture core as the Keras callback configures it (its framework name and tensor ops); nothing overridden."""
+
+    framework = "keras"
+    ops = KerasOps()
+
+
+class Callback(keras.callbacks.Callback):
+    """Keras 3 callback that captures tensors into a tensortap trial.
+
+    Pass it to ``fit``, ``evaluate`` or ``predict``; nothing else in the code
+    changes. Validation during ``fit`` and ``evaluate`` give EVAL steps,
+    ``predict`` PREDICT steps. For a training loop of your own
+    (``tf.GradientTape``, torch autograd) see :meth:`attach` and :meth:`stepping`.
+    Names (relative to the model, nested layers by path): ``dense/kernel``
+    (weights), ``dense/bias`` (biases), ``gradients/dense/kernel``,
+    ``outputs/dense``, ``inputs/dense`` (``outputs/dense:0``,
+    ``outputs/dense:1``, ... for a layer called several times in one step;
+    ``outputs/dense/<i>`` or ``/<key>`` for a nested output),
+    ``losses/loss`` (the step's own loss, TRAIN), ``losses/val_loss`` (EVAL),
+    ``losses/<name>`` (a loss tracker's input, e.g. ``losses/out_a_loss`` of a
+    multi-output model, ``losses/d_loss`` of a GAN), ``metrics/<name>`` and
+    ``metrics/val_<name>`` (what the step returns, as in Keras's logs),
+    ``optimizer/<variable path>``.
+
+    Parameters
+    ----------
+    out_dir
+        Local directory or fsspec URL of the trial.
+    close_on_train_end
+        Close the trial (mark training as ended) when ``fit`` ends. Set False
+        to go on capturing ``evaluate``/``predict`` with the same callback,
+        then call :meth:`close`.
+    all_reduce_max
+        For several processes training together: a blocking collective that
+        takes this process's flag (0 or 1) and returns the maximum over all
+        of them. Default: the backend's (torch.distributed, JAX multi-process);
+        TensorFlow has none to offer a callback, pass yours.
+    max_calls
+        Calls of one layer per step saved in full (``outputs/<layer>:<i>``);
+        beyond, only the last one (see :class:`tensortap.capture.Session`).
+    **kwargs
+        Everything :class:`tensortap.capture.Hook` takes (``save_config``,
+        ``include_collections``, ``reduction_config``, ...).
+
+    Attributes
+    ----------
+    hook
+        The capture core (:class:`tensortap.capture.Hook`) this callback drives.
+    session
+        The step machinery (:class:`tensortap.capture.Session`) over it.
+
+    Notes
+    -----
+    With ``steps_per_execution=N`` Keras runs N batches between two callback
+    calls; each execution is one tensortap step and holds the values of its
+    last batch. The stop request of a rule (``control/stop.json`` in the
+    trial) sets ``model.stop_training = True``; with several processes they
+    agree every :attr:`stop_sync_steps` training steps, so all stop at the same step.
+    """
+
+    # with several processes, they agree on a stop request every this many training steps
+    stop_sync_steps: int = 10
+
+    def __init__(
+        self,
+        out_dir: str | os.PathLike[str],
+        close_on_train_end: bool = True,
+        all_reduce_max: AllReduceMax | None = None,
+        max_calls: int = MAX_CALLS,
+        **kwargs: Any,
+    ) -> None:
+        self._setup(KerasHook(out_dir, **kwargs), close_on_train_end, all_reduce_max, max_calls)
+
+    def _setup(
+        self, hook: KerasHook, close_on_train_end: bool, all_reduce_max: AllReduceMax | None, max_calls: int
+    ) -> None:
+        keras.callbacks.Callback.__init__(self)
+        self.hook = hook
+        # values reach the session at the step's end, already snapshotted by _tap: no second copy
+        self.session = Session(hook, is_tensor, max_calls=max_calls)
+        self.session.at_finish(self._collect_after_step)
+        self.close_on_train_end = bool(close_on_train_end)
+        self.all_reduce_max = all_reduce_max
+        self._reduce_max: AllReduceMax | None = None
+        self._depth = 0
+        self._patches = Patches()
+        self._unlisten: Callable[[], None] | None = None
+        self._graph: TFGraphTaps | None = None
+        self._optimizers: list[Any] = []
+        self._loop = False
+        self._ctx_mode: Mode | None = None
+        self._calls: dict[str, int] = {}
+        self._loss_names: set[str] = set()
+        self._arrived: list[Arrival] = []
+        self._skipped: set[str] = set()
+        self._accepting = False
+        self.flags_now = NO_FLAGS
+        self._jax_flags: Any = None
+        self._prefix = ""
+
+    @classmethod
+    def from_json(
+        cls,
+        path: str | os.PathLike[str],
+        close_on_train_end: bool = True,
+        all_reduce_max: AllReduceMax | None = None,
+        max_calls: int = MAX_CALLS,
+        **overrides: Any,
+    ) -> Callback:
+        """A callback configured by a JSON file (see :meth:`tensortap.capture.Hook.from_json`)."""
+        cb = cls.__new__(cls)
+        hook = KerasHook.from_json(path, **overrides)
+        assert isinstance(hook, KerasHook)
+        cb._setup(hook, close_on_train_end, all_reduce_max, max_calls)
+        return cb
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> Callback | None:
+        """A callback configured by the JSON file named by ``TENSORTAP_CONFIG``; None if it is unset."""
+        path = os.environ.get(CONFIG_ENV)
+        return cls.from_json(path, **overrides) if path else None
+
+    # ---------------------------------------------------- the core, read-only
+    @property
+    def out_dir(self) -> str:
+        """Where the trial is written."""
+        return self.hook.out_dir
+
+    @property
+    def step(self) -> int:
+        """The global step number of the last step begun (-1 before the first)."""
+        return self.hook.step
+
+    @property
+    def mode(self) -> Mode:
+        """The mode of the last step begun."""
+        return self.hook.mode
+
+    @property
+    def mode_step(self) -> int:
+        """The step number of the last step begun, counted in its mode."""
+        return self.hook.mode_step
+
+    @property
+    def failed(self) -> bool:
+        """True once capture disabled itself after an error of the capture path."""
+        return self.hook.failed
+
+    @property
+    def should_stop(self) -> bool:
+        """True once a stop request was written into the trial (polled at most every second)."""
+        return self.hook.should_stop
+
+    @property
+    def stop_reason(self) -> str | None:
+        """The reason given by the stop request, once :attr:`should_stop` is true."""
+        return self.hook.stop_reason
+
+    def flush(self) -> None:
+        """Publish everything saved so far (a partial shard) and wait for it."""
+        self.hook.flush()
+
+    # ------------------------------------------------------------ lifecycle
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        self._enter("train")
+
+    def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+        self._exit()
+        if self.close_on_train_end:
+            self.close()
+
+    def on_test_begin(self, logs: dict[str, Any] | None = None) -> None:
+        self._enter("test")
+
+    def on_test_end(self, logs: dict[str, Any] | None = None) -> None:
+        self._exit()
+
+    def on_predict_begin(self, logs: dict[str, Any] | None = None) -> None:
+        self._enter("predict")
+
+    def on_predict_end(self, logs: dict[str, Any] | None = None) -> None:
+        self._exit()
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self._finish_step()
+
+    def on_train_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        self._begin(Mode.TRAIN)
+        if self.stop_agreed():
+            logger.info("tensortap: stop requested (%s); stopping fit", self.stop_reason or "on another process")
+            self._model.stop_training = True
+
+    def on_test_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        self._begin(Mode.EVAL)
+
+    def on_predict_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        self._begin(Mode.PREDICT)
+
+    def _enter(self, kind: str) -> None:
+        self._finish_step()
+        self._depth += 1
+        if self._depth > 1:
+            return
+        model = self._model  # not self.model: on JAX that property syncs the state
+        self._attach(model, ())
+        for fn in _STEP_FUNCTIONS:
+            setattr(model, fn, None)
+        getattr(model, f"make_{kind}_function")()
+
+    def _attach(self, model: Any, optimizers: Sequence[Any]) -> None:
+        writer = self.hook.writer
+        if writer is not None and writer.closed:
+            logger.warning("tensortap: the trial at %s is closed; nothing more is captured", self.out_dir)
+        self._reduce_max = self.all_reduce_max or backend_all_reduce_max()
+        try:
+            self._install(model, optimizers)
+        except Exception as exc:
+            self._detach()
+            self.hook.fail(exc, "cannot attach to the Keras model")
+
+    def _exit(self) -> None:
+        self._finish_step()
+        self._depth -= 1
+        if self._depth > 0:
+            return
+        self._detach()
+        writer = self.hook.writer
+        if writer is not None and not writer.closed:
+            self.flush()
+
+    def _detach(self) -> None:
+        """Remove every wrapper and drop the model's step functions (they were traced with the wrappers)."""
+        self._depth = 0
+        self._patches.undo()
+        if self._unlisten is not None:
+            self._unlisten()
+            self._unlisten = None
+        if self._model is not None and not self._loop:
+            for fn in _STEP_FUNCTIONS:
+                setattr(self._model, fn, None)
+        self._loop = False
+
+    def close(self, reason: str = "closed") -> None:
+        """Publish what is left, mark the end of training and detach from the model. Idempotent.
+
+        ``fit`` calls no callback when it raises: closing the callback then also
+        removes the wrappers it left on the model.
+        """
+        if self._depth:
+            self._finish_step()
+            self._detach()
+        self.session.finish()
+        self.hook.close(reason)
+
+    # ------------------------------------------------------ loops of your own
+    def attach(self, model: Any, optimizer: Any | Sequence[Any] | None = None) -> Callback:
+        """Capture a training loop of your own: weights, gradients, outputs and losses of ``model`` per step.
+
+        Call it before the first call of your step function (a ``tf.function``
+        traced earlier would not contain the capture), then bracket each
+        iteration with :meth:`stepping`, give the loss with :meth:`record_loss`, and
+        call :meth:`close` at the end (which detaches from the model)::
+
+            cb = ttk.Callback(out_dir, save_config=tensortap.SaveConfig(save_interval=10))
+            cb.attach(model, optimizer)
+            for x, y in dataset:
+                with cb.stepping():
+                    loss = train_step(x, y)      # GradientTape ... optimizer.apply(grads, weights)
+                    cb.record_loss(loss)
+            cb.close()
+
+        Parameters
+        ----------
+        model
+            The Keras model trained by the loop.
+        optimizer
+            The optimizer(s) the loop applies gradients with (default: those of the model).
+
+        Returns
+        -------
+        Callback
+            This callback.
+        """
+        if self._depth:
+            raise RuntimeError("Callback.attach: already attached (to a fit, or to a loop); close() it first")
+        if BACKEND == "jax":
+            logger.warning(
+                "tensortap: a JAX loop keeps the weights in its own state, not in the model's variables; "
+                "weights are read from the variables (assign the state back to see them move)"
+            )
+        self.set_model(model)
+        self._loop = True
+        self._depth = 1
+        given = [] if optimizer is None else list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
+        self._attach(model, given)
+        return self
+
+    @contextmanager
+    def stepping(self, mode: Mode | str | None = None, step: int | None = None) -> Iterator[bool]:
+        """``with cb.stepping(): ...`` brackets one iteration of your loop; yields whether it is saved.
+
+        Weights are read when the block ends (after the update); gradients arrive
+        through the optimizer's ``apply``, layer outputs through the layers.
+
+        Parameters
+        ----------
+        mode
+            Mode of the step (default TRAIN).
+        step
+            Explicit global step number (must be greater than the last one); default: last + 1.
+        """
+        if not self._loop:
+            raise RuntimeError("Callback.stepping: call attach(model, optimizer) first")
+        mode = Mode.TRAIN if mode is None else Mode.parse(mode)
+        self._begin(mode, step)
+        self._calls, self._loss_names = {}, set()
+        outer, self._ctx_mode = self._ctx_mode, mode
+        try:
+            yield self.hook.is_saving()
+        finally:
+            self._ctx_mode = outer
+            self._finish_step()
+
+    def record_loss(self, value: Any, name: str = "loss") -> None:
+        """Capture ``value`` as the step's loss ``losses/<name>`` (``losses/val_<name>`` in EVAL steps).
+
+        For a ``train_step`` or a loop that computes its loss without
+        ``compute_loss`` or a ``Mean`` loss tracker. Works inside compiled steps
+        (``tf.function``, ``jax.jit``) as outside.
+        """
+        if not (self.session.is_open or graph_mode() or is_tracer(value)):
+            raise RuntimeError("Callback.record_loss: no step is open (call it inside `with cb.stepping():` or a step)")
+        mode = self._ctx_mode or self.hook.mode
+        key = _loss_name(name, mode)
+        self._loss_names.add(key)
+        self._tap("losses", [(Slot(key), value)])
+
+    # ----------------------------------------------------------------- steps
+    def _begin(self, mode: Mode, step: int | None = None) -> None:
+        self._accepting = False
+        saving = self.session.open(mode, step)  # records the previous step first
+        self._arrived = []
+        wanted = {c: self.session.saving(c) for c in STEP_COLLECTIONS} if saving else _NOTHING_WANTED
+        if self._graph is not None:
+            self._graph.set_flags(wanted, self.hook.step)
+        if BACKEND == "jax":
+            self.flags_now = np.array(list(wanted.values()), dtype=bool) if saving else NO_FLAGS
+        if saving and BACKEND == "jax":
+            jax.effects_barrier()  # callbacks of an earlier, unsaved step must not land in this one
+        self._accepting = True
+
+    def _finish_step(self) -> None:
+        self.session.finish()
+
+    def _collect_after_step(self) -> None:
+        """When a saved step is recorded: what arrived from inside it, then the variables after it."""
+        if BACKEND == "jax":
+            jax.effects_barrier()
+        arrived, self._arrived = self._arrived, []
+        latest: dict[Slot, tuple[str, Any]] = {}  # the last value of a name in the step wins
+        for collection, slots, values in arrived:
+            for slot, value in zip(slots, values, strict=True):
+                latest[slot] = (collection, value)
+        if self._graph is not None:
+            for slot, collection, value in self._graph.written(self.hook.step):
+                latest[slot] = (collection, value)
+        calls: dict[tuple[str, int], tuple[str, dict[str, Any]]] = {}
+        for slot, (collection, value) in latest.items():
+            if slot.call is None:
+                self.session.offer(slot.name, value, (collection,))
+            else:  # the call's tensors, keyed by their place in its output: "" alone, else "0", "key", "1/0"
+                calls.setdefault((slot.name, slot.call), (collection, {}))[1][slot.sub.lstrip("/")] = value
+        for (base, _), (collection, tensors) in sorted(calls.items()):  # each layer's calls in order
+            self.session.offer_call(base, tensors, (collection,))
+        if self.hook.mode == Mode.TRAIN:
+            for name, coll, value in self._variables():
+                self.session.offer(name, value, (coll,))
+
+    def stop_agreed(self) -> bool:
+        """Whether to stop now: :attr:`should_stop`, agreed by every process every :attr:`stop_sync_steps` steps.
+
+        Processes may see the request at different times; one leaving a data-parallel
+        training alone would leave the others waiting in their next collective.
+        """
+        return agreed(self.hook.mode_step, self.stop_sync_steps, lambda: self.hook.should_stop, self._reduce_max)
+
+    # ------------------------------------------------------------- variables
+    def _name(self, path: str) -> str:
+        return path[len(self._prefix) :] if path.startswith(self._prefix) else path
+
+    def _variables(self) -> Iterator[tuple[str, str, Any]]:
+        """``(name, collection, value)`` of the weights and optimizer variables after the step."""
+        model = self._model
+        state = getattr(model, "_jax_state", None) if BACKEND == "jax" else None
+        if getattr(model, "_jax_state_synced", True):
+            state = None  # the Variables hold the values
+
+        def values(variables: Sequence[Any], key: str | None) -> Iterator[tuple[Any, Any]]:
+            if state is not None and key is not None and state.get(key) is not None:
+                yield from zip(variables, state[key], strict=True)
+            else:
+                yield from ((v, v.value) for v in variables)
+
+        if self.session.saving("weights", "biases"):
+            for key in ("trainable_variables", "non_trainable_variables"):
+                for v, value in values(getattr(model, key), key):
+                    if keras.backend.is_float_dtype(v.dtype):
+                        coll = "biases" if v.name.endswith("bias") else "weights"
+                        yield self._name(v.path), coll, value
+        if self.session.saving("optimizer_variables"):
+            for optimizer in self._optimizers:
+                if not getattr(optimizer, "built", True):
+                    continue  # never applied (the default optimizer of a model that trains its own)
+                own = optimizer is getattr(model, "optimizer", None)
+                for v, value in values(optimizer.variables, "optimizer_variables" if own else None):
+                    yield f"optimizer/{v.path}", "optimizer_variables", value
+
+    # -------------------------------------------------------------- wrappers
+    def _install(self, model: Any, optimizers: Sequence[Any]) -> None:
+        self._prefix = f"{getattr(model, 'path', None) or model.name}/"
+        self._graph = None
+        if BACKEND == "tensorflow" and (self._loop or not model.run_eagerly):
+            self._graph = TFGraphTaps(xla=bool(not self._loop and model.jit_compile))
+        if not self._loop:
+            for attr, mode in (("train_step", Mode.TRAIN), ("test_step", Mode.EVAL), ("predict_step", Mode.PREDICT)):
+                self._patches.set(model, attr, self._wrap_step(getattr(model, attr), mode))
+            if BACKEND == "jax":
+                self._patches.set(model, "_make_function", self._wrap_make_function(model._make_function))
+        if self.session.may_save("losses"):
+            if getattr(model, "compiled", False):
+                self._patches.set(model, "compute_loss", self._wrap_loss(model.compute_loss))
+            self._unlisten = listen_to_mean_updates(self._on_mean_update)
+        self._optimizers = list(dict.fromkeys([*optimizers, *_optimizers_of(model)]))
+        if self.session.may_save("gradients"):
+            for optimizer in self._optimizers:
+                self._patches.set(optimizer, "apply", self._wrap_apply(optimizer))
+        if self.session.may_save("outputs") or self.session.may_save("inputs"):
+            for layer in model._flatten_layers(include_self=False, recursive=True):
+                if isinstance(layer, keras.layers.InputLayer):
+                    continue
+                self._patches.set(layer, "call", self._wrap_call(layer))
+
+    def _wrap_make_function(self, make: Callable[..., Any]) -> Callable[..., Any]:
+        """JAX: feed the step's flags into the jitted step with each batch, so that unsaved steps copy nothing."""
+
+        @functools.wraps(make)
+        def wrapped(step_function: Callable[..., Any], *args: Any, **kwargs: Any) -> Callable[..., Any]:
+            run = make(step_function, *args, **kwargs)
+
+            def tagged(state: Any, iterator: Any) -> Any:
+                return run(state, FlagIterator(iterator, self))
+
+            return tagged
+
+        return wrapped
+
+    @contextmanager
+    def _stepping_in(self, mode: Mode, flags: Any) -> Iterator[None]:
+        """Run a step function (or trace one) in ``mode``."""
+        outer = self._ctx_mode, self._jax_flags
+        self._ctx_mode, self._jax_flags, self._calls, self._loss_names = mode, flags, {}, set()
+        try:
+            yield
+        finally:
+            self._ctx_mode, self._jax_flags = outer
+
+    def _wrap_step(self, step: Callable[..., Any], mode: Mode) -> Callable[..., Any]:
+        @functools.wraps(step)
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            flags = None
+            if len(args) >= 2 and isinstance(args[1], Tagged):  # JAX: (state, tagged batch)
+                flags, args = args[1].flags, (args[0], args[1].data, *args[2:])
+            with self._stepping_in(mode, flags):
+                out = step(*args, **kwargs)
+                logs = out[0] if BACKEND == "jax" else out
+                if mode != Mode.PREDICT and isinstance(logs, dict):
+                    self._tap_logs(flatten_logs(logs), mode)
+            return out
+
+        return wrapped
+
+    def _tap_logs(self, logs: dict[str, Any], mode: Mode) -> None:
+        """The metrics a step returns, and the losses among them that no tracker or ``compute_loss`` gave."""
+        prefix = "metrics/val_" if mode == Mode.EVAL else "metrics/"
+        self._tap("metrics", [(Slot(f"{prefix}{k}"), v) for k, v in logs.items() if k != "loss" and is_tensor(v)])
+        # a step that returns its raw losses ({"d_loss": d_loss, ...}, the DCGAN example): a value
+        # under "...loss" is a loss unless a tracker of that name was updated (then it is its mean)
+        raw = [(_loss_name(k, mode), v) for k, v in logs.items() if k.endswith("loss") and is_scalar(v)]
+        self._tap("losses", [(Slot(n), v) for n, v in raw if n not in self._loss_names])
+
+    def _wrap_loss(self, compute_loss: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(compute_loss)
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            loss = compute_loss(*args, **kwargs)
+            if self._ctx_mode in (Mode.TRAIN, Mode.EVAL) and loss is not None:
+                name = _loss_name("loss", self._ctx_mode)
+                self._loss_names.add(name)
+                self._tap("losses", [(Slot(name), loss)])
+            return loss
+
+        return wrapped
+
+    def _on_mean_update(self, metric: Any, values: Any) -> None:
+        """A ``Mean`` named ``...loss`` updated with a scalar in a step: that scalar is a loss."""
+        name = str(getattr(metric, "name", ""))
+        if self._ctx_mode not in (Mode.TRAIN, Mode.EVAL) or not name.endswith("loss") or not is_scalar(values):
+            return
+        key = _loss_name(name, self._ctx_mode)
+        self._loss_names.add(key)
+        self._tap("losses", [(Slot(key), values)])
+
+    def _wrap_apply(self, optimizer: Any) -> Callable[..., Any]:
+        apply = optimizer.apply
+
+        @functools.wraps(apply)
+        def wrapped(grads: Any, trainable_variables: Any = None) -> Any:
+            if self._ctx_mode == Mode.TRAIN:
+                variables = trainable_variables if trainable_variables is not None else optimizer._trainable_variables
+                self._tap(
+                    "gradients",
+                    [
+                        (Slot(f"gradients/{self._name(v.path)}"), g)
+                        for g, v in zip(grads, variables, strict=True)
+                        if g is not None
+                    ],
+                )
+            return apply(grads, trainable_variables)
+
+        return wrapped
+
+    def _wrap_call(self, layer: Any) -> Callable[..., Any]:
+        call = layer.call
+
+        @functools.wraps(call)
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            out = call(*args, **kwargs)
+            if self._ctx_mode is not None:
+                # the path, known once the layer is built: "block/inner" for a layer nested in "block"
+                path = self._name(getattr(layer, "path", None) or layer.name)
+                i = self._call_index(path)
+                if args:
+                    inputs = flatten("", args[0], is_tensor)
+                    self._tap("inputs", [(Slot(f"inputs/{path}", i, sub), v) for sub, v in inputs])
+                outputs = flatten("", out, is_tensor)
+                self._tap("outputs", [(Slot(f"outputs/{path}", i, sub), v) for sub, v in outputs])
+            return out
+
+        return wrapped
+
+    def _call_index(self, path: str) -> int:
+        """The index of this call of the layer at ``path`` in the running step (or in the graph being traced).
+
+        TensorFlow may trace one function twice in a step (a ``tf.function`` that creates
+        variables on its first call): each trace counts its own calls.
+        """
+        key = f"{id(tf.compat.v1.get_default_graph())}:{path}" if graph_mode() else path
+        i = self._calls.get(key, 0)
+        self._calls[key] = i + 1
+        return i
+
+    def _capturable(self, items: list[tuple[Slot, Any]]) -> list[tuple[Slot, Any]]:
+        """``items`` without what cannot be stored (ragged, sparse, string), each named once in a warning."""
+        kept = []
+        for slot, value in items:
+            why = uncapturable(value)
+            if why is None:
+                kept.append((slot, value))
+            elif slot.label() not in self._skipped:
+                self._skipped.add(slot.label())
+                logger.warning("tensortap: %s is %s; it is not captured (everything else is)", slot.label(), why)
+        return kept
+
+    def _tap(self, collection: str, items: list[tuple[Slot, Any]]) -> None:
+        """Hand ``items`` of ``collection`` over from inside a step, in the way the step allows."""
+        if not items or not self.session.may_save(collection):
+            return
+        try:
+            items = self._capturable(items)
+            if not items:
+                return
+            slots = [s for s, _ in items]
+            tensors = [v for _, v in items]
+            if graph_mode():
+                if self._graph is not None:
+                    self._graph.tap(collection, items)
+            elif any(is_tracer(v) for v in tensors):
+                deliver = functools.partial(self._deliver, collection, slots)
+                if self._jax_flags is None:  # a step fed without flags: hand over every time
+                    jax.debug.callback(deliver, tensors)
+                else:
+                    flag = self._jax_flags[STEP_COLLECTIONS.index(collection)]
+                    jax.lax.cond(flag, lambda t: jax.debug.callback(deliver, t), lambda t: None, tensors)
+            else:
+                self._deliver(collection, slots, [snapshot(v) for v in tensors])
+        except Exception as exc:
+            self.hook.fail(exc, f"cannot capture {collection} ({items[0][0].label()}, ...)")
+
+    def _deliver(self, collection: str, slots: list[Slot], values: list[Any]) -> None:
+        """Keep values handed over in a step until it ends (JAX callbacks arrive on another thread)."""
+        if self._accepting and self.session.is_open and self.session.saving(collection):
+            self._arrived.append((collection, slots, values))
+
+
+def _optimizers_of(model: Any) -> list[Any]:
+    """The model's optimizer and every other optimizer it holds as an attribute (a GAN's two)."""
+    found = [model.optimizer] if getattr(model, "optimizer", None) is not None else []
+    found += [v for v in vars(model).values() if isinstance(v, keras.optimizers.Optimizer)]
+    return list(dict.fromkeys(found))
