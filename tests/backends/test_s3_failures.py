@@ -15,8 +15,6 @@ from helpers.s3_proxy import FaultyProxy, silent_endpoint
 import tensortap
 from tensortap.capture import ShardPolicy, Writer
 
-
-
 pytestmark = pytest.mark.s3
 
 # one attempt per botocore call: the retries under test are tensortap's own
