@@ -16,6 +16,7 @@ from helpers.writer_proc import value_for
 import tensortap
 from tensortap import StepState, TensorUnavailableForStep, TrialExistsError
 from tensortap.capture import ShardPolicy, Writer
+from tensortap.cli import find_problems
 from tensortap.trial.trial import REFRESH_SECONDS
 
 WORKERS = ["worker_0", "worker_1", "worker_2"]
@@ -191,3 +192,7 @@ def test_records_of_a_second_writer_of_one_worker_are_reported(tmp_path: Path) -
         trial = tensortap.create_trial(tmp_path / "a")
     assert _values(trial) == {0: 1.0, 1: 2.0}  # the records of the run the worker record names
     assert list(trial.problems()) == ["index/worker_0/0000000001.json"]
+    assert find_problems(str(tmp_path / "a")) == [
+        "index/worker_0/0000000001.json: written by another process than the one the worker record names: "
+        "two processes wrote the worker worker_0"
+    ]
