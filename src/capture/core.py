@@ -541,7 +541,7 @@ class Hook:
         self._saving = False
         self._records = []
         if self.writer is not None:
-            self.writer.disable(*self._progress())  # publishes what is committed, then the end marker
+            self.writer.disable(*self._progress(), f"{context}: {exc}")  # publishes, then the end marker
 
     def _on_writer_error(self, exc: BaseException) -> None:
         self._error = exc

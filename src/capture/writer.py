@@ -320,6 +320,7 @@ class TrialWriter:
         self._last: tuple[int, int, int] | None = None  # the last committed (step, mode, mode_step)
         self._staging_step = -1
         self._hung = False  # the storage did not answer within policy.timeout: wait for it no more
+        self._cause: str | None = None  # why capture turned itself off (see disable)
         self._pending: list[_Job] = []
         self._io_lock = threading.Lock()  # held by the writer thread while it publishes on its own
         record = {
@@ -488,11 +489,13 @@ class TrialWriter:
             self._submit(job)
         self._wait()
 
-    def disable(self, last_step: int | None, mode_steps: dict[str, int]) -> None:
+    def disable(self, last_step: int | None, mode_steps: dict[str, int], cause: str) -> None:
         """Capture turned itself off: publish the committed steps, then end this worker (reason ``error``).
 
-        Returns at once; the storage work happens on the writer thread, and :meth:`close` waits for it.
+        ``cause`` goes into the end marker. Returns at once; the storage work happens on the
+        writer thread, and :meth:`close` waits for it.
         """
+        self._cause = cause
         self._end("error", last_step, mode_steps)
 
     def _end(self, reason: str, last_step: int | None, mode_steps: dict[str, int] | None) -> None:
@@ -522,6 +525,8 @@ class TrialWriter:
         if self.error is not None:
             record["reason"] = "error"
             record["error"] = f"{type(self.error).__name__}: {self.error}"
+        elif self._cause is not None:
+            record["error"] = self._cause
         try:
             self.storage.write_json(layout.end_key(self.worker), record)
         except Exception as exc:  # the storage is gone: readers cannot be told
