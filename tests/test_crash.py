@@ -320,7 +320,7 @@ def _committed(log: Path) -> tuple[bool, list[tuple[int, float]]]:
 
 
 def _wait_for_ready(log: Path) -> None:
-    for _ in range(3000):
+    for _ in range(15000):  # 30 s at most
         if _committed(log)[0]:
             return
         time.sleep(0.002)
