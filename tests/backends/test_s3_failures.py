@@ -1,4 +1,4 @@
-"""SPEC section 7 on object storage: transient errors are retried, a silent endpoint never blocks training."""
+"""SPEC sections 7, 9 on S3: transient errors are retried, a silent endpoint never blocks training, one run per trial."""
 
 from __future__ import annotations
 
@@ -133,3 +133,16 @@ def test_a_store_that_stops_answering_mid_run_does_not_block_training(
     assert len(errors) == 1 and "5 s" in errors[0]
     trial = tensortap.create_trial(s3_url, **s3_options)  # straight to the server, not through the proxy
     assert trial.steps() == [0, 1]
+
+
+def test_new_run_on_s3_keeps_every_fit(s3_options: dict[str, Any], s3_url: str) -> None:
+    """One run per trial holds on object storage too: each fit in ``<prefix>/run-<n>``."""
+    for fit in range(2):
+        with Writer(s3_url, storage_options=s3_options, if_exists="new_run") as w:
+            assert w.out_dir == f"{s3_url}/run-{fit}"
+            train(w, range(fit, fit + 2))
+    for fit in range(2):
+        trial = tensortap.create_trial(f"{s3_url}/run-{fit}", **s3_options)
+        assert trial.steps() == [0, 1]
+        np.testing.assert_array_equal(trial.tensor("w").value(1), weight(fit + 1))
+        assert trial.end_reasons() == {"worker_0": "closed"}
