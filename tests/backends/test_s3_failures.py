@@ -1,4 +1,4 @@
-"""SPEC sections 7, 9 on S3: transient errors are retried, a silent endpoint never blocks training, one run per trial."""
+"""SPEC 7, 9 on S3: transient errors are retried, a silent endpoint never blocks training, one run per trial."""
 
 from __future__ import annotations
 
