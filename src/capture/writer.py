@@ -19,6 +19,7 @@ a step being recorded is finished first and no lock is ever taken twice.
 
 from __future__ import annotations
 
+import _thread
 import atexit
 import collections
 import logging
@@ -642,7 +643,11 @@ def _relay_signals(wake: threading.Event) -> None:
         time.sleep(_RELAY_PAUSE)
         main = threading.main_thread().ident
         while _pending_signals and main is not None:
-            signal.pthread_kill(main, _pending_signals.popleft())  # to the main thread: it interrupts a blocking read
+            signum = _pending_signals.popleft()
+            if hasattr(signal, "pthread_kill"):
+                signal.pthread_kill(main, signum)  # to the main thread: it interrupts a blocking read
+            else:  # Windows
+                _thread.interrupt_main(signum)
 
 
 def _on_signal(signum: int, frame: FrameType | None) -> None:
