@@ -647,7 +647,7 @@ def _relay_signals(wake: threading.Event) -> None:
             if hasattr(signal, "pthread_kill"):
                 signal.pthread_kill(main, signum)  # to the main thread: it interrupts a blocking read
             else:  # Windows
-                _thread.interrupt_main(signum)
+                _thread.interrupt_main(signal.Signals(signum))
 
 
 def _on_signal(signum: int, frame: FrameType | None) -> None:
