@@ -31,6 +31,7 @@ from . import __version__
 from .backends import layout
 from .backends.registry import get_storage
 from .backends.shard import INDEX_MAGIC, ShardError, ShardReader
+from .backends.storage import Storage
 from .exceptions import TensortapError, TrialNotFound
 from .modes import Mode
 from .trial import Trial, create_trial
@@ -370,6 +371,19 @@ def cmd_show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _second_writer(storage: Storage, worker: str, record: dict[str, Any]) -> str | None:
+    """Why the index record ``record`` of ``worker`` comes from another process than its worker record, or None."""
+    if "run_id" not in record:
+        return None
+    try:
+        claimed = storage.read_json(layout.worker_key(worker)).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if claimed is None or claimed == record["run_id"]:
+        return None
+    return f"written by another process than the one the worker record names: two processes wrote the worker {worker}"
+
+
 # ------------------------------------------------------------------ check
 def find_problems(path: str, options: dict[str, Any] | None = None) -> list[str]:
     """Every problem in the trial at ``path``: unreadable shards, index records and markers.
@@ -408,6 +422,8 @@ def find_problems(path: str, options: dict[str, Any] | None = None) -> list[str]
                     problems.append(f"{key}: not a tensortap index record")
                 elif record.get("shard") not in present:
                     problems.append(f"{key}: names shard {record.get('shard')!r}, which does not exist")
+                elif (second := _second_writer(storage, key.split("/")[1], record)) is not None:
+                    problems.append(f"{key}: {second}")
     return problems
 
 

@@ -31,7 +31,7 @@ class WriterProc:
         )
         self.lines: queue.Queue[str] = queue.Queue()
         threading.Thread(target=self._read_stdout, daemon=True).start()
-        self.expect("ready")
+        self.expect("ready", timeout=120.0)  # importing torch takes long on a loaded machine
 
     def _read_stdout(self) -> None:
         assert self.proc.stdout is not None

@@ -106,10 +106,13 @@ def test_publish_failure_mid_run_logs_once_and_disables(tmp_path: Path, caplog: 
     w = Writer(tmp_path, shard_policy=ShardPolicy(max_steps=1))
     run_steps(w, 2)
     w.flush()
+    live = tensortap.create_trial(tmp_path, refresh_interval=0)
     _break_publishing(tmp_path)
     run_steps(w, 3)
     w.flush()
     assert w.failed
+    # training goes on without capture: live readers (rules --follow) must not wait for it
+    assert live.training_ended
     _train(w)
     w.close()
     errors = _errors(caplog)

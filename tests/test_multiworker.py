@@ -16,6 +16,7 @@ from helpers.writer_proc import value_for
 import tensortap
 from tensortap import StepState, TensorUnavailableForStep, TrialExistsError
 from tensortap.capture import ShardPolicy, Writer
+from tensortap.cli import find_problems
 from tensortap.trial.trial import REFRESH_SECONDS
 
 WORKERS = ["worker_0", "worker_1", "worker_2"]
@@ -191,3 +192,24 @@ def test_records_of_a_second_writer_of_one_worker_are_reported(tmp_path: Path) -
         trial = tensortap.create_trial(tmp_path / "a")
     assert _values(trial) == {0: 1.0, 1: 2.0}  # the records of the run the worker record names
     assert list(trial.problems()) == ["index/worker_0/0000000001.json"]
+    assert find_problems(str(tmp_path / "a")) == [
+        "index/worker_0/0000000001.json: written by another process than the one the worker record names: "
+        "two processes wrote the worker worker_0"
+    ]
+
+
+def test_a_hook_continues_the_run_whose_id_it_is_given(tmp_path: Path) -> None:
+    """Training further (XGBoost's ``xgb_model=``) is the same run: data kept, steps and shards go on."""
+    first = _run(tmp_path, 3, 1.0)
+    with pytest.raises(TrialExistsError):
+        Writer(tmp_path, run_id="not-that-run")
+    with Writer(tmp_path, run_id=first.run_id) as w:
+        assert w.run_id == first.run_id
+        for step in range(3, 5):
+            with w.stepping(step=step):
+                w.save("a", np.full(2, step + 1, np.float32))
+    trial = tensortap.create_trial(tmp_path)
+    assert _values(trial) == {0: 1.0, 1: 2.0, 2: 3.0, 3: 4.0, 4: 5.0}
+    assert sorted(p.name for p in (tmp_path / "shards" / "worker_0").iterdir()) == ["0000000000.h5", "0000000001.h5"]
+    assert trial.end_reasons() == {"worker_0": "closed"}
+    assert trial.problems() == {}

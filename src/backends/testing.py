@@ -259,6 +259,32 @@ class StorageTests:
         self._check_whole_under_reads(storage, key, [publish(i) for i in range(8)])
 
     # ---------------------------------------------------------- naming
+    def test_create_json_writes_only_a_key_that_does_not_exist(self, storage: Storage) -> None:
+        storage.makedirs()
+        assert storage.create_json("workers/worker_0.json", {"run_id": "a"})
+        assert not storage.create_json("workers/worker_0.json", {"run_id": "b"})
+        assert storage.read_json("workers/worker_0.json") == {"run_id": "a"}
+        assert self.raw_keys(storage) == ["workers/worker_0.json"]  # no temporary file left
+
+    def test_create_json_is_exclusive_when_it_says_so(self, storage: Storage) -> None:
+        """Of 8 threads creating one key at the same instant, exactly one succeeds."""
+        if not storage.exclusive_create:
+            pytest.skip(f"{type(storage).__name__} does not promise an exclusive create")
+        storage.makedirs()
+        barrier = threading.Barrier(8)
+        won: list[bool] = []
+
+        def create(i: int) -> None:
+            barrier.wait()
+            won.append(storage.create_json("workers/worker_0.json", {"i": i}))
+
+        threads = [threading.Thread(target=create, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert won.count(True) == 1
+
     def test_url_and_repr_name_the_root(self, storage: Storage) -> None:
         assert isinstance(storage.url, str)
         assert storage.url in repr(storage)

@@ -170,6 +170,16 @@ class Hook:
         :class:`~tensortap.TrialExistsError`; ``"overwrite"`` replaces that worker's data;
         ``"new_run"`` writes every run to ``out_dir/run-<n>`` (then :attr:`out_dir` is that
         folder), so a KFold loop or a grid search keeps every fit. Ranks of one run share a run folder.
+    run_id
+        Continue the run of an earlier hook of the same training (its :attr:`run_id`, e.g. when
+        an adapter's training goes on in a second call): that worker's data is kept and its steps
+        go on, whatever ``if_exists`` says. Default: a new run.
+
+    Attributes
+    ----------
+    run_id
+        Identifies this run in the worker record and every index record (``None`` when this
+        process writes nothing).
     """
 
     framework: ClassVar[str] = "numpy"
@@ -197,6 +207,7 @@ class Hook:
         rules: Sequence[Any] | None = None,
         storage_options: Mapping[str, Any] | None = None,
         if_exists: IfExists = "error",
+        run_id: str | None = None,
     ) -> None:
         self.strict = bool(strict)
         self.out_dir = os.fspath(out_dir)
@@ -260,6 +271,7 @@ class Hook:
         self._failed = False
         self._error: BaseException | None = None
         self.writer: TrialWriter | None = None
+        self.run_id: str | None = None
         self.enabled = include_workers == "all" or self.rank == 0
         self.storage = get_storage(self.out_dir, **dict(storage_options or {}))
         # rules may widen what is captured (require_capture), so they attach before the
@@ -271,9 +283,16 @@ class Hook:
         if self.enabled:
             try:
                 self.writer = TrialWriter(
-                    self.storage, self.worker, self.shard_policy, self._worker_info(), self._on_writer_error, if_exists
+                    self.storage,
+                    self.worker,
+                    self.shard_policy,
+                    self._worker_info(),
+                    self._on_writer_error,
+                    if_exists,
+                    run_id,
                 )
                 self.storage, self.out_dir = self.writer.storage, self.writer.storage.url  # new_run: the run folder
+                self.run_id = self.writer.run_id
             except TrialExistsError:
                 raise
             except Exception as exc:
@@ -605,7 +624,7 @@ class Hook:
         self._records = []
         self._offered = set()
         if self.writer is not None:
-            self.writer.disable(*self._progress())  # publishes what is committed, then the end marker
+            self.writer.disable(*self._progress(), f"{context}: {exc}")  # publishes, then the end marker
 
     _fail = fail  # the name the XGBoost adapter still uses
 

@@ -19,6 +19,7 @@ a step being recorded is finished first and no lock is ever taken twice.
 
 from __future__ import annotations
 
+import _thread
 import atexit
 import collections
 import logging
@@ -149,34 +150,55 @@ def _remove_worker(storage: Storage, worker: str, started: float) -> None:
         storage.delete(layout.STOP_REQUEST)
 
 
-def claim_worker(storage: Storage, worker: str, record: dict[str, Any], if_exists: IfExists) -> Storage:
-    """Create the trial root and write ``worker``'s record; return the storage the worker writes to.
+def _resume(storage: Storage, worker: str, record: dict[str, Any]) -> int | None:
+    """Continue ``worker``'s run in ``storage`` if its record has ``record``'s run id; return the next shard number."""
+    key = layout.worker_key(worker)
+    try:
+        if storage.read_json(key).get("run_id") != record["run_id"]:
+            return None
+    except (OSError, ValueError, AttributeError):
+        return None
+    storage.delete(layout.end_key(worker))
+    storage.write_json(key, record)
+    seqs = [n.split(".")[0] for n in storage.list(f"{layout.INDEX}/{worker}") if n.endswith(".json")]
+    return max((int(n) for n in seqs if n.isdigit()), default=-1) + 1
+
+
+def claim_worker(
+    storage: Storage, worker: str, record: dict[str, Any], if_exists: IfExists, resume: bool = False
+) -> tuple[Storage, int]:
+    """Create the trial root and write ``worker``'s record; return the storage the worker writes to and its first seq.
 
     ``if_exists`` says what happens when ``worker`` is already recorded there: ``"error"``
     raises :class:`TrialExistsError`, ``"overwrite"`` removes that worker's data first,
     ``"new_run"`` writes to the run folder ``run-<n>`` (the last one, if this worker is not
     recorded in it yet: ranks of one run share it; otherwise a new one). On storage with
     exclusive create (local folders), two processes claiming one name at the same instant
-    cannot both succeed.
+    cannot both succeed. With ``resume``, a worker recorded with ``record["run_id"]`` (the
+    same run, trained further) is continued instead.
     """
     storage.makedirs()
     key = layout.worker_key(worker)
     if if_exists == "new_run":
         numbers = [int(n[len(RUN_PREFIX) :]) for n in storage.list_dirs("") if re.fullmatch(r"run-\d{1,9}", n)]
         n = max(numbers, default=0)
+        if resume and numbers and (seq := _resume(storage.child(f"{RUN_PREFIX}{n}"), worker, record)) is not None:
+            return storage.child(f"{RUN_PREFIX}{n}"), seq
         while True:
             run = storage.child(f"{RUN_PREFIX}{n}")
             run.makedirs()
             if run.create_json(key, record):
-                return run
+                return run, 0
             n += 1
     if storage.create_json(key, record):
-        return storage
+        return storage, 0
+    if resume and (seq := _resume(storage, worker, record)) is not None:
+        return storage, seq
     if if_exists == "error":
         raise TrialExistsError(_exists_message(storage, worker))
     _remove_worker(storage, worker, record["started"])
     storage.write_json(key, record)
-    return storage
+    return storage, 0
 
 
 # ------------------------------------------------------------------ the writer thread
@@ -253,6 +275,9 @@ class TrialWriter:
         Called once, from the thread that met it, with the first error of publishing.
     if_exists
         What to do when ``worker`` is already recorded in ``storage`` (see :func:`claim_worker`).
+    run_id
+        Continue the run with this id (:attr:`run_id` of an earlier writer of the same
+        training): its data is kept and shards are numbered on. Default: a new run.
 
     Attributes
     ----------
@@ -278,6 +303,7 @@ class TrialWriter:
         worker_info: dict[str, Any],
         on_error: Callable[[BaseException], None],
         if_exists: IfExists = "error",
+        run_id: str | None = None,
     ) -> None:
         if if_exists not in IF_EXISTS:
             raise ValueError(f"if_exists: {if_exists!r} is not valid; valid: {', '.join(map(repr, IF_EXISTS))}")
@@ -287,7 +313,7 @@ class TrialWriter:
         self.error: BaseException | None = None
         self.closed = False  # accepts no more data
         self._finished = False
-        self.run_id = uuid.uuid4().hex
+        self.run_id = run_id or uuid.uuid4().hex
         self._lock = threading.RLock()
         self._buffer = ShardBuffer(policy.max_steps, policy.max_bytes)
         self._since = 0.0
@@ -296,6 +322,7 @@ class TrialWriter:
         self._last: tuple[int, int, int] | None = None  # the last committed (step, mode, mode_step)
         self._staging_step = -1
         self._hung = False  # the storage did not answer within policy.timeout: wait for it no more
+        self._cause: str | None = None  # why capture turned itself off (see disable)
         self._pending: list[_Job] = []
         self._io_lock = threading.Lock()  # held by the writer thread while it publishes on its own
         record = {
@@ -305,8 +332,10 @@ class TrialWriter:
             "run_id": self.run_id,
             **worker_info,
         }
-        self.storage = run_bounded(
-            lambda: claim_worker(storage, worker, record, if_exists), policy.timeout, f"setting up {storage.url}"
+        self.storage, self._seq = run_bounded(
+            lambda: claim_worker(storage, worker, record, if_exists, resume=run_id is not None),
+            policy.timeout,
+            f"setting up {storage.url}",
         )
         self._thread = _WriterThread.get()
         self._thread.writers.add(self)
@@ -463,11 +492,13 @@ class TrialWriter:
             self._submit(job)
         self._wait()
 
-    def disable(self, last_step: int | None, mode_steps: dict[str, int]) -> None:
+    def disable(self, last_step: int | None, mode_steps: dict[str, int], cause: str) -> None:
         """Capture turned itself off: publish the committed steps, then end this worker (reason ``error``).
 
-        Returns at once; the storage work happens on the writer thread, and :meth:`close` waits for it.
+        ``cause`` goes into the end marker. Returns at once; the storage work happens on the
+        writer thread, and :meth:`close` waits for it.
         """
+        self._cause = cause
         self._end("error", last_step, mode_steps)
 
     def _end(self, reason: str, last_step: int | None, mode_steps: dict[str, int] | None) -> None:
@@ -497,6 +528,8 @@ class TrialWriter:
         if self.error is not None:
             record["reason"] = "error"
             record["error"] = f"{type(self.error).__name__}: {self.error}"
+        elif self._cause is not None:
+            record["error"] = self._cause
         try:
             self.storage.write_json(layout.end_key(self.worker), record)
         except Exception as exc:  # the storage is gone: readers cannot be told
@@ -612,7 +645,11 @@ def _relay_signals(wake: threading.Event) -> None:
         time.sleep(_RELAY_PAUSE)
         main = threading.main_thread().ident
         while _pending_signals and main is not None:
-            signal.pthread_kill(main, _pending_signals.popleft())  # to the main thread: it interrupts a blocking read
+            signum = _pending_signals.popleft()
+            if hasattr(signal, "pthread_kill"):
+                signal.pthread_kill(main, signum)  # to the main thread: it interrupts a blocking read
+            else:  # Windows
+                _thread.interrupt_main(signal.Signals(signum))
 
 
 def _on_signal(signum: int, frame: FrameType | None) -> None:

@@ -1,0 +1,148 @@
+"""SPEC 7, 9 on S3: transient errors are retried, a silent endpoint never blocks training, one run per trial."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+from helpers.s3_proxy import FaultyProxy, silent_endpoint
+
+import tensortap
+from tensortap.capture import ShardPolicy, Writer
+
+pytestmark = pytest.mark.s3
+
+# one attempt per botocore call: the retries under test are tensortap's own
+S3_BUCKET = "tensortap-test"  # the bucket conftest.py creates
+NO_CLIENT_RETRIES = {"retries": {"total_max_attempts": 1}}
+
+
+def weight(step: int) -> np.ndarray:
+    return (np.arange(4, dtype=np.float32) + 0.5) * (step + 1)
+
+
+def train(writer: Writer, steps: range) -> None:
+    for step in steps:
+        with writer.stepping():
+            writer.save("w", weight(step), collections=["weights"])
+
+
+def _in_thread(fn: Any, limit: float = 120.0) -> None:
+    """Run ``fn`` on a thread and check that it returned (a hang would never)."""
+    t = threading.Thread(target=fn, daemon=True)
+    t.start()
+    t.join(limit)
+    assert not t.is_alive(), "training was blocked by the storage"
+
+
+@pytest.fixture
+def proxy(s3_endpoint: str) -> Iterator[FaultyProxy]:
+    p = FaultyProxy(s3_endpoint)
+    yield p
+    p.close()
+
+
+def _through(proxy: FaultyProxy, s3_options: dict[str, Any]) -> dict[str, Any]:
+    return {**s3_options, "client_kwargs": {"endpoint_url": proxy.url}, "config_kwargs": NO_CLIENT_RETRIES}
+
+
+def test_transient_upload_errors_are_retried_and_capture_goes_on(
+    proxy: FaultyProxy, s3_options: dict[str, Any], s3_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="tensortap")
+    w = Writer(s3_url, storage_options=_through(proxy, s3_options), shard_policy=ShardPolicy(max_steps=1))
+    train(w, range(2))
+    w.flush()
+    proxy.failures = 2  # the next two uploads fail with 500 InternalError
+    train(w, range(2, 5))
+    w.close()
+    assert proxy.failed == 2
+    assert not w.failed
+    retries = [r.getMessage() for r in caplog.records if "attempt" in r.getMessage()]
+    assert len(retries) == 2 and all("0000000002.h5" in m and "injected" in m for m in retries)
+    trial = tensortap.create_trial(s3_url, **s3_options)
+    assert trial.steps() == [0, 1, 2, 3, 4]
+    for step, v in trial.tensor("w").values().items():
+        np.testing.assert_array_equal(v, weight(step))
+    assert trial.end_reasons() == {"worker_0": "closed"}
+
+
+def test_errors_that_outlast_the_retries_end_capture_with_an_end_marker(
+    proxy: FaultyProxy, s3_options: dict[str, Any], s3_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, logger="tensortap")
+    w = Writer(s3_url, storage_options=_through(proxy, s3_options), shard_policy=ShardPolicy(max_steps=1))
+    train(w, range(2))
+    w.flush()
+    proxy.failures = 4  # every attempt of one upload
+    train(w, range(2, 4))
+    w.flush()
+    assert w.failed
+    train(w, range(4, 6))  # training goes on
+    w.close()
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "capture is disabled" in errors[0].getMessage()
+    trial = tensortap.create_trial(s3_url, **s3_options)
+    assert trial.steps() == [0, 1]
+    assert trial.end_reasons() == {"worker_0": "error"}  # live readers and rules --follow end
+
+
+def test_a_silent_endpoint_does_not_block_the_writer_at_start(caplog: pytest.LogCaptureFixture) -> None:
+    pytest.importorskip("s3fs")
+    caplog.set_level(logging.ERROR, logger="tensortap")
+    with silent_endpoint() as url:
+        options = {"key": "k", "secret": "s", "client_kwargs": {"endpoint_url": url}}
+        writers: list[Writer] = []
+
+        def start_and_train() -> None:
+            w = Writer(
+                f"s3://{S3_BUCKET}/{uuid.uuid4().hex}", storage_options=options, shard_policy=ShardPolicy(timeout=1)
+            )
+            writers.append(w)
+            train(w, range(3))
+            w.close()
+
+        _in_thread(start_and_train)
+    assert writers[0].failed
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "did not answer within 1 s" in errors[0]
+
+
+def test_a_store_that_stops_answering_mid_run_does_not_block_training(
+    proxy: FaultyProxy, s3_options: dict[str, Any], s3_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, logger="tensortap")
+    policy = ShardPolicy(max_steps=1, timeout=5)
+    w = Writer(s3_url, storage_options=_through(proxy, s3_options), shard_policy=policy)
+    train(w, range(2))
+    w.flush()
+    proxy.stalled.set()
+
+    def go_on() -> None:
+        train(w, range(2, 12))  # more shards than the publishing queue holds
+        w.close()
+
+    _in_thread(go_on)
+    assert w.failed
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "5 s" in errors[0]
+    trial = tensortap.create_trial(s3_url, **s3_options)  # straight to the server, not through the proxy
+    assert trial.steps() == [0, 1]
+
+
+def test_new_run_on_s3_keeps_every_fit(s3_options: dict[str, Any], s3_url: str) -> None:
+    """One run per trial holds on object storage too: each fit in ``<prefix>/run-<n>``."""
+    for fit in range(2):
+        with Writer(s3_url, storage_options=s3_options, if_exists="new_run") as w:
+            assert w.out_dir == f"{s3_url}/run-{fit}"
+            train(w, range(fit, fit + 2))
+    for fit in range(2):
+        trial = tensortap.create_trial(f"{s3_url}/run-{fit}", **s3_options)
+        assert trial.steps() == [0, 1]
+        np.testing.assert_array_equal(trial.tensor("w").value(1), weight(fit + 1))
+        assert trial.end_reasons() == {"worker_0": "closed"}

@@ -1,0 +1,108 @@
+"""Storage endpoints that misbehave, on 127.0.0.1: one that never answers, and a faulty proxy to a real S3 server."""
+
+from __future__ import annotations
+
+import http.client
+import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
+
+_HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "expect", "content-length"}
+
+
+@contextmanager
+def silent_endpoint() -> Iterator[str]:
+    """Yield the URL of a TCP endpoint that accepts connections (the kernel's backlog) and never answers."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        sock.close()
+
+
+class FaultyProxy:
+    """An HTTP proxy in front of ``target`` (the moto S3 server) that fails or stalls requests on demand.
+
+    Attributes
+    ----------
+    url
+        Where clients connect.
+    failures
+        How many of the next PUT requests are answered ``500 InternalError`` instead of forwarded.
+    stalled
+        While set, new requests are accepted and never answered (until :meth:`close`).
+    """
+
+    def __init__(self, target: str) -> None:
+        self.target = urlsplit(target)
+        self.failures = 0
+        self.failed = 0
+        self.stalled = threading.Event()
+        self._released = threading.Event()
+        self._lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+            def _forward(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if proxy.stalled.is_set():
+                    proxy._released.wait()
+                    self.close_connection = True
+                    return
+                if self.command == "PUT" and proxy._take_failure():
+                    error = b"<Error><Code>InternalError</Code><Message>injected</Message></Error>"
+                    self.send_response(500)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(error)))
+                    self.end_headers()
+                    self.wfile.write(error)
+                    return
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
+                headers["Content-Length"] = str(len(body))
+                conn = http.client.HTTPConnection(proxy.target.hostname, proxy.target.port, timeout=30)
+                try:
+                    conn.request(self.command, self.path, body, headers)
+                    resp = conn.getresponse()
+                    data = resp.read()
+                finally:
+                    conn.close()
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    if k.lower() not in _HOP_BY_HOP:
+                        self.send_header(k, v)
+                length = resp.getheader("Content-Length") if self.command == "HEAD" else None
+                self.send_header("Content-Length", length or str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def _take_failure(self) -> bool:
+        with self._lock:
+            if self.failures <= 0:
+                return False
+            self.failures -= 1
+            self.failed += 1
+            return True
+
+    def close(self) -> None:
+        """Answer stalled requests (by closing them) and stop serving."""
+        self._released.set()
+        self.server.shutdown()
+        self.server.server_close()
