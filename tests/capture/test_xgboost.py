@@ -291,9 +291,10 @@ def test_callback_is_picklable_and_writes_nothing_until_training(tmp_path: Path,
     out = tmp_path / "trial"
     callback = ttx.Callback(out)
     assert not out.exists()
-    _train(out, *dmatrices, rounds=2)  # a fresh callback of the same configuration
+    _train(tmp_path / "fresh", *dmatrices, rounds=2)  # a fresh callback of the same configuration
     clone = pickle.loads(pickle.dumps(callback))
-    xgb.train(PARAMS, dmatrices[0], 2, callbacks=[clone], verbose_eval=False)
+    evals = [(dmatrices[0], "train"), (dmatrices[1], "validation")]
+    xgb.train(PARAMS, dmatrices[0], 2, evals=evals, callbacks=[clone], verbose_eval=False)
     assert clone.hook is not None and clone.hook.step == 1
     assert copy.deepcopy(clone).hook is None  # a used callback copies without its (closed) writer
     assert tensortap.create_trial(out).steps() == [0, 1]

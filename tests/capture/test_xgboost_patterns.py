@@ -347,12 +347,7 @@ def test_sklearn_pipeline(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> N
 
 
 def test_cross_val_score_and_grid_search_train_the_same_models(tmp_path: Path) -> None:
-    """Capture changes no score; every fit writes into the one folder its (cloned) callback names.
-
-    Tolerant on purpose: whether a second fit into a folder that holds a trial is
-    refused or gets a run folder of its own is the writer's decision; here the
-    trial must hold the rounds of a fit, readable.
-    """
+    """Capture changes no score, and with ``if_exists="new_run"`` every (cloned) fit keeps a run of its own."""
     from sklearn.model_selection import GridSearchCV, cross_val_score
 
     X, y = _data()
@@ -361,16 +356,25 @@ def test_cross_val_score_and_grid_search_train_the_same_models(tmp_path: Path) -
         return xgb.XGBClassifier(n_estimators=3, max_depth=2, n_jobs=1, callbacks=callbacks)
 
     plain = cross_val_score(model(None), X, y, cv=3, error_score="raise")
-    captured = cross_val_score(model([ttx.Callback(tmp_path / "cv")]), X, y, cv=3, error_score="raise")
+    callback = ttx.Callback(tmp_path / "cv", if_exists="new_run")
+    captured = cross_val_score(model([callback]), X, y, cv=3, error_score="raise")
     np.testing.assert_array_equal(captured, plain)
-    assert tensortap.create_trial(tmp_path / "cv").tensor("hyperparameters/max_depth").value(0) == 2
+    assert sorted(p.name for p in (tmp_path / "cv").iterdir()) == ["run-0", "run-1", "run-2"]
+    for k in range(3):
+        assert tensortap.create_trial(tmp_path / "cv" / f"run-{k}").tensor("hyperparameters/max_depth").value(0) == 2
 
     grid = {"max_depth": [1, 2]}
     plain_search = GridSearchCV(model(None), grid, cv=2, error_score="raise").fit(X, y)
-    search = GridSearchCV(model([ttx.Callback(tmp_path / "grid")]), grid, cv=2, error_score="raise").fit(X, y)
+    callback = ttx.Callback(tmp_path / "grid", if_exists="new_run")
+    search = GridSearchCV(model([callback]), grid, cv=2, error_score="raise").fit(X, y)
     assert search.best_params_ == plain_search.best_params_
     np.testing.assert_array_equal(search.cv_results_["mean_test_score"], plain_search.cv_results_["mean_test_score"])
-    assert tensortap.create_trial(tmp_path / "grid").steps() == [0]
+    depths = [
+        int(tensortap.create_trial(tmp_path / "grid" / f"run-{k}").tensor("hyperparameters/max_depth").value(0))
+        for k in range(5)  # 2 settings x 2 folds, and the refit of the best
+    ]
+    assert sorted(depths[:4]) == [1, 1, 2, 2] and depths[4] == search.best_params_["max_depth"]
+    assert not (tmp_path / "grid" / "run-5").exists()
 
 
 # ------------------------------------------ custom objective, custom metric

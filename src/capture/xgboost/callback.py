@@ -83,6 +83,7 @@ class Callback(xgb.callback.TrainingCallback):
         if "trees" in included and importlib.util.find_spec("pandas") is None:
             raise ImportError("include_collections: 'trees' needs pandas: pip install pandas")
         self.hook: Hook | None = None
+        self._run_id: str | None = None  # of this callback's last training: a training further continues it
         self._reset()
 
     def _reset(self) -> None:
@@ -122,7 +123,10 @@ class Callback(xgb.callback.TrainingCallback):
         kwargs = dict(self.hook_kwargs)
         if collective.is_distributed():
             kwargs["rank"] = collective.get_rank()
+        if self._offset and self._run_id is not None:  # training further (xgb_model=): the same run goes on
+            kwargs.setdefault("run_id", self._run_id)
         self.hook = hook = Hook(self.out_dir, hyperparameters=params, **kwargs)
+        self._run_id = hook.run_id
         if self.stop_poll_seconds is not None:
             hook.stop_poll_seconds = self.stop_poll_seconds
         if booster is not None and not evals and {"losses", "metrics"} & set(hook.included):
