@@ -15,12 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from .backends import layout
-from .backends.registry import get_storage
-from .backends.shard import INDEX_MAGIC, ShardError, ShardReader
-from .exceptions import TensortapError, TrialNotFound
+from .exceptions import TensortapError
 from .modes import Mode
 from .trial import Trial, create_trial
+from .trial.check import find_problems
 
 
 def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
@@ -140,45 +138,6 @@ def cmd_show(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(out, allow_nan=True))
     return 0
-
-
-def find_problems(path: str, options: dict[str, Any] | None = None) -> list[str]:
-    """Every problem in the trial at ``path``: unreadable shards, index records and markers.
-
-    Every ``.h5`` file under the trial is opened and read in full, whether or
-    not an index record names it; every index record must name a readable shard.
-    """
-    storage = get_storage(path, **(options or {}))
-    if not storage.exists():
-        raise TrialNotFound(f"no trial at {path!r}")
-    problems = []
-    keys = storage.walk()
-    present = set(keys)
-    for key in keys:
-        name = key.rsplit("/", 1)[-1]
-        if name.startswith("."):
-            continue  # a temp file of a writer at work (or killed): never read
-        if key.endswith(".h5"):
-            try:
-                reader = ShardReader(storage.local_path(key))
-                try:
-                    reader.validate()
-                finally:
-                    reader.close()
-            except (ShardError, OSError) as exc:
-                problems.append(f"{key}: unreadable shard ({exc})")
-        elif key.endswith(".json"):
-            try:
-                record = storage.read_json(key)
-            except (OSError, ValueError) as exc:
-                problems.append(f"{key}: unreadable JSON ({exc})")
-                continue
-            if key.startswith(f"{layout.INDEX}/"):
-                if not isinstance(record, dict) or record.get("format") != INDEX_MAGIC:
-                    problems.append(f"{key}: not a tensortap index record")
-                elif record.get("shard") not in present:
-                    problems.append(f"{key}: names shard {record.get('shard')!r}, which does not exist")
-    return problems
 
 
 def cmd_check(args: argparse.Namespace) -> int:

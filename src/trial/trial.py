@@ -256,7 +256,8 @@ class Trial:
         """The stop request written into this trial, if any."""
         if not self.storage.exists(layout.STOP_REQUEST):
             return None
-        return dict(self.storage.read_json(layout.STOP_REQUEST))
+        request = self.storage.read_json(layout.STOP_REQUEST)
+        return request if isinstance(request, dict) else {"reason": repr(request)}
 
     def request_stop(self, reason: str, **details: Any) -> None:
         """Ask the training that writes this trial to stop; adapters poll for it."""
@@ -372,10 +373,11 @@ class Tensor:
         raise StepUnavailable(step, m)
 
     def _reader_value(self, step: int, loc: Location) -> np.ndarray:
-        reader = self.trial._index.reader(loc.shard)
-        value = None if reader is None else reader.value(self.name, step)
+        index = self.trial._index
+        value = index.read(loc.shard, lambda r: r.value(self.name, step))
         if value is None:
-            raise TensorUnavailableForStep(f"{self.name!r} at step {step}: its shard {loc.shard} cannot be read")
+            why = index.bad_files.get(loc.shard, "it does not hold this value")
+            raise TensorUnavailableForStep(f"{self.name!r} at step {step}: shard {loc.shard} cannot be read: {why}")
         return value
 
     def value(self, step: int, mode: Mode | str | None = None, worker: str | None = None) -> np.ndarray:
@@ -405,11 +407,9 @@ class Tensor:
             by_shard.setdefault(loc.shard, []).append((gstep, key))
         out: dict[int, np.ndarray] = {}
         for shard, wanted in by_shard.items():
-            reader = index.reader(shard)
-            if reader is None:
-                continue
-            stored = reader.values(self.name)
-            out.update({key: stored[g] for g, key in wanted if g in stored})
+            stored = index.read(shard, lambda r: r.values(self.name))
+            if stored is not None:  # else skipped with a warning naming the shard
+                out.update({key: stored[g] for g, key in wanted if g in stored})
         return dict(sorted(out.items()))
 
     def reduction_value(
@@ -426,9 +426,9 @@ class Tensor:
             raise ValueError(f"reduction: {reduction!r} is not valid; valid: {', '.join(red.ALL_REDUCTIONS)}")
         gstep, _, loc = self._locate(step, mode, worker)
         if key in loc.reductions:
-            reader = self.trial._index.reader(loc.shard)
-            if reader is not None:
-                return reader.reductions(self.name)[(gstep, key)]
+            saved = self.trial._index.read(loc.shard, lambda r: r.reductions(self.name))
+            if saved is not None and (gstep, key) in saved:
+                return saved[(gstep, key)]
         if loc.raw:
             return red.compute(self._reader_value(gstep, loc), key)
         raise TensorUnavailableForStep(

@@ -1,0 +1,182 @@
+"""What ``tensortap check`` finds: every problem of a trial, never hanging on a hostile file.
+
+Every JSON record is checked against its schema; every ``.h5`` file under the
+trial is opened and read in full (whether or not an index record names it)
+in a child process with a time limit, because a corrupt HDF5 structure can
+make HDF5 loop forever; and every shard an index record names must exist and
+hold the steps and tensors the record lists.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import multiprocessing.connection
+from typing import Any
+
+from ..backends import layout
+from ..backends.layout import UnsafeKey, check_key
+from ..backends.registry import get_storage
+from ..backends.shard import ShardError, ShardReader
+from ..backends.storage import Storage
+from ..exceptions import TrialNotFound
+from .index import RecordError, check_end_marker, check_index_record, check_worker_record
+
+CHECK_SECONDS = 60.0
+"""Time limit for reading one shard in full (a 256 MiB shard takes about a second)."""
+
+Summary = tuple[str | None, list[list[int]], list[str]]  # (problem, [[step, mode, mode_step]], tensor names)
+
+
+def inspect_shard(path: str, expected_bytes: int | None) -> Summary:
+    """Read the shard at ``path`` in full: ``(problem or None, its steps, its tensor names)``."""
+    try:
+        reader = ShardReader(path, expected_bytes)
+    except ShardError as exc:
+        return str(exc), [], []
+    try:
+        reader.validate()
+        return None, reader.steps_table().tolist(), list(reader.names)
+    except ShardError as exc:
+        return str(exc), [], []
+    finally:
+        reader.close()
+
+
+def _serve(conn: multiprocessing.connection.Connection) -> None:
+    """The child process: inspect each ``(path, expected_bytes)`` received, send back the summary."""
+    while True:
+        try:
+            job = conn.recv()
+        except EOFError:
+            return
+        conn.send(inspect_shard(*job))
+
+
+class _Inspector:
+    """A child process that inspects shards one at a time, replaced when one takes too long."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self._proc: Any = None
+        self._conn: multiprocessing.connection.Connection | None = None
+
+    def _start(self) -> multiprocessing.connection.Connection:
+        ctx = multiprocessing.get_context("spawn")  # no fork: the parent may run fsspec's event-loop thread
+        parent, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_serve, args=(child,), daemon=True, name="tensortap-check")
+        self._proc.start()
+        child.close()
+        self._conn = parent
+        return parent
+
+    def inspect(self, path: str, expected_bytes: int | None) -> Summary:
+        conn = self._conn or self._start()
+        conn.send((path, expected_bytes))
+        if conn.poll(self.timeout):
+            try:
+                return conn.recv()
+            except EOFError:  # the child died (HDF5 aborted, out of memory)
+                self.close()
+                return f"{path}: reading it killed the process that read it", [], []
+        self.close()
+        return f"{path}: reading it did not finish within {self.timeout:g} s (corrupt HDF5 structure)", [], []
+
+    def close(self) -> None:
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.join()
+            self._proc = None
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+def _check_json(storage: Storage, key: str, named: dict[str, tuple[str, dict[str, Any]]]) -> str | None:
+    """The problem of the JSON record ``key``, or None; index records go into ``named`` by shard."""
+    try:
+        record = storage.read_json(key)
+        folder, *rest = key.split("/")
+        if folder == layout.INDEX:
+            if len(rest) != 2:
+                raise RecordError("an index record outside index/<worker>/")
+            record = check_index_record(record, rest[0])
+            named[record["shard"]] = (key, record)
+        elif folder == layout.WORKERS:
+            check_worker_record(record)
+        elif folder == layout.ENDS:
+            check_end_marker(record)
+    except (OSError, ValueError) as exc:
+        return f"{key}: unreadable record ({exc})"
+    return None
+
+
+def _compare(key: str, record: dict[str, Any], steps: list[list[int]], names: list[str]) -> str | None:
+    """Whether the shard holds what its index record ``key`` lists."""
+    if steps != record["steps"]:
+        return f"{key}: lists other steps than its shard {record['shard']} holds"
+    if sorted(names) != sorted(record["tensors"]):
+        return f"{key}: lists other tensors than its shard {record['shard']} holds"
+    return None
+
+
+def find_problems(path: str, options: dict[str, Any] | None = None, timeout: float = CHECK_SECONDS) -> list[str]:
+    """Every problem in the trial at ``path``, one line each, naming the file.
+
+    Parameters
+    ----------
+    path
+        Trial directory or URL.
+    options
+        Storage options (fsspec) for URLs.
+    timeout
+        Seconds allowed to read one shard in full, in a child process.
+
+    Raises
+    ------
+    TrialNotFound
+        If nothing exists at ``path``.
+    """
+    storage = get_storage(path, **(options or {}))
+    if not storage.exists():
+        raise TrialNotFound(f"no trial at {path!r}")
+    problems: list[str] = []
+    named: dict[str, tuple[str, dict[str, Any]]] = {}  # shard -> (index record key, record)
+    shards = []
+    for key in storage.walk():
+        try:
+            check_key(key)
+        except UnsafeKey as exc:
+            problems.append(f"{key}: {exc}")
+            continue
+        if key.endswith(".json"):
+            problem = _check_json(storage, key, named)
+            if problem:
+                problems.append(problem)
+        elif key.endswith(".h5"):
+            shards.append(key)
+        elif storage.is_local:
+            try:
+                storage.local_path(key)  # refuses links out of the trial, FIFOs and devices
+            except OSError as exc:
+                problems.append(f"{key}: {exc}")
+    present = set(shards)
+    for shard, (key, _) in sorted(named.items()):
+        if shard not in present:
+            problems.append(f"{key}: names shard {shard!r}, which does not exist")
+    inspector = _Inspector(timeout)
+    try:
+        for key in shards:
+            record_key, record = named.get(key, ("", {}))
+            try:
+                local = storage.local_path(key)
+            except OSError as exc:
+                problems.append(f"{key}: unreadable shard ({exc})")
+                continue
+            problem, steps, names = inspector.inspect(local, record.get("bytes"))
+            if problem is None and record:
+                problem = _compare(record_key, record, steps, names)
+            if problem is not None:
+                problems.append(f"{key}: unreadable shard ({problem})")
+    finally:
+        inspector.close()
+    return problems
