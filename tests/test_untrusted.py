@@ -349,7 +349,7 @@ def test_a_malformed_record_is_skipped_and_reported(change: Callable[[dict], obj
 def test_broken_json_anywhere_is_skipped_with_a_warning(text: str, folder: str, tmp_path: Path) -> None:
     write(tmp_path)
     (tmp_path / folder).write_text(text, encoding="utf-8", errors="surrogateescape")
-    values, warned = read_all(tmp_path)
+    _, warned = read_all(tmp_path)
     assert len(warned) == 1 and folder in warned[0]
     assert folder in find_problems(str(tmp_path))[0]
 
@@ -361,12 +361,11 @@ def test_check_exits_1_naming_each_problem(tmp_path: Path, capsys: pytest.Captur
     assert "end/worker_0.json" in capsys.readouterr().out
 
 
-def test_check_gives_up_on_a_shard_that_takes_too_long(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_check_gives_up_on_a_shard_that_takes_too_long(tmp_path: Path) -> None:
     write(tmp_path)
     problems = find_problems(str(tmp_path), timeout=0.001)  # as if HDF5 looped on it
-    assert problems == [
-        f"{SHARD}: unreadable shard ({tmp_path / SHARD}: reading it did not finish within 0.001 s (corrupt HDF5 structure))"
-    ]
+    late = "reading it did not finish within 0.001 s (corrupt HDF5 structure)"
+    assert problems == [f"{SHARD}: unreadable shard ({tmp_path / SHARD}: {late})"]
 
 
 def test_local_storage_refuses_special_files_directly(tmp_path: Path) -> None:
