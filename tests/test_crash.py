@@ -24,7 +24,7 @@ def _check_every_h5_is_whole(out: Path) -> int:
     files = sorted(out.rglob("*.h5"))
     for path in files:
         with h5py.File(path, "r") as f:
-            assert f.attrs["format"] == "tensortap-shard"
+            assert f.attrs["format"] == b"tensortap-shard"  # fixed-length UTF-8 (format 2)
         reader = ShardReader(str(path))
         reader.validate()
         reader.close()

@@ -374,3 +374,13 @@ def test_local_storage_refuses_special_files_directly(tmp_path: Path) -> None:
     with pytest.raises(NotInTrial, match="not a regular file"):
         storage.read_bytes("fifo.json")
     assert storage.walk() == ["fifo.json"]
+
+
+def test_a_variable_length_text_attribute_is_refused_unread(tmp_path: Path) -> None:
+    write(tmp_path)
+
+    def variable(f: h5py.File) -> None:
+        f.attrs["format"] = "tensortap-shard"  # h5py stores str in HDF5's global heap, which has no checksum
+
+    rewrite(tmp_path, variable)
+    refused(tmp_path, "attribute 'format' of / has type object")

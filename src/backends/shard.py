@@ -285,6 +285,12 @@ def crc32(value: np.ndarray) -> int:
     return zlib.crc32(np.ascontiguousarray(value).data)
 
 
+def _text(text: str) -> np.bytes_:
+    """A text attribute as a fixed-length UTF-8 string: stored in the checksummed object header,
+    where a variable-length string would go to HDF5's global heap, which has no checksum."""
+    return np.bytes_(text.encode("utf-8"))
+
+
 def _dataset(group: h5py.Group, name: str, data: np.ndarray, **opts: Any) -> None:
     """A dataset that carries the CRC-32 of its bytes in its ``crc32`` attribute."""
     ds = group.create_dataset(name, data=data, **opts)
@@ -307,7 +313,7 @@ def _write_raw(group: h5py.Group, col: _Column, compression: str | None) -> dict
     if isinstance(values, np.ndarray):
         group.create_dataset("data", data=values, **(opts if values.size else {}))
         group.create_dataset("crc32", data=_row_checksums([values[i : i + 1] for i in range(len(values))]))
-        group.attrs["layout"] = "fixed"
+        group.attrs["layout"] = _text("fixed")
         return {"dtype": str(values.dtype), "shape": list(values.shape[1:])}
     dtype = np.result_type(*values)
     ndim = max(a.ndim for a in values)
@@ -323,7 +329,7 @@ def _write_raw(group: h5py.Group, col: _Column, compression: str | None) -> dict
     _dataset(group, "offsets", offsets)
     _dataset(group, "shapes", shapes)
     _dataset(group, "ndims", np.array([a.ndim for a in values], dtype=np.int8))
-    group.attrs["layout"] = "ragged"
+    group.attrs["layout"] = _text("ragged")
     return {"dtype": str(np.dtype(dtype)), "shape": list(values[-1].shape)}
 
 
@@ -355,9 +361,9 @@ def write_shard(
     tensors_index: dict[str, Any] = {}
     red_rows: list[tuple[int, int, str, float]] = []
     with h5py.File(path, "w", libver=("v110", "v110")) as f:
-        f.attrs["format"] = SHARD_MAGIC
+        f.attrs["format"] = _text(SHARD_MAGIC)
         f.attrs["format_version"] = FORMAT_VERSION
-        f.attrs["worker"] = worker
+        f.attrs["worker"] = _text(worker)
         f.attrs["seq"] = seq
         steps = np.array(buffer.steps, dtype=np.int64).reshape(n_steps, 3)
         st_group = f.create_group("steps")
@@ -370,13 +376,14 @@ def write_shard(
             col = buffer.columns[name]
             g = tgroup.create_group(str(tid))
             collections = sorted(col.collections)
-            g.attrs["collections"] = json.dumps(collections)
+            g.attrs["collections"] = _text(json.dumps(collections))
             entry: dict[str, Any] = {"id": tid, "collections": collections}
             if col.steps:
                 entry.update(_write_raw(g, col, compression))
                 entry["raw_steps"] = ALL_STEPS if len(col.steps) == n_steps else list(col.steps)
             if col.orig_dtype:
-                g.attrs["orig_dtype"] = entry["orig_dtype"] = col.orig_dtype
+                g.attrs["orig_dtype"] = _text(col.orig_dtype)
+                entry["orig_dtype"] = col.orig_dtype
             if col.red:
                 red_steps = sorted({s for s, _, _ in col.red})
                 entry["reductions"] = sorted({k for _, k, _ in col.red})
@@ -386,7 +393,7 @@ def write_shard(
         kinds = sorted({k for _, _, k, _ in red_rows})
         kind_id = {k: i for i, k in enumerate(kinds)}
         rg = f.create_group("reductions")
-        rg.attrs["kinds"] = json.dumps(kinds)
+        rg.attrs["kinds"] = _text(json.dumps(kinds))
         _dataset(rg, "tensor_id", np.array([r[0] for r in red_rows], dtype=np.int32))
         _dataset(rg, "step", np.array([r[1] for r in red_rows], dtype=np.int64))
         _dataset(rg, "kind", np.array([kind_id[r[2]] for r in red_rows], dtype=np.int16))
@@ -503,6 +510,7 @@ class ShardReader:
 
     def __init__(self, path: str, expected_bytes: int | None = None) -> None:
         self.path = path
+        self.version = 1  # until the file says
         self._tensors: dict[int, _Values] = {}
         self._reductions: dict[int, dict[tuple[int, str], float]] | None = None
         try:
@@ -518,18 +526,17 @@ class ShardReader:
         self.ids = {n: i for i, n in enumerate(self.names)}
 
     def _open(self) -> None:
-        attrs = self._file.attrs
-        if attrs.get("format") != SHARD_MAGIC:
-            raise ShardError(f"{self.path}: not a tensortap shard (no format attribute {SHARD_MAGIC!r})")
-        version = attrs.get("format_version")
+        version = self._attr(self._file, "format_version", "iu")
         if not isinstance(version, (int, np.integer)) or version < 1:
-            raise ShardError(f"{self.path}: format_version {version!r} is not a version")
+            raise ShardError(f"{self.path}: not a tensortap shard (format_version {version!r})")
         if version > FORMAT_VERSION:
             raise ShardError(
                 f"{self.path}: format version {version} is newer than this tensortap reads ({FORMAT_VERSION})"
             )
         self.version = int(version)
         self.checksums = self.version >= 2
+        if self._attr(self._file, "format", "S") != SHARD_MAGIC:
+            raise ShardError(f"{self.path}: not a tensortap shard (no format attribute {SHARD_MAGIC!r})")
         names = self._json(self._dataset(self._file, "names", "u"))
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
             raise ShardError(f"{self.path}: /names is not a list of distinct names")
@@ -542,6 +549,27 @@ class ShardReader:
             f.close()
 
     # ------------------------------------------------------------ checks
+    def _attr(self, obj: h5py.HLObject, name: str, kinds: str) -> Any:
+        """Attribute ``name`` of ``obj`` (text decoded), None if absent; its type is checked before it is read.
+
+        Version-2 shards store text as fixed-length strings; a variable-length
+        one (kept in HDF5's global heap, which has no checksum and on which a
+        corrupt file can make HDF5 loop) is refused without being read.
+        """
+        if name not in obj.attrs:
+            return None
+        dt = obj.attrs.get_id(name).dtype
+        text = h5py.check_string_dtype(dt)
+        variable = text is not None and text.length is None
+        if variable and self.version < 2 and "S" in kinds:  # how version 1 stored text
+            return obj.attrs[name]
+        if variable or dt.kind not in kinds or dt.subdtype is not None:
+            raise ShardError(f"{self.path}: attribute {name!r} of {obj.name} has type {dt}, not as the format says")
+        value = obj.attrs[name]
+        if isinstance(value, np.ndarray) and value.shape != ():
+            raise ShardError(f"{self.path}: attribute {name!r} of {obj.name} is not a single value")
+        return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
     def _child(self, group: h5py.Group, name: str, kind: type[h5py.Group] | type[h5py.Dataset]) -> Any:
         """``group[name]`` when it is a hard link to an object of ``kind``; None if absent."""
         link = group.get(name, getlink=True)
@@ -605,7 +633,7 @@ class ShardReader:
         """All of the (checked) dataset ``ds``, verified against its ``crc32`` attribute."""
         arr = np.asarray(ds[()])
         if self.checksums:
-            expected = ds.attrs.get("crc32")
+            expected = self._attr(ds, "crc32", "u")
             if expected is None or int(expected) != crc32(arr):
                 raise ShardError(f"{self.path}: {ds.name} does not match its checksum (corrupt file)")
         return arr
@@ -646,7 +674,7 @@ class ShardReader:
             t.crc = np.asarray(self._dataset(g, "crc32", "u")[()])
             if t.crc.shape != (k,):
                 raise ShardError(f"{where}/crc32 has {len(t.crc)} checksums for {k} values")
-        layout = g.attrs.get("layout")
+        layout = self._attr(g, "layout", "S")
         if layout == "fixed":
             t.data = self._dataset(g, "data", VALUE_KINDS, ndim=None)
             if t.data.ndim < 1 or t.data.shape[0] != k:
@@ -724,8 +752,8 @@ class ShardReader:
     def _reduction_table(self) -> dict[int, dict[tuple[int, str], float]]:
         rg = self._group(self._file, "reductions")
         try:
-            kinds = json.loads(rg.attrs["kinds"])
-        except (KeyError, TypeError, ValueError, RecursionError):
+            kinds = json.loads(self._attr(rg, "kinds", "S"))
+        except (TypeError, ValueError, RecursionError):
             raise ShardError(f"{self.path}: /reductions has no readable 'kinds' attribute") from None
         if not isinstance(kinds, list) or not all(isinstance(k, str) for k in kinds):
             raise ShardError(f"{self.path}: /reductions 'kinds' is not a list of names")
