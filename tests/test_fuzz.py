@@ -194,7 +194,7 @@ def edit(record: Any, path: tuple[Any, ...], action: str, value: Any) -> Any:
     return record
 
 
-def test_fuzzed_index_records_never_give_a_raw_error_or_a_wrong_value(pristine: Path, tmp_path: Path) -> None:
+def test_fuzzed_records_never_give_a_raw_error_or_a_wrong_value(pristine: Path, tmp_path: Path) -> None:
     trial_dir = tmp_path / "trial"
     shutil.copytree(pristine, trial_dir)
     original = json.loads((pristine / RECORD).read_text())
@@ -206,9 +206,14 @@ def test_fuzzed_index_records_never_give_a_raw_error_or_a_wrong_value(pristine: 
             st.tuples(st.sampled_from(all_paths), st.sampled_from(["replace", "delete", "nest"]), json_values()),
             min_size=1,
             max_size=3,
-        )
+        ),
+        worker=json_values(),
+        end=st.one_of(json_values(), st.fixed_dictionaries({"last_step": json_values(), "mode_steps": json_values()})),
     )
-    def run(edits: list[tuple[tuple[Any, ...], str, Any]]) -> None:
+    def run(edits: list[tuple[tuple[Any, ...], str, Any]], worker: Any, end: Any) -> None:
+        (trial_dir / "workers").mkdir(exist_ok=True)
+        (trial_dir / "workers" / "worker_0.json").write_text(json.dumps(worker))
+        (trial_dir / "end" / "worker_0.json").write_text(json.dumps(end))
         record: Any = json.loads(json.dumps(original))
         for path, action, value in edits:
             try:
@@ -220,6 +225,7 @@ def test_fuzzed_index_records_never_give_a_raw_error_or_a_wrong_value(pristine: 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             trial = tensortap.create_trial(trial_dir)
+            trial.collections(), trial.end_reasons(), trial.steps(), trial.training_ended
             for name in trial.tensor_names():
                 t = trial.tensor(name)
                 for step in t.steps():

@@ -274,8 +274,9 @@ class TrialIndex:
             holders.discard(worker)
             if not holders:  # no readable copy of this step is left: it was not saved, as far as readers go
                 self.step_workers.pop(step, None)
-                mode, mode_step = self.steps.pop(step)
-                self.mode_steps[mode].pop(mode_step, None)
+                if step in self.steps:  # two records of a stranger may list one step
+                    mode, mode_step = self.steps.pop(step)
+                    self.mode_steps[mode].pop(mode_step, None)
 
     def reader(self, shard: str) -> ShardReader | None:
         """Return the open reader of ``shard``, or None (with a warning) if it cannot be read."""

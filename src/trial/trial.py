@@ -225,11 +225,12 @@ class Trial:
         self._auto_refresh()
         out: dict[str, Collection] = {}
         for w in self._index.workers.values():
-            for name, cfg in (w.info.get("collections") or {}).items():
+            configs = w.info.get("collections")
+            for name, cfg in configs.items() if isinstance(configs, dict) else ():
                 if name not in out:
                     try:
                         out[name] = Collection.from_json(cfg)
-                    except (ValueError, KeyError, TypeError):
+                    except (ValueError, KeyError, TypeError, AttributeError):  # a record from a stranger
                         out[name] = Collection(name)
         for tname, info in self._index.tensors.items():
             for c in info.collections:
