@@ -535,6 +535,7 @@ class ShardReader:
             )
         self.version = int(version)
         self.checksums = self.version >= 2
+        self._check_header(self._file)
         if self._attr(self._file, "format", "S") != SHARD_MAGIC:
             raise ShardError(f"{self.path}: not a tensortap shard (no format attribute {SHARD_MAGIC!r})")
         names = self._json(self._dataset(self._file, "names", "u"))
@@ -581,7 +582,16 @@ class ShardReader:
         obj = group[name]
         if not isinstance(obj, kind):
             raise ShardError(f"{self.path}: {where} is not a {'group' if kind is h5py.Group else 'dataset'}")
+        self._check_header(obj)
         return obj
+
+    def _check_header(self, obj: h5py.HLObject) -> None:
+        """Format 2 is written with ``libver="v110"``: every object header is version 2, which HDF5 checksums.
+        A version-1 header (no checksum, on which a corrupt file can make HDF5 loop) is refused."""
+        if self.checksums and h5py.h5o.get_info(obj.id).hdr.version != 2:
+            raise ShardError(
+                f"{self.path}: {obj.name} has an HDF5 object header without checksum (not written by tensortap)"
+            )
 
     def _group(self, group: h5py.Group, name: str) -> h5py.Group:
         obj = self._child(group, name, h5py.Group)
