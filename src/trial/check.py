@@ -9,8 +9,13 @@ hold the steps and tensors the record lists.
 
 from __future__ import annotations
 
-import multiprocessing
-import multiprocessing.connection
+import contextlib
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
 from typing import Any
 
 from ..backends import layout
@@ -42,53 +47,75 @@ def inspect_shard(path: str, expected_bytes: int | None) -> Summary:
         reader.close()
 
 
-def _serve(conn: multiprocessing.connection.Connection) -> None:
-    """The child process: inspect each ``(path, expected_bytes)`` received, send back the summary."""
-    while True:
-        try:
-            job = conn.recv()
-        except EOFError:
-            return
-        conn.send(inspect_shard(*job))
+def _serve() -> None:
+    """The child process: for each JSON line ``[path, expected_bytes]`` on stdin, one JSON summary line."""
+    for line in sys.stdin:
+        sys.stdout.write(json.dumps(inspect_shard(*json.loads(line))) + "\n")
+        sys.stdout.flush()
 
 
 class _Inspector:
-    """A child process that inspects shards one at a time, replaced when one takes too long."""
+    """A child process that inspects shards one at a time, replaced when one takes too long.
+
+    A plain subprocess (not :mod:`multiprocessing`), so that a user's script
+    calling :func:`find_problems` is never imported again in the child.
+    """
 
     def __init__(self, timeout: float) -> None:
         self.timeout = timeout
-        self._proc: Any = None
-        self._conn: multiprocessing.connection.Connection | None = None
+        self._proc: subprocess.Popen[str] | None = None
+        self._answers: queue.Queue[str] = queue.Queue()
 
-    def _start(self) -> multiprocessing.connection.Connection:
-        ctx = multiprocessing.get_context("spawn")  # no fork: the parent may run fsspec's event-loop thread
-        parent, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_serve, args=(child,), daemon=True, name="tensortap-check")
-        self._proc.start()
-        child.close()
-        self._conn = parent
-        return parent
+    def _start(self) -> subprocess.Popen[str]:
+        package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([package_root, *sys.path])}
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "from tensortap.trial.check import _serve; _serve()"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        answers: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=_pump, args=(proc, answers), daemon=True).start()
+        self._proc, self._answers = proc, answers
+        return proc
 
     def inspect(self, path: str, expected_bytes: int | None) -> Summary:
-        conn = self._conn or self._start()
-        conn.send((path, expected_bytes))
-        if conn.poll(self.timeout):
-            try:
-                return conn.recv()
-            except EOFError:  # the child died (HDF5 aborted, out of memory)
-                self.close()
-                return f"{path}: reading it killed the process that read it", [], []
-        self.close()
-        return f"{path}: reading it did not finish within {self.timeout:g} s (corrupt HDF5 structure)", [], []
+        proc = self._proc or self._start()
+        assert proc.stdin is not None
+        try:
+            proc.stdin.write(json.dumps([path, expected_bytes]) + "\n")
+            proc.stdin.flush()
+            answer = self._answers.get(timeout=self.timeout)
+        except queue.Empty:
+            self.close()
+            return f"{path}: reading it did not finish within {self.timeout:g} s (corrupt HDF5 structure)", [], []
+        except OSError:
+            answer = ""
+        if not answer:  # the child died (HDF5 aborted, out of memory)
+            self.close()
+            return f"{path}: reading it killed the process that read it", [], []
+        problem, steps, names = json.loads(answer)
+        return problem, steps, names
 
     def close(self) -> None:
         if self._proc is not None:
             self._proc.kill()
-            self._proc.join()
+            self._proc.wait()
+            for stream in (self._proc.stdin, self._proc.stdout):
+                if stream is not None:
+                    stream.close()
             self._proc = None
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+
+
+def _pump(proc: subprocess.Popen[str], answers: queue.Queue[str]) -> None:
+    """Move the child's answer lines into ``answers``; an empty string once it has ended."""
+    assert proc.stdout is not None
+    with contextlib.suppress(ValueError, OSError):  # closed by close()
+        for line in proc.stdout:
+            answers.put(line)
+    answers.put("")
 
 
 def _check_json(storage: Storage, key: str, named: dict[str, tuple[str, dict[str, Any]]]) -> str | None:
