@@ -28,14 +28,10 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .backends import layout
-from .backends.registry import get_storage
-from .backends.shard import INDEX_MAGIC, ShardError, ShardReader
-from .backends.storage import Storage
 from .exceptions import TensortapError, TrialNotFound
 from .modes import Mode
 from .trial import Trial, create_trial
-from .trial.trial import trial_problem
+from .trial.check import find_problems
 
 EXIT_OK, EXIT_FOUND, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_PIPE = 0, 1, 2, 130, 141
 
@@ -369,62 +365,6 @@ def cmd_show(args: argparse.Namespace) -> int:
             }
         )
     return EXIT_OK
-
-
-def _second_writer(storage: Storage, worker: str, record: dict[str, Any]) -> str | None:
-    """Why the index record ``record`` of ``worker`` comes from another process than its worker record, or None."""
-    if "run_id" not in record:
-        return None
-    try:
-        claimed = storage.read_json(layout.worker_key(worker)).get("run_id")
-    except (OSError, ValueError, AttributeError):
-        return None
-    if claimed is None or claimed == record["run_id"]:
-        return None
-    return f"written by another process than the one the worker record names: two processes wrote the worker {worker}"
-
-
-# ------------------------------------------------------------------ check
-def find_problems(path: str, options: dict[str, Any] | None = None) -> list[str]:
-    """Every problem in the trial at ``path``: unreadable shards, index records and markers.
-
-    Every ``.h5`` file under the trial is opened and read in full, whether or
-    not an index record names it; every index record must name a readable shard.
-    """
-    storage = get_storage(path, **(options or {}))
-    problem = trial_problem(storage)
-    if problem is not None:
-        raise problem
-    problems = []
-    keys = storage.walk()
-    present = set(keys)
-    for key in keys:
-        name = key.rsplit("/", 1)[-1]
-        if name.startswith("."):
-            continue  # a temp file of a writer at work (or killed): never read
-        if key.endswith(".h5"):
-            try:
-                reader = ShardReader(storage.local_path(key))
-                try:
-                    reader.validate()
-                finally:
-                    reader.close()
-            except (ShardError, OSError) as exc:
-                problems.append(f"{key}: unreadable shard ({exc})")
-        elif key.endswith(".json"):
-            try:
-                record = storage.read_json(key)
-            except (OSError, ValueError) as exc:
-                problems.append(f"{key}: unreadable JSON ({exc})")
-                continue
-            if key.startswith(f"{layout.INDEX}/"):
-                if not isinstance(record, dict) or record.get("format") != INDEX_MAGIC:
-                    problems.append(f"{key}: not a tensortap index record")
-                elif record.get("shard") not in present:
-                    problems.append(f"{key}: names shard {record.get('shard')!r}, which does not exist")
-                elif (second := _second_writer(storage, key.split("/")[1], record)) is not None:
-                    problems.append(f"{key}: {second}")
-    return problems
 
 
 def cmd_check(args: argparse.Namespace) -> int:

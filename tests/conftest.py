@@ -95,3 +95,16 @@ def writer_proc() -> Iterator[Any]:
         for stream in (w.proc.stdin, w.proc.stderr):
             if stream is not None:
                 stream.close()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def shard_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Object-storage shards are cached in a folder of the test session, never in the user's cache."""
+    folder = tmp_path_factory.mktemp("shard-cache")
+    old = os.environ.get("TENSORTAP_CACHE_DIR")
+    os.environ["TENSORTAP_CACHE_DIR"] = str(folder)
+    yield folder
+    if old is None:
+        del os.environ["TENSORTAP_CACHE_DIR"]
+    else:
+        os.environ["TENSORTAP_CACHE_DIR"] = old

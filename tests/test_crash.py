@@ -28,7 +28,7 @@ def _check_every_h5_is_whole(out: Path) -> int:
     files = sorted(out.rglob("*.h5"))
     for path in files:
         with h5py.File(path, "r") as f:
-            assert f.attrs["format"] == "tensortap-shard"
+            assert f.attrs["format"] == b"tensortap-shard"  # fixed-length UTF-8 (format 2)
         reader = ShardReader(str(path))
         reader.validate()
         reader.close()
@@ -352,15 +352,14 @@ def test_seeded_crash_campaign(tmp_path: Path) -> None:
             ready, committed = _committed(log)
             if not ready:
                 continue
-            with warnings.catch_warnings():
-                warnings.simplefilter("error")  # a partial or unreadable shard would warn
-                _check_every_h5_is_whole(out)
-                trial = tensortap.create_trial(out)
-                steps = trial.steps()
-                assert steps == list(range(len(steps))), f"run {run}: not a prefix"
-                if steps:
-                    _check_values(trial, ["a", "b"])
-                    assert trial.tensor("metrics/loss").values() == {s: np.float32(s) for s in steps}
+            _check_every_h5_is_whole(out)
+            trial = tensortap.create_trial(out)
+            steps = trial.steps()
+            assert steps == list(range(len(steps))), f"run {run}: not a prefix"
+            if steps:
+                _check_values(trial, ["a", "b"])
+                assert trial.tensor("metrics/loss").values() == {s: np.float32(s) for s in steps}
+            assert not trial.problems(), f"run {run}: {trial.problems()}"  # a partial or unreadable file
             lost = [(s, t) for s, t in committed if s >= len(steps)]
             if sig == signal.SIGTERM:
                 assert not lost, f"run {run}: SIGTERM lost committed steps {lost[:3]}"

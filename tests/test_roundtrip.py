@@ -93,7 +93,7 @@ def test_ragged_layout_is_used_and_readable_with_plain_h5py(tmp_path: Path) -> N
                 w.save("x", a)
     (shard,) = (tmp_path / "shards" / "worker_0").glob("*.h5")
     with h5py.File(shard, "r") as f:
-        assert f["tensors/0"].attrs["layout"] == "ragged"
+        assert f["tensors/0"].attrs["layout"] == b"ragged"  # fixed-length UTF-8 (format 2)
     trial = tensortap.create_trial(tmp_path)
     for i, a in enumerate(steps):
         assert_identical(trial.tensor("x").value(i), a)

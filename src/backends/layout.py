@@ -1,13 +1,20 @@
-"""Where each file of a trial lives, and the JSON records (format version 1).
+"""Where each file of a trial lives, and the rules every key and name read from a trial obeys.
 
-See ``docs/format.md`` for the normative description.
+See ``docs/format.md`` for the normative description. A trial may come from a
+stranger: every key a backend is handed and every name taken from a trial
+(a folder listing, an index record's ``shard``) goes through :func:`check_key`
+or :func:`check_name` before it is used as a path, so that nothing outside the
+trial is ever read or written.
 """
 
 from __future__ import annotations
 
-FORMAT_VERSION = 1
-# Additions within a version that older readers ignore safely: 1 = per-step wall time and histograms.
-FORMAT_MINOR = 1
+import re
+
+FORMAT_VERSION = 2
+"""The version this tensortap writes; it reads every version up to this one."""
+# Additions within a version that older readers of it ignore safely (none yet in version 2).
+FORMAT_MINOR = 0
 
 SHARDS = "shards"
 INDEX = "index"
@@ -15,10 +22,61 @@ WORKERS = "workers"
 ENDS = "end"
 STOP_REQUEST = "control/stop.json"
 
+MAX_NAME_LENGTH = 255
+_BAD_NAME = re.compile(r"[/\\\x00-\x1f\x7f:]")
+
+
+class UnsafeKey(ValueError):
+    """A key or name from a trial that could reach outside the trial (``..``, an absolute path, ...)."""
+
+
+def check_name(name: object) -> str:
+    """Return ``name`` if it is safe as one path component of a trial, else raise :class:`UnsafeKey`.
+
+    A name is a non-empty string of at most 255 characters, without ``/``,
+    ``\\``, ``:``, control characters, and not starting with ``.`` (which also
+    excludes ``.`` and ``..``).
+    """
+    if not isinstance(name, str) or not name or len(name) > MAX_NAME_LENGTH:
+        raise UnsafeKey(f"{name!r} is not a valid name in a trial")
+    if name.startswith(".") or _BAD_NAME.search(name):
+        raise UnsafeKey(f"{name!r} is not a valid name in a trial (separator, control character or leading '.')")
+    return name
+
+
+def check_key(key: object) -> str:
+    """Return ``key`` if it is a safe key relative to a trial's root, else raise :class:`UnsafeKey`.
+
+    ``""`` is the root itself; any other key is ``/``-separated parts, each
+    a valid name except that it may start with ``.`` (temporary files and
+    folders of a writer), though never be ``.`` or ``..``: so no absolute
+    path, no ``..``, no empty part.
+    """
+    if not isinstance(key, str):
+        raise UnsafeKey(f"{key!r} is not a valid key in a trial")
+    if key:
+        try:
+            for part in key.split("/"):
+                check_name(part[1:] if part.startswith(".") and part not in (".", "..") else part)
+        except UnsafeKey:
+            raise UnsafeKey(f"{key!r} is not a valid key in a trial (absolute, '..' or an empty part)") from None
+    return key
+
 
 def shard_key(worker: str, seq: int) -> str:
     """Key of a worker's ``seq``-th shard."""
     return f"{SHARDS}/{worker}/{seq:010d}.h5"
+
+
+def is_shard_key_of(key: object, worker: str) -> bool:
+    """Whether ``key`` (from an index record) is a valid key of a shard of ``worker``."""
+    if not isinstance(key, str) or not key.startswith(f"{SHARDS}/{worker}/") or not key.endswith(".h5"):
+        return False
+    try:
+        check_name(key[len(SHARDS) + len(worker) + 2 :])
+    except UnsafeKey:
+        return False
+    return True
 
 
 def index_key(worker: str, seq: int) -> str:

@@ -11,16 +11,20 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import sys
 import threading
 import time
-from collections.abc import Sequence
+import zlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from functools import wraps
+from typing import Any, ParamSpec, TypeVar
 
 import h5py
 import numpy as np
 
+from ..exceptions import TensortapError
 from ..reductions import Histogram
 from .layout import FORMAT_MINOR, FORMAT_VERSION
 
@@ -292,37 +296,56 @@ class ShardBuffer:
         self.columns = {}
 
 
+def crc32(value: np.ndarray) -> int:
+    """CRC-32 of the bytes of ``value`` in C order (the checksum of format version 2)."""
+    return zlib.crc32(np.ascontiguousarray(value).data)
+
+
+def _text(text: str) -> np.bytes_:
+    """A text attribute as a fixed-length UTF-8 string: stored in the checksummed object header,
+    where a variable-length string would go to HDF5's global heap, which has no checksum."""
+    return np.bytes_(text.encode("utf-8"))
+
+
+def _dataset(group: h5py.Group, name: str, data: np.ndarray, **opts: Any) -> None:
+    """A dataset that carries the CRC-32 of its bytes in its ``crc32`` attribute."""
+    ds = group.create_dataset(name, data=data, **opts)
+    ds.attrs["crc32"] = np.uint32(crc32(data))
+
+
 def _json_dataset(group: h5py.Group, name: str, obj: Any) -> None:
-    data = np.frombuffer(json.dumps(obj, ensure_ascii=False).encode("utf-8"), dtype=np.uint8)
-    group.create_dataset(name, data=data)
+    _dataset(group, name, np.frombuffer(json.dumps(obj, ensure_ascii=False).encode("utf-8"), dtype=np.uint8))
 
 
-def read_json_dataset(ds: h5py.Dataset) -> Any:
-    """Decode a dataset written as UTF-8 JSON bytes (``/names``, ...)."""
-    return json.loads(ds[()].tobytes().decode("utf-8"))
+def _row_checksums(values: Sequence[np.ndarray]) -> np.ndarray:
+    """CRC-32 of each value's bytes (``values`` rows or arrays, each C-contiguous)."""
+    return np.array([crc32(v) for v in values], dtype=np.uint32)
 
 
 def _write_raw(group: h5py.Group, col: _Column, compression: str | None) -> dict[str, Any]:
-    group.create_dataset("steps", data=np.array(col.steps, dtype=np.int64))
+    _dataset(group, "steps", np.array(col.steps, dtype=np.int64))
     values = col.values()
     opts: dict[str, Any] = {"compression": compression, "shuffle": True} if compression else {}
     if isinstance(values, np.ndarray):
         group.create_dataset("data", data=values, **(opts if values.size else {}))
-        group.attrs["layout"] = "fixed"
+        group.create_dataset("crc32", data=_row_checksums([values[i : i + 1] for i in range(len(values))]))
+        group.attrs["layout"] = _text("fixed")
         return {"dtype": str(values.dtype), "shape": list(values.shape[1:])}
     dtype = np.result_type(*values)
     ndim = max(a.ndim for a in values)
-    flat = np.concatenate([a.astype(dtype, copy=False).ravel() for a in values])
+    parts = [np.ascontiguousarray(a.astype(dtype, copy=False)).ravel() for a in values]
+    flat = np.concatenate(parts)
     offsets = np.zeros(len(values) + 1, dtype=np.int64)
     offsets[1:] = np.cumsum([a.size for a in values])
     shapes = np.full((len(values), ndim), -1, dtype=np.int64)
     for i, a in enumerate(values):
         shapes[i, : a.ndim] = a.shape
     group.create_dataset("data", data=flat, **(opts if flat.size else {}))
-    group.create_dataset("offsets", data=offsets)
-    group.create_dataset("shapes", data=shapes)
-    group.create_dataset("ndims", data=np.array([a.ndim for a in values], dtype=np.int8))
-    group.attrs["layout"] = "ragged"
+    group.create_dataset("crc32", data=_row_checksums(parts))
+    _dataset(group, "offsets", offsets)
+    _dataset(group, "shapes", shapes)
+    _dataset(group, "ndims", np.array([a.ndim for a in values], dtype=np.int8))
+    group.attrs["layout"] = _text("ragged")
     return {"dtype": str(np.dtype(dtype)), "shape": list(values[-1].shape)}
 
 
@@ -332,9 +355,9 @@ def _write_histograms(group: h5py.Group, hists: list[tuple[int, Histogram]], n_s
     if len(bins) != 1:  # the core fixes a tensor's bins once: this is a bug, never silent
         raise ValueError(f"histograms of one tensor with different numbers of bins in one shard: {sorted(bins)}")
     hg = group.create_group("histogram")
-    hg.create_dataset("steps", data=np.array([s for s, _ in hists], dtype=np.int64))
-    hg.create_dataset("edges", data=np.stack([h.edges for _, h in hists]).astype(np.float64))
-    hg.create_dataset("counts", data=np.stack([h.counts for _, h in hists]).astype(np.int64))
+    _dataset(hg, "steps", np.array([s for s, _ in hists], dtype=np.int64))
+    _dataset(hg, "edges", np.stack([h.edges for _, h in hists]).astype(np.float64))
+    _dataset(hg, "counts", np.stack([h.counts for _, h in hists]).astype(np.int64))
     return ALL_STEPS if len(hists) == n_steps else [s for s, _ in hists]
 
 
@@ -366,30 +389,31 @@ def write_shard(
     tensors_index: dict[str, Any] = {}
     red_rows: list[tuple[int, int, str, float]] = []
     with h5py.File(path, "w", libver=("v110", "v110")) as f:
-        f.attrs["format"] = SHARD_MAGIC
+        f.attrs["format"] = _text(SHARD_MAGIC)
         f.attrs["format_version"] = FORMAT_VERSION
         f.attrs["format_minor"] = FORMAT_MINOR
-        f.attrs["worker"] = worker
+        f.attrs["worker"] = _text(worker)
         f.attrs["seq"] = seq
         steps = np.array(buffer.steps, dtype=np.int64).reshape(n_steps, 3)
         st_group = f.create_group("steps")
-        st_group.create_dataset("step", data=steps[:, 0])
-        st_group.create_dataset("mode", data=steps[:, 1].astype(np.int8))
-        st_group.create_dataset("mode_step", data=steps[:, 2])
-        st_group.create_dataset("wall_time", data=np.array(buffer.wall_times, dtype=np.float64))
+        _dataset(st_group, "step", steps[:, 0])
+        _dataset(st_group, "mode", steps[:, 1].astype(np.int8))
+        _dataset(st_group, "mode_step", steps[:, 2])
+        _dataset(st_group, "wall_time", np.array(buffer.wall_times, dtype=np.float64))
         _json_dataset(f, "names", names)
         tgroup = f.create_group("tensors")
         for tid, name in enumerate(names):
             col = buffer.columns[name]
             g = tgroup.create_group(str(tid))
             collections = sorted(col.collections)
-            g.attrs["collections"] = json.dumps(collections)
+            g.attrs["collections"] = _text(json.dumps(collections))
             entry: dict[str, Any] = {"id": tid, "collections": collections}
             if col.steps:
                 entry.update(_write_raw(g, col, compression))
                 entry["raw_steps"] = ALL_STEPS if len(col.steps) == n_steps else list(col.steps)
             if col.orig_dtype:
-                g.attrs["orig_dtype"] = entry["orig_dtype"] = col.orig_dtype
+                g.attrs["orig_dtype"] = _text(col.orig_dtype)
+                entry["orig_dtype"] = col.orig_dtype
             if col.red:
                 red_steps = sorted({s for s, _, _ in col.red})
                 entry["reductions"] = sorted({k for _, k, _ in col.red})
@@ -401,11 +425,11 @@ def write_shard(
         kinds = sorted({k for _, _, k, _ in red_rows})
         kind_id = {k: i for i, k in enumerate(kinds)}
         rg = f.create_group("reductions")
-        rg.attrs["kinds"] = json.dumps(kinds)
-        rg.create_dataset("tensor_id", data=np.array([r[0] for r in red_rows], dtype=np.int32))
-        rg.create_dataset("step", data=np.array([r[1] for r in red_rows], dtype=np.int64))
-        rg.create_dataset("kind", data=np.array([kind_id[r[2]] for r in red_rows], dtype=np.int16))
-        rg.create_dataset("value", data=np.array([r[3] for r in red_rows], dtype=np.float64))
+        rg.attrs["kinds"] = _text(json.dumps(kinds))
+        _dataset(rg, "tensor_id", np.array([r[0] for r in red_rows], dtype=np.int32))
+        _dataset(rg, "step", np.array([r[1] for r in red_rows], dtype=np.int64))
+        _dataset(rg, "kind", np.array([kind_id[r[2]] for r in red_rows], dtype=np.int16))
+        _dataset(rg, "value", np.array([r[3] for r in red_rows], dtype=np.float64))
     return {
         "format": INDEX_MAGIC,
         "format_version": FORMAT_VERSION,
@@ -420,39 +444,138 @@ def write_shard(
     }
 
 
-class ShardError(Exception):
-    """A shard cannot be read (truncated, garbage, wrong format)."""
+class ShardError(TensortapError):
+    """A shard cannot be read (truncated, corrupt, not a tensortap shard, or refused as unsafe)."""
+
+
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+# HDF5 filters tensortap writes, with the most a filter can expand what is stored (deflate: 1032 to 1)
+FILTER_EXPANSION = {
+    h5py.h5z.FILTER_DEFLATE: 1032,
+    h5py.h5z.FILTER_SHUFFLE: 1,
+    h5py.h5z.FILTER_FLETCHER32: 1,
+    32000: 100,
+}
+VALUE_KINDS = "biufc"  # bool, integers, floats, complex: the only values (bfloat16 and float8 are stored as float32)
+INTEGER_KINDS = "iu"
+TENSOR_PARTS = frozenset({"steps", "data", "crc32", "offsets", "shapes", "ndims", "histogram"})
+STEP_PARTS = ("step", "mode", "mode_step")
+REDUCTION_PARTS = ("tensor_id", "step", "kind", "value")
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _shard_errors(method: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Turn any error of h5py, NumPy or JSON inside a :class:`ShardReader` method into a :class:`ShardError`."""
+
+    @wraps(method)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return method(*args, **kwargs)
+        except ShardError:
+            raise
+        except Exception as exc:  # a corrupt file can make h5py raise anything
+            path = getattr(args[0], "path", "?")
+            raise ShardError(f"{path}: cannot read shard ({type(exc).__name__}: {exc})") from exc
+
+    return wrapper
+
+
+def check_hdf5_header(path: str, expected_bytes: int | None = None) -> int:
+    """Check what can be checked before HDF5 sees the file; return its size.
+
+    The file must be a regular file whose size is ``expected_bytes`` (from
+    the index record) when given, start with the HDF5 signature and a
+    version 2 or 3 superblock (what ``libver="v110"`` writes) whose
+    end-of-file address is the file's size: a truncated or extended file is
+    refused here.
+    """
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise ShardError(f"{path}: not a regular file")
+    size = st.st_size
+    if expected_bytes is not None and size != expected_bytes:
+        raise ShardError(f"{path}: {size} bytes, but its index record says {expected_bytes} (truncated or replaced)")
+    with open(path, "rb") as f:
+        head = f.read(48)
+    if head[:8] != HDF5_SIGNATURE:
+        raise ShardError(f"{path}: not an HDF5 file")
+    if len(head) < 48 or head[8] not in (2, 3) or head[9] != 8 or head[10] != 8:
+        raise ShardError(f"{path}: HDF5 superblock of a kind tensortap does not write (truncated or foreign file)")
+    base, eof = int.from_bytes(head[12:20], "little"), int.from_bytes(head[28:36], "little")
+    if base != 0 or eof != size:
+        raise ShardError(f"{path}: {size} bytes, but its HDF5 superblock says {eof} (truncated or extended)")
+    return size
+
+
+@dataclass
+class _Values:
+    """The validated layout of one tensor's raw values in a shard."""
+
+    steps: np.ndarray
+    row: dict[int, int]
+    data: h5py.Dataset | None = None
+    crc: np.ndarray | None = None
+    offsets: np.ndarray | None = None
+    shapes: list[tuple[int, ...]] | None = None
+
+
+_NO_VALUES = _Values(np.empty(0, dtype=np.int64), {})
 
 
 class ShardReader:
-    """Read access to one published shard.
+    """Read access to one published shard, which may come from a stranger.
+
+    Nothing is handed to HDF5 before :func:`check_hdf5_header` passed; every
+    object is reached through hard links only; every dataset is checked
+    before it is read (numeric type, no external or virtual storage, only the
+    filters tensortap writes, declared size bounded by what the file stores);
+    values and tables are checked against their CRC-32 (format version 2).
+    Every failure is a :class:`ShardError` naming the file and what is wrong.
 
     Parameters
     ----------
     path
         Local path of the ``.h5`` file.
+    expected_bytes
+        The shard's size according to its index record, if known.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, expected_bytes: int | None = None) -> None:
         self.path = path
+        self.version = 1  # until the file says
+        self._tensors: dict[int, _Values] = {}
+        self._reductions: dict[int, dict[tuple[int, str], float]] | None = None
         try:
+            self._size = check_hdf5_header(path, expected_bytes)
             self._file = h5py.File(path, "r")
-            if self._file.attrs.get("format") != SHARD_MAGIC:
-                raise ShardError(f"{path}: not a tensortap shard (no format attribute {SHARD_MAGIC!r})")
-            version = int(self._file.attrs["format_version"])
-            if version > FORMAT_VERSION:
-                raise ShardError(
-                    f"{path}: format version {version} is newer than this tensortap reads ({FORMAT_VERSION})"
-                )
-            self.names: list[str] = read_json_dataset(self._file["names"])
+            self._open()
         except ShardError:
             self.close()
             raise
         except Exception as exc:
             self.close()
-            raise ShardError(f"{path}: cannot read shard ({exc})") from exc
+            raise ShardError(f"{path}: cannot read shard ({type(exc).__name__}: {exc})") from exc
         self.ids = {n: i for i, n in enumerate(self.names)}
-        self._reductions: dict[int, dict[tuple[int, str], float]] | None = None
+
+    def _open(self) -> None:
+        version = self._attr(self._file, "format_version", "iu")
+        if not isinstance(version, (int, np.integer)) or version < 1:
+            raise ShardError(f"{self.path}: not a tensortap shard (format_version {version!r})")
+        if version > FORMAT_VERSION:
+            raise ShardError(
+                f"{self.path}: format version {version} is newer than this tensortap reads ({FORMAT_VERSION})"
+            )
+        self.version = int(version)
+        self.checksums = self.version >= 2
+        self._check_header(self._file)
+        if self._attr(self._file, "format", "S") != SHARD_MAGIC:
+            raise ShardError(f"{self.path}: not a tensortap shard (no format attribute {SHARD_MAGIC!r})")
+        names = self._json(self._dataset(self._file, "names", "u"))
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
+            raise ShardError(f"{self.path}: /names is not a list of distinct names")
+        self.names: list[str] = names
 
     def close(self) -> None:
         """Close the file."""
@@ -460,89 +583,314 @@ class ShardReader:
         if f is not None:
             f.close()
 
-    def validate(self) -> None:
-        """Read every dataset once; raise ShardError on the first that fails."""
+    # ------------------------------------------------------------ checks
+    def _attr(self, obj: h5py.HLObject, name: str, kinds: str) -> Any:
+        """Attribute ``name`` of ``obj`` (text decoded), None if absent; its type is checked before it is read.
+
+        Version-2 shards store text as fixed-length strings; a variable-length
+        one (kept in HDF5's global heap, which has no checksum and on which a
+        corrupt file can make HDF5 loop) is refused without being read.
+        """
+        if name not in obj.attrs:
+            return None
+        dt = obj.attrs.get_id(name).dtype
+        text = h5py.check_string_dtype(dt)
+        variable = text is not None and text.length is None
+        if variable and self.version < 2 and "S" in kinds:  # how version 1 stored text
+            return obj.attrs[name]
+        if variable or dt.kind not in kinds or dt.subdtype is not None:
+            raise ShardError(f"{self.path}: attribute {name!r} of {obj.name} has type {dt}, not as the format says")
+        value = obj.attrs[name]
+        if isinstance(value, np.ndarray) and value.shape != ():
+            raise ShardError(f"{self.path}: attribute {name!r} of {obj.name} is not a single value")
+        return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+    def _child(self, group: h5py.Group, name: str, kind: type[h5py.Group] | type[h5py.Dataset]) -> Any:
+        """``group[name]`` when it is a hard link to an object of ``kind``; None if absent."""
+        link = group.get(name, getlink=True)
+        if link is None:
+            return None
+        where = f"{group.name.rstrip('/')}/{name}"
+        if not isinstance(link, h5py.HardLink):
+            raise ShardError(f"{self.path}: {where} is a {type(link).__name__} (nothing outside the shard is read)")
+        obj = group[name]
+        if not isinstance(obj, kind):
+            raise ShardError(f"{self.path}: {where} is not a {'group' if kind is h5py.Group else 'dataset'}")
+        self._check_header(obj)
+        return obj
+
+    def _check_header(self, obj: h5py.HLObject) -> None:
+        """Format 2 is written with ``libver="v110"``: every object header is version 2, which HDF5 checksums.
+        A version-1 header (no checksum, on which a corrupt file can make HDF5 loop) is refused."""
+        if self.checksums and h5py.h5o.get_info(obj.id).hdr.version != 2:
+            raise ShardError(
+                f"{self.path}: {obj.name} has an HDF5 object header without checksum (not written by tensortap)"
+            )
+
+    def _group(self, group: h5py.Group, name: str) -> h5py.Group:
+        obj = self._child(group, name, h5py.Group)
+        if obj is None:
+            raise ShardError(f"{self.path}: {group.name.rstrip('/')}/{name} is missing")
+        return obj
+
+    def _dataset(self, group: h5py.Group, name: str, kinds: str, ndim: int | None = 1) -> h5py.Dataset:
+        """The checked dataset ``group/name``: safe to read, and no larger than the file allows."""
+        ds = self._child(group, name, h5py.Dataset)
+        where = f"{self.path}: {group.name.rstrip('/')}/{name}"
+        if ds is None:
+            raise ShardError(f"{where} is missing")
+        dt = ds.dtype
+        if dt.kind not in kinds or dt.fields is not None or dt.subdtype is not None or h5py.check_enum_dtype(dt):
+            raise ShardError(f"{where} has type {dt}, which is not allowed here (only numeric values)")
+        if ndim is not None and ds.ndim != ndim:
+            raise ShardError(f"{where} has {ds.ndim} dimensions, expected {ndim}")
+        dcpl = ds.id.get_create_plist()
+        layout = dcpl.get_layout()
+        if layout == h5py.h5d.VIRTUAL:
+            raise ShardError(f"{where} is a virtual dataset (data from other files is never read)")
+        if dcpl.get_external_count():
+            raise ShardError(f"{where} has external raw storage (data from other files is never read)")
+        expansion = 1
+        for i in range(dcpl.get_nfilters()):
+            code = dcpl.get_filter(i)[0]
+            if code not in FILTER_EXPANSION:
+                raise ShardError(f"{where} uses HDF5 filter {code}, which tensortap does not write")
+            expansion = max(expansion, FILTER_EXPANSION[code])
+        declared = int(np.prod(ds.shape, dtype=object)) * dt.itemsize
+        if declared:
+            stored = ds.id.get_storage_size()
+            if layout == h5py.h5d.CONTIGUOUS:
+                offset = ds.id.get_offset()
+                ok = stored == declared and offset is not None and offset + declared <= self._size
+            elif layout == h5py.h5d.CHUNKED:
+                chunks = dcpl.get_chunk()
+                ok = declared <= stored * expansion and all(
+                    c <= max(d, 1) for c, d in zip(chunks, ds.shape, strict=True)
+                )
+            else:  # compact: stored in the object header, at most 64 KiB
+                ok = declared <= 65536
+            if not ok:
+                raise ShardError(f"{where} declares {declared} bytes but the file stores {stored} for it")
+        return ds
+
+    def _verified(self, ds: h5py.Dataset) -> np.ndarray:
+        """All of the (checked) dataset ``ds``, verified against its ``crc32`` attribute."""
+        arr = np.asarray(ds[()])
+        if self.checksums:
+            expected = self._attr(ds, "crc32", "u")
+            if expected is None or int(expected) != crc32(arr):
+                raise ShardError(f"{self.path}: {ds.name} does not match its checksum (corrupt file)")
+        return arr
+
+    def _json(self, ds: h5py.Dataset) -> Any:
         try:
+            return json.loads(self._verified(ds).tobytes().decode("utf-8"))
+        except (ValueError, RecursionError) as exc:
+            raise ShardError(f"{self.path}: {ds.name} is not UTF-8 JSON ({exc})") from None
 
-            def visit(_: str, obj: Any) -> None:
-                if isinstance(obj, h5py.Dataset):
-                    obj[()]
+    def _check_row(self, t: _Values, i: int, value: np.ndarray) -> np.ndarray:
+        if t.crc is not None and int(t.crc[i]) != crc32(value):
+            raise ShardError(f"{self.path}: value {i} of tensor step {int(t.steps[i])} does not match its checksum")
+        return value
 
-            self._file.visititems(visit)
-        except Exception as exc:
-            raise ShardError(f"{self.path}: {exc}") from exc
+    # ------------------------------------------------------------ tensors
+    def _values(self, name: str) -> _Values:
+        tid = self.ids.get(name)
+        if tid is None:
+            raise ShardError(f"{self.path}: holds no tensor {name!r}")
+        t = self._tensors.get(tid)
+        if t is None:
+            t = self._tensors[tid] = self._load(tid)
+        return t
 
-    def _group(self, name: str) -> h5py.Group:
-        return self._file["tensors"][str(self.ids[name])]
+    def _load(self, tid: int) -> _Values:
+        g = self._group(self._group(self._file, "tensors"), str(tid))
+        where = f"{self.path}: {g.name}"
+        if g.get("data", getlink=True) is None:
+            return _NO_VALUES
+        steps = self._verified(self._dataset(g, "steps", INTEGER_KINDS)).astype(np.int64)
+        row = {int(s): i for i, s in enumerate(steps)}
+        if len(row) != len(steps):
+            raise ShardError(f"{where}/steps repeats a step")
+        k = len(steps)
+        t = _Values(steps, row)
+        if self.checksums:
+            t.crc = np.asarray(self._dataset(g, "crc32", "u")[()])
+            if t.crc.shape != (k,):
+                raise ShardError(f"{where}/crc32 has {len(t.crc)} checksums for {k} values")
+        layout = self._attr(g, "layout", "S")
+        if layout == "fixed":
+            t.data = self._dataset(g, "data", VALUE_KINDS, ndim=None)
+            if t.data.ndim < 1 or t.data.shape[0] != k:
+                raise ShardError(f"{where}/data holds {t.data.shape[:1]} values for {k} steps")
+        elif layout == "ragged":
+            t.data = self._dataset(g, "data", VALUE_KINDS)
+            offsets = self._verified(self._dataset(g, "offsets", INTEGER_KINDS)).astype(np.int64)
+            shapes = self._verified(self._dataset(g, "shapes", INTEGER_KINDS, ndim=2)).astype(np.int64)
+            ndims = self._verified(self._dataset(g, "ndims", INTEGER_KINDS)).astype(np.int64)
+            if (
+                offsets.shape != (k + 1,)
+                or shapes.shape[0] != k
+                or ndims.shape != (k,)
+                or offsets[0] != 0
+                or offsets[-1] != t.data.shape[0]
+                or (np.diff(offsets) < 0).any()
+                or (ndims < 0).any()
+                or (ndims > shapes.shape[1]).any()
+            ):
+                raise ShardError(f"{where}: offsets, shapes and ndims of ragged values do not agree")
+            t.offsets = offsets
+            t.shapes = [tuple(int(d) for d in shapes[i, : ndims[i]]) for i in range(k)]
+            for i, shape in enumerate(t.shapes):
+                if min(shape, default=0) < 0 or int(np.prod(shape, dtype=object)) != offsets[i + 1] - offsets[i]:
+                    raise ShardError(f"{where}: shape {shape} of value {i} does not match its offsets")
+        else:
+            raise ShardError(f"{where} has layout {layout!r}, expected 'fixed' or 'ragged'")
+        return t
 
+    @_shard_errors
     def raw_steps(self, name: str) -> np.ndarray:
         """Global steps at which ``name`` has a raw value in this shard."""
-        g = self._group(name)
-        return g["steps"][()] if "steps" in g else np.empty(0, dtype=np.int64)
+        return self._values(name).steps
 
+    @_shard_errors
     def values(self, name: str) -> dict[int, np.ndarray]:
-        """Every raw value of ``name`` in this shard, by global step (few reads)."""
-        g = self._group(name)
-        if "data" not in g:
+        """Every raw value of ``name`` in this shard, by global step (few reads), each verified."""
+        t = self._values(name)
+        if t.data is None:
             return {}
-        steps = g["steps"][()]
-        data = g["data"][()]
-        if g.attrs["layout"] == "fixed":
-            return {int(s): data[i, ...] for i, s in enumerate(steps)}
-        offsets, shapes, ndims = g["offsets"][()], g["shapes"][()], g["ndims"][()]
-        return {
-            int(s): data[offsets[i] : offsets[i + 1]].reshape(tuple(shapes[i, : ndims[i]])) for i, s in enumerate(steps)
-        }
+        data = np.asarray(t.data[()])
+        if t.offsets is None:
+            rows = [data[i : i + 1] for i in range(len(t.steps))]
+            out = {int(s): self._check_row(t, i, rows[i])[0, ...] for i, s in enumerate(t.steps)}
+        else:
+            assert t.shapes is not None
+            out = {
+                int(s): self._check_row(t, i, data[t.offsets[i] : t.offsets[i + 1]]).reshape(t.shapes[i])
+                for i, s in enumerate(t.steps)
+            }
+        return out
 
+    @_shard_errors
     def stacked(self, name: str) -> tuple[np.ndarray, np.ndarray] | None:
-        """``(steps, values)`` of ``name`` with ``values[i]`` the raw value at ``steps[i]``, in one read;
-        None unless its values have one shape here (fixed layout)."""
-        g = self._group(name)
-        if "data" not in g or g.attrs["layout"] != "fixed":
+        """``(steps, values)`` of ``name`` with ``values[i]`` the raw value at ``steps[i]``, in one read
+        (each verified); None unless its values have one shape here (fixed layout)."""
+        t = self._values(name)
+        if t.data is None or t.offsets is not None:
             return None
-        return g["steps"][()], g["data"][()]
+        data = np.asarray(t.data[()])
+        if t.crc is not None:
+            for i in range(len(t.steps)):
+                self._check_row(t, i, data[i : i + 1])
+        return t.steps, data
 
+    @_shard_errors
     def value(self, name: str, step: int) -> np.ndarray | None:
-        """The raw value of ``name`` at global ``step``, or None."""
-        g = self._group(name)
-        if "data" not in g:
+        """The raw value of ``name`` at global ``step`` (verified), or None."""
+        t = self._values(name)
+        i = t.row.get(step)
+        if i is None or t.data is None:
             return None
-        steps = g["steps"][()]
-        hits = np.nonzero(steps == step)[0]
-        if not len(hits):
-            return None
-        i = int(hits[0])
-        if g.attrs["layout"] == "fixed":
-            return np.asarray(g["data"][i, ...])
-        o = g["offsets"][i : i + 2]
-        shape = tuple(g["shapes"][i, : g["ndims"][i]])
-        return g["data"][o[0] : o[1]].reshape(shape)
+        if t.offsets is None:
+            return self._check_row(t, i, np.asarray(t.data[i : i + 1]))[0, ...]
+        assert t.shapes is not None
+        return self._check_row(t, i, np.asarray(t.data[t.offsets[i] : t.offsets[i + 1]])).reshape(t.shapes[i])
 
+    @_shard_errors
     def histograms(self, name: str) -> dict[int, Histogram]:
-        """Saved histograms of ``name`` in this shard, by global step (none before format 1.1)."""
-        g = self._group(name)
-        if "histogram" not in g:
+        """Saved histograms of ``name`` in this shard, by global step (verified)."""
+        tid = self.ids.get(name)
+        if tid is None:
+            raise ShardError(f"{self.path}: holds no tensor {name!r}")
+        g = self._group(self._group(self._file, "tensors"), str(tid))
+        hg = self._child(g, "histogram", h5py.Group)
+        if hg is None:
             return {}
-        hg = g["histogram"]
-        edges, counts = hg["edges"][()], hg["counts"][()]
-        return {int(s): Histogram(edges[i], counts[i]) for i, s in enumerate(hg["steps"][()])}
+        steps = self._verified(self._dataset(hg, "steps", INTEGER_KINDS))
+        edges = self._verified(self._dataset(hg, "edges", "f", ndim=2))
+        counts = self._verified(self._dataset(hg, "counts", INTEGER_KINDS, ndim=2))
+        if not (len(steps) == len(edges) == len(counts)) or edges.shape[1] != counts.shape[1] + 1:
+            raise ShardError(f"{self.path}: {hg.name}: steps, edges and counts do not agree")
+        return {int(s): Histogram(edges[i], counts[i]) for i, s in enumerate(steps)}
 
+    @_shard_errors
     def wall_times(self) -> dict[int, float]:
-        """``{global step: time.time() when it was committed}`` (empty before format 1.1)."""
-        st = self._file["steps"]
-        if "wall_time" not in st:
+        """``{global step: time.time() when it was committed}`` (empty for shards written without it)."""
+        sg = self._group(self._file, "steps")
+        if self._child(sg, "wall_time", h5py.Dataset) is None:
             return {}
-        return {int(s): float(t) for s, t in zip(st["step"][()], st["wall_time"][()], strict=True)}
+        times = self._verified(self._dataset(sg, "wall_time", "f"))
+        steps = self.steps_table()[:, 0]
+        if len(times) != len(steps):
+            raise ShardError(f"{self.path}: /steps/wall_time has {len(times)} times for {len(steps)} steps")
+        return {int(s): float(t) for s, t in zip(steps, times, strict=True)}
 
+    @_shard_errors
     def reductions(self, name: str) -> dict[tuple[int, str], float]:
         """Saved reductions of ``name``: ``{(step, key): value}``."""
+        tid = self.ids.get(name)
+        if tid is None:
+            raise ShardError(f"{self.path}: holds no tensor {name!r}")
         if self._reductions is None:
-            rg = self._file["reductions"]
-            kinds = json.loads(rg.attrs["kinds"])
-            table: dict[int, dict[tuple[int, str], float]] = {}
-            for tid, step, kind, value in zip(
-                rg["tensor_id"][()], rg["step"][()], rg["kind"][()], rg["value"][()], strict=True
-            ):
-                table.setdefault(int(tid), {})[(int(step), kinds[kind])] = float(value)
-            self._reductions = table
-        return self._reductions.get(self.ids[name], {})
+            self._reductions = self._reduction_table()
+        return self._reductions.get(tid, {})
+
+    def _reduction_table(self) -> dict[int, dict[tuple[int, str], float]]:
+        rg = self._group(self._file, "reductions")
+        try:
+            kinds = json.loads(self._attr(rg, "kinds", "S"))
+        except (TypeError, ValueError, RecursionError):
+            raise ShardError(f"{self.path}: /reductions has no readable 'kinds' attribute") from None
+        if not isinstance(kinds, list) or not all(isinstance(k, str) for k in kinds):
+            raise ShardError(f"{self.path}: /reductions 'kinds' is not a list of names")
+        tids, steps, kind, values = (
+            self._verified(self._dataset(rg, part, "f" if part == "value" else INTEGER_KINDS))
+            for part in REDUCTION_PARTS
+        )
+        if not len(tids) == len(steps) == len(kind) == len(values):
+            raise ShardError(f"{self.path}: the datasets of /reductions differ in length")
+        if len(kind) and (kind.min() < 0 or kind.max() >= len(kinds)):
+            raise ShardError(f"{self.path}: /reductions/kind points outside 'kinds'")
+        table: dict[int, dict[tuple[int, str], float]] = {}
+        for tid, step, k, value in zip(tids.tolist(), steps.tolist(), kind.tolist(), values.tolist(), strict=True):
+            table.setdefault(tid, {})[(step, kinds[k])] = value
+        return table
+
+    # ------------------------------------------------------------ check
+    @_shard_errors
+    def steps_table(self) -> np.ndarray:
+        """``[step, mode, mode_step]`` of every step in the shard, from ``/steps``."""
+        sg = self._group(self._file, "steps")
+        cols = [self._verified(self._dataset(sg, part, INTEGER_KINDS)).astype(np.int64) for part in STEP_PARTS]
+        if not len(cols[0]) == len(cols[1]) == len(cols[2]):
+            raise ShardError(f"{self.path}: the datasets of /steps differ in length")
+        return np.stack(cols, axis=1)
+
+    @_shard_errors
+    def validate(self) -> None:
+        """Check the whole file against the format and read every value once; ShardError on the first problem.
+
+        Objects the format does not define are refused, never read.
+        """
+        expected = {
+            "/": {"steps", "names", "tensors", "reductions"},
+            "/steps": {*STEP_PARTS, "wall_time"},
+            "/reductions": set(REDUCTION_PARTS),
+            "/tensors": {str(i) for i in range(len(self.names))},
+        }
+        for path, allowed in expected.items():
+            group = self._file if path == "/" else self._group(self._file, path[1:])
+            extra = sorted(set(group.keys()) - allowed)
+            if extra:
+                raise ShardError(f"{self.path}: {path.rstrip('/')}/{extra[0]} is not part of the format (not read)")
+        tensors = self._group(self._file, "tensors")
+        for tid in range(len(self.names)):
+            extra = sorted(set(self._group(tensors, str(tid)).keys()) - TENSOR_PARTS)
+            if extra:
+                raise ShardError(f"{self.path}: /tensors/{tid}/{extra[0]} is not part of the format (not read)")
+        self.steps_table()
+        self.wall_times()
+        for name in self.names:
+            self.values(name)
+            self.reductions(name)
+            self.histograms(name)

@@ -15,11 +15,14 @@ from __future__ import annotations
 import abc
 import atexit
 import contextlib
+import hashlib
 import json
 import logging
 import os
 import random
 import shutil
+import stat
+import sys
 import tempfile
 import time
 import uuid
@@ -28,7 +31,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
+from .layout import check_key
+
 Keys = list[str]  # an alias: inside Storage classes, ``list`` names the method
+
+MAX_JSON_BYTES = 64 << 20
+"""Largest JSON record a reader parses (an index record of 100,000 tensors is about 20 MB)."""
+CACHE_DIR_ENV = "TENSORTAP_CACHE_DIR"
+CACHE_BYTES_ENV = "TENSORTAP_CACHE_BYTES"
+DEFAULT_CACHE_BYTES = 10 << 30
 
 # fsspec protocols whose uploads appear whole or not at all: an object is
 # only visible once its single PUT (or multipart upload) completes.
@@ -74,6 +85,10 @@ def retried(what: str, fn: Callable[[], _T], attempts: int = WRITE_ATTEMPTS, pau
     return fn()
 
 
+class NotInTrial(OSError):
+    """A file of a trial that must not be read: a link that leads outside the trial, a FIFO, a device."""
+
+
 def is_hidden(key: str) -> bool:
     """Return whether any part of ``key`` starts with ``"."`` (a temporary file of a write in progress)."""
     return any(part.startswith(".") for part in key.split("/"))
@@ -83,7 +98,10 @@ class Storage(abc.ABC):
     """The interface every backend implements.
 
     Keys are ``/``-separated paths relative to the root, for example
-    ``"index/worker_0/0000000000.json"``; ``""`` is the root itself.
+    ``"index/worker_0/0000000000.json"``; ``""`` is the root itself. Every
+    method raises :class:`~tensortap.backends.layout.UnsafeKey` (a
+    ``ValueError``) for a key that could reach outside the root (absolute,
+    ``..``, empty or hidden parts): keys may come from an untrusted trial.
 
     Attributes
     ----------
@@ -148,8 +166,14 @@ class Storage(abc.ABC):
         return tempfile.gettempdir()
 
     def read_json(self, key: str) -> Any:
-        """Return the parsed JSON content of ``key``."""
-        return json.loads(self.read_bytes(key))
+        """Return the parsed JSON content of ``key``; ValueError if it is not JSON, too large or too deep."""
+        data = self.read_bytes(key)
+        if len(data) > MAX_JSON_BYTES:
+            raise ValueError(f"{key}: {len(data)} bytes, more than the {MAX_JSON_BYTES} a JSON record may have")
+        try:
+            return json.loads(data)
+        except RecursionError:
+            raise ValueError(f"{key}: JSON nested too deeply") from None
 
     def write_json(self, key: str, obj: Any) -> None:
         """Atomically write ``obj`` as JSON to ``key``."""
@@ -201,7 +225,18 @@ class LocalStorage(Storage):
         self.url = str(self.root)
 
     def _path(self, key: str) -> Path:
-        return self.root / key if key else self.root
+        return self.root / check_key(key) if key else self.root
+
+    def _regular_file(self, key: str) -> str:
+        """The real path of ``key``, once sure it is a regular file inside the root (links may not leave it)."""
+        real = os.path.realpath(self._path(key))
+        root = os.path.realpath(self.root)
+        if os.path.commonpath([real, root]) != root:
+            raise NotInTrial(f"{self.url}: {key!r} is a link that leads outside the trial (to {real})")
+        mode = os.stat(real).st_mode  # FileNotFoundError if missing
+        if not stat.S_ISREG(mode):
+            raise NotInTrial(f"{self.url}: {key!r} is not a regular file (a FIFO, device or folder)")
+        return real
 
     def exists(self, key: str = "") -> bool:
         return self._path(key).exists()
@@ -220,13 +255,23 @@ class LocalStorage(Storage):
         return self._entries(prefix, want_dir=True)
 
     def walk(self) -> Keys:
+        """Every key that is not a real folder: FIFOs, devices and links too, so that ``check`` reports them."""
         if not self.root.is_dir():
             return []
-        keys = (p.relative_to(self.root).as_posix() for p in self.root.rglob("*") if p.is_file())
+        keys: Keys = []
+        for folder, dirs, files in os.walk(self.root):  # never follows links to folders
+            base = Path(folder).relative_to(self.root)
+            links = [d for d in dirs if os.path.islink(os.path.join(folder, d))]
+            keys.extend((base / name).as_posix() for name in [*files, *links])
         return sorted(k for k in keys if not is_hidden(k))
 
     def read_bytes(self, key: str) -> bytes:
-        return self._path(key).read_bytes()
+        real = self._regular_file(key)
+        fd = os.open(real, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0))
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):  # replaced since the check
+                raise NotInTrial(f"{self.url}: {key!r} is not a regular file")
+            return f.read()
 
     def _atomic(self, key: str, write: Callable[[IO[bytes]], Any]) -> None:
         dest = self._path(key)
@@ -291,8 +336,10 @@ class LocalStorage(Storage):
 
     def local_path(self, key: str) -> str:
         path = self._path(key)
-        if not path.is_file():
-            raise FileNotFoundError(f"{self.url}: no file {key!r}")
+        try:
+            self._regular_file(key)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{self.url}: no file {key!r}") from None
         return str(path)
 
     def delete(self, key: str) -> None:
@@ -315,9 +362,11 @@ class FsspecStorage(Storage):
     whole or not at all. Other filesystems get an upload under a hidden
     temporary name followed by a move. Listings and :meth:`exists` bypass
     fsspec's listing cache, so files written by another process are seen at
-    once. Files read through :meth:`local_path` are cached in a temporary
-    directory that is removed when the storage is garbage-collected or the
-    interpreter exits.
+    once. Files read through :meth:`local_path` (published shards) are kept
+    in the persistent :class:`ShardCache` of the user's cache directory, so a
+    second process does not download them again (``memory://`` and a disabled
+    cache use a temporary directory that is removed when the storage is
+    garbage-collected or the interpreter exits).
 
     Parameters
     ----------
@@ -343,9 +392,14 @@ class FsspecStorage(Storage):
         self._cleanup = weakref.finalize(self, shutil.rmtree, self._tmp, ignore_errors=True)
         self._cleanup.atexit = False  # at exit, _remove_temporary_dirs runs it after the writers closed
         _LIVE_FSSPEC.add(self)
+        folder = None if "memory" in protocols else user_cache_dir()
+        self.cache = None if folder is None else ShardCache(folder, cache_bytes())
+        client = storage_options.get("client_kwargs") or {}
+        endpoint = client.get("endpoint_url") or storage_options.get("endpoint_url")
+        self._identity = f"{url}\0{endpoint or ''}"
 
     def _path(self, key: str) -> str:
-        return f"{self.root}/{key}" if key else self.root
+        return f"{self.root}/{check_key(key)}" if key else self.root
 
     def exists(self, key: str = "") -> bool:
         path = self._path(key)
@@ -410,16 +464,20 @@ class FsspecStorage(Storage):
         os.unlink(local_path)
 
     def local_path(self, key: str) -> str:
+        path = self._path(key)
+        if self.cache is not None:
+            self.fs.invalidate_cache(path)
+            info = self.fs.info(path)  # one request: the object's identity, so a replaced trial is never served stale
+            if info.get("type") == "directory":
+                raise NotInTrial(f"{self.url}: {key!r} is a folder")
+            version = next((info[k] for k in ("ETag", "etag", "mtime", "LastModified", "created") if k in info), "")
+            name = hashlib.sha256(f"{self._identity}\0{key}\0{version}\0{info.get('size')}".encode()).hexdigest()
+            cached = self.cache.get(name, lambda tmp: self.fs.get_file(path, tmp), int(info.get("size") or 0))
+            if cached is not None:
+                return cached
         dest = os.path.join(self._cache, *key.split("/"))
-        if not os.path.exists(dest):  # published files are immutable: cache forever
-            os.makedirs(os.path.dirname(dest), exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".", suffix=".part", dir=os.path.dirname(dest))
-            os.close(fd)
-            try:
-                self.fs.get_file(self._path(key), tmp)
-                os.replace(tmp, dest)
-            finally:
-                Path(tmp).unlink(missing_ok=True)
+        if not os.path.exists(dest):  # published files are immutable: cache for the life of this storage
+            _download(lambda tmp: self.fs.get_file(path, tmp), os.path.dirname(dest), dest)
         return dest
 
     def delete(self, key: str) -> None:
@@ -440,6 +498,105 @@ class FsspecStorage(Storage):
     def staging_dir(self) -> str:
         os.makedirs(self._staging, exist_ok=True)
         return self._staging
+
+
+def _download(fetch: Callable[[str], Any], folder: str, dest: str) -> None:
+    """``fetch(tmp)`` into a temporary file of ``folder``, renamed to ``dest`` once complete."""
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".", suffix=".part", dir=folder)
+    os.close(fd)
+    try:
+        fetch(tmp)
+        os.replace(tmp, dest)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def user_cache_dir() -> str | None:
+    """The persistent shard cache: ``$TENSORTAP_CACHE_DIR`` (empty: no persistent cache), else
+    ``tensortap/shards`` in the platform's user cache directory (``$XDG_CACHE_HOME`` or ``~/.cache``,
+    ``~/Library/Caches``, ``%LOCALAPPDATA%``)."""
+    folder = os.environ.get(CACHE_DIR_ENV)
+    if folder is not None:
+        return os.path.expanduser(folder) or None
+    home = os.path.expanduser("~")
+    if sys.platform == "win32":
+        base = os.environ.get("LOCALAPPDATA") or os.path.join(home, "AppData", "Local")
+    elif sys.platform == "darwin":
+        base = os.path.join(home, "Library", "Caches")
+    else:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(home, ".cache")
+    return os.path.join(base, "tensortap", "shards")
+
+
+def cache_bytes() -> int:
+    """Size bound of the persistent cache: ``$TENSORTAP_CACHE_BYTES``, default 10 GiB."""
+    text = os.environ.get(CACHE_BYTES_ENV, "")
+    try:
+        return int(text) if text else DEFAULT_CACHE_BYTES
+    except ValueError:
+        raise ValueError(f"{CACHE_BYTES_ENV}={text!r}: expected a number of bytes") from None
+
+
+class ShardCache:
+    """Whole downloaded files shared by every process of the user, bounded in size.
+
+    A file is named by a hash of the trial URL, the key and the object's
+    version (ETag) and size, and appears under its name only once complete
+    (download to a temporary file, then rename), so processes can share the
+    folder without locks. After each download the least recently used files
+    are removed until the folder holds at most ``max_bytes``; a file larger
+    than that is not cached here.
+
+    Parameters
+    ----------
+    folder
+        The cache folder (created when first needed).
+    max_bytes
+        Size bound of the folder.
+    """
+
+    STALE_PART_SECONDS = 3600.0
+
+    def __init__(self, folder: str, max_bytes: int) -> None:
+        self.folder = folder
+        self.max_bytes = max_bytes
+
+    def get(self, name: str, fetch: Callable[[str], Any], size: int) -> str | None:
+        """The cached file ``name``, downloaded with ``fetch(tmp)`` if absent; None if ``size`` is too large."""
+        path = os.path.join(self.folder, name)
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(path)  # the recency that eviction goes by
+            return path
+        if size > self.max_bytes:
+            return None
+        _download(fetch, self.folder, path)
+        self.trim(keep=path)
+        return path
+
+    def trim(self, keep: str = "") -> None:
+        """Remove least recently used files until the folder fits ``max_bytes`` (never ``keep``)."""
+        now = time.time()
+        files = []
+        with os.scandir(self.folder) as it:
+            for e in it:
+                with contextlib.suppress(FileNotFoundError):
+                    st = e.stat(follow_symlinks=False)
+                    if not stat.S_ISREG(st.st_mode):
+                        continue
+                    if e.name.startswith("."):  # a download in progress, or one killed long ago
+                        if now - st.st_mtime > self.STALE_PART_SECONDS:
+                            os.unlink(e.path)
+                        continue
+                    files.append((st.st_mtime, st.st_size, e.path))
+        total = sum(size for _, size, _ in files)
+        for _, size, path in sorted(files):
+            if total <= self.max_bytes:
+                break
+            if path != keep:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)  # a process that has it open keeps reading it (POSIX)
+                total -= size
 
 
 _LIVE_FSSPEC: weakref.WeakSet[FsspecStorage] = weakref.WeakSet()

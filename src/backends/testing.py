@@ -30,7 +30,21 @@ import h5py
 import numpy as np
 import pytest
 
+from .layout import UnsafeKey
 from .storage import Storage
+
+UNSAFE_KEYS = [
+    "../outside.json",
+    "index/../../outside.json",
+    "/etc/passwd",
+    "index//x.json",
+    "index/./x.json",
+    "shards/worker_0/..",
+    "a\\..\\b",
+    "x\x00y",
+    "C:x",
+]
+"""Keys that could leave a trial's root: every backend refuses them (``UnsafeKey``)."""
 
 KEYS = [
     "workers/worker_0.json",
@@ -109,6 +123,16 @@ class StorageTests:
             storage.read_json(key)
         with pytest.raises(FileNotFoundError):
             storage.local_path(key)
+
+    @pytest.mark.parametrize("key", UNSAFE_KEYS)
+    def test_keys_that_leave_the_root_are_refused(self, storage: Storage, key: str) -> None:
+        """Keys may come from a trial written by a stranger (an index record's ``shard``)."""
+        storage.write_bytes("present.json", b"{}")
+        for call in (storage.read_bytes, storage.local_path, storage.exists, storage.delete, storage.list):
+            with pytest.raises(UnsafeKey):
+                call(key)
+        with pytest.raises(UnsafeKey):
+            storage.write_bytes(key, b"x")
 
     # ------------------------------------------------------------ listing
     def test_list_separates_files_and_folders(self, storage: Storage) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import time
@@ -15,6 +16,7 @@ import numpy as np
 from .. import reductions as red
 from ..backends import layout
 from ..backends.registry import get_storage
+from ..backends.shard import ShardReader
 from ..backends.storage import Storage
 from ..config import Collection
 from ..exceptions import (
@@ -331,12 +333,12 @@ class Trial:
         self._auto_refresh()
         out: dict[str, Collection] = {}
         for w in self._index.workers.values():
-            configured = w.info.get("collections")
-            for name, cfg in (configured if isinstance(configured, dict) else {}).items():
+            configs = w.info.get("collections")
+            for name, cfg in configs.items() if isinstance(configs, dict) else ():
                 if name not in out:
                     try:
                         out[name] = Collection.from_json(cfg)
-                    except (ValueError, KeyError, TypeError):
+                    except (ValueError, KeyError, TypeError, AttributeError):  # a record from a stranger
                         out[name] = Collection(name)
         for tname, info in self._index.tensors.items():
             for c in info.collections:
@@ -363,7 +365,8 @@ class Trial:
         """The stop request written into this trial, if any."""
         if not self.storage.exists(layout.STOP_REQUEST):
             return None
-        return dict(self.storage.read_json(layout.STOP_REQUEST))
+        request = self.storage.read_json(layout.STOP_REQUEST)
+        return request if isinstance(request, dict) else {"reason": repr(request)}
 
     def request_stop(self, reason: str, **details: Any) -> None:
         """Ask the training that writes this trial to stop; adapters poll for it."""
@@ -566,10 +569,11 @@ class Tensor:
         raise StepUnavailable(step, m)
 
     def _reader_value(self, step: int, loc: Location) -> np.ndarray:
-        reader = self.trial._index.reader(loc.shard)
-        value = None if reader is None else reader.value(self.name, step)
+        index = self.trial._index
+        value = index.read(loc.shard, lambda r: r.value(self.name, step))
         if value is None:
-            raise TensorUnavailableForStep(f"{self.name!r} at step {step}: its shard {loc.shard} cannot be read")
+            why = index.bad_files.get(loc.shard, "it does not hold this value")
+            raise TensorUnavailableForStep(f"{self.name!r} at step {step}: shard {loc.shard} cannot be read: {why}")
         return value
 
     def value(self, step: int, mode: Mode | str | None = None, worker: str | None = None) -> np.ndarray:
@@ -599,11 +603,9 @@ class Tensor:
             by_shard.setdefault(loc.shard, []).append((gstep, key))
         out: dict[int, np.ndarray] = {}
         for shard, wanted in by_shard.items():
-            reader = index.reader(shard)
-            if reader is None:
-                continue
-            stored = reader.values(self.name)
-            out.update({key: stored[g] for g, key in wanted if g in stored})
+            stored = index.read(shard, lambda r: r.values(self.name))
+            if stored is not None:  # else skipped with a warning naming the shard
+                out.update({key: stored[g] for g, key in wanted if g in stored})
         return dict(sorted(out.items()))
 
     def reduction_value(
@@ -620,9 +622,9 @@ class Tensor:
             raise UnknownName("reduction", reduction, [*red.ALL_REDUCTIONS, *(f"abs_{r}" for r in red.ALL_REDUCTIONS)])
         gstep, _, loc = self._locate(step, mode, worker)
         if key in loc.reductions:
-            reader = self.trial._index.reader(loc.shard)
-            if reader is not None:
-                return reader.reductions(self.name)[(gstep, key)]
+            saved = self.trial._index.read(loc.shard, lambda r: r.reductions(self.name))
+            if saved is not None and (gstep, key) in saved:
+                return saved[(gstep, key)]
         if loc.raw:
             return red.compute(self._reader_value(gstep, loc), key)
         raise TensorUnavailableForStep(
@@ -652,6 +654,20 @@ class Tensor:
             out.setdefault(key, value)
         return dict(sorted(out.items()))
 
+    def _shard_values(
+        self, reader: ShardReader, entries: list[tuple[int, str, Location]]
+    ) -> tuple[dict[tuple[int, str], float], dict[int, np.ndarray], tuple[dict[int, int], np.ndarray] | None]:
+        """This tensor's saved reductions and raw values in one shard, and, when its values are one stacked
+        array (read once), that array with the row of each step."""
+        saved = reader.reductions(self.name) if any(loc.reductions for _, _, loc in entries) else {}
+        if not any(loc.raw for _, _, loc in entries):
+            return saved, {}, None
+        stacked = reader.stacked(self.name)
+        if stacked is None:
+            return saved, reader.values(self.name), None
+        position = {int(s): i for i, s in enumerate(stacked[0])}
+        return saved, {s: stacked[1][i] for s, i in position.items()}, (position, stacked[1])
+
     def _rows(
         self, keys: Sequence[str] | None, worker: str | None = None, mode: Mode | str | None = None
     ) -> list[tuple[int, str, str, float]]:
@@ -671,16 +687,10 @@ class Tensor:
                     by_shard.setdefault(loc.shard, []).append((gstep, w, loc))
         rows: list[tuple[int, str, str, float]] = []
         for shard, entries in by_shard.items():
-            reader = index.reader(shard)
-            if reader is None:  # unreadable: the index warned once and forgot it
+            got = index.read(shard, functools.partial(self._shard_values, entries=entries))
+            if got is None:  # unreadable: the index warned once and forgot it
                 continue
-            saved = reader.reductions(self.name) if any(loc.reductions for _, _, loc in entries) else {}
-            stacked = reader.stacked(self.name) if any(loc.raw for _, _, loc in entries) else None
-            if stacked is not None:
-                position = {int(s): i for i, s in enumerate(stacked[0])}
-                raw = {s: stacked[1][i] for s, i in position.items()}
-            else:
-                raw = reader.values(self.name) if any(loc.raw for _, _, loc in entries) else {}
+            saved, raw, stacked = got
             todo: dict[tuple[tuple[str, ...], tuple[int, ...], str], list[tuple[int, str]]] = {}
             for gstep, w, loc in entries:
                 value = raw.get(gstep) if loc.raw else None
@@ -699,9 +709,9 @@ class Tensor:
             for (ks, _, _), members in todo.items():
                 arrays: np.ndarray | list[np.ndarray] = [raw[g] for g, _ in members]
                 if stacked is not None:  # rows of the one array read: no per-step copy
+                    position, data = stacked
                     rows_at = np.array([position[g] for g, _ in members])
-                    whole = np.array_equal(rows_at, np.arange(len(stacked[1])))
-                    arrays = stacked[1] if whole else stacked[1][rows_at]
+                    arrays = data if np.array_equal(rows_at, np.arange(len(data))) else data[rows_at]
                 computed = red.compute_rows(arrays, ks)
                 for i, (gstep, w) in enumerate(members):
                     rows.extend((gstep, w, k, float(computed[k][i])) for k in ks)
@@ -761,8 +771,8 @@ class Tensor:
         """
         gstep, _, loc = self._locate(step, mode, worker)
         if loc.histogram:
-            reader = self.trial._index.reader(loc.shard)
-            if reader is not None and gstep in (saved := reader.histograms(self.name)):
+            saved = self.trial._index.read(loc.shard, lambda r: r.histograms(self.name))
+            if saved is not None and gstep in saved:
                 return saved[gstep]
         if loc.raw:
             hist = red.histogram(self._reader_value(gstep, loc), bins)
@@ -798,11 +808,18 @@ class Tensor:
         found: dict[int, red.Histogram] = {}
         raw: dict[int, np.ndarray] = {}
         for shard, entries in by_shard.items():
-            reader = index.reader(shard)
-            if reader is None:
+            want_saved = any(loc.histogram for _, loc in entries)
+            want_raw = any(loc.raw and not loc.histogram for _, loc in entries)
+            got = index.read(
+                shard,
+                lambda r, h=want_saved, v=want_raw: (  # type: ignore[misc]
+                    r.histograms(self.name) if h else {},
+                    r.values(self.name) if v else {},
+                ),
+            )
+            if got is None:
                 continue
-            saved = reader.histograms(self.name) if any(loc.histogram for _, loc in entries) else {}
-            values = reader.values(self.name) if any(loc.raw and not loc.histogram for _, loc in entries) else {}
+            saved, values = got
             for gstep, _ in entries:
                 if gstep in saved:
                     found[gstep] = saved[gstep]

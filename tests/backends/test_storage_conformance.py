@@ -88,7 +88,10 @@ class FsspecStorageTests(StorageTests):
         assert reader.list_dirs("index") == ["worker_0", "worker_1"]
         assert len(reader.walk()) == 3
 
-    def test_local_files_are_removed_with_the_storage(self, url: str, options: dict[str, Any]) -> None:
+    def test_local_files_are_removed_with_the_storage(
+        self, url: str, options: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("TENSORTAP_CACHE_DIR", "")  # no persistent cache (tests/backends/test_shard_cache.py)
         storage = get_storage(url, **options)
         storage.write_bytes("shards/worker_0/0000000000.h5", b"shard")
         cached = storage.local_path("shards/worker_0/0000000000.h5")

@@ -1,0 +1,368 @@
+"""SPEC section 7 and 9 (untrusted trials): a trial from a stranger reads nothing outside itself,
+never hangs, bounds what it allocates, and says what is wrong, naming the file."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+import tensortap
+from tensortap import TensorUnavailableForStep
+from tensortap.backends import NotInTrial, get_storage
+from tensortap.backends.shard import ShardError, ShardReader
+from tensortap.capture import ShardPolicy, Writer
+from tensortap.cli import main
+from tensortap.trial.check import find_problems
+
+SHARD = "shards/worker_0/0000000000.h5"
+RECORD = "index/worker_0/0000000000.json"
+FORMAT_1 = Path(__file__).parent / "data" / "trial_format_1"
+
+
+def kernel(step: int) -> np.ndarray:
+    return (np.arange(6, dtype=np.float32) + 0.5) * (step + 1)
+
+
+def write(out: Path | str, steps: int = 2, **options: object) -> None:
+    """A real trial: one shard of ``steps`` steps (``dense/kernel`` fixed, ``ragged`` ragged)."""
+    with Writer(out, shard_policy=ShardPolicy(max_steps=100), storage_options=options or None) as w:  # type: ignore[arg-type]
+        for step in range(steps):
+            with w.stepping():
+                w.save("dense/kernel", kernel(step), collections=["weights"])
+                w.save("ragged", np.full(step + 1, step, dtype=np.int16), collections=["outputs"])
+
+
+def rewrite(out: Path, change: Callable[[h5py.File], object]) -> None:
+    """Change the shard with h5py, then fix its index record's size, as a stranger crafting a trial would."""
+    with h5py.File(out / SHARD, "r+") as f:
+        change(f)
+    record = json.loads((out / RECORD).read_text())
+    record["bytes"] = os.path.getsize(out / SHARD)
+    (out / RECORD).write_text(json.dumps(record))
+
+
+def read_all(out: Path | str, **options: object) -> tuple[dict[str, dict[int, np.ndarray]], list[str]]:
+    """Every value a reader returns, and the warnings it gave."""
+    with pytest.warns(RuntimeWarning) as caught:
+        trial = tensortap.create_trial(out, **options)
+        values = {n: trial.tensor(n).values() for n in trial.tensor_names()}
+    return values, [str(w.message) for w in caught]
+
+
+def refused(out: Path, why: str) -> None:
+    """The shard is skipped with one warning naming it and ``why``; ``check`` reports it."""
+    values, warned = read_all(out)
+    assert values == {"dense/kernel": {}, "ragged": {}}
+    assert len(warned) == 1 and SHARD in warned[0] and why in warned[0], warned
+    problems = find_problems(str(out))
+    assert any(p.startswith(SHARD) and why in p for p in problems), problems
+
+
+# ---------------------------------------------------------------- keys and names
+def traversal_record(target: str) -> dict[str, object]:
+    return {
+        "format": "tensortap-index",
+        "format_version": 2,
+        "worker": "worker_0",
+        "seq": 0,
+        "shard": target,
+        "bytes": 5,
+        "steps": [[0, 1, 0]],
+        "tensors": {"x": {"id": 0, "collections": [], "dtype": "float32", "shape": [], "raw_steps": "*"}},
+    }
+
+
+def test_traversal_in_a_record_writes_nothing_outside_on_memory(tmp_path: Path) -> None:
+    url = "memory://tensortap-traversal"
+    storage = get_storage(url)
+    storage.write_bytes("shards/worker_0/0000000000.h5", b"shard")
+    storage.write_json(RECORD, traversal_record("../../../../" + str(tmp_path / "escaped" / "file").lstrip("/")))
+    values, warned = read_all(url)
+    assert values == {}
+    assert len(warned) == 1 and RECORD in warned[0] and "'shard'" in warned[0]
+    assert not (tmp_path / "escaped").exists()
+    assert any(p.startswith(RECORD) for p in find_problems(url))
+
+
+def test_a_worker_folder_with_an_unsafe_name_is_skipped(tmp_path: Path) -> None:
+    write(tmp_path)
+    (tmp_path / "index" / "bad\\name").mkdir()
+    (tmp_path / "index" / "bad\\name" / "0000000000.json").write_text("{}")
+    values, warned = read_all(tmp_path)
+    np.testing.assert_array_equal(values["dense/kernel"][0], kernel(0))
+    assert len(warned) == 1 and "index/bad" in warned[0]
+
+
+# ---------------------------------------------------------------- nothing from outside the trial
+def test_external_link_is_refused(tmp_path: Path) -> None:
+    out = tmp_path / "trial"
+    write(out)
+    outside = tmp_path / "outside.h5"
+    with h5py.File(outside, "w") as f:
+        f["secret"] = np.arange(12, dtype=np.float32).reshape(2, 6)
+
+    def link(f: h5py.File) -> None:
+        del f["tensors/0/data"]
+        f["tensors/0/data"] = h5py.ExternalLink(str(outside), "secret")
+
+    rewrite(out, link)
+    values, warned = read_all(out)
+    assert values["dense/kernel"] == {}
+    assert any(SHARD in w and "ExternalLink" in w for w in warned)
+
+
+def test_external_raw_storage_is_refused(tmp_path: Path) -> None:
+    out = tmp_path / "trial"
+    write(out)
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(np.arange(12, dtype=np.float32).tobytes())
+
+    def external(f: h5py.File) -> None:
+        del f["tensors/0/data"]
+        f.create_dataset("tensors/0/data", shape=(2, 6), dtype=np.float32, external=[(str(secret), 0, 48)])
+
+    rewrite(out, external)
+    values, warned = read_all(out)
+    assert values["dense/kernel"] == {}
+    assert any(SHARD in w and "external raw storage" in w for w in warned)
+
+
+def test_virtual_dataset_is_refused(tmp_path: Path) -> None:
+    out = tmp_path / "trial"
+    write(out)
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as f:
+        f["v"] = np.ones((2, 6), dtype=np.float32)
+
+    def virtual(f: h5py.File) -> None:
+        del f["tensors/0/data"]
+        layout = h5py.VirtualLayout(shape=(2, 6), dtype=np.float32)
+        layout[:] = h5py.VirtualSource(str(other), "v", shape=(2, 6))
+        f.create_virtual_dataset("tensors/0/data", layout)
+
+    rewrite(out, virtual)
+    values, warned = read_all(out)
+    assert values["dense/kernel"] == {}
+    assert any(SHARD in w and "virtual dataset" in w for w in warned)
+
+
+def test_symlinks_out_of_the_trial_are_refused(tmp_path: Path) -> None:
+    out = tmp_path / "trial"
+    write(out)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    shutil.move(out / SHARD, outside / "shard.h5")
+    (out / SHARD).symlink_to(outside / "shard.h5")
+    refused(out, "outside the trial")
+    shutil.move(out / RECORD, outside / "record.json")
+    (out / RECORD).symlink_to(outside / "record.json")
+    values, warned = read_all(out)
+    assert values == {} and len(warned) == 1 and RECORD in warned[0] and "outside the trial" in warned[0]
+
+
+def test_a_symlink_inside_the_trial_reads(tmp_path: Path) -> None:
+    write(tmp_path)
+    (tmp_path / "shards" / "copy.h5").write_bytes((tmp_path / SHARD).read_bytes())
+    (tmp_path / SHARD).unlink()
+    (tmp_path / SHARD).symlink_to(tmp_path / "shards" / "copy.h5")
+    trial = tensortap.create_trial(tmp_path)
+    np.testing.assert_array_equal(trial.tensor("dense/kernel").value(1), kernel(1))
+
+
+def test_fifos_never_hang_the_reader_or_check(tmp_path: Path) -> None:
+    write(tmp_path)
+    (tmp_path / SHARD).unlink()
+    os.mkfifo(tmp_path / SHARD)
+    os.mkfifo(tmp_path / "index" / "worker_0" / "0000000001.json")
+    values, warned = read_all(tmp_path)  # a FIFO opened for reading would block forever
+    assert values == {"dense/kernel": {}, "ragged": {}}
+    assert any("0000000001.json" in w and "not a regular file" in w for w in warned)
+    assert any(SHARD in w and "not a regular file" in w for w in warned)
+    problems = find_problems(str(tmp_path))
+    assert sum("not a regular file" in p for p in problems) == 2, problems
+
+
+# ---------------------------------------------------------------- declared sizes
+def test_huge_declared_shape_in_a_tiny_file_is_refused(tmp_path: Path) -> None:
+    write(tmp_path)
+
+    def huge(f: h5py.File) -> None:
+        del f["tensors/0/data"]
+        f.create_dataset("tensors/0/data", shape=(2, 1 << 36), dtype=np.float32, chunks=(1, 1 << 20))
+
+    rewrite(tmp_path, huge)  # 512 GiB declared, no chunk stored: reading would allocate it all
+    assert os.path.getsize(tmp_path / SHARD) < 100_000
+    refused(tmp_path, "declares 549755813888 bytes")
+
+
+def test_compressed_data_beyond_what_deflate_allows_is_refused(tmp_path: Path) -> None:
+    write(tmp_path)
+
+    def bomb(f: h5py.File) -> None:
+        del f["tensors/0/data"]
+        ds = f.create_dataset(
+            "tensors/0/data", shape=(2, 1 << 28), dtype=np.uint8, chunks=(1, 1 << 20), compression="gzip"
+        )
+        ds[0, : 1 << 20] = 0  # one chunk stored (about 1 KiB); 512 MiB declared
+
+    rewrite(tmp_path, bomb)
+    refused(tmp_path, "declares 536870912 bytes")
+
+
+def test_filters_tensortap_does_not_write_are_refused(tmp_path: Path) -> None:
+    write(tmp_path)
+
+    def scaleoffset(f: h5py.File) -> None:
+        del f["tensors/0/data"]
+        f.create_dataset("tensors/0/data", data=np.stack([kernel(0), kernel(1)]), scaleoffset=2)
+
+    rewrite(tmp_path, scaleoffset)
+    refused(tmp_path, "uses HDF5 filter")
+
+
+def test_check_refuses_an_unreferenced_dataset_without_reading_it(tmp_path: Path) -> None:
+    write(tmp_path)
+    rewrite(tmp_path, lambda f: f.create_dataset("junk", shape=(1 << 40,), dtype=np.uint8, chunks=(1 << 20,)))
+    trial = tensortap.create_trial(tmp_path)  # readers never look at it
+    np.testing.assert_array_equal(trial.tensor("dense/kernel").value(0), kernel(0))
+    assert find_problems(str(tmp_path)) == [
+        f"{SHARD}: unreadable shard ({tmp_path / SHARD}: /junk is not part of the format (not read))"
+    ]
+
+
+# ---------------------------------------------------------------- only numbers
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda f: f.create_dataset("tensors/0/data", data=np.array([b"abc", b"def"])),
+        lambda f: f.create_dataset("tensors/0/data", data=["abc", "def"], dtype=h5py.string_dtype()),
+        lambda f: f.create_dataset("tensors/0/data", data=np.zeros(2, dtype=[("a", "f4"), ("b", "i4")])),
+        lambda f: f.create_dataset("tensors/0/data", data=np.zeros(2, dtype="V8")),
+        lambda f: f.create_dataset("tensors/0/data", shape=(2,), dtype=h5py.ref_dtype),
+        lambda f: f.create_dataset("tensors/0/data", data=np.zeros(2, "i1"), dtype=h5py.enum_dtype({"a": 0}, "i1")),
+    ],
+    ids=["bytes", "strings", "compound", "opaque", "references", "enum"],
+)
+def test_non_numeric_values_are_refused(make: Callable[[h5py.File], object], tmp_path: Path) -> None:
+    write(tmp_path)
+
+    def replace(f: h5py.File) -> None:
+        del f["tensors/0/data"]
+        make(f)
+
+    rewrite(tmp_path, replace)
+    values, warned = read_all(tmp_path)
+    assert values["dense/kernel"] == {}
+    assert any(SHARD in w and "not allowed here (only numeric values)" in w for w in warned), warned
+
+
+# ---------------------------------------------------------------- checksums
+def value_offset(path: Path) -> int:
+    with h5py.File(path, "r") as f:
+        return int(f["tensors/0/data"].id.get_offset())
+
+
+def test_a_flipped_value_is_never_returned(tmp_path: Path) -> None:
+    write(tmp_path)
+    data = bytearray((tmp_path / SHARD).read_bytes())
+    data[value_offset(tmp_path / SHARD) + 24 + 2] ^= 0x10  # a bit of the value of step 1
+    (tmp_path / SHARD).write_bytes(bytes(data))
+    with pytest.warns(RuntimeWarning, match="does not match its checksum"):
+        trial = tensortap.create_trial(tmp_path)
+        with pytest.raises(TensorUnavailableForStep, match=SHARD):
+            trial.tensor("dense/kernel").value(1)
+    assert any("does not match its checksum" in p for p in find_problems(str(tmp_path)))
+
+
+def test_a_truncated_shard_is_refused_before_hdf5_opens_it(tmp_path: Path) -> None:
+    write(tmp_path)
+    data = (tmp_path / SHARD).read_bytes()
+    (tmp_path / SHARD).write_bytes(data[: len(data) - 100])
+    refused(tmp_path, "its index record says")
+    with pytest.raises(ShardError, match="superblock says"):
+        ShardReader(str(tmp_path / SHARD))
+
+
+def test_format_1_trials_still_read() -> None:
+    trial = tensortap.create_trial(FORMAT_1)
+    assert trial.steps() == [0, 1, 2]
+    for step in range(3):
+        np.testing.assert_array_equal(trial.tensor("dense/kernel").value(step), kernel(step))
+        np.testing.assert_array_equal(trial.tensor("ragged").value(step), np.full(step + 1, step, dtype=np.int16))
+    assert find_problems(str(FORMAT_1)) == []
+
+
+# ---------------------------------------------------------------- malformed records
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda r: r.pop("steps"),
+        lambda r: r.update(steps="0,1"),
+        lambda r: r.update(steps=[[0, 9, 0]]),
+        lambda r: r.update(tensors=[]),
+        lambda r: r["tensors"]["dense/kernel"].update(raw_steps=[99]),
+        lambda r: r["tensors"]["dense/kernel"].update(shape="6"),
+        lambda r: r.update(seq=True),
+        lambda r: r.update(worker="worker_1"),
+        lambda r: r.update(format_version=99),
+    ],
+    ids=["missing", "wrong-type", "bad-mode", "tensors-list", "foreign-step", "shape-str", "bool", "worker", "newer"],
+)
+def test_a_malformed_record_is_skipped_and_reported(change: Callable[[dict], object], tmp_path: Path) -> None:
+    write(tmp_path)
+    record = json.loads((tmp_path / RECORD).read_text())
+    change(record)
+    (tmp_path / RECORD).write_text(json.dumps(record))
+    values, warned = read_all(tmp_path)
+    assert values == {}
+    assert len(warned) == 1 and RECORD in warned[0] and "not a valid index record" in warned[0]
+    assert [p.split(":")[0] for p in find_problems(str(tmp_path))] == [RECORD]
+
+
+@pytest.mark.parametrize("text", ["[" * 100_000 + "]" * 100_000, '{"a": ', "\xff", "null", "[1, 2]"])
+@pytest.mark.parametrize("folder", ["index/worker_0/0000000000.json", "workers/worker_0.json", "end/worker_0.json"])
+def test_broken_json_anywhere_is_skipped_with_a_warning(text: str, folder: str, tmp_path: Path) -> None:
+    write(tmp_path)
+    (tmp_path / folder).write_text(text, encoding="utf-8", errors="surrogateescape")
+    _, warned = read_all(tmp_path)
+    assert len(warned) == 1 and folder in warned[0]
+    assert folder in find_problems(str(tmp_path))[0]
+
+
+def test_check_exits_1_naming_each_problem(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write(tmp_path)
+    (tmp_path / "end" / "worker_0.json").write_text("[")
+    assert main(["check", str(tmp_path)]) == 1
+    assert "end/worker_0.json" in capsys.readouterr().out
+
+
+def test_check_gives_up_on_a_shard_that_takes_too_long(tmp_path: Path) -> None:
+    write(tmp_path)
+    problems = find_problems(str(tmp_path), timeout=0.001)  # as if HDF5 looped on it
+    late = "reading it did not finish within 0.001 s (corrupt HDF5 structure)"
+    assert problems == [f"{SHARD}: unreadable shard ({tmp_path / SHARD}: {late})"]
+
+
+def test_local_storage_refuses_special_files_directly(tmp_path: Path) -> None:
+    storage = get_storage(tmp_path)
+    os.mkfifo(tmp_path / "fifo.json")
+    with pytest.raises(NotInTrial, match="not a regular file"):
+        storage.read_bytes("fifo.json")
+    assert storage.walk() == ["fifo.json"]
+
+
+def test_a_variable_length_text_attribute_is_refused_unread(tmp_path: Path) -> None:
+    write(tmp_path)
+
+    def variable(f: h5py.File) -> None:
+        f.attrs["format"] = "tensortap-shard"  # h5py stores str in HDF5's global heap, which has no checksum
+
+    rewrite(tmp_path, variable)
+    refused(tmp_path, "attribute 'format' of / has type object")
