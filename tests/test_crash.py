@@ -267,7 +267,7 @@ def test_caught_ctrl_c_leaves_a_consistent_trial(tmp_path: Path, writer_proc, ha
 # ---------------------------------------------------------------- the seeded crash campaign
 CAMPAIGN_SEED = 20261130
 CAMPAIGN_RUNS = 40  # half SIGKILL, half SIGTERM
-# The documented crash window (docs/reliability-writing.md): a SIGKILL loses at most the steps
+# The documented crash window (docs/reliability.md): a SIGKILL loses at most the steps
 # committed in the last max_seconds, plus the time one publish takes; the test allows 1 s for it.
 PUBLISH_ALLOWANCE = 1.0
 

@@ -14,7 +14,7 @@ SIGTERM and SIGINT handlers never interrupt tensortap's own code: a signal
 that lands while the main thread is inside it (recording a step, holding a
 lock) is delivered again once the main thread is back in the user's code, so
 a step being recorded is finished first and no lock is ever taken twice.
-``docs/reliability-writing.md`` lists what is promised and the tests that check it.
+``docs/reliability.md`` lists what is promised and the tests that check it.
 """
 
 from __future__ import annotations
