@@ -16,7 +16,7 @@ from helpers.writer_proc import value_for
 import tensortap
 from tensortap import StepState, TensorUnavailableForStep, TrialExistsError
 from tensortap.capture import ShardPolicy, Writer
-from tensortap.cli import find_problems
+from tensortap.trial.check import find_problems
 from tensortap.trial.trial import REFRESH_SECONDS
 
 WORKERS = ["worker_0", "worker_1", "worker_2"]
@@ -179,7 +179,9 @@ def test_two_writers_starting_at_the_same_instant_with_one_worker_name(tmp_path:
             assert sorted(w.out_dir for w in writers) == [str(out / "run-0"), str(out / "run-1")]
 
 
-def test_records_of_a_second_writer_of_one_worker_are_reported(tmp_path: Path) -> None:
+def test_records_of_a_second_writer_of_one_worker_are_reported(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """Where the claim cannot be exclusive (object stores), the run id in every record tells the reader."""
     _run(tmp_path / "a", 2, 1.0)
     _run(tmp_path / "b", 2, 7.0)
@@ -188,8 +190,10 @@ def test_records_of_a_second_writer_of_one_worker_are_reported(tmp_path: Path) -
     record = json.loads((tmp_path / "b/index/worker_0/0000000000.json").read_text())
     record |= {"seq": 1, "shard": "shards/worker_0/0000000001.h5"}
     (tmp_path / "a/index/worker_0/0000000001.json").write_text(json.dumps(record))
-    with pytest.warns(RuntimeWarning, match="two processes wrote the worker worker_0"):
-        trial = tensortap.create_trial(tmp_path / "a")
+    trial = tensortap.create_trial(tmp_path / "a")
+    assert [r.name for r in caplog.records if "two processes wrote the worker worker_0" in r.getMessage()] == [
+        "tensortap"
+    ]
     assert _values(trial) == {0: 1.0, 1: 2.0}  # the records of the run the worker record names
     assert list(trial.problems()) == ["index/worker_0/0000000001.json"]
     assert find_problems(str(tmp_path / "a")) == [
