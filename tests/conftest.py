@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -31,6 +32,10 @@ class WriterProc:
         )
         self.lines: queue.Queue[str] = queue.Queue()
         threading.Thread(target=self._read_stdout, daemon=True).start()
+        # stderr is drained all the time: a child whose stderr pipe is full blocks, and never exits
+        self.errors: list[str] = []
+        self._stderr_reader = threading.Thread(target=self._read_stderr, daemon=True)
+        self._stderr_reader.start()
         self.expect("ready", timeout=120.0)  # importing torch takes long on a loaded machine
 
     def _read_stdout(self) -> None:
@@ -39,6 +44,12 @@ class WriterProc:
             for line in self.proc.stdout:
                 self.lines.put(line)
         self.lines.put("")  # end of output
+
+    def _read_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        with contextlib.suppress(ValueError, OSError):  # closed at teardown
+            for line in self.proc.stderr:
+                self.errors.append(line)
 
     def expect(self, prefix: str, timeout: float = 30.0) -> str:
         """Wait for the next stdout line and check that it starts with ``prefix``."""
@@ -49,7 +60,8 @@ class WriterProc:
         if not line.startswith(prefix):
             self.proc.kill()
             self.proc.wait(timeout=10)
-            err = self.proc.stderr.read() if self.proc.stderr else ""
+            self._stderr_reader.join(timeout=10)
+            err = "".join(self.errors)
             raise AssertionError(f"writer answered {line!r}, expected {prefix!r}; stderr:\n{err}")
         return line
 
@@ -71,10 +83,11 @@ class WriterProc:
 
     def wait(self) -> tuple[int, str]:
         """Close stdin, wait for the exit; return the status and stderr."""
-        assert self.proc.stdin is not None and self.proc.stderr is not None
+        assert self.proc.stdin is not None
         self.proc.stdin.close()
         status = self.proc.wait(timeout=30)
-        return status, self.proc.stderr.read()
+        self._stderr_reader.join(timeout=10)
+        return status, "".join(self.errors)
 
 
 @pytest.fixture

@@ -110,7 +110,10 @@ def test_ls_of_a_folder_of_trials_lists_them(tmp_path: Path) -> None:
         assert result.stdout.startswith(f"{tmp_path / 'runs'} is not a trial; it holds 3 trials:\n")
         rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()[3:]}
         assert rows["stranger"][1:4] == ["-", "1", "ended"]
-        assert "skipping workers/worker_0.json: expected a JSON object, got list" in result.stderr
+        assert (
+            "skipping workers/worker_0.json: unreadable record (not a valid worker record: not an object)"
+            in result.stderr
+        )
         assert rows["first"][1:5] == ["numpy", "2", "ended", "0.3333"]  # last loss 1/3 at step 2
         assert rows["group/second"][1:5] == ["numpy", "3", "running", "0.2"]  # 1/5 at step 4
         data = strict_json(cli("ls", str(tmp_path / "runs"), "--json").stdout)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import _thread
 import atexit
 import collections
+import contextlib
 import logging
 import os
 import queue
@@ -584,13 +585,13 @@ def _forget_after_fork() -> None:
     The child must neither publish the parent's buffered steps nor end its
     training, and cannot: the writer thread does not exist in the child.
     """
-    global _relay
+    global _relay_fd
     for w in list(_OPEN_WRITERS):
         w.closed = w._finished = True
     _OPEN_WRITERS.clear()
     _CLOSE_CALLBACKS.clear()
     _WriterThread._instance = None
-    _relay = None
+    _relay_fd = None
     _deferred.clear()
 
 
@@ -625,7 +626,9 @@ _RELAY_PAUSE = 0.002
 _previous: dict[int, Any] = {}
 _deferred: dict[int, float] = {}  # signal -> when it was first deferred
 _pending_signals: collections.deque[int] = collections.deque()
-_relay: threading.Event | None = None
+# the write end of a pipe that wakes the relay thread: os.write is async-signal-safe and takes no lock
+# (a threading.Event would: a signal landing inside the handler's own Event.set deadlocked the process)
+_relay_fd: int | None = None
 
 
 def _in_capture_code(frame: FrameType | None) -> bool:
@@ -637,11 +640,10 @@ def _in_capture_code(frame: FrameType | None) -> bool:
     return False
 
 
-def _relay_signals(wake: threading.Event) -> None:
+def _relay_signals(wake_fd: int) -> None:
     """Send deferred signals again, until the handler finds the main thread outside capture code."""
     while True:
-        wake.wait()
-        wake.clear()
+        os.read(wake_fd, 4096)  # blocks until the handler deferred a signal
         time.sleep(_RELAY_PAUSE)
         main = threading.main_thread().ident
         while _pending_signals and main is not None:
@@ -654,12 +656,21 @@ def _relay_signals(wake: threading.Event) -> None:
 
 def _on_signal(signum: int, frame: FrameType | None) -> None:
     now = time.monotonic()
-    if _relay is not None and _in_capture_code(frame) and now - _deferred.setdefault(signum, now) < MAX_DEFER_SECONDS:
+    if (
+        _relay_fd is not None
+        and _in_capture_code(frame)
+        and now - _deferred.setdefault(signum, now) < MAX_DEFER_SECONDS
+    ):
         _pending_signals.append(signum)  # lock-free; the relay thread sends it again shortly
-        _relay.set()
+        with contextlib.suppress(OSError):  # a full pipe: the relay thread is awake anyway
+            os.write(_relay_fd, b"\0")
         return
     _deferred.pop(signum, None)
     if signum == signal.SIGTERM:
+        # the process ends: a Ctrl-C deferred earlier (and sent again by the relay) must not interrupt the closing
+        _pending_signals.clear()
+        _deferred.clear()
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         close_all("sigterm")
     previous = _previous.get(signum)
     if callable(previous):
@@ -671,11 +682,19 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
         os.kill(os.getpid(), signum)
 
 
+def _deliver_deferred_at_exit() -> None:
+    """A signal still deferred when the program ends (its last steps ran in capture code) is handled now,
+    after every hook published: SIGTERM still ends the process with its status."""
+    for signum in list(_deferred):
+        _on_signal(signum, None)
+
+
 def _install_exit_handlers() -> None:
-    global _handlers_installed, _relay
+    global _handlers_installed, _relay_fd
     if _handlers_installed:
         return
     _handlers_installed = True
+    atexit.register(_deliver_deferred_at_exit)  # atexit runs last-in first-out: after close_all
     atexit.register(close_all, "exit")
     # Close earlier where possible: before threading shuts down thread pools, which asyncio
     # clients (s3fs/aiobotocore) need for DNS and new connections, and before weakref
@@ -687,9 +706,10 @@ def _install_exit_handlers() -> None:
         register_threading_exit(_close_at_threading_exit)
     if threading.current_thread() is not threading.main_thread():
         return
-    wake = threading.Event()
-    threading.Thread(target=_relay_signals, args=(wake,), name="tensortap-signals", daemon=True).start()
-    _relay = wake
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    threading.Thread(target=_relay_signals, args=(read_fd,), name="tensortap-signals", daemon=True).start()
+    _relay_fd = write_fd
     for signum in (signal.SIGTERM, signal.SIGINT):
         previous = signal.getsignal(signum)
         if previous == signal.SIG_IGN:

@@ -45,7 +45,7 @@ SEARCH_FOLDERS = 2000  # at most this many folders looked into
 
 
 def is_trial(storage: Storage, prefix: str = "") -> bool:
-    """Whether ``storage`` (its folder ``prefix``, ending in ``/``) holds a tensortap trial.
+    """Whether ``storage`` (its folder ``prefix``, a relative key or ``""``) holds a tensortap trial.
 
     A trial is told apart from any other folder by its marker files.
     The markers are what a writer creates before any data: a worker record
@@ -53,10 +53,14 @@ def is_trial(storage: Storage, prefix: str = "") -> bool:
     (``index/<worker>/``) or an end marker (``end/<worker>.json``). A folder
     with none of them (empty, or holding other things) is not a trial.
     """
+
+    def key(folder: str) -> str:
+        return f"{prefix}/{folder}" if prefix else folder
+
     return (
-        any(k.endswith(".json") for k in storage.list(f"{prefix}{layout.WORKERS}"))
-        or bool(storage.list_dirs(f"{prefix}{layout.INDEX}"))
-        or any(k.endswith(".json") for k in storage.list(f"{prefix}{layout.ENDS}"))
+        any(k.endswith(".json") for k in storage.list(key(layout.WORKERS)))
+        or bool(storage.list_dirs(key(layout.INDEX)))
+        or any(k.endswith(".json") for k in storage.list(key(layout.ENDS)))
     )
 
 
@@ -75,11 +79,8 @@ def find_trials(storage: Storage, depth: int = SEARCH_DEPTH) -> list[str]:
                 if visited >= SEARCH_FOLDERS:
                     return sorted(found)
                 visited += 1
-                key = f"{prefix}{name}"
-                if is_trial(storage, f"{key}/"):
-                    found.append(key)
-                else:
-                    below.append(f"{key}/")
+                key = f"{prefix}/{name}" if prefix else name
+                (found if is_trial(storage, key) else below).append(key)
         level = below
     return sorted(found)
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import logging
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,3 +37,21 @@ def write_trial(out_dir: Path | str, n: int, names: Sequence[str] = ("a",), **kw
     """Write a closed trial of ``n`` steps with a fresh Writer built from ``kwargs``."""
     with Writer(out_dir, **kwargs) as w:
         run_steps(w, n, names)
+
+
+@contextlib.contextmanager
+def logged_warnings() -> Iterator[list[str]]:
+    """The messages the ``tensortap`` logger warns (or worse) with inside the block, in order."""
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    handler = Collect(logging.WARNING)
+    logger = logging.getLogger("tensortap")
+    logger.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)

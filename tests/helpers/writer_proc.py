@@ -80,8 +80,7 @@ def _steps(w: Hook, cmd: dict, rank: int, training: tuple[Any, ...] | None) -> N
                     w.save(name, value_for(name, w.step, rank))
         except KeyboardInterrupt:
             if not cmd.get("catch"):
-                raise
-            print(f"interrupted {w.step}", flush=True)
+                raise  # (nothing else here: a second Ctrl-C landing in this clause would escape the loop)
 
 
 def _own_sigterm_handler(signum: int, frame: object) -> None:
