@@ -1,4 +1,4 @@
-"""PyTorch Lightning adapter: ``import tensortap.lightning as ttl``, then ``Trainer(callbacks=[ttl.Callback(out_dir)])``.
+"""Lightning adapter: ``import tensortap.lightning as ttl``, then ``Trainer(callbacks=[ttl.Callback(out_dir)])``.
 
 Importing this module imports Lightning and PyTorch; see :mod:`tensortap.capture.lightning`.
 """

@@ -13,8 +13,8 @@ Steps (see :mod:`tensortap.capture.trainers` for the names):
   optimizer's ``step()`` returns (a step post-hook), so they are exactly what the
   optimizer applied: after AMP unscaling and after Lightning's gradient clipping
   (Lightning's own ``on_before_optimizer_step`` runs before clipping, and a step
-  pre-hook would run before the closure that computes them). Weights and biases are read after the step. ``losses/loss`` is the
-  loss ``training_step`` returned (``losses/loss:<i>`` for each accumulated
+  pre-hook would run before the closure that computes them). Weights and
+  biases are read after the step. ``losses/loss`` is the loss ``training_step`` returned (``losses/loss:<i>`` for each accumulated
   batch); everything logged with ``self.log`` during the step is saved under
   the name Lightning's loggers get (``train_loss_step`` when it is also
   aggregated per epoch).
@@ -167,7 +167,9 @@ class Callback(pl.Callback):
             self._handles.append(optimizer.register_step_post_hook(after_step))
         self._seen = _logged(trainer)
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self._steps is not None:
             self._steps.open_train()
 
