@@ -15,7 +15,8 @@ Steps (see :mod:`tensortap.capture.trainers` for the names):
   (Lightning's own ``on_before_optimizer_step`` runs before clipping, and a step
   pre-hook would run before the closure that computes them). Weights and
   biases are read after the step. ``losses/loss`` is the loss
-  ``training_step`` returned (``losses/loss:<i>`` for each accumulated batch); everything logged with ``self.log`` during the step is saved under
+  ``training_step`` returned (``losses/loss:<i>`` for each accumulated
+  batch); everything logged with ``self.log`` during the step is saved under
   the name Lightning's loggers get (``train_loss_step`` when it is also
   aggregated per epoch).
 - ``EVAL``: one validation (or test) run: the values logged in it, as
