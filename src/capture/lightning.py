@@ -76,7 +76,8 @@ class Callback(pl.Callback):
         Under DDP, ranks agree on a stop request every this many ``TRAIN`` steps (one all-reduce).
     **hook_kwargs
         ``save_config``, ``include_collections``, ``reduction_config``, ``rules``, ...
-        as :class:`tensortap.capture.Hook`; checked here, at construction. The
+        as :class:`tensortap.capture.Hook`, and ``stop_poll_seconds`` (minimum seconds
+        between two looks for a stop request, default 1); checked here, at construction. The
         default saves every 100th ``TRAIN`` step and every ``EVAL`` and ``GLOBAL`` step.
     """
 

@@ -69,10 +69,24 @@ class Hook(core.Hook):
     framework = "pytorch"
     ops = TorchOps()
 
-    def __init__(self, out_dir: str | os.PathLike[str], save_config: Any = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        out_dir: str | os.PathLike[str],
+        save_config: Any = None,
+        stop_poll_seconds: float | None = None,
+        **kwargs: Any,
+    ) -> None:
         if save_config is None:
             every = SaveConfig(save_interval=1)
             save_config = {Mode.EVAL: every, Mode.GLOBAL: every}
+        if stop_poll_seconds is not None:
+            if (
+                isinstance(stop_poll_seconds, bool)
+                or not isinstance(stop_poll_seconds, (int, float))
+                or stop_poll_seconds < 0
+            ):
+                raise ValueError(f"stop_poll_seconds: expected a number >= 0, got {stop_poll_seconds!r}")
+            self.stop_poll_seconds = float(stop_poll_seconds)
         super().__init__(out_dir, save_config=save_config, **kwargs)
 
 
