@@ -274,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_rules_parser(sub)
+    from .cli_smdebug import add_parser as add_smdebug_parser
+
+    add_smdebug_parser(sub)
     return parser
 
 
