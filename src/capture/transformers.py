@@ -38,6 +38,8 @@ try:
     from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError('tensortap.transformers needs Transformers: pip install "tensortap[transformers]"') from exc
+if not hasattr(TrainerCallback, "on_pre_optimizer_step"):  # pragma: no cover - depends on the environment
+    raise ImportError('tensortap.transformers needs Transformers 4.46 or newer: pip install "tensortap[transformers]"')
 
 from ..modes import Mode
 from .trainers import Hook, StepCapture, check_hook_kwargs, unwrap
