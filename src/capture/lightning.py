@@ -26,7 +26,7 @@ Steps (see :mod:`tensortap.capture.trainers` for the names):
   training (``train_loss_epoch``, values logged with ``on_step=False``).
 
 Under DDP each rank writes ``worker_<global rank>``. A stop request (``tensortap
-stop``, ``Trial.request_stop``, an in-process rule) sets ``trainer.should_stop``:
+rules --stop-training``, ``Trial.request_stop``, an in-process rule) sets ``trainer.should_stop``:
 ``fit`` ends gracefully after the current step (across DDP ranks, which agree
 every :attr:`Callback.stop_sync_steps` steps).
 """

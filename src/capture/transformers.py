@@ -23,7 +23,7 @@ Steps (see :mod:`tensortap.capture.trainers` for the names):
   ``losses/train_loss``, ``metrics/train_runtime``, ...).
 
 Each process writes ``worker_<args.process_index>``. A stop request (``tensortap
-stop``, ``Trial.request_stop``, an in-process rule) sets
+rules --stop-training``, ``Trial.request_stop``, an in-process rule) sets
 ``control.should_training_stop``: ``train`` ends after the current step.
 """
 
