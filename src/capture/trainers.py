@@ -46,7 +46,9 @@ def logged_name(key: str) -> tuple[str, str]:
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The user's module inside DistributedDataParallel / DataParallel / ``torch.compile`` wrappers."""
     while True:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        inner = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule
+        if isinstance(model, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+            inner = model.module
         if not isinstance(inner, torch.nn.Module):
             return model
         model = inner
