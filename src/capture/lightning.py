@@ -122,7 +122,14 @@ class Callback(pl.Callback):
         self.close()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self.close("exception")
+        """Drop the step the exception interrupted, publish the others, record the end reason ``exception``."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        if self.hook is not None:
+            self.hook.close_for_exit("exception")
+        self._steps = None
+        self._module = None
 
     def close(self, reason: str = "closed") -> None:
         """Publish what is left and mark this worker's run as ended. Idempotent."""

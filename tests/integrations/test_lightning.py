@@ -156,6 +156,23 @@ def test_in_process_rule_stops_fit(tmp_path: Path) -> None:
     assert trial.stop_request()["rule"] == "ExplodingTensor"
 
 
+def test_an_exception_drops_the_interrupted_step(tmp_path: Path) -> None:
+    class Failing(Regressor):
+        def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+            super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+            if batch_idx == 2:
+                raise RuntimeError("boom")
+
+    torch.manual_seed(0)
+    model = Failing()
+    trainer = L.Trainer(max_epochs=1, callbacks=[ttl.Callback(tmp_path, save_config=EVERY_STEP)], **TRAINER)
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.fit(model, loader(32, 0))
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.steps(mode=Mode.TRAIN) == [0, 1], "the step the exception interrupted is not saved"
+    assert trial.end_reasons() == {"worker_0": "exception"}
+
+
 def test_validate_alone_and_reuse_warns(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     torch.manual_seed(0)
     model = Regressor()
