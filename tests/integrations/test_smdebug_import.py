@@ -143,3 +143,25 @@ def test_tensor_content_must_match_its_shape(tmp_path: Path) -> None:
     (trial / "000000000000_worker_0.tfevents").write_bytes(record(event))
     with pytest.raises(SmdebugFormatError, match="8 bytes for a float32 tensor of shape \\(3,\\)"):
         import_smdebug(tmp_path / "smd", tmp_path / "out")
+
+
+def test_workers_and_urls(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Each smdebug worker becomes a tensortap worker; a trial is read from any fsspec URL."""
+    fsspec = pytest.importorskip("fsspec")
+    memory = fsspec.filesystem("memory")
+    root = f"/smd-{tmp_path.name}"
+    for path in (DATA / "trial").rglob("*"):
+        if path.is_file():
+            rel = path.relative_to(DATA / "trial").as_posix()
+            memory.pipe(f"{root}/{rel}", path.read_bytes())
+            if rel.endswith("_worker_0.tfevents"):  # the same steps from two more workers
+                memory.pipe(f"{root}/{rel.replace('_worker_0', '_worker_3')}", path.read_bytes())
+                memory.pipe(f"{root}/{rel.replace('_worker_0', '_algo-2')}", path.read_bytes())
+    summary = import_smdebug(f"memory://{root}", tmp_path / "out")
+    assert summary.workers == ["worker_0", "worker_1", "worker_3"]
+    assert "smdebug worker 'algo-2' is imported as worker_1" in caplog.text
+    trial = tensortap.create_trial(tmp_path / "out")
+    weight = trial.tensor("Sequential_0.weight")
+    for worker in summary.workers:
+        np.testing.assert_array_equal(weight.value(2, worker=worker), weight.value(2, worker="worker_0"))
+    memory.rm(root, recursive=True)
