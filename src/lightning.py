@@ -5,6 +5,6 @@ Importing this module imports Lightning and PyTorch; see :mod:`tensortap.capture
 
 from __future__ import annotations
 
-from .capture.lightning import Callback, Hook
+from .capture.lightning import Callback, Hook, callbacks_from_env
 
-__all__ = ["Callback", "Hook"]
+__all__ = ["Callback", "Hook", "callbacks_from_env"]

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, cast
 
 try:
     import lightning.pytorch as pl
@@ -44,10 +44,11 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError('tensortap.lightning needs PyTorch Lightning: pip install "tensortap[lightning]"') from exc
 
 from ..modes import Mode
+from . import core
 from .trainers import Hook, StepCapture, check_hook_kwargs
 from .writer import logger
 
-__all__ = ["Callback", "Hook"]
+__all__ = ["Callback", "Hook", "callbacks_from_env"]
 
 
 def _logged(trainer: pl.Trainer) -> dict[str, Any]:
@@ -89,6 +90,7 @@ class Callback(pl.Callback):
         self.stop_sync_steps = stop_sync_steps
         self.hook_kwargs = hook_kwargs
         check_hook_kwargs(self.out_dir, hook_kwargs)
+        self.config_path: str | None = None  # set by from_json: the hook is built from that file
         self.hook: Hook | None = None
         self._steps: StepCapture | None = None
         self._used = False
@@ -97,6 +99,22 @@ class Callback(pl.Callback):
         self._seen: dict[str, Any] = {}
         self._owner: dict[str, Mode] = {}
         self._stepped = False
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike[str], **overrides: Any) -> Callback:
+        """Build a callback from a JSON hook configuration (see :meth:`tensortap.capture.Hook.from_json`).
+
+        The file must name ``out_dir``; keyword arguments override it (``stop_sync_steps`` too).
+        """
+        data = core.read_json_config(path)
+        out_dir = data.get("out_dir") if isinstance(data, dict) else None
+        if not isinstance(out_dir, str):
+            raise ValueError(f"{path}: expected a JSON object with an 'out_dir' string")
+        callback = cls(out_dir, **overrides)
+        probe = {**callback.hook_kwargs, "rank": 1, "include_workers": "one", "rules": None}
+        Hook.from_json(path, **probe)  # checks the file now: a rank-1 probe of include_workers="one" writes nothing
+        callback.config_path = os.fspath(path)
+        return callback
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "hook": None, "_steps": None, "_handles": [], "_module": None, "_seen": {}}
@@ -113,7 +131,11 @@ class Callback(pl.Callback):
             )
             return
         self._used = True
-        self.hook = Hook(self.out_dir, **{"rank": trainer.global_rank, **self.hook_kwargs})
+        kwargs = {"rank": trainer.global_rank, **self.hook_kwargs}
+        if self.config_path is None:
+            self.hook = Hook(self.out_dir, **kwargs)
+        else:
+            self.hook = cast(Hook, Hook.from_json(self.config_path, **kwargs))
         self._steps = StepCapture(self.hook)
         self._module = pl_module
 
@@ -236,3 +258,15 @@ class Callback(pl.Callback):
         if self._steps.train_open:  # validation started inside an accumulation window
             self._steps.end_train(self._parameters())
         self._steps.write_step(mode, self._new_values(trainer, mode))
+
+
+def callbacks_from_env() -> list[Callback]:
+    """Lightning's ``lightning.pytorch.callbacks_factory`` entry point: every ``Trainer`` gets a
+    :class:`Callback` built from the JSON file named by ``TENSORTAP_CONFIG`` (none when it is unset).
+
+    Capture without changing the training code::
+
+        TENSORTAP_CONFIG=tensortap.json python train.py
+    """
+    path = os.environ.get(core.CONFIG_ENV)
+    return [Callback.from_json(path)] if path else []

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -185,6 +188,34 @@ def test_validate_alone_and_reuse_warns(tmp_path: Path, caplog: pytest.LogCaptur
     trainer.validate(model, loader(16, 1), verbose=False)
     assert "already captured a run" in caplog.text
     assert tensortap.create_trial(tmp_path).steps(mode=Mode.EVAL) == [0]
+
+
+def test_configuration_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "trial"
+    config = tmp_path / "tensortap.json"
+    config.write_text(
+        json.dumps({"out_dir": str(out), "save_config": {"save_interval": 2}, "include_collections": ["losses"]})
+    )
+    assert ttl.callbacks_from_env() == [] or "TENSORTAP_CONFIG" in os.environ
+    monkeypatch.setenv("TENSORTAP_CONFIG", str(config))
+    registered = any(
+        ep.value == "tensortap.lightning:callbacks_from_env"
+        for ep in importlib.metadata.entry_points(group="lightning.pytorch.callbacks_factory")
+    )
+    # installed (nox, CI): Lightning adds the callback by itself; from a source tree, the factory is called here
+    extra = [] if registered else ttl.callbacks_from_env()
+    trainer = L.Trainer(max_epochs=1, limit_val_batches=0, callbacks=extra, **TRAINER)
+    assert sum(isinstance(cb, ttl.Callback) for cb in trainer.callbacks) == 1
+    trainer.fit(Regressor(), loader(32, 0))
+    trial = tensortap.create_trial(out)
+    assert trial.steps(mode=Mode.TRAIN) == [0, 2], "the file's save_config"
+    assert trial.tensor_names() == ["losses/loss", "losses/train_loss_epoch", "losses/train_loss_step"]
+    config.write_text(json.dumps({"out_dir": str(out), "include_collections": ["nope"]}))
+    with pytest.raises(ValueError, match="include_collections"):
+        ttl.callbacks_from_env()
+    config.write_text(json.dumps({"save_all": True}))
+    with pytest.raises(ValueError, match="out_dir"):
+        ttl.callbacks_from_env()
 
 
 def test_bad_configuration_fails_at_construction(tmp_path: Path) -> None:
