@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from .cli import storage_options
-from .trial.smdebug_import import import_smdebug
+from .importers.smdebug import import_smdebug
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:

@@ -16,7 +16,7 @@ import pytest
 import tensortap
 from tensortap import Mode
 from tensortap.cli import main
-from tensortap.trial.smdebug_import import (
+from tensortap.importers.smdebug import (
     SmdebugFormatError,
     import_smdebug,
     masked_crc32c,

@@ -41,7 +41,7 @@ from typing import Any
 import fsspec
 import numpy as np
 
-from ..capture.core import TensorOps, Writer
+from ..capture import TensorOps, Writer
 from ..config import Collection, ReductionConfig
 from ..exceptions import TensortapError, TrialNotFound
 from ..modes import Mode
