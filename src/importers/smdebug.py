@@ -421,11 +421,12 @@ def _event_files(fs: Any, root: str) -> dict[str, list[tuple[int, str]]]:
     out: dict[str, list[tuple[int, str]]] = {}
     if not fs.exists(f"{root}/events"):
         return out
-    for path in fs.find(f"{root}/events"):
+    for path, info in fs.find(f"{root}/events", detail=True).items():
         match = _EVENT_FILE.match(path.rsplit("/", 1)[-1])
-        if match is None:
+        if match is None or info.get("islink"):  # nothing outside the trial is read
             if path.endswith(".tfevents"):
-                logger.warning("tensortap: %s: not named <step>_<worker>.tfevents; not imported", path)
+                why = "a symbolic link" if info.get("islink") else "not named <step>_<worker>.tfevents"
+                logger.warning("tensortap: %s: %s; not imported", path, why)
             continue
         out.setdefault(match.group(2), []).append((int(match.group(1)), path))
     return {w: sorted(files) for w, files in out.items()}
@@ -512,11 +513,11 @@ def _import_step(
     if fs.size(path) > MAX_FILE_BYTES:
         raise SmdebugFormatError(f"{path}: larger than {MAX_FILE_BYTES} bytes")
     tensors: dict[str, _Stored] = {}
-    mode, mode_step = Mode.GLOBAL, step
+    modes: set[tuple[Mode, int]] = set()
     duplicates: set[str] = set()
     for record in read_records(fs.cat_file(path), path):
         for value in _summary_values(record, path):
-            mode, mode_step = value.mode, value.mode_step if value.mode_step is not None else step
+            modes.add((value.mode, value.mode_step if value.mode_step is not None else step))
             tag = value.tag
             reduction = None
             if tag.startswith(_REDUCTION_PREFIX):
@@ -544,6 +545,9 @@ def _import_step(
             ", ".join(sorted(duplicates)),
             step,
         )
+    if len(modes) > 1:
+        raise SmdebugFormatError(f"{path}: tensors of one step in several modes or mode steps: {sorted(modes)}")
+    mode, mode_step = modes.pop() if modes else (Mode.GLOBAL, step)
     writer.mode_steps[mode] = mode_step - 1  # smdebug's mode step, not a count of the saved ones
     with writer.stepping(mode, step=step):
         for tag, stored in tensors.items():

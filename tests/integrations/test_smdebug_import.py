@@ -165,3 +165,14 @@ def test_workers_and_urls(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> N
     for worker in summary.workers:
         np.testing.assert_array_equal(weight.value(2, worker=worker), weight.value(2, worker="worker_0"))
     memory.rm(root, recursive=True)
+
+
+def test_symbolic_links_are_not_followed(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    trial = tmp_path / "smd"
+    shutil.copytree(DATA / "trial", trial)
+    outside = tmp_path / "outside.tfevents"
+    outside.write_bytes(b"secret")
+    (trial / "events" / "000000000012").mkdir()
+    (trial / "events" / "000000000012" / "000000000012_worker_0.tfevents").symlink_to(outside)
+    summary = import_smdebug(trial, tmp_path / "out")
+    assert summary.steps == 6 and "a symbolic link; not imported" in caplog.text
