@@ -23,7 +23,8 @@ Steps (see :mod:`tensortap.capture.trainers` for the names):
   Lightning aggregated them (``val_loss``, ``val_acc``). The sanity check run
   before training is not captured.
 - ``GLOBAL``: one per training epoch: the epoch aggregates of values logged in
-  training (``train_loss_epoch``, values logged with ``on_step=False``).
+  training (``train_loss_epoch``, values logged with ``on_step=False``, values
+  the module logs in ``on_train_epoch_end``).
 
 Under DDP each rank writes ``worker_<global rank>``. A stop request (``tensortap
 rules --stop-training``, ``Trial.request_stop``, an in-process rule) sets ``trainer.should_stop``:
@@ -99,6 +100,7 @@ class Callback(pl.Callback):
         self._seen: dict[str, Any] = {}
         self._owner: dict[str, Mode] = {}
         self._stepped = False
+        self._epoch_ended = False
 
     @classmethod
     def from_json(cls, path: str | os.PathLike[str], **overrides: Any) -> Callback:
@@ -239,8 +241,24 @@ class Callback(pl.Callback):
         return bool(trainer.strategy.reduce_boolean_decision(hook.should_stop, all=False))
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The epoch is over; its ``GLOBAL`` step is written once Lightning aggregated it.
+
+        That is after the module's own ``on_train_epoch_end`` (which runs after this
+        callback's and often logs epoch values): at the next epoch's start or the end of training.
+        """
+        self._epoch_ended = True
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._write_epoch(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._write_epoch(trainer)
+
+    def _write_epoch(self, trainer: pl.Trainer) -> None:
         """Write the epoch aggregates of the values logged in training as a ``GLOBAL`` step."""
-        self._write_run(trainer, Mode.GLOBAL)
+        if self._epoch_ended:
+            self._epoch_ended = False
+            self._write_run(trainer, Mode.GLOBAL)
 
     # ----------------------------------------------------------- evaluation
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -54,6 +54,9 @@ class Regressor(L.LightningModule):
         self.log("val_loss", torch.nn.functional.mse_loss(self.net(x), y))
         self.log("val_mae", (self.net(x) - y).abs().mean())
 
+    def on_train_epoch_end(self) -> None:
+        self.log("epoch_marker", float(self.current_epoch) + 0.5)
+
     def on_before_optimizer_step(self, optimizer: Any) -> None:
         norms = L.utilities.grad_norm(self, norm_type=2)
         self.norms_before_clip.append(float(norms["grad_2.0_norm_total"]))
@@ -112,6 +115,7 @@ def test_fit_captures_what_lightning_computed(tmp_path: Path) -> None:
         ("metrics/val_mae", "val_mae", Mode.EVAL),
         ("losses/train_loss_epoch", "train_loss_epoch", Mode.GLOBAL),
         ("metrics/scaled", "scaled", Mode.GLOBAL),  # logged per epoch only: no suffix
+        ("metrics/epoch_marker", "epoch_marker", Mode.GLOBAL),  # logged in the module's on_train_epoch_end
     ]:
         tensor = trial.tensor(name)
         assert tensor.steps(mode=mode) == [0, 1], name
