@@ -68,11 +68,11 @@ def main(out_dir: str) -> None:
         for epoch in range(EPOCHS):
             model.train()
             for x, y in train:
+                hook.save_scalar("lr", opt.param_groups[0]["lr"])  # after opt.step() it would be the next step's
                 opt.zero_grad()
                 loss = loss_fn(model(x), y)
                 loss.backward()
                 opt.step()  # a training step ends here
-                hook.save_scalar("lr", opt.param_groups[0]["lr"])
             model.eval()  # validation forwards count as EVAL steps
             correct = 0
             with torch.no_grad():

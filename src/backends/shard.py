@@ -211,10 +211,12 @@ class ShardBuffer:
         if orig_dtype:
             col.orig_dtype = orig_dtype
         stored = None
-        if raw is not None:
-            if col.steps and col.steps[-1] == step:  # the same name twice in one step: last wins
+        if any(n == name and s == step for n, s, _, _ in self._staged):  # twice in one step: the last wins
+            if col.steps and col.steps[-1] == step:
                 col.pop_raw()
-                self._staged = [(n, s, r and n != name, k) for n, s, r, k in self._staged]
+            col.red = [r for r in col.red if r[0] != step]
+            self._staged = [(n, s, r and n != name, 0 if n == name else k) for n, s, r, k in self._staged]
+        if raw is not None:
             reserve = min(
                 self.max_steps, self.max_bytes // max(raw.nbytes, 1) + 1, _FIRST_RESERVE // max(raw.nbytes, 1)
             )

@@ -1,4 +1,4 @@
-"""The write side: the framework-neutral hook core, the NumPy writer, shard policy.
+"""The write side: the framework-neutral hook core, the capture session, the NumPy writer, shard policy.
 
 Framework adapters live in :mod:`tensortap.torch`, :mod:`tensortap.keras` and
 :mod:`tensortap.xgboost`; each imports its framework only when used.
@@ -7,6 +7,7 @@ Framework adapters live in :mod:`tensortap.torch`, :mod:`tensortap.keras` and
 from __future__ import annotations
 
 from .core import Hook, TensorOps, Writer
+from .session import Session, flatten
 from .writer import ShardPolicy
 
-__all__ = ["Hook", "ShardPolicy", "TensorOps", "Writer"]
+__all__ = ["Hook", "Session", "ShardPolicy", "TensorOps", "Writer", "flatten"]

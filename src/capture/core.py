@@ -1,22 +1,29 @@
 """The framework-neutral capture core that every adapter drives.
 
-An adapter translates framework events into four calls::
+The core is driven through four calls::
 
     hook.begin_step(mode)            # a step starts; returns whether anything is saved
     hook.offer(name, value, colls)   # a tensor is available (cheap no-op if not saved)
     hook.end_step()                  # the step is over: its record goes to the writer
     hook.close()
 
-and supplies a :class:`TensorOps` that computes reductions on the framework's
-device and copies raw values to host. On a step that is not saved,
-``begin_step`` costs a few comparisons and ``offer`` one attribute test.
+Framework adapters make these calls through a :class:`tensortap.capture.session.Session`
+they own (deferred step close, call numbering, one naming rule) and supply a
+:class:`TensorOps` that computes reductions on the framework's device and
+copies raw values to host. On a step that is not saved, ``begin_step`` costs
+a few comparisons and ``offer`` one attribute test.
+
+Failure policy: a tensor that cannot be captured (its dtype is not numeric,
+it is ragged, its framework cannot convert it, its name is not valid
+Unicode) is skipped with one warning naming it; the rest of the step and of
+the run is still captured. Capture disables itself (training goes on) only
+for errors of the capture path itself: storage, disk, the writer.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -39,10 +46,10 @@ from ..config import (
     compile_regexes,
 )
 from ..modes import Mode
+from .stop import STOP_POLL_SECONDS, StopChannel
 from .writer import ShardPolicy, TrialWriter, logger, register_for_exit
 
 CONFIG_ENV = "TENSORTAP_CONFIG"
-STOP_POLL_SECONDS = 1.0
 
 
 def read_json_config(path: str | os.PathLike[str]) -> Any:
@@ -224,13 +231,14 @@ class Hook:
         self._in_step = False
         self._records: list[TensorRecord] = []
         self._plans: dict[tuple[str, tuple[str, ...], frozenset[str], bool], _Plan | None] = {}
+        self._offered: set[str] = set()  # names in _records
+        self._skipped: set[str] = set()  # tensors that could not be captured (warned once)
         self._failed = False
         self._error: BaseException | None = None
-        self._stop_checked = 0.0
-        self._stop_request: dict[str, Any] | None = None
         self.writer: TrialWriter | None = None
         self.enabled = include_workers == "all" or self.rank == 0
         self.storage = get_storage(self.out_dir, **dict(storage_options or {}))
+        self.stop_channel = StopChannel(self.storage)
         # rules may widen what is captured (require_capture), so they attach before the
         # worker record, which lists the collections, is written
         for rule in self.rules:
@@ -243,7 +251,7 @@ class Hook:
                     self.storage, self.worker, self.shard_policy, self._worker_info(), self._on_writer_error
                 )
             except Exception as exc:
-                self._fail(exc, f"cannot write the trial at {self.out_dir}")
+                self.fail(exc, f"cannot write the trial at {self.out_dir}")
         register_for_exit(self)
 
     # ---------------------------------------------------------------- config
@@ -341,6 +349,28 @@ class Hook:
         self._saving = bool(active)
         return self._saving
 
+    @property
+    def regex_collections(self) -> tuple[Collection, ...]:
+        """The collections that take tensors by name (``include_regex``): any tensor may belong to them."""
+        return tuple(self._regex_collections)
+
+    def relabel_step(self, mode: Mode | str) -> None:
+        """Give the step in progress another mode: it turned out to be something else than it was opened as.
+
+        Its global step number stays; it takes the next step number of ``mode``. What is
+        saved at it was decided when it began.
+        """
+        mode = Mode.parse(mode)
+        if not self._in_step or mode == self.mode:
+            return
+        if self.mode_step == 0:
+            self.mode_steps.pop(self.mode, None)
+        else:
+            self.mode_steps[self.mode] = self.mode_step - 1
+        self.mode = mode
+        self.mode_step = self.mode_steps.get(mode, -1) + 1
+        self.mode_steps[mode] = self.mode_step
+
     def is_saving(self, collection: str | None = None) -> bool:
         """Whether the current step is saved (for ``collection``, if given)."""
         if collection is None:
@@ -393,11 +423,26 @@ class Hook:
             if plan is None:
                 return
             raw, values, orig = self.ops.prepare(value, plan.keys, plan.raw)
+        except Exception as exc:  # this tensor cannot be captured; the others can
+            self._skip(name, exc)
+            return
+        try:
             stored = self.writer.stage(self.step, name, plan.collections, raw, values, orig)
         except Exception as exc:
-            self._fail(exc, f"cannot convert tensor {name!r} at step {self.step}")
+            self.fail(exc, f"cannot buffer tensor {name!r} at step {self.step}")
             return
-        self._records.append(TensorRecord(name, plan.collections, stored, values, orig))
+        record = TensorRecord(name, plan.collections, stored, values, orig)
+        if name in self._offered:  # offered again in this step: the last value wins
+            self._records = [r for r in self._records if r.name != name]
+        self._offered.add(name)
+        self._records.append(record)
+
+    def _skip(self, name: str, exc: BaseException) -> None:
+        if self.strict:
+            raise RuntimeError(f"tensortap: cannot capture tensor {name!r} at step {self.step}: {exc}") from exc
+        if name not in self._skipped:
+            self._skipped.add(name)
+            logger.warning("tensortap: %s cannot be captured and is skipped: %s", name, exc)
 
     def save_tensor(self, name: str, value: Any, collections: Sequence[str] = ("custom",)) -> None:
         """Save ``value`` under ``name`` on the current step if it is saved, whatever the collections."""
@@ -415,6 +460,7 @@ class Hook:
             return
         self._saving = False
         records, self._records = self._records, []
+        self._offered = set()
         if not records or self.writer is None:
             return
         if self.step_listeners:
@@ -475,9 +521,7 @@ class Hook:
 
         Used by in-process rules; :attr:`should_stop` is true from now on.
         """
-        request = {"reason": reason, "time": time.time(), **details}
-        self.storage.write_json(layout.STOP_REQUEST, request)
-        self._stop_request = request
+        self.stop_channel.request(reason, **details)
 
     @property
     def should_stop(self) -> bool:
@@ -485,22 +529,19 @@ class Hook:
 
         The trial is polled at most every :attr:`stop_poll_seconds` (default 1).
         """
-        if self._stop_request is None and time.monotonic() - self._stop_checked >= self.stop_poll_seconds:
-            self._stop_checked = time.monotonic()
-            try:
-                if self.storage.exists(layout.STOP_REQUEST):
-                    self._stop_request = self.storage.read_json(layout.STOP_REQUEST)
-            except (OSError, ValueError):
-                pass
-        return self._stop_request is not None
+        return self.stop_channel.poll(self.stop_poll_seconds)
 
     @property
     def stop_reason(self) -> str | None:
         """The reason given by the stop request, once :attr:`should_stop` is true."""
-        return None if self._stop_request is None else str(self._stop_request.get("reason", ""))
+        return self.stop_channel.reason
 
     # -------------------------------------------------------------- failures
-    def _fail(self, exc: BaseException, context: str) -> None:
+    def fail(self, exc: BaseException, context: str) -> None:
+        """An error of the capture path: log it once and disable capture (raise it with ``strict=True``).
+
+        Training goes on; the step in progress is dropped.
+        """
         if self.strict:
             raise RuntimeError(f"tensortap: {context}: {exc}") from exc
         if not self._failed:
@@ -508,13 +549,16 @@ class Hook:
         self._failed = True
         self._saving = False
         self._records = []
+        self._offered = set()
         if self.writer is not None:
             self.writer.rollback()
+
+    _fail = fail  # the name the XGBoost adapter still uses
 
     def _on_writer_error(self, exc: BaseException) -> None:
         self._error = exc
         if not self.strict:
-            self._fail(exc, f"cannot publish a shard to {self.out_dir}")
+            self.fail(exc, f"cannot publish a shard to {self.out_dir}")
 
     def _raise_if_strict(self) -> None:
         if self.strict and self._error is not None:
@@ -538,7 +582,7 @@ class Hook:
         if self._in_step:
             self.end_step()
         if self.writer is not None:
-            if self._stop_request is not None and reason == "closed":
+            if self.stop_channel.requested and reason == "closed":
                 reason = "stop_request"
             self._close_writer(reason)
             self._raise_if_strict()
@@ -548,6 +592,7 @@ class Hook:
         self._in_step = False
         self._saving = False
         self._records = []
+        self._offered = set()
         if self.writer is not None:
             self.writer.rollback()
         self._close_writer(reason)

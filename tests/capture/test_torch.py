@@ -21,15 +21,9 @@ import tensortap  # noqa: E402
 import tensortap.torch as ttt  # noqa: E402
 from tensortap import Mode, ReductionConfig, SaveConfig  # noqa: E402
 
-pytestmark = pytest.mark.torch
+pytestmark = [pytest.mark.torch, pytest.mark.usefixtures("torch_one_thread")]
 
 EVERY_STEP = SaveConfig(save_interval=1)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
 
 
 class MLP(nn.Module):
@@ -162,13 +156,17 @@ def test_gradient_accumulation_is_one_step_per_optimizer_step(tmp_path: Path) ->
             opt.step()
     trial = _trial(tmp_path)
     assert trial.steps() == [0, 1, 2]
-    assert trial.tensor_names(collection="losses") == [f"losses/CrossEntropyLoss:{i}" for i in range(4)]
+    assert trial.tensor_names(collection="losses") == [f"losses/CrossEntropyLoss:{i}" for i in range(4)] + [
+        f"losses/loss:{i}" for i in range(4)
+    ]
     for step in range(3):
         for name, g in grads[step].items():
             np.testing.assert_array_equal(trial.tensor(f"gradients/{name}").value(step), g.numpy())
         for i in range(4):
             captured = float(trial.tensor(f"losses/CrossEntropyLoss:{i}").value(step))
             assert captured == pytest.approx(losses[step][i], rel=1e-6)  # the loss module's output, unscaled
+            differentiated = float(trial.tensor(f"losses/loss:{i}").value(step))
+            assert differentiated == pytest.approx(losses[step][i] / 4, rel=1e-6)  # what backward() was called on
 
 
 class Shared(nn.Module):
@@ -226,11 +224,11 @@ def test_eval_and_predict_steps_count_in_their_own_modes(tmp_path: Path) -> None
     hook = ttt.capture(model, tmp_path, optimizer=opt, loss=loss_fn, save_config=EVERY_STEP)
 
     def train_step() -> None:
+        hook.save_scalar("lr", 0.1)  # a value given after optimizer.step() belongs to the next step
         x, y = MLP.data(gen)
         opt.zero_grad()
         loss_fn(model(x), y).backward()
         opt.step()
-        hook.save_scalar("lr", 0.1)
 
     eval_losses = []
     for _ in range(2):

@@ -1,0 +1,270 @@
+"""The capture session: the step machinery every adapter shares.
+
+An adapter (``capture/torch``, ``capture/keras``, ...) translates its
+framework's events into calls on one :class:`Session` that it owns; the
+session drives the core (:class:`tensortap.capture.Hook`) through its public
+methods only. Adapters never reimplement what is here, and never touch a
+``_private`` of the core.
+
+Interface
+---------
+::
+
+    session = Session(hook, is_tensor=torch.is_tensor, snapshot=lambda t: t.detach().clone())
+
+    # is a collection saved at any step / at the open step (regex collections count)
+    session.may_save("outputs", "inputs") -> bool
+    session.saving("gradients") -> bool
+
+    # steps: a step is open from open() to finish(); end() marks it as over,
+    # and it is recorded when the next one opens (deferred close) or at finish()
+    session.open(mode, step=None) -> bool   # finishes the previous step first; True if saved
+    session.end()                           # the open step is over (pending)
+    session.finish()                        # record the open or pending step now
+    session.is_open, session.pending
+    session.at_finish(callback)             # adapter work run when a saved step is recorded,
+                                            # before it is (e.g. read weights after the update)
+
+    # values
+    session.offer(name, value, collections)       # the last value given for a name in a step wins
+    session.offer_tree(name, value, collections)  # a nested value, named by flatten()
+    session.offer_call(base, value, collections)  # one call of a module/layer: base, or base:<i>
+                                                  # when called several times in the step
+    session.guard(fn, *args)                      # run capture work; errors disable capture, never training
+
+Naming of nested values (:func:`flatten`, SPEC section 9): a single tensor, or
+a structure holding exactly one tensor, is ``<name>``; a list or tuple gives
+``<name>/<i>``, a dict ``<name>/<key>``, recursively (a sub-structure holding
+one tensor is named like that tensor). A module or layer called several
+times in a step adds ``:<i>`` to its name: ``outputs/<name>:<i>/<j>``.
+
+Repeated calls (a cell called once per time step in a Python loop) are
+bounded: calls ``0 .. max_calls - 1`` are saved, and of the calls beyond,
+only the last (under its true index), with one warning naming the module.
+:data:`MAX_CALLS` is the default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+from ..modes import Mode
+from .core import Hook
+from .writer import logger
+
+MAX_CALLS = 8
+"""Default number of calls of one module/layer per step saved in full (then the last one)."""
+
+IsTensor = Callable[[Any], bool]
+Snapshot = Callable[[Any], Any]
+
+
+def _count(value: Any, is_tensor: IsTensor) -> int:
+    if is_tensor(value):
+        return 1
+    if isinstance(value, (list, tuple)):
+        return sum(_count(v, is_tensor) for v in value)
+    if isinstance(value, Mapping):
+        return sum(_count(v, is_tensor) for v in value.values())
+    return 0
+
+
+def _items(value: Any) -> Iterator[tuple[Any, Any]]:
+    if isinstance(value, (list, tuple)):
+        return iter(enumerate(value))
+    if isinstance(value, Mapping):
+        return iter(value.items())
+    return iter(())
+
+
+def _leaves(value: Any, is_tensor: IsTensor) -> Iterator[Any]:
+    if is_tensor(value):
+        yield value
+        return
+    for _, v in _items(value):
+        yield from _leaves(v, is_tensor)
+
+
+def _walk(prefix: str, value: Any, is_tensor: IsTensor) -> Iterator[tuple[str, Any]]:
+    if _count(value, is_tensor) == 1:
+        yield prefix, next(_leaves(value, is_tensor))
+        return
+    for key, v in _items(value):
+        yield from _walk(f"{prefix}/{key}", v, is_tensor)
+
+
+def flatten(name: str, value: Any, is_tensor: IsTensor) -> list[tuple[str, Any]]:
+    """The tensors in a (nested) value with their names, by the one naming rule.
+
+    Parameters
+    ----------
+    name
+        The name of the whole value (``outputs/fc1``).
+    value
+        A tensor, or lists, tuples and mappings (nested) of them; other leaves are ignored.
+    is_tensor
+        Whether a leaf is a tensor of the adapter's framework.
+
+    Examples
+    --------
+    ``t`` and ``(t,)`` -> ``name``; ``(a, b)`` -> ``name/0``, ``name/1``;
+    ``{"h": a, "c": (b,)}`` -> ``name/h``, ``name/c``; ``(a, (b, c))`` -> ``name/0``,
+    ``name/1/0``, ``name/1/1``.
+    """
+    return list(_walk(name, value, is_tensor))
+
+
+class _Calls:
+    """The calls of one module/layer in the open step."""
+
+    __slots__ = ("collections", "count", "first", "last")
+
+    def __init__(self, collections: tuple[str, ...]) -> None:
+        self.count = 0
+        self.first: list[tuple[str, Any]] = []
+        self.last: list[tuple[str, Any]] = []
+        self.collections = collections
+
+
+class Session:
+    """One adapter's step machinery over a core :class:`~tensortap.capture.Hook`.
+
+    Parameters
+    ----------
+    hook
+        The core the values go to (used through its public methods).
+    is_tensor
+        Whether a value is a tensor of the adapter's framework (for :func:`flatten`).
+    snapshot
+        A copy of a tensor that later in-place changes do not reach; used for values
+        held until the step's end (the first call of a module, the last of many).
+    max_calls
+        Calls of one module/layer per step saved in full; beyond, only the last one.
+    """
+
+    def __init__(
+        self,
+        hook: Hook,
+        is_tensor: IsTensor,
+        snapshot: Snapshot = lambda v: v,
+        max_calls: int = MAX_CALLS,
+    ) -> None:
+        if max_calls < 1:
+            raise ValueError(f"max_calls: expected an integer >= 1, got {max_calls!r}")
+        self.hook = hook
+        self.is_tensor = is_tensor
+        self.snapshot = snapshot
+        self.max_calls = int(max_calls)
+        self.is_open = False
+        self.pending = False
+        self._finishers: list[Callable[[], None]] = []
+        self._calls: dict[str, _Calls] = {}
+        self._warned_calls: set[str] = set()
+
+    # ------------------------------------------------------------ collections
+    def may_save(self, *collections: str) -> bool:
+        """Whether tensors of one of ``collections`` may be saved at some step (a regex collection may match)."""
+        hook = self.hook
+        if hook.save_all or hook.regex_collections:
+            return True
+        return any(c in hook.included for c in collections)
+
+    def saving(self, *collections: str) -> bool:
+        """Whether tensors of one of ``collections`` are saved at the open step (a regex collection may match)."""
+        hook = self.hook
+        if not self.is_open or not hook.is_saving():
+            return False
+        return any(hook.is_saving(c) for c in collections) or any(
+            hook.is_saving(c.name) for c in hook.regex_collections
+        )
+
+    # ------------------------------------------------------------------ steps
+    def at_finish(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` when a saved step is recorded, just before (values read after the step)."""
+        self._finishers.append(callback)
+
+    def open(self, mode: Mode | str | None = None, step: int | None = None) -> bool:
+        """Record the previous step if any, then open the next one; return whether it is saved."""
+        self.finish()
+        saving = self.hook.begin_step(mode, step)
+        self.is_open, self.pending = True, False
+        return saving
+
+    def end(self) -> None:
+        """The open step is over; it is recorded when the next one opens, or at :meth:`finish`."""
+        if self.is_open:
+            self.pending = True
+
+    def finish(self) -> None:
+        """Record the open (or pending) step now: the adapter's step-end values, held calls, then the record."""
+        if not self.is_open:
+            return
+        if self.hook.is_saving():
+            for callback in self._finishers:
+                self.guard(callback)
+            self.guard(self._offer_held)
+        self.is_open = self.pending = False
+        self._calls.clear()
+        self.hook.end_step()
+
+    def guard(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run capture work: an error of the capture path disables capture (raises if ``strict``), never training."""
+        try:
+            fn(*args)
+        except Exception as exc:
+            self.hook.fail(exc, f"capture failed at step {self.hook.step}")
+
+    # ----------------------------------------------------------------- values
+    def offer(self, name: str, value: Any, collections: Sequence[str]) -> None:
+        """Offer one tensor at the open step; a later value of the same name in the step replaces it."""
+        self.hook.offer(name, value, tuple(collections))
+
+    def offer_tree(self, name: str, value: Any, collections: Sequence[str]) -> None:
+        """Offer every tensor of a nested value, named by :func:`flatten`."""
+        colls = tuple(collections)
+        for sub, t in flatten(name, value, self.is_tensor):
+            self.hook.offer(sub, t, colls)
+
+    def offer_call(self, base: str, value: Any, collections: Sequence[str]) -> None:
+        """Offer one call's value as ``base`` (one call in the step) or ``base:<i>`` (several).
+
+        The first call is held (snapshotted) until a second call names it ``base:0`` or the
+        step ends; calls beyond :attr:`max_calls` replace a held last call.
+        """
+        calls = self._calls.get(base)
+        if calls is None:
+            calls = self._calls[base] = _Calls(tuple(collections))
+        i = calls.count
+        calls.count += 1
+        tensors = flatten("", value, self.is_tensor)
+        if i == 0:
+            calls.first = [(sub, self.snapshot(t)) for sub, t in tensors]
+        elif i < self.max_calls:
+            if i == 1:
+                self._offer_flat(f"{base}:0", calls.first, calls.collections)
+                calls.first = []
+            self._offer_flat(f"{base}:{i}", tensors, calls.collections)
+        else:
+            calls.last = [(sub, self.snapshot(t)) for sub, t in tensors]
+            if base not in self._warned_calls:
+                self._warned_calls.add(base)
+                logger.warning(
+                    "tensortap: %s is called more than %d times in step %d; calls %d and later are not saved, "
+                    "except the last of each step (raise max_calls to save more)",
+                    base,
+                    self.max_calls,
+                    self.hook.step,
+                    self.max_calls,
+                )
+
+    def _offer_flat(self, name: str, tensors: list[tuple[str, Any]], collections: tuple[str, ...]) -> None:
+        for sub, t in tensors:
+            self.hook.offer(name + sub, t, collections)
+
+    def _offer_held(self) -> None:
+        for base, calls in self._calls.items():
+            if calls.count == 1:
+                self._offer_flat(base, calls.first, calls.collections)
+            elif calls.count > self.max_calls:
+                self._offer_flat(f"{base}:{calls.count - 1}", calls.last, calls.collections)

@@ -1,0 +1,116 @@
+"""The stop channel: how a rule (or a person) asks a training to stop, and how ranks agree.
+
+A stop request is one small JSON file in the trial (``control/stop.json``,
+written by :meth:`tensortap.Trial.request_stop` or an in-process rule).
+Training processes poll it, at most once per ``poll_seconds``, through one
+:class:`StopChannel`. Under data parallelism every rank must leave at the
+same step (one rank alone would leave the others waiting in their next
+collective), so ranks :func:`agree` with one all-reduce that each adapter
+supplies from its framework (``torch.distributed``, a Keras backend's
+collective, ...); no framework is imported here.
+
+Interface::
+
+    channel = StopChannel(storage)
+    channel.request("loss exploded", rule="ExplodingTensor")   # write + see it at once
+    channel.poll(poll_seconds=1.0) -> bool                     # rate-limited look
+    channel.reason -> str | None
+    agree(channel.poll(), all_reduce_max) -> bool              # any rank asked => all stop
+    agreed(step, every=10, poll=channel.poll, all_reduce_max=...) -> bool  # agree every 10 steps
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from ..backends import layout
+
+STOP_POLL_SECONDS = 1.0
+
+AllReduceMax = Callable[[int], int]
+"""Takes this rank's flag (0 or 1), returns the maximum over every rank (blocking collective)."""
+
+
+class _JsonStorage(Protocol):
+    def write_json(self, key: str, obj: Any) -> None: ...
+
+    def read_json(self, key: str) -> Any: ...
+
+    def exists(self, key: str) -> bool: ...
+
+
+class StopChannel:
+    """Writes and reads the stop request of one trial.
+
+    Parameters
+    ----------
+    storage
+        The trial's storage (anything with ``write_json``, ``read_json``, ``exists``).
+    """
+
+    def __init__(self, storage: _JsonStorage) -> None:
+        self.storage = storage
+        self._checked = float("-inf")
+        self._request: dict[str, Any] | None = None
+
+    def request(self, reason: str, **details: Any) -> None:
+        """Write a stop request into the trial; :meth:`poll` is true from now on in this process."""
+        request = {"reason": reason, "time": time.time(), **details}
+        self.storage.write_json(layout.STOP_REQUEST, request)
+        self._request = request
+
+    def poll(self, poll_seconds: float = STOP_POLL_SECONDS) -> bool:
+        """Whether a stop was requested; looks into the trial at most once per ``poll_seconds``.
+
+        An unreadable or half-written request is retried at the next look.
+        """
+        if self._request is None and time.monotonic() - self._checked >= poll_seconds:
+            self._checked = time.monotonic()
+            try:
+                if self.storage.exists(layout.STOP_REQUEST):
+                    found = self.storage.read_json(layout.STOP_REQUEST)
+                    self._request = found if isinstance(found, dict) else {"reason": str(found)}
+            except (OSError, ValueError):
+                pass
+        return self._request is not None
+
+    @property
+    def requested(self) -> bool:
+        """Whether a request was seen (no look into the trial)."""
+        return self._request is not None
+
+    @property
+    def reason(self) -> str | None:
+        """The reason of the request seen, or None."""
+        return None if self._request is None else str(self._request.get("reason", ""))
+
+
+def agree(flag: bool, all_reduce_max: AllReduceMax | None) -> bool:
+    """True on every rank when ``flag`` is true on any rank.
+
+    Parameters
+    ----------
+    flag
+        This rank's answer.
+    all_reduce_max
+        The framework's all-reduce (maximum of one integer over every rank), or None
+        when the process is alone.
+    """
+    if all_reduce_max is None:
+        return flag
+    return bool(all_reduce_max(1 if flag else 0))
+
+
+def agreed(step: int, every: int, poll: Callable[[], bool], all_reduce_max: AllReduceMax | None) -> bool:
+    """Whether to stop after ``step``; every rank gets the same answer at the same step.
+
+    Alone, :func:`poll` decides at every step. With several ranks they :func:`agree`
+    every ``every`` steps only (an all-reduce per step would cost too much).
+    """
+    if all_reduce_max is None:
+        return poll()
+    if step % max(int(every), 1):
+        return False
+    return agree(poll(), all_reduce_max)

@@ -1,0 +1,126 @@
+"""The conformance suite of :class:`~tensortap.capture.TensorOps` (needs pytest; never imported by tensortap).
+
+Every adapter's ``TensorOps`` must store the same values as the NumPy
+formulas of :mod:`tensortap.reductions` (the read side recomputes reductions
+with them from raw tensors, so the two must agree). A test class subclasses
+:class:`TensorOpsConformance` and provides the ops and a factory that turns a
+NumPy array into a tensor of its framework::
+
+    from tensortap.capture.testing import TensorOpsConformance
+
+    class TestTorchOps(TensorOpsConformance):
+        ops = TorchOps()
+
+        def make(self, array):
+            return torch.from_numpy(array)
+
+The contract:
+
+- raw values come back bit for bit, with the dtype NumPy has for them
+  (dtypes NumPy lacks, such as bfloat16, widened to float32 and named in
+  the third element, ``orig_dtype``);
+- ``min``, ``max`` and the health counts are bit for bit, and so are
+  ``sum``, ``l1`` and ``mean`` of integer and boolean tensors;
+- the other float reductions (sums in another order) agree to a few ulp
+  of float64 (:attr:`TensorOpsConformance.rtol`);
+- NaN and Inf propagate as NumPy's do; an empty tensor gives NaN for
+  ``min``/``max``/``mean``/``std``/``variance``, 0 for ``sum``, 1 for ``prod``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+import pytest
+
+from .. import reductions as red
+from .core import TensorOps
+
+ALL_KEYS = [*red.ALL_REDUCTIONS, *(f"abs_{k}" for k in red.REDUCTIONS + red.NORMS)]
+EXACT = frozenset({"min", "max", "abs_min", "abs_max", *red.HEALTH_COUNTS})
+# sums of integers are exact in float64 whatever the order
+EXACT_INTEGER = frozenset({"sum", "abs_sum", "l1", "mean", "abs_mean"})
+
+
+def _values() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(7)
+    special = rng.standard_normal(40).astype(np.float32)
+    special[[3, 11]] = np.nan
+    special[[5]] = np.inf
+    special[[8]] = -np.inf
+    special[[13, 14]] = 0.0
+    return {
+        "float32": rng.standard_normal((7, 5)).astype(np.float32),
+        "float64": rng.standard_normal(33) * 1e3,
+        "float16": rng.standard_normal(17).astype(np.float16),
+        "float32-special": special,
+        "float32-scalar": np.asarray(np.float32(-2.5)),
+        "float32-empty": np.zeros((0, 3), dtype=np.float32),
+        "int64": rng.integers(-50, 50, (4, 6)).astype(np.int64),
+        "int32": rng.integers(-5, 5, 12).astype(np.int32),
+        "uint8": rng.integers(0, 255, 9).astype(np.uint8),
+        "bool": rng.integers(0, 2, 10).astype(bool),
+    }
+
+
+VALUES = _values()
+
+
+class TensorOpsConformance:
+    """What every :class:`TensorOps` must do. Subclass and set :attr:`ops` and :meth:`make`."""
+
+    ops: ClassVar[TensorOps]
+    rtol: ClassVar[float] = 1e-12
+    # value kinds the framework cannot hold (e.g. ``{"uint8"}``); skipped
+    unsupported: ClassVar[frozenset[str]] = frozenset()
+
+    def make(self, array: np.ndarray) -> Any:
+        """``array`` as a tensor of the framework under test."""
+        raise NotImplementedError
+
+    def _tensor(self, kind: str) -> tuple[np.ndarray, Any]:
+        if kind in self.unsupported:
+            pytest.skip(f"{kind} is not supported by this framework")
+        array = VALUES[kind]
+        return array, self.make(array.copy())
+
+    @pytest.mark.parametrize("kind", sorted(VALUES))
+    def test_raw_values_round_trip_bit_for_bit(self, kind: str) -> None:
+        array, tensor = self._tensor(kind)
+        raw, values, orig = self.ops.prepare(tensor, [], True)
+        assert raw is not None
+        assert orig is None
+        assert raw.dtype == array.dtype
+        assert raw.shape == array.shape
+        np.testing.assert_array_equal(raw, array)
+        assert values == {}
+
+    @pytest.mark.parametrize("kind", sorted(VALUES))
+    def test_reductions_equal_the_numpy_formulas(self, kind: str) -> None:
+        array, tensor = self._tensor(kind)
+        raw, got, _ = self.ops.prepare(tensor, ALL_KEYS, False)
+        assert raw is None
+        expected = red.compute_many(array, ALL_KEYS)
+        assert set(got) == set(expected)
+        for key in ALL_KEYS:
+            want, have = expected[key], got[key]
+            assert isinstance(have, float), key
+            if np.isnan(want) or np.isinf(want):
+                assert have == want or (np.isnan(want) and np.isnan(have)), f"{kind} {key}: {have} != {want}"
+            elif key in EXACT or (array.dtype.kind in "biu" and key in EXACT_INTEGER):
+                assert have == want, f"{kind} {key}: {have!r} != {want!r} (must be bit for bit)"
+            else:
+                assert have == pytest.approx(want, rel=self.rtol, abs=1e-300), f"{kind} {key}"
+
+    def test_raw_and_reductions_together(self) -> None:
+        array, tensor = self._tensor("float32")
+        raw, got, _ = self.ops.prepare(tensor, ["mean", "abs_max"], True)
+        assert raw is not None
+        np.testing.assert_array_equal(raw, array)
+        assert got["abs_max"] == float(np.max(np.abs(array.astype(np.float64))))
+
+    def test_the_tensor_is_not_changed(self) -> None:
+        array, tensor = self._tensor("float32")
+        self.ops.prepare(tensor, ALL_KEYS, True)
+        np.testing.assert_array_equal(np.asarray(self.ops.prepare(tensor, [], True)[0]), array)

@@ -1,0 +1,680 @@
+"""The PyTorch hook: module, loss, backward and optimizer events turned into session calls.
+
+What a step is
+--------------
+* **Training with optimizers attached** (:meth:`Hook.attach_optimizer`): a
+  TRAIN step ends when every attached optimizer has stepped in it (one
+  optimizer: its ``step()``; a GAN: the generator's and the discriminator's,
+  in any order; a critic stepped five times per generator step: once per
+  generator step). Everything between the end of one step and the end of the
+  next belongs to it: forwards, losses, backwards, gradient accumulation,
+  values given to :meth:`Hook.save_scalar`, :meth:`Hook.save_tensor` and
+  :meth:`Hook.record_loss` (a value given after ``optimizer.step()`` is in the
+  next step). A ``GradScaler`` step that skips the update is still a step.
+* **Explicit steps** (``explicit_steps=True``): :meth:`Hook.finish_step` alone ends TRAIN steps.
+* **Without optimizers, and in EVAL and PREDICT**: a step is one top-level
+  forward of a registered module, with the loss, backward and values given
+  after it (until the next forward, or a value given in another mode).
+* The mode is the one given to :meth:`Hook.set_mode`; until then EVAL when
+  the module is in ``eval()`` or gradients are disabled (``no_grad``,
+  ``inference_mode``), TRAIN otherwise. A TRAIN step that saw a forward but
+  no backward and no optimizer step (a prediction after training) is
+  recorded as PREDICT. A step opened by a value alone (``save_scalar``
+  before any forward) takes the mode of the forward that follows.
+* A step is recorded when the next one begins, or at :meth:`Hook.close`.
+
+Values
+------
+Weights and biases are read when the step is recorded (after the update).
+Gradients are each optimizer's parameters' ``p.grad`` as its ``step()``
+sees them (after accumulation, clipping, unscaling; under DDP, averaged);
+with a closure (LBFGS), after the first evaluation of the closure in the
+step (the gradients the step starts from); without an optimizer, the last
+gradient accumulated into each parameter during the step. The loss is the
+scalar tensor ``backward()`` is called on (``losses/loss``; with several
+optimizers ``losses/<optimizer name>``), unless it was named by a
+registered loss module or :meth:`Hook.record_loss`.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+import weakref
+from collections import deque
+from collections.abc import Callable, Container, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...exceptions import StopTrainingRequested
+from ...modes import Mode
+from .. import core
+from ..session import MAX_CALLS, Session
+from ..stop import agreed
+from ..writer import logger
+from . import patches
+from .ops import TorchOps
+
+__all__ = ["Hook", "capture"]
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    """The user's module inside torch.compile / DistributedDataParallel / DataParallel wrappers."""
+    while True:
+        inner = getattr(module, "_orig_mod", None)  # torch.compile's OptimizedModule
+        if isinstance(inner, nn.Module):
+            module = inner
+        elif isinstance(module, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            module = module.module
+        else:
+            return module
+
+
+def _is_compiled(module: nn.Module) -> bool:
+    return any(isinstance(getattr(m, "_orig_mod", None), nn.Module) for m in module.modules())
+
+
+def _param_collection(name: str) -> str:
+    return "biases" if "bias" in name.rsplit(".", 1)[-1] else "weights"
+
+
+def _distributed_rank() -> int | None:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return int(dist.get_rank())
+    return None
+
+
+def _all_reduce_max() -> Callable[[int], int] | None:
+    """torch.distributed's all-reduce (max of one integer), or None outside a process group of 2+."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+
+    def all_reduce_max(flag: int) -> int:
+        t = torch.tensor([flag], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
+    return all_reduce_max
+
+
+def _snapshot(t: Any) -> Any:
+    return t.detach().clone() if isinstance(t, torch.Tensor) else t
+
+
+def _reaches(loss: torch.Tensor, params: Container[int]) -> bool:
+    """Whether the autograd graph of ``loss`` leads to one of ``params`` (by id).
+
+    Breadth first: the last layer's parameters, next to the loss, end the search early.
+    """
+    seen: set[Any] = set()
+    todo = deque([loss.grad_fn])
+    while todo:
+        node = todo.popleft()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)  # AccumulateGrad: a leaf
+        if variable is not None and id(variable) in params:
+            return True
+        todo.extend(n for n, _ in node.next_functions)
+    return False
+
+
+@dataclass
+class _Root:
+    module: nn.Module  # the inner module (unwrapped)
+    name: str  # outputs/<name> for its own outputs
+    prefix: str  # "" or "<name>." before parameter and submodule names
+
+
+@dataclass
+class _Optimizer:
+    optimizer: torch.optim.Optimizer
+    name: str
+    params: dict[int, str] = field(default_factory=dict)  # id -> registered name
+
+
+class Hook(core.Hook):
+    """Capture a PyTorch training: module, loss, backward and optimizer events.
+
+    Parameters
+    ----------
+    out_dir
+        Local directory or fsspec URL of the trial.
+    weights_rank0_only
+        Under ``torch.distributed``, save weights and biases (identical on every
+        DDP rank) from rank 0 only; other ranks still save gradients, losses, outputs.
+    raise_on_stop
+        Raise :class:`tensortap.StopTrainingRequested` when a training step ends
+        once a stop request is found in the trial (the hook is closed first).
+        Under ``torch.distributed`` every rank raises at the same step: they
+        agree every :attr:`stop_sync_steps` training steps with one all-reduce.
+        Otherwise poll :attr:`should_stop` yourself.
+    explicit_steps
+        Only :meth:`finish_step` ends TRAIN steps (not forwards, not optimizer steps).
+    max_calls
+        Calls of one module per step saved in full (``outputs/<name>:<i>``); of
+        later calls, only the last one (see :mod:`tensortap.capture.session`).
+    **kwargs
+        Everything :class:`tensortap.capture.Hook` takes (``save_config``,
+        ``include_collections``, ``reduction_config``, ``include_workers``, ``strict``, ...).
+        ``rank`` defaults to ``torch.distributed.get_rank()`` when a process group exists.
+    """
+
+    framework = "pytorch"
+    ops = TorchOps()
+    # under torch.distributed, ranks agree on a stop request every this many training steps
+    stop_sync_steps: int = 10
+
+    def __init__(
+        self,
+        out_dir: str | os.PathLike[str],
+        *,
+        weights_rank0_only: bool = False,
+        raise_on_stop: bool = False,
+        explicit_steps: bool = False,
+        max_calls: int = MAX_CALLS,
+        **kwargs: Any,
+    ) -> None:
+        if kwargs.get("rank") is None:
+            kwargs["rank"] = _distributed_rank()
+        super().__init__(out_dir, **kwargs)
+        self.session = Session(self, torch.is_tensor, snapshot=_snapshot, max_calls=max_calls)
+        self.session.at_finish(self._save_step_end)
+        self.weights_rank0_only = bool(weights_rank0_only)
+        self.raise_on_stop = bool(raise_on_stop)
+        self._explicit_mode: Mode | None = None
+        self._explicit_steps = bool(explicit_steps)
+        self._roots: list[_Root] = []
+        self._params: dict[str, torch.Tensor] = {}
+        self._param_ids: dict[int, str] = {}
+        self._optimizers: list[_Optimizer] = []
+        self._handles: list[Any] = []
+        self._grad_handles: list[Any] = []  # only while no optimizer is attached
+        self._loss_name = "loss"
+        self._depth = 0
+        self._warned_compile = False
+        self._closed = False
+        # the open step
+        self._ended_by_optimizer = False  # pending because its optimizers (or hook.finish_step()) ended it
+        self._tentative = False  # opened by a value alone: takes the mode of the next forward
+        self._forwarded = self._trained = False
+        self._stepped: set[int] = set()  # optimizers (by id) that stepped in it
+        # losses backward() was called on, not yet named: (the tensor, weakly; its value)
+        self._backward: list[tuple[weakref.ref[torch.Tensor], torch.Tensor]] = []
+        self._named: dict[int, torch.Tensor] = {}  # tensors the user named (registered loss, record_loss)
+        self._scaled: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # scaled loss -> (it, the loss)
+        self._grad_stash: dict[str, torch.Tensor] = {}
+        self._closure_seen = False
+        # per-step switches, each one boolean test in the hooks
+        self._io = self._losses = self._stash_grads = False
+        patches.attach(self)
+
+    @classmethod
+    def _kwargs_from_json(cls, data: Any) -> dict[str, Any]:
+        own = ("weights_rank0_only", "raise_on_stop", "explicit_steps", "max_calls")
+        if not isinstance(data, dict):
+            return super()._kwargs_from_json(data)
+        kwargs = super()._kwargs_from_json({k: v for k, v in data.items() if k not in own})
+        return kwargs | {k: data[k] for k in own if k in data}
+
+    # ----------------------------------------------------------- registration
+    def register_module(self, module: nn.Module, name: str | None = None) -> None:
+        """Capture ``module``: parameters, gradients, and outputs/inputs when those collections are saved.
+
+        A compiled (``torch.compile``), DDP or DataParallel module is unwrapped for naming;
+        names are those of ``named_parameters()`` / ``named_modules()`` of the inner module.
+        The first module registered without ``name`` keeps these names; a module given a
+        ``name``, and every later module, has them prefixed with ``<name>.`` (default: its
+        class name), so that two networks (a GAN) never share a name.
+        """
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"register_module: expected a torch.nn.Module, got {type(module).__name__}")
+        inner = _unwrap(module)
+        if any(r.module is inner for r in self._roots):
+            raise ValueError(f"register_module: {type(inner).__name__} is already registered")
+        root_name = name or type(inner).__name__
+        prefix = f"{root_name}." if name or self._roots else ""
+        if any(r.prefix == prefix for r in self._roots):
+            raise ValueError(f"register_module: the name {root_name!r} is taken; give another with name=")
+        if _is_compiled(module) and self.session.may_save("outputs", "inputs"):
+            warnings.warn(
+                f"tensortap: {type(inner).__name__} is compiled with torch.compile; outputs and inputs of its "
+                "submodules are not captured inside compiled code (weights, gradients, losses and the model's "
+                "own outputs are)",
+                UserWarning,
+                stacklevel=2,
+            )
+        root = _Root(inner, root_name, prefix)
+        self._roots.append(root)
+        for pname, p in inner.named_parameters():
+            if id(p) in self._param_ids:  # shared with a module registered before
+                continue
+            full = prefix + pname
+            self._params[full] = p
+            self._param_ids[id(p)] = full
+            if p.requires_grad and not self._optimizers and self.session.may_save("gradients"):
+                self._grad_handles.append(p.register_post_accumulate_grad_hook(patches.Tap(self, Hook._on_grad, full)))
+        self._handles.append(module.register_forward_pre_hook(patches.Tap(self, Hook._on_root_pre, root)))
+        self._handles.append(
+            module.register_forward_hook(patches.Tap(self, Hook._on_root_post, root), always_call=True)
+        )
+        if self.session.may_save("outputs", "inputs"):  # no hook at all otherwise: PyTorch's dispatch costs too
+            for sub_name, sub in inner.named_modules():
+                if sub_name:
+                    self._handles.append(sub.register_forward_hook(patches.Tap(self, Hook._on_io, prefix + sub_name)))
+
+    def register_loss(self, loss: nn.Module | Callable[..., Any], name: str | None = None) -> None:
+        """Name a loss.
+
+        An ``nn.Module`` loss: its output is saved as ``losses/<name>`` (default: its class
+        name; ``losses/<name>:0``, ``:1``, ... when called several times in one step).
+        A function (``F.nll_loss``): the loss ``backward()`` is called on is saved as
+        ``losses/<name>`` (default: the function's name) instead of ``losses/loss``.
+        """
+        if isinstance(loss, nn.Module):
+            full = f"losses/{name or type(loss).__name__}"
+            self._handles.append(loss.register_forward_hook(patches.Tap(self, Hook._on_loss_module, full)))
+        elif callable(loss):
+            self._loss_name = name or getattr(loss, "__name__", None) or "loss"
+        else:
+            raise TypeError(f"register_loss: expected a torch.nn.Module or a function, got {type(loss).__name__}")
+
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer, name: str | None = None) -> None:
+        """Let ``optimizer.step()`` end training steps; save its state as ``optimizer/<param>/<key>``.
+
+        Several optimizers (a GAN): a training step ends when each has stepped.
+        ``name`` names the losses differentiated before its step when there are several
+        (``losses/<name>``); default: the registered module its parameters belong to.
+        """
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"attach_optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if any(o.optimizer is optimizer for o in self._optimizers):
+            raise ValueError("attach_optimizer: this optimizer is already attached")
+        att = _Optimizer(optimizer, name or self._owner_name(optimizer))
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if id(p) in self._param_ids:
+                    att.params[id(p)] = self._param_ids[id(p)]
+        self._optimizers.append(att)
+        for handle in self._grad_handles:  # gradients are read from p.grad at optimizer.step() from now on
+            handle.remove()
+        self._grad_handles.clear()
+        self._handles.append(optimizer.register_step_pre_hook(patches.Tap(self, Hook._on_optimizer_pre, att)))
+        self._handles.append(optimizer.register_step_post_hook(patches.Tap(self, Hook._on_optimizer_post, att)))
+
+    def _owner_name(self, optimizer: torch.optim.Optimizer) -> str:
+        ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        for root in self._roots:
+            if any(id(p) in ids for p in root.module.parameters()):
+                return root.name
+        return f"optimizer{len(self._optimizers)}"
+
+    # ----------------------------------------------------------------- modes
+    def set_mode(self, mode: Mode | str) -> None:
+        """Set the mode of the steps that follow; ``model.train()``/``eval()`` are no longer followed.
+
+        A step opened by a value alone takes this mode; any other open step ends here.
+        """
+        self._explicit_mode = Mode.parse(mode)
+        if self.session.is_open and self._tentative:
+            self.relabel_step(self._explicit_mode)
+        elif self.session.is_open:
+            self._finish()
+        super().set_mode(self._explicit_mode)
+
+    def _detect_mode(self, module: nn.Module | None = None) -> Mode:
+        if self._explicit_mode is not None:
+            return self._explicit_mode
+        if module is None and self._roots:
+            module = self._roots[0].module
+        if module is not None and not module.training:
+            return Mode.EVAL
+        return Mode.TRAIN if torch.is_grad_enabled() else Mode.EVAL
+
+    def _spans_forwards(self) -> bool:
+        """Whether the open step goes on after a forward: a TRAIN step that optimizers or hook.finish_step() end."""
+        return self.mode == Mode.TRAIN and (bool(self._optimizers) or self._explicit_steps)
+
+    # ----------------------------------------------------------------- steps
+    def finish_step(self) -> None:
+        """End the current training step (custom loops, several optimizers).
+
+        Pass ``explicit_steps=True`` to the hook so that only this ends TRAIN steps from
+        the first step on; without it, from its first call on (with a warning: the steps
+        before were ended by forwards or optimizer steps). ``hook.step`` is the number of
+        the current step.
+        """
+        if not self._explicit_steps:
+            self._explicit_steps = True
+            logger.warning(
+                "tensortap: finish_step() called on a hook made without explicit_steps=True: steps %s were "
+                "ended by forwards or optimizer steps, the next ones end at finish_step() only",
+                f"0..{self.step}",
+            )
+        if self.session.is_open:
+            self.session.end()
+            self._ended_by_optimizer = True
+            self._step_ended()
+
+    def _open(self, mode: Mode, tentative: bool = False) -> None:
+        self._finish()
+        if self._closed:
+            return
+        self.session.open(mode)
+        self._ended_by_optimizer = self._forwarded = self._trained = self._closure_seen = False
+        self._tentative = tentative
+        self._stepped.clear()
+        s = self.session
+        self._io = s.saving("outputs", "inputs")
+        self._losses = s.saving("losses")
+        self._stash_grads = s.saving("gradients") and not self._optimizers
+
+    def _ensure_open(self, tentative: bool = True) -> None:
+        """A step for a value given now: the open one, unless its optimizers or hook.finish_step() ended it
+        or it ended in another mode than the current one."""
+        s = self.session
+        mode = self._detect_mode()
+        if not s.is_open or self._ended_by_optimizer or (s.pending and mode != self.mode):
+            self._open(mode, tentative=tentative)
+
+    def _finish(self) -> None:
+        """Record the open step (if any)."""
+        if not self.session.is_open:
+            return
+        if (
+            self.mode == Mode.TRAIN
+            and self._explicit_mode is None
+            and self._forwarded
+            and not (self._trained or self._backward)
+        ):
+            self.relabel_step(Mode.PREDICT)  # a forward in train mode that nothing trained on
+        self._io = self._losses = self._stash_grads = False
+        self.session.finish()
+        self._backward.clear()
+        self._named.clear()
+        self._scaled.clear()
+        self._grad_stash.clear()
+
+    def _save_step_end(self) -> None:
+        """At a saved step's end: losses not yet named, parameters, stashed gradients, optimizer state."""
+        self._name_backward_losses(self._loss_name)
+        s = self.session
+        if not (self.weights_rank0_only and self.rank != 0) and s.saving("weights", "biases"):
+            for name, p in self._params.items():
+                s.offer(name, p, (_param_collection(name),))
+        for name, g in self._grad_stash.items():
+            s.offer(f"gradients/{name}", g, ("gradients",))
+        if s.saving("optimizer_variables"):
+            for att in self._optimizers:
+                for p, state in att.optimizer.state.items():
+                    pname = self._param_ids.get(id(p))
+                    if pname is None:
+                        continue
+                    for key, v in state.items():
+                        if isinstance(v, torch.Tensor):
+                            s.offer(f"optimizer/{pname}/{key}", v, ("optimizer_variables",))
+
+    def _name_backward_losses(self, name: str) -> None:
+        """Offer the losses ``backward()`` was called on since the last naming as ``losses/<name>``."""
+        losses, self._backward = self._backward, []
+        for ref, value in losses:
+            tensor = ref()
+            if tensor is None or id(tensor) not in self._named:
+                self.session.offer_call(f"losses/{name}", value, ("losses",))
+
+    def _step_ended(self) -> None:
+        if self.raise_on_stop and agreed(
+            self.mode_step, self.stop_sync_steps, lambda: self.should_stop, _all_reduce_max()
+        ):
+            reason = self.stop_reason or "requested on another rank"
+            self.close()
+            raise StopTrainingRequested(f"tensortap: a stop was requested for {self.out_dir}: {reason}")
+
+    # ------------------------------------------------------------ hook bodies
+    def _on_root_pre(self, root: _Root, module: nn.Module, args: Any) -> None:
+        if torch.compiler.is_compiling():  # compiled after registration: these hooks are traced once
+            self._warn_compiled_after_registration(root.module)
+            return
+        self._depth += 1
+        if self._depth > 1 or self._closed:
+            return
+        mode = self._detect_mode(root.module)
+        s = self.session
+        if not s.is_open or s.pending:
+            self._open(mode)
+        elif self._tentative and mode != self.mode:
+            self.relabel_step(mode)
+        elif mode != self.mode and not self._spans_forwards():
+            self._open(mode)
+        self._tentative = False
+        self._forwarded = True
+
+    def _on_root_post(self, root: _Root, module: nn.Module, args: Any, output: Any) -> None:
+        if torch.compiler.is_compiling():
+            return
+        self._depth = max(self._depth - 1, 0)
+        if self._depth or not self.session.is_open or self._closed:
+            return
+        if self._io and output is not None:
+            self.session.guard(self._capture_io, root.name, args, output)
+        if not self._spans_forwards():
+            self.session.end()
+
+    def _warn_compiled_after_registration(self, inner: nn.Module) -> None:
+        if not self._warned_compile:
+            self._warned_compile = True
+            warnings.warn(
+                f"tensortap: {type(inner).__name__} was compiled with torch.compile after register_module(); "
+                "its forwards are no longer seen (no outputs; steps end only at optimizer.step()). "
+                "Register the compiled module instead: hook.register_module(torch.compile(model))",
+                UserWarning,
+                stacklevel=2,
+            )
+
+    def _on_io(self, name: str, module: nn.Module, args: Any, output: Any) -> None:
+        if self._io and not torch.compiler.is_compiling():
+            self.session.guard(self._capture_io, name, args, output)
+
+    def _capture_io(self, name: str, args: Any, output: Any) -> None:
+        if self.session.saving("outputs"):
+            self.session.offer_call(f"outputs/{name}", output, ("outputs",))
+        if self.session.saving("inputs"):
+            self.session.offer_call(f"inputs/{name}", args, ("inputs",))
+
+    def _on_loss_module(self, name: str, module: nn.Module, args: Any, output: Any) -> None:
+        if self._closed:
+            return
+        self._ensure_open(tentative=False)
+        if self._losses and isinstance(output, torch.Tensor):
+            self._named[id(output)] = output
+            self.session.guard(self.session.offer_call, name, output, ("losses",))
+
+    def _on_grad(self, name: str, p: torch.Tensor) -> None:
+        if self._stash_grads and p.grad is not None:
+            self._grad_stash[name] = p.grad.detach().clone()
+
+    # ------------------------------------------------- backward and GradScaler
+    def on_backward(self, tensors: Any) -> None:
+        """``backward()`` is about to run on ``tensors``: a scalar reaching our parameters is the step's loss."""
+        if self._closed or not self._params:
+            return
+        if not self._losses and self._forwarded and self.session.is_open and not self._ended_by_optimizer:
+            self._trained = True  # an unsaved step after our forward: no graph walk
+            return
+        loss = tensors[0] if isinstance(tensors, (tuple, list)) and len(tensors) == 1 else tensors
+        if not isinstance(loss, torch.Tensor) or loss.grad_fn is None:
+            return
+        loss = self._scaled.get(id(loss), (loss, loss))[1]  # scaler.scale(loss).backward(): the loss
+        if not _reaches(loss, self._param_ids):
+            return  # another model's backward
+        if not self.session.is_open or self._ended_by_optimizer:
+            self._open(self._detect_mode())
+        self._trained = True
+        self._tentative = False
+        if self._losses and loss.numel() == 1:
+            self._backward.append((weakref.ref(loss), loss.detach()))
+
+    def on_scaled(self, scaled: Any, loss: Any) -> None:
+        """``GradScaler.scale(loss)``: remember the loss behind the scaled tensor backward() will see."""
+        if self._losses and isinstance(scaled, torch.Tensor) and isinstance(loss, torch.Tensor):
+            self._scaled[id(scaled)] = (scaled, loss)
+
+    def on_scaler_step(self, optimizer: torch.optim.Optimizer, stepped: bool) -> None:
+        """``GradScaler.step``: a step it skipped (non-finite gradients) is a step all the same."""
+        if stepped or self._closed:
+            return
+        for att in self._optimizers:
+            if att.optimizer is optimizer:
+                self._on_optimizer_pre(att, optimizer, (), {})
+                self._on_optimizer_post(att, optimizer, (), {})
+
+    # ------------------------------------------------------------- optimizers
+    def _on_optimizer_pre(self, att: _Optimizer, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> Any:
+        if self._closed:
+            return None
+        if not self.session.is_open or self._ended_by_optimizer:
+            self._open(self._detect_mode())
+        self._tentative = False
+        # args: (optimizer, closure?) as step() was called
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        if callable(closure):
+            wrapped = self._wrap_closure(att, closure)
+            if "closure" in kwargs:
+                return args, {**kwargs, "closure": wrapped}
+            return (args[0], wrapped, *args[2:]), kwargs
+        if self.session.saving("gradients"):
+            self.session.guard(self._offer_gradients, att)
+        return None
+
+    def _wrap_closure(self, att: _Optimizer, closure: Callable[[], Any]) -> Callable[[], Any]:
+        """The closure, which offers the gradients after its first evaluation in the step."""
+
+        def evaluate() -> Any:
+            result = closure()
+            if not self._closure_seen:
+                self._closure_seen = True
+                if self.session.saving("gradients"):
+                    self.session.guard(self._offer_gradients, att)
+            return result
+
+        return evaluate
+
+    def _offer_gradients(self, att: _Optimizer) -> None:
+        for name in att.params.values():
+            p = self._params[name]
+            if p.requires_grad and p.grad is not None:
+                self.session.offer(f"gradients/{name}", p.grad, ("gradients",))
+
+    def _on_optimizer_post(self, att: _Optimizer, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self._closed or not self.session.is_open:
+            return
+        self._trained = True
+        self._stepped.add(id(att))
+        if self._losses:
+            self._name_backward_losses(att.name if len(self._optimizers) > 1 else self._loss_name)
+        if self.mode == Mode.TRAIN and not self._explicit_steps and len(self._stepped) == len(self._optimizers):
+            self.session.end()
+            self._ended_by_optimizer = True
+            self._step_ended()
+
+    # ------------------------------------------------------- user-facing saves
+    def save_tensor(self, name: str, value: Any, collections: Sequence[str] = ("custom",)) -> None:
+        """Save ``value`` as ``name`` on the current step if it is saved (any collections)."""
+        if self._closed:
+            return
+        self._ensure_open()
+        super().save_tensor(name, value, collections)
+
+    def save_scalar(self, name: str, value: Any, collections: Sequence[str] = ("metrics",)) -> None:
+        """Save a scalar as ``<first collection>/<name>`` (``metrics/lr``) on the current step if it is saved."""
+        if self._closed:
+            return
+        self._ensure_open()
+        if not self.is_saving():
+            return
+        if isinstance(value, torch.Tensor):
+            value = value.detach().cpu().numpy()
+        super().save_scalar(name, value, collections)
+
+    def record_loss(self, value: Any, name: str = "loss") -> None:
+        """Save ``value`` (a scalar tensor or number) as ``losses/<name>`` on the current step.
+
+        Several calls with one name in a step give ``losses/<name>:0``, ``:1``, ...
+        A tensor recorded here is not saved again as ``losses/loss`` when ``backward()``
+        is called on it.
+        """
+        if self._closed:
+            return
+        self._ensure_open()
+        if not self._losses:
+            return
+        if isinstance(value, torch.Tensor):
+            self._named[id(value)] = value
+        else:
+            value = torch.as_tensor(value)
+        self.session.guard(self.session.offer_call, f"losses/{name}", value, ("losses",))
+
+    # ---------------------------------------------------------------- closing
+    def close(self, reason: str = "closed") -> None:
+        """End the step in progress, remove every hook, publish, mark this worker ended. Idempotent."""
+        if not self._closed:
+            self._finish()
+        self._closed = True
+        for handle in self._handles + self._grad_handles:
+            handle.remove()
+        self._handles.clear()
+        self._grad_handles.clear()
+        patches.detach(self)
+        super().close(reason)
+
+    def close_for_exit(self, reason: str) -> None:
+        """At interpreter exit or SIGTERM: keep a step that has ended but is not yet recorded."""
+        if self.session.is_open and self.session.pending and not self._depth and not self._closed:
+            self.session.guard(self._finish)
+        self._closed = True
+        patches.detach(self)
+        super().close_for_exit(reason)
+
+    def __enter__(self) -> Hook:
+        return self
+
+
+def capture(
+    model: nn.Module,
+    out_dir: str | os.PathLike[str],
+    optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
+    loss: nn.Module | Callable[..., Any] | None = None,
+    **kwargs: Any,
+) -> Hook:
+    """One line: a :class:`Hook` registered on ``model``, ``loss`` and ``optimizer`` (or several).
+
+    ``kwargs`` go to :class:`Hook` (``save_config``, ``include_collections``, ...).
+    Arguments are checked before anything is attached; if attaching fails, what was
+    attached is removed again and the model is left as it was.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"capture: model: expected a torch.nn.Module, got {type(model).__name__}")
+    optimizers = [] if optimizer is None else list(optimizer) if isinstance(optimizer, Sequence) else [optimizer]
+    for opt in optimizers:
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise TypeError(f"capture: optimizer: expected a torch.optim.Optimizer, got {type(opt).__name__}")
+    if loss is not None and not callable(loss):
+        raise TypeError(f"capture: loss: expected a torch.nn.Module or a function, got {type(loss).__name__}")
+    hook = Hook(out_dir, **kwargs)
+    try:
+        hook.register_module(model)
+        if loss is not None:
+            hook.register_loss(loss)
+        for opt in optimizers:
+            hook.attach_optimizer(opt)
+    except BaseException:
+        hook.close()
+        raise
+    return hook

@@ -1,0 +1,104 @@
+"""TorchOps: reductions on the tensor's device, one host transfer, raw values as host arrays."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from ... import reductions as red
+from .. import core
+
+# float types NumPy lacks: stored as float32, the original dtype recorded
+_WIDEN: dict[torch.dtype, torch.dtype] = {torch.bfloat16: torch.float32, torch.complex32: torch.complex64}
+for _name in ("float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu"):
+    if hasattr(torch, _name):
+        _WIDEN[getattr(torch, _name)] = torch.float32
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+class TorchOps(core.TensorOps):
+    """Reductions on the tensor's device (one host transfer); raw values as host arrays."""
+
+    def prepare(
+        self, value: Any, keys: Sequence[str], raw: bool
+    ) -> tuple[np.ndarray | None, dict[str, float], str | None]:
+        if not isinstance(value, torch.Tensor):
+            return super().prepare(value, keys, raw)
+        t = value.detach()
+        if t.layout != torch.strided:
+            t = t.to_dense()
+        orig = None
+        if t.dtype in _WIDEN:
+            orig = _dtype_name(t.dtype)
+            t = t.to(_WIDEN[t.dtype])
+        on_host = t.is_complex() or t.numel() == 0  # reduced with NumPy from the host copy
+        host = self._to_host(t) if raw or on_host else None
+        values = self._reduce(t, keys) if keys and not on_host else {}
+        if host is not None and t.is_cuda and (on_host or not keys):
+            torch.cuda.current_stream(t.device).synchronize()  # else the reductions' transfer waited for it
+        array = host.numpy() if host is not None else None
+        if on_host and keys and array is not None:
+            values = red.compute_many(array, list(keys))
+        return (array if raw else None), values, orig
+
+    @staticmethod
+    def _to_host(t: torch.Tensor) -> torch.Tensor:
+        """``t`` on the host: a view of a CPU tensor (the core copies it before ``offer`` returns),
+        a pinned buffer filled without blocking from CUDA."""
+        if t.device.type == "cpu":
+            return t.contiguous()
+        if t.is_cuda:
+            try:
+                out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            except RuntimeError:
+                return t.cpu()
+            # completed by the blocking transfer of the reductions, or the stream synchronize in prepare
+            return out.copy_(t, non_blocking=True)
+        return t.cpu()
+
+    @staticmethod
+    def _reduce(t: torch.Tensor, keys: Sequence[str]) -> dict[str, float]:
+        """Compute ``keys`` with the formulas of :mod:`tensortap.reductions`, stacked into one transfer."""
+        wide = torch.float32 if t.device.type == "mps" else torch.float64
+        x = t.to(wide)
+        ax = x.abs() if any(red.split_key(k)[1] or k == "l1" for k in keys) else x
+        out: list[torch.Tensor] = []
+        for key in keys:
+            name, absolute = red.split_key(key)
+            if name in red.HEALTH_COUNTS:
+                if name == "zero_count":
+                    out.append(torch.count_nonzero(t == 0))
+                elif not t.is_floating_point():
+                    out.append(torch.zeros((), device=t.device))
+                else:
+                    out.append(torch.count_nonzero(torch.isnan(t) if name == "nan_count" else torch.isinf(t)))
+                continue
+            v = ax if absolute else x
+            if name == "min":
+                out.append(v.min())
+            elif name == "max":
+                out.append(v.max())
+            elif name == "mean":
+                out.append(v.mean())
+            elif name == "std":
+                out.append(v.std(correction=0))
+            elif name == "variance":
+                out.append(v.var(correction=0))
+            elif name == "sum":
+                out.append(v.sum())
+            elif name == "prod":
+                out.append(v.prod())
+            elif name == "l1":
+                out.append(ax.sum())
+            elif name == "l2":
+                out.append(torch.sqrt((v * v).sum()))
+            else:
+                raise ValueError(f"reduction: {key!r} is not a reduction; valid: {', '.join(red.ALL_REDUCTIONS)}")
+        stacked = torch.stack([o.to(wide) for o in out]).cpu().tolist()
+        return dict(zip(keys, (float(v) for v in stacked), strict=True))

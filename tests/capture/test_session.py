@@ -1,0 +1,176 @@
+"""The capture session and the stop channel, driven through the NumPy core (no framework)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import tensortap
+from tensortap import Mode
+from tensortap.capture import Writer
+from tensortap.capture.session import Session, flatten
+from tensortap.capture.stop import StopChannel, agree, agreed
+
+
+def _is_array(v: Any) -> bool:
+    return isinstance(v, np.ndarray)
+
+
+A, B, C = (np.full(2, float(i)) for i in range(3))
+
+
+@pytest.mark.parametrize(
+    ("value", "names"),
+    [
+        (A, ["o"]),
+        ((A,), ["o"]),
+        ([A, None], ["o"]),
+        ({"x": (A,)}, ["o"]),
+        ((A, B), ["o/0", "o/1"]),
+        ([A, None, B], ["o/0", "o/2"]),
+        ({"h": A, "c": B}, ["o/h", "o/c"]),
+        ({"h": A, "c": (B,)}, ["o/h", "o/c"]),
+        ((A, (B, C)), ["o/0", "o/1/0", "o/1/1"]),
+        ({"a": {"b": A, "c": [B, C]}}, ["o/a/b", "o/a/c/0", "o/a/c/1"]),
+        ((None, 3, "text"), []),
+    ],
+)
+def test_the_one_naming_rule(value: Any, names: list[str]) -> None:
+    assert [n for n, _ in flatten("o", value, _is_array)] == names
+
+
+def test_flatten_keeps_the_tensors() -> None:
+    out = flatten("o", {"h": A, "c": (B, C)}, _is_array)
+    assert [v is w for (_, v), w in zip(out, (A, B, C), strict=True)] == [True] * 3
+
+
+def _session(tmp_path: Path, **kwargs: Any) -> tuple[Writer, Session]:
+    writer = Writer(tmp_path)
+    return writer, Session(writer, _is_array, snapshot=np.copy, **kwargs)
+
+
+def test_deferred_close_and_last_value_wins(tmp_path: Path) -> None:
+    writer, s = _session(tmp_path)
+    seen: list[int] = []
+    s.at_finish(lambda: s.offer("weights/w", np.float64(10 * writer.step), ("weights",)))
+    s.at_finish(lambda: seen.append(writer.step))
+    for step in range(3):
+        s.open(Mode.TRAIN)
+        s.offer("losses/loss", np.float64(step), ("losses",))
+        s.offer("losses/loss", np.float64(step + 0.5), ("losses",))  # the last value wins
+        s.end()
+        assert s.pending and s.is_open
+        s.offer("metrics/late", np.float64(step), ("metrics",))  # still the same step until the next opens
+    s.finish()
+    writer.close()
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.steps() == [0, 1, 2]
+    assert seen == [0, 1, 2]
+    assert [float(trial.tensor("losses/loss").value(i)) for i in range(3)] == [0.5, 1.5, 2.5]
+    assert [float(trial.tensor("weights/w").value(i)) for i in range(3)] == [0.0, 10.0, 20.0]
+    assert [float(trial.tensor("metrics/late").value(i)) for i in range(3)] == [0.0, 1.0, 2.0]
+
+
+def test_last_value_wins_for_reductions_too(tmp_path: Path) -> None:
+    writer = Writer(tmp_path, reduction_config=tensortap.ReductionConfig(reductions=["max"]))
+    with writer.stepping():
+        writer.save("t", np.array([1.0, 2.0]))
+        writer.save("t", np.array([7.0, 3.0]))
+    writer.close()
+    t = tensortap.create_trial(tmp_path).tensor("t")
+    assert t.reduction_value(0, "max") == 7.0
+
+
+def test_repeated_calls_are_numbered_and_bounded(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    writer, s = _session(tmp_path, max_calls=3)
+    s.open(Mode.TRAIN)
+    once = np.array([5.0])
+    s.offer_call("outputs/once", once, ("outputs",))
+    once[0] = -1.0  # changed in place after the call: the snapshot keeps what the call returned
+    for i in range(6):
+        s.offer_call("outputs/cell", (np.array([float(i)]), np.array([10.0 + i])), ("outputs",))
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        s.finish()
+        s.open(Mode.TRAIN)
+        for i in range(5):
+            s.offer_call("outputs/cell", np.array([float(i)]), ("outputs",))
+        s.finish()
+    writer.close()
+    trial = tensortap.create_trial(tmp_path)
+    names = set(trial.tensor_names())
+    assert {"outputs/once", "outputs/cell:0/0", "outputs/cell:2/1", "outputs/cell:5/0", "outputs/cell:4"} <= names
+    assert not names & {"outputs/cell:3/0", "outputs/cell:4/0", "outputs/cell:3"}
+    assert float(trial.tensor("outputs/once").value(0)[0]) == 5.0
+    assert float(trial.tensor("outputs/cell:5/1").value(0)[0]) == 15.0
+    assert float(trial.tensor("outputs/cell:4").value(1)[0]) == 4.0
+    assert len([r for r in caplog.records if "outputs/cell" in r.getMessage()]) <= 1
+
+
+def test_may_save_and_saving_count_regex_collections(tmp_path: Path) -> None:
+    hook = tensortap.capture.Hook(
+        tmp_path,
+        include_collections=["losses"],
+        include_regex=["fc1"],
+        save_config=tensortap.SaveConfig(save_interval=2),
+    )
+    s = Session(hook, _is_array)
+    assert s.may_save("outputs")  # the regex may match an output
+    assert not s.saving("outputs")  # no step open
+    s.open(Mode.TRAIN)
+    assert s.saving("outputs") and s.saving("losses")
+    s.open(Mode.TRAIN)
+    assert not s.saving("losses")
+    s.finish()
+    hook.close()
+    only = tensortap.capture.Hook(tmp_path / "b", include_collections=["losses"])
+    assert not Session(only, _is_array).may_save("outputs", "inputs")
+    only.close()
+
+
+def test_a_tensor_that_cannot_be_captured_is_skipped_with_one_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    writer = Writer(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        for step in range(3):
+            with writer.stepping():
+                writer.save("text", np.array(["a", "b"]))
+                writer.save("ragged", np.array([[1.0], [1.0, 2.0]], dtype=object))
+                writer.save("loss", np.float64(step))
+    writer.close()
+    assert not writer.failed
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.tensor_names() == ["loss"]
+    assert trial.steps() == [0, 1, 2]
+    warned = [r.getMessage() for r in caplog.records]
+    assert sum("text" in m for m in warned) == 1
+    assert sum("ragged" in m for m in warned) == 1
+
+
+def test_stop_channel_writes_polls_and_reads(tmp_path: Path) -> None:
+    writer = Writer(tmp_path)
+    other = StopChannel(writer.storage)
+    assert not other.poll(0.0)
+    tensortap.create_trial(tmp_path).request_stop("enough")
+    assert not other.poll(3600.0)  # rate-limited: looked a moment ago
+    assert other.poll(0.0) and other.reason == "enough"
+    writer.request_stop("mine", rule="R")
+    assert writer.should_stop and writer.stop_reason == "mine"
+    writer.close()
+
+
+def test_agreement_over_an_all_reduce() -> None:
+    assert agree(True, None) and not agree(False, None)
+    ranks = [False, True, False]
+
+    def all_reduce_max(flag: int) -> int:
+        return max(int(r) for r in ranks) | flag
+
+    assert agree(False, all_reduce_max)
+    assert not agreed(3, 5, lambda: True, all_reduce_max)  # not an agreement step
+    assert agreed(5, 5, lambda: False, all_reduce_max)
+    assert agreed(3, 5, lambda: True, None)  # alone: every step

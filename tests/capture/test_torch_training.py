@@ -1,0 +1,570 @@
+"""The PyTorch adapter on the training code people write (issue #10): real tiny trainings, compared with torch."""
+
+from __future__ import annotations
+
+import copy
+import io
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+import naming_parity  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+import tensortap  # noqa: E402
+import tensortap.torch as ttt  # noqa: E402
+from tensortap import Mode, SaveConfig  # noqa: E402
+
+pytestmark = [pytest.mark.torch, pytest.mark.usefixtures("torch_one_thread")]
+
+EVERY_STEP = SaveConfig(save_interval=1)
+
+
+_trial = tensortap.create_trial
+
+
+def _value(trial: tensortap.Trial, name: str, step: int, mode: Mode | None = None) -> np.ndarray:
+    return np.asarray(trial.tensor(name).value(step, mode=mode) if mode else trial.tensor(name).value(step))
+
+
+def _batch(gen: torch.Generator, n: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randn(n, 6, generator=gen), torch.randint(0, 3, (n,), generator=gen)
+
+
+def _mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+
+
+def test_values_land_on_the_step_in_which_they_were_given(tmp_path: Path) -> None:
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    hook = ttt.Hook(tmp_path, save_config=EVERY_STEP)
+    hook.register_module(model)
+    hook.attach_optimizer(opt)
+    gen = torch.Generator().manual_seed(1)
+    weights = []
+    for s in range(5):
+        hook.save_scalar("iter", float(s))  # start of the iteration
+        x, y = _batch(gen)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        hook.save_tensor("after_step", torch.tensor([float(s)]))  # after optimizer.step(): the next step
+        weights.append(model[0].weight.detach().clone())
+    hook.save_scalar("final", 1.0)  # a last step without a forward is kept
+    hook.close()
+    trial = _trial(tmp_path)
+    assert trial.steps() == list(range(6))
+    it = trial.tensor("metrics/iter")
+    assert {s: float(it.value(s)) for s in it.steps()} == {s: float(s) for s in range(5)}
+    after = trial.tensor("after_step")
+    assert {s: float(after.value(s)[0]) for s in after.steps()} == {s + 1: float(s) for s in range(5)}
+    assert trial.tensor("metrics/final").steps() == [5]
+    for s in range(5):
+        np.testing.assert_array_equal(_value(trial, "0.weight", s), weights[s].numpy())
+    assert trial.steps(mode=Mode.TRAIN) == list(range(6))
+
+
+class WithLoss(nn.Module):
+    """Returns ``(logits, loss)``, or a dict with ``"loss"`` (as Hugging Face models do)."""
+
+    def __init__(self, as_dict: bool) -> None:
+        super().__init__()
+        self.body = _mlp()
+        self.as_dict = as_dict
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> Any:
+        logits = self.body(x)
+        loss = F.cross_entropy(logits, y)
+        return {"logits": logits, "loss": loss} if self.as_dict else (logits, loss)
+
+
+@pytest.mark.parametrize("kind", ["functional", "tuple", "dict"])
+def test_the_loss_backward_is_called_on_is_captured_without_registration(tmp_path: Path, kind: str) -> None:
+    model: nn.Module = _mlp() if kind == "functional" else WithLoss(as_dict=kind == "dict")
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    hook = ttt.capture(model, tmp_path, optimizer=opt, save_config=EVERY_STEP)
+    gen = torch.Generator().manual_seed(2)
+    losses = []
+    for _ in range(3):
+        x, y = _batch(gen)
+        opt.zero_grad()
+        if kind == "functional":
+            loss = F.cross_entropy(model(x), y)
+        elif kind == "tuple":
+            loss = model(x, y)[1]
+        else:
+            loss = model(x, y)["loss"]
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    hook.close()
+    trial = _trial(tmp_path)
+    assert trial.tensor_names(collection="losses") == ["losses/loss"]
+    assert [float(_value(trial, "losses/loss", s)) for s in range(3)] == losses
+
+
+def test_a_registered_loss_module_names_the_loss_once(tmp_path: Path) -> None:
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss_fn = nn.CrossEntropyLoss()
+    hook = ttt.capture(model, tmp_path, optimizer=opt, loss=loss_fn, save_config=EVERY_STEP)
+    gen = torch.Generator().manual_seed(3)
+    expected = []
+    for _ in range(2):
+        x, y = _batch(gen)
+        opt.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        aux = (model[0].weight ** 2).sum()
+        hook.record_loss(aux, name="l2")  # named by the user
+        opt.step()
+        expected.append((loss.item(), aux.item()))
+    hook.close()
+    trial = _trial(tmp_path)
+    assert trial.tensor_names(collection="losses") == ["losses/CrossEntropyLoss", "losses/l2"]
+    for s, (loss_value, aux_value) in enumerate(expected):
+        assert float(_value(trial, "losses/CrossEntropyLoss", s)) == loss_value
+        assert float(_value(trial, "losses/l2", s)) == aux_value
+
+
+def test_a_loss_function_given_to_capture_names_the_loss(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Linear(6, 3), nn.LogSoftmax(dim=1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    hook = ttt.capture(model, tmp_path, optimizer=opt, loss=F.nll_loss, save_config=EVERY_STEP)
+    x, y = _batch(torch.Generator().manual_seed(4))
+    opt.zero_grad()
+    loss = F.nll_loss(model(x), y)
+    loss.backward()
+    opt.step()
+    hook.close()
+    trial = _trial(tmp_path)
+    assert trial.tensor_names(collection="losses") == ["losses/nll_loss"]
+    assert float(_value(trial, "losses/nll_loss", 0)) == loss.item()
+
+
+def _hooks_on(model: nn.Module) -> int:
+    return sum(
+        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._forward_hooks_always_called) for m in model.modules()
+    ) + sum(len(getattr(p, "_post_accumulate_grad_hooks", None) or {}) for p in model.parameters())
+
+
+def test_a_failed_construction_leaves_the_model_untouched(tmp_path: Path) -> None:
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    backward = torch.autograd.backward
+    with pytest.raises(TypeError, match="optimizer"):
+        ttt.capture(model, tmp_path / "a", optimizer="sgd")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="loss"):
+        ttt.capture(model, tmp_path / "b", loss=3)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="already attached"):
+        ttt.capture(model, tmp_path / "c", optimizer=[opt, opt])  # fails after the module is registered
+    assert _hooks_on(model) == 0
+    assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
+    assert torch.autograd.backward is backward
+
+
+class Generator(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.main = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 4))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.main(z)
+
+
+class Discriminator(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.main = nn.Sequential(nn.Linear(4, 8), nn.LeakyReLU(0.2), nn.Linear(8, 1), nn.Sigmoid())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.main(x).view(-1)
+
+
+def _grads(model: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{n}": p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_a_gan_with_two_optimizers_is_one_step_per_iteration(tmp_path: Path) -> None:
+    """The training loop of pytorch/examples dcgan/main.py, on a tiny fully-connected GAN."""
+    net_g, net_d = Generator(), Discriminator()
+    opt_d = torch.optim.Adam(net_d.parameters(), lr=2e-4, betas=(0.5, 0.999))
+    opt_g = torch.optim.Adam(net_g.parameters(), lr=2e-4, betas=(0.5, 0.999))
+    criterion = nn.BCELoss()
+    hook = ttt.Hook(tmp_path, save_config=EVERY_STEP, include_collections=["weights", "biases", "gradients", "losses"])
+    hook.register_module(net_g, name="G")
+    hook.register_module(net_d, name="D")
+    hook.attach_optimizer(opt_g)  # attached in the other order than they step
+    hook.attach_optimizer(opt_d)
+    gen = torch.Generator().manual_seed(5)
+    seen = []
+    for _ in range(3):
+        real = torch.randn(6, 4, generator=gen)
+        net_d.zero_grad()
+        err_d_real = criterion(net_d(real), torch.ones(6))
+        err_d_real.backward()
+        fake = net_g(torch.randn(6, 3, generator=gen))
+        err_d_fake = criterion(net_d(fake.detach()), torch.zeros(6))
+        err_d_fake.backward()
+        grads = _grads(net_d, "D")
+        opt_d.step()
+        net_g.zero_grad()
+        err_g = criterion(net_d(fake), torch.ones(6))
+        err_g.backward()
+        grads |= _grads(net_g, "G")
+        opt_g.step()
+        weights = {f"G.{n}": p.detach().clone() for n, p in net_g.named_parameters()}
+        weights |= {f"D.{n}": p.detach().clone() for n, p in net_d.named_parameters()}
+        seen.append((grads, weights, err_d_real.item(), err_d_fake.item(), err_g.item()))
+    hook.close()
+    trial = _trial(tmp_path)
+    assert trial.steps(mode=Mode.TRAIN) == [0, 1, 2]
+    assert trial.tensor_names(collection="losses") == ["losses/D:0", "losses/D:1", "losses/G"]
+    for s, (grads, weights, d_real, d_fake, g) in enumerate(seen):
+        assert set(trial.tensor_names(collection="gradients")) == {f"gradients/{n}" for n in grads}
+        for name, value in grads.items():  # D's gradients as opt_d.step() saw them, not after errG.backward()
+            np.testing.assert_array_equal(_value(trial, f"gradients/{name}", s), value.numpy(), err_msg=name)
+        for name, value in weights.items():
+            np.testing.assert_array_equal(_value(trial, name, s), value.numpy(), err_msg=name)
+        assert [float(_value(trial, n, s)) for n in ("losses/D:0", "losses/D:1", "losses/G")] == [d_real, d_fake, g]
+
+
+def test_finish_step_defines_the_step_in_a_custom_loop(tmp_path: Path) -> None:
+    model = _mlp()
+    hook = ttt.capture(
+        model, tmp_path, save_config=EVERY_STEP, include_collections=["gradients", "losses"], explicit_steps=True
+    )
+    gen = torch.Generator().manual_seed(6)
+    seen = []
+    for _ in range(3):
+        model.zero_grad()
+        for _ in range(2):  # two forwards per step, no optimizer
+            x, y = _batch(gen)
+            F.cross_entropy(model(x), y).backward()
+        seen.append(model[2].weight.grad.detach().clone())
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= 0.1 * p.grad
+        hook.finish_step()
+    hook.close()
+    trial = _trial(tmp_path)
+    assert trial.steps() == [0, 1, 2]
+    assert trial.tensor_names(collection="losses") == ["losses/loss:0", "losses/loss:1"]
+    for s, g in enumerate(seen):
+        np.testing.assert_array_equal(_value(trial, "gradients/2.weight", s), g.numpy())
+
+
+def test_lbfgs_gradients_are_those_each_step_starts_from(tmp_path: Path) -> None:
+    model = nn.Linear(4, 1)
+    opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=4)
+    hook = ttt.capture(model, tmp_path, optimizer=opt, save_config=EVERY_STEP, include_collections=["gradients"])
+    gen = torch.Generator().manual_seed(7)
+    x, y = torch.randn(16, 4, generator=gen), torch.randn(16, 1, generator=gen)
+    first: list[torch.Tensor] = []
+    calls = [0]
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        if calls[0] == 0:
+            first.append(model.weight.grad.detach().clone())
+        calls[0] += 1
+        return loss
+
+    for _ in range(3):
+        calls[0] = 0
+        opt.step(closure)
+    hook.close()
+    trial = _trial(tmp_path)
+    assert trial.steps() == [0, 1, 2]
+    for s in range(3):
+        np.testing.assert_array_equal(_value(trial, "gradients/weight", s), first[s].numpy())
+
+
+def test_a_step_gradscaler_skips_is_still_a_step(tmp_path: Path) -> None:
+    model = nn.Linear(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    # the first scale overflows (the step is skipped); the backoff brings it down to 2**7
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127, backoff_factor=2.0**-120)
+    hook = ttt.capture(model, tmp_path, optimizer=opt, save_config=EVERY_STEP)
+    gen = torch.Generator().manual_seed(8)
+    seen = []
+    for _ in range(3):
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16):
+            out = model(torch.randn(8, 4, generator=gen))
+        loss = out.float().pow(2).mean()
+        scaler.scale(loss).backward()
+        before = model.weight.detach().clone()
+        scaler.step(opt)  # unscales p.grad in place, then steps unless it is not finite
+        seen.append((model.weight.grad.detach().clone(), torch.equal(before, model.weight), loss.item()))
+        scaler.update()
+    hook.close()
+    assert [skipped for _, skipped, _ in seen] == [True, False, False]
+    trial = _trial(tmp_path)
+    assert trial.steps(mode=Mode.TRAIN) == [0, 1, 2]
+    assert not np.isfinite(_value(trial, "gradients/weight", 0)).all()
+    for s, (grad, _, loss) in enumerate(seen):
+        np.testing.assert_array_equal(_value(trial, "gradients/weight", s), grad.numpy())
+        assert float(_value(trial, "losses/loss", s)) == loss  # the loss, not the scaled loss
+
+
+def test_torch_save_and_deepcopy_of_a_captured_model(tmp_path: Path) -> None:
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    hook = ttt.capture(
+        model, tmp_path, optimizer=opt, save_config=EVERY_STEP, include_collections=["weights", "outputs"]
+    )
+    gen = torch.Generator().manual_seed(9)
+
+    def train(m: nn.Module, o: torch.optim.Optimizer) -> None:
+        x, y = _batch(gen)
+        o.zero_grad()
+        F.cross_entropy(m(x), y).backward()
+        o.step()
+
+    train(model, opt)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    twin = copy.deepcopy(model)
+    twin_opt = torch.optim.SGD(twin.parameters(), lr=0.5)
+    for m in (loaded, twin):
+        for p, q in zip(m.parameters(), model.parameters(), strict=True):
+            torch.testing.assert_close(p, q, rtol=0, atol=0)
+    for _ in range(2):
+        train(twin, twin_opt)  # the copy does not record into the original's trial
+        loaded(torch.randn(2, 6))
+    train(model, opt)
+    hook.close()
+    trial = _trial(tmp_path)
+    assert trial.steps() == [0, 1]
+    np.testing.assert_array_equal(_value(trial, "0.weight", 1), model[0].weight.detach().numpy())
+
+
+def test_forwards_outside_training_make_no_train_steps(tmp_path: Path) -> None:
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    hook = ttt.capture(model, tmp_path, optimizer=opt, save_config=EVERY_STEP, include_collections=["outputs"])
+    gen = torch.Generator().manual_seed(10)
+    for _ in range(3):
+        x, y = _batch(gen)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    with torch.no_grad():  # evaluation without model.eval()
+        evaluated = [model(_batch(gen)[0]) for _ in range(2)]
+    predicted = model(torch.randn(3, 6, generator=gen))  # a prediction after the last step, grad enabled
+    hook.close()
+    trial = _trial(tmp_path)
+    assert trial.steps(mode=Mode.TRAIN) == [0, 1, 2]
+    assert trial.steps(mode=Mode.EVAL) == [0, 1]
+    assert trial.steps(mode=Mode.PREDICT) == [0]
+    for s, out in enumerate(evaluated):
+        np.testing.assert_array_equal(_value(trial, "outputs/Sequential", s, Mode.EVAL), out.numpy())
+    np.testing.assert_array_equal(_value(trial, "outputs/Sequential", 0, Mode.PREDICT), predicted.detach().numpy())
+
+
+class CellLoop(nn.Module):
+    """An LSTMCell called once per time step in a Python loop (word_language_model style)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cell = nn.LSTMCell(3, 4)
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = c = torch.zeros(x.shape[1], 4)
+        for t in range(x.shape[0]):
+            h, c = self.cell(x[t], (h, c))
+        return self.head(h)
+
+
+def test_a_cell_called_per_time_step_gives_a_bounded_number_of_names(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = CellLoop()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(50, 2, 3)
+    expected = []
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        hook = ttt.capture(model, tmp_path, optimizer=opt, save_config=EVERY_STEP, include_collections=["outputs"])
+        for _ in range(2):
+            cell = copy.deepcopy(model.cell)  # a copy records nothing
+            with torch.no_grad():  # what the cell returns at each time step, before this step's update
+                h = c = torch.zeros(2, 4)
+                states = []
+                for t in range(50):
+                    h, c = cell(x[t], (h, c))
+                    states.append((h.clone(), c.clone()))
+            expected.append(states)
+            opt.zero_grad()
+            model(x).sum().backward()
+            opt.step()
+        hook.close()
+    trial = _trial(tmp_path)
+    max_calls = hook.session.max_calls
+    calls = {n.split("/")[1] for n in trial.tensor_names(regex="^outputs/cell")}
+    assert calls == {f"cell:{i}" for i in range(max_calls)} | {"cell:49"}  # the first calls and the last
+    for s in range(2):
+        for t in [*range(max_calls), 49]:
+            np.testing.assert_allclose(_value(trial, f"outputs/cell:{t}/0", s), expected[s][t][0].numpy(), rtol=1e-6)
+            np.testing.assert_allclose(_value(trial, f"outputs/cell:{t}/1", s), expected[s][t][1].numpy(), rtol=1e-6)
+    assert len([r for r in caplog.records if "outputs/cell" in r.getMessage()]) == 1
+
+
+def test_clipping_schedulers_set_to_none_and_accumulation(tmp_path: Path) -> None:
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    hook = ttt.capture(
+        model, tmp_path, optimizer=opt, save_config=EVERY_STEP, include_collections=["gradients", "metrics"]
+    )
+    gen = torch.Generator().manual_seed(11)
+    seen = []
+    for _ in range(3):
+        hook.save_scalar("lr", sched.get_last_lr()[0])
+        opt.zero_grad(set_to_none=True)
+        for _ in range(2):
+            x, y = _batch(gen)
+            (F.cross_entropy(model(x), y) / 2).backward()
+        nn.utils.clip_grad_norm_(model.parameters(), max_norm=0.05)
+        seen.append((sched.get_last_lr()[0], model[0].weight.grad.detach().clone()))
+        opt.step()
+        sched.step()
+    hook.close()
+    trial = _trial(tmp_path)
+    assert trial.steps() == [0, 1, 2]
+    for s, (lr, grad) in enumerate(seen):
+        assert float(_value(trial, "metrics/lr", s)) == lr
+        np.testing.assert_array_equal(_value(trial, "gradients/0.weight", s), grad.numpy())  # clipped
+    assert [float(_value(trial, "metrics/lr", s)) for s in range(3)] == [0.5, 0.25, 0.125]
+
+
+class Nest(nn.Module):
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, x: torch.Tensor) -> Any:
+        return naming_parity.structures(x[:, :2], x[:, 2:4], x[:, 4:])[self.kind]
+
+
+class Nests(nn.Module):
+    """One submodule per naming-parity case, named after it; returns nothing itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        for kind in naming_parity.EXPECTED:
+            self.add_module(kind, Nest(kind))
+
+    def forward(self, x: torch.Tensor) -> None:
+        for nest in self.children():
+            nest(x)
+
+
+def test_naming_parity_of_nested_outputs(tmp_path: Path) -> None:
+    """The torch side of the naming-parity test (tests/capture/naming_parity.py; Keras: test_keras.py)."""
+    model = Nests()
+    x = torch.randn(4, 6)
+    hook = ttt.Hook(tmp_path, save_config=EVERY_STEP, include_collections=["outputs"])
+    hook.register_module(model)
+    with torch.no_grad():
+        model(x)
+    hook.close()
+    trial = _trial(tmp_path)
+    expected = {name for names in naming_parity.EXPECTED.values() for name in names}
+    assert set(trial.tensor_names()) == expected
+    np.testing.assert_array_equal(_value(trial, "outputs/deep/x/z/1", 0, Mode.EVAL), x[:, 4:].numpy())
+    np.testing.assert_array_equal(_value(trial, "outputs/dict/c", 0, Mode.EVAL), x[:, 2:4].numpy())
+
+
+class Shapes(nn.Module):
+    """Submodules whose outputs are a 1-tuple, a dict, a list and a nested structure."""
+
+    class One(nn.Module):
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
+            return (x + 1,)
+
+    class Dict(nn.Module):
+        def forward(self, x: torch.Tensor) -> dict[str, Any]:
+            return {"h": x * 2, "c": (x * 3,)}
+
+    class Pair(nn.Module):
+        def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+            return [x - 1, x - 2]
+
+    class Nested(nn.Module):
+        def forward(self, x: torch.Tensor) -> tuple[Any, ...]:
+            return (x, (x * 5, x * 6), None)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.one, self.dict, self.pair, self.nested = self.One(), self.Dict(), self.Pair(), self.Nested()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.one(x)[0]
+        d = self.dict(a)
+        p = self.pair(d["h"])
+        n = self.nested(p[1])
+        return n[1][1] + self.one(x)[0]
+
+
+def test_naming_of_repeated_calls_and_inputs(tmp_path: Path) -> None:
+    """docs/format.md, "Tensor names": repeated calls, positional inputs, nesting inside a real forward."""
+    model = Shapes()
+    x = torch.arange(3.0)
+    hook = ttt.capture(model, tmp_path, save_config=EVERY_STEP, include_collections=["outputs", "inputs"])
+    model(x)
+    hook.close()
+    trial = _trial(tmp_path)
+    assert trial.tensor_names(collection="outputs") == [
+        "outputs/Shapes",
+        "outputs/dict/c",
+        "outputs/dict/h",
+        "outputs/nested/0",
+        "outputs/nested/1/0",
+        "outputs/nested/1/1",
+        "outputs/one:0",
+        "outputs/one:1",
+        "outputs/pair/0",
+        "outputs/pair/1",
+    ]
+    assert "inputs/dict" in trial.tensor_names(collection="inputs")  # the positional (x,) is one tensor
+    np.testing.assert_array_equal(_value(trial, "outputs/dict/c", 0), (x + 1).numpy() * 3)
+    np.testing.assert_array_equal(_value(trial, "outputs/nested/1/1", 0), ((x + 1) * 2 - 2).numpy() * 6)
+
+
+def test_two_hooks_each_get_their_own_model_loss_and_torch_is_restored(tmp_path: Path) -> None:
+    backward = torch.autograd.backward
+    scale = torch.amp.GradScaler.scale
+    a, b = _mlp(), _mlp()
+    opt_a, opt_b = torch.optim.SGD(a.parameters(), lr=0.1), torch.optim.SGD(b.parameters(), lr=0.1)
+    hook_a = ttt.capture(a, tmp_path / "a", optimizer=opt_a, save_config=EVERY_STEP)
+    hook_b = ttt.capture(b, tmp_path / "b", optimizer=opt_b, save_config=EVERY_STEP)
+    gen = torch.Generator().manual_seed(12)
+    losses: dict[str, list[float]] = {"a": [], "b": []}
+    for _ in range(2):
+        for key, model, opt in (("a", a, opt_a), ("b", b, opt_b), ("b", b, opt_b)):  # b trains twice as often
+            x, y = _batch(gen)
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            losses[key].append(loss.item())
+    hook_a.close()
+    assert torch.autograd.backward is not backward  # hook_b is still open
+    hook_b.close()
+    assert torch.autograd.backward is backward and torch.amp.GradScaler.scale is scale
+    for key, n in (("a", 2), ("b", 4)):
+        trial = _trial(tmp_path / key)
+        assert trial.steps() == list(range(n))
+        assert [float(_value(trial, "losses/loss", s)) for s in range(n)] == losses[key]
