@@ -36,7 +36,7 @@ from .trial.check import find_problems
 EXIT_OK, EXIT_FOUND, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_PIPE = 0, 1, 2, 130, 141
 
 #: Modules (in this package) whose ``PARSERS`` add subcommands, after the ones of this module.
-COMMAND_MODULES: list[str] = ["cli_rules", "cli_view"]
+COMMAND_MODULES: list[str] = ["cli_rules", "cli_view", "cli_smdebug"]
 
 #: Optional dependencies (top-level module) and the extra that installs them.
 EXTRAS = {
@@ -179,8 +179,6 @@ def open_trial(args: argparse.Namespace, **kwargs: Any) -> Trial:
     """The trial at ``args.path``; :class:`TrialNotFound` (exit 2) if no trial is there."""
     return create_trial(args.path, storage_options=args.storage_options, **kwargs)
 
-
-_open = open_trial  # the name the subcommands used before
 
 
 # --------------------------------------------------------------------- ls

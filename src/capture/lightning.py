@@ -1,0 +1,290 @@
+"""PyTorch Lightning adapter: a ``lightning.pytorch.Callback`` that captures a ``Trainer``'s training.
+
+Use it through :mod:`tensortap.lightning`::
+
+    import tensortap.lightning as ttl
+    trainer = L.Trainer(max_epochs=3, callbacks=[ttl.Callback(out_dir)])
+    trainer.fit(model, train_loader, val_loader)
+
+Steps (see :mod:`tensortap.capture.trainers` for the names):
+
+- ``TRAIN``: one optimizer step (with ``accumulate_grad_batches=N``, the N
+  batches whose gradients it applied). Gradients are read when the torch
+  optimizer's ``step()`` returns (a step post-hook), so they are exactly what the
+  optimizer applied: after AMP unscaling and after Lightning's gradient clipping
+  (Lightning's own ``on_before_optimizer_step`` runs before clipping, and a step
+  pre-hook would run before the closure that computes them). Weights and
+  biases are read after the step. ``losses/loss`` is the loss
+  ``training_step`` returned (``losses/loss:<i>`` for each accumulated
+  batch); everything logged with ``self.log`` during the step is saved under
+  the name Lightning's loggers get (``train_loss_step`` when it is also
+  aggregated per epoch).
+- ``EVAL``: one validation (or test) run: the values logged in it, as
+  Lightning aggregated them (``val_loss``, ``val_acc``). The sanity check run
+  before training is not captured.
+- ``GLOBAL``: one per training epoch: the epoch aggregates of values logged in
+  training (``train_loss_epoch``, values logged with ``on_step=False``, values
+  the module logs in ``on_train_epoch_end``).
+
+Under DDP each rank writes ``worker_<global rank>``. A stop request (``tensortap
+rules --stop-training``, ``Trial.request_stop``, an in-process rule) sets ``trainer.should_stop``:
+``fit`` ends gracefully after the current step (across DDP ranks, which agree
+every :attr:`Callback.stop_sync_steps` steps).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from typing import Any, cast
+
+try:
+    import lightning.pytorch as pl
+    import torch
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError('tensortap.lightning needs PyTorch Lightning: pip install "tensortap[lightning]"') from exc
+
+from ..modes import Mode
+from . import core
+from .trainers import Hook, StepCapture, check_hook_kwargs
+from .writer import logger
+
+__all__ = ["Callback", "Hook", "callbacks_from_env"]
+
+
+def _logged(trainer: pl.Trainer) -> dict[str, Any]:
+    """What the module logged with ``self.log`` so far, under the names Lightning's loggers get.
+
+    A value logged both per step and per epoch appears in ``callback_metrics`` under
+    its plain name too (``train_loss`` beside ``train_loss_step``); that alias is left out.
+    """
+    out = {**trainer.callback_metrics, **trainer.logged_metrics}
+    return {k: v for k, v in out.items() if f"{k}_step" not in out and f"{k}_epoch" not in out}
+
+
+class Callback(pl.Callback):
+    """Capture a Lightning ``Trainer``'s ``fit``, ``validate`` and ``test`` into a tensortap trial.
+
+    The hook that writes is created in :meth:`setup`, in each process the
+    strategy runs (so the callback may be pickled, e.g. by ``ddp_spawn``), and
+    closed in :meth:`teardown`. One callback captures one run: a later
+    ``fit``/``validate``/``test`` with it captures nothing (a warning says so).
+
+    Parameters
+    ----------
+    out_dir
+        Local directory or fsspec URL of the trial.
+    stop_sync_steps
+        Under DDP, ranks agree on a stop request every this many ``TRAIN`` steps (one all-reduce).
+    **hook_kwargs
+        ``save_config``, ``include_collections``, ``reduction_config``, ``rules``, ...
+        as :class:`tensortap.capture.Hook`, and ``stop_poll_seconds`` (minimum seconds
+        between two looks for a stop request, default 1); checked here, at construction. The
+        default saves every 100th ``TRAIN`` step and every ``EVAL`` and ``GLOBAL`` step.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike[str], *, stop_sync_steps: int = 10, **hook_kwargs: Any) -> None:
+        super().__init__()
+        if isinstance(stop_sync_steps, bool) or not isinstance(stop_sync_steps, int) or stop_sync_steps < 1:
+            raise ValueError(f"stop_sync_steps: expected an integer >= 1, got {stop_sync_steps!r}")
+        self.out_dir = os.fspath(out_dir)
+        self.stop_sync_steps = stop_sync_steps
+        self.hook_kwargs = hook_kwargs
+        check_hook_kwargs(self.out_dir, hook_kwargs)
+        self.config_path: str | None = None  # set by from_json: the hook is built from that file
+        self.hook: Hook | None = None
+        self._steps: StepCapture | None = None
+        self._used = False
+        self._handles: list[Any] = []
+        self._module: pl.LightningModule | None = None
+        self._seen: dict[str, Any] = {}
+        self._owner: dict[str, Mode] = {}
+        self._stepped = False
+        self._epoch_ended = False
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike[str], **overrides: Any) -> Callback:
+        """Build a callback from a JSON hook configuration (see :meth:`tensortap.capture.Hook.from_json`).
+
+        The file must name ``out_dir``; keyword arguments override it (``stop_sync_steps`` too).
+        """
+        data = core.read_json_config(path)
+        out_dir = data.get("out_dir") if isinstance(data, dict) else None
+        if not isinstance(out_dir, str):
+            raise ValueError(f"{path}: expected a JSON object with an 'out_dir' string")
+        callback = cls(out_dir, **overrides)
+        probe = {**callback.hook_kwargs, "rank": 1, "include_workers": "one", "rules": None}
+        Hook.from_json(path, **probe)  # checks the file now: a rank-1 probe of include_workers="one" writes nothing
+        callback.config_path = os.fspath(path)
+        return callback
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "hook": None, "_steps": None, "_handles": [], "_module": None, "_seen": {}}
+
+    # ------------------------------------------------------------- lifetime
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Open the hook of this process (rank: the trainer's global rank)."""
+        if self._used:
+            logger.warning(
+                "tensortap: this Callback already captured a run into %s; %s is not captured "
+                "(use a new Callback with a new out_dir)",
+                self.out_dir,
+                stage,
+            )
+            return
+        self._used = True
+        kwargs = {"rank": trainer.global_rank, **self.hook_kwargs}
+        if self.config_path is None:
+            self.hook = Hook(self.out_dir, **kwargs)
+        else:
+            self.hook = cast(Hook, Hook.from_json(self.config_path, **kwargs))
+        self._steps = StepCapture(self.hook)
+        self._module = pl_module
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Remove the optimizer hooks, publish what is left and mark this worker's run as ended."""
+        self.close()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """Drop the step the exception interrupted, publish the others, record the end reason ``exception``."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        if self.hook is not None:
+            self.hook.close_for_exit("exception")
+        self._steps = None
+        self._module = None
+
+    def close(self, reason: str = "closed") -> None:
+        """Publish what is left and mark this worker's run as ended. Idempotent."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        if self._steps is not None and self._steps.train_open:
+            self._steps.end_train(self._parameters())
+        if self.hook is not None:
+            self.hook.close(reason)
+        self._module = None
+
+    def _new_values(self, trainer: pl.Trainer, mode: Mode) -> dict[str, Any]:
+        """The values logged at this ``mode`` step since the last look.
+
+        Lightning stores each newly logged value as a new tensor, and keeps the last
+        value of every name; a name belongs to the mode of the first step it was new
+        at, so the last ``val_loss`` is never taken for a ``TRAIN`` value.
+        """
+        now = _logged(trainer)
+        new = {k: v for k, v in now.items() if self._seen.get(k) is not v}
+        self._seen = now
+        return {k: v for k, v in new.items() if self._owner.setdefault(k, mode) == mode}
+
+    def _parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
+        if self._module is not None:
+            yield from self._module.named_parameters()
+
+    # ------------------------------------------------------------- training
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Hook each optimizer's ``step()``: gradients are read when it returns, as it applied them."""
+        if self._steps is None:
+            return
+        names = {id(p): n for n, p in pl_module.named_parameters()}
+        steps = self._steps
+
+        def after_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            self._stepped = True
+            if steps.open_train():
+                params = (p for group in optimizer.param_groups for p in group["params"])
+                steps.offer_gradients((names[id(p)], p) for p in params if id(p) in names)
+
+        for optimizer in trainer.optimizers:
+            self._handles.append(optimizer.register_step_post_hook(after_step))
+        self._seen = _logged(trainer)
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._steps is not None:
+            self._steps.open_train()
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """Keep the batch's loss; end the ``TRAIN`` step when the optimizer stepped; act on a stop request."""
+        steps = self._steps
+        if steps is None or self.hook is None:
+            return
+        if steps.hook.is_saving("losses"):
+            loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+            if isinstance(loss, torch.Tensor) and pl_module.automatic_optimization:
+                # Lightning divides the returned loss by accumulate_grad_batches before backward
+                loss = loss * trainer.accumulate_grad_batches if trainer.accumulate_grad_batches != 1 else loss
+            steps.add_loss(loss)
+        if not self._stepped:
+            return
+        self._stepped = False
+        logged = self._new_values(trainer, Mode.TRAIN)
+        if steps.hook.is_saving():
+            steps.offer_logged(logged)
+        steps.end_train(pl_module.named_parameters())
+        if self._stop_agreed(trainer):
+            logger.info("tensortap: stop requested (%s); stopping fit", self.hook.stop_reason)
+            trainer.should_stop = True
+
+    def _stop_agreed(self, trainer: pl.Trainer) -> bool:
+        hook = self.hook
+        if hook is None:
+            return False
+        if trainer.world_size <= 1:
+            return hook.should_stop
+        if hook.mode_step % self.stop_sync_steps:
+            return False
+        return bool(trainer.strategy.reduce_boolean_decision(hook.should_stop, all=False))
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The epoch is over; its ``GLOBAL`` step is written once Lightning aggregated it.
+
+        That is after the module's own ``on_train_epoch_end`` (which runs after this
+        callback's and often logs epoch values): at the next epoch's start or the end of training.
+        """
+        self._epoch_ended = True
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._write_epoch(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._write_epoch(trainer)
+
+    def _write_epoch(self, trainer: pl.Trainer) -> None:
+        """Write the epoch aggregates of the values logged in training as a ``GLOBAL`` step."""
+        if self._epoch_ended:
+            self._epoch_ended = False
+            self._write_run(trainer, Mode.GLOBAL)
+
+    # ----------------------------------------------------------- evaluation
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Write the validation run's aggregated values as one ``EVAL`` step."""
+        if not trainer.sanity_checking:
+            self._write_run(trainer, Mode.EVAL)
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Write the test run's aggregated values as one ``EVAL`` step."""
+        self._write_run(trainer, Mode.EVAL)
+
+    def _write_run(self, trainer: pl.Trainer, mode: Mode) -> None:
+        if self._steps is None:
+            return
+        if self._steps.train_open:  # validation started inside an accumulation window
+            self._steps.end_train(self._parameters())
+        self._steps.write_step(mode, self._new_values(trainer, mode))
+
+
+def callbacks_from_env() -> list[Callback]:
+    """Lightning's ``lightning.pytorch.callbacks_factory`` entry point: every ``Trainer`` gets a
+    :class:`Callback` built from the JSON file named by ``TENSORTAP_CONFIG`` (none when it is unset).
+
+    Capture without changing the training code::
+
+        TENSORTAP_CONFIG=tensortap.json python train.py
+    """
+    path = os.environ.get(core.CONFIG_ENV)
+    return [Callback.from_json(path)] if path else []

@@ -1,0 +1,201 @@
+"""What the PyTorch ``Trainer`` callbacks share (Lightning and Hugging Face Transformers).
+
+Both callbacks drive the public capture core (:class:`tensortap.capture.Hook`,
+with :class:`tensortap.torch.TorchOps` reducing on the device) through a
+:class:`StepCapture`, which knows what a trainer step holds:
+
+- a ``TRAIN`` step is one optimizer step: the gradients the optimizer applied,
+  the parameters that step produced, the loss and what was logged at it;
+- an ``EVAL`` step is one evaluation run: what the trainer computed over it
+  (``eval_loss``, ``val_acc``, ...);
+- a ``GLOBAL`` step (Lightning only) holds the epoch aggregates of values
+  logged during training.
+
+Naming (SPEC section 2): parameters by ``named_parameters()`` (``fc1.weight`` in
+``weights``, ``fc1.bias`` in ``biases``), ``gradients/<param>``, the training
+loss ``losses/loss``, a logged value whose key contains ``loss`` is
+``losses/<key>``, every other logged number ``metrics/<key>``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import SaveConfig
+from ..modes import Mode
+from . import core
+from .torch import TorchOps
+from .writer import logger
+
+
+def parameter_collection(name: str) -> str:
+    """``"biases"`` for a parameter whose last name part mentions ``bias``, else ``"weights"``."""
+    return "biases" if "bias" in name.rsplit(".", 1)[-1] else "weights"
+
+
+def logged_name(key: str) -> tuple[str, str]:
+    """``(tensor name, collection)`` of a value a trainer logged under ``key``."""
+    return (f"losses/{key}", "losses") if "loss" in key.lower() else (f"metrics/{key}", "metrics")
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The user's module inside DistributedDataParallel / DataParallel / ``torch.compile`` wrappers."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule
+        if isinstance(model, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+            inner = model.module
+        if not isinstance(inner, torch.nn.Module):
+            return model
+        model = inner
+
+
+class Hook(core.Hook):
+    """The capture core for a PyTorch trainer: reductions on the device, every evaluation run saved.
+
+    Parameters
+    ----------
+    out_dir
+        Local directory or fsspec URL of the trial.
+    save_config
+        As :class:`tensortap.capture.Hook`. Default: every 100th ``TRAIN`` step
+        and every ``EVAL`` and ``GLOBAL`` step (one per evaluation run or epoch).
+    **kwargs
+        As :class:`tensortap.capture.Hook`.
+    """
+
+    framework = "pytorch"
+    ops = TorchOps()
+
+    def __init__(
+        self,
+        out_dir: str | os.PathLike[str],
+        save_config: Any = None,
+        stop_poll_seconds: float | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if save_config is None:
+            every = SaveConfig(save_interval=1)
+            save_config = {Mode.EVAL: every, Mode.GLOBAL: every}
+        if stop_poll_seconds is not None:
+            if (
+                isinstance(stop_poll_seconds, bool)
+                or not isinstance(stop_poll_seconds, (int, float))
+                or stop_poll_seconds < 0
+            ):
+                raise ValueError(f"stop_poll_seconds: expected a number >= 0, got {stop_poll_seconds!r}")
+            self.stop_poll_seconds = float(stop_poll_seconds)
+        super().__init__(out_dir, save_config=save_config, **kwargs)
+
+
+def check_hook_kwargs(out_dir: str, hook_kwargs: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` now for a configuration the training process would reject later.
+
+    A hook of rank 1 with ``include_workers="one"`` opens no writer, so this writes nothing.
+    """
+    probe = {**hook_kwargs, "rank": 1, "rules": None, "include_workers": "one"}
+    Hook(out_dir, **probe)
+
+
+class StepCapture:
+    """One trainer's steps on a :class:`Hook`; a callback calls it at the trainer's events.
+
+    A ``TRAIN`` step opens with :meth:`open_train` and ends with
+    :meth:`end_train`; values can be added between (:meth:`offer_gradients`,
+    :meth:`add_loss`, :meth:`offer_logged`). ``EVAL`` and ``GLOBAL`` steps are
+    written whole by :meth:`write_step`.
+    """
+
+    def __init__(self, hook: Hook) -> None:
+        self.hook = hook
+        self.train_open = False
+        self._losses: list[Any] = []
+        self._names: set[str] = set()
+        self._warned: set[str] = set()
+
+    def open_train(self) -> bool:
+        """Start a ``TRAIN`` step unless one is open; return whether it is saved."""
+        if not self.train_open:
+            self.train_open = True
+            self._names.clear()
+            self._losses.clear()
+            self.hook.begin_step(Mode.TRAIN)
+        return self.hook.is_saving()
+
+    def offer(self, name: str, value: Any, collection: str) -> None:
+        """Offer one value at the current step; a second value of one name in a step is dropped with a warning."""
+        if name in self._names:
+            if name not in self._warned:
+                self._warned.add(name)
+                logger.warning(
+                    "tensortap: two values named %r at step %d; the first is kept (this warning is not repeated)",
+                    name,
+                    self.hook.step,
+                )
+            return
+        self._names.add(name)
+        self.hook.offer(name, value, (collection,))
+
+    def offer_gradients(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Offer ``p.grad`` of each ``(name, p)`` that has a gradient, as ``gradients/<name>``."""
+        if self.hook.is_saving("gradients"):
+            for name, p in named:
+                if p.grad is not None:
+                    self.offer(f"gradients/{name}", p.grad, "gradients")
+
+    def add_loss(self, loss: Any) -> None:
+        """Keep one training-step loss of the open step (several with gradient accumulation)."""
+        if self.hook.is_saving("losses") and isinstance(loss, torch.Tensor):
+            self._losses.append(loss.detach())
+
+    def offer_logged(self, values: Mapping[str, Any]) -> None:
+        """Offer each numeric logged value under :func:`logged_name`; non-numbers are skipped."""
+        for key, value in values.items():
+            array = _number(value)
+            if array is not None:
+                name, collection = logged_name(key)
+                self.offer(name, array, collection)
+
+    def end_train(self, parameters: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """End the open ``TRAIN`` step: its losses and the parameters as they are now."""
+        if not self.train_open:
+            return
+        self.train_open = False
+        hook = self.hook
+        if hook.is_saving("losses"):
+            if len(self._losses) == 1:
+                self.offer("losses/loss", self._losses[0], "losses")
+            else:
+                for i, loss in enumerate(self._losses):
+                    self.offer(f"losses/loss:{i}", loss, "losses")
+        self._losses.clear()
+        if hook.is_saving("weights") or hook.is_saving("biases"):
+            for name, p in parameters:
+                self.offer(name, p, parameter_collection(name))
+        hook.end_step()
+
+    def write_step(self, mode: Mode, values: Mapping[str, Any]) -> None:
+        """Write one whole ``EVAL`` or ``GLOBAL`` step of logged values (nothing if there are none)."""
+        if not values:
+            return
+        self._names.clear()
+        if self.hook.begin_step(mode):
+            self.offer_logged(values)
+        self.hook.end_step()
+
+
+def _number(value: Any) -> np.ndarray | None:
+    """A logged value as a NumPy scalar or array; None for what is not numeric (strings, None)."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    if value is None:
+        return None
+    try:
+        array = np.asarray(value)
+    except (TypeError, ValueError):
+        return None
+    return array if array.dtype.kind in "biuf" else None

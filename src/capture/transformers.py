@@ -1,0 +1,209 @@
+"""Hugging Face Transformers adapter: a ``TrainerCallback`` that captures a ``Trainer``'s training.
+
+Use it through :mod:`tensortap.transformers`::
+
+    import tensortap.transformers as tth
+    trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=val,
+                      callbacks=[tth.Callback(out_dir)])
+    trainer.train()
+
+Steps (see :mod:`tensortap.capture.trainers` for the names):
+
+- ``TRAIN``: one optimizer step (``gradient_accumulation_steps`` batches).
+  Gradients are read at ``on_pre_optimizer_step``, after the Trainer clipped
+  them (``max_grad_norm``) and unscaled them: what ``optimizer.step()``
+  applies. Weights and biases are read after the step. What the Trainer logs
+  right after the step (every ``logging_steps``: ``loss``, averaged over the
+  steps since the last log, ``grad_norm`` before clipping, ``learning_rate``,
+  ``epoch``) is saved in it: ``losses/loss``, ``metrics/grad_norm``, ...
+- ``EVAL``: one evaluation run: the metrics ``evaluate`` returned
+  (``losses/eval_loss``, ``metrics/eval_accuracy``, ``metrics/eval_runtime``, ...).
+- ``GLOBAL``: what is logged apart from a step (``logging_strategy="epoch"``
+  logs after the epoch, the summary at the end of training:
+  ``losses/train_loss``, ``metrics/train_runtime``, ...).
+
+Each process writes ``worker_<args.process_index>``. A stop request (``tensortap
+rules --stop-training``, ``Trial.request_stop``, an in-process rule) sets
+``control.should_training_stop``: ``train`` ends after the current step.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+try:
+    import torch
+    from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError('tensortap.transformers needs Transformers: pip install "tensortap[transformers]"') from exc
+if not hasattr(TrainerCallback, "on_pre_optimizer_step"):  # pragma: no cover - depends on the environment
+    raise ImportError('tensortap.transformers needs Transformers 4.46 or newer: pip install "tensortap[transformers]"')
+
+from ..modes import Mode
+from .trainers import Hook, StepCapture, check_hook_kwargs, unwrap
+from .writer import logger
+
+__all__ = ["Callback", "Hook"]
+
+
+def _any_rank(flag: bool) -> bool:
+    """``flag`` on any process of the ``torch.distributed`` group (one all-reduce), or ``flag`` alone."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    value = torch.tensor([1 if flag else 0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+class Callback(TrainerCallback):
+    """Capture a Transformers ``Trainer``'s ``train`` and ``evaluate`` into a tensortap trial.
+
+    The hook that writes is created at the first training or evaluation event
+    and closed at ``on_train_end`` (or by :meth:`close`, for an ``evaluate`` alone).
+    One callback captures one run: events after it is closed are not captured
+    (a warning says so).
+
+    Parameters
+    ----------
+    out_dir
+        Local directory or fsspec URL of the trial.
+    stop_sync_steps
+        With several processes, they agree on a stop request every this many ``TRAIN`` steps.
+    **hook_kwargs
+        ``save_config``, ``include_collections``, ``reduction_config``, ``rules``, ...
+        as :class:`tensortap.capture.Hook`, and ``stop_poll_seconds`` (minimum seconds
+        between two looks for a stop request, default 1); checked here, at construction. The
+        default saves every 100th ``TRAIN`` step and every ``EVAL`` and ``GLOBAL`` step.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike[str], *, stop_sync_steps: int = 10, **hook_kwargs: Any) -> None:
+        if isinstance(stop_sync_steps, bool) or not isinstance(stop_sync_steps, int) or stop_sync_steps < 1:
+            raise ValueError(f"stop_sync_steps: expected an integer >= 1, got {stop_sync_steps!r}")
+        self.out_dir = os.fspath(out_dir)
+        self.stop_sync_steps = stop_sync_steps
+        self.hook_kwargs = hook_kwargs
+        check_hook_kwargs(self.out_dir, hook_kwargs)
+        self.hook: Hook | None = None
+        self._steps: StepCapture | None = None
+        self._closed = False
+        self._warned = False
+        self._pending = False  # a TRAIN step ended; logs may still come for it
+        self._logs: list[dict[str, Any]] = []
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "hook": None, "_steps": None}
+
+    def _open(self, args: TrainingArguments) -> StepCapture | None:
+        """The step capture of this run, created at the first event; None once the run is closed."""
+        if self._steps is None and not self._closed:
+            self.hook = Hook(self.out_dir, **{"rank": args.process_index, **self.hook_kwargs})
+            self._steps = StepCapture(self.hook)
+        elif self._closed and not self._warned:
+            self._warned = True
+            logger.warning(
+                "tensortap: this Callback already captured a run into %s; nothing more is captured "
+                "(use a new Callback with a new out_dir)",
+                self.out_dir,
+            )
+        return self._steps
+
+    def close(self, reason: str = "closed") -> None:
+        """Write what is pending, publish it and mark this worker's run as ended. Idempotent."""
+        if self._steps is not None:
+            self._flush(None)
+        if self.hook is not None:
+            self.hook.close(reason)
+        self._steps = None
+        self.hook = None
+        self._closed = True
+
+    # ------------------------------------------------------------- training
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        self._open(args)
+
+    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        steps = self._steps
+        if steps is not None:
+            self._flush(kw.get("model"))
+            steps.open_train()
+
+    def on_pre_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
+    ) -> None:
+        """Offer the gradients the optimizer is about to apply (clipped, unscaled)."""
+        steps, model = self._steps, kw.get("model")
+        if steps is not None and model is not None and steps.open_train():
+            steps.offer_gradients(unwrap(model).named_parameters())
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        """The step is over; it is written when the logs that follow it are in. Act on a stop request."""
+        steps = self._steps
+        if steps is None or self.hook is None:
+            return
+        self._pending = steps.train_open
+        stop = self.hook.should_stop
+        if args.world_size > 1:
+            stop = self.hook.mode_step % self.stop_sync_steps == 0 and _any_rank(stop)
+        if stop:
+            logger.info("tensortap: stop requested (%s); stopping training", self.hook.stop_reason)
+            control.should_training_stop = True
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: Mapping[str, Any] | None = None,
+        **kw: Any,
+    ) -> None:
+        if logs and self._open(args) is not None:
+            self._logs.append(dict(logs))
+
+    def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        self._flush(kw.get("model"))
+
+    def on_evaluate(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        metrics: Mapping[str, Any] | None = None,
+        **kw: Any,
+    ) -> None:
+        """Write the evaluation run's metrics as one ``EVAL`` step (they were just logged too: not twice)."""
+        steps = self._open(args)
+        if steps is None:
+            return
+        metrics = dict(metrics or {})
+        for i in range(len(self._logs) - 1, -1, -1):
+            if all(self._logs[i].get(k) == v for k, v in metrics.items()):
+                del self._logs[i]
+                break
+        self._flush(kw.get("model"))
+        steps.write_step(Mode.EVAL, metrics)
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        self._flush(kw.get("model"))
+        self.close()
+
+    def _flush(self, model: torch.nn.Module | None) -> None:
+        """End the pending ``TRAIN`` step with the logs that came after it; other logs make a ``GLOBAL`` step."""
+        steps = self._steps
+        if steps is None:
+            return
+        logs: dict[str, Any] = {}
+        for entry in self._logs:
+            logs.update(entry)
+        self._logs.clear()
+        if self._pending or steps.train_open:
+            if self._pending:  # logged right after the step: they belong to it
+                if steps.hook.is_saving():
+                    steps.offer_logged(logs)
+                logs = {}
+            self._pending = False
+            steps.end_train(unwrap(model).named_parameters() if model is not None else ())
+        steps.write_step(Mode.GLOBAL, logs)

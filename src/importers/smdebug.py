@@ -1,0 +1,559 @@
+"""Turn a trial written by smdebug (SageMaker Debugger) into a tensortap trial.
+
+smdebug writes one TFRecord file of TensorFlow ``Event`` protobufs per step and
+worker (``events/<step>/<step>_<worker>.tfevents``), index files
+(``index/``) and the collections each worker defined (``collections/``).
+This module reads them without smdebug, TensorFlow or protobuf: the TFRecord
+framing and the few protobuf messages involved are decoded here, every length
+checked against the bytes that are really there (a trial may come from a
+stranger: nothing is unpickled, no path is taken from a file's content, and
+only numeric tensors are kept). The tensors are written with
+:class:`tensortap.capture.Writer`.
+
+Names and collections (see ``docs/migrating-from-smdebug.md``):
+
+================================ ======================================= ===============
+smdebug                          tensortap                               collection
+================================ ======================================= ===============
+``gradient/<param>``             ``gradients/<param>``                   ``gradients``
+a tensor of ``losses``           ``losses/<name>``                       ``losses``
+``scalar/<name>`` (save_scalar)  ``metrics/<name>``                      ``metrics``
+``smdebug/reductions/<r>/<x>``   reduction ``<r>`` of the tensor of x    as x
+anything else                    unchanged (``Sequential_0.weight``)     smdebug's
+================================ ======================================= ===============
+
+smdebug's own collections keep their names (``all`` and ``default`` are
+dropped: they are not collections of tensors); a tensor in none of them is in
+``custom``. Modes and mode steps are the ones smdebug recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import struct
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import numpy as np
+
+from ..capture import TensorOps, Writer
+from ..config import Collection, ReductionConfig
+from ..exceptions import TensortapError, TrialNotFound
+from ..modes import Mode
+
+logger = logging.getLogger("tensortap")
+
+__all__ = ["ImportSummary", "SmdebugFormatError", "import_smdebug"]
+
+MAX_FILE_BYTES = 1 << 31  # one event file is read whole; larger ones are refused
+MAX_NAME_CHARS = 4096
+_EVENT_FILE = re.compile(r"^(\d{1,18})_(.{1,200})\.tfevents$")
+_WORKER = re.compile(r"^worker_(\d{1,9})$")
+_REDUCTION_PREFIX = "smdebug/reductions/"
+_META_COLLECTIONS = frozenset({"all", "default"})
+# smdebug's reduction names (tags use "l2", configurations "l2_norm") to tensortap's keys
+_REDUCTIONS = frozenset({"min", "max", "mean", "std", "variance", "sum", "prod", "l1", "l2"})
+# TensorFlow DataType enum -> NumPy dtype (numeric types only)
+_DTYPES: dict[int, np.dtype[Any]] = {
+    1: np.dtype("<f4"),
+    2: np.dtype("<f8"),
+    3: np.dtype("<i4"),
+    4: np.dtype("u1"),
+    5: np.dtype("<i2"),
+    6: np.dtype("i1"),
+    8: np.dtype("<c8"),
+    9: np.dtype("<i8"),
+    10: np.dtype("?"),
+    17: np.dtype("<u2"),
+    18: np.dtype("<c16"),
+    19: np.dtype("<f2"),
+    22: np.dtype("<u4"),
+    23: np.dtype("<u8"),
+}
+# TensorProto repeated value fields -> (wire layout of one element, dtype)
+_VALUE_FIELDS: dict[int, str] = {
+    5: "<f4",
+    6: "<f8",
+    7: "varint",
+    10: "varint",
+    11: "varint",
+    16: "varint",
+    17: "varint",
+}
+
+
+class SmdebugFormatError(TensortapError, ValueError):
+    """An smdebug file is not what smdebug writes (truncated, corrupted or crafted)."""
+
+
+# ----------------------------------------------------------------- TFRecord
+def _crc32c_table() -> list[int]:
+    table = []
+    for i in range(256):
+        crc = i
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
+        table.append(crc)
+    return table
+
+
+_CRC_TABLE = _crc32c_table()
+
+
+def crc32c(data: bytes | memoryview) -> int:
+    """CRC-32C (Castagnoli) of ``data``, as TFRecord uses it."""
+    crc = 0xFFFFFFFF
+    table = _CRC_TABLE
+    for byte in bytes(data):
+        crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+def masked_crc32c(data: bytes | memoryview) -> int:
+    """The masked CRC stored in TFRecord framing."""
+    crc = crc32c(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+# smdebug writes this CRC instead of the payload's unless asked to checksum
+_UNCHECKED_PAYLOAD_CRC = masked_crc32c(b"0x12345678")
+
+
+def read_records(data: bytes, where: str) -> Iterator[memoryview]:
+    """The records of a TFRecord file: ``uint64 length, uint32 masked crc(length), payload, uint32 crc``."""
+    view = memoryview(data)
+    pos = 0
+    while pos < len(view):
+        if len(view) - pos < 12:
+            raise SmdebugFormatError(f"{where}: truncated record header at byte {pos}")
+        header = view[pos : pos + 8]
+        (length,) = struct.unpack("<Q", header)
+        (header_crc,) = struct.unpack("<I", view[pos + 8 : pos + 12])
+        if header_crc != masked_crc32c(header):
+            raise SmdebugFormatError(f"{where}: corrupted record length at byte {pos}")
+        start = pos + 12
+        if length > len(view) - start - 4:
+            raise SmdebugFormatError(f"{where}: record at byte {pos} claims {length} bytes; the file is shorter")
+        payload = view[start : start + length]
+        (payload_crc,) = struct.unpack("<I", view[start + length : start + length + 4])
+        if payload_crc != _UNCHECKED_PAYLOAD_CRC and payload_crc != masked_crc32c(payload):
+            raise SmdebugFormatError(f"{where}: corrupted record at byte {pos}")
+        yield payload
+        pos = start + length + 4
+
+
+# ----------------------------------------------------------------- protobuf
+def _varint(buf: memoryview, pos: int, where: str) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= len(buf) or shift > 63:
+            raise SmdebugFormatError(f"{where}: malformed varint")
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+
+
+def _fields(buf: memoryview, where: str) -> Iterator[tuple[int, int, Any]]:
+    """``(field number, wire type, value)`` of a protobuf message: an int, or a memoryview for bytes."""
+    pos = 0
+    while pos < len(buf):
+        key, pos = _varint(buf, pos, where)
+        number, wire = key >> 3, key & 7
+        value: int | memoryview
+        if wire == 0:
+            value, pos = _varint(buf, pos, where)
+        elif wire == 1:
+            if pos + 8 > len(buf):
+                raise SmdebugFormatError(f"{where}: truncated field {number}")
+            value, pos = buf[pos : pos + 8], pos + 8
+        elif wire == 2:
+            length, pos = _varint(buf, pos, where)
+            if length > len(buf) - pos:
+                raise SmdebugFormatError(f"{where}: field {number} claims {length} bytes; fewer are left")
+            value, pos = buf[pos : pos + length], pos + length
+        elif wire == 5:
+            if pos + 4 > len(buf):
+                raise SmdebugFormatError(f"{where}: truncated field {number}")
+            value, pos = buf[pos : pos + 4], pos + 4
+        else:
+            raise SmdebugFormatError(f"{where}: unsupported protobuf wire type {wire}")
+        yield number, wire, value
+
+
+def _text(value: Any, where: str) -> str:
+    if not isinstance(value, memoryview):
+        raise SmdebugFormatError(f"{where}: expected a string")
+    try:
+        text = bytes(value).decode("utf-8")
+    except UnicodeDecodeError:
+        raise SmdebugFormatError(f"{where}: a name is not valid UTF-8") from None
+    if len(text) > MAX_NAME_CHARS:
+        raise SmdebugFormatError(f"{where}: a name longer than {MAX_NAME_CHARS} characters")
+    return text
+
+
+def _signed64(value: int) -> int:
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+@dataclass
+class _Value:
+    """One tensor of an event: its tag, mode, mode step and array (None when not numeric)."""
+
+    tag: str
+    mode: Mode
+    mode_step: int | None
+    array: np.ndarray | None
+
+
+def _tensor(buf: memoryview, where: str) -> np.ndarray | None:
+    """A TensorProto as an array; None for strings and other non-numeric types."""
+    dtype_code = 0
+    dims: list[int] = []
+    content: memoryview | None = None
+    repeated: list[Any] = []
+    for number, wire, value in _fields(buf, where):
+        if number == 1 and wire == 0:
+            dtype_code = value
+        elif number == 2 and wire == 2:
+            for dnum, dwire, dim in _fields(value, where):
+                if dnum == 2 and dwire == 2:
+                    size = next((_signed64(v) for n, w, v in _fields(dim, where) if n == 1 and w == 0), 0)
+                    if size < 0:
+                        raise SmdebugFormatError(f"{where}: negative dimension {size}")
+                    dims.append(size)
+        elif number == 4 and wire == 2:
+            content = value
+        elif number in _VALUE_FIELDS:
+            layout = _VALUE_FIELDS[number]
+            if wire == 2 and layout != "varint":
+                if len(value) % np.dtype(layout).itemsize:
+                    raise SmdebugFormatError(f"{where}: packed values of a broken length")
+                repeated.extend(np.frombuffer(value, dtype=layout).tolist())
+            elif wire == 2:
+                pos = 0
+                while pos < len(value):
+                    item, pos = _varint(value, pos, where)
+                    repeated.append(item)
+            else:
+                repeated.append(value if wire == 0 else np.frombuffer(value, dtype=layout)[0])
+    dtype = _DTYPES.get(dtype_code)
+    if dtype is None:
+        return None
+    count = 1
+    for d in dims:
+        count *= d
+    if content is not None and len(content):
+        if len(content) != count * dtype.itemsize:
+            raise SmdebugFormatError(f"{where}: {len(content)} bytes for a {dtype} tensor of shape {tuple(dims)}")
+        return np.frombuffer(content, dtype=dtype).reshape(dims).copy()
+    if dtype.kind in "iu":
+        repeated = [_signed64(v) if dtype.kind == "i" else v for v in repeated]
+    values = np.array(repeated, dtype=dtype)
+    if values.size == count:
+        return values.reshape(dims)
+    if values.size == 1:  # TensorFlow repeats the last value
+        return np.full(dims, values[0], dtype=dtype)
+    raise SmdebugFormatError(f"{where}: {values.size} values for a tensor of shape {tuple(dims)}")
+
+
+def _summary_values(event: memoryview, where: str) -> Iterator[_Value]:
+    """The tensors of an ``Event``'s ``Summary`` with the mode smdebug recorded in their metadata."""
+    step = 0
+    summaries: list[memoryview] = []
+    for number, wire, value in _fields(event, where):
+        if number == 2 and wire == 0:
+            step = _signed64(value)
+        elif number == 5 and wire == 2:
+            summaries.append(value)
+    for summary in summaries:
+        for number, wire, value in _fields(summary, where):
+            if number != 1 or wire != 2:
+                continue
+            tag, tensor, mode, mode_step = "", None, Mode.GLOBAL, None
+            for vnum, vwire, field_value in _fields(value, where):
+                if vnum == 1 and vwire == 2:
+                    tag = _text(field_value, where)
+                elif vnum == 8 and vwire == 2:
+                    tensor = field_value
+                elif vnum == 9 and vwire == 2:
+                    mode, mode_step = _mode(field_value, where, mode, mode_step)
+            if tensor is not None and not tag:
+                raise SmdebugFormatError(f"{where}: a tensor without a name")
+            if tensor is not None:
+                yield _Value(tag, mode, mode_step if mode_step is not None else step, _tensor(tensor, where))
+
+
+def _mode(metadata: memoryview, where: str, mode: Mode, mode_step: int | None) -> tuple[Mode, int | None]:
+    for number, wire, plugin in _fields(metadata, where):
+        if number != 1 or wire != 2:
+            continue
+        name, content = "", ""
+        for pnum, pwire, value in _fields(plugin, where):
+            if pnum == 1 and pwire == 2:
+                name = _text(value, where)
+            elif pnum == 2 and pwire == 2:
+                content = _text(value, where)
+        if name in ("mode", "mode_step"):
+            if not content.isdigit():
+                raise SmdebugFormatError(f"{where}: {name} {content!r} is not a number")
+            if name == "mode":
+                try:
+                    mode = Mode(int(content))
+                except ValueError:
+                    raise SmdebugFormatError(f"{where}: unknown mode {content}") from None
+            else:
+                mode_step = int(content)
+    return mode, mode_step
+
+
+# --------------------------------------------------------------- the import
+@dataclass
+class _Stored:
+    """What :class:`_ImportOps` stores for one tensor: the raw array and/or reductions smdebug computed."""
+
+    raw: np.ndarray | None
+    reductions: dict[str, float] = field(default_factory=dict)
+
+
+class _ImportOps(TensorOps):
+    """Store exactly what smdebug stored: its raw tensor when there is one, its reductions as they are."""
+
+    def prepare(
+        self, value: Any, keys: Sequence[str], raw: bool
+    ) -> tuple[np.ndarray | None, dict[str, float], str | None]:
+        if not isinstance(value, _Stored):
+            raise TypeError(f"expected an imported tensor, got {type(value).__name__}")
+        return value.raw, dict(value.reductions), None
+
+
+class _ImportWriter(Writer):
+    framework = "smdebug"
+    ops = _ImportOps()
+
+
+@dataclass
+class ImportSummary:
+    """What :func:`import_smdebug` wrote."""
+
+    workers: list[str]
+    steps: int
+    tensors: list[str]
+    skipped: dict[str, str] = field(default_factory=dict)  # smdebug name -> why it was not imported
+
+
+def _reduction_config(text: Any) -> ReductionConfig | None:
+    """smdebug's ``"mean,max,l2_norm,abs_max"`` with ``save_raw_tensor`` as a tensortap ReductionConfig."""
+    if not isinstance(text, Mapping):
+        return None
+    names = [t.strip() for t in str(text.get("reductions") or "").split(",") if t.strip()]
+    plain: list[str] = []
+    absolute: list[str] = []
+    norms: list[str] = []
+    abs_norms: list[str] = []
+    for token in names:
+        base, is_abs = (token[4:], True) if token.startswith("abs_") else (token, False)
+        base = base.removesuffix("_norm")
+        if base in ("l1", "l2"):
+            (abs_norms if is_abs else norms).append(base)
+        elif base in _REDUCTIONS:
+            (absolute if is_abs else plain).append(base)
+        else:
+            logger.warning("tensortap: smdebug reduction %r is unknown; its values are not imported", token)
+    if not (plain or absolute or norms or abs_norms):
+        return None
+    return ReductionConfig(
+        reductions=tuple(plain),
+        abs_reductions=tuple(absolute),
+        norms=tuple(norms),
+        abs_norms=tuple(abs_norms),
+        save_raw_tensor=bool(text.get("save_raw_tensor", False)),
+    )
+
+
+def _read_collections(fs: Any, root: str) -> dict[str, tuple[set[str], ReductionConfig | None]]:
+    """smdebug's collections of every worker: name -> (tensor names, reduction config)."""
+    out: dict[str, tuple[set[str], ReductionConfig | None]] = {}
+    for path in sorted(fs.find(f"{root}/collections")) if fs.exists(f"{root}/collections") else []:
+        if not path.endswith(".json"):
+            continue
+        if fs.size(path) > MAX_FILE_BYTES:
+            raise SmdebugFormatError(f"{path}: larger than {MAX_FILE_BYTES} bytes")
+        try:
+            data = json.loads(fs.cat_file(path))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise SmdebugFormatError(f"{path}: not valid JSON ({exc})") from None
+        collections = data.get("collections") if isinstance(data, dict) else None
+        if not isinstance(collections, dict):
+            raise SmdebugFormatError(f"{path}: no 'collections' object")
+        for name, spec in collections.items():
+            if not isinstance(name, str) or not isinstance(spec, dict) or name in _META_COLLECTIONS:
+                continue
+            names = spec.get("tensor_names") or []
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise SmdebugFormatError(f"{path}: collection {name!r}: 'tensor_names' is not a list of names")
+            members, config = out.get(name, (set(), None))
+            out[name] = (members | set(names), config or _reduction_config(spec.get("reduction_config")))
+    return out
+
+
+def tensortap_name(name: str, collections: Sequence[str]) -> str:
+    """The tensortap name of smdebug tensor ``name`` (in smdebug's ``collections``)."""
+    if name.startswith("gradient/"):
+        return "gradients/" + name.removeprefix("gradient/")
+    if name.startswith("scalar/"):
+        return "metrics/" + name.removeprefix("scalar/")
+    if "losses" in collections and not name.startswith("losses/"):
+        return f"losses/{name}"
+    return name
+
+
+def _event_files(fs: Any, root: str) -> dict[str, list[tuple[int, str]]]:
+    """worker -> [(step, path)] of ``events/<step>/<step>_<worker>.tfevents``, sorted by step."""
+    out: dict[str, list[tuple[int, str]]] = {}
+    if not fs.exists(f"{root}/events"):
+        return out
+    for path, info in fs.find(f"{root}/events", detail=True).items():
+        match = _EVENT_FILE.match(path.rsplit("/", 1)[-1])
+        if match is None or info.get("islink"):  # nothing outside the trial is read
+            if path.endswith(".tfevents"):
+                why = "a symbolic link" if info.get("islink") else "not named <step>_<worker>.tfevents"
+                logger.warning("tensortap: %s: %s; not imported", path, why)
+            continue
+        out.setdefault(match.group(2), []).append((int(match.group(1)), path))
+    return {w: sorted(files) for w, files in out.items()}
+
+
+def _ranks(workers: Sequence[str]) -> dict[str, int]:
+    """``worker_<n>`` keeps rank n; other worker names get free ranks in sorted order (with a warning)."""
+    ranks = {w: int(m.group(1)) for w in workers if (m := _WORKER.match(w))}
+    free = (r for r in range(len(workers) + len(ranks) + 1) if r not in ranks.values())
+    for w in sorted(set(workers) - set(ranks)):
+        ranks[w] = next(free)
+        logger.warning("tensortap: smdebug worker %r is imported as worker_%d", w, ranks[w])
+    return ranks
+
+
+def import_smdebug(
+    trial: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+    out_storage_options: Mapping[str, Any] | None = None,
+) -> ImportSummary:
+    """Write the smdebug trial at ``trial`` as a tensortap trial at ``out_dir`` (which must be empty or absent).
+
+    Parameters
+    ----------
+    trial
+        Local directory or fsspec URL (``s3://...``) of a trial smdebug wrote.
+    out_dir
+        Local directory or fsspec URL of the tensortap trial to write.
+    storage_options, out_storage_options
+        fsspec options for reading ``trial`` and writing ``out_dir``.
+
+    Raises
+    ------
+    TrialNotFound
+        ``trial`` holds no smdebug event files.
+    SmdebugFormatError
+        A file is not what smdebug writes (nothing is written for it; files before it are).
+    ValueError
+        ``out_dir`` already holds files.
+    """
+    fs, root = fsspec.core.url_to_fs(os.fspath(trial), **dict(storage_options or {}))
+    root = root.rstrip("/")
+    files = _event_files(fs, root)
+    if not files:
+        raise TrialNotFound(f"{os.fspath(trial)}: no smdebug trial there (no events/<step>/*.tfevents)")
+    out_fs, out_root = fsspec.core.url_to_fs(os.fspath(out_dir), **dict(out_storage_options or {}))
+    if out_fs.exists(out_root) and out_fs.ls(out_root):
+        raise ValueError(f"{os.fspath(out_dir)}: already holds files; import into a new directory")
+    smd_collections = _read_collections(fs, root)
+    configs = {name: Collection(name, reduction_config=config) for name, (_, config) in smd_collections.items()}
+    ended = fs.exists(f"{root}/training_job_end.ts")
+    summary = ImportSummary(workers=[], steps=0, tensors=[])
+    names: set[str] = set()
+    steps: set[int] = set()
+    for worker, rank in sorted(_ranks(list(files)).items(), key=lambda item: item[1]):
+        writer = _ImportWriter(
+            out_dir, rank=rank, strict=True, collection_configs=configs, storage_options=out_storage_options
+        )
+        try:
+            for step, path in files[worker]:
+                _import_step(writer, fs, path, step, smd_collections, names, summary.skipped)
+                steps.add(step)
+        except BaseException:
+            writer.close("import failed")
+            raise
+        writer.close("closed" if ended else "incomplete")
+        summary.workers.append(writer.worker)
+    summary.steps = len(steps)
+    summary.tensors = sorted(names)
+    return summary
+
+
+def _import_step(
+    writer: _ImportWriter,
+    fs: Any,
+    path: str,
+    step: int,
+    smd_collections: Mapping[str, tuple[set[str], ReductionConfig | None]],
+    names: set[str],
+    skipped: dict[str, str],
+) -> None:
+    if fs.size(path) > MAX_FILE_BYTES:
+        raise SmdebugFormatError(f"{path}: larger than {MAX_FILE_BYTES} bytes")
+    tensors: dict[str, _Stored] = {}
+    modes: set[tuple[Mode, int]] = set()
+    duplicates: set[str] = set()
+    for record in read_records(fs.cat_file(path), path):
+        for value in _summary_values(record, path):
+            modes.add((value.mode, value.mode_step if value.mode_step is not None else step))
+            tag = value.tag
+            reduction = None
+            if tag.startswith(_REDUCTION_PREFIX):
+                reduction, _, tag = tag.removeprefix(_REDUCTION_PREFIX).partition("/")
+                base = reduction.removeprefix("abs_")
+                if base not in _REDUCTIONS or not tag:
+                    skipped[value.tag] = "unknown smdebug reduction"
+                    continue
+            if value.array is None:
+                skipped[value.tag] = "not numeric"
+                continue
+            stored = tensors.setdefault(tag, _Stored(None))
+            if reduction is None:
+                if stored.raw is not None:
+                    duplicates.add(tag)
+                stored.raw = value.array
+            elif value.array.size == 1:
+                stored.reductions[reduction] = float(value.array.reshape(()).real)
+            else:
+                skipped[value.tag] = "a reduction that is not a scalar"
+    if duplicates:
+        logger.warning(
+            "tensortap: %s: %s saved more than once at step %d; the last value is imported",
+            path,
+            ", ".join(sorted(duplicates)),
+            step,
+        )
+    if len(modes) > 1:
+        raise SmdebugFormatError(f"{path}: tensors of one step in several modes or mode steps: {sorted(modes)}")
+    mode, mode_step = modes.pop() if modes else (Mode.GLOBAL, step)
+    writer.mode_steps[mode] = mode_step - 1  # smdebug's mode step, not a count of the saved ones
+    with writer.stepping(mode, step=step):
+        for tag, stored in tensors.items():
+            colls = [c for c, (members, _) in smd_collections.items() if tag in members]
+            name = tensortap_name(tag, colls)
+            if name.startswith("metrics/") and "metrics" not in colls:
+                colls.append("metrics")
+            writer.save(name, stored, collections=colls or ["custom"])
+            names.add(name)

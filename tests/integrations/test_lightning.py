@@ -1,0 +1,252 @@
+"""tensortap.lightning with the real Lightning Trainer, compared with what Lightning computed."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+L = pytest.importorskip("lightning.pytorch")
+
+import tensortap  # noqa: E402
+import tensortap.lightning as ttl  # noqa: E402
+from tensortap import Mode, SaveConfig  # noqa: E402
+from tensortap.rules import ExplodingTensor, StopTraining  # noqa: E402
+
+pytestmark = pytest.mark.torch
+EVERY_STEP = SaveConfig(save_interval=1)
+TRAINER = {
+    "accelerator": "cpu",
+    "logger": False,
+    "enable_checkpointing": False,
+    "enable_progress_bar": False,
+    "enable_model_summary": False,
+}
+
+
+class Regressor(L.LightningModule):
+    """A tiny MLP that records what Lightning handed the optimizer."""
+
+    def __init__(self, lr: float = 0.05) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        self.lr = lr
+        self.losses: list[float] = []
+        self.applied: list[dict[str, np.ndarray]] = []  # gradients optimizer.step() applied
+        self.norms_before_clip: list[float] = []
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        x, y = batch
+        loss = torch.nn.functional.mse_loss(self.net(x), y)
+        self.losses.append(float(loss.detach()))
+        self.log("train_loss", loss, on_step=True, on_epoch=True)
+        self.log("scaled", 2 * loss.detach(), on_step=False, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("val_loss", torch.nn.functional.mse_loss(self.net(x), y))
+        self.log("val_mae", (self.net(x) - y).abs().mean())
+
+    def on_train_epoch_end(self) -> None:
+        self.log("epoch_marker", float(self.current_epoch) + 0.5)
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        norms = L.utilities.grad_norm(self, norm_type=2)
+        self.norms_before_clip.append(float(norms["grad_2.0_norm_total"]))
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        optimizer.step(closure=optimizer_closure)
+        self.applied.append({n: p.grad.detach().numpy().copy() for n, p in self.named_parameters()})
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def loader(n: int, seed: int) -> Any:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, generator=g)
+    y = x @ torch.tensor([[1.0], [-2.0], [0.5], [3.0]])
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+
+
+def test_fit_captures_what_lightning_computed(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = Regressor()
+    clip = 0.5
+    trainer = L.Trainer(
+        max_epochs=2, gradient_clip_val=clip, callbacks=[ttl.Callback(tmp_path, save_config=EVERY_STEP)], **TRAINER
+    )
+    trainer.fit(model, loader(32, 0), loader(16, 1))
+
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.workers() == ["worker_0"]
+    train = trial.steps(mode=Mode.TRAIN)
+    assert len(train) == trainer.global_step == len(model.applied) == 8
+    assert len(trial.steps(mode=Mode.EVAL)) == 2, "one EVAL step per validation run; the sanity check is not captured"
+    assert len(trial.steps(mode=Mode.GLOBAL)) == 2, "one GLOBAL step per epoch"
+
+    # gradients: what optimizer.step() applied, after clipping (the raw norm was larger)
+    assert max(model.norms_before_clip) > clip
+    for i, applied in enumerate(model.applied):
+        total = np.sqrt(sum(float((g.astype(np.float64) ** 2).sum()) for g in applied.values()))
+        assert total <= clip * (1 + 1e-5)
+        for name, grad in applied.items():
+            np.testing.assert_array_equal(trial.tensor(f"gradients/{name}").value(i, mode=Mode.TRAIN), grad)
+    # weights after the last step are the trained parameters; biases in their own collection
+    last = train[-1]
+    for name, p in model.named_parameters():
+        np.testing.assert_array_equal(trial.tensor(name).value(last, mode=Mode.TRAIN), p.detach().numpy())
+    assert trial.tensor_names(collection="biases") == ["net.0.bias", "net.2.bias"]
+    # the loss training_step returned, and the values logged with self.log under the loggers' names
+    loss = trial.tensor("losses/loss")
+    np.testing.assert_allclose([loss.value(s, mode=Mode.TRAIN) for s in train], model.losses, rtol=1e-6)
+    step_loss = trial.tensor("losses/train_loss_step")
+    np.testing.assert_allclose([step_loss.value(s, mode=Mode.TRAIN) for s in train], model.losses, rtol=1e-6)
+    logged = trainer.logged_metrics
+    for name, key, mode in [
+        ("losses/val_loss", "val_loss", Mode.EVAL),
+        ("metrics/val_mae", "val_mae", Mode.EVAL),
+        ("losses/train_loss_epoch", "train_loss_epoch", Mode.GLOBAL),
+        ("metrics/scaled", "scaled", Mode.GLOBAL),  # logged per epoch only: no suffix
+        ("metrics/epoch_marker", "epoch_marker", Mode.GLOBAL),  # logged in the module's on_train_epoch_end
+    ]:
+        tensor = trial.tensor(name)
+        assert tensor.steps(mode=mode) == [0, 1], name
+        np.testing.assert_allclose(tensor.value(1, mode=mode), float(logged[key]), rtol=1e-6)
+    assert len(trial.tensor("losses/val_loss").steps()) == 2, "never in TRAIN steps"
+    assert "losses/train_loss" not in trial.tensor_names(), "Lightning's alias of train_loss_step/_epoch"
+    assert trial.end_reasons() == {"worker_0": "closed"}
+
+
+def test_accumulated_batches_are_one_step(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = Regressor()
+    trainer = L.Trainer(
+        max_epochs=1,
+        accumulate_grad_batches=2,
+        limit_val_batches=0,
+        callbacks=[ttl.Callback(tmp_path, save_config=EVERY_STEP)],
+        **TRAINER,
+    )
+    trainer.fit(model, loader(32, 0))
+    trial = tensortap.create_trial(tmp_path)
+    assert len(trial.steps(mode=Mode.TRAIN)) == trainer.global_step == 2
+    for step in range(2):
+        got = [float(trial.tensor(f"losses/loss:{i}").value(step, mode=Mode.TRAIN)) for i in range(2)]
+        np.testing.assert_allclose(got, model.losses[2 * step : 2 * step + 2], rtol=1e-6)
+        np.testing.assert_array_equal(
+            trial.tensor("gradients/net.2.weight").value(step, mode=Mode.TRAIN), model.applied[step]["net.2.weight"]
+        )
+
+
+def test_in_process_rule_stops_fit(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = Regressor(lr=50.0)  # diverges to NaN within a few steps
+    rule = ExplodingTensor(only_nan=True).add_action(StopTraining())
+    callback = ttl.Callback(tmp_path, save_config=EVERY_STEP, include_collections=["losses"], rules=[rule])
+    trainer = L.Trainer(max_epochs=20, limit_val_batches=0, callbacks=[callback], **TRAINER)
+    trainer.fit(model, loader(64, 0))
+    assert rule.fired_steps, "the run must diverge"
+    assert not np.isfinite(model.losses).all()
+    trial = tensortap.create_trial(tmp_path)
+    mode, fired = trial.mode_step(rule.fired_steps[0]) or (None, -1)
+    assert mode == Mode.TRAIN
+    assert trainer.global_step == fired + 1 < 20 * 8, "fit ended right after the firing step"
+    assert trial.end_reasons() == {"worker_0": "stop_request"}
+    assert trial.stop_request()["rule"] == "ExplodingTensor"
+
+
+def test_an_exception_drops_the_interrupted_step(tmp_path: Path) -> None:
+    class Failing(Regressor):
+        def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+            super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+            if batch_idx == 2:
+                raise RuntimeError("boom")
+
+    torch.manual_seed(0)
+    model = Failing()
+    trainer = L.Trainer(max_epochs=1, callbacks=[ttl.Callback(tmp_path, save_config=EVERY_STEP)], **TRAINER)
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.fit(model, loader(32, 0))
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.steps(mode=Mode.TRAIN) == [0, 1], "the step the exception interrupted is not saved"
+    assert trial.end_reasons() == {"worker_0": "exception"}
+
+
+def test_validate_alone_and_reuse_warns(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    torch.manual_seed(0)
+    model = Regressor()
+    callback = ttl.Callback(tmp_path)
+    trainer = L.Trainer(callbacks=[callback], **TRAINER)
+    result = trainer.validate(model, loader(16, 1), verbose=False)
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.steps(mode=Mode.EVAL) == [0] and trial.steps(mode=Mode.TRAIN) == []
+    np.testing.assert_allclose(trial.tensor("losses/val_loss").value(0, mode=Mode.EVAL), result[0]["val_loss"])
+    trainer.validate(model, loader(16, 1), verbose=False)
+    assert "already captured a run" in caplog.text
+    assert tensortap.create_trial(tmp_path).steps(mode=Mode.EVAL) == [0]
+
+
+def test_configuration_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "trial"
+    config = tmp_path / "tensortap.json"
+    config.write_text(
+        json.dumps({"out_dir": str(out), "save_config": {"save_interval": 2}, "include_collections": ["losses"]})
+    )
+    assert ttl.callbacks_from_env() == [] or "TENSORTAP_CONFIG" in os.environ
+    monkeypatch.setenv("TENSORTAP_CONFIG", str(config))
+    registered = any(
+        ep.value == "tensortap.lightning:callbacks_from_env"
+        for ep in importlib.metadata.entry_points(group="lightning.pytorch.callbacks_factory")
+    )
+    # installed (nox, CI): Lightning adds the callback by itself; from a source tree, the factory is called here
+    extra = [] if registered else ttl.callbacks_from_env()
+    trainer = L.Trainer(max_epochs=1, limit_val_batches=0, callbacks=extra, **TRAINER)
+    assert sum(isinstance(cb, ttl.Callback) for cb in trainer.callbacks) == 1
+    trainer.fit(Regressor(), loader(32, 0))
+    trial = tensortap.create_trial(out)
+    assert trial.steps(mode=Mode.TRAIN) == [0, 2], "the file's save_config"
+    assert trial.tensor_names() == ["losses/loss", "losses/train_loss_epoch", "losses/train_loss_step"]
+    config.write_text(json.dumps({"out_dir": str(out), "include_collections": ["nope"]}))
+    with pytest.raises(ValueError, match="include_collections"):
+        ttl.callbacks_from_env()
+    config.write_text(json.dumps({"save_all": True}))
+    with pytest.raises(ValueError, match="out_dir"):
+        ttl.callbacks_from_env()
+
+
+def test_bad_configuration_fails_at_construction(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="include_collections"):
+        ttl.Callback(tmp_path, include_collections=["nope"])
+    with pytest.raises(ValueError, match="stop_sync_steps"):
+        ttl.Callback(tmp_path, stop_sync_steps=0)
+    assert not list(tmp_path.iterdir()), "checking the configuration writes nothing"
+
+
+@pytest.mark.slow
+def test_ddp_ranks_are_workers(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    trainer = L.Trainer(
+        max_epochs=1,
+        strategy="ddp_fork",
+        devices=2,
+        limit_val_batches=0,
+        callbacks=[ttl.Callback(tmp_path, save_config=EVERY_STEP)],
+        **TRAINER,
+    )
+    model = Regressor()
+    trainer.fit(model, loader(32, 0))
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.workers() == ["worker_0", "worker_1"]
+    assert len(trial.steps(mode=Mode.TRAIN)) == 2, "32 rows, 2 ranks, batches of 8"
+    grad = trial.tensor("gradients/net.2.weight")
+    # DDP averages the gradients: both ranks applied the same ones
+    np.testing.assert_allclose(grad.value(1, worker="worker_0"), grad.value(1, worker="worker_1"), rtol=1e-6)
+    assert trial.end_reasons() == {"worker_0": "closed", "worker_1": "closed"}

@@ -1,0 +1,178 @@
+"""``tensortap import-smdebug`` on a trial smdebug 1.0.34 wrote, compared with what smdebug's own trial API read.
+
+tests/data/smdebug-trial was made by tests/data/make_smdebug_trial.py in smdebug's environment.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import tensortap
+from tensortap import Mode
+from tensortap.cli import main
+from tensortap.importers.smdebug import (
+    SmdebugFormatError,
+    import_smdebug,
+    masked_crc32c,
+    read_records,
+    tensortap_name,
+)
+
+DATA = Path(__file__).parents[1] / "data" / "smdebug-trial"
+EXPECTED = json.loads((DATA / "expected.json").read_text())
+
+
+def collections_of(name: str) -> list[str]:
+    return [c for c, names in EXPECTED["collections"].items() if name in names]
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory: pytest.TempPathFactory) -> tensortap.Trial:
+    out = tmp_path_factory.mktemp("imported") / "trial"
+    summary = import_smdebug(DATA / "trial", out)
+    assert summary.workers == ["worker_0"] and summary.steps == len(EXPECTED["steps"]) and not summary.skipped
+    return tensortap.create_trial(out)
+
+
+def test_every_value_is_what_smdebug_reads(imported: tensortap.Trial) -> None:
+    assert imported.steps() == EXPECTED["steps"]
+    assert imported.workers() == EXPECTED["workers"]
+    expected_names = {tensortap_name(n, collections_of(n)) for n in EXPECTED["tensors"]}
+    assert set(imported.tensor_names()) == expected_names
+    for smd_name, steps in EXPECTED["tensors"].items():
+        tensor = imported.tensor(tensortap_name(smd_name, collections_of(smd_name)))
+        assert tensor.steps() == sorted(int(s) for s in steps), smd_name
+        for step_text, entry in steps.items():
+            step = int(step_text)
+            assert imported.mode_step(step) == (Mode[entry["mode"]], entry["mode_step"])
+            value = tensor.value(step)
+            assert list(value.shape) == entry["shape"] or (value.shape == () and entry["shape"] == [1])
+            assert str(value.dtype) == entry["dtype"], smd_name
+            np.testing.assert_array_equal(value.astype(np.float64).ravel(), entry["value"])
+            for key, expected in entry["reductions"].items():
+                if key == "l2" and value.ndim >= 2 and "gradient_norms" not in collections_of(smd_name):
+                    # smdebug computes l2 of a raw matrix with np.linalg.norm(ord=2): its spectral norm;
+                    # tensortap's l2 is always the element-wise vector norm
+                    np.testing.assert_allclose(np.linalg.norm(value.astype(np.float64), 2), expected, rtol=1e-6)
+                    expected = float(np.sqrt((value.astype(np.float64) ** 2).sum()))
+                np.testing.assert_allclose(tensor.reduction_value(step, key), expected, rtol=1e-6, err_msg=smd_name)
+
+
+def test_names_and_collections_are_mapped(imported: tensortap.Trial) -> None:
+    assert imported.tensor_names(collection="losses") == ["losses/MSELoss_output_0"]
+    assert imported.tensor_names(collection="weights") == ["Sequential_0.weight", "Sequential_2.weight"]
+    assert imported.tensor_names(collection="biases") == ["Sequential_0.bias", "Sequential_2.bias"]
+    assert imported.tensor_names(collection="metrics") == ["metrics/lr"]
+    assert imported.tensor_names(collection="gradient_norms") == [
+        "gradients/Sequential_2.bias",
+        "gradients/Sequential_2.weight",
+    ]
+    # the reductions smdebug stored (not recomputed): abs_max is only in smdebug's files
+    grad = imported.tensor("gradients/Sequential_2.bias")
+    assert set(grad.available_reductions(0)) >= {"mean", "max", "l2", "abs_max"}
+    assert imported.end_reasons() == {"worker_0": "closed"}
+
+
+def test_cli_imports_and_refuses_a_full_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    assert main(["import-smdebug", str(DATA / "trial"), str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["steps"] == 6 and "losses/MSELoss_output_0" in report["tensors"]
+    assert main(["import-smdebug", str(DATA / "trial"), str(out)]) == 2
+    assert "already holds files" in capsys.readouterr().err
+    assert main(["import-smdebug", str(tmp_path / "missing"), str(tmp_path / "x")]) == 2
+    assert "no smdebug trial" in capsys.readouterr().err
+
+
+def record(payload: bytes) -> bytes:
+    header = struct.pack("<Q", len(payload))
+    return header + struct.pack("<I", masked_crc32c(header)) + payload + struct.pack("<I", masked_crc32c(payload))
+
+
+def test_records_are_checked() -> None:
+    assert [bytes(r) for r in read_records(record(b"abc") + record(b""), "t")] == [b"abc", b""]
+    good = record(b"abcdef")
+    with pytest.raises(SmdebugFormatError, match="truncated"):
+        list(read_records(good[:5], "t"))
+    with pytest.raises(SmdebugFormatError, match="claims"):
+        list(read_records(good[:-6], "t"))
+    flipped = bytearray(good)
+    flipped[13] ^= 1
+    with pytest.raises(SmdebugFormatError, match="corrupted record at"):
+        list(read_records(bytes(flipped), "t"))
+    huge = struct.pack("<Q", 1 << 60)
+    with pytest.raises(SmdebugFormatError, match="claims"):
+        list(read_records(huge + struct.pack("<I", masked_crc32c(huge)) + b"\0" * 8, "t"))
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"\x2a\xff\xff\xff\xff\x0f",  # a summary field claiming 4 GB
+        b"\x2a\x04\x0a\x02\x42\x05",  # a value whose tensor is cut
+        b"\x2a\x0c\x0a\x0a\x0a\x02\x68\x69\x42\x04\x08\x01\x22\x01",  # tensor content cut short
+        b"\x2a\x03\x0a\x01\x0f",  # wire type 7
+        b"\x10" + b"\xff" * 11,  # a varint longer than 64 bits
+    ],
+)
+def test_malformed_events_are_refused(tmp_path: Path, payload: bytes) -> None:
+    trial = tmp_path / "smd"
+    shutil.copytree(DATA / "trial", trial)
+    event = trial / "events" / "000000000004" / "000000000004_worker_0.tfevents"
+    event.write_bytes(record(payload))
+    with pytest.raises(SmdebugFormatError):
+        import_smdebug(trial, tmp_path / "out")
+    assert main(["import-smdebug", str(trial), str(tmp_path / "out2")]) == 2
+
+
+def test_tensor_content_must_match_its_shape(tmp_path: Path) -> None:
+    # Event{summary{value{tag "t", tensor{dtype DT_FLOAT, shape [3], content 8 bytes}}}}
+    dim = b"\x08\x03"
+    tensor = b"\x08\x01" + b"\x12" + bytes([len(dim) + 2]) + b"\x12" + bytes([len(dim)]) + dim + b"\x22\x08" + b"\0" * 8
+    value = b"\x0a\x01t" + b"\x42" + bytes([len(tensor)]) + tensor
+    summary = b"\x0a" + bytes([len(value)]) + value
+    event = b"\x2a" + bytes([len(summary)]) + summary
+    trial = tmp_path / "smd" / "events" / "000000000000"
+    trial.mkdir(parents=True)
+    (trial / "000000000000_worker_0.tfevents").write_bytes(record(event))
+    with pytest.raises(SmdebugFormatError, match="8 bytes for a float32 tensor of shape \\(3,\\)"):
+        import_smdebug(tmp_path / "smd", tmp_path / "out")
+
+
+def test_workers_and_urls(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Each smdebug worker becomes a tensortap worker; a trial is read from any fsspec URL."""
+    fsspec = pytest.importorskip("fsspec")
+    memory = fsspec.filesystem("memory")
+    root = f"/smd-{tmp_path.name}"
+    for path in (DATA / "trial").rglob("*"):
+        if path.is_file():
+            rel = path.relative_to(DATA / "trial").as_posix()
+            memory.pipe(f"{root}/{rel}", path.read_bytes())
+            if rel.endswith("_worker_0.tfevents"):  # the same steps from two more workers
+                memory.pipe(f"{root}/{rel.replace('_worker_0', '_worker_3')}", path.read_bytes())
+                memory.pipe(f"{root}/{rel.replace('_worker_0', '_algo-2')}", path.read_bytes())
+    summary = import_smdebug(f"memory://{root}", tmp_path / "out")
+    assert summary.workers == ["worker_0", "worker_1", "worker_3"]
+    assert "smdebug worker 'algo-2' is imported as worker_1" in caplog.text
+    trial = tensortap.create_trial(tmp_path / "out")
+    weight = trial.tensor("Sequential_0.weight")
+    for worker in summary.workers:
+        np.testing.assert_array_equal(weight.value(2, worker=worker), weight.value(2, worker="worker_0"))
+    memory.rm(root, recursive=True)
+
+
+def test_symbolic_links_are_not_followed(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    trial = tmp_path / "smd"
+    shutil.copytree(DATA / "trial", trial)
+    outside = tmp_path / "outside.tfevents"
+    outside.write_bytes(b"secret")
+    (trial / "events" / "000000000012").mkdir()
+    (trial / "events" / "000000000012" / "000000000012_worker_0.tfevents").symlink_to(outside)
+    summary = import_smdebug(trial, tmp_path / "out")
+    assert summary.steps == 6 and "a symbolic link; not imported" in caplog.text

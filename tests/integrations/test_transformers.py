@@ -1,0 +1,172 @@
+"""tensortap.transformers with the real Hugging Face Trainer on a tiny BERT built from a config (no download)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+import tensortap  # noqa: E402
+import tensortap.transformers as tth  # noqa: E402
+from tensortap import Mode, SaveConfig  # noqa: E402
+
+pytestmark = pytest.mark.torch
+EVERY_STEP = SaveConfig(save_interval=1)
+
+
+class Rows(torch.utils.data.Dataset):  # type: ignore[misc]
+    """Random token ids with a label that depends on them."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(1, 50, (n, 8), generator=g)
+        self.labels = (self.ids[:, 0] > 25).long()
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"input_ids": self.ids[i], "attention_mask": torch.ones(8, dtype=torch.long), "labels": self.labels[i]}
+
+
+class Applied(transformers.TrainerCallback):  # type: ignore[misc]
+    """Records the gradients optimizer.step() applied (read after it, before zero_grad)."""
+
+    def __init__(self) -> None:
+        self.grads: list[dict[str, np.ndarray]] = []
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
+        self.grads.append(
+            {n: p.grad.detach().numpy().copy() for n, p in model.named_parameters() if p.grad is not None}
+        )
+
+
+def tiny_bert() -> Any:
+    config = transformers.BertConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+        num_labels=2,
+    )
+    torch.manual_seed(0)
+    return transformers.BertForSequenceClassification(config)
+
+
+def arguments(tmp_path: Path, **kw: Any) -> Any:
+    base = {
+        "output_dir": str(tmp_path / "hf"),
+        "per_device_train_batch_size": 8,
+        "per_device_eval_batch_size": 8,
+        "learning_rate": 1e-2,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": [],
+        "use_cpu": True,
+        "disable_tqdm": True,
+        "seed": 0,
+        "dataloader_num_workers": 0,
+    }
+    return transformers.TrainingArguments(**(base | kw))
+
+
+def test_train_captures_what_the_trainer_computed(tmp_path: Path) -> None:
+    out = tmp_path / "trial"
+    model = tiny_bert()
+    applied = Applied()
+    trainer = transformers.Trainer(
+        model=model,
+        args=arguments(tmp_path, num_train_epochs=2, eval_strategy="epoch", max_grad_norm=0.5),
+        train_dataset=Rows(32, 0),
+        eval_dataset=Rows(16, 1),
+        callbacks=[tth.Callback(out, save_config=EVERY_STEP), applied],
+    )
+    trainer.train()
+
+    trial = tensortap.create_trial(out)
+    history = trainer.state.log_history
+    train_logs = [h for h in history if "loss" in h]
+    eval_logs = [h for h in history if "eval_loss" in h]
+    assert len(trial.steps(mode=Mode.TRAIN)) == trainer.state.global_step == len(applied.grads) == 8
+    assert len(trial.steps(mode=Mode.EVAL)) == len(eval_logs) == 2
+    # gradients: what the optimizer applied, clipped to max_grad_norm (the logged grad_norm is before clipping)
+    for i, grads in enumerate(applied.grads):
+        for name, grad in grads.items():
+            np.testing.assert_array_equal(trial.tensor(f"gradients/{name}").value(i, mode=Mode.TRAIN), grad)
+        total = np.sqrt(sum(float((g.astype(np.float64) ** 2).sum()) for g in grads.values()))
+        np.testing.assert_allclose(total, min(train_logs[i]["grad_norm"], 0.5), rtol=1e-4)
+    # the parameters after the last step
+    for name, p in model.named_parameters():
+        np.testing.assert_array_equal(trial.tensor(name).value(7, mode=Mode.TRAIN), p.detach().numpy())
+    assert "bert.embeddings.LayerNorm.bias" in trial.tensor_names(collection="biases")
+    # the logs of each step in that step; evaluation metrics in EVAL steps
+    for name, key in [
+        ("losses/loss", "loss"),
+        ("metrics/grad_norm", "grad_norm"),
+        ("metrics/learning_rate", "learning_rate"),
+    ]:
+        got = trial.tensor(name).values(mode=Mode.TRAIN)
+        np.testing.assert_allclose([got[i] for i in range(8)], [h[key] for h in train_logs], rtol=1e-6)
+    got = trial.tensor("losses/eval_loss").values(mode=Mode.EVAL)
+    np.testing.assert_allclose([got[0], got[1]], [h["eval_loss"] for h in eval_logs], rtol=1e-6)
+    assert trial.tensor("metrics/eval_runtime").steps(mode=Mode.EVAL) == [0, 1]
+    # the summary of the run: one GLOBAL step
+    summary = next(h for h in history if "train_loss" in h)
+    assert trial.steps(mode=Mode.GLOBAL) == [0]
+    np.testing.assert_allclose(trial.tensor("losses/train_loss").value(0, mode=Mode.GLOBAL), summary["train_loss"])
+    assert trial.end_reasons() == {"worker_0": "closed"}
+
+
+def test_gradient_accumulation_and_stop_request(tmp_path: Path) -> None:
+    out = tmp_path / "trial"
+    callback = tth.Callback(out, save_config=EVERY_STEP, include_collections=["losses"], stop_poll_seconds=0)
+
+    class StopAtThree(transformers.TrainerCallback):  # type: ignore[misc]
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if state.global_step == 3:
+                tensortap.create_trial(out).request_stop("enough")
+
+    trainer = transformers.Trainer(
+        model=tiny_bert(),
+        args=arguments(tmp_path, num_train_epochs=5, gradient_accumulation_steps=2, per_device_train_batch_size=4),
+        train_dataset=Rows(32, 0),
+        callbacks=[StopAtThree(), callback],
+    )
+    trainer.train()
+    assert trainer.state.global_step == 3, "stopped right after the step that saw the request (4 per epoch)"
+    trial = tensortap.create_trial(out)
+    assert len(trial.steps(mode=Mode.TRAIN)) == 3
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    got = trial.tensor("losses/loss").values(mode=Mode.TRAIN)
+    np.testing.assert_allclose([got[i] for i in range(3)], losses, rtol=1e-6)
+    assert trial.end_reasons() == {"worker_0": "stop_request"}
+    assert trial.stop_request()["reason"] == "enough"
+
+
+def test_evaluate_alone(tmp_path: Path) -> None:
+    out = tmp_path / "trial"
+    callback = tth.Callback(out)
+    trainer = transformers.Trainer(
+        model=tiny_bert(), args=arguments(tmp_path), eval_dataset=Rows(16, 1), callbacks=[callback]
+    )
+    metrics = trainer.evaluate()
+    callback.close()
+    trial = tensortap.create_trial(out)
+    assert trial.steps(mode=Mode.EVAL) == [0] and trial.steps(mode=Mode.GLOBAL) == []
+    np.testing.assert_allclose(trial.tensor("losses/eval_loss").value(0, mode=Mode.EVAL), metrics["eval_loss"])
+
+
+def test_bad_configuration_fails_at_construction(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="include_collections"):
+        tth.Callback(tmp_path, include_collections=["nope"])
+    with pytest.raises(ValueError, match="stop_poll_seconds"):
+        tth.Callback(tmp_path, stop_poll_seconds=-1)
+    assert not list(tmp_path.iterdir())
