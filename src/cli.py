@@ -180,7 +180,6 @@ def open_trial(args: argparse.Namespace, **kwargs: Any) -> Trial:
     return create_trial(args.path, storage_options=args.storage_options, **kwargs)
 
 
-
 # --------------------------------------------------------------------- ls
 def _last_loss(trial: Trial) -> dict[str, Any] | None:
     """The last saved value of the trial's first loss (``losses/loss`` first), or None."""
