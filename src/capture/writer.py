@@ -601,6 +601,8 @@ if hasattr(os, "register_at_fork"):  # POSIX; there is no fork elsewhere
 
 def close_all(reason: str) -> None:
     """Close every open hook and writer (at exit, on SIGTERM)."""
+    if reason == "exit" and _deferred:  # a signal deferred until the program ended: handled first
+        _deliver_deferred_at_exit()
     for hook in list(_CLOSE_CALLBACKS):
         try:
             hook.close_for_exit(reason)
@@ -683,8 +685,8 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
 
 
 def _deliver_deferred_at_exit() -> None:
-    """A signal still deferred when the program ends (its last steps ran in capture code) is handled now,
-    after every hook published: SIGTERM still ends the process with its status."""
+    """A signal still deferred when the program ends (its last steps ran in capture code) is handled now:
+    SIGTERM closes every hook (reason ``sigterm``) and still ends the process with its status."""
     for signum in list(_deferred):
         _on_signal(signum, None)
 
@@ -694,7 +696,6 @@ def _install_exit_handlers() -> None:
     if _handlers_installed:
         return
     _handlers_installed = True
-    atexit.register(_deliver_deferred_at_exit)  # atexit runs last-in first-out: after close_all
     atexit.register(close_all, "exit")
     # Close earlier where possible: before threading shuts down thread pools, which asyncio
     # clients (s3fs/aiobotocore) need for DNS and new connections, and before weakref
