@@ -27,36 +27,40 @@ REPEATS = 5
 NAME = "layer/weight"
 
 
-def _best(fn: Any) -> float:
+def _best(fn: Any, repeats: int) -> float:
     best = float("inf")
-    for _ in range(REPEATS):
+    for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         best = min(best, time.perf_counter() - t0)
     return best
 
 
-def run() -> list[dict[str, Any]]:
-    """Time ``values()`` and ``to_pandas(reductions=...)`` on one raw tensor; return the table rows."""
+def run(quick: bool = False) -> list[dict[str, Any]]:
+    """Time ``values()`` and ``to_pandas(reductions=...)`` on one raw tensor; return the table rows.
+
+    ``quick``: 50 steps, once (checks that the benchmark runs).
+    """
+    steps, repeats = (50, 1) if quick else (STEPS, REPEATS)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         rng = np.random.default_rng(0)
         with Writer(root) as w:
-            for _ in range(STEPS):
+            for _ in range(steps):
                 with w.stepping():
                     w.save(NAME, rng.standard_normal(SHAPE, dtype=np.float32), ["weights"])
 
         def values() -> None:
             with tensortap.create_trial(root) as trial:
-                assert len(trial.tensor(NAME).values()) == STEPS
+                assert len(trial.tensor(NAME).values()) == steps
 
         def frame() -> None:
             with tensortap.create_trial(root) as trial:
-                assert len(trial.to_pandas(names=[NAME], reductions=REDUCTIONS, progress=False)) == STEPS
+                assert len(trial.to_pandas(names=[NAME], reductions=REDUCTIONS, progress=False)) == steps
 
-        base = _best(values)
-        pandas_s = _best(frame)
-    case = f"1 tensor {'x'.join(map(str, SHAPE))} float32 x {STEPS} steps"
+        base = _best(values, repeats)
+        pandas_s = _best(frame, repeats)
+    case = f"1 tensor {'x'.join(map(str, SHAPE))} float32 x {steps} steps"
     return [
         {"benchmark": case, "case": "Tensor.values()", "seconds": base, "ratio": 1.0},
         {

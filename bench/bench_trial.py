@@ -115,15 +115,17 @@ def _live(root: Path, steps: int) -> list[dict[str, Any]]:
     ]
 
 
-MEMORY_RUN = """
-import resource, sys, tempfile
+MEMORY_RUN = r"""
+import re, sys
 import torch
 from bench.bench_torch import TrainArm, _tensortap_hook
 torch.set_num_threads(1)
 arm = TrainArm(_tensortap_hook if sys.argv[1] == "hook" else None, 1, ("weights", "biases", "gradients", "losses"))
 arm.run(int(sys.argv[2]))
 arm.close()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+# VmHWM of this process image (ru_maxrss would also count the parent's pages inherited through fork)
+with open("/proc/self/status") as f:
+    print(int(re.search(r"VmHWM:\s+(\d+) kB", f.read()).group(1)) * 1024)
 """
 
 
