@@ -45,7 +45,7 @@ EXTRAS = {
     "tqdm": "notebook",
     "torch": "torch",
     "keras": "keras",
-    "tensorflow": "keras",
+    "tensorflow": "keras-tf",
     "xgboost": "xgboost-cpu",
     "s3fs": "s3",
 }

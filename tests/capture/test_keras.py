@@ -347,7 +347,7 @@ def test_without_keras_the_import_error_says_what_to_install() -> None:
         "try:\n    import tensortap.keras\nexcept ImportError as exc:\n    print(exc)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
-    assert 'pip install "tensortap[keras]"' in out.stdout
+    assert 'pip install "tensortap[keras-tf]"' in out.stdout and '"tensortap[keras]" with jax or torch' in out.stdout
 
 
 def test_from_json_builds_a_keras_callback(tmp_path: Path) -> None:

@@ -19,9 +19,15 @@ from __future__ import annotations
 try:
     import keras
 except ImportError as _exc:  # pragma: no cover - depends on the environment
-    raise ImportError('tensortap.keras needs Keras 3: pip install "tensortap[keras]"') from _exc
+    raise ImportError(
+        'tensortap.keras needs Keras 3 and a backend: pip install "tensortap[keras-tf]" (TensorFlow), '
+        'or "tensortap[keras]" with jax or torch'
+    ) from _exc
 if not keras.__version__.startswith("3."):  # pragma: no cover - depends on the environment
-    raise ImportError(f'tensortap.keras needs Keras 3, found keras {keras.__version__}: pip install "tensortap[keras]"')
+    raise ImportError(
+        f"tensortap.keras needs Keras 3, found keras {keras.__version__}: "
+        'pip install "tensortap[keras-tf]" (TensorFlow), or "tensortap[keras]" with jax or torch'
+    )
 
 from .events import Callback
 from .ops import KerasOps
