@@ -46,7 +46,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from ..modes import Mode
 from . import core
-from .trainers import Hook, StepCapture, check_hook_kwargs
+from .trainers import Hook, StepCapture, check_hook_kwargs, check_stop_sync_steps
 from .writer import logger
 
 __all__ = ["Callback", "Hook", "callbacks_from_env"]
@@ -85,10 +85,8 @@ class Callback(pl.Callback):
 
     def __init__(self, out_dir: str | os.PathLike[str], *, stop_sync_steps: int = 10, **hook_kwargs: Any) -> None:
         super().__init__()
-        if isinstance(stop_sync_steps, bool) or not isinstance(stop_sync_steps, int) or stop_sync_steps < 1:
-            raise ValueError(f"stop_sync_steps: expected an integer >= 1, got {stop_sync_steps!r}")
+        self.stop_sync_steps = check_stop_sync_steps(stop_sync_steps)
         self.out_dir = os.fspath(out_dir)
-        self.stop_sync_steps = stop_sync_steps
         self.hook_kwargs = hook_kwargs
         check_hook_kwargs(self.out_dir, hook_kwargs)
         self.config_path: str | None = None  # set by from_json: the hook is built from that file

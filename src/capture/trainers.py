@@ -92,6 +92,13 @@ class Hook(core.Hook):
         super().__init__(out_dir, save_config=save_config, **kwargs)
 
 
+def check_stop_sync_steps(value: object) -> int:
+    """``value`` if it is an integer >= 1 (how often the ranks agree on a stop request), else ``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"stop_sync_steps: expected an integer >= 1, got {value!r}")
+    return value
+
+
 def check_hook_kwargs(out_dir: str, hook_kwargs: Mapping[str, Any]) -> None:
     """Raise ``ValueError`` now for a configuration the training process would reject later.
 

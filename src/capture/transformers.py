@@ -42,7 +42,7 @@ if not hasattr(TrainerCallback, "on_pre_optimizer_step"):  # pragma: no cover - 
     raise ImportError('tensortap.transformers needs Transformers 4.46 or newer: pip install "tensortap[transformers]"')
 
 from ..modes import Mode
-from .trainers import Hook, StepCapture, check_hook_kwargs, unwrap
+from .trainers import Hook, StepCapture, check_hook_kwargs, check_stop_sync_steps, unwrap
 from .writer import logger
 
 __all__ = ["Callback", "Hook"]
@@ -81,10 +81,8 @@ class Callback(TrainerCallback):
     """
 
     def __init__(self, out_dir: str | os.PathLike[str], *, stop_sync_steps: int = 10, **hook_kwargs: Any) -> None:
-        if isinstance(stop_sync_steps, bool) or not isinstance(stop_sync_steps, int) or stop_sync_steps < 1:
-            raise ValueError(f"stop_sync_steps: expected an integer >= 1, got {stop_sync_steps!r}")
+        self.stop_sync_steps = check_stop_sync_steps(stop_sync_steps)
         self.out_dir = os.fspath(out_dir)
-        self.stop_sync_steps = stop_sync_steps
         self.hook_kwargs = hook_kwargs
         check_hook_kwargs(self.out_dir, hook_kwargs)
         self.hook: Hook | None = None
