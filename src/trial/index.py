@@ -2,8 +2,9 @@
 
 :class:`TrialIndex` lists what is new since the last refresh (cheap: one
 listing per worker folder, parsing only records not seen before) and keeps
-where every (tensor, worker, step) lives. Shards are opened lazily and kept
-open in a small LRU cache.
+where every (tensor, worker, step) lives: one :class:`Segment` per tensor and
+shard, NumPy arrays of its steps and of what each step holds, never an
+object per step. Shards are opened lazily and kept open in a small LRU cache.
 
 A trial may come from a stranger: every name listed is checked with
 :func:`~tensortap.backends.layout.check_name`, every record is checked
@@ -13,11 +14,15 @@ file that fails is skipped with one warning naming it.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, ItemsView, Iterator, Mapping, ValuesView
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any, TypeVar
+
+import numpy as np
 
 from ..backends import layout
 from ..backends.layout import UnsafeKey, check_name
@@ -27,6 +32,10 @@ from ..modes import Mode
 
 logger = logging.getLogger("tensortap")
 _T = TypeVar("_T")
+_MODES = {int(m): m for m in Mode}
+_MODE_VALUES = np.array(list(_MODES), dtype=np.int64)
+_NO_STEPS = np.zeros(0, dtype=np.int64)
+_INT64_MIN, _INT64_MAX = int(np.iinfo(np.int64).min), int(np.iinfo(np.int64).max)
 
 
 class RecordError(ValueError):
@@ -41,16 +50,57 @@ def _is_names(value: object) -> bool:
     return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
 
-def _step_spec(value: object, steps: set[int]) -> bool:
-    """``"*"`` or a list of steps of the shard."""
-    return value == ALL_STEPS or (isinstance(value, list) and all(_is_int(v) and v in steps for v in value))
+def _ints(value: object) -> np.ndarray | None:
+    """``value`` as an int64 array if it is a list of JSON integers (no booleans, no floats), else None.
 
-
-def check_index_record(record: object, worker: str) -> dict[str, Any]:
-    """Return ``record`` if it is a valid index record of ``worker``'s folder, else raise :class:`RecordError`.
-
-    The schema is the one ``docs/format.md`` describes; keys it does not name are ignored.
+    The types are checked in one pass at C speed (``set(map(type, ...))``), not element by element.
     """
+    if not isinstance(value, list) or not set(map(type, value)) <= {int}:
+        return None
+    try:
+        return np.array(value, dtype=np.int64)
+    except OverflowError:  # an integer beyond int64 is no step
+        return None
+
+
+def _step_rows(value: object) -> np.ndarray | None:
+    """``value`` as an ``(n, 3)`` int64 array if it is a list of ``[step, mode, mode_step]``, else None."""
+    if not isinstance(value, list) or not set(map(type, value)) <= {list} or not set(map(len, value)) <= {3}:
+        return None
+    flat = _ints(list(chain.from_iterable(value)))
+    return None if flat is None else flat.reshape(-1, 3)
+
+
+def _spec_steps(value: object, steps: np.ndarray) -> np.ndarray | None:
+    """The steps a step spec names, sorted and unique: ``"*"`` all of ``steps`` (itself, not a copy),
+    a list some of them; None if ``value`` is neither."""
+    if value == ALL_STEPS:
+        return steps
+    if value == []:
+        return _NO_STEPS
+    listed = _ints(value)
+    if listed is None or not np.isin(listed, steps).all():
+        return None
+    return np.unique(listed)
+
+
+_SPECS = ("raw_steps", "reduction_steps", "histogram_steps")
+
+
+@dataclass(frozen=True)
+class ParsedRecord:
+    """A valid index record with its step lists as arrays, sorted by step."""
+
+    record: dict[str, Any]
+    steps: np.ndarray  # saved steps, sorted
+    modes: np.ndarray  # mode value of each step
+    mode_steps: np.ndarray  # mode step of each step
+    wall_times: np.ndarray | None  # float64 per step, None if the record has none
+    tensors: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]  # name -> raw, reduction, histogram steps
+
+
+def parse_index_record(record: object, worker: str) -> ParsedRecord:
+    """Check ``record`` as :func:`check_index_record` does and return it with its step lists as arrays."""
 
     def bad(why: str) -> RecordError:
         return RecordError(f"not a valid index record: {why}")
@@ -68,28 +118,28 @@ def check_index_record(record: object, worker: str) -> dict[str, Any]:
         raise bad("'seq' or 'bytes' is not a non-negative integer")
     if not layout.is_shard_key_of(record.get("shard"), worker):
         raise bad(f"'shard' {record.get('shard')!r} is not a shard of {worker} inside the trial")
-    steps = record.get("steps")
-    modes = {int(m) for m in Mode}
-    if not isinstance(steps, list) or not all(
-        isinstance(s, list) and len(s) == 3 and all(_is_int(v) for v in s) and s[1] in modes for s in steps
-    ):
+    rows = _step_rows(record.get("steps"))
+    if rows is None or not np.isin(rows[:, 1], _MODE_VALUES).all():
         raise bad("'steps' is not a list of [step, mode, mode_step]")
-    step_set = {s[0] for s in steps}
-    if len(step_set) != len(steps):
+    order = np.argsort(rows[:, 0], kind="stable")
+    steps = rows[order, 0]
+    if (np.diff(steps) <= 0).any():
         raise bad("'steps' repeats a step")
     times = record.get("wall_times", [])
-    if (
-        not isinstance(times, list)
-        or (times and len(times) != len(steps))
-        or not all(type(t) in (int, float) for t in times)
-    ):
+    if not isinstance(times, list) or not set(map(type, times)) <= {int, float} or len(times) not in (0, len(steps)):
         raise bad("'wall_times' is not a list of numbers, one per step")
+    try:
+        wall_times = np.array(times, dtype=np.float64)[order] if times else None
+    except OverflowError:  # an integer too large for a float
+        raise bad("'wall_times' is not a list of numbers, one per step") from None
     tensors = record.get("tensors")
     if not isinstance(tensors, dict):
         raise bad("'tensors' is not an object")
+    specs: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     for name, entry in tensors.items():
         if not isinstance(entry, dict):
             raise bad(f"tensor {name!r} is not an object")
+        listed = {key: _spec_steps(entry.get(key, []), steps) for key in _SPECS}
         checks = {
             "id": _is_int(entry.get("id"), 0),
             "collections": _is_names(entry.get("collections", [])),
@@ -97,14 +147,21 @@ def check_index_record(record: object, worker: str) -> dict[str, Any]:
             "dtype": isinstance(entry.get("dtype", ""), str),
             "orig_dtype": isinstance(entry.get("orig_dtype", ""), str),
             "shape": isinstance(entry.get("shape", []), list) and all(_is_int(d, 0) for d in entry.get("shape", [])),
-            "raw_steps": _step_spec(entry.get("raw_steps", []), step_set),
-            "reduction_steps": _step_spec(entry.get("reduction_steps", []), step_set),
-            "histogram_steps": _step_spec(entry.get("histogram_steps", []), step_set),
+            **{key: spec is not None for key, spec in listed.items()},
         }
         wrong = [key for key, ok in checks.items() if not ok]
         if wrong or ("dtype" in entry) != ("shape" in entry):
             raise bad(f"tensor {name!r}: {', '.join(wrong) or 'dtype and shape'} not as the format says")
-    return record
+        specs[name] = tuple(listed[key] for key in _SPECS)  # type: ignore[assignment]
+    return ParsedRecord(record, steps, rows[order, 1], rows[order, 2], wall_times, specs)
+
+
+def check_index_record(record: object, worker: str) -> dict[str, Any]:
+    """Return ``record`` if it is a valid index record of ``worker``'s folder, else raise :class:`RecordError`.
+
+    The schema is the one ``docs/format.md`` describes; keys it does not name are ignored.
+    """
+    return parse_index_record(record, worker).record
 
 
 def check_end_marker(end: object) -> dict[str, Any]:
@@ -130,7 +187,7 @@ def check_worker_record(info: object) -> dict[str, Any]:
 MAX_OPEN_SHARDS = 64
 
 
-@dataclass
+@dataclass(frozen=True)
 class Location:
     """Where one tensor of one worker at one step is stored."""
 
@@ -140,16 +197,134 @@ class Location:
     histogram: bool = False
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)
+class Segment:
+    """One tensor's steps in one shard (one index record): arrays, not an object per step.
+
+    ``steps`` is sorted and unique; ``raw``, ``reduced`` and ``histogram`` say,
+    step by step, what the shard holds. Arrays a record's tensors have in
+    common (its steps, all-true and all-false masks) are shared between them.
+    """
+
+    shard: str
+    worker: str
+    steps: np.ndarray
+    raw: np.ndarray
+    reduced: np.ndarray
+    histogram: np.ndarray
+    reductions: tuple[str, ...]
+
+    @functools.cached_property
+    def codes(self) -> np.ndarray:
+        """Per step: bit 0 raw, bit 1 reductions, bit 2 histogram (an index into :attr:`variants`)."""
+        return self.raw.astype(np.uint8) | (self.reduced.astype(np.uint8) << 1) | (self.histogram.astype(np.uint8) << 2)
+
+    @functools.cached_property
+    def variants(self) -> tuple[Location, ...]:
+        """The eight locations a step of this segment may have, shared by its steps."""
+        return tuple(Location(self.shard, bool(c & 1), self.reductions if c & 2 else (), bool(c & 4)) for c in range(8))
+
+    def get(self, step: int) -> Location | None:
+        """The location of ``step``, None if this segment does not hold it."""
+        i = int(np.searchsorted(self.steps, step))
+        if i < len(self.steps) and self.steps[i] == step:
+            return self.variants[int(self.codes[i])]
+        return None
+
+
+class Locations(Mapping[int, Mapping[str, Location]]):
+    """Read-only ``{step: {worker: Location}}`` view of a tensor's segments, in step order.
+
+    ``len``, ``in`` and iteration use the tensor's merged step array; a lookup
+    searches each segment's sorted steps; ``items()`` builds the mapping of
+    every step at once (one pass per segment).
+    """
+
+    def __init__(self, info: TensorInfo) -> None:
+        self._info = info
+
+    def __len__(self) -> int:
+        return len(self._info.saved_steps())
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._info.saved_steps().tolist())
+
+    def __contains__(self, step: object) -> bool:
+        if not isinstance(step, (int, np.integer)) or not _INT64_MIN <= step <= _INT64_MAX:
+            return False
+        steps = self._info.saved_steps()
+        i = int(np.searchsorted(steps, step))
+        return i < len(steps) and steps[i] == step
+
+    def __getitem__(self, step: int) -> dict[str, Location]:
+        out: dict[str, Location] = {}
+        if step in self:
+            for seg in self._info.segments:  # later records win, as they did when each step had its own object
+                loc = seg.get(step)
+                if loc is not None:
+                    out[seg.worker] = loc
+        if not out:
+            raise KeyError(step)
+        return out
+
+    def _all(self) -> dict[int, dict[str, Location]]:
+        segments = self._info.segments
+        if len(segments) == 1:
+            seg = segments[0]
+            v, w = seg.variants, seg.worker
+            return {s: {w: v[c]} for s, c in zip(seg.steps.tolist(), seg.codes.tolist(), strict=True)}
+        out: dict[int, dict[str, Location]] = {s: {} for s in self._info.saved_steps().tolist()}
+        for seg in segments:
+            v, w = seg.variants, seg.worker
+            for s, c in zip(seg.steps.tolist(), seg.codes.tolist(), strict=True):
+                out[s][w] = v[c]
+        return out
+
+    def items(self) -> ItemsView[int, dict[str, Location]]:
+        return self._all().items()
+
+    def values(self) -> ValuesView[dict[str, Location]]:
+        return self._all().values()
+
+
+@dataclass(eq=False)
 class TensorInfo:
-    """What the index knows of one tensor name."""
+    """What the index knows of one tensor name: its metadata and one :class:`Segment` per shard."""
 
     name: str
     collections: set[str] = field(default_factory=set)
-    locations: dict[int, dict[str, Location]] = field(default_factory=dict)  # step -> worker -> where
+    segments: list[Segment] = field(default_factory=list)
     dtype: str | None = None
     shape: tuple[int, ...] | None = None
     orig_dtype: str | None = None
+    _steps: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def locations(self) -> Locations:
+        """``{step: {worker: Location}}``, read-only, in step order."""
+        return Locations(self)
+
+    def saved_steps(self) -> np.ndarray:
+        """Every step any worker saved this tensor at, sorted (merged once per change of the segments)."""
+        if self._steps is None:
+            arrays = [seg.steps for seg in self.segments]
+            self._steps = arrays[0] if len(arrays) == 1 else np.unique(np.concatenate(arrays or [_NO_STEPS]))
+        return self._steps
+
+    def saved_reductions(self) -> set[str]:
+        """Reduction keys saved at one step or more."""
+        return {k for seg in self.segments if seg.reduced.any() for k in seg.reductions}
+
+    def add(self, segment: Segment) -> None:
+        """Add the steps of one more shard."""
+        self.segments.append(segment)
+        self._steps = None
+
+    def drop(self, shard: str) -> None:
+        """Forget the steps stored in ``shard``."""
+        kept = [seg for seg in self.segments if seg.shard != shard]
+        if len(kept) != len(self.segments):
+            self.segments, self._steps = kept, None
 
 
 @dataclass
@@ -172,12 +347,19 @@ class TrialIndex:
         self.tensors: dict[str, TensorInfo] = {}
         self.steps: dict[int, tuple[Mode, int]] = {}  # saved step -> (mode, mode_step)
         self.mode_steps: dict[Mode, dict[int, int]] = {}  # mode -> mode_step -> step
-        self.step_workers: dict[int, set[str]] = {}
-        self.shard_steps: dict[str, list[int]] = {}
+        self.shard_steps: dict[str, np.ndarray] = {}  # shard -> its steps, sorted
         self.wall_times: dict[int, float] = {}  # saved step -> latest commit time of any worker (format 2)
         self.shard_bytes: dict[str, int] = {}
         self.bad_files: dict[str, str] = {}
         self._readers: OrderedDict[str, ShardReader] = OrderedDict()
+        self._sorted: dict[Mode | None, list[int]] = {}  # sorted_steps(), until the steps change
+
+    def sorted_steps(self, mode: Mode | None = None) -> list[int]:
+        """Saved global steps (mode steps of ``mode``), sorted; computed once per change. Do not modify."""
+        got = self._sorted.get(mode)
+        if got is None:
+            got = self._sorted[mode] = sorted(self.steps if mode is None else self.mode_steps.get(mode, {}))
+        return got
 
     def _worker(self, name: str) -> WorkerState:
         if name not in self.workers:
@@ -208,10 +390,10 @@ class TrialIndex:
                     continue
                 w.seen.add(name)
                 key = f"{layout.INDEX}/{worker}/{name}"
-                record = self._load(key, lambda r, worker=worker: check_index_record(r, worker))  # type: ignore[misc]
-                if record is None:
+                parsed = self._load(key, functools.partial(parse_index_record, worker=worker))
+                if parsed is None:
                     continue
-                run, claimed = record.get("run_id"), w.info.get("run_id")
+                run, claimed = parsed.record.get("run_id"), w.info.get("run_id")
                 if run is not None and claimed is not None and run != claimed:
                     self._warn_bad(
                         key,
@@ -219,7 +401,7 @@ class TrialIndex:
                         f"(run {run}, not {claimed}): two processes wrote the worker {worker}",
                     )
                     continue
-                self._add_record(worker, w, record)
+                self._add_record(worker, w, parsed)
 
     def _records(self, folder: str) -> list[tuple[str, str]]:
         """``(worker, key)`` of the ``<worker>.json`` files in ``folder`` whose names are valid."""
@@ -249,24 +431,30 @@ class TrialIndex:
                 self._warn_bad(f"{layout.INDEX}/{name}", str(exc))
         return sorted(folders)
 
-    def _add_record(self, worker: str, w: WorkerState, record: dict[str, Any]) -> None:
+    def _add_record(self, worker: str, w: WorkerState, parsed: ParsedRecord) -> None:
+        record, steps = parsed.record, parsed.steps
         shard = record["shard"]
-        steps = [int(s[0]) for s in record["steps"]]
         self.shard_steps[shard] = steps
-        times = record.get("wall_times")
-        if isinstance(times, list) and len(times) == len(steps):
-            for step, t in zip(steps, times, strict=True):
-                if isinstance(t, (int, float)):
-                    self.wall_times[step] = max(float(t), self.wall_times.get(step, float("-inf")))
         self.shard_bytes[shard] = record["bytes"]
-        for step, mode_value, mode_step in record["steps"]:
-            mode = Mode(mode_value)
-            self.steps[step] = (mode, mode_step)
-            self.mode_steps.setdefault(mode, {})[mode_step] = step
-            self.step_workers.setdefault(step, set()).add(worker)
-            w.last_step = max(w.last_step, step)
-            w.last_mode_step[mode] = max(w.last_mode_step.get(mode, -1), mode_step)
-        for name, entry in record["tensors"].items():
+        self._sorted.clear()
+        step_list = steps.tolist()
+        if parsed.wall_times is not None:
+            times = self.wall_times
+            for step, t in zip(step_list, parsed.wall_times.tolist(), strict=True):
+                before = times.get(step)
+                times[step] = t if before is None else max(t, before)
+        modes = [_MODES[m] for m in parsed.modes.tolist()]
+        self.steps.update(zip(step_list, zip(modes, parsed.mode_steps.tolist(), strict=True), strict=True))
+        if step_list:
+            w.last_step = max(w.last_step, step_list[-1])
+        for mode in set(modes):
+            mine = parsed.modes == mode
+            mode_steps = parsed.mode_steps[mine]
+            self.mode_steps.setdefault(mode, {}).update(zip(mode_steps.tolist(), steps[mine].tolist(), strict=True))
+            w.last_mode_step[mode] = max(w.last_mode_step.get(mode, -1), int(mode_steps.max()))
+        masks = _Masks()
+        for name, (raw, reduced, hist) in parsed.tensors.items():
+            entry = record["tensors"][name]
             info = self.tensors.get(name)
             if info is None:
                 info = self.tensors[name] = TensorInfo(name)
@@ -274,36 +462,39 @@ class TrialIndex:
             if "dtype" in entry:
                 info.dtype, info.shape = entry["dtype"], tuple(entry["shape"])
             info.orig_dtype = entry.get("orig_dtype", info.orig_dtype)
-            raw_steps = _expand(entry.get("raw_steps"), steps)
-            red_steps = _expand(entry.get("reduction_steps"), steps)
-            hist_steps = _expand(entry.get("histogram_steps"), steps)
-            reds = tuple(entry.get("reductions", ()))
-            for step in sorted(raw_steps | red_steps | hist_steps):
-                info.locations.setdefault(step, {})[worker] = Location(
-                    shard, step in raw_steps, reds if step in red_steps else (), step in hist_steps
+            parts = [a for a in (raw, reduced, hist) if len(a)]
+            if not parts:
+                continue
+            union = steps if all(a is steps for a in parts) else np.unique(np.concatenate(parts))
+            info.add(
+                Segment(
+                    shard,
+                    worker,
+                    union,
+                    masks.of(raw, union),
+                    masks.of(reduced, union),
+                    masks.of(hist, union),
+                    tuple(entry.get("reductions", ())),
                 )
+            )
 
     def drop_shard(self, shard: str, why: str) -> None:
         """Forget everything stored in ``shard`` (it cannot be read)."""
         self._warn_bad(shard, why)
         for info in self.tensors.values():
-            for step in self.shard_steps.get(shard, ()):
-                workers = info.locations.get(step)
-                if workers:
-                    for wk in [wk for wk, loc in workers.items() if loc.shard == shard]:
-                        del workers[wk]
-                    if not workers:
-                        del info.locations[step]
-        worker = shard.split("/")[1]  # shards/<worker>/<seq>.h5
-        for step in self.shard_steps.pop(shard, ()):
-            holders = self.step_workers.get(step, set())
-            holders.discard(worker)
-            if not holders:  # no readable copy of this step is left: it was not saved, as far as readers go
-                self.step_workers.pop(step, None)
-                if step in self.steps:  # two records of a stranger may list one step
-                    mode, mode_step = self.steps.pop(step)
-                    self.mode_steps[mode].pop(mode_step, None)
-                self.wall_times.pop(step, None)
+            info.drop(shard)
+        dropped = self.shard_steps.pop(shard, _NO_STEPS)
+        if not len(dropped):
+            return
+        others = list(self.shard_steps.values())
+        held = np.concatenate(others) if others else _NO_STEPS
+        # no readable copy of these steps is left: they were not saved, as far as readers go
+        for step in np.setdiff1d(dropped, held).tolist():
+            if step in self.steps:  # two records of a stranger may list one step
+                mode, mode_step = self.steps.pop(step)
+                self.mode_steps[mode].pop(mode_step, None)
+            self.wall_times.pop(step, None)
+        self._sorted.clear()
 
     def reader(self, shard: str) -> ShardReader | None:
         """Return the open reader of ``shard``, or None (with a warning) if it cannot be read."""
@@ -342,9 +533,19 @@ class TrialIndex:
         self._readers.clear()
 
 
-def _expand(spec: Any, steps: list[int]) -> set[int]:
-    if spec is None:
-        return set()
-    if spec == ALL_STEPS:
-        return set(steps)
-    return set(spec)
+class _Masks:
+    """The step masks of one record's segments; all-true and all-false ones are shared by length."""
+
+    def __init__(self) -> None:
+        self._constant: dict[tuple[int, bool], np.ndarray] = {}
+
+    def of(self, part: np.ndarray, union: np.ndarray) -> np.ndarray:
+        """Which steps of ``union`` are in ``part`` (a sorted subset of it)."""
+        if len(part) in (0, len(union)):
+            key = (len(union), bool(len(part)))
+            if key not in self._constant:
+                mask = np.full(len(union), key[1])
+                mask.flags.writeable = False
+                self._constant[key] = mask
+            return self._constant[key]
+        return np.isin(union, part, assume_unique=True)

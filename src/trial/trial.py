@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import bisect
 import functools
+import math
 import os
 import re
 import time
@@ -197,18 +199,18 @@ class Trial:
         ws = self._index.workers
         return bool(ws) and all(w.end is not None for w in ws.values())
 
-    def _passed(self, step: int, mode: Mode | None) -> bool:
-        """Whether every worker is past ``step`` (a mode step if ``mode``) or has ended."""
+    def _complete_up_to(self, mode: Mode | None) -> float:
+        """The last step (mode step if ``mode``) every worker has passed or ended before: the smallest
+        last step of the workers still running; -inf without workers, inf once all have ended."""
         ws = self._index.workers.values()
         if not ws:
-            return False
-        for w in ws:
-            if w.end is not None:
-                continue
-            last = w.last_step if mode is None else w.last_mode_step.get(mode, -1)
-            if last < step:
-                return False
-        return True
+            return -math.inf
+        running = [w.last_step if mode is None else w.last_mode_step.get(mode, -1) for w in ws if w.end is None]
+        return min(running, default=math.inf)
+
+    def _passed(self, step: int, mode: Mode | None) -> bool:
+        """Whether every worker is past ``step`` (a mode step if ``mode``) or has ended."""
+        return step <= self._complete_up_to(mode)
 
     def _last(self, mode: Mode | None) -> int:
         """Last step (or mode step) counted by any worker, from the end markers and the data."""
@@ -236,8 +238,8 @@ class Trial:
         """
         self._auto_refresh()
         m = None if mode is None else Mode.parse(mode)
-        keys: Iterable[int] = self._index.steps if m is None else self._index.mode_steps.get(m, {})
-        return sorted(s for s in keys if show_incomplete or self._passed(s, m))
+        saved = self._index.sorted_steps(m)
+        return saved[: len(saved) if show_incomplete else bisect.bisect_right(saved, self._complete_up_to(m))]
 
     def last_complete_step(self, mode: Mode | str | None = None) -> int | None:
         """The last step every worker has written (or ended before), or None."""
@@ -741,7 +743,7 @@ class Tensor:
         if reduction is None:
             info = self._info
             if info.shape is None or int(np.prod(info.shape)) != 1:
-                saved = sorted({k for w in info.locations.values() for loc in w.values() for k in loc.reductions})
+                saved = sorted(info.saved_reductions())
                 what = "only reductions were saved" if info.shape is None else f"its shape is {info.shape}"
                 raise ValueError(
                     f"{self.name!r} is not a scalar ({what}); pass reduction= one of "
