@@ -1,0 +1,178 @@
+"""The trial index: one segment of step arrays per tensor and shard, seen by readers as ``{step: {worker: Location}}``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from helpers.trials import logged_warnings
+
+import tensortap
+from tensortap.capture import ShardPolicy, Writer
+from tensortap.config import Collection, ReductionConfig, SaveConfig
+from tensortap.trial.index import Location, RecordError, check_index_record
+
+
+def value(name: str, step: int, rank: int) -> np.ndarray:
+    """A small tensor that differs per name, step and rank."""
+    return np.array([-1.0, 2.0, 0.5]) * (step + 1) + 10 * rank + len(name)
+
+
+def write(out: Path, steps: int, rank: int = 0, max_steps: int = 3, **kwargs: Any) -> None:
+    """A closed trial of ``steps`` steps of ``a`` from worker ``rank``, ``max_steps`` steps per shard."""
+    with Writer(out, rank=rank, shard_policy=ShardPolicy(max_steps=max_steps), **kwargs) as w:
+        for _ in range(steps):
+            with w.stepping():
+                w.save("a", value("a", w.step, rank))
+
+
+def records(out: Path, worker: str = "worker_0") -> list[Path]:
+    return sorted((out / "index" / worker).glob("*.json"))
+
+
+def test_raw_steps_and_reduction_only_steps_across_shards(tmp_path: Path) -> None:
+    cfgs = {
+        "gradients": Collection("gradients", reduction_config=ReductionConfig(reductions=["max"])),
+        "weights": Collection("weights", save_config=SaveConfig(save_interval=2)),  # raw at even steps
+    }
+    with Writer(
+        tmp_path, collection_configs=cfgs, include_collections=["gradients", "weights"], shard_policy=ShardPolicy(max_steps=3)
+    ) as w:
+        for s in range(7):
+            with w.stepping():
+                w.save("t", value("t", s, 0), ["gradients", "weights"])
+    assert len(records(tmp_path)) == 3  # steps 0-2, 3-5, 6
+    trial = tensortap.create_trial(tmp_path)
+    info = trial._index.tensors["t"]
+    assert [seg.steps.tolist() for seg in info.segments] == [[0, 1, 2], [3, 4, 5], [6]]
+    locs = info.locations
+    assert len(locs) == 7 and list(locs) == list(range(7))
+    assert 3 in locs and 7 not in locs and -1 not in locs and "3" not in locs and 2**70 not in locs
+    shards = [f"shards/worker_0/{n:010d}.h5" for n in range(3)]
+    for step, workers in locs.items():
+        assert workers == {"worker_0": Location(shards[step // 3], step % 2 == 0, ("max",), False)}
+        assert locs[step] == workers and locs.get(step) == workers
+    assert locs.get(7) is None
+    with pytest.raises(KeyError):
+        locs[7]
+    t = trial.tensor("t")
+    assert [t.has_raw(s) for s in range(7)] == [s % 2 == 0 for s in range(7)]
+    assert {s: v.tolist() for s, v in t.values().items()} == {s: value("t", s, 0).tolist() for s in (0, 2, 4, 6)}
+    assert t.reduction_values("max") == {s: float(value("t", s, 0).max()) for s in range(7)}
+    assert t.reduction_values("min") == {s: float(value("t", s, 0).min()) for s in (0, 2, 4, 6)}
+
+
+def test_two_workers_at_the_same_steps(tmp_path: Path) -> None:
+    write(tmp_path, 5, rank=0)
+    write(tmp_path, 4, rank=1, max_steps=2)
+    trial = tensortap.create_trial(tmp_path)
+    locs = trial._index.tensors["a"].locations
+    assert list(locs) == [0, 1, 2, 3, 4]
+    assert locs[3] == {
+        "worker_0": Location("shards/worker_0/0000000001.h5", True, ()),
+        "worker_1": Location("shards/worker_1/0000000001.h5", True, ()),
+    }
+    assert list(locs[4]) == ["worker_0"]
+    a = trial.tensor("a")
+    assert a.workers(2) == ["worker_0", "worker_1"] and a.workers(4) == ["worker_0"]
+    for rank in (0, 1):
+        got = a.values(worker=f"worker_{rank}")
+        assert {s: v.tolist() for s, v in got.items()} == {s: value("a", s, rank).tolist() for s in range(5 - rank)}
+    np.testing.assert_array_equal(a.value(2), value("a", 2, 0))  # the first worker in sorted order
+    assert trial.steps() == [0, 1, 2, 3, 4]
+
+
+def test_an_unreadable_shard_takes_exactly_its_own_steps(tmp_path: Path) -> None:
+    write(tmp_path, 6, rank=0)  # worker_0: shards of steps 0-2, 3-5
+    write(tmp_path, 8, rank=1)  # worker_1: 0-2, 3-5, 6-7
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.steps() == list(range(8))
+    broken = ["shards/worker_1/0000000000.h5", "shards/worker_1/0000000002.h5"]
+    for key in broken:
+        (tmp_path / key).write_bytes(b"not a shard")
+    a = trial.tensor("a")
+    with logged_warnings() as warned:
+        got = a.values(worker="worker_1")
+    assert sorted(got) == [3, 4, 5]
+    assert len(warned) == 2 and all(any(k in w for w in warned) for k in broken), warned
+    assert trial.steps() == list(range(6))  # 6 and 7 were in the dropped shard only
+    assert trial.mode_step(6) is None and trial.wall_times().keys() == set(range(6))
+    assert a.steps() == list(range(6))
+    both = ["worker_0", "worker_1"]
+    assert [a.workers(s) for s in (0, 2, 3, 5)] == [["worker_0"], ["worker_0"], both, both]
+    assert trial._index.tensors["a"].locations[3]["worker_1"].shard == "shards/worker_1/0000000001.h5"
+    assert set(trial.problems()) == set(broken)
+
+
+def test_a_record_arriving_later_is_merged(tmp_path: Path) -> None:
+    out, later = tmp_path / "trial", tmp_path / "later"
+    write(out, 8)  # records of steps 0-2, 3-5, 6-7
+    later.mkdir()
+    for path in records(out)[1:]:
+        shutil.move(path, later / path.name)
+    (out / "end" / "worker_0.json").unlink()  # a live run: its last step holds completeness back
+    trial = tensortap.create_trial(out)
+    a = trial.tensor("a")
+    assert trial.steps() == [0, 1, 2] and a.steps() == [0, 1, 2] and len(trial._index.tensors["a"].locations) == 3
+    for name in sorted(p.name for p in later.iterdir()):
+        shutil.move(later / name, out / "index" / "worker_0" / name)
+        trial.refresh()
+    assert trial.steps() == list(range(8))
+    assert a.steps() == list(range(8)) and len(trial._index.tensors["a"].locations) == 8
+    assert [seg.steps.tolist() for seg in trial._index.tensors["a"].segments] == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    np.testing.assert_array_equal(a.value(7), value("a", 7, 0))
+    assert trial.tensor_names(step=7) == ["a"]
+
+
+def test_steps_listed_out_of_order_keep_their_modes_and_times(tmp_path: Path) -> None:
+    with Writer(tmp_path, shard_policy=ShardPolicy(max_steps=10)) as w:
+        for mode in ("TRAIN", "TRAIN", "EVAL", "TRAIN"):
+            with w.stepping(mode=mode):
+                w.save("a", value("a", w.step, 0))
+    (path,) = records(tmp_path)
+    record = json.loads(path.read_text())
+    times = dict(zip([s[0] for s in record["steps"]], record["wall_times"], strict=True))
+    record["steps"].reverse()
+    record["wall_times"].reverse()
+    path.write_text(json.dumps(record))
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.steps() == [0, 1, 2, 3]
+    assert trial.steps("TRAIN") == [0, 1, 2] and trial.steps("EVAL") == [0]
+    assert trial.global_step(2, "TRAIN") == 3 and trial.global_step(0, "EVAL") == 2
+    assert trial.wall_times() == times
+
+
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        (lambda r: r["steps"][0].__setitem__(0, True), "'steps'"),  # a boolean is no step
+        (lambda r: r["steps"][0].__setitem__(2, 1.0), "'steps'"),
+        (lambda r: r["steps"][0].__setitem__(0, 2**70), "'steps'"),  # beyond int64
+        (lambda r: r["steps"][0].__setitem__(1, 9), "'steps'"),  # no such mode
+        (lambda r: r["steps"][0].append(0), "'steps'"),
+        (lambda r: r["steps"].append([1, 1, 5]), "repeats a step"),
+        (lambda r: r["wall_times"].__setitem__(0, False), "'wall_times'"),
+        (lambda r: r["wall_times"].__setitem__(0, 10**400), "'wall_times'"),
+        (lambda r: r["wall_times"].pop(), "'wall_times'"),
+        (lambda r: r["tensors"]["a"].__setitem__("raw_steps", [0, 9]), "raw_steps"),  # 9 is not a step of the record
+        (lambda r: r["tensors"]["a"].__setitem__("reduction_steps", [True]), "reduction_steps"),
+        (lambda r: r["tensors"]["a"].__setitem__("histogram_steps", "all"), "histogram_steps"),
+    ],
+)
+def test_a_record_that_breaks_the_schema_is_refused(tmp_path: Path, change: Any, why: str) -> None:
+    write(tmp_path, 3)
+    (path,) = records(tmp_path)
+    record = json.loads(path.read_text())
+    assert check_index_record(record, "worker_0") is record
+    change(record)
+    with pytest.raises(RecordError, match=why):
+        check_index_record(record, "worker_0")
+    path.write_text(json.dumps(record))
+    with logged_warnings() as warned:
+        trial = tensortap.create_trial(tmp_path)
+    assert trial.steps() == [] and trial.tensor_names() == []
+    assert len(warned) == 1 and path.name in warned[0]
