@@ -149,18 +149,22 @@ def _memory(steps: int) -> list[dict[str, Any]]:
     ]
 
 
-def run(quick: bool = False) -> list[dict[str, Any]]:
-    """Measure and return one row per figure."""
+PARTS = ("scale", "live", "memory")
+
+
+def run(quick: bool = False, parts: tuple[str, ...] = PARTS) -> list[dict[str, Any]]:
+    """Measure and return one row per figure of ``parts`` (all by default)."""
     root = Path(tempfile.mkdtemp(prefix="tensortap-bench-trial-"))
     try:
-        rows = _scale(root, QUICK_SIZES if quick else SIZES)
-        rows += _live(root, 10 if quick else LIVE_STEPS)
-        rows += _memory(30 if quick else 300)
+        rows = _scale(root, QUICK_SIZES if quick else SIZES) if "scale" in parts else []
+        rows += _live(root, 10 if quick else LIVE_STEPS) if "live" in parts else []
+        rows += _memory(30 if quick else 300) if "memory" in parts else []
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return rows
 
 
-if __name__ == "__main__":
-    for row in run(quick="--quick" in sys.argv):
+if __name__ == "__main__":  # python -m bench.bench_trial [--quick] [--part scale,live,memory]
+    chosen = tuple(sys.argv[sys.argv.index("--part") + 1].split(",")) if "--part" in sys.argv else PARTS
+    for row in run(quick="--quick" in sys.argv, parts=chosen):
         print(json.dumps(row))

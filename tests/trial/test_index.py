@@ -1,4 +1,4 @@
-"""The trial index: one segment of step arrays per tensor and shard, seen by readers as ``{step: {worker: Location}}``."""
+"""The trial index: a segment of step arrays per tensor and shard, read as ``{step: {worker: Location}}``."""
 
 from __future__ import annotations
 
@@ -39,9 +39,9 @@ def test_raw_steps_and_reduction_only_steps_across_shards(tmp_path: Path) -> Non
         "gradients": Collection("gradients", reduction_config=ReductionConfig(reductions=["max"])),
         "weights": Collection("weights", save_config=SaveConfig(save_interval=2)),  # raw at even steps
     }
-    with Writer(
-        tmp_path, collection_configs=cfgs, include_collections=["gradients", "weights"], shard_policy=ShardPolicy(max_steps=3)
-    ) as w:
+    policy = ShardPolicy(max_steps=3)
+    kept = ["gradients", "weights"]
+    with Writer(tmp_path, collection_configs=cfgs, include_collections=kept, shard_policy=policy) as w:
         for s in range(7):
             with w.stepping():
                 w.save("t", value("t", s, 0), ["gradients", "weights"])
