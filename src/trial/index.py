@@ -439,10 +439,13 @@ class TrialIndex:
         self._sorted.clear()
         step_list = steps.tolist()
         if parsed.wall_times is not None:
-            times = self.wall_times
-            for step, t in zip(step_list, parsed.wall_times.tolist(), strict=True):
-                before = times.get(step)
-                times[step] = t if before is None else max(t, before)
+            times, new_times = self.wall_times, parsed.wall_times.tolist()
+            if times.keys().isdisjoint(step_list):  # the usual case: steps no other record listed
+                times.update(zip(step_list, new_times, strict=True))
+            else:  # the latest commit of any worker
+                for step, t in zip(step_list, new_times, strict=True):
+                    before = times.get(step)
+                    times[step] = t if before is None else max(t, before)
         modes = [_MODES[m] for m in parsed.modes.tolist()]
         self.steps.update(zip(step_list, zip(modes, parsed.mode_steps.tolist(), strict=True), strict=True))
         if step_list:
