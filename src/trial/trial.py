@@ -951,6 +951,7 @@ def select_names(
     gstep = None if step is None else global_step(step, m)
     if step is not None and gstep is None:
         return []
+    in_mode = set() if m is None else {s for s, (sm, _) in step_modes.items() if sm is m}
     out = []
     for name, collections, steps in entries:
         if collection is not None and collection not in collections:
@@ -959,7 +960,7 @@ def select_names(
             continue
         if gstep is not None and gstep not in steps:
             continue
-        if m is not None and not any(step_modes[s][0] is m for s in steps if s in step_modes):
+        if m is not None and in_mode.isdisjoint(steps):
             continue
         out.append(name)
     return sorted(out)
