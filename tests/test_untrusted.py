@@ -441,3 +441,20 @@ def test_format_1_shards_are_vetted_once_and_again_when_they_change(tmp_path: Pa
         values, warned = read_all(tmp_path / "trial")
     assert sorted(values["dense/kernel"]) == [2]
     assert len(warned) == 1 and SHARD in warned[0], warned
+
+
+def test_compressed_values_beyond_the_read_budget_are_refused_naming_the_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with Writer(tmp_path, shard_policy=ShardPolicy(max_steps=100, compression="gzip")) as w:
+        for _ in range(4):
+            with w.stepping():
+                w.save("zeros", np.zeros(4096, dtype=np.float32))  # 64 KiB that deflate shrinks to almost nothing
+    assert tensortap.create_trial(tmp_path).tensor("zeros").values().keys() == {0, 1, 2, 3}  # the default budget
+    monkeypatch.setenv("TENSORTAP_MAX_READ_BYTES", "65535")
+    values, warned = read_all(tmp_path)
+    assert values == {"zeros": {}}
+    assert len(warned) == 1 and SHARD in warned[0] and "/tensors/0/data declares 65536 bytes" in warned[0]
+    assert "TENSORTAP_MAX_READ_BYTES" in warned[0]
+    monkeypatch.setenv("TENSORTAP_MAX_READ_BYTES", "65536")
+    assert read_all(tmp_path)[0]["zeros"].keys() == {0, 1, 2, 3}

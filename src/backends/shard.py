@@ -465,6 +465,28 @@ TENSOR_PARTS = frozenset({"steps", "data", "crc32", "offsets", "shapes", "ndims"
 STEP_PARTS = ("step", "mode", "mode_step")
 REDUCTION_PARTS = ("tensor_id", "step", "kind", "value")
 
+MAX_READ_ENV = "TENSORTAP_MAX_READ_BYTES"
+
+
+def max_read_bytes() -> int:
+    """The most one read of a compressed dataset may allocate: ``$TENSORTAP_MAX_READ_BYTES``, else half
+    of the machine's physical memory (4 GiB where it is unknown).
+
+    An uncompressed dataset is bounded by the file's size instead; a compressed one by 1032 times
+    what it stores (deflate's limit, which an all-zero tensor reaches), and by this budget.
+    """
+    value = os.environ.get(MAX_READ_ENV)
+    if value:
+        try:
+            return int(value)
+        except ValueError:
+            raise ShardError(f"{MAX_READ_ENV}={value!r} is not a number of bytes") from None
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (AttributeError, ValueError, OSError):  # not POSIX
+        return 4 << 30
+
+
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
@@ -746,6 +768,12 @@ class ShardReader:
                 ok = declared <= 65536
             if not ok:
                 raise ShardError(f"{where} declares {declared} bytes but the file stores {stored} for it")
+            limit = max_read_bytes()
+            if expansion > 1 and declared > limit:
+                raise ShardError(
+                    f"{where} declares {declared} bytes of compressed values, more than one read may allocate "
+                    f"({limit} bytes; set the environment variable {MAX_READ_ENV} to raise it)"
+                )
         return ds
 
     def _verified(self, ds: h5py.Dataset) -> np.ndarray:
