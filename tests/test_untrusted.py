@@ -6,8 +6,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -17,6 +20,7 @@ from helpers.trials import logged_warnings
 import tensortap
 from tensortap import TensorUnavailableForStep
 from tensortap.backends import NotInTrial, get_storage
+from tensortap.backends.shard import FORMAT_1 as FORMAT_1_VETTER
 from tensortap.backends.shard import ShardError, ShardReader
 from tensortap.capture import ShardPolicy, Writer
 from tensortap.cli import main
@@ -368,3 +372,89 @@ def test_a_variable_length_text_attribute_is_refused_unread(tmp_path: Path) -> N
 
     rewrite(tmp_path, variable)
     refused(tmp_path, "attribute 'format' of / has type object")
+
+
+# ---------------------------------------------------------------- format 1: HDF5's global heap
+def break_global_heap(shard: Path) -> None:
+    """Zero 3 bytes of the global heap that holds the shard's text attributes (format 1): the size of
+    its last object becomes 0, on which HDF5 loops forever reading the root attribute ``format``."""
+    data = bytearray(shard.read_bytes())
+    heap = data.index(b"GCOL")
+    at, last = heap + 16, None
+    while int.from_bytes(data[at : at + 2], "little"):  # index 0: the free space that ends the heap
+        last = at
+        at += 16 + -(-int.from_bytes(data[at + 8 : at + 16], "little") // 8) * 8
+    assert last is not None
+    data[last + 6 : last + 9] = b"\0\0\0"  # 2 reserved bytes and the low byte of the object's size
+    shard.write_bytes(bytes(data))
+
+
+READ_IN_A_CHILD = """
+import json, sys
+from helpers.trials import logged_warnings
+import tensortap
+from tensortap.backends.shard import FORMAT_1
+FORMAT_1.child.timeout = float(sys.argv[2])
+with logged_warnings() as warned:
+    trial = tensortap.create_trial(sys.argv[1])
+    values = {n: sorted(trial.tensor(n).values()) for n in trial.tensor_names()}
+print(json.dumps({"values": values, "warned": warned}))
+"""
+
+
+def read_in_a_child(trial: Path, vet_seconds: float) -> dict[str, Any]:
+    """What a reader returns and warns, read in a child process that is killed if HDF5 hangs."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
+    done = subprocess.run(
+        [sys.executable, "-c", READ_IN_A_CHILD, str(trial), str(vet_seconds)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=True,
+    )
+    return json.loads(done.stdout)  # type: ignore[no-any-return]
+
+
+def test_a_format_1_shard_on_which_hdf5_loops_is_refused_in_process(tmp_path: Path) -> None:
+    shutil.copytree(FORMAT_1, tmp_path / "trial")
+    broken = tmp_path / "trial" / SHARD
+    break_global_heap(broken)
+    got = read_in_a_child(tmp_path / "trial", vet_seconds=2)
+    assert got["values"] == {"dense/kernel": [2], "losses/loss": [2], "ragged": [2]}  # the other shard reads
+    assert len(got["warned"]) == 1, got["warned"]
+    assert SHARD in got["warned"][0] and "did not finish within 2 s" in got["warned"][0]
+
+
+def test_format_1_shards_are_vetted_once_and_again_when_they_change(tmp_path: Path) -> None:
+    shutil.copytree(FORMAT_1, tmp_path / "trial")
+    vetted = FORMAT_1_VETTER.child.ask
+    asked: list[str] = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(FORMAT_1_VETTER.child, "ask", lambda path, size: asked.append(path) or vetted(path, size))
+        mp.setattr(FORMAT_1_VETTER.child, "timeout", 2)
+        for _ in range(2):
+            values, warned = read_all(tmp_path / "trial")
+            assert sorted(values["dense/kernel"]) == [0, 1, 2] and warned == []
+        assert sorted(Path(p).name for p in asked) == ["0000000000.h5", "0000000001.h5"]
+        break_global_heap(tmp_path / "trial" / SHARD)  # same size, new modification time
+        values, warned = read_all(tmp_path / "trial")
+    assert sorted(values["dense/kernel"]) == [2]
+    assert len(warned) == 1 and SHARD in warned[0], warned
+
+
+def test_compressed_values_beyond_the_read_budget_are_refused_naming_the_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with Writer(tmp_path, shard_policy=ShardPolicy(max_steps=100, compression="gzip")) as w:
+        for _ in range(4):
+            with w.stepping():
+                w.save("zeros", np.zeros(4096, dtype=np.float32))  # 64 KiB that deflate shrinks to almost nothing
+    assert tensortap.create_trial(tmp_path).tensor("zeros").values().keys() == {0, 1, 2, 3}  # the default budget
+    monkeypatch.setenv("TENSORTAP_MAX_READ_BYTES", "65535")
+    values, warned = read_all(tmp_path)
+    assert values == {"zeros": {}}
+    assert len(warned) == 1 and SHARD in warned[0] and "/tensors/0/data declares 65536 bytes" in warned[0]
+    assert "TENSORTAP_MAX_READ_BYTES" in warned[0]
+    monkeypatch.setenv("TENSORTAP_MAX_READ_BYTES", "65536")
+    assert read_all(tmp_path)[0]["zeros"].keys() == {0, 1, 2, 3}

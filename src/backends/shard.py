@@ -9,6 +9,7 @@ description; this module is its only implementation. No framework is imported.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import stat
@@ -26,6 +27,7 @@ import numpy as np
 
 from ..exceptions import TensortapError
 from ..reductions import Histogram
+from . import isolated
 from .layout import FORMAT_MINOR, FORMAT_VERSION
 
 SHARD_MAGIC = "tensortap-shard"
@@ -268,8 +270,8 @@ class ShardBuffer:
 
     def commit(self, step: int, mode: int, mode_step: int) -> None:
         """The step in progress is complete."""
+        self.wall_times.append(time.time())  # first: an interrupt between the two leaves a time rollback drops
         self.steps.append((step, mode, mode_step))
-        self.wall_times.append(time.time())
         self._staged = []
 
     def rollback(self) -> None:
@@ -279,6 +281,7 @@ class ShardBuffer:
         so that it is also right when a signal handler (SIGTERM) runs it while
         :meth:`stage` is half-way through adding a value.
         """
+        del self.wall_times[len(self.steps) :]
         last = self.steps[-1][0] if self.steps else -1
         for name, col in list(self.columns.items()):
             col.truncate(sum(1 for s in col.steps if s <= last))
@@ -462,6 +465,28 @@ TENSOR_PARTS = frozenset({"steps", "data", "crc32", "offsets", "shapes", "ndims"
 STEP_PARTS = ("step", "mode", "mode_step")
 REDUCTION_PARTS = ("tensor_id", "step", "kind", "value")
 
+MAX_READ_ENV = "TENSORTAP_MAX_READ_BYTES"
+
+
+def max_read_bytes() -> int:
+    """The most one read of a compressed dataset may allocate: ``$TENSORTAP_MAX_READ_BYTES``, else half
+    of the machine's physical memory (4 GiB where it is unknown).
+
+    An uncompressed dataset is bounded by the file's size instead; a compressed one by 1032 times
+    what it stores (deflate's limit, which an all-zero tensor reaches), and by this budget.
+    """
+    value = os.environ.get(MAX_READ_ENV)
+    if value:
+        try:
+            return int(value)
+        except ValueError:
+            raise ShardError(f"{MAX_READ_ENV}={value!r} is not a number of bytes") from None
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (AttributeError, ValueError, OSError):  # not POSIX
+        return 4 << 30
+
+
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
@@ -507,6 +532,74 @@ def check_hdf5_header(path: str, expected_bytes: int | None = None) -> int:
     if base != 0 or eof != size:
         raise ShardError(f"{path}: {size} bytes, but its HDF5 superblock says {eof} (truncated or extended)")
     return size
+
+
+VET_SECONDS = 20.0
+"""Time limit for reading the attributes of one format-1 shard in a child process (it takes milliseconds)."""
+VET_IDLE_SECONDS = 60.0
+"""The child that vets format-1 shards exits after this long without a shard to vet."""
+
+
+def vet_format_1(path: str, expected_bytes: int | None) -> str | None:
+    """Read every attribute of every object of the shard at ``path``: the problem, or None.
+
+    Run in a child process with a time limit (:class:`Format1Vetter`): format 1 kept
+    text attributes in HDF5's global heap, which has no checksum; a corrupt one
+    can make HDF5 loop forever. Every other HDF5 structure of a shard (both
+    formats are written with ``libver="v110"``) carries HDF5's checksum.
+    """
+
+    def read(_name: str, obj: h5py.HLObject) -> None:
+        for key in obj.attrs:
+            obj.attrs[key]
+
+    try:
+        check_hdf5_header(path, expected_bytes)
+        with h5py.File(path, "r") as f:
+            read("/", f)
+            f.visititems(read)
+    except Exception as exc:  # a corrupt file can make h5py raise anything
+        return f"{path}: cannot read shard ({type(exc).__name__}: {exc})"
+    return None
+
+
+class Format1Vetter:
+    """Vets format-1 shards before their first in-process use, in one child process with a time limit.
+
+    The verdict for a file is kept for the life of the process, keyed by its
+    real path, size, modification time and inode: a file that changes is vetted again.
+    """
+
+    def __init__(self) -> None:
+        self.child = isolated.ShardChild("tensortap.backends.shard:vet_format_1", VET_SECONDS, VET_IDLE_SECONDS)
+        self._good: set[tuple[str, int, int, int, int]] = set()
+        self._lock = threading.Lock()
+
+    def problem(self, path: str, expected_bytes: int | None) -> str | None:
+        """Why the format-1 shard at ``path`` cannot be read safely in this process, or None."""
+        if isolated.IN_CHILD:  # the child's own time limit bounds it
+            return None
+        st = os.stat(path)
+        key = (os.path.realpath(path), st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
+        with self._lock:
+            if key in self._good:
+                return None
+            try:
+                problem: str | None = self.child.ask(path, expected_bytes)
+            except isolated.ChildFailed as exc:
+                problem = f"{path}: {exc}"
+            if problem is None:
+                self._good.add(key)
+            return problem
+
+    def close(self) -> None:
+        """End the child (a later shard starts a new one)."""
+        with self._lock:
+            self.child.close()
+
+
+FORMAT_1 = Format1Vetter()
+atexit.register(FORMAT_1.close)
 
 
 @dataclass
@@ -569,6 +662,10 @@ class ShardReader:
             )
         self.version = int(version)
         self.checksums = self.version >= 2
+        if not self.checksums:  # text attributes in HDF5's global heap, which has no checksum
+            problem = FORMAT_1.problem(self.path, self._size)
+            if problem is not None:
+                raise ShardError(problem)
         self._check_header(self._file)
         if self._attr(self._file, "format", "S") != SHARD_MAGIC:
             raise ShardError(f"{self.path}: not a tensortap shard (no format attribute {SHARD_MAGIC!r})")
@@ -671,6 +768,12 @@ class ShardReader:
                 ok = declared <= 65536
             if not ok:
                 raise ShardError(f"{where} declares {declared} bytes but the file stores {stored} for it")
+            limit = max_read_bytes()
+            if expansion > 1 and declared > limit:
+                raise ShardError(
+                    f"{where} declares {declared} bytes of compressed values, more than one read may allocate "
+                    f"({limit} bytes; set the environment variable {MAX_READ_ENV} to raise it)"
+                )
         return ds
 
     def _verified(self, ds: h5py.Dataset) -> np.ndarray:

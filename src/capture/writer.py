@@ -316,10 +316,11 @@ class TrialWriter:
         self._finished = False
         self.run_id = run_id or uuid.uuid4().hex
         self._lock = threading.RLock()
-        self._buffer = ShardBuffer(policy.max_steps, policy.max_bytes)
+        # the shard being built is the last; before it, shards handed off to the writer thread (see _take_locked)
+        self._buffers = [ShardBuffer(policy.max_steps, policy.max_bytes)]
         self._since = 0.0
         self._publish_seconds = 0.0  # moving average of one publish: publishing starts this much earlier
-        self._seq = 0
+        self._seq = 0  # of the next shard the writer thread publishes
         self._last: tuple[int, int, int] | None = None  # the last committed (step, mode, mode_step)
         self._staging_step = -1
         self._hung = False  # the storage did not answer within policy.timeout: wait for it no more
@@ -408,27 +409,45 @@ class TrialWriter:
         return time.monotonic() - self._since >= self.policy.max_seconds - lead
 
     def publish_if_due(self) -> None:
-        """Publish the buffer if :meth:`_due` (writer thread)."""
+        """Publish the buffer if :meth:`_due`, and every shard handed off (writer thread)."""
         with self._io_lock:
             if not self._lock.acquire(timeout=POLL_SECONDS):
                 return
             try:
-                job = self._take_locked() if not self.closed and self.error is None and self._due() else None
+                if not self.closed and self.error is None and self._due():
+                    self._take_locked()
             finally:
                 self._lock.release()
-            if job is not None:
-                job()
+            self._publish_handed_off()  # also a shard whose job an interrupt kept from the queue
+
+    @property
+    def _buffer(self) -> ShardBuffer:
+        """The shard being built."""
+        return self._buffers[-1]
 
     def _take_locked(self) -> Callable[[], None] | None:
-        if not self._buffer:
-            return None
-        buffer, seq = self._buffer, self._seq
-        # a step in progress moves on to the next shard
-        self._buffer = (
-            buffer.detach_staged() if buffer.staging else ShardBuffer(self.policy.max_steps, self.policy.max_bytes)
-        )
-        self._seq += 1
-        return lambda: self._publish(buffer, seq)
+        """Hand the committed steps off to the writer thread; return the job that publishes them, if any.
+
+        A ``KeyboardInterrupt`` may land between any two bytecodes here (Python's default
+        SIGINT handler, as Jupyter installs it). The handoff is one ``list.append`` that makes
+        a new buffer the open one: before it, the shard is still the open buffer; after it,
+        the shard waits in ``_buffers`` until the writer thread publishes it, whether or not
+        the returned job reaches the queue (the writer thread publishes what waits at every
+        poll, and :meth:`close` does too). A step in progress moves on to the new buffer.
+        """
+        buffer = self._buffer
+        if buffer:
+            self._buffers.append(
+                buffer.detach_staged() if buffer.staging else ShardBuffer(self.policy.max_steps, self.policy.max_bytes)
+            )
+        return self._publish_handed_off if len(self._buffers) > 1 else None
+
+    def _publish_handed_off(self) -> None:
+        """Publish the shards handed off, oldest first (writer thread)."""
+        while len(self._buffers) > 1:
+            self._publish(self._buffers[0], self._seq)
+            self._seq += 1
+            del self._buffers[0]
 
     def _submit(self, fn: Callable[[], None]) -> None:
         if self._hung:

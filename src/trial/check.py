@@ -9,16 +9,10 @@ hold the steps and tensors the record lists.
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import queue
-import subprocess
-import sys
-import threading
 from typing import Any
 
 from ..backends import layout
+from ..backends.isolated import ChildFailed, ShardChild
 from ..backends.layout import UnsafeKey, check_key
 from ..backends.registry import get_storage
 from ..backends.shard import ShardError, ShardReader
@@ -45,77 +39,6 @@ def inspect_shard(path: str, expected_bytes: int | None) -> Summary:
         return str(exc), [], []
     finally:
         reader.close()
-
-
-def _serve() -> None:
-    """The child process: for each JSON line ``[path, expected_bytes]`` on stdin, one JSON summary line."""
-    for line in sys.stdin:
-        sys.stdout.write(json.dumps(inspect_shard(*json.loads(line))) + "\n")
-        sys.stdout.flush()
-
-
-class _Inspector:
-    """A child process that inspects shards one at a time, replaced when one takes too long.
-
-    A plain subprocess (not :mod:`multiprocessing`), so that a user's script
-    calling :func:`find_problems` is never imported again in the child.
-    """
-
-    def __init__(self, timeout: float) -> None:
-        self.timeout = timeout
-        self._proc: subprocess.Popen[str] | None = None
-        self._answers: queue.Queue[str] = queue.Queue()
-
-    def _start(self) -> subprocess.Popen[str]:
-        package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([package_root, *sys.path])}
-        proc = subprocess.Popen(
-            [sys.executable, "-c", "from tensortap.trial.check import _serve; _serve()"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        answers: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=_pump, args=(proc, answers), daemon=True).start()
-        self._proc, self._answers = proc, answers
-        return proc
-
-    def inspect(self, path: str, expected_bytes: int | None) -> Summary:
-        proc = self._proc or self._start()
-        assert proc.stdin is not None
-        try:
-            proc.stdin.write(json.dumps([path, expected_bytes]) + "\n")
-            proc.stdin.flush()
-            answer = self._answers.get(timeout=self.timeout)
-        except queue.Empty:
-            self.close()
-            return f"{path}: reading it did not finish within {self.timeout:g} s (corrupt HDF5 structure)", [], []
-        except OSError:
-            answer = ""
-        if not answer:  # the child died (HDF5 aborted, out of memory)
-            self.close()
-            return f"{path}: reading it killed the process that read it", [], []
-        problem, steps, names = json.loads(answer)
-        return problem, steps, names
-
-    def close(self) -> None:
-        if self._proc is not None:
-            self._proc.kill()
-            self._proc.wait()
-            for stream in (self._proc.stdin, self._proc.stdout):
-                if stream is not None:
-                    stream.close()
-            self._proc = None
-
-
-def _pump(proc: subprocess.Popen[str], answers: queue.Queue[str]) -> None:
-    """Move the child's answer lines into ``answers``; an empty string once it has ended."""
-    assert proc.stdout is not None
-    with contextlib.suppress(ValueError, OSError):  # closed by close()
-        for line in proc.stdout:
-            answers.put(line)
-    answers.put("")
 
 
 def _second_writer(storage: Storage, worker: str, record: dict[str, Any]) -> str | None:
@@ -207,7 +130,7 @@ def find_problems(path: str, options: dict[str, Any] | None = None, timeout: flo
     for shard, (key, _) in sorted(named.items()):
         if shard not in present:
             problems.append(f"{key}: names shard {shard!r}, which does not exist")
-    inspector = _Inspector(timeout)
+    inspector = ShardChild("tensortap.trial.check:inspect_shard", timeout)
     try:
         for key in shards:
             record_key, record = named.get(key, ("", {}))
@@ -216,7 +139,10 @@ def find_problems(path: str, options: dict[str, Any] | None = None, timeout: flo
             except OSError as exc:
                 problems.append(f"{key}: unreadable shard ({exc})")
                 continue
-            problem, steps, names = inspector.inspect(local, record.get("bytes"))
+            try:
+                problem, steps, names = inspector.ask(local, record.get("bytes"))
+            except ChildFailed as exc:
+                problem, steps, names = f"{local}: {exc}", [], []
             if problem is None and record:
                 problem = _compare(record_key, record, steps, names)
             if problem is not None:

@@ -1,0 +1,142 @@
+"""Running a function on a shard in a child process with a time limit.
+
+A corrupt HDF5 structure can make HDF5 loop forever (ignoring Ctrl-C), so
+reading a file nobody vouches for in full (``tensortap check``), or reading
+the parts of a format-1 shard that HDF5 does not checksum, happens in a
+child process that is killed when it takes too long. The child is a plain
+``python -c`` subprocess, not :mod:`multiprocessing`, so that a user's script
+is never imported again in it. It imports only what the task names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import os
+import queue
+import select
+import subprocess
+import sys
+import threading
+from typing import Any
+
+START_SECONDS = 120.0
+"""Time allowed for a child to start (import NumPy and h5py) on a loaded machine."""
+IN_CHILD = False
+"""True in a child process, whose time limit already bounds what it reads."""
+
+
+class ChildFailed(Exception):
+    """The child did not answer: it took longer than its time limit, or it died."""
+
+
+def serve(task: str, idle: float | None) -> None:
+    """The child process: for each JSON line ``[arguments...]`` on stdin, the JSON result of ``task(*arguments)``.
+
+    ``task`` is ``"module:function"``. Writes ``"ready"`` once the task is imported. Exits when
+    stdin closes, or after ``idle`` seconds without a request.
+    """
+    global IN_CHILD
+    IN_CHILD = True
+    module, name = task.split(":")
+    function = getattr(importlib.import_module(module), name)
+    sys.stdout.write('"ready"\n')
+    sys.stdout.flush()
+    while idle is None or select.select([sys.stdin], [], [], idle)[0]:
+        line = sys.stdin.readline()
+        if not line:
+            return
+        sys.stdout.write(json.dumps(function(*json.loads(line))) + "\n")
+        sys.stdout.flush()
+
+
+class ShardChild:
+    """A child process that runs ``task`` on one shard at a time, replaced when one takes too long.
+
+    Parameters
+    ----------
+    task
+        ``"module:function"``: a function of JSON arguments with a JSON result.
+    timeout
+        Seconds one call may take; past it, the child is killed and :class:`ChildFailed` raised.
+    idle
+        Seconds after which an unused child exits by itself (None: it lives until :meth:`close`).
+    """
+
+    def __init__(self, task: str, timeout: float, idle: float | None = None) -> None:
+        self.task = task
+        self.timeout = timeout
+        self.idle = idle
+        self._proc: subprocess.Popen[str] | None = None
+        self._answers: queue.Queue[str] = queue.Queue()
+
+    def _start(self) -> None:
+        package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([package_root, *sys.path])}
+        code = f"from tensortap.backends.isolated import serve; serve({self.task!r}, {self.idle!r})"
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,  # HDF5's diagnostics of a corrupt file: the answer says what is wrong
+            text=True,
+            env=env,
+        )
+        answers: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=_pump, args=(proc, answers), daemon=True).start()
+        self._proc, self._answers = proc, answers
+        try:
+            ready = answers.get(timeout=START_SECONDS)
+        except queue.Empty:
+            ready = ""
+        if not ready:
+            self.close()
+            raise ChildFailed(f"the process that reads it did not start within {START_SECONDS:g} s")
+
+    def ask(self, *arguments: Any) -> Any:
+        """``task(*arguments)``, computed in the child; :class:`ChildFailed` if it hangs or dies."""
+        for attempt in range(2):
+            if self._proc is None or self._proc.poll() is not None:
+                self.close()
+                self._start()
+            proc = self._proc
+            assert proc is not None and proc.stdin is not None
+            try:
+                proc.stdin.write(json.dumps(arguments) + "\n")
+                proc.stdin.flush()
+                answer = self._answers.get(timeout=self.timeout)
+            except queue.Empty:
+                self.close()
+                raise ChildFailed(
+                    f"reading it did not finish within {self.timeout:g} s (corrupt HDF5 structure)"
+                ) from None
+            except OSError:
+                answer = ""
+            if answer:
+                return json.loads(answer)
+            idle_exit = proc.wait() == 0  # it exited on its own, being idle, as the request arrived
+            self.close()
+            if not idle_exit or attempt:
+                break
+        raise ChildFailed("reading it killed the process that read it")
+
+    def close(self) -> None:
+        """End the child, if one runs."""
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait()
+            for stream in (self._proc.stdin, self._proc.stdout):
+                if stream is not None:
+                    with contextlib.suppress(OSError):
+                        stream.close()
+            self._proc = None
+
+
+def _pump(proc: subprocess.Popen[str], answers: queue.Queue[str]) -> None:
+    """Move the child's answer lines into ``answers``; an empty string once it has ended."""
+    assert proc.stdout is not None
+    with contextlib.suppress(ValueError, OSError):  # closed by close()
+        for line in proc.stdout:
+            answers.put(line)
+    answers.put("")
