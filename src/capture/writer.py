@@ -425,7 +425,9 @@ class TrialWriter:
         buffer, seq = self._buffer, self._seq
         # a step in progress moves on to the next shard
         self._buffer = (
-            buffer.detach_staged() if buffer.staging else ShardBuffer(self.policy.max_steps, self.policy.max_bytes)
+            buffer.detach_staged()
+            if buffer.staging
+            else ShardBuffer(self.policy.max_steps, self.policy.max_bytes, len(buffer) + 1)
         )
         self._seq += 1
         return lambda: self._publish(buffer, seq)
