@@ -178,3 +178,31 @@ def test_64_mib_tensor(tmp_path: Path) -> None:
     t = tensortap.create_trial(tmp_path).tensor("big")
     assert_identical(t.value(1), big)
     assert t.shape(0) == (16 << 20,)
+
+
+def test_a_shard_reserves_the_rows_of_the_previous_one(monkeypatch, tmp_path: Path) -> None:
+    """A tensor's stacked array is sized for the steps the previous shard held: it never grows
+    (a copy of every row so far, on the training thread) in the middle of a shard."""
+    from tensortap.backends import shard
+
+    monkeypatch.setattr(shard, "_FIRST_RESERVE", 4096)  # a 1 KiB value reserves 4 rows without a hint
+    value = np.arange(256, dtype=np.float32)
+
+    def first_array_kept(buf: shard.ShardBuffer) -> bool:
+        first = None
+        for step in range(10):
+            buf.stage(step, "x", ("c",), value + step, {}, None)
+            buf.commit(step, 0, step)
+            first = buf.columns["x"].data if first is None else first
+        np.testing.assert_array_equal(buf.columns["x"].values(), np.stack([value + s for s in range(10)]))
+        return buf.columns["x"].data is first
+
+    assert not first_array_kept(shard.ShardBuffer())  # without a hint it grows
+    assert first_array_kept(shard.ShardBuffer(rows=11))
+    with Writer(tmp_path, shard_policy=ShardPolicy(max_steps=5)) as w:
+        for _ in range(6):
+            with w.stepping():
+                w.save("x", value)
+        assert w.writer is not None
+        assert w.writer._buffer.rows == 6  # the first shard held 5 steps
+    assert tensortap.create_trial(tmp_path).tensor("x").steps() == list(range(6))

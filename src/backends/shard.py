@@ -186,11 +186,16 @@ class ShardBuffer:
     max_steps, max_bytes
         The shard's limits (:class:`~tensortap.capture.ShardPolicy`): a tensor's
         stacked array is sized for them at once, so it rarely has to grow.
+    rows
+        Steps this shard is expected to hold (the previous shard's, plus one): a tensor's
+        stacked array reserves at least that many rows (within ``max_bytes``), so that it
+        does not grow, a copy of every row so far on the training thread, in the middle of the shard.
     """
 
-    def __init__(self, max_steps: int = 1000, max_bytes: int = 256 << 20) -> None:
+    def __init__(self, max_steps: int = 1000, max_bytes: int = 256 << 20, rows: int = 0) -> None:
         self.max_steps = max_steps
         self.max_bytes = max_bytes
+        self.rows = rows
         self.steps: list[tuple[int, int, int]] = []
         self.wall_times: list[float] = []  # time.time() at each commit
         self.columns: dict[str, _Column] = {}
@@ -229,9 +234,8 @@ class ShardBuffer:
             col.red = [r for r in col.red if r[0] != step]
             self._staged = [(n, s, r and n != name, 0 if n == name else k) for n, s, r, k in self._staged]
         if raw is not None:
-            reserve = min(
-                self.max_steps, self.max_bytes // max(raw.nbytes, 1) + 1, _FIRST_RESERVE // max(raw.nbytes, 1)
-            )
+            fits = self.max_bytes // max(raw.nbytes, 1) + 1
+            reserve = max(min(self.max_steps, fits, _FIRST_RESERVE // max(raw.nbytes, 1)), min(self.rows, fits))
             stored = col.add_raw(step, raw, max(reserve, 1))
             self.nbytes += raw.nbytes
         col.red.extend((step, k, float(v)) for k, v in reductions.items())
@@ -258,7 +262,7 @@ class ShardBuffer:
 
     def detach_staged(self) -> ShardBuffer:
         """Move the values of the step in progress into a new buffer, and return it."""
-        moved = ShardBuffer(self.max_steps, self.max_bytes)
+        moved = ShardBuffer(self.max_steps, self.max_bytes, len(self.steps) + 1)
         for name, step, raw, n_red in self._staged:
             col = self.columns[name]
             value = np.array(col.last_raw(), copy=True) if raw else None

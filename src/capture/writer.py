@@ -438,7 +438,9 @@ class TrialWriter:
         buffer = self._buffer
         if buffer:
             self._buffers.append(
-                buffer.detach_staged() if buffer.staging else ShardBuffer(self.policy.max_steps, self.policy.max_bytes)
+                buffer.detach_staged()
+                if buffer.staging
+                else ShardBuffer(self.policy.max_steps, self.policy.max_bytes, len(buffer) + 1)
             )
         return self._publish_handed_off if len(self._buffers) > 1 else None
 
