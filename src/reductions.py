@@ -177,6 +177,16 @@ def check_edges(edges: Sequence[float] | np.ndarray, field_name: str = "histogra
     return e
 
 
+def equal_edges(lo: float, hi: float, bins: int) -> np.ndarray:
+    """``bins`` equal bins from ``lo`` to ``hi`` (the finite range of a tensor): ``numpy.linspace``.
+
+    A constant tensor (``lo == hi``) gets the range ``[x - 0.5, x + 0.5]``.
+    """
+    if not lo < hi:
+        lo, hi = lo - 0.5, hi + 0.5
+    return np.linspace(lo, hi, bins + 1)
+
+
 def histogram_edges(array: np.ndarray, bins: int = DEFAULT_BINS) -> np.ndarray | None:
     """``bins`` equal bins over the range of the finite values of ``array``; None if it has none.
 
@@ -186,10 +196,54 @@ def histogram_edges(array: np.ndarray, bins: int = DEFAULT_BINS) -> np.ndarray |
     finite = a[np.isfinite(a)]
     if finite.size == 0:
         return None
-    lo, hi = float(finite.min()), float(finite.max())
-    if not lo < hi:
-        lo, hi = lo - 0.5, hi + 0.5
-    return np.linspace(lo, hi, bins + 1)
+    return equal_edges(float(finite.min()), float(finite.max()), bins)
+
+
+def bin_dtype(dtype: str) -> str:
+    """The float type a tensor of ``dtype`` (a NumPy or Keras dtype name) is binned in: exactly.
+
+    ``"float32"`` for the types it holds exactly (float32 and narrower floats, 8- and
+    16-bit integers, bool, the magnitudes of complex64), else ``"float64"``.
+    """
+    narrow = ("bool", "int8", "int16", "uint8", "uint16", "float16", "bfloat16", "float32", "complex64")
+    return "float32" if dtype in narrow or dtype.startswith("float8") else "float64"
+
+
+class BinBounds(NamedTuple):
+    """The histogram rule as a device computes it: ``edges`` rounded up into the dtype the values are binned in.
+
+    A finite value ``x`` falls in bin ``clip(searchsorted(bounds, x, side="right"), first, bins) - 1``
+    and NaN and ±Inf in none. This counts exactly as :func:`histogram_counts`: for
+    ``x`` held exactly in ``bounds``' dtype, ``x < edge`` if and only if
+    ``x < bound`` (the bound being the smallest number of that dtype not below the
+    edge), and the clip is the clamp of outside values into the outer bins
+    (``first`` > 1 when edges repeat ``edges[0]``: the bins before it stay empty).
+    """
+
+    bounds: np.ndarray
+    first: int
+    bins: int
+
+
+def bin_bounds(edges: np.ndarray, dtype: str = "float64") -> BinBounds:
+    """The :class:`BinBounds` of ``edges`` (float64, non-decreasing) for values binned in ``dtype``."""
+    e = np.asarray(edges, dtype=np.float64)
+    bounds = e
+    if dtype != "float64":
+        with np.errstate(over="ignore"):
+            bounds = e.astype(dtype)
+            low = bounds.astype(np.float64) < e
+        bounds = np.where(low, np.nextafter(bounds, np.inf, dtype=bounds.dtype), bounds)
+    first = min(int(np.searchsorted(e, e[0], side="right")), len(e) - 1)  # edges equal to edges[0]: 1 unless repeated
+    return BinBounds(bounds, first, len(e) - 1)
+
+
+def _binned_values(array: np.ndarray) -> np.ndarray:
+    """``array`` flat, as the values it is binned on (magnitudes of complex), in its :func:`bin_dtype`."""
+    a = np.asarray(array)
+    if a.dtype.kind == "c":
+        a = np.abs(a)
+    return a.astype(bin_dtype(a.dtype.name), copy=False).ravel()
 
 
 def histogram_counts(array: np.ndarray, edges: np.ndarray) -> np.ndarray:
@@ -199,11 +253,28 @@ def histogram_counts(array: np.ndarray, edges: np.ndarray) -> np.ndarray:
     in the first bin and one above ``edges[-1]`` in the last, so that every
     finite value is counted. NaN and infinities are not (``nan_count`` and
     ``inf_count`` count them). Complex values are binned by magnitude.
+
+    The rule is ``numpy.histogram(numpy.clip(finite, edges[0], edges[-1]), bins=edges)``
+    on the values as float64: ``counts[i]`` values ``v`` with ``edges[i] <= v < edges[i+1]``,
+    the last bin including ``edges[-1]``. It is computed on the sorted values (float32
+    ones in float32, :class:`BinBounds`), which gives the same counts faster.
     """
-    a = _as_float64(np.asarray(array)).ravel()
-    finite = a[np.isfinite(a)]
-    counts, _ = np.histogram(np.clip(finite, edges[0], edges[-1]), bins=edges)
-    return counts.astype(np.int64)
+    s = np.sort(_binned_values(array))  # NaN sorts last
+    return _sorted_counts(s, bin_bounds(edges, s.dtype.name))
+
+
+def _finite_span(s: np.ndarray) -> tuple[int, int]:
+    """``(start, end)``: the finite values of sorted ``s`` are ``s[start:end]`` (-Inf before, +Inf and NaN after)."""
+    return int(np.searchsorted(s, -np.inf, side="right")), int(np.searchsorted(s, np.inf, side="left"))
+
+
+def _sorted_counts(s: np.ndarray, b: BinBounds) -> np.ndarray:
+    """Counts on sorted values ``s``: differences of how many finite values lie below each bound."""
+    start, end = _finite_span(s)
+    below = np.zeros(b.bins + 1, dtype=np.int64)
+    below[b.first : b.bins] = np.searchsorted(s, b.bounds[b.first : b.bins], side="left") - start
+    below[b.bins] = end - start
+    return np.diff(below)
 
 
 def histogram(array: np.ndarray, bins: int | Sequence[float] | np.ndarray = DEFAULT_BINS) -> Histogram | None:
@@ -211,10 +282,12 @@ def histogram(array: np.ndarray, bins: int | Sequence[float] | np.ndarray = DEFA
 
     None when there are no edges to use: ``bins`` is a number and ``array`` has no finite value.
     """
+    s = np.sort(_binned_values(array))
     if isinstance(bins, (int, np.integer)):
-        edges = histogram_edges(array, int(bins))
-        if edges is None:
+        start, end = _finite_span(s)
+        if start == end:
             return None
+        edges = equal_edges(float(s[start]), float(s[end - 1]), int(bins))
     else:
         edges = check_edges(bins)
-    return Histogram(edges, histogram_counts(array, edges))
+    return Histogram(edges, _sorted_counts(s, bin_bounds(edges, s.dtype.name)))

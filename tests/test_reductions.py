@@ -7,11 +7,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 import tensortap
 from tensortap import Collection, ReductionConfig, SaveConfig, TensorUnavailableForStep
 from tensortap.capture import Writer
-from tensortap.reductions import ALL_REDUCTIONS, REDUCTIONS, compute
+from tensortap.capture.testing import numpy_histogram_rule, numpy_rule_edges
+from tensortap.reductions import ALL_REDUCTIONS, REDUCTIONS, compute, histogram
 
 ALL = ReductionConfig(
     reductions=[*REDUCTIONS, "nan_count", "inf_count", "zero_count"],
@@ -217,3 +221,39 @@ def test_raw_at_some_steps_reductions_at_others(tmp_path: Path) -> None:
     assert list(t.values()) == [0, 2]
     assert t.reduction_values("max") == {0: 2.0, 1: 4.0, 2: 6.0, 3: 8.0}
     assert t.reduction_values("min") == {0: -1.0, 2: -3.0}  # computable where the raw tensor is
+
+
+HIST_DTYPES = st.sampled_from(
+    ["float16", "float32", "float64", "int8", "int32", "int64", "uint16", "bool", "complex64"]
+)
+
+
+@st.composite
+def arrays_and_edges(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray | int]:
+    """An array (NaN, Inf, repeats) and edges: a number of bins, or edges partly taken from its own values."""
+    dtype = np.dtype(draw(HIST_DTYPES))
+    array = draw(hnp.arrays(dtype, draw(st.integers(0, 40)), elements=hnp.from_dtype(dtype, allow_subnormal=False)))
+    if draw(st.booleans()):
+        return array, draw(st.integers(1, 9))
+    pool = [float(v) for v in np.abs(array).ravel() if np.isfinite(v)] if dtype.kind == "c" else []
+    pool += [float(v) for v in array.ravel() if dtype.kind != "c" and np.isfinite(v)]
+    picked = draw(st.lists(st.sampled_from(pool) if pool else st.floats(-1e6, 1e6), max_size=4))
+    more = draw(st.lists(st.floats(-1e38, 1e38, allow_subnormal=False), min_size=2, max_size=5))
+    edges = np.unique(np.array(picked + more, dtype=np.float64))
+    return array, edges if edges.size >= 2 else np.array([-1.0, 1.0])
+
+
+@settings(max_examples=400, deadline=None)
+@given(arrays_and_edges())
+def test_histogram_counts_equal_the_numpy_calls_of_the_rule(case: tuple[np.ndarray, np.ndarray | int]) -> None:
+    """The sorted-float32 counting of reductions.histogram against np.histogram(np.clip(...)) in float64."""
+    array, bins = case
+    hist = histogram(array, bins)
+    magnitudes = np.abs(array) if array.dtype.kind == "c" else array
+    edges = numpy_rule_edges(magnitudes, bins) if isinstance(bins, int) else bins
+    if edges is None:
+        assert hist is None
+        return
+    assert hist is not None
+    np.testing.assert_array_equal(hist.edges, edges)
+    np.testing.assert_array_equal(hist.counts, numpy_histogram_rule(array, edges))

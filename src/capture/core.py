@@ -81,9 +81,12 @@ class TensorOps:
         """The histogram of ``value`` over ``edges``; with ``edges=None`` first ``bins`` equal
         bins over its finite range. None if there are no edges to use (no finite value yet).
 
-        Must count as :func:`tensortap.reductions.histogram_counts` does.
+        Must count as :func:`tensortap.reductions.histogram_counts` does (``edges`` may repeat
+        numbers: those fixed from a huge tensor of a small range).
         """
-        return red.histogram(np.asarray(value), bins if edges is None else edges)
+        if edges is None:
+            return red.histogram(np.asarray(value), bins)
+        return red.Histogram(edges, red.histogram_counts(np.asarray(value), edges))
 
     def prepare(
         self, value: Any, keys: Sequence[str], raw: bool

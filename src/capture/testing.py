@@ -24,7 +24,10 @@ The contract:
 - the other float reductions (sums in another order) agree to a few ulp
   of float64 (:attr:`TensorOpsConformance.rtol`);
 - NaN and Inf propagate as NumPy's do; an empty tensor gives NaN for
-  ``min``/``max``/``mean``/``std``/``variance``, 0 for ``sum``, 1 for ``prod``.
+  ``min``/``max``/``mean``/``std``/``variance``, 0 for ``sum``, 1 for ``prod``;
+- histograms (:meth:`TensorOps.histogram`) equal :func:`numpy_histogram_rule`
+  exactly: the same edges when they are fixed from the tensor, the same
+  counts, values outside the edges in the outer bins, NaN and Inf in none.
 """
 
 from __future__ import annotations
@@ -43,6 +46,12 @@ EXACT = frozenset({"min", "max", "abs_min", "abs_max", *red.HEALTH_COUNTS})
 EXACT_INTEGER = frozenset({"sum", "abs_sum", "l1", "mean", "abs_mean"})
 
 
+# edges that float32 cannot hold (0.1 is rounded up to float32, 0.7 and 1.3 down), and float32 values on either side
+GIVEN_EDGES = (-1.0, 0.1, 0.7, 1.3, 2.5)
+# edges a huge constant fixes: repeated values (float64 has no number between), every value below them
+REPEATED_EDGES = np.linspace(1e17, 1e17 + 64, 9)
+
+
 def _values() -> dict[str, np.ndarray]:
     rng = np.random.default_rng(7)
     special = rng.standard_normal(40).astype(np.float32)
@@ -50,7 +59,12 @@ def _values() -> dict[str, np.ndarray]:
     special[[5]] = np.inf
     special[[8]] = -np.inf
     special[[13, 14]] = 0.0
+    near = np.array(GIVEN_EDGES, dtype=np.float32)
+    straddle = np.concatenate([near, np.nextafter(near, np.float32(-np.inf)), np.nextafter(near, np.float32(np.inf))])
     return {
+        "float32-straddle": np.concatenate([straddle, [np.float32(-3.0), np.float32(7.0), np.float32(np.nan)]]),
+        # a constant so large that its edges (x - 0.5, x + 0.5 in float64) are all equal
+        "float32-huge-constant": np.full(6, 1e17, dtype=np.float32),
         "float32": rng.standard_normal((7, 5)).astype(np.float32),
         "float64": rng.standard_normal(33) * 1e3,
         "float16": rng.standard_normal(17).astype(np.float16),
@@ -65,6 +79,24 @@ def _values() -> dict[str, np.ndarray]:
 
 
 VALUES = _values()
+
+
+def numpy_histogram_rule(array: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """The counts of the histogram rule, written as the NumPy calls that define it."""
+    a = np.asarray(array)
+    a = (np.abs(a) if a.dtype.kind == "c" else a).astype(np.float64).ravel()
+    finite = a[np.isfinite(a)]
+    return np.histogram(np.clip(finite, edges[0], edges[-1]), bins=edges)[0]
+
+
+def numpy_rule_edges(array: np.ndarray, bins: int) -> np.ndarray | None:
+    """The edges the rule fixes from a tensor: ``bins`` equal bins over its finite range (None if it has none)."""
+    a = np.asarray(array).astype(np.float64).ravel()
+    finite = a[np.isfinite(a)]
+    if finite.size == 0:
+        return None
+    lo, hi = finite.min(), finite.max()
+    return np.linspace(lo, hi, bins + 1) if lo < hi else np.linspace(lo - 0.5, hi + 0.5, bins + 1)
 
 
 class TensorOpsConformance:
@@ -124,3 +156,31 @@ class TensorOpsConformance:
         array, tensor = self._tensor("float32")
         self.ops.prepare(tensor, ALL_KEYS, True)
         np.testing.assert_array_equal(np.asarray(self.ops.prepare(tensor, [], True)[0]), array)
+
+    @pytest.mark.parametrize("bins", [1, 7])
+    @pytest.mark.parametrize("kind", sorted(VALUES))
+    def test_histogram_with_bins_fixed_from_the_tensor_equals_the_numpy_rule(self, kind: str, bins: int) -> None:
+        array, tensor = self._tensor(kind)
+        hist = self.ops.histogram(tensor, None, bins)
+        edges = numpy_rule_edges(array, bins)
+        if edges is None:
+            assert hist is None
+            return
+        assert hist is not None
+        np.testing.assert_array_equal(hist.edges, edges)
+        assert hist.counts.dtype == np.int64
+        np.testing.assert_array_equal(hist.counts, numpy_histogram_rule(array, edges))
+
+    @pytest.mark.parametrize("kind", sorted(VALUES))
+    def test_histogram_on_given_edges_equals_the_numpy_rule(self, kind: str) -> None:
+        """Fixed edges: values outside them, on them (taken from the tensor), edges float32 lacks, repeated edges."""
+        array, tensor = self._tensor(kind)
+        finite = np.unique(array.astype(np.float64)[np.isfinite(array.astype(np.float64))])
+        given = [np.asarray(GIVEN_EDGES), REPEATED_EDGES]
+        if finite.size >= 3:
+            given.append(finite[[0, finite.size // 3, 2 * finite.size // 3]])  # the largest values lie outside
+        for edges in given:
+            hist = self.ops.histogram(tensor, edges, len(edges) - 1)
+            assert hist is not None
+            np.testing.assert_array_equal(hist.edges, edges)
+            np.testing.assert_array_equal(hist.counts, numpy_histogram_rule(array, edges), err_msg=f"{kind} {edges}")

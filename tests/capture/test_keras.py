@@ -28,8 +28,8 @@ pytest.importorskip("keras")
 import keras
 
 import tensortap
-from tensortap import Mode, SaveConfig
-from tensortap.capture.testing import TensorOpsConformance
+from tensortap import Collection, Mode, ReductionConfig, SaveConfig
+from tensortap.capture.testing import TensorOpsConformance, numpy_histogram_rule, numpy_rule_edges
 
 ttk = pytest.importorskip("tensortap.keras")
 
@@ -1150,3 +1150,43 @@ class TestKerasOps(TensorOpsConformance):
 
     def make(self, array: np.ndarray) -> Any:
         return keras.ops.convert_to_tensor(array)
+
+
+class DeviceBinnedKerasOps(ttk.KerasOps):
+    """KerasOps that bins CPU tensors as it bins those on an accelerator (``keras.ops``), to test that kernel here."""
+
+    host_binned = frozenset()
+
+
+class TestKerasOpsBinningOnTheDevice(TestKerasOps):
+    ops = DeviceBinnedKerasOps()
+
+
+@pytest.mark.parametrize("ops", [ttk.KerasOps(), DeviceBinnedKerasOps()], ids=["cpu-host", "device-kernel"])
+def test_histograms_during_fit_equal_the_rule_on_keras_values(tmp_path: Path, ops: Any) -> None:
+    """Weights: histogram only, against Keras's weights after each batch; gradients: also raw, against those."""
+    model = mlp()
+    rec = Recorder()
+    configs = {
+        "weights": Collection("weights", reduction_config=ReductionConfig(histogram=6)),
+        "gradients": Collection("gradients", reduction_config=ReductionConfig(histogram=6, save_raw_tensor=True)),
+    }
+    cb = ttk.Callback(
+        tmp_path, save_config=EVERY_STEP, include_collections=["weights", "gradients"], collection_configs=configs
+    )
+    cb.hook.ops = ops
+    model.fit(X, Y, batch_size=BATCH, epochs=1, shuffle=False, callbacks=[cb, rec], verbose=0)
+    trial = tensortap.create_trial(tmp_path)
+    kernel, grad = trial.tensor("dense/kernel"), trial.tensor("gradients/dense/kernel")
+    assert not kernel.has_raw(0, mode=Mode.TRAIN) and grad.has_raw(0, mode=Mode.TRAIN)
+    seen = {
+        kernel: [after[0] for after in rec.weights],
+        grad: [np.asarray(grad.value(s, mode=Mode.TRAIN)) for s in range(3)],
+    }
+    for t, arrays in seen.items():
+        edges = numpy_rule_edges(arrays[0], 6)
+        assert edges is not None
+        for step, array in enumerate(arrays):
+            hist = t.histogram_value(step, mode=Mode.TRAIN)
+            np.testing.assert_array_equal(hist.edges, edges)
+            np.testing.assert_array_equal(hist.counts, numpy_histogram_rule(array, edges), err_msg=f"{t.name} {step}")
