@@ -648,6 +648,9 @@ class Callback(keras.callbacks.Callback):
         if not items or not self.session.may_save(collection):
             return
         try:
+            traced = graph_mode() or any(is_tracer(v) for _, v in items)
+            if not traced and not self.session.saving(collection):
+                return  # a step run eagerly that does not save this collection: nothing to check or copy
             items = self._capturable(items)
             if not items:
                 return
@@ -656,7 +659,7 @@ class Callback(keras.callbacks.Callback):
             if graph_mode():
                 if self._graph is not None:
                     self._graph.tap(collection, items)
-            elif any(is_tracer(v) for v in tensors):
+            elif traced:
                 deliver = functools.partial(self._deliver, collection, slots)
                 if self._jax_flags is None:  # a step fed without flags: hand over every time
                     jax.debug.callback(deliver, tensors)

@@ -232,8 +232,8 @@ class KerasOps(TensorOps):
         values: dict[str, float] = {}
         if keys:
             values = self._reduce(value, list(keys))
-        copy = np.array(to_numpy(value), copy=True) if raw else None
-        return copy, values, orig
+        # no copy here: the core copies the host view into the shard buffer before offer returns
+        return (to_numpy(value) if raw else None), values, orig
 
     @staticmethod
     def _reduce(value: Any, keys: list[str]) -> dict[str, float]:
