@@ -103,18 +103,15 @@ class GatedThread:
 
 
 class Repeat:
-    """An :class:`Arm` that calls ``fn`` once per unit of work (a query, a read); nothing to close.
+    """An :class:`Arm` that calls ``fn`` once per unit of work (a query, a read); nothing to close."""
 
-    ``fn`` returns None, or the seconds it measured itself (see :meth:`Arm.run`).
-    """
-
-    def __init__(self, fn: Callable[[], float | None]) -> None:
+    def __init__(self, fn: Callable[[], object]) -> None:
         self.fn = fn
 
-    def run(self, n: int) -> float | None:
-        """Call ``fn`` ``n`` times; the sum of the seconds it reported, if it reports any."""
-        own = [self.fn() for _ in range(n)]
-        return None if None in own else sum(o for o in own if o is not None)
+    def run(self, n: int) -> None:
+        """Call ``fn`` ``n`` times."""
+        for _ in range(n):
+            self.fn()
 
     def close(self) -> None:
         """Nothing to finish."""
