@@ -57,33 +57,48 @@ def demo(session: nox.Session) -> None:
 SMDEBUG = ["smdebug==1.0.34", "numpy==2.2.*", "protobuf<=3.20.3", "requests", "pandas", "psutil"]
 
 
+def smdebug_python(session: nox.Session) -> str | None:
+    """The interpreter of smdebug's own environment (it needs NumPy < 2.3), None where it cannot be built.
+
+    ``TENSORTAP_SMDEBUG_PYTHON`` names a ready one; otherwise one is built
+    afresh in ``.nox/smdebug`` (about two minutes).
+    """
+    given = os.environ.get("TENSORTAP_SMDEBUG_PYTHON")
+    if given:
+        return given
+    venv = Path(".nox/smdebug").resolve()
+    try:
+        session.run("python", "-m", "venv", "--clear", str(venv), external=True)
+        session.run(str(venv / "bin/pip"), "install", "-q", *SMDEBUG, TORCH, external=True)
+    except CommandFailed:
+        session.warn("smdebug's environment could not be built; its rows are left out")
+        return None
+    return str(venv / "bin/python")
+
+
 @nox.session(python=PYTHON)
 def bench(session: nox.Session) -> None:
     """Run the benchmarks (smdebug in its own environment, where it still runs) and write docs/performance.md.
 
-    ``nox -s bench -- --quick`` only checks that every script runs (tiny sizes, no smdebug, nothing written).
+    ``nox -s bench -- --quick`` only checks that every script runs (tiny sizes, no smdebug, nothing written);
+    ``nox -s bench -- NAME ...`` runs some benchmarks only (see ``python -m bench --help``).
     """
     install_all(session)
     quick = "--quick" in session.posargs
     names = [a for a in session.posargs if not a.startswith("-")]
     env: dict[str, str] = {}
-    if not quick and (not names or {"torch", "read"} & set(names)):
-        venv = Path(".nox/smdebug")
-        Path("bench/results/smdebug-torch.json").unlink(missing_ok=True)
-        session.run("python", "-m", "venv", "--clear", str(venv), external=True)
-        try:
-            session.run(str(venv / "bin/pip"), "install", "-q", *SMDEBUG, TORCH, external=True)
-            env["TENSORTAP_SMDEBUG_PYTHON"] = str((venv / "bin/python").resolve())
-            if not names or "torch" in names:
-                session.run(
-                    str(venv / "bin/python"),
-                    "-m",
-                    "bench.bench_torch_smdebug",
-                    "bench/results/smdebug-torch.json",
-                    external=True,
-                )
-        except CommandFailed:
-            session.warn("smdebug could not run; its rows are left out")
+    smdebug_torch = not quick and (not names or "torch" in names)
+    smdebug = smdebug_python(session) if smdebug_torch or (not quick and "read" in names) else None
+    results = Path("bench/results/smdebug-torch.json")  # merged into the torch table by `python -m bench`
+    if smdebug_torch:
+        results.unlink(missing_ok=True)
+    if smdebug is not None:
+        env["TENSORTAP_SMDEBUG_PYTHON"] = smdebug
+        if smdebug_torch:
+            try:
+                session.run(smdebug, "-m", "bench.bench_torch_smdebug", str(results), external=True)
+            except CommandFailed:
+                session.warn("smdebug's PyTorch arms failed; their rows are left out")
     session.run("python", "-m", "bench", *session.posargs, env=env)
 
 

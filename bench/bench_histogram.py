@@ -1,77 +1,81 @@
 """Cost of the histogram reduction next to raw capture, with the NumPy ``Writer``.
 
-``TENSORS`` float32 tensors of ``SHAPE`` saved at each of ``STEPS`` steps with
-the NumPy :class:`tensortap.capture.Writer` (the NumPy formulas, the path of
-any adapter without an on-device histogram): raw tensors; a 64-bin histogram
-only (``ReductionConfig(histogram=64)``); a histogram plus ``mean`` and ``l2``.
-Time includes ``close()``; the best of ``REPEATS`` interleaved runs counts.
-``ratio`` is against raw capture.
+``TENSORS`` float32 tensors of ``SHAPE`` saved at every step with the NumPy
+:class:`tensortap.capture.Writer` (the NumPy formulas, the path of any
+adapter without an on-device histogram). Arms (:mod:`bench.harness`, each its
+own writer, ``BLOCK`` steps at a time, ``ROUNDS`` interleaved blocks,
+``close()`` timed with its arm): raw tensors, twice (the baseline and the
+run's noise); a 64-bin histogram only (``ReductionConfig(histogram=64)``); a
+histogram plus ``mean`` and ``l2``. ``ratio`` is against raw capture;
+``MB_on_disk`` is what the arm's trial holds at the end. The PyTorch-level
+figure of the target (histograms of every weight and gradient of the MLP) is
+in the ``torch`` table.
 """
 
 from __future__ import annotations
 
-import os
+import shutil
 import tempfile
-import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from bench import harness
 from tensortap import ReductionConfig
 from tensortap.capture import Writer
 
-STEPS = 100
+BLOCK = 10
+ROUNDS = 10
 TENSORS = 10
 SHAPE = (256, 256)
-REPEATS = 3
 CASES: dict[str, ReductionConfig | None] = {
-    "raw tensors": None,
+    harness.BASELINE: None,
+    harness.BASELINE_2: None,
     "histogram=64 only": ReductionConfig(histogram=64),
-    "histogram=64 + mean, l2": ReductionConfig(reductions=["mean"], norms=["l2"], histogram=64),
+    "histogram=64 + mean, l2": ReductionConfig(reductions=("mean",), norms=("l2",), histogram=64),
 }
 
 
-def _size(root: Path) -> int:
-    return sum(f.stat().st_size for f in root.rglob("*.h5"))
+class WriteArm:
+    """Every step, the same arrays through a :class:`Writer` with ``config``."""
 
+    def __init__(self, root: Path, arrays: list[np.ndarray], config: ReductionConfig | None) -> None:
+        self.arrays = arrays
+        self.writer = Writer(root, reduction_config=config)
 
-def _write(root: Path, arrays: list[np.ndarray], config: ReductionConfig | None, steps: int) -> float:
-    t0 = time.perf_counter()
-    with Writer(root, reduction_config=config) as w:
-        for _ in range(steps):
-            with w.stepping():
-                for i, a in enumerate(arrays):
-                    w.save(f"layer{i}/weight", a, ["weights"])
-    return time.perf_counter() - t0
+    def run(self, n: int) -> None:
+        for _ in range(n):
+            with self.writer.stepping():
+                for i, a in enumerate(self.arrays):
+                    self.writer.save(f"layer{i}/weight", a, ["weights"])
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 def run(quick: bool = False) -> list[dict[str, Any]]:
-    """Time each case; return the table rows. ``quick``: 10 steps, once (checks that the benchmark runs)."""
-    steps, repeats = (10, 1) if quick else (STEPS, REPEATS)
+    """Time each case; return the table rows. ``quick``: two blocks of two steps (checks that it runs)."""
+    rounds, block = (2, 2) if quick else (ROUNDS, BLOCK)
     rng = np.random.default_rng(0)
     arrays = [rng.standard_normal(SHAPE, dtype=np.float32) for _ in range(TENSORS)]
-    best = {name: float("inf") for name in CASES}
-    sizes: dict[str, int] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for r in range(repeats):
-            for name, config in CASES.items():
-                root = Path(tmp) / f"{r}-{len(sizes)}-{name.replace(' ', '_')}"
-                os.sync()
-                best[name] = min(best[name], _write(root, arrays, config, steps))
-                sizes[name] = _size(root)
-    base = best["raw tensors"]
-    mb = TENSORS * int(np.prod(SHAPE)) * 4 / 1e6
-    return [
-        {
-            "benchmark": f"{TENSORS} tensors {'x'.join(map(str, SHAPE))} float32 ({mb:.1f} MB) x {steps} steps",
-            "case": name,
-            "ms_per_step": best[name] / steps * 1000,
-            "MB_on_disk": sizes[name] / 1e6,
-            "ratio": best[name] / base,
+    root = Path(tempfile.mkdtemp(prefix="tensortap-bench-histogram-"))
+    dirs = {name: root / str(i) for i, name in enumerate(CASES)}
+    try:
+        arms: dict[str, Callable[[], harness.Arm]] = {
+            name: lambda d=dirs[name], c=config: WriteArm(d, arrays, c) for name, config in CASES.items()
         }
-        for name in CASES
-    ]
+        timings = harness.interleave(arms, rounds=rounds, block=block, warmup=1)
+        on_disk = {name: sum(f.stat().st_size for f in d.rglob("*.h5")) / 1e6 for name, d in dirs.items()}
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    mb = TENSORS * int(np.prod(SHAPE)) * 4 / 1e6
+    benchmark = f"{TENSORS} tensors {'x'.join(map(str, SHAPE))} float32 ({mb:.1f} MB) per step"
+    rows = harness.rows(benchmark, timings)
+    for row in rows:
+        row["MB_on_disk"] = on_disk[str(row["case"])]
+    return rows
 
 
 if __name__ == "__main__":

@@ -16,9 +16,10 @@ this module too.
 from __future__ import annotations
 
 import statistics
+import subprocess
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -29,8 +30,13 @@ BASELINE_2 = "baseline (2nd arm)"
 class Arm(Protocol):
     """One measured configuration: runs ``n`` units of work per call, closes at the end."""
 
-    def run(self, n: int) -> None:
-        """Do ``n`` units of work (training steps, boosting rounds, writes)."""
+    def run(self, n: int) -> float | None:
+        """Do ``n`` units of work (training steps, boosting rounds, writes).
+
+        Returns None to be timed by :func:`interleave`, or the seconds the work
+        took as the arm measured them itself (work done in another process,
+        whose start is not to be counted).
+        """
 
     def close(self) -> None:
         """Finish (a hook publishes its last shard here); timed as part of the arm."""
@@ -96,6 +102,45 @@ class GatedThread:
             raise RuntimeError(f"the training failed: {self.error!r}") from self.error
 
 
+class Repeat:
+    """An :class:`Arm` that calls ``fn`` once per unit of work (a query, a read); nothing to close."""
+
+    def __init__(self, fn: Callable[[], object]) -> None:
+        self.fn = fn
+
+    def run(self, n: int) -> None:
+        """Call ``fn`` ``n`` times."""
+        for _ in range(n):
+            self.fn()
+
+    def close(self) -> None:
+        """Nothing to finish."""
+
+
+class Process:
+    """An :class:`Arm` that runs ``argv + [n]`` in a process of its own for every block.
+
+    The process does ``n`` units of work and prints, as the last line of its
+    output, the seconds they took as it measured them, so that starting it
+    (the interpreter, its imports) is not counted. This is how work that runs
+    in another environment (smdebug's) is interleaved with ours.
+    """
+
+    def __init__(self, argv: Sequence[str], cwd: str | None = None) -> None:
+        self.argv = list(argv)
+        self.cwd = cwd
+
+    def run(self, n: int) -> float:
+        """Run one process for ``n`` units; the seconds it reported."""
+        done = subprocess.run([*self.argv, str(n)], cwd=self.cwd, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(self.argv)} failed:\n{done.stderr[-2000:]}")
+        return float(done.stdout.split()[-1])
+
+    def close(self) -> None:
+        """Nothing to finish."""
+
+
 @dataclass
 class Timing:
     """What one arm took: per-block seconds and the closing time."""
@@ -139,8 +184,8 @@ def interleave(arms: Mapping[str, Callable[[], Arm]], *, rounds: int, block: int
         order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
             t0 = time.perf_counter()
-            built[name].run(block)
-            timings[name].blocks.append(time.perf_counter() - t0)
+            own = built[name].run(block)
+            timings[name].blocks.append(time.perf_counter() - t0 if own is None else own)
             timings[name].units += block
     for name, arm in built.items():
         t0 = time.perf_counter()

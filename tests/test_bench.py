@@ -1,7 +1,9 @@
-"""The benchmark scripts still run (``nox -s bench -- --quick``), and the GPU check skips without CUDA."""
+"""The benchmark scripts still run (``nox -s bench -- --quick``), the targets table and docs/performance.md
+are put together as documented, and the GPU check skips without CUDA."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -10,6 +12,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# bench/ is not installed and the repository root is not on sys.path under `pytest`: load the generator by path
+_spec = importlib.util.spec_from_file_location("bench_generator", ROOT / "bench" / "__main__.py")
+assert _spec is not None and _spec.loader is not None
+generator = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(generator)
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -20,14 +27,62 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_every_benchmark_runs_quick() -> None:
     performance = (ROOT / "docs" / "performance.md").read_text()
     done = _run("bench", "--quick")
     assert done.returncode == 0, done.stderr[-3000:]
-    for name in ("io", "torch", "keras", "xgboost", "read", "trial"):
+    for name in generator.BENCHMARKS:
         assert f"== {name}" in done.stdout
-    assert "'case': 'baseline (2nd arm)'" in done.stdout  # every timed table has its noise arm
+    # every timed table has its noise arm: io, torch, keras (one backend), xgboost, read (2), pandas, histogram
+    assert done.stdout.count("'case': 'baseline (2nd arm)'") >= 8
+    for figure, *_ in generator.TARGETS:
+        assert f"| {figure} |" in done.stdout  # every target has a row, measured or not
     assert (ROOT / "docs" / "performance.md").read_text() == performance  # --quick writes nothing
+
+
+def _row(benchmark: str, case: str, **values: float) -> dict[str, object]:
+    return {"benchmark": benchmark, "case": case, **values}
+
+
+def test_targets_say_what_was_not_measured_and_by_how_much_one_is_missed() -> None:
+    rows = [
+        _row("torch MLP 784-512-256-10, batch 64", "baseline", ratio=1.0, noise=0.05),
+        _row("torch MLP 784-512-256-10, batch 64", "tensortap: weights+biases+gradients+losses, every step",
+             ratio=2.6, noise=0.05),
+        _row("read a 1.6 MB weight over 1000 steps", "smdebug", ratio=10.0, noise=0.1),
+        _row("peak memory, torch MLP, 300 steps", "tensortap, extra (MB)", MB=300.0),
+        _row("peak memory, torch MLP, 300 steps", "shard budget max_bytes (MB)", MB=200.0),
+        _row("trial of 10000 steps x 200 tensors", "tensor_names()", seconds=0.01),
+        _row("trial of 100000 steps x 200 tensors", "tensor_names()", seconds=0.015),
+    ]  # fmt: skip
+    table = {r["figure"]: r for r in generator.targets(rows)}
+    assert list(table) == [t[0] for t in generator.TARGETS]
+    every_step = table["PyTorch MLP, every step / no hook"]
+    assert every_step["measured / target"] == pytest.approx(2.0) and every_step["met"] == "**no**"
+    assert every_step["noise"] == 0.05
+    assert table["read a 1.6 MB tensor over 1,000 steps: smdebug / tensortap"]["met"] == "yes"
+    memory = table["peak extra memory while saving every step (MB)"]
+    assert memory["measured / target"] == pytest.approx(1.5) and "(200)" in memory["target"]
+    flat = table["tensor_names() flat in steps: at 100,000 steps (s)"]
+    assert flat["measured / target"] == pytest.approx(0.75) and flat["met"] == "yes"
+    assert table["Keras JAX, every step / no callback"]["measured"] == "not measured"
+    assert table["steps() flat in steps: at 100,000 steps (s)"]["measured"] == "not measured"
+
+
+def test_document_holds_targets_sections_notes_and_every_profile_sorted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "torch.md").write_text("### torch profile\n\nsaving took *most* of it\n")
+    (tmp_path / "index.md").write_text("### index profile\n")
+    monkeypatch.setattr(generator, "PROFILES", tmp_path)
+    doc = generator.document(["## io\n\ntable\n"], [], 90.0)
+    assert doc.index("## Targets") < doc.index("## io") < doc.index("## How to read these figures")
+    assert "| write path bytes/s / numpy.save floor | >= 0.8 | not measured |" in doc
+    assert "1.5 minutes in all" in doc
+    profiles = doc[doc.index("## Profiles") :]
+    assert profiles.index("### index profile") < profiles.index("### torch profile")
+    assert "saving took *most* of it" in profiles
 
 
 def test_gpu_check_without_cuda_says_so() -> None:
