@@ -174,7 +174,12 @@ def run(args: argparse.Namespace) -> int:
     interrupted = False
     try:
         RuleRunner(trial, rules, actions).run(
-            args.start_step, args.end_step, wait=args.follow, idle_timeout=args.idle_timeout, on_verdict=report
+            args.start_step,
+            args.end_step,
+            wait=args.follow,
+            idle_timeout=args.idle_timeout,
+            on_verdict=report,
+            show_progress=None,
         )
     except RuleInputsMissing as exc:
         missing = exc.missing

@@ -8,6 +8,7 @@ from typing import Any
 
 from ...exceptions import RuleInputsMissing
 from ...modes import StepState
+from ..progress import progress
 from .actions import Action
 from .base import Rule, RuleConditionMet, Verdict, logger
 
@@ -58,6 +59,7 @@ class RuleRunner:
         raise_eval_cond: bool = False,
         idle_timeout: float | None = None,
         on_verdict: Callable[[Rule, Verdict], None] | None = None,
+        show_progress: bool | None = False,
     ) -> dict[Rule, list[int]]:
         """Evaluate every rule on every complete step in ``[start_step, end_step)``.
 
@@ -77,6 +79,9 @@ class RuleRunner:
             Stop waiting after this many seconds without a new step (None: wait until the training ends).
         on_verdict
             Called with ``(rule, verdict)`` at every firing.
+        show_progress
+            A progress bar over the steps on standard error when not waiting for new
+            steps: True always, None only on a terminal, False never (the default).
 
         Returns
         -------
@@ -90,7 +95,7 @@ class RuleRunner:
             of its inputs (:attr:`Rule.lacks_inputs`); the exception carries
             the steps where the other rules fired.
         """
-        fired = self._run(start_step, end_step, wait, raise_eval_cond, idle_timeout, on_verdict)
+        fired = self._run(start_step, end_step, wait, raise_eval_cond, idle_timeout, on_verdict, show_progress)
         lacking = {r.name: list(r.missing_inputs) for r in self.rules if r.lacks_inputs}
         if lacking:
             raise RuleInputsMissing(lacking, {r.name: steps for r, steps in fired.items()})
@@ -104,6 +109,7 @@ class RuleRunner:
         raise_eval_cond: bool,
         idle_timeout: float | None,
         on_verdict: Callable[[Rule, Verdict], None] | None,
+        show_progress: bool | None,
     ) -> dict[Rule, list[int]]:
         fired: dict[Rule, list[int]] = {r: [] for r in self.rules}
         floor = {r: (start_step - 1 if start_step is not None else r.last_step) for r in self.rules}
@@ -113,7 +119,7 @@ class RuleRunner:
             ended = self.trial.training_ended
             self.trial.refresh()
             pending = [s for s in self.trial.steps() if s >= next_step and (end_step is None or s < end_step)]
-            for s in pending:
+            for s in progress(pending, desc="steps", enable=False if wait else show_progress):
                 for rule in self.rules:
                     if s <= floor[rule]:
                         continue
