@@ -5,7 +5,8 @@ An MLP 784-512-256-10 (535k parameters), batch 64, SGD, one CPU thread
 for the whole run, see :mod:`bench.harness`): no hook, twice (the run's
 noise); tensortap saving weights, biases, gradients and losses (raw tensors)
 every step and every 100 steps; the same with every layer's outputs, every
-step. The arms run ``BLOCK`` steps at a time, interleaved, ``ROUNDS`` times;
+step; and (tensortap only) a 64-bin histogram of every weight and gradient,
+no raw tensors, every step. The arms run ``BLOCK`` steps at a time, interleaved, ``ROUNDS`` times;
 ``close()`` (publishing the last shard) is timed with its arm.
 ``bench/bench_torch_smdebug.py`` runs the same arms with smdebug in its own
 environment.
@@ -13,6 +14,7 @@ environment.
 
 from __future__ import annotations
 
+import functools
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
@@ -74,12 +76,19 @@ class TrainArm:
         shutil.rmtree(self.out_dir, ignore_errors=True)
 
 
-def measure(make_hook: HookFactory, library: str, quick: bool = False) -> list[dict[str, Any]]:
-    """Time the two baseline arms and every case of :data:`CASES` with hooks from ``make_hook``."""
+def measure(
+    make_hook: HookFactory, library: str, quick: bool = False, extra: dict[str, HookFactory] | None = None
+) -> list[dict[str, Any]]:
+    """Time the two baseline arms, every case of :data:`CASES` with hooks from ``make_hook``, and ``extra``.
+
+    ``extra`` maps a case name to a hook factory of its own, run every step on weights and gradients.
+    """
     torch.set_num_threads(1)
     arms: dict[str, Callable[[], harness.Arm]] = {harness.BASELINE: TrainArm, harness.BASELINE_2: TrainArm}
     for case, interval, collections in CASES:
         arms[f"{library}: {case}"] = lambda i=interval, c=collections: TrainArm(make_hook, i, c)
+    for case, factory in (extra or {}).items():
+        arms[f"{library}: {case}"] = lambda f=factory: TrainArm(f, 1, ("weights", "gradients"))
     timings = harness.interleave(arms, rounds=2 if quick else ROUNDS, block=5 if quick else BLOCK, warmup=WARMUP)
     return harness.rows(BENCHMARK, timings)
 
@@ -91,10 +100,15 @@ def _tensortap_hook(
     out_dir: str,
     interval: int,
     collections: Sequence[str],
+    histogram: int | None = None,
 ) -> Any:
     import tensortap
     import tensortap.torch as ttt
 
+    configs = {}
+    if histogram is not None:  # histograms only, no raw tensors
+        only = tensortap.ReductionConfig(histogram=histogram)
+        configs = {c: tensortap.Collection(c, reduction_config=only) for c in collections}
     return ttt.capture(
         model,
         out_dir,
@@ -102,12 +116,16 @@ def _tensortap_hook(
         loss=loss_fn,
         save_config=tensortap.SaveConfig(save_interval=interval),
         include_collections=list(collections),
+        collection_configs=configs,
     )
 
 
 def run(quick: bool = False) -> list[dict[str, Any]]:
     """Measure and return one row per arm: ms per step, the ratio to no hook, the run's noise."""
-    return measure(_tensortap_hook, "tensortap", quick)
+    histogram = functools.partial(_tensortap_hook, histogram=64)
+    return measure(
+        _tensortap_hook, "tensortap", quick, {"histogram=64 of weights and gradients, every step": histogram}
+    )
 
 
 def show(rows: list[dict[str, Any]]) -> None:
