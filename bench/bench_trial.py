@@ -32,6 +32,7 @@ import numpy as np
 TENSORS = 200
 SIZES = (10_000, 100_000)
 QUICK_SIZES = (200, 1_000)
+CACHED_FROM = 10_000  # trials this large are written once and kept (see _scale_trial)
 LIVE_STEPS = 40
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,8 +63,11 @@ def _scale(root: Path, sizes: tuple[int, ...]) -> list[dict[str, Any]]:
 
     rows = []
     for steps in sizes:
-        path = root / f"scale-{steps}"
-        _write(path, steps)
+        if steps >= CACHED_FROM:
+            path = _scale_trial(steps)
+        else:
+            path = root / f"scale-{steps}"
+            _write(path, steps)
         t0 = time.perf_counter()
         trial = tensortap.create_trial(path)
         assert len(trial.steps()) == steps
@@ -72,8 +76,22 @@ def _scale(root: Path, sizes: tuple[int, ...]) -> list[dict[str, Any]]:
         rows.append({"benchmark": bench, "case": "open (create_trial + first steps())", "seconds": opened})
         rows.append({"benchmark": bench, "case": "tensor_names()", "seconds": _median_time(trial.tensor_names)})
         rows.append({"benchmark": bench, "case": "steps()", "seconds": _median_time(trial.steps)})
-        shutil.rmtree(path)
+        if path.parent == root:
+            shutil.rmtree(path)
     return rows
+
+
+def _scale_trial(steps: int) -> Path:
+    """A trial of ``steps`` steps, written once and kept in ``bench/results/`` (writing 100,000 steps takes minutes)."""
+    from tensortap.backends.layout import FORMAT_MINOR, FORMAT_VERSION
+
+    path = ROOT / "bench" / "results" / f"scale-{steps}x{TENSORS}-format{FORMAT_VERSION}.{FORMAT_MINOR}"
+    if not path.exists():  # written under another name first, so a killed run leaves no half trial
+        partial = path.with_name(path.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        _write(partial, steps)
+        partial.rename(path)
+    return path
 
 
 LIVE_WRITER = """
