@@ -92,8 +92,12 @@ def _table(rows: list[Row]) -> str:
 
 
 def _value(rows: list[Row], benchmark: str, case: str, column: str) -> float | None:
-    """The ``column`` of the first row whose benchmark and case contain these; None where not measured."""
-    row = next((r for r in rows if benchmark in str(r.get("benchmark")) and case in str(r.get("case"))), None)
+    """The ``column`` of the row whose benchmark contains ``benchmark`` and whose case is ``case``.
+
+    Without a case equal to ``case``, the first whose case contains it; None where not measured.
+    """
+    candidates = [r for r in rows if benchmark in str(r.get("benchmark")) and case in str(r.get("case"))]
+    row = next((r for r in candidates if r.get("case") == case), candidates[0] if candidates else None)
     value = None if row is None else row.get(column)
     return value if isinstance(value, float) and not math.isnan(value) else None
 
