@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 
 from bench import harness
+from bench.bench_io import WriterArm
 from tensortap import ReductionConfig
-from tensortap.capture import Writer
 
 BLOCK = 10
 ROUNDS = 10
@@ -38,23 +38,6 @@ CASES: dict[str, ReductionConfig | None] = {
 }
 
 
-class WriteArm:
-    """Every step, the same arrays through a :class:`Writer` with ``config``."""
-
-    def __init__(self, root: Path, arrays: list[np.ndarray], config: ReductionConfig | None) -> None:
-        self.arrays = arrays
-        self.writer = Writer(root, reduction_config=config)
-
-    def run(self, n: int) -> None:
-        for _ in range(n):
-            with self.writer.stepping():
-                for i, a in enumerate(self.arrays):
-                    self.writer.save(f"layer{i}/weight", a, ["weights"])
-
-    def close(self) -> None:
-        self.writer.close()
-
-
 def run(quick: bool = False) -> list[dict[str, Any]]:
     """Time each case; return the table rows. ``quick``: two blocks of two steps (checks that it runs)."""
     rounds, block = (2, 2) if quick else (ROUNDS, BLOCK)
@@ -64,7 +47,7 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
     dirs = {name: root / str(i) for i, name in enumerate(CASES)}
     try:
         arms: dict[str, Callable[[], harness.Arm]] = {
-            name: lambda d=dirs[name], c=config: WriteArm(d, arrays, c) for name, config in CASES.items()
+            name: lambda d=dirs[name], c=config: WriterArm(d, arrays, c) for name, config in CASES.items()
         }
         timings = harness.interleave(arms, rounds=rounds, block=block, warmup=1)
         on_disk = {name: sum(f.stat().st_size for f in d.rglob("*.h5")) / 1e6 for name, d in dirs.items()}

@@ -23,6 +23,7 @@ import numpy as np
 
 import tensortap
 from bench import harness
+from tensortap import ReductionConfig
 from tensortap.capture import Writer
 
 BLOCK = 20
@@ -55,11 +56,11 @@ class FloorArm:
 
 
 class WriterArm:
-    """The same arrays through :class:`tensortap.capture.Writer`, every step saved."""
+    """The same arrays through :class:`tensortap.capture.Writer` (with ``config``), every step saved."""
 
-    def __init__(self, root: Path, arrays: list[np.ndarray]) -> None:
+    def __init__(self, root: Path, arrays: list[np.ndarray], config: ReductionConfig | None = None) -> None:
         self.arrays = arrays
-        self.writer = Writer(tempfile.mkdtemp(dir=root))
+        self.writer = Writer(root, reduction_config=config)
 
     def run(self, n: int) -> None:
         for _ in range(n):
@@ -102,7 +103,7 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
             {
                 harness.BASELINE: lambda: FloorArm(root, arrays),
                 harness.BASELINE_2: lambda: FloorArm(root, arrays),
-                "tensortap Writer": lambda: WriterArm(root, arrays),
+                "tensortap Writer": lambda: WriterArm(Path(tempfile.mkdtemp(dir=root)), arrays),
             },
             rounds=rounds,
             block=block,
