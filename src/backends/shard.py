@@ -772,8 +772,7 @@ class ShardReader:
                 ok = declared <= 65536
             if not ok:
                 raise ShardError(f"{where} declares {declared} bytes but the file stores {stored} for it")
-            limit = max_read_bytes()
-            if expansion > 1 and declared > limit:
+            if expansion > 1 and declared > (limit := max_read_bytes()):  # the budget: compressed data only
                 raise ShardError(
                     f"{where} declares {declared} bytes of compressed values, more than one read may allocate "
                     f"({limit} bytes; set the environment variable {MAX_READ_ENV} to raise it)"
