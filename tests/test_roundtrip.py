@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import tempfile
+import zlib
 from pathlib import Path
 
 import h5py
@@ -97,6 +99,27 @@ def test_ragged_layout_is_used_and_readable_with_plain_h5py(tmp_path: Path) -> N
     trial = tensortap.create_trial(tmp_path)
     for i, a in enumerate(steps):
         assert_identical(trial.tensor("x").value(i), a)
+
+
+def test_checksums_are_zlib_crc32_of_each_row_and_dataset(tmp_path: Path) -> None:
+    """format.md: the checksum is zlib's CRC-32, whichever library computed it (ISA-L when installed)."""
+    rng = np.random.default_rng(0)
+    fixed = [rng.standard_normal((300, 7)).astype(np.float32) for _ in range(3)]
+    ragged = [np.arange(n, dtype=np.int64) for n in (1, 5000, 3)]
+    with Writer(tmp_path) as w:
+        for a, b in zip(fixed, ragged):
+            with w.stepping():
+                w.save("fixed", a)
+                w.save("ragged", b)
+    (shard,) = (tmp_path / "shards" / "worker_0").glob("*.h5")
+    with h5py.File(shard, "r") as f:
+        names = json.loads(f["names"][()].tobytes())
+        groups = {n: f[f"tensors/{i}"] for i, n in enumerate(names)}
+        want = [zlib.crc32(a.tobytes()) for a in fixed]
+        assert groups["fixed"]["crc32"][()].tolist() == want
+        assert groups["ragged"]["crc32"][()].tolist() == [zlib.crc32(b.tobytes()) for b in ragged]
+        steps = f["steps/step"]
+        assert int(steps.attrs["crc32"]) == zlib.crc32(steps[()].tobytes())
 
 
 def test_dtype_changing_between_steps_keeps_each_dtype(tmp_path: Path) -> None:
