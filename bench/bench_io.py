@@ -13,6 +13,7 @@ a freshly opened trial.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import time
@@ -39,7 +40,8 @@ def _arrays(rng: np.random.Generator) -> list[np.ndarray]:
 
 
 class FloorArm:
-    """``numpy.save`` of every array of a step into one open file: no format, no index."""
+    """``numpy.save`` of every array of a step into one open file: no format, no index, no checksum;
+    flushed to disk with ``fsync`` at close, as tensortap's shards are when published."""
 
     def __init__(self, root: Path, arrays: list[np.ndarray]) -> None:
         self.arrays = arrays
@@ -52,6 +54,7 @@ class FloorArm:
 
     def close(self) -> None:
         self.file.flush()
+        os.fsync(self.file.fileno())
         self.file.close()
 
 
@@ -67,6 +70,11 @@ class WriterArm:
             with self.writer.stepping():
                 for i, a in enumerate(self.arrays):
                     self.writer.save(f"layer{i}/weight", a, ["weights"])
+
+    def settle(self) -> None:
+        """Wait until the shards handed off so far are published (see :func:`bench.harness.settle`)."""
+        if self.writer.writer is not None:
+            self.writer.writer.drain()
 
     def close(self) -> None:
         self.writer.close()

@@ -70,6 +70,12 @@ class TrainArm:
             self.loss_fn(self.model(x), y).backward()
             self.opt.step()
 
+    def settle(self) -> None:
+        """Wait until the shards a tensortap hook handed off are published (see :func:`bench.harness.settle`)."""
+        drain = getattr(getattr(self.hook, "writer", None), "drain", None)
+        if drain is not None:
+            drain()
+
     def close(self) -> None:
         if self.hook is not None:
             self.hook.close()

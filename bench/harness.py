@@ -42,6 +42,19 @@ class Arm(Protocol):
         """Finish (a hook publishes its last shard here); timed as part of the arm."""
 
 
+def settle(arm: Arm) -> None:
+    """Wait for the work ``arm`` left to background threads, if it has a ``settle()`` method.
+
+    An arm whose hook publishes shards on the writer thread defines ``settle()`` (waiting
+    until the shards handed off so far are published); :func:`interleave` calls it at the
+    end of each of the arm's blocks, timed with the block, so that the next arm's block
+    does not pay for this arm's writing (in the real training there is no next arm).
+    """
+    wait: Callable[[], None] | None = getattr(arm, "settle", None)
+    if wait is not None:
+        wait()
+
+
 class GatedThread:
     """An :class:`Arm` for trainings that run to their end on their own (``fit``, ``xgb.train``).
 
@@ -185,6 +198,7 @@ def interleave(arms: Mapping[str, Callable[[], Arm]], *, rounds: int, block: int
         for name in order:
             t0 = time.perf_counter()
             own = built[name].run(block)
+            settle(built[name])
             timings[name].blocks.append(time.perf_counter() - t0 if own is None else own)
             timings[name].units += block
     for name, arm in built.items():

@@ -492,8 +492,11 @@ class TrialWriter:
             return
         self._publish_seconds = 0.7 * self._publish_seconds + 0.3 * (time.monotonic() - start)
 
-    def _wait(self) -> None:
-        """Wait until every submitted job is done, ``policy.timeout`` at most for each."""
+    def drain(self) -> None:
+        """Wait until every shard handed off so far is published, ``policy.timeout`` at most for each.
+
+        The shard being built stays open (:meth:`flush` publishes it too).
+        """
         pending, self._pending = self._pending, []
         for j in pending:
             if self._hung:
@@ -512,7 +515,7 @@ class TrialWriter:
             job = None if self.closed else self._take_locked()
         if job is not None:
             self._submit(job)
-        self._wait()
+        self.drain()
 
     def disable(self, last_step: int | None, mode_steps: dict[str, int], cause: str) -> None:
         """Capture turned itself off: publish the committed steps, then end this worker (reason ``error``).
@@ -582,7 +585,7 @@ class TrialWriter:
         if self._finished:
             return
         self._end(reason, last_step, mode_steps)
-        self._wait()
+        self.drain()
         self._finished = True
         _OPEN_WRITERS.discard(self)
         self._thread.writers.discard(self)
