@@ -76,6 +76,18 @@ TARGETS: list[tuple[str, str, str, str, str, float | Of]] = [
 ]  # fmt: skip
 
 
+# The floor of every-step raw capture on this machine: the ms the torch bench's floor arm took to write
+# and fsync one step's weights and gradients (the Keras MLP has the same), over the ms of a bare step of
+# the figure's benchmark; the step cannot be faster than the longer of the two.
+FLOOR_ARM = ("torch MLP", "floor: a step's weights and gradients written and fsynced")
+FLOORS = {  # figure -> the benchmark whose baseline step the floor is compared with
+    "PyTorch MLP, every step / no hook": "torch MLP",
+    "Keras TF, every step / no callback": "keras (tensorflow)",
+    "Keras torch, every step / no callback": "keras (torch)",
+    "Keras JAX, every step / no callback": "keras (jax)",
+}
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         if math.isnan(value):
@@ -102,6 +114,13 @@ def _value(rows: list[Row], benchmark: str, case: str, column: str) -> float | N
     return value if isinstance(value, float) and not math.isnan(value) else None
 
 
+def _floor(rows: list[Row], benchmark: str) -> float | None:
+    """The least ratio saving every step can reach on this machine (see :data:`FLOORS`), if measured."""
+    write = _value(rows, *FLOOR_ARM, "ms_per_step")
+    step = _value(rows, benchmark, "baseline", "ms_per_step")
+    return None if write is None or step is None else max(1.0, write / step)
+
+
 def targets(rows: list[Row]) -> list[Row]:
     """One row per target of :data:`TARGETS`: what was measured (or "not measured"), and measured / target."""
     out: list[Row] = []
@@ -117,6 +136,7 @@ def targets(rows: list[Row]) -> list[Row]:
             continue
         row = next(r for r in rows if benchmark in str(r.get("benchmark")) and case in str(r.get("case")))
         met = value <= limit if op == "<=" else value >= limit
+        floor = _floor(rows, FLOORS[figure]) if figure in FLOORS else None
         out.append(
             {
                 "figure": figure,
@@ -125,6 +145,7 @@ def targets(rows: list[Row]) -> list[Row]:
                 "noise": row.get("noise", ""),
                 "measured / target": value / limit,
                 "met": "yes" if met else "**no**",
+                "floor here": "" if floor is None else floor,
             }
         )
     return out

@@ -6,7 +6,9 @@ for the whole run, see :mod:`bench.harness`): no hook, twice (the run's
 noise); tensortap saving weights, biases, gradients and losses (raw tensors)
 every step and every 100 steps; the same with every layer's outputs, every
 step; and (tensortap only) a 64-bin histogram of every weight and gradient,
-no raw tensors, every step. The arms run ``BLOCK`` steps at a time, interleaved, ``ROUNDS`` times;
+no raw tensors, every step; and the floor of every-step capture on this
+machine (:class:`DiskFloorArm`: the same bytes written and fsynced, without
+training). The arms run ``BLOCK`` steps at a time, interleaved, ``ROUNDS`` times;
 ``close()`` (publishing the last shard) is timed with its arm.
 ``bench/bench_torch_smdebug.py`` runs the same arms with smdebug in its own
 environment.
@@ -15,6 +17,7 @@ environment.
 from __future__ import annotations
 
 import functools
+import os
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
@@ -31,6 +34,8 @@ ROUNDS = 12
 WARMUP = 10
 BENCHMARK = "torch MLP 784-512-256-10, batch 64"
 BASIC = ("weights", "biases", "gradients", "losses")
+FLOOR = "floor: a step's weights and gradients written and fsynced, no training"
+SYNC_EVERY = 60  # steps: about one default shard (ShardPolicy.max_bytes) of this model
 # (arm, save interval, collections)
 CASES: list[tuple[str, int, Sequence[str]]] = [
     ("weights+biases+gradients+losses, every step", 1, BASIC),
@@ -42,14 +47,19 @@ CASES: list[tuple[str, int, Sequence[str]]] = [
 HookFactory = Callable[[nn.Module, torch.optim.Optimizer, nn.Module, str, int, Sequence[str]], Any]
 
 
+def mlp() -> nn.Module:
+    """The benchmark's model, with the same initial weights every time."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 10))
+
+
 class TrainArm:
     """One training (its own model, optimizer, data and, optionally, a hook) that runs steps on demand."""
 
     def __init__(
         self, make_hook: HookFactory | None = None, interval: int = 1, collections: Sequence[str] = ()
     ) -> None:
-        torch.manual_seed(0)
-        self.model = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 10))
+        self.model = mlp()
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01)
         self.loss_fn = nn.CrossEntropyLoss()
         gen = torch.Generator().manual_seed(0)
@@ -82,6 +92,36 @@ class TrainArm:
         shutil.rmtree(self.out_dir, ignore_errors=True)
 
 
+class DiskFloorArm:
+    """The floor of every-step raw capture: the bytes of a step's weights, biases and gradients
+    written to one file and ``fsync``-ed every ``SYNC_EVERY`` steps (as shards are published),
+    without training, format, checksums or copies; its ratio to a training step is the least
+    that saving every step can cost while the disk takes the bytes (when writing overlaps
+    training perfectly, on the other core)."""
+
+    def __init__(self) -> None:
+        self.arrays = [p.detach().numpy().copy() for p in mlp().parameters() for _ in range(2)]  # value, gradient
+        self.file = tempfile.NamedTemporaryFile(prefix="tensortap-bench-floor-")
+        self.steps = 0
+
+    def run(self, n: int) -> None:
+        for _ in range(n):
+            for a in self.arrays:
+                self.file.write(a.data)
+            self.steps += 1
+            if self.steps % SYNC_EVERY == 0:
+                self.settle()
+
+    def settle(self) -> None:
+        """Flush to disk (see :func:`bench.harness.settle`)."""
+        self.file.flush()
+        os.fsync(self.file.fileno())
+
+    def close(self) -> None:
+        self.settle()
+        self.file.close()
+
+
 def measure(
     make_hook: HookFactory, library: str, quick: bool = False, extra: dict[str, HookFactory] | None = None
 ) -> list[dict[str, Any]]:
@@ -95,6 +135,8 @@ def measure(
         arms[f"{library}: {case}"] = lambda i=interval, c=collections: TrainArm(make_hook, i, c)
     for case, factory in (extra or {}).items():
         arms[f"{library}: {case}"] = lambda f=factory: TrainArm(f, 1, ("weights", "gradients"))
+    if library == "tensortap":
+        arms[FLOOR] = DiskFloorArm
     timings = harness.interleave(arms, rounds=2 if quick else ROUNDS, block=5 if quick else BLOCK, warmup=WARMUP)
     return harness.rows(BENCHMARK, timings)
 
