@@ -87,18 +87,9 @@ def bench(session: nox.Session) -> None:
     quick = "--quick" in session.posargs
     names = [a for a in session.posargs if not a.startswith("-")]
     env: dict[str, str] = {}
-    smdebug_torch = not quick and (not names or "torch" in names)
-    smdebug = smdebug_python(session) if smdebug_torch or (not quick and "read" in names) else None
-    results = Path("bench/results/smdebug-torch.json")  # merged into the torch table by `python -m bench`
-    if smdebug_torch:
-        results.unlink(missing_ok=True)
-    if smdebug is not None:
+    smdebug = smdebug_python(session) if not quick and (not names or {"torch", "read"} & set(names)) else None
+    if smdebug is not None:  # its arms run in processes of that environment, interleaved with ours
         env["TENSORTAP_SMDEBUG_PYTHON"] = smdebug
-        if smdebug_torch:
-            try:
-                session.run(smdebug, "-m", "bench.bench_torch_smdebug", str(results), external=True)
-            except CommandFailed:
-                session.warn("smdebug's PyTorch arms failed; their rows are left out")
     session.run("python", "-m", "bench", *session.posargs, env=env)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import math
 import os
 import platform
@@ -27,8 +26,6 @@ HERE = Path(__file__).resolve().parent
 OUT = HERE.parent / "docs" / "performance.md"
 NOTES = HERE / "notes.md"  # "How to read these figures" and other hand-written notes, included verbatim
 PROFILES = HERE / "profiles"  # hand-written profile write-ups (*.md), included verbatim, sorted by name
-# rows measured in another environment (smdebug needs NumPy < 2.3), merged into a section
-EXTERNAL = {"torch": HERE / "results" / "smdebug-torch.json"}
 
 Row = dict[str, Any]
 
@@ -173,17 +170,6 @@ def document(sections: list[str], every_row: list[Row], seconds: float) -> str:
     )
 
 
-def _external(name: str, quick: bool) -> list[Row]:
-    """The smdebug rows of benchmark ``name`` measured in its own environment, if there are any."""
-    path = EXTERNAL.get(name)
-    if path is None or quick or not path.exists():
-        return []
-    extra = json.loads(path.read_text())
-    base = next(r for r in extra if r["case"] == "baseline")
-    suffix = f" (own env, its baseline {base['ms_per_step']:.3g} ms)"
-    return [dict(r, case=r["case"] + suffix) for r in extra if r["case"].startswith("smdebug")]
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("names", nargs="*", help=f"benchmarks to run: {', '.join(BENCHMARKS)} (default: all)")
@@ -202,7 +188,7 @@ def main() -> int:
         print(f"== {name}", flush=True)
         t0 = time.perf_counter()
         module = importlib.import_module(BENCHMARKS[name])
-        rows = module.run(quick=args.quick) + _external(name, args.quick)
+        rows = module.run(quick=args.quick)
         for r in rows:
             print("  ", {k: _fmt(v) for k, v in r.items()}, flush=True)
         every_row += rows

@@ -35,6 +35,8 @@ WARMUP = 10
 BENCHMARK = "torch MLP 784-512-256-10, batch 64"
 BASIC = ("weights", "biases", "gradients", "losses")
 FLOOR = "floor: a step's weights and gradients written and fsynced, no training"
+SMDEBUG_PYTHON = os.environ.get("TENSORTAP_SMDEBUG_PYTHON")  # smdebug's own environment, if there is one
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SYNC_EVERY = 60  # steps: about one default shard (ShardPolicy.max_bytes) of this model
 # (arm, save interval, collections)
 CASES: list[tuple[str, int, Sequence[str]]] = [
@@ -122,25 +124,6 @@ class DiskFloorArm:
         self.file.close()
 
 
-def measure(
-    make_hook: HookFactory, library: str, quick: bool = False, extra: dict[str, HookFactory] | None = None
-) -> list[dict[str, Any]]:
-    """Time the two baseline arms, every case of :data:`CASES` with hooks from ``make_hook``, and ``extra``.
-
-    ``extra`` maps a case name to a hook factory of its own, run every step on weights and gradients.
-    """
-    torch.set_num_threads(1)
-    arms: dict[str, Callable[[], harness.Arm]] = {harness.BASELINE: TrainArm, harness.BASELINE_2: TrainArm}
-    for case, interval, collections in CASES:
-        arms[f"{library}: {case}"] = lambda i=interval, c=collections: TrainArm(make_hook, i, c)
-    for case, factory in (extra or {}).items():
-        arms[f"{library}: {case}"] = lambda f=factory: TrainArm(f, 1, ("weights", "gradients"))
-    if library == "tensortap":
-        arms[FLOOR] = DiskFloorArm
-    timings = harness.interleave(arms, rounds=2 if quick else ROUNDS, block=5 if quick else BLOCK, warmup=WARMUP)
-    return harness.rows(BENCHMARK, timings)
-
-
 def _tensortap_hook(
     model: nn.Module,
     opt: torch.optim.Optimizer,
@@ -169,11 +152,27 @@ def _tensortap_hook(
 
 
 def run(quick: bool = False) -> list[dict[str, Any]]:
-    """Measure and return one row per arm: ms per step, the ratio to no hook, the run's noise."""
+    """Measure and return one row per arm: ms per step, the ratio to no hook, the run's noise.
+
+    The arms: no hook (twice), every case of :data:`CASES` with tensortap, tensortap's 64-bin
+    histograms of weights and gradients, the disk floor, and, where ``TENSORTAP_SMDEBUG_PYTHON``
+    names smdebug's environment (not with ``quick``), every case of :data:`CASES` with smdebug.
+    """
+    torch.set_num_threads(1)
+    arms: dict[str, Callable[[], harness.Arm]] = {harness.BASELINE: TrainArm, harness.BASELINE_2: TrainArm}
+    for case, interval, collections in CASES:
+        arms[f"tensortap: {case}"] = lambda i=interval, c=collections: TrainArm(_tensortap_hook, i, c)
     histogram = functools.partial(_tensortap_hook, histogram=64)
-    return measure(
-        _tensortap_hook, "tensortap", quick, {"histogram=64 of weights and gradients, every step": histogram}
+    arms["tensortap: histogram=64 of weights and gradients, every step"] = lambda: TrainArm(
+        histogram, 1, ("weights", "gradients")
     )
+    arms[FLOOR] = DiskFloorArm
+    if SMDEBUG_PYTHON and not quick:
+        for i, (case, _, _) in enumerate(CASES):
+            argv = [SMDEBUG_PYTHON, "-m", "bench.bench_torch_smdebug", str(i)]
+            arms[f"smdebug 1.0.34: {case}"] = lambda a=argv: harness.Remote(a, cwd=ROOT)
+    timings = harness.interleave(arms, rounds=2 if quick else ROUNDS, block=5 if quick else BLOCK, warmup=WARMUP)
+    return harness.rows(BENCHMARK, timings)
 
 
 def show(rows: list[dict[str, Any]]) -> None:

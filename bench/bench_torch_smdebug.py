@@ -5,9 +5,11 @@ smdebug needs its own environment (NumPy < 2.3, protobuf <= 3.20.3)::
     python -m venv /work/smdebug-venv
     /work/smdebug-venv/bin/pip install smdebug==1.0.34 "numpy==2.2.*" "protobuf<=3.20.3" \\
         torch==2.13.0 requests pandas psutil
-    /work/smdebug-venv/bin/python -m bench.bench_torch_smdebug [RESULTS.json]
+    TENSORTAP_SMDEBUG_PYTHON=/work/smdebug-venv/bin/python python -m bench torch
 
-``nox -s bench`` does this in ``.nox/smdebug`` and merges the rows into the torch table.
+``nox -s bench`` builds it in ``.nox/smdebug``. Each smdebug arm is a process of that
+environment (:class:`bench.harness.Remote`) that keeps its model and hook for the whole
+run and is interleaved, block by block, with the arms of :mod:`bench.bench_torch`.
 
 smdebug captures gradients with backward hooks and writes one TFRecord event
 file per step; its losses come from the registered loss module, as ours do.
@@ -15,16 +17,15 @@ file per step; its losses come from the registered loss module, as ours do.
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from bench.bench_torch import measure, show
+from bench import harness
+from bench.bench_torch import CASES, TrainArm
 
 
 def _smdebug_hook(
@@ -49,14 +50,7 @@ def _smdebug_hook(
     return hook
 
 
-def run() -> list[dict[str, Any]]:
-    """Measure and return one row per case (run with smdebug's environment)."""
-    return measure(_smdebug_hook, "smdebug")
-
-
-if __name__ == "__main__":
-    rows = run()
-    show(rows)
-    if len(sys.argv) > 1:  # a JSON file for `python -m bench` to merge into docs/performance.md
-        Path(sys.argv[1]).parent.mkdir(parents=True, exist_ok=True)
-        Path(sys.argv[1]).write_text(json.dumps(rows, indent=1))
+if __name__ == "__main__":  # python -m bench.bench_torch_smdebug CASE: serve that case of CASES as an arm
+    torch.set_num_threads(1)
+    _, interval, collections = CASES[int(sys.argv[1])]
+    harness.serve(lambda: TrainArm(_smdebug_hook, interval, collections))

@@ -15,8 +15,11 @@ this module too.
 
 from __future__ import annotations
 
+import os
 import statistics
 import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -152,6 +155,74 @@ class Process:
 
     def close(self) -> None:
         """Nothing to finish."""
+
+
+class Remote:
+    """An :class:`Arm` that lives in a process of its own for the whole measurement.
+
+    ``argv`` starts a process (another environment: smdebug's) that builds one arm and
+    calls :func:`serve` with it; the arm keeps its state between blocks, as arms in this
+    process do, and is interleaved with them. Building it (the interpreter, its imports,
+    the model) is not timed; each block reports the seconds the child measured.
+    """
+
+    def __init__(self, argv: Sequence[str], cwd: str | None = None) -> None:
+        self.argv = list(argv)
+        self.log = tempfile.TemporaryFile(mode="w+")  # the child's stderr, shown if it fails
+        self.proc = subprocess.Popen(
+            self.argv, cwd=cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True
+        )
+        self._reply()  # "ready": the arm is built
+
+    def _reply(self) -> str:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait()
+            self.log.seek(0)
+            raise RuntimeError(f"{' '.join(self.argv)} failed:\n{self.log.read()[-2000:]}")
+        return line.strip()
+
+    def _ask(self, command: str) -> float:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return float(self._reply())
+
+    def run(self, n: int) -> float:
+        """Run ``n`` units (and settle) in the child; the seconds it measured."""
+        return self._ask(f"run {n}")
+
+    def close(self) -> None:
+        """Close the child's arm and wait for the child to exit."""
+        self._ask("close")
+        self.proc.wait()
+        self.log.close()
+
+
+def serve(make: Callable[[], Arm]) -> None:
+    """The child's side of :class:`Remote`: build an arm with ``make``, run blocks of it as the
+    parent asks, until "close".
+
+    Replies go to the process's original standard output; anything else written there
+    (a library's logging) is sent to standard error instead.
+    """
+    replies = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    arm = make()
+    print("ready", file=replies, flush=True)
+    for line in sys.stdin:
+        command, *args = line.split()
+        t0 = time.perf_counter()
+        if command == "run":
+            arm.run(int(args[0]))
+            settle(arm)
+        else:
+            arm.close()
+        print(time.perf_counter() - t0, file=replies, flush=True)
+        if command != "run":
+            return
 
 
 @dataclass

@@ -47,9 +47,13 @@ def _row(benchmark: str, case: str, **values: float) -> dict[str, object]:
 
 def test_targets_say_what_was_not_measured_and_by_how_much_one_is_missed() -> None:
     rows = [
-        _row("torch MLP 784-512-256-10, batch 64", "baseline", ratio=1.0, noise=0.05),
+        _row("torch MLP 784-512-256-10, batch 64", "baseline", ratio=1.0, noise=0.05, ms_per_step=2.0),
         _row("torch MLP 784-512-256-10, batch 64", "tensortap: weights+biases+gradients+losses, every step",
              ratio=2.6, noise=0.05),
+        _row("torch MLP 784-512-256-10, batch 64", generator.FLOOR_ARM[1] + ", no training", ms_per_step=3.0),
+        _row("keras (torch) MLP 784-512-256-10, batch 64", "baseline", ms_per_step=6.0),
+        _row("keras (torch) MLP 784-512-256-10, batch 64", "tensortap: weights+biases+gradients+losses, every step",
+             ratio=2.0),
         _row("read a 1.6 MB weight over 1000 steps", "smdebug", ratio=10.0, noise=0.1),
         _row("peak memory, torch MLP, 300 steps", "tensortap, extra (MB)", MB=300.0),
         _row("peak memory, torch MLP, 300 steps", "shard budget max_bytes (MB)", MB=200.0),
@@ -61,6 +65,8 @@ def test_targets_say_what_was_not_measured_and_by_how_much_one_is_missed() -> No
     every_step = table["PyTorch MLP, every step / no hook"]
     assert every_step["measured / target"] == pytest.approx(2.0) and every_step["met"] == "**no**"
     assert every_step["noise"] == 0.05
+    assert every_step["floor here"] == pytest.approx(1.5)  # the disk floor arm's 3 ms over a bare step's 2 ms
+    assert table["Keras torch, every step / no callback"]["floor here"] == 1.0  # the disk is faster than its step
     assert table["read a 1.6 MB tensor over 1,000 steps: smdebug / tensortap"]["met"] == "yes"
     memory = table["peak extra memory while saving every step (MB)"]
     assert memory["measured / target"] == pytest.approx(1.5) and "(200)" in memory["target"]
@@ -83,6 +89,23 @@ def test_document_holds_targets_sections_notes_and_every_profile_sorted(
     profiles = doc[doc.index("## Profiles") :]
     assert profiles.index("### index profile") < profiles.index("### torch profile")
     assert "saving took *most* of it" in profiles
+
+
+def test_a_remote_arm_keeps_its_process_and_reports_its_own_time() -> None:
+    sys.path.insert(0, str(ROOT))
+    try:
+        from bench import harness
+    finally:
+        sys.path.remove(str(ROOT))
+    child = "from bench import harness; harness.serve(lambda: harness.Repeat(lambda: print('chatter')))"
+    arm = harness.Remote([sys.executable, "-c", child], cwd=str(ROOT))
+    pid = arm.proc.pid
+    assert all(isinstance(arm.run(3), float) for _ in range(2))  # its printing went to stderr, not the replies
+    assert arm.proc.pid == pid and arm.proc.poll() is None
+    arm.close()
+    assert arm.proc.returncode == 0
+    with pytest.raises(RuntimeError, match="ZeroDivisionError"):
+        harness.Remote([sys.executable, "-c", "1 / 0"], cwd=str(ROOT))
 
 
 def test_gpu_check_without_cuda_says_so() -> None:
