@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -124,6 +125,34 @@ def test_publish_failure_mid_run_logs_once_and_disables(tmp_path: Path, caplog: 
     assert trial.end_reasons() == {"worker_0": "error"}
     end = json.loads((tmp_path / "end" / "worker_0.json").read_text())
     assert "Not a directory" in end["error"]
+
+
+def test_a_full_shard_waits_while_the_one_before_is_published(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ShardPolicy.max_bytes bounds the memory of unpublished steps: one shard is published while the
+    next is built, and the training waits (backpressure) before it would hold a third."""
+    w = Writer(tmp_path, shard_policy=ShardPolicy(max_steps=1))
+    assert w.writer is not None
+    storage, gate, publishing = w.writer.storage, threading.Event(), threading.Event()
+    publish = storage.publish_file
+
+    def held(local: str, key: str) -> None:  # the real publish, once the gate opens
+        publishing.set()
+        assert gate.wait(60)
+        publish(local, key)
+
+    monkeypatch.setattr(storage, "publish_file", held)
+    run_steps(w, 1)  # shard 0 is handed off; the writer thread holds it at the gate
+    assert publishing.wait(60)
+    second = threading.Thread(target=run_steps, args=(w, 1))
+    second.start()  # shard 1 is full at once: its handoff waits for shard 0
+    second.join(1.0)
+    assert second.is_alive()
+    assert len(w.writer._buffers) == 3  # shard 0 (publishing), shard 1 (handed off), the one being built
+    gate.set()
+    second.join(60)
+    assert not second.is_alive()
+    w.close()
+    assert tensortap.create_trial(tmp_path).steps() == [0, 1]
 
 
 def test_publish_failure_raises_when_strict(tmp_path: Path) -> None:

@@ -107,7 +107,7 @@ def test_checksums_are_zlib_crc32_of_each_row_and_dataset(tmp_path: Path) -> Non
     fixed = [rng.standard_normal((300, 7)).astype(np.float32) for _ in range(3)]
     ragged = [np.arange(n, dtype=np.int64) for n in (1, 5000, 3)]
     with Writer(tmp_path) as w:
-        for a, b in zip(fixed, ragged):
+        for a, b in zip(fixed, ragged, strict=True):
             with w.stepping():
                 w.save("fixed", a)
                 w.save("ragged", b)

@@ -240,7 +240,9 @@ class ShardBuffer:
             self._staged = [(n, s, r and n != name, 0 if n == name else k) for n, s, r, k in self._staged]
         if raw is not None:
             fits = self.max_bytes // max(raw.nbytes, 1) + 1
-            reserve = max(min(self.max_steps, fits, _FIRST_RESERVE // max(raw.nbytes, 1)), min(self.rows, fits))
+            # rows rounded up to a power of two, so that shards of about the same length reuse pooled arrays
+            expected = 1 << max(self.rows - 1, 0).bit_length()
+            reserve = max(min(self.max_steps, fits, _FIRST_RESERVE // max(raw.nbytes, 1)), min(expected, fits))
             stored = col.add_raw(step, raw, max(reserve, 1))
             self.nbytes += raw.nbytes
         col.red.extend((step, k, float(v)) for k, v in reductions.items())

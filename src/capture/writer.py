@@ -66,7 +66,10 @@ class ShardPolicy:
     max_seconds
         Age of the oldest unpublished step; this bounds how late a live reader sees data.
     max_bytes
-        Bytes of tensor data buffered per shard.
+        Bytes of tensor data capture holds for steps not yet published (the memory bound):
+        a shard closes at half of it, and training waits while the shard before is still
+        being published, so the shard being built and the one being published together
+        never hold more.
     compression
         ``None`` (default), ``"gzip"`` or ``"lzf"``.
     timeout
@@ -317,7 +320,7 @@ class TrialWriter:
         self.run_id = run_id or uuid.uuid4().hex
         self._lock = threading.RLock()
         # the shard being built is the last; before it, shards handed off to the writer thread (see _take_locked)
-        self._buffers = [ShardBuffer(policy.max_steps, policy.max_bytes)]
+        self._buffers = [ShardBuffer(policy.max_steps, self._shard_bytes)]
         self._since = 0.0
         self._publish_seconds = 0.0  # moving average of one publish: publishing starts this much earlier
         self._seq = 0  # of the next shard the writer thread publishes
@@ -377,7 +380,7 @@ class TrialWriter:
                 self._buffer.rollback()
                 raise
         if job is not None:
-            self._submit(job)
+            self._hand_off(job)
         return stored
 
     def commit(self, step: int, mode: int, mode_step: int) -> None:
@@ -387,10 +390,10 @@ class TrialWriter:
                 return
             self._buffer.commit(step, mode, mode_step)
             self._last = (step, mode, mode_step)
-            full = len(self._buffer) >= self.policy.max_steps or self._buffer.nbytes >= self.policy.max_bytes
+            full = len(self._buffer) >= self.policy.max_steps or self._buffer.nbytes >= self._shard_bytes
             job = self._take_locked() if full or self._due() else None
         if job is not None:
-            self._submit(job)
+            self._hand_off(job)
 
     def rollback(self) -> None:
         """Drop the values of the step in progress (the process is exiting mid-step)."""
@@ -421,6 +424,11 @@ class TrialWriter:
             self._publish_handed_off()  # also a shard whose job an interrupt kept from the queue
 
     @property
+    def _shard_bytes(self) -> int:
+        """Bytes of tensor data at which a shard closes: half of ``policy.max_bytes`` (double buffering)."""
+        return max(1, self.policy.max_bytes // 2)
+
+    @property
     def _buffer(self) -> ShardBuffer:
         """The shard being built."""
         return self._buffers[-1]
@@ -440,7 +448,7 @@ class TrialWriter:
             self._buffers.append(
                 buffer.detach_staged()
                 if buffer.staging
-                else ShardBuffer(self.policy.max_steps, self.policy.max_bytes, len(buffer) + 1)
+                else ShardBuffer(self.policy.max_steps, self._shard_bytes, len(buffer) + 1)
             )
         return self._publish_handed_off if len(self._buffers) > 1 else None
 
@@ -450,6 +458,13 @@ class TrialWriter:
             self._publish(self._buffers[0], self._seq)
             self._seq += 1
             del self._buffers[0]
+
+    def _hand_off(self, job: Callable[[], None]) -> None:
+        """Submit the job that publishes a full shard, then wait until the shards before it are
+        published: one shard is published while the next is built (double buffering), which
+        bounds the memory of unpublished steps by ``policy.max_bytes``."""
+        self._submit(job)
+        self._wait_for(self._pending[:-1])
 
     def _submit(self, fn: Callable[[], None]) -> None:
         if self._hung:
@@ -498,7 +513,13 @@ class TrialWriter:
         The shard being built stays open (:meth:`flush` publishes it too).
         """
         pending, self._pending = self._pending, []
-        for j in pending:
+        self._wait_for(pending)
+        if not self._hung and self._io_lock.acquire(timeout=self.policy.timeout):
+            self._io_lock.release()  # a publish the writer thread started on its own
+
+    def _wait_for(self, jobs: list[_Job]) -> None:
+        """Wait until ``jobs`` are done, ``policy.timeout`` at most for each; past it, capture turns off."""
+        for j in jobs:
             if self._hung:
                 return
             if not j.done.wait(self.policy.timeout):
@@ -506,8 +527,6 @@ class TrialWriter:
                 timeout = self.policy.timeout
                 self._report(TimeoutError(f"publishing to {self.storage.url}: no answer within {timeout:g} s"))
                 return
-        if self._io_lock.acquire(timeout=self.policy.timeout):  # a publish the writer thread started on its own
-            self._io_lock.release()
 
     def flush(self) -> None:
         """Publish what is buffered and wait until every submitted shard is published."""
