@@ -24,7 +24,7 @@ ALL_REDUCTIONS = REDUCTIONS + NORMS + HEALTH_COUNTS
 DEFAULT_BINS = 64
 MAX_BINS = 4096
 _CHUNK_BYTES = 8 << 20  # float64 bytes converted at once by compute_rows
-_LINEAR_MIN_SIZE = 1 << 18  # values from which counting by arithmetic beats sorting (bench/profiles/histogram.md)
+_LINEAR_MIN_SIZE = 1 << 19  # values from which counting by arithmetic beats sorting (bench/profiles/histogram.md)
 _BLOCK = 1 << 16  # values binned at once by _linear_counts (its buffers stay in the CPU's cache)
 
 
