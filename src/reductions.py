@@ -24,6 +24,8 @@ ALL_REDUCTIONS = REDUCTIONS + NORMS + HEALTH_COUNTS
 DEFAULT_BINS = 64
 MAX_BINS = 4096
 _CHUNK_BYTES = 8 << 20  # float64 bytes converted at once by compute_rows
+_LINEAR_MIN_SIZE = 1 << 19  # values from which counting by arithmetic beats sorting (bench/profiles/histogram.md)
+_BLOCK = 1 << 16  # values binned at once by _linear_counts (its buffers stay in the CPU's cache)
 
 
 def reduction_key(name: str, abs: bool = False) -> str:
@@ -192,11 +194,18 @@ def histogram_edges(array: np.ndarray, bins: int = DEFAULT_BINS) -> np.ndarray |
 
     A constant tensor gets the range ``[x - 0.5, x + 0.5]``.
     """
-    a = _as_float64(np.asarray(array)).ravel()
-    finite = a[np.isfinite(a)]
-    if finite.size == 0:
+    span = _finite_range(_as_float64(np.asarray(array)).ravel())
+    return None if span is None else equal_edges(*span, bins)
+
+
+def _finite_range(a: np.ndarray) -> tuple[float, float] | None:
+    """``(min, max)`` of the finite values of flat ``a``; None if it has none."""
+    finite = np.isfinite(a)
+    if not finite.all():
+        a = a[finite]
+    if a.size == 0:
         return None
-    return equal_edges(float(finite.min()), float(finite.max()), bins)
+    return float(a.min()), float(a.max())
 
 
 def bin_dtype(dtype: str) -> str:
@@ -230,10 +239,10 @@ def bin_bounds(edges: np.ndarray, dtype: str = "float64") -> BinBounds:
     e = np.asarray(edges, dtype=np.float64)
     bounds = e
     if dtype != "float64":
-        with np.errstate(over="ignore"):
+        with np.errstate(over="ignore"):  # edges beyond the dtype's range, or next to its largest number
             bounds = e.astype(dtype)
             low = bounds.astype(np.float64) < e
-        bounds = np.where(low, np.nextafter(bounds, np.inf, dtype=bounds.dtype), bounds)
+            bounds = np.where(low, np.nextafter(bounds, np.inf, dtype=bounds.dtype), bounds)
     first = min(int(np.searchsorted(e, e[0], side="right")), len(e) - 1)  # edges equal to edges[0]: 1 unless repeated
     return BinBounds(bounds, first, len(e) - 1)
 
@@ -256,16 +265,28 @@ def histogram_counts(array: np.ndarray, edges: np.ndarray) -> np.ndarray:
 
     The rule is ``numpy.histogram(numpy.clip(finite, edges[0], edges[-1]), bins=edges)``
     on the values as float64: ``counts[i]`` values ``v`` with ``edges[i] <= v < edges[i+1]``,
-    the last bin including ``edges[-1]``. It is computed on the sorted values (float32
-    ones in float32, :class:`BinBounds`), which gives the same counts faster.
+    the last bin including ``edges[-1]``. It is computed on the values in their
+    :func:`bin_dtype` against :class:`BinBounds`, which gives the same counts faster:
+    by arithmetic (:func:`_linear_counts`) on large arrays with about equal bins, else
+    on the sorted values.
     """
-    s = np.sort(_binned_values(array))  # NaN sorts last
-    return _sorted_counts(s, bin_bounds(edges, s.dtype.name))
+    return _counts(_binned_values(array), np.asarray(edges, dtype=np.float64))
+
+
+def _counts(x: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """:func:`histogram_counts` of ``x``, flat and already in its :func:`bin_dtype`."""
+    b = bin_bounds(edges, x.dtype.name)
+    if x.size >= _LINEAR_MIN_SIZE:
+        counts = _linear_counts(x, edges, b)
+        if counts is not None:
+            return counts
+    return _sorted_counts(np.sort(x), b)
 
 
 def _finite_span(s: np.ndarray) -> tuple[int, int]:
     """``(start, end)``: the finite values of sorted ``s`` are ``s[start:end]`` (-Inf before, +Inf and NaN after)."""
-    return int(np.searchsorted(s, -np.inf, side="right")), int(np.searchsorted(s, np.inf, side="left"))
+    inf = s.dtype.type(np.inf)  # of s's dtype: a Python float would convert all of s to float64 first
+    return int(np.searchsorted(s, -inf, side="right")), int(np.searchsorted(s, inf, side="left"))
 
 
 def _sorted_counts(s: np.ndarray, b: BinBounds) -> np.ndarray:
@@ -277,17 +298,77 @@ def _sorted_counts(s: np.ndarray, b: BinBounds) -> np.ndarray:
     return np.diff(below)
 
 
+def _linear_counts(x: np.ndarray, edges: np.ndarray, b: BinBounds) -> np.ndarray | None:
+    """Counts of ``x`` (flat, float32 or float64) on about equal bins in O(n); None where the bins are not.
+
+    Each value's position ``w = (x - edges[0]) * scale``, ``scale = bins / (edges[-1] - edges[0])``,
+    is computed in ``x``'s dtype (:data:`_BLOCK` values at a time, so that the work buffers stay
+    in cache), clipped into ``[0.5, bins - 0.5]`` (values outside the edges go to the outer
+    bins) and truncated to its bin. That is the bin of the rule unless ``w`` lies within
+    ``tol`` of an integer: ``tol`` bounds the rounding of ``w`` (``x - lo`` and the product,
+    about 1.5 ulp of ``w``, and ``lo``'s own rounding) plus how far the bounds
+    (:class:`BinBounds`, rounded into ``x``'s dtype) lie from the equal grid, twice over.
+    Those few values are binned by searching the bounds, exactly. A block with a non-finite
+    position (NaN, Inf, or a value too far out for the dtype) is counted on its sorted values.
+    None (then sort) when the edges repeat, are too far from equal, or are too close together
+    for ``x``'s dtype (``tol >= 1/4``).
+    """
+    if b.first != 1:
+        return None
+    bins = b.bins
+    with np.errstate(all="ignore"):
+        scale = bins / (edges[-1] - edges[0])
+        lo, sc = x.dtype.type(edges[0]), x.dtype.type(scale)
+    if not (np.isfinite(scale) and scale > 0 and np.isfinite(lo) and np.isfinite(sc) and sc >= np.finfo(x.dtype).tiny):
+        return None
+    grid = (b.bounds[1:bins].astype(np.float64) - edges[0]) * scale - np.arange(1, bins)
+    u = float(np.finfo(x.dtype).eps)
+    tol = 2 * (float(np.max(np.abs(grid), initial=0.0)) + u * abs(float(edges[0])) * scale + 8 * u * (bins + 1))
+    if not tol < 0.25:
+        return None
+    tol_x = x.dtype.type(tol)
+    block = _BLOCK
+    interior = b.bounds[1:bins]
+    counts = np.zeros(bins, dtype=np.int64)
+    size = min(block, x.size)
+    w, dist = np.empty(size, dtype=x.dtype), np.empty(size, dtype=x.dtype)
+    near, index = np.empty(size, dtype=bool), np.empty(size, dtype=np.intp)
+    with np.errstate(all="ignore"):
+        for start in range(0, x.size, block):
+            xb = x[start : start + block]
+            n = xb.size
+            wb, db, nb, ib = w[:n], dist[:n], near[:n], index[:n]
+            np.subtract(xb, lo, out=wb)
+            np.multiply(wb, sc, out=wb)
+            w_min, w_max = float(wb.min()), float(wb.max())  # NaN if there is one
+            if not (np.isfinite(w_min) and np.isfinite(w_max)):  # NaN, Inf, or a position too large for the dtype
+                counts += _sorted_counts(np.sort(xb), b)
+                continue
+            if w_min < 0.5:
+                np.maximum(wb, 0.5, out=wb)
+            if w_max > bins - 0.5:
+                np.minimum(wb, bins - 0.5, out=wb)
+            np.subtract(wb, np.rint(wb, out=db), out=db)
+            np.less(np.abs(db, out=db), tol_x, out=nb)
+            np.copyto(ib, wb, casting="unsafe")  # truncation: floor, as w > 0
+            if nb.any():
+                j = np.flatnonzero(nb)
+                ib[j] = np.searchsorted(interior, xb[j], side="right")
+            counts += np.bincount(ib, minlength=bins)
+    return counts
+
+
 def histogram(array: np.ndarray, bins: int | Sequence[float] | np.ndarray = DEFAULT_BINS) -> Histogram | None:
     """The histogram of ``array`` with ``bins`` equal bins over its finite range, or with the given edges.
 
     None when there are no edges to use: ``bins`` is a number and ``array`` has no finite value.
     """
-    s = np.sort(_binned_values(array))
+    x = _binned_values(array)
     if isinstance(bins, (int, np.integer)):
-        start, end = _finite_span(s)
-        if start == end:
+        span = _finite_range(x)
+        if span is None:
             return None
-        edges = equal_edges(float(s[start]), float(s[end - 1]), int(bins))
+        edges = equal_edges(*span, int(bins))
     else:
         edges = check_edges(bins)
-    return Histogram(edges, _sorted_counts(s, bin_bounds(edges, s.dtype.name)))
+    return Histogram(edges, _counts(x, edges))

@@ -12,10 +12,10 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import tensortap
-from tensortap import Collection, ReductionConfig, SaveConfig, TensorUnavailableForStep
+from tensortap import Collection, ReductionConfig, SaveConfig, TensorUnavailableForStep, reductions
 from tensortap.capture import Writer
 from tensortap.capture.testing import numpy_histogram_rule, numpy_rule_edges
-from tensortap.reductions import ALL_REDUCTIONS, REDUCTIONS, compute, histogram
+from tensortap.reductions import ALL_REDUCTIONS, REDUCTIONS, bin_bounds, compute, equal_edges, histogram
 
 ALL = ReductionConfig(
     reductions=[*REDUCTIONS, "nan_count", "inf_count", "zero_count"],
@@ -257,3 +257,67 @@ def test_histogram_counts_equal_the_numpy_calls_of_the_rule(case: tuple[np.ndarr
     assert hist is not None
     np.testing.assert_array_equal(hist.edges, edges)
     np.testing.assert_array_equal(hist.counts, numpy_histogram_rule(array, edges))
+
+
+@st.composite
+def values_around_equal_edges(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray]:
+    """Equal edges and values on them, one ulp either side, inside, outside, NaN and Inf."""
+    dtype = np.dtype(draw(st.sampled_from(["float32", "float64", "float16", "int16"])))
+    bins = draw(st.integers(1, 70))
+    lo = draw(st.floats(-1e5, 1e5, allow_subnormal=False))
+    width = draw(st.floats(1e-7, 1e5, allow_subnormal=False)) * max(1.0, abs(lo))
+    edges = equal_edges(lo, lo + width, bins)
+    binned = np.float64 if dtype == np.float64 else np.float32
+    with np.errstate(all="ignore"):
+        on = edges.astype(binned)
+        pool = np.concatenate([on, np.nextafter(on, binned(np.inf)), np.nextafter(on, binned(-np.inf))])
+    inside = st.floats(lo - width / 4, lo + width * 1.25, allow_subnormal=False)
+    special = st.sampled_from([np.nan, np.inf, -np.inf])
+    values = draw(st.lists(st.one_of(st.sampled_from(pool.tolist()), inside, special), min_size=1, max_size=120))
+    with np.errstate(all="ignore"):
+        array = np.array(values).astype(dtype)
+    return array, edges
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(values_around_equal_edges(), arrays_and_edges()), st.integers(1, 40))
+def test_counting_by_arithmetic_equals_the_numpy_calls_of_the_rule(
+    case: tuple[np.ndarray, np.ndarray | int], block: int
+) -> None:
+    """The O(n) counting (used for large arrays), here on any array and in blocks of ``block`` values."""
+    array, bins = case
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(reductions, "_LINEAR_MIN_SIZE", 0)
+        mp.setattr(reductions, "_BLOCK", block)
+        hist = histogram(array, bins)
+    magnitudes = np.abs(array) if array.dtype.kind == "c" else array
+    edges = numpy_rule_edges(magnitudes, bins) if isinstance(bins, int) else bins
+    if edges is None:
+        assert hist is None
+        return
+    assert hist is not None
+    np.testing.assert_array_equal(hist.counts, numpy_histogram_rule(array, edges))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_a_large_array_is_counted_by_arithmetic_exactly(dtype: str) -> None:
+    """Values on every edge and one ulp either side, outside the edges, NaN and Inf, in several blocks."""
+    rng = np.random.default_rng(0)
+    values = rng.standard_normal(reductions._LINEAR_MIN_SIZE + 12345).astype(dtype)
+    edges = equal_edges(-2.0, 2.5, 64)
+    on = edges.astype(dtype)
+    near = np.concatenate([on, np.nextafter(on, np.inf), np.nextafter(on, -np.inf)])
+    values[: near.size] = near
+    values[-3:] = [np.nan, np.inf, -np.inf]
+    clean = values[:-3]
+    assert reductions._linear_counts(clean, edges, bin_bounds(edges, dtype)) is not None  # not the sorting fallback
+    np.testing.assert_array_equal(reductions.histogram_counts(values, edges), numpy_histogram_rule(values, edges))
+    np.testing.assert_array_equal(reductions.histogram_counts(clean, edges), numpy_histogram_rule(clean, edges))
+
+
+def test_edges_too_close_for_the_dtype_fall_back_to_sorting() -> None:
+    """float32 values near 1000 on bins 1e-4 wide: rounding spans bins, so the values are sorted instead."""
+    edges = equal_edges(1000.0, 1000.0 + 64e-4, 64)
+    values = (1000.0 + np.random.default_rng(1).uniform(-1e-3, 7e-3, reductions._LINEAR_MIN_SIZE)).astype(np.float32)
+    assert reductions._linear_counts(values, edges, bin_bounds(edges, "float32")) is None
+    np.testing.assert_array_equal(reductions.histogram_counts(values, edges), numpy_histogram_rule(values, edges))

@@ -27,7 +27,8 @@ class TorchOps(core.TensorOps):
 
     device_histogram = True
     #: Device types whose tensors are binned with NumPy on a view of their memory (no copy):
-    #: on a CPU, sorting them (``numpy.sort``) is several times faster than ``torch.bucketize``.
+    #: on a CPU, :func:`tensortap.reductions.histogram_counts` is several times faster than
+    #: ``torch.bucketize`` (bench/profiles/histogram.md).
     host_binned: ClassVar[frozenset[str]] = frozenset({"cpu"})
     #: Device types without float64 (int32, int64 and float64 tensors are binned on the host there)
     no_float64: ClassVar[frozenset[str]] = frozenset({"mps"})
