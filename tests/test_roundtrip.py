@@ -14,7 +14,6 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import tensortap
-from tensortap.backends.shard import OWN_ROW_BYTES
 from tensortap.capture import ShardPolicy, Writer
 
 DTYPES = ["float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "bool", "complex64"]
@@ -230,22 +229,3 @@ def test_a_shard_reserves_the_rows_of_the_previous_one(monkeypatch, tmp_path: Pa
         assert w.writer is not None
         assert w.writer._buffer.rows == 6  # the first shard held 5 steps
     assert tensortap.create_trial(tmp_path).tensor("x").steps() == list(range(6))
-
-
-def test_large_values_are_read_into_arrays_of_their_own(tmp_path: Path) -> None:
-    big = np.arange(OWN_ROW_BYTES // 4, dtype=np.float32).reshape(256, -1)
-    with Writer(tmp_path) as w:
-        for step in range(3):
-            with w.stepping():
-                w.save("big", big + step)
-                w.save("small", big[:2] + step)
-    trial = tensortap.create_trial(tmp_path)
-    values = trial.tensor("big").values()
-    assert list(values) == [0, 1, 2]
-    for step, value in values.items():
-        np.testing.assert_array_equal(value, big + step)
-        assert value.dtype == big.dtype and value.flags.writeable
-    assert all(v.base is None for v in values.values())  # each owns its memory: one kept pins no other
-    small = trial.tensor("small").values()  # smaller values: one read for the shard
-    np.testing.assert_array_equal(small[2], big[:2] + 2)
-    assert small[0].base is not None and small[0].base is small[1].base

@@ -480,8 +480,6 @@ STEP_PARTS = ("step", "mode", "mode_step")
 REDUCTION_PARTS = ("tensor_id", "step", "kind", "value")
 
 MAX_READ_ENV = "TENSORTAP_MAX_READ_BYTES"
-OWN_ROW_BYTES = 1 << 20
-"""Values at least this large (uncompressed, fixed layout) are read one by one, each into an array of its own."""
 
 
 def max_read_bytes() -> int:
@@ -877,10 +875,6 @@ class ShardReader:
         t = self._values(name)
         if t.data is None:
             return {}
-        if t.offsets is None and t.data.chunks is None and t.data.nbytes >= OWN_ROW_BYTES * len(t.steps):
-            # large values: one read each, so a value kept pins its own memory, not the shard's block
-            # (and, measured, the kernel maps the fresh memory of 1,000 1.6 MB values faster than of 160 MB blocks)
-            return {int(s): self._check_row(t, i, np.asarray(t.data[i])) for i, s in enumerate(t.steps)}
         data = np.asarray(t.data[()])
         if t.offsets is None:
             rows = [data[i : i + 1] for i in range(len(t.steps))]
