@@ -53,7 +53,7 @@ IfExists = Literal["error", "overwrite", "new_run"]
 IF_EXISTS = ("error", "overwrite", "new_run")
 RUN_PREFIX = "run-"
 POLL_SECONDS = 0.1  # how often the writer thread looks for buffers due for publishing
-LIVE_SHARE = 0.05  # time-based publishing takes at most this share of the writer thread's CPU time
+LIVE_SHARE = 0.02  # publishing at the live deadline takes at most this share of one core (the writer thread's CPU)
 _T = TypeVar("_T")
 
 
@@ -81,7 +81,7 @@ class ShardPolicy:
         readers see a step within about ``live_seconds`` plus their ``refresh_interval``.
         The deadline stretches from ``live_seconds`` towards ``max_seconds`` as publishes
         cost more CPU time (many tensors, large steps): time-based publishing never takes
-        more than ``LIVE_SHARE`` (5%) of the writer's time, so short deadlines do not fill a
+        more than ``LIVE_SHARE`` (2%) of one core, so short deadlines do not fill a
         trial with tiny shards (see :func:`publish_deadline`). ``None``, or a value of
         ``max_seconds`` or more, publishes by ``max_seconds`` only (the fewest shards).
     """
