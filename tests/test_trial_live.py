@@ -22,7 +22,8 @@ from tensortap import (
     TrialNotFound,
 )
 from tensortap.backends.storage import LocalStorage
-from tensortap.capture import Writer
+from tensortap.capture import ShardPolicy, Writer
+from tensortap.capture.writer import LIVE_SHARE, publish_deadline
 from tensortap.trial.trial import REFRESH_SECONDS
 
 
@@ -182,6 +183,36 @@ def test_data_reaches_a_live_reader_within_max_seconds_without_flush(tmp_path: P
     assert trial.steps() == [0, 1, 2]
     np.testing.assert_array_equal(trial.tensor("a").value(2), value_for("a", 2, 0))
     assert not trial.training_ended
+
+
+def test_live_deadline_publishes_long_before_max_seconds(tmp_path: Path, writer_proc) -> None:
+    # max_seconds is an hour: only the live deadline can publish these steps while the writer idles
+    w = writer_proc(tmp_path, "--max-seconds", "3600", "--live-seconds", "0.2")
+    trial = tensortap.create_trial(tmp_path)
+    w.cmd("steps", n=3, names=["a"])
+    trial.wait_for_steps([0, 1, 2], timeout=60)  # far below an hour, with room for a loaded machine
+    assert trial.steps() == [0, 1, 2]
+    np.testing.assert_array_equal(trial.tensor("a").value(2), value_for("a", 2, 0))
+    assert not trial.training_ended
+
+
+def test_publish_deadline_stretches_from_live_seconds_to_max_seconds_with_publish_cost() -> None:
+    policy = ShardPolicy(max_seconds=2.0, live_seconds=0.5)
+    assert publish_deadline(policy, 0.0) == 0.5  # before the first publish, and while publishing is cheap
+    assert publish_deadline(policy, 0.5 * LIVE_SHARE) == 0.5
+    # a publish costing 50 ms of CPU: once a second at most, so publishing keeps to LIVE_SHARE of the time
+    assert publish_deadline(policy, 1.0 * LIVE_SHARE) == pytest.approx(1.0)
+    assert publish_deadline(policy, 10.0) == 2.0  # never later than max_seconds
+    assert publish_deadline(ShardPolicy(max_seconds=2.0, live_seconds=None), 0.0) == 2.0
+    assert publish_deadline(ShardPolicy(max_seconds=0.3), 0.0) == 0.3  # live_seconds past max_seconds: no effect
+    assert ShardPolicy().live_seconds is not None and ShardPolicy().live_seconds < ShardPolicy().max_seconds
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, "0.5", True])
+def test_live_seconds_must_be_a_positive_number_or_none(bad: object) -> None:
+    with pytest.raises(ValueError, match="live_seconds"):
+        ShardPolicy(live_seconds=bad)  # type: ignore[arg-type]
+    assert ShardPolicy.from_json({"live_seconds": None}).live_seconds is None
 
 
 class _ClosingStorage(LocalStorage):

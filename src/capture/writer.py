@@ -5,7 +5,8 @@ One daemon thread per process owns every h5py call made while capturing. A
 ``if_exists``), buffers saved steps and hands a full buffer to that thread,
 which writes the shard to a temporary file, publishes it atomically and then
 writes its index record. The thread also publishes buffers before they are
-``max_seconds`` old, so data reaches live readers in time. Every storage call
+``live_seconds`` old while publishing is cheap, and before they are
+``max_seconds`` old in any case, so data reaches live readers in time. Every storage call
 runs off the training thread, and the training thread never waits for one
 longer than ``ShardPolicy.timeout``.
 
@@ -52,6 +53,7 @@ IfExists = Literal["error", "overwrite", "new_run"]
 IF_EXISTS = ("error", "overwrite", "new_run")
 RUN_PREFIX = "run-"
 POLL_SECONDS = 0.1  # how often the writer thread looks for buffers due for publishing
+LIVE_SHARE = 0.02  # publishing at the live deadline takes at most this share of one core (the writer thread's CPU)
 _T = TypeVar("_T")
 
 
@@ -64,7 +66,8 @@ class ShardPolicy:
     max_steps
         Saved steps per shard.
     max_seconds
-        Age of the oldest unpublished step; this bounds how late a live reader sees data.
+        Age of the oldest unpublished step at which the shard is published at the latest:
+        this bounds how late a live reader sees data, and what a SIGKILL loses.
     max_bytes
         Bytes of tensor data capture holds for steps not yet published (the memory bound):
         a shard closes at half of it, and training waits while the shard before is still
@@ -76,6 +79,14 @@ class ShardPolicy:
         Seconds the training thread waits, at most, for the storage: for the set-up at
         construction, for room in the publishing queue, for one publish at ``flush``/``close``.
         Past it, capture turns itself off (training goes on) and the error is logged.
+    live_seconds
+        Age at which the shard is published already while publishing is cheap, so live
+        readers see a step within about ``live_seconds`` plus their ``refresh_interval``.
+        The deadline stretches from ``live_seconds`` towards ``max_seconds`` as publishes
+        cost more CPU time (many tensors, large steps): time-based publishing never takes
+        more than ``LIVE_SHARE`` (2%) of one core, so short deadlines do not fill a
+        trial with tiny shards (see :func:`publish_deadline`). ``None``, or a value of
+        ``max_seconds`` or more, publishes by ``max_seconds`` only (the fewest shards).
     """
 
     max_steps: int = 1000
@@ -83,12 +94,16 @@ class ShardPolicy:
     max_bytes: int = 256 << 20
     compression: str | None = None
     timeout: float = 60.0
+    live_seconds: float | None = 0.5
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_steps, int) or self.max_steps < 1:
             raise ValueError(f"max_steps: expected an integer >= 1, got {self.max_steps!r}")
         if not isinstance(self.max_seconds, (int, float)) or self.max_seconds <= 0:
             raise ValueError(f"max_seconds: expected a number > 0, got {self.max_seconds!r}")
+        live = self.live_seconds
+        if live is not None and (not isinstance(live, (int, float)) or isinstance(live, bool) or live <= 0):
+            raise ValueError(f"live_seconds: expected a number > 0 or None, got {live!r}")
         if not isinstance(self.max_bytes, int) or self.max_bytes < 1:
             raise ValueError(f"max_bytes: expected an integer >= 1, got {self.max_bytes!r}")
         if not isinstance(self.timeout, (int, float)) or self.timeout <= 0:
@@ -101,6 +116,29 @@ class ShardPolicy:
         """Build from a JSON object with the fields above."""
         check_keys("shard_policy", data, {f.name for f in fields(cls)})
         return cls(**dict(data))
+
+
+def publish_deadline(policy: ShardPolicy, publish_cpu_seconds: float) -> float:
+    """Age (seconds) of the oldest unpublished step at which the buffer is published.
+
+    ``policy.live_seconds`` while a publish takes little CPU time, stretched so that
+    publishing once per deadline takes at most :data:`LIVE_SHARE` of the time
+    (``publish_cpu_seconds / LIVE_SHARE``), and never beyond ``policy.max_seconds``.
+
+    Parameters
+    ----------
+    policy
+        The shard policy.
+    publish_cpu_seconds
+        CPU time one publish takes on the writer thread (a moving average; 0 before the first).
+    """
+    if policy.live_seconds is None:
+        return policy.max_seconds
+    return min(policy.max_seconds, max(policy.live_seconds, publish_cpu_seconds / LIVE_SHARE))
+
+
+def _moving_average(average: float, value: float, first: bool) -> float:
+    return value if first else 0.7 * average + 0.3 * value
 
 
 def run_bounded(fn: Callable[[], _T], timeout: float, what: str) -> _T:
@@ -323,6 +361,8 @@ class TrialWriter:
         self._buffers = [ShardBuffer(policy.max_steps, self._shard_bytes)]
         self._since = 0.0
         self._publish_seconds = 0.0  # moving average of one publish: publishing starts this much earlier
+        self._publish_cpu = 0.0  # moving average of one publish's CPU time on the writer thread
+        self._publishes = 0
         self._seq = 0  # of the next shard the writer thread publishes
         self._last: tuple[int, int, int] | None = None  # the last committed (step, mode, mode_step)
         self._staging_step = -1
@@ -401,15 +441,16 @@ class TrialWriter:
             self._buffer.rollback()
 
     def _due(self) -> bool:
-        """Whether the buffer must be published now to reach readers within ``max_seconds``.
+        """Whether the buffer must be published now to reach readers within its :func:`publish_deadline`.
 
         Publishing starts early by the time a publish takes (twice its moving average) plus
-        one poll of the writer thread, but never before half of ``max_seconds``.
+        one poll of the writer thread, but never before half of the deadline.
         """
         if not self._buffer:
             return False
-        lead = min(POLL_SECONDS + 2 * self._publish_seconds, self.policy.max_seconds / 2)
-        return time.monotonic() - self._since >= self.policy.max_seconds - lead
+        deadline = publish_deadline(self.policy, self._publish_cpu)
+        lead = min(POLL_SECONDS + 2 * self._publish_seconds, deadline / 2)
+        return time.monotonic() - self._since >= deadline - lead
 
     def publish_if_due(self) -> None:
         """Publish the buffer if :meth:`_due`, and every shard handed off (writer thread)."""
@@ -485,7 +526,7 @@ class TrialWriter:
         if self.error is not None:
             buffer.release()
             return
-        start = time.monotonic()
+        start, start_cpu = time.monotonic(), time.thread_time()
         key = layout.shard_key(self.worker, seq)
         try:
             staging = os.path.join(self.storage.staging_dir(), layout.SHARDS, self.worker)
@@ -505,7 +546,10 @@ class TrialWriter:
             buffer.release()
             self._report(exc)
             return
-        self._publish_seconds = 0.7 * self._publish_seconds + 0.3 * (time.monotonic() - start)
+        first = self._publishes == 0  # the first publish sets the averages, later ones move them
+        self._publishes += 1
+        self._publish_seconds = _moving_average(self._publish_seconds, time.monotonic() - start, first)
+        self._publish_cpu = _moving_average(self._publish_cpu, time.thread_time() - start_cpu, first)
 
     def drain(self) -> None:
         """Wait until every shard handed off so far is published, ``policy.timeout`` at most for each.

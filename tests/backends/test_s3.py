@@ -162,7 +162,8 @@ from tensortap.capture import ShardPolicy, Writer
 
 url, options, local = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
 Writer(local)  # a writer made before the S3 client's own exit hooks exist
-writer = Writer(url, storage_options=options, shard_policy=ShardPolicy(max_steps=1000, max_seconds=60))
+policy = ShardPolicy(max_steps=1000, max_seconds=60, live_seconds=None)  # nothing published before the exit
+writer = Writer(url, storage_options=options, shard_policy=policy)
 for step in range(3):
     with writer.stepping():
         writer.save("dense/kernel", np.full(4, step, dtype=np.float32), collections=["weights"])

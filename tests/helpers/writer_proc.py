@@ -119,7 +119,9 @@ def _make_writer(args: argparse.Namespace) -> tuple[Hook, tuple[Any, ...] | None
     common: dict[str, Any] = {
         "rank": args.rank,
         "save_config": SaveConfig(save_interval=args.interval),
-        "shard_policy": ShardPolicy(max_steps=args.max_steps, max_seconds=args.max_seconds),
+        "shard_policy": ShardPolicy(
+            max_steps=args.max_steps, max_seconds=args.max_seconds, live_seconds=args.live_seconds
+        ),
         "if_exists": args.if_exists,
     }
     if not args.torch:
@@ -140,6 +142,7 @@ def main() -> None:
     p.add_argument("--interval", type=int, default=1)
     p.add_argument("--max-steps", type=int, default=1000)
     p.add_argument("--max-seconds", type=float, default=60.0)
+    p.add_argument("--live-seconds", type=float, default=None, help="default: off (only commands publish)")
     p.add_argument("--if-exists", default="error")
     p.add_argument("--own-sigterm-handler", action="store_true", help="install one before the writer exists")
     p.add_argument("--default-sigint", action="store_true")
