@@ -247,23 +247,30 @@ def _positions(values: np.ndarray, table: np.ndarray) -> tuple[np.ndarray, np.nd
 def steps_meet(a: np.ndarray, b: np.ndarray) -> bool:
     """Whether the sorted, unique int64 arrays ``a`` and ``b`` have a step in common.
 
-    Both are cut to the range they share, then the shorter is searched in the
-    longer (binary searches): no merge, no Python loop over steps.
+    One binary search answers the usual case (the first step of the shorter is
+    in the longer); else both are cut to the range they share, then merged when
+    their sizes are alike, else the shorter is searched in the longer: no
+    Python loop over steps.
     """
     if not len(a) or not len(b):
         return False
-    lo, hi = max(a[0], b[0]), min(a[-1], b[-1])
-    if lo > hi:
-        return False
-    a = a[np.searchsorted(a, lo) : np.searchsorted(a, hi, side="right")]
-    b = b[np.searchsorted(b, lo) : np.searchsorted(b, hi, side="right")]
-    if not len(a) or not len(b):
-        return False
-    if a[0] == b[0]:  # the usual answer: the first step both may have
-        return True
     if len(a) > len(b):
         a, b = b, a
-    return bool(_positions(a, b)[1].any())
+    first = a[0]
+    i = int(np.searchsorted(b, first))
+    if i < len(b) and b[i] == first:
+        return True
+    b = b[i : np.searchsorted(b, a[-1], side="right")]  # b from a's first step to a's last
+    if not len(b):
+        return False
+    a = a[np.searchsorted(a, b[0]) : np.searchsorted(a, b[-1], side="right")]
+    if len(a) > len(b):
+        a, b = b, a
+    if len(b) <= 3 * len(a):  # sizes alike: one linear merge (a stable sort of two sorted runs is timsort's)
+        both = np.concatenate([a, b])
+        both.sort(kind="stable")
+        return bool((both[1:] == both[:-1]).any())
+    return bool(len(a)) and bool(_positions(a, b)[1].any())
 
 
 class Locations(Mapping[int, Mapping[str, Location]]):
