@@ -49,7 +49,7 @@ QUICK_SIZES = (200, 1_000)
 CACHED_FROM = 10_000  # trials this large are written once and kept (see _scale_trial)
 LIVE_STEPS = 40
 ROUNDS = 7  # blocks per arm
-QUERIES = 10  # calls per block of a query arm
+QUERIES = 50  # calls per block of a query arm
 OPEN = "open (create_trial + first steps())"
 ROOT = Path(__file__).resolve().parent.parent
 
