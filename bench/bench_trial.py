@@ -1,10 +1,18 @@
 """Trial metadata at scale, live visibility, and memory while saving every step.
 
-- **Scale**: trials of ``N`` steps x ``TENSORS`` scalar tensors (written with the
-  NumPy ``Writer``, 10,000 steps per shard) for two ``N``; times of opening the
-  trial (``create_trial`` + first ``steps()``), then ``tensor_names()`` and
-  ``steps()`` on the open trial (median of 5). "Flat in steps" means the two
-  sizes give about the same time.
+- **Scale**: trials of ``N`` steps x ``TENSORS`` scalar tensors, all TRAIN
+  steps (written with the NumPy ``Writer``, 10,000 steps per shard) for two
+  ``N``, measured with :mod:`bench.harness` (``ROUNDS`` interleaved blocks, a
+  second baseline arm for the run's noise). *Open*, one open per block:
+  ``create_trial`` + first ``steps()``, and ``create_trial`` + first
+  ``tensor_names(mode=TRAIN)``, against the baseline of parsing the trial's
+  index records with ``json.loads`` (the floor of opening it). *Queries* on one
+  open trial (refreshing disabled: a refresh is part of the open), ``QUERIES``
+  calls per block: ``steps()``, ``tensor_names()``,
+  ``tensor_names(mode=TRAIN)`` and one tensor's ``steps(mode=TRAIN)``, against
+  the baseline of copying a list of the ``N`` steps (the floor of ``steps()``,
+  which returns a new list). ``seconds`` is per open or per call; "flat in
+  steps" means the two sizes give about the same time.
 - **Live**: a writer process saves a step every 50 ms (default ``ShardPolicy``);
   this process polls a live trial and records how long after its save each
   step became visible (median and max), and how many shards the writer published.
@@ -18,22 +26,31 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+import tensortap
+from bench import harness
+from tensortap import Mode, Trial
 
 TENSORS = 200
 SIZES = (10_000, 100_000)
 QUICK_SIZES = (200, 1_000)
 CACHED_FROM = 10_000  # trials this large are written once and kept (see _scale_trial)
 LIVE_STEPS = 40
+ROUNDS = 7  # blocks per arm
+QUERIES = 50  # calls per block of a query arm
+OPEN = "open (create_trial + first steps())"
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -49,33 +66,57 @@ def _write(path: Path, steps: int) -> None:
                     w.save(name, value)
 
 
-def _median_time(fn: Any, n: int = 5) -> float:
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def _open_arms(path: Path) -> dict[str, Callable[[], harness.Arm]]:
+    records = sorted((path / "index").rglob("*.json"))
+
+    def parse() -> None:
+        for record in records:
+            json.loads(record.read_bytes())
+
+    def open_steps() -> None:
+        with tensortap.create_trial(path) as trial:
+            trial.steps()
+
+    def open_names() -> None:
+        with tensortap.create_trial(path) as trial:
+            trial.tensor_names(mode=Mode.TRAIN)
+
+    return {
+        harness.BASELINE: lambda: harness.Repeat(parse),
+        harness.BASELINE_2: lambda: harness.Repeat(parse),
+        OPEN: lambda: harness.Repeat(open_steps),
+        "open (create_trial + first tensor_names(mode=TRAIN))": lambda: harness.Repeat(open_names),
+    }
 
 
-def _scale(root: Path, sizes: tuple[int, ...]) -> list[dict[str, Any]]:
-    import tensortap
+def _query_arms(trial: Trial) -> dict[str, Callable[[], harness.Arm]]:
+    saved = trial.steps()
+    tensor = trial.tensor(trial.tensor_names()[0])
+    return {
+        harness.BASELINE: lambda: harness.Repeat(saved.copy),
+        harness.BASELINE_2: lambda: harness.Repeat(saved.copy),
+        "steps()": lambda: harness.Repeat(trial.steps),
+        "tensor_names()": lambda: harness.Repeat(trial.tensor_names),
+        "tensor_names(mode=TRAIN)": lambda: harness.Repeat(lambda: trial.tensor_names(mode=Mode.TRAIN)),
+        "Tensor.steps(mode=TRAIN), one tensor": lambda: harness.Repeat(lambda: tensor.steps(mode=Mode.TRAIN)),
+    }
 
-    rows = []
+
+def _scale(root: Path, sizes: tuple[int, ...], rounds: int) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
     for steps in sizes:
         if steps >= CACHED_FROM:
             path = _scale_trial(steps)
         else:
             path = root / f"scale-{steps}"
             _write(path, steps)
-        t0 = time.perf_counter()
-        trial = tensortap.create_trial(path)
-        assert len(trial.steps()) == steps
-        opened = time.perf_counter() - t0
         bench = f"trial of {steps} steps x {TENSORS} tensors"
-        rows.append({"benchmark": bench, "case": "open (create_trial + first steps())", "seconds": opened})
-        rows.append({"benchmark": bench, "case": "tensor_names()", "seconds": _median_time(trial.tensor_names)})
-        rows.append({"benchmark": bench, "case": "steps()", "seconds": _median_time(trial.steps)})
+        timings = harness.interleave(_open_arms(path), rounds=rounds, block=1)
+        rows += harness.rows(f"open a {bench}", timings, unit="seconds", scale=1.0)
+        with tensortap.create_trial(path, refresh_interval=math.inf) as trial:
+            assert len(trial.steps()) == steps and len(trial.tensor_names(mode=Mode.TRAIN)) == TENSORS
+            timings = harness.interleave(_query_arms(trial), rounds=rounds, block=QUERIES, warmup=1)
+        rows += harness.rows(bench, timings, unit="seconds", scale=1.0)
         if path.parent == root:
             shutil.rmtree(path)
     return rows
@@ -108,8 +149,6 @@ with Writer(sys.argv[1]) as w:
 
 
 def _live(root: Path, steps: int) -> list[dict[str, Any]]:
-    import tensortap
-
     path = root / "live"
     proc = subprocess.Popen(
         [sys.executable, "-c", LIVE_WRITER, str(path), str(steps)], stdout=subprocess.PIPE, text=True
@@ -175,7 +214,7 @@ def run(quick: bool = False, parts: tuple[str, ...] = PARTS) -> list[dict[str, A
     """Measure and return one row per figure of ``parts`` (all by default)."""
     root = Path(tempfile.mkdtemp(prefix="tensortap-bench-trial-"))
     try:
-        rows = _scale(root, QUICK_SIZES if quick else SIZES) if "scale" in parts else []
+        rows = _scale(root, QUICK_SIZES if quick else SIZES, 2 if quick else ROUNDS) if "scale" in parts else []
         rows += _live(root, 10 if quick else LIVE_STEPS) if "live" in parts else []
         rows += _memory(30 if quick else 300) if "memory" in parts else []
     finally:

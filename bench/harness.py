@@ -292,15 +292,18 @@ def spread(t: Timing) -> float:
     return (q[2] - q[0]) / q[1]
 
 
-def rows(benchmark: str, timings: Mapping[str, Timing], unit: str = "ms_per_step") -> list[dict[str, object]]:
-    """One row per arm: time per unit, ratio to the baseline arm, and the run's noise."""
+def rows(
+    benchmark: str, timings: Mapping[str, Timing], unit: str = "ms_per_step", scale: float = 1e3
+) -> list[dict[str, object]]:
+    """One row per arm: time per unit (seconds times ``scale``, in the column ``unit``), ratio to the
+    baseline arm, and the run's noise."""
     base = timings[BASELINE].total
     n = noise(timings)
     return [
         {
             "benchmark": benchmark,
             "case": name,
-            unit: t.per_unit * 1e3,
+            unit: t.per_unit * scale,
             "ratio": t.total / base,
             "noise": n,
             "block spread": spread(t),

@@ -19,8 +19,8 @@ import logging
 from collections import OrderedDict
 from collections.abc import Callable, ItemsView, Iterator, Mapping, ValuesView
 from dataclasses import dataclass, field
-from itertools import chain
-from typing import Any, TypeVar
+from itertools import chain, pairwise
+from typing import Any, TypeGuard, TypeVar
 
 import numpy as np
 
@@ -232,6 +232,47 @@ class Segment:
         return None
 
 
+def _is_step(value: object) -> TypeGuard[int | np.integer]:
+    """Whether ``value`` is an integer that may be a step (fits int64)."""
+    return isinstance(value, (int, np.integer)) and _INT64_MIN <= int(value) <= _INT64_MAX
+
+
+def _positions(values: np.ndarray, table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where each of ``values`` is in ``table`` (sorted, unique, not empty), and which are there at all."""
+    i = np.searchsorted(table, values)
+    np.minimum(i, len(table) - 1, out=i)
+    return i, table[i] == values
+
+
+def steps_meet(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether the sorted, unique int64 arrays ``a`` and ``b`` have a step in common.
+
+    One binary search answers the usual case (the first step of the shorter is
+    in the longer); else both are cut to the range they share, then merged when
+    their sizes are alike, else the shorter is searched in the longer: no
+    Python loop over steps.
+    """
+    if not len(a) or not len(b):
+        return False
+    if len(a) > len(b):
+        a, b = b, a
+    first = a[0]
+    i = int(np.searchsorted(b, first))
+    if i < len(b) and b[i] == first:
+        return True
+    b = b[i : np.searchsorted(b, a[-1], side="right")]  # b from a's first step to a's last
+    if not len(b):
+        return False
+    a = a[np.searchsorted(a, b[0]) : np.searchsorted(a, b[-1], side="right")]
+    if len(a) > len(b):
+        a, b = b, a
+    if len(b) <= 3 * len(a):  # sizes alike: one linear merge (a stable sort of two sorted runs is timsort's)
+        both = np.concatenate([a, b])
+        both.sort(kind="stable")
+        return bool((both[1:] == both[:-1]).any())
+    return bool(len(a)) and bool(_positions(a, b)[1].any())
+
+
 class Locations(Mapping[int, Mapping[str, Location]]):
     """Read-only ``{step: {worker: Location}}`` view of a tensor's segments, in step order.
 
@@ -250,15 +291,28 @@ class Locations(Mapping[int, Mapping[str, Location]]):
         return iter(self._info.saved_steps().tolist())
 
     def __contains__(self, step: object) -> bool:
-        if not isinstance(step, (int, np.integer)) or not _INT64_MIN <= step <= _INT64_MAX:
-            return False
-        steps = self._info.saved_steps()
-        i = int(np.searchsorted(steps, step))
-        return i < len(steps) and steps[i] == step
+        return _is_step(step) and any(seg.get(int(step)) is not None for seg in self._info.segments)
+
+    def any_in(self, steps: np.ndarray) -> bool:
+        """Whether the tensor was saved at one or more of ``steps`` (sorted, unique int64), such as a mode's steps.
+
+        Binary searches per segment (:func:`steps_meet`), stopping at the first
+        segment that has one: the segments are not merged, the steps not iterated.
+        """
+        return any(steps_meet(seg.steps, steps) for seg in self._info.segments)
+
+    def saved_of(self, steps: np.ndarray) -> np.ndarray:
+        """Which of ``steps`` (sorted, unique int64) the tensor was saved at: a boolean array over ``steps``."""
+        out = np.zeros(len(steps), dtype=bool)
+        if len(steps):
+            for seg in self._info.segments:
+                at, hit = _positions(seg.steps, steps)
+                out[at[hit]] = True
+        return out
 
     def __getitem__(self, step: int) -> dict[str, Location]:
         out: dict[str, Location] = {}
-        if step in self:
+        if _is_step(step):
             for seg in self._info.segments:  # later records win, as they did when each step had its own object
                 loc = seg.get(step)
                 if loc is not None:
@@ -308,7 +362,12 @@ class TensorInfo:
         """Every step any worker saved this tensor at, sorted (merged once per change of the segments)."""
         if self._steps is None:
             arrays = [seg.steps for seg in self.segments]
-            self._steps = arrays[0] if len(arrays) == 1 else np.unique(np.concatenate(arrays or [_NO_STEPS]))
+            if len(arrays) == 1:
+                self._steps = arrays[0]
+            elif all(a[-1] < b[0] for a, b in pairwise(arrays)):  # none, or shards one after another
+                self._steps = np.concatenate([_NO_STEPS, *arrays])
+            else:
+                self._steps = np.unique(np.concatenate(arrays))
         return self._steps
 
     def saved_reductions(self) -> set[str]:
@@ -353,6 +412,11 @@ class TrialIndex:
         self.bad_files: dict[str, str] = {}
         self._readers: OrderedDict[str, ShardReader] = OrderedDict()
         self._sorted: dict[Mode | None, list[int]] = {}  # sorted_steps(), until the steps change
+        self._of_mode: dict[Mode, tuple[np.ndarray, np.ndarray]] | None = None  # steps_of_mode(), likewise
+
+    def _steps_changed(self) -> None:
+        self._sorted.clear()
+        self._of_mode = None
 
     def sorted_steps(self, mode: Mode | None = None) -> list[int]:
         """Saved global steps (mode steps of ``mode``), sorted; computed once per change. Do not modify."""
@@ -360,6 +424,27 @@ class TrialIndex:
         if got is None:
             got = self._sorted[mode] = sorted(self.steps if mode is None else self.mode_steps.get(mode, {}))
         return got
+
+    def steps_of_mode(self, mode: Mode) -> tuple[np.ndarray, np.ndarray]:
+        """The saved global steps of ``mode``, sorted (int64, read-only), and the mode step of each.
+
+        As :attr:`steps` says (the latest record wins); computed for every mode
+        at once, once per change of the steps.
+        """
+        if self._of_mode is None:
+            n = len(self.steps)
+            steps = np.fromiter(self.steps, dtype=np.int64, count=n)
+            rows = np.fromiter(chain.from_iterable(self.steps.values()), dtype=np.int64, count=2 * n).reshape(n, 2)
+            order = np.argsort(steps)
+            steps, rows = steps[order], rows[order]
+            self._of_mode = {}
+            for m in Mode:
+                mine = rows[:, 0] == m
+                pair = (steps[mine], rows[mine, 1])
+                for a in pair:
+                    a.flags.writeable = False
+                self._of_mode[m] = pair
+        return self._of_mode[mode]
 
     def _worker(self, name: str) -> WorkerState:
         if name not in self.workers:
@@ -436,7 +521,7 @@ class TrialIndex:
         shard = record["shard"]
         self.shard_steps[shard] = steps
         self.shard_bytes[shard] = record["bytes"]
-        self._sorted.clear()
+        self._steps_changed()
         step_list = steps.tolist()
         if parsed.wall_times is not None:
             times, new_times = self.wall_times, parsed.wall_times.tolist()
@@ -497,7 +582,7 @@ class TrialIndex:
                 mode, mode_step = self.steps.pop(step)
                 self.mode_steps[mode].pop(mode_step, None)
             self.wall_times.pop(step, None)
-        self._sorted.clear()
+        self._steps_changed()
 
     def reader(self, shard: str) -> ShardReader | None:
         """Return the open reader of ``shard``, or None (with a warning) if it cannot be read."""

@@ -208,7 +208,8 @@ def plot_histograms(
     the meshes (``QuadMesh.get_array()`` is ``counts`` with one row per bin).
     """
     trial = tensor.trial
-    modes = sorted({trial._index.steps[s][0] for s in tensor.steps() if s in trial._index.steps})
+    saved = tensor._info.locations
+    modes = [m for m in Mode if saved.any_in(trial._index.steps_of_mode(m)[0])]
     if mode is None and modes:
         mode = Mode.TRAIN if Mode.TRAIN in modes else modes[0]
     hists = tensor.histogram_values(mode, bins=bins)  # by mode step

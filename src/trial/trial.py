@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 import numpy as np
 
@@ -111,6 +111,25 @@ def trial_problem(storage: Storage) -> TrialNotFound | None:
     return TrialNotFound(path, why, trials)
 
 
+class StepList(list[int]):
+    """The list :meth:`Trial.steps` returns: shared by the calls made while the trial has no new step, so
+    it refuses changes (``TypeError``); ``list(steps)`` is a copy to change. Pickled as a plain list."""
+
+    __slots__ = ()
+
+    def __reduce__(self) -> tuple[type[list[int]], tuple[list[int]]]:
+        return list, (list(self),)
+
+
+def _refuse_change(self: StepList, *args: object, **kwargs: object) -> NoReturn:
+    raise TypeError("the list of steps a trial returns is shared and cannot be changed: change a copy, list(steps)")
+
+
+_CHANGES = ("append", "extend", "insert", "remove", "pop", "clear", "sort", "reverse")
+for _change in (*_CHANGES, "__setitem__", "__delitem__", "__iadd__", "__imul__"):
+    setattr(StepList, _change, _refuse_change)
+
+
 DEFAULT_RAW_REDUCTIONS = ("min", "max", "mean", "std", "l2")
 """Reductions exported for a raw, non-scalar tensor when none were saved and none are asked for."""
 
@@ -159,6 +178,7 @@ class Trial:
         self.refresh_interval = refresh_interval
         self._index = TrialIndex(self.storage)
         self._last_refresh = -float("inf")
+        self._steps: dict[tuple[Mode | None, bool], tuple[list[int], StepList]] = {}  # steps(), until they change
         self.refresh()
 
     def __repr__(self) -> str:
@@ -229,6 +249,9 @@ class Trial:
     def steps(self, mode: Mode | str | None = None, show_incomplete: bool = False) -> list[int]:
         """Saved steps, sorted: global steps, or mode steps when ``mode`` is given.
 
+        The list is shared by the calls made while the trial has no new step
+        (a :class:`StepList`, which refuses changes): copy it with ``list()`` to change it.
+
         Parameters
         ----------
         mode
@@ -238,8 +261,12 @@ class Trial:
         """
         self._auto_refresh()
         m = None if mode is None else Mode.parse(mode)
-        saved = self._index.sorted_steps(m)
-        return saved[: len(saved) if show_incomplete else bisect.bisect_right(saved, self._complete_up_to(m))]
+        saved = self._index.sorted_steps(m)  # a new list whenever the steps change
+        end = len(saved) if show_incomplete else bisect.bisect_right(saved, self._complete_up_to(m))
+        cached = self._steps.get((m, show_incomplete))
+        if cached is None or cached[0] is not saved or len(cached[1]) != end:
+            cached = self._steps[(m, show_incomplete)] = (saved, StepList(saved[:end]))
+        return cached[1]
 
     def last_complete_step(self, mode: Mode | str | None = None) -> int | None:
         """The last step every worker has written (or ended before), or None."""
@@ -320,7 +347,8 @@ class Trial:
             if collection not in known:
                 raise UnknownName("collection", collection, known, f" in {self.path}")
         entries = ((name, info.collections, info.locations) for name, info in self._index.tensors.items())
-        return select_names(entries, self._index.steps, collection, regex, mode, step, self.global_step)
+        of_mode = self._index.steps_of_mode
+        return select_names(entries, lambda m: of_mode(m)[0], collection, regex, mode, step, self.global_step)
 
     def _collection_names(self) -> set[str]:
         """Names of the collections the workers configured or saved tensors in."""
@@ -541,12 +569,11 @@ class Tensor:
 
     def steps(self, mode: Mode | str | None = None) -> list[int]:
         """Steps at which this tensor was saved (mode steps when ``mode`` is given)."""
-        locs = self._info.locations
+        info = self._info
         if mode is None:
-            return sorted(locs)
-        m = Mode.parse(mode)
-        index = self.trial._index.steps
-        return sorted(index[s][1] for s in locs if s in index and index[s][0] is m)
+            return info.saved_steps().tolist()
+        steps, mode_steps = self.trial._index.steps_of_mode(Mode.parse(mode))
+        return np.sort(mode_steps[info.locations.saved_of(steps)]).tolist()
 
     def _locate(self, step: int, mode: Mode | str | None, worker: str | None) -> tuple[int, str, Location]:
         m = None if mode is None else Mode.parse(mode)
@@ -924,9 +951,20 @@ def _compile(pattern: str) -> re.Pattern[str]:
         raise ValueError(f"regex: {pattern!r} is not a valid regular expression ({exc})") from None
 
 
+class SavedSteps(Protocol):
+    """The global steps one tensor was saved at, as :func:`select_names` asks about them
+    (:class:`~tensortap.trial.index.Locations` is one)."""
+
+    def __contains__(self, step: object, /) -> bool: ...
+
+    def any_in(self, steps: np.ndarray, /) -> bool:
+        """Whether one or more of ``steps`` (sorted, unique int64) is saved."""
+        ...
+
+
 def select_names(
-    entries: Iterable[tuple[str, AbstractSet[str], Mapping[int, Any]]],
-    step_modes: Mapping[int, tuple[Mode, int]],
+    entries: Iterable[tuple[str, AbstractSet[str], SavedSteps]],
+    steps_of_mode: Callable[[Mode], np.ndarray],
     collection: str | None,
     regex: str | Sequence[str] | None,
     mode: Mode | str | None,
@@ -938,9 +976,9 @@ def select_names(
     Parameters
     ----------
     entries
-        ``(name, collections, {global step: ...})`` of every tensor.
-    step_modes
-        ``{global step: (mode, mode step)}`` of every saved step.
+        ``(name, collections, saved steps)`` of every tensor.
+    steps_of_mode
+        The saved global steps of a mode, sorted and unique (int64).
     collection, regex, mode, step
         As :meth:`Trial.tensor_names` takes them (``step`` is a mode step when ``mode`` is given).
     global_step
@@ -951,7 +989,7 @@ def select_names(
     gstep = None if step is None else global_step(step, m)
     if step is not None and gstep is None:
         return []
-    in_mode = set() if m is None else {s for s, (sm, _) in step_modes.items() if sm is m}
+    in_mode = None if m is None else steps_of_mode(m)
     out = []
     for name, collections, steps in entries:
         if collection is not None and collection not in collections:
@@ -960,7 +998,7 @@ def select_names(
             continue
         if gstep is not None and gstep not in steps:
             continue
-        if m is not None and in_mode.isdisjoint(steps):
+        if in_mode is not None and not steps.any_in(in_mode):
             continue
         out.append(name)
     return sorted(out)

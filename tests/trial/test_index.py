@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 from pathlib import Path
 from typing import Any
@@ -10,11 +11,14 @@ from typing import Any
 import numpy as np
 import pytest
 from helpers.trials import logged_warnings
+from hypothesis import given
+from hypothesis import strategies as st
 
 import tensortap
 from tensortap.capture import ShardPolicy, Writer
 from tensortap.config import Collection, ReductionConfig, SaveConfig
-from tensortap.trial.index import Location, RecordError, check_index_record
+from tensortap.trial.index import Location, RecordError, Segment, TensorInfo, check_index_record, steps_meet
+from tensortap.trial.rules import ExplodingTensor
 
 
 def value(name: str, step: int, rank: int) -> np.ndarray:
@@ -118,10 +122,15 @@ def test_a_record_arriving_later_is_merged(tmp_path: Path) -> None:
     trial = tensortap.create_trial(out)
     a = trial.tensor("a")
     assert trial.steps() == [0, 1, 2] and a.steps() == [0, 1, 2] and len(trial._index.tensors["a"].locations) == 3
+    first = trial.steps()
+    assert trial.steps() is first and trial.steps(show_incomplete=True) == [0, 1, 2]  # shared until a change
+    with pytest.raises(TypeError, match="cannot be changed"):
+        first.append(3)
+    assert pickle.loads(pickle.dumps(first)) == [0, 1, 2] and type(pickle.loads(pickle.dumps(first))) is list
     for name in sorted(p.name for p in later.iterdir()):
         shutil.move(later / name, out / "index" / "worker_0" / name)
         trial.refresh()
-    assert trial.steps() == list(range(8))
+    assert first == [0, 1, 2] and trial.steps("TRAIN") == trial.steps() == list(range(8))
     assert a.steps() == list(range(8)) and len(trial._index.tensors["a"].locations) == 8
     assert [seg.steps.tolist() for seg in trial._index.tensors["a"].segments] == [[0, 1, 2], [3, 4, 5], [6, 7]]
     np.testing.assert_array_equal(a.value(7), value("a", 7, 0))
@@ -176,3 +185,85 @@ def test_a_record_that_breaks_the_schema_is_refused(tmp_path: Path, change: Any,
         trial = tensortap.create_trial(tmp_path)
     assert trial.steps() == [] and trial.tensor_names() == []
     assert len(warned) == 1 and path.name in warned[0]
+
+
+# Each step's mode, and at which global steps each tensor is saved: in every mode, in one only, at one
+# step of the first or last shard, as reductions only or as a histogram only (shards of 4 steps span the modes).
+MODES = "TRAIN TRAIN TRAIN EVAL EVAL TRAIN TRAIN PREDICT TRAIN TRAIN EVAL TRAIN TRAIN".split()
+PLAN = {
+    "every": ("weights", list(range(len(MODES)))),
+    "train_only": ("weights", [s for s, m in enumerate(MODES) if m == "TRAIN"]),
+    "eval_reduced": ("reduced", [s for s, m in enumerate(MODES) if m == "EVAL"]),
+    "predict_hist": ("hist", [7]),
+    "last_train": ("weights", [12]),
+    "sparse_reduced": ("reduced", [1, 3, 9]),
+    "losses/loss": ("losses", [0]),
+}
+
+
+def mode_steps_of(steps: list[int], mode: str) -> list[int]:
+    """The mode steps of the global ``steps`` that are of ``mode`` (counted in MODES)."""
+    return [MODES[:s].count(mode) for s in steps if MODES[s] == mode]
+
+
+def test_names_and_steps_by_mode(tmp_path: Path) -> None:
+    cfgs = {
+        "reduced": Collection("reduced", reduction_config=ReductionConfig(reductions=["max"])),
+        "hist": Collection("hist", reduction_config=ReductionConfig(histogram=4)),
+    }
+    rule = ExplodingTensor(collection_names="losses")  # for its in-memory trial
+    with Writer(
+        tmp_path,
+        collection_configs=cfgs,
+        include_collections=["weights", "reduced", "hist", "losses"],
+        shard_policy=ShardPolicy(max_steps=4),
+        rules=[rule],
+    ) as w:
+        for step, mode in enumerate(MODES):
+            with w.stepping(mode=mode):
+                for name, (collection, steps) in PLAN.items():
+                    if step in steps:
+                        w.save(name, np.float32(step + 0.5), [collection])
+    trial = tensortap.create_trial(tmp_path)
+    reduced, hist = trial.tensor("eval_reduced"), trial.tensor("predict_hist")
+    assert not reduced.has_raw(0, "EVAL") and reduced.available_reductions(0, "EVAL") == ["max"]
+    assert not hist.has_raw(0, "PREDICT") and hist.available_reductions(0, "PREDICT") == []
+    assert hist.histogram_value(0, "PREDICT").counts.sum() == 1
+    assert len(trial._index.tensors["every"].segments) == 4
+    memory = rule.base_trial
+    for mode in ("TRAIN", "EVAL", "PREDICT", "GLOBAL"):
+        expected = sorted(n for n, (_, steps) in PLAN.items() if any(MODES[s] == mode for s in steps))
+        assert trial.tensor_names(mode=mode) == expected, mode
+        assert memory.tensor_names(mode=mode) == expected, mode
+        for name, (_, steps) in PLAN.items():
+            assert trial.tensor(name).steps(mode=mode) == mode_steps_of(steps, mode), (name, mode)
+        in_mode = [g for g, m in enumerate(MODES) if m == mode]
+        for ms, g in enumerate([*in_mode, None]):  # every mode step of the mode, and one past them
+            at = sorted(n for n, (_, steps) in PLAN.items() if g in steps)
+            assert trial.tensor_names(mode=mode, step=ms) == at and memory.tensor_names(mode=mode, step=ms) == at
+    assert trial.tensor_names(mode="EVAL", regex="reduced$") == ["eval_reduced", "sparse_reduced"]
+    assert trial.tensor_names(step=12) == ["every", "last_train", "train_only"] and rule.fired_steps == []
+    assert trial.tensor("sparse_reduced").steps() == [1, 3, 9]
+    ax = trial.tensor("predict_hist").plot_histograms()  # no TRAIN step: the mode it has
+    assert ax.get_xlabel() == "predict step"
+
+
+step_sets = st.sets(st.integers(-(2**40), 2**40) | st.integers(0, 60), max_size=40).map(
+    lambda s: np.array(sorted(s), dtype=np.int64)
+)
+
+
+@given(segments=st.lists(step_sets.filter(len), max_size=4), query=step_sets)
+def test_steps_of_a_tensor_against_an_array_of_steps(segments: list[np.ndarray], query: np.ndarray) -> None:
+    """``any_in``/``saved_of``/``in`` of a tensor's segments (overlapping or one after another) as ``np.isin`` says."""
+    info = TensorInfo("t")
+    for steps in segments:
+        yes = np.ones(len(steps), dtype=bool)
+        info.add(Segment("s", "w", steps, yes, ~yes, ~yes, ()))
+    saved = np.unique(np.concatenate([*segments, np.zeros(0, dtype=np.int64)]))
+    np.testing.assert_array_equal(info.saved_steps(), saved)
+    assert info.locations.any_in(query) == bool(np.isin(query, saved).any())
+    np.testing.assert_array_equal(info.locations.saved_of(query), np.isin(query, saved))
+    assert all((int(s) in info.locations) == (s in saved) for s in query)
+    for steps in segments:
+        assert steps_meet(steps, query) == bool(np.isin(steps, query).any()) == steps_meet(query, steps)

@@ -19,6 +19,7 @@ from ... import reductions as red
 from ...backends.shard import StepRecord
 from ...exceptions import TensorUnavailable, TensorUnavailableForStep
 from ...modes import Mode
+from ..index import steps_meet
 from ..trial import select_names
 from .base import Rule, logger
 
@@ -28,8 +29,17 @@ SMALL_HISTORY = 10_000
 
 @dataclass
 class _Saved:
+    """One tensor's kept steps: ``{global step: (raw value or None, reductions)}``."""
+
     collections: set[str] = field(default_factory=set)
     values: dict[int, tuple[np.ndarray | None, dict[str, float]]] = field(default_factory=dict)
+
+    def __contains__(self, step: object) -> bool:
+        return step in self.values
+
+    def any_in(self, steps: np.ndarray) -> bool:
+        """Whether one or more of ``steps`` (sorted, unique int64) is kept."""
+        return steps_meet(np.sort(np.fromiter(self.values, dtype=np.int64, count=len(self.values))), steps)
 
 
 class MemoryTensor:
@@ -167,8 +177,12 @@ class MemoryTrial:
         step: int | None = None,
     ) -> list[str]:
         """Names kept in memory, filtered like :meth:`tensortap.trial.Trial.tensor_names`."""
-        entries = ((name, saved.collections, saved.values) for name, saved in self._tensors.items())
-        return select_names(entries, self._steps, collection, regex, mode, step, self.global_step)
+        entries = ((name, saved.collections, saved) for name, saved in self._tensors.items())
+        return select_names(entries, self._steps_of_mode, collection, regex, mode, step, self.global_step)
+
+    def _steps_of_mode(self, mode: Mode) -> np.ndarray:
+        by_mode = self._by_mode.get(mode, {})
+        return np.unique(np.fromiter(by_mode.values(), dtype=np.int64, count=len(by_mode)))
 
     def tensor(self, name: str) -> MemoryTensor:
         """One tensor; :class:`~tensortap.TensorUnavailable` if it was never saved."""
