@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -111,25 +111,6 @@ def trial_problem(storage: Storage) -> TrialNotFound | None:
     return TrialNotFound(path, why, trials)
 
 
-class StepList(list[int]):
-    """The list :meth:`Trial.steps` returns: shared by the calls made while the trial has no new step, so
-    it refuses changes (``TypeError``); ``list(steps)`` is a copy to change. Pickled as a plain list."""
-
-    __slots__ = ()
-
-    def __reduce__(self) -> tuple[type[list[int]], tuple[list[int]]]:
-        return list, (list(self),)
-
-
-def _refuse_change(self: StepList, *args: object, **kwargs: object) -> NoReturn:
-    raise TypeError("the list of steps a trial returns is shared and cannot be changed: change a copy, list(steps)")
-
-
-_CHANGES = ("append", "extend", "insert", "remove", "pop", "clear", "sort", "reverse")
-for _change in (*_CHANGES, "__setitem__", "__delitem__", "__iadd__", "__imul__"):
-    setattr(StepList, _change, _refuse_change)
-
-
 DEFAULT_RAW_REDUCTIONS = ("min", "max", "mean", "std", "l2")
 """Reductions exported for a raw, non-scalar tensor when none were saved and none are asked for."""
 
@@ -178,7 +159,6 @@ class Trial:
         self.refresh_interval = refresh_interval
         self._index = TrialIndex(self.storage)
         self._last_refresh = -float("inf")
-        self._steps: dict[tuple[Mode | None, bool], tuple[list[int], StepList]] = {}  # steps(), until they change
         self.refresh()
 
     def __repr__(self) -> str:
@@ -249,9 +229,6 @@ class Trial:
     def steps(self, mode: Mode | str | None = None, show_incomplete: bool = False) -> list[int]:
         """Saved steps, sorted: global steps, or mode steps when ``mode`` is given.
 
-        The list is shared by the calls made while the trial has no new step
-        (a :class:`StepList`, which refuses changes): copy it with ``list()`` to change it.
-
         Parameters
         ----------
         mode
@@ -261,12 +238,8 @@ class Trial:
         """
         self._auto_refresh()
         m = None if mode is None else Mode.parse(mode)
-        saved = self._index.sorted_steps(m)  # a new list whenever the steps change
-        end = len(saved) if show_incomplete else bisect.bisect_right(saved, self._complete_up_to(m))
-        cached = self._steps.get((m, show_incomplete))
-        if cached is None or cached[0] is not saved or len(cached[1]) != end:
-            cached = self._steps[(m, show_incomplete)] = (saved, StepList(saved[:end]))
-        return cached[1]
+        saved = self._index.sorted_steps(m)
+        return saved[: len(saved) if show_incomplete else bisect.bisect_right(saved, self._complete_up_to(m))]
 
     def last_complete_step(self, mode: Mode | str | None = None) -> int | None:
         """The last step every worker has written (or ended before), or None."""
