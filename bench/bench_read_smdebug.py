@@ -2,9 +2,9 @@
 
 ``python -m bench.bench_read_smdebug write DIR STEPS`` trains :mod:`bench.read_workload`
 with smdebug's hook into ``DIR``; ``python -m bench.bench_read_smdebug read DIR KIND N``
-prints the seconds smdebug's trial API takes for ``N`` reads of the loss (``small``) or
-the 1.6 MB weight (``big``) over every saved step, each from a freshly created trial
-(``value(step)`` for every step: its only way to read values).
+prints the seconds smdebug's trial API takes for ``N`` reads of the tensor of ``KIND``
+(:data:`bench.read_workload.KINDS`) over every saved step, each from a freshly created
+trial (``value(step)`` for every step: its only way to read values).
 """
 
 from __future__ import annotations
@@ -28,9 +28,11 @@ def _hook(model: Any, opt: Any, loss_fn: Any, out_dir: str) -> Any:
     return hook
 
 
-def _read(path: str, collection: str) -> int:
+def _read(path: str, collection: str, keep: bool) -> int:
     trial = create_trial(path)
     tensor = trial.tensor(trial.tensor_names(collection=collection)[0])
+    if keep:
+        return len([tensor.value(s) for s in tensor.steps()])
     return sum(1 for s in tensor.steps() if tensor.value(s) is not None)
 
 

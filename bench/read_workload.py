@@ -19,13 +19,15 @@ if TYPE_CHECKING:
     from torch import nn, optim
 
 STEPS = 1000
-# the tensor each figure reads: the first tensor of this collection
-COLLECTIONS = {"small": "losses", "big": "weights"}
+# what each figure reads: the first tensor of a collection, and whether the reader keeps every value
+# (a list of them) or drops each once read (the two libraries then do the same work)
+KINDS = {"small": ("losses", True), "big": ("weights", False), "big-kept": ("weights", True)}
 
 # (model, optimizer, loss module, out_dir) -> hook (with close())
 MakeHook = Callable[["nn.Module", "optim.Optimizer", "nn.Module", str], Any]
-# (trial directory, collection) -> number of steps read, every value of the first tensor of that collection
-Read = Callable[[str, str], int]
+# (trial directory, collection, keep) -> number of steps read, every value of the first tensor of that
+# collection, kept in memory or dropped once read
+Read = Callable[[str, str, bool], int]
 
 
 def train(make_hook: MakeHook, out_dir: str, steps: int = STEPS) -> None:
@@ -51,16 +53,18 @@ def main(make_hook: MakeHook, read: Read) -> None:
     """``write DIR STEPS``: train into ``DIR``; ``read DIR KIND N``: time ``N`` reads, print the seconds.
 
     A read creates a fresh trial and reads every value of the tensor of
-    ``KIND`` (``small``: the loss; ``big``: the weight). An untimed read of
-    the loss comes first (imports, lazy initialisation), so only reads count.
+    ``KIND`` (see :data:`KINDS`: ``small``, the loss; ``big``, the weight,
+    each value dropped once read; ``big-kept``, the weight, every value
+    kept). An untimed read of the loss comes first (imports, lazy
+    initialisation), so only reads count.
     """
     command, path = sys.argv[1], sys.argv[2]
     if command == "write":
         train(make_hook, path, int(sys.argv[3]))
         return
-    collection, n = COLLECTIONS[sys.argv[3]], int(sys.argv[4])
-    steps = read(path, COLLECTIONS["small"])
+    (collection, keep), n = KINDS[sys.argv[3]], int(sys.argv[4])
+    steps = read(path, *KINDS["small"])
     t0 = time.perf_counter()
     for _ in range(n):
-        assert read(path, collection) == steps
+        assert read(path, collection, keep) == steps
     print(time.perf_counter() - t0)

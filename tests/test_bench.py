@@ -54,7 +54,7 @@ def test_targets_say_what_was_not_measured_and_by_how_much_one_is_missed() -> No
         _row("keras (torch) MLP 784-512-256-10, batch 64", "baseline", ms_per_step=6.0),
         _row("keras (torch) MLP 784-512-256-10, batch 64", "tensortap: weights+biases+gradients+losses, every step",
              ratio=2.0),
-        _row("read a 1.6 MB weight over 1000 steps", "smdebug", ratio=10.0, noise=0.1),
+        _row("read a 1.6 MB weight, each value dropped once read, over 1000 steps", "smdebug", ratio=10.0, noise=0.1),
         _row("peak memory, torch MLP, 300 steps", "tensortap, extra (MB)", MB=300.0),
         _row("peak memory, torch MLP, 300 steps", "shard budget max_bytes (MB)", MB=200.0),
         _row("trial of 10000 steps x 200 tensors", "tensor_names()", seconds=0.01),
