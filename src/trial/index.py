@@ -291,7 +291,7 @@ class Locations(Mapping[int, Mapping[str, Location]]):
         return iter(self._info.saved_steps().tolist())
 
     def __contains__(self, step: object) -> bool:
-        return _is_step(step) and any(seg.get(int(step)) is not None for seg in self._info.segments)
+        return _is_step(step) and any(seg.get(int(step)) is not None for seg in self._info.segments_spanning(int(step)))
 
     def any_in(self, steps: np.ndarray) -> bool:
         """Whether the tensor was saved at one or more of ``steps`` (sorted, unique int64), such as a mode's steps.
@@ -313,7 +313,7 @@ class Locations(Mapping[int, Mapping[str, Location]]):
     def __getitem__(self, step: int) -> dict[str, Location]:
         out: dict[str, Location] = {}
         if _is_step(step):
-            for seg in self._info.segments:  # later records win, as they did when each step had its own object
+            for seg in self._info.segments_spanning(int(step)):  # later records win
                 loc = seg.get(step)
                 if loc is not None:
                     out[seg.worker] = loc
@@ -352,6 +352,7 @@ class TensorInfo:
     shape: tuple[int, ...] | None = None
     orig_dtype: str | None = None
     _steps: np.ndarray | None = field(default=None, repr=False)
+    _spans: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
 
     @property
     def locations(self) -> Locations:
@@ -370,6 +371,20 @@ class TensorInfo:
                 self._steps = np.unique(np.concatenate(arrays))
         return self._steps
 
+    def segments_spanning(self, step: int) -> list[Segment]:
+        """The segments whose first and last steps enclose ``step``, in the order they were added.
+
+        One comparison over arrays of every segment's first and last step (built once per
+        change of the segments), so a lookup does not search each of thousands of shards.
+        """
+        if self._spans is None:
+            self._spans = (
+                np.array([seg.steps[0] if len(seg.steps) else _INT64_MAX for seg in self.segments], dtype=np.int64),
+                np.array([seg.steps[-1] if len(seg.steps) else _INT64_MIN for seg in self.segments], dtype=np.int64),
+            )
+        firsts, lasts = self._spans
+        return [self.segments[i] for i in np.flatnonzero((firsts <= step) & (lasts >= step)).tolist()]
+
     def saved_reductions(self) -> set[str]:
         """Reduction keys saved at one step or more."""
         return {k for seg in self.segments if seg.reduced.any() for k in seg.reductions}
@@ -377,13 +392,13 @@ class TensorInfo:
     def add(self, segment: Segment) -> None:
         """Add the steps of one more shard."""
         self.segments.append(segment)
-        self._steps = None
+        self._steps = self._spans = None
 
     def drop(self, shard: str) -> None:
         """Forget the steps stored in ``shard``."""
         kept = [seg for seg in self.segments if seg.shard != shard]
         if len(kept) != len(self.segments):
-            self.segments, self._steps = kept, None
+            self.segments, self._steps, self._spans = kept, None, None
 
 
 @dataclass

@@ -251,13 +251,20 @@ step_sets = st.sets(st.integers(-(2**40), 2**40) | st.integers(0, 60), max_size=
 def test_steps_of_a_tensor_against_an_array_of_steps(segments: list[np.ndarray], query: np.ndarray) -> None:
     """``any_in``/``saved_of``/``in`` of a tensor's segments (overlapping or one after another) as ``np.isin`` says."""
     info = TensorInfo("t")
-    for steps in segments:
+    for i, steps in enumerate(segments):
         yes = np.ones(len(steps), dtype=bool)
-        info.add(Segment("s", "w", steps, yes, ~yes, ~yes, ()))
+        info.add(Segment(f"s{i}", f"w{i % 2}", steps, yes, ~yes, ~yes, ()))
     saved = np.unique(np.concatenate([*segments, np.zeros(0, dtype=np.int64)]))
     np.testing.assert_array_equal(info.saved_steps(), saved)
     assert info.locations.any_in(query) == bool(np.isin(query, saved).any())
     np.testing.assert_array_equal(info.locations.saved_of(query), np.isin(query, saved))
     assert all((int(s) in info.locations) == (s in saved) for s in query)
+    for s in [*query.tolist(), *saved.tolist()]:  # a lookup: every worker's shard, the later record winning
+        want = {seg.worker: seg.shard for seg in info.segments if s in seg.steps.tolist()}
+        got = {w: loc.shard for w, loc in info.locations[s].items()} if want else None
+        assert got == (want or None)
+        if not want:
+            with pytest.raises(KeyError):
+                info.locations[s]
     for steps in segments:
         assert steps_meet(steps, query) == bool(np.isin(steps, query).any()) == steps_meet(query, steps)
