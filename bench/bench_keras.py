@@ -96,19 +96,25 @@ class FitArm(harness.GatedThread):
         )
         self.out_dir = tempfile.mkdtemp(prefix="tensortap-bench-")
         callbacks: list[Any] = [Gate()]
+        self.capture: ttk.Callback | None = None
         if interval == "noop":
             callbacks.append(NoOp())
         elif interval is not None:
-            callbacks.append(
-                ttk.Callback(
-                    self.out_dir,
-                    save_config=tensortap.SaveConfig(save_interval=int(interval)),
-                    include_collections=list(collections),
-                )
+            self.capture = ttk.Callback(
+                self.out_dir,
+                save_config=tensortap.SaveConfig(save_interval=int(interval)),
+                include_collections=list(collections),
             )
+            callbacks.append(self.capture)
         super().__init__(
             lambda: model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=callbacks)
         )
+
+    def settle(self) -> None:
+        """Wait until the shards the callback handed off are published (see :func:`bench.harness.settle`)."""
+        writer = None if self.capture is None else self.capture.hook.writer
+        if writer is not None:
+            writer.drain()
 
     def close(self) -> None:
         try:
