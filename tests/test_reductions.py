@@ -15,7 +15,7 @@ import tensortap
 from tensortap import Collection, ReductionConfig, SaveConfig, TensorUnavailableForStep, reductions
 from tensortap.capture import Writer
 from tensortap.capture.testing import numpy_histogram_rule, numpy_rule_edges
-from tensortap.reductions import ALL_REDUCTIONS, REDUCTIONS, bin_bounds, compute, equal_edges, histogram
+from tensortap.reductions import ALL_REDUCTIONS, REDUCTIONS, Histogram, bin_bounds, compute, equal_edges, histogram
 
 ALL = ReductionConfig(
     reductions=[*REDUCTIONS, "nan_count", "inf_count", "zero_count"],
@@ -248,7 +248,11 @@ def arrays_and_edges(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray | int]:
 def test_histogram_counts_equal_the_numpy_calls_of_the_rule(case: tuple[np.ndarray, np.ndarray | int]) -> None:
     """The sorted-float32 counting of reductions.histogram against np.histogram(np.clip(...)) in float64."""
     array, bins = case
-    hist = histogram(array, bins)
+    _assert_the_rule(histogram(array, bins), array, bins)
+
+
+def _assert_the_rule(hist: Histogram | None, array: np.ndarray, bins: np.ndarray | int) -> None:
+    """``hist`` has the edges and counts of np.histogram(np.clip(...)) in float64 (None: no finite value)."""
     magnitudes = np.abs(array) if array.dtype.kind == "c" else array
     edges = numpy_rule_edges(magnitudes, bins) if isinstance(bins, int) else bins
     if edges is None:
@@ -290,13 +294,7 @@ def test_counting_by_arithmetic_equals_the_numpy_calls_of_the_rule(
         mp.setattr(reductions, "_LINEAR_MIN_SIZE", 0)
         mp.setattr(reductions, "_BLOCK", block)
         hist = histogram(array, bins)
-    magnitudes = np.abs(array) if array.dtype.kind == "c" else array
-    edges = numpy_rule_edges(magnitudes, bins) if isinstance(bins, int) else bins
-    if edges is None:
-        assert hist is None
-        return
-    assert hist is not None
-    np.testing.assert_array_equal(hist.counts, numpy_histogram_rule(array, edges))
+    _assert_the_rule(hist, array, bins)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
