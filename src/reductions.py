@@ -12,6 +12,7 @@ reduction that is not a number: ``(edges, counts)`` of the finite values.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -182,11 +183,16 @@ def check_edges(edges: Sequence[float] | np.ndarray, field_name: str = "histogra
 def equal_edges(lo: float, hi: float, bins: int) -> np.ndarray:
     """``bins`` equal bins from ``lo`` to ``hi`` (the finite range of a tensor): ``numpy.linspace``.
 
-    A constant tensor (``lo == hi``) gets the range ``[x - 0.5, x + 0.5]``.
+    A constant tensor (``lo == hi``) gets the range ``[x - 0.5, x + 0.5]``. A range wider than
+    the largest float64 (values near both of its ends), where ``linspace``'s step overflows,
+    gets the edges ``lo * (1 - t) + hi * t`` for ``t = linspace(0, 1)``: finite, from ``lo`` to ``hi``.
     """
     if not lo < hi:
         lo, hi = lo - 0.5, hi + 0.5
-    return np.linspace(lo, hi, bins + 1)
+    if math.isfinite(hi - lo):
+        return np.linspace(lo, hi, bins + 1)
+    t = np.linspace(0.0, 1.0, bins + 1)
+    return lo * (1.0 - t) + hi * t
 
 
 def histogram_edges(array: np.ndarray, bins: int = DEFAULT_BINS) -> np.ndarray | None:

@@ -263,6 +263,18 @@ def _assert_the_rule(hist: Histogram | None, array: np.ndarray, bins: np.ndarray
     np.testing.assert_array_equal(hist.counts, numpy_histogram_rule(array, edges))
 
 
+@pytest.mark.parametrize("size", [5, 600_000], ids=["sorted", "by-arithmetic-size"])
+def test_a_range_wider_than_the_largest_float64_gets_finite_edges(size: int) -> None:
+    big = np.finfo(np.float64).max
+    array = np.random.default_rng(0).uniform(-1, 1, size) * big
+    array[:2] = -big, big  # the span overflows float64
+    hist = histogram(array, 4)
+    assert hist is not None and np.isfinite(hist.edges).all() and (np.diff(hist.edges) > 0).all()
+    assert hist.edges[0] == -big and hist.edges[-1] == big
+    _assert_the_rule(hist, array, 4)
+    assert hist.counts.sum() == size
+
+
 @st.composite
 def values_around_equal_edges(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray]:
     """Equal edges and values on them, one ulp either side, inside, outside, NaN and Inf."""

@@ -95,8 +95,12 @@ def numpy_rule_edges(array: np.ndarray, bins: int) -> np.ndarray | None:
     finite = a[np.isfinite(a)]
     if finite.size == 0:
         return None
-    lo, hi = finite.min(), finite.max()
-    return np.linspace(lo, hi, bins + 1) if lo < hi else np.linspace(lo - 0.5, hi + 0.5, bins + 1)
+    lo, hi = float(finite.min()), float(finite.max())
+    if not lo < hi:
+        lo, hi = lo - 0.5, hi + 0.5
+    if hi - lo == np.inf:  # wider than the largest float64: linspace's step would overflow
+        return lo * (1.0 - np.linspace(0.0, 1.0, bins + 1)) + hi * np.linspace(0.0, 1.0, bins + 1)
+    return np.linspace(lo, hi, bins + 1)
 
 
 class TensorOpsConformance:
