@@ -169,6 +169,26 @@ class Histogram(NamedTuple):
     counts: np.ndarray
 
 
+class PendingHistogram(NamedTuple):
+    """A histogram whose counting is left to the writer thread: a copy of the values, and the edges.
+
+    The training thread takes the copy (a memcpy); :meth:`resolve`, when the shard is written,
+    counts exactly as :func:`histogram_counts` would have on the training thread.
+    """
+
+    values: np.ndarray
+    edges: np.ndarray
+
+    def resolve(self) -> Histogram:
+        """The histogram, counted now."""
+        return Histogram(self.edges, histogram_counts(self.values, self.edges))
+
+
+def resolved(hist: Histogram | PendingHistogram) -> Histogram:
+    """``hist``, counted if it is pending."""
+    return hist.resolve() if isinstance(hist, PendingHistogram) else hist
+
+
 def check_edges(edges: Sequence[float] | np.ndarray, field_name: str = "histogram") -> np.ndarray:
     """``edges`` as float64, or a ValueError: at least 2 finite, strictly increasing numbers."""
     e = np.asarray(edges, dtype=np.float64)

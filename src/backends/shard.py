@@ -26,7 +26,7 @@ import h5py
 import numpy as np
 
 from ..exceptions import TensortapError
-from ..reductions import Histogram
+from ..reductions import Histogram, PendingHistogram, resolved
 from . import isolated
 from .layout import FORMAT_MINOR, FORMAT_VERSION
 
@@ -53,7 +53,8 @@ class TensorRecord:
     raw: np.ndarray | None = None
     reductions: dict[str, float] = field(default_factory=dict)
     orig_dtype: str | None = None
-    histogram: Histogram | None = None
+    #: a :class:`PendingHistogram` only while the step is in progress (listeners get it counted)
+    histogram: Histogram | PendingHistogram | None = None
 
 
 @dataclass
@@ -119,7 +120,7 @@ class _Column:
         self.n = 0
         self.ragged: list[np.ndarray] | None = None
         self.red: list[tuple[int, str, float]] = []
-        self.hist: list[tuple[int, Histogram]] = []
+        self.hist: list[tuple[int, Histogram | PendingHistogram]] = []  # pending ones are counted when written
         self.orig_dtype: str | None = None
 
     def add_raw(self, step: int, value: np.ndarray, rows: int) -> np.ndarray:
@@ -223,7 +224,7 @@ class ShardBuffer:
         raw: np.ndarray | None,
         reductions: dict[str, float],
         orig_dtype: str | None,
-        histogram: Histogram | None = None,
+        histogram: Histogram | PendingHistogram | None = None,
     ) -> np.ndarray | None:
         """Copy one tensor of the step in progress into the buffer; return the stored raw value."""
         col = self.columns.get(name)
@@ -251,7 +252,8 @@ class ShardBuffer:
             if col.hist and col.hist[-1][0] == step:  # the same name twice in one step: last wins
                 col.hist.pop()
             col.hist.append((step, histogram))
-            self.nbytes += histogram.edges.nbytes + histogram.counts.nbytes
+            held = histogram.values if isinstance(histogram, PendingHistogram) else histogram.counts
+            self.nbytes += histogram.edges.nbytes + held.nbytes
         self._staged.append((name, step, raw is not None, len(reductions)))
         return stored
 
@@ -368,8 +370,10 @@ def _write_raw(group: h5py.Group, col: _Column, compression: str | None) -> dict
     return {"dtype": str(np.dtype(dtype)), "shape": list(values[-1].shape)}
 
 
-def _write_histograms(group: h5py.Group, hists: list[tuple[int, Histogram]], n_steps: int) -> Any:
-    """``/tensors/<id>/histogram/{steps,edges,counts}``; return the index record's ``histogram_steps``."""
+def _write_histograms(group: h5py.Group, pending: list[tuple[int, Histogram | PendingHistogram]], n_steps: int) -> Any:
+    """``/tensors/<id>/histogram/{steps,edges,counts}`` (pending histograms counted now, on the
+    writer thread); return the index record's ``histogram_steps``."""
+    hists = [(s, resolved(h)) for s, h in pending]
     bins = {len(h.counts) for _, h in hists}
     if len(bins) != 1:  # the core fixes a tensor's bins once: this is a bug, never silent
         raise ValueError(f"histograms of one tensor with different numbers of bins in one shard: {sorted(bins)}")

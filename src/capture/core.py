@@ -77,15 +77,21 @@ class TensorOps:
     #: :meth:`prepare` for the raw host array and bins that with NumPy.
     device_histogram: ClassVar[bool] = False
 
-    def histogram(self, value: Any, edges: np.ndarray | None, bins: int) -> red.Histogram | None:
+    def histogram(
+        self, value: Any, edges: np.ndarray | None, bins: int, defer: bool = False
+    ) -> red.Histogram | red.PendingHistogram | None:
         """The histogram of ``value`` over ``edges``; with ``edges=None`` first ``bins`` equal
         bins over its finite range. None if there are no edges to use (no finite value yet).
 
         Must count as :func:`tensortap.reductions.histogram_counts` does (``edges`` may repeat
-        numbers: those fixed from a huge tensor of a small range).
+        numbers: those fixed from a huge tensor of a small range). With ``defer`` and ``edges``,
+        a value binned on the host may be returned as a :class:`~tensortap.reductions.PendingHistogram`
+        (a copy of it), counted on the writer thread.
         """
         if edges is None:
             return red.histogram(np.asarray(value), bins)
+        if defer:
+            return red.PendingHistogram(np.array(value, copy=True), edges)
         return red.Histogram(edges, red.histogram_counts(np.asarray(value), edges))
 
     def prepare(
@@ -502,12 +508,19 @@ class Hook:
             self._skipped.add(name)
             logger.warning("tensortap: %s cannot be captured and is skipped: %s", name, exc)
 
-    def _histogram(self, name: str, value: Any, spec: int | tuple[float, ...]) -> red.Histogram | None:
-        """The histogram of ``value``, on bins fixed for ``name`` by its first value (or ``spec``'s edges)."""
+    def _histogram(
+        self, name: str, value: Any, spec: int | tuple[float, ...]
+    ) -> red.Histogram | red.PendingHistogram | None:
+        """The histogram of ``value``, on bins fixed for ``name`` by its first value (or ``spec``'s edges).
+
+        Once the bins are fixed, a value binned on the host is counted on the writer thread
+        (a :class:`~tensortap.reductions.PendingHistogram`) unless step listeners want it now.
+        """
         edges = self._histogram_edges.get(name)
         if edges is None and not isinstance(spec, int):
             edges = np.asarray(spec, dtype=np.float64)
-        hist = self.ops.histogram(value, edges, spec if isinstance(spec, int) else len(spec) - 1)
+        bins = spec if isinstance(spec, int) else len(spec) - 1
+        hist = self.ops.histogram(value, edges, bins, defer=not self.step_listeners)
         if hist is not None:
             self._histogram_edges.setdefault(name, hist.edges)
         elif name not in self._histogram_unfixed:
@@ -540,6 +553,9 @@ class Hook:
         if not records or self.writer is None:
             return
         if self.step_listeners:
+            for r in records:
+                if r.histogram is not None:
+                    r.histogram = red.resolved(r.histogram)  # a listener added within the step
             record = StepRecord(self.step, int(self.mode), self.mode_step, records)
             for listener in self.step_listeners:
                 listener(record)

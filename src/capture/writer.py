@@ -45,7 +45,7 @@ from ..backends.storage import Storage
 from ..config import check_keys
 from ..exceptions import TrialExistsError
 from ..modes import Mode
-from ..reductions import Histogram
+from ..reductions import Histogram, PendingHistogram
 
 logger = logging.getLogger("tensortap")
 
@@ -394,7 +394,7 @@ class TrialWriter:
         raw: Any,
         reductions: dict[str, float],
         orig_dtype: str | None,
-        histogram: Histogram | None = None,
+        histogram: Histogram | PendingHistogram | None = None,
     ) -> Any:
         """Copy one tensor of the step in progress into the shard buffer; return the stored raw value.
 

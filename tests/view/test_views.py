@@ -270,6 +270,27 @@ def test_bins_fixed_from_the_first_step_with_a_finite_value(tmp_path: Path, capl
     np.testing.assert_array_equal(t.histogram_value(3).counts, [0, 1, 0, 1])
 
 
+def test_histograms_counted_on_the_writer_thread_are_of_the_value_at_save(tmp_path: Path) -> None:
+    """Once a tensor's bins are fixed, its histograms are counted when the shard is written, from a copy
+    taken at save: changing the array afterwards (as training changes a weight in place) changes nothing;
+    step listeners (in-process rules) get them counted at the step's end."""
+    heard: list[tuple[int, object]] = []
+    a = np.array([0.0, 1.0, 2.0, 3.0])
+    with Writer(tmp_path, reduction_config=ReductionConfig(histogram=3)) as w:
+        for step in range(3):
+            if step == 2:
+                w.step_listeners.append(lambda r: heard.extend((r.step, t.histogram) for t in r.tensors))
+            with w.stepping():
+                w.save("x", a)
+                a[:] = [0.5, 0.5, 2.5, 2.5] if step == 0 else [0.0, 0.0, 0.0, 0.0]  # in place, after the save
+    t = tensortap.create_trial(tmp_path).tensor("x")
+    np.testing.assert_array_equal(t.histogram_value(0).counts, [1, 1, 2])  # bins fixed from [0, 3]
+    np.testing.assert_array_equal(t.histogram_value(1).counts, [2, 0, 2])  # not the zeros written after
+    ((step, hist),) = heard
+    assert step == 2 and isinstance(hist, tensortap.reductions.Histogram)
+    np.testing.assert_array_equal(hist.counts, t.histogram_value(2).counts)
+
+
 def test_mode_lines_reject_an_unknown_axis(run: Run) -> None:
     trial = run.trial()
     with pytest.raises(ValueError, match="x: 'epoch'"):

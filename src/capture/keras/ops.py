@@ -180,12 +180,14 @@ class KerasOps(TensorOps):
     #: on a CPU, ``numpy.sort`` is several times faster than the backends' ``searchsorted``.
     host_binned: ClassVar[frozenset[str]] = frozenset({"cpu"})
 
-    def histogram(self, value: Any, edges: np.ndarray | None, bins: int) -> red.Histogram | None:
+    def histogram(
+        self, value: Any, edges: np.ndarray | None, bins: int, defer: bool = False
+    ) -> red.Histogram | red.PendingHistogram | None:
         """Bin with ``keras.ops.searchsorted`` and ``keras.ops.bincount`` by the rule of
         :class:`tensortap.reductions.BinBounds` (the counts equal the NumPy ones)."""
         value = _unwrap(value)
         if not keras.ops.is_tensor(value) or isinstance(value, (np.ndarray, np.generic)):
-            return super().histogram(_host_array(value), edges, bins)
+            return super().histogram(_host_array(value), edges, bins, defer)
         dtype = keras.backend.standardize_dtype(value.dtype)
         work = red.bin_dtype(dtype)
         if (
@@ -194,7 +196,7 @@ class KerasOps(TensorOps):
             or device_type(value) in self.host_binned
             or (work == "float64" and not has_float64())
         ):
-            return super().histogram(_host_array(value), edges, bins)
+            return super().histogram(_host_array(value), edges, bins, defer)
         ops = keras.ops
         x = ops.reshape(ops.cast(value, work), [-1])
         finite = ops.isfinite(x)

@@ -33,12 +33,14 @@ class TorchOps(core.TensorOps):
     #: Device types without float64 (int32, int64 and float64 tensors are binned on the host there)
     no_float64: ClassVar[frozenset[str]] = frozenset({"mps"})
 
-    def histogram(self, value: Any, edges: np.ndarray | None, bins: int) -> red.Histogram | None:
+    def histogram(
+        self, value: Any, edges: np.ndarray | None, bins: int, defer: bool = False
+    ) -> red.Histogram | red.PendingHistogram | None:
         """Bin on the tensor's device with ``torch.bucketize`` and ``torch.bincount``; only the counts
         (and, the first time, the finite range) come to the host. The rule is
         :class:`tensortap.reductions.BinBounds`, so the counts equal the NumPy ones."""
         if not isinstance(value, torch.Tensor):
-            return super().histogram(value, edges, bins)
+            return super().histogram(value, edges, bins, defer)
         t = value.detach()
         if t.layout != torch.strided:
             t = t.to_dense()
@@ -51,7 +53,7 @@ class TorchOps(core.TensorOps):
             or t.device.type in self.host_binned
             or (work == "float64" and t.device.type in self.no_float64)
         ):
-            return super().histogram(t.numpy() if t.device.type == "cpu" else t.cpu().numpy(), edges, bins)
+            return super().histogram(t.numpy() if t.device.type == "cpu" else t.cpu().numpy(), edges, bins, defer)
         x = t.reshape(-1).to(getattr(torch, work))
         finite = torch.isfinite(x)
         if edges is None:
