@@ -3,9 +3,11 @@
 Write: ``TENSORS`` float32 tensors of ``SHAPE`` per step, through
 :class:`tensortap.capture.Writer` (every step saved, shards published as the
 default ``ShardPolicy`` says and at close), against ``numpy.save`` of the
-same arrays into one open file (the floor: no format, no index), twice (the
-run's noise). The arms write ``BLOCK`` steps at a time in turns
-(:mod:`bench.harness`). ``floor/this`` is our bytes/s over the floor's (the
+same arrays into one open file, fsynced at the end (the floor: no format, no
+index, no checksum; tensortap's shards are fsynced when published), twice
+(the run's noise). The arms write ``BLOCK`` steps at a time in turns
+(:mod:`bench.harness`); the tensortap arm waits at the end of each block
+until the shards it handed off are published. ``floor/this`` is our bytes/s over the floor's (the
 target is >= 0.8). Read: one tensor across 1,000 saved steps, with
 ``Tensor.values()`` (one read per shard) and a ``value(step)`` loop, each from
 a freshly opened trial.
