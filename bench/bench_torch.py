@@ -8,10 +8,12 @@ every step and every 100 steps; the same with every layer's outputs, every
 step; and (tensortap only) a 64-bin histogram of every weight and gradient,
 no raw tensors, every step; and the floor of every-step capture on this
 machine (:class:`DiskFloorArm`: the same bytes written and fsynced, without
-training). The arms run ``BLOCK`` steps at a time, interleaved, ``ROUNDS`` times;
-``close()`` (publishing the last shard) is timed with its arm.
-``bench/bench_torch_smdebug.py`` runs the same arms with smdebug in its own
-environment.
+training); and smdebug 1.0.34's hook on the first three cases, each arm a
+process of smdebug's own environment (``bench/bench_torch_smdebug.py``,
+:class:`bench.harness.Remote`). The arms run ``BLOCK`` steps at a time,
+interleaved, ``ROUNDS`` times; an arm with a tensortap hook then waits until
+the shards it handed off are published, and ``close()`` (publishing the last
+shard) is timed with its arm.
 """
 
 from __future__ import annotations
