@@ -73,6 +73,31 @@ def graph_mode() -> bool:
     return BACKEND == "tensorflow" and not tf.executing_eagerly()
 
 
+def trace_level() -> Any:
+    """Where tensors are being computed now: the TensorFlow graph being traced, the JAX trace; None if eager.
+
+    Compared for equality: a value tapped at the level of the step's own trace can be
+    returned from the step; one of a nested ``while``/``cond`` body graph or of a
+    ``jax.value_and_grad`` inside the jit cannot.
+    """
+    if BACKEND == "tensorflow":
+        return None if tf.executing_eagerly() else tf.compat.v1.get_default_graph()
+    if BACKEND == "jax":
+        try:
+            from jax._src.core import get_opaque_trace_state
+        except ImportError:  # pragma: no cover - a JAX without it: no value counts as the step's own
+            return object()
+        return get_opaque_trace_state()
+    return None
+
+
+def as_output(value: Any) -> Any:
+    """``value`` as an output of a compiled step (a TensorFlow variable as its tensor)."""
+    if BACKEND == "tensorflow":
+        return tf.convert_to_tensor(value)
+    return value
+
+
 def is_tensor(value: Any) -> bool:
     """Whether ``value`` is a tensor of the backend (ragged and sparse ones too) or a NumPy array."""
     if isinstance(value, (np.ndarray, np.generic)):
