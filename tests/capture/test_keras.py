@@ -344,6 +344,27 @@ def test_unsaved_steps_run_the_plain_step_function(tmp_path: Path, run_mode: str
     assert_model_clean(model)
 
 
+@pytest.mark.skipif(BACKEND == "torch", reason="Keras's torch LSTM runs one fused kernel: its cell is never called")
+def test_a_cell_called_in_a_loop_gives_its_last_value(tmp_path: Path) -> None:
+    # the LSTM calls its cell once before its loop (TensorFlow: in the step's graph, an extra
+    # output) and then in the loop's body (a tf.while_loop or lax.scan: a tap of its own); the
+    # last call is the LSTM's output
+    keras.utils.set_random_seed(5)
+    x = RNG.normal(size=(48, 3, 2)).astype("float32")
+    inputs = keras.Input((3, 2))
+    model = keras.Model(inputs, keras.layers.Dense(1, name="head")(keras.layers.LSTM(4, name="lstm")(inputs)))
+    model.compile(optimizer=keras.optimizers.SGD(LR), loss="mse")
+    cb = ttk.Callback(tmp_path, save_config=SaveConfig(save_interval=2), include_collections=["outputs"])
+    model.fit(x, Y, batch_size=BATCH, epochs=1, shuffle=False, callbacks=[cb], verbose=0)
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.steps(mode=Mode.TRAIN) == [0, 2]
+    for s in (0, 2):
+        np.testing.assert_array_equal(
+            trial.tensor("outputs/lstm/lstm_cell/0").value(s, mode=Mode.TRAIN),
+            trial.tensor("outputs/lstm").value(s, mode=Mode.TRAIN),
+        )
+
+
 def test_close_after_a_failed_fit_detaches_from_the_model(tmp_path: Path) -> None:
     class Boom(keras.callbacks.Callback):
         def on_train_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:

@@ -11,9 +11,10 @@ also listens to ``keras.metrics.Mean.update_state``: a ``Mean`` named
 ``...loss`` updated with a scalar is a loss tracker, and the scalar is the
 step's loss of that name (Keras's ``loss`` and per-output ``<output>_loss``,
 the guides' ``Mean(name="d_loss")``). For ``fit``/``evaluate``/``predict`` it
-rebuilds the step function so that the wrappers are traced into it, and at
-the end removes every wrapper and drops the step functions so that a later
-``fit`` traces a clean model.
+rebuilds the step function so that the wrappers are traced into it (on
+TensorFlow and JAX, compiled: a plain variant and capturing ones, see
+:class:`.transport.StepVariants`), and at the end removes every wrapper and
+drops the step functions so that a later ``fit`` traces a clean model.
 
 How values leave the step: see :mod:`.transport`. Weights, biases and
 optimizer variables are read after the step (on JAX from the trainer's live
@@ -732,10 +733,13 @@ class Callback(keras.callbacks.Callback):
             items = self._capturable(items)
             if not items:
                 return
-            if variant is not None and trace_level() == self._step_level:
-                for slot, value in items:  # an extra output of the step
-                    self._extras[self._extra_key(collection, slot)] = as_output(value)
-                return
+            if variant is not None:
+                if trace_level() == self._step_level:
+                    for slot, value in items:  # an extra output of the step
+                        self._extras[self._extra_key(collection, slot)] = as_output(value)
+                    return
+                for slot, _ in items:  # this later value (read before the extras) must win
+                    self._extras.pop(self._extra_key(collection, slot), None)
             slots = [s for s, _ in items]
             tensors = [v for _, v in items]
             if graph_mode():

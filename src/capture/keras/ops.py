@@ -40,10 +40,14 @@ elif BACKEND == "torch":
 
 
 def to_numpy(value: Any) -> np.ndarray:
-    """A host array of a backend tensor (through the framework's own conversion)."""
+    """A host array of a backend tensor (through the framework's own conversion).
+
+    It may share memory with the tensor and be read-only (a TensorFlow tensor's
+    ``numpy()`` copies, ``numpy.asarray`` of it does not): copy it to keep it.
+    """
     if BACKEND == "torch" and isinstance(value, torch.Tensor):
         return value.detach().cpu().numpy()
-    if BACKEND == "tensorflow" and isinstance(value, (tf.Tensor, tf.Variable)):
+    if BACKEND == "tensorflow" and isinstance(value, tf.Variable):
         return np.asarray(value.numpy())
     return np.asarray(value)
 

@@ -168,19 +168,30 @@ class TFGraphTaps:
     def __init__(self, xla: bool) -> None:
         self.xla = xla
         self.flags = {c: tf.Variable(False, trainable=False) for c in STEP_COLLECTIONS}
+        self._assigned = dict.fromkeys(STEP_COLLECTIONS, False)  # what the flag variables hold
         self._wanted = dict.fromkeys(STEP_COLLECTIONS, False)
+        self._step = -1
         self.step = tf.Variable(tf.constant(-1, tf.int64), trainable=False)
         self.taps: dict[tuple[Slot, Any], _TFTap] = {}
         self.skipped: set[str] = set()
 
     def set_flags(self, wanted: dict[str, bool], step: int) -> None:
-        """Before a step: which collections it saves (assigns only what changed)."""
-        for c, w in wanted.items():
-            if w != self._wanted[c]:
+        """Before a step: which collections it saves.
+
+        The variables are assigned (only what changed) once a traced graph reads them:
+        the step variants of ``fit`` usually have no tap here, and then nothing is assigned.
+        """
+        self._wanted, self._step = dict(wanted), step
+        if self.taps:
+            self._assign()
+
+    def _assign(self) -> None:
+        for c, w in self._wanted.items():
+            if w != self._assigned[c]:
                 self.flags[c].assign(w)
-                self._wanted[c] = w
-        if any(wanted.values()):
-            self.step.assign(step)
+                self._assigned[c] = w
+        if any(self._wanted.values()):
+            self.step.assign(self._step)
 
     def tap(self, collection: str, items: list[tuple[Slot, Any]]) -> None:
         """Inside a trace: store ``items`` when the collection's flag is set at run time."""
@@ -198,7 +209,10 @@ class TFGraphTaps:
             key = (slot, tuple(value.shape) if static else value.dtype)
             if key not in self.taps:
                 with tf.init_scope():
+                    first = not self.taps
                     self.taps[key] = _TFTap(slot, collection, value, static)
+                    if first:  # from now on the flags are read: set them for the step being traced
+                        self._assign()
             pairs.append((self.taps[key], value))
         if not pairs:
             return
