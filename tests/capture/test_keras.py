@@ -47,6 +47,7 @@ LR = 0.1
 BATCH = 16
 ALL = ["weights", "biases", "gradients", "outputs", "inputs", "losses", "metrics", "optimizer_variables"]
 EVERY_STEP = SaveConfig(save_interval=1)
+WEIGHTS = ["dense/kernel", "dense/bias", "dense_1/kernel", "dense_1/bias"]  # mlp()'s, in model.weights order
 
 if BACKEND == "torch":
     import torch
@@ -261,9 +262,9 @@ def test_model_is_clean_after_fit_and_a_later_fit_is_unaffected(fitted: dict[str
 
 
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="XLA's static shapes matter for TensorFlow's variables")
-def test_xla_with_a_partial_batch_keeps_weights_gradients_and_losses(tmp_path: Path) -> None:
-    # 40 rows in batches of 16: Keras traces with an unknown batch dimension, and XLA
-    # needs static shapes, so activations are not captured (documented); the rest is
+def test_xla_with_a_partial_batch_keeps_every_value(tmp_path: Path) -> None:
+    # 40 rows in batches of 16: Keras traces with an unknown batch dimension; the values
+    # leave the XLA step as its outputs, activations of the partial batch included
     model = mlp(jit_compile=True)
     rec = Recorder()
     cb = ttk.Callback(
@@ -271,7 +272,13 @@ def test_xla_with_a_partial_batch_keeps_weights_gradients_and_losses(tmp_path: P
     )
     model.fit(X[:40], Y[:40], batch_size=BATCH, epochs=1, shuffle=False, callbacks=[cb, rec], verbose=0)
     trial = tensortap.create_trial(tmp_path)
-    assert "outputs/dense" not in trial.tensor_names()
+    assert trial.tensor("outputs/dense").steps(mode=Mode.TRAIN) == [0, 1, 2]
+    np.testing.assert_allclose(
+        trial.tensor("outputs/dense").value(2, mode=Mode.TRAIN),
+        forward(rec.weights[1], X[32:40])[0],
+        rtol=1e-5,
+        atol=1e-6,
+    )
     assert trial.tensor("losses/loss").steps(mode=Mode.TRAIN) == [0, 1, 2]
     assert trial.tensor("gradients/dense/kernel").steps(mode=Mode.TRAIN) == [0, 1, 2]
     before, after = rec.weights[1], rec.weights[2]
@@ -285,6 +292,77 @@ def test_xla_with_a_partial_batch_keeps_weights_gradients_and_losses(tmp_path: P
     assert float(trial.tensor("losses/loss").value(2, mode=Mode.TRAIN)) == pytest.approx(
         mse(before, X[32:40], Y[32:40]), rel=1e-5
     )
+
+
+@pytest.mark.skipif(BACKEND == "torch", reason="the torch backend runs its steps eagerly: no step function to vary")
+@pytest.mark.parametrize("run_mode", [m for m in RUN_MODES if m != "eager"])
+def test_unsaved_steps_run_the_plain_step_function(tmp_path: Path, run_mode: str) -> None:
+    """Saved steps run the capturing variant, the others the plain one; what leaves it is what Keras reports."""
+    model = mlp(**RUN_MODES[run_mode])
+    ran: dict[str, list[Any]] = {"train": [], "test": []}
+    keras_logs: list[dict[str, float]] = []
+    keras_weights: list[list[np.ndarray]] = []
+
+    class Seen(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+            ran["train"].append(model.train_function.last)
+            keras_logs.append({k: float(v) for k, v in (logs or {}).items()})
+            keras_weights.append(self.model.get_weights())
+
+        def on_test_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+            ran["test"].append(model.test_function.last)
+
+    cb = ttk.Callback(
+        tmp_path,
+        save_config={Mode.TRAIN: SaveConfig(save_interval=3), Mode.EVAL: SaveConfig(save_interval=2, start_step=1)},
+        include_collections=["weights", "biases", "gradients", "losses", "metrics"],
+    )
+    model.fit(
+        X, Y, batch_size=BATCH, epochs=2, shuffle=False, validation_data=(XV, YV), callbacks=[cb, Seen()], verbose=0
+    )
+    captured, plain = frozenset({"gradients", "losses", "metrics"}), frozenset()
+    assert ran["train"] == [captured, plain, plain] * 2
+    assert ran["test"] == [plain, captured] * 2
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.steps(mode=Mode.TRAIN) == [0, 3]
+    for s in (0, 3):  # the first batch of an epoch: Keras's running mean is that batch's loss
+        assert float(trial.tensor("losses/loss").value(s, mode=Mode.TRAIN)) == pytest.approx(
+            keras_logs[s]["loss"], rel=1e-6
+        )
+        assert float(trial.tensor("metrics/mae").value(s, mode=Mode.TRAIN)) == pytest.approx(
+            keras_logs[s]["mae"], rel=1e-6
+        )
+        for name, ref in zip(
+            ["dense/kernel", "dense/bias", "dense_1/kernel", "dense_1/bias"], keras_weights[s], strict=True
+        ):
+            np.testing.assert_array_equal(trial.tensor(name).value(s, mode=Mode.TRAIN), ref)
+    for name, w0, w1 in zip(WEIGHTS, keras_weights[2], keras_weights[3], strict=True):
+        np.testing.assert_allclose(
+            trial.tensor(f"gradients/{name}").value(3, mode=Mode.TRAIN), (w0 - w1) / LR, rtol=1e-4, atol=1e-5
+        )
+    assert set(trial.tensor_names(mode=Mode.EVAL)) == {"losses/val_loss", "metrics/val_mae"}
+    assert_model_clean(model)
+
+
+@pytest.mark.skipif(BACKEND == "torch", reason="Keras's torch LSTM runs one fused kernel: its cell is never called")
+def test_a_cell_called_in_a_loop_gives_its_last_value(tmp_path: Path) -> None:
+    # the LSTM calls its cell once before its loop (TensorFlow: in the step's graph, an extra
+    # output) and then in the loop's body (a tf.while_loop or lax.scan: a tap of its own); the
+    # last call is the LSTM's output
+    keras.utils.set_random_seed(5)
+    x = RNG.normal(size=(48, 3, 2)).astype("float32")
+    inputs = keras.Input((3, 2))
+    model = keras.Model(inputs, keras.layers.Dense(1, name="head")(keras.layers.LSTM(4, name="lstm")(inputs)))
+    model.compile(optimizer=keras.optimizers.SGD(LR), loss="mse")
+    cb = ttk.Callback(tmp_path, save_config=SaveConfig(save_interval=2), include_collections=["outputs"])
+    model.fit(x, Y, batch_size=BATCH, epochs=1, shuffle=False, callbacks=[cb], verbose=0)
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.steps(mode=Mode.TRAIN) == [0, 2]
+    for s in (0, 2):
+        np.testing.assert_array_equal(
+            trial.tensor("outputs/lstm/lstm_cell/0").value(s, mode=Mode.TRAIN),
+            trial.tensor("outputs/lstm").value(s, mode=Mode.TRAIN),
+        )
 
 
 def test_close_after_a_failed_fit_detaches_from_the_model(tmp_path: Path) -> None:

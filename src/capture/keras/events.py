@@ -11,9 +11,10 @@ also listens to ``keras.metrics.Mean.update_state``: a ``Mean`` named
 ``...loss`` updated with a scalar is a loss tracker, and the scalar is the
 step's loss of that name (Keras's ``loss`` and per-output ``<output>_loss``,
 the guides' ``Mean(name="d_loss")``). For ``fit``/``evaluate``/``predict`` it
-rebuilds the step function so that the wrappers are traced into it, and at
-the end removes every wrapper and drops the step functions so that a later
-``fit`` traces a clean model.
+rebuilds the step function so that the wrappers are traced into it (on
+TensorFlow and JAX, compiled: a plain variant and capturing ones, see
+:class:`.transport.StepVariants`), and at the end removes every wrapper and
+drops the step functions so that a later ``fit`` traces a clean model.
 
 How values leave the step: see :mod:`.transport`. Weights, biases and
 optimizer variables are read after the step (on JAX from the trainer's live
@@ -43,16 +44,18 @@ from .naming import flatten_logs
 from .ops import (
     BACKEND,
     KerasOps,
+    as_output,
     backend_all_reduce_max,
     graph_mode,
     is_scalar,
     is_tensor,
     is_tracer,
     snapshot,
+    trace_level,
     uncapturable,
 )
 from .patches import Patches, listen_to_mean_updates
-from .transport import NO_FLAGS, STEP_COLLECTIONS, FlagIterator, Slot, Tagged, TFGraphTaps
+from .transport import NO_FLAGS, STEP_COLLECTIONS, FlagIterator, Slot, StepVariants, Tagged, TFGraphTaps
 
 if BACKEND == "jax":
     import jax
@@ -63,6 +66,12 @@ logger = logging.getLogger("tensortap")
 
 _NOTHING_WANTED = dict.fromkeys(STEP_COLLECTIONS, False)
 _STEP_FUNCTIONS = ("train_function", "test_function", "predict_function")
+# make_<kind>_function builds <kind>_function around the model's <step> method, in this mode
+_KINDS = {
+    "train": ("train_step", Mode.TRAIN),
+    "test": ("test_step", Mode.EVAL),
+    "predict": ("predict_step", Mode.PREDICT),
+}
 Arrival = tuple[str, list[Slot], list[Any]]
 
 
@@ -170,6 +179,20 @@ class Callback(keras.callbacks.Callback):
         self.flags_now = NO_FLAGS
         self._jax_flags: Any = None
         self._prefix = ""
+        # step variants (see transport.StepVariants): what the open step saves from inside it,
+        # the variant running, and what the variants returned
+        self.wanted_now: frozenset[str] = frozenset()
+        self.running: frozenset[str] | None = None
+        self.extras_out: list[dict[str, Any]] = []
+        self._steps: dict[str, Callable[..., Any]] = {}
+        self._making = False
+        # while a step runs or is traced: its variant, the extras it returns, its trace level
+        self._variant: frozenset[str] | None = None
+        self._extras: dict[str, Any] = {}
+        self._step_level: Any = None
+        self._extra_keys: dict[tuple[str, Slot], str] = {}
+        self._extra_slots: dict[str, tuple[str, Slot]] = {}
+        self._callbacks_traced = False
 
     @classmethod
     def from_json(
@@ -312,6 +335,8 @@ class Callback(keras.callbacks.Callback):
             for fn in _STEP_FUNCTIONS:
                 setattr(self._model, fn, None)
         self._loop = False
+        self._steps = {}
+        self.running = None
 
     def close(self, reason: str = "closed") -> None:
         """Publish what is left, mark the end of training and detach from the model. Idempotent.
@@ -414,11 +439,13 @@ class Callback(keras.callbacks.Callback):
         saving = self.session.open(mode, step)  # records the previous step first
         self._arrived = []
         wanted = {c: self.session.saving(c) for c in STEP_COLLECTIONS} if saving else _NOTHING_WANTED
+        self.wanted_now = frozenset(c for c, w in wanted.items() if w)
+        self.extras_out = []
         if self._graph is not None:
             self._graph.set_flags(wanted, self.hook.step)
         if BACKEND == "jax":
             self.flags_now = np.array(list(wanted.values()), dtype=bool) if saving else NO_FLAGS
-        if saving and BACKEND == "jax":
+        if saving and self._callbacks_traced:
             jax.effects_barrier()  # callbacks of an earlier, unsaved step must not land in this one
         self._accepting = True
 
@@ -427,7 +454,7 @@ class Callback(keras.callbacks.Callback):
 
     def _collect_after_step(self) -> None:
         """When a saved step is recorded: what arrived from inside it, then the variables after it."""
-        if BACKEND == "jax":
+        if self._callbacks_traced:
             jax.effects_barrier()
         arrived, self._arrived = self._arrived, []
         latest: dict[Slot, tuple[str, Any]] = {}  # the last value of a name in the step wins
@@ -436,6 +463,11 @@ class Callback(keras.callbacks.Callback):
                 latest[slot] = (collection, value)
         if self._graph is not None:
             for slot, collection, value in self._graph.written(self.hook.step):
+                latest[slot] = (collection, value)
+        extras_out, self.extras_out = self.extras_out, []
+        for extras in extras_out:
+            for key, value in (jax.device_get(extras) if BACKEND == "jax" else extras).items():
+                collection, slot = self._extra_slots[key]
                 latest[slot] = (collection, value)
         calls: dict[tuple[str, int], tuple[str, dict[str, Any]]] = {}
         for slot, (collection, value) in latest.items():
@@ -495,8 +527,12 @@ class Callback(keras.callbacks.Callback):
         if BACKEND == "tensorflow" and (self._loop or not model.run_eagerly):
             self._graph = TFGraphTaps(xla=bool(not self._loop and model.jit_compile))
         if not self._loop:
-            for attr, mode in (("train_step", Mode.TRAIN), ("test_step", Mode.EVAL), ("predict_step", Mode.PREDICT)):
-                self._patches.set(model, attr, self._wrap_step(getattr(model, attr), mode))
+            for kind, (attr, mode) in _KINDS.items():
+                self._steps[attr] = getattr(model, attr)
+                self._patches.set(model, attr, self._wrap_step(self._steps[attr], mode))
+                if _variants_serve(model, kind):
+                    make = f"make_{kind}_function"
+                    self._patches.set(model, make, self._wrap_make(model, kind, getattr(model, make)))
             if BACKEND == "jax":
                 self._patches.set(model, "_make_function", self._wrap_make_function(model._make_function))
         if self.session.may_save("losses"):
@@ -513,12 +549,48 @@ class Callback(keras.callbacks.Callback):
                     continue
                 self._patches.set(layer, "call", self._wrap_call(layer))
 
+    def _wrap_make(self, model: Any, kind: str, make: Callable[..., Any]) -> Callable[..., Any]:
+        """``make_<kind>_function``: install :class:`StepVariants` as ``model.<kind>_function``."""
+        attr, mode = _KINDS[kind]
+        fn_attr = f"{kind}_function"
+
+        def build() -> Callable[..., Any]:
+            """One variant: Keras's own step function, built around a wrapper of its own."""
+            self._making = True
+            try:
+                make(force=True)
+                return getattr(model, fn_attr)
+            finally:
+                self._making = False
+
+        def build_capturing() -> Callable[..., Any]:
+            # a distinct step object for each variant (JAX caches traces by function); the
+            # wrapper learns which variant it is traced in from the dispatcher (`running`)
+            installed, variants = model.__dict__[attr], getattr(model, fn_attr)
+            object.__setattr__(model, attr, self._wrap_step(self._steps[attr], mode))
+            try:
+                return build()
+            finally:
+                object.__setattr__(model, attr, installed)
+                setattr(model, fn_attr, variants)
+
+        @functools.wraps(make)
+        def wrapped(force: bool = False) -> Any:
+            if getattr(model, fn_attr) is None or force:
+                setattr(model, fn_attr, StepVariants(build(), build_capturing, self, BACKEND == "jax"))
+            return getattr(model, fn_attr)
+
+        return wrapped
+
     def _wrap_make_function(self, make: Callable[..., Any]) -> Callable[..., Any]:
-        """JAX: feed the step's flags into the jitted step with each batch, so that unsaved steps copy nothing."""
+        """JAX, steps without variants: feed the step's flags into the jitted step with each batch,
+        so that unsaved steps copy nothing."""
 
         @functools.wraps(make)
         def wrapped(step_function: Callable[..., Any], *args: Any, **kwargs: Any) -> Callable[..., Any]:
             run = make(step_function, *args, **kwargs)
+            if self._making:
+                return run  # a variant: fed no flags
 
             def tagged(state: Any, iterator: Any) -> Any:
                 return run(state, FlagIterator(iterator, self))
@@ -529,13 +601,14 @@ class Callback(keras.callbacks.Callback):
 
     @contextmanager
     def _stepping_in(self, mode: Mode, flags: Any) -> Iterator[None]:
-        """Run a step function (or trace one) in ``mode``."""
-        outer = self._ctx_mode, self._jax_flags
+        """Run a step function (or trace one) in ``mode``, as the variant the dispatcher runs (if any)."""
+        outer = self._ctx_mode, self._jax_flags, self._variant, self._extras, self._step_level
         self._ctx_mode, self._jax_flags, self._calls, self._loss_names = mode, flags, {}, set()
+        self._variant, self._extras, self._step_level = self.running, {}, trace_level()
         try:
             yield
         finally:
-            self._ctx_mode, self._jax_flags = outer
+            self._ctx_mode, self._jax_flags, self._variant, self._extras, self._step_level = outer
 
     def _wrap_step(self, step: Callable[..., Any], mode: Mode) -> Callable[..., Any]:
         @functools.wraps(step)
@@ -548,6 +621,9 @@ class Callback(keras.callbacks.Callback):
                 logs = out[0] if BACKEND == "jax" else out
                 if mode != Mode.PREDICT and isinstance(logs, dict):
                     self._tap_logs(flatten_logs(logs), mode)
+                if self._variant:  # a capturing variant: return the values taken as extra outputs
+                    extras = dict(self._extras)
+                    out = ((out[0], extras), out[1]) if BACKEND == "jax" else (out, extras)
             return out
 
         return wrapped
@@ -647,19 +723,30 @@ class Callback(keras.callbacks.Callback):
         """Hand ``items`` of ``collection`` over from inside a step, in the way the step allows."""
         if not items or not self.session.may_save(collection):
             return
+        variant = self._variant
+        if variant is not None and collection not in variant:
+            return  # a step variant built without this collection (the plain one takes nothing)
         try:
             traced = graph_mode() or any(is_tracer(v) for _, v in items)
-            if not traced and not self.session.saving(collection):
+            if variant is None and not traced and not self.session.saving(collection):
                 return  # a step run eagerly that does not save this collection: nothing to check or copy
             items = self._capturable(items)
             if not items:
                 return
+            if variant is not None:
+                if trace_level() == self._step_level:
+                    for slot, value in items:  # an extra output of the step
+                        self._extras[self._extra_key(collection, slot)] = as_output(value)
+                    return
+                for slot, _ in items:  # this later value (read before the extras) must win
+                    self._extras.pop(self._extra_key(collection, slot), None)
             slots = [s for s, _ in items]
             tensors = [v for _, v in items]
             if graph_mode():
                 if self._graph is not None:
                     self._graph.tap(collection, items)
             elif traced:
+                self._callbacks_traced = True
                 deliver = functools.partial(self._deliver, collection, slots)
                 if self._jax_flags is None:  # a step fed without flags: hand over every time
                     jax.debug.callback(deliver, tensors)
@@ -671,10 +758,34 @@ class Callback(keras.callbacks.Callback):
         except Exception as exc:
             self.hook.fail(exc, f"cannot capture {collection} ({items[0][0].label()}, ...)")
 
+    def _extra_key(self, collection: str, slot: Slot) -> str:
+        """The key of ``slot`` among a step's extra outputs (one per slot and collection, for the callback's life)."""
+        key = self._extra_keys.get((collection, slot))
+        if key is None:
+            key = self._extra_keys[(collection, slot)] = str(len(self._extra_keys))
+            self._extra_slots[key] = (collection, slot)
+        return key
+
     def _deliver(self, collection: str, slots: list[Slot], values: list[Any]) -> None:
         """Keep values handed over in a step until it ends (JAX callbacks arrive on another thread)."""
         if self._accepting and self.session.is_open and self.session.saving(collection):
             self._arrived.append((collection, slots, values))
+
+
+def _variants_serve(model: Any, kind: str) -> bool:
+    """Whether Keras's ``make_<kind>_function`` of ``model`` can be built as :class:`StepVariants`.
+
+    Only a compiled step (TensorFlow's ``tf.function``, JAX's jit) gains from them;
+    ``predict`` with ``steps_per_execution > 1`` concatenates its outputs and a
+    TensorFlow strategy of several replicas reduces them (extras included).
+    """
+    if kind == "predict" and model.steps_per_execution > 1:
+        return False
+    if BACKEND == "tensorflow":
+        return not model.run_eagerly and model.distribute_strategy.num_replicas_in_sync == 1
+    if BACKEND == "jax":
+        return not model.run_eagerly and bool(model.jit_compile)
+    return False
 
 
 def _optimizers_of(model: Any) -> list[Any]:

@@ -40,10 +40,14 @@ elif BACKEND == "torch":
 
 
 def to_numpy(value: Any) -> np.ndarray:
-    """A host array of a backend tensor (through the framework's own conversion)."""
+    """A host array of a backend tensor (through the framework's own conversion).
+
+    It may share memory with the tensor and be read-only (a TensorFlow tensor's
+    ``numpy()`` copies, ``numpy.asarray`` of it does not): copy it to keep it.
+    """
     if BACKEND == "torch" and isinstance(value, torch.Tensor):
         return value.detach().cpu().numpy()
-    if BACKEND == "tensorflow" and isinstance(value, (tf.Tensor, tf.Variable)):
+    if BACKEND == "tensorflow" and isinstance(value, tf.Variable):
         return np.asarray(value.numpy())
     return np.asarray(value)
 
@@ -71,6 +75,31 @@ def is_tracer(value: Any) -> bool:
 def graph_mode() -> bool:
     """Whether TensorFlow is tracing a graph (``tf.function``) right now."""
     return BACKEND == "tensorflow" and not tf.executing_eagerly()
+
+
+def trace_level() -> Any:
+    """Where tensors are being computed now: the TensorFlow graph being traced, the JAX trace; None if eager.
+
+    Compared for equality: a value tapped at the level of the step's own trace can be
+    returned from the step; one of a nested ``while``/``cond`` body graph or of a
+    ``jax.value_and_grad`` inside the jit cannot.
+    """
+    if BACKEND == "tensorflow":
+        return None if tf.executing_eagerly() else tf.compat.v1.get_default_graph()
+    if BACKEND == "jax":
+        try:
+            from jax._src.core import get_opaque_trace_state
+        except ImportError:  # pragma: no cover - a JAX without it: no value counts as the step's own
+            return object()
+        return get_opaque_trace_state()
+    return None
+
+
+def as_output(value: Any) -> Any:
+    """``value`` as an output of a compiled step (a TensorFlow variable as its tensor)."""
+    if BACKEND == "tensorflow":
+        return tf.convert_to_tensor(value)
+    return value
 
 
 def is_tensor(value: Any) -> bool:
