@@ -315,3 +315,47 @@ def test_conjugate_and_negated_views_are_captured_and_binned(tmp_path: Path, ops
         for name, want in seen[step].items():
             np.testing.assert_array_equal(trial.tensor(name).value(step), want, err_msg=name)
     _assert_histograms_are_the_rule_on_raw(trial, STEPS)
+
+
+@OPS
+def test_float16_gradscaler_skipped_step_fixes_the_bins_at_the_first_finite_gradients(
+    tmp_path: Path, ops_class: type[RecordingOps], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The first scale overflows (every gradient Inf/NaN, the step skipped): no histogram there, one warning per
+    gradient, bins fixed from the next step's gradients; the raw values of every step are kept."""
+    model = nn.Linear(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127, backoff_factor=2.0**-120)
+    hook = _capture(model, tmp_path, ops_class, ["gradients", "outputs"], optimizer=opt)
+    gen = torch.Generator().manual_seed(8)
+    grads = []
+    for _ in range(STEPS):
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16):
+            out = model(torch.randn(8, 4, generator=gen))
+        scaler.scale(out.float().pow(2).mean()).backward()
+        scaler.step(opt)
+        grads.append(model.weight.grad.numpy().copy())
+        scaler.update()
+    hook.close()
+    assert not np.isfinite(grads[0]).any() and np.isfinite(grads[1]).all()
+    warned = [r.getMessage() for r in caplog.records if r.name == "tensortap"]
+    assert sorted(warned) == sorted(
+        f"tensortap: no histogram of 'gradients/{p}' at step 0: no finite value to fix its bins from "
+        "(they are fixed at its first step that has one)"
+        for p in ("weight", "bias")
+    )
+    trial = tensortap.create_trial(tmp_path)
+    t = trial.tensor("gradients/weight")
+    assert t.steps() == list(range(STEPS))
+    np.testing.assert_array_equal(t.value(0), grads[0])
+    with pytest.raises(tensortap.exceptions.TensorUnavailableForStep, match="no finite value"):
+        t.histogram_value(0)
+    edges = numpy_rule_edges(grads[1], BINS)
+    assert edges is not None
+    for step in range(1, STEPS):
+        np.testing.assert_array_equal(t.value(step), grads[step])
+        hist = t.histogram_value(step)
+        np.testing.assert_array_equal(hist.edges, edges)
+        np.testing.assert_array_equal(hist.counts, numpy_histogram_rule(grads[step], edges))
+    assert trial.tensor("outputs/Linear").summary()["dtype"] == "float16"  # NumPy has it: stored as is
