@@ -128,3 +128,33 @@ def test_keras_int_ids_embedding_and_a_multi_output_model_raw_and_histograms_in_
             hist = t.histogram_value(step)
             np.testing.assert_array_equal(hist.edges, edges, err_msg=f"{name} {step}")
             np.testing.assert_array_equal(hist.counts, numpy_histogram_rule(t.value(step), edges), f"{name} {step}")
+
+
+def test_keras_gradients_are_captured_before_the_optimizers_own_clipping(tmp_path: Path) -> None:
+    """``global_clipnorm`` clips inside ``optimizer.apply``, after the callback took the gradients: the ones saved
+    (raw and histogram) are the model's, and Keras's update is them scaled down to the clip norm."""
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((16, 5)).astype("float32"), rng.standard_normal((16, 1)).astype("float32")
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(1, name="d")])
+    lr, clip = 1.0, 0.05  # an update large enough for float32 weights to show it to ~1e-6
+    model.compile(optimizer=keras.optimizers.SGD(lr, global_clipnorm=clip), loss="mse")
+    before = [np.array(w) for w in model.get_weights()]
+    cb = ttk.Callback(
+        tmp_path, save_config=SaveConfig(save_interval=1), include_collections=["gradients"],
+        collection_configs={"gradients": Collection("gradients", reduction_config=RAW_AND_HISTOGRAM)},
+    )  # fmt: skip
+    model.fit(x, y, batch_size=16, epochs=1, callbacks=[cb], verbose=0)  # one step
+    after = [np.array(w) for w in model.get_weights()]
+    trial = tensortap.create_trial(tmp_path)
+    grads = [trial.tensor(f"gradients/d/{n}").value(0).astype(np.float64) for n in ("kernel", "bias")]
+    norm = np.sqrt(sum(float(np.sum(g * g)) for g in grads))
+    assert norm > 10 * clip  # unclipped
+    for g, w0, w1 in zip(grads, before, after, strict=True):
+        np.testing.assert_allclose((w0 - w1) / lr, g * (clip / norm), rtol=1e-4, atol=1e-6)
+    for name in ("gradients/d/kernel", "gradients/d/bias"):
+        t = trial.tensor(name)
+        edges = numpy_rule_edges(t.value(0), BINS)
+        assert edges is not None
+        hist = t.histogram_value(0)
+        np.testing.assert_array_equal(hist.edges, edges)
+        np.testing.assert_array_equal(hist.counts, numpy_histogram_rule(t.value(0), edges))
