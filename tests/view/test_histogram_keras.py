@@ -1,4 +1,4 @@
-"""The histogram reduction through the Keras callback (binned with NumPy from the host copy)."""
+"""The histogram reduction through the Keras callback on real fits: each histogram against the raw value and Keras."""
 
 from __future__ import annotations
 
