@@ -91,8 +91,10 @@ def numpy_histogram_rule(array: np.ndarray, edges: np.ndarray) -> np.ndarray:
 
 
 def numpy_rule_edges(array: np.ndarray, bins: int) -> np.ndarray | None:
-    """The edges the rule fixes from a tensor: ``bins`` equal bins over its finite range (None if it has none)."""
-    a = np.asarray(array).astype(np.float64).ravel()
+    """The edges the rule fixes from a tensor: ``bins`` equal bins over its finite range (None if it has none);
+    the range of the magnitudes for a complex tensor."""
+    a = np.asarray(array)
+    a = (np.abs(a) if a.dtype.kind == "c" else a).astype(np.float64).ravel()
     finite = a[np.isfinite(a)]
     if finite.size == 0:
         return None

@@ -22,6 +22,15 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def _plain(value: torch.Tensor) -> torch.Tensor:
+    """``value`` detached, dense, its lazy conjugate or negation applied (``x.conj()`` of a complex
+    tensor, ``torch._neg_view``): ``numpy()`` refuses those bits; resolving costs nothing without them."""
+    t = value.detach()
+    if t.layout != torch.strided:
+        t = t.to_dense()
+    return t.resolve_conj().resolve_neg()
+
+
 class TorchOps(core.TensorOps):
     """Reductions and histograms on the tensor's device (one host transfer); raw values as host arrays."""
 
@@ -41,9 +50,7 @@ class TorchOps(core.TensorOps):
         :class:`tensortap.reductions.BinBounds`, so the counts equal the NumPy ones."""
         if not isinstance(value, torch.Tensor):
             return super().histogram(value, edges, bins, defer)
-        t = value.detach()
-        if t.layout != torch.strided:
-            t = t.to_dense()
+        t = _plain(value)
         if t.dtype in _WIDEN:
             t = t.to(_WIDEN[t.dtype])
         work = red.bin_dtype(_dtype_name(t.dtype))
@@ -73,9 +80,7 @@ class TorchOps(core.TensorOps):
     ) -> tuple[np.ndarray | None, dict[str, float], str | None]:
         if not isinstance(value, torch.Tensor):
             return super().prepare(value, keys, raw)
-        t = value.detach()
-        if t.layout != torch.strided:
-            t = t.to_dense()
+        t = _plain(value)
         orig = None
         if t.dtype in _WIDEN:
             orig = _dtype_name(t.dtype)
