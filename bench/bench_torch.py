@@ -39,7 +39,7 @@ BASIC = ("weights", "biases", "gradients", "losses")
 FLOOR = "floor: a step's weights and gradients written and fsynced, no training"
 SMDEBUG_PYTHON = os.environ.get("TENSORTAP_SMDEBUG_PYTHON")  # smdebug's own environment, if there is one
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SYNC_EVERY = 30  # steps: about one default shard (half of ShardPolicy.max_bytes) of this model
+SYNC_EVERY = 20  # steps: about one default shard (a third of ShardPolicy.max_bytes) of this model
 # (arm, save interval, collections)
 CASES: list[tuple[str, int, Sequence[str]]] = [
     ("weights+biases+gradients+losses, every step", 1, BASIC),

@@ -70,9 +70,9 @@ class ShardPolicy:
         this bounds how late a live reader sees data, and what a SIGKILL loses.
     max_bytes
         Bytes of tensor data capture holds for steps not yet published (the memory bound):
-        a shard closes at half of it, and training waits while the shard before is still
-        being published, so the shard being built and the one being published together
-        never hold more.
+        a shard closes at a third of it, and training waits while the shard before is still
+        being published, so the shard being built, the one being published and the arrays
+        recycled from the one before (for the next shard) together never hold more.
     compression
         ``None`` (default), ``"gzip"`` or ``"lzf"``.
     timeout
@@ -466,8 +466,8 @@ class TrialWriter:
 
     @property
     def _shard_bytes(self) -> int:
-        """Bytes of tensor data at which a shard closes: half of ``policy.max_bytes`` (double buffering)."""
-        return max(1, self.policy.max_bytes // 2)
+        """Bytes of tensor data at which a shard closes: a third of ``policy.max_bytes`` (see :meth:`_hand_off`)."""
+        return max(1, self.policy.max_bytes // 3)
 
     @property
     def _buffer(self) -> ShardBuffer:
@@ -502,8 +502,9 @@ class TrialWriter:
 
     def _hand_off(self, job: Callable[[], None]) -> None:
         """Submit the job that publishes a full shard, then wait until the shards before it are
-        published: one shard is published while the next is built (double buffering), which
-        bounds the memory of unpublished steps by ``policy.max_bytes``."""
+        published: one shard is published while the next is built (double buffering). With the
+        arrays of the shard before, recycled for the next one, capture holds three shards of a
+        third of ``policy.max_bytes`` at most."""
         self._submit(job)
         self._wait_for(self._pending[:-1])
 
