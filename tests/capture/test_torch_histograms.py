@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,13 +42,28 @@ class DeviceBinnedOps(RecordingOps):
     host_binned = frozenset()
 
 
-@pytest.mark.parametrize("ops_class", [RecordingOps, DeviceBinnedOps], ids=["cpu-view", "device-kernel"])
+OPS = pytest.mark.parametrize("ops_class", [RecordingOps, DeviceBinnedOps], ids=["cpu-view", "device-kernel"])
+
+
+def _classifier() -> tuple[nn.Module, torch.optim.Optimizer]:
+    """A small classifier (the same initial weights every time) and its SGD optimizer."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+    return model, torch.optim.SGD(model.parameters(), lr=0.5)
+
+
+def _batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``STEPS`` batches of inputs and class labels for :func:`_classifier`, the same every time."""
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(STEPS):
+        yield torch.randn(8, 6, generator=gen), torch.randint(0, 3, (8,), generator=gen)
+
+
+@OPS
 def test_histograms_of_weights_and_gradients_equal_the_rule_on_torch_values(
     tmp_path: Path, ops_class: type[RecordingOps]
 ) -> None:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    model, opt = _classifier()
     hist_only = ReductionConfig(histogram=BINS)
     hook = ttt.capture(
         model,
@@ -59,10 +74,8 @@ def test_histograms_of_weights_and_gradients_equal_the_rule_on_torch_values(
         collection_configs={c: Collection(c, reduction_config=hist_only) for c in ("weights", "gradients")},
     )
     hook.ops = ops = ops_class()
-    gen = torch.Generator().manual_seed(1)
     grads, weights = [], []
-    for _ in range(STEPS):
-        x, y = torch.randn(8, 6, generator=gen), torch.randint(0, 3, (8,), generator=gen)
+    for x, y in _batches():
         opt.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
         grads.append(model[0].weight.grad.numpy().copy())
@@ -89,7 +102,6 @@ def test_histograms_of_weights_and_gradients_equal_the_rule_on_torch_values(
 # the raw value captured at that step, on the edges the first raw value fixes; the raw values are
 # compared with what torch itself reported (forward hooks, .grad, the parameters).
 RAW_AND_HISTOGRAM = ReductionConfig(save_raw_tensor=True, histogram=BINS)
-OPS = pytest.mark.parametrize("ops_class", [RecordingOps, DeviceBinnedOps], ids=["cpu-view", "device-kernel"])
 
 
 def _capture(model: nn.Module, path: Path, ops_class: type[RecordingOps], collections: list[str], **kw: Any) -> Any:
@@ -269,13 +281,10 @@ def test_int64_token_ids_sparse_embedding_gradients_and_recurrent_tuple_outputs(
 
 @OPS
 def test_clipped_gradients_are_histogrammed_after_clipping(tmp_path: Path, ops_class: type[RecordingOps]) -> None:
-    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    model, opt = _classifier()
     hook = _capture(model, tmp_path, ops_class, ["gradients"], optimizer=opt)
-    gen = torch.Generator().manual_seed(1)
     unclipped, clipped = [], []
-    for _ in range(STEPS):
-        x, y = torch.randn(8, 6, generator=gen), torch.randint(0, 3, (8,), generator=gen)
+    for x, y in _batches():
         opt.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
         unclipped.append(model[0].weight.grad.numpy().copy())
