@@ -170,10 +170,11 @@ class Histogram(NamedTuple):
 
 
 class PendingHistogram(NamedTuple):
-    """A histogram whose counting is left to the writer thread: a copy of the values, and the edges.
+    """A histogram whose counting is left to the writer thread (made by :func:`pending_histogram`):
+    the values, flat in their :func:`bin_dtype` and owned, and the edges.
 
-    The training thread takes the copy (a memcpy); :meth:`resolve`, when the shard is written,
-    counts exactly as :func:`histogram_counts` would have on the training thread.
+    :meth:`resolve`, when the shard is written, counts exactly as :func:`histogram_counts`
+    would have on the training thread.
     """
 
     values: np.ndarray
@@ -181,7 +182,16 @@ class PendingHistogram(NamedTuple):
 
     def resolve(self) -> Histogram:
         """The histogram, counted now."""
-        return Histogram(self.edges, histogram_counts(self.values, self.edges))
+        return Histogram(self.edges, _counts(self.values, np.asarray(self.edges, dtype=np.float64)))
+
+
+def pending_histogram(array: np.ndarray, edges: np.ndarray) -> PendingHistogram:
+    """``array`` taken for counting later on ``edges``: converted to the values it is binned on now
+    (a value that cannot be binned fails here, on the training thread, where the hook skips that
+    tensor alone), and copied unless the conversion already made a new array."""
+    a = np.asarray(array)
+    x = _binned_values(a)
+    return PendingHistogram(x.copy() if np.may_share_memory(x, a) else x, edges)
 
 
 def resolved(hist: Histogram | PendingHistogram) -> Histogram:

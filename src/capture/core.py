@@ -91,7 +91,7 @@ class TensorOps:
         if edges is None:
             return red.histogram(np.asarray(value), bins)
         if defer:
-            return red.PendingHistogram(np.array(value, copy=True), edges)
+            return red.pending_histogram(value, edges)
         return red.Histogram(edges, red.histogram_counts(np.asarray(value), edges))
 
     def prepare(
