@@ -221,11 +221,74 @@ def test_a_shard_reserves_the_rows_of_the_previous_one(monkeypatch, tmp_path: Pa
         return buf.columns["x"].data is first
 
     assert not first_array_kept(shard.ShardBuffer())  # without a hint it grows
-    assert first_array_kept(shard.ShardBuffer(rows=11))
+    assert first_array_kept(shard.ShardBuffer(rows=10))
     with Writer(tmp_path, shard_policy=ShardPolicy(max_steps=5)) as w:
         for _ in range(6):
             with w.stepping():
                 w.save("x", value)
         assert w.writer is not None
-        assert w.writer._buffer.rows == 6  # the first shard held 5 steps
+        assert w.writer._buffer.rows == 5  # the first shard held max_steps
     assert tensortap.create_trial(tmp_path).tensor("x").steps() == list(range(6))
+
+
+def test_a_shard_closed_early_does_not_shrink_the_next_ones_reservation() -> None:
+    """A shard published by time after one step is no guide to the next one's length: the next
+    reserves the rows that fit its byte budget, so it does not grow (copy every row) 1, 2, 4, ..."""
+    from tensortap.backends import shard
+
+    value = np.arange(256, dtype=np.float32)  # 1 KiB
+    first = shard.ShardBuffer(max_steps=1000, max_bytes=64 << 10)
+    first.stage(0, "x", ("c",), value, {}, None)
+    first.commit(0, 0, 0)
+    nxt = first.successor()
+    assert nxt.rows == (64 << 10) // first.nbytes + 1  # about 60 steps of a bit over 1 KiB
+    arrays = set()
+    for step in range(nxt.rows):
+        nxt.stage(step, "x", ("c",), value + step, {}, None)
+        nxt.commit(step, 0, step)
+        arrays.add(id(nxt.columns["x"].data))
+    assert len(arrays) == 1  # never grown
+
+
+def test_the_buffer_pool_hands_out_the_smallest_fit_and_drops_the_oldest_when_full() -> None:
+    from tensortap.backends.shard import BufferPool
+
+    f32 = np.dtype(np.float32)
+    big, small, a, b = (np.empty((n, 16), dtype=f32) for n in (2, 1, 1, 1))  # 128, 64, 64 and 64 bytes
+    pool = BufferPool(max_bytes=256)
+    pool.put(big)
+    pool.put(small)
+    assert pool.get(f32, (16,), 1) is small  # not big, which a longer shard can use
+    pool.put(small)
+    pool.put(a)
+    pool.put(b)  # full: the oldest (big) goes to make room
+    got = [pool.get(f32, (16,), 1) for _ in range(4)]
+    assert [any(g is x for g in got) for x in (big, small, a, b)] == [False, True, True, True]
+
+
+def test_a_local_shard_is_written_out_while_it_is_built_and_reads_back(monkeypatch, tmp_path: Path) -> None:
+    """Local shards start their disk write every few MB (``sync_file_range``, on Linux); the values
+    read back the same and no file descriptor is left open."""
+    import os
+
+    from tensortap.backends import shard
+
+    starts: list[int] = []
+    real = shard._START_WRITEBACK
+    if real is not None:
+        monkeypatch.setattr(shard, "_START_WRITEBACK", lambda fd: starts.append(real(fd)))  # type: ignore[arg-type]
+    values = [np.random.default_rng(i).standard_normal(1 << 20, dtype=np.float32) for i in range(12)]  # 4 MiB each
+    with Writer(tmp_path / "first") as w, w.stepping():  # the writer thread's own files are open from here on
+        w.save("w", values[0])
+    fds = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+    with Writer(tmp_path) as w:
+        for v in values:
+            with w.stepping():
+                w.save("w", v)
+    if fds is not None:
+        assert len(os.listdir("/proc/self/fd")) == fds
+    if real is not None:
+        assert starts and set(starts) == {0}  # called, and the kernel took it
+    t = tensortap.create_trial(tmp_path).tensor("w")
+    for step, v in enumerate(values):
+        assert_identical(t.value(step), v)

@@ -161,6 +161,10 @@ class Storage(abc.ABC):
     def makedirs(self) -> None:
         """Create the root if needed; raise OSError (e.g. PermissionError) if it cannot be written."""
 
+    publishes_in_place = False
+    """Whether :meth:`publish_file` renames a file built in :meth:`staging_dir` rather than copying it
+    (the writer then starts writing a shard to disk while it builds it)."""
+
     def staging_dir(self) -> str:
         """Return a local directory in which the writer builds files before publishing them."""
         return tempfile.gettempdir()
@@ -349,6 +353,8 @@ class LocalStorage(Storage):
         self.root.mkdir(parents=True, exist_ok=True)
         if not os.access(self.root, os.W_OK | os.X_OK):
             raise PermissionError(f"cannot write to {self.root}")
+
+    publishes_in_place = True
 
     def staging_dir(self) -> str:
         return str(self.root)

@@ -486,11 +486,7 @@ class TrialWriter:
         """
         buffer = self._buffer
         if buffer:
-            self._buffers.append(
-                buffer.detach_staged()
-                if buffer.staging
-                else ShardBuffer(self.policy.max_steps, self._shard_bytes, len(buffer) + 1)
-            )
+            self._buffers.append(buffer.detach_staged() if buffer.staging else buffer.successor())
         return self._publish_handed_off if len(self._buffers) > 1 else None
 
     def _publish_handed_off(self) -> None:
@@ -535,7 +531,9 @@ class TrialWriter:
             fd, tmp = tempfile.mkstemp(prefix=f".{seq:010d}.", suffix=".h5.tmp", dir=staging)
             os.close(fd)
             try:
-                record = write_shard(tmp, self.worker, seq, buffer, key, self.policy.compression)
+                record = write_shard(
+                    tmp, self.worker, seq, buffer, key, self.policy.compression, self.storage.publishes_in_place
+                )
                 buffer.release()
                 self.storage.publish_file(tmp, key)
             finally:
