@@ -37,14 +37,17 @@ def install_all(session: nox.Session) -> None:
     )
 
 
+KERAS_TESTS = ["tests/capture/test_keras.py", "tests/view/test_histogram_keras.py"]  # rerun on every backend
+
+
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
-    """Run the whole test suite, then the Keras tests on the torch and JAX backends."""
+    """Run the whole test suite, then the Keras tests (capture, histograms) on the torch and JAX backends."""
     install_all(session)
     session.run("pytest", *session.posargs)
     if not session.posargs:
         for backend in ("torch", "jax"):
-            session.run("pytest", "tests/capture/test_keras.py", env={"KERAS_BACKEND": backend})
+            session.run("pytest", *KERAS_TESTS, env={"KERAS_BACKEND": backend})
 
 
 @nox.session(python=PYTHON)
