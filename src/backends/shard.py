@@ -773,9 +773,12 @@ class ShardReader:
         except KeyError:  # absent
             return None
         dt = attr.dtype
-        text = h5py.check_string_dtype(dt)
-        variable = text is not None and text.length is None
-        if (self.version >= 2 or "S" not in kinds) if variable else (dt.kind not in kinds or dt.subdtype is not None):
+        if dt.kind == "O":  # variable length: text (in version 1, as it stored text) or references
+            text = h5py.check_string_dtype(dt)
+            allowed = text is not None and self.version < 2 and "S" in kinds
+        else:
+            allowed = dt.kind in kinds and dt.subdtype is None
+        if not allowed:
             raise ShardError(f"{self.path}: attribute {name!r} of {node.where} has type {dt}, not as the format says")
         if attr.shape != ():  # checked first: h5py reads as many values as the file holds into the array given
             raise ShardError(f"{self.path}: attribute {name!r} of {node.where} is not a single value")
@@ -833,7 +836,8 @@ class ShardReader:
         if node is None:
             raise ShardError(f"{where} is missing")
         ds = node.id
-        dt = ds.dtype
+        stored_type = ds.get_type()
+        dt = stored_type.dtype
         if dt.kind not in kinds or dt.fields is not None or dt.subdtype is not None or h5py.check_enum_dtype(dt):
             raise ShardError(f"{where} has type {dt}, which is not allowed here (only numeric values)")
         shape = ds.shape
@@ -861,7 +865,7 @@ class ShardReader:
             if layout == h5py.h5d.CONTIGUOUS:
                 start = ds.get_offset()
                 ok = stored == declared and start is not None and 0 <= start and start + declared <= self._size
-                if ok and not filters and dt.kind in DIRECT_KINDS and ds.get_type() == _memory_type(dt):
+                if ok and not filters and dt.kind in DIRECT_KINDS and stored_type == _memory_type(dt):
                     offset = start
             elif layout == h5py.h5d.CHUNKED:
                 chunks = dcpl.get_chunk()
