@@ -383,7 +383,7 @@ def test_an_attribute_of_many_values_is_refused_unread(obj: str, name: str, why:
     refused(tmp_path, why)
 
 
-def test_a_shard_open_in_h5py_meanwhile_still_reads(tmp_path: Path) -> None:
+def test_a_shard_open_elsewhere_meanwhile_still_reads(tmp_path: Path) -> None:
     write(tmp_path)
     with tensortap.create_trial(tmp_path) as trial:
         with h5py.File(tmp_path / SHARD, "r") as f:  # the same file, opened by h5py's defaults while the trial has it
@@ -392,6 +392,12 @@ def test_a_shard_open_in_h5py_meanwhile_still_reads(tmp_path: Path) -> None:
     with h5py.File(tmp_path / SHARD, "r") as f, tensortap.create_trial(tmp_path) as trial:
         np.testing.assert_array_equal(trial.tensor("dense/kernel").values()[0], kernel(0))
         np.testing.assert_array_equal(f["tensors/0/data"][0], kernel(0))
+    first, second = tensortap.create_trial(tmp_path), tensortap.create_trial(tmp_path)  # HDF5 shares the open file
+    np.testing.assert_array_equal(first.tensor("dense/kernel").value(0), kernel(0))
+    np.testing.assert_array_equal(second.tensor("dense/kernel").value(0), kernel(0))
+    first.close()
+    np.testing.assert_array_equal(second.tensor("dense/kernel").value(1), kernel(1))
+    second.close()
 
 
 def test_a_truncated_shard_is_refused_before_hdf5_opens_it(tmp_path: Path) -> None:
