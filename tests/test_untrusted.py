@@ -15,13 +15,14 @@ from typing import Any
 import h5py
 import numpy as np
 import pytest
+from helpers.hdf5_bytes import move_contiguous_data
 from helpers.trials import logged_warnings
 
 import tensortap
 from tensortap import TensorUnavailableForStep
 from tensortap.backends import NotInTrial, get_storage
 from tensortap.backends.shard import FORMAT_1 as FORMAT_1_VETTER
-from tensortap.backends.shard import ShardError, ShardReader
+from tensortap.backends.shard import ShardError, ShardReader, crc32
 from tensortap.capture import ShardPolicy, Writer
 from tensortap.cli import main
 from tensortap.trial.check import find_problems
@@ -285,6 +286,118 @@ def test_a_flipped_value_is_never_returned(tmp_path: Path) -> None:
             trial.tensor("dense/kernel").value(1)
     assert any("does not match its checksum" in w for w in warned), warned
     assert any("does not match its checksum" in p for p in find_problems(str(tmp_path)))
+
+
+def test_a_flipped_value_fails_the_whole_read_of_its_shard(tmp_path: Path) -> None:
+    write(tmp_path)
+    data = bytearray((tmp_path / SHARD).read_bytes())
+    data[value_offset(tmp_path / SHARD) + 24 + 2] ^= 0x10
+    (tmp_path / SHARD).write_bytes(bytes(data))
+    refused(tmp_path, "value 1 of tensor step 1 does not match its checksum")  # values(): one read per shard
+
+
+# ---------------------------------------------------------------- where values are read from
+def read_directly(shard: Path, name: str) -> bool:
+    """Whether the reader reads the values of ``name`` from the file's bytes (not through HDF5)."""
+    reader = ShardReader(str(shard))
+    try:
+        data = reader._values(name).data
+        return data is not None and data.offset is not None
+    finally:
+        reader.close()
+
+
+def test_values_pointed_at_other_bytes_of_the_shard_are_never_returned(tmp_path: Path) -> None:
+    write(tmp_path)
+    assert read_directly(tmp_path / SHARD, "dense/kernel")
+    move_contiguous_data(tmp_path / SHARD, "tensors/0/data", 8)  # the superblock's bytes, within the file
+    assert read_directly(tmp_path / SHARD, "dense/kernel")
+    refused(tmp_path, "value 0 of tensor step 0 does not match its checksum")
+    with logged_warnings() as warned:
+        with pytest.raises(TensorUnavailableForStep, match=SHARD):
+            tensortap.create_trial(tmp_path).tensor("dense/kernel").value(1)
+    assert len(warned) == 1 and "value 1 of tensor step 1 does not match its checksum" in warned[0], warned
+
+
+@pytest.mark.parametrize("past_the_end", [8, 1 << 40])
+def test_values_pointed_past_the_end_of_the_shard_are_refused_unread(past_the_end: int, tmp_path: Path) -> None:
+    write(tmp_path)
+    size = (tmp_path / SHARD).stat().st_size
+    move_contiguous_data(tmp_path / SHARD, "tensors/0/data", size + past_the_end - 48)  # its 48 bytes cross the end
+    refused(tmp_path, "cannot read shard")  # HDF5 refuses to open the dataset; its bytes are never read
+
+
+def rewrite_values(f: h5py.File, values: np.ndarray, **options: Any) -> None:
+    """Replace ``dense/kernel``'s values with ``values`` stored with ``options``, and their checksums."""
+    del f["tensors/0/data"], f["tensors/0/crc32"]
+    f.create_dataset("tensors/0/data", data=values, **options)
+    f.create_dataset("tensors/0/crc32", data=[crc32(v) for v in f["tensors/0/data"][()]], dtype=np.uint32)
+
+
+def compact() -> h5py.h5p.PropDCID:
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_layout(h5py.h5d.COMPACT)
+    return dcpl
+
+
+@pytest.mark.parametrize(
+    ("dtype", "options"),
+    [
+        ("<f4", {}),
+        (">f4", {}),
+        ("<f4", {"chunks": (1, 6)}),
+        ("<f4", {"chunks": (1, 3), "compression": "gzip"}),
+        ("<f4", {"dcpl": compact()}),
+        ("<f8", {}),
+    ],
+    ids=["contiguous", "big-endian", "chunked", "gzip", "compact", "float64"],
+)
+def test_every_storage_of_values_reads_the_same(dtype: str, options: dict[str, Any], tmp_path: Path) -> None:
+    write(tmp_path, steps=3)
+    stored = np.stack([kernel(s) for s in range(3)]).astype(dtype)
+    rewrite(tmp_path, lambda f: rewrite_values(f, stored, **options))
+    assert read_directly(tmp_path / SHARD, "dense/kernel") == (not options and dtype in ("<f4", "<f8", ">f4"))
+    trial = tensortap.create_trial(tmp_path)
+    tensor = trial.tensor("dense/kernel")
+    for step, value in tensor.values().items():
+        assert value.dtype == np.dtype(dtype) and value.tobytes() == stored[step].tobytes()
+    for step in range(3):
+        assert tensor.value(step).dtype == np.dtype(dtype) and tensor.value(step).tobytes() == stored[step].tobytes()
+    np.testing.assert_array_equal(trial.tensor("ragged").value(2), np.full(3, 2, dtype=np.int16))
+
+
+@pytest.mark.parametrize(
+    ("obj", "name", "why"),
+    [
+        ("/", "format_version", "attribute 'format_version' of / is not a single value"),
+        ("tensors/0/steps", "crc32", "attribute 'crc32' of /tensors/0/steps is not a single value"),
+    ],
+)
+def test_an_attribute_of_many_values_is_refused_unread(obj: str, name: str, why: str, tmp_path: Path) -> None:
+    write(tmp_path)
+
+    def many(f: h5py.File) -> None:
+        f[obj].attrs[name] = np.full(64, f[obj].attrs[name])  # read into one value's room, it would overrun it
+
+    rewrite(tmp_path, many)
+    refused(tmp_path, why)
+
+
+def test_a_shard_open_elsewhere_meanwhile_still_reads(tmp_path: Path) -> None:
+    write(tmp_path)
+    with tensortap.create_trial(tmp_path) as trial:
+        with h5py.File(tmp_path / SHARD, "r") as f:  # the same file, opened by h5py's defaults while the trial has it
+            np.testing.assert_array_equal(trial.tensor("dense/kernel").value(1), kernel(1))
+            np.testing.assert_array_equal(f["tensors/0/data"][1], kernel(1))
+    with h5py.File(tmp_path / SHARD, "r") as f, tensortap.create_trial(tmp_path) as trial:
+        np.testing.assert_array_equal(trial.tensor("dense/kernel").values()[0], kernel(0))
+        np.testing.assert_array_equal(f["tensors/0/data"][0], kernel(0))
+    first, second = tensortap.create_trial(tmp_path), tensortap.create_trial(tmp_path)  # HDF5 shares the open file
+    np.testing.assert_array_equal(first.tensor("dense/kernel").value(0), kernel(0))
+    np.testing.assert_array_equal(second.tensor("dense/kernel").value(0), kernel(0))
+    first.close()
+    np.testing.assert_array_equal(second.tensor("dense/kernel").value(1), kernel(1))
+    second.close()
 
 
 def test_a_truncated_shard_is_refused_before_hdf5_opens_it(tmp_path: Path) -> None:

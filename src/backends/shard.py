@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import ctypes
 import json
+import math
 import os
 import stat
 import sys
@@ -21,7 +22,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import wraps
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, NoReturn, ParamSpec, TypeVar
 
 import h5py
 import numpy as np
@@ -708,13 +709,52 @@ FORMAT_1 = Format1Vetter()
 atexit.register(FORMAT_1.close)
 
 
+# How a shard is opened for reading: with the sec2 driver, whose handle is a POSIX file descriptor (values
+# stored contiguously are read from it directly)
+_FAPL = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
+_FAPL.set_fapl_sec2()
+_LINK_KINDS = {h5py.h5l.TYPE_SOFT: "SoftLink", h5py.h5l.TYPE_EXTERNAL: "ExternalLink"}
+DIRECT_KINDS = "iuf"
+"""Kinds of values read from the file's bytes directly when stored contiguously as they are in memory
+(booleans and complex numbers, HDF5 enums and compounds, always go through HDF5's conversion)."""
+_MEMORY_TYPES: dict[np.dtype[Any], Any] = {}  # dtype -> its HDF5 type (h5py.h5t.py_create)
+
+
+@dataclass(frozen=True)
+class _Node:
+    """An open HDF5 group or dataset of the shard (a low-level h5py identifier) and its path, for messages."""
+
+    id: Any
+    where: str
+
+
+@dataclass(frozen=True)
+class _Dataset(_Node):
+    """A checked dataset: its type and shape, and the offset of its bytes in the file when they are
+    stored contiguously as they are in memory (read directly then), else None (read through HDF5)."""
+
+    dtype: np.dtype[Any]
+    shape: tuple[int, ...]
+    offset: int | None
+
+
+def _memory_type(dtype: np.dtype[Any]) -> Any:
+    """The HDF5 type of ``dtype`` in memory."""
+    if dtype.metadata is not None:  # h5py's special types (text, enums): equal to plain dtypes, so not cached
+        return h5py.h5t.py_create(dtype)
+    htype = _MEMORY_TYPES.get(dtype)
+    if htype is None:
+        htype = _MEMORY_TYPES[dtype] = h5py.h5t.py_create(dtype)
+    return htype
+
+
 @dataclass
 class _Values:
     """The validated layout of one tensor's raw values in a shard."""
 
     steps: np.ndarray
     row: dict[int, int]
-    data: h5py.Dataset | None = None
+    data: _Dataset | None = None
     crc: np.ndarray | None = None
     offsets: np.ndarray | None = None
     shapes: list[tuple[int, ...]] | None = None
@@ -733,6 +773,12 @@ class ShardReader:
     values and tables are checked against their CRC-32 (format version 2).
     Every failure is a :class:`ShardError` naming the file and what is wrong.
 
+    HDF5 is used through h5py's low-level API (a shard is opened for a few
+    small reads, where the high-level objects cost more than HDF5 itself), and
+    a dataset stored contiguously, unfiltered and as its values are in memory
+    is read from the file's bytes at its offset, which was checked to lie
+    within the file.
+
     Parameters
     ----------
     path
@@ -745,10 +791,19 @@ class ShardReader:
         self.path = path
         self.version = 1  # until the file says
         self._tensors: dict[int, _Values] = {}
+        self._groups: _Node | None = None  # /tensors, once opened
         self._reductions: dict[int, dict[tuple[int, str], float]] | None = None
+        self._fid: Any = None
+        self._opened: list[Any] = []  # groups and datasets opened in the file, closed with it
+        self._lock = threading.Lock()  # between direct reads and close(), which closes their descriptor
         try:
             self._size = check_hdf5_header(path, expected_bytes)
-            self._file = h5py.File(path, "r")
+            self._fid = h5py.h5f.open(os.fsencode(path), h5py.h5f.ACC_RDONLY, fapl=_FAPL)
+            self._fd: int = self._fid.get_vfd_handle()
+            if os.fstat(self._fd).st_size != self._size:
+                raise ShardError(f"{path}: changed while it was opened")
+            self._root = _Node(h5py.h5g.open(self._fid, b"/"), "/")
+            self._opened.append(self._root.id)
             self._open()
         except ShardError:
             self.close()
@@ -759,7 +814,7 @@ class ShardReader:
         self.ids = {n: i for i, n in enumerate(self.names)}
 
     def _open(self) -> None:
-        version = self._attr(self._file, "format_version", "iu")
+        version = self._attr(self._root, "format_version", "iu")
         if not isinstance(version, (int, np.integer)) or version < 1:
             raise ShardError(f"{self.path}: not a tensortap shard (format_version {version!r})")
         if version > FORMAT_VERSION:
@@ -772,104 +827,135 @@ class ShardReader:
             problem = FORMAT_1.problem(self.path, self._size)
             if problem is not None:
                 raise ShardError(problem)
-        self._check_header(self._file)
-        if self._attr(self._file, "format", "S") != SHARD_MAGIC:
+        self._check_header(self._root)
+        if self._attr(self._root, "format", "S") != SHARD_MAGIC:
             raise ShardError(f"{self.path}: not a tensortap shard (no format attribute {SHARD_MAGIC!r})")
-        names = self._json(self._dataset(self._file, "names", "u"))
+        names = self._json(self._dataset(self._root, "names", "u"))
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
             raise ShardError(f"{self.path}: /names is not a list of distinct names")
         self.names: list[str] = names
 
     def close(self) -> None:
-        """Close the file."""
-        f = getattr(self, "_file", None)
-        if f is not None:
-            f.close()
+        """Close the file (and every object opened in it)."""
+        with self._lock:
+            fid, self._fid = self._fid, None
+            opened, self._opened = self._opened, []
+            for obj in opened:
+                if obj.valid:
+                    obj.close()
+            if fid is not None:
+                fid.close()
 
     # ------------------------------------------------------------ checks
-    def _attr(self, obj: h5py.HLObject, name: str, kinds: str) -> Any:
-        """Attribute ``name`` of ``obj`` (text decoded), None if absent; its type is checked before it is read.
+    def _attr(self, node: _Node, name: str, kinds: str) -> Any:
+        """Attribute ``name`` of ``node`` (text decoded), None if absent; its type is checked before it is read.
 
         Version-2 shards store text as fixed-length strings; a variable-length
         one (kept in HDF5's global heap, which has no checksum and on which a
         corrupt file can make HDF5 loop) is refused without being read.
         """
-        if name not in obj.attrs:
+        try:
+            attr = h5py.h5a.open(node.id, name.encode())
+        except KeyError:  # absent
             return None
-        dt = obj.attrs.get_id(name).dtype
-        text = h5py.check_string_dtype(dt)
-        variable = text is not None and text.length is None
-        if variable and self.version < 2 and "S" in kinds:  # how version 1 stored text
-            return obj.attrs[name]
-        if variable or dt.kind not in kinds or dt.subdtype is not None:
-            raise ShardError(f"{self.path}: attribute {name!r} of {obj.name} has type {dt}, not as the format says")
-        value = obj.attrs[name]
-        if isinstance(value, np.ndarray) and value.shape != ():
-            raise ShardError(f"{self.path}: attribute {name!r} of {obj.name} is not a single value")
-        return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+        dt = attr.dtype
+        if dt.kind == "O":  # variable length: text (in version 1, as it stored text) or references
+            text = h5py.check_string_dtype(dt)
+            allowed = text is not None and self.version < 2 and "S" in kinds
+        else:
+            allowed = dt.kind in kinds and dt.subdtype is None
+        if not allowed:
+            raise ShardError(f"{self.path}: attribute {name!r} of {node.where} has type {dt}, not as the format says")
+        if attr.shape != ():  # checked first: h5py reads as many values as the file holds into the array given
+            raise ShardError(f"{self.path}: attribute {name!r} of {node.where} is not a single value")
+        value = np.empty((), dtype=dt)
+        attr.read(value, mtype=_memory_type(dt))  # how version 1 stored text, too (checked in a child first)
+        got = value[()]
+        return got.decode("utf-8", "replace") if isinstance(got, bytes) else got
 
-    def _child(self, group: h5py.Group, name: str, kind: type[h5py.Group] | type[h5py.Dataset]) -> Any:
-        """``group[name]`` when it is a hard link to an object of ``kind``; None if absent."""
-        link = group.get(name, getlink=True)
-        if link is None:
+    def _child(self, group: _Node, name: str, kind: type[Any]) -> Any:
+        """``group/name`` when it is a hard link to an object of ``kind`` (a low-level h5py identifier class),
+        as a :class:`_Node` whose header is checked; None if absent."""
+        key = name.encode()
+        links = group.id.links
+        if not links.exists(key):
             return None
-        where = f"{group.name.rstrip('/')}/{name}"
-        if not isinstance(link, h5py.HardLink):
-            raise ShardError(f"{self.path}: {where} is a {type(link).__name__} (nothing outside the shard is read)")
-        obj = group[name]
+        where = f"{group.where.rstrip('/')}/{name}"
+        link = links.get_info(key).type
+        if link != h5py.h5l.TYPE_HARD:
+            raise ShardError(
+                f"{self.path}: {where} is a {_LINK_KINDS.get(link, 'user-defined link')} "
+                "(nothing outside the shard is read)"
+            )
+        obj = h5py.h5o.open(group.id, key)
+        self._opened.append(obj)
         if not isinstance(obj, kind):
-            raise ShardError(f"{self.path}: {where} is not a {'group' if kind is h5py.Group else 'dataset'}")
-        self._check_header(obj)
-        return obj
+            raise ShardError(f"{self.path}: {where} is not a {'group' if kind is h5py.h5g.GroupID else 'dataset'}")
+        node = _Node(obj, where)
+        self._check_header(node)
+        return node
 
-    def _check_header(self, obj: h5py.HLObject) -> None:
+    def _check_header(self, node: _Node) -> None:
         """Format 2 is written with ``libver="v110"``: every object header is version 2, which HDF5 checksums.
         A version-1 header (no checksum, on which a corrupt file can make HDF5 loop) is refused."""
-        if self.checksums and h5py.h5o.get_info(obj.id).hdr.version != 2:
+        if self.checksums and h5py.h5o.get_info(node.id).hdr.version != 2:
             raise ShardError(
-                f"{self.path}: {obj.name} has an HDF5 object header without checksum (not written by tensortap)"
+                f"{self.path}: {node.where} has an HDF5 object header without checksum (not written by tensortap)"
             )
 
-    def _group(self, group: h5py.Group, name: str) -> h5py.Group:
-        obj = self._child(group, name, h5py.Group)
-        if obj is None:
-            raise ShardError(f"{self.path}: {group.name.rstrip('/')}/{name} is missing")
-        return obj
+    def _group(self, group: _Node, name: str) -> _Node:
+        node = self._child(group, name, h5py.h5g.GroupID)
+        if node is None:
+            raise ShardError(f"{self.path}: {group.where.rstrip('/')}/{name} is missing")
+        return node
 
-    def _dataset(self, group: h5py.Group, name: str, kinds: str, ndim: int | None = 1) -> h5py.Dataset:
+    def _tensor_group(self, tid: int) -> _Node:
+        """``/tensors/<tid>``."""
+        if self._groups is None:
+            self._groups = self._group(self._root, "tensors")
+        return self._group(self._groups, str(tid))
+
+    def _dataset(self, group: _Node, name: str, kinds: str, ndim: int | None = 1) -> _Dataset:
         """The checked dataset ``group/name``: safe to read, and no larger than the file allows."""
-        ds = self._child(group, name, h5py.Dataset)
-        where = f"{self.path}: {group.name.rstrip('/')}/{name}"
-        if ds is None:
+        node = self._child(group, name, h5py.h5d.DatasetID)
+        where = f"{self.path}: {group.where.rstrip('/')}/{name}"
+        if node is None:
             raise ShardError(f"{where} is missing")
-        dt = ds.dtype
+        ds = node.id
+        stored_type = ds.get_type()
+        dt = stored_type.dtype
         if dt.kind not in kinds or dt.fields is not None or dt.subdtype is not None or h5py.check_enum_dtype(dt):
             raise ShardError(f"{where} has type {dt}, which is not allowed here (only numeric values)")
-        if ndim is not None and ds.ndim != ndim:
-            raise ShardError(f"{where} has {ds.ndim} dimensions, expected {ndim}")
-        dcpl = ds.id.get_create_plist()
+        shape = ds.shape
+        if shape is None:
+            raise ShardError(f"{where} has an empty dataspace (no values)")
+        if ndim is not None and len(shape) != ndim:
+            raise ShardError(f"{where} has {len(shape)} dimensions, expected {ndim}")
+        dcpl = ds.get_create_plist()
         layout = dcpl.get_layout()
         if layout == h5py.h5d.VIRTUAL:
             raise ShardError(f"{where} is a virtual dataset (data from other files is never read)")
         if dcpl.get_external_count():
             raise ShardError(f"{where} has external raw storage (data from other files is never read)")
         expansion = 1
-        for i in range(dcpl.get_nfilters()):
+        filters = dcpl.get_nfilters()
+        for i in range(filters):
             code = dcpl.get_filter(i)[0]
             if code not in FILTER_EXPANSION:
                 raise ShardError(f"{where} uses HDF5 filter {code}, which tensortap does not write")
             expansion = max(expansion, FILTER_EXPANSION[code])
-        declared = int(np.prod(ds.shape, dtype=object)) * dt.itemsize
+        declared = math.prod(shape) * dt.itemsize
+        offset = None
         if declared:
-            stored = ds.id.get_storage_size()
+            stored = ds.get_storage_size()
             if layout == h5py.h5d.CONTIGUOUS:
-                offset = ds.id.get_offset()
-                ok = stored == declared and offset is not None and offset + declared <= self._size
+                start = ds.get_offset()
+                ok = stored == declared and start is not None and 0 <= start and start + declared <= self._size
+                if ok and not filters and dt.kind in DIRECT_KINDS and stored_type == _memory_type(dt):
+                    offset = start
             elif layout == h5py.h5d.CHUNKED:
                 chunks = dcpl.get_chunk()
-                ok = declared <= stored * expansion and all(
-                    c <= max(d, 1) for c, d in zip(chunks, ds.shape, strict=True)
-                )
+                ok = declared <= stored * expansion and all(c <= max(d, 1) for c, d in zip(chunks, shape, strict=True))
             else:  # compact: stored in the object header, at most 64 KiB
                 ok = declared <= 65536
             if not ok:
@@ -879,27 +965,68 @@ class ShardReader:
                     f"{where} declares {declared} bytes of compressed values, more than one read may allocate "
                     f"({limit} bytes; set the environment variable {MAX_READ_ENV} to raise it)"
                 )
-        return ds
+        return _Dataset(ds, node.where, dt, shape, offset)
 
-    def _verified(self, ds: h5py.Dataset) -> np.ndarray:
+    def _read(self, ds: _Dataset, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """Rows ``rows[0]:rows[1]`` (of the first dimension) of the checked dataset ``ds``, or all of it."""
+        shape = ds.shape if rows is None else (rows[1] - rows[0], *ds.shape[1:])
+        out = np.empty(shape, dtype=ds.dtype)
+        if not out.size:
+            return out
+        if ds.offset is None:
+            if rows is None:
+                ds.id.read(h5py.h5s.ALL, h5py.h5s.ALL, out)
+            else:
+                space = ds.id.get_space()
+                space.select_hyperslab((rows[0], *(0 for _ in shape[1:])), shape)
+                ds.id.read(h5py.h5s.create_simple(shape), space, out)
+            return out
+        # within the file (checked by _dataset): at most the rest of the file is read
+        start = ds.offset + (0 if rows is None else rows[0] * (out.nbytes // shape[0]))
+        view = out.reshape(-1).view(np.uint8).data
+        done = 0
+        with self._lock:
+            if self._fid is None:
+                raise ShardError(f"{self.path}: the shard was closed")
+            while done < len(view):
+                got = os.preadv(self._fd, [view[done:]], start + done)
+                if not got:
+                    raise ShardError(f"{self.path}: {ds.where} ends past the end of the file (it changed)")
+                done += got
+        return out
+
+    def _verified(self, ds: _Dataset) -> np.ndarray:
         """All of the (checked) dataset ``ds``, verified against its ``crc32`` attribute."""
-        arr = np.asarray(ds[()])
+        arr = self._read(ds)
         if self.checksums:
             expected = self._attr(ds, "crc32", "u")
             if expected is None or int(expected) != crc32(arr):
-                raise ShardError(f"{self.path}: {ds.name} does not match its checksum (corrupt file)")
+                raise ShardError(f"{self.path}: {ds.where} does not match its checksum (corrupt file)")
         return arr
 
-    def _json(self, ds: h5py.Dataset) -> Any:
+    def _json(self, ds: _Dataset) -> Any:
         try:
             return json.loads(self._verified(ds).tobytes().decode("utf-8"))
         except (ValueError, RecursionError) as exc:
-            raise ShardError(f"{self.path}: {ds.name} is not UTF-8 JSON ({exc})") from None
+            raise ShardError(f"{self.path}: {ds.where} is not UTF-8 JSON ({exc})") from None
 
     def _check_row(self, t: _Values, i: int, value: np.ndarray) -> np.ndarray:
         if t.crc is not None and int(t.crc[i]) != crc32(value):
-            raise ShardError(f"{self.path}: value {i} of tensor step {int(t.steps[i])} does not match its checksum")
+            self._row_error(t, i)
         return value
+
+    def _check_rows(self, t: _Values, data: np.ndarray) -> None:
+        """Verify each row of ``data``, all the values of ``t`` in the fixed layout (as :meth:`_read` returns it)."""
+        if t.crc is None or not len(data):
+            return
+        size = data.nbytes // len(data)
+        raw = data.reshape(-1).view(np.uint8).data
+        for i, expected in enumerate(t.crc.tolist()):
+            if _crc32(raw[i * size : (i + 1) * size]) != expected:
+                self._row_error(t, i)
+
+    def _row_error(self, t: _Values, i: int) -> NoReturn:
+        raise ShardError(f"{self.path}: value {i} of tensor step {int(t.steps[i])} does not match its checksum")
 
     # ------------------------------------------------------------ tensors
     def _values(self, name: str) -> _Values:
@@ -912,9 +1039,9 @@ class ShardReader:
         return t
 
     def _load(self, tid: int) -> _Values:
-        g = self._group(self._group(self._file, "tensors"), str(tid))
-        where = f"{self.path}: {g.name}"
-        if g.get("data", getlink=True) is None:
+        g = self._tensor_group(tid)
+        where = f"{self.path}: {g.where}"
+        if not g.id.links.exists(b"data"):
             return _NO_VALUES
         steps = self._verified(self._dataset(g, "steps", INTEGER_KINDS)).astype(np.int64)
         row = {int(s): i for i, s in enumerate(steps)}
@@ -923,13 +1050,13 @@ class ShardReader:
         k = len(steps)
         t = _Values(steps, row)
         if self.checksums:
-            t.crc = np.asarray(self._dataset(g, "crc32", "u")[()])
+            t.crc = self._read(self._dataset(g, "crc32", "u"))
             if t.crc.shape != (k,):
                 raise ShardError(f"{where}/crc32 has {len(t.crc)} checksums for {k} values")
         layout = self._attr(g, "layout", "S")
         if layout == "fixed":
             t.data = self._dataset(g, "data", VALUE_KINDS, ndim=None)
-            if t.data.ndim < 1 or t.data.shape[0] != k:
+            if not t.data.shape or t.data.shape[0] != k:
                 raise ShardError(f"{where}/data holds {t.data.shape[:1]} values for {k} steps")
         elif layout == "ragged":
             t.data = self._dataset(g, "data", VALUE_KINDS)
@@ -967,10 +1094,10 @@ class ShardReader:
         t = self._values(name)
         if t.data is None:
             return {}
-        data = np.asarray(t.data[()])
+        data = self._read(t.data)
         if t.offsets is None:
-            rows = [data[i : i + 1] for i in range(len(t.steps))]
-            out = {int(s): self._check_row(t, i, rows[i])[0, ...] for i, s in enumerate(t.steps)}
+            self._check_rows(t, data)
+            out = {s: data[i, ...] for i, s in enumerate(t.steps.tolist())}
         else:
             assert t.shapes is not None
             out = {
@@ -986,10 +1113,8 @@ class ShardReader:
         t = self._values(name)
         if t.data is None or t.offsets is not None:
             return None
-        data = np.asarray(t.data[()])
-        if t.crc is not None:
-            for i in range(len(t.steps)):
-                self._check_row(t, i, data[i : i + 1])
+        data = self._read(t.data)
+        self._check_rows(t, data)
         return t.steps, data
 
     @_shard_errors
@@ -1000,9 +1125,10 @@ class ShardReader:
         if i is None or t.data is None:
             return None
         if t.offsets is None:
-            return self._check_row(t, i, np.asarray(t.data[i : i + 1]))[0, ...]
+            return self._check_row(t, i, self._read(t.data, (i, i + 1)))[0, ...]
         assert t.shapes is not None
-        return self._check_row(t, i, np.asarray(t.data[t.offsets[i] : t.offsets[i + 1]])).reshape(t.shapes[i])
+        value = self._read(t.data, (int(t.offsets[i]), int(t.offsets[i + 1])))
+        return self._check_row(t, i, value).reshape(t.shapes[i])
 
     @_shard_errors
     def histograms(self, name: str) -> dict[int, Histogram]:
@@ -1010,22 +1136,21 @@ class ShardReader:
         tid = self.ids.get(name)
         if tid is None:
             raise ShardError(f"{self.path}: holds no tensor {name!r}")
-        g = self._group(self._group(self._file, "tensors"), str(tid))
-        hg = self._child(g, "histogram", h5py.Group)
+        hg = self._child(self._tensor_group(tid), "histogram", h5py.h5g.GroupID)
         if hg is None:
             return {}
         steps = self._verified(self._dataset(hg, "steps", INTEGER_KINDS))
         edges = self._verified(self._dataset(hg, "edges", "f", ndim=2))
         counts = self._verified(self._dataset(hg, "counts", INTEGER_KINDS, ndim=2))
         if not (len(steps) == len(edges) == len(counts)) or edges.shape[1] != counts.shape[1] + 1:
-            raise ShardError(f"{self.path}: {hg.name}: steps, edges and counts do not agree")
+            raise ShardError(f"{self.path}: {hg.where}: steps, edges and counts do not agree")
         return {int(s): Histogram(edges[i], counts[i]) for i, s in enumerate(steps)}
 
     @_shard_errors
     def wall_times(self) -> dict[int, float]:
         """``{global step: time.time() when it was committed}`` (empty for shards written without it)."""
-        sg = self._group(self._file, "steps")
-        if self._child(sg, "wall_time", h5py.Dataset) is None:
+        sg = self._group(self._root, "steps")
+        if self._child(sg, "wall_time", h5py.h5d.DatasetID) is None:
             return {}
         times = self._verified(self._dataset(sg, "wall_time", "f"))
         steps = self.steps_table()[:, 0]
@@ -1044,7 +1169,7 @@ class ShardReader:
         return self._reductions.get(tid, {})
 
     def _reduction_table(self) -> dict[int, dict[tuple[int, str], float]]:
-        rg = self._group(self._file, "reductions")
+        rg = self._group(self._root, "reductions")
         try:
             kinds = json.loads(self._attr(rg, "kinds", "S"))
         except (TypeError, ValueError, RecursionError):
@@ -1068,7 +1193,7 @@ class ShardReader:
     @_shard_errors
     def steps_table(self) -> np.ndarray:
         """``[step, mode, mode_step]`` of every step in the shard, from ``/steps``."""
-        sg = self._group(self._file, "steps")
+        sg = self._group(self._root, "steps")
         cols = [self._verified(self._dataset(sg, part, INTEGER_KINDS)).astype(np.int64) for part in STEP_PARTS]
         if not len(cols[0]) == len(cols[1]) == len(cols[2]):
             raise ShardError(f"{self.path}: the datasets of /steps differ in length")
@@ -1087,13 +1212,12 @@ class ShardReader:
             "/tensors": {str(i) for i in range(len(self.names))},
         }
         for path, allowed in expected.items():
-            group = self._file if path == "/" else self._group(self._file, path[1:])
-            extra = sorted(set(group.keys()) - allowed)
+            group = self._root if path == "/" else self._group(self._root, path[1:])
+            extra = sorted(_keys(group) - allowed)
             if extra:
                 raise ShardError(f"{self.path}: {path.rstrip('/')}/{extra[0]} is not part of the format (not read)")
-        tensors = self._group(self._file, "tensors")
         for tid in range(len(self.names)):
-            extra = sorted(set(self._group(tensors, str(tid)).keys()) - TENSOR_PARTS)
+            extra = sorted(_keys(self._tensor_group(tid)) - TENSOR_PARTS)
             if extra:
                 raise ShardError(f"{self.path}: /tensors/{tid}/{extra[0]} is not part of the format (not read)")
         self.steps_table()
@@ -1102,3 +1226,8 @@ class ShardReader:
             self.values(name)
             self.reductions(name)
             self.histograms(name)
+
+
+def _keys(group: _Node) -> set[str]:
+    """The names of the links of ``group``."""
+    return {name.decode("utf-8", "surrogateescape") for name in group.id}

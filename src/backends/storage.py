@@ -232,7 +232,24 @@ class LocalStorage(Storage):
         return self.root / check_key(key) if key else self.root
 
     def _regular_file(self, key: str) -> str:
-        """The real path of ``key``, once sure it is a regular file inside the root (links may not leave it)."""
+        """The path of ``key``, once sure it is a regular file inside the root (links may not leave it).
+
+        Each part of ``key`` is looked at with ``lstat``: where none is a link, the file is inside the
+        root's folder, whatever the root is, and its path is returned; where one is, its real path is
+        returned once sure it is inside the root's.
+        """
+        here = str(self.root)
+        for part in check_key(key).split("/"):
+            here = os.path.join(here, part)
+            mode = os.lstat(here).st_mode  # FileNotFoundError if missing
+            if stat.S_ISLNK(mode):
+                return self._linked_file(key)
+        if not stat.S_ISREG(mode):
+            raise NotInTrial(f"{self.url}: {key!r} is not a regular file (a FIFO, device or folder)")
+        return here
+
+    def _linked_file(self, key: str) -> str:
+        """The real path of ``key``, a path through links, once sure it is a regular file inside the root."""
         real = os.path.realpath(self._path(key))
         root = os.path.realpath(self.root)
         if os.path.commonpath([real, root]) != root:
@@ -339,12 +356,11 @@ class LocalStorage(Storage):
         return LocalStorage(self.root / name)
 
     def local_path(self, key: str) -> str:
-        path = self._path(key)
         try:
             self._regular_file(key)
         except FileNotFoundError:
             raise FileNotFoundError(f"{self.url}: no file {key!r}") from None
-        return str(path)
+        return os.path.join(self.root, *key.split("/"))
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)

@@ -33,7 +33,8 @@ from ..modes import Mode
 logger = logging.getLogger("tensortap")
 _T = TypeVar("_T")
 _MODES = {int(m): m for m in Mode}
-_MODE_VALUES = np.array(list(_MODES), dtype=np.int64)
+_IS_MODE = np.zeros(max(_MODES) + 1, dtype=bool)  # by value
+_IS_MODE[list(_MODES)] = True
 _NO_STEPS = np.zeros(0, dtype=np.int64)
 _INT64_MIN, _INT64_MAX = int(np.iinfo(np.int64).min), int(np.iinfo(np.int64).max)
 
@@ -99,6 +100,11 @@ class ParsedRecord:
     tensors: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]  # name -> raw, reduction, histogram steps
 
 
+def _all_modes(values: np.ndarray) -> bool:
+    """Whether every one of ``values`` (integers) is a mode's value (``np.isin`` took 15% of opening a trial)."""
+    return not len(values) or bool(values.min() >= 0 and values.max() < len(_IS_MODE) and _IS_MODE[values].all())
+
+
 def parse_index_record(record: object, worker: str) -> ParsedRecord:
     """Check ``record`` as :func:`check_index_record` does and return it with its step lists as arrays."""
 
@@ -119,7 +125,7 @@ def parse_index_record(record: object, worker: str) -> ParsedRecord:
     if not layout.is_shard_key_of(record.get("shard"), worker):
         raise bad(f"'shard' {record.get('shard')!r} is not a shard of {worker} inside the trial")
     rows = _step_rows(record.get("steps"))
-    if rows is None or not np.isin(rows[:, 1], _MODE_VALUES).all():
+    if rows is None or not _all_modes(rows[:, 1]):
         raise bad("'steps' is not a list of [step, mode, mode_step]")
     order = np.argsort(rows[:, 0], kind="stable")
     steps = rows[order, 0]
