@@ -16,7 +16,6 @@ backpressure), so memory stays bounded and nothing is dropped.
 from __future__ import annotations
 
 import collections
-import logging
 import os
 import threading
 from collections.abc import Sequence
@@ -24,8 +23,6 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..reductions import PendingHistogram
-
-logger = logging.getLogger("tensortap")
 
 MAX_PENDING_BYTES = 64 << 20  # values waiting to be counted, per process
 _POOL_BYTES = MAX_PENDING_BYTES  # recycled value buffers kept for the next steps' copies
@@ -73,6 +70,12 @@ class HistogramCounter:
         """Wait until every histogram submitted so far is counted; False if ``timeout`` s passed first."""
         with self._cond:
             return self._cond.wait_for(lambda: not self._queue and self._bytes == 0, timeout)
+
+    def clear_buffers(self) -> None:
+        """Drop the recycled buffers (capture is over)."""
+        with self._cond:
+            self._free.clear()
+            self._free_bytes = 0
 
     def _run(self) -> None:
         while True:

@@ -658,6 +658,7 @@ class TrialWriter:
         self._thread.writers.discard(self)
         if not _OPEN_WRITERS:
             POOL.clear()  # keep no memory once capture is over
+            counting.COUNTER.clear_buffers()
 
 
 _OPEN_WRITERS: weakref.WeakSet[TrialWriter] = weakref.WeakSet()
