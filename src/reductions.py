@@ -419,10 +419,8 @@ def _linear_counts(
             if not (np.isfinite(w_min) and np.isfinite(w_max)):  # NaN, Inf, or a position too large for the dtype
                 counts += _sorted_counts(np.sort(xb), b)
                 continue
-            if w_min < 0.5:
-                np.maximum(wb, 0.5, out=wb)
-            if w_max > bins - 0.5:
-                np.minimum(wb, bins - 0.5, out=wb)
+            if w_min < 0.5 or w_max > bins - 0.5:  # one pass (np.maximum then np.minimum cost 2-4 times as much)
+                np.clip(wb, 0.5, bins - 0.5, out=wb)
             np.subtract(wb, np.rint(wb, out=db), out=db)
             np.less(np.abs(db, out=db), tol_x, out=nb)
             np.copyto(ib, wb, casting="unsafe")  # truncation: floor, as w > 0
