@@ -13,6 +13,7 @@ reduction that is not a number: ``(edges, counts)`` of the finite values.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -25,7 +26,7 @@ ALL_REDUCTIONS = REDUCTIONS + NORMS + HEALTH_COUNTS
 DEFAULT_BINS = 64
 MAX_BINS = 4096
 _CHUNK_BYTES = 8 << 20  # float64 bytes converted at once by compute_rows
-_LINEAR_MIN_SIZE = 1 << 19  # values from which counting by arithmetic beats sorting (bench/profiles/histogram.md)
+_LINEAR_MIN_SIZE = 1 << 18  # values from which counting by arithmetic beats sorting (bench/profiles/histogram.md)
 _BLOCK = 1 << 16  # values binned at once by _linear_counts (its buffers stay in the CPU's cache)
 
 
@@ -169,29 +170,64 @@ class Histogram(NamedTuple):
     counts: np.ndarray
 
 
-class PendingHistogram(NamedTuple):
-    """A histogram whose counting is left to the writer thread (made by :func:`pending_histogram`):
-    the values, flat in their :func:`bin_dtype` and owned, and the edges.
+#: Counts the codes of a histogram (non-negative integers below ``minlength``), as
+#: ``numpy.bincount(codes, minlength=minlength)`` does; an adapter may give a faster kernel
+#: (:attr:`tensortap.capture.TensorOps.bincount`).
+Bincount = Callable[[np.ndarray, int], np.ndarray]
 
-    :meth:`resolve`, when the shard is written, counts exactly as :func:`histogram_counts`
-    would have on the training thread.
+
+def _np_bincount(codes: np.ndarray, minlength: int) -> np.ndarray:
+    return np.bincount(codes, minlength=minlength)
+
+
+class PendingHistogram:
+    """A histogram whose values were taken at save and are counted later (made by :func:`pending_histogram`).
+
+    Holds the values, flat in their :func:`bin_dtype` and owned, until they are counted by
+    :meth:`count`: on another thread while training goes on, or by the first :meth:`resolve`,
+    whichever comes first (a lock makes it happen once). The counts are exactly those
+    :func:`histogram_counts` gives.
     """
 
-    values: np.ndarray
-    edges: np.ndarray
+    __slots__ = ("_bincount", "_counts", "_lock", "edges", "values")
+
+    def __init__(self, values: np.ndarray, edges: np.ndarray, bincount: Bincount | None = None) -> None:
+        self.values: np.ndarray | None = values  # None once counted
+        self.edges = edges
+        self._bincount = bincount
+        self._counts: np.ndarray | None = None
+        self._lock = threading.Lock()
+
+    def count(self) -> np.ndarray | None:
+        """Count the values unless that is done; return the values array, no longer held, if this call counted."""
+        with self._lock:
+            if self._counts is not None or self.values is None:
+                return None
+            values = self.values
+            self._counts = _counts(values, np.asarray(self.edges, dtype=np.float64), self._bincount)
+            self.values = None
+            return values
 
     def resolve(self) -> Histogram:
-        """The histogram, counted now."""
-        return Histogram(self.edges, _counts(self.values, np.asarray(self.edges, dtype=np.float64)))
+        """The histogram, counted now if it is not yet."""
+        self.count()
+        assert self._counts is not None
+        return Histogram(self.edges, self._counts)
 
 
-def pending_histogram(array: np.ndarray, edges: np.ndarray) -> PendingHistogram:
+def pending_histogram(
+    array: np.ndarray, edges: np.ndarray, bincount: Bincount | None = None, out: np.ndarray | None = None
+) -> PendingHistogram:
     """``array`` taken for counting later on ``edges``: converted to the values it is binned on now
     (a value that cannot be binned fails here, on the training thread, where the hook skips that
-    tensor alone), and copied unless the conversion already made a new array."""
+    tensor alone) and copied: into ``out`` when given (a recycled buffer, flat, of ``array``'s
+    size and :func:`bin_dtype`), else into a new array unless the conversion made one."""
     a = np.asarray(array)
+    if out is not None and a.dtype.kind != "c":
+        np.copyto(out, a.reshape(-1), casting="unsafe")  # the conversion of astype(bin_dtype)
+        return PendingHistogram(out, edges, bincount)
     x = _binned_values(a)
-    return PendingHistogram(x.copy() if np.may_share_memory(x, a) else x, edges)
+    return PendingHistogram(x.copy() if np.may_share_memory(x, a) else x, edges, bincount)
 
 
 def resolved(hist: Histogram | PendingHistogram) -> Histogram:
@@ -291,7 +327,7 @@ def _binned_values(array: np.ndarray) -> np.ndarray:
     return a.astype(bin_dtype(a.dtype.name), copy=False).ravel()
 
 
-def histogram_counts(array: np.ndarray, edges: np.ndarray) -> np.ndarray:
+def histogram_counts(array: np.ndarray, edges: np.ndarray, bincount: Bincount | None = None) -> np.ndarray:
     """Counts (int64) of the finite values of ``array`` in the bins ``edges``.
 
     The bins are fixed, the values move: a value below ``edges[0]`` is counted
@@ -303,17 +339,17 @@ def histogram_counts(array: np.ndarray, edges: np.ndarray) -> np.ndarray:
     on the values as float64: ``counts[i]`` values ``v`` with ``edges[i] <= v < edges[i+1]``,
     the last bin including ``edges[-1]``. It is computed on the values in their
     :func:`bin_dtype` against :class:`BinBounds`, which gives the same counts faster:
-    by arithmetic (:func:`_linear_counts`) on large arrays with about equal bins, else
-    on the sorted values.
+    by arithmetic (:func:`_linear_counts`, counted with ``bincount``: ``numpy.bincount``
+    by default) on large arrays with about equal bins, else on the sorted values.
     """
-    return _counts(_binned_values(array), np.asarray(edges, dtype=np.float64))
+    return _counts(_binned_values(array), np.asarray(edges, dtype=np.float64), bincount)
 
 
-def _counts(x: np.ndarray, edges: np.ndarray) -> np.ndarray:
+def _counts(x: np.ndarray, edges: np.ndarray, bincount: Bincount | None = None) -> np.ndarray:
     """:func:`histogram_counts` of ``x``, flat and already in its :func:`bin_dtype`."""
     b = bin_bounds(edges, x.dtype.name)
     if x.size >= _LINEAR_MIN_SIZE:
-        counts = _linear_counts(x, edges, b)
+        counts = _linear_counts(x, edges, b, bincount or _np_bincount)
         if counts is not None:
             return counts
     return _sorted_counts(np.sort(x), b)
@@ -334,16 +370,19 @@ def _sorted_counts(s: np.ndarray, b: BinBounds) -> np.ndarray:
     return np.diff(below)
 
 
-def _linear_counts(x: np.ndarray, edges: np.ndarray, b: BinBounds) -> np.ndarray | None:
+def _linear_counts(
+    x: np.ndarray, edges: np.ndarray, b: BinBounds, bincount: Bincount = _np_bincount
+) -> np.ndarray | None:
     """Counts of ``x`` (flat, float32 or float64) on about equal bins in O(n); None where the bins are not.
 
     Each value's position ``w = (x - edges[0]) * scale``, ``scale = bins / (edges[-1] - edges[0])``,
     is computed in ``x``'s dtype (:data:`_BLOCK` values at a time, so that the work buffers stay
     in cache), clipped into ``[0.5, bins - 0.5]`` (values outside the edges go to the outer
-    bins) and truncated to its bin. That is the bin of the rule unless ``w`` lies within
-    ``tol`` of an integer: ``tol`` bounds the rounding of ``w`` (``x - lo`` and the product,
-    about 1.5 ulp of ``w``, and ``lo``'s own rounding) plus how far the bounds
-    (:class:`BinBounds`, rounded into ``x``'s dtype) lie from the equal grid, twice over.
+    bins), truncated to its bin (a ``uint8`` code up to 256 bins) and counted by ``bincount``.
+    That is the bin of the rule unless ``w`` lies within ``tol`` of an integer: ``tol`` bounds
+    the rounding of ``w`` (``x - lo`` and the product, about 1.5 ulp of ``w``, and ``lo``'s own
+    rounding) plus how far the bounds (:class:`BinBounds`, rounded into ``x``'s dtype) lie from
+    the equal grid, twice over.
     Those few values are binned by searching the bounds, exactly. A block with a non-finite
     position (NaN, Inf, or a value too far out for the dtype) is counted on its sorted values.
     None (then sort) when the edges repeat, are too far from equal, or are too close together
@@ -368,7 +407,7 @@ def _linear_counts(x: np.ndarray, edges: np.ndarray, b: BinBounds) -> np.ndarray
     counts = np.zeros(bins, dtype=np.int64)
     size = min(block, x.size)
     w, dist = np.empty(size, dtype=x.dtype), np.empty(size, dtype=x.dtype)
-    near, index = np.empty(size, dtype=bool), np.empty(size, dtype=np.intp)
+    near, index = np.empty(size, dtype=bool), np.empty(size, dtype=np.uint8 if bins <= 256 else np.intp)
     with np.errstate(all="ignore"):
         for start in range(0, x.size, block):
             xb = x[start : start + block]
@@ -380,24 +419,25 @@ def _linear_counts(x: np.ndarray, edges: np.ndarray, b: BinBounds) -> np.ndarray
             if not (np.isfinite(w_min) and np.isfinite(w_max)):  # NaN, Inf, or a position too large for the dtype
                 counts += _sorted_counts(np.sort(xb), b)
                 continue
-            if w_min < 0.5:
-                np.maximum(wb, 0.5, out=wb)
-            if w_max > bins - 0.5:
-                np.minimum(wb, bins - 0.5, out=wb)
+            if w_min < 0.5 or w_max > bins - 0.5:  # one pass (np.maximum then np.minimum cost 2-4 times as much)
+                np.clip(wb, 0.5, bins - 0.5, out=wb)
             np.subtract(wb, np.rint(wb, out=db), out=db)
             np.less(np.abs(db, out=db), tol_x, out=nb)
             np.copyto(ib, wb, casting="unsafe")  # truncation: floor, as w > 0
             if nb.any():
                 j = np.flatnonzero(nb)
                 ib[j] = np.searchsorted(interior, xb[j], side="right")
-            counts += np.bincount(ib, minlength=bins)
+            counts += bincount(ib, bins)
     return counts
 
 
-def histogram(array: np.ndarray, bins: int | Sequence[float] | np.ndarray = DEFAULT_BINS) -> Histogram | None:
+def histogram(
+    array: np.ndarray, bins: int | Sequence[float] | np.ndarray = DEFAULT_BINS, bincount: Bincount | None = None
+) -> Histogram | None:
     """The histogram of ``array`` with ``bins`` equal bins over its finite range, or with the given edges.
 
     None when there are no edges to use: ``bins`` is a number and ``array`` has no finite value.
+    ``bincount`` as in :func:`histogram_counts`.
     """
     x = _binned_values(array)
     if isinstance(bins, (int, np.integer)):
@@ -407,4 +447,4 @@ def histogram(array: np.ndarray, bins: int | Sequence[float] | np.ndarray = DEFA
         edges = equal_edges(*span, int(bins))
     else:
         edges = check_edges(bins)
-    return Histogram(edges, _counts(x, edges))
+    return Histogram(edges, _counts(x, edges, bincount))

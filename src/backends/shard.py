@@ -138,7 +138,8 @@ class _Column:
         self.n = 0
         self.ragged: list[np.ndarray] | None = None
         self.red: list[tuple[int, str, float]] = []
-        self.hist: list[tuple[int, Histogram | PendingHistogram]] = []  # pending ones are counted when written
+        # a pending one is counted by the counting thread, or when the shard is written at the latest
+        self.hist: list[tuple[int, Histogram | PendingHistogram]] = []
         self.orig_dtype: str | None = None
 
     def add_raw(self, step: int, value: np.ndarray, rows: int) -> np.ndarray:
@@ -272,8 +273,8 @@ class ShardBuffer:
             if col.hist and col.hist[-1][0] == step:  # the same name twice in one step: last wins
                 col.hist.pop()
             col.hist.append((step, histogram))
-            held = histogram.values if isinstance(histogram, PendingHistogram) else histogram.counts
-            self.nbytes += histogram.edges.nbytes + held.nbytes
+            # the counts (a pending histogram's values are bounded by the counting thread's limit instead)
+            self.nbytes += histogram.edges.nbytes + 8 * (len(histogram.edges) - 1)
         self._staged.append((name, step, raw is not None, len(reductions)))
         return stored
 

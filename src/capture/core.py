@@ -47,6 +47,7 @@ from ..config import (
 )
 from ..exceptions import TrialExistsError
 from ..modes import Mode
+from . import counting
 from .stop import STOP_POLL_SECONDS, StopChannel
 from .writer import IfExists, ShardPolicy, TrialWriter, logger, register_for_exit
 
@@ -86,13 +87,21 @@ class TensorOps:
         Must count as :func:`tensortap.reductions.histogram_counts` does (``edges`` may repeat
         numbers: those fixed from a huge tensor of a small range). With ``defer`` and ``edges``,
         a value binned on the host may be returned as a :class:`~tensortap.reductions.PendingHistogram`
-        (a copy of it), counted on the writer thread.
+        (a copy of it, into a buffer of :data:`tensortap.capture.counting.COUNTER`), which the
+        core hands to the counting thread.
         """
+        a = np.asarray(value)
         if edges is None:
-            return red.histogram(np.asarray(value), bins)
+            return red.histogram(a, bins, self.bincount)
         if defer:
-            return red.pending_histogram(value, edges)
-        return red.Histogram(edges, red.histogram_counts(np.asarray(value), edges))
+            out = counting.COUNTER.buffer(red.bin_dtype(a.dtype.name), a.size) if a.dtype.kind in "biuf" else None
+            return red.pending_histogram(a, edges, self.bincount, out)
+        return red.Histogram(edges, red.histogram_counts(a, edges, self.bincount))
+
+    def bincount(self, codes: np.ndarray, minlength: int) -> np.ndarray:
+        """Counts of ``codes`` (non-negative integers) as ``numpy.bincount(codes, minlength=minlength)``
+        (int64): the counting step of the NumPy histogram formulas, which an adapter may do faster."""
+        return np.bincount(codes, minlength=minlength)
 
     def prepare(
         self, value: Any, keys: Sequence[str], raw: bool
@@ -513,14 +522,17 @@ class Hook:
     ) -> red.Histogram | red.PendingHistogram | None:
         """The histogram of ``value``, on bins fixed for ``name`` by its first value (or ``spec``'s edges).
 
-        Once the bins are fixed, a value binned on the host is counted on the writer thread
-        (a :class:`~tensortap.reductions.PendingHistogram`) unless step listeners want it now.
+        Once the bins are fixed, a value binned on the host is taken as a
+        :class:`~tensortap.reductions.PendingHistogram`, handed to the counting thread
+        (:mod:`tensortap.capture.counting`) at the step's end, unless step listeners want it
+        now or that thread already holds its limit of values.
         """
         edges = self._histogram_edges.get(name)
         if edges is None and not isinstance(spec, int):
             edges = np.asarray(spec, dtype=np.float64)
         bins = spec if isinstance(spec, int) else len(spec) - 1
-        hist = self.ops.histogram(value, edges, bins, defer=not self.step_listeners)
+        defer = not self.step_listeners and counting.COUNTER.has_room()  # else counted now: backpressure
+        hist = self.ops.histogram(value, edges, bins, defer=defer)
         if hist is not None:
             self._histogram_edges.setdefault(name, hist.edges)
         elif name not in self._histogram_unfixed:
@@ -560,6 +572,7 @@ class Hook:
             for listener in self.step_listeners:
                 listener(record)
         self.writer.commit(self.step, int(self.mode), self.mode_step)
+        counting.COUNTER.submit([r.histogram for r in records if isinstance(r.histogram, red.PendingHistogram)])
         self._raise_if_strict()
 
     @contextmanager

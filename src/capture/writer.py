@@ -46,6 +46,7 @@ from ..config import check_keys
 from ..exceptions import TrialExistsError
 from ..modes import Mode
 from ..reductions import Histogram, PendingHistogram
+from . import counting
 
 logger = logging.getLogger("tensortap")
 
@@ -551,12 +552,14 @@ class TrialWriter:
         self._publish_cpu = _moving_average(self._publish_cpu, time.thread_time() - start_cpu, first)
 
     def drain(self) -> None:
-        """Wait until every shard handed off so far is published, ``policy.timeout`` at most for each.
+        """Wait until every shard handed off so far is published, ``policy.timeout`` at most for each,
+        and the histograms taken so far are counted (:mod:`tensortap.capture.counting`).
 
         The shard being built stays open (:meth:`flush` publishes it too).
         """
         pending, self._pending = self._pending, []
         self._wait_for(pending)
+        counting.COUNTER.wait_idle(self.policy.timeout)
         if not self._hung and self._io_lock.acquire(timeout=self.policy.timeout):
             self._io_lock.release()  # a publish the writer thread started on its own
 
@@ -653,6 +656,7 @@ class TrialWriter:
         self._thread.writers.discard(self)
         if not _OPEN_WRITERS:
             POOL.clear()  # keep no memory once capture is over
+            counting.COUNTER.clear_buffers()
 
 
 _OPEN_WRITERS: weakref.WeakSet[TrialWriter] = weakref.WeakSet()

@@ -15,6 +15,7 @@ from torch import nn  # noqa: E402
 import tensortap  # noqa: E402
 import tensortap.torch as ttt  # noqa: E402
 from tensortap import Collection, ReductionConfig, SaveConfig  # noqa: E402
+from tensortap.capture import counting  # noqa: E402
 from tensortap.capture.testing import numpy_histogram_rule, numpy_rule_edges  # noqa: E402
 
 pytestmark = [pytest.mark.torch, pytest.mark.usefixtures("torch_one_thread")]
@@ -368,3 +369,49 @@ def test_float16_gradscaler_skipped_step_fixes_the_bins_at_the_first_finite_grad
         np.testing.assert_array_equal(hist.edges, edges)
         np.testing.assert_array_equal(hist.counts, numpy_histogram_rule(grads[step], edges))
     assert trial.tensor("outputs/Linear").summary()["dtype"] == "float16"  # NumPy has it: stored as is
+
+
+def test_histograms_counted_later_are_of_the_values_at_save(tmp_path: Path) -> None:
+    """The counting thread counts after the values changed in place: it must count the copies taken at save.
+
+    The test holds the counting thread's lock (re-entrant: the training thread, this one, still hands it
+    each step's histograms), so nothing is counted before ``close()``: by then the weights have moved
+    with every later ``opt.step()`` and each step's gradients were scaled by -1e6 in place right after
+    ``opt.step()`` read them (and zeroed in place by the next ``zero_grad``).
+    """
+    model, opt = _classifier()
+    hist_only = ReductionConfig(histogram=BINS)
+    hook = ttt.capture(
+        model,
+        tmp_path,
+        optimizer=opt,
+        save_config=SaveConfig(save_interval=1),
+        include_collections=["weights", "gradients"],
+        collection_configs={c: Collection(c, reduction_config=hist_only) for c in ("weights", "gradients")},
+    )
+    counter = counting.COUNTER
+    grads, weights = [], []
+    with counter._cond:
+        for x, y in _batches():
+            out = model(x)  # ends the step before, whose histograms go to the (held) counting thread
+            assert len(grads) < 2 or counter._queue  # the first step fixes the bins: counted at once
+            opt.zero_grad(set_to_none=False)  # the same gradient tensors every step
+            nn.functional.cross_entropy(out, y).backward()
+            grads.append(model[0].weight.grad.numpy().copy())
+            opt.step()  # gradients saved now, weights at the step's end
+            weights.append(model[0].weight.detach().numpy().copy())
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.grad.mul_(-1e6)  # after the save: counted, they would fill the outer bins
+    hook.close()
+    assert not counter._queue
+    trial = tensortap.create_trial(tmp_path)
+    for name, seen in (("gradients/0.weight", grads), ("0.weight", weights)):
+        t = trial.tensor(name)
+        edges = numpy_rule_edges(seen[0], BINS)
+        assert edges is not None
+        for step, value in enumerate(seen):
+            counts = t.histogram_value(step).counts
+            np.testing.assert_array_equal(counts, numpy_histogram_rule(value, edges), err_msg=f"{name} {step}")
+            assert counts[0] + counts[-1] < value.size / 2, f"{name} {step}"  # not the values changed after
+    assert not np.array_equal(weights[1], weights[-1])

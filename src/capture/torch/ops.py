@@ -75,6 +75,11 @@ class TorchOps(core.TensorOps):
         counts = torch.bincount(index, minlength=b.bins + 1)[: b.bins]
         return red.Histogram(edges, counts.cpu().numpy().astype(np.int64))
 
+    def bincount(self, codes: np.ndarray, minlength: int) -> np.ndarray:
+        """``torch.bincount`` on a view of ``codes``: faster than NumPy's on small integer codes
+        (``uint8``, which NumPy converts to ``intp`` first), and it releases the GIL."""
+        return torch.bincount(torch.from_numpy(codes), minlength=minlength).numpy()
+
     def prepare(
         self, value: Any, keys: Sequence[str], raw: bool
     ) -> tuple[np.ndarray | None, dict[str, float], str | None]:
