@@ -253,10 +253,12 @@ def equal_edges(lo: float, hi: float, bins: int) -> np.ndarray:
     the largest float64 (values near both of its ends), where ``linspace``'s step overflows,
     gets the edges ``lo * (1 - t) + hi * t`` for ``t = linspace(0, 1)``: finite, from ``lo`` to ``hi``.
     """
+    lo, hi = float(lo), float(hi)  # Python floats: a span that overflows is inf, without a NumPy warning
     if not lo < hi:
         lo, hi = lo - 0.5, hi + 0.5
     if math.isfinite(hi - lo):
-        return np.linspace(lo, hi, bins + 1)
+        with np.errstate(over="ignore"):  # a span near the largest float64: only the last edge overflows,
+            return np.linspace(lo, hi, bins + 1)  # and linspace sets that one to hi
     t = np.linspace(0.0, 1.0, bins + 1)
     return lo * (1.0 - t) + hi * t
 

@@ -275,6 +275,19 @@ def test_a_range_wider_than_the_largest_float64_gets_finite_edges(size: int) -> 
     assert hist.counts.sum() == size
 
 
+def test_a_range_just_under_the_largest_float64_gets_numpy_edges_without_a_warning() -> None:
+    """linspace's last step overflows there (before it sets the last edge to the end): no warning leaks."""
+    import warnings
+
+    big = np.finfo(np.float64).max
+    array = np.array([-big / 2, big / 2, 0.0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        hist = histogram(array, 3)
+    assert hist is not None and np.isfinite(hist.edges).all() and hist.edges[-1] == big / 2
+    _assert_the_rule(hist, array, 3)
+
+
 @st.composite
 def values_around_equal_edges(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray]:
     """Equal edges and values on them, one ulp either side, inside, outside, NaN and Inf."""

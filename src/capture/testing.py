@@ -103,7 +103,8 @@ def numpy_rule_edges(array: np.ndarray, bins: int) -> np.ndarray | None:
         lo, hi = lo - 0.5, hi + 0.5
     if hi - lo == np.inf:  # wider than the largest float64: linspace's step would overflow
         return lo * (1.0 - np.linspace(0.0, 1.0, bins + 1)) + hi * np.linspace(0.0, 1.0, bins + 1)
-    return np.linspace(lo, hi, bins + 1)
+    with np.errstate(over="ignore"):  # near the largest float64 the last edge overflows; linspace sets it to hi
+        return np.linspace(lo, hi, bins + 1)
 
 
 class TensorOpsConformance:
