@@ -53,6 +53,19 @@ def _classifier() -> tuple[nn.Module, torch.optim.Optimizer]:
     return model, torch.optim.SGD(model.parameters(), lr=0.5)
 
 
+def _histograms_every_step(model: nn.Module, opt: torch.optim.Optimizer, out_dir: Path) -> Any:
+    """A hook saving histograms of ``BINS`` bins (no raw values) of the weights and gradients, every step."""
+    hist_only = ReductionConfig(histogram=BINS)
+    return ttt.capture(
+        model,
+        out_dir,
+        optimizer=opt,
+        save_config=SaveConfig(save_interval=1),
+        include_collections=["weights", "gradients"],
+        collection_configs={c: Collection(c, reduction_config=hist_only) for c in ("weights", "gradients")},
+    )
+
+
 def _batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """``STEPS`` batches of inputs and class labels for :func:`_classifier`, the same every time."""
     gen = torch.Generator().manual_seed(1)
@@ -65,15 +78,7 @@ def test_histograms_of_weights_and_gradients_equal_the_rule_on_torch_values(
     tmp_path: Path, ops_class: type[RecordingOps]
 ) -> None:
     model, opt = _classifier()
-    hist_only = ReductionConfig(histogram=BINS)
-    hook = ttt.capture(
-        model,
-        tmp_path,
-        optimizer=opt,
-        save_config=SaveConfig(save_interval=1),
-        include_collections=["weights", "gradients"],
-        collection_configs={c: Collection(c, reduction_config=hist_only) for c in ("weights", "gradients")},
-    )
+    hook = _histograms_every_step(model, opt, tmp_path)
     hook.ops = ops = ops_class()
     grads, weights = [], []
     for x, y in _batches():
@@ -380,15 +385,7 @@ def test_histograms_counted_later_are_of_the_values_at_save(tmp_path: Path) -> N
     ``opt.step()`` read them (and zeroed in place by the next ``zero_grad``).
     """
     model, opt = _classifier()
-    hist_only = ReductionConfig(histogram=BINS)
-    hook = ttt.capture(
-        model,
-        tmp_path,
-        optimizer=opt,
-        save_config=SaveConfig(save_interval=1),
-        include_collections=["weights", "gradients"],
-        collection_configs={c: Collection(c, reduction_config=hist_only) for c in ("weights", "gradients")},
-    )
+    hook = _histograms_every_step(model, opt, tmp_path)
     counter = counting.COUNTER
     grads, weights = [], []
     with counter._cond:
