@@ -17,8 +17,9 @@ TensorFlow and JAX, compiled: a plain variant and capturing ones, see
 drops the step functions so that a later ``fit`` traces a clean model.
 
 How values leave the step: see :mod:`.transport`. Weights, biases and
-optimizer variables are read after the step (on JAX from the trainer's live
-state, since the Variables are stale during ``fit``). A step is closed when
+optimizer variables are read after the step: returned by TensorFlow's
+capturing step after its update, on JAX from the trainer's live state (the
+Variables are stale during ``fit``), otherwise from the Variables. A step is closed when
 the next one begins (or at the end of the epoch, evaluation or training), so
 the callback overrides no ``on_*_batch_end`` method and Keras keeps
 dispatching batch-end callbacks asynchronously.
