@@ -471,6 +471,28 @@ def test_steps_per_execution_one_step_per_execution_with_its_last_batch(tmp_path
         )
 
 
+@pytest.mark.skipif(BACKEND != "jax", reason="JAX's jitted step differentiates with jax.value_and_grad")
+def test_jax_values_inside_the_gradient_leave_the_step_without_a_host_callback(tmp_path: Path) -> None:
+    # layer outputs and compute_loss run inside value_and_grad: the step returns their primal
+    # (a host callback would turn JAX's fast dispatch off on every saved step)
+    model = mlp()
+    rec = Recorder()
+    cb = ttk.Callback(tmp_path, save_config=EVERY_STEP, include_collections=["outputs", "losses", "gradients"])
+    model.fit(X[:32], Y[:32], batch_size=BATCH, epochs=1, shuffle=False, callbacks=[cb, rec], verbose=0)
+    assert not cb._callbacks_traced
+    trial = tensortap.create_trial(tmp_path)
+    for s, before in enumerate([rec.initial, rec.weights[0]]):
+        xb, yb = X[s * BATCH : (s + 1) * BATCH], Y[s * BATCH : (s + 1) * BATCH]
+        hidden, out = forward(before, xb)
+        np.testing.assert_allclose(
+            trial.tensor("outputs/dense").value(s, mode=Mode.TRAIN), hidden, rtol=1e-5, atol=1e-6
+        )
+        np.testing.assert_allclose(trial.tensor("outputs/dense_1").value(s, mode=Mode.TRAIN), out, rtol=1e-5, atol=1e-6)
+        assert float(trial.tensor("losses/loss").value(s, mode=Mode.TRAIN)) == pytest.approx(
+            mse(before, xb, yb), rel=1e-5
+        )
+
+
 @pytest.mark.parametrize("per_execution", [1, 2], ids=["one-batch", "two-batches"])
 @pytest.mark.parametrize("run_mode", list(RUN_MODES))
 def test_variables_are_keras_own_after_each_step(tmp_path: Path, run_mode: str, per_execution: int) -> None:
