@@ -13,6 +13,12 @@ gradients and losses (raw tensors) every step and every 100 steps; and with
 every layer's outputs too, every step. The backend
 Keras was imported with runs in this process, the other installed backends in
 subprocesses with ``KERAS_BACKEND`` set.
+
+On TensorFlow every arm is fed a ``tf.data.Dataset`` of the same batches with
+tf.data's autotuning off (no background thread): with Keras's own pipeline for
+arrays, the end of an arm's ``fit`` (timed with it) sometimes waited seconds,
+GIL held, for the epoch iterator's tf.data threads to end
+(``bench/profiles/keras.md``, "The TensorFlow fit-end stall").
 """
 
 from __future__ import annotations
@@ -63,6 +69,17 @@ def _single_thread() -> None:
             pass
 
 
+def _tf_batches(x: Any, y: Any) -> Any:
+    """``(x, y)`` in batches of :data:`BATCH` as a ``tf.data.Dataset`` with no background thread
+    (no autotuning, prefetch or parallel map)."""
+    import tensorflow as tf
+
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    options.experimental_optimization.apply_default_optimizations = False
+    return tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH).with_options(options)
+
+
 class FitArm(harness.GatedThread):
     """One ``fit`` (a fresh model, its callbacks), held at batch begins by a gate callback."""
 
@@ -106,9 +123,15 @@ class FitArm(harness.GatedThread):
                 include_collections=list(collections),
             )
             callbacks.append(self.capture)
-        super().__init__(
-            lambda: model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=callbacks)
-        )
+        tf_data = _tf_batches(x, y) if keras.backend.backend() == "tensorflow" else None
+
+        def train() -> None:
+            if tf_data is not None:
+                model.fit(tf_data, epochs=1, shuffle=False, verbose=0, callbacks=callbacks)
+            else:
+                model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=callbacks)
+
+        super().__init__(train)
 
     def settle(self) -> None:
         """Wait until the shards the callback handed off are published (see :func:`bench.harness.settle`)."""

@@ -321,7 +321,9 @@ def test_unsaved_steps_run_the_plain_step_function(tmp_path: Path, run_mode: str
         X, Y, batch_size=BATCH, epochs=2, shuffle=False, validation_data=(XV, YV), callbacks=[cb, Seen()], verbose=0
     )
     captured, plain = frozenset({"gradients", "losses", "metrics"}), frozenset()
-    assert ran["train"] == [captured, plain, plain] * 2
+    # TensorFlow's capturing step also returns the variables after its update (JAX's state is its output)
+    trained = captured | {"weights", "biases"} if BACKEND == "tensorflow" else captured
+    assert ran["train"] == [trained, plain, plain] * 2
     assert ran["test"] == [plain, captured] * 2
     trial = tensortap.create_trial(tmp_path)
     assert trial.steps(mode=Mode.TRAIN) == [0, 3]
@@ -467,6 +469,72 @@ def test_steps_per_execution_one_step_per_execution_with_its_last_batch(tmp_path
         assert loss == pytest.approx(
             mse(before_last, x[b * BATCH : (b + 1) * BATCH], y[b * BATCH : (b + 1) * BATCH]), rel=1e-4
         )
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="JAX's jitted step differentiates with jax.value_and_grad")
+def test_jax_values_inside_the_gradient_leave_the_step_without_a_host_callback(tmp_path: Path) -> None:
+    # layer outputs and compute_loss run inside value_and_grad: the step returns their primal
+    # (a host callback would turn JAX's fast dispatch off on every saved step)
+    model = mlp()
+    rec = Recorder()
+    cb = ttk.Callback(tmp_path, save_config=EVERY_STEP, include_collections=["outputs", "losses", "gradients"])
+    model.fit(X[:32], Y[:32], batch_size=BATCH, epochs=1, shuffle=False, callbacks=[cb, rec], verbose=0)
+    assert not cb._callbacks_traced
+    trial = tensortap.create_trial(tmp_path)
+    for s, before in enumerate([rec.initial, rec.weights[0]]):
+        xb, yb = X[s * BATCH : (s + 1) * BATCH], Y[s * BATCH : (s + 1) * BATCH]
+        hidden, out = forward(before, xb)
+        np.testing.assert_allclose(
+            trial.tensor("outputs/dense").value(s, mode=Mode.TRAIN), hidden, rtol=1e-5, atol=1e-6
+        )
+        np.testing.assert_allclose(trial.tensor("outputs/dense_1").value(s, mode=Mode.TRAIN), out, rtol=1e-5, atol=1e-6)
+        assert float(trial.tensor("losses/loss").value(s, mode=Mode.TRAIN)) == pytest.approx(
+            mse(before, xb, yb), rel=1e-5
+        )
+
+
+@pytest.mark.parametrize("per_execution", [1, 2], ids=["one-batch", "two-batches"])
+@pytest.mark.parametrize("run_mode", list(RUN_MODES))
+def test_variables_are_keras_own_after_each_step(tmp_path: Path, run_mode: str, per_execution: int) -> None:
+    """Weights and Adam's variables saved at a step are bit for bit what Keras holds after it.
+
+    On TensorFlow a compiled capturing step returns them as extra outputs, read in its
+    graph after the update (in the last iteration of its loop with ``steps_per_execution``).
+    """
+    if per_execution > 1 and (BACKEND == "torch" or run_mode == "eager"):
+        pytest.skip("Keras's torch backend requires steps_per_execution=1; eager steps read the variables")
+    keras.utils.set_random_seed(4)
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(5, activation="relu"), keras.layers.Dense(1)])
+    model.compile(
+        optimizer=keras.optimizers.Adam(0.01), loss="mse", steps_per_execution=per_execution, **RUN_MODES[run_mode]
+    )
+    after: list[dict[str, np.ndarray]] = []
+
+    class KerasView(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+            m = self.model  # (JAX: the property puts the trainer's state into the variables)
+            names = [v.path.removeprefix(f"{m.name}/") for v in m.weights]
+            view = dict(zip(names, m.get_weights(), strict=True))
+            view |= {f"optimizer/{v.path}": to_numpy(v.value) for v in m.optimizer.variables}
+            after.append(view)
+
+    cb = ttk.Callback(
+        tmp_path, save_config=EVERY_STEP, include_collections=["weights", "biases", "optimizer_variables"]
+    )
+    model.fit(X, Y, batch_size=BATCH, epochs=2, shuffle=False, callbacks=[cb, KerasView()], verbose=0)
+    trial = tensortap.create_trial(tmp_path)
+    steps = 2 * -(-3 // per_execution)  # 3 batches an epoch
+    assert trial.steps(mode=Mode.TRAIN) == list(range(steps)) and len(after) == steps
+    assert set(trial.tensor_names()) == set(after[0])
+    assert any(name.endswith("momentum") for name in after[0])
+    for s, view in enumerate(after):
+        for name, ref in view.items():
+            np.testing.assert_array_equal(trial.tensor(name).value(s, mode=Mode.TRAIN), ref, err_msg=name)
+    returned = {
+        slot.name for coll, slot in cb._extra_slots.values() if coll in ("weights", "biases", "optimizer_variables")
+    }
+    assert returned == (set(after[0]) if BACKEND == "tensorflow" and run_mode != "eager" else set())
+    assert_model_clean(model)
 
 
 # --------------------------------------------------- other models, other modes

@@ -17,8 +17,9 @@ TensorFlow and JAX, compiled: a plain variant and capturing ones, see
 drops the step functions so that a later ``fit`` traces a clean model.
 
 How values leave the step: see :mod:`.transport`. Weights, biases and
-optimizer variables are read after the step (on JAX from the trainer's live
-state, since the Variables are stale during ``fit``). A step is closed when
+optimizer variables are read after the step: returned by TensorFlow's
+capturing step after its update, on JAX from the trainer's live state (the
+Variables are stale during ``fit``), otherwise from the Variables. A step is closed when
 the next one begins (or at the end of the epoch, evaluation or training), so
 the callback overrides no ``on_*_batch_end`` method and Keras keeps
 dispatching batch-end callbacks asynchronously.
@@ -29,7 +30,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -45,6 +46,7 @@ from .ops import (
     BACKEND,
     KerasOps,
     as_output,
+    at_level,
     backend_all_reduce_max,
     graph_mode,
     is_scalar,
@@ -65,6 +67,8 @@ elif BACKEND == "tensorflow":
 logger = logging.getLogger("tensortap")
 
 _NOTHING_WANTED = dict.fromkeys(STEP_COLLECTIONS, False)
+# collections read from the variables after a TRAIN step (TensorFlow's capturing steps return them)
+VARIABLE_COLLECTIONS = ("weights", "biases", "optimizer_variables")
 _STEP_FUNCTIONS = ("train_function", "test_function", "predict_function")
 # make_<kind>_function builds <kind>_function around the model's <step> method, in this mode
 _KINDS = {
@@ -193,6 +197,7 @@ class Callback(keras.callbacks.Callback):
         self._extra_keys: dict[tuple[str, Slot], str] = {}
         self._extra_slots: dict[str, tuple[str, Slot]] = {}
         self._callbacks_traced = False
+        self._variable_names: dict[int, tuple[Any, str, str | None]] = {}
 
     @classmethod
     def from_json(
@@ -440,6 +445,8 @@ class Callback(keras.callbacks.Callback):
         self._arrived = []
         wanted = {c: self.session.saving(c) for c in STEP_COLLECTIONS} if saving else _NOTHING_WANTED
         self.wanted_now = frozenset(c for c, w in wanted.items() if w)
+        if saving and mode == Mode.TRAIN and BACKEND == "tensorflow":  # returned by the step (_return_variables)
+            self.wanted_now |= {c for c in VARIABLE_COLLECTIONS if self.session.saving(c)}
         self.extras_out = []
         if self._graph is not None:
             self._graph.set_flags(wanted, self.hook.step)
@@ -477,9 +484,11 @@ class Callback(keras.callbacks.Callback):
                 calls.setdefault((slot.name, slot.call), (collection, {}))[1][slot.sub.lstrip("/")] = value
         for (base, _), (collection, tensors) in sorted(calls.items()):  # each layer's calls in order
             self.session.offer_call(base, tensors, (collection,))
-        if self.hook.mode == Mode.TRAIN:
-            for name, coll, value in self._variables():
-                self.session.offer(name, value, (coll,))
+        if self.hook.mode == Mode.TRAIN:  # the variables the step did not return
+            saved = [c for c in VARIABLE_COLLECTIONS if self.session.saving(c)]
+            for name, coll, value in self._variables(saved):
+                if Slot(name) not in latest:
+                    self.session.offer(name, value, (coll,))
 
     def stop_agreed(self) -> bool:
         """Whether to stop now: :attr:`should_stop`, agreed by every process every :attr:`stop_sync_steps` steps.
@@ -493,8 +502,9 @@ class Callback(keras.callbacks.Callback):
     def _name(self, path: str) -> str:
         return path[len(self._prefix) :] if path.startswith(self._prefix) else path
 
-    def _variables(self) -> Iterator[tuple[str, str, Any]]:
-        """``(name, collection, value)`` of the weights and optimizer variables after the step."""
+    def _variables(self, collections: Collection[str]) -> Iterator[tuple[str, str, Any]]:
+        """``(name, collection, value)`` of the weights and biases (when ``collections`` has either) and
+        of the optimizer variables (``"optimizer_variables"``), as they are now (after the step)."""
         model = self._model
         state = getattr(model, "_jax_state", None) if BACKEND == "jax" else None
         if getattr(model, "_jax_state_synced", True):
@@ -506,13 +516,13 @@ class Callback(keras.callbacks.Callback):
             else:
                 yield from ((v, v.value) for v in variables)
 
-        if self.session.saving("weights", "biases"):
+        if "weights" in collections or "biases" in collections:
             for key in ("trainable_variables", "non_trainable_variables"):
                 for v, value in values(getattr(model, key), key):
-                    if keras.backend.is_float_dtype(v.dtype):
-                        coll = "biases" if v.name.endswith("bias") else "weights"
-                        yield self._name(v.path), coll, value
-        if self.session.saving("optimizer_variables"):
+                    name, coll = self._variable_name(v)
+                    if coll is not None:
+                        yield name, coll, value
+        if "optimizer_variables" in collections:
             for optimizer in self._optimizers:
                 if not getattr(optimizer, "built", True):
                     continue  # never applied (the default optimizer of a model that trains its own)
@@ -520,9 +530,28 @@ class Callback(keras.callbacks.Callback):
                 for v, value in values(optimizer.variables, "optimizer_variables" if own else None):
                     yield f"optimizer/{v.path}", "optimizer_variables", value
 
+    def _variable_name(self, v: Any) -> tuple[str, str | None]:
+        """A model variable's name and collection (``"weights"``, ``"biases"``; None: not a float), remembered."""
+        known = self._variable_names.get(id(v))
+        if known is None or known[0] is not v:
+            coll = None
+            if keras.backend.is_float_dtype(v.dtype):
+                coll = "biases" if v.name.endswith("bias") else "weights"
+            known = self._variable_names[id(v)] = (v, self._name(v.path), coll)
+        return known[1], known[2]
+
+    def _return_variables(self, collections: Collection[str]) -> None:
+        """TensorFlow, in a capturing step's trace after the update: the variables as extra outputs."""
+        try:
+            for name, coll, value in self._variables(collections):
+                self._extras[self._extra_key(coll, Slot(name))] = as_output(value)
+        except Exception as exc:
+            self.hook.fail(exc, "cannot capture the variables")
+
     # -------------------------------------------------------------- wrappers
     def _install(self, model: Any, optimizers: Sequence[Any]) -> None:
         self._prefix = f"{getattr(model, 'path', None) or model.name}/"
+        self._variable_names = {}
         self._graph = None
         if BACKEND == "tensorflow" and (self._loop or not model.run_eagerly):
             self._graph = TFGraphTaps(xla=bool(not self._loop and model.jit_compile))
@@ -622,6 +651,8 @@ class Callback(keras.callbacks.Callback):
                 if mode != Mode.PREDICT and isinstance(logs, dict):
                     self._tap_logs(flatten_logs(logs), mode)
                 if self._variant:  # a capturing variant: return the values taken as extra outputs
+                    if BACKEND == "tensorflow" and mode == Mode.TRAIN:
+                        self._return_variables(self._variant)
                     extras = dict(self._extras)
                     out = ((out[0], extras), out[1]) if BACKEND == "jax" else (out, extras)
             return out
@@ -734,12 +765,18 @@ class Callback(keras.callbacks.Callback):
             if not items:
                 return
             if variant is not None:
-                if trace_level() == self._step_level:
-                    for slot, value in items:  # an extra output of the step
-                        self._extras[self._extra_key(collection, slot)] = as_output(value)
+                own = trace_level() == self._step_level
+                nested = []
+                for slot, value in items:  # an extra output of the step where it can be one
+                    at_step = value if own else at_level(value, self._step_level)
+                    if at_step is not None:
+                        self._extras[self._extra_key(collection, slot)] = as_output(at_step)
+                    else:  # this later value (read before the extras) must win
+                        self._extras.pop(self._extra_key(collection, slot), None)
+                        nested.append((slot, value))
+                if not nested:
                     return
-                for slot, _ in items:  # this later value (read before the extras) must win
-                    self._extras.pop(self._extra_key(collection, slot), None)
+                items = nested
             slots = [s for s, _ in items]
             tensors = [v for _, v in items]
             if graph_mode():

@@ -39,6 +39,25 @@ elif BACKEND == "torch":
     import torch
 
 
+_DTYPE_NAMES: dict[Any, str] = {}
+
+
+def dtype_name(dtype: Any) -> str:
+    """``keras.backend.standardize_dtype(dtype)``, remembered per dtype (it costs several microseconds a call).
+
+    Raises ValueError for a dtype Keras does not know, as Keras does.
+    """
+    if dtype is None:  # Keras's floatx, which may change
+        return str(keras.backend.standardize_dtype(dtype))
+    try:
+        return _DTYPE_NAMES[dtype]
+    except KeyError:
+        name = _DTYPE_NAMES[dtype] = str(keras.backend.standardize_dtype(dtype))
+        return name
+    except TypeError:  # an unhashable dtype
+        return str(keras.backend.standardize_dtype(dtype))
+
+
 def to_numpy(value: Any) -> np.ndarray:
     """A host array of a backend tensor (through the framework's own conversion).
 
@@ -95,6 +114,29 @@ def trace_level() -> Any:
     return None
 
 
+def at_level(value: Any, level: Any) -> Any | None:
+    """``value`` as a value of the trace ``level`` (see :func:`trace_level`), or None where it has none.
+
+    JAX: a value computed inside ``jax.value_and_grad`` (or ``jax.jvp``) in a jitted
+    step is a tracer of the differentiation whose primal, the same value, is computed
+    in the enclosing trace: the primal of the step's own trace can be returned from
+    the step (no host callback). A tracer of any other trace (``lax.scan``/``cond``
+    bodies, ``vmap``) has none. Other backends: None.
+    """
+    if BACKEND != "jax":
+        return None
+    try:
+        from jax._src.core import OpaqueTraceState
+    except ImportError:  # pragma: no cover - a JAX without it: every such value keeps the callback
+        return None
+    while isinstance(value, jax.core.Tracer):
+        trace = getattr(value, "_trace", None)
+        if trace is not None and OpaqueTraceState(getattr(trace, "_weakref", None)) == level:
+            return value
+        value = getattr(value, "primal", None)  # JVPTracer, LinearizeTracer
+    return None
+
+
 def as_output(value: Any) -> Any:
     """``value`` as an output of a compiled step (a TensorFlow variable as its tensor)."""
     if BACKEND == "tensorflow":
@@ -128,7 +170,7 @@ def uncapturable(value: Any) -> str | None:
     if dtype is None:
         return None
     try:
-        name = keras.backend.standardize_dtype(dtype)
+        name = dtype_name(dtype)
     except ValueError:
         return f"a tensor of dtype {dtype}"
     if name == "string" or name.startswith(("str", "object")):
@@ -186,10 +228,10 @@ def _unwrap(value: Any) -> Any:
 
 def _host_array(value: Any) -> np.ndarray:
     """The host array of a tensor, dtypes NumPy lacks (bfloat16, float8) as float32."""
-    if keras.ops.is_tensor(value) and keras.backend.standardize_dtype(value.dtype) not in _NUMPY_DTYPES:
+    if keras.ops.is_tensor(value) and dtype_name(value.dtype) not in _NUMPY_DTYPES:
         value = keras.ops.cast(value, "float32")
     host = to_numpy(value)
-    return host if keras.backend.standardize_dtype(host.dtype) in _NUMPY_DTYPES else host.astype(np.float32)
+    return host if dtype_name(host.dtype) in _NUMPY_DTYPES else host.astype(np.float32)
 
 
 class KerasOps(TensorOps):
@@ -217,7 +259,7 @@ class KerasOps(TensorOps):
         value = _unwrap(value)
         if not keras.ops.is_tensor(value) or isinstance(value, (np.ndarray, np.generic)):
             return super().histogram(_host_array(value), edges, bins, defer)
-        dtype = keras.backend.standardize_dtype(value.dtype)
+        dtype = dtype_name(value.dtype)
         work = red.bin_dtype(dtype)
         if (
             dtype.startswith("complex")
@@ -251,12 +293,12 @@ class KerasOps(TensorOps):
             or not keras.ops.is_tensor(value)
         ):
             host = to_numpy(value)
-            dtype = keras.backend.standardize_dtype(host.dtype)
+            dtype = dtype_name(host.dtype)
             orig = None
             if dtype not in _NUMPY_DTYPES:
                 host, orig = host.astype(np.float32), dtype
             return (*super().prepare(host, keys, raw)[:2], orig)
-        dtype = keras.backend.standardize_dtype(value.dtype)
+        dtype = dtype_name(value.dtype)
         orig = None
         if dtype not in _NUMPY_DTYPES:
             value, orig = keras.ops.cast(value, "float32"), dtype

@@ -6,9 +6,12 @@
   ``make_<kind>_function``: a *plain* variant that taps nothing, run on every
   step that saves nothing from inside the step, and a *capturing* variant
   whose step returns ``(out, {key: tensor})`` (JAX: ``((out, {key: tensor}), state)``),
-  run on the steps that do; the extras are stripped before Keras sees the output.
+  run on the steps that do (on TensorFlow also the variables a ``fit`` step saves,
+  read after its update); the extras are stripped before Keras sees the output.
+- Values computed inside ``jax.value_and_grad`` in a jitted step: their primal, computed
+  in the step's own trace (:func:`.ops.at_level`), is returned like the others.
 - Values the compiled step cannot return (computed in a TensorFlow ``while``/``cond``
-  body graph, or inside ``jax.value_and_grad``): through ``tf.Variable`` taps
+  body graph, or in a JAX ``lax.scan``/``cond`` body): through ``tf.Variable`` taps
   (:class:`TFGraphTaps`) or ``jax.debug.callback``, traced into the capturing
   variant only.
 - Steps run eagerly (torch, ``run_eagerly=True``): directly.
