@@ -6,9 +6,11 @@ for the whole run, see :mod:`bench.harness`): no hook, twice (the run's
 noise); tensortap saving weights, biases, gradients and losses (raw tensors)
 every step and every 100 steps; the same with every layer's outputs, every
 step; and (tensortap only) a 64-bin histogram of every weight and gradient,
-no raw tensors, every step; and the floor of every-step capture on this
+no raw tensors, every step; the floor of every-step capture on this
 machine (:class:`DiskFloorArm`: the same bytes written and fsynced, without
-training); and smdebug 1.0.34's hook on the first three cases, each arm a
+training); the floor of histograms counted off the training thread
+(:class:`CopyFloorArm`: the training, copying its weights and gradients each
+step); and smdebug 1.0.34's hook on the first three cases, each arm a
 process of smdebug's own environment (``bench/bench_torch_smdebug.py``,
 :class:`bench.harness.Remote`). The arms run ``BLOCK`` steps at a time,
 interleaved, ``ROUNDS`` times; an arm with a tensortap hook then waits until
@@ -25,6 +27,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -37,6 +40,7 @@ WARMUP = 10
 BENCHMARK = "torch MLP 784-512-256-10, batch 64"
 BASIC = ("weights", "biases", "gradients", "losses")
 FLOOR = "floor: a step's weights and gradients written and fsynced, no training"
+COPY_FLOOR = "floor: training that copies its weights and gradients every step, nothing else"
 SMDEBUG_PYTHON = os.environ.get("TENSORTAP_SMDEBUG_PYTHON")  # smdebug's own environment, if there is one
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SYNC_EVERY = 20  # steps: about one default shard (a third of ShardPolicy.max_bytes) of this model
@@ -94,6 +98,35 @@ class TrainArm:
         if self.hook is not None:
             self.hook.close()
         shutil.rmtree(self.out_dir, ignore_errors=True)
+
+
+class CopyFloorArm(TrainArm):
+    """The floor of histograms counted on another thread: the training thread must at least copy
+    each step's weights and gradients (its gradients after ``backward``, its weights after the
+    optimizer's step, as the hook takes them) before the optimizer or the next step changes them in
+    place. Copies go into a few recycled buffers, as the hook's do; nothing else is done with them."""
+
+    RING = 4  # sets of buffers in turn: those of the steps still being counted, in the hook
+
+    def __init__(self) -> None:
+        super().__init__()
+        params = list(self.model.parameters())
+        self.ring = [[np.empty(p.numel(), dtype=np.float32) for p in params] for _ in range(2 * self.RING)]
+
+    def run(self, n: int) -> None:
+        params = list(self.model.parameters())
+        for _ in range(n):
+            x, y = self.batches[self.i % len(self.batches)]
+            grads, weights = self.ring[2 * (self.i % self.RING)], self.ring[2 * (self.i % self.RING) + 1]
+            self.i += 1
+            self.opt.zero_grad()
+            self.loss_fn(self.model(x), y).backward()
+            for buf, p in zip(grads, params, strict=True):
+                assert p.grad is not None
+                np.copyto(buf, p.grad.numpy().reshape(-1))
+            self.opt.step()
+            for buf, p in zip(weights, params, strict=True):
+                np.copyto(buf, p.detach().numpy().reshape(-1))
 
 
 class DiskFloorArm:
@@ -157,7 +190,7 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
     """Measure and return one row per arm: ms per step, the ratio to no hook, the run's noise.
 
     The arms: no hook (twice), every case of :data:`CASES` with tensortap, tensortap's 64-bin
-    histograms of weights and gradients, the disk floor, and, where ``TENSORTAP_SMDEBUG_PYTHON``
+    histograms of weights and gradients, the disk floor, the copy floor, and, where ``TENSORTAP_SMDEBUG_PYTHON``
     names smdebug's environment (not with ``quick``), every case of :data:`CASES` with smdebug.
     """
     torch.set_num_threads(1)
@@ -169,6 +202,7 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
         histogram, 1, ("weights", "gradients")
     )
     arms[FLOOR] = DiskFloorArm
+    arms[COPY_FLOOR] = CopyFloorArm
     if SMDEBUG_PYTHON and not quick:
         for i, (case, _, _) in enumerate(CASES):
             argv = [SMDEBUG_PYTHON, "-m", "bench.bench_torch_smdebug", str(i)]

@@ -26,7 +26,7 @@ ALL_REDUCTIONS = REDUCTIONS + NORMS + HEALTH_COUNTS
 DEFAULT_BINS = 64
 MAX_BINS = 4096
 _CHUNK_BYTES = 8 << 20  # float64 bytes converted at once by compute_rows
-_LINEAR_MIN_SIZE = 1 << 18  # values from which counting by arithmetic beats sorting (bench/profiles/histogram.md)
+_LINEAR_MIN_SIZE = 1 << 15  # values from which counting by arithmetic beats sorting (bench/profiles/histogram.md)
 _BLOCK = 1 << 16  # values binned at once by _linear_counts (its buffers stay in the CPU's cache)
 
 
@@ -349,11 +349,9 @@ def histogram_counts(array: np.ndarray, edges: np.ndarray, bincount: Bincount | 
 
 def _counts(x: np.ndarray, edges: np.ndarray, bincount: Bincount | None = None) -> np.ndarray:
     """:func:`histogram_counts` of ``x``, flat and already in its :func:`bin_dtype`."""
-    b = bin_bounds(edges, x.dtype.name)
-    if x.size >= _LINEAR_MIN_SIZE:
-        counts = _linear_counts(x, edges, b, bincount or _np_bincount)
-        if counts is not None:
-            return counts
+    b, linear = _rule(edges, x.dtype)
+    if linear is not None and x.size >= _LINEAR_MIN_SIZE:
+        return _linear_counts(x, b, linear, bincount or _np_bincount)
     return _sorted_counts(np.sort(x), b)
 
 
@@ -372,14 +370,80 @@ def _sorted_counts(s: np.ndarray, b: BinBounds) -> np.ndarray:
     return np.diff(below)
 
 
-def _linear_counts(
-    x: np.ndarray, edges: np.ndarray, b: BinBounds, bincount: Bincount = _np_bincount
-) -> np.ndarray | None:
-    """Counts of ``x`` (flat, float32 or float64) on about equal bins in O(n); None where the bins are not.
+class _Linear(NamedTuple):
+    """How :func:`_linear_counts` bins values of one dtype on about equal bins: a value's position
+    is ``(x - lo) * scale``, exact to its bin unless it lies within ``tol`` of an integer."""
+
+    lo: np.floating[Any]
+    scale: np.floating[Any]
+    tol: np.floating[Any]
+
+
+def _linear(edges: np.ndarray, b: BinBounds, dtype: np.dtype[Any]) -> _Linear | None:
+    """The :class:`_Linear` of ``edges`` for values of ``dtype`` (float32 or float64); None where
+    the bins are not about equal (see :func:`_linear_counts`)."""
+    if b.first != 1:
+        return None
+    bins = b.bins
+    with np.errstate(all="ignore"):
+        scale = bins / (edges[-1] - edges[0])
+        lo, sc = dtype.type(edges[0]), dtype.type(scale)
+    if not (np.isfinite(scale) and scale > 0 and np.isfinite(lo) and np.isfinite(sc) and sc >= np.finfo(dtype).tiny):
+        return None
+    grid = (b.bounds[1:bins].astype(np.float64) - edges[0]) * scale - np.arange(1, bins)
+    u = float(np.finfo(dtype).eps)
+    tol = 2 * (float(np.max(np.abs(grid), initial=0.0)) + u * abs(float(edges[0])) * scale + 8 * u * (bins + 1))
+    return _Linear(lo, sc, dtype.type(tol)) if tol < 0.25 else None
+
+
+_RULES: dict[tuple[bytes, np.dtype[Any]], tuple[BinBounds, _Linear | None]] = {}
+_RULES_MAX = 4096  # sets of edges remembered (one per histogram tensor); past it the cache starts afresh
+
+
+def _rule(edges: np.ndarray, dtype: np.dtype[Any]) -> tuple[BinBounds, _Linear | None]:
+    """:func:`bin_bounds` and :func:`_linear` of ``edges`` for values of ``dtype``, computed once
+    per set of edges (a tensor's bins are fixed, so every later value is counted on the same)."""
+    key = (edges.tobytes(), dtype)
+    rule = _RULES.get(key)
+    if rule is None:
+        b = bin_bounds(np.array(edges, dtype=np.float64), dtype.name)  # a copy: its bounds may be the edges
+        b.bounds.flags.writeable = False  # shared by every later count on these edges
+        rule = b, (_linear(edges, b, dtype) if dtype.kind == "f" else None)
+        if len(_RULES) >= _RULES_MAX:
+            _RULES.clear()
+        _RULES[key] = rule
+    return rule
+
+
+class _Work(threading.local):
+    """Each thread's work buffers for :func:`_linear_counts`, of :data:`_BLOCK` values, made once."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple[np.dtype[Any], bool, int], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}
+
+    def get(self, dtype: np.dtype[Any], small: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``(position, distance, near, code)`` buffers; codes are ``uint8`` when ``small`` (up to 256 bins)."""
+        key = (dtype, small, _BLOCK)
+        bufs = self.buffers.get(key)
+        if bufs is None:
+            bufs = self.buffers[key] = (
+                np.empty(_BLOCK, dtype=dtype),
+                np.empty(_BLOCK, dtype=dtype),
+                np.empty(_BLOCK, dtype=bool),
+                np.empty(_BLOCK, dtype=np.uint8 if small else np.intp),
+            )
+        return bufs
+
+
+_WORK = _Work()
+
+
+def _linear_counts(x: np.ndarray, b: BinBounds, linear: _Linear, bincount: Bincount = _np_bincount) -> np.ndarray:
+    """Counts of ``x`` (flat, float32 or float64) on about equal bins in O(n).
 
     Each value's position ``w = (x - edges[0]) * scale``, ``scale = bins / (edges[-1] - edges[0])``,
-    is computed in ``x``'s dtype (:data:`_BLOCK` values at a time, so that the work buffers stay
-    in cache), clipped into ``[0.5, bins - 0.5]`` (values outside the edges go to the outer
+    is computed in ``x``'s dtype (:data:`_BLOCK` values at a time, in each thread's own buffers,
+    which stay in the CPU's cache), clipped into ``[0.5, bins - 0.5]`` (values outside the edges go to the outer
     bins), truncated to its bin (a ``uint8`` code up to 256 bins) and counted by ``bincount``.
     That is the bin of the rule unless ``w`` lies within ``tol`` of an integer: ``tol`` bounds
     the rounding of ``w`` (``x - lo`` and the product, about 1.5 ulp of ``w``, and ``lo``'s own
@@ -387,32 +451,17 @@ def _linear_counts(
     the equal grid, twice over.
     Those few values are binned by searching the bounds, exactly. A block with a non-finite
     position (NaN, Inf, or a value too far out for the dtype) is counted on its sorted values.
-    None (then sort) when the edges repeat, are too far from equal, or are too close together
-    for ``x``'s dtype (``tol >= 1/4``).
+    :func:`_linear` gives no plan (then sort) when the edges repeat, are too far from equal, or
+    are too close together for ``x``'s dtype (``tol >= 1/4``).
     """
-    if b.first != 1:
-        return None
     bins = b.bins
-    with np.errstate(all="ignore"):
-        scale = bins / (edges[-1] - edges[0])
-        lo, sc = x.dtype.type(edges[0]), x.dtype.type(scale)
-    if not (np.isfinite(scale) and scale > 0 and np.isfinite(lo) and np.isfinite(sc) and sc >= np.finfo(x.dtype).tiny):
-        return None
-    grid = (b.bounds[1:bins].astype(np.float64) - edges[0]) * scale - np.arange(1, bins)
-    u = float(np.finfo(x.dtype).eps)
-    tol = 2 * (float(np.max(np.abs(grid), initial=0.0)) + u * abs(float(edges[0])) * scale + 8 * u * (bins + 1))
-    if not tol < 0.25:
-        return None
-    tol_x = x.dtype.type(tol)
-    block = _BLOCK
+    lo, sc, tol = linear
     interior = b.bounds[1:bins]
     counts = np.zeros(bins, dtype=np.int64)
-    size = min(block, x.size)
-    w, dist = np.empty(size, dtype=x.dtype), np.empty(size, dtype=x.dtype)
-    near, index = np.empty(size, dtype=bool), np.empty(size, dtype=np.uint8 if bins <= 256 else np.intp)
+    w, dist, near, index = _WORK.get(x.dtype, bins <= 256)
     with np.errstate(all="ignore"):
-        for start in range(0, x.size, block):
-            xb = x[start : start + block]
+        for start in range(0, x.size, _BLOCK):
+            xb = x[start : start + _BLOCK]
             n = xb.size
             wb, db, nb, ib = w[:n], dist[:n], near[:n], index[:n]
             np.subtract(xb, lo, out=wb)
@@ -424,7 +473,7 @@ def _linear_counts(
             if w_min < 0.5 or w_max > bins - 0.5:  # one pass (np.maximum then np.minimum cost 2-4 times as much)
                 np.clip(wb, 0.5, bins - 0.5, out=wb)
             np.subtract(wb, np.rint(wb, out=db), out=db)
-            np.less(np.abs(db, out=db), tol_x, out=nb)
+            np.less(np.abs(db, out=db), tol, out=nb)
             np.copyto(ib, wb, casting="unsafe")  # truncation: floor, as w > 0
             if nb.any():
                 j = np.flatnonzero(nb)

@@ -15,7 +15,7 @@ import tensortap
 from tensortap import Collection, ReductionConfig, SaveConfig, TensorUnavailableForStep, reductions
 from tensortap.capture import Writer
 from tensortap.capture.testing import numpy_histogram_rule, numpy_rule_edges
-from tensortap.reductions import ALL_REDUCTIONS, REDUCTIONS, Histogram, bin_bounds, compute, equal_edges, histogram
+from tensortap.reductions import ALL_REDUCTIONS, REDUCTIONS, Histogram, compute, equal_edges, histogram
 
 ALL = ReductionConfig(
     reductions=[*REDUCTIONS, "nan_count", "inf_count", "zero_count"],
@@ -333,7 +333,7 @@ def test_a_large_array_is_counted_by_arithmetic_exactly(dtype: str) -> None:
     values[: near.size] = near
     values[-3:] = [np.nan, np.inf, -np.inf]
     clean = values[:-3]
-    assert reductions._linear_counts(clean, edges, bin_bounds(edges, dtype)) is not None  # not the sorting fallback
+    assert reductions._rule(edges, np.dtype(dtype))[1] is not None  # counted by arithmetic, not sorted
     np.testing.assert_array_equal(reductions.histogram_counts(values, edges), numpy_histogram_rule(values, edges))
     np.testing.assert_array_equal(reductions.histogram_counts(clean, edges), numpy_histogram_rule(clean, edges))
 
@@ -342,5 +342,5 @@ def test_edges_too_close_for_the_dtype_fall_back_to_sorting() -> None:
     """float32 values near 1000 on bins 1e-4 wide: rounding spans bins, so the values are sorted instead."""
     edges = equal_edges(1000.0, 1000.0 + 64e-4, 64)
     values = (1000.0 + np.random.default_rng(1).uniform(-1e-3, 7e-3, reductions._LINEAR_MIN_SIZE)).astype(np.float32)
-    assert reductions._linear_counts(values, edges, bin_bounds(edges, "float32")) is None
+    assert reductions._rule(edges, np.dtype("float32"))[1] is None
     np.testing.assert_array_equal(reductions.histogram_counts(values, edges), numpy_histogram_rule(values, edges))

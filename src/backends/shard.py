@@ -21,7 +21,7 @@ import time
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import wraps
+from functools import partial, wraps
 from typing import Any, NoReturn, ParamSpec, TypeVar
 
 import h5py
@@ -448,14 +448,18 @@ class _Writeback:
     Advisory: a failure is ignored, the ``fsync`` still makes the shard durable."""
 
     def __init__(self, path: str, enabled: bool) -> None:
-        self._fd = os.open(path, os.O_RDONLY) if enabled and _START_WRITEBACK is not None else None
+        self._fd: int | None = None
+        self._start: Callable[[], object] | None = None  # starts the write-out of what the file holds so far
+        if enabled and _START_WRITEBACK is not None:
+            self._fd = fd = os.open(path, os.O_RDONLY)
+            self._start = partial(_START_WRITEBACK, fd)
         self._bytes = 0
 
     def wrote(self, nbytes: int) -> None:
         """``nbytes`` more were written; start the write-out once enough are."""
         self._bytes += nbytes
-        if self._fd is not None and self._bytes >= _WRITEBACK_EVERY and _START_WRITEBACK is not None:
-            _START_WRITEBACK(self._fd)
+        if self._start is not None and self._bytes >= _WRITEBACK_EVERY:
+            self._start()
             self._bytes = 0
 
     def __enter__(self) -> _Writeback:
@@ -464,7 +468,7 @@ class _Writeback:
     def __exit__(self, *exc: object) -> None:
         if self._fd is not None:
             os.close(self._fd)
-            self._fd = None
+            self._fd = self._start = None
 
 
 def write_shard(

@@ -559,7 +559,12 @@ class TrialWriter:
         """
         pending, self._pending = self._pending, []
         self._wait_for(pending)
-        counting.COUNTER.wait_idle(self.policy.timeout)
+        if not counting.COUNTER.wait_idle(self.policy.timeout):
+            logger.warning(
+                "tensortap: histograms taken so far are not counted after %g s; each is counted at the "
+                "latest when its shard is written",
+                self.policy.timeout,
+            )
         if not self._hung and self._io_lock.acquire(timeout=self.policy.timeout):
             self._io_lock.release()  # a publish the writer thread started on its own
 

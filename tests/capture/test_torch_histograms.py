@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -374,6 +376,41 @@ def test_float16_gradscaler_skipped_step_fixes_the_bins_at_the_first_finite_grad
         np.testing.assert_array_equal(hist.edges, edges)
         np.testing.assert_array_equal(hist.counts, numpy_histogram_rule(grads[step], edges))
     assert trial.tensor("outputs/Linear").summary()["dtype"] == "float16"  # NumPy has it: stored as is
+
+
+def test_a_drain_that_outwaits_the_counting_says_so_and_loses_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A histogram still not counted after ``ShardPolicy.timeout``: ``drain`` returns with one warning, and
+    the histogram is counted when its shard is written (here at ``close``), of the values at save."""
+    model, opt = _classifier()
+    hook = _histograms_every_step(model, opt, tmp_path)
+    hook.writer.policy = dataclasses.replace(hook.writer.policy, timeout=0.2)
+    counter = counting.COUNTER
+    grads = []
+    with counter._cond:  # nothing leaves the queue while the steps run
+        for x, y in list(_batches())[:3]:
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            grads.append(model[0].weight.grad.numpy().copy())
+            opt.step()
+        model(x)  # ends the last step
+        held = counter._queue[0][0]
+        held._lock.acquire()  # the counting thread will wait on it
+    try:
+        with caplog.at_level(logging.WARNING, logger="tensortap"):
+            hook.writer.drain()
+    finally:
+        held._lock.release()
+    assert [r.getMessage() for r in caplog.records] == [
+        "tensortap: histograms taken so far are not counted after 0.2 s; each is counted at the latest when "
+        "its shard is written"
+    ]
+    hook.close()
+    t = tensortap.create_trial(tmp_path).tensor("gradients/0.weight")
+    edges = numpy_rule_edges(grads[0], BINS)
+    for step, grad in enumerate(grads):
+        np.testing.assert_array_equal(t.histogram_value(step).counts, numpy_histogram_rule(grad, edges))
 
 
 def test_histograms_counted_later_are_of_the_values_at_save(tmp_path: Path) -> None:
