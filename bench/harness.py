@@ -2,7 +2,7 @@
 
 Every arm keeps its own state (a model, an optimizer, a hook) for the whole
 measurement and runs ``block`` units of work at a time; the arms take turns,
-block after block, in an order rotated every round, so that a slow spell of
+block after block, in a new random order every round, so that a slow spell of
 the machine (another job, a page-cache flush) falls on every arm alike
 instead of on whichever ran then. Two arms run the baseline: their ratio,
 which would be exactly 1 on a quiet machine, is the run's noise, reported
@@ -15,14 +15,17 @@ this module too.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
+import random
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -212,17 +215,18 @@ def serve(make: Callable[[], Arm]) -> None:
     sys.stdout = sys.stderr
     arm = make()
     print("ready", file=replies, flush=True)
-    for line in sys.stdin:
-        command, *args = line.split()
-        t0 = time.perf_counter()
-        if command == "run":
-            arm.run(int(args[0]))
-            settle(arm)
-        else:
-            arm.close()
-        print(time.perf_counter() - t0, file=replies, flush=True)
-        if command != "run":
-            return
+    with collected():
+        for line in sys.stdin:
+            command, *args = line.split()
+            t0 = time.perf_counter()
+            if command == "run":
+                arm.run(int(args[0]))
+                settle(arm)
+            else:
+                arm.close()
+            print(time.perf_counter() - t0, file=replies, flush=True)
+            if command != "run":
+                return
 
 
 @dataclass
@@ -258,25 +262,51 @@ def interleave(arms: Mapping[str, Callable[[], Arm]], *, rounds: int, block: int
     warmup
         Untimed units each arm runs first (tracing, first-touch memory).
     """
+    rng = random.Random(0)  # the same orders in every run
     built = {name: make() for name, make in arms.items()}
     for arm in built.values():
         if warmup:
             arm.run(warmup)
     timings = {name: Timing() for name in built}
     names = list(built)
-    for r in range(rounds):
-        order = names[r % len(names) :] + names[: r % len(names)]
-        for name in order:
-            t0 = time.perf_counter()
-            own = built[name].run(block)
-            settle(built[name])
-            timings[name].blocks.append(time.perf_counter() - t0 if own is None else own)
-            timings[name].units += block
+    with collected():
+        for _ in range(rounds):
+            order = shuffled(names, rng)
+            for name in order:
+                t0 = time.perf_counter()
+                own = built[name].run(block)
+                settle(built[name])
+                timings[name].blocks.append(time.perf_counter() - t0 if own is None else own)
+                timings[name].units += block
     for name, arm in built.items():
         t0 = time.perf_counter()
         arm.close()
         timings[name].closing = time.perf_counter() - t0
     return timings
+
+
+def shuffled(names: Sequence[str], rng: random.Random) -> list[str]:
+    """``names`` in a random order. A rotation would keep each arm behind the same one, whose
+    leftovers (a shard published by time, pages to reclaim) it would then always pay for."""
+    order = list(names)
+    rng.shuffle(order)
+    return order
+
+
+@contextlib.contextmanager
+def collected() -> Iterator[None]:
+    """Measure in a process whose garbage is collected and whose objects are frozen (``gc.freeze``).
+
+    Otherwise the first full collection after the imports and set-up (0.2-0.3 s with torch
+    loaded, on this kind of machine) lands in the block of whichever arm happens to cross
+    the collector's threshold, and bills that arm for it (``bench/notes.md``).
+    """
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def noise(timings: Mapping[str, Timing]) -> float:
