@@ -102,31 +102,27 @@ class TrainArm:
 
 class CopyFloorArm(TrainArm):
     """The floor of histograms counted on another thread: the training thread must at least copy
-    each step's weights and gradients (its gradients after ``backward``, its weights after the
-    optimizer's step, as the hook takes them) before the optimizer or the next step changes them in
+    each step's weights and gradients (its gradients before the optimizer's step, its weights
+    after it, as the hook takes them) before the optimizer or the next step changes them in
     place. Copies go into a few recycled buffers, as the hook's do; nothing else is done with them."""
 
     RING = 4  # sets of buffers in turn: those of the steps still being counted, in the hook
 
     def __init__(self) -> None:
         super().__init__()
-        params = list(self.model.parameters())
-        self.ring = [[np.empty(p.numel(), dtype=np.float32) for p in params] for _ in range(2 * self.RING)]
+        self.params = list(self.model.parameters())
+        self.ring = [[np.empty(p.numel(), dtype=np.float32) for p in self.params] for _ in range(2 * self.RING)]
+        self.copies = 0  # steps whose values were copied
+        self.opt.register_step_pre_hook(lambda *_: self._copy(0, [p.grad for p in self.params]))
+        self.opt.register_step_post_hook(lambda *_: self._copy(1, self.params))
 
-    def run(self, n: int) -> None:
-        params = list(self.model.parameters())
-        for _ in range(n):
-            x, y = self.batches[self.i % len(self.batches)]
-            grads, weights = self.ring[2 * (self.i % self.RING)], self.ring[2 * (self.i % self.RING) + 1]
-            self.i += 1
-            self.opt.zero_grad()
-            self.loss_fn(self.model(x), y).backward()
-            for buf, p in zip(grads, params, strict=True):
-                assert p.grad is not None
-                np.copyto(buf, p.grad.numpy().reshape(-1))
-            self.opt.step()
-            for buf, p in zip(weights, params, strict=True):
-                np.copyto(buf, p.detach().numpy().reshape(-1))
+    def _copy(self, which: int, tensors: Sequence[torch.Tensor | None]) -> None:
+        """Copy a step's gradients (``which`` 0) or weights (1) into the next buffers of the ring."""
+        bufs = self.ring[2 * (self.copies % self.RING) + which]
+        self.copies += which
+        for buf, t in zip(bufs, tensors, strict=True):
+            assert t is not None
+            np.copyto(buf, t.detach().numpy().reshape(-1))
 
 
 class DiskFloorArm:

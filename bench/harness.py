@@ -271,8 +271,9 @@ def interleave(arms: Mapping[str, Callable[[], Arm]], *, rounds: int, block: int
     names = list(built)
     with collected():
         for _ in range(rounds):
-            order = shuffled(names, rng)
-            for name in order:
+            # a new order each round: a rotation would keep each arm behind the same one, whose
+            # leftovers (a shard published by time, pages to reclaim) it would always pay for
+            for name in rng.sample(names, len(names)):
                 t0 = time.perf_counter()
                 own = built[name].run(block)
                 settle(built[name])
@@ -283,14 +284,6 @@ def interleave(arms: Mapping[str, Callable[[], Arm]], *, rounds: int, block: int
         arm.close()
         timings[name].closing = time.perf_counter() - t0
     return timings
-
-
-def shuffled(names: Sequence[str], rng: random.Random) -> list[str]:
-    """``names`` in a random order. A rotation would keep each arm behind the same one, whose
-    leftovers (a shard published by time, pages to reclaim) it would then always pay for."""
-    order = list(names)
-    rng.shuffle(order)
-    return order
 
 
 @contextlib.contextmanager
