@@ -21,7 +21,7 @@ import time
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import partial, wraps
+from functools import lru_cache, wraps
 from typing import Any, NoReturn, ParamSpec, TypeVar
 
 import h5py
@@ -366,60 +366,44 @@ def _text(text: str) -> np.bytes_:
     return np.bytes_(text.encode("utf-8"))
 
 
-def _dataset(group: h5py.Group, name: str, data: np.ndarray, **opts: Any) -> None:
-    """A dataset that carries the CRC-32 of its bytes in its ``crc32`` attribute."""
-    ds = group.create_dataset(name, data=data, **opts)
-    ds.attrs["crc32"] = np.uint32(crc32(data))
+# The shard is written with h5py's low-level API (h5g, h5d, h5a), which makes the same objects as
+# its high-level one (datasets without access times, ASCII names) in half the interpreter time per
+# object: all of it holding the GIL, which the training thread waits for meanwhile (a shard of 13
+# tensors: 20 ms through the high-level API, 7 ms now, bench/profiles/torch.md).
+Node = Any  # an h5py low-level file, group or dataset identifier (h5py has no type hints)
 
 
-def _json_dataset(group: h5py.Group, name: str, obj: Any) -> None:
-    _dataset(group, name, np.frombuffer(json.dumps(obj, ensure_ascii=False).encode("utf-8"), dtype=np.uint8))
+def _dcpl() -> Any:
+    """Dataset creation properties: no access times (as h5py's ``create_dataset``), and the space
+    allocated at creation, so that the values can be written at its offset afterwards (no fill
+    value is set, so none is written)."""
+    plist = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    plist.set_obj_track_times(False)
+    plist.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    return plist
 
 
-def _row_checksums(values: Sequence[np.ndarray]) -> np.ndarray:
-    """CRC-32 of each value's bytes (``values`` rows or arrays, each C-contiguous)."""
-    return np.array([crc32(v) for v in values], dtype=np.uint32)
+_DCPL = _dcpl()
+_SCALAR = h5py.h5s.create_simple(())
+_RAW_KINDS = "biufc"  # dtypes stored in the file as their bytes in memory (bool as an 8-bit enum)
 
 
-def _write_raw(group: h5py.Group, col: _Column, compression: str | None) -> dict[str, Any]:
-    _dataset(group, "steps", np.array(col.steps, dtype=np.int64))
-    values = col.values()
-    opts: dict[str, Any] = {"compression": compression, "shuffle": True} if compression else {}
-    if isinstance(values, np.ndarray):
-        group.create_dataset("data", data=values, **(opts if values.size else {}))
-        group.create_dataset("crc32", data=_row_checksums([values[i : i + 1] for i in range(len(values))]))
-        group.attrs["layout"] = _text("fixed")
-        return {"dtype": str(values.dtype), "shape": list(values.shape[1:])}
-    dtype = np.result_type(*values)
-    ndim = max(a.ndim for a in values)
-    parts = [np.ascontiguousarray(a.astype(dtype, copy=False)).ravel() for a in values]
-    flat = np.concatenate(parts)
-    offsets = np.zeros(len(values) + 1, dtype=np.int64)
-    offsets[1:] = np.cumsum([a.size for a in values])
-    shapes = np.full((len(values), ndim), -1, dtype=np.int64)
-    for i, a in enumerate(values):
-        shapes[i, : a.ndim] = a.shape
-    group.create_dataset("data", data=flat, **(opts if flat.size else {}))
-    group.create_dataset("crc32", data=_row_checksums(parts))
-    _dataset(group, "offsets", offsets)
-    _dataset(group, "shapes", shapes)
-    _dataset(group, "ndims", np.array([a.ndim for a in values], dtype=np.int8))
-    group.attrs["layout"] = _text("ragged")
-    return {"dtype": str(np.dtype(dtype)), "shape": list(values[-1].shape)}
+@lru_cache(maxsize=256)
+def _h5_type(dtype: np.dtype[Any], logical: bool = True) -> Any:
+    """HDF5's type for ``dtype``, as h5py makes it (``logical``: the stored type, else the
+    in-memory one)."""
+    return h5py.h5t.py_create(dtype, logical=logical)
 
 
-def _write_histograms(group: h5py.Group, pending: list[tuple[int, Histogram | PendingHistogram]], n_steps: int) -> Any:
-    """``/tensors/<id>/histogram/{steps,edges,counts}`` (pending histograms counted now, on the
-    writer thread); return the index record's ``histogram_steps``."""
-    hists = [(s, resolved(h)) for s, h in pending]
-    bins = {len(h.counts) for _, h in hists}
-    if len(bins) != 1:  # the core fixes a tensor's bins once: this is a bug, never silent
-        raise ValueError(f"histograms of one tensor with different numbers of bins in one shard: {sorted(bins)}")
-    hg = group.create_group("histogram")
-    _dataset(hg, "steps", np.array([s for s, _ in hists], dtype=np.int64))
-    _dataset(hg, "edges", np.stack([h.edges for _, h in hists]).astype(np.float64))
-    _dataset(hg, "counts", np.stack([h.counts for _, h in hists]).astype(np.int64))
-    return ALL_STEPS if len(hists) == n_steps else [s for s, _ in hists]
+def _group(parent: Node, name: str) -> Node:
+    return h5py.h5g.create(parent, name.encode())
+
+
+def _attr(obj: Node, name: str, value: object) -> None:
+    """An attribute holding ``value`` (a NumPy scalar, or an int), scalar-shaped."""
+    data = np.asarray(value)
+    attr = h5py.h5a.create(obj, name.encode(), _h5_type(data.dtype), _SCALAR)
+    attr.write(data, mtype=_h5_type(data.dtype, False))
 
 
 _WRITEBACK_EVERY = 8 << 20  # bytes of values between two starts of the write-out
@@ -441,34 +425,127 @@ def _sync_file_range() -> Callable[[int], object] | None:
 _START_WRITEBACK = _sync_file_range()
 
 
-class _Writeback:
-    """Starts the disk write of a shard being written every :data:`_WRITEBACK_EVERY` bytes, so that
-    the disk writes the first values while HDF5 copies the next ones, and the ``fsync`` when it is
-    published waits for the tail only (``bench/profiles/torch.md``: a shard written 25-30% faster).
-    Advisory: a failure is ignored, the ``fsync`` still makes the shard durable."""
+class _Datasets:
+    """Creates a shard's datasets; HDF5 allocates their space at once, and :meth:`write` writes
+    their bytes there with ``os.pwrite`` once HDF5 has closed the file. ``pwrite`` releases the
+    GIL, which HDF5 (through h5py) holds while it copies data in, and the training thread waits for
+    meanwhile (an every-step shard of ``bench`` holds 86 MB of values); each write through HDF5
+    also costs 60 us of set-up, as much as creating the dataset.
 
-    def __init__(self, path: str, enabled: bool) -> None:
-        self._fd: int | None = None
-        self._start: Callable[[], object] | None = None  # starts the write-out of what the file holds so far
-        if enabled and _START_WRITEBACK is not None:
-            self._fd = fd = os.open(path, os.O_RDONLY)
-            self._start = partial(_START_WRITEBACK, fd)
-        self._bytes = 0
+    Data HDF5 must transform (compressed, or of a type not stored as its bytes in memory) is
+    written by HDF5 at once.
 
-    def wrote(self, nbytes: int) -> None:
-        """``nbytes`` more were written; start the write-out once enough are."""
-        self._bytes += nbytes
-        if self._start is not None and self._bytes >= _WRITEBACK_EVERY:
-            self._start()
-            self._bytes = 0
+    Parameters
+    ----------
+    compression
+        The shard's compression of values (:func:`write_shard`).
+    writeback
+        Start the disk write of the file every :data:`_WRITEBACK_EVERY` bytes, so that the disk
+        writes the first values while the next are written, and the ``fsync`` when the shard is
+        published waits for the tail only (``bench/profiles/torch.md``: a shard written 25-30%
+        faster). Advisory: a failure is ignored, the ``fsync`` still makes the shard durable.
+    """
 
-    def __enter__(self) -> _Writeback:
-        return self
+    def __init__(self, compression: str | None, writeback: bool) -> None:
+        self.compression = compression
+        self._start_writeback = _START_WRITEBACK if writeback else None
+        self._later: list[tuple[int, np.ndarray]] = []  # file offset, data
 
-    def __exit__(self, *exc: object) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = self._start = None
+    def add(self, parent: Node, name: str, data: np.ndarray, values: bool = False) -> Node:
+        """The dataset ``name`` of ``parent``, holding ``data`` (tensor ``values``: compressed, if the
+        shard is); written by :meth:`write`, or now."""
+        if values and self.compression is not None and data.size:
+            group = h5py.Group(parent)
+            return group.create_dataset(name, data=data, compression=self.compression, shuffle=True).id
+        ds = h5py.h5d.create(
+            parent, name.encode(), _h5_type(data.dtype), h5py.h5s.create_simple(data.shape), dcpl=_DCPL
+        )
+        if data.dtype.kind in _RAW_KINDS:
+            if data.size:
+                self._later.append((ds.get_offset(), data))
+        elif data.size:
+            ds.write(h5py.h5s.ALL, h5py.h5s.ALL, np.ascontiguousarray(data))
+        return ds
+
+    def checked(self, parent: Node, name: str, data: np.ndarray) -> None:
+        """A dataset that carries the CRC-32 of its bytes in its ``crc32`` attribute."""
+        _attr(self.add(parent, name, data), "crc32", np.uint32(crc32(data)))
+
+    def json(self, parent: Node, name: str, obj: Any) -> None:
+        """A checked dataset of ``obj`` as UTF-8 JSON bytes."""
+        self.checked(parent, name, np.frombuffer(json.dumps(obj, ensure_ascii=False).encode("utf-8"), dtype=np.uint8))
+
+    def write(self, path: str) -> None:
+        """Write the data put off by :meth:`add` into ``path``, which HDF5 has closed."""
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            pending = 0  # bytes since the write-out was last started
+            for offset, data in self._later:
+                raw = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+                for start in range(0, len(raw), _WRITEBACK_EVERY):
+                    piece = raw[start : start + _WRITEBACK_EVERY]
+                    _pwrite_all(fd, piece, offset + start)
+                    pending += len(piece)
+                    if self._start_writeback is not None and pending >= _WRITEBACK_EVERY:
+                        self._start_writeback(fd)
+                        pending = 0
+        finally:
+            os.close(fd)
+
+
+def _pwrite_all(fd: int, data: np.ndarray, offset: int) -> None:
+    """``os.pwrite`` until every byte of ``data`` is written."""
+    view = memoryview(data.data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def _row_checksums(values: Sequence[np.ndarray]) -> np.ndarray:
+    """CRC-32 of each value's bytes (``values`` rows or arrays, each C-contiguous)."""
+    return np.array([crc32(v) for v in values], dtype=np.uint32)
+
+
+def _write_raw(ds: _Datasets, group: Node, col: _Column) -> dict[str, Any]:
+    ds.checked(group, "steps", np.array(col.steps, dtype=np.int64))
+    values = col.values()
+    if isinstance(values, np.ndarray):
+        ds.add(group, "data", values, values=True)
+        ds.add(group, "crc32", _row_checksums([values[i : i + 1] for i in range(len(values))]))
+        _attr(group, "layout", _text("fixed"))
+        return {"dtype": str(values.dtype), "shape": list(values.shape[1:])}
+    dtype = np.result_type(*values)
+    ndim = max(a.ndim for a in values)
+    parts = [np.ascontiguousarray(a.astype(dtype, copy=False)).ravel() for a in values]
+    flat = np.concatenate(parts)
+    offsets = np.zeros(len(values) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([a.size for a in values])
+    shapes = np.full((len(values), ndim), -1, dtype=np.int64)
+    for i, a in enumerate(values):
+        shapes[i, : a.ndim] = a.shape
+    ds.add(group, "data", flat, values=True)
+    ds.add(group, "crc32", _row_checksums(parts))
+    ds.checked(group, "offsets", offsets)
+    ds.checked(group, "shapes", shapes)
+    ds.checked(group, "ndims", np.array([a.ndim for a in values], dtype=np.int8))
+    _attr(group, "layout", _text("ragged"))
+    return {"dtype": str(np.dtype(dtype)), "shape": list(values[-1].shape)}
+
+
+def _write_histograms(
+    ds: _Datasets, group: Node, pending: list[tuple[int, Histogram | PendingHistogram]], n_steps: int
+) -> Any:
+    """``/tensors/<id>/histogram/{steps,edges,counts}`` (pending histograms counted now, on the
+    writer thread); return the index record's ``histogram_steps``."""
+    hists = [(s, resolved(h)) for s, h in pending]
+    bins = {len(h.counts) for _, h in hists}
+    if len(bins) != 1:  # the core fixes a tensor's bins once: this is a bug, never silent
+        raise ValueError(f"histograms of one tensor with different numbers of bins in one shard: {sorted(bins)}")
+    hg = _group(group, "histogram")
+    ds.checked(hg, "steps", np.array([s for s, _ in hists], dtype=np.int64))
+    ds.checked(hg, "edges", np.stack([h.edges for _, h in hists]).astype(np.float64))
+    ds.checked(hg, "counts", np.stack([h.counts for _, h in hists]).astype(np.int64))
+    return ALL_STEPS if len(hists) == n_steps else [s for s, _ in hists]
 
 
 def write_shard(
@@ -495,39 +572,40 @@ def write_shard(
     compression
         ``None`` (default, fastest), ``"gzip"`` or ``"lzf"``: built-in HDF5 filters only.
     writeback
-        Start writing the file to disk while it is written (see :class:`_Writeback`): for a file
+        Start writing the file to disk while it is written (see :class:`_Datasets`): for a file
         that is published where it is (renamed), not one that is uploaded and deleted.
     """
     names = sorted(buffer.columns)
     n_steps = len(buffer.steps)
     tensors_index: dict[str, Any] = {}
     red_rows: list[tuple[int, int, str, float]] = []
-    with h5py.File(path, "w", libver=("v110", "v110")) as f, _Writeback(path, writeback) as writer:
-        f.attrs["format"] = _text(SHARD_MAGIC)
-        f.attrs["format_version"] = FORMAT_VERSION
-        f.attrs["format_minor"] = FORMAT_MINOR
-        f.attrs["worker"] = _text(worker)
-        f.attrs["seq"] = seq
+    ds = _Datasets(compression, writeback)
+    with h5py.File(path, "w", libver=("v110", "v110")) as file:
+        f = file.id
+        _attr(f, "format", _text(SHARD_MAGIC))
+        _attr(f, "format_version", FORMAT_VERSION)
+        _attr(f, "format_minor", FORMAT_MINOR)
+        _attr(f, "worker", _text(worker))
+        _attr(f, "seq", seq)
         steps = np.array(buffer.steps, dtype=np.int64).reshape(n_steps, 3)
-        st_group = f.create_group("steps")
-        _dataset(st_group, "step", steps[:, 0])
-        _dataset(st_group, "mode", steps[:, 1].astype(np.int8))
-        _dataset(st_group, "mode_step", steps[:, 2])
-        _dataset(st_group, "wall_time", np.array(buffer.wall_times, dtype=np.float64))
-        _json_dataset(f, "names", names)
-        tgroup = f.create_group("tensors")
+        st_group = _group(f, "steps")
+        ds.checked(st_group, "step", steps[:, 0])
+        ds.checked(st_group, "mode", steps[:, 1].astype(np.int8))
+        ds.checked(st_group, "mode_step", steps[:, 2])
+        ds.checked(st_group, "wall_time", np.array(buffer.wall_times, dtype=np.float64))
+        ds.json(f, "names", names)
+        tgroup = _group(f, "tensors")
         for tid, name in enumerate(names):
             col = buffer.columns[name]
-            g = tgroup.create_group(str(tid))
+            g = _group(tgroup, str(tid))
             collections = sorted(col.collections)
-            g.attrs["collections"] = _text(json.dumps(collections))
+            _attr(g, "collections", _text(json.dumps(collections)))
             entry: dict[str, Any] = {"id": tid, "collections": collections}
             if col.steps:
-                entry.update(_write_raw(g, col, compression))
-                writer.wrote(col.nbytes())
+                entry.update(_write_raw(ds, g, col))
                 entry["raw_steps"] = ALL_STEPS if len(col.steps) == n_steps else list(col.steps)
             if col.orig_dtype:
-                g.attrs["orig_dtype"] = _text(col.orig_dtype)
+                _attr(g, "orig_dtype", _text(col.orig_dtype))
                 entry["orig_dtype"] = col.orig_dtype
             if col.red:
                 red_steps = sorted({s for s, _, _ in col.red})
@@ -535,16 +613,17 @@ def write_shard(
                 entry["reduction_steps"] = ALL_STEPS if len(red_steps) == n_steps else red_steps
                 red_rows.extend((tid, s, k, v) for s, k, v in col.red)
             if col.hist:
-                entry["histogram_steps"] = _write_histograms(g, col.hist, n_steps)
+                entry["histogram_steps"] = _write_histograms(ds, g, col.hist, n_steps)
             tensors_index[name] = entry
         kinds = sorted({k for _, _, k, _ in red_rows})
         kind_id = {k: i for i, k in enumerate(kinds)}
-        rg = f.create_group("reductions")
-        rg.attrs["kinds"] = _text(json.dumps(kinds))
-        _dataset(rg, "tensor_id", np.array([r[0] for r in red_rows], dtype=np.int32))
-        _dataset(rg, "step", np.array([r[1] for r in red_rows], dtype=np.int64))
-        _dataset(rg, "kind", np.array([kind_id[r[2]] for r in red_rows], dtype=np.int16))
-        _dataset(rg, "value", np.array([r[3] for r in red_rows], dtype=np.float64))
+        rg = _group(f, "reductions")
+        _attr(rg, "kinds", _text(json.dumps(kinds)))
+        ds.checked(rg, "tensor_id", np.array([r[0] for r in red_rows], dtype=np.int32))
+        ds.checked(rg, "step", np.array([r[1] for r in red_rows], dtype=np.int64))
+        ds.checked(rg, "kind", np.array([kind_id[r[2]] for r in red_rows], dtype=np.int16))
+        ds.checked(rg, "value", np.array([r[3] for r in red_rows], dtype=np.float64))
+    ds.write(path)
     return {
         "format": INDEX_MAGIC,
         "format_version": FORMAT_VERSION,
