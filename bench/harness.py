@@ -319,17 +319,20 @@ def rows(
     benchmark: str, timings: Mapping[str, Timing], unit: str = "ms_per_step", scale: float = 1e3
 ) -> list[dict[str, object]]:
     """One row per arm: time per unit (seconds times ``scale``, in the column ``unit``), ratio to the
-    baseline arm, and the run's noise."""
-    base = timings[BASELINE].total
+    baseline arm, and the run's noise; and, apart, the ratio of the blocks alone and the time
+    ``close()`` took (ms): a short run pays its last publish in full (``bench/notes.md``)."""
+    base = timings[BASELINE]
     n = noise(timings)
     return [
         {
             "benchmark": benchmark,
             "case": name,
             unit: t.per_unit * scale,
-            "ratio": t.total / base,
+            "ratio": t.total / base.total,
             "noise": n,
             "block spread": spread(t),
+            "ratio of the blocks": sum(t.blocks) / sum(base.blocks),
+            "closing (ms)": t.closing * 1e3,
         }
         for name, t in timings.items()
     ]
