@@ -232,6 +232,7 @@ class ShardBuffer:
         self.columns: dict[str, _Column] = {}
         self.nbytes = 0
         self._staged: list[tuple[str, int, bool, int]] = []  # name, step, raw added, reductions added
+        self._staged_keys: set[tuple[str, int]] = set()  # (name, step) of _staged: a lookup per tensor, not a scan
 
     def __len__(self) -> int:
         return len(self.steps)
@@ -259,7 +260,7 @@ class ShardBuffer:
         if orig_dtype:
             col.orig_dtype = orig_dtype
         stored = None
-        if any(n == name and s == step for n, s, _, _ in self._staged):  # twice in one step: the last wins
+        if (name, step) in self._staged_keys:  # twice in one step: the last wins
             if col.steps and col.steps[-1] == step:
                 col.pop_raw()
             col.red = [r for r in col.red if r[0] != step]
@@ -275,6 +276,7 @@ class ShardBuffer:
             col.hist.append((step, histogram))
             # the counts (a pending histogram's values are bounded by the counting thread's limit instead)
             self.nbytes += histogram.edges.nbytes + 8 * (len(histogram.edges) - 1)
+        self._staged_keys.add((name, step))
         self._staged.append((name, step, raw is not None, len(reductions)))
         return stored
 
@@ -324,6 +326,7 @@ class ShardBuffer:
         self.wall_times.append(time.time())  # first: an interrupt between the two leaves a time rollback drops
         self.steps.append((step, mode, mode_step))
         self._staged = []
+        self._staged_keys = set()
 
     def rollback(self) -> None:
         """Drop every value of a step that is not committed.
@@ -342,6 +345,7 @@ class ShardBuffer:
                 col.release()
                 del self.columns[name]
         self._staged = []
+        self._staged_keys = set()
 
     def release(self) -> None:
         """Give the stacked arrays back to the pool (after the shard is written)."""
