@@ -304,7 +304,12 @@ def test_values_are_written_outside_hdf5_and_plain_h5py_reads_every_dataset(monk
 
     written: list[int] = []
     real = os.pwrite
-    monkeypatch.setattr(shard.os, "pwrite", lambda fd, data, offset: written.append(real(fd, data, offset)) or written[-1])
+
+    def pwrite(fd: int, data: memoryview, offset: int) -> int:
+        written.append(real(fd, data, offset))
+        return written[-1]
+
+    monkeypatch.setattr(shard.os, "pwrite", pwrite)
     saved = {
         "bool": np.array([True, False, True]),
         "f16": np.array([1.5, -np.inf], dtype=np.float16),

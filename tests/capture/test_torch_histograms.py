@@ -105,6 +105,28 @@ def test_histograms_of_weights_and_gradients_equal_the_rule_on_torch_values(
         assert not np.array_equal(seen[0], seen[-1])  # the values moved under fixed bins
 
 
+def test_the_device_kernel_makes_a_tensors_bounds_once(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The bounds of a tensor's fixed bins are computed, and copied to its device, at its first
+    count only (a copy to a CUDA device from pageable memory waits for the work queued there)."""
+    from tensortap.capture.torch import ops as torch_ops
+
+    made: list[int] = []
+    real = torch_ops.red.bin_bounds
+    monkeypatch.setattr(torch_ops, "_BOUNDS", {})
+    monkeypatch.setattr(torch_ops.red, "bin_bounds", lambda edges, work: made.append(1) or real(edges, work))
+    model, opt = _classifier()
+    hook = _histograms_every_step(model, opt, tmp_path)
+    hook.ops = DeviceBinnedOps()
+    for x, y in _batches():
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    hook.close()
+    names = tensortap.create_trial(tmp_path).tensor_names()
+    assert len(names) == 6  # 2 weights (biases are not in "weights"), the gradients of all 4 parameters
+    assert len(made) == len(names)  # once each, not once a step
+
+
 # ---------------------------------------------------------------- the patterns real scripts use
 # Each run saves the raw tensor AND its histogram: the histogram of a step must be the rule applied to
 # the raw value captured at that step, on the edges the first raw value fixes; the raw values are

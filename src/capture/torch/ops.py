@@ -31,6 +31,25 @@ def _plain(value: torch.Tensor) -> torch.Tensor:
     return t.resolve_conj().resolve_neg()
 
 
+_BOUNDS: dict[tuple[bytes, str, torch.device], tuple[torch.Tensor, red.BinBounds]] = {}
+_BOUNDS_MAX = 4096  # sets of edges (tensors binned on a device) kept; past it the cache starts afresh
+
+
+def _device_bounds(edges: np.ndarray, work: str, device: torch.device) -> tuple[torch.Tensor, red.BinBounds]:
+    """The :class:`~tensortap.reductions.BinBounds` of ``edges`` for values of ``work``, and its bounds
+    on ``device``: made once per tensor's bins (fixed at its first value), so that later counts
+    neither recompute them nor copy them to the device (a copy from pageable memory, which waits
+    for the work queued on the device)."""
+    key = (np.asarray(edges, dtype=np.float64).tobytes(), work, device)
+    hit = _BOUNDS.get(key)
+    if hit is None:
+        b = red.bin_bounds(edges, work)
+        if len(_BOUNDS) >= _BOUNDS_MAX:
+            _BOUNDS.clear()
+        hit = _BOUNDS[key] = torch.from_numpy(b.bounds).to(device), b
+    return hit
+
+
 class TorchOps(core.TensorOps):
     """Reductions and histograms on the tensor's device (one host transfer); raw values as host arrays."""
 
@@ -69,8 +88,8 @@ class TorchOps(core.TensorOps):
             if lo > hi:  # no finite value
                 return None
             edges = red.equal_edges(lo, hi, bins)
-        b = red.bin_bounds(edges, work)
-        index = torch.bucketize(x, torch.from_numpy(b.bounds).to(x.device), right=True, out_int32=True)
+        bounds, b = _device_bounds(edges, work, x.device)
+        index = torch.bucketize(x, bounds, right=True, out_int32=True)
         index = torch.where(finite, index.clamp_(b.first, b.bins) - 1, b.bins)  # non-finite: an extra bin, dropped
         counts = torch.bincount(index, minlength=b.bins + 1)[: b.bins]
         return red.Histogram(edges, counts.cpu().numpy().astype(np.int64))
