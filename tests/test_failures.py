@@ -125,6 +125,38 @@ def test_publish_failure_mid_run_logs_once_and_disables(tmp_path: Path, caplog: 
     assert trial.end_reasons() == {"worker_0": "error"}
     end = json.loads((tmp_path / "end" / "worker_0.json").read_text())
     assert "Not a directory" in end["error"]
+    w.close_for_exit("exit")  # at interpreter exit: nothing left to do, and nothing to fail
+
+
+def test_a_disk_that_fills_while_values_are_written_logs_once_and_keeps_what_was_published(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The values go into the shard file with ``os.pwrite`` after HDF5 has laid it out: a full disk
+    there fails that publish like any other (once, logged), and leaves no partial shard behind."""
+    import errno
+    import os
+
+    from tensortap.backends import shard
+
+    caplog.set_level(logging.ERROR, logger="tensortap")
+    w = Writer(tmp_path, shard_policy=ShardPolicy(max_steps=1))
+    run_steps(w, 2)
+    w.flush()
+
+    def full(fd: int, data: memoryview, offset: int) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(shard.os, "pwrite", full)
+    run_steps(w, 3)
+    w.flush()
+    assert w.failed
+    w.close()
+    errors = _errors(caplog)
+    assert len(errors) == 1 and "No space left" in errors[0].getMessage()
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.steps() == [0, 1]
+    assert trial.end_reasons() == {"worker_0": "error"}
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]  # no partial shard left
 
 
 def test_a_full_shard_waits_while_the_one_before_is_published(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -502,6 +502,8 @@ def _pwrite_all(fd: int, data: np.ndarray, offset: int) -> None:
     view = memoryview(data.data)
     while view:
         n = os.pwrite(fd, view, offset)
+        if n <= 0:  # a regular file raises instead (ENOSPC); never loop on a file that takes nothing
+            raise OSError(f"writing the shard: nothing written at offset {offset}")
         view, offset = view[n:], offset + n
 
 

@@ -365,6 +365,7 @@ class TrialWriter:
         self._publish_cpu = 0.0  # moving average of one publish's CPU time on the writer thread
         self._publishes = 0
         self._seq = 0  # of the next shard the writer thread publishes
+        self._publishing = False  # _publish_handed_off is running (see there)
         self._last: tuple[int, int, int] | None = None  # the last committed (step, mode, mode_step)
         self._staging_step = -1
         self._hung = False  # the storage did not answer within policy.timeout: wait for it no more
@@ -491,11 +492,22 @@ class TrialWriter:
         return self._publish_handed_off if len(self._buffers) > 1 else None
 
     def _publish_handed_off(self) -> None:
-        """Publish the shards handed off, oldest first (writer thread)."""
-        while len(self._buffers) > 1:
-            self._publish(self._buffers[0], self._seq)
-            self._seq += 1
-            del self._buffers[0]
+        """Publish the shards handed off, oldest first (writer thread).
+
+        Not again while it runs: a publish that fails turns capture off, which hands off the open
+        shard and submits this from the writer thread, where a job runs at once. Run inside the
+        loop, it would take the loop's shards, and the loop would then delete the open one.
+        """
+        if self._publishing:
+            return
+        self._publishing = True
+        try:
+            while len(self._buffers) > 1:
+                self._publish(self._buffers[0], self._seq)
+                self._seq += 1
+                del self._buffers[0]
+        finally:
+            self._publishing = False
 
     def _hand_off(self, job: Callable[[], None]) -> None:
         """Submit the job that publishes a full shard, then wait until the shards before it are
