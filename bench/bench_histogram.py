@@ -14,6 +14,7 @@ in the ``torch`` table.
 
 from __future__ import annotations
 
+import functools
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -47,7 +48,7 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
     dirs = {name: root / str(i) for i, name in enumerate(CASES)}
     try:
         arms: dict[str, Callable[[], harness.Arm]] = {
-            name: lambda d=dirs[name], c=config: WriterArm(d, arrays, c) for name, config in CASES.items()
+            name: functools.partial(WriterArm, dirs[name], arrays, config) for name, config in CASES.items()
         }
         timings = harness.interleave(arms, rounds=rounds, block=block, warmup=1)
         on_disk = {name: sum(f.stat().st_size for f in d.rglob("*.h5")) / 1e6 for name, d in dirs.items()}

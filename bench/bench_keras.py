@@ -24,6 +24,7 @@ GIL held, for the epoch iterator's tf.data threads to end
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import os
@@ -162,7 +163,7 @@ def measure(quick: bool = False) -> list[dict[str, Any]]:
         harness.BASELINE_2: lambda: FitArm(None, (), x, y),
     }
     for case, interval, collections in CASES:
-        arms[case] = lambda i=interval, c=collections: FitArm(i, c, x, y)
+        arms[case] = functools.partial(FitArm, interval, collections, x, y)
     timings = harness.interleave(arms, rounds=rounds, block=block, warmup=WARMUP)
     return harness.rows(f"keras ({keras.backend.backend()}) MLP 784-512-256-10, batch 64", timings)
 

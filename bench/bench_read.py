@@ -19,6 +19,7 @@ unset, as outside ``nox -s bench``) only tensortap's rows are measured.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
@@ -66,7 +67,7 @@ def _readers(kind: str, ours: str, theirs: str) -> dict[str, Callable[[], harnes
     }
     if SMDEBUG_PYTHON:
         argv["smdebug"] = [SMDEBUG_PYTHON, "-m", "bench.bench_read_smdebug", "read", theirs, kind]
-    return {name: lambda a=a: harness.Process(a, ROOT) for name, a in argv.items()}
+    return {name: functools.partial(harness.Process, a, ROOT) for name, a in argv.items()}
 
 
 def run(quick: bool = False) -> list[dict[str, Any]]:

@@ -192,7 +192,7 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
     torch.set_num_threads(1)
     arms: dict[str, Callable[[], harness.Arm]] = {harness.BASELINE: TrainArm, harness.BASELINE_2: TrainArm}
     for case, interval, collections in CASES:
-        arms[f"tensortap: {case}"] = lambda i=interval, c=collections: TrainArm(_tensortap_hook, i, c)
+        arms[f"tensortap: {case}"] = functools.partial(TrainArm, _tensortap_hook, interval, collections)
     histogram = functools.partial(_tensortap_hook, histogram=64)
     arms["tensortap: histogram=64 of weights and gradients, every step"] = lambda: TrainArm(
         histogram, 1, ("weights", "gradients")
@@ -202,7 +202,7 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
     if SMDEBUG_PYTHON and not quick:
         for i, (case, _, _) in enumerate(CASES):
             argv = [SMDEBUG_PYTHON, "-m", "bench.bench_torch_smdebug", str(i)]
-            arms[f"smdebug 1.0.34: {case}"] = lambda a=argv: harness.Remote(a, cwd=ROOT)
+            arms[f"smdebug 1.0.34: {case}"] = functools.partial(harness.Remote, argv, cwd=ROOT)
     timings = harness.interleave(arms, rounds=2 if quick else ROUNDS, block=5 if quick else BLOCK, warmup=WARMUP)
     return harness.rows(BENCHMARK, timings)
 

@@ -10,6 +10,7 @@ publishes its last shard) is timed with its arm.
 
 from __future__ import annotations
 
+import functools
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -81,7 +82,7 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
     rounds, block = (4, 2) if quick else (ROUNDS // BLOCK, BLOCK)
     arms: dict[str, Callable[[], harness.Arm]] = {}
     for case in CASES:
-        arms[case] = lambda c=case: BoostArm(c, dtrain, dval, rounds * block + 2)
+        arms[case] = functools.partial(BoostArm, case, dtrain, dval, rounds * block + 2)
         if case == harness.BASELINE:
             arms[harness.BASELINE_2] = lambda: BoostArm(harness.BASELINE, dtrain, dval, rounds * block + 2)
     timings = harness.interleave(arms, rounds=rounds, block=block, warmup=1)

@@ -72,7 +72,7 @@ class GatedThread:
     hook publishes its last shard).
     """
 
-    def __init__(self, train: Callable[[], None]) -> None:
+    def __init__(self, train: Callable[[], object]) -> None:
         self.allowed = 0  # steps the training may still start
         self.waiting = False  # the training waits at its gate
         self.ended = False
@@ -81,7 +81,7 @@ class GatedThread:
         self.thread = threading.Thread(target=self._train, args=(train,), daemon=True)
         self.thread.start()
 
-    def _train(self, train: Callable[[], None]) -> None:
+    def _train(self, train: Callable[[], object]) -> None:
         try:
             train()
         except BaseException as exc:  # reported by run and close
