@@ -373,7 +373,7 @@ def _text(text: str) -> np.bytes_:
 # The shard is written with h5py's low-level API (h5g, h5d, h5a), which makes the same objects as
 # its high-level one (datasets without access times, ASCII names) in half the interpreter time per
 # object: all of it holding the GIL, which the training thread waits for meanwhile (a shard of 13
-# tensors: 20 ms through the high-level API, 7 ms now, bench/profiles/torch.md).
+# tensors: 20 ms through the high-level API, 9 ms now, bench/profiles/torch.md).
 Node = Any  # an h5py low-level file, group or dataset identifier (h5py has no type hints)
 
 
