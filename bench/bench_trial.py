@@ -18,9 +18,9 @@
   step became visible (median and max), and how many shards the writer published.
 - **Memory**: peak resident memory of the PyTorch MLP of :mod:`bench.bench_torch`
   trained 300 steps in a fresh process, without a hook and with tensortap
-  saving weights, biases, gradients and losses every step; the difference,
-  next to the shard budget (``ShardPolicy.max_bytes``) and the size of one
-  step's data.
+  saving weights, biases, gradients and losses every step (with the peak of
+  its shard layout process added); the difference, next to the shard budget
+  (``ShardPolicy.max_bytes``) and the size of one step's data.
 """
 
 from __future__ import annotations
@@ -181,9 +181,15 @@ torch.set_num_threads(1)
 arm = TrainArm(_tensortap_hook if sys.argv[1] == "hook" else None, 1, ("weights", "biases", "gradients", "losses"))
 arm.run(int(sys.argv[2]))
 arm.close()
-# VmHWM of this process image (ru_maxrss would also count the parent's pages inherited through fork)
-with open("/proc/self/status") as f:
-    print(int(re.search(r"VmHWM:\s+(\d+) kB", f.read()).group(1)) * 1024)
+from tensortap.backends.shard import LAYOUTS
+# VmHWM of this process image (ru_maxrss would also count the parent's pages inherited through fork),
+# and of the shard layout process where one ran
+peak = 0
+for pid in ("self", LAYOUTS.child.pid):
+    if pid is not None:
+        with open(f"/proc/{pid}/status") as f:
+            peak += int(re.search(r"VmHWM:\s+(\d+) kB", f.read()).group(1)) * 1024
+print(peak)
 """
 
 

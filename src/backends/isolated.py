@@ -71,6 +71,22 @@ class ShardChild:
         self._proc: subprocess.Popen[str] | None = None
         self._answers: queue.Queue[str] = queue.Queue()
 
+    @property
+    def alive(self) -> bool:
+        """Whether the child runs now."""
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        """The child's process id while it runs."""
+        return self._proc.pid if self._proc is not None and self.alive else None
+
+    def start(self) -> None:
+        """Start the child now, if it does not run; :class:`ChildFailed` if it does not start."""
+        if not self.alive:
+            self.close()
+            self._start()
+
     def _start(self) -> None:
         package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([package_root, *sys.path])}
@@ -97,9 +113,7 @@ class ShardChild:
     def ask(self, *arguments: Any) -> Any:
         """``task(*arguments)``, computed in the child; :class:`ChildFailed` if it hangs or dies."""
         for attempt in range(2):
-            if self._proc is None or self._proc.poll() is not None:
-                self.close()
-                self._start()
+            self.start()
             proc = self._proc
             assert proc is not None and proc.stdin is not None
             try:

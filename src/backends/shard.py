@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import ctypes
 import json
+import logging
 import math
 import os
 import stat
@@ -31,6 +32,8 @@ from ..exceptions import TensortapError
 from ..reductions import Histogram, PendingHistogram, resolved
 from . import isolated
 from .layout import FORMAT_MINOR, FORMAT_VERSION
+
+logger = logging.getLogger("tensortap")
 
 try:
     from isal.isal_zlib import crc32 as _crc32
@@ -370,10 +373,12 @@ def _text(text: str) -> np.bytes_:
     return np.bytes_(text.encode("utf-8"))
 
 
-# The shard is written with h5py's low-level API (h5g, h5d, h5a), which makes the same objects as
+# The shard is laid out with h5py's low-level API (h5g, h5d, h5a), which makes the same objects as
 # its high-level one (datasets without access times, ASCII names) in half the interpreter time per
-# object: all of it holding the GIL, which the training thread waits for meanwhile (a shard of 13
-# tensors: 20 ms through the high-level API, 9 ms now, bench/profiles/torch.md).
+# object. h5py holds the GIL for the whole of every HDF5 call, which the training thread waits for
+# meanwhile, so the layout of a shard is recorded as a plan (:class:`_Plan`) and made by
+# :func:`lay_out` in a helper process (:class:`Layouts`) where one runs: a shard of 1,500 small
+# tensors is about 0.5 ms of HDF5 work a tensor (bench/profiles/torch.md).
 Node = Any  # an h5py low-level file, group or dataset identifier (h5py has no type hints)
 
 
@@ -399,17 +404,6 @@ def _h5_type(dtype: np.dtype[Any], logical: bool = True) -> Any:
     return h5py.h5t.py_create(dtype, logical=logical)
 
 
-def _group(parent: Node, name: str) -> Node:
-    return h5py.h5g.create(parent, name.encode())
-
-
-def _attr(obj: Node, name: str, value: object) -> None:
-    """An attribute holding ``value`` (a NumPy scalar, or an int), scalar-shaped."""
-    data = np.asarray(value)
-    attr = h5py.h5a.create(obj, name.encode(), _h5_type(data.dtype), _SCALAR)
-    attr.write(data, mtype=_h5_type(data.dtype, False))
-
-
 _WRITEBACK_EVERY = 8 << 20  # bytes of values between two starts of the write-out
 
 
@@ -428,16 +422,23 @@ def _sync_file_range() -> Callable[[int], object] | None:
 
 _START_WRITEBACK = _sync_file_range()
 
+Op = list[Any]
+"""One step of a shard's layout, JSON-able (:func:`lay_out`): ``["g", parent, name]`` a group,
+``["d", parent, name, dtype, shape]`` a dataset whose space is allocated, ``["w", parent, name,
+array]`` a dataset HDF5 writes (``array``: an index into the plan's arrays), ``["a", object, name,
+dtype, value]`` a scalar attribute (``dtype`` ``"S"``: UTF-8 text). Objects are numbered in the
+order they are made, the file being 0; a dataset's attributes follow it at once."""
 
-class _Datasets:
-    """Creates a shard's datasets; HDF5 allocates their space at once, and :meth:`write` writes
-    their bytes there with ``os.pwrite`` once HDF5 has closed the file. ``pwrite`` releases the
-    GIL, which HDF5 (through h5py) holds while it copies data in, and the training thread waits for
-    meanwhile (an every-step shard of ``bench`` holds 86 MB of values); each write through HDF5
-    also costs 60 us of set-up, as much as creating the dataset.
+
+class _Plan:
+    """A shard's HDF5 objects, recorded to be made by :func:`lay_out`; its data is written with
+    ``os.pwrite`` at the offsets HDF5 allocated, once HDF5 has closed the file. ``pwrite`` releases
+    the GIL, which HDF5 (through h5py) holds while it copies data in (an every-step shard of
+    ``bench`` holds 86 MB of values); each write through HDF5 also costs 60 us of set-up, as much as
+    creating the dataset.
 
     Data HDF5 must transform (compressed, or of a type not stored as its bytes in memory) is
-    written by HDF5 at once.
+    written by HDF5, in this process.
 
     Parameters
     ----------
@@ -450,41 +451,64 @@ class _Datasets:
         faster). Advisory: a failure is ignored, the ``fsync`` still makes the shard durable.
     """
 
+    ROOT = 0
+
     def __init__(self, compression: str | None, writeback: bool) -> None:
         self.compression = compression
+        self.ops: list[Op] = []
+        self.arrays: list[tuple[np.ndarray, str | None]] = []  # data HDF5 writes, with its compression
         self._start_writeback = _START_WRITEBACK if writeback else None
-        self._later: list[tuple[int, np.ndarray]] = []  # file offset, data
+        self._objects = 1
+        self._allocated = 0  # datasets of kind "d"
+        self._later: list[tuple[int, np.ndarray]] = []  # allocated dataset number, data
 
-    def add(self, parent: Node, name: str, data: np.ndarray, values: bool = False) -> Node:
+    def _made(self, op: Op) -> int:
+        self.ops.append(op)
+        self._objects += 1
+        return self._objects - 1
+
+    def group(self, parent: int, name: str) -> int:
+        """A group ``name`` of ``parent``."""
+        return self._made(["g", parent, name])
+
+    def attr(self, obj: int, name: str, value: object) -> None:
+        """An attribute of ``obj`` holding ``value`` (a NumPy scalar, an int, or text from :func:`_text`)."""
+        data = np.asarray(value)
+        if data.dtype.kind == "S":
+            self.ops.append(["a", obj, name, "S", data.item().decode("utf-8")])
+        else:
+            self.ops.append(["a", obj, name, data.dtype.str, data.item()])
+
+    def add(self, parent: int, name: str, data: np.ndarray, values: bool = False) -> int:
         """The dataset ``name`` of ``parent``, holding ``data`` (tensor ``values``: compressed, if the
-        shard is); written by :meth:`write`, or now."""
-        if values and self.compression is not None and data.size:
-            group = h5py.Group(parent)
-            return group.create_dataset(name, data=data, compression=self.compression, shuffle=True).id
-        ds = h5py.h5d.create(
-            parent, name.encode(), _h5_type(data.dtype), h5py.h5s.create_simple(data.shape), dcpl=_DCPL
-        )
-        if data.dtype.kind in _RAW_KINDS:
+        shard is)."""
+        compression = self.compression if values and data.size else None
+        if compression is None and data.dtype.kind in _RAW_KINDS:
             if data.size:
-                self._later.append((ds.get_offset(), data))
-        elif data.size:
-            ds.write(h5py.h5s.ALL, h5py.h5s.ALL, np.ascontiguousarray(data))
-        return ds
+                self._later.append((self._allocated, data))
+            self._allocated += 1
+            return self._made(["d", parent, name, data.dtype.str, list(data.shape)])
+        self.arrays.append((data, compression))
+        return self._made(["w", parent, name, len(self.arrays) - 1])
 
-    def checked(self, parent: Node, name: str, data: np.ndarray) -> None:
+    def checked(self, parent: int, name: str, data: np.ndarray) -> None:
         """A dataset that carries the CRC-32 of its bytes in its ``crc32`` attribute."""
-        _attr(self.add(parent, name, data), "crc32", np.uint32(crc32(data)))
+        self.attr(self.add(parent, name, data), "crc32", np.uint32(crc32(data)))
 
-    def json(self, parent: Node, name: str, obj: Any) -> None:
+    def json(self, parent: int, name: str, obj: Any) -> None:
         """A checked dataset of ``obj`` as UTF-8 JSON bytes."""
         self.checked(parent, name, np.frombuffer(json.dumps(obj, ensure_ascii=False).encode("utf-8"), dtype=np.uint8))
 
-    def write(self, path: str) -> None:
-        """Write the data put off by :meth:`add` into ``path``, which HDF5 has closed."""
+    def make(self, path: str) -> None:
+        """Create the HDF5 file ``path`` (in the layout process when it can) and write its data."""
+        offsets = LAYOUTS.lay_out(path, self.ops) if not self.arrays else None
+        if offsets is None:
+            offsets = lay_out(path, self.ops, self.arrays)
         fd = os.open(path, os.O_WRONLY)
         try:
             pending = 0  # bytes since the write-out was last started
-            for offset, data in self._later:
+            for number, data in self._later:
+                offset = offsets[number]
                 raw = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
                 for start in range(0, len(raw), _WRITEBACK_EVERY):
                     piece = raw[start : start + _WRITEBACK_EVERY]
@@ -497,6 +521,54 @@ class _Datasets:
             os.close(fd)
 
 
+def lay_out(path: str, ops: Sequence[Op], arrays: Sequence[tuple[np.ndarray, str | None]] = ()) -> list[int]:
+    """Create the HDF5 file ``path`` holding the objects of ``ops`` (:data:`Op`); return the file
+    offset of each allocated dataset's space, in order (0 for an empty one).
+
+    Runs in the layout process (:class:`Layouts`) or in the writer's: ``arrays`` (the data HDF5
+    writes) only in the writer's.
+    """
+    offsets: list[int] = []
+    with h5py.File(path, "w", libver=("v110", "v110")) as file:
+        objects: list[Node] = [file.id]  # groups and the file; a dataset is kept while it is the last made
+        last: Node = None
+        for op in ops:
+            kind = op[0]
+            if kind == "a":
+                _, obj, name, dtype, value = op
+                data = np.asarray(np.bytes_(value.encode("utf-8")) if dtype == "S" else np.asarray(value, dtype=dtype))
+                target = objects[obj]
+                if target is None:  # a dataset: its attributes follow it
+                    if obj != len(objects) - 1:
+                        raise ValueError(f"an attribute of dataset {obj} after other objects")
+                    target = last
+                attr = h5py.h5a.create(target, name.encode(), _h5_type(data.dtype), _SCALAR)
+                attr.write(data, mtype=_h5_type(data.dtype, False))
+                continue
+            parent, name = objects[op[1]], op[2]
+            if kind == "g":
+                made = h5py.h5g.create(parent, name.encode())
+            elif kind == "d":
+                dtype = np.dtype(op[3])
+                made = h5py.h5d.create(
+                    parent, name.encode(), _h5_type(dtype), h5py.h5s.create_simple(tuple(op[4])), dcpl=_DCPL
+                )
+                offsets.append(made.get_offset() or 0)
+            else:
+                data, compression = arrays[op[3]]
+                if compression is not None:
+                    made = h5py.Group(parent).create_dataset(name, data=data, compression=compression, shuffle=True).id
+                else:
+                    made = h5py.h5d.create(
+                        parent, name.encode(), _h5_type(data.dtype), h5py.h5s.create_simple(data.shape), dcpl=_DCPL
+                    )
+                    if data.size:
+                        made.write(h5py.h5s.ALL, h5py.h5s.ALL, np.ascontiguousarray(data))
+            objects.append(made if kind == "g" else None)
+            last = made
+    return offsets
+
+
 def _pwrite_all(fd: int, data: np.ndarray, offset: int) -> None:
     """``os.pwrite`` until every byte of ``data`` is written."""
     view = memoryview(data.data)
@@ -507,18 +579,112 @@ def _pwrite_all(fd: int, data: np.ndarray, offset: int) -> None:
         view, offset = view[n:], offset + n
 
 
+def lay_out_or_error(path: str, ops: list[Op]) -> list[int] | str:
+    """:func:`lay_out` in the layout process: the offsets, or why it failed (an ``OSError``, as a
+    full disk; the writer's process then lays the shard out itself, and raises it)."""
+    try:
+        return lay_out(path, ops)
+    except (OSError, ValueError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
+LAYOUT_SECONDS = 600.0
+"""Time one shard's layout may take in the layout process before it is laid out in the writer's."""
+
+
+class Layouts:
+    """Lays shards out (:func:`lay_out`) in one helper process, where HDF5 holding the GIL does not
+    stall the training thread: the writer thread waits for the answer without the GIL.
+
+    The process starts in the background at the first shard, which is laid out in the writer's
+    process, as is any shard while the helper is starting or cannot run (a shard whose data HDF5
+    must write, compressed shards included). If the helper fails (it dies, or takes longer than
+    :data:`LAYOUT_SECONDS`), one warning says so and shards are laid out in the writer's process
+    from then on. ``TENSORTAP_LAYOUT_PROCESS=0`` keeps the layout in the writer's process.
+    """
+
+    def __init__(self) -> None:
+        self.enabled = os.environ.get("TENSORTAP_LAYOUT_PROCESS", "1") != "0"
+        self._reset()
+
+    def _reset(self) -> None:
+        """A helper not started yet (also in a forked child: the running one is the parent's)."""
+        self.child = isolated.ShardChild("tensortap.backends.shard:lay_out_or_error", LAYOUT_SECONDS)
+        self._lock = threading.Lock()
+        self._state = "new"  # then "starting", "on", "failed" or "closed"
+
+    @property
+    def running(self) -> bool:
+        """Whether shards are laid out in the helper process now."""
+        return self._state == "on"
+
+    def lay_out(self, path: str, ops: list[Op]) -> list[int] | None:
+        """:func:`lay_out` of ``path`` and ``ops`` in the helper process; None where it is not
+        running (the caller lays the shard out itself)."""
+        if not self.enabled or isolated.IN_CHILD or not self._lock.acquire(blocking=False):
+            return None  # busy starting, or laying out a shard of another thread
+        try:
+            if self._state == "new":
+                self._state = "starting"
+                threading.Thread(target=self._start, name="tensortap-layout-start", daemon=True).start()
+            if self._state != "on":
+                return None
+            try:
+                if not self.child.alive:  # never restarted here: the writer would wait for it
+                    raise isolated.ChildFailed("it exited")
+                answer: list[int] | str = self.child.ask(path, ops)
+            except isolated.ChildFailed as exc:
+                self._fail(exc)
+                return None
+            return answer if isinstance(answer, list) else None  # an error: laid out here, it is raised
+        finally:
+            self._lock.release()
+
+    def _start(self) -> None:
+        with self._lock:
+            if self._state != "starting":
+                return
+            try:
+                self.child.start()
+            except (isolated.ChildFailed, OSError) as exc:
+                self._fail(exc)
+            else:
+                self._state = "on"
+
+    def _fail(self, exc: BaseException) -> None:
+        self._state = "failed"
+        self.child.close()
+        logger.warning(
+            "tensortap: the shard layout process failed (%s); shards are laid out in the training process "
+            "from now on, where HDF5 holds the GIL while it works",
+            exc,
+        )
+
+    def close(self) -> None:
+        """End the helper process; later shards are laid out in the writer's process."""
+        with self._lock:
+            self._state = "closed"
+            self.child.close()
+
+
+LAYOUTS = Layouts()
+atexit.register(LAYOUTS.close)  # after the writers' own exit handlers, registered later
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=lambda: LAYOUTS._reset())  # the one in use at the fork
+
+
 def _row_checksums(values: Sequence[np.ndarray]) -> np.ndarray:
     """CRC-32 of each value's bytes (``values`` rows or arrays, each C-contiguous)."""
     return np.array([crc32(v) for v in values], dtype=np.uint32)
 
 
-def _write_raw(ds: _Datasets, group: Node, col: _Column) -> dict[str, Any]:
+def _write_raw(ds: _Plan, group: int, col: _Column) -> dict[str, Any]:
     ds.checked(group, "steps", np.array(col.steps, dtype=np.int64))
     values = col.values()
     if isinstance(values, np.ndarray):
         ds.add(group, "data", values, values=True)
         ds.add(group, "crc32", _row_checksums([values[i : i + 1] for i in range(len(values))]))
-        _attr(group, "layout", _text("fixed"))
+        ds.attr(group, "layout", _text("fixed"))
         return {"dtype": str(values.dtype), "shape": list(values.shape[1:])}
     dtype = np.result_type(*values)
     ndim = max(a.ndim for a in values)
@@ -534,12 +700,12 @@ def _write_raw(ds: _Datasets, group: Node, col: _Column) -> dict[str, Any]:
     ds.checked(group, "offsets", offsets)
     ds.checked(group, "shapes", shapes)
     ds.checked(group, "ndims", np.array([a.ndim for a in values], dtype=np.int8))
-    _attr(group, "layout", _text("ragged"))
+    ds.attr(group, "layout", _text("ragged"))
     return {"dtype": str(np.dtype(dtype)), "shape": list(values[-1].shape)}
 
 
 def _write_histograms(
-    ds: _Datasets, group: Node, pending: list[tuple[int, Histogram | PendingHistogram]], n_steps: int
+    ds: _Plan, group: int, pending: list[tuple[int, Histogram | PendingHistogram]], n_steps: int
 ) -> Any:
     """``/tensors/<id>/histogram/{steps,edges,counts}`` (pending histograms counted now, on the
     writer thread); return the index record's ``histogram_steps``."""
@@ -547,7 +713,7 @@ def _write_histograms(
     bins = {len(h.counts) for _, h in hists}
     if len(bins) != 1:  # the core fixes a tensor's bins once: this is a bug, never silent
         raise ValueError(f"histograms of one tensor with different numbers of bins in one shard: {sorted(bins)}")
-    hg = _group(group, "histogram")
+    hg = ds.group(group, "histogram")
     ds.checked(hg, "steps", np.array([s for s, _ in hists], dtype=np.int64))
     ds.checked(hg, "edges", np.stack([h.edges for _, h in hists]).astype(np.float64))
     ds.checked(hg, "counts", np.stack([h.counts for _, h in hists]).astype(np.int64))
@@ -578,58 +744,57 @@ def write_shard(
     compression
         ``None`` (default, fastest), ``"gzip"`` or ``"lzf"``: built-in HDF5 filters only.
     writeback
-        Start writing the file to disk while it is written (see :class:`_Datasets`): for a file
+        Start writing the file to disk while it is written (see :class:`_Plan`): for a file
         that is published where it is (renamed), not one that is uploaded and deleted.
     """
     names = sorted(buffer.columns)
     n_steps = len(buffer.steps)
     tensors_index: dict[str, Any] = {}
     red_rows: list[tuple[int, int, str, float]] = []
-    ds = _Datasets(compression, writeback)
-    with h5py.File(path, "w", libver=("v110", "v110")) as file:
-        f = file.id
-        _attr(f, "format", _text(SHARD_MAGIC))
-        _attr(f, "format_version", FORMAT_VERSION)
-        _attr(f, "format_minor", FORMAT_MINOR)
-        _attr(f, "worker", _text(worker))
-        _attr(f, "seq", seq)
-        steps = np.array(buffer.steps, dtype=np.int64).reshape(n_steps, 3)
-        st_group = _group(f, "steps")
-        ds.checked(st_group, "step", steps[:, 0])
-        ds.checked(st_group, "mode", steps[:, 1].astype(np.int8))
-        ds.checked(st_group, "mode_step", steps[:, 2])
-        ds.checked(st_group, "wall_time", np.array(buffer.wall_times, dtype=np.float64))
-        ds.json(f, "names", names)
-        tgroup = _group(f, "tensors")
-        for tid, name in enumerate(names):
-            col = buffer.columns[name]
-            g = _group(tgroup, str(tid))
-            collections = sorted(col.collections)
-            _attr(g, "collections", _text(json.dumps(collections)))
-            entry: dict[str, Any] = {"id": tid, "collections": collections}
-            if col.steps:
-                entry.update(_write_raw(ds, g, col))
-                entry["raw_steps"] = ALL_STEPS if len(col.steps) == n_steps else list(col.steps)
-            if col.orig_dtype:
-                _attr(g, "orig_dtype", _text(col.orig_dtype))
-                entry["orig_dtype"] = col.orig_dtype
-            if col.red:
-                red_steps = sorted({s for s, _, _ in col.red})
-                entry["reductions"] = sorted({k for _, k, _ in col.red})
-                entry["reduction_steps"] = ALL_STEPS if len(red_steps) == n_steps else red_steps
-                red_rows.extend((tid, s, k, v) for s, k, v in col.red)
-            if col.hist:
-                entry["histogram_steps"] = _write_histograms(ds, g, col.hist, n_steps)
-            tensors_index[name] = entry
-        kinds = sorted({k for _, _, k, _ in red_rows})
-        kind_id = {k: i for i, k in enumerate(kinds)}
-        rg = _group(f, "reductions")
-        _attr(rg, "kinds", _text(json.dumps(kinds)))
-        ds.checked(rg, "tensor_id", np.array([r[0] for r in red_rows], dtype=np.int32))
-        ds.checked(rg, "step", np.array([r[1] for r in red_rows], dtype=np.int64))
-        ds.checked(rg, "kind", np.array([kind_id[r[2]] for r in red_rows], dtype=np.int16))
-        ds.checked(rg, "value", np.array([r[3] for r in red_rows], dtype=np.float64))
-    ds.write(path)
+    ds = _Plan(compression, writeback)
+    f = ds.ROOT
+    ds.attr(f, "format", _text(SHARD_MAGIC))
+    ds.attr(f, "format_version", FORMAT_VERSION)
+    ds.attr(f, "format_minor", FORMAT_MINOR)
+    ds.attr(f, "worker", _text(worker))
+    ds.attr(f, "seq", seq)
+    steps = np.array(buffer.steps, dtype=np.int64).reshape(n_steps, 3)
+    st_group = ds.group(f, "steps")
+    ds.checked(st_group, "step", steps[:, 0])
+    ds.checked(st_group, "mode", steps[:, 1].astype(np.int8))
+    ds.checked(st_group, "mode_step", steps[:, 2])
+    ds.checked(st_group, "wall_time", np.array(buffer.wall_times, dtype=np.float64))
+    ds.json(f, "names", names)
+    tgroup = ds.group(f, "tensors")
+    for tid, name in enumerate(names):
+        col = buffer.columns[name]
+        g = ds.group(tgroup, str(tid))
+        collections = sorted(col.collections)
+        ds.attr(g, "collections", _text(json.dumps(collections)))
+        entry: dict[str, Any] = {"id": tid, "collections": collections}
+        if col.steps:
+            entry.update(_write_raw(ds, g, col))
+            entry["raw_steps"] = ALL_STEPS if len(col.steps) == n_steps else list(col.steps)
+        if col.orig_dtype:
+            ds.attr(g, "orig_dtype", _text(col.orig_dtype))
+            entry["orig_dtype"] = col.orig_dtype
+        if col.red:
+            red_steps = sorted({s for s, _, _ in col.red})
+            entry["reductions"] = sorted({k for _, k, _ in col.red})
+            entry["reduction_steps"] = ALL_STEPS if len(red_steps) == n_steps else red_steps
+            red_rows.extend((tid, s, k, v) for s, k, v in col.red)
+        if col.hist:
+            entry["histogram_steps"] = _write_histograms(ds, g, col.hist, n_steps)
+        tensors_index[name] = entry
+    kinds = sorted({k for _, _, k, _ in red_rows})
+    kind_id = {k: i for i, k in enumerate(kinds)}
+    rg = ds.group(f, "reductions")
+    ds.attr(rg, "kinds", _text(json.dumps(kinds)))
+    ds.checked(rg, "tensor_id", np.array([r[0] for r in red_rows], dtype=np.int32))
+    ds.checked(rg, "step", np.array([r[1] for r in red_rows], dtype=np.int64))
+    ds.checked(rg, "kind", np.array([kind_id[r[2]] for r in red_rows], dtype=np.int16))
+    ds.checked(rg, "value", np.array([r[3] for r in red_rows], dtype=np.float64))
+    ds.make(path)
     return {
         "format": INDEX_MAGIC,
         "format_version": FORMAT_VERSION,

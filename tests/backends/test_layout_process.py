@@ -1,0 +1,179 @@
+"""Shards laid out in the layout process (``shard.Layouts``): the same file, and every failure of
+the process falls back to the writer's own layout, said once, with nothing lost."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import pytest
+
+import tensortap
+from tensortap.backends import shard
+from tensortap.capture import Writer
+from tensortap.reductions import Histogram
+from tests.helpers.trials import logged_warnings
+
+
+@pytest.fixture()
+def layouts(monkeypatch: pytest.MonkeyPatch) -> Iterator[shard.Layouts]:
+    """A fresh layout process for the test, started, in place of the process's own."""
+    fresh = shard.Layouts()
+    fresh.enabled = True
+    monkeypatch.setattr(shard, "LAYOUTS", fresh)
+    assert fresh.lay_out("unused", []) is None  # the first shard is laid out here; the process starts
+    deadline = time.monotonic() + 120
+    while not fresh.running and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert fresh.running
+    yield fresh
+    fresh.close()
+
+
+def _asks(monkeypatch: pytest.MonkeyPatch, layouts: shard.Layouts) -> list[str]:
+    """The paths the layout process is asked to lay out, from now on."""
+    asked: list[str] = []
+    real = layouts.child.ask
+
+    def ask(path: str, ops: list[Any]) -> Any:
+        asked.append(path)
+        return real(path, ops)
+
+    monkeypatch.setattr(layouts.child, "ask", ask)
+    return asked
+
+
+def _buffer() -> shard.ShardBuffer:
+    """Two steps of every kind of content a shard holds."""
+    buffer = shard.ShardBuffer()
+    edges = np.linspace(-1, 1, 5)
+    for step in range(2):
+        buffer.stage(step, "w", ["weights"], np.arange(6, dtype=np.float32).reshape(2, 3) + step, {"mean": step}, None)
+        buffer.stage(step, "big", ["weights"], np.arange(4, dtype=">f8"), {}, None)
+        buffer.stage(step, "flags", ["custom"], np.array([True, step == 1]), {}, None)
+        buffer.stage(step, "c", ["custom"], np.array([1 + 2j], dtype=np.complex64), {}, None)
+        buffer.stage(step, "half", ["custom"], np.ones(3, dtype=np.float32), {}, "bfloat16")
+        buffer.stage(step, "ragged", ["custom"], np.arange(step + 2, dtype=np.int16), {}, None)
+        buffer.stage(step, "g", ["gradients"], None, {"l2": 0.5 * step}, None, Histogram(edges, np.arange(4) + step))
+        buffer.commit(step, 1, step)
+    return buffer
+
+
+def _dump(path: Path) -> dict[str, Any]:
+    """Every object of an HDF5 file: each dataset's type, shape and bytes, and every attribute."""
+    objects: dict[str, Any] = {"/": {k: v.tobytes() for k, v in h5py.File(path, "r").attrs.items()}}
+    with h5py.File(path, "r") as f:
+
+        def visit(name: str, obj: Any) -> None:
+            attrs = {k: np.asarray(v).tobytes() for k, v in obj.attrs.items()}
+            if isinstance(obj, h5py.Dataset):
+                objects[name] = (obj.dtype.str, obj.shape, obj[()].tobytes(), attrs)
+            else:
+                objects[name] = attrs
+
+        f.visititems(visit)
+    return objects
+
+
+def test_a_shard_laid_out_in_the_process_holds_what_one_laid_out_here_holds(
+    monkeypatch: pytest.MonkeyPatch, layouts: shard.Layouts, tmp_path: Path
+) -> None:
+    asked = _asks(monkeypatch, layouts)
+    there, here, buffer = tmp_path / "there.h5", tmp_path / "here.h5", _buffer()
+    record_there = shard.write_shard(str(there), "worker_0", 0, buffer, "k")
+    assert asked == [str(there)]
+    layouts.enabled = False
+    record_here = shard.write_shard(str(here), "worker_0", 0, buffer, "k")
+    assert asked == [str(there)]
+    assert _dump(there) == _dump(here)
+    assert record_there == {**record_here, "bytes": record_there["bytes"]}
+    reader = shard.ShardReader(str(there))
+    reader.validate()
+    assert reader.values("w")[1].tolist() == [[1, 2, 3], [4, 5, 6]]
+    assert reader.values("big")[0].dtype.str == ">f8"
+    assert reader.histograms("g")[1].counts.tolist() == [1, 2, 3, 4]
+    reader.close()
+
+
+def test_a_compressed_shard_is_laid_out_here(
+    monkeypatch: pytest.MonkeyPatch, layouts: shard.Layouts, tmp_path: Path
+) -> None:
+    """HDF5 writes compressed data itself: the layout process is not asked."""
+    asked = _asks(monkeypatch, layouts)
+    path = tmp_path / "gzip.h5"
+    shard.write_shard(str(path), "worker_0", 0, _buffer(), "k", compression="gzip")
+    assert asked == []
+    with h5py.File(path, "r") as f:
+        tid = json.loads(f["names"][()].tobytes()).index("w")
+        assert f[f"tensors/{tid}/data"].compression == "gzip"
+
+
+def test_a_layout_process_that_dies_is_said_once_and_every_step_is_kept(
+    monkeypatch: pytest.MonkeyPatch, layouts: shard.Layouts, tmp_path: Path
+) -> None:
+    asked = _asks(monkeypatch, layouts)
+    with logged_warnings() as warnings, Writer(tmp_path) as w:
+        for step in range(6):
+            with w.stepping():
+                w.save("w", np.full(3, step, dtype=np.float32))
+            w.flush()
+            if step == 1:
+                assert asked, "the layout process laid out no shard"
+                proc = layouts.child._proc
+                assert proc is not None
+                proc.kill()
+                proc.wait()
+    failures = [m for m in warnings if "layout process failed" in m]
+    assert len(failures) == 1 and not layouts.running
+    assert warnings == failures
+    values = tensortap.create_trial(tmp_path).tensor("w").values()
+    assert {s: v.tolist() for s, v in values.items()} == {s: [s] * 3 for s in range(6)}
+
+
+def test_an_error_in_the_layout_process_is_raised_by_the_writers_own_layout(
+    monkeypatch: pytest.MonkeyPatch, layouts: shard.Layouts, tmp_path: Path
+) -> None:
+    """A shard the process cannot create (here: its folder is gone) is laid out here, which raises
+    the error itself; the process keeps running for the next shard."""
+    asked = _asks(monkeypatch, layouts)
+    missing = tmp_path / "gone" / "x.h5"
+    with pytest.raises(OSError):
+        shard.write_shard(str(missing), "worker_0", 0, _buffer(), "k")
+    assert asked == [str(missing)] and layouts.running
+    shard.write_shard(str(tmp_path / "next.h5"), "worker_0", 1, _buffer(), "k")
+    assert asked[-1] == str(tmp_path / "next.h5")
+
+
+def test_the_layout_process_can_be_turned_off(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("TENSORTAP_LAYOUT_PROCESS", "0")
+    off = shard.Layouts()
+    monkeypatch.setattr(shard, "LAYOUTS", off)
+    for seq in range(2):
+        shard.write_shard(str(tmp_path / f"{seq}.h5"), "worker_0", seq, _buffer(), "k")
+    assert off.child._proc is None and not off.running
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_a_forked_process_starts_its_own_layout_process(layouts: shard.Layouts, tmp_path: Path) -> None:
+    """The parent's process is the parent's: a forked child lays its first shard out itself and
+    never writes to the parent's pipe."""
+    parent_proc = layouts.child._proc
+    pid = os.fork()
+    if pid == 0:  # the forked child
+        code = 1
+        try:
+            if not layouts.running and layouts.child._proc is None:
+                shard.write_shard(str(tmp_path / "child.h5"), "worker_0", 0, _buffer(), "k")
+                code = 0 if shard.ShardReader(str(tmp_path / "child.h5")).values("w") else 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert layouts.running and layouts.child._proc is parent_proc and parent_proc.poll() is None
+    shard.write_shard(str(tmp_path / "parent.h5"), "worker_0", 0, _buffer(), "k")
