@@ -143,10 +143,11 @@ def test_a_disk_that_fills_while_values_are_written_logs_once_and_keeps_what_was
     run_steps(w, 2)
     w.flush()
 
-    def full(fd: int, data: memoryview, offset: int) -> int:
+    def full(fd: int, data: object, offset: int) -> int:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(shard.os, "pwrite", full)
+    monkeypatch.setattr(shard.os, "pwritev", full)
     run_steps(w, 3)
     w.flush()
     assert w.failed

@@ -295,21 +295,28 @@ def test_a_local_shard_is_written_out_while_it_is_built_and_reads_back(monkeypat
 
 
 def test_values_are_written_outside_hdf5_and_plain_h5py_reads_every_dataset(monkeypatch, tmp_path: Path) -> None:
-    """The shard's data goes in with ``os.pwrite`` (which releases the GIL the training thread needs),
-    at the offsets HDF5 allocated; plain h5py reads back every value and checksum, of every type
-    stored as its bytes in memory, big-endian included."""
+    """The shard's data goes in with ``os.pwrite``/``os.pwritev`` (which release the GIL the training
+    thread needs), at the offsets HDF5 allocated, also when the system writes part of a run at a
+    time; plain h5py reads back every value and checksum, of every type stored as its bytes in
+    memory, big-endian included."""
     import os
 
     from tensortap.backends import shard
 
     written: list[int] = []
-    real = os.pwrite
+    real, realv = os.pwrite, os.pwritev
 
     def pwrite(fd: int, data: memoryview, offset: int) -> int:
         written.append(real(fd, data, offset))
         return written[-1]
 
+    def pwritev(fd: int, pieces: list[memoryview], offset: int) -> int:
+        part = pieces[:1] + [p[: len(p) // 2] for p in pieces[1:2]]  # a piece and a half: the rest again
+        written.append(realv(fd, part, offset))
+        return written[-1]
+
     monkeypatch.setattr(shard.os, "pwrite", pwrite)
+    monkeypatch.setattr(shard.os, "pwritev", pwritev)
     saved = {
         "bool": np.array([True, False, True]),
         "f16": np.array([1.5, -np.inf], dtype=np.float16),

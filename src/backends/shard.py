@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache, wraps
 from typing import Any, NoReturn, ParamSpec, TypeVar
@@ -367,12 +367,6 @@ def crc32(value: np.ndarray) -> int:
     return _crc32(np.ascontiguousarray(value).data)
 
 
-def _text(text: str) -> np.bytes_:
-    """A text attribute as a fixed-length UTF-8 string: stored in the checksummed object header,
-    where a variable-length string would go to HDF5's global heap, which has no checksum."""
-    return np.bytes_(text.encode("utf-8"))
-
-
 # The shard is laid out with h5py's low-level API (h5g, h5d, h5a), which makes the same objects as
 # its high-level one (datasets without access times, ASCII names) in half the interpreter time per
 # object. h5py holds the GIL for the whole of every HDF5 call, which the training thread waits for
@@ -405,6 +399,7 @@ def _h5_type(dtype: np.dtype[Any], logical: bool = True) -> Any:
 
 
 _WRITEBACK_EVERY = 8 << 20  # bytes of values between two starts of the write-out
+_IOV_MAX = 1024  # pieces one os.pwritev takes (POSIX's least IOV_MAX)
 
 
 def _sync_file_range() -> Callable[[int], object] | None:
@@ -471,12 +466,14 @@ class _Plan:
         """A group ``name`` of ``parent``."""
         return self._made(["g", parent, name])
 
-    def attr(self, obj: int, name: str, value: object) -> None:
-        """An attribute of ``obj`` holding ``value`` (a NumPy scalar, an int, or text from :func:`_text`)."""
-        data = np.asarray(value)
-        if data.dtype.kind == "S":
-            self.ops.append(["a", obj, name, "S", data.item().decode("utf-8")])
+    def attr(self, obj: int, name: str, value: str | int | np.generic) -> None:
+        """An attribute of ``obj`` holding ``value``: a NumPy scalar, an int (int64), or text, stored
+        as a fixed-length UTF-8 string in the checksummed object header (a variable-length string
+        would go to HDF5's global heap, which has no checksum)."""
+        if isinstance(value, str):
+            self.ops.append(["a", obj, name, "S", value])
         else:
+            data = np.asarray(value)
             self.ops.append(["a", obj, name, data.dtype.str, data.item()])
 
     def add(self, parent: int, name: str, data: np.ndarray, values: bool = False) -> int:
@@ -507,18 +504,37 @@ class _Plan:
         fd = os.open(path, os.O_WRONLY)
         try:
             pending = 0  # bytes since the write-out was last started
-            for number, data in self._later:
-                offset = offsets[number]
-                raw = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
-                for start in range(0, len(raw), _WRITEBACK_EVERY):
-                    piece = raw[start : start + _WRITEBACK_EVERY]
-                    _pwrite_all(fd, piece, offset + start)
-                    pending += len(piece)
-                    if self._start_writeback is not None and pending >= _WRITEBACK_EVERY:
-                        self._start_writeback(fd)
-                        pending = 0
+            for start, pieces in _runs((offsets[number], data) for number, data in self._later):
+                _pwrite_all(fd, pieces, start)
+                pending += sum(len(p) for p in pieces)
+                if self._start_writeback is not None and pending >= _WRITEBACK_EVERY:
+                    self._start_writeback(fd)
+                    pending = 0
         finally:
             os.close(fd)
+
+
+def _runs(placed: Iterable[tuple[int, np.ndarray]]) -> Iterator[tuple[int, list[memoryview]]]:
+    """The bytes of ``placed`` (file offset, data) as runs of adjacent pieces, each run at most
+    :data:`_WRITEBACK_EVERY` bytes (a larger array is cut into pieces of that size): one write per
+    run. HDF5 puts small datasets' space next to each other, so the 4,500 datasets of a shard of
+    1,500 small tensors take a few writes."""
+    start, end, size = 0, 0, 0
+    run: list[memoryview] = []
+    for offset, data in sorted(placed, key=lambda p: p[0]):
+        raw = memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8).data)
+        for at in range(0, len(raw), _WRITEBACK_EVERY):
+            piece = raw[at : at + _WRITEBACK_EVERY]
+            if run and (offset + at != end or size + len(piece) > _WRITEBACK_EVERY or len(run) == _IOV_MAX):
+                yield start, run
+                run, size = [], 0
+            if not run:
+                start = offset + at
+            run.append(piece)
+            size += len(piece)
+            end = offset + at + len(piece)
+    if run:
+        yield start, run
 
 
 def lay_out(path: str, ops: Sequence[Op], arrays: Sequence[tuple[np.ndarray, str | None]] = ()) -> list[int]:
@@ -569,14 +585,20 @@ def lay_out(path: str, ops: Sequence[Op], arrays: Sequence[tuple[np.ndarray, str
     return offsets
 
 
-def _pwrite_all(fd: int, data: np.ndarray, offset: int) -> None:
-    """``os.pwrite`` until every byte of ``data`` is written."""
-    view = memoryview(data.data)
-    while view:
-        n = os.pwrite(fd, view, offset)
+def _pwrite_all(fd: int, pieces: list[memoryview], offset: int) -> None:
+    """Write ``pieces`` one after the other from ``offset`` (``os.pwritev``, which releases the
+    GIL), until every byte is written."""
+    first = 0
+    while first < len(pieces):
+        n = os.pwritev(fd, pieces[first:], offset) if len(pieces) - first > 1 else os.pwrite(fd, pieces[first], offset)
         if n <= 0:  # a regular file raises instead (ENOSPC); never loop on a file that takes nothing
             raise OSError(f"writing the shard: nothing written at offset {offset}")
-        view, offset = view[n:], offset + n
+        offset += n
+        while n and n >= len(pieces[first]):
+            n -= len(pieces[first])
+            first += 1
+        if n:
+            pieces[first] = pieces[first][n:]
 
 
 def lay_out_or_error(path: str, ops: list[Op]) -> list[int] | str:
@@ -600,11 +622,14 @@ class Layouts:
     process, as is any shard while the helper is starting or cannot run (a shard whose data HDF5
     must write, compressed shards included). If the helper fails (it dies, or takes longer than
     :data:`LAYOUT_SECONDS`), one warning says so and shards are laid out in the writer's process
-    from then on. ``TENSORTAP_LAYOUT_PROCESS=0`` keeps the layout in the writer's process.
+    from then on. ``TENSORTAP_LAYOUT_PROCESS=0`` keeps the layout in the writer's process, as does
+    a frozen application (PyInstaller), whose executable would run the application again.
     """
 
     def __init__(self) -> None:
-        self.enabled = os.environ.get("TENSORTAP_LAYOUT_PROCESS", "1") != "0"
+        # a frozen application's executable is the application itself, not a Python to run code with
+        python = bool(sys.executable) and not getattr(sys, "frozen", False)
+        self.enabled = python and os.environ.get("TENSORTAP_LAYOUT_PROCESS", "1") != "0"
         self._reset()
 
     def _reset(self) -> None:
@@ -678,13 +703,13 @@ def _row_checksums(values: Sequence[np.ndarray]) -> np.ndarray:
     return np.array([crc32(v) for v in values], dtype=np.uint32)
 
 
-def _write_raw(ds: _Plan, group: int, col: _Column) -> dict[str, Any]:
-    ds.checked(group, "steps", np.array(col.steps, dtype=np.int64))
+def _write_raw(plan: _Plan, group: int, col: _Column) -> dict[str, Any]:
+    plan.checked(group, "steps", np.array(col.steps, dtype=np.int64))
     values = col.values()
     if isinstance(values, np.ndarray):
-        ds.add(group, "data", values, values=True)
-        ds.add(group, "crc32", _row_checksums([values[i : i + 1] for i in range(len(values))]))
-        ds.attr(group, "layout", _text("fixed"))
+        plan.add(group, "data", values, values=True)
+        plan.add(group, "crc32", _row_checksums([values[i : i + 1] for i in range(len(values))]))
+        plan.attr(group, "layout", "fixed")
         return {"dtype": str(values.dtype), "shape": list(values.shape[1:])}
     dtype = np.result_type(*values)
     ndim = max(a.ndim for a in values)
@@ -695,17 +720,17 @@ def _write_raw(ds: _Plan, group: int, col: _Column) -> dict[str, Any]:
     shapes = np.full((len(values), ndim), -1, dtype=np.int64)
     for i, a in enumerate(values):
         shapes[i, : a.ndim] = a.shape
-    ds.add(group, "data", flat, values=True)
-    ds.add(group, "crc32", _row_checksums(parts))
-    ds.checked(group, "offsets", offsets)
-    ds.checked(group, "shapes", shapes)
-    ds.checked(group, "ndims", np.array([a.ndim for a in values], dtype=np.int8))
-    ds.attr(group, "layout", _text("ragged"))
+    plan.add(group, "data", flat, values=True)
+    plan.add(group, "crc32", _row_checksums(parts))
+    plan.checked(group, "offsets", offsets)
+    plan.checked(group, "shapes", shapes)
+    plan.checked(group, "ndims", np.array([a.ndim for a in values], dtype=np.int8))
+    plan.attr(group, "layout", "ragged")
     return {"dtype": str(np.dtype(dtype)), "shape": list(values[-1].shape)}
 
 
 def _write_histograms(
-    ds: _Plan, group: int, pending: list[tuple[int, Histogram | PendingHistogram]], n_steps: int
+    plan: _Plan, group: int, pending: list[tuple[int, Histogram | PendingHistogram]], n_steps: int
 ) -> Any:
     """``/tensors/<id>/histogram/{steps,edges,counts}`` (pending histograms counted now, on the
     writer thread); return the index record's ``histogram_steps``."""
@@ -713,10 +738,10 @@ def _write_histograms(
     bins = {len(h.counts) for _, h in hists}
     if len(bins) != 1:  # the core fixes a tensor's bins once: this is a bug, never silent
         raise ValueError(f"histograms of one tensor with different numbers of bins in one shard: {sorted(bins)}")
-    hg = ds.group(group, "histogram")
-    ds.checked(hg, "steps", np.array([s for s, _ in hists], dtype=np.int64))
-    ds.checked(hg, "edges", np.stack([h.edges for _, h in hists]).astype(np.float64))
-    ds.checked(hg, "counts", np.stack([h.counts for _, h in hists]).astype(np.int64))
+    hg = plan.group(group, "histogram")
+    plan.checked(hg, "steps", np.array([s for s, _ in hists], dtype=np.int64))
+    plan.checked(hg, "edges", np.stack([h.edges for _, h in hists]).astype(np.float64))
+    plan.checked(hg, "counts", np.stack([h.counts for _, h in hists]).astype(np.int64))
     return ALL_STEPS if len(hists) == n_steps else [s for s, _ in hists]
 
 
@@ -751,32 +776,32 @@ def write_shard(
     n_steps = len(buffer.steps)
     tensors_index: dict[str, Any] = {}
     red_rows: list[tuple[int, int, str, float]] = []
-    ds = _Plan(compression, writeback)
-    f = ds.ROOT
-    ds.attr(f, "format", _text(SHARD_MAGIC))
-    ds.attr(f, "format_version", FORMAT_VERSION)
-    ds.attr(f, "format_minor", FORMAT_MINOR)
-    ds.attr(f, "worker", _text(worker))
-    ds.attr(f, "seq", seq)
+    plan = _Plan(compression, writeback)
+    f = plan.ROOT
+    plan.attr(f, "format", SHARD_MAGIC)
+    plan.attr(f, "format_version", FORMAT_VERSION)
+    plan.attr(f, "format_minor", FORMAT_MINOR)
+    plan.attr(f, "worker", worker)
+    plan.attr(f, "seq", seq)
     steps = np.array(buffer.steps, dtype=np.int64).reshape(n_steps, 3)
-    st_group = ds.group(f, "steps")
-    ds.checked(st_group, "step", steps[:, 0])
-    ds.checked(st_group, "mode", steps[:, 1].astype(np.int8))
-    ds.checked(st_group, "mode_step", steps[:, 2])
-    ds.checked(st_group, "wall_time", np.array(buffer.wall_times, dtype=np.float64))
-    ds.json(f, "names", names)
-    tgroup = ds.group(f, "tensors")
+    st_group = plan.group(f, "steps")
+    plan.checked(st_group, "step", steps[:, 0])
+    plan.checked(st_group, "mode", steps[:, 1].astype(np.int8))
+    plan.checked(st_group, "mode_step", steps[:, 2])
+    plan.checked(st_group, "wall_time", np.array(buffer.wall_times, dtype=np.float64))
+    plan.json(f, "names", names)
+    tgroup = plan.group(f, "tensors")
     for tid, name in enumerate(names):
         col = buffer.columns[name]
-        g = ds.group(tgroup, str(tid))
+        g = plan.group(tgroup, str(tid))
         collections = sorted(col.collections)
-        ds.attr(g, "collections", _text(json.dumps(collections)))
+        plan.attr(g, "collections", json.dumps(collections))
         entry: dict[str, Any] = {"id": tid, "collections": collections}
         if col.steps:
-            entry.update(_write_raw(ds, g, col))
+            entry.update(_write_raw(plan, g, col))
             entry["raw_steps"] = ALL_STEPS if len(col.steps) == n_steps else list(col.steps)
         if col.orig_dtype:
-            ds.attr(g, "orig_dtype", _text(col.orig_dtype))
+            plan.attr(g, "orig_dtype", col.orig_dtype)
             entry["orig_dtype"] = col.orig_dtype
         if col.red:
             red_steps = sorted({s for s, _, _ in col.red})
@@ -784,17 +809,17 @@ def write_shard(
             entry["reduction_steps"] = ALL_STEPS if len(red_steps) == n_steps else red_steps
             red_rows.extend((tid, s, k, v) for s, k, v in col.red)
         if col.hist:
-            entry["histogram_steps"] = _write_histograms(ds, g, col.hist, n_steps)
+            entry["histogram_steps"] = _write_histograms(plan, g, col.hist, n_steps)
         tensors_index[name] = entry
     kinds = sorted({k for _, _, k, _ in red_rows})
     kind_id = {k: i for i, k in enumerate(kinds)}
-    rg = ds.group(f, "reductions")
-    ds.attr(rg, "kinds", _text(json.dumps(kinds)))
-    ds.checked(rg, "tensor_id", np.array([r[0] for r in red_rows], dtype=np.int32))
-    ds.checked(rg, "step", np.array([r[1] for r in red_rows], dtype=np.int64))
-    ds.checked(rg, "kind", np.array([kind_id[r[2]] for r in red_rows], dtype=np.int16))
-    ds.checked(rg, "value", np.array([r[3] for r in red_rows], dtype=np.float64))
-    ds.make(path)
+    rg = plan.group(f, "reductions")
+    plan.attr(rg, "kinds", json.dumps(kinds))
+    plan.checked(rg, "tensor_id", np.array([r[0] for r in red_rows], dtype=np.int32))
+    plan.checked(rg, "step", np.array([r[1] for r in red_rows], dtype=np.int64))
+    plan.checked(rg, "kind", np.array([kind_id[r[2]] for r in red_rows], dtype=np.int16))
+    plan.checked(rg, "value", np.array([r[3] for r in red_rows], dtype=np.float64))
+    plan.make(path)
     return {
         "format": INDEX_MAGIC,
         "format_version": FORMAT_VERSION,

@@ -150,8 +150,13 @@ def test_an_error_in_the_layout_process_is_raised_by_the_writers_own_layout(
     assert asked[-1] == str(tmp_path / "next.h5")
 
 
-def test_the_layout_process_can_be_turned_off(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("TENSORTAP_LAYOUT_PROCESS", "0")
+@pytest.mark.parametrize("why", ["variable", "frozen"])
+def test_the_layout_process_can_be_turned_off(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, why: str) -> None:
+    """By the variable, and in a frozen application, whose executable is the application."""
+    if why == "variable":
+        monkeypatch.setenv("TENSORTAP_LAYOUT_PROCESS", "0")
+    else:
+        monkeypatch.setattr("sys.frozen", True, raising=False)
     off = shard.Layouts()
     monkeypatch.setattr(shard, "LAYOUTS", off)
     for seq in range(2):
