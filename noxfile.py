@@ -102,7 +102,7 @@ def lint(session: nox.Session) -> None:
     session.install("ruff", "mypy", "-e", ".")
     session.run("ruff", "check", "src", "tests", "bench", "examples", "noxfile.py")
     session.run("ruff", "format", "--check", "src", "tests", "bench", "examples", "noxfile.py")
-    session.run("mypy", "src")
+    session.run("mypy", "src", "bench")
 
 
 @nox.session(python=PYTHON)
