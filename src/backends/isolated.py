@@ -16,6 +16,7 @@ import json
 import os
 import queue
 import select
+import signal
 import subprocess
 import sys
 import threading
@@ -39,6 +40,10 @@ def serve(task: str, idle: float | None) -> None:
     """
     global IN_CHILD
     IN_CHILD = True
+    # the parent decides when the child ends (it closes stdin, or kills it): a Ctrl-C or SIGTERM sent
+    # to every process of a terminal or a job must not end it under the parent, which may go on
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     module, name = task.split(":")
     function = getattr(importlib.import_module(module), name)
     sys.stdout.write('"ready"\n')

@@ -498,6 +498,7 @@ class _Plan:
 
     def make(self, path: str) -> None:
         """Create the HDF5 file ``path`` (in the layout process when it can) and write its data."""
+        path = os.path.abspath(path)  # the layout process keeps the directory it started in
         offsets = LAYOUTS.lay_out(path, self.ops) if not self.arrays else None
         if offsets is None:
             offsets = lay_out(path, self.ops, self.arrays)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -182,3 +183,33 @@ def test_a_forked_process_starts_its_own_layout_process(layouts: shard.Layouts, 
     assert os.waitstatus_to_exitcode(status) == 0
     assert layouts.running and layouts.child._proc is parent_proc and parent_proc.poll() is None
     shard.write_shard(str(tmp_path / "parent.h5"), "worker_0", 0, _buffer(), "k")
+
+
+def test_a_relative_path_is_laid_out_where_the_writer_is_now(
+    monkeypatch: pytest.MonkeyPatch, layouts: shard.Layouts, tmp_path: Path
+) -> None:
+    """The layout process keeps the directory it started in; the writer's may have changed since."""
+    asked = _asks(monkeypatch, layouts)
+    monkeypatch.chdir(tmp_path)
+    shard.write_shard("relative.h5", "worker_0", 0, _buffer(), "k")
+    assert asked == [str(tmp_path / "relative.h5")]
+    reader = shard.ShardReader(str(tmp_path / "relative.h5"))
+    reader.validate()
+    assert reader.values("w")[0].tolist() == [[0, 1, 2], [3, 4, 5]]
+    reader.close()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_the_layout_process_outlives_a_ctrl_c_or_sigterm_sent_to_every_process(
+    monkeypatch: pytest.MonkeyPatch, layouts: shard.Layouts, tmp_path: Path, sig: int
+) -> None:
+    """A terminal's Ctrl-C (or a job's SIGTERM) reaches every process of the group: the training may
+    catch it and go on, and its shards are still laid out by the process, without a warning."""
+    asked = _asks(monkeypatch, layouts)
+    pid = layouts.child.pid
+    assert pid is not None
+    os.kill(pid, sig)
+    time.sleep(0.2)  # time for a signal that would end it to do so
+    with logged_warnings() as warnings:
+        shard.write_shard(str(tmp_path / "after.h5"), "worker_0", 0, _buffer(), "k")
+    assert asked == [str(tmp_path / "after.h5")] and layouts.running and not warnings
