@@ -32,18 +32,18 @@ class ChildFailed(Exception):
     """The child did not answer: it took longer than its time limit, or it died."""
 
 
-def serve(task: str, idle: float | None) -> None:
+def serve(task: str, idle: float | None, keep_on_signals: bool = False) -> None:
     """The child process: for each JSON line ``[arguments...]`` on stdin, the JSON result of ``task(*arguments)``.
 
     ``task`` is ``"module:function"``. Writes ``"ready"`` once the task is imported. Exits when
-    stdin closes, or after ``idle`` seconds without a request.
+    stdin closes, or after ``idle`` seconds without a request. ``keep_on_signals``: ignore SIGINT and
+    SIGTERM (see :class:`ShardChild`).
     """
     global IN_CHILD
     IN_CHILD = True
-    # the parent decides when the child ends (it closes stdin, or kills it): a Ctrl-C or SIGTERM sent
-    # to every process of a terminal or a job must not end it under the parent, which may go on
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
+    if keep_on_signals:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
     module, name = task.split(":")
     function = getattr(importlib.import_module(module), name)
     sys.stdout.write('"ready"\n')
@@ -67,12 +67,18 @@ class ShardChild:
         Seconds one call may take; past it, the child is killed and :class:`ChildFailed` raised.
     idle
         Seconds after which an unused child exits by itself (None: it lives until :meth:`close`).
+    keep_on_signals
+        The child ignores SIGINT and SIGTERM, which a terminal's Ctrl-C or a job's end sends to every
+        process of the group, while its parent may catch them and go on; it still ends when its
+        parent closes it or exits. Only for a task that cannot loop forever (not reading an
+        untrusted file), since nothing but its parent would then end it.
     """
 
-    def __init__(self, task: str, timeout: float, idle: float | None = None) -> None:
+    def __init__(self, task: str, timeout: float, idle: float | None = None, keep_on_signals: bool = False) -> None:
         self.task = task
         self.timeout = timeout
         self.idle = idle
+        self.keep_on_signals = keep_on_signals
         self._proc: subprocess.Popen[str] | None = None
         self._answers: queue.Queue[str] = queue.Queue()
 
@@ -95,7 +101,8 @@ class ShardChild:
     def _start(self) -> None:
         package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([package_root, *sys.path])}
-        code = f"from tensortap.backends.isolated import serve; serve({self.task!r}, {self.idle!r})"
+        arguments = f"{self.task!r}, {self.idle!r}, {self.keep_on_signals!r}"
+        code = f"from tensortap.backends.isolated import serve; serve({arguments})"
         proc = subprocess.Popen(
             [sys.executable, "-c", code],
             stdin=subprocess.PIPE,

@@ -635,7 +635,9 @@ class Layouts:
 
     def _reset(self) -> None:
         """A helper not started yet (also in a forked child: the running one is the parent's)."""
-        self.child = isolated.ShardChild("tensortap.backends.shard:lay_out_or_error", LAYOUT_SECONDS)
+        self.child = isolated.ShardChild(
+            "tensortap.backends.shard:lay_out_or_error", LAYOUT_SECONDS, keep_on_signals=True
+        )
         self._lock = threading.Lock()
         self._state = "new"  # then "starting", "on", "failed" or "closed"
 
