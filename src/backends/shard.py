@@ -427,7 +427,7 @@ order they are made, the file being 0; a dataset's attributes follow it at once.
 
 class _Plan:
     """A shard's HDF5 objects, recorded to be made by :func:`lay_out`; its data is written with
-    ``os.pwrite`` at the offsets HDF5 allocated, once HDF5 has closed the file. ``pwrite`` releases
+    ``os.pwritev`` at the offsets HDF5 allocated, once HDF5 has closed the file. ``pwritev`` releases
     the GIL, which HDF5 (through h5py) holds while it copies data in (an every-step shard of
     ``bench`` holds 86 MB of values); each write through HDF5 also costs 60 us of set-up, as much as
     creating the dataset.
@@ -613,6 +613,8 @@ def lay_out_or_error(path: str, ops: list[Op]) -> list[int] | str:
 
 LAYOUT_SECONDS = 600.0
 """Time one shard's layout may take in the layout process before it is laid out in the writer's."""
+CLOSE_SECONDS = 5.0
+"""Time :meth:`Layouts.close` (at exit) waits for a layout in flight."""
 
 
 class Layouts:
@@ -680,8 +682,10 @@ class Layouts:
                 self._state = "on"
 
     def _fail(self, exc: BaseException) -> None:
-        self._state = "failed"
         self.child.close()
+        if self._state == "closed":  # killed by close(): not a failure
+            return
+        self._state = "failed"
         logger.warning(
             "tensortap: the shard layout process failed (%s); shards are laid out in the training process "
             "from now on, where HDF5 holds the GIL while it works",
@@ -689,10 +693,16 @@ class Layouts:
         )
 
     def close(self) -> None:
-        """End the helper process; later shards are laid out in the writer's process."""
-        with self._lock:
+        """End the helper process; later shards are laid out in the writer's process. A layout in
+        flight (a helper stuck on a disk that does not answer) is waited for :data:`CLOSE_SECONDS`
+        at most, then ended: that shard is laid out in the writer's process."""
+        locked = self._lock.acquire(timeout=CLOSE_SECONDS)
+        try:
             self._state = "closed"
             self.child.close()
+        finally:
+            if locked:
+                self._lock.release()
 
 
 LAYOUTS = Layouts()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -213,3 +214,28 @@ def test_the_layout_process_outlives_a_ctrl_c_or_sigterm_sent_to_every_process(
     with logged_warnings() as warnings:
         shard.write_shard(str(tmp_path / "after.h5"), "worker_0", 0, _buffer(), "k")
     assert asked == [str(tmp_path / "after.h5")] and layouts.running and not warnings
+
+
+def test_closing_does_not_wait_for_a_layout_stuck_on_the_disk(
+    monkeypatch: pytest.MonkeyPatch, layouts: shard.Layouts, tmp_path: Path
+) -> None:
+    """At exit the helper is closed: a layout in flight that does not end (here the helper is
+    stopped, as one stuck on a disk that does not answer) is waited for a moment, then the helper is
+    killed and the shard is laid out in the writer's process, without a warning."""
+    monkeypatch.setattr(shard, "CLOSE_SECONDS", 0.5)
+    asked = _asks(monkeypatch, layouts)
+    pid = layouts.child.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    path = tmp_path / "stuck.h5"
+    writing = threading.Thread(target=shard.write_shard, args=(str(path), "worker_0", 0, _buffer(), "k"))
+    with logged_warnings() as warnings:
+        writing.start()
+        while not asked:
+            time.sleep(0.01)
+        layouts.close()
+        writing.join(60)
+    assert not writing.is_alive() and not warnings and layouts.child.pid is None
+    reader = shard.ShardReader(str(path))
+    reader.validate()
+    reader.close()
