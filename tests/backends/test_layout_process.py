@@ -15,12 +15,12 @@ from typing import Any
 import h5py
 import numpy as np
 import pytest
+from helpers.trials import logged_warnings
 
 import tensortap
 from tensortap.backends import shard
 from tensortap.capture import Writer
 from tensortap.reductions import Histogram
-from tests.helpers.trials import logged_warnings
 
 
 @pytest.fixture()
