@@ -591,7 +591,10 @@ def _pwrite_all(fd: int, pieces: list[memoryview], offset: int) -> None:
     GIL), until every byte is written."""
     first = 0
     while first < len(pieces):
-        n = os.pwritev(fd, pieces[first:], offset) if len(pieces) - first > 1 else os.pwrite(fd, pieces[first], offset)
+        if len(pieces) - first > 1 and hasattr(os, "pwritev"):  # not on macOS before 11
+            n = os.pwritev(fd, pieces[first:], offset)
+        else:
+            n = os.pwrite(fd, pieces[first], offset)
         if n <= 0:  # a regular file raises instead (ENOSPC); never loop on a file that takes nothing
             raise OSError(f"writing the shard: nothing written at offset {offset}")
         offset += n

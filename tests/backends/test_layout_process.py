@@ -239,3 +239,15 @@ def test_closing_does_not_wait_for_a_layout_stuck_on_the_disk(
     reader = shard.ShardReader(str(path))
     reader.validate()
     reader.close()
+
+
+def test_without_pwritev_the_values_are_written_piece_by_piece(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """``os.pwritev`` is missing on macOS before 11: each piece of a run is written on its own."""
+    monkeypatch.delattr(shard.os, "pwritev")
+    path, buffer = tmp_path / "plain.h5", _buffer()
+    shard.write_shard(str(path), "worker_0", 0, buffer, "k")
+    reader = shard.ShardReader(str(path))
+    reader.validate()
+    assert reader.values("w")[1].tolist() == [[1, 2, 3], [4, 5, 6]]
+    assert reader.values("ragged")[1].tolist() == [0, 1, 2]
+    reader.close()
