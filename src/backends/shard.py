@@ -553,7 +553,7 @@ def lay_out(path: str, ops: Sequence[Op], arrays: Sequence[tuple[np.ndarray, str
             kind = op[0]
             if kind == "a":
                 _, obj, name, dtype, value = op
-                data = np.asarray(np.bytes_(value.encode("utf-8")) if dtype == "S" else np.asarray(value, dtype=dtype))
+                data = np.asarray(np.bytes_(value.encode("utf-8"))) if dtype == "S" else np.asarray(value, dtype=dtype)
                 target = objects[obj]
                 if target is None:  # a dataset: its attributes follow it
                     if obj != len(objects) - 1:
@@ -566,24 +566,24 @@ def lay_out(path: str, ops: Sequence[Op], arrays: Sequence[tuple[np.ndarray, str
             if kind == "g":
                 made = h5py.h5g.create(parent, name.encode())
             elif kind == "d":
-                dtype = np.dtype(op[3])
-                made = h5py.h5d.create(
-                    parent, name.encode(), _h5_type(dtype), h5py.h5s.create_simple(tuple(op[4])), dcpl=_DCPL
-                )
+                made = _allocated(parent, name, np.dtype(op[3]), tuple(op[4]))
                 offsets.append(made.get_offset() or 0)
             else:
                 data, compression = arrays[op[3]]
                 if compression is not None:
                     made = h5py.Group(parent).create_dataset(name, data=data, compression=compression, shuffle=True).id
                 else:
-                    made = h5py.h5d.create(
-                        parent, name.encode(), _h5_type(data.dtype), h5py.h5s.create_simple(data.shape), dcpl=_DCPL
-                    )
+                    made = _allocated(parent, name, data.dtype, data.shape)
                     if data.size:
                         made.write(h5py.h5s.ALL, h5py.h5s.ALL, np.ascontiguousarray(data))
             objects.append(made if kind == "g" else None)
             last = made
     return offsets
+
+
+def _allocated(parent: Node, name: str, dtype: np.dtype[Any], shape: tuple[int, ...]) -> Node:
+    """A dataset of ``parent`` whose space is allocated at once (:data:`_DCPL`), nothing written."""
+    return h5py.h5d.create(parent, name.encode(), _h5_type(dtype), h5py.h5s.create_simple(shape), dcpl=_DCPL)
 
 
 def _pwrite_all(fd: int, pieces: list[memoryview], offset: int) -> None:
