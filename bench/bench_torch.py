@@ -16,6 +16,13 @@ process of smdebug's own environment (``bench/bench_torch_smdebug.py``,
 interleaved, ``ROUNDS`` times; an arm with a tensortap hook then waits until
 the shards it handed off are published, and ``close()`` (publishing the last
 shard) is timed with its arm.
+
+A second table measures what capture costs per tensor, where the values are
+small and there are many: a 50-layer MLP of ``Linear(32, 32)`` (102 parameter
+tensors, 13k parameters), batch 16, no hook (twice), tensortap saving weights,
+biases, gradients and losses every step and every 100 steps, and smdebug
+every step. ``us per tensor`` is the arm's time per step over the baseline's,
+per tensor saved in a step.
 """
 
 from __future__ import annotations
@@ -61,18 +68,34 @@ def mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 10))
 
 
+DEEP = "torch 50 x Linear(32, 32), batch 16 (102 parameter tensors)"
+DEEP_CASES = CASES[:2]  # every step, every 100 steps
+
+
+def deep() -> nn.Module:
+    """The per-tensor benchmark's model: many small tensors, the same initial weights every time."""
+    torch.manual_seed(0)
+    return nn.Sequential(*[m for _ in range(50) for m in (nn.Linear(32, 32), nn.ReLU())], nn.Linear(32, 10))
+
+
 class TrainArm:
     """One training (its own model, optimizer, data and, optionally, a hook) that runs steps on demand."""
 
     def __init__(
-        self, make_hook: HookFactory | None = None, interval: int = 1, collections: Sequence[str] = ()
+        self,
+        make_hook: HookFactory | None = None,
+        interval: int = 1,
+        collections: Sequence[str] = (),
+        model: Callable[[], nn.Module] = mlp,
+        batch: int = BATCH,
     ) -> None:
-        self.model = mlp()
+        self.model = model()
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01)
         self.loss_fn = nn.CrossEntropyLoss()
         gen = torch.Generator().manual_seed(0)
+        width = next(self.model.parameters()).shape[1]
         self.batches = [
-            (torch.randn(BATCH, 784, generator=gen), torch.randint(0, 10, (BATCH,), generator=gen)) for _ in range(16)
+            (torch.randn(batch, width, generator=gen), torch.randint(0, 10, (batch,), generator=gen)) for _ in range(16)
         ]
         self.i = 0
         self.out_dir = tempfile.mkdtemp(prefix="tensortap-bench-")
@@ -204,7 +227,27 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
             argv = [SMDEBUG_PYTHON, "-m", "bench.bench_torch_smdebug", str(i)]
             arms[f"smdebug 1.0.34: {case}"] = functools.partial(harness.Remote, argv, cwd=ROOT)
     timings = harness.interleave(arms, rounds=2 if quick else ROUNDS, block=5 if quick else BLOCK, warmup=WARMUP)
-    return harness.rows(BENCHMARK, timings)
+    return harness.rows(BENCHMARK, timings) + _run_deep(quick)
+
+
+def _run_deep(quick: bool) -> list[dict[str, Any]]:
+    """The per-tensor table: :func:`deep` without a hook (twice), with tensortap every step and every
+    100 steps, and with smdebug every step where its environment is known."""
+    deep_arm = functools.partial(TrainArm, model=deep, batch=16)
+    arms: dict[str, Callable[[], harness.Arm]] = {harness.BASELINE: deep_arm, harness.BASELINE_2: deep_arm}
+    for case, interval, collections in DEEP_CASES:
+        arms[f"tensortap: {case}"] = functools.partial(deep_arm, _tensortap_hook, interval, collections)
+    if SMDEBUG_PYTHON and not quick:
+        argv = [SMDEBUG_PYTHON, "-m", "bench.bench_torch_smdebug", "0", "deep"]
+        arms[f"smdebug 1.0.34: {DEEP_CASES[0][0]}"] = functools.partial(harness.Remote, argv, cwd=ROOT)
+    timings = harness.interleave(arms, rounds=2 if quick else ROUNDS, block=5 if quick else BLOCK, warmup=WARMUP)
+    rows = harness.rows(DEEP, timings)
+    per_step = 2 * len(list(deep().parameters())) + 1  # weights or biases, their gradients, the loss
+    base = timings[harness.BASELINE].per_unit
+    for row, (name, t) in zip(rows, timings.items(), strict=True):
+        if "every step" in name:
+            row["us per tensor"] = (t.per_unit - base) * 1e6 / per_step
+    return rows
 
 
 def show(rows: list[dict[str, Any]]) -> None:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from bench import harness
-from bench.bench_torch import CASES, TrainArm
+from bench.bench_torch import CASES, TrainArm, deep
 
 
 def _smdebug_hook(
@@ -50,7 +50,10 @@ def _smdebug_hook(
     return hook
 
 
-if __name__ == "__main__":  # python -m bench.bench_torch_smdebug CASE: serve that case of CASES as an arm
+if __name__ == "__main__":  # python -m bench.bench_torch_smdebug CASE [deep]: serve that case of CASES as an arm
     torch.set_num_threads(1)
     _, interval, collections = CASES[int(sys.argv[1])]
-    harness.serve(lambda: TrainArm(_smdebug_hook, interval, collections))
+    if sys.argv[2:] == ["deep"]:  # on the per-tensor table's model
+        harness.serve(lambda: TrainArm(_smdebug_hook, interval, collections, model=deep, batch=16))
+    else:
+        harness.serve(lambda: TrainArm(_smdebug_hook, interval, collections))

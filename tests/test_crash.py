@@ -133,7 +133,7 @@ def test_rollback_after_a_half_staged_value(tmp_path: Path, shape: tuple[int, ..
     buf = ShardBuffer()
     buf.stage(0, "a", ["custom"], np.ones(2), {"mean": 1.0}, None)
     buf.commit(0, 1, 0)
-    buf.columns["a"].add_raw(1, np.zeros(shape), 8)  # what stage() does first for step 1 ...
+    buf.columns["a"].add_raw(1, np.zeros(shape), lambda nbytes: 8)  # what stage() does first for step 1 ...
     buf.columns["a"].red.append((1, "mean", 0.0))  # ... before it records what it added
     buf.stage(1, "b", ["custom"], np.ones(1), {}, None)
     buf.rollback()

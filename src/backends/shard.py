@@ -78,22 +78,26 @@ class BufferPool:
 
     Holds at most ``max_bytes`` (counted in full, touched or not): a full pool drops the
     arrays given back longest ago, which were sized for shards that are no longer written.
+    Arrays are filed by dtype, row shape and number of rows, so that taking and giving
+    back one costs the same with thousands of tensors of one shape pooled.
     """
 
     def __init__(self, max_bytes: int = 1 << 30) -> None:
         self.max_bytes = max_bytes
-        self._free: dict[tuple[str, tuple[int, ...]], list[np.ndarray]] = {}
-        self._order: list[tuple[tuple[str, tuple[int, ...]], np.ndarray]] = []  # oldest first
+        # (dtype, row shape) -> rows -> the arrays, by id
+        self._free: dict[tuple[str, tuple[int, ...]], dict[int, dict[int, np.ndarray]]] = {}
+        self._order: dict[int, np.ndarray] = {}  # every pooled array by id, oldest first
         self._bytes = 0
         self._lock = threading.Lock()
 
     def get(self, dtype: np.dtype[Any], shape: tuple[int, ...], rows: int) -> np.ndarray:
         """An uninitialised array of at least ``rows`` rows of ``shape``."""
         with self._lock:
-            fitting = [a for a in self._free.get((dtype.str, shape), ()) if a.shape[0] >= rows]
+            sizes = self._free.get((dtype.str, shape))
+            fitting = [n for n in sizes if n >= rows] if sizes else None
             if fitting:  # the smallest that fits: a bigger one is left for a longer shard
-                arr = min(fitting, key=lambda a: a.shape[0])
-                self._drop((dtype.str, shape), arr)
+                arr = next(reversed(sizes[min(fitting)].values()))  # type: ignore[index]  # the last given back
+                self._drop(arr)
                 return arr
         return np.empty((rows, *shape), dtype=dtype)
 
@@ -102,19 +106,25 @@ class BufferPool:
         # references: the caller's variable, getrefcount's argument and ours
         if sys.getrefcount(arr) > 3 or arr.nbytes > self.max_bytes:
             return
-        key = (arr.dtype.str, arr.shape[1:])
         with self._lock:
             while self._bytes + arr.nbytes > self.max_bytes:
-                self._drop(*self._order[0])
-            self._free.setdefault(key, []).append(arr)
-            self._order.append((key, arr))
+                self._drop(next(iter(self._order.values())))
+            sizes = self._free.setdefault((arr.dtype.str, arr.shape[1:]), {})
+            sizes.setdefault(arr.shape[0], {})[id(arr)] = arr
+            self._order[id(arr)] = arr
             self._bytes += arr.nbytes
 
-    def _drop(self, key: tuple[str, tuple[int, ...]], arr: np.ndarray) -> None:
+    def _drop(self, arr: np.ndarray) -> None:
         """Take ``arr`` out of the pool (the caller holds the lock)."""
-        free = self._free[key]
-        del free[next(i for i, a in enumerate(free) if a is arr)]
-        del self._order[next(i for i, (_, a) in enumerate(self._order) if a is arr)]
+        key = (arr.dtype.str, arr.shape[1:])
+        sizes = self._free[key]
+        same = sizes[arr.shape[0]]
+        del same[id(arr)]
+        if not same:
+            del sizes[arr.shape[0]]
+            if not sizes:
+                del self._free[key]
+        del self._order[id(arr)]
         self._bytes -= arr.nbytes
 
     def clear(self) -> None:
@@ -145,13 +155,14 @@ class _Column:
         self.hist: list[tuple[int, Histogram | PendingHistogram]] = []
         self.orig_dtype: str | None = None
 
-    def add_raw(self, step: int, value: np.ndarray, rows: int) -> np.ndarray:
-        """Copy ``value`` in as the row of ``step``; ``rows`` is how many rows to reserve at first."""
+    def add_raw(self, step: int, value: np.ndarray, reserve: Callable[[int], int]) -> np.ndarray:
+        """Copy ``value`` in as the row of ``step``; ``reserve(nbytes)`` is how many rows of values
+        of ``nbytes`` to reserve at first (asked only when the rows are made)."""
         self.steps.append(step)
         if self.data is not None and self.n == 0 and self.conflicts(value):
             self.release()
         if self.ragged is None and self.data is None:
-            self.data = POOL.get(value.dtype, value.shape, rows)
+            self.data = POOL.get(value.dtype, value.shape, reserve(value.nbytes))
         elif self.ragged is None and self.data is not None and self.data.shape[1:] != value.shape:
             self.ragged = [self.data[i].copy() for i in range(self.n)]
             POOL.put(self.data)
@@ -269,9 +280,10 @@ class ShardBuffer:
             col.red = [r for r in col.red if r[0] != step]
             self._staged = [(n, s, r and n != name, 0 if n == name else k) for n, s, r, k in self._staged]
         if raw is not None:
-            stored = col.add_raw(step, raw, self._reserve(raw.nbytes))
+            stored = col.add_raw(step, raw, self._reserve)
             self.nbytes += raw.nbytes
-        col.red.extend((step, k, float(v)) for k, v in reductions.items())
+        if reductions:
+            col.red.extend((step, k, float(v)) for k, v in reductions.items())
         self.nbytes += 24 * len(reductions) + 64
         if histogram is not None:
             if col.hist and col.hist[-1][0] == step:  # the same name twice in one step: last wins
@@ -303,11 +315,9 @@ class ShardBuffer:
     def conflicts(self, name: str, raw: np.ndarray | None) -> bool:
         """Whether staging ``raw`` under ``name`` would change the tensor's dtype within this shard."""
         col = self.columns.get(name)
-        if raw is None or col is None:
+        if raw is None or col is None or not col.conflicts(raw):
             return False
-        if col.steps and col.steps[-1] == self._step_in_progress():
-            return False  # replaces this step's value
-        return col.conflicts(raw)
+        return not (col.steps and col.steps[-1] == self._step_in_progress())  # else it replaces this step's value
 
     def _step_in_progress(self) -> int | None:
         return self._staged[-1][1] if self._staged else None

@@ -94,7 +94,9 @@ class TensorOps:
         if edges is None:
             return red.histogram(a, bins, self.bincount)
         if defer:
-            out = counting.COUNTER.buffer(red.bin_dtype(a.dtype.name), a.size) if a.dtype.kind in "biuf" else None
+            out = None
+            if a.dtype.kind in "biuf":
+                out = counting.COUNTER.buffer(red.bin_dtype(red.dtype_name(a.dtype)), a.size)
             return red.pending_histogram(a, edges, self.bincount, out)
         return red.Histogram(edges, red.histogram_counts(a, edges, self.bincount))
 

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..reductions import PendingHistogram
+from ..reductions import PendingHistogram, dtype_name
 
 MAX_PENDING_BYTES = 64 << 20  # values waiting to be counted, per process
 _POOL_BYTES = MAX_PENDING_BYTES  # recycled value buffers kept for the next steps' copies
@@ -89,7 +89,7 @@ class HistogramCounter:
             with self._cond:
                 self._bytes -= nbytes
                 if values is not None and self._free_bytes + values.nbytes <= _POOL_BYTES:
-                    self._free.setdefault((values.dtype.name, values.size), []).append(values)
+                    self._free.setdefault((dtype_name(values.dtype), values.size), []).append(values)
                     self._free_bytes += values.nbytes
                 self._cond.notify_all()
 

@@ -409,15 +409,18 @@ class TrialWriter:
         with self._lock:
             if self.closed or self.error is not None:
                 return raw
+            buf = self._buffer
             try:
-                if self._buffer.staging and self._staging_step != step:
-                    self._buffer.rollback()
-                self._staging_step = step
-                if self._buffer.conflicts(name, raw):
+                if self._staging_step != step:
+                    if buf.staging:
+                        buf.rollback()
+                    self._staging_step = step
+                if raw is not None and buf.conflicts(name, raw):
                     job = self._take_locked()
-                if not self._buffer.steps and not self._buffer.staging:
+                    buf = self._buffer
+                if not buf.steps and not buf.staging:
                     self._since = time.monotonic()
-                stored = self._buffer.stage(step, name, collections, raw, reductions, orig_dtype, histogram)
+                stored = buf.stage(step, name, collections, raw, reductions, orig_dtype, histogram)
             except BaseException:  # an interrupt half-way: keep the buffer consistent
                 self._buffer.rollback()
                 raise

@@ -25,10 +25,12 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def _plain(value: torch.Tensor) -> torch.Tensor:
     """``value`` detached, dense, its lazy conjugate or negation applied (``x.conj()`` of a complex
     tensor, ``torch._neg_view``): ``numpy()`` refuses those bits; resolving costs nothing without them."""
-    t = value.detach()
+    t = value.detach() if value.requires_grad else value
     if t.layout != torch.strided:
         t = t.to_dense()
-    return t.resolve_conj().resolve_neg()
+    if t.is_conj():  # each resolve_* or detach() is a dispatcher call, which gives the GIL up and waits
+        t = t.resolve_conj()  # to get it back when another thread (the writer) runs Python meanwhile
+    return t.resolve_neg() if t.is_neg() else t
 
 
 _BOUNDS: dict[tuple[bytes, str, torch.device], tuple[torch.Tensor, red.BinBounds]] = {}
