@@ -16,7 +16,7 @@ import functools
 import math
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any, Generic, NamedTuple, TypeVar
 
 import numpy as np
 
@@ -283,6 +283,28 @@ def _finite_range(a: np.ndarray) -> tuple[float, float] | None:
     return float(a.min()), float(a.max())
 
 
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class Remembered(Generic[K, V]):
+    """Values made once per key (a tensor's bin rule, its bounds on a device), at most ``size`` of
+    them: when full it starts afresh (a tensor's entry is made again at its next count)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._values: dict[K, V] = {}
+
+    def get(self, key: K, make: Callable[[], V]) -> V:
+        """The value of ``key``, made by ``make()`` unless it is remembered."""
+        value = self._values.get(key)
+        if value is None:
+            if len(self._values) >= self.size:
+                self._values.clear()
+            value = self._values[key] = make()
+        return value
+
+
 @functools.cache
 def dtype_name(dtype: np.dtype[Any]) -> str:
     """``dtype.name``, remembered per dtype: NumPy works it out in Python at every call (about
@@ -404,23 +426,20 @@ def _linear(edges: np.ndarray, b: BinBounds, dtype: np.dtype[Any]) -> _Linear | 
     return _Linear(lo, sc, dtype.type(tol)) if tol < 0.25 else None
 
 
-_RULES: dict[tuple[bytes, np.dtype[Any]], tuple[BinBounds, _Linear | None]] = {}
-_RULES_MAX = 4096  # sets of edges remembered (one per histogram tensor); past it the cache starts afresh
+_RULES: Remembered[tuple[bytes, np.dtype[Any]], tuple[BinBounds, _Linear | None]] = Remembered(4096)
+"""Sets of edges remembered: one per histogram tensor."""
 
 
 def _rule(edges: np.ndarray, dtype: np.dtype[Any]) -> tuple[BinBounds, _Linear | None]:
     """:func:`bin_bounds` and :func:`_linear` of ``edges`` for values of ``dtype``, computed once
     per set of edges (a tensor's bins are fixed, so every later value is counted on the same)."""
-    key = (edges.tobytes(), dtype)
-    rule = _RULES.get(key)
-    if rule is None:
-        b = bin_bounds(np.array(edges, dtype=np.float64), dtype.name)  # a copy: its bounds may be the edges
+
+    def make() -> tuple[BinBounds, _Linear | None]:
+        b = bin_bounds(np.array(edges, dtype=np.float64), dtype_name(dtype))  # a copy: its bounds may be the edges
         b.bounds.flags.writeable = False  # shared by every later count on these edges
-        rule = b, (_linear(edges, b, dtype) if dtype.kind == "f" else None)
-        if len(_RULES) >= _RULES_MAX:
-            _RULES.clear()
-        _RULES[key] = rule
-    return rule
+        return b, (_linear(edges, b, dtype) if dtype.kind == "f" else None)
+
+    return _RULES.get((edges.tobytes(), dtype), make)
 
 
 class _Work(threading.local):

@@ -112,7 +112,7 @@ def test_the_device_kernel_makes_a_tensors_bounds_once(monkeypatch: pytest.Monke
 
     made: list[int] = []
     real = torch_ops.red.bin_bounds
-    monkeypatch.setattr(torch_ops, "_BOUNDS", {})
+    monkeypatch.setattr(torch_ops, "_BOUNDS", torch_ops.red.Remembered(4096))
     monkeypatch.setattr(torch_ops.red, "bin_bounds", lambda edges, work: made.append(1) or real(edges, work))
     model, opt = _classifier()
     hook = _histograms_every_step(model, opt, tmp_path)

@@ -33,8 +33,8 @@ def _plain(value: torch.Tensor) -> torch.Tensor:
     return t.resolve_neg() if t.is_neg() else t
 
 
-_BOUNDS: dict[tuple[bytes, str, torch.device], tuple[torch.Tensor, red.BinBounds]] = {}
-_BOUNDS_MAX = 4096  # sets of edges (tensors binned on a device) kept; past it the cache starts afresh
+_BOUNDS: red.Remembered[tuple[bytes, str, torch.device], tuple[torch.Tensor, red.BinBounds]] = red.Remembered(4096)
+"""Sets of edges remembered: one per tensor binned on a device."""
 
 
 def _device_bounds(edges: np.ndarray, work: str, device: torch.device) -> tuple[torch.Tensor, red.BinBounds]:
@@ -42,14 +42,12 @@ def _device_bounds(edges: np.ndarray, work: str, device: torch.device) -> tuple[
     on ``device``: made once per tensor's bins (fixed at its first value), so that later counts
     neither recompute them nor copy them to the device (a copy from pageable memory, which waits
     for the work queued on the device)."""
-    key = (np.asarray(edges, dtype=np.float64).tobytes(), work, device)
-    hit = _BOUNDS.get(key)
-    if hit is None:
+
+    def make() -> tuple[torch.Tensor, red.BinBounds]:
         b = red.bin_bounds(edges, work)
-        if len(_BOUNDS) >= _BOUNDS_MAX:
-            _BOUNDS.clear()
-        hit = _BOUNDS[key] = torch.from_numpy(b.bounds).to(device), b
-    return hit
+        return torch.from_numpy(b.bounds).to(device), b
+
+    return _BOUNDS.get((np.asarray(edges, dtype=np.float64).tobytes(), work, device), make)
 
 
 class TorchOps(core.TensorOps):
