@@ -93,10 +93,10 @@ class BufferPool:
     def get(self, dtype: np.dtype[Any], shape: tuple[int, ...], rows: int) -> np.ndarray:
         """An uninitialised array of at least ``rows`` rows of ``shape``."""
         with self._lock:
-            sizes = self._free.get((dtype.str, shape))
-            fitting = [n for n in sizes if n >= rows] if sizes else None
-            if fitting:  # the smallest that fits: a bigger one is left for a longer shard
-                arr = next(reversed(sizes[min(fitting)].values()))  # type: ignore[index]  # the last given back
+            sizes = self._free.get((dtype.str, shape), {})
+            fitting = [n for n in sizes if n >= rows]
+            if fitting:  # the smallest that fits (a bigger one is left for a longer shard), the last given back
+                arr = next(reversed(sizes[min(fitting)].values()))
                 self._drop(arr)
                 return arr
         return np.empty((rows, *shape), dtype=dtype)
