@@ -123,6 +123,10 @@ class TrainArm:
         shutil.rmtree(self.out_dir, ignore_errors=True)
 
 
+DeepArm = functools.partial(TrainArm, model=deep, batch=16)
+"""An arm of the per-tensor table (:func:`deep`): ``DeepArm(make_hook, interval, collections)``."""
+
+
 class CopyFloorArm(TrainArm):
     """The floor of histograms counted on another thread: the training thread must at least copy
     each step's weights and gradients (its gradients before the optimizer's step, its weights
@@ -233,10 +237,9 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
 def _run_deep(quick: bool) -> list[dict[str, Any]]:
     """The per-tensor table: :func:`deep` without a hook (twice), with tensortap every step and every
     100 steps, and with smdebug every step where its environment is known."""
-    deep_arm = functools.partial(TrainArm, model=deep, batch=16)
-    arms: dict[str, Callable[[], harness.Arm]] = {harness.BASELINE: deep_arm, harness.BASELINE_2: deep_arm}
+    arms: dict[str, Callable[[], harness.Arm]] = {harness.BASELINE: DeepArm, harness.BASELINE_2: DeepArm}
     for case, interval, collections in DEEP_CASES:
-        arms[f"tensortap: {case}"] = functools.partial(deep_arm, _tensortap_hook, interval, collections)
+        arms[f"tensortap: {case}"] = functools.partial(DeepArm, _tensortap_hook, interval, collections)
     if SMDEBUG_PYTHON and not quick:
         argv = [SMDEBUG_PYTHON, "-m", "bench.bench_torch_smdebug", "0", "deep"]
         arms[f"smdebug 1.0.34: {DEEP_CASES[0][0]}"] = functools.partial(harness.Remote, argv, cwd=ROOT)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from bench import harness
-from bench.bench_torch import CASES, TrainArm, deep
+from bench.bench_torch import CASES, DeepArm, TrainArm
 
 
 def _smdebug_hook(
@@ -53,7 +53,5 @@ def _smdebug_hook(
 if __name__ == "__main__":  # python -m bench.bench_torch_smdebug CASE [deep]: serve that case of CASES as an arm
     torch.set_num_threads(1)
     _, interval, collections = CASES[int(sys.argv[1])]
-    if sys.argv[2:] == ["deep"]:  # on the per-tensor table's model
-        harness.serve(lambda: TrainArm(_smdebug_hook, interval, collections, model=deep, batch=16))
-    else:
-        harness.serve(lambda: TrainArm(_smdebug_hook, interval, collections))
+    arm = DeepArm if sys.argv[2:] == ["deep"] else TrainArm  # "deep": the per-tensor table's model
+    harness.serve(lambda: arm(_smdebug_hook, interval, collections))
