@@ -9,6 +9,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +24,7 @@ from helpers.writer_proc import value_for
 import tensortap
 from tensortap.backends.shard import ShardBuffer, ShardReader, write_shard
 from tensortap.capture import ShardPolicy, Writer
+from tensortap.capture.writer import Done
 
 
 def _check_every_h5_is_whole(out: Path) -> int:
@@ -252,9 +254,10 @@ def test_caught_ctrl_c_leaves_a_consistent_trial(tmp_path: Path, writer_proc, ha
     """
     w = writer_proc(tmp_path, "--max-steps", "3", *(["--default-sigint"] if handler == "default" else []))
     w.send("steps", n=100_000, names=["a", "b", "c"], catch=True)
+    w.expect("catching")  # a Ctrl-C before the user's try block would end the process, as it should
     _interrupt_repeatedly(w, 40, seed=7)
     w.proc.send_signal(signal.SIGTERM)
-    assert w.proc.wait(timeout=60) == -signal.SIGTERM
+    assert w.proc.wait(timeout=60) == -signal.SIGTERM, "".join(w.errors)
     trial = tensortap.create_trial(tmp_path)
     steps = set(trial.steps())
     assert steps
@@ -264,6 +267,20 @@ def test_caught_ctrl_c_leaves_a_consistent_trial(tmp_path: Path, writer_proc, ha
         for step, v in values.items():
             np.testing.assert_array_equal(v, value_for(name, step, 0))
     assert trial.problems() == {}
+
+
+def test_a_done_flag_outlives_a_waiter_interrupted_holding_its_lock() -> None:
+    """``Done`` (what the training thread waits on for the writer thread): a waiter interrupted between
+    taking its lock and giving it back leaves the lock held; every later wait must still see the flag."""
+    assert not Done().wait(0.05)  # never set: the wait ends at its timeout
+    later = Done()
+    threading.Timer(0.05, later.set).start()
+    assert later.wait(10)  # set by another thread while waiting
+    done = Done()
+    done.set()
+    done.set()  # once; a second call does nothing
+    assert done._lock.acquire(timeout=0)  # an interrupted waiter's acquire, never released
+    assert done.wait(0) and done.wait(1) and done.is_set()
 
 
 # where a full shard is handed to the writer thread: the writer's commit and the shard buffers. Not the

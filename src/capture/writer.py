@@ -26,7 +26,6 @@ import collections
 import contextlib
 import logging
 import os
-import queue
 import re
 import signal
 import tempfile
@@ -150,7 +149,7 @@ def run_bounded(fn: Callable[[], _T], timeout: float, what: str) -> _T:
     """
     result: list[Any] = []
     failure: list[BaseException] = []
-    done = threading.Event()
+    done = Done()
 
     def target() -> None:
         try:
@@ -245,20 +244,74 @@ def claim_worker(
 
 
 # ------------------------------------------------------------------ the writer thread
+MAX_QUEUED_JOBS = 4  # jobs waiting for the writer thread; past it, training waits (backpressure)
+
+
+class Done:
+    """A flag that one thread sets once and others wait for, where a ``KeyboardInterrupt`` may land
+    between any two bytecodes of the waiter (Python's default SIGINT handler, as Jupyter installs it).
+
+    ``threading.Event`` and ``queue.Queue`` wait on a ``threading.Condition``, whose lock an
+    interrupt can leave in the wrong state: inside ``Condition.wait`` it leaves it released under
+    a ``with`` (a ``RuntimeError: release unlocked lock`` then escapes the user's ``except
+    KeyboardInterrupt``: measured, tests/test_crash.py), at the return of ``Condition.__enter__``
+    held for ever. This waits on a bare lock, released once by :meth:`set`; a waiter interrupted
+    while it holds it leaves it held, and every later wait reads the flag first.
+    """
+
+    __slots__ = ("_flag", "_lock")
+
+    def __init__(self) -> None:
+        self._flag = False
+        self._lock = threading.Lock()
+        self._lock.acquire()
+
+    def set(self) -> None:
+        """Set the flag and wake the waiters (once; later calls do nothing)."""
+        if not self._flag:
+            self._flag = True
+            self._lock.release()
+
+    def is_set(self) -> bool:
+        """Whether :meth:`set` was called."""
+        return self._flag
+
+    def wait(self, timeout: float) -> bool:
+        """Wait until the flag is set, ``timeout`` s at most; return the flag."""
+        deadline = time.monotonic() + timeout
+        while not self._flag:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            # in slices: another waiter, interrupted between its acquire and release, may hold the lock
+            if self._lock.acquire(timeout=min(left, POLL_SECONDS)):
+                self._lock.release()
+        return True
+
+
 class _Job:
+    __slots__ = ("done", "fn")
+
     def __init__(self, fn: Callable[[], None]) -> None:
         self.fn = fn
-        self.done = threading.Event()
+        self.done = Done()
 
 
 class _WriterThread:
-    """The process's single writer thread."""
+    """The process's single writer thread.
+
+    Training threads hand it jobs with bare-lock and ``deque`` operations only (see :class:`Done`):
+    an interrupt there leaves nothing locked.
+    """
 
     _instance: _WriterThread | None = None
     _lock = threading.Lock()
 
     def __init__(self) -> None:
-        self.jobs: queue.Queue[_Job] = queue.Queue(maxsize=4)
+        self.jobs: collections.deque[_Job] = collections.deque()
+        # released by submit to wake the thread, which takes it back: a binary semaphore of a bare lock
+        self._wake = threading.Lock()
+        self._wake.acquire()
         self.writers: weakref.WeakSet[TrialWriter] = weakref.WeakSet()
         self.thread = threading.Thread(target=self._run, name="tensortap-writer", daemon=True)
         self.thread.start()
@@ -277,10 +330,19 @@ class _WriterThread:
         if threading.current_thread() is self.thread:
             self._execute(job)
             return job
+        deadline = time.monotonic() + timeout
+        while len(self.jobs) >= MAX_QUEUED_JOBS:  # backpressure on training: wait for the oldest job
+            try:
+                oldest = self.jobs[0]
+            except IndexError:  # taken meanwhile
+                continue
+            if not oldest.done.wait(deadline - time.monotonic()):
+                raise TimeoutError(f"publishing made no progress for {timeout:g} s (the storage does not answer)")
+        self.jobs.append(job)
         try:
-            self.jobs.put(job, timeout=timeout)  # blocks when the queue is full: backpressure on training
-        except queue.Full:
-            raise TimeoutError(f"publishing made no progress for {timeout:g} s (the storage does not answer)") from None
+            self._wake.release()
+        except RuntimeError:  # released already: the thread has a wake-up coming
+            pass
         return job
 
     @staticmethod
@@ -292,10 +354,9 @@ class _WriterThread:
 
     def _run(self) -> None:
         while True:
-            try:
-                self._execute(self.jobs.get(timeout=POLL_SECONDS))
-            except queue.Empty:
-                pass
+            self._wake.acquire(timeout=POLL_SECONDS)
+            while self.jobs:
+                self._execute(self.jobs.popleft())
             for w in list(self.writers):
                 w.publish_if_due()
 
@@ -580,8 +641,11 @@ class TrialWriter:
                 "latest when its shard is written",
                 self.policy.timeout,
             )
-        if not self._hung and self._io_lock.acquire(timeout=self.policy.timeout):
-            self._io_lock.release()  # a publish the writer thread started on its own
+        # a publish the writer thread started on its own: watched, not acquired (an interrupt between an
+        # acquire and its release would leave the lock held, and the writer thread waiting on it for ever)
+        deadline = time.monotonic() + self.policy.timeout
+        while not self._hung and self._io_lock.locked() and time.monotonic() < deadline:
+            time.sleep(0.001)
 
     def _wait_for(self, jobs: list[_Job]) -> None:
         """Wait until ``jobs`` are done, ``policy.timeout`` at most for each; past it, capture turns off."""
