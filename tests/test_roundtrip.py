@@ -350,3 +350,40 @@ def test_values_are_written_outside_hdf5_and_plain_h5py_reads_every_dataset(monk
         for step in range(2):
             got, want = trial.tensor(name).value(step), (v[step] if isinstance(v, list) else v)
             assert got.tobytes() == np.ascontiguousarray(want).tobytes() and got.dtype.str == want.dtype.str
+
+
+def test_a_closed_trial_leaves_no_shard_open_and_a_users_own_handle_working(tmp_path: Path) -> None:
+    """``Trial.close()`` closes every shard file it opened (their HDF5 files and descriptors), without
+    ``FileID.close()``; a shard the user has open with h5py meanwhile stays readable."""
+    import os
+
+    with Writer(tmp_path, shard_policy=ShardPolicy(max_steps=2)) as w:
+        for step in range(6):
+            with w.stepping():
+                w.save("w", np.full(3, step, dtype=np.float32))
+    shards = sorted((tmp_path / "shards" / "worker_0").glob("*.h5"))
+    assert len(shards) == 3
+
+    def open_shards() -> list[str]:
+        fd_dir = "/proc/self/fd"
+        if not os.path.isdir(fd_dir):
+            return []
+        targets = []
+        for fd in os.listdir(fd_dir):
+            try:
+                targets.append(os.readlink(os.path.join(fd_dir, fd)))
+            except OSError:  # closed meanwhile (the listing's own descriptor)
+                pass
+        return [t for t in targets if t.endswith(".h5")]
+
+    files_before = h5py.h5f.get_obj_count(h5py.h5f.OBJ_ALL, h5py.h5f.OBJ_FILE)
+    with h5py.File(shards[0], "r") as mine:
+        trial = tensortap.create_trial(tmp_path)
+        values = trial.tensor("w").values()
+        assert sorted(values) == list(range(6))
+        assert h5py.h5f.get_obj_count(h5py.h5f.OBJ_ALL, h5py.h5f.OBJ_FILE) > files_before + 1
+        trial.close()
+        assert h5py.h5f.get_obj_count(h5py.h5f.OBJ_ALL, h5py.h5f.OBJ_FILE) == files_before + 1  # the user's
+        assert mine["tensors/0/data"][()].tolist() == [[0, 0, 0], [1, 1, 1]]
+    assert h5py.h5f.get_obj_count(h5py.h5f.OBJ_ALL, h5py.h5f.OBJ_FILE) == files_before
+    assert open_shards() == []

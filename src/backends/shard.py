@@ -1149,8 +1149,11 @@ class ShardReader:
             for obj in opened:
                 if obj.valid:
                     obj.close()
-            if fid is not None:
-                fid.close()
+            # The file closes with its last reference (h5py frees an identifier's HDF5 id when it is
+            # deallocated). FileID.close() would also scan every live h5py identifier of the process
+            # (`nonlocal_close`), which objects opened with the default close degree do not need:
+            # 1.5-2 ms of closing a trial of 19 shards (bench/profiles/read.md).
+            del fid
 
     # ------------------------------------------------------------ checks
     def _attr(self, node: _Node, name: str, kinds: str) -> Any:
