@@ -283,9 +283,10 @@ def test_a_done_flag_outlives_a_waiter_interrupted_holding_its_lock() -> None:
     assert done.wait(0) and done.wait(1) and done.is_set()
 
 
-# where a full shard is handed to the writer thread: the writer's commit and the shard buffers. Not the
-# standard library's queue and locks: an interrupt inside them (at the return of Condition.__enter__,
-# say) can leave a lock held, in any program, which is Python's limit, not tensortap's.
+# where a full shard is handed to the writer thread: the writer's commit, its job queue and the shard
+# buffers. The standard library's Python code is not traced: an interrupt inside a threading.Condition
+# (at the return of its __enter__, say) can leave its lock held, in any program, which is why the
+# handoff waits on bare locks only (writer.Done; test_caught_ctrl_c_leaves_a_consistent_trial).
 HANDOFF_CODE = (os.path.join("capture", "writer.py"), os.path.join("backends", "shard.py"))
 
 
