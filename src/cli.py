@@ -16,13 +16,14 @@ a function of the parsed arguments returning the exit status;
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import logging
 import math
 import os
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -451,16 +452,24 @@ class _Formatter(logging.Formatter):
         return text if text.startswith("tensortap") else f"tensortap: {text}"
 
 
-def setup_logging(verbose: int, quiet: bool) -> None:
-    """Send the ``tensortap`` logger to stderr: warnings (default), errors only (-q), info (-v), debug (-vv)."""
-    level = logging.ERROR if quiet else {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
+@contextlib.contextmanager
+def logging_to_stderr(verbose: int, quiet: bool) -> Iterator[None]:
+    """Send the ``tensortap`` logger to stderr while a command runs: warnings (default), errors only (-q),
+    info (-v), debug (-vv). Its handlers, level and propagation come back afterwards, so that ``main``
+    called in a program (a notebook, a test) leaves that program's logging as it was."""
+    saved = (logger.handlers[:], logger.level, logger.propagate)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_Formatter("%(message)s"))
-    logger.handlers = [h for h in logger.handlers if not getattr(h, "_tensortap_cli", False)]
-    handler._tensortap_cli = True  # type: ignore[attr-defined]
     logger.addHandler(handler)
-    logger.setLevel(level)
+    logger.setLevel(logging.ERROR if quiet else {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG))
     logger.propagate = False
+    try:
+        yield
+    finally:
+        handlers, level, logger.propagate = saved
+        logger.handlers = handlers
+        logger.setLevel(level)  # not `.level =`: setLevel also clears the loggers' cached levels
+        handler.flush()
 
 
 def missing_dependency_hint(exc: ImportError) -> str:
@@ -482,7 +491,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    setup_logging(args.verbose or 0, args.quiet)
+    with logging_to_stderr(args.verbose or 0, args.quiet):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run the parsed command; return the exit status (user errors: a one-line message on stderr)."""
     try:
         status = int(args.func(args))
         sys.stdout.flush()

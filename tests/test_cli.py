@@ -15,7 +15,7 @@ import pytest
 
 import tensortap
 from tensortap import TrialNotFound, UnknownName
-from tensortap.capture import Writer
+from tensortap.capture import ShardPolicy, Writer
 
 
 def cli(
@@ -355,3 +355,32 @@ def test_plot_writes_an_image_of_the_series(trial_dir: Path, tmp_path: Path) -> 
     assert result.returncode == 0, result.stderr
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "give tensor names" in user_error(cli("plot", str(trial_dir), "--regex", "nothing-matches"))
+
+
+def test_main_in_a_program_logs_to_stderr_then_leaves_its_logging_as_it_was(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """``main`` called in a program (a notebook, a test): the command's warnings go to stderr, and afterwards
+    the ``tensortap`` logger has the handlers, level and propagation it had. Before, a handler on the
+    stderr of that moment stayed: a later warning wrote to a closed stream (pytest printed ``--- Logging
+    error ---``) and never reached the program's own handlers."""
+    import logging
+
+    from tensortap.cli import main
+
+    with Writer(tmp_path, shard_policy=ShardPolicy(max_steps=1)) as w:
+        for step in range(2):
+            with w.stepping():
+                w.save("a", np.arange(3.0) + step)
+    first = sorted((tmp_path / "shards" / "worker_0").glob("*.h5"))[0]
+    with open(first, "r+b") as f:
+        f.truncate(100)  # the index says otherwise: the reader skips it with a warning
+    logger = logging.getLogger("tensortap")
+    before = (list(logger.handlers), logger.level, logger.propagate)
+    assert main(["show", str(tmp_path), "a"]) == 2  # step 0 cannot be read
+    assert "tensortap: skipping shards/worker_0/0000000000.h5" in capsys.readouterr().err  # the logger's line
+    assert (list(logger.handlers), logger.level, logger.propagate) == before
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        assert list(tensortap.create_trial(tmp_path).tensor("a").values()) == [1]
+    assert any("skipping shards/worker_0/0000000000.h5" in r.getMessage() for r in caplog.records)
+    assert capsys.readouterr().err == ""  # the program's handlers only, no stream left behind
