@@ -22,9 +22,11 @@ from helpers.trials import run_steps
 from helpers.writer_proc import value_for
 
 import tensortap
+from tensortap import ReductionConfig
 from tensortap.backends.shard import ShardBuffer, ShardReader, write_shard
-from tensortap.capture import ShardPolicy, Writer
-from tensortap.capture.writer import Done
+from tensortap.capture import ShardPolicy, Writer, counting
+from tensortap.capture.handoff import Done
+from tensortap.capture.testing import numpy_histogram_rule, numpy_rule_edges
 
 
 def _check_every_h5_is_whole(out: Path) -> int:
@@ -286,21 +288,26 @@ def test_a_done_flag_outlives_a_waiter_interrupted_holding_its_lock() -> None:
 # where a full shard is handed to the writer thread: the writer's commit, its job queue and the shard
 # buffers. The standard library's Python code is not traced: an interrupt inside a threading.Condition
 # (at the return of its __enter__, say) can leave its lock held, in any program, which is why the
-# handoff waits on bare locks only (writer.Done; test_caught_ctrl_c_leaves_a_consistent_trial).
-HANDOFF_CODE = (os.path.join("capture", "writer.py"), os.path.join("backends", "shard.py"))
+# handoff waits on bare locks only (capture/handoff.py; test_caught_ctrl_c_leaves_a_consistent_trial).
+HANDOFF_CODE = (
+    os.path.join("capture", "writer.py"),
+    os.path.join("capture", "handoff.py"),
+    os.path.join("backends", "shard.py"),
+)
 
 
 class Interrupter:
     """A tracer (``sys.settrace``) that raises ``KeyboardInterrupt`` before the ``at``-th bytecode
-    executed in ``HANDOFF_CODE``, as Python's default SIGINT handler may; None: only counts them."""
+    executed in ``code`` (files), as Python's default SIGINT handler may; None: only counts them."""
 
-    def __init__(self, at: int | None) -> None:
+    def __init__(self, at: int | None, code: tuple[str, ...] = HANDOFF_CODE) -> None:
         self.at = at
+        self.code = code
         self.seen = 0
         self.fired = False
 
     def __call__(self, frame: FrameType, event: str, arg: object) -> Callable[..., object] | None:
-        if not frame.f_code.co_filename.endswith(HANDOFF_CODE):
+        if not frame.f_code.co_filename.endswith(self.code):
             return None
         frame.f_trace_opcodes = True
         frame.f_trace_lines = False
@@ -360,6 +367,55 @@ def test_ctrl_c_at_every_bytecode_of_the_handoff_loses_no_finished_step(tmp_path
             for step, v in values.items():
                 np.testing.assert_array_equal(v, value_for(name, step, 0))
         assert trial.problems() == {} and trial.end_reasons() == {"worker_0": "closed"}
+
+
+def _histograms_through_an_interrupted_handoff(out: Path, at: int | None) -> tuple[list[int], Interrupter]:
+    """Six steps saving a histogram of ``h`` every step; step 3, which takes its values into a buffer of the
+    counting thread and hands them over, is interrupted before its ``at``-th bytecode in
+    ``capture/counting.py``; the user catches it and trains on. Return the steps that finished."""
+    tracer = Interrupter(at, (os.path.join("capture", "counting.py"),))
+    finished = []
+    with Writer(out, reduction_config=ReductionConfig(histogram=8)) as w:
+        for _ in range(6):
+            try:
+                with w.stepping():
+                    step = w.step
+                    if step == 3:
+                        assert counting.COUNTER.wait_idle(5.0)  # a recycled buffer is free: the same bytecodes
+                        sys.settrace(tracer)
+                    w.save("h", _histogram_value(step))
+                finished.append(step)
+            except KeyboardInterrupt:
+                pass
+            finally:
+                sys.settrace(None)
+    return finished, tracer
+
+
+def _histogram_value(step: int) -> np.ndarray:
+    """``h`` at ``step``: wider every step, so later values also fill the outer bins."""
+    return np.linspace(-1.0, 1.0, 50, dtype=np.float32) * (1 + 0.3 * step)
+
+
+def test_ctrl_c_at_every_bytecode_of_the_histogram_handoff_loses_nothing(tmp_path: Path) -> None:
+    """The training thread's side of the counting thread (a buffer to copy into, the step's histograms
+    handed over), interrupted at each of its bytecodes: every finished step's histogram is the NumPy
+    rule's on the value at save, and the counting thread still counts (no lock left held)."""
+    _, reference = _histograms_through_an_interrupted_handoff(tmp_path / "reference", None)
+    assert reference.seen > 20  # the histogram was taken and handed over, traced
+    edges = numpy_rule_edges(_histogram_value(0), 8)
+    for at in range(1, reference.seen + 1):
+        out = tmp_path / f"at{at}"
+        finished, tracer = _histograms_through_an_interrupted_handoff(out, at)
+        assert tracer.fired, f"bytecode {at} of {reference.seen}: the handoff ran fewer bytecodes"
+        assert set(finished) >= set(range(6)) - {3}, f"interrupted at bytecode {at}"
+        t = tensortap.create_trial(out).tensor("h")
+        for step in finished:
+            hist = t.histogram_value(step)
+            np.testing.assert_array_equal(hist.edges, edges)
+            expected = numpy_histogram_rule(_histogram_value(step), edges)
+            np.testing.assert_array_equal(hist.counts, expected, err_msg=f"interrupted at bytecode {at}")
+        assert counting.COUNTER.wait_idle(5.0) and counting.COUNTER.has_room(), f"interrupted at bytecode {at}"
 
 
 # ---------------------------------------------------------------- the seeded crash campaign

@@ -46,6 +46,7 @@ from ..exceptions import TrialExistsError
 from ..modes import Mode
 from ..reductions import Histogram, PendingHistogram
 from . import counting
+from .handoff import Done, Wake
 
 logger = logging.getLogger("tensortap")
 
@@ -247,48 +248,6 @@ def claim_worker(
 MAX_QUEUED_JOBS = 4  # jobs waiting for the writer thread; past it, training waits (backpressure)
 
 
-class Done:
-    """A flag that one thread sets once and others wait for, where a ``KeyboardInterrupt`` may land
-    between any two bytecodes of the waiter (Python's default SIGINT handler, as Jupyter installs it).
-
-    ``threading.Event`` and ``queue.Queue`` wait on a ``threading.Condition``, whose lock an
-    interrupt can leave in the wrong state: inside ``Condition.wait`` it leaves it released under
-    a ``with`` (a ``RuntimeError: release unlocked lock`` then escapes the user's ``except
-    KeyboardInterrupt``: measured, tests/test_crash.py), at the return of ``Condition.__enter__``
-    held for ever. This waits on a bare lock, released once by :meth:`set`; a waiter interrupted
-    while it holds it leaves it held, and every later wait reads the flag first.
-    """
-
-    __slots__ = ("_flag", "_lock")
-
-    def __init__(self) -> None:
-        self._flag = False
-        self._lock = threading.Lock()
-        self._lock.acquire()
-
-    def set(self) -> None:
-        """Set the flag and wake the waiters (once; later calls do nothing)."""
-        if not self._flag:
-            self._flag = True
-            self._lock.release()
-
-    def is_set(self) -> bool:
-        """Whether :meth:`set` was called."""
-        return self._flag
-
-    def wait(self, timeout: float) -> bool:
-        """Wait until the flag is set, ``timeout`` s at most; return the flag."""
-        deadline = time.monotonic() + timeout
-        while not self._flag:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            # in slices: another waiter, interrupted between its acquire and release, may hold the lock
-            if self._lock.acquire(timeout=min(left, POLL_SECONDS)):
-                self._lock.release()
-        return True
-
-
 class _Job:
     __slots__ = ("done", "fn")
 
@@ -300,8 +259,8 @@ class _Job:
 class _WriterThread:
     """The process's single writer thread.
 
-    Training threads hand it jobs with bare-lock and ``deque`` operations only (see :class:`Done`):
-    an interrupt there leaves nothing locked.
+    Training threads hand it jobs with bare-lock and ``deque`` operations only
+    (:mod:`tensortap.capture.handoff`): an interrupt there leaves nothing locked.
     """
 
     _instance: _WriterThread | None = None
@@ -309,9 +268,7 @@ class _WriterThread:
 
     def __init__(self) -> None:
         self.jobs: collections.deque[_Job] = collections.deque()
-        # released by submit to wake the thread, which takes it back: a binary semaphore of a bare lock
-        self._wake = threading.Lock()
-        self._wake.acquire()
+        self._wake = Wake()
         self.writers: weakref.WeakSet[TrialWriter] = weakref.WeakSet()
         self.thread = threading.Thread(target=self._run, name="tensortap-writer", daemon=True)
         self.thread.start()
@@ -339,10 +296,7 @@ class _WriterThread:
             if not oldest.done.wait(deadline - time.monotonic()):
                 raise TimeoutError(f"publishing made no progress for {timeout:g} s (the storage does not answer)")
         self.jobs.append(job)
-        try:
-            self._wake.release()
-        except RuntimeError:  # released already: the thread has a wake-up coming
-            pass
+        self._wake.set()
         return job
 
     @staticmethod
@@ -354,7 +308,7 @@ class _WriterThread:
 
     def _run(self) -> None:
         while True:
-            self._wake.acquire(timeout=POLL_SECONDS)
+            self._wake.wait(POLL_SECONDS)
             while self.jobs:
                 self._execute(self.jobs.popleft())
             for w in list(self.writers):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from collections.abc import Iterator, Sequence
@@ -17,6 +18,7 @@ from torch import nn  # noqa: E402
 import tensortap  # noqa: E402
 import tensortap.torch as ttt  # noqa: E402
 from tensortap import Collection, ReductionConfig, SaveConfig  # noqa: E402
+from tensortap import reductions as red  # noqa: E402
 from tensortap.capture import counting  # noqa: E402
 from tensortap.capture.testing import numpy_histogram_rule, numpy_rule_edges  # noqa: E402
 
@@ -66,6 +68,19 @@ def _histograms_every_step(model: nn.Module, opt: torch.optim.Optimizer, out_dir
         include_collections=["weights", "gradients"],
         collection_configs={c: Collection(c, reduction_config=hist_only) for c in ("weights", "gradients")},
     )
+
+
+@contextlib.contextmanager
+def _counting_held() -> Iterator[None]:
+    """Hold the counting thread for the block: it waits on a histogram whose lock the block holds, so
+    nothing handed to it later is counted by it before the block ends (the writer still may)."""
+    blocker = red.pending_histogram(np.zeros(4, np.float32), np.array([0.0, 1.0]))
+    blocker._lock.acquire()
+    counting.COUNTER.submit([blocker])
+    try:
+        yield
+    finally:
+        blocker._lock.release()
 
 
 def _batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -408,22 +423,16 @@ def test_a_drain_that_outwaits_the_counting_says_so_and_loses_nothing(
     model, opt = _classifier()
     hook = _histograms_every_step(model, opt, tmp_path)
     hook.writer.policy = dataclasses.replace(hook.writer.policy, timeout=0.2)
-    counter = counting.COUNTER
     grads = []
-    with counter._cond:  # nothing leaves the queue while the steps run
+    with _counting_held():  # nothing after it is counted while the steps run
         for x, y in list(_batches())[:3]:
             opt.zero_grad()
             nn.functional.cross_entropy(model(x), y).backward()
             grads.append(model[0].weight.grad.numpy().copy())
             opt.step()
         model(x)  # ends the last step
-        held = counter._queue[0][0]
-        held._lock.acquire()  # the counting thread will wait on it
-    try:
         with caplog.at_level(logging.WARNING, logger="tensortap"):
             hook.writer.drain()
-    finally:
-        held._lock.release()
     assert [r.getMessage() for r in caplog.records] == [
         "tensortap: histograms taken so far are not counted after 0.2 s; each is counted at the latest when "
         "its shard is written"
@@ -438,8 +447,8 @@ def test_a_drain_that_outwaits_the_counting_says_so_and_loses_nothing(
 def test_histograms_counted_later_are_of_the_values_at_save(tmp_path: Path) -> None:
     """The counting thread counts after the values changed in place: it must count the copies taken at save.
 
-    The test holds the counting thread's lock (re-entrant: the training thread, this one, still hands it
-    each step's histograms), so nothing is counted before ``close()``: by then the weights have moved
+    The test holds the counting thread (the training thread, this one, still hands it each step's
+    histograms), so nothing is counted before ``close()``: by then the weights have moved
     with every later ``opt.step()`` and each step's gradients were scaled by -1e6 in place right after
     ``opt.step()`` read them (and zeroed in place by the next ``zero_grad``).
     """
@@ -447,7 +456,7 @@ def test_histograms_counted_later_are_of_the_values_at_save(tmp_path: Path) -> N
     hook = _histograms_every_step(model, opt, tmp_path)
     counter = counting.COUNTER
     grads, weights = [], []
-    with counter._cond:
+    with _counting_held():
         for x, y in _batches():
             out = model(x)  # ends the step before, whose histograms go to the (held) counting thread
             assert len(grads) < 2 or counter._queue  # the first step fixes the bins: counted at once
