@@ -322,29 +322,39 @@ class Interrupter:
         return self.opcode
 
 
+def _steps_with_an_interrupt(w: Writer, body: Callable[[int], None]) -> list[int]:
+    """Six steps of ``w``, each running ``body(step)``, which sets a tracer (``sys.settrace``) where the
+    interrupt is to come; the user catches it and trains on. Return the steps that finished (their
+    ``with`` block ended without an exception)."""
+    finished = []
+    for _ in range(6):
+        try:
+            with w.stepping():
+                step = w.step
+                body(step)
+            finished.append(step)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            sys.settrace(None)
+    return finished
+
+
 def _train_through_an_interrupted_handoff(out: Path, at: int | None) -> tuple[list[int], Interrupter]:
     """Six steps in shards of two; the commit of step 3 hands the shard of steps 2 and 3 to the writer
-    thread, interrupted before its ``at``-th bytecode; the user catches it and trains on. Return the
-    steps that finished (their ``with`` block ended without an exception)."""
+    thread, interrupted before its ``at``-th bytecode. Return the steps that finished."""
     tracer = Interrupter(at)
-    finished = []
     with Writer(out, shard_policy=ShardPolicy(max_steps=2)) as w:
-        for _ in range(6):
-            try:
-                with w.stepping():
-                    step = w.step
-                    for name in ("a", "b"):
-                        w.save(name, value_for(name, step, 0))
-                    if step == 3:
-                        assert w.writer is not None
-                        w.writer.drain()  # the shard before is published: the same bytecodes every time
-                        sys.settrace(tracer)
-                finished.append(step)
-            except KeyboardInterrupt:
-                pass
-            finally:
-                sys.settrace(None)
-    return finished, tracer
+
+        def body(step: int) -> None:
+            for name in ("a", "b"):
+                w.save(name, value_for(name, step, 0))
+            if step == 3:
+                assert w.writer is not None
+                w.writer.drain()  # the shard before is published: the same bytecodes every time
+                sys.settrace(tracer)
+
+        return _steps_with_an_interrupt(w, body), tracer
 
 
 def test_ctrl_c_at_every_bytecode_of_the_handoff_loses_no_finished_step(tmp_path: Path) -> None:
@@ -372,24 +382,17 @@ def test_ctrl_c_at_every_bytecode_of_the_handoff_loses_no_finished_step(tmp_path
 def _histograms_through_an_interrupted_handoff(out: Path, at: int | None) -> tuple[list[int], Interrupter]:
     """Six steps saving a histogram of ``h`` every step; step 3, which takes its values into a buffer of the
     counting thread and hands them over, is interrupted before its ``at``-th bytecode in
-    ``capture/counting.py``; the user catches it and trains on. Return the steps that finished."""
+    ``capture/counting.py``. Return the steps that finished."""
     tracer = Interrupter(at, (os.path.join("capture", "counting.py"),))
-    finished = []
     with Writer(out, reduction_config=ReductionConfig(histogram=8)) as w:
-        for _ in range(6):
-            try:
-                with w.stepping():
-                    step = w.step
-                    if step == 3:
-                        assert counting.COUNTER.wait_idle(5.0)  # a recycled buffer is free: the same bytecodes
-                        sys.settrace(tracer)
-                    w.save("h", _histogram_value(step))
-                finished.append(step)
-            except KeyboardInterrupt:
-                pass
-            finally:
-                sys.settrace(None)
-    return finished, tracer
+
+        def body(step: int) -> None:
+            if step == 3:
+                assert counting.COUNTER.wait_idle(5.0)  # a recycled buffer is free: the same bytecodes
+                sys.settrace(tracer)
+            w.save("h", _histogram_value(step))
+
+        return _steps_with_an_interrupt(w, body), tracer
 
 
 def _histogram_value(step: int) -> np.ndarray:
