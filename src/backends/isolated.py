@@ -99,17 +99,12 @@ class ShardChild:
             self._start()
 
     def _start(self) -> None:
-        package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([package_root, *sys.path])}
-        arguments = f"{self.task!r}, {self.idle!r}, {self.keep_on_signals!r}"
-        code = f"from tensortap.backends.isolated import serve; serve({arguments})"
         proc = subprocess.Popen(
-            [sys.executable, "-c", code],
+            [sys.executable, "-c", _child_code(self.task, self.idle, self.keep_on_signals)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,  # HDF5's diagnostics of a corrupt file: the answer says what is wrong
             text=True,
-            env=env,
         )
         answers: queue.Queue[str] = queue.Queue()
         threading.Thread(target=_pump, args=(proc, answers), daemon=True).start()
@@ -117,10 +112,12 @@ class ShardChild:
         try:
             ready = answers.get(timeout=START_SECONDS)
         except queue.Empty:
-            ready = ""
-        if not ready:
             self.close()
-            raise ChildFailed(f"the process that reads it did not start within {START_SECONDS:g} s")
+            raise ChildFailed(f"the process that reads it did not start within {START_SECONDS:g} s") from None
+        if not ready:
+            status = proc.wait()
+            self.close()
+            raise ChildFailed(f"the process that reads it ended as it started (exit status {status})")
 
     def ask(self, *arguments: Any) -> Any:
         """``task(*arguments)``, computed in the child; :class:`ChildFailed` if it hangs or dies."""
@@ -157,6 +154,24 @@ class ShardChild:
                     with contextlib.suppress(OSError):
                         stream.close()
             self._proc = None
+
+
+def _child_code(task: str, idle: float | None, keep_on_signals: bool) -> str:
+    """The ``python -c`` code of a child running ``task``.
+
+    The child imports tensortap from where this process did, and finds everything else on its own
+    path first: the folders this process has and it lacks (a script's folder, ones added at run
+    time) come last, and the working directory not at all. On the command line or in
+    ``PYTHONPATH`` they would come before the standard library, and a user's module named like a
+    standard one (a ``types.py`` beside the training script) would stop the child as it starts.
+    """
+    package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    ours = [p for p in sys.path if isinstance(p, str) and p]
+    return (
+        f"import sys; sys.path[:] = [{package_root!r}, *(p for p in sys.path if p)]; "
+        f"sys.path += [p for p in {ours!r} if p not in sys.path]; "
+        f"from tensortap.backends.isolated import serve; serve({task!r}, {idle!r}, {keep_on_signals!r})"
+    )
 
 
 def _pump(proc: subprocess.Popen[str], answers: queue.Queue[str]) -> None:

@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from collections.abc import Iterator
@@ -251,3 +254,25 @@ def test_without_pwritev_the_values_are_written_piece_by_piece(monkeypatch: pyte
     assert reader.values("w")[1].tolist() == [[1, 2, 3], [4, 5, 6]]
     assert reader.values("ragged")[1].tolist() == [0, 1, 2]
     reader.close()
+
+
+def test_a_users_module_named_like_a_standard_one_does_not_stop_the_helper_processes(tmp_path: Path) -> None:
+    """A training script whose folder (here also the working directory) holds a ``types.py`` of the
+    user's: Python imported the standard ``types`` before the script's folder was on its path, so
+    the script runs, and the helper processes (layout, ``check``, format-1 vetting) must start too."""
+    (tmp_path / "types.py").write_text("raise ImportError('the types.py beside the script was imported')\n")
+    (tmp_path / "train.py").write_text(
+        textwrap.dedent(
+            """
+            from tensortap.backends import isolated
+            child = isolated.ShardChild("tensortap.backends.shard:lay_out_or_error", 60)
+            child.start()
+            print("started" if child.alive else "not started")
+            child.close()
+            """
+        )
+    )
+    done = subprocess.run(
+        [sys.executable, "train.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "started", done.stderr
