@@ -159,16 +159,16 @@ class ShardChild:
 def _child_code(task: str, idle: float | None, keep_on_signals: bool) -> str:
     """The ``python -c`` code of a child running ``task``.
 
-    The child imports tensortap from where this process did, and finds everything else on its own
-    path first: the folders this process has and it lacks (a script's folder, ones added at run
-    time) come last, and the working directory not at all. On the command line or in
-    ``PYTHONPATH`` they would come before the standard library, and a user's module named like a
-    standard one (a ``types.py`` beside the training script) would stop the child as it starts.
+    The child keeps its own path (the standard library, then the site packages) and adds after it
+    the folders this process has and it lacks: the one tensortap was imported from, a script's
+    folder, ones added at run time; the working directory not at all. On the command line or in
+    ``PYTHONPATH`` they would come before the standard library, where a user's module named like
+    a standard one (a ``types.py`` beside the training script) would stop the child as it starts.
     """
     package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    ours = [p for p in sys.path if isinstance(p, str) and p]
+    ours = [package_root, *(p for p in sys.path if isinstance(p, str) and p)]
     return (
-        f"import sys; sys.path[:] = [{package_root!r}, *(p for p in sys.path if p)]; "
+        f"import sys; sys.path[:] = [p for p in sys.path if p]; "
         f"sys.path += [p for p in {ours!r} if p not in sys.path]; "
         f"from tensortap.backends.isolated import serve; serve({task!r}, {idle!r}, {keep_on_signals!r})"
     )
