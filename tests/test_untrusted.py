@@ -22,7 +22,7 @@ import tensortap
 from tensortap import TensorUnavailableForStep
 from tensortap.backends import NotInTrial, get_storage
 from tensortap.backends.shard import FORMAT_1 as FORMAT_1_VETTER
-from tensortap.backends.shard import ShardError, ShardReader, crc32
+from tensortap.backends.shard import ShardError, ShardReader, crc32, raw_at_check
 from tensortap.capture import ShardPolicy, Writer
 from tensortap.cli import main
 from tensortap.trial.check import find_problems
@@ -46,11 +46,22 @@ def write(out: Path | str, steps: int = 2, **options: object) -> None:
 
 
 def rewrite(out: Path, change: Callable[[h5py.File], object]) -> None:
-    """Change the shard with h5py, then fix its index record's size, as a stranger crafting a trial would."""
+    """Change the shard with h5py, then fix its index record's size, as a stranger crafting a trial would,
+    and drop the record's ``raw_at`` (:func:`located_by_hdf5`)."""
     with h5py.File(out / SHARD, "r+") as f:
         change(f)
     record = json.loads((out / RECORD).read_text())
     record["bytes"] = os.path.getsize(out / SHARD)
+    (out / RECORD).write_text(json.dumps(record))
+    located_by_hdf5(out)
+
+
+def located_by_hdf5(out: Path) -> None:
+    """Drop the ``raw_at`` of every tensor of the index record (a record of format 2.0): its values are
+    then found through the shard's HDF5 structure, which the tests of that path craft."""
+    record = json.loads((out / RECORD).read_text())
+    for entry in record["tensors"].values():
+        entry.pop("raw_at", None)
     (out / RECORD).write_text(json.dumps(record))
 
 
@@ -309,6 +320,7 @@ def read_directly(shard: Path, name: str) -> bool:
 
 def test_values_pointed_at_other_bytes_of_the_shard_are_never_returned(tmp_path: Path) -> None:
     write(tmp_path)
+    located_by_hdf5(tmp_path)
     assert read_directly(tmp_path / SHARD, "dense/kernel")
     move_contiguous_data(tmp_path / SHARD, "tensors/0/data", 8)  # the superblock's bytes, within the file
     assert read_directly(tmp_path / SHARD, "dense/kernel")
@@ -322,9 +334,116 @@ def test_values_pointed_at_other_bytes_of_the_shard_are_never_returned(tmp_path:
 @pytest.mark.parametrize("past_the_end", [8, 1 << 40])
 def test_values_pointed_past_the_end_of_the_shard_are_refused_unread(past_the_end: int, tmp_path: Path) -> None:
     write(tmp_path)
+    located_by_hdf5(tmp_path)
     size = (tmp_path / SHARD).stat().st_size
     move_contiguous_data(tmp_path / SHARD, "tensors/0/data", size + past_the_end - 48)  # its 48 bytes cross the end
     refused(tmp_path, "cannot read shard")  # HDF5 refuses to open the dataset; its bytes are never read
+
+
+# ---------------------------------------------------------------- values read where the record says (raw_at)
+def raw_at(out: Path, name: str = "dense/kernel") -> dict[str, Any]:
+    return json.loads((out / RECORD).read_text())["tensors"][name]["raw_at"]
+
+
+def set_raw_at(out: Path, recheck: bool = True, name: str = "dense/kernel", **changes: Any) -> None:
+    """Change fields of the ``raw_at`` of ``name`` (and of its entry: ``shape``, ``raw_steps``); with
+    ``recheck``, compute its ``check`` again, as a stranger who knows the format would."""
+    record = json.loads((out / RECORD).read_text())
+    entry = record["tensors"][name]
+    for key in ("shape", "raw_steps"):
+        if key in changes:
+            entry[key] = changes.pop(key)
+    entry["raw_at"].update(changes)
+    if recheck:
+        at = entry["raw_at"]
+        steps = np.array([s for s, _, _ in record["steps"]] if entry["raw_steps"] == "*" else entry["raw_steps"])
+        at["check"] = raw_at_check(name, np.dtype(at["dtype"]), entry["shape"], steps, at["data"], at["crc32"])
+    (out / RECORD).write_text(json.dumps(record))
+
+
+def test_values_are_read_where_the_record_says_without_hdf5(tmp_path: Path) -> None:
+    """A fixed-layout tensor of integers or floats is read at the offsets its index record gives, its
+    values verified; HDF5 is not needed for it: with the file's HDF5 signature gone, it still reads, and
+    the ragged tensor (no ``raw_at``) is refused with the shard."""
+    write(tmp_path, steps=3)
+    at = raw_at(tmp_path)
+    assert at["dtype"] == "<f4" and at["data"] == value_offset(tmp_path / SHARD)
+    assert "raw_at" not in json.loads((tmp_path / RECORD).read_text())["tensors"]["ragged"]
+    data = bytearray((tmp_path / SHARD).read_bytes())
+    data[:8] = bytes(8)
+    (tmp_path / SHARD).write_bytes(bytes(data))
+    with logged_warnings() as warned:
+        trial = tensortap.create_trial(tmp_path)
+        values = trial.tensor("dense/kernel").values()
+        assert sorted(values) == [0, 1, 2]
+        for step, value in values.items():
+            assert value.tobytes() == kernel(step).tobytes() and value.dtype == np.float32
+        assert trial.tensor("dense/kernel").value(1).tobytes() == kernel(1).tobytes()
+        assert trial.tensor("ragged").values() == {}
+    assert len(warned) == 1 and SHARD in warned[0] and "HDF5" in warned[0], warned
+    assert any(p.startswith(SHARD) for p in find_problems(str(tmp_path)))
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"data": 8},
+        {"crc32": 8},
+        {"dtype": "<i4"},
+        {"shape": [3]},
+        {"raw_steps": [0]},
+    ],
+    ids=["data", "crc32", "dtype", "shape", "steps"],
+)
+def test_a_damaged_raw_at_is_refused_naming_its_shard(change: dict[str, Any], tmp_path: Path) -> None:
+    """A record whose ``raw_at`` or the entry fields it depends on changed (a bit flip, an edit without
+    the check) is never read as other bytes or other steps: the shard is refused, naming why."""
+    write(tmp_path)
+    set_raw_at(tmp_path, recheck=False, **change)
+    values, warned = read_all(tmp_path)
+    assert values["dense/kernel"] == {}
+    assert any(SHARD in w and "does not match its check" in w for w in warned), warned
+    assert any("does not match its check" in p for p in find_problems(str(tmp_path)))
+
+
+def test_a_raw_at_pointed_at_other_bytes_of_the_shard_is_never_returned(tmp_path: Path) -> None:
+    write(tmp_path)
+    set_raw_at(tmp_path, data=8)  # the superblock's bytes, with a check that matches
+    values, warned = read_all(tmp_path)
+    assert values["dense/kernel"] == {}
+    assert any("value 0 of tensor step 0 does not match its checksum" in w for w in warned), warned
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"data": 1 << 40}, {"crc32": 1 << 40}, {"shape": [1 << 40]}, {"shape": [1 << 20, 1 << 20, 1 << 20]}],
+    ids=["data", "crc32", "shape", "huge-shape"],
+)
+def test_a_raw_at_past_the_end_of_the_shard_is_refused_unread(change: dict[str, Any], tmp_path: Path) -> None:
+    """Whatever the record declares, what is read is bounded by the file's size (nothing is allocated)."""
+    write(tmp_path)
+    set_raw_at(tmp_path, **change)
+    values, warned = read_all(tmp_path)
+    assert values["dense/kernel"] == {}
+    assert any(SHARD in w and "past the end of the file" in w for w in warned), warned
+
+
+def test_check_reports_a_raw_at_that_gives_other_values_than_the_shard_holds(tmp_path: Path) -> None:
+    """The shard's names swapped (with a valid checksum), the record left as it was: its ``raw_at`` of
+    ``dense/kernel`` still gives the values stored under that name before. Readers read what the
+    record says; ``tensortap check`` compares it with what HDF5 reads under the name and reports it."""
+    write(tmp_path, steps=3)
+    names = np.frombuffer(json.dumps(["ragged", "dense/kernel"]).encode(), dtype=np.uint8)
+    with h5py.File(tmp_path / SHARD, "r+") as f:
+        del f["names"]
+        f["names"] = names
+        f["names"].attrs["crc32"] = np.uint32(crc32(names))
+    record = json.loads((tmp_path / RECORD).read_text())
+    record["bytes"] = os.path.getsize(tmp_path / SHARD)
+    (tmp_path / RECORD).write_text(json.dumps(record))
+    assert tensortap.create_trial(tmp_path).tensor("dense/kernel").value(2).tobytes() == kernel(2).tobytes()
+    problems = find_problems(str(tmp_path))
+    assert len(problems) == 1 and "raw_at of 'dense/kernel' does not give the values the shard holds" in problems[0]
 
 
 def rewrite_values(f: h5py.File, values: np.ndarray, **options: Any) -> None:
@@ -431,8 +550,17 @@ def test_format_1_trials_still_read() -> None:
         lambda r: r.update(seq=True),
         lambda r: r.update(worker="worker_1"),
         lambda r: r.update(format_version=99),
+        lambda r: r["tensors"]["dense/kernel"].update(raw_at=[0, 0, 0]),
+        lambda r: r["tensors"]["dense/kernel"]["raw_at"].update(dtype="float32"),
+        lambda r: r["tensors"]["dense/kernel"]["raw_at"].update(dtype="|b1"),
+        lambda r: r["tensors"]["dense/kernel"]["raw_at"].update(data=-1),
+        lambda r: r["tensors"]["dense/kernel"]["raw_at"].update(check=1 << 32),
+        lambda r: r["tensors"]["dense/kernel"].pop("raw_steps"),
     ],
-    ids=["missing", "wrong-type", "bad-mode", "tensors-list", "foreign-step", "shape-str", "bool", "worker", "newer"],
+    ids=[
+        *("missing", "wrong-type", "bad-mode", "tensors-list", "foreign-step", "shape-str", "bool", "worker", "newer"),
+        *("raw_at-list", "raw_at-dtype-name", "raw_at-bool", "raw_at-negative", "raw_at-check", "raw_at-no-steps"),
+    ],
 )
 def test_a_malformed_record_is_skipped_and_reported(change: Callable[[dict], object], tmp_path: Path) -> None:
     write(tmp_path)

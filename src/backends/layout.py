@@ -13,8 +13,9 @@ import re
 
 FORMAT_VERSION = 2
 """The version this tensortap writes; it reads every version up to this one."""
-# Additions within a version that older readers of it ignore safely (none yet in version 2).
-FORMAT_MINOR = 0
+# Additions within a version that older readers of it ignore safely (docs/format.md, "Versioning"):
+# 1 adds the index record's ``raw_at`` (where a tensor's values lie in its shard).
+FORMAT_MINOR = 1
 
 SHARDS = "shards"
 INDEX = "index"

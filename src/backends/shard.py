@@ -23,7 +23,8 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache, wraps
-from typing import Any, NoReturn, ParamSpec, TypeVar
+from itertools import pairwise
+from typing import Any, NoReturn, ParamSpec, Protocol, TypeVar
 
 import h5py
 import numpy as np
@@ -466,6 +467,8 @@ class _Plan:
         self._objects = 1
         self._allocated = 0  # datasets of kind "d"
         self._later: list[tuple[int, np.ndarray]] = []  # allocated dataset number, data
+        self._slots: dict[int, int] = {}  # object number of an allocated dataset with data -> its number
+        self._offsets: list[int] = []  # of the allocated datasets, once made
 
     def _made(self, op: Op) -> int:
         self.ops.append(op)
@@ -491,10 +494,12 @@ class _Plan:
         shard is)."""
         compression = self.compression if values and data.size else None
         if compression is None and data.dtype.kind in _RAW_KINDS:
+            made = self._made(["d", parent, name, data.dtype.str, list(data.shape)])
             if data.size:
                 self._later.append((self._allocated, data))
+                self._slots[made] = self._allocated
             self._allocated += 1
-            return self._made(["d", parent, name, data.dtype.str, list(data.shape)])
+            return made
         self.arrays.append((data, compression))
         return self._made(["w", parent, name, len(self.arrays) - 1])
 
@@ -506,12 +511,19 @@ class _Plan:
         """A checked dataset of ``obj`` as UTF-8 JSON bytes."""
         self.checked(parent, name, np.frombuffer(json.dumps(obj, ensure_ascii=False).encode("utf-8"), dtype=np.uint8))
 
+    def offset(self, obj: int) -> int | None:
+        """The file offset of the bytes of dataset ``obj`` once the file is made, if this plan writes them
+        (a dataset :meth:`add` allocated, not empty); else None."""
+        slot = self._slots.get(obj)
+        return None if slot is None else self._offsets[slot]
+
     def make(self, path: str) -> None:
         """Create the HDF5 file ``path`` (in the layout process when it can) and write its data."""
         path = os.path.abspath(path)  # the layout process keeps the directory it started in
         offsets = LAYOUTS.lay_out(path, self.ops) if not self.arrays else None
         if offsets is None:
             offsets = lay_out(path, self.ops, self.arrays)
+        self._offsets = offsets
         fd = os.open(path, os.O_WRONLY)
         try:
             pending = 0  # bytes since the write-out was last started
@@ -725,18 +737,59 @@ if hasattr(os, "register_at_fork"):
 
 
 def _row_checksums(values: Sequence[np.ndarray]) -> np.ndarray:
-    """CRC-32 of each value's bytes (``values`` rows or arrays, each C-contiguous)."""
-    return np.array([crc32(v) for v in values], dtype=np.uint32)
+    """CRC-32 of each value's bytes (``values`` rows or arrays, each C-contiguous), little-endian."""
+    return np.array([crc32(v) for v in values], dtype="<u4")
 
 
-def _write_raw(plan: _Plan, group: int, col: _Column) -> dict[str, Any]:
+@dataclass(frozen=True)
+class RawAt:
+    """Where the raw values of one tensor lie in its shard's file, as its index record says (``raw_at``,
+    format 2.1): ``k`` rows of ``dtype`` and ``shape`` one after another from byte ``data``, and their
+    ``k`` CRC-32s (little-endian uint32) from byte ``crc32``. ``check`` is :func:`raw_at_check` of the
+    tensor's name, these fields and the steps of the rows: a record damaged anywhere that matters here
+    is refused, never read as another tensor's or another step's values.
+    """
+
+    dtype: np.dtype[Any]
+    shape: tuple[int, ...]
+    data: int
+    crc32: int
+    check: int
+
+    @property
+    def row_bytes(self) -> int:
+        """The size of one value."""
+        return self.dtype.itemsize * math.prod(self.shape)
+
+    def entry(self) -> dict[str, Any]:
+        """The index record's ``raw_at`` object."""
+        return {"dtype": self.dtype.str, "data": self.data, "crc32": self.crc32, "check": self.check}
+
+
+def raw_at_check(name: str, dtype: np.dtype[Any], shape: Sequence[int], steps: np.ndarray, data: int, crc: int) -> int:
+    """The ``check`` of a ``raw_at`` (docs/format.md): CRC-32 of the tensor's name in UTF-8, a zero byte, the
+    dtype's NumPy string (``"<f4"``), a zero byte, then as little-endian int64: ``data``, ``crc32``, the
+    number of dimensions, the shape, and the global step of each row in order."""
+    ints = np.array([data, crc, len(shape), *shape], dtype="<i8").tobytes() + steps.astype("<i8").tobytes()
+    return zlib.crc32(ints, zlib.crc32(f"{name}\0{dtype.str}\0".encode()))
+
+
+# what raw_at may describe: integers and floats, read back as their bytes (bool is an enum in HDF5)
+RAW_AT_KINDS = "iuf"
+
+
+def _write_raw(plan: _Plan, group: int, col: _Column) -> tuple[dict[str, Any], tuple[int, int] | None]:
+    """The datasets of ``col``'s raw values; return its index entry and, for values stored as their
+    bytes in the order of their steps, the plan's objects of its ``data`` and ``crc32`` (for ``raw_at``)."""
     plan.checked(group, "steps", np.array(col.steps, dtype=np.int64))
     values = col.values()
     if isinstance(values, np.ndarray):
-        plan.add(group, "data", values, values=True)
-        plan.add(group, "crc32", _row_checksums([values[i : i + 1] for i in range(len(values))]))
+        data = plan.add(group, "data", values, values=True)
+        crc = plan.add(group, "crc32", _row_checksums([values[i : i + 1] for i in range(len(values))]))
         plan.attr(group, "layout", "fixed")
-        return {"dtype": str(values.dtype), "shape": list(values.shape[1:])}
+        entry = {"dtype": str(values.dtype), "shape": list(values.shape[1:])}
+        ascending = all(a < b for a, b in pairwise(col.steps))
+        return entry, (data, crc) if values.dtype.kind in RAW_AT_KINDS and ascending else None
     dtype = np.result_type(*values)
     ndim = max(a.ndim for a in values)
     parts = [np.ascontiguousarray(a.astype(dtype, copy=False)).ravel() for a in values]
@@ -752,7 +805,7 @@ def _write_raw(plan: _Plan, group: int, col: _Column) -> dict[str, Any]:
     plan.checked(group, "shapes", shapes)
     plan.checked(group, "ndims", np.array([a.ndim for a in values], dtype=np.int8))
     plan.attr(group, "layout", "ragged")
-    return {"dtype": str(np.dtype(dtype)), "shape": list(values[-1].shape)}
+    return {"dtype": str(np.dtype(dtype)), "shape": list(values[-1].shape)}, None
 
 
 def _write_histograms(
@@ -817,6 +870,7 @@ def write_shard(
     plan.checked(st_group, "wall_time", np.array(buffer.wall_times, dtype=np.float64))
     plan.json(f, "names", names)
     tgroup = plan.group(f, "tensors")
+    located: list[tuple[str, np.ndarray, int, int]] = []  # name, values' steps, data and crc32 objects
     for tid, name in enumerate(names):
         col = buffer.columns[name]
         g = plan.group(tgroup, str(tid))
@@ -824,8 +878,11 @@ def write_shard(
         plan.attr(g, "collections", json.dumps(collections))
         entry: dict[str, Any] = {"id": tid, "collections": collections}
         if col.steps:
-            entry.update(_write_raw(plan, g, col))
+            raw, objects = _write_raw(plan, g, col)
+            entry.update(raw)
             entry["raw_steps"] = ALL_STEPS if len(col.steps) == n_steps else list(col.steps)
+            if objects is not None:
+                located.append((name, np.array(col.steps, dtype=np.int64), *objects))
         if col.orig_dtype:
             plan.attr(g, "orig_dtype", col.orig_dtype)
             entry["orig_dtype"] = col.orig_dtype
@@ -846,6 +903,13 @@ def write_shard(
     plan.checked(rg, "kind", np.array([kind_id[r[2]] for r in red_rows], dtype=np.int16))
     plan.checked(rg, "value", np.array([r[3] for r in red_rows], dtype=np.float64))
     plan.make(path)
+    for name, raw_steps, data_obj, crc_obj in located:
+        data, crc = plan.offset(data_obj), plan.offset(crc_obj)
+        if data is not None and crc is not None:  # written at those offsets by the plan (not compressed, not empty)
+            entry = tensors_index[name]
+            dtype = np.dtype(entry["dtype"])
+            check = raw_at_check(name, dtype, entry["shape"], raw_steps, data, crc)
+            entry["raw_at"] = RawAt(dtype, tuple(entry["shape"]), data, crc, check).entry()
     return {
         "format": INDEX_MAGIC,
         "format_version": FORMAT_VERSION,
@@ -1067,6 +1131,110 @@ class _Values:
 
 
 _NO_VALUES = _Values(np.empty(0, dtype=np.int64), {})
+
+
+def _pread_into(fd: int, out: np.ndarray, start: int, where: str) -> None:
+    """Fill ``out`` (C-contiguous) with the bytes of ``fd`` from ``start``; a :class:`ShardError` naming
+    ``where`` if the file ends first."""
+    view = out.reshape(-1).view(np.uint8).data
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], start + done)
+        if not got:
+            raise ShardError(f"{where} ends past the end of the file (it changed)")
+        done += got
+
+
+def _row_error(path: str, steps: np.ndarray, i: int) -> NoReturn:
+    raise ShardError(f"{path}: value {i} of tensor step {int(steps[i])} does not match its checksum")
+
+
+def _verify_rows(path: str, steps: np.ndarray, crc: np.ndarray, data: np.ndarray) -> None:
+    """Check each row of ``data`` (C-contiguous: the values at ``steps``) against its CRC-32 in ``crc``."""
+    if not len(data):
+        return
+    size = data.nbytes // len(data)
+    raw = data.reshape(-1).view(np.uint8).data
+    for i, expected in enumerate(crc.tolist()):
+        if _crc32(raw[i * size : (i + 1) * size]) != expected:
+            _row_error(path, steps, i)
+
+
+class RawSource(Protocol):
+    """What reads one tensor's raw values in one shard: a :class:`ShardReader` or a :class:`RawAtReader`."""
+
+    def values(self, name: str) -> dict[int, np.ndarray]: ...
+
+    def stacked(self, name: str) -> tuple[np.ndarray, np.ndarray] | None: ...
+
+    def value(self, name: str, step: int) -> np.ndarray | None: ...
+
+
+class RawAtReader:
+    """The raw values of one tensor in one shard, read where its index record's ``raw_at`` says (format
+    2.1), without HDF5: one open of the file and two reads, against a dozen HDF5 objects opened and
+    checked by :class:`ShardReader` (bench/profiles/read.md). Each value is verified against its CRC-32.
+
+    HDF5 never sees the file, so nothing in it is interpreted but these bytes; what the record says is
+    checked before any read: ``raw_at.check`` against the name, the steps and the locations, the file's
+    size against the record's, and every byte to read against the end of the file (so a read allocates
+    at most the file's size). Every failure is a :class:`ShardError` naming the file. Implements
+    :class:`RawSource` for the one tensor ``name`` (the ``name`` its methods take).
+
+    Parameters
+    ----------
+    path
+        Local path of the ``.h5`` file.
+    expected_bytes
+        The shard's size according to its index record.
+    name
+        The tensor.
+    steps
+        The global steps of its rows, in order.
+    at
+        Its ``raw_at``.
+    """
+
+    def __init__(self, path: str, expected_bytes: int | None, name: str, steps: np.ndarray, at: RawAt) -> None:
+        if raw_at_check(name, at.dtype, at.shape, steps, at.data, at.crc32) != at.check:
+            raise ShardError(f"{path}: the index record's raw_at of {name!r} does not match its check (corrupt record)")
+        self.path, self.expected_bytes, self.name, self.steps, self.at = path, expected_bytes, name, steps, at
+
+    def _rows(self, first: int, count: int) -> np.ndarray:
+        at, size, n, name = self.at, self.at.row_bytes, len(self.steps), self.name
+        fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise ShardError(f"{self.path}: not a regular file")
+            if self.expected_bytes is not None and st.st_size != self.expected_bytes:
+                raise ShardError(f"{self.path}: {st.st_size} bytes, but its index record says {self.expected_bytes}")
+            if at.data + n * size > st.st_size or at.crc32 + 4 * n > st.st_size:
+                raise ShardError(f"{self.path}: the values of {name!r} would lie past the end of the file (bad record)")
+            out = np.empty((count, *at.shape), dtype=at.dtype)
+            crc = np.empty(count, dtype="<u4")
+            _pread_into(fd, out, at.data + first * size, f"{self.path}: the values of {name!r}")
+            _pread_into(fd, crc, at.crc32 + 4 * first, f"{self.path}: the checksums of {name!r}")
+        finally:
+            os.close(fd)
+        _verify_rows(self.path, self.steps[first : first + count], crc, out)
+        return out
+
+    def stacked(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(steps, values)``, ``values[i]`` the raw value at ``steps[i]``: one read."""
+        return self.steps, self._rows(0, len(self.steps))
+
+    def values(self, name: str) -> dict[int, np.ndarray]:
+        """Every raw value, by global step (one read)."""
+        steps, data = self.stacked(name)
+        return {s: data[i, ...] for i, s in enumerate(steps.tolist())}
+
+    def value(self, name: str, step: int) -> np.ndarray | None:
+        """The raw value at global ``step``, or None."""
+        i = int(np.searchsorted(self.steps, step))
+        if i == len(self.steps) or self.steps[i] != step:
+            return None
+        return self._rows(i, 1)[0, ...]
 
 
 class ShardReader:
@@ -1292,16 +1460,10 @@ class ShardReader:
             return out
         # within the file (checked by _dataset): at most the rest of the file is read
         start = ds.offset + (0 if rows is None else rows[0] * (out.nbytes // shape[0]))
-        view = out.reshape(-1).view(np.uint8).data
-        done = 0
         with self._lock:
             if self._fid is None:
                 raise ShardError(f"{self.path}: the shard was closed")
-            while done < len(view):
-                got = os.preadv(self._fd, [view[done:]], start + done)
-                if not got:
-                    raise ShardError(f"{self.path}: {ds.where} ends past the end of the file (it changed)")
-                done += got
+            _pread_into(self._fd, out, start, f"{self.path}: {ds.where}")
         return out
 
     def _verified(self, ds: _Dataset) -> np.ndarray:
@@ -1326,16 +1488,11 @@ class ShardReader:
 
     def _check_rows(self, t: _Values, data: np.ndarray) -> None:
         """Verify each row of ``data``, all the values of ``t`` in the fixed layout (as :meth:`_read` returns it)."""
-        if t.crc is None or not len(data):
-            return
-        size = data.nbytes // len(data)
-        raw = data.reshape(-1).view(np.uint8).data
-        for i, expected in enumerate(t.crc.tolist()):
-            if _crc32(raw[i * size : (i + 1) * size]) != expected:
-                self._row_error(t, i)
+        if t.crc is not None:
+            _verify_rows(self.path, t.steps, t.crc, data)
 
     def _row_error(self, t: _Values, i: int) -> NoReturn:
-        raise ShardError(f"{self.path}: value {i} of tensor step {int(t.steps[i])} does not match its checksum")
+        _row_error(self.path, t.steps, i)
 
     # ------------------------------------------------------------ tensors
     def _values(self, name: str) -> _Values:

@@ -3,21 +3,24 @@
 Every JSON record is checked against its schema; every ``.h5`` file under the
 trial is opened and read in full (whether or not an index record names it)
 in a child process with a time limit, because a corrupt HDF5 structure can
-make HDF5 loop forever; and every shard an index record names must exist and
-hold the steps and tensors the record lists.
+make HDF5 loop forever; and every shard an index record names must exist,
+hold the steps and tensors the record lists, and hold under each name the
+values the record's ``raw_at`` locates (format 2.1).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from ..backends import layout
 from ..backends.isolated import ChildFailed, ShardChild
 from ..backends.layout import UnsafeKey, check_key
 from ..backends.registry import get_storage
-from ..backends.shard import ShardError, ShardReader
+from ..backends.shard import RawAtReader, ShardError, ShardReader
 from ..backends.storage import Storage
-from .index import RecordError, check_end_marker, check_index_record, check_worker_record
+from .index import RecordError, check_end_marker, check_index_record, check_worker_record, parse_index_record
 from .trial import trial_problem
 
 CHECK_SECONDS = 60.0
@@ -26,15 +29,36 @@ CHECK_SECONDS = 60.0
 Summary = tuple[str | None, list[list[int]], list[str]]  # (problem, [[step, mode, mode_step]], tensor names)
 
 
-def inspect_shard(path: str, expected_bytes: int | None) -> Summary:
-    """Read the shard at ``path`` in full: ``(problem or None, its steps, its tensor names)``."""
+def _misplaced(reader: ShardReader, record: dict[str, Any]) -> str | None:
+    """Where the index record's ``raw_at`` of a tensor (format 2.1) does not give the values the shard's
+    HDF5 structure holds, or None."""
+    parsed = parse_index_record(record, record["worker"])
+    for name, at in parsed.raw_at.items():
+        steps = parsed.tensors[name][0]
+        direct = RawAtReader(reader.path, record["bytes"], name, steps, at).stacked(name)
+        stored = reader.stacked(name)
+        if (
+            stored is None
+            or not np.array_equal(stored[0], direct[0])
+            or stored[1].dtype != direct[1].dtype
+            or stored[1].shape != direct[1].shape
+            or stored[1].tobytes() != direct[1].tobytes()
+        ):
+            return f"{reader.path}: the index record's raw_at of {name!r} does not give the values the shard holds"
+    return None
+
+
+def inspect_shard(path: str, expected_bytes: int | None, record: dict[str, Any] | None = None) -> Summary:
+    """Read the shard at ``path`` in full: ``(problem or None, its steps, its tensor names)``; with its
+    index record ``record``, also what the record's ``raw_at`` locations give."""
     try:
         reader = ShardReader(path, expected_bytes)
     except ShardError as exc:
         return str(exc), [], []
     try:
         reader.validate()
-        return None, reader.steps_table().tolist(), list(reader.names)
+        problem = None if record is None else _misplaced(reader, record)
+        return problem, reader.steps_table().tolist(), list(reader.names)
     except ShardError as exc:
         return str(exc), [], []
     finally:
@@ -140,7 +164,7 @@ def find_problems(path: str, options: dict[str, Any] | None = None, timeout: flo
                 problems.append(f"{key}: unreadable shard ({exc})")
                 continue
             try:
-                problem, steps, names = inspector.ask(local, record.get("bytes"))
+                problem, steps, names = inspector.ask(local, record.get("bytes"), record or None)
             except ChildFailed as exc:
                 problem, steps, names = f"{local}: {exc}", [], []
             if problem is None and record:

@@ -26,7 +26,16 @@ import numpy as np
 
 from ..backends import layout
 from ..backends.layout import UnsafeKey, check_name
-from ..backends.shard import ALL_STEPS, INDEX_MAGIC, ShardError, ShardReader
+from ..backends.shard import (
+    ALL_STEPS,
+    INDEX_MAGIC,
+    RAW_AT_KINDS,
+    RawAt,
+    RawAtReader,
+    RawSource,
+    ShardError,
+    ShardReader,
+)
 from ..backends.storage import Storage
 from ..modes import Mode
 
@@ -86,6 +95,27 @@ def _spec_steps(value: object, steps: np.ndarray) -> np.ndarray | None:
 
 
 _SPECS = ("raw_steps", "reduction_steps", "histogram_steps")
+_RAW_AT_KEYS = ("data", "crc32", "check")
+
+
+def _raw_at(entry: dict[str, Any], raw: np.ndarray) -> RawAt | None:
+    """The entry's ``raw_at`` (format 2.1), None if it has none; a ``ValueError`` if it is not as the
+    format says (``raw`` holds the entry's raw steps)."""
+    value = entry.get("raw_at")
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not all(_is_int(value.get(k), 0) for k in _RAW_AT_KEYS) or "dtype" not in entry:
+        raise ValueError("raw_at")
+    code = value.get("dtype")
+    if not isinstance(code, str) or len(code) != 3 or code[0] not in "<>|" or value["check"] > 0xFFFFFFFF:
+        raise ValueError("raw_at")
+    try:
+        dtype = np.dtype(code)
+    except TypeError:
+        raise ValueError("raw_at") from None
+    if dtype.kind not in RAW_AT_KINDS or dtype.str != code or not len(raw):
+        raise ValueError("raw_at")
+    return RawAt(dtype, tuple(entry["shape"]), value["data"], value["crc32"], value["check"])
 
 
 @dataclass(frozen=True)
@@ -98,6 +128,7 @@ class ParsedRecord:
     mode_steps: np.ndarray  # mode step of each step
     wall_times: np.ndarray | None  # float64 per step, None if the record has none
     tensors: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]  # name -> raw, reduction, histogram steps
+    raw_at: dict[str, RawAt]  # name -> where its raw values lie in the shard (format 2.1), if the record says
 
 
 def _all_modes(values: np.ndarray) -> bool:
@@ -142,6 +173,7 @@ def parse_index_record(record: object, worker: str) -> ParsedRecord:
     if not isinstance(tensors, dict):
         raise bad("'tensors' is not an object")
     specs: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    located: dict[str, RawAt] = {}
     for name, entry in tensors.items():
         if not isinstance(entry, dict):
             raise bad(f"tensor {name!r} is not an object")
@@ -159,7 +191,13 @@ def parse_index_record(record: object, worker: str) -> ParsedRecord:
         if wrong or ("dtype" in entry) != ("shape" in entry):
             raise bad(f"tensor {name!r}: {', '.join(wrong) or 'dtype and shape'} not as the format says")
         specs[name] = tuple(listed[key] for key in _SPECS)  # type: ignore[assignment]
-    return ParsedRecord(record, steps, rows[order, 1], rows[order, 2], wall_times, specs)
+        try:
+            at = _raw_at(entry, specs[name][0])
+        except ValueError:
+            raise bad(f"tensor {name!r}: raw_at not as the format says") from None
+        if at is not None:
+            located[name] = at
+    return ParsedRecord(record, steps, rows[order, 1], rows[order, 2], wall_times, specs, located)
 
 
 def check_index_record(record: object, worker: str) -> dict[str, Any]:
@@ -219,6 +257,12 @@ class Segment:
     reduced: np.ndarray
     histogram: np.ndarray
     reductions: tuple[str, ...]
+    raw_at: RawAt | None = None  # where the raw values lie in the shard's file, if the record says (format 2.1)
+
+    @functools.cached_property
+    def raw_steps(self) -> np.ndarray:
+        """The steps with a raw value, sorted: the rows of the shard's values."""
+        return self.steps if self.raw.all() else self.steps[self.raw]
 
     @functools.cached_property
     def codes(self) -> np.ndarray:
@@ -359,6 +403,7 @@ class TensorInfo:
     orig_dtype: str | None = None
     _steps: np.ndarray | None = field(default=None, repr=False)
     _spans: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
+    _located: dict[str, Segment | None] | None = field(default=None, repr=False)
 
     @property
     def locations(self) -> Locations:
@@ -391,6 +436,16 @@ class TensorInfo:
         firsts, lasts = self._spans
         return [self.segments[i] for i in np.flatnonzero((firsts <= step) & (lasts >= step)).tolist()]
 
+    def located(self, shard: str) -> Segment | None:
+        """The segment of ``shard`` if its record says where the raw values lie (``raw_at``) and no
+        other record names that shard (a stranger's trial may), else None."""
+        if self._located is None:
+            self._located = {}
+            for seg in self.segments:
+                self._located[seg.shard] = None if seg.shard in self._located else seg
+        found = self._located.get(shard)
+        return found if found is not None and found.raw_at is not None else None
+
     def saved_reductions(self) -> set[str]:
         """Reduction keys saved at one step or more."""
         return {k for seg in self.segments if seg.reduced.any() for k in seg.reductions}
@@ -398,13 +453,13 @@ class TensorInfo:
     def add(self, segment: Segment) -> None:
         """Add the steps of one more shard."""
         self.segments.append(segment)
-        self._steps = self._spans = None
+        self._steps = self._spans = self._located = None
 
     def drop(self, shard: str) -> None:
         """Forget the steps stored in ``shard``."""
         kept = [seg for seg in self.segments if seg.shard != shard]
         if len(kept) != len(self.segments):
-            self.segments, self._steps, self._spans = kept, None, None
+            self.segments, self._steps, self._spans, self._located = kept, None, None, None
 
 
 @dataclass
@@ -584,6 +639,7 @@ class TrialIndex:
                     masks.of(reduced, union),
                     masks.of(hist, union),
                     tuple(entry.get("reductions", ())),
+                    parsed.raw_at.get(name),
                 )
             )
 
@@ -632,6 +688,20 @@ class TrialIndex:
         except ShardError as exc:
             self._readers.pop(shard, None)
             reader.close()
+            self.drop_shard(shard, str(exc))
+            return None
+
+    def read_raw(self, name: str, shard: str, what: Callable[[RawSource], _T]) -> _T | None:
+        """``what(source)`` on the raw values of ``name`` in ``shard``: read where its index record
+        says (``raw_at``, without HDF5) when it does, else through the shard's reader; None, with the
+        shard dropped and one warning, if it cannot be read."""
+        seg = self.tensors[name].located(shard)
+        if seg is None or seg.raw_at is None:
+            return self.read(shard, what)
+        try:
+            path = self.storage.local_path(shard)
+            return what(RawAtReader(path, self.shard_bytes.get(shard), name, seg.raw_steps, seg.raw_at))
+        except (ShardError, OSError, ValueError) as exc:
             self.drop_shard(shard, str(exc))
             return None
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import bisect
-import functools
 import math
 import os
 import re
@@ -18,7 +17,7 @@ import numpy as np
 from .. import reductions as red
 from ..backends import layout
 from ..backends.registry import get_storage
-from ..backends.shard import ShardReader
+from ..backends.shard import RawSource
 from ..backends.storage import Storage
 from ..config import Collection
 from ..exceptions import (
@@ -573,7 +572,7 @@ class Tensor:
 
     def _reader_value(self, step: int, loc: Location) -> np.ndarray:
         index = self.trial._index
-        value = index.read(loc.shard, lambda r: r.value(self.name, step))
+        value = index.read_raw(self.name, loc.shard, lambda r: r.value(self.name, step))
         if value is None:
             why = index.bad_files.get(loc.shard, "it does not hold this value")
             raise TensorUnavailableForStep(f"{self.name!r} at step {step}: shard {loc.shard} cannot be read: {why}")
@@ -606,7 +605,7 @@ class Tensor:
             by_shard.setdefault(loc.shard, []).append((gstep, key))
         out: dict[int, np.ndarray] = {}
         for shard, wanted in by_shard.items():
-            stored = index.read(shard, lambda r: r.values(self.name))
+            stored = index.read_raw(self.name, shard, lambda r: r.values(self.name))
             if stored is not None:  # else skipped with a warning naming the shard
                 out.update({key: stored[g] for g, key in wanted if g in stored})
         return dict(sorted(out.items()))
@@ -657,19 +656,30 @@ class Tensor:
             out.setdefault(key, value)
         return dict(sorted(out.items()))
 
+    def _raw_values(self, source: RawSource) -> tuple[dict[int, np.ndarray], tuple[dict[int, int], np.ndarray] | None]:
+        """This tensor's raw values in one shard, and, when they are one stacked array (read once), that
+        array with the row of each step."""
+        stacked = source.stacked(self.name)
+        if stacked is None:
+            return source.values(self.name), None
+        position = {int(s): i for i, s in enumerate(stacked[0])}
+        return {s: stacked[1][i] for s, i in position.items()}, (position, stacked[1])
+
     def _shard_values(
-        self, reader: ShardReader, entries: list[tuple[int, str, Location]]
-    ) -> tuple[dict[tuple[int, str], float], dict[int, np.ndarray], tuple[dict[int, int], np.ndarray] | None]:
-        """This tensor's saved reductions and raw values in one shard, and, when its values are one stacked
-        array (read once), that array with the row of each step."""
-        saved = reader.reductions(self.name) if any(loc.reductions for _, _, loc in entries) else {}
+        self, shard: str, entries: list[tuple[int, str, Location]]
+    ) -> tuple[dict[tuple[int, str], float], dict[int, np.ndarray], tuple[dict[int, int], np.ndarray] | None] | None:
+        """This tensor's saved reductions and raw values in ``shard`` (:meth:`_raw_values`); None if the
+        shard cannot be read (the index warned once and forgot it)."""
+        index = self.trial._index
+        saved: dict[tuple[int, str], float] | None = {}
+        if any(loc.reductions for _, _, loc in entries):
+            saved = index.read(shard, lambda r: r.reductions(self.name))
+        if saved is None:
+            return None
         if not any(loc.raw for _, _, loc in entries):
             return saved, {}, None
-        stacked = reader.stacked(self.name)
-        if stacked is None:
-            return saved, reader.values(self.name), None
-        position = {int(s): i for i, s in enumerate(stacked[0])}
-        return saved, {s: stacked[1][i] for s, i in position.items()}, (position, stacked[1])
+        raw = index.read_raw(self.name, shard, self._raw_values)
+        return None if raw is None else (saved, *raw)
 
     def _rows(
         self, keys: Sequence[str] | None, worker: str | None = None, mode: Mode | str | None = None
@@ -690,7 +700,7 @@ class Tensor:
                     by_shard.setdefault(loc.shard, []).append((gstep, w, loc))
         rows: list[tuple[int, str, str, float]] = []
         for shard, entries in by_shard.items():
-            got = index.read(shard, functools.partial(self._shard_values, entries=entries))
+            got = self._shard_values(shard, entries)
             if got is None:  # unreadable: the index warned once and forgot it
                 continue
             saved, raw, stacked = got
