@@ -1483,16 +1483,13 @@ class ShardReader:
 
     def _check_row(self, t: _Values, i: int, value: np.ndarray) -> np.ndarray:
         if t.crc is not None and int(t.crc[i]) != crc32(value):
-            self._row_error(t, i)
+            _row_error(self.path, t.steps, i)
         return value
 
     def _check_rows(self, t: _Values, data: np.ndarray) -> None:
         """Verify each row of ``data``, all the values of ``t`` in the fixed layout (as :meth:`_read` returns it)."""
         if t.crc is not None:
             _verify_rows(self.path, t.steps, t.crc, data)
-
-    def _row_error(self, t: _Values, i: int) -> NoReturn:
-        _row_error(self.path, t.steps, i)
 
     # ------------------------------------------------------------ tensors
     def _values(self, name: str) -> _Values:
