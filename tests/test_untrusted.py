@@ -406,9 +406,12 @@ def test_a_damaged_raw_at_is_refused_naming_its_shard(change: dict[str, Any], tm
     assert any("does not match its check" in p for p in find_problems(str(tmp_path)))
 
 
-def test_a_raw_at_pointed_at_other_bytes_of_the_shard_is_never_returned(tmp_path: Path) -> None:
+@pytest.mark.parametrize("where", ["superblock", "checksums-on-values"])
+def test_a_raw_at_pointed_at_other_bytes_of_the_shard_is_never_returned(where: str, tmp_path: Path) -> None:
+    """With a check that matches: the values at the superblock's bytes, or the checksums read from the
+    values' own bytes."""
     write(tmp_path)
-    set_raw_at(tmp_path, data=8)  # the superblock's bytes, with a check that matches
+    set_raw_at(tmp_path, **({"data": 8} if where == "superblock" else {"crc32": raw_at(tmp_path)["data"]}))
     values, warned = read_all(tmp_path)
     assert values["dense/kernel"] == {}
     assert any("value 0 of tensor step 0 does not match its checksum" in w for w in warned), warned

@@ -33,6 +33,7 @@ from ..exceptions import TensortapError
 from ..reductions import Histogram, PendingHistogram, resolved
 from . import isolated
 from .layout import FORMAT_MINOR, FORMAT_VERSION
+from .storage import RangedFile, pread_exactly
 
 logger = logging.getLogger("tensortap")
 
@@ -1133,16 +1134,9 @@ class _Values:
 _NO_VALUES = _Values(np.empty(0, dtype=np.int64), {})
 
 
-def _pread_into(fd: int, out: np.ndarray, start: int, where: str) -> None:
-    """Fill ``out`` (C-contiguous) with the bytes of ``fd`` from ``start``; a :class:`ShardError` naming
-    ``where`` if the file ends first."""
-    view = out.reshape(-1).view(np.uint8).data
-    done = 0
-    while done < len(view):
-        got = os.preadv(fd, [view[done:]], start + done)
-        if not got:
-            raise ShardError(f"{where} ends past the end of the file (it changed)")
-        done += got
+def _bytes_of(out: np.ndarray) -> memoryview:
+    """The bytes of the C-contiguous array ``out``, to read into."""
+    return out.reshape(-1).view(np.uint8).data
 
 
 def _row_error(path: str, steps: np.ndarray, i: int) -> NoReturn:
@@ -1172,19 +1166,22 @@ class RawSource(Protocol):
 
 class RawAtReader:
     """The raw values of one tensor in one shard, read where its index record's ``raw_at`` says (format
-    2.1), without HDF5: one open of the file and two reads, against a dozen HDF5 objects opened and
-    checked by :class:`ShardReader` (bench/profiles/read.md). Each value is verified against its CRC-32.
+    2.1), without HDF5: the file's size and two reads (range requests on object storage: the shard is not
+    downloaded), against a dozen HDF5 objects opened and checked by :class:`ShardReader`
+    (bench/profiles/read.md). Each value is verified against its CRC-32.
 
     HDF5 never sees the file, so nothing in it is interpreted but these bytes; what the record says is
     checked before any read: ``raw_at.check`` against the name, the steps and the locations, the file's
     size against the record's, and every byte to read against the end of the file (so a read allocates
-    at most the file's size). Every failure is a :class:`ShardError` naming the file. Implements
+    at most the file's size). Every failure is a :class:`ShardError` naming the shard. Implements
     :class:`RawSource` for the one tensor ``name`` (the ``name`` its methods take).
 
     Parameters
     ----------
-    path
-        Local path of the ``.h5`` file.
+    open_file
+        Opens the shard to read ranges of it (:meth:`Storage.open_ranges`), once per read.
+    where
+        The shard, for messages.
     expected_bytes
         The shard's size according to its index record.
     name
@@ -1195,29 +1192,36 @@ class RawAtReader:
         Its ``raw_at``.
     """
 
-    def __init__(self, path: str, expected_bytes: int | None, name: str, steps: np.ndarray, at: RawAt) -> None:
+    def __init__(
+        self,
+        open_file: Callable[[], RangedFile],
+        where: str,
+        expected_bytes: int | None,
+        name: str,
+        steps: np.ndarray,
+        at: RawAt,
+    ) -> None:
         if raw_at_check(name, at.dtype, at.shape, steps, at.data, at.crc32) != at.check:
-            raise ShardError(f"{path}: the index record's raw_at of {name!r} does not match its check (corrupt record)")
-        self.path, self.expected_bytes, self.name, self.steps, self.at = path, expected_bytes, name, steps, at
+            raise ShardError(f"{where}: its index record's raw_at of {name!r} does not match its check")
+        self.open_file, self.where, self.expected_bytes = open_file, where, expected_bytes
+        self.name, self.steps, self.at = name, steps, at
 
     def _rows(self, first: int, count: int) -> np.ndarray:
-        at, size, n, name = self.at, self.at.row_bytes, len(self.steps), self.name
-        fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        at, size, n, where = self.at, self.at.row_bytes, len(self.steps), f"{self.where}: the values of {self.name!r}"
+        file = self.open_file()
         try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise ShardError(f"{self.path}: not a regular file")
-            if self.expected_bytes is not None and st.st_size != self.expected_bytes:
-                raise ShardError(f"{self.path}: {st.st_size} bytes, but its index record says {self.expected_bytes}")
-            if at.data + n * size > st.st_size or at.crc32 + 4 * n > st.st_size:
-                raise ShardError(f"{self.path}: the values of {name!r} would lie past the end of the file (bad record)")
+            if self.expected_bytes is not None and file.size != self.expected_bytes:
+                raise ShardError(f"{self.where}: {file.size} bytes, but its index record says {self.expected_bytes}")
+            if at.data + n * size > file.size or at.crc32 + 4 * n > file.size:
+                raise ShardError(f"{where} would lie past the end of the file (bad record)")
             out = np.empty((count, *at.shape), dtype=at.dtype)
             crc = np.empty(count, dtype="<u4")
-            _pread_into(fd, out, at.data + first * size, f"{self.path}: the values of {name!r}")
-            _pread_into(fd, crc, at.crc32 + 4 * first, f"{self.path}: the checksums of {name!r}")
+            parts = [(at.data + first * size, _bytes_of(out)), (at.crc32 + 4 * first, _bytes_of(crc))]
+            if not file.read_into(sorted(parts, key=lambda part: part[0])):
+                raise ShardError(f"{where} end past the end of the file (it changed)")
         finally:
-            os.close(fd)
-        _verify_rows(self.path, self.steps[first : first + count], crc, out)
+            file.close()
+        _verify_rows(self.where, self.steps[first : first + count], crc, out)
         return out
 
     def stacked(self, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -1463,7 +1467,8 @@ class ShardReader:
         with self._lock:
             if self._fid is None:
                 raise ShardError(f"{self.path}: the shard was closed")
-            _pread_into(self._fd, out, start, f"{self.path}: {ds.where}")
+            if not pread_exactly(self._fd, _bytes_of(out), start):
+                raise ShardError(f"{self.path}: {ds.where} ends past the end of the file (it changed)")
         return out
 
     def _verified(self, ds: _Dataset) -> np.ndarray:

@@ -27,9 +27,9 @@ import tempfile
 import time
 import uuid
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, Any, Protocol, TypeVar
 
 from .layout import check_key
 
@@ -83,6 +83,68 @@ def retried(what: str, fn: Callable[[], _T], attempts: int = WRITE_ATTEMPTS, pau
             )
             time.sleep(pause * 2 ** (attempt - 1) * (0.5 + random.random()))
     return fn()
+
+
+def pread_exactly(fd: int, out: memoryview, start: int) -> bool:
+    """Fill ``out`` with the bytes of ``fd`` from ``start`` (``os.preadv``, which releases the GIL);
+    False if the file ends first."""
+    done = 0
+    while done < len(out):
+        got = os.preadv(fd, [out[done:]], start + done)
+        if not got:
+            return False
+        done += got
+    return True
+
+
+class RangedFile(Protocol):
+    """A file of a trial open to read byte ranges of it (:meth:`Storage.open_ranges`): its size, then
+    only the bytes asked for."""
+
+    size: int
+
+    def read_into(self, parts: Sequence[tuple[int, memoryview]]) -> bool:
+        """Fill each ``out`` of ``parts`` with the bytes from its ``start`` (``(start, out)`` pairs, in
+        ascending order of ``start``); False if the file ends first."""
+
+    def close(self) -> None:
+        """Let the file go."""
+
+
+RANGE_GAP = 1 << 20
+"""Bytes between two parts of a remote read that one request reads through rather than make two."""
+
+
+def open_regular(path: str, follow: bool = True) -> int:
+    """A descriptor of the regular file ``path``, opened without ever waiting (a FIFO put in its place
+    would block an open for reading), through a link at its end only if ``follow``; :class:`NotInTrial`
+    if it is not a regular file."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags if follow else flags | getattr(os, "O_NOFOLLOW", 0))
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise NotInTrial(f"{path} is not a regular file")
+    return fd
+
+
+class LocalRanges:
+    """An open local regular file (a descriptor from :func:`open_regular`) read by ranges
+    (:class:`RangedFile`); it owns the descriptor."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.size = os.fstat(fd).st_size
+
+    @classmethod
+    def open(cls, path: str) -> LocalRanges:
+        """The regular file ``path`` (:func:`open_regular`)."""
+        return cls(open_regular(path))
+
+    def read_into(self, parts: Sequence[tuple[int, memoryview]]) -> bool:
+        return all(pread_exactly(self.fd, out, start) for start, out in parts)
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 class NotInTrial(OSError):
@@ -152,6 +214,13 @@ class Storage(abc.ABC):
         Remote backends return a cached copy that is never refreshed, so use
         this only for immutable keys (published shards).
         """
+
+    def open_ranges(self, key: str) -> RangedFile:
+        """Open ``key`` (an immutable key: a published shard) to read byte ranges of it.
+
+        The default opens :meth:`local_path`; a remote backend may read only the ranges asked for.
+        """
+        return LocalRanges.open(self.local_path(key))
 
     @abc.abstractmethod
     def delete(self, key: str) -> None:
@@ -286,13 +355,17 @@ class LocalStorage(Storage):
             keys.extend((base / name).as_posix() for name in [*files, *links])
         return sorted(k for k in keys if not is_hidden(k))
 
+    def _open(self, key: str) -> int:
+        """A descriptor of ``key``, checked by :meth:`_regular_file` and again once open (it may have
+        been replaced since)."""
+        return open_regular(self._regular_file(key), follow=False)
+
     def read_bytes(self, key: str) -> bytes:
-        real = self._regular_file(key)
-        fd = os.open(real, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0))
-        with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):  # replaced since the check
-                raise NotInTrial(f"{self.url}: {key!r} is not a regular file")
+        with os.fdopen(self._open(key), "rb") as f:
             return f.read()
+
+    def open_ranges(self, key: str) -> RangedFile:
+        return LocalRanges(self._open(key))
 
     def _atomic(self, key: str, write: Callable[[IO[bytes]], Any]) -> None:
         dest = self._path(key)
@@ -485,22 +558,45 @@ class FsspecStorage(Storage):
         retried(f"uploading {self._path(key)}", lambda: self._put(key, lambda path: self.fs.put_file(local_path, path)))
         os.unlink(local_path)
 
+    def _info(self, key: str) -> dict[str, Any]:
+        """One request: the object's metadata (its identity, so a replaced trial is never served stale)."""
+        path = self._path(key)
+        self.fs.invalidate_cache(path)
+        info: dict[str, Any] = self.fs.info(path)
+        if info.get("type") == "directory":
+            raise NotInTrial(f"{self.url}: {key!r} is a folder")
+        return info
+
+    def _cache_name(self, key: str, info: dict[str, Any]) -> str:
+        """The name of ``key``'s copy in the persistent :class:`ShardCache`, from its metadata ``info``."""
+        version = next((info[k] for k in ("ETag", "etag", "mtime", "LastModified", "created") if k in info), "")
+        return hashlib.sha256(f"{self._identity}\0{key}\0{version}\0{info.get('size')}".encode()).hexdigest()
+
     def local_path(self, key: str) -> str:
         path = self._path(key)
         if self.cache is not None:
-            self.fs.invalidate_cache(path)
-            info = self.fs.info(path)  # one request: the object's identity, so a replaced trial is never served stale
-            if info.get("type") == "directory":
-                raise NotInTrial(f"{self.url}: {key!r} is a folder")
-            version = next((info[k] for k in ("ETag", "etag", "mtime", "LastModified", "created") if k in info), "")
-            name = hashlib.sha256(f"{self._identity}\0{key}\0{version}\0{info.get('size')}".encode()).hexdigest()
-            cached = self.cache.get(name, lambda tmp: self.fs.get_file(path, tmp), int(info.get("size") or 0))
+            info = self._info(key)
+            cached = self.cache.get(
+                self._cache_name(key, info), lambda tmp: self.fs.get_file(path, tmp), int(info.get("size") or 0)
+            )
             if cached is not None:
                 return cached
         dest = os.path.join(self._cache, *key.split("/"))
         if not os.path.exists(dest):  # published files are immutable: cache for the life of this storage
             _download(lambda tmp: self.fs.get_file(path, tmp), os.path.dirname(dest), dest)
         return dest
+
+    def open_ranges(self, key: str) -> RangedFile:
+        """A copy of ``key`` downloaded before, else the object itself, read by range requests: reading
+        a tensor located by its index record (``raw_at``) downloads its bytes only, not the shard."""
+        info = self._info(key)
+        copies = [os.path.join(self._cache, *key.split("/"))]
+        if self.cache is not None:
+            copies.insert(0, os.path.join(self.cache.folder, self._cache_name(key, info)))
+        for copy in copies:
+            with contextlib.suppress(FileNotFoundError):
+                return LocalRanges.open(copy)
+        return _RemoteRanges(self.fs, self._path(key), int(info["size"]))
 
     def delete(self, key: str) -> None:
         def rm() -> None:
@@ -520,6 +616,33 @@ class FsspecStorage(Storage):
     def staging_dir(self) -> str:
         os.makedirs(self._staging, exist_ok=True)
         return self._staging
+
+
+class _RemoteRanges:
+    """An object of an fsspec filesystem read by range requests (:class:`RangedFile`): one request for
+    parts less than :data:`RANGE_GAP` bytes apart (a tensor's values and their checksums are close)."""
+
+    def __init__(self, fs: Any, path: str, size: int) -> None:
+        self.fs, self.path, self.size = fs, path, size
+
+    def read_into(self, parts: Sequence[tuple[int, memoryview]]) -> bool:
+        runs: list[tuple[int, int, list[tuple[int, memoryview]]]] = []  # first byte, end, parts
+        for start, out in parts:
+            if runs and start - runs[-1][1] <= RANGE_GAP:
+                first, end, run = runs[-1]
+                runs[-1] = (first, max(end, start + len(out)), [*run, (start, out)])
+            else:
+                runs.append((start, start + len(out), [(start, out)]))
+        for first, end, run in runs:
+            data = self.fs.cat_file(self.path, start=first, end=end)
+            if len(data) != end - first:
+                return False
+            for start, out in run:
+                out[:] = data[start - first : start - first + len(out)]
+        return True
+
+    def close(self) -> None:
+        """Nothing is held between requests."""
 
 
 def _download(fetch: Callable[[str], Any], folder: str, dest: str) -> None:

@@ -123,12 +123,15 @@ class StorageTests:
             storage.read_json(key)
         with pytest.raises(FileNotFoundError):
             storage.local_path(key)
+        with pytest.raises(FileNotFoundError):
+            storage.open_ranges(key)
 
     @pytest.mark.parametrize("key", UNSAFE_KEYS)
     def test_keys_that_leave_the_root_are_refused(self, storage: Storage, key: str) -> None:
         """Keys may come from a trial written by a stranger (an index record's ``shard``)."""
         storage.write_bytes("present.json", b"{}")
-        for call in (storage.read_bytes, storage.local_path, storage.exists, storage.delete, storage.list):
+        reads = (storage.read_bytes, storage.local_path, storage.open_ranges, storage.exists)
+        for call in (*reads, storage.delete, storage.list):
             with pytest.raises(UnsafeKey):
                 call(key)
         with pytest.raises(UnsafeKey):
@@ -217,6 +220,20 @@ class StorageTests:
         with h5py.File(path, "r") as f:
             np.testing.assert_array_equal(f["data"][()], data)
         assert storage.local_path("shards/worker_0/0000000000.h5") == path
+
+    def test_open_ranges_reads_the_ranges_asked_for_and_says_when_the_file_ends(self, storage: Storage) -> None:
+        content = bytes(range(256)) * 40
+        storage.publish_file(self.staged_file(storage, content), "shards/worker_0/0000000001.h5")
+        file = storage.open_ranges("shards/worker_0/0000000001.h5")
+        try:
+            assert file.size == len(content)
+            out, near, far = bytearray(100), bytearray(3), bytearray(2)
+            assert file.read_into([(5000, memoryview(out))]) and bytes(out) == content[5000:5100]
+            assert file.read_into([(0, memoryview(near)), (7, memoryview(out)), (len(content) - 2, memoryview(far))])
+            assert (bytes(near), bytes(out), bytes(far)) == (content[:3], content[7:107], content[-2:])
+            assert not file.read_into([(len(content) - 10, memoryview(out))])  # 10 bytes left, 100 asked for
+        finally:
+            file.close()
 
     # ------------------------------------------------------- atomicity
     def _check_whole_under_reads(self, storage: Storage, key: str, writes: list[Callable[[], bytes]]) -> None:

@@ -10,6 +10,7 @@ values the record's ``raw_at`` locates (format 2.1).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -19,7 +20,7 @@ from ..backends.isolated import ChildFailed, ShardChild
 from ..backends.layout import UnsafeKey, check_key
 from ..backends.registry import get_storage
 from ..backends.shard import RawAtReader, ShardError, ShardReader
-from ..backends.storage import Storage
+from ..backends.storage import LocalRanges, Storage
 from .index import RecordError, check_end_marker, check_index_record, check_worker_record, parse_index_record
 from .trial import trial_problem
 
@@ -35,7 +36,8 @@ def _misplaced(reader: ShardReader, record: dict[str, Any]) -> str | None:
     parsed = parse_index_record(record, record["worker"])
     for name, at in parsed.raw_at.items():
         steps = parsed.tensors[name][0]
-        direct = RawAtReader(reader.path, record["bytes"], name, steps, at).stacked(name)
+        open_file = functools.partial(LocalRanges.open, reader.path)
+        direct = RawAtReader(open_file, reader.path, record["bytes"], name, steps, at).stacked(name)
         stored = reader.stacked(name)
         if (
             stored is None

@@ -699,8 +699,8 @@ class TrialIndex:
         if seg is None or seg.raw_at is None:
             return self.read(shard, what)
         try:
-            path = self.storage.local_path(shard)
-            return what(RawAtReader(path, self.shard_bytes.get(shard), name, seg.raw_steps, seg.raw_at))
+            open_file = functools.partial(self.storage.open_ranges, shard)
+            return what(RawAtReader(open_file, shard, self.shard_bytes.get(shard), name, seg.raw_steps, seg.raw_at))
         except (ShardError, OSError, ValueError) as exc:
             self.drop_shard(shard, str(exc))
             return None

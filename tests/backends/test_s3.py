@@ -50,6 +50,33 @@ def test_values_written_to_s3_read_back_equal(s3_url: str, s3_options: dict[str,
     assert shards == ["0000000000.h5", "0000000001.h5", "0000000002.h5"]
 
 
+def test_a_located_tensor_is_read_by_range_requests_without_downloading_its_shard(
+    s3_url: str, s3_options: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Floats and integers whose index record says where they lie (``raw_at``) are read from S3 by
+    range requests: no shard is downloaded. A tensor read through HDF5 (booleans) downloads its shards
+    into the cache; a located read of such a shard then reads the copy."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("TENSORTAP_CACHE_DIR", str(cache))
+    with Writer(s3_url, storage_options=s3_options, shard_policy=ShardPolicy(max_steps=2)) as writer:
+        for step in range(5):
+            with writer.stepping():
+                writer.save("dense/kernel", weight(step, 1000), collections=["weights"])
+                writer.save("losses/loss", np.float32(1.0 / (step + 1)), collections=["losses"])
+                writer.save("mask", np.arange(4) % 2 == step % 2)
+    trial = tensortap.create_trial(s3_url, **s3_options)
+    assert trial.tensor("losses/loss").values() == {s: np.float32(1.0 / (s + 1)) for s in range(5)}
+    kernel = trial.tensor("dense/kernel")
+    for step, value in kernel.values().items():
+        assert value.tobytes() == weight(step, 1000).tobytes()
+    assert kernel.value(3).tobytes() == weight(3, 1000).tobytes()
+    assert not cache.exists() or not any(cache.iterdir())
+    for step, value in trial.tensor("mask").values().items():
+        np.testing.assert_array_equal(value, np.arange(4) % 2 == step % 2)
+    assert len(list(cache.iterdir())) == 3
+    assert kernel.value(4).tobytes() == weight(4, 1000).tobytes()  # the shard's copy, read in place
+
+
 def test_trial_accepts_storage_options_as_a_mapping(s3_url: str, s3_options: dict[str, Any]) -> None:
     with Writer(s3_url, storage_options=s3_options) as writer:
         write_steps(writer, range(2))
