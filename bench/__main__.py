@@ -122,20 +122,13 @@ def _value(rows: list[Row], benchmark: str, case: str, column: str) -> float | N
 # copies each step's weights and gradients (what the training thread must do at least), nothing else.
 COPY_FLOOR_ARM = ("torch MLP", "floor: training that copies its weights and gradients every step")
 COPY_FLOORS = {"histogram reduction (64 bins) on every weight and gradient, every step / no hook"}
-# The ceiling of reading every value kept: smdebug's time over the read bench's floor arm's (the shards'
-# bytes read into new arrays, no format), the most smdebug / tensortap can be on this machine.
-KEPT_READ = "read a 1.6 MB weight, every value kept"
-READ_CEILINGS = {"the same, every value kept (1.6 GB in memory)"}
 
 
 def _floor(rows: list[Row], figure: str) -> float | None:
-    """The least ratio ``figure`` can reach on this machine (see :data:`FLOORS`, :data:`COPY_FLOORS`), or
-    for a lower bound the most (:data:`READ_CEILINGS`); None where it has none or it was not measured."""
+    """The least ratio ``figure`` can reach on this machine (see :data:`FLOORS`, :data:`COPY_FLOORS`),
+    None where it has no floor or it was not measured."""
     if figure in COPY_FLOORS:
         return _value(rows, *COPY_FLOOR_ARM, "ratio")
-    if figure in READ_CEILINGS:
-        theirs, floor = _value(rows, KEPT_READ, "smdebug", "ratio"), _value(rows, KEPT_READ, "floor:", "ratio")
-        return None if theirs is None or floor is None else theirs / floor
     if figure not in FLOORS:
         return None
     write = _value(rows, *FLOOR_ARM, "ms_per_step")

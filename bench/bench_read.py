@@ -13,10 +13,8 @@ once read (``value(step)`` for every step, both libraries: the read itself),
 and every value kept (``values()``; smdebug: a list of ``value(step)``), where
 mapping 1.6 GB of fresh memory in the reader's process weighs on both. Every
 read creates a fresh trial. ``ratio`` is time over tensortap's, so smdebug's row holds the figure
-of the target. For every value kept, a floor arm reads the shard files' bytes into new arrays, with
-no format (:func:`_floor_read`): smdebug's time over the floor's is the most that figure can reach
-here. Without smdebug's environment (``TENSORTAP_SMDEBUG_PYTHON`` unset, as outside ``nox -s
-bench``) only tensortap's rows are measured.
+of the target. Without smdebug's environment (``TENSORTAP_SMDEBUG_PYTHON``
+unset, as outside ``nox -s bench``) only tensortap's rows are measured.
 """
 
 from __future__ import annotations
@@ -27,12 +25,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 import tensortap
 from bench import harness, read_workload
@@ -64,37 +59,14 @@ def _read(path: str, collection: str, keep: bool) -> int:
         return sum(1 for s in tensor.steps() if tensor.value(s) is not None)
 
 
-FLOOR = "floor: the shards' bytes read into new arrays, no format"
-
-
-def _floor_read(path: str, n: int) -> float:
-    """Seconds to read every shard file of the trial at ``path`` into new arrays, kept until the pass
-    ends, ``n`` times: the floor of reading every value kept (the same bytes into fresh memory, with no
-    format, index or checksum)."""
-    files = sorted(Path(path, "shards").rglob("*.h5"))
-    t0 = time.perf_counter()
-    for _ in range(n):
-        kept = []
-        for file in files:
-            with open(file, "rb", buffering=0) as f:
-                data = np.empty(os.fstat(f.fileno()).st_size, dtype=np.uint8)
-                assert f.readinto(data.data) == data.size
-            kept.append(data)
-        del kept
-    return time.perf_counter() - t0
-
-
 def _readers(kind: str, ours: str, theirs: str) -> dict[str, Callable[[], harness.Arm]]:
-    """The arms reading the tensor of ``kind``: tensortap twice, smdebug where its environment is known,
-    and for every value kept, the floor (:func:`_floor_read`)."""
+    """The arms reading the tensor of ``kind``: tensortap twice, smdebug where its environment is known."""
     argv = {
         harness.BASELINE: [sys.executable, "-m", "bench.bench_read", "read", ours, kind],
         harness.BASELINE_2: [sys.executable, "-m", "bench.bench_read", "read", ours, kind],
     }
     if SMDEBUG_PYTHON:
         argv["smdebug"] = [SMDEBUG_PYTHON, "-m", "bench.bench_read_smdebug", "read", theirs, kind]
-    if kind == "big-kept":
-        argv[FLOOR] = [sys.executable, "-m", "bench.bench_read", "floor", ours]
     return {name: functools.partial(harness.Process, a, ROOT) for name, a in argv.items()}
 
 
@@ -124,8 +96,6 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["read"]:
         read_workload.main(_hook, _read)
-    elif sys.argv[1:2] == ["floor"]:
-        print(_floor_read(sys.argv[2], int(sys.argv[3])))
     else:
         for row in run():
             print(row)

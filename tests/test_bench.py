@@ -55,8 +55,6 @@ def test_targets_say_what_was_not_measured_and_by_how_much_one_is_missed() -> No
         _row("keras (torch) MLP 784-512-256-10, batch 64", "tensortap: weights+biases+gradients+losses, every step",
              ratio=2.0),
         _row("read a 1.6 MB weight, each value dropped once read, over 1000 steps", "smdebug", ratio=10.0, noise=0.1),
-        _row("read a 1.6 MB weight, every value kept, over 1000 steps", "smdebug", ratio=2.5, noise=0.3),
-        _row("read a 1.6 MB weight, every value kept, over 1000 steps", "floor: bytes into new arrays", ratio=0.5),
         _row("peak memory, torch MLP, 300 steps", "tensortap, extra (MB)", MB=300.0),
         _row("peak memory, torch MLP, 300 steps", "shard budget max_bytes (MB)", MB=200.0),
         _row("trial of 10000 steps x 200 tensors", "tensor_names()", seconds=0.01),
@@ -70,8 +68,6 @@ def test_targets_say_what_was_not_measured_and_by_how_much_one_is_missed() -> No
     assert every_step["floor here"] == pytest.approx(1.5)  # the disk floor arm's 3 ms over a bare step's 2 ms
     assert table["Keras torch, every step / no callback"]["floor here"] == 1.0  # the disk is faster than its step
     assert table["read a 1.6 MB tensor over 1,000 steps: smdebug / tensortap"]["met"] == "yes"
-    kept = table["the same, every value kept (1.6 GB in memory)"]
-    assert kept["met"] == "**no**" and kept["floor here"] == pytest.approx(5.0)  # smdebug's 2.5 over the floor's 0.5
     memory = table["peak extra memory while saving every step (MB)"]
     assert memory["measured / target"] == pytest.approx(1.5) and "(200)" in memory["target"]
     flat = table["tensor_names() flat in steps: at 100,000 steps (s)"]

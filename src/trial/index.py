@@ -691,12 +691,17 @@ class TrialIndex:
             self.drop_shard(shard, str(exc))
             return None
 
-    def read_raw(self, name: str, shard: str, what: Callable[[RawSource], _T]) -> _T | None:
+    def read_raw(self, name: str, shard: str, what: Callable[[RawSource], _T], one_value: bool = False) -> _T | None:
         """``what(source)`` on the raw values of ``name`` in ``shard``: read where its index record
         says (``raw_at``, without HDF5) when it does, else through the shard's reader; None, with the
-        shard dropped and one warning, if it cannot be read."""
+        shard dropped and one warning, if it cannot be read.
+
+        ``one_value``: ``what`` reads one value. On remote storage that goes through the shard's reader
+        (the shard downloaded once, then read locally), since a loop over steps would otherwise make
+        requests for every value.
+        """
         seg = self.tensors[name].located(shard)
-        if seg is None or seg.raw_at is None:
+        if seg is None or seg.raw_at is None or (one_value and not self.storage.is_local):
             return self.read(shard, what)
         try:
             open_file = functools.partial(self.storage.open_ranges, shard)

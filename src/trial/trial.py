@@ -572,7 +572,7 @@ class Tensor:
 
     def _reader_value(self, step: int, loc: Location) -> np.ndarray:
         index = self.trial._index
-        value = index.read_raw(self.name, loc.shard, lambda r: r.value(self.name, step))
+        value = index.read_raw(self.name, loc.shard, lambda r: r.value(self.name, step), one_value=True)
         if value is None:
             why = index.bad_files.get(loc.shard, "it does not hold this value")
             raise TensorUnavailableForStep(f"{self.name!r} at step {step}: shard {loc.shard} cannot be read: {why}")

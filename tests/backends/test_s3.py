@@ -53,9 +53,9 @@ def test_values_written_to_s3_read_back_equal(s3_url: str, s3_options: dict[str,
 def test_a_located_tensor_is_read_by_range_requests_without_downloading_its_shard(
     s3_url: str, s3_options: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Floats and integers whose index record says where they lie (``raw_at``) are read from S3 by
-    range requests: no shard is downloaded. A tensor read through HDF5 (booleans) downloads its shards
-    into the cache; a located read of such a shard then reads the copy."""
+    """Every value of floats and integers whose index record says where they lie (``raw_at``) is read
+    from S3 by range requests: no shard is downloaded. One value at a time, and a tensor read through
+    HDF5 (booleans), download the shard into the cache once; a located read of it then reads the copy."""
     cache = tmp_path / "cache"
     monkeypatch.setenv("TENSORTAP_CACHE_DIR", str(cache))
     with Writer(s3_url, storage_options=s3_options, shard_policy=ShardPolicy(max_steps=2)) as writer:
@@ -69,8 +69,9 @@ def test_a_located_tensor_is_read_by_range_requests_without_downloading_its_shar
     kernel = trial.tensor("dense/kernel")
     for step, value in kernel.values().items():
         assert value.tobytes() == weight(step, 1000).tobytes()
-    assert kernel.value(3).tobytes() == weight(3, 1000).tobytes()
     assert not cache.exists() or not any(cache.iterdir())
+    assert kernel.value(3).tobytes() == weight(3, 1000).tobytes()
+    assert len(list(cache.iterdir())) == 1  # the shard of steps 2 and 3, for the next steps a loop reads
     for step, value in trial.tensor("mask").values().items():
         np.testing.assert_array_equal(value, np.arange(4) % 2 == step % 2)
     assert len(list(cache.iterdir())) == 3
