@@ -125,6 +125,7 @@ class FitArm(harness.GatedThread):
             )
             callbacks.append(self.capture)
         tf_data = _tf_batches(x, y) if keras.backend.backend() == "tensorflow" else None
+        self.jax = keras.backend.backend() == "jax"
 
         def train() -> None:
             if tf_data is not None:
@@ -135,10 +136,16 @@ class FitArm(harness.GatedThread):
         super().__init__(train)
 
     def settle(self) -> None:
-        """Wait until the shards the callback handed off are published (see :func:`bench.harness.settle`)."""
+        """Wait until the shards the callback handed off are published (see :func:`bench.harness.settle`),
+        and on JAX until the steps dispatched are computed: JAX dispatches asynchronously, so without
+        this an arm's last steps would run in the next arm's block (the noise of 0.5 read before)."""
         writer = None if self.capture is None else self.capture.hook.writer
         if writer is not None:
             writer.drain()
+        if self.jax:
+            import jax
+
+            jax.block_until_ready(jax.live_arrays())  # the other arms' are ready: they settled too
 
     def close(self) -> None:
         try:

@@ -20,6 +20,11 @@ from typing import Any, Generic, NamedTuple, TypeVar
 
 import numpy as np
 
+try:  # the compiled counting of src/_bins.c, where it was built (an optional extension)
+    from tensortap import _bins as _kernel
+except ImportError:  # no C compiler at install: NumPy's passes, the same counts
+    _kernel = None
+
 REDUCTIONS = ("min", "max", "mean", "std", "variance", "sum", "prod")
 NORMS = ("l1", "l2")
 HEALTH_COUNTS = ("nan_count", "inf_count", "zero_count")
@@ -172,8 +177,8 @@ class Histogram(NamedTuple):
 
 
 #: Counts the codes of a histogram (non-negative integers below ``minlength``), as
-#: ``numpy.bincount(codes, minlength=minlength)`` does; an adapter may give a faster kernel
-#: (:attr:`tensortap.capture.TensorOps.bincount`).
+#: ``numpy.bincount(codes, minlength=minlength)`` does, in :func:`_linear_counts`; an adapter
+#: may give a faster kernel (:attr:`tensortap.capture.TensorOps.bincount`).
 Bincount = Callable[[np.ndarray, int], np.ndarray]
 
 
@@ -371,8 +376,10 @@ def histogram_counts(array: np.ndarray, edges: np.ndarray, bincount: Bincount | 
     on the values as float64: ``counts[i]`` values ``v`` with ``edges[i] <= v < edges[i+1]``,
     the last bin including ``edges[-1]``. It is computed on the values in their
     :func:`bin_dtype` against :class:`BinBounds`, which gives the same counts faster:
-    by arithmetic (:func:`_linear_counts`, counted with ``bincount``: ``numpy.bincount``
-    by default) on large arrays with about equal bins, else on the sorted values.
+    on about equal bins by arithmetic, in one call that releases the GIL (the compiled
+    kernel ``tensortap._bins``), or where it was not built with NumPy's passes on large
+    arrays (:func:`_linear_counts`, counted with ``bincount``: ``numpy.bincount`` by
+    default); else on the sorted values.
     """
     return _counts(_binned_values(array), np.asarray(edges, dtype=np.float64), bincount)
 
@@ -380,6 +387,17 @@ def histogram_counts(array: np.ndarray, edges: np.ndarray, bincount: Bincount | 
 def _counts(x: np.ndarray, edges: np.ndarray, bincount: Bincount | None = None) -> np.ndarray:
     """:func:`histogram_counts` of ``x``, flat and already in its :func:`bin_dtype`."""
     b, linear = _rule(edges, x.dtype)
+    if linear is not None and _kernel is not None:
+        counts = np.zeros(b.bins, dtype=np.int64)
+        _kernel.count_linear(
+            np.ascontiguousarray(x),
+            float(linear.lo),
+            float(linear.scale),
+            float(linear.tol),
+            b.bounds[1 : b.bins],
+            counts,
+        )
+        return counts
     if linear is not None and x.size >= _LINEAR_MIN_SIZE:
         return _linear_counts(x, b, linear, bincount or _np_bincount)
     return _sorted_counts(np.sort(x), b)
@@ -466,7 +484,8 @@ _WORK = _Work()
 
 
 def _linear_counts(x: np.ndarray, b: BinBounds, linear: _Linear, bincount: Bincount = _np_bincount) -> np.ndarray:
-    """Counts of ``x`` (flat, float32 or float64) on about equal bins in O(n).
+    """Counts of ``x`` (flat, float32 or float64) on about equal bins in O(n), by NumPy's passes
+    (``src/_bins.c`` is the same arithmetic, compiled: read this first).
 
     Each value's position ``w = (x - edges[0]) * scale``, ``scale = bins / (edges[-1] - edges[0])``,
     is computed in ``x``'s dtype (:data:`_BLOCK` values at a time, in each thread's own work

@@ -27,6 +27,7 @@ from tensortap.backends.shard import ShardBuffer, ShardReader, write_shard
 from tensortap.capture import ShardPolicy, Writer, counting
 from tensortap.capture.handoff import Done
 from tensortap.capture.testing import numpy_histogram_rule, numpy_rule_edges
+from tensortap.reductions import pending_histogram
 
 
 def _check_every_h5_is_whole(out: Path) -> int:
@@ -419,6 +420,22 @@ def test_ctrl_c_at_every_bytecode_of_the_histogram_handoff_loses_nothing(tmp_pat
             expected = numpy_histogram_rule(_histogram_value(step), edges)
             np.testing.assert_array_equal(hist.counts, expected, err_msg=f"interrupted at bytecode {at}")
         assert counting.COUNTER.wait_idle(5.0) and counting.COUNTER.has_room(), f"interrupted at bytecode {at}"
+
+
+def test_histograms_are_counted_by_the_waiting_thread_when_the_counting_thread_never_started() -> None:
+    """An interrupt between claiming the counting thread's start (the first submit of the process)
+    and starting it leaves no thread: ``wait_idle`` counts what was queued on the calling thread."""
+    counter = counting.HistogramCounter()
+    next(counter._claims)  # the start claimed, then interrupted before the thread was made
+    values = np.linspace(-1.0, 1.0, 50, dtype=np.float32)
+    edges = numpy_rule_edges(values, 8)
+    hists = [pending_histogram(values * k, edges) for k in (1, 3)]
+    counter.submit(hists)
+    assert counter._thread is None and all(h.values is not None for h in hists)
+    assert counter.wait_idle(5.0)
+    assert all(h.values is None for h in hists)  # counted by wait_idle, not by resolve below
+    for k, h in zip((1, 3), hists, strict=True):
+        np.testing.assert_array_equal(h.resolve().counts, numpy_histogram_rule(values * k, edges))
 
 
 # ---------------------------------------------------------------- the seeded crash campaign

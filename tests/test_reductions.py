@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -243,12 +246,36 @@ def arrays_and_edges(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray | int]:
     return array, edges if edges.size >= 2 else np.array([-1.0, 1.0])
 
 
+#: How a histogram is counted: the compiled kernel (src/_bins.c), or NumPy's passes (sorting or
+#: arithmetic), which tensortap uses where the kernel was not built.
+COUNTING = ["compiled", "numpy"]
+
+
+@contextlib.contextmanager
+def counted_by(path: str, linear_from: int | None = None, block: int | None = None) -> Iterator[None]:
+    """Histograms counted by ``path`` (of :data:`COUNTING`); with NumPy, by arithmetic from
+    ``linear_from`` values, ``block`` values at a time, where given."""
+    with pytest.MonkeyPatch.context() as mp:
+        if path == "numpy":
+            mp.setattr(reductions, "_kernel", None)
+            if linear_from is not None:
+                mp.setattr(reductions, "_LINEAR_MIN_SIZE", linear_from)
+            if block is not None:
+                mp.setattr(reductions, "_BLOCK", block)
+        yield
+
+
+@pytest.mark.parametrize("path", COUNTING)
 @settings(max_examples=400, deadline=None)
-@given(arrays_and_edges())
-def test_histogram_counts_equal_the_numpy_calls_of_the_rule(case: tuple[np.ndarray, np.ndarray | int]) -> None:
-    """The sorted-float32 counting of reductions.histogram against np.histogram(np.clip(...)) in float64."""
+@given(case=arrays_and_edges())
+def test_histogram_counts_equal_the_numpy_calls_of_the_rule(
+    path: str, case: tuple[np.ndarray, np.ndarray | int]
+) -> None:
+    """reductions.histogram (NumPy: sorted values, these arrays being small) against the rule's NumPy calls."""
     array, bins = case
-    _assert_the_rule(histogram(array, bins), array, bins)
+    with counted_by(path):
+        hist = histogram(array, bins)
+    _assert_the_rule(hist, array, bins)
 
 
 def _assert_the_rule(hist: Histogram | None, array: np.ndarray, bins: np.ndarray | int) -> None:
@@ -308,22 +335,22 @@ def values_around_equal_edges(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray]:
     return array, edges
 
 
+@pytest.mark.parametrize("path", COUNTING)
 @settings(max_examples=300, deadline=None)
-@given(st.one_of(values_around_equal_edges(), arrays_and_edges()), st.integers(1, 40))
+@given(case=st.one_of(values_around_equal_edges(), arrays_and_edges()), block=st.integers(1, 40))
 def test_counting_by_arithmetic_equals_the_numpy_calls_of_the_rule(
-    case: tuple[np.ndarray, np.ndarray | int], block: int
+    path: str, case: tuple[np.ndarray, np.ndarray | int], block: int
 ) -> None:
-    """The O(n) counting (used for large arrays), here on any array and in blocks of ``block`` values."""
+    """The O(n) counting (NumPy's for large arrays, here on any array and in blocks of ``block`` values)."""
     array, bins = case
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(reductions, "_LINEAR_MIN_SIZE", 0)
-        mp.setattr(reductions, "_BLOCK", block)
+    with counted_by(path, linear_from=0, block=block):
         hist = histogram(array, bins)
     _assert_the_rule(hist, array, bins)
 
 
+@pytest.mark.parametrize("path", COUNTING)
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_a_large_array_is_counted_by_arithmetic_exactly(dtype: str) -> None:
+def test_a_large_array_is_counted_by_arithmetic_exactly(dtype: str, path: str) -> None:
     """Values on every edge and one ulp either side, outside the edges, NaN and Inf, in several blocks."""
     rng = np.random.default_rng(0)
     values = rng.standard_normal(reductions._LINEAR_MIN_SIZE + 12345).astype(dtype)
@@ -331,11 +358,44 @@ def test_a_large_array_is_counted_by_arithmetic_exactly(dtype: str) -> None:
     on = edges.astype(dtype)
     near = np.concatenate([on, np.nextafter(on, np.inf), np.nextafter(on, -np.inf)])
     values[: near.size] = near
+    big = np.finfo(dtype).max
+    values[1000:1003] = [big, -big, big / 2]  # finite, with a position that overflows
     values[-3:] = [np.nan, np.inf, -np.inf]
     clean = values[:-3]
     assert reductions._rule(edges, np.dtype(dtype))[1] is not None  # counted by arithmetic, not sorted
-    np.testing.assert_array_equal(reductions.histogram_counts(values, edges), numpy_histogram_rule(values, edges))
-    np.testing.assert_array_equal(reductions.histogram_counts(clean, edges), numpy_histogram_rule(clean, edges))
+    with counted_by(path):
+        np.testing.assert_array_equal(reductions.histogram_counts(values, edges), numpy_histogram_rule(values, edges))
+        np.testing.assert_array_equal(reductions.histogram_counts(clean, edges), numpy_histogram_rule(clean, edges))
+
+
+def test_the_compiled_counting_is_built_and_refuses_what_it_cannot_count() -> None:
+    """Every install of this project builds src/_bins.c (an optional extension that would fall back
+    to NumPy's passes silently); the kernel checks the types and sizes it is given."""
+    kernel = reductions._kernel
+    assert kernel is not None, "tensortap._bins was not built: histograms are counted by NumPy's passes"
+    x, interior, counts = np.zeros(5, np.float32), np.zeros(3, np.float32), np.zeros(4, np.int64)
+    kernel.count_linear(x, 0.0, 1.0, 0.0, interior, counts)
+    assert counts.tolist() == [5, 0, 0, 0]
+    native = "<" if sys.byteorder == "little" else ">"
+    kernel.count_linear(x.astype(np.dtype("f4").newbyteorder(native)), 0.0, 1.0, 0.0, interior, counts)
+    assert counts.tolist() == [10, 0, 0, 0]  # the byte order written out, as a reader's "<f4" arrays are
+    with pytest.raises(TypeError, match="float32 or float64 alike"):
+        kernel.count_linear(x.astype(np.float64), 0.0, 1.0, 0.0, interior, counts)
+    with pytest.raises(TypeError, match="float32 or float64 alike"):
+        kernel.count_linear(
+            x.astype(np.dtype("f4").newbyteorder(">" if native == "<" else "<")), 0.0, 1.0, 0.0, interior, counts
+        )
+    with pytest.raises(TypeError, match="int64"):
+        kernel.count_linear(x, 0.0, 1.0, 0.0, interior, counts.astype(np.int32))
+    with pytest.raises(ValueError, match="one bound fewer"):
+        kernel.count_linear(x, 0.0, 1.0, 0.0, interior[:2], counts)
+    with pytest.raises(ValueError, match="tol in"):
+        kernel.count_linear(x, 0.0, 1.0, 0.5, interior, counts)
+    with pytest.raises(ValueError, match="read-only"):
+        counts.flags.writeable = False
+        kernel.count_linear(x, 0.0, 1.0, 0.0, interior, counts)
+    with pytest.raises(ValueError, match="not C-contiguous"):
+        kernel.count_linear(np.zeros(10, np.float32)[::2], 0.0, 1.0, 0.0, interior, np.zeros(4, np.int64))
 
 
 def test_edges_too_close_for_the_dtype_fall_back_to_sorting() -> None:

@@ -102,7 +102,8 @@ class TensorOps:
 
     def bincount(self, codes: np.ndarray, minlength: int) -> np.ndarray:
         """Counts of ``codes`` (non-negative integers) as ``numpy.bincount(codes, minlength=minlength)``
-        (int64): the counting step of the NumPy histogram formulas, which an adapter may do faster."""
+        (int64): the counting step of the NumPy histogram formulas (used where the compiled kernel
+        ``tensortap._bins`` was not built), which an adapter may do faster."""
         return np.bincount(codes, minlength=minlength)
 
     def prepare(

@@ -7,8 +7,9 @@ after the step, rather than when the shard is written, spreads the work evenly o
 steps and keeps a shard's buffer small (its counts only). The writer thread, writing the
 shard, waits for a histogram being counted, or counts one not yet reached itself.
 
-NumPy and torch release the GIL in the bulk of the counting (bench/profiles/histogram.md),
-so the training thread runs beside it. The values waiting to be counted are bounded by
+The compiled kernel (``tensortap._bins``) counts a tensor in one call that releases the GIL,
+and NumPy and torch release it in the bulk of their passes where the kernel was not built
+(bench/profiles/histogram.md), so the training thread runs beside it. The values waiting to be counted are bounded by
 :data:`MAX_PENDING_BYTES`: past it the hook counts on the training thread instead (the
 backpressure), so memory stays bounded and nothing is dropped.
 """
