@@ -18,7 +18,8 @@ On TensorFlow every arm is fed a ``tf.data.Dataset`` of the same batches with
 tf.data's autotuning off (no background thread): with Keras's own pipeline for
 arrays, the end of an arm's ``fit`` (timed with it) sometimes waited seconds,
 GIL held, for the epoch iterator's tf.data threads to end
-(``bench/profiles/keras.md``, "The TensorFlow fit-end stall").
+(``bench/profiles/keras.md``, "The TensorFlow fit-end stall"). On JAX, which
+dispatches steps asynchronously, each block ends when the arm's steps are computed.
 """
 
 from __future__ import annotations
