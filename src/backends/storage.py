@@ -591,8 +591,9 @@ class FsspecStorage(Storage):
         a tensor located by its index record (``raw_at``) downloads its bytes only, not the shard."""
         info = self._info(key)
         copies = [os.path.join(self._cache, *key.split("/"))]
-        if self.cache is not None:
-            copies.insert(0, os.path.join(self.cache.folder, self._cache_name(key, info)))
+        shared = None if self.cache is None else self.cache.cached(self._cache_name(key, info))
+        if shared is not None:
+            copies.insert(0, shared)
         for copy in copies:
             with contextlib.suppress(FileNotFoundError):
                 return LocalRanges.open(copy)
@@ -707,12 +708,21 @@ class ShardCache:
         self.folder = folder
         self.max_bytes = max_bytes
 
+    def cached(self, name: str) -> str | None:
+        """The cached file ``name``, marked as used now (the recency that eviction goes by); None if absent."""
+        path = os.path.join(self.folder, name)
+        try:
+            os.utime(path)
+        except FileNotFoundError:
+            return None
+        return path
+
     def get(self, name: str, fetch: Callable[[str], Any], size: int) -> str | None:
         """The cached file ``name``, downloaded with ``fetch(tmp)`` if absent; None if ``size`` is too large."""
-        path = os.path.join(self.folder, name)
-        with contextlib.suppress(FileNotFoundError):
-            os.utime(path)  # the recency that eviction goes by
+        path = self.cached(name)
+        if path is not None:
             return path
+        path = os.path.join(self.folder, name)
         if size > self.max_bytes:
             return None
         _download(fetch, self.folder, path)

@@ -39,6 +39,27 @@ def test_a_second_reader_does_not_download_again(s3_url: str, s3_options: dict[s
 
 
 @pytest.mark.s3
+def test_a_located_read_of_a_cached_shard_marks_it_used(
+    s3_url: str, s3_options: dict[str, Any], shard_cache: Path
+) -> None:
+    """A tensor read where its index record says, from a shard already in the cache, reads the copy
+    and marks it as just used, as a download would: least recently used copies are evicted first."""
+    weight = np.arange(8, dtype=np.float32)
+    with Writer(s3_url, storage_options=s3_options) as w:
+        with w.stepping():
+            w.save("w", weight)
+    trial = tensortap.create_trial(s3_url, **s3_options)
+    copy = Path(trial.storage.local_path(KEY))  # downloaded into the cache
+    assert copy.parent == shard_cache
+    past = time.time() - 1000
+    os.utime(copy, (past, past))
+    reader = tensortap.create_trial(s3_url, skip_instance_cache=True, **s3_options)
+    reader.storage.fs.get_file = no_download  # type: ignore[method-assign]
+    np.testing.assert_array_equal(reader.tensor("w").values()[0], weight)
+    assert copy.stat().st_mtime > past + 900
+
+
+@pytest.mark.s3
 def test_a_replaced_trial_is_never_served_stale(s3_url: str, s3_options: dict[str, Any]) -> None:
     storage = get_storage(s3_url, **s3_options)
     storage.write_bytes(KEY, b"first run")
