@@ -34,7 +34,7 @@ static void COUNT(const T *x, Py_ssize_t n, T lo, T scale, T tol, const T *inter
         }
         memset(table, 0, sizeof(int32_t) * TABLES * (size_t)width);
         Py_ssize_t i = 0;
-        for (; i + TABLES <= m; i += TABLES) {
+        for (; i + TABLES <= m; i += TABLES) { /* TABLES == 4 */
             table[code[i]]++;
             table[width + code[i + 1]]++;
             table[2 * width + code[i + 2]]++;

@@ -9,9 +9,9 @@ shard, waits for a histogram being counted, or counts one not yet reached itself
 
 The compiled kernel (``tensortap._bins``) counts a tensor in one call that releases the GIL,
 and NumPy and torch release it in the bulk of their passes where the kernel was not built
-(bench/profiles/histogram.md), so the training thread runs beside it. The values waiting to be counted are bounded by
-:data:`MAX_PENDING_BYTES`: past it the hook counts on the training thread instead (the
-backpressure), so memory stays bounded and nothing is dropped.
+(bench/profiles/histogram.md), so the training thread runs beside it. The values waiting to
+be counted are bounded by :data:`MAX_PENDING_BYTES`: past it the hook counts on the training
+thread instead (the backpressure), so memory stays bounded and nothing is dropped.
 """
 
 from __future__ import annotations
