@@ -589,15 +589,15 @@ class FsspecStorage(Storage):
     def open_ranges(self, key: str) -> RangedFile:
         """A copy of ``key`` downloaded before, else the object itself, read by range requests: reading
         a tensor located by its index record (``raw_at``) downloads its bytes only, not the shard."""
+        path = self._path(key)  # refuses a key that leaves the root
+        with contextlib.suppress(FileNotFoundError):  # this storage's own copy: no request, as in local_path
+            return LocalRanges.open(os.path.join(self._cache, *key.split("/")))
         info = self._info(key)
-        copies = [os.path.join(self._cache, *key.split("/"))]
         shared = None if self.cache is None else self.cache.cached(self._cache_name(key, info))
         if shared is not None:
-            copies.insert(0, shared)
-        for copy in copies:
-            with contextlib.suppress(FileNotFoundError):
-                return LocalRanges.open(copy)
-        return _RemoteRanges(self.fs, self._path(key), int(info["size"]))
+            with contextlib.suppress(FileNotFoundError):  # evicted since
+                return LocalRanges.open(shared)
+        return _RemoteRanges(self.fs, path, int(info["size"]))
 
     def delete(self, key: str) -> None:
         def rm() -> None:
