@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from bench import harness
+
 BENCHMARKS = {
     "io": "bench.bench_io",
     "torch": "bench.bench_torch",
@@ -90,6 +92,10 @@ FLOORS = {  # figure -> the benchmark whose baseline step the floor is compared 
 
 
 def _fmt(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (tuple, list)):  # an interval (a list once through JSON)
+        return " to ".join(_fmt(v) for v in value)
     if isinstance(value, float):
         if math.isnan(value):
             return "n/a"
@@ -150,20 +156,30 @@ def targets(rows: list[Row]) -> list[Row]:
             out.append({"figure": figure, "target": target, "measured": "not measured"})
             continue
         row = _row(rows, benchmark, case) or {}
-        met = value <= limit if op == "<=" else value >= limit
+        span = row.get(harness.interval_column(column))
         floor = _floor(rows, figure)
         out.append(
             {
                 "figure": figure,
                 "target": target,
                 "measured": value,
+                "95% interval": span,
                 "noise": row.get("noise", ""),
                 "measured / target": value / limit,
-                "met": "yes" if met else "**no**",
+                "met": _met(value, span, op, limit),
                 "floor here": "" if floor is None else floor,
             }
         )
     return out
+
+
+def _met(value: float, span: tuple[float, float] | None, op: str, limit: float) -> str:
+    """Whether ``value`` meets the target: yes, **no**, or "within noise" when its 95% interval holds
+    the limit (a run of this length cannot tell), whichever side ``value`` itself is on."""
+    meets = (lambda v: v <= limit) if op == "<=" else (lambda v: v >= limit)
+    if span is not None and meets(span[0]) != meets(span[1]):
+        return "within noise"
+    return "yes" if meets(value) else "**no**"
 
 
 def document(sections: list[str], every_row: list[Row], seconds: float) -> str:
@@ -178,7 +194,9 @@ def document(sections: list[str], every_row: list[Row], seconds: float) -> str:
         f"{os.cpu_count()} CPUs; run on {time.strftime('%Y-%m-%d')}, {seconds / 60:.1f} minutes in all.\n\n"
         "## Targets\n\n"
         "The targets of issue #14. `measured / target` says by how much a target is missed "
-        "(a ratio above 1 for an upper bound, below 1 for a lower one); the profiles below say why.\n\n"
+        "(a ratio above 1 for an upper bound, below 1 for a lower one); the profiles below say why. "
+        "`95% interval` is how far the figure moves with the blocks the machine gave each arm "
+        "(`bench/notes.md`); `met` is `within noise` when that interval holds the target.\n\n"
         f"{_table(targets(every_row))}\n\n"
         + "\n".join(sections)
         + "\n"

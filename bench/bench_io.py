@@ -125,6 +125,8 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
             del row["ratio of the blocks"]  # the floor fsyncs once, in its close: its blocks alone mean nothing
             row["MB/s"] = step_mb / (float(row["ms_per_step"]) / 1e3)  # type: ignore[arg-type]
             row["floor/this (bytes/s)"] = 1 / float(row["ratio"])  # type: ignore[arg-type]
+            if (ratios := row.pop(harness.INTERVAL)) is not None:
+                row[harness.interval_column("floor/this (bytes/s)")] = (1 / ratios[1], 1 / ratios[0])  # type: ignore[index]
         t_values, t_loop = _read(root, read_steps)
         rows.append({"benchmark": "read", "case": f"values() of 1 tensor x {read_steps} steps", "seconds": t_values})
         rows.append({"benchmark": "read", "case": f"value(step) loop x {read_steps} steps", "seconds": t_loop})

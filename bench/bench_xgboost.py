@@ -2,10 +2,11 @@
 
 Arms: no callback, twice (the run's noise); metrics and losses every round;
 the default collections (``ttx.Callback(out_dir)``); every collection at its
-default interval. Each arm is one ``xgb.train`` in a thread of its own, held
-before each round by a gate callback; the arms run ``BLOCK`` rounds at a time
-in turns (:mod:`bench.harness`), and the end of training (where tensortap
-publishes its last shard) is timed with its arm.
+default interval. Each arm runs ``TRAININGS`` trainings of ``ROUNDS`` rounds
+(``xgb.train``, each with a new trial) one after the other in a thread of its
+own, held before each round by a gate callback; the arms run ``BLOCK`` rounds
+at a time in turns (:mod:`bench.harness`), so the start and the end of every
+training (where tensortap publishes its last shard) are timed with its arm.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from bench import harness
 
 ROWS, FEATURES, ROUNDS = 10_000, 50, 100
 BLOCK = 10
+TRAININGS = 4  # 40 blocks an arm: a 95% interval of about +-6% on this machine (10 blocks: +-12%)
 PARAMS = {
     "objective": "binary:logistic",
     "tree_method": "hist",
@@ -52,9 +54,10 @@ def _data() -> tuple[xgb.DMatrix, xgb.DMatrix]:
 
 
 class BoostArm(harness.GatedThread):
-    """One ``xgb.train`` of ``rounds`` rounds with the callbacks of a case, held before each round by a gate."""
+    """``trainings`` ``xgb.train`` of ``rounds`` rounds each, one after the other, with the callbacks
+    of a case (a new trial each), held before each round by a gate."""
 
-    def __init__(self, case: str, dtrain: xgb.DMatrix, dval: xgb.DMatrix, rounds: int) -> None:
+    def __init__(self, case: str, dtrain: xgb.DMatrix, dval: xgb.DMatrix, rounds: int, trainings: int) -> None:
         gate = self.gate
 
         class Gate(xgb.callback.TrainingCallback):
@@ -63,11 +66,14 @@ class BoostArm(harness.GatedThread):
                 return False
 
         self.out_dir = tempfile.mkdtemp(prefix="tensortap-bench-")
-        callbacks = [Gate(), *CASES[case](self.out_dir)]
         evals = [(dtrain, "train"), (dval, "validation")]
-        super().__init__(
-            lambda: xgb.train(PARAMS, dtrain, rounds, evals=evals, callbacks=callbacks, verbose_eval=False)
-        )
+
+        def train() -> None:
+            for i in range(trainings):
+                callbacks = [Gate(), *CASES[case](f"{self.out_dir}/{i}")]
+                xgb.train(PARAMS, dtrain, rounds, evals=evals, callbacks=callbacks, verbose_eval=False)
+
+        super().__init__(train)
 
     def close(self) -> None:
         try:
@@ -79,13 +85,14 @@ class BoostArm(harness.GatedThread):
 def run(quick: bool = False) -> list[dict[str, Any]]:
     """Time every case, interleaved in blocks of rounds; one row per case with the run's noise."""
     dtrain, dval = _data()
-    rounds, block = (4, 2) if quick else (ROUNDS // BLOCK, BLOCK)
+    rounds, block, trainings = (8, 2, 1) if quick else (ROUNDS, BLOCK, TRAININGS)
     arms: dict[str, Callable[[], harness.Arm]] = {}
     for case in CASES:
-        arms[case] = functools.partial(BoostArm, case, dtrain, dval, rounds * block + 2)
+        arms[case] = functools.partial(BoostArm, case, dtrain, dval, rounds, trainings)
         if case == harness.BASELINE:
-            arms[harness.BASELINE_2] = lambda: BoostArm(harness.BASELINE, dtrain, dval, rounds * block + 2)
-    timings = harness.interleave(arms, rounds=rounds, block=block, warmup=1)
+            arms[harness.BASELINE_2] = functools.partial(BoostArm, case, dtrain, dval, rounds, trainings)
+    # every round but the warm-up one in blocks; close() runs that last round and the last training's end
+    timings = harness.interleave(arms, rounds=rounds * trainings // block, block=block, warmup=1)
     return harness.rows(f"xgboost {ROWS // 1000}k x {FEATURES}, {ROUNDS} rounds", timings, unit="ms_per_round")
 
 

@@ -29,6 +29,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import numpy as np
+
 BASELINE = "baseline"
 BASELINE_2 = "baseline (2nd arm)"
 
@@ -315,12 +317,43 @@ def spread(t: Timing) -> float:
     return (q[2] - q[0]) / q[1]
 
 
+def interval_column(column: str) -> str:
+    """The column that holds the 95% interval (a pair, low and high) of the figure in ``column``."""
+    return f"{column}, 95% interval"
+
+
+#: The column of :func:`rows` that holds the 95% interval of ``ratio``.
+INTERVAL = interval_column("ratio")
+_DRAWS = 4000  # resamplings of the rounds behind an interval
+
+
+def interval(t: Timing, base: Timing, level: float = 0.95) -> tuple[float, float] | None:
+    """The ``level`` interval of ``t.total / base.total`` over the rounds: a paired bootstrap.
+
+    Each round ran every arm once, so a round's blocks are resampled together (with replacement,
+    seeded: the same draws in every run) and the closing times kept; the interval is the central
+    ``level`` of the ratios of the resampled totals. It shows how far the ratio moves with the
+    blocks the machine happened to give each arm, which one pair of baseline arms (``noise``) can
+    understate. None with fewer than 4 rounds.
+    """
+    n = min(len(t.blocks), len(base.blocks))
+    if n < 4:
+        return None
+    picks = np.random.default_rng(0).integers(0, n, size=(_DRAWS, n))
+    ratios = (np.asarray(t.blocks[:n])[picks].sum(axis=1) + t.closing) / (
+        np.asarray(base.blocks[:n])[picks].sum(axis=1) + base.closing
+    )
+    low, high = np.quantile(ratios, [(1 - level) / 2, (1 + level) / 2])
+    return float(low), float(high)
+
+
 def rows(
     benchmark: str, timings: Mapping[str, Timing], unit: str = "ms_per_step", scale: float = 1e3
 ) -> list[dict[str, object]]:
     """One row per arm: time per unit (seconds times ``scale``, in the column ``unit``), ratio to the
-    baseline arm, and the run's noise; and, apart, the ratio of the blocks alone and the time
-    ``close()`` took (ms): a short run pays its last publish in full (``bench/notes.md``)."""
+    baseline arm, its 95% interval (:func:`interval`) and the run's noise; and, apart, the ratio of
+    the blocks alone and the time ``close()`` took (ms): a short run pays its last publish in full
+    (``bench/notes.md``)."""
     base = timings[BASELINE]
     n = noise(timings)
     return [
@@ -329,6 +362,7 @@ def rows(
             "case": name,
             unit: t.per_unit * scale,
             "ratio": t.total / base.total,
+            INTERVAL: interval(t, base) if name != BASELINE else None,
             "noise": n,
             "block spread": spread(t),
             "ratio of the blocks": sum(t.blocks) / sum(base.blocks),

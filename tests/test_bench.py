@@ -12,11 +12,17 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-# bench/ is not installed and the repository root is not on sys.path under `pytest`: load the generator by path
+# bench/ is not installed and the repository root is not on sys.path under `pytest`: load the generator
+# by path, and the harness it imports with the root on sys.path for the while
 _spec = importlib.util.spec_from_file_location("bench_generator", ROOT / "bench" / "__main__.py")
 assert _spec is not None and _spec.loader is not None
 generator = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(generator)
+sys.path.insert(0, str(ROOT))
+try:
+    _spec.loader.exec_module(generator)
+    from bench import harness
+finally:
+    sys.path.remove(str(ROOT))
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -76,6 +82,35 @@ def test_targets_say_what_was_not_measured_and_by_how_much_one_is_missed() -> No
     assert table["steps() flat in steps: at 100,000 steps (s)"]["measured"] == "not measured"
 
 
+def test_a_figure_whose_interval_holds_the_target_is_within_noise() -> None:
+    bench = "xgboost 10k x 50, 100 rounds"
+    figure = "XGBoost 100 rounds, default collections / no callback"  # <= 1.05
+    cases = [(1.08, (1.01, 1.12), "within noise"), (1.1, (1.06, 1.2), "**no**"), (1.0, (0.97, 1.04), "yes"),
+             (1.08, None, "**no**")]  # fmt: skip
+    for ratio, span, met in cases:
+        rows = [_row(bench, "default collections", ratio=ratio, noise=0.01, **{harness.INTERVAL: span})]
+        row = next(r for r in generator.targets(rows) if r["figure"] == figure)
+        assert row["met"] == met and row["95% interval"] == span
+    write = next(r for r in generator.targets([_row("write", "tensortap Writer", **{
+        "floor/this (bytes/s)": 0.85, harness.interval_column("floor/this (bytes/s)"): (0.7, 0.95)})])
+        if r["figure"] == "write path bytes/s / numpy.save floor")  # fmt: skip
+    assert write["met"] == "within noise"  # >= 0.8
+
+
+def test_the_interval_of_a_ratio_follows_the_rounds_in_pairs() -> None:
+    slow = [1.0, 3.0, 1.0, 5.0, 1.0, 2.0, 1.0, 4.0]  # the machine's slow spells, round by round
+    base = harness.Timing(blocks=slow, closing=0.5)
+    # every round, the arm took twice the baseline: however uneven the rounds, the ratio is 2
+    low, high = harness.interval(harness.Timing(blocks=[2 * b for b in slow], closing=1.0), base) or (0, 0)
+    assert low == pytest.approx(2.0) and high == pytest.approx(2.0)
+    assert harness.spread(base) > 1  # while the blocks themselves spread widely
+    # an arm that pays a cost in a few rounds only: its interval is wide, and holds its ratio
+    uneven = harness.Timing(blocks=[b + (3.0 if i % 4 == 0 else 0.0) for i, b in enumerate(slow)], closing=0.5)
+    low, high = harness.interval(uneven, base) or (0, 0)
+    assert low < uneven.total / base.total < high and high - low > 0.1
+    assert harness.interval(harness.Timing(blocks=[1.0] * 3), harness.Timing(blocks=[1.0] * 3)) is None
+
+
 def test_document_holds_targets_sections_notes_and_every_profile_sorted(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -92,11 +127,6 @@ def test_document_holds_targets_sections_notes_and_every_profile_sorted(
 
 
 def test_a_remote_arm_keeps_its_process_and_reports_its_own_time() -> None:
-    sys.path.insert(0, str(ROOT))
-    try:
-        from bench import harness
-    finally:
-        sys.path.remove(str(ROOT))
     child = "from bench import harness; harness.serve(lambda: harness.Repeat(lambda: print('chatter')))"
     arm = harness.Remote([sys.executable, "-c", child], cwd=str(ROOT))
     pid = arm.proc.pid

@@ -72,14 +72,15 @@ class TorchOps(core.TensorOps):
         t = _plain(value)
         if t.dtype in _WIDEN:
             t = t.to(_WIDEN[t.dtype])
+        device = t.device.type
         work = red.bin_dtype(_dtype_name(t.dtype))
         if (
-            t.is_complex()
+            device in self.host_binned
+            or t.is_complex()
             or t.numel() == 0
-            or t.device.type in self.host_binned
-            or (work == "float64" and t.device.type in self.no_float64)
+            or (work == "float64" and device in self.no_float64)
         ):
-            return super().histogram(t.numpy() if t.device.type == "cpu" else t.cpu().numpy(), edges, bins, defer)
+            return super().histogram(t.numpy() if t.is_cpu else t.cpu().numpy(), edges, bins, defer)
         x = t.reshape(-1).to(getattr(torch, work))
         finite = torch.isfinite(x)
         if edges is None:
@@ -104,10 +105,11 @@ class TorchOps(core.TensorOps):
     ) -> tuple[np.ndarray | None, dict[str, float], str | None]:
         if not isinstance(value, torch.Tensor):
             return super().prepare(value, keys, raw)
+        orig = _dtype_name(value.dtype) if value.dtype in _WIDEN else None
+        if not keys and not raw:  # a tensor saved as a histogram alone: nothing more to take here
+            return None, {}, orig
         t = _plain(value)
-        orig = None
-        if t.dtype in _WIDEN:
-            orig = _dtype_name(t.dtype)
+        if orig is not None:
             t = t.to(_WIDEN[t.dtype])
         on_host = t.is_complex() or t.numel() == 0  # reduced with NumPy from the host copy
         host = self._to_host(t) if raw or on_host else None
@@ -123,7 +125,7 @@ class TorchOps(core.TensorOps):
     def _to_host(t: torch.Tensor) -> torch.Tensor:
         """``t`` on the host: a view of a CPU tensor (the core copies it before ``offer`` returns),
         a pinned buffer filled without blocking from CUDA."""
-        if t.device.type == "cpu":
+        if t.is_cpu:
             return t.contiguous()
         if t.is_cuda:
             try:
