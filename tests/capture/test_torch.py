@@ -380,6 +380,7 @@ def test_torch_ops_prepare_matches_numpy_formulas(dtype: torch.dtype) -> None:
     raw, values, orig = ttt.TorchOps().prepare(t, keys, raw=True)
     assert raw is not None
     assert orig == ("bfloat16" if dtype == torch.bfloat16 else None)
+    assert ttt.TorchOps().prepare(t, [], raw=False) == (None, {}, orig)  # a histogram alone: the dtype only
     reference = t.float().numpy() if dtype == torch.bfloat16 else t.numpy()
     np.testing.assert_array_equal(raw, reference)
     expected = red.compute_many(reference, keys)

@@ -480,3 +480,32 @@ def test_histograms_counted_later_are_of_the_values_at_save(tmp_path: Path) -> N
             np.testing.assert_array_equal(counts, numpy_histogram_rule(value, edges), err_msg=f"{name} {step}")
             assert counts[0] + counts[-1] < value.size / 2, f"{name} {step}"  # not the values changed after
     assert not np.array_equal(weights[1], weights[-1])
+
+
+def test_a_bfloat16_weight_saved_as_a_histogram_alone_keeps_its_dtype_and_counts(tmp_path: Path) -> None:
+    # histogram only (no raw value, no reduction): the hook takes no host copy for the record,
+    # yet the original dtype is recorded and the counts are the rule's on the widened values
+    model = nn.Linear(32, 16).to(torch.bfloat16)
+    hook = ttt.capture(
+        model,
+        tmp_path,
+        save_config=SaveConfig(save_interval=1),
+        include_collections=["weights"],
+        collection_configs={"weights": Collection("weights", reduction_config=ReductionConfig(histogram=BINS))},
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    weights = []
+    for step in range(3):
+        model(torch.randn(4, 32, generator=torch.Generator().manual_seed(step)).to(torch.bfloat16)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        weights.append(model.weight.detach().float().numpy().copy())
+    hook.close()
+    t = tensortap.create_trial(tmp_path).tensor("weight")
+    assert t.summary()["orig_dtype"] == "bfloat16"
+    with pytest.raises(tensortap.TensorUnavailableForStep):
+        t.value(0)  # no raw value was saved
+    edges = numpy_rule_edges(weights[0], BINS)
+    assert edges is not None
+    for step, w in enumerate(weights):
+        np.testing.assert_array_equal(t.histogram_value(step).counts, numpy_histogram_rule(w, edges))
