@@ -91,7 +91,7 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
         arms[case] = functools.partial(BoostArm, case, dtrain, dval, rounds, trainings)
         if case == harness.BASELINE:
             arms[harness.BASELINE_2] = functools.partial(BoostArm, case, dtrain, dval, rounds, trainings)
-    # every round but the warm-up one in blocks; close() runs that last round and the last training's end
+    # the warm-up round is the first training's first; the last block ends with the last training's end
     timings = harness.interleave(arms, rounds=rounds * trainings // block, block=block, warmup=1)
     return harness.rows(f"xgboost {ROWS // 1000}k x {FEATURES}, {ROUNDS} rounds", timings, unit="ms_per_round")
 
