@@ -151,11 +151,9 @@ class FitArm(harness.GatedThread):
 
             jax.block_until_ready(jax.live_arrays())  # the other arms' are ready: they settled too
 
-    def close(self) -> None:
-        try:
-            super().close()
-        finally:
-            shutil.rmtree(self.out_dir, ignore_errors=True)
+    def discard(self) -> None:
+        """Remove the trials (untimed: see :func:`bench.harness.discard`)."""
+        shutil.rmtree(self.out_dir, ignore_errors=True)
 
 
 def measure(quick: bool = False) -> list[dict[str, Any]]:

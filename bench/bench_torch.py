@@ -120,6 +120,9 @@ class TrainArm:
     def close(self) -> None:
         if self.hook is not None:
             self.hook.close()
+
+    def discard(self) -> None:
+        """Remove the trial (untimed: see :func:`bench.harness.discard`)."""
         shutil.rmtree(self.out_dir, ignore_errors=True)
 
 
@@ -161,7 +164,7 @@ class DiskFloorArm:
 
     def __init__(self) -> None:
         self.arrays = [p.detach().numpy().copy() for p in mlp().parameters() for _ in range(2)]  # value, gradient
-        self.file = tempfile.NamedTemporaryFile(prefix="tensortap-bench-floor-")
+        self.file = tempfile.NamedTemporaryFile(prefix="tensortap-bench-floor-", delete=False)
         self.steps = 0
 
     def run(self, n: int) -> None:
@@ -180,6 +183,10 @@ class DiskFloorArm:
     def close(self) -> None:
         self.settle()
         self.file.close()
+
+    def discard(self) -> None:
+        """Remove the file (untimed, as the trials of the other arms: :func:`bench.harness.discard`)."""
+        os.unlink(self.file.name)
 
 
 def _tensortap_hook(

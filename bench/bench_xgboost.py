@@ -75,11 +75,9 @@ class BoostArm(harness.GatedThread):
 
         super().__init__(train)
 
-    def close(self) -> None:
-        try:
-            super().close()
-        finally:
-            shutil.rmtree(self.out_dir, ignore_errors=True)
+    def discard(self) -> None:
+        """Remove the trials (untimed: see :func:`bench.harness.discard`)."""
+        shutil.rmtree(self.out_dir, ignore_errors=True)
 
 
 def run(quick: bool = False) -> list[dict[str, Any]]:

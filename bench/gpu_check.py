@@ -128,6 +128,9 @@ class CudaArm:
     def close(self) -> None:
         if self.hook is not None:
             self.hook.close()
+
+    def discard(self) -> None:
+        """Remove the trial (untimed: see :func:`bench.harness.discard`)."""
         shutil.rmtree(self.out_dir, ignore_errors=True)
 
 

@@ -133,6 +133,8 @@ def test_a_remote_arm_keeps_its_process_and_reports_its_own_time() -> None:
     assert all(isinstance(arm.run(3), float) for _ in range(2))  # its printing went to stderr, not the replies
     assert arm.proc.pid == pid and arm.proc.poll() is None
     arm.close()
+    assert arm.proc.poll() is None  # it waits to discard what it wrote, untimed
+    harness.discard(arm)
     assert arm.proc.returncode == 0
     with pytest.raises(RuntimeError, match="ZeroDivisionError"):
         harness.Remote([sys.executable, "-c", "1 / 0"], cwd=str(ROOT))
