@@ -170,7 +170,9 @@ def measure(quick: bool = False) -> list[dict[str, Any]]:
     y = rng.integers(0, 10, steps * BATCH)
     # one short fit to its end, untimed: the first end of a fit in a process pays a one-time cost
     # (164 ms on JAX, measured), which the arm closed first would otherwise be billed for
-    FitArm(None, (), x[: (WARMUP + 2) * BATCH], y[: (WARMUP + 2) * BATCH]).close()
+    warm = FitArm(None, (), x[: (WARMUP + 2) * BATCH], y[: (WARMUP + 2) * BATCH])
+    warm.close()
+    warm.discard()
     arms: dict[str, Callable[[], harness.Arm]] = {
         harness.BASELINE: lambda: FitArm(None, (), x, y),
         harness.BASELINE_2: lambda: FitArm(None, (), x, y),

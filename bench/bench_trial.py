@@ -181,6 +181,7 @@ torch.set_num_threads(1)
 arm = TrainArm(_tensortap_hook if sys.argv[1] == "hook" else None, 1, ("weights", "biases", "gradients", "losses"))
 arm.run(int(sys.argv[2]))
 arm.close()
+arm.discard()
 from tensortap.backends.shard import LAYOUTS
 # VmHWM of this process image (ru_maxrss would also count the parent's pages inherited through fork),
 # and of the shard layout process where one ran
