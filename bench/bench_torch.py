@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from bench import harness
+from tensortap.backends.storage import drop_cached_pages
 
 BATCH = 64
 BLOCK = 25
@@ -157,8 +158,8 @@ class CopyFloorArm(TrainArm):
 
 class DiskFloorArm:
     """The floor of every-step raw capture: the bytes of a step's weights, biases and gradients
-    written to one file and ``fsync``-ed every ``SYNC_EVERY`` steps (as shards are published),
-    without training, format, checksums or copies; its ratio to a training step is the least
+    written to one file, ``fsync``-ed and dropped from the page cache every ``SYNC_EVERY`` steps
+    (as shards are published), without training, format, checksums or copies; its ratio to a training step is the least
     that saving every step can cost while the disk takes the bytes (when writing overlaps
     training perfectly, on the other core)."""
 
@@ -176,9 +177,11 @@ class DiskFloorArm:
                 self.settle()
 
     def settle(self) -> None:
-        """Flush to disk (see :func:`bench.harness.settle`)."""
+        """Flush to disk and drop the pages from the page cache, as a shard is when published (see
+        :func:`bench.harness.settle`)."""
         self.file.flush()
         os.fsync(self.file.fileno())
+        drop_cached_pages(self.file.fileno())
 
     def close(self) -> None:
         self.settle()

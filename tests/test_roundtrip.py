@@ -7,6 +7,7 @@ import math
 import tempfile
 import zlib
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -285,6 +286,33 @@ def test_a_shard_closed_early_does_not_shrink_the_next_ones_reservation() -> Non
         nxt.commit(step, 0, step)
         arrays.add(id(nxt.columns["x"].data))
     assert len(arrays) == 1  # never grown
+
+
+def test_a_shard_published_before_its_last_step_ends_goes_back_to_the_pool(monkeypatch, tmp_path: Path) -> None:
+    """A step's records hold views of the rows it staged; the step drops them before it hands its shard
+    off, so a shard the writer thread publishes before ``end_step`` returns (here: at once) gives its
+    arrays back to the pool. Held, the pool refused them, and the next shard's arrays were fresh memory
+    whose first touch the training thread paid (bench/profiles/torch.md, session 15)."""
+    from tensortap.backends import shard
+    from tensortap.capture.writer import TrialWriter
+
+    pool = shard.BufferPool()
+    monkeypatch.setattr(shard, "POOL", pool)
+
+    def hand_off_and_wait(self: TrialWriter, job: Any) -> None:  # published before commit returns
+        self._submit(job)
+        self._wait_for(self._pending)
+
+    monkeypatch.setattr(TrialWriter, "_hand_off", hand_off_and_wait)
+    value = np.arange(1024, dtype=np.float32)
+    with Writer(tmp_path, shard_policy=ShardPolicy(max_steps=1)) as w:
+        for step in range(4):
+            with w.stepping():
+                w.save("x", value + step)
+            assert pool._bytes > 0, f"step {step}: the array of its shard was not given back"
+    t = tensortap.create_trial(tmp_path).tensor("x")
+    for step in range(4):
+        assert_identical(t.value(step), value + step)  # a recycled array holds the right values
 
 
 def test_the_buffer_pool_hands_out_the_smallest_fit_and_drops_the_oldest_when_full() -> None:

@@ -568,15 +568,25 @@ class Hook:
         if not records or self.writer is None:
             return
         if self.step_listeners:
-            for r in records:
-                if r.histogram is not None:
-                    r.histogram = red.resolved(r.histogram)  # a listener added within the step
-            record = StepRecord(self.step, int(self.mode), self.mode_step, records)
-            for listener in self.step_listeners:
-                listener(record)
+            self._tell_listeners(records)
+        pending = [r.histogram for r in records if isinstance(r.histogram, red.PendingHistogram)]
+        # The records' values are views of the shard buffer's rows. Dropped before the hand-off: a shard
+        # the writer thread publishes before this returns could not give its arrays back to the pool
+        # otherwise (BufferPool.put refuses an array still viewed), and the next shard's would be fresh
+        # memory, its first touch paid on the training thread (bench/profiles/torch.md, session 15).
+        del records
         self.writer.commit(self.step, int(self.mode), self.mode_step)
-        counting.COUNTER.submit([r.histogram for r in records if isinstance(r.histogram, red.PendingHistogram)])
+        counting.COUNTER.submit(pending)
         self._raise_if_strict()
+
+    def _tell_listeners(self, records: list[TensorRecord]) -> None:
+        """Hand the step's record to the step listeners (its pending histograms counted first)."""
+        for r in records:
+            if r.histogram is not None:
+                r.histogram = red.resolved(r.histogram)  # a listener added within the step
+        record = StepRecord(self.step, int(self.mode), self.mode_step, records)
+        for listener in self.step_listeners:
+            listener(record)
 
     @contextmanager
     def stepping(self, mode: Mode | str | None = None, step: int | None = None) -> Iterator[bool]:

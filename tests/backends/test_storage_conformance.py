@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import gc
+import mmap
 import os
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +16,25 @@ import pytest
 
 from tensortap.backends import FsspecStorage, LocalStorage, Storage, get_storage
 from tensortap.backends.testing import StorageTests
+
+
+def _cached_pages(path: str) -> int:
+    """How many pages of the file ``path`` are in the page cache (Linux's ``mincore`` on a mapping)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    page = mmap.PAGESIZE
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        mapped = mmap.mmap(f.fileno(), size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    try:
+        start = ctypes.c_char.from_buffer(mapped)
+        pages = (size + page - 1) // page
+        vec = (ctypes.c_ubyte * pages)()
+        if libc.mincore(ctypes.c_void_p(ctypes.addressof(start)), ctypes.c_size_t(size), vec) != 0:
+            raise OSError(ctypes.get_errno(), "mincore")
+        del start
+        return sum(v & 1 for v in vec)
+    finally:
+        mapped.close()
 
 
 class TestLocalStorage(StorageTests):
@@ -29,6 +51,23 @@ class TestLocalStorage(StorageTests):
         inode = os.stat(local).st_ino
         storage.publish_file(local, "shards/worker_0/0000000000.h5")
         assert os.stat(storage.local_path("shards/worker_0/0000000000.h5")).st_ino == inode
+
+    def test_a_published_shard_leaves_the_page_cache(self, storage: Storage) -> None:
+        """Once synced, a shard's pages are dropped from the page cache: capture does not fill it with
+        files written once (and, where fresh memory is costly, the next shard reuses the pages)."""
+        if not hasattr(os, "posix_fadvise") or not sys.platform.startswith("linux"):
+            pytest.skip("posix_fadvise and mincore: Linux")
+        control = self.staged_file(storage, os.urandom(1 << 20))
+        with open(control, "rb+") as f:
+            os.fsync(f.fileno())
+            assert _cached_pages(control) > 0  # written, so cached
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        if _cached_pages(control) > 0:
+            pytest.skip("this file system keeps dropped pages (tmpfs)")
+        local = self.staged_file(storage, os.urandom(1 << 20))
+        assert _cached_pages(local) > 0
+        storage.publish_file(local, "shards/worker_0/0000000000.h5")
+        assert _cached_pages(storage.local_path("shards/worker_0/0000000000.h5")) == 0
 
     def test_local_path_is_the_file_in_place(self, storage: Storage) -> None:
         assert storage.is_local
