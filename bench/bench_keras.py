@@ -5,7 +5,7 @@ Keras's default compiled mode, one CPU thread. Every arm's ``fit`` runs in a
 thread of its own, held by a gate callback at batch begins; the arms run
 ``BLOCK`` steps at a time in turns (``ROUNDS`` blocks each, ``JAX_ROUNDS`` on
 JAX, whose steps are short) (:mod:`bench.harness`), after ``WARMUP``
-untimed steps (tracing, compiling) and after one short untimed ``fit`` run to its
+untimed steps (tracing, compiling, the first shards) and after one short untimed ``fit`` run to its
 end (the first end of a fit pays a one-time cost); the end of ``fit`` (tensortap
 publishes its last shard there) is timed with its arm. Arms: no callback, twice (the run's
 noise); a no-op callback that overrides ``on_train_batch_end`` (which turns Keras's
@@ -44,7 +44,8 @@ BATCH = 64
 BLOCK = 25
 ROUNDS = 10
 JAX_ROUNDS = 30  # JAX's bare step is 3.5 ms here: 10 blocks gave 95% intervals of +-15%
-WARMUP = 5
+WARMUP = 75  # untimed steps: tracing, and three shards of the every-step arms (their pool of arrays is full)
+WARM_FIT = 7  # steps of the untimed fit run to its end first
 BACKENDS = ("tensorflow", "torch", "jax")
 BASIC = ("weights", "biases", "gradients", "losses")
 # (case, save interval or "noop" or None for no callback, collections)
@@ -163,14 +164,14 @@ def measure(quick: bool = False) -> list[dict[str, Any]]:
 
     _single_thread()
     rounds = JAX_ROUNDS if keras.backend.backend() == "jax" else ROUNDS
-    rounds, block = (2, 5) if quick else (rounds, BLOCK)
-    steps = WARMUP + rounds * block + 2
+    rounds, block, warmup = (2, 5, 5) if quick else (rounds, BLOCK, WARMUP)
+    steps = warmup + rounds * block + 2
     rng = np.random.default_rng(0)
     x = rng.normal(size=(steps * BATCH, 784)).astype("float32")
     y = rng.integers(0, 10, steps * BATCH)
     # one short fit to its end, untimed: the first end of a fit in a process pays a one-time cost
     # (164 ms on JAX, measured), which the arm closed first would otherwise be billed for
-    warm = FitArm(None, (), x[: (WARMUP + 2) * BATCH], y[: (WARMUP + 2) * BATCH])
+    warm = FitArm(None, (), x[: WARM_FIT * BATCH], y[: WARM_FIT * BATCH])
     warm.close()
     warm.discard()
     arms: dict[str, Callable[[], harness.Arm]] = {
@@ -179,7 +180,7 @@ def measure(quick: bool = False) -> list[dict[str, Any]]:
     }
     for case, interval, collections in CASES:
         arms[case] = functools.partial(FitArm, interval, collections, x, y)
-    timings = harness.interleave(arms, rounds=rounds, block=block, warmup=WARMUP)
+    timings = harness.interleave(arms, rounds=rounds, block=block, warmup=warmup)
     return harness.rows(f"keras ({keras.backend.backend()}) MLP 784-512-256-10, batch 64", timings)
 
 

@@ -39,12 +39,11 @@ import torch
 from torch import nn
 
 from bench import harness
-from tensortap.backends.storage import drop_cached_pages
 
 BATCH = 64
 BLOCK = 25
 ROUNDS = 12
-WARMUP = 10
+WARMUP = 75  # untimed steps: three shards of the every-step arms, whose pool of shard arrays is then full
 BENCHMARK = "torch MLP 784-512-256-10, batch 64"
 BASIC = ("weights", "biases", "gradients", "losses")
 FLOOR = "floor: a step's weights and gradients written and fsynced, no training"
@@ -164,6 +163,10 @@ class DiskFloorArm:
     training perfectly, on the other core)."""
 
     def __init__(self) -> None:
+        # imported here: the processes of smdebug's environment import this module, without tensortap
+        from tensortap.backends.storage import drop_cached_pages
+
+        self.drop_cached_pages = drop_cached_pages
         self.arrays = [p.detach().numpy().copy() for p in mlp().parameters() for _ in range(2)]  # value, gradient
         self.file = tempfile.NamedTemporaryFile(prefix="tensortap-bench-floor-", delete=False)
         self.steps = 0
@@ -181,7 +184,7 @@ class DiskFloorArm:
         :func:`bench.harness.settle`)."""
         self.file.flush()
         os.fsync(self.file.fileno())
-        drop_cached_pages(self.file.fileno())
+        self.drop_cached_pages(self.file.fileno())
 
     def close(self) -> None:
         self.settle()
@@ -219,6 +222,11 @@ def _tensortap_hook(
     )
 
 
+def _schedule(quick: bool) -> dict[str, int]:
+    """The rounds, block and warm-up of :func:`bench.harness.interleave` (tiny with ``quick``)."""
+    return {"rounds": 2, "block": 5, "warmup": 5} if quick else {"rounds": ROUNDS, "block": BLOCK, "warmup": WARMUP}
+
+
 def run(quick: bool = False) -> list[dict[str, Any]]:
     """Measure and return one row per arm: ms per step, the ratio to no hook, the run's noise.
 
@@ -240,7 +248,7 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
         for i, (case, _, _) in enumerate(CASES):
             argv = [SMDEBUG_PYTHON, "-m", "bench.bench_torch_smdebug", str(i)]
             arms[f"smdebug 1.0.34: {case}"] = functools.partial(harness.Remote, argv, cwd=ROOT)
-    timings = harness.interleave(arms, rounds=2 if quick else ROUNDS, block=5 if quick else BLOCK, warmup=WARMUP)
+    timings = harness.interleave(arms, **_schedule(quick))
     return harness.rows(BENCHMARK, timings) + _run_deep(quick)
 
 
@@ -253,7 +261,7 @@ def _run_deep(quick: bool) -> list[dict[str, Any]]:
     if SMDEBUG_PYTHON and not quick:
         argv = [SMDEBUG_PYTHON, "-m", "bench.bench_torch_smdebug", "0", "deep"]
         arms[f"smdebug 1.0.34: {DEEP_CASES[0][0]}"] = functools.partial(harness.Remote, argv, cwd=ROOT)
-    timings = harness.interleave(arms, rounds=2 if quick else ROUNDS, block=5 if quick else BLOCK, warmup=WARMUP)
+    timings = harness.interleave(arms, **_schedule(quick))
     rows = harness.rows(DEEP, timings)
     per_step = 2 * len(list(deep().parameters())) + 1  # weights or biases, their gradients, the loss
     base = timings[harness.BASELINE].per_unit

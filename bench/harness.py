@@ -283,13 +283,15 @@ def interleave(arms: Mapping[str, Callable[[], Arm]], *, rounds: int, block: int
     block
         Units of work per block.
     warmup
-        Untimed units each arm runs first (tracing, first-touch memory).
+        Untimed units each arm runs first, then settles (tracing, first-touch memory: a hook's
+        first shards take fresh memory until its pool of shard arrays is full, see ``bench/notes.md``).
     """
     rng = random.Random(0)  # the same orders in every run
     built = {name: make() for name, make in arms.items()}
     for arm in built.values():
         if warmup:
             arm.run(warmup)
+            settle(arm)  # what the warm-up handed off is not billed to the first block
     timings = {name: Timing() for name in built}
     names = list(built)
     with collected():
