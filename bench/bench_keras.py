@@ -42,8 +42,10 @@ from bench import harness
 
 BATCH = 64
 BLOCK = 25
-ROUNDS = 10
-JAX_ROUNDS = 30  # JAX's bare step is 3.5 ms here: 10 blocks gave 95% intervals of +-15%
+# the timed steps are a multiple of 100, so that the every-100-steps arm saves as often in them
+# wherever they start (3 and 8 saves)
+ROUNDS = 12
+JAX_ROUNDS = 32  # JAX's bare step is 3.5 ms here: 10 blocks gave 95% intervals of +-15%
 WARMUP = 75  # untimed steps: tracing, and three shards of the every-step arms (their pool of arrays is full)
 WARM_FIT = 7  # steps of the untimed fit run to its end first
 BACKENDS = ("tensorflow", "torch", "jax")
