@@ -53,7 +53,7 @@ class FloorArm:
 
     def __init__(self, root: Path, arrays: list[np.ndarray]) -> None:
         self.arrays = arrays
-        self.file = tempfile.NamedTemporaryFile(dir=root, suffix=".npy")
+        self.file = tempfile.NamedTemporaryFile(dir=root, suffix=".npy", delete=False)
         self.unsynced = 0  # bytes
 
     def run(self, n: int) -> None:
@@ -73,6 +73,10 @@ class FloorArm:
     def close(self) -> None:
         self._sync()
         self.file.close()
+
+    def discard(self) -> None:
+        """Remove the file (untimed, as the writer arm's trial: :func:`bench.harness.discard`)."""
+        os.unlink(self.file.name)
 
 
 class WriterArm:
