@@ -136,7 +136,9 @@ def test_no_partial_shard_is_ever_visible(s3_url: str, s3_options: dict[str, Any
         observer.invalidate_cache()
         for path in observer.find(root):
             key = path[len(root) + 1 :]
-            if key in checked:
+            if key in checked or path.rstrip("/") == root:
+                # the prefix itself: s3fs's find lists the prefix, finds nothing yet, then asks for the
+                # prefix's info, which by then describes it as a folder of the objects just written
                 continue
             if os.path.basename(key).startswith(".") or not key.endswith((".h5", ".json")):
                 problems.append(f"unexpected object {key}")
