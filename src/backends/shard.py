@@ -561,6 +561,14 @@ def _runs(placed: Iterable[tuple[int, np.ndarray]]) -> Iterator[tuple[int, list[
         yield start, run
 
 
+# HDF5's own file lock (``flock``) is not taken while a shard is written: the shard has a temporary name
+# that nobody else opens. A lock taken while the process forks (the layout helper starting, a DataLoader
+# worker) stays held by the child, which shares the open file, until the child closes it or exits; a
+# reader then failed to open the published shard ("unable to lock file", seen under load in CI). Readers
+# keep HDF5's default (a shared lock), which a user's own h5py handle on the same file must match.
+_NO_LOCKING: dict[str, Any] = {"locking": False} if h5py.version.hdf5_version_tuple >= (1, 10, 7) else {}
+
+
 def lay_out(path: str, ops: Sequence[Op], arrays: Sequence[tuple[np.ndarray, str | None]] = ()) -> list[int]:
     """Create the HDF5 file ``path`` holding the objects of ``ops`` (:data:`Op`); return the file
     offset of each allocated dataset's space, in order (0 for an empty one).
@@ -569,7 +577,7 @@ def lay_out(path: str, ops: Sequence[Op], arrays: Sequence[tuple[np.ndarray, str
     writes) only in the writer's.
     """
     offsets: list[int] = []
-    with h5py.File(path, "w", libver=("v110", "v110")) as file:
+    with h5py.File(path, "w", libver=("v110", "v110"), **_NO_LOCKING) as file:
         objects: list[Node] = [file.id]  # groups and the file; a dataset is kept while it is the last made
         last: Node = None
         for op in ops:
