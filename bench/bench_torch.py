@@ -158,9 +158,9 @@ class CopyFloorArm(TrainArm):
 class DiskFloorArm:
     """The floor of every-step raw capture: the bytes of a step's weights, biases and gradients
     written to one file, ``fsync``-ed and dropped from the page cache every ``SYNC_EVERY`` steps
-    (as shards are published), without training, format, checksums or copies; its ratio to a training step is the least
-    that saving every step can cost while the disk takes the bytes (when writing overlaps
-    training perfectly, on the other core)."""
+    (as shards are published), without training, format, checksums or copies; its ratio to a
+    training step is the least that saving every step can cost while the disk takes the bytes
+    (when writing overlaps training perfectly, on the other core)."""
 
     def __init__(self) -> None:
         # imported here: the processes of smdebug's environment import this module, without tensortap

@@ -566,7 +566,9 @@ def _runs(placed: Iterable[tuple[int, np.ndarray]]) -> Iterator[tuple[int, list[
 # worker) stays held by the child, which shares the open file, until the child closes it or exits; a
 # reader then failed to open the published shard ("unable to lock file", seen under load in CI). Readers
 # keep HDF5's default (a shared lock), which a user's own h5py handle on the same file must match.
-_NO_LOCKING: dict[str, Any] = {"locking": False} if h5py.version.hdf5_version_tuple >= (1, 10, 7) else {}
+_HDF5 = h5py.version.hdf5_version_tuple
+# the HDF5 versions that can turn the lock off (h5py's own condition): 1.10.7+ of 1.10, and 1.12.1+
+_NO_LOCKING: dict[str, Any] = {"locking": False} if _HDF5 >= (1, 12, 1) or (1, 10, 7) <= _HDF5 < (1, 11) else {}
 
 
 def lay_out(path: str, ops: Sequence[Op], arrays: Sequence[tuple[np.ndarray, str | None]] = ()) -> list[int]:
