@@ -157,42 +157,50 @@ class CopyFloorArm(TrainArm):
 
 class DiskFloorArm:
     """The floor of every-step raw capture: the bytes of a step's weights, biases and gradients
-    written to one file, ``fsync``-ed and dropped from the page cache every ``SYNC_EVERY`` steps
-    (as shards are published), without training, format, checksums or copies; its ratio to a
-    training step is the least that saving every step can cost while the disk takes the bytes
-    (when writing overlaps training perfectly, on the other core)."""
+    written to one file, ``fsync``-ed every ``SYNC_EVERY`` steps (as shards are published), without
+    training, format, checksums or copies; its ratio to a training step is the least that saving
+    every step can cost while the disk takes the bytes (when writing overlaps training perfectly,
+    on the other core). The bytes are written as a shard writes large values: one page-aligned
+    buffer a step, with ``O_DIRECT`` (around the page cache) where the file system takes it, else
+    through the page cache, whose pages are dropped at each ``fsync``."""
 
     def __init__(self) -> None:
         # imported here: the processes of smdebug's environment import this module, without tensortap
+        from tensortap.backends.shard import PAGE, page_aligned_empty
         from tensortap.backends.storage import drop_cached_pages
 
         self.drop_cached_pages = drop_cached_pages
-        self.arrays = [p.detach().numpy().copy() for p in mlp().parameters() for _ in range(2)]  # value, gradient
-        self.file = tempfile.NamedTemporaryFile(prefix="tensortap-bench-floor-", delete=False)
+        arrays = [p.detach().numpy().copy() for p in mlp().parameters() for _ in range(2)]  # value, gradient
+        size = sum(a.nbytes for a in arrays)
+        self.step = page_aligned_empty((size + (-size) % PAGE,), np.dtype(np.uint8))  # whole pages
+        np.concatenate([a.view(np.uint8).reshape(-1) for a in arrays], out=self.step[:size])
+        self.path = tempfile.mkstemp(prefix="tensortap-bench-floor-")[1]
+        try:
+            self.fd = os.open(self.path, os.O_WRONLY | getattr(os, "O_DIRECT", 0))
+        except OSError:  # a file system without O_DIRECT
+            self.fd = os.open(self.path, os.O_WRONLY)
         self.steps = 0
 
     def run(self, n: int) -> None:
         for _ in range(n):
-            for a in self.arrays:
-                self.file.write(a.data)
+            os.pwrite(self.fd, self.step, self.steps * len(self.step))
             self.steps += 1
             if self.steps % SYNC_EVERY == 0:
                 self.settle()
 
     def settle(self) -> None:
-        """Flush to disk and drop the pages from the page cache, as a shard is when published (see
+        """Flush to disk and drop any cached pages, as a shard is when published (see
         :func:`bench.harness.settle`)."""
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.drop_cached_pages(self.file.fileno())
+        os.fsync(self.fd)
+        self.drop_cached_pages(self.fd)
 
     def close(self) -> None:
         self.settle()
-        self.file.close()
+        os.close(self.fd)
 
     def discard(self) -> None:
         """Remove the file (untimed, as the trials of the other arms: :func:`bench.harness.discard`)."""
-        os.unlink(self.file.name)
+        os.unlink(self.path)
 
 
 def _tensortap_hook(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import tempfile
 import zlib
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 import h5py
 import numpy as np
 import pytest
+from helpers.pages import cached_pages
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -315,6 +317,26 @@ def test_a_shard_published_before_its_last_step_ends_goes_back_to_the_pool(monke
         assert_identical(t.value(step), value + step)  # a recycled array holds the right values
 
 
+@pytest.mark.parametrize("rows", [1, 64])  # 16 KiB: NumPy's memory; 1 MiB: a mapping of its own
+def test_the_buffer_pool_keeps_no_array_still_viewed_and_hands_out_large_ones_page_aligned(rows: int) -> None:
+    """An array given back while a view of it lives (a record of its row kept by a listener) is not
+    pooled, however it was allocated: the next shard would overwrite the viewed values."""
+    from tensortap.backends.shard import DIRECT_MIN, PAGE, BufferPool
+
+    f32 = np.dtype(np.float32)
+    pool = BufferPool()
+    arr = pool.get(f32, (4096,), rows)
+    if arr.nbytes >= DIRECT_MIN:
+        assert arr.ctypes.data % PAGE == 0
+    arr[:] = 1
+    row = arr[0]
+    pool.put(arr)
+    assert pool._bytes == 0  # refused: ``row`` still reads it
+    del row
+    pool.put(arr)
+    assert pool.get(f32, (4096,), rows) is arr
+
+
 def test_the_buffer_pool_hands_out_the_smallest_fit_and_drops_the_oldest_when_full() -> None:
     from tensortap.backends.shard import BufferPool
 
@@ -332,12 +354,14 @@ def test_the_buffer_pool_hands_out_the_smallest_fit_and_drops_the_oldest_when_fu
 
 
 def test_a_local_shard_is_written_out_while_it_is_built_and_reads_back(monkeypatch, tmp_path: Path) -> None:
-    """Local shards start their disk write every few MB (``sync_file_range``, on Linux); the values
-    read back the same and no file descriptor is left open."""
+    """Local shards written through the page cache (values under ``DIRECT_MIN``, or where there is no
+    ``O_DIRECT``) start their disk write every few MB (``sync_file_range``, on Linux); the values read
+    back the same and no file descriptor is left open."""
     import os
 
     from tensortap.backends import shard
 
+    monkeypatch.setattr(shard, "DIRECT", False)
     starts: list[int] = []
     real = shard._START_WRITEBACK
     if real is not None:
@@ -357,6 +381,61 @@ def test_a_local_shard_is_written_out_while_it_is_built_and_reads_back(monkeypat
     t = tensortap.create_trial(tmp_path).tensor("w")
     for step, v in enumerate(values):
         assert_identical(t.value(step), v)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="O_DIRECT and mincore: Linux")
+def test_large_values_are_page_aligned_and_written_around_the_page_cache(monkeypatch, tmp_path: Path) -> None:
+    """Values of ``DIRECT_MIN`` bytes or more start on a page of the shard and of memory and are written
+    with ``O_DIRECT``: none of their whole pages goes through the page cache (checked with the shard's
+    own page drop turned off; the same shard written through the cache keeps them); the tails of
+    sizes that are not whole pages, and the small values, read back the same."""
+    from tensortap.backends import shard, storage
+
+    monkeypatch.setattr(storage, "drop_cached_pages", lambda fd: None)
+    rng = np.random.default_rng(0)
+    values = {  # one row each; a shard of 3 steps makes 3 rows
+        "whole_pages": rng.standard_normal(shard.DIRECT_MIN // 4, dtype=np.float32),
+        "a_tail": rng.standard_normal(shard.DIRECT_MIN // 8 + 3, dtype=np.float64),
+        "bytes": rng.integers(0, 255, 3 * shard.DIRECT_MIN // 2 + 1, dtype=np.uint8),
+        "small": rng.standard_normal(10, dtype=np.float32),
+    }
+
+    def write(root: Path) -> tuple[Path, dict[str, tuple[int, int]]]:
+        with Writer(root) as w:
+            for step in range(3):
+                with w.stepping():
+                    for name, v in values.items():
+                        w.save(name, v + step)
+        (path,) = (root / "shards" / "worker_0").glob("*.h5")
+        with h5py.File(path, "r") as f:
+            names = json.loads(f["names"][()].tobytes())
+            data = [f[f"tensors/{i}/data"] for i in range(len(names))]
+            spans = {n: (d.id.get_offset(), d.nbytes) for n, d in zip(names, data, strict=True)}
+        return path, spans
+
+    def read_back(root: Path) -> None:
+        trial = tensortap.create_trial(root)
+        for step in range(3):
+            for name, v in values.items():
+                assert_identical(trial.tensor(name).value(step), v + step)
+
+    def cached_whole_pages(path: Path, span: tuple[int, int]) -> int:
+        offset, nbytes = span
+        return sum(cached_pages(path)[offset // PAGE : (offset + nbytes) // PAGE])
+
+    PAGE = shard.PAGE
+    direct, spans = write(tmp_path / "direct")
+    for name in ("whole_pages", "a_tail", "bytes"):
+        assert spans[name][0] % PAGE == 0, name
+    monkeypatch.setattr(shard, "DIRECT", False)
+    through_cache, cached_spans = write(tmp_path / "through_cache")
+    assert cached_whole_pages(through_cache, cached_spans["whole_pages"]) > 0  # else this check proves nothing
+    if cached_whole_pages(direct, spans["whole_pages"]):
+        assert shard._NO_DIRECT, "O_DIRECT was taken, yet the pages are cached"
+        pytest.skip("this file system refuses O_DIRECT")
+    assert not any(cached_whole_pages(direct, spans[n]) for n in ("whole_pages", "a_tail", "bytes"))
+    read_back(tmp_path / "direct")
+    read_back(tmp_path / "through_cache")
 
 
 def test_values_are_written_outside_hdf5_and_plain_h5py_reads_every_dataset(monkeypatch, tmp_path: Path) -> None:

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import errno
 import json
 import logging
 import math
+import mmap
 import os
 import stat
 import sys
@@ -74,6 +76,28 @@ class StepRecord:
     tensors: list[TensorRecord] = field(default_factory=list)
 
 
+PAGE = 4096
+"""Bytes of alignment of the values written around the page cache (:func:`page_aligned_empty`): the
+file offset, the address in memory and the length of a direct write are multiples of it."""
+DIRECT_MIN = 256 << 10
+"""Bytes from which a tensor's values are page-aligned in memory and in the shard, and written around
+the page cache (``O_DIRECT``) where the file system takes it."""
+
+
+def page_aligned_empty(shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
+    """An uninitialised array; one of :data:`DIRECT_MIN` bytes or more starts on a page (an anonymous
+    mapping of its own, given back to the system when the array is freed), so that a shard can write
+    it with ``O_DIRECT``. Its ``base`` is the mapping: a view of it keeps a reference to the array
+    itself, as :meth:`BufferPool.put` expects."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes < DIRECT_MIN:
+        return np.empty(shape, dtype=dtype)
+    mapping = mmap.mmap(-1, nbytes)
+    if hasattr(mmap, "MADV_HUGEPAGE"):  # as NumPy advises for its own large arrays
+        mapping.madvise(mmap.MADV_HUGEPAGE)
+    return np.ndarray(shape, dtype=dtype, buffer=mapping)
+
+
 class BufferPool:
     """Recycles the stacked arrays of published shards, so that steady-state capture
     copies each value once into memory that is already mapped (no page faults).
@@ -101,7 +125,7 @@ class BufferPool:
                 arr = next(reversed(sizes[min(fitting)].values()))
                 self._drop(arr)
                 return arr
-        return np.empty((rows, *shape), dtype=dtype)
+        return page_aligned_empty((rows, *shape), dtype)
 
     def put(self, arr: np.ndarray) -> None:
         """Give back ``arr`` unless a view of it is still referenced elsewhere, or it is larger than the pool."""
@@ -525,10 +549,12 @@ class _Plan:
         if offsets is None:
             offsets = lay_out(path, self.ops, self.arrays)
         self._offsets = offsets
+        placed = [(offsets[number], _bytes(data)) for number, data in self._later]
         fd = os.open(path, os.O_WRONLY)
         try:
+            placed = _write_direct(path, placed)
             pending = 0  # bytes since the write-out was last started
-            for start, pieces in _runs((offsets[number], data) for number, data in self._later):
+            for start, pieces in _runs(placed):
                 _pwrite_all(fd, pieces, start)
                 pending += sum(len(p) for p in pieces)
                 if self._start_writeback is not None and pending >= _WRITEBACK_EVERY:
@@ -538,15 +564,76 @@ class _Plan:
             os.close(fd)
 
 
-def _runs(placed: Iterable[tuple[int, np.ndarray]]) -> Iterator[tuple[int, list[memoryview]]]:
+def _bytes(data: np.ndarray) -> memoryview:
+    """The bytes of ``data`` in memory (a copy only if it is not contiguous)."""
+    return memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8).data)
+
+
+DIRECT = hasattr(os, "O_DIRECT")
+"""Whether large values are written around the page cache (:func:`_write_direct`): Linux has
+``O_DIRECT``; macOS and Windows do not, and write every value through the page cache."""
+_NO_DIRECT: set[int] = set()
+"""Devices (``st_dev``) whose file system refused ``O_DIRECT`` (``EINVAL``: tmpfs before Linux 6.6,
+some network file systems): this process writes shards there through the page cache."""
+
+
+def _write_direct(path: str, placed: list[tuple[int, memoryview]]) -> list[tuple[int, memoryview]]:
+    """Write the page-aligned part of each large value of ``placed`` (file offset, bytes) around the
+    page cache, with ``O_DIRECT``; return what is left to write through it: the small values and the
+    tails of the large ones (their last partial page).
+
+    A shard is written once and read later: through the page cache, the kernel first copies every
+    byte into cache pages, which took the writer thread more CPU than the training step on the
+    benchmark's machine (``bench/profiles/torch.md``, session 16). The values laid out for it start
+    on a page of the file (:func:`lay_out`) and of memory (:func:`page_aligned_empty`). Where the
+    file system refuses ``O_DIRECT`` everything goes through the page cache, as on systems without it.
+    """
+    direct: list[tuple[int, memoryview]] = []
+    rest: list[tuple[int, memoryview]] = []
+    for offset, data in placed:
+        large = len(data) >= DIRECT_MIN and offset % PAGE == 0 and _address(data) % PAGE == 0
+        (direct if large else rest).append((offset, data))
+    device = os.stat(path).st_dev
+    if not direct or not DIRECT or device in _NO_DIRECT:
+        return placed
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+        _NO_DIRECT.add(device)
+        return placed
+    try:
+        for offset, data in direct:
+            head = 0 if device in _NO_DIRECT else len(data) - len(data) % PAGE
+            try:
+                for at in range(0, head, _WRITEBACK_EVERY):
+                    _pwrite_all(fd, [data[at : min(head, at + _WRITEBACK_EVERY)]], offset + at)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                _NO_DIRECT.add(device)  # this value and the next are written through the page cache
+                head = 0
+            if head < len(data):
+                rest.append((offset + head, data[head:]))
+    finally:
+        os.close(fd)
+    return rest
+
+
+def _address(data: memoryview) -> int:
+    """The address in memory of ``data``'s first byte."""
+    return np.frombuffer(data, dtype=np.uint8).ctypes.data
+
+
+def _runs(placed: Iterable[tuple[int, memoryview]]) -> Iterator[tuple[int, list[memoryview]]]:
     """The bytes of ``placed`` (file offset, data) as runs of adjacent pieces, each run at most
     :data:`_WRITEBACK_EVERY` bytes (a larger array is cut into pieces of that size): one write per
     run. HDF5 puts small datasets' space next to each other, so the 4,500 datasets of a shard of
     1,500 small tensors take a few writes."""
     start, end, size = 0, 0, 0
     run: list[memoryview] = []
-    for offset, data in sorted(placed, key=lambda p: p[0]):
-        raw = memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8).data)
+    for offset, raw in sorted(placed, key=lambda p: p[0]):
         for at in range(0, len(raw), _WRITEBACK_EVERY):
             piece = raw[at : at + _WRITEBACK_EVERY]
             if run and (offset + at != end or size + len(piece) > _WRITEBACK_EVERY or len(run) == _IOV_MAX):
@@ -579,7 +666,9 @@ def lay_out(path: str, ops: Sequence[Op], arrays: Sequence[tuple[np.ndarray, str
     writes) only in the writer's.
     """
     offsets: list[int] = []
-    with h5py.File(path, "w", libver=("v110", "v110"), **_NO_LOCKING) as file:
+    with h5py.File(
+        path, "w", libver=("v110", "v110"), alignment_threshold=DIRECT_MIN, alignment_interval=PAGE, **_NO_LOCKING
+    ) as file:
         objects: list[Node] = [file.id]  # groups and the file; a dataset is kept while it is the last made
         last: Node = None
         for op in ops:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import ctypes
 import gc
-import mmap
 import os
 import sys
 import uuid
@@ -13,28 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers.pages import cached_pages
 
 from tensortap.backends import FsspecStorage, LocalStorage, Storage, get_storage
 from tensortap.backends.testing import StorageTests
 
 
 def _cached_pages(path: str) -> int:
-    """How many pages of the file ``path`` are in the page cache (Linux's ``mincore`` on a mapping)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    page = mmap.PAGESIZE
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        mapped = mmap.mmap(f.fileno(), size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-    try:
-        start = ctypes.c_char.from_buffer(mapped)
-        pages = (size + page - 1) // page
-        vec = (ctypes.c_ubyte * pages)()
-        if libc.mincore(ctypes.c_void_p(ctypes.addressof(start)), ctypes.c_size_t(size), vec) != 0:
-            raise OSError(ctypes.get_errno(), "mincore")
-        del start
-        return sum(v & 1 for v in vec)
-    finally:
-        mapped.close()
+    """How many pages of the file ``path`` are in the page cache."""
+    return sum(cached_pages(path))
 
 
 class TestLocalStorage(StorageTests):
