@@ -70,8 +70,10 @@ TARGETS: list[tuple[str, str, str, str, str, float | Of]] = [
     ("tensor_names(mode=TRAIN) on 100,000 steps x 200 tensors (s)", "trial of 100000 steps",
      "tensor_names(mode=TRAIN)", "seconds", "<=", 0.2),
     ("steps() on 100,000 steps x 200 tensors (s)", "trial of 100000 steps", "steps()", "seconds", "<=", 0.2),
-    ("steps() flat in steps: at 100,000 steps (s)", "trial of 100000 steps", "steps()", "seconds",
-     "<=", Of("2 x its time at 10,000 steps", "trial of 10000 steps", "steps()", 2.0)),
+    # steps() returns a new list of every step (SPEC), O(steps) by contract: flat is its time over
+    # copying that list (its baseline), which a scan of the trial's steps or files would raise
+    ("steps() flat in steps: its time over copying its list, at 100,000 steps", "trial of 100000 steps",
+     "steps()", "ratio", "<=", Of("2 x the same at 10,000 steps", "trial of 10000 steps", "steps()", 2.0)),
     ("open a trial of 100,000 steps, first steps() (s)", "trial of 100000 steps", "open", "seconds", "<=", 1.0),
     ("a saved step visible to a live trial in another process, max (s)", "live", "max", "seconds", "<=", 1.0),
     ("peak extra memory while saving every step (MB)", "peak memory", "tensortap, extra", "MB",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sys
 import tempfile
@@ -318,10 +319,15 @@ def test_a_shard_published_before_its_last_step_ends_goes_back_to_the_pool(monke
 
 
 @pytest.mark.parametrize("rows", [1, 64])  # 16 KiB: NumPy's memory; 1 MiB: a mapping of its own
-def test_the_buffer_pool_keeps_no_array_still_viewed_and_hands_out_large_ones_page_aligned(rows: int) -> None:
+def test_the_buffer_pool_keeps_no_array_still_viewed_and_hands_out_large_ones_page_aligned(
+    rows: int, caplog: pytest.LogCaptureFixture
+) -> None:
     """An array given back while a view of it lives (a record of its row kept by a listener) is not
-    pooled, however it was allocated: the next shard would overwrite the viewed values."""
+    pooled, however it was allocated: the next shard would overwrite the viewed values. A debug log
+    line says so (every shard's arrays are then new memory)."""
     from tensortap.backends.shard import DIRECT_MIN, PAGE, BufferPool
+
+    caplog.set_level(logging.DEBUG, logger="tensortap")
 
     f32 = np.dtype(np.float32)
     pool = BufferPool()
@@ -332,6 +338,7 @@ def test_the_buffer_pool_keeps_no_array_still_viewed_and_hands_out_large_ones_pa
     row = arr[0]
     pool.put(arr)
     assert pool._bytes == 0  # refused: ``row`` still reads it
+    assert [r.getMessage() for r in caplog.records] == [f"shard array of {arr.nbytes} bytes not pooled: still viewed"]
     del row
     pool.put(arr)
     assert pool.get(f32, (4096,), rows) is arr

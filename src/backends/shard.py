@@ -131,6 +131,12 @@ class BufferPool:
         """Give back ``arr`` unless a view of it is still referenced elsewhere, or it is larger than the pool."""
         # references: the caller's variable, getrefcount's argument and ours
         if sys.getrefcount(arr) > 3 or arr.nbytes > self.max_bytes:
+            # a step listener keeping a record (a view of its row) makes every shard's arrays new memory
+            logger.debug(
+                "shard array of %d bytes not pooled: %s",
+                arr.nbytes,
+                "too large" if arr.nbytes > self.max_bytes else "still viewed",
+            )
             return
         with self._lock:
             while self._bytes + arr.nbytes > self.max_bytes:
