@@ -318,30 +318,77 @@ def test_a_shard_published_before_its_last_step_ends_goes_back_to_the_pool(monke
         assert_identical(t.value(step), value + step)  # a recycled array holds the right values
 
 
+def test_a_shard_published_by_time_during_a_step_goes_back_to_the_pool_after_it(monkeypatch, tmp_path: Path) -> None:
+    """When the writer thread publishes the committed steps by time while a step is in progress, that
+    step's records still view rows of the published shard's arrays: the pool takes them back once
+    the step has ended, so later shards reuse them instead of fresh memory (every shard of a training
+    whose steps are slower than the publish deadline went this way)."""
+    import time
+
+    from tensortap.backends import shard
+
+    pool = shard.BufferPool()
+    monkeypatch.setattr(shard, "POOL", pool)
+    made: list[tuple[int, ...]] = []
+    empty = shard.page_aligned_empty
+    monkeypatch.setattr(shard, "page_aligned_empty", lambda shape, dtype: made.append(shape) or empty(shape, dtype))
+    during: list[int] = []
+    detach = shard.ShardBuffer.detach_staged
+    monkeypatch.setattr(shard.ShardBuffer, "detach_staged", lambda self: during.append(1) or detach(self))
+    value = np.arange(1 << 16, dtype=np.float32)
+    steps = 10
+    policy = ShardPolicy(max_steps=4, max_seconds=30, live_seconds=0.2)  # every shard's arrays: 4 rows
+    with Writer(tmp_path, shard_policy=policy) as w:
+        for step in range(steps):
+            with w.stepping():
+                w.save("x", value + step)
+                if step % 2:  # a fast step opens a shard, a slow one sees it published from under it
+                    time.sleep(0.5)
+    assert len(during) >= 3, "shards were not published during a step: the test proved nothing"
+    assert len(made) <= 3, made  # the first shards' arrays, then recycled ones
+    t = tensortap.create_trial(tmp_path).tensor("x")
+    for step in range(steps):
+        assert_identical(t.value(step), value + step)
+
+
 @pytest.mark.parametrize("rows", [1, 64])  # 16 KiB: NumPy's memory; 1 MiB: a mapping of its own
-def test_the_buffer_pool_keeps_no_array_still_viewed_and_hands_out_large_ones_page_aligned(
+def test_the_buffer_pool_hands_out_no_array_still_viewed_and_large_ones_page_aligned(
     rows: int, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """An array given back while a view of it lives (a record of its row kept by a listener) is not
-    pooled, however it was allocated: the next shard would overwrite the viewed values. A debug log
-    line says so (every shard's arrays are then new memory)."""
+    """An array given back while a view of it lives (the records of a step in progress) is handed
+    out again only once the view is gone, however it was allocated: the next shard would overwrite
+    the viewed values. Those kept waiting count towards the pool's bytes: past them the oldest are
+    forgotten, with a debug log line (a listener keeping every record makes every shard's arrays new
+    memory)."""
     from tensortap.backends.shard import DIRECT_MIN, PAGE, BufferPool
 
     caplog.set_level(logging.DEBUG, logger="tensortap")
-
     f32 = np.dtype(np.float32)
     pool = BufferPool()
     arr = pool.get(f32, (4096,), rows)
     if arr.nbytes >= DIRECT_MIN:
         assert arr.ctypes.data % PAGE == 0
-    arr[:] = 1
+    first, nbytes = id(arr), arr.nbytes
     row = arr[0]
     pool.put(arr)
-    assert pool._bytes == 0  # refused: ``row`` still reads it
-    assert [r.getMessage() for r in caplog.records] == [f"shard array of {arr.nbytes} bytes not pooled: still viewed"]
+    del arr  # the writer keeps no reference to what it gives back
+    other = pool.get(f32, (4096,), rows)
+    assert id(other) != first  # ``row`` still reads it
     del row
-    pool.put(arr)
-    assert pool.get(f32, (4096,), rows) is arr
+    assert id(pool.get(f32, (4096,), rows)) == first
+    assert not caplog.records
+
+    pool = BufferPool(max_bytes=2 * nbytes)
+    kept = []
+    for _ in range(3):
+        arr = pool.get(f32, (4096,), rows)
+        kept.append(arr[0])
+        pool.put(arr)
+        del arr
+    assert [r.getMessage() for r in caplog.records] == [f"shard array of {nbytes} bytes not pooled: still viewed"]
+    kept.clear()
+    got = [pool.get(f32, (4096,), rows) for _ in range(3)]
+    assert len({id(a) for a in got}) == 3 and pool._bytes == 0  # the two it kept, then a new one
 
 
 def test_the_buffer_pool_hands_out_the_smallest_fit_and_drops_the_oldest_when_full() -> None:

@@ -106,6 +106,12 @@ class BufferPool:
     arrays given back longest ago, which were sized for shards that are no longer written.
     Arrays are filed by dtype, row shape and number of rows, so that taking and giving
     back one costs the same with thousands of tensors of one shape pooled.
+
+    An array given back while a view of it is still referenced (the records of a step in
+    progress, when the writer thread publishes the steps before it by time) is pooled once
+    its views are gone, checked at the next :meth:`get`; such arrays count towards
+    ``max_bytes`` too, and the oldest are forgotten past it (a step listener that keeps
+    every record).
     """
 
     def __init__(self, max_bytes: int = 1 << 30) -> None:
@@ -114,11 +120,15 @@ class BufferPool:
         self._free: dict[tuple[str, tuple[int, ...]], dict[int, dict[int, np.ndarray]]] = {}
         self._order: dict[int, np.ndarray] = {}  # every pooled array by id, oldest first
         self._bytes = 0
+        self._viewed: list[np.ndarray] = []  # given back while viewed, oldest first
+        self._viewed_bytes = 0
         self._lock = threading.Lock()
 
     def get(self, dtype: np.dtype[Any], shape: tuple[int, ...], rows: int) -> np.ndarray:
         """An uninitialised array of at least ``rows`` rows of ``shape``."""
         with self._lock:
+            if self._viewed:
+                self._reclaim()
             sizes = self._free.get((dtype.str, shape), {})
             fitting = [n for n in sizes if n >= rows]
             if fitting:  # the smallest that fits (a bigger one is left for a longer shard), the last given back
@@ -128,23 +138,48 @@ class BufferPool:
         return page_aligned_empty((rows, *shape), dtype)
 
     def put(self, arr: np.ndarray) -> None:
-        """Give back ``arr`` unless a view of it is still referenced elsewhere, or it is larger than the pool."""
-        # references: the caller's variable, getrefcount's argument and ours
-        if sys.getrefcount(arr) > 3 or arr.nbytes > self.max_bytes:
-            # a step listener keeping a record (a view of its row) makes every shard's arrays new memory
-            logger.debug(
-                "shard array of %d bytes not pooled: %s",
-                arr.nbytes,
-                "too large" if arr.nbytes > self.max_bytes else "still viewed",
-            )
+        """Give back ``arr`` (once: the caller keeps no reference to it); one larger than the pool is dropped."""
+        if arr.nbytes > self.max_bytes:
+            logger.debug("shard array of %d bytes not pooled: too large", arr.nbytes)
             return
+        # references: the caller's variable, getrefcount's argument and ours
+        viewed = sys.getrefcount(arr) > 3
         with self._lock:
-            while self._bytes + arr.nbytes > self.max_bytes:
-                self._drop(next(iter(self._order.values())))
-            sizes = self._free.setdefault((arr.dtype.str, arr.shape[1:]), {})
-            sizes.setdefault(arr.shape[0], {})[id(arr)] = arr
-            self._order[id(arr)] = arr
-            self._bytes += arr.nbytes
+            if viewed:
+                self._viewed.append(arr)
+                self._viewed_bytes += arr.nbytes
+                self._forget_viewed()
+            else:
+                self._add(arr)
+
+    def _add(self, arr: np.ndarray) -> None:
+        """Pool ``arr``, dropping the arrays given back longest ago to make room (the caller holds the lock)."""
+        self._forget_viewed(arr.nbytes)  # those first: they may never come back
+        while self._order and self._bytes + self._viewed_bytes + arr.nbytes > self.max_bytes:
+            self._drop(next(iter(self._order.values())))
+        sizes = self._free.setdefault((arr.dtype.str, arr.shape[1:]), {})
+        sizes.setdefault(arr.shape[0], {})[id(arr)] = arr
+        self._order[id(arr)] = arr
+        self._bytes += arr.nbytes
+
+    def _forget_viewed(self, room: int = 0) -> None:
+        """Forget the oldest arrays given back while viewed until ``room`` more bytes fit (the caller
+        holds the lock): they are freed with their last view."""
+        while self._viewed and self._bytes + self._viewed_bytes + room > self.max_bytes:
+            arr = self._viewed.pop(0)
+            self._viewed_bytes -= arr.nbytes
+            # a step listener keeping a record (a view of its row) makes every shard's arrays new memory
+            logger.debug("shard array of %d bytes not pooled: still viewed", arr.nbytes)
+
+    def _reclaim(self) -> None:
+        """Pool the arrays given back while viewed whose views are gone (the caller holds the lock)."""
+        viewed, self._viewed, self._viewed_bytes = self._viewed, [], 0
+        for arr in viewed:
+            if sys.getrefcount(arr) > 3:  # references: the list, ``arr`` and getrefcount's argument
+                self._viewed.append(arr)
+                self._viewed_bytes += arr.nbytes
+            else:
+                self._add(arr)
 
     def _drop(self, arr: np.ndarray) -> None:
         """Take ``arr`` out of the pool (the caller holds the lock)."""
@@ -165,6 +200,8 @@ class BufferPool:
             self._free.clear()
             self._order.clear()
             self._bytes = 0
+            self._viewed.clear()
+            self._viewed_bytes = 0
 
 
 POOL = BufferPool()
