@@ -336,7 +336,7 @@ def test_a_shard_published_by_time_during_a_step_goes_back_to_the_pool_after_it(
     detach = shard.ShardBuffer.detach_staged
     monkeypatch.setattr(shard.ShardBuffer, "detach_staged", lambda self: during.append(1) or detach(self))
     value = np.arange(1 << 16, dtype=np.float32)
-    steps = 10
+    steps = 14
     policy = ShardPolicy(max_steps=4, max_seconds=30, live_seconds=0.2)  # every shard's arrays: 4 rows
     with Writer(tmp_path, shard_policy=policy) as w:
         for step in range(steps):
@@ -345,7 +345,7 @@ def test_a_shard_published_by_time_during_a_step_goes_back_to_the_pool_after_it(
                 if step % 2:  # a fast step opens a shard, a slow one sees it published from under it
                     time.sleep(0.5)
     assert len(during) >= 3, "shards were not published during a step: the test proved nothing"
-    assert len(made) <= 3, made  # the first shards' arrays, then recycled ones
+    assert len(made) <= 4, made  # the first shards' arrays, then recycled ones (without: one per slow step)
     t = tensortap.create_trial(tmp_path).tensor("x")
     for step in range(steps):
         assert_identical(t.value(step), value + step)

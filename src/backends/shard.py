@@ -108,7 +108,7 @@ class BufferPool:
     back one costs the same with thousands of tensors of one shape pooled.
 
     An array given back while a view of it is still referenced (the records of a step in
-    progress, when the writer thread publishes the steps before it by time) is pooled once
+    progress, when its shard was handed off during that step: full, or due by time) is pooled once
     its views are gone, checked at the next :meth:`get`; such arrays count towards
     ``max_bytes`` too, and the oldest are forgotten past it (a step listener that keeps
     every record).
@@ -636,8 +636,10 @@ def _write_direct(path: str, placed: list[tuple[int, memoryview]]) -> list[tuple
     for offset, data in placed:
         large = len(data) >= DIRECT_MIN and offset % PAGE == 0 and _address(data) % PAGE == 0
         (direct if large else rest).append((offset, data))
+    if not direct or not DIRECT:
+        return placed
     device = os.stat(path).st_dev
-    if not direct or not DIRECT or device in _NO_DIRECT:
+    if device in _NO_DIRECT:
         return placed
     try:
         fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
