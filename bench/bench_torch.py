@@ -174,7 +174,8 @@ class DiskFloorArm:
         size = sum(a.nbytes for a in arrays)
         self.step = page_aligned_empty((size + (-size) % PAGE,), np.dtype(np.uint8))  # whole pages
         np.concatenate([a.view(np.uint8).reshape(-1) for a in arrays], out=self.step[:size])
-        self.path = tempfile.mkstemp(prefix="tensortap-bench-floor-")[1]
+        made, self.path = tempfile.mkstemp(prefix="tensortap-bench-floor-")
+        os.close(made)
         try:
             self.fd = os.open(self.path, os.O_WRONLY | getattr(os, "O_DIRECT", 0))
         except OSError:  # a file system without O_DIRECT
