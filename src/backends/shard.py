@@ -631,12 +631,14 @@ def _write_direct(path: str, placed: list[tuple[int, memoryview]]) -> list[tuple
     on a page of the file (:func:`lay_out`) and of memory (:func:`page_aligned_empty`). Where the
     file system refuses ``O_DIRECT`` everything goes through the page cache, as on systems without it.
     """
+    if not DIRECT:
+        return placed
     direct: list[tuple[int, memoryview]] = []
     rest: list[tuple[int, memoryview]] = []
     for offset, data in placed:
         large = len(data) >= DIRECT_MIN and offset % PAGE == 0 and _address(data) % PAGE == 0
         (direct if large else rest).append((offset, data))
-    if not direct or not DIRECT:
+    if not direct:
         return placed
     device = os.stat(path).st_dev
     if device in _NO_DIRECT:
