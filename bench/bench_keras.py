@@ -143,12 +143,12 @@ class FitArm(harness.GatedThread):
         super().__init__(train)
 
     def settle(self) -> None:
-        """Wait until the shards the callback handed off are published (see :func:`bench.harness.settle`),
+        """Publish what the callback holds and wait until it is published (see :func:`bench.harness.settle`),
         and on JAX until the steps dispatched are computed: JAX dispatches asynchronously, so without
         this an arm's last steps would run in the next arm's block (the noise of 0.5 read before)."""
         writer = None if self.capture is None else self.capture.hook.writer
         if writer is not None:
-            writer.drain()
+            writer.flush()
         if self.jax:
             import jax
 

@@ -13,9 +13,9 @@ training); the floor of histograms counted off the training thread
 step); and smdebug 1.0.34's hook on the first three cases, each arm a
 process of smdebug's own environment (``bench/bench_torch_smdebug.py``,
 :class:`bench.harness.Remote`). The arms run ``BLOCK`` steps at a time,
-interleaved, ``ROUNDS`` times; an arm with a tensortap hook then waits until
-the shards it handed off are published, and ``close()`` (publishing the last
-shard) is timed with its arm.
+interleaved, ``ROUNDS`` times; an arm with a tensortap hook then publishes
+the shard it is building and waits until its shards are published (so that none
+is published by time in another arm's block), and ``close()`` is timed with its arm.
 
 A second table measures what capture costs per tensor, where the values are
 small and there are many: a 50-layer MLP of ``Linear(32, 32)`` (102 parameter
@@ -112,10 +112,10 @@ class TrainArm:
             self.opt.step()
 
     def settle(self) -> None:
-        """Wait until the shards a tensortap hook handed off are published (see :func:`bench.harness.settle`)."""
-        drain = getattr(getattr(self.hook, "writer", None), "drain", None)
-        if drain is not None:
-            drain()
+        """Publish what a tensortap hook holds and wait until it is published (see :func:`bench.harness.settle`)."""
+        flush = getattr(getattr(self.hook, "writer", None), "flush", None)
+        if flush is not None:
+            flush()
 
     def close(self) -> None:
         if self.hook is not None:

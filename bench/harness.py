@@ -53,10 +53,11 @@ class Arm(Protocol):
 def settle(arm: Arm) -> None:
     """Wait for the work ``arm`` left to background threads, if it has a ``settle()`` method.
 
-    An arm whose hook publishes shards on the writer thread defines ``settle()`` (waiting
-    until the shards handed off so far are published); :func:`interleave` calls it at the
-    end of each of the arm's blocks, timed with the block, so that the next arm's block
-    does not pay for this arm's writing (in the real training there is no next arm).
+    An arm whose hook publishes shards on the writer thread defines ``settle()`` (publishing
+    the shard it is building and waiting until its shards are published); :func:`interleave`
+    calls it at the end of each of the arm's blocks, timed with the block, so that the next
+    arm's block does not pay for this arm's writing (in the real training there is no next
+    arm), nor the writer thread publish this arm's shard by time while another arm runs.
     """
     wait: Callable[[], None] | None = getattr(arm, "settle", None)
     if wait is not None:

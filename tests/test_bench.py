@@ -153,3 +153,26 @@ def test_gpu_check_without_cuda_says_so() -> None:
     done = _run("bench.gpu_check")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "no CUDA device" in done.stdout
+
+
+@pytest.mark.timeout(300)
+def test_an_arm_leaves_no_shard_to_be_published_while_another_arm_runs() -> None:
+    """A torch arm with a hook publishes what it holds when it settles (the writer thread would
+    otherwise publish its open shard by time in another arm's block, billed to that arm)."""
+    pytest.importorskip("torch")
+    import tensortap
+
+    sys.path.insert(0, str(ROOT))
+    try:
+        from bench import bench_torch
+    finally:
+        sys.path.remove(str(ROOT))
+    arm = bench_torch.TrainArm(bench_torch._tensortap_hook, 1, ("weights", "losses"))
+    try:
+        arm.run(4)  # 4 steps of 2 MB: neither full nor due by time (0.5 s at the earliest)
+        arm.settle()
+        trial = tensortap.create_trial(arm.out_dir)
+        assert trial.steps()[:3] == [0, 1, 2]  # published before the arm's next block
+    finally:
+        arm.close()
+        arm.discard()
