@@ -169,7 +169,7 @@ def test_an_arm_leaves_no_shard_to_be_published_while_another_arm_runs() -> None
         sys.path.remove(str(ROOT))
     arm = bench_torch.TrainArm(bench_torch._tensortap_hook, 1, ("weights", "losses"))
     try:
-        arm.run(4)  # 4 steps of 2 MB: neither full nor due by time (0.5 s at the earliest)
+        arm.run(4)  # 4 steps of 2 MB: neither full nor due by time (0.25 s at the earliest)
         arm.settle()
         trial = tensortap.create_trial(arm.out_dir)
         assert trial.steps()[:3] == [0, 1, 2]  # published before the arm's next block
