@@ -161,12 +161,8 @@ def test_an_arm_leaves_no_shard_to_be_published_while_another_arm_runs() -> None
     otherwise publish its open shard by time in another arm's block, billed to that arm)."""
     pytest.importorskip("torch")
     import tensortap
+    from bench import bench_torch  # the package is imported above, with the root on sys.path
 
-    sys.path.insert(0, str(ROOT))
-    try:
-        from bench import bench_torch
-    finally:
-        sys.path.remove(str(ROOT))
     arm = bench_torch.TrainArm(bench_torch._tensortap_hook, 1, ("weights", "losses"))
     try:
         arm.run(4)  # 4 steps of 2 MB: neither full nor due by time (0.25 s at the earliest)
