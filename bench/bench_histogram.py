@@ -56,7 +56,7 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
         shutil.rmtree(root, ignore_errors=True)
     mb = TENSORS * int(np.prod(SHAPE)) * 4 / 1e6
     benchmark = f"{TENSORS} tensors {'x'.join(map(str, SHAPE))} float32 ({mb:.1f} MB) per step"
-    rows = harness.rows(benchmark, timings)
+    rows = harness.rows(benchmark, timings, unsettled=False)
     for row in rows:
         row["MB_on_disk"] = on_disk[str(row["case"])]
     return rows

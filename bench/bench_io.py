@@ -138,7 +138,7 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
             block=block,
             warmup=WARMUP_BLOCKS * block,
         )
-        rows = harness.rows("write", timings, unit="ms_per_step")
+        rows = harness.rows("write", timings, unit="ms_per_step", unsettled=False)
         step_mb = sum(a.nbytes for a in arrays) / 1e6
         for row in rows:
             # the floor syncs every shard of bytes, not at the end of each block: its blocks alone mean little

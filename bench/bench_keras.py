@@ -41,11 +41,11 @@ from typing import Any
 from bench import harness
 
 BATCH = 64
-BLOCK = 25
+BLOCK = 100  # steps: each block pays once the wait for its last shard (the settle), a quarter of what 25 did
 # the timed steps are a multiple of 100, so that the every-100-steps arm saves as often in them
-# wherever they start (3 and 8 saves)
-ROUNDS = 12
-JAX_ROUNDS = 32  # JAX's bare step is 3.5 ms here: 10 blocks gave 95% intervals of +-15%
+# wherever they start (6 and 12 saves)
+ROUNDS = 6
+JAX_ROUNDS = 12  # JAX's bare step is 2-3.5 ms here: 10 blocks of 25 gave 95% intervals of +-15%
 WARMUP = 75  # untimed steps: tracing, and three shards of the every-step arms (their pool of arrays is full)
 WARM_FIT = 7  # steps of the untimed fit run to its end first
 BACKENDS = ("tensorflow", "torch", "jax")
@@ -142,17 +142,21 @@ class FitArm(harness.GatedThread):
 
         super().__init__(train)
 
-    def settle(self) -> None:
-        """Publish what the callback holds and wait until it is published (see :func:`bench.harness.settle`),
-        and on JAX until the steps dispatched are computed: JAX dispatches asynchronously, so without
-        this an arm's last steps would run in the next arm's block (the noise of 0.5 read before)."""
-        writer = None if self.capture is None else self.capture.hook.writer
-        if writer is not None:
-            writer.flush()
+    def run(self, n: int) -> None:
+        """Let ``n`` steps through and wait for them, on JAX until they are computed: JAX dispatches
+        asynchronously, so without this an arm's last steps would run in the next arm's block (the
+        noise of 0.5 read before), or in its settle."""
+        super().run(n)
         if self.jax:
             import jax
 
-            jax.block_until_ready(jax.live_arrays())  # the other arms' are ready: they settled too
+            jax.block_until_ready(jax.live_arrays())  # the other arms' are ready: their blocks ended so
+
+    def settle(self) -> None:
+        """Publish what the callback holds and wait until it is published (see :func:`bench.harness.settle`)."""
+        writer = None if self.capture is None else self.capture.hook.writer
+        if writer is not None:
+            writer.flush()
 
     def discard(self) -> None:
         """Remove the trials (untimed: see :func:`bench.harness.discard`)."""

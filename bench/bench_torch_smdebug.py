@@ -17,6 +17,7 @@ file per step; its losses come from the registered loss module, as ours do.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 
 from bench import harness
-from bench.bench_torch import CASES, DeepArm, TrainArm
+from bench.bench_torch import CASES, DEEP_ARM, TrainArm
 
 
 def _smdebug_hook(
@@ -50,8 +51,18 @@ def _smdebug_hook(
     return hook
 
 
+class SyncedArm(TrainArm):
+    """An smdebug arm whose settle writes the files of its block to disk (``os.sync``), as a tensortap
+    arm's settle publishes and fsyncs its shards: otherwise the kernel writes them back later (30 s,
+    ``vm.dirty_expire_centisecs``), in other arms' blocks, and bills those arms for it."""
+
+    def settle(self) -> None:
+        super().settle()
+        os.sync()
+
+
 if __name__ == "__main__":  # python -m bench.bench_torch_smdebug CASE [deep]: serve that case of CASES as an arm
     torch.set_num_threads(1)
     _, interval, collections = CASES[int(sys.argv[1])]
-    arm = DeepArm if sys.argv[2:] == ["deep"] else TrainArm  # "deep": the per-tensor table's model
-    harness.serve(lambda: arm(_smdebug_hook, interval, collections))
+    model = DEEP_ARM if sys.argv[2:] == ["deep"] else {}  # "deep": the per-tensor table's model
+    harness.serve(lambda: SyncedArm(_smdebug_hook, interval, collections, **model))

@@ -7,6 +7,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -55,7 +56,9 @@ def test_targets_say_what_was_not_measured_and_by_how_much_one_is_missed() -> No
     rows = [
         _row("torch MLP 784-512-256-10, batch 64", "baseline", ratio=1.0, noise=0.05, ms_per_step=2.0),
         _row("torch MLP 784-512-256-10, batch 64", "tensortap: weights+biases+gradients+losses, every step",
-             ratio=2.6, noise=0.05),
+             ratio=2.6, noise=0.05, **{harness.UNSETTLED: 1.9}),
+        _row("torch MLP 784-512-256-10, batch 64", "tensortap: weights+biases+gradients+losses, every 100 steps",
+             ratio=1.01, **{harness.UNSETTLED: 1.01}),
         _row("torch MLP 784-512-256-10, batch 64", generator.FLOOR_ARM[1] + ", no training", ms_per_step=3.0),
         _row("keras (torch) MLP 784-512-256-10, batch 64", "baseline", ms_per_step=6.0),
         _row("keras (torch) MLP 784-512-256-10, batch 64", "tensortap: weights+biases+gradients+losses, every step",
@@ -73,6 +76,8 @@ def test_targets_say_what_was_not_measured_and_by_how_much_one_is_missed() -> No
     every_step = table["PyTorch MLP, every step / no hook"]
     assert every_step["measured / target"] == pytest.approx(2.0) and every_step["met"] == "**no**"
     assert every_step["noise"] == 0.05
+    assert every_step["settle left out"] == 1.9  # the lower bound beside it
+    assert table["PyTorch MLP, every 100 steps / no hook"]["settle left out"] == ""  # the same: not repeated
     assert every_step["floor here"] == pytest.approx(1.5)  # the disk floor arm's 3 ms over a bare step's 2 ms
     assert table["Keras torch, every step / no callback"]["floor here"] == 1.0  # the disk is faster than its step
     assert table["read a 1.6 MB tensor over 1,000 steps: smdebug / tensortap"]["met"] == "yes"
@@ -144,6 +149,19 @@ def test_a_remote_arm_keeps_its_process_and_reports_its_own_time() -> None:
         harness.Remote([sys.executable, "-c", "1 / 0"], cwd=str(ROOT))
 
 
+def test_a_remote_arm_reports_its_settle_apart() -> None:
+    child = (
+        "import time\nfrom bench import harness\n"
+        "class Writing(harness.Repeat):\n    def settle(self): time.sleep(0.05)\n"
+        "harness.serve(lambda: Writing(lambda: None))"
+    )
+    arm = harness.Remote([sys.executable, "-c", child], cwd=str(ROOT))
+    seconds = arm.run(2)
+    assert seconds >= arm.settled >= 0.05  # the block's time holds its settle, also kept apart
+    timings = harness.interleave({"remote": lambda: arm}, rounds=1, block=1)
+    assert timings["remote"].settles[0] >= 0.05  # and the harness keeps it with the arm's timing
+
+
 def test_gpu_check_without_cuda_says_so() -> None:
     pytest.importorskip("torch")
     import torch
@@ -172,3 +190,35 @@ def test_an_arm_leaves_no_shard_to_be_published_while_another_arm_runs() -> None
     finally:
         arm.close()
         arm.discard()
+
+
+class _Settling:
+    """An arm whose blocks take ``work`` seconds a unit, then ``tail`` seconds to settle."""
+
+    def __init__(self, work: float, tail: float) -> None:
+        self.work, self.tail = work, tail
+
+    def run(self, n: int) -> None:
+        time.sleep(self.work * n)
+
+    def settle(self) -> None:
+        time.sleep(self.tail)
+
+    def close(self) -> None:
+        """Nothing to finish."""
+
+
+def test_a_blocks_settle_is_timed_with_it_and_kept_apart() -> None:
+    arms = {
+        harness.BASELINE: lambda: _Settling(0.01, 0.0),
+        harness.BASELINE_2: lambda: _Settling(0.01, 0.0),
+        "writer": lambda: _Settling(0.01, 0.2),  # a tail four times as long as its 5 steps
+    }
+    timings = harness.interleave(arms, rounds=4, block=5)
+    writer = timings["writer"]
+    assert len(writer.settles) == len(writer.blocks) == 4
+    assert all(0.2 <= s < b for s, b in zip(writer.settles, writer.blocks, strict=True))
+    assert max(timings[harness.BASELINE].settles) < 0.05  # no settle: nothing kept apart
+    row = next(r for r in harness.rows("b", timings) if r["case"] == "writer")
+    # about 5 with the tail, 1 without: margins wide enough for a loaded machine's late wake-ups
+    assert row["ratio"] > 3 and row[harness.UNSETTLED] < 2

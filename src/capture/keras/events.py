@@ -473,7 +473,7 @@ class Callback(keras.callbacks.Callback):
                 latest[slot] = (collection, value)
         extras_out, self.extras_out = self.extras_out, []
         for extras in extras_out:
-            for key, value in (jax.device_get(extras) if BACKEND == "jax" else extras).items():
+            for key, value in _on_host(extras).items():
                 collection, slot = self._extra_slots[key]
                 latest[slot] = (collection, value)
         calls: dict[tuple[str, int], tuple[str, dict[str, Any]]] = {}
@@ -807,6 +807,16 @@ class Callback(keras.callbacks.Callback):
         """Keep values handed over in a step until it ends (JAX callbacks arrive on another thread)."""
         if self._accepting and self.session.is_open and self.session.saving(collection):
             self._arrived.append((collection, slots, values))
+
+
+def _on_host(extras: dict[str, Any]) -> dict[str, Any]:
+    """A capturing step's extra outputs, ready to offer: on JAX with a device, fetched to the host in
+    one transfer (``jax.device_get``); as they are elsewhere, and on a JAX whose only backend is the CPU,
+    whose arrays already live in host memory (``numpy.asarray`` of one is a view of it, as
+    ``jax.device_get``'s is, in 7 us against 60: 0.3-0.6 ms of CPU a saved step of the bench's MLP)."""
+    if BACKEND == "jax" and jax.default_backend() != "cpu":
+        return dict(jax.device_get(extras))
+    return extras
 
 
 def _variants_serve(model: Any, kind: str) -> bool:
