@@ -314,13 +314,18 @@ def interleave(arms: Mapping[str, Callable[[], Arm]], *, rounds: int, block: int
             # a new order each round: a rotation would keep each arm behind the same one, whose
             # leftovers (a shard published by time, pages to reclaim) it would always pay for
             for name in rng.sample(names, len(names)):
+                arm = built[name]
                 t0 = time.perf_counter()
-                own = built[name].run(block)
+                own = arm.run(block)
                 t1 = time.perf_counter()
-                settle(built[name])
+                settle(arm)
                 t2 = time.perf_counter()
-                timings[name].blocks.append(t2 - t0 if own is None else own)
-                timings[name].settles.append(t2 - t1 if own is None else getattr(built[name], "settled", 0.0))
+                if own is None:
+                    timings[name].blocks.append(t2 - t0)
+                    timings[name].settles.append(t2 - t1 if hasattr(arm, "settle") else 0.0)
+                else:  # timed by the arm itself (another process), which says how long it settled
+                    timings[name].blocks.append(own)
+                    timings[name].settles.append(getattr(arm, "settled", 0.0))
                 timings[name].units += block
     try:
         for name, arm in built.items():
