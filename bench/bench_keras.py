@@ -6,8 +6,10 @@ thread of its own, held by a gate callback at batch begins; the arms run
 ``BLOCK`` steps at a time in turns (``ROUNDS`` blocks each, ``JAX_ROUNDS`` on
 JAX, whose steps are short) (:mod:`bench.harness`), after ``WARMUP``
 untimed steps (tracing, compiling, the first shards) and after one short untimed ``fit`` run to its
-end (the first end of a fit pays a one-time cost); the end of ``fit`` (tensortap
-publishes its last shard there) is timed with its arm. Arms: no callback, twice (the run's
+end (the first end of a fit pays a one-time cost); at the end of each block a tensortap arm
+publishes what it holds and waits for it (timed with the block, and reported apart: ``ratio,
+settle left out``), and the end of ``fit`` (tensortap publishes its last shard there) is timed
+with its arm. Arms: no callback, twice (the run's
 noise); a no-op callback that overrides ``on_train_batch_end`` (which turns Keras's
 asynchronous batch-end dispatch off on the torch and JAX backends; tensortap's
 callback overrides no batch-end method); tensortap saving weights, biases,

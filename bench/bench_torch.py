@@ -15,7 +15,9 @@ process of smdebug's own environment (``bench/bench_torch_smdebug.py``,
 :class:`bench.harness.Remote`). The arms run ``BLOCK`` steps at a time,
 interleaved, ``ROUNDS`` times; an arm with a tensortap hook then publishes
 the shard it is building and waits until its shards are published (so that none
-is published by time in another arm's block), and ``close()`` is timed with its arm.
+is published by time in another arm's block), an smdebug arm writes its files
+to disk (``os.sync``), and ``close()`` is timed with its arm. That wait is also
+reported apart: ``ratio, settle left out`` is the ratio without it.
 
 A second table measures what capture costs per tensor, where the values are
 small and there are many: a 50-layer MLP of ``Linear(32, 32)`` (102 parameter
