@@ -50,8 +50,9 @@ class Arm(Protocol):
         """Finish (a hook publishes its last shard here); timed as part of the arm."""
 
 
-def settle(arm: Arm) -> None:
-    """Wait for the work ``arm`` left to background threads, if it has a ``settle()`` method.
+def settle(arm: Arm) -> float:
+    """Wait for the work ``arm`` left to background threads, if it has a ``settle()`` method; return
+    the seconds that took (0 without one).
 
     An arm whose hook publishes shards on the writer thread defines ``settle()`` (publishing
     the shard it is building and waiting until its shards are published); :func:`interleave`
@@ -63,8 +64,11 @@ def settle(arm: Arm) -> None:
     Work the block itself must finish (steps dispatched asynchronously) belongs in ``run``.
     """
     wait: Callable[[], None] | None = getattr(arm, "settle", None)
-    if wait is not None:
-        wait()
+    if wait is None:
+        return 0.0
+    t0 = time.perf_counter()
+    wait()
+    return time.perf_counter() - t0
 
 
 def discard(arm: Arm) -> None:
@@ -252,10 +256,8 @@ def serve(make: Callable[[], Arm]) -> None:
             t0 = time.perf_counter()
             if command == "run":
                 arm.run(int(args[0]))
-                t1 = time.perf_counter()
-                settle(arm)
-                t2 = time.perf_counter()
-                print(t2 - t0, t2 - t1, file=replies, flush=True)  # the block, and its settle
+                waited = settle(arm)
+                print(time.perf_counter() - t0, waited, file=replies, flush=True)  # the block, and its settle
             else:
                 arm.close()
                 print(time.perf_counter() - t0, file=replies, flush=True)
@@ -317,12 +319,10 @@ def interleave(arms: Mapping[str, Callable[[], Arm]], *, rounds: int, block: int
                 arm = built[name]
                 t0 = time.perf_counter()
                 own = arm.run(block)
-                t1 = time.perf_counter()
-                settle(arm)
-                t2 = time.perf_counter()
+                waited = settle(arm)
                 if own is None:
-                    timings[name].blocks.append(t2 - t0)
-                    timings[name].settles.append(t2 - t1 if hasattr(arm, "settle") else 0.0)
+                    timings[name].blocks.append(time.perf_counter() - t0)
+                    timings[name].settles.append(waited)
                 else:  # timed by the arm itself (another process), which says how long it settled
                     timings[name].blocks.append(own)
                     timings[name].settles.append(getattr(arm, "settled", 0.0))

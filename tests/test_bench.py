@@ -140,6 +140,7 @@ def test_a_remote_arm_keeps_its_process_and_reports_its_own_time() -> None:
     arm = harness.Remote([sys.executable, "-c", child], cwd=str(ROOT))
     pid = arm.proc.pid
     assert all(isinstance(arm.run(3), float) for _ in range(2))  # its printing went to stderr, not the replies
+    assert arm.settled == 0.0  # an arm without a settle: nothing kept apart, as in this process
     assert arm.proc.pid == pid and arm.proc.poll() is None
     arm.close()
     assert arm.proc.poll() is None  # it waits to discard what it wrote, untimed
