@@ -81,9 +81,11 @@ TARGETS: list[tuple[str, str, str, str, str, float | Of]] = [
 ]  # fmt: skip
 
 
-# The floor of every-step raw capture on this machine: the ms the torch bench's floor arm took to write
-# and fsync one step's weights and gradients (the Keras MLP has the same), over the ms of a bare step of
-# the figure's benchmark; the step cannot be faster than the longer of the two.
+# The floor of every-step raw capture on this machine: a step that saves its weights and gradients (the
+# Keras MLP has the same as the torch one) cannot be shorter than a bare step of the figure's benchmark
+# plus the copy of those values on the training thread (the torch bench's copy floor arm, below, less its
+# bare step), nor than the ms the torch bench's disk floor arm took to write and fsync them (perfectly
+# overlapped on the other core); the floor is the longer of the two, over the bare step.
 FLOOR_ARM = ("torch MLP", "floor: a step's weights and gradients written and fsynced")
 FLOORS = {  # figure -> the benchmark whose baseline step the floor is compared with
     "PyTorch MLP, every step / no hook": "torch MLP",
@@ -139,9 +141,18 @@ def _floor(rows: list[Row], figure: str) -> float | None:
         return _value(rows, *COPY_FLOOR_ARM, "ratio")
     if figure not in FLOORS:
         return None
-    write = _value(rows, *FLOOR_ARM, "ms_per_step")
     step = _value(rows, FLOORS[figure], "baseline", "ms_per_step")
-    return None if write is None or step is None else max(1.0, write / step)
+    write = _value(rows, *FLOOR_ARM, "ms_per_step")
+    copy = _value(rows, *COPY_FLOOR_ARM, "ms_per_step")
+    copy_step = _value(rows, COPY_FLOOR_ARM[0], "baseline", "ms_per_step")
+    if step is None or (write is None and copy is None):
+        return None
+    floors = [1.0]
+    if write is not None:
+        floors.append(write / step)
+    if copy is not None and copy_step is not None:
+        floors.append(1.0 + (copy - copy_step) / step)
+    return max(floors)
 
 
 def targets(rows: list[Row]) -> list[Row]:

@@ -1,7 +1,9 @@
 """Capture on CUDA tensors: values, on-device reductions, synchronisations and the step-time ratio.
 
 Run on a machine with a GPU: ``python -m bench.gpu_check`` (about a minute).
-Without CUDA it says so and exits 0. It trains the MLP of
+Without CUDA it says so and exits 0; ``python -m bench.gpu_check --device cpu``
+runs the same checks on the CPU (the tests do, so that the script is known to
+work before a GPU is at hand). It trains the MLP of
 :mod:`bench.bench_torch` on the GPU with tensortap saving weights, biases,
 gradients and losses every step (raw tensors and reductions) and checks:
 
@@ -10,8 +12,8 @@ gradients and losses every step (raw tensors and reductions) and checks:
    ``optimizer.step()``, weights just after);
 2. reductions: the stored ``mean``, ``l2``, ``max`` and health counts equal
    the NumPy formulas on the captured raw values (relative 1e-6);
-3. synchronisation: how many CUDA synchronisations the hook adds per saved
-   step (``torch.cuda.set_sync_debug_mode("warn")`` counts them);
+3. synchronisation (CUDA only): how many CUDA synchronisations the hook adds
+   per saved step (``torch.cuda.set_sync_debug_mode("warn")`` counts them);
 4. cost: interleaved blocks of steps with and without the hook, with a
    second no-hook arm for the run's noise (:mod:`bench.harness`).
 
@@ -20,6 +22,7 @@ Exits 1 when a value or reduction is wrong.
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import sys
 import tempfile
@@ -56,6 +59,11 @@ def _hook(model: nn.Module, opt: torch.optim.Optimizer, loss_fn: nn.Module, out_
     )
 
 
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def check_values(device: torch.device, out_dir: str) -> list[str]:
     """Train ``STEPS`` steps with the hook; return the problems found (empty: all equal)."""
     model = _model(device)
@@ -72,17 +80,22 @@ def check_values(device: torch.device, out_dir: str) -> list[str]:
         for name, p in model.named_parameters():
             assert p.grad is not None
             expected[(f"gradients/{name}", step)] = p.grad.detach().clone().cpu().numpy()
-        torch.cuda.synchronize()
+        _synchronize(device)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            opt.step()  # the hook saves the step here
-            torch.cuda.set_sync_debug_mode("default")
+            if device.type == "cuda":
+                torch.cuda.set_sync_debug_mode("warn")
+            try:
+                opt.step()  # the hook saves the step here
+            finally:
+                if device.type == "cuda":
+                    torch.cuda.set_sync_debug_mode("default")
         syncs += sum("synchroniz" in str(w.message) for w in caught)
         for name, p in model.named_parameters():
             expected[(name, step)] = p.detach().clone().cpu().numpy()
     hook.close()
-    print(f"CUDA synchronisations inside optimizer.step() with the hook: {syncs / STEPS:.1f} per saved step")
+    if device.type == "cuda":
+        print(f"CUDA synchronisations inside optimizer.step() with the hook: {syncs / STEPS:.1f} per saved step")
     problems = []
     trial = tensortap.create_trial(out_dir)
     for (name, step), want in expected.items():
@@ -106,10 +119,11 @@ def check_values(device: torch.device, out_dir: str) -> list[str]:
     return problems
 
 
-class CudaArm:
-    """Training steps on the GPU, with or without the hook (synchronised at each block's end)."""
+class DeviceArm:
+    """Training steps on the device, with or without the hook (synchronised at each block's end)."""
 
     def __init__(self, device: torch.device, hooked: bool) -> None:
+        self.device = device
         self.model = _model(device)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01)
         self.loss_fn = nn.CrossEntropyLoss()
@@ -123,7 +137,7 @@ class CudaArm:
             self.opt.zero_grad()
             self.loss_fn(self.model(self.x), self.y).backward()
             self.opt.step()
-        torch.cuda.synchronize()
+        _synchronize(self.device)
 
     def close(self) -> None:
         if self.hook is not None:
@@ -134,13 +148,18 @@ class CudaArm:
         shutil.rmtree(self.out_dir, ignore_errors=True)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     """Run the checks; 0 when everything is right (or there is no GPU), 1 otherwise."""
-    if not torch.cuda.is_available():
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__.split("\n")[0])
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="where to train (default: cuda)")
+    parser.add_argument("--rounds", type=int, default=8, help="blocks of 25 steps each arm is timed in (default: 8)")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: the GPU check is skipped")
         return 0
-    device = torch.device("cuda")
-    print(f"device: {torch.cuda.get_device_name(device)}, torch {torch.__version__}")
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"device: {name}, torch {torch.__version__}")
     out_dir = tempfile.mkdtemp(prefix="tensortap-gpu-")
     try:
         problems = check_values(device, out_dir)
@@ -151,15 +170,15 @@ def main() -> int:
     print(f"values and reductions: {'all equal' if not problems else f'{len(problems)} problems'}")
     timings = harness.interleave(
         {
-            harness.BASELINE: lambda: CudaArm(device, False),
-            harness.BASELINE_2: lambda: CudaArm(device, False),
-            "tensortap, every step, raw + reductions": lambda: CudaArm(device, True),
+            harness.BASELINE: lambda: DeviceArm(device, False),
+            harness.BASELINE_2: lambda: DeviceArm(device, False),
+            "tensortap, every step, raw + reductions": lambda: DeviceArm(device, True),
         },
-        rounds=8,
+        rounds=args.rounds,
         block=25,
         warmup=10,
     )
-    for row in harness.rows("CUDA MLP 784-512-256-10, batch 256", timings):
+    for row in harness.rows(f"{device.type.upper()} MLP 784-512-256-10, batch 256", timings):
         print(f"{row['case']:45s} {row['ms_per_step']:8.3f} ms/step  x{row['ratio']:.2f}  (noise {row['noise']:.3f})")
     return 1 if problems else 0
 

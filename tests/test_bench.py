@@ -60,6 +60,7 @@ def test_targets_say_what_was_not_measured_and_by_how_much_one_is_missed() -> No
         _row("torch MLP 784-512-256-10, batch 64", "tensortap: weights+biases+gradients+losses, every 100 steps",
              ratio=1.01, **{harness.UNSETTLED: 1.01}),
         _row("torch MLP 784-512-256-10, batch 64", generator.FLOOR_ARM[1] + ", no training", ms_per_step=3.0),
+        _row("torch MLP 784-512-256-10, batch 64", generator.COPY_FLOOR_ARM[1] + ", nothing else", ms_per_step=2.5),
         _row("keras (torch) MLP 784-512-256-10, batch 64", "baseline", ms_per_step=6.0),
         _row("keras (torch) MLP 784-512-256-10, batch 64", "tensortap: weights+biases+gradients+losses, every step",
              ratio=2.0),
@@ -79,7 +80,8 @@ def test_targets_say_what_was_not_measured_and_by_how_much_one_is_missed() -> No
     assert every_step["settle left out"] == 1.9  # the lower bound beside it
     assert table["PyTorch MLP, every 100 steps / no hook"]["settle left out"] == ""  # the same: not repeated
     assert every_step["floor here"] == pytest.approx(1.5)  # the disk floor arm's 3 ms over a bare step's 2 ms
-    assert table["Keras torch, every step / no callback"]["floor here"] == 1.0  # the disk is faster than its step
+    # the disk is faster than its step of 6 ms; the copy of the values (0.5 ms in the torch table) is not
+    assert table["Keras torch, every step / no callback"]["floor here"] == pytest.approx(6.5 / 6)
     assert table["read a 1.6 MB tensor over 1,000 steps: smdebug / tensortap"]["met"] == "yes"
     memory = table["peak extra memory while saving every step (MB)"]
     assert memory["measured / target"] == pytest.approx(1.5) and "(200)" in memory["target"]
@@ -172,6 +174,17 @@ def test_gpu_check_without_cuda_says_so() -> None:
     done = _run("bench.gpu_check")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "no CUDA device" in done.stdout
+
+
+@pytest.mark.timeout(300)
+def test_the_gpu_check_runs_its_checks_on_the_cpu() -> None:
+    """The script a GPU machine runs is run here on the CPU, so that it is known to work before one is lent:
+    the captured values bit-equal to copies taken in the loop, the reductions equal to NumPy's."""
+    pytest.importorskip("torch")
+    done = _run("bench.gpu_check", "--device", "cpu", "--rounds", "1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "device: CPU" in done.stdout and "values and reductions: all equal" in done.stdout
+    assert "tensortap, every step, raw + reductions" in done.stdout  # the timed arms ran too
 
 
 @pytest.mark.timeout(300)
