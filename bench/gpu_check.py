@@ -60,6 +60,7 @@ def _hook(model: nn.Module, opt: torch.optim.Optimizer, loss_fn: nn.Module, out_
 
 
 def _synchronize(device: torch.device) -> None:
+    """Wait for the work queued on ``device`` (CUDA); a CPU runs it synchronously already."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
