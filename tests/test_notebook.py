@@ -1,4 +1,9 @@
-"""docs/example.ipynb runs from top to bottom (real training, trial queries, plots, rules)."""
+"""docs/example.ipynb runs from top to bottom (real training, trial queries, plots, rules).
+
+The notebooks write their trials into ``tempfile.mkdtemp()`` folders, which they leave for the
+reader to explore: the kernel is given ``TMPDIR`` inside the test's ``tmp_path``, so that a test
+run leaves nothing in the machine's temporary folder.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +20,8 @@ NOTEBOOK = Path(__file__).resolve().parent.parent / "docs" / "example.ipynb"
 
 @pytest.mark.slow
 @pytest.mark.torch
-def test_example_notebook_executes(tmp_path: Path) -> None:
+def test_example_notebook_executes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # the kernel's tempfile.mkdtemp()
     nb = nbformat.read(NOTEBOOK, as_version=4)
     client = nbclient.NotebookClient(
         nb, timeout=180, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
@@ -27,6 +33,7 @@ def test_example_notebook_executes(tmp_path: Path) -> None:
     assert "workers: ['worker_0']" in text
     assert "steps: [0, 5, 10, 15, 20, 25, 30, 35]" in text
     assert "vanishing gradient fired at: []" in text
+    assert list(tmp_path.glob("tensortap-notebook-*"))  # its trial went into tmp_path, not /tmp
 
 
 ANALYSIS = Path(__file__).resolve().parent.parent / "docs" / "examples" / "analysis.ipynb"
@@ -34,8 +41,9 @@ ANALYSIS = Path(__file__).resolve().parent.parent / "docs" / "examples" / "analy
 
 @pytest.mark.slow
 @pytest.mark.torch
-def test_analysis_notebook_executes(tmp_path: Path) -> None:
+def test_analysis_notebook_executes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """docs/examples/analysis.ipynb: rich repr, curves, histograms over steps, rules and TensorBoard, with no error."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # the kernel's tempfile.mkdtemp()
     pytest.importorskip("matplotlib")
     pytest.importorskip("tensorboardX")
     nb = nbformat.read(ANALYSIS, as_version=4)
@@ -56,3 +64,4 @@ def test_analysis_notebook_executes(tmp_path: Path) -> None:
     assert "bins: 32 values counted: 640" in text
     assert "exploding_tensor fired at: []" in text
     assert "tensorboard: {'scalars':" in text
+    assert list(tmp_path.glob("tensortap-analysis-*"))  # its trial went into tmp_path, not /tmp
