@@ -17,6 +17,7 @@ file per step; its losses come from the registered loss module, as ours do.
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 from collections.abc import Sequence
@@ -59,6 +60,13 @@ class SyncedArm(TrainArm):
     def settle(self) -> None:
         super().settle()
         os.sync()
+
+    def discard(self) -> None:
+        """Remove the trial, and keep smdebug from writing its end-of-job file into it again at exit
+        (its hook registers its clean-up with :mod:`atexit`, which would make the folder anew)."""
+        if self.hook is not None:
+            atexit.unregister(self.hook._cleanup)
+        super().discard()
 
 
 if __name__ == "__main__":  # python -m bench.bench_torch_smdebug CASE [deep]: serve that case of CASES as an arm
