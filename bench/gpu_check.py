@@ -71,6 +71,7 @@ def check_values(device: torch.device, out_dir: str) -> list[str]:
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     loss_fn = nn.CrossEntropyLoss()
     hook = _hook(model, opt, loss_fn, out_dir)
+    cuda = device.type == "cuda"  # synchronisations are counted on CUDA only
     expected: dict[tuple[str, int], np.ndarray] = {}
     syncs = 0
     for step in range(STEPS):
@@ -84,18 +85,18 @@ def check_values(device: torch.device, out_dir: str) -> list[str]:
         _synchronize(device)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            if device.type == "cuda":
+            if cuda:
                 torch.cuda.set_sync_debug_mode("warn")
             try:
                 opt.step()  # the hook saves the step here
             finally:
-                if device.type == "cuda":
+                if cuda:
                     torch.cuda.set_sync_debug_mode("default")
         syncs += sum("synchroniz" in str(w.message) for w in caught)
         for name, p in model.named_parameters():
             expected[(name, step)] = p.detach().clone().cpu().numpy()
     hook.close()
-    if device.type == "cuda":
+    if cuda:
         print(f"CUDA synchronisations inside optimizer.step() with the hook: {syncs / STEPS:.1f} per saved step")
     problems = []
     trial = tensortap.create_trial(out_dir)
