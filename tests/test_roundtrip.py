@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import subprocess
 import sys
 import tempfile
 import zlib
@@ -289,6 +290,52 @@ def test_a_shard_closed_early_does_not_shrink_the_next_ones_reservation() -> Non
         nxt.commit(step, 0, step)
         arrays.add(id(nxt.columns["x"].data))
     assert len(arrays) == 1  # never grown
+
+
+def test_a_first_shard_of_many_large_tensors_reserves_within_twice_its_budget() -> None:
+    """Without a hint each tensor's array reserved up to 64 MiB: 200 tensors of 64 KiB reserved
+    217 MB of address space for a shard of 1 MiB. The buffer's reservation is now bounded; the
+    tensors that find it spent grow instead, and every value is kept."""
+    from tensortap.backends import shard
+
+    buf = shard.ShardBuffer(max_bytes=1 << 20)
+    values = [np.full(16 << 10, i, dtype=np.float32) for i in range(200)]  # 64 KiB each
+    for step in range(3):
+        for i, value in enumerate(values):
+            buf.stage(step, f"t{i}", ("c",), value + step, {}, None)
+        buf.commit(step, 0, step)
+        reserved = sum(col.data.nbytes for col in buf.columns.values() if col.data is not None)
+        assert reserved <= 2 * buf.max_bytes + (step + 1) * 2 * sum(v.nbytes for v in values)
+    for i, value in enumerate(values):
+        np.testing.assert_array_equal(buf.columns[f"t{i}"].values(), np.stack([value + s for s in range(3)]))
+
+
+def test_capture_keeps_going_where_address_space_is_not_overcommitted(tmp_path: Path) -> None:
+    """Under a limit on address space (as ``vm.overcommit_memory=2`` or ``ulimit -v`` set), the first
+    shard of 50 tensors of 4 MiB reserved 3.2 GB: the ``MemoryError`` turned capture off at the
+    first step (its 27th tensor). Now every step of every tensor is kept, with no warning."""
+    code = f"""
+import resource
+import numpy as np
+from tensortap.capture import Writer
+size = int(open("/proc/self/status").read().split("VmSize:")[1].split()[0]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (size + (2 << 30), resource.RLIM_INFINITY))
+values = [np.full(1 << 20, i, dtype=np.float32) for i in range(50)]
+with Writer({str(tmp_path)!r}) as w:
+    for step in range(3):
+        with w.stepping():
+            for i, value in enumerate(values):
+                w.save(f"t{{i}}", value + step)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "capture" not in done.stderr, done.stderr
+    trial = tensortap.create_trial(tmp_path)
+    assert len(trial.tensor_names()) == 50
+    for i in (0, 49):
+        tensor = trial.tensor(f"t{i}")
+        assert tensor.steps() == [0, 1, 2]
+        np.testing.assert_array_equal(tensor.value(2), np.full(1 << 20, i + 2, dtype=np.float32))
 
 
 def test_a_shard_published_before_its_last_step_ends_goes_back_to_the_pool(monkeypatch, tmp_path: Path) -> None:

@@ -316,6 +316,7 @@ class ShardBuffer:
         self.nbytes = 0
         self._staged: list[tuple[str, int, bool, int]] = []  # name, step, raw added, reductions added
         self._staged_keys: set[tuple[str, int]] = set()  # (name, step) of _staged: a lookup per tensor, not a scan
+        self._reserved = 0  # bytes of the rows :meth:`_reserve` granted
 
     def __len__(self) -> int:
         return len(self.steps)
@@ -367,11 +368,22 @@ class ShardBuffer:
     def _reserve(self, nbytes: int) -> int:
         """Rows a tensor's stacked array reserves for values of ``nbytes``: :attr:`rows` rounded up to
         a power of two (so that shards of about the same length reuse pooled arrays); without that
-        hint (the first shard), as many as :data:`_FIRST_RESERVE` allows."""
-        fits = self.max_bytes // max(nbytes, 1) + 1
+        hint (the first shard), as many as :data:`_FIRST_RESERVE` allows.
+
+        The rows of all the buffer's arrays reserve at most twice :attr:`max_bytes` (plus a row each),
+        which a hint never reaches: untouched pages cost no memory, but the address space they
+        reserve counts where the system refuses to overcommit it (``vm.overcommit_memory=2``, a
+        ``ulimit -v``), where a first shard of hundreds of large tensors asked for gigabytes of it.
+        A tensor that finds the reservation spent grows (:meth:`_Column.add_raw`)."""
+        size = max(nbytes, 1)
+        fits = self.max_bytes // size + 1
         if self.rows:
-            return min(1 << (self.rows - 1).bit_length(), fits)
-        return max(min(self.max_steps, fits, _FIRST_RESERVE // max(nbytes, 1)), 1)
+            rows = min(1 << (self.rows - 1).bit_length(), fits)
+        else:
+            rows = min(self.max_steps, fits, _FIRST_RESERVE // size)
+        rows = max(min(rows, (2 * self.max_bytes - self._reserved) // size + 1), 1)
+        self._reserved += rows * nbytes
+        return rows
 
     def successor(self) -> ShardBuffer:
         """An empty buffer for the next shard, with the same limits, that reserves the rows a full
