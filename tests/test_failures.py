@@ -188,6 +188,41 @@ def test_a_full_shard_waits_while_the_one_before_is_published(tmp_path: Path, mo
     assert tensortap.create_trial(tmp_path).steps() == [0, 1]
 
 
+def test_a_hand_off_waits_for_the_shards_before_it_not_for_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The job that publishes shard 0 stops there: it used to go on to shard 1 when shard 1 was
+    handed off meanwhile, so the training, waiting for that job, waited for shard 1's publish too
+    (every other hand-off of a training saving every step waited for a whole publish)."""
+    w = Writer(tmp_path, shard_policy=ShardPolicy(max_steps=1))
+    assert w.writer is not None
+    storage, gates, publishing = w.writer.storage, [threading.Event(), threading.Event()], threading.Semaphore(0)
+    publish = storage.publish_file
+    calls: list[str] = []
+
+    def held(local: str, key: str) -> None:  # the real publish, once the shard's gate opens
+        calls.append(key)
+        publishing.release()
+        assert gates[len(calls) - 1].wait(60)
+        publish(local, key)
+
+    monkeypatch.setattr(storage, "publish_file", held)
+    run_steps(w, 1)  # shard 0 is handed off; the writer thread holds it at its gate
+    assert publishing.acquire(timeout=60)
+    second = threading.Thread(target=run_steps, args=(w, 1))
+    second.start()  # shard 1 is full at once: its hand-off waits for shard 0
+    second.join(1.0)
+    assert second.is_alive()
+    gates[0].set()
+    assert publishing.acquire(timeout=60)  # shard 1's publish began, and is held at its gate
+    second.join(30)  # less than the policy's timeout (60 s), past which a hand-off stops waiting
+    assert not second.is_alive()  # the training went on while shard 1 was being published
+    gates[1].set()
+    w.close()
+    assert len(calls) == 2
+    assert tensortap.create_trial(tmp_path).steps() == [0, 1]
+
+
 def test_publish_failure_raises_when_strict(tmp_path: Path) -> None:
     w = Writer(tmp_path, strict=True, shard_policy=ShardPolicy(max_steps=1))
     run_steps(w, 1)

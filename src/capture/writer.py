@@ -24,6 +24,7 @@ import _thread
 import atexit
 import collections
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -507,23 +508,32 @@ class TrialWriter:
         buffer = self._buffer
         if buffer:
             self._buffers.append(buffer.detach_staged() if buffer.staging else buffer.successor())
-        return self._publish_handed_off if len(self._buffers) > 1 else None
+        return functools.partial(self._publish_handed_off, self._buffers[-2]) if len(self._buffers) > 1 else None
 
-    def _publish_handed_off(self) -> None:
-        """Publish the shards handed off, oldest first (writer thread).
+    def _publish_handed_off(self, last: ShardBuffer | None = None) -> None:
+        """Publish the shards handed off, oldest first, up to ``last`` (writer thread); all of them
+        without ``last``, nothing once ``last`` is published.
+
+        A job stops at its own shard: one that went on to a shard handed off while it ran made the
+        training thread, waiting for that job at its next hand-off, wait for the later shard's
+        publish too, so every other hand-off waited for a whole publish (bench/profiles/keras.md,
+        session 20).
 
         Not again while it runs: a publish that fails turns capture off, which hands off the open
         shard and submits this from the writer thread, where a job runs at once. Run inside the
         loop, it would take the loop's shards, and the loop would then delete the open one.
         """
-        if self._publishing:
+        if self._publishing or (last is not None and not any(b is last for b in self._buffers[:-1])):
             return
         self._publishing = True
         try:
             while len(self._buffers) > 1:
-                self._publish(self._buffers[0], self._seq)
+                buffer = self._buffers[0]
+                self._publish(buffer, self._seq)
                 self._seq += 1
                 del self._buffers[0]
+                if buffer is last:
+                    return
         finally:
             self._publishing = False
 
