@@ -206,6 +206,9 @@ class BufferPool:
 
 POOL = BufferPool()
 _FIRST_RESERVE = 64 << 20  # bytes a tensor's stacked array may reserve up front (untouched pages cost nothing)
+# a buffer's arrays reserve at most this many times its bytes: the bench's MLP's first shard reserves
+# 3.3 times (a tighter bound made tensors grow there, and the arrays they grew out of stayed pooled)
+_RESERVE_SHARDS = 4
 
 
 class _Column:
@@ -240,10 +243,9 @@ class _Column:
             self.ragged.append(np.array(value, copy=True))
             return self.ragged[-1]
         assert self.data is not None
-        if self.n == self.data.shape[0]:
+        if self.n == self.data.shape[0]:  # outgrown: freed, not pooled (no shard would take it)
             bigger = POOL.get(self.data.dtype, self.data.shape[1:], 2 * self.n)
             bigger[: self.n] = self.data[: self.n]
-            POOL.put(self.data)
             self.data = bigger
         self.data[self.n] = value
         self.n += 1
@@ -370,18 +372,19 @@ class ShardBuffer:
         a power of two (so that shards of about the same length reuse pooled arrays); without that
         hint (the first shard), as many as :data:`_FIRST_RESERVE` allows.
 
-        The rows of all the buffer's arrays reserve at most twice :attr:`max_bytes` (plus a row each),
-        which a hint never reaches: untouched pages cost no memory, but the address space they
-        reserve counts where the system refuses to overcommit it (``vm.overcommit_memory=2``, a
-        ``ulimit -v``), where a first shard of hundreds of large tensors asked for gigabytes of it.
-        A tensor that finds the reservation spent grows (:meth:`_Column.add_raw`)."""
+        The rows of all the buffer's arrays reserve at most :data:`_RESERVE_SHARDS` times
+        :attr:`max_bytes` (plus a row each), which a hint never reaches: untouched pages cost no
+        memory, but the address space they reserve counts where the system refuses to overcommit it
+        (``vm.overcommit_memory=2``, a ``ulimit -v``), where a first shard of hundreds of large
+        tensors asked for gigabytes of it. A tensor that finds the reservation spent grows
+        (:meth:`_Column.add_raw`)."""
         size = max(nbytes, 1)
         fits = self.max_bytes // size + 1
         if self.rows:
             rows = min(1 << (self.rows - 1).bit_length(), fits)
         else:
             rows = min(self.max_steps, fits, _FIRST_RESERVE // size)
-        rows = max(min(rows, (2 * self.max_bytes - self._reserved) // size + 1), 1)
+        rows = max(min(rows, (_RESERVE_SHARDS * self.max_bytes - self._reserved) // size + 1), 1)
         self._reserved += rows * nbytes
         return rows
 
