@@ -18,6 +18,12 @@ import pytest
 
 HELPERS = Path(__file__).parent / "helpers"
 
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    # pytest started by a shell's background job without job control (`cmd &` in a script) ignores
+    # SIGINT, and so would every process the tests start; the tests send SIGINT as to a training in
+    # the foreground, whose Python raises KeyboardInterrupt: give the processes they start that
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 
 class WriterProc:
     """A ``tests/helpers/writer_proc.py`` process; :meth:`cmd` sends one command and waits for its answer."""
