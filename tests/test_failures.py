@@ -160,28 +160,48 @@ def test_a_disk_that_fills_while_values_are_written_logs_once_and_keeps_what_was
     assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]  # no partial shard left
 
 
+class _HeldPublishes:
+    """The writer's shard publishes, held: the n-th waits until ``gates[n]`` opens (the last gate for any
+    after), then publishes for real; ``begun`` is released as each one begins, ``keys`` lists them."""
+
+    def __init__(self, w: Writer, monkeypatch: pytest.MonkeyPatch, gates: int) -> None:
+        assert w.writer is not None
+        storage = w.writer.storage
+        publish = storage.publish_file
+        self.gates = [threading.Event() for _ in range(gates)]
+        self.begun = threading.Semaphore(0)
+        self.keys: list[str] = []
+
+        def held(local: str, key: str) -> None:
+            gate = self.gates[min(len(self.keys), gates - 1)]
+            self.keys.append(key)
+            self.begun.release()
+            assert gate.wait(60)
+            publish(local, key)
+
+        monkeypatch.setattr(storage, "publish_file", held)
+
+
+def _hand_off_while_shard_0_is_held(w: Writer, held: _HeldPublishes) -> threading.Thread:
+    """Step 0 (shard 0, held at its gate), then step 1 on another thread, whose hand-off waits for shard 0."""
+    run_steps(w, 1)  # shard 0 is handed off; the writer thread holds it at its gate
+    assert held.begun.acquire(timeout=60)
+    second = threading.Thread(target=run_steps, args=(w, 1))
+    second.start()  # shard 1 is full at once: its hand-off waits for shard 0
+    second.join(1.0)
+    assert second.is_alive()
+    return second
+
+
 def test_a_full_shard_waits_while_the_one_before_is_published(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """ShardPolicy.max_bytes bounds the memory of unpublished steps: one shard is published while the
     next is built, and the training waits (backpressure) before it would hold a third."""
     w = Writer(tmp_path, shard_policy=ShardPolicy(max_steps=1))
+    held = _HeldPublishes(w, monkeypatch, gates=1)
+    second = _hand_off_while_shard_0_is_held(w, held)
     assert w.writer is not None
-    storage, gate, publishing = w.writer.storage, threading.Event(), threading.Event()
-    publish = storage.publish_file
-
-    def held(local: str, key: str) -> None:  # the real publish, once the gate opens
-        publishing.set()
-        assert gate.wait(60)
-        publish(local, key)
-
-    monkeypatch.setattr(storage, "publish_file", held)
-    run_steps(w, 1)  # shard 0 is handed off; the writer thread holds it at the gate
-    assert publishing.wait(60)
-    second = threading.Thread(target=run_steps, args=(w, 1))
-    second.start()  # shard 1 is full at once: its handoff waits for shard 0
-    second.join(1.0)
-    assert second.is_alive()
     assert len(w.writer._buffers) == 3  # shard 0 (publishing), shard 1 (handed off), the one being built
-    gate.set()
+    held.gates[0].set()
     second.join(60)
     assert not second.is_alive()
     w.close()
@@ -195,31 +215,15 @@ def test_a_hand_off_waits_for_the_shards_before_it_not_for_its_own(
     handed off meanwhile, so the training, waiting for that job, waited for shard 1's publish too
     (every other hand-off of a training saving every step waited for a whole publish)."""
     w = Writer(tmp_path, shard_policy=ShardPolicy(max_steps=1))
-    assert w.writer is not None
-    storage, gates, publishing = w.writer.storage, [threading.Event(), threading.Event()], threading.Semaphore(0)
-    publish = storage.publish_file
-    calls: list[str] = []
-
-    def held(local: str, key: str) -> None:  # the real publish, once the shard's gate opens
-        calls.append(key)
-        publishing.release()
-        assert gates[len(calls) - 1].wait(60)
-        publish(local, key)
-
-    monkeypatch.setattr(storage, "publish_file", held)
-    run_steps(w, 1)  # shard 0 is handed off; the writer thread holds it at its gate
-    assert publishing.acquire(timeout=60)
-    second = threading.Thread(target=run_steps, args=(w, 1))
-    second.start()  # shard 1 is full at once: its hand-off waits for shard 0
-    second.join(1.0)
-    assert second.is_alive()
-    gates[0].set()
-    assert publishing.acquire(timeout=60)  # shard 1's publish began, and is held at its gate
+    held = _HeldPublishes(w, monkeypatch, gates=2)
+    second = _hand_off_while_shard_0_is_held(w, held)
+    held.gates[0].set()
+    assert held.begun.acquire(timeout=60)  # shard 1's publish began, and is held at its gate
     second.join(30)  # less than the policy's timeout (60 s), past which a hand-off stops waiting
     assert not second.is_alive()  # the training went on while shard 1 was being published
-    gates[1].set()
+    held.gates[1].set()
     w.close()
-    assert len(calls) == 2
+    assert len(held.keys) == 2
     assert tensortap.create_trial(tmp_path).steps() == [0, 1]
 
 
