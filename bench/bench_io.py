@@ -32,13 +32,13 @@ from tensortap.backends.storage import drop_cached_pages
 from tensortap.capture import ShardPolicy, Writer
 
 BLOCK = 20
-WARMUP_BLOCKS = 5  # 100 steps, three shards: the writer's pool of shard arrays is full (bench/notes.md)
+WARMUP_BLOCKS = 5  # 100 steps, four shards: the writer's pool of shard arrays is full (bench/notes.md)
 ROUNDS = 10
 TENSORS = 20
 SHAPE = (128, 256)
 READ_STEPS = 1000
 READ_SHAPE = (64, 64)
-SHARD_BYTES = ShardPolicy().max_bytes // 3  # bytes at which a shard closes
+SHARD_BYTES = ShardPolicy().shard_bytes  # bytes at which a shard closes
 
 
 def _arrays(rng: np.random.Generator) -> list[np.ndarray]:
@@ -48,7 +48,7 @@ def _arrays(rng: np.random.Generator) -> list[np.ndarray]:
 class FloorArm:
     """``numpy.save`` of every array of a step into one open file: no format, no index, no checksum;
     flushed to disk with ``fsync`` and dropped from the page cache each time it holds as many new
-    bytes as a shard (a third of the default ``ShardPolicy.max_bytes``) and at close, as tensortap's
+    bytes as a default shard (``ShardPolicy().shard_bytes``) and at close, as tensortap's
     shards are when published."""
 
     def __init__(self, root: Path, arrays: list[np.ndarray]) -> None:

@@ -48,7 +48,7 @@ BLOCK = 100  # steps: each block pays once the wait for its last shard (the sett
 # wherever they start (6 and 12 saves)
 ROUNDS = 6
 JAX_ROUNDS = 12  # JAX's bare step is 2-3.5 ms here: 10 blocks of 25 gave 95% intervals of +-15%
-WARMUP = 75  # untimed steps: tracing, and three shards of the every-step arms (their pool of arrays is full)
+WARMUP = 75  # untimed steps: tracing, and four shards of the every-step arms (their pool of arrays is full)
 WARM_FIT = 7  # steps of the untimed fit run to its end first
 BACKENDS = ("tensorflow", "torch", "jax")
 BASIC = ("weights", "biases", "gradients", "losses")

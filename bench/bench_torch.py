@@ -45,14 +45,13 @@ from bench import harness
 BATCH = 64
 BLOCK = 100  # steps: each block pays once the wait for its last shard (the settle), a quarter of what 25 did
 ROUNDS = 6  # 600 timed steps, a multiple of 100: the every-100-steps arm saves 6 times wherever it starts
-WARMUP = 75  # untimed steps: three shards of the every-step arms, whose pool of shard arrays is then full
+WARMUP = 75  # untimed steps: five shards of the every-step arms, whose pool of shard arrays is then full
 BENCHMARK = "torch MLP 784-512-256-10, batch 64"
 BASIC = ("weights", "biases", "gradients", "losses")
 FLOOR = "floor: a step's weights and gradients written and fsynced, no training"
 COPY_FLOOR = "floor: training that copies its weights and gradients every step, nothing else"
 SMDEBUG_PYTHON = os.environ.get("TENSORTAP_SMDEBUG_PYTHON")  # smdebug's own environment, if there is one
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SYNC_EVERY = 20  # steps: about one default shard (a third of ShardPolicy.max_bytes) of this model
 # (arm, save interval, collections)
 CASES: list[tuple[str, int, Sequence[str]]] = [
     ("weights+biases+gradients+losses, every step", 1, BASIC),
@@ -161,7 +160,7 @@ class CopyFloorArm(TrainArm):
 
 class DiskFloorArm:
     """The floor of every-step raw capture: the bytes of a step's weights, biases and gradients
-    written to one file, ``fsync``-ed every ``SYNC_EVERY`` steps (as shards are published), without
+    written to one file, ``fsync``-ed each time it holds a default shard's bytes (as shards are published), without
     training, format, checksums or copies; its ratio to a training step is the least that saving
     every step can cost while the disk takes the bytes (when writing overlaps training perfectly,
     on the other core). The bytes are written as a shard writes large values: one page-aligned
@@ -172,6 +171,7 @@ class DiskFloorArm:
         # imported here: the processes of smdebug's environment import this module, without tensortap
         from tensortap.backends.shard import PAGE, page_aligned_empty
         from tensortap.backends.storage import drop_cached_pages
+        from tensortap.capture import ShardPolicy
 
         self.drop_cached_pages = drop_cached_pages
         arrays = [p.detach().numpy().copy() for p in mlp().parameters() for _ in range(2)]  # value, gradient
@@ -185,12 +185,13 @@ class DiskFloorArm:
         except OSError:  # a file system without O_DIRECT
             self.fd = os.open(self.path, os.O_WRONLY)
         self.steps = 0
+        self.sync_every = max(1, ShardPolicy().shard_bytes // len(self.step))  # steps
 
     def run(self, n: int) -> None:
         for _ in range(n):
             os.pwrite(self.fd, self.step, self.steps * len(self.step))
             self.steps += 1
-            if self.steps % SYNC_EVERY == 0:
+            if self.steps % self.sync_every == 0:
                 self.settle()
 
     def settle(self) -> None:

@@ -15,6 +15,7 @@ from helpers.trials import default_value, run_steps, write_trial
 import tensortap
 from tensortap import StepState, StepUnavailable, TensorUnavailableForStep
 from tensortap.capture import ShardPolicy, Writer
+from tensortap.capture.writer import IN_FLIGHT
 
 
 def _errors(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
@@ -183,29 +184,32 @@ class _HeldPublishes:
 
 
 def _hand_off_while_shard_0_is_held(w: Writer, held: _HeldPublishes) -> threading.Thread:
-    """Step 0 (shard 0, held at its gate), then step 1 on another thread, whose hand-off waits for shard 0."""
+    """Step 0 (shard 0, held at its gate) and the steps after it up to IN_FLIGHT shards handed off, none
+    of which waits; then one more step on another thread, whose hand-off waits for shard 0."""
     run_steps(w, 1)  # shard 0 is handed off; the writer thread holds it at its gate
     assert held.begun.acquire(timeout=60)
-    second = threading.Thread(target=run_steps, args=(w, 1))
-    second.start()  # shard 1 is full at once: its hand-off waits for shard 0
-    second.join(1.0)
-    assert second.is_alive()
-    return second
+    run_steps(w, IN_FLIGHT - 1)  # handed off behind shard 0, without waiting for it
+    last = threading.Thread(target=run_steps, args=(w, 1))
+    last.start()  # this shard is full at once: its hand-off waits for shard 0
+    last.join(1.0)
+    assert last.is_alive()
+    return last
 
 
 def test_a_full_shard_waits_while_the_one_before_is_published(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """ShardPolicy.max_bytes bounds the memory of unpublished steps: one shard is published while the
-    next is built, and the training waits (backpressure) before it would hold a third."""
+    """ShardPolicy.max_bytes bounds the memory of unpublished steps: IN_FLIGHT shards are published
+    while the next is built, and the training waits (backpressure) before it would hold one more."""
     w = Writer(tmp_path, shard_policy=ShardPolicy(max_steps=1))
     held = _HeldPublishes(w, monkeypatch, gates=1)
-    second = _hand_off_while_shard_0_is_held(w, held)
+    last = _hand_off_while_shard_0_is_held(w, held)
     assert w.writer is not None
-    assert len(w.writer._buffers) == 3  # shard 0 (publishing), shard 1 (handed off), the one being built
+    # shard 0 (publishing), the shards handed off behind it, the one being built
+    assert len(w.writer._buffers) == IN_FLIGHT + 2
     held.gates[0].set()
-    second.join(60)
-    assert not second.is_alive()
+    last.join(60)
+    assert not last.is_alive()
     w.close()
-    assert tensortap.create_trial(tmp_path).steps() == [0, 1]
+    assert tensortap.create_trial(tmp_path).steps() == list(range(IN_FLIGHT + 1))
 
 
 def test_a_hand_off_waits_for_the_shards_before_it_not_for_its_own(
@@ -216,15 +220,15 @@ def test_a_hand_off_waits_for_the_shards_before_it_not_for_its_own(
     (every other hand-off of a training saving every step waited for a whole publish)."""
     w = Writer(tmp_path, shard_policy=ShardPolicy(max_steps=1))
     held = _HeldPublishes(w, monkeypatch, gates=2)
-    second = _hand_off_while_shard_0_is_held(w, held)
+    last = _hand_off_while_shard_0_is_held(w, held)
     held.gates[0].set()
     assert held.begun.acquire(timeout=60)  # shard 1's publish began, and is held at its gate
-    second.join(30)  # less than the policy's timeout (60 s), past which a hand-off stops waiting
-    assert not second.is_alive()  # the training went on while shard 1 was being published
+    last.join(30)  # less than the policy's timeout (60 s), past which a hand-off stops waiting
+    assert not last.is_alive()  # the training went on while shard 1 was being published
     held.gates[1].set()
     w.close()
-    assert len(held.keys) == 2
-    assert tensortap.create_trial(tmp_path).steps() == [0, 1]
+    assert len(held.keys) == IN_FLIGHT + 1
+    assert tensortap.create_trial(tmp_path).steps() == list(range(IN_FLIGHT + 1))
 
 
 def test_publish_failure_raises_when_strict(tmp_path: Path) -> None:

@@ -245,6 +245,18 @@ def test_64_mib_tensor(tmp_path: Path) -> None:
     assert t.shape(0) == (16 << 20,)
 
 
+def test_a_shard_closes_at_a_quarter_of_max_bytes(tmp_path: Path) -> None:
+    """The memory bound: IN_FLIGHT (2) shards handed off, the one being built and the recycled arrays."""
+    value = np.ones(256, dtype=np.float32)  # 1 KiB a step
+    with Writer(tmp_path, shard_policy=ShardPolicy(max_bytes=8 << 10, max_seconds=60, live_seconds=None)) as w:
+        for _ in range(8):
+            with w.stepping():
+                w.save("v", value)
+    shards = sorted(p.name for p in (tmp_path / "shards" / "worker_0").glob("*.h5"))
+    assert len(shards) == 4  # 2 KiB, two steps, each
+    assert tensortap.create_trial(tmp_path).steps() == list(range(8))
+
+
 def test_a_shard_reserves_the_rows_of_the_previous_one(monkeypatch, tmp_path: Path) -> None:
     """A tensor's stacked array is sized for the steps the previous shard held: it never grows
     (a copy of every row so far, on the training thread) in the middle of a shard."""

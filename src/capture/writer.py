@@ -56,6 +56,7 @@ IF_EXISTS = ("error", "overwrite", "new_run")
 RUN_PREFIX = "run-"
 POLL_SECONDS = 0.1  # how often the writer thread looks for buffers due for publishing
 LIVE_SHARE = 0.02  # publishing at the live deadline takes at most this share of one core (the writer thread's CPU)
+IN_FLIGHT = 2  # shards handed off and not yet published that a hand-off does not wait for (see TrialWriter._hand_off)
 _T = TypeVar("_T")
 
 
@@ -72,9 +73,10 @@ class ShardPolicy:
         this bounds how late a live reader sees data, and what a SIGKILL loses.
     max_bytes
         Bytes of tensor data capture holds for steps not yet published (the memory bound):
-        a shard closes at a third of it, and training waits while the shard before is still
-        being published, so the shard being built, the one being published and the arrays
-        recycled from the one before (for the next shard) together never hold more.
+        a shard closes at a quarter of it (:attr:`shard_bytes`), and a hand-off waits until
+        at most :data:`IN_FLIGHT` (2) shards before the one being built are unpublished, so
+        those two, the shard being built and the arrays recycled from the one before them
+        (for the next shard) together never hold more.
     compression
         ``None`` (default), ``"gzip"`` or ``"lzf"``.
     timeout
@@ -112,6 +114,11 @@ class ShardPolicy:
             raise ValueError(f"timeout: expected a number > 0, got {self.timeout!r}")
         if self.compression not in (None, "gzip", "lzf"):
             raise ValueError(f"compression: {self.compression!r} is not valid; valid: None, 'gzip', 'lzf'")
+
+    @property
+    def shard_bytes(self) -> int:
+        """Bytes of tensor data at which a shard closes: ``max_bytes`` over :data:`IN_FLIGHT` + 2."""
+        return max(1, self.max_bytes // (IN_FLIGHT + 2))
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> ShardPolicy:
@@ -375,7 +382,7 @@ class TrialWriter:
         self.run_id = run_id or uuid.uuid4().hex
         self._lock = threading.RLock()
         # the shard being built is the last; before it, shards handed off to the writer thread (see _take_locked)
-        self._buffers = [ShardBuffer(policy.max_steps, self._shard_bytes)]
+        self._buffers = [ShardBuffer(policy.max_steps, self.policy.shard_bytes)]
         self._since = 0.0
         self._publish_seconds = 0.0  # moving average of one publish: publishing starts this much earlier
         self._publish_cpu = 0.0  # moving average of one publish's CPU time on the writer thread
@@ -451,7 +458,7 @@ class TrialWriter:
                 return
             self._buffer.commit(step, mode, mode_step)
             self._last = (step, mode, mode_step)
-            full = len(self._buffer) >= self.policy.max_steps or self._buffer.nbytes >= self._shard_bytes
+            full = len(self._buffer) >= self.policy.max_steps or self._buffer.nbytes >= self.policy.shard_bytes
             job = self._take_locked() if full or self._due() else None
         if job is not None:
             self._hand_off(job)
@@ -484,11 +491,6 @@ class TrialWriter:
             finally:
                 self._lock.release()
             self._publish_handed_off()  # also a shard whose job an interrupt kept from the queue
-
-    @property
-    def _shard_bytes(self) -> int:
-        """Bytes of tensor data at which a shard closes: a third of ``policy.max_bytes`` (see :meth:`_hand_off`)."""
-        return max(1, self.policy.max_bytes // 3)
 
     @property
     def _buffer(self) -> ShardBuffer:
@@ -538,12 +540,17 @@ class TrialWriter:
             self._publishing = False
 
     def _hand_off(self, job: Callable[[], None]) -> None:
-        """Submit the job that publishes a full shard, then wait until the shards before it are
-        published: one shard is published while the next is built (double buffering). With the
-        arrays of the shard before, recycled for the next one, capture holds three shards of a
-        third of ``policy.max_bytes`` at most."""
+        """Submit the job that publishes a full shard, then wait until at most :data:`IN_FLIGHT`
+        shards are left to publish: this one and the one before are published while the next
+        is built. With the arrays of the shard before them, recycled for the next one, capture
+        holds four shards of a quarter of ``policy.max_bytes`` at most.
+
+        Two in flight rather than one (with thirds): a publish that takes longer than building a
+        shard (a spell of slow disk, a large layout) no longer stops the training at once, and
+        a training saving every step faster than the writer waits at fewer hand-offs
+        (bench/profiles/keras.md, session 21)."""
         self._submit(job)
-        self._wait_for(self._pending[:-1])
+        self._wait_for(self._pending[:-IN_FLIGHT])
 
     def _submit(self, fn: Callable[[], None]) -> None:
         if self._hung:
