@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import shutil
 import threading
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,7 +17,10 @@ from helpers.trials import default_value, run_steps, write_trial
 
 import tensortap
 from tensortap import StepState, StepUnavailable, TensorUnavailableForStep
+from tensortap.backends import shard as shard_module
+from tensortap.backends.shard import PreparedShard
 from tensortap.capture import ShardPolicy, Writer
+from tensortap.capture import writer as writer_module
 from tensortap.capture.writer import IN_FLIGHT
 
 
@@ -229,6 +235,110 @@ def test_a_hand_off_waits_for_the_shards_before_it_not_for_its_own(
     w.close()
     assert len(held.keys) == IN_FLIGHT + 1
     assert tensortap.create_trial(tmp_path).steps() == list(range(IN_FLIGHT + 1))
+
+
+class _HeldPrepares:
+    """The writer's shard preparations (``prepare_shard``), shard 0's held until :meth:`release`; ``fail``
+    lists the shards whose next preparation raises ``OSError`` (once each); ``done`` is set as each
+    preparation ends, ``threads`` names the thread that wrote each shard's values."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, fail: Sequence[int] = ()) -> None:
+        self.gate = threading.Event()
+        self.fail = list(fail)
+        self.done = {seq: threading.Event() for seq in range(8)}
+        self.threads: dict[int, str] = {}
+        prepare, write = writer_module.prepare_shard, PreparedShard.write
+
+        def held_prepare(path: str, worker: str, seq: int, *args: Any) -> PreparedShard:
+            assert seq != 0 or self.gate.wait(60)
+            try:
+                if seq in self.fail:
+                    self.fail.remove(seq)
+                    raise OSError(f"cannot prepare shard {seq}")
+                return prepare(path, worker, seq, *args)
+            finally:
+                self.done[seq].set()
+
+        def watched_write(prepared: PreparedShard) -> None:
+            seq = prepared.record_head["seq"]
+            self.threads[seq] = threading.current_thread().name
+            if seq == 0:  # shard 1, handed off, is prepared meanwhile (or never, if this thread must)
+                self.done[1].wait(10)
+            write(prepared)
+
+        monkeypatch.setattr(writer_module, "prepare_shard", held_prepare)
+        monkeypatch.setattr(PreparedShard, "write", watched_write)
+
+    def release(self, w: Writer) -> None:
+        """Release shard 0's preparation once shards 0 and 1 are handed off (neither waits)."""
+        run_steps(w, 2)
+        self.gate.set()
+
+
+def test_the_next_shard_is_prepared_while_the_values_of_one_are_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The two stages of a publish overlap: shard 0's values are written on a thread of their own while
+    the writer thread prepares shard 1, whose publish then uses that preparation."""
+    held = _HeldPrepares(monkeypatch)
+    w = Writer(tmp_path, shard_policy=ShardPolicy(max_steps=1))
+    held.release(w)
+    w.close()
+    assert held.threads == {0: "tensortap-shard-values", 1: "tensortap-writer"}  # shard 1: nothing behind it
+    assert held.done[1].is_set() and not held.done[2].is_set()  # each shard prepared once
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.steps() == [0, 1]
+    for step in (0, 1):
+        np.testing.assert_array_equal(trial.tensor("a").value(step), default_value("a", step))
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_a_shard_whose_early_preparation_failed_is_prepared_again_by_its_own_publish(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    held = _HeldPrepares(monkeypatch, fail=[1])
+    w = Writer(tmp_path, shard_policy=ShardPolicy(max_steps=1))
+    held.release(w)
+    w.close()
+    assert not held.fail and not _errors(caplog)
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.steps() == [0, 1]
+    np.testing.assert_array_equal(trial.tensor("a").value(1), default_value("a", 1))
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_a_shard_whose_preparation_fails_twice_turns_capture_off_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    held = _HeldPrepares(monkeypatch, fail=[1, 1])
+    w = Writer(tmp_path, shard_policy=ShardPolicy(max_steps=1))
+    held.release(w)
+    w.close()
+    errors = _errors(caplog)
+    assert len(errors) == 1 and "cannot prepare shard 1" in errors[0].getMessage()
+    assert tensortap.create_trial(tmp_path).steps() == [0]
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_a_failed_write_of_values_leaves_no_prepared_shard_behind(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Shard 0's values cannot be written while shard 1 is prepared: capture turns off, shard 1's
+    prepared file is removed, nothing is published."""
+    held = _HeldPrepares(monkeypatch)
+    monkeypatch.setattr(shard_module, "_pwrite_all", _no_space)
+    w = Writer(tmp_path, shard_policy=ShardPolicy(max_steps=1))
+    held.release(w)
+    w.close()
+    errors = _errors(caplog)
+    assert len(errors) == 1 and "No space left" in errors[0].getMessage()
+    assert held.threads == {0: "tensortap-shard-values"} and held.done[1].is_set()
+    assert tensortap.create_trial(tmp_path).steps() == []
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+
+
+def _no_space(*_: object) -> None:
+    raise OSError(errno.ENOSPC, "No space left on device")
 
 
 def test_publish_failure_raises_when_strict(tmp_path: Path) -> None:

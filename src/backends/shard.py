@@ -601,13 +601,20 @@ class _Plan:
         return None if slot is None else self._offsets[slot]
 
     def make(self, path: str) -> None:
-        """Create the HDF5 file ``path`` (in the layout process when it can) and write its data."""
+        """Create the HDF5 file ``path`` (in the layout process when it can), without the data
+        :meth:`write_data` writes."""
         path = os.path.abspath(path)  # the layout process keeps the directory it started in
         offsets = LAYOUTS.lay_out(path, self.ops) if not self.arrays else None
         if offsets is None:
             offsets = lay_out(path, self.ops, self.arrays)
         self._offsets = offsets
-        placed = [(offsets[number], _bytes(data)) for number, data in self._later]
+        self.arrays = []  # written: views of the shard's arrays go, so that they can go back to the pool
+
+    def write_data(self, path: str) -> None:
+        """Write the data of the datasets :meth:`add` allocated into the file :meth:`make` made.
+        Makes no HDF5 call (any thread may run it: see :class:`PreparedShard`)."""
+        placed = [(self._offsets[number], _bytes(data)) for number, data in self._later]
+        self._later = []  # as in make
         fd = os.open(path, os.O_WRONLY)
         try:
             placed = _write_direct(path, placed)
@@ -986,7 +993,30 @@ def _write_histograms(
     return ALL_STEPS if len(hists) == n_steps else [s for s, _ in hists]
 
 
-def write_shard(
+@dataclass
+class PreparedShard:
+    """A shard whose HDF5 file is made, its values not yet written (:func:`prepare_shard`).
+
+    :meth:`write` writes them with ``os.pwrite`` only (no HDF5 call, the GIL released), so it may
+    run on another thread while the writer thread prepares the next shard; :meth:`record` then
+    returns the index record.
+    """
+
+    path: str
+    plan: _Plan
+    record_head: dict[str, Any]
+    record_tail: dict[str, Any]
+
+    def write(self) -> None:
+        """Write the values at the offsets HDF5 allocated."""
+        self.plan.write_data(self.path)
+
+    def record(self) -> dict[str, Any]:
+        """The shard's index record (once :meth:`write` has written the file)."""
+        return {**self.record_head, "bytes": os.path.getsize(self.path), **self.record_tail}
+
+
+def prepare_shard(
     path: str,
     worker: str,
     seq: int,
@@ -994,25 +1024,9 @@ def write_shard(
     shard_key: str,
     compression: str | None = None,
     writeback: bool = False,
-) -> dict[str, Any]:
-    """Write the committed steps of ``buffer`` into a new HDF5 file at ``path``; return its index record.
-
-    Parameters
-    ----------
-    path
-        Local file to create (the caller publishes it afterwards).
-    worker, seq
-        Written into the file's attributes and the index record.
-    buffer
-        The steps to write (no step may be in progress).
-    shard_key
-        The key under which the shard will be published (recorded in the index record).
-    compression
-        ``None`` (default, fastest), ``"gzip"`` or ``"lzf"``: built-in HDF5 filters only.
-    writeback
-        Start writing the file to disk while it is written (see :class:`_Plan`): for a file
-        that is published where it is (renamed), not one that is uploaded and deleted.
-    """
+) -> PreparedShard:
+    """Make the HDF5 file of the committed steps of ``buffer`` at ``path``, all but the values that
+    :meth:`PreparedShard.write` writes (see :func:`write_shard` for the parameters)."""
     names = sorted(buffer.columns)
     n_steps = len(buffer.steps)
     tensors_index: dict[str, Any] = {}
@@ -1072,18 +1086,48 @@ def write_shard(
             dtype = np.dtype(entry["dtype"])
             check = raw_at_check(name, dtype, entry["shape"], raw_steps, data, crc)
             entry["raw_at"] = RawAt(dtype, tuple(entry["shape"]), data, crc, check).entry()
-    return {
+    head = {
         "format": INDEX_MAGIC,
         "format_version": FORMAT_VERSION,
         "format_minor": FORMAT_MINOR,
         "worker": worker,
         "seq": seq,
         "shard": shard_key,
-        "bytes": os.path.getsize(path),
-        "steps": [list(s) for s in buffer.steps],
-        "wall_times": list(buffer.wall_times),
-        "tensors": tensors_index,
     }
+    tail = {"steps": [list(s) for s in buffer.steps], "wall_times": list(buffer.wall_times), "tensors": tensors_index}
+    return PreparedShard(path, plan, head, tail)
+
+
+def write_shard(
+    path: str,
+    worker: str,
+    seq: int,
+    buffer: ShardBuffer,
+    shard_key: str,
+    compression: str | None = None,
+    writeback: bool = False,
+) -> dict[str, Any]:
+    """Write the committed steps of ``buffer`` into a new HDF5 file at ``path``; return its index record.
+
+    Parameters
+    ----------
+    path
+        Local file to create (the caller publishes it afterwards).
+    worker, seq
+        Written into the file's attributes and the index record.
+    buffer
+        The steps to write (no step may be in progress).
+    shard_key
+        The key under which the shard will be published (recorded in the index record).
+    compression
+        ``None`` (default, fastest), ``"gzip"`` or ``"lzf"``: built-in HDF5 filters only.
+    writeback
+        Start writing the file to disk while it is written (see :class:`_Plan`): for a file
+        that is published where it is (renamed), not one that is uploaded and deleted.
+    """
+    prepared = prepare_shard(path, worker, seq, buffer, shard_key, compression, writeback)
+    prepared.write()
+    return prepared.record()
 
 
 class ShardError(TensortapError):

@@ -26,6 +26,7 @@ import collections
 import contextlib
 import functools
 import logging
+import math
 import os
 import re
 import signal
@@ -40,7 +41,7 @@ from types import FrameType
 from typing import Any, Literal, TypeVar
 
 from ..backends import layout
-from ..backends.shard import POOL, ShardBuffer, write_shard
+from ..backends.shard import POOL, PreparedShard, ShardBuffer, prepare_shard
 from ..backends.storage import Storage
 from ..config import check_keys
 from ..exceptions import TrialExistsError
@@ -146,6 +147,12 @@ def publish_deadline(policy: ShardPolicy, publish_cpu_seconds: float) -> float:
     return min(policy.max_seconds, max(policy.live_seconds, publish_cpu_seconds / LIVE_SHARE))
 
 
+def _discard(prepared: PreparedShard) -> None:
+    """Remove ``prepared``'s file if it is still in the staging folder (not published)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(prepared.path)
+
+
 def _moving_average(average: float, value: float, first: bool) -> float:
     return value if first else 0.7 * average + 0.3 * value
 
@@ -156,6 +163,21 @@ def run_bounded(fn: Callable[[], _T], timeout: float, what: str) -> _T:
     A call that never returns (a storage endpoint that accepts connections and never
     answers) is left behind on its daemon thread; the caller goes on.
     """
+    result = on_daemon_thread(fn, "tensortap-storage")
+    try:
+        return result(timeout)
+    except _NoAnswer:
+        raise TimeoutError(f"{what}: the storage did not answer within {timeout:g} s") from None
+
+
+class _NoAnswer(Exception):
+    """A call started by :func:`on_daemon_thread` is still running when its waiter gives up."""
+
+
+def on_daemon_thread(fn: Callable[[], _T], name: str) -> Callable[[float], _T]:
+    """Start ``fn()`` on a daemon thread named ``name``; return its waiter, which returns what ``fn``
+    returned or raises what it raised, waiting ``timeout`` s at most (``math.inf``: as long as it
+    takes); past it, :class:`_NoAnswer`."""
     result: list[Any] = []
     failure: list[BaseException] = []
     done = Done()
@@ -168,12 +190,16 @@ def run_bounded(fn: Callable[[], _T], timeout: float, what: str) -> _T:
         finally:
             done.set()
 
-    threading.Thread(target=target, name="tensortap-storage", daemon=True).start()
-    if not done.wait(timeout):
-        raise TimeoutError(f"{what}: the storage did not answer within {timeout:g} s")
-    if failure:
-        raise failure[0]
-    return result[0]
+    threading.Thread(target=target, name=name, daemon=True).start()
+
+    def wait(timeout: float) -> _T:
+        if not done.wait(timeout):
+            raise _NoAnswer
+        if failure:
+            raise failure[0]
+        return result[0]
+
+    return wait
 
 
 # ------------------------------------------------------------------ claiming a worker name
@@ -389,6 +415,7 @@ class TrialWriter:
         self._publishes = 0
         self._seq = 0  # of the next shard the writer thread publishes
         self._publishing = False  # _publish_handed_off is running (see there)
+        self._ahead: tuple[ShardBuffer, int, PreparedShard] | None = None  # the next shard, prepared (see _publish)
         self._last: tuple[int, int, int] | None = None  # the last committed (step, mode, mode_step)
         self._staging_step = -1
         self._hung = False  # the storage did not answer within policy.timeout: wait for it no more
@@ -568,25 +595,34 @@ class TrialWriter:
             self.on_error(exc)
 
     def _publish(self, buffer: ShardBuffer, seq: int) -> None:
+        """Publish ``buffer`` as shard ``seq`` (writer thread); an error turns capture off.
+
+        Two stages overlap when a shard handed off waits behind this one: while this shard's values
+        are written (``os.pwrite`` on a thread of its own: no HDF5 call, the GIL released, little
+        CPU), the writer thread prepares the next (its checksums and HDF5 objects: a quarter of a
+        publish, bench/profiles/keras.md, session 21), which its own publish then finds ready.
+        """
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and (ahead[0] is not buffer or ahead[1] != seq or self.error is not None):
+            _discard(ahead[2])  # not this shard's (never expected): made again below
+            ahead = None
         if self.error is not None:
             buffer.release()
             return
         start, start_cpu = time.monotonic(), time.thread_time()
         key = layout.shard_key(self.worker, seq)
+        prepared = None if ahead is None else ahead[2]
         try:
-            staging = os.path.join(self.storage.staging_dir(), layout.SHARDS, self.worker)
-            os.makedirs(staging, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{seq:010d}.", suffix=".h5.tmp", dir=staging)
-            os.close(fd)
             try:
-                record = write_shard(
-                    tmp, self.worker, seq, buffer, key, self.policy.compression, self.storage.publishes_in_place
-                )
+                if prepared is None:
+                    prepared = self._prepare(buffer, seq)
+                self._write_preparing_the_next(prepared, buffer, seq)
+                record = prepared.record()
                 buffer.release()
-                self.storage.publish_file(tmp, key)
+                self.storage.publish_file(prepared.path, key)
             finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+                if prepared is not None:
+                    _discard(prepared)
             record["run_id"] = self.run_id
             self.storage.write_json(layout.index_key(self.worker, seq), record)
         except BaseException as exc:  # reported to the hook, never raised into the writer thread
@@ -597,6 +633,44 @@ class TrialWriter:
         self._publishes += 1
         self._publish_seconds = _moving_average(self._publish_seconds, time.monotonic() - start, first)
         self._publish_cpu = _moving_average(self._publish_cpu, time.thread_time() - start_cpu, first)
+
+    def _prepare(self, buffer: ShardBuffer, seq: int) -> PreparedShard:
+        """Make shard ``seq``'s file of ``buffer`` under a temporary name in the staging folder, its
+        values not yet written (:func:`~tensortap.backends.shard.prepare_shard`)."""
+        staging = os.path.join(self.storage.staging_dir(), layout.SHARDS, self.worker)
+        os.makedirs(staging, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{seq:010d}.", suffix=".h5.tmp", dir=staging)
+        os.close(fd)
+        try:
+            key = layout.shard_key(self.worker, seq)
+            return prepare_shard(
+                tmp, self.worker, seq, buffer, key, self.policy.compression, self.storage.publishes_in_place
+            )
+        except BaseException:
+            os.unlink(tmp)
+            raise
+
+    def _write_preparing_the_next(self, prepared: PreparedShard, buffer: ShardBuffer, seq: int) -> None:
+        """Write ``prepared``'s values; meanwhile prepare the shard handed off after ``buffer``, if any.
+
+        A failure to prepare the next shard is left to that shard's own publish, which prepares it
+        again and reports what fails then (the same error, or none if it was passing).
+        """
+        handed_off = self._buffers[:-1]  # the open shard is last; only this thread removes shards
+        at = next((i for i, b in enumerate(handed_off) if b is buffer), None)
+        if at is None or at + 1 >= len(handed_off):
+            prepared.write()
+            return
+        try:
+            written = on_daemon_thread(prepared.write, "tensortap-shard-values")
+        except RuntimeError:  # no new thread at interpreter shutdown
+            prepared.write()
+            return
+        try:
+            with contextlib.suppress(Exception):  # prepared again, and reported, by its own publish (see above)
+                self._ahead = (handed_off[at + 1], seq + 1, self._prepare(handed_off[at + 1], seq + 1))
+        finally:
+            written(math.inf)
 
     def drain(self) -> None:
         """Wait until every shard handed off so far is published, ``policy.timeout`` at most for each,
