@@ -23,7 +23,7 @@ from helpers.writer_proc import value_for
 
 import tensortap
 from tensortap import ReductionConfig
-from tensortap.backends.shard import ShardBuffer, ShardReader, write_shard
+from tensortap.backends.shard import ShardBuffer, ShardReader, prepare_shard
 from tensortap.capture import ShardPolicy, Writer, counting
 from tensortap.capture.handoff import Done
 from tensortap.capture.testing import numpy_histogram_rule, numpy_rule_edges
@@ -144,7 +144,7 @@ def test_rollback_after_a_half_staged_value(tmp_path: Path, shape: tuple[int, ..
     buf.rollback()
     assert list(buf.columns) == ["a"]
     path = tmp_path / "shard.h5"
-    record = write_shard(str(path), "worker_0", 0, buf, "shards/worker_0/0000000000.h5")
+    record = prepare_shard(str(path), "worker_0", 0, buf, "shards/worker_0/0000000000.h5").write()
     assert record["steps"] == [[0, 1, 0]]
     assert record["tensors"]["a"]["raw_steps"] == "*"
     reader = ShardReader(str(path))

@@ -259,12 +259,12 @@ class _HeldPrepares:
             finally:
                 self.done[seq].set()
 
-        def watched_write(prepared: PreparedShard) -> None:
+        def watched_write(prepared: PreparedShard) -> dict[str, Any]:
             seq = prepared.record_head["seq"]
             self.threads[seq] = threading.current_thread().name
             if seq == 0:  # shard 1, handed off, is prepared meanwhile (or never, if this thread must)
                 self.done[1].wait(10)
-            write(prepared)
+            return write(prepared)
 
         monkeypatch.setattr(writer_module, "prepare_shard", held_prepare)
         monkeypatch.setattr(PreparedShard, "write", watched_write)

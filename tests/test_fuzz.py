@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tensortap
-from tensortap.backends.shard import ShardBuffer, write_shard
+from tensortap.backends.shard import ShardBuffer, prepare_shard
 from tensortap.exceptions import TensortapError
 from tensortap.modes import Mode
 
@@ -60,7 +60,7 @@ def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
         for name, value in original_values(step).items():
             buf.stage(step, name, ["fuzz"], value, {"l2": l2(value)}, None)
         buf.commit(step, int(Mode.TRAIN), step)
-    record = write_shard(str(out / SHARD), "worker_0", 0, buf, SHARD)
+    record = prepare_shard(str(out / SHARD), "worker_0", 0, buf, SHARD).write()
     (out / RECORD).write_text(json.dumps(record))
     (out / "end" / "worker_0.json").write_text(json.dumps({"worker": "worker_0", "reason": "closed", "last_step": 3}))
     return out

@@ -532,7 +532,7 @@ class _Plan:
     Parameters
     ----------
     compression
-        The shard's compression of values (:func:`write_shard`).
+        The shard's compression of values (:func:`prepare_shard`).
     writeback
         Start the disk write of the file every :data:`_WRITEBACK_EVERY` bytes, so that the disk
         writes the first values while the next are written, and the ``fsync`` when the shard is
@@ -998,8 +998,7 @@ class PreparedShard:
     """A shard whose HDF5 file is made, its values not yet written (:func:`prepare_shard`).
 
     :meth:`write` writes them with ``os.pwrite`` only (no HDF5 call, the GIL released), so it may
-    run on another thread while the writer thread prepares the next shard; :meth:`record` then
-    returns the index record.
+    run on another thread while the writer thread prepares the next shard.
     """
 
     path: str
@@ -1007,12 +1006,9 @@ class PreparedShard:
     record_head: dict[str, Any]
     record_tail: dict[str, Any]
 
-    def write(self) -> None:
-        """Write the values at the offsets HDF5 allocated."""
+    def write(self) -> dict[str, Any]:
+        """Write the values at the offsets HDF5 allocated; return the shard's index record."""
         self.plan.write_data(self.path)
-
-    def record(self) -> dict[str, Any]:
-        """The shard's index record (once :meth:`write` has written the file)."""
         return {**self.record_head, "bytes": os.path.getsize(self.path), **self.record_tail}
 
 
@@ -1026,7 +1022,24 @@ def prepare_shard(
     writeback: bool = False,
 ) -> PreparedShard:
     """Make the HDF5 file of the committed steps of ``buffer`` at ``path``, all but the values that
-    :meth:`PreparedShard.write` writes (see :func:`write_shard` for the parameters)."""
+    :meth:`PreparedShard.write` then writes (returning the shard's index record).
+
+    Parameters
+    ----------
+    path
+        Local file to create (the caller publishes it afterwards).
+    worker, seq
+        Written into the file's attributes and the index record.
+    buffer
+        The steps to write (no step may be in progress).
+    shard_key
+        The key under which the shard will be published (recorded in the index record).
+    compression
+        ``None`` (default, fastest), ``"gzip"`` or ``"lzf"``: built-in HDF5 filters only.
+    writeback
+        Start writing the file to disk while it is written (see :class:`_Plan`): for a file
+        that is published where it is (renamed), not one that is uploaded and deleted.
+    """
     names = sorted(buffer.columns)
     n_steps = len(buffer.steps)
     tensors_index: dict[str, Any] = {}
@@ -1096,38 +1109,6 @@ def prepare_shard(
     }
     tail = {"steps": [list(s) for s in buffer.steps], "wall_times": list(buffer.wall_times), "tensors": tensors_index}
     return PreparedShard(path, plan, head, tail)
-
-
-def write_shard(
-    path: str,
-    worker: str,
-    seq: int,
-    buffer: ShardBuffer,
-    shard_key: str,
-    compression: str | None = None,
-    writeback: bool = False,
-) -> dict[str, Any]:
-    """Write the committed steps of ``buffer`` into a new HDF5 file at ``path``; return its index record.
-
-    Parameters
-    ----------
-    path
-        Local file to create (the caller publishes it afterwards).
-    worker, seq
-        Written into the file's attributes and the index record.
-    buffer
-        The steps to write (no step may be in progress).
-    shard_key
-        The key under which the shard will be published (recorded in the index record).
-    compression
-        ``None`` (default, fastest), ``"gzip"`` or ``"lzf"``: built-in HDF5 filters only.
-    writeback
-        Start writing the file to disk while it is written (see :class:`_Plan`): for a file
-        that is published where it is (renamed), not one that is uploaded and deleted.
-    """
-    prepared = prepare_shard(path, worker, seq, buffer, shard_key, compression, writeback)
-    prepared.write()
-    return prepared.record()
 
 
 class ShardError(TensortapError):

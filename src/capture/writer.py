@@ -616,8 +616,7 @@ class TrialWriter:
             try:
                 if prepared is None:
                     prepared = self._prepare(buffer, seq)
-                self._write_preparing_the_next(prepared, buffer, seq)
-                record = prepared.record()
+                record = self._write_preparing_the_next(prepared, buffer, seq)
                 buffer.release()
                 self.storage.publish_file(prepared.path, key)
             finally:
@@ -650,8 +649,9 @@ class TrialWriter:
             os.unlink(tmp)
             raise
 
-    def _write_preparing_the_next(self, prepared: PreparedShard, buffer: ShardBuffer, seq: int) -> None:
-        """Write ``prepared``'s values; meanwhile prepare the shard handed off after ``buffer``, if any.
+    def _write_preparing_the_next(self, prepared: PreparedShard, buffer: ShardBuffer, seq: int) -> dict[str, Any]:
+        """Write ``prepared``'s values and return its index record; meanwhile prepare the shard handed
+        off after ``buffer``, if any.
 
         A failure to prepare the next shard is left to that shard's own publish, which prepares it
         again and reports what fails then (the same error, or none if it was passing).
@@ -659,18 +659,17 @@ class TrialWriter:
         handed_off = self._buffers[:-1]  # the open shard is last; only this thread removes shards
         at = next((i for i, b in enumerate(handed_off) if b is buffer), None)
         if at is None or at + 1 >= len(handed_off):
-            prepared.write()
-            return
+            return prepared.write()
         try:
             written = on_daemon_thread(prepared.write, "tensortap-shard-values")
         except RuntimeError:  # no new thread at interpreter shutdown
-            prepared.write()
-            return
+            return prepared.write()
         try:
             with contextlib.suppress(Exception):  # prepared again, and reported, by its own publish (see above)
                 self._ahead = (handed_off[at + 1], seq + 1, self._prepare(handed_off[at + 1], seq + 1))
         finally:
-            written(math.inf)
+            record = written(math.inf)
+        return record
 
     def drain(self) -> None:
         """Wait until every shard handed off so far is published, ``policy.timeout`` at most for each,

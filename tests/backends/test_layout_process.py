@@ -91,10 +91,10 @@ def test_a_shard_laid_out_in_the_process_holds_what_one_laid_out_here_holds(
 ) -> None:
     asked = _asks(monkeypatch, layouts)
     there, here, buffer = tmp_path / "there.h5", tmp_path / "here.h5", _buffer()
-    record_there = shard.write_shard(str(there), "worker_0", 0, buffer, "k")
+    record_there = shard.prepare_shard(str(there), "worker_0", 0, buffer, "k").write()
     assert asked == [str(there)]
     layouts.enabled = False
-    record_here = shard.write_shard(str(here), "worker_0", 0, buffer, "k")
+    record_here = shard.prepare_shard(str(here), "worker_0", 0, buffer, "k").write()
     assert asked == [str(there)]
     assert _dump(there) == _dump(here)
     assert record_there == {**record_here, "bytes": record_there["bytes"]}
@@ -112,7 +112,7 @@ def test_a_compressed_shard_is_laid_out_here(
     """HDF5 writes compressed data itself: the layout process is not asked."""
     asked = _asks(monkeypatch, layouts)
     path = tmp_path / "gzip.h5"
-    shard.write_shard(str(path), "worker_0", 0, _buffer(), "k", compression="gzip")
+    shard.prepare_shard(str(path), "worker_0", 0, _buffer(), "k", compression="gzip").write()
     assert asked == []
     with h5py.File(path, "r") as f:
         tid = json.loads(f["names"][()].tobytes()).index("w")
@@ -149,9 +149,9 @@ def test_an_error_in_the_layout_process_is_raised_by_the_writers_own_layout(
     asked = _asks(monkeypatch, layouts)
     missing = tmp_path / "gone" / "x.h5"
     with pytest.raises(OSError):
-        shard.write_shard(str(missing), "worker_0", 0, _buffer(), "k")
+        shard.prepare_shard(str(missing), "worker_0", 0, _buffer(), "k").write()
     assert asked == [str(missing)] and layouts.running
-    shard.write_shard(str(tmp_path / "next.h5"), "worker_0", 1, _buffer(), "k")
+    shard.prepare_shard(str(tmp_path / "next.h5"), "worker_0", 1, _buffer(), "k").write()
     assert asked[-1] == str(tmp_path / "next.h5")
 
 
@@ -165,7 +165,7 @@ def test_the_layout_process_can_be_turned_off(monkeypatch: pytest.MonkeyPatch, t
     off = shard.Layouts()
     monkeypatch.setattr(shard, "LAYOUTS", off)
     for seq in range(2):
-        shard.write_shard(str(tmp_path / f"{seq}.h5"), "worker_0", seq, _buffer(), "k")
+        shard.prepare_shard(str(tmp_path / f"{seq}.h5"), "worker_0", seq, _buffer(), "k").write()
     assert off.child._proc is None and not off.running
 
 
@@ -179,14 +179,14 @@ def test_a_forked_process_starts_its_own_layout_process(layouts: shard.Layouts, 
         code = 1
         try:
             if not layouts.running and layouts.child._proc is None:
-                shard.write_shard(str(tmp_path / "child.h5"), "worker_0", 0, _buffer(), "k")
+                shard.prepare_shard(str(tmp_path / "child.h5"), "worker_0", 0, _buffer(), "k").write()
                 code = 0 if shard.ShardReader(str(tmp_path / "child.h5")).values("w") else 1
         finally:
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert layouts.running and layouts.child._proc is parent_proc and parent_proc.poll() is None
-    shard.write_shard(str(tmp_path / "parent.h5"), "worker_0", 0, _buffer(), "k")
+    shard.prepare_shard(str(tmp_path / "parent.h5"), "worker_0", 0, _buffer(), "k").write()
 
 
 def test_a_relative_path_is_laid_out_where_the_writer_is_now(
@@ -195,7 +195,7 @@ def test_a_relative_path_is_laid_out_where_the_writer_is_now(
     """The layout process keeps the directory it started in; the writer's may have changed since."""
     asked = _asks(monkeypatch, layouts)
     monkeypatch.chdir(tmp_path)
-    shard.write_shard("relative.h5", "worker_0", 0, _buffer(), "k")
+    shard.prepare_shard("relative.h5", "worker_0", 0, _buffer(), "k").write()
     assert asked == [str(tmp_path / "relative.h5")]
     reader = shard.ShardReader(str(tmp_path / "relative.h5"))
     reader.validate()
@@ -215,7 +215,7 @@ def test_the_layout_process_outlives_a_ctrl_c_or_sigterm_sent_to_every_process(
     os.kill(pid, sig)
     time.sleep(0.2)  # time for a signal that would end it to do so
     with logged_warnings() as warnings:
-        shard.write_shard(str(tmp_path / "after.h5"), "worker_0", 0, _buffer(), "k")
+        shard.prepare_shard(str(tmp_path / "after.h5"), "worker_0", 0, _buffer(), "k").write()
     assert asked == [str(tmp_path / "after.h5")] and layouts.running and not warnings
 
 
@@ -231,7 +231,7 @@ def test_closing_does_not_wait_for_a_layout_stuck_on_the_disk(
     assert pid is not None
     os.kill(pid, signal.SIGSTOP)
     path = tmp_path / "stuck.h5"
-    writing = threading.Thread(target=shard.write_shard, args=(str(path), "worker_0", 0, _buffer(), "k"))
+    writing = threading.Thread(target=lambda: shard.prepare_shard(str(path), "worker_0", 0, _buffer(), "k").write())
     with logged_warnings() as warnings:
         writing.start()
         while not asked:
@@ -270,7 +270,7 @@ def test_a_shard_is_laid_out_without_a_file_lock(monkeypatch: pytest.MonkeyPatch
 
     monkeypatch.setattr(shard, "_allocated", allocated_and_checked)
     monkeypatch.setattr(shard.LAYOUTS, "enabled", False)  # laid out in this process, where it is watched
-    shard.write_shard(str(path), "worker_0", 0, _buffer(), "k")
+    shard.prepare_shard(str(path), "worker_0", 0, _buffer(), "k").write()
     assert locked == [False]
     reader = shard.ShardReader(str(path))
     reader.validate()
@@ -281,7 +281,7 @@ def test_without_pwritev_the_values_are_written_piece_by_piece(monkeypatch: pyte
     """``os.pwritev`` is missing on macOS before 11: each piece of a run is written on its own."""
     monkeypatch.delattr(shard.os, "pwritev")
     path, buffer = tmp_path / "plain.h5", _buffer()
-    shard.write_shard(str(path), "worker_0", 0, buffer, "k")
+    shard.prepare_shard(str(path), "worker_0", 0, buffer, "k").write()
     reader = shard.ShardReader(str(path))
     reader.validate()
     assert reader.values("w")[1].tolist() == [[1, 2, 3], [4, 5, 6]]
