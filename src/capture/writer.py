@@ -415,7 +415,7 @@ class TrialWriter:
         self._publishes = 0
         self._seq = 0  # of the next shard the writer thread publishes
         self._publishing = False  # _publish_handed_off is running (see there)
-        self._ahead: tuple[ShardBuffer, int, PreparedShard] | None = None  # the next shard, prepared (see _publish)
+        self._ahead: tuple[ShardBuffer, PreparedShard] | None = None  # the next shard, prepared (see _publish)
         self._last: tuple[int, int, int] | None = None  # the last committed (step, mode, mode_step)
         self._staging_step = -1
         self._hung = False  # the storage did not answer within policy.timeout: wait for it no more
@@ -603,15 +603,15 @@ class TrialWriter:
         publish, bench/profiles/keras.md, session 21), which its own publish then finds ready.
         """
         ahead, self._ahead = self._ahead, None
-        if ahead is not None and (ahead[0] is not buffer or ahead[1] != seq or self.error is not None):
-            _discard(ahead[2])  # not this shard's (never expected): made again below
+        if ahead is not None and (ahead[0] is not buffer or self.error is not None):
+            _discard(ahead[1])  # not this shard's (never expected): made again below
             ahead = None
         if self.error is not None:
             buffer.release()
             return
         start, start_cpu = time.monotonic(), time.thread_time()
         key = layout.shard_key(self.worker, seq)
-        prepared = None if ahead is None else ahead[2]
+        prepared = None if ahead is None else ahead[1]
         try:
             try:
                 if prepared is None:
@@ -666,7 +666,7 @@ class TrialWriter:
             return prepared.write()
         try:
             with contextlib.suppress(Exception):  # prepared again, and reported, by its own publish (see above)
-                self._ahead = (handed_off[at + 1], seq + 1, self._prepare(handed_off[at + 1], seq + 1))
+                self._ahead = (handed_off[at + 1], self._prepare(handed_off[at + 1], seq + 1))
         finally:
             record = written(math.inf)
         return record
