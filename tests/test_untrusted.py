@@ -25,7 +25,7 @@ from tensortap.backends.shard import FORMAT_1 as FORMAT_1_VETTER
 from tensortap.backends.shard import ShardError, ShardReader, crc32, raw_at_check
 from tensortap.capture import ShardPolicy, Writer
 from tensortap.cli import main
-from tensortap.trial.check import find_problems
+from tensortap.trial.check import _same_bits, find_problems
 
 SHARD = "shards/worker_0/0000000000.h5"
 RECORD = "index/worker_0/0000000000.json"
@@ -448,6 +448,19 @@ def test_check_reports_a_raw_at_that_gives_other_values_than_the_shard_holds(tmp
     assert tensortap.create_trial(tmp_path).tensor("dense/kernel").value(2).tobytes() == kernel(2).tobytes()
     problems = find_problems(str(tmp_path))
     assert len(problems) == 1 and "raw_at of 'dense/kernel' does not give the values the shard holds" in problems[0]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64", "complex128", "int8"])
+def test_check_compares_located_values_bit_for_bit(dtype: str) -> None:
+    """What ``raw_at`` gives and what HDF5 reads must hold the same bits: a NaN matches itself, a
+    negative zero does not match a zero, whatever the item size."""
+    a = np.zeros((3, 4), dtype=dtype)
+    if a.dtype.kind in "fc":
+        a[1, 2] = np.nan
+    b = a.copy()
+    assert _same_bits(a, b)
+    b[2, 3] = -0.0 if a.dtype.kind in "fc" else 1
+    assert not _same_bits(a, b)
 
 
 def rewrite_values(f: h5py.File, values: np.ndarray, **options: Any) -> None:

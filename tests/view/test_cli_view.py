@@ -97,6 +97,7 @@ def test_plot_two_runs(run: Run, run_b: Run, tmp_path: Path) -> None:
 PROGRESS_COMMANDS = [
     (["export", "{path}", "-o", "{tmp}/x.csv"], "tensors"),
     (["rules", "{path}", "--rule", "LossNotDecreasing"], "steps"),
+    (["check", "{path}"], "shards"),
 ]
 
 
@@ -104,14 +105,14 @@ def _progress_cmd(args: list[str], run: Run, tmp_path: Path) -> list[str]:
     return [sys.executable, "-m", "tensortap.cli", *(a.format(path=run.path, tmp=tmp_path) for a in args)]
 
 
-@pytest.mark.parametrize(("args", "label"), PROGRESS_COMMANDS, ids=["export", "rules"])
+@pytest.mark.parametrize(("args", "label"), PROGRESS_COMMANDS, ids=["export", "rules", "check"])
 def test_no_progress_bar_when_not_a_terminal(run: Run, tmp_path: Path, args: list[str], label: str) -> None:
     result = subprocess.run(_progress_cmd(args, run, tmp_path), capture_output=True, text=True, env=_env())
     assert result.returncode in (0, 1), result.stderr
     assert label not in result.stderr and "%" not in result.stderr, result.stderr
 
 
-@pytest.mark.parametrize(("args", "label"), PROGRESS_COMMANDS, ids=["export", "rules"])
+@pytest.mark.parametrize(("args", "label"), PROGRESS_COMMANDS, ids=["export", "rules", "check"])
 def test_progress_bar_on_a_terminal(run: Run, tmp_path: Path, args: list[str], label: str) -> None:
     pytest.importorskip("tqdm")
     leader, follower = pty.openpty()
