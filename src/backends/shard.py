@@ -1457,6 +1457,7 @@ class ShardReader:
         self._tensors: dict[int, _Values] = {}
         self._groups: _Node | None = None  # /tensors, once opened
         self._reductions: dict[int, dict[tuple[int, str], float]] | None = None
+        self._steps: np.ndarray | None = None  # steps_table(), read once
         self._fid: Any = None
         self._opened: list[Any] = []  # groups and datasets opened in the file, closed with it
         self._lock = threading.Lock()  # between direct reads and close(), which closes their descriptor
@@ -1846,12 +1847,15 @@ class ShardReader:
     # ------------------------------------------------------------ check
     @_shard_errors
     def steps_table(self) -> np.ndarray:
-        """``[step, mode, mode_step]`` of every step in the shard, from ``/steps``."""
-        sg = self._group(self._root, "steps")
-        cols = [self._verified(self._dataset(sg, part, INTEGER_KINDS)).astype(np.int64) for part in STEP_PARTS]
-        if not len(cols[0]) == len(cols[1]) == len(cols[2]):
-            raise ShardError(f"{self.path}: the datasets of /steps differ in length")
-        return np.stack(cols, axis=1)
+        """``[step, mode, mode_step]`` of every step in the shard, from ``/steps`` (read once)."""
+        if self._steps is None:
+            sg = self._group(self._root, "steps")
+            cols = [self._verified(self._dataset(sg, part, INTEGER_KINDS)).astype(np.int64) for part in STEP_PARTS]
+            if not len(cols[0]) == len(cols[1]) == len(cols[2]):
+                raise ShardError(f"{self.path}: the datasets of /steps differ in length")
+            self._steps = np.stack(cols, axis=1)
+            self._steps.flags.writeable = False  # shared by every caller
+        return self._steps
 
     @_shard_errors
     def validate(self, read_apart: Container[str] = ()) -> None:
