@@ -25,7 +25,7 @@ from tensortap.backends.shard import FORMAT_1 as FORMAT_1_VETTER
 from tensortap.backends.shard import ShardError, ShardReader, crc32, raw_at_check
 from tensortap.capture import ShardPolicy, Writer
 from tensortap.cli import main
-from tensortap.trial.check import _same_bits, find_problems
+from tensortap.trial.check import _inspect_shards, _same_bits, find_problems
 
 SHARD = "shards/worker_0/0000000000.h5"
 RECORD = "index/worker_0/0000000000.json"
@@ -612,6 +612,52 @@ def test_check_gives_up_on_a_shard_that_takes_too_long(tmp_path: Path) -> None:
     problems = find_problems(str(tmp_path), timeout=0.001)  # as if HDF5 looped on it
     late = "reading it did not finish within 0.001 s (corrupt HDF5 structure)"
     assert problems == [f"{SHARD}: unreadable shard ({tmp_path / SHARD}: {late})"]
+
+
+def test_check_reads_shards_in_several_processes_and_reports_in_shard_order(tmp_path: Path) -> None:
+    """Six shards, the second truncated and the fifth not HDF5: read by three children at once, the
+    problems are the ones one child finds, in the shards' order."""
+    with Writer(tmp_path, shard_policy=ShardPolicy(max_steps=1)) as w:
+        for step in range(6):
+            with w.stepping():
+                w.save("dense/kernel", kernel(step), collections=["weights"])
+    shards = sorted((tmp_path / "shards" / "worker_0").glob("*.h5"))
+    assert len(shards) == 6
+    shards[1].write_bytes(shards[1].read_bytes()[:1000])
+    shards[4].write_bytes(b"not hdf5 at all")
+    serial = find_problems(str(tmp_path), processes=1)
+    assert find_problems(str(tmp_path), processes=3) == serial
+    assert [p.split(":")[0] for p in serial] == [f"shards/worker_0/{shards[i].name}" for i in (1, 4)], serial
+
+
+def test_check_ends_its_children_when_stopped_midway(tmp_path: Path) -> None:
+    """An interrupt (here: the generator of results closed after the first) kills the children that
+    read shards at once, whatever they were reading."""
+    with Writer(tmp_path, shard_policy=ShardPolicy(max_steps=1)) as w:
+        for step in range(8):
+            with w.stepping():
+                w.save("dense/kernel", kernel(step), collections=["weights"])
+    storage = get_storage(tmp_path)
+    shards = sorted(k for k in storage.walk() if k.endswith(".h5"))
+    found = _inspect_shards(storage, {}, shards, timeout=60.0, count=2)
+    assert next(found) is None
+    assert _readers() != []
+    found.close()
+    assert _readers() == []
+
+
+def _readers() -> list[int]:
+    """Child processes of this one that run ``tensortap check``'s shard reader."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == os.getpid() and b"inspect_shard" in cmdline:
+            pids.append(int(entry.name))
+    return pids
 
 
 def test_local_storage_refuses_special_files_directly(tmp_path: Path) -> None:

@@ -81,6 +81,8 @@ class ShardChild:
         self.keep_on_signals = keep_on_signals
         self._proc: subprocess.Popen[str] | None = None
         self._answers: queue.Queue[str] = queue.Queue()
+        self._ended = False  # by end(): no child starts again
+        self._starting = threading.Lock()  # a child started is seen by end(), in any thread
 
     @property
     def alive(self) -> bool:
@@ -99,16 +101,19 @@ class ShardChild:
             self._start()
 
     def _start(self) -> None:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", _child_code(self.task, self.idle, self.keep_on_signals)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,  # HDF5's diagnostics of a corrupt file: the answer says what is wrong
-            text=True,
-        )
-        answers: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=_pump, args=(proc, answers), daemon=True).start()
-        self._proc, self._answers = proc, answers
+        with self._starting:
+            if self._ended:
+                raise ChildFailed("the check was stopped")
+            proc = subprocess.Popen(
+                [sys.executable, "-c", _child_code(self.task, self.idle, self.keep_on_signals)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,  # HDF5's diagnostics of a corrupt file: the answer says what is wrong
+                text=True,
+            )
+            answers: queue.Queue[str] = queue.Queue()
+            threading.Thread(target=_pump, args=(proc, answers), daemon=True).start()
+            self._proc, self._answers = proc, answers
         try:
             ready = answers.get(timeout=START_SECONDS)
         except queue.Empty:
@@ -143,6 +148,13 @@ class ShardChild:
             if not idle_exit or attempt:
                 break
         raise ChildFailed("reading it killed the process that read it")
+
+    def end(self) -> None:
+        """End the child for good, from any thread: a call of :meth:`ask` that waits for it in another
+        thread raises :class:`ChildFailed` at once, and no call starts a child again."""
+        with self._starting:
+            self._ended = True
+            self.close()
 
     def close(self) -> None:
         """End the child, if one runs."""

@@ -11,6 +11,10 @@ values the record's ``raw_at`` locates (format 2.1).
 from __future__ import annotations
 
 import functools
+import os
+import queue
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -128,8 +132,58 @@ def _compare(key: str, record: dict[str, Any], steps: list[list[int]], names: li
     return None
 
 
+def _inspect(storage: Storage, named: dict[str, tuple[str, dict[str, Any]]], child: ShardChild, key: str) -> str | None:
+    """The problem of the shard ``key``, read in full by ``child``, or None."""
+    record_key, record = named.get(key, ("", {}))
+    try:
+        local = storage.local_path(key)
+    except OSError as exc:
+        return f"{key}: unreadable shard ({exc})"
+    try:
+        problem, steps, names = child.ask(local, record.get("bytes"), record or None)
+    except ChildFailed as exc:
+        problem, steps, names = f"{local}: {exc}", [], []
+    if problem is None and record:
+        problem = _compare(record_key, record, steps, names)
+    return None if problem is None else f"{key}: unreadable shard ({problem})"
+
+
+def _inspect_shards(
+    storage: Storage, named: dict[str, tuple[str, dict[str, Any]]], shards: list[str], timeout: float, count: int
+) -> Iterator[str | None]:
+    """The problem of each shard of ``shards`` (or None), in order, read by ``count`` children at once.
+
+    Each child serves one thread at a time. On the way out (an interrupt included) the children are
+    ended at once (:meth:`ShardChild.end`), which ends what they read; no thread starts another.
+    """
+    free: queue.SimpleQueue[ShardChild] = queue.SimpleQueue()
+    children = [ShardChild("tensortap.trial.check:inspect_shard", timeout) for _ in range(count)]
+    for child in children:
+        free.put(child)
+
+    def inspect(key: str) -> str | None:
+        child = free.get()
+        try:
+            return _inspect(storage, named, child, key)
+        finally:
+            free.put(child)
+
+    pool = ThreadPoolExecutor(count, thread_name_prefix="tensortap-check")
+    try:
+        for future in [pool.submit(inspect, key) for key in shards]:
+            yield future.result()
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+        for child in children:
+            child.end()
+
+
 def find_problems(
-    path: str, options: dict[str, Any] | None = None, timeout: float = CHECK_SECONDS, show_progress: bool | None = None
+    path: str,
+    options: dict[str, Any] | None = None,
+    timeout: float = CHECK_SECONDS,
+    show_progress: bool | None = None,
+    processes: int | None = None,
 ) -> list[str]:
     """Every problem in the trial at ``path``, one line each, naming the file.
 
@@ -143,6 +197,8 @@ def find_problems(
         Seconds allowed to read one shard in full, in a child process.
     show_progress
         A progress bar over the shards (default: when standard error is a terminal).
+    processes
+        Child processes reading local shards at once (default: one per core).
 
     Raises
     ------
@@ -177,23 +233,9 @@ def find_problems(
     for shard, (key, _) in sorted(named.items()):
         if shard not in present:
             problems.append(f"{key}: names shard {shard!r}, which does not exist")
-    inspector = ShardChild("tensortap.trial.check:inspect_shard", timeout)
-    try:
-        for key in progress(shards, desc="shards", enable=show_progress):
-            record_key, record = named.get(key, ("", {}))
-            try:
-                local = storage.local_path(key)
-            except OSError as exc:
-                problems.append(f"{key}: unreadable shard ({exc})")
-                continue
-            try:
-                problem, steps, names = inspector.ask(local, record.get("bytes"), record or None)
-            except ChildFailed as exc:
-                problem, steps, names = f"{local}: {exc}", [], []
-            if problem is None and record:
-                problem = _compare(record_key, record, steps, names)
-            if problem is not None:
-                problems.append(f"{key}: unreadable shard ({problem})")
-    finally:
-        inspector.close()
+    # local shards are read by several children at once; remote ones one at a time, since a download
+    # into the shared cache may evict another thread's download before its child opens it
+    count = min(processes or os.cpu_count() or 1, len(shards)) if storage.is_local else 1
+    found = _inspect_shards(storage, named, shards, timeout, max(count, 1))
+    problems.extend(p for p in progress(found, total=len(shards), desc="shards", enable=show_progress) if p)
     return problems
