@@ -103,7 +103,7 @@ class ShardChild:
     def _start(self) -> None:
         with self._starting:
             if self._ended:
-                raise ChildFailed("the check was stopped")
+                raise ChildFailed("ended: no process reads it any more")
             proc = subprocess.Popen(
                 [sys.executable, "-c", _child_code(self.task, self.idle, self.keep_on_signals)],
                 stdin=subprocess.PIPE,
