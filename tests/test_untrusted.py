@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 import pytest
 from helpers.hdf5_bytes import move_contiguous_data
-from helpers.trials import logged_warnings
+from helpers.trials import logged_warnings, write_trial
 
 import tensortap
 from tensortap import TensorUnavailableForStep
@@ -617,13 +617,11 @@ def test_check_gives_up_on_a_shard_that_takes_too_long(tmp_path: Path) -> None:
 def test_check_reads_shards_in_several_processes_and_reports_in_shard_order(tmp_path: Path) -> None:
     """Six shards, the second truncated and the fifth not HDF5: read by three children at once, the
     problems are the ones one child finds, in the shards' order."""
-    with Writer(tmp_path, shard_policy=ShardPolicy(max_steps=1)) as w:
-        for step in range(6):
-            with w.stepping():
-                w.save("dense/kernel", kernel(step), collections=["weights"])
+    write_trial(tmp_path, 6, shard_policy=ShardPolicy(max_steps=1))
     shards = sorted((tmp_path / "shards" / "worker_0").glob("*.h5"))
     assert len(shards) == 6
-    shards[1].write_bytes(shards[1].read_bytes()[:1000])
+    data = shards[1].read_bytes()
+    shards[1].write_bytes(data[: len(data) // 2])
     shards[4].write_bytes(b"not hdf5 at all")
     serial = find_problems(str(tmp_path), processes=1)
     assert find_problems(str(tmp_path), processes=3) == serial
@@ -633,10 +631,7 @@ def test_check_reads_shards_in_several_processes_and_reports_in_shard_order(tmp_
 def test_check_ends_its_children_when_stopped_midway(tmp_path: Path) -> None:
     """An interrupt (here: the generator of results closed after the first) kills the children that
     read shards at once, whatever they were reading."""
-    with Writer(tmp_path, shard_policy=ShardPolicy(max_steps=1)) as w:
-        for step in range(8):
-            with w.stepping():
-                w.save("dense/kernel", kernel(step), collections=["weights"])
+    write_trial(tmp_path, 8, shard_policy=ShardPolicy(max_steps=1))
     storage = get_storage(tmp_path)
     shards = sorted(k for k in storage.walk() if k.endswith(".h5"))
     found = _inspect_shards(storage, {}, shards, timeout=60.0, count=2)

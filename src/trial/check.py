@@ -54,9 +54,9 @@ def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
 def _misplaced(reader: ShardReader, parsed: ParsedRecord) -> str | None:
     """Where the index record's ``raw_at`` of a tensor (format 2.1) does not give the values the shard's
     HDF5 structure holds, or None. Reads those values, verified, through HDF5 and where ``raw_at`` says."""
+    open_file = functools.partial(LocalRanges.open, reader.path)
     for name, at in parsed.raw_at.items():
         steps = parsed.tensors[name][0]
-        open_file = functools.partial(LocalRanges.open, reader.path)
         direct = RawAtReader(open_file, reader.path, parsed.record["bytes"], name, steps, at).stacked(name)
         stored = reader.stacked(name)
         if (
