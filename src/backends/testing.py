@@ -114,6 +114,19 @@ class StorageTests:
         storage.write_json("control/stop.json", record)
         assert storage.read_json("control/stop.json") == record
 
+    def test_read_json_many_gives_each_record_or_its_error_in_order(self, storage: Storage) -> None:
+        """Opening a trial reads its index records this way: at once on remote storage."""
+        records = {f"index/worker_0/{i:010d}.json": {"seq": i, "names": ["λ"] * i} for i in range(5)}
+        for key, record in records.items():
+            storage.write_json(key, record)
+        storage.write_bytes("index/worker_0/bad.json", b"{not json")
+        storage.list("index/worker_0")  # what a reader does first
+        keys = [*reversed(records), "index/worker_0/missing.json", "index/worker_0/bad.json"]
+        got = storage.read_json_many(keys)
+        assert got[:5] == [records[k] for k in reversed(records)]
+        assert isinstance(got[5], FileNotFoundError) and isinstance(got[6], ValueError)
+        assert storage.read_json_many([]) == []
+
     @pytest.mark.parametrize("key", ["missing.json", "no/such/folder/file.json"])
     def test_read_missing_raises_file_not_found(self, storage: Storage, key: str) -> None:
         storage.write_bytes("present.json", b"{}")
@@ -136,6 +149,8 @@ class StorageTests:
                 call(key)
         with pytest.raises(UnsafeKey):
             storage.write_bytes(key, b"x")
+        with pytest.raises(UnsafeKey):  # refused before anything is read
+            storage.read_json_many(["present.json", key])
 
     # ------------------------------------------------------------ listing
     def test_list_separates_files_and_folders(self, storage: Storage) -> None:

@@ -26,6 +26,7 @@ from ..backends.registry import get_storage
 from ..backends.shard import RawAtReader, ShardError, ShardReader
 from ..backends.storage import LocalRanges, Storage
 from .index import (
+    RECORDS_AT_ONCE,
     ParsedRecord,
     RecordError,
     check_end_marker,
@@ -88,30 +89,31 @@ def inspect_shard(path: str, expected_bytes: int | None, record: dict[str, Any] 
         reader.close()
 
 
-def _second_writer(storage: Storage, worker: str, record: dict[str, Any]) -> str | None:
-    """Why the index record ``record`` of ``worker`` comes from another process than its worker record, or None."""
-    if "run_id" not in record:
+def _second_writer(worker_record: Any, worker: str, record: dict[str, Any]) -> str | None:
+    """Why the index record ``record`` of ``worker`` comes from another process than its worker record
+    ``worker_record`` (as read: None, an error or anything else when it is not a valid one), or None."""
+    if "run_id" not in record or not isinstance(worker_record, dict):
         return None
-    try:
-        claimed = storage.read_json(layout.worker_key(worker)).get("run_id")
-    except (OSError, ValueError, AttributeError):
-        return None
+    claimed = worker_record.get("run_id")
     if claimed is None or claimed == record["run_id"]:
         return None
     return f"written by another process than the one the worker record names: two processes wrote the worker {worker}"
 
 
-def _check_json(storage: Storage, key: str, named: dict[str, tuple[str, dict[str, Any]]]) -> str | None:
-    """The problem of the JSON record ``key``, or None; index records go into ``named`` by shard."""
+def _check_json(key: str, records: dict[str, Any], named: dict[str, tuple[str, dict[str, Any]]]) -> str | None:
+    """The problem of the JSON record ``key`` (``records[key]``: as read, or the error reading it), or
+    None; index records go into ``named`` by shard."""
     try:
-        record = storage.read_json(key)
+        record = records[key]
+        if isinstance(record, (OSError, ValueError)):
+            raise record
         folder, *rest = key.split("/")
         if folder == layout.INDEX:
             if len(rest) != 2:
                 raise RecordError("an index record outside index/<worker>/")
             record = check_index_record(record, rest[0])
             named[record["shard"]] = (key, record)
-            second = _second_writer(storage, rest[0], record)
+            second = _second_writer(records.get(layout.worker_key(rest[0])), rest[0], record)
             if second is not None:
                 return f"{key}: {second}"
         elif folder == layout.WORKERS:
@@ -178,6 +180,16 @@ def _inspect_shards(
             child.end()
 
 
+def _read_records(storage: Storage, keys: list[str]) -> dict[str, Any]:
+    """The JSON records at ``keys``, as read (or the error reading each), :data:`RECORDS_AT_ONCE` at a
+    time: one round of requests each on remote storage."""
+    records: dict[str, Any] = {}
+    for first in range(0, len(keys), RECORDS_AT_ONCE):
+        batch = keys[first : first + RECORDS_AT_ONCE]
+        records.update(zip(batch, storage.read_json_many(batch), strict=True))
+    return records
+
+
 def find_problems(
     path: str,
     options: dict[str, Any] | None = None,
@@ -212,14 +224,16 @@ def find_problems(
     problems: list[str] = []
     named: dict[str, tuple[str, dict[str, Any]]] = {}  # shard -> (index record key, record)
     shards = []
+    keys = []
     for key in storage.walk():
         try:
-            check_key(key)
+            keys.append(check_key(key))
         except UnsafeKey as exc:
             problems.append(f"{key}: {exc}")
-            continue
+    records = _read_records(storage, [key for key in keys if key.endswith(".json")])
+    for key in keys:
         if key.endswith(".json"):
-            problem = _check_json(storage, key, named)
+            problem = _check_json(key, records, named)
             if problem:
                 problems.append(problem)
         elif key.endswith(".h5"):

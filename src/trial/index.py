@@ -17,7 +17,8 @@ from __future__ import annotations
 import functools
 import logging
 from collections import OrderedDict
-from collections.abc import Callable, ItemsView, Iterator, Mapping, ValuesView
+from collections.abc import Callable, ItemsView, Iterator, Mapping, Sequence, ValuesView
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import chain, pairwise
 from typing import Any, TypeGuard, TypeVar
@@ -41,6 +42,11 @@ from ..modes import Mode
 
 logger = logging.getLogger("tensortap")
 _T = TypeVar("_T")
+
+RECORDS_AT_ONCE = 64
+"""Index records read in one batch (one round trip on remote storage; their bytes held at once)."""
+READS_AT_ONCE = 8
+"""Shards of remote storage read at once by :meth:`TrialIndex.read_raw_many`."""
 _MODES = {int(m): m for m in Mode}
 _IS_MODE = np.zeros(max(_MODES) + 1, dtype=bool)  # by value
 _IS_MODE[list(_MODES)] = True
@@ -534,35 +540,42 @@ class TrialIndex:
 
     def refresh(self) -> None:
         """Read index records, worker records and end markers that are new."""
-        for worker, key in self._records(layout.WORKERS):
-            w = self._worker(worker)
-            if not w.info:
-                w.info = self._load(key, check_worker_record) or {}
+        new = [(w, key) for w, key in self._records(layout.WORKERS) if not self._worker(w).info]
+        for (worker, _), info in zip(
+            new, self._load_many(new, lambda record, _: check_worker_record(record)), strict=True
+        ):
+            self.workers[worker].info = info or {}
         # End markers before index records: a worker writes its end marker after its last
         # index record, so every record of an ended worker is read in this same refresh.
-        for worker, key in self._records(layout.ENDS):
-            w = self._worker(worker)
-            if w.end is None:
-                w.end = self._load(key, check_end_marker)
+        new = [(w, key) for w, key in self._records(layout.ENDS) if self._worker(w).end is None]
+        ends = self._load_many(new, lambda record, _: check_end_marker(record))
+        for (worker, _), end in zip(new, ends, strict=True):
+            self.workers[worker].end = end
+        new = []
         for worker in self._index_folders():
             w = self._worker(worker)
             for name in self.storage.list(f"{layout.INDEX}/{worker}"):
-                if name in w.seen or not name.endswith(".json"):
-                    continue
-                w.seen.add(name)
-                key = f"{layout.INDEX}/{worker}/{name}"
-                parsed = self._load(key, functools.partial(parse_index_record, worker=worker))
-                if parsed is None:
-                    continue
-                run, claimed = parsed.record.get("run_id"), w.info.get("run_id")
-                if run is not None and claimed is not None and run != claimed:
-                    self._warn_bad(
-                        key,
-                        f"written by another process than the one {layout.worker_key(worker)} names "
-                        f"(run {run}, not {claimed}): two processes wrote the worker {worker}",
-                    )
-                    continue
-                self._add_record(worker, w, parsed)
+                if name not in w.seen and name.endswith(".json"):
+                    w.seen.add(name)
+                    new.append((worker, f"{layout.INDEX}/{worker}/{name}"))
+        for i in range(0, len(new), RECORDS_AT_ONCE):
+            batch = new[i : i + RECORDS_AT_ONCE]
+            for (worker, key), record in zip(batch, self._load_many(batch, parse_index_record), strict=True):
+                if record is not None:
+                    self._add_checked(worker, key, record)
+
+    def _add_checked(self, worker: str, key: str, parsed: ParsedRecord) -> None:
+        """Add the index record ``key`` of ``worker``, unless another process than the worker's wrote it."""
+        w = self.workers[worker]
+        run, claimed = parsed.record.get("run_id"), w.info.get("run_id")
+        if run is not None and claimed is not None and run != claimed:
+            self._warn_bad(
+                key,
+                f"written by another process than the one {layout.worker_key(worker)} names "
+                f"(run {run}, not {claimed}): two processes wrote the worker {worker}",
+            )
+            return
+        self._add_record(worker, w, parsed)
 
     def _records(self, folder: str) -> list[tuple[str, str]]:
         """``(worker, key)`` of the ``<worker>.json`` files in ``folder`` whose names are valid."""
@@ -575,13 +588,21 @@ class TrialIndex:
                     self._warn_bad(f"{folder}/{name}", str(exc))
         return out
 
-    def _load(self, key: str, check: Callable[[Any], _T]) -> _T | None:
-        """The record at ``key`` once ``check`` accepted it; None (with a warning naming it) otherwise."""
-        try:
-            return check(self.storage.read_json(key))
-        except (OSError, ValueError) as exc:  # RecordError, UnsafeKey and JSON errors are ValueErrors
-            self._warn_bad(key, f"unreadable record ({exc})")
-            return None
+    def _load_many(self, records: list[tuple[str, str]], check: Callable[[Any, str], _T]) -> list[_T | None]:
+        """The records ``(worker, key)`` read at once (one round trip on remote storage), each once
+        ``check(record, worker)`` accepted it; None, with a warning naming it, for one that cannot be
+        read or is not valid."""
+        keys = [key for _, key in records]
+        out: list[_T | None] = []
+        for (worker, key), record in zip(records, self.storage.read_json_many(keys), strict=True):
+            try:
+                if isinstance(record, (OSError, ValueError)):
+                    raise record
+                out.append(check(record, worker))
+            except (OSError, ValueError) as exc:  # RecordError, UnsafeKey and JSON errors are ValueErrors
+                self._warn_bad(key, f"unreadable record ({exc})")
+                out.append(None)
+        return out
 
     def _index_folders(self) -> list[str]:
         folders = set(self.workers)
@@ -700,15 +721,51 @@ class TrialIndex:
         (the shard downloaded once, then read locally), since a loop over steps would otherwise make
         requests for every value.
         """
-        seg = self.tensors[name].located(shard)
-        if seg is None or seg.raw_at is None or (one_value and not self.storage.is_local):
+        if one_value and not self.storage.is_local:
             return self.read(shard, what)
         try:
-            open_file = functools.partial(self.storage.open_ranges, shard)
-            return what(RawAtReader(open_file, shard, self.shard_bytes.get(shard), name, seg.raw_steps, seg.raw_at))
+            source = self._located(name, shard)
+            if source is not None:
+                return what(source)
         except (ShardError, OSError, ValueError) as exc:
             self.drop_shard(shard, str(exc))
             return None
+        return self.read(shard, what)
+
+    def read_raw_many(self, name: str, shards: Sequence[str], what: Callable[[RawSource], _T]) -> dict[str, _T | None]:
+        """:meth:`read_raw` of each of ``shards``; on remote storage, the shards whose record says where
+        the values lie are read by :data:`READS_AT_ONCE` threads at once (a round trip or two each)."""
+        out: dict[str, _T | None] = {}
+        sources: dict[str, RawAtReader] = {}
+        for shard in [] if self.storage.is_local else shards:
+            try:
+                if (source := self._located(name, shard)) is not None:
+                    sources[shard] = source
+            except (ShardError, OSError, ValueError) as exc:
+                self.drop_shard(shard, str(exc))
+                out[shard] = None
+        if len(sources) > 1:
+            pool = ThreadPoolExecutor(min(READS_AT_ONCE, len(sources)), thread_name_prefix="tensortap-read")
+            try:
+                futures = {s: pool.submit(what, src) for s, src in sources.items()}
+                for shard, future in futures.items():  # in the shards' order: warnings too
+                    try:
+                        out[shard] = future.result()
+                    except (ShardError, OSError, ValueError) as exc:
+                        self.drop_shard(shard, str(exc))
+                        out[shard] = None
+            finally:
+                pool.shutdown(cancel_futures=True)
+        return {s: out[s] if s in out else self.read_raw(name, s, what) for s in shards}
+
+    def _located(self, name: str, shard: str) -> RawAtReader | None:
+        """The reader of ``name``'s values in ``shard`` where its index record says they lie, if it does
+        (ShardError if the record's ``raw_at`` does not match its check)."""
+        seg = self.tensors[name].located(shard)
+        if seg is None or seg.raw_at is None:
+            return None
+        open_file = functools.partial(self.storage.open_ranges, shard)
+        return RawAtReader(open_file, shard, self.shard_bytes.get(shard), name, seg.raw_steps, seg.raw_at)
 
     def close(self) -> None:
         """Close every open shard."""

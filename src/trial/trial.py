@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 import numpy as np
 
@@ -31,7 +31,7 @@ from ..exceptions import (
     suggest,
 )
 from ..modes import Mode, StepState
-from .index import Location, TensorInfo, TrialIndex
+from .index import READS_AT_ONCE, Location, TensorInfo, TrialIndex
 
 if TYPE_CHECKING:
     import pandas
@@ -43,6 +43,8 @@ REFRESH_SECONDS = 0.25
 WAIT_POLL_SECONDS = 0.1
 SEARCH_DEPTH = 3  # folders below a path searched for trials when it holds none
 SEARCH_FOLDERS = 2000  # at most this many folders looked into
+# a tensor's raw values in one shard by step, and the one stacked array they are rows of (if read so)
+_RawValues: TypeAlias = tuple[dict[int, np.ndarray], tuple[dict[int, int], np.ndarray] | None]
 
 
 def is_trial(storage: Storage, prefix: str = "") -> bool:
@@ -604,8 +606,9 @@ class Tensor:
             key = index.steps[gstep][1] if m is not None else gstep
             by_shard.setdefault(loc.shard, []).append((gstep, key))
         out: dict[int, np.ndarray] = {}
+        read = index.read_raw_many(self.name, list(by_shard), lambda r: r.values(self.name))
         for shard, wanted in by_shard.items():
-            stored = index.read_raw(self.name, shard, lambda r: r.values(self.name))
+            stored = read[shard]
             if stored is not None:  # else skipped with a warning naming the shard
                 out.update({key: stored[g] for g, key in wanted if g in stored})
         return dict(sorted(out.items()))
@@ -656,7 +659,7 @@ class Tensor:
             out.setdefault(key, value)
         return dict(sorted(out.items()))
 
-    def _raw_values(self, source: RawSource) -> tuple[dict[int, np.ndarray], tuple[dict[int, int], np.ndarray] | None]:
+    def _raw_values(self, source: RawSource) -> _RawValues:
         """This tensor's raw values in one shard, and, when they are one stacked array (read once), that
         array with the row of each step."""
         stacked = source.stacked(self.name)
@@ -666,10 +669,10 @@ class Tensor:
         return {s: stacked[1][i] for s, i in position.items()}, (position, stacked[1])
 
     def _shard_values(
-        self, shard: str, entries: list[tuple[int, str, Location]]
+        self, shard: str, entries: list[tuple[int, str, Location]], read: Mapping[str, _RawValues | None]
     ) -> tuple[dict[tuple[int, str], float], dict[int, np.ndarray], tuple[dict[int, int], np.ndarray] | None] | None:
-        """This tensor's saved reductions and raw values in ``shard`` (:meth:`_raw_values`); None if the
-        shard cannot be read (the index warned once and forgot it)."""
+        """This tensor's saved reductions and raw values in ``shard`` (:meth:`_raw_values`, or ``read[shard]``
+        if read before); None if the shard cannot be read (the index warned once and forgot it)."""
         index = self.trial._index
         saved: dict[tuple[int, str], float] | None = {}
         if any(loc.reductions for _, _, loc in entries):
@@ -678,7 +681,7 @@ class Tensor:
             return None
         if not any(loc.raw for _, _, loc in entries):
             return saved, {}, None
-        raw = index.read_raw(self.name, shard, self._raw_values)
+        raw = read[shard] if shard in read else index.read_raw(self.name, shard, self._raw_values)
         return None if raw is None else (saved, *raw)
 
     def _rows(
@@ -699,10 +702,33 @@ class Tensor:
                 if worker is None or w == worker:
                     by_shard.setdefault(loc.shard, []).append((gstep, w, loc))
         rows: list[tuple[int, str, str, float]] = []
-        for shard, entries in by_shard.items():
-            got = self._shard_values(shard, entries)
-            if got is None:  # unreadable: the index warned once and forgot it
-                continue
+        shards = list(by_shard)
+        at_once = 1 if index.storage.is_local else READS_AT_ONCE  # shards whose values are held together
+        for first in range(0, len(shards), at_once):
+            batch = shards[first : first + at_once]
+            raw_only = [  # read first, at once on remote storage (shards with saved reductions are opened anyway)
+                shard
+                for shard in batch
+                if any(loc.raw for _, _, loc in by_shard[shard])
+                and not any(loc.reductions for _, _, loc in by_shard[shard])
+            ]
+            read = index.read_raw_many(self.name, raw_only, self._raw_values)
+            for shard in batch:
+                rows.extend(self._shard_rows(shard, by_shard[shard], keys, read))
+        order = {k: i for i, k in enumerate(keys or ())}
+        return sorted(rows, key=lambda r: (r[0], r[1], order.get(r[2], len(order)), r[2]))
+
+    def _shard_rows(
+        self,
+        shard: str,
+        entries: list[tuple[int, str, Location]],
+        keys: Sequence[str] | None,
+        read: Mapping[str, _RawValues | None],
+    ) -> list[tuple[int, str, str, float]]:
+        """:meth:`_rows` of one shard (``read``: raw values read before, by shard)."""
+        rows: list[tuple[int, str, str, float]] = []
+        got = self._shard_values(shard, entries, read)
+        if got is not None:  # else unreadable: the index warned once and forgot it
             saved, raw, stacked = got
             todo: dict[tuple[tuple[str, ...], tuple[int, ...], str], list[tuple[int, str]]] = {}
             for gstep, w, loc in entries:
@@ -728,8 +754,7 @@ class Tensor:
                 computed = red.compute_rows(arrays, ks)
                 for i, (gstep, w) in enumerate(members):
                     rows.extend((gstep, w, k, float(computed[k][i])) for k in ks)
-        order = {k: i for i, k in enumerate(keys or ())}
-        return sorted(rows, key=lambda r: (r[0], r[1], order.get(r[2], len(order)), r[2]))
+        return rows
 
     def to_series(
         self, reduction: str | None = None, mode: Mode | str | None = None, worker: str | None = None

@@ -1,4 +1,5 @@
-"""SPEC 7, 9 on S3: transient errors are retried, a silent endpoint never blocks training, one run per trial."""
+"""SPEC 7, 9 on S3: transient errors are retried, a silent endpoint never blocks training, one run per trial;
+a slow store is read with concurrent requests."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import logging
 import threading
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -133,6 +135,49 @@ def test_a_store_that_stops_answering_mid_run_does_not_block_training(
     assert len(errors) == 1 and "5 s" in errors[0]
     trial = tensortap.create_trial(s3_url, **s3_options)  # straight to the server, not through the proxy
     assert trial.steps() == [0, 1]
+
+
+def test_a_trial_is_opened_with_its_index_records_read_at_once(
+    proxy: FaultyProxy, s3_options: dict[str, Any], s3_url: str
+) -> None:
+    """One index record per shard: read one after the other, opening a trial of many shards on a store
+    tens of milliseconds away would take that many round trips. The proxy holds each request for an
+    index record until all six are held at once (one after the other, each would wait 10 s, then fail)."""
+    with Writer(s3_url, storage_options=s3_options, shard_policy=ShardPolicy(max_steps=1)) as w:
+        train(w, range(6))
+    proxy.meet("/index/", 6)
+    trial = tensortap.create_trial(s3_url, **_through(proxy, s3_options))
+    assert trial.steps() == list(range(6))
+    assert proxy.met == 6
+    for step in range(6):
+        np.testing.assert_array_equal(trial.tensor("w").value(step), weight(step))
+
+
+def test_a_tensor_is_read_from_several_shards_at_once(
+    proxy: FaultyProxy, s3_options: dict[str, Any], s3_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Values whose index records say where they lie are read by range requests, from several shards at
+    once (the proxy holds each until all six are held): by ``values()`` and by reductions computed from them."""
+    monkeypatch.setenv("TENSORTAP_CACHE_DIR", str(tmp_path / "cache"))
+    with Writer(s3_url, storage_options=s3_options, shard_policy=ShardPolicy(max_steps=1)) as w:
+        for step in range(6):
+            with w.stepping():
+                w.save("w", weight(step), collections=["weights"])
+                w.save("b", -weight(step), collections=["biases"])
+    trial = tensortap.create_trial(s3_url, **_through(proxy, s3_options))
+    assert trial.steps() == list(range(6))
+    proxy.meet("/shards/", 6)
+    for name, sign in (("w", 1), ("b", -1)):
+        values = trial.tensor(name).values()
+        assert list(values) == list(range(6))
+        for step, value in values.items():
+            np.testing.assert_array_equal(value, sign * weight(step))
+    assert proxy.met == 6
+    proxy.meet("/shards/", 6)  # reductions computed from the values: read the same way
+    means = trial.tensor("w").reduction_values("mean")
+    assert means == {step: pytest.approx(float(np.mean(weight(step)))) for step in range(6)}
+    assert proxy.met == 6
+    assert not any((tmp_path / "cache").glob("*"))  # no shard downloaded
 
 
 def test_new_run_on_s3_keeps_every_fit(s3_options: dict[str, Any], s3_url: str) -> None:

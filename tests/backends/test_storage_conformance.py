@@ -14,6 +14,7 @@ import pytest
 from helpers.pages import cached_pages
 
 from tensortap.backends import FsspecStorage, LocalStorage, Storage, get_storage
+from tensortap.backends import storage as storage_module
 from tensortap.backends.testing import StorageTests
 
 
@@ -111,6 +112,28 @@ class FsspecStorageTests(StorageTests):
         assert reader.list("index/worker_0") == ["0000000000.json", "0000000001.json"]
         assert reader.list_dirs("index") == ["worker_0", "worker_1"]
         assert len(reader.walk()) == 3
+
+    def test_a_record_listed_larger_than_a_record_may_be_is_refused_unread(
+        self, storage: Storage, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A stranger's trial may hold huge "records": the listing's size refuses them before a download."""
+        assert isinstance(storage, FsspecStorage)
+        monkeypatch.setattr(storage_module, "MAX_JSON_BYTES", 64)
+        storage.write_json("index/worker_0/0000000000.json", {"small": 1})
+        storage.write_json("index/worker_0/0000000001.json", {"large": "x" * 100})
+        assert storage.list("index/worker_0") == ["0000000000.json", "0000000001.json"]
+        asked: list[str] = []
+        cat_ranges = storage.fs.cat_ranges
+
+        def recorded(paths: list[str], *args: Any, **kwargs: Any) -> Any:
+            asked.extend(paths)
+            return cat_ranges(paths, *args, **kwargs)
+
+        monkeypatch.setattr(storage.fs, "cat_ranges", recorded)
+        got = storage.read_json_many(["index/worker_0/0000000000.json", "index/worker_0/0000000001.json"])
+        assert got[0] == {"small": 1}
+        assert isinstance(got[1], ValueError) and "more than a JSON record may have" in str(got[1])
+        assert [p.rsplit("/", 1)[-1] for p in asked] == ["0000000000.json"]
 
     def test_local_files_are_removed_with_the_storage(
         self, url: str, options: dict[str, Any], monkeypatch: pytest.MonkeyPatch

@@ -36,6 +36,8 @@ class FaultyProxy:
         How many of the next PUT requests are answered ``500 InternalError`` instead of forwarded.
     stalled
         While set, new requests are accepted and never answered (until :meth:`close`).
+    met
+        The most GET requests :meth:`meet` held at once.
     """
 
     def __init__(self, target: str) -> None:
@@ -45,6 +47,9 @@ class FaultyProxy:
         self.stalled = threading.Event()
         self._released = threading.Event()
         self._lock = threading.Lock()
+        self._meeting: tuple[str, int, float] | None = None
+        self._held = self.met = 0
+        self._meet = threading.Condition()
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -59,6 +64,8 @@ class FaultyProxy:
                     proxy._released.wait()
                     self.close_connection = True
                     return
+                if self.command == "GET" and proxy._meeting is not None and proxy._meeting[0] in self.path:
+                    proxy._hold(*proxy._meeting[1:])
                 if self.command == "PUT" and proxy._take_failure():
                     error = b"<Error><Code>InternalError</Code><Message>injected</Message></Error>"
                     self.send_response(500)
@@ -92,6 +99,21 @@ class FaultyProxy:
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def meet(self, marker: str, count: int, timeout: float = 10.0) -> None:
+        """Hold each GET request whose path has ``marker`` until ``count`` of them are held at once (then
+        let them all go, and the next ones at once), or for ``timeout`` seconds at most; :attr:`met` starts
+        again from 0."""
+        with self._meet:
+            self._meeting, self.met = (marker, count, timeout), 0
+
+    def _hold(self, count: int, timeout: float) -> None:
+        with self._meet:
+            self._held += 1
+            self.met = max(self.met, self._held)
+            self._meet.notify_all()
+            self._meet.wait_for(lambda: self.met >= count, timeout)
+            self._held -= 1
 
     def _take_failure(self) -> bool:
         with self._lock:
