@@ -14,6 +14,7 @@ file that fails is skipped with one warning naming it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from collections import OrderedDict
@@ -556,11 +557,11 @@ class TrialIndex:
             w = self._worker(worker)
             for name in self.storage.list(f"{layout.INDEX}/{worker}"):
                 if name not in w.seen and name.endswith(".json"):
-                    w.seen.add(name)
                     new.append((worker, f"{layout.INDEX}/{worker}/{name}"))
         for i in range(0, len(new), RECORDS_AT_ONCE):
             batch = new[i : i + RECORDS_AT_ONCE]
             for (worker, key), record in zip(batch, self._load_many(batch, parse_index_record), strict=True):
+                self.workers[worker].seen.add(key.rsplit("/", 1)[1])  # once read (or warned about)
                 if record is not None:
                     self._add_checked(worker, key, record)
 
@@ -756,7 +757,22 @@ class TrialIndex:
                         out[shard] = None
             finally:
                 pool.shutdown(cancel_futures=True)
+        self.fetch([s for s in shards if s not in out])
         return {s: out[s] if s in out else self.read_raw(name, s, what) for s in shards}
+
+    def fetch(self, shards: Sequence[str]) -> None:
+        """Download the remote ``shards`` not open yet into the cache, :data:`READS_AT_ONCE` at once, so
+        that the readers opened next find them there (a shard that fails says so when it is opened)."""
+        todo = [s for s in shards if s not in self._readers]
+        if self.storage.is_local or len(todo) < 2:
+            return
+        pool = ThreadPoolExecutor(min(READS_AT_ONCE, len(todo)), thread_name_prefix="tensortap-fetch")
+        try:
+            for future in [pool.submit(self.storage.local_path, s) for s in todo]:
+                with contextlib.suppress(OSError, ValueError):
+                    future.result()
+        finally:
+            pool.shutdown(cancel_futures=True)
 
     def _located(self, name: str, shard: str) -> RawAtReader | None:
         """The reader of ``name``'s values in ``shard`` where its index record says they lie, if it does

@@ -713,6 +713,7 @@ class Tensor:
                 and not any(loc.reductions for _, _, loc in by_shard[shard])
             ]
             read = index.read_raw_many(self.name, raw_only, self._raw_values)
+            index.fetch([shard for shard in batch if shard not in read])
             for shard in batch:
                 rows.extend(self._shard_rows(shard, by_shard[shard], keys, read))
         order = {k: i for i, k in enumerate(keys or ())}

@@ -15,6 +15,7 @@ import pytest
 from helpers.s3_proxy import FaultyProxy, silent_endpoint
 
 import tensortap
+from tensortap import ReductionConfig
 from tensortap.capture import ShardPolicy, Writer
 
 pytestmark = pytest.mark.s3
@@ -178,6 +179,24 @@ def test_a_tensor_is_read_from_several_shards_at_once(
     assert means == {step: pytest.approx(float(np.mean(weight(step)))) for step in range(6)}
     assert proxy.met == 6
     assert not any((tmp_path / "cache").glob("*"))  # no shard downloaded
+
+
+def test_shards_read_through_hdf5_are_downloaded_several_at_once(
+    proxy: FaultyProxy, s3_options: dict[str, Any], s3_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Saved reductions are read from the shard itself: the shards are downloaded into the cache several
+    at once (the proxy holds each download until all six are held), then read one after the other."""
+    monkeypatch.setenv("TENSORTAP_CACHE_DIR", str(tmp_path / "cache"))
+    options = {"reduction_config": ReductionConfig(reductions=["mean"]), "shard_policy": ShardPolicy(max_steps=1)}
+    with Writer(s3_url, storage_options=s3_options, **options) as w:
+        train(w, range(6))
+    trial = tensortap.create_trial(s3_url, **_through(proxy, s3_options))
+    assert trial.steps() == list(range(6))
+    proxy.meet("/shards/", 6)
+    means = trial.tensor("w").reduction_values("mean")
+    assert means == {step: pytest.approx(float(np.mean(weight(step)))) for step in range(6)}
+    assert proxy.met == 6
+    assert len(list((tmp_path / "cache").iterdir())) == 6
 
 
 def test_new_run_on_s3_keeps_every_fit(s3_options: dict[str, Any], s3_url: str) -> None:
