@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -242,3 +244,32 @@ def test_end_marker_written_during_a_refresh_hides_no_step(tmp_path: Path) -> No
     assert trial.training_ended
     assert trial.steps() == [0, 1, 2, 3, 4]
     assert trial.has_passed_step(4) is StepState.AVAILABLE
+
+
+class _FailingOnceStorage(LocalStorage):
+    """A local trial whose first batch of index records fails to arrive (a connection reset, say)."""
+
+    fail = False
+
+    def read_json_many(self, keys: Sequence[str]) -> list[Any]:
+        if self.fail and any(key.startswith("index/") for key in keys):
+            self.fail = False
+            raise ConnectionError("connection reset by peer")
+        return super().read_json_many(keys)
+
+
+def test_index_records_a_failed_refresh_did_not_read_are_read_by_the_next(tmp_path: Path) -> None:
+    w = Writer(tmp_path, shard_policy=ShardPolicy(max_steps=1))
+    run_steps(w, 2)
+    w.flush()
+    storage = _FailingOnceStorage(tmp_path)
+    trial = tensortap.create_trial(storage)
+    assert trial.steps() == [0, 1]
+    run_steps(w, 3)  # steps 2, 3, 4
+    w.close()
+    storage.fail = True
+    with pytest.raises(ConnectionError):
+        trial.refresh()
+    trial.refresh()
+    assert trial.steps() == [0, 1, 2, 3, 4]
+    assert trial.training_ended
