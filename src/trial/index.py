@@ -734,31 +734,45 @@ class TrialIndex:
         return self.read(shard, what)
 
     def read_raw_many(self, name: str, shards: Sequence[str], what: Callable[[RawSource], _T]) -> dict[str, _T | None]:
-        """:meth:`read_raw` of each of ``shards``; on remote storage, the shards whose record says where
-        the values lie are read by :data:`READS_AT_ONCE` threads at once (a round trip or two each)."""
+        """:meth:`read_raw` of each of ``shards``. On remote storage, :data:`READS_AT_ONCE` shards at a time:
+        those whose record says where the values lie read by as many threads at once (a round trip or two
+        each), the others downloaded at once (:meth:`fetch`), then read."""
+        if self.storage.is_local:
+            return {s: self.read_raw(name, s, what) for s in shards}
+        out: dict[str, _T | None] = {}
+        for first in range(0, len(shards), READS_AT_ONCE):
+            batch = shards[first : first + READS_AT_ONCE]
+            located = self._read_located(name, batch, what)
+            self.fetch([s for s in batch if s not in located])
+            out.update({s: located[s] if s in located else self.read_raw(name, s, what) for s in batch})
+        return out
+
+    def _read_located(self, name: str, shards: Sequence[str], what: Callable[[RawSource], _T]) -> dict[str, _T | None]:
+        """``what(source)`` of ``name`` in each of ``shards`` whose record says where its values lie, on a
+        thread each (None, with the shard dropped and one warning, where that fails: in the shards' order)."""
         out: dict[str, _T | None] = {}
         sources: dict[str, RawAtReader] = {}
-        for shard in [] if self.storage.is_local else shards:
+        for shard in shards:
             try:
                 if (source := self._located(name, shard)) is not None:
                     sources[shard] = source
             except (ShardError, OSError, ValueError) as exc:
                 self.drop_shard(shard, str(exc))
                 out[shard] = None
-        if len(sources) > 1:
-            pool = ThreadPoolExecutor(min(READS_AT_ONCE, len(sources)), thread_name_prefix="tensortap-read")
-            try:
-                futures = {s: pool.submit(what, src) for s, src in sources.items()}
-                for shard, future in futures.items():  # in the shards' order: warnings too
-                    try:
-                        out[shard] = future.result()
-                    except (ShardError, OSError, ValueError) as exc:
-                        self.drop_shard(shard, str(exc))
-                        out[shard] = None
-            finally:
-                pool.shutdown(cancel_futures=True)
-        self.fetch([s for s in shards if s not in out])
-        return {s: out[s] if s in out else self.read_raw(name, s, what) for s in shards}
+        if not sources:
+            return out
+        pool = ThreadPoolExecutor(len(sources), thread_name_prefix="tensortap-read")
+        try:
+            futures = {s: pool.submit(what, src) for s, src in sources.items()}
+            for shard, future in futures.items():
+                try:
+                    out[shard] = future.result()
+                except (ShardError, OSError, ValueError) as exc:
+                    self.drop_shard(shard, str(exc))
+                    out[shard] = None
+        finally:
+            pool.shutdown(cancel_futures=True)
+        return out
 
     def fetch(self, shards: Sequence[str]) -> None:
         """Download the remote ``shards`` not open yet into the cache, :data:`READS_AT_ONCE` at once, so
