@@ -14,6 +14,7 @@ import asyncio
 import collections
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -46,7 +47,6 @@ def _delayed(counts: collections.Counter[str], delay: list[float]) -> None:
 
 def main(seconds: float) -> None:
     """Write the trial without delay, then open and read it with ``seconds`` a request."""
-    os.environ["TENSORTAP_CACHE_DIR"] = tempfile.mkdtemp(prefix="tensortap-bench-")
     import s3fs
     from moto.server import ThreadedMotoServer
 
@@ -59,6 +59,8 @@ def main(seconds: float) -> None:
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
+    cache = tempfile.mkdtemp(prefix="tensortap-bench-")
+    os.environ["TENSORTAP_CACHE_DIR"] = cache  # the shard cache: read when a storage is made
     try:
         host, port = server.get_host_and_port()
         options = {"key": "bench", "secret": "bench", "client_kwargs": {"endpoint_url": f"http://{host}:{port}"}}
@@ -85,6 +87,7 @@ def main(seconds: float) -> None:
         print(f"values() of {len(names)} tensors over 20 shards: {read:.2f} s, requests {dict(counts)}")
     finally:
         server.stop()
+        shutil.rmtree(cache, ignore_errors=True)
 
 
 if __name__ == "__main__":
