@@ -26,13 +26,13 @@ from ..backends.registry import get_storage
 from ..backends.shard import RawAtReader, ShardError, ShardReader
 from ..backends.storage import LocalRanges, Storage
 from .index import (
-    RECORDS_AT_ONCE,
     ParsedRecord,
     RecordError,
     check_end_marker,
     check_index_record,
     check_worker_record,
     parse_index_record,
+    read_records,
 )
 from .progress import progress
 from .trial import trial_problem
@@ -180,16 +180,6 @@ def _inspect_shards(
             child.end()
 
 
-def _read_records(storage: Storage, keys: list[str]) -> dict[str, Any]:
-    """The JSON records at ``keys``, as read (or the error reading each), :data:`RECORDS_AT_ONCE` at a
-    time: one round of requests each on remote storage."""
-    records: dict[str, Any] = {}
-    for first in range(0, len(keys), RECORDS_AT_ONCE):
-        batch = keys[first : first + RECORDS_AT_ONCE]
-        records.update(zip(batch, storage.read_json_many(batch), strict=True))
-    return records
-
-
 def find_problems(
     path: str,
     options: dict[str, Any] | None = None,
@@ -230,7 +220,7 @@ def find_problems(
             keys.append(check_key(key))
         except UnsafeKey as exc:
             problems.append(f"{key}: {exc}")
-    records = _read_records(storage, [key for key in keys if key.endswith(".json")])
+    records = dict(read_records(storage, [key for key in keys if key.endswith(".json")]))
     for key in keys:
         if key.endswith(".json"):
             problem = _check_json(key, records, named)

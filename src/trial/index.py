@@ -480,6 +480,15 @@ class WorkerState:
     seen: set[str] = field(default_factory=set)
 
 
+def read_records(storage: Storage, keys: Sequence[str]) -> Iterator[tuple[str, Any]]:
+    """Each of ``keys`` with its JSON record as read, or the OSError or ValueError reading it raised,
+    :data:`RECORDS_AT_ONCE` at a time (:meth:`Storage.read_json_many`: one round of requests each on
+    remote storage)."""
+    for first in range(0, len(keys), RECORDS_AT_ONCE):
+        batch = keys[first : first + RECORDS_AT_ONCE]
+        yield from zip(batch, storage.read_json_many(batch), strict=True)
+
+
 class TrialIndex:
     """Everything the trial knows, rebuilt incrementally from the storage."""
 
@@ -542,15 +551,12 @@ class TrialIndex:
     def refresh(self) -> None:
         """Read index records, worker records and end markers that are new."""
         new = [(w, key) for w, key in self._records(layout.WORKERS) if not self._worker(w).info]
-        for (worker, _), info in zip(
-            new, self._load_many(new, lambda record, _: check_worker_record(record)), strict=True
-        ):
+        for worker, _, info in self._load(new, lambda record, _: check_worker_record(record)):
             self.workers[worker].info = info or {}
         # End markers before index records: a worker writes its end marker after its last
         # index record, so every record of an ended worker is read in this same refresh.
         new = [(w, key) for w, key in self._records(layout.ENDS) if self._worker(w).end is None]
-        ends = self._load_many(new, lambda record, _: check_end_marker(record))
-        for (worker, _), end in zip(new, ends, strict=True):
+        for worker, _, end in self._load(new, lambda record, _: check_end_marker(record)):
             self.workers[worker].end = end
         new = []
         for worker in self._index_folders():
@@ -558,12 +564,10 @@ class TrialIndex:
             for name in self.storage.list(f"{layout.INDEX}/{worker}"):
                 if name not in w.seen and name.endswith(".json"):
                     new.append((worker, f"{layout.INDEX}/{worker}/{name}"))
-        for i in range(0, len(new), RECORDS_AT_ONCE):
-            batch = new[i : i + RECORDS_AT_ONCE]
-            for (worker, key), record in zip(batch, self._load_many(batch, parse_index_record), strict=True):
-                self.workers[worker].seen.add(key.rsplit("/", 1)[1])  # once read (or warned about)
-                if record is not None:
-                    self._add_checked(worker, key, record)
+        for worker, key, parsed in self._load(new, parse_index_record):
+            self.workers[worker].seen.add(key.rsplit("/", 1)[1])  # once read (or warned about)
+            if parsed is not None:
+                self._add_checked(worker, key, parsed)
 
     def _add_checked(self, worker: str, key: str, parsed: ParsedRecord) -> None:
         """Add the index record ``key`` of ``worker``, unless another process than the worker's wrote it."""
@@ -589,21 +593,22 @@ class TrialIndex:
                     self._warn_bad(f"{folder}/{name}", str(exc))
         return out
 
-    def _load_many(self, records: list[tuple[str, str]], check: Callable[[Any, str], _T]) -> list[_T | None]:
-        """The records ``(worker, key)`` read at once (one round trip on remote storage), each once
-        ``check(record, worker)`` accepted it; None, with a warning naming it, for one that cannot be
-        read or is not valid."""
-        keys = [key for _, key in records]
-        out: list[_T | None] = []
-        for (worker, key), record in zip(records, self.storage.read_json_many(keys), strict=True):
+    def _load(
+        self, records: list[tuple[str, str]], check: Callable[[Any, str], _T]
+    ) -> Iterator[tuple[str, str, _T | None]]:
+        """``(worker, key, record)`` of the records ``(worker, key)``, read by :func:`read_records`, each
+        once ``check(record, worker)`` accepted it; None, with a warning naming it, for one that cannot
+        be read or is not valid."""
+        read = read_records(self.storage, [key for _, key in records])
+        for (worker, key), (_, record) in zip(records, read, strict=True):
+            checked = None
             try:
                 if isinstance(record, (OSError, ValueError)):
                     raise record
-                out.append(check(record, worker))
+                checked = check(record, worker)
             except (OSError, ValueError) as exc:  # RecordError, UnsafeKey and JSON errors are ValueErrors
                 self._warn_bad(key, f"unreadable record ({exc})")
-                out.append(None)
-        return out
+            yield worker, key, checked
 
     def _index_folders(self) -> list[str]:
         folders = set(self.workers)
