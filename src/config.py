@@ -92,6 +92,15 @@ class SaveConfig:
             return False
         return (step - self.start_step) % self.save_interval == 0
 
+    def next_saved(self, step: int) -> int | None:
+        """Return the first step from ``step`` on that is saved (``None``: no later step is)."""
+        later = [s for s in self.save_steps if s >= step]
+        first = max(step, self.start_step)
+        first += -(first - self.start_step) % self.save_interval
+        if self.end_step is None or first < self.end_step:
+            later.append(first)
+        return min(later, default=None)
+
     def to_json(self) -> dict[str, Any]:
         """Return a JSON-serialisable dict (inverse of :meth:`from_json`)."""
         return {
@@ -139,6 +148,10 @@ class ModeSaveConfig:
     def should_save(self, mode: Mode, mode_step: int) -> bool:
         """Return whether mode step ``mode_step`` of ``mode`` is saved."""
         return self.for_mode(mode).should_save(mode_step)
+
+    def next_saved(self, mode: Mode, mode_step: int) -> int | None:
+        """Return the first mode step of ``mode`` from ``mode_step`` on that is saved (``None``: none is)."""
+        return self.for_mode(mode).next_saved(mode_step)
 
     def to_json(self) -> dict[str, Any]:
         """Return ``{"default": {...}, "TRAIN": {...}, ...}``."""

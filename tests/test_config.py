@@ -33,6 +33,50 @@ def test_start_end_and_save_steps(tmp_path: Path) -> None:
     assert tensortap.create_trial(tmp_path).steps() == expected
 
 
+def test_next_saved_is_the_first_saved_step_from_a_step_on() -> None:
+    configs = [
+        SaveConfig(save_interval=interval, start_step=start, end_step=end, save_steps=steps)
+        for interval in (1, 2, 3, 7)
+        for start in (0, 1, 4)
+        for end in (None, start + 1, start + 5, start + 9)
+        for steps in ((), (2,), (0, 6, 30))
+    ]
+    for cfg in configs:
+        for step in range(40):
+            saved = [s for s in range(step, 120) if cfg.should_save(s)]
+            assert cfg.next_saved(step) == (saved[0] if saved else None), (cfg, step)
+
+
+def test_a_step_is_saved_as_its_collections_say_after_steps_that_saved_nothing(tmp_path: Path) -> None:
+    """A hook skips deciding collection by collection until the next step one of them may save:
+    the steps it saves are still exactly those its configurations give, mode by mode, and a
+    collection added on the way (a rule's) is saved from its own next step on."""
+    losses = SaveConfig(save_interval=10, start_step=2, end_step=25, save_steps=[7])
+    weights = {Mode.TRAIN: SaveConfig(save_interval=12), Mode.EVAL: SaveConfig(save_interval=4, end_step=9)}
+    hook_config = SaveConfig(save_interval=3, start_step=1, save_steps=[5])
+    w = Writer(
+        tmp_path,
+        save_config=hook_config,
+        include_collections=["losses", "weights"],
+        collection_configs={"losses": {"save_config": losses}, "weights": {"save_config": weights}},
+    )
+    modes = [Mode.EVAL if i % 5 == 4 else Mode.PREDICT if i % 11 == 10 else Mode.TRAIN for i in range(120)]
+    added_at = 40  # gradients join (with the hook's config) at this global step
+    got, expected, for_gradients_only = [], [], []
+    for i, mode in enumerate(modes):
+        if i == added_at:
+            w.require_capture("gradients")
+        got.append(w.begin_step(mode))
+        w.end_step()
+        first = [c.should_save(w.mode_step) for c in (losses, weights.get(mode, hook_config))]
+        gradients = i >= added_at and hook_config.should_save(w.mode_step)
+        expected.append(any(first) or gradients)
+        for_gradients_only.append(gradients and not any(first))
+    w.close()
+    assert got == expected
+    assert any(for_gradients_only)  # steps the added collection alone saves
+
+
 def test_default_intervals() -> None:
     assert SaveConfig().save_interval == 100
     assert Hook.default_interval == 100

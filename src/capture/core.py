@@ -23,6 +23,7 @@ for errors of the capture path itself: storage, disk, the writer.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -285,6 +286,8 @@ class Hook:
         self._in_step = False
         self._records: list[TensorRecord] = []
         self._plans: dict[tuple[str, tuple[str, ...], frozenset[str], bool], _Plan | None] = {}
+        # per mode, the first mode step that may be saved once a step saved nothing (inf: none will be)
+        self._quiet_until: dict[Mode, float] = {}
         self._offered: set[str] = set()  # names in _records
         self._skipped: set[str] = set()  # tensors that could not be captured (warned once)
         self._histogram_edges: dict[str, np.ndarray] = {}  # fixed per tensor from its first saved value
@@ -409,13 +412,17 @@ class Hook:
         if not self.enabled or self._failed:
             self._saving = False
             return False
-        active = frozenset(
-            n
-            for n in (self.collections if self.save_all else self.included)
-            if self._save_configs[n].should_save(self.mode, self.mode_step)
-        )
+        if self.mode_step < self._quiet_until.get(self.mode, 0):  # the cheap path of most unsaved steps
+            self._active = frozenset()
+            self._saving = False
+            return False
+        names = self.collections if self.save_all else self.included
+        active = frozenset(n for n in names if self._save_configs[n].should_save(self.mode, self.mode_step))
         self._active = active
         self._saving = bool(active)
+        if not active:
+            later = (self._save_configs[n].next_saved(self.mode, self.mode_step) for n in names)
+            self._quiet_until[self.mode] = min((s for s in later if s is not None), default=math.inf)
         return self._saving
 
     @property
@@ -632,6 +639,7 @@ class Hook:
         if not self.save_all and collection not in self.included:
             self.included = (*self.included, collection)
         self._plans.clear()
+        self._quiet_until.clear()
 
     # --------------------------------------------------------------- control
     def request_stop(self, reason: str, **details: Any) -> None:

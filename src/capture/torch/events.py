@@ -367,14 +367,15 @@ class Hook(core.Hook):
         self._finish()
         if self._closed:
             return
-        self.session.open(mode)
+        saved = self.session.open(mode)
         self._ended_by_optimizer = self._forwarded = self._trained = self._closure_seen = False
         self._tentative = tentative
         self._stepped.clear()
-        s = self.session
-        self._io = s.saving("outputs", "inputs")
-        self._losses = s.saving("losses")
-        self._stash_grads = s.saving("gradients") and not self._optimizers
+        if saved:
+            s = self.session
+            self._io = s.saving("outputs", "inputs")
+            self._losses = s.saving("losses")
+            self._stash_grads = s.saving("gradients") and not self._optimizers
 
     def _ensure_open(self, tentative: bool = True) -> None:
         """A step for a value given now: the open one, unless its optimizers or hook.finish_step() ended it

@@ -73,11 +73,12 @@ class Tap:
         self.fn = fn
         self.bound = bound
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def __call__(self, *args: Any) -> Any:
+        # torch calls every hook a tap stands for with positional arguments only
         hook = self.hook()
         if hook is None:
             return None
-        return self.fn(hook, *self.bound, *args, **kwargs)
+        return self.fn(hook, *self.bound, *args)
 
     def __reduce__(self) -> tuple[type[Inert], tuple[()]]:
         return Inert, ()
