@@ -5,7 +5,8 @@ Not part of ``python -m bench`` (it needs moto, a test dependency):
 127.0.0.1 holds a trial of 200 steps in 20 shards (three 64 x 64 float32 weights and the
 loss); every request s3fs makes waits ``seconds`` first. Prints the seconds and the
 requests of opening the trial (``tensor_names()``) and of reading every tensor's
-``values()`` (bench/profiles/read.md, "A trial on object storage").
+``values()``; then of one refresh of a trial of :data:`WORKERS` workers, which looks for new
+data (bench/profiles/read.md, "A trial on object storage").
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ import numpy as np
 
 REQUESTS = ("_info", "_cat_file", "_get_file", "_lsdir", "_find", "_exists")
 """The s3fs coroutines delayed and counted: every request a reader makes goes through one of them."""
+WORKERS = 8
+"""Workers of the trial whose refresh is timed (a torchrun of 8 processes)."""
+REFRESHES = 5
 
 
 def _delayed(counts: collections.Counter[str], delay: list[float]) -> None:
@@ -85,6 +89,22 @@ def main(seconds: float) -> None:
         read = time.perf_counter() - start
         print(f"{seconds * 1e3:.0f} ms a request; open: {opened:.2f} s, requests {opening}")
         print(f"values() of {len(names)} tensors over 20 shards: {read:.2f} s, requests {dict(counts)}")
+        delay[0] = 0.0
+        url = f"s3://tensortap-bench/{uuid.uuid4().hex}"
+        for rank in range(WORKERS):
+            with Writer(url, storage_options=options, rank=rank, include_workers="all") as writer:
+                for step in range(10):
+                    with writer.stepping():
+                        writer.save("losses/loss", np.float32(1.0 / (step + 1)), collections=["losses"])
+        trial = tensortap.create_trial(url, **options)
+        assert len(trial.workers()) == WORKERS
+        delay[0] = seconds
+        counts.clear()
+        start = time.perf_counter()
+        for _ in range(REFRESHES):
+            trial.refresh()
+        refreshed = (time.perf_counter() - start) / REFRESHES
+        print(f"refresh of a trial of {WORKERS} workers: {refreshed:.2f} s, requests {dict(counts)} in {REFRESHES}")
     finally:
         server.stop()
         shutil.rmtree(cache, ignore_errors=True)

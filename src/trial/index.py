@@ -19,7 +19,7 @@ import functools
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, ItemsView, Iterator, Mapping, Sequence, ValuesView
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from itertools import chain, pairwise
 from typing import Any, TypeGuard, TypeVar
@@ -47,7 +47,7 @@ _T = TypeVar("_T")
 RECORDS_AT_ONCE = 64
 """Index records read in one batch (one round trip on remote storage; their bytes held at once)."""
 READS_AT_ONCE = 8
-"""Shards of remote storage read at once by :meth:`TrialIndex.read_raw_many`."""
+"""Requests to remote storage made at once: shards read by :meth:`TrialIndex.read_raw_many`, folders listed."""
 _MODES = {int(m): m for m in Mode}
 _IS_MODE = np.zeros(max(_MODES) + 1, dtype=bool)  # by value
 _IS_MODE[list(_MODES)] = True
@@ -489,6 +489,18 @@ def read_records(storage: Storage, keys: Sequence[str]) -> Iterator[tuple[str, A
         yield from zip(batch, storage.read_json_many(batch), strict=True)
 
 
+def at_once(calls: Sequence[Callable[[], _T]], name: str) -> list[Future[_T]]:
+    """Run ``calls`` on threads (named ``tensortap-<name>``), :data:`READS_AT_ONCE` at a time; return their
+    futures, all done, in the same order (for requests to remote storage: a round trip or more each)."""
+    pool = ThreadPoolExecutor(min(READS_AT_ONCE, len(calls)), thread_name_prefix=f"tensortap-{name}")
+    try:
+        futures = [pool.submit(call) for call in calls]
+        wait(futures)
+    finally:
+        pool.shutdown(cancel_futures=True)
+    return futures
+
+
 class TrialIndex:
     """Everything the trial knows, rebuilt incrementally from the storage."""
 
@@ -549,21 +561,33 @@ class TrialIndex:
             logger.warning("tensortap: skipping %s: %s", key, why)
 
     def refresh(self) -> None:
-        """Read index records, worker records and end markers that are new."""
-        new = [(w, key) for w, key in self._records(layout.WORKERS) if not self._worker(w).info]
+        """Read index records, worker records and end markers that are new.
+
+        End markers are listed before the index records: a worker writes its end marker after its
+        last index record, so every record of an ended worker is read in this same refresh. Two
+        rounds of listings (on remote storage each round's requests made at once): the workers'
+        records, the end markers and the index folders; then each worker's index folder.
+        """
+        storage = self.storage
+        workers, ends, folders = self._listings(
+            [
+                functools.partial(storage.list, layout.WORKERS),
+                functools.partial(storage.list, layout.ENDS),
+                functools.partial(storage.list_dirs, layout.INDEX),
+            ]
+        )
+        new = [(w, key) for w, key in self._records(layout.WORKERS, workers) if not self._worker(w).info]
         for worker, _, info in self._load(new, lambda record, _: check_worker_record(record)):
             self.workers[worker].info = info or {}
-        # End markers before index records: a worker writes its end marker after its last
-        # index record, so every record of an ended worker is read in this same refresh.
-        new = [(w, key) for w, key in self._records(layout.ENDS) if self._worker(w).end is None]
+        new = [(w, key) for w, key in self._records(layout.ENDS, ends) if self._worker(w).end is None]
         for worker, _, end in self._load(new, lambda record, _: check_end_marker(record)):
             self.workers[worker].end = end
+        folders = self._index_folders(folders)
+        listed = self._listings([functools.partial(storage.list, f"{layout.INDEX}/{w}") for w in folders])
         new = []
-        for worker in self._index_folders():
-            w = self._worker(worker)
-            for name in self.storage.list(f"{layout.INDEX}/{worker}"):
-                if name not in w.seen and name.endswith(".json"):
-                    new.append((worker, f"{layout.INDEX}/{worker}/{name}"))
+        for worker, names in zip(folders, listed, strict=True):
+            seen = self._worker(worker).seen
+            new += [(worker, f"{layout.INDEX}/{worker}/{n}") for n in names if n not in seen and n.endswith(".json")]
         for worker, key, parsed in self._load(new, parse_index_record):
             self.workers[worker].seen.add(key.rsplit("/", 1)[1])  # once read (or warned about)
             if parsed is not None:
@@ -582,10 +606,17 @@ class TrialIndex:
             return
         self._add_record(worker, w, parsed)
 
-    def _records(self, folder: str) -> list[tuple[str, str]]:
-        """``(worker, key)`` of the ``<worker>.json`` files in ``folder`` whose names are valid."""
+    def _listings(self, listings: Sequence[Callable[[], list[str]]]) -> list[list[str]]:
+        """The names each of ``listings`` gives (storage listings): on remote storage, made at once."""
+        if self.storage.is_local or len(listings) < 2:
+            return [listing() for listing in listings]
+        return [future.result() for future in at_once(listings, "list")]
+
+    def _records(self, folder: str, names: Sequence[str]) -> list[tuple[str, str]]:
+        """``(worker, key)`` of the ``<worker>.json`` files among ``names`` (listed in ``folder``) whose
+        names are valid."""
         out = []
-        for name in self.storage.list(folder):
+        for name in names:
             if name.endswith(".json"):
                 try:
                     out.append((check_name(name[: -len(".json")]), f"{folder}/{name}"))
@@ -610,9 +641,11 @@ class TrialIndex:
                 self._warn_bad(key, f"unreadable record ({exc})")
             yield worker, key, checked
 
-    def _index_folders(self) -> list[str]:
+    def _index_folders(self, names: Sequence[str]) -> list[str]:
+        """The workers whose index folders to list: those known, and the folders ``names`` (of the
+        index folder) whose names are valid."""
         folders = set(self.workers)
-        for name in self.storage.list_dirs(layout.INDEX):
+        for name in names:
             try:
                 folders.add(check_name(name))
             except UnsafeKey as exc:
@@ -766,17 +799,13 @@ class TrialIndex:
                 out[shard] = None
         if not sources:
             return out
-        pool = ThreadPoolExecutor(len(sources), thread_name_prefix="tensortap-read")
-        try:
-            futures = {s: pool.submit(what, src) for s, src in sources.items()}
-            for shard, future in futures.items():
-                try:
-                    out[shard] = future.result()
-                except (ShardError, OSError, ValueError) as exc:
-                    self.drop_shard(shard, str(exc))
-                    out[shard] = None
-        finally:
-            pool.shutdown(cancel_futures=True)
+        futures = at_once([functools.partial(what, source) for source in sources.values()], "read")
+        for shard, future in zip(sources, futures, strict=True):
+            try:
+                out[shard] = future.result()
+            except (ShardError, OSError, ValueError) as exc:
+                self.drop_shard(shard, str(exc))
+                out[shard] = None
         return out
 
     def fetch(self, shards: Sequence[str]) -> None:
@@ -785,13 +814,9 @@ class TrialIndex:
         todo = [s for s in shards if s not in self._readers]
         if self.storage.is_local or len(todo) < 2:
             return
-        pool = ThreadPoolExecutor(min(READS_AT_ONCE, len(todo)), thread_name_prefix="tensortap-fetch")
-        try:
-            for future in [pool.submit(self.storage.local_path, s) for s in todo]:
-                with contextlib.suppress(OSError, ValueError):
-                    future.result()
-        finally:
-            pool.shutdown(cancel_futures=True)
+        for future in at_once([functools.partial(self.storage.local_path, s) for s in todo], "fetch"):
+            with contextlib.suppress(OSError, ValueError):
+                future.result()
 
     def _located(self, name: str, shard: str) -> RawAtReader | None:
         """The reader of ``name``'s values in ``shard`` where its index record says they lie, if it does

@@ -154,6 +154,24 @@ def test_a_trial_is_opened_with_its_index_records_read_at_once(
         np.testing.assert_array_equal(trial.tensor("w").value(step), weight(step))
 
 
+def test_a_refresh_lists_the_folders_of_each_round_at_once(
+    proxy: FaultyProxy, s3_options: dict[str, Any], s3_url: str
+) -> None:
+    """A refresh lists the workers' records, the end markers and the index folders, then each worker's
+    index folder: one after the other, 3 + W round trips each time a reader looks for new data. The proxy
+    holds each listing until three are held at once (one after the other, each would wait 10 s)."""
+    for rank in range(3):
+        with Writer(s3_url, storage_options=s3_options, rank=rank, include_workers="all") as w:
+            train(w, range(2))
+    trial = tensortap.create_trial(s3_url, **_through(proxy, s3_options))
+    assert trial.workers() == ["worker_0", "worker_1", "worker_2"]
+    proxy.meet("list-type=2", 3)
+    trial.refresh()
+    assert proxy.met == 3
+    assert trial.steps() == [0, 1]
+    assert trial.tensor("w").workers(1) == ["worker_0", "worker_1", "worker_2"]
+
+
 def test_a_tensor_is_read_from_several_shards_at_once(
     proxy: FaultyProxy, s3_options: dict[str, Any], s3_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
