@@ -261,6 +261,46 @@ def test_model_is_clean_after_fit_and_a_later_fit_is_unaffected(fitted: dict[str
         assert attr not in model.__dict__
 
 
+@pytest.mark.skipif(BACKEND == "torch", reason="Keras runs torch steps eagerly: nothing is traced")
+def test_a_later_fit_runs_the_steps_traced_in_the_first_until_compile(tmp_path: Path) -> None:
+    """Each fit with the callback traced its step functions anew (0.4 s on JAX); a later fit of the
+    same model runs those of the fit before, until ``compile`` (a new optimizer) makes it trace again."""
+    model = mlp()
+    traces: list[int] = []
+    compute_loss = model.compute_loss
+
+    def counted(*args: Any, **kwargs: Any) -> Any:  # Python runs only while a step is traced
+        traces.append(1)
+        return compute_loss(*args, **kwargs)
+
+    model.compute_loss = counted
+    rec = Recorder()
+    cb = ttk.Callback(
+        tmp_path, save_config=EVERY_STEP, include_collections=["weights", "biases", "losses"], close_on_train_end=False
+    )
+
+    def fit() -> None:
+        model.fit(X, Y, batch_size=BATCH, epochs=1, shuffle=False, callbacks=[cb, rec], verbose=0)
+
+    fit()
+    first = len(traces)
+    assert first > 0
+    fit()
+    assert len(traces) == first
+    model.compile(optimizer=keras.optimizers.SGD(LR / 2, name="sgd"), loss="mse", metrics=["mae"])
+    fit()
+    assert len(traces) > first
+    assert int(model.optimizer.iterations) == 3  # the new optimizer applied the third fit's steps
+    cb.close()
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.tensor("losses/loss").steps(mode=Mode.TRAIN) == list(range(9))
+    for i, name in enumerate(WEIGHTS):
+        got = values(trial, name)
+        assert list(got) == list(range(9))
+        for step in range(9):
+            np.testing.assert_allclose(got[step], rec.weights[step][i], rtol=1e-6)
+
+
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="XLA's static shapes matter for TensorFlow's variables")
 def test_xla_with_a_partial_batch_keeps_every_value(tmp_path: Path) -> None:
     # 40 rows in batches of 16: Keras traces with an unknown batch dimension; the values

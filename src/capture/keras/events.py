@@ -32,6 +32,7 @@ import logging
 import os
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import keras
@@ -77,6 +78,24 @@ _KINDS = {
     "predict": ("predict_step", Mode.PREDICT),
 }
 Arrival = tuple[str, list[Slot], list[Any]]
+
+
+@dataclass
+class _Kept:
+    """Step functions traced with the callback's wrappers, kept for its next ``fit`` of the same model."""
+
+    traced_with: tuple[Any, ...]  # objects compared by identity (see Callback._traced_with)
+    settings: tuple[Any, ...]  # values compared by equality
+    functions: dict[str, StepVariants]
+    graph: TFGraphTaps | None
+
+    def serves(self, other: _Kept) -> bool:
+        """Whether these functions were traced for what ``other`` describes."""
+        return (
+            len(self.traced_with) == len(other.traced_with)
+            and all(a is b for a, b in zip(self.traced_with, other.traced_with, strict=True))
+            and self.settings == other.settings
+        )
 
 
 def _loss_name(key: str, mode: Mode | None) -> str:
@@ -198,6 +217,7 @@ class Callback(keras.callbacks.Callback):
         self._extra_slots: dict[str, tuple[str, Slot]] = {}
         self._callbacks_traced = False
         self._variable_names: dict[int, tuple[Any, str, str | None]] = {}
+        self._kept: _Kept | None = None
 
     @classmethod
     def from_json(
@@ -303,18 +323,29 @@ class Callback(keras.callbacks.Callback):
         if self._depth > 1:
             return
         model = self._model  # not self.model: on JAX that property syncs the state
-        self._attach(model, ())
-        for fn in _STEP_FUNCTIONS:
-            setattr(model, fn, None)
+        kept, self._kept = self._kept, None
+        if kept is not None and not kept.serves(self._described(model, {}, None)):
+            kept = None
+        self._attach(model, (), None if kept is None else kept.graph)
+        for fn in _STEP_FUNCTIONS:  # Keras's own (traced without the wrappers) are never run with them
+            setattr(model, fn, None if kept is None else kept.functions.get(fn))
         getattr(model, f"make_{kind}_function")()
 
-    def _attach(self, model: Any, optimizers: Sequence[Any]) -> None:
+    def _described(self, model: Any, functions: dict[str, StepVariants], graph: TFGraphTaps | None) -> _Kept:
+        """``functions`` and ``graph`` with what they were traced for: the model as compiled (Keras
+        drops its own step functions at ``compile``), its trainable variables, the collections."""
+        compiled = (getattr(model, "_compile_config", None), getattr(model, "optimizer", None))
+        settings = (model.run_eagerly, model.jit_compile, model.steps_per_execution)
+        capture = (self.hook.included, self.hook.save_all)
+        return _Kept((model, *compiled, *model.trainable_variables), (*settings, *capture), functions, graph)
+
+    def _attach(self, model: Any, optimizers: Sequence[Any], graph: TFGraphTaps | None = None) -> None:
         writer = self.hook.writer
         if writer is not None and writer.closed:
             logger.warning("tensortap: the trial at %s is closed; nothing more is captured", self.out_dir)
         self._reduce_max = self.all_reduce_max or backend_all_reduce_max()
         try:
-            self._install(model, optimizers)
+            self._install(model, optimizers, graph)
         except Exception as exc:
             self._detach()
             self.hook.fail(exc, "cannot attach to the Keras model")
@@ -324,6 +355,10 @@ class Callback(keras.callbacks.Callback):
         self._depth -= 1
         if self._depth > 0:
             return
+        model = self._model
+        if model is not None and not self._loop:  # traced once for every fit of this callback (_enter)
+            functions = {fn: f for fn in _STEP_FUNCTIONS if isinstance(f := getattr(model, fn, None), StepVariants)}
+            self._kept = self._described(model, functions, self._graph) if functions else None
         self._detach()
         writer = self.hook.writer
         if writer is not None and not writer.closed:
@@ -352,6 +387,7 @@ class Callback(keras.callbacks.Callback):
         if self._depth:
             self._finish_step()
             self._detach()
+        self._kept = None
         self.session.finish()
         self.hook.close(reason)
 
@@ -549,11 +585,13 @@ class Callback(keras.callbacks.Callback):
             self.hook.fail(exc, "cannot capture the variables")
 
     # -------------------------------------------------------------- wrappers
-    def _install(self, model: Any, optimizers: Sequence[Any]) -> None:
+    def _install(self, model: Any, optimizers: Sequence[Any], graph: TFGraphTaps | None = None) -> None:
+        """Wrap what the capture needs; ``graph``: the TensorFlow taps of step functions kept from a
+        ``fit`` before (they read its flag variables)."""
         self._prefix = f"{getattr(model, 'path', None) or model.name}/"
         self._variable_names = {}
-        self._graph = None
-        if BACKEND == "tensorflow" and (self._loop or not model.run_eagerly):
+        self._graph = graph
+        if graph is None and BACKEND == "tensorflow" and (self._loop or not model.run_eagerly):
             self._graph = TFGraphTaps(xla=bool(not self._loop and model.jit_compile))
         if not self._loop:
             for kind, (attr, mode) in _KINDS.items():
