@@ -80,22 +80,22 @@ _KINDS = {
 Arrival = tuple[str, list[Slot], list[Any]]
 
 
+TracedFor = tuple[tuple[Any, ...], tuple[Any, ...]]  # objects (compared by identity), values (by equality)
+
+
 @dataclass
 class _Kept:
     """Step functions traced with the callback's wrappers, kept for its next ``fit`` of the same model."""
 
-    traced_with: tuple[Any, ...]  # objects compared by identity (see Callback._traced_with)
-    settings: tuple[Any, ...]  # values compared by equality
+    traced_for: TracedFor  # see Callback._traced_for
     functions: dict[str, StepVariants]
-    graph: TFGraphTaps | None
+    graph: TFGraphTaps | None  # TensorFlow's taps, whose flag variables the traced graphs read
 
-    def serves(self, other: _Kept) -> bool:
-        """Whether these functions were traced for what ``other`` describes."""
-        return (
-            len(self.traced_with) == len(other.traced_with)
-            and all(a is b for a, b in zip(self.traced_with, other.traced_with, strict=True))
-            and self.settings == other.settings
-        )
+    def serves(self, traced_for: TracedFor) -> bool:
+        """Whether these functions were traced for what ``traced_for`` describes."""
+        (objects, values), (kept, kept_values) = traced_for, self.traced_for
+        same = len(objects) == len(kept) and all(a is b for a, b in zip(objects, kept, strict=True))
+        return same and values == kept_values
 
 
 def _loss_name(key: str, mode: Mode | None) -> str:
@@ -323,21 +323,20 @@ class Callback(keras.callbacks.Callback):
         if self._depth > 1:
             return
         model = self._model  # not self.model: on JAX that property syncs the state
-        kept, self._kept = self._kept, None
-        if kept is not None and not kept.serves(self._described(model, {}, None)):
+        kept, self._kept = self._kept, None  # the step functions of the last call, if they still serve
+        if kept is not None and not kept.serves(self._traced_for(model)):
             kept = None
         self._attach(model, (), None if kept is None else kept.graph)
-        for fn in _STEP_FUNCTIONS:  # Keras's own (traced without the wrappers) are never run with them
+        for fn in _STEP_FUNCTIONS:  # never Keras's own (traced without the wrappers) while attached
             setattr(model, fn, None if kept is None else kept.functions.get(fn))
         getattr(model, f"make_{kind}_function")()
 
-    def _described(self, model: Any, functions: dict[str, StepVariants], graph: TFGraphTaps | None) -> _Kept:
-        """``functions`` and ``graph`` with what they were traced for: the model as compiled (Keras
-        drops its own step functions at ``compile``), its trainable variables, the collections."""
+    def _traced_for(self, model: Any) -> TracedFor:
+        """What step functions of ``model`` traced now depend on: the model as compiled (Keras drops
+        its own step functions at ``compile``), its trainable variables, how it runs, the collections."""
         compiled = (getattr(model, "_compile_config", None), getattr(model, "optimizer", None))
         settings = (model.run_eagerly, model.jit_compile, model.steps_per_execution)
-        capture = (self.hook.included, self.hook.save_all)
-        return _Kept((model, *compiled, *model.trainable_variables), (*settings, *capture), functions, graph)
+        return (model, *compiled, *model.trainable_variables), (*settings, self.hook.included, self.hook.save_all)
 
     def _attach(self, model: Any, optimizers: Sequence[Any], graph: TFGraphTaps | None = None) -> None:
         writer = self.hook.writer
@@ -356,9 +355,9 @@ class Callback(keras.callbacks.Callback):
         if self._depth > 0:
             return
         model = self._model
-        if model is not None and not self._loop:  # traced once for every fit of this callback (_enter)
+        if model is not None and not self._loop:  # for the next call (_enter), instead of tracing anew
             functions = {fn: f for fn in _STEP_FUNCTIONS if isinstance(f := getattr(model, fn, None), StepVariants)}
-            self._kept = self._described(model, functions, self._graph) if functions else None
+            self._kept = _Kept(self._traced_for(model), functions, self._graph) if functions else None
         self._detach()
         writer = self.hook.writer
         if writer is not None and not writer.closed:
