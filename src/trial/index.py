@@ -491,7 +491,10 @@ def read_records(storage: Storage, keys: Sequence[str]) -> Iterator[tuple[str, A
 
 def at_once(calls: Sequence[Callable[[], _T]], name: str) -> list[Future[_T]]:
     """Run ``calls`` on threads (named ``tensortap-<name>``), :data:`READS_AT_ONCE` at a time; return their
-    futures, all done, in the same order (for requests to remote storage: a round trip or more each)."""
+    futures, all done, in the same order (for requests to remote storage: a round trip or more each).
+    Fewer than two run on this thread: there is nothing to overlap."""
+    if len(calls) < 2:
+        return [_ran(call) for call in calls]
     pool = ThreadPoolExecutor(min(READS_AT_ONCE, len(calls)), thread_name_prefix=f"tensortap-{name}")
     try:
         futures = [pool.submit(call) for call in calls]
@@ -499,6 +502,16 @@ def at_once(calls: Sequence[Callable[[], _T]], name: str) -> list[Future[_T]]:
     finally:
         pool.shutdown(cancel_futures=True)
     return futures
+
+
+def _ran(call: Callable[[], _T]) -> Future[_T]:
+    """The future of ``call`` run now, on this thread (its result, or the exception it raised)."""
+    future: Future[_T] = Future()
+    try:
+        future.set_result(call())
+    except Exception as exc:
+        future.set_exception(exc)
+    return future
 
 
 class TrialIndex:
@@ -608,7 +621,7 @@ class TrialIndex:
 
     def _listings(self, listings: Sequence[Callable[[], list[str]]]) -> list[list[str]]:
         """The names each of ``listings`` gives (storage listings): on remote storage, made at once."""
-        if self.storage.is_local or len(listings) < 2:
+        if self.storage.is_local:
             return [listing() for listing in listings]
         return [future.result() for future in at_once(listings, "list")]
 
