@@ -4,9 +4,10 @@ Not part of ``python -m bench`` (it needs moto, a test dependency):
 ``python -m bench.remote_read [seconds a request]`` (default 0.02). A moto S3 server on
 127.0.0.1 holds a trial of 200 steps in 20 shards (three 64 x 64 float32 weights and the
 loss); every request s3fs makes waits ``seconds`` first. Prints the seconds and the
-requests of opening the trial (``tensor_names()``) and of reading every tensor's
-``values()``; then of one refresh of a trial of :data:`WORKERS` workers, which looks for new
-data (bench/profiles/read.md, "A trial on object storage").
+requests of opening the trial (``tensor_names()``), of reading every tensor's
+``values()`` and of ``tensortap check`` of it; then of one refresh of a trial of
+:data:`WORKERS` workers, which looks for new data (bench/profiles/read.md, "A trial on
+object storage").
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ def main(seconds: float) -> None:
     _delayed(counts, delay)  # before any filesystem is made: fsspec binds its sync methods then
     import tensortap
     from tensortap.capture import ShardPolicy, Writer
+    from tensortap.trial.check import find_problems
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
@@ -89,6 +91,11 @@ def main(seconds: float) -> None:
         read = time.perf_counter() - start
         print(f"{seconds * 1e3:.0f} ms a request; open: {opened:.2f} s, requests {opening}")
         print(f"values() of {len(names)} tensors over 20 shards: {read:.2f} s, requests {dict(counts)}")
+        counts.clear()
+        start = time.perf_counter()
+        assert find_problems(url, options, show_progress=False) == []
+        checked = time.perf_counter() - start
+        print(f"check of its 20 shards (downloaded): {checked:.2f} s, requests {dict(counts)}")
         delay[0] = 0.0
         url = f"s3://tensortap-bench/{uuid.uuid4().hex}"
         for rank in range(WORKERS):

@@ -35,6 +35,7 @@ from .layout import check_key
 
 Keys = list[str]  # an alias: inside Storage classes, ``list`` names the method
 Records = list[Any]  # JSON records, or the error reading or parsing each (Storage.read_json_many)
+Contents = list[bytes | BaseException]  # files read, or the error reading each (FsspecStorage._cat)
 
 MAX_JSON_BYTES = 64 << 20
 """Largest JSON record a reader parses (an index record of 100,000 tensors is about 20 MB)."""
@@ -182,10 +183,14 @@ class Storage(abc.ABC):
         The trial root as the user gave it.
     is_local
         True when keys are plain files that h5py can open in place.
+    kept_bytes
+        Bytes of downloaded files (:meth:`local_path`) kept at once before the least recently used
+        go; None where there is no bound (local files, a private download folder).
     """
 
     url: str
     is_local: bool = False
+    kept_bytes: int | None = None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r})"
@@ -525,6 +530,7 @@ class FsspecStorage(Storage):
         _LIVE_FSSPEC.add(self)
         folder = None if "memory" in protocols else user_cache_dir()
         self.cache = None if folder is None else ShardCache(folder, cache_bytes())
+        self.kept_bytes = None if self.cache is None else self.cache.max_bytes
         client = storage_options.get("client_kwargs") or {}
         endpoint = client.get("endpoint_url") or storage_options.get("endpoint_url")
         self._identity = f"{url}\0{endpoint or ''}"
@@ -571,17 +577,36 @@ class FsspecStorage(Storage):
         n = len(self.root) + 1
         return sorted(k for p in found if (k := p[n:]) and not is_hidden(k))
 
+    def _cat(self, paths: Sequence[str], end: int | None) -> Contents:
+        """The first ``end`` bytes (None: all) of each of ``paths``, one concurrent batch of requests
+        (``cat_ranges``: no glob expansion of names), an exception in place of a file that fails.
+
+        Each is one ranged GET from byte 0: without a range, s3fs asks every object's size first (a
+        ``HEAD``, to split large downloads), which doubles the round trips of small records. An empty
+        object has no byte 0 (S3 answers 416): a file that fails so is read again whole.
+        """
+        # explicit lists: fsspec 2023.1 repeats `starts` for a missing `ends` list
+        got: Contents = self.fs.cat_ranges([*paths], [0] * len(paths), [end] * len(paths))
+        again = [i for i, g in enumerate(got) if isinstance(g, OSError) and not isinstance(g, FileNotFoundError)]
+        if again:
+            whole = self.fs.cat_ranges([paths[i] for i in again], [None] * len(again), [None] * len(again))
+            for i, data in zip(again, whole, strict=True):
+                got[i] = data
+        return got
+
     def read_bytes(self, key: str) -> bytes:
-        return bytes(self.fs.cat_file(self._path(key)))
+        data = self._cat([self._path(key)], None)[0]
+        if isinstance(data, BaseException):
+            raise data
+        return bytes(data)
 
     def read_json_many(self, keys: Sequence[str]) -> Records:
-        """One concurrent batch of requests (``cat_ranges`` of whole files: no glob expansion of names);
-        a file whose last listing showed more than :data:`MAX_JSON_BYTES` is refused unread."""
+        """One concurrent batch of requests, each reading at most one byte more than a record may have
+        (:data:`MAX_JSON_BYTES`); a file whose last listing showed more than that is refused unread."""
         paths = [self._path(key) for key in keys]
         big = {p for p in paths if self._listed.get(p, 0) > MAX_JSON_BYTES}
         wanted = [p for p in paths if p not in big]
-        # explicit lists: fsspec 2023.1 repeats `starts` for a missing `ends` list
-        got = dict(zip(wanted, self.fs.cat_ranges(wanted, [None] * len(wanted), [None] * len(wanted)), strict=True))
+        got = dict(zip(wanted, self._cat(wanted, MAX_JSON_BYTES + 1), strict=True))
         out: Records = []
         for key, path in zip(keys, paths, strict=True):
             data = got.get(path, b"")

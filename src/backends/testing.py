@@ -30,6 +30,7 @@ import h5py
 import numpy as np
 import pytest
 
+from . import storage as storage_module
 from .layout import UnsafeKey
 from .storage import Storage
 
@@ -126,6 +127,30 @@ class StorageTests:
         assert got[:5] == [records[k] for k in reversed(records)]
         assert isinstance(got[5], FileNotFoundError) and isinstance(got[6], ValueError)
         assert storage.read_json_many([]) == []
+
+    def test_an_empty_file_reads_as_no_bytes(self, storage: Storage) -> None:
+        """S3 has no byte 0 of an empty object to give a ranged read: it is still no bytes, and as a
+        record it is not JSON (not a failed read)."""
+        storage.write_bytes("control/stop.json", b"")
+        assert storage.read_bytes("control/stop.json") == b""
+        with pytest.raises(ValueError):
+            storage.read_json("control/stop.json")
+        (got,) = storage.read_json_many(["control/stop.json"])
+        assert isinstance(got, ValueError)
+
+    def test_a_record_larger_than_a_record_may_be_is_refused_unlisted(
+        self, storage: Storage, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The bound holds by what is read, whether or not a listing showed the file's size first."""
+        monkeypatch.setattr(storage_module, "MAX_JSON_BYTES", 100)
+        big, small = "index/worker_0/0000000000.json", "index/worker_0/0000000001.json"
+        storage.write_json(big, {"names": ["x" * 200]})
+        storage.write_json(small, {"names": ["x"]})
+        got = storage.read_json_many([big, small])
+        assert isinstance(got[0], ValueError) and "more than" in str(got[0])
+        assert got[1] == {"names": ["x"]}
+        with pytest.raises(ValueError, match="more than"):
+            storage.read_json(big)
 
     @pytest.mark.parametrize("key", ["missing.json", "no/such/folder/file.json"])
     def test_read_missing_raises_file_not_found(self, storage: Storage, key: str) -> None:

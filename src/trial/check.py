@@ -26,6 +26,7 @@ from ..backends.registry import get_storage
 from ..backends.shard import RawAtReader, ShardError, ShardReader
 from ..backends.storage import LocalRanges, Storage
 from .index import (
+    READS_AT_ONCE,
     ParsedRecord,
     RecordError,
     check_end_marker,
@@ -134,20 +135,41 @@ def _compare(key: str, record: dict[str, Any], steps: list[list[int]], names: li
     return None
 
 
-def _inspect(storage: Storage, named: dict[str, tuple[str, dict[str, Any]]], child: ShardChild, key: str) -> str | None:
-    """The problem of the shard ``key``, read in full by ``child``, or None."""
+def _inspect(
+    storage: Storage,
+    named: dict[str, tuple[str, dict[str, Any]]],
+    child: ShardChild,
+    key: str,
+    downloaded: str | None = None,
+) -> str | None:
+    """The problem of the shard ``key``, read in full by ``child``, or None. ``downloaded``: its copy
+    downloaded ahead; where the child could not read it and it is gone (evicted from the shard cache
+    before the child opened it), the storage is asked for the shard again."""
     record_key, record = named.get(key, ("", {}))
     try:
-        local = storage.local_path(key)
+        local = downloaded or storage.local_path(key)
     except OSError as exc:
         return f"{key}: unreadable shard ({exc})"
     try:
         problem, steps, names = child.ask(local, record.get("bytes"), record or None)
     except ChildFailed as exc:
         problem, steps, names = f"{local}: {exc}", [], []
+    if problem is not None and downloaded and not os.path.exists(downloaded):
+        return _inspect(storage, named, child, key)
     if problem is None and record:
         problem = _compare(record_key, record, steps, names)
     return None if problem is None else f"{key}: unreadable shard ({problem})"
+
+
+def _ahead(storage: Storage, named: dict[str, tuple[str, dict[str, Any]]], shards: list[str]) -> int:
+    """How many remote shards to download ahead of the one read: :data:`READS_AT_ONCE`, fewer where the
+    storage keeps fewer downloads than that beside the one read (each would evict the one before it)."""
+    if storage.is_local or len(shards) < 2:
+        return 0
+    largest = max((int(named[s][1].get("bytes") or 0) for s in shards if s in named), default=0)
+    if storage.kept_bytes is None or largest <= 0:
+        return READS_AT_ONCE
+    return max(0, min(READS_AT_ONCE, storage.kept_bytes // largest - 1))
 
 
 def _inspect_shards(
@@ -155,27 +177,38 @@ def _inspect_shards(
 ) -> Iterator[str | None]:
     """The problem of each shard of ``shards`` (or None), in order, read by ``count`` children at once.
 
-    Each child serves one thread at a time. On the way out (an interrupt included) the children are
-    ended at once (:meth:`ShardChild.end`), which ends what they read; no thread starts another.
+    Each child serves one thread at a time. Remote shards are downloaded :func:`_ahead` of the one read,
+    :data:`READS_AT_ONCE` at once (a copy evicted before its child read it is downloaded again). On the
+    way out (an interrupt included) the children are ended at once (:meth:`ShardChild.end`), which ends
+    what they read; no thread starts another.
     """
     free: queue.SimpleQueue[ShardChild] = queue.SimpleQueue()
     children = [ShardChild("tensortap.trial.check:inspect_shard", timeout) for _ in range(count)]
     for child in children:
         free.put(child)
+    ahead = _ahead(storage, named, shards)
+    fetches = ThreadPoolExecutor(READS_AT_ONCE, thread_name_prefix="tensortap-fetch")
+    fetched = [fetches.submit(storage.local_path, key) for key in shards[:ahead]]
 
-    def inspect(key: str) -> str | None:
+    def inspect(i: int, key: str) -> str | None:
+        if ahead and i + ahead < len(shards):
+            fetched.append(fetches.submit(storage.local_path, shards[i + ahead]))
+        downloaded = None
+        if i < len(fetched) and fetched[i].exception() is None:  # an error is met again by _inspect
+            downloaded = fetched[i].result()
         child = free.get()
         try:
-            return _inspect(storage, named, child, key)
+            return _inspect(storage, named, child, key, downloaded)
         finally:
             free.put(child)
 
     pool = ThreadPoolExecutor(count, thread_name_prefix="tensortap-check")
     try:
-        for future in [pool.submit(inspect, key) for key in shards]:
+        for future in [pool.submit(inspect, i, key) for i, key in enumerate(shards)]:
             yield future.result()
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
+        fetches.shutdown(wait=False, cancel_futures=True)
         for child in children:
             child.end()
 
@@ -237,8 +270,8 @@ def find_problems(
     for shard, (key, _) in sorted(named.items()):
         if shard not in present:
             problems.append(f"{key}: names shard {shard!r}, which does not exist")
-    # local shards are read by several children at once; remote ones one at a time, since a download
-    # into the shared cache may evict another thread's download before its child opens it
+    # local shards are read by several children at once; remote ones one at a time (downloaded ahead),
+    # since a download into the shared cache may evict another shard between its download and its open
     count = min(processes or os.cpu_count() or 1, len(shards)) if storage.is_local else 1
     found = _inspect_shards(storage, named, shards, timeout, max(count, 1))
     problems.extend(p for p in progress(found, total=len(shards), desc="shards", enable=show_progress) if p)

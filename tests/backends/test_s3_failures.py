@@ -154,6 +154,24 @@ def test_a_trial_is_opened_with_its_index_records_read_at_once(
         np.testing.assert_array_equal(trial.tensor("w").value(step), weight(step))
 
 
+def test_a_record_is_read_with_one_request(proxy: FaultyProxy, s3_options: dict[str, Any], s3_url: str) -> None:
+    """s3fs asks the size of an object it reads whole (a HEAD before the GET, to split large downloads):
+    records are read from byte 0 instead, one request each. Opening a trial of six shards lists and reads
+    its records without a HEAD; reading the stop request (what a training polls) is one GET after the
+    check that it exists."""
+    with Writer(s3_url, storage_options=s3_options, shard_policy=ShardPolicy(max_steps=1)) as w:
+        train(w, range(6))
+    trial = tensortap.create_trial(s3_url, **_through(proxy, s3_options))
+    assert trial.steps() == list(range(6))
+    assert [m for m, _ in proxy.seen if m != "GET"] == []
+    assert len([p for _, p in proxy.seen if "/index/" in p and "list-type" not in p]) == 6
+    trial.request_stop("test")
+    proxy.seen.clear()
+    request = trial.stop_request()
+    assert request is not None and request["reason"] == "test"
+    assert [m for m, p in proxy.seen if p.endswith("/control/stop.json")] == ["HEAD", "GET"]  # exists, read
+
+
 def test_a_refresh_lists_the_folders_of_each_round_at_once(
     proxy: FaultyProxy, s3_options: dict[str, Any], s3_url: str
 ) -> None:
@@ -215,6 +233,61 @@ def test_shards_read_through_hdf5_are_downloaded_several_at_once(
     assert means == {step: pytest.approx(float(np.mean(weight(step)))) for step in range(6)}
     assert proxy.met == 6
     assert len(list((tmp_path / "cache").iterdir())) == 6
+
+
+@pytest.mark.parametrize("room", [None, 2.5])
+def test_check_downloads_the_next_shards_while_it_reads_one(
+    proxy: FaultyProxy,
+    s3_options: dict[str, Any],
+    s3_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    room: float | None,
+) -> None:
+    """``check`` reads remote shards one at a time and downloads the next ones meanwhile: eight ahead, or as
+    many as the shard cache holds beside the one read (``room`` shards: one ahead). The proxy holds each
+    download until that many are held at once (one after the other, each would wait 10 s, then fail). A
+    corrupt shard is still found, and only it."""
+    import s3fs
+
+    from tensortap.trial.check import find_problems
+
+    with Writer(s3_url, storage_options=s3_options, shard_policy=ShardPolicy(max_steps=1)) as w:
+        train(w, range(6))
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **s3_options)
+    shards = sorted(fs.ls(f"{s3_url}/shards/worker_0", detail=True), key=lambda e: str(e["name"]))
+    monkeypatch.setenv("TENSORTAP_CACHE_DIR", str(tmp_path / "cache"))
+    if room is not None:
+        monkeypatch.setenv("TENSORTAP_CACHE_BYTES", str(int(room * max(int(e["size"]) for e in shards))))
+    at_once = 6 if room is None else 2
+    proxy.meet("/shards/", at_once)
+    assert find_problems(s3_url, _through(proxy, s3_options), show_progress=False) == []
+    assert proxy.met == at_once
+    fs.pipe_file(str(shards[3]["name"]), b"\x89HDF\r\n\x1a\n" + bytes(int(shards[3]["size"]) - 8))
+    (problem,) = find_problems(s3_url, _through(proxy, s3_options), show_progress=False)
+    assert problem.startswith(f"shards/worker_0/{str(shards[3]['name']).rsplit('/', 1)[1]}: unreadable shard")
+
+
+def test_check_downloads_a_shard_again_whose_copy_went_before_it_was_read(
+    s3_options: dict[str, Any], s3_url: str, tmp_path: Path
+) -> None:
+    """A copy downloaded ahead may be evicted from the shard cache (by the downloads after it) before its
+    child opens it: the shard is then downloaded again, not reported unreadable."""
+    from tensortap.backends.isolated import ShardChild
+    from tensortap.backends.registry import get_storage
+    from tensortap.trial.check import _inspect
+
+    with Writer(s3_url, storage_options=s3_options) as w:
+        train(w, range(2))
+    storage = get_storage(s3_url, **s3_options)
+    (shard,) = [f"shards/worker_0/{name}" for name in storage.list("shards/worker_0")]
+    child = ShardChild("tensortap.trial.check:inspect_shard", 60.0)
+    try:
+        assert _inspect(storage, {}, child, shard, str(tmp_path / "evicted.h5")) is None
+        (tmp_path / "bad.h5").write_bytes(b"not a shard")
+        assert "unreadable shard" in str(_inspect(storage, {}, child, shard, str(tmp_path / "bad.h5")))
+    finally:
+        child.end()
 
 
 def test_new_run_on_s3_keeps_every_fit(s3_options: dict[str, Any], s3_url: str) -> None:

@@ -38,6 +38,8 @@ class FaultyProxy:
         While set, new requests are accepted and never answered (until :meth:`close`).
     met
         The most GET requests :meth:`meet` held at once.
+    seen
+        Each request forwarded: its method and path, in order.
     """
 
     def __init__(self, target: str) -> None:
@@ -49,6 +51,7 @@ class FaultyProxy:
         self._lock = threading.Lock()
         self._meeting: tuple[str, int, float] | None = None
         self._held = self.met = 0
+        self.seen: list[tuple[str, str]] = []
         self._meet = threading.Condition()
         proxy = self
 
@@ -74,6 +77,8 @@ class FaultyProxy:
                     self.end_headers()
                     self.wfile.write(error)
                     return
+                with proxy._lock:
+                    proxy.seen.append((self.command, self.path))
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
                 headers["Content-Length"] = str(len(body))
                 conn = http.client.HTTPConnection(proxy.target.hostname, proxy.target.port, timeout=30)
