@@ -583,11 +583,12 @@ class FsspecStorage(Storage):
 
         Each is one ranged GET from byte 0: without a range, s3fs asks every object's size first (a
         ``HEAD``, to split large downloads), which doubles the round trips of small records. An empty
-        object has no byte 0 (S3 answers 416): a file that fails so is read again whole.
+        object has no byte 0 (S3 answers 416, each filesystem raises its own error): a file that fails
+        other than missing is read again whole.
         """
         # explicit lists: fsspec 2023.1 repeats `starts` for a missing `ends` list
         got: Contents = self.fs.cat_ranges([*paths], [0] * len(paths), [end] * len(paths))
-        again = [i for i, g in enumerate(got) if isinstance(g, OSError) and not isinstance(g, FileNotFoundError)]
+        again = [i for i, g in enumerate(got) if isinstance(g, Exception) and not isinstance(g, FileNotFoundError)]
         if again:
             whole = self.fs.cat_ranges([paths[i] for i in again], [None] * len(again), [None] * len(again))
             for i, data in zip(again, whole, strict=True):

@@ -13,8 +13,9 @@ from __future__ import annotations
 import functools
 import os
 import queue
+import threading
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -34,6 +35,7 @@ from .index import (
     check_worker_record,
     parse_index_record,
     read_records,
+    settle,
 )
 from .progress import progress
 from .trial import trial_problem
@@ -187,12 +189,19 @@ def _inspect_shards(
     for child in children:
         free.put(child)
     ahead = _ahead(storage, named, shards)
-    fetches = ThreadPoolExecutor(READS_AT_ONCE, thread_name_prefix="tensortap-fetch")
-    fetched = [fetches.submit(storage.local_path, key) for key in shards[:ahead]]
+
+    def download(key: str) -> Future[str]:
+        """``storage.local_path(key)`` on a daemon thread: an interrupted check does not wait for it."""
+        future: Future[str] = Future()
+        call = functools.partial(storage.local_path, key)
+        threading.Thread(target=settle, args=(future, call), name="tensortap-fetch", daemon=True).start()
+        return future
+
+    fetched = [download(key) for key in shards[:ahead]]
 
     def inspect(i: int, key: str) -> str | None:
         if ahead and i + ahead < len(shards):
-            fetched.append(fetches.submit(storage.local_path, shards[i + ahead]))
+            fetched.append(download(shards[i + ahead]))
         downloaded = None
         if i < len(fetched) and fetched[i].exception() is None:  # an error is met again by _inspect
             downloaded = fetched[i].result()
@@ -208,7 +217,6 @@ def _inspect_shards(
             yield future.result()
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
-        fetches.shutdown(wait=False, cancel_futures=True)
         for child in children:
             child.end()
 

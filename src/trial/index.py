@@ -46,8 +46,13 @@ _T = TypeVar("_T")
 
 RECORDS_AT_ONCE = 64
 """Index records read in one batch (one round trip on remote storage; their bytes held at once)."""
+REQUESTS_AT_ONCE = 32
+"""Small requests to remote storage made at once: folders listed, and the values of a tensor read by range
+where its index records locate them (:meth:`TrialIndex.read_raw_many`). Each is a round trip or two, its
+answer small or returned anyway; the filesystem's own connection pool may queue some (s3fs: 10)."""
 READS_AT_ONCE = 8
-"""Requests to remote storage made at once: shards read by :meth:`TrialIndex.read_raw_many`, folders listed."""
+"""Whole shards downloaded at once from remote storage (:meth:`TrialIndex.fetch`), and shards whose values
+a reduction holds together."""
 _MODES = {int(m): m for m in Mode}
 _IS_MODE = np.zeros(max(_MODES) + 1, dtype=bool)  # by value
 _IS_MODE[list(_MODES)] = True
@@ -489,13 +494,13 @@ def read_records(storage: Storage, keys: Sequence[str]) -> Iterator[tuple[str, A
         yield from zip(batch, storage.read_json_many(batch), strict=True)
 
 
-def at_once(calls: Sequence[Callable[[], _T]], name: str) -> list[Future[_T]]:
-    """Run ``calls`` on threads (named ``tensortap-<name>``), :data:`READS_AT_ONCE` at a time; return their
-    futures, all done, in the same order (for requests to remote storage: a round trip or more each).
-    Fewer than two run on this thread: there is nothing to overlap."""
+def at_once(calls: Sequence[Callable[[], _T]], name: str, limit: int = REQUESTS_AT_ONCE) -> list[Future[_T]]:
+    """Run ``calls`` on threads (named ``tensortap-<name>``), ``limit`` at a time; return their futures,
+    all done, in the same order (for requests to remote storage: a round trip or more each). Fewer than
+    two run on this thread: there is nothing to overlap."""
     if len(calls) < 2:
         return [_ran(call) for call in calls]
-    pool = ThreadPoolExecutor(min(READS_AT_ONCE, len(calls)), thread_name_prefix=f"tensortap-{name}")
+    pool = ThreadPoolExecutor(min(limit, len(calls)), thread_name_prefix=f"tensortap-{name}")
     try:
         futures = [pool.submit(call) for call in calls]
         wait(futures)
@@ -506,7 +511,11 @@ def at_once(calls: Sequence[Callable[[], _T]], name: str) -> list[Future[_T]]:
 
 def _ran(call: Callable[[], _T]) -> Future[_T]:
     """The future of ``call`` run now, on this thread (its result, or the exception it raised)."""
-    future: Future[_T] = Future()
+    return settle(Future(), call)
+
+
+def settle(future: Future[_T], call: Callable[[], _T]) -> Future[_T]:
+    """Run ``call`` now, on this thread, and give ``future`` its result or the exception it raised."""
     try:
         future.set_result(call())
     except Exception as exc:
@@ -785,14 +794,14 @@ class TrialIndex:
         return self.read(shard, what)
 
     def read_raw_many(self, name: str, shards: Sequence[str], what: Callable[[RawSource], _T]) -> dict[str, _T | None]:
-        """:meth:`read_raw` of each of ``shards``. On remote storage, :data:`READS_AT_ONCE` shards at a time:
-        those whose record says where the values lie read by as many threads at once (a round trip or two
-        each), the others downloaded at once (:meth:`fetch`), then read."""
+        """:meth:`read_raw` of each of ``shards``. On remote storage, :data:`REQUESTS_AT_ONCE` shards at a
+        time: those whose record says where the values lie read by as many threads at once (a round trip or
+        two each), the others downloaded :data:`READS_AT_ONCE` at once (:meth:`fetch`), then read."""
         if self.storage.is_local:
             return {s: self.read_raw(name, s, what) for s in shards}
         out: dict[str, _T | None] = {}
-        for first in range(0, len(shards), READS_AT_ONCE):
-            batch = shards[first : first + READS_AT_ONCE]
+        for first in range(0, len(shards), REQUESTS_AT_ONCE):
+            batch = shards[first : first + REQUESTS_AT_ONCE]
             located = self._read_located(name, batch, what)
             self.fetch([s for s in batch if s not in located])
             out.update({s: located[s] if s in located else self.read_raw(name, s, what) for s in batch})
@@ -827,7 +836,7 @@ class TrialIndex:
         todo = [s for s in shards if s not in self._readers]
         if self.storage.is_local or len(todo) < 2:
             return
-        for future in at_once([functools.partial(self.storage.local_path, s) for s in todo], "fetch"):
+        for future in at_once([functools.partial(self.storage.local_path, s) for s in todo], "fetch", READS_AT_ONCE):
             with contextlib.suppress(OSError, ValueError):
                 future.result()
 

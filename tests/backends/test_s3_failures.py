@@ -17,6 +17,7 @@ from helpers.s3_proxy import FaultyProxy, silent_endpoint
 import tensortap
 from tensortap import ReductionConfig
 from tensortap.capture import ShardPolicy, Writer
+from tensortap.trial.index import READS_AT_ONCE
 
 pytestmark = pytest.mark.s3
 
@@ -194,26 +195,29 @@ def test_a_tensor_is_read_from_several_shards_at_once(
     proxy: FaultyProxy, s3_options: dict[str, Any], s3_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Values whose index records say where they lie are read by range requests, from several shards at
-    once (the proxy holds each until all six are held): by ``values()`` and by reductions computed from them."""
+    once: by ``values()``, all ten at once (the proxy holds each until ten are held: s3fs's connection pool
+    has ten), and by reductions computed from them, eight at once (the shards whose values are held
+    together)."""
     monkeypatch.setenv("TENSORTAP_CACHE_DIR", str(tmp_path / "cache"))
+    steps = range(10)
     with Writer(s3_url, storage_options=s3_options, shard_policy=ShardPolicy(max_steps=1)) as w:
-        for step in range(6):
+        for step in steps:
             with w.stepping():
                 w.save("w", weight(step), collections=["weights"])
                 w.save("b", -weight(step), collections=["biases"])
     trial = tensortap.create_trial(s3_url, **_through(proxy, s3_options))
-    assert trial.steps() == list(range(6))
-    proxy.meet("/shards/", 6)
+    assert trial.steps() == list(steps)
+    proxy.meet("/shards/", 10)
     for name, sign in (("w", 1), ("b", -1)):
         values = trial.tensor(name).values()
-        assert list(values) == list(range(6))
+        assert list(values) == list(steps)
         for step, value in values.items():
             np.testing.assert_array_equal(value, sign * weight(step))
-    assert proxy.met == 6
-    proxy.meet("/shards/", 6)  # reductions computed from the values: read the same way
+    assert proxy.met == 10
+    proxy.meet("/shards/", READS_AT_ONCE)  # reductions computed from the values: read the same way
     means = trial.tensor("w").reduction_values("mean")
-    assert means == {step: pytest.approx(float(np.mean(weight(step)))) for step in range(6)}
-    assert proxy.met == 6
+    assert means == {step: pytest.approx(float(np.mean(weight(step)))) for step in steps}
+    assert proxy.met == READS_AT_ONCE
     assert not any((tmp_path / "cache").glob("*"))  # no shard downloaded
 
 
