@@ -537,6 +537,7 @@ class TrialIndex:
         self.shard_bytes: dict[str, int] = {}
         self.bad_files: dict[str, str] = {}
         self._readers: OrderedDict[str, ShardReader] = OrderedDict()
+        self._ranged_once: set[str] = set()  # remote shards a value of which was read by range (read_raw)
         self._sorted: dict[Mode | None, list[int]] = {}  # sorted_steps(), until the steps change
         self._of_mode: dict[Mode, tuple[np.ndarray, np.ndarray]] | None = None  # steps_of_mode(), likewise
 
@@ -778,12 +779,15 @@ class TrialIndex:
         says (``raw_at``, without HDF5) when it does, else through the shard's reader; None, with the
         shard dropped and one warning, if it cannot be read.
 
-        ``one_value``: ``what`` reads one value. On remote storage that goes through the shard's reader
-        (the shard downloaded once, then read locally), since a loop over steps would otherwise make
-        requests for every value.
+        ``one_value``: ``what`` reads one value. On remote storage the first such read of a shard reads
+        it by range too (a look at one step downloads a few bytes, not the shard); later ones go through
+        the shard's reader (the shard downloaded once, then read locally), since a loop over steps would
+        otherwise make requests for every value.
         """
         if one_value and not self.storage.is_local:
-            return self.read(shard, what)
+            if shard in self._readers or shard in self._ranged_once:
+                return self.read(shard, what)
+            self._ranged_once.add(shard)
         try:
             source = self._located(name, shard)
             if source is not None:

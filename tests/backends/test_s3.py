@@ -54,8 +54,9 @@ def test_a_located_tensor_is_read_by_range_requests_without_downloading_its_shar
     s3_url: str, s3_options: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Every value of floats and integers whose index record says where they lie (``raw_at``) is read
-    from S3 by range requests: no shard is downloaded. One value at a time, and a tensor read through
-    HDF5 (booleans), download the shard into the cache once; a located read of it then reads the copy."""
+    from S3 by range requests: no shard is downloaded. So is the first value read alone from a shard (a
+    look at one step); a second one, and a tensor read through HDF5 (booleans), download the shard into
+    the cache once (a loop over steps reads the rest there); a located read of it then reads the copy."""
     cache = tmp_path / "cache"
     monkeypatch.setenv("TENSORTAP_CACHE_DIR", str(cache))
     with Writer(s3_url, storage_options=s3_options, shard_policy=ShardPolicy(max_steps=2)) as writer:
@@ -71,7 +72,11 @@ def test_a_located_tensor_is_read_by_range_requests_without_downloading_its_shar
         assert value.tobytes() == weight(step, 1000).tobytes()
     assert not cache.exists() or not any(cache.iterdir())
     assert kernel.value(3).tobytes() == weight(3, 1000).tobytes()
+    assert not cache.exists() or not any(cache.iterdir())
+    assert kernel.value(2).tobytes() == weight(2, 1000).tobytes()
     assert len(list(cache.iterdir())) == 1  # the shard of steps 2 and 3, for the next steps a loop reads
+    assert trial.tensor("losses/loss").value(3) == np.float32(1.0 / 4)  # the copy
+    assert len(list(cache.iterdir())) == 1
     for step, value in trial.tensor("mask").values().items():
         np.testing.assert_array_equal(value, np.arange(4) % 2 == step % 2)
     assert len(list(cache.iterdir())) == 3
