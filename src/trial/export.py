@@ -91,40 +91,41 @@ def export_tensorboard(
         return writers[mode]
 
     counts = {"scalars": 0, "histograms": 0}
-    try:
-        for name in progress(trial.tensor_names(), desc="tensors", enable=show_progress):
-            tensor = trial.tensor(name)
-            for gstep, _, key, value in _first_worker(tensor._rows(None)):
-                tag = name if key == "value" else f"{name}/{key}"
-                writer(gstep).add_scalar(tag, value, gstep, walltime=times.get(gstep))
-                counts["scalars"] += 1
-            if reductions:
-                for gstep, _, key, value in _first_worker(tensor._rows(reductions)):
-                    writer(gstep).add_scalar(f"{name}/{key}", value, gstep, walltime=times.get(gstep))
+    with trial._viewed_once():  # one view of the trial, and on remote storage no listing per tensor
+        try:
+            for name in progress(trial.tensor_names(), desc="tensors", enable=show_progress):
+                tensor = trial.tensor(name)
+                for gstep, _, key, value in _first_worker(tensor._rows(None)):
+                    tag = name if key == "value" else f"{name}/{key}"
+                    writer(gstep).add_scalar(tag, value, gstep, walltime=times.get(gstep))
                     counts["scalars"] += 1
-            shape = tensor.summary()["shape"]
-            if shape is not None and int(np.prod(shape)) == 1:
-                continue  # a scalar: its curve is enough
-            for gstep, hist in tensor.histogram_values(bins=bins).items():
-                c = hist.counts.astype(np.float64)
-                centres = (hist.edges[1:] + hist.edges[:-1]) / 2
-                total = float(c.sum())
-                writer(gstep).add_histogram_raw(
-                    name,
-                    min=float(hist.edges[0]),
-                    max=float(hist.edges[-1]),
-                    num=total,
-                    sum=float((c * centres).sum()),
-                    sum_squares=float((c * centres * centres).sum()),
-                    bucket_limits=hist.edges[1:].tolist(),
-                    bucket_counts=c.tolist(),
-                    global_step=gstep,
-                    walltime=times.get(gstep),
-                )
-                counts["histograms"] += 1
-    finally:
-        for w in writers.values():
-            w.close()
+                if reductions:
+                    for gstep, _, key, value in _first_worker(tensor._rows(reductions)):
+                        writer(gstep).add_scalar(f"{name}/{key}", value, gstep, walltime=times.get(gstep))
+                        counts["scalars"] += 1
+                shape = tensor.summary()["shape"]
+                if shape is not None and int(np.prod(shape)) == 1:
+                    continue  # a scalar: its curve is enough
+                for gstep, hist in tensor.histogram_values(bins=bins).items():
+                    c = hist.counts.astype(np.float64)
+                    centres = (hist.edges[1:] + hist.edges[:-1]) / 2
+                    total = float(c.sum())
+                    writer(gstep).add_histogram_raw(
+                        name,
+                        min=float(hist.edges[0]),
+                        max=float(hist.edges[-1]),
+                        num=total,
+                        sum=float((c * centres).sum()),
+                        sum_squares=float((c * centres * centres).sum()),
+                        bucket_limits=hist.edges[1:].tolist(),
+                        bucket_counts=c.tolist(),
+                        global_step=gstep,
+                        walltime=times.get(gstep),
+                    )
+                    counts["histograms"] += 1
+        finally:
+            for w in writers.values():
+                w.close()
     return counts
 
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import bisect
+import contextlib
 import math
 import os
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
@@ -160,6 +161,7 @@ class Trial:
         self.refresh_interval = refresh_interval
         self._index = TrialIndex(self.storage)
         self._last_refresh = -float("inf")
+        self._one_view = False
         self.refresh()
 
     def __repr__(self) -> str:
@@ -179,8 +181,19 @@ class Trial:
         self._last_refresh = time.monotonic()
 
     def _auto_refresh(self) -> None:
-        if time.monotonic() - self._last_refresh >= self.refresh_interval:
+        if not self._one_view and time.monotonic() - self._last_refresh >= self.refresh_interval:
             self.refresh()
+
+    @contextlib.contextmanager
+    def _viewed_once(self) -> Iterator[None]:
+        """Within, the trial as one refresh at the start saw it: a read of many tensors gets one
+        consistent view, and on remote storage makes no listings per tensor."""
+        self._auto_refresh()
+        outer, self._one_view = self._one_view, True
+        try:
+            yield
+        finally:
+            self._one_view = outer
 
     # ------------------------------------------------------------- listings
     def workers(self) -> list[str]:
@@ -483,12 +496,13 @@ class Trial:
         for k in reductions or ():
             if red.split_key(k)[0] not in red.ALL_REDUCTIONS:
                 raise ValueError(f"reduction: {k!r} is not valid; valid: {', '.join(red.ALL_REDUCTIONS)}")
-        selected = list(names) if names is not None else self.tensor_names(collection=collection)
         rows: list[tuple[Any, ...]] = []
-        for name in bar(selected, desc="tensors", enable=progress):
-            for step, worker, key, value in self.tensor(name)._rows(reductions):
-                mode, mode_step = self._index.steps.get(step, (Mode.GLOBAL, step))
-                rows.append((worker, mode.name, mode_step, step, name, key, value))
+        with self._viewed_once():
+            selected = list(names) if names is not None else self.tensor_names(collection=collection)
+            for name in bar(selected, desc="tensors", enable=progress):
+                for step, worker, key, value in self.tensor(name)._rows(reductions):
+                    mode, mode_step = self._index.steps.get(step, (Mode.GLOBAL, step))
+                    rows.append((worker, mode.name, mode_step, step, name, key, value))
         return pd.DataFrame(rows, columns=["worker", "mode", "mode_step", "step", "name", "reduction", "value"])
 
     def close(self) -> None:

@@ -191,6 +191,32 @@ def test_a_refresh_lists_the_folders_of_each_round_at_once(
     assert trial.tensor("w").workers(1) == ["worker_0", "worker_1", "worker_2"]
 
 
+def test_a_frame_of_many_tensors_looks_for_new_data_once(
+    proxy: FaultyProxy, s3_options: dict[str, Any], s3_url: str, tmp_path: Path
+) -> None:
+    """``to_pandas`` reads many tensors from one view of the trial (as ``export_tensorboard`` and the report
+    do): each tensor looked for new data first (two rounds of listings on remote storage, every
+    ``refresh_interval``), which on a distant bucket cost about as much as reading it."""
+    pytest.importorskip("pandas")
+    with Writer(s3_url, storage_options=s3_options, shard_policy=ShardPolicy(max_steps=2)) as w:
+        for step in range(4):
+            with w.stepping():
+                for i in range(5):
+                    w.save(f"layer{i}/w", weight(step) * i, collections=["weights"])
+    trial = tensortap.create_trial(s3_url, refresh_interval=0, **_through(proxy, s3_options))
+    proxy.seen.clear()
+    trial.refresh()
+    one_refresh = sum("list-type=2" in p for _, p in proxy.seen)
+    assert one_refresh == 4  # workers/, end/, index/, then index/worker_0/
+    proxy.seen.clear()
+    frame = trial.to_pandas(reductions=["mean"])
+    assert sorted(set(frame["name"])) == [f"layer{i}/w" for i in range(5)] and len(frame) == 20
+    assert sum("list-type=2" in p for _, p in proxy.seen) == one_refresh
+    proxy.seen.clear()
+    trial.tensor("layer1/w").values()
+    assert sum("list-type=2" in p for _, p in proxy.seen) >= one_refresh  # outside, as often as asked
+
+
 def test_a_tensor_is_read_from_several_shards_at_once(
     proxy: FaultyProxy, s3_options: dict[str, Any], s3_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
