@@ -27,7 +27,7 @@ import tempfile
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any, Protocol, TypeVar
 
@@ -230,6 +230,12 @@ class Storage(abc.ABC):
         Remote backends return a cached copy that is never refreshed, so use
         this only for immutable keys (published shards).
         """
+
+    @contextlib.contextmanager
+    def one_view(self) -> Iterator[None]:
+        """Within, a published file's metadata asked once may be kept (a reader reading many tensors from
+        one view of the trial opens each shard once per tensor); the default keeps nothing."""
+        yield
 
     def open_ranges(self, key: str) -> RangedFile:
         """Open ``key`` (an immutable key: a published shard) to read byte ranges of it.
@@ -535,6 +541,7 @@ class FsspecStorage(Storage):
         endpoint = client.get("endpoint_url") or storage_options.get("endpoint_url")
         self._identity = f"{url}\0{endpoint or ''}"
         self._listed: dict[str, int] = {}  # the size of each file (its path) in its folder's last listing
+        self._kept: dict[str, dict[str, Any]] | None = None  # _info of published files, inside one_view
 
     def _path(self, key: str) -> str:
         return f"{self.root}/{check_key(key)}" if key else self.root
@@ -646,13 +653,32 @@ class FsspecStorage(Storage):
         os.unlink(local_path)
 
     def _info(self, key: str) -> dict[str, Any]:
-        """One request: the object's metadata (its identity, so a replaced trial is never served stale)."""
+        """One request: the object's metadata (its identity, so a replaced trial is never served stale);
+        inside :meth:`one_view`, the answer kept until it ends."""
+        kept = self._kept
+        if kept is not None and key in kept:
+            return kept[key]
         path = self._path(key)
         self.fs.invalidate_cache(path)
         info: dict[str, Any] = self.fs.info(path)
         if info.get("type") == "directory":
             raise NotInTrial(f"{self.url}: {key!r} is a folder")
+        if kept is not None:
+            kept[key] = info
         return info
+
+    @contextlib.contextmanager
+    def one_view(self) -> Iterator[None]:
+        """Within, each shard's metadata (one ``HEAD``) is asked once: a trial replaced meanwhile is
+        read through the metadata of the one the view began with, as through its index records."""
+        if self._kept is not None:  # nested: the outer view keeps them
+            yield
+            return
+        self._kept = {}
+        try:
+            yield
+        finally:
+            self._kept = None
 
     def _cache_name(self, key: str, info: dict[str, Any]) -> str:
         """The name of ``key``'s copy in the persistent :class:`ShardCache`, from its metadata ``info``."""

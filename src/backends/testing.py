@@ -275,6 +275,24 @@ class StorageTests:
         finally:
             file.close()
 
+    def test_files_read_inside_one_view_read_as_outside_it(self, storage: Storage) -> None:
+        """``one_view`` (a reader of many tensors) may keep what it learns of published files; it nests,
+        and a file is read the same inside it, twice, and after it."""
+        content = bytes(range(256)) * 4
+        key = "shards/worker_0/0000000001.h5"
+        storage.publish_file(self.staged_file(storage, content), key)
+        out = bytearray(8)
+        with storage.one_view():
+            for _ in range(2):
+                with storage.one_view():
+                    file = storage.open_ranges(key)
+                    try:
+                        assert file.size == len(content)
+                        assert file.read_into([(500, memoryview(out))]) and bytes(out) == content[500:508]
+                    finally:
+                        file.close()
+        assert Path(storage.local_path(key)).read_bytes() == content
+
     # ------------------------------------------------------- atomicity
     def _check_whole_under_reads(self, storage: Storage, key: str, writes: list[Callable[[], bytes]]) -> None:
         """Run ``writes`` (each returns what it wrote) while another thread reads ``key``; every read is whole."""

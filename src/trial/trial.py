@@ -187,11 +187,13 @@ class Trial:
     @contextlib.contextmanager
     def _viewed_once(self) -> Iterator[None]:
         """Within, the trial as one refresh at the start saw it: a read of many tensors gets one
-        consistent view, and on remote storage makes no listings per tensor."""
+        consistent view, and on remote storage makes no listings per tensor, and asks each shard's
+        metadata once (:meth:`Storage.one_view`)."""
         self._auto_refresh()
         outer, self._one_view = self._one_view, True
         try:
-            yield
+            with self.storage.one_view():
+                yield
         finally:
             self._one_view = outer
 

@@ -196,7 +196,8 @@ def test_a_frame_of_many_tensors_looks_for_new_data_once(
 ) -> None:
     """``to_pandas`` reads many tensors from one view of the trial (as ``export_tensorboard`` and the report
     do): each tensor looked for new data first (two rounds of listings on remote storage, every
-    ``refresh_interval``), which on a distant bucket cost about as much as reading it."""
+    ``refresh_interval``), which on a distant bucket cost about as much as reading it, and asked the
+    metadata of each of its shards (a ``HEAD``), which it now asks once per shard."""
     pytest.importorskip("pandas")
     with Writer(s3_url, storage_options=s3_options, shard_policy=ShardPolicy(max_steps=2)) as w:
         for step in range(4):
@@ -212,9 +213,12 @@ def test_a_frame_of_many_tensors_looks_for_new_data_once(
     frame = trial.to_pandas(reductions=["mean"])
     assert sorted(set(frame["name"])) == [f"layer{i}/w" for i in range(5)] and len(frame) == 20
     assert sum("list-type=2" in p for _, p in proxy.seen) == one_refresh
+    assert sum(m == "HEAD" and "/shards/" in p for m, p in proxy.seen) == 2  # each shard's size, once
     proxy.seen.clear()
     trial.tensor("layer1/w").values()
+    trial.tensor("layer2/w").values()
     assert sum("list-type=2" in p for _, p in proxy.seen) >= one_refresh  # outside, as often as asked
+    assert sum(m == "HEAD" and "/shards/" in p for m, p in proxy.seen) == 4
 
 
 def test_a_tensor_is_read_from_several_shards_at_once(
