@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import os
 import queue
-import threading
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -33,9 +32,9 @@ from .index import (
     check_end_marker,
     check_index_record,
     check_worker_record,
+    in_background,
     parse_index_record,
     read_records,
-    settle,
 )
 from .progress import progress
 from .trial import trial_problem
@@ -192,10 +191,7 @@ def _inspect_shards(
 
     def download(key: str) -> Future[str]:
         """``storage.local_path(key)`` on a daemon thread: an interrupted check does not wait for it."""
-        future: Future[str] = Future()
-        call = functools.partial(storage.local_path, key)
-        threading.Thread(target=settle, args=(future, call), name="tensortap-fetch", daemon=True).start()
-        return future
+        return in_background(functools.partial(storage.local_path, key), "fetch")
 
     fetched = [download(key) for key in shards[:ahead]]
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, ItemsView, Iterator, Mapping, Sequence, ValuesView
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -520,6 +521,14 @@ def settle(future: Future[_T], call: Callable[[], _T]) -> Future[_T]:
         future.set_result(call())
     except Exception as exc:
         future.set_exception(exc)
+    return future
+
+
+def in_background(call: Callable[[], _T], name: str) -> Future[_T]:
+    """The future of ``call`` run on a daemon thread named ``tensortap-<name>``: a wait for it may give up
+    (a storage endpoint that never answers), and the interpreter does not wait for it at exit."""
+    future: Future[_T] = Future()
+    threading.Thread(target=settle, args=(future, call), name=f"tensortap-{name}", daemon=True).start()
     return future
 
 

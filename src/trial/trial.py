@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import functools
 import math
 import os
 import re
@@ -32,7 +33,7 @@ from ..exceptions import (
     suggest,
 )
 from ..modes import Mode, StepState
-from .index import READS_AT_ONCE, Location, TensorInfo, TrialIndex
+from .index import READS_AT_ONCE, Location, TensorInfo, TrialIndex, in_background
 
 if TYPE_CHECKING:
     import pandas
@@ -42,6 +43,10 @@ if TYPE_CHECKING:
 
 REFRESH_SECONDS = 0.25
 WAIT_POLL_SECONDS = 0.1
+FIRST_ANSWER_SECONDS = 60.0
+"""How long remote storage may take to say whether a trial is there before opening it gives up (an
+endpoint that accepts connections and never answers would hold it through the client's own timeouts and
+retries: more than 400 s with s3fs's defaults)."""
 SEARCH_DEPTH = 3  # folders below a path searched for trials when it holds none
 SEARCH_FOLDERS = 2000  # at most this many folders looked into
 # a tensor's raw values in one shard by step, and the one stacked array they are rows of (if read so)
@@ -152,7 +157,7 @@ class Trial:
         self.storage = get_storage(path, **{**(storage_options or {}), **options})
         self.path = self.storage.url
         deadline = None if timeout is None else time.monotonic() + timeout
-        while (problem := trial_problem(self.storage)) is not None:
+        while (problem := self._problem()) is not None:
             late = deadline is not None and time.monotonic() >= deadline
             never = bool(problem.trials_below) or ("://" not in self.path and os.path.isfile(self.path))
             if not wait or late or never:  # a file, or a folder of trials, never becomes a trial
@@ -163,6 +168,19 @@ class Trial:
         self._last_refresh = -float("inf")
         self._one_view = False
         self.refresh()
+
+    def _problem(self) -> TrialNotFound | None:
+        """:func:`trial_problem` of this trial's storage; TimeoutError where remote storage does not
+        answer within :data:`FIRST_ANSWER_SECONDS`."""
+        if self.storage.is_local:
+            return trial_problem(self.storage)
+        answer = in_background(functools.partial(trial_problem, self.storage), "open")
+        try:
+            return answer.result(FIRST_ANSWER_SECONDS)
+        except TimeoutError:
+            if answer.done():  # the client's own timeout, within ours
+                raise
+            raise TimeoutError(f"{self.path}: the storage did not answer within {FIRST_ANSWER_SECONDS:g} s") from None
 
     def __repr__(self) -> str:
         from .views import trial_text

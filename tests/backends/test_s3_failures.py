@@ -3,6 +3,7 @@ a slow store is read with concurrent requests."""
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import uuid
@@ -115,6 +116,32 @@ def test_a_silent_endpoint_does_not_block_the_writer_at_start(caplog: pytest.Log
     assert writers[0].failed
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and "did not answer within 1 s" in errors[0]
+
+
+def test_a_silent_endpoint_fails_the_opening_of_a_trial_in_bounded_time(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An endpoint that accepts connections and never answers held ``create_trial`` (and ``tensortap ls``)
+    for more than 400 s (s3fs's timeouts and retries); the opening gives up after ``FIRST_ANSWER_SECONDS``
+    with an error naming the trial: exit 2 on the command line."""
+    pytest.importorskip("s3fs")
+    import tensortap.trial.trial as trial_module
+    from tensortap.cli import main
+
+    monkeypatch.setattr(trial_module, "FIRST_ANSWER_SECONDS", 2.0)
+    url = f"s3://{S3_BUCKET}/{uuid.uuid4().hex}"
+    with silent_endpoint() as endpoint:
+        options = {"key": "k", "secret": "s", "client_kwargs": {"endpoint_url": endpoint}}
+        outcomes: list[Any] = []
+
+        def open_it() -> None:
+            with pytest.raises(TimeoutError, match=f"{url}: the storage did not answer within 2 s"):
+                tensortap.create_trial(url, **options)
+            outcomes.append(main(["ls", url, "--storage-options", json.dumps(options)]))
+
+        _in_thread(open_it, limit=60)
+    assert outcomes == [2]
+    assert "did not answer within 2 s" in capsys.readouterr().err
 
 
 def test_a_store_that_stops_answering_mid_run_does_not_block_training(
