@@ -15,6 +15,7 @@ from __future__ import annotations
 import abc
 import atexit
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -47,6 +48,16 @@ DEFAULT_CACHE_BYTES = 10 << 30
 # only visible once its single PUT (or multipart upload) completes.
 OBJECT_STORE_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "oss"})
 
+
+ANSWER_SECONDS = 60.0
+"""How long a call to an asynchronous fsspec filesystem (the object stores: s3fs, gcsfs, adlfs) may take,
+its requests and their retries included, before its requests are cancelled and it raises TimeoutError;
+a call that moves bytes is given a second more for each :data:`SLOWEST_RATE` of them. Without it, s3fs's
+retries of botocore's timeouts held a listing of an endpoint that accepts connections and never answers
+for 416 s, and a read of a shard's metadata for 406 s."""
+SLOWEST_RATE = 128 << 10
+"""Bytes a second (1 Mbit/s) below which a transfer to or from an object store is taken for one that does not
+answer: a shard of 256 MB is given 34 minutes (and s3fs's own timeouts end a transfer that stops before)."""
 
 # Retries of a failed write to a remote backend: attempts in all, and the first pause (doubled each
 # time, with jitter). The writer bounds the whole publish by ShardPolicy.timeout on top of this.
@@ -521,6 +532,7 @@ class FsspecStorage(Storage):
 
     def __init__(self, url: str, **storage_options: Any) -> None:
         import fsspec
+        from fsspec.asyn import AsyncFileSystem
 
         self.url = url
         self._options = storage_options  # for child()
@@ -528,6 +540,7 @@ class FsspecStorage(Storage):
         self.root = root.rstrip("/")
         protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
         self.whole_object_uploads = not OBJECT_STORE_PROTOCOLS.isdisjoint(protocols)
+        self._asynchronous = isinstance(self.fs, AsyncFileSystem)
         self._tmp = tempfile.mkdtemp(prefix="tensortap-")
         self._cache = os.path.join(self._tmp, "cache")
         self._staging = os.path.join(self._tmp, "staging")
@@ -546,17 +559,30 @@ class FsspecStorage(Storage):
     def _path(self, key: str) -> str:
         return f"{self.root}/{check_key(key)}" if key else self.root
 
+    def _ask(self, method: str, *args: Any, moves: int = 0, **kwargs: Any) -> Any:
+        """``self.fs.<method>(*args, **kwargs)``; on an asynchronous filesystem (the object stores), given
+        :data:`ANSWER_SECONDS` and a second for each :data:`SLOWEST_RATE` bytes it ``moves``, after which
+        its requests are cancelled and it raises TimeoutError naming the storage."""
+        call = getattr(self.fs, method)
+        if not self._asynchronous:
+            return call(*args, **kwargs)
+        limit = ANSWER_SECONDS + moves / SLOWEST_RATE
+        try:
+            return call(*args, timeout=limit, **kwargs)  # fsspec's sync() takes it: asyncio.wait_for
+        except TimeoutError:
+            raise TimeoutError(f"{self.url}: the storage did not answer within {limit:.0f} s ({method})") from None
+
     def exists(self, key: str = "") -> bool:
         path = self._path(key)
         self.fs.invalidate_cache(path)
-        return bool(self.fs.exists(path))
+        return bool(self._ask("exists", path))
 
     def _entries(self, prefix: str, want_dir: bool) -> Keys:
         path = self._path(prefix)
         self.fs.invalidate_cache(path)
         for attempt in range(3):
             try:
-                entries = self.fs.ls(path, detail=True)
+                entries = self._ask("ls", path, detail=True)
                 break
             except (FileNotFoundError, NotADirectoryError):
                 return []
@@ -578,7 +604,7 @@ class FsspecStorage(Storage):
     def walk(self) -> Keys:
         self.fs.invalidate_cache(self.root)
         try:
-            found = self.fs.find(self.root)
+            found = self._ask("find", self.root)
         except FileNotFoundError:
             return []
         n = len(self.root) + 1
@@ -594,10 +620,11 @@ class FsspecStorage(Storage):
         other than missing is read again whole.
         """
         # explicit lists: fsspec 2023.1 repeats `starts` for a missing `ends` list
-        got: Contents = self.fs.cat_ranges([*paths], [0] * len(paths), [end] * len(paths))
+        moves = sum(min(self._listed.get(p, 0), end or MAX_JSON_BYTES) for p in paths)
+        got: Contents = self._ask("cat_ranges", [*paths], [0] * len(paths), [end] * len(paths), moves=moves)
         again = [i for i, g in enumerate(got) if isinstance(g, Exception) and not isinstance(g, FileNotFoundError)]
         if again:
-            whole = self.fs.cat_ranges([paths[i] for i in again], [None] * len(again), [None] * len(again))
+            whole = self._ask("cat_ranges", [paths[i] for i in again], [None] * len(again), [None] * len(again))
             for i, data in zip(again, whole, strict=True):
                 got[i] = data
         return got
@@ -635,21 +662,29 @@ class FsspecStorage(Storage):
             upload(dest)
             return
         parent, _, name = dest.rpartition("/")
-        self.fs.makedirs(parent, exist_ok=True)
+        self._ask("makedirs", parent, exist_ok=True)
         tmp = f"{parent}/.{name}.{uuid.uuid4().hex}.tmp"
         try:
             upload(tmp)
-            self.fs.mv(tmp, dest)
+            self._ask("mv", tmp, dest)
         except BaseException:
             with contextlib.suppress(OSError):
-                self.fs.rm_file(tmp)
+                self._ask("rm_file", tmp)
             raise
 
     def write_bytes(self, key: str, data: bytes) -> None:
-        retried(f"writing {self._path(key)}", lambda: self._put(key, lambda path: self.fs.pipe_file(path, data)))
+        def pipe(path: str) -> None:
+            self._ask("pipe_file", path, data, moves=len(data))
+
+        retried(f"writing {self._path(key)}", lambda: self._put(key, pipe))
 
     def publish_file(self, local_path: str, key: str) -> None:
-        retried(f"uploading {self._path(key)}", lambda: self._put(key, lambda path: self.fs.put_file(local_path, path)))
+        size = os.path.getsize(local_path)
+
+        def put(path: str) -> None:
+            self._ask("put_file", local_path, path, moves=size)
+
+        retried(f"uploading {self._path(key)}", lambda: self._put(key, put))
         os.unlink(local_path)
 
     def _info(self, key: str) -> dict[str, Any]:
@@ -660,7 +695,7 @@ class FsspecStorage(Storage):
             return kept[key]
         path = self._path(key)
         self.fs.invalidate_cache(path)
-        info: dict[str, Any] = self.fs.info(path)
+        info: dict[str, Any] = self._ask("info", path)
         if info.get("type") == "directory":
             raise NotInTrial(f"{self.url}: {key!r} is a folder")
         if kept is not None:
@@ -689,14 +724,16 @@ class FsspecStorage(Storage):
         path = self._path(key)
         if self.cache is not None:
             info = self._info(key)
+            size = int(info.get("size") or 0)
             cached = self.cache.get(
-                self._cache_name(key, info), lambda tmp: self.fs.get_file(path, tmp), int(info.get("size") or 0)
+                self._cache_name(key, info), lambda tmp: self._ask("get_file", path, tmp, moves=size), size
             )
             if cached is not None:
                 return cached
         dest = os.path.join(self._cache, *key.split("/"))
         if not os.path.exists(dest):  # published files are immutable: cache for the life of this storage
-            _download(lambda tmp: self.fs.get_file(path, tmp), os.path.dirname(dest), dest)
+            size = int(self._info(key).get("size") or 0)
+            _download(lambda tmp: self._ask("get_file", path, tmp, moves=size), os.path.dirname(dest), dest)
         return dest
 
     def open_ranges(self, key: str) -> RangedFile:
@@ -710,19 +747,19 @@ class FsspecStorage(Storage):
         if shared is not None:
             with contextlib.suppress(FileNotFoundError):  # evicted since
                 return LocalRanges.open(shared)
-        return _RemoteRanges(self.fs, path, int(info["size"]))
+        return _RemoteRanges(functools.partial(self._ask, "cat_file", path), int(info["size"]))
 
     def delete(self, key: str) -> None:
         def rm() -> None:
             with contextlib.suppress(FileNotFoundError):
-                self.fs.rm_file(self._path(key))
+                self._ask("rm_file", self._path(key))
 
         retried(f"deleting {self._path(key)}", rm)
 
     def makedirs(self) -> None:
         if self.whole_object_uploads:
             return  # no folders to make; the bucket must exist (creating one needs rights writers rarely have)
-        retried(f"creating {self.root}", lambda: self.fs.makedirs(self.root, exist_ok=True))
+        retried(f"creating {self.root}", lambda: self._ask("makedirs", self.root, exist_ok=True))
 
     def child(self, name: str) -> Storage:
         return FsspecStorage(f"{self.url.rstrip('/')}/{name}", **self._options)
@@ -736,8 +773,8 @@ class _RemoteRanges:
     """An object of an fsspec filesystem read by range requests (:class:`RangedFile`): one request for
     parts less than :data:`RANGE_GAP` bytes apart (a tensor's values and their checksums are close)."""
 
-    def __init__(self, fs: Any, path: str, size: int) -> None:
-        self.fs, self.path, self.size = fs, path, size
+    def __init__(self, cat: Callable[..., bytes], size: int) -> None:
+        self.cat, self.size = cat, size
 
     def read_into(self, parts: Sequence[tuple[int, memoryview]]) -> bool:
         runs: list[tuple[int, int, list[tuple[int, memoryview]]]] = []  # first byte, end, parts
@@ -748,7 +785,7 @@ class _RemoteRanges:
             else:
                 runs.append((start, start + len(out), [(start, out)]))
         for first, end, run in runs:
-            data = self.fs.cat_file(self.path, start=first, end=end)
+            data = self.cat(start=first, end=end, moves=end - first)
             if len(data) != end - first:
                 return False
             for start, out in run:

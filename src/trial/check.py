@@ -149,6 +149,8 @@ def _inspect(
     record_key, record = named.get(key, ("", {}))
     try:
         local = downloaded or storage.local_path(key)
+    except TimeoutError:
+        raise  # the storage does not answer: nothing is known of the shard
     except OSError as exc:
         return f"{key}: unreadable shard ({exc})"
     try:

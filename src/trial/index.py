@@ -14,7 +14,6 @@ file that fails is skipped with one warning naming it.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import threading
@@ -761,6 +760,8 @@ class TrialIndex:
             return r
         try:
             r = ShardReader(self.storage.local_path(shard), self.shard_bytes.get(shard))
+        except TimeoutError:
+            raise  # the storage does not answer: the shard may be sound
         except (ShardError, OSError, ValueError) as exc:
             self.drop_shard(shard, str(exc))
             return None
@@ -801,6 +802,8 @@ class TrialIndex:
             source = self._located(name, shard)
             if source is not None:
                 return what(source)
+        except TimeoutError:
+            raise
         except (ShardError, OSError, ValueError) as exc:
             self.drop_shard(shard, str(exc))
             return None
@@ -829,6 +832,8 @@ class TrialIndex:
             try:
                 if (source := self._located(name, shard)) is not None:
                     sources[shard] = source
+            except TimeoutError:
+                raise
             except (ShardError, OSError, ValueError) as exc:
                 self.drop_shard(shard, str(exc))
                 out[shard] = None
@@ -838,6 +843,8 @@ class TrialIndex:
         for shard, future in zip(sources, futures, strict=True):
             try:
                 out[shard] = future.result()
+            except TimeoutError:
+                raise
             except (ShardError, OSError, ValueError) as exc:
                 self.drop_shard(shard, str(exc))
                 out[shard] = None
@@ -845,13 +852,14 @@ class TrialIndex:
 
     def fetch(self, shards: Sequence[str]) -> None:
         """Download the remote ``shards`` not open yet into the cache, :data:`READS_AT_ONCE` at once, so
-        that the readers opened next find them there (a shard that fails says so when it is opened)."""
+        that the readers opened next find them there (a shard that fails says so when it is opened; a
+        storage that does not answer raises TimeoutError now)."""
         todo = [s for s in shards if s not in self._readers]
         if self.storage.is_local or len(todo) < 2:
             return
         for future in at_once([functools.partial(self.storage.local_path, s) for s in todo], "fetch", READS_AT_ONCE):
-            with contextlib.suppress(OSError, ValueError):
-                future.result()
+            if isinstance(future.exception(), TimeoutError):
+                future.result()  # raised: the storage does not answer
 
     def _located(self, name: str, shard: str) -> RawAtReader | None:
         """The reader of ``name``'s values in ``shard`` where its index record says they lie, if it does

@@ -144,6 +144,65 @@ def test_a_silent_endpoint_fails_the_opening_of_a_trial_in_bounded_time(
     assert "did not answer within 2 s" in capsys.readouterr().err
 
 
+def test_a_reader_whose_store_stops_answering_fails_in_bounded_time_and_keeps_its_shards(
+    proxy: FaultyProxy, s3_options: dict[str, Any], s3_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SPEC 9, a reader never hangs: once the endpoint stops answering (s3fs's own timeouts and retries held a
+    listing of it for 416 s), a refresh and value reads each fail with a TimeoutError naming
+    the trial after ``ANSWER_SECONDS``; no shard is taken for unreadable: the same trial reads on once the
+    endpoint answers again."""
+    import tensortap.backends.storage as storage_module
+
+    monkeypatch.setattr(storage_module, "ANSWER_SECONDS", 1.0)
+    with Writer(s3_url, storage_options=s3_options) as w:
+        train(w, range(3))
+    options = {**s3_options, "client_kwargs": {"endpoint_url": proxy.url}}  # s3fs's own timeouts and retries
+    trial = tensortap.create_trial(s3_url, refresh_interval=3600, **options)  # reads only when told to refresh
+    assert trial.steps() == [0, 1, 2]
+    proxy.stalled.set()
+    failures: list[str] = []
+
+    def read() -> None:
+        with pytest.raises(TimeoutError) as refreshed:
+            trial.refresh()
+        with pytest.raises(TimeoutError) as read:
+            trial.tensor("w").value(1)
+        with pytest.raises(TimeoutError) as read_all:
+            trial.tensor("w").values()
+        failures.extend(str(e.value) for e in (refreshed, read, read_all))
+
+    _in_thread(read, limit=30)
+    assert len(failures) == 3
+    assert all(f.startswith(f"{s3_url}: the storage did not answer within 1 s") for f in failures), failures
+    proxy.stalled.clear()
+    np.testing.assert_array_equal(trial.tensor("w").value(1), weight(1))
+    assert trial.steps() == [0, 1, 2]
+
+
+def test_check_of_a_store_that_does_not_answer_for_its_shards_is_an_input_error(
+    proxy: FaultyProxy,
+    s3_options: dict[str, Any],
+    s3_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``tensortap check`` where the shards' requests get no answer: exit 2 naming the storage after
+    ``ANSWER_SECONDS``, not exit 1 with the shards reported unreadable (nothing is known of them)."""
+    import tensortap.backends.storage as storage_module
+    from tensortap.cli import main
+
+    monkeypatch.setattr(storage_module, "ANSWER_SECONDS", 1.0)
+    with Writer(s3_url, storage_options=s3_options, shard_policy=ShardPolicy(max_steps=1)) as w:
+        train(w, range(3))
+    proxy.stalled_paths = "/shards/"
+    options = {**s3_options, "client_kwargs": {"endpoint_url": proxy.url}}
+    codes: list[int] = []
+    _in_thread(lambda: codes.append(main(["check", s3_url, "--storage-options", json.dumps(options)])), limit=60)
+    assert codes == [2]
+    err = capsys.readouterr().err
+    assert f"{s3_url}: the storage did not answer within 1 s" in err and "unreadable" not in err, err
+
+
 def test_a_store_that_stops_answering_mid_run_does_not_block_training(
     proxy: FaultyProxy, s3_options: dict[str, Any], s3_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -36,6 +36,8 @@ class FaultyProxy:
         How many of the next PUT requests are answered ``500 InternalError`` instead of forwarded.
     stalled
         While set, new requests are accepted and never answered (until :meth:`close`).
+    stalled_paths
+        When not empty, new requests whose path has it are stalled likewise.
     met
         The most GET requests :meth:`meet` held at once.
     seen
@@ -47,6 +49,7 @@ class FaultyProxy:
         self.failures = 0
         self.failed = 0
         self.stalled = threading.Event()
+        self.stalled_paths = ""
         self._released = threading.Event()
         self._lock = threading.Lock()
         self._meeting: tuple[str, int, float] | None = None
@@ -63,7 +66,7 @@ class FaultyProxy:
 
             def _forward(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                if proxy.stalled.is_set():
+                if proxy.stalled.is_set() or (proxy.stalled_paths and proxy.stalled_paths in self.path):
                     proxy._released.wait()
                     self.close_connection = True
                     return
