@@ -187,6 +187,9 @@ class Storage(abc.ABC):
     method raises :class:`~tensortap.backends.layout.UnsafeKey` (a
     ``ValueError``) for a key that could reach outside the root (absolute,
     ``..``, empty or hidden parts): keys may come from an untrusted trial.
+    A remote store that does not answer raises TimeoutError, within a bound
+    (readers pass it on and skip nothing for it; any other OSError of a
+    shard's read skips that shard with a warning).
 
     Attributes
     ----------
