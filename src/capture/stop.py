@@ -21,6 +21,7 @@ Interface::
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -34,6 +35,8 @@ AllReduceMax = Callable[[int], int]
 
 
 class _JsonStorage(Protocol):
+    is_local: bool
+
     def write_json(self, key: str, obj: Any) -> None: ...
 
     def read_json(self, key: str) -> Any: ...
@@ -47,13 +50,14 @@ class StopChannel:
     Parameters
     ----------
     storage
-        The trial's storage (anything with ``write_json``, ``read_json``, ``exists``).
+        The trial's storage (anything with ``write_json``, ``read_json``, ``exists`` and ``is_local``).
     """
 
     def __init__(self, storage: _JsonStorage) -> None:
         self.storage = storage
         self._checked = float("-inf")
         self._request: dict[str, Any] | None = None
+        self._looking: threading.Thread | None = None  # remote storage: the look in progress
 
     def request(self, reason: str, **details: Any) -> None:
         """Write a stop request into the trial; :meth:`poll` is true from now on in this process."""
@@ -64,17 +68,30 @@ class StopChannel:
     def poll(self, poll_seconds: float = STOP_POLL_SECONDS) -> bool:
         """Whether a stop was requested; looks into the trial at most once per ``poll_seconds``.
 
-        An unreadable or half-written request is retried at the next look.
+        On remote storage the look (a round trip or two) runs on a daemon thread, one at a time, and
+        what it finds is answered by the polls after it: the training thread that polls never waits
+        for the store (64 ms a poll, once a second, with 50 ms a request; up to
+        :data:`~tensortap.backends.storage.ANSWER_SECONDS` where it does not answer). An unreadable or
+        half-written request is retried at the next look.
         """
         if self._request is None and time.monotonic() - self._checked >= poll_seconds:
-            self._checked = time.monotonic()
-            try:
-                if self.storage.exists(layout.STOP_REQUEST):
-                    found = self.storage.read_json(layout.STOP_REQUEST)
-                    self._request = found if isinstance(found, dict) else {"reason": str(found)}
-            except (OSError, ValueError):
-                pass
+            if self.storage.is_local:
+                self._checked = time.monotonic()
+                self._look()
+            elif self._looking is None or not self._looking.is_alive():
+                self._checked = time.monotonic()
+                self._looking = threading.Thread(target=self._look, name="tensortap-stop-poll", daemon=True)
+                self._looking.start()
         return self._request is not None
+
+    def _look(self) -> None:
+        """Read the stop request, if there is one."""
+        try:
+            if self.storage.exists(layout.STOP_REQUEST):
+                found = self.storage.read_json(layout.STOP_REQUEST)
+                self._request = found if isinstance(found, dict) else {"reason": str(found)}
+        except (OSError, ValueError):
+            pass
 
     @property
     def requested(self) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -201,6 +202,31 @@ def test_check_of_a_store_that_does_not_answer_for_its_shards_is_an_input_error(
     assert codes == [2]
     err = capsys.readouterr().err
     assert f"{s3_url}: the storage did not answer within 1 s" in err and "unreadable" not in err, err
+
+
+def test_a_training_never_waits_for_the_stop_request_of_a_remote_trial(
+    proxy: FaultyProxy, s3_options: dict[str, Any], s3_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A training polls the trial's stop request once a second (``Hook.should_stop``); on remote storage
+    the look runs on another thread: while the endpoint does not answer each poll returns at once (each
+    waited for the store before: 2 s here, ``ANSWER_SECONDS``), and a request written meanwhile is seen
+    by a poll once the endpoint answers again."""
+    import tensortap.backends.storage as storage_module
+    from tensortap.backends.registry import get_storage
+    from tensortap.capture.stop import StopChannel
+
+    monkeypatch.setattr(storage_module, "ANSWER_SECONDS", 2.0)
+    channel = StopChannel(get_storage(s3_url, **{**s3_options, "client_kwargs": {"endpoint_url": proxy.url}}))
+    proxy.stalled.set()
+    start = time.monotonic()
+    assert not any(channel.poll(0.0) for _ in range(5))
+    assert time.monotonic() - start < 1.5  # one look of the five would have taken 2 s
+    StopChannel(get_storage(s3_url, **s3_options)).request("enough")
+    proxy.stalled.clear()
+    deadline = time.monotonic() + 30
+    while not channel.poll(0.0) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert channel.reason == "enough"
 
 
 def test_a_store_that_stops_answering_mid_run_does_not_block_training(
