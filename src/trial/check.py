@@ -13,8 +13,9 @@ from __future__ import annotations
 import functools
 import os
 import queue
+import threading
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor, wait
 from typing import Any
 
 import numpy as np
@@ -41,6 +42,8 @@ from .trial import trial_problem
 
 CHECK_SECONDS = 60.0
 """Time limit for reading one shard in full (a 256 MiB shard takes about a second)."""
+DOWNLOAD_POLL_SECONDS = 0.1
+"""How often a thread of ``check`` waiting for a remote shard's download looks whether the check has ended."""
 
 Summary = tuple[str | None, list[list[int]], list[str]]  # (problem, [[step, mode, mode_step]], tensor names)
 
@@ -183,7 +186,7 @@ def _inspect_shards(
     Each child serves one thread at a time. Remote shards are downloaded :func:`_ahead` of the one read,
     :data:`READS_AT_ONCE` at once (a copy evicted before its child read it is downloaded again). On the
     way out (an interrupt included) the children are ended at once (:meth:`ShardChild.end`), which ends
-    what they read; no thread starts another.
+    what they read, and no thread waits for a download (they run on daemon threads) or starts another.
     """
     free: queue.SimpleQueue[ShardChild] = queue.SimpleQueue()
     children = [ShardChild("tensortap.trial.check:inspect_shard", timeout) for _ in range(count)]
@@ -196,16 +199,27 @@ def _inspect_shards(
         return in_background(functools.partial(storage.local_path, key), "fetch")
 
     fetched = [download(key) for key in shards[:ahead]]
+    ending = threading.Event()
+
+    def downloaded(i: int, key: str) -> str | None:
+        """The copy of remote shard ``key`` (the ``i``-th) downloaded ahead, or now; None where the download
+        failed (the error is met again by :func:`_inspect`); TimeoutError where the storage does not answer."""
+        got = fetched[i] if i < len(fetched) else download(key)
+        while not wait([got], DOWNLOAD_POLL_SECONDS).done:
+            if ending.is_set():
+                raise CancelledError  # the check is over: its result is read by nobody
+        error = got.exception()
+        if isinstance(error, TimeoutError):
+            raise error
+        return None if error is not None else got.result()
 
     def inspect(i: int, key: str) -> str | None:
         if ahead and i + ahead < len(shards):
             fetched.append(download(shards[i + ahead]))
-        downloaded = None
-        if i < len(fetched) and fetched[i].exception() is None:  # an error is met again by _inspect
-            downloaded = fetched[i].result()
+        local = None if storage.is_local else downloaded(i, key)
         child = free.get()
         try:
-            return _inspect(storage, named, child, key, downloaded)
+            return _inspect(storage, named, child, key, local)
         finally:
             free.put(child)
 
@@ -214,6 +228,7 @@ def _inspect_shards(
         for future in [pool.submit(inspect, i, key) for i, key in enumerate(shards)]:
             yield future.result()
     finally:
+        ending.set()
         pool.shutdown(wait=False, cancel_futures=True)
         for child in children:
             child.end()

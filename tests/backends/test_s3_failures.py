@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -227,6 +231,31 @@ def test_a_training_never_waits_for_the_stop_request_of_a_remote_trial(
     while not channel.poll(0.0) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert channel.reason == "enough"
+
+
+def test_ctrl_c_ends_a_check_that_waits_for_a_download(
+    proxy: FaultyProxy, s3_options: dict[str, Any], s3_url: str, tmp_path: Path
+) -> None:
+    """``tensortap check`` of a remote trial interrupted while a shard's download gets no answer exits 130 at
+    once: no thread waits for the download (it waited until the storage's bound, 60 s)."""
+    with Writer(s3_url, storage_options=s3_options, shard_policy=ShardPolicy(max_steps=1)) as w:
+        train(w, range(3))
+    proxy.stalled_paths = "/shards/"
+    options = {**s3_options, "client_kwargs": {"endpoint_url": proxy.url}}
+    env = {**os.environ, "TENSORTAP_CACHE_DIR": str(tmp_path / "cache")}
+    command = [sys.executable, "-m", "tensortap.cli", "check", s3_url, "--storage-options", json.dumps(options)]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while not any("/shards/" in path for _, path in proxy.held) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proxy.held, "check never asked for a shard"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert err.strip().endswith("tensortap check: interrupted") and "Traceback" not in err
 
 
 def test_a_store_that_stops_answering_mid_run_does_not_block_training(

@@ -38,6 +38,8 @@ class FaultyProxy:
         While set, new requests are accepted and never answered (until :meth:`close`).
     stalled_paths
         When not empty, new requests whose path has it are stalled likewise.
+    held
+        Each request stalled: its method and path, in order.
     met
         The most GET requests :meth:`meet` held at once.
     seen
@@ -55,6 +57,7 @@ class FaultyProxy:
         self._meeting: tuple[str, int, float] | None = None
         self._held = self.met = 0
         self.seen: list[tuple[str, str]] = []
+        self.held: list[tuple[str, str]] = []
         self._meet = threading.Condition()
         proxy = self
 
@@ -67,6 +70,8 @@ class FaultyProxy:
             def _forward(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 if proxy.stalled.is_set() or (proxy.stalled_paths and proxy.stalled_paths in self.path):
+                    with proxy._lock:
+                        proxy.held.append((self.command, self.path))
                     proxy._released.wait()
                     self.close_connection = True
                     return
