@@ -18,6 +18,7 @@ import numpy as np
 
 from .. import reductions as red
 from ..backends import layout
+from ..backends import storage as storage_module
 from ..backends.registry import get_storage
 from ..backends.shard import RawSource
 from ..backends.storage import Storage
@@ -43,10 +44,6 @@ if TYPE_CHECKING:
 
 REFRESH_SECONDS = 0.25
 WAIT_POLL_SECONDS = 0.1
-FIRST_ANSWER_SECONDS = 60.0
-"""How long remote storage may take to say whether a trial is there before opening it gives up (an
-endpoint that accepts connections and never answers would hold it through the client's own timeouts and
-retries: more than 400 s with s3fs's defaults)."""
 SEARCH_DEPTH = 3  # folders below a path searched for trials when it holds none
 SEARCH_FOLDERS = 2000  # at most this many folders looked into
 # a tensor's raw values in one shard by step, and the one stacked array they are rows of (if read so)
@@ -170,17 +167,19 @@ class Trial:
         self.refresh()
 
     def _problem(self) -> TrialNotFound | None:
-        """:func:`trial_problem` of this trial's storage; TimeoutError where remote storage does not
-        answer within :data:`FIRST_ANSWER_SECONDS`."""
+        """:func:`trial_problem` of this trial's storage; TimeoutError where remote storage (of any backend)
+        does not answer within :data:`~tensortap.backends.storage.ANSWER_SECONDS` (an endpoint that accepts
+        connections and never answers held it more than 400 s through s3fs's own timeouts and retries)."""
         if self.storage.is_local:
             return trial_problem(self.storage)
         answer = in_background(functools.partial(trial_problem, self.storage), "open")
+        limit = storage_module.ANSWER_SECONDS
         try:
-            return answer.result(FIRST_ANSWER_SECONDS)
+            return answer.result(limit)
         except TimeoutError:
-            if answer.done():  # the client's own timeout, within ours
+            if answer.done():  # the storage's own bound, within this one
                 raise
-            raise TimeoutError(f"{self.path}: the storage did not answer within {FIRST_ANSWER_SECONDS:g} s") from None
+            raise TimeoutError(f"{self.path}: the storage did not answer within {limit:.0f} s") from None
 
     def __repr__(self) -> str:
         from .views import trial_text

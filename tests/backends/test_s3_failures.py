@@ -21,6 +21,7 @@ import pytest
 from helpers.s3_proxy import FaultyProxy, silent_endpoint
 
 import tensortap
+import tensortap.backends.storage as storage_module
 from tensortap import ReductionConfig
 from tensortap.capture import ShardPolicy, Writer
 from tensortap.trial.index import READS_AT_ONCE
@@ -127,13 +128,12 @@ def test_a_silent_endpoint_fails_the_opening_of_a_trial_in_bounded_time(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """An endpoint that accepts connections and never answers held ``create_trial`` (and ``tensortap ls``)
-    for more than 400 s (s3fs's timeouts and retries); the opening gives up after ``FIRST_ANSWER_SECONDS``
+    for more than 400 s (s3fs's timeouts and retries); the opening gives up after ``ANSWER_SECONDS``
     with an error naming the trial: exit 2 on the command line."""
     pytest.importorskip("s3fs")
-    import tensortap.trial.trial as trial_module
     from tensortap.cli import main
 
-    monkeypatch.setattr(trial_module, "FIRST_ANSWER_SECONDS", 2.0)
+    monkeypatch.setattr(storage_module, "ANSWER_SECONDS", 2.0)
     url = f"s3://{S3_BUCKET}/{uuid.uuid4().hex}"
     with silent_endpoint() as endpoint:
         options = {"key": "k", "secret": "s", "client_kwargs": {"endpoint_url": endpoint}}
@@ -156,8 +156,6 @@ def test_a_reader_whose_store_stops_answering_fails_in_bounded_time_and_keeps_it
     listing of it for 416 s), a refresh and value reads each fail with a TimeoutError naming
     the trial after ``ANSWER_SECONDS``; no shard is taken for unreadable: the same trial reads on once the
     endpoint answers again."""
-    import tensortap.backends.storage as storage_module
-
     monkeypatch.setattr(storage_module, "ANSWER_SECONDS", 1.0)
     with Writer(s3_url, storage_options=s3_options) as w:
         train(w, range(3))
@@ -193,7 +191,6 @@ def test_check_of_a_store_that_does_not_answer_for_its_shards_is_an_input_error(
 ) -> None:
     """``tensortap check`` where the shards' requests get no answer: exit 2 naming the storage after
     ``ANSWER_SECONDS``, not exit 1 with the shards reported unreadable (nothing is known of them)."""
-    import tensortap.backends.storage as storage_module
     from tensortap.cli import main
 
     monkeypatch.setattr(storage_module, "ANSWER_SECONDS", 1.0)
@@ -215,7 +212,6 @@ def test_a_training_never_waits_for_the_stop_request_of_a_remote_trial(
     the look runs on another thread: while the endpoint does not answer each poll returns at once (each
     waited for the store before: 2 s here, ``ANSWER_SECONDS``), and a request written meanwhile is seen
     by a poll once the endpoint answers again."""
-    import tensortap.backends.storage as storage_module
     from tensortap.backends.registry import get_storage
     from tensortap.capture.stop import StopChannel
 
