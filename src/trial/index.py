@@ -752,6 +752,13 @@ class TrialIndex:
             self.wall_times.pop(step, None)
         self._steps_changed()
 
+    def _drop_unreadable(self, shard: str, exc: Exception) -> None:
+        """:meth:`drop_shard` for the error that reading ``shard`` raised; a TimeoutError is raised again
+        instead (the storage does not answer: the shard may be sound, and the next read asks again)."""
+        if isinstance(exc, TimeoutError):
+            raise exc
+        self.drop_shard(shard, str(exc))
+
     def reader(self, shard: str) -> ShardReader | None:
         """Return the open reader of ``shard``, or None (with a warning) if it cannot be read."""
         r = self._readers.get(shard)
@@ -760,10 +767,8 @@ class TrialIndex:
             return r
         try:
             r = ShardReader(self.storage.local_path(shard), self.shard_bytes.get(shard))
-        except TimeoutError:
-            raise  # the storage does not answer: the shard may be sound
         except (ShardError, OSError, ValueError) as exc:
-            self.drop_shard(shard, str(exc))
+            self._drop_unreadable(shard, exc)
             return None
         self._readers[shard] = r
         if len(self._readers) > MAX_OPEN_SHARDS:
@@ -802,10 +807,8 @@ class TrialIndex:
             source = self._located(name, shard)
             if source is not None:
                 return what(source)
-        except TimeoutError:
-            raise
         except (ShardError, OSError, ValueError) as exc:
-            self.drop_shard(shard, str(exc))
+            self._drop_unreadable(shard, exc)
             return None
         return self.read(shard, what)
 
@@ -832,10 +835,8 @@ class TrialIndex:
             try:
                 if (source := self._located(name, shard)) is not None:
                     sources[shard] = source
-            except TimeoutError:
-                raise
             except (ShardError, OSError, ValueError) as exc:
-                self.drop_shard(shard, str(exc))
+                self._drop_unreadable(shard, exc)
                 out[shard] = None
         if not sources:
             return out
@@ -843,10 +844,8 @@ class TrialIndex:
         for shard, future in zip(sources, futures, strict=True):
             try:
                 out[shard] = future.result()
-            except TimeoutError:
-                raise
             except (ShardError, OSError, ValueError) as exc:
-                self.drop_shard(shard, str(exc))
+                self._drop_unreadable(shard, exc)
                 out[shard] = None
         return out
 

@@ -58,8 +58,11 @@ def proxy(s3_endpoint: str) -> Iterator[FaultyProxy]:
     p.close()
 
 
-def _through(proxy: FaultyProxy, s3_options: dict[str, Any]) -> dict[str, Any]:
-    return {**s3_options, "client_kwargs": {"endpoint_url": proxy.url}, "config_kwargs": NO_CLIENT_RETRIES}
+def _through(proxy: FaultyProxy, s3_options: dict[str, Any], client_retries: bool = False) -> dict[str, Any]:
+    """``s3_options`` through ``proxy``: one attempt per botocore call, or with ``client_retries`` the
+    client's own timeouts and retries (what a user gets)."""
+    options = {**s3_options, "client_kwargs": {"endpoint_url": proxy.url}}
+    return options if client_retries else {**options, "config_kwargs": NO_CLIENT_RETRIES}
 
 
 def test_transient_upload_errors_are_retried_and_capture_goes_on(
@@ -159,7 +162,7 @@ def test_a_reader_whose_store_stops_answering_fails_in_bounded_time_and_keeps_it
     monkeypatch.setattr(storage_module, "ANSWER_SECONDS", 1.0)
     with Writer(s3_url, storage_options=s3_options) as w:
         train(w, range(3))
-    options = {**s3_options, "client_kwargs": {"endpoint_url": proxy.url}}  # s3fs's own timeouts and retries
+    options = _through(proxy, s3_options, client_retries=True)
     trial = tensortap.create_trial(s3_url, refresh_interval=3600, **options)  # reads only when told to refresh
     assert trial.steps() == [0, 1, 2]
     proxy.stalled.set()
@@ -197,7 +200,7 @@ def test_check_of_a_store_that_does_not_answer_for_its_shards_is_an_input_error(
     with Writer(s3_url, storage_options=s3_options, shard_policy=ShardPolicy(max_steps=1)) as w:
         train(w, range(3))
     proxy.stalled_paths = "/shards/"
-    options = {**s3_options, "client_kwargs": {"endpoint_url": proxy.url}}
+    options = _through(proxy, s3_options, client_retries=True)
     codes: list[int] = []
     _in_thread(lambda: codes.append(main(["check", s3_url, "--storage-options", json.dumps(options)])), limit=60)
     assert codes == [2]
@@ -216,7 +219,7 @@ def test_a_training_never_waits_for_the_stop_request_of_a_remote_trial(
     from tensortap.capture.stop import StopChannel
 
     monkeypatch.setattr(storage_module, "ANSWER_SECONDS", 2.0)
-    channel = StopChannel(get_storage(s3_url, **{**s3_options, "client_kwargs": {"endpoint_url": proxy.url}}))
+    channel = StopChannel(get_storage(s3_url, **_through(proxy, s3_options, client_retries=True)))
     proxy.stalled.set()
     start = time.monotonic()
     assert not any(channel.poll(0.0) for _ in range(5))
@@ -237,7 +240,7 @@ def test_ctrl_c_ends_a_check_that_waits_for_a_download(
     with Writer(s3_url, storage_options=s3_options, shard_policy=ShardPolicy(max_steps=1)) as w:
         train(w, range(3))
     proxy.stalled_paths = "/shards/"
-    options = {**s3_options, "client_kwargs": {"endpoint_url": proxy.url}}
+    options = _through(proxy, s3_options, client_retries=True)
     env = {**os.environ, "TENSORTAP_CACHE_DIR": str(tmp_path / "cache")}
     command = [sys.executable, "-m", "tensortap.cli", "check", s3_url, "--storage-options", json.dumps(options)]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
