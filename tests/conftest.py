@@ -18,6 +18,10 @@ import pytest
 
 HELPERS = Path(__file__).parent / "helpers"
 
+# The tests compare captured values with NumPy's arithmetic: on a GPU, JAX's matrix products run in
+# TensorFloat-32 unless asked for float32 (set before JAX is imported; children inherit it).
+os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
+
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     # pytest started by a shell's background job without job control (`cmd &` in a script) ignores
     # SIGINT, and so would every process the tests start; the tests send SIGINT as to a training in

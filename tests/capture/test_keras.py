@@ -390,11 +390,12 @@ def test_unsaved_steps_run_the_plain_step_function(tmp_path: Path, run_mode: str
 def test_a_cell_called_in_a_loop_gives_its_last_value(tmp_path: Path) -> None:
     # the LSTM calls its cell once before its loop (TensorFlow: in the step's graph, an extra
     # output) and then in the loop's body (a tf.while_loop or lax.scan: a tap of its own); the
-    # last call is the LSTM's output
+    # last call is the LSTM's output; on a GPU the fused cuDNN kernel would call no cell (use_cudnn=False)
     keras.utils.set_random_seed(5)
     x = RNG.normal(size=(48, 3, 2)).astype("float32")
     inputs = keras.Input((3, 2))
-    model = keras.Model(inputs, keras.layers.Dense(1, name="head")(keras.layers.LSTM(4, name="lstm")(inputs)))
+    lstm = keras.layers.LSTM(4, name="lstm", use_cudnn=False)
+    model = keras.Model(inputs, keras.layers.Dense(1, name="head")(lstm(inputs)))
     model.compile(optimizer=keras.optimizers.SGD(LR), loss="mse")
     cb = ttk.Callback(tmp_path, save_config=SaveConfig(save_interval=2), include_collections=["outputs"])
     model.fit(x, Y, batch_size=BATCH, epochs=1, shuffle=False, callbacks=[cb], verbose=0)

@@ -70,7 +70,8 @@ def test_keras_int_ids_embedding_and_a_multi_output_model_raw_and_histograms_in_
     y_reg, y_cls = rng.standard_normal((24, 1)).astype("float32"), rng.integers(0, 3, (24,)).astype("int32")
     inp = keras.Input((5,), dtype="int64", name="ids")
     emb = keras.layers.Embedding(20, 4, name="emb", dtype=policy)(inp)
-    seq, h, c = keras.layers.LSTM(6, return_state=True, name="lstm", dtype=policy)(emb)
+    # use_cudnn=False: on a GPU, JAX's cuDNN LSTM takes no bfloat16
+    seq, h, c = keras.layers.LSTM(6, return_state=True, name="lstm", dtype=policy, use_cudnn=False)(emb)
     merged = keras.layers.Concatenate(name="cat", dtype=policy)([seq, h, c])
     reg = keras.layers.Dense(1, name="reg", dtype=policy)(merged)
     cls = keras.layers.Dense(3, activation="softmax", name="cls", dtype=policy)(merged)
