@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -138,41 +138,68 @@ class TorchOps(core.TensorOps):
 
     @staticmethod
     def _reduce(t: torch.Tensor, keys: Sequence[str]) -> dict[str, float]:
-        """Compute ``keys`` with the formulas of :mod:`tensortap.reductions`, stacked into one transfer."""
+        """Compute ``keys`` with the formulas of :mod:`tensortap.reductions`, stacked into one transfer.
+
+        Few operations per tensor: each is a kernel launch on a GPU, about 10 µs of the training
+        thread's time there (bench/profiles/gpu.md). A floating tensor is summed and normed in the
+        wide type by the reduction itself (no widened copy), its extremes taken in its own type
+        (exact); a sum serves the mean too, divided on the host as NumPy divides it.
+        """
         wide = torch.float32 if t.device.type == "mps" else torch.float64
-        x = t.to(wide)
-        ax = x.abs() if any(red.split_key(k)[1] or k == "l1" for k in keys) else x
-        out: list[torch.Tensor] = []
+        x = t if t.is_floating_point() else t.to(wide)  # integers widened once: the abs of the most negative
+        n = t.numel()
+        taken: dict[str, int] = {}  # operation -> its index in ``parts``
+        parts: list[torch.Tensor] = []
+
+        def take(op: str) -> int:
+            if op not in taken:
+                taken[op] = len(parts)
+                parts.append(_REDUCTION_OPS[op](t, x, wide))
+            return taken[op]
+
+        plan: list[tuple[str, int, int]] = []  # (key, index of the part, divisor)
         for key in keys:
             name, absolute = red.split_key(key)
-            if name in red.HEALTH_COUNTS:
-                if name == "zero_count":
-                    out.append(torch.count_nonzero(t == 0))
-                elif not t.is_floating_point():
-                    out.append(torch.zeros((), device=t.device))
-                else:
-                    out.append(torch.count_nonzero(torch.isnan(t) if name == "nan_count" else torch.isinf(t)))
-                continue
-            v = ax if absolute else x
-            if name == "min":
-                out.append(v.min())
-            elif name == "max":
-                out.append(v.max())
-            elif name == "mean":
-                out.append(v.mean())
-            elif name == "std":
-                out.append(v.std(correction=0))
-            elif name == "variance":
-                out.append(v.var(correction=0))
-            elif name == "sum":
-                out.append(v.sum())
-            elif name == "prod":
-                out.append(v.prod())
-            elif name == "l1":
-                out.append(ax.sum())
+            if name in red.HEALTH_COUNTS and name != "zero_count" and not t.is_floating_point():
+                plan.append((key, -1, 1))  # no NaN nor infinity in an integer tensor
+            elif name in red.HEALTH_COUNTS:
+                plan.append((key, take(name), 1))
+            elif name in _BY_ABS:
+                plan.append((key, take(f"abs_{name}" if absolute else name), 1))
+            elif name == "mean" or name == "sum" or name == "l1":
+                op = "l1" if absolute or name == "l1" else "sum"
+                plan.append((key, take(op), n if name == "mean" else 1))
             elif name == "l2":
-                out.append(torch.sqrt((v * v).sum()))
+                plan.append((key, take("l2"), 1))
             else:
                 raise ValueError(f"reduction: {key!r} is not a reduction; valid: {', '.join(red.ALL_REDUCTIONS)}")
-        stacked = torch.stack([o.to(wide) for o in out]).cpu().tolist()
-        return dict(zip(keys, (float(v) for v in stacked), strict=True))
+        got = torch.stack(parts).cpu().tolist() if parts else []
+        return {key: (float(got[i]) / d if i >= 0 else 0.0) for key, i, d in plan}
+
+
+def _widened(x: torch.Tensor, wide: torch.dtype, absolute: bool) -> torch.Tensor:
+    w = x.to(wide)
+    return w.abs() if absolute else w
+
+
+# How each reduction is computed from (the tensor, its floating form ``x``, the wide dtype): one
+# or two kernels each; std, variance and prod on a widened copy, as NumPy's formulas are in float64.
+_REDUCTION_OPS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.dtype], torch.Tensor]] = {
+    "nan_count": lambda t, x, w: torch.isnan(t).sum(),
+    "inf_count": lambda t, x, w: torch.isinf(t).sum(),
+    "zero_count": lambda t, x, w: (t == 0).sum(),
+    "sum": lambda t, x, w: x.sum(dtype=w),
+    "l1": lambda t, x, w: torch.linalg.vector_norm(x, 1, dtype=w),
+    "l2": lambda t, x, w: torch.linalg.vector_norm(x, 2, dtype=w),
+    "min": lambda t, x, w: x.min(),
+    "max": lambda t, x, w: x.max(),
+    "abs_min": lambda t, x, w: x.abs().min(),
+    "abs_max": lambda t, x, w: x.abs().max(),
+    "std": lambda t, x, w: _widened(x, w, False).std(correction=0),
+    "abs_std": lambda t, x, w: _widened(x, w, True).std(correction=0),
+    "variance": lambda t, x, w: _widened(x, w, False).var(correction=0),
+    "abs_variance": lambda t, x, w: _widened(x, w, True).var(correction=0),
+    "prod": lambda t, x, w: _widened(x, w, False).prod(),
+    "abs_prod": lambda t, x, w: _widened(x, w, True).prod(),
+}
+_BY_ABS = frozenset({"min", "max", "std", "variance", "prod"})
