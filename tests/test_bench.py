@@ -179,12 +179,14 @@ def test_gpu_check_without_cuda_says_so() -> None:
 @pytest.mark.timeout(300)
 def test_the_gpu_check_runs_its_checks_on_the_cpu() -> None:
     """The script a GPU machine runs is run here on the CPU, so that it is known to work before one is lent:
-    the captured values bit-equal to copies taken in the loop, the reductions equal to NumPy's."""
+    the captured values bit-equal to copies taken in the loop, the reductions and histograms equal to NumPy's."""
     pytest.importorskip("torch")
     done = _run("bench.gpu_check", "--device", "cpu", "--rounds", "1")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "device: CPU" in done.stdout and "values and reductions: all equal" in done.stdout
+    assert "device: CPU" in done.stdout and "values, reductions and histograms: all equal" in done.stdout
+    assert "autocast and GradScaler" in done.stdout  # checked with mixed precision too
     assert "tensortap, every step, raw + reductions" in done.stdout  # the timed arms ran too
+    assert "tensortap, every step, reductions of weights and gradients" in done.stdout  # the Transformer's
 
 
 @pytest.mark.timeout(300)

@@ -28,7 +28,7 @@ import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
@@ -65,6 +65,32 @@ def read_json_config(path: str | os.PathLike[str]) -> Any:
             return json.load(f)
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path}: not valid JSON ({exc})") from None
+
+
+Prepared = tuple[np.ndarray | None, dict[str, float], str | None]
+"""What :meth:`TensorOps.prepare` returns: (raw host array or None, {reduction key: value}, original dtype or None)."""
+
+
+class Batch(Protocol):
+    """Tensors of one step taken where they are (a snapshot on their device), prepared together when the step ends.
+
+    Made by :meth:`TensorOps.batch`, one per hook. The core offers each tensor to
+    :meth:`take` first; what it takes, :meth:`deliver` prepares all at once (on a
+    GPU: one transfer and one wait a step instead of one of each a tensor).
+    """
+
+    def take(self, value: Any, keys: Sequence[str], raw: bool) -> bool:
+        """Snapshot ``value`` for :meth:`deliver` and return True, or return False: the core prepares it at once."""
+        ...
+
+    def deliver(self) -> list[Prepared | Exception]:
+        """What :meth:`TensorOps.prepare` would have returned for each value taken, in the order taken (an
+        exception for one that failed), and forget them."""
+        ...
+
+    def clear(self) -> None:
+        """Forget the values taken (the step is dropped)."""
+        ...
 
 
 class TensorOps:
@@ -107,9 +133,11 @@ class TensorOps:
         ``tensortap._bins`` was not built), which an adapter may do faster."""
         return np.bincount(codes, minlength=minlength)
 
-    def prepare(
-        self, value: Any, keys: Sequence[str], raw: bool
-    ) -> tuple[np.ndarray | None, dict[str, float], str | None]:
+    def batch(self) -> Batch | None:
+        """A new :class:`Batch` for one hook, or None: every tensor is prepared when it is offered (the default)."""
+        return None
+
+    def prepare(self, value: Any, keys: Sequence[str], raw: bool) -> Prepared:
         """Return ``(raw host array or None, {reduction key: value}, original dtype or None)``.
 
         Parameters
@@ -289,6 +317,9 @@ class Hook:
         # per mode, the first mode step that may be saved once a step saved nothing (inf: none will be)
         self._quiet_until: dict[Mode, float] = {}
         self._offered: set[str] = set()  # names in _records
+        # tensors of the step in progress taken by the ops' batch, delivered at its end: (name, plan, histogram)
+        self._taken: list[tuple[str, _Plan, red.Histogram | red.PendingHistogram | None]] = []
+        self._batch: tuple[TensorOps, Batch | None] | None = None  # the batch of self.ops, made at first use
         self._skipped: set[str] = set()  # tensors that could not be captured (warned once)
         self._histogram_edges: dict[str, np.ndarray] = {}  # fixed per tensor from its first saved value
         self._histogram_unfixed: set[str] = set()  # warned once: no finite value to fix bins from yet
@@ -408,7 +439,7 @@ class Hook:
         self.mode_step = self.mode_steps.get(self.mode, -1) + 1
         self.mode_steps[self.mode] = self.mode_step
         self._in_step = True
-        self._records = []  # of a step that never ended (interrupted)
+        self._drop_step_values()  # of a step that never ended (interrupted)
         if not self.enabled or self._failed:
             self._saving = False
             return False
@@ -501,6 +532,13 @@ class Hook:
             if plan is None:
                 return
             on_host = plan.histogram is not None and not self.ops.device_histogram
+            batch = self._ops_batch()
+            if not on_host and batch is not None and batch.take(value, plan.keys, plan.raw):
+                hist = self._histogram(name, value, plan.histogram) if plan.histogram is not None else None
+                self._taken.append((name, plan, hist))
+                return
+            if any(n == name for n, _, _ in self._taken):  # its earlier value goes first: the last one wins
+                self._deliver()
             raw, values, orig = self.ops.prepare(value, plan.keys, plan.raw or on_host)
             hist = None
             if plan.histogram is not None:
@@ -509,6 +547,14 @@ class Hook:
         except Exception as exc:  # this tensor cannot be captured; the others can
             self._skip(name, exc)
             return
+        self._stage(name, plan, (raw, values, orig), hist)
+
+    def _stage(
+        self, name: str, plan: _Plan, prepared: Prepared, hist: red.Histogram | red.PendingHistogram | None
+    ) -> None:
+        """Copy a prepared tensor into the writer's shard buffer and keep its record for the step's end."""
+        assert self.writer is not None
+        raw, values, orig = prepared
         try:
             stored = self.writer.stage(self.step, name, plan.collections, raw, values, orig, hist)
         except Exception as exc:
@@ -519,6 +565,37 @@ class Hook:
             self._records = [r for r in self._records if r.name != name]
         self._offered.add(name)
         self._records.append(record)
+
+    def _ops_batch(self) -> Batch | None:
+        """The batch of :attr:`ops` (made the first time: an adapter or a test may replace ``ops``)."""
+        if self._batch is None or self._batch[0] is not self.ops:
+            if self._batch is not None and self._batch[1] is not None:
+                self._deliver()  # taken by the ops replaced
+            self._batch = (self.ops, self.ops.batch())
+        return self._batch[1]
+
+    def _deliver(self) -> None:
+        """Stage the tensors the batch took during this step, in the order they were offered."""
+        if not self._taken or self._batch is None or self._batch[1] is None:
+            return
+        taken, self._taken = self._taken, []
+        try:
+            delivered = self._batch[1].deliver()
+        except Exception as exc:  # the batch's own failure: its tensors are skipped, not the run
+            delivered = [exc] * len(taken)
+        for (name, plan, hist), prepared in zip(taken, delivered, strict=True):
+            if isinstance(prepared, Exception):
+                self._skip(name, prepared)
+            elif self._saving:  # not once a failure disabled capture
+                self._stage(name, plan, prepared, hist)
+
+    def _drop_step_values(self) -> None:
+        """Forget what the step in progress saved so far."""
+        self._records = []
+        self._offered = set()
+        self._taken = []
+        if self._batch is not None and self._batch[1] is not None:
+            self._batch[1].clear()
 
     def _skip(self, name: str, exc: BaseException) -> None:
         if self.strict:
@@ -569,6 +646,7 @@ class Hook:
         self._in_step = False
         if not self._saving:
             return
+        self._deliver()
         self._saving = False
         records, self._records = self._records, []
         self._offered = set()
@@ -674,8 +752,7 @@ class Hook:
             logger.error("tensortap: %s: %s; capture is disabled, training continues", context, exc, exc_info=exc)
         self._failed = True
         self._saving = False
-        self._records = []
-        self._offered = set()
+        self._drop_step_values()
         if self.writer is not None:
             self.writer.disable(*self._progress(), f"{context}: {exc}")  # publishes, then the end marker
 
@@ -717,8 +794,7 @@ class Hook:
         """Close at interpreter exit or SIGTERM, dropping a step still in progress."""
         self._in_step = False
         self._saving = False
-        self._records = []
-        self._offered = set()
+        self._drop_step_values()
         if self.writer is not None:
             self.writer.rollback()
         self._close_writer(reason)

@@ -25,6 +25,9 @@ The contract:
   of float64 (:attr:`TensorOpsConformance.rtol`);
 - NaN and Inf propagate as NumPy's do; an empty tensor gives NaN for
   ``min``/``max``/``mean``/``std``/``variance``, 0 for ``sum``, 1 for ``prod``;
+- a :meth:`TensorOps.batch`, where the ops have one, delivers for each value
+  it took what ``prepare`` gives, for the value as it was when taken
+  (subclasses set :meth:`TensorOpsConformance.overwrite`);
 - histograms (:meth:`TensorOps.histogram`) equal :func:`numpy_histogram_rule`
   exactly: the same edges when they are fixed from the tensor, the same
   counts, values outside the edges in the outer bins, NaN and Inf in none.
@@ -33,6 +36,7 @@ The contract:
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -42,6 +46,8 @@ from .. import reductions as red
 from .core import TensorOps
 
 ALL_KEYS = [*red.ALL_REDUCTIONS, *(f"abs_{k}" for k in red.REDUCTIONS + red.NORMS)]
+# the reductions a batch is asked for in the batch test (those a GPU training saves by default and rules ask for)
+BATCH_KEYS = ["min", "max", "mean", "sum", "l1", "l2", "nan_count", "inf_count", "abs_max", "abs_mean"]
 EXACT = frozenset({"min", "max", "abs_min", "abs_max", *red.HEALTH_COUNTS})
 # sums of integers are exact in float64 whatever the order
 EXACT_INTEGER = frozenset({"sum", "abs_sum", "l1", "mean", "abs_mean"})
@@ -138,12 +144,16 @@ class TensorOpsConformance:
 
     @pytest.mark.parametrize("kind", sorted(VALUES))
     def test_reductions_equal_the_numpy_formulas(self, kind: str) -> None:
-        array, tensor = self._tensor(kind)
+        _, tensor = self._tensor(kind)
         raw, got, _ = self.ops.prepare(tensor, ALL_KEYS, False)
         assert raw is None
-        expected = red.compute_many(array, ALL_KEYS)
+        self._assert_the_numpy_formulas(kind, got, ALL_KEYS)
+
+    def _assert_the_numpy_formulas(self, kind: str, got: dict[str, float], keys: Sequence[str]) -> None:
+        array = VALUES[kind]
+        expected = red.compute_many(array, keys)
         assert set(got) == set(expected)
-        for key in ALL_KEYS:
+        for key in keys:
             want, have = expected[key], got[key]
             assert isinstance(have, float), key
             if np.isnan(want) or np.isinf(want):
@@ -152,6 +162,34 @@ class TensorOpsConformance:
                 assert have == want, f"{kind} {key}: {have!r} != {want!r} (must be bit for bit)"
             else:
                 assert have == pytest.approx(want, rel=self.rtol, abs=1e-300), f"{kind} {key}"
+
+    def test_a_batch_delivers_each_value_taken_as_prepare_gives_it(self) -> None:
+        """Every kind of value taken into one batch (with the reductions it may compute), in the order taken:
+        raw values bit for bit, reductions by the formulas; the value as it was when taken."""
+        batch = self.ops.batch()
+        if batch is None:
+            pytest.skip("these ops prepare every tensor when it is offered")
+        tensors = {kind: self.make(VALUES[kind].copy()) for kind in sorted(VALUES) if kind not in self.unsupported}
+        keys = BATCH_KEYS
+        taken = [kind for kind, tensor in tensors.items() if batch.take(tensor, keys, True)]
+        if not taken:
+            pytest.skip("the batch takes none of these tensors (another device)")
+        for kind in taken:  # changed after it was taken: the batch holds the value as it was
+            self.overwrite(tensors[kind])
+        delivered = batch.deliver()
+        assert len(delivered) == len(taken)
+        for kind, prepared in zip(taken, delivered, strict=True):
+            assert not isinstance(prepared, Exception), f"{kind}: {prepared!r}"
+            raw, got, orig = prepared
+            assert orig is None and raw is not None
+            assert raw.dtype == VALUES[kind].dtype and raw.shape == VALUES[kind].shape, kind
+            np.testing.assert_array_equal(raw, VALUES[kind])
+            self._assert_the_numpy_formulas(kind, got, keys)
+        assert batch.deliver() == []  # delivered once
+
+    def overwrite(self, tensor: Any) -> None:
+        """Change ``tensor`` in place (for the batch test: a value taken before must not change)."""
+        raise NotImplementedError
 
     def test_raw_and_reductions_together(self) -> None:
         array, tensor = self._tensor("float32")

@@ -22,12 +22,17 @@ torch = pytest.importorskip("torch")
 from tensortap.torch import TorchOps  # noqa: E402
 
 
-@pytest.mark.torch
-class TestTorchCPUOps(TensorOpsConformance):
-    ops = TorchOps()
-
+class TorchConformance(TensorOpsConformance):
     def make(self, array: np.ndarray) -> Any:
         return torch.from_numpy(array)
+
+    def overwrite(self, tensor: Any) -> None:
+        tensor.zero_()
+
+
+@pytest.mark.torch
+class TestTorchCPUOps(TorchConformance):
+    ops = TorchOps()
 
 
 class DeviceBinnedTorchOps(TorchOps):
@@ -37,16 +42,24 @@ class DeviceBinnedTorchOps(TorchOps):
 
 
 @pytest.mark.torch
-class TestTorchCPUOpsBinningOnTheDevice(TensorOpsConformance):
+class TestTorchCPUOpsBinningOnTheDevice(TorchConformance):
     ops = DeviceBinnedTorchOps()
 
-    def make(self, array: np.ndarray) -> Any:
-        return torch.from_numpy(array)
+
+class BatchedTorchOps(TorchOps):
+    """TorchOps that takes CPU tensors into a batch as it takes CUDA ones, to test the batch here."""
+
+    batched = frozenset({"cpu"})
+
+
+@pytest.mark.torch
+class TestTorchCPUOpsTakenIntoABatch(TorchConformance):
+    ops = BatchedTorchOps()
 
 
 @pytest.mark.torch
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-class TestTorchCUDAOps(TensorOpsConformance):
+class TestTorchCUDAOps(TorchConformance):
     ops = TorchOps()
 
     def make(self, array: np.ndarray) -> Any:

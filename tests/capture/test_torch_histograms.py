@@ -47,7 +47,15 @@ class DeviceBinnedOps(RecordingOps):
     host_binned = frozenset()
 
 
-OPS = pytest.mark.parametrize("ops_class", [RecordingOps, DeviceBinnedOps], ids=["cpu-view", "device-kernel"])
+class DeviceBatchedOps(DeviceBinnedOps):
+    """... and takes CPU tensors into a step's batch as it takes CUDA ones (tensortap.capture.torch.batch)."""
+
+    batched = frozenset({"cpu"})
+
+
+OPS = pytest.mark.parametrize(
+    "ops_class", [RecordingOps, DeviceBinnedOps, DeviceBatchedOps], ids=["cpu-view", "device-kernel", "device-batch"]
+)
 
 
 def _classifier() -> tuple[nn.Module, torch.optim.Optimizer]:

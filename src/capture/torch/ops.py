@@ -60,6 +60,17 @@ class TorchOps(core.TensorOps):
     host_binned: ClassVar[frozenset[str]] = frozenset({"cpu"})
     #: Device types without float64 (int32, int64 and float64 tensors are binned on the host there)
     no_float64: ClassVar[frozenset[str]] = frozenset({"mps"})
+    #: Device types whose tensors a step takes into a :class:`~tensortap.capture.torch.batch.DeviceBatch`
+    #: (a snapshot there; reduced and copied to the host together at the step's end)
+    batched: ClassVar[frozenset[str]] = frozenset({"cuda"})
+
+    def batch(self) -> core.Batch | None:
+        """A :class:`~tensortap.capture.torch.batch.DeviceBatch` of the device types :attr:`batched` this
+        machine has (None where it has none of them: its tensors are prepared when offered)."""
+        from .batch import DeviceBatch  # it builds on this module
+
+        devices = self.batched if torch.cuda.is_available() else self.batched - {"cuda"}
+        return DeviceBatch(devices) if devices else None
 
     def histogram(
         self, value: Any, edges: np.ndarray | None, bins: int, defer: bool = False
