@@ -532,17 +532,18 @@ class Hook:
             if plan is None:
                 return
             on_host = plan.histogram is not None and not self.ops.device_histogram
+            hist = None
+            if plan.histogram is not None and not on_host:  # binned where the tensor is
+                hist = self._histogram(name, value, plan.histogram)
             batch = self._ops_batch()
             if not on_host and batch is not None and batch.take(value, plan.keys, plan.raw):
-                hist = self._histogram(name, value, plan.histogram) if plan.histogram is not None else None
                 self._taken.append((name, plan, hist))
                 return
             if any(n == name for n, _, _ in self._taken):  # its earlier value goes first: the last one wins
                 self._deliver()
             raw, values, orig = self.ops.prepare(value, plan.keys, plan.raw or on_host)
-            hist = None
-            if plan.histogram is not None:
-                hist = self._histogram(name, raw if on_host else value, plan.histogram)
+            if on_host and plan.histogram is not None:  # binned from the host copy, kept only if it is saved
+                hist = self._histogram(name, raw, plan.histogram)
                 raw = raw if plan.raw else None
         except Exception as exc:  # this tensor cannot be captured; the others can
             self._skip(name, exc)

@@ -206,3 +206,45 @@ def test_a_batch_refused_memory_prepares_the_tensors_one_by_one(
     for step, grad in enumerate(grads):
         np.testing.assert_array_equal(trial.tensor("gradients/0.weight").value(step), grad)
     assert trial.tensor("outputs/2").summary()["orig_dtype"] == "bfloat16"
+
+
+class HistogramFailsOnMatrices(BatchedOps):
+    """BatchedOps whose histogram of a matrix fails (a tensor that cannot be binned)."""
+
+    def histogram(self, value: Any, edges: np.ndarray | None, bins: int, defer: bool = False) -> Any:
+        if isinstance(value, torch.Tensor) and value.dim() == 2:
+            raise ValueError("cannot bin this one")
+        return super().histogram(value, edges, bins, defer)
+
+
+def test_a_taken_tensor_whose_histogram_fails_is_skipped_alone(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    config = ReductionConfig(reductions=["mean"], histogram=8, save_raw_tensor=True)
+    hook = ttt.capture(
+        model,
+        tmp_path,
+        optimizer=opt,
+        save_config=EVERY_STEP,
+        include_collections=["weights", "biases"],
+        reduction_config=config,
+    )
+    hook.ops = HistogramFailsOnMatrices()
+    biases = []
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        for _ in range(2):
+            opt.zero_grad()
+            model(torch.ones(1, 3)).sum().backward()
+            opt.step()
+            biases.append(model.bias.detach().numpy().copy())
+        hook.close()
+    assert not hook.failed
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and "weight" in warned[0] and "cannot bin this one" in warned[0]
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.tensor_names() == ["bias"]
+    for step, bias in enumerate(biases):
+        np.testing.assert_array_equal(trial.tensor("bias").value(step), bias)
+        assert trial.tensor("bias").histogram_value(step).counts.sum() == 2
