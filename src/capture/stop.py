@@ -21,12 +21,15 @@ Interface::
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
 from ..backends import layout
+
+logger = logging.getLogger("tensortap")
 
 STOP_POLL_SECONDS = 1.0
 
@@ -36,6 +39,7 @@ AllReduceMax = Callable[[int], int]
 
 class _JsonStorage(Protocol):
     is_local: bool
+    url: str
 
     def write_json(self, key: str, obj: Any) -> None: ...
 
@@ -50,7 +54,7 @@ class StopChannel:
     Parameters
     ----------
     storage
-        The trial's storage (anything with ``write_json``, ``read_json``, ``exists`` and ``is_local``).
+        The trial's storage (anything with ``write_json``, ``read_json``, ``exists``, ``is_local`` and ``url``).
     """
 
     def __init__(self, storage: _JsonStorage) -> None:
@@ -60,10 +64,23 @@ class StopChannel:
         self._looking: threading.Thread | None = None  # remote storage: the look in progress
 
     def request(self, reason: str, **details: Any) -> None:
-        """Write a stop request into the trial; :meth:`poll` is true from now on in this process."""
+        """Write a stop request into the trial; :meth:`poll` is true from now on in this process.
+
+        Where the trial does not take it (an error of its storage, or no answer), this process stops all
+        the same, with a warning: other processes that read the trial do not see it.
+        """
         request = {"reason": reason, "time": time.time(), **details}
-        self.storage.write_json(layout.STOP_REQUEST, request)
         self._request = request
+        try:
+            self.storage.write_json(layout.STOP_REQUEST, request)
+        except OSError as exc:  # TimeoutError too
+            logger.warning(
+                "tensortap: the stop request (%s) could not be written into %s: %s; this training stops, "
+                "other processes reading the trial do not see the request",
+                reason,
+                self.storage.url,
+                exc,
+            )
 
     def poll(self, poll_seconds: float = STOP_POLL_SECONDS) -> bool:
         """Whether a stop was requested; looks into the trial at most once per ``poll_seconds``.

@@ -422,6 +422,42 @@ def test_unwritable_out_dir_logs_once_and_training_continues(tmp_path: Path, cap
         ttt.capture(model, blocker / "trial", optimizer=opt, strict=True)
 
 
+def test_an_in_process_stop_stops_the_training_when_the_trial_refuses_its_request(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The stop request cannot be written (a folder in its place): the training stops all the same, with a
+    warning that other readers of the trial will not see the request; the rule stays on."""
+    from tensortap.rules import ExplodingTensor, StopTraining
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=1e4)  # diverges to infinity, then NaN, in a few steps
+    rule = ExplodingTensor(only_nan=True).add_action(StopTraining())
+    hook = ttt.capture(
+        model,
+        tmp_path,
+        optimizer=opt,
+        save_config=EVERY_STEP,
+        include_collections=["losses"],
+        raise_on_stop=True,
+        rules=[rule],
+    )
+    (tmp_path / "control" / "stop.json").mkdir(parents=True)  # where the request would go
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    steps = 0
+    with caplog.at_level(logging.WARNING, logger="tensortap"), pytest.raises(tensortap.StopTrainingRequested):
+        for _ in range(50):
+            opt.zero_grad()
+            F.mse_loss(model(x), y).backward()
+            opt.step()
+            steps += 1
+    hook.close()
+    assert rule.fired_steps and steps <= rule.fired_steps[0] + 1
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("stop request" in m and "could not be written" in m for m in messages), messages
+    assert not any("switched off" in m for m in messages)
+
+
 def test_stop_request_sets_should_stop_and_raises_on_opt_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ttt.Hook, "stop_poll_seconds", 0.0)
     model = MLP()
