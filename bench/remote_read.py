@@ -5,7 +5,8 @@ Not part of ``python -m bench`` (it needs moto, a test dependency):
 127.0.0.1 holds a trial of 200 steps in 20 shards (three 64 x 64 float32 weights and the
 loss); every request s3fs makes waits ``seconds`` first. Prints the seconds and the
 requests of opening the trial (``tensor_names()``), of reading every tensor's
-``values()``, of ``to_pandas`` of their means and of ``tensortap check`` of it; then of one refresh of a trial of
+``values()`` (then again, alternately within ``trial.frozen()``), of ``to_pandas`` of
+their means and of ``tensortap check`` of it; then of one refresh of a trial of
 :data:`WORKERS` workers, which looks for new data (bench/profiles/read.md, "A trial on
 object storage").
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import os
 import shutil
@@ -91,6 +93,15 @@ def main(seconds: float) -> None:
         read = time.perf_counter() - start
         print(f"{seconds * 1e3:.0f} ms a request; open: {opened:.2f} s, requests {opening}")
         print(f"values() of {len(names)} tensors over 20 shards: {read:.2f} s, requests {dict(counts)}")
+        for frozen in (False, True, False, True):  # the shards are cached now: what is left is metadata
+            counts.clear()
+            start = time.perf_counter()
+            with trial.frozen() if frozen else contextlib.nullcontext():
+                for name in names:
+                    assert len(trial.tensor(name).values()) == 200
+            again = time.perf_counter() - start
+            how = "within trial.frozen()" if frozen else "again"
+            print(f"values() of the {len(names)} tensors {how}: {again:.2f} s, requests {dict(counts)}")
         import pandas  # noqa: F401  (imported before the clock starts: 1.5 s the first time)
 
         counts.clear()

@@ -91,7 +91,7 @@ def export_tensorboard(
         return writers[mode]
 
     counts = {"scalars": 0, "histograms": 0}
-    with trial._viewed_once():  # one view of the trial, and on remote storage no listing per tensor
+    with trial.frozen():  # one view of the trial, and on remote storage no listing per tensor
         try:
             for name in progress(trial.tensor_names(), desc="tensors", enable=show_progress):
                 tensor = trial.tensor(name)

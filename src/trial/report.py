@@ -164,7 +164,7 @@ def build_report(trial: Trial, rules: Sequence[str] = DEFAULT_RULES, show_progre
         ("Gradient distributions over steps", lambda: _distributions(trial, "gradients")),
         ("Rules", lambda: _rules(trial, rules)),
     ]
-    with trial._viewed_once():  # one view of the trial, and on remote storage no listing per tensor
+    with trial.frozen():  # one view of the trial, and on remote storage no listing per tensor
         parts = [_section(title, draw) for title, draw in progress(sections, desc="report", enable=show_progress)]
     stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     return (

@@ -202,15 +202,19 @@ class Trial:
             self.refresh()
 
     @contextlib.contextmanager
-    def _viewed_once(self) -> Iterator[None]:
-        """Within, the trial as one refresh at the start saw it: a read of many tensors gets one
-        consistent view, and on remote storage makes no listings per tensor, and asks each shard's
-        metadata once (:meth:`Storage.one_view`)."""
+    def frozen(self) -> Iterator[Trial]:
+        """``with trial.frozen(): ...``: within, the trial as it was when the block began.
+
+        It looks for new data once, at the start, and not again inside (call :meth:`refresh` to),
+        so that a read of many tensors sees one consistent trial; on remote storage that read makes
+        no listing per tensor and asks each shard's metadata once (:meth:`Storage.one_view`).
+        ``to_pandas``, ``export_tensorboard`` and the report read this way.
+        """
         self._auto_refresh()
         outer, self._one_view = self._one_view, True
         try:
             with self.storage.one_view():
-                yield
+                yield self
         finally:
             self._one_view = outer
 
@@ -516,7 +520,7 @@ class Trial:
             if red.split_key(k)[0] not in red.ALL_REDUCTIONS:
                 raise ValueError(f"reduction: {k!r} is not valid; valid: {', '.join(red.ALL_REDUCTIONS)}")
         rows: list[tuple[Any, ...]] = []
-        with self._viewed_once():
+        with self.frozen():
             selected = list(names) if names is not None else self.tensor_names(collection=collection)
             for name in bar(selected, desc="tensors", enable=progress):
                 for step, worker, key, value in self.tensor(name)._rows(reductions):

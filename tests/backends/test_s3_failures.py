@@ -337,7 +337,8 @@ def test_a_frame_of_many_tensors_looks_for_new_data_once(
     """``to_pandas`` reads many tensors from one view of the trial (as ``export_tensorboard`` and the report
     do): each tensor looked for new data first (two rounds of listings on remote storage, every
     ``refresh_interval``), which on a distant bucket cost about as much as reading it, and asked the
-    metadata of each of its shards (a ``HEAD``), which it now asks once per shard."""
+    metadata of each of its shards (a ``HEAD``), which it now asks once per shard; ``trial.frozen()`` gives a
+    user's own reads the same view."""
     pytest.importorskip("pandas")
     with Writer(s3_url, storage_options=s3_options, shard_policy=ShardPolicy(max_steps=2)) as w:
         for step in range(4):
@@ -359,6 +360,13 @@ def test_a_frame_of_many_tensors_looks_for_new_data_once(
     trial.tensor("layer2/w").values()
     assert sum("list-type=2" in p for _, p in proxy.seen) >= one_refresh  # outside, as often as asked
     assert sum(m == "HEAD" and "/shards/" in p for m, p in proxy.seen) == 4
+    proxy.seen.clear()
+    with trial.frozen() as same:  # a user's reads of many tensors: as to_pandas reads them
+        assert same is trial
+        got = [trial.tensor(f"layer{i}/w").values() for i in (1, 2)]
+    assert sum("list-type=2" in p for _, p in proxy.seen) == one_refresh
+    assert sum(m == "HEAD" and "/shards/" in p for m, p in proxy.seen) == 2
+    np.testing.assert_array_equal(got[1][3], weight(3) * 2)
 
 
 def test_a_tensor_is_read_from_several_shards_at_once(
