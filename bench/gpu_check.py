@@ -54,6 +54,7 @@ from torch import nn
 import tensortap
 import tensortap.torch as ttt
 from bench import harness
+from tensortap.capture.testing import numpy_histogram_rule
 
 STEPS = 20
 BATCH = 256
@@ -134,9 +135,7 @@ def _problems(trial: Any, name: str, step: int, want: np.ndarray) -> list[str]:
         if not np.isclose(stored, value, rtol=1e-6, atol=1e-12):
             problems.append(f"{name} at step {step}: {key} {stored!r} != {value!r}")
     hist = tensor.histogram_value(step)
-    finite = wide[np.isfinite(wide)]
-    rule = np.histogram(np.clip(finite, hist.edges[0], hist.edges[-1]), bins=hist.edges)[0]
-    if len(hist.counts) != BINS or not np.array_equal(hist.counts, rule):
+    if len(hist.counts) != BINS or not np.array_equal(hist.counts, numpy_histogram_rule(want, hist.edges)):
         problems.append(f"{name} at step {step}: histogram counts differ from the NumPy rule on the raw value")
     return problems
 

@@ -93,7 +93,7 @@ def main(seconds: float) -> None:
         read = time.perf_counter() - start
         print(f"{seconds * 1e3:.0f} ms a request; open: {opened:.2f} s, requests {opening}")
         print(f"values() of {len(names)} tensors over 20 shards: {read:.2f} s, requests {dict(counts)}")
-        for frozen in (False, True, False, True):  # the shards are cached now: what is left is metadata
+        for frozen in (False, True, False, True):  # the same range reads: the listings and HEADs differ
             counts.clear()
             start = time.perf_counter()
             with trial.frozen() if frozen else contextlib.nullcontext():

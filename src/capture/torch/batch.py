@@ -11,13 +11,15 @@ copies the buffer and the reductions to the host together and waits once.
 
 Taken: floating tensors (bfloat16 and the float8 types widened to float32, as
 :class:`~tensortap.capture.torch.ops.TorchOps` stores them) of the device types
-in ``TorchOps.batched`` (CUDA), saved raw or with the reductions of
-:data:`BATCHED_KEYS`. Everything else, and what does not fit in
+in ``TorchOps.batched`` (CUDA), saved raw or with reductions read from the
+quantities :data:`BATCHED` (min, max, mean, sum, l1, l2 and their ``abs_``
+forms, the NaN and infinity counts). Everything else, and what does not fit in
 :data:`BATCH_BYTES` a device and dtype, is prepared when it is offered.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,9 +27,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ... import reductions as red
 from ..core import Prepared
-from .ops import _WIDEN, TorchOps, _dtype_name, _plain
+from .ops import _WIDEN, TorchOps, _dtype_name, _plain, quantity
 
 BATCH_BYTES = 256 << 20
 """The most one device and dtype packs a step: its flat buffer there (and its pinned twin on the host
@@ -35,30 +36,23 @@ where raw values are saved), grown to what a step takes. A step that saves more 
 one by one."""
 _FIRST_BYTES = 1 << 20  # a buffer's first size; it grows to what a step needed, up to BATCH_BYTES
 
-# key -> the segmented quantity it is read from: the sum, the sum of magnitudes ("l1"), the sum of
-# squares ("l2"), the extremes of the values or of their magnitudes
-_QUANTITY = {
-    "min": "min",
-    "max": "max",
-    "sum": "sum",
-    "mean": "sum",
-    "l1": "l1",
-    "l2": "l2",
-    "abs_min": "abs_min",
-    "abs_max": "abs_max",
-    "abs_sum": "l1",
-    "abs_mean": "l1",
-    "abs_l1": "l1",
-    "abs_l2": "l2",
-}
-BATCHED_KEYS = frozenset({*_QUANTITY, "nan_count", "inf_count"})
-"""Reduction keys a batch computes; a tensor saved with any other is prepared when it is offered."""
+# the quantities (:func:`~tensortap.capture.torch.ops.quantity`) a batch computes: segmented sums (of the
+# values, of their magnitudes, of their squares: the l2 norm's square) and extremes; the counts are 0
+# for a tensor whose sum of magnitudes is finite
+BATCHED = frozenset({"sum", "l1", "l2", "min", "max", "abs_min", "abs_max", "nan_count", "inf_count"})
+
+
+@functools.cache
+def _batchable(keys: tuple[str, ...]) -> bool:
+    """Whether a batch computes every reduction of ``keys``."""
+    return all(quantity(k)[0] in BATCHED for k in keys)
 
 
 @dataclass
 class _Item:
     ticket: int  # its place in the order taken
     offset: int  # in the flat buffer
+    size: int  # its values
     shape: tuple[int, ...]
     keys: tuple[str, ...]
     raw: bool
@@ -90,7 +84,7 @@ class DeviceBatch:
     def take(self, value: object, keys: Sequence[str], raw: bool) -> bool:
         if not isinstance(value, torch.Tensor) or value.device.type not in self.devices:
             return False
-        if not (keys or raw) or not BATCHED_KEYS.issuperset(keys) or not value.is_floating_point():
+        if not (keys or raw) or not _batchable(tuple(keys)) or not value.is_floating_point():
             return False
         n = value.numel()
         if n == 0:
@@ -104,7 +98,7 @@ class DeviceBatch:
         if t.is_cuda:
             p.streams.add(torch.cuda.current_stream(t.device))
         orig = _dtype_name(t.dtype) if t.dtype in _WIDEN else None
-        p.items.append(_Item(self._count, p.used, tuple(t.shape), tuple(keys), raw, orig))
+        p.items.append(_Item(self._count, p.used, n, tuple(t.shape), tuple(keys), raw, orig))
         p.used += n
         self._count += 1
         return True
@@ -166,13 +160,13 @@ class DeviceBatch:
             torch.cuda.current_stream(used.device).synchronize()  # for the host copy alone
         prepared: list[Prepared] = []
         for j, item in enumerate(p.items):
-            n = math.prod(item.shape)
-            raw = host[item.offset : item.offset + n].numpy().reshape(item.shape) if host is not None else None
+            part = slice(item.offset, item.offset + item.size)
+            raw = host[part].numpy().reshape(item.shape) if host is not None else None
             values: dict[str, float] = {}
             if item.keys and math.isfinite(quantities["l1"][j]):
-                values = {k: _value(k, quantities, j, n) for k in item.keys}
+                values = {k: _value(k, quantities, j, item.size) for k in item.keys}
             elif item.keys:  # a NaN or an infinity in it: the formulas of one tensor, on its snapshot
-                values = TorchOps._reduce(used[item.offset : item.offset + n].view(item.shape), item.keys)
+                values = TorchOps._reduce(used[part].view(item.shape), item.keys)
             prepared.append((raw if item.raw else None, values, item.orig))
         return prepared
 
@@ -196,11 +190,12 @@ class DeviceBatch:
         Reduced a chunk of whole items at a time (:data:`CHUNK_ELEMENTS`): its float64 copy is the only
         memory it takes, its magnitudes and squares taken in place.
         """
-        sizes = tuple(math.prod(item.shape) for item in p.items)
+        sizes = tuple(item.size for item in p.items)
         if p.lengths is None or p.lengths[0] != sizes:
             p.lengths = (sizes, torch.tensor(sizes, dtype=torch.int64).to(used.device))
         lengths = p.lengths[1]
-        names = sorted({_QUANTITY[k] for item in p.items for k in item.keys if k in _QUANTITY} | {"l1"})
+        wanted = {quantity(k)[0] for item in p.items for k in item.keys} - {"nan_count", "inf_count"} | {"l1"}
+        names = sorted(wanted)
         blocks = []
         first = 0
         while first < len(p.items):
@@ -211,9 +206,11 @@ class DeviceBatch:
             x = used[p.items[first].offset : end].to(torch.float64, copy=True)
             got: dict[str, torch.Tensor] = {}
             for step, pass_names in _PASSES:
+                if not pass_names & wanted:
+                    continue  # no later pass needs its change: the squares of the magnitudes are those of the values
                 if step is not None:
                     step(x)
-                for q in pass_names & set(names):
+                for q in pass_names & wanted:
                     how = "sum" if q in ("sum", "l1", "l2") else q.removeprefix("abs_")
                     got[q] = torch.segment_reduce(x, how, lengths=lengths[first:last], unsafe=True)
             blocks.append(torch.stack([got[q] for q in names]))
@@ -240,12 +237,10 @@ def _buffer(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor
 
 def _value(key: str, quantities: dict[str, list[float]], j: int, n: int) -> float:
     """Reduction ``key`` of segment ``j`` (``n`` values, all finite) from the segmented quantities."""
-    name, _ = red.split_key(key)
-    if name in ("nan_count", "inf_count"):
+    q, mean = quantity(key)
+    if q in ("nan_count", "inf_count"):
         return 0.0
-    q = quantities[_QUANTITY[key]][j]
-    if name == "mean":
-        return q / n
-    if name == "l2":
-        return float(np.sqrt(q))
-    return float(q)
+    v = quantities[q][j]
+    if q == "l2":  # the sum of squares
+        v = float(np.sqrt(v))
+    return v / n if mean else float(v)

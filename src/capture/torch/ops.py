@@ -159,33 +159,37 @@ class TorchOps(core.TensorOps):
         wide = torch.float32 if t.device.type == "mps" else torch.float64
         x = t if t.is_floating_point() else t.to(wide)  # integers widened once: the abs of the most negative
         n = t.numel()
-        taken: dict[str, int] = {}  # operation -> its index in ``parts``
+        taken: dict[str, int] = {}  # quantity -> its index in ``parts``
         parts: list[torch.Tensor] = []
-
-        def take(op: str) -> int:
-            if op not in taken:
-                taken[op] = len(parts)
-                parts.append(_REDUCTION_OPS[op](t, x, wide))
-            return taken[op]
-
-        plan: list[tuple[str, int, int]] = []  # (key, index of the part, divisor)
+        plan: list[tuple[str, int, int]] = []  # (key, index of its quantity, divisor)
         for key in keys:
-            name, absolute = red.split_key(key)
-            if name in red.HEALTH_COUNTS and name != "zero_count" and not t.is_floating_point():
+            q, mean = quantity(key)
+            if q in ("nan_count", "inf_count") and not t.is_floating_point():
                 plan.append((key, -1, 1))  # no NaN nor infinity in an integer tensor
-            elif name in red.HEALTH_COUNTS:
-                plan.append((key, take(name), 1))
-            elif name in _BY_ABS:
-                plan.append((key, take(f"abs_{name}" if absolute else name), 1))
-            elif name == "mean" or name == "sum" or name == "l1":
-                op = "l1" if absolute or name == "l1" else "sum"
-                plan.append((key, take(op), n if name == "mean" else 1))
-            elif name == "l2":
-                plan.append((key, take("l2"), 1))
-            else:
-                raise ValueError(f"reduction: {key!r} is not a reduction; valid: {', '.join(red.ALL_REDUCTIONS)}")
+                continue
+            if q not in taken:
+                taken[q] = len(parts)
+                parts.append(_REDUCTION_OPS[q](t, x, wide))
+            plan.append((key, taken[q], n if mean else 1))
         got = torch.stack(parts).cpu().tolist() if parts else []
         return {key: (float(got[i]) / d if i >= 0 else 0.0) for key, i, d in plan}
+
+
+def quantity(key: str) -> tuple[str, bool]:
+    """The quantity reduction ``key`` is read from, and whether it is that quantity divided by the count.
+
+    Quantities: ``sum``; ``l1`` (the sum of magnitudes: ``l1``, ``abs_sum``, ``abs_mean``); ``l2``
+    (``abs_l2`` too); ``min``, ``max``, ``std``, ``variance``, ``prod`` and their ``abs_`` forms; the
+    health counts. ``mean`` is ``sum`` divided by the count, as NumPy's formula is.
+    """
+    name, absolute = red.split_key(key)
+    if name in ("sum", "mean", "l1"):
+        return ("l1" if absolute or name == "l1" else "sum"), name == "mean"
+    if name == "l2" or name in red.HEALTH_COUNTS:
+        return name, False
+    if name in ("min", "max", "std", "variance", "prod"):
+        return (f"abs_{name}" if absolute else name), False
+    raise ValueError(f"reduction: {key!r} is not a reduction; valid: {', '.join(red.ALL_REDUCTIONS)}")
 
 
 def _widened(x: torch.Tensor, wide: torch.dtype, absolute: bool) -> torch.Tensor:
@@ -193,8 +197,8 @@ def _widened(x: torch.Tensor, wide: torch.dtype, absolute: bool) -> torch.Tensor
     return w.abs() if absolute else w
 
 
-# How each reduction is computed from (the tensor, its floating form ``x``, the wide dtype): one
-# or two kernels each; std, variance and prod on a widened copy, as NumPy's formulas are in float64.
+# How each quantity (:func:`quantity`) is computed from (the tensor, its floating form ``x``, the wide
+# dtype): one or two kernels each; std, variance and prod on a widened copy, as NumPy's are in float64.
 _REDUCTION_OPS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.dtype], torch.Tensor]] = {
     "nan_count": lambda t, x, w: torch.isnan(t).sum(),
     "inf_count": lambda t, x, w: torch.isinf(t).sum(),
@@ -213,4 +217,3 @@ _REDUCTION_OPS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.dtype], to
     "prod": lambda t, x, w: _widened(x, w, False).prod(),
     "abs_prod": lambda t, x, w: _widened(x, w, True).prod(),
 }
-_BY_ABS = frozenset({"min", "max", "std", "variance", "prod"})
