@@ -553,6 +553,44 @@ def test_large_values_are_page_aligned_and_written_around_the_page_cache(monkeyp
     read_back(tmp_path / "through_cache")
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/smaps: Linux")
+def test_large_values_read_land_in_memory_not_advised_for_huge_pages(tmp_path: Path) -> None:
+    """A read of ``POPULATED_MIN`` bytes or more, where the index record says (format 2.1) or through HDF5
+    (its records without ``raw_at``, as format 2.0 wrote them), lands in a mapping made for it at once, which
+    asks for no huge pages: NumPy's own arrays of that size do, and where the kernel compacts memory to make
+    them the first read of a large tensor in a process spent seconds in the kernel (bench/profiles/read.md)."""
+    from helpers.pages import vm_flags
+
+    from tensortap.backends import shard
+
+    plain = np.ones(4 * shard.POPULATED_MIN, dtype=np.uint8)  # advised from its first 2 MiB boundary on
+    if "hg" not in vm_flags(plain.ctypes.data + plain.nbytes // 2):
+        pytest.skip("NumPy asks this kernel for no huge pages: nothing to tell apart")
+    rng = np.random.default_rng(0)
+    big = rng.standard_normal(shard.POPULATED_MIN // 4 // 2 + 5, dtype=np.float32)  # two rows: over the bound
+    small = rng.standard_normal(100, dtype=np.float32)
+    with Writer(tmp_path) as w:
+        for step in range(2):
+            with w.stepping():
+                w.save("big", big + step)
+                w.save("small", small + step)
+
+    def check() -> None:
+        with tensortap.create_trial(tmp_path) as trial:
+            values = trial.tensor("big").values()
+            assert_identical(trial.tensor("small").values()[1], small + 1)
+        for step in range(2):
+            assert_identical(values[step], big + step)
+            assert "hg" not in vm_flags(values[step].ctypes.data + values[step].nbytes // 2)
+
+    check()
+    for r in (tmp_path / "index" / "worker_0").glob("*.json"):
+        record = json.loads(r.read_text())
+        assert record["tensors"]["big"].pop("raw_at")
+        r.write_text(json.dumps(record))
+    check()
+
+
 def test_values_are_written_outside_hdf5_and_plain_h5py_reads_every_dataset(monkeypatch, tmp_path: Path) -> None:
     """The shard's data goes in with ``os.pwrite``/``os.pwritev`` (which release the GIL the training
     thread needs), at the offsets HDF5 allocated, also when the system writes part of a run at a

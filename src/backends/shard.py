@@ -98,6 +98,29 @@ def page_aligned_empty(shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarr
     return np.ndarray(shape, dtype=dtype, buffer=mapping)
 
 
+POPULATED_MIN = 4 << 20
+"""Bytes from which a value read from a shard lands in memory mapped for it at once (:func:`read_buffer`):
+NumPy's own threshold for asking for huge pages."""
+
+
+def read_buffer(shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
+    """An uninitialised array that a read fills at once; one of :data:`POPULATED_MIN` bytes or more is an
+    anonymous mapping of its own whose pages are all made in the one call (``MAP_POPULATE``, Linux).
+
+    NumPy asks the kernel for huge pages for arrays of 4 MiB or more (``MADV_HUGEPAGE``), and where the
+    kernel compacts memory to make them (``defrag`` ``madvise``, the default of Debian and Ubuntu) the
+    first read of large values in a process waited for it: 1.6 GB of values read in 1.0-8.9 s (median
+    3.3), against 0.85-1.2 s into small pages made at once. Later reads in the same process, which
+    find the huge pages the earlier ones freed, took 0.5-1.8 s (median 0.6) against 0.8-2.0 (median 1.0)
+    (bench/profiles/read.md, session 28).
+    """
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes < POPULATED_MIN or not hasattr(mmap, "MAP_POPULATE"):
+        return np.empty(shape, dtype=dtype)
+    mapping = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE)
+    return np.ndarray(shape, dtype=dtype, buffer=mapping)
+
+
 class BufferPool:
     """Recycles the stacked arrays of published shards, so that steady-state capture
     copies each value once into memory that is already mapped (no page faults).
@@ -1400,7 +1423,7 @@ class RawAtReader:
                 raise ShardError(f"{self.where}: {file.size} bytes, but its index record says {self.expected_bytes}")
             if at.data + n * size > file.size or at.crc32 + 4 * n > file.size:
                 raise ShardError(f"{where} would lie past the end of the file (bad record)")
-            out = np.empty((count, *at.shape), dtype=at.dtype)
+            out = read_buffer((count, *at.shape), at.dtype)
             crc = np.empty(count, dtype="<u4")
             parts = [(at.data + first * size, _bytes_of(out)), (at.crc32 + 4 * first, _bytes_of(crc))]
             if not file.read_into(sorted(parts, key=lambda part: part[0])):
@@ -1638,7 +1661,7 @@ class ShardReader:
     def _read(self, ds: _Dataset, rows: tuple[int, int] | None = None) -> np.ndarray:
         """Rows ``rows[0]:rows[1]`` (of the first dimension) of the checked dataset ``ds``, or all of it."""
         shape = ds.shape if rows is None else (rows[1] - rows[0], *ds.shape[1:])
-        out = np.empty(shape, dtype=ds.dtype)
+        out = read_buffer(shape, ds.dtype)
         if not out.size:
             return out
         if ds.offset is None:

@@ -24,3 +24,18 @@ def cached_pages(path: str | os.PathLike[str]) -> list[bool]:
         return [bool(v & 1) for v in vec]
     finally:
         mapped.close()
+
+
+def vm_flags(address: int) -> set[str]:
+    """The kernel's flags of the mapping of this process that holds ``address`` (``VmFlags`` in
+    ``/proc/self/smaps``: ``hg`` where huge pages were asked for with ``madvise``)."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(maxsplit=1)[0]
+            if "-" in head and not head.endswith(":"):
+                start, end = (int(x, 16) for x in head.split("-"))
+                inside = start <= address < end
+            elif inside and head == "VmFlags:":
+                return set(line.split()[1:])
+    raise LookupError(f"no mapping holds address {address:#x}")
