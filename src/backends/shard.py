@@ -98,9 +98,10 @@ def page_aligned_empty(shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarr
     return np.ndarray(shape, dtype=dtype, buffer=mapping)
 
 
-POPULATED_MIN = 4 << 20
-"""Bytes from which a value read from a shard lands in memory mapped for it at once (:func:`read_buffer`):
-NumPy's own threshold for asking for huge pages."""
+POPULATED_MIN = 32 << 20
+"""Bytes from which a read lands in memory mapped for it at once (:func:`read_buffer`): glibc's largest
+threshold for mapping an allocation of its own, so memory that ``malloc`` would map afresh for each read
+too, never recycled."""
 
 
 def read_buffer(shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
@@ -109,10 +110,12 @@ def read_buffer(shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
 
     NumPy asks the kernel for huge pages for arrays of 4 MiB or more (``MADV_HUGEPAGE``), and where the
     kernel compacts memory to make them (``defrag`` ``madvise``, the default of Debian and Ubuntu) the
-    first read of large values in a process waited for it: 1.6 GB of values read in 1.0-8.9 s (median
-    3.3), against 0.85-1.2 s into small pages made at once. Later reads in the same process, which
-    find the huge pages the earlier ones freed, took 0.5-1.8 s (median 0.6) against 0.8-2.0 (median 1.0)
-    (bench/profiles/read.md, session 28).
+    first read of large values in a process waited for it: 1.6 GB of values in blocks of 160 MB read in
+    1.0-8.9 s (median 3.3), against 0.85-1.2 s into small pages made at once. Later reads of as much in
+    the same process, which find the huge pages the earlier ones freed, took 0.5-1.8 s (median 0.6)
+    against 0.8-2.0 (median 1.0). Smaller reads keep NumPy's memory, which ``malloc`` recycles: a
+    ``value(step)`` loop over 5 MiB values took 0.25 s (18 page faults) and 0.7 s in mappings of their
+    own (384,000) (bench/profiles/read.md, session 28).
     """
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes < POPULATED_MIN or not hasattr(mmap, "MAP_POPULATE"):
