@@ -539,7 +539,7 @@ class Hook:
             if not on_host and batch is not None and batch.take(value, plan.keys, plan.raw):
                 self._taken.append((name, plan, hist))
                 return
-            if any(n == name for n, _, _ in self._taken):  # its earlier value goes first: the last one wins
+            if self._taken and any(n == name for n, _, _ in self._taken):  # its earlier value first: the last wins
                 self._deliver()
             raw, values, orig = self.ops.prepare(value, plan.keys, plan.raw or on_host)
             if on_host and plan.histogram is not None:  # binned from the host copy, kept only if it is saved

@@ -77,6 +77,34 @@ def test_bfloat16_is_widened_and_named() -> None:
 
 
 @pytest.mark.torch
+@pytest.mark.parametrize("keys", [(), ("max",)], ids=["raw", "raw+max"])
+def test_raw_cpu_tensors_of_every_kind_are_taken_as_their_values(keys: tuple[str, ...]) -> None:
+    """Raw CPU tensors (taken as a view in one call when nothing else is computed) give their values: a
+    parameter, a transposed view, torch's lazy conjugate and negation, complex, bool, empty, int; one that
+    NumPy cannot hold (sparse) is made dense."""
+    w = torch.nn.Parameter(torch.arange(6.0).reshape(2, 3))
+    z = torch.tensor([1 + 2j, -3 - 1j])
+    cases: dict[str, tuple[torch.Tensor, np.ndarray]] = {
+        "parameter": (w, np.arange(6.0, dtype=np.float32).reshape(2, 3)),
+        "transposed": (w.t(), np.arange(6.0, dtype=np.float32).reshape(2, 3).T),
+        "conjugate": (z.conj(), np.array([1 - 2j, -3 + 1j], dtype=np.complex64)),
+        "negated": (torch._neg_view(torch.tensor([1.0, -2.0])), np.array([-1.0, 2.0], dtype=np.float32)),
+        "bool": (torch.tensor([True, False]), np.array([True, False])),
+        "empty": (torch.zeros(0, 3), np.zeros((0, 3), dtype=np.float32)),
+        "int": (torch.tensor([3, -4]), np.array([3, -4])),
+        "sparse": (torch.tensor([[0.0, 2.0], [0.0, 0.0]]).to_sparse(), np.array([[0.0, 2.0], [0.0, 0.0]], np.float32)),
+    }
+    for name, (tensor, want) in cases.items():
+        if keys and (want.dtype.kind in "cb" or not want.size):
+            continue  # no maximum of complex, bool or empty values
+        raw, values, orig = TorchOps().prepare(tensor, keys, True)
+        assert raw is not None and orig is None, name
+        assert raw.dtype == want.dtype, name
+        np.testing.assert_array_equal(raw, want, err_msg=name)
+        assert values == ({"max": float(want.max())} if keys else {}), name
+
+
+@pytest.mark.torch
 @pytest.mark.parametrize("ops", [TorchOps(), DeviceBinnedTorchOps()], ids=["host", "device"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float8_e4m3fn"])
 def test_histograms_of_dtypes_numpy_lacks_bin_their_float32_values(ops: TorchOps, dtype: str) -> None:
