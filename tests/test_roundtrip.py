@@ -593,6 +593,33 @@ def test_large_values_read_land_in_memory_not_advised_for_huge_pages(tmp_path: P
     check()
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS as Linux counts it")
+def test_a_large_read_the_system_refuses_memory_for_is_a_memory_error_not_a_bad_shard(tmp_path: Path) -> None:
+    """Where a read of ``POPULATED_MIN`` bytes or more cannot have its memory (here an address-space limit),
+    the reader says so with ``MemoryError``, as NumPy would: it does not skip the shard as unreadable."""
+    from tensortap.backends import shard
+
+    with Writer(tmp_path) as w:
+        for _ in range(2):
+            with w.stepping():
+                w.save("big", np.zeros(shard.POPULATED_MIN // 4 // 2 + 5, dtype=np.float32))
+    script = f"""
+import re, resource
+import tensortap
+trial = tensortap.create_trial({str(tmp_path)!r})
+tensor = trial.tensor("big")
+size = int(re.search(r"VmSize:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (size + (16 << 20), resource.RLIM_INFINITY))
+try:
+    tensor.values()
+except MemoryError as exc:
+    print("MemoryError", exc)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("MemoryError"), (done.stdout, done.stderr)
+
+
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc's recycling of freed memory: glibc's")
 def test_values_read_one_at_a_time_reuse_the_memory_of_those_read_before(tmp_path: Path) -> None:
     """A loop of ``value(step)`` over values of 5 MiB (below ``POPULATED_MIN``) reads into memory that

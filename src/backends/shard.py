@@ -120,7 +120,10 @@ def read_buffer(shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes < POPULATED_MIN or not hasattr(mmap, "MAP_POPULATE"):
         return np.empty(shape, dtype=dtype)
-    mapping = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE)
+    try:
+        mapping = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE)
+    except OSError as exc:  # the system refuses the memory: said as NumPy says it, not as a storage error
+        raise MemoryError(f"cannot allocate {nbytes} bytes to read values into: {exc.strerror}") from None
     return np.ndarray(shape, dtype=dtype, buffer=mapping)
 
 
