@@ -440,6 +440,10 @@ class Hook:
         self.mode_steps[self.mode] = self.mode_step
         self._in_step = True
         self._drop_step_values()  # of a step that never ended (interrupted)
+        return self._decide()
+
+    def _decide(self) -> bool:
+        """Decide what the step in progress saves, from its mode and mode step; return whether it saves anything."""
         if not self.enabled or self._failed:
             self._saving = False
             return False
@@ -464,8 +468,10 @@ class Hook:
     def relabel_step(self, mode: Mode | str) -> None:
         """Give the step in progress another mode: it turned out to be something else than it was opened as.
 
-        Its global step number stays; it takes the next step number of ``mode``. What is
-        saved at it was decided when it began.
+        Its global step number stays; it takes the next step number of ``mode``, and what is saved
+        at it is decided again for that mode and step (``save_config`` per mode): if it is not saved
+        in ``mode``, the values it took so far are dropped. Values offered before, while it was not
+        saved, were never taken.
         """
         mode = Mode.parse(mode)
         if not self._in_step or mode == self.mode:
@@ -477,6 +483,12 @@ class Hook:
         self.mode = mode
         self.mode_step = self.mode_steps.get(mode, -1) + 1
         self.mode_steps[mode] = self.mode_step
+        saved = self._saving
+        if self._decide() or not saved:
+            return
+        self._drop_step_values()
+        if self.writer is not None:
+            self.writer.rollback()
 
     def is_saving(self, collection: str | None = None) -> bool:
         """Whether the current step is saved (for ``collection``, if given)."""

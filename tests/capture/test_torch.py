@@ -257,6 +257,44 @@ def test_eval_and_predict_steps_count_in_their_own_modes(tmp_path: Path) -> None
     assert loss.steps(mode=Mode.PREDICT) == []
 
 
+@pytest.mark.parametrize("last", [3, 2])
+def test_a_step_opened_by_a_value_is_saved_as_its_mode_says(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, last: int
+) -> None:
+    """``save_scalar`` after ``optimizer.step()`` opens a step that the next forward makes an EVAL step: whether it
+    is saved is the EVAL interval's decision, not that of the TRAIN step it was opened as (found by the docs
+    audit: EVAL steps 0, 1, 2 saved with ``save_interval=2``). A scalar given while it was an unsaved TRAIN step
+    is lost when it becomes a saved EVAL step: said in one warning."""
+    model = MLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    hook = ttt.capture(model, tmp_path, optimizer=opt, save_config=SaveConfig(save_interval=2))
+    gen = torch.Generator().manual_seed(8)
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        for i in range(12):
+            x, y = MLP.data(gen)
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            hook.save_scalar("lr", 0.1)  # opens TRAIN step i + 1 (saved when even)...
+            if i % 4 == last:  # ... which this forward makes EVAL step 0, 1, 2
+                model.eval()
+                with torch.no_grad():
+                    model(x)
+                model.train()
+    hook.close()
+    trial = _trial(tmp_path)
+    assert trial.steps(mode=Mode.EVAL) == [0, 2]
+    assert trial.steps(mode=Mode.TRAIN) == list(range(0, 12 if last == 3 else 13, 2))  # 12: the last scalar's
+    assert trial.tensor("fc1.weight").steps(mode=Mode.EVAL) == [0, 2]
+    lost = [r.getMessage() for r in caplog.records if "before its forward were not saved" in r.getMessage()]
+    if last == 3:  # opened as saved TRAIN steps 4, 8, 12
+        assert trial.tensor("metrics/lr").steps(mode=Mode.EVAL) == [0, 2]
+        assert lost == []
+    else:  # opened as unsaved TRAIN steps 3, 7, 11
+        assert trial.tensor("metrics/lr").steps(mode=Mode.EVAL) == []
+        assert len(lost) == 1 and "EVAL step 0" in lost[0]
+
+
 def test_save_interval_and_no_work_on_unsaved_steps(tmp_path: Path) -> None:
     class CountingOps(ttt.TorchOps):
         def __init__(self) -> None:

@@ -204,6 +204,8 @@ class Hook(core.Hook):
         # the open step
         self._ended_by_optimizer = False  # pending because its optimizers (or hook.finish_step()) ended it
         self._tentative = False  # opened by a value alone: takes the mode of the next forward
+        self._given_unsaved = False  # a value given in it while it was not saved (a tentative step's)
+        self._warned_relabel = False
         self._forwarded = self._trained = False
         self._stepped: set[int] = set()  # optimizers (by id) that stepped in it
         # losses backward() was called on, not yet named: (the tensor, weakly; its value)
@@ -324,7 +326,7 @@ class Hook(core.Hook):
         """
         self._explicit_mode = Mode.parse(mode)
         if self.session.is_open and self._tentative:
-            self.relabel_step(self._explicit_mode)
+            self._relabel(self._explicit_mode)
         elif self.session.is_open:
             self._finish()
         super().set_mode(self._explicit_mode)
@@ -370,12 +372,35 @@ class Hook(core.Hook):
         saved = self.session.open(mode)
         self._ended_by_optimizer = self._forwarded = self._trained = self._closure_seen = False
         self._tentative = tentative
+        self._given_unsaved = False
         self._stepped.clear()
         if saved:
-            s = self.session
-            self._io = s.saving("outputs", "inputs")
-            self._losses = s.saving("losses")
-            self._stash_grads = s.saving("gradients") and not self._optimizers
+            self._read_switches()
+
+    def _read_switches(self) -> None:
+        """The per-step switches of what the open step saves."""
+        s = self.session
+        self._io = s.saving("outputs", "inputs")
+        self._losses = s.saving("losses")
+        self._stash_grads = s.saving("gradients") and not self._optimizers
+
+    def _relabel(self, mode: Mode) -> None:
+        """The open tentative step takes ``mode`` (its first forward's, or ``set_mode``'s), and what that
+        mode saves at it; warns (once) if values given in it before were lost to that."""
+        before = self.mode
+        self.relabel_step(mode)
+        self._read_switches()
+        if self._given_unsaved and self.is_saving() and not self._warned_relabel:
+            self._warned_relabel = True
+            logger.warning(
+                "tensortap: values given with save_scalar/save_tensor/record_loss at step %d before its forward "
+                "were not saved: they were given when it would be an unsaved %s step, and it became %s step %d, "
+                "which is saved; call hook.set_mode() before giving them to save them",
+                self.step,
+                before.name,
+                self.mode.name,
+                self.mode_step,
+            )
 
     def _ensure_open(self, tentative: bool = True) -> None:
         """A step for a value given now: the open one, unless its optimizers or hook.finish_step() ended it
@@ -384,6 +409,8 @@ class Hook(core.Hook):
         mode = self._detect_mode()
         if not s.is_open or self._ended_by_optimizer or (s.pending and mode != self.mode):
             self._open(mode, tentative=tentative)
+        if self._tentative and not self.is_saving():
+            self._given_unsaved = True
 
     def _finish(self) -> None:
         """Record the open step (if any)."""
@@ -451,7 +478,7 @@ class Hook(core.Hook):
         if not s.is_open or s.pending:
             self._open(mode)
         elif self._tentative and mode != self.mode:
-            self.relabel_step(mode)
+            self._relabel(mode)
         elif mode != self.mode and not self._spans_forwards():
             self._open(mode)
         self._tentative = False
