@@ -19,6 +19,7 @@ import argparse
 import inspect
 import re
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 from .cli import (
@@ -148,6 +149,33 @@ def _rule_line(rule: Rule, verdicts: list[Verdict], saved: list[int], missing: l
     return f"{rule.name}: {style('did not fire', 'green')} ({where})"
 
 
+def build_rules(specs: Sequence[str], trial: Any) -> list[Rule]:
+    """The built-in rules ``specs`` (``NAME[:PARAM=VALUE,...]``) on ``trial``.
+
+    Parameters
+    ----------
+    specs
+        Rule specifications, as given to ``--rule``.
+    trial
+        The trial the rules judge.
+
+    Returns
+    -------
+    list of Rule
+        One rule per spec, in order.
+
+    Raises
+    ------
+    ValueError
+        An unknown rule or parameter (:class:`~tensortap.UnknownName`, with suggestions) or a bad
+        parameter value: the commands exit 2 with its message before doing anything else.
+    """
+    try:
+        return [make_rule(spec, trial) for spec in specs]
+    except TypeError as exc:  # a parameter value the rule refuses
+        raise ValueError(str(exc)) from None
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the ``rules`` subcommand; return the exit status."""
     if args.list:
@@ -158,8 +186,8 @@ def run(args: argparse.Namespace) -> int:
         return _usage(f"give at least one --rule; built-in rules: {', '.join(BUILTIN_RULES)}")
     trial = open_trial(args, wait=args.follow, timeout=args.idle_timeout)
     try:
-        rules = [make_rule(spec, trial) for spec in args.rule]
-    except (ValueError, TypeError) as exc:  # a bad parameter value
+        rules = build_rules(args.rule, trial)
+    except ValueError as exc:
         return _usage(str(exc))
     actions = [StopTraining()] if args.stop_training else []
     verdicts: dict[Rule, list[Verdict]] = {r: [] for r in rules}

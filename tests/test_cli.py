@@ -384,3 +384,23 @@ def test_main_in_a_program_logs_to_stderr_then_leaves_its_logging_as_it_was(
         assert list(tensortap.create_trial(tmp_path).tensor("a").values()) == [1]
     assert any("skipping shards/worker_0/0000000000.h5" in r.getMessage() for r in caplog.records)
     assert capsys.readouterr().err == ""  # the program's handlers only, no stream left behind
+
+
+# ------------------------------------------------------------------ report
+@pytest.mark.parametrize(
+    ("rule", "message"),
+    [
+        ("nosuch", "no built-in rule 'nosuch'"),
+        ("vanishing_gradient:thresh=1", "did you mean 'threshold'"),
+        ("vanishing_gradient:threshold=abc", "threshold: expected"),
+    ],
+)
+def test_report_with_an_unknown_rule_or_parameter_is_an_error_and_writes_nothing(
+    trial_dir: Path, tmp_path: Path, rule: str, message: str
+) -> None:
+    """As ``rules`` does: exit 2 with the suggestions, before the report is written (it wrote the error
+    into the page as "not run" and exited 0)."""
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "r.html"
+    assert message in user_error(cli("report", str(trial_dir), "--rule", rule, "-o", str(out)))
+    assert not out.exists()
