@@ -142,9 +142,10 @@ def _rule_line(rule: Rule, verdicts: list[Verdict], saved: list[int], missing: l
             f"{rule.name}: {style('fired', 'red')} at {step_ranges(steps, saved)} ({count(len(steps), 'step')}); "
             f"at step {first.step}: {first.reason}"
         )
-    evaluated = [s for s in saved if s <= rule.last_step]
     where = (
-        f"{count(len(evaluated), 'step')} up to step {rule.last_step}" if rule.last_step >= 0 else "no step evaluated"
+        f"{count(rule.evaluated_steps, 'step')} up to step {rule.last_step}"
+        if rule.last_step >= 0
+        else "no step evaluated"
     )
     return f"{rule.name}: {style('did not fire', 'green')} ({where})"
 
@@ -231,6 +232,7 @@ def run(args: argparse.Namespace) -> int:
                         "spec": spec,
                         "status": "inputs_missing" if r.name in missing else ("fired" if verdicts[r] else "passed"),
                         "last_step": r.last_step,
+                        "evaluated_steps": r.evaluated_steps,
                         "fired_steps": [v.step for v in verdicts[r]],
                         "fired_ranges": step_ranges([v.step for v in verdicts[r]], saved, limit=sys.maxsize),
                         "verdicts": [v.to_json() for v in verdicts[r]],

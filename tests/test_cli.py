@@ -404,3 +404,19 @@ def test_report_with_an_unknown_rule_or_parameter_is_an_error_and_writes_nothing
     out = tmp_path / "r.html"
     assert message in user_error(cli("report", str(trial_dir), "--rule", rule, "-o", str(out)))
     assert not out.exists()
+
+
+# ------------------------------------------------------------------- rules
+def test_rules_from_a_start_step_count_only_the_steps_evaluated(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Steps 0, 2, ..., 18 saved; from step 10 the rule evaluates 10-18, 5 steps (it said all 10 saved)."""
+    from tensortap.cli import main
+
+    write_run(tmp_path / "run", n=20)
+    args = ["rules", str(tmp_path / "run"), "--rule", "exploding_tensor:collection_names=weights", "--start-step"]
+    assert main([*args, "10"]) == 0
+    assert "ExplodingTensor: did not fire (5 steps up to step 18)" in capsys.readouterr().out
+    assert main([*args, "10", "--json"]) == 0
+    (rule,) = strict_json(capsys.readouterr().out)["rules"]
+    assert (rule["last_step"], rule["evaluated_steps"]) == (18, 5)

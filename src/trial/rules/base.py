@@ -164,6 +164,7 @@ class _Progress:
     fired_steps: list[int] = field(default_factory=list)
     missing: dict[str, int] = field(default_factory=dict)
     usable_steps: int = 0  # steps evaluated with (some of) the rule's inputs
+    evaluated_steps: int = 0  # steps evaluated (invoke), however many are skipped before a start step
 
 
 @dataclass
@@ -323,6 +324,11 @@ class Rule:
         """The last step evaluated (-1 before the first)."""
         return self._progress.last_step
 
+    @property
+    def evaluated_steps(self) -> int:
+        """How many steps the rule has evaluated (a run from a start step counts only the steps from there)."""
+        return self._progress.evaluated_steps
+
     def invoke(self, step: int) -> Verdict:
         """Evaluate the rule at ``step`` and return its :class:`Verdict` (the runners use this)."""
         self._verdict = None
@@ -330,6 +336,7 @@ class Rule:
         fired = bool(self.invoke_at_step(step))
         self._progress.last_step = max(self._progress.last_step, step)
         self._progress.usable_steps += self._step_inputs.usable
+        self._progress.evaluated_steps += 1
         return self._conclude(step, fired, f"condition met at step {step}")
 
     def invoke_idle(self, last_step: int, idle_seconds: float) -> Verdict:
@@ -360,6 +367,7 @@ class Rule:
             "fired_steps": list(self._progress.fired_steps),
             "missing": dict(self._progress.missing),
             "usable_steps": self._progress.usable_steps,
+            "evaluated_steps": self._progress.evaluated_steps,
             "attrs": {a: getattr(self, a) for a in self.state_attrs},
         }
         return json.loads(json.dumps(state))
@@ -379,6 +387,7 @@ class Rule:
             [int(s) for s in state["fired_steps"]],
             {str(k): int(v) for k, v in state.get("missing", {}).items()},
             int(state.get("usable_steps", 0)),
+            int(state.get("evaluated_steps", 0)),
         )
         for a, v in state.get("attrs", {}).items():
             setattr(self, a, v)
