@@ -57,6 +57,10 @@ class UnknownName(TensortapError, KeyError, ValueError):
         The names that exist.
     where
         Where it was looked up, e.g. ``" in /tmp/run"``.
+    listed
+        What to list as the valid names, when ``valid`` is a family too long to list name by name
+        (``"min, max, ..., each also as abs_NAME"``); default: ``valid``, when at most
+        :attr:`MAX_LISTED`.
 
     Attributes
     ----------
@@ -68,11 +72,13 @@ class UnknownName(TensortapError, KeyError, ValueError):
 
     MAX_LISTED = 20
 
-    def __init__(self, kind: str, name: str, valid: Iterable[str], where: str = "") -> None:
+    def __init__(self, kind: str, name: str, valid: Iterable[str], where: str = "", listed: str | None = None) -> None:
         self.kind, self.name = kind, name
         self.valid = sorted(set(valid))
         message = f"no {kind} {name!r}{where}{suggest(name, self.valid)}"
-        if not self.valid:
+        if listed is not None:
+            message += f" (valid: {listed})"
+        elif not self.valid:
             message += f" (there is no {kind} at all)"
         elif len(self.valid) <= self.MAX_LISTED:
             message += f" (valid: {', '.join(self.valid)})"

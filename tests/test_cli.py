@@ -240,6 +240,8 @@ def test_unknown_names_are_errors_with_suggestions(trial_dir: Path) -> None:
         (["ls", str(trial_dir), "--collection", "weight"], "no collection 'weight' in"),
         (["show", str(trial_dir), "fc1.weigth"], "no tensor named 'fc1.weigth'"),
         (["show", str(trial_dir), "fc1.weight", "--reduction", "meen"], "no reduction 'meen'; did you mean 'mean'"),
+        (["show", str(trial_dir), "fc1.weight", "--reduction", "foo"], "(valid: min, max, mean, std, variance, sum"),
+        (["show", str(trial_dir), "fc1.weight", "--reduction", "abs_maen"], "did you mean 'abs_mean'"),
         (["rules", str(trial_dir), "--rule", "all_zeros"], "no built-in rule 'all_zeros'; did you mean 'all_zero'"),
         (["rules", str(trial_dir), "--rule", "all_zero:collection=weights"], "did you mean 'collection_names'"),
         (["ls", str(trial_dir), "--regex", "fc1("], "regex: 'fc1(' is not a valid regular expression"),

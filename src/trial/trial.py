@@ -661,7 +661,12 @@ class Tensor:
         """A reduction at ``step``: the saved one, or computed from the raw tensor with the same formula."""
         key = red.reduction_key(reduction, abs)
         if red.split_key(key)[0] not in red.ALL_REDUCTIONS:
-            raise UnknownName("reduction", reduction, [*red.ALL_REDUCTIONS, *(f"abs_{r}" for r in red.ALL_REDUCTIONS)])
+            raise UnknownName(
+                "reduction",
+                key,
+                [*red.ALL_REDUCTIONS, *(f"abs_{r}" for r in red.ALL_REDUCTIONS)],
+                listed=f"{', '.join(red.ALL_REDUCTIONS)}, each also as abs_NAME",
+            )
         gstep, _, loc = self._locate(step, mode, worker)
         if key in loc.reductions:
             saved = self.trial._index.read(loc.shard, lambda r: r.reductions(self.name))
