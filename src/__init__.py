@@ -10,6 +10,7 @@ from .config import Collection, ReductionConfig, SaveConfig
 from .exceptions import (
     NoMoreData,
     RuleInputsMissing,
+    ShardUnreadable,
     StepNotYetAvailable,
     StepUnavailable,
     StopTrainingRequested,
@@ -34,6 +35,7 @@ __all__ = [
     "ReductionConfig",
     "RuleInputsMissing",
     "SaveConfig",
+    "ShardUnreadable",
     "StepNotYetAvailable",
     "StepState",
     "StepUnavailable",

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .exceptions import TensortapError, TrialNotFound
+from .exceptions import ShardUnreadable, TensortapError, TrialNotFound
 from .modes import Mode
 from .trial import Trial, create_trial
 from .trial.check import find_problems
@@ -315,42 +315,69 @@ def array_summary(value: np.ndarray) -> dict[str, Any]:
     return out
 
 
+def _show_entry(tensor: Any, step: int, mode: Mode | None, args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    """``show``'s entry (for ``--json``) and text for ``tensor`` at ``step``."""
+    entry: dict[str, Any] = {"step": step}
+    if args.reduction:
+        name, absolute = (args.reduction[4:], True) if args.reduction.startswith("abs_") else (args.reduction, False)
+        entry["value"] = tensor.reduction_value(step, name, abs=absolute, mode=mode, worker=args.worker)
+        return entry, fmt(entry["value"], 6)
+    value = np.asarray(tensor.value(step, mode=mode, worker=args.worker))
+    if value.size == 1 and value.dtype.kind in "biuf":
+        entry["value"] = value.reshape(()).item()
+        return entry, fmt(entry["value"], 6)
+    entry.update(array_summary(value))
+    text = " ".join(
+        [f"{entry['dtype']} {tuple(value.shape)}"]
+        + [f"{k} {fmt(entry[k])}" for k in ("min", "mean", "max") if k in entry]
+        + [f"{k.split('_')[0]} {entry[k]}" for k in ("nan_count", "inf_count") if k in entry]
+    )
+    if args.full:
+        entry["value"] = value
+        with np.printoptions(threshold=sys.maxsize, linewidth=120):
+            text += "\n" + np.array2string(value)
+    return entry, text
+
+
 def cmd_show(args: argparse.Namespace) -> int:
-    """Print one tensor at one step or every step: a scalar, a summary of an array, or a reduction."""
+    """Print one tensor at one step or every step: a scalar, a summary of an array, or a reduction.
+
+    Over every step, a step whose shard cannot be read (damaged: the reader warns, naming it) is
+    skipped and the others are shown; a warning lists the skipped steps, ``--json`` gives them as
+    ``skipped_steps``. One ``--step`` that cannot be read, or no step readable at all, is an error.
+    """
     trial = open_trial(args)
     tensor = trial.tensor(args.name)
     mode = Mode.parse(args.mode) if args.mode else None
     steps = [args.step] if args.step is not None else tensor.steps(mode)
     entries: list[dict[str, Any]] = []
+    skipped: list[int] = []
+    readable: set[int] | None = None  # once a shard was skipped: the steps still readable
     style = Style(sys.stdout)
     for s in steps:
-        entry: dict[str, Any] = {"step": s}
-        if args.reduction:
-            name, absolute = (
-                (args.reduction[4:], True) if args.reduction.startswith("abs_") else (args.reduction, False)
-            )
-            entry["value"] = tensor.reduction_value(s, name, abs=absolute, mode=mode, worker=args.worker)
-            text = fmt(entry["value"], 6)
-        else:
-            value = np.asarray(tensor.value(s, mode=mode, worker=args.worker))
-            if value.size == 1 and value.dtype.kind in "biuf":
-                entry["value"] = value.reshape(()).item()
-                text = fmt(entry["value"], 6)
-            else:
-                entry.update(array_summary(value))
-                text = " ".join(
-                    [f"{entry['dtype']} {tuple(value.shape)}"]
-                    + [f"{k} {fmt(entry[k])}" for k in ("min", "mean", "max") if k in entry]
-                    + [f"{k.split('_')[0]} {entry[k]}" for k in ("nan_count", "inf_count") if k in entry]
-                )
-                if args.full:
-                    entry["value"] = value
-                    with np.printoptions(threshold=sys.maxsize, linewidth=120):
-                        text += "\n" + np.array2string(value)
+        if readable is not None and s not in readable:
+            skipped.append(s)  # in the shard skipped before: the reader forgot its steps
+            continue
+        try:
+            entry, text = _show_entry(tensor, s, mode, args)
+        except ShardUnreadable:
+            if args.step is not None:
+                raise
+            skipped.append(s)
+            readable = set(tensor.steps(mode))
+            continue
         entries.append(entry)
         if not args.json:
             label = style(f"step {s}" + (f" ({mode.name.lower()})" if mode else ""), "bold")
             print(f"{label}: {text}")
+    if skipped:
+        logger.warning(
+            "tensortap show: %s skipped at %s: their shards cannot be read",
+            count(len(skipped), "step"),
+            step_ranges(skipped),
+        )
+        if not entries:
+            raise ShardUnreadable(f"no step of {args.name!r} could be read: the shards of every step are damaged")
     if args.json:
         print_json(
             {
@@ -360,6 +387,7 @@ def cmd_show(args: argparse.Namespace) -> int:
                 "reduction": args.reduction,
                 "worker": args.worker,
                 "steps": entries,
+                "skipped_steps": skipped,
             }
         )
     return EXIT_OK

@@ -131,6 +131,14 @@ def _usage(message: str) -> int:
     return EXIT_USAGE
 
 
+def _skipped(rule: Rule) -> str:
+    """``"; 3 steps skipped (3-5): their shards cannot be read"``, or nothing when the rule skipped none."""
+    steps = rule.skipped_steps
+    if not steps:
+        return ""
+    return f"; {count(len(steps), 'step')} skipped ({step_ranges(steps)}): their shards cannot be read"
+
+
 def _rule_line(rule: Rule, verdicts: list[Verdict], saved: list[int], missing: list[str] | None, style: Style) -> str:
     if missing is not None:
         needs = "; ".join(m.removeprefix(f"{rule.name} ") for m in missing)
@@ -140,14 +148,14 @@ def _rule_line(rule: Rule, verdicts: list[Verdict], saved: list[int], missing: l
         first = verdicts[0]
         return (
             f"{rule.name}: {style('fired', 'red')} at {step_ranges(steps, saved)} ({count(len(steps), 'step')}); "
-            f"at step {first.step}: {first.reason}"
+            f"at step {first.step}: {first.reason}{_skipped(rule)}"
         )
     where = (
         f"{count(rule.evaluated_steps, 'step')} up to step {rule.last_step}"
         if rule.last_step >= 0
         else "no step evaluated"
     )
-    return f"{rule.name}: {style('did not fire', 'green')} ({where})"
+    return f"{rule.name}: {style('did not fire', 'green')} ({where}{_skipped(rule)})"
 
 
 def build_rules(specs: Sequence[str], trial: Any) -> list[Rule]:
@@ -216,7 +224,7 @@ def run(args: argparse.Namespace) -> int:
         interrupted = True
     saved = trial.steps()
     fired = any(verdicts.values())
-    nothing_judged = all(r.last_step < 0 for r in rules) and not interrupted
+    nothing_judged = all(r.evaluated_steps == 0 for r in rules) and not interrupted
     if args.json:
         print_json(
             {
@@ -233,6 +241,7 @@ def run(args: argparse.Namespace) -> int:
                         "status": "inputs_missing" if r.name in missing else ("fired" if verdicts[r] else "passed"),
                         "last_step": r.last_step,
                         "evaluated_steps": r.evaluated_steps,
+                        "skipped_steps": r.skipped_steps,
                         "fired_steps": [v.step for v in verdicts[r]],
                         "fired_ranges": step_ranges([v.step for v in verdicts[r]], saved, limit=sys.maxsize),
                         "verdicts": [v.to_json() for v in verdicts[r]],
@@ -250,6 +259,8 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     if missing:
         return EXIT_USAGE
+    if nothing_judged and any(r.skipped_steps for r in rules):
+        return _usage(f"no step of {trial.path} could be read: the shards of every step are damaged")
     if nothing_judged:
         return _usage(f"no complete step to judge in {trial.path} (is the training still starting? use --follow)")
     return EXIT_FOUND if fired else EXIT_OK

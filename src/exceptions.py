@@ -99,6 +99,26 @@ class TensorUnavailableForStep(TensortapError):
     """The tensor exists but not at that step (or not as asked: raw vs reductions)."""
 
 
+class ShardUnreadable(TensorUnavailableForStep):
+    """The value was saved, but its shard cannot be read (damaged): the reader skipped it with a warning.
+
+    What reads every step (``tensortap show``, the rules) skips such a step and goes on with the others.
+
+    Parameters
+    ----------
+    message
+        The error message (names the tensor, the step and the shard).
+    shard
+        The shard's key in the trial (``shards/worker_0/0000000001.h5``).
+    why
+        Why the shard cannot be read.
+    """
+
+    def __init__(self, message: str, shard: str = "", why: str = "") -> None:
+        super().__init__(message)
+        self.shard, self.why = shard, why
+
+
 class TrialNotFound(TensortapError, FileNotFoundError):
     """No tensortap trial at the path or URL: nothing there, a file, or a folder with no trial's marker files.
 

@@ -379,7 +379,7 @@ def test_main_in_a_program_logs_to_stderr_then_leaves_its_logging_as_it_was(
         f.truncate(100)  # the index says otherwise: the reader skips it with a warning
     logger = logging.getLogger("tensortap")
     before = (list(logger.handlers), logger.level, logger.propagate)
-    assert main(["show", str(tmp_path), "a"]) == 2  # step 0 cannot be read
+    assert main(["show", str(tmp_path), "a", "--step", "0"]) == 2  # step 0 cannot be read
     assert "tensortap: skipping shards/worker_0/0000000000.h5" in capsys.readouterr().err  # the logger's line
     assert (list(logger.handlers), logger.level, logger.propagate) == before
     with caplog.at_level(logging.WARNING, logger="tensortap"):
@@ -422,3 +422,61 @@ def test_rules_from_a_start_step_count_only_the_steps_evaluated(
     assert main([*args, "10", "--json"]) == 0
     (rule,) = strict_json(capsys.readouterr().out)["rules"]
     assert (rule["last_step"], rule["evaluated_steps"]) == (18, 5)
+
+
+# ----------------------------------------------------------- damaged shards
+def damaged_run(path: Path, nan_at: int | None = None) -> Path:
+    """Steps 0-8 in three shards of three steps, the middle one (steps 3-5) truncated; ``w`` holds a NaN at
+    step ``nan_at``."""
+    with Writer(path, shard_policy=ShardPolicy(max_steps=3)) as w:
+        for step in range(9):
+            with w.stepping():
+                value = np.arange(4.0) + step
+                if step == nan_at:
+                    value[1] = np.nan
+                w.save("w", value, ["weights"])
+    shard = sorted((path / "shards" / "worker_0").glob("*.h5"))[1]
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size // 2)
+    return path
+
+
+def test_show_skips_the_steps_of_a_damaged_shard_and_shows_the_rest(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It stopped at step 3 with exit 2 and never showed steps 6-8 (with --json: nothing on stdout)."""
+    from tensortap.cli import main
+
+    path = damaged_run(tmp_path / "run")
+    assert main(["show", str(path), "w", "--reduction", "max"]) == 0
+    out, err = capsys.readouterr()
+    assert [line.split(":")[0] for line in out.splitlines()] == [f"step {s}" for s in (0, 1, 2, 6, 7, 8)]
+    assert "skipping shards/worker_0/0000000001.h5" in err and "3 steps skipped at 3-5" in err
+    assert main(["show", str(path), "w", "--json"]) == 0
+    data = strict_json(capsys.readouterr().out)
+    assert [e["step"] for e in data["steps"]] == [0, 1, 2, 6, 7, 8] and data["skipped_steps"] == [3, 4, 5]
+    assert data["steps"][-1]["max"] == 11.0
+
+
+@pytest.mark.parametrize("nan_at", [None, 7])
+def test_rules_skip_the_steps_of_a_damaged_shard_and_judge_the_rest(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], nan_at: int | None
+) -> None:
+    """A step the rule cannot read is evidence neither way: skipped, said so, the others judged, and the
+    exit status is the rules' (it exited 2 with nothing on stdout at the first unreadable step)."""
+    from tensortap.cli import main
+    from tensortap.rules import ExplodingTensor, invoke_rule
+
+    path = damaged_run(tmp_path / "run", nan_at)
+    args = ["rules", str(path), "--rule", "exploding_tensor"]
+    assert main(args) == (0 if nan_at is None else 1)
+    line = capsys.readouterr().out
+    assert "3 steps skipped (3-5): their shards cannot be read" in line
+    assert ("did not fire (6 steps up to step 8;" in line) if nan_at is None else ("fired at 7 (1 step)" in line)
+    assert main([*args, "--json"]) == (0 if nan_at is None else 1)
+    (rule,) = strict_json(capsys.readouterr().out)["rules"]
+    assert (rule["evaluated_steps"], rule["skipped_steps"]) == (6, [3, 4, 5])
+    assert rule["fired_steps"] == ([] if nan_at is None else [7])
+    rule_object = ExplodingTensor(tensortap.create_trial(path))
+    assert invoke_rule(rule_object, wait=False) == ([] if nan_at is None else [7])
+    assert rule_object.skipped_steps == [3, 4, 5]

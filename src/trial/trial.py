@@ -25,6 +25,7 @@ from ..backends.storage import Storage
 from ..config import Collection
 from ..exceptions import (
     NoMoreData,
+    ShardUnreadable,
     StepNotYetAvailable,
     StepUnavailable,
     TensorUnavailable,
@@ -613,9 +614,13 @@ class Tensor:
         index = self.trial._index
         value = index.read_raw(self.name, loc.shard, lambda r: r.value(self.name, step), one_value=True)
         if value is None:
-            why = index.bad_files.get(loc.shard, "it does not hold this value")
-            raise TensorUnavailableForStep(f"{self.name!r} at step {step}: shard {loc.shard} cannot be read: {why}")
+            raise self._unreadable(step, loc.shard)
         return value
+
+    def _unreadable(self, step: int, shard: str) -> ShardUnreadable:
+        """The error for a value at ``step`` that its shard, skipped as unreadable, held."""
+        why = self.trial._index.bad_files.get(shard, "it does not hold this value")
+        return ShardUnreadable(f"{self.name!r} at step {step}: shard {shard} cannot be read: {why}", shard, why)
 
     def value(self, step: int, mode: Mode | str | None = None, worker: str | None = None) -> np.ndarray:
         """The raw value at ``step`` (a mode step if ``mode``), from ``worker`` or the first in sorted order."""
@@ -670,7 +675,9 @@ class Tensor:
         gstep, _, loc = self._locate(step, mode, worker)
         if key in loc.reductions:
             saved = self.trial._index.read(loc.shard, lambda r: r.reductions(self.name))
-            if saved is not None and (gstep, key) in saved:
+            if saved is None:
+                raise self._unreadable(step, loc.shard)
+            if (gstep, key) in saved:
                 return saved[(gstep, key)]
         if loc.raw:
             return red.compute(self._reader_value(gstep, loc), key)

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ...exceptions import TensortapError
+from ...exceptions import ShardUnreadable, TensortapError
 
 if TYPE_CHECKING:
     from .actions import Action
@@ -165,6 +165,7 @@ class _Progress:
     missing: dict[str, int] = field(default_factory=dict)
     usable_steps: int = 0  # steps evaluated with (some of) the rule's inputs
     evaluated_steps: int = 0  # steps evaluated (invoke), however many are skipped before a start step
+    skipped_steps: list[int] = field(default_factory=list)  # steps whose shard could not be read
 
 
 @dataclass
@@ -329,15 +330,39 @@ class Rule:
         """How many steps the rule has evaluated (a run from a start step counts only the steps from there)."""
         return self._progress.evaluated_steps
 
+    @property
+    def skipped_steps(self) -> list[int]:
+        """Steps the rule could not evaluate: an input's shard cannot be read (see :meth:`invoke`)."""
+        return list(self._progress.skipped_steps)
+
     def invoke(self, step: int) -> Verdict:
-        """Evaluate the rule at ``step`` and return its :class:`Verdict` (the runners use this)."""
+        """Evaluate the rule at ``step`` and return its :class:`Verdict` (the runners use this).
+
+        A step with a value the rule reads in a shard that cannot be read
+        (:class:`~tensortap.exceptions.ShardUnreadable`: damaged, skipped by
+        the reader with a warning naming it) is skipped: it is evidence
+        neither way, so the rule does not fire there, the step is not counted
+        in :attr:`evaluated_steps` but listed in :attr:`skipped_steps`, and the
+        runner goes on with the next step.
+        """
         self._verdict = None
         self._step_inputs = _StepInputs()
-        fired = bool(self.invoke_at_step(step))
+        try:
+            fired = bool(self.invoke_at_step(step))
+        except ShardUnreadable as exc:
+            return self.skip(step, str(exc))
         self._progress.last_step = max(self._progress.last_step, step)
         self._progress.usable_steps += self._step_inputs.usable
         self._progress.evaluated_steps += 1
         return self._conclude(step, fired, f"condition met at step {step}")
+
+    def skip(self, step: int, why: str) -> Verdict:
+        """Record that ``step`` cannot be evaluated (``why``: its shard cannot be read) and return a
+        verdict that did not fire; the runners call this for a step whose every shard was skipped."""
+        self._progress.last_step = max(self._progress.last_step, step)
+        self._progress.skipped_steps.append(step)
+        logger.info("tensortap: %s skips step %d: %s", self.name, step, why)
+        return Verdict(self.name, step, False)
 
     def invoke_idle(self, last_step: int, idle_seconds: float) -> Verdict:
         """Ask :meth:`on_idle` and return the resulting :class:`Verdict`."""
@@ -368,6 +393,7 @@ class Rule:
             "missing": dict(self._progress.missing),
             "usable_steps": self._progress.usable_steps,
             "evaluated_steps": self._progress.evaluated_steps,
+            "skipped_steps": list(self._progress.skipped_steps),
             "attrs": {a: getattr(self, a) for a in self.state_attrs},
         }
         return json.loads(json.dumps(state))
@@ -388,6 +414,7 @@ class Rule:
             {str(k): int(v) for k, v in state.get("missing", {}).items()},
             int(state.get("usable_steps", 0)),
             int(state.get("evaluated_steps", 0)),
+            [int(s) for s in state.get("skipped_steps", [])],
         )
         for a, v in state.get("attrs", {}).items():
             setattr(self, a, v)

@@ -120,10 +120,11 @@ class RuleRunner:
             self.trial.refresh()
             pending = [s for s in self.trial.steps() if s >= next_step and (end_step is None or s < end_step)]
             for s in progress(pending, desc="steps", enable=False if wait else show_progress):
+                readable = s in self.trial._index.steps  # else its shards were found unreadable since the listing
                 for rule in self.rules:
                     if s <= floor[rule]:
                         continue
-                    verdict = rule.invoke(s)
+                    verdict = rule.invoke(s) if readable else rule.skip(s, "its shards cannot be read")
                     if verdict.fired:
                         fired[rule].append(s)
                         self._act(rule, verdict, raise_eval_cond, on_verdict)
