@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -69,6 +70,32 @@ class Style:
         return f"\033[{self.CODES[style]}m{text}\033[0m" if self.enabled else text
 
 
+#: Characters that act on a terminal rather than print: C0 controls (newline and tab too), DEL, C1
+#: controls, and the Unicode bidirectional overrides and isolates (text that reads in another order).
+CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """``text`` with every control character escaped as Python writes it (``\\x1b``, ``\\n``, ``\\u202e``).
+
+    Text output passes every string that comes from a trial (tensor, collection, worker and file
+    names, rule reasons, a stranger's folder names) through this, so that a name cannot move the
+    cursor, retitle the terminal, colour what follows or add a line that reads as a table row.
+    ``--json`` output is escaped by JSON itself.
+
+    Parameters
+    ----------
+    text
+        Any string.
+
+    Returns
+    -------
+    str
+        ``text`` itself when it has no control character.
+    """
+    return CONTROL_CHARACTERS.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
 def fmt(value: Any, digits: int = 4) -> str:
     """A number to ``digits`` significant digits (integers in full); anything else as ``str``."""
     if isinstance(value, bool | np.bool_):
@@ -102,8 +129,9 @@ def print_json(value: Any) -> None:
 
 
 def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
-    """A plain text table with a rule under the header; numbers to significant digits."""
-    cells = [[str(c) for c in header]] + [[fmt(c) for c in r] for r in rows]
+    """A plain text table with a rule under the header; numbers to significant digits, control
+    characters escaped (:func:`printable`)."""
+    cells = [[printable(str(c)) for c in header]] + [[printable(fmt(c)) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -230,7 +258,7 @@ def _ls_parent(args: argparse.Namespace, found: Sequence[str]) -> int:
         print_json({"path": args.path, "trials": rows})
         return EXIT_OK
     style = Style(sys.stdout)
-    print(f"{style(args.path, 'bold')} is not a trial; it holds {count(len(rows), 'trial')}:")
+    print(f"{style(printable(args.path), 'bold')} is not a trial; it holds {count(len(rows), 'trial')}:")
     print()
     lines = []
     for r in rows:
@@ -278,8 +306,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
         status = style("ended", "green")
     else:
         status = style("running (or crashed)", "yellow")
-    print(f"trial    {style(trial.path, 'bold')}")
-    print(f"workers  {', '.join(trial.workers()) or 'none'}  [{status}]")
+    print(f"trial    {style(printable(trial.path), 'bold')}")
+    print(f"workers  {printable(', '.join(trial.workers())) or 'none'}  [{status}]")
     for m in trial.modes():
         print(f"{m.name.lower():8} {_steps_summary(trial.steps(mode=m))}")
     complete = trial.steps()
@@ -369,7 +397,8 @@ def cmd_show(args: argparse.Namespace) -> int:
         entries.append(entry)
         if not args.json:
             label = style(f"step {s}" + (f" ({mode.name.lower()})" if mode else ""), "bold")
-            print(f"{label}: {text}")
+            lines = text.split("\n")  # --full: the array's lines after the summary
+            print(f"{label}: " + "\n".join(printable(line) for line in lines))
     if skipped:
         logger.warning(
             "tensortap show: %s skipped at %s: their shards cannot be read",
@@ -400,11 +429,11 @@ def cmd_check(args: argparse.Namespace) -> int:
         print_json({"path": args.path, "ok": not problems, "problems": problems})
         return EXIT_FOUND if problems else EXIT_OK
     for p in problems:
-        print(p)
+        print(printable(p))
     if problems:
         logger.warning("tensortap: %d problem(s) found in %s", len(problems), args.path)
         return EXIT_FOUND
-    print(f"ok: no problems in {args.path}")
+    print(f"ok: no problems in {printable(args.path)}")
     return EXIT_OK
 
 
@@ -475,8 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ------------------------------------------------------------------- main
 class _Formatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        text = printable(super().formatMessage(record))  # names of a stranger's trial in warnings
         return text if text.startswith("tensortap") else f"tensortap: {text}"
 
 
@@ -540,7 +569,7 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     except (TensortapError, OSError, ValueError, KeyError) as exc:
         message = str(exc) if not isinstance(exc, KeyError) or isinstance(exc, TensortapError) else exc.args[0]
-        print(f"tensortap {args.command}: {message}", file=sys.stderr)
+        print(f"tensortap {args.command}: {printable(message)}", file=sys.stderr)
         return EXIT_USAGE
     except Exception as exc:  # unreadable input from a stranger, or a bug: still exit 2, never 1
         logger.info("tensortap %s: the error's traceback", args.command, exc_info=exc)

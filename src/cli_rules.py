@@ -32,6 +32,7 @@ from .cli import (
     count,
     open_trial,
     print_json,
+    printable,
     step_ranges,
 )
 from .exceptions import RuleInputsMissing
@@ -127,7 +128,7 @@ def _list(as_json: bool) -> int:
 
 # ---------------------------------------------------------------- running
 def _usage(message: str) -> int:
-    print(f"tensortap rules: {message}", file=sys.stderr)
+    print(f"tensortap rules: {printable(message)}", file=sys.stderr)
     return EXIT_USAGE
 
 
@@ -142,13 +143,13 @@ def _skipped(rule: Rule) -> str:
 def _rule_line(rule: Rule, verdicts: list[Verdict], saved: list[int], missing: list[str] | None, style: Style) -> str:
     if missing is not None:
         needs = "; ".join(m.removeprefix(f"{rule.name} ") for m in missing)
-        return f"{rule.name}: {style('found none of its inputs', 'yellow')}: it {needs}"
+        return f"{rule.name}: {style('found none of its inputs', 'yellow')}: it {printable(needs)}"
     if verdicts:
         steps = [v.step for v in verdicts]
         first = verdicts[0]
         return (
             f"{rule.name}: {style('fired', 'red')} at {step_ranges(steps, saved)} ({count(len(steps), 'step')}); "
-            f"at step {first.step}: {first.reason}{_skipped(rule)}"
+            f"at step {first.step}: {printable(first.reason)}{_skipped(rule)}"
         )
     where = (
         f"{count(rule.evaluated_steps, 'step')} up to step {rule.last_step}"
@@ -205,7 +206,9 @@ def run(args: argparse.Namespace) -> int:
     def report(rule: Rule, verdict: Verdict) -> None:
         verdicts[rule].append(verdict)  # first: a Ctrl-C during the print below must not lose it
         if args.follow and not args.json and len(verdicts[rule]) == 1:
-            print(f"{rule.name} {style('fired', 'red')} at step {verdict.step}: {verdict.reason}", flush=True)
+            print(
+                f"{rule.name} {style('fired', 'red')} at step {verdict.step}: {printable(verdict.reason)}", flush=True
+            )
 
     missing: dict[str, list[str]] = {}
     interrupted = False

@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from .cli import storage_options
+from .cli import printable, storage_options
 from .importers.smdebug import import_smdebug
 
 
@@ -42,11 +42,13 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({"out_dir": args.out_dir, **vars(summary)}, indent=1))
         return 0
     print(
-        f"imported {summary.steps} steps, {len(summary.tensors)} tensors, "
-        f"workers {', '.join(summary.workers)} into {args.out_dir}"
+        printable(
+            f"imported {summary.steps} steps, {len(summary.tensors)} tensors, "
+            f"workers {', '.join(summary.workers)} into {args.out_dir}"
+        )
     )
     for name, why in sorted(summary.skipped.items()):
-        print(f"  skipped {name}: {why}")
+        print(printable(f"  skipped {name}: {why}"))
     return 0
 
 

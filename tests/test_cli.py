@@ -480,3 +480,40 @@ def test_rules_skip_the_steps_of_a_damaged_shard_and_judge_the_rest(
     rule_object = ExplodingTensor(tensortap.create_trial(path))
     assert invoke_rule(rule_object, wait=False) == ([] if nan_at is None else [7])
     assert rule_object.skipped_steps == [3, 4, 5]
+
+
+# ------------------------------------------------------------- odd names
+ODD_NAMES = ["\x1b]0;pwned\x07\x1b[31mred", "a\nb", "tab\there", "\u202eRTL", "c1\x9bcsi", "del\x7f"]
+
+
+def test_control_characters_in_names_are_escaped_in_text_output(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A stranger's tensor names reached the terminal raw: escape codes retitled and coloured it, and a
+    newline forged a table row. Now every control character is written as Python writes it."""
+    import re
+
+    from tensortap.cli import main
+
+    control = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+    with Writer(tmp_path / "run") as w, w.stepping():
+        for name in ODD_NAMES:
+            w.save(name, np.array([1.0, np.nan]), ["weights"])
+    run = str(tmp_path / "run")
+
+    def text_of(*args: str) -> tuple[list[str], str]:
+        main(list(args))
+        out, err = capsys.readouterr()
+        assert not control.search(out.replace("\n", "")), out
+        assert not control.search(err.replace("\n", "")), err
+        return out.splitlines(), err
+
+    lines, _ = text_of("ls", run)
+    rows = lines[lines.index(next(line for line in lines if line.startswith("tensor "))) + 2 :]
+    assert [row.split("  ")[0] for row in rows] == [n.encode("unicode_escape").decode() for n in sorted(ODD_NAMES)]
+    assert r"\x1b]0;pwned\x07\x1b[31mred" in rows[0] and r"a\nb" in "\n".join(rows)
+    lines, _ = text_of("rules", run, "--rule", "exploding_tensor")
+    assert len(lines) == 1 and r"\x1b]0;pwned" in lines[0]
+    _, err = text_of("show", run, "a\nc")  # the suggestion quotes the name with repr, the message is escaped too
+    assert r"did you mean 'a\nb'" in err
