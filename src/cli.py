@@ -5,7 +5,9 @@ rule fired or ``check`` found problems; 2 a usage error, no trial at the path,
 unreadable input, an unknown name, a rule that found none of its inputs; 130
 interrupted (Ctrl-C); 141 standard output closed early (``... | head``).
 Results go to standard output, diagnostics (the ``tensortap`` logger) to
-standard error. See ``docs/trial.md`` for every ``--json`` schema.
+standard error. See ``docs/trial.md`` for every ``--json`` schema; with
+``--json`` an exit 2 also prints :func:`error_json` on standard output (all
+errors end in :func:`_fail`, argparse's in :func:`main`).
 
 Subcommands live in modules that expose ``PARSERS``: functions that each add
 one subcommand to the subparsers and return its parser, with ``func`` set to
@@ -25,12 +27,12 @@ import os
 import re
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
 from . import __version__
-from .exceptions import ShardUnreadable, TensortapError, TrialNotFound
+from .exceptions import ShardUnreadable, TensortapError, TensorUnavailable, TrialNotFound, UnknownName, UsageError
 from .modes import Mode
 from .trial import Trial, create_trial
 from .trial.check import find_problems
@@ -168,6 +170,67 @@ def count(n: int, noun: str) -> str:
 
 def _steps_summary(steps: list[int]) -> str:
     return f"{step_ranges(steps)} ({count(len(steps), 'step')})" if steps else "none"
+
+
+# ---------------------------------------------------------------- errors
+class _UsageExit(SystemExit):
+    """argparse's exit on a usage error (status 2), with the message it printed."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(EXIT_USAGE)
+        self.message = message
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, whose usage errors keep their message (for the ``--json`` error object)."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print the usage and ``PROG: error: message`` on stderr; exit 2."""
+        self.print_usage(sys.stderr)
+        text = f"{self.prog}: error: {message}"
+        print(text, file=sys.stderr)
+        raise _UsageExit(text)
+
+
+#: ``--json``'s ``error.kind`` by exception, the first that matches (else ``input``, or ``unexpected``).
+ERROR_KINDS: list[tuple[type[BaseException], str]] = [
+    (UsageError, "usage"),
+    (ImportError, "missing_dependency"),
+    (TrialNotFound, "not_found"),
+    (UnknownName, "unknown_name"),
+    (TensorUnavailable, "unknown_name"),
+]
+
+
+def error_json(command: str | None, message: str, kind: str) -> dict[str, Any]:
+    """What a ``--json`` command prints on stdout when it exits 2: one object, never nothing.
+
+    Parameters
+    ----------
+    command
+        The subcommand (``show``), or ``None`` when it could not be parsed.
+    message
+        The message also printed on stderr (without the ``tensortap COMMAND:`` prefix).
+    kind
+        ``usage``, ``not_found``, ``unknown_name``, ``missing_dependency``, ``input`` (unreadable or
+        wrong input) or ``unexpected`` (see :data:`ERROR_KINDS`).
+
+    Returns
+    -------
+    dict
+        ``{"error": {"command": ..., "kind": ..., "message": ...}}``.
+    """
+    return {"error": {"command": command, "kind": kind, "message": message}}
+
+
+def _wants_json(argv: Sequence[str]) -> bool:
+    """Whether ``argv`` asks for ``--json`` (or an abbreviation argparse accepts), before a ``--``."""
+    for a in argv:
+        if a == "--":
+            return False
+        if len(a) > 3 and "--json".startswith(a):
+            return True
+    return False
 
 
 # ------------------------------------------------------------- arguments
@@ -486,7 +549,7 @@ PARSERS: list[Callable[[Any], argparse.ArgumentParser]] = [
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``tensortap`` command (every subcommand takes ``-v``/``-q``)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="tensortap",
         description="Inspect and judge tensortap trials. Exit status: 0 ok, 1 a rule fired or check found "
         "problems, 2 usage or input error (no trial at the path, unknown name, rule inputs missing).",
@@ -547,9 +610,31 @@ def _stdout_gone() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args = parser.parse_args(argv)
+    except _UsageExit as exc:
+        if _wants_json(argv):
+            command = next((a for a in argv if a in parser_commands(parser)), None)
+            print_json(error_json(command, exc.message, "usage"))
+        raise
     with logging_to_stderr(args.verbose or 0, args.quiet):
         return _run(args)
+
+
+def parser_commands(parser: argparse.ArgumentParser) -> list[str]:
+    """The names of the subcommands of ``parser``."""
+    return [name for a in parser._actions if isinstance(a, argparse._SubParsersAction) for name in a.choices]
+
+
+def _fail(args: argparse.Namespace, exc: BaseException, message: str, kind: str | None = None) -> int:
+    """Report an error (one line on stderr; with ``--json`` also :func:`error_json` on stdout); exit 2."""
+    print(f"tensortap {args.command}: {printable(message)}", file=sys.stderr)
+    if getattr(args, "json", False):
+        if kind is None:
+            kind = next((k for cls, k in ERROR_KINDS if isinstance(exc, cls)), "input")
+        print_json(error_json(args.command, message, kind))
+    return EXIT_USAGE
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -565,17 +650,14 @@ def _run(args: argparse.Namespace) -> int:
         print(f"tensortap {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except ImportError as exc:
-        print(f"tensortap {args.command}: {missing_dependency_hint(exc)}", file=sys.stderr)
-        return EXIT_USAGE
-    except (TensortapError, OSError, ValueError, KeyError) as exc:
+        return _fail(args, exc, missing_dependency_hint(exc))
+    except (UsageError, TensortapError, OSError, ValueError, KeyError) as exc:
         message = str(exc) if not isinstance(exc, KeyError) or isinstance(exc, TensortapError) else exc.args[0]
-        print(f"tensortap {args.command}: {printable(message)}", file=sys.stderr)
-        return EXIT_USAGE
+        return _fail(args, exc, str(message))
     except Exception as exc:  # unreadable input from a stranger, or a bug: still exit 2, never 1
         logger.info("tensortap %s: the error's traceback", args.command, exc_info=exc)
         hint = "" if logger.isEnabledFor(logging.INFO) else " (-v shows the traceback)"
-        print(f"tensortap {args.command}: unexpected error: {exc!r}{hint}", file=sys.stderr)
-        return EXIT_USAGE
+        return _fail(args, exc, f"unexpected error: {exc!r}{hint}", "unexpected")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from .cli import (
     printable,
     step_ranges,
 )
-from .exceptions import RuleInputsMissing
+from .exceptions import RuleInputsMissing, UsageError
 from .trial.rules import BUILTIN_RULES, Rule, RuleRunner, StopTraining, Verdict, make_rule, parameters
 
 
@@ -128,6 +128,7 @@ def _list(as_json: bool) -> int:
 
 # ---------------------------------------------------------------- running
 def _usage(message: str) -> int:
+    """Exit 2 after the output was printed (``--json``: its object is the one on stdout)."""
     print(f"tensortap rules: {printable(message)}", file=sys.stderr)
     return EXIT_USAGE
 
@@ -191,14 +192,11 @@ def run(args: argparse.Namespace) -> int:
     if args.list:
         return _list(args.json)
     if not args.path:
-        return _usage("PATH is required (or use --list)")
+        raise UsageError("PATH is required (or use --list)")
     if not args.rule:
-        return _usage(f"give at least one --rule; built-in rules: {', '.join(BUILTIN_RULES)}")
+        raise UsageError(f"give at least one --rule; built-in rules: {', '.join(BUILTIN_RULES)}")
     trial = open_trial(args, wait=args.follow, timeout=args.idle_timeout)
-    try:
-        rules = build_rules(args.rule, trial)
-    except ValueError as exc:
-        return _usage(str(exc))
+    rules = build_rules(args.rule, trial)  # a ValueError: exit 2 (with --json, the error object)
     actions = [StopTraining()] if args.stop_training else []
     verdicts: dict[Rule, list[Verdict]] = {r: [] for r in rules}
     style = Style(sys.stdout)

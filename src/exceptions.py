@@ -193,3 +193,11 @@ class StopTrainingRequested(TensortapError):
 
 class TrialExistsError(TensortapError, ValueError):
     """A worker of that name already wrote into the trial folder (see ``if_exists``)."""
+
+
+class UsageError(Exception):
+    """A ``tensortap`` command used wrongly (a missing or conflicting argument): exit 2 with its message.
+
+    Defined here, not in :mod:`tensortap.cli`, so that ``python -m tensortap.cli`` (the module run as
+    ``__main__`` and imported again by the subcommands) has one class of it.
+    """

@@ -517,3 +517,29 @@ def test_control_characters_in_names_are_escaped_in_text_output(
     assert len(lines) == 1 and r"\x1b]0;pwned" in lines[0]
     _, err = text_of("show", run, "a\nc")  # the suggestion quotes the name with repr, the message is escaped too
     assert r"did you mean 'a\nb'" in err
+
+
+# ------------------------------------------------------------ --json errors
+@pytest.mark.parametrize(
+    ("args", "kind", "message"),
+    [
+        (["show", "{run}", "no/such"], "unknown_name", "no tensor named 'no/such'"),
+        (["ls", "{file}"], "not_found", "it is a file"),
+        (["check", "{missing}"], "not_found", "nothing exists there"),
+        (["rules", "{run}", "--rule", "nosuch"], "unknown_name", "no built-in rule 'nosuch'"),
+        (["rules"], "usage", "PATH is required"),
+        (["show", "{run}"], "usage", "the following arguments are required: name"),
+        (["show", "{run}", "fc1.weight", "--step", "x"], "usage", "invalid int value: 'x'"),
+    ],
+)
+def test_a_json_command_that_fails_prints_one_error_object(
+    trial_dir: Path, tmp_path: Path, args: list[str], kind: str, message: str
+) -> None:
+    """A script reading stdout got nothing (invalid JSON) when the command exited 2."""
+    (tmp_path / "a_file").write_text("x")
+    paths = {"run": str(trial_dir), "file": str(tmp_path / "a_file"), "missing": str(tmp_path / "nope")}
+    result = cli(*[a.format(**paths) for a in args], "--json")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    error = strict_json(result.stdout)["error"]
+    assert (error["command"], error["kind"]) == (args[0], kind)
+    assert message in error["message"] and message in result.stderr
