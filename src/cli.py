@@ -32,7 +32,15 @@ from typing import Any, NoReturn
 import numpy as np
 
 from . import __version__
-from .exceptions import ShardUnreadable, TensortapError, TensorUnavailable, TrialNotFound, UnknownName, UsageError
+from .exceptions import (
+    ShardUnreadable,
+    StorageUnreachable,
+    TensortapError,
+    TensorUnavailable,
+    TrialNotFound,
+    UnknownName,
+    UsageError,
+)
 from .modes import Mode
 from .trial import Trial, create_trial
 from .trial.check import find_problems
@@ -199,6 +207,7 @@ ERROR_KINDS: list[tuple[type[BaseException], str]] = [
     (TrialNotFound, "not_found"),
     (UnknownName, "unknown_name"),
     (TensorUnavailable, "unknown_name"),
+    (StorageUnreachable, "storage"),
 ]
 
 
@@ -212,7 +221,8 @@ def error_json(command: str | None, message: str, kind: str) -> dict[str, Any]:
     message
         The message also printed on stderr (without the ``tensortap COMMAND:`` prefix).
     kind
-        ``usage``, ``not_found``, ``unknown_name``, ``missing_dependency``, ``input`` (unreadable or
+        ``usage``, ``not_found``, ``unknown_name``, ``storage`` (not reached: no connection, no
+        credentials), ``missing_dependency``, ``input`` (unreadable or
         wrong input) or ``unexpected`` (see :data:`ERROR_KINDS`).
 
     Returns

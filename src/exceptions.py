@@ -201,3 +201,15 @@ class UsageError(Exception):
     Defined here, not in :mod:`tensortap.cli`, so that ``python -m tensortap.cli`` (the module run as
     ``__main__`` and imported again by the subcommands) has one class of it.
     """
+
+
+class StorageUnreachable(TensortapError, ConnectionError):
+    """Remote storage could not be used: no connection to its endpoint, no credentials to sign the
+    requests, or an endpoint that does not answer as the storage does (an HTTP 404 with no S3 error
+    to a listing). Never reported as a missing trial: what is there is unknown.
+
+    Parameters
+    ----------
+    message
+        What failed, naming the URL and the endpoint, with the client's error.
+    """

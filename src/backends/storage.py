@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any, Protocol, TypeVar
 
+from ..exceptions import StorageUnreachable
 from .layout import check_key
 
 Keys = list[str]  # an alias: inside Storage classes, ``list`` names the method
@@ -77,6 +78,50 @@ PERMANENT_ERRORS: tuple[type[BaseException], ...] = (
 
 _T = TypeVar("_T")
 logger = logging.getLogger("tensortap")
+
+# Client errors (class names, of botocore and aiohttp: neither is imported here) that say the storage was
+# not reached, and those that say there were no credentials to sign a request with.
+CONNECTION_ERRORS = frozenset(
+    {"EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError", "ClientConnectorError"}
+)
+CREDENTIAL_ERRORS = frozenset({"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"})
+
+
+def unreachable(exc: BaseException, url: str, endpoint: str | None) -> StorageUnreachable | None:
+    """The :class:`~tensortap.exceptions.StorageUnreachable` that ``exc`` (raised by an fsspec call on
+    ``url``) means, or None when it is another error.
+
+    Parameters
+    ----------
+    exc
+        The client's error.
+    url
+        The trial's URL.
+    endpoint
+        The endpoint given in the storage options (None: the client's default).
+
+    Returns
+    -------
+    StorageUnreachable or None
+        ``cannot connect to ENDPOINT`` or ``no credentials`` with the client's error.
+    """
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    where = endpoint or "the storage's endpoint"
+    if names & CREDENTIAL_ERRORS:
+        return StorageUnreachable(
+            f"{url}: no credentials to sign requests to {where}: give key and secret in --storage-options "
+            f"(or the client's environment variables, e.g. AWS_ACCESS_KEY_ID) ({type(exc).__name__}: {exc})"
+        )
+    if names & CONNECTION_ERRORS or isinstance(exc, ConnectionRefusedError | ConnectionResetError):
+        return StorageUnreachable(f"{url}: cannot connect to {where} ({type(exc).__name__}: {exc})")
+    return None
+
+
+def not_the_storage(exc: FileNotFoundError) -> bool:
+    """Whether a listing's FileNotFoundError came from an HTTP 404 that carries no S3 error code (an S3
+    service answers a listing of a missing bucket with ``NoSuchBucket``): something else answered."""
+    response = getattr(exc.__cause__, "response", None)
+    return isinstance(response, dict) and str(response.get("Error", {}).get("Code")) == "404"
 
 
 def retried(what: str, fn: Callable[[], _T], attempts: int = WRITE_ATTEMPTS, pause: float = FIRST_RETRY_PAUSE) -> _T:
@@ -555,6 +600,7 @@ class FsspecStorage(Storage):
         self.kept_bytes = None if self.cache is None else self.cache.max_bytes
         client = storage_options.get("client_kwargs") or {}
         endpoint = client.get("endpoint_url") or storage_options.get("endpoint_url")
+        self._endpoint: str | None = endpoint
         self._identity = f"{url}\0{endpoint or ''}"
         self._listed: dict[str, int] = {}  # the size of each file (its path) in its folder's last listing
         self._kept: dict[str, dict[str, Any]] | None = None  # _info of published files, inside one_view
@@ -574,6 +620,11 @@ class FsspecStorage(Storage):
             return call(*args, timeout=limit, **kwargs)  # fsspec's sync() takes it: asyncio.wait_for
         except TimeoutError:
             raise TimeoutError(f"{self.url}: the storage did not answer within {limit:.0f} s ({method})") from None
+        except Exception as exc:
+            failure = unreachable(exc, self.url, self._endpoint)
+            if failure is None:
+                raise
+            raise failure from exc
 
     def exists(self, key: str = "") -> bool:
         path = self._path(key)
@@ -587,7 +638,14 @@ class FsspecStorage(Storage):
             try:
                 entries = self._ask("ls", path, detail=True)
                 break
-            except (FileNotFoundError, NotADirectoryError):
+            except FileNotFoundError as exc:
+                if not_the_storage(exc):
+                    raise StorageUnreachable(
+                        f"{self.url}: {self._endpoint or 'the endpoint'} answered a listing with HTTP 404 and no "
+                        "S3 error: it does not look like the storage (a wrong endpoint_url, or a proxy)"
+                    ) from exc
+                return []
+            except NotADirectoryError:
                 return []
             except (KeyError, RuntimeError):  # memory:// lists a dict that a concurrent write may change
                 if attempt == 2:
