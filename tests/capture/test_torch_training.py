@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -286,6 +287,60 @@ def test_lbfgs_gradients_are_those_each_step_starts_from(tmp_path: Path) -> None
     assert trial.steps() == [0, 1, 2]
     for s in range(3):
         np.testing.assert_array_equal(_value(trial, "gradients/weight", s), first[s].numpy())
+
+
+def _step_with_closure(
+    opt: torch.optim.Optimizer,
+    net: nn.Module,
+    prefix: str,
+    loss: Callable[[], torch.Tensor],
+    grads: dict[str, torch.Tensor],
+    by_keyword: bool = False,
+) -> None:
+    """``opt.step(closure)`` (or ``closure=closure``); the gradients of ``net`` the step starts from go into
+    ``grads``."""
+
+    def closure() -> torch.Tensor:
+        net.zero_grad()
+        value = loss()
+        value.backward()
+        if not any(n.startswith(f"{prefix}.") for n in grads):
+            grads.update(_grads(net, prefix))
+        return value
+
+    if by_keyword:
+        opt.step(closure=closure)
+    else:
+        opt.step(closure)
+
+
+def test_two_optimizers_stepping_with_closures_each_save_their_gradients(tmp_path: Path) -> None:
+    """Lightning's manual optimization passes a closure to every ``opt.step()``: in a GAN step, the second
+    optimizer's gradients were dropped without a word (one closure flag per step, not per optimizer)."""
+    net_g, net_d = Generator(), Discriminator()
+    opt_d = torch.optim.SGD(net_d.parameters(), lr=0.1)
+    opt_g = torch.optim.SGD(net_g.parameters(), lr=0.1)
+    hook = ttt.Hook(tmp_path, save_config=EVERY_STEP, include_collections=["gradients"])
+    hook.register_module(net_g, name="G")
+    hook.register_module(net_d, name="D")
+    hook.attach_optimizer(opt_d)
+    hook.attach_optimizer(opt_g)
+    gen = torch.Generator().manual_seed(9)
+    seen: list[dict[str, torch.Tensor]] = []
+    for _ in range(3):
+        real, z = torch.randn(6, 4, generator=gen), torch.randn(6, 3, generator=gen)
+        grads: dict[str, torch.Tensor] = {}
+        # each loss runs inside the call, in this iteration
+        _step_with_closure(opt_d, net_d, "D", lambda: (net_d(real) - net_d(net_g(z).detach())).mean(), grads)  # noqa: B023
+        _step_with_closure(opt_g, net_g, "G", lambda: net_d(net_g(z)).mean(), grads, by_keyword=True)  # noqa: B023
+        seen.append(grads)
+    hook.close()
+    trial = _trial(tmp_path)
+    assert trial.steps(mode=Mode.TRAIN) == [0, 1, 2]
+    for s, grads in enumerate(seen):
+        assert set(trial.tensor_names(step=s, collection="gradients")) == {f"gradients/{n}" for n in grads}
+        for name, value in grads.items():
+            np.testing.assert_array_equal(_value(trial, f"gradients/{name}", s), value.numpy(), err_msg=name)
 
 
 def test_a_step_gradscaler_skips_is_still_a_step(tmp_path: Path) -> None:

@@ -28,12 +28,12 @@ Values
 Weights and biases are read when the step is recorded (after the update).
 Gradients are each optimizer's parameters' ``p.grad`` as its ``step()``
 sees them (after accumulation, clipping, unscaling; under DDP, averaged);
-with a closure (LBFGS), after the first evaluation of the closure in the
-step (the gradients the step starts from); without an optimizer, the last
-gradient accumulated into each parameter during the step. The loss is the
-scalar tensor ``backward()`` is called on (``losses/loss``; with several
-optimizers ``losses/<optimizer name>``), unless it was named by a
-registered loss module or :meth:`Hook.record_loss`.
+with a closure (LBFGS), after the first evaluation of the closure in its
+``step()`` (the gradients the step starts from), for each optimizer;
+without an optimizer, the last gradient accumulated into each parameter
+during the step. The loss is the scalar tensor ``backward()`` is called on
+(``losses/loss``; with several optimizers ``losses/<optimizer name>``),
+unless it was named by a registered loss module or :meth:`Hook.record_loss`.
 """
 
 from __future__ import annotations
@@ -213,7 +213,6 @@ class Hook(core.Hook):
         self._named: dict[int, torch.Tensor] = {}  # tensors the user named (registered loss, record_loss)
         self._scaled: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # scaled loss -> (it, the loss)
         self._grad_stash: dict[str, torch.Tensor] = {}
-        self._closure_seen = False
         # per-step switches, each one boolean test in the hooks
         self._io = self._losses = self._stash_grads = False
         patches.attach(self)
@@ -370,7 +369,7 @@ class Hook(core.Hook):
         if self._closed:
             return
         saved = self.session.open(mode)
-        self._ended_by_optimizer = self._forwarded = self._trained = self._closure_seen = False
+        self._ended_by_optimizer = self._forwarded = self._trained = False
         self._tentative = tentative
         self._given_unsaved = False
         self._stepped.clear()
@@ -570,6 +569,8 @@ class Hook(core.Hook):
         if not self.session.is_open or self._ended_by_optimizer:
             self._open(self._detect_mode())
         self._tentative = False
+        if not self.session.saving("gradients"):
+            return None
         # args: (optimizer, closure?) as step() was called
         closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
         if callable(closure):
@@ -577,19 +578,23 @@ class Hook(core.Hook):
             if "closure" in kwargs:
                 return args, {**kwargs, "closure": wrapped}
             return (args[0], wrapped, *args[2:]), kwargs
-        if self.session.saving("gradients"):
-            self.session.guard(self._offer_gradients, att)
+        self.session.guard(self._offer_gradients, att)
         return None
 
     def _wrap_closure(self, att: _Optimizer, closure: Callable[[], Any]) -> Callable[[], Any]:
-        """The closure, which offers the gradients after its first evaluation in the step."""
+        """The closure of one ``step()`` call of ``att``, which offers its gradients after its first evaluation.
+
+        Per call, not per step: with several optimizers each stepping with a closure (Lightning's manual
+        optimization always passes one), each offers its own parameters' gradients.
+        """
+        seen = False
 
         def evaluate() -> Any:
+            nonlocal seen
             result = closure()
-            if not self._closure_seen:
-                self._closure_seen = True
-                if self.session.saving("gradients"):
-                    self.session.guard(self._offer_gradients, att)
+            if not seen:
+                seen = True
+                self.session.guard(self._offer_gradients, att)
             return result
 
         return evaluate
