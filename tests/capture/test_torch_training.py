@@ -170,6 +170,72 @@ def test_a_failed_construction_leaves_the_model_untouched(tmp_path: Path) -> Non
     assert torch.autograd.backward is backward
 
 
+def test_an_accelerate_prepared_optimizer_is_unwrapped(tmp_path: Path) -> None:
+    """``accelerator.prepare`` (and the Hugging Face Trainer's callbacks) hand out an ``AcceleratedOptimizer``:
+    an ``Optimizer`` subclass whose own step hooks never run; attaching it raised ``AttributeError``."""
+    accelerate = pytest.importorskip("accelerate")
+    model = _mlp()
+    model, opt = accelerate.Accelerator(cpu=True).prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert type(opt).__name__ == "AcceleratedOptimizer"
+    hook = ttt.capture(model, tmp_path, optimizer=opt, save_config=EVERY_STEP, include_collections=["gradients"])
+    with pytest.raises(ValueError, match="already attached"):
+        hook.attach_optimizer(opt.optimizer)  # the same optimizer
+    gen = torch.Generator().manual_seed(4)
+    seen = []
+    for _ in range(3):
+        x, y = _batch(gen)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        seen.append(model[0].weight.grad.detach().clone())
+        opt.step()
+    hook.close()
+    trial = _trial(tmp_path)
+    assert trial.steps(mode=Mode.TRAIN) == [0, 1, 2]
+    for s, g in enumerate(seen):
+        np.testing.assert_array_equal(_value(trial, "gradients/0.weight", s), g.numpy())
+
+
+class Lookahead(torch.optim.Optimizer):
+    """An optimizer wrapper as timm's ``Lookahead`` was written: an ``Optimizer`` that skips
+    ``Optimizer.__init__`` (so it has no step hooks) and keeps the wrapped optimizer under its own name."""
+
+    def __init__(self, base_optimizer: torch.optim.Optimizer) -> None:  # no super().__init__()
+        self._base_optimizer = base_optimizer
+        self.param_groups = base_optimizer.param_groups
+        self.defaults = base_optimizer.defaults
+        self.state = base_optimizer.state
+
+    def step(self, closure: Any = None) -> Any:
+        return self._base_optimizer.step(closure)
+
+
+def test_a_failed_attach_optimizer_changes_nothing(tmp_path: Path) -> None:
+    """Attaching an optimizer the hook cannot attach is a ``TypeError`` that leaves the hook as it was; it used to
+    leave a phantom optimizer that never steps behind, so that every later step merged into one."""
+    model = _mlp()
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    hook = ttt.Hook(tmp_path, save_config=EVERY_STEP, include_collections=["gradients", "losses"])
+    hook.register_module(model)
+    with pytest.raises(TypeError, match=r"Lookahead.*pass the optimizer it wraps"):
+        hook.attach_optimizer(Lookahead(base))
+    hook.attach_optimizer(base)
+    gen = torch.Generator().manual_seed(4)
+    seen = []
+    for _ in range(3):
+        x, y = _batch(gen)
+        base.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        seen.append((loss.item(), model[2].weight.grad.detach().clone()))
+        base.step()
+    hook.close()
+    trial = _trial(tmp_path)
+    assert trial.steps(mode=Mode.TRAIN) == [0, 1, 2]
+    for s, (loss, g) in enumerate(seen):
+        assert float(_value(trial, "losses/loss", s)) == loss
+        np.testing.assert_array_equal(_value(trial, "gradients/2.weight", s), g.numpy())
+
+
 class Generator(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -73,6 +73,34 @@ def _unwrap(module: nn.Module) -> nn.Module:
             return module
 
 
+def _inner_optimizer(optimizer: Any, where: str) -> torch.optim.Optimizer:
+    """The torch optimizer that runs step hooks, inside the wrappers training frameworks hand out.
+
+    accelerate's ``AcceleratedOptimizer`` (``accelerator.prepare``, the Hugging Face Trainer's
+    callbacks), Lightning's ``LightningOptimizer`` and Fabric's optimizer pass an
+    ``isinstance(torch.optim.Optimizer)`` check but are not the object ``step()`` runs the hooks
+    of; each exposes the optimizer it wraps as ``.optimizer``.
+
+    Raises
+    ------
+    TypeError
+        ``optimizer`` is not a torch optimizer, or one without torch's step hooks (a subclass
+        whose ``__init__`` skips ``Optimizer.__init__``) that wraps none under ``.optimizer``.
+    """
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"{where}: expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    given = optimizer
+    while isinstance(inner := getattr(optimizer, "optimizer", None), torch.optim.Optimizer) and inner is not optimizer:
+        optimizer = inner
+    hooks = ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks")
+    if not all(isinstance(getattr(optimizer, h, None), dict) for h in hooks):
+        raise TypeError(
+            f"{where}: {type(given).__name__} is a torch.optim.Optimizer without torch's step hooks (its __init__ "
+            "does not call Optimizer.__init__) and wraps no optimizer as .optimizer; pass the optimizer it wraps"
+        )
+    return optimizer
+
+
 def _is_compiled(module: nn.Module) -> bool:
     return any(isinstance(getattr(m, "_orig_mod", None), nn.Module) for m in module.modules())
 
@@ -293,9 +321,11 @@ class Hook(core.Hook):
         Several optimizers (a GAN): a training step ends when each has stepped.
         ``name`` names the losses differentiated before its step when there are several
         (``losses/<name>``); default: the registered module its parameters belong to.
+        A wrapper that training frameworks hand out (accelerate's ``AcceleratedOptimizer``,
+        Lightning's ``LightningOptimizer``) is unwrapped to the optimizer it wraps. If attaching
+        fails (``TypeError``, ``ValueError``), the hook is left as it was.
         """
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"attach_optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        optimizer = _inner_optimizer(optimizer, "attach_optimizer")
         if any(o.optimizer is optimizer for o in self._optimizers):
             raise ValueError("attach_optimizer: this optimizer is already attached")
         att = _Optimizer(optimizer, name or self._owner_name(optimizer))
@@ -303,12 +333,13 @@ class Hook(core.Hook):
             for p in group["params"]:
                 if id(p) in self._param_ids:
                     att.params[id(p)] = self._param_ids[id(p)]
+        # nothing above changed the hook; nothing below fails (_inner_optimizer checked the hook dicts)
+        self._handles.append(optimizer.register_step_pre_hook(patches.Tap(self, Hook._on_optimizer_pre, att)))
+        self._handles.append(optimizer.register_step_post_hook(patches.Tap(self, Hook._on_optimizer_post, att)))
         self._optimizers.append(att)
         for handle in self._grad_handles:  # gradients are read from p.grad at optimizer.step() from now on
             handle.remove()
         self._grad_handles.clear()
-        self._handles.append(optimizer.register_step_pre_hook(patches.Tap(self, Hook._on_optimizer_pre, att)))
-        self._handles.append(optimizer.register_step_post_hook(patches.Tap(self, Hook._on_optimizer_post, att)))
 
     def _owner_name(self, optimizer: torch.optim.Optimizer) -> str:
         ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
@@ -695,9 +726,7 @@ def capture(
     if not isinstance(model, nn.Module):
         raise TypeError(f"capture: model: expected a torch.nn.Module, got {type(model).__name__}")
     optimizers = [] if optimizer is None else list(optimizer) if isinstance(optimizer, Sequence) else [optimizer]
-    for opt in optimizers:
-        if not isinstance(opt, torch.optim.Optimizer):
-            raise TypeError(f"capture: optimizer: expected a torch.optim.Optimizer, got {type(opt).__name__}")
+    optimizers = [_inner_optimizer(opt, "capture: optimizer") for opt in optimizers]
     if loss is not None and not callable(loss):
         raise TypeError(f"capture: loss: expected a torch.nn.Module or a function, got {type(loss).__name__}")
     hook = Hook(out_dir, **kwargs)
