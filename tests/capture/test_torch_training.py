@@ -494,6 +494,37 @@ def test_forwards_outside_training_make_no_train_steps(tmp_path: Path) -> None:
     np.testing.assert_array_equal(_value(trial, "outputs/Sequential", 0, Mode.PREDICT), predicted.detach().numpy())
 
 
+def test_training_in_eval_mode_warns_once_how_to_get_train_steps(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Fine-tuning with ``model.eval()`` (frozen BatchNorm) and no ``set_mode``: the steps are EVAL steps, as
+    documented, but that used to happen without a word although ``optimizer.step()`` ran in each of them."""
+    model = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.Linear(5, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    hook = ttt.capture(model, tmp_path, optimizer=opt, save_config=EVERY_STEP, include_collections=["losses"])
+    gen = torch.Generator().manual_seed(11)
+    model.eval()
+    losses = []
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        for i in range(4):
+            if i == 2:
+                hook.set_mode("train")  # what the warning says to do
+            x, y = _batch(gen)
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    hook.close()
+    trial = _trial(tmp_path)
+    assert trial.steps() == [0, 1, 2, 3]
+    assert trial.steps(mode=Mode.EVAL) == trial.steps(mode=Mode.TRAIN) == [0, 1]
+    got = [float(_value(trial, "losses/loss", s, m)) for m in (Mode.EVAL, Mode.TRAIN) for s in trial.steps(mode=m)]
+    assert got == losses
+    warned = [r.getMessage() for r in caplog.records if "recorded as EVAL" in r.getMessage()]
+    assert len(warned) == 1 and 'hook.set_mode("train")' in warned[0] and "step 0" in warned[0]
+
+
 class CellLoop(nn.Module):
     """An LSTMCell called once per time step in a Python loop (word_language_model style)."""
 

@@ -17,9 +17,10 @@ What a step is
   after it (until the next forward, or a value given in another mode).
 * The mode is the one given to :meth:`Hook.set_mode`; until then EVAL when
   the module is in ``eval()`` or gradients are disabled (``no_grad``,
-  ``inference_mode``), TRAIN otherwise. A TRAIN step that saw a forward but
-  no backward and no optimizer step (a prediction after training) is
-  recorded as PREDICT. A step opened by a value alone (``save_scalar``
+  ``inference_mode``), TRAIN otherwise (an optimizer stepping in such an
+  EVAL step is warned about, once: frozen BatchNorm needs ``set_mode``). A
+  TRAIN step that saw a forward but no backward and no optimizer step (a
+  prediction after training) is recorded as PREDICT. A step opened by a value alone (``save_scalar``
   before any forward) takes the mode of the forward that follows.
 * A step is recorded when the next one begins, or at :meth:`Hook.close`.
 
@@ -234,6 +235,7 @@ class Hook(core.Hook):
         self._tentative = False  # opened by a value alone: takes the mode of the next forward
         self._given_unsaved = False  # a value given in it while it was not saved (a tentative step's)
         self._warned_relabel = False
+        self._warned_eval_training = False
         self._forwarded = self._trained = False
         self._stepped: set[int] = set()  # optimizers (by id) that stepped in it
         # losses backward() was called on, not yet named: (the tensor, weakly; its value)
@@ -643,10 +645,27 @@ class Hook(core.Hook):
         self._stepped.add(id(att))
         if self._losses:
             self._name_backward_losses(att.name if len(self._optimizers) > 1 else self._loss_name)
-        if self.mode == Mode.TRAIN and not self._explicit_steps and len(self._stepped) == len(self._optimizers):
+        if self.mode != Mode.TRAIN:
+            self._warn_optimizer_in_eval(att)
+        elif not self._explicit_steps and len(self._stepped) == len(self._optimizers):
             self.session.end()
             self._ended_by_optimizer = True
             self._step_ended()
+
+    def _warn_optimizer_in_eval(self, att: _Optimizer) -> None:
+        """Once: an optimizer stepped in a step recorded as EVAL because the model was in ``eval()`` (or
+        gradients were off) and no mode was set: training with frozen BatchNorm makes no TRAIN steps."""
+        if self._warned_eval_training or self._explicit_mode is not None or self.mode != Mode.EVAL:
+            return
+        self._warned_eval_training = True
+        logger.warning(
+            "tensortap: optimizer %s stepped in step %d, which is recorded as EVAL step %d because the model was "
+            "in eval() or gradients were off at its forward (training with frozen BatchNorm?); such steps are "
+            'EVAL steps, not TRAIN steps: call hook.set_mode("train") before training to record TRAIN steps',
+            att.name,
+            self.step,
+            self.mode_step,
+        )
 
     # ------------------------------------------------------- user-facing saves
     def save_tensor(self, name: str, value: Any, collections: Sequence[str] = ("custom",)) -> None:
