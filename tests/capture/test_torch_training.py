@@ -494,6 +494,58 @@ def test_forwards_outside_training_make_no_train_steps(tmp_path: Path) -> None:
     np.testing.assert_array_equal(_value(trial, "outputs/Sequential", 0, Mode.PREDICT), predicted.detach().numpy())
 
 
+class VAE(nn.Module):
+    """pytorch/examples vae's shape: ``decode`` is called by ``forward`` and, to sample, by the script."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Linear(6, 2)
+        self.fc3 = nn.Linear(2, 6)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.fc3(z)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.enc(x))
+
+
+def test_a_submodule_called_after_the_step_ended_is_skipped_with_one_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """vae/main.py samples with ``model.decode(z)`` after ``test()``: that call of fc3 used to go into the step
+    that had ended, renaming its ``outputs/fc3`` to ``outputs/fc3:0`` and adding ``fc3:1``."""
+    model = VAE()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    hook = ttt.capture(model, tmp_path, optimizer=opt, save_config=EVERY_STEP, include_collections=["outputs"])
+    gen = torch.Generator().manual_seed(13)
+    seen: dict[Mode, list[torch.Tensor]] = {Mode.TRAIN: [], Mode.EVAL: []}
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        for _ in range(2):
+            model.train()
+            for _ in range(2):
+                opt.zero_grad()
+                out = model(_batch(gen)[0])
+                out.pow(2).mean().backward()
+                opt.step()
+                seen[Mode.TRAIN].append(out.detach())
+                with torch.no_grad():
+                    model.decode(torch.randn(3, 2, generator=gen))  # after the TRAIN step ended
+            model.eval()
+            with torch.no_grad():
+                seen[Mode.EVAL].append(model(_batch(gen)[0]))
+                model.decode(torch.randn(3, 2, generator=gen))  # after the EVAL step ended
+    hook.close()
+    trial = _trial(tmp_path)
+    assert trial.steps() == list(range(6))
+    for mode, outs in seen.items():
+        assert trial.steps(mode=mode) == list(range(len(outs)))
+        for s, out in enumerate(outs):
+            assert trial.tensor_names(step=s, mode=mode) == ["outputs/VAE", "outputs/enc", "outputs/fc3"]
+            np.testing.assert_array_equal(_value(trial, "outputs/fc3", s, mode), out.numpy())
+    warned = [r.getMessage() for r in caplog.records if "outside a forward" in r.getMessage()]
+    assert len(warned) == 1 and "submodule fc3" in warned[0] and "after step 0 ended" in warned[0]
+
+
 def test_training_in_eval_mode_warns_once_how_to_get_train_steps(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -22,6 +22,9 @@ What a step is
   TRAIN step that saw a forward but no backward and no optimizer step (a
   prediction after training) is recorded as PREDICT. A step opened by a value alone (``save_scalar``
   before any forward) takes the mode of the forward that follows.
+* A submodule called outside a forward of a registered module (``model.decode(z)``)
+  is captured only between the step's first forward and its end; otherwise it is
+  skipped, with one warning per submodule (it is no step's).
 * A step is recorded when the next one begins, or at :meth:`Hook.close`.
 
 Values
@@ -236,6 +239,7 @@ class Hook(core.Hook):
         self._given_unsaved = False  # a value given in it while it was not saved (a tentative step's)
         self._warned_relabel = False
         self._warned_eval_training = False
+        self._warned_outside: set[str] = set()  # submodules called outside a forward of their root
         self._forwarded = self._trained = False
         self._stepped: set[int] = set()  # optimizers (by id) that stepped in it
         # losses backward() was called on, not yet named: (the tensor, weakly; its value)
@@ -539,8 +543,27 @@ class Hook(core.Hook):
             )
 
     def _on_io(self, name: str, module: nn.Module, args: Any, output: Any) -> None:
-        if self._io and not torch.compiler.is_compiling():
+        if not self._io or torch.compiler.is_compiling():
+            return
+        if not self._depth and (self.session.pending or not self._forwarded):
+            self._warn_outside_forward(name)
+        else:
             self.session.guard(self._capture_io, name, args, output)
+
+    def _warn_outside_forward(self, name: str) -> None:
+        """Once per submodule: a call outside a forward of a registered module is skipped unless the step in
+        progress has had a forward and has not ended (recorded in an ended step, it renamed its outputs)."""
+        if name in self._warned_outside:
+            return
+        self._warned_outside.add(name)
+        when = "after step %d ended" if self.session.pending else "in step %d before any forward of it"
+        logger.warning(
+            "tensortap: submodule %s was called outside a forward of the registered module, " + when + " "
+            "(sampling with model.decode(z)?); such calls are not captured, in no step. To capture them, call "
+            "them inside the module's forward, or between its forward and the end of the step (optimizer.step())",
+            name,
+            self.step,
+        )
 
     def _capture_io(self, name: str, args: Any, output: Any) -> None:
         if self.session.saving("outputs"):
