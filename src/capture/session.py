@@ -30,6 +30,7 @@ Interface
     session.offer_tree(name, value, collections)  # a nested value, named by flatten()
     session.offer_call(base, value, collections)  # one call of a module/layer: base, or base:<i>
                                                   # when called several times in the step
+    session.offer_call(base, args, collections, keywords=kwargs)  # and its keyword arguments: base/<key>
     session.guard(fn, *args)                      # run capture work; errors disable capture, never training
 
 Naming of nested values (:func:`flatten`, SPEC section 9): a single tensor, or
@@ -226,11 +227,15 @@ class Session:
         for sub, t in flatten(name, value, self.is_tensor):
             self.hook.offer(sub, t, colls)
 
-    def offer_call(self, base: str, value: Any, collections: Sequence[str]) -> None:
+    def offer_call(
+        self, base: str, value: Any, collections: Sequence[str], keywords: Mapping[str, Any] | None = None
+    ) -> None:
         """Offer one call's value as ``base`` (one call in the step) or ``base:<i>`` (several).
 
         The first call is held (snapshotted) until a second call names it ``base:0`` or the
-        step ends; calls beyond :attr:`max_calls` replace a held last call.
+        step ends; calls beyond :attr:`max_calls` replace a held last call. ``keywords``
+        (a call's keyword arguments) are named ``base/<key>`` (``base:<i>/<key>``), each by
+        :func:`flatten`, without changing the names of ``value``'s tensors.
         """
         calls = self._calls.get(base)
         if calls is None:
@@ -238,6 +243,8 @@ class Session:
         i = calls.count
         calls.count += 1
         tensors = flatten("", value, self.is_tensor)
+        for key, v in (keywords or {}).items():
+            tensors += flatten(f"/{key}", v, self.is_tensor)
         if i == 0:
             calls.first = [(sub, self.snapshot(t)) for sub, t in tensors]
         elif i < self.max_calls:

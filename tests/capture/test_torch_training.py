@@ -747,6 +747,54 @@ def test_naming_of_repeated_calls_and_inputs(tmp_path: Path) -> None:
     np.testing.assert_array_equal(_value(trial, "outputs/nested/1/1", 0), ((x + 1) * 2 - 2).numpy() * 6)
 
 
+class Attend(nn.Module):
+    """Keyword arguments as real code passes them: ``model(**batch)`` (Hugging Face) and
+    ``attn(q, k, v, key_padding_mask=mask)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(4, 1, batch_first=True)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.attn(x, x, x, key_padding_mask=mask, need_weights=False)[0]
+
+
+def test_keyword_inputs_are_captured_next_to_positional_ones(tmp_path: Path) -> None:
+    """Forward hooks without ``with_kwargs`` never saw keyword arguments: ``model(**inputs)`` gave no
+    ``inputs/<Model>`` at all, ``attn(q, k, v, key_padding_mask=mask)`` lost the mask, without a warning."""
+    model = Attend()
+    hook = ttt.capture(model, tmp_path, save_config=EVERY_STEP, include_collections=["inputs"])
+    gen = torch.Generator().manual_seed(14)
+    x = torch.randn(2, 3, 4, generator=gen)
+    mask = torch.tensor([[False, False, True], [False, False, False]])
+    with torch.no_grad():
+        model(**{"x": x, "mask": mask})  # EVAL step 0: keyword arguments only
+        model(x, mask=mask)  # EVAL step 1: positional names as before
+    hook.close()
+    trial = _trial(tmp_path)
+    assert trial.tensor_names(step=0, mode=Mode.EVAL) == [
+        "inputs/Attend/mask",
+        "inputs/Attend/x",
+        "inputs/attn/0",
+        "inputs/attn/1",
+        "inputs/attn/2",
+        "inputs/attn/key_padding_mask",
+    ]
+    assert trial.tensor_names(step=1, mode=Mode.EVAL) == [
+        "inputs/Attend",
+        "inputs/Attend/mask",
+        "inputs/attn/0",
+        "inputs/attn/1",
+        "inputs/attn/2",
+        "inputs/attn/key_padding_mask",
+    ]
+    for name, value, s in [("inputs/Attend/x", x, 0), ("inputs/Attend", x, 1), ("inputs/attn/2", x, 1)]:
+        np.testing.assert_array_equal(_value(trial, name, s, Mode.EVAL), value.numpy(), err_msg=name)
+    for s in range(2):
+        for name in ("inputs/Attend/mask", "inputs/attn/key_padding_mask"):
+            np.testing.assert_array_equal(_value(trial, name, s, Mode.EVAL), mask.numpy(), err_msg=name)
+
+
 def test_two_hooks_each_get_their_own_model_loss_and_torch_is_restored(tmp_path: Path) -> None:
     backward = torch.autograd.backward
     scale = torch.amp.GradScaler.scale

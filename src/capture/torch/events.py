@@ -298,12 +298,15 @@ class Hook(core.Hook):
                 self._grad_handles.append(p.register_post_accumulate_grad_hook(patches.Tap(self, Hook._on_grad, full)))
         self._handles.append(module.register_forward_pre_hook(patches.Tap(self, Hook._on_root_pre, root)))
         self._handles.append(
-            module.register_forward_hook(patches.Tap(self, Hook._on_root_post, root), always_call=True)
+            module.register_forward_hook(
+                patches.Tap(self, Hook._on_root_post, root), with_kwargs=True, always_call=True
+            )
         )
         if self.session.may_save("outputs", "inputs"):  # no hook at all otherwise: PyTorch's dispatch costs too
             for sub_name, sub in inner.named_modules():
                 if sub_name:
-                    self._handles.append(sub.register_forward_hook(patches.Tap(self, Hook._on_io, prefix + sub_name)))
+                    tap = patches.Tap(self, Hook._on_io, prefix + sub_name)
+                    self._handles.append(sub.register_forward_hook(tap, with_kwargs=True))
 
     def register_loss(self, loss: nn.Module | Callable[..., Any], name: str | None = None) -> None:
         """Name a loss.
@@ -520,14 +523,14 @@ class Hook(core.Hook):
         self._tentative = False
         self._forwarded = True
 
-    def _on_root_post(self, root: _Root, module: nn.Module, args: Any, output: Any) -> None:
+    def _on_root_post(self, root: _Root, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         if torch.compiler.is_compiling():
             return
         self._depth = max(self._depth - 1, 0)
         if self._depth or not self.session.is_open or self._closed:
             return
         if self._io and output is not None:
-            self.session.guard(self._capture_io, root.name, args, output)
+            self.session.guard(self._capture_io, root.name, args, kwargs, output)
         if not self._spans_forwards():
             self.session.end()
 
@@ -542,13 +545,13 @@ class Hook(core.Hook):
                 stacklevel=2,
             )
 
-    def _on_io(self, name: str, module: nn.Module, args: Any, output: Any) -> None:
+    def _on_io(self, name: str, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         if not self._io or torch.compiler.is_compiling():
             return
         if not self._depth and (self.session.pending or not self._forwarded):
             self._warn_outside_forward(name)
         else:
-            self.session.guard(self._capture_io, name, args, output)
+            self.session.guard(self._capture_io, name, args, kwargs, output)
 
     def _warn_outside_forward(self, name: str) -> None:
         """Once per submodule: a call outside a forward of a registered module is skipped unless the step in
@@ -565,11 +568,12 @@ class Hook(core.Hook):
             self.step,
         )
 
-    def _capture_io(self, name: str, args: Any, output: Any) -> None:
+    def _capture_io(self, name: str, args: Any, kwargs: dict[str, Any], output: Any) -> None:
+        """Outputs and inputs of one call: positional inputs ``inputs/<name>``, keyword ones ``inputs/<name>/<key>``."""
         if self.session.saving("outputs"):
             self.session.offer_call(f"outputs/{name}", output, ("outputs",))
         if self.session.saving("inputs"):
-            self.session.offer_call(f"inputs/{name}", args, ("inputs",))
+            self.session.offer_call(f"inputs/{name}", args, ("inputs",), keywords=kwargs)
 
     def _on_loss_module(self, name: str, module: nn.Module, args: Any, output: Any) -> None:
         if self._closed:
