@@ -47,6 +47,7 @@ only the last (under its true index), with one warning naming the module.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -61,14 +62,18 @@ IsTensor = Callable[[Any], bool]
 Snapshot = Callable[[Any], Any]
 
 
+_PLAIN = (type(None), bool, int, float, complex, str, bytes)
+"""Leaves that are no tensor and hold none (a ``None`` output, a flag): skipped without a word."""
+
+
+def _is_dataclass(value: Any) -> bool:
+    return dataclasses.is_dataclass(value) and not isinstance(value, type)
+
+
 def _count(value: Any, is_tensor: IsTensor) -> int:
     if is_tensor(value):
         return 1
-    if isinstance(value, (list, tuple)):
-        return sum(_count(v, is_tensor) for v in value)
-    if isinstance(value, Mapping):
-        return sum(_count(v, is_tensor) for v in value.values())
-    return 0
+    return sum(_count(v, is_tensor) for _, v in _items(value))
 
 
 def _items(value: Any) -> Iterator[tuple[Any, Any]]:
@@ -76,7 +81,24 @@ def _items(value: Any) -> Iterator[tuple[Any, Any]]:
         return iter(enumerate(value))
     if isinstance(value, Mapping):
         return iter(value.items())
+    if _is_dataclass(value):
+        return ((f.name, getattr(value, f.name)) for f in dataclasses.fields(value))
     return iter(())
+
+
+def unnamed(value: Any, is_tensor: IsTensor) -> set[str]:
+    """The type names of the leaves of ``value`` that :func:`flatten` skips although they may hold
+    tensors: neither tensors, nor lists, tuples, mappings, dataclasses, nor ``None``, numbers, strings.
+
+    Examples
+    --------
+    ``(t, None, 3)`` -> ``set()``; ``(t, Categorical(logits=t))`` -> ``{"Categorical"}``.
+    """
+    if is_tensor(value) or isinstance(value, _PLAIN):
+        return set()
+    if not isinstance(value, (list, tuple, Mapping)) and not _is_dataclass(value):
+        return {type(value).__name__}
+    return set().union(*(unnamed(v, is_tensor) for _, v in _items(value)))
 
 
 def _leaves(value: Any, is_tensor: IsTensor) -> Iterator[Any]:
@@ -103,7 +125,8 @@ def flatten(name: str, value: Any, is_tensor: IsTensor) -> list[tuple[str, Any]]
     name
         The name of the whole value (``outputs/fc1``).
     value
-        A tensor, or lists, tuples and mappings (nested) of them; other leaves are ignored.
+        A tensor, or lists, tuples, mappings and dataclasses (nested) of them; other leaves are
+        ignored (:func:`unnamed` tells which of them might have held tensors).
     is_tensor
         Whether a leaf is a tensor of the adapter's framework.
 
@@ -111,7 +134,7 @@ def flatten(name: str, value: Any, is_tensor: IsTensor) -> list[tuple[str, Any]]
     --------
     ``t`` and ``(t,)`` -> ``name``; ``(a, b)`` -> ``name/0``, ``name/1``;
     ``{"h": a, "c": (b,)}`` -> ``name/h``, ``name/c``; ``(a, (b, c))`` -> ``name/0``,
-    ``name/1/0``, ``name/1/1``.
+    ``name/1/0``, ``name/1/1``; a dataclass is named by its fields, like a dict.
     """
     return list(_walk(name, value, is_tensor))
 
@@ -162,6 +185,7 @@ class Session:
         self._finishers: list[Callable[[], None]] = []
         self._calls: dict[str, _Calls] = {}
         self._warned_calls: set[str] = set()
+        self._warned_unnamed: set[str] = set()  # bases whose values held something flatten() skips
 
     # ------------------------------------------------------------ collections
     def may_save(self, *collections: str) -> bool:
@@ -245,6 +269,8 @@ class Session:
         tensors = flatten("", value, self.is_tensor)
         for key, v in (keywords or {}).items():
             tensors += flatten(f"/{key}", v, self.is_tensor)
+        if base not in self._warned_unnamed:
+            self._warn_unnamed(base, (value, keywords))
         if i == 0:
             calls.first = [(sub, self.snapshot(t)) for sub, t in tensors]
         elif i < self.max_calls:
@@ -264,6 +290,18 @@ class Session:
                     self.hook.step,
                     self.max_calls,
                 )
+
+    def _warn_unnamed(self, base: str, value: Any) -> None:
+        """Once per ``base``: what of a call's value cannot be captured (a distribution, an object of its own)."""
+        types = unnamed(value, self.is_tensor)
+        if types:
+            self._warned_unnamed.add(base)
+            logger.warning(
+                "tensortap: %s holds %s, which is not captured (tensors are, and lists, tuples, dicts and "
+                "dataclasses of them); the tensors beside it are",
+                base,
+                " and ".join(sorted(types)),
+            )
 
     def _offer_flat(self, name: str, tensors: list[tuple[str, Any]], collections: tuple[str, ...]) -> None:
         for sub, t in tensors:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,12 @@ def _is_array(v: Any) -> bool:
 A, B, C = (np.full(2, float(i)) for i in range(3))
 
 
+@dataclasses.dataclass
+class Pair:
+    a: Any
+    b: Any
+
+
 @pytest.mark.parametrize(
     ("value", "names"),
     [
@@ -37,6 +44,8 @@ A, B, C = (np.full(2, float(i)) for i in range(3))
         ((A, (B, C)), ["o/0", "o/1/0", "o/1/1"]),
         ({"a": {"b": A, "c": [B, C]}}, ["o/a/b", "o/a/c/0", "o/a/c/1"]),
         ((None, 3, "text"), []),
+        ((Pair(A, B), C), ["o/0/a", "o/0/b", "o/1"]),  # a dataclass: by its fields
+        ([Pair(A, None)], ["o"]),
     ],
 )
 def test_the_one_naming_rule(value: Any, names: list[str]) -> None:

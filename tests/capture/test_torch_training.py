@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import logging
 from collections.abc import Callable
@@ -793,6 +794,63 @@ def test_keyword_inputs_are_captured_next_to_positional_ones(tmp_path: Path) -> 
     for s in range(2):
         for name in ("inputs/Attend/mask", "inputs/attn/key_padding_mask"):
             np.testing.assert_array_equal(_value(trial, name, s, Mode.EVAL), mask.numpy(), err_msg=name)
+
+
+@dataclasses.dataclass
+class Heads:
+    logits: torch.Tensor
+    value: torch.Tensor
+
+
+class Policy(nn.Module):
+    """An actor-critic head returning a dataclass and a ``torch.distributions`` object (reinforce-style)."""
+
+    class Head(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pi, self.v = nn.Linear(6, 3), nn.Linear(6, 1)
+
+        def forward(self, x: torch.Tensor) -> tuple[Heads, torch.distributions.Categorical]:
+            logits = self.pi(x)
+            return Heads(logits, self.v(x)), torch.distributions.Categorical(logits=logits)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = self.Head()
+
+    def forward(self, x: torch.Tensor) -> tuple[Heads, torch.distributions.Categorical]:
+        return self.head(x)
+
+
+def test_dataclass_outputs_are_named_by_fields_and_other_objects_warned_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Outputs that are no tensor, list, tuple or dict (a dataclass, a ``Categorical``) gave nothing and no
+    warning; a dataclass is now named by its fields, anything else is named in one warning per module."""
+    model = Policy()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    hook = ttt.capture(model, tmp_path, optimizer=opt, save_config=EVERY_STEP, include_collections=["outputs"])
+    gen = torch.Generator().manual_seed(15)
+    seen = []
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        for _ in range(2):
+            heads, dist = model(_batch(gen)[0])
+            opt.zero_grad()
+            (-dist.log_prob(dist.sample()).mean() + heads.value.pow(2).mean()).backward()
+            opt.step()
+            seen.append(heads)
+    hook.close()
+    trial = _trial(tmp_path)
+    assert trial.steps() == [0, 1]
+    for s, heads in enumerate(seen):
+        for base in ("outputs/Policy", "outputs/head"):
+            for field in ("logits", "value"):
+                value = getattr(heads, field).detach().numpy()
+                np.testing.assert_array_equal(_value(trial, f"{base}/0/{field}", s), value)
+    warned = sorted(r.getMessage() for r in caplog.records if "not captured" in r.getMessage())
+    assert len(warned) == 2  # once per module, not per step
+    assert warned[0].startswith("tensortap: outputs/Policy holds Categorical")
+    assert warned[1].startswith("tensortap: outputs/head holds Categorical")
 
 
 def test_two_hooks_each_get_their_own_model_loss_and_torch_is_restored(tmp_path: Path) -> None:
