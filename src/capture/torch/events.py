@@ -20,8 +20,9 @@ What a step is
   ``inference_mode``), TRAIN otherwise (an optimizer stepping in such an
   EVAL step is warned about, once: frozen BatchNorm needs ``set_mode``). A
   TRAIN step that saw a forward but no backward and no optimizer step (a
-  prediction after training) is recorded as PREDICT. A step opened by a value alone (``save_scalar``
-  before any forward) takes the mode of the forward that follows.
+  prediction after training) is recorded as PREDICT. A step opened by a
+  value alone (``save_scalar`` before any forward) takes the mode of the
+  forward that follows.
 * A submodule called outside a forward of a registered module (``model.decode(z)``)
   is captured only between the step's first forward and its end; otherwise it is
   skipped, with one warning per submodule (it is no step's).
