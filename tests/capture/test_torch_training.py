@@ -237,6 +237,32 @@ def test_a_failed_attach_optimizer_changes_nothing(tmp_path: Path) -> None:
         np.testing.assert_array_equal(_value(trial, "gradients/2.weight", s), g.numpy())
 
 
+def test_two_optimizers_of_the_same_parameters_are_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A second optimizer of the same parameters that never steps (one made and attached by mistake, or the
+    optimizer a framework made next to the user's) keeps every step open: they all merged into one, silently."""
+    model = _mlp()
+    stepped, idle = (torch.optim.SGD(model.parameters(), lr=0.1) for _ in range(2))
+    hook = ttt.Hook(tmp_path, save_config=EVERY_STEP, include_collections=["losses"])
+    hook.register_module(model)
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        hook.attach_optimizer(idle, name="idle")
+        hook.attach_optimizer(stepped, name="stepped")
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(3):
+        x, y = _batch(gen)
+        stepped.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        stepped.step()
+    hook.close()
+    assert _trial(tmp_path).steps(mode=Mode.TRAIN) == [0]  # as documented: idle never stepped
+    warned = [r.getMessage() for r in caplog.records if "updates too" in r.getMessage()]
+    assert len(warned) == 1
+    assert "optimizer stepped updates parameters that the attached optimizer idle" in warned[0]
+    assert "(0.weight, 0.bias, 2.weight, ...)" in warned[0]
+
+
 class Generator(nn.Module):
     def __init__(self) -> None:
         super().__init__()

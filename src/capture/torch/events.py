@@ -343,6 +343,7 @@ class Hook(core.Hook):
             for p in group["params"]:
                 if id(p) in self._param_ids:
                     att.params[id(p)] = self._param_ids[id(p)]
+        self._warn_shared_parameters(att)
         # nothing above changed the hook; nothing below fails (_inner_optimizer checked the hook dicts)
         self._handles.append(optimizer.register_step_pre_hook(patches.Tap(self, Hook._on_optimizer_pre, att)))
         self._handles.append(optimizer.register_step_post_hook(patches.Tap(self, Hook._on_optimizer_post, att)))
@@ -350,6 +351,22 @@ class Hook(core.Hook):
         for handle in self._grad_handles:  # gradients are read from p.grad at optimizer.step() from now on
             handle.remove()
         self._grad_handles.clear()
+
+    def _warn_shared_parameters(self, att: _Optimizer) -> None:
+        """Warn if ``att`` updates parameters an attached optimizer updates too: a step ends when each has
+        stepped, so one that never steps (a second optimizer made for the same model) merges every step."""
+        for other in self._optimizers:
+            shared = [name for pid, name in att.params.items() if pid in other.params]
+            if shared:
+                logger.warning(
+                    "tensortap: optimizer %s updates parameters that the attached optimizer %s updates too (%s); "
+                    "a training step ends when each attached optimizer has stepped, so if one of them never "
+                    "steps, all steps merge into one: attach only the optimizer that steps",
+                    att.name,
+                    other.name,
+                    ", ".join(shared[:3]) + (", ..." if len(shared) > 3 else ""),
+                )
+                return
 
     def _owner_name(self, optimizer: torch.optim.Optimizer) -> str:
         ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
