@@ -46,11 +46,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _is_trial(path: str, options: dict[str, Any]) -> bool:
-    from .backends.registry import get_storage
-    from .trial.trial import is_trial
+    from .trial.trial import is_trial, trial_storage
 
     try:
-        return is_trial(get_storage(path, **options))
+        return is_trial(trial_storage(path, **options))
     except (ValueError, OSError, ImportError):
         return False
 

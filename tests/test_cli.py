@@ -226,6 +226,31 @@ def test_create_trial_accepts_a_started_or_empty_trial_and_waits(tmp_path: Path)
     assert isinstance(info.value, FileNotFoundError)
 
 
+@pytest.mark.parametrize("kind", ["fifo", "device", "empty"])
+def test_a_fifo_a_device_or_an_empty_path_is_no_trial(tmp_path: Path, kind: str) -> None:
+    """Neither a FIFO nor ``/dev/null`` is an empty trial, and ``""`` is not the current folder."""
+    write_run(tmp_path / "run", n=2)  # a trial in the current folder, which "" must not read
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    path, why = {
+        "fifo": (str(fifo), "neither a folder nor a file"),
+        "device": (os.devnull, "neither a folder nor a file"),
+        "empty": ("", "the path is empty"),
+    }[kind]
+    with pytest.raises(TrialNotFound, match=why):
+        tensortap.create_trial(path, wait=True, timeout=30)  # nothing to wait for: at once
+    err = user_error(
+        subprocess.run(
+            [sys.executable, "-m", "tensortap.cli", "check", path, "--json"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=tmp_path / "run",
+        )
+    )
+    assert why in err
+
+
 # ------------------------------------------------------------ unknown names
 def test_unknown_names_are_errors_with_suggestions(trial_dir: Path) -> None:
     trial = tensortap.create_trial(trial_dir)

@@ -23,7 +23,6 @@ import numpy as np
 from ..backends import layout
 from ..backends.isolated import ChildFailed, ShardChild
 from ..backends.layout import UnsafeKey, check_key
-from ..backends.registry import get_storage
 from ..backends.shard import RawAtReader, ShardError, ShardReader
 from ..backends.storage import LocalRanges, Storage
 from .index import (
@@ -38,7 +37,7 @@ from .index import (
     read_records,
 )
 from .progress import progress
-from .trial import trial_problem
+from .trial import trial_problem, trial_storage
 
 CHECK_SECONDS = 60.0
 """Time limit for reading one shard in full (a 256 MiB shard takes about a second)."""
@@ -261,7 +260,7 @@ def find_problems(
     TrialNotFound
         If no trial is at ``path`` (see :func:`tensortap.trial.trial.trial_problem`).
     """
-    storage = get_storage(path, **(options or {}))
+    storage = trial_storage(path, **(options or {}))
     not_a_trial = trial_problem(storage)
     if not_a_trial is not None:
         raise not_a_trial

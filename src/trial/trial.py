@@ -92,6 +92,20 @@ def find_trials(storage: Storage, depth: int = SEARCH_DEPTH) -> list[str]:
     return sorted(found)
 
 
+def trial_storage(path: str | os.PathLike[str] | Storage, **options: Any) -> Storage:
+    """The storage of the trial at ``path`` (see :func:`~tensortap.backends.get_storage`).
+
+    Raises
+    ------
+    TrialNotFound
+        If ``path`` is empty: it names no folder (``"."`` names the current one), and is
+        more likely a variable left unset than a wish to read the current folder.
+    """
+    if not isinstance(path, Storage) and not os.fspath(path):
+        raise TrialNotFound("''", "the path is empty (give '.' for the current folder)")
+    return get_storage(path, **options)
+
+
 def trial_problem(storage: Storage) -> TrialNotFound | None:
     """None if ``storage`` holds a trial (or is an empty folder); else the :class:`TrialNotFound` to raise.
 
@@ -107,8 +121,9 @@ def trial_problem(storage: Storage) -> TrialNotFound | None:
             siblings = [p.name for p in Path(path).parent.iterdir() if p.is_dir()]
             why += suggest(Path(path).name, siblings).replace("; did", ", did", 1)
         return TrialNotFound(path, why)
-    if local and Path(path).is_file():
-        return TrialNotFound(path, "it is a file, not a trial folder")
+    if local and not Path(path).is_dir():
+        kind = "a file" if Path(path).is_file() else "neither a folder nor a file (a FIFO, device or socket)"
+        return TrialNotFound(path, f"it is {kind}, not a trial folder")
     if not storage.list("") and not storage.list_dirs(""):
         return None  # an empty folder: a run about to start
     trials = find_trials(storage)
@@ -152,13 +167,14 @@ class Trial:
         storage_options: Mapping[str, Any] | None = None,
         **options: Any,
     ) -> None:
-        self.storage = get_storage(path, **{**(storage_options or {}), **options})
+        self.storage = trial_storage(path, **{**(storage_options or {}), **options})
         self.path = self.storage.url
         deadline = None if timeout is None else time.monotonic() + timeout
         while (problem := self._problem()) is not None:
             late = deadline is not None and time.monotonic() >= deadline
-            never = bool(problem.trials_below) or ("://" not in self.path and os.path.isfile(self.path))
-            if not wait or late or never:  # a file, or a folder of trials, never becomes a trial
+            here = "://" not in self.path and os.path.exists(self.path) and not os.path.isdir(self.path)
+            never = bool(problem.trials_below) or here
+            if not wait or late or never:  # a file (FIFO, device), or a folder of trials, never becomes a trial
                 raise problem
             time.sleep(WAIT_POLL_SECONDS)
         self.refresh_interval = refresh_interval
