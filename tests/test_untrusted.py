@@ -206,6 +206,20 @@ def test_fifos_never_hang_the_reader_or_check(tmp_path: Path) -> None:
     assert sum("not a regular file" in p for p in problems) == 2, problems
 
 
+def test_link_loops_are_skipped_naming_them_and_the_rest_read(tmp_path: Path) -> None:
+    write(tmp_path)
+    loops = ["index/loop", "index/worker_0/0000000001.json", "workers/loop.json"]
+    for loop in loops:
+        (tmp_path / loop).symlink_to(tmp_path / loop)  # a link to itself: ELOOP when followed
+    values, warned = read_all(tmp_path)
+    np.testing.assert_array_equal(values["dense/kernel"][1], kernel(1))
+    assert len(warned) == len(loops), warned
+    for loop in loops:
+        assert any(loop in w and "Too many levels of symbolic links" in w for w in warned), (loop, warned)
+    problems = find_problems(str(tmp_path))
+    assert sorted(p.split(":")[0] for p in problems) == sorted(loops), problems
+
+
 # ---------------------------------------------------------------- declared sizes
 def test_huge_declared_shape_in_a_tiny_file_is_refused(tmp_path: Path) -> None:
     write(tmp_path)

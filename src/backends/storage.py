@@ -387,6 +387,14 @@ def drop_cached_pages(fd: int) -> None:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
 
+def _is_dir_or_unknown(entry: os.DirEntry[str]) -> bool | None:
+    """Whether ``entry`` is a folder (links followed); None if that cannot be told (a link loop)."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return None
+
+
 class LocalStorage(Storage):
     """A trial in a local directory.
 
@@ -437,9 +445,13 @@ class LocalStorage(Storage):
         return self._path(key).exists()
 
     def _entries(self, prefix: str, want_dir: bool) -> Keys:
+        """The names under ``prefix`` that are folders (``want_dir``) or not. One whose kind cannot be
+        told (a link loop, a link through a folder that cannot be read) is listed as both, so that whoever
+        reads it meets its error and says so, and the rest are listed; a folder that cannot be read
+        raises its OSError (PermissionError), for the caller to say so."""
         try:
             with os.scandir(self._path(prefix)) as it:
-                return sorted(e.name for e in it if e.is_dir() == want_dir and not e.name.startswith("."))
+                return sorted(e.name for e in it if _is_dir_or_unknown(e) in (want_dir, None) and e.name[0] != ".")
         except (FileNotFoundError, NotADirectoryError):
             return []
 

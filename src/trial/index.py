@@ -601,11 +601,7 @@ class TrialIndex:
         """
         storage = self.storage
         workers, ends, folders = self._listings(
-            [
-                functools.partial(storage.list, layout.WORKERS),
-                functools.partial(storage.list, layout.ENDS),
-                functools.partial(storage.list_dirs, layout.INDEX),
-            ]
+            [(storage.list, layout.WORKERS), (storage.list, layout.ENDS), (storage.list_dirs, layout.INDEX)]
         )
         new = [(w, key) for w, key in self._records(layout.WORKERS, workers) if not self._worker(w).info]
         for worker, _, info in self._load(new, lambda record, _: check_worker_record(record)):
@@ -614,7 +610,7 @@ class TrialIndex:
         for worker, _, end in self._load(new, lambda record, _: check_end_marker(record)):
             self.workers[worker].end = end
         folders = self._index_folders(folders)
-        listed = self._listings([functools.partial(storage.list, f"{layout.INDEX}/{w}") for w in folders])
+        listed = self._listings([(storage.list, f"{layout.INDEX}/{w}") for w in folders])
         new = []
         for worker, names in zip(folders, listed, strict=True):
             seen = self._worker(worker).seen
@@ -637,11 +633,23 @@ class TrialIndex:
             return
         self._add_record(worker, w, parsed)
 
-    def _listings(self, listings: Sequence[Callable[[], list[str]]]) -> list[list[str]]:
-        """The names each of ``listings`` gives (storage listings): on remote storage, made at once."""
-        if self.storage.is_local:
-            return [listing() for listing in listings]
-        return [future.result() for future in at_once(listings, "list")]
+    def _listings(self, listings: Sequence[tuple[Callable[[str], list[str]], str]]) -> list[list[str]]:
+        """The names each ``(list, folder)`` of ``listings`` gives (a storage listing of a folder): on remote
+        storage, made at once. A folder that cannot be listed (no permission, a link loop) gives none, with
+        a warning naming it (its records are read once it can be); a TimeoutError is raised."""
+        calls = [functools.partial(listing, folder) for listing, folder in listings]
+        done = [_ran(call) for call in calls] if self.storage.is_local else at_once(calls, "list")
+        out = []
+        for (_, folder), future in zip(listings, done, strict=True):
+            exc = future.exception()
+            if exc is None:
+                out.append(future.result())
+                continue
+            if isinstance(exc, TimeoutError) or not isinstance(exc, OSError):
+                raise exc
+            self._warn_bad(folder, f"the folder cannot be listed ({exc}); what it holds is not read")
+            out.append([])
+        return out
 
     def _records(self, folder: str, names: Sequence[str]) -> list[tuple[str, str]]:
         """``(worker, key)`` of the ``<worker>.json`` files among ``names`` (listed in ``folder``) whose
