@@ -220,6 +220,37 @@ def test_link_loops_are_skipped_naming_them_and_the_rest_read(tmp_path: Path) ->
     assert sorted(p.split(":")[0] for p in problems) == sorted(loops), problems
 
 
+def without_root_override() -> list[str]:
+    """The prefix of a command that runs without root's right to read any folder (none when not root)."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv: a folder without permissions stays readable")
+    caps = "-dac_override,-dac_read_search"
+    return ["setpriv", f"--bounding-set={caps}", f"--inh-caps={caps}"]
+
+
+@pytest.mark.parametrize("folder", ["index/worker_0", "shards/worker_0"])
+def test_a_folder_that_cannot_be_read_is_named_never_taken_as_empty(folder: str, tmp_path: Path) -> None:
+    write(tmp_path)
+    (tmp_path / folder).chmod(0)
+    try:
+        run = [*without_root_override(), sys.executable]
+        checked = subprocess.run(
+            [*run, "-m", "tensortap", "check", str(tmp_path)], capture_output=True, text=True, timeout=120
+        )
+        read = "t = tensortap.create_trial(sys.argv[1]); print([len(t.tensor(n).values()) for n in t.tensor_names()])"
+        values = subprocess.run(
+            [*run, "-c", f"import sys, tensortap; {read}", str(tmp_path)], capture_output=True, text=True, timeout=120
+        )
+    finally:
+        (tmp_path / folder).chmod(0o755)
+    assert checked.returncode == 1, checked
+    assert f"{folder}: " in checked.stdout and "cannot be listed (Permission denied)" in checked.stdout
+    assert values.returncode == 0 and values.stdout.strip() in ("[]", "[0, 0]"), values
+    assert folder in values.stderr and "Permission denied" in values.stderr, values
+
+
 # ---------------------------------------------------------------- declared sizes
 def test_huge_declared_shape_in_a_tiny_file_is_refused(tmp_path: Path) -> None:
     write(tmp_path)

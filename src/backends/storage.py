@@ -387,6 +387,16 @@ def drop_cached_pages(fd: int) -> None:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
 
+def _not_a_file(path: str, mode: int) -> str:
+    """What ``path``, of ``st_mode`` ``mode`` and no regular file, is: the end of a sentence naming it."""
+    if stat.S_ISDIR(mode):
+        try:
+            os.scandir(path).close()
+        except OSError as exc:
+            return f"is a folder that cannot be listed ({exc.strerror}), not a regular file"
+    return "is not a regular file (a FIFO, device or folder)"
+
+
 def _is_dir_or_unknown(entry: os.DirEntry[str]) -> bool | None:
     """Whether ``entry`` is a folder (links followed); None if that cannot be told (a link loop)."""
     try:
@@ -427,7 +437,7 @@ class LocalStorage(Storage):
             if stat.S_ISLNK(mode):
                 return self._linked_file(key)
         if not stat.S_ISREG(mode):
-            raise NotInTrial(f"{self.url}: {key!r} is not a regular file (a FIFO, device or folder)")
+            raise NotInTrial(f"{self.url}: {key!r} {_not_a_file(here, mode)}")
         return here
 
     def _linked_file(self, key: str) -> str:
@@ -462,11 +472,17 @@ class LocalStorage(Storage):
         return self._entries(prefix, want_dir=True)
 
     def walk(self) -> Keys:
-        """Every key that is not a real folder: FIFOs, devices and links too, so that ``check`` reports them."""
+        """Every key that is not a real folder: FIFOs, devices and links too, and folders that cannot be
+        listed (no permission), so that ``check`` reports them."""
         if not self.root.is_dir():
             return []
         keys: Keys = []
-        for folder, dirs, files in os.walk(self.root):  # never follows links to folders
+
+        def unlisted(exc: OSError) -> None:
+            if exc.filename is not None:
+                keys.append(Path(exc.filename).relative_to(self.root).as_posix())
+
+        for folder, dirs, files in os.walk(self.root, onerror=unlisted):  # never follows links to folders
             base = Path(folder).relative_to(self.root)
             links = [d for d in dirs if os.path.islink(os.path.join(folder, d))]
             keys.extend((base / name).as_posix() for name in [*files, *links])
