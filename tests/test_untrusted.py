@@ -635,6 +635,81 @@ def test_a_malformed_record_is_skipped_and_reported(change: Callable[[dict], obj
     assert [p.split(":")[0] for p in find_problems(str(tmp_path))] == [RECORD]
 
 
+# ---------------------------------------------------------------- records that disagree with their shards
+def three_shards(out: Path) -> None:
+    """A real trial of three shards of two steps each (``dense/kernel``, ``ragged``); records without
+    ``raw_at``, so that values are found through HDF5."""
+    with Writer(out, shard_policy=ShardPolicy(max_steps=2)) as w:
+        for step in range(6):
+            with w.stepping():
+                w.save("dense/kernel", kernel(step), collections=["weights"])
+                w.save("ragged", np.full(step + 1, step, dtype=np.int16), collections=["outputs"])
+    for seq in range(3):
+        edit_record(out, seq, lambda _: None)
+
+
+def edit_record(out: Path, seq: int, change: Callable[[dict[str, Any]], object], to_seq: int | None = None) -> None:
+    """``change`` the index record ``seq`` of ``out`` (its ``raw_at`` dropped) and write it as ``to_seq``."""
+    record = json.loads((out / f"index/worker_0/{seq:010d}.json").read_text())
+    for entry in record["tensors"].values():
+        entry.pop("raw_at", None)
+    change(record)
+    (out / f"index/worker_0/{seq if to_seq is None else to_seq:010d}.json").write_text(json.dumps(record))
+
+
+def shift_steps(by: int) -> Callable[[dict[str, Any]], object]:
+    return lambda record: record.update(steps=[[s + by, m, ms + by] for s, m, ms in record["steps"]])
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        shift_steps(100),
+        lambda r: r.update(steps=[[-s - 1, m, ms] for s, m, ms in r["steps"]]),
+        lambda r: r.update(steps=[[s, 2, ms] for s, _, ms in r["steps"]]),  # TRAIN steps said to be EVAL
+        lambda r: r["tensors"]["dense/kernel"].update(raw_steps=[r["steps"][0][0]]),
+    ],
+    ids=["shifted", "negative", "other-mode", "fewer-raw-steps"],
+)
+def test_a_record_that_lists_other_steps_than_its_shard_is_refused_naming_the_shard(
+    change: Callable[[dict[str, Any]], object], tmp_path: Path
+) -> None:
+    three_shards(tmp_path)
+    edit_record(tmp_path, 1, change)
+    shard = "shards/worker_0/0000000001.h5"
+    with logged_warnings() as warned:
+        trial = tensortap.create_trial(tmp_path)
+        values = trial.tensor("dense/kernel").values()
+        assert sorted(values) == [0, 1, 4, 5] == trial.steps()  # every step listed has its value
+        for step, value in values.items():
+            np.testing.assert_array_equal(value, kernel(step))
+        assert trial.tensor("ragged").steps() == [0, 1, 4, 5]
+    assert len(warned) == 1 and shard in warned[0] and "lists other steps" in warned[0], warned
+    assert [p.split(":")[0] for p in find_problems(str(tmp_path))] == [shard]
+
+
+@pytest.mark.parametrize("kind", ["overlapping-steps", "same-shard"])
+def test_of_two_records_of_one_step_or_shard_the_earlier_is_kept_naming_both(kind: str, tmp_path: Path) -> None:
+    """A record claiming steps of another (or its shard) hides none of that one's values."""
+    three_shards(tmp_path)
+    if kind == "overlapping-steps":
+        edit_record(tmp_path, 1, shift_steps(-2))  # claims steps 0 and 1, of shard 0
+        later, kept, expected = "0000000001.json", "0000000000.json", [0, 1, 4, 5]
+    else:
+        edit_record(tmp_path, 1, lambda _: None, to_seq=7)  # a copy of record 1 names shard 1 too
+        later, kept, expected = "0000000007.json", "0000000001.json", list(range(6))
+    with logged_warnings() as warned:
+        trial = tensortap.create_trial(tmp_path)
+        values = trial.tensor("dense/kernel").values()
+        np.testing.assert_array_equal(trial.tensor("dense/kernel").value(0), kernel(0))
+    assert sorted(values) == expected == trial.steps()
+    for step, value in values.items():
+        np.testing.assert_array_equal(value, kernel(step))
+    assert len(warned) == 1 and later in warned[0] and kept in warned[0], warned
+    problems = find_problems(str(tmp_path))
+    assert len(problems) == 1 and later in problems[0].split(":")[0] and kept in problems[0], problems
+
+
 @pytest.mark.parametrize("text", ["[" * 100_000 + "]" * 100_000, '{"a": ', "\xff", "null", "[1, 2]"])
 @pytest.mark.parametrize("folder", ["index/worker_0/0000000000.json", "workers/worker_0.json", "end/worker_0.json"])
 def test_broken_json_anywhere_is_skipped_with_a_warning(text: str, folder: str, tmp_path: Path) -> None:

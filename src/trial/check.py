@@ -27,10 +27,11 @@ from ..backends.shard import RawAtReader, ShardError, ShardReader
 from ..backends.storage import LocalRanges, Storage
 from .index import (
     READS_AT_ONCE,
+    Claims,
+    Listed,
     ParsedRecord,
     RecordError,
     check_end_marker,
-    check_index_record,
     check_worker_record,
     in_background,
     parse_index_record,
@@ -75,6 +76,15 @@ def _misplaced(reader: ShardReader, parsed: ParsedRecord) -> str | None:
     return None
 
 
+def _other_raw_steps(reader: ShardReader, parsed: ParsedRecord) -> str | None:
+    """Where the index record lists other raw steps of a tensor than the shard holds (readers refuse the
+    shard), or None."""
+    for name, (raw, _, _) in parsed.tensors.items():
+        if name in reader.ids and not np.array_equal(reader.raw_steps(name), raw):
+            return f"{reader.path}: its index record lists other steps of {name!r} than the shard holds"
+    return None
+
+
 def inspect_shard(path: str, expected_bytes: int | None, record: dict[str, Any] | None = None) -> Summary:
     """Read the shard at ``path`` in full: ``(problem or None, its steps, its tensor names)``; with its
     index record ``record``, also what the record's ``raw_at`` locations give."""
@@ -85,7 +95,7 @@ def inspect_shard(path: str, expected_bytes: int | None, record: dict[str, Any] 
     try:
         parsed = None if record is None else parse_index_record(record, record["worker"])
         reader.validate(read_apart=() if parsed is None else parsed.raw_at)  # the located values: read below
-        problem = None if parsed is None else _misplaced(reader, parsed)
+        problem = None if parsed is None else _misplaced(reader, parsed) or _other_raw_steps(reader, parsed)
         return problem, reader.steps_table().tolist(), list(reader.names)
     except ShardError as exc:
         return str(exc), [], []
@@ -104,9 +114,12 @@ def _second_writer(worker_record: Any, worker: str, record: dict[str, Any]) -> s
     return f"written by another process than the one the worker record names: two processes wrote the worker {worker}"
 
 
-def _check_json(key: str, records: dict[str, Any], named: dict[str, tuple[str, dict[str, Any]]]) -> str | None:
+def _check_json(
+    key: str, records: dict[str, Any], named: dict[str, tuple[str, dict[str, Any]]], claims: Claims
+) -> str | None:
     """The problem of the JSON record ``key`` (``records[key]``: as read, or the error reading it), or
-    None; index records go into ``named`` by shard."""
+    None; index records go into ``named`` and ``claims`` by shard, unless they name a shard or list a step
+    of their worker that an earlier one does (readers refuse them: :meth:`Claims.conflict`)."""
     try:
         record = records[key]
         if isinstance(record, (OSError, ValueError)):
@@ -115,11 +128,17 @@ def _check_json(key: str, records: dict[str, Any], named: dict[str, tuple[str, d
         if folder == layout.INDEX:
             if len(rest) != 2:
                 raise RecordError("an index record outside index/<worker>/")
-            record = check_index_record(record, rest[0])
-            named[record["shard"]] = (key, record)
+            parsed = parse_index_record(record, rest[0])
+            record, listed = parsed.record, Listed.of(key, rest[0], parsed)
             second = _second_writer(records.get(layout.worker_key(rest[0])), rest[0], record)
-            if second is not None:
+            if second is not None:  # its shard is compared with it all the same
+                named[record["shard"]] = (key, record)
                 return f"{key}: {second}"
+            refused = claims.conflict(record["shard"], listed)
+            if refused is not None:
+                return f"{key}: refused by readers: it {refused}"
+            claims.add(record["shard"], listed)
+            named[record["shard"]] = (key, record)
         elif folder == layout.WORKERS:
             check_worker_record(record)
         elif folder == layout.ENDS:
@@ -266,6 +285,7 @@ def find_problems(
         raise not_a_trial
     problems: list[str] = []
     named: dict[str, tuple[str, dict[str, Any]]] = {}  # shard -> (index record key, record)
+    claims = Claims()
     shards = []
     keys = []
     for key in storage.walk():
@@ -276,7 +296,7 @@ def find_problems(
     records = dict(read_records(storage, [key for key in keys if key.endswith(".json")]))
     for key in keys:
         if key.endswith(".json"):
-            problem = _check_json(key, records, named)
+            problem = _check_json(key, records, named, claims)
             if problem:
                 problems.append(problem)
         elif key.endswith(".h5"):

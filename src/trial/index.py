@@ -415,7 +415,7 @@ class TensorInfo:
     orig_dtype: str | None = None
     _steps: np.ndarray | None = field(default=None, repr=False)
     _spans: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
-    _located: dict[str, Segment | None] | None = field(default=None, repr=False)
+    _located: dict[str, Segment] | None = field(default=None, repr=False)
 
     @property
     def locations(self) -> Locations:
@@ -448,14 +448,15 @@ class TensorInfo:
         firsts, lasts = self._spans
         return [self.segments[i] for i in np.flatnonzero((firsts <= step) & (lasts >= step)).tolist()]
 
-    def located(self, shard: str) -> Segment | None:
-        """The segment of ``shard`` if its record says where the raw values lie (``raw_at``) and no
-        other record names that shard (a stranger's trial may), else None."""
+    def segment(self, shard: str) -> Segment | None:
+        """The segment of ``shard`` (one at most: the index adds one record of a shard), None if none."""
         if self._located is None:
-            self._located = {}
-            for seg in self.segments:
-                self._located[seg.shard] = None if seg.shard in self._located else seg
-        found = self._located.get(shard)
+            self._located = {seg.shard: seg for seg in self.segments}
+        return self._located.get(shard)
+
+    def located(self, shard: str) -> Segment | None:
+        """The segment of ``shard`` if its record says where the raw values lie (``raw_at``), else None."""
+        found = self.segment(shard)
         return found if found is not None and found.raw_at is not None else None
 
     def saved_reductions(self) -> set[str]:
@@ -483,6 +484,60 @@ class WorkerState:
     last_mode_step: dict[Mode, int] = field(default_factory=dict)
     end: dict[str, Any] | None = None
     seen: set[str] = field(default_factory=set)
+
+
+@dataclass(frozen=True, eq=False)
+class Listed:
+    """What an index record says of its shard: a reader trusts it only as far as the shard agrees."""
+
+    record: str  # the index record's key
+    worker: str
+    steps: np.ndarray  # sorted
+    modes: np.ndarray  # of each step
+    mode_steps: np.ndarray  # of each step
+    bytes: int
+
+    @classmethod
+    def of(cls, key: str, worker: str, parsed: ParsedRecord) -> Listed:
+        """What the index record ``key`` of ``worker``, ``parsed``, says."""
+        return cls(key, worker, parsed.steps, parsed.modes, parsed.mode_steps, parsed.record["bytes"])
+
+    def disagrees(self, table: np.ndarray) -> bool:
+        """Whether the shard's own ``[step, mode, mode_step]`` rows (``table``) are other steps than listed."""
+        table = table[np.argsort(table[:, 0], kind="stable")]
+        listed = (self.steps, self.modes, self.mode_steps)
+        return len(table) != len(self.steps) or not all(np.array_equal(table[:, i], a) for i, a in enumerate(listed))
+
+
+class Claims(dict[str, Listed]):
+    """What the index records added so far say, by shard; :meth:`conflict` says which may not be added.
+
+    A worker saves each step once, in one shard: a second record of a shard or of a worker's step comes
+    from a damaged or crafted trial, and the earlier one is kept (it may be the true one; whichever is
+    false, its shard disagrees with it when read, and is refused then).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last: dict[str, int] = {}  # worker -> the last step its records list
+
+    def conflict(self, shard: str, new: Listed) -> str | None:
+        """Why the index record ``new`` of ``shard`` may not be added: it names a shard an earlier one
+        names, or lists a step an earlier one of its worker lists; None if neither."""
+        if shard in self:
+            return f"names the shard {shard}, which {self[shard].record} names too"
+        if not len(new.steps) or new.steps[0] > self.last.get(new.worker, _INT64_MIN - 1):  # the usual case
+            return None
+        for other in self.values():
+            if other.worker == new.worker and steps_meet(other.steps, new.steps):
+                return f"lists steps that {other.record} lists too (a worker saves a step once)"
+        return None
+
+    def add(self, shard: str, new: Listed) -> None:
+        """Add the index record ``new`` of ``shard``."""
+        self[shard] = new
+        if len(new.steps):
+            self.last[new.worker] = max(self.last.get(new.worker, _INT64_MIN), int(new.steps[-1]))
 
 
 def read_records(storage: Storage, keys: Sequence[str]) -> Iterator[tuple[str, Any]]:
@@ -540,9 +595,8 @@ class TrialIndex:
         self.tensors: dict[str, TensorInfo] = {}
         self.steps: dict[int, tuple[Mode, int]] = {}  # saved step -> (mode, mode_step)
         self.mode_steps: dict[Mode, dict[int, int]] = {}  # mode -> mode_step -> step
-        self.shard_steps: dict[str, np.ndarray] = {}  # shard -> its steps, sorted
+        self.shards = Claims()  # shard -> what its index record says of it
         self.wall_times: dict[int, float] = {}  # saved step -> latest commit time of any worker (format 2)
-        self.shard_bytes: dict[str, int] = {}
         self.bad_files: dict[str, str] = {}
         self._readers: OrderedDict[str, ShardReader] = OrderedDict()
         self._ranged_once: set[str] = set()  # remote shards a value of which was read by range (read_raw)
@@ -631,7 +685,12 @@ class TrialIndex:
                 f"(run {run}, not {claimed}): two processes wrote the worker {worker}",
             )
             return
-        self._add_record(worker, w, parsed)
+        listed = Listed.of(key, worker, parsed)
+        why = self.shards.conflict(parsed.record["shard"], listed)
+        if why is not None:
+            self._warn_bad(key, f"refused: it {why}; the earlier record is kept")
+            return
+        self._add_record(w, listed, parsed)
 
     def _listings(self, listings: Sequence[tuple[Callable[[str], list[str]], str]]) -> list[list[str]]:
         """The names each ``(list, folder)`` of ``listings`` gives (a storage listing of a folder): on remote
@@ -691,11 +750,10 @@ class TrialIndex:
                 self._warn_bad(f"{layout.INDEX}/{name}", str(exc))
         return sorted(folders)
 
-    def _add_record(self, worker: str, w: WorkerState, parsed: ParsedRecord) -> None:
-        record, steps = parsed.record, parsed.steps
+    def _add_record(self, w: WorkerState, listed: Listed, parsed: ParsedRecord) -> None:
+        record, steps, worker = parsed.record, parsed.steps, listed.worker
         shard = record["shard"]
-        self.shard_steps[shard] = steps
-        self.shard_bytes[shard] = record["bytes"]
+        self.shards.add(shard, listed)
         self._steps_changed()
         step_list = steps.tolist()
         if parsed.wall_times is not None:
@@ -747,10 +805,11 @@ class TrialIndex:
         self._warn_bad(shard, why)
         for info in self.tensors.values():
             info.drop(shard)
-        dropped = self.shard_steps.pop(shard, _NO_STEPS)
+        listed = self.shards.pop(shard, None)
+        dropped = _NO_STEPS if listed is None else listed.steps
         if not len(dropped):
             return
-        others = list(self.shard_steps.values())
+        others = [other.steps for other in self.shards.values()]
         held = np.concatenate(others) if others else _NO_STEPS
         # no readable copy of these steps is left: they were not saved, as far as readers go
         for step in np.setdiff1d(dropped, held).tolist():
@@ -773,8 +832,12 @@ class TrialIndex:
         if r is not None:
             self._readers.move_to_end(shard)
             return r
+        listed = self.shards.get(shard)
         try:
-            r = ShardReader(self.storage.local_path(shard), self.shard_bytes.get(shard))
+            r = ShardReader(self.storage.local_path(shard), None if listed is None else listed.bytes)
+            if listed is not None and listed.disagrees(r.steps_table()):
+                r.close()
+                raise ShardError(f"its index record {listed.record} lists other steps than the shard holds")
         except (ShardError, OSError, ValueError) as exc:
             self._drop_unreadable(shard, exc)
             return None
@@ -818,7 +881,17 @@ class TrialIndex:
         except (ShardError, OSError, ValueError) as exc:
             self._drop_unreadable(shard, exc)
             return None
-        return self.read(shard, what)
+        return self.read(shard, lambda reader: what(self._agreeing(reader, name, shard)))
+
+    def _agreeing(self, reader: ShardReader, name: str, shard: str) -> ShardReader:
+        """``reader``, of ``shard``, once sure it holds raw values of ``name`` at the steps its index record
+        lists, no more, no fewer (else a ShardError: a reader never lists a step whose value it drops)."""
+        segment = self.tensors[name].segment(shard)
+        listed = _NO_STEPS if segment is None else segment.raw_steps
+        if not np.array_equal(reader.raw_steps(name), listed):
+            record = self.shards[shard].record if shard in self.shards else "its index record"
+            raise ShardError(f"{record} lists other steps of {name!r} than the shard holds")
+        return reader
 
     def read_raw_many(self, name: str, shards: Sequence[str], what: Callable[[RawSource], _T]) -> dict[str, _T | None]:
         """:meth:`read_raw` of each of ``shards``. On remote storage, :data:`REQUESTS_AT_ONCE` shards at a
@@ -875,7 +948,8 @@ class TrialIndex:
         if seg is None or seg.raw_at is None:
             return None
         open_file = functools.partial(self.storage.open_ranges, shard)
-        return RawAtReader(open_file, shard, self.shard_bytes.get(shard), name, seg.raw_steps, seg.raw_at)
+        listed = self.shards.get(shard)
+        return RawAtReader(open_file, shard, None if listed is None else listed.bytes, name, seg.raw_steps, seg.raw_at)
 
     def close(self) -> None:
         """Close every open shard."""
