@@ -224,8 +224,8 @@ class _ClosingStorage(LocalStorage):
         super().__init__(root)
         self.on_index_listed = on_index_listed
 
-    def list(self, prefix: str) -> list[str]:
-        names = super().list(prefix)
+    def entries(self, prefix: str) -> tuple[list[str], list[str]]:  # how a reader lists a worker's records
+        names = super().entries(prefix)
         if prefix == "index/worker_0" and self.on_index_listed is not None:
             callback, self.on_index_listed = self.on_index_listed, None
             callback()

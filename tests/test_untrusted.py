@@ -710,6 +710,31 @@ def test_of_two_records_of_one_step_or_shard_the_earlier_is_kept_naming_both(kin
     assert len(problems) == 1 and later in problems[0].split(":")[0] and kept in problems[0], problems
 
 
+def test_a_record_declaring_another_shape_than_its_shard_holds_is_refused_naming_the_shard(tmp_path: Path) -> None:
+    three_shards(tmp_path)
+    edit_record(tmp_path, 2, lambda r: r["tensors"]["dense/kernel"].update(shape=[10**6] * 3))
+    shard = "shards/worker_0/0000000002.h5"
+    with logged_warnings() as warned:
+        trial = tensortap.create_trial(tmp_path)
+        values = trial.tensor("dense/kernel").values()
+        assert sorted(values) == [0, 1, 2, 3] == trial.steps()
+        assert trial.tensor("dense/kernel").summary()["shape"] == (6,)  # the shard's, once the false one is refused
+    assert len(warned) == 1 and shard in warned[0] and "shape" in warned[0], warned
+    problems = find_problems(str(tmp_path))
+    assert [p.split(":")[0] for p in problems] == [shard] and "shape" in problems[0], problems
+
+
+def test_a_folder_where_an_index_record_belongs_is_named(tmp_path: Path) -> None:
+    write(tmp_path)
+    folder = "index/worker_0/0000000003.json"
+    (tmp_path / folder).mkdir()
+    values, warned = read_all(tmp_path)
+    np.testing.assert_array_equal(values["dense/kernel"][1], kernel(1))
+    assert len(warned) == 1 and folder in warned[0] and "a folder" in warned[0], warned
+    problems = find_problems(str(tmp_path))
+    assert [p.split(":")[0] for p in problems] == [folder] and "a folder" in problems[0], problems
+
+
 @pytest.mark.parametrize("text", ["[" * 100_000 + "]" * 100_000, '{"a": ', "\xff", "null", "[1, 2]"])
 @pytest.mark.parametrize("folder", ["index/worker_0/0000000000.json", "workers/worker_0.json", "end/worker_0.json"])
 def test_broken_json_anywhere_is_skipped_with_a_warning(text: str, folder: str, tmp_path: Path) -> None:

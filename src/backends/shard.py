@@ -1791,6 +1791,15 @@ class ShardReader:
         return out
 
     @_shard_errors
+    def last_shape(self, name: str) -> tuple[int, ...] | None:
+        """The shape of the last raw value of ``name`` in this shard (the one its index record's ``shape``
+        describes), None if it has none."""
+        t = self._values(name)
+        if t.data is None or not len(t.steps):
+            return None
+        return tuple(t.data.shape[1:]) if t.shapes is None else t.shapes[-1]
+
+    @_shard_errors
     def stacked(self, name: str) -> tuple[np.ndarray, np.ndarray] | None:
         """``(steps, values)`` of ``name`` with ``values[i]`` the raw value at ``steps[i]``, in one read
         (each verified); None unless its values have one shape here (fixed layout)."""

@@ -266,6 +266,11 @@ class Storage(abc.ABC):
     def list_dirs(self, prefix: str) -> Keys:
         """Return the names of folders directly under folder ``prefix`` (sorted, no hidden names; [] if none)."""
 
+    def entries(self, prefix: str) -> tuple[Keys, Keys]:
+        """Return what :meth:`list` and :meth:`list_dirs` return for ``prefix``, in one listing where the
+        backend can (both built-in ones do; this default lists twice)."""
+        return self.list(prefix), self.list_dirs(prefix)
+
     @abc.abstractmethod
     def walk(self) -> Keys:
         """Return every file key under the root, sorted, without hidden ones (for ``tensortap check``)."""
@@ -454,22 +459,25 @@ class LocalStorage(Storage):
     def exists(self, key: str = "") -> bool:
         return self._path(key).exists()
 
-    def _entries(self, prefix: str, want_dir: bool) -> Keys:
-        """The names under ``prefix`` that are folders (``want_dir``) or not. One whose kind cannot be
-        told (a link loop, a link through a folder that cannot be read) is listed as both, so that whoever
-        reads it meets its error and says so, and the rest are listed; a folder that cannot be read
-        raises its OSError (PermissionError), for the caller to say so."""
+    def entries(self, prefix: str) -> tuple[Keys, Keys]:
+        """The names of the files and of the folders under ``prefix``. One whose kind cannot be told (a
+        link loop, a link through a folder that cannot be read) is in both, so that whoever reads it meets
+        its error and says so, and the rest are listed; a folder that cannot be read raises its OSError
+        (PermissionError), for the caller to say so."""
         try:
             with os.scandir(self._path(prefix)) as it:
-                return sorted(e.name for e in it if _is_dir_or_unknown(e) in (want_dir, None) and e.name[0] != ".")
+                kinds = [(e.name, _is_dir_or_unknown(e)) for e in it if e.name[0] != "."]
         except (FileNotFoundError, NotADirectoryError):
-            return []
+            return [], []
+        return sorted(n for n, is_dir in kinds if is_dir is not True), sorted(
+            n for n, is_dir in kinds if is_dir is not False
+        )
 
     def list(self, prefix: str) -> Keys:
-        return self._entries(prefix, want_dir=False)
+        return self.entries(prefix)[0]
 
     def list_dirs(self, prefix: str) -> Keys:
-        return self._entries(prefix, want_dir=True)
+        return self.entries(prefix)[1]
 
     def walk(self) -> Keys:
         """Every key that is not a real folder: FIFOs, devices and links too, and folders that cannot be
@@ -659,7 +667,7 @@ class FsspecStorage(Storage):
         self.fs.invalidate_cache(path)
         return bool(self._ask("exists", path))
 
-    def _entries(self, prefix: str, want_dir: bool) -> Keys:
+    def entries(self, prefix: str) -> tuple[Keys, Keys]:
         path = self._path(prefix)
         self.fs.invalidate_cache(path)
         for attempt in range(3):
@@ -672,23 +680,24 @@ class FsspecStorage(Storage):
                         f"{self.url}: {self._endpoint or 'the endpoint'} answered a listing with HTTP 404 and no "
                         "S3 error: it does not look like the storage (a wrong endpoint_url, or a proxy)"
                     ) from exc
-                return []
+                return [], []
             except NotADirectoryError:
-                return []
+                return [], []
             except (KeyError, RuntimeError):  # memory:// lists a dict that a concurrent write may change
                 if attempt == 2:
                     raise
         for e in entries:
             if e.get("type") != "directory" and isinstance(e.get("size"), int):
                 self._listed[e["name"]] = e["size"]
-        names = ((e["name"].rstrip("/").rsplit("/", 1)[-1], e.get("type") == "directory") for e in entries)
-        return sorted(n for n, is_dir in names if is_dir == want_dir and not n.startswith("."))
+        names = [(e["name"].rstrip("/").rsplit("/", 1)[-1], e.get("type") == "directory") for e in entries]
+        names = [(n, is_dir) for n, is_dir in names if not n.startswith(".")]
+        return sorted(n for n, is_dir in names if not is_dir), sorted(n for n, is_dir in names if is_dir)
 
     def list(self, prefix: str) -> Keys:
-        return self._entries(prefix, want_dir=False)
+        return self.entries(prefix)[0]
 
     def list_dirs(self, prefix: str) -> Keys:
-        return self._entries(prefix, want_dir=True)
+        return self.entries(prefix)[1]
 
     def walk(self) -> Keys:
         self.fs.invalidate_cache(self.root)

@@ -34,6 +34,7 @@ from .index import (
     check_end_marker,
     check_worker_record,
     in_background,
+    other_shape,
     parse_index_record,
     read_records,
 )
@@ -76,12 +77,18 @@ def _misplaced(reader: ShardReader, parsed: ParsedRecord) -> str | None:
     return None
 
 
-def _other_raw_steps(reader: ShardReader, parsed: ParsedRecord) -> str | None:
-    """Where the index record lists other raw steps of a tensor than the shard holds (readers refuse the
-    shard), or None."""
+def _disagreement(reader: ShardReader, parsed: ParsedRecord) -> str | None:
+    """Where the index record lists other raw steps of a tensor than the shard holds, or declares another
+    shape of its last raw value (readers refuse the shard), or None."""
     for name, (raw, _, _) in parsed.tensors.items():
-        if name in reader.ids and not np.array_equal(reader.raw_steps(name), raw):
+        if name not in reader.ids:
+            continue  # reported as other tensors than the shard holds
+        if not np.array_equal(reader.raw_steps(name), raw):
             return f"{reader.path}: its index record lists other steps of {name!r} than the shard holds"
+        declared = parsed.record["tensors"][name].get("shape")
+        other = other_shape(reader, name, tuple(declared) if len(raw) and declared is not None else None)
+        if other is not None:
+            return f"{reader.path}: its index record {other}"
     return None
 
 
@@ -95,7 +102,7 @@ def inspect_shard(path: str, expected_bytes: int | None, record: dict[str, Any] 
     try:
         parsed = None if record is None else parse_index_record(record, record["worker"])
         reader.validate(read_apart=() if parsed is None else parsed.raw_at)  # the located values: read below
-        problem = None if parsed is None else _misplaced(reader, parsed) or _other_raw_steps(reader, parsed)
+        problem = None if parsed is None else _misplaced(reader, parsed) or _disagreement(reader, parsed)
         return problem, reader.steps_table().tolist(), list(reader.names)
     except ShardError as exc:
         return str(exc), [], []
@@ -183,6 +190,22 @@ def _inspect(
     if problem is None and record:
         problem = _compare(record_key, record, steps, names)
     return None if problem is None else f"{key}: unreadable shard ({problem})"
+
+
+def _folders_among_records(storage: Storage) -> list[str]:
+    """A problem for each folder in a worker's index folder, where only index records belong (readers
+    name it and read nothing in it); a name that is also listed as a file is checked as one."""
+    problems = []
+    for worker in storage.list_dirs(layout.INDEX):
+        folder = f"{layout.INDEX}/{worker}"
+        try:
+            files, dirs = storage.entries(folder)
+        except (OSError, ValueError):
+            continue  # an unsafe name, or a folder that cannot be listed: reported among the walk's keys
+        problems += [
+            f"{folder}/{name}: a folder where index records belong; not read" for name in dirs if name not in files
+        ]
+    return problems
 
 
 def _ahead(storage: Storage, named: dict[str, tuple[str, dict[str, Any]]], shards: list[str]) -> int:
@@ -293,6 +316,7 @@ def find_problems(
             keys.append(check_key(key))
         except UnsafeKey as exc:
             problems.append(f"{key}: {exc}")
+    problems += _folders_among_records(storage)
     records = dict(read_records(storage, [key for key in keys if key.endswith(".json")]))
     for key in keys:
         if key.endswith(".json"):

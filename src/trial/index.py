@@ -270,6 +270,7 @@ class Segment:
     histogram: np.ndarray
     reductions: tuple[str, ...]
     raw_at: RawAt | None = None  # where the raw values lie in the shard's file, if the record says (format 2.1)
+    declared: tuple[str, tuple[int, ...]] | None = None  # the record's dtype and shape of the last raw value
 
     @functools.cached_property
     def raw_steps(self) -> np.ndarray:
@@ -469,10 +470,11 @@ class TensorInfo:
         self._steps = self._spans = self._located = None
 
     def drop(self, shard: str) -> None:
-        """Forget the steps stored in ``shard``."""
+        """Forget the steps stored in ``shard``, and the dtype and shape its record declared."""
         kept = [seg for seg in self.segments if seg.shard != shard]
         if len(kept) != len(self.segments):
             self.segments, self._steps, self._spans, self._located = kept, None, None, None
+            self.dtype, self.shape = next((seg.declared for seg in reversed(kept) if seg.declared), (None, None))
 
 
 @dataclass
@@ -538,6 +540,15 @@ class Claims(dict[str, Listed]):
         self[shard] = new
         if len(new.steps):
             self.last[new.worker] = max(self.last.get(new.worker, _INT64_MIN), int(new.steps[-1]))
+
+
+def other_shape(reader: ShardReader, name: str, declared: tuple[int, ...] | None) -> str | None:
+    """How the last raw value of ``name`` in ``reader``'s shard is not of the ``declared`` shape (its
+    index record's), or None (also when nothing is declared)."""
+    held = reader.last_shape(name)
+    if declared is None or held == declared:
+        return None
+    return f"declares the shape {declared} for {name!r}; the shard holds {held}"
 
 
 def read_records(storage: Storage, keys: Sequence[str]) -> Iterator[tuple[str, Any]]:
@@ -654,8 +665,9 @@ class TrialIndex:
         records, the end markers and the index folders; then each worker's index folder.
         """
         storage = self.storage
+        none: list[str] = []
         workers, ends, folders = self._listings(
-            [(storage.list, layout.WORKERS), (storage.list, layout.ENDS), (storage.list_dirs, layout.INDEX)]
+            [(storage.list, layout.WORKERS), (storage.list, layout.ENDS), (storage.list_dirs, layout.INDEX)], none
         )
         new = [(w, key) for w, key in self._records(layout.WORKERS, workers) if not self._worker(w).info]
         for worker, _, info in self._load(new, lambda record, _: check_worker_record(record)):
@@ -664,11 +676,13 @@ class TrialIndex:
         for worker, _, end in self._load(new, lambda record, _: check_end_marker(record)):
             self.workers[worker].end = end
         folders = self._index_folders(folders)
-        listed = self._listings([(storage.list, f"{layout.INDEX}/{w}") for w in folders])
+        listed = self._listings([(storage.entries, f"{layout.INDEX}/{w}") for w in folders], (none, none))
         new = []
-        for worker, names in zip(folders, listed, strict=True):
+        for worker, (names, dirs) in zip(folders, listed, strict=True):
             seen = self._worker(worker).seen
             new += [(worker, f"{layout.INDEX}/{worker}/{n}") for n in names if n not in seen and n.endswith(".json")]
+            for name in set(dirs).difference(names):  # a name in both is read, and warned about if it fails
+                self._warn_bad(f"{layout.INDEX}/{worker}/{name}", "a folder where index records belong; not read")
         for worker, key, parsed in self._load(new, parse_index_record):
             self.workers[worker].seen.add(key.rsplit("/", 1)[1])  # once read (or warned about)
             if parsed is not None:
@@ -692,10 +706,10 @@ class TrialIndex:
             return
         self._add_record(w, listed, parsed)
 
-    def _listings(self, listings: Sequence[tuple[Callable[[str], list[str]], str]]) -> list[list[str]]:
-        """The names each ``(list, folder)`` of ``listings`` gives (a storage listing of a folder): on remote
-        storage, made at once. A folder that cannot be listed (no permission, a link loop) gives none, with
-        a warning naming it (its records are read once it can be); a TimeoutError is raised."""
+    def _listings(self, listings: Sequence[tuple[Callable[[str], _T], str]], empty: _T) -> list[_T]:
+        """What each ``(list, folder)`` of ``listings`` gives (a storage listing of a folder): on remote
+        storage, made at once. A folder that cannot be listed (no permission, a link loop) gives ``empty``,
+        with a warning naming it (its records are read once it can be); a TimeoutError is raised."""
         calls = [functools.partial(listing, folder) for listing, folder in listings]
         done = [_ran(call) for call in calls] if self.storage.is_local else at_once(calls, "list")
         out = []
@@ -707,7 +721,7 @@ class TrialIndex:
             if isinstance(exc, TimeoutError) or not isinstance(exc, OSError):
                 raise exc
             self._warn_bad(folder, f"the folder cannot be listed ({exc}); what it holds is not read")
-            out.append([])
+            out.append(empty)
         return out
 
     def _records(self, folder: str, names: Sequence[str]) -> list[tuple[str, str]]:
@@ -797,6 +811,7 @@ class TrialIndex:
                     masks.of(hist, union),
                     tuple(entry.get("reductions", ())),
                     parsed.raw_at.get(name),
+                    (entry["dtype"], tuple(entry["shape"])) if "dtype" in entry and len(raw) else None,
                 )
             )
 
@@ -887,10 +902,12 @@ class TrialIndex:
         """``reader``, of ``shard``, once sure it holds raw values of ``name`` at the steps its index record
         lists, no more, no fewer (else a ShardError: a reader never lists a step whose value it drops)."""
         segment = self.tensors[name].segment(shard)
-        listed = _NO_STEPS if segment is None else segment.raw_steps
-        if not np.array_equal(reader.raw_steps(name), listed):
-            record = self.shards[shard].record if shard in self.shards else "its index record"
+        record = self.shards[shard].record if shard in self.shards else "its index record"
+        if not np.array_equal(reader.raw_steps(name), _NO_STEPS if segment is None else segment.raw_steps):
             raise ShardError(f"{record} lists other steps of {name!r} than the shard holds")
+        other = other_shape(reader, name, None if segment is None or segment.declared is None else segment.declared[1])
+        if other is not None:
+            raise ShardError(f"{record} {other}")
         return reader
 
     def read_raw_many(self, name: str, shards: Sequence[str], what: Callable[[RawSource], _T]) -> dict[str, _T | None]:
