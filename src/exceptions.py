@@ -130,20 +130,23 @@ class TrialNotFound(TensortapError, FileNotFoundError):
         What is there instead (``"nothing exists there"``, ``"it is a file"``, ...).
     trials_below
         Trials found in folders below ``path`` (paths relative to it).
+    kind
+        The kind of trial looked for (``"smdebug"`` where an smdebug trial is to be imported).
 
     Attributes
     ----------
-    path, why, trials_below
+    path, why, trials_below, kind
         As given.
     """
 
     MAX_LISTED = 10
 
-    def __init__(self, path: str, why: str = "", trials_below: Iterable[str] = ()) -> None:
+    def __init__(self, path: str, why: str = "", trials_below: Iterable[str] = (), kind: str = "tensortap") -> None:
         self.path = path
         self.why = why
         self.trials_below = list(trials_below)
-        message = f"no tensortap trial at {path}" + (f": {why}" if why else "")
+        self.kind = kind
+        message = f"no {kind} trial at {path}" + (f": {why}" if why else "")
         if self.trials_below:
             shown = self.trials_below[: self.MAX_LISTED]
             more = len(self.trials_below) - len(shown)

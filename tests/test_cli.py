@@ -220,7 +220,7 @@ def test_create_trial_accepts_a_started_or_empty_trial_and_waits(tmp_path: Path)
         tensortap.create_trial(tmp_path / "other")
     with pytest.raises(TrialNotFound, match="trials found below it: started") as info:
         tensortap.create_trial(tmp_path, wait=True)  # a parent folder never becomes a trial: no waiting
-    assert info.value.trials_below == ["started"]
+    assert info.value.trials_below == ["started"] and info.value.why == "it is a folder of trials, not a trial"
     with pytest.raises(TrialNotFound, match="it is a file"):
         tensortap.create_trial(tmp_path / "other" / "config.yaml", wait=True)  # neither does a file
     assert isinstance(info.value, FileNotFoundError)

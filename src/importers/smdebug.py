@@ -473,7 +473,7 @@ def import_smdebug(
     root = root.rstrip("/")
     files = _event_files(fs, root)
     if not files:
-        raise TrialNotFound(f"{os.fspath(trial)}: no smdebug trial there (no events/<step>/*.tfevents)")
+        raise TrialNotFound(os.fspath(trial), "no smdebug event files there (events/<step>/*.tfevents)", kind="smdebug")
     out_fs, out_root = fsspec.core.url_to_fs(os.fspath(out_dir), **dict(out_storage_options or {}))
     if out_fs.exists(out_root) and out_fs.ls(out_root):
         raise ValueError(f"{os.fspath(out_dir)}: already holds files; import into a new directory")

@@ -127,7 +127,11 @@ def trial_problem(storage: Storage) -> TrialNotFound | None:
     if not storage.list("") and not storage.list_dirs(""):
         return None  # an empty folder: a run about to start
     trials = find_trials(storage)
-    why = "" if trials else "the folder holds none of a trial's marker files (workers/, index/, end/)"
+    why = (
+        "it is a folder of trials, not a trial"
+        if trials
+        else "the folder holds none of a trial's marker files (workers/, index/, end/)"
+    )
     return TrialNotFound(path, why, trials)
 
 
@@ -431,7 +435,9 @@ class Trial:
         self.storage.write_json(layout.STOP_REQUEST, {"reason": reason, "time": time.time(), **details})
 
     def end_reasons(self) -> dict[str, str]:
-        """Why each ended worker stopped (``closed``, ``exit``, ``sigterm``, ``stop_request``)."""
+        """Why each ended worker stopped: ``closed``, ``exit``, ``sigterm``, ``stop_request``, ``error``,
+        ``exception`` (Lightning), ``incomplete`` or ``import failed`` (``tensortap import-smdebug``);
+        see ``docs/format.md``."""
         self._auto_refresh()
         return {n: str(w.end.get("reason")) for n, w in sorted(self._index.workers.items()) if w.end is not None}
 

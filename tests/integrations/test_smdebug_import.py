@@ -87,7 +87,9 @@ def test_cli_imports_and_refuses_a_full_directory(tmp_path: Path, capsys: pytest
     assert main(["import-smdebug", str(DATA / "trial"), str(out)]) == 2
     assert "already holds files" in capsys.readouterr().err
     assert main(["import-smdebug", str(tmp_path / "missing"), str(tmp_path / "x")]) == 2
-    assert "no smdebug trial" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"no smdebug trial at {tmp_path / 'missing'}: no smdebug event files there" in err
+    assert "tensortap trial" not in err  # what is missing is an smdebug trial
 
 
 def record(payload: bytes) -> bytes:
