@@ -190,6 +190,8 @@ class StorageTests:
         assert storage.list("workers") == ["worker_0.json"]
         assert storage.list("missing") == []
         assert storage.list_dirs("missing") == []
+        for prefix in ["", "index", "index/worker_0", "missing"]:  # both in one listing, as readers ask
+            assert storage.entries(prefix) == (storage.list(prefix), storage.list_dirs(prefix))
 
     def test_list_is_sorted(self, storage: Storage) -> None:
         names = [f"{i:010d}.json" for i in (7, 0, 12, 3)]
