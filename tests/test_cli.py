@@ -239,16 +239,17 @@ def test_a_fifo_a_device_or_an_empty_path_is_no_trial(tmp_path: Path, kind: str)
     }[kind]
     with pytest.raises(TrialNotFound, match=why):
         tensortap.create_trial(path, wait=True, timeout=30)  # nothing to wait for: at once
-    err = user_error(
-        subprocess.run(
-            [sys.executable, "-m", "tensortap.cli", "check", path, "--json"],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            cwd=tmp_path / "run",
-        )
+    result = subprocess.run(
+        [sys.executable, "-m", "tensortap.cli", "check", path, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path / "run",
     )
-    assert why in err
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result
+    assert why in result.stderr
+    error = strict_json(result.stdout)["error"]
+    assert error["kind"] == "not_found" and why in error["message"]
 
 
 # ------------------------------------------------------------ unknown names
