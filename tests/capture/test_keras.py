@@ -1202,6 +1202,50 @@ def test_gradient_tape_loop_one_object(tmp_path: Path, compiled: bool) -> None:
         cb.record_loss(np.float32(1.0))
 
 
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="tf.function(jit_compile=True) is TensorFlow's")
+def test_xla_loop_with_an_unknown_batch_size_trains_and_skips_outputs_with_one_warning_each(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # the loop's own XLA function, invisible from model.jit_compile: a tap of shape (None, 1)
+    # in a variable made (0, 1) at trace time crashed the first step in tf2xla
+    model = linear(name="loop")
+    optimizer = keras.optimizers.SGD(LR)
+    loss_fn = keras.losses.MeanSquaredError()
+    cb = ttk.Callback(tmp_path, save_config=EVERY_STEP, include_collections=ALL)
+    cb.attach(model, optimizer)
+
+    @tf.function(jit_compile=True, input_signature=[tf.TensorSpec([None, 6]), tf.TensorSpec([None, 1])])
+    def train_step(x: Any, y: Any) -> Any:
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y, model(x, training=True))
+        optimizer.apply(tape.gradient(loss, model.trainable_weights), model.trainable_weights)
+        cb.record_loss(loss)
+        return loss
+
+    history = [numpy_weights(model)]
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        for s in range(3):
+            with cb.stepping():
+                train_step(X[s * BATCH : (s + 1) * BATCH], Y[s * BATCH : (s + 1) * BATCH])
+            history.append(numpy_weights(model))
+    cb.close()
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.steps(mode=Mode.TRAIN) == [0, 1, 2]
+    for s in range(3):
+        before, after = history[s], history[s + 1]
+        xb, yb = X[s * BATCH : (s + 1) * BATCH], Y[s * BATCH : (s + 1) * BATCH]
+        np.testing.assert_allclose(trial.tensor("dense/kernel").value(s, mode=Mode.TRAIN), after[0], rtol=1e-6)
+        np.testing.assert_allclose(
+            trial.tensor("gradients/dense/kernel").value(s, mode=Mode.TRAIN), (before[0] - after[0]) / LR, rtol=1e-4
+        )
+        assert float(trial.tensor("losses/loss").value(s, mode=Mode.TRAIN)) == pytest.approx(
+            linear_mse(before, xb, yb), rel=1e-5
+        )
+    assert not {"outputs/dense", "inputs/dense"} & set(trial.tensor_names())
+    warnings = sorted(r.getMessage() for r in caplog.records if "no static shape" in r.getMessage())
+    assert len(warnings) == 2 and "inputs/dense" in warnings[0] and "outputs/dense" in warnings[1]
+
+
 # ------------------------------------------------------- what cannot be captured
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="string and ragged tensors are TensorFlow's")
 def test_string_and_ragged_tensors_are_skipped_with_one_warning_each(

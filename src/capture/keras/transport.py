@@ -34,6 +34,7 @@ from .ops import BACKEND
 
 if BACKEND == "tensorflow":
     import tensorflow as tf
+    from tensorflow.python.ops import control_flow_util
 
 logger = logging.getLogger("tensortap")
 
@@ -165,10 +166,28 @@ class _TFTap:
         self.stamp = tf.Variable(tf.constant(-1, tf.int64), trainable=False)
 
 
-class TFGraphTaps:
-    """Getting tensors out of TensorFlow graphs (``tf.function``, with or without XLA)."""
+def in_xla_context() -> bool:
+    """Whether the graph being traced will be compiled by XLA.
 
-    def __init__(self, xla: bool) -> None:
+    ``tf.function(jit_compile=True)`` (Keras's ``jit_compile=True`` and a loop's own
+    function alike) traces its function inside an ``XLAControlFlowContext`` of the
+    function's graph; the ``while``/``cond`` body graphs traced in it see it through
+    their outer graphs.
+    """
+    return bool(control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
+
+
+class TFGraphTaps:
+    """Getting tensors out of TensorFlow graphs (``tf.function``, with or without XLA).
+
+    Parameters
+    ----------
+    xla
+        Every graph tapped is compiled by XLA (besides those seen tracing under XLA,
+        see :func:`in_xla_context`).
+    """
+
+    def __init__(self, xla: bool = False) -> None:
         self.xla = xla
         self.flags = {c: tf.Variable(False, trainable=False) for c in STEP_COLLECTIONS}
         self._assigned = dict.fromkeys(STEP_COLLECTIONS, False)  # what the flag variables hold
@@ -201,7 +220,7 @@ class TFGraphTaps:
         pairs = []
         for slot, value in items:
             value = tf.convert_to_tensor(value)
-            static = self.xla
+            static = self.xla or in_xla_context()
             if static and not value.shape.is_fully_defined():
                 if slot.label() not in self.skipped:
                     self.skipped.add(slot.label())
