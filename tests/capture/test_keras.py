@@ -1246,6 +1246,41 @@ def test_xla_loop_with_an_unknown_batch_size_trains_and_skips_outputs_with_one_w
     assert len(warnings) == 2 and "inputs/dense" in warnings[0] and "outputs/dense" in warnings[1]
 
 
+@pytest.mark.skipif(BACKEND == "jax", reason="a JAX loop keeps its weights in its own state (documented)")
+def test_two_models_trained_on_batch_in_one_step_keep_both_losses(tmp_path: Path) -> None:
+    # the classic GAN: both train_on_batch calls give "loss" (each model's tracker); the
+    # discriminator's was overwritten by the combined model's without a word
+    keras.utils.set_random_seed(5)
+    generator = keras.Sequential([keras.Input((LATENT,)), keras.layers.Dense(3, name="g_dense")], name="g")
+    discriminator = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1, name="d_dense")], name="d")
+    bce = keras.losses.BinaryCrossentropy(from_logits=True)
+    discriminator.compile(keras.optimizers.SGD(LR), bce)
+    discriminator.trainable = False
+    z_in = keras.Input((LATENT,))
+    combined = keras.Model(z_in, discriminator(generator(z_in)), name="combined")
+    combined.compile(keras.optimizers.SGD(LR), bce)
+    cb = ttk.Callback(tmp_path, save_config=EVERY_STEP, include_collections=["losses"])
+    cb.attach(combined, [discriminator.optimizer, combined.optimizer])
+    z = RNG.normal(size=(3 * BATCH, LATENT)).astype("float32")
+    labels = np.concatenate([np.ones((BATCH, 1)), np.zeros((BATCH, 1))]).astype("float32")
+    returned = []
+    for s in range(3):
+        zb, real = z[s * BATCH : (s + 1) * BATCH], X[s * BATCH : (s + 1) * BATCH, :3]
+        fake = to_numpy(generator(zb))
+        with cb.stepping():
+            discriminator.trainable = True
+            d_loss = discriminator.train_on_batch(np.concatenate([real, fake]), labels)
+            discriminator.trainable = False
+            g_loss = combined.train_on_batch(zb, np.ones((BATCH, 1), "float32"))
+        returned.append((float(d_loss), float(g_loss)))
+    cb.close()
+    trial = tensortap.create_trial(tmp_path)
+    assert {"losses/loss:0", "losses/loss:1"} <= set(trial.tensor_names())
+    for s, (d_loss, g_loss) in enumerate(returned):
+        assert float(trial.tensor("losses/loss:0").value(s, mode=Mode.TRAIN)) == pytest.approx(d_loss, rel=1e-5)
+        assert float(trial.tensor("losses/loss:1").value(s, mode=Mode.TRAIN)) == pytest.approx(g_loss, rel=1e-5)
+
+
 # ------------------------------------------------------- what cannot be captured
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="string and ragged tensors are TensorFlow's")
 def test_string_and_ragged_tensors_are_skipped_with_one_warning_each(

@@ -196,6 +196,7 @@ class Callback(keras.callbacks.Callback):
         self._ctx_mode: Mode | None = None
         self._calls: dict[str, int] = {}
         self._loss_names: set[str] = set()
+        self._loss_sources: dict[str, list[Any]] = {}
         self._arrived: list[Arrival] = []
         self._skipped: set[str] = set()
         self._accepting = False
@@ -471,7 +472,7 @@ class Callback(keras.callbacks.Callback):
         mode = self._ctx_mode or self.hook.mode
         key = _loss_name(name, mode)
         self._loss_names.add(key)
-        self._tap("losses", [(Slot(key), value)])
+        self._tap("losses", [(self._loss_slot(key, _loss_source(self._model)), value)])
 
     # ----------------------------------------------------------------- steps
     def _begin(self, mode: Mode, step: int | None = None) -> None:
@@ -603,7 +604,7 @@ class Callback(keras.callbacks.Callback):
                 self._patches.set(model, "_make_function", self._wrap_make_function(model._make_function))
         if self.session.may_save("losses"):
             if getattr(model, "compiled", False):
-                self._patches.set(model, "compute_loss", self._wrap_loss(model.compute_loss))
+                self._patches.set(model, "compute_loss", self._wrap_loss(model))
             self._unlisten = listen_to_mean_updates(self._on_mean_update)
         self._optimizers = list(dict.fromkeys([*optimizers, *_optimizers_of(model)]))
         if self.session.may_save("gradients"):
@@ -703,19 +704,38 @@ class Callback(keras.callbacks.Callback):
         # a step that returns its raw losses ({"d_loss": d_loss, ...}, the DCGAN example): a value
         # under "...loss" is a loss unless a tracker of that name was updated (then it is its mean)
         raw = [(_loss_name(k, mode), v) for k, v in logs.items() if k.endswith("loss") and is_scalar(v)]
-        self._tap("losses", [(Slot(n), v) for n, v in raw if n not in self._loss_names])
+        source = _loss_source(self._model)
+        self._tap("losses", [(self._loss_slot(n, source), v) for n, v in raw if n not in self._loss_names])
 
-    def _wrap_loss(self, compute_loss: Callable[..., Any]) -> Callable[..., Any]:
+    def _wrap_loss(self, model: Any) -> Callable[..., Any]:
+        compute_loss = model.compute_loss
+
         @functools.wraps(compute_loss)
         def wrapped(*args: Any, **kwargs: Any) -> Any:
             loss = compute_loss(*args, **kwargs)
             if self._ctx_mode in (Mode.TRAIN, Mode.EVAL) and loss is not None:
                 name = _loss_name("loss", self._ctx_mode)
                 self._loss_names.add(name)
-                self._tap("losses", [(Slot(name), loss)])
+                self._tap("losses", [(self._loss_slot(name, _loss_source(model)), loss)])
             return loss
 
         return wrapped
+
+    def _loss_slot(self, key: str, source: Any) -> Slot:
+        """Where a loss named ``key`` from ``source`` (a loss tracker) goes: one call of ``key`` per source.
+
+        Two models trained in one step (a GAN's ``d.train_on_batch`` and
+        ``combined.train_on_batch``) each give ``losses/loss`` through their own
+        tracker: numbered by the order the callback first saw them, they are
+        saved as ``losses/loss:0`` and ``losses/loss:1`` (one alone: ``losses/loss``).
+        ``compute_loss`` of a model counts as its tracker (both give the same value).
+        """
+        sources = self._loss_sources.setdefault(key, [])
+        for i, known in enumerate(sources):
+            if known is source:
+                return Slot(key, i)
+        sources.append(source)
+        return Slot(key, len(sources) - 1)
 
     def _on_mean_update(self, metric: Any, values: Any) -> None:
         """A ``Mean`` named ``...loss`` updated with a scalar in a step: that scalar is a loss."""
@@ -724,7 +744,7 @@ class Callback(keras.callbacks.Callback):
             return
         key = _loss_name(name, self._ctx_mode)
         self._loss_names.add(key)
-        self._tap("losses", [(Slot(key), values)])
+        self._tap("losses", [(self._loss_slot(key, metric), values)])
 
     def _wrap_apply(self, optimizer: Any) -> Callable[..., Any]:
         apply = optimizer.apply
@@ -844,6 +864,13 @@ class Callback(keras.callbacks.Callback):
         """Keep values handed over in a step until it ends (JAX callbacks arrive on another thread)."""
         if self._accepting and self.session.is_open and self.session.saving(collection):
             self._arrived.append((collection, slots, values))
+
+
+def _loss_source(model: Any) -> Any:
+    """Where the losses of ``model`` come from: the ``Mean`` its ``compute_loss``'s value updates (Keras's
+    ``loss`` tracker), or the model itself before it is compiled."""
+    tracker = getattr(model, "_loss_tracker", None)
+    return model if tracker is None else tracker
 
 
 def _on_host(extras: dict[str, Any]) -> dict[str, Any]:
