@@ -960,6 +960,51 @@ def test_loss_computed_without_compute_loss_comes_from_the_loss_tracker(tmp_path
         assert float(losses[s]) == pytest.approx(linear_mse(before, xb, yb), rel=1e-5)
 
 
+class TotalLossModel(OwnLossModel):
+    """The keras-io VAE's way: ``{"loss": total_loss_tracker.result()}``, a running mean under ``loss``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.loss_tracker = keras.metrics.Mean(name="total_loss")
+
+
+def test_a_running_mean_returned_as_loss_is_saved_as_the_step_value(tmp_path: Path) -> None:
+    # losses/loss held Keras's running mean (the tracker's result), not the step's loss
+    model = linear(cls=TotalLossModel)
+    model.compile(optimizer=keras.optimizers.SGD(LR))
+    rec = Recorder()
+    cb = ttk.Callback(tmp_path, save_config=EVERY_STEP, include_collections=["losses"])
+    model.fit(X[:48], Y[:48], batch_size=BATCH, shuffle=False, callbacks=[rec, cb], verbose=0)
+    trial = tensortap.create_trial(tmp_path)
+    for s, before in enumerate([rec.initial, *rec.weights[:2]]):
+        xb, yb = X[s * BATCH : (s + 1) * BATCH], Y[s * BATCH : (s + 1) * BATCH]
+        for name in ("losses/loss", "losses/total_loss"):
+            assert float(values(trial, name)[s]) == pytest.approx(linear_mse(before, xb, yb), rel=1e-5), (name, s)
+
+
+class PerSampleTotalLossModel(TotalLossModel):
+    """Its ``total_loss`` tracker is updated with the per-sample losses: the step's own scalar is not seen."""
+
+    def logs(self, loss: Any, y: Any, y_pred: Any) -> dict[str, Any]:
+        self.loss_tracker.update_state(keras.ops.mean(keras.ops.square(y - y_pred), axis=-1))
+        return {"loss": self.loss_tracker.result()}
+
+
+@pytest.mark.skipif(BACKEND == "jax", reason="OwnLossModel's JAX train_step updates its tracker itself")
+def test_a_running_mean_returned_as_loss_without_a_step_value_is_not_saved_with_one_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # it was saved as losses/loss, the step's loss, while it is Keras's running mean
+    model = linear(cls=PerSampleTotalLossModel)
+    model.compile(optimizer=keras.optimizers.SGD(LR))
+    cb = ttk.Callback(tmp_path, save_config=EVERY_STEP, include_collections=["losses"])
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        model.fit(X[:48], Y[:48], batch_size=BATCH, epochs=2, callbacks=[cb], verbose=0)
+    assert "losses/loss" not in tensortap.create_trial(tmp_path).tensor_names()
+    warnings = [r.getMessage() for r in caplog.records if "running mean" in r.getMessage()]
+    assert len(warnings) == 1 and "returns loss" in warnings[0]
+
+
 class Halves(keras.layers.Layer):
     """A layer with a nested output: a dict of two tensors, and a 1-tuple."""
 

@@ -196,6 +196,10 @@ class Callback(keras.callbacks.Callback):
         self._ctx_mode: Mode | None = None
         self._calls: dict[str, int] = {}
         self._loss_names: set[str] = set()
+        # in the step: the Means updated with a scalar, by id (metric, value), and their results (result, metric)
+        self._means: dict[int, tuple[Any, Any]] = {}
+        self._results: dict[int, tuple[Any, Any]] = {}
+        self._running_means: set[str] = set()  # keys returned as running means of unknown step value (warned)
         self._loss_sources: dict[str, list[Any]] = {}
         self._arrived: list[Arrival] = []
         self._skipped: set[str] = set()
@@ -452,7 +456,7 @@ class Callback(keras.callbacks.Callback):
             raise RuntimeError("Callback.stepping: call attach(model, optimizer) first")
         mode = Mode.TRAIN if mode is None else Mode.parse(mode)
         self._begin(mode, step)
-        self._calls, self._loss_names = {}, set()
+        self._new_step_losses()
         outer, self._ctx_mode = self._ctx_mode, mode
         try:
             yield self.hook.is_saving()
@@ -605,7 +609,7 @@ class Callback(keras.callbacks.Callback):
         if self.session.may_save("losses"):
             if getattr(model, "compiled", False):
                 self._patches.set(model, "compute_loss", self._wrap_loss(model))
-            self._unlisten = listen_to_mean_updates(self._on_mean_update)
+            self._unlisten = listen_to_mean_updates(self._on_mean_event)
         self._optimizers = list(dict.fromkeys([*optimizers, *_optimizers_of(model)]))
         if self.session.may_save("gradients"):
             for optimizer in self._optimizers:
@@ -670,7 +674,8 @@ class Callback(keras.callbacks.Callback):
     def _stepping_in(self, mode: Mode, flags: Any) -> Iterator[None]:
         """Run a step function (or trace one) in ``mode``, as the variant the dispatcher runs (if any)."""
         outer = self._ctx_mode, self._jax_flags, self._variant, self._extras, self._step_level
-        self._ctx_mode, self._jax_flags, self._calls, self._loss_names = mode, flags, {}, set()
+        self._ctx_mode, self._jax_flags = mode, flags
+        self._new_step_losses()
         self._variant, self._extras, self._step_level = self.running, {}, trace_level()
         try:
             yield
@@ -697,15 +702,42 @@ class Callback(keras.callbacks.Callback):
 
         return wrapped
 
+    def _new_step_losses(self) -> None:
+        """Forget the layer calls and losses seen: a step (or a step function's run or trace) begins."""
+        self._calls, self._loss_names, self._means, self._results = {}, set(), {}, {}
+
     def _tap_logs(self, logs: dict[str, Any], mode: Mode) -> None:
-        """The metrics a step returns, and the losses among them that no tracker or ``compute_loss`` gave."""
+        """The metrics a step returns, and the losses among them that no tracker or ``compute_loss`` gave.
+
+        A scalar returned under ``...loss`` is a loss unless a tracker or ``compute_loss``
+        gave that name: a raw loss (``{"d_loss": d_loss}``, the DCGAN example), or a
+        tracker's ``result()`` (``{"loss": total_loss_tracker.result()}``, the VAE
+        example), a running mean: then the scalar the tracker was updated with in the
+        step is saved; a result of a tracker not updated with a scalar in the step is not
+        (one warning names the key).
+        """
         prefix = "metrics/val_" if mode == Mode.EVAL else "metrics/"
         self._tap("metrics", [(Slot(f"{prefix}{k}"), v) for k, v in logs.items() if k != "loss" and is_tensor(v)])
-        # a step that returns its raw losses ({"d_loss": d_loss, ...}, the DCGAN example): a value
-        # under "...loss" is a loss unless a tracker of that name was updated (then it is its mean)
-        raw = [(_loss_name(k, mode), v) for k, v in logs.items() if k.endswith("loss") and is_scalar(v)]
-        source = _loss_source(self._model)
-        self._tap("losses", [(self._loss_slot(n, source), v) for n, v in raw if n not in self._loss_names])
+        losses = []
+        for k, v in logs.items():
+            key = _loss_name(k, mode)
+            if not k.endswith("loss") or key in self._loss_names or not is_scalar(v):
+                continue
+            result = self._results.get(id(v))
+            if result is None or result[0] is not v:
+                losses.append((self._loss_slot(key, _loss_source(self._model)), v))
+            elif id(result[1]) in self._means:
+                losses.append((self._loss_slot(key, result[1]), self._means[id(result[1])][1]))
+            elif key not in self._running_means:
+                self._running_means.add(key)
+                logger.warning(
+                    "tensortap: the step returns %s, the running mean of %r, not updated with a scalar in the step; "
+                    "it is not saved as %s (record_loss saves the step's own value)",
+                    k,
+                    getattr(result[1], "name", "a Mean"),
+                    key,
+                )
+        self._tap("losses", losses)
 
     def _wrap_loss(self, model: Any) -> Callable[..., Any]:
         compute_loss = model.compute_loss
@@ -737,14 +769,25 @@ class Callback(keras.callbacks.Callback):
         sources.append(source)
         return Slot(key, len(sources) - 1)
 
-    def _on_mean_update(self, metric: Any, values: Any) -> None:
-        """A ``Mean`` named ``...loss`` updated with a scalar in a step: that scalar is a loss."""
-        name = str(getattr(metric, "name", ""))
-        if self._ctx_mode not in (Mode.TRAIN, Mode.EVAL) or not name.endswith("loss") or not is_scalar(values):
+    def _on_mean_event(self, metric: Any, value: Any, is_result: bool) -> None:
+        """A ``Mean`` updated in a step (``value``: what it was given), or its ``result()`` (``value``) taken.
+
+        Updated with a scalar, it is remembered (a step may return its result); if its
+        name ends in ``loss`` the scalar is a loss.
+        """
+        if self._ctx_mode not in (Mode.TRAIN, Mode.EVAL):
             return
-        key = _loss_name(name, self._ctx_mode)
-        self._loss_names.add(key)
-        self._tap("losses", [(self._loss_slot(key, metric), values)])
+        if is_result:
+            self._results[id(value)] = (value, metric)
+            return
+        if not is_scalar(value):
+            return
+        self._means[id(metric)] = (metric, value)
+        name = str(getattr(metric, "name", ""))
+        if name.endswith("loss"):
+            key = _loss_name(name, self._ctx_mode)
+            self._loss_names.add(key)
+            self._tap("losses", [(self._loss_slot(key, metric), value)])
 
     def _wrap_apply(self, optimizer: Any) -> Callable[..., Any]:
         apply = optimizer.apply

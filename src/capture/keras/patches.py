@@ -31,35 +31,44 @@ class Patches:
                 object.__delattr__(obj, attr)
 
 
-TrackerListener = Callable[[Any, Any], None]
-"""Called with ``(metric, values)`` each time a ``keras.metrics.Mean`` is updated."""
+TrackerListener = Callable[[Any, Any, bool], None]
+"""Called with ``(metric, values, False)`` each time a ``keras.metrics.Mean`` is updated and
+with ``(metric, result, True)`` each time its ``result()`` is taken."""
 
 _lock = threading.Lock()
 _listeners: list[TrackerListener] = []
-_original_update: Any = None
+_originals: dict[str, Any] = {}
 
 
 def listen_to_mean_updates(listener: TrackerListener) -> Callable[[], None]:
-    """Call ``listener(metric, values)`` on every ``keras.metrics.Mean.update_state``; returns the remover.
+    """Call ``listener(metric, values, False)`` on every ``keras.metrics.Mean.update_state`` and
+    ``listener(metric, result, True)`` on every ``result()``; returns the remover.
 
     Loss trackers are ``Mean`` metrics (Keras's own ``loss`` and ``<output>_loss``,
     and the ``Mean(name="d_loss")`` of the guides), some created only when the step
     is first traced: so the class is wrapped, while at least one listener is
-    registered, and restored when the last one is removed.
+    registered, and restored when the last one is removed. A step returning
+    ``tracker.result()`` returns a running mean, known by that result.
     """
-    global _original_update
     with _lock:
         if not _listeners:
-            _original_update = keras.metrics.Mean.__dict__["update_state"]
-            original = _original_update
+            _originals.update({a: keras.metrics.Mean.__dict__[a] for a in ("update_state", "result")})
+            update, result = _originals["update_state"], _originals["result"]
 
             def update_state(metric: Any, *args: Any, **kwargs: Any) -> Any:
                 values = args[0] if args else kwargs.get("values")
                 for fn in list(_listeners):
-                    fn(metric, values)
-                return original(metric, *args, **kwargs)
+                    fn(metric, values, False)
+                return update(metric, *args, **kwargs)
+
+            def result_of(metric: Any) -> Any:
+                out = result(metric)
+                for fn in list(_listeners):
+                    fn(metric, out, True)
+                return out
 
             keras.metrics.Mean.update_state = update_state
+            keras.metrics.Mean.result = result_of
         _listeners.append(listener)
 
     def remove() -> None:
@@ -67,6 +76,7 @@ def listen_to_mean_updates(listener: TrackerListener) -> Callable[[], None]:
             if listener in _listeners:
                 _listeners.remove(listener)
                 if not _listeners:
-                    keras.metrics.Mean.update_state = _original_update
+                    for attr, original in _originals.items():
+                        setattr(keras.metrics.Mean, attr, original)
 
     return remove
