@@ -726,6 +726,21 @@ def test_evaluate_and_predict_are_eval_and_predict_steps(tmp_path: Path) -> None
     assert "losses/val_loss" not in trial.tensor_names(mode=Mode.PREDICT)
 
 
+def test_calls_after_fit_closed_the_trial_warn_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # each later predict/evaluate said again that the trial is closed
+    model = mlp()
+    cb = ttk.Callback(tmp_path, save_config=EVERY_STEP)
+    model.fit(X, Y, batch_size=BATCH, callbacks=[cb], verbose=0)
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        for _ in range(2):
+            model.predict(X, batch_size=BATCH, callbacks=[cb], verbose=0)
+            model.evaluate(X, Y, batch_size=BATCH, callbacks=[cb], verbose=0)
+    assert [r.getMessage() for r in caplog.records if "is closed" in r.getMessage()] == [
+        f"tensortap: the trial at {cb.out_dir} is closed; nothing more is captured"
+    ]
+    assert tensortap.create_trial(tmp_path).steps(mode=Mode.TRAIN) == [0, 1, 2]
+
+
 def test_stop_request_sets_stop_training(tmp_path: Path) -> None:
     model = mlp()
     cb = ttk.Callback(tmp_path, save_config=EVERY_STEP, include_collections=["losses"])

@@ -223,6 +223,7 @@ class Callback(keras.callbacks.Callback):
         self._callbacks_traced = False
         self._variable_names: dict[int, tuple[Any, str, str | None]] = {}
         self._kept: _Kept | None = None
+        self._warned_closed = False
 
     @classmethod
     def from_json(
@@ -345,7 +346,8 @@ class Callback(keras.callbacks.Callback):
 
     def _attach(self, model: Any, optimizers: Sequence[Any], graph: TFGraphTaps | None = None) -> None:
         writer = self.hook.writer
-        if writer is not None and writer.closed:
+        if writer is not None and writer.closed and not self._warned_closed:
+            self._warned_closed = True  # once: a closed trial stays closed
             logger.warning("tensortap: the trial at %s is closed; nothing more is captured", self.out_dir)
         self._reduce_max = self.all_reduce_max or backend_all_reduce_max()
         try:
