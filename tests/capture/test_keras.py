@@ -1341,6 +1341,32 @@ def test_two_models_trained_on_batch_in_one_step_keep_both_losses(tmp_path: Path
         assert float(trial.tensor("losses/loss:1").value(s, mode=Mode.TRAIN)) == pytest.approx(g_loss, rel=1e-5)
 
 
+@pytest.mark.skipif(BACKEND == "jax", reason="a JAX loop keeps its weights in its own state (documented)")
+def test_train_on_batch_in_a_loop_names_the_first_step_outputs_as_the_others(tmp_path: Path) -> None:
+    # torch: the first train_on_batch builds the model on "meta" tensors inside the step; those
+    # calls were counted, and the step's own output was saved as outputs/dense:1
+    model = linear(name="loop")
+    model.compile(keras.optimizers.SGD(LR), "mse")
+    cb = ttk.Callback(tmp_path, save_config=EVERY_STEP, include_collections=["outputs"])
+    cb.attach(model)
+    history = [numpy_weights(model)]
+    for s in range(2):
+        with cb.stepping():
+            model.train_on_batch(X[s * BATCH : (s + 1) * BATCH], Y[s * BATCH : (s + 1) * BATCH])
+        history.append(numpy_weights(model))
+    cb.close()
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.tensor_names() == ["outputs/dense"]
+    for s in range(2):
+        w = history[s]
+        np.testing.assert_allclose(
+            trial.tensor("outputs/dense").value(s, mode=Mode.TRAIN),
+            X[s * BATCH : (s + 1) * BATCH] @ w[0] + w[1],
+            rtol=1e-5,
+            atol=1e-6,
+        )
+
+
 # ------------------------------------------------------- what cannot be captured
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="string and ragged tensors are TensorFlow's")
 def test_string_and_ragged_tensors_are_skipped_with_one_warning_each(

@@ -51,6 +51,7 @@ from .ops import (
     backend_all_reduce_max,
     graph_mode,
     is_scalar,
+    is_symbolic,
     is_tensor,
     is_tracer,
     snapshot,
@@ -817,13 +818,15 @@ class Callback(keras.callbacks.Callback):
         def wrapped(*args: Any, **kwargs: Any) -> Any:
             out = call(*args, **kwargs)
             if self._ctx_mode is not None:
+                outputs = flatten("", out, is_tensor)
+                if outputs and is_symbolic(outputs[0][1]):
+                    return out  # Keras building the model, not a call of the step: not counted
                 # the path, known once the layer is built: "block/inner" for a layer nested in "block"
                 path = self._name(getattr(layer, "path", None) or layer.name)
                 i = self._call_index(path)
                 if args:
                     inputs = flatten("", args[0], is_tensor)
                     self._tap("inputs", [(Slot(f"inputs/{path}", i, sub), v) for sub, v in inputs])
-                outputs = flatten("", out, is_tensor)
                 self._tap("outputs", [(Slot(f"outputs/{path}", i, sub), v) for sub, v in outputs])
             return out
 

@@ -159,6 +159,12 @@ def is_scalar(value: Any) -> bool:
     return is_tensor(value) and shape is not None and len(shape) == 0
 
 
+def is_symbolic(value: Any) -> bool:
+    """Whether ``value`` is a tensor without values: Keras's torch backend builds a model (``train_on_batch``'s
+    first call) by calling its layers on tensors of the ``meta`` device."""
+    return BACKEND == "torch" and isinstance(value, torch.Tensor) and value.is_meta
+
+
 def uncapturable(value: Any) -> str | None:
     """Why ``value`` cannot be stored (``"a ragged tensor"``, ``"a string tensor"``), or None if it can."""
     if BACKEND == "tensorflow":
