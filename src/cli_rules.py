@@ -30,6 +30,7 @@ from .cli import (
     Style,
     add_trial_arguments,
     count,
+    error_json,
     open_trial,
     print_json,
     printable,
@@ -225,33 +226,34 @@ def run(args: argparse.Namespace) -> int:
         interrupted = True
     saved = trial.steps()
     fired = any(verdicts.values())
-    nothing_judged = all(r.evaluated_steps == 0 for r in rules) and not interrupted
+    problem = _problem(trial.path, rules, missing, interrupted, args.follow)
     if args.json:
-        print_json(
-            {
-                "path": trial.path,
-                "training_ended": trial.training_ended,
-                "interrupted": interrupted,
-                "fired": fired,
-                "inputs_missing": bool(missing),
-                "stop_request": trial.stop_request(),
-                "rules": [
-                    {
-                        "rule": r.name,
-                        "spec": spec,
-                        "status": "inputs_missing" if r.name in missing else ("fired" if verdicts[r] else "passed"),
-                        "last_step": r.last_step,
-                        "evaluated_steps": r.evaluated_steps,
-                        "skipped_steps": r.skipped_steps,
-                        "fired_steps": [v.step for v in verdicts[r]],
-                        "fired_ranges": step_ranges([v.step for v in verdicts[r]], saved, limit=sys.maxsize),
-                        "verdicts": [v.to_json() for v in verdicts[r]],
-                        "missing_inputs": list(r.missing_inputs),
-                    }
-                    for r, spec in zip(rules, args.rule, strict=True)
-                ],
-            }
-        )
+        result = {
+            "path": trial.path,
+            "training_ended": trial.training_ended,
+            "interrupted": interrupted,
+            "fired": fired,
+            "inputs_missing": bool(missing),
+            "stop_request": trial.stop_request(),
+            "rules": [
+                {
+                    "rule": r.name,
+                    "spec": spec,
+                    "status": "inputs_missing" if r.name in missing else ("fired" if verdicts[r] else "passed"),
+                    "last_step": r.last_step,
+                    "evaluated_steps": r.evaluated_steps,
+                    "skipped_steps": r.skipped_steps,
+                    "fired_steps": [v.step for v in verdicts[r]],
+                    "fired_ranges": step_ranges([v.step for v in verdicts[r]], saved, limit=sys.maxsize),
+                    "verdicts": [v.to_json() for v in verdicts[r]],
+                    "missing_inputs": list(r.missing_inputs),
+                }
+                for r, spec in zip(rules, args.rule, strict=True)
+            ],
+        }
+        if problem is not None:  # exit 2: the result, and the error every --json command gives then
+            result.update(error_json("rules", problem, "input"))
+        print_json(result)
     else:
         for r in rules:
             print(_rule_line(r, verdicts[r], saved, missing.get(r.name), style))
@@ -259,12 +261,27 @@ def run(args: argparse.Namespace) -> int:
         print("tensortap rules: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     if missing:
-        return EXIT_USAGE
-    if nothing_judged and any(r.skipped_steps for r in rules):
-        return _usage(f"no step of {trial.path} could be read: the shards of every step are damaged")
-    if nothing_judged:
-        return _usage(f"no complete step to judge in {trial.path} (is the training still starting? use --follow)")
+        return EXIT_USAGE  # the rule lines said which inputs
+    if problem is not None:
+        return _usage(problem)
     return EXIT_FOUND if fired else EXIT_OK
+
+
+def _problem(
+    path: str, rules: list[Rule], missing: dict[str, list[str]], interrupted: bool, follow: bool
+) -> str | None:
+    """Why ``rules`` exits 2 after running (a rule found none of its inputs, no step could be judged), or None."""
+    if interrupted:
+        return None
+    if missing:
+        return "; ".join(m for messages in missing.values() for m in messages)
+    if any(r.evaluated_steps for r in rules):
+        return None
+    if any(r.skipped_steps for r in rules):
+        return f"no step of {path} could be read: the shards of every step are damaged"
+    if follow:
+        return f"no complete step to judge in {path} before the idle timeout"
+    return f"no complete step to judge in {path} (is the training still starting? use --follow)"
 
 
 PARSERS = [add_parser]

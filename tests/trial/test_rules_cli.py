@@ -112,18 +112,32 @@ def test_a_rule_that_finds_none_of_its_inputs_exits_2(flat: Path) -> None:
         "(or raw tensors): no tensor of collection(s) gradients in the trial"
     )
     assert "Traceback" not in result.stderr
-    report = strict_json(rules(str(flat), "--rule", "vanishing_gradient", "--json").stdout)
+    result = rules(str(flat), "--rule", "vanishing_gradient", "--json")
+    assert result.returncode == 2
+    report = strict_json(result.stdout)
     assert report["inputs_missing"] is True and report["rules"][0]["status"] == "inputs_missing"
+    # exit 2 with --json: the result carries the error object every --json command gives then
+    assert report["error"]["kind"] == "input" and "collection 'gradients'" in report["error"]["message"]
 
 
 def test_a_trial_with_no_step_to_judge_exits_2(tmp_path: Path) -> None:
     w = Writer(tmp_path)  # started, nothing saved yet
     try:
         result = rules(str(tmp_path), "--rule", "exploding_tensor")
+        as_json = rules(str(tmp_path), "--rule", "exploding_tensor", "--json")
+        followed = rules(str(tmp_path), "--rule", "exploding_tensor", "--follow", "--idle-timeout", "1")
     finally:
         w.close()
-    assert result.returncode == 2
-    assert "no complete step to judge" in result.stderr
+    assert result.returncode == as_json.returncode == followed.returncode == 2
+    assert "no complete step to judge" in result.stderr and "use --follow" in result.stderr
+    report = strict_json(as_json.stdout)  # found by the second hostile-input audit: no error object
+    assert report["rules"][0]["evaluated_steps"] == 0
+    assert report["error"] == {
+        "command": "rules",
+        "kind": "input",
+        "message": f"no complete step to judge in {tmp_path} (is the training still starting? use --follow)",
+    }
+    assert "before the idle timeout" in followed.stderr and "use --follow" not in followed.stderr
 
 
 def test_json_output(flat: Path) -> None:
