@@ -82,6 +82,24 @@ def refused(out: Path, why: str) -> None:
     assert any(p.startswith(SHARD) and why in p for p in problems), problems
 
 
+@pytest.mark.parametrize("version", [3, "2"])
+def test_a_worker_record_of_a_newer_or_bad_format_version_is_refused_naming_it(version: object, tmp_path: Path) -> None:
+    """format.md: readers refuse records of a newer format version, naming the file; a worker record of
+    version 3 was read as if it were 2 (found by the second hostile-input audit)."""
+    write(tmp_path)
+    worker = tmp_path / "workers" / "worker_0.json"
+    record = json.loads(worker.read_text())
+    record["format_version"] = version
+    worker.write_text(json.dumps(record))
+    why = "newer than this tensortap reads" if version == 3 else "'format_version' is not a positive integer"
+    with logged_warnings() as warned:
+        trial = tensortap.create_trial(tmp_path)
+        trial.workers()
+    assert any("workers/worker_0.json" in w and why in w for w in warned), warned
+    problems = find_problems(str(tmp_path))
+    assert any(p.startswith("workers/worker_0.json") and why in p for p in problems), problems
+
+
 # ---------------------------------------------------------------- keys and names
 def traversal_record(target: str) -> dict[str, object]:
     return {
@@ -537,6 +555,10 @@ def test_every_storage_of_values_reads_the_same(dtype: str, options: dict[str, A
     write(tmp_path, steps=3)
     stored = np.stack([kernel(s) for s in range(3)]).astype(dtype)
     rewrite(tmp_path, lambda f: rewrite_values(f, stored, **options))
+    # a record that declares what the shard holds (a record declaring another dtype is refused)
+    record = json.loads((tmp_path / RECORD).read_text())
+    record["tensors"]["dense/kernel"]["dtype"] = str(stored.dtype.newbyteorder("="))
+    (tmp_path / RECORD).write_text(json.dumps(record))
     assert read_directly(tmp_path / SHARD, "dense/kernel") == (not options and dtype in ("<f4", "<f8", ">f4"))
     trial = tensortap.create_trial(tmp_path)
     tensor = trial.tensor("dense/kernel")
@@ -710,18 +732,27 @@ def test_of_two_records_of_one_step_or_shard_the_earlier_is_kept_naming_both(kin
     assert len(problems) == 1 and later in problems[0].split(":")[0] and kept in problems[0], problems
 
 
-def test_a_record_declaring_another_shape_than_its_shard_holds_is_refused_naming_the_shard(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "declared", [{"shape": [10**6] * 3}, {"dtype": "<U3"}, {"dtype": "int32"}, {"dtype": "no such type"}]
+)
+def test_a_record_declaring_another_form_than_its_shard_holds_is_refused_naming_the_shard(
+    declared: dict[str, object], tmp_path: Path
+) -> None:
+    """Shape (found by the first hostile-input audit) and dtype (the second: a record's ``<U3`` for float32
+    values was listed by ``ls`` and passed ``check``)."""
     three_shards(tmp_path)
-    edit_record(tmp_path, 2, lambda r: r["tensors"]["dense/kernel"].update(shape=[10**6] * 3))
+    edit_record(tmp_path, 2, lambda r: r["tensors"]["dense/kernel"].update(declared))
     shard = "shards/worker_0/0000000002.h5"
+    what = next(iter(declared))
     with logged_warnings() as warned:
         trial = tensortap.create_trial(tmp_path)
         values = trial.tensor("dense/kernel").values()
         assert sorted(values) == [0, 1, 2, 3] == trial.steps()
-        assert trial.tensor("dense/kernel").summary()["shape"] == (6,)  # the shard's, once the false one is refused
-    assert len(warned) == 1 and shard in warned[0] and "shape" in warned[0], warned
+        summary = trial.tensor("dense/kernel").summary()  # the shards', once the false record is refused
+        assert summary["shape"] == (6,) and summary["dtype"] == "float32", summary
+    assert len(warned) == 1 and shard in warned[0] and f"declares the {what}" in warned[0], warned
     problems = find_problems(str(tmp_path))
-    assert [p.split(":")[0] for p in problems] == [shard] and "shape" in problems[0], problems
+    assert [p.split(":")[0] for p in problems] == [shard] and f"declares the {what}" in problems[0], problems
 
 
 def test_a_folder_where_an_index_record_belongs_is_named(tmp_path: Path) -> None:

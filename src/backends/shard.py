@@ -1791,13 +1791,13 @@ class ShardReader:
         return out
 
     @_shard_errors
-    def last_shape(self, name: str) -> tuple[int, ...] | None:
-        """The shape of the last raw value of ``name`` in this shard (the one its index record's ``shape``
-        describes), None if it has none."""
+    def last_form(self, name: str) -> tuple[np.dtype[Any], tuple[int, ...]] | None:
+        """The dtype and shape of the last raw value of ``name`` in this shard (those its index record's
+        ``dtype`` and ``shape`` describe), None if it has none."""
         t = self._values(name)
         if t.data is None or not len(t.steps):
             return None
-        return tuple(t.data.shape[1:]) if t.shapes is None else t.shapes[-1]
+        return t.data.dtype, tuple(t.data.shape[1:]) if t.shapes is None else t.shapes[-1]
 
     @_shard_errors
     def stacked(self, name: str) -> tuple[np.ndarray, np.ndarray] | None:

@@ -34,7 +34,7 @@ from .index import (
     check_end_marker,
     check_worker_record,
     in_background,
-    other_shape,
+    other_form,
     parse_index_record,
     read_records,
 )
@@ -79,14 +79,15 @@ def _misplaced(reader: ShardReader, parsed: ParsedRecord) -> str | None:
 
 def _disagreement(reader: ShardReader, parsed: ParsedRecord) -> str | None:
     """Where the index record lists other raw steps of a tensor than the shard holds, or declares another
-    shape of its last raw value (readers refuse the shard), or None."""
+    dtype or shape of its last raw value (readers refuse the shard), or None."""
     for name, (raw, _, _) in parsed.tensors.items():
         if name not in reader.ids:
             continue  # reported as other tensors than the shard holds
         if not np.array_equal(reader.raw_steps(name), raw):
             return f"{reader.path}: its index record lists other steps of {name!r} than the shard holds"
-        declared = parsed.record["tensors"][name].get("shape")
-        other = other_shape(reader, name, tuple(declared) if len(raw) and declared is not None else None)
+        entry = parsed.record["tensors"][name]
+        declared = (entry["dtype"], tuple(entry["shape"])) if len(raw) and "dtype" in entry else None
+        other = other_form(reader, name, declared)
         if other is not None:
             return f"{reader.path}: its index record {other}"
     return None

@@ -234,9 +234,18 @@ def check_end_marker(end: object) -> dict[str, Any]:
 
 
 def check_worker_record(info: object) -> dict[str, Any]:
-    """Return ``info`` if it is a valid worker record (an object), else raise :class:`RecordError`."""
+    """Return ``info`` if it is a valid worker record (an object of a format version this reader knows),
+    else raise :class:`RecordError`."""
     if not isinstance(info, dict):
         raise RecordError("not a valid worker record: not an object")
+    version = info.get("format_version", 1)
+    if not _is_int(version, 1):
+        raise RecordError("not a valid worker record: 'format_version' is not a positive integer")
+    if version > layout.FORMAT_VERSION:
+        raise RecordError(
+            f"not a valid worker record: format version {version} is newer than this tensortap reads "
+            f"({layout.FORMAT_VERSION})"
+        )
     return info
 
 
@@ -542,13 +551,24 @@ class Claims(dict[str, Listed]):
             self.last[new.worker] = max(self.last.get(new.worker, _INT64_MIN), int(new.steps[-1]))
 
 
-def other_shape(reader: ShardReader, name: str, declared: tuple[int, ...] | None) -> str | None:
-    """How the last raw value of ``name`` in ``reader``'s shard is not of the ``declared`` shape (its
-    index record's), or None (also when nothing is declared)."""
-    held = reader.last_shape(name)
-    if declared is None or held == declared:
+def other_form(reader: ShardReader, name: str, declared: tuple[str, tuple[int, ...]] | None) -> str | None:
+    """How the last raw value of ``name`` in ``reader``'s shard is not of the ``declared`` dtype and shape
+    (its index record's), or None (also when nothing is declared)."""
+    if declared is None:
         return None
-    return f"declares the shape {declared} for {name!r}; the shard holds {held}"
+    held = reader.last_form(name)
+    if held is None:
+        return f"declares a value of {name!r}; the shard holds none"
+    dtype, shape = declared
+    try:  # of either byte order: the values read are the same
+        same_type = np.dtype(dtype).newbyteorder("=") == held[0].newbyteorder("=")
+    except (TypeError, ValueError):  # not a dtype NumPy knows
+        same_type = False
+    if not same_type:
+        return f"declares the dtype {dtype} for {name!r}; the shard holds {held[0]}"
+    if shape != held[1]:
+        return f"declares the shape {shape} for {name!r}; the shard holds {held[1]}"
+    return None
 
 
 def read_records(storage: Storage, keys: Sequence[str]) -> Iterator[tuple[str, Any]]:
@@ -905,7 +925,7 @@ class TrialIndex:
         record = self.shards[shard].record if shard in self.shards else "its index record"
         if not np.array_equal(reader.raw_steps(name), _NO_STEPS if segment is None else segment.raw_steps):
             raise ShardError(f"{record} lists other steps of {name!r} than the shard holds")
-        other = other_shape(reader, name, None if segment is None or segment.declared is None else segment.declared[1])
+        other = other_form(reader, name, None if segment is None else segment.declared)
         if other is not None:
             raise ShardError(f"{record} {other}")
         return reader
