@@ -252,6 +252,19 @@ def test_a_fifo_a_device_or_an_empty_path_is_no_trial(tmp_path: Path, kind: str)
     assert error["kind"] == "not_found" and why in error["message"]
 
 
+def test_a_trial_whose_workers_are_all_hidden_says_so(tmp_path: Path) -> None:
+    """A worker named with a leading dot is hidden (skipped by readers): the message said the folder held
+    none of a trial's marker files, though workers/ and index/ were there (second hostile-input audit)."""
+    run = tmp_path / "run"
+    write_run(run, n=2)
+    for folder in ("workers", "index", "shards", "end"):
+        for entry in (run / folder).iterdir():
+            entry.rename(entry.with_name("." + entry.name))
+    with pytest.raises(TrialNotFound, match=r"its end/, index/, workers/ hold no worker's records \(names starting"):
+        tensortap.create_trial(run)
+    assert "hidden and not read" in user_error(cli("ls", str(run)))
+
+
 # ------------------------------------------------------------ unknown names
 def test_unknown_names_are_errors_with_suggestions(trial_dir: Path) -> None:
     trial = tensortap.create_trial(trial_dir)

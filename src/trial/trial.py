@@ -127,11 +127,13 @@ def trial_problem(storage: Storage) -> TrialNotFound | None:
     if not storage.list("") and not storage.list_dirs(""):
         return None  # an empty folder: a run about to start
     trials = find_trials(storage)
-    why = (
-        "it is a folder of trials, not a trial"
-        if trials
-        else "the folder holds none of a trial's marker files (workers/, index/, end/)"
-    )
+    markers = [f"{f}/" for f in storage.list_dirs("") if f in (layout.WORKERS, layout.INDEX, layout.ENDS)]
+    if trials:
+        why = "it is a folder of trials, not a trial"
+    elif markers:  # their entries are all hidden (a worker named ".w"), or not a worker's
+        why = f"its {', '.join(markers)} hold no worker's records (names starting with '.' are hidden and not read)"
+    else:
+        why = "the folder holds none of a trial's marker files (workers/, index/, end/)"
     return TrialNotFound(path, why, trials)
 
 
