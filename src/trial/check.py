@@ -33,8 +33,9 @@ from .index import (
     RecordError,
     check_end_marker,
     check_worker_record,
+    declared_form,
+    disagreement,
     in_background,
-    other_form,
     parse_index_record,
     read_records,
 )
@@ -83,13 +84,9 @@ def _disagreement(reader: ShardReader, parsed: ParsedRecord) -> str | None:
     for name, (raw, _, _) in parsed.tensors.items():
         if name not in reader.ids:
             continue  # reported as other tensors than the shard holds
-        if not np.array_equal(reader.raw_steps(name), raw):
-            return f"{reader.path}: its index record lists other steps of {name!r} than the shard holds"
-        entry = parsed.record["tensors"][name]
-        declared = (entry["dtype"], tuple(entry["shape"])) if len(raw) and "dtype" in entry else None
-        other = other_form(reader, name, declared)
-        if other is not None:
-            return f"{reader.path}: its index record {other}"
+        why = disagreement(reader, name, raw, declared_form(parsed.record["tensors"][name], raw))
+        if why is not None:
+            return f"{reader.path}: its index record {why}"
     return None
 
 

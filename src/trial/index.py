@@ -8,7 +8,7 @@ object per step. Shards are opened lazily and kept open in a small LRU cache.
 
 A trial may come from a stranger: every name listed is checked with
 :func:`~tensortap.backends.layout.check_name`, every record is checked
-against its schema (:func:`check_index_record`, ``docs/format.md``), and a
+against its schema (:func:`parse_index_record`, ``docs/format.md``), and a
 file that fails is skipped with one warning naming it.
 """
 
@@ -149,7 +149,9 @@ def _all_modes(values: np.ndarray) -> bool:
 
 
 def parse_index_record(record: object, worker: str) -> ParsedRecord:
-    """Check ``record`` as :func:`check_index_record` does and return it with its step lists as arrays."""
+    """Check ``record`` against the schema ``docs/format.md`` describes (keys it does not name are ignored) as
+    an index record of ``worker``'s folder, and return it with its step lists as arrays; else raise
+    :class:`RecordError`."""
 
     def bad(why: str) -> RecordError:
         return RecordError(f"not a valid index record: {why}")
@@ -212,14 +214,6 @@ def parse_index_record(record: object, worker: str) -> ParsedRecord:
     return ParsedRecord(record, steps, rows[order, 1], rows[order, 2], wall_times, specs, located)
 
 
-def check_index_record(record: object, worker: str) -> dict[str, Any]:
-    """Return ``record`` if it is a valid index record of ``worker``'s folder, else raise :class:`RecordError`.
-
-    The schema is the one ``docs/format.md`` describes; keys it does not name are ignored.
-    """
-    return parse_index_record(record, worker).record
-
-
 def check_end_marker(end: object) -> dict[str, Any]:
     """Return ``end`` if it is a valid end marker, else raise :class:`RecordError`."""
     if not isinstance(end, dict):
@@ -262,6 +256,10 @@ class Location:
     histogram: bool = False
 
 
+Form = tuple[str, tuple[int, ...]]
+"""A dtype (as an index record writes it) and a shape."""
+
+
 @dataclass(frozen=True, eq=False)
 class Segment:
     """One tensor's steps in one shard (one index record): arrays, not an object per step.
@@ -279,7 +277,7 @@ class Segment:
     histogram: np.ndarray
     reductions: tuple[str, ...]
     raw_at: RawAt | None = None  # where the raw values lie in the shard's file, if the record says (format 2.1)
-    declared: tuple[str, tuple[int, ...]] | None = None  # the record's dtype and shape of the last raw value
+    declared: Form | None = None  # the record's dtype and shape of the last raw value (declared_form)
 
     @functools.cached_property
     def raw_steps(self) -> np.ndarray:
@@ -551,9 +549,18 @@ class Claims(dict[str, Listed]):
             self.last[new.worker] = max(self.last.get(new.worker, _INT64_MIN), int(new.steps[-1]))
 
 
-def other_form(reader: ShardReader, name: str, declared: tuple[str, tuple[int, ...]] | None) -> str | None:
-    """How the last raw value of ``name`` in ``reader``'s shard is not of the ``declared`` dtype and shape
-    (its index record's), or None (also when nothing is declared)."""
+def declared_form(entry: Mapping[str, Any], raw_steps: np.ndarray) -> Form | None:
+    """The dtype and shape an index record's tensor ``entry`` declares for its last raw value (of its
+    ``raw_steps``); None when it has no raw value or declares none."""
+    return (entry["dtype"], tuple(entry["shape"])) if len(raw_steps) and "dtype" in entry else None
+
+
+def disagreement(reader: ShardReader, name: str, raw_steps: np.ndarray, declared: Form | None) -> str | None:
+    """How the raw values of ``name`` in ``reader``'s shard are not those its index record describes
+    (``raw_steps``, and the :func:`declared_form` of the last), as the end of a sentence whose subject is
+    the record; None if they are."""
+    if not np.array_equal(reader.raw_steps(name), raw_steps):
+        return f"lists other steps of {name!r} than the shard holds"
     if declared is None:
         return None
     held = reader.last_form(name)
@@ -831,7 +838,7 @@ class TrialIndex:
                     masks.of(hist, union),
                     tuple(entry.get("reductions", ())),
                     parsed.raw_at.get(name),
-                    (entry["dtype"], tuple(entry["shape"])) if "dtype" in entry and len(raw) else None,
+                    declared_form(entry, raw),
                 )
             )
 
@@ -923,11 +930,10 @@ class TrialIndex:
         lists, no more, no fewer (else a ShardError: a reader never lists a step whose value it drops)."""
         segment = self.tensors[name].segment(shard)
         record = self.shards[shard].record if shard in self.shards else "its index record"
-        if not np.array_equal(reader.raw_steps(name), _NO_STEPS if segment is None else segment.raw_steps):
-            raise ShardError(f"{record} lists other steps of {name!r} than the shard holds")
-        other = other_form(reader, name, None if segment is None else segment.declared)
-        if other is not None:
-            raise ShardError(f"{record} {other}")
+        raw_steps, declared = (_NO_STEPS, None) if segment is None else (segment.raw_steps, segment.declared)
+        why = disagreement(reader, name, raw_steps, declared)
+        if why is not None:
+            raise ShardError(f"{record} {why}")
         return reader
 
     def read_raw_many(self, name: str, shards: Sequence[str], what: Callable[[RawSource], _T]) -> dict[str, _T | None]:

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 import tensortap
 from tensortap.capture import ShardPolicy, Writer
 from tensortap.config import Collection, ReductionConfig, SaveConfig
-from tensortap.trial.index import Location, RecordError, Segment, TensorInfo, check_index_record, steps_meet
+from tensortap.trial.index import Location, RecordError, Segment, TensorInfo, parse_index_record, steps_meet
 from tensortap.trial.rules import ExplodingTensor
 
 
@@ -170,10 +170,10 @@ def test_a_record_that_breaks_the_schema_is_refused(tmp_path: Path, change: Any,
     write(tmp_path, 3)
     (path,) = records(tmp_path)
     record = json.loads(path.read_text())
-    assert check_index_record(record, "worker_0") is record
+    assert parse_index_record(record, "worker_0").record is record
     change(record)
     with pytest.raises(RecordError, match=why):
-        check_index_record(record, "worker_0")
+        parse_index_record(record, "worker_0")
     path.write_text(json.dumps(record))
     with logged_warnings() as warned:
         trial = tensortap.create_trial(tmp_path)
