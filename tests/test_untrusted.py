@@ -238,6 +238,30 @@ def test_link_loops_are_skipped_naming_them_and_the_rest_read(tmp_path: Path) ->
     assert sorted(p.split(":")[0] for p in problems) == sorted(loops), problems
 
 
+@pytest.mark.parametrize("folder", ["empty", "link-loop"])
+def test_an_index_folder_without_records_is_no_worker(folder: str, tmp_path: Path) -> None:
+    """An empty or unreadable ``index/<name>/`` does not hold back every step as a worker that published
+    nothing: a worker counts from its worker record, its end marker or its first index record."""
+    write(tmp_path)
+    if folder == "empty":
+        (tmp_path / "index/worker_1").mkdir()
+    else:
+        (tmp_path / "index/worker_1").symlink_to(tmp_path / "index/worker_1")
+    with logged_warnings() as warned:
+        trial = tensortap.create_trial(tmp_path)
+        assert trial.workers() == ["worker_0"] and trial.steps() == [0, 1]
+    assert len(warned) == (folder != "empty") and all("index/worker_1" in w for w in warned), warned
+    (tmp_path / "workers/worker_1.json").write_text(
+        (tmp_path / "workers/worker_0.json").read_text().replace("worker_0", "worker_1")
+    )
+    trial = tensortap.create_trial(tmp_path)  # a worker that has started and published nothing yet holds them back
+    assert (
+        trial.workers() == ["worker_0", "worker_1"]
+        and trial.steps() == []
+        and trial.steps(show_incomplete=True) == [0, 1]
+    )
+
+
 def without_root_override() -> list[str]:
     """The prefix of a command that runs without root's right to read any folder (none when not root)."""
     if os.geteuid() != 0:
@@ -640,10 +664,15 @@ def test_format_1_trials_still_read() -> None:
         lambda r: r["tensors"]["dense/kernel"]["raw_at"].update(data=-1),
         lambda r: r["tensors"]["dense/kernel"]["raw_at"].update(check=1 << 32),
         lambda r: r["tensors"]["dense/kernel"].pop("raw_steps"),
+        lambda r: r.update(
+            steps=[], wall_times=[], tensors={n: {**e, "raw_at": None} for n, e in r["tensors"].items()}
+        ),
+        lambda r: r["tensors"]["dense/kernel"].update(raw_steps=[], raw_at=None) and None,
     ],
     ids=[
         *("missing", "wrong-type", "bad-mode", "tensors-list", "foreign-step", "shape-str", "bool", "worker", "newer"),
         *("raw_at-list", "raw_at-dtype-name", "raw_at-bool", "raw_at-negative", "raw_at-check", "raw_at-no-steps"),
+        *("no-steps", "tensor-at-no-step"),
     ],
 )
 def test_a_malformed_record_is_skipped_and_reported(change: Callable[[dict], object], tmp_path: Path) -> None:

@@ -172,6 +172,8 @@ def parse_index_record(record: object, worker: str) -> ParsedRecord:
     rows = _step_rows(record.get("steps"))
     if rows is None or not _all_modes(rows[:, 1]):
         raise bad("'steps' is not a list of [step, mode, mode_step]")
+    if not len(rows):
+        raise bad("'steps' is empty (a shard holds at least one step)")
     order = np.argsort(rows[:, 0], kind="stable")
     steps = rows[order, 0]
     if (np.diff(steps) <= 0).any():
@@ -205,6 +207,8 @@ def parse_index_record(record: object, worker: str) -> ParsedRecord:
         if wrong or ("dtype" in entry) != ("shape" in entry):
             raise bad(f"tensor {name!r}: {', '.join(wrong) or 'dtype and shape'} not as the format says")
         specs[name] = tuple(listed[key] for key in _SPECS)  # type: ignore[assignment]
+        if not any(map(len, specs[name])):
+            raise bad(f"tensor {name!r} lists no step (a shard holds a tensor at one step at least)")
         try:
             at = _raw_at(entry, specs[name][0])
         except ValueError:
@@ -492,7 +496,6 @@ class WorkerState:
     last_step: int = -1
     last_mode_step: dict[Mode, int] = field(default_factory=dict)
     end: dict[str, Any] | None = None
-    seen: set[str] = field(default_factory=set)
 
 
 @dataclass(frozen=True, eq=False)
@@ -636,6 +639,7 @@ class TrialIndex:
         self.shards = Claims()  # shard -> what its index record says of it
         self.wall_times: dict[int, float] = {}  # saved step -> latest commit time of any worker (format 2)
         self.bad_files: dict[str, str] = {}
+        self._seen: dict[str, set[str]] = {}  # worker -> names in its index folder read (or warned about)
         self._readers: OrderedDict[str, ShardReader] = OrderedDict()
         self._ranged_once: set[str] = set()  # remote shards a value of which was read by range (read_raw)
         self._sorted: dict[Mode | None, list[int]] = {}  # sorted_steps(), until the steps change
@@ -706,18 +710,18 @@ class TrialIndex:
         listed = self._listings([(storage.entries, f"{layout.INDEX}/{w}") for w in folders], (none, none))
         new = []
         for worker, (names, dirs) in zip(folders, listed, strict=True):
-            seen = self._worker(worker).seen
+            seen = self._seen.setdefault(worker, set())
             new += [(worker, f"{layout.INDEX}/{worker}/{n}") for n in names if n not in seen and n.endswith(".json")]
             for name in set(dirs).difference(names):  # a name in both is read, and warned about if it fails
                 self._warn_bad(f"{layout.INDEX}/{worker}/{name}", "a folder where index records belong; not read")
         for worker, key, parsed in self._load(new, parse_index_record):
-            self.workers[worker].seen.add(key.rsplit("/", 1)[1])  # once read (or warned about)
+            self._seen[worker].add(key.rsplit("/", 1)[1])  # once read (or warned about)
             if parsed is not None:
                 self._add_checked(worker, key, parsed)
 
     def _add_checked(self, worker: str, key: str, parsed: ParsedRecord) -> None:
         """Add the index record ``key`` of ``worker``, unless another process than the worker's wrote it."""
-        w = self.workers[worker]
+        w = self._worker(worker)
         run, claimed = parsed.record.get("run_id"), w.info.get("run_id")
         if run is not None and claimed is not None and run != claimed:
             self._warn_bad(
@@ -824,9 +828,7 @@ class TrialIndex:
             if "dtype" in entry:
                 info.dtype, info.shape = entry["dtype"], tuple(entry["shape"])
             info.orig_dtype = entry.get("orig_dtype", info.orig_dtype)
-            parts = [a for a in (raw, reduced, hist) if len(a)]
-            if not parts:
-                continue
+            parts = [a for a in (raw, reduced, hist) if len(a)]  # one at least (parse_index_record)
             union = steps if all(a is steps for a in parts) else np.unique(np.concatenate(parts))
             info.add(
                 Segment(
