@@ -27,6 +27,7 @@ def _trial(args: argparse.Namespace, path: str) -> Any:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Export reductions of every tensor to CSV/Parquet, or the trial to TensorBoard event files."""
+    from .cli import printable
     from .trial.export import export_table, export_tensorboard
 
     targets = list(args.path)
@@ -39,7 +40,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         print("tensortap export: expected PATH, or `tensorboard PATH LOGDIR`", file=sys.stderr)
         return 2
     trial = _trial(args, targets[0])
-    rows = export_table(trial, args.output, reductions=args.reduction or None, collection=args.collection)
+    escape = printable if args.output == "-" and sys.stdout.isatty() else None
+    rows = export_table(
+        trial, args.output, reductions=args.reduction or None, collection=args.collection, escape=escape
+    )
     if args.output != "-":
         print(f"wrote {rows} rows to {args.output}")
     return 0

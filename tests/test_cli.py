@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pty
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 
 import tensortap
@@ -356,32 +358,34 @@ def test_warnings_go_to_stderr_and_quiet_silences_them(trial_dir: Path) -> None:
     assert cli("check", str(trial_dir), "-q").returncode == 1
 
 
-def test_colour_only_on_a_terminal_and_never_with_no_color(trial_dir: Path) -> None:
-    def on_terminal(env: dict[str, str]) -> str:
-        main_fd, child_fd = pty.openpty()
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tensortap.cli", "ls", str(trial_dir)],
-            stdout=child_fd,
-            stderr=subprocess.PIPE,
-            env={k: v for k, v in {**os.environ, "TERM": "xterm", **env}.items() if v is not None},
-        )
-        os.close(child_fd)
-        chunks = []
-        while True:
-            try:
-                chunk = os.read(main_fd, 65536)
-            except OSError:  # the terminal's other end closed
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-        os.close(main_fd)
-        assert proc.wait(timeout=60) == 0
-        return b"".join(chunks).decode()
+def on_terminal(args: list[str], env: dict[str, str] | None = None) -> str:
+    """What ``tensortap ARGS`` writes to standard output when that is a terminal (a pseudo-terminal)."""
+    main_fd, child_fd = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tensortap.cli", *args],
+        stdout=child_fd,
+        stderr=subprocess.PIPE,
+        env={k: v for k, v in {**os.environ, "TERM": "xterm", **(env or {})}.items() if v is not None},
+    )
+    os.close(child_fd)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(main_fd, 65536)
+        except OSError:  # the terminal's other end closed
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(main_fd)
+    assert proc.wait(timeout=60) == 0
+    return b"".join(chunks).decode()
 
+
+def test_colour_only_on_a_terminal_and_never_with_no_color(trial_dir: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
-    assert "\033[1m" in on_terminal({**env, "NO_COLOR": ""})  # an empty NO_COLOR does not count
-    assert "\033[" not in on_terminal({"NO_COLOR": "1"})
+    assert "\033[1m" in on_terminal(["ls", str(trial_dir)], {**env, "NO_COLOR": ""})  # an empty one does not count
+    assert "\033[" not in on_terminal(["ls", str(trial_dir)], {"NO_COLOR": "1"})
 
 
 def test_plot_writes_an_image_of_the_series(trial_dir: Path, tmp_path: Path) -> None:
@@ -556,6 +560,24 @@ def test_control_characters_in_names_are_escaped_in_text_output(
     assert len(lines) == 1 and r"\x1b]0;pwned" in lines[0]
     _, err = text_of("show", run, "a\nc")  # the suggestion quotes the name with repr, the message is escaped too
     assert r"did you mean 'a\nb'" in err
+
+
+def test_export_escapes_names_on_a_terminal_and_keeps_them_in_a_pipe(tmp_path: Path) -> None:
+    """``export PATH`` wrote a stranger's names to the terminal raw (CSV quotes a newline, not an escape
+    code); on a terminal they are escaped now, and a pipe still gets them as they are."""
+    import re
+
+    with Writer(tmp_path / "run") as w, w.stepping():
+        for name in ODD_NAMES:
+            w.save(name, np.array([1.0, 2.0]), ["weights"])
+    shown = on_terminal(["export", str(tmp_path / "run")]).replace("\r\n", "\n")
+    assert not re.search("[\x00-\x09\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]", shown), shown
+    assert r"\x1b]0;pwned\x07\x1b[31mred" in shown and ",a\\nb," in shown
+    piped = subprocess.run(
+        [sys.executable, "-m", "tensortap.cli", "export", str(tmp_path / "run")], capture_output=True, text=True
+    )
+    names = set(pd.read_csv(io.StringIO(piped.stdout))["name"])
+    assert piped.returncode == 0 and names == set(ODD_NAMES), names
 
 
 # ------------------------------------------------------------ --json errors

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -24,6 +24,7 @@ def export_table(
     reductions: Sequence[str] | None = None,
     collection: str | None = None,
     show_progress: bool | None = None,
+    escape: Callable[[str], str] | None = None,
 ) -> int:
     """Write :meth:`Trial.to_pandas` (every tensor, raw or not) to ``output``; return the number of rows.
 
@@ -35,6 +36,10 @@ def export_table(
         Reduction keys to export for every tensor (saved, or computed from the raw tensor).
     show_progress
         A progress bar over tensors (default: when standard error is a terminal).
+    escape
+        Applied to every text cell (names, workers) written to standard output: the command line
+        passes ``tensortap.cli.printable`` when that is a terminal, so that a stranger's tensor
+        name cannot act on it (files and pipes get the names as they are).
     """
     path = os.fspath(output)
     suffix = os.path.splitext(path)[1].lower()
@@ -42,6 +47,9 @@ def export_table(
         raise ValueError(f"output: {path!r} must end in {' or '.join(TABLE_SUFFIXES)} (or be '-')")
     df = trial.to_pandas(collection=collection, reductions=reductions, progress=show_progress)
     if path == "-":
+        if escape is not None:
+            for column in df.select_dtypes(exclude="number").columns:
+                df[column] = df[column].map(lambda cell: escape(cell) if isinstance(cell, str) else cell)
         df.to_csv(sys.stdout, index=False)
     elif suffix == ".parquet":
         df.to_parquet(path, index=False)
