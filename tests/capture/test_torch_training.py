@@ -573,6 +573,38 @@ def test_a_submodule_called_after_the_step_ended_is_skipped_with_one_warning(
     assert len(warned) == 1 and "submodule fc3" in warned[0] and "after step 0 ended" in warned[0]
 
 
+def test_a_container_whose_networks_are_called_directly_warns_once_how_to_capture_them(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A GAN kept in one ``nn.Module`` without a forward of its own, registered whole, its networks called
+    directly (``gan.G(z)``): no call is in a forward of the registered module, so no output is captured.
+    That gave one warning per layer (eight here) suggesting ``model.decode(z)`` sampling; now one, saying
+    to register each network."""
+    gan = nn.Module()
+    gan.G, gan.D = nn.Sequential(nn.Linear(4, 6), nn.ReLU()), nn.Sequential(nn.Linear(6, 1), nn.Sigmoid())
+    opt_d, opt_g = torch.optim.SGD(gan.D.parameters(), lr=0.1), torch.optim.SGD(gan.G.parameters(), lr=0.1)
+    hook = ttt.Hook(tmp_path, save_config=EVERY_STEP, include_collections=["weights", "outputs"])
+    hook.register_module(gan)
+    hook.attach_optimizer(opt_d)
+    hook.attach_optimizer(opt_g)
+    gen = torch.Generator().manual_seed(3)
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        for _ in range(2):
+            fake = gan.G(torch.randn(5, 4, generator=gen))
+            opt_d.zero_grad()
+            gan.D(fake.detach()).mean().backward()
+            opt_d.step()
+            opt_g.zero_grad()
+            (-gan.D(fake)).mean().backward()
+            opt_g.step()
+    hook.close()
+    trial = _trial(tmp_path)
+    assert trial.steps() == [0, 1] and not [n for n in trial.tensor_names() if n.startswith("outputs/")]
+    np.testing.assert_array_equal(trial.tensor("G.0.weight").value(1), gan.G[0].weight.detach().numpy())
+    warned = [r.getMessage() for r in caplog.records if "submodule" in r.getMessage()]
+    assert len(warned) == 1 and 'hook.register_module(model.G, name="G")' in warned[0], warned
+
+
 def test_training_in_eval_mode_warns_once_how_to_get_train_steps(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -241,6 +241,7 @@ class Hook(core.Hook):
         self._warned_relabel = False
         self._warned_eval_training = False
         self._warned_outside: set[str] = set()  # submodules called outside a forward of their root
+        self._ever_forwarded = False  # a registered module's forward has run (else calls of its parts are no step's)
         self._forwarded = self._trained = False
         self._stepped: set[int] = set()  # optimizers (by id) that stepped in it
         # losses backward() was called on, not yet named: (the tensor, weakly; its value)
@@ -539,7 +540,7 @@ class Hook(core.Hook):
         elif mode != self.mode and not self._spans_forwards():
             self._open(mode)
         self._tentative = False
-        self._forwarded = True
+        self._forwarded = self._ever_forwarded = True
 
     def _on_root_post(self, root: _Root, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         if torch.compiler.is_compiling():
@@ -574,6 +575,17 @@ class Hook(core.Hook):
     def _warn_outside_forward(self, name: str) -> None:
         """Once per submodule: a call outside a forward of a registered module is skipped unless the step in
         progress has had a forward and has not ended (recorded in an ended step, it renamed its outputs)."""
+        if not self._ever_forwarded:  # parts of a container called directly (gan.G(z)): one warning for all
+            if not self._warned_outside:
+                self._warned_outside.add(name)
+                logger.warning(
+                    "tensortap: submodule %s was called, but no forward of a registered module has run (a "
+                    "container of networks, called as model.G(z)?); outputs and inputs of submodules are captured "
+                    "only in a forward of a registered module, so none is. Register each network the loop calls "
+                    "instead: hook.register_module(model.G, name=\"G\")",
+                    name,
+                )
+            return
         if name in self._warned_outside:
             return
         self._warned_outside.add(name)
