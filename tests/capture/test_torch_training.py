@@ -605,6 +605,46 @@ def test_a_container_whose_networks_are_called_directly_warns_once_how_to_captur
     assert len(warned) == 1 and 'hook.register_module(model.G, name="G")' in warned[0], warned
 
 
+class Checkpointed(nn.Module):
+    """A block under activation checkpointing (``torch.utils.checkpoint``, as HF's
+    ``gradient_checkpointing_enable()`` wraps each layer): its forward runs again during backward."""
+
+    def __init__(self, reentrant: bool) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(6, 5), nn.Sequential(nn.Linear(5, 5), nn.Tanh()), nn.Linear(5, 3)
+        self.reentrant = reentrant
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.utils.checkpoint import checkpoint
+
+        h = checkpoint(self.b, self.a(x), use_reentrant=self.reentrant)
+        self.seen.append(h.detach().clone())
+        return self.c(h)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_recomputation_is_not_captured_again(reentrant: bool, tmp_path: Path) -> None:
+    """The recomputation in backward was captured as a second call: ``outputs/b`` became ``outputs/b:0`` and
+    ``outputs/b:1`` (and with the reentrant variant a second forward of the whole block)."""
+    model = Checkpointed(reentrant)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    hook = ttt.capture(model, tmp_path, optimizer=opt, save_config=EVERY_STEP, include_collections=["outputs"])
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(2):
+        opt.zero_grad()
+        x, y = _batch(gen)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    hook.close()
+    trial = _trial(tmp_path)
+    assert trial.steps() == [0, 1]
+    names = ["outputs/Checkpointed", "outputs/a", "outputs/b", "outputs/b.0", "outputs/b.1", "outputs/c"]
+    for s in (0, 1):
+        assert trial.tensor_names(step=s) == names
+        np.testing.assert_array_equal(_value(trial, "outputs/b", s), model.seen[s].numpy())
+
+
 def test_training_in_eval_mode_warns_once_how_to_get_train_steps(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -26,6 +26,9 @@ What a step is
 * A submodule called outside a forward of a registered module (``model.decode(z)``)
   is captured only between the step's first forward and its end; otherwise it is
   skipped, with one warning per submodule (it is no step's).
+* A forward run during a backward pass is activation checkpointing's recomputation
+  (``torch.utils.checkpoint``, ``gradient_checkpointing_enable()``) of a call already
+  captured: it is not captured again (it made ``outputs/b`` ``outputs/b:0`` and ``:1``).
 * A step is recorded when the next one begins, or at :meth:`Hook.close`.
 
 Values
@@ -64,6 +67,12 @@ from . import patches
 from .ops import TorchOps
 
 __all__ = ["Hook", "capture"]
+
+
+def _in_backward() -> bool:
+    """Whether autograd is running a backward pass on this thread (as ``torch.utils.checkpoint``, which
+    recomputes forwards in it, asks)."""
+    return bool(torch._C._current_graph_task_id() != -1)
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
@@ -528,6 +537,8 @@ class Hook(core.Hook):
         if torch.compiler.is_compiling():  # compiled after registration: these hooks are traced once
             self._warn_compiled_after_registration(root.module)
             return
+        if _in_backward():
+            return
         self._depth += 1
         if self._depth > 1 or self._closed:
             return
@@ -543,7 +554,7 @@ class Hook(core.Hook):
         self._forwarded = self._ever_forwarded = True
 
     def _on_root_post(self, root: _Root, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or _in_backward():
             return
         self._depth = max(self._depth - 1, 0)
         if self._depth or not self.session.is_open or self._closed:
@@ -565,7 +576,7 @@ class Hook(core.Hook):
             )
 
     def _on_io(self, name: str, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
-        if not self._io or torch.compiler.is_compiling():
+        if not self._io or torch.compiler.is_compiling() or _in_backward():
             return
         if not self._depth and (self.session.pending or not self._forwarded):
             self._warn_outside_forward(name)
@@ -582,7 +593,7 @@ class Hook(core.Hook):
                     "tensortap: submodule %s was called, but no forward of a registered module has run (a "
                     "container of networks, called as model.G(z)?); outputs and inputs of submodules are captured "
                     "only in a forward of a registered module, so none is. Register each network the loop calls "
-                    "instead: hook.register_module(model.G, name=\"G\")",
+                    'instead: hook.register_module(model.G, name="G")',
                     name,
                 )
             return
