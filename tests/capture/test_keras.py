@@ -907,7 +907,10 @@ class OwnLossModel(keras.Model):
 
     def own_loss(self, x: Any, y: Any) -> tuple[Any, Any]:
         y_pred = self(x, training=True)
-        return self.loss_fn(y, y_pred), y_pred
+        return self.loss_value(x, y, y_pred), y_pred
+
+    def loss_value(self, x: Any, y: Any, y_pred: Any) -> Any:
+        return self.loss_fn(y, y_pred)
 
     def logs(self, loss: Any, y: Any, y_pred: Any) -> dict[str, Any]:
         self.loss_tracker.update_state(loss)
@@ -945,7 +948,7 @@ class OwnLossModel(keras.Model):
 
             def loss_fn(tv: Any, ntv: Any) -> Any:
                 y_pred, ntv = self.stateless_call(tv, ntv, x, training=True)
-                return self.loss_fn(y, y_pred), (y_pred, ntv)
+                return self.loss_value(x, y, y_pred), (y_pred, ntv)
 
             (loss, (y_pred, ntv)), grads = jax.value_and_grad(loss_fn, has_aux=True)(tv, ntv)
             tv, ov = self.optimizer.stateless_apply(ov, grads, tv)
@@ -973,6 +976,27 @@ def test_loss_computed_without_compute_loss_comes_from_the_loss_tracker(tmp_path
     for s, before in enumerate([rec.initial, rec.weights[0]]):
         xb, yb = X[s * BATCH : (s + 1) * BATCH], Y[s * BATCH : (s + 1) * BATCH]
         assert float(losses[s]) == pytest.approx(linear_mse(before, xb, yb), rel=1e-5)
+
+
+class ComputeLossOwnTrackerModel(OwnLossModel):
+    """``compute_loss`` for the loss, and a ``Mean(name="loss")`` of its own updated with that value."""
+
+    def loss_value(self, x: Any, y: Any, y_pred: Any) -> Any:
+        return self.compute_loss(x=x, y=y, y_pred=y_pred)
+
+
+def test_a_tracker_updated_with_compute_loss_value_gives_one_loss(tmp_path: Path) -> None:
+    # both the compute_loss value and the tracker's update were saved: losses/loss:0 and :1, the same values
+    model = linear(cls=ComputeLossOwnTrackerModel)
+    model.compile(optimizer=keras.optimizers.SGD(LR), loss="mse")
+    rec = Recorder()
+    cb = ttk.Callback(tmp_path, save_config=EVERY_STEP, include_collections=["losses"])
+    model.fit(X[:32], Y[:32], batch_size=BATCH, shuffle=False, callbacks=[rec, cb], verbose=0)
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.tensor_names() == ["losses/loss"]
+    for s, before in enumerate([rec.initial, rec.weights[0]]):
+        xb, yb = X[s * BATCH : (s + 1) * BATCH], Y[s * BATCH : (s + 1) * BATCH]
+        assert float(values(trial, "losses/loss")[s]) == pytest.approx(linear_mse(before, xb, yb), rel=1e-5)
 
 
 class TotalLossModel(OwnLossModel):

@@ -200,6 +200,7 @@ class Callback(keras.callbacks.Callback):
         # in the step: the Means updated with a scalar, by id (metric, value), and their results (result, metric)
         self._means: dict[int, tuple[Any, Any]] = {}
         self._results: dict[int, tuple[Any, Any]] = {}
+        self._computed: list[tuple[Any, str]] = []  # in the step: compute_loss's values, with their keys
         self._running_means: set[str] = set()  # keys returned as running means of unknown step value (warned)
         self._loss_sources: dict[str, list[Any]] = {}
         self._arrived: list[Arrival] = []
@@ -707,7 +708,7 @@ class Callback(keras.callbacks.Callback):
 
     def _new_step_losses(self) -> None:
         """Forget the layer calls and losses seen: a step (or a step function's run or trace) begins."""
-        self._calls, self._loss_names, self._means, self._results = {}, set(), {}, {}
+        self._calls, self._loss_names, self._means, self._results, self._computed = {}, set(), {}, {}, []
 
     def _tap_logs(self, logs: dict[str, Any], mode: Mode) -> None:
         """The metrics a step returns, and the losses among them that no tracker or ``compute_loss`` gave.
@@ -751,6 +752,7 @@ class Callback(keras.callbacks.Callback):
             if self._ctx_mode in (Mode.TRAIN, Mode.EVAL) and loss is not None:
                 name = _loss_name("loss", self._ctx_mode)
                 self._loss_names.add(name)
+                self._computed.append((loss, name))
                 self._tap("losses", [(self._loss_slot(name, _loss_source(model)), loss)])
             return loss
 
@@ -790,7 +792,8 @@ class Callback(keras.callbacks.Callback):
         if name.endswith("loss"):
             key = _loss_name(name, self._ctx_mode)
             self._loss_names.add(key)
-            self._tap("losses", [(self._loss_slot(key, metric), value)])
+            if not any(k == key and _same_value(value, loss) for loss, k in self._computed):
+                self._tap("losses", [(self._loss_slot(key, metric), value)])
 
     def _wrap_apply(self, optimizer: Any) -> Callable[..., Any]:
         apply = optimizer.apply
@@ -912,6 +915,17 @@ class Callback(keras.callbacks.Callback):
         """Keep values handed over in a step until it ends (JAX callbacks arrive on another thread)."""
         if self._accepting and self.session.is_open and self.session.saving(collection):
             self._arrived.append((collection, slots, values))
+
+
+def _same_value(value: Any, computed: Any) -> bool:
+    """Whether ``value`` is the tensor ``computed`` (on JAX also: the primal, in an enclosing trace, of that
+    value computed inside ``jax.value_and_grad``): a tracker of its own updated with ``compute_loss``'s value
+    gives that value again, not a second loss."""
+    while computed is not None:
+        if computed is value:
+            return True
+        computed = getattr(computed, "primal", None)
+    return False
 
 
 def _loss_source(model: Any) -> Any:
