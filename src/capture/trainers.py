@@ -20,7 +20,7 @@ loss ``losses/loss``, a logged value whose key contains ``loss`` is
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -92,6 +92,36 @@ class Hook(core.Hook):
         super().__init__(out_dir, save_config=save_config, **kwargs)
 
 
+def open_run(build: Callable[..., Hook], previous: Hook | None, **kwargs: Any) -> Hook:
+    """A hook from ``build(**kwargs)``, continuing the run of ``previous`` (closed) when there is one.
+
+    A trainer's later call (``trainer.test`` after ``fit``, ``evaluate`` after ``train``)
+    goes on with the run of the same callback: same worker record (``run_id``), steps
+    numbered on from the last ones, so the trial holds all of it.
+
+    Parameters
+    ----------
+    build
+        Makes the hook (``Hook`` or ``Hook.from_json`` with its path bound).
+    previous
+        The closed hook of this callback's earlier call, or None.
+    **kwargs
+        Passed to ``build``.
+
+    Returns
+    -------
+    Hook
+        The open hook.
+    """
+    if previous is not None and previous.run_id is not None:
+        kwargs["run_id"] = previous.run_id
+    hook = build(**kwargs)
+    if previous is not None:
+        hook.step = previous.step
+        hook.mode_steps = dict(previous.mode_steps)
+    return hook
+
+
 def check_stop_sync_steps(value: object) -> int:
     """``value`` if it is an integer >= 1 (how often the ranks agree on a stop request), else ``ValueError``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -132,6 +162,15 @@ class StepCapture:
             self._losses.clear()
             self.hook.begin_step(Mode.TRAIN)
         return self.hook.is_saving()
+
+    def number_on(self, mode: Mode, done: int) -> None:
+        """Number the next step of ``mode`` ``done`` (or on from the last): training resumed after ``done`` steps.
+
+        A trainer resumed from a checkpoint counts on from it; so do the captured
+        steps, and they stay comparable with the trainer's own step numbers.
+        """
+        steps = self.hook.mode_steps
+        steps[mode] = max(steps.get(mode, -1), done - 1)
 
     def offer(self, name: str, value: Any, collection: str) -> None:
         """Offer one value at the current step; a second value of one name in a step is dropped with a warning."""

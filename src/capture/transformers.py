@@ -18,6 +18,7 @@ Steps (see :mod:`tensortap.capture.trainers` for the names):
   ``epoch``) is saved in it: ``losses/loss``, ``metrics/grad_norm``, ...
 - ``EVAL``: one evaluation run: the metrics ``evaluate`` returned
   (``losses/eval_loss``, ``metrics/eval_accuracy``, ``metrics/eval_runtime``, ...).
+- ``PREDICT``: one ``predict`` call: the metrics it computed (``losses/test_loss``, ...).
 - ``GLOBAL``: what is logged apart from a step (``logging_strategy="epoch"``
   logs after the epoch, the summary at the end of training:
   ``losses/train_loss``, ``metrics/train_runtime``, ...).
@@ -42,7 +43,7 @@ if not hasattr(TrainerCallback, "on_pre_optimizer_step"):  # pragma: no cover - 
     raise ImportError('tensortap.transformers needs Transformers 4.46 or newer: pip install "tensortap[transformers]"')
 
 from ..modes import Mode
-from .trainers import Hook, StepCapture, check_hook_kwargs, check_stop_sync_steps, unwrap
+from .trainers import Hook, StepCapture, check_hook_kwargs, check_stop_sync_steps, open_run, unwrap
 from .writer import logger
 
 __all__ = ["Callback", "Hook"]
@@ -63,9 +64,9 @@ class Callback(TrainerCallback):
     """Capture a Transformers ``Trainer``'s ``train`` and ``evaluate`` into a tensortap trial.
 
     The hook that writes is created at the first training or evaluation event
-    and closed at ``on_train_end`` (or by :meth:`close`, for an ``evaluate`` alone).
-    One callback captures one run: events after it is closed are not captured
-    (a warning says so).
+    and closed at ``on_train_end``. An ``evaluate`` or ``predict`` outside
+    ``train`` (alone, or after it) is written and closed at once, into the same
+    run: its steps are numbered on from the ones before.
 
     Parameters
     ----------
@@ -87,41 +88,40 @@ class Callback(TrainerCallback):
         check_hook_kwargs(self.out_dir, hook_kwargs)
         self.hook: Hook | None = None
         self._steps: StepCapture | None = None
-        self._closed = False
-        self._warned = False
+        self._previous: Hook | None = None  # closed: a later event continues its run
+        self._training = False  # between on_train_begin and on_train_end
         self._pending = False  # a TRAIN step ended; logs may still come for it
         self._logs: list[dict[str, Any]] = []
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "hook": None, "_steps": None}
+        return {**self.__dict__, "hook": None, "_steps": None, "_previous": None}
 
-    def _open(self, args: TrainingArguments) -> StepCapture | None:
-        """The step capture of this run, created at the first event; None once the run is closed."""
-        if self._steps is None and not self._closed:
-            self.hook = Hook(self.out_dir, **{"rank": args.process_index, **self.hook_kwargs})
+    def _open(self, args: TrainingArguments) -> StepCapture:
+        """The step capture of this run, opened at the first event (again after :meth:`close`: the run goes on)."""
+        if self._steps is None:
+            kwargs = {"rank": args.process_index, **self.hook_kwargs}
+            self.hook = open_run(Hook, self._previous, out_dir=self.out_dir, **kwargs)
             self._steps = StepCapture(self.hook)
-        elif self._closed and not self._warned:
-            self._warned = True
-            logger.warning(
-                "tensortap: this Callback already captured a run into %s; nothing more is captured "
-                "(use a new Callback with a new out_dir)",
-                self.out_dir,
-            )
         return self._steps
 
     def close(self, reason: str = "closed") -> None:
-        """Write what is pending, publish it and mark this worker's run as ended. Idempotent."""
+        """Write what is pending, publish it and mark this worker's run as ended.
+
+        Idempotent; a later event of the trainer opens the run again.
+        """
         if self._steps is not None:
             self._flush(None)
         if self.hook is not None:
             self.hook.close(reason)
+            self._previous = self.hook
         self._steps = None
         self.hook = None
-        self._closed = True
 
     # ------------------------------------------------------------- training
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
-        self._open(args)
+        """Open the run; resumed from a checkpoint, the ``TRAIN`` steps are numbered on from its ``global_step``."""
+        self._training = True
+        self._open(args).number_on(Mode.TRAIN, state.global_step)
 
     def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
         steps = self._steps
@@ -158,7 +158,8 @@ class Callback(TrainerCallback):
         logs: Mapping[str, Any] | None = None,
         **kw: Any,
     ) -> None:
-        if logs and self._open(args) is not None:
+        if logs:
+            self._open(args)
             self._logs.append(dict(logs))
 
     def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
@@ -173,18 +174,36 @@ class Callback(TrainerCallback):
         **kw: Any,
     ) -> None:
         """Write the evaluation run's metrics as one ``EVAL`` step (they were just logged too: not twice)."""
+        self._write_run(args, Mode.EVAL, metrics, kw.get("model"))
+
+    def on_predict(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        metrics: Mapping[str, Any] | None = None,
+        **kw: Any,
+    ) -> None:
+        """Write the metrics ``predict`` computed (``test_loss``, ...) as one ``PREDICT`` step."""
+        self._write_run(args, Mode.PREDICT, metrics, kw.get("model"))
+
+    def _write_run(
+        self, args: TrainingArguments, mode: Mode, metrics: Mapping[str, Any] | None, model: torch.nn.Module | None
+    ) -> None:
+        """Write one evaluation or prediction run as a step of ``mode``; outside ``train``, close the run again."""
         steps = self._open(args)
-        if steps is None:
-            return
         metrics = dict(metrics or {})
         for i in range(len(self._logs) - 1, -1, -1):
             if all(self._logs[i].get(k) == v for k, v in metrics.items()):
                 del self._logs[i]
                 break
-        self._flush(kw.get("model"))
-        steps.write_step(Mode.EVAL, metrics)
+        self._flush(model)
+        steps.write_step(mode, metrics)
+        if not self._training:
+            self.close()
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        self._training = False
         self._flush(kw.get("model"))
         self.close()
 

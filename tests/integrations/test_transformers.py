@@ -153,15 +153,52 @@ def test_gradient_accumulation_and_stop_request(tmp_path: Path) -> None:
 
 def test_evaluate_alone(tmp_path: Path) -> None:
     out = tmp_path / "trial"
-    callback = tth.Callback(out)
     trainer = transformers.Trainer(
-        model=tiny_bert(), args=arguments(tmp_path), eval_dataset=Rows(16, 1), callbacks=[callback]
+        model=tiny_bert(), args=arguments(tmp_path), eval_dataset=Rows(16, 1), callbacks=[tth.Callback(out)]
     )
     metrics = trainer.evaluate()
-    callback.close()
     trial = tensortap.create_trial(out)
     assert trial.steps(mode=Mode.EVAL) == [0] and trial.steps(mode=Mode.GLOBAL) == []
     np.testing.assert_allclose(trial.tensor("losses/eval_loss").value(0, mode=Mode.EVAL), metrics["eval_loss"])
+    assert trial.end_reasons() == {"worker_0": "closed"}, "closed after the evaluation"
+
+
+def test_evaluate_and_predict_after_train_go_on_in_the_same_run(tmp_path: Path) -> None:
+    out = tmp_path / "trial"
+    trainer = transformers.Trainer(
+        model=tiny_bert(),
+        args=arguments(tmp_path, max_steps=2, eval_strategy="steps", eval_steps=2),
+        train_dataset=Rows(16, 0),
+        eval_dataset=Rows(16, 1),
+        callbacks=[tth.Callback(out, save_config=EVERY_STEP)],
+    )
+    trainer.train()
+    during = next(h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h)
+    after = trainer.evaluate()
+    predicted = trainer.predict(Rows(16, 2)).metrics
+
+    trial = tensortap.create_trial(out)
+    got = trial.tensor("losses/eval_loss").values(mode=Mode.EVAL)
+    np.testing.assert_allclose([got[0], got[1]], [during, after["eval_loss"]])
+    assert trial.steps(mode=Mode.PREDICT) == [0]
+    np.testing.assert_allclose(trial.tensor("losses/test_loss").value(0, mode=Mode.PREDICT), predicted["test_loss"])
+    assert trial.mode_step(trial.steps()[-1]) == (Mode.PREDICT, 0), "after the steps of train()"
+    assert trial.end_reasons() == {"worker_0": "closed"}
+
+
+def test_resumed_training_numbers_steps_on_from_the_checkpoint(tmp_path: Path) -> None:
+    args = arguments(tmp_path, max_steps=4, save_strategy="steps", save_steps=2)
+    transformers.Trainer(model=tiny_bert(), args=args, train_dataset=Rows(32, 0)).train()
+    out = tmp_path / "trial"
+    trainer = transformers.Trainer(
+        model=tiny_bert(), args=args, train_dataset=Rows(32, 0), callbacks=[tth.Callback(out, save_config=EVERY_STEP)]
+    )
+    trainer.train(resume_from_checkpoint=str(tmp_path / "hf" / "checkpoint-2"))
+    trial = tensortap.create_trial(out)
+    assert trial.steps(mode=Mode.TRAIN) == [2, 3], "the Trainer's steps 3 and 4 (from 1), after the checkpoint's 2"
+    logged = {h["step"] - 1: h["loss"] for h in trainer.state.log_history if "loss" in h}
+    for step, loss in trial.tensor("losses/loss").values(mode=Mode.TRAIN).items():
+        np.testing.assert_allclose(loss, logged[step])
 
 
 def test_bad_configuration_fails_at_construction(tmp_path: Path) -> None:
