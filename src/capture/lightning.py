@@ -21,7 +21,8 @@ Steps (see :mod:`tensortap.capture.trainers` for the names):
   aggregated per epoch).
 - ``EVAL``: one validation (or test) run: the values logged in it, as
   Lightning aggregated them (``val_loss``, ``val_acc``). The sanity check run
-  before training is not captured.
+  before training is not captured. A ``trainer.validate``/``test`` after
+  ``fit`` goes on in the same run.
 - ``GLOBAL``: one per training epoch: the epoch aggregates of values logged in
   training (``train_loss_epoch``, values logged with ``on_step=False``, values
   the module logs in ``on_train_epoch_end``).
@@ -34,8 +35,9 @@ every :attr:`Callback.stop_sync_steps` steps).
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, cast
 
 try:
@@ -46,7 +48,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from ..modes import Mode
 from . import core
-from .trainers import Hook, StepCapture, check_hook_kwargs, check_stop_sync_steps
+from .trainers import Hook, StepCapture, check_hook_kwargs, check_stop_sync_steps, open_run
 from .writer import logger
 
 __all__ = ["Callback", "Hook", "callbacks_from_env"]
@@ -62,13 +64,21 @@ def _logged(trainer: pl.Trainer) -> dict[str, Any]:
     return {k: v for k, v in out.items() if f"{k}_step" not in out and f"{k}_epoch" not in out}
 
 
+def _same(a: Any, b: Any) -> bool:
+    """Whether two logged values are equal (Lightning may store a value again as a new tensor)."""
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and bool(torch.equal(a.detach().cpu(), b.detach().cpu()))
+    return a is b
+
+
 class Callback(pl.Callback):
     """Capture a Lightning ``Trainer``'s ``fit``, ``validate`` and ``test`` into a tensortap trial.
 
     The hook that writes is created in :meth:`setup`, in each process the
     strategy runs (so the callback may be pickled, e.g. by ``ddp_spawn``), and
-    closed in :meth:`teardown`. One callback captures one run: a later
-    ``fit``/``validate``/``test`` with it captures nothing (a warning says so).
+    closed in :meth:`teardown`. A later ``validate``/``test``/``fit`` of the
+    same trainer goes on with the same run: its steps are numbered on from the
+    ones before, in the same trial.
 
     Parameters
     ----------
@@ -90,9 +100,8 @@ class Callback(pl.Callback):
         self.hook_kwargs = hook_kwargs
         check_hook_kwargs(self.out_dir, hook_kwargs)
         self.config_path: str | None = None  # set by from_json: the hook is built from that file
-        self.hook: Hook | None = None
+        self.hook: Hook | None = None  # after teardown, the closed hook: a later call continues its run
         self._steps: StepCapture | None = None
-        self._used = False
         self._handles: list[Any] = []
         self._module: pl.LightningModule | None = None
         self._seen: dict[str, Any] = {}
@@ -121,21 +130,13 @@ class Callback(pl.Callback):
 
     # ------------------------------------------------------------- lifetime
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Open the hook of this process (rank: the trainer's global rank)."""
-        if self._used:
-            logger.warning(
-                "tensortap: this Callback already captured a run into %s; %s is not captured "
-                "(use a new Callback with a new out_dir)",
-                self.out_dir,
-                stage,
-            )
-            return
-        self._used = True
+        """Open the hook of this process (rank: the trainer's global rank); after an earlier call, its run goes on."""
         kwargs = {"rank": trainer.global_rank, **self.hook_kwargs}
         if self.config_path is None:
-            self.hook = Hook(self.out_dir, **kwargs)
+            self.hook = open_run(Hook, self.hook, out_dir=self.out_dir, **kwargs)
         else:
-            self.hook = cast(Hook, Hook.from_json(self.config_path, **kwargs))
+            build = cast(Callable[..., Hook], functools.partial(Hook.from_json, self.config_path))
+            self.hook = open_run(build, self.hook, **kwargs)
         self._steps = StepCapture(self.hook)
         self._module = pl_module
 
@@ -160,9 +161,28 @@ class Callback(pl.Callback):
         self._handles.clear()
         if self._steps is not None and self._steps.train_open:
             self._steps.end_train(self._parameters())
+        self._warn_unsaved()
         if self.hook is not None:
             self.hook.close(reason)
+        self._steps = None
         self._module = None
+
+    def _warn_unsaved(self) -> None:
+        """Warn once, naming them, about values logged after the last step of their mode: no step holds them."""
+        module = self._module
+        if module is None or self._steps is None:
+            return
+        try:
+            now = _logged(module.trainer)
+        except RuntimeError:  # the module is no longer attached to a trainer
+            return
+        unsaved = sorted(k for k, v in now.items() if k not in self._seen or not _same(v, self._seen[k]))
+        if unsaved:
+            logger.warning(
+                "tensortap: %s logged after the last step that could hold it (in the module's on_train_batch_end "
+                "after the last batch?); not captured: log it in training_step",
+                ", ".join(map(repr, unsaved)),
+            )
 
     def _new_values(self, trainer: pl.Trainer, mode: Mode) -> dict[str, Any]:
         """The values logged at this ``mode`` step since the last look.
@@ -171,10 +191,10 @@ class Callback(pl.Callback):
         value of every name; a name belongs to the mode of the first step it was new
         at, so the last ``val_loss`` is never taken for a ``TRAIN`` value.
         """
-        now = _logged(trainer)
-        new = {k: v for k, v in now.items() if self._seen.get(k) is not v}
-        self._seen = now
-        return {k: v for k, v in new.items() if self._owner.setdefault(k, mode) == mode}
+        new = {k: v for k, v in _logged(trainer).items() if self._seen.get(k) is not v}
+        mine = {k: v for k, v in new.items() if self._owner.setdefault(k, mode) == mode}
+        self._seen.update(mine)  # a value of another mode waits for that mode's next step
+        return mine
 
     def _parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
         if self._module is not None:
@@ -197,6 +217,10 @@ class Callback(pl.Callback):
         for optimizer in trainer.optimizers:
             self._handles.append(optimizer.register_step_post_hook(after_step))
         self._seen = _logged(trainer)
+        # resumed from a checkpoint (ckpt_path=): number on from where it was, as Lightning does
+        epoch_loop = trainer.fit_loop.epoch_loop
+        steps.number_on(Mode.TRAIN, getattr(epoch_loop, "_batches_that_stepped", trainer.global_step))
+        steps.number_on(Mode.GLOBAL, trainer.current_epoch)
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int

@@ -180,18 +180,60 @@ def test_an_exception_drops_the_interrupted_step(tmp_path: Path) -> None:
     assert trial.end_reasons() == {"worker_0": "exception"}
 
 
-def test_validate_alone_and_reuse_warns(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_validate_and_test_after_fit_go_on_in_the_same_run(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = Regressor()
-    callback = ttl.Callback(tmp_path)
-    trainer = L.Trainer(callbacks=[callback], **TRAINER)
-    result = trainer.validate(model, loader(16, 1), verbose=False)
+    trainer = L.Trainer(max_epochs=1, callbacks=[ttl.Callback(tmp_path, save_config=EVERY_STEP)], **TRAINER)
+    trainer.fit(model, loader(16, 0), loader(16, 1))
+    fit_val = float(trainer.callback_metrics["val_loss"])
+    validated = trainer.validate(model, loader(16, 2), verbose=False)[0]
+    model.test_step = model.validation_step  # logs val_loss and val_mae on the test data
+    tested = trainer.test(model, loader(16, 3), verbose=False)[0]
+
     trial = tensortap.create_trial(tmp_path)
-    assert trial.steps(mode=Mode.EVAL) == [0] and trial.steps(mode=Mode.TRAIN) == []
-    np.testing.assert_allclose(trial.tensor("losses/val_loss").value(0, mode=Mode.EVAL), result[0]["val_loss"])
-    trainer.validate(model, loader(16, 1), verbose=False)
-    assert "already captured a run" in caplog.text
-    assert tensortap.create_trial(tmp_path).steps(mode=Mode.EVAL) == [0]
+    assert [trial.mode_step(s) for s in trial.steps()][-3:] == [(Mode.GLOBAL, 0), (Mode.EVAL, 1), (Mode.EVAL, 2)]
+    got = trial.tensor("losses/val_loss").values(mode=Mode.EVAL)
+    np.testing.assert_allclose([got[0], got[1], got[2]], [fit_val, validated["val_loss"], tested["val_loss"]])
+    assert trial.end_reasons() == {"worker_0": "closed"}
+
+
+def test_resumed_fit_numbers_steps_on_from_the_checkpoint(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    first = L.Trainer(
+        max_epochs=1, limit_val_batches=0, **{**TRAINER, "enable_checkpointing": True, "default_root_dir": tmp_path}
+    )
+    first.fit(Regressor(), loader(16, 0))
+    model = Regressor()
+    trainer = L.Trainer(
+        max_epochs=2,
+        limit_val_batches=0,
+        callbacks=[ttl.Callback(tmp_path / "trial", save_config=EVERY_STEP)],
+        **TRAINER,
+    )
+    trainer.fit(model, loader(16, 0), ckpt_path=first.checkpoint_callback.best_model_path)
+    trial = tensortap.create_trial(tmp_path / "trial")
+    assert trial.steps(mode=Mode.TRAIN) == [2, 3], "Lightning's global steps 2 and 3, after the checkpoint's 2"
+    assert trial.steps(mode=Mode.GLOBAL) == [1], "the second epoch"
+    loss = trial.tensor("losses/loss").values(mode=Mode.TRAIN)
+    np.testing.assert_allclose([loss[2], loss[3]], model.losses, rtol=1e-6)
+
+
+def test_a_value_logged_in_the_modules_on_train_batch_end_goes_to_the_next_step(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    class LateLogger(Regressor):
+        def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+            self.log("late", float(self.global_step))
+
+    torch.manual_seed(0)
+    trainer = L.Trainer(
+        max_epochs=2, limit_val_batches=0, callbacks=[ttl.Callback(tmp_path, save_config=EVERY_STEP)], **TRAINER
+    )
+    trainer.fit(LateLogger(), loader(16, 0))
+    late = tensortap.create_trial(tmp_path).tensor("metrics/late").values(mode=Mode.TRAIN)
+    # logged after the callback ended step s: saved at step s + 1, across the epoch's end too
+    assert {s: float(v) for s, v in late.items()} == {1: 1.0, 2: 2.0, 3: 3.0}
+    assert "'late' logged after the last step" in caplog.text, "the last one is lost, and said so"
 
 
 def test_configuration_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
