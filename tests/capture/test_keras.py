@@ -1330,30 +1330,39 @@ def test_xla_loop_with_an_unknown_batch_size_trains_and_skips_outputs_with_one_w
     assert len(warnings) == 2 and "inputs/dense" in warnings[0] and "outputs/dense" in warnings[1]
 
 
-@pytest.mark.skipif(BACKEND == "jax", reason="a JAX loop keeps its weights in its own state (documented)")
-def test_two_models_trained_on_batch_in_one_step_keep_both_losses(tmp_path: Path) -> None:
-    # the classic GAN: both train_on_batch calls give "loss" (each model's tracker); the
-    # discriminator's was overwritten by the combined model's without a word
+def classic_gan(**compile_kw: Any) -> tuple[Any, Any, Any]:
+    """``(generator, discriminator, combined)``: a GAN trained with ``train_on_batch``, the discriminator
+    frozen in ``combined = d(g(z))`` (the classic Keras example), under plain SGD."""
     keras.utils.set_random_seed(5)
     generator = keras.Sequential([keras.Input((LATENT,)), keras.layers.Dense(3, name="g_dense")], name="g")
     discriminator = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1, name="d_dense")], name="d")
     bce = keras.losses.BinaryCrossentropy(from_logits=True)
-    discriminator.compile(keras.optimizers.SGD(LR), bce)
+    discriminator.compile(keras.optimizers.SGD(LR), bce, **compile_kw)
     discriminator.trainable = False
     z_in = keras.Input((LATENT,))
     combined = keras.Model(z_in, discriminator(generator(z_in)), name="combined")
-    combined.compile(keras.optimizers.SGD(LR), bce)
+    combined.compile(keras.optimizers.SGD(LR), bce, **compile_kw)
+    return generator, discriminator, combined
+
+
+GAN_LABELS = np.concatenate([np.ones((BATCH, 1)), np.zeros((BATCH, 1))]).astype("float32")
+
+
+@pytest.mark.skipif(BACKEND == "jax", reason="a JAX loop keeps its weights in its own state (documented)")
+def test_two_models_trained_on_batch_in_one_step_keep_both_losses(tmp_path: Path) -> None:
+    # the classic GAN: both train_on_batch calls give "loss" (each model's tracker); the
+    # discriminator's was overwritten by the combined model's without a word
+    generator, discriminator, combined = classic_gan()
     cb = ttk.Callback(tmp_path, save_config=EVERY_STEP, include_collections=["losses"])
     cb.attach(combined, [discriminator.optimizer, combined.optimizer])
     z = RNG.normal(size=(3 * BATCH, LATENT)).astype("float32")
-    labels = np.concatenate([np.ones((BATCH, 1)), np.zeros((BATCH, 1))]).astype("float32")
     returned = []
     for s in range(3):
         zb, real = z[s * BATCH : (s + 1) * BATCH], X[s * BATCH : (s + 1) * BATCH, :3]
         fake = to_numpy(generator(zb))
         with cb.stepping():
             discriminator.trainable = True
-            d_loss = discriminator.train_on_batch(np.concatenate([real, fake]), labels)
+            d_loss = discriminator.train_on_batch(np.concatenate([real, fake]), GAN_LABELS)
             discriminator.trainable = False
             g_loss = combined.train_on_batch(zb, np.ones((BATCH, 1), "float32"))
         returned.append((float(d_loss), float(g_loss)))
@@ -1363,6 +1372,85 @@ def test_two_models_trained_on_batch_in_one_step_keep_both_losses(tmp_path: Path
     for s, (d_loss, g_loss) in enumerate(returned):
         assert float(trial.tensor("losses/loss:0").value(s, mode=Mode.TRAIN)) == pytest.approx(d_loss, rel=1e-5)
         assert float(trial.tensor("losses/loss:1").value(s, mode=Mode.TRAIN)) == pytest.approx(g_loss, rel=1e-5)
+
+
+@pytest.mark.skipif(BACKEND == "jax", reason="a JAX loop keeps its weights in its own state (documented)")
+@pytest.mark.parametrize("run_mode", list(RUN_MODES))
+def test_a_layer_run_by_two_step_functions_in_one_step_keeps_each_run(
+    tmp_path: Path, run_mode: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # the classic GAN again: the generator called in the step (eagerly), then d.train_on_batch, then
+    # combined.train_on_batch, which runs g's and d's layers again. On TensorFlow the compiled
+    # functions shared one tap per layer call: outputs/d/d_dense was the combined run's alone
+    # (d's run dropped), and the eager call of g_dense was replaced by the combined run's
+    generator, discriminator, combined = classic_gan(**RUN_MODES[run_mode])
+    cb = ttk.Callback(tmp_path, save_config=EVERY_STEP, include_collections=["outputs", "inputs"])
+    cb.attach(combined, [discriminator.optimizer, combined.optimizer])
+    z = RNG.normal(size=(6 * BATCH, LATENT)).astype("float32")
+    expected: dict[str, list[np.ndarray]] = {}
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        for s in range(3):
+            z_d, z_g = z[2 * s * BATCH : (2 * s + 1) * BATCH], z[(2 * s + 1) * BATCH : (2 * s + 2) * BATCH]
+            g_w, d_before = numpy_weights(generator), numpy_weights(discriminator)
+            with cb.stepping():
+                d_in = np.concatenate([X[s * BATCH : (s + 1) * BATCH, :3], to_numpy(generator(z_d))])
+                discriminator.trainable = True
+                discriminator.train_on_batch(d_in, GAN_LABELS)
+                discriminator.trainable = False
+                d_after = numpy_weights(discriminator)  # what combined's run of d computes with
+                combined.train_on_batch(z_g, np.ones((BATCH, 1), "float32"))
+            fake = z_g @ g_w[0] + g_w[1]
+            runs = {  # each network as a layer of combined, and its one Dense layer, give the same values
+                "g:0": (z_d, z_d @ g_w[0] + g_w[1]),  # the eager call
+                "g:1": (z_g, fake),  # combined's run
+                "d:0": (d_in, d_in @ d_before[0] + d_before[1]),  # d's run
+                "d:1": (fake, fake @ d_after[0] + d_after[1]),  # combined's run
+            }
+            for name, (inputs, outputs) in runs.items():
+                net, call = name.split(":")
+                for layer in (net, f"{net}/{net}_dense"):
+                    expected.setdefault(f"inputs/{layer}:{call}", []).append(inputs)
+                    expected.setdefault(f"outputs/{layer}:{call}", []).append(outputs)
+    cb.close()
+    assert not [r for r in caplog.records if r.name == "tensortap"]
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.tensor_names() == sorted(expected)
+    for name, per_step in expected.items():
+        for s, value in enumerate(per_step):
+            np.testing.assert_allclose(
+                trial.tensor(name).value(s, mode=Mode.TRAIN), value, rtol=1e-5, atol=1e-6, err_msg=f"{name} {s}"
+            )
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow's compiled functions keep one value per layer call")
+@pytest.mark.parametrize("run_mode", ["compiled", "xla"])
+def test_a_compiled_function_run_twice_in_one_step_keeps_its_last_run_with_one_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, run_mode: str
+) -> None:
+    # the same train function run twice in a step wrote the same taps twice: the first run's
+    # outputs were dropped without a word
+    model = mlp(**RUN_MODES[run_mode])
+    second_runs = []
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        fit_cb = ttk.Callback(tmp_path / "fit", save_config=EVERY_STEP, include_collections=["outputs"])
+        model.fit(X, Y, batch_size=BATCH, verbose=0, callbacks=[fit_cb])  # one function a step: no warning
+        assert not [r for r in caplog.records if r.name == "tensortap"]
+        cb = ttk.Callback(tmp_path / "loop", save_config=EVERY_STEP, include_collections=["outputs"])
+        cb.attach(model)
+        for s in range(2):
+            first, second = slice(2 * s * 8, (2 * s + 1) * 8), slice((2 * s + 1) * 8, (2 * s + 2) * 8)
+            with cb.stepping():
+                model.train_on_batch(X[first], Y[first])
+                second_runs.append((numpy_weights(model), X[second]))
+                model.train_on_batch(X[second], Y[second])
+    cb.close()
+    warnings = [r.getMessage() for r in caplog.records if r.name == "tensortap"]
+    assert len(warnings) == 1 and "ran 2 times in step 0" in warnings[0], warnings
+    assert "outputs/dense, outputs/dense_1," in warnings[0] and "last run" in warnings[0]
+    trial = tensortap.create_trial(tmp_path / "loop")
+    assert trial.tensor_names() == ["outputs/dense", "outputs/dense_1"]
+    for s, (w, xb) in enumerate(second_runs):
+        np.testing.assert_allclose(trial.tensor("outputs/dense_1").value(s), forward(w, xb)[1], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.skipif(BACKEND == "jax", reason="a JAX loop keeps its weights in its own state (documented)")

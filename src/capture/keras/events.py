@@ -59,7 +59,18 @@ from .ops import (
     uncapturable,
 )
 from .patches import Patches, listen_to_mean_updates
-from .transport import NO_FLAGS, STEP_COLLECTIONS, FlagIterator, Slot, StepVariants, Tagged, TFGraphTaps
+from .transport import (
+    EAGER,
+    NO_FLAGS,
+    STEP_COLLECTIONS,
+    FlagIterator,
+    Run,
+    Slot,
+    StepVariants,
+    Tagged,
+    TFGraphTaps,
+    in_run_order,
+)
 
 if BACKEND == "jax":
     import jax
@@ -78,7 +89,9 @@ _KINDS = {
     "test": ("test_step", Mode.EVAL),
     "predict": ("predict_step", Mode.PREDICT),
 }
-Arrival = tuple[str, list[Slot], list[Any]]
+# what a step hands over outside its graphs: collection, slots, values and (TensorFlow, beside graphs
+# with taps) the mark of the step's clock when they came (see TFGraphTaps.tick)
+Arrival = tuple[str, list[Slot], list[Any], Any]
 
 
 TracedFor = tuple[tuple[Any, ...], tuple[Any, ...]]  # objects (compared by identity), values (by equality)
@@ -507,14 +520,9 @@ class Callback(keras.callbacks.Callback):
         """When a saved step is recorded: what arrived from inside it, then the variables after it."""
         if self._callbacks_traced:
             jax.effects_barrier()
-        arrived, self._arrived = self._arrived, []
         latest: dict[Slot, tuple[str, Any]] = {}  # the last value of a name in the step wins
-        for collection, slots, values in arrived:
-            for slot, value in zip(slots, values, strict=True):
-                latest[slot] = (collection, value)
-        if self._graph is not None:
-            for slot, collection, value in self._graph.written(self.hook.step):
-                latest[slot] = (collection, value)
+        for slot, collection, value in self._handed_over():
+            latest[slot] = (collection, value)
         extras_out, self.extras_out = self.extras_out, []
         for extras in extras_out:
             for key, value in _on_host(extras).items():
@@ -533,6 +541,25 @@ class Callback(keras.callbacks.Callback):
             for name, coll, value in self._variables(saved):
                 if Slot(name) not in latest:
                     self.session.offer(name, value, (coll,))
+
+    def _handed_over(self) -> list[tuple[Slot, str, Any]]:
+        """``(slot, collection, value)`` of what the step handed over (extras aside), in the order it came.
+
+        Values that TensorFlow's graphs wrote are put in the order of the step's clock with
+        those that came eagerly beside them, and each layer call is numbered by its place in
+        the step (:func:`.transport.in_run_order`); a value that came with no mark came when
+        no graph had taps: before every value a graph wrote in the step.
+        """
+        arrived, self._arrived = self._arrived, []
+        written = self._graph.written(self.hook.step) if self._graph is not None else []
+        if not written:
+            return [(s, c, v) for c, slots, values, _ in arrived for s, v in zip(slots, values, strict=True)]
+        runs = [
+            Run(slot, collection, value, EAGER, 0 if mark is None else int(mark))
+            for collection, slots, values, mark in arrived
+            for slot, value in zip(slots, values, strict=True)
+        ]
+        return in_run_order(runs + written)
 
     def stop_agreed(self) -> bool:
         """Whether to stop now: :attr:`should_stop`, agreed by every process every :attr:`stop_sync_steps` steps.
@@ -899,7 +926,9 @@ class Callback(keras.callbacks.Callback):
                     flag = self._jax_flags[STEP_COLLECTIONS.index(collection)]
                     jax.lax.cond(flag, lambda t: jax.debug.callback(deliver, t), lambda t: None, tensors)
             else:
-                self._deliver(collection, slots, [snapshot(v) for v in tensors])
+                graph = self._graph
+                mark = graph.tick() if graph is not None and graph.taps else None  # beside graphs: when
+                self._deliver(collection, slots, [snapshot(v) for v in tensors], mark)
         except Exception as exc:
             self.hook.fail(exc, f"cannot capture {collection} ({items[0][0].label()}, ...)")
 
@@ -911,10 +940,11 @@ class Callback(keras.callbacks.Callback):
             self._extra_slots[key] = (collection, slot)
         return key
 
-    def _deliver(self, collection: str, slots: list[Slot], values: list[Any]) -> None:
-        """Keep values handed over in a step until it ends (JAX callbacks arrive on another thread)."""
+    def _deliver(self, collection: str, slots: list[Slot], values: list[Any], mark: Any = None) -> None:
+        """Keep values handed over in a step until it ends (JAX callbacks arrive on another thread);
+        ``mark``: when they came on the clock of TensorFlow's graphs, if any has taps."""
         if self._accepting and self.session.is_open and self.session.saving(collection):
-            self._arrived.append((collection, slots, values))
+            self._arrived.append((collection, slots, values, mark))
 
 
 def _same_value(value: Any, computed: Any) -> bool:

@@ -24,8 +24,10 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
-from collections.abc import Callable, Iterator
+import weakref
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple, Protocol
 
 import numpy as np
@@ -34,13 +36,18 @@ from .ops import BACKEND
 
 if BACKEND == "tensorflow":
     import tensorflow as tf
-    from tensorflow.python.ops import control_flow_util
+    from tensorflow.python.ops import control_flow_util, resource_variable_ops
+    from tensorflow.python.ops.control_flow_v2_func_graphs import WhileBodyFuncGraph
 
 logger = logging.getLogger("tensortap")
 
 # collections whose tensors come from inside the step (the others are read after it)
 STEP_COLLECTIONS = ("gradients", "outputs", "inputs", "losses", "metrics")
 NO_FLAGS = np.zeros(len(STEP_COLLECTIONS), dtype=bool)
+# collections whose slots are calls of a layer (numbered by their order in the step)
+CALL_COLLECTIONS = ("outputs", "inputs")
+EAGER = 0
+"""The origin of a value handed over eagerly (a traced graph's is its serial number, from 1)."""
 
 
 class Slot(NamedTuple):
@@ -154,16 +161,74 @@ class StepVariants:
         return out
 
 
-class _TFTap:
-    """One captured tensor of a ``tf.function``: a variable holding its value and the step that wrote it."""
+class Run(NamedTuple):
+    """A value handed over in a step, with where it was computed and when.
 
-    def __init__(self, slot: Slot, collection: str, value: Any, static: bool) -> None:
+    ``origin`` is the traced graph whose run wrote it (its serial number), or
+    :data:`EAGER`; ``order`` its place on the step's clock (:meth:`TFGraphTaps.tick`).
+    """
+
+    slot: Slot
+    collection: str
+    value: Any
+    origin: int
+    order: int
+
+
+def in_run_order(runs: Iterable[Run]) -> list[tuple[Slot, str, Any]]:
+    """``(slot, collection, value)`` of ``runs`` in the order they were written, each layer call's
+    slot numbered by its place among the calls of its layer in the step.
+
+    Two step functions run in one step (a GAN's ``d.train_on_batch`` then
+    ``combined.train_on_batch``) each count the calls of a layer from 0 in their own
+    trace; here the first run's call is 0 and the second's 1 (``outputs/d/dense:0``,
+    ``:1``), as eager calls are numbered. Other slots keep theirs; a later value wins.
+    """
+    ordered = sorted(runs, key=lambda r: r.order)  # stable: values of one order stay as they came
+    places: dict[str, dict[tuple[int, int | None], int]] = {}
+    for r in ordered:
+        if r.collection in CALL_COLLECTIONS:
+            calls = places.setdefault(r.slot.name, {})
+            calls.setdefault((r.origin, r.slot.call), len(calls))
+    out = []
+    for r in ordered:
+        slot = r.slot
+        if r.collection in CALL_COLLECTIONS:
+            slot = slot._replace(call=places[slot.name][(r.origin, slot.call)])
+        out.append((slot, r.collection, r.value))
+    return out
+
+
+def _variable(initial: Any, shape: Any = None) -> Any:
+    """A non-trainable variable made now, even while a ``tf.function`` is traced a second time.
+
+    ``tf.Variable`` refuses that (*tf.function only supports singleton tf.Variables created on
+    the first call*), even under ``tf.init_scope()``; the class itself is not watched. Made
+    under ``tf.init_scope()``, it is initialised at once, eagerly.
+    """
+    return resource_variable_ops.ResourceVariable(initial, shape=shape, trainable=False)
+
+
+class _TFTap:
+    """One captured tensor of one traced graph: a variable holding its value, and ``meta``: the step that
+    wrote it last, when (the step's clock) and how many times in that step."""
+
+    def __init__(self, slot: Slot, collection: str, value: Any, static: bool, origin: int, looped: bool) -> None:
         self.slot = slot
         self.collection = collection
+        self.origin = origin
+        self.looped = looped  # traced in a while loop's body: written once per iteration
         shape = value.shape if static else tf.TensorShape(None)
         init = tf.zeros([d or 0 for d in value.shape] if value.shape.rank is not None else [], value.dtype)
-        self.var = tf.Variable(init, shape=shape, trainable=False, dtype=value.dtype)
-        self.stamp = tf.Variable(tf.constant(-1, tf.int64), trainable=False)
+        self.var = _variable(init, shape)
+        self.meta = _variable(tf.constant([-1, 0, 0], tf.int64))
+
+    def save(self, value: Any, step: Any, order: Any) -> None:
+        """In the graph: keep ``value``, written at ``step`` (a scalar tensor) at ``order`` on its clock."""
+        self.var.assign(value)
+        before = self.meta.read_value()
+        writes = tf.where(before[0] == step, before[2] + 1, tf.constant(1, tf.int64))
+        self.meta.assign(tf.stack([step, order, writes]))
 
 
 def in_xla_context() -> bool:
@@ -180,6 +245,11 @@ def in_xla_context() -> bool:
 class TFGraphTaps:
     """Getting tensors out of TensorFlow graphs (``tf.function``, with or without XLA).
 
+    Each traced graph has taps of its own, so that two step functions run in one step
+    (a GAN's ``d.train_on_batch`` then ``combined.train_on_batch``) each keep the values
+    of a layer both run; a clock (a counter every run of a tap and every eager call
+    advances) says in which order they came (:func:`in_run_order`).
+
     Parameters
     ----------
     xla
@@ -194,8 +264,12 @@ class TFGraphTaps:
         self._wanted = dict.fromkeys(STEP_COLLECTIONS, False)
         self._step = -1
         self.step = tf.Variable(tf.constant(-1, tf.int64), trainable=False)
-        self.taps: dict[tuple[Slot, Any], _TFTap] = {}
+        self.clock = tf.Variable(tf.constant(0, tf.int64), trainable=False)
+        self.taps: dict[tuple[int, Slot, Any], _TFTap] = {}
         self.skipped: set[str] = set()
+        self.rerun: set[str] = set()  # names warned about: a graph run several times in one step wrote them
+        self._origins: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+        self._serials = itertools.count(EAGER + 1)
 
     def set_flags(self, wanted: dict[str, bool], step: int) -> None:
         """Before a step: which collections it saves.
@@ -217,6 +291,10 @@ class TFGraphTaps:
 
     def tap(self, collection: str, items: list[tuple[Slot, Any]]) -> None:
         """Inside a trace: store ``items`` when the collection's flag is set at run time."""
+        graph = tf.compat.v1.get_default_graph()
+        origin = self._origins.get(graph)
+        if origin is None:
+            origin = self._origins[graph] = next(self._serials)
         pairs = []
         for slot, value in items:
             value = tf.convert_to_tensor(value)
@@ -228,11 +306,11 @@ class TFGraphTaps:
                         "tensortap: %s has no static shape %s under XLA; it is not captured", slot.label(), value.shape
                     )
                 continue
-            key = (slot, tuple(value.shape) if static else value.dtype)
+            key = (origin, slot, tuple(value.shape) if static else value.dtype)
             if key not in self.taps:
                 with tf.init_scope():
                     first = not self.taps
-                    self.taps[key] = _TFTap(slot, collection, value, static)
+                    self.taps[key] = _TFTap(slot, collection, value, static, origin, _in_loop(graph))
                     if first:  # from now on the flags are read: set them for the step being traced
                         self._assign()
             pairs.append((self.taps[key], value))
@@ -240,15 +318,53 @@ class TFGraphTaps:
             return
 
         def save() -> Any:
+            order = tf.convert_to_tensor(self.clock.assign_add(1))
             for t, v in pairs:
-                t.var.assign(v)
-                t.stamp.assign(self.step)
+                t.save(v, self.step, order)
             return tf.constant(True)
 
         tf.cond(self.flags[collection], save, lambda: tf.constant(False))
 
-    def written(self, step: int) -> Iterator[tuple[Slot, str, Any]]:
-        """After a saved step: ``(slot, collection, value)`` of the taps that step wrote."""
+    def tick(self) -> Any:
+        """Eagerly: advance the clock; its value now (a tensor, read when the step ends)."""
+        self.clock.assign_add(1, read_value=False)
+        return self.clock.read_value()
+
+    def written(self, step: int) -> list[Run]:
+        """After a saved step: the values of the taps that step wrote.
+
+        A graph run several times in the step (one ``tf.function`` called twice) wrote
+        its taps each time: the last run's values are kept, and one warning says so (naming
+        the layers not named by an earlier one).
+        """
+        runs, rerun = [], {}
         for t in self.taps.values():
-            if self._wanted[t.collection] and int(t.stamp.numpy()) == step:
-                yield t.slot, t.collection, t.var.value()
+            if not self._wanted[t.collection]:
+                continue
+            at, order, writes = (int(x) for x in t.meta.numpy())
+            if at != step:
+                continue
+            runs.append(Run(t.slot, t.collection, t.var.value(), t.origin, order))
+            if writes > 1 and not t.looped and t.collection in CALL_COLLECTIONS and t.slot.name not in self.rerun:
+                rerun[t.slot.name] = writes
+        if rerun:
+            self.rerun.update(rerun)
+            names = sorted(rerun)
+            logger.warning(
+                "tensortap: a compiled function ran %d times in step %d: of %s%s, only the values of its last run "
+                "are kept (run each tf.function once per step, or call it eagerly, to keep every run)",
+                max(rerun.values()),
+                step,
+                ", ".join(names[:5]),
+                f" and {len(names) - 5} more" if len(names) > 5 else "",
+            )
+        return runs
+
+
+def _in_loop(graph: Any) -> bool:
+    """Whether ``graph`` is (in) the body of a ``while`` loop (its taps are written once per iteration)."""
+    while graph is not None:
+        if isinstance(graph, WhileBodyFuncGraph):
+            return True
+        graph = getattr(graph, "outer_graph", None)
+    return False
