@@ -53,8 +53,9 @@ EAGER = 0
 class Slot(NamedTuple):
     """Where a captured value goes: a plain ``name``, or one call of a layer (``name`` is then its base name).
 
-    ``call`` is the layer's call index in the step (None for a plain name) and
-    ``sub`` the value's place in the call's nested output (``""``, ``"/0"``, ``"/key"``).
+    ``call`` is the layer's call index in the step (None for a plain name; in a traced
+    graph, counted in its trace: see :func:`in_run_order`), a loss's source for a loss,
+    and ``sub`` the value's place in the call's nested output (``""``, ``"/0"``, ``"/key"``).
     """
 
     name: str
