@@ -1375,6 +1375,43 @@ def test_two_models_trained_on_batch_in_one_step_keep_both_losses(tmp_path: Path
 
 
 @pytest.mark.skipif(BACKEND == "jax", reason="a JAX loop keeps its weights in its own state (documented)")
+@pytest.mark.parametrize("run_eagerly", [False, True], ids=["compiled", "eager"])
+def test_one_model_trained_twice_in_a_step_keeps_each_loss_or_warns(
+    tmp_path: Path, run_eagerly: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Keras-GAN's d.train_on_batch(real), d.train_on_batch(fake), combined.train_on_batch(z): the first
+    # discriminator loss and gradients were overwritten by the second without a word
+    generator, discriminator, combined = classic_gan(run_eagerly=run_eagerly)
+    cb = ttk.Callback(tmp_path, save_config=EVERY_STEP, include_collections=["losses", "gradients"])
+    cb.attach(combined, [discriminator.optimizer, combined.optimizer])
+    z = RNG.normal(size=(2 * BATCH, LATENT)).astype("float32")
+    returned = []
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        for s in range(2):
+            zb, real = z[s * BATCH : (s + 1) * BATCH], X[s * BATCH : (s + 1) * BATCH, :3]
+            fake = to_numpy(generator(zb))
+            with cb.stepping():
+                discriminator.trainable = True
+                d_real = discriminator.train_on_batch(real, GAN_LABELS[:BATCH])
+                d_fake = discriminator.train_on_batch(fake, GAN_LABELS[BATCH:])
+                discriminator.trainable = False
+                g_loss = combined.train_on_batch(zb, np.ones((BATCH, 1), "float32"))
+            returned.append([float(d_real), float(d_fake), float(g_loss)])
+    cb.close()
+    trial = tensortap.create_trial(tmp_path)
+    eager = run_eagerly or BACKEND != "tensorflow"
+    kept = returned if eager else [[d_fake, g_loss] for _, d_fake, g_loss in returned]
+    losses = [n for n in trial.tensor_names() if n.startswith("losses/")]
+    assert losses == [f"losses/loss:{i}" for i in range(len(kept[0]))]
+    for s, step_losses in enumerate(kept):
+        for i, loss in enumerate(step_losses):
+            assert float(trial.tensor(f"losses/loss:{i}").value(s)) == pytest.approx(loss, rel=1e-5), (s, i)
+    warned = [r.getMessage() for r in caplog.records if "twice" in r.getMessage() or "ran 2 times" in r.getMessage()]
+    assert len(warned) == 1 and "gradients/" in warned[0], warned  # the first apply's gradients are replaced
+    assert ("losses/loss" in warned[0]) == (not eager), warned
+
+
+@pytest.mark.skipif(BACKEND == "jax", reason="a JAX loop keeps its weights in its own state (documented)")
 @pytest.mark.parametrize("run_mode", list(RUN_MODES))
 def test_a_layer_run_by_two_step_functions_in_one_step_keeps_each_run(
     tmp_path: Path, run_mode: str, caplog: pytest.LogCaptureFixture

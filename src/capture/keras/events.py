@@ -215,7 +215,11 @@ class Callback(keras.callbacks.Callback):
         self._results: dict[int, tuple[Any, Any]] = {}
         self._computed: list[tuple[Any, str]] = []  # in the step: compute_loss's values, with their keys
         self._running_means: set[str] = set()  # keys returned as running means of unknown step value (warned)
-        self._loss_sources: dict[str, list[Any]] = {}
+        self._loss_sources: dict[str, list[tuple[Any, int]]] = {}  # key -> (source, its run in a step)
+        # in the step: (key, id(source)) -> what gave each of its runs ("computed", "tracked"), see _loss_slot
+        self._loss_runs: dict[tuple[str, int], list[set[str]]] = {}
+        self._applied: set[int] = set()  # in the step: optimizers (by id) that applied gradients eagerly
+        self._warned_reapplied: set[int] = set()
         self._arrived: list[Arrival] = []
         self._skipped: set[str] = set()
         self._accepting = False
@@ -505,6 +509,7 @@ class Callback(keras.callbacks.Callback):
         if saving and mode == Mode.TRAIN and BACKEND == "tensorflow":  # returned by the step (_return_variables)
             self.wanted_now |= {c for c in VARIABLE_COLLECTIONS if self.session.saving(c)}
         self.extras_out = []
+        self._loss_runs, self._applied = {}, set()
         if self._graph is not None:
             self._graph.set_flags(wanted, self.hook.step)
         if BACKEND == "jax":
@@ -776,29 +781,43 @@ class Callback(keras.callbacks.Callback):
         @functools.wraps(compute_loss)
         def wrapped(*args: Any, **kwargs: Any) -> Any:
             loss = compute_loss(*args, **kwargs)
-            if self._ctx_mode in (Mode.TRAIN, Mode.EVAL) and loss is not None:
+            if self._ctx_mode in (Mode.TRAIN, Mode.EVAL) and loss is not None and not is_symbolic(loss):
                 name = _loss_name("loss", self._ctx_mode)
                 self._loss_names.add(name)
                 self._computed.append((loss, name))
-                self._tap("losses", [(self._loss_slot(name, _loss_source(model)), loss)])
+                self._tap("losses", [(self._loss_slot(name, _loss_source(model), "computed"), loss)])
             return loss
 
         return wrapped
 
-    def _loss_slot(self, key: str, source: Any) -> Slot:
-        """Where a loss named ``key`` from ``source`` (a loss tracker) goes: one call of ``key`` per source.
+    def _loss_slot(self, key: str, source: Any, claim: str | None = None) -> Slot:
+        """Where a loss named ``key`` from ``source`` (a loss tracker) goes: one call of ``key`` per source
+        and run of a step function.
 
         Two models trained in one step (a GAN's ``d.train_on_batch`` and
         ``combined.train_on_batch``) each give ``losses/loss`` through their own
         tracker: numbered by the order the callback first saw them, they are
         saved as ``losses/loss:0`` and ``losses/loss:1`` (one alone: ``losses/loss``).
         ``compute_loss`` of a model counts as its tracker (both give the same value).
+        One model trained twice in a step (``d.train_on_batch(real)``, then
+        ``d.train_on_batch(fake)``) gives a loss per run where the runs are eager: a
+        run's loss is ``claim``-ed once by ``compute_loss`` ("computed") and once by the
+        tracker's update ("tracked"); a second claim of either starts the next run. A
+        compiled function gets its slots when traced, once however often it runs
+        (:meth:`TFGraphTaps.written` warns about a second run in a step). A loss given
+        without a claim (returned, recorded) goes with the run in progress.
         """
+        runs = self._loss_runs.setdefault((key, id(source)), [])
+        if claim is not None and trace_level() is None:
+            if not runs or claim in runs[-1]:
+                runs.append(set())
+            runs[-1].add(claim)
+        nth = max(len(runs) - 1, 0)
         sources = self._loss_sources.setdefault(key, [])
-        for i, known in enumerate(sources):
-            if known is source:
+        for i, (known, n) in enumerate(sources):
+            if known is source and n == nth:
                 return Slot(key, i)
-        sources.append(source)
+        sources.append((source, nth))
         return Slot(key, len(sources) - 1)
 
     def _on_mean_event(self, metric: Any, value: Any, is_result: bool) -> None:
@@ -812,7 +831,7 @@ class Callback(keras.callbacks.Callback):
         if is_result:
             self._results[id(value)] = (value, metric)
             return
-        if not is_scalar(value):
+        if not is_scalar(value) or is_symbolic(value):
             return
         self._means[id(metric)] = (metric, value)
         name = str(getattr(metric, "name", ""))
@@ -820,7 +839,7 @@ class Callback(keras.callbacks.Callback):
             key = _loss_name(name, self._ctx_mode)
             self._loss_names.add(key)
             if not any(k == key and _same_value(value, loss) for loss, k in self._computed):
-                self._tap("losses", [(self._loss_slot(key, metric), value)])
+                self._tap("losses", [(self._loss_slot(key, metric, "tracked"), value)])
 
     def _wrap_apply(self, optimizer: Any) -> Callable[..., Any]:
         apply = optimizer.apply
@@ -828,6 +847,7 @@ class Callback(keras.callbacks.Callback):
         @functools.wraps(apply)
         def wrapped(grads: Any, trainable_variables: Any = None) -> Any:
             if self._ctx_mode == Mode.TRAIN:
+                self._note_apply(optimizer)
                 variables = trainable_variables if trainable_variables is not None else optimizer._trainable_variables
                 self._tap(
                     "gradients",
@@ -840,6 +860,21 @@ class Callback(keras.callbacks.Callback):
             return apply(grads, trainable_variables)
 
         return wrapped
+
+    def _note_apply(self, optimizer: Any) -> None:
+        """An eager ``apply`` of ``optimizer``: a second one in a saved step replaces the gradients of the
+        first (a compiled one is warned about by :meth:`TFGraphTaps.written`); one warning per optimizer."""
+        if trace_level() is not None or not self.session.saving("gradients"):
+            return
+        if id(optimizer) in self._applied and id(optimizer) not in self._warned_reapplied:
+            self._warned_reapplied.add(id(optimizer))
+            logger.warning(
+                "tensortap: optimizer %s applied gradients twice in step %d; its gradients/ values are those of the "
+                "last apply (give each apply a step of its own to keep both)",
+                getattr(optimizer, "name", type(optimizer).__name__),
+                self.hook.step,
+            )
+        self._applied.add(id(optimizer))
 
     def _wrap_call(self, layer: Any) -> Callable[..., Any]:
         call = layer.call

@@ -346,7 +346,7 @@ class TFGraphTaps:
             if at != step:
                 continue
             runs.append(Run(t.slot, t.collection, t.var.value(), t.origin, order))
-            if writes > 1 and not t.looped and t.collection in CALL_COLLECTIONS and t.slot.name not in self.rerun:
+            if writes > 1 and not t.looped and t.collection != "metrics" and t.slot.name not in self.rerun:
                 rerun[t.slot.name] = writes
         if rerun:
             self.rerun.update(rerun)
