@@ -100,6 +100,17 @@ def numpy_weights(model: Any) -> list[np.ndarray]:
     return [to_numpy(v.value) for v in model.weights]
 
 
+def stepped(cb: Any, model: Any, train_step: Callable[[Any, Any], Any], steps: int) -> list[list[np.ndarray]]:
+    """Run ``train_step`` on batch ``s`` of ``X``, ``Y`` in a ``cb.stepping()`` block for each of ``steps``
+    steps; return the model's weights before the first and after each."""
+    history = [numpy_weights(model)]
+    for s in range(steps):
+        with cb.stepping():
+            train_step(X[s * BATCH : (s + 1) * BATCH], Y[s * BATCH : (s + 1) * BATCH])
+        history.append(numpy_weights(model))
+    return history
+
+
 def forward(w: list[np.ndarray], x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The MLP in NumPy: ``(hidden, output)`` for weights ``[k0, b0, k1, b1]``."""
     hidden = np.maximum(x @ w[0] + w[1], 0.0)
@@ -1256,11 +1267,7 @@ def test_gradient_tape_loop_one_object(tmp_path: Path, compiled: bool) -> None:
             cb.record_loss(loss)
             return loss
 
-    history = [numpy_weights(model)]
-    for s in range(3):
-        with cb.stepping():
-            train_step(X[s * BATCH : (s + 1) * BATCH], Y[s * BATCH : (s + 1) * BATCH])
-        history.append(numpy_weights(model))
+    history = stepped(cb, model, train_step, 3)
     cb.close()
     trial = tensortap.create_trial(tmp_path)
     assert trial.steps(mode=Mode.TRAIN) == [0, 1, 2] and trial.training_ended
@@ -1306,12 +1313,8 @@ def test_xla_loop_with_an_unknown_batch_size_trains_and_skips_outputs_with_one_w
         cb.record_loss(loss)
         return loss
 
-    history = [numpy_weights(model)]
     with caplog.at_level(logging.WARNING, logger="tensortap"):
-        for s in range(3):
-            with cb.stepping():
-                train_step(X[s * BATCH : (s + 1) * BATCH], Y[s * BATCH : (s + 1) * BATCH])
-            history.append(numpy_weights(model))
+        history = stepped(cb, model, train_step, 3)
     cb.close()
     trial = tensortap.create_trial(tmp_path)
     assert trial.steps(mode=Mode.TRAIN) == [0, 1, 2]
@@ -1498,11 +1501,7 @@ def test_train_on_batch_in_a_loop_names_the_first_step_outputs_as_the_others(tmp
     model.compile(keras.optimizers.SGD(LR), "mse")
     cb = ttk.Callback(tmp_path, save_config=EVERY_STEP, include_collections=["outputs"])
     cb.attach(model)
-    history = [numpy_weights(model)]
-    for s in range(2):
-        with cb.stepping():
-            model.train_on_batch(X[s * BATCH : (s + 1) * BATCH], Y[s * BATCH : (s + 1) * BATCH])
-        history.append(numpy_weights(model))
+    history = stepped(cb, model, model.train_on_batch, 2)
     cb.close()
     trial = tensortap.create_trial(tmp_path)
     assert trial.tensor_names() == ["outputs/dense"]
