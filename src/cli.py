@@ -24,7 +24,6 @@ import json
 import logging
 import math
 import os
-import re
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NoReturn
@@ -44,6 +43,7 @@ from .exceptions import (
 from .modes import Mode
 from .trial import Trial, create_trial
 from .trial.check import find_problems
+from .trial.views import printable
 
 EXIT_OK, EXIT_FOUND, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_PIPE = 0, 1, 2, 130, 141
 
@@ -78,32 +78,6 @@ class Style:
     def __call__(self, text: str, style: str) -> str:
         """``text`` in ``style`` (a key of :attr:`CODES`), or plain."""
         return f"\033[{self.CODES[style]}m{text}\033[0m" if self.enabled else text
-
-
-#: Characters that act on a terminal rather than print: C0 controls (newline and tab too), DEL, C1
-#: controls, and the Unicode bidirectional overrides and isolates (text that reads in another order).
-CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
-
-
-def printable(text: str) -> str:
-    """``text`` with every control character escaped as Python writes it (``\\x1b``, ``\\n``, ``\\u202e``).
-
-    Text output passes every string that comes from a trial (tensor, collection, worker and file
-    names, rule reasons, a stranger's folder names) through this, so that a name cannot move the
-    cursor, retitle the terminal, colour what follows or add a line that reads as a table row.
-    ``--json`` output is escaped by JSON itself.
-
-    Parameters
-    ----------
-    text
-        Any string.
-
-    Returns
-    -------
-    str
-        ``text`` itself when it has no control character.
-    """
-    return CONTROL_CHARACTERS.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
 
 
 def fmt(value: Any, digits: int = 4) -> str:

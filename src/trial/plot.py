@@ -17,6 +17,7 @@ import numpy as np
 from ..modes import Mode
 from ..reductions import split_key
 from .progress import progress
+from .views import printable
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -27,6 +28,13 @@ XAxis = Literal["step", "global_step", "time"]
 """The x axis of a plot over steps: the mode step, the global step, or seconds since the trial's first saved step."""
 
 X_LABELS: Mapping[str, str] = {"step": "step", "global_step": "global step", "time": "time since start (s)"}
+
+
+def _text(name: str) -> str:
+    """A string from a trial as matplotlib text: control characters escaped (:func:`printable`), and
+    ``$`` literal, so that a stranger's name neither starts mathtext (which refuses ``$\\frac{$``
+    when drawn) nor asks the font for glyphs of control characters."""
+    return printable(name).replace("$", r"\$")
 
 
 def _pyplot() -> Any:
@@ -132,7 +140,7 @@ def plot_tensors(
     from ..exceptions import TensorUnavailable
 
     runs = [trials] if not isinstance(trials, Sequence) else list(trials)
-    run_labels = list(labels) if labels is not None else [t.path for t in runs]
+    run_labels = [_text(label) for label in (labels if labels is not None else [t.path for t in runs])]
     ax = _axes(ax)
     drawn = 0
     work = [(r, label, n) for r, label in zip(runs, run_labels, strict=True) for n in names]
@@ -143,7 +151,7 @@ def plot_tensors(
             continue
         lines = mode_lines(tensor, reduction, mode, x)
         for m, (xs, ys) in lines.items():
-            label = name if len(runs) == 1 else f"{run_label}: {name}"
+            label = _text(name) if len(runs) == 1 else f"{run_label}: {_text(name)}"
             if len(lines) > 1 or m not in (Mode.TRAIN, Mode.GLOBAL):
                 label += f" ({m.name.lower()})"
             ax.plot(xs, ys, marker="." if len(xs) < 50 else None, label=label)
@@ -152,13 +160,14 @@ def plot_tensors(
         raise TensorUnavailable(f"nothing to plot: none of {', '.join(map(repr, names))} has values")
     scalar_only = reduction is None and all(_is_scalar(r, n) for r in runs for n in names if n in r._index.tensors)
     what = "value" if scalar_only else reduction or "value (scalars) / mean"
-    ylabel = f"{names[0]} ({what})" if len(names) == 1 and not scalar_only else names[0] if len(names) == 1 else what
+    one = _text(names[0])
+    ylabel = f"{one} ({what})" if len(names) == 1 and not scalar_only else one if len(names) == 1 else what
     xlabel = X_LABELS[x] if x != "step" or mode is None else f"{Mode.parse(mode).name.lower()} step"
     ax.set(xlabel=xlabel, ylabel=ylabel)
     if logy:
         ax.set_yscale("log")
     if len(runs) == 1:
-        ax.set_title(runs[0].path, fontsize=9)
+        ax.set_title(_text(runs[0].path), fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     return ax
@@ -181,7 +190,8 @@ def plot_histogram(
     ax = _axes(ax)
     ax.stairs(counts, edges, fill=True, alpha=0.7)
     where = f"{Mode.parse(mode).name.lower()} step {step}" if mode is not None else f"step {step}"
-    ax.set(xlabel=f"{tensor.name} (value)", ylabel="count", title=f"{tensor.name} at {where}")
+    name = _text(tensor.name)
+    ax.set(xlabel=f"{name} (value)", ylabel="count", title=f"{name} at {where}")
     ax.grid(alpha=0.3)
     return ax
 
@@ -246,7 +256,8 @@ def plot_histograms(
     if mesh is not None:
         ax.figure.colorbar(mesh, ax=ax, label="count")
     xlabel = X_LABELS[x] if x != "step" else f"{m.name.lower()} step" if m is not Mode.GLOBAL else "step"
-    ax.set(xlabel=xlabel, ylabel=f"{tensor.name} (value)", title=f"{tensor.name}: distribution over steps")
+    name = _text(tensor.name)
+    ax.set(xlabel=xlabel, ylabel=f"{name} (value)", title=f"{name}: distribution over steps")
     return ax
 
 

@@ -13,14 +13,13 @@ import io
 import os
 import time
 from collections.abc import Callable, Sequence
-from html import escape
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..exceptions import TensortapError
 from .progress import progress
-from .views import trial_html
+from .views import html_text, trial_html
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -62,7 +61,7 @@ def _png(draw: Callable[[Axes], Any], figsize: tuple[float, float] = (9, 4)) -> 
 
 
 def _note(text: str) -> str:
-    return f"<p class='note'>{escape(text)}</p>"
+    return f"<p class='note'>{html_text(text)}</p>"
 
 
 def _section(title: str, draw: Callable[[], str]) -> str:
@@ -70,7 +69,7 @@ def _section(title: str, draw: Callable[[], str]) -> str:
         body = draw()
     except (TensortapError, ValueError, KeyError) as exc:
         body = _note(f"not drawn: {exc}")
-    return f"<section><h2>{escape(title)}</h2>{body}</section>"
+    return f"<section><h2>{html_text(title)}</h2>{body}</section>"
 
 
 def _scalars(trial: Trial, collection: str) -> list[str]:
@@ -129,7 +128,7 @@ def _rules(trial: Trial, rules: Sequence[str]) -> str:
         try:
             built.append((spec, make_rule(spec, trial)))
         except (ValueError, TypeError) as exc:
-            rows.append((spec, "<span class='note'>not run</span>", escape(str(exc))))
+            rows.append((spec, "<span class='note'>not run</span>", html_text(str(exc))))
     fired: dict[str, list[Any]] = {spec: [] for spec, _ in built}
     errors: dict[str, str] = {}
     for spec, rule in built:  # one runner per rule: one rule that cannot judge does not stop the others
@@ -143,12 +142,12 @@ def _rules(trial: Trial, rules: Sequence[str]) -> str:
         if verdicts:
             steps = ", ".join(str(v.step) for v in verdicts[:10]) + (" ..." if len(verdicts) > 10 else "")
             status = f"<span class='fired'>fired at {len(verdicts)} step(s): {steps}</span>"
-            reason = escape(verdicts[0].reason)
+            reason = html_text(verdicts[0].reason)
         elif missing:
-            status, reason = "<span class='note'>could not judge</span>", escape(missing)
+            status, reason = "<span class='note'>could not judge</span>", html_text(missing)
         else:
             status, reason = "<span class='ok'>did not fire</span>", f"evaluated up to step {rule.last_step}"
-        rows.append((escape(spec), status, reason))
+        rows.append((html_text(spec), status, reason))
     body = "".join(f"<tr><td>{a}</td><td>{b}</td><td>{c}</td></tr>" for a, b, c in rows)
     return f"<table><tr><th>rule</th><th>verdict</th><th>reason</th></tr>{body}</table>"
 
@@ -169,8 +168,8 @@ def build_report(trial: Trial, rules: Sequence[str] = DEFAULT_RULES, show_progre
     stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     return (
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
-        f"<title>tensortap report: {escape(trial.path)}</title><style>{STYLE}</style></head><body>"
-        f"<h1>tensortap report</h1><p>{escape(trial.path)} &middot; generated {stamp}</p>"
+        f"<title>tensortap report: {html_text(trial.path)}</title><style>{STYLE}</style></head><body>"
+        f"<h1>tensortap report</h1><p>{html_text(trial.path)} &middot; generated {stamp}</p>"
         f"{''.join(parts)}</body></html>"
     )
 

@@ -1,12 +1,14 @@
 """How a Trial and a Tensor show themselves: plain ``repr`` and notebook HTML (``_repr_html_``).
 
 Everything shown comes from the trial index (no shard is opened) except a
-tensor's sparkline. Names come from a trial that may be a stranger's: every
-one is HTML-escaped.
+tensor's sparkline. Names come from a trial that may be a stranger's: text
+shows their control characters escaped (:func:`printable`, also what the
+command line prints) and HTML escapes them that way too (:func:`html_text`).
 """
 
 from __future__ import annotations
 
+import re
 from html import escape
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +18,37 @@ from ..exceptions import TensortapError
 
 if TYPE_CHECKING:
     from .trial import Tensor, Trial
+
+#: Characters that act on a terminal rather than print: C0 controls (newline and tab too), DEL, C1
+#: controls, and the Unicode bidirectional overrides and isolates (text that reads in another order).
+CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """``text`` with every control character escaped as Python writes it (``\\x1b``, ``\\n``, ``\\u202e``).
+
+    Text output passes every string that comes from a trial (tensor, collection, worker and file
+    names, rule reasons, a stranger's folder names) through this, so that a name cannot move the
+    cursor, retitle the terminal, colour what follows or add a line that reads as a table row.
+    ``--json`` output is escaped by JSON itself.
+
+    Parameters
+    ----------
+    text
+        Any string.
+
+    Returns
+    -------
+    str
+        ``text`` itself when it has no control character.
+    """
+    return CONTROL_CHARACTERS.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
+def html_text(text: str) -> str:
+    """``text`` for HTML: its control characters escaped as :func:`printable` writes them, then HTML-escaped."""
+    return escape(printable(text))
+
 
 MAX_ROWS = 200  # tensors listed in a trial's HTML table
 SPARK_POINTS = 200
@@ -60,10 +93,10 @@ def trial_html(trial: Trial) -> str:
     """A summary table, the collections with their sizes and a table of tensors."""
     idx = trial._index
     rows = [
-        ("path", escape(trial.path)),
-        ("framework", escape(_frameworks(trial))),
-        ("workers", escape(", ".join(trial.workers()) or "none")),
-        ("status", escape(_status(trial))),
+        ("path", html_text(trial.path)),
+        ("framework", html_text(_frameworks(trial))),
+        ("workers", html_text(", ".join(trial.workers()) or "none")),
+        ("status", html_text(_status(trial))),
     ]
     for m in trial.modes():
         rows.append((f"{m.name.lower()} steps", _range_text(trial.steps(m, show_incomplete=True))))
@@ -71,26 +104,26 @@ def trial_html(trial: Trial) -> str:
     if speed is not None:
         rows.append(("speed", f"{speed:.3g} steps/s"))
     cols = trial.collections()
-    rows.append(("collections", escape(", ".join(f"{n} ({len(c.tensor_names)})" for n, c in cols.items()) or "none")))
+    rows.append(
+        ("collections", html_text(", ".join(f"{n} ({len(c.tensor_names)})" for n, c in cols.items()) or "none"))
+    )
     problems = trial.problems()
     if problems:
-        rows.append(("problems", escape(f"{len(problems)} unreadable file(s)")))
-    head = "".join(
-        f"<tr><th style='text-align:left'>{k}</th><td style='text-align:left'>{v}</td></tr>" for k, v in rows
-    )
+        rows.append(("problems", html_text(f"{len(problems)} unreadable file(s)")))
     names = sorted(idx.tensors)
     body = []
     for name in names[:MAX_ROWS]:
         info = idx.tensors[name]
         dtype = info.dtype or "reductions only"
         body.append(
-            f"<tr><td style='text-align:left'>{escape(name)}</td><td>{escape(', '.join(sorted(info.collections)))}</td>"
-            f"<td>{escape(_shape_text(info.shape))}</td><td>{escape(dtype)}</td><td>{len(info.locations)}</td></tr>"
+            f"<tr><td style='text-align:left'>{html_text(name)}</td>"
+            f"<td>{html_text(', '.join(sorted(info.collections)))}</td>"
+            f"<td>{html_text(_shape_text(info.shape))}</td><td>{html_text(dtype)}</td><td>{len(info.locations)}</td></tr>"
         )
     more = f"<p>… and {len(names) - MAX_ROWS} more tensors</p>" if len(names) > MAX_ROWS else ""
     return (
         "<div class='tensortap-trial'>"
-        f"<strong>tensortap trial</strong><table>{head}</table>"
+        f"<strong>tensortap trial</strong><table>{_kv_rows(rows)}</table>"
         "<table><thead><tr><th style='text-align:left'>tensor</th><th>collections</th><th>shape</th>"
         f"<th>dtype</th><th>steps</th></tr></thead><tbody>{''.join(body)}</tbody></table>{more}</div>"
     )
@@ -100,7 +133,8 @@ def tensor_text(tensor: Tensor) -> str:
     """One line: name, steps, dtype and shape, collections."""
     info = tensor.summary()
     what = f"{info['dtype']} {_shape_text(info['shape'])}" if info["dtype"] else "reductions only"
-    return f"<Tensor {tensor.name!r}: {info['steps']} steps, {what}, collections {', '.join(info['collections'])}>"
+    collections = printable(", ".join(info["collections"]))
+    return f"<Tensor {tensor.name!r}: {info['steps']} steps, {what}, collections {collections}>"
 
 
 def sparkline(values: list[float], width: int = 160, height: int = 32) -> str:
@@ -142,11 +176,11 @@ def tensor_html(tensor: Tensor) -> str:
     info = tensor.summary()
     steps = tensor.steps()
     rows = [
-        ("tensor", escape(tensor.name)),
-        ("collections", escape(", ".join(info["collections"]))),
+        ("tensor", html_text(tensor.name)),
+        ("collections", html_text(", ".join(info["collections"]))),
         ("steps", _range_text(steps)),
-        ("shape", escape(_shape_text(info["shape"]))),
-        ("dtype", escape(info["dtype"] or "reductions only")),
+        ("shape", html_text(_shape_text(info["shape"]))),
+        ("dtype", html_text(info["dtype"] or "reductions only")),
     ]
     try:
         key, values = default_series(tensor)
@@ -154,8 +188,5 @@ def tensor_html(tensor: Tensor) -> str:
         key, values = "", {}
     spark = sparkline(list(values.values()))
     if spark:
-        rows.append((escape(key), spark))
-    body = "".join(
-        f"<tr><th style='text-align:left'>{k}</th><td style='text-align:left'>{v}</td></tr>" for k, v in rows
-    )
-    return f"<div class='tensortap-tensor'><table>{body}</table></div>"
+        rows.append((html_text(key), spark))
+    return f"<div class='tensortap-tensor'><table>{_kv_rows(rows)}</table></div>"

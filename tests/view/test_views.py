@@ -57,6 +57,40 @@ def test_html_escapes_names_from_the_trial(tmp_path: Path) -> None:
     assert "<script>" not in trial.tensor("<script>alert(1)</script>")._repr_html_()
 
 
+ODD_NAMES = ["\x1b]0;pwned\x07\x1b[31mred", "a\nb", "\u202eRTL", "c1\x9bcsi", "del\x7f", "w$\\frac{$"]
+CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def test_views_and_the_report_escape_control_characters_of_names(tmp_path: Path) -> None:
+    """The notebook's HTML, a tensor's repr (its collections) and the HTML report held a stranger's names
+    raw: an ESC byte, a C1 control or a right-to-left override that reorders what a reader sees. They are
+    written as text output writes them (``\\x1b``), as the command line does. In plots a name holding
+    ``$...$`` was mathtext: ``$\\frac{$`` failed when drawn (the report said "not drawn")."""
+    from tensortap.trial.report import build_report
+
+    with Writer(tmp_path) as w:
+        for step in range(2):
+            with w.stepping():
+                for name in ODD_NAMES:
+                    w.save(name, np.array([1.0, 1e9 if step else 1.0]), ["weights", "odd\x1b[2Jcollection"])
+    trial = tensortap.create_trial(tmp_path)
+    report = build_report(trial, rules=["exploding_tensor"], show_progress=False)
+    shown = {
+        "trial html": trial._repr_html_(),
+        "tensor html": trial.tensor(ODD_NAMES[0])._repr_html_(),
+        "tensor repr": repr(trial.tensor(ODD_NAMES[0])),
+        "report": report.replace("\n", ""),
+    }
+    for where, text in shown.items():
+        assert not CONTROL.search(text), (where, CONTROL.findall(text))
+    assert r"\x1b]0;pwned\x07\x1b[31mred" in shown["trial html"] and r"\u202eRTL" in shown["trial html"]
+    assert r"odd\x1b[2Jcollection" in shown["tensor repr"]
+    assert "fired" in report and r"\x1b]0;pwned" in report and "not drawn" not in report
+    for name in ODD_NAMES:
+        trial.plot(name).figure.savefig(tmp_path / "plot.png")
+        trial.tensor(name).plot_histograms().figure.savefig(tmp_path / "histograms.png")
+
+
 def test_tensor_repr_and_sparkline(run: Run) -> None:
     trial = run.trial()
     t = trial.tensor(loss_name(trial))
