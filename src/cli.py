@@ -241,6 +241,11 @@ def add_trial_arguments(parser: argparse.ArgumentParser, path_nargs: str | None 
     )
 
 
+def add_json_argument(parser: argparse.ArgumentParser, schema: str = "docs/trial.md") -> None:
+    """``--json``: the command's result as one JSON object on standard output (:func:`print_json`)."""
+    parser.add_argument("--json", action="store_true", help=f"machine-readable output (schema: {schema})")
+
+
 def add_verbosity_arguments(parser: argparse.ArgumentParser, defaults: bool) -> None:
     """``-v`` (repeatable) and ``-q``; only the top-level parser sets defaults, so both places work."""
     kw: dict[str, Any] = {} if defaults else {"default": argparse.SUPPRESS}
@@ -495,7 +500,7 @@ def add_ls_parser(sub: Any) -> argparse.ArgumentParser:
     add_trial_arguments(p)
     p.add_argument("--collection", help="only tensors of this collection")
     p.add_argument("--regex", help="only tensors whose name matches")
-    p.add_argument("--json", action="store_true", help="machine-readable output (schema: docs/trial.md)")
+    add_json_argument(p)
     p.set_defaults(func=cmd_ls)
     return p
 
@@ -510,7 +515,7 @@ def add_show_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--reduction", help="print a reduction instead of the value, e.g. mean, abs_max, l2, nan_count")
     p.add_argument("--worker", help="worker to read (default: the first)")
     p.add_argument("--full", action="store_true", help="print every element of arrays, not only a summary")
-    p.add_argument("--json", action="store_true", help="machine-readable output (schema: docs/trial.md)")
+    add_json_argument(p)
     p.set_defaults(func=cmd_show)
     return p
 
@@ -519,7 +524,7 @@ def add_check_parser(sub: Any) -> argparse.ArgumentParser:
     """``tensortap check``."""
     p = sub.add_parser("check", help="find unreadable shards and records; exit 1 if any")
     add_trial_arguments(p)
-    p.add_argument("--json", action="store_true", help="machine-readable output (schema: docs/trial.md)")
+    add_json_argument(p)
     p.set_defaults(func=cmd_check)
     return p
 

@@ -28,6 +28,7 @@ from .cli import (
     EXIT_OK,
     EXIT_USAGE,
     Style,
+    add_json_argument,
     add_trial_arguments,
     count,
     error_json,
@@ -64,7 +65,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--idle-timeout", type=float, help="with --follow: give up after this many seconds without a new step"
     )
-    p.add_argument("--json", action="store_true", help="machine-readable output (schema: docs/rules.md)")
+    add_json_argument(p, "docs/rules.md")
     p.set_defaults(func=run)
     return p
 

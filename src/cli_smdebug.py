@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
-from .cli import printable, storage_options
+from .cli import add_json_argument, print_json, printable, storage_options
 from .importers.smdebug import import_smdebug
 
 
@@ -25,7 +24,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("out_dir", metavar="OUT_DIR", help="new tensortap trial directory or URL (must be empty)")
     for flag, what in (("--storage-options", "SMDEBUG_TRIAL"), ("--out-storage-options", "OUT_DIR")):
         p.add_argument(flag, type=storage_options, default={}, metavar="JSON", help=f"fsspec options for {what}")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    add_json_argument(p, "docs/migrating-from-smdebug.md")
     p.set_defaults(func=run)
     return p
 
@@ -39,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
         out_storage_options=args.out_storage_options,
     )
     if args.json:
-        print(json.dumps({"out_dir": args.out_dir, **vars(summary)}, indent=1))
+        print_json({"out_dir": args.out_dir, **vars(summary)})
         return 0
     print(
         printable(

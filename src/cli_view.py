@@ -14,6 +14,7 @@ import argparse
 import sys
 from typing import Any
 
+from .exceptions import UsageError
 from .modes import Mode
 
 X_CHOICES = ("step", "global_step", "time")
@@ -25,28 +26,43 @@ def _trial(args: argparse.Namespace, path: str) -> Any:
     return open_trial(argparse.Namespace(**{**vars(args), "path": path}))
 
 
+def _wrote(args: argparse.Namespace, result: dict[str, Any], text: str) -> int:
+    """Report what a command wrote: ``result`` as JSON with ``--json``, else ``text``; exit 0."""
+    from .cli import print_json, printable
+
+    if args.json:
+        print_json(result)
+    else:
+        print(printable(text))
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
-    """Export reductions of every tensor to CSV/Parquet, or the trial to TensorBoard event files."""
-    from .cli import printable
+    """Export reductions of every tensor to CSV/Parquet (or JSON), or the trial to TensorBoard event files."""
+    from .cli import print_json, printable
     from .trial.export import export_table, export_tensorboard
 
     targets = list(args.path)
     if targets[0] == "tensorboard" and len(targets) == 3:
-        trial = _trial(args, targets[1])
-        counts = export_tensorboard(trial, targets[2], reductions=args.reduction or None)
-        print(f"wrote {counts['scalars']} scalars and {counts['histograms']} histograms to {targets[2]}")
-        return 0
+        path, logdir = targets[1:]
+        counts = export_tensorboard(_trial(args, path), logdir, reductions=args.reduction or None)
+        text = f"wrote {counts['scalars']} scalars and {counts['histograms']} histograms to {logdir}"
+        return _wrote(args, {"path": path, "logdir": logdir, **counts}, text)
     if len(targets) != 1:
-        print("tensortap export: expected PATH, or `tensorboard PATH LOGDIR`", file=sys.stderr)
-        return 2
+        raise UsageError("expected PATH, or `tensorboard PATH LOGDIR`")
     trial = _trial(args, targets[0])
+    reductions = args.reduction or None
+    if args.output == "-" and args.json:
+        df = trial.to_pandas(collection=args.collection, reductions=reductions)
+        print_json({"path": targets[0], "row_count": len(df), "rows": df.to_dict(orient="records")})
+        return 0
     escape = printable if args.output == "-" and sys.stdout.isatty() else None
-    rows = export_table(
-        trial, args.output, reductions=args.reduction or None, collection=args.collection, escape=escape
+    rows = export_table(trial, args.output, reductions=reductions, collection=args.collection, escape=escape)
+    if args.output == "-":
+        return 0
+    return _wrote(
+        args, {"path": targets[0], "output": args.output, "row_count": rows}, f"wrote {rows} rows to {args.output}"
     )
-    if args.output != "-":
-        print(f"wrote {rows} rows to {args.output}")
-    return 0
 
 
 def _is_trial(path: str, options: dict[str, Any]) -> bool:
@@ -72,16 +88,15 @@ def cmd_plot(args: argparse.Namespace) -> int:
     comparison = Comparison([_trial(args, r) for r in runs])
     names += [n for n in comparison.tensor_names(regex=args.regex) if n not in names] if args.regex else []
     if not names:
-        print("tensortap plot: give tensor names or a --regex that matches some", file=sys.stderr)
-        return 2
+        raise UsageError("give tensor names or a --regex that matches some")
     ax = Figure(figsize=(8, 4.5)).subplots()
     mode = Mode.parse(args.mode) if args.mode else None
     plot_tensors(
         comparison.trials, names, args.reduction, mode, ax=ax, logy=args.logy, x=args.x, labels=comparison.labels
     )
     save_plot(ax, args.output)
-    print(f"wrote {args.output} ({len(names)} tensor(s), {len(runs)} run(s))")
-    return 0
+    text = f"wrote {args.output} ({len(names)} tensor(s), {len(runs)} run(s))"
+    return _wrote(args, {"runs": runs, "tensors": names, "output": args.output}, text)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -93,13 +108,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     rules = args.rule or DEFAULT_RULES
     build_rules(rules, trial)  # an unknown rule or parameter: exit 2 (as `rules`) before anything is written
     write_report(trial, args.output, rules=rules)
-    print(f"wrote {args.output}")
-    return 0
+    return _wrote(args, {"path": args.path, "output": args.output, "rules": rules}, f"wrote {args.output}")
 
 
 def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
     """``tensortap export``."""
-    from .cli import add_trial_arguments
+    from .cli import add_json_argument, add_trial_arguments
 
     p = subparsers.add_parser(
         "export",
@@ -116,13 +130,14 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="export this reduction of every tensor, saved or computed from raw (repeatable: mean, abs_max, l2, ...)",
     )
     p.add_argument("-o", "--output", default="-", help="file.csv or file.parquet (default: CSV on standard output)")
+    add_json_argument(p)
     p.set_defaults(func=cmd_export)
     return p
 
 
 def add_plot_parser(subparsers: Any) -> argparse.ArgumentParser:
     """``tensortap plot``."""
-    from .cli import add_trial_arguments
+    from .cli import add_json_argument, add_trial_arguments
 
     p = subparsers.add_parser("plot", help="plot tensors of one or more runs across steps into an image")
     add_trial_arguments(p)
@@ -133,13 +148,14 @@ def add_plot_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--x", choices=X_CHOICES, default="step", help="x axis: mode step, global step or seconds")
     p.add_argument("--logy", action="store_true", help="logarithmic y axis")
     p.add_argument("-o", "--output", default="tensortap-plot.png", help="image file (.png, .svg, .pdf)")
+    add_json_argument(p)
     p.set_defaults(func=cmd_plot)
     return p
 
 
 def add_report_parser(subparsers: Any) -> argparse.ArgumentParser:
     """``tensortap report``."""
-    from .cli import add_trial_arguments
+    from .cli import add_json_argument, add_trial_arguments
 
     p = subparsers.add_parser("report", help="write a self-contained HTML report of a trial")
     add_trial_arguments(p)
@@ -147,6 +163,7 @@ def add_report_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--rule", action="append", default=[], metavar="NAME[:PARAM=VALUE,...]", help="rules to run (default: a set)"
     )
+    add_json_argument(p)
     p.set_defaults(func=cmd_report)
     return p
 

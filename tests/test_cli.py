@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import os
 import pty
 import subprocess
@@ -14,32 +13,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+from helpers.cli import cli, strict_json
 
 import tensortap
 from tensortap import TrialNotFound, UnknownName
 from tensortap.capture import ShardPolicy, Writer
-
-
-def cli(
-    *args: str, env: dict[str, str] | None = None, module: str = "tensortap.cli"
-) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m tensortap.cli ARGS`` and return what it did."""
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, **(env or {})},
-    )
-
-
-def strict_json(text: str) -> Any:
-    """Parse JSON, refusing the NaN / Infinity literals Python would accept."""
-
-    def refuse(literal: str) -> None:
-        raise AssertionError(f"{literal} literal in JSON output")
-
-    return json.loads(text, parse_constant=refuse)
 
 
 def user_error(result: subprocess.CompletedProcess[str], code: int = 2) -> str:

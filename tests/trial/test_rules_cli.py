@@ -9,10 +9,10 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
+from helpers.cli import strict_json
 
 import tensortap
 from tensortap.capture import ShardPolicy, Writer
@@ -42,13 +42,6 @@ def rules(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "tensortap.cli", "rules", *args], capture_output=True, text=True, timeout=120
     )
-
-
-def strict_json(text: str) -> Any:
-    def refuse(literal: str) -> None:
-        raise AssertionError(f"{literal} literal in JSON output")
-
-    return json.loads(text, parse_constant=refuse)
 
 
 def test_list_prints_every_rule_with_its_parameters_as_plain_text() -> None:

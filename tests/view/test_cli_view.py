@@ -18,6 +18,8 @@ import pytest
 
 pd = pytest.importorskip("pandas")
 
+from helpers.cli import cli, strict_json  # noqa: E402
+
 import tensortap  # noqa: E402
 from tensortap.cli import main  # noqa: E402
 
@@ -91,6 +93,46 @@ def test_plot_two_runs(run: Run, run_b: Run, tmp_path: Path) -> None:
     assert main(["plot", str(run.path), str(run_b.path), "--regex", "^losses/", "--mode", "train", "-o", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["plot", str(run.path), str(run_b.path), "--regex", "^nothing"]) == 2
+
+
+def test_export_plot_and_report_answer_json(run: Run, tmp_path: Path) -> None:
+    """``export``, ``plot`` and ``report`` had no ``--json``: a script could not learn what they wrote
+    (rows, tensors plotted), nor get an error object when they failed. Each prints one object now."""
+    path, trial = str(run.path), run.trial()
+
+    def answer(*args: str, code: int = 0) -> dict[str, object]:
+        result = cli(*args, "--json")
+        assert result.returncode == code and "Traceback" not in result.stderr, result.stderr
+        return strict_json(result.stdout)
+
+    table = answer("export", path, "--collection", "losses")
+    rows = [r for r in table["rows"] if r["mode"] == "TRAIN"]
+    assert table["path"] == path and table["row_count"] == len(table["rows"]) == len(
+        trial.to_pandas(collection="losses")
+    )
+    assert set(rows[0]) == {"worker", "mode", "mode_step", "step", "name", "reduction", "value"}
+    np.testing.assert_allclose(
+        [r["value"] for r in sorted(rows, key=lambda r: r["mode_step"])], run.train_loss, rtol=1e-6
+    )
+    csv = tmp_path / "t.csv"
+    assert answer("export", path, "-o", str(csv)) == {
+        "path": path,
+        "output": str(csv),
+        "row_count": len(pd.read_csv(csv)),
+    }
+    image = tmp_path / "p.png"
+    plotted = answer("plot", path, "--regex", "^losses/", "-o", str(image))
+    assert plotted == {"runs": [path], "tensors": trial.tensor_names(regex="^losses/"), "output": str(image)}
+    page = tmp_path / "r.html"
+    assert answer("report", path, "-o", str(page), "--rule", "exploding_tensor") == {
+        "path": path,
+        "output": str(page),
+        "rules": ["exploding_tensor"],
+    }
+    assert image.stat().st_size > 0 and page.stat().st_size > 0
+    for args in (["plot", path, "--regex", "^nothing"], ["export", path, "a", "b"]):
+        error = answer(*args, code=2)["error"]
+        assert (error["command"], error["kind"]) == (args[0], "usage"), error
 
 
 # (command after PATH, label of its bar): long offline work shows a bar on a terminal
