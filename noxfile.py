@@ -1,4 +1,4 @@
-"""Sessions: ``nox -s demo``, ``nox -s tests``, ``nox -s bench``, ``nox -s lint``, ``nox -s docs``.
+"""Sessions: ``nox -s demo``, ``nox -s tests``, ``nox -s bench``, ``nox -s lint``, ``nox -s docs``, ``nox -s pythons``.
 
 Every session installs from scratch. torch is always pinned to 2.13.0 (CPU):
 any other version pulls gigabytes of CUDA packages. With uv, the local CPU
@@ -48,6 +48,14 @@ def tests(session: nox.Session) -> None:
     if not session.posargs:
         for backend in ("torch", "jax"):
             session.run("pytest", *KERAS_TESTS, env={"KERAS_BACKEND": backend})
+
+
+@nox.session(python=["3.10", "3.12", "3.13"])
+def pythons(session: nox.Session) -> None:
+    """The tests that need no framework (writer, reader, format, storage, command line, rules) on the other
+    Pythons tensortap supports; the frameworks' own wheels for those Pythons are not all on this machine."""
+    session.install("-r", "requirements/test.txt", "h5py>=3.11,<3.15", "-e", ".")
+    session.run("pytest", "-m", "not torch and not keras and not xgboost", *session.posargs)
 
 
 @nox.session(python=PYTHON)

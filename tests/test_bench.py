@@ -34,6 +34,9 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.torch
+@pytest.mark.keras
+@pytest.mark.xgboost
 @pytest.mark.timeout(900)
 def test_every_benchmark_runs_quick() -> None:
     performance = (ROOT / "docs" / "performance.md").read_text()

@@ -208,7 +208,7 @@ def _check_published_prefix(trial: tensortap.Trial, torch_run: bool) -> list[int
     return steps
 
 
-@pytest.mark.parametrize("torch_run", [False, True], ids=["numpy", "torch"])
+@pytest.mark.parametrize("torch_run", [False, pytest.param(True, marks=pytest.mark.torch)], ids=["numpy", "torch"])
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_while_the_hook_records_a_step_publishes_that_step(
     tmp_path: Path, writer_proc, sig: signal.Signals, torch_run: bool
@@ -297,9 +297,15 @@ HANDOFF_CODE = (
 )
 
 
+#: What the interrupter counts: bytecodes, or lines on Python 3.12 and later, whose ``sys.settrace`` sends
+#: no opcode event to frames that turn them on in their call event (3.12.1, 3.13.0; lines come through).
+TRACE_EVENT = "opcode" if sys.version_info < (3, 12) else "line"
+
+
 class Interrupter:
     """A tracer (``sys.settrace``) that raises ``KeyboardInterrupt`` before the ``at``-th bytecode
-    executed in ``code`` (files), as Python's default SIGINT handler may; None: only counts them."""
+    (:data:`TRACE_EVENT`) executed in ``code`` (files), as Python's default SIGINT handler may; None:
+    only counts them."""
 
     def __init__(self, at: int | None, code: tuple[str, ...] = HANDOFF_CODE) -> None:
         self.at = at
@@ -310,12 +316,12 @@ class Interrupter:
     def __call__(self, frame: FrameType, event: str, arg: object) -> Callable[..., object] | None:
         if not frame.f_code.co_filename.endswith(self.code):
             return None
-        frame.f_trace_opcodes = True
-        frame.f_trace_lines = False
+        frame.f_trace_opcodes = TRACE_EVENT == "opcode"
+        frame.f_trace_lines = TRACE_EVENT == "line"
         return self.opcode
 
     def opcode(self, frame: FrameType, event: str, arg: object) -> Callable[..., object]:
-        if event == "opcode":
+        if event == TRACE_EVENT:
             self.seen += 1
             if self.seen == self.at:
                 self.fired = True
@@ -363,7 +369,7 @@ def test_ctrl_c_at_every_bytecode_of_the_handoff_loses_no_finished_step(tmp_path
     at each bytecode of tensortap's code in the commit that hands a full shard to the writer thread.
     Every step that finished is published, values are right, and the trial is consistent."""
     _, reference = _train_through_an_interrupted_handoff(tmp_path / "reference", None)
-    assert reference.seen > 50  # the handoff ran, traced
+    assert reference.seen > (50 if TRACE_EVENT == "opcode" else 30)  # the handoff ran, traced
     for at in range(1, reference.seen + 1):
         out = tmp_path / f"at{at}"
         finished, tracer = _train_through_an_interrupted_handoff(out, at)
@@ -406,7 +412,7 @@ def test_ctrl_c_at_every_bytecode_of_the_histogram_handoff_loses_nothing(tmp_pat
     handed over), interrupted at each of its bytecodes: every finished step's histogram is the NumPy
     rule's on the value at save, and the counting thread still counts (no lock left held)."""
     _, reference = _histograms_through_an_interrupted_handoff(tmp_path / "reference", None)
-    assert reference.seen > 20  # the histogram was taken and handed over, traced
+    assert reference.seen > (20 if TRACE_EVENT == "opcode" else 10)  # the histogram was taken and handed over
     edges = numpy_rule_edges(_histogram_value(0), 8)
     for at in range(1, reference.seen + 1):
         out = tmp_path / f"at{at}"

@@ -127,6 +127,21 @@ def read_buffer(shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
     return np.ndarray(shape, dtype=dtype, buffer=mapping)
 
 
+def _references_in_a_callee(arr: object) -> int:
+    """``sys.getrefcount`` of ``arr`` inside a function it was passed to from a variable of its caller."""
+    return sys.getrefcount(arr)
+
+
+def _count_references_in_a_callee() -> int:
+    held = object()
+    return _references_in_a_callee(held)
+
+
+#: References to an array :meth:`BufferPool.put` is given when nothing else holds it: the caller's
+#: variable, put's own and getrefcount's argument (3), and on Python 3.10 the caller's evaluation stack too.
+UNVIEWED_REFERENCES = _count_references_in_a_callee()
+
+
 class BufferPool:
     """Recycles the stacked arrays of published shards, so that steady-state capture
     copies each value once into memory that is already mapped (no page faults).
@@ -171,8 +186,7 @@ class BufferPool:
         if arr.nbytes > self.max_bytes:
             logger.debug("shard array of %d bytes not pooled: too large", arr.nbytes)
             return
-        # references: the caller's variable, getrefcount's argument and ours
-        viewed = sys.getrefcount(arr) > 3
+        viewed = sys.getrefcount(arr) > UNVIEWED_REFERENCES
         with self._lock:
             if viewed:
                 self._viewed.append(arr)

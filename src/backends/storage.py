@@ -13,6 +13,7 @@ stores, upload-then-rename elsewhere; reads through a local cache).
 from __future__ import annotations
 
 import abc
+import asyncio
 import atexit
 import contextlib
 import functools
@@ -654,7 +655,7 @@ class FsspecStorage(Storage):
         limit = ANSWER_SECONDS + moves / SLOWEST_RATE
         try:
             return call(*args, timeout=limit, **kwargs)  # fsspec's sync() takes it: asyncio.wait_for
-        except TimeoutError:
+        except (TimeoutError, asyncio.TimeoutError):  # fsspec's FSTimeoutError: not a TimeoutError on Python 3.10
             raise TimeoutError(f"{self.url}: the storage did not answer within {limit:.0f} s ({method})") from None
         except Exception as exc:
             failure = unreachable(exc, self.url, self._endpoint)

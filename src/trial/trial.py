@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import concurrent.futures
 import contextlib
 import functools
 import math
@@ -199,7 +200,7 @@ class Trial:
         limit = storage_module.ANSWER_SECONDS
         try:
             return answer.result(limit)
-        except TimeoutError:
+        except (TimeoutError, concurrent.futures.TimeoutError):  # not a TimeoutError on Python 3.10
             if answer.done():  # the storage's own bound, within this one
                 raise
             raise TimeoutError(f"{self.path}: the storage did not answer within {limit:.0f} s") from None
