@@ -17,6 +17,7 @@ torch = pytest.importorskip("torch")
 import naming_parity  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
+from torch.nn.utils import parametrizations, prune  # noqa: E402
 
 import tensortap  # noqa: E402
 import tensortap.torch as ttt  # noqa: E402
@@ -976,3 +977,86 @@ def test_two_hooks_each_get_their_own_model_loss_and_torch_is_restored(tmp_path:
         trial = _trial(tmp_path / key)
         assert trial.steps() == list(range(n))
         assert [float(_value(trial, "losses/loss", s)) for s in range(n)] == losses[key]
+
+
+def _train_and_compare(
+    tmp_path: Path,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    hook: ttt.Hook,
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    params: Callable[[], dict[str, torch.Tensor]],
+    steps: int = 3,
+) -> tensortap.Trial:
+    """Train ``steps`` steps of ``forward``, then check every step's weights, gradients and loss in the
+    trial against torch's: ``params()`` names what was trained (the model's ``named_parameters()``)."""
+    gen = torch.Generator().manual_seed(21)
+    expected = []
+    for _ in range(steps):
+        hook.save_scalar("lr", 0.1)  # a value before the forward opens the step
+        x, y = _batch(gen)
+        opt.zero_grad()
+        loss = F.cross_entropy(forward(x), y)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in params().items() if p.grad is not None}
+        opt.step()
+        expected.append((loss.item(), grads, {n: p.detach().clone() for n, p in params().items()}))
+    hook.close()
+    trial = _trial(tmp_path)
+    assert trial.steps() == list(range(steps))
+    for s, (loss_value, grads, weights) in enumerate(expected):
+        assert float(_value(trial, "losses/loss", s)) == pytest.approx(loss_value, rel=1e-6)
+        for n, w in weights.items():
+            np.testing.assert_array_equal(_value(trial, n, s), w.numpy())
+        for n, g in grads.items():
+            np.testing.assert_array_equal(_value(trial, f"gradients/{n}", s), g.numpy())
+    assert not any(n.startswith("gradients/") and n[10:] not in expected[0][1] for n in trial.tensor_names())
+    return trial
+
+
+def test_a_head_replaced_after_registration_is_captured(tmp_path: Path) -> None:
+    """Fine-tuning: the backbone frozen and the head replaced after register_module. The new head's
+    weights, gradients and outputs were missing, the replaced head's initial weights saved under its name
+    every step, and the loss missing (it reached none of the parameters known at registration)."""
+    model = _mlp()
+    hook = ttt.Hook(
+        tmp_path, save_config=EVERY_STEP, include_collections=["weights", "biases", "gradients", "losses", "outputs"]
+    )
+    hook.register_module(model)
+    model.requires_grad_(False)
+    model[2] = nn.Linear(5, 3)
+    opt = torch.optim.SGD(model[2].parameters(), lr=0.1)
+    hook.attach_optimizer(opt)
+    trial = _train_and_compare(tmp_path, model, opt, hook, model, lambda: dict(model.named_parameters()))
+    assert trial.tensor_names(collection="gradients") == ["gradients/2.bias", "gradients/2.weight"]
+    assert "outputs/2" in trial.tensor_names()
+
+
+@pytest.mark.parametrize("change", ["weight_norm", "prune"])
+def test_a_parametrization_added_after_registration_is_captured(change: str, tmp_path: Path) -> None:
+    """weight_norm after register_module replaced 0.weight by 0.parametrizations.weight.original0 and
+    original1: those were missing and 0.weight kept its initial value; prune renamed 0.weight to
+    0.weight_orig, which was saved as 0.weight."""
+    model = _mlp()
+    hook = ttt.Hook(tmp_path, save_config=EVERY_STEP)
+    hook.register_module(model)
+    if change == "weight_norm":
+        parametrizations.weight_norm(model[0])
+    else:
+        prune.l1_unstructured(model[0], "weight", amount=0.5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    hook.attach_optimizer(opt)
+    trial = _train_and_compare(tmp_path, model, opt, hook, model, lambda: dict(model.named_parameters()))
+    assert "0.weight" not in trial.tensor_names()
+
+
+def test_functional_call_training_captures_the_parameters_it_ran_with(tmp_path: Path) -> None:
+    """torch.func.functional_call(model, params, x) with an optimizer of ``params``: the module's own,
+    never updated parameters were saved as the weights every step, with no gradients and no loss."""
+    model = _mlp()
+    params = {n: p.detach().clone().requires_grad_(True) for n, p in model.named_parameters()}
+    opt = torch.optim.SGD(params.values(), lr=0.1)
+    hook = ttt.capture(model, tmp_path, optimizer=opt, save_config=EVERY_STEP)
+    _train_and_compare(
+        tmp_path, model, opt, hook, lambda x: torch.func.functional_call(model, params, (x,)), lambda: params
+    )

@@ -173,13 +173,13 @@ class _Root:
     module: nn.Module  # the inner module (unwrapped)
     name: str  # outputs/<name> for its own outputs
     prefix: str  # "" or "<name>." before parameter and submodule names
+    hooked: weakref.WeakSet[nn.Module] = field(default_factory=weakref.WeakSet)  # submodules with an outputs hook
 
 
 @dataclass
 class _Optimizer:
     optimizer: torch.optim.Optimizer
     name: str
-    params: dict[int, str] = field(default_factory=dict)  # id -> registered name
 
 
 class Hook(core.Hook):
@@ -238,7 +238,8 @@ class Hook(core.Hook):
         self._param_ids: dict[int, str] = {}
         self._optimizers: list[_Optimizer] = []
         self._handles: list[Any] = []
-        self._grad_handles: list[Any] = []  # only while no optimizer is attached
+        # only while no optimizer is attached: id(parameter) -> (the parameter, weakly; its hook's handle)
+        self._grad_handles: dict[int, tuple[weakref.ref[torch.Tensor], Any]] = {}
         self._loss_name = "loss"
         self._depth = 0
         self._warned_compile = False
@@ -299,25 +300,42 @@ class Hook(core.Hook):
             )
         root = _Root(inner, root_name, prefix)
         self._roots.append(root)
-        for pname, p in inner.named_parameters():
-            if id(p) in self._param_ids:  # shared with a module registered before
-                continue
-            full = prefix + pname
-            self._params[full] = p
-            self._param_ids[id(p)] = full
-            if p.requires_grad and not self._optimizers and self.session.may_save("gradients"):
-                self._grad_handles.append(p.register_post_accumulate_grad_hook(patches.Tap(self, Hook._on_grad, full)))
         self._handles.append(module.register_forward_pre_hook(patches.Tap(self, Hook._on_root_pre, root)))
         self._handles.append(
             module.register_forward_hook(
                 patches.Tap(self, Hook._on_root_post, root), with_kwargs=True, always_call=True
             )
         )
-        if self.session.may_save("outputs", "inputs"):  # no hook at all otherwise: PyTorch's dispatch costs too
-            for sub_name, sub in inner.named_modules():
-                if sub_name:
-                    tap = patches.Tap(self, Hook._on_io, prefix + sub_name)
-                    self._handles.append(sub.register_forward_hook(tap, with_kwargs=True))
+        self._follow_modules()
+
+    def _follow_modules(self) -> None:
+        """Take the registered modules' parameters and submodules as they are now.
+
+        Run at registration, when an optimizer is attached and when a saved step opens: a
+        submodule replaced after registration (``model.fc = nn.Linear(...)`` to fine-tune), a
+        parametrization (``weight_norm``, ``prune``) or a parameter added later is captured
+        under its name from then on, and a parameter no longer in the model is no longer saved.
+        A parameter shared by two places (tied embeddings) is saved once, under its first name.
+        """
+        self._params.clear()
+        self._param_ids.clear()
+        for root in self._roots:
+            for pname, p in root.module.named_parameters():
+                if id(p) not in self._param_ids:  # else shared with a module registered before
+                    self._params[root.prefix + pname] = p
+                    self._param_ids[id(p)] = root.prefix + pname
+            if self.session.may_save("outputs", "inputs"):  # no hook at all otherwise: PyTorch's dispatch costs too
+                for sub_name, sub in root.module.named_modules():
+                    if sub_name and sub not in root.hooked:
+                        root.hooked.add(sub)
+                        tap = patches.Tap(self, Hook._on_io, root.prefix + sub_name)
+                        self._handles.append(sub.register_forward_hook(tap, with_kwargs=True))
+        if not self._optimizers and self.session.may_save("gradients"):
+            for param in self._params.values():
+                held = self._grad_handles.get(id(param))
+                if param.requires_grad and (held is None or held[0]() is not param):
+                    handle = param.register_post_accumulate_grad_hook(patches.Tap(self, Hook._on_grad))
+                    self._grad_handles[id(param)] = (weakref.ref(param), handle)
 
     def register_loss(self, loss: nn.Module | Callable[..., Any], name: str | None = None) -> None:
         """Name a loss.
@@ -348,25 +366,27 @@ class Hook(core.Hook):
         optimizer = _inner_optimizer(optimizer, "attach_optimizer")
         if any(o.optimizer is optimizer for o in self._optimizers):
             raise ValueError("attach_optimizer: this optimizer is already attached")
+        self._follow_modules()  # the model may have changed since registration (a new head to fine-tune)
         att = _Optimizer(optimizer, name or self._owner_name(optimizer))
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                if id(p) in self._param_ids:
-                    att.params[id(p)] = self._param_ids[id(p)]
         self._warn_shared_parameters(att)
-        # nothing above changed the hook; nothing below fails (_inner_optimizer checked the hook dicts)
+        # nothing above changed the hook but its tables; nothing below fails (_inner_optimizer checked the hooks)
         self._handles.append(optimizer.register_step_pre_hook(patches.Tap(self, Hook._on_optimizer_pre, att)))
         self._handles.append(optimizer.register_step_post_hook(patches.Tap(self, Hook._on_optimizer_post, att)))
         self._optimizers.append(att)
-        for handle in self._grad_handles:  # gradients are read from p.grad at optimizer.step() from now on
+        for _, handle in self._grad_handles.values():  # gradients are read from p.grad at optimizer.step() now
             handle.remove()
         self._grad_handles.clear()
+
+    def _updated(self, att: _Optimizer) -> dict[str, torch.Tensor]:
+        """The registered parameters ``att`` updates, by name."""
+        named = ((self._param_ids.get(id(p)), p) for g in att.optimizer.param_groups for p in g["params"])
+        return {name: p for name, p in named if name is not None}
 
     def _warn_shared_parameters(self, att: _Optimizer) -> None:
         """Warn if ``att`` updates parameters an attached optimizer updates too: a step ends when each has
         stepped, so one that never steps (a second optimizer made for the same model) merges every step."""
         for other in self._optimizers:
-            shared = [name for pid, name in att.params.items() if pid in other.params]
+            shared = [name for name in self._updated(att) if name in self._updated(other)]
             if shared:
                 logger.warning(
                     "tensortap: optimizer %s updates parameters that the attached optimizer %s updates too (%s); "
@@ -442,6 +462,7 @@ class Hook(core.Hook):
         self._given_unsaved = False
         self._stepped.clear()
         if saved:
+            self._follow_modules()
             self._read_switches()
 
     def _read_switches(self) -> None:
@@ -550,6 +571,10 @@ class Hook(core.Hook):
             self._relabel(mode)
         elif mode != self.mode and not self._spans_forwards():
             self._open(mode)
+        elif not self._forwarded and self.is_saving():
+            # opened before this forward (by a value given): the parameters it runs with, which
+            # torch.func.functional_call(model, params, x) puts in the model for the call only
+            self._follow_modules()
         self._tentative = False
         self._forwarded = self._ever_forwarded = True
 
@@ -624,8 +649,9 @@ class Hook(core.Hook):
             self._named[id(output)] = output
             self.session.guard(self.session.offer_call, name, output, ("losses",))
 
-    def _on_grad(self, name: str, p: torch.Tensor) -> None:
-        if self._stash_grads and p.grad is not None:
+    def _on_grad(self, p: torch.Tensor) -> None:
+        name = self._param_ids.get(id(p))
+        if self._stash_grads and p.grad is not None and name is not None:
             self._grad_stash[name] = p.grad.detach().clone()
 
     # ------------------------------------------------- backward and GradScaler
@@ -701,8 +727,7 @@ class Hook(core.Hook):
         return evaluate
 
     def _offer_gradients(self, att: _Optimizer) -> None:
-        for name in att.params.values():
-            p = self._params[name]
+        for name, p in self._updated(att).items():
             if p.requires_grad and p.grad is not None:
                 self.session.offer(f"gradients/{name}", p.grad, ("gradients",))
 
@@ -778,7 +803,7 @@ class Hook(core.Hook):
         if not self._closed:
             self._finish()
         self._closed = True
-        for handle in self._handles + self._grad_handles:
+        for handle in self._handles + [h for _, h in self._grad_handles.values()]:
             handle.remove()
         self._handles.clear()
         self._grad_handles.clear()
