@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch")
 import naming_parity  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
-from torch.nn.utils import parametrizations, prune  # noqa: E402
+from torch.nn.utils import parametrizations, parametrize, prune  # noqa: E402
 
 import tensortap  # noqa: E402
 import tensortap.torch as ttt  # noqa: E402
@@ -1048,6 +1048,17 @@ def test_a_parametrization_added_after_registration_is_captured(change: str, tmp
     hook.attach_optimizer(opt)
     trial = _train_and_compare(tmp_path, model, opt, hook, model, lambda: dict(model.named_parameters()))
     assert "0.weight" not in trial.tensor_names()
+
+
+def test_a_parametrized_bias_is_a_bias(tmp_path: Path) -> None:
+    """A parametrized bias (0.parametrizations.bias.original) was in the weights collection."""
+    model = _mlp()
+    parametrize.register_parametrization(model[0], "bias", nn.Identity())
+    parametrizations.weight_norm(model[2])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    hook = ttt.capture(model, tmp_path, optimizer=opt, save_config=EVERY_STEP)
+    trial = _train_and_compare(tmp_path, model, opt, hook, model, lambda: dict(model.named_parameters()))
+    assert trial.tensor_names(collection="biases") == ["0.parametrizations.bias.original", "2.bias"]
 
 
 def test_functional_call_training_captures_the_parameters_it_ran_with(tmp_path: Path) -> None:

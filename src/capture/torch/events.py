@@ -120,7 +120,14 @@ def _is_compiled(module: nn.Module) -> bool:
 
 
 def _param_collection(name: str) -> str:
-    return "biases" if "bias" in name.rsplit(".", 1)[-1] else "weights"
+    """``biases`` for a parameter whose last name part contains ``bias``, ``weights`` otherwise.
+
+    A parametrized tensor's parameters (``fc.parametrizations.bias.original``, ``original0``, ...)
+    go where the tensor they make would go.
+    """
+    parts = name.split(".")
+    last = parts[-2] if len(parts) > 2 and parts[-3] == "parametrizations" else parts[-1]
+    return "biases" if "bias" in last else "weights"
 
 
 def _distributed_rank() -> int | None:
