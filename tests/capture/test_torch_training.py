@@ -1071,3 +1071,30 @@ def test_functional_call_training_captures_the_parameters_it_ran_with(tmp_path: 
     _train_and_compare(
         tmp_path, model, opt, hook, lambda x: torch.func.functional_call(model, params, (x,)), lambda: params
     )
+
+
+def test_nested_tensors_of_the_transformer_fast_path_are_named_in_one_warning_each(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """nn.TransformerEncoder in eval() under no_grad with a padding mask runs its layers on nested
+    tensors: those outputs and inputs are skipped, each named once, by a message that says so (it was
+    torch's "Internal error: NestedTensorImpl doesn't support sizes. Please file an issue."); the
+    model's own output, a plain tensor, is saved at each EVAL step."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True, dropout=0.0)
+    model = nn.TransformerEncoder(layer, 1, enable_nested_tensor=True).eval()
+    hook = ttt.capture(model, tmp_path, save_config=EVERY_STEP, include_collections=["outputs", "inputs"])
+    mask = torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    expected = []
+    with caplog.at_level(logging.WARNING, logger="tensortap"), torch.no_grad():
+        for _ in range(2):
+            expected.append(model(torch.randn(2, 5, 8), src_key_padding_mask=mask))
+    hook.close()
+    trial = _trial(tmp_path)
+    assert trial.steps(mode=Mode.EVAL) == [0, 1]
+    for s, out in enumerate(expected):
+        np.testing.assert_array_equal(_value(trial, "outputs/TransformerEncoder", s, Mode.EVAL), out.numpy())
+    skipped = [r.getMessage() for r in caplog.records if "cannot be captured" in r.getMessage()]
+    names = [m.split()[1] for m in skipped]
+    assert "outputs/layers.0.linear1" in names and len(names) == len(set(names))
+    assert all("a nested tensor (torch.nested" in m for m in skipped)

@@ -86,10 +86,10 @@ class DeviceBatch:
             return False
         if not (keys or raw) or not _batchable(tuple(keys)) or not value.is_floating_point():
             return False
-        n = value.numel()
+        t = _plain(value)
+        n = t.numel()
         if n == 0:
             return False
-        t = _plain(value)
         dtype = _WIDEN.get(t.dtype, t.dtype)
         p = self._room(t.device, dtype, n)
         if p is None:

@@ -24,7 +24,20 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def _plain(value: torch.Tensor) -> torch.Tensor:
     """``value`` detached, dense, its lazy conjugate or negation applied (``x.conj()`` of a complex
-    tensor, ``torch._neg_view``): ``numpy()`` refuses those bits; resolving costs nothing without them."""
+    tensor, ``torch._neg_view``): ``numpy()`` refuses those bits; resolving costs nothing without them.
+
+    Raises
+    ------
+    TypeError
+        ``value`` is a nested tensor (``torch.nested``): its parts have different shapes, so it has
+        no one array to save (torch's own error said "Internal error ... please file an issue").
+    """
+    if value.is_nested:
+        raise TypeError(
+            "a nested tensor (torch.nested, sequences of different lengths; e.g. inside nn.TransformerEncoder "
+            "in eval() under no_grad with a padding mask, its fast path) has no single shape; "
+            "torch.backends.mha.set_fastpath_enabled(False) keeps the layers on plain tensors"
+        )
     t = value.detach() if value.requires_grad else value
     if t.layout != torch.strided:
         t = t.to_dense()
@@ -119,7 +132,7 @@ class TorchOps(core.TensorOps):
         orig = _dtype_name(value.dtype) if value.dtype in _WIDEN else None
         if not keys and not raw:  # a tensor saved as a histogram alone: nothing more to take here
             return None, {}, orig
-        if not keys and orig is None and value.is_cpu and value.layout == torch.strided:
+        if not keys and orig is None and value.is_cpu and value.layout == torch.strided and not value.is_nested:
             # a view (detached, conjugation and negation resolved by a copy) in one call: 0.9 µs against 3.2
             return value.numpy(force=True), {}, None
         t = _plain(value)
