@@ -1098,3 +1098,16 @@ def test_nested_tensors_of_the_transformer_fast_path_are_named_in_one_warning_ea
     names = [m.split()[1] for m in skipped]
     assert "outputs/layers.0.linear1" in names and len(names) == len(set(names))
     assert all("a nested tensor (torch.nested" in m for m in skipped)
+
+
+def test_progressive_unfreezing_saves_the_gradients_of_an_added_param_group(tmp_path: Path) -> None:
+    """Fine-tuning that unfreezes a layer and adds it to the optimizer (``opt.add_param_group``) after
+    attach_optimizer: the added parameters' gradients were dropped without a word."""
+    model = _mlp()
+    model[0].requires_grad_(False)
+    opt = torch.optim.SGD(model[2].parameters(), lr=0.1)
+    hook = ttt.capture(model, tmp_path, optimizer=opt, save_config=EVERY_STEP)
+    model[0].requires_grad_(True)
+    opt.add_param_group({"params": model[0].parameters(), "lr": 0.01})
+    trial = _train_and_compare(tmp_path, model, opt, hook, model, lambda: dict(model.named_parameters()))
+    assert len(trial.tensor_names(collection="gradients")) == 4
