@@ -1111,3 +1111,36 @@ def test_progressive_unfreezing_saves_the_gradients_of_an_added_param_group(tmp_
     opt.add_param_group({"params": model[0].parameters(), "lr": 0.01})
     trial = _train_and_compare(tmp_path, model, opt, hook, model, lambda: dict(model.named_parameters()))
     assert len(trial.tensor_names(collection="gradients")) == 4
+
+
+def test_a_replaced_head_still_called_is_not_merged_with_its_replacement(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The head replaced after registration, still called as a teacher in each step: its calls were
+    saved as outputs/2:1 next to the new head's outputs/2:0, one name for two modules. Now the new head
+    is outputs/2, and the old one is named in one warning."""
+    model = _mlp()
+    hook = ttt.Hook(tmp_path, save_config=EVERY_STEP, include_collections=["outputs"])
+    hook.register_module(model)
+    teacher, model[2] = model[2], nn.Linear(5, 3)
+    opt = torch.optim.SGD(model[2].parameters(), lr=0.1)
+    hook.attach_optimizer(opt)
+    gen = torch.Generator().manual_seed(3)
+    heads = []
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        for _ in range(2):
+            x, _ = _batch(gen)
+            opt.zero_grad()
+            out = model(x)
+            with torch.no_grad():
+                target = teacher(model[1](model[0](x)))
+            F.mse_loss(out, target).backward()
+            opt.step()
+            heads.append(out.detach())
+    hook.close()
+    trial = _trial(tmp_path)
+    assert trial.tensor_names(regex="^outputs/2") == ["outputs/2"]
+    for s, out in enumerate(heads):
+        np.testing.assert_array_equal(_value(trial, "outputs/2", s), out.numpy())
+    warned = [r.getMessage() for r in caplog.records if "replaced or removed" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("tensortap: submodule 2 was called at step 0")

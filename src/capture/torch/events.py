@@ -180,7 +180,10 @@ class _Root:
     module: nn.Module  # the inner module (unwrapped)
     name: str  # outputs/<name> for its own outputs
     prefix: str  # "" or "<name>." before parameter and submodule names
-    hooked: weakref.WeakSet[nn.Module] = field(default_factory=weakref.WeakSet)  # submodules with an outputs hook
+    # submodules with an outputs/inputs hook, by the name they had when hooked
+    hooked: weakref.WeakKeyDictionary[nn.Module, str] = field(default_factory=weakref.WeakKeyDictionary)
+    # those still in the module, by their name now (a replaced head is no longer here)
+    names: weakref.WeakKeyDictionary[nn.Module, str] = field(default_factory=weakref.WeakKeyDictionary)
 
 
 @dataclass
@@ -332,10 +335,13 @@ class Hook(core.Hook):
                     self._params[root.prefix + pname] = p
                     self._param_ids[id(p)] = root.prefix + pname
             if self.session.may_save("outputs", "inputs"):  # no hook at all otherwise: PyTorch's dispatch costs too
+                root.names.clear()
                 for sub_name, sub in root.module.named_modules():
+                    if sub_name:
+                        root.names[sub] = root.prefix + sub_name
                     if sub_name and sub not in root.hooked:
-                        root.hooked.add(sub)
-                        tap = patches.Tap(self, Hook._on_io, root.prefix + sub_name)
+                        root.hooked[sub] = root.prefix + sub_name
+                        tap = patches.Tap(self, Hook._on_io, root)
                         self._handles.append(sub.register_forward_hook(tap, with_kwargs=True))
         if not self._optimizers and self.session.may_save("gradients"):
             for param in self._params.values():
@@ -607,13 +613,31 @@ class Hook(core.Hook):
                 stacklevel=2,
             )
 
-    def _on_io(self, name: str, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+    def _on_io(self, root: _Root, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         if not self._io or torch.compiler.is_compiling() or _in_backward():
             return
-        if not self._depth and (self.session.pending or not self._forwarded):
+        name = root.names.get(module)
+        if name is None:
+            self._warn_removed(root.hooked[module], module)
+        elif not self._depth and (self.session.pending or not self._forwarded):
             self._warn_outside_forward(name)
         else:
             self.session.guard(self._capture_io, name, args, kwargs, output)
+
+    def _warn_removed(self, name: str, module: nn.Module) -> None:
+        """Once per submodule: one no longer in its registered module (a head replaced to fine-tune, still
+        called as a teacher) is not captured: under its old name it would merge with its replacement's calls."""
+        if name in self._warned_outside or any(r.module is module for r in self._roots):
+            return  # a module registered itself is captured as such
+        self._warned_outside.add(name)
+        logger.warning(
+            "tensortap: submodule %s was called at step %d after it was replaced or removed from the registered "
+            "module; its calls are not captured (they would merge with the outputs of what is %s now). "
+            "To capture them, register it: hook.register_module(module, name=...)",
+            name,
+            self.step,
+            name,
+        )
 
     def _warn_outside_forward(self, name: str) -> None:
         """Once per submodule: a call outside a forward of a registered module is skipped unless the step in
