@@ -1144,3 +1144,31 @@ def test_a_replaced_head_still_called_is_not_merged_with_its_replacement(
         np.testing.assert_array_equal(_value(trial, "outputs/2", s), out.numpy())
     warned = [r.getMessage() for r in caplog.records if "replaced or removed" in r.getMessage()]
     assert len(warned) == 1 and warned[0].startswith("tensortap: submodule 2 was called at step 0")
+
+
+def test_functional_call_with_generated_weights_and_no_optimizer(tmp_path: Path) -> None:
+    """A hypernetwork: the registered model runs through functional_call with weights another network
+    computes (tensors that are not leaves), updated by hand. The weights it ran with are saved, with the
+    loss; a gradient hook on them raised inside the forward and stopped the training."""
+    target, hyper = nn.Linear(4, 3), nn.Linear(2, 15)
+    hook = ttt.capture(target, tmp_path, save_config=EVERY_STEP)
+    gen = torch.Generator().manual_seed(5)
+    expected = []
+    for _ in range(2):
+        w = hyper(torch.randn(2, generator=gen))
+        params = {"weight": w[:12].view(3, 4), "bias": w[12:]}
+        hook.save_scalar("lr", 0.1)
+        loss = torch.func.functional_call(target, params, (torch.randn(5, 4, generator=gen),)).pow(2).mean()
+        loss.backward()
+        with torch.no_grad():
+            for p in hyper.parameters():
+                p -= 0.1 * p.grad
+                p.grad = None
+        expected.append((loss.item(), {n: t.detach().clone() for n, t in params.items()}))
+    hook.close()
+    trial = _trial(tmp_path)
+    assert trial.steps() == [0, 1]
+    for s, (loss_value, weights) in enumerate(expected):
+        assert float(_value(trial, "losses/loss", s)) == pytest.approx(loss_value, rel=1e-6)
+        for n, w in weights.items():
+            np.testing.assert_array_equal(_value(trial, n, s), w.numpy())

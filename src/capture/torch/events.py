@@ -157,7 +157,9 @@ def _snapshot(t: Any) -> Any:
 
 
 def _reaches(loss: torch.Tensor, params: Container[int]) -> bool:
-    """Whether the autograd graph of ``loss`` leads to one of ``params`` (by id).
+    """Whether the autograd graph of ``loss`` leads to one of ``params``: the ids of leaf tensors, and of
+    the nodes that made tensors that are not leaves (weights computed by another network and put in the
+    model by ``torch.func.functional_call``).
 
     Breadth first: the last layer's parameters, next to the loss, end the search early.
     """
@@ -169,7 +171,7 @@ def _reaches(loss: torch.Tensor, params: Container[int]) -> bool:
             continue
         seen.add(node)
         variable = getattr(node, "variable", None)  # AccumulateGrad: a leaf
-        if variable is not None and id(variable) in params:
+        if id(node) in params or (variable is not None and id(variable) in params):
             return True
         todo.extend(n for n, _ in node.next_functions)
     return False
@@ -246,6 +248,9 @@ class Hook(core.Hook):
         self._roots: list[_Root] = []
         self._params: dict[str, torch.Tensor] = {}
         self._param_ids: dict[int, str] = {}
+        # what a loss's graph leads to when it trains them: ids of leaf parameters, and of the nodes (held
+        # here) that made the others
+        self._graph_ids: dict[int, Any] = {}
         self._optimizers: list[_Optimizer] = []
         self._handles: list[Any] = []
         # only while no optimizer is attached: id(parameter) -> (the parameter, weakly; its hook's handle)
@@ -329,11 +334,14 @@ class Hook(core.Hook):
         """
         self._params.clear()
         self._param_ids.clear()
+        self._graph_ids.clear()
         for root in self._roots:
             for pname, p in root.module.named_parameters():
                 if id(p) not in self._param_ids:  # else shared with a module registered before
                     self._params[root.prefix + pname] = p
                     self._param_ids[id(p)] = root.prefix + pname
+                    node = p if p.grad_fn is None else p.grad_fn
+                    self._graph_ids[id(node)] = node
             if self.session.may_save("outputs", "inputs"):  # no hook at all otherwise: PyTorch's dispatch costs too
                 root.names.clear()
                 for sub_name, sub in root.module.named_modules():
@@ -346,7 +354,7 @@ class Hook(core.Hook):
         if not self._optimizers and self.session.may_save("gradients"):
             for param in self._params.values():
                 held = self._grad_handles.get(id(param))
-                if param.requires_grad and (held is None or held[0]() is not param):
+                if param.requires_grad and param.is_leaf and (held is None or held[0]() is not param):
                     handle = param.register_post_accumulate_grad_hook(patches.Tap(self, Hook._on_grad))
                     self._grad_handles[id(param)] = (weakref.ref(param), handle)
 
@@ -697,7 +705,7 @@ class Hook(core.Hook):
         if not isinstance(loss, torch.Tensor) or loss.grad_fn is None:
             return
         loss = self._scaled.get(id(loss), (loss, loss))[1]  # scaler.scale(loss).backward(): the loss
-        if not _reaches(loss, self._param_ids):
+        if not _reaches(loss, self._graph_ids):
             return  # another model's backward
         if not self.session.is_open or self._ended_by_optimizer:
             self._open(self._detect_mode())
