@@ -1172,3 +1172,31 @@ def test_functional_call_with_generated_weights_and_no_optimizer(tmp_path: Path)
         assert float(_value(trial, "losses/loss", s)) == pytest.approx(loss_value, rel=1e-6)
         for n, w in weights.items():
             np.testing.assert_array_equal(_value(trial, n, s), w.numpy())
+
+
+class Flaky(nn.Sequential):
+    """A model whose ``named_parameters()`` fails once ``broken`` is set (a capture failure at a forward)."""
+
+    broken = False
+
+    def named_parameters(self, *args: Any, **kwargs: Any) -> Any:
+        if self.broken:
+            raise RuntimeError("named_parameters failed")
+        return super().named_parameters(*args, **kwargs)
+
+
+def test_a_failure_to_read_the_model_at_a_forward_never_stops_the_training(tmp_path: Path) -> None:
+    """The model is re-read when a saved step opens, inside its forward: a failure there disables capture
+    (hook.failed) and the training goes on."""
+    model = Flaky(nn.Linear(6, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    hook = ttt.capture(model, tmp_path, optimizer=opt, save_config=EVERY_STEP)
+    model.broken = True
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(2):
+        x, y = _batch(gen)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    hook.close()
+    assert hook.failed

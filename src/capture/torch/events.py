@@ -483,7 +483,7 @@ class Hook(core.Hook):
         self._given_unsaved = False
         self._stepped.clear()
         if saved:
-            self._follow_modules()
+            self.session.guard(self._follow_modules)  # at a forward: a failure must not stop the training
             self._read_switches()
 
     def _read_switches(self) -> None:
@@ -595,7 +595,7 @@ class Hook(core.Hook):
         elif not self._forwarded and self.is_saving():
             # opened before this forward (by a value given): the parameters it runs with, which
             # torch.func.functional_call(model, params, x) puts in the model for the call only
-            self._follow_modules()
+            self.session.guard(self._follow_modules)
         self._tentative = False
         self._forwarded = self._ever_forwarded = True
 
