@@ -326,7 +326,8 @@ class Hook(core.Hook):
     def _follow_modules(self) -> None:
         """Take the registered modules' parameters and submodules as they are now.
 
-        Run at registration, when an optimizer is attached and when a saved step opens: a
+        Run at registration, when an optimizer is attached and when a saved step opens (or has its
+        first forward, which ``torch.func.functional_call`` may run with other parameters): a
         submodule replaced after registration (``model.fc = nn.Linear(...)`` to fine-tune), a
         parametrization (``weight_norm``, ``prune``) or a parameter added later is captured
         under its name from then on, and a parameter no longer in the model is no longer saved.
@@ -345,9 +346,10 @@ class Hook(core.Hook):
             if self.session.may_save("outputs", "inputs"):  # no hook at all otherwise: PyTorch's dispatch costs too
                 root.names.clear()
                 for sub_name, sub in root.module.named_modules():
-                    if sub_name:
-                        root.names[sub] = root.prefix + sub_name
-                    if sub_name and sub not in root.hooked:
+                    if not sub_name:  # the root: its outputs are taken by _on_root_post
+                        continue
+                    root.names[sub] = root.prefix + sub_name
+                    if sub not in root.hooked:
                         root.hooked[sub] = root.prefix + sub_name
                         tap = patches.Tap(self, Hook._on_io, root)
                         self._handles.append(sub.register_forward_hook(tap, with_kwargs=True))
@@ -689,8 +691,7 @@ class Hook(core.Hook):
             self.session.guard(self.session.offer_call, name, output, ("losses",))
 
     def _on_grad(self, p: torch.Tensor) -> None:
-        name = self._param_ids.get(id(p))
-        if self._stash_grads and p.grad is not None and name is not None:
+        if self._stash_grads and p.grad is not None and (name := self._param_ids.get(id(p))) is not None:
             self._grad_stash[name] = p.grad.detach().clone()
 
     # ------------------------------------------------- backward and GradScaler
