@@ -1200,3 +1200,15 @@ def test_a_failure_to_read_the_model_at_a_forward_never_stops_the_training(tmp_p
         opt.step()
     hook.close()
     assert hook.failed
+
+
+def test_an_optimizer_attached_before_register_module_saves_the_gradients(tmp_path: Path) -> None:
+    """attach_optimizer before register_module: no gradient was ever saved, without a word (the
+    optimizer's parameters were matched to the registered ones once, when there were none)."""
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    hook = ttt.Hook(tmp_path, save_config=EVERY_STEP)
+    hook.attach_optimizer(opt)
+    hook.register_module(model)
+    trial = _train_and_compare(tmp_path, model, opt, hook, model, lambda: dict(model.named_parameters()))
+    assert len(trial.tensor_names(collection="gradients")) == 4

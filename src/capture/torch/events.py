@@ -33,6 +33,9 @@ What a step is
 
 Values
 ------
+Parameters and submodules are named as :meth:`Hook._follow_modules` finds them in the
+registered modules when a saved step opens (a head replaced, a parametrization or a
+parameter group added after registration or attach_optimizer is followed).
 Weights and biases are read when the step is recorded (after the update).
 Gradients are each optimizer's parameters' ``p.grad`` as its ``step()``
 sees them (after accumulation, clipping, unscaling; under DDP, averaged);
