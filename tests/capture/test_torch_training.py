@@ -1212,3 +1212,39 @@ def test_an_optimizer_attached_before_register_module_saves_the_gradients(tmp_pa
     hook.register_module(model)
     trial = _train_and_compare(tmp_path, model, opt, hook, model, lambda: dict(model.named_parameters()))
     assert len(trial.tensor_names(collection="gradients")) == 4
+
+
+class ActorCritic(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.actor = nn.Linear(4, 2)
+        self.critic = nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.actor(x), self.critic(x)
+
+
+def test_optimizers_of_parts_of_one_module_name_their_losses_by_the_part(tmp_path: Path) -> None:
+    """An actor-critic module with one optimizer for each head: both optimizers were named after the
+    module, so the two losses were losses/ActorCritic:0 and :1, told apart by their order alone."""
+    model = ActorCritic()
+    actor_opt = torch.optim.SGD(model.actor.parameters(), lr=0.1)
+    critic_opt = torch.optim.SGD(model.critic.parameters(), lr=0.1)
+    hook = ttt.capture(model, tmp_path, optimizer=[actor_opt, critic_opt], save_config=EVERY_STEP)
+    gen = torch.Generator().manual_seed(4)
+    expected = []
+    for _ in range(2):
+        action, value = model(torch.randn(3, 4, generator=gen))
+        actor_loss, critic_loss = action.pow(2).mean(), value.pow(2).mean()
+        actor_opt.zero_grad()
+        actor_loss.backward()
+        actor_opt.step()
+        critic_opt.zero_grad()
+        critic_loss.backward()
+        critic_opt.step()
+        expected.append({"losses/actor": actor_loss.item(), "losses/critic": critic_loss.item()})
+    hook.close()
+    trial = _trial(tmp_path)
+    assert trial.tensor_names(collection="losses") == ["losses/actor", "losses/critic"]
+    for s, losses in enumerate(expected):
+        assert {n: float(_value(trial, n, s)) for n in losses} == losses

@@ -133,6 +133,17 @@ def _param_collection(name: str) -> str:
     return "biases" if "bias" in last else "weights"
 
 
+def _holder(names: Sequence[str]) -> str:
+    """The deepest module holding every one of the parameters ``names`` (``actor`` for ``actor.0.weight``
+    and ``actor.2.bias``; "" for the module they are named in)."""
+    common: list[str] = []
+    for level in zip(*(name.split(".")[:-1] for name in names), strict=False):
+        if len(set(level)) > 1:
+            break
+        common.append(level[0])
+    return ".".join(common)
+
+
 def _distributed_rank() -> int | None:
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized():
@@ -384,7 +395,9 @@ class Hook(core.Hook):
 
         Several optimizers (a GAN): a training step ends when each has stepped.
         ``name`` names the losses differentiated before its step when there are several
-        (``losses/<name>``); default: the registered module its parameters belong to.
+        (``losses/<name>``); default: the registered module its parameters belong to, or, when it
+        updates part of that module's trainable parameters, the submodule holding them (an actor-critic
+        module's ``actor`` and ``critic`` optimizers).
         A wrapper that training frameworks hand out (accelerate's ``AcceleratedOptimizer``,
         Lightning's ``LightningOptimizer``) is unwrapped to the optimizer it wraps. If attaching
         fails (``TypeError``, ``ValueError``), the hook is left as it was.
@@ -425,10 +438,16 @@ class Hook(core.Hook):
                 return
 
     def _owner_name(self, optimizer: torch.optim.Optimizer) -> str:
+        """The registered module whose parameters ``optimizer`` updates; if it updates part of its trainable
+        ones, the deepest submodule holding them all (``actor``; ``D.actor`` in a module registered as ``D``)."""
         ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
         for root in self._roots:
-            if any(id(p) in ids for p in root.module.parameters()):
-                return root.name
+            trainable = [(name, id(p) in ids) for name, p in root.module.named_parameters() if p.requires_grad]
+            updated = [name for name, mine in trainable if mine]
+            if not updated:
+                continue
+            holder = _holder(updated) if len(updated) < len(trainable) else ""
+            return root.prefix + holder if holder else root.name
         return f"optimizer{len(self._optimizers)}"
 
     # ----------------------------------------------------------------- modes
