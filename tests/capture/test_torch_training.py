@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import io
 import logging
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -1248,3 +1249,35 @@ def test_optimizers_of_parts_of_one_module_name_their_losses_by_the_part(tmp_pat
     assert trial.tensor_names(collection="losses") == ["losses/actor", "losses/critic"]
     for s, losses in enumerate(expected):
         assert {n: float(_value(trial, n, s)) for n in losses} == losses
+
+
+def test_fsdp_fully_shard_training_is_never_stopped_by_capture(tmp_path: Path) -> None:
+    """FSDP2 (fully_shard) puts unsharded parameters in the model for each forward and frees their memory
+    after it. Re-reading the model in the forward (as for functional_call) took those: the training then
+    stopped in FSDP's reshard ("Trying to resize storage that is not resizable"). A sharded model is not
+    re-read in its forwards; its parameters (DTensors) are skipped with one warning each, as before."""
+    dist = torch.distributed
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    from torch.distributed.fsdp import fully_shard
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        model = _mlp()
+        fully_shard(model[0])
+        fully_shard(model)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        hook = ttt.capture(model, tmp_path, optimizer=opt, save_config=EVERY_STEP)
+        gen = torch.Generator().manual_seed(6)
+        for _ in range(3):
+            x, y = _batch(gen)
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        hook.close()
+        assert not hook.failed
+    finally:
+        dist.destroy_process_group()

@@ -122,6 +122,16 @@ def _is_compiled(module: nn.Module) -> bool:
     return any(isinstance(getattr(m, "_orig_mod", None), nn.Module) for m in module.modules())
 
 
+def _is_sharded(module: nn.Module) -> bool:
+    """Whether FSDP shards ``module`` or a part of it (``fully_shard``, ``FullyShardedDataParallel``): it
+    puts unsharded parameters in the modules for each forward and frees them after it."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    return any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in module.modules())
+
+
 def _param_collection(name: str) -> str:
     """``biases`` for a parameter whose last name part contains ``bias``, ``weights`` otherwise.
 
@@ -196,6 +206,7 @@ class _Root:
     module: nn.Module  # the inner module (unwrapped)
     name: str  # outputs/<name> for its own outputs
     prefix: str  # "" or "<name>." before parameter and submodule names
+    sharded: bool  # by FSDP (_is_sharded)
     # submodules with an outputs/inputs hook, by the name they had when hooked
     hooked: weakref.WeakKeyDictionary[nn.Module, str] = field(default_factory=weakref.WeakKeyDictionary)
     # those still in the module, by their name now (a replaced head is no longer here)
@@ -327,7 +338,7 @@ class Hook(core.Hook):
                 UserWarning,
                 stacklevel=2,
             )
-        root = _Root(inner, root_name, prefix)
+        root = _Root(inner, root_name, prefix, _is_sharded(inner))
         self._roots.append(root)
         self._handles.append(module.register_forward_pre_hook(patches.Tap(self, Hook._on_root_pre, root)))
         self._handles.append(
@@ -346,7 +357,10 @@ class Hook(core.Hook):
         parametrization (``weight_norm``, ``prune``) or a parameter added later is captured
         under its name from then on, and a parameter no longer in the model is no longer saved.
         A parameter shared by two places (tied embeddings) is saved once, under its first name.
+        Not in a forward of a module FSDP shards: the parameters it holds then are freed after it.
         """
+        if self._depth and any(r.sharded for r in self._roots):
+            return
         self._params.clear()
         self._param_ids.clear()
         self._graph_ids.clear()
