@@ -1251,11 +1251,13 @@ def test_optimizers_of_parts_of_one_module_name_their_losses_by_the_part(tmp_pat
         assert {n: float(_value(trial, n, s)) for n in losses} == losses
 
 
-def test_fsdp_fully_shard_training_is_never_stopped_by_capture(tmp_path: Path) -> None:
+def test_fsdp_fully_shard_training_is_never_stopped_by_capture(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """FSDP2 (fully_shard) puts unsharded parameters in the model for each forward and frees their memory
     after it. Re-reading the model in the forward (as for functional_call) took those: the training then
     stopped in FSDP's reshard ("Trying to resize storage that is not resizable"). A sharded model is not
-    re-read in its forwards; its parameters (DTensors) are skipped with one warning each, as before."""
+    re-read in its forwards; registering it warns that FSDP is not supported."""
     dist = torch.distributed
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
@@ -1270,7 +1272,9 @@ def test_fsdp_fully_shard_training_is_never_stopped_by_capture(tmp_path: Path) -
         fully_shard(model[0])
         fully_shard(model)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        hook = ttt.capture(model, tmp_path, optimizer=opt, save_config=EVERY_STEP)
+        with caplog.at_level(logging.WARNING, logger="tensortap"):
+            hook = ttt.capture(model, tmp_path, optimizer=opt, save_config=EVERY_STEP)
+        assert any("is sharded by FSDP" in r.getMessage() for r in caplog.records)
         gen = torch.Generator().manual_seed(6)
         for _ in range(3):
             x, y = _batch(gen)

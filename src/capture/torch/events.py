@@ -339,6 +339,12 @@ class Hook(core.Hook):
                 stacklevel=2,
             )
         root = _Root(inner, root_name, prefix, _is_sharded(inner))
+        if root.sharded:
+            logger.warning(
+                "tensortap: %s is sharded by FSDP, which tensortap does not support: its parameters and gradients "
+                "(DTensors) are skipped and its losses are not recognized; outputs and values you give are captured",
+                root.name,
+            )
         self._roots.append(root)
         self._handles.append(module.register_forward_pre_hook(patches.Tap(self, Hook._on_root_pre, root)))
         self._handles.append(
