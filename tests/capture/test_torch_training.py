@@ -1285,3 +1285,25 @@ def test_fsdp_fully_shard_training_is_never_stopped_by_capture(
         assert not hook.failed
     finally:
         dist.destroy_process_group()
+
+
+def test_a_lazy_module_registered_before_its_first_forward(tmp_path: Path) -> None:
+    """nn.LazyLinear registered before its first forward, trained without an optimizer: register_module
+    raised (a gradient hook on an uninitialized parameter). Its gradients are saved from the first step."""
+    model = nn.Sequential(nn.LazyLinear(5), nn.ReLU(), nn.LazyLinear(3))
+    hook = ttt.capture(model, tmp_path, save_config=EVERY_STEP)
+    gen = torch.Generator().manual_seed(8)
+    expected = []
+    for _ in range(2):
+        x, y = _batch(gen)
+        F.cross_entropy(model(x), y).backward()
+        expected.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= 0.1 * p.grad
+                p.grad = None
+    hook.close()
+    trial = _trial(tmp_path)
+    for s, grads in enumerate(expected):
+        for n, g in grads.items():
+            np.testing.assert_array_equal(_value(trial, f"gradients/{n}", s), g.numpy())

@@ -388,11 +388,17 @@ class Hook(core.Hook):
                         tap = patches.Tap(self, Hook._on_io, root)
                         self._handles.append(sub.register_forward_hook(tap, with_kwargs=True))
         if not self._optimizers and self.session.may_save("gradients"):
-            for param in self._params.values():
-                held = self._grad_handles.get(id(param))
-                if param.requires_grad and param.is_leaf and (held is None or held[0]() is not param):
-                    handle = param.register_post_accumulate_grad_hook(patches.Tap(self, Hook._on_grad))
-                    self._grad_handles[id(param)] = (weakref.ref(param), handle)
+            self._hook_gradients()
+
+    def _hook_gradients(self) -> None:
+        """Without an optimizer: a gradient hook on each trainable leaf parameter that has none yet (a lazy
+        parameter once its first forward gave it a shape, which may be after the step opened)."""
+        for param in self._params.values():
+            held = self._grad_handles.get(id(param))
+            hookable = param.requires_grad and param.is_leaf and not nn.parameter.is_lazy(param)
+            if hookable and (held is None or held[0]() is not param):
+                handle = param.register_post_accumulate_grad_hook(patches.Tap(self, Hook._on_grad))
+                self._grad_handles[id(param)] = (weakref.ref(param), handle)
 
     def register_loss(self, loss: nn.Module | Callable[..., Any], name: str | None = None) -> None:
         """Name a loss.
@@ -741,6 +747,8 @@ class Hook(core.Hook):
         """``backward()`` is about to run on ``tensors``: a scalar reaching our parameters is the step's loss."""
         if self._closed or not self._params:
             return
+        if self._stash_grads:
+            self.session.guard(self._hook_gradients)
         if not self._losses and self._forwarded and self.session.is_open and not self._ended_by_optimizer:
             self._trained = True  # an unsaved step after our forward: no graph walk
             return
