@@ -1604,6 +1604,44 @@ def test_a_local_stop_request_waits_for_the_next_agreement(tmp_path: Path) -> No
     assert tensortap.create_trial(tmp_path).steps(mode=Mode.TRAIN) == [0, 1, 2]
 
 
+def encoder(name: str) -> Any:
+    """A functional sub-model with one layer named ``dense``: two of them give two ``dense/kernel``."""
+    x = keras.Input((6,))
+    return keras.Model(x, keras.layers.Dense(3, name="dense")(x), name=name)
+
+
+@pytest.mark.parametrize("run_mode", list(RUN_MODES))
+def test_layers_of_the_same_path_in_two_sub_models_are_kept_apart(tmp_path: Path, run_mode: str) -> None:
+    """Two functional encoders built alike: Keras names both kernels ``dense/kernel``; each is kept
+    under its place in the model (``e1/dense/kernel``), with its gradients, outputs and momentum."""
+    keras.utils.set_random_seed(1)
+    x = keras.Input((6,))
+    joined = keras.layers.Concatenate(name="cat")([encoder("e1")(x), encoder("e2")(x)])
+    model = keras.Model(x, keras.layers.Dense(1, name="head")(joined), name="top")
+    momentum = 0.5
+    model.compile(optimizer=keras.optimizers.SGD(LR, momentum=momentum, name="sgd"), loss="mse", **RUN_MODES[run_mode])
+    assert [v.path for v in model.weights][:4] == ["dense/kernel", "dense/bias"] * 2
+    rec = Recorder()
+    cb = ttk.Callback(tmp_path, save_config=EVERY_STEP, include_collections=ALL, strict=True)
+    model.fit(X, Y, batch_size=BATCH, epochs=1, shuffle=False, callbacks=[cb, rec], verbose=0)
+    trial = tensortap.create_trial(tmp_path)
+    names = ["e1/dense/kernel", "e1/dense/bias", "e2/dense/kernel", "e2/dense/bias"]
+    assert {"outputs/e1/dense", "outputs/e2/dense", "outputs/cat"} <= set(trial.tensor_names())
+    for i, name in enumerate(names):
+        weights = values(trial, name)
+        grads = values(trial, f"gradients/{name}")
+        moments = values(trial, f"optimizer/sgd/{name.split('/', 1)[1].replace('/', '_')}_momentum:{i // 2}")
+        before, moment = rec.initial[i], np.zeros_like(rec.initial[i])
+        for step, after in enumerate(rec.weights):
+            np.testing.assert_allclose(weights[step], after[i], atol=1e-6)
+            np.testing.assert_allclose(moments[step], after[i] - before, atol=1e-6)  # SGD: w += m
+            grad = (momentum * moment - (after[i] - before)) / LR  # m = momentum * m - LR * g
+            np.testing.assert_allclose(grads[step], grad, atol=1e-4)
+            before, moment = after[i], after[i] - before
+    hidden = values(trial, "outputs/e2/dense")[0]
+    np.testing.assert_allclose(hidden, X[:BATCH] @ rec.initial[2] + rec.initial[3], atol=1e-5)
+
+
 # ------------------------------------------------------ naming parity, tensor ops
 class Nest(keras.layers.Layer):
     """Returns one of the naming-parity structures, built from three slices of its input."""

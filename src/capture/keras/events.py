@@ -241,6 +241,7 @@ class Callback(keras.callbacks.Callback):
         self._extra_slots: dict[str, tuple[str, Slot]] = {}
         self._callbacks_traced = False
         self._variable_names: dict[int, tuple[Any, str, str | None]] = {}
+        self._renamed: dict[int, str] = {}  # layers and variables (by id) named by their tree path, see _tree_names
         self._kept: _Kept | None = None
         self._warned_closed = False
 
@@ -603,8 +604,10 @@ class Callback(keras.callbacks.Callback):
                 if not getattr(optimizer, "built", True):
                     continue  # never applied (the default optimizer of a model that trains its own)
                 own = optimizer is getattr(model, "optimizer", None)
-                for v, value in values(optimizer.variables, "optimizer_variables" if own else None):
-                    yield f"optimizer/{v.path}", "optimizer_variables", value
+                names = _numbered([f"optimizer/{v.path}" for v in optimizer.variables])
+                state_key = "optimizer_variables" if own else None
+                for name, (_, value) in zip(names, values(optimizer.variables, state_key), strict=True):
+                    yield name, "optimizer_variables", value
 
     def _variable_name(self, v: Any) -> tuple[str, str | None]:
         """A model variable's name and collection (``"weights"``, ``"biases"``; None: not a float), remembered."""
@@ -613,7 +616,7 @@ class Callback(keras.callbacks.Callback):
             coll = None
             if keras.backend.is_float_dtype(v.dtype):
                 coll = "biases" if v.name.endswith("bias") else "weights"
-            known = self._variable_names[id(v)] = (v, self._name(v.path), coll)
+            known = self._variable_names[id(v)] = (v, self._renamed.get(id(v)) or self._name(v.path), coll)
         return known[1], known[2]
 
     def _return_variables(self, collections: Collection[str]) -> None:
@@ -630,6 +633,7 @@ class Callback(keras.callbacks.Callback):
         ``fit`` before (they read its flag variables)."""
         self._prefix = f"{getattr(model, 'path', None) or model.name}/"
         self._variable_names = {}
+        self._renamed = _tree_names(model, self._name)
         self._graph = graph
         if graph is None and BACKEND == "tensorflow" and (self._loop or not model.run_eagerly):
             self._graph = TFGraphTaps(xla=bool(not self._loop and model.jit_compile))
@@ -852,7 +856,7 @@ class Callback(keras.callbacks.Callback):
                 self._tap(
                     "gradients",
                     [
-                        (Slot(f"gradients/{self._name(v.path)}"), g)
+                        (Slot(f"gradients/{self._variable_name(v)[0]}"), g)
                         for g, v in zip(grads, variables, strict=True)
                         if g is not None
                     ],
@@ -887,7 +891,7 @@ class Callback(keras.callbacks.Callback):
                 if outputs and is_symbolic(outputs[0][1]):
                     return out  # Keras building the model, not a call of the step: not counted
                 # the path, known once the layer is built: "block/inner" for a layer nested in "block"
-                path = self._name(getattr(layer, "path", None) or layer.name)
+                path = self._renamed.get(id(layer)) or self._name(_path(layer))
                 i = self._call_index(path)
                 if args:
                     inputs = flatten("", args[0], is_tensor)
@@ -1031,3 +1035,68 @@ def _optimizers_of(model: Any) -> list[Any]:
     found = [model.optimizer] if getattr(model, "optimizer", None) is not None else []
     found += [v for v in vars(model).values() if isinstance(v, keras.optimizers.Optimizer)]
     return list(dict.fromkeys(found))
+
+
+def _path(obj: Any) -> str:
+    """Keras's path of a layer or variable (``"block/inner"``, ``"dense/kernel"``), else its name."""
+    return str(getattr(obj, "path", None) or obj.name)
+
+
+def _tree_names(model: Any, name: Callable[[str], str]) -> dict[int, str]:
+    """Tree names of the layers and variables of ``model`` whose name another one shares, by id.
+
+    Keras names a layer or variable by its path where it was built: the layers of two
+    functional sub-models built alike (``e1`` and ``e2``, each with a layer ``dense``)
+    are both ``dense``, their kernels both ``dense/kernel``. These are named by their
+    place under ``model`` instead: ``e1/dense``, ``e1/dense/kernel``, ``e2/dense/kernel``
+    (a layer reached twice keeps its first place). ``name`` makes a Keras path relative
+    to the model.
+
+    Parameters
+    ----------
+    model
+        The Keras model captured.
+    name
+        The name of a Keras path (the model's own name left out).
+
+    Returns
+    -------
+    dict[int, str]
+        The tree name of each such layer and variable, by ``id``.
+    """
+    tree: dict[int, tuple[Any, str]] = {}
+
+    def walk(layer: Any, prefix: str) -> None:
+        for sub in layer._flatten_layers(include_self=False, recursive=False):
+            if id(sub) in tree:
+                continue
+            path = f"{prefix}{sub.name}"
+            tree[id(sub)] = (sub, path)
+            for v in [*getattr(sub, "_trainable_variables", []), *getattr(sub, "_non_trainable_variables", [])]:
+                tree.setdefault(id(v), (v, f"{path}/{v.name}"))
+            walk(sub, f"{path}/")
+
+    walk(model, "")
+    shared: dict[str, list[int]] = {}
+    for key, (obj, _) in tree.items():
+        shared.setdefault(name(_path(obj)), []).append(key)
+    return {key: tree[key][1] for keys in shared.values() if len(keys) > 1 for key in keys}
+
+
+def _numbered(names: list[str]) -> list[str]:
+    """``names`` where each name given more than once is numbered in order: ``name:0``, ``name:1``, ...
+
+    The optimizer variables of two variables of the same Keras path
+    (``adam/dense_kernel_momentum`` twice) stay apart.
+    """
+    counts: dict[str, int] = {}
+    for n in names:
+        counts[n] = counts.get(n, 0) + 1
+    seen: dict[str, int] = {}
+    numbered = []
+    for n in names:
+        if counts[n] > 1:
+            seen[n] = seen.get(n, -1) + 1
+            n = f"{n}:{seen[n]}"
+        numbered.append(n)
+    return numbered
