@@ -737,6 +737,37 @@ def test_evaluate_and_predict_are_eval_and_predict_steps(tmp_path: Path) -> None
     assert "losses/val_loss" not in trial.tensor_names(mode=Mode.PREDICT)
 
 
+class EvaluatesAtEpochEnd(keras.callbacks.Callback):
+    """Another callback that runs ``evaluate`` and ``predict`` at each epoch's end, without ours."""
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self.model.evaluate(XV, YV, batch_size=BATCH, verbose=0)
+        self.model.predict(XV[:5], verbose=0)
+
+
+@pytest.mark.parametrize("run_mode", list(RUN_MODES))
+def test_evaluate_and_predict_of_another_callback_stay_out_of_the_last_train_step(
+    tmp_path: Path, run_mode: str
+) -> None:
+    """Listed before ours, such a callback ran while the epoch's last TRAIN step was still open: its
+    predict batch replaced that step's inputs and outputs, its val_loss landed in a TRAIN step."""
+    model = mlp(**RUN_MODES[run_mode])
+    rec = Recorder()
+    cb = ttk.Callback(tmp_path, save_config=EVERY_STEP, include_collections=ALL, strict=True)
+    model.fit(X, Y, batch_size=BATCH, epochs=2, shuffle=False, callbacks=[EvaluatesAtEpochEnd(), cb, rec], verbose=0)
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.steps(mode=Mode.TRAIN) == list(range(6)) and trial.steps(mode=Mode.EVAL) == []
+    assert not [n for n in trial.tensor_names() if "val_" in n]
+    before = [rec.initial, *rec.weights]
+    for step in range(6):
+        x, y = X[step % 3 * BATCH : (step % 3 + 1) * BATCH], Y[step % 3 * BATCH : (step % 3 + 1) * BATCH]
+        hidden, out = forward(before[step], x)
+        np.testing.assert_allclose(values(trial, "inputs/dense")[step], x)
+        np.testing.assert_allclose(values(trial, "outputs/dense")[step], hidden, atol=1e-5)
+        np.testing.assert_allclose(values(trial, "outputs/dense_1")[step], out, atol=1e-5)
+        np.testing.assert_allclose(values(trial, "losses/loss")[step], mse(before[step], x, y), rtol=1e-5)
+
+
 def test_calls_after_fit_closed_the_trial_warn_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     # each later predict/evaluate said again that the trial is closed
     model = mlp()

@@ -522,6 +522,20 @@ class Callback(keras.callbacks.Callback):
     def _finish_step(self) -> None:
         self.session.finish()
 
+    def wanted_in(self, mode: Mode) -> frozenset[str]:
+        """What a step function of ``mode`` run now saves from inside it (see :meth:`_takes`)."""
+        return self.wanted_now if self._takes(mode) else frozenset()
+
+    def _takes(self, mode: Mode | None) -> bool:
+        """Whether values from a step function of ``mode`` (None: no step function) belong to the open step.
+
+        Not when no step is open, nor when it has another mode: an ``evaluate`` or
+        ``predict`` that another callback runs in its ``on_epoch_end`` (this callback
+        not among its callbacks) runs the model's wrapped step functions while the
+        epoch's last TRAIN step is still open; its values are not that step's.
+        """
+        return self.session.is_open and (mode is None or mode == self.hook.mode)
+
     def _collect_after_step(self) -> None:
         """When a saved step is recorded: what arrived from inside it, then the variables after it."""
         if self._callbacks_traced:
@@ -688,7 +702,7 @@ class Callback(keras.callbacks.Callback):
         @functools.wraps(make)
         def wrapped(force: bool = False) -> Any:
             if getattr(model, fn_attr) is None or force:
-                setattr(model, fn_attr, StepVariants(build(), build_capturing, self, BACKEND == "jax"))
+                setattr(model, fn_attr, StepVariants(build(), build_capturing, self, BACKEND == "jax", mode))
             return getattr(model, fn_attr)
 
         return wrapped
@@ -958,7 +972,7 @@ class Callback(keras.callbacks.Callback):
                     self._graph.tap(collection, items)
             elif traced:
                 self._callbacks_traced = True
-                deliver = functools.partial(self._deliver, collection, slots)
+                deliver = functools.partial(self._deliver, collection, slots, mode=self._ctx_mode)
                 if self._jax_flags is None:  # a step fed without flags: hand over every time
                     jax.debug.callback(deliver, tensors)
                 else:
@@ -967,7 +981,7 @@ class Callback(keras.callbacks.Callback):
             else:
                 graph = self._graph
                 mark = graph.tick() if graph is not None and graph.taps else None  # beside graphs: when
-                self._deliver(collection, slots, [snapshot(v) for v in tensors], mark)
+                self._deliver(collection, slots, [snapshot(v) for v in tensors], mark, self._ctx_mode)
         except Exception as exc:
             self.hook.fail(exc, f"cannot capture {collection} ({items[0][0].label()}, ...)")
 
@@ -979,10 +993,13 @@ class Callback(keras.callbacks.Callback):
             self._extra_slots[key] = (collection, slot)
         return key
 
-    def _deliver(self, collection: str, slots: list[Slot], values: list[Any], mark: Any = None) -> None:
+    def _deliver(
+        self, collection: str, slots: list[Slot], values: list[Any], mark: Any = None, mode: Mode | None = None
+    ) -> None:
         """Keep values handed over in a step until it ends (JAX callbacks arrive on another thread);
-        ``mark``: when they came on the clock of TensorFlow's graphs, if any has taps."""
-        if self._accepting and self.session.is_open and self.session.saving(collection):
+        ``mark``: when they came on the clock of TensorFlow's graphs, if any has taps; ``mode``: the
+        mode of the step function that computed them."""
+        if self._accepting and self._takes(mode) and self.session.saving(collection):
             self._arrived.append((collection, slots, values, mark))
 
 

@@ -32,6 +32,7 @@ from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
+from ...modes import Mode
 from .ops import BACKEND
 
 if BACKEND == "tensorflow":
@@ -96,12 +97,14 @@ class FlagIterator:
 class _VariantOwner(Protocol):
     """The callback side of :class:`StepVariants`."""
 
-    #: step collections saved from inside the open step (empty: the plain variant runs)
-    wanted_now: frozenset[str]
     #: the variant being run (its wanted collections), None outside a call of a variant
     running: frozenset[str] | None
     #: the extras returned by the variants run in the open step
     extras_out: list[dict[str, Any]]
+
+    def wanted_in(self, mode: Mode) -> frozenset[str]:
+        """Step collections saved from inside a step function of ``mode`` run now (empty: the plain variant runs)."""
+        ...
 
 
 class StepVariants:
@@ -115,10 +118,13 @@ class StepVariants:
         Builds a capturing variant (a distinct function object each time, traced
         on its first call, once for each set of wanted collections).
     owner
-        Says which collections the open step saves, learns which variant runs
-        (read by the step wrapper while tracing) and receives the extras.
+        Says which collections the open step saves from a step function of ``mode``,
+        learns which variant runs (read by the step wrapper while tracing) and
+        receives the extras.
     jax_outputs
         The function returns ``(out, state)`` (JAX) rather than ``out``.
+    mode
+        The mode of its steps (TRAIN for ``train_function``, ...).
     """
 
     def __init__(
@@ -127,8 +133,10 @@ class StepVariants:
         build: Callable[[], Callable[..., Any]],
         owner: _VariantOwner,
         jax_outputs: bool,
+        mode: Mode,
     ) -> None:
         self.plain = plain
+        self.mode = mode
         self.build = build
         self.owner = owner
         self.jax_outputs = jax_outputs
@@ -138,7 +146,7 @@ class StepVariants:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         owner = self.owner
-        key = owner.wanted_now
+        key = owner.wanted_in(self.mode)
         if key:
             fn = self.capturing.get(key)
             if fn is None:
