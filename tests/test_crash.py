@@ -132,6 +132,40 @@ def test_interpreter_exit_without_close_publishes_and_ends(tmp_path: Path, write
     assert trial.end_reasons() == {"worker_0": "exit"}
 
 
+EXIT_WITHOUT_THREADS = """
+import atexit, sys, threading
+import numpy as np
+from tensortap.capture import Writer
+
+w = Writer(sys.argv[1])
+for step in range(3):
+    with w.stepping():
+        w.save("a", np.full(4, float(step)))
+
+def refuse_new_threads():  # what Python 3.12 does once the interpreter shuts down
+    def start(self):
+        raise RuntimeError("can't create new thread at interpreter shutdown")
+    threading.Thread.start = start
+
+# registered after tensortap's exit handlers (threading's, then atexit's), each runs before them
+threading._register_atexit(refuse_new_threads)
+atexit.register(refuse_new_threads)
+"""
+
+
+def test_an_exit_where_no_thread_can_start_still_publishes(tmp_path: Path) -> None:
+    """Python 3.12 starts no thread at interpreter shutdown: a script that ended without ``close()`` lost
+    every step its last shard held (end reason ``error``: the shard layout helper's thread could not
+    start). The exit handler now publishes without new threads."""
+    done = subprocess.run(
+        [sys.executable, "-c", EXIT_WITHOUT_THREADS, str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0 and "cannot publish" not in done.stderr, done.stderr
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.steps() == [0, 1, 2] and trial.end_reasons() == {"worker_0": "exit"}
+    np.testing.assert_array_equal(trial.tensor("a").value(2), np.full(4, 2.0))
+
+
 @pytest.mark.parametrize("shape", [(2,), (3,)])  # (3,): the half-added value made the column ragged
 def test_rollback_after_a_half_staged_value(tmp_path: Path, shape: tuple[int, ...]) -> None:
     """SIGTERM's handler may run while ``ShardBuffer.stage`` has added a value but not recorded it yet."""

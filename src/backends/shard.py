@@ -893,7 +893,10 @@ class Layouts:
         try:
             if self._state == "new":
                 self._state = "starting"
-                threading.Thread(target=self._start, name="tensortap-layout-start", daemon=True).start()
+                try:
+                    threading.Thread(target=self._start, name="tensortap-layout-start", daemon=True).start()
+                except RuntimeError:  # at interpreter shutdown Python 3.12 starts no thread: no helper then
+                    self._state = "failed"
             if self._state != "on":
                 return None
             try:

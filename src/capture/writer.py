@@ -177,7 +177,8 @@ class _NoAnswer(Exception):
 def on_daemon_thread(fn: Callable[[], _T], name: str) -> Callable[[float], _T]:
     """Start ``fn()`` on a daemon thread named ``name``; return its waiter, which returns what ``fn``
     returned or raises what it raised, waiting ``timeout`` s at most (``math.inf``: as long as it
-    takes); past it, :class:`_NoAnswer`."""
+    takes); past it, :class:`_NoAnswer`. Where no thread can start (Python 3.12 at interpreter
+    shutdown, when the exit handler publishes), ``fn()`` runs in the caller, without a bound."""
     result: list[Any] = []
     failure: list[BaseException] = []
     done = Done()
@@ -190,7 +191,10 @@ def on_daemon_thread(fn: Callable[[], _T], name: str) -> Callable[[float], _T]:
         finally:
             done.set()
 
-    threading.Thread(target=target, name=name, daemon=True).start()
+    try:
+        threading.Thread(target=target, name=name, daemon=True).start()
+    except RuntimeError:  # at interpreter shutdown Python 3.12 starts no thread: the call runs here, unbounded
+        target()
 
     def wait(timeout: float) -> _T:
         if not done.wait(timeout):
@@ -660,10 +664,7 @@ class TrialWriter:
         at = next((i for i, b in enumerate(handed_off) if b is buffer), None)
         if at is None or at + 1 >= len(handed_off):
             return prepared.write()
-        try:
-            written = on_daemon_thread(prepared.write, "tensortap-shard-values")
-        except RuntimeError:  # no new thread at interpreter shutdown
-            return prepared.write()
+        written = on_daemon_thread(prepared.write, "tensortap-shard-values")  # at shutdown: written here
         try:
             with contextlib.suppress(Exception):  # prepared again, and reported, by its own publish (see above)
                 self._ahead = (handed_off[at + 1], self._prepare(handed_off[at + 1], seq + 1))
