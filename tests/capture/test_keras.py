@@ -1546,6 +1546,56 @@ def test_train_on_batch_in_a_loop_names_the_first_step_outputs_as_the_others(tmp
         )
 
 
+def test_metrics_train_on_batch_and_test_on_batch_return_in_a_loop_are_captured(tmp_path: Path) -> None:
+    # in a loop only the losses were captured: the metrics train_on_batch/test_on_batch return
+    # (a Keras-GAN script's accuracy) were lost without a word, on every backend
+    model = mlp()
+    cb = ttk.Callback(tmp_path, save_config=EVERY_STEP, include_collections=["losses", "metrics"])
+    cb.attach(model)
+    returned = []
+    for s in range(2):
+        with cb.stepping():
+            train = model.train_on_batch(X[s * BATCH : (s + 1) * BATCH], Y[s * BATCH : (s + 1) * BATCH])
+        with cb.stepping("eval"):
+            test = model.test_on_batch(
+                XV[s * BATCH : (s + 1) * BATCH], YV[s * BATCH : (s + 1) * BATCH], return_dict=True
+            )
+        assert isinstance(train, list) and isinstance(test, dict)  # as asked, the wrapper aside
+        returned.append((dict(zip(["loss", "mae"], train, strict=True)), test))
+    cb.close()
+    trial = tensortap.create_trial(tmp_path)
+    assert sorted(trial.tensor_names()) == ["losses/loss", "losses/val_loss", "metrics/mae", "metrics/val_mae"]
+    for mode, i, prefix in ((Mode.TRAIN, 0, ""), (Mode.EVAL, 1, "val_")):
+        for key in ("loss", "mae"):
+            name = f"{'losses' if key == 'loss' else 'metrics'}/{prefix}{key}"
+            got = values(trial, name, mode)
+            assert [float(got[s]) for s in sorted(got)] == pytest.approx([r[i][key] for r in returned], rel=1e-6)
+
+    # two models with metrics in one step (the classic GAN): kept apart as the losses are
+    generator, discriminator, combined = classic_gan(metrics=["accuracy"])
+    cb = ttk.Callback(tmp_path / "gan", save_config=EVERY_STEP, include_collections=["metrics"])
+    cb.attach(combined, [discriminator.optimizer, combined.optimizer])
+    z = RNG.normal(size=(2 * BATCH, LATENT)).astype("float32")
+    accuracies = []
+    for s in range(2):
+        zb, real = z[s * BATCH : (s + 1) * BATCH], X[s * BATCH : (s + 1) * BATCH, :3]
+        fake = to_numpy(generator(zb))
+        with cb.stepping():
+            discriminator.trainable = True
+            d_out = discriminator.train_on_batch(np.concatenate([real, fake]), GAN_LABELS, return_dict=True)
+            discriminator.trainable = False
+            g_out = combined.train_on_batch(zb, np.ones((BATCH, 1), "float32"), return_dict=True)
+        accuracies.append([d_out["accuracy"], g_out["accuracy"]])
+    cb.close()
+    for m in (model, discriminator, combined):  # the wrappers are gone
+        assert not {"train_on_batch", "test_on_batch"} & set(m.__dict__), m.name
+    trial = tensortap.create_trial(tmp_path / "gan")
+    assert trial.tensor_names() == ["metrics/accuracy:0", "metrics/accuracy:1"]
+    for i in range(2):
+        got = values(trial, f"metrics/accuracy:{i}")
+        assert [float(got[s]) for s in sorted(got)] == pytest.approx([a[i] for a in accuracies], rel=1e-6)
+
+
 # ------------------------------------------------------- what cannot be captured
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="string and ragged tensors are TensorFlow's")
 def test_string_and_ragged_tensors_are_skipped_with_one_warning_each(

@@ -6,8 +6,10 @@ While the callback is active (from ``on_train_begin``, ``on_test_begin`` or
 model's *instance*: every sub-layer's ``call`` (outputs, inputs),
 ``model.compute_loss`` (the step's loss), ``apply`` of every optimizer of the
 model (gradients; a GAN has two) and ``model.train_step`` / ``test_step`` /
-``predict_step`` (the mode, and the metrics and losses the step returns). It
-also listens to ``keras.metrics.Mean.update_state``: a ``Mean`` named
+``predict_step`` (the mode, and the metrics and losses the step returns); in a
+loop of your own, ``train_on_batch`` / ``test_on_batch`` of the model and of the
+models nested in it instead (the metrics they return). It also listens to
+``keras.metrics.Mean.update_state``: a ``Mean`` named
 ``...loss`` updated with a scalar is a loss tracker, and the scalar is the
 step's loss of that name (Keras's ``loss`` and per-output ``<output>_loss``,
 the guides' ``Mean(name="d_loss")``). For ``fit``/``evaluate``/``predict`` it
@@ -28,6 +30,7 @@ dispatching batch-end callbacks asynchronously.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import os
 from collections.abc import Callable, Collection, Iterator, Sequence
@@ -215,9 +218,9 @@ class Callback(keras.callbacks.Callback):
         self._results: dict[int, tuple[Any, Any]] = {}
         self._computed: list[tuple[Any, str]] = []  # in the step: compute_loss's values, with their keys
         self._running_means: set[str] = set()  # keys returned as running means of unknown step value (warned)
-        self._loss_sources: dict[str, list[tuple[Any, int]]] = {}  # key -> (source, its run in a step)
-        # in the step: (key, id(source)) -> what gave each of its runs ("computed", "tracked"), see _loss_slot
-        self._loss_runs: dict[tuple[str, int], list[set[str]]] = {}
+        self._run_sources: dict[str, list[tuple[Any, int]]] = {}  # key -> (source, its run in a step)
+        # in the step: (key, id(source)) -> what gave each of its runs ("computed", "tracked", ...), see _run_slot
+        self._runs: dict[tuple[str, int], list[set[str]]] = {}
         self._applied: set[int] = set()  # in the step: optimizers (by id) that applied gradients eagerly
         self._warned_reapplied: set[int] = set()
         self._arrived: list[Arrival] = []
@@ -419,8 +422,10 @@ class Callback(keras.callbacks.Callback):
 
     # ------------------------------------------------------ loops of your own
     def attach(self, model: Any, optimizer: Any | Sequence[Any] | None = None) -> Callback:
-        """Capture a training loop of your own: weights, gradients, outputs and losses of ``model`` per step.
+        """Capture a training loop of your own: weights, gradients, outputs, losses and metrics of ``model`` per step.
 
+        Metrics are those that ``train_on_batch``/``test_on_batch`` of ``model``, or of a
+        model nested in it, return in a step (named by the step's mode, as in ``fit``).
         Call it before the first call of your step function (a ``tf.function``
         traced earlier would not contain the capture), then bracket each
         iteration with :meth:`stepping`, give the loss with :meth:`record_loss`, and
@@ -498,7 +503,7 @@ class Callback(keras.callbacks.Callback):
         mode = self._ctx_mode or self.hook.mode
         key = _loss_name(name, mode)
         self._loss_names.add(key)
-        self._tap("losses", [(self._loss_slot(key, _loss_source(self._model)), value)])
+        self._tap("losses", [(self._run_slot(key, _loss_source(self._model)), value)])
 
     # ----------------------------------------------------------------- steps
     def _begin(self, mode: Mode, step: int | None = None) -> None:
@@ -510,7 +515,7 @@ class Callback(keras.callbacks.Callback):
         if saving and mode == Mode.TRAIN and BACKEND == "tensorflow":  # returned by the step (_return_variables)
             self.wanted_now |= {c for c in VARIABLE_COLLECTIONS if self.session.saving(c)}
         self.extras_out = []
-        self._loss_runs, self._applied = {}, set()
+        self._runs, self._applied = {}, set()
         if self._graph is not None:
             self._graph.set_flags(wanted, self.hook.step)
         if BACKEND == "jax":
@@ -660,6 +665,11 @@ class Callback(keras.callbacks.Callback):
                     self._patches.set(model, make, self._wrap_make(model, kind, getattr(model, make)))
             if BACKEND == "jax":
                 self._patches.set(model, "_make_function", self._wrap_make_function(model._make_function))
+        elif self.session.may_save("metrics"):  # a loop: the models' train_on_batch and test_on_batch
+            for m in model._flatten_layers(include_self=True, recursive=True):
+                if isinstance(m, keras.Model):
+                    for attr in ("train_on_batch", "test_on_batch"):
+                        self._patches.set(m, attr, self._wrap_on_batch(m, getattr(m, attr)))
         if self.session.may_save("losses"):
             if getattr(model, "compiled", False):
                 self._patches.set(model, "compute_loss", self._wrap_loss(model))
@@ -770,8 +780,7 @@ class Callback(keras.callbacks.Callback):
         step is saved; a result of a tracker not updated with a scalar in the step is not
         (one warning names the key).
         """
-        prefix = "metrics/val_" if mode == Mode.EVAL else "metrics/"
-        self._tap("metrics", [(Slot(f"{prefix}{k}"), v) for k, v in logs.items() if k != "loss" and is_tensor(v)])
+        self._tap_metrics(logs, mode)
         losses = []
         for k, v in logs.items():
             key = _loss_name(k, mode)
@@ -779,9 +788,9 @@ class Callback(keras.callbacks.Callback):
                 continue
             result = self._results.get(id(v))
             if result is None or result[0] is not v:
-                losses.append((self._loss_slot(key, _loss_source(self._model)), v))
+                losses.append((self._run_slot(key, _loss_source(self._model)), v))
             elif id(result[1]) in self._means:
-                losses.append((self._loss_slot(key, result[1]), self._means[id(result[1])][1]))
+                losses.append((self._run_slot(key, result[1]), self._means[id(result[1])][1]))
             elif key not in self._running_means:
                 self._running_means.add(key)
                 logger.warning(
@@ -793,6 +802,40 @@ class Callback(keras.callbacks.Callback):
                 )
         self._tap("losses", losses)
 
+    def _tap_metrics(self, logs: dict[str, Any], mode: Mode, source: Any = None) -> None:
+        """The metrics among a step's ``logs``, every key but ``loss``: ``metrics/<key>`` (``metrics/val_<key>``
+        in EVAL steps), as Keras's logs name them.
+
+        ``source``: the model whose ``train_on_batch``/``test_on_batch`` returned ``logs``
+        in a loop; its metrics are kept apart from another model's, and from its own
+        other runs in the step, as losses are (:meth:`_run_slot`).
+        """
+        prefix = "metrics/val_" if mode == Mode.EVAL else "metrics/"
+        items = [(f"{prefix}{k}", v) for k, v in logs.items() if k != "loss" and is_tensor(v)]
+        if source is None:
+            self._tap("metrics", [(Slot(name), v) for name, v in items])
+        else:
+            self._tap("metrics", [(self._run_slot(name, source, "returned"), v) for name, v in items])
+
+    def _wrap_on_batch(self, model: Any, on_batch: Callable[..., Any]) -> Callable[..., Any]:
+        """``train_on_batch``/``test_on_batch`` of ``model`` in a loop: in a saved step, the metrics it returns
+        (asked for as a dict, and returned as the caller asked)."""
+        signature = inspect.signature(on_batch)
+
+        @functools.wraps(on_batch)
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            mode = self._ctx_mode
+            if mode not in (Mode.TRAIN, Mode.EVAL) or not self.session.saving("metrics"):
+                return on_batch(*args, **kwargs)
+            bound = signature.bind(*args, **kwargs)
+            as_dict = bound.arguments.get("return_dict", False)
+            bound.arguments["return_dict"] = True
+            logs = on_batch(*bound.args, **bound.kwargs)  # Python floats (non-scalars as NumPy arrays)
+            self._tap_metrics({k: np.asarray(v) if isinstance(v, float) else v for k, v in logs.items()}, mode, model)
+            return logs if as_dict else model._flatten_metrics_in_order(logs)
+
+        return wrapped
+
     def _wrap_loss(self, model: Any) -> Callable[..., Any]:
         compute_loss = model.compute_loss
 
@@ -803,14 +846,15 @@ class Callback(keras.callbacks.Callback):
                 name = _loss_name("loss", self._ctx_mode)
                 self._loss_names.add(name)
                 self._computed.append((loss, name))
-                self._tap("losses", [(self._loss_slot(name, _loss_source(model), "computed"), loss)])
+                self._tap("losses", [(self._run_slot(name, _loss_source(model), "computed"), loss)])
             return loss
 
         return wrapped
 
-    def _loss_slot(self, key: str, source: Any, claim: str | None = None) -> Slot:
-        """Where a loss named ``key`` from ``source`` (a loss tracker) goes: one call of ``key`` per source
-        and run of a step function.
+    def _run_slot(self, key: str, source: Any, claim: str | None = None) -> Slot:
+        """Where a loss named ``key`` from ``source`` (a loss tracker) goes, or a metric a model's
+        ``train_on_batch``/``test_on_batch`` returned (``source``: that model): one call of ``key``
+        per source and run of a step function.
 
         Two models trained in one step (a GAN's ``d.train_on_batch`` and
         ``combined.train_on_batch``) each give ``losses/loss`` through their own
@@ -820,18 +864,19 @@ class Callback(keras.callbacks.Callback):
         One model trained twice in a step (``d.train_on_batch(real)``, then
         ``d.train_on_batch(fake)``) gives a loss per run where the runs are eager: a
         run's loss is ``claim``-ed once by ``compute_loss`` ("computed") and once by the
-        tracker's update ("tracked"); a second claim of either starts the next run. A
+        tracker's update ("tracked"), its metrics once by ``train_on_batch`` ("returned"); a
+        second claim of any starts the next run. A
         compiled function gets its slots when traced, once however often it runs
         (:meth:`TFGraphTaps.written` warns about a second run in a step). A loss given
         without a claim (returned, recorded) goes with the run in progress.
         """
-        runs = self._loss_runs.setdefault((key, id(source)), [])
+        runs = self._runs.setdefault((key, id(source)), [])
         if claim is not None and trace_level() is None:
             if not runs or claim in runs[-1]:
                 runs.append(set())
             runs[-1].add(claim)
         nth = max(len(runs) - 1, 0)
-        sources = self._loss_sources.setdefault(key, [])
+        sources = self._run_sources.setdefault(key, [])
         for i, (known, n) in enumerate(sources):
             if known is source and n == nth:
                 return Slot(key, i)
@@ -857,7 +902,7 @@ class Callback(keras.callbacks.Callback):
             key = _loss_name(name, self._ctx_mode)
             self._loss_names.add(key)
             if not any(k == key and _same_value(value, loss) for loss, k in self._computed):
-                self._tap("losses", [(self._loss_slot(key, metric, "tracked"), value)])
+                self._tap("losses", [(self._run_slot(key, metric, "tracked"), value)])
 
     def _wrap_apply(self, optimizer: Any) -> Callable[..., Any]:
         apply = optimizer.apply
