@@ -130,7 +130,8 @@ def plot_tensors(
     x
         ``"step"`` (mode step), ``"global_step"`` or ``"time"``.
     labels
-        One label per trial (default: their paths, when there are several).
+        One label per trial (default: their paths, when there are several); drawn as text, like
+        tensor names (control characters escaped, ``$`` as itself: no mathtext).
 
     Raises
     ------
