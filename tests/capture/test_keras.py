@@ -1382,24 +1382,33 @@ def classic_gan(**compile_kw: Any) -> tuple[Any, Any, Any]:
 GAN_LABELS = np.concatenate([np.ones((BATCH, 1)), np.zeros((BATCH, 1))]).astype("float32")
 
 
-@pytest.mark.skipif(BACKEND == "jax", reason="a JAX loop keeps its weights in its own state (documented)")
-def test_two_models_trained_on_batch_in_one_step_keep_both_losses(tmp_path: Path) -> None:
-    # the classic GAN: both train_on_batch calls give "loss" (each model's tracker); the
-    # discriminator's was overwritten by the combined model's without a word
-    generator, discriminator, combined = classic_gan()
-    cb = ttk.Callback(tmp_path, save_config=EVERY_STEP, include_collections=["losses"])
-    cb.attach(combined, [discriminator.optimizer, combined.optimizer])
-    z = RNG.normal(size=(3 * BATCH, LATENT)).astype("float32")
+def classic_gan_steps(cb: Any, gan: tuple[Any, Any, Any], steps: int, **train_kw: Any) -> list[tuple[Any, Any]]:
+    """``steps`` steps of the classic GAN loop in ``cb.stepping()`` blocks: the discriminator trained on real
+    and generated rows, then the generator through ``combined``; what each ``train_on_batch`` returned."""
+    generator, discriminator, combined = gan
+    z = RNG.normal(size=(steps * BATCH, LATENT)).astype("float32")
     returned = []
-    for s in range(3):
+    for s in range(steps):
         zb, real = z[s * BATCH : (s + 1) * BATCH], X[s * BATCH : (s + 1) * BATCH, :3]
         fake = to_numpy(generator(zb))
         with cb.stepping():
             discriminator.trainable = True
-            d_loss = discriminator.train_on_batch(np.concatenate([real, fake]), GAN_LABELS)
+            d_out = discriminator.train_on_batch(np.concatenate([real, fake]), GAN_LABELS, **train_kw)
             discriminator.trainable = False
-            g_loss = combined.train_on_batch(zb, np.ones((BATCH, 1), "float32"))
-        returned.append((float(d_loss), float(g_loss)))
+            g_out = combined.train_on_batch(zb, np.ones((BATCH, 1), "float32"), **train_kw)
+        returned.append((d_out, g_out))
+    return returned
+
+
+@pytest.mark.skipif(BACKEND == "jax", reason="a JAX loop keeps its weights in its own state (documented)")
+def test_two_models_trained_on_batch_in_one_step_keep_both_losses(tmp_path: Path) -> None:
+    # the classic GAN: both train_on_batch calls give "loss" (each model's tracker); the
+    # discriminator's was overwritten by the combined model's without a word
+    gan = classic_gan()
+    _, discriminator, combined = gan
+    cb = ttk.Callback(tmp_path, save_config=EVERY_STEP, include_collections=["losses"])
+    cb.attach(combined, [discriminator.optimizer, combined.optimizer])
+    returned = [(float(d_loss), float(g_loss)) for d_loss, g_loss in classic_gan_steps(cb, gan, 3)]
     cb.close()
     trial = tensortap.create_trial(tmp_path)
     assert {"losses/loss:0", "losses/loss:1"} <= set(trial.tensor_names())
@@ -1572,20 +1581,12 @@ def test_metrics_train_on_batch_and_test_on_batch_return_in_a_loop_are_captured(
             assert [float(got[s]) for s in sorted(got)] == pytest.approx([r[i][key] for r in returned], rel=1e-6)
 
     # two models with metrics in one step (the classic GAN): kept apart as the losses are
-    generator, discriminator, combined = classic_gan(metrics=["accuracy"])
+    gan = classic_gan(metrics=["accuracy"])
+    _, discriminator, combined = gan
     cb = ttk.Callback(tmp_path / "gan", save_config=EVERY_STEP, include_collections=["metrics"])
     cb.attach(combined, [discriminator.optimizer, combined.optimizer])
-    z = RNG.normal(size=(2 * BATCH, LATENT)).astype("float32")
-    accuracies = []
-    for s in range(2):
-        zb, real = z[s * BATCH : (s + 1) * BATCH], X[s * BATCH : (s + 1) * BATCH, :3]
-        fake = to_numpy(generator(zb))
-        with cb.stepping():
-            discriminator.trainable = True
-            d_out = discriminator.train_on_batch(np.concatenate([real, fake]), GAN_LABELS, return_dict=True)
-            discriminator.trainable = False
-            g_out = combined.train_on_batch(zb, np.ones((BATCH, 1), "float32"), return_dict=True)
-        accuracies.append([d_out["accuracy"], g_out["accuracy"]])
+    steps = classic_gan_steps(cb, gan, 2, return_dict=True)
+    accuracies = [[d_out["accuracy"], g_out["accuracy"]] for d_out, g_out in steps]
     cb.close()
     for m in (model, discriminator, combined):  # the wrappers are gone
         assert not {"train_on_batch", "test_on_batch"} & set(m.__dict__), m.name
