@@ -40,6 +40,18 @@ def _batch(gen: torch.Generator, n: int = 8) -> tuple[torch.Tensor, torch.Tensor
     return torch.randn(n, 6, generator=gen), torch.randint(0, 3, (n,), generator=gen)
 
 
+def _train(model: nn.Module, opt: torch.optim.Optimizer, steps: int, seed: int) -> torch.Generator:
+    """``steps`` plain training steps of ``model`` on :func:`_batch` batches (cross-entropy, ``opt``); the
+    batches' generator, to draw more after them."""
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x, y = _batch(gen)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return gen
+
+
 def _mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
 
@@ -251,12 +263,7 @@ def test_two_optimizers_of_the_same_parameters_are_warned_about(
     with caplog.at_level(logging.WARNING, logger="tensortap"):
         hook.attach_optimizer(idle, name="idle")
         hook.attach_optimizer(stepped, name="stepped")
-    gen = torch.Generator().manual_seed(4)
-    for _ in range(3):
-        x, y = _batch(gen)
-        stepped.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        stepped.step()
+    _train(model, stepped, steps=3, seed=4)
     hook.close()
     assert _trial(tmp_path).steps(mode=Mode.TRAIN) == [0]  # as documented: idle never stepped
     warned = [r.getMessage() for r in caplog.records if "updates too" in r.getMessage()]
@@ -504,12 +511,7 @@ def test_forwards_outside_training_make_no_train_steps(tmp_path: Path) -> None:
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     hook = ttt.capture(model, tmp_path, optimizer=opt, save_config=EVERY_STEP, include_collections=["outputs"])
-    gen = torch.Generator().manual_seed(10)
-    for _ in range(3):
-        x, y = _batch(gen)
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
+    gen = _train(model, opt, steps=3, seed=10)
     with torch.no_grad():  # evaluation without model.eval()
         evaluated = [model(_batch(gen)[0]) for _ in range(2)]
     predicted = model(torch.randn(3, 6, generator=gen))  # a prediction after the last step, grad enabled
@@ -632,12 +634,7 @@ def test_activation_checkpointing_recomputation_is_not_captured_again(reentrant:
     model = Checkpointed(reentrant)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     hook = ttt.capture(model, tmp_path, optimizer=opt, save_config=EVERY_STEP, include_collections=["outputs"])
-    gen = torch.Generator().manual_seed(5)
-    for _ in range(2):
-        opt.zero_grad()
-        x, y = _batch(gen)
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
+    _train(model, opt, steps=2, seed=5)
     hook.close()
     trial = _trial(tmp_path)
     assert trial.steps() == [0, 1]
@@ -1193,12 +1190,7 @@ def test_a_failure_to_read_the_model_at_a_forward_never_stops_the_training(tmp_p
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     hook = ttt.capture(model, tmp_path, optimizer=opt, save_config=EVERY_STEP)
     model.broken = True
-    gen = torch.Generator().manual_seed(2)
-    for _ in range(2):
-        x, y = _batch(gen)
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
+    _train(model, opt, steps=2, seed=2)
     hook.close()
     assert hook.failed
 
@@ -1275,12 +1267,7 @@ def test_fsdp_fully_shard_training_is_never_stopped_by_capture(
         with caplog.at_level(logging.WARNING, logger="tensortap"):
             hook = ttt.capture(model, tmp_path, optimizer=opt, save_config=EVERY_STEP)
         assert any("is sharded by FSDP" in r.getMessage() for r in caplog.records)
-        gen = torch.Generator().manual_seed(6)
-        for _ in range(3):
-            x, y = _batch(gen)
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
+        _train(model, opt, steps=3, seed=6)
         hook.close()
         assert not hook.failed
     finally:
