@@ -650,7 +650,7 @@ class Callback(keras.callbacks.Callback):
     def _install(self, model: Any, optimizers: Sequence[Any], graph: TFGraphTaps | None = None) -> None:
         """Wrap what the capture needs; ``graph``: the TensorFlow taps of step functions kept from a
         ``fit`` before (they read its flag variables)."""
-        self._prefix = f"{getattr(model, 'path', None) or model.name}/"
+        self._prefix = f"{_path(model)}/"
         self._variable_names = {}
         self._renamed = _tree_names(model, self._name)
         self._graph = graph

@@ -450,8 +450,10 @@ class Hook(core.Hook):
     def _warn_shared_parameters(self, att: _Optimizer) -> None:
         """Warn if ``att`` updates parameters an attached optimizer updates too: a step ends when each has
         stepped, so one that never steps (a second optimizer made for the same model) merges every step."""
+        updated = self._updated(att)
         for other in self._optimizers:
-            shared = [name for name in self._updated(att) if name in self._updated(other)]
+            theirs = self._updated(other)
+            shared = [name for name in updated if name in theirs]
             if shared:
                 logger.warning(
                     "tensortap: optimizer %s updates parameters that the attached optimizer %s updates too (%s); "
