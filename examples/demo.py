@@ -1,12 +1,14 @@
 """End-to-end demo (``nox -s demo``): train with capture on PyTorch, Keras and XGBoost,
 then query each trial, judge it with rules, plot its losses and check its files.
 
-Usage: ``python examples/demo.py [OUT_DIR]`` (default ``./tensortap-demo``; emptied first).
-Exits non-zero if any step fails.
+Usage: ``python examples/demo.py [OUT_DIR]`` (default ``./tensortap-demo``). The demo's trials
+left there by an earlier run are replaced; anything else in OUT_DIR is left alone, and a folder of a
+trial's name that is not a trial stops the demo before it trains. Exits non-zero if any step fails.
 """
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import subprocess
 import sys
@@ -29,12 +31,25 @@ def banner(text: str) -> None:
     print(f"\n{'=' * 78}\n{text}\n{'=' * 78}", flush=True)
 
 
+def fresh(trial: Path) -> bool:
+    """Remove the trial an earlier demo left at ``trial``; False (nothing removed) where something else is there."""
+    if trial.is_symlink() or (trial.exists() and not (trial / "workers").is_dir()):
+        return False
+    shutil.rmtree(trial, ignore_errors=True)
+    return True
+
+
 def main() -> int:
-    root = Path(sys.argv[1] if len(sys.argv) > 1 else "tensortap-demo").resolve()
-    shutil.rmtree(root, ignore_errors=True)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out_dir", nargs="?", default="tensortap-demo", help="where the trials go")
+    root = Path(parser.parse_args().out_dir).resolve()
+    trials = {script: root / script.removesuffix(".py") for script in RUNS}
+    for trial in trials.values():
+        if not fresh(trial):
+            parser.error(f"{trial} exists and is not a trial of an earlier demo; give another out_dir")
     failures = []
     for script, rules in RUNS.items():
-        trial = root / script.removesuffix(".py")
+        trial = trials[script]
         banner(f"train: python examples/{script} {trial}")
         t0 = time.perf_counter()
         if subprocess.run([sys.executable, str(HERE / script), str(trial)], check=False).returncode != 0:
