@@ -211,13 +211,20 @@ def plot_histograms(
     bins: int | Sequence[float] = 64,
     x: XAxis = "step",
     ax: Axes | None = None,
+    log: bool = True,
 ) -> Axes:
     """Heat map of the distribution over steps: one column per step, one row per bin, colour = count.
 
     Steps whose bins differ (a histogram captured by another run of the hook)
     are drawn as separate meshes. Returns the Axes; ``ax.collections`` holds
     the meshes (``QuadMesh.get_array()`` is ``counts`` with one row per bin).
+    ``log``: counts coloured on a logarithmic scale from 1 (the colour map's lowest colour;
+    empty bins white), so that a tail of a few values shows beside a peak of thousands;
+    False: a linear scale from 0.
     """
+    from matplotlib import colormaps
+    from matplotlib.colors import LogNorm, Normalize
+
     trial = tensor.trial
     saved = tensor._info.locations
     modes = [m for m in Mode if saved.any_in(trial._index.steps_of_mode(m)[0])]
@@ -245,6 +252,9 @@ def plot_histograms(
     xs = np.array([positions[s] for s in steps])
     cells = _cell_edges(xs)
     vmax = max(float(hists[s].counts.max()) for s in steps) or 1.0
+    log = log and vmax > 1
+    norm = LogNorm(vmin=1, vmax=vmax) if log else Normalize(vmin=0, vmax=vmax)
+    cmap = colormaps["viridis"].with_extremes(bad="white")  # empty bins, masked on the log scale
     start_i = 0
     mesh = None
     for i in range(1, len(steps) + 1):  # runs of consecutive steps with the same edges
@@ -252,10 +262,11 @@ def plot_histograms(
             continue
         run = steps[start_i:i]
         counts = np.stack([hists[s].counts for s in run]).T  # [bins, steps]
-        mesh = ax.pcolormesh(cells[start_i : i + 1], hists[run[0]].edges, counts, vmin=0, vmax=vmax, cmap="viridis")
+        shown = np.ma.masked_equal(counts, 0) if log else counts
+        mesh = ax.pcolormesh(cells[start_i : i + 1], hists[run[0]].edges, shown, norm=norm, cmap=cmap)
         start_i = i
     if mesh is not None:
-        ax.figure.colorbar(mesh, ax=ax, label="count")
+        ax.figure.colorbar(mesh, ax=ax, label="count (log scale)" if log else "count")
     xlabel = X_LABELS[x] if x != "step" else f"{m.name.lower()} step" if m is not Mode.GLOBAL else "step"
     name = _text(tensor.name)
     ax.set(xlabel=xlabel, ylabel=f"{name} (value)", title=f"{name}: distribution over steps")

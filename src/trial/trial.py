@@ -983,14 +983,17 @@ class Tensor:
         bins: int | Sequence[float] = red.DEFAULT_BINS,
         x: XAxis = "step",
         ax: Axes | None = None,
+        log: bool = True,
     ) -> Axes:
         """The distribution over steps as a heat map (x: step, y: value, colour: count), as TensorBoard's.
 
-        Without ``mode``: the TRAIN steps if there are any, else the first mode's.
+        Without ``mode``: the TRAIN steps if there are any, else the first mode's. ``log``: the
+        counts coloured on a logarithmic scale (the default: a tail of a few values shows beside
+        a peak of thousands), else a linear one.
         """
         from .plot import plot_histograms
 
-        return plot_histograms(self, mode, bins, x, ax)
+        return plot_histograms(self, mode, bins, x, ax, log)
 
     def available_reductions(self, step: int, mode: Mode | str | None = None, worker: str | None = None) -> list[str]:
         """Reduction keys saved at ``step`` (any reduction is computable when the raw tensor was saved)."""

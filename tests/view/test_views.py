@@ -222,6 +222,27 @@ def test_histograms_over_steps_heat_map(run: Run) -> None:
     np.testing.assert_array_equal(counts[:, 5], np.histogram(run.weights[5]["2.weight"].astype(np.float64), edges)[0])
 
 
+def test_a_tail_of_few_values_shows_beside_a_peak_of_thousands(tmp_path: Path) -> None:
+    """Counts are coloured on a log scale: on the linear one a bin of 2 beside a peak of 10,000 had the
+    empty bins' colour, and a gradient's tails did not show. A bin of 1 is not taken for an empty one."""
+    with Writer(tmp_path, reduction_config=ReductionConfig(histogram=[-1.0, 0.0, 1.0, 2.0, 3.0])) as w:
+        for _ in range(3):
+            with w.stepping():
+                w.save("g", np.concatenate([[-0.5], np.zeros(10_000), [1.5, 1.5]]))
+    tensor = tensortap.create_trial(tmp_path).tensor("g")
+    colours = {}
+    for log in (True, False):
+        mesh = tensor.plot_histograms(log=log).collections[0]
+        np.testing.assert_array_equal(np.asarray(mesh.get_array()).reshape(4, 3)[:, 0], [1, 10_000, 2, 0])
+        colours[log] = mesh.to_rgba(mesh.get_array()).reshape(4, 3, 4)[:, 0, :3]  # the bins at step 0
+    one, peak, two, empty = colours[True]
+    assert np.array_equal(empty, [1, 1, 1])  # white
+    assert all(np.abs(c - empty).max() > 0.2 for c in (one, peak, two))
+    assert np.abs(two - one).max() > 0.05 and np.abs(peak - two).max() > 0.05
+    linear = colours[False]
+    assert np.abs(linear[2] - linear[3]).max() < 0.01  # linear: the bin of 2 had the empty bins' colour
+
+
 def test_compare_plots_runs_side_by_side(run: Run, run_b: Run) -> None:
     cmp = tensortap.compare([run.trial(), str(run_b.path)])
     assert cmp.labels == ["run_a", "run_b"]
