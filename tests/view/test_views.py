@@ -243,6 +243,23 @@ def test_a_tail_of_few_values_shows_beside_a_peak_of_thousands(tmp_path: Path) -
     assert np.abs(linear[2] - linear[3]).max() < 0.01  # linear: the bin of 2 had the empty bins' colour
 
 
+def test_the_reports_curves_of_train_and_eval_losses_are_drawn_against_the_global_step(run: Run) -> None:
+    """The report drew an eval loss at its own mode steps (0, 1, 2) on the axis of the train steps, as if it
+    had been computed at the first train steps."""
+    from tensortap.trial.report import plot_curves
+
+    trial = run.trial()
+    name = loss_name(trial)
+    ax = plot_curves(trial, [name], plt.figure().subplots())
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert set(lines) == {f"{name} (train)", f"{name} (eval)"} and ax.get_xlabel() == "global step"
+    for mode, line in (("train", lines[f"{name} (train)"]), ("eval", lines[f"{name} (eval)"])):
+        steps = trial.tensor(name).steps(mode)
+        assert list(line.get_xdata()) == [trial.global_step(s, mode) for s in steps]
+    np.testing.assert_allclose(lines[f"{name} (eval)"].get_ydata(), run.eval_loss, rtol=1e-6)
+    assert max(lines[f"{name} (eval)"].get_xdata()) > len(run.eval_loss)  # not at its mode steps
+
+
 def test_compare_plots_runs_side_by_side(run: Run, run_b: Run) -> None:
     cmp = tensortap.compare([run.trial(), str(run_b.path)])
     assert cmp.labels == ["run_a", "run_b"]
