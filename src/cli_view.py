@@ -79,7 +79,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from matplotlib.figure import Figure
 
     from .trial.compare import Comparison
-    from .trial.plot import plot_tensors, save_plot
+    from .trial.plot import curves_axis, plot_tensors, save_plot
 
     runs = [args.path]
     names: list[str] = []
@@ -91,12 +91,11 @@ def cmd_plot(args: argparse.Namespace) -> int:
         raise UsageError("give tensor names or a --regex that matches some")
     ax = Figure(figsize=(8, 4.5)).subplots()
     mode = Mode.parse(args.mode) if args.mode else None
-    plot_tensors(
-        comparison.trials, names, args.reduction, mode, ax=ax, logy=args.logy, x=args.x, labels=comparison.labels
-    )
+    x = args.x or curves_axis(comparison.trials, names, mode)
+    plot_tensors(comparison.trials, names, args.reduction, mode, ax=ax, logy=args.logy, x=x, labels=comparison.labels)
     save_plot(ax, args.output)
-    text = f"wrote {args.output} ({len(names)} tensor(s), {len(runs)} run(s))"
-    return _wrote(args, {"runs": runs, "tensors": names, "output": args.output}, text)
+    text = f"wrote {args.output} ({len(names)} tensor(s), {len(runs)} run(s), against the {x.replace('_', ' ')})"
+    return _wrote(args, {"runs": runs, "tensors": names, "output": args.output, "x": x}, text)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -145,7 +144,12 @@ def add_plot_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--regex", help="also every tensor whose name matches")
     p.add_argument("--reduction", help="reduction to plot (mean, abs_max, l2, ...); default: scalar values, else mean")
     p.add_argument("--mode", choices=[m.name.lower() for m in Mode], help="only steps of this mode")
-    p.add_argument("--x", choices=X_CHOICES, default="step", help="x axis: mode step, global step or seconds")
+    p.add_argument(
+        "--x",
+        choices=X_CHOICES,
+        help="x axis: mode step, global step or seconds (default: the global step where the lines hold "
+        "several modes, else the mode step)",
+    )
     p.add_argument("--logy", action="store_true", help="logarithmic y axis")
     p.add_argument("-o", "--output", default="tensortap-plot.png", help="image file (.png, .svg, .pdf)")
     add_json_argument(p)

@@ -18,14 +18,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..exceptions import TensortapError
-from ..modes import Mode
 from .progress import progress
 from .views import html_text, trial_html
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
-    from .plot import XAxis
     from .trial import Tensor, Trial
 
 DEFAULT_RULES = (
@@ -83,21 +81,13 @@ def _scalars(trial: Trial, collection: str) -> list[str]:
     return out
 
 
-def plot_curves(trial: Trial, names: Sequence[str], ax: Axes) -> Axes:
-    """The report's curves of scalars ``names``: against the global step where they hold several modes, so
-    that a validation loss is drawn where it was computed in the training, not at its own mode step."""
-    from .plot import plot_tensors
-
-    modes = {m for n in names for m in Mode if trial.tensor(n).steps(m)}
-    x: XAxis = "global_step" if len(modes) > 1 else "step"
-    return plot_tensors(trial, names, ax=ax, x=x)
-
-
 def _curves(trial: Trial, collection: str) -> str:
+    from .plot import curves_axis, plot_tensors
+
     names = _scalars(trial, collection)
     if not names:
         return _note(f"no scalar tensor in collection {collection!r}")
-    return _png(lambda ax: plot_curves(trial, names, ax))
+    return _png(lambda ax: plot_tensors(trial, names, ax=ax, x=curves_axis(trial, names)))
 
 
 def _gradient_norms(trial: Trial) -> str:

@@ -122,7 +122,12 @@ def test_export_plot_and_report_answer_json(run: Run, tmp_path: Path) -> None:
     }
     image = tmp_path / "p.png"
     plotted = answer("plot", path, "--regex", "^losses/", "-o", str(image))
-    assert plotted == {"runs": [path], "tensors": trial.tensor_names(regex="^losses/"), "output": str(image)}
+    assert plotted == {
+        "runs": [path],
+        "tensors": trial.tensor_names(regex="^losses/"),
+        "output": str(image),
+        "x": "global_step",  # train and eval losses: each where it was computed
+    }
     page = tmp_path / "r.html"
     assert answer("report", path, "-o", str(page), "--rule", "exploding_tensor") == {
         "path": path,

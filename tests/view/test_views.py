@@ -243,14 +243,16 @@ def test_a_tail_of_few_values_shows_beside_a_peak_of_thousands(tmp_path: Path) -
     assert np.abs(linear[2] - linear[3]).max() < 0.01  # linear: the bin of 2 had the empty bins' colour
 
 
-def test_the_reports_curves_of_train_and_eval_losses_are_drawn_against_the_global_step(run: Run) -> None:
-    """The report drew an eval loss at its own mode steps (0, 1, 2) on the axis of the train steps, as if it
-    had been computed at the first train steps."""
-    from tensortap.trial.report import plot_curves
+def test_curves_of_train_and_eval_losses_are_drawn_against_the_global_step(run: Run, tmp_path: Path) -> None:
+    """The report and ``tensortap plot`` drew an eval loss at its own mode steps (0, 1, 2) on the axis of the
+    train steps, as if it had been computed at the first train steps."""
+    from tensortap.trial.plot import curves_axis, plot_tensors
 
     trial = run.trial()
     name = loss_name(trial)
-    ax = plot_curves(trial, [name], plt.figure().subplots())
+    assert curves_axis(trial, [name]) == "global_step" and curves_axis(trial, [name], "eval") == "step"
+    assert curves_axis(trial, ["gradients/0.weight"]) == "step"  # one mode: its own steps
+    ax = plot_tensors(trial, [name], x=curves_axis(trial, [name]))
     lines = {line.get_label(): line for line in ax.get_lines()}
     assert set(lines) == {f"{name} (train)", f"{name} (eval)"} and ax.get_xlabel() == "global step"
     for mode, line in (("train", lines[f"{name} (train)"]), ("eval", lines[f"{name} (eval)"])):
