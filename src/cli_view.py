@@ -101,10 +101,10 @@ def cmd_plot(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     """Write a self-contained HTML report of a trial."""
     from .cli_rules import build_rules
-    from .trial.report import DEFAULT_RULES, write_report
+    from .trial.report import default_rules, write_report
 
     trial = _trial(args, args.path)
-    rules = args.rule or DEFAULT_RULES
+    rules = args.rule or list(default_rules(trial))
     build_rules(rules, trial)  # an unknown rule or parameter: exit 2 (as `rules`) before anything is written
     write_report(trial, args.output, rules=rules)
     return _wrote(args, {"path": args.path, "output": args.output, "rules": rules}, f"wrote {args.output}")

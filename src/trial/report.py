@@ -1,8 +1,9 @@
 """``tensortap report``: one self-contained HTML page about a trial (plots embedded as data URIs).
 
-Sections: the trial summary, loss and metric curves, gradient norms per layer,
-weight and gradient distributions over steps, and the verdicts of the
-:data:`DEFAULT_RULES` with their reasons. A section that cannot be drawn says
+Sections: the trial summary, loss and metric curves, then for a neural network
+gradient norms per layer and weight and gradient distributions over steps, for
+XGBoost the features' importance over rounds, and the verdicts of the rules
+(:func:`default_rules`) with their reasons. A section that cannot be drawn says
 why instead of disappearing.
 """
 
@@ -19,7 +20,7 @@ import numpy as np
 
 from ..exceptions import TensortapError
 from .progress import progress
-from .views import html_text, trial_html
+from .views import frameworks, html_text, trial_html
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -33,9 +34,13 @@ DEFAULT_RULES = (
     "poor_weight_initialization",
     "all_zero",
 )
-"""Rules run by the report, with their default parameters."""
+"""Rules the report runs on a neural network's trial, with their default parameters."""
+
+XGBOOST_RULES = ("loss_not_decreasing", "overtraining", "exploding_tensor", "class_imbalance")
+"""Rules the report runs on an XGBoost trial (a network's would judge SHAP values and labels as weights)."""
 
 MAX_DISTRIBUTIONS = 8  # heat maps per collection
+MAX_FEATURES = 10  # lines of the feature importance plot
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
@@ -119,6 +124,29 @@ def _distributions(trial: Trial, collection: str) -> str:
     return "".join(parts)
 
 
+def _is_xgboost(trial: Trial) -> bool:
+    return frameworks(trial) == {"xgboost"}
+
+
+def default_rules(trial: Trial) -> tuple[str, ...]:
+    """The rules the report runs on ``trial`` when none are given: :data:`XGBOOST_RULES` for XGBoost,
+    else :data:`DEFAULT_RULES`."""
+    return XGBOOST_RULES if _is_xgboost(trial) else DEFAULT_RULES
+
+
+def _feature_importance(trial: Trial) -> str:
+    """The gain of the :data:`MAX_FEATURES` most important features over the rounds."""
+    from .plot import plot_tensors
+
+    names = trial.tensor_names(regex="^feature_importance/gain/")
+    if not names:
+        return _note("no gain importance was captured (collection 'feature_importance')")
+    last = {n: trial.tensor(n).value(trial.tensor(n).steps()[-1]) for n in names}
+    top = sorted(names, key=lambda n: -float(last[n]))[:MAX_FEATURES]
+    more = _note(f"... and {len(names) - len(top)} less important features") if len(names) > len(top) else ""
+    return _png(lambda ax: plot_tensors(trial, top, ax=ax), figsize=(9, 5)) + more
+
+
 def _rules(trial: Trial, rules: Sequence[str]) -> str:
     from .rules import RuleRunner, make_rule
 
@@ -138,7 +166,7 @@ def _rules(trial: Trial, rules: Sequence[str]) -> str:
             errors[spec] = str(exc)
     for spec, rule in built:
         verdicts = fired[spec]
-        missing = "; ".join([*rule.missing_inputs, *([errors[spec]] if spec in errors else [])])
+        missing = errors.get(spec) or "; ".join(rule.missing_inputs)  # none of its inputs: the error names them
         if verdicts:
             steps = ", ".join(str(v.step) for v in verdicts[:10]) + (" ..." if len(verdicts) > 10 else "")
             status = f"<span class='fired'>fired at {len(verdicts)} step(s): {steps}</span>"
@@ -152,17 +180,23 @@ def _rules(trial: Trial, rules: Sequence[str]) -> str:
     return f"<table><tr><th>rule</th><th>verdict</th><th>reason</th></tr>{body}</table>"
 
 
-def build_report(trial: Trial, rules: Sequence[str] = DEFAULT_RULES, show_progress: bool | None = None) -> str:
-    """The report of ``trial`` as one HTML document (no external resources)."""
+def build_report(trial: Trial, rules: Sequence[str] | None = None, show_progress: bool | None = None) -> str:
+    """The report of ``trial`` as one HTML document (no external resources); ``rules``: default
+    :func:`default_rules`."""
     sections: list[tuple[str, Callable[[], str]]] = [
         ("Summary", lambda: trial_html(trial)),
         ("Losses", lambda: _curves(trial, "losses")),
         ("Metrics", lambda: _curves(trial, "metrics")),
-        ("Gradient norms per layer (L2)", lambda: _gradient_norms(trial)),
-        ("Weight distributions over steps", lambda: _distributions(trial, "weights")),
-        ("Gradient distributions over steps", lambda: _distributions(trial, "gradients")),
-        ("Rules", lambda: _rules(trial, rules)),
     ]
+    if _is_xgboost(trial):
+        sections.append(("Feature importance (gain) over rounds", lambda: _feature_importance(trial)))
+    else:
+        sections += [
+            ("Gradient norms per layer (L2)", lambda: _gradient_norms(trial)),
+            ("Weight distributions over steps", lambda: _distributions(trial, "weights")),
+            ("Gradient distributions over steps", lambda: _distributions(trial, "gradients")),
+        ]
+    sections.append(("Rules", lambda: _rules(trial, default_rules(trial) if rules is None else rules)))
     with trial.frozen():  # one view of the trial, and on remote storage no listing per tensor
         parts = [_section(title, draw) for title, draw in progress(sections, desc="report", enable=show_progress)]
     stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
@@ -177,7 +211,7 @@ def build_report(trial: Trial, rules: Sequence[str] = DEFAULT_RULES, show_progre
 def write_report(
     trial: Trial,
     output: str | os.PathLike[str],
-    rules: Sequence[str] = DEFAULT_RULES,
+    rules: Sequence[str] | None = None,
     show_progress: bool | None = None,
 ) -> None:
     """Write :func:`build_report` to ``output`` (UTF-8)."""

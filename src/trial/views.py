@@ -64,9 +64,9 @@ def _range_text(steps: list[int]) -> str:
     return f"{len(steps)} ({steps[0]}-{steps[-1]})" if len(steps) > 1 else f"1 ({steps[0]})"
 
 
-def _frameworks(trial: Trial) -> str:
-    found = {str(w.info.get("framework")) for w in trial._index.workers.values() if w.info.get("framework")}
-    return ", ".join(sorted(found)) or "unknown"
+def frameworks(trial: Trial) -> set[str]:
+    """The frameworks the trial's workers recorded (``"pytorch"``, ``"keras"``, ``"xgboost"``...)."""
+    return {str(w.info.get("framework")) for w in trial._index.workers.values() if w.info.get("framework")}
 
 
 def _status(trial: Trial) -> str:
@@ -94,7 +94,7 @@ def trial_html(trial: Trial) -> str:
     idx = trial._index
     rows = [
         ("path", html_text(trial.path)),
-        ("framework", html_text(_frameworks(trial))),
+        ("framework", html_text(", ".join(sorted(frameworks(trial))) or "unknown")),
         ("workers", html_text(", ".join(trial.workers()) or "none")),
         ("status", html_text(_status(trial))),
     ]

@@ -352,3 +352,24 @@ def test_dask_two_workers_each_write_their_shards(tmp_path: Path) -> None:
     for worker in trial.workers():
         values = tensor.values(worker=worker)
         assert [float(values[s]) for s in range(5)] == out["history"]["train"]["logloss"], worker
+
+
+def test_the_report_of_an_xgboost_trial_judges_it_as_boosting(tmp_path: Path, dmatrices: tuple[Any, Any]) -> None:
+    """The report ran a network's rules on XGBoost (``all_zero`` fired on the SHAP of an unused feature, the
+    others could not judge) and drew empty gradient and weight sections; it now runs boosting rules and
+    draws the features' importance."""
+    from tensortap.trial.report import XGBOOST_RULES, build_report, default_rules
+
+    dtrain, dval = dmatrices
+    xgb.train(
+        PARAMS | {"eval_metric": ["logloss", "auc"]}, dtrain, num_boost_round=12,
+        evals=[(dtrain, "train"), (dval, "validation")], verbose_eval=False,
+        callbacks=[ttx.Callback(tmp_path, include_collections=ALL)],
+    )  # fmt: skip
+    trial = tensortap.create_trial(tmp_path)
+    assert default_rules(trial) == XGBOOST_RULES
+    page = build_report(trial, show_progress=False)
+    assert "Feature importance (gain) over rounds" in page and "Gradient norms" not in page
+    for rule in XGBOOST_RULES:
+        assert f"<td>{rule}</td><td><span class='ok'>did not fire</span>" in page  # a healthy training
+    assert "all_zero" not in page and "could not judge" not in page

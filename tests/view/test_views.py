@@ -262,6 +262,15 @@ def test_curves_of_train_and_eval_losses_are_drawn_against_the_global_step(run: 
     assert max(lines[f"{name} (eval)"].get_xdata()) > len(run.eval_loss)  # not at its mode steps
 
 
+def test_the_report_says_once_what_a_rule_lacked(run: Run) -> None:
+    """A rule that found none of its inputs was explained twice in one cell (its missing input, then the
+    error that repeats it)."""
+    from tensortap.trial.report import build_report
+
+    page = build_report(run.trial(), rules=["dead_relu"], show_progress=False)
+    assert "could not judge" in page and page.count("collection &#x27;outputs&#x27;") == 1
+
+
 def test_compare_plots_runs_side_by_side(run: Run, run_b: Run) -> None:
     cmp = tensortap.compare([run.trial(), str(run_b.path)])
     assert cmp.labels == ["run_a", "run_b"]
