@@ -66,7 +66,7 @@ class Comparison:
         names_or_regex: str | Sequence[str],
         reduction: str | None = None,
         mode: Mode | str | None = None,
-        x: XAxis = "step",
+        x: XAxis | None = None,
         ax: Axes | None = None,
         logy: bool = False,
     ) -> Axes:

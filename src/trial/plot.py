@@ -121,7 +121,7 @@ def plot_tensors(
     mode: Mode | str | None = None,
     ax: Axes | None = None,
     logy: bool = False,
-    x: XAxis = "step",
+    x: XAxis | None = None,
     labels: Sequence[str] | None = None,
 ) -> Axes:
     """Plot each tensor of each trial across steps, one line per mode; return the matplotlib Axes.
@@ -139,7 +139,8 @@ def plot_tensors(
     ax, logy
         Axes to draw into (default: a new figure); logarithmic y axis.
     x
-        ``"step"`` (mode step), ``"global_step"`` or ``"time"``.
+        ``"step"`` (mode step), ``"global_step"`` or ``"time"``; default :func:`curves_axis`: the
+        global step where the lines hold several modes, else the mode step.
     labels
         One label per trial (default: their paths, when there are several); drawn as text, like
         tensor names (control characters escaped, ``$`` as itself: no mathtext).
@@ -152,6 +153,7 @@ def plot_tensors(
     from ..exceptions import TensorUnavailable
 
     runs = [trials] if not isinstance(trials, Sequence) else list(trials)
+    x = curves_axis(runs, names, mode) if x is None else x
     run_labels = [_text(label) for label in (labels if labels is not None else [t.path for t in runs])]
     ax = _axes(ax)
     drawn = 0

@@ -87,12 +87,12 @@ def _scalars(trial: Trial, collection: str) -> list[str]:
 
 
 def _curves(trial: Trial, collection: str) -> str:
-    from .plot import curves_axis, plot_tensors
+    from .plot import plot_tensors
 
     names = _scalars(trial, collection)
     if not names:
         return _note(f"no scalar tensor in collection {collection!r}")
-    return _png(lambda ax: plot_tensors(trial, names, ax=ax, x=curves_axis(trial, names)))
+    return _png(lambda ax: plot_tensors(trial, names, ax=ax))  # several modes: against the global step
 
 
 def _gradient_norms(trial: Trial) -> str:

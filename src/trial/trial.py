@@ -476,7 +476,7 @@ class Trial:
         names_or_regex: str | Sequence[str],
         reduction: str | None = None,
         mode: Mode | str | None = None,
-        x: XAxis = "step",
+        x: XAxis | None = None,
         ax: Axes | None = None,
         logy: bool = False,
     ) -> Axes:
@@ -492,7 +492,9 @@ class Trial:
         mode
             Only steps of this mode (default: every mode, as separate lines).
         x
-            ``"step"`` (the mode step), ``"global_step"`` or ``"time"`` (seconds since the first saved step).
+            ``"step"`` (the mode step), ``"global_step"`` or ``"time"`` (seconds since the first saved step);
+            default: the global step where the lines hold several modes (a validation loss where it was
+            computed in the training), else the mode step.
         ax
             Draw into these Axes (default: a new figure).
         logy
@@ -949,14 +951,16 @@ class Tensor:
         self,
         reduction: str | None = "mean",
         mode: Mode | str | None = None,
-        x: XAxis = "step",
+        x: XAxis | None = None,
         ax: Axes | None = None,
         logy: bool = False,
     ) -> Axes:
         """Plot a reduction (``None``: the value of a scalar) across steps, one line per mode.
 
-        ``x`` is ``"step"`` (mode step, the default), ``"global_step"`` or ``"time"``
-        (seconds since the trial's first saved step). Returns the matplotlib Axes.
+        ``x`` is ``"step"`` (mode step), ``"global_step"`` or ``"time"`` (seconds since the
+        trial's first saved step); default: the global step where the tensor has steps of several
+        modes (an eval loss where it was computed in the training), else the mode step. Returns the
+        matplotlib Axes.
         """
         from .plot import plot_tensors
 

@@ -128,7 +128,7 @@ def test_to_series_of_a_scalar_is_floats(run: Run) -> None:
 
 def test_tensor_plot_modes_as_lines_against_mode_step(run: Run) -> None:
     trial = run.trial()
-    ax = trial.tensor(loss_name(trial)).plot()
+    ax = trial.tensor(loss_name(trial)).plot(x="step")
     lines = {line.get_label(): line for line in ax.get_lines()}
     name = loss_name(trial)
     assert set(lines) == {f"{name} (train)", f"{name} (eval)"}
@@ -243,23 +243,25 @@ def test_a_tail_of_few_values_shows_beside_a_peak_of_thousands(tmp_path: Path) -
     assert np.abs(linear[2] - linear[3]).max() < 0.01  # linear: the bin of 2 had the empty bins' colour
 
 
-def test_curves_of_train_and_eval_losses_are_drawn_against_the_global_step(run: Run, tmp_path: Path) -> None:
-    """The report and ``tensortap plot`` drew an eval loss at its own mode steps (0, 1, 2) on the axis of the
-    train steps, as if it had been computed at the first train steps."""
-    from tensortap.trial.plot import curves_axis, plot_tensors
+def test_curves_of_train_and_eval_losses_are_drawn_against_the_global_step(run: Run) -> None:
+    """``tensor.plot()``, ``trial.plot``, the report and ``tensortap plot`` drew an eval loss at its own mode
+    steps (0, 1, 2) on the axis of the train steps, as if it had been computed at the first train steps."""
+    from tensortap.trial.plot import curves_axis
 
     trial = run.trial()
     name = loss_name(trial)
     assert curves_axis(trial, [name]) == "global_step" and curves_axis(trial, [name], "eval") == "step"
     assert curves_axis(trial, ["gradients/0.weight"]) == "step"  # one mode: its own steps
-    ax = plot_tensors(trial, [name], x=curves_axis(trial, [name]))
-    lines = {line.get_label(): line for line in ax.get_lines()}
-    assert set(lines) == {f"{name} (train)", f"{name} (eval)"} and ax.get_xlabel() == "global step"
-    for mode, line in (("train", lines[f"{name} (train)"]), ("eval", lines[f"{name} (eval)"])):
-        steps = trial.tensor(name).steps(mode)
-        assert list(line.get_xdata()) == [trial.global_step(s, mode) for s in steps]
-    np.testing.assert_allclose(lines[f"{name} (eval)"].get_ydata(), run.eval_loss, rtol=1e-6)
-    assert max(lines[f"{name} (eval)"].get_xdata()) > len(run.eval_loss)  # not at its mode steps
+    for ax in (trial.tensor(name).plot(), trial.plot(name)):
+        lines = {line.get_label(): line for line in ax.get_lines()}
+        assert set(lines) == {f"{name} (train)", f"{name} (eval)"} and ax.get_xlabel() == "global step"
+        for mode, line in (("train", lines[f"{name} (train)"]), ("eval", lines[f"{name} (eval)"])):
+            steps = trial.tensor(name).steps(mode)
+            assert list(line.get_xdata()) == [trial.global_step(s, mode) for s in steps]
+        np.testing.assert_allclose(lines[f"{name} (eval)"].get_ydata(), run.eval_loss, rtol=1e-6)
+        assert max(lines[f"{name} (eval)"].get_xdata()) > len(run.eval_loss)  # not at its mode steps
+    ax = trial.tensor(name).plot(mode="eval")  # one mode: its own steps
+    assert list(ax.get_lines()[0].get_xdata()) == [0, 1, 2] and ax.get_xlabel() == "eval step"
 
 
 def test_the_report_says_once_what_a_rule_lacked(run: Run) -> None:
