@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..exceptions import TensortapError
+from ..modes import Mode
 
 if TYPE_CHECKING:
     from .trial import Tensor, Trial
@@ -157,18 +158,22 @@ def sparkline(values: list[float], width: int = 160, height: int = 32) -> str:
 
 
 def default_series(tensor: Tensor) -> tuple[str, dict[int, float]]:
-    """The series a tensor is summarised by: its value if scalar, else a saved reduction or the mean."""
+    """The series a tensor is summarised by: its value if scalar, else a saved reduction or the mean; of its
+    TRAIN steps where it has some (an eval loss between them would read as spikes), labelled so."""
     info = tensor.summary()
     shape = info["shape"]
+    train = tensor.steps(Mode.TRAIN)
+    mode = Mode.TRAIN if train and len(train) < len(tensor.steps()) else None
+    suffix = " (train)" if mode else ""
     if shape is not None and int(np.prod(shape)) == 1:
-        return "value", dict(tensor.to_series(None).items())
+        return f"value{suffix}", dict(tensor.to_series(None, mode).items())
     if shape is None:
         saved = sorted({k for w in tensor._info.locations.values() for loc in w.values() for k in loc.reductions})
         key = next((k for k in ("mean", "abs_mean", "l2", "max") if k in saved), saved[0] if saved else "mean")
     else:
         key = "mean"
     name, absolute = (key[4:], True) if key.startswith("abs_") else (key, False)
-    return key, tensor.reduction_values(name, absolute)
+    return f"{key}{suffix}", tensor.reduction_values(name, absolute, mode)
 
 
 def tensor_html(tensor: Tensor) -> str:

@@ -102,8 +102,9 @@ def test_tensor_repr_and_sparkline(run: Run) -> None:
     points = re.search(r"points='([^']+)'", html)
     assert points is not None
     ys = [float(p.split(",")[1]) for p in points.group(1).split()]
-    values = list(t.to_series().values)
-    assert len(ys) == len(values)
+    values = list(t.to_series(mode="train").values)  # the train losses alone: eval ones between read as spikes
+    np.testing.assert_allclose(values, run.train_loss, rtol=1e-6)
+    assert len(ys) == len(values) == TRAIN_STEPS and "value (train)" in html
     # the highest loss is drawn highest (smallest SVG y), the lowest lowest
     assert int(np.argmin(ys)) == int(np.argmax(values)) and int(np.argmax(ys)) == int(np.argmin(values))
     g = trial.tensor("gradients/0.weight")
