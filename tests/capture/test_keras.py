@@ -1597,6 +1597,27 @@ def test_metrics_train_on_batch_and_test_on_batch_return_in_a_loop_are_captured(
         assert [float(got[s]) for s in sorted(got)] == pytest.approx([a[i] for a in accuracies], rel=1e-6)
 
 
+def test_a_model_trained_in_a_loop_but_not_attached_is_named_in_one_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Attached to one model, a loop that also trains another (not nested in it) got that model's losses
+    and nothing else, without a word: its metrics, weights and gradients were dropped silently."""
+    attached, other = mlp(), mlp()
+    other.name = "other"
+    cb = ttk.Callback(tmp_path, save_config=EVERY_STEP, include_collections=["losses", "metrics"])
+    cb.attach(attached)
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        for s in range(3):
+            with cb.stepping():
+                attached.train_on_batch(X[s * BATCH : (s + 1) * BATCH], Y[s * BATCH : (s + 1) * BATCH])
+                other.train_on_batch(X[s * BATCH : (s + 1) * BATCH], Y[s * BATCH : (s + 1) * BATCH])
+    cb.close()
+    warned = [r.getMessage() for r in caplog.records if "attached neither" in r.getMessage()]
+    assert len(warned) == 1 and "'other' runs train_on_batch" in warned[0], warned
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.tensor_names() == ["losses/loss:0", "losses/loss:1", "metrics/mae"]
+
+
 # ------------------------------------------------------- what cannot be captured
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="string and ragged tensors are TensorFlow's")
 def test_string_and_ragged_tensors_are_skipped_with_one_warning_each(

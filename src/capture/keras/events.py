@@ -33,9 +33,11 @@ import functools
 import inspect
 import logging
 import os
+import sys
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from types import FrameType
 from typing import Any
 
 import keras
@@ -218,6 +220,9 @@ class Callback(keras.callbacks.Callback):
         self._results: dict[int, tuple[Any, Any]] = {}
         self._computed: list[tuple[Any, str]] = []  # in the step: compute_loss's values, with their keys
         self._running_means: set[str] = set()  # keys returned as running means of unknown step value (warned)
+        self._batch_models: set[int] = set()  # in a loop: the models whose train_on_batch/test_on_batch are wrapped
+        self._means_seen: set[int] = set()  # in a loop: the Means (by id) whose model was looked for
+        self._unattached: set[int] = set()  # in a loop: models (by id) found running but not attached (warned)
         self._run_sources: dict[str, list[tuple[Any, int]]] = {}  # key -> (source, its run in a step)
         # in the step: (key, id(source)) -> what gave each of its runs ("computed", "tracked", ...), see _run_slot
         self._runs: dict[tuple[str, int], list[set[str]]] = {}
@@ -668,6 +673,7 @@ class Callback(keras.callbacks.Callback):
         elif self.session.may_save("metrics"):  # a loop: the models' train_on_batch and test_on_batch
             for m in model._flatten_layers(include_self=True, recursive=True):
                 if isinstance(m, keras.Model):
+                    self._batch_models.add(id(m))
                     for attr in ("train_on_batch", "test_on_batch"):
                         self._patches.set(m, attr, self._wrap_on_batch(m, getattr(m, attr)))
         if self.session.may_save("losses"):
@@ -817,6 +823,26 @@ class Callback(keras.callbacks.Callback):
         else:
             self._tap("metrics", [(self._run_slot(name, source, "returned"), v) for name, v in items])
 
+    def _warn_if_not_attached(self) -> None:
+        """In a loop, a ``Mean`` updated for the first time: if a model's ``train_on_batch``/``test_on_batch``
+        updates it and the callback is attached neither to that model nor to one holding it, say (once
+        per model) that only its losses are saved: its metrics, weights and gradients are not."""
+        frame: FrameType | None = sys._getframe(2)
+        while frame is not None:
+            if frame.f_code.co_name in ("train_on_batch", "test_on_batch"):
+                model = frame.f_locals.get("self")
+                if isinstance(model, keras.Model) and id(model) not in self._batch_models | self._unattached:
+                    self._unattached.add(id(model))
+                    logger.warning(
+                        "tensortap: model %r runs %s in a step, but the callback is attached neither to it nor to "
+                        "a model that holds it: only its losses are saved (not its metrics, weights or "
+                        "gradients); attach the callback to a model that holds it",
+                        model.name,
+                        frame.f_code.co_name,
+                    )
+                return
+            frame = frame.f_back
+
     def _wrap_on_batch(self, model: Any, on_batch: Callable[..., Any]) -> Callable[..., Any]:
         """``train_on_batch``/``test_on_batch`` of ``model`` in a loop: in a saved step, the metrics it returns
         (asked for as a dict, and returned as the caller asked)."""
@@ -894,6 +920,9 @@ class Callback(keras.callbacks.Callback):
         if is_result:
             self._results[id(value)] = (value, metric)
             return
+        if self._batch_models and id(metric) not in self._means_seen:
+            self._means_seen.add(id(metric))
+            self._warn_if_not_attached()
         if not is_scalar(value) or is_symbolic(value):
             return
         self._means[id(metric)] = (metric, value)
