@@ -419,6 +419,14 @@ def _show_entry(tensor: Any, step: int, mode: Mode | None, args: argparse.Namesp
     return entry, text
 
 
+def _mode_step_text(trial: Trial, step: int) -> str:
+    """`` (eval step 0)``: the mode step of global ``step``; empty where it is a TRAIN step of the same number."""
+    found = trial.mode_step(step)
+    if found is None or found == (Mode.TRAIN, step):
+        return ""
+    return f" ({found[0].name.lower()} step {found[1]})"
+
+
 def cmd_show(args: argparse.Namespace) -> int:
     """Print one tensor at one step or every step: a scalar, a summary of an array, or a reduction.
 
@@ -448,7 +456,7 @@ def cmd_show(args: argparse.Namespace) -> int:
             continue
         entries.append(entry)
         if not args.json:
-            label = style(f"step {s}" + (f" ({mode.name.lower()})" if mode else ""), "bold")
+            label = style(f"step {s}" + (f" ({mode.name.lower()})" if mode else _mode_step_text(trial, s)), "bold")
             lines = text.split("\n")  # --full: the array's lines after the summary
             print(f"{label}: " + "\n".join(printable(line) for line in lines))
     if skipped:

@@ -117,6 +117,20 @@ def test_show_scalar_summary_full_and_reduction(trial_dir: Path) -> None:
     assert out == "step 0: 0\nstep 2: 12\nstep 4: 24\n"
 
 
+def test_show_says_the_mode_step_of_each_global_step(tmp_path: Path) -> None:
+    """Without --mode, ``show`` printed global steps alone: an eval loss read as "step 3", which is no eval step."""
+    with Writer(tmp_path) as w:
+        for mode in ("train", "train", "train", "eval", "eval", "train"):
+            with w.stepping(mode):
+                w.save("losses/loss", np.float32(1.0), ["losses"])
+    out = cli("show", str(tmp_path), "losses/loss").stdout.splitlines()
+    assert [line.split(":")[0] for line in out] == [
+        "step 0", "step 1", "step 2", "step 3 (eval step 0)", "step 4 (eval step 1)", "step 5 (train step 3)",
+    ]  # fmt: skip
+    out = cli("show", str(tmp_path), "losses/loss", "--mode", "eval").stdout.splitlines()
+    assert [line.split(":")[0] for line in out] == ["step 0 (eval)", "step 1 (eval)"]
+
+
 def test_show_json_has_no_nan_literals(trial_dir: Path) -> None:
     data = strict_json(cli("show", str(trial_dir), "act/odd", "--step", "0", "--full", "--json").stdout)
     (entry,) = data["steps"]
