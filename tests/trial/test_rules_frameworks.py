@@ -18,10 +18,12 @@ import pytest
 
 import tensortap
 from tensortap import SaveConfig
+from tensortap.exceptions import RuleInputsMissing
 from tensortap.rules import (
     DeadRelu,
     ExplodingTensor,
     LossNotDecreasing,
+    SaturatedActivation,
     StopTraining,
     VanishingGradient,
     invoke_rule,
@@ -159,6 +161,64 @@ def test_dead_relu_pytorch(tmp_path: Path, torch: Any, bias: float | None, fired
     assert invoke_rule(DeadRelu(trial, tensor_regex=r"^outputs/act$")) == fired
 
 
+@pytest.mark.torch
+def test_dead_relu_judges_relu_outputs_not_heads_or_pre_activations_pytorch(tmp_path: Path, torch: Any) -> None:
+    import tensortap.torch as ttt
+
+    nn, F = torch.nn, torch.nn.functional
+    # a healthy regression of a negative target: the head's outputs are all negative, the ReLUs live
+    net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 1))
+    x, y = (torch.from_numpy(a) for a in regression_data())
+    y = -20.0 - y.abs()
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    with ttt.capture(net, tmp_path / "head", optimizer=opt, save_config=EVERY_STEP, include_collections=["outputs"]):
+        for _ in range(5):
+            opt.zero_grad()
+            F.mse_loss(net(x), y).backward()
+            opt.step()
+    with torch.no_grad():
+        assert net(x).max() < 0 and (net[1](net[0](x)) > 0).any(0).all(), "head all negative, every ReLU unit active"
+    trial = tensortap.create_trial(tmp_path / "head")
+    assert "outputs/2" in trial.tensor_names(collection="outputs")
+    assert invoke_rule(DeadRelu(trial)) == []
+
+    class FunctionalRelu(nn.Module):  # F.relu in forward: no ReLU output is captured, only fc1's pre-activation
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(4, 32), nn.Linear(32, 1)
+            with torch.no_grad():
+                self.fc1.bias.fill_(-100.0)
+
+        def forward(self, x: Any) -> Any:
+            return self.fc2(F.relu(self.fc1(x)))
+
+    torch_run(tmp_path / "functional", FunctionalRelu(), 0.01, 3, include_collections=["outputs"])
+    trial = tensortap.create_trial(tmp_path / "functional")
+    with pytest.raises(RuleInputsMissing, match="no ReLU output") as info:
+        invoke_rule(DeadRelu(trial))
+    assert "name the pre-activations with tensor_regex" in str(info.value)
+    assert invoke_rule(DeadRelu(trial, tensor_regex=r"^outputs/fc1$")) == [0, 1, 2]
+
+
+@pytest.mark.torch
+def test_saturated_activation_says_it_found_no_tanh_layer_pytorch(tmp_path: Path, torch: Any) -> None:
+    nn = torch.nn
+    net = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 1))
+    with torch.no_grad():
+        net[0].bias.fill_(100.0)  # every tanh input beyond 9.5: saturated
+    torch_run(tmp_path, net, 0.01, 3, include_collections=["inputs"])
+    x = torch.from_numpy(regression_data()[0])
+    with torch.no_grad():
+        assert (net[0](x) > 9.4999).all(), "every unit of the tanh is saturated"
+    trial = tensortap.create_trial(tmp_path)
+    assert "inputs/1" in trial.tensor_names(collection="inputs")
+    with pytest.raises(RuleInputsMissing, match="matches tanh_regex 'tanh' or sigmoid_regex 'sigmoid'"):
+        invoke_rule(SaturatedActivation(trial))  # the layers are named 0, 1, 2: none says tanh
+    rule = SaturatedActivation(trial, tanh_regex=r"^inputs/1$")
+    assert invoke_rule(rule) == [0, 1, 2]
+    assert rule.invoke(0).reason.startswith("inputs/1: 100% of its 16 tanh units are saturated")
+
+
 # -------------------------------------------------------------------- Keras
 @pytest.fixture
 def keras() -> Any:
@@ -238,6 +298,49 @@ def test_in_process_stop_training_stops_keras_fit(tmp_path: Path, keras: Any) ->
     trial = tensortap.create_trial(tmp_path)
     assert trial.end_reasons() == {"worker_0": "stop_request"}
     assert trial.stop_request()["rule"] == "ExplodingTensor" and trial.stop_request()["step"] == nan_at[0]
+
+
+@pytest.mark.keras
+@pytest.mark.parametrize(("bias", "fired"), [(-100.0, [0, 1, 2]), (0.0, [])])
+def test_dead_relu_keras_dense_relu_not_the_negative_head(
+    tmp_path: Path, keras: Any, bias: float, fired: list[int]
+) -> None:
+    import tensortap.keras as ttk
+
+    x, y = regression_data()
+    keras.utils.set_random_seed(0)
+    relu = keras.layers.Dense(16, activation="relu", bias_initializer=keras.initializers.Constant(bias))
+    head = keras.layers.Dense(1, bias_initializer=keras.initializers.Constant(-20.0))  # at the target's mean
+    model = keras.Sequential([keras.Input((4,)), relu, head])
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.001), loss="mse")
+    cb = ttk.Callback(tmp_path, save_config=EVERY_STEP, include_collections=["outputs"])
+    model.fit(x, -20.0 - np.abs(y), batch_size=len(x), epochs=3, verbose=0, callbacks=[cb])
+    assert model.predict(x, verbose=0).max() < 0, "the head's outputs are all negative"
+    trial = tensortap.create_trial(tmp_path)
+    assert set(trial.tensor_names(collection="outputs")) >= {f"outputs/{relu.name}", f"outputs/{head.name}"}
+    steps = invoke_rule(rule := DeadRelu(trial))
+    assert steps == fired
+    if fired:
+        assert rule.invoke(0).reason.startswith(f"outputs/{relu.name}: 100% of its 16 units are dead")
+
+
+@pytest.mark.keras
+def test_saturated_activation_keras_activation_layer(tmp_path: Path, keras: Any) -> None:
+    import tensortap.keras as ttk
+
+    x, y = regression_data()
+    keras.utils.set_random_seed(0)
+    tanh = keras.layers.Activation("tanh")
+    dense = keras.layers.Dense(16, bias_initializer=keras.initializers.Constant(100.0))
+    model = keras.Sequential([keras.Input((4,)), dense, tanh, keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.001), loss="mse")
+    cb = ttk.Callback(tmp_path, save_config=EVERY_STEP, include_collections=["inputs"])
+    model.fit(x, y, batch_size=len(x), epochs=3, verbose=0, callbacks=[cb])
+    assert (np.asarray(dense(x)) > 9.4999).all(), "every unit of the tanh is saturated"
+    trial = tensortap.create_trial(tmp_path)
+    with pytest.raises(RuleInputsMissing, match="matches tanh_regex"):
+        invoke_rule(SaturatedActivation(trial))  # the Activation layer is named "activation"
+    assert invoke_rule(SaturatedActivation(trial, tanh_regex=f"^inputs/{tanh.name}$")) == [0, 1, 2]
 
 
 # ------------------------------------------------------------------ XGBoost

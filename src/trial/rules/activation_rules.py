@@ -29,7 +29,43 @@ def inactive_percent(
     return 100.0 * float(np.count_nonzero(activity < threshold_inactivity)) / rows.shape[1], rows.shape[1]
 
 
-class DeadRelu(PerTensorRule):
+class LayerKindRule(PerTensorRule):
+    """A per-tensor rule that judges only the selected tensors of one kind of layer (ReLU, tanh, ...).
+
+    :meth:`check` calls :meth:`not_of_kind` for a tensor of another layer and
+    :meth:`of_kind` for one it judges. A step whose selected tensors are all
+    of other layers records a missing input (:meth:`Rule.need`, with
+    :meth:`kind_missing`): the rule judged nothing there and must not pass.
+    """
+
+    def __init__(self, base_trial: Any = None) -> None:
+        super().__init__(base_trial)
+        self._other: list[str] = []  # tensors of the step from other layers
+        self._judged = 0  # tensors of the step judged
+
+    def not_of_kind(self, name: str) -> None:
+        """Record that tensor ``name`` is not of the layers this rule judges."""
+        self._other.append(name)
+
+    def of_kind(self) -> None:
+        """Record that the tensor being checked is judged."""
+        self._judged += 1
+
+    def kind_missing(self, shown: str) -> str:
+        """What was missing, for :meth:`Rule.need`; ``shown`` lists the first tensors of other layers."""
+        raise NotImplementedError
+
+    def invoke_at_step(self, step: int) -> bool:
+        """Judge the tensors of ``step`` (:meth:`PerTensorRule.invoke_at_step`); say when none was of the kind."""
+        self._other, self._judged = [], 0
+        fired = super().invoke_at_step(step)
+        if self._other and not self._judged:
+            shown = ", ".join(self._other[:3]) + (", ..." if len(self._other) > 3 else "")
+            self.need(step, self.requirement(), self.kind_missing(shown))
+        return fired
+
+
+class DeadRelu(LayerKindRule):
     """Fires when more than ``threshold_layer`` percent of a layer's ReLUs are dead.
 
     Formula: each selected output tensor is read as ``(samples, units)`` (first
@@ -38,10 +74,21 @@ class DeadRelu(PerTensorRule):
     below ``threshold_inactivity``. Fires when ``100 * dead / units >
     threshold_layer`` for a tensor.
 
-    Needs: collection ``outputs`` (or the selected ones) as raw tensors. Select
-    the ReLU layers with ``tensor_regex`` when outputs of other layers are saved
-    too (a linear layer's output is negative about half of the time, but rarely
-    for every sample of a unit).
+    Which tensors are ReLU outputs: without ``tensor_regex``, those with no
+    negative value and at least one zero at the step (the output of a ReLU, and
+    of what keeps it: dropout, pooling). Other tensors are outputs of other
+    layers and are not judged: one with a negative value is no ReLU output (a
+    linear head whose outputs are all negative is not dead), and one with every
+    value positive has no dead unit. A step with none records a missing input
+    (:meth:`Rule.need`): the ReLU outputs were not captured (a ``Linear``
+    before ``F.relu`` in a forward captures the pre-activation only).
+    With ``tensor_regex`` the matching tensors are judged as they are; a
+    pre-activation then gives the same verdict as the ReLU after it
+    (``relu(x) > 0`` exactly when ``x > 0``).
+
+    Needs: collection ``outputs`` (or the selected ones) as raw tensors, holding
+    ReLU outputs (``nn.ReLU`` modules, ``Dense(activation="relu")``,
+    ``Activation("relu")``), or ``tensor_regex`` naming the pre-activations.
 
     Parameters
     ----------
@@ -71,11 +118,24 @@ class DeadRelu(PerTensorRule):
         self.threshold_inactivity, self.threshold_layer = threshold_inactivity, threshold_layer
         self.selection = Selection(collection_names, tensor_regex, ("outputs",))
         self.hook_collections = ("outputs",)
+        self.relu_outputs_only = not self.selection.regexes
+
+    def kind_missing(self, shown: str) -> str:
+        return (
+            f"no ReLU output (values >= 0 with zeros) among {self.selection.describe()} ({shown}): "
+            "outputs of layers without ReLU, or pre-activations (a Linear before F.relu in a forward); "
+            'capture the ReLU itself (nn.ReLU, Dense(activation="relu"), Activation("relu")) '
+            "or name the pre-activations with tensor_regex"
+        )
 
     def check(self, step: int, name: str) -> str | None:
         y = raw_at(self, self.base_trial, name, step, self.requirement())
         if y is None:
             return None
+        if self.relu_outputs_only and not (bool(np.all(y >= 0)) and bool(np.any(y == 0))):
+            self.not_of_kind(name)
+            return None
+        self.of_kind()
         dead, units = inactive_percent(y, lambda r: r > 0, self.threshold_inactivity)
         if units and dead > self.threshold_layer:
             return (
@@ -85,7 +145,7 @@ class DeadRelu(PerTensorRule):
         return None
 
 
-class SaturatedActivation(PerTensorRule):
+class SaturatedActivation(LayerKindRule):
     """Fires when more than ``threshold_layer`` percent of a tanh or sigmoid layer's units are saturated.
 
     Formula: each selected input tensor of a tanh layer (name matches
@@ -96,6 +156,14 @@ class SaturatedActivation(PerTensorRule):
     ``threshold_inactivity``. Fires when ``100 * saturated / units >
     threshold_layer``. The default bounds are where the derivative of tanh
     (sigmoid) drops below ``1e-7``.
+
+    A step whose selected tensors match neither regex records a missing input
+    (:meth:`Rule.need`) instead of passing: layers are named by the model
+    (``inputs/1`` for the ``nn.Tanh`` of an ``nn.Sequential``, ``inputs/activation``
+    for a Keras ``Activation("tanh")``), so name them with ``tanh_regex`` and
+    ``sigmoid_regex``. The input of ``torch.tanh`` in a forward, or of the
+    activation inside ``Dense(activation="tanh")``, is no layer's input and is
+    not captured: make the activation a layer of its own.
 
     Needs: collection ``inputs`` (or the selected ones) as raw tensors, for layers
     whose names match ``tanh_regex`` or ``sigmoid_regex``.
@@ -146,10 +214,22 @@ class SaturatedActivation(PerTensorRule):
         self.selection = Selection(collection_names, tensor_regex, ("inputs",))
         self.hook_collections = ("inputs",)
 
+    def kind_missing(self, shown: str) -> str:
+        tanh, sigmoid = (p.pattern for p in self.patterns.values())
+        return (
+            f"no tensor of {self.selection.describe()} ({shown}) matches tanh_regex {tanh!r} or "
+            f"sigmoid_regex {sigmoid!r}: name the inputs of the tanh and sigmoid layers with them "
+            "(nn.Sequential's nn.Tanh at index 1: tanh_regex=^inputs/1$; Keras Activation('tanh'): "
+            "^inputs/activation$); torch.tanh in a forward or Dense(activation='tanh') has no captured "
+            "input: make the activation a layer of its own"
+        )
+
     def check(self, step: int, name: str) -> str | None:
         kind = next((k for k, p in self.patterns.items() if p.search(name)), None)
         if kind is None:
+            self.not_of_kind(name)
             return None
+        self.of_kind()
         x = raw_at(self, self.base_trial, name, step, self.requirement())
         if x is None:
             return None
