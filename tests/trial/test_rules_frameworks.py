@@ -20,6 +20,7 @@ import tensortap
 from tensortap import SaveConfig
 from tensortap.exceptions import RuleInputsMissing
 from tensortap.rules import (
+    ClassImbalance,
     DeadRelu,
     ExplodingTensor,
     LossNotDecreasing,
@@ -386,6 +387,34 @@ def test_in_process_stop_training_stops_xgboost(tmp_path: Path) -> None:
     trial = tensortap.create_trial(tmp_path)
     assert trial.end_reasons() == {"worker_0": "stop_request"}
     assert trial.stop_request()["rule"] == "LossNotDecreasing" and trial.stop_request()["step"] == 10
+
+
+@pytest.mark.xgboost
+def test_class_imbalance_xgboost_too_few_labels_is_not_a_pass(tmp_path: Path) -> None:
+    xgb = pytest.importorskip("xgboost")
+    import tensortap.xgboost as ttx
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 4))
+    y = (rng.random(300) < 0.05).astype(int)  # 5% positives: imbalanced beyond threshold_imbalance 10
+    dtrain, dval = xgb.DMatrix(x[:200], label=y[:200]), xgb.DMatrix(x[200:], label=y[200:])
+    xgb.train(
+        {"objective": "binary:logistic", "max_depth": 2, "nthread": 1},
+        dtrain,
+        num_boost_round=15,
+        evals=[(dtrain, "train"), (dval, "validation")],  # labels of the last set: 100 rows
+        callbacks=[ttx.Callback(tmp_path, include_collections=["labels", "predictions"])],
+        verbose_eval=False,
+    )
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.tensor("labels").steps() == [0, 10]  # 200 labels: fewer than samples=500
+    with pytest.raises(RuleInputsMissing, match=r"500 labels to judge \(parameter samples\): only 200"):
+        invoke_rule(ClassImbalance(trial))
+    counts = np.bincount(y[200:])
+    assert counts.max() / counts.min() > 10
+    assert invoke_rule(ClassImbalance(trial, samples=100)) == [0, 10]
+    reason = ClassImbalance(trial, samples=100).invoke(0).reason
+    assert reason.startswith(f"labels: class 0 has {counts[0]} samples, class 1 {counts[1]}: ratio")
 
 
 # --------------------------------------------------------------------- live

@@ -305,15 +305,36 @@ class Rule:
         """
         self._step_inputs.found = True
 
+    def not_judged(self) -> str | None:
+        """What the rule still needs to judge although it read its inputs, or None (the default).
+
+        A rule that accumulates inputs before judging (``ClassImbalance``:
+        ``samples`` labels) returns what it lacks while it has judged nothing,
+        e.g. ``"500 labels to judge (samples=500): 400 saved"``. After its
+        evaluated steps, such a rule lacks inputs (:attr:`lacks_inputs`) and
+        :attr:`missing_inputs` holds ``"<rule> needs <what>"``, so a run that
+        judged nothing is not a pass.
+        """
+        return None
+
+    def _unjudged(self) -> str | None:
+        why = self.not_judged() if self._progress.last_step >= 0 else None
+        return None if why is None else f"{self.name} needs {why}"
+
     @property
     def missing_inputs(self) -> dict[str, int]:
         """Messages telling what this rule lacked, with the first step each was seen."""
-        return dict(self._progress.missing)
+        missing = dict(self._progress.missing)
+        unjudged = self._unjudged()
+        if unjudged is not None:
+            missing[unjudged] = self._progress.last_step
+        return missing
 
     @property
     def lacks_inputs(self) -> bool:
-        """Whether the rule reported missing inputs and could use none of the steps it evaluated."""
-        return bool(self._progress.missing) and self._progress.last_step >= 0 and not self._progress.usable_steps
+        """Whether the rule could use none of the steps it evaluated (see :meth:`need` and :meth:`not_judged`)."""
+        no_usable = bool(self._progress.missing) and not self._progress.usable_steps
+        return self._progress.last_step >= 0 and (no_usable or self._unjudged() is not None)
 
     @property
     def fired_steps(self) -> list[int]:

@@ -52,7 +52,9 @@ class ClassImbalance(_LabelsPredictions):
 
     Formula: the labels saved at every step so far are accumulated (class =
     argmax over the last axis with ``argmax=True`` or for 2-d scores, else the
-    rounded value); ``n_c`` counts class ``c``. Once ``sum(n_c) >= samples``:
+    rounded value); ``n_c`` counts class ``c``. Once ``sum(n_c) >= samples``
+    (until then it judges nothing, and a run that ends with fewer labels lacks
+    inputs, :meth:`~tensortap.rules.Rule.not_judged`: not a pass):
 
     - fires when ``max(n_c) / min(n_c) > threshold_imbalance`` (over the classes seen);
     - else, with predictions saved at the same steps (same length), ``m_c`` =
@@ -102,6 +104,16 @@ class ClassImbalance(_LabelsPredictions):
         self.counts: dict[str, int] = {}
         self.wrong: dict[str, int] = {}
         self.predicted: dict[str, int] = {}
+
+    def not_judged(self) -> str | None:
+        """``samples`` labels while fewer were read (none read: the missing labels are reported instead)."""
+        total = sum(self.counts.values())
+        if not total or total >= self.samples:
+            return None
+        return (
+            f"{self.samples} labels to judge (parameter samples): only {total} were saved; "
+            "lower samples, or save labels more often"
+        )
 
     def invoke_at_step(self, step: int) -> bool:
         found = self.read(step, self.labels, need=True)
