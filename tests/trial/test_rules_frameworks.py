@@ -24,6 +24,7 @@ from tensortap.rules import (
     DeadRelu,
     ExplodingTensor,
     LossNotDecreasing,
+    Overfit,
     SaturatedActivation,
     StopTraining,
     VanishingGradient,
@@ -218,6 +219,41 @@ def test_saturated_activation_says_it_found_no_tanh_layer_pytorch(tmp_path: Path
     rule = SaturatedActivation(trial, tanh_regex=r"^inputs/1$")
     assert invoke_rule(rule) == [0, 1, 2]
     assert rule.invoke(0).reason.startswith("inputs/1: 100% of its 16 tanh units are saturated")
+
+
+@pytest.mark.torch
+def test_overfit_pytorch_validation_loss_not_captured_is_not_a_pass(tmp_path: Path, torch: Any) -> None:
+    import tensortap.torch as ttt
+
+    nn, F = torch.nn, torch.nn.functional
+    x, y = torch.randn(16, 4), torch.randint(0, 2, (16,))  # 16 rows, random labels: memorised
+    xv, yv = torch.randn(64, 4), torch.randint(0, 2, (64,))
+    runs: dict[str, list[tuple[float, float]]] = {}
+    for record in (False, True):
+        net = nn.Sequential(nn.Linear(4, 64), nn.ReLU(), nn.Linear(64, 2))
+        opt = torch.optim.Adam(net.parameters(), lr=0.02)
+        losses = runs.setdefault(str(record), [])
+        with ttt.capture(net, tmp_path / str(record), optimizer=opt, save_config=EVERY_STEP) as hook:
+            for _ in range(8):  # one training step, then one validation forward (an EVAL step)
+                net.train()
+                opt.zero_grad()
+                loss = F.cross_entropy(net(x), y)
+                loss.backward()
+                opt.step()
+                net.eval()
+                with torch.no_grad():
+                    val = F.cross_entropy(net(xv), yv)
+                if record:
+                    hook.record_loss(val, name="val_loss")
+                losses.append((loss.item(), val.item()))
+    trial = tensortap.create_trial(tmp_path / "False")
+    assert trial.steps(mode=tensortap.Mode.EVAL) == list(range(8)), "the validation forwards are EVAL steps"
+    assert trial.tensor_names(collection="losses") == ["losses/loss"]  # F.cross_entropy under no_grad: not captured
+    with pytest.raises(RuleInputsMissing, match="no validation loss"):
+        invoke_rule(Overfit(trial))
+    trial = tensortap.create_trial(tmp_path / "True")
+    first = next(i for i, (t, v) in enumerate(runs["True"]) if (v - t) / t > 0.1)
+    assert invoke_rule(Overfit(trial))[0] == 2 * first + 1  # the EVAL step after training step `first`
 
 
 # -------------------------------------------------------------------- Keras

@@ -224,12 +224,14 @@ class _TrainValidation(Rule):
                 "evals=[(dtrain, 'train'), (dval, 'validation')], or eval_set=[(X_train, y_train), (X_val, y_val)] "
                 "with the arrays given to fit",
             )
-        elif not val and Mode.EVAL not in trial.modes() and trial.training_ended:
+        elif not val and trial.training_ended and not any(trial.tensor(n).steps(mode=Mode.EVAL) for n in names):
             self.need(
                 step,
                 Requirement("losses"),
                 f"no validation loss: no loss ({', '.join(names)}) matches validation_regex "
-                f"{self.validation.pattern!r} and none was saved at an EVAL step",
+                f"{self.validation.pattern!r} and none was saved at an EVAL step (in PyTorch, a loss "
+                "computed by a function under no_grad is not captured: give the loss module, "
+                "capture(..., loss=nn.CrossEntropyLoss()), or hook.record_loss(val_loss, name='val_loss'))",
             )
 
 
@@ -251,7 +253,8 @@ class Overfit(_TrainValidation):
     ``dtest-rmse``, ``validation_1-logloss``) or it was saved at an EVAL step;
     every other loss (``loss``, ``train-logloss``, ``dtrain-rmse``) is a
     training loss. Without training losses, or (on an ended trial) without
-    validation losses, the rule cannot compare: it records the missing input
+    validation losses (EVAL steps that saved no loss count as none), the rule
+    cannot compare: it records the missing input
     (:attr:`~tensortap.rules.Rule.missing_inputs`), so the run raises
     :class:`~tensortap.exceptions.RuleInputsMissing` and ``tensortap rules`` exits 2.
 
