@@ -20,6 +20,7 @@ import tensortap
 from tensortap import SaveConfig
 from tensortap.exceptions import RuleInputsMissing
 from tensortap.rules import (
+    AllZero,
     ClassImbalance,
     DeadRelu,
     ExplodingTensor,
@@ -451,6 +452,34 @@ def test_class_imbalance_xgboost_too_few_labels_is_not_a_pass(tmp_path: Path) ->
     assert invoke_rule(ClassImbalance(trial, samples=100)) == [0, 10]
     reason = ClassImbalance(trial, samples=100).invoke(0).reason
     assert reason.startswith(f"labels: class 0 has {counts[0]} samples, class 1 {counts[1]}: ratio")
+
+
+@pytest.mark.xgboost
+def test_all_zero_xgboost_zero_hyperparameters_and_error_are_no_fault(tmp_path: Path) -> None:
+    xgb = pytest.importorskip("xgboost")
+    import tensortap.xgboost as ttx
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 4))
+    y = (x[:, 0] > 0).astype(int)  # separable: the training error reaches 0
+    collections = ["metrics", "losses", "hyperparameters", "trees", "labels", "predictions"]
+    model = xgb.XGBClassifier(
+        n_estimators=5,
+        max_depth=3,
+        n_jobs=1,
+        eval_metric="error",
+        callbacks=[ttx.Callback(tmp_path, include_collections=collections)],
+    )
+    model.fit(x, y, eval_set=[(x, y)], verbose=False)
+    assert model.evals_result()["validation_0"]["error"][-1] == 0.0
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.tensor("hyperparameters/reg_alpha").value(0) == 0.0
+    assert invoke_rule(AllZero(trial)) == []  # the predictions are the model's tensors here: not zero
+    assert invoke_rule(AllZero(trial, collection_names="hyperparameters")) == [0]  # when asked, judged
+    zero = tmp_path / "predict_zero"
+    xgb.XGBClassifier(n_estimators=2, callbacks=[ttx.Callback(zero)]).fit(x, y, eval_set=[(x, y)], verbose=False)
+    with pytest.raises(RuleInputsMissing, match="collections other than hyperparameters, losses, metrics"):
+        invoke_rule(AllZero(tensortap.create_trial(zero)))  # the default capture holds no model tensor
 
 
 # --------------------------------------------------------------------- live

@@ -35,6 +35,9 @@ class Selection:
         One regex or a list of regexes.
     default_collections
         Collections used when nothing is given; empty: every tensor.
+    default_exclude
+        When nothing is given and ``default_collections`` is empty: collections
+        whose tensors "every tensor" leaves out.
     """
 
     def __init__(
@@ -42,17 +45,27 @@ class Selection:
         collection_names: str | Sequence[str] | None,
         tensor_regex: str | Sequence[str] | None,
         default_collections: Sequence[str],
+        default_exclude: Sequence[str] = (),
     ) -> None:
         self.collections = name_list("collection_names", collection_names)
         self.regexes = regex_list(tensor_regex)
         check_regexes("tensor_regex", self.regexes)
+        self.exclude: tuple[str, ...] = ()
         if not self.collections and not self.regexes:
             self.collections = tuple(default_collections)
+            self.exclude = () if self.collections else tuple(default_exclude)
 
     def names(self, trial: Any, step: int | None = None) -> list[str]:
         """Selected tensor names saved at global ``step`` (all steps if None), sorted."""
         if not self.collections and not self.regexes:
-            return list(trial.tensor_names(step=step))
+            names = trial.tensor_names(step=step)
+            left_out: set[str] = set()
+            for c in self.exclude:
+                try:
+                    left_out.update(trial.tensor_names(collection=c, step=step))
+                except UnknownName:
+                    continue
+            return [n for n in names if n not in left_out]
         out: set[str] = set()
         for c in self.collections:
             try:
@@ -69,7 +82,8 @@ class Selection:
 
     def describe(self) -> str:
         """Words for error messages: which collections and regexes were searched."""
-        parts = [] if self.collections or self.regexes else ["any tensor"]
+        every = f"collections other than {', '.join(self.exclude)}" if self.exclude else "any tensor"
+        parts = [] if self.collections or self.regexes else [every]
         if self.collections:
             parts.append(f"collection(s) {', '.join(self.collections)}")
         if self.regexes:

@@ -121,13 +121,21 @@ class ExplodingTensor(PerTensorRule):
         return None
 
 
+# values for which zero is a value, not a fault: a hyperparameter (alpha=0), an error
+# rate reached 0, XGBoost's tree table (tree index 0), labels of class 0
+NOT_MODEL_TENSORS = ("hyperparameters", "losses", "metrics", "trees", "labels")
+
+
 class AllZero(PerTensorRule):
     """Fires when at least ``threshold`` percent of a tensor's values are zero.
 
     Formula: ``z = 100 * count(v == 0) / size(v)`` on the raw tensor; fires when
     ``z >= threshold``. With ``threshold >= 100`` saved reductions suffice: the
     tensor is all zero when its ``abs_max`` (or ``l1`` or ``l2``) is 0. Empty
-    tensors never fire.
+    tensors never fire. With neither ``collection_names`` nor ``tensor_regex``
+    it inspects every tensor but those of collections ``hyperparameters``,
+    ``losses``, ``metrics``, ``trees`` and ``labels``, where zero is a value,
+    not a fault (``alpha=0``, a training error of 0, the index of tree 0).
 
     Needs: the selected collections as raw tensors (for ``threshold >= 100``,
     reduction ``abs_max`` is enough).
@@ -137,7 +145,8 @@ class AllZero(PerTensorRule):
     base_trial
         The trial to inspect.
     collection_names
-        Collections to inspect. With neither this nor ``tensor_regex``: every tensor.
+        Collections to inspect. With neither this nor ``tensor_regex``: every tensor
+        but those of ``hyperparameters``, ``losses``, ``metrics``, ``trees``, ``labels``.
     tensor_regex
         Regexes of tensor names to inspect, in addition.
     threshold
@@ -154,7 +163,7 @@ class AllZero(PerTensorRule):
         super().__init__(base_trial)
         check_number("threshold", threshold, 0)
         self.threshold = threshold
-        self.selection = Selection(collection_names, tensor_regex, ())
+        self.selection = Selection(collection_names, tensor_regex, (), NOT_MODEL_TENSORS)
 
     def capture(self) -> tuple[tuple[str, ...], bool]:
         return (("abs_max",), False) if self.threshold >= 100 else ((), True)
