@@ -79,7 +79,8 @@ def test_exit_0_when_nothing_fires_and_1_when_a_rule_fires(falling: Path, flat: 
 def test_fired_steps_read_as_ranges_one_line_per_rule(tmp_path: Path) -> None:
     bad = {17, 18, 19, 40}
     write_losses(tmp_path, [float("nan") if s in bad else 1.0 for s in range(50)])
-    result = rules(str(tmp_path), "--rule", "exploding_tensor", "--rule", "all_zero")
+    # all_zero leaves out losses unless asked (zero is a loss value, not a fault)
+    result = rules(str(tmp_path), "--rule", "exploding_tensor", "--rule", "all_zero:collection_names=losses")
     assert result.returncode == 1
     assert result.stdout.splitlines() == [
         "ExplodingTensor: fired at 17-19, 40 (4 steps); at step 17: losses/loss: 1 NaN and 0 infinite value(s) "
@@ -245,7 +246,9 @@ def test_follow_stop_training_stops_a_writer_in_another_process(tmp_path: Path) 
 def test_ctrl_c_during_follow_prints_what_was_evaluated_and_exits_130(tmp_path: Path) -> None:
     w = Writer(tmp_path, shard_policy=ShardPolicy(max_steps=1, max_seconds=0.2))
     try:
-        proc = cli(str(tmp_path), "--rule", "exploding_tensor", "--rule", "all_zero", "--follow")
+        proc = cli(
+            str(tmp_path), "--rule", "exploding_tensor", "--rule", "all_zero:collection_names=losses", "--follow"
+        )
         for s in range(5):
             with w.stepping():
                 w.save("losses/loss", np.float32(float("nan") if s == 3 else 1.0), ["losses"])
