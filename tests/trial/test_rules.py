@@ -139,20 +139,23 @@ def test_exploding_tensor_nan_and_inf(tmp_path: Path) -> None:
 def test_poor_weight_initialization(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     good = lambda s: {  # noqa: E731
-        "a.weight": (rng.normal(0, 1.0, 100), ("weights",)),
-        "b.weight": (rng.normal(0, 1.2, 100), ("weights",)),
-        "gradients/a.weight": (rng.normal(0, 0.1, 100), ("gradients",)),
+        "a.weight": (rng.normal(0, 1.0, (10, 10)), ("weights",)),  # (out, in): fan-in 10
+        "b.weight": (rng.normal(0, 1.2, (10, 10)), ("weights",)),
+        "norm.weight": (np.ones(10), ("weights",)),  # a 1-d scale (variance 0): not compared
+        "gradients/a.weight": (rng.normal(0, 0.1, (10, 10)), ("gradients",)),
         "losses/loss": (np.float32(1.0 - 0.05 * s), ("losses",)),
     }
     assert invoke_rule(PoorWeightInitialization(make_trial(tmp_path / "good", 12, good))) == []
 
     def bad_variance(s: int) -> Values:
-        return {**good(s), "b.weight": (rng.normal(0, 10.0, 100), ("weights",))}
+        return {**good(s), "b.weight": (rng.normal(0, 10.0, (10, 10)), ("weights",))}
 
     trial = make_trial(tmp_path / "var", 12, bad_variance)
     fired = invoke_rule(PoorWeightInitialization(trial))
     assert fired == list(range(10)), "every analysed step (< steps=10), none after"
-    assert "variance ratio" in PoorWeightInitialization(trial).invoke(0).reason
+    assert "no standard initialization gives layers so different" in PoorWeightInitialization(trial).invoke(0).reason
+    named = PoorWeightInitialization(trial, activation_inputs_regex=r"^[ab]\.weight$")  # compared as they are
+    assert "variance ratio" in named.invoke(0).reason
 
     def flat_loss(s: int) -> Values:
         return {**good(s), "losses/loss": (np.float32(1.0), ("losses",))}
@@ -160,7 +163,7 @@ def test_poor_weight_initialization(tmp_path: Path) -> None:
     assert invoke_rule(PoorWeightInitialization(make_trial(tmp_path / "flat", 12, flat_loss))) == [5, 6, 7, 8, 9]
 
     def narrow_grad(s: int) -> Values:
-        return {**good(s), "gradients/a.weight": (rng.normal(0, 1e-5, 100), ("gradients",))}
+        return {**good(s), "gradients/a.weight": (rng.normal(0, 1e-5, (10, 10)), ("gradients",))}
 
     assert invoke_rule(PoorWeightInitialization(make_trial(tmp_path / "grad", 3, narrow_grad))) == [0, 1, 2]
 

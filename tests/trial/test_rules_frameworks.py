@@ -26,6 +26,7 @@ from tensortap.rules import (
     ExplodingTensor,
     LossNotDecreasing,
     Overfit,
+    PoorWeightInitialization,
     SaturatedActivation,
     StopTraining,
     VanishingGradient,
@@ -255,6 +256,40 @@ def test_overfit_pytorch_validation_loss_not_captured_is_not_a_pass(tmp_path: Pa
     trial = tensortap.create_trial(tmp_path / "True")
     first = next(i for i, (t, v) in enumerate(runs["True"]) if (v - t) / t > 0.1)
     assert invoke_rule(Overfit(trial))[0] == 2 * first + 1  # the EVAL step after training step `first`
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("poor", [False, True])
+def test_poor_weight_initialization_pytorch_default_init_cnn(tmp_path: Path, torch: Any, poor: bool) -> None:
+    nn = torch.nn
+
+    class CNN(nn.Module):  # fan-in 9 (conv) and 128 (fc1): PyTorch's init gives variances 14x apart
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8)  # bn.weight: ones
+            self.fc1, self.fc2 = nn.Linear(8 * 16, 32), nn.Linear(32, 1)
+
+        def forward(self, x: Any) -> Any:
+            h = torch.max_pool2d(torch.relu(self.bn(self.conv(x))), 2).flatten(1)
+            return self.fc2(torch.relu(self.fc1(h)))
+
+    net = CNN()
+    if poor:
+        nn.init.normal_(net.fc1.weight, std=1.0)  # one layer at unit variance: 128x its default
+    x = torch.randn(32, 1, 8, 8)
+    y = 10 * x.mean((1, 2, 3)).unsqueeze(1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    import tensortap.torch as ttt
+
+    with ttt.capture(net, tmp_path, optimizer=opt, save_config=EVERY_STEP):
+        for _ in range(3):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(net(x), y).backward()  # conv.bias: gradient 0 (batch norm after it)
+            opt.step()
+    trial = tensortap.create_trial(tmp_path)
+    assert invoke_rule(PoorWeightInitialization(trial)) == ([0, 1, 2] if poor else [])
+    if poor:
+        assert "fc1.weight" in PoorWeightInitialization(trial).invoke(0).tensors
 
 
 # -------------------------------------------------------------------- Keras

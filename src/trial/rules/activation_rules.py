@@ -244,31 +244,65 @@ class SaturatedActivation(LayerKindRule):
         return None
 
 
+def spread(values: dict[str, float]) -> tuple[float, str, str] | None:
+    """``(max / min, name of the max, name of the min)`` of at least two values (inf when only the min is 0)."""
+    if len(values) < 2:
+        return None
+    hi, lo = max(values, key=values.__getitem__), min(values, key=values.__getitem__)
+    ratio = values[hi] / values[lo] if values[lo] > 0 else (np.inf if values[hi] > 0 else 1.0)
+    return ratio, hi, lo
+
+
+def fans(name: str, shape: tuple[int, ...]) -> tuple[int, int]:
+    """``(fan_in, fan_out)`` of a weight of 2 or more dimensions.
+
+    PyTorch lays weights out ``(out, in, *kernel)``; Keras names its weights
+    ``.../kernel`` and lays them out ``(*kernel, in, out)``.
+    """
+    if name.endswith("kernel"):
+        field = int(np.prod(shape[:-2]))
+        return shape[-2] * field, shape[-1] * field
+    field = int(np.prod(shape[2:]))
+    return shape[1] * field, shape[0] * field
+
+
 class PoorWeightInitialization(Rule):
     """Fires in the first ``steps`` steps when the initialization looks poor.
 
     Formula, at a global step ``s < steps`` (three checks; any one fires):
 
-    1. Variance: over the tensors matching ``activation_inputs_regex`` (default:
-       collection ``weights``) saved at ``s``, ``var_i`` = variance of tensor
-       ``i``. Fires when at least two are saved and
-       ``max(var) / min(var) > threshold`` (infinite when ``min(var) == 0 < max(var)``).
-    2. Gradients: for every tensor of collection ``gradients`` with at least two
-       elements, ``spread = percentile95 - percentile5`` of its values. Fires
-       when the smallest spread ``< distribution_range``.
+    1. Variance: over the tensors matching ``activation_inputs_regex`` saved at
+       ``s``, ``var_i`` = variance of tensor ``i``. Fires when at least two are
+       saved and ``max(var) / min(var) > threshold`` (infinite when
+       ``min(var) == 0 < max(var)``). By default (no ``activation_inputs_regex``)
+       the weight matrices and kernels of collection ``weights`` (2 or more
+       dimensions; 1-d scales such as a norm layer's, initialised to ones, are
+       not compared) are compared as every standard initialization sets them:
+       ``var_i * fan_i``, with ``fan_i`` the layer's fan-in (LeCun, He, PyTorch's
+       default) and, separately, its mean of fan-in and fan-out (Glorot, Keras's
+       default); fires when neither brings ``max / min`` within ``threshold``.
+       Fan-in is the product of all dimensions but the first (PyTorch's
+       ``(out, in, *kernel)``), or but the last for a name ending in ``kernel``
+       (Keras's ``(*kernel, in, out)``); it needs the raw weights.
+    2. Gradients: for every tensor of collection ``gradients`` of 2 or more
+       dimensions (the gradients of weight matrices and kernels: that of a bias
+       followed by a batch norm is 0 by design), ``spread = percentile95 -
+       percentile5`` of its values. Fires when the smallest spread
+       ``< distribution_range``.
     3. Loss: for a tensor of collection ``losses`` saved at ``s`` and at an
        earlier step, ``p`` = the latest such step with ``p <= s - patience``.
        Fires when ``loss(s) >= loss(p)``.
 
-    Needs: collection ``weights`` with reduction ``variance``, ``gradients``
-    as raw tensors, ``losses``.
+    Needs: collection ``weights`` as raw tensors (with ``activation_inputs_regex``:
+    reduction ``variance``), ``gradients`` as raw tensors, ``losses``.
 
     Parameters
     ----------
     base_trial
         The trial to inspect.
     activation_inputs_regex
-        Regexes of the tensors whose variances are compared; default: collection ``weights``.
+        Regexes of the tensors whose variances are compared as they are; default: the
+        weights of collection ``weights``, scaled by their fans (check 1).
     threshold
         Largest allowed ratio of the largest to the smallest variance. Default ``10.0``.
     distribution_range
@@ -301,11 +335,13 @@ class PoorWeightInitialization(Rule):
         )
         regexes = regex_list(activation_inputs_regex)
         self.variances = Selection(None if regexes else ("weights",), regexes or None, ())
+        self.by_fan = not regexes  # weights: compared as initializations scale them
         self.gradients = Selection(("gradients",), None, ())
         self.losses = Selection(("losses",), None, ())
 
     def required_captures(self) -> list[Requirement]:
-        return [*self.variances.requirements(("variance",)), Requirement("gradients", (), True), Requirement("losses")]
+        variances = self.variances.requirements((), True) if self.by_fan else self.variances.requirements(("variance",))
+        return [*variances, Requirement("gradients", (), True), Requirement("losses")]
 
     def invoke_at_step(self, step: int) -> bool:
         if step >= self.steps:
@@ -317,17 +353,17 @@ class PoorWeightInitialization(Rule):
         return False
 
     def _variance(self, step: int) -> tuple[str, list[str]] | None:
+        if self.by_fan:
+            return self._scaled_variance(step)
         req = self.required_captures()[0]
         var = {}
         for n in self.variances.names(self.base_trial, step):
             v = reduction_at(self, self.base_trial, n, step, "variance", req)
             if v is not None and np.isfinite(v):
                 var[n] = v
-        if len(var) < 2:
-            return None
-        hi, lo = max(var, key=var.__getitem__), min(var, key=var.__getitem__)
-        ratio = var[hi] / var[lo] if var[lo] > 0 else (np.inf if var[hi] > 0 else 1.0)
-        if ratio > self.threshold:
+        found = spread(var)
+        if found is not None and found[0] > self.threshold:
+            ratio, hi, lo = found
             return (
                 f"variance ratio {ratio:.3g} between {hi} ({var[hi]:.3g}) and {lo} ({var[lo]:.3g}) "
                 f"> threshold {self.threshold:g}",
@@ -335,11 +371,36 @@ class PoorWeightInitialization(Rule):
             )
         return None
 
+    def _scaled_variance(self, step: int) -> tuple[str, list[str]] | None:
+        """The default check 1: weight variances times fan-in, and times mean fan, must both spread too far."""
+        req = Requirement("weights", (), True)
+        scaled: dict[str, dict[str, float]] = {"fan-in": {}, "mean fan": {}}
+        for n in self.variances.names(self.base_trial, step):
+            w = raw_at(self, self.base_trial, n, step, req)
+            if w is None or w.ndim < 2 or w.size == 0:
+                continue
+            var = float(np.var(w.astype(np.float64)))
+            if not np.isfinite(var):
+                continue
+            fan_in, fan_out = fans(n, w.shape)
+            scaled["fan-in"][n] = var * fan_in
+            scaled["mean fan"][n] = var * (fan_in + fan_out) / 2
+        spreads = {kind: spread(values) for kind, values in scaled.items()}
+        best = min(spreads.values(), key=lambda f: f[0] if f is not None else 0.0)
+        if best is None or best[0] <= self.threshold:
+            return None
+        parts = [f"{f[0]:.3g} ({f[1]} against {f[2]})" for f in spreads.values() if f is not None]
+        return (
+            f"weight variances x fan-in spread {parts[0]}, x mean fan {parts[1]}: no standard "
+            f"initialization gives layers so different (threshold {self.threshold:g})",
+            [best[1], best[2]],
+        )
+
     def _gradient_spread(self, step: int) -> tuple[str, list[str]] | None:
         spreads = {}
         for n in self.gradients.names(self.base_trial, step):
             g = raw_at(self, self.base_trial, n, step, Requirement("gradients", (), True))
-            if g is not None and g.size >= 2:
+            if g is not None and g.ndim >= 2 and g.size >= 2:
                 p5, p95 = np.percentile(g.astype(np.float64), [5, 95])
                 spreads[n] = float(p95 - p5)
         if not spreads:
