@@ -29,6 +29,7 @@ from tensortap.rules import (
     PoorWeightInitialization,
     SaturatedActivation,
     StopTraining,
+    UnchangedTensor,
     VanishingGradient,
     invoke_rule,
 )
@@ -515,6 +516,25 @@ def test_all_zero_xgboost_zero_hyperparameters_and_error_are_no_fault(tmp_path: 
     xgb.XGBClassifier(n_estimators=2, callbacks=[ttx.Callback(zero)]).fit(x, y, eval_set=[(x, y)], verbose=False)
     with pytest.raises(RuleInputsMissing, match="collections other than hyperparameters, losses, metrics"):
         invoke_rule(AllZero(tensortap.create_trial(zero)))  # the default capture holds no model tensor
+
+
+@pytest.mark.xgboost
+def test_unchanged_tensor_xgboost_fixed_labels_and_zero_error_are_no_fault(tmp_path: Path) -> None:
+    xgb = pytest.importorskip("xgboost")
+    import tensortap.xgboost as ttx
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 4))
+    y = (x[:, 0] > 0).astype(int)
+    cb = ttx.Callback(tmp_path, include_collections=["losses", "hyperparameters", "labels", "predictions"])
+    model = xgb.XGBClassifier(n_estimators=25, max_depth=3, n_jobs=1, eval_metric="error", callbacks=[cb])
+    model.fit(x, y, eval_set=[(x, y)], verbose=False)
+    errors = model.evals_result()["validation_0"]["error"]
+    assert errors[0] == errors[1] == errors[2] == 0.0, "separable: the training error is 0 from the first round"
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.tensor("labels").steps() == [0, 10, 20]  # the same evaluation labels each time
+    assert invoke_rule(UnchangedTensor(trial)) == []  # the predictions change
+    assert invoke_rule(UnchangedTensor(trial, collection_names="labels")) == [20]  # when asked, judged
 
 
 # --------------------------------------------------------------------- live

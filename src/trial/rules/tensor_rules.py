@@ -250,7 +250,12 @@ class UnchangedTensor(PerTensorRule):
     with ``num_steps=3``, and not before. The steps are those of the tensor's
     TRAIN mode when it has TRAIN steps (weights saved while evaluating do not
     change), else of its first mode among GLOBAL, EVAL, PREDICT; steps of its
-    other modes are not judged.
+    other modes are not judged. With neither ``collection_names`` nor
+    ``tensor_regex`` it inspects every tensor but those of collections
+    ``hyperparameters``, ``losses``, ``metrics``, ``trees`` and ``labels``,
+    which stay the same in a healthy training (the labels of an evaluation
+    set, an error rate at 0); a loss that stops falling is
+    ``LossNotDecreasing``'s.
 
     Needs: the selected collections as raw tensors.
 
@@ -259,7 +264,8 @@ class UnchangedTensor(PerTensorRule):
     base_trial
         The trial to inspect.
     collection_names
-        Collections to inspect. With neither this nor ``tensor_regex``: every tensor.
+        Collections to inspect. With neither this nor ``tensor_regex``: every tensor
+        but those of ``hyperparameters``, ``losses``, ``metrics``, ``trees``, ``labels``.
     tensor_regex
         Regexes of tensor names to inspect, in addition.
     num_steps
@@ -284,7 +290,7 @@ class UnchangedTensor(PerTensorRule):
         check_number("atol", atol, 0)
         self.num_steps, self.rtol, self.atol, self.equal_nan = num_steps, rtol, atol, bool(equal_nan)
         self.history = num_steps
-        self.selection = Selection(collection_names, tensor_regex, ())
+        self.selection = Selection(collection_names, tensor_regex, (), NOT_MODEL_TENSORS)
         self.series = ModeSeries(TRAIN_FIRST)
         self._recent: dict[str, dict[int, np.ndarray]] = {}  # raw values of the last window, by tensor
 
