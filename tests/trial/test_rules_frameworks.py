@@ -24,6 +24,7 @@ from tensortap.rules import (
     ClassImbalance,
     DeadRelu,
     ExplodingTensor,
+    FeatureImportanceOverweight,
     LossNotDecreasing,
     Overfit,
     PoorWeightInitialization,
@@ -535,6 +536,36 @@ def test_unchanged_tensor_xgboost_fixed_labels_and_zero_error_are_no_fault(tmp_p
     assert trial.tensor("labels").steps() == [0, 10, 20]  # the same evaluation labels each time
     assert invoke_rule(UnchangedTensor(trial)) == []  # the predictions change
     assert invoke_rule(UnchangedTensor(trial, collection_names="labels")) == [20]  # when asked, judged
+
+
+@pytest.mark.xgboost
+def test_feature_importance_overweight_xgboost_leaked_label(tmp_path: Path) -> None:
+    xgb = pytest.importorskip("xgboost")
+    import tensortap.xgboost as ttx
+
+    rng = np.random.default_rng(0)
+    y = (rng.random(200) < 0.5).astype(int)
+    x = np.c_[y, rng.normal(size=(200, 7))]  # feature 0 is the label: the model splits on it only
+    dtrain = xgb.DMatrix(x, label=y)
+    booster = xgb.train(
+        {"objective": "binary:logistic", "max_depth": 3, "nthread": 1},
+        dtrain,
+        num_boost_round=12,
+        evals=[(dtrain, "train")],
+        callbacks=[ttx.Callback(tmp_path, include_collections=["losses", "hyperparameters", "feature_importance"])],
+        verbose_eval=False,
+    )
+    assert booster.get_score(importance_type="weight").keys() == {"f0"} and booster.num_features() == 8
+    trial = tensortap.create_trial(tmp_path)
+    rule = FeatureImportanceOverweight(trial)
+    assert invoke_rule(rule) == [0, 10]
+    assert (
+        FeatureImportanceOverweight(trial)
+        .invoke(0)
+        .reason.startswith(
+            "the 1 most important of 8 features, 1 used in a split (feature_importance/weight/f0) hold 1"
+        )
+    )
 
 
 # --------------------------------------------------------------------- live

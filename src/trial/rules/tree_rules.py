@@ -10,17 +10,24 @@ import numpy as np
 from .base import Requirement, Rule, check_number
 from .reading import Selection, raw_at, scalar_at
 
+NUM_FEATURE = "hyperparameters/num_feature"  # the XGBoost adapter saves the booster's learner parameters
+
 
 class FeatureImportanceOverweight(Rule):
     """Fires when a few features hold too much of the model's feature importance.
 
     Formula: at each step, ``v_f`` = the scalar importance of each tensor matching
     ``tensor_regex`` (one per feature); with ``r_f = v_f / sum(v)``, fires when
-    more than ``nfeatures`` features are saved and the sum of the ``nfeatures``
-    largest ``r_f`` exceeds ``threshold``.
+    the model has more than ``nfeatures`` features and the sum of the
+    ``nfeatures`` largest ``r_f`` exceeds ``threshold``. XGBoost saves the
+    importance of the features used in a split only: the features of the model
+    are counted from ``hyperparameters/num_feature`` when it is saved (the
+    unused ones have importance 0, so a model that splits on one leaked feature
+    of eight fires), else from the features saved.
 
     Needs: collection ``feature_importance`` (the XGBoost adapter saves
-    ``feature_importance/<type>/<feature>`` for five importance types).
+    ``feature_importance/<type>/<feature>`` for five importance types), and
+    ``hyperparameters`` for the number of features.
 
     Parameters
     ----------
@@ -48,7 +55,16 @@ class FeatureImportanceOverweight(Rule):
         self.selection = Selection(None, tensor_regex, ())
 
     def required_captures(self) -> list[Requirement]:
-        return [Requirement("feature_importance")]
+        return [Requirement("feature_importance"), Requirement("hyperparameters")]
+
+    def model_features(self) -> int:
+        """``hyperparameters/num_feature`` (XGBoost's number of features), or 0 when it was not saved."""
+        trial = self.base_trial
+        if NUM_FEATURE not in trial.tensor_names(regex=f"^{NUM_FEATURE}$"):
+            return 0
+        t = trial.tensor(NUM_FEATURE)
+        steps = t.steps()
+        return int(np.asarray(t.value(steps[0])).reshape(-1)[0]) if steps else 0
 
     def invoke_at_step(self, step: int) -> bool:
         names = self.selection.names(self.base_trial, step)
@@ -59,14 +75,16 @@ class FeatureImportanceOverweight(Rule):
         values = {n: scalar_at(self, self.base_trial, n, step, Requirement("feature_importance")) for n in names}
         clean = {n: v for n, v in values.items() if v is not None and np.isfinite(v)}
         total = sum(clean.values())
-        if len(clean) <= self.nfeatures or total <= 0:
+        features = max(len(clean), self.model_features())
+        if features <= self.nfeatures or total <= 0:
             return False
         top = sorted(clean, key=clean.__getitem__, reverse=True)[: self.nfeatures]
         share = sum(clean[n] for n in top) / total
         if share > self.threshold:
+            used = f", {len(clean)} used in a split" if len(clean) < features else ""
             return self.fire(
                 step,
-                f"the {self.nfeatures} most important of {len(clean)} features "
+                f"the {len(top)} most important of {features} features{used} "
                 f"({', '.join(top)}) hold {share:.3g} of the importance > threshold "
                 f"{self.threshold:g} at step {step}",
                 top,
