@@ -294,6 +294,40 @@ def test_poor_weight_initialization_pytorch_default_init_cnn(tmp_path: Path, tor
         assert "fc1.weight" in PoorWeightInitialization(trial).invoke(0).tensors
 
 
+@pytest.mark.torch
+def test_poor_weight_initialization_leaves_embedding_tables_out(tmp_path: Path, torch: Any) -> None:
+    """A text classifier at PyTorch's default init (Embedding, LSTM, Linear) fired at every first step: the
+    embedding table is drawn N(0, 1), no fan-in scales it, and its gradient is zero but in the rows of the
+    batch's tokens (a 5th-95th percentile spread of 0 with a vocabulary of 5,000)."""
+    nn = torch.nn
+
+    class Text(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embedding, self.lstm, self.fc = (
+                nn.Embedding(5000, 16),
+                nn.LSTM(16, 32, batch_first=True),
+                nn.Linear(32, 2),
+            )
+
+        def forward(self, x: Any) -> Any:
+            return self.fc(self.lstm(self.embedding(x))[0][:, -1])
+
+    net = Text()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    import tensortap.torch as ttt
+
+    with ttt.capture(net, tmp_path, optimizer=opt, save_config=EVERY_STEP):
+        for _ in range(3):
+            opt.zero_grad()
+            x, y = torch.randint(0, 5000, (8, 5)), torch.randint(0, 2, (8,))
+            torch.nn.functional.cross_entropy(net(x), y).backward()
+            opt.step()
+    trial = tensortap.create_trial(tmp_path)
+    assert "embedding.weight" in trial.tensor_names(collection="weights")
+    assert invoke_rule(PoorWeightInitialization(trial)) == []
+
+
 # -------------------------------------------------------------------- Keras
 @pytest.fixture
 def keras() -> Any:
@@ -652,3 +686,31 @@ def test_live_rule_runner_stops_a_diverging_pytorch_training(tmp_path: Path, tor
     print(
         f"first non-finite step {first_bad}, training stopped after step {stopped} ({stopped - first_bad} steps later)"
     )
+
+
+@pytest.mark.keras
+def test_poor_weight_initialization_keras_text_classifier(tmp_path: Path, keras: Any) -> None:
+    """Embedding, LSTM, Dense at Keras's default init: the embedding table (uniform in +-0.05) was compared
+    with the kernels as if a fan-in scaled it, and its gradient (zero but in the rows of the batch's
+    tokens) and the recurrent kernel's (its state starts at zero) were judged too narrow."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((5,), dtype="int32"),
+            keras.layers.Embedding(1000, 16),
+            keras.layers.LSTM(32),
+            keras.layers.Dense(2, activation="softmax"),
+        ]
+    )
+    model.compile("adam", "sparse_categorical_crossentropy")
+    import tensortap.keras as ttk
+
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 1000, (64, 5)), rng.integers(0, 2, (64,))
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[ttk.Callback(tmp_path, save_config=EVERY_STEP)])
+    trial = tensortap.create_trial(tmp_path)
+    assert "lstm/lstm_cell/recurrent_kernel" in trial.tensor_names(collection="weights")
+    judged = {n for s in trial.steps() for n in PoorWeightInitialization(trial).invoke(s).tensors}
+    assert not {n for n in judged if "embeddings" in n or "recurrent_kernel" in n}, judged
+    # the weights themselves, alone (the default distribution_range is absolute: see docs/rules.md)
+    assert invoke_rule(PoorWeightInitialization(trial, distribution_range=0, patience=100)) == []

@@ -244,6 +244,16 @@ class SaturatedActivation(LayerKindRule):
         return None
 
 
+EMBEDDING = re.compile(r"embed|(^|[./])(wte|wpe)([./]|$)", re.IGNORECASE)
+"""Names of embedding tables (``embedding.weight``, Keras's ``.../embeddings``, GPT-2's ``wte``/``wpe``):
+lookup tables, drawn with no regard to a fan-in (PyTorch's ``N(0, 1)``), whose gradient is zero but in
+the rows of the batch's tokens."""
+
+RECURRENT = re.compile(r"recurrent_kernel|weight_hh", re.IGNORECASE)
+"""Names of recurrent weights (Keras's ``recurrent_kernel``, PyTorch's ``weight_hh_l<k>``): their gradient
+is small in the first steps by design, the state starting at zero."""
+
+
 def spread(values: dict[str, float]) -> tuple[float, str, str] | None:
     """``(max / min, name of the max, name of the min)`` of at least two values (inf when only the min is 0)."""
     if len(values) < 2:
@@ -277,7 +287,9 @@ class PoorWeightInitialization(Rule):
        ``min(var) == 0 < max(var)``). By default (no ``activation_inputs_regex``)
        the weight matrices and kernels of collection ``weights`` (2 or more
        dimensions; 1-d scales such as a norm layer's, initialised to ones, are
-       not compared) are compared as every standard initialization sets them:
+       not compared, nor embedding tables, named ``embed...`` or GPT-2's ``wte``/``wpe``:
+       lookup tables, drawn with no regard to a fan-in) are compared as every
+       standard initialization sets them:
        ``var_i * fan_i``, with ``fan_i`` the layer's fan-in (LeCun, He, PyTorch's
        default) and, separately, its mean of fan-in and fan-out (Glorot, Keras's
        default); fires when neither brings ``max / min`` within ``threshold``.
@@ -286,7 +298,10 @@ class PoorWeightInitialization(Rule):
        (Keras's ``(*kernel, in, out)``); it needs the raw weights.
     2. Gradients: for every tensor of collection ``gradients`` of 2 or more
        dimensions (the gradients of weight matrices and kernels: that of a bias
-       followed by a batch norm is 0 by design), ``spread = percentile95 -
+       followed by a batch norm is 0 by design), but those of embedding tables
+       (zero but in the rows of the batch's tokens) and of recurrent weights
+       (``recurrent_kernel``, ``weight_hh``: small in the first steps, the state
+       starting at zero), ``spread = percentile95 -
        percentile5`` of its values. Fires when the smallest spread
        ``< distribution_range``.
     3. Loss: for a tensor of collection ``losses`` saved at ``s`` and at an
@@ -376,6 +391,8 @@ class PoorWeightInitialization(Rule):
         req = Requirement("weights", (), True)
         scaled: dict[str, dict[str, float]] = {"fan-in": {}, "mean fan": {}}
         for n in self.variances.names(self.base_trial, step):
+            if EMBEDDING.search(n):
+                continue
             w = raw_at(self, self.base_trial, n, step, req)
             if w is None or w.ndim < 2 or w.size == 0:
                 continue
@@ -399,6 +416,8 @@ class PoorWeightInitialization(Rule):
     def _gradient_spread(self, step: int) -> tuple[str, list[str]] | None:
         spreads = {}
         for n in self.gradients.names(self.base_trial, step):
+            if EMBEDDING.search(n) or RECURRENT.search(n):
+                continue
             g = raw_at(self, self.base_trial, n, step, Requirement("gradients", (), True))
             if g is not None and g.ndim >= 2 and g.size >= 2:
                 p5, p95 = np.percentile(g.astype(np.float64), [5, 95])
