@@ -393,6 +393,26 @@ def test_confusion(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------- trees
+@pytest.mark.parametrize("num_feature", [np.nan, np.inf, -3.0, 1e30, np.array([[2.0, 3.0]])])
+def test_feature_importance_overweight_takes_no_strangers_number_of_features(
+    tmp_path: Path, num_feature: object
+) -> None:
+    """A trial's ``hyperparameters/num_feature`` that is no count (NaN raised ValueError in the rule) is not
+    taken: the features saved are counted."""
+
+    def v(s: int) -> Values:
+        out: Values = {
+            f"feature_importance/weight/f{i}": (np.float64(x), ("feature_importance",))
+            for i, x in enumerate([10, 5, 5, 1, 1])
+        }
+        out["hyperparameters/num_feature"] = (np.asarray(num_feature, dtype=np.float64), ("hyperparameters",))
+        return out
+
+    trial = make_trial(tmp_path, 1, v)
+    verdict = FeatureImportanceOverweight(trial).invoke(0)
+    assert verdict.fired and "the 3 most important of 5 features (" in verdict.reason, verdict.reason
+
+
 def test_feature_importance_overweight(tmp_path: Path) -> None:
     imp = [[1, 1, 1, 1, 1], [10, 5, 5, 1, 1]]
 

@@ -58,13 +58,18 @@ class FeatureImportanceOverweight(Rule):
         return [Requirement("feature_importance"), Requirement("hyperparameters")]
 
     def model_features(self) -> int:
-        """``hyperparameters/num_feature`` (XGBoost's number of features), or 0 when it was not saved."""
+        """``hyperparameters/num_feature`` (XGBoost's number of features), or 0 when it was not saved or is no
+        count (a trial may come from a stranger: NaN, infinite, negative, not one value, above 2**31)."""
         trial = self.base_trial
         if NUM_FEATURE not in trial.tensor_names(regex=f"^{NUM_FEATURE}$"):
             return 0
         t = trial.tensor(NUM_FEATURE)
         steps = t.steps()
-        return int(np.asarray(t.value(steps[0])).reshape(-1)[0]) if steps else 0
+        value = np.asarray(t.value(steps[0])) if steps else np.empty(0)
+        if value.size != 1 or value.dtype.kind not in "iuf":
+            return 0
+        n = float(value.reshape(()))
+        return int(n) if 0 <= n < 2**31 else 0
 
     def invoke_at_step(self, step: int) -> bool:
         names = self.selection.names(self.base_trial, step)
