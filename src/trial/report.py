@@ -36,8 +36,9 @@ DEFAULT_RULES = (
 )
 """Rules the report runs on a neural network's trial, with their default parameters."""
 
-XGBOOST_RULES = ("loss_not_decreasing", "overtraining", "exploding_tensor", "class_imbalance")
-"""Rules the report runs on an XGBoost trial (a network's would judge SHAP values and labels as weights)."""
+XGBOOST_RULES = ("loss_not_decreasing", "overtraining", "exploding_tensor")
+"""Rules the report runs on an XGBoost trial: those the default collections (losses, metrics) feed; a
+network's rules find no weights or gradients there."""
 
 MAX_DISTRIBUTIONS = 8  # heat maps per collection
 MAX_FEATURES = 10  # lines of the feature importance plot
