@@ -32,6 +32,7 @@ from .cli import (
     add_trial_arguments,
     count,
     error_json,
+    logger,
     open_trial,
     print_json,
     printable,
@@ -39,6 +40,7 @@ from .cli import (
 )
 from .exceptions import RuleInputsMissing, UsageError
 from .trial.rules import BUILTIN_RULES, Rule, RuleRunner, StopTraining, Verdict, make_rule, parameters
+from .trial.views import killed_note, killed_workers
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -225,6 +227,12 @@ def run(args: argparse.Namespace) -> int:
         missing = exc.missing
     except KeyboardInterrupt:
         interrupted = True
+    if killed := killed_workers(trial):
+        logger.warning(
+            "tensortap rules: %s: its process ended without writing its end marker (SIGKILL, a crash); "
+            "steps it had not published are lost",
+            killed_note(killed),
+        )
     saved = trial.steps()
     fired = any(verdicts.values())
     problem = _problem(trial.path, rules, missing, interrupted, args.follow)

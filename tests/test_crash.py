@@ -67,8 +67,8 @@ def test_sigkill_while_publishing_leaves_published_shards_readable(
     assert steps == list(range(len(steps)))
     _check_values(trial, ["a", "b"])
     assert not [r for r in caplog.records if r.name == "tensortap"]  # a partial shard would warn
-    assert not trial.training_ended
-    assert trial.end_reasons() == {}
+    assert trial.training_ended  # its process is gone without an end marker
+    assert trial.end_reasons() == {"worker_0": "killed"}
 
 
 def test_sigkill_loses_only_the_unpublished_buffer(tmp_path: Path, writer_proc) -> None:
@@ -80,7 +80,43 @@ def test_sigkill_loses_only_the_unpublished_buffer(tmp_path: Path, writer_proc) 
     trial = tensortap.create_trial(tmp_path)
     assert trial.steps() == [0, 1, 2, 3]
     _check_values(trial, ["a"])
+    assert trial.end_reasons() == {"worker_0": "killed"}
+
+
+@pytest.mark.torch
+def test_a_live_reader_learns_that_a_killed_training_ended(tmp_path: Path, writer_proc) -> None:
+    """A training killed with SIGKILL writes no end marker; its worker record names its process, so a
+    reader on the same machine counts it as ended (``killed``) instead of waiting for it for ever."""
+    w = writer_proc(tmp_path, "--torch")
+    w.cmd("steps", n=4)  # steps 0-2 end at the next optimizer step; step 3 is still being recorded
+    w.cmd("flush")
+    trial = tensortap.create_trial(tmp_path)  # a live reader, opened while the training runs
+    assert trial.steps() == [0, 1, 2]
     assert not trial.training_ended
+    with pytest.raises(tensortap.StepNotYetAvailable):
+        trial.wait_for_steps([3], timeout=0.5)
+    w.cmd("steps", n=3)  # buffered: the kill loses them
+    assert w.signal(signal.SIGKILL) == -signal.SIGKILL
+    with pytest.raises(tensortap.NoMoreData):  # it waited until its timeout (for ever without one)
+        trial.wait_for_steps([3], timeout=60)
+    assert trial.training_ended
+    assert trial.end_reasons() == {"worker_0": "killed"}
+    assert trial.steps() == [0, 1, 2]
+    np.testing.assert_array_equal(trial.tensor("weight").value(2), _torch_weights(3)[2]["weight"])
+    later = tensortap.create_trial(tmp_path)  # a reader opened afterwards, by its first refresh
+    assert later.end_reasons() == {"worker_0": "killed"}
+    assert later.steps() == [0, 1, 2]
+    follow = subprocess.run(
+        [sys.executable, "-m", "tensortap", "rules", str(tmp_path), "--rule", "exploding_tensor", "--follow"],
+        capture_output=True,
+        text=True,
+        timeout=120,  # it never ended before
+    )
+    assert follow.returncode == 0, follow.stderr
+    assert "did not fire (3 steps up to step 2)" in follow.stdout
+    assert "worker_0 killed: its process ended" in follow.stderr
+    ls = subprocess.run([sys.executable, "-m", "tensortap", "ls", str(tmp_path)], capture_output=True, text=True)
+    assert "killed" in ls.stdout
 
 
 def test_sigterm_publishes_the_buffer_and_ends(tmp_path: Path, writer_proc) -> None:

@@ -46,6 +46,7 @@ from ..backends.storage import Storage
 from ..config import check_keys
 from ..exceptions import TrialExistsError
 from ..modes import Mode
+from ..processes import process_record
 from ..reductions import Histogram, PendingHistogram
 from . import counting
 from .handoff import Done, Wake
@@ -429,6 +430,7 @@ class TrialWriter:
         record = {
             "worker": worker,
             "pid": os.getpid(),
+            **({"process": proc} if (proc := process_record()) is not None else {}),
             "started": time.time(),
             "run_id": self.run_id,
             **worker_info,

@@ -40,6 +40,7 @@ from ..backends.shard import (
 )
 from ..backends.storage import Storage
 from ..modes import Mode
+from ..processes import KILLED, process_gone
 
 logger = logging.getLogger("tensortap")
 _T = TypeVar("_T")
@@ -693,19 +694,27 @@ class TrialIndex:
         End markers are listed before the index records: a worker writes its end marker after its
         last index record, so every record of an ended worker is read in this same refresh. Two
         rounds of listings (on remote storage each round's requests made at once): the workers'
-        records, the end markers and the index folders; then each worker's index folder.
+        records, the end markers and the index folders; then each worker's index folder. A worker
+        without an end marker whose process has ended (:func:`~tensortap.processes.process_gone`, looked
+        at before the listings, so that everything it published is read here) ends, reason ``killed``.
         """
         storage = self.storage
         none: list[str] = []
+        # before the listings: whatever a process that has ended wrote is listed below
+        gone = [name for name, w in self.workers.items() if w.end is None and process_gone(w.info)]
         workers, ends, folders = self._listings(
             [(storage.list, layout.WORKERS), (storage.list, layout.ENDS), (storage.list_dirs, layout.INDEX)], none
         )
         new = [(w, key) for w, key in self._records(layout.WORKERS, workers) if not self._worker(w).info]
         for worker, _, info in self._load(new, lambda record, _: check_worker_record(record)):
             self.workers[worker].info = info or {}
+        met = [w for w, _ in new if process_gone(self.workers[w].info)]  # checked after the listings: next round
         new = [(w, key) for w, key in self._records(layout.ENDS, ends) if self._worker(w).end is None]
         for worker, _, end in self._load(new, lambda record, _: check_end_marker(record)):
             self.workers[worker].end = end
+        for worker in gone:
+            if self.workers[worker].end is None:  # its process ended without writing its end marker
+                self.workers[worker].end = {"worker": worker, "reason": KILLED, "last_step": None, "mode_steps": {}}
         folders = self._index_folders(folders)
         listed = self._listings([(storage.entries, f"{layout.INDEX}/{w}") for w in folders], (none, none))
         new = []
@@ -718,6 +727,8 @@ class TrialIndex:
             self._seen[worker].add(key.rsplit("/", 1)[1])  # once read (or warned about)
             if parsed is not None:
                 self._add_checked(worker, key, parsed)
+        if any(self.workers[w].end is None for w in met):
+            self.refresh()  # workers first met here whose process has ended: list again, now after the check
 
     def _add_checked(self, worker: str, key: str, parsed: ParsedRecord) -> None:
         """Add the index record ``key`` of ``worker``, unless another process than the worker's wrote it."""

@@ -439,8 +439,9 @@ class Trial:
 
     def end_reasons(self) -> dict[str, str]:
         """Why each ended worker stopped: ``closed``, ``exit``, ``sigterm``, ``stop_request``, ``error``,
-        ``exception`` (Lightning), ``incomplete`` or ``import failed`` (``tensortap import-smdebug``);
-        see ``docs/format.md``."""
+        ``exception`` (Lightning), ``incomplete`` or ``import failed``
+        (``tensortap import-smdebug``); see ``docs/format.md``. ``killed``: its process, on this machine,
+        ended without writing its end marker (:mod:`tensortap.processes`)."""
         self._auto_refresh()
         return {n: str(w.end.get("reason")) for n, w in sorted(self._index.workers.items()) if w.end is not None}
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from ..exceptions import TensortapError
 from ..modes import Mode
+from ..processes import KILLED
 
 if TYPE_CHECKING:
     from .trial import Tensor, Trial
@@ -70,8 +71,20 @@ def frameworks(trial: Trial) -> set[str]:
     return {str(w.info.get("framework")) for w in trial._index.workers.values() if w.info.get("framework")}
 
 
+def killed_workers(trial: Trial) -> list[str]:
+    """The workers whose process ended without writing its end marker (end reason ``killed``), sorted."""
+    return [w for w, reason in trial.end_reasons().items() if reason == KILLED]
+
+
+def killed_note(workers: list[str]) -> str:
+    """``"worker_0 killed"``: what a status says of :func:`killed_workers` (names escaped)."""
+    return f"{printable(', '.join(workers))} killed"
+
+
 def _status(trial: Trial) -> str:
-    return "ended" if trial.training_ended else "running (or stopped without an end marker)"
+    status = "ended" if trial.training_ended else "running (or stopped without an end marker)"
+    killed = killed_workers(trial)
+    return f"{status}: {killed_note(killed)}" if killed else status
 
 
 def _kv_rows(rows: list[tuple[str, str]]) -> str:
