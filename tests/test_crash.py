@@ -202,6 +202,51 @@ def test_an_exit_where_no_thread_can_start_still_publishes(tmp_path: Path) -> No
     np.testing.assert_array_equal(trial.tensor("a").value(2), np.full(4, 2.0))
 
 
+TRAINING_THAT_RAISES = """
+import sys
+import torch
+import torch.nn.functional as F
+import tensortap
+import tensortap.torch as ttt
+
+torch.manual_seed(0)
+model = torch.nn.Linear(4, 3)
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+hook = ttt.capture(model, sys.argv[1], optimizer=opt, save_config=tensortap.SaveConfig(save_interval=1))
+for step in range(6):
+    opt.zero_grad()
+    loss = F.cross_entropy(model(torch.ones(2, 4) * step), torch.tensor([0, 1]))
+    loss.backward()
+    opt.step()
+    print(float(loss), flush=True)
+    if step == 3:
+        raise {exception}("the data loader broke")
+"""
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize(
+    ("exception", "reason"), [("RuntimeError", "exception"), ("KeyboardInterrupt", "exit")], ids=["error", "ctrl-c"]
+)
+def test_a_training_that_raises_ends_with_the_reason_exception_and_its_text(
+    tmp_path: Path, exception: str, reason: str
+) -> None:
+    """A script whose training raises (uncaught) ended with the reason ``exit``, as if it had finished:
+    a reader could not tell a failed run from a finished one. An uncaught Ctrl-C stays ``exit``."""
+    script = TRAINING_THAT_RAISES.replace("{exception}", exception)
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and f"{exception}: the data loader broke" in done.stderr, done.stderr
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.end_reasons() == {"worker_0": reason}
+    end = json.loads((tmp_path / "end" / "worker_0.json").read_text())
+    if reason == "exception":
+        assert end["error"] == "RuntimeError: the data loader broke"
+    else:
+        assert "error" not in end
+    losses = [float(line) for line in done.stdout.split()]
+    assert trial.tensor("losses/loss").values(mode="train") == pytest.approx(dict(enumerate(losses)), abs=0)
+
+
 @pytest.mark.parametrize("shape", [(2,), (3,)])  # (3,): the half-added value made the column ragged
 def test_rollback_after_a_half_staged_value(tmp_path: Path, shape: tuple[int, ...]) -> None:
     """SIGTERM's handler may run while ``ShardBuffer.stage`` has added a value but not recorded it yet."""

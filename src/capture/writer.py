@@ -30,6 +30,7 @@ import math
 import os
 import re
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -37,7 +38,7 @@ import uuid
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
-from types import FrameType
+from types import FrameType, TracebackType
 from typing import Any, Literal, TypeVar
 
 from ..backends import layout
@@ -743,6 +744,8 @@ class TrialWriter:
             "time": time.time(),
             "run_id": self.run_id,
         }
+        if reason == "exception" and _uncaught:
+            record["error"] = _uncaught[-1]
         self._submit(lambda: self._write_end(record))
 
     def _write_end(self, record: dict[str, Any]) -> None:
@@ -790,6 +793,8 @@ class TrialWriter:
             counting.COUNTER.clear_buffers()
 
 
+_uncaught: list[str] = []  # the exception that ends the program, as "Type: message" (see _note_uncaught)
+_previous_excepthook = sys.excepthook
 _OPEN_WRITERS: weakref.WeakSet[TrialWriter] = weakref.WeakSet()
 _CLOSE_CALLBACKS: weakref.WeakSet[Any] = weakref.WeakSet()  # hooks with a close_for_exit(reason)
 _handlers_installed = False
@@ -820,10 +825,30 @@ if hasattr(os, "register_at_fork"):  # POSIX; there is no fork elsewhere
     os.register_at_fork(after_in_child=_forget_after_fork)
 
 
+def _note_uncaught(kind: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:
+    """``sys.excepthook`` once capture runs: remember the exception that ends the program, then report it
+    as the hook that was there before does. A Ctrl-C is not a failure: it keeps the reason ``exit``."""
+    if not issubclass(kind, KeyboardInterrupt):
+        _uncaught.append(f"{kind.__name__}: {value}")
+    _previous_excepthook(kind, value, tb)
+
+
+def _exit_reason() -> str:
+    """``exception`` when an uncaught exception ends the program (not in an interactive session, where
+    the prompt goes on after one), else ``exit``."""
+    return "exception" if _uncaught and not hasattr(sys, "ps1") else "exit"
+
+
 def close_all(reason: str) -> None:
-    """Close every open hook and writer (at exit, on SIGTERM)."""
+    """Close every open hook and writer (at exit, on SIGTERM).
+
+    At exit after an uncaught exception (``sys.excepthook``) the reason is ``exception``, and the end
+    markers hold the exception's text under ``error``.
+    """
     if reason == "exit" and _deferred:  # a signal deferred until the program ended: handled first
         _deliver_deferred_at_exit()
+    if reason == "exit":
+        reason = _exit_reason()
     for hook in list(_CLOSE_CALLBACKS):
         try:
             hook.close_for_exit(reason)
@@ -913,11 +938,12 @@ def _deliver_deferred_at_exit() -> None:
 
 
 def _install_exit_handlers() -> None:
-    global _handlers_installed, _relay_fd
+    global _handlers_installed, _relay_fd, _previous_excepthook
     if _handlers_installed:
         return
     _handlers_installed = True
     atexit.register(close_all, "exit")
+    _previous_excepthook, sys.excepthook = sys.excepthook, _note_uncaught
     # Close earlier where possible: before threading shuts down thread pools, which asyncio
     # clients (s3fs/aiobotocore) need for DNS and new connections, and before weakref
     # finalizers close their sessions. Not while other non-daemon threads may still train.

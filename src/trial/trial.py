@@ -439,7 +439,7 @@ class Trial:
 
     def end_reasons(self) -> dict[str, str]:
         """Why each ended worker stopped: ``closed``, ``exit``, ``sigterm``, ``stop_request``, ``error``,
-        ``exception`` (Lightning), ``incomplete`` or ``import failed``
+        ``exception`` (an uncaught exception, or Lightning's), ``incomplete`` or ``import failed``
         (``tensortap import-smdebug``); see ``docs/format.md``. ``killed``: its process, on this machine,
         ended without writing its end marker (:mod:`tensortap.processes`)."""
         self._auto_refresh()
