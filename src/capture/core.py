@@ -28,6 +28,7 @@ import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from types import TracebackType
 from typing import Any, ClassVar, Protocol
 
 import numpy as np
@@ -50,7 +51,7 @@ from ..exceptions import TrialExistsError
 from ..modes import Mode
 from . import counting
 from .stop import STOP_POLL_SECONDS, StopChannel
-from .writer import IfExists, ShardPolicy, TrialWriter, logger, register_for_exit
+from .writer import IfExists, ShardPolicy, TrialWriter, exception_text, logger, register_for_exit
 
 CONFIG_ENV = "TENSORTAP_CONFIG"
 
@@ -803,28 +804,41 @@ class Hook:
             self._close_writer(reason)
             self._raise_if_strict()
 
-    def close_for_exit(self, reason: str) -> None:
-        """Close at interpreter exit or SIGTERM, dropping a step still in progress."""
+    def close_for_exit(self, reason: str, error: str | None = None) -> None:
+        """Close at interpreter exit, on SIGTERM or after an exception, dropping a step still in progress.
+
+        Parameters
+        ----------
+        reason
+            The end reason: ``exit``, ``sigterm``, ``exception``.
+        error
+            The exception's ``"Type: message"``, for the end marker's ``error``.
+        """
         self._in_step = False
         self._saving = False
         self._drop_step_values()
         if self.writer is not None:
             self.writer.rollback()
-        self._close_writer(reason)
+        self._close_writer(reason, error)
 
     def _progress(self) -> tuple[int | None, dict[str, int]]:
         """The last step counted and the last step of each mode, for the end marker."""
         return (self.step if self.step >= 0 else None), {m.name: s for m, s in self.mode_steps.items()}
 
-    def _close_writer(self, reason: str) -> None:
+    def _close_writer(self, reason: str, error: str | None = None) -> None:
         if self.writer is not None:
-            self.writer.close(reason, *self._progress())
+            self.writer.close(reason, *self._progress(), error=error)
 
     def __enter__(self) -> Hook:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None) -> None:
+        """Close: reason ``closed`` when the block ended (or a Ctrl-C left it), else ``exception`` with its
+        text, dropping the step the exception interrupted (as the exit handlers do)."""
+        if value is None or isinstance(value, KeyboardInterrupt):
+            self.close()
+        else:
+            self.close_for_exit("exception", exception_text(value))
 
 
 class Writer(Hook):

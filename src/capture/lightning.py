@@ -49,7 +49,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 from ..modes import Mode
 from . import core
 from .trainers import Hook, StepCapture, check_hook_kwargs, check_stop_sync_steps, open_run
-from .writer import logger
+from .writer import exception_text, logger
 
 __all__ = ["Callback", "Hook", "callbacks_from_env"]
 
@@ -150,7 +150,7 @@ class Callback(pl.Callback):
             handle.remove()
         self._handles.clear()
         if self.hook is not None:
-            self.hook.close_for_exit("exception")
+            self.hook.close_for_exit("exception", exception_text(exception))
         self._steps = None
         self._module = None
 

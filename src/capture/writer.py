@@ -723,7 +723,9 @@ class TrialWriter:
         self._cause = cause
         self._end("error", last_step, mode_steps)
 
-    def _end(self, reason: str, last_step: int | None, mode_steps: dict[str, int] | None) -> None:
+    def _end(
+        self, reason: str, last_step: int | None, mode_steps: dict[str, int] | None, error: str | None = None
+    ) -> None:
         with self._lock:
             if self.closed:
                 return
@@ -744,8 +746,10 @@ class TrialWriter:
             "time": time.time(),
             "run_id": self.run_id,
         }
-        if reason == "exception" and _uncaught:
-            record["error"] = _uncaught[-1]
+        if error is None and reason == "exception" and _uncaught:
+            error = _uncaught[-1]
+        if error is not None:
+            record["error"] = error
         self._submit(lambda: self._write_end(record))
 
     def _write_end(self, record: dict[str, Any]) -> None:
@@ -769,6 +773,7 @@ class TrialWriter:
         reason: str = "closed",
         last_step: int | None = None,
         mode_steps: dict[str, int] | None = None,
+        error: str | None = None,
     ) -> None:
         """Publish what is committed, then write the end-of-training marker, and wait for both. Idempotent.
 
@@ -780,10 +785,13 @@ class TrialWriter:
             Why training ended: ``closed``, ``exit``, ``sigterm``, ``stop_request``.
         last_step, mode_steps
             The last global step the hook counted, and the last step of each mode (by name).
+        error
+            With ``exception``: the exception's ``"Type: message"`` (:func:`exception_text`), written as
+            the end marker's ``error``; by default the uncaught exception that ends the program, if any.
         """
         if self._finished:
             return
-        self._end(reason, last_step, mode_steps)
+        self._end(reason, last_step, mode_steps, error)
         self.drain()
         self._finished = True
         _OPEN_WRITERS.discard(self)
@@ -825,11 +833,16 @@ if hasattr(os, "register_at_fork"):  # POSIX; there is no fork elsewhere
     os.register_at_fork(after_in_child=_forget_after_fork)
 
 
+def exception_text(exc: BaseException) -> str:
+    """``"RuntimeError: the data loader broke"``: an exception as an end marker's ``error`` gives it."""
+    return f"{type(exc).__name__}: {exc}"
+
+
 def _note_uncaught(kind: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:
     """``sys.excepthook`` once capture runs: remember the exception that ends the program, then report it
     as the hook that was there before does. A Ctrl-C is not a failure: it keeps the reason ``exit``."""
     if not issubclass(kind, KeyboardInterrupt):
-        _uncaught.append(f"{kind.__name__}: {value}")
+        _uncaught.append(exception_text(value))
     _previous_excepthook(kind, value, tb)
 
 

@@ -556,6 +556,33 @@ def test_from_json_builds_a_torch_hook(tmp_path: Path) -> None:
     assert trial.tensor_names() == ["fc1.weight", "fc2.weight"]
 
 
+def test_a_with_block_left_by_an_exception_ends_with_the_reason_exception(tmp_path: Path) -> None:
+    """``with ttt.capture(...) as hook:`` left by an exception ended with the reason ``closed``, as a
+    training that finished: a reader could not tell them apart. The step it interrupted is dropped."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    losses = []
+    with pytest.raises(ValueError, match="bad batch"):
+        with ttt.capture(model, tmp_path, optimizer=opt, save_config=SaveConfig(save_interval=1)):
+            for step in range(5):
+                opt.zero_grad()
+                loss = F.cross_entropy(model(torch.ones(2, 4) * step), torch.tensor([0, 1]))
+                loss.backward()
+                if step == 3:
+                    raise ValueError("bad batch")  # after backward: step 3 is half recorded
+                opt.step()
+                losses.append(float(loss))
+    trial = _trial(tmp_path)
+    assert trial.end_reasons() == {"worker_0": "exception"}
+    assert json.loads((tmp_path / "end" / "worker_0.json").read_text())["error"] == "ValueError: bad batch"
+    assert trial.steps() == [0, 1, 2]
+    assert [float(v) for v in trial.tensor("losses/loss").values().values()] == losses
+    with ttt.capture(nn.Linear(2, 2), tmp_path / "ok"):
+        pass
+    assert _trial(tmp_path / "ok").end_reasons() == {"worker_0": "closed"}
+
+
 def test_exit_without_close_keeps_the_last_step(tmp_path: Path) -> None:
     code = (
         "import sys, torch, tensortap, tensortap.torch as ttt\n"

@@ -178,6 +178,7 @@ def test_an_exception_drops_the_interrupted_step(tmp_path: Path) -> None:
     trial = tensortap.create_trial(tmp_path)
     assert trial.steps(mode=Mode.TRAIN) == [0, 1], "the step the exception interrupted is not saved"
     assert trial.end_reasons() == {"worker_0": "exception"}
+    assert json.loads((tmp_path / "end" / "worker_0.json").read_text())["error"] == "RuntimeError: boom"
 
 
 def test_validate_and_test_after_fit_go_on_in_the_same_run(tmp_path: Path) -> None:

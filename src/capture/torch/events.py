@@ -902,13 +902,13 @@ class Hook(core.Hook):
         patches.detach(self)
         super().close(reason)
 
-    def close_for_exit(self, reason: str) -> None:
+    def close_for_exit(self, reason: str, error: str | None = None) -> None:
         """At interpreter exit or SIGTERM: keep a step that has ended but is not yet recorded."""
         if self.session.is_open and self.session.pending and not self._depth and not self._closed:
             self.session.guard(self._finish)
         self._closed = True
         patches.detach(self)
-        super().close_for_exit(reason)
+        super().close_for_exit(reason, error)
 
     def __enter__(self) -> Hook:
         return self
