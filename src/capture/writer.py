@@ -638,7 +638,9 @@ class TrialWriter:
         first = self._publishes == 0  # the first publish sets the averages, later ones move them
         self._publishes += 1
         self._publish_seconds = _moving_average(self._publish_seconds, time.monotonic() - start, first)
-        self._publish_cpu = _moving_average(self._publish_cpu, time.thread_time() - start_cpu, first)
+        if not first:  # the first pays one-off costs (laid out here while the layout process starts, ...)
+            cpu = time.thread_time() - start_cpu
+            self._publish_cpu = _moving_average(self._publish_cpu, cpu, self._publishes == 2)
 
     def _prepare(self, buffer: ShardBuffer, seq: int) -> PreparedShard:
         """Make shard ``seq``'s file of ``buffer`` under a temporary name in the staging folder, its
