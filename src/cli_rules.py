@@ -40,7 +40,7 @@ from .cli import (
 )
 from .exceptions import RuleInputsMissing, UsageError
 from .trial.rules import BUILTIN_RULES, Rule, RuleRunner, StopTraining, Verdict, make_rule, parameters
-from .trial.views import killed_note, killed_workers
+from .trial.views import failure_notes, killed_note, killed_workers
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -233,6 +233,8 @@ def run(args: argparse.Namespace) -> int:
             "steps it had not published are lost",
             killed_note(killed),
         )
+    for note in failure_notes(trial):  # the training failed: the rules judged what it published
+        logger.warning("tensortap rules: %s", note)
     saved = trial.steps()
     fired = any(verdicts.values())
     problem = _problem(trial.path, rules, missing, interrupted, args.follow)

@@ -81,6 +81,34 @@ def killed_note(workers: list[str]) -> str:
     return f"{printable(', '.join(workers))} killed"
 
 
+FAILED_REASONS = ("exception", "error")
+"""End reasons of a training that failed (an exception; capture turned itself off)."""
+
+
+def failure_notes(trial: Trial) -> list[str]:
+    """One line per worker whose end marker says its training failed (:data:`FAILED_REASONS`).
+
+    Parameters
+    ----------
+    trial
+        The trial.
+
+    Returns
+    -------
+    list of str
+        ``"worker_0 ended with reason 'exception': RuntimeError: boom"`` (names and texts escaped by
+        :func:`printable`), in the order of the workers' names.
+    """
+    notes = []
+    for name, w in sorted(trial._index.workers.items()):
+        reason = None if w.end is None else w.end.get("reason")
+        if reason in FAILED_REASONS:
+            error = w.end.get("error") if w.end is not None else None
+            text = f": {printable(str(error))}" if error else ""
+            notes.append(f"{printable(name)} ended with reason {reason!r}{text}")
+    return notes
+
+
 def _status(trial: Trial) -> str:
     status = "ended" if trial.training_ended else "running (or stopped without an end marker)"
     killed = killed_workers(trial)

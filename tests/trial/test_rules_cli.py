@@ -265,3 +265,18 @@ def test_ctrl_c_during_follow_prints_what_was_evaluated_and_exits_130(tmp_path: 
     assert lines[0].startswith("ExplodingTensor: fired at 3 (1 step); at step 3: losses/loss: 1 NaN")
     assert lines[1].startswith("AllZero: did not fire (") and len(lines) == 2
     assert err.strip().endswith("tensortap rules: interrupted") and "Traceback" not in err
+
+
+def test_rules_says_that_the_training_failed_and_why(tmp_path: Path) -> None:
+    """A training that failed (reason ``exception`` or ``error``) ended ``rules --follow`` as one that
+    finished: a gate in CI passed it with exit 0 and no word of the failure."""
+    with pytest.raises(RuntimeError, match="loader died"):
+        with Writer(tmp_path) as w:
+            for _ in range(4):
+                with w.stepping():
+                    w.save("losses/loss", np.float32(1.0), ["losses"])
+            raise RuntimeError("the data loader died")
+    done = rules(str(tmp_path), "--rule", "exploding_tensor", "--follow")
+    assert done.returncode == 0, done.stderr
+    assert "ExplodingTensor: did not fire (4 steps up to step 3)" in done.stdout
+    assert "worker_0 ended with reason 'exception': RuntimeError: the data loader died" in done.stderr
