@@ -46,15 +46,15 @@ def process_record() -> dict[str, Any] | None:
     Returns
     -------
     dict or None
-        ``{"boot_id": ..., "pid_namespace": ..., "start_ticks": ...}``: the machine's boot, the PID
-        namespace in which ``pid`` names the process, and the process's start time in clock ticks
+        ``{"boot_id": ..., "pid_namespace": ..., "start_ticks": ..., "uid": ...}``: the machine's boot,
+        the PID namespace in which ``pid`` names the process, the process's start time in clock ticks
         since boot (field 22 of ``/proc/<pid>/stat``, so that a later process given the same id is
-        not taken for it). None where ``/proc`` does not tell (not Linux).
+        not taken for it) and its user id. None where ``/proc`` does not tell (not Linux).
     """
     place, fields = _place(), _stat_fields("self")
     if place is None or fields is None or len(fields) < 20:
         return None
-    return {"boot_id": place[0], "pid_namespace": place[1], "start_ticks": int(fields[19])}
+    return {"boot_id": place[0], "pid_namespace": place[1], "start_ticks": int(fields[19]), "uid": os.getuid()}
 
 
 def process_gone(info: Mapping[str, Any]) -> bool:
@@ -69,13 +69,16 @@ def process_gone(info: Mapping[str, Any]) -> bool:
     -------
     bool
         True when the record's process ran on this machine since its last boot, in this PID namespace,
-        and no process of that id and start time runs now (a zombie has ended); False when it runs or
-        when this cannot be told (another machine or container, an older writer, not Linux).
+        under this reader's user (or the reader is root), and no process of that id and start time runs
+        now (a zombie has ended); False when it runs or when this cannot be told (another machine,
+        container or user, an older writer, not Linux).
     """
     pid, proc, place = info.get("pid"), info.get("process"), _place()
     if place is None or not isinstance(proc, dict) or type(pid) is not int or pid <= 0:
         return False
     if (proc.get("boot_id"), proc.get("pid_namespace")) != place:
+        return False
+    if os.getuid() not in (0, proc.get("uid")):  # /proc may hide other users' processes (hidepid)
         return False
     fields = _stat_fields(pid)
     if fields is None:

@@ -22,7 +22,7 @@ from helpers.trials import run_steps
 from helpers.writer_proc import value_for
 
 import tensortap
-from tensortap import ReductionConfig
+from tensortap import ReductionConfig, processes
 from tensortap.backends.shard import ShardBuffer, ShardReader, prepare_shard
 from tensortap.capture import ShardPolicy, Writer, counting
 from tensortap.capture.handoff import Done
@@ -117,6 +117,26 @@ def test_a_live_reader_learns_that_a_killed_training_ended(tmp_path: Path, write
     assert "worker_0 killed: its process ended" in follow.stderr
     ls = subprocess.run([sys.executable, "-m", "tensortap", "ls", str(tmp_path)], capture_output=True, text=True)
     assert "killed" in ls.stdout
+
+
+def test_a_process_is_taken_for_gone_only_where_this_reader_can_tell(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reader decides that a worker's process has ended only on the same machine, PID namespace and
+    user (``/proc`` may hide other users' processes: hidepid), and tells a reused process id apart."""
+    me = processes.process_record()
+    if me is None:
+        pytest.skip("no /proc to tell (not Linux)")
+    assert not processes.process_gone({"pid": os.getpid(), "process": me})
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    gone = {"pid": int(done.stdout), "process": me}
+    assert processes.process_gone(gone)
+    assert not processes.process_gone({**gone, "process": {**me, "boot_id": "another machine"}})
+    assert not processes.process_gone({**gone, "process": {**me, "pid_namespace": "pid:[1]"}})
+    assert processes.process_gone({"pid": os.getpid(), "process": {**me, "start_ticks": me["start_ticks"] + 1}})
+    for bad in ({}, {"pid": str(gone["pid"]), "process": me}, {"pid": True, "process": me}, {**gone, "process": "x"}):
+        assert not processes.process_gone(bad)
+    monkeypatch.setattr(processes.os, "getuid", lambda: 1000)  # a reader that is not root
+    assert processes.process_gone({**gone, "process": {**me, "uid": 1000}})
+    assert not processes.process_gone({**gone, "process": {**me, "uid": 1001}})  # another user's: cannot tell
 
 
 def test_sigterm_publishes_the_buffer_and_ends(tmp_path: Path, writer_proc) -> None:
