@@ -84,6 +84,8 @@ def killed_note(workers: list[str]) -> str:
 FAILED_REASONS = ("exception", "error")
 """End reasons of a training that failed (an exception; capture turned itself off)."""
 
+MAX_ERROR_TEXT = 500  # characters of an end marker's error shown (a stranger's may be of any length)
+
 
 def failure_notes(trial: Trial) -> list[str]:
     """One line per worker whose end marker says its training failed (:data:`FAILED_REASONS`).
@@ -97,14 +99,16 @@ def failure_notes(trial: Trial) -> list[str]:
     -------
     list of str
         ``"worker_0 ended with reason 'exception': RuntimeError: boom"`` (names and texts escaped by
-        :func:`printable`), in the order of the workers' names.
+        :func:`printable`, the text cut at :data:`MAX_ERROR_TEXT` characters), in the order of the
+        workers' names.
     """
     notes = []
     for name, w in sorted(trial._index.workers.items()):
         reason = None if w.end is None else w.end.get("reason")
         if reason in FAILED_REASONS:
-            error = w.end.get("error") if w.end is not None else None
-            text = f": {printable(str(error))}" if error else ""
+            error = str(w.end.get("error") or "") if w.end is not None else ""
+            shown = error if len(error) <= MAX_ERROR_TEXT else error[:MAX_ERROR_TEXT] + "..."
+            text = f": {printable(shown)}" if error else ""
             notes.append(f"{printable(name)} ended with reason {reason!r}{text}")
     return notes
 

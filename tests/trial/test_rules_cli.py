@@ -280,3 +280,11 @@ def test_rules_says_that_the_training_failed_and_why(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert "ExplodingTensor: did not fire (4 steps up to step 3)" in done.stdout
     assert "worker_0 ended with reason 'exception': RuntimeError: the data loader died" in done.stderr
+    # a stranger's error text of any length is cut
+    with pytest.raises(RuntimeError):
+        with Writer(tmp_path / "long") as w:
+            with w.stepping():
+                w.save("losses/loss", np.float32(1.0), ["losses"])
+            raise RuntimeError("x" * 100_000)
+    done = rules(str(tmp_path / "long"), "--rule", "exploding_tensor")
+    assert f"RuntimeError: {'x' * 486}..." in done.stderr and len(done.stderr) < 2_000, len(done.stderr)
