@@ -445,7 +445,7 @@ def test_saturated_activation_keras_activation_layer(tmp_path: Path, keras: Any)
     model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.001), loss="mse")
     cb = ttk.Callback(tmp_path, save_config=EVERY_STEP, include_collections=["inputs"])
     model.fit(x, y, batch_size=len(x), epochs=3, verbose=0, callbacks=[cb])
-    assert (np.asarray(dense(x)) > 9.4999).all(), "every unit of the tanh is saturated"
+    assert (keras.ops.convert_to_numpy(dense(x)) > 9.4999).all(), "every unit of the tanh is saturated"
     trial = tensortap.create_trial(tmp_path)
     with pytest.raises(RuleInputsMissing, match="matches tanh_regex"):
         invoke_rule(SaturatedActivation(trial))  # the Activation layer is named "activation"
