@@ -37,7 +37,12 @@ def install_all(session: nox.Session) -> None:
     )
 
 
-KERAS_TESTS = ["tests/capture/test_keras.py", "tests/view/test_histogram_keras.py"]  # rerun on every backend
+# rerun on every backend (their tests marked keras)
+KERAS_TESTS = [
+    "tests/capture/test_keras.py",
+    "tests/view/test_histogram_keras.py",
+    "tests/trial/test_rules_frameworks.py",
+]
 
 
 @nox.session(python=PYTHON)
@@ -47,7 +52,7 @@ def tests(session: nox.Session) -> None:
     session.run("pytest", *session.posargs)
     if not session.posargs:
         for backend in ("torch", "jax"):
-            session.run("pytest", *KERAS_TESTS, env={"KERAS_BACKEND": backend})
+            session.run("pytest", "-m", "keras", *KERAS_TESTS, env={"KERAS_BACKEND": backend})
 
 
 @nox.session(python=["3.10", "3.12", "3.13"])
