@@ -229,6 +229,13 @@ import torch.nn.functional as F
 import tensortap
 import tensortap.torch as ttt
 
+
+
+class Unprintable(RuntimeError):
+    def __str__(self) -> str:
+        raise ValueError("no text")
+
+
 torch.manual_seed(0)
 model = torch.nn.Linear(4, 3)
 opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -246,23 +253,28 @@ for step in range(6):
 
 @pytest.mark.torch
 @pytest.mark.parametrize(
-    ("exception", "reason"), [("RuntimeError", "exception"), ("KeyboardInterrupt", "exit")], ids=["error", "ctrl-c"]
+    ("exception", "reason", "error"),
+    [
+        ("RuntimeError", "exception", "RuntimeError: the data loader broke"),
+        ("KeyboardInterrupt", "exit", None),
+        ("Unprintable", "exception", "Unprintable"),  # its str() raises: its type alone
+    ],
+    ids=["error", "ctrl-c", "unprintable"],
 )
 def test_a_training_that_raises_ends_with_the_reason_exception_and_its_text(
-    tmp_path: Path, exception: str, reason: str
+    tmp_path: Path, exception: str, reason: str, error: str | None
 ) -> None:
     """A script whose training raises (uncaught) ended with the reason ``exit``, as if it had finished:
-    a reader could not tell a failed run from a finished one. An uncaught Ctrl-C stays ``exit``."""
+    a reader could not tell a failed run from a finished one. An uncaught Ctrl-C stays ``exit``; an
+    exception that cannot be printed still reaches the previous excepthook (its traceback is shown)."""
     script = TRAINING_THAT_RAISES.replace("{exception}", exception)
     done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120)
-    assert done.returncode != 0 and f"{exception}: the data loader broke" in done.stderr, done.stderr
+    assert done.returncode != 0 and "Traceback" in done.stderr and exception in done.stderr, done.stderr
+    assert "Error in sys.excepthook" not in done.stderr, done.stderr
     trial = tensortap.create_trial(tmp_path)
     assert trial.end_reasons() == {"worker_0": reason}
     end = json.loads((tmp_path / "end" / "worker_0.json").read_text())
-    if reason == "exception":
-        assert end["error"] == "RuntimeError: the data loader broke"
-    else:
-        assert "error" not in end
+    assert end.get("error") == error
     losses = [float(line) for line in done.stdout.split()]
     assert trial.tensor("losses/loss").values(mode="train") == pytest.approx(dict(enumerate(losses)), abs=0)
 

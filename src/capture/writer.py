@@ -836,16 +836,22 @@ if hasattr(os, "register_at_fork"):  # POSIX; there is no fork elsewhere
 
 
 def exception_text(exc: BaseException) -> str:
-    """``"RuntimeError: the data loader broke"``: an exception as an end marker's ``error`` gives it."""
-    return f"{type(exc).__name__}: {exc}"
+    """``"RuntimeError: the data loader broke"``: an exception as an end marker's ``error`` gives it (an
+    exception whose ``str()`` raises gives its type alone)."""
+    try:
+        return f"{type(exc).__name__}: {exc}"
+    except Exception:
+        return type(exc).__name__
 
 
 def _note_uncaught(kind: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:
     """``sys.excepthook`` once capture runs: remember the exception that ends the program, then report it
     as the hook that was there before does. A Ctrl-C is not a failure: it keeps the reason ``exit``."""
-    if not issubclass(kind, KeyboardInterrupt):
-        _uncaught.append(exception_text(value))
-    _previous_excepthook(kind, value, tb)
+    try:
+        if not issubclass(kind, KeyboardInterrupt):
+            _uncaught.append(exception_text(value))
+    finally:
+        _previous_excepthook(kind, value, tb)
 
 
 def _exit_reason() -> str:
