@@ -485,13 +485,21 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    """Report unreadable files; exit 1 when there are any."""
+    """Report unreadable files; exit 1 when there are any. Say which workers have not ended (no end
+    marker: still running, or stopped without one where no reader can tell), which do not make it fail."""
     problems = find_problems(args.path, args.storage_options)
+    trial = open_trial(args)
+    unended = sorted(set(trial.workers()) - set(trial.end_reasons()))
     if args.json:
-        print_json({"path": args.path, "ok": not problems, "problems": problems})
+        print_json({"path": args.path, "ok": not problems, "problems": problems, "unended_workers": unended})
         return EXIT_FOUND if problems else EXIT_OK
     for p in problems:
         print(printable(p))
+    if unended:
+        print(
+            f"note: {printable(', '.join(unended))} wrote no end marker: the training is still running, or it "
+            "stopped without one (killed, or a machine lost; a reader on its machine would say killed)"
+        )
     if problems:
         logger.warning("tensortap: %d problem(s) found in %s", len(problems), args.path)
         return EXIT_FOUND

@@ -144,6 +144,20 @@ def test_show_json_has_no_nan_literals(trial_dir: Path) -> None:
 
 
 # --------------------------------------------------------------------- check
+def test_check_says_which_workers_wrote_no_end_marker(tmp_path: Path) -> None:
+    """``check`` said "ok: no problems" of a trial whose training never ended (a copy of a run killed on
+    another machine, or one still running), with no word of it: the files are sound, the run is not over."""
+    w = write_run(tmp_path / "run", close=False)
+    result = cli("check", str(tmp_path / "run"))
+    assert result.returncode == 0 and "ok: no problems" in result.stdout
+    assert "note: worker_0 wrote no end marker: the training is still running" in result.stdout
+    data = strict_json(cli("check", str(tmp_path / "run"), "--json").stdout)
+    assert data["ok"] is True and data["unended_workers"] == ["worker_0"]
+    w.close()
+    assert strict_json(cli("check", str(tmp_path / "run"), "--json").stdout)["unended_workers"] == []
+    assert "note:" not in cli("check", str(tmp_path / "run")).stdout
+
+
 def test_check_clean_then_damaged(trial_dir: Path) -> None:
     result = cli("check", str(trial_dir))
     assert result.returncode == 0 and "ok" in result.stdout
@@ -151,6 +165,7 @@ def test_check_clean_then_damaged(trial_dir: Path) -> None:
         "path": str(trial_dir),
         "ok": True,
         "problems": [],
+        "unended_workers": [],
     }
     shard = next((trial_dir / "shards" / "worker_0").glob("*.h5"))
     data = shard.read_bytes()
