@@ -644,6 +644,20 @@ def _fail(args: argparse.Namespace, exc: BaseException, message: str, kind: str 
     return EXIT_USAGE
 
 
+def _by_ctrl_c(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised while a Ctrl-C was being handled: a ``KeyboardInterrupt`` that lands in
+    a lock's ``with`` block of the standard library (``Condition.wait``) turns into ``RuntimeError('cannot
+    release un-acquired lock')`` with the interrupt as its context."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, KeyboardInterrupt):
+            return True
+        seen.add(id(cause))
+        cause = cause.__context__
+    return False
+
+
 def _run(args: argparse.Namespace) -> int:
     """Run the parsed command; return the exit status (user errors: a one-line message on stderr)."""
     try:
@@ -653,18 +667,26 @@ def _run(args: argparse.Namespace) -> int:
     except BrokenPipeError:
         _stdout_gone()
         return EXIT_PIPE
+    except Exception as exc:
+        if not _by_ctrl_c(exc):
+            return _error(args, exc)
     except KeyboardInterrupt:
-        print(f"tensortap {args.command}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except ImportError as exc:
+        pass
+    print(f"tensortap {args.command}: interrupted", file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
+def _error(args: argparse.Namespace, exc: Exception) -> int:
+    """The exit status of a command that raised ``exc`` (not a Ctrl-C): one line on stderr, exit 2."""
+    if isinstance(exc, ImportError):
         return _fail(args, exc, missing_dependency_hint(exc))
-    except (UsageError, TensortapError, OSError, ValueError, KeyError) as exc:
+    if isinstance(exc, (UsageError, TensortapError, OSError, ValueError, KeyError)):
         message = str(exc) if not isinstance(exc, KeyError) or isinstance(exc, TensortapError) else exc.args[0]
         return _fail(args, exc, str(message))
-    except Exception as exc:  # unreadable input from a stranger, or a bug: still exit 2, never 1
-        logger.info("tensortap %s: the error's traceback", args.command, exc_info=exc)
-        hint = "" if logger.isEnabledFor(logging.INFO) else " (-v shows the traceback)"
-        return _fail(args, exc, f"unexpected error: {exc!r}{hint}", "unexpected")
+    # unreadable input from a stranger, or a bug: still exit 2, never 1
+    logger.info("tensortap %s: the error's traceback", args.command, exc_info=exc)
+    hint = "" if logger.isEnabledFor(logging.INFO) else " (-v shows the traceback)"
+    return _fail(args, exc, f"unexpected error: {exc!r}{hint}", "unexpected")
 
 
 if __name__ == "__main__":

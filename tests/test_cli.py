@@ -144,6 +144,32 @@ def test_show_json_has_no_nan_literals(trial_dir: Path) -> None:
 
 
 # --------------------------------------------------------------------- check
+def test_an_error_raised_by_a_ctrl_c_is_an_interruption(capsys: pytest.CaptureFixture[str]) -> None:
+    """A Ctrl-C that lands in a lock's ``with`` block of the standard library (``Condition.wait``) comes out
+    as ``RuntimeError('cannot release un-acquired lock')``: ``check`` of a remote trial then exited 2 with
+    "unexpected error" (seen once in CI) instead of 130 "interrupted"."""
+    import argparse
+
+    from tensortap.cli import _run
+
+    def interrupted_in_a_lock(args: argparse.Namespace) -> int:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise RuntimeError("cannot release un-acquired lock") from None
+
+    def failed(args: argparse.Namespace) -> int:
+        raise RuntimeError("cannot release un-acquired lock")
+
+    def run(func: Any) -> int:
+        return _run(argparse.Namespace(command="check", func=func, json=False))
+
+    assert run(interrupted_in_a_lock) == 130
+    assert capsys.readouterr().err == "tensortap check: interrupted\n"
+    assert run(failed) == 2  # without a Ctrl-C behind it: an unexpected error
+    assert "unexpected error: RuntimeError('cannot release un-acquired lock')" in capsys.readouterr().err
+
+
 def test_check_says_which_workers_wrote_no_end_marker(tmp_path: Path) -> None:
     """``check`` said "ok: no problems" of a trial whose training never ended (a copy of a run killed on
     another machine, or one still running), with no word of it: the files are sound, the run is not over."""
