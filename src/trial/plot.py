@@ -103,13 +103,12 @@ def mode_lines(
     return dict(sorted(out.items()))
 
 
-def curves_axis(trials: Trial | Sequence[Trial], names: Sequence[str], mode: Mode | str | None = None) -> XAxis:
-    """The x axis for curves of ``names`` a person looks at: the global step where the curves hold several
-    modes (a validation loss then sits where it was computed in the training, not at its own mode step
-    on the axis of the training's), else the mode step."""
+def curves_axis(runs: Sequence[Trial], names: Sequence[str], mode: Mode | str | None = None) -> XAxis:
+    """The x axis for curves of ``names`` of ``runs`` a person looks at: the global step where the curves
+    hold several modes (a validation loss then sits where it was computed in the training, not at its own
+    mode step on the axis of the training's), else the mode step."""
     if mode is not None:
         return "step"
-    runs = [trials] if not isinstance(trials, Sequence) else list(trials)
     modes = {m for r in runs for n in names if n in r._index.tensors for m in Mode if r.tensor(n).steps(m)}
     return "global_step" if len(modes) > 1 else "step"
 

@@ -104,9 +104,10 @@ def failure_notes(trial: Trial) -> list[str]:
     """
     notes = []
     for name, w in sorted(trial._index.workers.items()):
-        reason = None if w.end is None else w.end.get("reason")
+        end = w.end or {}
+        reason = end.get("reason")
         if reason in FAILED_REASONS:
-            error = str(w.end.get("error") or "") if w.end is not None else ""
+            error = str(end.get("error") or "")
             shown = error if len(error) <= MAX_ERROR_TEXT else error[:MAX_ERROR_TEXT] + "..."
             text = f": {printable(shown)}" if error else ""
             notes.append(f"{printable(name)} ended with reason {reason!r}{text}")

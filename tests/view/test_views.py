@@ -251,8 +251,8 @@ def test_curves_of_train_and_eval_losses_are_drawn_against_the_global_step(run: 
 
     trial = run.trial()
     name = loss_name(trial)
-    assert curves_axis(trial, [name]) == "global_step" and curves_axis(trial, [name], "eval") == "step"
-    assert curves_axis(trial, ["gradients/0.weight"]) == "step"  # one mode: its own steps
+    assert curves_axis([trial], [name]) == "global_step" and curves_axis([trial], [name], "eval") == "step"
+    assert curves_axis([trial], ["gradients/0.weight"]) == "step"  # one mode: its own steps
     for ax in (trial.tensor(name).plot(), trial.plot(name)):
         lines = {line.get_label(): line for line in ax.get_lines()}
         assert set(lines) == {f"{name} (train)", f"{name} (eval)"} and ax.get_xlabel() == "global step"
