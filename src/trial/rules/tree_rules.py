@@ -53,13 +53,20 @@ class FeatureImportanceOverweight(Rule):
         check_number("nfeatures", nfeatures, 1, integer=True)
         self.threshold, self.nfeatures = threshold, nfeatures
         self.selection = Selection(None, tensor_regex, ())
+        self._features = 0  # model_features once found: saved once, it does not change
 
     def required_captures(self) -> list[Requirement]:
         return [Requirement("feature_importance"), Requirement("hyperparameters")]
 
     def model_features(self) -> int:
-        """``hyperparameters/num_feature`` (XGBoost's number of features), or 0 when it was not saved or is no
-        count (a trial may come from a stranger: NaN, infinite, negative, not one value, above 2**31)."""
+        """``hyperparameters/num_feature`` (XGBoost's number of features), or 0 when it was not saved (yet) or
+        is no count (a trial may come from a stranger: NaN, infinite, negative, not one value, above 2**31).
+        Read until found, not at every step."""
+        if not self._features:
+            self._features = self._saved_features()
+        return self._features
+
+    def _saved_features(self) -> int:
         trial = self.base_trial
         if NUM_FEATURE not in trial.tensor_names(regex=f"^{NUM_FEATURE}$"):
             return 0
