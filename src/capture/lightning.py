@@ -18,7 +18,10 @@ Steps (see :mod:`tensortap.capture.trainers` for the names):
   ``training_step`` returned (``losses/loss:<i>`` for each accumulated
   batch); everything logged with ``self.log`` during the step is saved under
   the name Lightning's loggers get (``train_loss_step`` when it is also
-  aggregated per epoch).
+  aggregated per epoch). Lightning calls the module's own ``on_train_batch_end``
+  after the callbacks': where the module has one (or a callback of one's own
+  listed after this one), the step ends after them (at the next batch,
+  validation or the epoch's end), so what they log is saved with its step.
 - ``EVAL``: one validation (or test) run: the values logged in it, as
   Lightning aggregated them (``val_loss``, ``val_acc``). The sanity check run
   before training is not captured. A ``trainer.validate``/``test`` after
@@ -43,6 +46,7 @@ from typing import Any, cast
 try:
     import lightning.pytorch as pl
     import torch
+    from lightning.pytorch.utilities.model_helpers import is_overridden
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError('tensortap.lightning needs PyTorch Lightning: pip install "tensortap[lightning]"') from exc
 
@@ -107,6 +111,8 @@ class Callback(pl.Callback):
         self._seen: dict[str, Any] = {}
         self._owner: dict[str, Mode] = {}
         self._stepped = False
+        self._defer = False  # whether a TRAIN step ends after the batch end hooks that run after this callback's
+        self._pending = False  # a TRAIN step that stepped, waiting for those hooks
         self._epoch_ended = False
 
     @classmethod
@@ -159,6 +165,7 @@ class Callback(pl.Callback):
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._pending = False
         if self._steps is not None and self._steps.train_open:
             self._steps.end_train(self._parameters())
         self._warn_unsaved()
@@ -179,8 +186,7 @@ class Callback(pl.Callback):
         unsaved = sorted(k for k, v in now.items() if k not in self._seen or not _same(v, self._seen[k]))
         if unsaved:
             logger.warning(
-                "tensortap: %s logged after the last step that could hold it (in the module's on_train_batch_end "
-                "after the last batch?); not captured: log it in training_step",
+                "tensortap: %s logged after the last step that could hold it; not captured: log it in training_step",
                 ", ".join(map(repr, unsaved)),
             )
 
@@ -217,15 +223,31 @@ class Callback(pl.Callback):
         for optimizer in trainer.optimizers:
             self._handles.append(optimizer.register_step_post_hook(after_step))
         self._seen = _logged(trainer)
+        self._defer = self._logs_after_me(trainer, pl_module)
         # resumed from a checkpoint (ckpt_path=): number on from where it was, as Lightning does
         epoch_loop = trainer.fit_loop.epoch_loop
         steps.number_on(Mode.TRAIN, getattr(epoch_loop, "_batches_that_stepped", trainer.global_step))
         steps.number_on(Mode.GLOBAL, trainer.current_epoch)
 
+    def _logs_after_me(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+        """Whether a batch end hook that Lightning runs after this callback's may log: the module's own
+        ``on_train_batch_end`` (Lightning calls it after the callbacks'), or one of a callback listed after
+        this one that is not Lightning's (its own callbacks do not ``log``)."""
+        if is_overridden("on_train_batch_end", pl_module):
+            return True
+        callbacks = list(getattr(trainer, "callbacks", ()))  # a property mypy does not see
+        later = callbacks[callbacks.index(self) + 1 :] if self in callbacks else []
+        return any(
+            is_overridden("on_train_batch_end", c)
+            and not type(c).__module__.startswith(("lightning.", "pytorch_lightning."))
+            for c in later
+        )
+
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if self._steps is not None:
+            self._end_pending(trainer)
             self._steps.open_train()
 
     def on_train_batch_end(
@@ -244,13 +266,29 @@ class Callback(pl.Callback):
         if not self._stepped:
             return
         self._stepped = False
-        logged = self._new_values(trainer, Mode.TRAIN)
-        if steps.hook.is_saving():
-            steps.offer_logged(logged)
-        steps.end_train(pl_module.named_parameters())
+        if self._defer:
+            self._pending = True  # what is logged after this callback at this batch end belongs to this step
+        else:
+            self._end_train(trainer)
         if self._stop_agreed(trainer):
             logger.info("tensortap: stop requested (%s); stopping fit", self.hook.stop_reason)
             trainer.should_stop = True
+
+    def _end_train(self, trainer: pl.Trainer) -> None:
+        """End the ``TRAIN`` step whose optimizer stepped: the values logged in it, the parameters now."""
+        steps = self._steps
+        if steps is None:
+            return
+        self._pending = False
+        logged = self._new_values(trainer, Mode.TRAIN)
+        if steps.hook.is_saving():
+            steps.offer_logged(logged)
+        steps.end_train(self._parameters())
+
+    def _end_pending(self, trainer: pl.Trainer) -> None:
+        """End the step left open for the module's ``on_train_batch_end``, if one is."""
+        if self._pending:
+            self._end_train(trainer)
 
     def _stop_agreed(self, trainer: pl.Trainer) -> bool:
         hook = self.hook
@@ -268,12 +306,14 @@ class Callback(pl.Callback):
         That is after the module's own ``on_train_epoch_end`` (which runs after this
         callback's and often logs epoch values): at the next epoch's start or the end of training.
         """
+        self._end_pending(trainer)
         self._epoch_ended = True
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._write_epoch(trainer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._end_pending(trainer)
         self._write_epoch(trainer)
 
     def _write_epoch(self, trainer: pl.Trainer) -> None:
@@ -283,6 +323,10 @@ class Callback(pl.Callback):
             self._write_run(trainer, Mode.GLOBAL)
 
     # ----------------------------------------------------------- evaluation
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """End a ``TRAIN`` step left open for the module's ``on_train_batch_end``: validation logs ``EVAL`` values."""
+        self._end_pending(trainer)
+
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Write the validation run's aggregated values as one ``EVAL`` step."""
         if not trainer.sanity_checking:

@@ -219,22 +219,64 @@ def test_resumed_fit_numbers_steps_on_from_the_checkpoint(tmp_path: Path) -> Non
     np.testing.assert_allclose([loss[2], loss[3]], model.losses, rtol=1e-6)
 
 
-def test_a_value_logged_in_the_modules_on_train_batch_end_goes_to_the_next_step(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    class LateLogger(Regressor):
-        def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-            self.log("late", float(self.global_step))
+class LateLogger(Regressor):
+    """Logs at its own batch end, which Lightning calls after the callbacks'."""
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        log_late(self)
+
+
+class LateCallback(L.Callback):
+    """A callback of one's own that logs at the batch end."""
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        log_late(pl_module)
+
+
+def log_late(module: Any) -> None:
+    module.log("late", float(module.global_step))
+    module.seen.append({n: p.detach().numpy().copy() for n, p in module.named_parameters()})
+
+
+@pytest.mark.parametrize("where", ["module", "callback after tensortap's"])
+def test_a_value_logged_at_a_later_batch_end_hook_is_saved_with_its_step(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, where: str
+) -> None:
     torch.manual_seed(0)
-    trainer = L.Trainer(
-        max_epochs=2, limit_val_batches=0, callbacks=[ttl.Callback(tmp_path, save_config=EVERY_STEP)], **TRAINER
-    )
-    trainer.fit(LateLogger(), loader(16, 0))
-    late = tensortap.create_trial(tmp_path).tensor("metrics/late").values(mode=Mode.TRAIN)
-    # logged after the callback ended step s: saved at step s + 1, across the epoch's end too
-    assert {s: float(v) for s, v in late.items()} == {1: 1.0, 2: 2.0, 3: 3.0}
-    assert "'late' logged after the last step" in caplog.text, "the last one is lost, and said so"
+    model = LateLogger() if where == "module" else Regressor()
+    model.seen = []  # type: ignore[attr-defined]
+    callbacks = [ttl.Callback(tmp_path, save_config=EVERY_STEP)] + ([LateCallback()] if where != "module" else [])
+    trainer = L.Trainer(max_epochs=2, callbacks=callbacks, **TRAINER)
+    trainer.fit(model, loader(16, 0), loader(8, 1))
+    trial = tensortap.create_trial(tmp_path)
+    late = trial.tensor("metrics/late").values(mode=Mode.TRAIN)
+    # after the optimizer step of TRAIN step s, Lightning's global_step is s + 1
+    assert {s: float(v) for s, v in late.items()} == {0: 1.0, 1: 2.0, 2: 3.0, 3: 4.0}
+    assert trial.tensor("metrics/late").steps(mode=Mode.EVAL) == [], "not taken for a validation value"
+    assert trial.steps(mode=Mode.EVAL) == [0, 1]
+    for step in range(4):
+        np.testing.assert_array_equal(
+            trial.tensor("net.0.weight").value(step, mode=Mode.TRAIN),
+            model.seen[step]["net.0.weight"],  # type: ignore[attr-defined]
+        )
+    assert "logged after the last step" not in caplog.text
+
+
+def test_a_stop_request_ends_fit_when_the_module_has_its_own_on_train_batch_end(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = LateLogger(lr=50.0)
+    model.seen = []  # type: ignore[attr-defined]
+    rule = ExplodingTensor(only_nan=True).add_action(StopTraining())
+    callback = ttl.Callback(tmp_path, save_config=EVERY_STEP, include_collections=["losses"], rules=[rule])
+    trainer = L.Trainer(max_epochs=20, limit_val_batches=0, callbacks=[callback], **TRAINER)
+    trainer.fit(model, loader(64, 0))
+    assert rule.fired_steps, "the run must diverge"
+    trial = tensortap.create_trial(tmp_path)
+    fired = (trial.mode_step(rule.fired_steps[0]) or (None, -1))[1]
+    # the step is judged once the module's on_train_batch_end has logged: fit ends one step later
+    assert trainer.global_step == fired + 2 < 20 * 8
+    assert trial.end_reasons() == {"worker_0": "stop_request"}
+    assert trial.steps(mode=Mode.TRAIN)[-1] == fired + 1, "the step after the firing one is saved whole"
 
 
 def test_configuration_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
