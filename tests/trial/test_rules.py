@@ -278,20 +278,33 @@ def test_loss_not_decreasing_example_from_the_docstring(tmp_path: Path) -> None:
         save_config=SaveConfig(save_interval=4),
     )
     assert trial.steps() == [0, 4, 8, 12, 16]
-    rule = LossNotDecreasing(trial, num_steps=10)
+    rule = LossNotDecreasing(trial, num_steps=10, window=1)
     assert each_step(rule, 17) == [12]
-    v = LossNotDecreasing(trial, num_steps=10)
+    v = LossNotDecreasing(trial, num_steps=10, window=1)
     assert invoke_rule(v) == [12]
     assert invoke_rule(LossNotDecreasing(trial, num_steps=4)) == [4]  # 0.33 vs 0.30; later checks decrease
+    # the default window (num_steps): the loss at 12 is the mean of 4, 8, 12 (0.3133), 4.4% above 0.30
+    assert invoke_rule(LossNotDecreasing(trial, num_steps=10)) == [12]
+    with pytest.raises(RuleConditionMet) as info:
+        invoke_rule(LossNotDecreasing(trial, num_steps=10), raise_eval_cond=True)
+    assert info.value.reason == (
+        "losses/loss: loss 0.3133 at TRAIN step 12 (mean of 3 saved steps) rose 4.4% from 0.3 at TRAIN step 0 "
+        "(num_steps 10; needs a decrease > 0%)"
+    )
 
 
 def test_loss_not_decreasing_diff_percent_and_increase_between_checks(tmp_path: Path) -> None:
     loss = [1.0, 0.99, 0.985, 1.2, 0.9, 0.89]
     trial = make_trial(tmp_path, 6, lambda s: {"losses/loss": (np.float32(loss[s]), ("losses",))})
     # checks at 2 (vs 0: -1.5%), 4 (vs 2: -8.6%); step 3 is 21.8% above the check at 2
-    assert invoke_rule(LossNotDecreasing(trial, num_steps=2)) == [3]
-    assert invoke_rule(LossNotDecreasing(trial, num_steps=2, increase_threshold_percent=50)) == []
-    assert invoke_rule(LossNotDecreasing(trial, num_steps=2, diff_percent=2.0, increase_threshold_percent=50)) == [2]
+    assert invoke_rule(LossNotDecreasing(trial, num_steps=2, window=1)) == [3]
+    assert invoke_rule(LossNotDecreasing(trial, num_steps=2, window=1, increase_threshold_percent=50)) == []
+    assert invoke_rule(
+        LossNotDecreasing(trial, num_steps=2, window=1, diff_percent=2.0, increase_threshold_percent=50)
+    ) == [2]
+    # means of two steps: 0.995 at 1, 0.9875 at 2 (vs 1.0 at 0: -1.25%), 1.0925 at 3 (10.6% above the check
+    # at 2), 1.05 at 4 (vs 0.9875 at 2: +6.3%, fires), 0.895 at 5
+    assert invoke_rule(LossNotDecreasing(trial, num_steps=2)) == [3, 4]
 
 
 def test_loss_not_decreasing_prefers_eval_mode(tmp_path: Path) -> None:
@@ -461,7 +474,7 @@ def test_invoke_rule_on_ended_trial_returns_and_raise_eval_cond(tmp_path: Path) 
         invoke_rule(LossNotDecreasing(trial, num_steps=5), raise_eval_cond=True)
     err = info.value
     assert (err.rule_name, err.step) == ("LossNotDecreasing", 5)
-    assert err.reason.startswith("losses/loss: loss 1 at TRAIN step 5 did not change from 1")
+    assert err.reason.startswith("losses/loss: loss 1 at TRAIN step 5 (mean of 5 saved steps) did not change from 1")
     assert invoke_rule(LossNotDecreasing(trial, num_steps=5), start_step=6, end_step=15) == [6, 11]
 
 

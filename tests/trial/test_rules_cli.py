@@ -71,8 +71,8 @@ def test_exit_0_when_nothing_fires_and_1_when_a_rule_fires(falling: Path, flat: 
     assert verbose.stdout == result.stdout
     assert "tensortap: rule LossNotDecreasing fired at step 10: losses/loss: loss 1" in verbose.stderr
     assert result.stdout == (
-        "LossNotDecreasing: fired at 5, 10 (2 steps); at step 5: losses/loss: loss 1 at TRAIN step 5 did not change "
-        "from 1 at TRAIN step 0 (num_steps 5; needs a decrease > 0%)\n"
+        "LossNotDecreasing: fired at 5, 10 (2 steps); at step 5: losses/loss: loss 1 at TRAIN step 5 (mean of 5 "
+        "saved steps) did not change from 1 at TRAIN step 0 (num_steps 5; needs a decrease > 0%)\n"
     )
 
 
@@ -91,7 +91,7 @@ def test_fired_steps_read_as_ranges_one_line_per_rule(tmp_path: Path) -> None:
 
 def test_a_rising_loss_reads_rose(tmp_path: Path) -> None:
     write_losses(tmp_path, [1.0] * 5 + [1.016] * 5)
-    result = rules(str(tmp_path), "--rule", "loss_not_decreasing:num_steps=5")
+    result = rules(str(tmp_path), "--rule", "loss_not_decreasing:num_steps=5,window=1")
     assert result.returncode == 1
     assert "loss 1.016 at TRAIN step 5 rose 1.6% from 1 at TRAIN step 0" in result.stdout
 

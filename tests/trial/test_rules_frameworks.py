@@ -81,6 +81,32 @@ def test_loss_not_decreasing_pytorch(tmp_path: Path, torch: Any, lr: float, fire
 
 
 @pytest.mark.torch
+def test_loss_not_decreasing_judges_a_mean_of_mini_batch_losses_pytorch(tmp_path: Path, torch: Any) -> None:
+    """Mini-batch losses saved at every step: a falling loss does not fire on one batch's noise; a flat one fires."""
+    import tensortap.torch as ttt
+
+    F = torch.nn.functional
+    x = torch.randn(4096, 20)
+    y = (x @ torch.randn(20, 4) + 0.8 * torch.randn(4096, 4)).argmax(1)
+    batches = [torch.randint(0, 4096, (32,)) for _ in range(100)]
+    for lr in (1e-3, 0.0):
+        torch.manual_seed(1)
+        model = torch.nn.Sequential(torch.nn.Linear(20, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
+        opt = torch.optim.Adam(model.parameters(), lr=lr)
+        with ttt.capture(model, tmp_path / str(lr), optimizer=opt, save_config=EVERY_STEP):
+            for i in batches:
+                opt.zero_grad()
+                F.cross_entropy(model(x[i]), y[i]).backward()
+                opt.step()
+    falling, flat = (tensortap.create_trial(tmp_path / str(lr)) for lr in (1e-3, 0.0))
+    values = list(falling.tensor("losses/loss").values().values())
+    assert np.mean(values[-10:]) < 0.8 * np.mean(values[:10]), "the loss falls"
+    assert invoke_rule(LossNotDecreasing(falling)) == []
+    assert len(invoke_rule(LossNotDecreasing(falling, window=1))) >= 5, "one batch against another: noise"
+    assert invoke_rule(LossNotDecreasing(flat)), "a loss that does not fall fires"
+
+
+@pytest.mark.torch
 def test_exploding_tensor_pytorch_fires_at_the_first_nan(tmp_path: Path, torch: Any) -> None:
     import tensortap.torch as ttt
 

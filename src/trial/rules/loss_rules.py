@@ -34,7 +34,11 @@ class LossNotDecreasing(Rule):
 
     Formula, for each selected loss tensor, in its mode ``M`` (``mode``, or the
     first of EVAL, TRAIN, GLOBAL in which the tensor has steps); steps below are
-    mode steps of ``M``:
+    mode steps of ``M``. The loss *at* a saved step ``s``, ``loss(s)``, is the mean
+    of the values saved at steps ``s - window < step <= s`` (``window`` defaults to
+    ``num_steps``): a mini-batch loss saved at every step is judged by its mean over
+    the window, not by one batch's noise; saved every ``window`` steps or less
+    often, it is the value saved at ``s`` alone (``window=1``: always, as smdebug).
 
     - Check steps: the first saved step ``s`` that has a saved step
       ``b <= s - num_steps``, then each first saved step ``>= last check + num_steps``.
@@ -45,9 +49,11 @@ class LossNotDecreasing(Rule):
       ``increase_threshold_percent`` percent above its value at the last check step.
 
     Example: loss saved every 4 steps with 0.30, 0.33, 0.31, 0.30, 0.28 at steps
-    0, 4, 8, 12, 16 and ``num_steps=10``: the first check is step 12 (against
-    step 0): decrease 0% <= 0%, fires. Step 16 is not a check step (the next is
-    >= 22) and 0.28 is below 0.30, so it does not fire.
+    0, 4, 8, 12, 16, ``num_steps=10``, ``window=1``: the first check is step 12
+    (against step 0): decrease 0% <= 0%, fires. Step 16 is not a check step (the
+    next is >= 22) and 0.28 is below 0.30, so it does not fire. With the default
+    ``window`` (10), ``loss(12)`` is the mean of steps 4, 8 and 12 (0.3133): it rose
+    4.4% from 0.30, fires; ``loss(16)`` (steps 8, 12, 16: 0.2967) is not above it.
 
     Needs: collection ``losses`` (scalars).
 
@@ -69,6 +75,8 @@ class LossNotDecreasing(Rule):
         Largest increase, in percent of the last checked value, tolerated between checks. Default ``5.0``.
     mode
         Mode of the steps compared (``"TRAIN"``, ``"EVAL"``, ...); default: EVAL, else TRAIN, else GLOBAL.
+    window
+        Steps whose saved values are averaged into the loss at a step; default ``num_steps``, 1: no mean.
     """
 
     state_attrs = ("last_checked", "last_value")
@@ -83,9 +91,12 @@ class LossNotDecreasing(Rule):
         diff_percent: float = 0.0,
         increase_threshold_percent: float = 5.0,
         mode: Mode | str | None = None,
+        window: int | None = None,
     ) -> None:
         super().__init__(base_trial)
         check_number("num_steps", num_steps, 1, integer=True)
+        if window is not None:
+            check_number("window", window, 1, integer=True)
         check_number("diff_percent", diff_percent)
         check_number("increase_threshold_percent", increase_threshold_percent, 0)
         names = [*((collection_names,) if isinstance(collection_names, str) else collection_names or ())]
@@ -101,8 +112,10 @@ class LossNotDecreasing(Rule):
         self.increase_threshold_percent = increase_threshold_percent
         self.mode = parse_mode(mode)
         self.series = ModeSeries((self.mode,) if self.mode is not None else LOSS_MODES)
+        self.window = num_steps if window is None else window
         self.last_checked: dict[str, int] = {}
         self.last_value: dict[str, float] = {}
+        self._values: dict[str, dict[int, float | None]] = {}  # per tensor, {global step: value} of recent windows
 
     def required_captures(self) -> list[Requirement]:
         return self.selection.requirements()
@@ -122,9 +135,8 @@ class LossNotDecreasing(Rule):
         found = self.series.at(trial, name, step)
         if found is None:
             return None
-        mode, ms, series, _ = found
-        req = Requirement("losses")
-        now = scalar_at(self, trial, name, step, req)
+        mode, ms, series, i = found
+        now = self._loss(name, series, i)
         if now is None:
             return None
         where = f"{mode.name} step {ms}" if mode is not Mode.GLOBAL else f"step {ms}"
@@ -133,26 +145,55 @@ class LossNotDecreasing(Rule):
             rise = percent_change(self.last_value[name], now)
             if rise > self.increase_threshold_percent:
                 return (
-                    f"{name}: loss {now:.4g} at {where} is {rise:.3g}% above {self.last_value[name]:.4g} "
-                    f"at the last check ({mode.name} step {last}; increase_threshold_percent "
-                    f"{self.increase_threshold_percent:g})"
+                    f"{name}: loss {now:.4g} at {where}{self._over(series, i)} is {rise:.3g}% above "
+                    f"{self.last_value[name]:.4g} at the last check ({mode.name} step {last}; "
+                    f"increase_threshold_percent {self.increase_threshold_percent:g})"
                 )
             return None
-        i = bisect.bisect_right(series, (ms - self.num_steps, float("inf"))) - 1
-        if i < 0:
+        b = bisect.bisect_right(series, (ms - self.num_steps, float("inf"))) - 1
+        if b < 0:
             return None
-        base, base_global = series[i]
-        before = scalar_at(self, trial, name, base_global, req)
+        before = self._loss(name, series, b)
         if before is None:
             return None
         self.last_checked[name], self.last_value[name] = ms, now
         decrease = -percent_change(before, now) + 0.0  # no "-0%"
         if decrease <= self.diff_percent:
             return (
-                f"{name}: loss {now:.4g} at {where} {change_words(decrease)} from {before:.4g} at "
-                f"{mode.name} step {base} (num_steps {self.num_steps}; needs a decrease > {self.diff_percent:g}%)"
+                f"{name}: loss {now:.4g} at {where}{self._over(series, i)} {change_words(decrease)} from "
+                f"{before:.4g} at {mode.name} step {series[b][0]}{self._over(series, b)} "
+                f"(num_steps {self.num_steps}; needs a decrease > {self.diff_percent:g}%)"
             )
         return None
+
+    def _first(self, series: list[tuple[int, int]], i: int) -> int:
+        """The index in ``series`` of the first saved step of the window that ends at ``series[i]``."""
+        return bisect.bisect_right(series, (series[i][0] - self.window, float("inf")), 0, i)
+
+    def _over(self, series: list[tuple[int, int]], i: int) -> str:
+        """``" (mean of 10 saved steps)"`` where the loss at ``series[i]`` is a mean, else ``""``."""
+        n = i + 1 - self._first(series, i)
+        return f" (mean of {n} saved steps)" if n > 1 else ""
+
+    def _loss(self, name: str, series: list[tuple[int, int]], i: int) -> float | None:
+        """The loss at ``series[i]``: the mean of the values saved in its window (None: none could be read).
+
+        Values are read once and kept while a later window may hold them.
+        """
+        first = self._first(series, i)
+        kept = self._values.setdefault(name, {})
+        values = []
+        for _, g in series[first : i + 1]:
+            if g not in kept:
+                kept[g] = scalar_at(self, self.base_trial, name, g, Requirement("losses"))
+            v = kept[g]
+            if v is not None:
+                values.append(v)
+        if i == len(series) - 1:  # the newest step: forget what no later window or check reaches
+            oldest = series[self._first(series, max(first - 1, 0))][1]
+            for g in [g for g in kept if g < oldest]:
+                del kept[g]
+        return float(np.mean(values)) if values else None
 
 
 def change_words(decrease: float) -> str:
