@@ -98,6 +98,43 @@ def test_tensor_that_cannot_be_converted_is_skipped_with_one_warning(
     assert trial.training_ended
 
 
+@pytest.mark.parametrize("error", [ValueError("bad batch"), KeyboardInterrupt()], ids=["ValueError", "Ctrl-C"])
+def test_a_step_left_by_an_exception_is_dropped_and_the_run_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, error: BaseException
+) -> None:
+    """``with w.stepping():`` left half-way: the step is not written (it kept the tensors offered before)."""
+    caplog.set_level(logging.WARNING, logger="tensortap")
+    with Writer(tmp_path, shard_policy=ShardPolicy(max_steps=2)) as w:
+        run_steps(w, 1, names=("a", "b"))
+        with pytest.raises(type(error)), w.stepping():
+            w.save("a", default_value("a", 1))
+            raise error
+        run_steps(w, 2, names=("a", "b"))
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.steps() == [0, 2, 3]
+    for name in ("a", "b"):
+        values = trial.tensor(name).values()
+        assert sorted(values) == [0, 2, 3]
+        for step, v in values.items():
+            np.testing.assert_array_equal(v, default_value(name, step))
+    assert trial.end_reasons() == {"worker_0": "closed"}
+    assert trial.problems() == {}
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "step 1 " in warnings[0] and type(error).__name__ in warnings[0]
+
+
+def test_a_ctrl_c_that_leaves_the_hooks_with_block_mid_step_drops_that_step(tmp_path: Path) -> None:
+    """A step opened by ``begin_step`` and left by an uncaught Ctrl-C is dropped, as the exit handlers do."""
+    with pytest.raises(KeyboardInterrupt), Writer(tmp_path) as w:
+        run_steps(w, 1, names=("a", "b"))
+        w.begin_step()
+        w.save("a", default_value("a", 1))
+        raise KeyboardInterrupt
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.steps() == [0] and trial.tensor_names() == ["a", "b"]
+    assert trial.end_reasons() == {"worker_0": "closed"}
+
+
 def test_tensor_that_cannot_be_converted_raises_when_strict(tmp_path: Path) -> None:
     with Writer(tmp_path, strict=True) as w, w.stepping():
         with pytest.raises(RuntimeError, match="'obj'"):

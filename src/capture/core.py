@@ -687,14 +687,56 @@ class Hook:
         for listener in self.step_listeners:
             listener(record)
 
+    def drop_step(self, why: BaseException) -> None:
+        """Drop the step in progress, which ``why`` interrupted: nothing of it is written; the run goes on.
+
+        The step keeps its number (the next step is the one after it). One warning names it
+        when it was saved (values of it were about to be written).
+
+        Parameters
+        ----------
+        why
+            The exception that left the step.
+        """
+        if not self._in_step:
+            return
+        if self._saving:
+            logger.warning(
+                "tensortap: step %d was interrupted by %s and is dropped: nothing of it is saved",
+                self.step,
+                exception_text(why),
+            )
+        self._forget_step()
+
+    def _forget_step(self) -> None:
+        """Forget the step in progress, also what the writer staged of it."""
+        self._in_step = False
+        self._saving = False
+        self._drop_step_values()
+        if self.writer is not None:
+            self.writer.rollback()
+
     @contextmanager
     def stepping(self, mode: Mode | str | None = None, step: int | None = None) -> Iterator[bool]:
-        """``with hook.stepping(): ...`` brackets one step; yields whether it is saved."""
+        """``with hook.stepping(): ...`` brackets one step; yields whether it is saved.
+
+        A block left by an exception (``KeyboardInterrupt`` included) did not finish its step: the
+        step is dropped (:meth:`drop_step`) and the exception goes on; the run stays open.
+
+        Parameters
+        ----------
+        mode
+            Mode of the step (default: the current mode).
+        step
+            Explicit global step number (must be greater than the last one); default: last + 1.
+        """
         saving = self.begin_step(mode, step)
         try:
             yield saving
-        finally:
-            self.end_step()
+        except BaseException as exc:
+            self.drop_step(exc)
+            raise
+        self.end_step()
 
     def require_capture(self, collection: str, reductions: Sequence[str] = (), raw: bool = False) -> None:
         """Make sure ``collection`` is saved with these reduction keys (and the raw tensor if ``raw``).
@@ -814,11 +856,7 @@ class Hook:
         error
             The exception's ``"Type: message"``, for the end marker's ``error``.
         """
-        self._in_step = False
-        self._saving = False
-        self._drop_step_values()
-        if self.writer is not None:
-            self.writer.rollback()
+        self._forget_step()
         self._close_writer(reason, error)
 
     def _progress(self) -> tuple[int | None, dict[str, int]]:
@@ -834,8 +872,11 @@ class Hook:
 
     def __exit__(self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None) -> None:
         """Close: reason ``closed`` when the block ended (or a Ctrl-C left it), else ``exception`` with its
-        text, dropping the step the exception interrupted (as the exit handlers do)."""
-        if value is None or isinstance(value, KeyboardInterrupt):
+        text; a step the exception (or the Ctrl-C) interrupted is dropped, as the exit handlers do."""
+        if value is None:
+            self.close()
+        elif isinstance(value, KeyboardInterrupt):
+            self.drop_step(value)
             self.close()
         else:
             self.close_for_exit("exception", exception_text(value))

@@ -233,6 +233,17 @@ class Session:
         self._calls.clear()
         self.hook.end_step()
 
+    def drop(self, why: BaseException) -> None:
+        """Drop the open (or pending) step, which ``why`` interrupted: nothing of it is recorded.
+
+        See :meth:`tensortap.capture.Hook.drop_step`.
+        """
+        if not self.is_open:
+            return
+        self.is_open = self.pending = False
+        self._calls.clear()
+        self.hook.drop_step(why)
+
     def guard(self, fn: Callable[..., None], *args: Any) -> None:
         """Run capture work: an error of the capture path disables capture (raises if ``strict``), never training."""
         try:

@@ -12,6 +12,7 @@ NumPy recomputations of the same layers and loss.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import subprocess
@@ -1553,6 +1554,39 @@ def test_train_on_batch_in_a_loop_names_the_first_step_outputs_as_the_others(tmp
             rtol=1e-5,
             atol=1e-6,
         )
+
+
+@pytest.mark.skipif(BACKEND == "jax", reason="a JAX loop keeps its weights in its own state (documented)")
+def test_a_loop_step_left_by_an_exception_is_dropped_and_the_loop_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A ``cb.stepping()`` block that raises after the model ran: that step is not written, the next ones are."""
+    caplog.set_level(logging.WARNING, logger="tensortap")
+    model = linear(name="loop")
+    model.compile(keras.optimizers.SGD(LR), "mse")
+    cb = ttk.Callback(tmp_path, save_config=EVERY_STEP, include_collections=["weights", "outputs", "losses"])
+    cb.attach(model)
+    before = {}
+    for s in range(3):
+        before[s] = numpy_weights(model)
+        xb, yb = X[s * BATCH : (s + 1) * BATCH], Y[s * BATCH : (s + 1) * BATCH]
+        with pytest.raises(ValueError, match="no such batch") if s == 1 else contextlib.nullcontext(), cb.stepping():
+            model.train_on_batch(xb, yb)
+            if s == 1:
+                raise ValueError("no such batch")
+    after = numpy_weights(model)
+    cb.close()
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.steps(mode=Mode.TRAIN) == [0, 2] and trial.end_reasons() == {"worker_0": "closed"}
+    for name in ("outputs/dense", "dense/kernel", "losses/loss"):
+        assert trial.tensor(name).steps(mode=Mode.TRAIN) == [0, 2]
+    xb = X[2 * BATCH : 3 * BATCH]
+    np.testing.assert_allclose(
+        trial.tensor("outputs/dense").value(2, mode=Mode.TRAIN), xb @ before[2][0] + before[2][1], rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_allclose(trial.tensor("dense/kernel").value(2, mode=Mode.TRAIN), after[0], rtol=1e-6)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "tensortap" and r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "step 1 " in warnings[0] and "ValueError: no such batch" in warnings[0]
 
 
 def test_metrics_train_on_batch_and_test_on_batch_return_in_a_loop_are_captured(tmp_path: Path) -> None:

@@ -475,7 +475,10 @@ class Callback(keras.callbacks.Callback):
         """``with cb.stepping(): ...`` brackets one iteration of your loop; yields whether it is saved.
 
         Weights are read when the block ends (after the update); gradients arrive
-        through the optimizer's ``apply``, layer outputs through the layers.
+        through the optimizer's ``apply``, layer outputs through the layers. A block left
+        by an exception (``KeyboardInterrupt`` included) did not finish its step: the step
+        is dropped, with one warning when it was saved, and the exception goes on; the
+        run stays open.
 
         Parameters
         ----------
@@ -492,9 +495,13 @@ class Callback(keras.callbacks.Callback):
         outer, self._ctx_mode = self._ctx_mode, mode
         try:
             yield self.hook.is_saving()
+        except BaseException as exc:
+            self._arrived, self.extras_out = [], []  # values of the step dropped
+            self.session.drop(exc)
+            raise
         finally:
             self._ctx_mode = outer
-            self._finish_step()
+        self._finish_step()
 
     def record_loss(self, value: Any, name: str = "loss") -> None:
         """Capture ``value`` as the step's loss ``losses/<name>`` (``losses/val_<name>`` in EVAL steps).
