@@ -119,6 +119,89 @@ def test_a_live_reader_learns_that_a_killed_training_ended(tmp_path: Path, write
     assert "killed" in ls.stdout
 
 
+def _run_id(out: Path) -> str:
+    return json.loads((out / "workers" / "worker_0.json").read_text())["run_id"]
+
+
+@pytest.mark.parametrize("refreshed", [False, True], ids=["resumed-before-a-refresh", "seen-killed-first"])
+def test_a_live_reader_follows_a_training_resumed_after_its_process_was_killed(
+    tmp_path: Path, writer_proc, refreshed: bool
+) -> None:
+    """A process killed, a new one resumes its run (``run_id``, the same worker): a reader opened during
+    the first one follows the second, instead of counting the worker as ended (``killed``) for ever."""
+    first = writer_proc(tmp_path)
+    first.cmd("steps", n=3, names=["a"])
+    first.cmd("flush")
+    trial = tensortap.create_trial(tmp_path)  # a live reader, opened while the first process runs
+    assert trial.steps() == [0, 1, 2] and not trial.training_ended
+    assert first.signal(signal.SIGKILL) == -signal.SIGKILL
+    if refreshed:  # the reader saw the first process gone before the second started
+        trial.refresh()
+        assert trial.end_reasons() == {"worker_0": "killed"}
+    second = writer_proc(tmp_path, "--run-id", _run_id(tmp_path), "--first-step", "3")
+    second.cmd("steps", n=2, names=["a"])
+    second.cmd("flush")
+    trial.refresh()
+    assert trial.end_reasons() == {} and not trial.training_ended
+    assert trial.steps() == [0, 1, 2, 3, 4]
+    with pytest.raises(tensortap.StepNotYetAvailable):  # it waits for the second process's next step
+        trial.wait_for_steps([5], timeout=0.5)
+    second.cmd("steps", n=1, names=["a"])
+    second.cmd("close")
+    trial.wait_for_steps([5], timeout=30)
+    assert trial.end_reasons() == {"worker_0": "closed"}
+    _check_values(trial, ["a"])
+    assert trial.problems() == {}
+
+
+def test_a_live_reader_follows_a_training_resumed_after_its_end_marker(tmp_path: Path, writer_proc) -> None:
+    """The first process wrote its end marker; a reader saw it; a process resumes the run (which removes
+    that marker): the reader counts the worker as running again, then takes the new end marker."""
+    first = writer_proc(tmp_path)
+    first.cmd("steps", n=3, names=["a"])
+    first.cmd("flush")
+    trial = tensortap.create_trial(tmp_path)
+    first.cmd("close")
+    assert first.wait()[0] == 0
+    trial.refresh()
+    assert trial.training_ended and trial.end_reasons() == {"worker_0": "closed"}
+    second = writer_proc(tmp_path, "--run-id", _run_id(tmp_path), "--first-step", "3")
+    trial.refresh()  # before the second process published anything
+    assert not trial.training_ended and trial.end_reasons() == {}
+    with pytest.raises(tensortap.StepNotYetAvailable):
+        trial.wait_for_steps([3], timeout=0.5)
+    second.cmd("steps", n=2, names=["a"])
+    second.cmd("flush")
+    trial.wait_for_steps([4], timeout=30)
+    assert trial.steps() == [0, 1, 2, 3, 4] and not trial.training_ended
+    assert second.signal(signal.SIGKILL) == -signal.SIGKILL  # its own end: killed, not the first one's
+    with pytest.raises(tensortap.NoMoreData):
+        trial.wait_for_steps([5], timeout=60)
+    assert trial.end_reasons() == {"worker_0": "killed"}
+    _check_values(trial, ["a"])
+
+
+def test_a_reader_takes_the_end_of_a_run_resumed_and_ended_between_two_of_its_refreshes(
+    tmp_path: Path, writer_proc
+) -> None:
+    """The reader holds the first process's end marker; a second process resumes the run, publishes and
+    ends with another reason before the reader looks again: it reads the new end marker, not the old one."""
+    first = writer_proc(tmp_path)
+    first.cmd("steps", n=3, names=["a"])
+    first.cmd("close")
+    assert first.wait()[0] == 0
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.end_reasons() == {"worker_0": "closed"}
+    second = writer_proc(tmp_path, "--run-id", _run_id(tmp_path), "--first-step", "3")
+    second.cmd("steps", n=2, names=["a"])
+    second.cmd("exit")  # the interpreter's exit closes it: reason exit
+    assert second.wait()[0] == 0
+    trial.refresh()
+    assert trial.end_reasons() == {"worker_0": "exit"} and trial.training_ended
+    assert trial.steps() == [0, 1, 2, 3, 4]
+    _check_values(trial, ["a"])
+
+
 def test_a_process_is_taken_for_gone_only_where_this_reader_can_tell(monkeypatch: pytest.MonkeyPatch) -> None:
     """A reader decides that a worker's process has ended only on the same machine, PID namespace and
     user (``/proc`` may hide other users' processes: hidepid), and tells a reused process id apart."""

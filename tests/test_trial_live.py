@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -304,3 +304,38 @@ def test_index_records_a_failed_refresh_did_not_read_are_read_by_the_next(tmp_pa
     trial.refresh()
     assert trial.steps() == [0, 1, 2, 3, 4]
     assert trial.training_ended
+
+
+class _ResumingStorage(LocalStorage):
+    """A local trial whose run is resumed (its end marker removed) right after a reader lists the end markers."""
+
+    def __init__(self, root: Path, on_ends_listed: Callable[[], None] | None) -> None:
+        super().__init__(root)
+        self.on_ends_listed = on_ends_listed
+
+    def list(self, prefix: str) -> list[str]:
+        names = super().list(prefix)
+        if prefix == "end" and self.on_ends_listed is not None:
+            callback, self.on_ends_listed = self.on_ends_listed, None
+            callback()
+        return names
+
+
+def test_an_end_marker_that_a_resumed_run_removes_after_it_was_listed_is_no_problem(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A resumed run removes the end marker: one listed just before is gone when read, and is no damage."""
+    with Writer(tmp_path) as first:
+        run_steps(first, 2)
+    resumed: list[Writer] = []
+    storage = _ResumingStorage(tmp_path, lambda: resumed.append(Writer(tmp_path, run_id=first.run_id)))
+    trial = tensortap.create_trial(storage)
+    assert not trial.training_ended and trial.end_reasons() == {}
+    assert trial.problems() == {}
+    assert not [r for r in caplog.records if r.name == "tensortap"]
+    second = resumed[0]
+    second.step = first.step
+    run_steps(second, 1)
+    second.close()
+    trial.refresh()
+    assert trial.end_reasons() == {"worker_0": "closed"} and trial.steps() == [0, 1, 2]

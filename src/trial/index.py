@@ -18,7 +18,7 @@ import functools
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, ItemsView, Iterator, Mapping, Sequence, ValuesView
+from collections.abc import Callable, ItemsView, Iterable, Iterator, Mapping, Sequence, ValuesView
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from itertools import chain, pairwise
@@ -497,6 +497,7 @@ class WorkerState:
     last_step: int = -1
     last_mode_step: dict[Mode, int] = field(default_factory=dict)
     end: dict[str, Any] | None = None
+    killed: bool = False  # ``end`` is this reader's: the process ended without writing an end marker
 
 
 @dataclass(frozen=True, eq=False)
@@ -696,12 +697,15 @@ class TrialIndex:
         rounds of listings (on remote storage each round's requests made at once): the workers'
         records, the end markers and the index folders; then each worker's index folder. A worker
         without an end marker whose process has ended (:func:`~tensortap.processes.process_gone`, looked
-        at before the listings, so that everything it published is read here) ends, reason ``killed``.
+        at before the listings, so that everything it published is read here) ends, reason ``killed``,
+        unless its worker record, read again (:meth:`_look_again`), names another process that resumed
+        its run. A worker that ended runs again when its run was resumed (see :meth:`_look_again`).
         """
         storage = self.storage
         none: list[str] = []
         # before the listings: whatever a process that has ended wrote is listed below
         gone = [name for name, w in self.workers.items() if w.end is None and process_gone(w.info)]
+        ended = {name for name, w in self.workers.items() if w.end is not None}
         workers, ends, folders = self._listings(
             [(storage.list, layout.WORKERS), (storage.list, layout.ENDS), (storage.list_dirs, layout.INDEX)], none
         )
@@ -709,26 +713,61 @@ class TrialIndex:
         for worker, _, info in self._load(new, lambda record, _: check_worker_record(record)):
             self.workers[worker].info = info or {}
         met = [w for w, _ in new if process_gone(self.workers[w].info)]  # checked after the listings: next round
-        new = [(w, key) for w, key in self._records(layout.ENDS, ends) if self._worker(w).end is None]
-        for worker, _, end in self._load(new, lambda record, _: check_end_marker(record)):
-            self.workers[worker].end = end
+        markers = self._records(layout.ENDS, ends)
+        listed = {w for w, _ in markers}
+        # a resumed run removes the end marker; a killed worker's record is looked at until one resumes it
+        renewed = self._look_again([*gone, *(n for n in ended if self.workers[n].killed or n not in listed)])
+        self._read_ends(markers)
         for worker in gone:
-            if self.workers[worker].end is None:  # its process ended without writing its end marker
+            if worker not in renewed and self.workers[worker].end is None:  # ended without its end marker
                 self.workers[worker].end = {"worker": worker, "reason": KILLED, "last_step": None, "mode_steps": {}}
+                self.workers[worker].killed = True
         folders = self._index_folders(folders)
-        listed = self._listings([(storage.entries, f"{layout.INDEX}/{w}") for w in folders], (none, none))
+        listings = self._listings([(storage.entries, f"{layout.INDEX}/{w}") for w in folders], (none, none))
         new = []
-        for worker, (names, dirs) in zip(folders, listed, strict=True):
+        for worker, (names, dirs) in zip(folders, listings, strict=True):
             seen = self._seen.setdefault(worker, set())
             new += [(worker, f"{layout.INDEX}/{worker}/{n}") for n in names if n not in seen and n.endswith(".json")]
             for name in set(dirs).difference(names):  # a name in both is read, and warned about if it fails
                 self._warn_bad(f"{layout.INDEX}/{worker}/{name}", "a folder where index records belong; not read")
+        after_end = set()  # workers that ended before this refresh and published since: resumed
         for worker, key, parsed in self._load(new, parse_index_record):
             self._seen[worker].add(key.rsplit("/", 1)[1])  # once read (or warned about)
             if parsed is not None:
                 self._add_checked(worker, key, parsed)
+                if worker in ended and self.workers[worker].end is not None:
+                    after_end.add(worker)
+        renewed = self._look_again(after_end)
+        self._read_ends([(w, key) for w, key in markers if w in renewed])  # its records up to it are read above
         if any(self.workers[w].end is None for w in met):
             self.refresh()  # workers first met here whose process has ended: list again, now after the check
+
+    def _read_ends(self, markers: Sequence[tuple[str, str]]) -> None:
+        """Read the end markers ``(worker, key)`` of the workers that have not ended; one removed since it
+        was listed (by a resumed run, see :meth:`_look_again`) is not there."""
+        new = [(w, key) for w, key in markers if self._worker(w).end is None]
+        for worker, _, end in self._load(new, lambda record, _: check_end_marker(record), removed_ok=True):
+            self.workers[worker].end = end
+
+    def _look_again(self, names: Iterable[str]) -> set[str]:
+        """Read the worker records of ``names`` again; return the workers whose run was resumed.
+
+        A training resumed into the trial (a hook given the ``run_id`` of the worker's run, in this
+        process or another) rewrites the worker record, for the process now writing, and removes the
+        end marker. A worker whose record now is another one of the same run takes it: it has not
+        ended (it may end again, by the end marker of the resumed run or as ``killed`` when its
+        process is gone). A record of another run (or none, or one not valid) changes nothing.
+        """
+        records = [(w, layout.worker_key(w)) for w in sorted(set(names))]
+        renewed = set()
+        for worker, _, info in self._load(records, lambda record, _: check_worker_record(record)):
+            w = self.workers[worker]
+            run = w.info.get("run_id")
+            if info is None or info == w.info or run is None or info.get("run_id") != run:
+                continue
+            w.info, w.end, w.killed = info, None, False
+            renewed.add(worker)
+        return renewed
 
     def _add_checked(self, worker: str, key: str, parsed: ParsedRecord) -> None:
         """Add the index record ``key`` of ``worker``, unless another process than the worker's wrote it."""
@@ -779,11 +818,12 @@ class TrialIndex:
         return out
 
     def _load(
-        self, records: list[tuple[str, str]], check: Callable[[Any, str], _T]
+        self, records: list[tuple[str, str]], check: Callable[[Any, str], _T], removed_ok: bool = False
     ) -> Iterator[tuple[str, str, _T | None]]:
         """``(worker, key, record)`` of the records ``(worker, key)``, read by :func:`read_records`, each
         once ``check(record, worker)`` accepted it; None, with a warning naming it, for one that cannot
-        be read or is not valid."""
+        be read or is not valid; with ``removed_ok``, None without a warning for one removed since it
+        was listed."""
         read = read_records(self.storage, [key for _, key in records])
         for (worker, key), (_, record) in zip(records, read, strict=True):
             checked = None
@@ -792,7 +832,8 @@ class TrialIndex:
                     raise record
                 checked = check(record, worker)
             except (OSError, ValueError) as exc:  # RecordError, UnsafeKey and JSON errors are ValueErrors
-                self._warn_bad(key, f"unreadable record ({exc})")
+                if not (removed_ok and isinstance(exc, FileNotFoundError)):
+                    self._warn_bad(key, f"unreadable record ({exc})")
             yield worker, key, checked
 
     def _index_folders(self, names: Sequence[str]) -> list[str]:

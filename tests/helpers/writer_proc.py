@@ -1,8 +1,8 @@
 """A writer process the tests drive line by line over stdin.
 
 Usage: ``python writer_proc.py OUT_DIR [--rank R] [--interval N] [--max-steps N] [--max-seconds S]
-[--if-exists E] [--own-sigterm-handler] [--default-sigint] [--torch] [--signal-at SIG:STEP]
-[--signal-in-pool SIG]``, or ``python writer_proc.py --fork-server`` (see :func:`fork_server`).
+[--if-exists E] [--run-id RUN [--first-step N]] [--own-sigterm-handler] [--default-sigint] [--torch]
+[--signal-at SIG:STEP] [--signal-in-pool SIG]``, or ``python writer_proc.py --fork-server`` (see :func:`fork_server`).
 
 Each stdin line is a JSON command; the process answers ``ok <op>`` on stdout
 once the command is done (``ready`` once the writer exists):
@@ -17,10 +17,12 @@ once the command is done (``ready`` once the writer exists):
 - ``{"op": "close"}``: close the writer (end marker ``closed``) and keep running.
 - ``{"op": "exit"}``: return from the script without closing (interpreter exit closes).
 
-``--signal-at SIG:STEP`` sends the process ``SIG`` while the hook records step ``STEP`` (from a
-step listener, called inside ``end_step``). ``--signal-in-pool SIG`` sends it while the main
-thread holds the lock of the shard buffer pool. ``--default-sigint`` puts Python's default
-SIGINT handler back after the writer exists, as Jupyter kernels do around every cell.
+``--run-id RUN`` continues the run ``RUN`` of an earlier writer process (a training resumed), its
+steps numbered on from ``--first-step``. ``--signal-at SIG:STEP`` sends the process ``SIG`` while
+the hook records step ``STEP`` (from a step listener, called inside ``end_step``).
+``--signal-in-pool SIG`` sends it while the main thread holds the lock of the shard buffer pool.
+``--default-sigint`` puts Python's default SIGINT handler back after the writer exists, as Jupyter
+kernels do around every cell.
 """
 
 from __future__ import annotations
@@ -142,16 +144,20 @@ def _make_writer(args: argparse.Namespace) -> tuple[Hook, tuple[Any, ...] | None
             max_steps=args.max_steps, max_seconds=args.max_seconds, live_seconds=args.live_seconds
         ),
         "if_exists": args.if_exists,
+        "run_id": args.run_id,
     }
     if not args.torch:
-        return Writer(args.out_dir, **common), None
-    from tensortap.torch import Hook as TorchHook
+        w: Hook = Writer(args.out_dir, **common)
+        training = None
+    else:
+        from tensortap.torch import Hook as TorchHook
 
-    training = torch_model()
-    hook = TorchHook(args.out_dir, include_collections=["weights", "biases"], **common)
-    hook.register_module(training[0])
-    hook.attach_optimizer(training[1])
-    return hook, training
+        training = torch_model()
+        w = TorchHook(args.out_dir, include_collections=["weights", "biases"], **common)
+        w.register_module(training[0])
+        w.attach_optimizer(training[1])
+    w.step = args.first_step - 1
+    return w, training
 
 
 def main() -> None:
@@ -163,6 +169,8 @@ def main() -> None:
     p.add_argument("--max-seconds", type=float, default=60.0)
     p.add_argument("--live-seconds", type=float, default=None, help="default: off (only commands publish)")
     p.add_argument("--if-exists", default="error")
+    p.add_argument("--run-id", default=None)
+    p.add_argument("--first-step", type=int, default=0)
     p.add_argument("--own-sigterm-handler", action="store_true", help="install one before the writer exists")
     p.add_argument("--default-sigint", action="store_true")
     p.add_argument("--torch", action="store_true")
