@@ -43,7 +43,7 @@ from .exceptions import (
 from .modes import Mode
 from .trial import Trial, create_trial
 from .trial.check import find_problems
-from .trial.views import killed_note, killed_workers, printable
+from .trial.views import RUNNING, killed_note, killed_workers, printable
 
 EXIT_OK, EXIT_FOUND, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_PIPE = 0, 1, 2, 130, 141
 
@@ -357,7 +357,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     elif trial.training_ended:
         status = style("ended", "green")
     else:
-        status = style("running (or crashed)", "yellow")
+        status = style(RUNNING, "yellow")
     if killed := killed_workers(trial):  # its process ended without its end marker
         status += style(f": {killed_note(killed)}", "red")
     print(f"trial    {style(printable(trial.path), 'bold')}")

@@ -18,6 +18,7 @@ from helpers.cli import cli, strict_json
 import tensortap
 from tensortap import TrialNotFound, UnknownName
 from tensortap.capture import ShardPolicy, Writer
+from tensortap.trial.views import RUNNING
 
 
 def user_error(result: subprocess.CompletedProcess[str], code: int = 2) -> str:
@@ -96,6 +97,10 @@ def test_ls_of_a_folder_of_trials_lists_them(tmp_path: Path) -> None:
         )
         assert rows["first"][1:5] == ["numpy", "2", "ended", "0.3333"]  # last loss 1/3 at step 2
         assert rows["group/second"][1:5] == ["numpy", "3", "running", "0.2"]  # 1/5 at step 4
+        # one wording of a run without its end marker: ls of the trial and its notebook view
+        second = tmp_path / "runs" / "group" / "second"
+        assert f"[{RUNNING}]" in cli("ls", str(second)).stdout
+        assert f"<td style='text-align:left'>{RUNNING}</td>" in tensortap.create_trial(second)._repr_html_()
         data = strict_json(cli("ls", str(tmp_path / "runs"), "--json").stdout)
         first, second, _ = data["trials"]
         assert first["name"] == "first" and first["ended"] is True and first["steps"] == 2

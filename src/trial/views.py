@@ -114,8 +114,12 @@ def failure_notes(trial: Trial) -> list[str]:
     return notes
 
 
+RUNNING = "running (or stopped without an end marker)"
+"""The status of a trial whose workers have not all written their end marker (``ls``, the notebook views)."""
+
+
 def _status(trial: Trial) -> str:
-    status = "ended" if trial.training_ended else "running (or stopped without an end marker)"
+    status = "ended" if trial.training_ended else RUNNING
     killed = killed_workers(trial)
     return f"{status}: {killed_note(killed)}" if killed else status
 
