@@ -1294,3 +1294,73 @@ def test_a_lazy_module_registered_before_its_first_forward(tmp_path: Path) -> No
     for s, grads in enumerate(expected):
         for n, g in grads.items():
             np.testing.assert_array_equal(_value(trial, f"gradients/{n}", s), g.numpy())
+
+
+class _OutOfMemoryInBackward(torch.autograd.Function):
+    """Identity whose backward raises as a CUDA allocation that fails there would."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        raise torch.OutOfMemoryError("CUDA out of memory (in backward)")
+
+
+class _Flaky(nn.Module):
+    """An MLP whose batch ``fail_at`` runs out of memory in its forward or in its backward."""
+
+    def __init__(self, where: str) -> None:
+        super().__init__()
+        self.body, self.head = nn.Sequential(nn.Linear(6, 5), nn.ReLU()), nn.Linear(5, 3)
+        self.where, self.failing = where, False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.body(x)
+        if self.failing and self.where == "forward":
+            raise torch.OutOfMemoryError("CUDA out of memory (in forward)")
+        if self.failing:
+            h = _OutOfMemoryInBackward.apply(h)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("where", ["forward", "backward"])
+def test_a_batch_skipped_after_an_out_of_memory_error_is_not_saved_with_the_next(
+    tmp_path: Path, where: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The loop of many scripts: ``except torch.OutOfMemoryError: zero_grad(); continue``. The skipped batch's
+    values went into the next step, as a second call (``outputs/head:0``, the failed batch's, beside ``:1``)."""
+    torch.manual_seed(0)
+    model = _Flaky(where)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(1)
+    done: dict[int, tuple[np.ndarray, float, np.ndarray]] = {}
+    with ttt.capture(
+        model,
+        tmp_path,
+        optimizer=opt,
+        save_config=EVERY_STEP,
+        include_collections=["weights", "gradients", "losses", "outputs"],
+    ):
+        for i in range(4):
+            x, y = _batch(gen)
+            model.failing = i == 1
+            try:
+                opt.zero_grad()
+                out = model(x)
+                loss = F.cross_entropy(out, y)
+                loss.backward()
+                opt.step()
+            except torch.OutOfMemoryError:
+                opt.zero_grad()
+                continue
+            done[i] = (out.detach().numpy().copy(), float(loss), model.head.weight.detach().numpy().copy())
+    trial = _trial(tmp_path)
+    assert trial.steps() == [0, 2, 3], "the step of the skipped batch is dropped; the others keep the loop's numbers"
+    assert not [n for n in trial.tensor_names() if ":" in n], "no tensor saved as a second call"
+    for step, (out, loss, weight) in done.items():
+        np.testing.assert_array_equal(_value(trial, "outputs/head", step), out)
+        assert float(_value(trial, "losses/loss", step)) == pytest.approx(loss)
+        np.testing.assert_array_equal(_value(trial, "head.weight", step), weight)
+    assert f"step 1 was interrupted by OutOfMemoryError: CUDA out of memory (in {where})" in caplog.text

@@ -50,6 +50,7 @@ unless it was named by a registered loss module or :meth:`Hook.record_loss`.
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 import weakref
 from collections import deque
@@ -586,6 +587,24 @@ class Hook(core.Hook):
             self.relabel_step(Mode.PREDICT)  # a forward in train mode that nothing trained on
         self._io = self._losses = self._stash_grads = False
         self.session.finish()
+        self._clear_step()
+
+    def _drop(self, why: Exception) -> None:
+        """Drop the open step, which ``why`` interrupted (a forward or a backward that raised).
+
+        A loop that catches the error and goes on (an out-of-memory batch skipped) would
+        otherwise keep that batch's outputs in the step of the next one, as a second call
+        (``outputs/fc:0`` beside ``outputs/fc:1``). The step's number is not reused: the next
+        forward opens the step after it. One warning names the step (when it was saved).
+        """
+        if not self.session.is_open:
+            return
+        self._io = self._losses = self._stash_grads = False
+        self.session.drop(why)
+        self._clear_step()
+
+    def _clear_step(self) -> None:
+        """Forget what the step just recorded or dropped gathered."""
         self._backward.clear()
         self._named.clear()
         self._scaled.clear()
@@ -656,6 +675,10 @@ class Hook(core.Hook):
             return
         self._depth = max(self._depth - 1, 0)
         if self._depth or not self.session.is_open or self._closed:
+            return
+        error = sys.exc_info()[1]
+        if output is None and isinstance(error, Exception):  # the forward raised (torch's always_call)
+            self._drop(error)
             return
         if self._io and output is not None:
             self.session.guard(self._capture_io, root.name, args, kwargs, output)
@@ -766,6 +789,16 @@ class Hook(core.Hook):
         self._tentative = False
         if self._losses and loss.numel() == 1:
             self._backward.append((weakref.ref(loss), loss.detach()))
+
+    def on_backward_failed(self, tensors: Any, error: Exception) -> None:
+        """``backward()`` on ``tensors`` raised ``error`` (out of memory, in a loop that skips the batch): the
+        step it was to train is dropped, unless the loss was another model's."""
+        if self._closed or not self.session.is_open:
+            return
+        loss = tensors[0] if isinstance(tensors, (tuple, list)) and len(tensors) == 1 else tensors
+        if isinstance(loss, torch.Tensor) and loss.grad_fn is not None and not _reaches(loss, self._graph_ids):
+            return
+        self._drop(error)
 
     def on_scaled(self, scaled: Any, loss: Any) -> None:
         """``GradScaler.scale(loss)``: remember the loss behind the scaled tensor backward() will see."""

@@ -39,6 +39,9 @@ class Listener(Protocol):
     def on_backward(self, tensors: Any) -> None:
         """``torch.autograd.backward(tensors, ...)`` is about to run."""
 
+    def on_backward_failed(self, tensors: Any, error: Exception) -> None:
+        """``torch.autograd.backward(tensors, ...)`` raised ``error``."""
+
     def on_scaled(self, scaled: Any, loss: Any) -> None:
         """``GradScaler.scale(loss)`` returned ``scaled``."""
 
@@ -93,7 +96,12 @@ def _wrap_backward(original: Callable[..., Any]) -> Callable[..., Any]:
     def backward(tensors: Any, *args: Any, **kwargs: Any) -> Any:
         for listener in list(_LISTENERS):
             listener.on_backward(tensors)
-        return original(tensors, *args, **kwargs)
+        try:
+            return original(tensors, *args, **kwargs)
+        except Exception as exc:
+            for listener in list(_LISTENERS):
+                listener.on_backward_failed(tensors, exc)
+            raise
 
     return backward
 
