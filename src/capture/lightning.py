@@ -286,7 +286,7 @@ class Callback(pl.Callback):
         steps.end_train(self._parameters())
 
     def _end_pending(self, trainer: pl.Trainer) -> None:
-        """End the step left open for the module's ``on_train_batch_end``, if one is."""
+        """End the step left open for the batch end hooks that run after this callback's, if one is."""
         if self._pending:
             self._end_train(trainer)
 
@@ -324,7 +324,7 @@ class Callback(pl.Callback):
 
     # ----------------------------------------------------------- evaluation
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """End a ``TRAIN`` step left open for the module's ``on_train_batch_end``: validation logs ``EVAL`` values."""
+        """End a ``TRAIN`` step left open for later batch end hooks: validation logs ``EVAL`` values."""
         self._end_pending(trainer)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
