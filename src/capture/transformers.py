@@ -60,6 +60,16 @@ def _any_rank(flag: bool) -> bool:
     return bool(value.item())
 
 
+def _holds(logged: Mapping[str, Any], metrics: Mapping[str, Any]) -> bool:
+    """Whether ``logged`` (a copy of what ``on_log`` got) holds every one of ``metrics``.
+
+    ``Trainer.evaluate`` logs the very dict it then gives ``on_evaluate``: a value is the
+    same object in both, so a NaN metric (a Pearson correlation of constant predictions,
+    an ``eval_loss`` that overflowed) matches itself although ``nan != nan``.
+    """
+    return all(k in logged and (logged[k] is v or logged[k] == v) for k, v in metrics.items())
+
+
 class Callback(TrainerCallback):
     """Capture a Transformers ``Trainer``'s ``train`` and ``evaluate`` into a tensortap trial.
 
@@ -194,7 +204,7 @@ class Callback(TrainerCallback):
         steps = self._open(args)
         metrics = dict(metrics or {})
         for i in range(len(self._logs) - 1, -1, -1):
-            if all(self._logs[i].get(k) == v for k, v in metrics.items()):
+            if metrics and _holds(self._logs[i], metrics):
                 del self._logs[i]
                 break
         self._flush(model)

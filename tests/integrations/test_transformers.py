@@ -151,6 +151,35 @@ def test_gradient_accumulation_and_stop_request(tmp_path: Path) -> None:
     assert trial.stop_request()["reason"] == "enough"
 
 
+def test_a_nan_evaluation_metric_is_saved_in_its_eval_step_only(tmp_path: Path) -> None:
+    """A NaN metric (``nan != nan``) made the evaluation's log unmatched: saved again in the TRAIN step."""
+    out = tmp_path / "trial"
+
+    def pearson(p: Any) -> dict[str, float]:  # constant predictions: NaN correlation
+        return {"pearson": float("nan"), "accuracy": float((p.predictions.argmax(-1) == p.label_ids).mean())}
+
+    trainer = transformers.Trainer(
+        model=tiny_bert(),
+        args=arguments(tmp_path, max_steps=4, eval_strategy="steps", eval_steps=2),
+        train_dataset=Rows(32, 0),
+        eval_dataset=Rows(16, 1),
+        compute_metrics=pearson,
+        callbacks=[tth.Callback(out, save_config=EVERY_STEP, include_collections=["losses", "metrics"])],
+    )
+    trainer.train()
+    trial = tensortap.create_trial(out)
+    evals = [h for h in trainer.state.log_history if "eval_loss" in h]
+    for name in ("losses/eval_loss", "metrics/eval_pearson", "metrics/eval_accuracy", "metrics/eval_runtime"):
+        assert trial.tensor(name).steps(mode=Mode.TRAIN) == [], f"{name} in a TRAIN step"
+        assert trial.tensor(name).steps(mode=Mode.EVAL) == [0, 1]
+    got = trial.tensor("losses/eval_loss").values(mode=Mode.EVAL)
+    np.testing.assert_allclose([got[0], got[1]], [h["eval_loss"] for h in evals])
+    assert np.isnan(trial.tensor("metrics/eval_pearson").value(1, mode=Mode.EVAL))
+    epochs = trial.tensor("metrics/epoch").values(mode=Mode.TRAIN)
+    logged = [h["epoch"] for h in trainer.state.log_history if "loss" in h]
+    np.testing.assert_allclose([epochs[s] for s in range(4)], logged)
+
+
 def test_evaluate_alone(tmp_path: Path) -> None:
     out = tmp_path / "trial"
     trainer = transformers.Trainer(
