@@ -97,7 +97,8 @@ def open_run(build: Callable[..., Hook], previous: Hook | None, **kwargs: Any) -
 
     A trainer's later call (``trainer.test`` after ``fit``, ``evaluate`` after ``train``)
     goes on with the run of the same callback: same worker record (``run_id``), steps
-    numbered on from the last ones, so the trial holds all of it.
+    numbered on from the last ones, so the trial holds all of it. A stop request that
+    ``previous`` saw is kept: the run still ends with the reason ``stop_request``.
 
     Parameters
     ----------
@@ -119,6 +120,8 @@ def open_run(build: Callable[..., Hook], previous: Hook | None, **kwargs: Any) -
     if previous is not None:
         hook.step = previous.step
         hook.mode_steps = dict(previous.mode_steps)
+        if previous.stop_channel.requested:
+            hook.stop_channel = previous.stop_channel
     return hook
 
 

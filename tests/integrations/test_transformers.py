@@ -151,6 +151,32 @@ def test_gradient_accumulation_and_stop_request(tmp_path: Path) -> None:
     assert trial.stop_request()["reason"] == "enough"
 
 
+def test_a_stop_request_stays_the_end_reason_after_evaluate_and_predict(tmp_path: Path) -> None:
+    """The example scripts evaluate after train(): that later call must not turn ``stop_request`` into ``closed``."""
+    out = tmp_path / "trial"
+
+    class StopAtTwo(transformers.TrainerCallback):  # type: ignore[misc]
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if state.global_step == 2:
+                tensortap.create_trial(out).request_stop("enough")
+
+    trainer = transformers.Trainer(
+        model=tiny_bert(),
+        args=arguments(tmp_path, num_train_epochs=3),
+        train_dataset=Rows(32, 0),
+        eval_dataset=Rows(16, 1),
+        callbacks=[StopAtTwo(), tth.Callback(out, include_collections=["losses"], stop_poll_seconds=0)],
+    )
+    trainer.train()
+    assert trainer.state.global_step == 2
+    assert tensortap.create_trial(out).end_reasons() == {"worker_0": "stop_request"}
+    trainer.evaluate()
+    trainer.predict(Rows(8, 2))
+    trial = tensortap.create_trial(out)
+    assert trial.steps(mode=Mode.EVAL) == [0] and trial.steps(mode=Mode.PREDICT) == [0]
+    assert trial.end_reasons() == {"worker_0": "stop_request"}, "training ended by the request, not closed"
+
+
 def test_a_nan_evaluation_metric_is_saved_in_its_eval_step_only(tmp_path: Path) -> None:
     """A NaN metric (``nan != nan``) made the evaluation's log unmatched: saved again in the TRAIN step."""
     out = tmp_path / "trial"
