@@ -222,10 +222,26 @@ class StepCapture:
                 for i, loss in enumerate(self._losses):
                     self.offer(f"losses/loss:{i}", loss, "losses")
         self._losses.clear()
-        if hook.is_saving("weights") or hook.is_saving("biases"):
-            for name, p in parameters:
-                self.offer(name, p, parameter_collection(name))
+        self.offer_parameters(parameters)
         hook.end_step()
+
+    def offer_parameters(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Offer each ``(name, p)`` in ``weights`` or ``biases`` (:func:`parameter_collection`), as it is now."""
+        if self.hook.is_saving("weights") or self.hook.is_saving("biases"):
+            for name, p in named:
+                self.offer(name, p, parameter_collection(name))
+
+    def drop_train(self, why: BaseException) -> None:
+        """Drop the open ``TRAIN`` step, which ``why`` interrupted; the next ``TRAIN`` step takes its number.
+
+        For a trainer that counts its steps itself: the step it never finished is not counted.
+        """
+        if not self.train_open:
+            return
+        self.train_open = False
+        self._losses.clear()
+        self.hook.drop_step(why)
+        self.hook.mode_steps[Mode.TRAIN] -= 1
 
     def write_step(self, mode: Mode, values: Mapping[str, Any]) -> None:
         """Write one whole ``EVAL`` or ``GLOBAL`` step of logged values (nothing if there are none)."""

@@ -49,6 +49,10 @@ from .writer import logger
 __all__ = ["Callback", "Hook"]
 
 
+class TrainInterrupted(Exception):
+    """A ``train()`` raised in a step; seen when ``train()`` is called again."""
+
+
 def _any_rank(flag: bool) -> bool:
     """``flag`` on any process of the ``torch.distributed`` group (one all-reduce), or ``flag`` alone."""
     dist = torch.distributed
@@ -129,9 +133,29 @@ class Callback(TrainerCallback):
 
     # ------------------------------------------------------------- training
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
-        """Open the run; resumed from a checkpoint, the ``TRAIN`` steps are numbered on from its ``global_step``."""
+        """Open the run; resumed from a checkpoint, the ``TRAIN`` steps are numbered on from its ``global_step``.
+
+        After a ``train()`` that raised (a Ctrl-C in a notebook, an error in ``compute_metrics``)
+        the run goes on: the step it finished is written with its logs, the step it left
+        unfinished is dropped and its number taken by the next step, as the Trainer counts.
+        """
+        steps = self._open(args)
+        if self._training:  # the train() before never reached on_train_end: it raised
+            if self._pending:
+                self._flush(None)
+            steps.drop_train(TrainInterrupted("the train() before raised in it"))
         self._training = True
-        self._open(args).number_on(Mode.TRAIN, state.global_step)
+        steps.number_on(Mode.TRAIN, state.global_step)
+        last = steps.hook.mode_steps.get(Mode.TRAIN, -1)
+        if state.global_step <= last:
+            logger.warning(
+                "tensortap: train() goes on from the Trainer's global_step %d, but this run already holds TRAIN "
+                "steps up to %d: its steps are numbered on from %d, not as the Trainer counts (give a new training "
+                "a new out_dir)",
+                state.global_step,
+                last,
+                last + 1,
+            )
 
     def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
         steps = self._steps
@@ -148,11 +172,16 @@ class Callback(TrainerCallback):
             steps.offer_gradients(unwrap(model).named_parameters())
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
-        """The step is over; it is written when the logs that follow it are in. Act on a stop request."""
-        steps = self._steps
+        """The step is over: offer the weights it produced; it is written when the logs that follow it are in.
+
+        Act on a stop request.
+        """
+        steps, model = self._steps, kw.get("model")
         if steps is None or self.hook is None:
             return
         self._pending = steps.train_open
+        if self._pending and model is not None:
+            steps.offer_parameters(unwrap(model).named_parameters())
         stop = self.hook.should_stop
         if args.world_size > 1:
             stop = self.hook.mode_step % self.stop_sync_steps == 0 and _any_rank(stop)
@@ -226,11 +255,12 @@ class Callback(TrainerCallback):
         for entry in self._logs:
             logs.update(entry)
         self._logs.clear()
-        if self._pending or steps.train_open:
-            if self._pending:  # logged right after the step: they belong to it
-                if steps.hook.is_saving():
-                    steps.offer_logged(logs)
-                logs = {}
+        if self._pending:  # logged right after the step: they belong to it; its weights are offered
+            if steps.hook.is_saving():
+                steps.offer_logged(logs)
+            logs = {}
             self._pending = False
+            steps.end_train(())
+        elif steps.train_open:
             steps.end_train(unwrap(model).named_parameters() if model is not None else ())
         steps.write_step(Mode.GLOBAL, logs)

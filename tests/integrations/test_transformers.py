@@ -256,6 +256,103 @@ def test_resumed_training_numbers_steps_on_from_the_checkpoint(tmp_path: Path) -
         np.testing.assert_allclose(loss, logged[step])
 
 
+class AfterStep(transformers.TrainerCallback):  # type: ignore[misc]
+    """Records the parameters after each optimizer step (by the Trainer's 0-based step) and the gradients applied."""
+
+    def __init__(self) -> None:
+        self.params: dict[int, dict[str, np.ndarray]] = {}
+        self.grads: dict[int, dict[str, np.ndarray]] = {}
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
+        self.grads[state.global_step] = {n: p.grad.numpy().copy() for n, p in model.named_parameters()}
+
+    def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
+        self.params[state.global_step - 1] = {n: p.detach().numpy().copy() for n, p in model.named_parameters()}
+
+
+def test_a_train_interrupted_by_ctrl_c_and_resumed_in_the_same_process(tmp_path: Path) -> None:
+    """A notebook: Ctrl-C in step 4 of train(), then train(resume_from_checkpoint=True) with the same Trainer.
+
+    The unfinished step was written as a TRAIN step (the weights of the step before, no loss) and the resumed
+    steps were numbered one after the Trainer's.
+    """
+    out = tmp_path / "trial"
+    after = AfterStep()
+
+    class CtrlC(transformers.TrainerCallback):  # type: ignore[misc]
+        armed = True
+
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if self.armed and state.global_step == 3:
+                self.armed = False
+                raise KeyboardInterrupt
+
+    trainer = transformers.Trainer(
+        model=tiny_bert(),
+        args=arguments(tmp_path, max_steps=6, save_strategy="steps", save_steps=3),
+        train_dataset=Rows(64, 0),
+        callbacks=[tth.Callback(out, save_config=EVERY_STEP), CtrlC(), after],
+    )
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    trainer.train(resume_from_checkpoint=True)
+    trial = tensortap.create_trial(out)
+    assert trial.steps(mode=Mode.TRAIN) == list(range(6)) and trainer.state.global_step == 6
+    logged = {h["step"] - 1: h["loss"] for h in trainer.state.log_history if "loss" in h}
+    got = trial.tensor("losses/loss").values(mode=Mode.TRAIN)
+    assert sorted(got) == sorted(logged) == list(range(6))
+    np.testing.assert_allclose([got[s] for s in range(6)], [logged[s] for s in range(6)], rtol=1e-6)
+    for step in range(6):
+        for name in ("classifier.weight", "bert.pooler.dense.bias"):
+            np.testing.assert_array_equal(trial.tensor(name).value(step, mode=Mode.TRAIN), after.params[step][name])
+            np.testing.assert_array_equal(
+                trial.tensor(f"gradients/{name}").value(step, mode=Mode.TRAIN), after.grads[step][name]
+            )
+    assert trial.end_reasons() == {"worker_0": "closed"}
+
+
+def test_the_weights_of_a_step_before_an_evaluation_that_raised_are_the_steps(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """compute_metrics raised in the evaluation after the Trainer's step 3; train() resumed from checkpoint-2.
+
+    The step was finished: it is kept, with its loss and the weights it produced (they were read when the
+    resumed train() had already loaded checkpoint-2's). The resumed Trainer does step 3 again: the run cannot
+    hold it twice, so its steps are numbered on, with a warning.
+    """
+    out = tmp_path / "trial"
+    broken = [True]
+    after = AfterStep()
+
+    def accuracy(p: Any) -> dict[str, float]:
+        if broken[0]:
+            raise RuntimeError("a bug in compute_metrics")
+        return {"accuracy": float((p.predictions.argmax(-1) == p.label_ids).mean())}
+
+    trainer = transformers.Trainer(
+        model=tiny_bert(),
+        args=arguments(tmp_path, max_steps=4, eval_strategy="steps", eval_steps=3, save_strategy="steps", save_steps=2),
+        train_dataset=Rows(64, 0),
+        eval_dataset=Rows(16, 1),
+        compute_metrics=accuracy,
+        callbacks=[tth.Callback(out, save_config=EVERY_STEP), after],
+    )
+    with pytest.raises(RuntimeError, match="compute_metrics"):
+        trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    third = after.params[2]
+    broken[0] = False
+    with caplog.at_level("WARNING", logger="tensortap"):
+        trainer.train(resume_from_checkpoint=True)
+    assert "numbered on from 3, not as the Trainer counts" in caplog.text
+    trial = tensortap.create_trial(out)
+    assert trial.steps(mode=Mode.TRAIN) == list(range(5))
+    got = trial.tensor("losses/loss").values(mode=Mode.TRAIN)
+    np.testing.assert_allclose([got[0], got[1], got[2]], losses, rtol=1e-6)
+    for name in ("classifier.weight", "bert.pooler.dense.bias"):
+        np.testing.assert_array_equal(trial.tensor(name).value(2, mode=Mode.TRAIN), third[name])
+
+
 def test_bad_configuration_fails_at_construction(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="include_collections"):
         tth.Callback(tmp_path, include_collections=["nope"])
