@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 try:
     import torch
@@ -42,11 +42,44 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 if not hasattr(TrainerCallback, "on_pre_optimizer_step"):  # pragma: no cover - depends on the environment
     raise ImportError('tensortap.transformers needs Transformers 4.46 or newer: pip install "tensortap[transformers]"')
 
+from ..config import Collection, SaveConfig
 from ..modes import Mode
-from .trainers import Hook, StepCapture, check_hook_kwargs, check_stop_sync_steps, open_run, unwrap
+from . import trainers
+from .trainers import StepCapture, check_hook_kwargs, check_stop_sync_steps, open_run, unwrap
 from .writer import logger
 
 __all__ = ["Callback", "Hook"]
+
+
+class Hook(trainers.Hook):
+    """The capture core of the Trainer: by default also what the Trainer logs, at every step it logs it.
+
+    The Trainer logs after its step ``k * logging_steps`` (``TRAIN`` step ``k * logging_steps - 1``),
+    never on the every-100th ``TRAIN`` step that the default saves: without a ``save_config``,
+    the ``losses`` and ``metrics`` collections are saved at every step (only the steps with a log
+    hold any). A ``save_config`` given applies to them too, unless ``collection_configs`` sets
+    their own.
+
+    Parameters
+    ----------
+    out_dir
+        Local directory or fsspec URL of the trial.
+    save_config
+        As :class:`tensortap.capture.trainers.Hook`.
+    **kwargs
+        As :class:`tensortap.capture.Hook`.
+    """
+
+    collection_defaults: ClassVar[Mapping[str, Mapping[str, Any]]] = {
+        "losses": {"save_config": SaveConfig(save_interval=1)},
+        "metrics": {"save_config": SaveConfig(save_interval=1)},
+    }
+
+    def __init__(self, out_dir: str | os.PathLike[str], save_config: Any = None, **kwargs: Any) -> None:
+        if save_config is not None:  # the user's save_config is for every collection without its own
+            given = dict(kwargs.get("collection_configs") or {})
+            kwargs["collection_configs"] = {n: Collection(n) for n in self.collection_defaults} | given
+        super().__init__(out_dir, save_config, **kwargs)
 
 
 class TrainInterrupted(Exception):
@@ -92,7 +125,8 @@ class Callback(TrainerCallback):
         ``save_config``, ``include_collections``, ``reduction_config``, ``rules``, ...
         as :class:`tensortap.capture.Hook`, and ``stop_poll_seconds`` (minimum seconds
         between two looks for a stop request, default 1); checked here, at construction. The
-        default saves every 100th ``TRAIN`` step and every ``EVAL`` and ``GLOBAL`` step.
+        default saves every 100th ``TRAIN`` step, what the Trainer logs at every step it logs it
+        (:class:`Hook`), and every ``EVAL`` and ``GLOBAL`` step.
     """
 
     def __init__(self, out_dir: str | os.PathLike[str], *, stop_sync_steps: int = 10, **hook_kwargs: Any) -> None:
@@ -100,9 +134,9 @@ class Callback(TrainerCallback):
         self.out_dir = os.fspath(out_dir)
         self.hook_kwargs = hook_kwargs
         check_hook_kwargs(self.out_dir, hook_kwargs)
-        self.hook: Hook | None = None
+        self.hook: trainers.Hook | None = None
         self._steps: StepCapture | None = None
-        self._previous: Hook | None = None  # closed: a later event continues its run
+        self._previous: trainers.Hook | None = None  # closed: a later event continues its run
         self._training = False  # between on_train_begin and on_train_end
         self._pending = False  # a TRAIN step ended; logs may still come for it
         self._logs: list[dict[str, Any]] = []

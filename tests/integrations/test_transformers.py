@@ -125,6 +125,26 @@ def test_train_captures_what_the_trainer_computed(tmp_path: Path) -> None:
     assert trial.end_reasons() == {"worker_0": "closed"}
 
 
+def test_the_default_saves_every_value_the_trainer_logs_at_its_step(tmp_path: Path) -> None:
+    """The Trainer logs after its step 10 (TRAIN step 9), never on the every-100th step the default saves."""
+    out = tmp_path / "trial"
+    trainer = transformers.Trainer(
+        model=tiny_bert(),
+        args=arguments(tmp_path, max_steps=20, logging_steps=10),
+        train_dataset=Rows(32, 0),
+        callbacks=[tth.Callback(out)],
+    )
+    trainer.train()
+    trial = tensortap.create_trial(out)
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    for name in ("losses/loss", "metrics/grad_norm", "metrics/learning_rate"):
+        got = trial.tensor(name).values(mode=Mode.TRAIN)
+        assert sorted(got) == [h["step"] - 1 for h in logs] == [9, 19], name
+        np.testing.assert_allclose([got[9], got[19]], [h[name.split("/")[1]] for h in logs])
+    assert trial.tensor("gradients/classifier.weight").steps(mode=Mode.TRAIN) == [0], "every 100th step"
+    assert trial.tensor("classifier.weight").steps(mode=Mode.TRAIN) == [0]
+
+
 def test_gradient_accumulation_and_stop_request(tmp_path: Path) -> None:
     out = tmp_path / "trial"
     callback = tth.Callback(out, save_config=EVERY_STEP, include_collections=["losses"], stop_poll_seconds=0)
