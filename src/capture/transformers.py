@@ -219,6 +219,8 @@ class Callback(TrainerCallback):
         stop = self.hook.should_stop
         if args.world_size > 1:
             stop = self.hook.mode_step % self.stop_sync_steps == 0 and _any_rank(stop)
+            if stop and not self.hook.stop_channel.requested:  # another rank saw it: its end reason is ours
+                self.hook.stop_channel.poll(0)
         if stop:
             logger.info("tensortap: stop requested (%s); stopping training", self.hook.stop_reason)
             control.should_training_stop = True

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -195,6 +197,20 @@ def test_a_stop_request_stays_the_end_reason_after_evaluate_and_predict(tmp_path
     trial = tensortap.create_trial(out)
     assert trial.steps(mode=Mode.EVAL) == [0] and trial.steps(mode=Mode.PREDICT) == [0]
     assert trial.end_reasons() == {"worker_0": "stop_request"}, "training ended by the request, not closed"
+
+
+@pytest.mark.slow
+def test_every_rank_of_a_distributed_training_stopped_by_a_request_ends_with_stop_request(tmp_path: Path) -> None:
+    """Rank 1 stopped because rank 0 saw the request (the ranks agree); it recorded the end reason ``closed``."""
+    worker = Path(__file__).with_name("hf_ddp_worker.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(worker)]
+    proc = subprocess.run([*cmd, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trial = tensortap.create_trial(tmp_path / "trial")
+    assert trial.workers() == ["worker_0", "worker_1"]
+    for worker_name in trial.workers():
+        assert sorted(trial.tensor("losses/loss").values(mode=Mode.TRAIN, worker=worker_name)) == [0, 1]
+    assert trial.end_reasons() == {"worker_0": "stop_request", "worker_1": "stop_request"}
 
 
 def test_a_nan_evaluation_metric_is_saved_in_its_eval_step_only(tmp_path: Path) -> None:

@@ -1,0 +1,51 @@
+"""One rank of a Trainer's DDP training (gloo, CPU), started by ``torchrun`` from test_transformers.py.
+
+Usage: ``torchrun --standalone --nproc-per-node=2 hf_ddp_worker.py TMP_DIR``. Rank 0 requests a stop
+after the Trainer's step 2 and looks for it at every step; rank 1 looks once an hour, so it stops only
+because the ranks agree (``stop_sync_steps=1``). Both then ``evaluate()``, as the example scripts do.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_transformers import Rows, arguments, tiny_bert
+
+import tensortap
+import tensortap.transformers as tth
+
+
+def main(tmp: Path) -> None:
+    torch.set_num_threads(1)
+    out = tmp / "trial"
+    rank = int(os.environ["RANK"])
+
+    class StopAtTwo(transformers.TrainerCallback):  # type: ignore[misc]
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if state.global_step == 2 and rank == 0:
+                tensortap.create_trial(out).request_stop("enough")
+
+    callback = tth.Callback(
+        out, include_collections=["losses"], stop_poll_seconds=0 if rank == 0 else 3600, stop_sync_steps=1
+    )
+    trainer = transformers.Trainer(
+        model=tiny_bert(),
+        args=arguments(tmp, num_train_epochs=3, ddp_backend="gloo"),
+        train_dataset=Rows(64, 0),
+        eval_dataset=Rows(16, 1),
+        callbacks=[StopAtTwo(), callback],
+    )
+    trainer.train()
+    assert trainer.state.global_step == 2, trainer.state.global_step
+    trainer.evaluate()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
