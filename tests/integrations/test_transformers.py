@@ -147,6 +147,23 @@ def test_the_default_saves_every_value_the_trainer_logs_at_its_step(tmp_path: Pa
     assert trial.tensor("classifier.weight").steps(mode=Mode.TRAIN) == [0]
 
 
+def test_the_default_saves_every_predict_call(tmp_path: Path) -> None:
+    """PREDICT steps had the every-100th default: the metrics of every predict() after the first were dropped."""
+    out = tmp_path / "trial"
+    trainer = transformers.Trainer(
+        model=tiny_bert(),
+        args=arguments(tmp_path, max_steps=2),
+        train_dataset=Rows(16, 0),
+        callbacks=[tth.Callback(out)],
+    )
+    trainer.train()
+    losses = [trainer.predict(Rows(16, seed)).metrics["test_loss"] for seed in (1, 2)]
+    trial = tensortap.create_trial(out)
+    assert trial.steps(mode=Mode.PREDICT) == [0, 1]
+    got = trial.tensor("losses/test_loss").values(mode=Mode.PREDICT)
+    np.testing.assert_allclose([got[0], got[1]], losses)
+
+
 def test_gradient_accumulation_and_stop_request(tmp_path: Path) -> None:
     out = tmp_path / "trial"
     callback = tth.Callback(out, save_config=EVERY_STEP, include_collections=["losses"], stop_poll_seconds=0)
