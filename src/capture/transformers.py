@@ -55,7 +55,8 @@ class Hook(trainers.Hook):
     """The capture core of the Trainer: by default also what the Trainer logs, at every step it logs it.
 
     The Trainer logs after its step ``k * logging_steps`` (``TRAIN`` step ``k * logging_steps - 1``),
-    never on the every-100th ``TRAIN`` step that the default saves: without a ``save_config``,
+    seldom on an every-100th ``TRAIN`` step that the default saves (``logging_steps=10``: never);
+    without a ``save_config``,
     the ``losses`` and ``metrics`` collections are saved at every step (only the steps with a log
     hold any). A ``save_config`` given applies to them too, unless ``collection_configs`` sets
     their own.
