@@ -298,7 +298,10 @@ class Callback(pl.Callback):
             return hook.should_stop
         if hook.mode_step % self.stop_sync_steps:
             return False
-        return bool(trainer.strategy.reduce_boolean_decision(hook.should_stop, all=False))
+        stop = bool(trainer.strategy.reduce_boolean_decision(hook.should_stop, all=False))
+        if stop and not hook.stop_channel.requested:  # another rank saw it: its end reason is ours
+            hook.stop_channel.poll(0)
+        return stop
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """The epoch is over; its ``GLOBAL`` step is written once Lightning aggregated it.

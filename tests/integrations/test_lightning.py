@@ -335,3 +335,27 @@ def test_ddp_ranks_are_workers(tmp_path: Path) -> None:
     # DDP averages the gradients: both ranks applied the same ones
     np.testing.assert_allclose(grad.value(1, worker="worker_0"), grad.value(1, worker="worker_1"), rtol=1e-6)
     assert trial.end_reasons() == {"worker_0": "closed", "worker_1": "closed"}
+
+
+class StopAtStep2(Regressor):
+    """Rank 0 asks for a stop at its third batch (as an in-process rule would)."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        if self.global_rank == 0 and batch_idx == 2:
+            callback = next(c for c in self.trainer.callbacks if isinstance(c, ttl.Callback))
+            assert callback.hook is not None
+            callback.hook.request_stop("rank 0 saw it")
+        return super().training_step(batch, batch_idx)
+
+
+def test_every_ddp_rank_stopped_by_a_request_ends_with_stop_request(tmp_path: Path) -> None:
+    """Rank 1 stops because the ranks agreed (one all-reduce), before its own look into the trial."""
+    torch.manual_seed(0)
+    callback = ttl.Callback(tmp_path, save_config=EVERY_STEP, stop_sync_steps=1, stop_poll_seconds=3600)
+    trainer = L.Trainer(
+        max_epochs=1, strategy="ddp_fork", devices=2, limit_val_batches=0, callbacks=[callback], **TRAINER
+    )
+    trainer.fit(StopAtStep2(), loader(160, 0))
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.steps(mode=Mode.TRAIN) == [0, 1, 2], "both ranks stopped after the step of the request"
+    assert trial.end_reasons() == {"worker_0": "stop_request", "worker_1": "stop_request"}
