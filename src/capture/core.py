@@ -22,6 +22,7 @@ for errors of the capture path itself: storage, disk, the writer.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -174,6 +175,15 @@ def _as_collection(name: str, cfg: Collection | Mapping[str, Any]) -> Collection
     raise ValueError(f"collection_configs[{name!r}]: expected a Collection or a dict, got {cfg!r}")
 
 
+def _with_save_config(given: Collection | Mapping[str, Any], save_config: Any) -> Collection | Mapping[str, Any]:
+    """``given`` (a collection configuration), with ``save_config`` when it has none."""
+    if isinstance(given, Collection):
+        return given if given.save_config is not None else dataclasses.replace(given, save_config=save_config)
+    if isinstance(given, Mapping) and given.get("save_config") is None:
+        return {**given, "save_config": save_config}
+    return given
+
+
 def _default_rank() -> int:
     for var in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID"):
         if os.environ.get(var, "").isdigit():
@@ -236,7 +246,7 @@ class Hook:
     framework: ClassVar[str] = "numpy"
     default_collections: ClassVar[tuple[str, ...]] = ("weights", "biases", "gradients", "losses", "metrics")
     default_interval: ClassVar[int] = 100
-    # per-collection defaults an adapter sets, e.g. a coarser interval for SHAP
+    # per-collection defaults an adapter sets, e.g. a coarser interval for SHAP (see _collection_configs)
     collection_defaults: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
     ops: TensorOps = TensorOps()
     # minimum seconds between two looks for a stop request (class or instance attribute)
@@ -272,9 +282,7 @@ class Hook:
         if not isinstance(self.shard_policy, ShardPolicy):
             raise ValueError(f"shard_policy: expected a ShardPolicy, got {shard_policy!r}")
         self.collections: dict[str, Collection] = {n: Collection(n) for n in BUILTIN_COLLECTIONS}
-        for name, cfg in self.collection_defaults.items():
-            self.collections[name] = Collection(name=name, **dict(cfg))
-        for name, given in (collection_configs or {}).items():
+        for name, given in self._collection_configs(save_config, collection_configs or {}).items():
             self.collections[name] = _as_collection(name, given)
         if include_regex:
             custom = self.collections["custom"]
@@ -737,6 +745,25 @@ class Hook:
             self.drop_step(exc)
             raise
         self.end_step()
+
+    def _collection_configs(
+        self, save_config: SaveConfigLike | None, given: Mapping[str, Collection | Mapping[str, Any]]
+    ) -> dict[str, Collection | Mapping[str, Any]]:
+        """The collection configurations: ``given``, with :attr:`collection_defaults` where they apply.
+
+        The defaults apply only when no ``save_config`` is given (an explicit ``save_config``
+        is for every collection without a configuration of its own); a configuration given
+        without a ``save_config`` keeps the default's.
+        """
+        if save_config is not None:
+            return dict(given)
+        configs: dict[str, Collection | Mapping[str, Any]] = {}
+        for name, default in self.collection_defaults.items():
+            own = given.get(name)
+            configs[name] = (
+                Collection(name, **dict(default)) if own is None else _with_save_config(own, default.get("save_config"))
+            )
+        return {**given, **configs}
 
     def require_capture(self, collection: str, reductions: Sequence[str] = (), raw: bool = False) -> None:
         """Make sure ``collection`` is saved with these reduction keys (and the raw tensor if ``raw``).

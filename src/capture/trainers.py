@@ -78,7 +78,8 @@ class Hook(core.Hook):
         stop_poll_seconds: float | None = None,
         **kwargs: Any,
     ) -> None:
-        if save_config is None:
+        if save_config is None:  # the defaults, collection_defaults included: decided before save_config is set
+            kwargs["collection_configs"] = self._collection_configs(None, kwargs.get("collection_configs") or {})
             every = SaveConfig(save_interval=1)
             save_config = {Mode.EVAL: every, Mode.GLOBAL: every}
         if stop_poll_seconds is not None:

@@ -42,7 +42,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 if not hasattr(TrainerCallback, "on_pre_optimizer_step"):  # pragma: no cover - depends on the environment
     raise ImportError('tensortap.transformers needs Transformers 4.46 or newer: pip install "tensortap[transformers]"')
 
-from ..config import Collection, SaveConfig
+from ..config import SaveConfig
 from ..modes import Mode
 from . import trainers
 from .trainers import StepCapture, check_hook_kwargs, check_stop_sync_steps, open_run, unwrap
@@ -59,7 +59,8 @@ class Hook(trainers.Hook):
     without a ``save_config``,
     the ``losses`` and ``metrics`` collections are saved at every step (only the steps with a log
     hold any). A ``save_config`` given applies to them too, unless ``collection_configs`` sets
-    their own.
+    their own; a configuration of theirs given without a ``save_config`` keeps every step
+    (:meth:`tensortap.capture.Hook._collection_configs`, as XGBoost's coarser defaults).
 
     Parameters
     ----------
@@ -75,12 +76,6 @@ class Hook(trainers.Hook):
         "losses": {"save_config": SaveConfig(save_interval=1)},
         "metrics": {"save_config": SaveConfig(save_interval=1)},
     }
-
-    def __init__(self, out_dir: str | os.PathLike[str], save_config: Any = None, **kwargs: Any) -> None:
-        if save_config is not None:  # the user's save_config is for every collection without its own
-            given = dict(kwargs.get("collection_configs") or {})
-            kwargs["collection_configs"] = {n: Collection(n) for n in self.collection_defaults} | given
-        super().__init__(out_dir, save_config, **kwargs)
 
 
 class TrainInterrupted(Exception):
