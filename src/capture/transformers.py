@@ -60,7 +60,7 @@ class Hook(trainers.Hook):
     the ``losses`` and ``metrics`` collections are saved at every step (only the steps with a log
     hold any). A ``save_config`` given applies to them too, unless ``collection_configs`` sets
     their own; a configuration of theirs given without a ``save_config`` keeps every step
-    (:meth:`tensortap.capture.Hook._collection_configs`, as XGBoost's coarser defaults).
+    (:attr:`collection_defaults`, as XGBoost's coarser defaults).
 
     Parameters
     ----------
