@@ -93,6 +93,12 @@ def _any_rank(flag: bool) -> bool:
     return bool(value.item())
 
 
+def _same(a: Any, b: Any) -> bool:
+    """Whether two logged values are the same: one object (a NaN), or equal numbers or strings."""
+    plain = (int, float, str)
+    return a is b or (isinstance(a, plain) and isinstance(b, plain) and a == b)
+
+
 def _holds(logged: Mapping[str, Any], metrics: Mapping[str, Any]) -> bool:
     """Whether ``logged`` (a copy of what ``on_log`` got) holds every one of ``metrics``.
 
@@ -100,7 +106,7 @@ def _holds(logged: Mapping[str, Any], metrics: Mapping[str, Any]) -> bool:
     same object in both, so a NaN metric (a Pearson correlation of constant predictions,
     an ``eval_loss`` that overflowed) matches itself although ``nan != nan``.
     """
-    return all(k in logged and (logged[k] is v or logged[k] == v) for k, v in metrics.items())
+    return all(k in logged and _same(logged[k], v) for k, v in metrics.items())
 
 
 class Callback(TrainerCallback):
@@ -136,6 +142,7 @@ class Callback(TrainerCallback):
         self._training = False  # between on_train_begin and on_train_end
         self._pending = False  # a TRAIN step ended; logs may still come for it
         self._logs: list[dict[str, Any]] = []
+        self._warned_twice: set[str] = set()  # keys logged twice in a step, warned about
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "hook": None, "_steps": None, "_previous": None}
@@ -278,15 +285,31 @@ class Callback(TrainerCallback):
         self._flush(kw.get("model"))
         self.close()
 
+    def _merged_logs(self) -> dict[str, Any]:
+        """The logs since the last step's end, in one mapping; a key logged twice with two values (a ``loss``
+        the user logs in ``compute_loss``, then the Trainer's) keeps the last, with one warning per key."""
+        logs: dict[str, Any] = {}
+        for entry in self._logs:
+            for key, value in entry.items():
+                if key in logs and not _same(logs[key], value) and key not in self._warned_twice:
+                    self._warned_twice.add(key)
+                    logger.warning(
+                        "tensortap: %r was logged twice in one step (%r, then %r); the last is saved "
+                        "(log it under another name to keep both; this warning is not repeated)",
+                        key,
+                        logs[key],
+                        value,
+                    )
+                logs[key] = value
+        self._logs.clear()
+        return logs
+
     def _flush(self, model: torch.nn.Module | None) -> None:
         """End the pending ``TRAIN`` step with the logs that came after it; other logs make a ``GLOBAL`` step."""
         steps = self._steps
         if steps is None:
             return
-        logs: dict[str, Any] = {}
-        for entry in self._logs:
-            logs.update(entry)
-        self._logs.clear()
+        logs = self._merged_logs()
         if self._pending:  # logged right after the step: they belong to it; its weights are offered
             if steps.hook.is_saving():
                 steps.offer_logged(logs)

@@ -412,3 +412,28 @@ def test_bad_configuration_fails_at_construction(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="stop_poll_seconds"):
         tth.Callback(tmp_path, stop_poll_seconds=-1)
     assert not list(tmp_path.iterdir())
+
+
+def test_a_key_logged_twice_in_a_step_keeps_the_last_and_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A ``loss`` the user logs in ``compute_loss`` and the Trainer's ``loss`` after the step: one is saved."""
+
+    class Logging(transformers.Trainer):  # type: ignore[misc]
+        def compute_loss(self, model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+            loss = super().compute_loss(model, inputs, *args, **kwargs)
+            self.log({"loss": 123.0})
+            return loss
+
+    trainer = Logging(
+        model=tiny_bert(),
+        args=arguments(tmp_path, max_steps=3),
+        train_dataset=Rows(32, 0),
+        callbacks=[tth.Callback(tmp_path / "trial", save_config=EVERY_STEP)],
+    )
+    trainer.train()
+    trial = tensortap.create_trial(tmp_path / "trial")
+    trainer_losses = [e["loss"] for e in trainer.state.log_history if "loss" in e and e["loss"] != 123.0]
+    saved = trial.tensor("losses/loss").values(mode=Mode.TRAIN)
+    np.testing.assert_allclose([saved[s] for s in range(3)], trainer_losses, rtol=1e-6)
+    assert caplog.text.count("'loss' was logged twice in one step (123.0, then ") == 1
