@@ -262,6 +262,23 @@ def test_a_value_logged_at_a_later_batch_end_hook_is_saved_with_its_step(
     assert "logged after the last step" not in caplog.text
 
 
+def test_a_step_left_open_for_the_modules_batch_end_ends_before_a_validation_mid_epoch(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = LateLogger()
+    model.seen = []  # type: ignore[attr-defined]
+    callback = ttl.Callback(tmp_path, save_config=EVERY_STEP)
+    trainer = L.Trainer(max_epochs=2, val_check_interval=0.5, callbacks=[callback], **TRAINER)
+    trainer.fit(model, loader(32, 0), loader(8, 1))
+    trial = tensortap.create_trial(tmp_path)
+    order = [(m.name, s) for m, s in (trial.mode_step(g) or (Mode.GLOBAL, -1) for g in trial.steps())]
+    # 4 batches an epoch, validation after the 2nd and the 4th: each TRAIN step written before it
+    epoch = [("TRAIN", 0), ("TRAIN", 1), ("EVAL", 0), ("TRAIN", 2), ("TRAIN", 3), ("EVAL", 1), ("GLOBAL", 0)]
+    assert order[:7] == epoch and len(order) == 14
+    late = trial.tensor("metrics/late").values(mode=Mode.TRAIN)
+    assert {s: float(v) for s, v in late.items()} == {s: s + 1.0 for s in range(8)}
+    assert trial.tensor("metrics/late").steps(mode=Mode.EVAL) == []
+
+
 def test_a_stop_request_ends_fit_when_the_module_has_its_own_on_train_batch_end(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = LateLogger(lr=50.0)
