@@ -52,6 +52,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from ..modes import Mode
 from . import core
+from .stop import agreed
 from .trainers import Hook, StepCapture, check_hook_kwargs, check_stop_sync_steps, open_run
 from .writer import exception_text, logger
 
@@ -294,14 +295,12 @@ class Callback(pl.Callback):
         hook = self.hook
         if hook is None:
             return False
-        if trainer.world_size <= 1:
-            return hook.should_stop
-        if hook.mode_step % self.stop_sync_steps:
-            return False
-        stop = bool(trainer.strategy.reduce_boolean_decision(hook.should_stop, all=False))
-        if stop and not hook.stop_channel.requested:  # another rank saw it: its end reason is ours
-            hook.stop_channel.poll(0)
-        return stop
+
+        def any_rank(flag: int) -> int:  # Lightning's all-reduce, of any strategy
+            return int(trainer.strategy.reduce_boolean_decision(bool(flag), all=False))
+
+        reduce = any_rank if trainer.world_size > 1 else None
+        return agreed(hook.mode_step, self.stop_sync_steps, hook.stop_channel, hook.stop_poll_seconds, reduce)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """The epoch is over; its ``GLOBAL`` step is written once Lightning aggregated it.

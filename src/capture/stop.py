@@ -16,7 +16,7 @@ Interface::
     channel.poll(poll_seconds=1.0) -> bool                     # rate-limited look
     channel.reason -> str | None
     agree(channel.poll(), all_reduce_max) -> bool              # any rank asked => all stop
-    agreed(step, every=10, poll=channel.poll, all_reduce_max=...) -> bool  # agree every 10 steps
+    agreed(step, every=10, channel, poll_seconds, all_reduce_max=...) -> bool  # agree every 10 steps
 """
 
 from __future__ import annotations
@@ -137,14 +137,21 @@ def agree(flag: bool, all_reduce_max: AllReduceMax | None) -> bool:
     return bool(all_reduce_max(1 if flag else 0))
 
 
-def agreed(step: int, every: int, poll: Callable[[], bool], all_reduce_max: AllReduceMax | None) -> bool:
+def agreed(
+    step: int, every: int, channel: StopChannel, poll_seconds: float, all_reduce_max: AllReduceMax | None
+) -> bool:
     """Whether to stop after ``step``; every rank gets the same answer at the same step.
 
-    Alone, :func:`poll` decides at every step. With several ranks they :func:`agree`
-    every ``every`` steps only (an all-reduce per step would cost too much).
+    Alone, ``channel.poll(poll_seconds)`` decides at every step. With several ranks they
+    :func:`agree` every ``every`` steps only (an all-reduce per step would cost too much);
+    a rank that stops on a request another rank saw first looks into the trial at once,
+    so that the request (its reason, the end reason ``stop_request``) is its own too.
     """
     if all_reduce_max is None:
-        return poll()
+        return channel.poll(poll_seconds)
     if step % max(int(every), 1):
         return False
-    return agree(poll(), all_reduce_max)
+    if not agree(channel.poll(poll_seconds), all_reduce_max):
+        return False
+    channel.poll(0)  # nothing to do where this rank saw it already
+    return True

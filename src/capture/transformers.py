@@ -45,6 +45,8 @@ if not hasattr(TrainerCallback, "on_pre_optimizer_step"):  # pragma: no cover - 
 from ..config import SaveConfig
 from ..modes import Mode
 from . import trainers
+from .stop import agreed
+from .torch.events import all_reduce_max
 from .trainers import StepCapture, check_hook_kwargs, check_stop_sync_steps, open_run, unwrap
 from .writer import logger
 
@@ -80,17 +82,6 @@ class Hook(trainers.Hook):
 
 class TrainInterrupted(Exception):
     """A ``train()`` raised in a step; seen when ``train()`` is called again."""
-
-
-def _any_rank(flag: bool) -> bool:
-    """``flag`` on any process of the ``torch.distributed`` group (one all-reduce), or ``flag`` alone."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return flag
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
-    value = torch.tensor([1 if flag else 0], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -219,12 +210,8 @@ class Callback(TrainerCallback):
         self._pending = steps.train_open
         if self._pending and model is not None:
             steps.offer_parameters(unwrap(model).named_parameters())
-        stop = self.hook.should_stop
-        if args.world_size > 1:
-            stop = self.hook.mode_step % self.stop_sync_steps == 0 and _any_rank(stop)
-            if stop and not self.hook.stop_channel.requested:  # another rank saw it: its end reason is ours
-                self.hook.stop_channel.poll(0)
-        if stop:
+        hook = self.hook
+        if agreed(hook.mode_step, self.stop_sync_steps, hook.stop_channel, hook.stop_poll_seconds, all_reduce_max()):
             logger.info("tensortap: stop requested (%s); stopping training", self.hook.stop_reason)
             control.should_training_stop = True
 

@@ -42,7 +42,8 @@ def main(out_dir: str, record_dir: str) -> None:
         weights_rank0_only=True,
         raise_on_stop=True,
     )
-    hook.stop_poll_seconds = 0.0
+    # rank 0 looks for the request at every step; rank 1 never by itself: it learns it from the agreement
+    hook.stop_poll_seconds = 0.0 if rank == 0 else 3600.0
     gen = torch.Generator().manual_seed(100 + rank)
     record: dict[str, np.ndarray] = {}
     for step in range(STEPS):

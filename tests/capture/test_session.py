@@ -172,14 +172,23 @@ def test_stop_channel_writes_polls_and_reads(tmp_path: Path) -> None:
     writer.close()
 
 
-def test_agreement_over_an_all_reduce() -> None:
+def test_agreement_over_an_all_reduce(tmp_path: Path) -> None:
     assert agree(True, None) and not agree(False, None)
     ranks = [False, True, False]
 
     def all_reduce_max(flag: int) -> int:
         return max(int(r) for r in ranks) | flag
 
+    asked, quiet = Writer(tmp_path / "asked"), Writer(tmp_path / "quiet")
+    asked.request_stop("enough")
     assert agree(False, all_reduce_max)
-    assert not agreed(3, 5, lambda: True, all_reduce_max)  # not an agreement step
-    assert agreed(5, 5, lambda: False, all_reduce_max)
-    assert agreed(3, 5, lambda: True, None)  # alone: every step
+    assert not agreed(3, 5, asked.stop_channel, 0.0, all_reduce_max)  # not an agreement step
+    assert agreed(3, 5, asked.stop_channel, 0.0, None)  # alone: every step
+    # another rank saw a request this one had not looked for yet (rate-limited): it reads it at once
+    late = StopChannel(quiet.storage)
+    assert not late.poll(0.0)
+    tensortap.create_trial(tmp_path / "quiet").request_stop("seen by rank 1")
+    assert agreed(5, 5, late, 3600.0, all_reduce_max)
+    assert late.requested and late.reason == "seen by rank 1"
+    asked.close()
+    quiet.close()

@@ -604,7 +604,8 @@ class Callback(keras.callbacks.Callback):
         Processes may see the request at different times; one leaving a data-parallel
         training alone would leave the others waiting in their next collective.
         """
-        return agreed(self.hook.mode_step, self.stop_sync_steps, lambda: self.hook.should_stop, self._reduce_max)
+        hook = self.hook
+        return agreed(hook.mode_step, self.stop_sync_steps, hook.stop_channel, hook.stop_poll_seconds, self._reduce_max)
 
     # ------------------------------------------------------------- variables
     def _name(self, path: str) -> str:

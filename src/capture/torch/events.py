@@ -162,7 +162,7 @@ def _distributed_rank() -> int | None:
     return None
 
 
-def _all_reduce_max() -> Callable[[int], int] | None:
+def all_reduce_max() -> Callable[[int], int] | None:
     """torch.distributed's all-reduce (max of one integer), or None outside a process group of 2+."""
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
@@ -639,7 +639,7 @@ class Hook(core.Hook):
 
     def _step_ended(self) -> None:
         if self.raise_on_stop and agreed(
-            self.mode_step, self.stop_sync_steps, lambda: self.should_stop, _all_reduce_max()
+            self.mode_step, self.stop_sync_steps, self.stop_channel, self.stop_poll_seconds, all_reduce_max()
         ):
             reason = self.stop_reason or "requested on another rank"
             self.close()
