@@ -53,7 +53,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 from ..modes import Mode
 from . import core
 from .stop import agreed
-from .trainers import Hook, StepCapture, check_hook_kwargs, check_stop_sync_steps, open_run
+from .trainers import Hook, StepCapture, check_hook_kwargs, check_stop_sync_steps, open_run, same_logged
 from .writer import exception_text, logger
 
 __all__ = ["Callback", "Hook", "callbacks_from_env"]
@@ -67,13 +67,6 @@ def _logged(trainer: pl.Trainer) -> dict[str, Any]:
     """
     out = {**trainer.callback_metrics, **trainer.logged_metrics}
     return {k: v for k, v in out.items() if f"{k}_step" not in out and f"{k}_epoch" not in out}
-
-
-def _same(a: Any, b: Any) -> bool:
-    """Whether two logged values are equal (Lightning may store a value again as a new tensor)."""
-    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-        return a.shape == b.shape and bool(torch.equal(a.detach().cpu(), b.detach().cpu()))
-    return a is b
 
 
 class Callback(pl.Callback):
@@ -184,7 +177,7 @@ class Callback(pl.Callback):
             now = _logged(module.trainer)
         except RuntimeError:  # the module is no longer attached to a trainer
             return
-        unsaved = sorted(k for k, v in now.items() if k not in self._seen or not _same(v, self._seen[k]))
+        unsaved = sorted(k for k, v in now.items() if k not in self._seen or not same_logged(v, self._seen[k]))
         if unsaved:
             logger.warning(
                 "tensortap: %s logged after the last step that could hold it; not captured: log it in training_step",

@@ -254,6 +254,17 @@ class StepCapture:
         self.hook.end_step()
 
 
+def same_logged(a: Any, b: Any) -> bool:
+    """Whether two logged values are the same: one object (a NaN matches itself), equal tensors of one
+    shape (Lightning may store a value again as a new tensor), or equal numbers or strings."""
+    if a is b:
+        return True
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and bool(torch.equal(a.detach().cpu(), b.detach().cpu()))
+    plain = (int, float, str)
+    return isinstance(a, plain) and isinstance(b, plain) and a == b
+
+
 def _number(value: Any) -> np.ndarray | None:
     """A logged value as a NumPy scalar or array; None for what is not numeric (strings, None)."""
     if isinstance(value, torch.Tensor):

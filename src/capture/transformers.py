@@ -47,7 +47,7 @@ from ..modes import Mode
 from . import trainers
 from .stop import agreed
 from .torch.events import all_reduce_max
-from .trainers import StepCapture, check_hook_kwargs, check_stop_sync_steps, open_run, unwrap
+from .trainers import StepCapture, check_hook_kwargs, check_stop_sync_steps, open_run, same_logged, unwrap
 from .writer import logger
 
 __all__ = ["Callback", "Hook"]
@@ -84,12 +84,6 @@ class TrainInterrupted(Exception):
     """A ``train()`` raised in a step; seen when ``train()`` is called again."""
 
 
-def _same(a: Any, b: Any) -> bool:
-    """Whether two logged values are the same: one object (a NaN), or equal numbers or strings."""
-    plain = (int, float, str)
-    return a is b or (isinstance(a, plain) and isinstance(b, plain) and a == b)
-
-
 def _holds(logged: Mapping[str, Any], metrics: Mapping[str, Any]) -> bool:
     """Whether ``logged`` (a copy of what ``on_log`` got) holds every one of ``metrics``.
 
@@ -97,7 +91,7 @@ def _holds(logged: Mapping[str, Any], metrics: Mapping[str, Any]) -> bool:
     same object in both, so a NaN metric (a Pearson correlation of constant predictions,
     an ``eval_loss`` that overflowed) matches itself although ``nan != nan``.
     """
-    return all(k in logged and _same(logged[k], v) for k, v in metrics.items())
+    return all(k in logged and same_logged(logged[k], v) for k, v in metrics.items())
 
 
 class Callback(TrainerCallback):
@@ -278,7 +272,7 @@ class Callback(TrainerCallback):
         logs: dict[str, Any] = {}
         for entry in self._logs:
             for key, value in entry.items():
-                if key in logs and not _same(logs[key], value) and key not in self._warned_twice:
+                if key in logs and not same_logged(logs[key], value) and key not in self._warned_twice:
                     self._warned_twice.add(key)
                     logger.warning(
                         "tensortap: %r was logged twice in one step (%r, then %r); the last is saved "
