@@ -31,6 +31,7 @@ Interface
     session.offer_call(base, value, collections)  # one call of a module/layer: base, or base:<i>
                                                   # when called several times in the step
     session.offer_call(base, args, collections, keywords=kwargs)  # and its keyword arguments: base/<key>
+    session.mark() -> int; session.forget(start, stop)  # drop the calls offered between two marks
     session.guard(fn, *args)                      # run capture work; errors disable capture, never training
 
 Naming of nested values (:func:`flatten`, SPEC section 9): a single tensor, or
@@ -101,17 +102,18 @@ def unnamed(value: Any, is_tensor: IsTensor) -> set[str]:
     return set().union(*(unnamed(v, is_tensor) for _, v in _items(value)))
 
 
-def _leaves(value: Any, is_tensor: IsTensor) -> Iterator[Any]:
+def leaves(value: Any, is_tensor: IsTensor) -> Iterator[Any]:
+    """The tensors in a (nested) value, in the order :func:`flatten` names them."""
     if is_tensor(value):
         yield value
         return
     for _, v in _items(value):
-        yield from _leaves(v, is_tensor)
+        yield from leaves(v, is_tensor)
 
 
 def _walk(prefix: str, value: Any, is_tensor: IsTensor) -> Iterator[tuple[str, Any]]:
     if _count(value, is_tensor) == 1:
-        yield prefix, next(_leaves(value, is_tensor))
+        yield prefix, next(leaves(value, is_tensor))
         return
     for key, v in _items(value):
         yield from _walk(f"{prefix}/{key}", v, is_tensor)
@@ -140,14 +142,15 @@ def flatten(name: str, value: Any, is_tensor: IsTensor) -> list[tuple[str, Any]]
 
 
 class _Calls:
-    """The calls of one module/layer in the open step."""
+    """The calls of one module/layer in the open step, held until it is recorded."""
 
-    __slots__ = ("collections", "count", "first", "last")
+    __slots__ = ("collections", "count", "held", "last")
 
     def __init__(self, collections: tuple[str, ...]) -> None:
-        self.count = 0
-        self.first: list[tuple[str, Any]] = []
-        self.last: list[tuple[str, Any]] = []
+        self.count = 0  # calls in the step (forgotten ones not counted)
+        # (mark, named tensors) of calls 0 .. max_calls - 1, and of the last call beyond
+        self.held: list[tuple[int, list[tuple[str, Any]]]] = []
+        self.last: tuple[int, list[tuple[str, Any]]] | None = None
         self.collections = collections
 
 
@@ -186,6 +189,7 @@ class Session:
         self._calls: dict[str, _Calls] = {}
         self._warned_calls: set[str] = set()
         self._warned_unnamed: set[str] = set()  # bases whose values held something flatten() skips
+        self._marks = 0  # calls offered so far (see mark())
 
     # ------------------------------------------------------------ collections
     def may_save(self, *collections: str) -> bool:
@@ -267,40 +271,54 @@ class Session:
     ) -> None:
         """Offer one call's value as ``base`` (one call in the step) or ``base:<i>`` (several).
 
-        The first call is held (snapshotted) until a second call names it ``base:0`` or the
-        step ends; calls beyond :attr:`max_calls` replace a held last call. ``keywords``
-        (a call's keyword arguments) are named ``base/<key>`` (``base:<i>/<key>``), each by
-        :func:`flatten`, without changing the names of ``value``'s tensors.
+        Calls are held (snapshotted) until the step is recorded, which names them (or
+        :meth:`forget` drops some); calls beyond :attr:`max_calls` replace a held last call.
+        ``keywords`` (a call's keyword arguments) are named ``base/<key>`` (``base:<i>/<key>``),
+        each by :func:`flatten`, without changing the names of ``value``'s tensors.
         """
         calls = self._calls.get(base)
         if calls is None:
             calls = self._calls[base] = _Calls(tuple(collections))
-        i = calls.count
-        calls.count += 1
         tensors = flatten("", value, self.is_tensor)
         for key, v in (keywords or {}).items():
             tensors += flatten(f"/{key}", v, self.is_tensor)
         if base not in self._warned_unnamed:
             self._warn_unnamed(base, (value, keywords))
-        if i == 0:
-            calls.first = [(sub, self.snapshot(t)) for sub, t in tensors]
-        elif i < self.max_calls:
-            if i == 1:
-                self._offer_flat(f"{base}:0", calls.first, calls.collections)
-                calls.first = []
-            self._offer_flat(f"{base}:{i}", tensors, calls.collections)
-        else:
-            calls.last = [(sub, self.snapshot(t)) for sub, t in tensors]
-            if base not in self._warned_calls:
-                self._warned_calls.add(base)
-                logger.warning(
-                    "tensortap: %s is called more than %d times in step %d; calls %d and later are not saved, "
-                    "except the last of each step (raise max_calls to save more)",
-                    base,
-                    self.max_calls,
-                    self.hook.step,
-                    self.max_calls,
-                )
+        held = (self._marks, [(sub, self.snapshot(t)) for sub, t in tensors])
+        self._marks += 1
+        calls.count += 1
+        if calls.count <= self.max_calls:
+            calls.held.append(held)
+            return
+        calls.last = held
+        if base not in self._warned_calls:
+            self._warned_calls.add(base)
+            logger.warning(
+                "tensortap: %s is called more than %d times in step %d; calls %d and later are not saved, "
+                "except the last of each step (raise max_calls to save more)",
+                base,
+                self.max_calls,
+                self.hook.step,
+                self.max_calls,
+            )
+
+    def mark(self) -> int:
+        """A mark between the calls offered before now and those offered after (for :meth:`forget`)."""
+        return self._marks
+
+    def forget(self, start: int, stop: int) -> None:
+        """Drop the calls offered from mark ``start`` to mark ``stop`` (:meth:`mark`) in the open step.
+
+        The calls kept are numbered again in their order (a module called in a forward that
+        nothing trained on, then in the one trained on: ``base``, not ``base:1``).
+        """
+        for calls in self._calls.values():
+            kept = [call for call in calls.held if not start <= call[0] < stop]
+            calls.count -= len(calls.held) - len(kept)
+            calls.held = kept
+            if calls.last is not None and start <= calls.last[0] < stop:
+                calls.last = None
+                calls.count -= 1
 
     def _warn_unnamed(self, base: str, value: Any) -> None:
         """Once per ``base``: what of a call's value cannot be captured (a distribution, an object of its own)."""
@@ -321,6 +339,9 @@ class Session:
     def _offer_held(self) -> None:
         for base, calls in self._calls.items():
             if calls.count == 1:
-                self._offer_flat(base, calls.first, calls.collections)
-            elif calls.count > self.max_calls:
-                self._offer_flat(f"{base}:{calls.count - 1}", calls.last, calls.collections)
+                self._offer_flat(base, calls.held[0][1], calls.collections)
+                continue
+            for i, (_, tensors) in enumerate(calls.held):
+                self._offer_flat(f"{base}:{i}", tensors, calls.collections)
+            if calls.last is not None:
+                self._offer_flat(f"{base}:{calls.count - 1}", calls.last[1], calls.collections)

@@ -119,6 +119,25 @@ def test_repeated_calls_are_numbered_and_bounded(tmp_path: Path, caplog: pytest.
     assert len([r for r in caplog.records if "outputs/cell" in r.getMessage()]) <= 1
 
 
+def test_calls_forgotten_between_two_marks_are_not_saved_and_the_rest_numbered_again(tmp_path: Path) -> None:
+    writer, s = _session(tmp_path, max_calls=3)
+    s.open(Mode.TRAIN)
+    start = s.mark()
+    s.offer_call("outputs/fc", np.array([0.0]), ("outputs",))  # a forward no backward used
+    s.offer_call("losses/ce", np.array([9.0]), ("losses",))
+    stop = s.mark()
+    for i in (1.0, 2.0, 3.0):  # the batch trained on calls fc three times (the last beyond max_calls)
+        s.offer_call("outputs/fc", np.array([i]), ("outputs",))
+    s.offer_call("losses/ce", np.array([8.0]), ("losses",))
+    s.forget(start, stop)
+    s.finish()
+    writer.close()
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.tensor_names() == ["losses/ce", "outputs/fc:0", "outputs/fc:1", "outputs/fc:2"]
+    assert [float(trial.tensor(f"outputs/fc:{k}").value(0)[0]) for k in (0, 1, 2)] == [1.0, 2.0, 3.0]
+    assert float(trial.tensor("losses/ce").value(0)[0]) == 8.0
+
+
 def test_may_save_and_saving_count_regex_collections(tmp_path: Path) -> None:
     hook = tensortap.capture.Hook(
         tmp_path,

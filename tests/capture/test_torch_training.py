@@ -1364,3 +1364,114 @@ def test_a_batch_skipped_after_an_out_of_memory_error_is_not_saved_with_the_next
         assert float(_value(trial, "losses/loss", step)) == pytest.approx(loss)
         np.testing.assert_array_equal(_value(trial, "head.weight", step), weight)
     assert f"step 1 was interrupted by OutOfMemoryError: CUDA out of memory (in {where})" in caplog.text
+
+
+def _skipping_loop(
+    model: nn.Module, opt: torch.optim.Optimizer, criterion: nn.Module, how: str, accumulate: int, skip: int
+) -> list[dict[str, Any]]:
+    """Train on 7 batches, ``accumulate`` per optimizer step; batch ``skip`` is skipped after its forward, as real
+    loops do: ``if not torch.isfinite(loss): continue`` (a NaN in it), or a loss that raises, caught.
+
+    Returns each step's trained micro-batches: their head outputs and losses."""
+    gen = torch.Generator().manual_seed(2)
+    steps: list[dict[str, Any]] = [{"out": [], "loss": []}]
+    for i in range(7):
+        x, y = _batch(gen)
+        if i == skip and how == "nan":
+            x[0, 0] = float("nan")
+        if i == skip and how == "raises":
+            y[0] = 99  # out of range: cross_entropy raises
+        out = model(x)
+        try:
+            loss = criterion(out, y)
+        except IndexError:
+            continue
+        if not torch.isfinite(loss):
+            continue
+        (loss / accumulate).backward()
+        steps[-1]["out"].append(out.detach().numpy().copy())
+        steps[-1]["loss"].append(loss.item())
+        if len(steps[-1]["out"]) == accumulate:
+            opt.step()
+            opt.zero_grad()
+            steps.append({"out": [], "loss": []})
+    return steps[:-1]
+
+
+@pytest.mark.parametrize(("how", "accumulate", "skip"), [("nan", 1, 2), ("raises", 1, 2), ("nan", 2, 3)])
+def test_a_batch_skipped_after_its_forward_is_not_saved_with_the_next(
+    tmp_path: Path, how: str, accumulate: int, skip: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The skipped batch's forward ran in the step the next batch trains: its outputs and its registered loss
+    were saved there as a first call (``outputs/head:0``, ``losses/CrossEntropyLoss:0``) beside the trained
+    batch's (``:1``). No backward used them: they are not saved, with a warning naming the step. With gradient
+    accumulation, the step keeps its other micro-batches' (the skipped one is the second of three forwards)."""
+    torch.manual_seed(0)
+    model = _Flaky("nowhere")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    criterion = nn.CrossEntropyLoss()
+    with ttt.capture(
+        model,
+        tmp_path,
+        optimizer=opt,
+        loss=criterion,
+        save_config=EVERY_STEP,
+        include_collections=["losses", "outputs"],
+    ):
+        done = _skipping_loop(model, opt, criterion, how, accumulate, skip)
+    trial = _trial(tmp_path)
+    assert trial.steps() == list(range(len(done)))
+    for step, trained in enumerate(done):
+        names = ["outputs/head"] if accumulate == 1 else [f"outputs/head:{k}" for k in range(accumulate)]
+        for name, out in zip(names, trained["out"], strict=True):
+            np.testing.assert_array_equal(_value(trial, name, step), out, err_msg=f"{name} at step {step}")
+        losses = ["losses/CrossEntropyLoss"]
+        losses = losses if accumulate == 1 else [f"{losses[0]}:{k}" for k in range(accumulate)]
+        assert [float(_value(trial, name, step)) for name in losses] == pytest.approx(trained["loss"])
+    assert len(trial.tensor_names(regex="^outputs/head")) == accumulate, trial.tensor_names(regex="^outputs/head")
+    assert f"step {skip // accumulate}: a forward of _Flaky was followed by another" in caplog.text
+
+
+def test_forwards_a_step_trains_on_together_or_not_at_all_are_kept(tmp_path: Path) -> None:
+    """Two forwards one loss trains on (a siamese network), then one whose output is detached (a target
+    computed with gradients on): no forward of them was a skipped batch, each call is saved. In the GAN of
+    pytorch/examples' dcgan, G's forward is used only by the step's second backward: kept too."""
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(3)
+    seen = []
+    with ttt.capture(model, tmp_path, optimizer=opt, save_config=EVERY_STEP, include_collections=["outputs"]):
+        for _ in range(2):
+            (x1, _), (x2, _), (x3, _) = _batch(gen), _batch(gen), _batch(gen)
+            a, b = model(x1), model(x2)
+            target = model(x3).detach()
+            ((a - b) ** 2 + (a - target) ** 2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            seen.append([v.detach().numpy().copy() for v in (a, b, target)])
+    trial = _trial(tmp_path)
+    assert trial.tensor_names(regex="^outputs/Sequential") == [f"outputs/Sequential:{k}" for k in range(3)]
+    for step, values in enumerate(seen):
+        for k, value in enumerate(values):
+            np.testing.assert_array_equal(_value(trial, f"outputs/Sequential:{k}", step), value)
+
+    net_g, net_d = Generator(), Discriminator()
+    opt_d, opt_g = torch.optim.SGD(net_d.parameters(), lr=0.1), torch.optim.SGD(net_g.parameters(), lr=0.1)
+    hook = ttt.Hook(tmp_path / "gan", save_config=EVERY_STEP, include_collections=["outputs"])
+    hook.register_module(net_g, name="G")
+    hook.register_module(net_d, name="D")
+    hook.attach_optimizer(opt_d)
+    hook.attach_optimizer(opt_g)
+    criterion = nn.BCELoss()
+    real = torch.randn(6, 4, generator=gen)
+    criterion(net_d(real), torch.ones(6)).backward()
+    fake = net_g(torch.randn(6, 3, generator=gen))
+    criterion(net_d(fake.detach()), torch.zeros(6)).backward()  # does not reach G's forward
+    opt_d.step()
+    criterion(net_d(fake), torch.ones(6)).backward()  # does
+    opt_g.step()
+    hook.close()
+    trial = _trial(tmp_path / "gan")
+    assert trial.steps() == [0]
+    np.testing.assert_array_equal(_value(trial, "outputs/G", 0), fake.detach().numpy())
+    assert trial.tensor_names(regex="^outputs/D(:|$)") == [f"outputs/D:{k}" for k in range(3)]

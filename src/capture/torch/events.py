@@ -11,6 +11,9 @@ What a step is
   values given to :meth:`Hook.save_scalar`, :meth:`Hook.save_tensor` and
   :meth:`Hook.record_loss` (a value given after ``optimizer.step()`` is in the
   next step). A ``GradScaler`` step that skips the update is still a step.
+  A forward whose outputs no backward used before a later forward's were (a
+  batch skipped with ``continue``) is not saved in it (:meth:`Hook._forget_unused`);
+  a forward or backward that raised drops its step (:meth:`Hook._drop`).
 * **Explicit steps** (``explicit_steps=True``): :meth:`Hook.finish_step` alone ends TRAIN steps.
 * **Without optimizers, and in EVAL and PREDICT**: a step is one top-level
   forward of a registered module, with the loss, backward and values given
@@ -64,7 +67,7 @@ from torch import nn
 from ...exceptions import StopTrainingRequested
 from ...modes import Mode
 from .. import core
-from ..session import MAX_CALLS, Session
+from ..session import MAX_CALLS, Session, leaves
 from ..stop import agreed
 from ..writer import logger
 from . import patches
@@ -203,6 +206,23 @@ def _reaches(loss: torch.Tensor, params: Container[int]) -> bool:
 
 
 @dataclass
+class _Forward:
+    """A top-level forward of a registered module in a saved TRAIN step that goes on after it.
+
+    A pre-hook on the autograd nodes that made its outputs (this object) says when a backward uses
+    them; the nodes are not held here (they hold the forward's graph, activations included).
+    """
+
+    root: str
+    start: int  # the session's mark when it began: its calls, and its loss's, come after
+    followed: bool  # its outputs came out of autograd nodes (else, under no_grad, no backward can use them)
+    used: bool = False  # a backward went through them
+
+    def __call__(self, grad_outputs: Any) -> None:
+        self.used = True
+
+
+@dataclass
 class _Root:
     module: nn.Module  # the inner module (unwrapped)
     name: str  # outputs/<name> for its own outputs
@@ -300,6 +320,10 @@ class Hook(core.Hook):
         self._named: dict[int, torch.Tensor] = {}  # tensors the user named (registered loss, record_loss)
         self._scaled: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # scaled loss -> (it, the loss)
         self._grad_stash: dict[str, torch.Tensor] = {}
+        # its forwards, while it goes on after them and saves calls (a batch skipped between them is told apart)
+        self._forwards: list[_Forward] = []
+        self._forward_start: int | None = None  # the session's mark at the forward in progress
+        self._warned_unused: set[str] = set()  # roots with a forward nothing trained on, warned about
         # per-step switches, each one boolean test in the hooks
         self._io = self._losses = self._stash_grads = False
         patches.attach(self)
@@ -586,6 +610,7 @@ class Hook(core.Hook):
         ):
             self.relabel_step(Mode.PREDICT)  # a forward in train mode that nothing trained on
         self._io = self._losses = self._stash_grads = False
+        self.session.guard(self._forget_unused)
         self.session.finish()
         self._clear_step()
 
@@ -609,6 +634,47 @@ class Hook(core.Hook):
         self._named.clear()
         self._scaled.clear()
         self._grad_stash.clear()
+        self._forwards.clear()
+        self._forward_start = None
+
+    def _forget_unused(self) -> None:
+        """Drop what the step holds of forwards that no backward used before a later forward's was.
+
+        A loop that skips a batch after its forward (``if not loss.isfinite(): continue``, a loss
+        that raised and was caught) runs the next batch's forward in the same training step: the
+        skipped batch's outputs, inputs and named losses would be saved with it as a first call
+        (``outputs/fc:0`` beside ``outputs/fc:1``). They are not saved, with a warning per module
+        (then at INFO). A forward no backward used after the last one used is kept: it is part of
+        the step (a target computed with gradients on, then detached).
+        """
+        used = [i for i, f in enumerate(self._forwards) if f.used]
+        if not used:
+            return
+        for i, f in enumerate(self._forwards[: used[-1]]):
+            if f.used or not f.followed:
+                continue
+            self.session.forget(f.start, self._forwards[i + 1].start)
+            log = logger.info if f.root in self._warned_unused else logger.warning
+            self._warned_unused.add(f.root)
+            log(
+                "tensortap: step %d: a forward of %s was followed by another before any backward used its "
+                "outputs (a batch skipped with `continue`, or a loss that raised and was caught?); its outputs, "
+                "inputs and named losses are not saved, the step keeps those of the forward trained on. Run "
+                "forwards that are not trained on under torch.no_grad() to save them (later cases: at INFO)",
+                self.step,
+                f.root,
+            )
+
+    def _track_forward(self, root: _Root, output: Any) -> None:
+        """Follow the top-level forward that just ended: a pre-hook on the autograd nodes of its outputs."""
+        if self._forward_start is None:
+            return
+        nodes = {t.grad_fn for t in leaves(output, torch.is_tensor) if t.grad_fn is not None}
+        forward = _Forward(root.name, self._forward_start, followed=bool(nodes))
+        for node in nodes:
+            node.register_prehook(forward)
+        self._forwards.append(forward)
+        self._forward_start = None
 
     def _save_step_end(self) -> None:
         """At a saved step's end: losses not yet named, parameters, stashed gradients, optimizer state."""
@@ -669,6 +735,8 @@ class Hook(core.Hook):
             self.session.guard(self._follow_modules)
         self._tentative = False
         self._forwarded = self._ever_forwarded = True
+        if (self._io or self._losses) and self._spans_forwards():
+            self._forward_start = self.session.mark()
 
     def _on_root_post(self, root: _Root, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         if torch.compiler.is_compiling() or _in_backward():
@@ -682,6 +750,7 @@ class Hook(core.Hook):
             return
         if self._io and output is not None:
             self.session.guard(self._capture_io, root.name, args, kwargs, output)
+        self.session.guard(self._track_forward, root, output)
         if not self._spans_forwards():
             self.session.end()
 
