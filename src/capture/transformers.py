@@ -16,12 +16,14 @@ Steps (see :mod:`tensortap.capture.trainers` for the names):
   right after the step (every ``logging_steps``: ``loss``, averaged over the
   steps since the last log, ``grad_norm`` before clipping, ``learning_rate``,
   ``epoch``) is saved in it: ``losses/loss``, ``metrics/grad_norm``, ...
+  So is the log of an epoch (``logging_strategy="epoch"``, written after
+  ``on_epoch_end``): it goes to the epoch's last step, the ``step`` that
+  ``trainer.state.log_history`` gives it.
 - ``EVAL``: one evaluation run: the metrics ``evaluate`` returned
   (``losses/eval_loss``, ``metrics/eval_accuracy``, ``metrics/eval_runtime``, ...).
 - ``PREDICT``: one ``predict`` call: the metrics it computed (``losses/test_loss``, ...).
-- ``GLOBAL``: what is logged apart from a step (``logging_strategy="epoch"``
-  logs after the epoch, the summary at the end of training:
-  ``losses/train_loss``, ``metrics/train_runtime``, ...).
+- ``GLOBAL``: what is logged apart from a step: the summary at the end of
+  training (``losses/train_loss``, ``metrics/train_runtime``, ...).
 
 Each process writes ``worker_<args.process_index>``. A stop request (``tensortap
 rules --stop-training``, ``Trial.request_stop``, an in-process rule) sets
@@ -94,6 +96,15 @@ def _holds(logged: Mapping[str, Any], metrics: Mapping[str, Any]) -> bool:
     return all(k in logged and same_logged(logged[k], v) for k, v in metrics.items())
 
 
+def _is_training_log(logs: Mapping[str, Any]) -> bool:
+    """Whether ``logs`` is the Trainer's log of the training loss (``_maybe_log_save_evaluate``).
+
+    It always holds ``loss`` and ``learning_rate`` (``grad_norm``, ``epoch``, ... may follow);
+    the summary of ``train()`` has ``train_loss`` instead, an evaluation ``eval_loss``.
+    """
+    return "loss" in logs and "learning_rate" in logs
+
+
 class Callback(TrainerCallback):
     """Capture a Transformers ``Trainer``'s ``train`` and ``evaluate`` into a tensortap trial.
 
@@ -126,6 +137,7 @@ class Callback(TrainerCallback):
         self._previous: trainers.Hook | None = None  # closed: a later event continues its run
         self._training = False  # between on_train_begin and on_train_end
         self._pending = False  # a TRAIN step ended; logs may still come for it
+        self._epoch_ended = False  # the pending step ended its epoch: the Trainer may log the epoch for it
         self._logs: list[dict[str, Any]] = []
         self._warned_twice: set[str] = set()  # keys logged twice in a step, warned about
 
@@ -217,12 +229,23 @@ class Callback(TrainerCallback):
         logs: Mapping[str, Any] | None = None,
         **kw: Any,
     ) -> None:
-        if logs:
-            self._open(args)
-            self._logs.append(dict(logs))
+        """Keep what was logged for the step it follows; the log of an epoch ends the epoch's last step."""
+        if not logs:
+            return
+        self._open(args)
+        if self._epoch_ended and not _is_training_log(logs):  # not the epoch's (the summary of train()): after it
+            self._flush(kw.get("model"))
+        self._logs.append(dict(logs))
+        if self._epoch_ended:  # the epoch's log: the step is complete
+            self._flush(kw.get("model"))
 
     def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
-        self._flush(kw.get("model"))
+        """The epoch's last step stays pending for the log of the epoch that may follow (``logging_strategy``
+        ``"epoch"``, or a callback's ``control.should_log``); any other log, or event, ends it first."""
+        if self._pending:
+            self._epoch_ended = True
+        else:
+            self._flush(kw.get("model"))
 
     def on_evaluate(
         self,
@@ -287,6 +310,7 @@ class Callback(TrainerCallback):
 
     def _flush(self, model: torch.nn.Module | None) -> None:
         """End the pending ``TRAIN`` step with the logs that came after it; other logs make a ``GLOBAL`` step."""
+        self._epoch_ended = False
         steps = self._steps
         if steps is None:
             return

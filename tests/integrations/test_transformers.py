@@ -437,3 +437,77 @@ def test_a_key_logged_twice_in_a_step_keeps_the_last_and_says_so(
     saved = trial.tensor("losses/loss").values(mode=Mode.TRAIN)
     np.testing.assert_allclose([saved[s] for s in range(3)], trainer_losses, rtol=1e-6)
     assert caplog.text.count("'loss' was logged twice in one step (123.0, then ") == 1
+
+
+class LogAtEpochEnd(transformers.TrainerCallback):  # type: ignore[misc]
+    """Asks the Trainer to log at each epoch's end too (after tensortap's callback saw the flag unset)."""
+
+    def on_epoch_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        control.should_log = True
+
+
+@pytest.mark.parametrize(
+    ("kw", "rows", "extra"),
+    [
+        pytest.param({"logging_strategy": "epoch", "num_train_epochs": 3}, 24, [], id="epoch"),
+        pytest.param(
+            {"logging_strategy": "epoch", "num_train_epochs": 3, "eval_strategy": "epoch"}, 24, [], id="epoch-eval"
+        ),
+        pytest.param(
+            {
+                "logging_strategy": "epoch",
+                "max_steps": 6,
+                "gradient_accumulation_steps": 2,
+                "per_device_train_batch_size": 4,
+            },
+            32,
+            [],
+            id="epoch-accumulation-max_steps-mid-epoch",
+        ),
+        pytest.param(
+            {"logging_strategy": "epoch", "logging_first_step": True, "num_train_epochs": 1},
+            8,
+            [],
+            id="epoch-end-logs-nothing-after-first-step",
+        ),
+        pytest.param(
+            {"logging_steps": 3, "num_train_epochs": 2, "eval_strategy": "epoch"}, 24, [], id="steps-log-at-epoch-end"
+        ),
+        pytest.param({"logging_steps": 2, "num_train_epochs": 2}, 24, [LogAtEpochEnd()], id="steps-and-a-callback"),
+    ],
+)
+def test_a_log_at_an_epochs_end_is_saved_in_the_train_step_it_follows(
+    tmp_path: Path, kw: dict[str, Any], rows: int, extra: list[Any]
+) -> None:
+    """``logging_strategy="epoch"`` logs the epoch's loss after ``on_epoch_end``: it was saved in a GLOBAL step.
+
+    Every training log is in the ``TRAIN`` step ``log_history`` names (its ``step - 1``), every evaluation in
+    its ``EVAL`` step, and the summary of ``train()`` alone in ``GLOBAL``, also when the epoch's end logs nothing.
+    """
+    out = tmp_path / "trial"
+    trainer = transformers.Trainer(
+        model=tiny_bert(),
+        args=arguments(tmp_path, **kw),
+        train_dataset=Rows(rows, 0),
+        eval_dataset=Rows(16, 1),
+        callbacks=[tth.Callback(out), *extra],
+    )
+    trainer.train()
+    trial = tensortap.create_trial(out)
+    history = trainer.state.log_history
+    logged = {h["step"] - 1: h for h in history if "loss" in h}
+    assert len(logged) == len([h for h in history if "loss" in h]), "one training log per step"
+    for name in ("losses/loss", "metrics/grad_norm", "metrics/learning_rate", "metrics/epoch"):
+        got = trial.tensor(name).values(mode=Mode.TRAIN)
+        assert sorted(got) == sorted(logged), name
+        np.testing.assert_allclose([got[s] for s in sorted(got)], [logged[s][name.split("/")[1]] for s in sorted(got)])
+    evals = [h["eval_loss"] for h in history if "eval_loss" in h]
+    assert trial.steps(mode=Mode.EVAL) == list(range(len(evals)))
+    if evals:
+        got = trial.tensor("losses/eval_loss").values(mode=Mode.EVAL)
+        np.testing.assert_allclose([got[s] for s in range(len(evals))], evals)
+    summary = next(h for h in history if "train_loss" in h)
+    assert trial.steps(mode=Mode.GLOBAL) == [0]
+    assert trial.tensor("losses/loss").steps(mode=Mode.GLOBAL) == []
+    np.testing.assert_allclose(trial.tensor("losses/train_loss").value(0, mode=Mode.GLOBAL), summary["train_loss"])
+    assert trial.tensor("metrics/train_runtime").steps(mode=Mode.TRAIN) == []
