@@ -339,3 +339,38 @@ def test_an_end_marker_that_a_resumed_run_removes_after_it_was_listed_is_no_prob
     second.close()
     trial.refresh()
     assert trial.end_reasons() == {"worker_0": "closed"} and trial.steps() == [0, 1, 2]
+
+
+def _steps_of(trial: tensortap.Trial) -> dict[int, float]:
+    return {s: float(v) for s, v in trial.tensor("a").values().items()}
+
+
+@pytest.mark.parametrize("first_run", ["ended", "ended, fewer records", "ended, as many records", "open"])
+def test_a_reader_held_across_an_overwrite_reads_the_new_run(
+    tmp_path: Path, first_run: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A notebook keeps a trial open while a training cell is run again with ``if_exists="overwrite"``: the new
+    run's records reuse the old ones' names, so the reader saw none of them, kept the old steps (their shards
+    now the new run's: checksum errors), then showed an empty trial, or refused the new records as another
+    process's. It forgets the old run, with one warning, and reads the new one."""
+    policy = ShardPolicy(max_steps=1)  # a record per step
+    old = Writer(tmp_path, shard_policy=policy)
+    n = {"ended, fewer records": 2, "ended, as many records": 3}.get(first_run, 4)
+    run_steps(old, n, value=lambda _, step: float(step))
+    if first_run == "open":
+        old.flush()  # published; the process goes on (a cell interrupted, its hook never closed)
+    else:
+        old.close()
+    trial = tensortap.create_trial(tmp_path)
+    before = _steps_of(trial)
+    with Writer(tmp_path, shard_policy=policy, if_exists="overwrite") as new:
+        run_steps(new, 3, value=lambda _, step: 100.0 + step)
+    trial.refresh()
+    assert before == {s: float(s) for s in range(len(before))}
+    assert _steps_of(trial) == {0: 100.0, 1: 101.0, 2: 102.0}
+    assert trial.steps() == [0, 1, 2] and trial.end_reasons() == {"worker_0": "closed"}
+    warned = [r.getMessage() for r in caplog.records if r.name == "tensortap"]
+    assert len(warned) == 1 and "worker_0 was overwritten by a new run" in warned[0], warned
+    assert trial.problems() == {}
+    if first_run == "open":
+        old.close()

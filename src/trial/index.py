@@ -646,6 +646,8 @@ class TrialIndex:
         self._ranged_once: set[str] = set()  # remote shards a value of which was read by range (read_raw)
         self._sorted: dict[Mode | None, list[int]] = {}  # sorted_steps(), until the steps change
         self._of_mode: dict[Mode, tuple[np.ndarray, np.ndarray]] | None = None  # steps_of_mode(), likewise
+        self._replaced = False  # a worker's run was replaced in this refresh: list again
+        self._looked: set[str] = set()  # workers whose records were looked at again for a foreign index record
 
     def _steps_changed(self) -> None:
         self._sorted.clear()
@@ -699,7 +701,9 @@ class TrialIndex:
         without an end marker whose process has ended (:func:`~tensortap.processes.process_gone`, looked
         at before the listings, so that everything it published is read here) ends, reason ``killed``,
         unless its worker record, read again (:meth:`_look_again`), names another process that resumed
-        its run. A worker that ended runs again when its run was resumed (see :meth:`_look_again`).
+        its run. A worker that ended runs again when its run was resumed (see :meth:`_look_again`). A
+        worker's record is read again too when index records read before are no longer listed, or one of
+        another run comes: a new run that overwrote the worker is read from its first record.
         """
         storage = self.storage
         none: list[str] = []
@@ -715,8 +719,12 @@ class TrialIndex:
         met = [w for w, _ in new if process_gone(self.workers[w].info)]  # checked after the listings: next round
         markers = self._records(layout.ENDS, ends)
         listed = {w for w, _ in markers}
-        # a resumed run removes the end marker; a killed worker's record is looked at until one resumes it
-        renewed = self._look_again([*gone, *(n for n in ended if self.workers[n].killed or n not in listed)])
+        # a resumed run removes the end marker; a killed worker's record is looked at until one resumes it; on
+        # local storage, where a read costs little, every ended worker's (a run overwritten and ended since the
+        # last refresh, with as many records, is seen by nothing else)
+        self._looked.clear()
+        again = [n for n in ended if storage.is_local or self.workers[n].killed or n not in listed]
+        renewed = self._look_again([*gone, *again])
         self._read_ends(markers)
         for worker in gone:
             if worker not in renewed and self.workers[worker].end is None:  # ended without its end marker
@@ -725,22 +733,30 @@ class TrialIndex:
         folders = self._index_folders(folders)
         listings = self._listings([(storage.entries, f"{layout.INDEX}/{w}") for w in folders], (none, none))
         new = []
+        removed = []  # workers whose records read before are gone: their run may have been overwritten
         for worker, (names, dirs) in zip(folders, listings, strict=True):
             seen = self._seen.setdefault(worker, set())
             new += [(worker, f"{layout.INDEX}/{worker}/{n}") for n in names if n not in seen and n.endswith(".json")]
+            if len(seen) > len(names):
+                removed.append(worker)
+                seen.intersection_update(names)  # looked at once
             for name in set(dirs).difference(names):  # a name in both is read, and warned about if it fails
                 self._warn_bad(f"{layout.INDEX}/{worker}/{name}", "a folder where index records belong; not read")
+        self._look_again(removed)
         after_end = set()  # workers that ended before this refresh and published since: resumed
         for worker, key, parsed in self._load(new, parse_index_record):
-            self._seen[worker].add(key.rsplit("/", 1)[1])  # once read (or warned about)
             if parsed is not None:
-                self._add_checked(worker, key, parsed)
+                self._add_checked(worker, key, parsed)  # may find the worker's run replaced, and forget what was seen
                 if worker in ended and self.workers[worker].end is not None:
                     after_end.add(worker)
+            self._seen[worker].add(key.rsplit("/", 1)[1])  # once read (or warned about)
         renewed = self._look_again(after_end)
         self._read_ends([(w, key) for w, key in markers if w in renewed])  # its records up to it are read above
-        if any(self.workers[w].end is None for w in met):
-            self.refresh()  # workers first met here whose process has ended: list again, now after the check
+        if self._replaced or any(self.workers[w].end is None for w in met):
+            # workers first met here whose process has ended: list again, now after the check; runs replaced:
+            # read their records from the first
+            self._replaced = False
+            self.refresh()
 
     def _read_ends(self, markers: Sequence[tuple[str, str]]) -> None:
         """Read the end markers ``(worker, key)`` of the workers that have not ended; one removed since it
@@ -750,29 +766,59 @@ class TrialIndex:
             self.workers[worker].end = end
 
     def _look_again(self, names: Iterable[str]) -> set[str]:
-        """Read the worker records of ``names`` again; return the workers whose run was resumed.
+        """Read the worker records of ``names`` again; return the workers whose run was resumed or replaced.
 
         A training resumed into the trial (a hook given the ``run_id`` of the worker's run, in this
         process or another) rewrites the worker record, for the process now writing, and removes the
         end marker. A worker whose record now is another one of the same run takes it: it has not
         ended (it may end again, by the end marker of the resumed run or as ``killed`` when its
-        process is gone). A record of another run (or none, or one not valid) changes nothing.
+        process is gone). A record of another run replaced the worker's data (``if_exists="overwrite"``):
+        what was read of the worker is forgotten (:meth:`_replace_run`). None, or one not valid,
+        changes nothing.
         """
         records = [(w, layout.worker_key(w)) for w in sorted(set(names))]
         renewed = set()
-        for worker, _, info in self._load(records, lambda record, _: check_worker_record(record)):
+        for worker, _, info in self._load(records, lambda record, _: check_worker_record(record), removed_ok=True):
             w = self.workers[worker]
             run = w.info.get("run_id")
-            if info is None or info == w.info or run is None or info.get("run_id") != run:
+            if info is None or info == w.info or run is None or info.get("run_id") is None:
                 continue
-            w.info, w.end, w.killed = info, None, False
+            if info["run_id"] == run:
+                w.info, w.end, w.killed = info, None, False
+            else:
+                self._replace_run(worker, info)
             renewed.add(worker)
         return renewed
+
+    def _replace_run(self, worker: str, info: dict[str, Any]) -> None:
+        """``worker``'s data was replaced by the run of the worker record ``info`` (a hook made with
+        ``if_exists="overwrite"``): forget its steps, tensors and records read so far (one warning), take
+        ``info``, and list the trial again in this refresh, to read the new run's records from the first
+        (they reuse the names of the old ones)."""
+        logger.warning(
+            "tensortap: %s was overwritten by a new run (run %s) since this trial read it; what was read of it "
+            "is forgotten, and its steps are now the new run's",
+            worker,
+            info["run_id"],
+        )
+        for shard in [shard for shard, listed in self.shards.items() if listed.worker == worker]:
+            self._forget_shard(shard)
+        self.shards.last.pop(worker, None)
+        self.workers[worker] = WorkerState(info=info)
+        self._seen[worker] = set()
+        mine = (f"{layout.INDEX}/{worker}/", f"{layout.SHARDS}/{worker}/", layout.end_key(worker))
+        for key in [key for key in self.bad_files if key.startswith(mine)]:
+            del self.bad_files[key]  # the new run's files, of the same names, are warned about afresh
+        self._replaced = True
 
     def _add_checked(self, worker: str, key: str, parsed: ParsedRecord) -> None:
         """Add the index record ``key`` of ``worker``, unless another process than the worker's wrote it."""
         w = self._worker(worker)
         run, claimed = parsed.record.get("run_id"), w.info.get("run_id")
+        if run is not None and claimed is not None and run != claimed and worker not in self._looked:
+            self._looked.add(worker)  # a new run overwrote the worker? (once a refresh)
+            self._look_again([worker])
+            claimed = self.workers[worker].info.get("run_id")
         if run is not None and claimed is not None and run != claimed:
             self._warn_bad(
                 key,
@@ -897,10 +943,18 @@ class TrialIndex:
             )
 
     def drop_shard(self, shard: str, why: str) -> None:
-        """Forget everything stored in ``shard`` (it cannot be read)."""
+        """Forget everything stored in ``shard`` (it cannot be read), with one warning saying ``why``."""
         self._warn_bad(shard, why)
+        self._forget_shard(shard)
+
+    def _forget_shard(self, shard: str) -> None:
+        """Forget everything stored in ``shard``, and close its reader."""
         for info in self.tensors.values():
             info.drop(shard)
+        reader = self._readers.pop(shard, None)
+        if reader is not None:
+            reader.close()
+        self._ranged_once.discard(shard)
         listed = self.shards.pop(shard, None)
         dropped = _NO_STEPS if listed is None else listed.steps
         if not len(dropped):
