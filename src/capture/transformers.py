@@ -111,7 +111,9 @@ class Callback(TrainerCallback):
     The hook that writes is created at the first training or evaluation event
     and closed at ``on_train_end``. An ``evaluate`` or ``predict`` outside
     ``train`` (alone, or after it) is written and closed at once, into the same
-    run: its steps are numbered on from the ones before.
+    run: its steps are numbered on from the ones before. A ``TRAIN`` step is written once the
+    logs that follow it are in: at the next step, or once an evaluation's first batch is done
+    (the Trainer logs before it evaluates), so an evaluation that raises does not lose it.
 
     Parameters
     ----------
@@ -136,7 +138,7 @@ class Callback(TrainerCallback):
         self._steps: StepCapture | None = None
         self._previous: trainers.Hook | None = None  # closed: a later event continues its run
         self._training = False  # between on_train_begin and on_train_end
-        self._pending = False  # a TRAIN step ended; logs may still come for it
+        self._pending = False  # a TRAIN step ended; logs may still come for it, until an evaluation begins
         self._epoch_ended = False  # the pending step ended its epoch: the Trainer may log the epoch for it
         self._logs: list[dict[str, Any]] = []
         self._warned_twice: set[str] = set()  # keys logged twice in a step, warned about
@@ -245,6 +247,17 @@ class Callback(TrainerCallback):
         if self._pending:
             self._epoch_ended = True
         else:
+            self._flush(kw.get("model"))
+
+    def on_prediction_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
+    ) -> None:
+        """An evaluation or prediction runs: the ``TRAIN`` step before it is complete, write it now.
+
+        The Trainer logs a step before it evaluates: a pending step has its logs, and an evaluation
+        that raises (a bug in ``compute_metrics``, out of memory, a Ctrl-C) cannot lose it.
+        """
+        if self._pending:
             self._flush(kw.get("model"))
 
     def on_evaluate(

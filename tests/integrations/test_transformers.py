@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -404,6 +405,78 @@ def test_the_weights_of_a_step_before_an_evaluation_that_raised_are_the_steps(
     np.testing.assert_allclose([got[0], got[1], got[2]], losses, rtol=1e-6)
     for name in ("classifier.weight", "bert.pooler.dense.bias"):
         np.testing.assert_array_equal(trial.tensor(name).value(2, mode=Mode.TRAIN), third[name])
+
+
+DIES_IN_ITS_SECOND_EVALUATION = """
+import json, sys
+from pathlib import Path
+
+import numpy as np
+import transformers
+
+sys.path.insert(0, sys.argv[1])
+from test_transformers import EVERY_STEP, AfterStep, Rows, arguments, tiny_bert
+
+import tensortap.transformers as tth
+
+tmp = Path(sys.argv[2])
+after = AfterStep()
+evaluations = []
+
+
+def accuracy(p):
+    evaluations.append(p)
+    if len(evaluations) == 2:  # what the script knew when it died
+        (tmp / "history.json").write_text(json.dumps(trainer.state.log_history))
+        np.savez(tmp / "after.npz", **{f"{s}:{n}": v for s, ps in after.params.items() for n, v in ps.items()})
+        raise RuntimeError("a bug in compute_metrics")
+    return {"accuracy": float((p.predictions.argmax(-1) == p.label_ids).mean())}
+
+
+trainer = transformers.Trainer(
+    model=tiny_bert(),
+    args=arguments(tmp, max_steps=6, eval_strategy="steps", eval_steps=2),
+    train_dataset=Rows(64, 0),
+    eval_dataset=Rows(16, 1),
+    compute_metrics=accuracy,
+    callbacks=[tth.Callback(tmp / "trial", save_config=EVERY_STEP), after],
+)
+trainer.train()
+"""
+
+
+@pytest.mark.slow
+def test_a_script_that_dies_in_an_evaluation_keeps_the_train_step_before_it(tmp_path: Path) -> None:
+    """compute_metrics raised in the evaluation after the Trainer's step 4 and the script died of it.
+
+    The step was finished and its log was in (the Trainer logs before it evaluates), but it was held for
+    late logs until the evaluation's end: the process exited with it in progress and it was lost.
+    """
+    here = str(Path(__file__).parent)
+    proc = subprocess.run(
+        [sys.executable, "-c", DIES_IN_ITS_SECOND_EVALUATION, here, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 1 and "RuntimeError: a bug in compute_metrics" in proc.stderr, proc.stderr[-3000:]
+    history = json.loads((tmp_path / "history.json").read_text())
+    after = np.load(tmp_path / "after.npz")
+    trial = tensortap.create_trial(tmp_path / "trial")
+    assert trial.steps(mode=Mode.TRAIN) == [0, 1, 2, 3], "every step finished before the evaluation that raised"
+    logged = {h["step"] - 1: h for h in history if "loss" in h}
+    assert sorted(logged) == [0, 1, 2, 3]
+    for name in ("losses/loss", "metrics/grad_norm", "metrics/learning_rate"):
+        got = trial.tensor(name).values(mode=Mode.TRAIN)
+        np.testing.assert_allclose([got[s] for s in range(4)], [logged[s][name.split("/")[1]] for s in range(4)])
+    for step in range(4):
+        for name in ("classifier.weight", "bert.pooler.dense.bias"):
+            np.testing.assert_array_equal(trial.tensor(name).value(step, mode=Mode.TRAIN), after[f"{step}:{name}"])
+    first = next(h for h in history if "eval_loss" in h)
+    assert trial.steps(mode=Mode.EVAL) == [0] and trial.steps(mode=Mode.GLOBAL) == []
+    np.testing.assert_allclose(trial.tensor("losses/eval_loss").value(0, mode=Mode.EVAL), first["eval_loss"])
+    assert trial.tensor("losses/eval_loss").steps(mode=Mode.TRAIN) == []
+    assert trial.end_reasons() == {"worker_0": "exception"}
 
 
 def test_bad_configuration_fails_at_construction(tmp_path: Path) -> None:
