@@ -285,14 +285,19 @@ class Callback(TrainerCallback):
     def _write_run(
         self, args: TrainingArguments, mode: Mode, metrics: Mapping[str, Any] | None, model: torch.nn.Module | None
     ) -> None:
-        """Write one evaluation or prediction run as a step of ``mode``; outside ``train``, close the run again."""
+        """Write one evaluation or prediction run as a step of ``mode``; outside ``train``, close the run again.
+
+        The logs that came during the run stay for the next step's end: a ``predict`` that a callback runs
+        in ``on_evaluate`` comes before the evaluation's log is matched to its metrics here.
+        """
         steps = self._open(args)
         metrics = dict(metrics or {})
         for i in range(len(self._logs) - 1, -1, -1):
             if metrics and _holds(self._logs[i], metrics):
                 del self._logs[i]
                 break
-        self._flush(model)
+        if steps.train_open:  # a run without a batch (on_prediction_step ends the step before it)
+            self._flush(model)
         steps.write_step(mode, metrics)
         if not self._training:
             self.close()

@@ -479,6 +479,46 @@ def test_a_script_that_dies_in_an_evaluation_keeps_the_train_step_before_it(tmp_
     assert trial.end_reasons() == {"worker_0": "exception"}
 
 
+def test_a_predict_in_a_callbacks_on_evaluate_leaves_the_evaluations_log_to_it(tmp_path: Path) -> None:
+    """A callback before tensortap's predicts at each evaluation (a test set beside the validation set).
+
+    The evaluation had logged its metrics, not yet given them to ``on_evaluate``: the ``predict`` saved them
+    again, in the ``TRAIN`` step before (or a ``GLOBAL`` step).
+    """
+    out = tmp_path / "trial"
+    predicted: list[dict[str, float]] = []
+
+    class PredictToo(transformers.TrainerCallback):  # type: ignore[misc]
+        def on_evaluate(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            predicted.append(trainer.predict(Rows(8, 2)).metrics)
+
+    trainer = transformers.Trainer(
+        model=tiny_bert(),
+        args=arguments(tmp_path, max_steps=4, eval_strategy="steps", eval_steps=2),
+        train_dataset=Rows(32, 0),
+        eval_dataset=Rows(16, 1),
+        callbacks=[PredictToo(), tth.Callback(out, save_config=EVERY_STEP)],
+    )
+    trainer.train()
+    trial = tensortap.create_trial(out)
+    history = trainer.state.log_history
+    assert trial.steps(mode=Mode.TRAIN) == [0, 1, 2, 3]
+    logged = [h["loss"] for h in history if "loss" in h]
+    got = trial.tensor("losses/loss").values(mode=Mode.TRAIN)
+    np.testing.assert_allclose([got[s] for s in range(4)], logged)
+    evals = [h["eval_loss"] for h in history if "eval_loss" in h]
+    got = trial.tensor("losses/eval_loss").values(mode=Mode.EVAL)
+    assert sorted(got) == [0, 1]
+    np.testing.assert_allclose([got[0], got[1]], evals)
+    got = trial.tensor("losses/test_loss").values(mode=Mode.PREDICT)
+    assert sorted(got) == [0, 1]
+    np.testing.assert_allclose([got[0], got[1]], [p["test_loss"] for p in predicted])
+    for name in ("losses/eval_loss", "metrics/eval_runtime", "losses/test_loss"):
+        assert trial.tensor(name).steps(mode=Mode.TRAIN) == [], name
+        assert trial.tensor(name).steps(mode=Mode.GLOBAL) == [], name
+    assert trial.steps(mode=Mode.GLOBAL) == [0], "the summary of train() alone"
+
+
 def test_bad_configuration_fails_at_construction(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="include_collections"):
         tth.Callback(tmp_path, include_collections=["nope"])
