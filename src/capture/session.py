@@ -338,10 +338,10 @@ class Session:
 
     def _offer_held(self) -> None:
         for base, calls in self._calls.items():
-            if calls.count == 1:
-                self._offer_flat(base, calls.held[0][1], calls.collections)
-                continue
-            for i, (_, tensors) in enumerate(calls.held):
-                self._offer_flat(f"{base}:{i}", tensors, calls.collections)
+            named = [(f"{base}:{i}", tensors) for i, (_, tensors) in enumerate(calls.held)]
             if calls.last is not None:
-                self._offer_flat(f"{base}:{calls.count - 1}", calls.last[1], calls.collections)
+                named.append((f"{base}:{calls.count - 1}", calls.last[1]))
+            if calls.count == 1:  # one call (which forget() may have left as the last one beyond max_calls)
+                named = [(base, tensors) for _, tensors in named]
+            for name, tensors in named:
+                self._offer_flat(name, tensors, calls.collections)

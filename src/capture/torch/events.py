@@ -665,16 +665,14 @@ class Hook(core.Hook):
                 f.root,
             )
 
-    def _track_forward(self, root: _Root, output: Any) -> None:
-        """Follow the top-level forward that just ended: a pre-hook on the autograd nodes of its outputs."""
-        if self._forward_start is None:
-            return
+    def _track_forward(self, root: _Root, output: Any, start: int) -> None:
+        """Follow the top-level forward that began at mark ``start`` and just ended: a pre-hook on the
+        autograd nodes of its outputs."""
         nodes = {t.grad_fn for t in leaves(output, torch.is_tensor) if t.grad_fn is not None}
-        forward = _Forward(root.name, self._forward_start, followed=bool(nodes))
+        forward = _Forward(root.name, start, followed=bool(nodes))
         for node in nodes:
             node.register_prehook(forward)
         self._forwards.append(forward)
-        self._forward_start = None
 
     def _save_step_end(self) -> None:
         """At a saved step's end: losses not yet named, parameters, stashed gradients, optimizer state."""
@@ -750,7 +748,9 @@ class Hook(core.Hook):
             return
         if self._io and output is not None:
             self.session.guard(self._capture_io, root.name, args, kwargs, output)
-        self.session.guard(self._track_forward, root, output)
+        if self._forward_start is not None:
+            self.session.guard(self._track_forward, root, output, self._forward_start)
+            self._forward_start = None
         if not self._spans_forwards():
             self.session.end()
 
