@@ -733,8 +733,8 @@ class Hook(core.Hook):
             self.session.guard(self._follow_modules)
         self._tentative = False
         self._forwarded = self._ever_forwarded = True
-        if (self._io or self._losses) and self._spans_forwards():
-            self._forward_start = self.session.mark()
+        tracked = (self._io or self._losses) and self._spans_forwards()
+        self._forward_start = self.session.mark() if tracked else None
 
     def _on_root_post(self, root: _Root, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         if torch.compiler.is_compiling() or _in_backward():
