@@ -1370,35 +1370,41 @@ def _skipping_loop(
     model: nn.Module, opt: torch.optim.Optimizer, criterion: nn.Module, how: str, accumulate: int, skip: int
 ) -> list[dict[str, Any]]:
     """Train on 7 batches, ``accumulate`` per optimizer step; batch ``skip`` is skipped after its forward, as real
-    loops do: ``if not torch.isfinite(loss): continue`` (a NaN in it), or a loss that raises, caught.
+    loops do: ``if not torch.isfinite(loss): continue`` (a NaN in it), or a loss that raises, caught. With
+    ``how="amp"``, a NaN batch skipped in a loop with autocast (bfloat16) and a ``GradScaler``.
 
     Returns each step's trained micro-batches: their head outputs and losses."""
+    scaler = torch.amp.GradScaler("cpu", enabled=how == "amp")
     gen = torch.Generator().manual_seed(2)
     steps: list[dict[str, Any]] = [{"out": [], "loss": []}]
     for i in range(7):
         x, y = _batch(gen)
-        if i == skip and how == "nan":
+        if i == skip and how in ("nan", "amp"):
             x[0, 0] = float("nan")
         if i == skip and how == "raises":
             y[0] = 99  # out of range: cross_entropy raises
-        out = model(x)
-        try:
-            loss = criterion(out, y)
-        except IndexError:
-            continue
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=how == "amp"):
+            out = model(x)
+            try:
+                loss = criterion(out, y)
+            except IndexError:
+                continue
         if not torch.isfinite(loss):
             continue
-        (loss / accumulate).backward()
-        steps[-1]["out"].append(out.detach().numpy().copy())
+        scaler.scale(loss / accumulate).backward()
+        steps[-1]["out"].append(out.detach().float().numpy().copy())
         steps[-1]["loss"].append(loss.item())
         if len(steps[-1]["out"]) == accumulate:
-            opt.step()
+            scaler.step(opt)
+            scaler.update()
             opt.zero_grad()
             steps.append({"out": [], "loss": []})
     return steps[:-1]
 
 
-@pytest.mark.parametrize(("how", "accumulate", "skip"), [("nan", 1, 2), ("raises", 1, 2), ("nan", 2, 3)])
+@pytest.mark.parametrize(
+    ("how", "accumulate", "skip"), [("nan", 1, 2), ("raises", 1, 2), ("nan", 2, 3), ("amp", 1, 2), ("amp", 2, 3)]
+)
 def test_a_batch_skipped_after_its_forward_is_not_saved_with_the_next(
     tmp_path: Path, how: str, accumulate: int, skip: int, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -1424,7 +1430,8 @@ def test_a_batch_skipped_after_its_forward_is_not_saved_with_the_next(
     for step, trained in enumerate(done):
         names = ["outputs/head"] if accumulate == 1 else [f"outputs/head:{k}" for k in range(accumulate)]
         for name, out in zip(names, trained["out"], strict=True):
-            np.testing.assert_array_equal(_value(trial, name, step), out, err_msg=f"{name} at step {step}")
+            saved = _value(trial, name, step).astype(np.float32)
+            np.testing.assert_array_equal(saved, out, err_msg=f"{name} at step {step}")
         losses = ["losses/CrossEntropyLoss"]
         losses = losses if accumulate == 1 else [f"{losses[0]}:{k}" for k in range(accumulate)]
         assert [float(_value(trial, name, step)) for name in losses] == pytest.approx(trained["loss"])
