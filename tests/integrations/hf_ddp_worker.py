@@ -10,15 +10,13 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_transformers import Rows, arguments, tiny_bert
+from test_transformers import Rows, StopAt, arguments, tiny_bert
 
-import tensortap
 import tensortap.transformers as tth
 
 
@@ -26,11 +24,6 @@ def main(tmp: Path) -> None:
     torch.set_num_threads(1)
     out = tmp / "trial"
     rank = int(os.environ["RANK"])
-
-    class StopAtTwo(transformers.TrainerCallback):  # type: ignore[misc]
-        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            if state.global_step == 2 and rank == 0:
-                tensortap.create_trial(out).request_stop("enough")
 
     callback = tth.Callback(
         out, include_collections=["losses"], stop_poll_seconds=0 if rank == 0 else 3600, stop_sync_steps=1
@@ -40,7 +33,7 @@ def main(tmp: Path) -> None:
         args=arguments(tmp, num_train_epochs=3, ddp_backend="gloo"),
         train_dataset=Rows(64, 0),
         eval_dataset=Rows(16, 1),
-        callbacks=[StopAtTwo(), callback],
+        callbacks=[*([StopAt(out, 2)] if rank == 0 else []), callback],
     )
     trainer.train()
     assert trainer.state.global_step == 2, trainer.state.global_step

@@ -50,6 +50,17 @@ class Applied(transformers.TrainerCallback):  # type: ignore[misc]
         )
 
 
+class StopAt(transformers.TrainerCallback):  # type: ignore[misc]
+    """Request a stop of the training written to ``out`` at the end of the Trainer's step ``step``."""
+
+    def __init__(self, out: Path, step: int) -> None:
+        self.out, self.step = out, step
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if state.global_step == self.step:
+            tensortap.create_trial(self.out).request_stop("enough")
+
+
 def tiny_bert() -> Any:
     config = transformers.BertConfig(
         vocab_size=50,
@@ -169,16 +180,11 @@ def test_gradient_accumulation_and_stop_request(tmp_path: Path) -> None:
     out = tmp_path / "trial"
     callback = tth.Callback(out, save_config=EVERY_STEP, include_collections=["losses"], stop_poll_seconds=0)
 
-    class StopAtThree(transformers.TrainerCallback):  # type: ignore[misc]
-        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            if state.global_step == 3:
-                tensortap.create_trial(out).request_stop("enough")
-
     trainer = transformers.Trainer(
         model=tiny_bert(),
         args=arguments(tmp_path, num_train_epochs=5, gradient_accumulation_steps=2, per_device_train_batch_size=4),
         train_dataset=Rows(32, 0),
-        callbacks=[StopAtThree(), callback],
+        callbacks=[StopAt(out, 3), callback],
     )
     trainer.train()
     assert trainer.state.global_step == 3, "stopped right after the step that saw the request (4 per epoch)"
@@ -195,17 +201,12 @@ def test_a_stop_request_stays_the_end_reason_after_evaluate_and_predict(tmp_path
     """The example scripts evaluate after train(): that later call must not turn ``stop_request`` into ``closed``."""
     out = tmp_path / "trial"
 
-    class StopAtTwo(transformers.TrainerCallback):  # type: ignore[misc]
-        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            if state.global_step == 2:
-                tensortap.create_trial(out).request_stop("enough")
-
     trainer = transformers.Trainer(
         model=tiny_bert(),
         args=arguments(tmp_path, num_train_epochs=3),
         train_dataset=Rows(32, 0),
         eval_dataset=Rows(16, 1),
-        callbacks=[StopAtTwo(), tth.Callback(out, include_collections=["losses"], stop_poll_seconds=0)],
+        callbacks=[StopAt(out, 2), tth.Callback(out, include_collections=["losses"], stop_poll_seconds=0)],
     )
     trainer.train()
     assert trainer.state.global_step == 2
