@@ -251,6 +251,10 @@ class Hook:
     ops: TensorOps = TensorOps()
     # minimum seconds between two looks for a stop request (class or instance attribute)
     stop_poll_seconds: float = STOP_POLL_SECONDS
+    #: Set by an adapter while the step in progress is complete but not yet written (it waits for values
+    #: that come after it, or for the next step to record it): at exit, on SIGTERM or after an exception
+    #: (:meth:`close_for_exit`) the step is ended by calling it, instead of dropped. Cleared when called.
+    end_at_exit: Callable[[], None] | None = None
 
     def __init__(
         self,
@@ -876,6 +880,8 @@ class Hook:
     def close_for_exit(self, reason: str, error: str | None = None) -> None:
         """Close at interpreter exit, on SIGTERM or after an exception, dropping a step still in progress.
 
+        A step that :attr:`end_at_exit` says is complete is ended by it first.
+
         Parameters
         ----------
         reason
@@ -883,6 +889,12 @@ class Hook:
         error
             The exception's ``"Type: message"``, for the end marker's ``error``.
         """
+        end, self.end_at_exit = self.end_at_exit, None
+        if end is not None and self._in_step:
+            try:
+                end()
+            except Exception:  # closing: report, and still close
+                logger.exception("tensortap: writing step %d, which had ended, at %s failed", self.step, reason)
         self._forget_step()
         self._close_writer(reason, error)
 

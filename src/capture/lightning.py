@@ -262,6 +262,8 @@ class Callback(pl.Callback):
         self._stepped = False
         if self._defer:
             self._pending = True  # what is logged after this callback at this batch end belongs to this step
+            # an exception before the next batch starts (in reading it): on_exception writes this step whole
+            steps.hook.end_at_exit = functools.partial(self._end_pending, trainer)
         else:
             self._end_train(trainer)
         if self._stop_agreed(trainer):
@@ -274,6 +276,7 @@ class Callback(pl.Callback):
         if steps is None:
             return
         self._pending = False
+        steps.hook.end_at_exit = None
         logged = self._new_values(trainer, Mode.TRAIN)
         if steps.hook.is_saving():
             steps.offer_logged(logged)

@@ -32,6 +32,7 @@ rules --stop-training``, ``Trial.request_stop``, an in-process rule) sets
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -218,6 +219,8 @@ class Callback(TrainerCallback):
         self._pending = steps.train_open
         if self._pending and model is not None:
             steps.offer_parameters(unwrap(model).named_parameters())
+        # the script may die before the step is written (in the evaluation or checkpoint save after it):
+        steps.hook.end_at_exit = functools.partial(self._flush, None) if self._pending else None
         hook = self.hook
         if agreed(hook.mode_step, self.stop_sync_steps, hook.stop_channel, hook.stop_poll_seconds, all_reduce_max()):
             logger.info("tensortap: stop requested (%s); stopping training", self.hook.stop_reason)
@@ -338,6 +341,7 @@ class Callback(TrainerCallback):
                 steps.offer_logged(logs)
             logs = {}
             self._pending = False
+            steps.hook.end_at_exit = None
             steps.end_train(())
         elif steps.train_open:
             steps.end_train(unwrap(model).named_parameters() if model is not None else ())

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -1865,3 +1866,91 @@ def test_histograms_during_fit_equal_the_rule_on_keras_values(tmp_path: Path, op
             hist = t.histogram_value(step, mode=Mode.TRAIN)
             np.testing.assert_array_equal(hist.edges, edges)
             np.testing.assert_array_equal(hist.counts, numpy_histogram_rule(array, edges), err_msg=f"{t.name} {step}")
+
+
+DIES_BETWEEN_STEPS = """
+import os, sys
+
+import keras
+import numpy as np
+
+import tensortap
+import tensortap.keras as ttk
+
+out, where, run_mode = sys.argv[1], sys.argv[2], sys.argv[3]
+rng = np.random.default_rng(0)
+x, y = rng.normal(size=(64, 6)).astype("float32"), rng.normal(size=(64, 1)).astype("float32")
+
+
+class Batches(keras.utils.PyDataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        if where == "reading the next batch" and i == 3:
+            raise RuntimeError("a bad record in batch 3")
+        return x[i * 16 : (i + 1) * 16], y[i * 16 : (i + 1) * 16]
+
+
+def mse(y_true, y_pred):
+    if where == "in the step" and len(done) == 3:  # eager: called at each step
+        raise RuntimeError("a bug in the loss")
+    return keras.ops.mean(keras.ops.square(y_true - y_pred))
+
+
+done = []
+
+
+class Record(keras.callbacks.Callback):
+    def on_train_batch_end(self, batch, logs=None):
+        done.append(batch)
+        np.savez(os.path.join(out, f"after{batch}.npz"), *(keras.ops.convert_to_numpy(v) for v in self.model.weights))
+
+
+keras.utils.set_random_seed(1)
+layers = [keras.Input((6,)), keras.layers.Dense(5, name="dense"), keras.layers.Dense(1, name="dense_1")]
+model = keras.Sequential(layers)
+model.compile(optimizer=keras.optimizers.SGD(0.1), loss=mse, run_eagerly=run_mode == "eager")
+callbacks = [ttk.Callback(os.path.join(out, "trial"), save_config=tensortap.SaveConfig(save_interval=1)), Record()]
+if where == "a callback's on_epoch_end":  # listed before tensortap's; its folder cannot be made
+    open(os.path.join(out, "in the way"), "w").close()
+    callbacks.insert(0, keras.callbacks.ModelCheckpoint(os.path.join(out, "in the way", "model.keras")))
+model.fit(Batches(), epochs=1, callbacks=callbacks, verbose=0)
+"""
+
+
+@pytest.mark.parametrize("run_mode", ["compiled", "eager"])
+@pytest.mark.parametrize(
+    ("where", "steps"),
+    [("a callback's on_epoch_end", 4), ("reading the next batch", 3), ("in the step", 3)],
+)
+def test_a_script_that_dies_between_steps_keeps_the_last_step_it_ran(
+    tmp_path: Path, where: str, steps: int, run_mode: str
+) -> None:
+    """The script died of an error after a step's function had returned: in the next batch's data, or in
+    a callback listed before tensortap's at the epoch's end. Keras records a step when the next begins (or
+    at the epoch's end): the step was dropped at exit as one in progress. A step whose own function raised
+    is still dropped."""
+    if where == "in the step" and run_mode == "compiled":
+        pytest.skip("a compiled step calls the loss only while it is traced")
+    env = {**os.environ, "KERAS_BACKEND": BACKEND}
+    proc = subprocess.run(
+        [sys.executable, "-c", DIES_BETWEEN_STEPS, str(tmp_path), where, run_mode],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    ran = sorted(int(p.stem.removeprefix("after")) for p in tmp_path.glob("after*.npz"))  # Keras's batch ends
+    if where == "reading the next batch" and BACKEND == "tensorflow":
+        assert ran, "tf.data reads ahead: the error ends an earlier step"
+    else:
+        assert ran == list(range(steps))
+    trial = tensortap.create_trial(tmp_path / "trial")
+    assert trial.steps(mode=Mode.TRAIN) == ran, proc.stderr[-3000:]
+    assert trial.end_reasons() == {"worker_0": "exception"}
+    for step in ran:
+        after = np.load(tmp_path / f"after{step}.npz")
+        for i, name in enumerate(WEIGHTS):
+            np.testing.assert_array_equal(trial.tensor(name).value(step, mode=Mode.TRAIN), after[f"arr_{i}"])

@@ -279,6 +279,40 @@ def test_a_step_left_open_for_the_modules_batch_end_ends_before_a_validation_mid
     assert trial.tensor("metrics/late").steps(mode=Mode.EVAL) == []
 
 
+def test_a_step_left_open_for_the_modules_batch_end_is_kept_when_the_next_batch_fails(tmp_path: Path) -> None:
+    """The data loader raised in reading the 4th batch. The 3rd step, done and logged at the module's
+    batch end, was still open for it (ended when the next batch starts): the exception dropped it."""
+
+    class Broken(torch.utils.data.Dataset):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self.rows = loader(32, 0).dataset
+
+        def __len__(self) -> int:
+            return len(self.rows)
+
+        def __getitem__(self, i: int) -> Any:
+            if i == 24:
+                raise RuntimeError("a bad record")
+            return self.rows[i]
+
+    torch.manual_seed(0)
+    model = LateLogger()
+    model.seen = []  # type: ignore[attr-defined]
+    trainer = L.Trainer(max_epochs=1, callbacks=[ttl.Callback(tmp_path, save_config=EVERY_STEP)], **TRAINER)
+    with pytest.raises(RuntimeError, match="a bad record"):
+        trainer.fit(model, torch.utils.data.DataLoader(Broken(), batch_size=8))
+    trial = tensortap.create_trial(tmp_path)
+    assert trainer.global_step == 3 and trial.steps(mode=Mode.TRAIN) == [0, 1, 2]
+    late = trial.tensor("metrics/late").values(mode=Mode.TRAIN)
+    assert {s: float(v) for s, v in late.items()} == {0: 1.0, 1: 2.0, 2: 3.0}
+    for step in range(3):
+        np.testing.assert_array_equal(
+            trial.tensor("net.0.weight").value(step, mode=Mode.TRAIN),
+            model.seen[step]["net.0.weight"],  # type: ignore[attr-defined]
+        )
+    assert trial.end_reasons() == {"worker_0": "exception"}
+
+
 def test_a_stop_request_ends_fit_when_the_module_has_its_own_on_train_batch_end(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = LateLogger(lr=50.0)

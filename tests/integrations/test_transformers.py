@@ -408,7 +408,7 @@ def test_the_weights_of_a_step_before_an_evaluation_that_raised_are_the_steps(
         np.testing.assert_array_equal(trial.tensor(name).value(2, mode=Mode.TRAIN), third[name])
 
 
-DIES_IN_ITS_SECOND_EVALUATION = """
+DIES_AFTER_ITS_FOURTH_STEP = """
 import json, sys
 from pathlib import Path
 
@@ -420,51 +420,90 @@ from test_transformers import EVERY_STEP, AfterStep, Rows, arguments, tiny_bert
 
 import tensortap.transformers as tth
 
-tmp = Path(sys.argv[2])
+tmp, where = Path(sys.argv[2]), sys.argv[3]
 after = AfterStep()
+
+
+def save_what_the_script_knew():
+    (tmp / "history.json").write_text(json.dumps(trainer.state.log_history))
+    np.savez(tmp / "after.npz", **{f"{s}:{n}": v for s, ps in after.params.items() for n, v in ps.items()})
+
+
+class BrokenInItsSecondEvaluation(Rows):
+    reads = 0
+
+    def __getitem__(self, i):
+        self.reads += 1
+        if where == "first batch" and self.reads > len(self):  # the second evaluation's first row
+            save_what_the_script_knew()
+            raise RuntimeError("a bug in the evaluation data")
+        return super().__getitem__(i)
+
+
 evaluations = []
 
 
 def accuracy(p):
     evaluations.append(p)
-    if len(evaluations) == 2:  # what the script knew when it died
-        (tmp / "history.json").write_text(json.dumps(trainer.state.log_history))
-        np.savez(tmp / "after.npz", **{f"{s}:{n}": v for s, ps in after.params.items() for n, v in ps.items()})
+    if where == "compute_metrics" and len(evaluations) == 2:
+        save_what_the_script_knew()
         raise RuntimeError("a bug in compute_metrics")
     return {"accuracy": float((p.predictions.argmax(-1) == p.label_ids).mean())}
 
 
+if where == "checkpoint":
+    args = arguments(tmp, max_steps=6, save_strategy="steps", save_steps=4)
+    (tmp / "hf").mkdir()
+    (tmp / "hf" / "checkpoint-4").write_text("in the way")  # the checkpoint's folder cannot be made
+
+    class Know(transformers.TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            if state.global_step == 4:  # the step's log, before its checkpoint
+                save_what_the_script_knew()
+
+    extra = [Know()]
+else:
+    args, extra = arguments(tmp, max_steps=6, eval_strategy="steps", eval_steps=2), []
 trainer = transformers.Trainer(
     model=tiny_bert(),
-    args=arguments(tmp, max_steps=6, eval_strategy="steps", eval_steps=2),
+    args=args,
     train_dataset=Rows(64, 0),
-    eval_dataset=Rows(16, 1),
+    eval_dataset=BrokenInItsSecondEvaluation(16, 1),
     compute_metrics=accuracy,
-    callbacks=[tth.Callback(tmp / "trial", save_config=EVERY_STEP), after],
+    callbacks=[tth.Callback(tmp / "trial", save_config=EVERY_STEP), after, *extra],
 )
 trainer.train()
 """
 
 
 @pytest.mark.slow
-def test_a_script_that_dies_in_an_evaluation_keeps_the_train_step_before_it(tmp_path: Path) -> None:
-    """compute_metrics raised in the evaluation after the Trainer's step 4 and the script died of it.
+@pytest.mark.parametrize(
+    ("where", "error"),
+    [
+        ("compute_metrics", "RuntimeError: a bug in compute_metrics"),
+        ("first batch", "RuntimeError: a bug in the evaluation data"),
+        ("checkpoint", "FileExistsError"),
+    ],
+)
+def test_a_script_that_dies_after_a_step_keeps_it(tmp_path: Path, where: str, error: str) -> None:
+    """The script died of an error after the Trainer's step 4: in the evaluation after it (in
+    ``compute_metrics``, or reading its first batch) or in saving its checkpoint.
 
-    The step was finished and its log was in (the Trainer logs before it evaluates), but it was held for
-    late logs until the evaluation's end: the process exited with it in progress and it was lost.
+    The step was finished and its log was in (the Trainer logs a step before it evaluates or saves), but it
+    was held for late logs: the process exited with it in progress and it was lost.
     """
     here = str(Path(__file__).parent)
     proc = subprocess.run(
-        [sys.executable, "-c", DIES_IN_ITS_SECOND_EVALUATION, here, str(tmp_path)],
+        [sys.executable, "-c", DIES_AFTER_ITS_FOURTH_STEP, here, str(tmp_path), where],
         capture_output=True,
         text=True,
         timeout=300,
     )
-    assert proc.returncode == 1 and "RuntimeError: a bug in compute_metrics" in proc.stderr, proc.stderr[-3000:]
+    assert proc.returncode == 1 and error in proc.stderr, proc.stderr[-3000:]
     history = json.loads((tmp_path / "history.json").read_text())
     after = np.load(tmp_path / "after.npz")
     trial = tensortap.create_trial(tmp_path / "trial")
-    assert trial.steps(mode=Mode.TRAIN) == [0, 1, 2, 3], "every step finished before the evaluation that raised"
+    assert trial.steps(mode=Mode.TRAIN) == [0, 1, 2, 3], "every step finished before the error"
     logged = {h["step"] - 1: h for h in history if "loss" in h}
     assert sorted(logged) == [0, 1, 2, 3]
     for name in ("losses/loss", "metrics/grad_norm", "metrics/learning_rate"):
@@ -473,10 +512,13 @@ def test_a_script_that_dies_in_an_evaluation_keeps_the_train_step_before_it(tmp_
     for step in range(4):
         for name in ("classifier.weight", "bert.pooler.dense.bias"):
             np.testing.assert_array_equal(trial.tensor(name).value(step, mode=Mode.TRAIN), after[f"{step}:{name}"])
-    first = next(h for h in history if "eval_loss" in h)
-    assert trial.steps(mode=Mode.EVAL) == [0] and trial.steps(mode=Mode.GLOBAL) == []
-    np.testing.assert_allclose(trial.tensor("losses/eval_loss").value(0, mode=Mode.EVAL), first["eval_loss"])
-    assert trial.tensor("losses/eval_loss").steps(mode=Mode.TRAIN) == []
+    evaluations = [h for h in history if "eval_loss" in h]
+    assert len(evaluations) == (0 if where == "checkpoint" else 1)
+    assert trial.steps(mode=Mode.EVAL) == list(range(len(evaluations))) and trial.steps(mode=Mode.GLOBAL) == []
+    if evaluations:
+        got = trial.tensor("losses/eval_loss").value(0, mode=Mode.EVAL)
+        np.testing.assert_allclose(got, evaluations[0]["eval_loss"])
+        assert trial.tensor("losses/eval_loss").steps(mode=Mode.TRAIN) == []
     assert trial.end_reasons() == {"worker_0": "exception"}
 
 

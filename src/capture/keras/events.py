@@ -520,6 +520,7 @@ class Callback(keras.callbacks.Callback):
     # ----------------------------------------------------------------- steps
     def _begin(self, mode: Mode, step: int | None = None) -> None:
         self._accepting = False
+        self.hook.end_at_exit = None
         saving = self.session.open(mode, step)  # records the previous step first
         self._arrived = []
         wanted = {c: self.session.saving(c) for c in STEP_COLLECTIONS} if saving else _NOTHING_WANTED
@@ -537,7 +538,15 @@ class Callback(keras.callbacks.Callback):
         self._accepting = True
 
     def _finish_step(self) -> None:
+        self.hook.end_at_exit = None
         self.session.finish()
+
+    def step_ran(self, mode: Mode) -> None:
+        """A step function of ``mode`` returned: the open step is complete. Keras records it when the next
+        step begins (or at the epoch's end); if the script dies before (in reading the next batch, in a
+        callback's ``on_epoch_end``), it is recorded at exit instead of dropped as a step in progress."""
+        if self._takes(mode):
+            self.hook.end_at_exit = self._finish_step
 
     def wanted_in(self, mode: Mode) -> frozenset[str]:
         """What a step function of ``mode`` run now saves from inside it (see :meth:`_takes`)."""
@@ -776,6 +785,8 @@ class Callback(keras.callbacks.Callback):
                         self._return_variables(self._variant)
                     extras = dict(self._extras)
                     out = ((out[0], extras), out[1]) if BACKEND == "jax" else (out, extras)
+            if not _traced(out):  # run eagerly (a compiled step function says so itself: StepVariants)
+                self.step_ran(mode)
             return out
 
         return wrapped
@@ -1111,6 +1122,13 @@ def _on_host(extras: dict[str, Any]) -> dict[str, Any]:
     if BACKEND == "jax" and jax.default_backend() != "cpu":
         return dict(jax.device_get(extras))
     return extras
+
+
+def _traced(out: Any) -> bool:
+    """Whether a step's output ``out`` is being traced (``tf.function``, ``jax.jit``) rather than computed."""
+    if BACKEND == "jax":
+        return any(is_tracer(leaf) for leaf in jax.tree_util.tree_leaves(out))
+    return graph_mode()
 
 
 def _variants_serve(model: Any, kind: str) -> bool:

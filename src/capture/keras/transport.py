@@ -106,6 +106,10 @@ class _VariantOwner(Protocol):
         """Step collections saved from inside a step function of ``mode`` run now (empty: the plain variant runs)."""
         ...
 
+    def step_ran(self, mode: Mode) -> None:
+        """A step function of ``mode`` returned: the open step of that mode is complete."""
+        ...
+
 
 class StepVariants:
     """``model.<kind>_function`` while the callback is active: the plain step function or a capturing one.
@@ -159,6 +163,7 @@ class StepVariants:
         finally:
             owner.running = None
         self.last = key
+        owner.step_ran(self.mode)
         if not key:
             return out
         if self.jax_outputs:
