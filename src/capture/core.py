@@ -320,6 +320,7 @@ class Hook:
         self.step_listeners: list[Callable[[StepRecord], None]] = []
         self.mode = Mode.TRAIN
         self.step = -1
+        self._step_before = -1  # the global step before the step in progress (drop_step(take_back=True))
         self.mode_steps: dict[Mode, int] = {}
         self.mode_step = -1
         self._active: frozenset[str] = frozenset()
@@ -448,6 +449,7 @@ class Hook:
         """
         if mode is not None:
             self.mode = Mode.parse(mode)
+        self._step_before = self.step
         self.step = self.step + 1 if step is None else int(step)
         self.mode_step = self.mode_steps.get(self.mode, -1) + 1
         self.mode_steps[self.mode] = self.mode_step
@@ -699,26 +701,34 @@ class Hook:
         for listener in self.step_listeners:
             listener(record)
 
-    def drop_step(self, why: BaseException) -> None:
+    def drop_step(self, why: BaseException | None, *, take_back: bool = False) -> None:
         """Drop the step in progress, which ``why`` interrupted: nothing of it is written; the run goes on.
 
-        The step keeps its number (the next step is the one after it). One warning names it
-        when it was saved (values of it were about to be written).
+        The step keeps its number (the next step is the one after it) unless ``take_back``. One
+        warning names it when it was saved (values of it were about to be written) and ``why`` is given.
 
         Parameters
         ----------
         why
-            The exception that left the step.
+            The exception that left the step; None when the step did not happen for a reason that is
+            no failure (its framework had no batch left for it): no warning.
+        take_back
+            Give the step's numbers (global and of its mode) to the next step: for a framework that
+            does not count a step that failed.
         """
         if not self._in_step:
             return
-        if self._saving:
+        if self._saving and why is not None:
             logger.warning(
                 "tensortap: step %d was interrupted by %s and is dropped: nothing of it is saved",
                 self.step,
                 exception_text(why),
             )
         self._forget_step()
+        if take_back:
+            self.step = self._step_before
+            self.mode_step -= 1
+            self.mode_steps[self.mode] = self.mode_step
 
     def _forget_step(self) -> None:
         """Forget the step in progress, also what the writer staged of it."""

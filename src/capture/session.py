@@ -237,7 +237,7 @@ class Session:
         self._calls.clear()
         self.hook.end_step()
 
-    def drop(self, why: BaseException) -> None:
+    def drop(self, why: BaseException | None, *, take_back: bool = False) -> None:
         """Drop the open (or pending) step, which ``why`` interrupted: nothing of it is recorded.
 
         See :meth:`tensortap.capture.Hook.drop_step`.
@@ -246,7 +246,7 @@ class Session:
             return
         self.is_open = self.pending = False
         self._calls.clear()
-        self.hook.drop_step(why)
+        self.hook.drop_step(why, take_back=take_back)
 
     def guard(self, fn: Callable[..., None], *args: Any) -> None:
         """Run capture work: an error of the capture path disables capture (raises if ``strict``), never training."""

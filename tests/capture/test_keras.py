@@ -1954,3 +1954,60 @@ def test_a_script_that_dies_between_steps_keeps_the_last_step_it_ran(
         after = np.load(tmp_path / f"after{step}.npz")
         for i, name in enumerate(WEIGHTS):
             np.testing.assert_array_equal(trial.tensor(name).value(step, mode=Mode.TRAIN), after[f"arr_{i}"])
+
+
+def test_data_of_unknown_length_ends_its_epoch_without_a_step_of_its_own(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A generator has no length: Keras runs steps until it is empty (on TensorFlow, a ``tf.data``
+    pipeline whose step function then raises ``OutOfRangeError``). That last, empty step was recorded, with
+    the weights of the step before once more; a second ``fit`` numbered its steps one off Keras's."""
+
+    def batches() -> Any:
+        for s in range(3):
+            yield X[s * BATCH : (s + 1) * BATCH], Y[s * BATCH : (s + 1) * BATCH]
+
+    model, rec = mlp(), Recorder()
+    cb = ttk.Callback(tmp_path, save_config=EVERY_STEP, close_on_train_end=False)
+    for _ in range(2):
+        model.fit(batches(), epochs=1, shuffle=False, callbacks=[cb, rec], verbose=0)
+    cb.close()
+    trial = tensortap.create_trial(tmp_path)
+    assert len(rec.weights) == 6 and trial.steps(mode=Mode.TRAIN) == list(range(6))
+    for name, index in (("dense/kernel", 0), ("dense_1/bias", 3)):
+        got = values(trial, name)
+        for step, after in enumerate(rec.weights):
+            np.testing.assert_array_equal(got[step], after[index], err_msg=f"{name} at {step}")
+    assert "interrupted" not in caplog.text, "running out of data is how such an epoch ends: no warning"
+
+
+def test_a_fit_run_again_after_a_ctrl_c_in_a_step_goes_on_as_keras_counts(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Ctrl-C in a notebook interrupted the third step's function; ``fit`` was run again. The interrupted
+    step was recorded when the next ``fit`` began, with the weights of the step before (nothing applied),
+    every later step was one number off Keras's, and the callback's wrappers stayed on the model after the
+    second ``fit`` (it counted itself still inside the first)."""
+    rec = Recorder()
+
+    def mse(y_true: Any, y_pred: Any) -> Any:  # eager: called at each step
+        if len(rec.weights) == 2 and not interrupted:
+            interrupted.append(True)
+            raise KeyboardInterrupt
+        return keras.ops.mean(keras.ops.square(y_true - y_pred))
+
+    interrupted: list[bool] = []
+    model = mlp()
+    model.compile(optimizer=keras.optimizers.SGD(LR, name="sgd"), loss=mse, run_eagerly=True)
+    cb = ttk.Callback(tmp_path, save_config=EVERY_STEP, close_on_train_end=False)
+    with pytest.raises(KeyboardInterrupt):
+        model.fit(X, Y, batch_size=BATCH, epochs=1, shuffle=False, callbacks=[cb, rec], verbose=0)
+    model.fit(X, Y, batch_size=BATCH, epochs=1, shuffle=False, callbacks=[cb, rec], verbose=0)
+    assert_model_clean(model)
+    cb.close()
+    trial = tensortap.create_trial(tmp_path)
+    assert len(rec.weights) == 5 and trial.steps(mode=Mode.TRAIN) == list(range(5))
+    got = values(trial, "dense/kernel")
+    for step, after in enumerate(rec.weights):
+        np.testing.assert_array_equal(got[step], after[0], err_msg=f"step {step}")
+    assert "step 2 was interrupted by KeyboardInterrupt" in caplog.text

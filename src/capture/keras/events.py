@@ -206,7 +206,8 @@ class Callback(keras.callbacks.Callback):
         self.close_on_train_end = bool(close_on_train_end)
         self.all_reduce_max = all_reduce_max
         self._reduce_max: AllReduceMax | None = None
-        self._depth = 0
+        self._depth = 0  # calls (fit, evaluate, predict, a loop) running with the callback, one inside another
+        self._kinds: list[str] = []  # their kinds ("train", "test", "predict"), the innermost last
         self._patches = Patches()
         self._unlisten: Callable[[], None] | None = None
         self._graph: TFGraphTaps | None = None
@@ -352,6 +353,12 @@ class Callback(keras.callbacks.Callback):
         self._begin(Mode.PREDICT)
 
     def _enter(self, kind: str) -> None:
+        if kind in self._kinds:  # no call runs inside one of its kind: that one raised (Keras calls no callback then)
+            del self._kinds[self._kinds.index(kind) :]  # and the calls inside it: a Ctrl-C in a notebook
+            self._depth = len(self._kinds)
+            if not self._depth:
+                self._detach()
+        self._kinds.append(kind)
         self._finish_step()
         self._depth += 1
         if self._depth > 1:
@@ -386,6 +393,8 @@ class Callback(keras.callbacks.Callback):
 
     def _exit(self) -> None:
         self._finish_step()
+        if self._kinds:
+            self._kinds.pop()
         self._depth -= 1
         if self._depth > 0:
             return
@@ -401,6 +410,7 @@ class Callback(keras.callbacks.Callback):
     def _detach(self) -> None:
         """Remove every wrapper and drop the model's step functions (they were traced with the wrappers)."""
         self._depth = 0
+        self._kinds = []
         self._patches.undo()
         if self._unlisten is not None:
             self._unlisten()
@@ -547,6 +557,17 @@ class Callback(keras.callbacks.Callback):
         callback's ``on_epoch_end``), it is recorded at exit instead of dropped as a step in progress."""
         if self._takes(mode):
             self.hook.end_at_exit = self._finish_step
+
+    def step_raised(self, mode: Mode, why: BaseException) -> None:
+        """A step function of ``mode`` raised: the open step did not happen (a Ctrl-C, an error in its data
+        or its computation, or no batch left: how TensorFlow ends an epoch over data of unknown length).
+
+        Drop it and give its numbers to the next step, as Keras counts (a ``fit`` run again after a
+        Ctrl-C in a notebook goes on from it); one warning when it was saved, none when the data ran out.
+        """
+        if self._takes(mode):
+            self._arrived, self.extras_out = [], []
+            self.session.drop(None if _ran_out(why) else why, take_back=True)
 
     def wanted_in(self, mode: Mode) -> frozenset[str]:
         """What a step function of ``mode`` run now saves from inside it (see :meth:`_takes`)."""
@@ -776,7 +797,11 @@ class Callback(keras.callbacks.Callback):
             if len(args) >= 2 and isinstance(args[1], Tagged):  # JAX: (state, tagged batch)
                 flags, args = args[1].flags, (args[0], args[1].data, *args[2:])
             with self._stepping_in(mode, flags):
-                out = step(*args, **kwargs)
+                try:
+                    out = step(*args, **kwargs)
+                except BaseException as exc:
+                    self.step_raised(mode, exc)
+                    raise
                 logs = out[0] if BACKEND == "jax" else out
                 if mode != Mode.PREDICT and isinstance(logs, dict):
                     self._tap_logs(flatten_logs(logs), mode)
@@ -1122,6 +1147,13 @@ def _on_host(extras: dict[str, Any]) -> dict[str, Any]:
     if BACKEND == "jax" and jax.default_backend() != "cpu":
         return dict(jax.device_get(extras))
     return extras
+
+
+def _ran_out(error: BaseException) -> bool:
+    """Whether ``error`` is how a step function says that no batch was left (Keras ends the epoch)."""
+    if BACKEND == "tensorflow" and isinstance(error, tf.errors.OutOfRangeError):
+        return True
+    return isinstance(error, StopIteration)
 
 
 def _traced(out: Any) -> bool:

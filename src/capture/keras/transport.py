@@ -110,6 +110,10 @@ class _VariantOwner(Protocol):
         """A step function of ``mode`` returned: the open step of that mode is complete."""
         ...
 
+    def step_raised(self, mode: Mode, why: BaseException) -> None:
+        """A step function of ``mode`` raised ``why``: the open step of that mode did not happen."""
+        ...
+
 
 class StepVariants:
     """``model.<kind>_function`` while the callback is active: the plain step function or a capturing one.
@@ -160,6 +164,9 @@ class StepVariants:
         owner.running = key
         try:
             out = fn(*args, **kwargs)
+        except BaseException as exc:
+            owner.step_raised(self.mode, exc)
+            raise
         finally:
             owner.running = None
         self.last = key
