@@ -1971,9 +1971,11 @@ def test_data_of_unknown_length_ends_its_epoch_without_a_step_of_its_own(
     cb = ttk.Callback(tmp_path, save_config=EVERY_STEP, close_on_train_end=False)
     for _ in range(2):
         model.fit(batches(), epochs=1, shuffle=False, callbacks=[cb, rec], verbose=0)
+    model.evaluate(batches(), callbacks=[cb], verbose=0)
     cb.close()
     trial = tensortap.create_trial(tmp_path)
     assert len(rec.weights) == 6 and trial.steps(mode=Mode.TRAIN) == list(range(6))
+    assert trial.steps(mode=Mode.EVAL) == [0, 1, 2]
     for name, index in (("dense/kernel", 0), ("dense_1/bias", 3)):
         got = values(trial, name)
         for step, after in enumerate(rec.weights):
