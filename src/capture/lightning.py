@@ -160,6 +160,8 @@ class Callback(pl.Callback):
             handle.remove()
         self._handles.clear()
         self._pending = False
+        if self.hook is not None:
+            self.hook.end_at_exit = None  # it holds the trainer
         if self._steps is not None and self._steps.train_open:
             self._steps.end_train(self._parameters())
         self._warn_unsaved()
