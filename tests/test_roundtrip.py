@@ -6,7 +6,6 @@ import json
 import logging
 import math
 import mmap
-import platform
 import subprocess
 import sys
 import tempfile
@@ -620,45 +619,41 @@ except MemoryError as exc:
     assert done.stdout.startswith("MemoryError"), (done.stdout, done.stderr)
 
 
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc's recycling of freed memory: glibc's")
+@pytest.mark.skipif(not hasattr(mmap, "MAP_POPULATE"), reason="a mapping made at once (MAP_POPULATE): Linux")
 def test_values_read_one_at_a_time_reuse_the_memory_of_those_read_before(tmp_path: Path) -> None:
-    """A loop of ``value(step)`` over values of 5 MiB (below ``POPULATED_MIN``) reads into memory that
-    ``malloc`` recycles: a value in memory mapped for it alone would fault in each of its pages again
-    (a first version of ``read_buffer`` did: 384,000 page faults for 300 such values, 18 before).
+    """A loop of ``value(step)`` over values of 5 MiB (below ``POPULATED_MIN``) reads into NumPy's own
+    memory, which ``malloc`` recycles; a value in memory mapped for it alone would fault in each of its
+    pages again (a first version of ``read_buffer`` did: 384,000 page faults for 300 such values, 18
+    before). Values of ``POPULATED_MIN`` or more are read into a mapping of their own.
 
-    Measured in a process of its own: how ``malloc`` recycles depends on what the process did before
-    (after a Keras ``fit`` over a generator on TensorFlow, in the same process, these reads faulted
-    about five times as many pages).
+    The page faults are not asserted: how many a loop counts depends on the process's and the machine's
+    state (a fresh process counts a few hundred for 27 values here; a full CI run counted 20,790).
     """
     from tensortap.backends import shard
 
+    def mapped(array: np.ndarray) -> bool:
+        base: Any = array
+        while isinstance(base, np.ndarray) and base.base is not None:
+            base = base.base
+        return isinstance(base, mmap.mmap)
+
     value = np.arange(5 << 18, dtype=np.float32)  # 5 MiB
-    assert value.nbytes < shard.POPULATED_MIN
+    large = np.arange(shard.POPULATED_MIN // 4, dtype=np.float32)
+    assert value.nbytes < shard.POPULATED_MIN <= large.nbytes
     with Writer(tmp_path) as w:
-        for step in range(30):
+        for step in range(5):
             with w.stepping():
                 w.save("t", value + step)
-    script = """
-import resource, sys
-
-import numpy as np
-
-import tensortap
-
-value = np.arange(5 << 18, dtype=np.float32)
-with tensortap.create_trial(sys.argv[1]) as trial:
-    t = trial.tensor("t")
-    for step in range(3):
-        assert np.array_equal(t.value(step), value + step)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for step in range(3, 30):
-        assert t.value(step)[-1] == value[-1] + step
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-"""
-    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    faults = int(done.stdout)
-    assert faults < 5 * value.nbytes // mmap.PAGESIZE, faults  # 27 values in fresh pages would be 27 times
+                w.save("large", large + step)
+    with tensortap.create_trial(tmp_path) as trial:
+        t = trial.tensor("t")
+        for step in range(5):
+            got = t.value(step)
+            assert_identical(got, value + step)
+            assert not mapped(got), step
+        got = trial.tensor("large").value(4)
+        assert_identical(got, large + 4)
+        assert mapped(got), "a large value: read into a mapping of its own"
 
 
 def test_values_are_written_outside_hdf5_and_plain_h5py_reads_every_dataset(monkeypatch, tmp_path: Path) -> None:
