@@ -144,10 +144,10 @@ def flatten(name: str, value: Any, is_tensor: IsTensor) -> list[tuple[str, Any]]
 class _Calls:
     """The calls of one module/layer in the open step, held until it is recorded."""
 
-    __slots__ = ("collections", "count", "held", "last")
+    __slots__ = ("collections", "held", "last", "marks")
 
     def __init__(self, collections: tuple[str, ...]) -> None:
-        self.count = 0  # calls in the step (forgotten ones not counted)
+        self.marks: list[int] = []  # the mark of each call in the step (forgotten ones not kept)
         # (mark, named tensors) of calls 0 .. max_calls - 1, and of the last call beyond
         self.held: list[tuple[int, list[tuple[str, Any]]]] = []
         self.last: tuple[int, list[tuple[str, Any]]] | None = None
@@ -285,9 +285,9 @@ class Session:
         if base not in self._warned_unnamed:
             self._warn_unnamed(base, (value, keywords))
         held = (self._marks, [(sub, self.snapshot(t)) for sub, t in tensors])
+        calls.marks.append(self._marks)
         self._marks += 1
-        calls.count += 1
-        if calls.count <= self.max_calls:
+        if len(calls.marks) <= self.max_calls:
             calls.held.append(held)
             return
         calls.last = held
@@ -310,15 +310,26 @@ class Session:
         """Drop the calls offered from mark ``start`` to mark ``stop`` (:meth:`mark`) in the open step.
 
         The calls kept are numbered again in their order (a module called in a forward that
-        nothing trained on, then in the one trained on: ``base``, not ``base:1``).
+        nothing trained on, then in the one trained on: ``base``, not ``base:1``). Kept calls that
+        were not held, the forgotten ones having taken the :attr:`max_calls` held places, are not
+        saved: one warning names them.
         """
-        for calls in self._calls.values():
-            kept = [call for call in calls.held if not start <= call[0] < stop]
-            calls.count -= len(calls.held) - len(kept)
-            calls.held = kept
+        for base, calls in self._calls.items():
+            calls.marks = [m for m in calls.marks if not start <= m < stop]
+            calls.held = [call for call in calls.held if not start <= call[0] < stop]
             if calls.last is not None and start <= calls.last[0] < stop:
                 calls.last = None
-                calls.count -= 1
+            held = len(calls.held)
+            unheld = len(calls.marks) - held - (calls.last is not None)
+            if held < self.max_calls and unheld > 0:
+                logger.warning(
+                    "tensortap: %s: calls %d to %d of the step were not held (more than max_calls=%d calls, of a "
+                    "forward then forgotten, came before them) and are not saved",
+                    base,
+                    held,
+                    held + unheld - 1,
+                    self.max_calls,
+                )
 
     def _warn_unnamed(self, base: str, value: Any) -> None:
         """Once per ``base``: what of a call's value cannot be captured (a distribution, an object of its own)."""
@@ -340,8 +351,8 @@ class Session:
         for base, calls in self._calls.items():
             named = [(f"{base}:{i}", tensors) for i, (_, tensors) in enumerate(calls.held)]
             if calls.last is not None:
-                named.append((f"{base}:{calls.count - 1}", calls.last[1]))
-            if calls.count == 1:  # one call (which forget() may have left as the last one beyond max_calls)
+                named.append((f"{base}:{len(calls.marks) - 1}", calls.last[1]))
+            if len(calls.marks) == 1:  # one call (which forget() may have left as the last one beyond max_calls)
                 named = [(base, tensors) for _, tensors in named]
             for name, tensors in named:
                 self._offer_flat(name, tensors, calls.collections)

@@ -138,6 +138,31 @@ def test_calls_forgotten_between_two_marks_are_not_saved_and_the_rest_numbered_a
     assert float(trial.tensor("losses/ce").value(0)[0]) == 8.0
 
 
+def test_calls_forgotten_beyond_max_calls_leave_the_last_call_kept_numbered_as_it_was_in_its_forward(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A forgotten forward called fc more than max_calls times (an RNN cell per time step, a batch then
+    skipped): its calls filled the held slots, so the kept forward's first calls were never held. The last
+    call kept was named by every call of the step less the held ones forgotten (``fc:4``, not ``fc:3``),
+    and nothing said that the kept forward's calls 0-2 are not saved."""
+    writer, s = _session(tmp_path, max_calls=3)
+    s.open(Mode.TRAIN)
+    start = s.mark()
+    for i in range(4):  # forgotten: calls 0-2 held, call 3 the last beyond max_calls
+        s.offer_call("outputs/fc", np.array([-1.0 - i]), ("outputs",))
+    stop = s.mark()
+    for i in range(4):  # kept: its calls 0-3, none held (the slots are full); its call 3 the last
+        s.offer_call("outputs/fc", np.array([float(i)]), ("outputs",))
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        s.forget(start, stop)
+    s.finish()
+    writer.close()
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.tensor_names() == ["outputs/fc:3"]
+    assert float(trial.tensor("outputs/fc:3").value(0)[0]) == 3.0
+    assert "outputs/fc: calls 0 to 2 of the step were not held" in caplog.text
+
+
 def test_may_save_and_saving_count_regex_collections(tmp_path: Path) -> None:
     hook = tensortap.capture.Hook(
         tmp_path,
