@@ -1956,18 +1956,115 @@ def test_a_script_that_dies_between_steps_keeps_the_last_step_it_ran(
             np.testing.assert_array_equal(trial.tensor(name).value(step, mode=Mode.TRAIN), after[f"arr_{i}"])
 
 
+REPLICAS = """
+import os, sys
+
+import tensorflow as tf
+
+cpu = tf.config.list_physical_devices("CPU")[0]  # two replicas on this machine's CPU
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+
+import keras
+import numpy as np
+
+import tensortap
+import tensortap.keras as ttk
+
+out, collections = sys.argv[1], sys.argv[2].split(",")
+rng = np.random.default_rng(0)
+x, y = rng.normal(size=(64, 6)).astype("float32"), rng.normal(size=(64, 2)).astype("float32")
+data = tf.data.Dataset.from_tensor_slices((x, y)).filter(lambda *_: True).batch(16)  # of unknown length
+
+
+class Record(keras.callbacks.Callback):
+    def on_train_batch_end(self, batch, logs=None):
+        self.weights.append([v.numpy() for v in self.model.weights])
+        self.model(x[:3])  # a call outside the step: not the step's
+
+
+mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])  # one: a second one's collectives fail eagerly
+runs = [("one", tf.distribute.get_strategy(), False), ("two", mirrored, False), ("two eager", mirrored, True)]
+for name, strategy, eager in runs:
+    keras.utils.set_random_seed(1)
+    with strategy.scope():
+        layers = [keras.Input((6,)), keras.layers.Dense(5, "relu", name="dense"), keras.layers.Dense(2, name="dense_1")]
+        model = keras.Sequential(layers)
+        model.compile(optimizer=keras.optimizers.SGD(0.1, name="sgd"), loss="mse", metrics=["mae"], run_eagerly=eager)
+    cb = ttk.Callback(
+        os.path.join(out, name),
+        save_config=tensortap.SaveConfig(save_interval=1),
+        include_collections=collections,
+        close_on_train_end=False,
+    )
+    record = Record()
+    record.weights = []
+    model.fit(data, epochs=2, callbacks=[cb, record], verbose=0)
+    model.evaluate(data, callbacks=[cb], verbose=0)
+    model.predict(x, batch_size=16, callbacks=[cb], verbose=0)
+    cb.close()
+    np.savez(os.path.join(out, f"{name}.npz"), *(w for after in record.weights for w in after))
+"""
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="a tf.distribute strategy")
+def test_a_step_of_several_replicas_is_captured_as_the_step_of_one(tmp_path: Path) -> None:
+    """Under ``MirroredStrategy`` each replica runs the step on its half of the batch. Every value from
+    inside the step was one replica's (the last to write it): half the layers' outputs and inputs, one
+    replica's loss and metrics, one replica's gradients of its scaled loss; and an epoch over data of unknown
+    length recorded an extra step. Now each value is the step's own: what one replica computes on the whole
+    batch (gradients: what the optimizer applies), step for step as Keras ran them. Run eagerly, the
+    values from inside the step are skipped with one warning. (The replicas' traces run on threads of their
+    own: the mode of the step traced stayed set after it, and a call of the model outside the step was
+    taken as the step's.)"""
+    env = {**os.environ, "KERAS_BACKEND": BACKEND}
+    proc = subprocess.run(
+        [sys.executable, "-c", REPLICAS, str(tmp_path), ",".join(ALL)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two, eager = (tensortap.create_trial(tmp_path / name) for name in ("one", "two", "two eager"))
+    names = one.tensor_names()
+    assert {"outputs/dense", "inputs/dense_1", "gradients/dense/kernel", "losses/loss", "metrics/mae"} <= set(names)
+    assert two.tensor_names() == names
+    for mode, steps in ((Mode.TRAIN, 8), (Mode.EVAL, 4), (Mode.PREDICT, 4)):
+        assert one.steps(mode=mode) == two.steps(mode=mode) == list(range(steps))
+        for name in names:
+            for step, value in one.tensor(name).values(mode=mode).items():
+                got = two.tensor(name).value(step, mode=mode)
+                np.testing.assert_allclose(got, value, rtol=1e-5, atol=1e-6, err_msg=f"{name}, {mode.name} {step}")
+    after = np.load(tmp_path / "two.npz")
+    for step in range(8):  # Keras's own weights after each batch, in model.weights order
+        for i, name in enumerate(WEIGHTS):
+            np.testing.assert_array_equal(two.tensor(name).value(step, mode=Mode.TRAIN), after[f"arr_{4 * step + i}"])
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("tensortap:")]
+    assert len(warnings) == 1 and "run eagerly under a strategy of 2 replicas" in warnings[0], warnings
+    assert eager.steps(mode=Mode.TRAIN) == list(range(8))
+    assert set(eager.tensor_names()) == {
+        n for n in names if not n.startswith(("gradients/", "outputs/", "inputs/", "losses/", "metrics/"))
+    }
+
+
+@pytest.mark.parametrize("data", ["a generator", "tf.data"])
+@pytest.mark.parametrize("run_eagerly", [False, True], ids=["compiled", "eager"])
 def test_data_of_unknown_length_ends_its_epoch_without_a_step_of_its_own(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, data: str, run_eagerly: bool
 ) -> None:
     """A generator has no length: Keras runs steps until it is empty (on TensorFlow, a ``tf.data``
     pipeline whose step function then raises ``OutOfRangeError``). That last, empty step was recorded, with
-    the weights of the step before once more; a second ``fit`` numbered its steps one off Keras's."""
+    the weights of the step before once more; a second ``fit`` numbered its steps one off Keras's. Run
+    eagerly, Keras's step function reads the batch before the step itself runs."""
+    if data == "tf.data" and BACKEND != "tensorflow":
+        pytest.skip("a TensorFlow pipeline")
 
     def batches() -> Any:
-        for s in range(3):
-            yield X[s * BATCH : (s + 1) * BATCH], Y[s * BATCH : (s + 1) * BATCH]
+        if data == "tf.data":  # of unknown length (filtered)
+            return tf.data.Dataset.from_tensor_slices((X[:48], Y[:48])).filter(lambda *_: True).batch(BATCH)
+        return ((X[s * BATCH : (s + 1) * BATCH], Y[s * BATCH : (s + 1) * BATCH]) for s in range(3))
 
-    model, rec = mlp(), Recorder()
+    model, rec = mlp(run_eagerly=run_eagerly), Recorder()
     cb = ttk.Callback(tmp_path, save_config=EVERY_STEP, close_on_train_end=False)
     for _ in range(2):
         model.fit(batches(), epochs=1, shuffle=False, callbacks=[cb, rec], verbose=0)

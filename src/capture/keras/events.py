@@ -34,6 +34,7 @@ import inspect
 import logging
 import os
 import sys
+import threading
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -69,12 +70,14 @@ from .transport import (
     NO_FLAGS,
     STEP_COLLECTIONS,
     FlagIterator,
+    ReportedStep,
     Run,
     Slot,
     StepVariants,
     Tagged,
     TFGraphTaps,
     in_run_order,
+    replica_now,
 )
 
 if BACKEND == "jax":
@@ -88,6 +91,7 @@ _NOTHING_WANTED = dict.fromkeys(STEP_COLLECTIONS, False)
 # collections read from the variables after a TRAIN step (TensorFlow's capturing steps return them)
 VARIABLE_COLLECTIONS = ("weights", "biases", "optimizer_variables")
 _STEP_FUNCTIONS = ("train_function", "test_function", "predict_function")
+_EAGER_REPLICAS = "(values of the replicas of a step run eagerly)"  # in Callback._skipped once warned
 # make_<kind>_function builds <kind>_function around the model's <step> method, in this mode
 _KINDS = {
     "train": ("train_step", Mode.TRAIN),
@@ -100,6 +104,30 @@ Arrival = tuple[str, list[Slot], list[Any], Any]
 
 
 TracedFor = tuple[tuple[Any, ...], tuple[Any, ...]]  # objects (compared by identity), values (by equality)
+
+
+class _InStep(threading.local):
+    """The step function running (or being traced) on this thread, as the callback's wrappers see it.
+
+    A TensorFlow strategy of several replicas traces the step once for each replica, on a
+    thread of its own, and the threads take turns at the step's synchronisation points
+    (the optimizer's all-reduce): each replica's trace has its own.
+    """
+
+    def __init__(self) -> None:
+        self.mode: Mode | None = None
+        self.jax_flags: Any = None  # JAX: the flags fed with the batch (None: a step fed without flags)
+        # the variant (see transport.StepVariants), the extras it returns, the step's trace level
+        self.variant: frozenset[str] | None = None
+        self.extras: dict[str, Any] = {}
+        self.level: Any = None
+        self.calls: dict[str, int] = {}  # the calls of each layer, by path (see Callback._call_index)
+        self.loss_names: set[str] = set()
+        # the Means updated with a scalar, by id (metric, value), and their results (result, metric)
+        self.means: dict[int, tuple[Any, Any]] = {}
+        self.results: dict[int, tuple[Any, Any]] = {}
+        # compute_loss's values, with their keys and sources (see _loss_source)
+        self.computed: list[tuple[Any, str, Any]] = []
 
 
 @dataclass
@@ -213,13 +241,7 @@ class Callback(keras.callbacks.Callback):
         self._graph: TFGraphTaps | None = None
         self._optimizers: list[Any] = []
         self._loop = False
-        self._ctx_mode: Mode | None = None
-        self._calls: dict[str, int] = {}
-        self._loss_names: set[str] = set()
-        # in the step: the Means updated with a scalar, by id (metric, value), and their results (result, metric)
-        self._means: dict[int, tuple[Any, Any]] = {}
-        self._results: dict[int, tuple[Any, Any]] = {}
-        self._computed: list[tuple[Any, str]] = []  # in the step: compute_loss's values, with their keys
+        self._in = _InStep()
         self._running_means: set[str] = set()  # keys returned as running means of unknown step value (warned)
         self._batch_models: set[int] = set()  # in a loop: the models whose train_on_batch/test_on_batch are wrapped
         self._means_seen: set[int] = set()  # in a loop: the Means (by id) whose model was looked for
@@ -233,7 +255,6 @@ class Callback(keras.callbacks.Callback):
         self._skipped: set[str] = set()
         self._accepting = False
         self.flags_now = NO_FLAGS
-        self._jax_flags: Any = None
         self._prefix = ""
         # step variants (see transport.StepVariants): what the open step saves from inside it,
         # the variant running, and what the variants returned
@@ -242,10 +263,6 @@ class Callback(keras.callbacks.Callback):
         self.extras_out: list[dict[str, Any]] = []
         self._steps: dict[str, Callable[..., Any]] = {}
         self._making = False
-        # while a step runs or is traced: its variant, the extras it returns, its trace level
-        self._variant: frozenset[str] | None = None
-        self._extras: dict[str, Any] = {}
-        self._step_level: Any = None
         self._extra_keys: dict[tuple[str, Slot], str] = {}
         self._extra_slots: dict[str, tuple[str, Slot]] = {}
         self._callbacks_traced = False
@@ -502,7 +519,7 @@ class Callback(keras.callbacks.Callback):
         mode = Mode.TRAIN if mode is None else Mode.parse(mode)
         self._begin(mode, step)
         self._new_step_losses()
-        outer, self._ctx_mode = self._ctx_mode, mode
+        outer, self._in.mode = self._in.mode, mode
         try:
             yield self.hook.is_saving()
         except BaseException as exc:
@@ -510,7 +527,7 @@ class Callback(keras.callbacks.Callback):
             self.session.drop(exc)
             raise
         finally:
-            self._ctx_mode = outer
+            self._in.mode = outer
         self._finish_step()
 
     def record_loss(self, value: Any, name: str = "loss") -> None:
@@ -522,9 +539,9 @@ class Callback(keras.callbacks.Callback):
         """
         if not (self.session.is_open or graph_mode() or is_tracer(value)):
             raise RuntimeError("Callback.record_loss: no step is open (call it inside `with cb.stepping():` or a step)")
-        mode = self._ctx_mode or self.hook.mode
+        mode = self._in.mode or self.hook.mode
         key = _loss_name(name, mode)
-        self._loss_names.add(key)
+        self._in.loss_names.add(key)
         self._tap("losses", [(self._run_slot(key, _loss_source(self._model)), value)])
 
     # ----------------------------------------------------------------- steps
@@ -567,6 +584,8 @@ class Callback(keras.callbacks.Callback):
         """
         if self._takes(mode):
             self._arrived, self.extras_out = [], []
+            if self._graph is not None:
+                self._graph.forget(self.hook.step)
             self.session.drop(None if _ran_out(why) else why, take_back=True)
 
     def wanted_in(self, mode: Mode) -> frozenset[str]:
@@ -685,7 +704,7 @@ class Callback(keras.callbacks.Callback):
         """TensorFlow, in a capturing step's trace after the update: the variables as extra outputs."""
         try:
             for name, coll, value in self._variables(collections):
-                self._extras[self._extra_key(coll, Slot(name))] = as_output(value)
+                self._in.extras[self._extra_key(coll, Slot(name))] = as_output(value)
         except Exception as exc:
             self.hook.fail(exc, "cannot capture the variables")
 
@@ -703,9 +722,9 @@ class Callback(keras.callbacks.Callback):
             for kind, (attr, mode) in _KINDS.items():
                 self._steps[attr] = getattr(model, attr)
                 self._patches.set(model, attr, self._wrap_step(self._steps[attr], mode))
-                if _variants_serve(model, kind):
-                    make = f"make_{kind}_function"
-                    self._patches.set(model, make, self._wrap_make(model, kind, getattr(model, make)))
+                make = f"make_{kind}_function"
+                variants = _variants_serve(model, kind)
+                self._patches.set(model, make, self._wrap_make(model, kind, getattr(model, make), variants))
             if BACKEND == "jax":
                 self._patches.set(model, "_make_function", self._wrap_make_function(model._make_function))
         elif self.session.may_save("metrics"):  # a loop: the models' train_on_batch and test_on_batch
@@ -728,8 +747,9 @@ class Callback(keras.callbacks.Callback):
                     continue
                 self._patches.set(layer, "call", self._wrap_call(layer))
 
-    def _wrap_make(self, model: Any, kind: str, make: Callable[..., Any]) -> Callable[..., Any]:
-        """``make_<kind>_function``: install :class:`StepVariants` as ``model.<kind>_function``."""
+    def _wrap_make(self, model: Any, kind: str, make: Callable[..., Any], variants: bool) -> Callable[..., Any]:
+        """``make_<kind>_function``: install :class:`StepVariants` as ``model.<kind>_function`` (where they
+        cannot serve, ``variants`` false: Keras's own as a :class:`ReportedStep`)."""
         attr, mode = _KINDS[kind]
         fn_attr = f"{kind}_function"
 
@@ -756,7 +776,11 @@ class Callback(keras.callbacks.Callback):
         @functools.wraps(make)
         def wrapped(force: bool = False) -> Any:
             if getattr(model, fn_attr) is None or force:
-                setattr(model, fn_attr, StepVariants(build(), build_capturing, self, BACKEND == "jax", mode))
+                if variants:
+                    setattr(model, fn_attr, StepVariants(build(), build_capturing, self, BACKEND == "jax", mode))
+                else:
+                    make(force=True)
+                    setattr(model, fn_attr, ReportedStep(getattr(model, fn_attr), self, mode))
             return getattr(model, fn_attr)
 
         return wrapped
@@ -781,14 +805,15 @@ class Callback(keras.callbacks.Callback):
     @contextmanager
     def _stepping_in(self, mode: Mode, flags: Any) -> Iterator[None]:
         """Run a step function (or trace one) in ``mode``, as the variant the dispatcher runs (if any)."""
-        outer = self._ctx_mode, self._jax_flags, self._variant, self._extras, self._step_level
-        self._ctx_mode, self._jax_flags = mode, flags
+        state = self._in
+        outer = state.mode, state.jax_flags, state.variant, state.extras, state.level
+        state.mode, state.jax_flags = mode, flags
         self._new_step_losses()
-        self._variant, self._extras, self._step_level = self.running, {}, trace_level()
+        state.variant, state.extras, state.level = self.running, {}, trace_level()
         try:
             yield
         finally:
-            self._ctx_mode, self._jax_flags, self._variant, self._extras, self._step_level = outer
+            state.mode, state.jax_flags, state.variant, state.extras, state.level = outer
 
     def _wrap_step(self, step: Callable[..., Any], mode: Mode) -> Callable[..., Any]:
         @functools.wraps(step)
@@ -797,28 +822,23 @@ class Callback(keras.callbacks.Callback):
             if len(args) >= 2 and isinstance(args[1], Tagged):  # JAX: (state, tagged batch)
                 flags, args = args[1].flags, (args[0], args[1].data, *args[2:])
             with self._stepping_in(mode, flags):
-                try:
-                    out = step(*args, **kwargs)
-                except BaseException as exc:
-                    self.step_raised(mode, exc)
-                    raise
+                out = step(*args, **kwargs)
                 logs = out[0] if BACKEND == "jax" else out
                 if mode != Mode.PREDICT and isinstance(logs, dict):
                     self._tap_logs(flatten_logs(logs), mode)
-                if self._variant:  # a capturing variant: return the values taken as extra outputs
+                if self._in.variant:  # a capturing variant: return the values taken as extra outputs
                     if BACKEND == "tensorflow" and mode == Mode.TRAIN:
-                        self._return_variables(self._variant)
-                    extras = dict(self._extras)
+                        self._return_variables(self._in.variant)
+                    extras = dict(self._in.extras)
                     out = ((out[0], extras), out[1]) if BACKEND == "jax" else (out, extras)
-            if not _traced(out):  # run eagerly (a compiled step function says so itself: StepVariants)
-                self.step_ran(mode)
             return out
 
         return wrapped
 
     def _new_step_losses(self) -> None:
         """Forget the layer calls and losses seen: a step (or a step function's run or trace) begins."""
-        self._calls, self._loss_names, self._means, self._results, self._computed = {}, set(), {}, {}, []
+        state = self._in
+        state.calls, state.loss_names, state.means, state.results, state.computed = {}, set(), {}, {}, []
 
     def _tap_logs(self, logs: dict[str, Any], mode: Mode) -> None:
         """The metrics a step returns, and the losses among them that no tracker or ``compute_loss`` gave.
@@ -834,13 +854,13 @@ class Callback(keras.callbacks.Callback):
         losses = []
         for k, v in logs.items():
             key = _loss_name(k, mode)
-            if not k.endswith("loss") or key in self._loss_names or not is_scalar(v):
+            if not k.endswith("loss") or key in self._in.loss_names or not is_scalar(v):
                 continue
-            result = self._results.get(id(v))
+            result = self._in.results.get(id(v))
             if result is None or result[0] is not v:
                 losses.append((self._run_slot(key, _loss_source(self._model)), v))
-            elif id(result[1]) in self._means:
-                losses.append((self._run_slot(key, result[1]), self._means[id(result[1])][1]))
+            elif id(result[1]) in self._in.means:
+                losses.append((self._run_slot(key, result[1]), self._in.means[id(result[1])][1]))
             elif key not in self._running_means:
                 self._running_means.add(key)
                 logger.warning(
@@ -894,7 +914,7 @@ class Callback(keras.callbacks.Callback):
 
         @functools.wraps(on_batch)
         def wrapped(*args: Any, **kwargs: Any) -> Any:
-            mode = self._ctx_mode
+            mode = self._in.mode
             if mode not in (Mode.TRAIN, Mode.EVAL) or not self.session.saving("metrics"):
                 return on_batch(*args, **kwargs)
             bound = signature.bind(*args, **kwargs)
@@ -912,11 +932,12 @@ class Callback(keras.callbacks.Callback):
         @functools.wraps(compute_loss)
         def wrapped(*args: Any, **kwargs: Any) -> Any:
             loss = compute_loss(*args, **kwargs)
-            if self._ctx_mode in (Mode.TRAIN, Mode.EVAL) and loss is not None and not is_symbolic(loss):
-                name = _loss_name("loss", self._ctx_mode)
-                self._loss_names.add(name)
-                self._computed.append((loss, name))
-                self._tap("losses", [(self._run_slot(name, _loss_source(model), "computed"), loss)])
+            if self._in.mode in (Mode.TRAIN, Mode.EVAL) and loss is not None and not is_symbolic(loss):
+                name = _loss_name("loss", self._in.mode)
+                self._in.loss_names.add(name)
+                source = _loss_source(model)
+                self._in.computed.append((loss, name, source))
+                self._tap("losses", [(self._run_slot(name, source, "computed"), _unscaled(loss))])
             return loss
 
         return wrapped
@@ -959,22 +980,25 @@ class Callback(keras.callbacks.Callback):
         Updated with a scalar, it is remembered (a step may return its result); if its
         name ends in ``loss`` the scalar is a loss.
         """
-        if self._ctx_mode not in (Mode.TRAIN, Mode.EVAL):
+        if self._in.mode not in (Mode.TRAIN, Mode.EVAL):
             return
         if is_result:
-            self._results[id(value)] = (value, metric)
+            self._in.results[id(value)] = (value, metric)
             return
         if self._batch_models and id(metric) not in self._means_seen:
             self._means_seen.add(id(metric))
             self._warn_if_not_attached()
         if not is_scalar(value) or is_symbolic(value):
             return
-        self._means[id(metric)] = (metric, value)
+        self._in.means[id(metric)] = (metric, value)
         name = str(getattr(metric, "name", ""))
         if name.endswith("loss"):
-            key = _loss_name(name, self._ctx_mode)
-            self._loss_names.add(key)
-            if not any(k == key and _same_value(value, loss) for loss, k in self._computed):
+            key = _loss_name(name, self._in.mode)
+            self._in.loss_names.add(key)
+            # compute_loss's value again: its model's own tracker (under a strategy of several replicas
+            # updated with it scaled for the replicas and back, another tensor), or a tracker given it
+            computed = self._in.computed
+            if not any(k == key and (source is metric or _same_value(value, loss)) for loss, k, source in computed):
                 self._tap("losses", [(self._run_slot(key, metric, "tracked"), value)])
 
     def _wrap_apply(self, optimizer: Any) -> Callable[..., Any]:
@@ -982,7 +1006,7 @@ class Callback(keras.callbacks.Callback):
 
         @functools.wraps(apply)
         def wrapped(grads: Any, trainable_variables: Any = None) -> Any:
-            if self._ctx_mode == Mode.TRAIN:
+            if self._in.mode == Mode.TRAIN:
                 self._note_apply(optimizer)
                 variables = trainable_variables if trainable_variables is not None else optimizer._trainable_variables
                 self._tap(
@@ -1000,8 +1024,8 @@ class Callback(keras.callbacks.Callback):
     def _note_apply(self, optimizer: Any) -> None:
         """An eager ``apply`` of ``optimizer``: a second one in a saved step replaces the gradients of the
         first (a compiled one is warned about by :meth:`TFGraphTaps.written`); one warning per optimizer."""
-        if trace_level() is not None or not self.session.saving("gradients"):
-            return
+        if trace_level() is not None or not self.session.saving("gradients") or replica_now()[1] > 1:
+            return  # (the applies of a strategy's replicas: see _eager_replicas)
         if id(optimizer) in self._applied and id(optimizer) not in self._warned_reapplied:
             self._warned_reapplied.add(id(optimizer))
             logger.warning(
@@ -1018,7 +1042,7 @@ class Callback(keras.callbacks.Callback):
         @functools.wraps(call)
         def wrapped(*args: Any, **kwargs: Any) -> Any:
             out = call(*args, **kwargs)
-            if self._ctx_mode is not None:
+            if self._in.mode is not None:
                 outputs = flatten("", out, is_tensor)
                 if outputs and is_symbolic(outputs[0][1]):
                     return out  # Keras building the model, not a call of the step: not counted
@@ -1037,11 +1061,12 @@ class Callback(keras.callbacks.Callback):
         """The index of this call of the layer at ``path`` in the running step (or in the graph being traced).
 
         TensorFlow may trace one function twice in a step (a ``tf.function`` that creates
-        variables on its first call): each trace counts its own calls.
+        variables on its first call), and a strategy of several replicas traces the step once
+        for each: each trace counts its own calls.
         """
-        key = f"{id(tf.compat.v1.get_default_graph())}:{path}" if graph_mode() else path
-        i = self._calls.get(key, 0)
-        self._calls[key] = i + 1
+        key = f"{id(tf.compat.v1.get_default_graph())}:{replica_now()}:{path}" if graph_mode() else path
+        i = self._in.calls.get(key, 0)
+        self._in.calls[key] = i + 1
         return i
 
     def _capturable(self, items: list[tuple[Slot, Any]]) -> list[tuple[Slot, Any]]:
@@ -1060,25 +1085,27 @@ class Callback(keras.callbacks.Callback):
         """Hand ``items`` of ``collection`` over from inside a step, in the way the step allows."""
         if not items or not self.session.may_save(collection):
             return
-        variant = self._variant
+        variant = self._in.variant
         if variant is not None and collection not in variant:
             return  # a step variant built without this collection (the plain one takes nothing)
         try:
             traced = graph_mode() or any(is_tracer(v) for _, v in items)
             if variant is None and not traced and not self.session.saving(collection):
                 return  # a step run eagerly that does not save this collection: nothing to check or copy
+            if not traced and self._eager_replicas():
+                return
             items = self._capturable(items)
             if not items:
                 return
             if variant is not None:
-                own = trace_level() == self._step_level
+                own = trace_level() == self._in.level
                 nested = []
                 for slot, value in items:  # an extra output of the step where it can be one
-                    at_step = value if own else at_level(value, self._step_level)
+                    at_step = value if own else at_level(value, self._in.level)
                     if at_step is not None:
-                        self._extras[self._extra_key(collection, slot)] = as_output(at_step)
+                        self._in.extras[self._extra_key(collection, slot)] = as_output(at_step)
                     else:  # this later value (read before the extras) must win
-                        self._extras.pop(self._extra_key(collection, slot), None)
+                        self._in.extras.pop(self._extra_key(collection, slot), None)
                         nested.append((slot, value))
                 if not nested:
                     return
@@ -1090,18 +1117,33 @@ class Callback(keras.callbacks.Callback):
                     self._graph.tap(collection, items)
             elif traced:
                 self._callbacks_traced = True
-                deliver = functools.partial(self._deliver, collection, slots, mode=self._ctx_mode)
-                if self._jax_flags is None:  # a step fed without flags: hand over every time
+                deliver = functools.partial(self._deliver, collection, slots, mode=self._in.mode)
+                if self._in.jax_flags is None:  # a step fed without flags: hand over every time
                     jax.debug.callback(deliver, tensors)
                 else:
-                    flag = self._jax_flags[STEP_COLLECTIONS.index(collection)]
+                    flag = self._in.jax_flags[STEP_COLLECTIONS.index(collection)]
                     jax.lax.cond(flag, lambda t: jax.debug.callback(deliver, t), lambda t: None, tensors)
             else:
                 graph = self._graph
                 mark = graph.tick() if graph is not None and graph.taps else None  # beside graphs: when
-                self._deliver(collection, slots, [snapshot(v) for v in tensors], mark, self._ctx_mode)
+                self._deliver(collection, slots, [snapshot(v) for v in tensors], mark, self._in.mode)
         except Exception as exc:
             self.hook.fail(exc, f"cannot capture {collection} ({items[0][0].label()}, ...)")
+
+    def _eager_replicas(self) -> bool:
+        """Whether a value taken now comes from one of several replicas of a step run eagerly (a strategy's
+        ``run_eagerly=True``): such values are not captured (one warning), the step's own are not at hand."""
+        replicas = replica_now()[1]
+        if replicas > 1 and _EAGER_REPLICAS not in self._skipped:
+            self._skipped.add(_EAGER_REPLICAS)
+            logger.warning(
+                "tensortap: a step run eagerly under a strategy of %d replicas gives the values computed in it "
+                "(%s) of each replica: they are not captured (compile the model without run_eagerly=True to "
+                "capture the step's own); the variables are",
+                replicas,
+                ", ".join(STEP_COLLECTIONS),
+            )
+        return replicas > 1
 
     def _extra_key(self, collection: str, slot: Slot) -> str:
         """The key of ``slot`` among a step's extra outputs (one per slot and collection, for the callback's life)."""
@@ -1132,6 +1174,13 @@ def _same_value(value: Any, computed: Any) -> bool:
     return False
 
 
+def _unscaled(loss: Any) -> Any:
+    """``compute_loss``'s value as its replica's loss: under a TensorFlow strategy of several replicas, Keras
+    scales it down by their number (their gradients are summed), and gives its tracker the loss scaled back."""
+    replicas = replica_now()[1]
+    return loss if replicas == 1 else keras.ops.multiply(loss, keras.ops.cast(replicas, loss.dtype))
+
+
 def _loss_source(model: Any) -> Any:
     """Where the losses of ``model`` come from: the ``Mean`` its ``compute_loss``'s value updates (Keras's
     ``loss`` tracker), or the model itself before it is compiled."""
@@ -1154,13 +1203,6 @@ def _ran_out(error: BaseException) -> bool:
     if BACKEND == "tensorflow" and isinstance(error, tf.errors.OutOfRangeError):
         return True
     return isinstance(error, StopIteration)
-
-
-def _traced(out: Any) -> bool:
-    """Whether a step's output ``out`` is being traced (``tf.function``, ``jax.jit``) rather than computed."""
-    if BACKEND == "jax":
-        return any(is_tracer(leaf) for leaf in jax.tree_util.tree_leaves(out))
-    return graph_mode()
 
 
 def _variants_serve(model: Any, kind: str) -> bool:

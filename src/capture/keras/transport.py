@@ -24,6 +24,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import weakref
@@ -115,7 +116,37 @@ class _VariantOwner(Protocol):
         ...
 
 
-class StepVariants:
+class ReportedStep:
+    """``model.<kind>_function`` while the callback is active, where :class:`StepVariants` do not serve (a
+    step run eagerly, or one that taps under flags): Keras's own, saying to ``owner`` when a step returns or
+    raises.
+
+    The function, not the step wrapper inside it, says so: a compiled function runs the
+    wrapper only while it is traced, and Keras's function reads the batch before the wrapper
+    runs (on TensorFlow it raises there when data of unknown length runs out: how the epoch
+    ends).
+    """
+
+    def __init__(self, fn: Callable[..., Any], owner: _VariantOwner, mode: Mode) -> None:
+        self.fn = fn
+        self.owner = owner
+        self.mode = mode
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.run(self.fn, args, kwargs)
+
+    def run(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """``fn(*args, **kwargs)``, reported."""
+        try:
+            out = fn(*args, **kwargs)
+        except BaseException as exc:
+            self.owner.step_raised(self.mode, exc)
+            raise
+        self.owner.step_ran(self.mode)
+        return out
+
+
+class StepVariants(ReportedStep):
     """``model.<kind>_function`` while the callback is active: the plain step function or a capturing one.
 
     Parameters
@@ -143,10 +174,9 @@ class StepVariants:
         jax_outputs: bool,
         mode: Mode,
     ) -> None:
+        super().__init__(plain, owner, mode)
         self.plain = plain
-        self.mode = mode
         self.build = build
-        self.owner = owner
         self.jax_outputs = jax_outputs
         self.capturing: dict[frozenset[str], Callable[..., Any]] = {}
         #: the variant of the last call: its wanted collections, empty for the plain one
@@ -163,14 +193,10 @@ class StepVariants:
             fn = self.plain
         owner.running = key
         try:
-            out = fn(*args, **kwargs)
-        except BaseException as exc:
-            owner.step_raised(self.mode, exc)
-            raise
+            out = self.run(fn, args, kwargs)
         finally:
             owner.running = None
         self.last = key
-        owner.step_ran(self.mode)
         if not key:
             return out
         if self.jax_outputs:
@@ -186,7 +212,9 @@ class Run(NamedTuple):
     """A value handed over in a step, with where it was computed and when.
 
     ``origin`` is the traced graph whose run wrote it (its serial number), or
-    :data:`EAGER`; ``order`` its place on the step's clock (:meth:`TFGraphTaps.tick`).
+    :data:`EAGER`; ``order`` its place on the step's clock (:meth:`TFGraphTaps.tick`);
+    ``replica`` the replica that computed it, of ``replicas`` that run the step (a
+    TensorFlow strategy of several replicas; see :func:`across_replicas`).
     """
 
     slot: Slot
@@ -194,6 +222,51 @@ class Run(NamedTuple):
     value: Any
     origin: int
     order: int
+    replica: int = 0
+    replicas: int = 1
+
+
+def across_replicas(runs: Iterable[Run], warned: set[str]) -> list[Run]:
+    """``runs`` with the values each replica of a strategy computed joined into the step's own.
+
+    Each replica runs the step on its part of the batch; what the step did as a whole is
+    what Keras reports and applies: the gradients the optimizer applies (its all-reduce
+    sums the replicas' gradients of their scaled losses), the loss and metrics Keras logs
+    (the mean over the replicas), and the layers' inputs and outputs of the whole batch
+    (the replicas' parts in order, as ``predict`` joins them). A value not every replica
+    wrote, or one without a batch axis to join, is replica 0's (or none), and one warning
+    names it (``warned`` holds the names warned about).
+    """
+    out: list[Run] = []
+    parts: dict[tuple[int, Slot, str], list[Run]] = {}
+    for r in runs:
+        if r.replicas == 1:
+            out.append(r)
+        else:
+            parts.setdefault((r.origin, r.slot, r.collection), []).append(r)
+    for group in parts.values():
+        group.sort(key=lambda r: r.replica)
+        first, values = group[0], [np.asarray(r.value) for r in group]
+        joined, why = None, ""
+        if [r.replica for r in group] != list(range(first.replicas)):
+            why = f"written by replicas {', '.join(str(r.replica) for r in group)} of {first.replicas} only"
+        elif first.collection == "gradients":
+            joined = functools.reduce(np.add, values)
+        elif first.collection in ("losses", "metrics"):
+            joined = functools.reduce(np.add, values) / len(values)
+        elif values[0].ndim and len({v.shape[1:] for v in values}) == 1:
+            joined = np.concatenate(values)
+        else:
+            why = "a value of each replica without a batch axis to join them along"
+        if joined is None:
+            joined = values[0] if first.replica == 0 else None
+            if first.slot.label() not in warned:
+                warned.add(first.slot.label())
+                kept = "replica 0's value is kept" if joined is not None else "it is not captured"
+                logger.warning("tensortap: %s is %s: %s", first.slot.label(), why, kept)
+        if joined is not None:
+            out.append(first._replace(value=joined, replica=0, replicas=1))
+    return out
 
 
 def in_run_order(runs: Iterable[Run]) -> list[tuple[Slot, str, Any]]:
@@ -234,11 +307,14 @@ class _TFTap:
     """One captured tensor of one traced graph: a variable holding its value, and ``meta``: the step that
     wrote it last, when (the step's clock) and how many times in that step."""
 
-    def __init__(self, slot: Slot, collection: str, value: Any, static: bool, origin: int, looped: bool) -> None:
+    def __init__(
+        self, slot: Slot, collection: str, value: Any, static: bool, origin: int, looped: bool, replica: tuple[int, int]
+    ) -> None:
         self.slot = slot
         self.collection = collection
         self.origin = origin
         self.looped = looped  # traced in a while loop's body: written once per iteration
+        self.replica = replica  # (the replica that writes it, how many replicas run the graph)
         shape = value.shape if static else tf.TensorShape(None)
         init = tf.zeros([d or 0 for d in value.shape] if value.shape.rank is not None else [], value.dtype)
         self.var = _variable(init, shape)
@@ -250,6 +326,21 @@ class _TFTap:
         before = self.meta.read_value()
         writes = tf.where(before[0] == step, before[2] + 1, tf.constant(1, tf.int64))
         self.meta.assign(tf.stack([step, order, writes]))
+
+
+def replica_now() -> tuple[int, int]:
+    """The replica whose step function runs (or is traced) now, and how many replicas run it: ``(0, 1)`` but
+    for a TensorFlow strategy of several replicas, such as ``MirroredStrategy``, which runs (or traces) the
+    step once for each."""
+    if BACKEND != "tensorflow":
+        return 0, 1
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return 0, 1
+    replica = tf.get_static_value(context.replica_id_in_sync_group)
+    if replica is None:  # known only when the step runs (TPUStrategy): each replica writes the same taps
+        return 0, 1
+    return int(replica), context.num_replicas_in_sync
 
 
 def in_xla_context() -> bool:
@@ -286,9 +377,11 @@ class TFGraphTaps:
         self._step = -1
         self.step = tf.Variable(tf.constant(-1, tf.int64), trainable=False)
         self.clock = tf.Variable(tf.constant(0, tf.int64), trainable=False)
-        self.taps: dict[tuple[int, Slot, Any], _TFTap] = {}
+        # by (origin, slot, shape or dtype, replica)
+        self.taps: dict[tuple[int, Slot, Any, tuple[int, int]], _TFTap] = {}
         self.skipped: set[str] = set()
         self.rerun: set[str] = set()  # names warned about: a graph run several times in one step wrote them
+        self.one_replica: set[str] = set()  # names warned about: a value of one replica (see across_replicas)
         self._origins: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
         self._serials = itertools.count(EAGER + 1)
 
@@ -316,6 +409,7 @@ class TFGraphTaps:
         origin = self._origins.get(graph)
         if origin is None:
             origin = self._origins[graph] = next(self._serials)
+        replica = replica_now()
         pairs = []
         for slot, value in items:
             value = tf.convert_to_tensor(value)
@@ -327,11 +421,11 @@ class TFGraphTaps:
                         "tensortap: %s has no static shape %s under XLA; it is not captured", slot.label(), value.shape
                     )
                 continue
-            key = (origin, slot, tuple(value.shape) if static else value.dtype)
+            key = (origin, slot, tuple(value.shape) if static else value.dtype, replica)
             if key not in self.taps:
                 with tf.init_scope():
                     first = not self.taps
-                    self.taps[key] = _TFTap(slot, collection, value, static, origin, _in_loop(graph))
+                    self.taps[key] = _TFTap(slot, collection, value, static, origin, _in_loop(graph), replica)
                     if first:  # from now on the flags are read: set them for the step being traced
                         self._assign()
             pairs.append((self.taps[key], value))
@@ -351,6 +445,12 @@ class TFGraphTaps:
         self.clock.assign_add(1, read_value=False)
         return self.clock.read_value()
 
+    def forget(self, step: int) -> None:
+        """``step`` raised: what its graphs wrote before is none of the step that takes its number next."""
+        for t in self.taps.values():
+            if t.meta[0] == step:
+                t.meta.assign(tf.constant([-1, 0, 0], tf.int64))
+
     def written(self, step: int) -> list[Run]:
         """After a saved step: the values of the taps that step wrote.
 
@@ -365,7 +465,7 @@ class TFGraphTaps:
             at, order, writes = (int(x) for x in t.meta.numpy())
             if at != step:
                 continue
-            runs.append(Run(t.slot, t.collection, t.var.value(), t.origin, order))
+            runs.append(Run(t.slot, t.collection, t.var.value(), t.origin, order, *t.replica))
             if writes > 1 and not t.looped and t.collection != "metrics" and t.slot.name not in self.rerun:
                 rerun[t.slot.name] = writes
         if rerun:
@@ -379,7 +479,7 @@ class TFGraphTaps:
                 ", ".join(names[:5]),
                 f" and {len(names) - 5} more" if len(names) > 5 else "",
             )
-        return runs
+        return across_replicas(runs, self.one_replica)
 
 
 def _in_loop(graph: Any) -> bool:
