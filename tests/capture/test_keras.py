@@ -2047,6 +2047,67 @@ def test_a_step_of_several_replicas_is_captured_as_the_step_of_one(tmp_path: Pat
     }
 
 
+DATA_PARALLEL = """
+import os, sys
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"  # two devices on this machine's CPU
+
+import jax
+import keras
+import numpy as np
+
+import tensortap
+import tensortap.keras as ttk
+
+out, collections = sys.argv[1], sys.argv[2].split(",")
+rng = np.random.default_rng(0)
+x, y = rng.normal(size=(64, 6)).astype("float32"), rng.normal(size=(64, 2)).astype("float32")
+for name, distribution in [("one", None), ("two", keras.distribution.DataParallel(devices=jax.devices()))]:
+    keras.distribution.set_distribution(distribution)
+    keras.utils.set_random_seed(1)
+    layers = [keras.Input((6,)), keras.layers.Dense(5, "relu", name="dense"), keras.layers.Dense(2, name="dense_1")]
+    model = keras.Sequential(layers)
+    model.compile(optimizer=keras.optimizers.SGD(0.1, name="sgd"), loss="mse", metrics=["mae"])
+    cb = ttk.Callback(
+        os.path.join(out, name),
+        save_config=tensortap.SaveConfig(save_interval=1),
+        include_collections=collections,
+        close_on_train_end=False,
+    )
+    model.fit(x, y, batch_size=16, epochs=2, shuffle=False, callbacks=[cb], verbose=0)
+    model.evaluate(x, y, batch_size=16, callbacks=[cb], verbose=0)
+    model.predict(x, batch_size=16, callbacks=[cb], verbose=0)
+    cb.close()
+"""
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="keras.distribution runs on JAX")
+def test_a_step_on_data_parallel_devices_is_captured_as_the_step_of_one(tmp_path: Path) -> None:
+    """Under ``keras.distribution.DataParallel`` (two JAX devices) the first saved step failed the ``fit``:
+    its capturing step function is built then, and Keras builds a step from the shardings of the variables'
+    values, which the ``fit`` had taken from the variables. Now each value equals a training on one device."""
+    env = {**os.environ, "KERAS_BACKEND": BACKEND}
+    proc = subprocess.run(
+        [sys.executable, "-c", DATA_PARALLEL, str(tmp_path), ",".join(ALL)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = (tensortap.create_trial(tmp_path / name) for name in ("one", "two"))
+    names = one.tensor_names()
+    assert {"outputs/dense", "inputs/dense_1", "gradients/dense/kernel", "losses/loss", "metrics/mae"} <= set(names)
+    assert two.tensor_names() == names
+    for mode, steps in ((Mode.TRAIN, 8), (Mode.EVAL, 4), (Mode.PREDICT, 4)):
+        assert one.steps(mode=mode) == two.steps(mode=mode) == list(range(steps))
+        for name in names:
+            for step, value in one.tensor(name).values(mode=mode).items():
+                got = two.tensor(name).value(step, mode=mode)
+                np.testing.assert_allclose(got, value, rtol=1e-5, atol=1e-6, err_msg=f"{name}, {mode.name} {step}")
+    assert "tensortap:" not in proc.stderr
+
+
 @pytest.mark.parametrize("data", ["a generator", "tf.data"])
 @pytest.mark.parametrize("run_eagerly", [False, True], ids=["compiled", "eager"])
 def test_data_of_unknown_length_ends_its_epoch_without_a_step_of_its_own(

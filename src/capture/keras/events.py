@@ -727,6 +727,12 @@ class Callback(keras.callbacks.Callback):
                 self._patches.set(model, make, self._wrap_make(model, kind, getattr(model, make), variants))
             if BACKEND == "jax":
                 self._patches.set(model, "_make_function", self._wrap_make_function(model._make_function))
+                # a capturing variant is built at the first step that saves from inside it; under a
+                # distribution Keras builds a step from the shardings of the variables' values, which a
+                # fit has taken from the variables by then: the shardings of the first build serve
+                if keras.distribution.distribution() is not None and hasattr(model, "_get_state_sharding_spec"):
+                    spec = functools.cache(model._get_state_sharding_spec)
+                    self._patches.set(model, "_get_state_sharding_spec", spec)
         elif self.session.may_save("metrics"):  # a loop: the models' train_on_batch and test_on_batch
             for m in model._flatten_layers(include_self=True, recursive=True):
                 if isinstance(m, keras.Model):
@@ -1177,7 +1183,7 @@ def _same_value(value: Any, computed: Any) -> bool:
 def _unscaled(loss: Any) -> Any:
     """``compute_loss``'s value as its replica's loss: under a TensorFlow strategy of several replicas, Keras
     scales it down by their number (their gradients are summed), and gives its tracker the loss scaled back."""
-    replicas = replica_now()[1]
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync if BACKEND == "tensorflow" else 1
     return loss if replicas == 1 else keras.ops.multiply(loss, keras.ops.cast(replicas, loss.dtype))
 
 

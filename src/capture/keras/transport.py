@@ -329,9 +329,10 @@ class _TFTap:
 
 
 def replica_now() -> tuple[int, int]:
-    """The replica whose step function runs (or is traced) now, and how many replicas run it: ``(0, 1)`` but
-    for a TensorFlow strategy of several replicas, such as ``MirroredStrategy``, which runs (or traces) the
-    step once for each."""
+    """The replica whose step function runs (or is traced) now, and how many replicas run it in this process:
+    ``(0, 1)`` but for a TensorFlow strategy of several replicas, such as ``MirroredStrategy``, which runs (or
+    traces) the step once for each. (A strategy of several workers numbers the replicas of all; here they
+    are numbered from 0 in each process, which captures its own.)"""
     if BACKEND != "tensorflow":
         return 0, 1
     context = tf.distribute.get_replica_context()
@@ -340,7 +341,8 @@ def replica_now() -> tuple[int, int]:
     replica = tf.get_static_value(context.replica_id_in_sync_group)
     if replica is None:  # known only when the step runs (TPUStrategy): each replica writes the same taps
         return 0, 1
-    return int(replica), context.num_replicas_in_sync
+    here = len(context.strategy.extended.worker_devices)
+    return int(replica) % here, here
 
 
 def in_xla_context() -> bool:
