@@ -2047,6 +2047,36 @@ def test_a_step_of_several_replicas_is_captured_as_the_step_of_one(tmp_path: Pat
     }
 
 
+def test_mixed_precision_gradients_are_those_applied_not_scaled(tmp_path: Path) -> None:
+    """Under ``mixed_float16`` a ``LossScaleOptimizer`` scales the loss up and the gradients back down
+    before its inner optimizer applies them. The gradients captured were those its own ``apply`` got,
+    multiplied by the loss scale (1,024 here: TensorFlow, torch); on JAX, whose trainer calls its
+    ``stateless_apply``, none were captured at all. Now they are the ones applied (SGD: the weights' change
+    over the learning rate)."""
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        keras.utils.set_random_seed(1)
+        layers = [keras.Input((6,)), keras.layers.Dense(5, "relu", name="dense"), keras.layers.Dense(1, name="dense_1")]
+        model = keras.Sequential(layers)
+        optimizer = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(LR, name="sgd"), initial_scale=1024.0)
+        model.compile(optimizer=optimizer, loss="mse")
+        rec = Recorder()
+        cb = ttk.Callback(tmp_path, save_config=EVERY_STEP, include_collections=["weights", "biases", "gradients"])
+        model.fit(X, Y, batch_size=BATCH, epochs=1, shuffle=False, callbacks=[cb, rec], verbose=0)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.steps(mode=Mode.TRAIN) == [0, 1, 2]
+    for i, name in enumerate(WEIGHTS):
+        got = values(trial, f"gradients/{name}")
+        assert sorted(got) == [0, 1, 2], name
+        before = rec.initial
+        for step, after in enumerate(rec.weights):
+            applied = (before[i] - after[i]) / LR
+            np.testing.assert_allclose(got[step], applied, rtol=2e-3, atol=1e-5, err_msg=f"{name} at {step}")
+            before = after
+
+
 DATA_PARALLEL = """
 import os, sys
 

@@ -745,7 +745,7 @@ class Callback(keras.callbacks.Callback):
             self._unlisten = listen_to_mean_updates(self._on_mean_event)
         self._optimizers = list(dict.fromkeys([*optimizers, *_optimizers_of(model)]))
         if self.session.may_save("gradients"):
-            for optimizer in self._optimizers:
+            for optimizer in map(_applying, self._optimizers):
                 self._patches.set(optimizer, "apply", self._wrap_apply(optimizer))
         if self.session.may_save("outputs") or self.session.may_save("inputs"):
             for layer in model._flatten_layers(include_self=False, recursive=True):
@@ -1225,6 +1225,16 @@ def _variants_serve(model: Any, kind: str) -> bool:
     if BACKEND == "jax":
         return not model.run_eagerly and bool(model.jit_compile)
     return False
+
+
+def _applying(optimizer: Any) -> Any:
+    """The optimizer whose ``apply`` is given the gradients ``optimizer`` applies: a ``LossScaleOptimizer``'s
+    inner one, which it gives them divided by the loss scale, on the steps whose gradients are finite (on the
+    others it applies nothing); its own ``apply`` gets them multiplied by the scale, and on JAX is not
+    called (its ``stateless_apply`` calls the inner one's)."""
+    while isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        optimizer = optimizer.inner_optimizer
+    return optimizer
 
 
 def _optimizers_of(model: Any) -> list[Any]:
