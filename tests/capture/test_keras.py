@@ -1956,6 +1956,32 @@ def test_a_script_that_dies_between_steps_keeps_the_last_step_it_ran(
             np.testing.assert_array_equal(trial.tensor(name).value(step, mode=Mode.TRAIN), after[f"arr_{i}"])
 
 
+def trained_on_one_device_and_two(tmp_path: Path, script: str) -> tuple[subprocess.CompletedProcess[str], Any]:
+    """Run ``script``, which trains (2 epochs of 4 batches), evaluates and predicts with the same model on one
+    device and on two, into trials ``one`` and ``two`` under ``tmp_path``; check that ``two`` holds what ``one``
+    does, step for step in every mode. The process and trial ``two``."""
+    env = {**os.environ, "KERAS_BACKEND": BACKEND}
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path), ",".join(ALL)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = (tensortap.create_trial(tmp_path / name) for name in ("one", "two"))
+    names = one.tensor_names()
+    assert {"outputs/dense", "inputs/dense_1", "gradients/dense/kernel", "losses/loss", "metrics/mae"} <= set(names)
+    assert two.tensor_names() == names
+    for mode, steps in ((Mode.TRAIN, 8), (Mode.EVAL, 4), (Mode.PREDICT, 4)):
+        assert one.steps(mode=mode) == two.steps(mode=mode) == list(range(steps))
+        for name in names:
+            for step, value in one.tensor(name).values(mode=mode).items():
+                got = two.tensor(name).value(step, mode=mode)
+                np.testing.assert_allclose(got, value, rtol=1e-5, atol=1e-6, err_msg=f"{name}, {mode.name} {step}")
+    return proc, two
+
+
 REPLICAS = """
 import os, sys
 
@@ -2016,25 +2042,8 @@ def test_a_step_of_several_replicas_is_captured_as_the_step_of_one(tmp_path: Pat
     values from inside the step are skipped with one warning. (The replicas' traces run on threads of their
     own: the mode of the step traced stayed set after it, and a call of the model outside the step was
     taken as the step's.)"""
-    env = {**os.environ, "KERAS_BACKEND": BACKEND}
-    proc = subprocess.run(
-        [sys.executable, "-c", REPLICAS, str(tmp_path), ",".join(ALL)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    one, two, eager = (tensortap.create_trial(tmp_path / name) for name in ("one", "two", "two eager"))
-    names = one.tensor_names()
-    assert {"outputs/dense", "inputs/dense_1", "gradients/dense/kernel", "losses/loss", "metrics/mae"} <= set(names)
-    assert two.tensor_names() == names
-    for mode, steps in ((Mode.TRAIN, 8), (Mode.EVAL, 4), (Mode.PREDICT, 4)):
-        assert one.steps(mode=mode) == two.steps(mode=mode) == list(range(steps))
-        for name in names:
-            for step, value in one.tensor(name).values(mode=mode).items():
-                got = two.tensor(name).value(step, mode=mode)
-                np.testing.assert_allclose(got, value, rtol=1e-5, atol=1e-6, err_msg=f"{name}, {mode.name} {step}")
+    proc, two = trained_on_one_device_and_two(tmp_path, REPLICAS)
+    names, eager = two.tensor_names(), tensortap.create_trial(tmp_path / "two eager")
     after = np.load(tmp_path / "two.npz")
     for step in range(8):  # Keras's own weights after each batch, in model.weights order
         for i, name in enumerate(WEIGHTS):
@@ -2116,25 +2125,7 @@ def test_a_step_on_data_parallel_devices_is_captured_as_the_step_of_one(tmp_path
     """Under ``keras.distribution.DataParallel`` (two JAX devices) the first saved step failed the ``fit``:
     its capturing step function is built then, and Keras builds a step from the shardings of the variables'
     values, which the ``fit`` had taken from the variables. Now each value equals a training on one device."""
-    env = {**os.environ, "KERAS_BACKEND": BACKEND}
-    proc = subprocess.run(
-        [sys.executable, "-c", DATA_PARALLEL, str(tmp_path), ",".join(ALL)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    one, two = (tensortap.create_trial(tmp_path / name) for name in ("one", "two"))
-    names = one.tensor_names()
-    assert {"outputs/dense", "inputs/dense_1", "gradients/dense/kernel", "losses/loss", "metrics/mae"} <= set(names)
-    assert two.tensor_names() == names
-    for mode, steps in ((Mode.TRAIN, 8), (Mode.EVAL, 4), (Mode.PREDICT, 4)):
-        assert one.steps(mode=mode) == two.steps(mode=mode) == list(range(steps))
-        for name in names:
-            for step, value in one.tensor(name).values(mode=mode).items():
-                got = two.tensor(name).value(step, mode=mode)
-                np.testing.assert_allclose(got, value, rtol=1e-5, atol=1e-6, err_msg=f"{name}, {mode.name} {step}")
+    proc, _ = trained_on_one_device_and_two(tmp_path, DATA_PARALLEL)
     assert "tensortap:" not in proc.stderr
 
 
