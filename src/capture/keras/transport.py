@@ -230,9 +230,10 @@ def across_replicas(runs: Iterable[Run], warned: set[str]) -> list[Run]:
     """``runs`` with the values each replica of a strategy computed joined into the step's own.
 
     Each replica runs the step on its part of the batch; what the step did as a whole is
-    what Keras reports and applies: the gradients the optimizer applies (its all-reduce
-    sums the replicas' gradients of their scaled losses), the loss and metrics Keras logs
-    (the mean over the replicas), and the layers' inputs and outputs of the whole batch
+    what Keras applies and reports: the gradients the optimizer applies (its all-reduce
+    sums the replicas' gradients of their scaled losses), the loss of those gradients and
+    the metrics (the mean over the replicas: the metrics Keras logs, and its logged loss
+    where the batch splits evenly), and the layers' inputs and outputs of the whole batch
     (the replicas' parts in order, as ``predict`` joins them). A value not every replica
     wrote, or one without a batch axis to join, is replica 0's (or none), and one warning
     names it (``warned`` holds the names warned about).
