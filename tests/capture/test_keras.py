@@ -2056,18 +2056,24 @@ def test_a_step_of_several_replicas_is_captured_as_the_step_of_one(tmp_path: Pat
     }
 
 
-def test_mixed_precision_gradients_are_those_applied_not_scaled(tmp_path: Path) -> None:
+@pytest.mark.parametrize("initial_scale", [1024.0, 2.0**40], ids=["finite", "overflowing"])
+def test_mixed_precision_gradients_are_those_applied_not_scaled(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, initial_scale: float
+) -> None:
     """Under ``mixed_float16`` a ``LossScaleOptimizer`` scales the loss up and the gradients back down
     before its inner optimizer applies them. The gradients captured were those its own ``apply`` got,
     multiplied by the loss scale (1,024 here: TensorFlow, torch); on JAX, whose trainer calls its
     ``stateless_apply``, none were captured at all. Now they are the ones applied (SGD: the weights' change
-    over the learning rate)."""
+    over the learning rate). Where the scaled gradients overflow, none are applied: the step has none, and
+    the first such step is named."""
     keras.mixed_precision.set_global_policy("mixed_float16")
     try:
         keras.utils.set_random_seed(1)
         layers = [keras.Input((6,)), keras.layers.Dense(5, "relu", name="dense"), keras.layers.Dense(1, name="dense_1")]
         model = keras.Sequential(layers)
-        optimizer = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(LR, name="sgd"), initial_scale=1024.0)
+        optimizer = keras.optimizers.LossScaleOptimizer(
+            keras.optimizers.SGD(LR, name="sgd"), initial_scale=initial_scale
+        )
         model.compile(optimizer=optimizer, loss="mse")
         rec = Recorder()
         cb = ttk.Callback(tmp_path, save_config=EVERY_STEP, include_collections=["weights", "biases", "gradients"])
@@ -2076,6 +2082,12 @@ def test_mixed_precision_gradients_are_those_applied_not_scaled(tmp_path: Path) 
         keras.mixed_precision.set_global_policy("float32")
     trial = tensortap.create_trial(tmp_path)
     assert trial.steps(mode=Mode.TRAIN) == [0, 1, 2]
+    unapplied = [r.getMessage() for r in caplog.records if "has no gradients" in r.getMessage()]
+    if initial_scale > 65504:  # float16's largest
+        assert not any(n.startswith("gradients/") for n in trial.tensor_names())
+        assert len(unapplied) == 1 and unapplied[0].startswith("tensortap: step 0 has no gradients"), unapplied
+        return
+    assert not unapplied
     for i, name in enumerate(WEIGHTS):
         got = values(trial, f"gradients/{name}")
         assert sorted(got) == [0, 1, 2], name

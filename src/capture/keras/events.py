@@ -35,7 +35,7 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import FrameType
@@ -240,6 +240,8 @@ class Callback(keras.callbacks.Callback):
         self._unlisten: Callable[[], None] | None = None
         self._graph: TFGraphTaps | None = None
         self._optimizers: list[Any] = []
+        self._loss_scaled = False  # a LossScaleOptimizer among them
+        self._warned_unapplied = False
         self._loop = False
         self._in = _InStep()
         self._running_means: set[str] = set()  # keys returned as running means of unknown step value (warned)
@@ -614,6 +616,8 @@ class Callback(keras.callbacks.Callback):
             for key, value in _on_host(extras).items():
                 collection, slot = self._extra_slots[key]
                 latest[slot] = (collection, value)
+        if self._loss_scaled and self.hook.mode == Mode.TRAIN and self.session.saving("gradients"):
+            self._note_unapplied(c for c, _ in latest.values())
         calls: dict[tuple[str, int], tuple[str, dict[str, Any]]] = {}
         for slot, (collection, value) in latest.items():
             if slot.call is None:
@@ -627,6 +631,17 @@ class Callback(keras.callbacks.Callback):
             for name, coll, value in self._variables(saved):
                 if Slot(name) not in latest:
                     self.session.offer(name, value, (coll,))
+
+    def _note_unapplied(self, collections: Iterable[str]) -> None:
+        """A saved TRAIN step with a ``LossScaleOptimizer``, which handed over ``collections``: without gradients,
+        the optimizer applied none (their scaled values were not finite); the first such step is named."""
+        if "gradients" not in collections and not self._warned_unapplied:
+            self._warned_unapplied = True
+            logger.warning(
+                "tensortap: step %d has no gradients: the loss scale optimizer applied none (the scaled gradients "
+                "were not finite; it lowers its scale and goes on); later such steps are not named",
+                self.hook.step,
+            )
 
     def _handed_over(self) -> list[tuple[Slot, str, Any]]:
         """``(slot, collection, value)`` of what the step handed over (extras aside), in the order it came.
@@ -744,6 +759,7 @@ class Callback(keras.callbacks.Callback):
                 self._patches.set(model, "compute_loss", self._wrap_loss(model))
             self._unlisten = listen_to_mean_updates(self._on_mean_event)
         self._optimizers = list(dict.fromkeys([*optimizers, *_optimizers_of(model)]))
+        self._loss_scaled = any(isinstance(o, keras.optimizers.LossScaleOptimizer) for o in self._optimizers)
         if self.session.may_save("gradients"):
             for optimizer in map(_applying, self._optimizers):
                 self._patches.set(optimizer, "apply", self._wrap_apply(optimizer))
