@@ -233,7 +233,7 @@ class StepCapture:
                 self.offer(name, p, parameter_collection(name))
 
     def drop_train(self, why: BaseException) -> None:
-        """Drop the open ``TRAIN`` step, which ``why`` interrupted; the next ``TRAIN`` step takes its number.
+        """Drop the open ``TRAIN`` step, which ``why`` interrupted; the next ``TRAIN`` step takes its numbers.
 
         For a trainer that counts its steps itself: the step it never finished is not counted.
         """
@@ -241,8 +241,7 @@ class StepCapture:
             return
         self.train_open = False
         self._losses.clear()
-        self.hook.drop_step(why)
-        self.hook.mode_steps[Mode.TRAIN] -= 1
+        self.hook.drop_step(why, take_back=True)
 
     def write_step(self, mode: Mode, values: Mapping[str, Any]) -> None:
         """Write one whole ``EVAL`` or ``GLOBAL`` step of logged values (nothing if there are none)."""

@@ -329,7 +329,7 @@ def test_a_train_interrupted_by_ctrl_c_and_resumed_in_the_same_process(tmp_path:
     """A notebook: Ctrl-C in step 4 of train(), then train(resume_from_checkpoint=True) with the same Trainer.
 
     The unfinished step was written as a TRAIN step (the weights of the step before, no loss) and the resumed
-    steps were numbered one after the Trainer's.
+    steps were numbered one after the Trainer's; then the dropped step's global number stayed a gap.
     """
     out = tmp_path / "trial"
     after = AfterStep()
@@ -353,6 +353,8 @@ def test_a_train_interrupted_by_ctrl_c_and_resumed_in_the_same_process(tmp_path:
     trainer.train(resume_from_checkpoint=True)
     trial = tensortap.create_trial(out)
     assert trial.steps(mode=Mode.TRAIN) == list(range(6)) and trainer.state.global_step == 6
+    # the dropped step's global number goes to the next step, as in Keras
+    assert [trial.global_step(s, mode=Mode.TRAIN) for s in range(6)] == list(range(6))
     logged = {h["step"] - 1: h["loss"] for h in trainer.state.log_history if "loss" in h}
     got = trial.tensor("losses/loss").values(mode=Mode.TRAIN)
     assert sorted(got) == sorted(logged) == list(range(6))
