@@ -91,7 +91,6 @@ _NOTHING_WANTED = dict.fromkeys(STEP_COLLECTIONS, False)
 # collections read from the variables after a TRAIN step (TensorFlow's capturing steps return them)
 VARIABLE_COLLECTIONS = ("weights", "biases", "optimizer_variables")
 _STEP_FUNCTIONS = ("train_function", "test_function", "predict_function")
-_EAGER_REPLICAS = "(values of the replicas of a step run eagerly)"  # in Callback._skipped once warned
 # make_<kind>_function builds <kind>_function around the model's <step> method, in this mode
 _KINDS = {
     "train": ("train_step", Mode.TRAIN),
@@ -234,14 +233,14 @@ class Callback(keras.callbacks.Callback):
         self.close_on_train_end = bool(close_on_train_end)
         self.all_reduce_max = all_reduce_max
         self._reduce_max: AllReduceMax | None = None
-        self._depth = 0  # calls (fit, evaluate, predict, a loop) running with the callback, one inside another
-        self._kinds: list[str] = []  # their kinds ("train", "test", "predict"), the innermost last
+        self._kinds: list[str] = []  # kinds ("train", "test", "predict") of the calls running, the innermost last
         self._patches = Patches()
         self._unlisten: Callable[[], None] | None = None
         self._graph: TFGraphTaps | None = None
         self._optimizers: list[Any] = []
         self._loss_scaled = False  # a LossScaleOptimizer among them
         self._warned_unapplied = False
+        self._warned_eager_replicas = False
         self._loop = False
         self._in = _InStep()
         self._running_means: set[str] = set()  # keys returned as running means of unknown step value (warned)
@@ -374,12 +373,10 @@ class Callback(keras.callbacks.Callback):
     def _enter(self, kind: str) -> None:
         if kind in self._kinds:  # no call runs inside one of its kind: that one raised (Keras calls no callback then)
             del self._kinds[self._kinds.index(kind) :]  # and the calls inside it: a Ctrl-C in a notebook
-            self._depth = len(self._kinds)
             if not self._depth:
                 self._detach()
         self._kinds.append(kind)
         self._finish_step()
-        self._depth += 1
         if self._depth > 1:
             return
         model = self._model  # not self.model: on JAX that property syncs the state
@@ -390,6 +387,11 @@ class Callback(keras.callbacks.Callback):
         for fn in _STEP_FUNCTIONS:  # never Keras's own (traced without the wrappers) while attached
             setattr(model, fn, None if kept is None else kept.functions.get(fn))
         getattr(model, f"make_{kind}_function")()
+
+    @property
+    def _depth(self) -> int:
+        """Calls running with the callback, one inside another: ``fit``, ``evaluate``, ``predict``, a loop."""
+        return len(self._kinds) + self._loop
 
     def _traced_for(self, model: Any) -> TracedFor:
         """What step functions of ``model`` traced now depend on: the model as compiled (Keras drops
@@ -414,7 +416,6 @@ class Callback(keras.callbacks.Callback):
         self._finish_step()
         if self._kinds:
             self._kinds.pop()
-        self._depth -= 1
         if self._depth > 0:
             return
         model = self._model
@@ -428,7 +429,6 @@ class Callback(keras.callbacks.Callback):
 
     def _detach(self) -> None:
         """Remove every wrapper and drop the model's step functions (they were traced with the wrappers)."""
-        self._depth = 0
         self._kinds = []
         self._patches.undo()
         if self._unlisten is not None:
@@ -494,7 +494,6 @@ class Callback(keras.callbacks.Callback):
             )
         self.set_model(model)
         self._loop = True
-        self._depth = 1
         given = [] if optimizer is None else list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
         self._attach(model, given)
         return self
@@ -1156,8 +1155,8 @@ class Callback(keras.callbacks.Callback):
         """Whether a value taken now comes from one of several replicas of a step run eagerly (a strategy's
         ``run_eagerly=True``): such values are not captured (one warning), the step's own are not at hand."""
         replicas = replica_now()[1]
-        if replicas > 1 and _EAGER_REPLICAS not in self._skipped:
-            self._skipped.add(_EAGER_REPLICAS)
+        if replicas > 1 and not self._warned_eager_replicas:
+            self._warned_eager_replicas = True
             logger.warning(
                 "tensortap: a step run eagerly under a strategy of %d replicas gives the values computed in it "
                 "(%s) of each replica: they are not captured (compile the model without run_eagerly=True to "
