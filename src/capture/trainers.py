@@ -43,17 +43,6 @@ def logged_name(key: str) -> tuple[str, str]:
     return (f"losses/{key}", "losses") if "loss" in key.lower() else (f"metrics/{key}", "metrics")
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The user's module inside DistributedDataParallel / DataParallel / ``torch.compile`` wrappers."""
-    while True:
-        inner = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule
-        if isinstance(model, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
-            inner = model.module
-        if not isinstance(inner, torch.nn.Module):
-            return model
-        model = inner
-
-
 class Hook(core.Hook):
     """The capture core for a PyTorch trainer: reductions on the device, every evaluation run saved.
 

@@ -49,8 +49,8 @@ from ..config import SaveConfig
 from ..modes import Mode
 from . import trainers
 from .stop import agreed
-from .torch.events import all_reduce_max
-from .trainers import StepCapture, check_hook_kwargs, check_stop_sync_steps, open_run, same_logged, unwrap
+from .torch.events import all_reduce_max, unwrap
+from .trainers import StepCapture, check_hook_kwargs, check_stop_sync_steps, open_run, same_logged
 from .writer import logger
 
 __all__ = ["Callback", "Hook"]

@@ -82,7 +82,7 @@ def _in_backward() -> bool:
     return bool(torch._C._current_graph_task_id() != -1)
 
 
-def _unwrap(module: nn.Module) -> nn.Module:
+def unwrap(module: nn.Module) -> nn.Module:
     """The user's module inside torch.compile / DistributedDataParallel / DataParallel wrappers."""
     while True:
         inner = getattr(module, "_orig_mod", None)  # torch.compile's OptimizedModule
@@ -348,7 +348,7 @@ class Hook(core.Hook):
         """
         if not isinstance(module, nn.Module):
             raise TypeError(f"register_module: expected a torch.nn.Module, got {type(module).__name__}")
-        inner = _unwrap(module)
+        inner = unwrap(module)
         if any(r.module is inner for r in self._roots):
             raise ValueError(f"register_module: {type(inner).__name__} is already registered")
         root_name = name or type(inner).__name__
