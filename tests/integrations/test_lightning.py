@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from helpers.docs import ROOT, python_blocks, run_block
 
 torch = pytest.importorskip("torch")
 L = pytest.importorskip("lightning.pytorch")
@@ -74,6 +75,17 @@ def loader(n: int, seed: int) -> Any:
     x = torch.randn(n, 4, generator=g)
     y = x @ torch.tensor([[1.0], [-2.0], [0.5], [3.0]])
     return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+
+
+def test_the_quickstart_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/quickstart-lightning.md's blocks, in order, with this file's module and data for the script's."""
+    page = ROOT / "docs" / "quickstart-lightning.md"
+    blocks = python_blocks(page)
+    assert len(blocks) == 2
+    monkeypatch.chdir(tmp_path)  # the Trainer's own logs
+    namespace = {"__name__": "docs", "model": Regressor(), "train_loader": loader(32, 0), "val_loader": loader(16, 1)}
+    for i, block in enumerate(blocks):
+        run_block(page, i, block, namespace, tmp_path)
 
 
 def test_fit_captures_what_lightning_computed(tmp_path: Path) -> None:

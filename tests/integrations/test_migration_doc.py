@@ -2,25 +2,20 @@
 
 from __future__ import annotations
 
-import re
 import shutil
 from pathlib import Path
 
 import pytest
+from helpers.docs import ROOT, python_blocks
 
 pytest.importorskip("torch")
 
-ROOT = Path(__file__).parents[2]
 DOC = ROOT / "docs" / "migrating-from-smdebug.md"
 SMDEBUG_TRIAL = ROOT / "tests" / "data" / "smdebug-trial" / "trial"
 
 
-def python_blocks(text: str) -> list[str]:
-    return re.findall(r"^```python\n(.*?)^```$", text, flags=re.MULTILINE | re.DOTALL)
-
-
 def test_the_migration_guide_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    blocks = python_blocks(DOC.read_text())
+    blocks = python_blocks(DOC)
     assert len(blocks) >= 5
     shutil.copytree(SMDEBUG_TRIAL, tmp_path / "smdebug-run")
     monkeypatch.chdir(tmp_path)

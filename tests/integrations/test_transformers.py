@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from helpers.docs import ROOT, python_blocks, run_block
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -90,6 +91,15 @@ def arguments(tmp_path: Path, **kw: Any) -> Any:
         "dataloader_num_workers": 0,
     }
     return transformers.TrainingArguments(**(base | kw))
+
+
+def test_the_quickstart_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/quickstart-transformers.md's block, with this file's tiny BERT and data for the script's."""
+    page = ROOT / "docs" / "quickstart-transformers.md"
+    (block,) = python_blocks(page)
+    monkeypatch.chdir(tmp_path)  # the block's TrainingArguments("out", ...)
+    namespace = {"__name__": "docs", "model": tiny_bert(), "train": Rows(32, 0), "val": Rows(16, 1)}
+    run_block(page, 0, block, namespace, tmp_path)
 
 
 def test_train_captures_what_the_trainer_computed(tmp_path: Path) -> None:
