@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from helpers.docs import ROOT, python_blocks, run_block
+from helpers.docs import ROOT, commands, python_blocks, run_block
 
 Setup = Callable[[Path], dict[str, Any]]
 
@@ -325,3 +326,23 @@ def test_the_block_runs(page: str, index: int, tmp_path: Path, monkeypatch: pyte
         hook = namespace.get("hook")
         if hook is not None:
             hook.close()
+
+
+def test_the_readme_commands_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The README's ``tensortap`` lines, on the trials of a real training: each does its work without an error."""
+    from tensortap.cli import main
+
+    torch_trained(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    lines = commands(ROOT / "README.md", "tensortap")
+    assert len(lines) >= 10
+    for line in lines:
+        argv = [word.replace("/tmp", tmp_path.as_posix()) for word in line]  # "/tmp/run", and the folder "/tmp"
+        status = main(argv)
+        err = capsys.readouterr().err
+        assert status in ((0, 1) if argv[0] == "rules" else (0,)), f"tensortap {shlex.join(line)}: exit {status}\n{err}"
+        assert "Traceback" not in err
+    for written in ("grads.png", "losses.png", "run.parquet", "report.html", "tb"):
+        assert (tmp_path / written).exists(), written

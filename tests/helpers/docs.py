@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -22,3 +23,11 @@ def run_block(page: Path, index: int, block: str, namespace: dict[str, Any], tmp
     """
     code = block.replace('"/tmp/', f'"{tmp.as_posix()}/')
     exec(compile(code, f"{page.relative_to(ROOT)} block {index}", "exec"), namespace)  # the page's own code
+
+
+def commands(page: Path, program: str) -> list[list[str]]:
+    """The lines of ``page``'s ``bash`` blocks that run ``program``, split as a shell would, comments left out."""
+    lines = []
+    for block in re.findall(r"^```bash\n(.*?)^```$", page.read_text(encoding="utf-8"), flags=re.MULTILINE | re.DOTALL):
+        lines += block.replace("\\\n", " ").splitlines()
+    return [words[1:] for line in lines if (words := shlex.split(line, comments=True))[:1] == [program]]
