@@ -751,6 +751,56 @@ def test_clipping_schedulers_set_to_none_and_accumulation(tmp_path: Path) -> Non
     assert [float(_value(trial, "metrics/lr", s)) for s in range(3)] == [0.5, 0.25, 0.125]
 
 
+class _WordModel(nn.Module):
+    """pytorch/examples word_language_model's RNNModel, tiny: ``(log-probabilities, hidden)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Embedding(12, 4)
+        self.rnn = nn.LSTM(4, 5, 2)
+        self.decoder = nn.Linear(5, 12)
+
+    def forward(self, tokens: torch.Tensor, hidden: Any) -> tuple[torch.Tensor, Any]:
+        output, hidden = self.rnn(self.encoder(tokens), hidden)
+        return F.log_softmax(self.decoder(output).view(-1, 12), dim=1), hidden
+
+
+@pytest.mark.parametrize("zeroing", ["set_to_none", "in_place"])
+def test_a_manual_update_without_an_optimizer_saves_the_gradients_it_applied(tmp_path: Path, zeroing: str) -> None:
+    """word_language_model's loop: ``model.zero_grad()``, a forward on the detached hidden state, NLLLoss,
+    ``clip_grad_norm_``, then ``p.data.add_(p.grad, alpha=-lr)``, no optimizer. The gradients saved at each
+    step are those the update applied, clipped (they were the backward's, before clipping). A loop that
+    zeroes them in place after its update (``p.grad.zero_()``, here without clipping) has them too."""
+    torch.manual_seed(0)
+    model = _WordModel()
+    gen = torch.Generator().manual_seed(5)
+    data = torch.randint(0, 12, (13, 3), generator=gen)
+    seen = []
+    with ttt.capture(model, tmp_path, save_config=EVERY_STEP, include_collections=["gradients", "losses"]):
+        hidden = (torch.zeros(2, 3, 5), torch.zeros(2, 3, 5))
+        for i in range(0, 12, 4):
+            hidden = tuple(h.detach() for h in hidden)
+            if zeroing == "set_to_none":
+                model.zero_grad()
+            output, hidden = model(data[i : i + 4], hidden)
+            loss = F.nll_loss(output, data[i + 1 : i + 5].reshape(-1))
+            loss.backward()
+            if zeroing == "set_to_none":
+                norm = nn.utils.clip_grad_norm_(model.parameters(), max_norm=0.1)
+                assert norm > 0.1  # the clipping changes the gradients
+            seen.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+            for p in model.parameters():
+                p.data.add_(p.grad, alpha=-1.0)
+                if zeroing == "in_place":
+                    p.grad.zero_()
+    trial = _trial(tmp_path)
+    assert trial.steps() == [0, 1, 2]
+    for step, (loss, grads) in enumerate(seen):
+        assert float(_value(trial, "losses/loss", step)) == pytest.approx(loss)
+        for name, grad in grads.items():
+            np.testing.assert_array_equal(_value(trial, f"gradients/{name}", step), grad.numpy(), err_msg=name)
+
+
 class Nest(nn.Module):
     def __init__(self, kind: str) -> None:
         super().__init__()

@@ -44,8 +44,9 @@ Gradients are each optimizer's parameters' ``p.grad`` as its ``step()``
 sees them (after accumulation, clipping, unscaling; under DDP, averaged);
 with a closure (LBFGS), after the first evaluation of the closure in its
 ``step()`` (the gradients the step starts from), for each optimizer;
-without an optimizer, the last gradient accumulated into each parameter
-during the step. The loss is the scalar tensor ``backward()`` is called on
+without an optimizer, each parameter's ``p.grad`` after the step's last
+backward, read when the step is recorded (after clipping; as that backward
+left it if it was zeroed in place since: :class:`_Gradient`). The loss is the scalar tensor ``backward()`` is called on
 (``losses/loss``; with several optimizers ``losses/<optimizer name>``),
 unless it was named by a registered loss module or :meth:`Hook.record_loss`.
 """
@@ -240,6 +241,29 @@ class _Optimizer:
     name: str
 
 
+@dataclass
+class _Gradient:
+    """A parameter's gradient at its last accumulation in a step without an optimizer.
+
+    An update of the user's own reads ``p.grad`` after changes in place that follow the
+    backward (``clip_grad_norm_``, an all-reduce), then usually sets it to ``None``
+    (``model.zero_grad()``): the tensor is held to be read when the step ends, as the update
+    applied it. A tensor zeroed in place since (``p.grad.zero_()``,
+    ``zero_grad(set_to_none=False)``) no longer holds that: then the copy taken at the
+    accumulation is saved (as the backward left it).
+    """
+
+    grad: torch.Tensor  # the tensor p.grad was
+    version: int  # its version counter then
+    accumulated: torch.Tensor  # a copy of its value then
+
+    def applied(self) -> torch.Tensor:
+        """The gradient as the step's update read it, as far as it can still be told."""
+        if self.grad._version == self.version or bool(self.grad.any()):
+            return self.grad
+        return self.accumulated
+
+
 class Hook(core.Hook):
     """Capture a PyTorch training: module, loss, backward and optimizer events.
 
@@ -319,7 +343,7 @@ class Hook(core.Hook):
         self._backward: list[tuple[weakref.ref[torch.Tensor], torch.Tensor]] = []
         self._named: dict[int, torch.Tensor] = {}  # tensors the user named (registered loss, record_loss)
         self._scaled: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # scaled loss -> (it, the loss)
-        self._grad_stash: dict[str, torch.Tensor] = {}
+        self._grad_stash: dict[str, _Gradient] = {}
         # its forwards, while it goes on after them and saves calls (a batch skipped between them is told apart)
         self._forwards: list[_Forward] = []
         self._forward_start: int | None = None  # the session's mark at the forward in progress
@@ -682,7 +706,7 @@ class Hook(core.Hook):
             for name, p in self._params.items():
                 s.offer(name, p, (_param_collection(name),))
         for name, g in self._grad_stash.items():
-            s.offer(f"gradients/{name}", g, ("gradients",))
+            s.offer(f"gradients/{name}", g.applied(), ("gradients",))
         if s.saving("optimizer_variables"):
             for att in self._optimizers:
                 for p, state in att.optimizer.state.items():
@@ -834,7 +858,8 @@ class Hook(core.Hook):
 
     def _on_grad(self, p: torch.Tensor) -> None:
         if self._stash_grads and p.grad is not None and (name := self._param_ids.get(id(p))) is not None:
-            self._grad_stash[name] = p.grad.detach().clone()
+            grad = p.grad.detach()
+            self._grad_stash[name] = _Gradient(grad, grad._version, grad.clone())
 
     # ------------------------------------------------- backward and GradScaler
     def on_backward(self, tensors: Any) -> None:
