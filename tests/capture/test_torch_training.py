@@ -801,6 +801,65 @@ def test_a_manual_update_without_an_optimizer_saves_the_gradients_it_applied(tmp
             np.testing.assert_array_equal(_value(trial, f"gradients/{name}", step), grad.numpy(), err_msg=name)
 
 
+class _ForwardForwardLayer(nn.Linear):
+    """A layer of pytorch/examples' mnist_forward_forward: trained by itself, with its own optimizer and loss."""
+
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__(n_in, n_out)
+        self.opt = torch.optim.Adam(self.parameters(), lr=0.03)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(F.linear(x / (x.norm(2, 1, keepdim=True) + 1e-4), self.weight, self.bias))
+
+    def fit(self, x_pos: torch.Tensor, x_neg: torch.Tensor, hook: ttt.Hook, finish: bool, seen: list[Any]) -> Any:
+        """Three updates on the goodness loss (``hook.finish_step()`` after each if ``finish``); the gradients
+        each applied, appended to ``seen``."""
+        for _ in range(3):
+            g_pos, g_neg = self.forward(x_pos).pow(2).mean(1), self.forward(x_neg).pow(2).mean(1)
+            loss = torch.log1p(torch.exp(torch.cat([2.0 - g_pos, g_neg - 2.0]))).mean()
+            self.opt.zero_grad()
+            loss.backward()
+            seen.append({name: p.grad.clone() for name, p in self.named_parameters()})
+            self.opt.step()
+            if finish:
+                hook.finish_step()
+        return self.forward(x_pos).detach(), self.forward(x_neg).detach()
+
+
+@pytest.mark.parametrize("explicit", [False, True])
+def test_optimizers_taking_turns_merge_steps_with_a_warning_or_step_explicitly(
+    tmp_path: Path, explicit: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """mnist_forward_forward trains one layer, each with its own optimizer, after the other. A step ends when
+    every attached optimizer has stepped: the first layer's updates and the second's first are one step,
+    the second's others the last, which never ends: a warning at close says so, naming the optimizers.
+    With explicit_steps and finish_step() after each update, each update is a step with the gradients
+    it applied, and nothing is warned about."""
+    torch.manual_seed(0)
+    layers = [_ForwardForwardLayer(8, 6), _ForwardForwardLayer(6, 5)]
+    hook = ttt.Hook(tmp_path, save_config=EVERY_STEP, include_collections=["gradients"], explicit_steps=explicit)
+    for i, layer in enumerate(layers):
+        hook.register_module(layer, name=f"layer{i}")
+        hook.attach_optimizer(layer.opt)
+    seen: list[Any] = []
+    h_pos, h_neg = torch.randn(10, 8), torch.randn(10, 8)
+    for layer in layers:
+        h_pos, h_neg = layer.fit(h_pos, h_neg, hook, explicit, seen)
+    hook.close()
+    trial = _trial(tmp_path)
+    warned = "TRAIN step 1 did not end, and is recorded at close(): optimizer layer1 (2x) stepped in it and layer0"
+    if not explicit:
+        assert trial.steps() == [0, 1]
+        assert caplog.text.count(warned) == 1, caplog.text
+        return
+    assert "did not end" not in caplog.text
+    assert trial.steps() == list(range(6))
+    for step, grads in enumerate(seen):
+        prefix = "layer0" if step < 3 else "layer1"
+        for name, grad in grads.items():
+            np.testing.assert_array_equal(_value(trial, f"gradients/{prefix}.{name}", step), grad.numpy())
+
+
 class Nest(nn.Module):
     def __init__(self, kind: str) -> None:
         super().__init__()

@@ -338,7 +338,7 @@ class Hook(core.Hook):
         self._warned_outside: set[str] = set()  # submodules called outside a forward of their root
         self._ever_forwarded = False  # a registered module's forward has run (else calls of its parts are no step's)
         self._forwarded = self._trained = False
-        self._stepped: set[int] = set()  # optimizers (by id) that stepped in it
+        self._stepped: dict[int, int] = {}  # optimizers (by id) that stepped in it: how many times
         # losses backward() was called on, not yet named: (the tensor, weakly; its value)
         self._backward: list[tuple[weakref.ref[torch.Tensor], torch.Tensor]] = []
         self._named: dict[int, torch.Tensor] = {}  # tensors the user named (registered loss, record_loss)
@@ -954,7 +954,7 @@ class Hook(core.Hook):
         if self._closed or not self.session.is_open:
             return
         self._trained = True
-        self._stepped.add(id(att))
+        self._stepped[id(att)] = self._stepped.get(id(att), 0) + 1
         if self._losses:
             self._name_backward_losses(att.name if len(self._optimizers) > 1 else self._loss_name)
         if self.mode != Mode.TRAIN:
@@ -1017,9 +1017,34 @@ class Hook(core.Hook):
         self.session.guard(self.session.offer_call, f"losses/{name}", value, ("losses",))
 
     # ---------------------------------------------------------------- closing
+    def _warn_unended(self, recorded: bool) -> None:
+        """At close or exit: the open TRAIN step, in which optimizers stepped, did not end because another
+        attached optimizer never stepped in it. Optimizers that take turns (pytorch/examples'
+        mnist_forward_forward trains each layer with its own optimizer, one layer after the other) have
+        their steps merged into a few, which would otherwise go unsaid."""
+        if self._explicit_steps or not self._stepped or self.mode != Mode.TRAIN:
+            return
+        idle = [att.name for att in self._optimizers if id(att) not in self._stepped]
+        if not idle:
+            return
+        stepped = [f"{att.name} ({self._stepped[id(att)]}x)" for att in self._optimizers if id(att) in self._stepped]
+        logger.warning(
+            "tensortap: TRAIN step %d did not end, and is %s: optimizer %s stepped in it and %s never did; a step "
+            "ends when every attached optimizer has stepped, so optimizers that take turns rather than each "
+            "stepping in every iteration (one network trained after another) have their steps merged into one "
+            "(saved with the gradients of each one's last step). Use ttt.Hook(..., explicit_steps=True) and "
+            "hook.finish_step() after each update, or one hook per network",
+            self.mode_step,
+            "recorded at close()" if recorded else "not recorded at exit",
+            ", ".join(stepped),
+            ", ".join(idle),
+        )
+
     def close(self, reason: str = "closed") -> None:
         """End the step in progress, remove every hook, publish, mark this worker ended. Idempotent."""
         if not self._closed:
+            if self.session.is_open:
+                self._warn_unended(recorded=True)
             self._finish()
         self._closed = True
         for handle in self._handles + [h for _, h in self._grad_handles.values()]:
@@ -1033,6 +1058,8 @@ class Hook(core.Hook):
         """At interpreter exit or SIGTERM: keep a step that has ended but is not yet recorded."""
         if self.session.is_open and self.session.pending and not self._depth and not self._closed:
             self.session.guard(self._finish)
+        elif self.session.is_open and reason == "exit" and not self._closed:
+            self._warn_unended(recorded=False)
         self._closed = True
         patches.detach(self)
         super().close_for_exit(reason, error)
