@@ -811,9 +811,11 @@ class _ForwardForwardLayer(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(F.linear(x / (x.norm(2, 1, keepdim=True) + 1e-4), self.weight, self.bias))
 
-    def fit(self, x_pos: torch.Tensor, x_neg: torch.Tensor, hook: ttt.Hook, finish: bool, seen: list[Any]) -> Any:
-        """Three updates on the goodness loss (``hook.finish_step()`` after each if ``finish``); the gradients
-        each applied, appended to ``seen``."""
+    def fit(
+        self, x_pos: torch.Tensor, x_neg: torch.Tensor, seen: list[Any], finish: Callable[[], None] | None = None
+    ) -> Any:
+        """Three updates on the goodness loss (``finish()`` after each, if given); the gradients each applied,
+        appended to ``seen``."""
         for _ in range(3):
             g_pos, g_neg = self.forward(x_pos).pow(2).mean(1), self.forward(x_neg).pow(2).mean(1)
             loss = torch.log1p(torch.exp(torch.cat([2.0 - g_pos, g_neg - 2.0]))).mean()
@@ -821,8 +823,8 @@ class _ForwardForwardLayer(nn.Linear):
             loss.backward()
             seen.append({name: p.grad.clone() for name, p in self.named_parameters()})
             self.opt.step()
-            if finish:
-                hook.finish_step()
+            if finish is not None:
+                finish()
         return self.forward(x_pos).detach(), self.forward(x_neg).detach()
 
 
@@ -844,7 +846,7 @@ def test_optimizers_taking_turns_merge_steps_with_a_warning_or_step_explicitly(
     seen: list[Any] = []
     h_pos, h_neg = torch.randn(10, 8), torch.randn(10, 8)
     for layer in layers:
-        h_pos, h_neg = layer.fit(h_pos, h_neg, hook, explicit, seen)
+        h_pos, h_neg = layer.fit(h_pos, h_neg, seen, hook.finish_step if explicit else None)
     hook.close()
     trial = _trial(tmp_path)
     warned = "TRAIN step 1 did not end, and is recorded at close(): optimizer layer1 (2x) stepped in it and layer0"
@@ -858,6 +860,22 @@ def test_optimizers_taking_turns_merge_steps_with_a_warning_or_step_explicitly(
         prefix = "layer0" if step < 3 else "layer1"
         for name, grad in grads.items():
             np.testing.assert_array_equal(_value(trial, f"gradients/{prefix}.{name}", step), grad.numpy())
+
+
+def test_a_module_holding_its_networks_in_a_list_is_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """mnist_forward_forward's Net keeps its layers in a Python list: they are not its submodules, and
+    ``capture(net, ...)`` would capture nothing of the training, silently. One warning says why."""
+    torch.manual_seed(0)
+    net = nn.Module()
+    net.layers = [_ForwardForwardLayer(8, 6), _ForwardForwardLayer(6, 5)]
+    with ttt.capture(net, tmp_path, save_config=EVERY_STEP):
+        h_pos, h_neg = torch.randn(10, 8), torch.randn(10, 8)
+        for layer in net.layers:
+            h_pos, h_neg = layer.fit(h_pos, h_neg, [])
+    assert _trial(tmp_path).steps() == []
+    assert caplog.text.count("register_module: Module has no parameters and no submodules") == 1, caplog.text
 
 
 class Nest(nn.Module):

@@ -387,6 +387,13 @@ class Hook(core.Hook):
                 UserWarning,
                 stacklevel=2,
             )
+        if next(inner.parameters(), None) is None and next(inner.children(), None) is None:
+            logger.warning(
+                "tensortap: register_module: %s has no parameters and no submodules, so no weights or gradients "
+                "of it are captured, only its own forward's outputs and inputs (networks held in a Python list "
+                "or dict are not submodules: hold them in nn.ModuleList or nn.ModuleDict, or register each)",
+                root_name,
+            )
         root = _Root(inner, root_name, prefix, _is_sharded(inner))
         if root.sharded:
             logger.warning(
