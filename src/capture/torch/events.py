@@ -46,9 +46,10 @@ with a closure (LBFGS), after the first evaluation of the closure in its
 ``step()`` (the gradients the step starts from), for each optimizer;
 without an optimizer, each parameter's ``p.grad`` after the step's last
 backward, read when the step is recorded (after clipping; as that backward
-left it if it was zeroed in place since: :class:`_Gradient`). The loss is the scalar tensor ``backward()`` is called on
-(``losses/loss``; with several optimizers ``losses/<optimizer name>``),
-unless it was named by a registered loss module or :meth:`Hook.record_loss`.
+left it if it was zeroed in place since: :class:`_Gradient`). The loss is
+the scalar tensor ``backward()`` is called on (``losses/loss``; with several
+optimizers ``losses/<optimizer name>``), unless it was named by a registered
+loss module or :meth:`Hook.record_loss`.
 """
 
 from __future__ import annotations
