@@ -504,3 +504,59 @@ def test_ranking_with_query_groups(tmp_path: Path) -> None:
     result = ranker.evals_result()["validation_0"]
     assert _series(trial, "metrics/validation_0-ndcg@5") == result["ndcg@5"]
     assert _series(trial, "metrics/validation_0-ndcg") == result["ndcg"]
+
+
+# ------------------------------------------------------ labels of every kind
+def test_survival_aft_labels_are_the_label_bounds(tmp_path: Path) -> None:
+    # aft_survival_demo.py: no plain label, each row's time is an interval (upper bound inf: right-censored)
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(100, 4))
+    lower = np.exp(X[:, 0] + 1)
+    upper = np.where(rng.random(100) < 0.3, np.inf, lower * 1.2)
+    dtrain, dvalid = xgb.DMatrix(X[:70]), xgb.DMatrix(X[70:])
+    for dmatrix, rows in ((dtrain, slice(0, 70)), (dvalid, slice(70, 100))):
+        dmatrix.set_float_info("label_lower_bound", lower[rows])
+        dmatrix.set_float_info("label_upper_bound", upper[rows])
+    params = {
+        "objective": "survival:aft", "eval_metric": ["aft-nloglik", "interval-regression-accuracy"],
+        "aft_loss_distribution": "normal", "aft_loss_distribution_scale": 1.2, "max_depth": 3, "nthread": 1,
+    }  # fmt: skip
+    result: dict[str, Any] = {}
+    booster = xgb.train(
+        params, dtrain, 3, evals=[(dtrain, "train"), (dvalid, "valid")], evals_result=result, verbose_eval=False,
+        callbacks=[ttx.Callback(tmp_path, include_collections=["losses", "metrics", "labels", "predictions"])],
+    )  # fmt: skip
+    trial = tensortap.create_trial(tmp_path)
+    assert _series(trial, "losses/valid-aft-nloglik") == result["valid"]["aft-nloglik"]
+    accuracy = result["valid"]["interval-regression-accuracy"]
+    assert _series(trial, "metrics/valid-interval-regression-accuracy") == accuracy
+    np.testing.assert_array_equal(trial.tensor("predictions").value(0), booster.predict(dvalid, iteration_range=(0, 1)))
+    bounds = np.stack([dvalid.get_float_info("label_lower_bound"), dvalid.get_float_info("label_upper_bound")], axis=1)
+    np.testing.assert_array_equal(trial.tensor("labels").value(0), bounds)
+    # the metric XGBoost reports, recomputed from the captured labels and predictions
+    prediction, labels = trial.tensor("predictions").value(0), trial.tensor("labels").value(0)
+    inside = (labels[:, 0] <= prediction) & (prediction <= labels[:, 1])
+    assert float(np.mean(inside)) == pytest.approx(accuracy[0])
+
+
+def test_a_set_without_labels_skips_them_with_one_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    X, y = _data()
+    dtrain, dtest = xgb.DMatrix(X[:120], label=y[:120]), xgb.DMatrix(X[120:])
+
+    def mean_prediction(predt: np.ndarray, data: Any) -> tuple[str, float]:
+        return "mean-prediction", float(np.mean(predt))
+
+    params = {"objective": "binary:logistic", "nthread": 1, "disable_default_eval_metric": 1}
+    result: dict[str, Any] = {}
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        xgb.train(
+            params, dtrain, 3, evals=[(dtrain, "train"), (dtest, "test")], custom_metric=mean_prediction,
+            evals_result=result, verbose_eval=False,
+            callbacks=[ttx.Callback(tmp_path, include_collections=["metrics", "labels", "predictions"],
+                                    save_config=EVERY_ROUND)],
+        )  # fmt: skip
+    assert _warnings(caplog) == ["tensortap: labels not captured from round 0 on: ValueError: 'test' has no labels"]
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.tensor_names(collection="labels") == []
+    assert trial.tensor("predictions").steps() == [0, 1, 2]
+    assert _series(trial, "metrics/test-mean-prediction") == result["test"]["mean-prediction"]

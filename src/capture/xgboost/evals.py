@@ -124,9 +124,26 @@ class EvalData:
 
     @property
     def labels(self) -> np.ndarray:
-        """The set's labels, as ``get_label()`` returns them."""
+        """The set's labels: ``get_label()``, or the label bounds of survival data.
+
+        A set with ``label_lower_bound`` and ``label_upper_bound`` (the labels of
+        ``survival:aft``, which has no plain label) gives shape ``(rows, 2)``: the
+        lower and the upper bound of each row (``inf`` when it is right-censored).
+
+        Raises
+        ------
+        ValueError
+            When the set has no labels.
+        """
         if self._labels is None:
-            self._labels = np.asarray(self.dmatrix.get_label())
+            lower = self.dmatrix.get_float_info("label_lower_bound")
+            if lower.size:
+                labels = np.stack([lower, self.dmatrix.get_float_info("label_upper_bound")], axis=1)
+            else:
+                labels = np.asarray(self.dmatrix.get_label())
+            if not labels.size:
+                raise ValueError(f"{self.name!r} has no labels")
+            self._labels = labels
         return self._labels
 
     @property
