@@ -258,6 +258,32 @@ def test_overfit_says_when_it_has_no_validation_loss(tmp_path: Path) -> None:
     assert main(["rules", str(tmp_path), "--rule", "overfit"]) == 2
 
 
+# ------------------------------------------------- callbacks that change the training
+@pytest.mark.parametrize("ours_first", [True, False])
+def test_learning_rate_scheduler_rates_land_on_the_rounds_they_train(tmp_path: Path, ours_first: bool) -> None:
+    dtrain, dval = _split()
+    rates = [0.5, 0.2, 0.2, 0.05]  # XGBoost sets rates[e] after round e: round e + 1 trains with it, 3 never
+    scheduler = xgb.callback.LearningRateScheduler(lambda epoch: rates[epoch])
+    callback = ttx.Callback(tmp_path, include_collections=["losses", "hyperparameters"])
+    params = {**PARAMS, "eta": 0.3}
+    booster = xgb.train(
+        params, dtrain, 4, evals=[(dval, "validation")], verbose_eval=False,
+        callbacks=[callback, scheduler] if ours_first else [scheduler, callback],
+    )  # fmt: skip
+    trial = tensortap.create_trial(tmp_path)
+    eta = {s: float(v) for s, v in trial.tensor("hyperparameters/eta").values().items()}
+    # saved at the first round, then where it changed
+    assert eta == pytest.approx({0: 0.3, 1: 0.5, 2: 0.2})
+    assert trial.tensor("hyperparameters/learning_rate").steps() == [0, 1, 2]
+    assert trial.tensor("hyperparameters/max_depth").steps() == [0]
+    # the same model, trained one round at a time with the rate the trial holds for that round
+    rebuilt = None
+    for s in range(4):
+        rate = eta[max(step for step in eta if step <= s)]
+        rebuilt = xgb.train({**params, "eta": rate}, dtrain, 1, xgb_model=rebuilt, verbose_eval=False)
+    np.testing.assert_array_equal(rebuilt.predict(dval), booster.predict(dval))
+
+
 # ----------------------------------------------------------- early stopping
 @pytest.mark.parametrize("save_best", [False, True])
 def test_a_callback_after_early_stopping_records_the_last_round(

@@ -17,7 +17,7 @@ collection             tensors                                   default interva
 ====================== ========================================= ================
 ``losses``             ``losses/<data>-<metric>`` (loss-like)    every round
 ``metrics``            ``metrics/<data>-<metric>`` (all others)  every round
-``hyperparameters``    ``hyperparameters/<param>`` (numeric)     once per training
+``hyperparameters``    ``hyperparameters/<param>`` (numeric)     once, then changes
 ``feature_importance`` ``feature_importance/<type>/<feature>``   every 10 rounds
 ``predictions``        ``predictions``                           every 10 rounds
 ``labels``             ``labels``                                every 10 rounds

@@ -20,6 +20,9 @@ from . import model as mdl
 from .evals import EvalData, EvalsLog, offer_evals, running_train, training_sets
 from .hook import Hook
 
+# XGBoost's callbacks that never change the booster's parameters; any other may (LearningRateScheduler does)
+_KEEP_PARAMETERS = (xgb.callback.EarlyStopping, xgb.callback.EvaluationMonitor, xgb.callback.TrainingCheckPoint)
+
 
 class Callback(xgb.callback.TrainingCallback):
     """Capture every boosting round of ``xgb.train``, ``xgb.cv``, the sklearn estimators and ``xgboost.dask``.
@@ -94,7 +97,9 @@ class Callback(xgb.callback.TrainingCallback):
         self._evals_log: EvalsLog | None = None
         self._next_epoch = 0
         self._skipped: set[str] = set()
-        self._hyperparameters_saved = False
+        self._parameters_change = False  # whether another callback may change them between rounds
+        self._hyperparameters: dict[str, str] = {}  # those of the round in progress
+        self._saved_hyperparameters: dict[str, str] = {}  # those saved last in this training
 
     @classmethod
     def from_json(cls, path: str | os.PathLike[str], **overrides: Any) -> Callback:
@@ -114,7 +119,7 @@ class Callback(xgb.callback.TrainingCallback):
     def before_training(self, model: Any) -> Any:
         """Open the hook in the training process, after the booster exists."""
         self._reset()
-        dtrain, evals = running_train(sys._getframe(1))
+        dtrain, evals, callbacks = running_train(sys._getframe(1))
         self._eval = EvalData.choose(evals, self.eval_name, self.shap_rows)
         self._training = training_sets(dtrain, evals)
         self._offset = model.num_boosted_rounds()
@@ -126,6 +131,10 @@ class Callback(xgb.callback.TrainingCallback):
         if self._offset and self._run_id is not None:  # training further (xgb_model=): the same run goes on
             kwargs.setdefault("run_id", self._run_id)
         self.hook = hook = Hook(self.out_dir, hyperparameters=params, **kwargs)
+        self._hyperparameters = params
+        self._parameters_change = any(
+            type(c) not in _KEEP_PARAMETERS and not isinstance(c, Callback) for c in callbacks
+        )
         self._run_id = hook.run_id
         if self.stop_poll_seconds is not None:
             hook.stop_poll_seconds = self.stop_poll_seconds
@@ -146,8 +155,16 @@ class Callback(xgb.callback.TrainingCallback):
         return model
 
     def before_iteration(self, model: Any, epoch: int, evals_log: EvalsLog) -> bool:
-        """Keep XGBoost's evaluation log (the same object every round), for a round :meth:`after_iteration` misses."""
+        """Keep XGBoost's evaluation log (the same object every round), for a round :meth:`after_iteration` misses.
+
+        With a callback that may change the parameters between rounds
+        (``LearningRateScheduler`` sets ``learning_rate`` after each round), read
+        those this round trains with, whichever its place in ``callbacks=[...]``.
+        """
         self._evals_log = evals_log
+        hook = self.hook
+        if self._parameters_change and hook is not None and "hyperparameters" in hook.included:
+            self._hyperparameters = mdl.booster_parameters(json.loads(model.save_config()))
         return False
 
     def after_iteration(self, model: Any, epoch: int, evals_log: EvalsLog) -> bool:
@@ -200,6 +217,7 @@ class Callback(xgb.callback.TrainingCallback):
         if hook.begin_round(round_):
             offer_evals(hook, self._evals_log or {}, self._training)
             if isinstance(model, xgb.Booster):  # xgb.cv: one booster per fold, only the evaluation log is shared
+                self._capture_hyperparameters(hook)
                 if model_has_round:
                     self._capture_model(hook, model, round_)
                 else:
@@ -207,7 +225,7 @@ class Callback(xgb.callback.TrainingCallback):
         hook.end_step()
 
     def _skip_model(self, hook: Hook, round_: int) -> None:
-        done = {"losses", "metrics", *self._skipped, *(("hyperparameters",) if self._hyperparameters_saved else ())}
+        done = {"losses", "metrics", "hyperparameters", *self._skipped}
         wanted = [c for c in hook.included if c not in done and hook.is_saving(c)]
         if wanted:
             logger.warning(
@@ -219,11 +237,14 @@ class Callback(xgb.callback.TrainingCallback):
                 round_,
             )
 
+    def _capture_hyperparameters(self, hook: Hook) -> None:
+        """Save the parameters at the first round saved for the collection, then those that changed since."""
+        changed = {k: v for k, v in self._hyperparameters.items() if self._saved_hyperparameters.get(k) != v}
+        if changed and hook.is_saving("hyperparameters"):
+            self._saved_hyperparameters.update(changed)
+            self._compute(hook, ("hyperparameters",), lambda: mdl.offer_hyperparameters(hook, changed))
+
     def _capture_model(self, hook: Hook, model: Any, round_: int) -> None:
-        if not self._hyperparameters_saved and hook.is_saving("hyperparameters"):
-            # constant during a training: saved once, at its first round saved for the collection
-            self._hyperparameters_saved = True
-            self._compute(hook, ("hyperparameters",), lambda: mdl.offer_hyperparameters(hook, hook.hyperparameters))
         for kind in mdl.IMPORTANCE_TYPES:  # gblinear has "weight" only: the others are skipped
             self._compute(
                 hook,
