@@ -292,7 +292,7 @@ def test_a_callback_after_early_stopping_records_the_last_round(
     dtrain, dval = _split(flip=0.4)
     result: dict[str, Any] = {}
     stopping = xgb.callback.EarlyStopping(rounds=2, save_best=save_best)
-    callback = ttx.Callback(tmp_path, include_collections=["losses", "predictions"], save_config=EVERY_ROUND)
+    callback = ttx.Callback(tmp_path, include_collections=["losses", "predictions", "labels"], save_config=EVERY_ROUND)
     with caplog.at_level(logging.WARNING, logger="tensortap"):
         booster = xgb.train(
             OVERFITTING, dtrain, 100, evals=[(dval, "validation")], evals_result=result,
@@ -304,11 +304,14 @@ def test_a_callback_after_early_stopping_records_the_last_round(
     assert trial.steps() == list(range(rounds))
     assert _series(trial, "losses/validation-logloss") == result["validation"]["logloss"]
     last = rounds - 1
+    # the labels do not depend on the booster: captured at every round
+    assert trial.tensor("labels").steps() == list(range(rounds))
+    np.testing.assert_array_equal(trial.tensor("labels").value(last), dval.get_label())
     if save_best:  # the booster after training is the best round's: the last round's predictions are gone
         assert booster.num_boosted_rounds() == booster.best_iteration + 1 < rounds
         assert trial.tensor("predictions").steps() == list(range(last))
         [warning] = _warnings(caplog)
-        assert f"round {last}: predictions not captured" in warning
+        assert f"round {last}: predictions not captured:" in warning
     else:
         assert booster.num_boosted_rounds() == rounds
         np.testing.assert_array_equal(trial.tensor("predictions").value(last), booster.predict(dval))

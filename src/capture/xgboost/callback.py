@@ -217,7 +217,9 @@ class Callback(xgb.callback.TrainingCallback):
         if hook.begin_round(round_):
             offer_evals(hook, self._evals_log or {}, self._training)
             if isinstance(model, xgb.Booster):  # xgb.cv: one booster per fold, only the evaluation log is shared
+                # what does not depend on the booster handed over
                 self._capture_hyperparameters(hook)
+                self._capture_labels(hook)
                 if model_has_round:
                     self._capture_model(hook, model, round_)
                 else:
@@ -225,7 +227,7 @@ class Callback(xgb.callback.TrainingCallback):
         hook.end_step()
 
     def _skip_model(self, hook: Hook, round_: int) -> None:
-        done = {"losses", "metrics", "hyperparameters", *self._skipped}
+        done = {"losses", "metrics", "hyperparameters", "labels", *self._skipped}
         wanted = [c for c in hook.included if c not in done and hook.is_saving(c)]
         if wanted:
             logger.warning(
@@ -244,6 +246,11 @@ class Callback(xgb.callback.TrainingCallback):
             self._saved_hyperparameters.update(changed)
             self._compute(hook, ("hyperparameters",), lambda: mdl.offer_hyperparameters(hook, changed))
 
+    def _capture_labels(self, hook: Hook) -> None:
+        data = self._eval
+        if data is not None:
+            self._compute(hook, ("labels",), lambda: mdl.offer_labels(hook, data))
+
     def _capture_model(self, hook: Hook, model: Any, round_: int) -> None:
         for kind in mdl.IMPORTANCE_TYPES:  # gblinear has "weight" only: the others are skipped
             self._compute(
@@ -257,7 +264,6 @@ class Callback(xgb.callback.TrainingCallback):
         if data is None:
             return
         self._compute(hook, ("predictions",), lambda: mdl.offer_predictions(hook, model, round_, data))
-        self._compute(hook, ("labels",), lambda: mdl.offer_labels(hook, data))
         self._compute(
             hook, ("full_shap", "average_shap"), lambda: mdl.offer_shap(hook, model, round_, data, self.shap_approx)
         )
