@@ -353,6 +353,29 @@ def test_sklearn_early_stopping_rounds(tmp_path: Path, estimator: str, metric: s
     assert not np.array_equal(full, expected)
 
 
+@pytest.mark.parametrize("stopping_first", [False, True])
+def test_evaluation_sets_sharing_a_name(tmp_path: Path, caplog: pytest.LogCaptureFixture, stopping_first: bool) -> None:
+    dtrain, dval = _split(flip=0.4)
+    result: dict[str, Any] = {}
+    callbacks = [ttx.Callback(tmp_path, include_collections=["losses"])]
+    if stopping_first:  # the callback hears of the last round in after_training only
+        callbacks.insert(0, xgb.callback.EarlyStopping(rounds=2))
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        booster = xgb.train(
+            OVERFITTING, dtrain, 20, evals=[(dtrain, "d"), (dval, "d")], evals_result=result, callbacks=callbacks,
+            verbose_eval=False,
+        )  # fmt: skip
+    [warning] = _warnings(caplog)
+    assert "share a name ('d')" in warning
+    # XGBoost logs both sets under "d", one value after the other each round; the last is the validation set's
+    logged = result["d"]["logloss"]
+    rounds = booster.num_boosted_rounds()
+    assert len(logged) == 2 * rounds and (rounds < 20) == stopping_first
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.steps() == list(range(rounds))
+    assert _series(trial, "losses/d-logloss") == logged[1::2]
+
+
 # ----------------------------------------------------------- sklearn
 def test_sklearn_pipeline(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from sklearn.pipeline import Pipeline

@@ -17,7 +17,7 @@ from xgboost import collective
 from .. import core
 from ..writer import logger
 from . import model as mdl
-from .evals import EvalData, EvalsLog, offer_evals, running_train, training_sets
+from .evals import EvalData, EvalsLog, offer_evals, running_train, shared_names, training_sets
 from .hook import Hook
 
 # XGBoost's callbacks that never change the booster's parameters; any other may (LearningRateScheduler does)
@@ -96,6 +96,7 @@ class Callback(xgb.callback.TrainingCallback):
         self._training: frozenset[str] = frozenset()
         self._evals_log: EvalsLog | None = None
         self._next_epoch = 0
+        self._logged = 0  # entries of the evaluation log when the last round was captured
         self._skipped: set[str] = set()
         self._parameters_change = False  # whether another callback may change them between rounds
         self._hyperparameters: dict[str, str] = {}  # those of the round in progress
@@ -142,6 +143,13 @@ class Callback(xgb.callback.TrainingCallback):
             logger.warning(
                 "tensortap: no evaluation set, so XGBoost computes no loss or metric to capture; pass "
                 "evals=[(dtrain, 'train'), (dval, 'validation')] to xgb.train, or eval_set=[...] to fit"
+            )
+        shared = shared_names(evals)
+        if shared and {"losses", "metrics"} & set(hook.included):
+            logger.warning(
+                "tensortap: evaluation sets share a name (%s): XGBoost logs their metrics under it one after "
+                "the other, and only the last such set's are captured; give each set a name of its own",
+                ", ".join(map(repr, shared)),
             )
         if mdl.is_multi_target_tree(params):
             unsupported = [c for c in mdl.MULTI_TARGET_UNSUPPORTED if c in hook.included]
@@ -194,26 +202,34 @@ class Callback(xgb.callback.TrainingCallback):
 
         XGBoost asks the callbacks one after the other and stops asking at the
         first that returns True (``EarlyStopping`` does at its last round), so a
-        callback listed after it never sees that round.
+        callback listed after it never sees that round: the one after the last
+        round captured, if the evaluation log grew since (or, without one, the
+        booster).
         """
-        log = self._evals_log
-        histories = [h for metrics in (log or {}).values() for h in metrics.values()]
         is_booster = isinstance(model, xgb.Booster)
-        if histories:
-            epochs = len(histories[0])
+        logged = self._log_length()
+        if logged:
+            missed = logged > self._logged
         elif is_booster:
-            epochs = model.num_boosted_rounds() - self._offset
+            missed = model.num_boosted_rounds() - self._offset > self._next_epoch
         else:
             return
-        if epochs <= self._next_epoch:
+        if not missed:
             return
+        epoch = self._next_epoch
         # EarlyStopping(save_best=True) before this callback hands over the best round's model
-        has_round = is_booster and model.num_boosted_rounds() == self._offset + epochs
-        self._capture_round(hook, model, epochs - 1, model_has_round=has_round)
+        has_round = is_booster and model.num_boosted_rounds() == self._offset + epoch + 1
+        self._capture_round(hook, model, epoch, model_has_round=has_round)
+
+    def _log_length(self) -> int:
+        """Entries of the evaluation log's first history: one a round, more when sets share a name."""
+        log = self._evals_log or {}
+        return next((len(history) for metrics in log.values() for history in metrics.values()), 0)
 
     def _capture_round(self, hook: Hook, model: Any, epoch: int, model_has_round: bool) -> None:
         round_ = self._offset + epoch
         self._next_epoch = epoch + 1
+        self._logged = self._log_length()
         if hook.begin_round(round_):
             offer_evals(hook, self._evals_log or {}, self._training)
             if isinstance(model, xgb.Booster):  # xgb.cv: one booster per fold, only the evaluation log is shared

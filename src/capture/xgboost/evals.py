@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
 from types import FrameType
 from typing import Any
@@ -62,6 +63,11 @@ def running_train(frame: FrameType | None) -> tuple[Any, list[tuple[Any, str]], 
             return local.get("dtrain"), list(local.get("evals") or []), list(local.get("callbacks") or [])
         frame = frame.f_back
     return None, [], []
+
+
+def shared_names(evals: Sequence[tuple[Any, str]]) -> list[str]:
+    """Names given to more than one evaluation set (XGBoost logs those sets under one name)."""
+    return [name for name, count in Counter(name for _, name in evals).items() if count > 1]
 
 
 def training_sets(dtrain: Any, evals: Sequence[tuple[Any, str]]) -> frozenset[str]:
