@@ -318,6 +318,39 @@ def test_a_callback_after_early_stopping_records_the_last_round(
         assert _warnings(caplog) == []
 
 
+def test_training_further_from_the_best_round_of_early_stopping(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # continuation.py: EarlyStopping(save_best=True) hands over the best round's booster, trained further
+    dtrain, dval = _split(flip=0.4)
+    params = {**OVERFITTING, "subsample": 0.7}  # the rounds trained again differ from the ones cut
+    callback = ttx.Callback(tmp_path, include_collections=["losses"])
+    first: dict[str, Any] = {}
+    stopping = xgb.callback.EarlyStopping(rounds=2, save_best=True)
+    booster = xgb.train(
+        params, dtrain, 100, evals=[(dval, "validation")], evals_result=first, callbacks=[callback, stopping],
+        verbose_eval=False,
+    )  # fmt: skip
+    trained, kept = len(first["validation"]["logloss"]), booster.num_boosted_rounds()
+    assert kept < trained
+    further: dict[str, Any] = {}
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        booster = xgb.train(
+            params, dtrain, 6, evals=[(dval, "validation")], evals_result=further, xgb_model=booster,
+            callbacks=[callback], verbose_eval=False,
+        )  # fmt: skip
+    assert _warnings(caplog) == [
+        f"tensortap: rounds {kept} to {trained - 1} not captured: the trial holds rounds of those numbers from the "
+        "training before, which the booster no longer has (EarlyStopping(save_best=True) keeps the best round's); "
+        "the rounds after them are captured"
+    ]
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.steps() == list(range(kept + 6))
+    # rounds of the first training up to its last, then those of the training further after them
+    expected = first["validation"]["logloss"] + further["validation"]["logloss"][trained - kept :]
+    assert _series(trial, "losses/validation-logloss") == expected
+
+
 def test_cv_with_early_stopping_before_the_callback(tmp_path: Path) -> None:
     """As in XGBoost's cross_validation demo, with the tensortap callback appended to its list."""
     dtrain, _ = _split(flip=0.4)

@@ -87,6 +87,7 @@ class Callback(xgb.callback.TrainingCallback):
             raise ImportError("include_collections: 'trees' needs pandas: pip install pandas")
         self.hook: Hook | None = None
         self._run_id: str | None = None  # of this callback's last training: a training further continues it
+        self._run_last = -1  # the last round saved in that run
         self._reset()
 
     def _reset(self) -> None:
@@ -96,6 +97,7 @@ class Callback(xgb.callback.TrainingCallback):
         self._training: frozenset[str] = frozenset()
         self._evals_log: EvalsLog | None = None
         self._next_epoch = 0
+        self._replayed = -1  # rounds up to this one are in the trial already, from the training before
         self._logged = 0  # entries of the evaluation log when the last round was captured
         self._skipped: set[str] = set()
         self._parameters_change = False  # whether another callback may change them between rounds
@@ -131,6 +133,9 @@ class Callback(xgb.callback.TrainingCallback):
             kwargs["rank"] = collective.get_rank()
         if self._offset and self._run_id is not None:  # training further (xgb_model=): the same run goes on
             kwargs.setdefault("run_id", self._run_id)
+            self._replayed = self._run_last
+        else:
+            self._run_last = -1
         self.hook = hook = Hook(self.out_dir, hyperparameters=params, **kwargs)
         self._hyperparameters = params
         self._parameters_change = any(
@@ -143,6 +148,14 @@ class Callback(xgb.callback.TrainingCallback):
             logger.warning(
                 "tensortap: no evaluation set, so XGBoost computes no loss or metric to capture; pass "
                 "evals=[(dtrain, 'train'), (dval, 'validation')] to xgb.train, or eval_set=[...] to fit"
+            )
+        if self._offset <= self._replayed:
+            logger.warning(
+                "tensortap: rounds %d to %d not captured: the trial holds rounds of those numbers from the training "
+                "before, which the booster no longer has (EarlyStopping(save_best=True) keeps the best round's); "
+                "the rounds after them are captured",
+                self._offset,
+                self._replayed,
             )
         shared = shared_names(evals)
         if shared and {"losses", "metrics"} & set(hook.included):
@@ -230,7 +243,10 @@ class Callback(xgb.callback.TrainingCallback):
         round_ = self._offset + epoch
         self._next_epoch = epoch + 1
         self._logged = self._log_length()
+        if round_ <= self._replayed:  # a worker saves a step once
+            return
         if hook.begin_round(round_):
+            self._run_last = round_
             offer_evals(hook, self._evals_log or {}, self._training)
             if isinstance(model, xgb.Booster):  # xgb.cv: one booster per fold, only the evaluation log is shared
                 # what does not depend on the booster handed over
