@@ -27,6 +27,7 @@ from tensortap.rules import (
     FeatureImportanceOverweight,
     LossNotDecreasing,
     Overfit,
+    Overtraining,
     PoorWeightInitialization,
     SaturatedActivation,
     StopTraining,
@@ -283,7 +284,8 @@ def test_overfit_pytorch_validation_loss_not_captured_is_not_a_pass(tmp_path: Pa
         invoke_rule(Overfit(trial))
     trial = tensortap.create_trial(tmp_path / "True")
     first = next(i for i, (t, v) in enumerate(runs["True"]) if (v - t) / t > 0.1)
-    assert invoke_rule(Overfit(trial))[0] == 2 * first + 1  # the EVAL step after training step `first`
+    # the EVAL step after training step `first` is judged at the next step, which shows that its validation is over
+    assert invoke_rule(Overfit(trial))[0] == 2 * first + 2
 
 
 @pytest.mark.torch
@@ -476,6 +478,33 @@ def test_saturated_activation_keras_activation_layer(tmp_path: Path, keras: Any)
     with pytest.raises(RuleInputsMissing, match="matches tanh_regex"):
         invoke_rule(SaturatedActivation(trial))  # the Activation layer is named "activation"
     assert invoke_rule(SaturatedActivation(trial, tanh_regex=f"^inputs/{tanh.name}$")) == [0, 1, 2]
+
+
+@pytest.mark.keras
+def test_overfit_and_overtraining_judge_a_keras_validation_not_its_batches(tmp_path: Path, keras: Any) -> None:
+    """Keras saves one validation loss per batch, at EVAL steps: a validation is their mean, as in ``History``."""
+    import tensortap.keras as ttk
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(1024, 8)).astype(np.float32)
+    y = (x @ rng.normal(size=(8, 3)) + 0.5 * rng.normal(size=(1024, 3))).argmax(1)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="relu"), keras.layers.Dense(3)])
+    model.compile(optimizer=keras.optimizers.Adam(0.003), loss=keras.losses.SparseCategoricalCrossentropy(True))
+    cb = ttk.Callback(tmp_path, save_config=EVERY_STEP, include_collections=["losses"])
+    history = model.fit(
+        x[:512], y[:512], validation_data=(x[512:], y[512:]), batch_size=32, epochs=5, verbose=0, callbacks=[cb]
+    ).history
+    assert np.all(np.diff(history["val_loss"]) < -0.01), "the validation loss improves at every epoch"
+    trial = tensortap.create_trial(tmp_path)
+    assert len(trial.steps(mode=tensortap.Mode.EVAL)) == 5 * 16, "16 validation batches an epoch"
+
+    always = Overfit(trial, ratio_threshold=-1.0)  # fires at every validation: its reason gives the loss judged
+    reasons = [v.reason for s in trial.steps() if (v := always.invoke(s)).fired]
+    judged = [float(r.split()[2]) for r in reasons]  # "validation loss 1.234 is ..."
+    np.testing.assert_allclose(judged, history["val_loss"], rtol=1e-3)
+    assert reasons[0].endswith("at steps 16-31 (mean of its EVAL steps)")
+    assert invoke_rule(Overtraining(trial, patience_train=10**6)) == []
 
 
 # ------------------------------------------------------------------ XGBoost

@@ -206,11 +206,18 @@ def change_words(decrease: float) -> str:
 
 
 class _TrainValidation(Rule):
-    """Splits the losses saved at a step into training and validation losses.
+    """Splits the losses saved at a step into training losses and validations.
 
     A loss is a training loss when it is in collection ``training_data``;
     otherwise a validation loss when its name matches ``validation_regex`` or it
     was saved at an EVAL step; the others are training losses.
+
+    A validation is one evaluation of the model: the validation losses saved at
+    one step that is not an EVAL step (XGBoost's ``validation-logloss`` of a
+    round), or those saved over a run of consecutive EVAL steps (one per batch of
+    Keras's validation, or of a PyTorch evaluation loop), averaged per loss. A run
+    is known to be over at the next saved step that does not continue it, or at
+    the last step of a trial whose training has ended.
     """
 
     def __init__(self, base_trial: Any, tensor_regex: str | Sequence[str] | None, validation_regex: str) -> None:
@@ -218,6 +225,9 @@ class _TrainValidation(Rule):
         check_regexes("validation_regex", [validation_regex])
         self.validation = re.compile(validation_regex)
         self.selection = Selection(None if tensor_regex else ("losses",), tensor_regex, ())
+        self.run_losses: dict[str, list[float]] = {}  # the validation losses of the EVAL steps of a run not over yet
+        self.run_steps: list[int] = []  # its first and last EVAL step
+        self._ended_at: int | None = None
 
     def required_captures(self) -> list[Requirement]:
         return self.selection.requirements() or [Requirement("losses")]
@@ -226,8 +236,48 @@ class _TrainValidation(Rule):
         """Whether loss ``name`` is a validation loss (``training``: the names in collection ``training_data``)."""
         return name not in training and (eval_step or bool(self.validation.search(name)))
 
-    def split(self, step: int) -> tuple[dict[str, float], dict[str, float]]:
-        """``({training loss: value}, {validation loss: value})`` saved at ``step``."""
+    def losses(self, step: int) -> list[tuple[str, dict[str, float], str]]:
+        """The losses to judge at ``step``, in the order they were computed.
+
+        Each is ``(kind, {loss: value}, where)``: ``kind`` ``"training"`` for the
+        training losses saved at ``step``, ``"validation"`` for a validation (its
+        losses averaged over its EVAL steps), ``where`` the step(s) it was saved at.
+        A run of EVAL steps that ``step`` does not continue comes first.
+        """
+        train, val, eval_step = self.split(step)
+        found: list[tuple[str, dict[str, float], str]] = []
+        if self.run_steps and not (eval_step and step == self.run_steps[1] + 1):
+            found.append(self._end_run())
+        if train:
+            found.append(("training", train, f"step {step}"))
+        if val and not eval_step:
+            found.append(("validation", val, f"step {step}"))
+        elif eval_step and (val or self.run_steps):
+            for n, v in val.items():
+                self.run_losses.setdefault(n, []).append(v)
+            self.run_steps = [self.run_steps[0] if self.run_steps else step, step]
+        if self.run_steps and step == self._last_step():
+            found.append(self._end_run())
+        return found
+
+    def _last_step(self) -> int | None:
+        """The last step of the trial once its training has ended, else None."""
+        trial = self.base_trial
+        if self._ended_at is None and trial.training_ended:
+            self._ended_at = trial.last_complete_step()
+        return self._ended_at
+
+    def _end_run(self) -> tuple[str, dict[str, float], str]:
+        """The validation of the run of EVAL steps kept so far, which is forgotten."""
+        first, last = self.run_steps
+        val = {n: float(np.mean(vs)) for n, vs in self.run_losses.items()}
+        self.run_losses, self.run_steps = {}, []
+        if first == last:
+            return "validation", val, f"step {first}"
+        return "validation", val, f"steps {first}-{last} (mean of its EVAL steps)"
+
+    def split(self, step: int) -> tuple[dict[str, float], dict[str, float], bool]:
+        """``({training loss: value}, {validation loss: value}, whether step is an EVAL step)`` at ``step``."""
         trial = self.base_trial
         names = self.selection.names(trial, step)
         if not names and not self.selection.names(trial):
@@ -242,7 +292,7 @@ class _TrainValidation(Rule):
             if v is None or not np.isfinite(v):
                 continue
             (val if self.is_validation(n, training, eval_step) else train)[n] = v
-        return train, val
+        return train, val, eval_step
 
     def check_both_kinds(self, step: int) -> None:
         """Record a missing input when no loss of the trial is a training loss, or none a validation loss.
@@ -280,10 +330,21 @@ class Overfit(_TrainValidation):
     """Fires when the validation loss exceeds the training loss by more than ``ratio_threshold`` for long.
 
     Formula: training losses are averaged over every training value saved since
-    the previous validation (``t``); at each step ``s >= start_step`` with
-    validation losses (mean ``v``), ``ratio = (v - t) / |t|``. A step with
-    ``ratio > ratio_threshold`` counts one; any other evaluation resets the
-    count. Fires when the count reaches ``patience``.
+    the previous validation (``t``); at each validation (below) judged at a
+    step ``s >= start_step``, with ``v`` the mean of its losses,
+    ``ratio = (v - t) / |t|``. A validation with ``ratio > ratio_threshold``
+    counts one; any other resets the count. Fires when the count reaches
+    ``patience``.
+
+    A validation is the losses saved at one step that is not an EVAL step
+    (XGBoost's ``validation-logloss`` of a round), or the mean of those saved
+    over a run of consecutive EVAL steps (Keras's validation saves one per
+    batch, as does a PyTorch evaluation loop calling the loss module given to
+    ``capture``): one evaluation, not its first batch alone. Such a run is
+    judged at the next saved step, which shows it is over, or at the last step
+    of a trial whose training has ended (in-process rules, and a live runner
+    that reached that step before the training ended, do not judge the last
+    run of EVAL steps).
 
     Losses are those of collection ``losses`` (or ``tensor_regex``). A loss in
     collection ``training_data`` is a training loss (the XGBoost callback puts
@@ -319,7 +380,7 @@ class Overfit(_TrainValidation):
         prefixed with ``d`` and followed by digits (``dtest``, ``Valid``, ``validation_1``, ``test2``).
     """
 
-    state_attrs = ("train_values", "exceeded")
+    state_attrs = ("train_values", "exceeded", "run_losses", "run_steps")
 
     def __init__(
         self,
@@ -342,23 +403,25 @@ class Overfit(_TrainValidation):
         if step < self.start_step:
             return False
         self.check_both_kinds(step)
-        train, val = self.split(step)
-        self.train_values.extend(train.values())
-        if not val or not self.train_values:
-            return False
-        t, v = float(np.mean(self.train_values)), float(np.mean(list(val.values())))
-        self.train_values = []
-        ratio = (v - t) / abs(t) if t != 0 else float(np.sign(v - t) * np.inf)
-        self.exceeded = self.exceeded + 1 if ratio > self.ratio_threshold else 0
-        if self.exceeded >= self.patience:
-            return self.fire(
-                step,
-                f"validation loss {v:.4g} is {ratio:.3g} x above training loss {t:.4g} "
-                f"(> ratio_threshold {self.ratio_threshold:g} for {self.exceeded} evaluation(s)) "
-                f"at step {step}",
-                [*train, *val],
-            )
-        return False
+        reasons: list[str] = []
+        tensors: list[str] = []
+        for kind, values, where in self.losses(step):
+            if kind == "training":
+                self.train_values.extend(values.values())
+                continue
+            if not self.train_values:
+                continue
+            t, v = float(np.mean(self.train_values)), float(np.mean(list(values.values())))
+            self.train_values = []
+            ratio = (v - t) / abs(t) if t != 0 else float(np.sign(v - t) * np.inf)
+            self.exceeded = self.exceeded + 1 if ratio > self.ratio_threshold else 0
+            if self.exceeded >= self.patience:
+                reasons.append(
+                    f"validation loss {v:.4g} is {ratio:.3g} x above training loss {t:.4g} "
+                    f"(> ratio_threshold {self.ratio_threshold:g} for {self.exceeded} evaluation(s)) at {where}"
+                )
+                tensors.extend(values)
+        return self.fire(step, "; ".join(reasons), tensors) if reasons else False
 
 
 class Overtraining(_TrainValidation):
@@ -367,8 +430,9 @@ class Overtraining(_TrainValidation):
     Formula: at each step with training losses, ``t`` = their mean; the training
     loss improves when ``best_t - t >= delta`` (or it is the first value), which
     sets ``best_t = t`` and resets a counter; otherwise the counter grows by one.
-    The validation losses keep their own best and counter likewise. Fires while
-    the training counter is ``>= patience_train`` or the validation counter is
+    Each validation (the mean of its losses; one per run of EVAL steps, as in
+    :class:`Overfit`) keeps its own best and counter likewise. Fires while the
+    training counter is ``>= patience_train`` or the validation counter is
     ``>= patience_validation``. Training and validation losses are told apart as
     in :class:`Overfit`.
 
@@ -390,7 +454,7 @@ class Overtraining(_TrainValidation):
         Which loss names are validation losses (as in :class:`Overfit`).
     """
 
-    state_attrs = ("best", "since")
+    state_attrs = ("best", "since", "run_losses", "run_steps")
 
     def __init__(
         self,
@@ -411,25 +475,23 @@ class Overtraining(_TrainValidation):
         self.since: dict[str, int] = {"training": 0, "validation": 0}
 
     def invoke_at_step(self, step: int) -> bool:
-        train, val = self.split(step)
-        reasons = []
-        for kind, values in (("training", train), ("validation", val)):
-            if not values:
-                continue
+        reasons: list[str] = []
+        tensors: list[str] = []
+        for kind, values, where in self.losses(step):
             x = float(np.mean(list(values.values())))
             if kind not in self.best or self.best[kind] - x >= self.delta:
                 self.best[kind], self.since[kind] = x, 0
             else:
                 self.since[kind] += 1
             if self.since[kind] >= self.patience[kind]:
+                unit, parameter = ("saved step", "train") if kind == "training" else ("validation", kind)
                 reasons.append(
-                    f"{kind} loss {x:.4g} has not improved by {self.delta:g} on its best "
-                    f"{self.best[kind]:.4g} for {self.since[kind]} saved step(s) "
-                    f"(patience_{'train' if kind == 'training' else kind} {self.patience[kind]})"
+                    f"{kind} loss {x:.4g} at {where} has not improved by {self.delta:g} on its best "
+                    f"{self.best[kind]:.4g} for {self.since[kind]} {unit}(s) "
+                    f"(patience_{parameter} {self.patience[kind]})"
                 )
-        if reasons:
-            return self.fire(step, "; ".join(reasons) + f" at step {step}", [*train, *val])
-        return False
+                tensors.extend(values)
+        return self.fire(step, "; ".join(reasons), tensors) if reasons else False
 
 
 class StalledTraining(Rule):
