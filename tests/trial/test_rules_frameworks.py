@@ -22,6 +22,7 @@ from tensortap.exceptions import RuleInputsMissing
 from tensortap.rules import (
     AllZero,
     ClassImbalance,
+    Confusion,
     DeadRelu,
     ExplodingTensor,
     FeatureImportanceOverweight,
@@ -578,6 +579,33 @@ def test_class_imbalance_xgboost_too_few_labels_is_not_a_pass(tmp_path: Path) ->
     assert invoke_rule(ClassImbalance(trial, samples=100)) == [0, 10]
     reason = ClassImbalance(trial, samples=100).invoke(0).reason
     assert reason.startswith(f"labels: class 0 has {counts[0]} samples, class 1 {counts[1]}: ratio")
+
+
+@pytest.mark.xgboost
+def test_class_rules_on_an_xgboost_regression_say_its_targets_are_no_classes(tmp_path: Path) -> None:
+    """Rounding a regression's targets made classes of them: class_imbalance and confusion fired on a healthy run."""
+    xgb = pytest.importorskip("xgboost")
+    import tensortap.xgboost as ttx
+
+    x, y = regression_data(600)
+    dtrain, dval = xgb.DMatrix(x[:400], label=y[:400].ravel()), xgb.DMatrix(x[400:], label=y[400:].ravel())
+    result: dict[str, Any] = {}
+    xgb.train(
+        {"objective": "reg:squarederror", "max_depth": 3, "nthread": 1},
+        dtrain,
+        num_boost_round=20,
+        evals=[(dtrain, "train"), (dval, "validation")],
+        evals_result=result,
+        callbacks=[ttx.Callback(tmp_path, include_collections=["labels", "predictions"])],
+        verbose_eval=False,
+    )
+    assert result["validation"]["rmse"][-1] < 0.5 * result["validation"]["rmse"][0], "a healthy regression"
+    trial = tensortap.create_trial(tmp_path)
+    np.testing.assert_array_equal(trial.tensor("labels").value(0), dval.get_label())
+    for rule in (ClassImbalance(trial, samples=100), Confusion(trial)):
+        with pytest.raises(RuleInputsMissing, match="labels holds values that are not whole numbers"):
+            invoke_rule(rule)
+        assert rule.fired_steps == []
 
 
 @pytest.mark.xgboost

@@ -30,6 +30,7 @@ class _LabelsPredictions(Rule):
     def __init__(self, base_trial: Any, labels: Selection, predictions: Selection) -> None:
         super().__init__(base_trial)
         self.labels, self.predictions = labels, predictions
+        self.no_classes: str | None = None  # a labels tensor that held values that are not whole numbers
 
     def required_captures(self) -> list[Requirement]:
         return [*self.labels.requirements(raw=True), *self.predictions.requirements(raw=True)]
@@ -46,6 +47,27 @@ class _LabelsPredictions(Rule):
         value = raw_at(self, self.base_trial, names[0], step, req)
         return None if value is None else (names[0], value)
 
+    def classes(self, name: str, labels: np.ndarray, argmax: bool) -> np.ndarray | None:
+        """The class numbers of labels tensor ``name`` (as :func:`as_classes`).
+
+        None when they are values that are not whole numbers (a regression's
+        targets), which have no classes: :meth:`not_judged` then says so.
+        """
+        v = np.asarray(labels)
+        if not (v.ndim >= 2 and (argmax or v.shape[-1] > 1)) and not np.all(np.mod(v, 1) == 0):
+            self.no_classes = name
+            return None
+        return as_classes(v, argmax)
+
+    def not_judged(self) -> str | None:
+        """Class labels, while a labels tensor held values that are not whole numbers."""
+        if self.no_classes is None:
+            return None
+        return (
+            f"labels that are classes: {self.no_classes} holds values that are not whole numbers (a regression's "
+            "targets?); give class numbers, or one-hot or score rows with argmax"
+        )
+
 
 class ClassImbalance(_LabelsPredictions):
     """Fires when the classes of the labels are too imbalanced, or a class is mostly mispredicted.
@@ -60,6 +82,9 @@ class ClassImbalance(_LabelsPredictions):
     - else, with predictions saved at the same steps (same length), ``m_c`` =
       fraction of the samples of class ``c`` predicted as another class; fires
       when ``m_c > threshold_misprediction`` for a class.
+
+    Labels that are not whole numbers (one value a sample) are no classes (a
+    regression's targets): the rule then lacks inputs and says so.
 
     Needs: collections ``labels`` and ``predictions`` as raw tensors.
 
@@ -81,7 +106,7 @@ class ClassImbalance(_LabelsPredictions):
         Regex of the predictions tensor, besides collection ``predictions``. Default ``".*predictions"``.
     """
 
-    state_attrs = ("counts", "wrong", "predicted")
+    state_attrs = ("counts", "wrong", "predicted", "no_classes")
 
     def __init__(
         self,
@@ -108,8 +133,8 @@ class ClassImbalance(_LabelsPredictions):
     def not_judged(self) -> str | None:
         """``samples`` labels while fewer were read (none read: the missing labels are reported instead)."""
         total = sum(self.counts.values())
-        if not total or total >= self.samples:
-            return None
+        if self.no_classes is not None or not total or total >= self.samples:
+            return super().not_judged()
         return (
             f"{self.samples} labels to judge (parameter samples): only {total} were saved; "
             "lower samples, or save labels more often"
@@ -119,7 +144,9 @@ class ClassImbalance(_LabelsPredictions):
         found = self.read(step, self.labels, need=True)
         if found is None:
             return False
-        lname, labels = found[0], as_classes(found[1], self.argmax)
+        lname, labels = found[0], self.classes(found[0], found[1], self.argmax)
+        if labels is None:
+            return False
         for c, n in zip(*np.unique(labels, return_counts=True), strict=True):
             self.counts[str(c)] = self.counts.get(str(c), 0) + int(n)
         preds = self.read(step, self.predictions, need=False)
@@ -188,6 +215,8 @@ class Confusion(_LabelsPredictions):
         Largest share of one wrong label among a predicted class. Default ``0.1``.
     """
 
+    state_attrs = ("no_classes",)
+
     def __init__(
         self,
         base_trial: Any = None,
@@ -210,8 +239,8 @@ class Confusion(_LabelsPredictions):
         lab, pred = self.read(step, self.labels, need=True), self.read(step, self.predictions, need=True)
         if lab is None or pred is None:
             return False
-        y, p = as_classes(lab[1], False), as_classes(pred[1], False)
-        if y.size != p.size or y.size == 0:
+        y, p = self.classes(lab[0], lab[1], False), as_classes(pred[1], False)
+        if y is None or y.size != p.size or y.size == 0:
             return False
         k = self.category_no or int(max(y.max(), p.max())) + 1
         keep = (y >= 0) & (y < k) & (p >= 0) & (p < k)
