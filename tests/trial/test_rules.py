@@ -313,7 +313,8 @@ def test_loss_not_decreasing_prefers_eval_mode(tmp_path: Path) -> None:
     trial = make_trial(
         tmp_path, 9, lambda s: {"losses/loss": (np.float32(loss[s]), ("losses",))}, mode=lambda s: modes[s]
     )
-    assert invoke_rule(LossNotDecreasing(trial, num_steps=1)) == [5, 8]
+    # an evaluation (here one EVAL step) is judged at the next step, which shows it is over, or at the trial's end
+    assert invoke_rule(LossNotDecreasing(trial, num_steps=1)) == [6, 8]
     assert invoke_rule(LossNotDecreasing(trial, num_steps=1, mode="TRAIN")) == []
 
 

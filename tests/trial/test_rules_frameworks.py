@@ -508,6 +508,34 @@ def test_overfit_and_overtraining_judge_a_keras_validation_not_its_batches(tmp_p
     assert invoke_rule(Overtraining(trial, patience_train=10**6)) == []
 
 
+@pytest.mark.keras
+def test_loss_not_decreasing_judges_keras_validations_not_windows_of_their_batches(tmp_path: Path, keras: Any) -> None:
+    """A learning rate of 0: each validation repeats the last, batch by batch; no batch mix may read as a decrease."""
+    import tensortap.keras as ttk
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(512, 8)).astype(np.float32)
+    y = (x @ rng.normal(size=(8, 3)) + 0.5 * rng.normal(size=(512, 3))).argmax(1)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="relu"), keras.layers.Dense(3)])
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss=keras.losses.SparseCategoricalCrossentropy(True))
+    cb = ttk.Callback(tmp_path, save_config=EVERY_STEP, include_collections=["losses"])
+    history = model.fit(
+        x[:256], y[:256], validation_data=(x[256:], y[256:]), batch_size=32, epochs=6, verbose=0, callbacks=[cb]
+    ).history
+    assert np.ptp(history["val_loss"]) == 0, "the validation loss does not change"
+    trial = tensortap.create_trial(tmp_path)
+    val = trial.tensor("losses/val_loss")
+    assert len(val.steps(mode=tensortap.Mode.EVAL)) == 6 * 8 and np.ptp([val.value(s) for s in val.steps()]) > 0.1
+
+    rule = LossNotDecreasing(trial, tensor_regex="val_loss", use_losses_collection=False)
+    reasons = [v.reason for s in trial.steps() if (v := rule.invoke(s)).fired]
+    # evaluations end at EVAL steps 7, 15, ..., 47: checks at 23 (against 7) and 39 (against 23)
+    assert len(reasons) == 2
+    for r in reasons:
+        assert "did not change" in r and f"loss {history['val_loss'][0]:.4g} at EVAL steps" in r
+
+
 # ------------------------------------------------------------------ XGBoost
 @pytest.mark.xgboost
 @pytest.mark.parametrize(("eta", "fired"), [(0.0, [10, 20]), (0.3, [])])

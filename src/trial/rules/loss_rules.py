@@ -48,6 +48,16 @@ class LossNotDecreasing(Rule):
     - Between check steps: fires when the loss is more than
       ``increase_threshold_percent`` percent above its value at the last check step.
 
+    A loss saved at consecutive EVAL steps (Keras saves one validation loss per
+    batch; so does a PyTorch evaluation loop calling the loss module given to
+    ``capture``) is saved once per evaluation for this formula: each run of
+    consecutive EVAL steps counts as one saved step, the mode step of its last
+    EVAL step, whose value is the mean over the run (Keras's ``val_loss``). An
+    evaluation is judged at the next saved step, which shows it is over, or at
+    the last step of a trial whose training has ended (in-process rules, and a
+    live runner that reached that step before the training ended, do not judge
+    the last one).
+
     Example: loss saved every 4 steps with 0.30, 0.33, 0.31, 0.30, 0.28 at steps
     0, 4, 8, 12, 16, ``num_steps=10``, ``window=1``: the first check is step 12
     (against step 0): decrease 0% <= 0%, fires. Step 16 is not a check step (the
@@ -79,7 +89,7 @@ class LossNotDecreasing(Rule):
         Steps whose saved values are averaged into the loss at a step; default ``num_steps``, 1: no mean.
     """
 
-    state_attrs = ("last_checked", "last_value")
+    state_attrs = ("last_checked", "last_value", "open_runs")
 
     def __init__(
         self,
@@ -116,6 +126,11 @@ class LossNotDecreasing(Rule):
         self.last_checked: dict[str, int] = {}
         self.last_value: dict[str, float] = {}
         self._values: dict[str, dict[int, float | None]] = {}  # per tensor, {global step: value} of recent windows
+        # per loss judged in EVAL mode, its run of EVAL steps not over yet: first and last global, mode step
+        self.open_runs: dict[str, list[int]] = {}
+        self._evaluations: dict[str, list[tuple[int, int]]] = {}  # per such loss, its runs over: (mode step, global)
+        self._run_first: dict[str, dict[int, int]] = {}  # per such loss, {last global step of a run: its first}
+        self._ended_at: int | None = None
 
     def required_captures(self) -> list[Requirement]:
         return self.selection.requirements()
@@ -125,7 +140,11 @@ class LossNotDecreasing(Rule):
         names = self.selection.names(trial, step)
         if not names and not self.selection.names(trial):
             self.need(step, Requirement("losses"), f"no tensor of {self.selection.describe()} in the trial")
-        hits = [(n, r) for n in names if (r := self._check(step, n)) is not None]
+        where = trial.mode_step(step)
+        eval_step = where is not None and where[0] is Mode.EVAL
+        ended = [n for n in self.open_runs if not eval_step or n not in names or step != self.open_runs[n][1] + 1]
+        hits = [(n, r) for n in ended if (r := self._end_run(n)) is not None]
+        hits += [(n, r) for n in names if (r := self._check(step, n)) is not None]
         if not hits:
             return False
         return self.fire(step, "; ".join(r for _, r in hits), [n for n, _ in hits])
@@ -136,16 +155,56 @@ class LossNotDecreasing(Rule):
         if found is None:
             return None
         mode, ms, series, i = found
+        if mode is Mode.EVAL:
+            run = self.open_runs.get(name)
+            self.open_runs[name] = [run[0] if run else step, step, run[2] if run else ms, ms]
+            return self._end_run(name) if step == self._last_step() else None
+        return self._judge(name, mode, series, i)
+
+    def _last_step(self) -> int | None:
+        """The last step of the trial once its training has ended, else None."""
+        trial = self.base_trial
+        if self._ended_at is None and trial.training_ended:
+            self._ended_at = trial.last_complete_step()
+        return self._ended_at
+
+    def _end_run(self, name: str) -> str | None:
+        """Judge the evaluation of the run of EVAL steps of ``name`` kept open, which is over."""
+        first, last, first_ms, last_ms = self.open_runs.pop(name)
+        evaluations = self._evaluations.get(name)
+        if evaluations is None:  # the runs over before this one, as the trial saved them
+            evaluations = self._evaluations[name] = []
+            runs = self._run_first[name] = {}
+            found = self.series.at(self.base_trial, name, last)
+            for ms, g in found[2] if found is not None else ():
+                if g >= first:
+                    break
+                if evaluations and g == evaluations[-1][1] + 1:
+                    runs[g] = runs.pop(evaluations[-1][1])
+                    evaluations[-1] = (ms, g)
+                else:
+                    runs[g] = g
+                    evaluations.append((ms, g))
+        evaluations.append((last_ms, last))
+        self._run_first[name][last] = first
+        steps = f"EVAL steps {first_ms}-{last_ms}" if first_ms != last_ms else None
+        return self._judge(name, Mode.EVAL, evaluations, len(evaluations) - 1, steps)
+
+    def _judge(
+        self, name: str, mode: Mode, series: list[tuple[int, int]], i: int, steps: str | None = None
+    ) -> str | None:
+        """The reason the loss at ``series[i]`` fails, or None (``steps``: the EVAL steps of an evaluation)."""
+        ms = series[i][0]
         now = self._loss(name, series, i)
         if now is None:
             return None
-        where = f"{mode.name} step {ms}" if mode is not Mode.GLOBAL else f"step {ms}"
+        where = steps or (f"{mode.name} step {ms}" if mode is not Mode.GLOBAL else f"step {ms}")
         last = self.last_checked.get(name)
         if last is not None and ms < last + self.num_steps:
             rise = percent_change(self.last_value[name], now)
             if rise > self.increase_threshold_percent:
                 return (
-                    f"{name}: loss {now:.4g} at {where}{self._over(series, i)} is {rise:.3g}% above "
+                    f"{name}: loss {now:.4g} at {where}{self._over(name, series, i)} is {rise:.3g}% above "
                     f"{self.last_value[name]:.4g} at the last check ({mode.name} step {last}; "
                     f"increase_threshold_percent {self.increase_threshold_percent:g})"
                 )
@@ -160,8 +219,8 @@ class LossNotDecreasing(Rule):
         decrease = -percent_change(before, now) + 0.0  # no "-0%"
         if decrease <= self.diff_percent:
             return (
-                f"{name}: loss {now:.4g} at {where}{self._over(series, i)} {change_words(decrease)} from "
-                f"{before:.4g} at {mode.name} step {series[b][0]}{self._over(series, b)} "
+                f"{name}: loss {now:.4g} at {where}{self._over(name, series, i)} {change_words(decrease)} from "
+                f"{before:.4g} at {mode.name} step {series[b][0]}{self._over(name, series, b)} "
                 f"(num_steps {self.num_steps}; needs a decrease > {self.diff_percent:g}%)"
             )
         return None
@@ -170,10 +229,11 @@ class LossNotDecreasing(Rule):
         """The index in ``series`` of the first saved step of the window that ends at ``series[i]``."""
         return bisect.bisect_right(series, (series[i][0] - self.window, float("inf")), 0, i)
 
-    def _over(self, series: list[tuple[int, int]], i: int) -> str:
+    def _over(self, name: str, series: list[tuple[int, int]], i: int) -> str:
         """``" (mean of 10 saved steps)"`` where the loss at ``series[i]`` is a mean, else ``""``."""
         n = i + 1 - self._first(series, i)
-        return f" (mean of {n} saved steps)" if n > 1 else ""
+        unit = "evaluations" if name in self._run_first else "saved steps"
+        return f" (mean of {n} {unit})" if n > 1 else ""
 
     def _loss(self, name: str, series: list[tuple[int, int]], i: int) -> float | None:
         """The loss at ``series[i]``: the mean of the values saved in its window (None: none could be read).
@@ -185,7 +245,7 @@ class LossNotDecreasing(Rule):
         values = []
         for _, g in series[first : i + 1]:
             if g not in kept:
-                kept[g] = scalar_at(self, self.base_trial, name, g, Requirement("losses"))
+                kept[g] = self._read(name, g)
             v = kept[g]
             if v is not None:
                 values.append(v)
@@ -193,6 +253,13 @@ class LossNotDecreasing(Rule):
             oldest = series[self._first(series, max(first - 1, 0))][1]
             for g in [g for g in kept if g < oldest]:
                 del kept[g]
+        return float(np.mean(values)) if values else None
+
+    def _read(self, name: str, g: int) -> float | None:
+        """The loss saved at global step ``g``, or the mean over the evaluation that ends there; None: unreadable."""
+        first = self._run_first.get(name, {}).get(g, g)
+        read = [scalar_at(self, self.base_trial, name, s, Requirement("losses")) for s in range(first, g + 1)]
+        values = [v for v in read if v is not None]
         return float(np.mean(values)) if values else None
 
 
