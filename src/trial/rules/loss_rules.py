@@ -29,7 +29,26 @@ def percent_change(before: float, now: float) -> float:
     return 100.0 * (now - before) / abs(before)
 
 
-class LossNotDecreasing(Rule):
+class _EvaluationRuns(Rule):
+    """A rule that judges a run of consecutive EVAL steps (one evaluation) once it is over.
+
+    A run is over at the next saved step that does not continue it, or at the
+    last step of a trial whose training has ended (:meth:`trial_end`).
+    """
+
+    def __init__(self, base_trial: Any) -> None:
+        super().__init__(base_trial)
+        self._ended_at: int | None = None
+
+    def trial_end(self) -> int | None:
+        """The last step of the trial once its training has ended, else None."""
+        trial = self.base_trial
+        if self._ended_at is None and trial.training_ended:
+            self._ended_at = trial.last_complete_step()
+        return self._ended_at
+
+
+class LossNotDecreasing(_EvaluationRuns):
     """Fires when a loss has not decreased enough over ``num_steps`` steps.
 
     Formula, for each selected loss tensor, in its mode ``M`` (``mode``, or the
@@ -130,7 +149,6 @@ class LossNotDecreasing(Rule):
         self.open_runs: dict[str, list[int]] = {}
         self._evaluations: dict[str, list[tuple[int, int]]] = {}  # per such loss, its runs over: (mode step, global)
         self._run_first: dict[str, dict[int, int]] = {}  # per such loss, {last global step of a run: its first}
-        self._ended_at: int | None = None
 
     def required_captures(self) -> list[Requirement]:
         return self.selection.requirements()
@@ -158,15 +176,8 @@ class LossNotDecreasing(Rule):
         if mode is Mode.EVAL:
             run = self.open_runs.get(name)
             self.open_runs[name] = [run[0] if run else step, step, run[2] if run else ms, ms]
-            return self._end_run(name) if step == self._last_step() else None
+            return self._end_run(name) if step == self.trial_end() else None
         return self._judge(name, mode, series, i)
-
-    def _last_step(self) -> int | None:
-        """The last step of the trial once its training has ended, else None."""
-        trial = self.base_trial
-        if self._ended_at is None and trial.training_ended:
-            self._ended_at = trial.last_complete_step()
-        return self._ended_at
 
     def _end_run(self, name: str) -> str | None:
         """Judge the evaluation of the run of EVAL steps of ``name`` kept open, which is over."""
@@ -272,7 +283,7 @@ def change_words(decrease: float) -> str:
     return f"decreased only {decrease:.2g}%"
 
 
-class _TrainValidation(Rule):
+class _TrainValidation(_EvaluationRuns):
     """Splits the losses saved at a step into training losses and validations.
 
     A loss is a training loss when it is in collection ``training_data``;
@@ -294,7 +305,6 @@ class _TrainValidation(Rule):
         self.selection = Selection(None if tensor_regex else ("losses",), tensor_regex, ())
         self.run_losses: dict[str, list[float]] = {}  # the validation losses of the EVAL steps of a run not over yet
         self.run_steps: list[int] = []  # its first and last EVAL step
-        self._ended_at: int | None = None
 
     def required_captures(self) -> list[Requirement]:
         return self.selection.requirements() or [Requirement("losses")]
@@ -323,16 +333,9 @@ class _TrainValidation(Rule):
             for n, v in val.items():
                 self.run_losses.setdefault(n, []).append(v)
             self.run_steps = [self.run_steps[0] if self.run_steps else step, step]
-        if self.run_steps and step == self._last_step():
+        if self.run_steps and step == self.trial_end():
             found.append(self._end_run())
         return found
-
-    def _last_step(self) -> int | None:
-        """The last step of the trial once its training has ended, else None."""
-        trial = self.base_trial
-        if self._ended_at is None and trial.training_ended:
-            self._ended_at = trial.last_complete_step()
-        return self._ended_at
 
     def _end_run(self) -> tuple[str, dict[str, float], str]:
         """The validation of the run of EVAL steps kept so far, which is forgotten."""
