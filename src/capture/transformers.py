@@ -234,15 +234,21 @@ class Callback(TrainerCallback):
         logs: Mapping[str, Any] | None = None,
         **kw: Any,
     ) -> None:
-        """Keep what was logged for the step it follows; the log of an epoch ends the epoch's last step."""
+        """Keep what was logged for the step it follows; the log of an epoch ends the epoch's last step.
+
+        A value logged while an evaluation runs (in a ``compute_loss`` that ``evaluate`` calls too, the model
+        in eval mode) is not the step's: it ends the pending step first.
+        """
         if not logs:
             return
         self._open(args)
-        if self._epoch_ended and not _is_training_log(logs):  # not the epoch's (the summary of train()): after it
-            self._flush(kw.get("model"))
+        model = kw.get("model")
+        evaluating = model is not None and not model.training
+        if (self._epoch_ended or (self._pending and evaluating)) and not _is_training_log(logs):
+            self._flush(model)  # not the step's log (the summary of train(), an evaluation's): after it
         self._logs.append(dict(logs))
         if self._epoch_ended:  # the epoch's log: the step is complete
-            self._flush(kw.get("model"))
+            self._flush(model)
 
     def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
         """The epoch's last step stays pending for the log of the epoch that may follow (``logging_strategy``

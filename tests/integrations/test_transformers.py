@@ -607,6 +607,41 @@ def test_a_key_logged_twice_in_a_step_keeps_the_last_and_says_so(
     assert caplog.text.count("'loss' was logged twice in one step (123.0, then ") == 1
 
 
+def test_a_value_logged_in_compute_loss_during_an_evaluation_is_not_the_train_steps(tmp_path: Path) -> None:
+    """``evaluate`` calls ``compute_loss`` too: its first batch's log replaced the ``TRAIN`` step's value before it."""
+
+    class Logging(transformers.Trainer):  # type: ignore[misc]
+        """The Trainer docs' custom loss (a weighted cross-entropy), logging a value of its own too."""
+
+        def compute_loss(
+            self, model: Any, inputs: Any, return_outputs: bool = False, num_items_in_batch: Any = None
+        ) -> Any:
+            labels = inputs.pop("labels")
+            outputs = model(**inputs)
+            loss = torch.nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0]))(outputs.logits, labels)
+            aux = float(outputs.logits.detach().pow(2).mean())
+            self.log({"aux_loss": aux})
+            if model.training:
+                self.train_aux.append(aux)
+            return (loss, outputs) if return_outputs else loss
+
+    trainer = Logging(
+        model=tiny_bert(),
+        args=arguments(tmp_path, max_steps=4, eval_strategy="steps", eval_steps=2),
+        train_dataset=Rows(32, 0),
+        eval_dataset=Rows(16, 1),
+        callbacks=[tth.Callback(tmp_path / "trial", save_config=EVERY_STEP)],
+    )
+    trainer.train_aux = []
+    trainer.train()
+    trial = tensortap.create_trial(tmp_path / "trial")
+    saved = trial.tensor("losses/aux_loss").values(mode=Mode.TRAIN)
+    assert sorted(saved) == [0, 1, 2, 3]
+    np.testing.assert_allclose([saved[s] for s in range(4)], trainer.train_aux, rtol=1e-6)
+    evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
+    np.testing.assert_allclose(list(trial.tensor("losses/eval_loss").values(mode=Mode.EVAL).values()), evals)
+
+
 class LogAtEpochEnd(transformers.TrainerCallback):  # type: ignore[misc]
     """Asks the Trainer to log at each epoch's end too (after tensortap's callback saw the flag unset)."""
 
