@@ -159,11 +159,14 @@ class Callback(pl.Callback):
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self._pending = False
+        pending, self._pending = self._pending, False
         if self.hook is not None:
             self.hook.end_at_exit = None  # it holds the trainer
-        if self._steps is not None and self._steps.train_open:
-            self._steps.end_train(self._parameters())
+        if self._steps is not None:
+            if pending:
+                self._steps.end_train(self._parameters())
+            else:
+                self._steps.discard_unstepped()
         self._warn_unsaved()
         if self.hook is not None:
             self.hook.close(reason)
@@ -339,8 +342,7 @@ class Callback(pl.Callback):
     def _write_run(self, trainer: pl.Trainer, mode: Mode) -> None:
         if self._steps is None:
             return
-        if self._steps.train_open:  # validation started inside an accumulation window
-            self._steps.end_train(self._parameters())
+        self._steps.suspend_train()  # started inside an accumulation window: it goes on after this step
         self._steps.write_step(mode, self._new_values(trainer, mode))
 
 

@@ -148,13 +148,37 @@ class StepCapture:
         self._warned: set[str] = set()
 
     def open_train(self) -> bool:
-        """Start a ``TRAIN`` step unless one is open; return whether it is saved."""
+        """Start a ``TRAIN`` step unless one is open (with the losses of a :meth:`suspend_train`); return whether
+        it is saved."""
         if not self.train_open:
             self.train_open = True
             self._names.clear()
-            self._losses.clear()
             self.hook.begin_step(Mode.TRAIN)
         return self.hook.is_saving()
+
+    def suspend_train(self) -> None:
+        """Take back the open ``TRAIN`` step, in which no optimizer stepped yet, for a step of another mode.
+
+        A validation or an epoch's end inside an accumulation window (``val_check_interval`` within
+        ``accumulate_grad_batches``, a manual optimization stepping every few batches): the window goes on
+        in the step :meth:`open_train` opens next, with the same numbers and the losses kept so far, and
+        ends at its optimizer step. Nothing of an open step is offered before its optimizer stepped.
+        """
+        if self.train_open:
+            self.train_open = False
+            self.hook.drop_step(None, take_back=True)
+
+    def discard_unstepped(self) -> None:
+        """The training ended: batches after the last optimizer step are no ``TRAIN`` step; one warning if their
+        losses were to be saved."""
+        self.suspend_train()
+        if self._losses:
+            logger.warning(
+                "tensortap: the last %d training batch(es) had no optimizer step after them; their losses are "
+                "not captured (a TRAIN step is one optimizer step)",
+                len(self._losses),
+            )
+            self._losses.clear()
 
     def number_on(self, mode: Mode, done: int) -> None:
         """Number the next step of ``mode`` ``done`` (or on from the last): training resumed after ``done`` steps.

@@ -158,6 +158,79 @@ def test_accumulated_batches_are_one_step(tmp_path: Path) -> None:
         )
 
 
+def test_a_validation_inside_an_accumulation_window_does_not_split_its_step(tmp_path: Path) -> None:
+    """``val_check_interval=2`` within ``accumulate_grad_batches=4``: each validation ended the open window as a
+    ``TRAIN`` step without gradients, and the rest of it made another (4 ``TRAIN`` steps for 2 optimizer steps)."""
+    torch.manual_seed(0)
+    model = Regressor()
+    trainer = L.Trainer(
+        max_epochs=1,
+        accumulate_grad_batches=4,
+        val_check_interval=2,
+        callbacks=[ttl.Callback(tmp_path, save_config=EVERY_STEP)],
+        **TRAINER,
+    )
+    trainer.fit(model, loader(64, 0), loader(16, 1))
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.steps(mode=Mode.TRAIN) == list(range(trainer.global_step)) == [0, 1]
+    assert len(trial.steps(mode=Mode.EVAL)) == 4
+    for step in range(2):
+        got = [float(trial.tensor(f"losses/loss:{i}").value(step, mode=Mode.TRAIN)) for i in range(4)]
+        np.testing.assert_allclose(got, model.losses[4 * step : 4 * step + 4], rtol=1e-6)
+        for name, grad in model.applied[step].items():
+            np.testing.assert_array_equal(trial.tensor(f"gradients/{name}").value(step, mode=Mode.TRAIN), grad)
+
+
+class ManualAccumulation(L.LightningModule):
+    """Lightning's docs' manual optimization with gradient accumulation: a step every ``every`` batches."""
+
+    def __init__(self, every: int) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.net = torch.nn.Linear(4, 1)
+        self.every = every
+        self.losses: list[float] = []
+        self.applied: list[dict[str, np.ndarray]] = []
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        x, y = batch
+        loss = torch.nn.functional.mse_loss(self.net(x), y)
+        self.losses.append(float(loss.detach()))
+        self.manual_backward(loss / self.every)
+        if (batch_idx + 1) % self.every == 0:
+            optimizer = self.optimizers()
+            optimizer.step()
+            self.applied.append({n: p.grad.detach().numpy().copy() for n, p in self.named_parameters()})
+            optimizer.zero_grad()
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def test_manual_optimization_stepping_every_few_batches_across_epochs(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """5 batches an epoch, a step every 2: the epoch's last batch goes on in the next epoch's first step (its
+    gradient was applied there); it was written at the epoch's end as a ``TRAIN`` step of its own, numbering
+    every later step one past the optimizer's. The batch after the last step is not a step: a warning says so."""
+    torch.manual_seed(0)
+    model = ManualAccumulation(every=2)
+    trainer = L.Trainer(max_epochs=2, callbacks=[ttl.Callback(tmp_path, save_config=EVERY_STEP)], **TRAINER)
+    trainer.fit(model, loader(40, 0))
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.steps(mode=Mode.TRAIN) == list(range(trainer.global_step)) == list(range(len(model.applied)))
+    for step, applied in enumerate(model.applied):
+        for name, grad in applied.items():
+            np.testing.assert_array_equal(trial.tensor(f"gradients/{name}").value(step, mode=Mode.TRAIN), grad)
+    batches = [[0, 1], [2, 3], [4, 5, 6], [7, 8]]  # the batches each optimizer step applied (5 an epoch)
+    for step, indices in enumerate(batches):
+        got = [float(trial.tensor(f"losses/loss:{i}").value(step, mode=Mode.TRAIN)) for i in range(len(indices))]
+        np.testing.assert_allclose(got, [model.losses[i] for i in indices], rtol=1e-6)
+    assert len(model.losses) == 10
+    assert caplog.text.count("the last 1 training batch(es) had no optimizer step after them") == 1
+
+
 def test_in_process_rule_stops_fit(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = Regressor(lr=50.0)  # diverges to NaN within a few steps
