@@ -106,6 +106,13 @@ def _is_training_log(logs: Mapping[str, Any]) -> bool:
     return "loss" in logs and "learning_rate" in logs
 
 
+def _ends_epoch(state: TrainerState, control: TrainerControl) -> bool:
+    """Whether the step that just ended is its epoch's last: the training or the epoch stops after it, or
+    ``state.epoch`` (``epoch + (step + 1) / steps_in_epoch``) is whole."""
+    whole = state.epoch is not None and float(state.epoch).is_integer()
+    return bool(control.should_training_stop or control.should_epoch_stop or whole)
+
+
 class Callback(TrainerCallback):
     """Capture a Transformers ``Trainer``'s ``train`` and ``evaluate`` into a tensortap trial.
 
@@ -114,7 +121,9 @@ class Callback(TrainerCallback):
     ``train`` (alone, or after it) is written and closed at once, into the same
     run: its steps are numbered on from the ones before. A ``TRAIN`` step is written once the
     logs that follow it are in: at the next step, or once an evaluation's first batch is done
-    (the Trainer logs before it evaluates), so an evaluation that raises does not lose it.
+    (the Trainer logs before it evaluates), so an evaluation that raises does not lose it. Under
+    ``logging_strategy="epoch"``, the Trainer logs an epoch after an evaluation at its last step:
+    that step is written once the epoch's log is in, and the evaluation's steps after it.
 
     Parameters
     ----------
@@ -141,6 +150,11 @@ class Callback(TrainerCallback):
         self._training = False  # between on_train_begin and on_train_end
         self._pending = False  # a TRAIN step ended; logs may still come for it, until an evaluation begins
         self._epoch_ended = False  # the pending step ended its epoch: the Trainer may log the epoch for it
+        # the pending step ends an epoch under logging_strategy="epoch": an evaluation at it comes before the
+        # epoch's log, so the runs and logs of that evaluation are kept here and written after the step
+        self._hold = False
+        self._held: list[tuple[Mode, dict[str, Any]]] = []
+        self._held_logs: list[dict[str, Any]] = []
         self._logs: list[dict[str, Any]] = []
         self._warned_twice: set[str] = set()  # keys logged twice in a step, warned about
 
@@ -225,6 +239,7 @@ class Callback(TrainerCallback):
         if agreed(hook.mode_step, self.stop_sync_steps, hook.stop_channel, hook.stop_poll_seconds, all_reduce_max()):
             logger.info("tensortap: stop requested (%s); stopping training", self.hook.stop_reason)
             control.should_training_stop = True
+        self._hold = self._pending and args.logging_strategy == "epoch" and _ends_epoch(state, control)
 
     def on_log(
         self,
@@ -243,8 +258,11 @@ class Callback(TrainerCallback):
             return
         self._open(args)
         model = kw.get("model")
-        evaluating = model is not None and not model.training
-        if (self._epoch_ended or (self._pending and evaluating)) and not _is_training_log(logs):
+        evaluating = model is not None and not model.training and not _is_training_log(logs)
+        if self._hold and evaluating and not self._epoch_ended:  # an evaluation before the epoch's log
+            self._held_logs.append(dict(logs))
+            return
+        if (self._epoch_ended and not _is_training_log(logs)) or (self._pending and evaluating):
             self._flush(model)  # not the step's log (the summary of train(), an evaluation's): after it
         self._logs.append(dict(logs))
         if self._epoch_ended:  # the epoch's log: the step is complete
@@ -266,7 +284,7 @@ class Callback(TrainerCallback):
         The Trainer logs a step before it evaluates: a pending step has its logs, and an evaluation
         that raises (a bug in ``compute_metrics``, out of memory, a Ctrl-C) cannot lose it.
         """
-        if self._pending:
+        if self._pending and not self._hold:
             self._flush(kw.get("model"))
 
     def on_evaluate(
@@ -301,10 +319,14 @@ class Callback(TrainerCallback):
         """
         steps = self._open(args)
         metrics = dict(metrics or {})
-        for i in range(len(self._logs) - 1, -1, -1):
-            if metrics and _holds(self._logs[i], metrics):
-                del self._logs[i]
+        logs = self._held_logs if self._hold else self._logs
+        for i in range(len(logs) - 1, -1, -1):
+            if metrics and _holds(logs[i], metrics):
+                del logs[i]
                 break
+        if self._hold:  # written after the step, once the epoch's log is in it
+            self._held.append((mode, metrics))
+            return
         if steps.train_open:  # a run without a batch (on_prediction_step ends the step before it)
             self._flush(model)
         steps.write_step(mode, metrics)
@@ -352,3 +374,9 @@ class Callback(TrainerCallback):
         elif steps.train_open:
             steps.end_train(unwrap(model).named_parameters() if model is not None else ())
         steps.write_step(Mode.GLOBAL, logs)
+        self._hold = False
+        for mode, metrics in self._held:  # the evaluation at the step: after it
+            steps.write_step(mode, metrics)
+        self._held.clear()
+        self._logs.extend(self._held_logs)  # what else it logged: for the next step's end, as after any evaluation
+        self._held_logs.clear()

@@ -668,6 +668,12 @@ class LogAtEpochEnd(transformers.TrainerCallback):  # type: ignore[misc]
             id="epoch-accumulation-max_steps-mid-epoch",
         ),
         pytest.param(
+            {"logging_strategy": "epoch", "num_train_epochs": 2, "eval_strategy": "steps", "eval_steps": 2},
+            32,
+            [],
+            id="epoch-after-an-evaluation-at-the-epochs-last-step",
+        ),
+        pytest.param(
             {"logging_strategy": "epoch", "logging_first_step": True, "num_train_epochs": 1},
             8,
             [],
