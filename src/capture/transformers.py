@@ -83,6 +83,10 @@ class Hook(trainers.Hook):
     }
 
 
+STAMPS = frozenset({"epoch", "num_input_tokens_seen"})
+"""What ``Trainer.log`` adds to every log, a user's too: the step's last is its value, without a warning."""
+
+
 class TrainInterrupted(Exception):
     """A ``train()`` raised in a step; seen when ``train()`` is called again."""
 
@@ -340,11 +344,13 @@ class Callback(TrainerCallback):
 
     def _merged_logs(self) -> dict[str, Any]:
         """The logs since the last step's end, in one mapping; a key logged twice with two values (a ``loss``
-        the user logs in ``compute_loss``, then the Trainer's) keeps the last, with one warning per key."""
+        the user logs in ``compute_loss``, then the Trainer's) keeps the last, with one warning per key (not
+        for the :data:`STAMPS` the Trainer puts on each log)."""
         logs: dict[str, Any] = {}
         for entry in self._logs:
             for key, value in entry.items():
-                if key in logs and not same_logged(logs[key], value) and key not in self._warned_twice:
+                twice = key in logs and key not in STAMPS and not same_logged(logs[key], value)
+                if twice and key not in self._warned_twice:
                     self._warned_twice.add(key)
                     logger.warning(
                         "tensortap: %r was logged twice in one step (%r, then %r); the last is saved "

@@ -605,6 +605,10 @@ def test_a_key_logged_twice_in_a_step_keeps_the_last_and_says_so(
     saved = trial.tensor("losses/loss").values(mode=Mode.TRAIN)
     np.testing.assert_allclose([saved[s] for s in range(3)], trainer_losses, rtol=1e-6)
     assert caplog.text.count("'loss' was logged twice in one step (123.0, then ") == 1
+    assert "'epoch' was logged" not in caplog.text, "the Trainer puts the epoch on each log, the user's too"
+    np.testing.assert_allclose(
+        list(trial.tensor("metrics/epoch").values(mode=Mode.TRAIN).values()), [1 / 4, 2 / 4, 3 / 4]
+    )
 
 
 def test_a_value_logged_in_compute_loss_during_an_evaluation_is_not_the_train_steps(tmp_path: Path) -> None:
