@@ -110,13 +110,6 @@ def _is_training_log(logs: Mapping[str, Any]) -> bool:
     return "loss" in logs and "learning_rate" in logs
 
 
-def _ends_epoch(state: TrainerState, control: TrainerControl) -> bool:
-    """Whether the step that just ended is its epoch's last: the training or the epoch stops after it, or
-    ``state.epoch`` (``epoch + (step + 1) / steps_in_epoch``) is whole."""
-    whole = state.epoch is not None and float(state.epoch).is_integer()
-    return bool(control.should_training_stop or control.should_epoch_stop or whole)
-
-
 class Callback(TrainerCallback):
     """Capture a Transformers ``Trainer``'s ``train`` and ``evaluate`` into a tensortap trial.
 
@@ -127,7 +120,7 @@ class Callback(TrainerCallback):
     logs that follow it are in: at the next step, or once an evaluation's first batch is done
     (the Trainer logs before it evaluates), so an evaluation that raises does not lose it. Under
     ``logging_strategy="epoch"``, the Trainer logs an epoch after an evaluation at its last step:
-    that step is written once the epoch's log is in, and the evaluation's steps after it.
+    a step is written once the epoch's log or the next step comes, and an evaluation's steps after it.
 
     Parameters
     ----------
@@ -154,8 +147,9 @@ class Callback(TrainerCallback):
         self._training = False  # between on_train_begin and on_train_end
         self._pending = False  # a TRAIN step ended; logs may still come for it, until an evaluation begins
         self._epoch_ended = False  # the pending step ended its epoch: the Trainer may log the epoch for it
-        # the pending step ends an epoch under logging_strategy="epoch": an evaluation at it comes before the
-        # epoch's log, so the runs and logs of that evaluation are kept here and written after the step
+        # under logging_strategy="epoch", a step's log (its epoch's) comes after an evaluation at it (at the
+        # epoch's last step, or one an EarlyStoppingCallback ends training at): the runs and logs of that
+        # evaluation are kept here and written after the step
         self._hold = False
         self._held: list[tuple[Mode, dict[str, Any]]] = []
         self._held_logs: list[dict[str, Any]] = []
@@ -243,7 +237,7 @@ class Callback(TrainerCallback):
         if agreed(hook.mode_step, self.stop_sync_steps, hook.stop_channel, hook.stop_poll_seconds, all_reduce_max()):
             logger.info("tensortap: stop requested (%s); stopping training", self.hook.stop_reason)
             control.should_training_stop = True
-        self._hold = self._pending and args.logging_strategy == "epoch" and _ends_epoch(state, control)
+        self._hold = self._pending and args.logging_strategy == "epoch"
 
     def on_log(
         self,

@@ -678,6 +678,21 @@ class LogAtEpochEnd(transformers.TrainerCallback):  # type: ignore[misc]
             id="epoch-after-an-evaluation-at-the-epochs-last-step",
         ),
         pytest.param(
+            {
+                "logging_strategy": "epoch",
+                "num_train_epochs": 10,
+                "eval_strategy": "steps",
+                "eval_steps": 3,
+                "save_strategy": "steps",
+                "save_steps": 3,
+                "load_best_model_at_end": True,
+                "learning_rate": 0.2,
+            },
+            32,
+            [transformers.EarlyStoppingCallback(early_stopping_patience=1)],
+            id="epoch-after-an-evaluation-that-stops-training-mid-epoch",
+        ),
+        pytest.param(
             {"logging_strategy": "epoch", "logging_first_step": True, "num_train_epochs": 1},
             8,
             [],
