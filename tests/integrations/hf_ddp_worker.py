@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import transformers
 
+sys.path.insert(0, str(Path(__file__).parents[1]))  # the helpers test_transformers imports
 sys.path.insert(0, str(Path(__file__).parent))
 from test_transformers import Rows, StopAt, arguments, tiny_bert
 

@@ -427,6 +427,7 @@ from pathlib import Path
 import numpy as np
 import transformers
 
+sys.path.insert(0, str(Path(sys.argv[1]).parent))  # the helpers test_transformers imports
 sys.path.insert(0, sys.argv[1])
 from test_transformers import EVERY_STEP, AfterStep, Rows, arguments, tiny_bert
 
