@@ -591,6 +591,38 @@ def test_variables_are_keras_own_after_each_step(tmp_path: Path, run_mode: str, 
     assert_model_clean(model)
 
 
+@pytest.mark.parametrize("run_mode", list(RUN_MODES))
+def test_sparse_gradients_of_an_embedding_are_saved_dense(tmp_path: Path, run_mode: str) -> None:
+    """An ``Embedding``'s gradient on TensorFlow is an ``IndexedSlices`` (rows of the tokens seen, repeated
+    ones repeated): saved as the dense gradient the optimizer applies. Before, a step run eagerly stored
+    it as an object array, and writing the trial failed: capture turned itself off."""
+    keras.utils.set_random_seed(2)
+    model = keras.Sequential(
+        [
+            keras.Input((5,), dtype="int32"),
+            keras.layers.Embedding(7, 3, name="embedding"),
+            keras.layers.GlobalAveragePooling1D(),
+            keras.layers.Dense(1, name="dense"),
+        ]
+    )
+    model.compile(optimizer=keras.optimizers.SGD(LR), loss="mse", **RUN_MODES[run_mode])
+    tokens = np.random.default_rng(3).integers(0, 4, size=(32, 5)).astype("int32")  # repeated in a batch; 4..6 unseen
+    rec = Recorder()
+    cb = ttk.Callback(tmp_path, save_config=EVERY_STEP, include_collections=["weights", "gradients"])
+    model.fit(tokens, Y[:32], batch_size=BATCH, epochs=2, shuffle=False, callbacks=[cb, rec], verbose=0)
+    assert not cb.failed
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.steps(mode=Mode.TRAIN) == [0, 1, 2, 3]
+    names = ["gradients/embedding/embeddings", "gradients/dense/kernel", "gradients/dense/bias"]
+    before = rec.initial
+    for s, after in enumerate(rec.weights):
+        for name, w0, w1 in zip(names, before, after, strict=True):
+            np.testing.assert_allclose(
+                trial.tensor(name).value(s, mode=Mode.TRAIN), (w0 - w1) / LR, rtol=1e-4, atol=1e-5, err_msg=name
+            )
+        before = after
+
+
 # --------------------------------------------------- other models, other modes
 class Block(keras.layers.Layer):
     def __init__(self, **kwargs: Any) -> None:

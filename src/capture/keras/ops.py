@@ -185,9 +185,13 @@ def uncapturable(value: Any) -> str | None:
 
 
 def snapshot(value: Any) -> Any:
-    """A copy that in-place changes later in the step cannot reach (torch only; other tensors are immutable)."""
+    """``value``, taken eagerly, as kept until the step ends: on torch a copy that in-place changes later in
+    the step cannot reach (other tensors are immutable); on TensorFlow an ``IndexedSlices`` (the gradient
+    of an ``Embedding``) as the dense tensor it adds up to, as the compiled routes convert it."""
     if BACKEND == "torch" and isinstance(value, torch.Tensor):
         return value.detach().clone()
+    if BACKEND == "tensorflow" and isinstance(value, tf.IndexedSlices):
+        return tf.convert_to_tensor(value)
     return value
 
 
