@@ -19,7 +19,7 @@ import tensortap
 from tensortap import StepState, StepUnavailable, TensorUnavailableForStep
 from tensortap.backends import shard as shard_module
 from tensortap.backends.shard import PreparedShard
-from tensortap.capture import ShardPolicy, Writer
+from tensortap.capture import ShardPolicy, TensorOps, Writer
 from tensortap.capture import writer as writer_module
 from tensortap.capture.writer import IN_FLIGHT
 
@@ -96,6 +96,36 @@ def test_tensor_that_cannot_be_converted_is_skipped_with_one_warning(
     assert trial.tensor("a").steps() == [0, 1, 2, 3, 4, 5]
     assert "obj" not in trial.tensor_names()
     assert trial.training_ended
+
+
+class _AsItComes(TensorOps):
+    """An adapter's ops that hand back whatever ``numpy.asarray`` makes of a value, as the Keras ops did of a
+    TensorFlow ``IndexedSlices`` gradient (an object array) before they made it dense."""
+
+    def prepare(self, value: Any, keys: Sequence[str], raw: bool) -> tuple[np.ndarray | None, dict[str, float], None]:
+        return np.asarray(value), {}, None
+
+
+class _AdapterWriter(Writer):
+    ops = _AsItComes()
+
+
+def test_a_value_an_adapter_cannot_store_is_skipped_with_one_warning_not_the_capture(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An adapter's ops that let through a value of a dtype no shard holds: that tensor is skipped, once named;
+    before, staging it failed and turned the whole capture off at its first step."""
+    caplog.set_level(logging.WARNING, logger="tensortap")
+    with _AdapterWriter(tmp_path) as w:
+        for step in range(3):
+            with w.stepping():
+                w.save("a", np.full(2, step, dtype=np.float32))
+                w.save("sparse", np.array([object(), step], dtype=object))
+        assert not w.failed
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "sparse" in warnings[0] and "dtype object" in warnings[0]
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.tensor("a").steps() == [0, 1, 2] and trial.tensor_names() == ["a"]
 
 
 @pytest.mark.parametrize("error", [ValueError("bad batch"), KeyboardInterrupt()], ids=["ValueError", "Ctrl-C"])

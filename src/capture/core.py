@@ -153,10 +153,21 @@ class TensorOps:
             share memory with the framework's tensor: the core copies it into the
             shard buffer before ``offer`` returns, so an extra copy here is waste.
         """
-        a = np.asarray(value)
-        if a.dtype.kind not in "biufc":
-            raise TypeError(f"cannot store a tensor of dtype {a.dtype} (numeric and bool only)")
+        a = storable(np.asarray(value))
         return (a if raw else None), red.compute_many(a, list(keys)), None
+
+
+def storable(a: np.ndarray) -> np.ndarray:
+    """``a`` itself, where a shard can store its dtype (numbers and bool).
+
+    Raises
+    ------
+    TypeError
+        For any other dtype (object, string, datetime...): the core then skips that one tensor.
+    """
+    if a.dtype.kind not in "biufc":
+        raise TypeError(f"cannot store a tensor of dtype {a.dtype} (numeric and bool only)")
+    return a
 
 
 @dataclass(frozen=True)
@@ -569,6 +580,8 @@ class Hook:
             if self._taken and any(n == name for n, _, _ in self._taken):  # its earlier value first: the last wins
                 self._deliver()
             raw, values, orig = self.ops.prepare(value, plan.keys, plan.raw or on_host)
+            if raw is not None:  # whatever an adapter's ops made of it: one odd value must not end the capture
+                storable(raw)
             if on_host and plan.histogram is not None:  # binned from the host copy, kept only if it is saved
                 hist = self._histogram(name, raw, plan.histogram)
                 raw = raw if plan.raw else None
