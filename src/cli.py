@@ -36,6 +36,7 @@ from .exceptions import (
     StorageUnreachable,
     TensortapError,
     TensorUnavailable,
+    TensorUnavailableForStep,
     TrialNotFound,
     UnknownName,
     UsageError,
@@ -429,6 +430,13 @@ def _mode_step_text(trial: Trial, step: int) -> str:
     return f" ({found[0].name.lower()} step {found[1]})"
 
 
+def _no_step_message(tensor: Any, mode: Mode | None) -> str:
+    """Why ``show`` has no step of ``tensor`` to print: the modes whose steps it has, if any."""
+    where = f"no {mode.name.lower()} step" if mode else "no saved step"
+    saved = [f"{m.name.lower()} steps {_steps_summary(s)}" for m in Mode if (s := tensor.steps(m))]
+    return f"{tensor.name!r} has {where}" + (f"; it was saved at {', '.join(saved)}" if saved else "")
+
+
 def cmd_show(args: argparse.Namespace) -> int:
     """Print one tensor at one step or every step: a scalar, a summary of an array, or a reduction.
 
@@ -440,6 +448,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     tensor = trial.tensor(args.name)
     mode = Mode.parse(args.mode) if args.mode else None
     steps = [args.step] if args.step is not None else tensor.steps(mode)
+    if not steps:
+        raise TensorUnavailableForStep(_no_step_message(tensor, mode))
     entries: list[dict[str, Any]] = []
     skipped: list[int] = []
     readable: set[int] | None = None  # once a shard was skipped: the steps still readable

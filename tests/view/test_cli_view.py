@@ -95,6 +95,27 @@ def test_plot_two_runs(run: Run, run_b: Run, tmp_path: Path) -> None:
     assert main(["plot", str(run.path), str(run_b.path), "--regex", "^nothing"]) == 2
 
 
+def test_show_of_a_mode_the_tensor_has_no_step_in_is_an_error(run: Run, capsys: pytest.CaptureFixture[str]) -> None:
+    """``show NAME --mode M`` of a tensor never saved in mode M (gradients at eval steps, where no backward
+    runs; a validation loss with ``--mode train``) printed nothing and exited 0, an empty answer given as
+    a success; ``plot`` refused the same request. Now it exits 2 and names the modes the tensor has."""
+    trial = run.trial()
+    (loss,) = trial.tensor_names(regex="^losses/")
+    assert main(["show", str(run.path), loss, "--mode", "eval", "--json"]) == 0
+    shown = strict_json(capsys.readouterr().out)["steps"]
+    np.testing.assert_allclose([e["value"] for e in shown], run.eval_loss, rtol=1e-6)
+    assert main(["show", str(run.path), "gradients/0.weight", "--mode", "eval"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == (
+        f"tensortap show: 'gradients/0.weight' has no eval step; it was saved at train steps 0-{TRAIN_STEPS - 1} "
+        f"({TRAIN_STEPS} steps)\n"
+    )
+    assert main(["show", str(run.path), "gradients/0.weight", "--mode", "predict", "--json"]) == 2
+    error = strict_json(capsys.readouterr().out)["error"]
+    assert error["kind"] == "input" and error["message"].startswith("'gradients/0.weight' has no predict step;")
+
+
 def test_export_plot_and_report_answer_json(run: Run, tmp_path: Path) -> None:
     """``export``, ``plot`` and ``report`` had no ``--json``: a script could not learn what they wrote
     (rows, tensors plotted), nor get an error object when they failed. Each prints one object now."""
