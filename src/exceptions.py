@@ -5,6 +5,8 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
+from .modes import Mode, step_label
+
 
 class TensortapError(Exception):
     """Base class of tensortap's own errors."""
@@ -13,21 +15,19 @@ class TensortapError(Exception):
 class StepUnavailable(TensortapError):
     """The step was skipped or never saved, and never will be."""
 
-    def __init__(self, step: int, mode: object = None) -> None:
+    def __init__(self, step: int, mode: Mode | None = None) -> None:
         self.step = step
         self.mode = mode
-        where = f" in mode {mode}" if mode is not None else ""
-        super().__init__(f"step {step}{where} was not saved and never will be")
+        super().__init__(f"{step_label(step, mode)} was not saved and never will be")
 
 
 class StepNotYetAvailable(TensortapError):
     """The step has not been written yet; training is still running."""
 
-    def __init__(self, step: int, mode: object = None) -> None:
+    def __init__(self, step: int, mode: Mode | None = None) -> None:
         self.step = step
         self.mode = mode
-        where = f" in mode {mode}" if mode is not None else ""
-        super().__init__(f"step {step}{where} is not available yet (training still running)")
+        super().__init__(f"{step_label(step, mode)} is not available yet (training still running)")
 
 
 class NoMoreData(TensortapError):

@@ -40,6 +40,11 @@ class Mode(enum.IntEnum):
         raise ValueError(f"mode: {value!r} is not a mode; valid: {', '.join(m.name for m in cls)}")
 
 
+def step_label(step: int, mode: Mode | str | int | None = None) -> str:
+    """How messages name a step: ``"step 3"`` (a global step), or ``"eval step 3"`` (a step of ``mode``)."""
+    return f"step {step}" if mode is None else f"{Mode.parse(mode).name.lower()} step {step}"
+
+
 class StepState(enum.Enum):
     """Answer of :meth:`tensortap.trial.Trial.has_passed_step`."""
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from ..modes import Mode
+from ..modes import Mode, step_label
 from ..reductions import split_key
 from .progress import progress
 from .views import printable
@@ -202,9 +202,8 @@ def plot_histogram(
     edges, counts = tensor.histogram_value(step, mode, bins=bins)
     ax = _axes(ax)
     ax.stairs(counts, edges, fill=True, alpha=0.7)
-    where = f"{Mode.parse(mode).name.lower()} step {step}" if mode is not None else f"step {step}"
     name = _text(tensor.name)
-    ax.set(xlabel=f"{name} (value)", ylabel="count", title=f"{name} at {where}")
+    ax.set(xlabel=f"{name} (value)", ylabel="count", title=f"{name} at {step_label(step, mode)}")
     ax.grid(alpha=0.3)
     return ax
 

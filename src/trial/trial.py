@@ -35,7 +35,7 @@ from ..exceptions import (
     UnknownName,
     suggest,
 )
-from ..modes import Mode, StepState
+from ..modes import Mode, StepState, step_label
 from .index import READS_AT_ONCE, Location, TensorInfo, TrialIndex, in_background
 
 if TYPE_CHECKING:
@@ -330,6 +330,10 @@ class Trial:
     def _past_end(self, step: int, mode: Mode | None) -> bool:
         return self.training_ended and step > self._last(mode)
 
+    def _ended_message(self, step: int, mode: Mode | None) -> str:
+        """``"training has ended at eval step 4; there is no eval step 9"``: ``step`` lies past the end."""
+        return f"training has ended at {step_label(self._last(mode), mode)}; there is no {step_label(step, mode)}"
+
     def wait_for_steps(
         self, steps: Sequence[int], mode: Mode | str | None = None, timeout: float | None = None
     ) -> None:
@@ -351,13 +355,13 @@ class Trial:
             if not pending:
                 break
             if self.training_ended:
-                raise NoMoreData(f"training has ended at step {self._last(m)}; step {pending[0]} will never come")
+                raise NoMoreData(self._ended_message(pending[0], m))
             if deadline is not None and time.monotonic() >= deadline:
                 raise StepNotYetAvailable(pending[0], m)
             time.sleep(WAIT_POLL_SECONDS)
         for s in steps:
             if self._past_end(s, m):
-                raise NoMoreData(f"training has ended at step {self._last(m)}; step {s} will never come")
+                raise NoMoreData(self._ended_message(s, m))
 
     def tensor_names(
         self,
@@ -626,16 +630,16 @@ class Tensor:
             if worker in workers:
                 return gstep, worker, workers[worker]  # type: ignore[return-value]
             raise TensorUnavailableForStep(
-                f"{self.name!r} at step {step}: worker {worker!r} did not save it; "
+                f"{self.name!r} at {step_label(step, m)}: worker {worker!r} did not save it; "
                 f"workers: {', '.join(sorted(workers))}"
             )
         state = self.trial.has_passed_step(step, m)
         if state is StepState.NOT_YET_AVAILABLE:
             raise StepNotYetAvailable(step, m)
         if self.trial._past_end(step, m):
-            raise NoMoreData(f"training has ended at step {self.trial._last(m)}; there is no step {step}")
+            raise NoMoreData(self.trial._ended_message(step, m))
         if state is StepState.AVAILABLE:
-            raise TensorUnavailableForStep(f"{self.name!r} was not saved at step {step} (other tensors were)")
+            raise TensorUnavailableForStep(f"{self.name!r} was not saved at {step_label(step, m)} (other tensors were)")
         raise StepUnavailable(step, m)
 
     def _reader_value(self, step: int, loc: Location) -> np.ndarray:
@@ -656,7 +660,7 @@ class Tensor:
         if not loc.raw:
             have = ", ".join(loc.reductions) or "none"
             raise TensorUnavailableForStep(
-                f"{self.name!r} at step {step}: only reductions were saved ({have}); "
+                f"{self.name!r} at {step_label(step, mode)}: only reductions were saved ({have}); "
                 "save the raw tensor with ReductionConfig(save_raw_tensor=True)"
             )
         return self._reader_value(gstep, loc)
@@ -710,7 +714,7 @@ class Tensor:
         if loc.raw:
             return red.compute(self._reader_value(gstep, loc), key)
         raise TensorUnavailableForStep(
-            f"{self.name!r} at step {step}: reduction {key!r} was not saved and no raw tensor was; "
+            f"{self.name!r} at {step_label(step, mode)}: reduction {key!r} was not saved and no raw tensor was; "
             f"saved: {', '.join(loc.reductions) or 'none'}"
         )
 
@@ -893,10 +897,10 @@ class Tensor:
         if loc.raw:
             hist = red.histogram(self._reader_value(gstep, loc), bins)
             if hist is None:
-                raise TensorUnavailableForStep(f"{self.name!r} at step {step}: no finite value to bin")
+                raise TensorUnavailableForStep(f"{self.name!r} at {step_label(step, mode)}: no finite value to bin")
             return hist
         raise TensorUnavailableForStep(
-            f"{self.name!r} at step {step}: neither a histogram nor the raw tensor was saved; "
+            f"{self.name!r} at {step_label(step, mode)}: neither a histogram nor the raw tensor was saved; "
             "capture with ReductionConfig(histogram=64) or save_raw_tensor=True"
         )
 
