@@ -93,8 +93,9 @@ def fmt(value: Any, digits: int = 4) -> str:
 
 
 def json_safe(value: Any) -> Any:
-    """``value`` as plain JSON data: arrays and NumPy scalars become lists and numbers, and the
-    non-finite floats become the strings ``"NaN"``, ``"Infinity"`` and ``"-Infinity"``."""
+    """``value`` as plain JSON data: arrays and NumPy scalars become lists and numbers, a complex
+    number ``{"real": ..., "imag": ...}``, and the non-finite floats the strings ``"NaN"``,
+    ``"Infinity"`` and ``"-Infinity"``."""
     if isinstance(value, dict):
         return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
@@ -103,6 +104,8 @@ def json_safe(value: Any) -> Any:
         return json_safe(value.tolist())
     if isinstance(value, np.generic):
         return json_safe(value.item())
+    if isinstance(value, complex):
+        return {"real": json_safe(value.real), "imag": json_safe(value.imag)}
     if isinstance(value, float) and not math.isfinite(value):
         return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
     return value

@@ -116,6 +116,35 @@ def test_show_of_a_mode_the_tensor_has_no_step_in_is_an_error(run: Run, capsys: 
     assert error["kind"] == "input" and error["message"].startswith("'gradients/0.weight' has no predict step;")
 
 
+def test_show_json_of_a_complex_tensor(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A module's complex output (``torch.fft.rfft``) is captured as complex64, but ``show --full --json``
+    of it exited 2 with "unexpected error: TypeError('Object of type complex is not JSON serializable')".
+    Each element is now ``{"real": ..., "imag": ...}``, equal to what PyTorch computed."""
+    import torch
+
+    import tensortap.torch as ttt
+
+    class Spectrum(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.last = torch.fft.rfft(x)
+            return self.last
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), Spectrum())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    hook = ttt.capture(model, tmp_path, optimizer=opt, include_collections=["outputs"])
+    opt.zero_grad()
+    model(torch.randn(2, 4)).abs().mean().backward()
+    opt.step()
+    hook.close()
+    expected = model[1].last.detach().numpy()
+    assert main(["show", str(tmp_path), "outputs/1", "--step", "0", "--full", "--json"]) == 0
+    (entry,) = strict_json(capsys.readouterr().out)["steps"]
+    assert (entry["dtype"], entry["shape"]) == ("complex64", [2, 3])
+    got = np.array([[complex(z["real"], z["imag"]) for z in row] for row in entry["value"]])
+    np.testing.assert_array_equal(got, expected)
+
+
 def test_export_plot_and_report_answer_json(run: Run, tmp_path: Path) -> None:
     """``export``, ``plot`` and ``report`` had no ``--json``: a script could not learn what they wrote
     (rows, tensors plotted), nor get an error object when they failed. Each prints one object now."""
