@@ -130,7 +130,8 @@ def plot_tensors(
     trials
         One trial, or several (runs side by side: lines are labelled with ``labels``).
     names
-        Tensor names; a trial that lacks one is skipped for it (it must exist in at least one).
+        Tensor names; a trial that lacks one is skipped for it (it must exist in at least one:
+        else :class:`~tensortap.TensorUnavailable`, with the closest names).
     reduction
         Reduction key; default: the value of scalar tensors, the mean of others.
     mode
@@ -148,10 +149,17 @@ def plot_tensors(
     ------
     ImportError
         If matplotlib is missing (``pip install "tensortap[notebook]"``).
+    TensorUnavailable
+        A name that none of the trials saved, or no line to draw.
     """
-    from ..exceptions import TensorUnavailable
+    from ..exceptions import TensorUnavailable, suggest
 
     runs = [trials] if not isinstance(trials, Sequence) else list(trials)
+    known = {n for run in runs for n in run.tensor_names()}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        where = ", ".join(labels if labels is not None else [run.path for run in runs])
+        raise TensorUnavailable(f"no tensor named {unknown[0]!r} in {where}{suggest(unknown[0], known)}")
     x = curves_axis(runs, names, mode) if x is None else x
     run_labels = [_text(label) for label in (labels if labels is not None else [t.path for t in runs])]
     ax = _axes(ax)

@@ -145,6 +145,26 @@ def test_show_json_of_a_complex_tensor(tmp_path: Path, capsys: pytest.CaptureFix
     np.testing.assert_array_equal(got, expected)
 
 
+def test_plot_of_a_name_no_run_has_is_an_error(run: Run, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``plot RUN losses/CrossEntropyLoss losses/CrossEntropyLos`` drew the first, dropped the misspelt one
+    silently and said "wrote (2 tensor(s))" (``--json``: both under ``tensors``); ``trial.plot([...])`` too.
+    A name that none of the runs saved is now an error with the closest names, as in ``show``."""
+    pytest.importorskip("matplotlib")
+    trial = run.trial()
+    (loss,) = trial.tensor_names(regex="^losses/")
+    out = tmp_path / "loss.png"
+    assert main(["plot", str(run.path), loss, "--json", "-o", str(out)]) == 0
+    assert strict_json(capsys.readouterr().out)["tensors"] == [loss]
+    ax = trial.plot([loss], mode="eval", x="step")
+    np.testing.assert_allclose(ax.get_lines()[0].get_ydata(), run.eval_loss, rtol=1e-6)
+    assert main(["plot", str(run.path), loss, loss[:-1], "-o", str(tmp_path / "typo.png")]) == 2
+    out_text, err = capsys.readouterr()
+    assert out_text == "" and not (tmp_path / "typo.png").exists()
+    assert err.startswith(f"tensortap plot: no tensor named {loss[:-1]!r} in ") and f"did you mean {loss!r}" in err
+    with pytest.raises(tensortap.TensorUnavailable, match=f"no tensor named {loss[:-1]!r}"):
+        trial.plot([loss, loss[:-1]])
+
+
 def test_export_plot_and_report_answer_json(run: Run, tmp_path: Path) -> None:
     """``export``, ``plot`` and ``report`` had no ``--json``: a script could not learn what they wrote
     (rows, tensors plotted), nor get an error object when they failed. Each prints one object now."""
