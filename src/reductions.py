@@ -20,6 +20,8 @@ from typing import Any, Generic, NamedTuple, TypeVar
 
 import numpy as np
 
+from .exceptions import UnknownName
+
 try:  # the compiled counting of src/_bins.c, where it was built (an optional extension)
     from tensortap import _bins as _kernel
 except ImportError:  # no C compiler at install: NumPy's passes, the same counts
@@ -91,10 +93,22 @@ def _health(a: np.ndarray, name: str, axis: Any) -> Any:
     return np.count_nonzero(test(a), axis=axis)
 
 
-def _check_key(key: str) -> tuple[str, bool]:
+def check_key(key: str) -> tuple[str, bool]:
+    """The reduction that ``key`` (``"mean"``, ``"abs_max"``...) names, and whether of absolute values.
+
+    Raises
+    ------
+    UnknownName
+        ``key`` names no reduction (a ``ValueError`` too); the message suggests the closest keys.
+    """
     name, absolute = split_key(key)
     if name not in ALL_REDUCTIONS:
-        raise ValueError(f"reduction: {key!r} is not a reduction; valid: {', '.join(ALL_REDUCTIONS)}")
+        raise UnknownName(
+            "reduction",
+            key,
+            [*ALL_REDUCTIONS, *(f"abs_{r}" for r in ALL_REDUCTIONS)],
+            listed=f"{', '.join(ALL_REDUCTIONS)}, each also as abs_NAME",
+        )
     return name, absolute
 
 
@@ -108,7 +122,7 @@ def compute(array: np.ndarray, key: str) -> float:
     key
         A reduction name from :data:`ALL_REDUCTIONS`, optionally prefixed ``abs_``.
     """
-    name, absolute = _check_key(key)
+    name, absolute = check_key(key)
     a = np.asarray(array)
     if name in HEALTH_COUNTS:
         return float(_health(a, name, None))
@@ -134,7 +148,7 @@ def compute_rows(arrays: Sequence[np.ndarray] | np.ndarray, keys: Sequence[str])
     into one reused buffer a block at a time, so memory stays bounded.
     """
     for k in keys:
-        _check_key(k)
+        check_key(k)
     n = len(arrays)
     out = {k: np.empty(n, dtype=np.float64) for k in keys}
     if n == 0:

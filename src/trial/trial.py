@@ -550,8 +550,7 @@ class Trial:
         from .progress import progress as bar
 
         for k in reductions or ():
-            if red.split_key(k)[0] not in red.ALL_REDUCTIONS:
-                raise ValueError(f"reduction: {k!r} is not valid; valid: {', '.join(red.ALL_REDUCTIONS)}")
+            red.check_key(k)
         rows: list[tuple[Any, ...]] = []
         with self.frozen():
             selected = list(names) if names is not None else self.tensor_names(collection=collection)
@@ -697,13 +696,7 @@ class Tensor:
     ) -> float:
         """A reduction at ``step``: the saved one, or computed from the raw tensor with the same formula."""
         key = red.reduction_key(reduction, abs)
-        if red.split_key(key)[0] not in red.ALL_REDUCTIONS:
-            raise UnknownName(
-                "reduction",
-                key,
-                [*red.ALL_REDUCTIONS, *(f"abs_{r}" for r in red.ALL_REDUCTIONS)],
-                listed=f"{', '.join(red.ALL_REDUCTIONS)}, each also as abs_NAME",
-            )
+        red.check_key(key)
         gstep, _, loc = self._locate(step, mode, worker)
         if key in loc.reductions:
             saved = self.trial._index.read(loc.shard, lambda r: r.reductions(self.name))
@@ -727,8 +720,7 @@ class Tensor:
         worker (in sorted order) that saved it.
         """
         key = red.reduction_key(reduction, abs)
-        if red.split_key(key)[0] not in red.ALL_REDUCTIONS:
-            raise ValueError(f"reduction: {reduction!r} is not valid; valid: {', '.join(red.ALL_REDUCTIONS)}")
+        red.check_key(key)
         return self._keyed(self._rows([key], worker, mode), mode)
 
     def _keyed(self, rows: list[tuple[int, str, str, float]], mode: Mode | str | None) -> dict[int, float]:

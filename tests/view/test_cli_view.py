@@ -165,6 +165,30 @@ def test_plot_of_a_name_no_run_has_is_an_error(run: Run, tmp_path: Path, capsys:
         trial.plot([loss, loss[:-1]])
 
 
+def test_an_unknown_reduction_is_an_unknown_name_everywhere(run: Run, capsys: pytest.CaptureFixture[str]) -> None:
+    """``show --reduction abs_mea`` said ``no reduction 'abs_mea'; did you mean 'abs_mean' ...`` (kind
+    ``unknown_name``, as documented), but ``export``, ``export tensorboard``, ``plot``, ``to_pandas`` and
+    ``reduction_values`` raised a plain ValueError: no suggestion, a list of valid names without the
+    ``abs_`` ones (so ``abs_mea`` read as if ``abs_`` were not valid), ``--json`` kind ``input``."""
+    assert main(["export", str(run.path), "--reduction", "abs_mea", "--json"]) == 2
+    error = strict_json(capsys.readouterr().out)["error"]
+    assert error["kind"] == "unknown_name"
+    assert error["message"].startswith("no reduction 'abs_mea'; did you mean 'abs_mean'")
+    assert "each also as abs_NAME" in error["message"]
+    trial = run.trial()
+    with pytest.raises(tensortap.UnknownName, match="did you mean 'abs_mean'"):
+        trial.to_pandas(reductions=["abs_mea"])
+    with pytest.raises(tensortap.UnknownName, match="did you mean 'mean'"):
+        trial.tensor("0.weight").reduction_values("mea")
+    assert main(["export", str(run.path), "--reduction", "abs_mean", "--json"]) == 0
+    rows = [r for r in strict_json(capsys.readouterr().out)["rows"] if r["name"] == "0.weight" and r["mode"] == "TRAIN"]
+    np.testing.assert_allclose(
+        [r["value"] for r in sorted(rows, key=lambda r: r["mode_step"])],
+        [np.abs(w["0.weight"].astype(np.float64)).mean() for w in run.weights],
+        rtol=1e-6,
+    )
+
+
 def test_export_plot_and_report_answer_json(run: Run, tmp_path: Path) -> None:
     """``export``, ``plot`` and ``report`` had no ``--json``: a script could not learn what they wrote
     (rows, tensors plotted), nor get an error object when they failed. Each prints one object now."""
