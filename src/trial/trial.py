@@ -525,7 +525,7 @@ class Trial:
 
     def to_pandas(
         self,
-        names: Sequence[str] | None = None,
+        names: str | Sequence[str] | None = None,
         collection: str | None = None,
         reductions: Sequence[str] | None = None,
         progress: bool | None = None,
@@ -542,6 +542,10 @@ class Trial:
 
         Parameters
         ----------
+        names
+            The tensors (a name, or a list of them; default: every tensor).
+        collection
+            Only the tensors of this collection (of ``names``, when given).
         progress
             Show a progress bar over tensors (default: when standard error is a terminal).
         """
@@ -553,7 +557,12 @@ class Trial:
             red.check_key(k)
         rows: list[tuple[Any, ...]] = []
         with self.frozen():
-            selected = list(names) if names is not None else self.tensor_names(collection=collection)
+            selected = self.tensor_names(collection=collection)
+            if names is not None:
+                wanted = [names] if isinstance(names, str) else list(names)
+                for name in wanted:
+                    self.tensor(name)  # an unknown name: TensorUnavailable, with the closest names
+                selected = [n for n in wanted if n in selected]
             for name in bar(selected, desc="tensors", enable=progress):
                 for step, worker, key, value in self.tensor(name)._rows(reductions):
                     mode, mode_step = self._index.steps.get(step, (Mode.GLOBAL, step))

@@ -300,6 +300,20 @@ def test_to_pandas_computes_reductions_of_raw_tensors(run: Run) -> None:
     assert set(default.reduction) == set(tensortap.trial.trial.DEFAULT_RAW_REDUCTIONS)
 
 
+def test_to_pandas_takes_names_and_a_collection_together_and_one_name(run: Run) -> None:
+    """``to_pandas(names=[...], collection="losses")`` left the collection out silently (the weights came
+    too), and ``to_pandas("losses/...")`` read the string letter by letter: ``no tensor named 'l'``."""
+    trial = run.trial()
+    loss = loss_name(trial)
+    df = trial.to_pandas(names=[loss, "0.weight"], collection="losses")
+    assert set(df.name) == {loss}
+    train = df[df["mode"] == "TRAIN"].sort_values("mode_step")
+    np.testing.assert_allclose(train.value, run.train_loss, rtol=1e-6)
+    pd.testing.assert_frame_equal(trial.to_pandas(loss), trial.to_pandas(names=[loss]))
+    with pytest.raises(tensortap.TensorUnavailable, match=f"did you mean {loss!r}"):
+        trial.to_pandas(names=[loss[:-1]], collection="losses")
+
+
 def test_wall_times_of_a_trial_written_before_format_1_1(tmp_path: Path) -> None:
     """Old trials have no wall time: they still read, and time plots say why they cannot."""
     import json
