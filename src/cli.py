@@ -433,11 +433,21 @@ def _mode_step_text(trial: Trial, step: int) -> str:
     return f" ({found[0].name.lower()} step {found[1]})"
 
 
-def _no_step_message(tensor: Any, mode: Mode | None) -> str:
-    """Why ``show`` has no step of ``tensor`` to print: the modes whose steps it has, if any."""
-    where = f"no {mode.name.lower()} step" if mode else "no saved step"
+def _show_steps(tensor: Any, mode: Mode | None, worker: str | None) -> list[int]:
+    """The steps ``show`` prints without ``--step``: those of ``mode`` (every step without), those that
+    ``worker`` saved when it is given; :class:`TensorUnavailableForStep` saying why when there are none."""
+    steps = tensor.steps(mode)
+    if worker is not None:
+        steps = [s for s in steps if worker in tensor.workers(s, mode)]
+    if steps:
+        return steps
+    where = f"no {mode.name.lower()} step" if mode else "no step"
+    if worker is not None:
+        where += f" saved by worker {worker!r} (workers: {', '.join(tensor.trial.workers())})"
     saved = [f"{m.name.lower()} steps {_steps_summary(s)}" for m in Mode if (s := tensor.steps(m))]
-    return f"{tensor.name!r} has {where}" + (f"; it was saved at {', '.join(saved)}" if saved else "")
+    raise TensorUnavailableForStep(
+        f"{tensor.name!r} has {where}" + (f"; it was saved at {', '.join(saved)}" if saved else "")
+    )
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -450,9 +460,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     trial = open_trial(args)
     tensor = trial.tensor(args.name)
     mode = Mode.parse(args.mode) if args.mode else None
-    steps = [args.step] if args.step is not None else tensor.steps(mode)
-    if not steps:
-        raise TensorUnavailableForStep(_no_step_message(tensor, mode))
+    steps = [args.step] if args.step is not None else _show_steps(tensor, mode, args.worker)
     entries: list[dict[str, Any]] = []
     skipped: list[int] = []
     readable: set[int] | None = None  # once a shard was skipped: the steps still readable

@@ -21,6 +21,7 @@ pd = pytest.importorskip("pandas")
 from helpers.cli import cli, strict_json  # noqa: E402
 
 import tensortap  # noqa: E402
+from tensortap import SaveConfig  # noqa: E402
 from tensortap.cli import main  # noqa: E402
 
 from .conftest import TRAIN_STEPS, Run  # noqa: E402
@@ -186,6 +187,40 @@ def test_an_unknown_reduction_is_an_unknown_name_everywhere(run: Run, capsys: py
         [r["value"] for r in sorted(rows, key=lambda r: r["mode_step"])],
         [np.abs(w["0.weight"].astype(np.float64)).mean() for w in run.weights],
         rtol=1e-6,
+    )
+
+
+def test_show_worker_prints_the_steps_that_worker_saved(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Two workers of a PyTorch training, one stopped after 2 of the 4 steps: ``show NAME --worker
+    worker_1`` printed its steps 0 and 1, then exited 2 at step 2 ("worker 'worker_1' did not save it").
+    It prints the steps that worker saved; a worker that saved none is an error naming the workers."""
+    import torch
+
+    import tensortap.torch as ttt
+
+    losses: dict[int, list[float]] = {}
+    for rank, steps in ((0, 4), (1, 2)):
+        torch.manual_seed(rank)
+        model = torch.nn.Linear(3, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        loss_fn = torch.nn.MSELoss()
+        hook = ttt.capture(model, tmp_path, optimizer=opt, loss=loss_fn, rank=rank, save_config=SaveConfig(1))
+        x, y = torch.randn(8, 3), torch.randn(8, 1)
+        for _ in range(steps):
+            opt.zero_grad()
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            opt.step()
+            losses.setdefault(rank, []).append(loss.item())
+        hook.close()
+    for rank in (0, 1):
+        assert main(["show", str(tmp_path), "losses/MSELoss", "--worker", f"worker_{rank}", "--json"]) == 0
+        shown = strict_json(capsys.readouterr().out)["steps"]
+        assert [e["step"] for e in shown] == list(range(len(losses[rank])))
+        np.testing.assert_allclose([e["value"] for e in shown], losses[rank], rtol=1e-6)
+    assert main(["show", str(tmp_path), "losses/MSELoss", "--worker", "worker_2"]) == 2
+    assert capsys.readouterr().err.startswith(
+        "tensortap show: 'losses/MSELoss' has no step saved by worker 'worker_2' (workers: worker_0, worker_1)"
     )
 
 
