@@ -70,7 +70,8 @@ def export_tensorboard(
     Scalar tensors and reductions become scalars (``<name>`` and ``<name>/<reduction>``);
     raw tensors and histogram reductions become histograms. Each event has the
     step's global step and, from format 1.1 on, its wall time (older trials: the
-    time of the export).
+    time of the export). A trial of several workers has one run per mode and
+    worker (``logdir/train/worker_1``), each with that worker's values.
 
     Parameters
     ----------
@@ -90,35 +91,40 @@ def export_tensorboard(
         raise ImportError('the TensorBoard export needs tensorboardX: pip install "tensortap[tensorboard]"') from exc
     times = trial.wall_times()
     steps = trial._index.steps
-    writers: dict[Mode, Any] = {}
+    workers = trial.workers()
+    several = len(workers) > 1
+    writers: dict[tuple[Mode, str], Any] = {}
 
-    def writer(gstep: int) -> Any:
+    def writer(gstep: int, worker: str) -> Any:
         mode = steps.get(gstep, (Mode.GLOBAL, gstep))[0]
-        if mode not in writers:
-            writers[mode] = SummaryWriter(os.path.join(os.fspath(logdir), mode.name.lower()))
-        return writers[mode]
+        run = (mode.name.lower(), worker) if several else (mode.name.lower(),)
+        if (mode, worker) not in writers:
+            writers[mode, worker] = SummaryWriter(os.path.join(os.fspath(logdir), *run))
+        return writers[mode, worker]
 
     counts = {"scalars": 0, "histograms": 0}
     with trial.frozen():  # one view of the trial, and on remote storage no listing per tensor
         try:
             for name in progress(trial.tensor_names(), desc="tensors", enable=show_progress):
                 tensor = trial.tensor(name)
-                for gstep, _, key, value in _first_worker(tensor._rows(None)):
+                for gstep, worker, key, value in tensor._rows(None):
                     tag = name if key == "value" else f"{name}/{key}"
-                    writer(gstep).add_scalar(tag, value, gstep, walltime=times.get(gstep))
+                    writer(gstep, worker).add_scalar(tag, value, gstep, walltime=times.get(gstep))
                     counts["scalars"] += 1
                 if reductions:
-                    for gstep, _, key, value in _first_worker(tensor._rows(reductions)):
-                        writer(gstep).add_scalar(f"{name}/{key}", value, gstep, walltime=times.get(gstep))
+                    for gstep, worker, key, value in tensor._rows(reductions):
+                        writer(gstep, worker).add_scalar(f"{name}/{key}", value, gstep, walltime=times.get(gstep))
                         counts["scalars"] += 1
                 shape = tensor.summary()["shape"]
                 if shape is not None and int(np.prod(shape)) == 1:
                     continue  # a scalar: its curve is enough
-                for gstep, hist in tensor.histogram_values(bins=bins).items():
+                for worker, (gstep, hist) in (
+                    (w, item) for w in workers for item in tensor.histogram_values(worker=w, bins=bins).items()
+                ):
                     c = hist.counts.astype(np.float64)
                     centres = (hist.edges[1:] + hist.edges[:-1]) / 2
                     total = float(c.sum())
-                    writer(gstep).add_histogram_raw(
+                    writer(gstep, worker).add_histogram_raw(
                         name,
                         min=float(hist.edges[0]),
                         max=float(hist.edges[-1]),
@@ -135,14 +141,3 @@ def export_tensorboard(
             for w in writers.values():
                 w.close()
     return counts
-
-
-def _first_worker(rows: list[tuple[int, str, str, float]]) -> list[tuple[int, str, str, float]]:
-    """One row per (step, key): the first worker in sorted order (TensorBoard has one value per step)."""
-    seen: set[tuple[int, str]] = set()
-    out = []
-    for row in sorted(rows, key=lambda r: (r[0], r[1])):
-        if (row[0], row[2]) not in seen:
-            seen.add((row[0], row[2]))
-            out.append(row)
-    return out

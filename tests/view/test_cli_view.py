@@ -190,29 +190,38 @@ def test_an_unknown_reduction_is_an_unknown_name_everywhere(run: Run, capsys: py
     )
 
 
-def test_show_worker_prints_the_steps_that_worker_saved(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """Two workers of a PyTorch training, one stopped after 2 of the 4 steps: ``show NAME --worker
-    worker_1`` printed its steps 0 and 1, then exited 2 at step 2 ("worker 'worker_1' did not save it").
-    It prints the steps that worker saved; a worker that saved none is an error naming the workers."""
+def train_two_workers(path: Path) -> tuple[dict[int, list[float]], dict[int, list[np.ndarray]]]:
+    """Two workers (ranks) of a PyTorch training into ``path``, worker_1 stopped after 2 of the 4 steps;
+    the losses and weights (after each step) of each rank, as PyTorch computed them."""
     import torch
 
     import tensortap.torch as ttt
 
-    losses: dict[int, list[float]] = {}
+    losses: dict[int, list[float]] = {0: [], 1: []}
+    weights: dict[int, list[np.ndarray]] = {0: [], 1: []}
     for rank, steps in ((0, 4), (1, 2)):
         torch.manual_seed(rank)
         model = torch.nn.Linear(3, 1)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         loss_fn = torch.nn.MSELoss()
-        hook = ttt.capture(model, tmp_path, optimizer=opt, loss=loss_fn, rank=rank, save_config=SaveConfig(1))
+        hook = ttt.capture(model, path, optimizer=opt, loss=loss_fn, rank=rank, save_config=SaveConfig(1))
         x, y = torch.randn(8, 3), torch.randn(8, 1)
         for _ in range(steps):
             opt.zero_grad()
             loss = loss_fn(model(x), y)
             loss.backward()
             opt.step()
-            losses.setdefault(rank, []).append(loss.item())
+            losses[rank].append(loss.item())
+            weights[rank].append(model.weight.detach().numpy().copy())
         hook.close()
+    return losses, weights
+
+
+def test_show_worker_prints_the_steps_that_worker_saved(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Two workers of a PyTorch training, one stopped after 2 of the 4 steps: ``show NAME --worker
+    worker_1`` printed its steps 0 and 1, then exited 2 at step 2 ("worker 'worker_1' did not save it").
+    It prints the steps that worker saved; a worker that saved none is an error naming the workers."""
+    losses, _ = train_two_workers(tmp_path)
     for rank in (0, 1):
         assert main(["show", str(tmp_path), "losses/MSELoss", "--worker", f"worker_{rank}", "--json"]) == 0
         shown = strict_json(capsys.readouterr().out)["steps"]
@@ -222,6 +231,27 @@ def test_show_worker_prints_the_steps_that_worker_saved(tmp_path: Path, capsys: 
     assert capsys.readouterr().err.startswith(
         "tensortap show: 'losses/MSELoss' has no step saved by worker 'worker_2' (workers: worker_0, worker_1)"
     )
+
+
+def test_export_tensorboard_of_two_workers_writes_each_workers_values(tmp_path: Path) -> None:
+    """``export tensorboard`` wrote one value per step, the first worker's: worker_1's losses and weights
+    were left out silently (and at a step worker_0 lacked, another worker's value took its place in the
+    same curve). A trial of several workers now has one run per mode and worker."""
+    pytest.importorskip("tensorboardX")
+    ea_mod = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    losses, weights = train_two_workers(tmp_path / "run")
+    assert main(["export", "tensorboard", str(tmp_path / "run"), str(tmp_path / "tb")]) == 0
+    for rank in (0, 1):
+        events = ea_mod.EventAccumulator(
+            str(tmp_path / "tb" / "train" / f"worker_{rank}"), size_guidance={"scalars": 0, "histograms": 0}
+        )
+        events.Reload()
+        shown = events.Scalars("losses/MSELoss")
+        assert [e.step for e in shown] == list(range(len(losses[rank])))
+        np.testing.assert_allclose([e.value for e in shown], losses[rank], rtol=1e-6)
+        mean = events.Scalars("weight/mean")  # a raw tensor: its saved reductions, else min max mean std l2
+        np.testing.assert_allclose([e.value for e in mean], [w.mean() for w in weights[rank]], rtol=1e-5)
+        assert [e.step for e in events.Histograms("weight")] == list(range(len(losses[rank])))
 
 
 def test_export_plot_and_report_answer_json(run: Run, tmp_path: Path) -> None:
