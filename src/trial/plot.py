@@ -66,6 +66,18 @@ def series(trial: Trial, name: str, reduction: str | None = None, mode: Mode | s
     return tensor.reduction_values(key, absolute, mode)
 
 
+def _why_no_line(tensor: Tensor, reduction: str | None, mode: Mode | str | None) -> str:
+    """``"; 'g' has no 'mean' ..."``: why :func:`series` of ``tensor`` is empty, where it can tell."""
+    steps = tensor.steps(mode)
+    if not steps:
+        return f"; {tensor.name!r} has no {Mode.parse(mode).name.lower() + ' ' if mode is not None else ''}step"
+    key = reduction or "mean"
+    saved = tensor.available_reductions(steps[-1], mode)
+    if tensor.has_raw(steps[-1], mode) or key in saved:
+        return ""  # its values could not be read: the reader warned, naming the shards
+    return f"; {tensor.name!r} has no {key!r} and no raw tensor to compute it from (saved: {', '.join(saved)})"
+
+
 def mode_lines(
     tensor: Tensor, reduction: str | None, mode: Mode | str | None, x: XAxis = "step"
 ) -> dict[Mode, tuple[list[float], list[float]]]:
@@ -178,7 +190,8 @@ def plot_tensors(
             ax.plot(xs, ys, marker="." if len(xs) < 50 else None, label=label)
             drawn += 1
     if not drawn:
-        raise TensorUnavailable(f"nothing to plot: none of {', '.join(map(repr, names))} has values")
+        why = _why_no_line(next(r.tensor(n) for r in runs for n in names if n in known), reduction, mode)
+        raise TensorUnavailable(f"nothing to plot: none of {', '.join(map(repr, names))} has values{why}")
     scalar_only = reduction is None and all(_is_scalar(r, n) for r in runs for n in names if n in r._index.tensors)
     what = "value" if scalar_only else reduction or "value (scalars) / mean"
     one = _text(names[0])

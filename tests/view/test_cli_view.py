@@ -254,6 +254,25 @@ def test_export_tensorboard_of_two_workers_writes_each_workers_values(tmp_path: 
         assert [e.step for e in events.Histograms("weight")] == list(range(len(losses[rank])))
 
 
+def test_plot_says_why_a_tensor_drew_no_line(run: Run, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The gradients of the run saved only their l2 norm (and histograms): ``plot RUN gradients/0.weight``
+    (the mean by default) said "none of 'gradients/0.weight' has values", though it has a value at every
+    step; a validation loss with ``--mode train`` said the same. The message now says what is missing."""
+    pytest.importorskip("matplotlib")
+    out = str(tmp_path / "g.png")
+    assert main(["plot", str(run.path), "gradients/0.weight", "-o", out]) == 2
+    assert capsys.readouterr().err.endswith(
+        "'gradients/0.weight' has no 'mean' and no raw tensor to compute it from (saved: l2)\n"
+    )
+    loss = run.trial().tensor_names(regex="^losses/")[0]
+    assert main(["plot", str(run.path), loss, "--mode", "predict", "-o", out]) == 2
+    assert capsys.readouterr().err.endswith(f"{loss!r} has no predict step\n")
+    assert main(["plot", str(run.path), "gradients/0.weight", "--reduction", "l2", "--json", "-o", out]) == 0
+    ax = run.trial().plot(["gradients/0.weight"], reduction="l2")
+    norms = [np.linalg.norm(g["0.weight"]) for g in run.grads]
+    np.testing.assert_allclose(ax.get_lines()[0].get_ydata(), norms, rtol=1e-5)
+
+
 def test_export_plot_and_report_answer_json(run: Run, tmp_path: Path) -> None:
     """``export``, ``plot`` and ``report`` had no ``--json``: a script could not learn what they wrote
     (rows, tensors plotted), nor get an error object when they failed. Each prints one object now."""
