@@ -6,6 +6,7 @@ import bisect
 import concurrent.futures
 import contextlib
 import functools
+import logging
 import math
 import os
 import re
@@ -43,6 +44,8 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
     from .plot import XAxis
+
+logger = logging.getLogger("tensortap")
 
 REFRESH_SECONDS = 0.25
 WAIT_POLL_SECONDS = 0.1
@@ -538,7 +541,9 @@ class Trial:
         read once for all its steps. Without, scalar tensors give one row with
         reduction ``"value"``, others their saved reductions, and raw tensors that
         have none :data:`DEFAULT_RAW_REDUCTIONS`. Histograms are not rows (see
-        :meth:`Tensor.histogram_values`).
+        :meth:`Tensor.histogram_values`). A reduction asked for that a tensor
+        neither saved nor can compute (no raw tensor saved) gives it no row; one
+        warning names those tensors.
 
         Parameters
         ----------
@@ -563,10 +568,24 @@ class Trial:
                 for name in wanted:
                     self.tensor(name)  # an unknown name: TensorUnavailable, with the closest names
                 selected = [n for n in wanted if n in selected]
+            lacking: dict[str, list[str]] = {k: [] for k in reductions or ()}  # reduction: tensors without it
             for name in bar(selected, desc="tensors", enable=progress):
+                found = set()
                 for step, worker, key, value in self.tensor(name)._rows(reductions):
                     mode, mode_step = self._index.steps.get(step, (Mode.GLOBAL, step))
                     rows.append((worker, mode.name, mode_step, step, name, key, value))
+                    found.add(key)
+                for key, names_without in lacking.items():
+                    if key not in found:
+                        names_without.append(name)
+        for key, names_without in lacking.items():
+            if names_without:
+                logger.warning(
+                    "tensortap: %r left out for %d tensor(s) that saved neither it nor their raw values: %s",
+                    key,
+                    len(names_without),
+                    ", ".join(names_without),
+                )
         return pd.DataFrame(rows, columns=["worker", "mode", "mode_step", "step", "name", "reduction", "value"])
 
     def close(self) -> None:

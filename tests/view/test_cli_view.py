@@ -273,6 +273,26 @@ def test_plot_says_why_a_tensor_drew_no_line(run: Run, tmp_path: Path, capsys: p
     np.testing.assert_allclose(ax.get_lines()[0].get_ydata(), norms, rtol=1e-5)
 
 
+def test_export_says_which_tensors_lack_a_reduction_asked_for(
+    run: Run, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The run's gradients saved only their l2 norm: ``export --reduction mean`` wrote the weights' means
+    and no row at all for the gradients, without a word (exit 0). One warning names them now."""
+    out = tmp_path / "means.csv"
+    assert main(["export", str(run.path), "--reduction", "mean", "-o", str(out)]) == 0
+    gradients = sorted(run.trial().tensor_names(collection="gradients"))
+    assert capsys.readouterr().err == (
+        f"tensortap: 'mean' left out for {len(gradients)} tensor(s) that saved neither it nor their raw values: "
+        f"{', '.join(gradients)}\n"
+    )
+    df = pd.read_csv(out)
+    assert not set(gradients) & set(df.name)
+    w = df[(df.name == "0.weight") & (df["mode"] == "TRAIN")].sort_values("mode_step")
+    np.testing.assert_allclose(w.value, [s["0.weight"].astype(np.float64).mean() for s in run.weights], rtol=1e-6)
+    assert main(["export", str(run.path), "--reduction", "l2", "-o", str(out)]) == 0
+    assert capsys.readouterr().err == ""  # every tensor has it: saved, or computed from the raw tensor
+
+
 def test_export_plot_and_report_answer_json(run: Run, tmp_path: Path) -> None:
     """``export``, ``plot`` and ``report`` had no ``--json``: a script could not learn what they wrote
     (rows, tensors plotted), nor get an error object when they failed. Each prints one object now."""
