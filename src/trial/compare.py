@@ -7,7 +7,7 @@ import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from ..exceptions import TensorUnavailable
+from ..exceptions import TensorUnavailable, suggest
 from ..modes import Mode
 from .trial import Trial, create_trial
 
@@ -22,6 +22,23 @@ def _labels(trials: Sequence[Trial]) -> list[str]:
     """Each trial's last path component, or its whole path where those collide."""
     short = [t.path.rstrip("/").rsplit("/", 1)[-1] or t.path for t in trials]
     return short if len(set(short)) == len(short) else [t.path for t in trials]
+
+
+def check_names(trials: Sequence[Trial], names: Sequence[str], labels: Sequence[str] | None = None) -> set[str]:
+    """The tensor names saved in any of ``trials``.
+
+    Raises
+    ------
+    TensorUnavailable
+        One of ``names`` is saved in none of them (the message names ``labels``, default the
+        trials' paths, and suggests the closest names).
+    """
+    known = {n for trial in trials for n in trial.tensor_names()}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        where = ", ".join(labels if labels is not None else [trial.path for trial in trials])
+        raise TensorUnavailable(f"no tensor named {unknown[0]!r} in {where}{suggest(unknown[0], known)}")
+    return known
 
 
 class Comparison:
@@ -77,14 +94,21 @@ class Comparison:
         return plot_tensors(self.trials, names, reduction, mode, ax=ax, logy=logy, x=x, labels=self.labels)
 
     def to_pandas(
-        self, names: Sequence[str] | None = None, reductions: Sequence[str] | None = None
+        self, names: str | Sequence[str] | None = None, reductions: Sequence[str] | None = None
     ) -> pandas.DataFrame:
-        """:meth:`Trial.to_pandas` of every trial, with a first column ``run`` (the label)."""
+        """:meth:`Trial.to_pandas` of every trial, with a first column ``run`` (the label).
+
+        ``names``: as in :meth:`plot` (a name or a regular expression, or a list of names);
+        :class:`TensorUnavailable` for a name that none of the trials saved.
+        """
         import pandas as pd
 
+        selected = None if names is None else self._resolve(names)
+        if selected is not None:
+            check_names(self.trials, selected, self.labels)
         frames = []
         for label, trial in zip(self.labels, self.trials, strict=True):
-            wanted = None if names is None else [n for n in names if n in trial.tensor_names()]
+            wanted = None if selected is None else [n for n in selected if n in trial.tensor_names()]
             df = trial.to_pandas(wanted, reductions=reductions)
             df.insert(0, "run", label)
             frames.append(df)

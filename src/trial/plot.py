@@ -164,14 +164,11 @@ def plot_tensors(
     TensorUnavailable
         A name that none of the trials saved, or no line to draw.
     """
-    from ..exceptions import TensorUnavailable, suggest
+    from ..exceptions import TensorUnavailable
+    from .compare import check_names
 
     runs = [trials] if not isinstance(trials, Sequence) else list(trials)
-    known = {n for run in runs for n in run.tensor_names()}
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        where = ", ".join(labels if labels is not None else [run.path for run in runs])
-        raise TensorUnavailable(f"no tensor named {unknown[0]!r} in {where}{suggest(unknown[0], known)}")
+    known = check_names(runs, names, labels)
     x = curves_axis(runs, names, mode) if x is None else x
     run_labels = [_text(label) for label in (labels if labels is not None else [t.path for t in runs])]
     ax = _axes(ax)

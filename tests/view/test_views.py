@@ -287,6 +287,20 @@ def test_compare_plots_runs_side_by_side(run: Run, run_b: Run) -> None:
     assert set(df["run"]) == {"run_a", "run_b"}
 
 
+def test_compare_to_pandas_takes_a_name_and_refuses_one_no_run_saved(run: Run, run_b: Run) -> None:
+    """``compare([...]).to_pandas("losses/...")`` read the string letter by letter and returned an empty
+    table; a misspelt name in the list gave an empty table too, without a word. A string is a name or a
+    regular expression now, as in ``plot``, and a name that no run saved raises TensorUnavailable."""
+    cmp = tensortap.compare([run.trial(), run_b.trial()])
+    name = loss_name(run.trial())
+    df = cmp.to_pandas(name)
+    for r, label in ((run, "run_a"), (run_b, "run_b")):
+        train = df[(df["run"] == label) & (df["mode"] == "TRAIN")].sort_values("mode_step")
+        np.testing.assert_allclose(train.value, r.train_loss, rtol=1e-6)
+    with pytest.raises(tensortap.TensorUnavailable, match=f"no tensor named {name[:-1]!r} in run_a, run_b; did you"):
+        cmp.to_pandas([name[:-1]])
+
+
 def test_to_pandas_computes_reductions_of_raw_tensors(run: Run) -> None:
     trial = run.trial()
     df = trial.to_pandas(names=["0.weight", "gradients/0.weight"], reductions=["mean", "l2"])
