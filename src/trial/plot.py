@@ -70,7 +70,8 @@ def _why_no_line(tensor: Tensor, reduction: str | None, mode: Mode | str | None)
     """``"; 'g' has no 'mean' ..."``: why :func:`series` of ``tensor`` is empty, where it can tell."""
     steps = tensor.steps(mode)
     if not steps:
-        return f"; {tensor.name!r} has no {Mode.parse(mode).name.lower() + ' ' if mode is not None else ''}step"
+        where = f"{Mode.parse(mode).name.lower()} step" if mode is not None else "step"
+        return f"; {tensor.name!r} has no {where}"
     key = reduction or "mean"
     saved = tensor.available_reductions(steps[-1], mode)
     if tensor.has_raw(steps[-1], mode) or key in saved:
@@ -168,7 +169,7 @@ def plot_tensors(
     from .compare import check_names
 
     runs = [trials] if not isinstance(trials, Sequence) else list(trials)
-    known = check_names(runs, names, labels)
+    check_names(runs, names, labels)
     x = curves_axis(runs, names, mode) if x is None else x
     run_labels = [_text(label) for label in (labels if labels is not None else [t.path for t in runs])]
     ax = _axes(ax)
@@ -187,7 +188,8 @@ def plot_tensors(
             ax.plot(xs, ys, marker="." if len(xs) < 50 else None, label=label)
             drawn += 1
     if not drawn:
-        why = _why_no_line(next(r.tensor(n) for r in runs for n in names if n in known), reduction, mode)
+        first = next((r.tensor(n) for r in runs for n in names if n in r._index.tensors), None)
+        why = _why_no_line(first, reduction, mode) if first is not None else ""
         raise TensorUnavailable(f"nothing to plot: none of {', '.join(map(repr, names))} has values{why}")
     scalar_only = reduction is None and all(_is_scalar(r, n) for r in runs for n in names if n in r._index.tensors)
     what = "value" if scalar_only else reduction or "value (scalars) / mean"

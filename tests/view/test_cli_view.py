@@ -267,6 +267,9 @@ def test_plot_says_why_a_tensor_drew_no_line(run: Run, tmp_path: Path, capsys: p
     loss = run.trial().tensor_names(regex="^losses/")[0]
     assert main(["plot", str(run.path), loss, "--mode", "predict", "-o", out]) == 2
     assert capsys.readouterr().err.endswith(f"{loss!r} has no predict step\n")
+    train_two_workers(tmp_path / "other")  # a run without that loss, given first
+    assert main(["plot", str(tmp_path / "other"), str(run.path), loss, "--mode", "predict", "-o", out]) == 2
+    assert capsys.readouterr().err.endswith(f"{loss!r} has no predict step\n")
     assert main(["plot", str(run.path), "gradients/0.weight", "--reduction", "l2", "--json", "-o", out]) == 0
     ax = run.trial().plot(["gradients/0.weight"], reduction="l2")
     norms = [np.linalg.norm(g["0.weight"]) for g in run.grads]
