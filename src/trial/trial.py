@@ -567,7 +567,8 @@ class Trial:
                 wanted = [names] if isinstance(names, str) else list(names)
                 for name in wanted:
                     self.tensor(name)  # an unknown name: TensorUnavailable, with the closest names
-                selected = [n for n in wanted if n in selected]
+                in_collection = set(selected)
+                selected = [n for n in wanted if n in in_collection]
             lacking: dict[str, list[str]] = {k: [] for k in reductions or ()}  # reduction: tensors without it
             for name in bar(selected, desc="tensors", enable=progress):
                 found = set()
