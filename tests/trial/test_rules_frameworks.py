@@ -481,23 +481,36 @@ def test_saturated_activation_keras_activation_layer(tmp_path: Path, keras: Any)
     assert invoke_rule(SaturatedActivation(trial, tanh_regex=f"^inputs/{tanh.name}$")) == [0, 1, 2]
 
 
-@pytest.mark.keras
-def test_overfit_and_overtraining_judge_a_keras_validation_not_its_batches(tmp_path: Path, keras: Any) -> None:
-    """Keras saves one validation loss per batch, at EVAL steps: a validation is their mean, as in ``History``."""
+def _fit_validated(keras: Any, tmp_path: Path, rows: int, optimizer: Any, epochs: int) -> tuple[dict[str, Any], Any]:
+    """A 3-class Keras classifier fit on half of ``rows`` and validated on the other half, in batches of 32,
+    its losses saved every step: ``(History.history, the trial)``."""
     import tensortap.keras as ttk
 
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(1024, 8)).astype(np.float32)
-    y = (x @ rng.normal(size=(8, 3)) + 0.5 * rng.normal(size=(1024, 3))).argmax(1)
+    x = rng.normal(size=(rows, 8)).astype(np.float32)
+    y = (x @ rng.normal(size=(8, 3)) + 0.5 * rng.normal(size=(rows, 3))).argmax(1)
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="relu"), keras.layers.Dense(3)])
-    model.compile(optimizer=keras.optimizers.Adam(0.003), loss=keras.losses.SparseCategoricalCrossentropy(True))
+    model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(True))
     cb = ttk.Callback(tmp_path, save_config=EVERY_STEP, include_collections=["losses"])
+    half = rows // 2
     history = model.fit(
-        x[:512], y[:512], validation_data=(x[512:], y[512:]), batch_size=32, epochs=5, verbose=0, callbacks=[cb]
+        x[:half],
+        y[:half],
+        validation_data=(x[half:], y[half:]),
+        batch_size=32,
+        epochs=epochs,
+        verbose=0,
+        callbacks=[cb],
     ).history
+    return history, tensortap.create_trial(tmp_path)
+
+
+@pytest.mark.keras
+def test_overfit_and_overtraining_judge_a_keras_validation_not_its_batches(tmp_path: Path, keras: Any) -> None:
+    """Keras saves one validation loss per batch, at EVAL steps: a validation is their mean, as in ``History``."""
+    history, trial = _fit_validated(keras, tmp_path, 1024, keras.optimizers.Adam(0.003), epochs=5)
     assert np.all(np.diff(history["val_loss"]) < -0.01), "the validation loss improves at every epoch"
-    trial = tensortap.create_trial(tmp_path)
     assert len(trial.steps(mode=tensortap.Mode.EVAL)) == 5 * 16, "16 validation batches an epoch"
 
     always = Overfit(trial, ratio_threshold=-1.0)  # fires at every validation: its reason gives the loss judged
@@ -511,20 +524,8 @@ def test_overfit_and_overtraining_judge_a_keras_validation_not_its_batches(tmp_p
 @pytest.mark.keras
 def test_loss_not_decreasing_judges_keras_validations_not_windows_of_their_batches(tmp_path: Path, keras: Any) -> None:
     """A learning rate of 0: each validation repeats the last, batch by batch; no batch mix may read as a decrease."""
-    import tensortap.keras as ttk
-
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(512, 8)).astype(np.float32)
-    y = (x @ rng.normal(size=(8, 3)) + 0.5 * rng.normal(size=(512, 3))).argmax(1)
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="relu"), keras.layers.Dense(3)])
-    model.compile(optimizer=keras.optimizers.SGD(0.0), loss=keras.losses.SparseCategoricalCrossentropy(True))
-    cb = ttk.Callback(tmp_path, save_config=EVERY_STEP, include_collections=["losses"])
-    history = model.fit(
-        x[:256], y[:256], validation_data=(x[256:], y[256:]), batch_size=32, epochs=6, verbose=0, callbacks=[cb]
-    ).history
+    history, trial = _fit_validated(keras, tmp_path, 512, keras.optimizers.SGD(0.0), epochs=6)
     assert np.ptp(history["val_loss"]) == 0, "the validation loss does not change"
-    trial = tensortap.create_trial(tmp_path)
     val = trial.tensor("losses/val_loss")
     assert len(val.steps(mode=tensortap.Mode.EVAL)) == 6 * 8 and np.ptp([val.value(s) for s in val.steps()]) > 0.1
 
