@@ -52,18 +52,26 @@ def _axes(ax: Axes | None, figsize: tuple[float, float] = (8, 4.5)) -> Axes:
     return new
 
 
-def series(trial: Trial, name: str, reduction: str | None = None, mode: Mode | str | None = None) -> dict[int, float]:
+def series(
+    trial: Trial, name: str, reduction: str | None = None, mode: Mode | str | None = None, worker: str | None = None
+) -> dict[int, float]:
     """One number per saved step (mode step if ``mode``): the value of a scalar tensor, else ``reduction``.
 
     ``reduction`` is a reduction key such as ``"mean"`` (the default for
-    non-scalar tensors), ``"abs_max"`` or ``"l2"``.
+    non-scalar tensors), ``"abs_max"`` or ``"l2"``. ``worker``: that worker's
+    values only (default: each step's first worker, as :meth:`Tensor.to_series`).
     """
     tensor = trial.tensor(name)
     shape = tensor.summary()["shape"]
     if reduction is None and shape is not None and int(np.prod(shape)) == 1:
-        return dict(tensor.to_series(None, mode=mode).items())
+        return dict(tensor.to_series(None, mode=mode, worker=worker).items())
     key, absolute = split_key(reduction or "mean")
-    return tensor.reduction_values(key, absolute, mode)
+    return tensor.reduction_values(key, absolute, mode, worker)
+
+
+def tensor_workers(tensor: Tensor) -> list[str]:
+    """The workers that saved ``tensor`` at any step, sorted."""
+    return sorted({w for workers in tensor._info.locations.values() for w in workers})
 
 
 def _why_no_line(tensor: Tensor, reduction: str | None, mode: Mode | str | None) -> str:
@@ -80,9 +88,9 @@ def _why_no_line(tensor: Tensor, reduction: str | None, mode: Mode | str | None)
 
 
 def mode_lines(
-    tensor: Tensor, reduction: str | None, mode: Mode | str | None, x: XAxis = "step"
+    tensor: Tensor, reduction: str | None, mode: Mode | str | None, x: XAxis = "step", worker: str | None = None
 ) -> dict[Mode, tuple[list[float], list[float]]]:
-    """``{mode: (xs, ys)}``: :func:`series` split by mode, on the x axis ``x``.
+    """``{mode: (xs, ys)}``: :func:`series` (of ``worker``) split by mode, on the x axis ``x``.
 
     Raises
     ------
@@ -92,7 +100,7 @@ def mode_lines(
     if x not in X_LABELS:
         raise ValueError(f"x: {x!r} is not valid; valid: {', '.join(X_LABELS)}")
     trial = tensor.trial
-    data = series(trial, tensor.name, reduction)  # by global step
+    data = series(trial, tensor.name, reduction, worker=worker)  # by global step
     steps = trial._index.steps
     times = trial.wall_times() if x == "time" else {}
     if x == "time" and not times:
@@ -136,7 +144,8 @@ def plot_tensors(
     x: XAxis | None = None,
     labels: Sequence[str] | None = None,
 ) -> Axes:
-    """Plot each tensor of each trial across steps, one line per mode; return the matplotlib Axes.
+    """Plot each tensor of each trial across steps, one line per mode (and per worker, where several
+    saved it: ``name [worker_1]``; a line never joins two workers' values); return the matplotlib Axes.
 
     Parameters
     ----------
@@ -180,13 +189,17 @@ def plot_tensors(
             tensor = run.tensor(name)
         except TensorUnavailable:
             continue
-        lines = mode_lines(tensor, reduction, mode, x)
-        for m, (xs, ys) in lines.items():
-            label = _text(name) if len(runs) == 1 else f"{run_label}: {_text(name)}"
-            if len(lines) > 1 or m not in (Mode.TRAIN, Mode.GLOBAL):
-                label += f" ({m.name.lower()})"
-            ax.plot(xs, ys, marker="." if len(xs) < 50 else None, label=label)
-            drawn += 1
+        workers = tensor_workers(tensor)
+        for worker in workers if len(workers) > 1 else [None]:  # several: a line each, never joined
+            lines = mode_lines(tensor, reduction, mode, x, worker)
+            for m, (xs, ys) in lines.items():
+                label = _text(name) if len(runs) == 1 else f"{run_label}: {_text(name)}"
+                if len(lines) > 1 or m not in (Mode.TRAIN, Mode.GLOBAL):
+                    label += f" ({m.name.lower()})"
+                if worker is not None:
+                    label += f" [{_text(worker)}]"
+                ax.plot(xs, ys, marker="." if len(xs) < 50 else None, label=label)
+                drawn += 1
     if not drawn:
         first = next((r.tensor(n) for r in runs for n in names if n in r._index.tensors), None)
         why = _why_no_line(first, reduction, mode) if first is not None else ""

@@ -410,3 +410,29 @@ def test_mode_lines_reject_an_unknown_axis(run: Run) -> None:
     with pytest.raises(ValueError, match="x: 'epoch'"):
         trial.tensor(loss_name(trial)).plot(x="epoch")  # type: ignore[arg-type]
     assert Mode.TRAIN in trial.modes()
+
+
+def test_a_tensor_two_workers_saved_is_a_line_per_worker(tmp_path: Path) -> None:
+    """Two ranks of a PyTorch training, rank 0 stopping after 2 steps: each rank's loss is a line of its own.
+    Before, one line took each step from the first worker that saved it: rank 0's two losses, then rank 1's."""
+    torch = pytest.importorskip("torch")
+    import tensortap.torch as ttt
+
+    losses: dict[str, list[float]] = {}
+    for rank, steps in ((0, 2), (1, 4)):
+        torch.manual_seed(rank)
+        model, loss_fn = torch.nn.Linear(3, 1), torch.nn.MSELoss()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        x, y = torch.randn(8, 3) * (rank + 1), torch.randn(8, 1)
+        with ttt.capture(model, tmp_path, optimizer=opt, loss=loss_fn, rank=rank, save_config=tensortap.SaveConfig(1)):
+            for _ in range(steps):
+                opt.zero_grad()
+                loss = loss_fn(model(x), y)
+                loss.backward()
+                opt.step()
+                losses.setdefault(f"worker_{rank}", []).append(loss.item())
+    ax = tensortap.create_trial(tmp_path).plot("losses/MSELoss")
+    lines = {line.get_label(): list(line.get_ydata()) for line in ax.get_lines()}
+    assert list(lines) == ["losses/MSELoss [worker_0]", "losses/MSELoss [worker_1]"]
+    for worker, values in losses.items():
+        np.testing.assert_allclose(lines[f"losses/MSELoss [{worker}]"], values, rtol=1e-6)
