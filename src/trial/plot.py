@@ -17,7 +17,7 @@ import numpy as np
 from ..modes import Mode, step_label
 from ..reductions import split_key
 from .progress import progress
-from .views import printable
+from .views import printable, tensor_workers
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -67,11 +67,6 @@ def series(
         return dict(tensor.to_series(None, mode=mode, worker=worker).items())
     key, absolute = split_key(reduction or "mean")
     return tensor.reduction_values(key, absolute, mode, worker)
-
-
-def tensor_workers(tensor: Tensor) -> list[str]:
-    """The workers that saved ``tensor`` at any step, sorted."""
-    return sorted({w for workers in tensor._info.locations.values() for w in workers})
 
 
 def _why_no_line(tensor: Tensor, reduction: str | None, mode: Mode | str | None) -> str:

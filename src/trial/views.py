@@ -207,23 +207,31 @@ def sparkline(values: list[float], width: int = 160, height: int = 32) -> str:
     )
 
 
+def tensor_workers(tensor: Tensor) -> list[str]:
+    """The workers that saved ``tensor`` at any step, sorted."""
+    return sorted({w for workers in tensor._info.locations.values() for w in workers})
+
+
 def default_series(tensor: Tensor) -> tuple[str, dict[int, float]]:
     """The series a tensor is summarised by: its value if scalar, else a saved reduction or the mean; of its
-    TRAIN steps where it has some (an eval loss between them would read as spikes), labelled so."""
+    TRAIN steps where it has some (an eval loss between them would read as spikes), labelled so; of its
+    first worker where several saved it (labelled so: one series never joins two workers' values)."""
     info = tensor.summary()
+    workers = tensor_workers(tensor)
+    worker = workers[0] if len(workers) > 1 else None
     shape = info["shape"]
     train = tensor.steps(Mode.TRAIN)
     mode = Mode.TRAIN if train and len(train) < len(tensor.steps()) else None
-    suffix = " (train)" if mode else ""
+    suffix = (" (train)" if mode else "") + (f" [{worker}]" if worker else "")
     if shape is not None and int(np.prod(shape)) == 1:
-        return f"value{suffix}", dict(tensor.to_series(None, mode).items())
+        return f"value{suffix}", dict(tensor.to_series(None, mode, worker).items())
     if shape is None:
         saved = sorted({k for w in tensor._info.locations.values() for loc in w.values() for k in loc.reductions})
         key = next((k for k in ("mean", "abs_mean", "l2", "max") if k in saved), saved[0] if saved else "mean")
     else:
         key = "mean"
     name, absolute = (key[4:], True) if key.startswith("abs_") else (key, False)
-    return f"{key}{suffix}", tensor.reduction_values(name, absolute, mode)
+    return f"{key}{suffix}", tensor.reduction_values(name, absolute, mode, worker)
 
 
 def tensor_html(tensor: Tensor) -> str:

@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import tensortap  # noqa: E402
 from tensortap import Mode, ReductionConfig, TensorUnavailableForStep  # noqa: E402
 from tensortap.capture import Writer  # noqa: E402
+from tensortap.trial.views import default_series  # noqa: E402
 
 from .conftest import BINS, EVAL_EVERY, TRAIN_STEPS, Run  # noqa: E402
 
@@ -412,9 +413,10 @@ def test_mode_lines_reject_an_unknown_axis(run: Run) -> None:
     assert Mode.TRAIN in trial.modes()
 
 
-def test_a_tensor_two_workers_saved_is_a_line_per_worker(tmp_path: Path) -> None:
-    """Two ranks of a PyTorch training, rank 0 stopping after 2 steps: each rank's loss is a line of its own.
-    Before, one line took each step from the first worker that saved it: rank 0's two losses, then rank 1's."""
+def test_a_tensor_two_workers_saved_is_drawn_per_worker_never_joined(tmp_path: Path) -> None:
+    """Two ranks of a PyTorch training, rank 0 stopping after 2 steps: each rank's loss is a line of its own, and
+    the sparkline of the tensor's repr is the first rank's. Before, both took each step from the first worker
+    that saved it: rank 0's two losses, then rank 1's."""
     torch = pytest.importorskip("torch")
     import tensortap.torch as ttt
 
@@ -431,8 +433,12 @@ def test_a_tensor_two_workers_saved_is_a_line_per_worker(tmp_path: Path) -> None
                 loss.backward()
                 opt.step()
                 losses.setdefault(f"worker_{rank}", []).append(loss.item())
-    ax = tensortap.create_trial(tmp_path).plot("losses/MSELoss")
+    trial = tensortap.create_trial(tmp_path)
+    ax = trial.plot("losses/MSELoss")
     lines = {line.get_label(): list(line.get_ydata()) for line in ax.get_lines()}
     assert list(lines) == ["losses/MSELoss [worker_0]", "losses/MSELoss [worker_1]"]
     for worker, values in losses.items():
         np.testing.assert_allclose(lines[f"losses/MSELoss [{worker}]"], values, rtol=1e-6)
+    label, spark = default_series(trial.tensor("losses/MSELoss"))
+    assert label == "value [worker_0]"
+    np.testing.assert_allclose(list(spark.values()), losses["worker_0"], rtol=1e-6)
