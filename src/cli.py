@@ -41,7 +41,7 @@ from .exceptions import (
     UnknownName,
     UsageError,
 )
-from .modes import Mode
+from .modes import Mode, step_word
 from .trial import Trial, create_trial
 from .trial.check import find_problems
 from .trial.views import RUNNING, killed_note, killed_workers, printable
@@ -441,7 +441,7 @@ def _show_steps(tensor: Any, mode: Mode | None, worker: str | None) -> list[int]
         steps = [s for s in steps if worker in tensor.workers(s, mode)]
     if steps:
         return steps
-    where = f"no {mode.name.lower()} step" if mode else "no step"
+    where = f"no {step_word(mode)}"
     if worker is not None:
         where += f" saved by worker {worker!r} (workers: {', '.join(tensor.trial.workers())})"
     saved = [f"{m.name.lower()} steps {_steps_summary(s)}" for m in Mode if (s := tensor.steps(m))]

@@ -40,9 +40,14 @@ class Mode(enum.IntEnum):
         raise ValueError(f"mode: {value!r} is not a mode; valid: {', '.join(m.name for m in cls)}")
 
 
+def step_word(mode: Mode | str | int | None = None) -> str:
+    """How messages and axes name a step of ``mode``: ``"step"`` (a global step), or ``"eval step"``."""
+    return "step" if mode is None else f"{Mode.parse(mode).name.lower()} step"
+
+
 def step_label(step: int, mode: Mode | str | int | None = None) -> str:
     """How messages name a step: ``"step 3"`` (a global step), or ``"eval step 3"`` (a step of ``mode``)."""
-    return f"step {step}" if mode is None else f"{Mode.parse(mode).name.lower()} step {step}"
+    return f"{step_word(mode)} {step}"
 
 
 class StepState(enum.Enum):

@@ -24,8 +24,8 @@ def _labels(trials: Sequence[Trial]) -> list[str]:
     return short if len(set(short)) == len(short) else [t.path for t in trials]
 
 
-def check_names(trials: Sequence[Trial], names: Sequence[str], labels: Sequence[str] | None = None) -> set[str]:
-    """The tensor names saved in any of ``trials``.
+def check_names(trials: Sequence[Trial], names: Sequence[str], labels: Sequence[str] | None = None) -> None:
+    """Check that each of ``names`` is saved in one of ``trials`` at least.
 
     Raises
     ------
@@ -38,7 +38,6 @@ def check_names(trials: Sequence[Trial], names: Sequence[str], labels: Sequence[
     if unknown:
         where = ", ".join(labels if labels is not None else [trial.path for trial in trials])
         raise TensorUnavailable(f"no tensor named {unknown[0]!r} in {where}{suggest(unknown[0], known)}")
-    return known
 
 
 class Comparison:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from ..modes import Mode, step_label
+from ..modes import Mode, step_label, step_word
 from ..reductions import split_key
 from .progress import progress
 from .views import printable, tensor_workers
@@ -73,8 +73,7 @@ def _why_no_line(tensor: Tensor, reduction: str | None, mode: Mode | str | None)
     """``"; 'g' has no 'mean' ..."``: why :func:`series` of ``tensor`` is empty, where it can tell."""
     steps = tensor.steps(mode)
     if not steps:
-        where = f"{Mode.parse(mode).name.lower()} step" if mode is not None else "step"
-        return f"; {tensor.name!r} has no {where}"
+        return f"; {tensor.name!r} has no {step_word(mode)}"
     key = reduction or "mean"
     saved = tensor.available_reductions(steps[-1], mode)
     if tensor.has_raw(steps[-1], mode) or key in saved:
@@ -203,7 +202,7 @@ def plot_tensors(
     what = "value" if scalar_only else reduction or "value (scalars) / mean"
     one = _text(names[0])
     ylabel = f"{one} ({what})" if len(names) == 1 and not scalar_only else one if len(names) == 1 else what
-    xlabel = X_LABELS[x] if x != "step" or mode is None else f"{Mode.parse(mode).name.lower()} step"
+    xlabel = X_LABELS[x] if x != "step" or mode is None else step_word(mode)
     ax.set(xlabel=xlabel, ylabel=ylabel)
     if logy:
         ax.set_yscale("log")

@@ -36,7 +36,7 @@ from ..exceptions import (
     UnknownName,
     suggest,
 )
-from ..modes import Mode, StepState, step_label
+from ..modes import Mode, StepState, step_label, step_word
 from .index import READS_AT_ONCE, Location, TensorInfo, TrialIndex, in_background
 
 if TYPE_CHECKING:
@@ -892,7 +892,7 @@ class Tensor:
             name, absolute = red.split_key(reduction)
             data = self.reduction_values(name, absolute, mode, worker)
         m = None if mode is None else Mode.parse(mode)
-        index = pd.Index(list(data), dtype="int64", name="step" if m is None else f"{m.name.lower()} step")
+        index = pd.Index(list(data), dtype="int64", name=step_word(m))
         return pd.Series(list(data.values()), index=index, dtype="float64", name=self.name)
 
     def histogram_value(
