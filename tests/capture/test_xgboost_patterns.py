@@ -284,6 +284,42 @@ def test_learning_rate_scheduler_rates_land_on_the_rounds_they_train(tmp_path: P
     np.testing.assert_array_equal(rebuilt.predict(dval), booster.predict(dval))
 
 
+class _SetDepth(xgb.callback.TrainingCallback):
+    """One's own callback changing a parameter: ``max_depth`` becomes ``depth`` at round ``at``."""
+
+    def __init__(self, at: int, depth: int, before: bool) -> None:
+        super().__init__()
+        self.at, self.depth, self.before = at, depth, before
+
+    def before_iteration(self, model: Any, epoch: int, evals_log: Any) -> bool:
+        if self.before and epoch == self.at:
+            model.set_param({"max_depth": self.depth})
+        return False
+
+    def after_iteration(self, model: Any, epoch: int, evals_log: Any) -> bool:
+        if not self.before and epoch == self.at - 1:
+            model.set_param("max_depth", str(self.depth))
+        return False
+
+
+@pytest.mark.parametrize("before", [True, False], ids=["set-before-the-round", "set-after-the-round-before"])
+def test_a_parameter_ones_own_callback_sets_lands_on_the_round_it_trains(tmp_path: Path, before: bool) -> None:
+    dtrain, dval = _split()
+    original = xgb.Booster.set_param
+    callbacks = [_SetDepth(2, 1, before), ttx.Callback(tmp_path, include_collections=["hyperparameters"])]
+    booster = xgb.train(PARAMS, dtrain, 4, callbacks=callbacks, verbose_eval=False)
+    trial = tensortap.create_trial(tmp_path)
+    depth = trial.tensor("hyperparameters/max_depth")
+    assert {s: float(v) for s, v in depth.values().items()} == {0: 3.0, 2: 1.0}
+    assert trial.tensor("hyperparameters/eta").steps() == [0]
+    # the same model, trained with the depth the trial holds for each round
+    rebuilt = xgb.train(PARAMS, dtrain, 2)
+    rebuilt = xgb.train({**PARAMS, "max_depth": 1}, dtrain, 2, xgb_model=rebuilt)
+    np.testing.assert_array_equal(rebuilt.predict(dval), booster.predict(dval))
+    # the watch of set_param ends with the training
+    assert xgb.Booster.set_param is original
+
+
 # ----------------------------------------------------------- early stopping
 @pytest.mark.parametrize("save_best", [False, True])
 def test_a_callback_after_early_stopping_records_the_last_round(

@@ -20,9 +20,6 @@ from . import model as mdl
 from .evals import EvalData, EvalsLog, offer_evals, running_train, shared_names, training_sets
 from .hook import Hook
 
-# XGBoost's callbacks that never change the booster's parameters; any other may (LearningRateScheduler does)
-_KEEP_PARAMETERS = (xgb.callback.EarlyStopping, xgb.callback.EvaluationMonitor, xgb.callback.TrainingCheckPoint)
-
 
 class Callback(xgb.callback.TrainingCallback):
     """Capture every boosting round of ``xgb.train``, ``xgb.cv``, the sklearn estimators and ``xgboost.dask``.
@@ -88,6 +85,7 @@ class Callback(xgb.callback.TrainingCallback):
         self.hook: Hook | None = None
         self._run_id: str | None = None  # of this callback's last training: a training further continues it
         self._run_last = -1  # the last round saved in that run
+        self._watching = False  # whether this training is in mdl.PARAMETERS (its hyperparameters are captured)
         self._reset()
 
     def _reset(self) -> None:
@@ -100,7 +98,6 @@ class Callback(xgb.callback.TrainingCallback):
         self._replayed = -1  # rounds up to this one are in the trial already, from the training before
         self._logged = 0  # entries of the evaluation log when the last round was captured
         self._skipped: set[str] = set()
-        self._parameters_change = False  # whether another callback may change them between rounds
         self._hyperparameters: dict[str, str] = {}  # those of the round in progress
         self._saved_hyperparameters: dict[str, str] = {}  # those saved last in this training
 
@@ -116,13 +113,13 @@ class Callback(xgb.callback.TrainingCallback):
         return cls.from_json(path, **overrides) if path else None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "hook": None, "_eval": None, "_evals_log": None}
+        return {**self.__dict__, "hook": None, "_eval": None, "_evals_log": None, "_watching": False}
 
     # ------------------------------------------------------------ callbacks
     def before_training(self, model: Any) -> Any:
         """Open the hook in the training process, after the booster exists."""
         self._reset()
-        dtrain, evals, callbacks = running_train(sys._getframe(1))
+        dtrain, evals = running_train(sys._getframe(1))
         self._eval = EvalData.choose(evals, self.eval_name, self.shap_rows)
         self._training = training_sets(dtrain, evals)
         self._offset = model.num_boosted_rounds()
@@ -138,9 +135,9 @@ class Callback(xgb.callback.TrainingCallback):
             self._run_last = -1
         self.hook = hook = Hook(self.out_dir, hyperparameters=params, **kwargs)
         self._hyperparameters = params
-        self._parameters_change = any(
-            type(c) not in _KEEP_PARAMETERS and not isinstance(c, Callback) for c in callbacks
-        )
+        if booster is not None and "hyperparameters" in hook.included:
+            mdl.PARAMETERS.start()
+            self._watching = True
         self._run_id = hook.run_id
         if self.stop_poll_seconds is not None:
             hook.stop_poll_seconds = self.stop_poll_seconds
@@ -178,13 +175,12 @@ class Callback(xgb.callback.TrainingCallback):
     def before_iteration(self, model: Any, epoch: int, evals_log: EvalsLog) -> bool:
         """Keep XGBoost's evaluation log (the same object every round), for a round :meth:`after_iteration` misses.
 
-        With a callback that may change the parameters between rounds
+        Where a callback changed the parameters since the last round
         (``LearningRateScheduler`` sets ``learning_rate`` after each round), read
-        those this round trains with, whichever its place in ``callbacks=[...]``.
+        those this round trains with (:class:`~.model.ParameterWatch`).
         """
         self._evals_log = evals_log
-        hook = self.hook
-        if self._parameters_change and hook is not None and "hyperparameters" in hook.included:
+        if self._watching and mdl.PARAMETERS.changed(model):
             self._hyperparameters = mdl.booster_parameters(json.loads(model.save_config()))
         return False
 
@@ -202,12 +198,19 @@ class Callback(xgb.callback.TrainingCallback):
 
     def after_training(self, model: Any) -> Any:
         """Capture the last round if a callback before this one ended training, then close the hook."""
+        self._unwatch()
         if self.hook is not None:
             self._capture_missed_round(self.hook, model)
             self.hook.close()
         self._eval = None
         self._evals_log = None
         return model
+
+    def _unwatch(self) -> None:
+        """Stop watching this training's parameters, if they were watched."""
+        if self._watching:
+            self._watching = False
+            mdl.PARAMETERS.stop()
 
     # -------------------------------------------------------------- capture
     def _capture_missed_round(self, hook: Hook, model: Any) -> None:

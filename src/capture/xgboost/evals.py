@@ -47,22 +47,20 @@ def metric_collection(metric: str) -> str:
     return "losses" if metric.split("@")[0] in LOSS_METRICS else "metrics"
 
 
-def running_train(frame: FrameType | None) -> tuple[Any, list[tuple[Any, str]], list[Any]]:
-    """``(dtrain, evals, callbacks)`` of the ``xgboost.train`` call that is running, found on the stack.
+def running_train(frame: FrameType | None) -> tuple[Any, list[tuple[Any, str]]]:
+    """``(dtrain, evals)`` of the ``xgboost.train`` call that is running, found on the stack.
 
     XGBoost's callback API passes evaluation results to callbacks but not the
     DMatrix objects; every path (``xgb.train``, the sklearn estimators,
     ``xgboost.dask``) runs ``xgboost.train``, whose arguments hold them.
-    ``callbacks`` are all the callbacks of the training, the ``EarlyStopping``
-    and ``EvaluationMonitor`` that ``xgboost.train`` adds included.
-    ``(None, [], [])`` outside ``xgboost.train`` (``xgb.cv``).
+    ``(None, [])`` outside ``xgboost.train`` (``xgb.cv``).
     """
     while frame is not None:
         if frame.f_code is _TRAIN_CODE:
             local = frame.f_locals
-            return local.get("dtrain"), list(local.get("evals") or []), list(local.get("callbacks") or [])
+            return local.get("dtrain"), list(local.get("evals") or [])
         frame = frame.f_back
-    return None, [], []
+    return None, []
 
 
 def shared_names(evals: Sequence[tuple[Any, str]]) -> list[str]:
