@@ -210,6 +210,41 @@ def test_an_accelerate_prepared_optimizer_is_unwrapped(tmp_path: Path) -> None:
         np.testing.assert_array_equal(_value(trial, "gradients/0.weight", s), g.numpy())
 
 
+def test_a_lightning_fabric_module_is_named_as_the_module_inside(tmp_path: Path) -> None:
+    """``fabric.setup`` hands out a ``_FabricModule`` holding the model as ``_forward_module``: every name
+    was prefixed ``_forward_module.`` and the model's own output was ``outputs/_FabricModule``."""
+    fabric_module = pytest.importorskip("lightning.fabric")
+    fabric = fabric_module.Fabric(accelerator="cpu", devices=1)
+    plain_model = _mlp()
+    model, opt = fabric.setup(plain_model, torch.optim.SGD(plain_model.parameters(), lr=0.1))
+    assert type(model).__name__ == "_FabricModule"
+    hook = ttt.capture(
+        model, tmp_path, optimizer=opt, save_config=EVERY_STEP,
+        include_collections=["weights", "gradients", "losses", "outputs"],
+    )  # fmt: skip
+    gen = torch.Generator().manual_seed(5)
+    seen = []
+    for _ in range(3):
+        x, y = _batch(gen)
+        opt.zero_grad()
+        out = model(x)
+        loss = F.cross_entropy(out, y)
+        fabric.backward(loss)
+        fabric.clip_gradients(model, opt, max_norm=0.1)
+        seen.append((out.detach().clone(), loss.item(), model.module[0].weight.grad.detach().clone()))
+        opt.step()
+    hook.close()
+    trial = _trial(tmp_path)
+    plain = {name for name, _ in plain_model.named_parameters()}
+    assert set(trial.tensor_names(collection="weights")) == {n for n in plain if n.endswith("weight")}
+    assert set(trial.tensor_names(collection="gradients")) == {f"gradients/{n}" for n in plain}
+    assert "outputs/Sequential" in trial.tensor_names(collection="outputs")
+    for s, (out, loss, grad) in enumerate(seen):
+        np.testing.assert_array_equal(_value(trial, "outputs/Sequential", s), out.numpy())
+        assert float(_value(trial, "losses/loss", s)) == loss
+        np.testing.assert_array_equal(_value(trial, "gradients/0.weight", s), grad.numpy())  # clipped
+
+
 class Lookahead(torch.optim.Optimizer):
     """An optimizer wrapper as timm's ``Lookahead`` was written: an ``Optimizer`` that skips
     ``Optimizer.__init__`` (so it has no step hooks) and keeps the wrapped optimizer under its own name."""

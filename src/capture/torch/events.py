@@ -85,9 +85,11 @@ def _in_backward() -> bool:
 
 
 def unwrap(module: nn.Module) -> nn.Module:
-    """The user's module inside torch.compile / DistributedDataParallel / DataParallel wrappers."""
+    """The user's module inside torch.compile / DistributedDataParallel / DataParallel / Lightning Fabric wrappers."""
     while True:
-        inner = getattr(module, "_orig_mod", None)  # torch.compile's OptimizedModule
+        # torch.compile's OptimizedModule; Fabric's _FabricModule (fabric.setup), whose _forward_module may
+        # be the module inside a strategy's wrapper (DDP)
+        inner = getattr(module, "_orig_mod", getattr(module, "_original_module", None))
         if isinstance(inner, nn.Module):
             module = inner
         elif isinstance(module, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
