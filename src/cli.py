@@ -515,7 +515,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         print_json({"path": args.path, "ok": not problems, "problems": problems, "unended_workers": unended})
         return EXIT_FOUND if problems else EXIT_OK
     for p in problems:
-        print(printable(p))
+        print(printable(p, message=True))
     if unended:
         print(
             f"note: {printable(', '.join(unended))} wrote no end marker: the training is still running, or it "
@@ -596,7 +596,7 @@ def build_parser() -> argparse.ArgumentParser:
 # ------------------------------------------------------------------- main
 class _Formatter(logging.Formatter):
     def formatMessage(self, record: logging.LogRecord) -> str:
-        text = printable(super().formatMessage(record))  # names of a stranger's trial in warnings
+        text = printable(super().formatMessage(record), message=True)  # names of a stranger's trial in warnings
         return text if text.startswith("tensortap") else f"tensortap: {text}"
 
 
@@ -657,7 +657,7 @@ def parser_commands(parser: argparse.ArgumentParser) -> list[str]:
 
 def _fail(args: argparse.Namespace, exc: BaseException, message: str, kind: str | None = None) -> int:
     """Report an error (one line on stderr; with ``--json`` also :func:`error_json` on stdout); exit 2."""
-    print(f"tensortap {args.command}: {printable(message)}", file=sys.stderr)
+    print(f"tensortap {args.command}: {printable(message, message=True)}", file=sys.stderr)
     if getattr(args, "json", False):
         if kind is None:
             kind = next((k for cls, k in ERROR_KINDS if isinstance(exc, cls)), "input")

@@ -133,7 +133,7 @@ def _list(as_json: bool) -> int:
 # ---------------------------------------------------------------- running
 def _usage(message: str) -> int:
     """Exit 2 after the output was printed (``--json``: its object is the one on stdout)."""
-    print(f"tensortap rules: {printable(message)}", file=sys.stderr)
+    print(f"tensortap rules: {printable(message, message=True)}", file=sys.stderr)
     return EXIT_USAGE
 
 
@@ -148,13 +148,13 @@ def _skipped(rule: Rule) -> str:
 def _rule_line(rule: Rule, verdicts: list[Verdict], saved: list[int], missing: list[str] | None, style: Style) -> str:
     if missing is not None:
         needs = "; ".join(m.removeprefix(f"{rule.name} ") for m in missing)
-        return f"{rule.name}: {style('found none of its inputs', 'yellow')}: it {printable(needs)}"
+        return f"{rule.name}: {style('found none of its inputs', 'yellow')}: it {printable(needs, message=True)}"
     if verdicts:
         steps = [v.step for v in verdicts]
         first = verdicts[0]
         return (
             f"{rule.name}: {style('fired', 'red')} at {step_ranges(steps, saved)} ({count(len(steps), 'step')}); "
-            f"at step {first.step}: {printable(first.reason)}{_skipped(rule)}"
+            f"at step {first.step}: {printable(first.reason, message=True)}{_skipped(rule)}"
         )
     where = (
         f"{count(rule.evaluated_steps, 'step')} up to step {rule.last_step}"
@@ -209,7 +209,9 @@ def run(args: argparse.Namespace) -> int:
         verdicts[rule].append(verdict)  # first: a Ctrl-C during the print below must not lose it
         if args.follow and not args.json and len(verdicts[rule]) == 1:
             print(
-                f"{rule.name} {style('fired', 'red')} at step {verdict.step}: {printable(verdict.reason)}", flush=True
+                f"{rule.name} {style('fired', 'red')} at step {verdict.step}: "
+                f"{printable(verdict.reason, message=True)}",
+                flush=True,
             )
 
     missing: dict[str, list[str]] = {}

@@ -43,11 +43,12 @@ def run(args: argparse.Namespace) -> int:
     print(
         printable(
             f"imported {summary.steps} steps, {len(summary.tensors)} tensors, "
-            f"workers {', '.join(summary.workers)} into {args.out_dir}"
+            f"workers {', '.join(summary.workers)} into {args.out_dir}",
+            message=True,
         )
     )
     for name, why in sorted(summary.skipped.items()):
-        print(printable(f"  skipped {name}: {why}"))
+        print(printable(f"  skipped {name}: {why}", message=True))
     return 0
 
 

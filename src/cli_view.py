@@ -33,7 +33,7 @@ def _wrote(args: argparse.Namespace, result: dict[str, Any], text: str) -> int:
     if args.json:
         print_json(result)
     else:
-        print(printable(text))
+        print(printable(text, message=True))
     return 0
 
 

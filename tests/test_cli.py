@@ -600,6 +600,25 @@ def test_control_characters_in_names_are_escaped_in_text_output(
     assert r"did you mean 'a\nb'" in err
 
 
+def test_a_name_holding_a_backslash_escape_reads_apart_from_the_control_character(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``printable`` escaped control characters and left backslashes as they were: a name holding the
+    four characters ``\\x1b`` printed as the name holding the escape character did, in one ``ls`` table.
+    Now a name's backslashes are escaped too (messages, which quote names with ``repr``, keep theirs)."""
+    from tensortap.cli import main
+
+    with Writer(tmp_path / "run") as w, w.stepping():
+        for name in ("\x1b[31m", "\\x1b[31m", "a\\b"):
+            w.save(name, np.zeros(2, dtype=np.float32), ["weights"])
+    assert main(["ls", str(tmp_path / "run")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split()[0] for line in lines[lines.index(next(x for x in lines if x.startswith("tensor "))) + 2 :]]
+    assert sorted(rows) == sorted([r"\x1b[31m", r"\\x1b[31m", r"a\\b"])  # three names, three texts
+    assert main(["show", str(tmp_path / "run"), "a\\c"]) == 2  # the suggestion's repr is not escaped twice
+    assert r"did you mean 'a\\b'" in capsys.readouterr().err
+
+
 def test_export_escapes_names_on_a_terminal_and_keeps_them_in_a_pipe(tmp_path: Path) -> None:
     """``export PATH`` wrote a stranger's names to the terminal raw (CSV quotes a newline, not an escape
     code); on a terminal they are escaped now, and a pipe still gets them as they are."""

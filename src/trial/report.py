@@ -67,7 +67,7 @@ def _png(draw: Callable[[Axes], Any], figsize: tuple[float, float] = (9, 4)) -> 
 
 
 def _note(text: str) -> str:
-    return f"<p class='note'>{html_text(text)}</p>"
+    return f"<p class='note'>{html_text(text, message=True)}</p>"
 
 
 def _section(title: str, draw: Callable[[], str]) -> str:
@@ -157,7 +157,7 @@ def _rules(trial: Trial, rules: Sequence[str]) -> str:
         try:
             built.append((spec, make_rule(spec, trial)))
         except (ValueError, TypeError) as exc:
-            rows.append((spec, "<span class='note'>not run</span>", html_text(str(exc))))
+            rows.append((spec, "<span class='note'>not run</span>", html_text(str(exc), message=True)))
     fired: dict[str, list[Any]] = {spec: [] for spec, _ in built}
     errors: dict[str, str] = {}
     for spec, rule in built:  # one runner per rule: one rule that cannot judge does not stop the others
@@ -171,9 +171,9 @@ def _rules(trial: Trial, rules: Sequence[str]) -> str:
         if verdicts:
             steps = ", ".join(str(v.step) for v in verdicts[:10]) + (" ..." if len(verdicts) > 10 else "")
             status = f"<span class='fired'>fired at {len(verdicts)} step(s): {steps}</span>"
-            reason = html_text(verdicts[0].reason)
+            reason = html_text(verdicts[0].reason, message=True)
         elif missing:
-            status, reason = "<span class='note'>could not judge</span>", html_text(missing)
+            status, reason = "<span class='note'>could not judge</span>", html_text(missing, message=True)
         else:
             status, reason = "<span class='ok'>did not fire</span>", f"evaluated up to step {rule.last_step}"
         rows.append((html_text(spec), status, reason))

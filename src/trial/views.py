@@ -23,33 +23,46 @@ if TYPE_CHECKING:
 
 #: Characters that act on a terminal rather than print: C0 controls (newline and tab too), DEL, C1
 #: controls, and the Unicode bidirectional overrides and isolates (text that reads in another order).
-CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+_CONTROLS = "\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069"
+CONTROL_CHARACTERS = re.compile(f"[{_CONTROLS}]")
+#: The same and the backslash: what :func:`printable` escapes in a name, so that its escapes read one way.
+ESCAPED_IN_NAMES = re.compile(f"[\\\\{_CONTROLS}]")
 
 
-def printable(text: str) -> str:
-    """``text`` with every control character escaped as Python writes it (``\\x1b``, ``\\n``, ``\\u202e``).
+def printable(text: str, message: bool = False) -> str:
+    """``text`` with every control character escaped as Python writes it (``\\x1b``, ``\\n``, ``\\u202e``),
+    and its backslashes too (``\\\\``) unless it is a ``message``.
 
     Text output passes every string that comes from a trial (tensor, collection, worker and file
     names, rule reasons, a stranger's folder names) through this, so that a name cannot move the
     cursor, retitle the terminal, colour what follows or add a line that reads as a table row.
+    A backslash is escaped too, so that a name holding the four characters ``\\x1b`` (written
+    ``\\\\x1b``) never reads as one holding the escape character (written ``\\x1b``).
     ``--json`` output is escaped by JSON itself.
 
     Parameters
     ----------
     text
         Any string.
+    message
+        ``text`` is a message (an error, a warning, a line of ``check``) rather than a name: its
+        backslashes are kept, since the names a message quotes are quoted with ``repr`` (escaped
+        already: escaping them again would double their backslashes); control characters are
+        escaped all the same.
 
     Returns
     -------
     str
-        ``text`` itself when it has no control character.
+        ``text`` itself when it has nothing to escape.
     """
-    return CONTROL_CHARACTERS.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+    pattern = CONTROL_CHARACTERS if message else ESCAPED_IN_NAMES
+    return pattern.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
 
 
-def html_text(text: str) -> str:
-    """``text`` for HTML: its control characters escaped as :func:`printable` writes them, then HTML-escaped."""
-    return escape(printable(text))
+def html_text(text: str, message: bool = False) -> str:
+    """``text`` for HTML: escaped as :func:`printable` writes it (a ``message`` keeps its backslashes), then
+    HTML-escaped."""
+    return escape(printable(text, message))
 
 
 MAX_ROWS = 200  # tensors listed in a trial's HTML table
@@ -109,7 +122,7 @@ def failure_notes(trial: Trial) -> list[str]:
         if reason in FAILED_REASONS:
             error = str(end.get("error") or "")
             shown = error if len(error) <= MAX_ERROR_TEXT else error[:MAX_ERROR_TEXT] + "..."
-            text = f": {printable(shown)}" if error else ""
+            text = f": {printable(shown, message=True)}" if error else ""
             notes.append(f"{printable(name)} ended with reason {reason!r}{text}")
     return notes
 
