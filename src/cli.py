@@ -387,9 +387,10 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------- show
 def array_summary(value: np.ndarray) -> dict[str, Any]:
-    """Shape, dtype, min, mean and max of the finite elements, and the NaN and infinite counts."""
+    """Dtype, shape and size; for a numeric dtype also min, mean and max of the finite elements (None where
+    there are none) and the NaN and infinite counts."""
     data = np.asarray(value)
-    out: dict[str, Any] = {"dtype": str(data.dtype), "shape": list(data.shape)}
+    out: dict[str, Any] = {"dtype": str(data.dtype), "shape": list(data.shape), "size": int(data.size)}
     if data.dtype.kind in "biuf":
         as_float = data.astype(np.float64, copy=False)
         finite = as_float[np.isfinite(as_float)]
@@ -399,6 +400,23 @@ def array_summary(value: np.ndarray) -> dict[str, Any]:
         out["nan_count"] = int(np.isnan(as_float).sum())
         out["inf_count"] = int(np.isinf(as_float).sum())
     return out
+
+
+def summary_text(summary: dict[str, Any]) -> str:
+    """One line of :func:`array_summary`: ``float32 (5,) min -10 mean 6.667 max 25 nan 1 inf 1``; an array
+    without elements says ``no values``, one of NaNs alone ``all NaN (4 values)``, one without a finite
+    element otherwise ``no finite value: nan 1 inf 2``."""
+    head = f"{summary['dtype']} {tuple(summary['shape'])}"
+    counts = f"nan {summary['nan_count']} inf {summary['inf_count']}" if "nan_count" in summary else ""
+    if summary["size"] == 0:
+        return f"{head} no values"
+    if "min" not in summary:
+        return head  # not a real number (complex, bytes): no min, mean or max
+    if summary["min"] is None:
+        if summary["nan_count"] == summary["size"]:
+            return f"{head} all NaN ({count(summary['size'], 'value')})"
+        return f"{head} no finite value: {counts}"
+    return f"{head} " + " ".join(f"{k} {fmt(summary[k])}" for k in ("min", "mean", "max")) + f" {counts}"
 
 
 def _show_entry(tensor: Any, step: int, mode: Mode | None, args: argparse.Namespace) -> tuple[dict[str, Any], str]:
@@ -413,11 +431,7 @@ def _show_entry(tensor: Any, step: int, mode: Mode | None, args: argparse.Namesp
         entry["value"] = value.reshape(()).item()
         return entry, fmt(entry["value"], 6)
     entry.update(array_summary(value))
-    text = " ".join(
-        [f"{entry['dtype']} {tuple(value.shape)}"]
-        + [f"{k} {fmt(entry[k])}" for k in ("min", "mean", "max") if k in entry]
-        + [f"{k.split('_')[0]} {entry[k]}" for k in ("nan_count", "inf_count") if k in entry]
-    )
+    text = summary_text(entry)
     if args.full:
         entry["value"] = value
         with np.printoptions(threshold=sys.maxsize, linewidth=120):

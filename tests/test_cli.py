@@ -148,6 +148,40 @@ def test_show_json_has_no_nan_literals(trial_dir: Path) -> None:
     assert [(e["step"], e["value"]) for e in data["steps"]] == [(0, 1.0), (2, 1 / 3), (4, 0.2)]
 
 
+def test_show_says_what_an_array_without_finite_values_holds(tmp_path: Path) -> None:
+    """``show`` printed ``min None mean None max None`` for an array without elements and for one of NaNs
+    alone: now it says ``no values`` (beside the shape), ``all NaN`` with the count, or the NaN and
+    infinite counts where no element is finite; ``--json`` gives ``size`` and ``null`` min, mean, max."""
+    with Writer(tmp_path / "run") as w, w.stepping():
+        w.save("empty", np.zeros((0,), dtype=np.float32), ["outputs"])
+        w.save("empty2d", np.zeros((3, 0), dtype=np.float32), ["outputs"])
+        w.save("nans", np.full(4, np.nan, dtype=np.float32), ["outputs"])
+        w.save("nonfinite", np.array([np.nan, np.inf, -np.inf], dtype=np.float32), ["outputs"])
+        w.save("some", np.array([1.0, np.nan, 3.0, np.inf], dtype=np.float32), ["outputs"])
+    run = str(tmp_path / "run")
+    shown = {
+        "empty": "float32 (0,) no values",
+        "empty2d": "float32 (3, 0) no values",
+        "nans": "float32 (4,) all NaN (4 values)",
+        "nonfinite": "float32 (3,) no finite value: nan 1 inf 2",
+        "some": "float32 (4,) min 1 mean 2 max 3 nan 1 inf 1",
+    }
+    for name, text in shown.items():
+        result = cli("show", run, name)
+        assert (result.returncode, result.stdout) == (0, f"step 0: {text}\n"), (name, result.stderr)
+    summaries = {
+        "empty": ([0], 0, None, 0, 0),
+        "empty2d": ([3, 0], 0, None, 0, 0),
+        "nans": ([4], 4, None, 4, 0),
+        "nonfinite": ([3], 3, None, 1, 2),
+        "some": ([4], 4, 1.0, 1, 1),
+    }
+    for name, (shape, size, low, nans, infs) in summaries.items():
+        (entry,) = strict_json(cli("show", run, name, "--json").stdout)["steps"]
+        got = (entry["shape"], entry["size"], entry["min"], entry["nan_count"], entry["inf_count"])
+        assert got == (shape, size, low, nans, infs), name
+
+
 # --------------------------------------------------------------------- check
 def test_an_error_raised_by_a_ctrl_c_is_an_interruption(capsys: pytest.CaptureFixture[str]) -> None:
     """A Ctrl-C that lands in a lock's ``with`` block of the standard library (``Condition.wait``) comes out
