@@ -337,9 +337,17 @@ def cmd_ls(args: argparse.Namespace) -> int:
     try:
         trial = open_trial(args)
     except TrialNotFound as exc:
-        if exc.trials_below:
-            return _ls_parent(args, exc.trials_below)
-        raise
+        if not exc.trials_below:
+            raise
+        given = [f"--{option}" for option in ("collection", "regex") if getattr(args, option) is not None]
+        if given:  # the listing of a folder has no tensors to select
+            raise UsageError(
+                f"{' and '.join(given)} {'select' if len(given) > 1 else 'selects'} tensors of one trial; "
+                f"{args.path} is a folder of "
+                f"{count(len(exc.trials_below), 'trial')}: give one of them, e.g. "
+                f"{args.path.rstrip('/')}/{exc.trials_below[0]}"
+            ) from None
+        return _ls_parent(args, exc.trials_below)
     names = trial.tensor_names(collection=args.collection, regex=args.regex)
     if args.json:
         print_json(

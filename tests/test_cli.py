@@ -110,6 +110,36 @@ def test_ls_of_a_folder_of_trials_lists_them(tmp_path: Path) -> None:
         live.close()
 
 
+def test_ls_of_a_folder_of_trials_refuses_the_options_that_select_tensors(tmp_path: Path) -> None:
+    """``ls FOLDER --collection C`` (or ``--regex``) listed the trials and dropped the option silently, as if
+    no trial had a tensor outside it: now exit 2, naming the option and a trial to give instead. Every other
+    command refuses a folder of trials (exit 2, listing them); ``ls`` without these options lists them."""
+    write_run(tmp_path / "runs" / "first", n=2)
+    write_run(tmp_path / "runs" / "second", n=2)
+    runs = str(tmp_path / "runs")
+    err = user_error(cli("ls", runs, "--collection", "weights"))
+    assert err == (
+        f"tensortap ls: --collection selects tensors of one trial; {runs} is a folder of 2 trials: "
+        f"give one of them, e.g. {runs}/first\n"
+    )
+    assert "--regex selects tensors of one trial" in user_error(cli("ls", runs, "--regex", "fc1"))
+    result = cli("ls", runs, "--collection", "weights", "--regex", "fc1", "--json")
+    assert result.returncode == 2 and strict_json(result.stdout)["error"]["kind"] == "usage"
+    assert "--collection and --regex select tensors of one trial" in result.stderr
+    for command in (
+        ["show", runs, "fc1.weight"],
+        ["check", runs],
+        ["export", runs],
+        ["rules", runs, "--rule", "all_zero"],
+        ["report", runs, "-o", str(tmp_path / "report.html")],
+        ["plot", runs, "fc1.weight", "-o", str(tmp_path / "plot.png")],
+    ):
+        assert "it is a folder of trials, not a trial; trials found below it: first, second" in user_error(
+            cli(*command)
+        )
+    assert cli("ls", runs).returncode == 0
+
+
 # ---------------------------------------------------------------------- show
 def test_show_scalar_summary_full_and_reduction(trial_dir: Path) -> None:
     out = cli("show", str(trial_dir), "losses/loss", "--step", "2").stdout
