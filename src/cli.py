@@ -43,7 +43,7 @@ from .exceptions import (
 )
 from .modes import Mode, step_word
 from .trial import Trial, create_trial
-from .trial.check import find_problems
+from .trial.check import storage_problems
 from .trial.views import RUNNING, killed_note, killed_workers, printable
 
 EXIT_OK, EXIT_FOUND, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_PIPE = 0, 1, 2, 130, 141
@@ -530,8 +530,8 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     """Report unreadable files; exit 1 when there are any. Say which workers have not ended (no end
     marker: still running, or stopped without one where no reader can tell), which do not make it fail."""
-    problems = find_problems(args.path, args.storage_options)
-    trial = open_trial(args)
+    trial = open_trial(args)  # once: the workers said unended are those of the storage checked
+    problems = storage_problems(trial.storage)
     unended = sorted(set(trial.workers()) - set(trial.end_reasons()))
     if args.json:
         print_json({"path": args.path, "ok": not problems, "problems": problems, "unended_workers": unended})

@@ -276,6 +276,33 @@ def test_check_clean_then_damaged(trial_dir: Path) -> None:
     assert data["ok"] is False and len(data["problems"]) == 2
 
 
+def test_check_opens_the_trial_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``check`` opened the trial twice: once to find its problems, once more (a second storage, listed and
+    its records read again) to say which workers had not ended, so that the two answers could come from two
+    states of a live trial. Now it checks the storage of the one trial it opens."""
+    import tensortap.trial.trial as trial_module
+    from tensortap.cli import main
+
+    live = write_run(tmp_path / "run", close=False)
+    opened: list[str] = []
+
+    def counted(path: Any, **options: Any) -> Any:
+        opened.append(str(path))
+        return get_storage(path, **options)
+
+    get_storage = trial_module.get_storage
+    monkeypatch.setattr(trial_module, "get_storage", counted)
+    try:
+        assert main(["check", str(tmp_path / "run"), "--json"]) == 0
+    finally:
+        live.close()
+    data = strict_json(capsys.readouterr().out)
+    assert data["ok"] is True and data["unended_workers"] == ["worker_0"]
+    assert opened == [str(tmp_path / "run")]
+
+
 # -------------------------------------------------------------- wrong paths
 @pytest.mark.parametrize(
     "command",

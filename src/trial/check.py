@@ -288,12 +288,8 @@ def find_problems(
         Trial directory or URL.
     options
         Storage options (fsspec) for URLs.
-    timeout
-        Seconds allowed to read one shard in full, in a child process.
-    show_progress
-        A progress bar over the shards (default: when standard error is a terminal).
-    processes
-        Child processes reading local shards at once (default: one per core).
+    timeout, show_progress, processes
+        As :func:`storage_problems` takes them.
 
     Raises
     ------
@@ -304,6 +300,29 @@ def find_problems(
     not_a_trial = trial_problem(storage)
     if not_a_trial is not None:
         raise not_a_trial
+    return storage_problems(storage, timeout, show_progress, processes)
+
+
+def storage_problems(
+    storage: Storage,
+    timeout: float = CHECK_SECONDS,
+    show_progress: bool | None = None,
+    processes: int | None = None,
+) -> list[str]:
+    """Every problem in the trial that ``storage`` holds, one line each, naming the file: ``check`` passes the
+    storage of the trial it opened (``trial.storage``), so that the trial is opened once.
+
+    Parameters
+    ----------
+    storage
+        The trial's storage.
+    timeout
+        Seconds allowed to read one shard in full, in a child process.
+    show_progress
+        A progress bar over the shards (default: when standard error is a terminal).
+    processes
+        Child processes reading local shards at once (default: one per core).
+    """
     problems: list[str] = []
     named: dict[str, tuple[str, dict[str, Any]]] = {}  # shard -> (index record key, record)
     claims = Claims()
