@@ -45,6 +45,7 @@ from ..capture import TensorOps, Writer
 from ..config import Collection, ReductionConfig
 from ..exceptions import TensortapError, TrialNotFound
 from ..modes import Mode
+from ..trial.trial import SEARCH_DEPTH, SEARCH_FOLDERS
 
 logger = logging.getLogger("tensortap")
 
@@ -432,6 +433,37 @@ def _event_files(fs: Any, root: str) -> dict[str, list[tuple[int, str]]]:
     return {w: sorted(files) for w, files in out.items()}
 
 
+def _folders(fs: Any, path: str) -> list[str]:
+    """The folders in ``path`` (full paths, as ``fs`` names them), symbolic links left out; none where it
+    cannot be listed."""
+    try:
+        entries = fs.ls(path, detail=True)
+    except (OSError, ValueError):
+        return []
+    return sorted(str(e["name"]).rstrip("/") for e in entries if e.get("type") == "directory" and not e.get("islink"))
+
+
+def _trials_below(fs: Any, root: str, depth: int = SEARCH_DEPTH) -> list[str]:
+    """Folders below ``root`` (up to ``depth`` levels) that hold an smdebug trial (an ``events/`` folder),
+    relative to it, sorted: where a user gave the folder that holds a trial rather than the trial. The
+    search does not go into trials, nor into more than ``SEARCH_FOLDERS`` folders."""
+    found: list[str] = []
+    level, visited = _folders(fs, root), 0
+    for _ in range(depth):
+        below: list[str] = []
+        for folder in level:
+            if visited >= SEARCH_FOLDERS:
+                return sorted(found)
+            visited += 1
+            inside = _folders(fs, folder)
+            if f"{folder}/events" in inside:
+                found.append(folder[len(root) :].lstrip("/"))
+            else:
+                below += inside
+        level = below
+    return sorted(found)
+
+
 def _ranks(workers: Sequence[str]) -> dict[str, int]:
     """``worker_<n>`` keeps rank n; other worker names get free ranks in sorted order (with a warning)."""
     ranks = {w: int(m.group(1)) for w in workers if (m := _WORKER.match(w))}
@@ -463,7 +495,8 @@ def import_smdebug(
     Raises
     ------
     TrialNotFound
-        ``trial`` holds no smdebug event files.
+        ``trial`` holds no smdebug event files (its message names the smdebug trials in the folders
+        below it, :func:`_trials_below`).
     SmdebugFormatError
         A file is not what smdebug writes (nothing is written for it; files before it are).
     ValueError
@@ -473,7 +506,11 @@ def import_smdebug(
     root = root.rstrip("/")
     files = _event_files(fs, root)
     if not files:
-        raise TrialNotFound(os.fspath(trial), "no smdebug event files there (events/<step>/*.tfevents)", kind="smdebug")
+        where = os.fspath(trial)
+        if not fs.exists(root):
+            raise TrialNotFound(where, "nothing exists there", kind="smdebug")
+        why = "no smdebug event files there (events/<step>/*.tfevents)"
+        raise TrialNotFound(where, why, _trials_below(fs, root), kind="smdebug")
     out_fs, out_root = fsspec.core.url_to_fs(os.fspath(out_dir), **dict(out_storage_options or {}))
     if out_fs.exists(out_root) and out_fs.ls(out_root):
         raise ValueError(f"{os.fspath(out_dir)}: already holds files; import into a new directory")

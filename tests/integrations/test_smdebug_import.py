@@ -88,8 +88,26 @@ def test_cli_imports_and_refuses_a_full_directory(tmp_path: Path, capsys: pytest
     assert "already holds files" in capsys.readouterr().err
     assert main(["import-smdebug", str(tmp_path / "missing"), str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
-    assert f"no smdebug trial at {tmp_path / 'missing'}: no smdebug event files there" in err
+    assert f"no smdebug trial at {tmp_path / 'missing'}: nothing exists there" in err
     assert "tensortap trial" not in err  # what is missing is an smdebug trial
+
+
+def test_cli_on_the_folder_above_smdebug_trials_names_them(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``import-smdebug`` given the folder that holds an smdebug trial (a job's output folder, its trial one
+    level down) said only "no smdebug event files there": now it names the trials in the folders below."""
+    parent = tmp_path / "jobs"
+    shutil.copytree(DATA / "trial", parent / "job1")
+    shutil.copytree(DATA / "trial", parent / "group" / "job2")
+    (parent / "notes").mkdir()
+    out = tmp_path / "out"
+    assert main(["import-smdebug", str(parent), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"tensortap import-smdebug: no smdebug trial at {parent}: no smdebug event files there "
+        "(events/<step>/*.tfevents); trials found below it: group/job2, job1\n"
+    )
+    assert not out.exists()
+    assert main(["import-smdebug", str(parent / "job1"), str(out)]) == 0  # the folder it named
 
 
 def record(payload: bytes) -> bytes:
