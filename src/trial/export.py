@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import math
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -15,7 +18,28 @@ from .progress import progress
 if TYPE_CHECKING:
     from .trial import Trial
 
+logger = logging.getLogger("tensortap")
+
 TABLE_SUFFIXES = (".csv", ".parquet")
+TENSORBOARDX_NAN_WARNING = ("tensorboardX.x2num", "NaN or Inf found in input tensor.")
+"""tensorboardX's logger and the warning it logs for every NaN or infinite value it writes, naming nothing."""
+
+
+@contextlib.contextmanager
+def _without_tensorboardx_nan_warning() -> Iterator[None]:
+    """Within, tensorboardX's :data:`TENSORBOARDX_NAN_WARNING` is dropped (its other messages pass):
+    :func:`export_tensorboard` warns once per tensor instead, naming it."""
+    name, message = TENSORBOARDX_NAN_WARNING
+
+    def keep(record: logging.LogRecord) -> bool:
+        return record.getMessage() != message
+
+    tb_logger = logging.getLogger(name)
+    tb_logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        tb_logger.removeFilter(keep)
 
 
 def export_table(
@@ -71,7 +95,9 @@ def export_tensorboard(
     raw tensors and histogram reductions become histograms. Each event has the
     step's global step and, from format 1.1 on, its wall time (older trials: the
     time of the export). A trial of several workers has one run per mode and
-    worker (``logdir/train/worker_1``), each with that worker's values.
+    worker (``logdir/train/worker_1``), each with that worker's values. A tensor whose scalars hold NaN
+    or infinite values (written as they are) is named in one warning that counts them (tensorboardX's own
+    warning, once per value and naming nothing, is left out).
 
     Parameters
     ----------
@@ -103,18 +129,24 @@ def export_tensorboard(
         return writers[mode, worker]
 
     counts = {"scalars": 0, "histograms": 0}
-    with trial.frozen():  # one view of the trial, and on remote storage no listing per tensor
+    # one view of the trial (on remote storage no listing per tensor); non-finite values: one warning per tensor
+    with trial.frozen(), _without_tensorboardx_nan_warning():
         try:
             for name in progress(trial.tensor_names(), desc="tensors", enable=show_progress):
                 tensor = trial.tensor(name)
-                for gstep, worker, key, value in tensor._rows(None):
-                    tag = name if key == "value" else f"{name}/{key}"
-                    writer(gstep, worker).add_scalar(tag, value, gstep, walltime=times.get(gstep))
-                    counts["scalars"] += 1
+                rows = [(g, w, name if k == "value" else f"{name}/{k}", v) for g, w, k, v in tensor._rows(None)]
                 if reductions:
-                    for gstep, worker, key, value in tensor._rows(reductions):
-                        writer(gstep, worker).add_scalar(f"{name}/{key}", value, gstep, walltime=times.get(gstep))
-                        counts["scalars"] += 1
+                    rows += [(g, w, f"{name}/{k}", v) for g, w, k, v in tensor._rows(reductions)]
+                for gstep, worker, tag, value in rows:
+                    writer(gstep, worker).add_scalar(tag, value, gstep, walltime=times.get(gstep))
+                counts["scalars"] += len(rows)
+                if nonfinite := sum(not math.isfinite(value) for *_, value in rows):
+                    logger.warning(
+                        "tensortap: %r: %d of its %d values written as TensorBoard scalars are NaN or infinite",
+                        name,
+                        nonfinite,
+                        len(rows),
+                    )
                 shape = tensor.summary()["shape"]
                 if shape is not None and int(np.prod(shape)) == 1:
                     continue  # a scalar: its curve is enough

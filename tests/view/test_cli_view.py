@@ -254,6 +254,49 @@ def test_export_tensorboard_of_two_workers_writes_each_workers_values(tmp_path: 
         assert [e.step for e in events.Histograms("weight")] == list(range(len(losses[rank])))
 
 
+def test_export_tensorboard_names_each_tensor_with_non_finite_values_once(tmp_path: Path) -> None:
+    """A diverging training: tensorboardX printed "NaN or Inf found in input tensor." once per value written,
+    naming no tensor. The export now warns once per tensor, naming it and counting its non-finite values,
+    and tensorboardX's own message is left out; the values are written as they are."""
+    pytest.importorskip("tensorboardX")
+    ea_mod = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    import torch
+    from torch import nn
+
+    import tensortap.torch as ttt
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=1e6)  # diverges: inf at step 2, NaN from step 3
+    loss_fn = nn.MSELoss()
+    hook = ttt.capture(
+        model, tmp_path / "run", loss=loss_fn, save_config=SaveConfig(save_interval=1), include_collections=["losses"]
+    )
+    gen = torch.Generator().manual_seed(1)
+    losses = []
+    for _ in range(8):
+        x, y = torch.randn(8, 4, generator=gen), torch.randn(8, 1, generator=gen)
+        opt.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    hook.close()
+    nonfinite = sum(not np.isfinite(v) for v in losses)
+    assert 0 < nonfinite < len(losses)
+    result = cli("export", "tensorboard", str(tmp_path / "run"), str(tmp_path / "tb"))
+    assert result.returncode == 0, result.stderr
+    assert "NaN or Inf found" not in result.stderr
+    (name,) = tensortap.create_trial(tmp_path / "run").tensor_names(collection="losses")
+    assert result.stderr == (
+        f"tensortap: {name!r}: {nonfinite} of its {len(losses)} values written as TensorBoard scalars "
+        "are NaN or infinite\n"
+    )
+    events = ea_mod.EventAccumulator(str(tmp_path / "tb" / "train"), size_guidance={"scalars": 0})
+    events.Reload()
+    np.testing.assert_array_equal([e.value for e in events.Scalars(name)], np.float32(losses))
+
+
 def test_plot_says_why_a_tensor_drew_no_line(run: Run, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The gradients of the run saved only their l2 norm (and histograms): ``plot RUN gradients/0.weight``
     (the mean by default) said "none of 'gradients/0.weight' has values", though it has a value at every
