@@ -117,10 +117,12 @@ class Callback(TrainerCallback):
     and closed at ``on_train_end``. An ``evaluate`` or ``predict`` outside
     ``train`` (alone, or after it) is written and closed at once, into the same
     run: its steps are numbered on from the ones before. A ``TRAIN`` step is written once the
-    logs that follow it are in: at the next step, or once an evaluation's first batch is done
-    (the Trainer logs before it evaluates), so an evaluation that raises does not lose it. Under
-    ``logging_strategy="epoch"``, the Trainer logs an epoch after an evaluation at its last step:
-    a step is written once the epoch's log or the next step comes, and an evaluation's steps after it.
+    logs that follow it are in: at the next step, or once an evaluation's first batch is done if
+    the step's log came (the Trainer logs before it evaluates), so an evaluation that raises does
+    not lose it. A step without its log yet may get it after an evaluation or prediction at it (the
+    log of an epoch, after an evaluation at its last step; a ``predict`` in a callback's
+    ``on_step_end``): it is written once its log, the epoch's end or the next step comes, and the
+    run's step after it (at exit, if the script dies first).
 
     Parameters
     ----------
@@ -147,9 +149,9 @@ class Callback(TrainerCallback):
         self._training = False  # between on_train_begin and on_train_end
         self._pending = False  # a TRAIN step ended; logs may still come for it, until an evaluation begins
         self._epoch_ended = False  # the pending step ended its epoch: the Trainer may log the epoch for it
-        # under logging_strategy="epoch", a step's log (its epoch's) comes after an evaluation at it (at the
-        # epoch's last step, or one an EarlyStoppingCallback ends training at): the runs and logs of that
-        # evaluation are kept here and written after the step
+        # a step's log may come after an evaluation or prediction at it (the epoch's log, after an evaluation at
+        # the epoch's last step; a predict in a callback's on_step_end): the runs and logs of those are kept
+        # here and written after the step (_holding)
         self._hold = False
         self._held: list[tuple[Mode, dict[str, Any]]] = []
         self._held_logs: list[dict[str, Any]] = []
@@ -237,7 +239,6 @@ class Callback(TrainerCallback):
         if agreed(hook.mode_step, self.stop_sync_steps, hook.stop_channel, hook.stop_poll_seconds, all_reduce_max()):
             logger.info("tensortap: stop requested (%s); stopping training", self.hook.stop_reason)
             control.should_training_stop = True
-        self._hold = self._pending and args.logging_strategy == "epoch"
 
     def on_log(
         self,
@@ -257,7 +258,7 @@ class Callback(TrainerCallback):
         self._open(args)
         model = kw.get("model")
         evaluating = model is not None and not model.training and not _is_training_log(logs)
-        if self._hold and evaluating and not self._epoch_ended:  # an evaluation before the epoch's log
+        if evaluating and not self._epoch_ended and self._holding():  # an evaluation before the step's log
             self._held_logs.append(dict(logs))
             return
         if (self._epoch_ended and not _is_training_log(logs)) or (self._pending and evaluating):
@@ -277,12 +278,12 @@ class Callback(TrainerCallback):
     def on_prediction_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
     ) -> None:
-        """An evaluation or prediction runs: the ``TRAIN`` step before it is complete, write it now.
+        """An evaluation or prediction runs: a pending ``TRAIN`` step that has its log is complete, write it now.
 
-        The Trainer logs a step before it evaluates: a pending step has its logs, and an evaluation
-        that raises (a bug in ``compute_metrics``, out of memory, a Ctrl-C) cannot lose it.
+        An evaluation that raises (a bug in ``compute_metrics``, out of memory, a Ctrl-C) cannot lose it then. A
+        step whose log may still come is not complete (:meth:`_holding`); the run's step is held for after it.
         """
-        if self._pending and not self._hold:
+        if self._pending and not self._holding():
             self._flush(kw.get("model"))
 
     def on_evaluate(
@@ -317,12 +318,13 @@ class Callback(TrainerCallback):
         """
         steps = self._open(args)
         metrics = dict(metrics or {})
-        logs = self._held_logs if self._hold else self._logs
+        hold = self._holding()
+        logs = self._held_logs if hold else self._logs
         for i in range(len(logs) - 1, -1, -1):
             if metrics and _holds(logs[i], metrics):
                 del logs[i]
                 break
-        if self._hold:  # written after the step, once the epoch's log is in it
+        if hold:  # written after the step, once its log is in it
             self._held.append((mode, metrics))
             return
         if steps.train_open:  # a run without a batch (on_prediction_step ends the step before it)
@@ -330,6 +332,20 @@ class Callback(TrainerCallback):
         steps.write_step(mode, metrics)
         if not self._training:
             self.close()
+
+    def _holding(self) -> bool:
+        """Whether an evaluation or prediction running now is held, to be written after the pending ``TRAIN`` step.
+
+        The Trainer logs a step at most once: right after it (before it evaluates), or, when the step ends its
+        epoch or the training and was not logged then, at the epoch's end, after an evaluation at it
+        (``logging_strategy="epoch"``, a callback's ``control.should_log`` in ``on_epoch_end``); a run that a
+        callback starts in ``on_step_end`` (``trainer.predict``) comes before the step's log. So a run at a
+        pending step without its training log is held (from its start to the step's end) while the step's
+        epoch goes on; once the epoch ended without a log, no log comes for the step.
+        """
+        if not self._hold and self._pending and not self._epoch_ended:
+            self._hold = not any(_is_training_log(logs) for logs in self._logs)
+        return self._hold
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
         self._training = False

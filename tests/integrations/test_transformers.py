@@ -575,6 +575,36 @@ def test_a_predict_in_a_callbacks_on_evaluate_leaves_the_evaluations_log_to_it(t
     assert trial.steps(mode=Mode.GLOBAL) == [0], "the summary of train() alone"
 
 
+def test_a_predict_in_a_callbacks_on_step_end_comes_after_the_step_and_its_log(tmp_path: Path) -> None:
+    """A callback predicts on a test set at the end of step 2, before the Trainer logs the step: the step was
+    written before its log came, which went into a ``GLOBAL`` step. The step has its log, and the ``PREDICT``
+    step comes after it."""
+    out = tmp_path / "trial"
+    predicted: list[dict[str, float]] = []
+
+    class PredictAtStep(transformers.TrainerCallback):  # type: ignore[misc]
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if state.global_step == 2:
+                predicted.append(trainer.predict(Rows(8, 2)).metrics)
+
+    trainer = transformers.Trainer(
+        model=tiny_bert(),
+        args=arguments(tmp_path, max_steps=3),
+        train_dataset=Rows(32, 0),
+        callbacks=[tth.Callback(out, save_config=EVERY_STEP), PredictAtStep()],
+    )
+    trainer.train()
+    trial = tensortap.create_trial(out)
+    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    got = trial.tensor("losses/loss").values(mode=Mode.TRAIN)
+    assert sorted(got) == [0, 1, 2]
+    np.testing.assert_allclose([got[s] for s in range(3)], logged)
+    assert trial.tensor("losses/loss").steps(mode=Mode.GLOBAL) == []
+    np.testing.assert_allclose(trial.tensor("losses/test_loss").value(0, mode=Mode.PREDICT), predicted[0]["test_loss"])
+    assert trial.global_step(1, Mode.TRAIN) < trial.global_step(0, Mode.PREDICT) < trial.global_step(2, Mode.TRAIN)
+    assert trial.steps(mode=Mode.GLOBAL) == [0], "the summary of train() alone"
+
+
 def test_bad_configuration_fails_at_construction(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="include_collections"):
         tth.Callback(tmp_path, include_collections=["nope"])
@@ -703,6 +733,12 @@ class LogAtEpochEnd(transformers.TrainerCallback):  # type: ignore[misc]
             {"logging_steps": 3, "num_train_epochs": 2, "eval_strategy": "epoch"}, 24, [], id="steps-log-at-epoch-end"
         ),
         pytest.param({"logging_steps": 2, "num_train_epochs": 2}, 24, [LogAtEpochEnd()], id="steps-and-a-callback"),
+        pytest.param(
+            {"logging_steps": 3, "num_train_epochs": 2, "eval_strategy": "steps", "eval_steps": 4},
+            32,
+            [LogAtEpochEnd()],
+            id="a-callback-after-an-evaluation-at-the-epochs-last-step",
+        ),
     ],
 )
 def test_a_log_at_an_epochs_end_is_saved_in_the_train_step_it_follows(
