@@ -680,7 +680,7 @@ class Hook:
     def save_scalar(self, name: str, value: Any, collections: Sequence[str] = ("metrics",)) -> None:
         """Save a scalar as ``<first collection>/<name>`` on the current step if it is saved."""
         colls = tuple(collections) or ("metrics",)
-        self.offer(f"{colls[0]}/{name}", np.asarray(value), colls, force=True)
+        self.save_tensor(f"{colls[0]}/{name}", np.array(value), colls)
 
     def end_step(self) -> None:
         """End the current step and hand its record to the writer."""

@@ -31,7 +31,10 @@ Interface
     session.offer_call(base, value, collections)  # one call of a module/layer: base, or base:<i>
                                                   # when called several times in the step
     session.offer_call(base, args, collections, keywords=kwargs)  # and its keyword arguments: base/<key>
-    session.mark() -> int; session.forget(start, stop)  # drop the calls offered between two marks
+    session.give(name, value, collections, held=...)  # a value the user gave (save_tensor): saved whatever
+                                                      # the collections; held, forget() may drop it
+    session.mark() -> int                             # a mark between what was offered before and after
+    session.forget(start, stop) -> bool               # drop the calls and held values offered between two marks
     session.guard(fn, *args)                      # run capture work; errors disable capture, never training
 
 Naming of nested values (:func:`flatten`, SPEC section 9): a single tensor, or
@@ -189,7 +192,10 @@ class Session:
         self._calls: dict[str, _Calls] = {}
         self._warned_calls: set[str] = set()
         self._warned_unnamed: set[str] = set()  # bases whose values held something flatten() skips
-        self._marks = 0  # calls offered so far (see mark())
+        # values given while held (give()): by name, (mark, snapshot, collections) of each kept
+        self._given: dict[str, list[tuple[int, Any, tuple[str, ...]]]] = {}
+        self._marks = 0  # calls and held values offered so far (see mark())
+        self._marked = 0  # the last mark handed out: what is offered after it shares its fate
 
     # ------------------------------------------------------------ collections
     def may_save(self, *collections: str) -> bool:
@@ -234,7 +240,7 @@ class Session:
                 self.guard(callback)
             self.guard(self._offer_held)
         self.is_open = self.pending = False
-        self._calls.clear()
+        self._clear()
         self.hook.end_step()
 
     def drop(self, why: BaseException | None, *, take_back: bool = False) -> None:
@@ -245,8 +251,13 @@ class Session:
         if not self.is_open:
             return
         self.is_open = self.pending = False
-        self._calls.clear()
+        self._clear()
         self.hook.drop_step(why, take_back=take_back)
+
+    def _clear(self) -> None:
+        """Forget what the step recorded or dropped held."""
+        self._calls.clear()
+        self._given.clear()
 
     def guard(self, fn: Callable[..., None], *args: Any) -> None:
         """Run capture work: an error of the capture path disables capture (raises if ``strict``), never training."""
@@ -302,20 +313,45 @@ class Session:
                 self.max_calls,
             )
 
+    def give(self, name: str, value: Any, collections: Sequence[str], *, held: bool) -> None:
+        """A value the user gave (``save_tensor``, ``save_scalar``), saved at the open step whatever the
+        collections; the last value of a name kept in the step wins.
+
+        ``held``: the step may yet forget what is offered now (:meth:`forget`; a value given after a
+        forward that no backward has used yet): the value is held (snapshotted) until the step is
+        recorded, and dropped with the calls around it if they are forgotten. Of the values of a name
+        given between two marks, only the last is held (they share their fate).
+        """
+        colls = tuple(collections)
+        if not held:
+            self._given.pop(name, None)  # given before it: this one is later
+            self.hook.offer(name, value, colls, force=True)
+            return
+        kept = self._given.setdefault(name, [])
+        if kept and kept[-1][0] >= self._marked:
+            kept.pop()
+        kept.append((self._marks, self.snapshot(value), colls))
+        self._marks += 1
+
     def mark(self) -> int:
-        """A mark between the calls offered before now and those offered after (for :meth:`forget`)."""
+        """A mark between what was offered before now and what is offered after (for :meth:`forget`)."""
+        self._marked = self._marks
         return self._marks
 
-    def forget(self, start: int, stop: int) -> None:
-        """Drop the calls offered from mark ``start`` to mark ``stop`` (:meth:`mark`) in the open step.
+    def forget(self, start: int, stop: int) -> bool:
+        """Drop the calls and held values offered from mark ``start`` to mark ``stop`` (:meth:`mark`) in the
+        open step; return whether anything was dropped.
 
         The calls kept are numbered again in their order (a module called in a forward that
         nothing trained on, then in the one trained on: ``base``, not ``base:1``). Kept calls that
         were not held, the forgotten ones having taken the :attr:`max_calls` held places, are not
         saved: one warning names them.
         """
+        dropped = False
         for base, calls in self._calls.items():
-            calls.marks = [m for m in calls.marks if not start <= m < stop]
+            kept = [m for m in calls.marks if not start <= m < stop]
+            dropped |= len(kept) < len(calls.marks)
+            calls.marks = kept
             calls.held = [call for call in calls.held if not start <= call[0] < stop]
             if calls.last is not None and start <= calls.last[0] < stop:
                 calls.last = None
@@ -330,6 +366,11 @@ class Session:
                     held + unheld - 1,
                     self.max_calls,
                 )
+        for name, values in self._given.items():
+            kept_values = [v for v in values if not start <= v[0] < stop]
+            dropped |= len(kept_values) < len(values)
+            self._given[name] = kept_values
+        return dropped
 
     def _warn_unnamed(self, base: str, value: Any) -> None:
         """Once per ``base``: what of a call's value cannot be captured (a distribution, an object of its own)."""
@@ -348,6 +389,7 @@ class Session:
             self.hook.offer(name + sub, t, collections)
 
     def _offer_held(self) -> None:
+        """Offer the held calls and the last held value of each name given."""
         for base, calls in self._calls.items():
             named = [(f"{base}:{i}", tensors) for i, (_, tensors) in enumerate(calls.held)]
             if calls.last is not None:
@@ -356,3 +398,7 @@ class Session:
                 named = [(base, tensors) for _, tensors in named]
             for name, tensors in named:
                 self._offer_flat(name, tensors, calls.collections)
+        for name, values in self._given.items():
+            if values:
+                _, value, colls = values[-1]
+                self.hook.offer(name, value, colls, force=True)

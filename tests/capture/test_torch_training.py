@@ -1601,6 +1601,47 @@ def test_a_batch_skipped_after_its_forward_is_not_saved_with_the_next(
     assert f"step {skip // accumulate}: a forward of _Flaky was followed by another" in caplog.text
 
 
+def test_values_given_in_a_batch_skipped_after_its_forward_are_not_saved_with_the_next(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A loop that logs each batch's loss with save_scalar and the bad input of a skipped batch with save_tensor:
+    the skipped batch's values went into the step of the batch trained next (its ``bad_x`` saved there, and a
+    scalar given by it alone kept), silently. They are forgotten with its forward, as its outputs and its
+    record_loss; the trained batch's values, given before and after its backward, are saved."""
+    torch.manual_seed(0)
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(4)
+    trained: list[dict[str, float]] = []
+    with (
+        caplog.at_level(logging.WARNING, logger="tensortap"),
+        ttt.capture(model, tmp_path, optimizer=opt, save_config=EVERY_STEP, include_collections=["metrics"]) as hook,
+    ):
+        for i in range(4):
+            x, y = _batch(gen)
+            if i == 1:
+                x[0, 0] = float("nan")
+            loss = F.cross_entropy(model(x), y)
+            hook.save_scalar("batch_loss", loss)
+            if not torch.isfinite(loss):
+                hook.save_tensor("bad_x", x)
+                hook.save_scalar("skipped", 1.0)
+                continue
+            opt.zero_grad()
+            loss.backward()
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 100.0)
+            hook.save_scalar("grad_norm", norm)
+            opt.step()
+            trained.append({"batch_loss": loss.item(), "grad_norm": norm.item()})
+    trial = _trial(tmp_path)
+    assert trial.tensor_names() == ["metrics/batch_loss", "metrics/grad_norm"]
+    assert trial.steps() == [0, 1, 2]
+    for step, values in enumerate(trained):
+        for name, value in values.items():
+            assert float(_value(trial, f"metrics/{name}", step)) == pytest.approx(value, rel=1e-6)
+    assert "values given with save_scalar/save_tensor/record_loss after it" in caplog.text
+
+
 def test_forwards_a_step_trains_on_together_or_not_at_all_are_kept(tmp_path: Path) -> None:
     """Two forwards one loss trains on (a siamese network), then one whose output is detached (a target
     computed with gradients on): no forward of them was a skipped batch, each call is saved. In the GAN of

@@ -12,7 +12,8 @@ What a step is
   :meth:`Hook.record_loss` (a value given after ``optimizer.step()`` is in the
   next step). A ``GradScaler`` step that skips the update is still a step.
   A forward whose outputs no backward used before a later forward's were (a
-  batch skipped with ``continue``) is not saved in it (:meth:`Hook._forget_unused`);
+  batch skipped with ``continue``) is not saved in it, nor the values given after
+  it (:meth:`Hook._forget_unused`);
   a forward or backward that raised drops its step (:meth:`Hook._drop`).
 * **Explicit steps** (``explicit_steps=True``): :meth:`Hook.finish_step` alone ends TRAIN steps.
 * **Without optimizers, and in EVAL and PREDICT**: a step is one top-level
@@ -63,6 +64,7 @@ from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -185,6 +187,9 @@ def all_reduce_max() -> Callable[[int], int] | None:
 
 
 def _snapshot(t: Any) -> Any:
+    """A copy of a tensor (or of a NumPy array given to ``save_tensor``) that later in-place changes miss."""
+    if isinstance(t, np.ndarray):
+        return t.copy()
     return t.detach().clone() if isinstance(t, torch.Tensor) else t
 
 
@@ -677,27 +682,36 @@ class Hook(core.Hook):
         A loop that skips a batch after its forward (``if not loss.isfinite(): continue``, a loss
         that raised and was caught) runs the next batch's forward in the same training step: the
         skipped batch's outputs, inputs and named losses would be saved with it as a first call
-        (``outputs/fc:0`` beside ``outputs/fc:1``). They are not saved, with a warning per module
-        (then at INFO). A forward no backward used after the last one used is kept: it is part of
-        the step (a target computed with gradients on, then detached).
+        (``outputs/fc:0`` beside ``outputs/fc:1``), and the values given after its forward
+        (``save_tensor``; held while that forward's fate is open: :meth:`_fate_open`) in the trained
+        batch's step. They are not saved, with a warning per module (then at INFO). A forward no
+        backward used after the last one used is kept: it is part of the step (a target computed
+        with gradients on, then detached).
         """
         used = [i for i, f in enumerate(self._forwards) if f.used]
         if not used:
             return
         for i, f in enumerate(self._forwards[: used[-1]]):
-            if f.used or not f.followed:
+            if f.used or not f.followed or not self.session.forget(f.start, self._forwards[i + 1].start):
                 continue
-            self.session.forget(f.start, self._forwards[i + 1].start)
             log = logger.info if f.root in self._warned_unused else logger.warning
             self._warned_unused.add(f.root)
             log(
                 "tensortap: step %d: a forward of %s was followed by another before any backward used its "
                 "outputs (a batch skipped with `continue`, or a loss that raised and was caught?); its outputs, "
-                "inputs and named losses are not saved, the step keeps those of the forward trained on. Run "
-                "forwards that are not trained on under torch.no_grad() to save them (later cases: at INFO)",
+                "inputs and named losses, and the values given with save_scalar/save_tensor/record_loss after it, "
+                "are not saved: the step keeps those of the forward trained on. Run forwards that are not trained "
+                "on under torch.no_grad() to save them (later cases: at INFO)",
                 self.step,
                 f.root,
             )
+
+    def _fate_open(self) -> bool:
+        """Whether what is offered now may yet be forgotten (:meth:`_forget_unused`): it comes in or after a
+        tracked forward that no backward has used yet."""
+        if self._forward_start is not None:
+            return True
+        return bool(self._forwards) and self._forwards[-1].followed and not self._forwards[-1].used
 
     def _track_forward(self, root: _Root, output: Any, start: int) -> None:
         """Follow the top-level forward that began at mark ``start`` and just ended: a pre-hook on the
@@ -767,8 +781,10 @@ class Hook(core.Hook):
             self.session.guard(self._follow_modules)
         self._tentative = False
         self._forwarded = self._ever_forwarded = True
-        tracked = (self._io or self._losses) and self._spans_forwards()
-        self._forward_start = self.session.mark() if tracked else None
+        if self.is_saving() and self._spans_forwards():
+            self._forward_start = self.session.mark()
+        else:
+            self._forward_start = None
 
     def _on_root_post(self, root: _Root, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         if torch.compiler.is_compiling() or _in_backward():
@@ -995,7 +1011,7 @@ class Hook(core.Hook):
         if self._closed:
             return
         self._ensure_open()
-        super().save_tensor(name, value, collections)
+        self.session.give(name, value, collections, held=self._fate_open())
 
     def save_scalar(self, name: str, value: Any, collections: Sequence[str] = ("metrics",)) -> None:
         """Save a scalar as ``<first collection>/<name>`` (``metrics/lr``) on the current step if it is saved."""
