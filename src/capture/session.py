@@ -33,7 +33,7 @@ Interface
     session.offer_call(base, args, collections, keywords=kwargs)  # and its keyword arguments: base/<key>
     session.give(name, value, collections, held=...)  # a value the user gave (save_tensor): saved whatever
                                                       # the collections; held, forget() may drop it
-    session.mark() -> int                             # a mark between what was offered before and after
+    session.mark(apart=...) -> int                    # a mark between what was offered before and after
     session.forget(start, stop) -> bool               # drop the calls and held values offered between two marks
     session.guard(fn, *args)                      # run capture work; errors disable capture, never training
 
@@ -46,7 +46,11 @@ times in a step adds ``:<i>`` to its name: ``outputs/<name>:<i>/<j>``.
 Repeated calls (a cell called once per time step in a Python loop) are
 bounded: calls ``0 .. max_calls - 1`` are saved, and of the calls beyond,
 only the last (under its true index), with one warning naming the module.
-:data:`MAX_CALLS` is the default.
+:data:`MAX_CALLS` is the default. While what came before a mark may yet be
+forgotten (``mark(apart=True)``: a forward nothing trained on yet), the calls
+after it are held as if they were the step's first (at most ``max_calls`` of
+them a module), so that forgetting the calls before leaves the step's first
+calls held.
 """
 
 from __future__ import annotations
@@ -196,6 +200,7 @@ class Session:
         self._given: dict[str, list[tuple[int, Any, tuple[str, ...]]]] = {}
         self._marks = 0  # calls and held values offered so far (see mark())
         self._marked = 0  # the last mark handed out: what is offered after it shares its fate
+        self._span = 0  # calls from this mark on have max_calls held places of their own (mark(apart=True))
 
     # ------------------------------------------------------------ collections
     def may_save(self, *collections: str) -> bool:
@@ -258,6 +263,7 @@ class Session:
         """Forget what the step recorded or dropped held."""
         self._calls.clear()
         self._given.clear()
+        self._span = self._marks
 
     def guard(self, fn: Callable[..., None], *args: Any) -> None:
         """Run capture work: an error of the capture path disables capture (raises if ``strict``), never training."""
@@ -283,7 +289,8 @@ class Session:
         """Offer one call's value as ``base`` (one call in the step) or ``base:<i>`` (several).
 
         Calls are held (snapshotted) until the step is recorded, which names them (or
-        :meth:`forget` drops some); calls beyond :attr:`max_calls` replace a held last call.
+        :meth:`forget` drops some); calls beyond :attr:`max_calls` (since the step's start, or
+        since the last ``mark(apart=True)``) replace a held last call.
         ``keywords`` (a call's keyword arguments) are named ``base/<key>`` (``base:<i>/<key>``),
         each by :func:`flatten`, without changing the names of ``value``'s tensors.
         """
@@ -298,11 +305,11 @@ class Session:
         held = (self._marks, [(sub, self.snapshot(t)) for sub, t in tensors])
         calls.marks.append(self._marks)
         self._marks += 1
-        if len(calls.marks) <= self.max_calls:
+        if sum(mark >= self._span for mark, _ in calls.held) < self.max_calls:
             calls.held.append(held)
-            return
-        calls.last = held
-        if base not in self._warned_calls:
+        else:
+            calls.last = held
+        if len(calls.marks) > self.max_calls and base not in self._warned_calls:
             self._warned_calls.add(base)
             logger.warning(
                 "tensortap: %s is called more than %d times in step %d; calls %d and later are not saved, "
@@ -333,8 +340,15 @@ class Session:
         kept.append((self._marks, self.snapshot(value), colls))
         self._marks += 1
 
-    def mark(self) -> int:
-        """A mark between what was offered before now and what is offered after (for :meth:`forget`)."""
+    def mark(self, apart: bool = False) -> int:
+        """A mark between what was offered before now and what is offered after (for :meth:`forget`).
+
+        ``apart``: what was offered before may yet be forgotten (a forward nothing trained on yet):
+        the calls after the mark have :attr:`max_calls` held places of their own, so that if
+        :meth:`forget` drops the calls before, those after are held as the step's first calls.
+        """
+        if apart:
+            self._span = self._marks
         self._marked = self._marks
         return self._marks
 
@@ -343,9 +357,9 @@ class Session:
         open step; return whether anything was dropped.
 
         The calls kept are numbered again in their order (a module called in a forward that
-        nothing trained on, then in the one trained on: ``base``, not ``base:1``). Kept calls that
-        were not held, the forgotten ones having taken the :attr:`max_calls` held places, are not
-        saved: one warning names them.
+        nothing trained on, then in the one trained on: ``base``, not ``base:1``). Kept calls to be
+        saved that were not held (forgotten ones took their places, and no ``mark(apart=True)``
+        gave them places of their own) are not saved: one warning names them.
         """
         dropped = False
         for base, calls in self._calls.items():
@@ -355,15 +369,13 @@ class Session:
             calls.held = [call for call in calls.held if not start <= call[0] < stop]
             if calls.last is not None and start <= calls.last[0] < stop:
                 calls.last = None
-            held = len(calls.held)
-            unheld = len(calls.marks) - held - (calls.last is not None)
-            if held < self.max_calls and unheld > 0:
+            unheld = self._unheld(calls)
+            if unheld:
                 logger.warning(
-                    "tensortap: %s: calls %d to %d of the step were not held (more than max_calls=%d calls, of a "
+                    "tensortap: %s: calls %s of the step were not held (more than max_calls=%d calls, of a "
                     "forward then forgotten, came before them) and are not saved",
                     base,
-                    held,
-                    held + unheld - 1,
+                    ", ".join(map(str, unheld)),
                     self.max_calls,
                 )
         for name, values in self._given.items():
@@ -371,6 +383,13 @@ class Session:
             dropped |= len(kept_values) < len(values)
             self._given[name] = kept_values
         return dropped
+
+    def _unheld(self, calls: _Calls) -> list[int]:
+        """The calls to be saved (``0 .. max_calls - 1``, and the last) whose values are not held."""
+        have = {mark for mark, _ in calls.held} | ({calls.last[0]} if calls.last is not None else set())
+        n = len(calls.marks)
+        wanted = [*range(min(n, self.max_calls)), *([n - 1] if n > self.max_calls else [])]
+        return [i for i in wanted if calls.marks[i] not in have]
 
     def _warn_unnamed(self, base: str, value: Any) -> None:
         """Once per ``base``: what of a call's value cannot be captured (a distribution, an object of its own)."""
@@ -389,15 +408,15 @@ class Session:
             self.hook.offer(name + sub, t, collections)
 
     def _offer_held(self) -> None:
-        """Offer the held calls and the last held value of each name given."""
+        """Offer the held calls to be saved (``0 .. max_calls - 1`` and the last, by their index among the
+        step's calls kept) and the last held value of each name given."""
         for base, calls in self._calls.items():
-            named = [(f"{base}:{i}", tensors) for i, (_, tensors) in enumerate(calls.held)]
-            if calls.last is not None:
-                named.append((f"{base}:{len(calls.marks) - 1}", calls.last[1]))
-            if len(calls.marks) == 1:  # one call (which forget() may have left as the last one beyond max_calls)
-                named = [(base, tensors) for _, tensors in named]
-            for name, tensors in named:
-                self._offer_flat(name, tensors, calls.collections)
+            index = {mark: i for i, mark in enumerate(calls.marks)}
+            last = len(calls.marks) - 1
+            held = calls.held + ([calls.last] if calls.last is not None else [])
+            named = [(i, tensors) for mark, tensors in held if (i := index[mark]) < self.max_calls or i == last]
+            for i, tensors in sorted(named, key=lambda call: call[0]):
+                self._offer_flat(base if last == 0 else f"{base}:{i}", tensors, calls.collections)
         for name, values in self._given.items():
             if values:
                 _, value, colls = values[-1]

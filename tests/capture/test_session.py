@@ -160,7 +160,26 @@ def test_calls_forgotten_beyond_max_calls_leave_the_last_call_kept_numbered_as_i
     trial = tensortap.create_trial(tmp_path)
     assert trial.tensor_names() == ["outputs/fc:3"]
     assert float(trial.tensor("outputs/fc:3").value(0)[0]) == 3.0
-    assert "outputs/fc: calls 0 to 2 of the step were not held" in caplog.text
+    assert "outputs/fc: calls 0, 1, 2 of the step were not held" in caplog.text
+
+
+def test_calls_after_a_mark_apart_have_held_places_of_their_own(tmp_path: Path) -> None:
+    """As above, with ``mark(apart=True)`` between the forwards (the first one's fate still open): the kept
+    forward's calls are held although the forgotten one filled max_calls places, and saved as the step's."""
+    writer, s = _session(tmp_path, max_calls=3)
+    s.open(Mode.TRAIN)
+    start = s.mark()
+    for i in range(4):
+        s.offer_call("outputs/fc", np.array([-1.0 - i]), ("outputs",))
+    stop = s.mark(apart=True)
+    for i in range(5):
+        s.offer_call("outputs/fc", np.array([float(i)]), ("outputs",))
+    assert s.forget(start, stop)
+    s.finish()
+    writer.close()
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.tensor_names() == ["outputs/fc:0", "outputs/fc:1", "outputs/fc:2", "outputs/fc:4"]
+    assert [float(trial.tensor(f"outputs/fc:{k}").value(0)[0]) for k in (0, 1, 2, 4)] == [0.0, 1.0, 2.0, 4.0]
 
 
 def test_may_save_and_saving_count_regex_collections(tmp_path: Path) -> None:

@@ -1642,6 +1642,49 @@ def test_values_given_in_a_batch_skipped_after_its_forward_are_not_saved_with_th
     assert "values given with save_scalar/save_tensor/record_loss after it" in caplog.text
 
 
+def test_a_cell_called_beyond_max_calls_in_a_skipped_batch_leaves_the_trained_batch_calls_saved(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An LSTMCell called 12 times (max_calls 8) in a batch skipped after its forward, then in the batch trained:
+    the skipped forward's calls took the 8 held places, so the trained batch's calls 0-7 were not saved (only its
+    last, with a warning). Its calls 0-7 and 11 are saved, equal to the cell's outputs computed from it."""
+    torch.manual_seed(0)
+    model = CellLoop()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(5)
+    expected = []
+    with (
+        caplog.at_level(logging.WARNING, logger="tensortap"),
+        ttt.capture(model, tmp_path, optimizer=opt, save_config=EVERY_STEP, include_collections=["outputs"]),
+    ):
+        for i in range(3):
+            x = torch.randn(12, 2, 3, generator=gen)
+            if i == 1:
+                x[0, 0, 0] = float("nan")
+            loss = model(x).sum()
+            if not torch.isfinite(loss):
+                continue
+            with torch.no_grad():  # the cell's output at each time step, as the trained forward computed it
+                cell, h, c = copy.deepcopy(model.cell), torch.zeros(2, 4), torch.zeros(2, 4)
+                states = []
+                for t in range(12):
+                    h, c = cell(x[t], (h, c))
+                    states.append((h, c))
+            expected.append(states)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    trial = _trial(tmp_path)
+    calls = {n.split("/")[1] for n in trial.tensor_names(regex="^outputs/cell")}
+    assert calls == {f"cell:{t}" for t in range(8)} | {"cell:11"}
+    for step, states in enumerate(expected):
+        for t in [*range(8), 11]:
+            for k in (0, 1):
+                saved = _value(trial, f"outputs/cell:{t}/{k}", step)
+                np.testing.assert_allclose(saved, states[t][k].numpy(), rtol=1e-6, err_msg=f"cell:{t}/{k} {step}")
+    assert "were not held" not in caplog.text
+
+
 def test_forwards_a_step_trains_on_together_or_not_at_all_are_kept(tmp_path: Path) -> None:
     """Two forwards one loss trains on (a siamese network), then one whose output is detached (a target
     computed with gradients on): no forward of them was a skipped batch, each call is saved. In the GAN of

@@ -782,7 +782,8 @@ class Hook(core.Hook):
         self._tentative = False
         self._forwarded = self._ever_forwarded = True
         if self.is_saving() and self._spans_forwards():
-            self._forward_start = self.session.mark()
+            # the outputs of a forward before may be no backward's (a batch skipped): this one's calls are held apart
+            self._forward_start = self.session.mark(apart=any(f.followed and not f.used for f in self._forwards))
         else:
             self._forward_start = None
 
