@@ -585,9 +585,20 @@ class Hook(core.Hook):
                 f"0..{self.step}",
             )
         if self.session.is_open:
-            self.session.end()
+            self._end()
             self._ended_by_optimizer = True
             self._step_ended()
+
+    def _end(self) -> None:
+        """The open step is over: it is recorded when the next one opens, at :meth:`close`, or at interpreter
+        exit, on SIGTERM or after an exception (:attr:`end_at_exit`, which :meth:`close_for_exit` calls)."""
+        self.session.end()
+        self.end_at_exit = self._end_at_exit
+
+    def _end_at_exit(self) -> None:
+        """Record the step that ended, unless a forward of a registered module is in progress."""
+        if not self._depth:
+            self._finish()
 
     def _open(self, mode: Mode, tentative: bool = False) -> None:
         self._finish()
@@ -669,6 +680,7 @@ class Hook(core.Hook):
 
     def _clear_step(self) -> None:
         """Forget what the step just recorded or dropped gathered."""
+        self.end_at_exit = None
         self._backward.clear()
         self._named.clear()
         self._scaled.clear()
@@ -803,7 +815,7 @@ class Hook(core.Hook):
             self.session.guard(self._track_forward, root, output, self._forward_start)
             self._forward_start = None
         if not self._spans_forwards():
-            self.session.end()
+            self._end()
 
     def _warn_compiled_after_registration(self, inner: nn.Module) -> None:
         if not self._warned_compile:
@@ -987,7 +999,7 @@ class Hook(core.Hook):
         if self.mode != Mode.TRAIN:
             self._warn_optimizer_in_eval(att)
         elif not self._explicit_steps and len(self._stepped) == len(self._optimizers):
-            self.session.end()
+            self._end()
             self._ended_by_optimizer = True
             self._step_ended()
 
@@ -1082,10 +1094,9 @@ class Hook(core.Hook):
         super().close(reason)
 
     def close_for_exit(self, reason: str, error: str | None = None) -> None:
-        """At interpreter exit or SIGTERM: keep a step that has ended but is not yet recorded."""
-        if self.session.is_open and self.session.pending and not self._depth and not self._closed:
-            self.session.guard(self._finish)
-        elif self.session.is_open and reason == "exit" and not self._closed:
+        """At interpreter exit, on SIGTERM or after an exception: a step that has ended but is not yet recorded
+        is recorded (:attr:`end_at_exit`), a step in progress dropped."""
+        if self.session.is_open and not self.session.pending and reason == "exit" and not self._closed:
             self._warn_unended(recorded=False)
         self._closed = True
         patches.detach(self)
