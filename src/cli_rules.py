@@ -38,7 +38,7 @@ from .cli import (
     printable,
     step_ranges,
 )
-from .exceptions import RuleInputsMissing, UsageError
+from .exceptions import RuleInputsMissing, UnknownName, UsageError
 from .trial.rules import BUILTIN_RULES, Rule, RuleRunner, StopTraining, Verdict, make_rule, parameters
 from .trial.views import failure_notes, killed_note, killed_workers
 
@@ -181,14 +181,22 @@ def build_rules(specs: Sequence[str], trial: Any) -> list[Rule]:
 
     Raises
     ------
-    ValueError
-        An unknown rule or parameter (:class:`~tensortap.UnknownName`, with suggestions) or a bad
-        parameter value: the commands exit 2 with its message before doing anything else.
+    UnknownName
+        An unknown rule or parameter, with suggestions (``--json`` kind ``unknown_name``).
+    UsageError
+        A spec that is not ``NAME[:PARAM=VALUE,...]`` or a parameter value the rule refuses (of the
+        wrong type, out of range), naming the spec (kind ``usage``). Either way the commands exit 2
+        with its message before doing anything else.
     """
-    try:
-        return [make_rule(spec, trial) for spec in specs]
-    except TypeError as exc:  # a parameter value the rule refuses
-        raise ValueError(str(exc)) from None
+    rules = []
+    for spec in specs:
+        try:
+            rules.append(make_rule(spec, trial))
+        except UnknownName:
+            raise
+        except (TypeError, ValueError) as exc:  # TypeError: a parameter value the rule refuses
+            raise UsageError(f"--rule {spec!r}: {exc}") from None
+    return rules
 
 
 def run(args: argparse.Namespace) -> int:
@@ -200,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.rule:
         raise UsageError(f"give at least one --rule; built-in rules: {', '.join(BUILTIN_RULES)}")
     trial = open_trial(args, wait=args.follow, timeout=args.idle_timeout)
-    rules = build_rules(args.rule, trial)  # a ValueError: exit 2 (with --json, the error object)
+    rules = build_rules(args.rule, trial)  # a bad spec: exit 2 (with --json, the error object)
     actions = [StopTraining()] if args.stop_training else []
     verdicts: dict[Rule, list[Verdict]] = {r: [] for r in rules}
     style = Style(sys.stdout)

@@ -736,6 +736,11 @@ def test_export_escapes_names_on_a_terminal_and_keeps_them_in_a_pipe(tmp_path: P
         (["ls", "{file}"], "not_found", "it is a file"),
         (["check", "{missing}"], "not_found", "nothing exists there"),
         (["rules", "{run}", "--rule", "nosuch"], "unknown_name", "no built-in rule 'nosuch'"),
+        (["rules", "{run}", "--rule", "overfit:nosuch=1"], "unknown_name", "no parameter 'nosuch' of Overfit"),
+        (["rules", "{run}", "--rule", "loss_not_decreasing:window=abc"], "usage", "window: expected int"),
+        (["rules", "{run}", "--rule", "overfit:patience=0"], "usage", "--rule 'overfit:patience=0': patience"),
+        (["rules", "{run}", "--rule", "overfit:patience"], "usage", "expected param=value, got 'patience'"),
+        (["report", "{run}", "--rule", "overfit:patience=0", "-o", "{html}"], "usage", "patience: expected"),
         (["rules"], "usage", "PATH is required"),
         (["show", "{run}"], "usage", "the following arguments are required: name"),
         (["show", "{run}", "fc1.weight", "--step", "x"], "usage", "invalid int value: 'x'"),
@@ -747,8 +752,10 @@ def test_a_json_command_that_fails_prints_one_error_object(
     """A script reading stdout got nothing (invalid JSON) when the command exited 2."""
     (tmp_path / "a_file").write_text("x")
     paths = {"run": str(trial_dir), "file": str(tmp_path / "a_file"), "missing": str(tmp_path / "nope")}
+    paths["html"] = str(tmp_path / "report.html")  # report: nothing is written
     result = cli(*[a.format(**paths) for a in args], "--json")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     error = strict_json(result.stdout)["error"]
     assert (error["command"], error["kind"]) == (args[0], kind)
     assert message in error["message"] and message in result.stderr
+    assert not (tmp_path / "report.html").exists()
