@@ -329,6 +329,7 @@ class Hook:
         self.worker = layout.worker_name(self.rank)
         self.rules = list(rules or [])
         self.step_listeners: list[Callable[[StepRecord], None]] = []
+        self.end_listeners: list[Callable[[], None]] = []  # told once, when the hook closes
         self.mode = Mode.TRAIN
         self.step = -1
         self._step_before = -1  # the global step before the step in progress (drop_step(take_back=True))
@@ -926,6 +927,9 @@ class Hook:
         return (self.step if self.step >= 0 else None), {m.name: s for m, s in self.mode_steps.items()}
 
     def _close_writer(self, reason: str, error: str | None = None) -> None:
+        listeners, self.end_listeners = self.end_listeners, []
+        for listener in listeners:
+            listener()
         if self.writer is not None:
             self.writer.close(reason, *self._progress(), error=error)
 

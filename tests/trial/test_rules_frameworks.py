@@ -20,6 +20,7 @@ import tensortap
 from tensortap import SaveConfig
 from tensortap.exceptions import RuleInputsMissing
 from tensortap.rules import (
+    Action,
     AllZero,
     ClassImbalance,
     Confusion,
@@ -30,10 +31,13 @@ from tensortap.rules import (
     Overfit,
     Overtraining,
     PoorWeightInitialization,
+    Rule,
+    RuleRunner,
     SaturatedActivation,
     StopTraining,
     UnchangedTensor,
     VanishingGradient,
+    Verdict,
     invoke_rule,
 )
 
@@ -481,9 +485,11 @@ def test_saturated_activation_keras_activation_layer(tmp_path: Path, keras: Any)
     assert invoke_rule(SaturatedActivation(trial, tanh_regex=f"^inputs/{tanh.name}$")) == [0, 1, 2]
 
 
-def _fit_validated(keras: Any, tmp_path: Path, rows: int, optimizer: Any, epochs: int) -> tuple[dict[str, Any], Any]:
+def _fit_validated(
+    keras: Any, tmp_path: Path, rows: int, optimizer: Any, epochs: int, **callback_kw: Any
+) -> tuple[dict[str, Any], Any, Any]:
     """A 3-class Keras classifier fit on half of ``rows`` and validated on the other half, in batches of 32,
-    its losses saved every step: ``(History.history, the trial)``."""
+    its losses saved every step (and published): ``(History.history, the trial, the callback)``."""
     import tensortap.keras as ttk
 
     rng = np.random.default_rng(0)
@@ -492,7 +498,7 @@ def _fit_validated(keras: Any, tmp_path: Path, rows: int, optimizer: Any, epochs
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="relu"), keras.layers.Dense(3)])
     model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(True))
-    cb = ttk.Callback(tmp_path, save_config=EVERY_STEP, include_collections=["losses"])
+    cb = ttk.Callback(tmp_path, save_config=EVERY_STEP, include_collections=["losses"], **callback_kw)
     half = rows // 2
     history = model.fit(
         x[:half],
@@ -503,18 +509,19 @@ def _fit_validated(keras: Any, tmp_path: Path, rows: int, optimizer: Any, epochs
         verbose=0,
         callbacks=[cb],
     ).history
-    return history, tensortap.create_trial(tmp_path)
+    cb.flush()
+    return history, tensortap.create_trial(tmp_path), cb
 
 
 @pytest.mark.keras
 def test_overfit_and_overtraining_judge_a_keras_validation_not_its_batches(tmp_path: Path, keras: Any) -> None:
     """Keras saves one validation loss per batch, at EVAL steps: a validation is their mean, as in ``History``."""
-    history, trial = _fit_validated(keras, tmp_path, 1024, keras.optimizers.Adam(0.003), epochs=5)
+    history, trial, _ = _fit_validated(keras, tmp_path, 1024, keras.optimizers.Adam(0.003), epochs=5)
     assert np.all(np.diff(history["val_loss"]) < -0.01), "the validation loss improves at every epoch"
     assert len(trial.steps(mode=tensortap.Mode.EVAL)) == 5 * 16, "16 validation batches an epoch"
 
     always = Overfit(trial, ratio_threshold=-1.0)  # fires at every validation: its reason gives the loss judged
-    reasons = [v.reason for s in trial.steps() if (v := always.invoke(s)).fired]
+    reasons = [v.reason for s in trial.steps() if (v := always.invoke(s)).fired] + [always.invoke_end().reason]
     judged = [float(r.split()[2]) for r in reasons]  # "validation loss 1.234 is ..."
     np.testing.assert_allclose(judged, history["val_loss"], rtol=1e-3)
     assert reasons[0].endswith("at steps 16-31 (mean of its EVAL steps)")
@@ -524,17 +531,101 @@ def test_overfit_and_overtraining_judge_a_keras_validation_not_its_batches(tmp_p
 @pytest.mark.keras
 def test_loss_not_decreasing_judges_keras_validations_not_windows_of_their_batches(tmp_path: Path, keras: Any) -> None:
     """A learning rate of 0: each validation repeats the last, batch by batch; no batch mix may read as a decrease."""
-    history, trial = _fit_validated(keras, tmp_path, 512, keras.optimizers.SGD(0.0), epochs=6)
+    history, trial, _ = _fit_validated(keras, tmp_path, 512, keras.optimizers.SGD(0.0), epochs=6)
     assert np.ptp(history["val_loss"]) == 0, "the validation loss does not change"
     val = trial.tensor("losses/val_loss")
     assert len(val.steps(mode=tensortap.Mode.EVAL)) == 6 * 8 and np.ptp([val.value(s) for s in val.steps()]) > 0.1
 
     rule = LossNotDecreasing(trial, tensor_regex="val_loss", use_losses_collection=False)
-    reasons = [v.reason for s in trial.steps() if (v := rule.invoke(s)).fired]
+    reasons = [v.reason for s in trial.steps() if (v := rule.invoke(s)).fired] + [rule.invoke_end().reason]
     # evaluations end at EVAL steps 7, 15, ..., 47: checks at 23 (against 7) and 39 (against 23)
-    assert len(reasons) == 2
+    assert len(reasons) == 3 and reasons[-1] == ""  # the last evaluation, at the end, is no check
+    reasons = reasons[:-1]
     for r in reasons:
         assert "did not change" in r and f"loss {history['val_loss'][0]:.4g} at EVAL steps" in r
+
+
+class Record(Action):
+    """Keeps every verdict of the rules it is given to."""
+
+    def __init__(self) -> None:
+        self.verdicts: list[Verdict] = []
+
+    def __call__(self, rule: Rule, verdict: Verdict, trial: Any) -> None:
+        self.verdicts.append(verdict)
+
+
+@pytest.mark.keras
+def test_the_last_keras_validation_is_judged_in_process_and_by_a_live_runner(tmp_path: Path, keras: Any) -> None:
+    """A validation is judged once it is over; the last one, at the end of the training. In-process, and by
+    a live runner that evaluated every step before the training ended, it was never judged: a fit whose
+    last validation fails passed."""
+    epochs, record = 3, Record()
+
+    def rules(trial: Any = None) -> list[Rule]:
+        # patience = epochs, any ratio exceeded: only the last validation fires, with its loss in the reason;
+        # SGD(0.0): every evaluation the same, only the last is num_steps (2 evaluations of 8 batches) after the first
+        overfit = Overfit(trial, ratio_threshold=-1.0, patience=epochs)
+        flat = LossNotDecreasing(trial, tensor_regex="val_loss", use_losses_collection=False, num_steps=16)
+        return [overfit.add_action(record), flat.add_action(record)]
+
+    in_process = rules()
+    history, trial, cb = _fit_validated(
+        keras, tmp_path, 512, keras.optimizers.SGD(0.0), epochs, rules=in_process, close_on_train_end=False
+    )
+    last = trial.steps()[-1]
+    assert trial.mode_step(last) == (tensortap.Mode.EVAL, 8 * epochs - 1), "the fit ends with a validation"
+    live = rules(trial)
+    runner = RuleRunner(trial, live)
+    assert runner.run(wait=False) == {r: [] for r in live} and live[0].last_step == last
+    assert record.verdicts == [], "the training goes on: its last validation may go on too"
+    cb.close()
+    assert runner.run() == {r: [last] for r in live}, "the training ended: its last validation is over"
+    assert [(v.rule, v.step) for v in record.verdicts] == [("Overfit", last), ("LossNotDecreasing", last)] * 2
+    assert record.verdicts[2:] == record.verdicts[:2], "the same verdicts in-process and live"
+    assert f"validation loss {history['val_loss'][-1]:.4g} " in record.verdicts[0].reason
+    assert f"loss {history['val_loss'][-1]:.4g} at EVAL steps 16-23 " in record.verdicts[1].reason
+    assert "did not change" in record.verdicts[1].reason
+    assert [invoke_rule(r) for r in rules(trial)] == [[last], [last]]  # offline
+
+
+@pytest.mark.torch
+def test_the_last_pytorch_validation_is_judged_in_process_and_by_a_live_runner(tmp_path: Path, torch: Any) -> None:
+    """A PyTorch training, each epoch a training loop then an evaluation loop over 4 batches (the loss module
+    given to ``capture`` saves a validation loss per batch, at EVAL steps). A live runner that evaluated
+    every step before the training ended, and the in-process rule, never judged the last validation."""
+    import tensortap.torch as ttt
+
+    nn = torch.nn
+    x, y = (torch.from_numpy(a) for a in regression_data(96))
+    net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 1))
+    opt, loss_fn = torch.optim.SGD(net.parameters(), lr=0.01), nn.MSELoss()
+    record = Record()
+    in_process = Overfit(ratio_threshold=-1.0, patience=3).add_action(record)
+    hook = ttt.capture(net, tmp_path, optimizer=opt, loss=loss_fn, save_config=EVERY_STEP, rules=[in_process])
+    val_losses = []
+    for _ in range(3):
+        net.train()
+        for i in range(0, 64, 16):
+            opt.zero_grad()
+            loss_fn(net(x[i : i + 16]), y[i : i + 16]).backward()
+            opt.step()
+        net.eval()
+        with torch.no_grad():
+            val_losses.append(np.mean([loss_fn(net(x[i : i + 8]), y[i : i + 8]).item() for i in range(64, 96, 8)]))
+    hook.flush()
+    trial = tensortap.create_trial(tmp_path)
+    live = Overfit(trial, ratio_threshold=-1.0, patience=3)
+    runner = RuleRunner(trial, [live])
+    assert runner.run(wait=False) == {live: []}, "every step evaluated; the last validation may go on"
+    hook.close()
+    trial.refresh()
+    last = trial.steps()[-1]
+    assert trial.mode_step(last) == (tensortap.Mode.EVAL, 11) and trial.training_ended
+    assert [v.step for v in record.verdicts] == [last]
+    assert runner.run() == {live: [last]}, "the training ended: its last validation is over"
+    assert f"validation loss {val_losses[-1]:.4g} " in record.verdicts[0].reason
+    assert live.fired_steps == [last] and in_process.fired_steps == [last]
 
 
 # ------------------------------------------------------------------ XGBoost

@@ -258,6 +258,15 @@ class Rule:
         """
         return False
 
+    def on_training_end(self, last_step: int) -> bool:
+        """Called once the training has ended and every step was evaluated; return True to fire at ``last_step``.
+
+        A rule that judges an input only once it is complete (an evaluation
+        saved over several EVAL steps) judges here what the last step left
+        pending. Default: never fires.
+        """
+        return False
+
     def fire(self, step: int, reason: str, tensors: Iterable[str] = ()) -> bool:
         """Record why the rule fires at ``step`` and return True (``return self.fire(...)``)."""
         self._verdict = Verdict(self.name, step, True, reason, tuple(tensors))
@@ -384,6 +393,24 @@ class Rule:
         self._progress.skipped_steps.append(step)
         logger.info("tensortap: %s skips step %d: %s", self.name, step, why)
         return Verdict(self.name, step, False)
+
+    def invoke_end(self) -> Verdict:
+        """Ask :meth:`on_training_end` at the last step evaluated and return the resulting :class:`Verdict`.
+
+        The runners call this once the training has ended and they evaluated
+        its last step: offline, a live runner when it sees the end, in-process
+        when the hook closes. A rule evaluated step by step by hand needs this
+        call too, after the last step. An input in a shard that cannot be read
+        is skipped as in :meth:`invoke`.
+        """
+        self._verdict = None
+        self._step_inputs = _StepInputs()
+        step = self._progress.last_step
+        try:
+            fired = step >= 0 and bool(self.on_training_end(step))
+        except ShardUnreadable as exc:
+            return self.skip(step, str(exc))
+        return self._conclude(step, fired, f"condition met at the end of the training (step {step})")
 
     def invoke_idle(self, last_step: int, idle_seconds: float) -> Verdict:
         """Ask :meth:`on_idle` and return the resulting :class:`Verdict`."""

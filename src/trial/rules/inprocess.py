@@ -4,12 +4,13 @@ The hook hands every saved step to :class:`InProcessRunner` before it goes to
 the writer. The runner keeps what was saved in a :class:`MemoryTrial`, which
 offers the :class:`~tensortap.trial.Trial` methods rules use, and evaluates
 its rules on it at once: a rule with the ``StopTraining`` action stops the
-training at the step that made it fire.
+training at the step that made it fire. When the hook closes, each rule
+judges what the last step left pending (:meth:`~tensortap.rules.Rule.on_training_end`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +22,7 @@ from ...exceptions import TensorUnavailable, TensorUnavailableForStep
 from ...modes import Mode
 from ..index import steps_meet
 from ..trial import select_names
-from .base import Rule, logger
+from .base import Rule, Verdict, logger
 
 # saved steps of scalars and reductions kept in memory (raw tensors: each rule's ``history``)
 SMALL_HISTORY = 10_000
@@ -216,11 +217,20 @@ class InProcessRunner:
     def on_step(self, record: StepRecord) -> None:
         """Keep ``record`` and evaluate every rule at its step; a rule that raises is switched off."""
         self.trial.add(record)
+        self._evaluate(record.step, lambda rule: rule.invoke(record.step))
+
+    def on_end(self) -> None:
+        """The hook closes: the training has ended; every rule judges what its last step left pending."""
+        self.trial.training_ended = True
+        self._evaluate(None, lambda rule: rule.invoke_end())
+
+    def _evaluate(self, step: int | None, invoke: Callable[[Rule], Verdict]) -> None:
+        """Run ``invoke`` on every rule still on, and its actions where it fires (``step``: None at the end)."""
         for rule in self.rules:
             if id(rule) in self._broken:
                 continue
             try:
-                verdict = rule.invoke(record.step)
+                verdict = invoke(rule)
                 if verdict.fired:
                     logger.warning("tensortap: rule %s fired at step %d: %s", rule.name, verdict.step, verdict.reason)
                     for action in rule.actions:
@@ -228,9 +238,9 @@ class InProcessRunner:
             except Exception as exc:
                 self._broken.add(id(rule))
                 logger.error(
-                    "tensortap: rule %s failed at step %d and is switched off: %s",
+                    "tensortap: rule %s failed %s and is switched off: %s",
                     rule.name,
-                    record.step,
+                    "at the end of the training" if step is None else f"at step {step}",
                     exc,
                     exc_info=exc,
                 )
@@ -249,6 +259,7 @@ def attach(hook: Any, rule: Rule) -> None:
     if runner is None:
         runner = InProcessRunner(hook)
         hook.step_listeners.append(runner.on_step)
+        hook.end_listeners.append(runner.on_end)
     for req in rule.required_captures():
         hook.require_capture(req.collection, req.reductions, req.raw)
     runner.add(rule)

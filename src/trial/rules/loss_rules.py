@@ -30,22 +30,53 @@ def percent_change(before: float, now: float) -> float:
 
 
 class _EvaluationRuns(Rule):
-    """A rule that judges a run of consecutive EVAL steps (one evaluation) once it is over.
+    """A rule that judges a loss saved over a run of consecutive EVAL steps (one evaluation) once it is over.
 
-    A run is over at the next saved step that does not continue it, or at the
-    last step of a trial whose training has ended (:meth:`trial_end`).
+    The run of a loss is the consecutive global steps, all EVAL steps, that
+    saved it (Keras saves one validation loss per batch; so does a PyTorch
+    evaluation loop calling the loss module given to ``capture``). It is over
+    at the next saved step that does not continue it (:meth:`runs_over`), or
+    when the training ends (:meth:`on_training_end`); its value is the mean of
+    the loss over the run (Keras's ``val_loss``). Subclasses extend runs
+    (:meth:`extend_run`) and judge those over (:meth:`judge_runs`).
     """
 
     def __init__(self, base_trial: Any) -> None:
         super().__init__(base_trial)
-        self._ended_at: int | None = None
+        # per loss, its run not over yet: first and last global step, first and last mode step
+        self.open_runs: dict[str, list[int]] = {}
 
-    def trial_end(self) -> int | None:
-        """The last step of the trial once its training has ended, else None."""
-        trial = self.base_trial
-        if self._ended_at is None and trial.training_ended:
-            self._ended_at = trial.last_complete_step()
-        return self._ended_at
+    def runs_over(self, step: int, names: Collection[str]) -> list[tuple[str, list[int]]]:
+        """The runs (forgotten now) that ``step``, which saved ``names``, does not continue, as ``(loss, run)``."""
+        where = self.base_trial.mode_step(step)
+        eval_step = where is not None and where[0] is Mode.EVAL
+        over = [n for n, run in self.open_runs.items() if not eval_step or n not in names or step != run[1] + 1]
+        return [(n, self.open_runs.pop(n)) for n in over]
+
+    def extend_run(self, name: str, step: int, mode_step: int) -> None:
+        """Add EVAL step ``step`` (mode step ``mode_step``) to the run of ``name``, or start one."""
+        run = self.open_runs.get(name)
+        self.open_runs[name] = [run[0] if run else step, step, run[2] if run else mode_step, mode_step]
+
+    def run_values(self, name: str, first: int, last: int) -> list[float]:
+        """The values of ``name`` saved at global steps ``first`` to ``last`` (those that can be read)."""
+        read = [scalar_at(self, self.base_trial, name, s, Requirement("losses")) for s in range(first, last + 1)]
+        return [v for v in read if v is not None]
+
+    def judge_runs(self, runs: list[tuple[str, list[int]]]) -> list[tuple[str, list[str]]]:
+        """Judge ``runs``, which are over: ``(reason, tensors)`` for each failure found."""
+        raise NotImplementedError
+
+    def on_training_end(self, last_step: int) -> bool:
+        """Judge the runs the training's last steps left open."""
+        runs, self.open_runs = list(self.open_runs.items()), {}
+        return self.fire_all(last_step, self.judge_runs(runs))
+
+    def fire_all(self, step: int, failures: list[tuple[str, list[str]]]) -> bool:
+        """Fire at ``step`` with every ``(reason, tensors)`` of ``failures``; False when there is none."""
+        if not failures:
+            return False
+        return self.fire(step, "; ".join(r for r, _ in failures), [t for _, ts in failures for t in ts])
 
 
 class LossNotDecreasing(_EvaluationRuns):
@@ -72,10 +103,10 @@ class LossNotDecreasing(_EvaluationRuns):
     ``capture``) is saved once per evaluation for this formula: each run of
     consecutive EVAL steps counts as one saved step, the mode step of its last
     EVAL step, whose value is the mean over the run (Keras's ``val_loss``). An
-    evaluation is judged at the next saved step, which shows it is over, or at
-    the last step of a trial whose training has ended (in-process rules, and a
-    live runner that reached that step before the training ended, do not judge
-    the last one).
+    evaluation is judged at the next saved step, which shows it is over, or when
+    the training ends: in-process when the hook closes, offline and live once
+    the runner has evaluated the last step of a trial whose training has ended
+    (a last evaluation that fails fires at that step).
 
     Example: loss saved every 4 steps with 0.30, 0.33, 0.31, 0.30, 0.28 at steps
     0, 4, 8, 12, 16, ``num_steps=10``, ``window=1``: the first check is step 12
@@ -158,30 +189,26 @@ class LossNotDecreasing(_EvaluationRuns):
         names = self.selection.names(trial, step)
         if not names and not self.selection.names(trial):
             self.need(step, Requirement("losses"), f"no tensor of {self.selection.describe()} in the trial")
-        where = trial.mode_step(step)
-        eval_step = where is not None and where[0] is Mode.EVAL
-        ended = [n for n in self.open_runs if not eval_step or n not in names or step != self.open_runs[n][1] + 1]
-        hits = [(n, r) for n in ended if (r := self._end_run(n)) is not None]
-        hits += [(n, r) for n in names if (r := self._check(step, n)) is not None]
-        if not hits:
-            return False
-        return self.fire(step, "; ".join(r for _, r in hits), [n for n, _ in hits])
+        failures = self.judge_runs(self.runs_over(step, names))
+        failures += [(r, [n]) for n in names if (r := self._check(step, n)) is not None]
+        return self.fire_all(step, failures)
 
     def _check(self, step: int, name: str) -> str | None:
-        trial = self.base_trial
-        found = self.series.at(trial, name, step)
+        found = self.series.at(self.base_trial, name, step)
         if found is None:
             return None
         mode, ms, series, i = found
         if mode is Mode.EVAL:
-            run = self.open_runs.get(name)
-            self.open_runs[name] = [run[0] if run else step, step, run[2] if run else ms, ms]
-            return self._end_run(name) if step == self.trial_end() else None
+            self.extend_run(name, step, ms)
+            return None
         return self._judge(name, mode, series, i)
 
-    def _end_run(self, name: str) -> str | None:
-        """Judge the evaluation of the run of EVAL steps of ``name`` kept open, which is over."""
-        first, last, first_ms, last_ms = self.open_runs.pop(name)
+    def judge_runs(self, runs: list[tuple[str, list[int]]]) -> list[tuple[str, list[str]]]:
+        return [(r, [name]) for name, run in runs if (r := self._judge_run(name, run)) is not None]
+
+    def _judge_run(self, name: str, run: list[int]) -> str | None:
+        """Judge the evaluation of ``name`` saved over ``run``, which is over."""
+        first, last, first_ms, last_ms = run
         evaluations = self._evaluations.get(name)
         if evaluations is None:  # the runs over before this one, as the trial saved them
             evaluations = self._evaluations[name] = []
@@ -268,10 +295,13 @@ class LossNotDecreasing(_EvaluationRuns):
 
     def _read(self, name: str, g: int) -> float | None:
         """The loss saved at global step ``g``, or the mean over the evaluation that ends there; None: unreadable."""
-        first = self._run_first.get(name, {}).get(g, g)
-        read = [scalar_at(self, self.base_trial, name, s, Requirement("losses")) for s in range(first, g + 1)]
-        values = [v for v in read if v is not None]
+        values = self.run_values(name, self._run_first.get(name, {}).get(g, g), g)
         return float(np.mean(values)) if values else None
+
+
+def finite(values: dict[str, float]) -> dict[str, float]:
+    """``values`` without those that are not finite (NaN, +-inf)."""
+    return {n: v for n, v in values.items() if np.isfinite(v)}
 
 
 def change_words(decrease: float) -> str:
@@ -284,7 +314,7 @@ def change_words(decrease: float) -> str:
 
 
 class _TrainValidation(_EvaluationRuns):
-    """Splits the losses saved at a step into training losses and validations.
+    """Splits the losses saved at a step into training losses and validations, and judges each (:meth:`judge`).
 
     A loss is a training loss when it is in collection ``training_data``;
     otherwise a validation loss when its name matches ``validation_regex`` or it
@@ -293,9 +323,8 @@ class _TrainValidation(_EvaluationRuns):
     A validation is one evaluation of the model: the validation losses saved at
     one step that is not an EVAL step (XGBoost's ``validation-logloss`` of a
     round), or those saved over a run of consecutive EVAL steps (one per batch of
-    Keras's validation, or of a PyTorch evaluation loop), averaged per loss. A run
-    is known to be over at the next saved step that does not continue it, or at
-    the last step of a trial whose training has ended.
+    Keras's validation, or of a PyTorch evaluation loop), averaged per loss
+    (:class:`_EvaluationRuns`).
     """
 
     def __init__(self, base_trial: Any, tensor_regex: str | Sequence[str] | None, validation_regex: str) -> None:
@@ -303,8 +332,6 @@ class _TrainValidation(_EvaluationRuns):
         check_regexes("validation_regex", [validation_regex])
         self.validation = re.compile(validation_regex)
         self.selection = Selection(None if tensor_regex else ("losses",), tensor_regex, ())
-        self.run_losses: dict[str, list[float]] = {}  # the validation losses of the EVAL steps of a run not over yet
-        self.run_steps: list[int] = []  # its first and last EVAL step
 
     def required_captures(self) -> list[Requirement]:
         return self.selection.requirements() or [Requirement("losses")]
@@ -313,41 +340,59 @@ class _TrainValidation(_EvaluationRuns):
         """Whether loss ``name`` is a validation loss (``training``: the names in collection ``training_data``)."""
         return name not in training and (eval_step or bool(self.validation.search(name)))
 
+    def invoke_at_step(self, step: int) -> bool:
+        return self.fire_all(step, self._judge_all(self.losses(step)))
+
+    def judge_runs(self, runs: list[tuple[str, list[int]]]) -> list[tuple[str, list[str]]]:
+        validation = self._validation(runs)
+        return self._judge_all([validation] if validation is not None else [])
+
+    def _judge_all(self, losses: list[tuple[str, dict[str, float], str]]) -> list[tuple[str, list[str]]]:
+        return [(r, list(values)) for kind, values, where in losses if (r := self.judge(kind, values, where))]
+
+    def judge(self, kind: str, values: dict[str, float], where: str) -> str | None:
+        """The reason the losses ``values`` of ``kind`` (``"training"``, ``"validation"``) saved at ``where``
+        fail, or None."""
+        raise NotImplementedError
+
     def losses(self, step: int) -> list[tuple[str, dict[str, float], str]]:
         """The losses to judge at ``step``, in the order they were computed.
 
         Each is ``(kind, {loss: value}, where)``: ``kind`` ``"training"`` for the
         training losses saved at ``step``, ``"validation"`` for a validation (its
         losses averaged over its EVAL steps), ``where`` the step(s) it was saved at.
-        A run of EVAL steps that ``step`` does not continue comes first.
+        A validation over EVAL steps that ``step`` does not continue comes first.
         """
         train, val, eval_step = self.split(step)
-        found: list[tuple[str, dict[str, float], str]] = []
-        if self.run_steps and not (eval_step and step == self.run_steps[1] + 1):
-            found.append(self._end_run())
+        over = self.runs_over(step, val if eval_step else ())
+        validation = self._validation(over)
+        found = [validation] if validation is not None else []
         if train:
-            found.append(("training", train, f"step {step}"))
-        if val and not eval_step:
-            found.append(("validation", val, f"step {step}"))
-        elif eval_step and (val or self.run_steps):
-            for n, v in val.items():
-                self.run_losses.setdefault(n, []).append(v)
-            self.run_steps = [self.run_steps[0] if self.run_steps else step, step]
-        if self.run_steps and step == self.trial_end():
-            found.append(self._end_run())
-        return found
+            found.append(("training", finite(train), f"step {step}"))
+        if eval_step:
+            where = self.base_trial.mode_step(step)
+            for n in val:
+                self.extend_run(n, step, where[1])
+        elif val:
+            found.append(("validation", finite(val), f"step {step}"))
+        return [f for f in found if f[1]]
 
-    def _end_run(self) -> tuple[str, dict[str, float], str]:
-        """The validation of the run of EVAL steps kept so far, which is forgotten."""
-        first, last = self.run_steps
-        val = {n: float(np.mean(vs)) for n, vs in self.run_losses.items()}
-        self.run_losses, self.run_steps = {}, []
+    def _validation(self, runs: list[tuple[str, list[int]]]) -> tuple[str, dict[str, float], str] | None:
+        """The validation of ``runs`` of EVAL steps, which are over (None: no run, or no finite value)."""
+        if not runs:
+            return None
+        values = {n: [v for v in self.run_values(n, run[0], run[1]) if np.isfinite(v)] for n, run in runs}
+        val = {n: float(np.mean(vs)) for n, vs in values.items() if vs}
+        if not val:
+            return None
+        first, last = min(run[0] for _, run in runs), max(run[1] for _, run in runs)
         if first == last:
             return "validation", val, f"step {first}"
         return "validation", val, f"steps {first}-{last} (mean of its EVAL steps)"
 
     def split(self, step: int) -> tuple[dict[str, float], dict[str, float], bool]:
-        """``({training loss: value}, {validation loss: value}, whether step is an EVAL step)`` at ``step``."""
+        """``({training loss: value}, {validation loss: value}, whether step is an EVAL step)`` at ``step``
+        (values not finite included)."""
         trial = self.base_trial
         names = self.selection.names(trial, step)
         if not names and not self.selection.names(trial):
@@ -359,9 +404,8 @@ class _TrainValidation(_EvaluationRuns):
         val: dict[str, float] = {}
         for n in names:
             v = scalar_at(self, trial, n, step, Requirement("losses"))
-            if v is None or not np.isfinite(v):
-                continue
-            (val if self.is_validation(n, training, eval_step) else train)[n] = v
+            if v is not None:
+                (val if self.is_validation(n, training, eval_step) else train)[n] = v
         return train, val, eval_step
 
     def check_both_kinds(self, step: int) -> None:
@@ -411,10 +455,10 @@ class Overfit(_TrainValidation):
     over a run of consecutive EVAL steps (Keras's validation saves one per
     batch, as does a PyTorch evaluation loop calling the loss module given to
     ``capture``): one evaluation, not its first batch alone. Such a run is
-    judged at the next saved step, which shows it is over, or at the last step
-    of a trial whose training has ended (in-process rules, and a live runner
-    that reached that step before the training ended, do not judge the last
-    run of EVAL steps).
+    judged at the next saved step, which shows it is over, or when the training
+    ends: in-process when the hook closes, offline and live once the runner has
+    evaluated the last step of a trial whose training has ended (a last
+    validation that fails fires at that step).
 
     Losses are those of collection ``losses`` (or ``tensor_regex``). A loss in
     collection ``training_data`` is a training loss (the XGBoost callback puts
@@ -450,7 +494,7 @@ class Overfit(_TrainValidation):
         prefixed with ``d`` and followed by digits (``dtest``, ``Valid``, ``validation_1``, ``test2``).
     """
 
-    state_attrs = ("train_values", "exceeded", "run_losses", "run_steps")
+    state_attrs = ("train_values", "exceeded", "open_runs")
 
     def __init__(
         self,
@@ -473,25 +517,24 @@ class Overfit(_TrainValidation):
         if step < self.start_step:
             return False
         self.check_both_kinds(step)
-        reasons: list[str] = []
-        tensors: list[str] = []
-        for kind, values, where in self.losses(step):
-            if kind == "training":
-                self.train_values.extend(values.values())
-                continue
-            if not self.train_values:
-                continue
-            t, v = float(np.mean(self.train_values)), float(np.mean(list(values.values())))
-            self.train_values = []
-            ratio = (v - t) / abs(t) if t != 0 else float(np.sign(v - t) * np.inf)
-            self.exceeded = self.exceeded + 1 if ratio > self.ratio_threshold else 0
-            if self.exceeded >= self.patience:
-                reasons.append(
-                    f"validation loss {v:.4g} is {ratio:.3g} x above training loss {t:.4g} "
-                    f"(> ratio_threshold {self.ratio_threshold:g} for {self.exceeded} evaluation(s)) at {where}"
-                )
-                tensors.extend(values)
-        return self.fire(step, "; ".join(reasons), tensors) if reasons else False
+        return super().invoke_at_step(step)
+
+    def judge(self, kind: str, values: dict[str, float], where: str) -> str | None:
+        if kind == "training":
+            self.train_values.extend(values.values())
+            return None
+        if not self.train_values:
+            return None
+        t, v = float(np.mean(self.train_values)), float(np.mean(list(values.values())))
+        self.train_values = []
+        ratio = (v - t) / abs(t) if t != 0 else float(np.sign(v - t) * np.inf)
+        self.exceeded = self.exceeded + 1 if ratio > self.ratio_threshold else 0
+        if self.exceeded < self.patience:
+            return None
+        return (
+            f"validation loss {v:.4g} is {ratio:.3g} x above training loss {t:.4g} "
+            f"(> ratio_threshold {self.ratio_threshold:g} for {self.exceeded} evaluation(s)) at {where}"
+        )
 
 
 class Overtraining(_TrainValidation):
@@ -524,7 +567,7 @@ class Overtraining(_TrainValidation):
         Which loss names are validation losses (as in :class:`Overfit`).
     """
 
-    state_attrs = ("best", "since", "run_losses", "run_steps")
+    state_attrs = ("best", "since", "open_runs")
 
     def __init__(
         self,
@@ -544,24 +587,19 @@ class Overtraining(_TrainValidation):
         self.best: dict[str, float] = {}
         self.since: dict[str, int] = {"training": 0, "validation": 0}
 
-    def invoke_at_step(self, step: int) -> bool:
-        reasons: list[str] = []
-        tensors: list[str] = []
-        for kind, values, where in self.losses(step):
-            x = float(np.mean(list(values.values())))
-            if kind not in self.best or self.best[kind] - x >= self.delta:
-                self.best[kind], self.since[kind] = x, 0
-            else:
-                self.since[kind] += 1
-            if self.since[kind] >= self.patience[kind]:
-                unit, parameter = ("saved step", "train") if kind == "training" else ("validation", kind)
-                reasons.append(
-                    f"{kind} loss {x:.4g} at {where} has not improved by {self.delta:g} on its best "
-                    f"{self.best[kind]:.4g} for {self.since[kind]} {unit}(s) "
-                    f"(patience_{parameter} {self.patience[kind]})"
-                )
-                tensors.extend(values)
-        return self.fire(step, "; ".join(reasons), tensors) if reasons else False
+    def judge(self, kind: str, values: dict[str, float], where: str) -> str | None:
+        x = float(np.mean(list(values.values())))
+        if kind not in self.best or self.best[kind] - x >= self.delta:
+            self.best[kind], self.since[kind] = x, 0
+        else:
+            self.since[kind] += 1
+        if self.since[kind] < self.patience[kind]:
+            return None
+        unit, parameter = ("saved step", "train") if kind == "training" else ("validation", kind)
+        return (
+            f"{kind} loss {x:.4g} at {where} has not improved by {self.delta:g} on its best "
+            f"{self.best[kind]:.4g} for {self.since[kind]} {unit}(s) (patience_{parameter} {self.patience[kind]})"
+        )
 
 
 class StalledTraining(Rule):

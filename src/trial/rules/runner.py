@@ -69,7 +69,9 @@ class RuleRunner:
             First global step; default: after the last step each rule evaluated
             (0 for a fresh rule, or where :meth:`Rule.load_state_dict` left it).
         end_step
-            Stop before this global step; default: at the end of the training.
+            Stop before this global step; default: at the end of the training, once
+            each rule judged what its last step left pending (:meth:`Rule.on_training_end`;
+            also when a step before ``end_step`` is the training's last).
         wait
             While the training runs, wait for steps that are not written yet
             (calling :meth:`Rule.on_idle` meanwhile). False: stop at the last complete step.
@@ -118,7 +120,8 @@ class RuleRunner:
         while True:
             ended = self.trial.training_ended
             self.trial.refresh()
-            pending = [s for s in self.trial.steps() if s >= next_step and (end_step is None or s < end_step)]
+            steps = self.trial.steps()
+            pending = [s for s in steps if s >= next_step and (end_step is None or s < end_step)]
             for s in progress(pending, desc="steps", enable=False if wait else show_progress):
                 readable = s in self.trial._index.steps  # else its shards were found unreadable since the listing
                 for rule in self.rules:
@@ -132,7 +135,15 @@ class RuleRunner:
             reached_end = end_step is not None and (
                 end_step <= next_step or self.trial.has_passed_step(end_step - 1) is not StepState.NOT_YET_AVAILABLE
             )
-            if reached_end or not wait or (ended and not pending):
+            # every step of an ended training is evaluated: what the last one left pending is judged now
+            over = ended and (end_step is None or not steps or steps[-1] < end_step)
+            if over or reached_end or not wait:
+                if over:
+                    for rule in self.rules:
+                        verdict = rule.invoke_end()
+                        if verdict.fired:
+                            fired[rule].append(verdict.step)
+                            self._act(rule, verdict, raise_eval_cond, on_verdict)
                 return fired
             if pending:
                 last_new = time.monotonic()
