@@ -335,10 +335,18 @@ def test_overfit(tmp_path: Path) -> None:
 
 
 def test_overtraining(tmp_path: Path) -> None:
+    """A training loss and a validation loss per round (XGBoost): each round's training loss is judged."""
     train = [1.0, 0.9, 0.8, 0.8, 0.8, 0.8, 0.75]
-    trial = make_trial(tmp_path, 7, scalars("losses/loss", "losses", dict(enumerate(train))))
+
+    def v(s: int) -> Values:
+        return {n: (np.float32(x), ("losses",)) for n, x in (("losses/loss", train[s]), ("losses/val_loss", 2 - s))}
+
+    trial = make_trial(tmp_path, 7, v)
     assert invoke_rule(Overtraining(trial, patience_train=3)) == [5]
     assert invoke_rule(Overtraining(trial)) == []
+    only_training = make_trial(tmp_path / "train", 7, scalars("losses/loss", "losses", dict(enumerate(train))))
+    with pytest.raises(RuleInputsMissing, match="no validation loss"):
+        invoke_rule(Overtraining(only_training))
 
 
 def test_stalled_training_fires_while_waiting(tmp_path: Path) -> None:

@@ -486,17 +486,18 @@ def test_saturated_activation_keras_activation_layer(tmp_path: Path, keras: Any)
 
 
 def _fit_validated(
-    keras: Any, tmp_path: Path, rows: int, optimizer: Any, epochs: int, **callback_kw: Any
+    keras: Any, tmp_path: Path, rows: int, optimizer: Any, epochs: int, hidden: int = 16, **callback_kw: Any
 ) -> tuple[dict[str, Any], Any, Any]:
-    """A 3-class Keras classifier fit on half of ``rows`` and validated on the other half, in batches of 32,
-    its losses saved every step (and published): ``(History.history, the trial, the callback)``."""
+    """A 3-class Keras classifier (``hidden`` ReLU units) fit on half of ``rows`` and validated on the other
+    half, in batches of 32, its losses saved every step (and published): ``(History.history, the trial, the
+    callback)``."""
     import tensortap.keras as ttk
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(rows, 8)).astype(np.float32)
     y = (x @ rng.normal(size=(8, 3)) + 0.5 * rng.normal(size=(rows, 3))).argmax(1)
     keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="relu"), keras.layers.Dense(3)])
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(hidden, activation="relu"), keras.layers.Dense(3)])
     model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(True))
     cb = ttk.Callback(tmp_path, save_config=EVERY_STEP, include_collections=["losses"], **callback_kw)
     half = rows // 2
@@ -525,7 +526,44 @@ def test_overfit_and_overtraining_judge_a_keras_validation_not_its_batches(tmp_p
     judged = [float(r.split()[2]) for r in reasons]  # "validation loss 1.234 is ..."
     np.testing.assert_allclose(judged, history["val_loss"], rtol=1e-3)
     assert reasons[0].endswith("at steps 16-31 (mean of its EVAL steps)")
-    assert invoke_rule(Overtraining(trial, patience_train=10**6)) == []
+    assert invoke_rule(Overtraining(trial)) == []
+
+
+def _overtraining_steps(history: dict[str, Any], steps_per_epoch: int, patience_train: int = 5) -> list[int]:
+    """The steps Overtraining (defaults but ``patience_train``) fires at, from Keras's own ``History``: each
+    epoch's validation is judged at the next step (the last one at the last step)."""
+    best: dict[str, float] = {}
+    since = {"loss": 0, "val_loss": 0}
+    patience = {"loss": patience_train, "val_loss": 10}
+    fired = []
+    epochs = len(history["loss"])
+    for e in range(epochs):
+        for key in since:
+            x = history[key][e]
+            if key not in best or best[key] - x >= 0.01:
+                best[key], since[key] = x, 0
+            else:
+                since[key] += 1
+        if any(since[k] >= patience[k] for k in since):
+            fired.append(min(steps_per_epoch * (e + 1), steps_per_epoch * epochs - 1))
+    return fired
+
+
+@pytest.mark.keras
+def test_overtraining_fires_on_a_keras_fit_that_overtrains_not_on_a_healthy_one(tmp_path: Path, keras: Any) -> None:
+    """Keras saves a training loss per batch: judged batch by batch, the rule fired on a healthy fit (5
+    batches that do not beat the best batch by delta), at 19 steps of the healthy fit below, from step 65. The training
+    loss judged is the mean between two validations now: ``History``'s ``loss`` (one batch size here)."""
+    history, trial, _ = _fit_validated(keras, tmp_path / "healthy", 1024, keras.optimizers.Adam(0.003), epochs=5)
+    assert np.all(np.diff(history["loss"]) < -0.01) and np.all(np.diff(history["val_loss"]) < -0.01)
+    assert invoke_rule(Overtraining(trial)) == []
+    # 32 training rows in one batch, a wide layer: the training loss falls to 0, the validation loss rises
+    history, trial, _ = _fit_validated(keras, tmp_path / "over", 64, keras.optimizers.Adam(0.02), 20, hidden=256)
+    val = history["val_loss"]
+    assert history["loss"][-1] < 0.01 and val[-1] > 1.5 * min(val) and np.argmin(val) < 9
+    fired = invoke_rule(Overtraining(trial, patience_train=10**6))  # the validation alone
+    assert fired and fired == _overtraining_steps(history, 2, patience_train=10**6)
+    assert invoke_rule(Overtraining(trial)) == _overtraining_steps(history, 2)
 
 
 @pytest.mark.keras

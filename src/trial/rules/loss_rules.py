@@ -314,7 +314,8 @@ def change_words(decrease: float) -> str:
 
 
 class _TrainValidation(_EvaluationRuns):
-    """Splits the losses saved at a step into training losses and validations, and judges each (:meth:`judge`).
+    """Splits the losses saved at a step into training losses and validations, and judges each validation
+    with the training losses saved since the previous one (:meth:`judge`).
 
     A loss is a training loss when it is in collection ``training_data``;
     otherwise a validation loss when its name matches ``validation_regex`` or it
@@ -332,6 +333,7 @@ class _TrainValidation(_EvaluationRuns):
         check_regexes("validation_regex", [validation_regex])
         self.validation = re.compile(validation_regex)
         self.selection = Selection(None if tensor_regex else ("losses",), tensor_regex, ())
+        self.train_values: dict[str, list[float]] = {}  # per training loss, its values since the last validation
 
     def required_captures(self) -> list[Requirement]:
         return self.selection.requirements() or [Requirement("losses")]
@@ -348,11 +350,35 @@ class _TrainValidation(_EvaluationRuns):
         return self._judge_all([validation] if validation is not None else [])
 
     def _judge_all(self, losses: list[tuple[str, dict[str, float], str]]) -> list[tuple[str, list[str]]]:
-        return [(r, list(values)) for kind, values, where in losses if (r := self.judge(kind, values, where))]
+        """Keep the training losses; judge each validation with those kept, which are then forgotten."""
+        failures = []
+        for kind, values, where in losses:
+            if kind == "training":
+                for n, v in values.items():
+                    self.train_values.setdefault(n, []).append(v)
+                continue
+            kept = [v for vs in self.train_values.values() for v in vs]
+            t = float(np.mean(kept)) if kept else None
+            failures += self.judge(t, list(self.train_values), values, where)
+            self.train_values = {}
+        return failures
 
-    def judge(self, kind: str, values: dict[str, float], where: str) -> str | None:
-        """The reason the losses ``values`` of ``kind`` (``"training"``, ``"validation"``) saved at ``where``
-        fail, or None."""
+    def judge(
+        self, t: float | None, training: list[str], validation: dict[str, float], where: str
+    ) -> list[tuple[str, list[str]]]:
+        """Judge one validation: ``(reason, tensors)`` for each failure found.
+
+        Parameters
+        ----------
+        t
+            The mean of the training losses saved since the previous validation (None: none was).
+        training
+            Their names.
+        validation
+            The validation: ``{validation loss: value}`` (a mean over its EVAL steps).
+        where
+            The step(s) it was saved at.
+        """
         raise NotImplementedError
 
     def losses(self, step: int) -> list[tuple[str, dict[str, float], str]]:
@@ -510,7 +536,6 @@ class Overfit(_TrainValidation):
         check_number("patience", patience, 1, integer=True)
         check_number("ratio_threshold", ratio_threshold)
         self.start_step, self.patience, self.ratio_threshold = start_step, patience, ratio_threshold
-        self.train_values: list[float] = []
         self.exceeded = 0
 
     def invoke_at_step(self, step: int) -> bool:
@@ -519,44 +544,48 @@ class Overfit(_TrainValidation):
         self.check_both_kinds(step)
         return super().invoke_at_step(step)
 
-    def judge(self, kind: str, values: dict[str, float], where: str) -> str | None:
-        if kind == "training":
-            self.train_values.extend(values.values())
-            return None
-        if not self.train_values:
-            return None
-        t, v = float(np.mean(self.train_values)), float(np.mean(list(values.values())))
-        self.train_values = []
+    def judge(
+        self, t: float | None, training: list[str], validation: dict[str, float], where: str
+    ) -> list[tuple[str, list[str]]]:
+        if t is None:
+            return []
+        v = float(np.mean(list(validation.values())))
         ratio = (v - t) / abs(t) if t != 0 else float(np.sign(v - t) * np.inf)
         self.exceeded = self.exceeded + 1 if ratio > self.ratio_threshold else 0
         if self.exceeded < self.patience:
-            return None
-        return (
+            return []
+        reason = (
             f"validation loss {v:.4g} is {ratio:.3g} x above training loss {t:.4g} "
             f"(> ratio_threshold {self.ratio_threshold:g} for {self.exceeded} evaluation(s)) at {where}"
         )
+        return [(reason, list(validation))]
 
 
 class Overtraining(_TrainValidation):
     """Fires when the training or the validation loss has stopped improving.
 
-    Formula: at each step with training losses, ``t`` = their mean; the training
-    loss improves when ``best_t - t >= delta`` (or it is the first value), which
-    sets ``best_t = t`` and resets a counter; otherwise the counter grows by one.
-    Each validation (the mean of its losses; one per run of EVAL steps, as in
-    :class:`Overfit`) keeps its own best and counter likewise. Fires while the
-    training counter is ``>= patience_train`` or the validation counter is
-    ``>= patience_validation``. Training and validation losses are told apart as
-    in :class:`Overfit`.
+    Formula: at each validation (the mean of its losses; one per run of EVAL
+    steps, as in :class:`Overfit`), ``v``, and ``t``, the mean of the training
+    losses saved since the previous validation (one per batch in Keras and
+    PyTorch: ``t`` is the epoch's training loss, as Keras's ``loss``). Each keeps
+    a best and a counter: a loss improves when ``best - x >= delta`` (or it is
+    its first value), which sets ``best = x`` and resets its counter; otherwise
+    the counter grows by one. Fires while the training counter is
+    ``>= patience_train`` or the validation counter is ``>= patience_validation``.
+    Training and validation losses are told apart as in :class:`Overfit`;
+    training losses saved after the last validation are not judged. Without
+    training losses, or (on an ended trial) without validation losses, the rule
+    records the missing input, as :class:`Overfit`.
 
-    Needs: collection ``losses``.
+    Needs: collection ``losses`` with training and validation losses.
 
     Parameters
     ----------
     base_trial
         The trial to inspect.
     patience_train
-        Saved training steps without improvement that fire. Default 5.
+        Validations whose training losses (their mean since the previous validation) do not improve
+        that fire. Default 5.
     patience_validation
         Validations without improvement that fire. Default 10.
     delta
@@ -567,7 +596,7 @@ class Overtraining(_TrainValidation):
         Which loss names are validation losses (as in :class:`Overfit`).
     """
 
-    state_attrs = ("best", "since", "open_runs")
+    state_attrs = ("best", "since", "train_values", "open_runs")
 
     def __init__(
         self,
@@ -587,19 +616,34 @@ class Overtraining(_TrainValidation):
         self.best: dict[str, float] = {}
         self.since: dict[str, int] = {"training": 0, "validation": 0}
 
-    def judge(self, kind: str, values: dict[str, float], where: str) -> str | None:
-        x = float(np.mean(list(values.values())))
-        if kind not in self.best or self.best[kind] - x >= self.delta:
-            self.best[kind], self.since[kind] = x, 0
-        else:
-            self.since[kind] += 1
-        if self.since[kind] < self.patience[kind]:
-            return None
-        unit, parameter = ("saved step", "train") if kind == "training" else ("validation", kind)
-        return (
-            f"{kind} loss {x:.4g} at {where} has not improved by {self.delta:g} on its best "
-            f"{self.best[kind]:.4g} for {self.since[kind]} {unit}(s) (patience_{parameter} {self.patience[kind]})"
-        )
+    def invoke_at_step(self, step: int) -> bool:
+        self.check_both_kinds(step)
+        return super().invoke_at_step(step)
+
+    def judge(
+        self, t: float | None, training: list[str], validation: dict[str, float], where: str
+    ) -> list[tuple[str, list[str]]]:
+        v = float(np.mean(list(validation.values())))
+        failures = []
+        for kind, x, names in (("training", t, training), ("validation", v, list(validation))):
+            if x is None:
+                continue
+            if kind not in self.best or self.best[kind] - x >= self.delta:
+                self.best[kind], self.since[kind] = x, 0
+            else:
+                self.since[kind] += 1
+            if self.since[kind] >= self.patience[kind]:
+                what = "mean since the previous validation, " if kind == "training" else ""
+                parameter = "train" if kind == "training" else kind
+                failures.append(
+                    (
+                        f"{kind} loss {x:.4g} ({what}validation at {where}) has not improved by {self.delta:g} "
+                        f"on its best {self.best[kind]:.4g} for {self.since[kind]} validation(s) "
+                        f"(patience_{parameter} {self.patience[kind]})",
+                        names,
+                    )
+                )
+        return failures
 
 
 class StalledTraining(Rule):
