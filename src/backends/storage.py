@@ -46,6 +46,10 @@ CACHE_DIR_ENV = "TENSORTAP_CACHE_DIR"
 CACHE_BYTES_ENV = "TENSORTAP_CACHE_BYTES"
 DEFAULT_CACHE_BYTES = 10 << 30
 
+VERSION_FIELDS = ("ETag", "etag", "mtime", "LastModified", "created")
+"""Fields of an fsspec file's metadata (an ``ls`` entry, ``info()``) that change when it is written again,
+in order of preference: the object stores' ETag, a modification or creation time."""
+
 # fsspec protocols whose uploads appear whole or not at all: an object is
 # only visible once its single PUT (or multipart upload) completes.
 OBJECT_STORE_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "oss"})
@@ -216,6 +220,13 @@ def _parse_json(key: str, data: bytes) -> Any:
         raise ValueError(f"{key}: JSON nested too deeply") from None
 
 
+def object_version(info: dict[str, Any]) -> str | None:
+    """What tells one content of a file from another written under its name since, from its fsspec metadata
+    ``info``: the first of :data:`VERSION_FIELDS` it has, and its size; None when it has none of them."""
+    version = next((info[k] for k in VERSION_FIELDS if k in info), None)
+    return None if version is None else f"{version}\0{info.get('size')}"
+
+
 class NotInTrial(OSError):
     """A file of a trial that must not be read: a link that leads outside the trial, a FIFO, a device."""
 
@@ -292,8 +303,8 @@ class Storage(abc.ABC):
     def local_path(self, key: str) -> str:
         """Return a local file path with the content of ``key``; FileNotFoundError if it does not exist.
 
-        Remote backends return a cached copy that is never refreshed, so use
-        this only for immutable keys (published shards).
+        Remote backends return a downloaded copy, kept for later calls while the file is not written
+        again (:class:`FsspecStorage` names its copies by the object's version).
         """
 
     @contextlib.contextmanager
@@ -640,6 +651,7 @@ class FsspecStorage(Storage):
         self._endpoint: str | None = endpoint
         self._identity = f"{url}\0{endpoint or ''}"
         self._listed: dict[str, int] = {}  # the size of each file (its path) in its folder's last listing
+        self._copies: dict[str, str] = {}  # key -> its copy in the private folder (without ShardCache)
         self._kept: dict[str, dict[str, Any]] | None = None  # _info of published files, inside one_view
 
     def _path(self, key: str) -> str:
@@ -815,37 +827,47 @@ class FsspecStorage(Storage):
             self._kept = None
 
     def _cache_name(self, key: str, info: dict[str, Any]) -> str:
-        """The name of ``key``'s copy in the persistent :class:`ShardCache`, from its metadata ``info``."""
-        version = next((info[k] for k in ("ETag", "etag", "mtime", "LastModified", "created") if k in info), "")
-        return hashlib.sha256(f"{self._identity}\0{key}\0{version}\0{info.get('size')}".encode()).hexdigest()
+        """The name of the copy of ``key`` as its metadata ``info`` describes it (in the persistent
+        :class:`ShardCache`, or the private folder): a file written again under ``key`` has another."""
+        version = object_version(info) or info.get("size")
+        return hashlib.sha256(f"{self._identity}\0{key}\0{version}".encode()).hexdigest()
 
     def local_path(self, key: str) -> str:
+        """A copy of the object as it is now (its metadata asked, one ``HEAD``, unless :meth:`one_view`
+        kept it): in the persistent :class:`ShardCache`, else (``memory://``, no cache, a file larger than
+        the cache) in this storage's private folder, where it replaces the copy of an earlier version."""
         path = self._path(key)
+        info = self._info(key)
+        size = int(info.get("size") or 0)
+        name = self._cache_name(key, info)
+
+        def fetch(tmp: str) -> None:
+            self._ask("get_file", path, tmp, moves=size)
+
         if self.cache is not None:
-            info = self._info(key)
-            size = int(info.get("size") or 0)
-            cached = self.cache.get(
-                self._cache_name(key, info), lambda tmp: self._ask("get_file", path, tmp, moves=size), size
-            )
+            cached = self.cache.get(name, fetch, size)
             if cached is not None:
                 return cached
-        dest = os.path.join(self._cache, *key.split("/"))
-        if not os.path.exists(dest):  # published files are immutable: cache for the life of this storage
-            size = int(self._info(key).get("size") or 0)
-            _download(lambda tmp: self._ask("get_file", path, tmp, moves=size), os.path.dirname(dest), dest)
+        dest = os.path.join(self._cache, name)
+        if not os.path.exists(dest):
+            _download(fetch, self._cache, dest)
+            before = self._copies.get(key)
+            if before is not None and before != dest:
+                Path(before).unlink(missing_ok=True)  # a reader that has it open keeps reading it (POSIX)
+            self._copies[key] = dest
         return dest
 
     def open_ranges(self, key: str) -> RangedFile:
-        """A copy of ``key`` downloaded before, else the object itself, read by range requests: reading
-        a tensor located by its index record (``raw_at``) downloads its bytes only, not the shard."""
+        """A copy of ``key`` as it is now, downloaded before, else the object itself, read by range
+        requests: reading a tensor located by its index record (``raw_at``) downloads its bytes only, not
+        the shard."""
         path = self._path(key)  # refuses a key that leaves the root
-        with contextlib.suppress(FileNotFoundError):  # this storage's own copy: no request, as in local_path
-            return LocalRanges.open(os.path.join(self._cache, *key.split("/")))
         info = self._info(key)
-        shared = None if self.cache is None else self.cache.cached(self._cache_name(key, info))
-        if shared is not None:
-            with contextlib.suppress(FileNotFoundError):  # evicted since
-                return LocalRanges.open(shared)
+        name = self._cache_name(key, info)
+        for copy in (os.path.join(self._cache, name), None if self.cache is None else self.cache.cached(name)):
+            if copy is not None:
+                with contextlib.suppress(FileNotFoundError):  # not downloaded, or evicted since
+                    return LocalRanges.open(copy)
         return _RemoteRanges(functools.partial(self._ask, "cat_file", path), int(info["size"]))
 
     def delete(self, key: str) -> None:

@@ -295,6 +295,20 @@ class StorageTests:
                         file.close()
         assert Path(storage.local_path(key)).read_bytes() == content
 
+    def test_a_file_published_again_is_never_read_stale(self, storage: Storage) -> None:
+        """A trial overwritten (``if_exists="overwrite"``) publishes shards under the names of the old ones:
+        ``local_path`` and ``open_ranges`` give the new content, not a copy of the old one kept by key."""
+        key = "shards/worker_0/0000000000.h5"
+        for content in (b"first run", b"second run, same key", b"third run, the same size"):
+            storage.publish_file(self.staged_file(storage, content), key)
+            assert Path(storage.local_path(key)).read_bytes() == content
+            file = storage.open_ranges(key)
+            try:
+                out = bytearray(len(content))
+                assert file.size == len(content) and file.read_into([(0, memoryview(out))]) and out == content
+            finally:
+                file.close()
+
     # ------------------------------------------------------- atomicity
     def _check_whole_under_reads(self, storage: Storage, key: str, writes: list[Callable[[], bytes]]) -> None:
         """Run ``writes`` (each returns what it wrote) while another thread reads ``key``; every read is whole."""
