@@ -1,15 +1,18 @@
-"""Shared fixtures: trial directories and writer processes driven over stdin."""
+"""Shared fixtures: trial directories, writer processes driven over stdin, and a real S3 API served by moto
+on 127.0.0.1."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import queue
 import signal
 import subprocess
 import sys
 import threading
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +20,7 @@ from typing import Any
 import pytest
 
 HELPERS = Path(__file__).parent / "helpers"
+S3_BUCKET = "tensortap-test"
 
 # The tests compare captured values with NumPy's arithmetic: on a GPU, JAX's matrix products run in
 # TensorFloat-32 unless asked for float32 (set before JAX is imported; children inherit it).
@@ -131,3 +135,32 @@ def shard_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         del os.environ["TENSORTAP_CACHE_DIR"]
     else:
         os.environ["TENSORTAP_CACHE_DIR"] = old
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """URL of a moto S3 server in a thread of this process (skips when moto or s3fs is missing)."""
+    moto_server = pytest.importorskip("moto.server")
+    pytest.importorskip("s3fs")
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_options(s3_endpoint: str) -> dict[str, Any]:
+    """storage_options for s3fs that reach the moto server, with a bucket created."""
+    import s3fs
+
+    options = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": s3_endpoint}}
+    s3fs.S3FileSystem(skip_instance_cache=True, **options).mkdir(S3_BUCKET)
+    return options
+
+
+@pytest.fixture
+def s3_url(s3_options: dict[str, Any]) -> str:
+    """A fresh, empty prefix in the test bucket."""
+    return f"s3://{S3_BUCKET}/{uuid.uuid4().hex}"

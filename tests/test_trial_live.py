@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -345,32 +346,57 @@ def _steps_of(trial: tensortap.Trial) -> dict[int, float]:
     return {s: float(v) for s, v in trial.tensor("a").values().items()}
 
 
-@pytest.mark.parametrize("first_run", ["ended", "ended, fewer records", "ended, as many records", "open"])
+@pytest.fixture(params=["local", "memory", pytest.param("s3", marks=pytest.mark.s3)])
+def trial_at(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, dict[str, Any]]:
+    """A new trial's URL and storage options: a local folder, ``memory://``, a prefix on the S3 server."""
+    if request.param == "s3":
+        return request.getfixturevalue("s3_url"), request.getfixturevalue("s3_options")
+    return (str(tmp_path) if request.param == "local" else f"memory://tensortap-{uuid.uuid4().hex}"), {}
+
+
+@pytest.mark.parametrize(
+    "first_run",
+    [
+        "ended",
+        "ended, fewer records",
+        "ended, as many records",
+        "ended, as many records, other steps",
+        "open",
+        "open, as many records",
+    ],
+)
 def test_a_reader_held_across_an_overwrite_reads_the_new_run(
-    tmp_path: Path, first_run: str, caplog: pytest.LogCaptureFixture
+    trial_at: tuple[str, dict[str, Any]], first_run: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A notebook keeps a trial open while a training cell is run again with ``if_exists="overwrite"``: the new
     run's records reuse the old ones' names, so the reader saw none of them, kept the old steps (their shards
     now the new run's: checksum errors), then showed an empty trial, or refused the new records as another
-    process's. It forgets the old run, with one warning, and reads the new one."""
+    process's. It forgets the old run, with one warning, and reads the new one. On object storage, a run with
+    as many records that ended between two refreshes was not seen: the reader kept the old steps and read
+    the new run's values under them (steps 0, 2, 4 shown as 0, 1, 2), without a warning; so did a reader of a
+    run still open (on local storage too) until its next refresh."""
+    url, options = trial_at
     policy = ShardPolicy(max_steps=1)  # a record per step
-    old = Writer(tmp_path, shard_policy=policy)
-    n = {"ended, fewer records": 2, "ended, as many records": 3}.get(first_run, 4)
+    old = Writer(url, storage_options=options, shard_policy=policy)
+    n = {"ended, fewer records": 2}.get(first_run, 3 if "as many" in first_run else 4)
     run_steps(old, n, value=lambda _, step: float(step))
-    if first_run == "open":
+    if first_run.startswith("open"):
         old.flush()  # published; the process goes on (a cell interrupted, its hook never closed)
     else:
         old.close()
-    trial = tensortap.create_trial(tmp_path)
+    trial = tensortap.create_trial(url, **options)
     before = _steps_of(trial)
-    with Writer(tmp_path, shard_policy=policy, if_exists="overwrite") as new:
-        run_steps(new, 3, value=lambda _, step: 100.0 + step)
+    steps = [0, 2, 4] if "other steps" in first_run else [0, 1, 2]
+    with Writer(url, storage_options=options, shard_policy=policy, if_exists="overwrite") as new:
+        for step in steps:
+            with new.stepping(step=step):
+                new.save("a", 100.0 + step, ["custom"])
     trial.refresh()
     assert before == {s: float(s) for s in range(len(before))}
-    assert _steps_of(trial) == {0: 100.0, 1: 101.0, 2: 102.0}
-    assert trial.steps() == [0, 1, 2] and trial.end_reasons() == {"worker_0": "closed"}
+    assert _steps_of(trial) == {s: 100.0 + s for s in steps}
+    assert trial.steps() == steps and trial.end_reasons() == {"worker_0": "closed"}
     warned = [r.getMessage() for r in caplog.records if r.name == "tensortap"]
     assert len(warned) == 1 and "worker_0 was overwritten by a new run" in warned[0], warned
     assert trial.problems() == {}
-    if first_run == "open":
+    if first_run.startswith("open"):
         old.close()

@@ -283,6 +283,16 @@ class Storage(abc.ABC):
         backend can (both built-in ones do; this default lists twice)."""
         return self.list(prefix), self.list_dirs(prefix)
 
+    def listed_version(self, key: str) -> str | None:
+        """What told the content of file ``key`` from another written under its name since, as the last
+        :meth:`list` (or :meth:`entries`) of its folder showed it (an object's ETag, a modification time);
+        None when that listing did not show it (then only reading the file again tells).
+
+        A reader compares it between two listings to know whether a file it read was written again; the
+        default, and local files (read again at little cost), say None.
+        """
+        return None
+
     @abc.abstractmethod
     def walk(self) -> Keys:
         """Return every file key under the root, sorted, without hidden ones (for ``tensortap check``)."""
@@ -651,6 +661,7 @@ class FsspecStorage(Storage):
         self._endpoint: str | None = endpoint
         self._identity = f"{url}\0{endpoint or ''}"
         self._listed: dict[str, int] = {}  # the size of each file (its path) in its folder's last listing
+        self._versions: dict[str, str | None] = {}  # object_version of each file in its folder's last listing
         self._copies: dict[str, str] = {}  # key -> its copy in the private folder (without ShardCache)
         self._kept: dict[str, dict[str, Any]] | None = None  # _info of published files, inside one_view
 
@@ -700,8 +711,10 @@ class FsspecStorage(Storage):
                 if attempt == 2:
                     raise
         for e in entries:
-            if e.get("type") != "directory" and isinstance(e.get("size"), int):
-                self._listed[e["name"]] = e["size"]
+            if e.get("type") != "directory":
+                self._versions[e["name"]] = object_version(e)
+                if isinstance(e.get("size"), int):
+                    self._listed[e["name"]] = e["size"]
         names = [(e["name"].rstrip("/").rsplit("/", 1)[-1], e.get("type") == "directory") for e in entries]
         names = [(n, is_dir) for n, is_dir in names if not n.startswith(".")]
         return sorted(n for n, is_dir in names if not is_dir), sorted(n for n, is_dir in names if is_dir)
@@ -711,6 +724,9 @@ class FsspecStorage(Storage):
 
     def list_dirs(self, prefix: str) -> Keys:
         return self.entries(prefix)[1]
+
+    def listed_version(self, key: str) -> str | None:
+        return self._versions.get(self._path(key))
 
     def walk(self) -> Keys:
         self.fs.invalidate_cache(self.root)

@@ -309,6 +309,18 @@ class StorageTests:
             finally:
                 file.close()
 
+    def test_listed_version_tells_a_file_written_again(self, storage: Storage) -> None:
+        """``listed_version``, as a listing shows it, is None (not known) or another once the file is written
+        again, its size the same (a reader takes an equal one for a file it need not read again)."""
+        key = "workers/worker_0.json"
+        versions = []
+        for content in (b'{"run_id": "a"}', b'{"run_id": "b"}'):
+            storage.write_bytes(key, content)
+            assert storage.list("workers") == ["worker_0.json"]
+            versions.append(storage.listed_version(key))
+        assert versions[0] is None or versions[0] != versions[1]
+        assert storage.listed_version("workers/worker_1.json") is None  # never listed
+
     # ------------------------------------------------------- atomicity
     def _check_whole_under_reads(self, storage: Storage, key: str, writes: list[Callable[[], bytes]]) -> None:
         """Run ``writes`` (each returns what it wrote) while another thread reads ``key``; every read is whole."""

@@ -498,6 +498,7 @@ class WorkerState:
     last_mode_step: dict[Mode, int] = field(default_factory=dict)
     end: dict[str, Any] | None = None
     killed: bool = False  # ``end`` is this reader's: the process ended without writing an end marker
+    version: str | None = None  # Storage.listed_version of the worker record ``info`` was read from
 
 
 @dataclass(frozen=True, eq=False)
@@ -702,8 +703,10 @@ class TrialIndex:
         at before the listings, so that everything it published is read here) ends, reason ``killed``,
         unless its worker record, read again (:meth:`_look_again`), names another process that resumed
         its run. A worker that ended runs again when its run was resumed (see :meth:`_look_again`). A
-        worker's record is read again too when index records read before are no longer listed, or one of
-        another run comes: a new run that overwrote the worker is read from its first record.
+        worker's record is read again too when index records read before are no longer listed, when an index
+        record or end marker of another run comes, and when the listing shows the record written again (at
+        each refresh for an ended worker, where the storage does not show it): a new run that overwrote the
+        worker is read from its first record.
         """
         storage = self.storage
         none: list[str] = []
@@ -714,16 +717,19 @@ class TrialIndex:
             [(storage.list, layout.WORKERS), (storage.list, layout.ENDS), (storage.list_dirs, layout.INDEX)], none
         )
         new = [(w, key) for w, key in self._records(layout.WORKERS, workers) if not self._worker(w).info]
-        for worker, _, info in self._load(new, lambda record, _: check_worker_record(record)):
+        for worker, key, info in self._load(new, lambda record, _: check_worker_record(record)):
             self.workers[worker].info = info or {}
+            self.workers[worker].version = storage.listed_version(key)
         met = [w for w, _ in new if process_gone(self.workers[w].info)]  # checked after the listings: next round
         markers = self._records(layout.ENDS, ends)
         listed = {w for w, _ in markers}
-        # a resumed run removes the end marker; a killed worker's record is looked at until one resumes it; on
-        # local storage, where a read costs little, every ended worker's (a run overwritten and ended since the
-        # last refresh, with as many records, is seen by nothing else)
+        # a resumed run removes the end marker; a killed worker's record is looked at until one resumes it; a
+        # worker's when it was written again, and an ended worker's when that cannot be told without reading it
+        # (a run that overwrote the worker with as many records is seen by nothing else)
         self._looked.clear()
-        again = [n for n in ended if storage.is_local or self.workers[n].killed or n not in listed]
+        rewritten = {n: self._rewritten(n) for n in self.workers}
+        again = [n for n, changed in rewritten.items() if changed or (changed is None and n in ended)]
+        again += [n for n in ended if self.workers[n].killed or n not in listed]
         renewed = self._look_again([*gone, *again])
         self._read_ends(markers)
         for worker in gone:
@@ -758,11 +764,23 @@ class TrialIndex:
             self._replaced = False
             self.refresh()
 
+    def _rewritten(self, worker: str) -> bool | None:
+        """Whether ``worker``'s record was written again since it was read (its version in this refresh's
+        listing is another); None when the storage does not tell (local files: reading it costs little)."""
+        version = self.storage.listed_version(layout.worker_key(worker))
+        return None if version is None else version != self.workers[worker].version
+
     def _read_ends(self, markers: Sequence[tuple[str, str]]) -> None:
         """Read the end markers ``(worker, key)`` of the workers that have not ended; one removed since it
-        was listed (by a resumed run, see :meth:`_look_again`) is not there."""
+        was listed (by a resumed run, see :meth:`_look_again`) is not there. An end marker of another run
+        than the worker's: a new run overwrote the worker (:meth:`_look_again`), whose records and end
+        marker are then read from the first."""
         new = [(w, key) for w, key in markers if self._worker(w).end is None]
         for worker, _, end in self._load(new, lambda record, _: check_end_marker(record), removed_ok=True):
+            run = self.workers[worker].info.get("run_id")
+            another = end is not None and run is not None and end.get("run_id") not in (None, run)
+            if another and worker in self._look_again([worker]):
+                continue
             self.workers[worker].end = end
 
     def _look_again(self, names: Iterable[str]) -> set[str]:
@@ -778,15 +796,20 @@ class TrialIndex:
         """
         records = [(w, layout.worker_key(w)) for w in sorted(set(names))]
         renewed = set()
-        for worker, _, info in self._load(records, lambda record, _: check_worker_record(record), removed_ok=True):
+        for worker, key, info in self._load(records, lambda record, _: check_worker_record(record), removed_ok=True):
             w = self.workers[worker]
             run = w.info.get("run_id")
-            if info is None or info == w.info or run is None or info.get("run_id") is None:
+            if info is None:
+                continue
+            version = self.storage.listed_version(key)
+            if info == w.info or run is None or info.get("run_id") is None:
+                w.version = version
                 continue
             if info["run_id"] == run:
                 w.info, w.end, w.killed = info, None, False
             else:
                 self._replace_run(worker, info)
+            self.workers[worker].version = version
             renewed.add(worker)
         return renewed
 

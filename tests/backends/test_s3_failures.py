@@ -29,7 +29,7 @@ from tensortap.trial.index import READS_AT_ONCE
 pytestmark = pytest.mark.s3
 
 # one attempt per botocore call: the retries under test are tensortap's own
-S3_BUCKET = "tensortap-test"  # the bucket conftest.py creates
+S3_BUCKET = "tensortap-test"  # the bucket tests/conftest.py creates
 NO_CLIENT_RETRIES = {"retries": {"total_max_attempts": 1}}
 
 
