@@ -8,10 +8,12 @@ import os
 import shutil
 import subprocess
 import sys
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import h5py
 import numpy as np
 import pytest
@@ -73,13 +75,26 @@ def read_all(out: Path | str, **options: object) -> tuple[dict[str, dict[int, np
     return values, warned
 
 
-def refused(out: Path, why: str) -> None:
-    """The shard is skipped with one warning naming it and ``why``; ``check`` reports it."""
-    values, warned = read_all(out)
-    assert values == {"dense/kernel": {}, "ragged": {}}
-    assert len(warned) == 1 and SHARD in warned[0] and why in warned[0], warned
-    problems = find_problems(str(out))
-    assert any(p.startswith(SHARD) and why in p for p in problems), problems
+def on_object_storage(out: Path) -> str:
+    """A copy of the trial folder ``out`` (its regular files) at a new ``memory://`` URL: read through the
+    fsspec backend, as from an object store (range requests, downloads, sizes from the store)."""
+    fs = fsspec.filesystem("memory")
+    root = f"/untrusted-{uuid.uuid4().hex}"
+    for path in sorted(out.rglob("*")):
+        if path.is_file() and not path.is_symlink():
+            fs.pipe_file(f"{root}/{path.relative_to(out).as_posix()}", path.read_bytes())
+    return f"memory://{root}"
+
+
+def refused(out: Path, why: str, remote: bool = True) -> None:
+    """The shard is skipped with one warning naming it and ``why``; ``check`` reports it. With ``remote``,
+    the same from object storage (:func:`on_object_storage`)."""
+    for where in [str(out), on_object_storage(out)] if remote else [str(out)]:
+        values, warned = read_all(where)
+        assert values == {"dense/kernel": {}, "ragged": {}}, where
+        assert len(warned) == 1 and SHARD in warned[0] and why in warned[0], (where, warned)
+        problems = find_problems(where)
+        assert any(p.startswith(SHARD) and why in p for p in problems), (where, problems)
 
 
 @pytest.mark.parametrize("version", [3, "2"])
@@ -195,7 +210,7 @@ def test_symlinks_out_of_the_trial_are_refused(tmp_path: Path) -> None:
     outside.mkdir()
     shutil.move(out / SHARD, outside / "shard.h5")
     (out / SHARD).symlink_to(outside / "shard.h5")
-    refused(out, "outside the trial")
+    refused(out, "outside the trial", remote=False)  # object stores have no links
     shutil.move(out / RECORD, outside / "record.json")
     (out / RECORD).symlink_to(outside / "record.json")
     values, warned = read_all(out)
@@ -511,12 +526,14 @@ def test_a_raw_at_pointed_at_other_bytes_of_the_shard_is_never_returned(where: s
     ids=["data", "crc32", "shape", "huge-shape"],
 )
 def test_a_raw_at_past_the_end_of_the_shard_is_refused_unread(change: dict[str, Any], tmp_path: Path) -> None:
-    """Whatever the record declares, what is read is bounded by the file's size (nothing is allocated)."""
+    """Whatever the record declares, what is read is bounded by the file's size (nothing is allocated), on
+    object storage too (range requests bounded by the size the store reports)."""
     write(tmp_path)
     set_raw_at(tmp_path, **change)
-    values, warned = read_all(tmp_path)
-    assert values["dense/kernel"] == {}
-    assert any(SHARD in w and "would lie past the end of the file" in w for w in warned), warned
+    for where in (str(tmp_path), on_object_storage(tmp_path)):
+        values, warned = read_all(where)
+        assert values["dense/kernel"] == {}
+        assert any(SHARD in w and "would lie past the end of the file" in w for w in warned), (where, warned)
 
 
 def test_check_reports_a_raw_at_that_gives_other_values_than_the_shard_holds(tmp_path: Path) -> None:
