@@ -210,6 +210,49 @@ def test_an_accelerate_prepared_optimizer_is_unwrapped(tmp_path: Path) -> None:
         np.testing.assert_array_equal(_value(trial, "gradients/0.weight", s), g.numpy())
 
 
+@pytest.mark.parametrize("registered", [False, True])
+def test_accelerate_gradient_accumulation_saves_the_losses_the_loop_computed(registered: bool, tmp_path: Path) -> None:
+    """accelerate's ``examples/by_feature/gradient_accumulation.py``: ``accelerator.backward(loss)`` differentiates
+    ``loss / gradient_accumulation_steps``. That tensor was saved as ``losses/loss`` (half the loop's loss with
+    two micro-batches), and beside ``losses/CrossEntropyLoss`` when the loss module was registered."""
+    accelerate = pytest.importorskip("accelerate")
+    from torch.utils.data import DataLoader, TensorDataset
+
+    gen = torch.Generator().manual_seed(6)
+    data = TensorDataset(*_batch(gen, 16))
+    accelerator = accelerate.Accelerator(cpu=True, gradient_accumulation_steps=2)
+    plain = _mlp()
+    plain_opt = torch.optim.AdamW(plain.parameters(), lr=0.01)
+    schedule = torch.optim.lr_scheduler.StepLR(plain_opt, 1, 0.9)
+    model, opt, loader, schedule = accelerator.prepare(plain, plain_opt, DataLoader(data, batch_size=4), schedule)
+    loss_fn = nn.CrossEntropyLoss()
+    hook = ttt.capture(
+        model, tmp_path, optimizer=opt, loss=loss_fn if registered else None, save_config=EVERY_STEP,
+        include_collections=["gradients", "losses"],
+    )  # fmt: skip
+    applied: list[torch.Tensor] = []
+    plain_opt.register_step_pre_hook(lambda *_: applied.append(plain[0].weight.grad.detach().clone()))
+    losses = []
+    for x, y in loader:
+        with accelerator.accumulate(model):
+            loss = loss_fn(model(x), y)
+            losses.append(loss.item())
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(model.parameters(), 0.5)
+            opt.step()  # skipped by accelerate on the first micro-batch of two
+            schedule.step()
+            opt.zero_grad()
+    hook.close()
+    trial = _trial(tmp_path)
+    assert trial.steps(mode=Mode.TRAIN) == [0, 1] and len(applied) == 2
+    name = "losses/CrossEntropyLoss" if registered else "losses/loss"
+    assert set(trial.tensor_names(collection="losses")) == {f"{name}:0", f"{name}:1"}
+    for s, grad in enumerate(applied):
+        np.testing.assert_array_equal(_value(trial, "gradients/0.weight", s), grad.numpy())  # accumulated, clipped
+        assert [float(_value(trial, f"{name}:{i}", s)) for i in (0, 1)] == losses[2 * s : 2 * s + 2]
+
+
 def test_a_lightning_fabric_module_is_named_as_the_module_inside(tmp_path: Path) -> None:
     """``fabric.setup`` hands out a ``_FabricModule`` holding the model as ``_forward_module``: every name
     was prefixed ``_forward_module.`` and the model's own output was ``outputs/_FabricModule``."""

@@ -913,7 +913,7 @@ class Hook(core.Hook):
         loss = tensors[0] if isinstance(tensors, (tuple, list)) and len(tensors) == 1 else tensors
         if not isinstance(loss, torch.Tensor) or loss.grad_fn is None:
             return
-        loss = self._scaled.get(id(loss), (loss, loss))[1]  # scaler.scale(loss).backward(): the loss
+        loss = self._scaled.get(id(loss), (loss, loss))[1]  # scaler.scale(loss).backward(), accelerator's: the loss
         if not _reaches(loss, self._graph_ids):
             return  # another model's backward
         if not self.session.is_open or self._ended_by_optimizer:
@@ -934,7 +934,8 @@ class Hook(core.Hook):
         self._drop(error)
 
     def on_scaled(self, scaled: Any, loss: Any) -> None:
-        """``GradScaler.scale(loss)``: remember the loss behind the scaled tensor backward() will see."""
+        """``GradScaler.scale(loss)``, or ``Accelerator.backward(loss)``: remember the loss behind the scaled
+        tensor backward() will see."""
         if self._losses and isinstance(scaled, torch.Tensor) and isinstance(loss, torch.Tensor):
             self._scaled[id(scaled)] = (scaled, loss)
 

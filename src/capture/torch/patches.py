@@ -11,8 +11,10 @@ Two kinds:
   importable; save after ``hook.close()`` or save the ``state_dict`` to avoid it).
 - **Functions of torch replaced while a hook is open** (:class:`Patches`):
   ``torch.autograd.backward`` (which ``Tensor.backward`` calls) to see the
-  loss a training step differentiates, and ``GradScaler.scale``/``step`` to
-  see the unscaled loss and the steps a scaler skips. They are installed when
+  loss a training step differentiates, ``GradScaler.scale``/``step`` to
+  see the unscaled loss and the steps a scaler skips, and, when accelerate is
+  imported, ``Accelerator.backward(loss)`` to see the loss it was given (it
+  differentiates ``loss / gradient_accumulation_steps``). They are installed when
   the first hook opens and restored when the last one closes; in between,
   they cost one test of an empty list when no hook is saving.
 
@@ -26,6 +28,7 @@ unsaved step (docs/architecture.md).
 from __future__ import annotations
 
 import functools
+import sys
 import weakref
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -43,7 +46,9 @@ class Listener(Protocol):
         """``torch.autograd.backward(tensors, ...)`` raised ``error``."""
 
     def on_scaled(self, scaled: Any, loss: Any) -> None:
-        """``GradScaler.scale(loss)`` returned ``scaled``."""
+        """``scaled``, about to be differentiated, stands for ``loss``: ``GradScaler.scale(loss)`` returned it, or
+        a training library's ``backward(loss)`` differentiates it (accelerate's: ``loss`` divided by the
+        gradient accumulation steps)."""
 
     def on_scaler_step(self, optimizer: torch.optim.Optimizer, stepped: bool) -> None:
         """``GradScaler.step(optimizer)`` returned; ``stepped`` is whether ``optimizer.step()`` ran."""
@@ -89,12 +94,16 @@ class Tap:
 
 _LISTENERS: list[Listener] = []  # open hooks, in opening order
 _ORIGINALS: dict[tuple[Any, str], Any] = {}
+# the losses given to a training library's backward() now running, innermost last
+_GIVEN: list[torch.Tensor] = []
 
 
 def _wrap_backward(original: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(original)
     def backward(tensors: Any, *args: Any, **kwargs: Any) -> Any:
         for listener in list(_LISTENERS):
+            if _GIVEN and isinstance(tensors, torch.Tensor):
+                listener.on_scaled(tensors, _GIVEN[-1])
             listener.on_backward(tensors)
         try:
             return original(tensors, *args, **kwargs)
@@ -102,6 +111,22 @@ def _wrap_backward(original: Callable[..., Any]) -> Callable[..., Any]:
             for listener in list(_LISTENERS):
                 listener.on_backward_failed(tensors, exc)
             raise
+
+    return backward
+
+
+def _wrap_library_backward(original: Callable[..., Any]) -> Callable[..., Any]:
+    """A training library's ``backward(loss)`` (accelerate's): the tensors it differentiates stand for ``loss``."""
+
+    @functools.wraps(original)
+    def backward(self: Any, loss: Any, *args: Any, **kwargs: Any) -> Any:
+        if not isinstance(loss, torch.Tensor):
+            return original(self, loss, *args, **kwargs)
+        _GIVEN.append(loss)
+        try:
+            return original(self, loss, *args, **kwargs)
+        finally:
+            _GIVEN.pop()
 
     return backward
 
@@ -140,6 +165,10 @@ def _targets() -> list[tuple[Any, str, Callable[[Callable[..., Any]], Callable[.
     scaler = getattr(getattr(torch, "amp", None), "GradScaler", None)
     if scaler is not None:
         targets += [(scaler, "scale", _wrap_scale), (scaler, "step", _wrap_scaler_step)]
+    # imported by the user's script when the hook opens (accelerator.prepare comes before capture)
+    accelerator = getattr(sys.modules.get("accelerate"), "Accelerator", None)
+    if accelerator is not None:
+        targets.append((accelerator, "backward", _wrap_library_backward))
     return targets
 
 
