@@ -1771,3 +1771,58 @@ def test_forwards_a_step_trains_on_together_or_not_at_all_are_kept(tmp_path: Pat
     assert trial.steps() == [0]
     np.testing.assert_array_equal(_value(trial, "outputs/G", 0), fake.detach().numpy())
     assert trial.tensor_names(regex="^outputs/D(:|$)") == [f"outputs/D:{k}" for k in range(3)]
+
+
+@pytest.mark.parametrize("explicit", [False, True])
+def test_a_batch_skipped_after_its_backward_is_in_the_next_step_unless_steps_are_explicit(
+    explicit: bool, tmp_path: Path
+) -> None:
+    """``clip_grad_norm_(..., error_if_nonfinite=True)`` raises after the backward of a batch with an infinite
+    value; the loop catches it, zeroes the gradients and goes on. As documented (quickstart-pytorch.md), the
+    skipped batch is the first call of the step the next batch trains (it cannot be told from gradient
+    accumulation); with ``explicit_steps`` and ``finish_step()`` before ``continue`` it is a step of its own,
+    without gradients."""
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    hook = ttt.capture(
+        model, tmp_path, optimizer=opt, save_config=EVERY_STEP, explicit_steps=explicit,
+        include_collections=["gradients", "losses"],
+    )  # fmt: skip
+    gen = torch.Generator().manual_seed(7)
+    losses, applied, skipped = [], [], []
+    for i in range(4):
+        x, y = _batch(gen)
+        if i == 1:
+            x[0, 0] = float("inf")
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        losses.append(loss.item())
+        try:
+            nn.utils.clip_grad_norm_(model.parameters(), 1.0, error_if_nonfinite=True)
+        except RuntimeError:
+            skipped.append(i)
+            if explicit:
+                hook.finish_step()
+            continue
+        applied.append(model[0].weight.grad.detach().clone())
+        opt.step()
+        if explicit:
+            hook.finish_step()
+    hook.close()
+    trial = _trial(tmp_path)
+    assert skipped == [1]
+    if explicit:
+        assert trial.steps(mode=Mode.TRAIN) == [0, 1, 2, 3]
+        assert trial.tensor("gradients/0.weight").steps(mode=Mode.TRAIN) == [0, 2, 3]
+        saved = [float(_value(trial, "losses/loss", s)) for s in range(4)]
+        np.testing.assert_array_equal(saved, losses)
+        grads = [_value(trial, "gradients/0.weight", s) for s in (0, 2, 3)]
+    else:
+        assert trial.steps(mode=Mode.TRAIN) == [0, 1, 2]
+        assert float(_value(trial, "losses/loss", 0)) == losses[0]
+        np.testing.assert_array_equal([float(_value(trial, f"losses/loss:{i}", 1)) for i in (0, 1)], losses[1:3])
+        assert float(_value(trial, "losses/loss", 2)) == losses[3]
+        grads = [_value(trial, "gradients/0.weight", s) for s in range(3)]
+    for saved_grad, grad in zip(grads, applied, strict=True):
+        np.testing.assert_array_equal(saved_grad, grad.numpy())  # those the optimizer applied
