@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import logging
 import os
 import subprocess
@@ -312,6 +313,58 @@ def test_a_later_fit_runs_the_steps_traced_in_the_first_until_compile(tmp_path: 
         assert list(got) == list(range(9))
         for step in range(9):
             np.testing.assert_allclose(got[step], rec.weights[step][i], rtol=1e-6)
+
+
+def frozen_base(**compile_kw: Any) -> Any:
+    """``mlp()``'s layers, the first in a frozen sub-model ``base``: the transfer-learning guide's set-up."""
+    keras.utils.set_random_seed(1)
+    base = keras.Sequential([keras.Input((6,)), keras.layers.Dense(5, activation="relu", name="dense")], name="base")
+    base.trainable = False
+    inputs = keras.Input((6,))
+    model = keras.Model(inputs, keras.layers.Dense(1, name="dense_1")(base(inputs)))
+    model.compile(optimizer=keras.optimizers.SGD(LR, name="sgd"), loss="mse", **compile_kw)
+    return model
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="only TensorFlow's compiled step runs on after it (Keras's own)")
+@pytest.mark.parametrize("run_mode", [m for m in RUN_MODES if m != "eager"])
+@pytest.mark.parametrize("same_callback", [True, False])
+def test_a_base_unfrozen_without_compiling_again_trains_as_keras_alone(
+    tmp_path: Path, run_mode: str, same_callback: bool
+) -> None:
+    """``base.trainable = True`` between two fits, without ``compile``: Keras alone runs its step traced in
+    the first fit, the base frozen; with the callback (the same, or a new one), so does the second fit
+    (before, it traced anew and the optimizer raised "Unknown variable"), and its values are Keras's."""
+
+    def fit(model: Any, callbacks: list[Any]) -> None:
+        model.fit(X, Y, batch_size=BATCH, epochs=1, shuffle=False, callbacks=callbacks, verbose=0)
+
+    alone, model = frozen_base(**RUN_MODES[run_mode]), frozen_base(**RUN_MODES[run_mode])
+    rec = Recorder()
+    kw: dict[str, Any] = {"save_config": EVERY_STEP, "include_collections": ["weights", "gradients", "losses"]}
+    cb = ttk.Callback(tmp_path, close_on_train_end=not same_callback, **kw)
+    fit(alone, [])
+    fit(model, [cb, rec])
+    for m in (alone, model):
+        m.get_layer("base").trainable = True
+    fit(alone, [])
+    fit(model, [cb if same_callback else ttk.Callback(tmp_path / "second", **kw), rec])
+    cb.close()
+    for got, want in zip(numpy_weights(model), numpy_weights(alone), strict=True):
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(rec.weights[-1][0], rec.initial[0])  # the base stayed frozen
+    second = tensortap.create_trial(tmp_path if same_callback else tmp_path / "second")
+    steps = [3, 4, 5] if same_callback else [0, 1, 2]  # the second fit's
+    assert second.tensor("losses/loss").steps(mode=Mode.TRAIN)[-3:] == steps
+    assert not [n for n in second.tensor_names() if n.startswith("gradients/base")]
+    for step, (before, after) in zip(steps, itertools.pairwise(rec.weights[2:]), strict=True):
+        np.testing.assert_allclose(second.tensor("dense_1/kernel").value(step, mode=Mode.TRAIN), after[2])
+        np.testing.assert_allclose(
+            second.tensor("gradients/dense_1/kernel").value(step, mode=Mode.TRAIN),
+            (before[2] - after[2]) / LR,
+            rtol=1e-4,
+            atol=1e-5,
+        )
 
 
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="XLA's static shapes matter for TensorFlow's variables")

@@ -10,8 +10,9 @@ and from training loops of your own.
 Modules: :mod:`.ops` (backend tensors: reductions, host copies, what cannot be
 captured), :mod:`.naming` (Keras's logs), :mod:`.patches`
 (wrappers on instances and on Keras's ``Mean`` metric, and how to undo them),
-:mod:`.transport` (how values leave a compiled step) and :mod:`.events` (the
-callback: Keras events to capture calls).
+:mod:`.transport` (how values leave a compiled step), :mod:`.trainable` (which layers
+a TensorFlow step traced anew trains) and :mod:`.events` (the callback: Keras events
+to capture calls).
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ import os
 import sys
 import threading
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
@@ -65,6 +65,7 @@ from .ops import (
     uncapturable,
 )
 from .patches import Patches, listen_to_mean_updates
+from .trainable import TrainableState, as_traced, retraced, traced_state
 from .transport import (
     EAGER,
     NO_FLAGS,
@@ -270,6 +271,7 @@ class Callback(keras.callbacks.Callback):
         self._variable_names: dict[int, tuple[Any, str, str | None]] = {}
         self._renamed: dict[int, str] = {}  # layers and variables (by id) named by their tree path, see _tree_names
         self._kept: _Kept | None = None
+        self._traced_as: TrainableState | None = None  # TensorFlow: what the step functions train (see .trainable)
         self._warned_closed = False
 
     @classmethod
@@ -383,6 +385,9 @@ class Callback(keras.callbacks.Callback):
         kept, self._kept = self._kept, None  # the step functions of the last call, if they still serve
         if kept is not None and not kept.serves(self._traced_for(model)):
             kept = None
+        if BACKEND == "tensorflow":  # trace as Keras traced the step functions it holds (or traces now)
+            own = [f for fn in _STEP_FUNCTIONS if (f := getattr(model, fn)) is not None]
+            self._traced_as = traced_state(model, any(not isinstance(f, ReportedStep) for f in own))
         self._attach(model, (), None if kept is None else kept.graph)
         for fn in _STEP_FUNCTIONS:  # never Keras's own (traced without the wrappers) while attached
             setattr(model, fn, None if kept is None else kept.functions.get(fn))
@@ -796,6 +801,8 @@ class Callback(keras.callbacks.Callback):
 
         @functools.wraps(make)
         def wrapped(force: bool = False) -> Any:
+            if force and BACKEND == "tensorflow":  # traced anew, as the model is now
+                self._traced_as = retraced(model)
             if getattr(model, fn_attr) is None or force:
                 if variants:
                     setattr(model, fn_attr, StepVariants(build(), build_capturing, self, BACKEND == "jax", mode))
@@ -842,7 +849,7 @@ class Callback(keras.callbacks.Callback):
             flags = None
             if len(args) >= 2 and isinstance(args[1], Tagged):  # JAX: (state, tagged batch)
                 flags, args = args[1].flags, (args[0], args[1].data, *args[2:])
-            with self._stepping_in(mode, flags):
+            with self._stepping_in(mode, flags), self._as_traced():
                 out = step(*args, **kwargs)
                 logs = out[0] if BACKEND == "jax" else out
                 if mode != Mode.PREDICT and isinstance(logs, dict):
@@ -855,6 +862,11 @@ class Callback(keras.callbacks.Callback):
             return out
 
         return wrapped
+
+    def _as_traced(self) -> AbstractContextManager[None]:
+        """While TensorFlow traces a step function: the layers trainable as in Keras's own trace (see
+        :mod:`.trainable`)."""
+        return as_traced(self._traced_as) if graph_mode() and self._traced_as is not None else nullcontext()
 
     def _new_step_losses(self) -> None:
         """Forget the layer calls and losses seen: a step (or a step function's run or trace) begins."""
