@@ -469,6 +469,16 @@ class Hook:
         self._drop_step_values()  # of a step that never ended (interrupted)
         return self._decide()
 
+    def number_on(self, mode: Mode | str, done: int) -> None:
+        """Number the next step of ``mode`` ``done`` (or on from the last, if that is further): the training
+        goes on after ``done`` steps of ``mode`` as its framework counts them (resumed from a checkpoint, or
+        trained further without the hook), and the captured steps keep the framework's numbers.
+
+        Call it between steps.
+        """
+        mode = Mode.parse(mode)
+        self.mode_steps[mode] = max(self.mode_steps.get(mode, -1), done - 1)
+
     def _decide(self) -> bool:
         """Decide what the step in progress saves, from its mode and mode step; return whether it saves anything."""
         if not self.enabled or self._failed:

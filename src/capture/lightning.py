@@ -225,8 +225,8 @@ class Callback(pl.Callback):
         self._defer = self._logs_after_me(trainer, pl_module)
         # resumed from a checkpoint (ckpt_path=): number on from where it was, as Lightning does
         epoch_loop = trainer.fit_loop.epoch_loop
-        steps.number_on(Mode.TRAIN, getattr(epoch_loop, "_batches_that_stepped", trainer.global_step))
-        steps.number_on(Mode.GLOBAL, trainer.current_epoch)
+        steps.hook.number_on(Mode.TRAIN, getattr(epoch_loop, "_batches_that_stepped", trainer.global_step))
+        steps.hook.number_on(Mode.GLOBAL, trainer.current_epoch)
 
     def _logs_after_me(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
         """Whether a batch end hook that Lightning runs after this callback's may log: the module's own

@@ -180,15 +180,6 @@ class StepCapture:
             )
             self._losses.clear()
 
-    def number_on(self, mode: Mode, done: int) -> None:
-        """Number the next step of ``mode`` ``done`` (or on from the last): training resumed after ``done`` steps.
-
-        A trainer resumed from a checkpoint counts on from it; so do the captured
-        steps, and they stay comparable with the trainer's own step numbers.
-        """
-        steps = self.hook.mode_steps
-        steps[mode] = max(steps.get(mode, -1), done - 1)
-
     def offer(self, name: str, value: Any, collection: str) -> None:
         """Offer one value at the current step; a second value of one name in a step is dropped with a warning."""
         if name in self._names:

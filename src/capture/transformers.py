@@ -196,7 +196,7 @@ class Callback(TrainerCallback):
                 self._flush(None)
             steps.drop_train(TrainInterrupted("the train() before raised in it"))
         self._training = True
-        steps.number_on(Mode.TRAIN, state.global_step)
+        steps.hook.number_on(Mode.TRAIN, state.global_step)
         last = steps.hook.mode_steps.get(Mode.TRAIN, -1)
         if state.global_step <= last:
             logger.warning(

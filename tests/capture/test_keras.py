@@ -354,7 +354,7 @@ def test_a_base_unfrozen_without_compiling_again_trains_as_keras_alone(
         np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(rec.weights[-1][0], rec.initial[0])  # the base stayed frozen
     second = tensortap.create_trial(tmp_path if same_callback else tmp_path / "second")
-    steps = [3, 4, 5] if same_callback else [0, 1, 2]  # the second fit's
+    steps = [3, 4, 5]  # the second fit's (a new callback numbers on from the optimizer's iterations)
     assert second.tensor("losses/loss").steps(mode=Mode.TRAIN)[-3:] == steps
     assert not [n for n in second.tensor_names() if n.startswith("gradients/base")]
     for step, (before, after) in zip(steps, itertools.pairwise(rec.weights[2:]), strict=True):
@@ -365,6 +365,36 @@ def test_a_base_unfrozen_without_compiling_again_trains_as_keras_alone(
             rtol=1e-4,
             atol=1e-5,
         )
+
+
+def test_a_resumed_fit_numbers_its_steps_on_from_the_optimizer_iterations(tmp_path: Path) -> None:
+    """A model saved after a fit of 3 steps, restored by ``load_model`` (its optimizer's ``iterations`` too)
+    and trained on with ``initial_epoch=1``: the resumed run's TRAIN steps are 3, 4, 5, as Keras counts
+    (before: 0, 1, 2, the first run's numbers again); the first run's trial is left as it was."""
+    kw: dict[str, Any] = {"save_config": EVERY_STEP, "include_collections": ["weights", "biases", "losses"]}
+    model = mlp()
+    model.fit(
+        X, Y, batch_size=BATCH, epochs=1, shuffle=False, callbacks=[ttk.Callback(tmp_path / "a", **kw)], verbose=0
+    )
+    model.save(tmp_path / "model.keras")
+    restored = keras.models.load_model(tmp_path / "model.keras")
+    assert int(keras.ops.convert_to_numpy(restored.optimizer.iterations)) == 3
+    rec = Recorder()
+    cb = ttk.Callback(tmp_path / "b", **kw)
+    restored.fit(X, Y, batch_size=BATCH, epochs=2, initial_epoch=1, shuffle=False, callbacks=[cb, rec], verbose=0)
+    assert int(keras.ops.convert_to_numpy(restored.optimizer.iterations)) == 6
+    resumed = tensortap.create_trial(tmp_path / "b")
+    assert resumed.tensor("losses/loss").steps(mode=Mode.TRAIN) == [3, 4, 5]
+    for i, name in enumerate(WEIGHTS):
+        for step, weights in zip([3, 4, 5], rec.weights, strict=True):
+            np.testing.assert_allclose(resumed.tensor(name).value(step, mode=Mode.TRAIN), weights[i], rtol=1e-6)
+    loss = float(resumed.tensor("losses/loss").value(3, mode=Mode.TRAIN))
+    assert loss == pytest.approx(mse(rec.initial, X[:BATCH], Y[:BATCH]), rel=1e-5)
+    first = tensortap.create_trial(tmp_path / "a")
+    assert first.tensor("losses/loss").steps(mode=Mode.TRAIN) == [0, 1, 2]
+    np.testing.assert_allclose(first.tensor("dense/kernel").value(2, mode=Mode.TRAIN), rec.initial[0], rtol=1e-6)
+    with pytest.raises(tensortap.TrialExistsError):  # a resumed run on the first run's trial: refused
+        ttk.Callback(tmp_path / "a", **kw)
 
 
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="XLA's static shapes matter for TensorFlow's variables")

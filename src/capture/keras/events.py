@@ -339,6 +339,12 @@ class Callback(keras.callbacks.Callback):
     # ------------------------------------------------------------ lifecycle
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         self._enter("train")
+        if Mode.TRAIN in self.hook.mode_steps:
+            return  # its later fits go on from its own count (see _steps_done)
+        try:
+            self.hook.number_on(Mode.TRAIN, _steps_done(self._model))
+        except Exception as exc:
+            self.hook.fail(exc, "cannot read the optimizer's iterations")
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         self._exit()
@@ -1229,6 +1235,21 @@ def _on_host(extras: dict[str, Any]) -> dict[str, Any]:
     if BACKEND == "jax" and jax.default_backend() != "cpu":
         return dict(jax.device_get(extras))
     return extras
+
+
+def _steps_done(model: Any) -> int:
+    """The steps ``model`` was trained so far, as Keras counts them: its optimizer's ``iterations`` (a model
+    restored by ``keras.models.load_model`` has those of the run it was saved in), one step per execution
+    of ``steps_per_execution`` batches. Where a callback's first ``fit`` starts numbering.
+
+    Not at a later ``fit`` of the same callback, which counts on from the steps Keras ran: compiled on
+    TensorFlow, over data of unknown length, ``iterations`` also counts the step that found no batch at
+    each epoch's end.
+    """
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is None:
+        return 0
+    return int(keras.ops.convert_to_numpy(optimizer.iterations)) // max(int(model.steps_per_execution), 1)
 
 
 def _ran_out(error: BaseException) -> bool:
