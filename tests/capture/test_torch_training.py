@@ -5,8 +5,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 import io
+import json
 import logging
 import socket
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -251,6 +254,49 @@ def test_accelerate_gradient_accumulation_saves_the_losses_the_loop_computed(reg
     for s, grad in enumerate(applied):
         np.testing.assert_array_equal(_value(trial, "gradients/0.weight", s), grad.numpy())  # accumulated, clipped
         assert [float(_value(trial, f"{name}:{i}", s)) for i in (0, 1)] == losses[2 * s : 2 * s + 2]
+
+
+ACCELERATE_AFTER_THE_HOOK = """
+import json, sys, torch, torch.nn.functional as F, tensortap, tensortap.torch as ttt
+torch.set_num_threads(1)
+model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+hook = ttt.capture(model, sys.argv[1], optimizer=opt, save_config=tensortap.SaveConfig(save_interval=1))
+assert "accelerate" not in sys.modules
+from accelerate import Accelerator
+accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+model, opt = accelerator.prepare(model, opt)
+gen = torch.Generator().manual_seed(1)
+losses = []
+for _ in range(4):
+    x, y = torch.randn(4, 6, generator=gen), torch.randint(0, 3, (4,), generator=gen)
+    with accelerator.accumulate(model):
+        loss = F.cross_entropy(model(x), y)
+        losses.append(loss.item())
+        accelerator.backward(loss)
+        opt.step()
+        opt.zero_grad()
+hook.close()
+print(json.dumps({"losses": losses, "restored": not hasattr(Accelerator.backward, "__wrapped__")}))
+"""
+
+
+def test_accelerate_imported_after_the_hook_opened_saves_the_losses_the_loop_computed(tmp_path: Path) -> None:
+    """``Accelerator.backward`` was wrapped only when accelerate was imported before the first hook opened: a
+    script making its hook first (or the Hugging Face Trainer importing accelerate later) saved
+    ``loss / gradient_accumulation_steps``, half the loop's losses here. Run in a fresh interpreter, where
+    accelerate is not imported yet."""
+    pytest.importorskip("accelerate")
+    out = subprocess.run(
+        [sys.executable, "-c", ACCELERATE_AFTER_THE_HOOK, str(tmp_path)], capture_output=True, text=True, timeout=180
+    )
+    assert out.returncode == 0, out.stderr
+    ran = json.loads(out.stdout.splitlines()[-1])
+    assert ran["restored"]  # the last hook to close gave accelerate its own backward back
+    trial = _trial(tmp_path)
+    assert trial.steps(mode=Mode.TRAIN) == [0, 1]
+    saved = [float(_value(trial, f"losses/loss:{i}", s)) for s in (0, 1) for i in (0, 1)]
+    assert saved == ran["losses"]
 
 
 def test_a_lightning_fabric_module_is_named_as_the_module_inside(tmp_path: Path) -> None:

@@ -779,6 +779,7 @@ class Hook(core.Hook):
         self._depth += 1
         if self._depth > 1 or self._closed:
             return
+        patches.follow_imports()  # accelerate imported after the hook opened: its backward(loss), before it is called
         mode = self._detect_mode(root.module)
         s = self.session
         if not s.is_open or s.pending:

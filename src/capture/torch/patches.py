@@ -12,11 +12,14 @@ Two kinds:
 - **Functions of torch replaced while a hook is open** (:class:`Patches`):
   ``torch.autograd.backward`` (which ``Tensor.backward`` calls) to see the
   loss a training step differentiates, ``GradScaler.scale``/``step`` to
-  see the unscaled loss and the steps a scaler skips, and, when accelerate is
-  imported, ``Accelerator.backward(loss)`` to see the loss it was given (it
+  see the unscaled loss and the steps a scaler skips, and accelerate's
+  ``Accelerator.backward(loss)`` to see the loss it was given (it
   differentiates ``loss / gradient_accumulation_steps``). They are installed when
   the first hook opens and restored when the last one closes; in between,
-  they cost one test of an empty list when no hook is saving.
+  they cost one test of an empty list when no hook is saving. A library
+  imported after the first hook opened (``import accelerate`` after
+  ``capture``, or by the Hugging Face Trainer) is patched by
+  :func:`follow_imports`, which the hooks call before each forward of their models.
 
 Why a scoped replacement rather than a hook on the graph: no PyTorch hook
 fires for the root of a backward pass (``register_hook`` on the loss would
@@ -158,35 +161,63 @@ def _wrap_scaler_step(original: Callable[..., Any]) -> Callable[..., Any]:
     return step
 
 
-def _targets() -> list[tuple[Any, str, Callable[[Callable[..., Any]], Callable[..., Any]]]]:
-    targets: list[tuple[Any, str, Callable[[Callable[..., Any]], Callable[..., Any]]]] = [
-        (torch.autograd, "backward", _wrap_backward)
-    ]
+_Target = tuple[Any, str, Callable[[Callable[..., Any]], Callable[..., Any]]]
+# the training library patched once it is imported; whether hooks are open and it is not patched yet
+_LIBRARY = "accelerate"
+_library_waits = False
+
+
+def _targets() -> list[_Target]:
+    targets: list[_Target] = [(torch.autograd, "backward", _wrap_backward)]
     scaler = getattr(getattr(torch, "amp", None), "GradScaler", None)
     if scaler is not None:
         targets += [(scaler, "scale", _wrap_scale), (scaler, "step", _wrap_scaler_step)]
-    # imported by the user's script when the hook opens (accelerator.prepare comes before capture)
-    accelerator = getattr(sys.modules.get("accelerate"), "Accelerator", None)
-    if accelerator is not None:
-        targets.append((accelerator, "backward", _wrap_library_backward))
     return targets
+
+
+def _library_targets() -> list[_Target]:
+    # none while accelerate is not imported, or is being imported (its __init__ has not reached Accelerator)
+    accelerator = getattr(sys.modules.get(_LIBRARY), "Accelerator", None)
+    return [] if accelerator is None else [(accelerator, "backward", _wrap_library_backward)]
+
+
+def _install(targets: list[_Target]) -> None:
+    for owner, name, wrap in targets:
+        original = getattr(owner, name)
+        _ORIGINALS[(owner, name)] = original
+        setattr(owner, name, wrap(original))
+
+
+def follow_imports() -> None:
+    """Patch the training library if it was imported since the first hook opened (``import accelerate``
+    after ``capture``): one test of a flag once patched, one ``sys.modules`` lookup until then.
+
+    The hooks call it before each forward of their models: accelerate is imported, and its
+    ``Accelerator`` made, before the forward whose loss ``accelerator.backward`` is given.
+    """
+    global _library_waits
+    if _library_waits and _LIBRARY in sys.modules and (targets := _library_targets()):
+        _install(targets)
+        _library_waits = False
 
 
 def attach(listener: Listener) -> None:
     """Start telling ``listener`` about backward passes and scaler steps (installs the patches first)."""
+    global _library_waits
     if not _LISTENERS:
-        for owner, name, wrap in _targets():
-            original = getattr(owner, name)
-            _ORIGINALS[(owner, name)] = original
-            setattr(owner, name, wrap(original))
+        _install(_targets())
+        _library_waits = True
+        follow_imports()
     _LISTENERS.append(listener)
 
 
 def detach(listener: Listener) -> None:
-    """Stop telling ``listener``; the last one out restores torch's own functions."""
+    """Stop telling ``listener``; the last one out restores torch's and the library's own functions."""
+    global _library_waits
     if listener in _LISTENERS:
         _LISTENERS.remove(listener)
     if not _LISTENERS:
+        _library_waits = False
         while _ORIGINALS:
             (owner, name), original = _ORIGINALS.popitem()
             setattr(owner, name, original)
