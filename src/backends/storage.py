@@ -284,12 +284,14 @@ class Storage(abc.ABC):
         return self.list(prefix), self.list_dirs(prefix)
 
     def listed_version(self, key: str) -> str | None:
-        """What told the content of file ``key`` from another written under its name since, as the last
-        :meth:`list` (or :meth:`entries`) of its folder showed it (an object's ETag, a modification time);
-        None when that listing did not show it (then only reading the file again tells).
+        """What tells the content of file ``key`` from another written under its name since, as the last
+        :meth:`list` (or :meth:`entries`) of its folder showed it (an object's ETag, a modification time), or
+        as the file is now where no listing shows it (local files: one ``stat``); None when not known (then
+        only reading the file again tells).
 
-        A reader compares it between two listings to know whether a file it read was written again; the
-        default, and local files (read again at little cost), say None.
+        A reader compares it between two refreshes to know whether a file it read was written again, and
+        takes it before reading the file (a version taken after could stand for content written since the
+        read). The default says None.
         """
         return None
 
@@ -500,6 +502,17 @@ class LocalStorage(Storage):
 
     def list_dirs(self, prefix: str) -> Keys:
         return self.entries(prefix)[1]
+
+    def listed_version(self, key: str) -> str | None:
+        """The file's inode, size and modification time, from one ``stat`` (a listing shows none of them); None
+        when it is not there. Every write makes a new file and renames it over the old one (:meth:`_atomic`),
+        whose inode is in use until then: a file written again once has another inode, and one written again
+        several times that got the first inode back has another modification time (or size)."""
+        try:
+            st = os.stat(os.path.join(self.root, check_key(key)))  # a str: cheaper than self._path
+        except OSError:
+            return None
+        return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
 
     def walk(self) -> Keys:
         """Every key that is not a real folder: FIFOs, devices and links too, and folders that cannot be

@@ -310,8 +310,9 @@ class StorageTests:
                 file.close()
 
     def test_listed_version_tells_a_file_written_again(self, storage: Storage) -> None:
-        """``listed_version``, as a listing shows it, is None (not known) or another once the file is written
-        again, its size the same (a reader takes an equal one for a file it need not read again)."""
+        """``listed_version``, as a listing (or a local ``stat``) shows it, is None (not known) or another once
+        the file is written again, its size the same (a reader takes an equal one for a file it need not read
+        again)."""
         key = "workers/worker_0.json"
         versions = []
         for content in (b'{"run_id": "a"}', b'{"run_id": "b"}'):

@@ -704,9 +704,10 @@ class TrialIndex:
         unless its worker record, read again (:meth:`_look_again`), names another process that resumed
         its run. A worker that ended runs again when its run was resumed (see :meth:`_look_again`). A
         worker's record is read again too when index records read before are no longer listed, when an index
-        record or end marker of another run comes, and when the listing shows the record written again (at
-        each refresh for an ended worker, where the storage does not show it): a new run that overwrote the
-        worker is read from its first record.
+        record or end marker of another run comes, and when its version (:meth:`Storage.listed_version`: the
+        listing's ETag or modification time, a local file's ``stat``) shows it written again (at each refresh
+        for an ended worker, where the storage does not tell): a new run that overwrote the worker is read
+        from its first record.
         """
         storage = self.storage
         none: list[str] = []
@@ -717,15 +718,16 @@ class TrialIndex:
             [(storage.list, layout.WORKERS), (storage.list, layout.ENDS), (storage.list_dirs, layout.INDEX)], none
         )
         new = [(w, key) for w, key in self._records(layout.WORKERS, workers) if not self._worker(w).info]
-        for worker, key, info in self._load(new, lambda record, _: check_worker_record(record)):
+        versions = {w: storage.listed_version(key) for w, key in new}  # before reading (Storage.listed_version)
+        for worker, _, info in self._load(new, lambda record, _: check_worker_record(record)):
             self.workers[worker].info = info or {}
-            self.workers[worker].version = storage.listed_version(key)
+            self.workers[worker].version = versions[worker]
         met = [w for w, _ in new if process_gone(self.workers[w].info)]  # checked after the listings: next round
         markers = self._records(layout.ENDS, ends)
         listed = {w for w, _ in markers}
         # a resumed run removes the end marker; a killed worker's record is looked at until one resumes it; a
         # worker's when it was written again, and an ended worker's when that cannot be told without reading it
-        # (a run that overwrote the worker with as many records is seen by nothing else)
+        # (a run that overwrote the worker with as many records, ended or not, is seen by nothing else)
         self._looked.clear()
         rewritten = {n: self._rewritten(n) for n in self.workers}
         again = [n for n, changed in rewritten.items() if changed or (changed is None and n in ended)]
@@ -765,8 +767,8 @@ class TrialIndex:
             self.refresh()
 
     def _rewritten(self, worker: str) -> bool | None:
-        """Whether ``worker``'s record was written again since it was read (its version in this refresh's
-        listing is another); None when the storage does not tell (local files: reading it costs little)."""
+        """Whether ``worker``'s record was written again since it was read (its version in this refresh is
+        another); None when the storage does not tell."""
         version = self.storage.listed_version(layout.worker_key(worker))
         return None if version is None else version != self.workers[worker].version
 
@@ -795,13 +797,14 @@ class TrialIndex:
         changes nothing.
         """
         records = [(w, layout.worker_key(w)) for w in sorted(set(names))]
+        versions = {w: self.storage.listed_version(key) for w, key in records}  # before reading
         renewed = set()
-        for worker, key, info in self._load(records, lambda record, _: check_worker_record(record), removed_ok=True):
+        for worker, _, info in self._load(records, lambda record, _: check_worker_record(record), removed_ok=True):
             w = self.workers[worker]
             run = w.info.get("run_id")
             if info is None:
                 continue
-            version = self.storage.listed_version(key)
+            version = versions[worker]
             if info == w.info or run is None or info.get("run_id") is None:
                 w.version = version
                 continue
