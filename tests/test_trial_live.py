@@ -342,6 +342,52 @@ def test_an_end_marker_that_a_resumed_run_removes_after_it_was_listed_is_no_prob
     assert trial.end_reasons() == {"worker_0": "closed"} and trial.steps() == [0, 1, 2]
 
 
+class _OverwrittenStorage(LocalStorage):
+    """A local trial overwritten by a new run just before a reader lists the index records of ``worker_0``."""
+
+    before_index_listed: Callable[[], None] | None = None
+
+    def entries(self, prefix: str) -> tuple[list[str], list[str]]:  # how a reader lists a worker's records
+        if prefix == "index/worker_0" and self.before_index_listed is not None:
+            callback, self.before_index_listed = self.before_index_listed, None
+            callback()
+        return super().entries(prefix)
+
+
+def test_a_run_that_overwrote_an_open_worker_during_a_refresh_is_seen(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A new run claiming the worker and publishing as many records as were read, after the refresh looked at
+    the worker records and before it listed the index records, kept the old steps for that refresh: the new
+    run's values shown under them (steps 0, 2, 4 as 0, 1, 2). On local storage the worker record's version is
+    taken once the records are listed."""
+    policy = ShardPolicy(max_steps=1)
+    old = Writer(tmp_path, shard_policy=policy)
+    run_steps(old, 3, value=lambda _, step: float(step))
+    old.flush()
+    storage = _OverwrittenStorage(tmp_path)
+    trial = tensortap.create_trial(storage, refresh_interval=3600)  # only trial.refresh() below looks again
+    assert _steps_of(trial) == {0: 0.0, 1: 1.0, 2: 2.0}
+    runs: list[Writer] = []
+
+    def overwrite() -> None:
+        new = Writer(tmp_path, shard_policy=policy, if_exists="overwrite")
+        runs.append(new)
+        for step in (0, 2, 4):
+            with new.stepping(step=step):
+                new.save("a", 100.0 + step, ["custom"])
+        new.flush()
+
+    storage.before_index_listed = overwrite
+    trial.refresh()
+    assert len(runs) == 1  # the run overwrote the worker during the refresh
+    assert _steps_of(trial) == {0: 100.0, 2: 102.0, 4: 104.0} and trial.steps() == [0, 2, 4]
+    warned = [r.getMessage() for r in caplog.records if r.name == "tensortap"]
+    assert len(warned) == 1 and "worker_0 was overwritten by a new run" in warned[0], warned
+    runs[0].close()
+    old.close()
+
+
 def _steps_of(trial: tensortap.Trial) -> dict[int, float]:
     return {s: float(v) for s, v in trial.tensor("a").values().items()}
 

@@ -706,8 +706,8 @@ class TrialIndex:
         worker's record is read again too when index records read before are no longer listed, when an index
         record or end marker of another run comes, and when its version (:meth:`Storage.listed_version`: the
         listing's ETag or modification time, a local file's ``stat``) shows it written again (at each refresh
-        for an ended worker, where the storage does not tell): a new run that overwrote the worker is read
-        from its first record.
+        for an ended worker, where the storage does not tell; a running worker's once its index records are
+        listed): a new run that overwrote the worker is read from its first record.
         """
         storage = self.storage
         none: list[str] = []
@@ -725,12 +725,11 @@ class TrialIndex:
         met = [w for w, _ in new if process_gone(self.workers[w].info)]  # checked after the listings: next round
         markers = self._records(layout.ENDS, ends)
         listed = {w for w, _ in markers}
-        # a resumed run removes the end marker; a killed worker's record is looked at until one resumes it; a
-        # worker's when it was written again, and an ended worker's when that cannot be told without reading it
-        # (a run that overwrote the worker with as many records, ended or not, is seen by nothing else)
+        # a resumed run removes the end marker; a killed worker's record is looked at until one resumes it; an
+        # ended worker's when it was written again, or when that cannot be told without reading it (a run that
+        # overwrote the worker with as many records, and ended, is seen by nothing else)
         self._looked.clear()
-        rewritten = {n: self._rewritten(n) for n in self.workers}
-        again = [n for n, changed in rewritten.items() if changed or (changed is None and n in ended)]
+        again = [n for n in ended if self._rewritten(n) is not False]
         again += [n for n in ended if self.workers[n].killed or n not in listed]
         renewed = self._look_again([*gone, *again])
         self._read_ends(markers)
@@ -750,7 +749,11 @@ class TrialIndex:
                 seen.intersection_update(names)  # looked at once
             for name in set(dirs).difference(names):  # a name in both is read, and warned about if it fails
                 self._warn_bad(f"{layout.INDEX}/{worker}/{name}", "a folder where index records belong; not read")
-        self._look_again(removed)
+        # a running worker's record written again: by a run that overwrote it and may have published as many
+        # records as were read, under their names; looked at once its records are listed (a local file's
+        # version is its state now: a run that claimed the worker while this refresh listed is seen too)
+        running = [n for n, w in self.workers.items() if w.end is None and self._rewritten(n)]
+        self._look_again([*removed, *running])
         after_end = set()  # workers that ended before this refresh and published since: resumed
         for worker, key, parsed in self._load(new, parse_index_record):
             if parsed is not None:
