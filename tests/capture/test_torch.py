@@ -611,6 +611,20 @@ def test_missing_torch_gives_an_install_hint() -> None:
     assert 'pip install "tensortap[torch]"' in out.stdout
 
 
+@pytest.mark.parametrize("adapter", ["torch", "lightning", "transformers"])
+def test_a_torch_older_than_the_bound_fails_at_import_naming_the_version(adapter: str) -> None:
+    """torch 2.5 has no ``torch.distributed.fsdp.FSDPModule``: the adapters refuse it at import, not at
+    registration with torch's own ImportError (the Lightning and Transformers callbacks too)."""
+    pytest.importorskip(adapter)
+    code = (
+        "import torch\n"
+        "torch.__version__ = '2.5.1+cpu'\n"
+        f"try:\n    import tensortap.{adapter}\nexcept ImportError as e:\n    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.startswith("tensortap.torch needs PyTorch 2.6 or newer, not 2.5.1+cpu"), out.stdout
+
+
 @pytest.mark.slow
 def test_ddp_two_ranks_with_torchrun(tmp_path: Path) -> None:
     worker = Path(__file__).with_name("ddp_worker.py")
