@@ -1,4 +1,5 @@
-"""Sessions: ``nox -s demo``, ``nox -s tests``, ``nox -s bench``, ``nox -s lint``, ``nox -s docs``, ``nox -s pythons``.
+"""Sessions: ``nox -s demo``, ``nox -s tests``, ``nox -s bench``, ``nox -s lint``, ``nox -s docs``, ``nox -s pythons``,
+``nox -s oldest``.
 
 Every session installs from scratch. torch is always pinned to 2.13.0 (CPU):
 any other version pulls gigabytes of CUDA packages. With uv, the local CPU
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import nox
 from nox.command import CommandFailed
@@ -61,6 +63,37 @@ def pythons(session: nox.Session) -> None:
     Pythons tensortap supports; the frameworks' own wheels for those Pythons are not all on this machine."""
     session.install("-r", "requirements/test.txt", "h5py>=3.11,<3.15", "-e", ".")
     session.run("pytest", "-m", "not torch and not keras and not xgboost", *session.posargs)
+
+
+class Stack(NamedTuple):
+    """A stack of ``nox -s oldest``: its lower bounds are pinned in ``requirements/oldest-<stack>.txt``."""
+
+    tests: list[str]  # what pytest is given
+    torch: bool = False  # torch 2.13.0 (CPU) is installed beside the file's pins
+
+
+OLDEST = {
+    "torch-ecosystem": Stack(
+        [
+            "tests/integrations/test_lightning.py",
+            "tests/integrations/test_transformers.py",
+            "tests/capture/test_torch_training.py",  # Accelerate and Lightning Fabric among them
+            "tests/capture/test_torch.py::test_a_torch_older_than_the_bound_fails_at_import_naming_the_version",
+        ],
+        torch=True,
+    ),
+}
+
+
+@nox.session(python=PYTHON)
+@nox.parametrize("stack", list(OLDEST))
+def oldest(session: nox.Session, stack: str) -> None:
+    """A stack's tests on the lowest versions pyproject.toml declares for it (not in CI: ``nox -s oldest``)."""
+    spec = OLDEST[stack]
+    session.install(
+        *(torch_requirement(session) if spec.torch else []), "-r", f"requirements/oldest-{stack}.txt", "-e", "."
+    )
+    session.run("pytest", *spec.tests, *session.posargs)
 
 
 @nox.session(python=PYTHON)

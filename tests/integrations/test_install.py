@@ -57,6 +57,7 @@ def load_noxfile() -> types.ModuleType:
     nox = types.ModuleType("nox")
     nox.options = types.SimpleNamespace()  # type: ignore[attr-defined]
     nox.session = lambda **kw: lambda fn: fn  # type: ignore[attr-defined]
+    nox.parametrize = lambda *a, **kw: lambda fn: fn  # type: ignore[attr-defined]
     nox.Session = object  # type: ignore[attr-defined]
     command = types.ModuleType("nox.command")
     command.CommandFailed = RuntimeError  # type: ignore[attr-defined]
