@@ -16,7 +16,9 @@ the guides' ``Mean(name="d_loss")``). For ``fit``/``evaluate``/``predict`` it
 rebuilds the step function so that the wrappers are traced into it (on
 TensorFlow and JAX, compiled: a plain variant and capturing ones, see
 :class:`.transport.StepVariants`), and at the end removes every wrapper and
-drops the step functions so that a later ``fit`` traces a clean model.
+leaves the model the step functions Keras alone would hold (see
+:meth:`Callback._leave_step_functions`): a later ``fit`` without the callback runs as
+after a ``fit`` without it.
 
 How values leave the step: see :mod:`.transport`. Weights, biases and
 optimizer variables are read after the step: returned by TensorFlow's
@@ -65,7 +67,7 @@ from .ops import (
     uncapturable,
 )
 from .patches import Patches, listen_to_mean_updates
-from .trainable import TrainableState, as_traced, retraced, traced_state
+from .trainable import TrainableState, as_traced, keras_train_function, retraced, traced_state
 from .transport import (
     EAGER,
     NO_FLAGS,
@@ -272,6 +274,7 @@ class Callback(keras.callbacks.Callback):
         self._renamed: dict[int, str] = {}  # layers and variables (by id) named by their tree path, see _tree_names
         self._kept: _Kept | None = None
         self._traced_as: TrainableState | None = None  # TensorFlow: what the step functions train (see .trainable)
+        self._keras_own: dict[str, Callable[..., Any]] = {}  # the model's own step functions, see _leave_step_functions
         self._warned_closed = False
 
     @classmethod
@@ -337,6 +340,17 @@ class Callback(keras.callbacks.Callback):
         self.hook.flush()
 
     # ------------------------------------------------------------ lifecycle
+    def set_model(self, model: Any) -> None:
+        """Keras gives a call's callbacks the model before it builds the call's step functions: the model's
+        step functions of Keras's own now are those it held before the call (see :meth:`_leave_step_functions`)."""
+        super().set_model(model)
+        if not self._depth:
+            self._keras_own = {
+                fn: f
+                for fn in _STEP_FUNCTIONS
+                if (f := getattr(model, fn, None)) is not None and not isinstance(f, ReportedStep)
+            }
+
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         self._enter("train")
         if Mode.TRAIN in self.hook.mode_steps:
@@ -391,9 +405,8 @@ class Callback(keras.callbacks.Callback):
         kept, self._kept = self._kept, None  # the step functions of the last call, if they still serve
         if kept is not None and not kept.serves(self._traced_for(model)):
             kept = None
-        if BACKEND == "tensorflow":  # trace as Keras traced the step functions it holds (or traces now)
-            own = [f for fn in _STEP_FUNCTIONS if (f := getattr(model, fn)) is not None]
-            self._traced_as = traced_state(model, any(not isinstance(f, ReportedStep) for f in own))
+        if BACKEND == "tensorflow":  # trace as Keras traced those it held before the call (or traces now)
+            self._traced_as = traced_state(model, bool(self._keras_own))
         self._attach(model, (), None if kept is None else kept.graph)
         for fn in _STEP_FUNCTIONS:  # never Keras's own (traced without the wrappers) while attached
             setattr(model, fn, None if kept is None else kept.functions.get(fn))
@@ -439,18 +452,37 @@ class Callback(keras.callbacks.Callback):
             self.flush()
 
     def _detach(self) -> None:
-        """Remove every wrapper and drop the model's step functions (they were traced with the wrappers)."""
+        """Remove every wrapper and replace the model's step functions traced with them."""
         self._kinds = []
         self._patches.undo()
         if self._unlisten is not None:
             self._unlisten()
             self._unlisten = None
         if self._model is not None and not self._loop:
-            for fn in _STEP_FUNCTIONS:
-                setattr(self._model, fn, None)
+            self._leave_step_functions(self._model)
         self._loop = False
         self._steps = {}
         self.running = None
+
+    def _leave_step_functions(self, model: Any) -> None:
+        """Replace the step functions the callback set on ``model`` by those Keras alone would hold now.
+
+        Those of Keras's own that the model held when the call began (Keras keeps them until
+        ``compile``); else, on TensorFlow compiled, for a train function the call built: Keras's
+        own, its step traced as the callback's was (:func:`.trainable.keras_train_function`), as
+        Keras alone would have traced it in this call (a layer made trainable since, without
+        ``compile``, is not trained by it, as with Keras alone); else none (traced or run anew
+        at the next call, as the model is then: what Keras's own do run eagerly, and on JAX
+        with trainable variables changed). A function Keras built itself is left as it is.
+        """
+        own, self._keras_own = self._keras_own, {}
+        built_train = isinstance(model.train_function, ReportedStep)
+        for fn in _STEP_FUNCTIONS:
+            if fn in own or isinstance(getattr(model, fn), ReportedStep):
+                setattr(model, fn, own.get(fn))
+        state = self._traced_as if BACKEND == "tensorflow" and not model.run_eagerly else None
+        if built_train and state is not None and "train_function" not in own:
+            model.train_function = keras_train_function(model, state)
 
     def close(self, reason: str = "closed") -> None:
         """Publish what is left, mark the end of training and detach from the model. Idempotent.
@@ -807,6 +839,8 @@ class Callback(keras.callbacks.Callback):
 
         @functools.wraps(make)
         def wrapped(force: bool = False) -> Any:
+            if force:  # Keras's own, if the model held it, is replaced as Keras alone would
+                self._keras_own.pop(fn_attr, None)
             if force and BACKEND == "tensorflow":  # traced anew, as the model is now
                 self._traced_as = retraced(model)
             if getattr(model, fn_attr) is None or force:

@@ -9,17 +9,21 @@ traced anew would apply gradients of variables the optimizer was not built with.
 
 The callback traces the step functions again (with its wrappers; a capturing variant at
 the first step that saves from inside it): traced under :func:`traced_state`, applied by
-:func:`as_traced`, they train what Keras's own would. JAX and torch trace (or run) the
-step with the model's state of the moment, as Keras alone does: nothing to pin there.
+:func:`as_traced`, they train what Keras's own would. When it detaches, it leaves the model
+the train function Keras alone would hold then, traced under that state too
+(:func:`keras_train_function`). JAX and torch trace (or run) the step with the model's
+state of the moment, as Keras alone does: nothing to pin there.
 """
 
 from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any
+
+from .ops import graph_mode
 
 TrainableState = dict[Any, bool]
 """Each layer's ``trainable`` (the layer as key), as Keras's own ``Trainer._compiled_trainable_state``."""
@@ -69,6 +73,38 @@ def retraced(model: Any) -> TrainableState:
 def _remember(model: Any, state: TrainableState) -> TrainableState:
     _traced[model] = (getattr(model, "_compile_config", None), state)
     return state
+
+
+def keras_train_function(model: Any, state: TrainableState) -> Callable[..., Any]:
+    """Keras's own ``train_function`` of ``model`` (TensorFlow, compiled), its step traced under ``state``.
+
+    What Keras alone holds after a ``fit``: the step function it traced then, which a later
+    ``fit`` runs (until ``compile``) whatever ``trainable`` was set since. The callback's
+    ``fit`` ran step functions of its own, traced under ``state``; this one, built by
+    Keras (``make_train_function``'s ``_make_function``) around the model's own
+    ``train_step``, traces it at its first run as Keras's would have been: under ``state``,
+    not under the layers' ``trainable`` of that moment. It holds nothing of the callback.
+
+    Parameters
+    ----------
+    model
+        The compiled Keras model, on TensorFlow, not run eagerly.
+    state
+        The trainable state of the step functions the callback ran (:func:`traced_state`).
+
+    Returns
+    -------
+    Callable[..., Any]
+        The function to set as ``model.train_function``.
+    """
+    step = model.train_step
+
+    def train_step(*args: Any, **kwargs: Any) -> Any:
+        with as_traced(state) if graph_mode() else nullcontext():
+            return step(*args, **kwargs)
+
+    function: Callable[..., Any] = model._make_function(train_step)
+    return function
 
 
 _lock = threading.Lock()
