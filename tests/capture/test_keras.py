@@ -21,6 +21,7 @@ import os
 import subprocess
 import sys
 import types
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -426,6 +427,20 @@ def test_a_fit_without_the_callback_after_one_with_it_runs_as_after_one_without_
     assert got[1] == pytest.approx(want[1], rel=1e-6)
     np.testing.assert_allclose(got[2], want[2], rtol=1e-6)
     assert_model_clean(model)
+
+
+def test_a_model_fitted_with_the_callback_is_freed_as_any_other(tmp_path: Path) -> None:
+    """Nothing of tensortap keeps a model alive once the user lets it go (before, on TensorFlow, the state its
+    step functions were traced with, kept for its later fits, held the model)."""
+
+    def fitted_model() -> weakref.ref[Any]:
+        model = mlp()
+        model.fit(X, Y, batch_size=BATCH, epochs=1, verbose=0, callbacks=[ttk.Callback(tmp_path)])
+        return weakref.ref(model)
+
+    model = fitted_model()
+    gc.collect()
+    assert model() is None
 
 
 def test_a_resumed_fit_numbers_its_steps_on_from_the_optimizer_iterations(tmp_path: Path) -> None:

@@ -28,8 +28,9 @@ from .ops import graph_mode
 TrainableState = dict[Any, bool]
 """Each layer's ``trainable`` (the layer as key), as Keras's own ``Trainer._compiled_trainable_state``."""
 
-# the state of each model's step functions, with the compile they were traced for
-_traced: weakref.WeakKeyDictionary[Any, tuple[Any, TrainableState]] = weakref.WeakKeyDictionary()
+# the state of each model's step functions, with the compile they were traced for; held weakly (the
+# state has the model among its layers): a model trained with the callback is freed as any other
+_traced: weakref.WeakKeyDictionary[Any, tuple[Any, weakref.WeakKeyDictionary[Any, bool]]] = weakref.WeakKeyDictionary()
 
 
 def trainable_state(model: Any) -> TrainableState:
@@ -60,7 +61,7 @@ def traced_state(model: Any, holds_own: bool) -> TrainableState:
     compiled = getattr(model, "_compile_config", None)
     known = _traced.get(model)
     if known is not None and known[0] is compiled:
-        return known[1]
+        return dict(known[1])
     state = getattr(model, "_compiled_trainable_state", None) if holds_own else None
     return retraced(model) if state is None else _remember(model, dict(state))
 
@@ -71,7 +72,7 @@ def retraced(model: Any) -> TrainableState:
 
 
 def _remember(model: Any, state: TrainableState) -> TrainableState:
-    _traced[model] = (getattr(model, "_compile_config", None), state)
+    _traced[model] = (getattr(model, "_compile_config", None), weakref.WeakKeyDictionary(state))
     return state
 
 
