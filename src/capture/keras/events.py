@@ -1195,7 +1195,10 @@ class Callback(keras.callbacks.Callback):
                     jax.debug.callback(deliver, tensors)
                 else:
                     flag = self._in.jax_flags[STEP_COLLECTIONS.index(collection)]
-                    jax.lax.cond(flag, lambda t: jax.debug.callback(deliver, t), lambda t: None, tensors)
+                    if is_tracer(flag):  # a compiled step: whether it saves is known when it runs
+                        jax.lax.cond(flag, lambda t: jax.debug.callback(deliver, t), lambda t: None, tensors)
+                    elif flag:  # a step run eagerly: known now (under jax.value_and_grad, a callback under
+                        jax.debug.callback(deliver, tensors)  # lax.cond in a lax.scan body is lost, jax#28738)
             else:
                 graph = self._graph
                 mark = graph.tick() if graph is not None and graph.taps else None  # beside graphs: when
