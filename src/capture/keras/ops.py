@@ -110,7 +110,7 @@ def trace_level() -> Any:
             from jax._src.core import get_opaque_trace_state
         except ImportError:  # pragma: no cover - a JAX without it: no value counts as the step's own
             return object()
-        return get_opaque_trace_state()
+        return get_opaque_trace_state(None)  # JAX 0.4.36 to 0.6 ask for the (unused) convention argument
     return None
 
 
