@@ -59,6 +59,7 @@ EXTRAS = {
     "torch": "torch",
     "keras": "keras",
     "tensorflow": "keras-tf",
+    "jax": "keras-jax",
     "xgboost": "xgboost-cpu",
     "s3fs": "s3",
 }

@@ -717,7 +717,30 @@ def test_without_keras_the_import_error_says_what_to_install() -> None:
         "try:\n    import tensortap.keras\nexcept ImportError as exc:\n    print(exc)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
-    assert 'pip install "tensortap[keras-tf]"' in out.stdout and '"tensortap[keras]" with jax or torch' in out.stdout
+    assert all(
+        extra in out.stdout
+        for extra in (
+            'pip install "tensortap[keras-tf]"',
+            '"tensortap[keras-jax]" (JAX)',
+            '"tensortap[keras]" with torch',
+        )
+    )
+
+
+@pytest.mark.parametrize(
+    ("module", "old", "needed"), [("keras", "3.14.0", "Keras 3.15"), ("jax", "0.6.1", "JAX 0.6.2")]
+)
+def test_a_keras_or_jax_older_than_the_bound_fails_at_import_naming_the_version(
+    module: str, old: str, needed: str
+) -> None:
+    """A Keras (any backend) or a JAX (Keras's JAX backend) older than the bounds pyproject.toml declares is
+    refused at import, not met by failures or lost values in ``fit``."""
+    pytest.importorskip(module)
+    code = f"import {module}\n{module}.__version__ = {old!r}\n"
+    code += "try:\n    import tensortap.keras\nexcept ImportError as exc:\n    print(exc)"
+    env = {**os.environ, "KERAS_BACKEND": "jax"} if module == "jax" else None
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True, env=env)
+    assert out.stdout.startswith(f"tensortap.keras needs {needed} or newer, not {old}: "), out.stdout
 
 
 def test_from_json_builds_a_keras_callback(tmp_path: Path) -> None:

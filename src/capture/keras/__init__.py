@@ -22,13 +22,25 @@ try:
 except ImportError as _exc:  # pragma: no cover - depends on the environment
     raise ImportError(
         'tensortap.keras needs Keras 3 and a backend: pip install "tensortap[keras-tf]" (TensorFlow), '
-        'or "tensortap[keras]" with jax or torch'
+        '"tensortap[keras-jax]" (JAX), or "tensortap[keras]" with torch'
     ) from _exc
-if not keras.__version__.startswith("3."):  # pragma: no cover - depends on the environment
+# Keras 3.15, the oldest the tests pass on: up to 3.14 train_on_batch returns running means (no reset per
+# call) and the torch GRU runs its cell step by step; up to 3.13 a step run eagerly (torch) returns its
+# metrics as Python floats, which were lost
+if tuple(int(part) for part in keras.__version__.split(".")[:2]) < (3, 15):
     raise ImportError(
-        f"tensortap.keras needs Keras 3, found keras {keras.__version__}: "
-        'pip install "tensortap[keras-tf]" (TensorFlow), or "tensortap[keras]" with jax or torch'
+        f"tensortap.keras needs Keras 3.15 or newer, not {keras.__version__}: "
+        'pip install "tensortap[keras-tf]" (TensorFlow), "tensortap[keras-jax]" (JAX), or "tensortap[keras]" with torch'
     )
+if keras.backend.backend() == "jax":
+    import jax
+
+    # JAX 0.6.2: under 0.6.0 and 0.6.1 the values of a layer called in a jitted lax.scan (a recurrent
+    # layer's cell) are lost without a word
+    if tuple(int(part) for part in jax.__version__.split(".")[:3]) < (0, 6, 2):
+        raise ImportError(
+            f'tensortap.keras needs JAX 0.6.2 or newer, not {jax.__version__}: pip install "tensortap[keras-jax]"'
+        )
 
 from .events import Callback
 from .ops import KerasOps
