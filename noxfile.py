@@ -66,13 +66,20 @@ def pythons(session: nox.Session) -> None:
 
 
 class Stack(NamedTuple):
-    """A stack of ``nox -s oldest``: its lower bounds are pinned in ``requirements/oldest-<stack>.txt``."""
+    """A stack of ``nox -s oldest``: the pytest arguments of its tests, its environment variables, and whether
+    it needs torch (2.13.0)."""
 
-    tests: list[str]  # what pytest is given
-    torch: bool = False  # torch 2.13.0 (CPU) is installed beside the file's pins
+    tests: list[str]
+    torch: bool = False
+    env: dict[str, str] = {}
 
 
+# The lower bounds pyproject.toml declares, each stack pinned exactly in requirements/oldest-STACK.txt.
+# The Keras stacks install torch for the histogram tests (tests/view/conftest.py needs it).
 OLDEST = {
+    "keras-tf": Stack(["-m", "keras", *KERAS_TESTS], torch=True, env={"KERAS_BACKEND": "tensorflow"}),
+    "keras-jax": Stack(["-m", "keras", *KERAS_TESTS], torch=True, env={"KERAS_BACKEND": "jax"}),
+    "keras-torch": Stack(["-m", "keras", *KERAS_TESTS], torch=True, env={"KERAS_BACKEND": "torch"}),
     "torch-ecosystem": Stack(
         [
             "tests/integrations/test_lightning.py",
@@ -88,12 +95,19 @@ OLDEST = {
 @nox.session(python=PYTHON)
 @nox.parametrize("stack", list(OLDEST))
 def oldest(session: nox.Session, stack: str) -> None:
-    """A stack's tests on the lowest versions pyproject.toml declares for it (not in CI: ``nox -s oldest``)."""
+    """A stack's tests with the oldest versions tensortap declares it supports (``requirements/oldest-STACK.txt``)
+    and the test tools, not the extras' packages at the versions CI runs (``requirements/test-tools.txt``)."""
     spec = OLDEST[stack]
     session.install(
-        *(torch_requirement(session) if spec.torch else []), "-r", f"requirements/oldest-{stack}.txt", "-e", "."
+        *(torch_requirement(session) if spec.torch else []),
+        "-r",
+        f"requirements/oldest-{stack}.txt",
+        "-r",
+        "requirements/test-tools.txt",
+        "-e",
+        ".",
     )
-    session.run("pytest", *spec.tests, *session.posargs)
+    session.run("pytest", *spec.tests, *session.posargs, env=spec.env)
 
 
 @nox.session(python=PYTHON)
