@@ -351,8 +351,12 @@ class _WriterThread:
             self._wake.wait(POLL_SECONDS)
             while self.jobs:
                 self._execute(self.jobs.popleft())
-            for w in list(self.writers):
-                w.publish_if_due()
+            self._publish_due()
+
+    def _publish_due(self) -> None:
+        # a method of its own: no local of the thread's loop holds a writer (and its hook and model) once closed
+        for w in list(self.writers):
+            w.publish_if_due()
 
 
 class TrialWriter:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import subprocess
 import sys
+import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -134,6 +137,31 @@ def test_captured_values_equal_what_pytorch_reports(
             np.testing.assert_array_equal(trial.tensor(f"optimizer/{name}/{key}").value(step), value.numpy())
     assert set(trial.tensor_names(collection="biases")) == {n for n in seen[0]["after"] if n.endswith("bias")}
     assert trial.training_ended
+
+
+def test_a_closed_hook_and_its_model_are_freed(tmp_path: Path) -> None:
+    """Nothing of tensortap keeps a hook, or the model it captured, alive once it is closed and let go (a
+    notebook that trains one model after another frees each). Before, the writer thread's loop kept the last
+    writer it looked at, with its hook and model, for the rest of the process."""
+    from tensortap.capture.writer import POLL_SECONDS
+
+    def closed() -> list[weakref.ref[Any]]:
+        model = MLP()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        hook = ttt.capture(model, tmp_path, optimizer=optimizer, save_config=SaveConfig(save_interval=1))
+        for _ in range(3):
+            optimizer.zero_grad()
+            F.mse_loss(model(torch.randn(4, 6)), torch.randn(4, 3)).backward()
+            optimizer.step()
+        time.sleep(3 * POLL_SECONDS)  # the writer thread looks at the open writer
+        hook.close()
+        return [weakref.ref(hook), weakref.ref(model)]
+
+    refs = closed()
+    time.sleep(3 * POLL_SECONDS)  # and goes on looking
+    gc.collect()
+    assert [r() for r in refs] == [None, None]
+    assert tensortap.create_trial(tmp_path).steps() == [0, 1, 2]
 
 
 def test_gradient_accumulation_is_one_step_per_optimizer_step(tmp_path: Path) -> None:
