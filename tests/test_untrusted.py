@@ -439,7 +439,8 @@ def test_values_pointed_past_the_end_of_the_shard_are_refused_unread(past_the_en
     located_by_hdf5(tmp_path)
     size = (tmp_path / SHARD).stat().st_size
     move_contiguous_data(tmp_path / SHARD, "tensors/0/data", size + past_the_end - 48)  # its 48 bytes cross the end
-    refused(tmp_path, "cannot read shard")  # HDF5 refuses to open the dataset; its bytes are never read
+    # HDF5 1.14.4 (h5py 3.12) refuses to open the dataset; an older one opens it, and the reader refuses it
+    refused(tmp_path, "cannot read shard" if h5py.version.hdf5_version_tuple >= (1, 14, 4) else "not inside the file")
 
 
 # ---------------------------------------------------------------- values read where the record says (raw_at)

@@ -1664,7 +1664,11 @@ class ShardReader:
             stored = ds.get_storage_size()
             if layout == h5py.h5d.CONTIGUOUS:
                 start = ds.get_offset()
-                ok = stored == declared and start is not None and 0 <= start and start + declared <= self._size
+                ok = stored == declared and start is not None
+                if ok and not 0 <= start <= self._size - declared:  # HDF5 before 1.14.4 opens such a dataset
+                    raise ShardError(
+                        f"{where}: its {declared} bytes at offset {start} are not inside the file ({self._size} bytes)"
+                    )
                 if ok and not filters and dt.kind in DIRECT_KINDS and stored_type == _memory_type(dt):
                     offset = start
             elif layout == h5py.h5d.CHUNKED:
