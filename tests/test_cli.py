@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import pytest
 from helpers.cli import cli, strict_json
 
@@ -714,6 +713,8 @@ def test_export_escapes_names_on_a_terminal_and_keeps_them_in_a_pipe(tmp_path: P
     """``export PATH`` wrote a stranger's names to the terminal raw (CSV quotes a newline, not an escape
     code); on a terminal they are escaped now, and a pipe still gets them as they are."""
     import re
+
+    pd = pytest.importorskip("pandas")
 
     with Writer(tmp_path / "run") as w, w.stepping():
         for name in ODD_NAMES:
