@@ -37,10 +37,16 @@ from the booster), :mod:`.callback` (XGBoost's callback events).
 
 from __future__ import annotations
 
+from ..versions import require
+
+# XGBoost 2.0 computes no SHAP values of the sklearn wrapper's training data, its QuantileDMatrix ("Not
+# implemented"; measured: 2.0.0, 2.0.3)
 try:
-    import xgboost  # noqa: F401
+    import xgboost
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError('XGBoost is needed for tensortap.xgboost: pip install "tensortap[xgboost]"') from exc
+else:
+    require(xgboost, "XGBoost", (2, 1), "xgboost")
 
 from .callback import Callback
 from .evals import LOSS_METRICS, metric_collection

@@ -146,8 +146,11 @@ class EvalData:
             lower = self.dmatrix.get_float_info("label_lower_bound")
             if lower.size:
                 labels = np.stack([lower, self.dmatrix.get_float_info("label_upper_bound")], axis=1)
-            else:
+            else:  # multi-target labels: one row per sample, which XGBoost before 3.2 gives flat
                 labels = np.asarray(self.dmatrix.get_label())
+                rows = self.dmatrix.num_row()
+                if labels.ndim == 1 and rows and labels.size != rows:
+                    labels = labels.reshape(rows, -1)
             if not labels.size:
                 raise ValueError(f"{self.name!r} has no labels")
             self._labels = labels

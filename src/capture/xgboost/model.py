@@ -12,12 +12,16 @@ import numpy as np
 import xgboost as xgb
 
 from ..core import Hook
+from ..versions import release
 from .evals import EvalData
 
 IMPORTANCE_TYPES = ("weight", "gain", "cover", "total_gain", "total_cover")
 # collections XGBoost cannot compute for multi-target trees (multi_strategy="multi_output_tree"):
-# trees_to_dataframe needs tree statistics, pred_contribs is not implemented there
-MULTI_TARGET_UNSUPPORTED = ("trees", "average_shap", "full_shap")
+# trees_to_dataframe needs tree statistics, pred_contribs is not implemented there; get_score of any
+# importance type crashes the process before XGBoost 3.0 (a segmentation fault: 2.1.1, 2.1.4)
+MULTI_TARGET_UNSUPPORTED = ("trees", "average_shap", "full_shap") + (
+    ("feature_importance",) if release(xgb) < (3, 0) else ()
+)
 # trees_to_dataframe columns holding node ids "<tree>-<node>", stored as the node number
 _NODE_COLUMNS = ("Yes", "No", "Missing")
 # model state in the booster's configuration, not a hyperparameter
