@@ -228,6 +228,7 @@ class _RequestStopAt(xgb.callback.TrainingCallback):
         return False
 
 
+@pytest.mark.usefixtures("ordered_callbacks")
 def test_stop_request_ends_training_at_the_next_poll(tmp_path: Path, dmatrices: tuple[Any, Any]) -> None:
     dtrain, _ = dmatrices
     requester = _RequestStopAt(tmp_path, 3)

@@ -308,6 +308,7 @@ class _SetDepth(xgb.callback.TrainingCallback):
         return False
 
 
+@pytest.mark.usefixtures("ordered_callbacks")
 @pytest.mark.parametrize("before", [True, False], ids=["set-before-the-round", "set-after-the-round-before"])
 def test_a_parameter_ones_own_callback_sets_lands_on_the_round_it_trains(tmp_path: Path, before: bool) -> None:
     dtrain, dval = _split()
@@ -327,6 +328,7 @@ def test_a_parameter_ones_own_callback_sets_lands_on_the_round_it_trains(tmp_pat
 
 
 # ----------------------------------------------------------- early stopping
+@pytest.mark.usefixtures("ordered_callbacks")
 @pytest.mark.parametrize("save_best", [False, True])
 def test_a_callback_after_early_stopping_records_the_last_round(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, save_best: bool
