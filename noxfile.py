@@ -57,12 +57,57 @@ def tests(session: nox.Session) -> None:
             session.run("pytest", "-m", "keras", *KERAS_TESTS, env={"KERAS_BACKEND": backend})
 
 
+# the tests that need no framework (writer, reader, format, storage, command line, rules)
+NO_FRAMEWORK_TESTS = ["-m", "not torch and not keras and not xgboost"]
+
+
 @nox.session(python=["3.10", "3.12", "3.13"])
 def pythons(session: nox.Session) -> None:
     """The tests that need no framework (writer, reader, format, storage, command line, rules) on the other
     Pythons tensortap supports; the frameworks' own wheels for those Pythons are not all on this machine."""
     session.install("-r", "requirements/test.txt", "h5py>=3.11,<3.15", "-e", ".")
-    session.run("pytest", "-m", "not torch and not keras and not xgboost", *session.posargs)
+    session.run("pytest", *NO_FRAMEWORK_TESTS, *session.posargs)
+
+
+class Stack(NamedTuple):
+    """A stack of ``nox -s oldest``: the pytest arguments of its tests, and whether it needs torch (2.13.0)."""
+
+    tests: list[str]
+    torch: bool = False
+
+
+# The lower bounds pyproject.toml declares, each stack pinned exactly in requirements/oldest-STACK.txt.
+OLDEST = {
+    "core": Stack(NO_FRAMEWORK_TESTS),
+    "s3": Stack(["-m", "s3"]),
+    "xgboost": Stack(
+        [
+            "-m",
+            "xgboost",
+            "tests/capture/test_xgboost.py",
+            "tests/capture/test_xgboost_patterns.py",
+            "tests/trial/test_rules_frameworks.py",
+        ]
+    ),
+    "notebook": Stack(["tests/view", "tests/test_notebook.py"], torch=True),
+}
+
+
+@nox.session(python=PYTHON)
+@nox.parametrize("stack", list(OLDEST))
+def oldest(session: nox.Session, stack: str) -> None:
+    """A stack's tests with the oldest versions tensortap declares it supports (``requirements/oldest-STACK.txt``)
+    and the test tools, not the extras' packages at the versions CI runs (``requirements/test-tools.txt``)."""
+    session.install(
+        *(torch_requirement(session) if OLDEST[stack].torch else []),
+        "-r",
+        f"requirements/oldest-{stack}.txt",
+        "-r",
+        "requirements/test-tools.txt",
+        "-e",
+        ".",
+    )
+    session.run("pytest", *OLDEST[stack].tests, *session.posargs)
 
 
 class Stack(NamedTuple):

@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 tomllib = pytest.importorskip("tomllib", reason="reads pyproject.toml with Python 3.11's tomllib")
 
@@ -116,3 +118,45 @@ def test_every_install_in_nox_and_ci_carries_the_torch_pin() -> None:
         for line in path.read_text().splitlines():
             code = line.split("#", 1)[0].strip()
             assert not code.startswith("torch"), f"{path.name}: {line!r}: torch is pinned by noxfile.py only"
+
+
+def pins(path: Path) -> list[Requirement]:
+    """The requirements of a requirements file, with those of the files it includes (``-r``)."""
+    out: list[Requirement] = []
+    for line in path.read_text().splitlines():
+        code = line.split("#", 1)[0].strip()
+        if code.startswith("-r "):
+            out.extend(pins(path.parent / code[3:].strip()))
+        elif code:
+            out.append(Requirement(code))
+    return out
+
+
+def lower_bounds() -> dict[str, Version]:
+    """The lower bound tensortap declares for each package it depends on (dependencies and extras)."""
+    texts = [*PYPROJECT["project"]["dependencies"], *(t for extra, ts in EXTRAS.items() if extra != "dev" for t in ts)]
+    return {
+        canonicalize_name(req.name): Version(spec.version)
+        for req in map(Requirement, texts)
+        for spec in req.specifier
+        if spec.operator == ">="
+    }
+
+
+OLDEST = sorted((ROOT / "requirements").glob("oldest-*.txt"))
+
+
+def test_nox_oldest_runs_each_stack_of_requirements() -> None:
+    assert set(load_noxfile().OLDEST) == {p.stem.removeprefix("oldest-") for p in OLDEST}
+
+
+@pytest.mark.parametrize("path", OLDEST, ids=lambda p: p.stem)
+def test_oldest_stacks_pin_the_declared_lower_bounds(path: Path) -> None:
+    """``nox -s oldest`` tests the release each lower bound names (2.0.0 for >=2.0, or its first patch
+    release): a bound raised or lowered without its stack fails here."""
+    bounds = lower_bounds()
+    for req in pins(path):
+        assert [s.operator for s in req.specifier] == ["=="], f"{path.name}: {req} is not pinned"
+        bound = bounds.get(canonicalize_name(req.name))
+        pinned = Version(next(iter(req.specifier)).version)
+        assert bound is None or pinned.release[: len(bound.release)] == bound.release, f"{path.name}: {req}, >={bound}"
