@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import types
+
+import pytest
 
 FRAMEWORKS = ("torch", "tensorflow", "keras", "jax", "xgboost")
 
@@ -31,3 +34,19 @@ def test_public_names() -> None:
         assert hasattr(tensortap, name), name
     assert issubclass(tensortap.TrialNotFound, FileNotFoundError)
     assert tensortap.open_trial is tensortap.create_trial
+
+
+def test_a_framework_older_than_its_adapter_needs_is_refused_naming_the_version() -> None:
+    from tensortap.capture.versions import release, require
+
+    framework = types.ModuleType("xgboost")
+    for version, found in (("2.0.3", (2, 0)), ("2.1.0", (2, 1)), ("2.10.0rc1", (2, 10)), ("3.0.0.dev0", (3, 0))):
+        framework.__version__ = version  # type: ignore[attr-defined]
+        assert release(framework) == found
+        if found < (2, 1):
+            with pytest.raises(
+                ImportError, match=r'XGBoost 2\.1 or newer, found 2\.0\.3: pip install "tensortap\[xgboost\]"'
+            ):
+                require(framework, "XGBoost", (2, 1), "xgboost")
+        else:
+            require(framework, "XGBoost", (2, 1), "xgboost")
