@@ -70,13 +70,16 @@ def pythons(session: nox.Session) -> None:
 
 
 class Stack(NamedTuple):
-    """A stack of ``nox -s oldest``: the pytest arguments of its tests, and whether it needs torch (2.13.0)."""
+    """A stack of ``nox -s oldest``: the pytest arguments of its tests, its environment variables, and whether
+    it needs torch (2.13.0)."""
 
     tests: list[str]
     torch: bool = False
+    env: dict[str, str] = {}
 
 
 # The lower bounds pyproject.toml declares, each stack pinned exactly in requirements/oldest-STACK.txt.
+# The Keras stacks install torch for the histogram tests (tests/view/conftest.py needs it).
 OLDEST = {
     "core": Stack(NO_FRAMEWORK_TESTS),
     "s3": Stack(["-m", "s3"]),
@@ -90,38 +93,6 @@ OLDEST = {
         ]
     ),
     "notebook": Stack(["tests/view", "tests/test_notebook.py"], torch=True),
-}
-
-
-@nox.session(python=PYTHON)
-@nox.parametrize("stack", list(OLDEST))
-def oldest(session: nox.Session, stack: str) -> None:
-    """A stack's tests with the oldest versions tensortap declares it supports (``requirements/oldest-STACK.txt``)
-    and the test tools, not the extras' packages at the versions CI runs (``requirements/test-tools.txt``)."""
-    session.install(
-        *(torch_requirement(session) if OLDEST[stack].torch else []),
-        "-r",
-        f"requirements/oldest-{stack}.txt",
-        "-r",
-        "requirements/test-tools.txt",
-        "-e",
-        ".",
-    )
-    session.run("pytest", *OLDEST[stack].tests, *session.posargs)
-
-
-class Stack(NamedTuple):
-    """A stack of ``nox -s oldest``: the pytest arguments of its tests, its environment variables, and whether
-    it needs torch (2.13.0)."""
-
-    tests: list[str]
-    torch: bool = False
-    env: dict[str, str] = {}
-
-
-# The lower bounds pyproject.toml declares, each stack pinned exactly in requirements/oldest-STACK.txt.
-# The Keras stacks install torch for the histogram tests (tests/view/conftest.py needs it).
-OLDEST = {
     "keras-tf": Stack(["-m", "keras", *KERAS_TESTS], torch=True, env={"KERAS_BACKEND": "tensorflow"}),
     "keras-jax": Stack(["-m", "keras", *KERAS_TESTS], torch=True, env={"KERAS_BACKEND": "jax"}),
     "keras-torch": Stack(["-m", "keras", *KERAS_TESTS], torch=True, env={"KERAS_BACKEND": "torch"}),

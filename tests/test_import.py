@@ -40,13 +40,13 @@ def test_a_framework_older_than_its_adapter_needs_is_refused_naming_the_version(
     from tensortap.capture.versions import release, require
 
     framework = types.ModuleType("xgboost")
-    for version, found in (("2.0.3", (2, 0)), ("2.1.0", (2, 1)), ("2.10.0rc1", (2, 10)), ("3.0.0.dev0", (3, 0))):
+    releases = (("2.0.3", (2, 0, 3)), ("2.1", (2, 1, 0)), ("2.10.0rc1", (2, 10, 0)), ("3.0.0.dev0", (3, 0, 0)))
+    for version, found in releases:
         framework.__version__ = version  # type: ignore[attr-defined]
         assert release(framework) == found
         if found < (2, 1):
-            with pytest.raises(
-                ImportError, match=r'XGBoost 2\.1 or newer, found 2\.0\.3: pip install "tensortap\[xgboost\]"'
-            ):
-                require(framework, "XGBoost", (2, 1), "xgboost")
+            needs = r'^tensortap\.xgboost needs XGBoost 2\.1 or newer, not 2\.0\.3: pip install "tensortap\[xgboost'
+            with pytest.raises(ImportError, match=needs + r'\]"$'):
+                require(framework, "tensortap.xgboost", "XGBoost", (2, 1), 'pip install "tensortap[xgboost]"')
         else:
-            require(framework, "XGBoost", (2, 1), "xgboost")
+            require(framework, "tensortap.xgboost", "XGBoost", (2, 1), 'pip install "tensortap[xgboost]"')

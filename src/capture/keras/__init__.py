@@ -17,32 +17,27 @@ to capture calls).
 
 from __future__ import annotations
 
+from ..versions import require
+
+_INSTALL = (
+    'pip install "tensortap[keras-tf]" (TensorFlow), "tensortap[keras-jax]" (JAX), or "tensortap[keras]" with torch'
+)
 try:
     import keras
 except ImportError as _exc:  # pragma: no cover - depends on the environment
-    raise ImportError(
-        'tensortap.keras needs Keras 3 and a backend: pip install "tensortap[keras-tf]" (TensorFlow), '
-        '"tensortap[keras-jax]" (JAX), or "tensortap[keras]" with torch'
-    ) from _exc
-# Keras 3.15, the oldest the tests pass on: up to 3.14 train_on_batch returns running means (no reset per
-# call) and the torch GRU runs its cell step by step; up to 3.13 a step run eagerly (torch) returns its
-# metrics as Python floats, which were lost
-if tuple(int(part) for part in keras.__version__.split(".")[:2]) < (3, 15):
-    raise ImportError(
-        f"tensortap.keras needs Keras 3.15 or newer, not {keras.__version__}: "
-        'pip install "tensortap[keras-tf]" (TensorFlow), "tensortap[keras-jax]" (JAX), or "tensortap[keras]" with torch'
-    )
-if keras.backend.backend() == "jax":
-    import jax
+    raise ImportError(f"tensortap.keras needs Keras 3 and a backend: {_INSTALL}") from _exc
+else:  # Keras 3.15, the oldest the tests pass on: up to 3.14 train_on_batch returns running means (no reset
+    # per call) and the torch GRU runs its cell step by step; up to 3.13 a step run eagerly (torch) returns
+    # its metrics as Python floats, which were lost
+    require(keras, "tensortap.keras", "Keras", (3, 15), _INSTALL)
+    if keras.backend.backend() == "jax":
+        import jax
 
-    # JAX 0.6.2: under 0.6.0 and 0.6.1 the values of a layer called in a jitted lax.scan (a recurrent
-    # layer's cell) are lost without a word
-    if tuple(int(part) for part in jax.__version__.split(".")[:3]) < (0, 6, 2):
-        raise ImportError(
-            f'tensortap.keras needs JAX 0.6.2 or newer, not {jax.__version__}: pip install "tensortap[keras-jax]"'
-        )
+        # JAX 0.6.2: under 0.6.0 and 0.6.1 the values of a layer called in a jitted lax.scan (a recurrent
+        # layer's cell) are lost without a word
+        require(jax, "tensortap.keras", "JAX", (0, 6, 2), 'pip install "tensortap[keras-jax]"')
 
-from .events import Callback
-from .ops import KerasOps
+from .events import Callback  # noqa: E402 (after the version checks)
+from .ops import KerasOps  # noqa: E402
 
 __all__ = ["Callback", "KerasOps"]

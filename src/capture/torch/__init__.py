@@ -8,16 +8,15 @@ the adapter does not own and how it is taken away.
 
 from __future__ import annotations
 
+from ..versions import require
+
 try:
     import torch
 except ImportError as exc:  # pragma: no cover - exercised only without torch
     raise ImportError('tensortap.torch needs PyTorch: pip install "tensortap[torch]"') from exc
-# torch 2.6: torch.distributed.fsdp.FSDPModule (FSDP2's public home, which events imports at registration); the
-# Lightning and Transformers callbacks reach this check through tensortap.capture.trainers
-if tuple(int(part) for part in torch.__version__.split(".")[:2]) < (2, 6):
-    raise ImportError(
-        f'tensortap.torch needs PyTorch 2.6 or newer, not {torch.__version__}: pip install "tensortap[torch]"'
-    )
+else:  # torch 2.6: torch.distributed.fsdp.FSDPModule (FSDP2's public home, which events imports at registration);
+    # the Lightning and Transformers callbacks reach this check through tensortap.capture.trainers
+    require(torch, "tensortap.torch", "PyTorch", (2, 6), 'pip install "tensortap[torch]"')
 
 from .events import Hook, capture
 from .ops import TorchOps

@@ -46,7 +46,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError('XGBoost is needed for tensortap.xgboost: pip install "tensortap[xgboost]"') from exc
 else:
-    require(xgboost, "XGBoost", (2, 1), "xgboost")
+    require(xgboost, "tensortap.xgboost", "XGBoost", (2, 1), 'pip install "tensortap[xgboost]"')
 
 from .callback import Callback
 from .evals import LOSS_METRICS, metric_collection
