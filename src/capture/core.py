@@ -460,7 +460,7 @@ class Hook:
             Explicit global step number (must be greater than the last one); default: last + 1.
         """
         if mode is not None:
-            self.mode = Mode.parse(mode)
+            self.mode = mode if isinstance(mode, Mode) else Mode.parse(mode)
         self._step_before = self.step
         self.step = self.step + 1 if step is None else int(step)
         self.mode_step = self.mode_steps.get(self.mode, -1) + 1

@@ -226,7 +226,8 @@ class Session:
 
     def open(self, mode: Mode | str | None = None, step: int | None = None) -> bool:
         """Record the previous step if any, then open the next one; return whether it is saved."""
-        self.finish()
+        if self.is_open:
+            self.finish()
         saving = self.hook.begin_step(mode, step)
         self.is_open, self.pending = True, False
         return saving

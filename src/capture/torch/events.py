@@ -642,9 +642,10 @@ class Hook(core.Hook):
         """A step for a value given now: the open one, unless its optimizers or hook.finish_step() ended it
         or it ended in another mode than the current one."""
         s = self.session
-        mode = self._detect_mode()
-        if not s.is_open or self._ended_by_optimizer or (s.pending and mode != self.mode):
-            self._open(mode, tentative=tentative)
+        if not s.is_open or self._ended_by_optimizer or s.pending:  # else the open step takes it, whatever the mode
+            mode = self._detect_mode()
+            if not s.is_open or self._ended_by_optimizer or mode != self.mode:
+                self._open(mode, tentative=tentative)
         if self._tentative and not self.is_saving():
             self._given_unsaved = True
 
@@ -660,7 +661,8 @@ class Hook(core.Hook):
         ):
             self.relabel_step(Mode.PREDICT)  # a forward in train mode that nothing trained on
         self._io = self._losses = self._stash_grads = False
-        self.session.guard(self._forget_unused)
+        if self._forwards:  # none where the step was not saved
+            self.session.guard(self._forget_unused)
         self.session.finish()
         self._clear_step()
 
@@ -956,7 +958,7 @@ class Hook(core.Hook):
         if not self.session.is_open or self._ended_by_optimizer:
             self._open(self._detect_mode())
         self._tentative = False
-        if not self.session.saving("gradients"):
+        if not (self.is_saving() and self.session.saving("gradients")):
             return None
         # args: (optimizer, closure?) as step() was called
         closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
