@@ -132,19 +132,29 @@ def _value(rows: list[Row], benchmark: str, case: str, column: str) -> float | N
 # copies each step's weights and gradients (what the training thread must do at least), nothing else.
 COPY_FLOOR_ARM = ("torch MLP", "floor: training that copies its weights and gradients every step")
 COPY_FLOORS = {"histogram reduction (64 bins) on every weight and gradient, every step / no hook"}
+# The floor of saving every N steps: a hook sees every step (the torch bench's arm that trains with the hooks
+# tensortap registers, each doing nothing) and copies the values at every N-th (the copy floor arm's copy,
+# over N); the writing, a shard every few seconds, can overlap on the other core.
+HOOKS_FLOOR_ARM = ("torch MLP", "floor: training with the five hooks tensortap registers")
+INTERVAL_FLOORS = {"PyTorch MLP, every 100 steps / no hook": 100}  # figure -> its save interval
 
 
 def _floor(rows: list[Row], figure: str) -> float | None:
-    """The least ratio ``figure`` can reach on this machine (see :data:`FLOORS`, :data:`COPY_FLOORS`),
-    None where it has no floor or it was not measured."""
+    """The least ratio ``figure`` can reach on this machine (see :data:`FLOORS`, :data:`COPY_FLOORS`,
+    :data:`INTERVAL_FLOORS`), None where it has no floor or it was not measured."""
     if figure in COPY_FLOORS:
         return _value(rows, *COPY_FLOOR_ARM, "ratio")
+    copy = _value(rows, *COPY_FLOOR_ARM, "ms_per_step")
+    copy_step = _value(rows, COPY_FLOOR_ARM[0], "baseline", "ms_per_step")
+    if figure in INTERVAL_FLOORS:
+        hooks = _value(rows, *HOOKS_FLOOR_ARM, "ratio")
+        if hooks is None or copy is None or copy_step is None:
+            return None
+        return max(1.0, hooks + (copy - copy_step) / copy_step / INTERVAL_FLOORS[figure])
     if figure not in FLOORS:
         return None
     step = _value(rows, FLOORS[figure], "baseline", "ms_per_step")
     write = _value(rows, *FLOOR_ARM, "ms_per_step")
-    copy = _value(rows, *COPY_FLOOR_ARM, "ms_per_step")
-    copy_step = _value(rows, COPY_FLOOR_ARM[0], "baseline", "ms_per_step")
     if step is None or (write is None and copy is None):
         return None
     floors = [1.0]

@@ -6,11 +6,13 @@ for the whole run, see :mod:`bench.harness`): no hook, twice (the run's
 noise); tensortap saving weights, biases, gradients and losses (raw tensors)
 every step and every 100 steps; the same with every layer's outputs, every
 step; and (tensortap only) a 64-bin histogram of every weight and gradient,
-no raw tensors, every step; the floor of every-step capture on this
+no raw tensors, every step; tensortap saving step 0 only (what a step that is
+not saved costs); the floor of every-step capture on this
 machine (:class:`DiskFloorArm`: the same bytes written and fsynced, without
 training); the floor of histograms counted off the training thread
 (:class:`CopyFloorArm`: the training, copying its weights and gradients each
-step); and smdebug 1.0.34's hook on the first three cases, each arm a
+step); the floor of seeing every step (:class:`HooksFloorArm`: the training
+with tensortap's five hooks, each doing nothing); and smdebug 1.0.34's hook on the first three cases, each arm a
 process of smdebug's own environment (``bench/bench_torch_smdebug.py``,
 :class:`bench.harness.Remote`). The arms run ``BLOCK`` steps at a time,
 interleaved, ``ROUNDS`` times; an arm with a tensortap hook then publishes
@@ -44,12 +46,15 @@ from bench import harness
 
 BATCH = 64
 BLOCK = 100  # steps: each block pays once the wait for its last shard (the settle), a quarter of what 25 did
+NEVER = 10**9  # a save interval no run reaches: only step 0 is saved
 ROUNDS = 6  # 600 timed steps, a multiple of 100: the every-100-steps arm saves 6 times wherever it starts
 WARMUP = 75  # untimed steps: five shards of the every-step arms, whose pool of shard arrays is then full
 BENCHMARK = "torch MLP 784-512-256-10, batch 64"
 BASIC = ("weights", "biases", "gradients", "losses")
 FLOOR = "floor: a step's weights and gradients written and fsynced, no training"
 COPY_FLOOR = "floor: training that copies its weights and gradients every step, nothing else"
+HOOKS_FLOOR = "floor: training with the five hooks tensortap registers, each doing nothing"
+UNSAVED = "tensortap: weights+biases+gradients+losses, step 0 only (what a step not saved costs)"
 SMDEBUG_PYTHON = os.environ.get("TENSORTAP_SMDEBUG_PYTHON")  # smdebug's own environment, if there is one
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (arm, save interval, collections)
@@ -158,6 +163,25 @@ class CopyFloorArm(TrainArm):
             np.copyto(buf, t.detach().numpy().reshape(-1))
 
 
+class HooksFloorArm(TrainArm):
+    """The floor of seeing every step: the training with the hooks tensortap's PyTorch adapter registers on it
+    (before and after the model's forward, after the loss module's, before and after the optimizer's step),
+    each a function that does nothing. PyTorch calls a module or an optimizer that has hooks through a
+    longer path than one without; what a step that is not saved costs beyond this arm is tensortap's own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+        def nothing(*_: object, **__: object) -> None:
+            return None
+
+        self.model.register_forward_pre_hook(nothing)
+        self.model.register_forward_hook(nothing, with_kwargs=True, always_call=True)
+        self.loss_fn.register_forward_hook(nothing)
+        self.opt.register_step_pre_hook(nothing)
+        self.opt.register_step_post_hook(nothing)
+
+
 class DiskFloorArm:
     """The floor of every-step raw capture: the bytes of a step's weights, biases and gradients
     written to one file, ``fsync``-ed each time it holds a default shard's bytes (as shards are published), without
@@ -245,7 +269,8 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
     """Measure and return one row per arm: ms per step, the ratio to no hook, the run's noise.
 
     The arms: no hook (twice), every case of :data:`CASES` with tensortap, tensortap's 64-bin
-    histograms of weights and gradients, the disk floor, the copy floor, and, where ``TENSORTAP_SMDEBUG_PYTHON``
+    histograms of weights and gradients, tensortap saving step 0 only, the disk floor, the copy floor,
+    the hooks floor, and, where ``TENSORTAP_SMDEBUG_PYTHON``
     names smdebug's environment (not with ``quick``), every case of :data:`CASES` with smdebug.
     """
     torch.set_num_threads(1)
@@ -256,8 +281,10 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
     arms["tensortap: histogram=64 of weights and gradients, every step"] = lambda: TrainArm(
         histogram, 1, ("weights", "gradients")
     )
+    arms[UNSAVED] = functools.partial(TrainArm, _tensortap_hook, NEVER, BASIC)
     arms[FLOOR] = DiskFloorArm
     arms[COPY_FLOOR] = CopyFloorArm
+    arms[HOOKS_FLOOR] = HooksFloorArm
     if SMDEBUG_PYTHON and not quick:
         for i, (case, _, _) in enumerate(CASES):
             argv = [SMDEBUG_PYTHON, "-m", "bench.bench_torch_smdebug", str(i)]

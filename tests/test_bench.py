@@ -64,6 +64,8 @@ def test_targets_say_what_was_not_measured_and_by_how_much_one_is_missed() -> No
              ratio=1.01, **{harness.UNSETTLED: 1.01}),
         _row("torch MLP 784-512-256-10, batch 64", generator.FLOOR_ARM[1] + ", no training", ms_per_step=3.0),
         _row("torch MLP 784-512-256-10, batch 64", generator.COPY_FLOOR_ARM[1] + ", nothing else", ms_per_step=2.5),
+        _row("torch MLP 784-512-256-10, batch 64", generator.HOOKS_FLOOR_ARM[1] + ", each doing nothing",
+             ratio=1.012),
         _row("keras (torch) MLP 784-512-256-10, batch 64", "baseline", ms_per_step=6.0),
         _row("keras (torch) MLP 784-512-256-10, batch 64", "tensortap: weights+biases+gradients+losses, every step",
              ratio=2.0),
@@ -81,7 +83,10 @@ def test_targets_say_what_was_not_measured_and_by_how_much_one_is_missed() -> No
     assert every_step["measured / target"] == pytest.approx(2.0) and every_step["met"] == "**no**"
     assert every_step["noise"] == 0.05
     assert every_step["settle left out"] == 1.9  # the lower bound beside it
-    assert table["PyTorch MLP, every 100 steps / no hook"]["settle left out"] == ""  # the same: not repeated
+    every_100 = table["PyTorch MLP, every 100 steps / no hook"]
+    assert every_100["settle left out"] == ""  # the same: not repeated
+    # the hooks doing nothing at every step, and the copy (0.5 ms over a bare step of 2) at every 100th
+    assert every_100["floor here"] == pytest.approx(1.012 + 0.25 / 100)
     assert every_step["floor here"] == pytest.approx(1.5)  # the disk floor arm's 3 ms over a bare step's 2 ms
     # the disk is faster than its step of 6 ms; the copy of the values (0.5 ms in the torch table) is not
     assert table["Keras torch, every step / no callback"]["floor here"] == pytest.approx(6.5 / 6)
