@@ -3,6 +3,7 @@ are put together as documented, and the GPU check skips without CUDA."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import subprocess
@@ -247,3 +248,21 @@ def test_a_blocks_settle_is_timed_with_it_and_kept_apart() -> None:
     row = next(r for r in harness.rows("b", timings) if r["case"] == "writer")
     # about 5 with the tail, 1 without: margins wide enough for a loaded machine's late wake-ups
     assert row["ratio"] > 3 and row[harness.UNSETTLED] < 2
+
+
+def test_the_arms_close_the_last_built_first() -> None:
+    """A cost the process pays at the last capture's close (freeing the pool of shard arrays) falls on
+    the first arm built, the one saving every step in the torch table, not on a small arm built last."""
+    closed: list[str] = []
+
+    class Closing(_Settling):
+        def __init__(self, name: str) -> None:
+            super().__init__(0.0, 0.0)
+            self.name = name
+
+        def close(self) -> None:
+            closed.append(self.name)
+
+    names = [harness.BASELINE, "every step", "step 0 only"]
+    harness.interleave({n: functools.partial(Closing, n) for n in names}, rounds=1, block=1)
+    assert closed == names[::-1]
