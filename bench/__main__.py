@@ -27,6 +27,7 @@ BENCHMARKS = {
 HERE = Path(__file__).resolve().parent
 OUT = HERE.parent / "docs" / "performance.md"
 NOTES = HERE / "notes.md"  # "How to read these figures" and other hand-written notes, included verbatim
+MISSED = HERE / "missed.md"  # what holds each missed target, written by hand: after the targets table, verbatim
 PROFILES = HERE / "profiles"  # hand-written profile write-ups (*.md), included verbatim, sorted by name
 
 Row = dict[str, Any]
@@ -209,7 +210,8 @@ def _met(value: float, span: tuple[float, float] | None, op: str, limit: float) 
 
 
 def document(sections: list[str], every_row: list[Row], seconds: float) -> str:
-    """docs/performance.md: the targets, every benchmark's section, the notes and the profiles."""
+    """docs/performance.md: the targets, what holds those missed, every benchmark's section, the notes and
+    the profiles."""
     profiles = [p.read_text().strip() for p in sorted(PROFILES.glob("*.md"))]
     return (
         "# Performance\n\n"
@@ -220,12 +222,15 @@ def document(sections: list[str], every_row: list[Row], seconds: float) -> str:
         f"{os.cpu_count()} CPUs; run on {time.strftime('%Y-%m-%d')}, {seconds / 60:.1f} minutes in all.\n\n"
         "## Targets\n\n"
         "The targets of issue #14. `measured / target` says by how much a target is missed "
-        "(a ratio above 1 for an upper bound, below 1 for a lower one); the profiles below say why. "
+        "(a ratio above 1 for an upper bound, below 1 for a lower one); the next section says why, in short, "
+        "and the profiles below how that was found. "
         "`95% interval` is how far the figure moves with the blocks the machine gave each arm "
         "(`bench/notes.md`); `met` is `within noise` when that interval holds the target. `settle left out` is "
         "the same ratio without each block's wait for the arm's last shard, which a long training overlaps "
         "with its next steps: a long training's figure lies between the two.\n\n"
         f"{_table(targets(every_row))}\n\n"
+        + MISSED.read_text().strip()
+        + "\n\n"
         + "\n".join(sections)
         + "\n"
         + NOTES.read_text().strip()
