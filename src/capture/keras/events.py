@@ -53,16 +53,18 @@ from ..stop import AllReduceMax, agreed
 from .naming import flatten_logs
 from .ops import (
     BACKEND,
+    Held,
     KerasOps,
     as_output,
     at_level,
     backend_all_reduce_max,
     graph_mode,
+    hold,
     is_scalar,
     is_symbolic,
     is_tensor,
     is_tracer,
-    snapshot,
+    release,
     trace_level,
     uncapturable,
 )
@@ -230,7 +232,7 @@ class Callback(keras.callbacks.Callback):
     ) -> None:
         keras.callbacks.Callback.__init__(self)
         self.hook = hook
-        # values reach the session at the step's end, already snapshotted by _tap: no second copy
+        # values reach the session at the step's end, already copied or held by _tap (ops.hold): no second copy
         self.session = Session(hook, is_tensor, max_calls=max_calls)
         self.session.at_finish(self._collect_after_step)
         self.close_on_train_end = bool(close_on_train_end)
@@ -256,6 +258,9 @@ class Callback(keras.callbacks.Callback):
         self._applied: set[int] = set()  # in the step: optimizers (by id) that applied gradients eagerly
         self._warned_reapplied: set[int] = set()
         self._arrived: list[Arrival] = []
+        # values given eagerly, by collection and slot, that the steps left as given: held, not copied (_hold)
+        self._unchanged: set[tuple[str, Slot]] = set()
+        self._warned_changed: set[str] = set()
         self._skipped: set[str] = set()
         self._accepting = False
         self.flags_now = NO_FLAGS
@@ -660,6 +665,7 @@ class Callback(keras.callbacks.Callback):
                 latest[slot] = (collection, value)
         if self._loss_scaled and self.hook.mode == Mode.TRAIN and self.session.saving("gradients"):
             self._note_unapplied(c for c, _ in latest.values())
+        self._release_held(latest)
         calls: dict[tuple[str, int], tuple[str, dict[str, Any]]] = {}
         for slot, (collection, value) in latest.items():
             if slot.call is None:
@@ -673,6 +679,36 @@ class Callback(keras.callbacks.Callback):
             for name, coll, value in self._variables(saved):
                 if Slot(name) not in latest:
                     self.session.offer(name, value, (coll,))
+
+    def _release_held(self, latest: dict[Slot, tuple[str, Any]]) -> None:
+        """Put in ``latest`` the values of the torch tensors held from the step (:func:`.ops.hold`).
+
+        A value is copied when given until a step has left it as given: from then on it is only
+        referenced. One changed in place after that, before its step ended (an optimizer that scales its
+        gradients in place from some step on), cannot be told any more: it is left out of that step, with
+        one warning naming it, and copied when given from then on.
+        """
+        for slot, (collection, value) in list(latest.items()):
+            if not isinstance(value, Held):
+                continue
+            kept, changed = release(value)
+            key = (collection, slot)
+            if changed:
+                self._unchanged.discard(key)
+            else:
+                self._unchanged.add(key)
+            if kept is not None:
+                latest[slot] = (collection, kept)
+                continue
+            del latest[slot]
+            if slot.label() not in self._warned_changed:
+                self._warned_changed.add(slot.label())
+                logger.warning(
+                    "tensortap: %s was changed in place at step %d after it was given, before the step ended; it is "
+                    "not saved at that step (its value as given cannot be told) and is copied when given from now on",
+                    slot.label(),
+                    self.hook.step,
+                )
 
     def _note_unapplied(self, collections: Iterable[str]) -> None:
         """A saved TRAIN step with a ``LossScaleOptimizer``, which handed over ``collections``: without gradients,
@@ -1202,7 +1238,8 @@ class Callback(keras.callbacks.Callback):
             else:
                 graph = self._graph
                 mark = graph.tick() if graph is not None and graph.taps else None  # beside graphs: when
-                self._deliver(collection, slots, [snapshot(v) for v in tensors], mark, self._in.mode)
+                values = [hold(v, copy=(collection, s) not in self._unchanged) for s, v in items]
+                self._deliver(collection, slots, values, mark, self._in.mode)
         except Exception as exc:
             self.hook.fail(exc, f"cannot capture {collection} ({items[0][0].label()}, ...)")
 
