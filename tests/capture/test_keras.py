@@ -2390,50 +2390,57 @@ def test_mixed_precision_gradients_are_those_applied_not_scaled(
 
 
 class _HalvesInPlace(keras.optimizers.SGD):
-    """SGD that halves the gradients it is given in place, before applying them, from its step ``start`` on."""
+    """SGD that halves the gradients it is given in place, before applying them, at its steps ``halving``."""
 
-    def __init__(self, start: int) -> None:
+    def __init__(self, halving: set[int]) -> None:
         super().__init__(LR, name="sgd")
-        self.start = start
+        self.halving = halving
         self.given: list[list[np.ndarray]] = []  # the gradients as given, each step
 
     def apply(self, grads: Any, trainable_variables: Any = None) -> Any:
         self.given.append([to_numpy(g) for g in grads])
-        if len(self.given) > self.start:
+        if len(self.given) - 1 in self.halving:
             for g in grads:
                 g.mul_(0.5)
         return super().apply(grads, trainable_variables)
 
 
 @pytest.mark.skipif(BACKEND != "torch", reason="only torch tensors change in place")
-@pytest.mark.parametrize("start", [0, 2])
+@pytest.mark.parametrize(
+    ("halving", "lost"),
+    [
+        (set(range(6)), set()),  # from the first step on: copied every step
+        ({2, 3, 4, 5}, {2}),  # from the third step on: that step cannot be told
+        ({2, 4}, {2}),  # now and then (a clipping only past a threshold): once seen, copied for good
+    ],
+)
 def test_a_value_changed_in_place_after_it_was_given_is_saved_as_given_or_not_at_all(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, start: int
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, halving: set[int], lost: set[int]
 ) -> None:
     """On torch a value given in a step (a gradient, an output, a loss) is copied until a step has left it
     as it was given, then only referenced (a copy of the MLP's gradients cost 4% of its step). One changed
-    in place from the first step on is copied every step: all saved as given. One changed from a later
-    step on (here the third) cannot be told at that step: it is left out of that one step, with one
-    warning naming it, then copied again; never saved as changed."""
+    in place from the first step on is copied every step: all saved as given. One that starts changing
+    later cannot be told at the step where it first does: it is left out of that one step, with one
+    warning naming it, and copied from then on, also when it changes only now and then; never saved as
+    changed."""
     keras.utils.set_random_seed(1)
     layers = [keras.Input((6,)), keras.layers.Dense(5, "relu", name="dense"), keras.layers.Dense(1, name="dense_1")]
     model = keras.Sequential(layers)
-    optimizer = _HalvesInPlace(start)
+    optimizer = _HalvesInPlace(halving)
     model.compile(optimizer=optimizer, loss="mse")
     cb = ttk.Callback(tmp_path, save_config=EVERY_STEP, include_collections=["gradients"])
     with caplog.at_level(logging.WARNING, logger="tensortap"):
         model.fit(X, Y, batch_size=BATCH, epochs=2, shuffle=False, callbacks=[cb], verbose=0)
     trial = tensortap.create_trial(tmp_path)
     changed = [r.getMessage() for r in caplog.records if "changed in place" in r.getMessage()]
-    lost = {2} if start == 2 else set()
     for i, name in enumerate(WEIGHTS):
         got = values(trial, f"gradients/{name}")
         assert sorted(got) == sorted(set(range(6)) - lost), name
         for step, value in got.items():
             np.testing.assert_array_equal(value, optimizer.given[step][i], err_msg=f"{name} at {step}")
-    if start == 2:
+    if lost:
         assert sorted(m.split()[1] for m in changed) == sorted(f"gradients/{n}" for n in WEIGHTS), changed
-        assert all("at step 2 " in m for m in changed), changed
+        assert all(f"at step {min(lost)} " in m for m in changed), changed
     else:
         assert not changed
 

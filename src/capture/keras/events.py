@@ -258,8 +258,9 @@ class Callback(keras.callbacks.Callback):
         self._applied: set[int] = set()  # in the step: optimizers (by id) that applied gradients eagerly
         self._warned_reapplied: set[int] = set()
         self._arrived: list[Arrival] = []
-        # values given eagerly, by collection and slot, that the steps left as given: held, not copied (_hold)
-        self._unchanged: set[tuple[str, Slot]] = set()
+        # by collection and slot, whether the steps left a value given eagerly as it was given (True: held by
+        # reference, not copied) or one step did not (False: copied from then on, see _release_held)
+        self._as_given: dict[tuple[str, Slot], bool] = {}
         self._warned_changed: set[str] = set()
         self._skipped: set[str] = set()
         self._accepting = False
@@ -686,7 +687,8 @@ class Callback(keras.callbacks.Callback):
         A value is copied when given until a step has left it as given: from then on it is only
         referenced. One changed in place after that, before its step ended (an optimizer that scales its
         gradients in place from some step on), cannot be told any more: it is left out of that step, with
-        one warning naming it, and copied when given from then on.
+        one warning naming it, and copied when given for good (one changed only now and then, as by a
+        clipping past a threshold, would otherwise be lost, unsaid, at each later change).
         """
         for slot, (collection, value) in list(latest.items()):
             if not isinstance(value, Held):
@@ -694,9 +696,9 @@ class Callback(keras.callbacks.Callback):
             kept, changed = release(value)
             key = (collection, slot)
             if changed:
-                self._unchanged.discard(key)
+                self._as_given[key] = False
             else:
-                self._unchanged.add(key)
+                self._as_given.setdefault(key, True)
             if kept is not None:
                 latest[slot] = (collection, kept)
                 continue
@@ -1238,7 +1240,7 @@ class Callback(keras.callbacks.Callback):
             else:
                 graph = self._graph
                 mark = graph.tick() if graph is not None and graph.taps else None  # beside graphs: when
-                values = [hold(v, copy=(collection, s) not in self._unchanged) for s, v in items]
+                values = [hold(v, copy=not self._as_given.get((collection, s), False)) for s, v in items]
                 self._deliver(collection, slots, values, mark, self._in.mode)
         except Exception as exc:
             self.hook.fail(exc, f"cannot capture {collection} ({items[0][0].label()}, ...)")
