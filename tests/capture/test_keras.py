@@ -2418,7 +2418,7 @@ def test_a_value_changed_in_place_after_it_was_given_is_saved_as_given_or_not_at
     tmp_path: Path, caplog: pytest.LogCaptureFixture, halving: set[int], lost: set[int]
 ) -> None:
     """On torch a value given in a step (a gradient, an output, a loss) is copied until a step has left it
-    as it was given, then only referenced (a copy of the MLP's gradients cost 4% of its step). One changed
+    as it was given, then only referenced (a copy of the MLP's gradients cost 4-6% of its step). One changed
     in place from the first step on is copied every step: all saved as given. One that starts changing
     later cannot be told at the step where it first does: it is left out of that one step, with one
     warning naming it, and copied from then on, also when it changes only now and then; never saved as
