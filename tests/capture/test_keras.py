@@ -2445,6 +2445,39 @@ def test_a_value_changed_in_place_after_it_was_given_is_saved_as_given_or_not_at
         assert not changed
 
 
+class _HalvesItsInputInTraining(keras.layers.Layer):
+    """Returns its input, halved in place when training: the output the layer before it gave, changed."""
+
+    def call(self, x: Any, training: bool | None = None) -> Any:
+        if training:
+            x.mul_(0.5)
+        return x
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="only torch tensors change in place")
+def test_a_value_left_as_given_in_evaluation_but_changed_in_training_is_saved_in_both(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What a step leaves as given is learned per mode: a layer output that an ``evaluate`` before ``fit``
+    left alone, and that the next layer halves in place only when training, is copied in training from its
+    first step on (learned across modes, that step's output would be left out)."""
+    keras.utils.set_random_seed(1)
+    layers = [keras.Input((6,)), keras.layers.Dense(5, name="dense"), _HalvesItsInputInTraining(name="halves")]
+    model = keras.Sequential([*layers, keras.layers.Dense(1, name="dense_1")])
+    model.compile(optimizer=keras.optimizers.SGD(LR), loss="mse")
+    cb = ttk.Callback(tmp_path, save_config=EVERY_STEP, include_collections=["outputs"])
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        model.evaluate(X, Y, batch_size=BATCH, callbacks=[cb], verbose=0)
+        model.fit(X, Y, batch_size=BATCH, epochs=1, shuffle=False, callbacks=[cb], verbose=0)
+    assert not [r for r in caplog.records if "changed in place" in r.getMessage()]
+    trial = tensortap.create_trial(tmp_path)
+    assert sorted(values(trial, "outputs/dense", Mode.EVAL)) == [0, 1, 2]
+    given, halved = values(trial, "outputs/dense"), values(trial, "outputs/halves")
+    assert sorted(given) == sorted(halved) == [0, 1, 2]
+    for step in given:
+        np.testing.assert_array_equal(given[step], 2 * halved[step], err_msg=f"step {step}")
+
+
 DATA_PARALLEL = """
 import os, sys
 

@@ -258,9 +258,10 @@ class Callback(keras.callbacks.Callback):
         self._applied: set[int] = set()  # in the step: optimizers (by id) that applied gradients eagerly
         self._warned_reapplied: set[int] = set()
         self._arrived: list[Arrival] = []
-        # by collection and slot, whether the steps left a value given eagerly as it was given (True: held by
-        # reference, not copied) or one step did not (False: copied from then on, see _release_held)
-        self._as_given: dict[tuple[str, Slot], bool] = {}
+        # by mode, collection and slot, whether the steps left a value given eagerly as it was given (True: held
+        # by reference, not copied) or one step did not (False: copied from then on, see _release_held); by mode,
+        # as a layer may change its input in place only in training
+        self._as_given: dict[tuple[Mode, str, Slot], bool] = {}
         self._warned_changed: set[str] = set()
         self._skipped: set[str] = set()
         self._accepting = False
@@ -684,8 +685,8 @@ class Callback(keras.callbacks.Callback):
     def _release_held(self, latest: dict[Slot, tuple[str, Any]]) -> None:
         """Put in ``latest`` the values of the torch tensors held from the step (:func:`.ops.hold`).
 
-        A value is copied when given until a step has left it as given: from then on it is only
-        referenced. One changed in place after that, before its step ended (an optimizer that scales its
+        A value is copied when given until a step of its mode has left it as given: from then on it is
+        only referenced. One changed in place after that, before its step ended (an optimizer that scales its
         gradients in place from some step on), cannot be told any more: it is left out of that step, with
         one warning naming it, and copied when given for good (one changed only now and then, as by a
         clipping past a threshold, would otherwise be lost, unsaid, at each later change).
@@ -694,7 +695,7 @@ class Callback(keras.callbacks.Callback):
             if not isinstance(value, Held):
                 continue
             kept, changed = release(value)
-            key = (collection, slot)
+            key = (self.hook.mode, collection, slot)
             if changed:
                 self._as_given[key] = False
             else:
@@ -1240,8 +1241,10 @@ class Callback(keras.callbacks.Callback):
             else:
                 graph = self._graph
                 mark = graph.tick() if graph is not None and graph.taps else None  # beside graphs: when
-                values = [hold(v, copy=not self._as_given.get((collection, s), False)) for s, v in items]
-                self._deliver(collection, slots, values, mark, self._in.mode)
+                mode = self._in.mode  # None: given outside a step function, to the open step (see _takes)
+                step_mode = mode or self.hook.mode
+                values = [hold(v, copy=not self._as_given.get((step_mode, collection, s), False)) for s, v in items]
+                self._deliver(collection, slots, values, mark, mode)
         except Exception as exc:
             self.hook.fail(exc, f"cannot capture {collection} ({items[0][0].label()}, ...)")
 
