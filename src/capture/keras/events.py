@@ -259,8 +259,8 @@ class Callback(keras.callbacks.Callback):
         self._warned_reapplied: set[int] = set()
         self._arrived: list[Arrival] = []
         # by mode, collection and slot, whether the steps left a value given eagerly as it was given (True: held
-        # by reference, not copied) or one step did not (False: copied from then on, see _release_held); by mode,
-        # as a layer may change its input in place only in training
+        # by reference, not copied) or one step did not (False: copied from then on, see _release_held); per mode,
+        # as a layer may change its input in place only when training
         self._as_given: dict[tuple[Mode, str, Slot], bool] = {}
         self._warned_changed: set[str] = set()
         self._skipped: set[str] = set()
