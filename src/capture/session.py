@@ -27,6 +27,7 @@ Interface
 
     # values
     session.offer(name, value, collections)       # the last value given for a name in a step wins
+    session.offer_many(items)                     # (name, value, collections) tensors, as offer() each
     session.offer_tree(name, value, collections)  # a nested value, named by flatten()
     session.offer_call(base, value, collections)  # one call of a module/layer: base, or base:<i>
                                                   # when called several times in the step
@@ -56,7 +57,7 @@ calls held.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from ..modes import Mode
@@ -278,6 +279,11 @@ class Session:
         """Offer one tensor at the open step; a later value of the same name in the step replaces it."""
         self.hook.offer(name, value, tuple(collections))
 
+    def offer_many(self, items: Iterable[tuple[str, Any, tuple[str, ...]]]) -> None:
+        """Offer ``(name, value, collections)`` tensors of the open step, as :meth:`offer` each would, at
+        less cost (one hold of the writer's lock for all: :meth:`Hook.offer_many`)."""
+        self.hook.offer_many(items)
+
     def offer_tree(self, name: str, value: Any, collections: Sequence[str]) -> None:
         """Offer every tensor of a nested value, named by :func:`flatten`."""
         colls = tuple(collections)
@@ -404,21 +410,24 @@ class Session:
                 " and ".join(sorted(types)),
             )
 
-    def _offer_flat(self, name: str, tensors: list[tuple[str, Any]], collections: tuple[str, ...]) -> None:
-        for sub, t in tensors:
-            self.hook.offer(name + sub, t, collections)
-
     def _offer_held(self) -> None:
         """Offer the held calls to be saved (``0 .. max_calls - 1`` and the last, by their index among the
         step's calls kept) and the last held value of each name given."""
+        self.hook.offer_many(
+            (name + sub, t, collections) for name, tensors, collections in self._held_to_save() for sub, t in tensors
+        )
+        for name, values in self._given.items():
+            if values:
+                _, value, colls = values[-1]
+                self.hook.offer(name, value, colls, force=True)
+
+    def _held_to_save(self) -> Iterator[tuple[str, list[tuple[str, Any]], tuple[str, ...]]]:
+        """``(name, tensors, collections)`` of each held call to be saved, in order: ``base`` alone, else
+        ``base:<i>`` by its index among the step's calls kept."""
         for base, calls in self._calls.items():
             index = {mark: i for i, mark in enumerate(calls.marks)}
             last = len(calls.marks) - 1
             held = calls.held + ([calls.last] if calls.last is not None else [])
             named = [(i, tensors) for mark, tensors in held if (i := index[mark]) < self.max_calls or i == last]
             for i, tensors in sorted(named, key=lambda call: call[0]):
-                self._offer_flat(base if last == 0 else f"{base}:{i}", tensors, calls.collections)
-        for name, values in self._given.items():
-            if values:
-                _, value, colls = values[-1]
-                self.hook.offer(name, value, colls, force=True)
+                yield (base if last == 0 else f"{base}:{i}"), tensors, calls.collections

@@ -182,6 +182,16 @@ class StepCapture:
 
     def offer(self, name: str, value: Any, collection: str) -> None:
         """Offer one value at the current step; a second value of one name in a step is dropped with a warning."""
+        if self._first(name):
+            self.hook.offer(name, value, (collection,))
+
+    def offer_many(self, items: Iterable[tuple[str, Any, str]]) -> None:
+        """Offer ``(name, value, collection)`` values together, as :meth:`offer` each would
+        (:meth:`tensortap.capture.Hook.offer_many`)."""
+        self.hook.offer_many((name, value, (collection,)) for name, value, collection in items if self._first(name))
+
+    def _first(self, name: str) -> bool:
+        """Whether ``name`` is offered for the first time in the step (a second time: one warning per name)."""
         if name in self._names:
             if name not in self._warned:
                 self._warned.add(name)
@@ -190,16 +200,14 @@ class StepCapture:
                     name,
                     self.hook.step,
                 )
-            return
+            return False
         self._names.add(name)
-        self.hook.offer(name, value, (collection,))
+        return True
 
     def offer_gradients(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Offer ``p.grad`` of each ``(name, p)`` that has a gradient, as ``gradients/<name>``."""
         if self.hook.is_saving("gradients"):
-            for name, p in named:
-                if p.grad is not None:
-                    self.offer(f"gradients/{name}", p.grad, "gradients")
+            self.offer_many((f"gradients/{name}", p.grad, "gradients") for name, p in named if p.grad is not None)
 
     def add_loss(self, loss: Any) -> None:
         """Keep one training-step loss of the open step (several with gradient accumulation)."""
@@ -233,8 +241,7 @@ class StepCapture:
     def offer_parameters(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Offer each ``(name, p)`` in ``weights`` or ``biases`` (:func:`parameter_collection`), as it is now."""
         if self.hook.is_saving("weights") or self.hook.is_saving("biases"):
-            for name, p in named:
-                self.offer(name, p, parameter_collection(name))
+            self.offer_many((name, p, parameter_collection(name)) for name, p in named)
 
     def drop_train(self, why: BaseException) -> None:
         """Drop the open ``TRAIN`` step, which ``why`` interrupted; the next ``TRAIN`` step takes its numbers.

@@ -36,7 +36,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from types import FrameType, TracebackType
 from typing import Any, Literal, TypeVar
@@ -61,6 +61,9 @@ POLL_SECONDS = 0.1  # how often the writer thread looks for buffers due for publ
 LIVE_SHARE = 0.02  # publishing at the live deadline takes at most this share of one core (the writer thread's CPU)
 IN_FLIGHT = 2  # shards handed off and not yet published that a hand-off does not wait for (see TrialWriter._hand_off)
 _T = TypeVar("_T")
+Staged = tuple[str, tuple[str, ...], Any, dict[str, float], str | None, Histogram | PendingHistogram | None]
+"""One tensor for :meth:`TrialWriter.stage`: name, collections, raw host array (or None), reductions,
+original dtype (or None), histogram (or None)."""
 
 
 @dataclass(frozen=True)
@@ -449,39 +452,33 @@ class TrialWriter:
         self._thread.writers.add(self)
         _OPEN_WRITERS.add(self)
 
-    def stage(
-        self,
-        step: int,
-        name: str,
-        collections: tuple[str, ...],
-        raw: Any,
-        reductions: dict[str, float],
-        orig_dtype: str | None,
-        histogram: Histogram | PendingHistogram | None = None,
-    ) -> Any:
-        """Copy one tensor of the step in progress into the shard buffer; return the stored raw value.
+    def stage(self, step: int, entries: Sequence[Staged]) -> list[Any]:
+        """Copy tensors of the step in progress into the shard buffer, in order; return each stored raw value.
 
-        A tensor keeps one dtype within a shard: when its dtype changes, the
-        committed steps are published first and the step in progress moves to a new shard.
-        Values of an earlier step that was never committed (a step interrupted by a
-        ``KeyboardInterrupt`` that the user caught) are dropped first.
+        A tensor keeps one dtype within a shard: when its dtype changes, the committed steps are
+        published first and the step in progress moves to a new shard. Values of an earlier step
+        that was never committed (a step interrupted by a ``KeyboardInterrupt`` that the user
+        caught) are dropped first.
         """
         job = None
         with self._lock:
             if self.closed or self.error is not None:
-                return raw
+                return [raw for _, _, raw, _, _, _ in entries]
             buf = self._buffer
+            stored: list[Any] = []
             try:
                 if self._staging_step != step:
                     if buf.staging:
                         buf.rollback()
                     self._staging_step = step
-                if raw is not None and buf.conflicts(name, raw):
-                    job = self._take_locked()
-                    buf = self._buffer
-                if not buf.steps and not buf.staging:
-                    self._since = time.monotonic()
-                stored = buf.stage(step, name, collections, raw, reductions, orig_dtype, histogram)
+                for name, collections, raw, reductions, orig_dtype, histogram in entries:
+                    # once at most: the new buffer holds this step's values only, which a value replaces
+                    if raw is not None and buf.conflicts(name, raw):
+                        job = self._take_locked()
+                        buf = self._buffer
+                    if not buf.steps and not buf.staging:
+                        self._since = time.monotonic()
+                    stored.append(buf.stage(step, name, collections, raw, reductions, orig_dtype, histogram))
             except BaseException:  # an interrupt half-way: keep the buffer consistent
                 self._buffer.rollback()
                 raise

@@ -89,6 +89,39 @@ def test_values_land_on_the_step_in_which_they_were_given(tmp_path: Path) -> Non
     assert trial.steps(mode=Mode.TRAIN) == list(range(6))
 
 
+def test_a_model_switched_to_float64_mid_run_keeps_every_value_in_its_dtype(tmp_path: Path) -> None:
+    """``model.double()`` between two steps changes the dtype of every parameter and gradient at once, in
+    the middle of a shard (which holds one dtype per tensor): the step moves to a new shard, and every step
+    reads back as the model had it. Its gradients keep their step's dtype; the weights of the step before
+    the switch are read when that step is recorded, at the next forward, after ``model.double()``."""
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    hook = ttt.Hook(tmp_path, save_config=EVERY_STEP)
+    hook.register_module(model)
+    hook.attach_optimizer(opt)
+    gen = torch.Generator().manual_seed(3)
+    seen: list[dict[str, torch.Tensor]] = []
+    for s in range(6):
+        if s == 3:
+            model.double()
+        x, y = _batch(gen)
+        x = x.double() if s >= 3 else x
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        grads = {f"gradients/{n}": p.grad.detach().clone() for n, p in model.named_parameters()}
+        opt.step()
+        seen.append({**grads, **{n: p.detach().clone() for n, p in model.named_parameters()}})
+    hook.close()
+    trial = _trial(tmp_path)
+    assert trial.steps() == list(range(6))
+    for s, values in enumerate(seen):
+        for name, want in values.items():
+            got = _value(trial, name, s)
+            float64 = s >= 3 or (s == 2 and not name.startswith("gradients/"))
+            assert got.dtype == (np.float64 if float64 else np.float32), (name, s)
+            np.testing.assert_array_equal(got, want.numpy())
+
+
 class WithLoss(nn.Module):
     """Returns ``(logits, loss)``, or a dict with ``"loss"`` (as Hugging Face models do)."""
 

@@ -670,17 +670,16 @@ class Callback(keras.callbacks.Callback):
         self._release_held(latest)
         calls: dict[tuple[str, int], tuple[str, dict[str, Any]]] = {}
         for slot, (collection, value) in latest.items():
-            if slot.call is None:
-                self.session.offer(slot.name, value, (collection,))
-            else:  # the call's tensors, keyed by their place in its output: "" alone, else "0", "key", "1/0"
+            # a call's tensors, keyed by their place in its output: "" alone, else "0", "key", "1/0"
+            if slot.call is not None:
                 calls.setdefault((slot.name, slot.call), (collection, {}))[1][slot.sub.lstrip("/")] = value
+        self.session.offer_many((s.name, value, (c,)) for s, (c, value) in latest.items() if s.call is None)
         for (base, _), (collection, tensors) in sorted(calls.items()):  # each layer's calls in order
             self.session.offer_call(base, tensors, (collection,))
         if self.hook.mode == Mode.TRAIN:  # the variables the step did not return
             saved = [c for c in VARIABLE_COLLECTIONS if self.session.saving(c)]
-            for name, coll, value in self._variables(saved):
-                if Slot(name) not in latest:
-                    self.session.offer(name, value, (coll,))
+            variables = ((name, value, (coll,)) for name, coll, value in self._variables(saved))
+            self.session.offer_many(v for v in variables if Slot(v[0]) not in latest)
 
     def _release_held(self, latest: dict[Slot, tuple[str, Any]]) -> None:
         """Put in ``latest`` the values of the torch tensors held from the step (:func:`.ops.hold`).

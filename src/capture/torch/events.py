@@ -741,10 +741,8 @@ class Hook(core.Hook):
         self._name_backward_losses(self._loss_name)
         s = self.session
         if not (self.weights_rank0_only and self.rank != 0) and s.saving("weights", "biases"):
-            for name, p in self._params.items():
-                s.offer(name, p, (_param_collection(name),))
-        for name, g in self._grad_stash.items():
-            s.offer(f"gradients/{name}", g.applied(), ("gradients",))
+            s.offer_many((name, p, (_param_collection(name),)) for name, p in self._params.items())
+        s.offer_many((f"gradients/{name}", g.applied(), ("gradients",)) for name, g in self._grad_stash.items())
         if s.saving("optimizer_variables"):
             for att in self._optimizers:
                 for p, state in att.optimizer.state.items():
@@ -989,9 +987,11 @@ class Hook(core.Hook):
         return evaluate
 
     def _offer_gradients(self, att: _Optimizer) -> None:
-        for name, p in self._updated(att).items():
-            if p.requires_grad and p.grad is not None:
-                self.session.offer(f"gradients/{name}", p.grad, ("gradients",))
+        self.session.offer_many(
+            (f"gradients/{name}", p.grad, ("gradients",))
+            for name, p in self._updated(att).items()
+            if p.requires_grad and p.grad is not None
+        )
 
     def _on_optimizer_post(self, att: _Optimizer, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self._closed or not self.session.is_open:
