@@ -588,8 +588,8 @@ class Hook:
         """Offer ``(name, value, collections)`` tensors, as :meth:`offer` one after the other would.
 
         For the tensors an adapter offers together (a model's parameters, their gradients): they go
-        into the shard buffer at once, under one hold of the writer's lock (about a third of the
-        cost of a small tensor, measured in ``bench/profiles/torch.md``, session 42).
+        into the shard buffer at once, under one hold of the writer's lock, which saves a tenth to a
+        quarter of what a small tensor costs the training thread (``bench/profiles/torch.md``, session 42).
         """
         if not self._saving or self.writer is None:
             return
