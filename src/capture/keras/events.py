@@ -678,8 +678,9 @@ class Callback(keras.callbacks.Callback):
             self.session.offer_call(base, tensors, (collection,))
         if self.hook.mode == Mode.TRAIN:  # the variables the step did not return
             saved = [c for c in VARIABLE_COLLECTIONS if self.session.saving(c)]
-            variables = ((name, value, (coll,)) for name, coll, value in self._variables(saved))
-            self.session.offer_many(v for v in variables if Slot(v[0]) not in latest)
+            self.session.offer_many(
+                (name, value, (coll,)) for name, coll, value in self._variables(saved) if Slot(name) not in latest
+            )
 
     def _release_held(self, latest: dict[Slot, tuple[str, Any]]) -> None:
         """Put in ``latest`` the values of the torch tensors held from the step (:func:`.ops.hold`).
