@@ -276,8 +276,10 @@ class Callback(xgb.callback.TrainingCallback):
 
     def _capture_hyperparameters(self, hook: Hook) -> None:
         """Save the parameters at the first round saved for the collection, then those that changed since."""
+        if not hook.is_saving("hyperparameters"):
+            return
         changed = {k: v for k, v in self._hyperparameters.items() if self._saved_hyperparameters.get(k) != v}
-        if changed and hook.is_saving("hyperparameters"):
+        if changed:
             self._saved_hyperparameters.update(changed)
             self._compute(hook, ("hyperparameters",), lambda: mdl.offer_hyperparameters(hook, changed))
 

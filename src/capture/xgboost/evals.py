@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 from collections import Counter
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from types import FrameType
 from typing import Any
 
@@ -83,16 +83,21 @@ def offer_evals(hook: Hook, evals_log: EvalsLog, training: Collection[str]) -> N
     the log holds ``(mean, std)`` over the folds: the mean under that name, the
     standard deviation as ``metrics/<data>-<metric>-std`` (a spread, not a loss).
     """
+    hook.offer_many(_last_values(evals_log, training))
+
+
+def _last_values(evals_log: EvalsLog, training: Collection[str]) -> Iterator[tuple[str, np.float64, tuple[str, ...]]]:
+    """``(name, value, collections)`` of each metric's last value, as :func:`offer_evals` names them."""
     for data, metrics in evals_log.items():
         extra = (TRAINING_DATA,) if data in training else ()
         for metric, history in metrics.items():
             collection = metric_collection(metric)
             last = history[-1]
             if isinstance(last, tuple):  # xgb.cv: (mean, std) over the folds
-                hook.offer(f"{collection}/{data}-{metric}", np.float64(last[0]), (collection, *extra))
-                hook.offer(f"metrics/{data}-{metric}-std", np.float64(last[1]), ("metrics", *extra))
+                yield f"{collection}/{data}-{metric}", np.float64(last[0]), (collection, *extra)
+                yield f"metrics/{data}-{metric}-std", np.float64(last[1]), ("metrics", *extra)
             else:
-                hook.offer(f"{collection}/{data}-{metric}", np.float64(last), (collection, *extra))
+                yield f"{collection}/{data}-{metric}", np.float64(last), (collection, *extra)
 
 
 class EvalData:

@@ -167,23 +167,26 @@ def tree_columns(model: Any) -> tuple[dict[str, np.ndarray], list[str]]:
 
 def offer_hyperparameters(hook: Hook, params: Mapping[str, str]) -> None:
     """``hyperparameters/<param>``: the numeric parameters, as float64 scalars."""
-    for name, text in params.items():
-        number = _as_number(text)
-        if number is not None:
-            hook.offer(f"hyperparameters/{name}", np.float64(number), ("hyperparameters",))
+    hook.offer_many(
+        (f"hyperparameters/{name}", np.float64(number), ("hyperparameters",))
+        for name, text in params.items()
+        if (number := _as_number(text)) is not None
+    )
 
 
 def offer_feature_importance(hook: Hook, model: Any, kind: str) -> None:
     """``feature_importance/<kind>/<feature>``: ``get_score`` for importance type ``kind``."""
-    for feature, value in model.get_score(importance_type=kind).items():
-        hook.offer(f"feature_importance/{kind}/{feature}", np.asarray(value), ("feature_importance",))
+    scores = model.get_score(importance_type=kind)
+    hook.offer_many(
+        (f"feature_importance/{kind}/{feature}", np.asarray(value), ("feature_importance",))
+        for feature, value in scores.items()
+    )
 
 
 def offer_trees(hook: Hook, model: Any) -> list[str]:
     """``trees/<column>``: the columns of :func:`tree_columns`; returns the names of the columns left out."""
     columns, left_out = tree_columns(model)
-    for column, values in columns.items():
-        hook.offer(f"trees/{column}", values, ("trees",))
+    hook.offer_many((f"trees/{column}", values, ("trees",)) for column, values in columns.items())
     return [f"trees/{c}" for c in left_out]
 
 
@@ -204,5 +207,5 @@ def offer_shap(hook: Hook, model: Any, round_: int, data: EvalData, approx: bool
     if hook.is_saving("average_shap"):
         # the last column is the bias; average |SHAP| over rows (and classes) per feature
         mean_abs = np.abs(shap[..., :-1]).reshape(-1, shap.shape[-1] - 1).mean(axis=0)
-        for feature, value in zip(feature_names(model), mean_abs, strict=True):
-            hook.offer(f"average_shap/{feature}", np.float64(value), ("average_shap",))
+        features = zip(feature_names(model), mean_abs, strict=True)
+        hook.offer_many((f"average_shap/{f}", np.float64(value), ("average_shap",)) for f, value in features)
