@@ -593,9 +593,7 @@ class Hook:
         """
         if not self._saving or self.writer is None:
             return
-        taken = [one for name, value, colls in items if (one := self._take(name, value, colls, False)) is not None]
-        if taken:
-            self._stage(taken)
+        self._stage([one for name, value, colls in items if (one := self._take(name, value, colls, False)) is not None])
 
     def _take(self, name: str, value: Any, collections: tuple[str, ...], force: bool) -> _Taken | None:
         """Plan and prepare one offered tensor of a saved step; None when it is not saved, was skipped, or
@@ -626,7 +624,10 @@ class Hook:
         return name, plan, (raw, values, orig), hist
 
     def _stage(self, taken: Sequence[_Taken]) -> None:
-        """Copy prepared tensors into the writer's shard buffer and keep their records for the step's end."""
+        """Copy prepared tensors into the writer's shard buffer and keep their records for the step's end;
+        nothing once a failure disabled capture."""
+        if not taken or not self._saving:
+            return
         assert self.writer is not None
         entries = [(name, plan.collections, *prepared, hist) for name, plan, prepared, hist in taken]
         try:
@@ -660,11 +661,15 @@ class Hook:
             delivered = self._batch[1].deliver()
         except Exception as exc:  # the batch's own failure: its tensors are skipped, not the run
             delivered = [exc] * len(taken)
+        ready: list[_Taken] = []  # staged together, up to a tensor the batch could not prepare
         for (name, plan, hist), prepared in zip(taken, delivered, strict=True):
             if isinstance(prepared, Exception):
+                self._stage(ready)  # those offered before it first
+                ready = []
                 self._skip(name, prepared)
-            elif self._saving:  # not once a failure disabled capture
-                self._stage([(name, plan, prepared, hist)])
+            else:
+                ready.append((name, plan, prepared, hist))
+        self._stage(ready)
 
     def _drop_step_values(self) -> None:
         """Forget what the step in progress saved so far."""
