@@ -7,6 +7,7 @@ import importlib
 import math
 import os
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -25,10 +26,14 @@ BENCHMARKS = {
     "histogram": "bench.bench_histogram",
 }
 HERE = Path(__file__).resolve().parent
-OUT = HERE.parent / "docs" / "performance.md"
+ROOT = HERE.parent
+OUT = ROOT / "docs" / "performance.md"
+PROFILES_OUT = ROOT / "docs" / "profiles.md"  # every profile write-up, in full
 NOTES = HERE / "notes.md"  # "How to read these figures" and other hand-written notes, included verbatim
 MISSED = HERE / "missed.md"  # what holds each missed target, written by hand: after the targets table, verbatim
-PROFILES = HERE / "profiles"  # hand-written profile write-ups (*.md), included verbatim, sorted by name
+SUMMARY = HERE / "summary.md"  # the profiles in short, what changed because of each: after MISSED, verbatim
+PROFILES = HERE / "profiles"  # hand-written profile write-ups (*.md), in full in PROFILES_OUT, sorted by name
+INCLUDED = (MISSED, SUMMARY, NOTES)  # the hand-written parts of OUT, between markers (_included)
 
 Row = dict[str, Any]
 
@@ -209,10 +214,49 @@ def _met(value: float, span: tuple[float, float] | None, op: str, limit: float) 
     return "yes" if meets(value) else "**no**"
 
 
-def document(sections: list[str], every_row: list[Row], seconds: float) -> str:
-    """docs/performance.md: the targets, what holds those missed, every benchmark's section, the notes and
-    the profiles."""
+def _included(path: Path) -> str:
+    """The hand-written ``path`` as docs/performance.md holds it: between two markers that name it, so
+    that :func:`refresh` can put its text of the day in place without running the benchmarks again."""
+    name = path.relative_to(ROOT).as_posix()
+    return (
+        f"<!-- from {name}: edit it there, then run `python -m bench --docs` -->\n\n"
+        f"{path.read_text().strip()}\n\n<!-- end of {name} -->"
+    )
+
+
+_MARKED = re.compile(r"<!-- from (\S+): [^\n]* -->\n.*?<!-- end of \1 -->", re.DOTALL)
+
+
+def refresh(doc: str) -> str:
+    """``doc`` (docs/performance.md) with each hand-written part replaced by its file's text now.
+
+    Raises
+    ------
+    ValueError
+        If ``doc`` does not hold every part of :data:`INCLUDED` exactly once, or names another file.
+    """
+    known = {p.relative_to(ROOT).as_posix(): p for p in INCLUDED}
+    found = [m.group(1) for m in _MARKED.finditer(doc)]
+    if sorted(found) != sorted(known):
+        raise ValueError(f"{OUT.name} holds the parts {found}, expected each of {sorted(known)} once")
+    return _MARKED.sub(lambda m: _included(known[m.group(1)]), doc)
+
+
+def profiles_document() -> str:
+    """docs/profiles.md: every profile write-up of :data:`PROFILES` in full, sorted by file name."""
     profiles = [p.read_text().strip() for p in sorted(PROFILES.glob("*.md"))]
+    return (
+        "# Profiles\n\n"
+        "Every profile behind docs/performance.md, in full: how each figure was profiled, what was found, "
+        "what changed because of it and what was tried and not kept, as each session wrote it "
+        "(`bench/profiles/*.md`). [Performance](performance.md#profiles-what-changed-because-of-them) "
+        "sums them up.\n\n" + "\n\n".join(profiles) + "\n"
+    )
+
+
+def document(sections: list[str], every_row: list[Row], seconds: float) -> str:
+    """docs/performance.md: the targets, what holds those missed, the profiles in short, every benchmark's
+    section and the notes."""
     return (
         "# Performance\n\n"
         "Measured by `nox -s bench` (`python -m bench`); every figure is compared with a baseline "
@@ -223,19 +267,20 @@ def document(sections: list[str], every_row: list[Row], seconds: float) -> str:
         "## Targets\n\n"
         "The targets of issue #14. `measured / target` says by how much a target is missed "
         "(a ratio above 1 for an upper bound, below 1 for a lower one); the next section says why, in short, "
-        "and the profiles below how that was found. "
+        "and the one after it what the profiles found and changed ([Profiles](profiles.md): each in full). "
         "`95% interval` is how far the figure moves with the blocks the machine gave each arm "
         "(`bench/notes.md`); `met` is `within noise` when that interval holds the target. `settle left out` is "
         "the same ratio without each block's wait for the arm's last shard, which a long training overlaps "
         "with its next steps: a long training's figure lies between the two.\n\n"
         f"{_table(targets(every_row))}\n\n"
-        + MISSED.read_text().strip()
+        + _included(MISSED)
+        + "\n\n"
+        + _included(SUMMARY)
         + "\n\n"
         + "\n".join(sections)
         + "\n"
-        + NOTES.read_text().strip()
+        + _included(NOTES)
         + "\n"
-        + ("\n## Profiles\n\n" + "\n\n".join(profiles) + "\n" if profiles else "")
     )
 
 
@@ -244,9 +289,25 @@ def main() -> int:
     parser.add_argument("names", nargs="*", help=f"benchmarks to run: {', '.join(BENCHMARKS)} (default: all)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/performance.md alone")
     parser.add_argument(
+        "--docs",
+        action="store_true",
+        help="run nothing: put the hand-written parts (bench/*.md, bench/profiles/*.md) of today into "
+        "docs/performance.md (keeping the last run's figures) and docs/profiles.md",
+    )
+    parser.add_argument(
         "--quick", action="store_true", help="tiny sizes: check that every script runs (implies --no-write)"
     )
     args = parser.parse_args()
+    if args.docs:
+        if args.names or args.quick or args.no_write:
+            parser.error("--docs runs no benchmark: give it alone")
+        try:
+            OUT.write_text(refresh(OUT.read_text()))
+        except ValueError as exc:
+            parser.error(f"{exc}: run the benchmarks to write it anew")
+        PROFILES_OUT.write_text(profiles_document())
+        print(f"wrote {OUT} and {PROFILES_OUT}")
+        return 0
     names = args.names or list(BENCHMARKS)
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
@@ -267,7 +328,8 @@ def main() -> int:
     if args.no_write or args.quick:
         return 0
     OUT.write_text(document(sections, every_row, time.perf_counter() - start))
-    print(f"wrote {OUT}")
+    PROFILES_OUT.write_text(profiles_document())
+    print(f"wrote {OUT} and {PROFILES_OUT}")
     return 0
 
 
