@@ -630,8 +630,13 @@ def test_a_step_gradscaler_skips_is_still_a_step(tmp_path: Path) -> None:
         assert float(_value(trial, "losses/loss", s)) == loss  # the loss, not the scaled loss
 
 
+def _no_op_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+    """A user's own forward pre-hook (module level: pickled by reference)."""
+
+
 def test_torch_save_and_deepcopy_of_a_captured_model(tmp_path: Path) -> None:
     model = _mlp()
+    model.register_forward_pre_hook(_no_op_hook)  # the user's own: saved and copied with the model
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     hook = ttt.capture(
         model, tmp_path, optimizer=opt, save_config=EVERY_STEP, include_collections=["weights", "outputs"]
@@ -648,8 +653,16 @@ def test_torch_save_and_deepcopy_of_a_captured_model(tmp_path: Path) -> None:
     buffer = io.BytesIO()
     torch.save(model, buffer)
     buffer.seek(0)
-    loaded = torch.load(buffer, weights_only=False)
+    assert b"tensortap" not in buffer.getvalue()  # loading needs nothing of tensortap
+    # torch.load's default (weights_only=True) with the model's classes allowed, as pytorch/examples do
+    with torch.serialization.safe_globals([nn.Sequential, nn.Linear, nn.ReLU, _no_op_hook]):
+        loaded = torch.load(buffer)
     twin = copy.deepcopy(model)
+    for m in (loaded, twin):
+        assert list(m._forward_pre_hooks.values()) == [_no_op_hook]
+        assert not m._forward_hooks and not m._forward_hooks_with_kwargs and not m._forward_hooks_always_called
+        assert not any(sub._forward_hooks for sub in m.modules())
+    assert len(model._forward_pre_hooks) == 2 and model._forward_hooks  # the original keeps its taps
     twin_opt = torch.optim.SGD(twin.parameters(), lr=0.5)
     for m in (loaded, twin):
         for p, q in zip(m.parameters(), model.parameters(), strict=True):
@@ -662,6 +675,40 @@ def test_torch_save_and_deepcopy_of_a_captured_model(tmp_path: Path) -> None:
     trial = _trial(tmp_path)
     assert trial.steps() == [0, 1]
     np.testing.assert_array_equal(_value(trial, "0.weight", 1), model[0].weight.detach().numpy())
+
+
+class _Tagger(nn.Module):
+    """A recurrent model (module level: pickled by reference) whose LSTM pickles by its own ``__getstate__``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(6, 4, batch_first=True)
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.rnn(x)[0][:, -1])
+
+
+def test_a_captured_lstm_saved_whole_loads_as_if_never_captured(tmp_path: Path) -> None:
+    """pytorch/examples word_language_model saves its model whole every epoch and loads the best with
+    ``torch.load``'s default (``weights_only=True``) and its classes allowed."""
+    model = _Tagger()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    hook = ttt.capture(model, tmp_path, optimizer=opt, save_config=EVERY_STEP, include_collections=["outputs"])
+    x, y = torch.randn(2, 5, 6), torch.tensor([0, 2])
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    assert b"tensortap" not in buffer.getvalue()
+    buffer.seek(0)
+    with torch.serialization.safe_globals([_Tagger, nn.LSTM, nn.Linear]):
+        loaded = torch.load(buffer)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in loaded.modules())
+    assert model.rnn._forward_hooks  # the model trains on, captured
+    hook.close()
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    assert "outputs/rnn/0" in _trial(tmp_path).tensor_names()  # its outputs were captured while it was saved
 
 
 def test_forwards_outside_training_make_no_train_steps(tmp_path: Path) -> None:
@@ -1237,6 +1284,7 @@ def test_dataclass_outputs_are_named_by_fields_and_other_objects_warned_once(
 def test_two_hooks_each_get_their_own_model_loss_and_torch_is_restored(tmp_path: Path) -> None:
     backward = torch.autograd.backward
     scale = torch.amp.GradScaler.scale
+    getstate = nn.Module.__getstate__
     a, b = _mlp(), _mlp()
     opt_a, opt_b = torch.optim.SGD(a.parameters(), lr=0.1), torch.optim.SGD(b.parameters(), lr=0.1)
     hook_a = ttt.capture(a, tmp_path / "a", optimizer=opt_a, save_config=EVERY_STEP)
@@ -1255,6 +1303,7 @@ def test_two_hooks_each_get_their_own_model_loss_and_torch_is_restored(tmp_path:
     assert torch.autograd.backward is not backward  # hook_b is still open
     hook_b.close()
     assert torch.autograd.backward is backward and torch.amp.GradScaler.scale is scale
+    assert nn.Module.__getstate__ is getstate
     for key, n in (("a", 2), ("b", 4)):
         trial = _trial(tmp_path / key)
         assert trial.steps() == list(range(n))

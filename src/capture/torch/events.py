@@ -410,11 +410,9 @@ class Hook(core.Hook):
                 root.name,
             )
         self._roots.append(root)
-        self._handles.append(module.register_forward_pre_hook(patches.Tap(self, Hook._on_root_pre, root)))
+        self._handles.append(patches.on_forward(module, patches.Tap(self, Hook._on_root_pre, root), pre=True))
         self._handles.append(
-            module.register_forward_hook(
-                patches.Tap(self, Hook._on_root_post, root), with_kwargs=True, always_call=True
-            )
+            patches.on_forward(module, patches.Tap(self, Hook._on_root_post, root), with_kwargs=True, always_call=True)
         )
         self._follow_modules()
 
@@ -450,7 +448,7 @@ class Hook(core.Hook):
                     if sub not in root.hooked:
                         root.hooked[sub] = root.prefix + sub_name
                         tap = patches.Tap(self, Hook._on_io, root)
-                        self._handles.append(sub.register_forward_hook(tap, with_kwargs=True))
+                        self._handles.append(patches.on_forward(sub, tap, with_kwargs=True))
         if not self._optimizers and self.session.may_save("gradients"):
             self._hook_gradients()
 
@@ -474,7 +472,7 @@ class Hook(core.Hook):
         """
         if isinstance(loss, nn.Module):
             full = f"losses/{name or type(loss).__name__}"
-            self._handles.append(loss.register_forward_hook(patches.Tap(self, Hook._on_loss_module, full)))
+            self._handles.append(patches.on_forward(loss, patches.Tap(self, Hook._on_loss_module, full)))
         elif callable(loss):
             self._loss_name = name or getattr(loss, "__name__", None) or "loss"
         else:

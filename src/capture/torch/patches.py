@@ -4,18 +4,24 @@ Two kinds:
 
 - **Callbacks stored on the user's objects** (module forward hooks, gradient
   hooks, optimizer step hooks) are :class:`Tap` objects. A tap holds its hook
-  weakly, and pickles and deep-copies as an :class:`Inert` callable: so
-  ``torch.save(model)`` and ``copy.deepcopy(model)`` work on a captured
-  model, and a copy never records into the original's trial (a model saved
-  while captured carries inert callables; loading it needs tensortap
-  importable; save after ``hook.close()`` or save the ``state_dict`` to avoid it).
-- **Functions of torch replaced while a hook is open** (:class:`Patches`):
+  weakly. A module pickled or copied while a hook is open leaves its taps out
+  (its class's ``__getstate__`` is one of the patches below): ``torch.save(model)``
+  of a captured model holds nothing of tensortap, so ``torch.load`` reads it
+  as it reads the model never captured (``weights_only=True``, its default,
+  included), and ``copy.deepcopy(model)`` makes a copy that never records
+  into the original's trial. A tap pickled some other way (a module class
+  whose ``__getstate__`` returns no dict, or that pickles by ``__reduce__``)
+  becomes an :class:`Inert` callable, which needs tensortap importable to load.
+- **Functions of torch replaced while a hook is open** (:func:`attach`):
   ``torch.autograd.backward`` (which ``Tensor.backward`` calls) to see the
   loss a training step differentiates, ``GradScaler.scale``/``step`` to
-  see the unscaled loss and the steps a scaler skips, and accelerate's
+  see the unscaled loss and the steps a scaler skips,
+  the ``__getstate__`` of the classes of the modules tapped (:func:`on_forward`)
+  to leave taps out of a pickled or copied module, and accelerate's
   ``Accelerator.backward(loss)`` to see the loss it was given (it
   differentiates ``loss / gradient_accumulation_steps``). They are installed when
-  the first hook opens and restored when the last one closes; in between,
+  the first hook opens (a class's ``__getstate__`` when a module of it is first
+  tapped) and restored when the last one closes; in between,
   they cost one test of an empty list when no hook is saving. A library
   imported after the first hook opened (``import accelerate`` after
   ``capture``, or by the Hugging Face Trainer) is patched by
@@ -30,13 +36,16 @@ unsaved step (docs/architecture.md).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
+from torch.utils.hooks import RemovableHandle
 
 
 class Listener(Protocol):
@@ -161,6 +170,40 @@ def _wrap_scaler_step(original: Callable[..., Any]) -> Callable[..., Any]:
     return step
 
 
+# a module's hook dicts that may hold taps, and the dicts of flags keyed like them (torch's Module.__init__)
+_HOOK_DICTS = {
+    "_forward_pre_hooks": ("_forward_pre_hooks_with_kwargs",),
+    "_forward_hooks": ("_forward_hooks_with_kwargs", "_forward_hooks_always_called"),
+}
+
+
+def _without_taps(state: dict[str, Any]) -> dict[str, Any]:
+    """A module's pickled ``state`` with the taps taken out of its hook dicts (new dicts: the module keeps
+    its own)."""
+    for hooks_key, flag_keys in _HOOK_DICTS.items():
+        hooks = state.get(hooks_key)
+        if not isinstance(hooks, dict):
+            continue
+        ours = {k for k, v in hooks.items() if isinstance(v, Tap)}
+        if not ours:
+            continue
+        state = {**state, hooks_key: OrderedDict((k, v) for k, v in hooks.items() if k not in ours)}
+        for key in flag_keys:
+            flags = state.get(key)
+            if isinstance(flags, dict):
+                state[key] = OrderedDict((k, v) for k, v in flags.items() if k not in ours)
+    return state
+
+
+def _wrap_getstate(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def __getstate__(self: torch.nn.Module) -> Any:
+        state = original(self)
+        return _without_taps(state) if isinstance(state, dict) else state
+
+    return __getstate__
+
+
 _Target = tuple[Any, str, Callable[[Callable[..., Any]], Callable[..., Any]]]
 # the training library patched once it is imported; whether hooks are open and it is not patched yet
 _LIBRARY = "accelerate"
@@ -184,8 +227,19 @@ def _library_targets() -> list[_Target]:
 def _install(targets: list[_Target]) -> None:
     for owner, name, wrap in targets:
         original = getattr(owner, name)
-        _ORIGINALS[(owner, name)] = original
         setattr(owner, name, wrap(original))
+        _ORIGINALS[(owner, name)] = original
+
+
+def on_forward(module: torch.nn.Module, tap: Tap, pre: bool = False, **kwargs: Any) -> RemovableHandle:
+    """``module.register_forward_pre_hook(tap)`` (``pre``), else ``module.register_forward_hook(tap,
+    **kwargs)``; while a hook is open, the ``__getstate__`` that ``module``'s class uses (``nn.Module``'s, or
+    its own: ``nn.LSTM``'s, a user's) leaves the taps out of a pickled or copied module."""
+    owner = next((k for k in type(module).__mro__ if "__getstate__" in vars(k)), object)
+    if _LISTENERS and owner is not object and (owner, "__getstate__") not in _ORIGINALS:
+        with contextlib.suppress(TypeError, AttributeError):  # a class that refuses it: its taps pickle as Inert
+            _install([(owner, "__getstate__", _wrap_getstate)])
+    return module.register_forward_pre_hook(tap) if pre else module.register_forward_hook(tap, **kwargs)
 
 
 def follow_imports() -> None:
