@@ -1061,19 +1061,33 @@ def test_evaluate_and_predict_of_another_callback_stay_out_of_the_last_train_ste
         np.testing.assert_allclose(values(trial, "losses/loss")[step], mse(before[step], x, y), rtol=1e-5)
 
 
-def test_calls_after_fit_closed_the_trial_warn_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    # each later predict/evaluate said again that the trial is closed
+def test_calls_after_fit_closed_the_trial_warn_once_how_to_capture_them(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # each later predict/evaluate said again that the trial is closed; a later fit, not why
     model = mlp()
-    cb = ttk.Callback(tmp_path, save_config=EVERY_STEP)
+    cb = ttk.Callback(tmp_path / "fit", save_config=EVERY_STEP)
     model.fit(X, Y, batch_size=BATCH, callbacks=[cb], verbose=0)
     with caplog.at_level(logging.WARNING, logger="tensortap"):
         for _ in range(2):
             model.predict(X, batch_size=BATCH, callbacks=[cb], verbose=0)
             model.evaluate(X, Y, batch_size=BATCH, callbacks=[cb], verbose=0)
+            model.fit(X, Y, batch_size=BATCH, callbacks=[cb], verbose=0)
     assert [r.getMessage() for r in caplog.records if "is closed" in r.getMessage()] == [
-        f"tensortap: the trial at {cb.out_dir} is closed; nothing more is captured"
+        f"tensortap: the trial at {cb.out_dir} is closed; nothing more is captured: this callback closed it when "
+        "its fit ended (close_on_train_end=True, the default); to capture later fit/evaluate/predict calls with "
+        "the same callback, make it with close_on_train_end=False and call its close() at the end"
     ]
-    assert tensortap.create_trial(tmp_path).steps(mode=Mode.TRAIN) == [0, 1, 2]
+    assert tensortap.create_trial(cb.out_dir).steps(mode=Mode.TRAIN) == [0, 1, 2]
+    closed = ttk.Callback(tmp_path / "closed", save_config=EVERY_STEP, close_on_train_end=False)
+    model.fit(X, Y, batch_size=BATCH, callbacks=[closed], verbose=0)
+    closed.close()  # by the script: nothing to advise
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        model.predict(X, batch_size=BATCH, callbacks=[closed], verbose=0)
+    assert [r.getMessage() for r in caplog.records if "is closed" in r.getMessage()] == [
+        f"tensortap: the trial at {closed.out_dir} is closed; nothing more is captured"
+    ]
 
 
 def test_stop_request_sets_stop_training(tmp_path: Path) -> None:

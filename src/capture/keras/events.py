@@ -283,6 +283,7 @@ class Callback(keras.callbacks.Callback):
         self._traced_as: TrainableState | None = None  # TensorFlow: what the step functions train (see .trainable)
         self._keras_own: dict[str, Callable[..., Any]] = {}  # the model's own step functions, see _leave_step_functions
         self._warned_closed = False
+        self._closed_by_fit = False  # closed by on_train_end (close_on_train_end): _attach says so
 
     @classmethod
     def from_json(
@@ -371,6 +372,7 @@ class Callback(keras.callbacks.Callback):
         self._exit()
         if self.close_on_train_end:
             self.close()
+            self._closed_by_fit = True
 
     def on_test_begin(self, logs: dict[str, Any] | None = None) -> None:
         self._enter("test")
@@ -435,7 +437,14 @@ class Callback(keras.callbacks.Callback):
         writer = self.hook.writer
         if writer is not None and writer.closed and not self._warned_closed:
             self._warned_closed = True  # once: a closed trial stays closed
-            logger.warning("tensortap: the trial at %s is closed; nothing more is captured", self.out_dir)
+            why = (
+                ": this callback closed it when its fit ended (close_on_train_end=True, the default); to capture "
+                "later fit/evaluate/predict calls with the same callback, make it with close_on_train_end=False "
+                "and call its close() at the end"
+                if self._closed_by_fit
+                else ""
+            )
+            logger.warning("tensortap: the trial at %s is closed; nothing more is captured%s", self.out_dir, why)
         self._reduce_max = self.all_reduce_max or backend_all_reduce_max()
         try:
             self._install(model, optimizers, graph)
