@@ -160,13 +160,14 @@ def bench(session: nox.Session) -> None:
     """Run the benchmarks (smdebug in its own environment, where it still runs) and write docs/performance.md.
 
     ``nox -s bench -- --quick`` only checks that every script runs (tiny sizes, no smdebug, nothing written);
-    ``nox -s bench -- NAME ...`` runs some benchmarks only (see ``python -m bench --help``).
+    ``nox -s bench -- NAME ...`` runs some benchmarks only (see ``python -m bench --help``); ``nox -s bench --
+    --docs`` runs none and puts the hand-written parts (``bench/*.md``, ``bench/profiles/*.md``) into the documents.
     """
     install_all(session)
-    quick = "--quick" in session.posargs
+    measures = not {"--quick", "--docs"} & set(session.posargs)
     names = [a for a in session.posargs if not a.startswith("-")]
     env: dict[str, str] = {}
-    smdebug = smdebug_python(session) if not quick and (not names or {"torch", "read"} & set(names)) else None
+    smdebug = smdebug_python(session) if measures and (not names or {"torch", "read"} & set(names)) else None
     if smdebug is not None:  # its arms run in processes of that environment, interleaved with ours
         env["TENSORTAP_SMDEBUG_PYTHON"] = smdebug
     session.run("python", "-m", "bench", *session.posargs, env=env)
