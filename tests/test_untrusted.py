@@ -28,6 +28,7 @@ from tensortap.backends.shard import ShardError, ShardReader, crc32, raw_at_chec
 from tensortap.capture import ShardPolicy, Writer
 from tensortap.cli import main
 from tensortap.trial.check import _inspect_shards, _same_bits, find_problems
+from tensortap.trial.trial import find_trials
 
 SHARD = "shards/worker_0/0000000000.h5"
 RECORD = "index/worker_0/0000000000.json"
@@ -220,6 +221,49 @@ def test_symlinks_out_of_the_trial_are_refused(tmp_path: Path) -> None:
     (out / RECORD).symlink_to(outside / "record.json")
     values, warned = read_all(out)
     assert values == {} and len(warned) == 1 and RECORD in warned[0] and "outside the trial" in warned[0]
+
+
+def test_a_stop_request_is_never_written_through_a_link_out_of_the_trial(tmp_path: Path) -> None:
+    """``tensortap rules --stop-training`` on a stranger's trial whose ``control`` folder links outside."""
+    out, outside = tmp_path / "trial", tmp_path / "elsewhere"
+    write_trial(out, 3)
+    outside.mkdir()
+    (out / "control").symlink_to(outside)
+    trial = tensortap.create_trial(out)
+    with pytest.raises(NotInTrial, match="'control' is a link that leads outside the trial"):
+        trial.request_stop("a rule fired")
+    assert list(outside.iterdir()) == []
+    (out / "control").unlink()
+    (out / "control").symlink_to(out / "shards")  # a link inside the trial is followed
+    trial.request_stop("a rule fired")
+    assert json.loads((out / "shards" / "stop.json").read_text())["reason"] == "a rule fired"
+
+
+def test_overwriting_a_trial_deletes_nothing_through_a_link_out_of_it(tmp_path: Path) -> None:
+    out, outside = tmp_path / "trial", tmp_path / "elsewhere"
+    write_trial(out, 3)
+    shutil.move(out / "index" / "worker_0", outside)
+    (out / "index" / "worker_0").symlink_to(outside)
+    kept = {p.name: p.read_bytes() for p in outside.iterdir()}
+    with logged_warnings() as warned, Writer(out, if_exists="overwrite") as writer, writer.stepping():
+        writer.save("a", np.zeros(2))  # capture is disabled, the training goes on
+    assert any("'index/worker_0' is a link that leads outside the trial" in w for w in warned)
+    assert {p.name: p.read_bytes() for p in outside.iterdir()} == kept
+
+
+def test_a_search_for_trials_follows_no_link_out_of_the_folder(tmp_path: Path) -> None:
+    folder, private = tmp_path / "stranger", tmp_path / "private"
+    write_trial(folder / "run1", 2)
+    write_trial(private / "secret", 2)
+    (folder / "evil").symlink_to(private)
+    (folder / "up").symlink_to(tmp_path)
+    (folder / "again").symlink_to(folder / "run1")  # inside the folder: followed
+    with logged_warnings() as warned:
+        assert find_trials(get_storage(folder)) == ["again", "run1"]
+    assert warned == [
+        f"tensortap: {folder}/{name} not searched: a link that leads outside it (to {to})"
+        for name, to in (("evil", private), ("up", tmp_path))
+    ]
 
 
 def test_a_symlink_inside_the_trial_reads(tmp_path: Path) -> None:
@@ -691,11 +735,16 @@ def test_format_1_trials_still_read() -> None:
             steps=[], wall_times=[], tensors={n: {**e, "raw_at": None} for n, e in r["tensors"].items()}
         ),
         lambda r: r["tensors"]["dense/kernel"].update(raw_steps=[], raw_at=None) and None,
+        lambda r: r["tensors"]["dense/kernel"]["raw_at"].update(data=1 << 63),
+        lambda r: r["tensors"]["dense/kernel"]["raw_at"].update(crc32=1 << 64),
+        lambda r: r["tensors"]["dense/kernel"].update(shape=[1 << 64, 3]),
+        lambda r: r.update(seq=1 << 63),
     ],
     ids=[
         *("missing", "wrong-type", "bad-mode", "tensors-list", "foreign-step", "shape-str", "bool", "worker", "newer"),
         *("raw_at-list", "raw_at-dtype-name", "raw_at-bool", "raw_at-negative", "raw_at-check", "raw_at-no-steps"),
-        *("no-steps", "tensor-at-no-step"),
+        *("no-steps", "tensor-at-no-step", "raw_at-beyond-int64", "crc32-beyond-int64", "shape-beyond-int64"),
+        "seq-beyond-int64",
     ],
 )
 def test_a_malformed_record_is_skipped_and_reported(change: Callable[[dict], object], tmp_path: Path) -> None:

@@ -278,6 +278,11 @@ class Storage(abc.ABC):
     def list_dirs(self, prefix: str) -> Keys:
         """Return the names of folders directly under folder ``prefix`` (sorted, no hidden names; [] if none)."""
 
+    def leads_outside(self, key: str) -> str | None:
+        """Where ``key`` leads if it is a link out of the root (its real path), else None (a store without
+        links: always None)."""
+        return None
+
     def entries(self, prefix: str) -> tuple[Keys, Keys]:
         """Return what :meth:`list` and :meth:`list_dirs` return for ``prefix``, in one listing where the
         backend can (both built-in ones do; this default lists twice)."""
@@ -469,11 +474,19 @@ class LocalStorage(Storage):
             raise NotInTrial(f"{self.url}: {key!r} {_not_a_file(here, mode)}")
         return here
 
+    def _outside(self, path: str | Path) -> str | None:
+        """The real path of ``path`` if it is not inside the root's, else None."""
+        real, root = os.path.realpath(path), os.path.realpath(self.root)
+        return real if os.path.commonpath([real, root]) != root else None
+
+    def leads_outside(self, key: str) -> str | None:
+        path = self._path(key)
+        return self._outside(path) if path.is_symlink() else None
+
     def _linked_file(self, key: str) -> str:
         """The real path of ``key``, a path through links, once sure it is a regular file inside the root."""
         real = os.path.realpath(self._path(key))
-        root = os.path.realpath(self.root)
-        if os.path.commonpath([real, root]) != root:
+        if self._outside(real) is not None:
             raise NotInTrial(f"{self.url}: {key!r} is a link that leads outside the trial (to {real})")
         mode = os.stat(real).st_mode  # FileNotFoundError if missing
         if not stat.S_ISREG(mode):
@@ -543,9 +556,33 @@ class LocalStorage(Storage):
     def open_ranges(self, key: str) -> RangedFile:
         return LocalRanges(self._open(key))
 
+    def _in_folders(self, key: str, make: bool = True) -> Path | None:
+        """The path of ``key`` to write or delete, once sure that no folder on the way is a link that leads
+        outside the trial (:class:`NotInTrial`: a file written or deleted through it would be outside), the
+        folders made where missing (``make``; else None where one is missing: nothing there to delete)."""
+        here = self.root
+        if make:
+            here.mkdir(parents=True, exist_ok=True)  # the root itself may be a link: the user named it
+        for part in check_key(key).split("/")[:-1]:
+            here = here / part
+            try:
+                mode = os.lstat(here).st_mode
+            except FileNotFoundError:
+                if not make:
+                    return None
+                here.mkdir(exist_ok=True)
+                continue
+            if stat.S_ISLNK(mode):
+                if (real := self._outside(here)) is not None:
+                    where = here.relative_to(self.root).as_posix()
+                    raise NotInTrial(f"{self.url}: {where!r} is a link that leads outside the trial (to {real})")
+            elif not stat.S_ISDIR(mode):
+                raise NotInTrial(f"{self.url}: {here.relative_to(self.root).as_posix()!r} is not a folder")
+        return self._path(key)
+
     def _atomic(self, key: str, write: Callable[[IO[bytes]], Any]) -> None:
-        dest = self._path(key)
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest = self._in_folders(key)
+        assert dest is not None
         fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
         try:
             with os.fdopen(fd, "wb") as f:
@@ -561,7 +598,8 @@ class LocalStorage(Storage):
         self._atomic(key, lambda f: f.write(data))
 
     def publish_file(self, local_path: str, key: str) -> None:
-        dest = self._path(key)
+        dest = self._in_folders(key)
+        assert dest is not None
         if Path(local_path).parent == dest.parent:  # the writer stages next to the destination: rename
             with open(local_path, "rb+") as f:
                 os.fsync(f.fileno())
@@ -580,8 +618,8 @@ class LocalStorage(Storage):
 
     def create_json(self, key: str, obj: Any) -> bool:
         """Exclusive: the finished file is hard-linked to ``key``, which fails if ``key`` exists."""
-        dest = self._path(key)
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest = self._in_folders(key)
+        assert dest is not None
         fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
         try:
             with os.fdopen(fd, "wb") as f:
@@ -613,7 +651,9 @@ class LocalStorage(Storage):
         return os.path.join(self.root, *key.split("/"))
 
     def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+        path = self._in_folders(key, make=False)
+        if path is not None:
+            path.unlink(missing_ok=True)  # a link itself, never what it leads to
 
     def makedirs(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)

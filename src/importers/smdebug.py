@@ -6,8 +6,11 @@ worker (``events/<step>/<step>_<worker>.tfevents``), index files
 This module reads them without smdebug, TensorFlow or protobuf: the TFRecord
 framing and the few protobuf messages involved are decoded here, every length
 checked against the bytes that are really there (a trial may come from a
-stranger: nothing is unpickled, no path is taken from a file's content, and
-only numeric tensors are kept). The tensors are written with
+stranger: nothing is unpickled, no path is taken from a file's content, no
+symbolic link below the trial's folder is followed, nothing but a regular
+file is opened, a shape filled with one repeated value is bounded by
+:func:`~tensortap.backends.shard.max_read_bytes`, and only numeric tensors
+are kept). The tensors are written with
 :class:`tensortap.capture.Writer`.
 
 Names and collections (see ``docs/migrating-from-smdebug.md``):
@@ -29,6 +32,7 @@ dropped: they are not collections of tensors); a tensor in none of them is in
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -40,7 +44,10 @@ from typing import Any
 
 import fsspec
 import numpy as np
+from fsspec.implementations.local import LocalFileSystem
 
+from ..backends.shard import MAX_READ_ENV, max_read_bytes
+from ..backends.storage import NotInTrial, open_regular
 from ..capture import TensorOps, Writer
 from ..config import Collection, ReductionConfig
 from ..exceptions import TensortapError, TrialNotFound
@@ -205,6 +212,30 @@ def _signed64(value: int) -> int:
     return value - (1 << 64) if value >= 1 << 63 else value
 
 
+class _Budget:
+    """What the values repeated to fill declared shapes may still allocate while one event file is read.
+
+    A TensorProto may hold one value for a shape of any size ("TensorFlow repeats the last value"): a few
+    bytes of a stranger's file must not become gigabytes. All of one file's such tensors together get
+    :func:`~tensortap.backends.shard.max_read_bytes` (``$TENSORTAP_MAX_READ_BYTES``), what tensortap lets
+    one read allocate.
+    """
+
+    def __init__(self) -> None:
+        self.limit = self.left = max_read_bytes()
+
+    def take(self, nbytes: int, where: str, shape: tuple[int, ...]) -> None:
+        """Count ``nbytes`` for the tensor ``where`` of shape ``shape``; :class:`SmdebugFormatError` if more
+        than is left."""
+        if nbytes > self.left:
+            raise SmdebugFormatError(
+                f"{where} declares shape {shape} ({nbytes} bytes) filled with one value, more than reading one "
+                f"event file may still allocate ({self.left} of {self.limit} bytes; set the environment variable "
+                f"{MAX_READ_ENV} to raise it)"
+            )
+        self.left -= nbytes
+
+
 @dataclass
 class _Value:
     """One tensor of an event: its tag, mode, mode step and array (None when not numeric)."""
@@ -215,8 +246,24 @@ class _Value:
     array: np.ndarray | None
 
 
-def _tensor(buf: memoryview, where: str) -> np.ndarray | None:
-    """A TensorProto as an array; None for strings and other non-numeric types."""
+def _tensor(buf: memoryview, where: str, budget: _Budget) -> np.ndarray | None:
+    """A TensorProto as an array; None for strings and other non-numeric types.
+
+    Parameters
+    ----------
+    buf
+        The TensorProto's bytes.
+    where
+        The file and tensor, for errors.
+    budget
+        What a value repeated to fill the declared shape may allocate (:class:`_Budget`).
+
+    Raises
+    ------
+    SmdebugFormatError
+        The values do not fill the declared shape (other than one value repeated), do not fit the dtype,
+        or the shape is one NumPy cannot make or more than ``budget`` allows.
+    """
     dtype_code = 0
     dims: list[int] = []
     content: memoryview | None = None
@@ -249,25 +296,33 @@ def _tensor(buf: memoryview, where: str) -> np.ndarray | None:
     dtype = _DTYPES.get(dtype_code)
     if dtype is None:
         return None
+    shape = tuple(dims)
     count = 1
     for d in dims:
         count *= d
-    if content is not None and len(content):
-        if len(content) != count * dtype.itemsize:
-            raise SmdebugFormatError(f"{where}: {len(content)} bytes for a {dtype} tensor of shape {tuple(dims)}")
-        return np.frombuffer(content, dtype=dtype).reshape(dims).copy()
-    if dtype.kind in "iu":
-        repeated = [_signed64(v) if dtype.kind == "i" else v for v in repeated]
-    values = np.array(repeated, dtype=dtype)
-    if values.size == count:
-        return values.reshape(dims)
-    if values.size == 1:  # TensorFlow repeats the last value
-        return np.full(dims, values[0], dtype=dtype)
-    raise SmdebugFormatError(f"{where}: {values.size} values for a tensor of shape {tuple(dims)}")
+    try:
+        if content is not None and len(content):
+            if len(content) != count * dtype.itemsize:
+                raise SmdebugFormatError(f"{where}: {len(content)} bytes for a {dtype} tensor of shape {shape}")
+            return np.frombuffer(content, dtype=dtype).reshape(shape).copy()
+        if dtype.kind in "iu":
+            repeated = [_signed64(v) if dtype.kind == "i" else v for v in repeated]
+        values = np.array(repeated, dtype=dtype)
+        if values.size == count:
+            return values.reshape(shape)
+        if values.size == 1:  # TensorFlow repeats the last value
+            budget.take(count * dtype.itemsize, where, shape)
+            return np.full(shape, values[0], dtype=dtype)
+    except SmdebugFormatError:
+        raise
+    except (ValueError, OverflowError) as exc:  # more than 64 dimensions, too large even if empty, 2**40 as int32
+        raise SmdebugFormatError(f"{where}: not a {dtype} tensor of shape {shape} ({exc})") from None
+    raise SmdebugFormatError(f"{where}: {values.size} values for a tensor of shape {shape}")
 
 
-def _summary_values(event: memoryview, where: str) -> Iterator[_Value]:
-    """The tensors of an ``Event``'s ``Summary`` with the mode smdebug recorded in their metadata."""
+def _summary_values(event: memoryview, where: str, budget: _Budget) -> Iterator[_Value]:
+    """The tensors of an ``Event``'s ``Summary`` (a value repeated to fill a shape counted in ``budget``)
+    with the mode smdebug recorded in their metadata."""
     step = 0
     summaries: list[memoryview] = []
     for number, wire, value in _fields(event, where):
@@ -290,7 +345,8 @@ def _summary_values(event: memoryview, where: str) -> Iterator[_Value]:
             if tensor is not None and not tag:
                 raise SmdebugFormatError(f"{where}: a tensor without a name")
             if tensor is not None:
-                yield _Value(tag, mode, mode_step if mode_step is not None else step, _tensor(tensor, where))
+                array = _tensor(tensor, f"{where}: tensor {tag!r}", budget)
+                yield _Value(tag, mode, mode_step if mode_step is not None else step, array)
 
 
 def _mode(metadata: memoryview, where: str, mode: Mode, mode_step: int | None) -> tuple[Mode, int | None]:
@@ -383,13 +439,11 @@ def _reduction_config(text: Any) -> ReductionConfig | None:
 def _read_collections(fs: Any, root: str) -> dict[str, tuple[set[str], ReductionConfig | None]]:
     """smdebug's collections of every worker: name -> (tensor names, reduction config)."""
     out: dict[str, tuple[set[str], ReductionConfig | None]] = {}
-    for path in sorted(fs.find(f"{root}/collections")) if fs.exists(f"{root}/collections") else []:
+    for path in _files(fs, f"{root}/collections"):
         if not path.endswith(".json"):
             continue
-        if fs.size(path) > MAX_FILE_BYTES:
-            raise SmdebugFormatError(f"{path}: larger than {MAX_FILE_BYTES} bytes")
         try:
-            data = json.loads(fs.cat_file(path))
+            data = json.loads(_read(fs, path))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise SmdebugFormatError(f"{path}: not valid JSON ({exc})") from None
         collections = data.get("collections") if isinstance(data, dict) else None
@@ -417,17 +471,69 @@ def tensortap_name(name: str, collections: Sequence[str]) -> str:
     return name
 
 
+def _files(fs: Any, folder: str) -> list[str]:
+    """The regular files below ``folder`` (full paths, as ``fs`` names them), sorted; none if it is not a folder.
+
+    Nothing outside the trial is read and no read waits for ever: a symbolic link (to a file or a folder,
+    ``folder`` itself included; the trial's own folder may be one) and anything that is not a regular file
+    (a FIFO, a device) is left out with a warning, unopened.
+    """
+    try:
+        info = fs.info(folder)
+    except FileNotFoundError:
+        return []
+    if info.get("islink"):
+        logger.warning("tensortap: %s: a symbolic link; not imported", folder)
+        return []
+    if info.get("type") != "directory":
+        return []
+    out: list[str] = []
+    for path, info in sorted(fs.find(folder, detail=True).items()):  # lists no folder that is a link
+        if info.get("islink") or info.get("type") != "file":
+            why = "a symbolic link" if info.get("islink") else "not a regular file"
+            logger.warning("tensortap: %s: %s; not imported", path, why)
+        else:
+            out.append(path)
+    return out
+
+
+def _read(fs: Any, path: str) -> bytes:
+    """The content of the file ``path`` listed by :func:`_files`, at most :data:`MAX_FILE_BYTES`.
+
+    A local file is opened by :func:`~tensortap.backends.storage.open_regular`: never through a link and
+    without waiting, in case something else was put in its place since it was listed.
+
+    Raises
+    ------
+    SmdebugFormatError
+        The file is larger than :data:`MAX_FILE_BYTES`, or no longer a regular file.
+    """
+    if not isinstance(fs, LocalFileSystem):
+        if fs.size(path) > MAX_FILE_BYTES:
+            raise SmdebugFormatError(f"{path}: larger than {MAX_FILE_BYTES} bytes")
+        return bytes(fs.cat_file(path))
+    try:
+        fd = open_regular(path, follow=False)
+    except NotInTrial:
+        raise SmdebugFormatError(f"{path}: not a regular file") from None
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        raise SmdebugFormatError(f"{path}: a symbolic link") from None
+    with os.fdopen(fd, "rb") as f:
+        if os.fstat(fd).st_size > MAX_FILE_BYTES:
+            raise SmdebugFormatError(f"{path}: larger than {MAX_FILE_BYTES} bytes")
+        return f.read()
+
+
 def _event_files(fs: Any, root: str) -> dict[str, list[tuple[int, str]]]:
     """worker -> [(step, path)] of ``events/<step>/<step>_<worker>.tfevents``, sorted by step."""
     out: dict[str, list[tuple[int, str]]] = {}
-    if not fs.exists(f"{root}/events"):
-        return out
-    for path, info in fs.find(f"{root}/events", detail=True).items():
+    for path in _files(fs, f"{root}/events"):
         match = _EVENT_FILE.match(path.rsplit("/", 1)[-1])
-        if match is None or info.get("islink"):  # nothing outside the trial is read
+        if match is None:
             if path.endswith(".tfevents"):
-                why = "a symbolic link" if info.get("islink") else "not named <step>_<worker>.tfevents"
-                logger.warning("tensortap: %s: %s; not imported", path, why)
+                logger.warning("tensortap: %s: not named <step>_<worker>.tfevents; not imported", path)
             continue
         out.setdefault(match.group(2), []).append((int(match.group(1)), path))
     return {w: sorted(files) for w, files in out.items()}
@@ -547,13 +653,12 @@ def _import_step(
     names: set[str],
     skipped: dict[str, str],
 ) -> None:
-    if fs.size(path) > MAX_FILE_BYTES:
-        raise SmdebugFormatError(f"{path}: larger than {MAX_FILE_BYTES} bytes")
     tensors: dict[str, _Stored] = {}
     modes: set[tuple[Mode, int]] = set()
     duplicates: set[str] = set()
-    for record in read_records(fs.cat_file(path), path):
-        for value in _summary_values(record, path):
+    budget = _Budget()
+    for record in read_records(_read(fs, path), path):
+        for value in _summary_values(record, path, budget):
             modes.add((value.mode, value.mode_step if value.mode_step is not None else step))
             tag = value.tag
             reduction = None

@@ -65,8 +65,13 @@ class RecordError(ValueError):
     """A JSON record of a trial that does not follow its schema."""
 
 
+_INT64 = (-(1 << 63), 1 << 63)  # every integer of a record is read as an int64 (steps, offsets, sizes)
+
+
 def _is_int(value: object, minimum: int | None = None) -> bool:
-    return type(value) is int and (minimum is None or value >= minimum)
+    """Whether ``value`` is an int of the int64 range, at least ``minimum``."""
+    low, high = _INT64
+    return type(value) is int and (low if minimum is None else max(low, minimum)) <= value < high
 
 
 def _is_names(value: object) -> bool:

@@ -78,8 +78,9 @@ def is_trial(storage: Storage, prefix: str = "") -> bool:
 def find_trials(storage: Storage, depth: int = SEARCH_DEPTH) -> list[str]:
     """Folders below ``storage`` (up to ``depth`` levels) that hold a trial, relative to it, sorted.
 
-    The search does not go into trials, and looks into at most
-    ``SEARCH_FOLDERS`` folders (a path given by mistake may be a large tree).
+    The search does not go into trials, nor follow a link out of ``storage`` (the folder may be a
+    stranger's: such a link is named in one warning), and looks into at most ``SEARCH_FOLDERS`` folders
+    (a path given by mistake may be a large tree).
     """
     found: list[str] = []
     level, visited = [""], 0
@@ -91,6 +92,11 @@ def find_trials(storage: Storage, depth: int = SEARCH_DEPTH) -> list[str]:
                     return sorted(found)
                 visited += 1
                 key = f"{prefix}/{name}" if prefix else name
+                if (real := storage.leads_outside(key)) is not None:
+                    logger.warning(
+                        "tensortap: %s/%s not searched: a link that leads outside it (to %s)", storage.url, key, real
+                    )
+                    continue
                 (found if is_trial(storage, key) else below).append(key)
         level = below
     return sorted(found)

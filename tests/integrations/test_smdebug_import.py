@@ -6,6 +6,7 @@ tests/data/smdebug-trial was made by tests/data/make_smdebug_trial.py in smdebug
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 import tensortap
 from tensortap import Mode
 from tensortap.cli import main
+from tensortap.exceptions import TrialNotFound
 from tensortap.importers.smdebug import (
     SmdebugFormatError,
     import_smdebug,
@@ -196,3 +198,129 @@ def test_symbolic_links_are_not_followed(tmp_path: Path, caplog: pytest.LogCaptu
     (trial / "events" / "000000000012" / "000000000012_worker_0.tfevents").symlink_to(outside)
     summary = import_smdebug(trial, tmp_path / "out")
     assert summary.steps == 6 and "a symbolic link; not imported" in caplog.text
+
+
+# ------------------------------------------------------- hostile trials (docs/reliability.md)
+def protobuf_field(number: int, wire: int, value: int | bytes) -> bytes:
+    """One protobuf field: a varint (wire 0) or length-delimited bytes (wire 2)."""
+
+    def varint(n: int) -> bytes:
+        out = b""
+        while n > 0x7F:
+            out += bytes([n & 0x7F | 0x80])
+            n >>= 7
+        return out + bytes([n])
+
+    if isinstance(value, int):
+        return varint(number << 3 | wire) + varint(value)
+    return varint(number << 3 | wire) + varint(len(value)) + value
+
+
+def event_file(dims: tuple[int, ...], values: tuple[float, ...], tags: tuple[str, ...] = ("t",)) -> bytes:
+    """An event file of one step whose tensors ``tags`` are float32 of shape ``dims`` stored as ``float_val``."""
+    shape = b"".join(protobuf_field(2, 2, protobuf_field(1, 0, d)) for d in dims)
+    tensor = (
+        protobuf_field(1, 0, 1)
+        + protobuf_field(2, 2, shape)
+        + protobuf_field(5, 2, struct.pack(f"<{len(values)}f", *values))
+    )
+    summary = b"".join(
+        protobuf_field(1, 2, protobuf_field(1, 2, t.encode()) + protobuf_field(8, 2, tensor)) for t in tags
+    )
+    return record(protobuf_field(5, 2, summary))
+
+
+def one_event_trial(root: Path, data: bytes) -> Path:
+    """An smdebug trial of one event file (step 0, worker_0) holding ``data``; returns that file."""
+    (root / "events" / "000000000000").mkdir(parents=True)
+    path = root / "events" / "000000000000" / "000000000000_worker_0.tfevents"
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.timeout(60)
+def test_fifos_are_not_opened(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A FIFO named like an event file or a collections file made the import wait for ever in its read."""
+    trial = tmp_path / "smd"
+    shutil.copytree(DATA / "trial", trial)
+    (trial / "events" / "000000000012").mkdir()
+    event = trial / "events" / "000000000012" / "000000000012_worker_0.tfevents"
+    os.mkfifo(event)
+    collections = next((trial / "collections").rglob("*.json")).parent / "z.json"
+    os.mkfifo(collections)
+    summary = import_smdebug(trial, tmp_path / "out")
+    assert summary.steps == 6
+    assert f"{event}: not a regular file; not imported" in caplog.text
+    assert f"{collections}: not a regular file; not imported" in caplog.text
+    assert main(["import-smdebug", str(trial), str(tmp_path / "out2")]) == 0
+
+
+def test_links_to_folders_and_collection_files_are_not_followed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``events/`` linked to another smdebug trial was imported, and a collections file linked to a file
+    outside was read: no link below the folder given is followed (that folder may be one)."""
+    other = tmp_path / "other"
+    shutil.copytree(DATA / "trial", other)
+    (other / "secret.json").write_text(json.dumps({"collections": {"SECRET": {"tensor_names": ["x"]}}}))
+    trial = tmp_path / "smd"
+    shutil.copytree(DATA / "trial", trial)
+    (trial / "events" / "000000000012").symlink_to(other / "events" / "000000000004")
+    collections = next((trial / "collections").rglob("*.json")).parent
+    (collections / "z.json").symlink_to(other / "secret.json")
+    (tmp_path / "given").symlink_to(trial)  # the folder given may be a link
+    summary = import_smdebug(tmp_path / "given", tmp_path / "out")
+    assert summary.steps == 6
+    assert "SECRET" not in tensortap.create_trial(tmp_path / "out").collections()
+    assert "000000000012: a symbolic link; not imported" in caplog.text
+    assert "z.json: a symbolic link; not imported" in caplog.text
+
+    shutil.rmtree(trial / "events")
+    (trial / "events").symlink_to(other / "events")
+    with pytest.raises(TrialNotFound, match="no smdebug event files there"):
+        import_smdebug(trial, tmp_path / "out2")
+    assert f"{trial / 'events'}: a symbolic link; not imported" in caplog.text
+    assert main(["import-smdebug", str(trial), str(tmp_path / "out3")]) == 2
+    err = capsys.readouterr().err
+    assert "no smdebug event files there" in err and "Traceback" not in err and "unexpected" not in err
+
+
+def test_a_declared_shape_is_bounded_by_the_read_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One value repeated to a declared shape ("TensorFlow repeats the last value") allocated the whole
+    shape: a 51-byte file took gigabytes, or gave a raw MemoryError."""
+    event = one_event_trial(tmp_path / "huge", event_file((1 << 20, 1 << 20, 1 << 20), (1.0,)))
+    with pytest.raises(SmdebugFormatError, match=f"{event}: tensor 't' declares shape .* more than"):
+        import_smdebug(tmp_path / "huge", tmp_path / "out")
+    assert main(["import-smdebug", str(tmp_path / "huge"), str(tmp_path / "out2")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "TENSORTAP_MAX_READ_BYTES" in err and "unexpected" not in err
+
+    monkeypatch.setenv("TENSORTAP_MAX_READ_BYTES", "1000")
+    one_event_trial(tmp_path / "small", event_file((10, 20), (2.5,)))  # 800 bytes: within the budget
+    import_smdebug(tmp_path / "small", tmp_path / "out3")
+    np.testing.assert_array_equal(
+        tensortap.create_trial(tmp_path / "out3").tensor("t").value(0), np.full((10, 20), 2.5)
+    )
+    # the budget is one event file's: two such tensors exceed it
+    one_event_trial(tmp_path / "two", event_file((10, 20), (2.5,), tags=("t", "u")))
+    with pytest.raises(SmdebugFormatError, match="tensor 'u' declares shape \\(10, 20\\)"):
+        import_smdebug(tmp_path / "two", tmp_path / "out4")
+
+
+@pytest.mark.parametrize(
+    ("dims", "values", "why"),
+    [
+        ((3,), (1.0, 2.0), "2 values for a tensor of shape \\(3,\\)"),
+        ((3,), (), "0 values for a tensor of shape \\(3,\\)"),
+        ((1,) * 70, (1.0,), "not a float32 tensor of shape"),  # more dimensions than NumPy makes
+        ((0, 1 << 62, 1 << 62), (), "not a float32 tensor of shape"),  # empty, yet too large for NumPy
+    ],
+)
+def test_values_that_do_not_fill_the_shape_are_refused(
+    tmp_path: Path, dims: tuple[int, ...], values: tuple[float, ...], why: str
+) -> None:
+    event = one_event_trial(tmp_path / "smd", event_file(dims, values))
+    with pytest.raises(SmdebugFormatError, match=f"{event}: tensor 't': {why}"):
+        import_smdebug(tmp_path / "smd", tmp_path / "out")
