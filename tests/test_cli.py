@@ -654,7 +654,17 @@ def test_rules_skip_the_steps_of_a_damaged_shard_and_judge_the_rest(
 
 
 # ------------------------------------------------------------- odd names
-ODD_NAMES = ["\x1b]0;pwned\x07\x1b[31mred", "a\nb", "tab\there", "\u202eRTL", "c1\x9bcsi", "del\x7f"]
+ODD_NAMES = [
+    "\x1b]0;pwned\x07\x1b[31mred",
+    "a\nb",
+    "tab\there",
+    "\u202eRTL",
+    "c1\x9bcsi",
+    "del\x7f",
+    "lo\u200bss",
+    "ls\u2028ep",
+    "mark\u200f",
+]
 
 
 def test_control_characters_in_names_are_escaped_in_text_output(
@@ -666,7 +676,7 @@ def test_control_characters_in_names_are_escaped_in_text_output(
 
     from tensortap.cli import main
 
-    control = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+    control = re.compile("[\x00-\x1f\x7f-\x9f\xad\u061c\u180e\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
 
     with Writer(tmp_path / "run") as w, w.stepping():
         for name in ODD_NAMES:
@@ -720,7 +730,9 @@ def test_export_escapes_names_on_a_terminal_and_keeps_them_in_a_pipe(tmp_path: P
         for name in ODD_NAMES:
             w.save(name, np.array([1.0, 2.0]), ["weights"])
     shown = on_terminal(["export", str(tmp_path / "run")]).replace("\r\n", "\n")
-    assert not re.search("[\x00-\x09\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]", shown), shown
+    assert not re.search(
+        "[\x00-\x09\x0b-\x1f\x7f-\x9f\xad\u061c\u180e\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]", shown
+    ), shown
     assert r"\x1b]0;pwned\x07\x1b[31mred" in shown and ",a\\nb," in shown
     piped = subprocess.run(
         [sys.executable, "-m", "tensortap.cli", "export", str(tmp_path / "run")], capture_output=True, text=True

@@ -21,9 +21,11 @@ from ..processes import KILLED
 if TYPE_CHECKING:
     from .trial import Tensor, Trial
 
-#: Characters that act on a terminal rather than print: C0 controls (newline and tab too), DEL, C1
-#: controls, and the Unicode bidirectional overrides and isolates (text that reads in another order).
-_CONTROLS = "\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069"
+#: Characters that act on a terminal rather than print, or print as nothing: C0 controls (newline and tab
+#: too), DEL, C1 controls, the Unicode bidirectional overrides, isolates and marks (text that reads in another
+#: order), line and paragraph separators, and the invisible ones (soft hyphen, zero-width spaces and joiners,
+#: word joiner, byte order mark) that make two names look the same.
+_CONTROLS = "\x00-\x1f\x7f-\x9f\xad\u061c\u180e\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff"
 CONTROL_CHARACTERS = re.compile(f"[{_CONTROLS}]")
 #: The same and the backslash: what :func:`printable` escapes in a name, so that its escapes read one way.
 ESCAPED_IN_NAMES = re.compile(f"[\\\\{_CONTROLS}]")

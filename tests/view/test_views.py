@@ -59,7 +59,7 @@ def test_html_escapes_names_from_the_trial(tmp_path: Path) -> None:
 
 
 ODD_NAMES = ["\x1b]0;pwned\x07\x1b[31mred", "a\nb", "\u202eRTL", "c1\x9bcsi", "del\x7f", "w$\\frac{$"]
-CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\xad\u061c\u180e\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
 
 
 def test_views_and_the_report_escape_control_characters_of_names(tmp_path: Path) -> None:
