@@ -108,6 +108,7 @@ class Callback(pl.Callback):
         self._defer = False  # whether a TRAIN step ends after the batch end hooks that run after this callback's
         self._pending = False  # a TRAIN step that stepped, waiting for those hooks
         self._epoch_ended = False
+        self._number_train = False  # number the TRAIN steps on from Lightning's count at the next batch start
 
     @classmethod
     def from_json(cls, path: str | os.PathLike[str], **overrides: Any) -> Callback:
@@ -223,9 +224,10 @@ class Callback(pl.Callback):
             self._handles.append(optimizer.register_step_post_hook(after_step))
         self._seen = _logged(trainer)
         self._defer = self._logs_after_me(trainer, pl_module)
-        # resumed from a checkpoint (ckpt_path=): number on from where it was, as Lightning does
-        epoch_loop = trainer.fit_loop.epoch_loop
-        steps.hook.number_on(Mode.TRAIN, getattr(epoch_loop, "_batches_that_stepped", trainer.global_step))
+        # resumed from a checkpoint (ckpt_path=): number on from where it was, as Lightning does; the TRAIN
+        # steps at the first batch, for Lightning counts the step saved in a mid-epoch checkpoint (one taken at
+        # a batch end) only as that epoch's loop starts, after on_train_start
+        self._number_train = True
         steps.hook.number_on(Mode.GLOBAL, trainer.current_epoch)
 
     def _logs_after_me(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
@@ -247,6 +249,11 @@ class Callback(pl.Callback):
     ) -> None:
         if self._steps is not None:
             self._end_pending(trainer)
+            if self._number_train:
+                self._number_train = False
+                epoch_loop = trainer.fit_loop.epoch_loop
+                done = getattr(epoch_loop, "_batches_that_stepped", trainer.global_step)
+                self._steps.hook.number_on(Mode.TRAIN, done)
             self._steps.open_train()
 
     def on_train_batch_end(

@@ -304,6 +304,47 @@ def test_resumed_fit_numbers_steps_on_from_the_checkpoint(tmp_path: Path) -> Non
     np.testing.assert_allclose([loss[2], loss[3]], model.losses, rtol=1e-6)
 
 
+class StepRecorder(Regressor):
+    """Records Lightning's global_step of each batch it trains on, with the batch's loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.at_step: dict[int, float] = {}
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        loss = super().training_step(batch, batch_idx)
+        self.at_step[self.trainer.global_step] = self.losses[-1]
+        return loss
+
+
+@pytest.mark.parametrize("checkpoint", ["step=2", "step=4", "step=6"])  # mid-epoch 0, last batch of 0, mid-epoch 1
+def test_resumed_fit_from_a_batch_end_checkpoint_numbers_steps_as_lightning(tmp_path: Path, checkpoint: str) -> None:
+    """A checkpoint of ModelCheckpoint(every_n_train_steps=...), saved at a batch end: Lightning counts its
+    step only as the resumed epoch loop starts; the captured steps are still Lightning's global steps."""
+    torch.manual_seed(0)
+    saver = L.callbacks.ModelCheckpoint(tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1, filename="{step}")
+    first = L.Trainer(max_epochs=2, limit_val_batches=0, callbacks=[saver], **{**TRAINER, "enable_checkpointing": True})
+    first.fit(StepRecorder(), loader(32, 0))  # 4 batches an epoch
+    model = StepRecorder()
+    trainer = L.Trainer(
+        max_epochs=2,
+        limit_val_batches=0,
+        callbacks=[ttl.Callback(tmp_path / "trial", save_config=EVERY_STEP)],
+        **TRAINER,
+    )
+    trainer.fit(model, loader(32, 0), ckpt_path=tmp_path / "ckpt" / f"{checkpoint}.ckpt")
+    assert trainer.global_step == 8
+    done = int(checkpoint.split("=")[1])
+    trial = tensortap.create_trial(tmp_path / "trial")
+    assert sorted(model.at_step) == list(range(done, 8)), "the batches Lightning trained on after the checkpoint"
+    assert trial.steps(mode=Mode.TRAIN) == sorted(model.at_step)
+    loss = trial.tensor("losses/loss").values(mode=Mode.TRAIN)
+    np.testing.assert_allclose([loss[s] for s in sorted(model.at_step)], list(model.at_step.values()), rtol=1e-6)
+    last = trial.steps(mode=Mode.TRAIN)[-1]
+    for name, p in model.named_parameters():
+        np.testing.assert_array_equal(trial.tensor(name).value(last, mode=Mode.TRAIN), p.detach().numpy())
+
+
 class LateLogger(Regressor):
     """Logs at its own batch end, which Lightning calls after the callbacks'."""
 
