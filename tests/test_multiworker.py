@@ -14,7 +14,7 @@ from helpers.trials import run_steps
 from helpers.writer_proc import value_for
 
 import tensortap
-from tensortap import StepState, TensorUnavailableForStep, TrialExistsError
+from tensortap import Mode, StepState, TensorUnavailableForStep, TrialExistsError
 from tensortap.capture import ShardPolicy, Writer
 from tensortap.trial.check import find_problems
 from tensortap.trial.trial import REFRESH_SECONDS
@@ -200,6 +200,25 @@ def test_records_of_a_second_writer_of_one_worker_are_reported(
         "index/worker_0/0000000001.json: written by another process than the one the worker record names: "
         "two processes wrote the worker worker_0"
     ]
+
+
+def test_a_run_continued_in_another_process_numbers_its_steps_on_from_those_recorded(tmp_path: Path) -> None:
+    """A training restarted into the same trial (``run_id``, a new process, nothing numbered by hand) began
+    at step 0 again: every reader refused the continued run's records (steps listed by earlier ones)."""
+
+    def train(writer: Writer) -> None:
+        for mode in ("train", "train", "eval"):
+            with writer.stepping(mode=mode):
+                writer.save("a", np.full(2, writer.step, np.float32))
+
+    with Writer(tmp_path) as first:
+        train(first)
+    with Writer(tmp_path, run_id=first.run_id) as second:
+        train(second)
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.problems() == {}
+    assert trial.steps() == list(range(6)) and _values(trial) == {s: float(s) for s in range(6)}
+    assert trial.steps(mode=Mode.TRAIN) == [0, 1, 2, 3] and trial.steps(mode=Mode.EVAL) == [0, 1]
 
 
 def test_a_hook_continues_the_run_whose_id_it_is_given(tmp_path: Path) -> None:

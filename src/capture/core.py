@@ -378,6 +378,10 @@ class Hook:
                 )
                 self.storage, self.out_dir = self.writer.storage, self.writer.storage.url  # new_run: the run folder
                 self.run_id = self.writer.run_id
+                last, modes = self.writer.recorded  # a continued run numbers on from the steps it recorded
+                self.step = max(self.step, last)
+                for mode, done in modes.items():
+                    self.number_on(Mode(mode), done + 1)
             except TrialExistsError:
                 raise
             except Exception as exc:

@@ -250,6 +250,26 @@ def _resume(storage: Storage, worker: str, record: dict[str, Any]) -> int | None
     return max((int(n) for n in seqs if n.isdigit()), default=-1) + 1
 
 
+_MODES = frozenset(int(m) for m in Mode)
+
+
+def recorded_steps(storage: Storage, worker: str) -> tuple[int, dict[int, int]]:
+    """The last global step ``worker``'s index records in ``storage`` list, and the last step of each mode (by
+    its number): -1 and none where there is none. A record that cannot be read is passed over (a reader
+    reports it)."""
+    last, modes = -1, dict[int, int]()
+    folder = f"{layout.INDEX}/{worker}"
+    for name in storage.list(folder):
+        try:
+            steps = storage.read_json(f"{folder}/{name}").get("steps")
+            for step, mode, mode_step in steps:
+                if type(step) is type(mode) is type(mode_step) is int and mode in _MODES:
+                    last, modes[mode] = max(last, step), max(modes.get(mode, -1), mode_step)
+        except (OSError, ValueError, TypeError, AttributeError):
+            continue
+    return last, modes
+
+
 def claim_worker(
     storage: Storage, worker: str, record: dict[str, Any], if_exists: IfExists, resume: bool = False
 ) -> tuple[Storage, int]:
@@ -391,6 +411,9 @@ class TrialWriter:
     run_id
         Written into the worker record and every index record, so readers detect two
         processes writing one worker name.
+    recorded
+        Of a continued run (``run_id`` given): the last global step its index records list and the last
+        step of each mode (:func:`recorded_steps`), for the steps to be numbered on; else -1 and none.
 
     Raises
     ------
@@ -448,6 +471,11 @@ class TrialWriter:
             policy.timeout,
             f"setting up {storage.url}",
         )
+        self.recorded: tuple[int, dict[int, int]] = (-1, {})
+        if run_id is not None and self._seq:
+            self.recorded = run_bounded(
+                lambda: recorded_steps(self.storage, worker), policy.timeout, f"reading {self.storage.url}"
+            )
         self._thread = _WriterThread.get()
         self._thread.writers.add(self)
         _OPEN_WRITERS.add(self)
