@@ -30,11 +30,20 @@ XAxis = Literal["step", "global_step", "time"]
 X_LABELS: Mapping[str, str] = {"step": "step", "global_step": "global step", "time": "time since start (s)"}
 
 
+MAX_TEXT = 120
+"""Characters of a name drawn at most: a longer one keeps its start and end around an ellipsis (a stranger's
+name of two million characters took matplotlib minutes and a gigabyte, then failed to draw)."""
+
+
 def _text(name: str) -> str:
-    """A string from a trial as matplotlib text: control characters escaped (:func:`printable`), and
-    ``$`` literal, so that a stranger's name neither starts mathtext (which refuses ``$\\frac{$``
-    when drawn) nor asks the font for glyphs of control characters."""
-    return printable(name).replace("$", r"\$")
+    """A string from a trial as matplotlib text: control characters escaped (:func:`printable`), shortened
+    to :data:`MAX_TEXT` characters, and ``$`` literal, so that a stranger's name neither starts mathtext
+    (which refuses ``$\\frac{$`` when drawn) nor asks the font for glyphs of control characters."""
+    text = printable(name)
+    if len(text) > MAX_TEXT:
+        half = (MAX_TEXT - 1) // 2
+        text = f"{text[:half]}\u2026{text[-half:]}"
+    return text.replace("$", r"\$")
 
 
 def _pyplot() -> Any:

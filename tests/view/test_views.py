@@ -92,6 +92,21 @@ def test_views_and_the_report_escape_control_characters_of_names(tmp_path: Path)
         trial.tensor(name).plot_histograms().figure.savefig(tmp_path / "histograms.png")
 
 
+def test_a_very_long_name_is_drawn_shortened(tmp_path: Path) -> None:
+    """A stranger's name of two million characters took matplotlib minutes and a gigabyte, then failed to
+    draw ("raster overflow"); a name is drawn with its start and end around an ellipsis."""
+    name = "w/" + "A" * 100_000 + "tail$"
+    with Writer(tmp_path) as w:
+        for _ in range(2):
+            with w.stepping():
+                w.save(name, np.float32(1.0))
+    ax = tensortap.create_trial(tmp_path).plot(name)
+    texts = [ax.get_ylabel(), ax.get_legend().get_texts()[0].get_text()]
+    assert all(t.startswith("w/AAA") and "\u2026" in t and len(t) < 200 for t in texts), texts
+    assert "tail\\$" in texts[1]
+    ax.figure.savefig(tmp_path / "plot.png")
+
+
 def test_tensor_repr_and_sparkline(run: Run) -> None:
     trial = run.trial()
     t = trial.tensor(loss_name(trial))
