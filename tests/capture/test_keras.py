@@ -672,6 +672,72 @@ def test_close_after_a_failed_fit_detaches_from_the_model(tmp_path: Path) -> Non
     assert tensortap.create_trial(tmp_path).steps(mode=Mode.TRAIN) == [0]
 
 
+@pytest.mark.parametrize("second", ["new callback", "no callback"])
+def test_a_fit_after_one_that_raised_in_a_callback_runs_as_if_its_callback_were_not_there(
+    tmp_path: Path, second: str
+) -> None:
+    """A callback raised after the second step of a fit (a Ctrl-C, a failing callback: Keras calls no callback
+    then), and the model was fitted again, with a new tensortap callback or none. The first callback's wrappers
+    stayed on the model: on TensorFlow and JAX the second fit with a new callback crashed inside tensortap
+    (the step functions of both, one around the other), on JAX the first trial lost its last step, and on torch
+    that step took the values of every batch of the later fit. Now the first callback detaches when the next fit
+    begins: the second fit trains as Keras alone, is captured only by a callback given to it, and the first
+    trial holds exactly the steps that completed."""
+
+    class Crash(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+            if batch == 1:
+                raise RuntimeError("interrupted")
+
+    kw: dict[str, Any] = {"save_config": EVERY_STEP, "include_collections": ["weights", "biases", "losses", "outputs"]}
+    model = mlp()
+    first, rec = ttk.Callback(tmp_path / "first", **kw), Recorder()
+    with pytest.raises(RuntimeError, match="interrupted"):
+        model.fit(X, Y, batch_size=BATCH, epochs=2, shuffle=False, callbacks=[first, rec, Crash()], verbose=0)
+    assert len(rec.weights) == 2
+    again = Recorder()
+    callbacks: list[Any] = [again]
+    if second == "new callback":
+        callbacks.insert(0, ttk.Callback(tmp_path / "second", **kw))
+    history = model.fit(X, Y, batch_size=BATCH, epochs=1, shuffle=False, callbacks=callbacks, verbose=0)
+    assert len(again.weights) == 3
+    assert_model_clean(model)
+    before = [again.initial, *again.weights[:-1]]
+    # the second fit trained as Keras alone: the loss it logs is the mean of its batches' losses
+    losses = [mse(w, X[s * BATCH : (s + 1) * BATCH], Y[s * BATCH : (s + 1) * BATCH]) for s, w in enumerate(before)]
+    assert history.history["loss"][0] == pytest.approx(np.mean(losses), rel=1e-5)
+    if second == "new callback":
+        trial = tensortap.create_trial(tmp_path / "second")
+        assert trial.steps(mode=Mode.TRAIN) == [2, 3, 4]  # on from the optimizer's iterations
+        assert {n for n in trial.tensor_names(step=2, mode=Mode.TRAIN) if n.startswith("losses/")} == {"losses/loss"}
+        for step, (w, after) in enumerate(zip(before, again.weights, strict=True), start=2):
+            assert float(trial.tensor("losses/loss").value(step, mode=Mode.TRAIN)) == pytest.approx(
+                losses[step - 2], rel=1e-5
+            )
+            for i, name in enumerate(WEIGHTS):
+                np.testing.assert_allclose(trial.tensor(name).value(step, mode=Mode.TRAIN), after[i], rtol=1e-6)
+            np.testing.assert_allclose(
+                trial.tensor("outputs/dense_1").value(step, mode=Mode.TRAIN),
+                forward(w, X[(step - 2) * BATCH : (step - 1) * BATCH])[1],
+                rtol=1e-5,
+                atol=1e-6,
+            )
+    first.close()
+    trial = tensortap.create_trial(tmp_path / "first")
+    assert trial.steps(mode=Mode.TRAIN) == [0, 1]
+    assert {n for n in trial.tensor_names(step=1, mode=Mode.TRAIN) if n.startswith(("losses/", "outputs/"))} == {
+        "losses/loss",
+        "outputs/dense",
+        "outputs/dense_1",
+    }
+    for step, (w, after) in enumerate(zip([rec.initial, rec.weights[0]], rec.weights, strict=True)):
+        assert float(trial.tensor("losses/loss").value(step, mode=Mode.TRAIN)) == pytest.approx(
+            mse(w, X[step * BATCH : (step + 1) * BATCH], Y[step * BATCH : (step + 1) * BATCH]), rel=1e-5
+        )
+        for i, name in enumerate(WEIGHTS):
+            np.testing.assert_allclose(trial.tensor(name).value(step, mode=Mode.TRAIN), after[i], rtol=1e-6)
+
+
 # ------------------------------------------------------------ configuration
 def test_save_config_intervals_start_end_and_modes(tmp_path: Path) -> None:
     model = mlp()

@@ -274,6 +274,7 @@ class Callback(keras.callbacks.Callback):
         self.extras_out: list[dict[str, Any]] = []
         self._steps: dict[str, Callable[..., Any]] = {}
         self._making = False
+        self._entering = False  # _enter builds the step function (make_<kind>_function) of its call
         self._extra_keys: dict[tuple[str, Slot], str] = {}
         self._extra_slots: dict[str, tuple[str, Slot]] = {}
         self._callbacks_traced = False
@@ -402,6 +403,8 @@ class Callback(keras.callbacks.Callback):
         self._begin(Mode.PREDICT)
 
     def _enter(self, kind: str) -> None:
+        if not self._depth:
+            self._abandon_others(self._model)
         if kind in self._kinds:  # no call runs inside one of its kind: that one raised (Keras calls no callback then)
             del self._kinds[self._kinds.index(kind) :]  # and the calls inside it: a Ctrl-C in a notebook
             if not self._depth:
@@ -419,7 +422,19 @@ class Callback(keras.callbacks.Callback):
         self._attach(model, (), None if kept is None else kept.graph)
         for fn in _STEP_FUNCTIONS:  # never Keras's own (traced without the wrappers) while attached
             setattr(model, fn, None if kept is None else kept.functions.get(fn))
-        getattr(model, f"make_{kind}_function")()
+        self._entering = True
+        try:
+            getattr(model, f"make_{kind}_function")()
+        finally:
+            self._entering = False
+
+    def _abandon_others(self, model: Any) -> None:
+        """Before the callback attaches to ``model``: another callback's call of it that raised (Keras calls no
+        callback then) left its wrappers on the model; that callback ends its capture there (:meth:`_abandon`)."""
+        for fn in _STEP_FUNCTIONS:
+            f = None if model is None else model.__dict__.get(fn)
+            if isinstance(f, ReportedStep) and isinstance(f.owner, Callback) and f.owner is not self:
+                f.owner._abandon()
 
     @property
     def _depth(self) -> int:
@@ -647,6 +662,33 @@ class Callback(keras.callbacks.Callback):
             if self._graph is not None:
                 self._graph.forget(self.hook.step)
             self.session.drop(None if _ran_out(why) else why, take_back=True)
+            if not _ran_out(why) and not self._loop and self._depth:
+                self._abandon()  # fit/evaluate/predict raise it: Keras calls no callback (its on_*_end) then
+
+    def _abandon(self) -> None:
+        """The call of the model this callback is active in raised (Keras calls no callback then): end it here,
+        as its end would have. The step open is recorded if its step function had returned (as at exit), else
+        dropped and its numbers given to the next step (Keras did not count it); the callback detaches from the
+        model (a later call of it, with another callback or none, runs as if this one had not been there) and
+        publishes its trial, which stays open: the same callback given to a later call goes on from its count."""
+        end, self.hook.end_at_exit = self.hook.end_at_exit, None
+        try:
+            if end is not None and self.session.is_open:
+                end()
+            else:
+                self._arrived, self.extras_out = [], []
+                if self._graph is not None:
+                    self._graph.forget(self.hook.step)
+                self.session.drop(None, take_back=True)
+        except Exception as exc:
+            self.hook.fail(exc, "cannot end the step of a call that raised")
+        self._detach()
+        writer = self.hook.writer
+        try:
+            if writer is not None and not writer.closed:
+                self.flush()
+        except Exception as exc:
+            self.hook.fail(exc, "cannot publish the trial of a call that raised")
 
     def wanted_in(self, mode: Mode) -> frozenset[str]:
         """What a step function of ``mode`` run now saves from inside it (see :meth:`_takes`)."""
@@ -887,6 +929,11 @@ class Callback(keras.callbacks.Callback):
 
         @functools.wraps(make)
         def wrapped(force: bool = False) -> Any:
+            if kind in self._kinds and not (self._entering or self._making):
+                # a new fit/evaluate/predict begins (Keras builds its step function before any callback hears of
+                # it) while the callback counts itself inside one of that kind: that one raised
+                self._abandon()
+                return getattr(model, f"make_{kind}_function")(force)
             if force:  # Keras's own, if the model held it, is replaced as Keras alone would
                 self._keras_own.pop(fn_attr, None)
             if force and BACKEND == "tensorflow":  # traced anew, as the model is now
