@@ -672,6 +672,41 @@ def test_close_after_a_failed_fit_detaches_from_the_model(tmp_path: Path) -> Non
     assert tensortap.create_trial(tmp_path).steps(mode=Mode.TRAIN) == [0]
 
 
+@pytest.mark.parametrize("first", [True, False], ids=["listed-first", "listed-last"])
+def test_a_fit_resumed_by_backup_and_restore_numbers_on_from_the_restored_count(tmp_path: Path, first: bool) -> None:
+    """BackupAndRestore restores the optimizer's iterations at its train begin: a tensortap callback listed
+    before it read 0 there, and numbered the resumed fit's steps from 0 (listed after it, from the count)."""
+
+    class Crash(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+            if int(keras.ops.convert_to_numpy(self.model.optimizer.iterations)) == 5:
+                raise RuntimeError("interrupted")
+
+    model = mlp()
+    backup = str(tmp_path / "backup")
+
+    def fit(out: str, *extra: Any) -> None:
+        tt, bnr = ttk.Callback(tmp_path / out, save_config=EVERY_STEP), keras.callbacks.BackupAndRestore(backup, 2)
+        callbacks = [tt, bnr] if first else [bnr, tt]
+        model.fit(X, Y, batch_size=BATCH, epochs=3, shuffle=False, callbacks=[*callbacks, *extra], verbose=0)
+
+    class Counts(keras.callbacks.Callback):  # Keras's count at each batch: the steps' numbers
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[int] = []
+
+        def on_train_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+            self.seen.append(int(keras.ops.convert_to_numpy(self.model.optimizer.iterations)))
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        fit("first", Crash())
+    counts = Counts()
+    fit("resumed", counts)
+    assert tensortap.create_trial(tmp_path / "first").steps(mode=Mode.TRAIN) == [0, 1, 2, 3, 4]
+    assert counts.seen[0] == 4  # the backup's, taken after 4 steps
+    assert tensortap.create_trial(tmp_path / "resumed").steps(mode=Mode.TRAIN) == counts.seen
+
+
 @pytest.mark.parametrize("second", ["new callback", "no callback"])
 def test_a_fit_after_one_that_raised_in_a_callback_runs_as_if_its_callback_were_not_there(
     tmp_path: Path, second: str

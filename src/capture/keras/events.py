@@ -275,6 +275,7 @@ class Callback(keras.callbacks.Callback):
         self._steps: dict[str, Callable[..., Any]] = {}
         self._making = False
         self._entering = False  # _enter builds the step function (make_<kind>_function) of its call
+        self._number_train = False  # number TRAIN steps on from Keras's count at the next train batch
         self._extra_keys: dict[tuple[str, Slot], str] = {}
         self._extra_slots: dict[str, tuple[str, Slot]] = {}
         self._callbacks_traced = False
@@ -362,12 +363,9 @@ class Callback(keras.callbacks.Callback):
 
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         self._enter("train")
-        if Mode.TRAIN in self.hook.mode_steps:
-            return  # its later fits go on from its own count (see _steps_done)
-        try:
-            self.hook.number_on(Mode.TRAIN, _steps_done(self._model))
-        except Exception as exc:
-            self.hook.fail(exc, "cannot read the optimizer's iterations")
+        # its later fits go on from its own count (see _steps_done); a first one from Keras's, read at the first
+        # batch: a callback listed after this one may restore it at its train begin (BackupAndRestore)
+        self._number_train = Mode.TRAIN not in self.hook.mode_steps
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         self._exit()
@@ -391,6 +389,12 @@ class Callback(keras.callbacks.Callback):
         self._finish_step()
 
     def on_train_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        if self._number_train:
+            self._number_train = False
+            try:
+                self.hook.number_on(Mode.TRAIN, _steps_done(self._model))
+            except Exception as exc:
+                self.hook.fail(exc, "cannot read the optimizer's iterations")
         self._begin(Mode.TRAIN)
         if self.stop_agreed():
             logger.info("tensortap: stop requested (%s); stopping fit", self.stop_reason or "on another process")
