@@ -556,10 +556,10 @@ class LocalStorage(Storage):
     def open_ranges(self, key: str) -> RangedFile:
         return LocalRanges(self._open(key))
 
-    def _in_folders(self, key: str, make: bool = True) -> Path | None:
+    def _in_folders(self, key: str, make: bool = True) -> Path:
         """The path of ``key`` to write or delete, once sure that no folder on the way is a link that leads
         outside the trial (:class:`NotInTrial`: a file written or deleted through it would be outside), the
-        folders made where missing (``make``; else None where one is missing: nothing there to delete)."""
+        folders made where missing (``make``; else FileNotFoundError where one is missing)."""
         here = self.root
         if make:
             here.mkdir(parents=True, exist_ok=True)  # the root itself may be a link: the user named it
@@ -569,7 +569,7 @@ class LocalStorage(Storage):
                 mode = os.lstat(here).st_mode
             except FileNotFoundError:
                 if not make:
-                    return None
+                    raise
                 here.mkdir(exist_ok=True)
                 continue
             if stat.S_ISLNK(mode):
@@ -582,7 +582,6 @@ class LocalStorage(Storage):
 
     def _atomic(self, key: str, write: Callable[[IO[bytes]], Any]) -> None:
         dest = self._in_folders(key)
-        assert dest is not None
         fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
         try:
             with os.fdopen(fd, "wb") as f:
@@ -599,7 +598,6 @@ class LocalStorage(Storage):
 
     def publish_file(self, local_path: str, key: str) -> None:
         dest = self._in_folders(key)
-        assert dest is not None
         if Path(local_path).parent == dest.parent:  # the writer stages next to the destination: rename
             with open(local_path, "rb+") as f:
                 os.fsync(f.fileno())
@@ -619,7 +617,6 @@ class LocalStorage(Storage):
     def create_json(self, key: str, obj: Any) -> bool:
         """Exclusive: the finished file is hard-linked to ``key``, which fails if ``key`` exists."""
         dest = self._in_folders(key)
-        assert dest is not None
         fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
         try:
             with os.fdopen(fd, "wb") as f:
@@ -651,9 +648,8 @@ class LocalStorage(Storage):
         return os.path.join(self.root, *key.split("/"))
 
     def delete(self, key: str) -> None:
-        path = self._in_folders(key, make=False)
-        if path is not None:
-            path.unlink(missing_ok=True)  # a link itself, never what it leads to
+        with contextlib.suppress(FileNotFoundError):  # a folder on the way missing: nothing to delete
+            self._in_folders(key, make=False).unlink(missing_ok=True)  # a link itself, never what it leads to
 
     def makedirs(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)

@@ -662,12 +662,16 @@ class Callback(keras.callbacks.Callback):
         Ctrl-C in a notebook goes on from it); one warning when it was saved, none when the data ran out.
         """
         if self._takes(mode):
-            self._arrived, self.extras_out = [], []
-            if self._graph is not None:
-                self._graph.forget(self.hook.step)
-            self.session.drop(None if _ran_out(why) else why, take_back=True)
+            self._drop_open_step(None if _ran_out(why) else why)
             if not _ran_out(why) and not self._loop and self._depth:
                 self._abandon()  # fit/evaluate/predict raise it: Keras calls no callback (its on_*_end) then
+
+    def _drop_open_step(self, why: BaseException | None) -> None:
+        """Forget the open step (one warning naming ``why`` when it was saved) and give its numbers to the next."""
+        self._arrived, self.extras_out = [], []
+        if self._graph is not None:
+            self._graph.forget(self.hook.step)
+        self.session.drop(why, take_back=True)
 
     def _abandon(self) -> None:
         """The call of the model this callback is active in raised (Keras calls no callback then): end it here,
@@ -680,10 +684,7 @@ class Callback(keras.callbacks.Callback):
             if end is not None and self.session.is_open:
                 end()
             else:
-                self._arrived, self.extras_out = [], []
-                if self._graph is not None:
-                    self._graph.forget(self.hook.step)
-                self.session.drop(None, take_back=True)
+                self._drop_open_step(None)
         except Exception as exc:
             self.hook.fail(exc, "cannot end the step of a call that raised")
         self._detach()
