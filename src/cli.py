@@ -529,20 +529,28 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    """Report unreadable files; exit 1 when there are any. Say which workers have not ended (no end
-    marker: still running, or stopped without one where no reader can tell), which do not make it fail."""
+    """Report unreadable files; exit 1 when there are any. Say which workers wrote no end marker (still
+    running, stopped where no reader can tell, or killed), which does not make it fail."""
     trial = open_trial(args)  # once: the workers said unended are those of the storage checked
     problems = storage_problems(trial.storage)
-    unended = sorted(set(trial.workers()) - set(trial.end_reasons()))
+    reasons = trial.end_reasons()
+    running = sorted(set(trial.workers()) - set(reasons))
+    killed = sorted(worker for worker, reason in reasons.items() if reason == "killed")  # no end marker either
+    unended = sorted(running + killed)
     if args.json:
         print_json({"path": args.path, "ok": not problems, "problems": problems, "unended_workers": unended})
         return EXIT_FOUND if problems else EXIT_OK
     for p in problems:
         print(printable(p, message=True))
-    if unended:
+    if running:
         print(
-            f"note: {printable(', '.join(unended))} wrote no end marker: the training is still running, or it "
+            f"note: {printable(', '.join(running))} wrote no end marker: the training is still running, or it "
             "stopped without one (killed, or a machine lost; a reader on its machine would say killed)"
+        )
+    if killed:
+        print(
+            f"note: {printable(', '.join(killed))} killed: its process ended without writing its end marker; the "
+            "steps it had not published are lost"
         )
     if problems:
         logger.warning("tensortap: %d problem(s) found in %s", len(problems), args.path)

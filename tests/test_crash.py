@@ -83,6 +83,26 @@ def test_sigkill_loses_only_the_unpublished_buffer(tmp_path: Path, writer_proc) 
     assert trial.end_reasons() == {"worker_0": "killed"}
 
 
+def test_check_says_a_killed_worker_wrote_no_end_marker(tmp_path: Path, writer_proc) -> None:
+    """``check`` said "ok: no problems" of a killed training with no word of it, and left it out of
+    ``unended_workers`` (which the docs define as the workers without an end marker): ``end_reasons()``
+    counts a killed worker as ended, and ``check`` took every ended worker for one that wrote its marker."""
+    w = writer_proc(tmp_path)
+    w.cmd("steps", n=2, names=["a"])
+    w.cmd("flush")
+    assert w.signal(signal.SIGKILL) == -signal.SIGKILL
+    text = subprocess.run([sys.executable, "-m", "tensortap", "check", str(tmp_path)], capture_output=True, text=True)
+    assert text.returncode == 0, text.stderr
+    assert "note: worker_0 killed: its process ended without writing its end marker" in text.stdout
+    assert "still running" not in text.stdout
+    data = json.loads(
+        subprocess.run(
+            [sys.executable, "-m", "tensortap", "check", str(tmp_path), "--json"], capture_output=True, text=True
+        ).stdout
+    )
+    assert data["ok"] is True and data["unended_workers"] == ["worker_0"]
+
+
 @pytest.mark.torch
 def test_a_live_reader_learns_that_a_killed_training_ended(tmp_path: Path, writer_proc) -> None:
     """A training killed with SIGKILL writes no end marker; its worker record names its process, so a
