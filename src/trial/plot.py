@@ -299,8 +299,7 @@ def plot_histograms(
     xs = np.array([positions[s] for s in steps])
     cells = _cell_edges(xs)
     vmax = max(float(hists[s].counts.max()) for s in steps) or 1.0
-    log = log and vmax > 1
-    norm = LogNorm(vmin=1, vmax=vmax) if log else Normalize(vmin=0, vmax=vmax)
+    norm = LogNorm(vmin=1, vmax=max(vmax, 2.0)) if log else Normalize(vmin=0, vmax=vmax)  # 1: the lowest colour
     cmap = colormaps["viridis"].with_extremes(bad="white")  # empty bins, masked on the log scale
     start_i = 0
     mesh = None

@@ -13,6 +13,7 @@ matplotlib = pytest.importorskip("matplotlib")
 matplotlib.use("Agg")
 pd = pytest.importorskip("pandas")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib import colormaps  # noqa: E402
 
 import tensortap  # noqa: E402
 from tensortap import Mode, ReductionConfig, TensorUnavailableForStep  # noqa: E402
@@ -258,6 +259,22 @@ def test_a_tail_of_few_values_shows_beside_a_peak_of_thousands(tmp_path: Path) -
     assert np.abs(two - one).max() > 0.05 and np.abs(peak - two).max() > 0.05
     linear = colours[False]
     assert np.abs(linear[2] - linear[3]).max() < 0.01  # linear: the bin of 2 had the empty bins' colour
+
+
+def test_empty_bins_are_white_when_no_bin_holds_more_than_one_value(tmp_path: Path) -> None:
+    """Where no bin held more than one value (a bias of two values), the scale fell back to a linear one
+    from 0 and the empty bins took the colour a bin of one value has in every other heat map."""
+    with Writer(tmp_path, reduction_config=ReductionConfig(histogram=[0.0, 1.0, 2.0, 3.0])) as w:
+        for _ in range(2):
+            with w.stepping():
+                w.save("bias", np.array([0.5, 2.5]))
+    ax = tensortap.create_trial(tmp_path).tensor("bias").plot_histograms()
+    mesh = ax.collections[0]
+    np.testing.assert_array_equal(np.ma.getdata(mesh.get_array()).reshape(3, 2)[:, 0], [1, 0, 1])
+    one, empty, _ = mesh.to_rgba(mesh.get_array()).reshape(3, 2, 4)[:, 0, :3]
+    assert np.array_equal(empty, [1, 1, 1])
+    assert np.allclose(one, colormaps["viridis"](0.0)[:3])  # a bin of one value: the lowest colour, as elsewhere
+    assert ax.figure.axes[-1].get_ylabel() == "count (log scale)"
 
 
 def test_curves_of_train_and_eval_losses_are_drawn_against_the_global_step(run: Run) -> None:
