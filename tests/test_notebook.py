@@ -33,6 +33,8 @@ def test_example_notebook_executes(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert "workers: ['worker_0']" in text
     assert "steps: [0, 5, 10, 15, 20, 25, 30, 35]" in text
     assert "vanishing gradient fired at: []" in text
+    images = [o for o in outputs if o.output_type == "display_data" and "image/png" in o.get("data", {})]
+    assert len(images) == 1  # the loss and the gradient norms: drawn with the non-interactive backend, none showed
     assert list(tmp_path.glob("tensortap-notebook-*"))  # its trial went into tmp_path, not /tmp
 
 
