@@ -303,8 +303,10 @@ def test_loss_not_decreasing_diff_percent_and_increase_between_checks(tmp_path: 
         LossNotDecreasing(trial, num_steps=2, window=1, diff_percent=2.0, increase_threshold_percent=50)
     ) == [2]
     # means of two steps: 0.995 at 1, 0.9875 at 2 (vs 1.0 at 0: -1.25%), 1.0925 at 3 (10.6% above the check
-    # at 2), 1.05 at 4 (vs 0.9875 at 2: +6.3%, fires), 0.895 at 5
-    assert invoke_rule(LossNotDecreasing(trial, num_steps=2)) == [3, 4]
+    # at 2, but its window holds step 2: not judged), 1.05 at 4 (vs 0.9875 at 2: +6.3%, fires), 0.895 at 5
+    assert invoke_rule(LossNotDecreasing(trial, num_steps=2)) == [4]
+    # between checks, a window that holds no step of the last check's is judged: at 3 (vs the check at 1)
+    assert invoke_rule(LossNotDecreasing(trial, num_steps=3, window=2)) == [3]
 
 
 def test_loss_not_decreasing_prefers_eval_mode(tmp_path: Path) -> None:

@@ -32,6 +32,7 @@ from tensortap.rules import (
     Overtraining,
     PoorWeightInitialization,
     Rule,
+    RuleConditionMet,
     RuleRunner,
     SaturatedActivation,
     StopTraining,
@@ -110,6 +111,58 @@ def test_loss_not_decreasing_judges_a_mean_of_mini_batch_losses_pytorch(tmp_path
     assert invoke_rule(LossNotDecreasing(falling)) == []
     assert len(invoke_rule(LossNotDecreasing(falling, window=1))) >= 5, "one batch against another: noise"
     assert invoke_rule(LossNotDecreasing(flat)), "a loss that does not fall fires"
+
+
+@pytest.mark.torch
+def test_loss_not_decreasing_does_not_stop_a_healthy_training_on_one_batchs_noise(tmp_path: Path, torch: Any) -> None:
+    """Between checks, the rule compared the loss (a mean over 10 steps) one step after a check with the check's,
+    two windows sharing 9 batches: a healthy Adam training whose loss fell every epoch was stopped at step 93 of
+    200 on one batch's noise (Keras fits on all three backends alike, at 125-135)."""
+    import tensortap.torch as ttt
+
+    F = torch.nn.functional
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 10, generator=g)
+    y = (x @ torch.randn(10, 3, generator=g)).argmax(1)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(10, 32), torch.nn.ReLU(), torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 3)
+    )
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    rule = LossNotDecreasing().add_action(StopTraining())
+    losses = []
+    with ttt.capture(model, tmp_path, optimizer=opt, save_config=EVERY_STEP, rules=[rule]) as hook:
+        for step in range(200):
+            i = (step * 32) % 512
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x[i : i + 32]), y[i : i + 32])
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            if hook.should_stop:
+                break
+    epochs = [np.mean(losses[k : k + 16]) for k in range(0, 192, 16)]
+    assert (np.diff(epochs[:6]) < 0).all(), "the loss falls, epoch after epoch"
+    assert len(losses) == 200, "not stopped"
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.stop_request() is None
+    assert invoke_rule(LossNotDecreasing(trial, num_steps=10, window=1)), "one batch against another: noise"
+
+
+@pytest.mark.torch
+def test_loss_not_decreasing_fires_at_a_loss_that_is_not_finite(tmp_path: Path, torch: Any) -> None:
+    """A loss that was not finite did not fire where it first was: the mean of a window holding a NaN is NaN,
+    and every comparison with it is false (a run whose loss went to NaN before its first check never fired;
+    this one, whose first check saw an infinite mean, only there, three steps late)."""
+    torch_run(tmp_path, torch.nn.Linear(4, 1), 200.0, 30, include_collections=["losses"])
+    trial = tensortap.create_trial(tmp_path)
+    values = trial.tensor("losses/MSELoss").values()
+    first = min(s for s, v in values.items() if not np.isfinite(v))
+    assert first < 10, "the run diverges before the first check"
+    fired = invoke_rule(LossNotDecreasing(trial))
+    assert fired[0] == first
+    with pytest.raises(RuleConditionMet) as info:
+        invoke_rule(LossNotDecreasing(trial), raise_eval_cond=True)
+    assert f"at TRAIN step {first}" in info.value.reason and "is not finite" in info.value.reason
 
 
 @pytest.mark.torch

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import math
 import re
 from collections.abc import Collection, Sequence
 from typing import Any
@@ -96,7 +97,11 @@ class LossNotDecreasing(_EvaluationRuns):
       ``decrease = 100 * (loss(b) - loss(s)) / |loss(b)|``. Fires when
       ``decrease <= diff_percent``.
     - Between check steps: fires when the loss is more than
-      ``increase_threshold_percent`` percent above its value at the last check step.
+      ``increase_threshold_percent`` percent above its value at the last check step,
+      judged once its window holds no step of the last check's window (``s - window
+      >= last check``; with the default window, the next check comes first): two
+      windows that share all but a few steps differ by those steps' noise.
+    - At any saved step: fires when the loss is not finite (NaN, infinite).
 
     A loss saved at consecutive EVAL steps (Keras saves one validation loss per
     batch; so does a PyTorch evaluation loop calling the loss module given to
@@ -113,7 +118,8 @@ class LossNotDecreasing(_EvaluationRuns):
     (against step 0): decrease 0% <= 0%, fires. Step 16 is not a check step (the
     next is >= 22) and 0.28 is below 0.30, so it does not fire. With the default
     ``window`` (10), ``loss(12)`` is the mean of steps 4, 8 and 12 (0.3133): it rose
-    4.4% from 0.30, fires; ``loss(16)`` (steps 8, 12, 16: 0.2967) is not above it.
+    4.4% from 0.30, fires; ``loss(16)`` (steps 8, 12, 16) shares steps with it and
+    is not judged before the next check.
 
     Needs: collection ``losses`` (scalars).
 
@@ -237,8 +243,12 @@ class LossNotDecreasing(_EvaluationRuns):
         if now is None:
             return None
         where = steps or (f"{mode.name} step {ms}" if mode is not Mode.GLOBAL else f"step {ms}")
+        if not math.isfinite(now):
+            return f"{name}: loss {now:.4g} at {where}{self._over(name, series, i)} is not finite"
         last = self.last_checked.get(name)
         if last is not None and ms < last + self.num_steps:
+            if ms - self.window < last:  # its window holds steps of the last check's: one batch's noise apart
+                return None
             rise = percent_change(self.last_value[name], now)
             if rise > self.increase_threshold_percent:
                 return (
