@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from ..exceptions import TensorUnavailable, suggest
 from ..modes import Mode
-from .trial import Trial, create_trial
+from .trial import Trial, create_trial, resolve_names
 
 if TYPE_CHECKING:
     import pandas
@@ -67,15 +66,7 @@ class Comparison:
         return sorted({n for t in self.trials for n in t.tensor_names(regex=regex)})
 
     def _resolve(self, names_or_regex: str | Sequence[str]) -> list[str]:
-        if not isinstance(names_or_regex, str):
-            return list(names_or_regex)
-        if any(names_or_regex in t.tensor_names() for t in self.trials):
-            return [names_or_regex]
-        re.compile(names_or_regex)
-        names = self.tensor_names(regex=names_or_regex)
-        if not names:
-            raise TensorUnavailable(f"no tensor name matches {names_or_regex!r} in {', '.join(self.labels)}")
-        return names
+        return resolve_names(names_or_regex, self.tensor_names(), self.tensor_names, ", ".join(self.labels))
 
     def plot(
         self,

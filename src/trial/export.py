@@ -136,7 +136,9 @@ def export_tensorboard(
                 tensor = trial.tensor(name)
                 rows = [(g, w, name if k == "value" else f"{name}/{k}", v) for g, w, k, v in tensor._rows(None)]
                 if reductions:
-                    rows += [(g, w, f"{name}/{k}", v) for g, w, k, v in tensor._rows(reductions)]
+                    written = {row[:3] for row in rows}  # a reduction among the defaults: one event a step
+                    more = [(g, w, f"{name}/{k}", v) for g, w, k, v in tensor._rows(reductions)]
+                    rows += [row for row in more if row[:3] not in written]
                 for gstep, worker, tag, value in rows:
                     writer(gstep, worker).add_scalar(tag, value, gstep, walltime=times.get(gstep))
                 counts["scalars"] += len(rows)

@@ -151,6 +151,24 @@ DEFAULT_RAW_REDUCTIONS = ("min", "max", "mean", "std", "l2")
 """Reductions exported for a raw, non-scalar tensor when none were saved and none are asked for."""
 
 
+def resolve_names(
+    names_or_regex: str | Sequence[str], known: Iterable[str], matching: Callable[..., list[str]], where: str
+) -> list[str]:
+    """The tensor names ``names_or_regex`` stands for: a list as it is, a string that is a name in ``known``, else
+    the names ``matching(regex=...)`` finds for it (a ``ValueError`` for a regex that is not valid).
+
+    Raises :class:`TensorUnavailable` (with the closest names of ``known``) when none matches, naming ``where``.
+    """
+    if not isinstance(names_or_regex, str):
+        return list(names_or_regex)
+    if names_or_regex in known:
+        return [names_or_regex]
+    names = matching(regex=names_or_regex)
+    if not names:
+        raise TensorUnavailable(f"no tensor name matches {names_or_regex!r} in {where}{suggest(names_or_regex, known)}")
+    return names
+
+
 class Trial:
     """A trial: every tensor one training run saved, from all its workers.
 
@@ -516,17 +534,8 @@ class Trial:
         """
         from .plot import plot_tensors
 
-        return plot_tensors([self], self._resolve(names_or_regex), reduction, mode, x=x, ax=ax, logy=logy)
-
-    def _resolve(self, names_or_regex: str | Sequence[str]) -> list[str]:
-        if not isinstance(names_or_regex, str):
-            return list(names_or_regex)
-        if names_or_regex in self._index.tensors:
-            return [names_or_regex]
-        names = self.tensor_names(regex=names_or_regex)
-        if not names:
-            raise TensorUnavailable(f"no tensor name matches {names_or_regex!r} in {self.path}")
-        return names
+        names = resolve_names(names_or_regex, self._index.tensors, self.tensor_names, self.path)
+        return plot_tensors([self], names, reduction, mode, x=x, ax=ax, logy=logy)
 
     def problems(self) -> dict[str, str]:
         """Files found unreadable so far, with why."""

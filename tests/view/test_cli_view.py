@@ -23,6 +23,7 @@ from helpers.cli import cli, strict_json  # noqa: E402
 import tensortap  # noqa: E402
 from tensortap import SaveConfig  # noqa: E402
 from tensortap.cli import main  # noqa: E402
+from tensortap.trial.export import export_tensorboard  # noqa: E402
 
 from .conftest import TRAIN_STEPS, Run  # noqa: E402
 
@@ -86,6 +87,24 @@ def test_export_tensorboard_reads_back_with_tensorboards_loader(run: Run, tmp_pa
     evals = ea_mod.EventAccumulator(str(logdir / "eval"))
     evals.Reload()
     np.testing.assert_allclose([e.value for e in evals.Scalars(loss)], run.eval_loss, rtol=1e-6)
+
+
+def test_export_tensorboard_writes_a_reduction_among_the_defaults_once(run: Run, tmp_path: Path) -> None:
+    """``--reduction l2`` (a reduction written by default) wrote every ``<name>/l2`` twice a step: TensorBoard drew
+    each such line back from the last step to the first, and ``scalars`` counted every value twice."""
+    pytest.importorskip("tensorboardX")
+    ea_mod = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    counts = [
+        export_tensorboard(run.trial(), tmp_path / name, reductions=extra, show_progress=False)["scalars"]
+        for name, extra in (("plain", None), ("l2", ["l2"]), ("abs_max", ["abs_max"]))
+    ]
+    train = ea_mod.EventAccumulator(str(tmp_path / "l2" / "train"), size_guidance={"scalars": 0})
+    train.Reload()
+    assert len(train.Scalars("gradients/0.weight/l2")) == TRAIN_STEPS
+    for tag in train.Tags()["scalars"]:
+        steps = [e.step for e in train.Scalars(tag)]
+        assert steps == sorted(set(steps)), tag
+    assert counts[0] < counts[1] < counts[2]  # l2 added for the scalars only; abs_max for every tensor
 
 
 def test_plot_two_runs(run: Run, run_b: Run, tmp_path: Path) -> None:

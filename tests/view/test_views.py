@@ -334,6 +334,20 @@ def test_compare_to_pandas_takes_a_name_and_refuses_one_no_run_saved(run: Run, r
         cmp.to_pandas([name[:-1]])
 
 
+def test_a_misspelt_name_given_as_one_string_gets_the_closest_names(run: Run, run_b: Run) -> None:
+    """``plot("losses/MSELosss")`` (one string, not a list) said no name matched, with no suggestion, while the
+    list form suggested; ``compare(...).plot("([")`` raised a bare ``re.error`` where ``Trial.plot`` raised the
+    ValueError that names the regular expression."""
+    cmp = tensortap.compare([run.trial(), run_b.trial()])
+    misspelt = loss_name(run.trial()) + "s"
+    for call in (cmp.plot, cmp.to_pandas, run.trial().plot):
+        with pytest.raises(tensortap.TensorUnavailable, match=f"no tensor name matches {misspelt!r} in .*; did you"):
+            call(misspelt)
+    for call in (cmp.plot, cmp.to_pandas, run.trial().plot):
+        with pytest.raises(ValueError, match="not a valid regular expression"):
+            call("([")
+
+
 def test_to_pandas_computes_reductions_of_raw_tensors(run: Run) -> None:
     trial = run.trial()
     df = trial.to_pandas(names=["0.weight", "gradients/0.weight"], reductions=["mean", "l2"])
