@@ -506,6 +506,42 @@ def test_cross_val_score_and_grid_search_train_the_same_models(tmp_path: Path) -
     assert not (tmp_path / "grid" / "run-5").exists()
 
 
+def test_model_selection_with_the_default_if_exists_trains_every_fit_and_keeps_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without ``if_exists``, every fit after the first raised TrialExistsError inside XGBoost's fit (each is
+    given a copy of the callback, which finds ``out_dir`` taken): ``cross_val_score`` scored those folds NaN
+    (sklearn's default ``error_score``), GridSearchCV chose among the fits that had not failed and its refit
+    raised. Now each later training goes to a run folder, with a warning naming it."""
+    from sklearn.model_selection import GridSearchCV, cross_val_score
+
+    X, y = _data()
+
+    def model(callbacks: list[Any] | None) -> Any:
+        return xgb.XGBClassifier(n_estimators=3, max_depth=2, n_jobs=1, callbacks=callbacks)
+
+    plain = cross_val_score(model(None), X, y, cv=3, error_score="raise")
+    captured = cross_val_score(model([ttx.Callback(tmp_path / "cv")]), X, y, cv=3)
+    np.testing.assert_array_equal(captured, plain)
+    first = tensortap.create_trial(tmp_path / "cv")  # the first fold
+    assert first.steps() and first.tensor("hyperparameters/max_depth").value(0) == 2
+    for k in range(2):
+        assert tensortap.create_trial(tmp_path / "cv" / f"run-{k}").steps() == first.steps()
+    moved = [w for w in _warnings(caplog) if "holds a training already" in w]
+    assert len(moved) == 2 and str(tmp_path / "cv" / "run-1") in moved[1]
+
+    grid = {"max_depth": [1, 2]}
+    plain_search = GridSearchCV(model(None), grid, cv=2, error_score="raise").fit(X, y)
+    search = GridSearchCV(model([ttx.Callback(tmp_path / "grid")]), grid, cv=2).fit(X, y)
+    np.testing.assert_array_equal(search.cv_results_["mean_test_score"], plain_search.cv_results_["mean_test_score"])
+    assert sorted(p.name for p in (tmp_path / "grid").iterdir() if p.name.startswith("run-")) == [
+        f"run-{k}"
+        for k in range(4)  # 2 settings x 2 folds and the refit: the first in the folder itself
+    ]
+    with pytest.raises(tensortap.TrialExistsError):  # asked for: the error
+        cross_val_score(model([ttx.Callback(tmp_path / "cv", if_exists="error")]), X, y, cv=2, error_score="raise")
+
+
 # ------------------------------------------ custom objective, custom metric
 def test_custom_objective_and_metric_of_the_rmsle_demo(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)

@@ -14,6 +14,7 @@ import numpy as np
 import xgboost as xgb
 from xgboost import collective
 
+from ...exceptions import TrialExistsError
 from .. import core
 from ..writer import logger
 from . import model as mdl
@@ -52,6 +53,8 @@ class Callback(xgb.callback.TrainingCallback):
         ``save_config``, ``include_collections``, ``collection_configs``, ... as
         :class:`tensortap.capture.Hook`; checked here, at construction. An explicit
         ``save_config`` applies to every collection not configured in ``collection_configs``.
+        Without ``if_exists``, a training that finds ``out_dir`` holding one already (a later fold of
+        ``cross_val_score``, a second ``fit``) is written to ``out_dir/run-<n>``, with a warning.
     """
 
     def __init__(
@@ -133,7 +136,7 @@ class Callback(xgb.callback.TrainingCallback):
             self._replayed = self._run_last
         else:
             self._run_last = -1
-        self.hook = hook = Hook(self.out_dir, hyperparameters=params, **kwargs)
+        self.hook = hook = self._open(params, kwargs)
         self._hyperparameters = params
         if booster is not None and "hyperparameters" in hook.included:
             mdl.PARAMETERS.start()
@@ -171,6 +174,25 @@ class Callback(xgb.callback.TrainingCallback):
                 )
                 self._skipped.update(mdl.MULTI_TARGET_UNSUPPORTED)
         return model
+
+    def _open(self, params: dict[str, str], kwargs: dict[str, Any]) -> Hook:
+        """The hook of this training. Where ``out_dir`` holds a training already and ``if_exists`` was not given,
+        this one is written to a run folder ``out_dir/run-<n>``, with a warning: sklearn's model selection gives each
+        fit a copy of the callback, and turns the error of every fit after the first into a score of NaN."""
+        try:
+            return Hook(self.out_dir, hyperparameters=params, **kwargs)
+        except TrialExistsError:
+            if "if_exists" in kwargs or "run_id" in kwargs:
+                raise
+        hook = Hook(self.out_dir, hyperparameters=params, if_exists="new_run", **kwargs)
+        logger.warning(
+            "tensortap: %s holds a training already (an earlier training with this callback or a copy of it, as "
+            "cross_val_score and GridSearchCV make for each fit, or an earlier run): this one is written to %s. "
+            'Pass if_exists="new_run" to write each training to a run folder, or give each an out_dir of its own',
+            self.out_dir,
+            hook.out_dir,
+        )
+        return hook
 
     def before_iteration(self, model: Any, epoch: int, evals_log: EvalsLog) -> bool:
         """Keep XGBoost's evaluation log (the same object every round), for a round :meth:`after_iteration` misses.
