@@ -42,6 +42,7 @@ network's rules find no weights or gradients there."""
 
 MAX_DISTRIBUTIONS = 8  # heat maps per collection
 MAX_FEATURES = 10  # lines of the feature importance plot
+MAX_LABELS = 50  # line labels named in an image's text
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
@@ -63,7 +64,14 @@ def _png(draw: Callable[[Axes], Any], figsize: tuple[float, float] = (9, 4)) -> 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
     data = base64.b64encode(buf.getvalue()).decode("ascii")
-    return f"<img alt='plot' src='data:image/png;base64,{data}'>"
+    return f"<img alt='{html_text(_described(ax), message=True)}' src='data:image/png;base64,{data}'>"
+
+
+def _described(ax: Axes) -> str:
+    """The text of an image of ``ax``: its title and the labels of its lines (the first ``MAX_LABELS``)."""
+    labels = [label for line in ax.get_lines() if not (label := str(line.get_label())).startswith("_")]
+    more = f", and {len(labels) - MAX_LABELS} more" if len(labels) > MAX_LABELS else ""
+    return "; ".join(filter(None, (ax.get_title(), ", ".join(labels[:MAX_LABELS]) + more))) or "plot"
 
 
 def _note(text: str) -> str:
@@ -99,14 +107,15 @@ def _curves(trial: Trial, collection: str) -> str:
 def _gradient_norms(trial: Trial) -> str:
     from .plot import plot_tensors
 
-    names = [n for n in trial.tensor_names(collection="gradients") if n not in _scalars(trial, "gradients")]
+    names = trial.tensor_names(collection="gradients")  # of one value too: a bias of a head of one output
     if not names:
         return _note("no gradients were captured (collection 'gradients')")
     return _png(lambda ax: plot_tensors(trial, names, "l2", ax=ax, logy=True), figsize=(9, 5))
 
 
 def _distributions(trial: Trial, collection: str) -> str:
-    names = [n for n in trial.tensor_names(collection=collection) if n not in _scalars(trial, collection)]
+    single = set(_scalars(trial, collection))  # one value a step: its curve says it all
+    names = [n for n in trial.tensor_names(collection=collection) if n not in single]
     if not names:
         return _note(f"no tensor in collection {collection!r}")
     parts = []

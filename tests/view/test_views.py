@@ -298,6 +298,23 @@ def test_curves_of_train_and_eval_losses_are_drawn_against_the_global_step(run: 
     assert list(ax.get_lines()[0].get_xdata()) == [0, 1, 2] and ax.get_xlabel() == "eval step"
 
 
+def test_the_reports_gradient_norms_hold_the_gradient_of_a_one_output_head(tmp_path: Path) -> None:
+    """The report left out of its gradient norms every gradient of one value (the bias of a ``Linear(n, 1)`` or
+    ``Dense(1)`` head), which it took for a scalar curve; it showed in no section. Each image now says in its
+    text which lines it draws."""
+    from tensortap.trial.report import build_report
+
+    with Writer(tmp_path) as w:
+        for step in range(3):
+            with w.stepping():
+                w.save("gradients/head.weight", np.full((1, 4), 0.1 * (step + 1)), ["gradients"])
+                w.save("gradients/head.bias", np.array([0.5 / (step + 1)]), ["gradients"])
+    page = build_report(tensortap.create_trial(tmp_path), rules=[], show_progress=False)
+    alts = re.findall(r"<img alt='([^']*)'", page)
+    norms = [a for a in alts if "gradients/head.weight" in a and "distribution" not in a]
+    assert norms and "gradients/head.bias" in norms[0], alts
+
+
 def test_the_report_says_once_what_a_rule_lacked(run: Run) -> None:
     """A rule that found none of its inputs was explained twice in one cell (its missing input, then the
     error that repeats it)."""
