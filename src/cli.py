@@ -44,7 +44,7 @@ from .exceptions import (
 from .modes import Mode, step_word
 from .trial import Trial, create_trial
 from .trial.check import storage_problems
-from .trial.views import RUNNING, killed_note, killed_workers, printable
+from .trial.views import NO_DATA, RUNNING, killed_note, killed_workers, printable
 
 EXIT_OK, EXIT_FOUND, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_PIPE = 0, 1, 2, 130, 141
 
@@ -366,7 +366,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         return EXIT_OK
     style = Style(sys.stdout)
     if not trial.workers():
-        status = style("no data yet (no worker has started)", "yellow")
+        status = style(NO_DATA, "yellow")
     elif trial.training_ended:
         status = style("ended", "green")
     else:

@@ -8,6 +8,7 @@ import contextlib
 import functools
 import logging
 import math
+import operator
 import os
 import re
 import time
@@ -359,7 +360,9 @@ class Trial:
 
     def _ended_message(self, step: int, mode: Mode | None) -> str:
         """``"training has ended at eval step 4; there is no eval step 9"``: ``step`` lies past the end."""
-        return f"training has ended at {step_label(self._last(mode), mode)}; there is no {step_label(step, mode)}"
+        last = self._last(mode)
+        where = f"at {step_label(last, mode)}" if last >= 0 else f"before saving any {step_word(mode)}"
+        return f"training has ended {where}; there is no {step_label(step, mode)}"
 
     def wait_for_steps(
         self, steps: Sequence[int], mode: Mode | str | None = None, timeout: float | None = None
@@ -450,6 +453,8 @@ class Trial:
 
     def tensor(self, name: str) -> Tensor:
         """The tensor called ``name``; :class:`TensorUnavailable` if no such name was saved (yet)."""
+        if not isinstance(name, str):
+            raise TypeError(f"name: expected a tensor name (a string), got {name!r}")
         self._auto_refresh()
         if name not in self._index.tensors:
             self.refresh()
@@ -545,7 +550,7 @@ class Trial:
         self,
         names: str | Sequence[str] | None = None,
         collection: str | None = None,
-        reductions: Sequence[str] | None = None,
+        reductions: str | Sequence[str] | None = None,
         progress: bool | None = None,
     ) -> pandas.DataFrame:
         """A long-format DataFrame: one row per worker, step, tensor and reduction.
@@ -566,6 +571,8 @@ class Trial:
             The tensors (a name, or a list of them; default: every tensor).
         collection
             Only the tensors of this collection (of ``names``, when given).
+        reductions
+            The reductions of each tensor (a key, or a list of them; default: as above).
         progress
             Show a progress bar over tensors (default: when standard error is a terminal).
         """
@@ -573,6 +580,8 @@ class Trial:
 
         from .progress import progress as bar
 
+        if isinstance(reductions, str):
+            reductions = [reductions]  # as names: "mean" was read as the keys "m", "e", "a", "n"
         for k in reductions or ():
             red.check_key(k)
         rows: list[tuple[Any, ...]] = []
@@ -663,6 +672,10 @@ class Tensor:
         return np.sort(mode_steps[info.locations.saved_of(steps)]).tolist()
 
     def _locate(self, step: int, mode: Mode | str | None, worker: str | None) -> tuple[int, str, Location]:
+        try:
+            step = operator.index(step)  # 2.0 or "2" named no step, and read as one that other tensors had
+        except TypeError:
+            raise TypeError(f"step: expected an integer, got {step!r}") from None
         m = None if mode is None else Mode.parse(mode)
         info = self._info
         gstep = self.trial.global_step(step, m)

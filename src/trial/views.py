@@ -131,10 +131,12 @@ def failure_notes(trial: Trial) -> list[str]:
 
 RUNNING = "running (or stopped without an end marker)"
 """The status of a trial whose workers have not all written their end marker (``ls``, the notebook views)."""
+NO_DATA = "no data yet (no worker has started)"
+"""The status of a trial with no worker (an empty folder: a run about to start)."""
 
 
 def _status(trial: Trial) -> str:
-    status = "ended" if trial.training_ended else RUNNING
+    status = NO_DATA if not trial.workers() else "ended" if trial.training_ended else RUNNING
     killed = killed_workers(trial)
     return f"{status}: {killed_note(killed)}" if killed else status
 

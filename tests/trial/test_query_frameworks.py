@@ -52,3 +52,28 @@ def test_errors_about_a_mode_step_name_its_mode(tmp_path: Path) -> None:
         trial.tensor("gradients/0.weight").value(0, mode="eval")
     with pytest.raises(StepUnavailable, match=r"^step 3 was not saved and never will be$"):
         loss.value(3)  # a global step (eval step 1): named as before
+    # arguments of the wrong type: a TypeError that says what is expected, not an answer about another step
+    for step in (2.0, "2"):
+        with pytest.raises(TypeError, match=r"^step: expected an integer, got "):
+            loss.value(step, mode="eval")  # type: ignore[arg-type]
+    np.testing.assert_allclose(loss.value(np.int64(2), mode="eval"), eval_losses[2], rtol=1e-6)
+    with pytest.raises(TypeError, match=r"^name: expected a tensor name \(a string\), got 123$"):
+        trial.tensor(123)  # type: ignore[arg-type]
+    one = trial.to_pandas("gradients/0.weight", reductions="mean")  # one key, as one name: it read "m", "e", ...
+    assert set(one["reduction"]) == {"mean"} and len(one) == len(trial.tensor("gradients/0.weight").steps())
+
+
+@pytest.mark.torch
+def test_a_training_that_ended_before_saving_a_step_says_so(tmp_path: Path) -> None:
+    """A training closed before it saved any step: ``training has ended at step -1; there is no step 0``."""
+    torch = pytest.importorskip("torch")
+    import tensortap.torch as ttt
+
+    model = torch.nn.Linear(3, 2)
+    ttt.capture(model, tmp_path, optimizer=torch.optim.SGD(model.parameters(), lr=0.1)).close()
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.training_ended and trial.steps() == []
+    with pytest.raises(NoMoreData, match=r"^training has ended before saving any step; there is no step 0$"):
+        trial.wait_for_steps([0])
+    with pytest.raises(NoMoreData, match=r"^training has ended before saving any eval step; there is no eval step 0$"):
+        trial.wait_for_steps([0], mode="eval")

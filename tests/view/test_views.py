@@ -50,6 +50,17 @@ def test_plain_and_html_repr_of_trial(run: Run) -> None:
     assert "steps/s" in html
 
 
+def test_the_html_view_of_an_empty_trial_says_what_ls_says(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The notebook's view of an empty folder (a run about to start) said "running (or stopped without an end
+    marker)" where ``ls`` says "no data yet"."""
+    from tensortap.cli import main
+
+    html = tensortap.create_trial(tmp_path)._repr_html_()
+    assert "no data yet (no worker has started)" in html and "running" not in html
+    assert main(["ls", str(tmp_path)]) == 0
+    assert "no data yet (no worker has started)" in capsys.readouterr().out
+
+
 def test_html_escapes_names_from_the_trial(tmp_path: Path) -> None:
     with Writer(tmp_path) as w, w.stepping():
         w.save("<script>alert(1)</script>", np.float32(1.0))
