@@ -885,6 +885,29 @@ def test_steps_per_execution_one_step_per_execution_with_its_last_batch(tmp_path
         )
 
 
+@pytest.mark.skipif(BACKEND == "torch", reason="Keras's torch backend requires steps_per_execution=1")
+def test_predict_with_steps_per_execution_keeps_each_executions_last_batch_unwarned(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``predict`` with ``steps_per_execution=N`` warned on TensorFlow that "a compiled function ran N times" and
+    to run each tf.function once per step: Keras unrolls the N batches of its predict step, and keeping the
+    execution's last batch is what the docs say of ``steps_per_execution``."""
+    model = mlp(steps_per_execution=2)
+    x = np.concatenate([X, X[:16]])  # 4 batches: 2 executions
+    cb = ttk.Callback(tmp_path, save_config=EVERY_STEP, include_collections=["outputs"])
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        predicted = model.predict(x, batch_size=BATCH, callbacks=[cb], verbose=0)
+    cb.close()
+    assert not [r.getMessage() for r in caplog.records if "times in step" in r.getMessage()]
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.steps(mode=Mode.PREDICT) == [0, 1]
+    for s in (0, 1):
+        last = slice((2 * s + 1) * BATCH, (2 * s + 2) * BATCH)
+        np.testing.assert_allclose(
+            trial.tensor("outputs/dense_1").value(s, mode=Mode.PREDICT), predicted[last], rtol=1e-5, atol=1e-6
+        )
+
+
 @pytest.mark.skipif(BACKEND != "jax", reason="JAX's jitted step differentiates with jax.value_and_grad")
 def test_jax_values_inside_the_gradient_leave_the_step_without_a_host_callback(tmp_path: Path) -> None:
     # layer outputs and compute_loss run inside value_and_grad: the step returns their primal

@@ -789,7 +789,8 @@ class Callback(keras.callbacks.Callback):
         no graph had taps: before every value a graph wrote in the step.
         """
         arrived, self._arrived = self._arrived, []
-        written = self._graph.written(self.hook.step) if self._graph is not None else []
+        batches = max(int(self._model.steps_per_execution), 1) if self._model is not None else 1
+        written = self._graph.written(self.hook.step, batches) if self._graph is not None else []
         if not written:
             return [(s, c, v) for c, slots, values, _ in arrived for s, v in zip(slots, values, strict=True)]
         runs = [

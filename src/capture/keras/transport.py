@@ -454,22 +454,23 @@ class TFGraphTaps:
             if t.meta[0] == step:
                 t.meta.assign(tf.constant([-1, 0, 0], tf.int64))
 
-    def written(self, step: int) -> list[Run]:
+    def written(self, step: int, runs: int = 1) -> list[Run]:
         """After a saved step: the values of the taps that step wrote.
 
         A graph run several times in the step (one ``tf.function`` called twice) wrote
         its taps each time: the last run's values are kept, and one warning says so (naming
-        the layers not named by an earlier one).
+        the layers not named by an earlier one), where it ran more than ``runs`` times (the
+        batches of a step: ``steps_per_execution``, which Keras's ``predict`` unrolls).
         """
-        runs, rerun = [], {}
+        found, rerun = [], {}
         for t in self.taps.values():
             if not self._wanted[t.collection]:
                 continue
             at, order, writes = (int(x) for x in t.meta.numpy())
             if at != step:
                 continue
-            runs.append(Run(t.slot, t.collection, t.var.value(), t.origin, order, *t.replica))
-            if writes > 1 and not t.looped and t.collection != "metrics" and t.slot.name not in self.rerun:
+            found.append(Run(t.slot, t.collection, t.var.value(), t.origin, order, *t.replica))
+            if writes > runs and not t.looped and t.collection != "metrics" and t.slot.name not in self.rerun:
                 rerun[t.slot.name] = writes
         if rerun:
             self.rerun.update(rerun)
@@ -482,7 +483,7 @@ class TFGraphTaps:
                 ", ".join(names[:5]),
                 f" and {len(names) - 5} more" if len(names) > 5 else "",
             )
-        return across_replicas(runs, self.one_replica)
+        return across_replicas(found, self.one_replica)
 
 
 def _in_loop(graph: Any) -> bool:
