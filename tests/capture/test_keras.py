@@ -1214,6 +1214,31 @@ def test_calls_after_fit_closed_the_trial_warn_once_how_to_capture_them(
     ]
 
 
+def test_a_deep_copy_of_the_callback_writes_the_trials_next_run(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """keras-tuner deep-copies the callbacks given to ``search()`` for each trial, and stops at once when one
+    cannot be copied: the callback could not (its writer holds locks). A copy is a new callback of the same
+    configuration writing ``out_dir/run-<n>``; with ``if_exists`` given, as that says."""
+    import copy
+
+    cb = ttk.Callback(tmp_path / "t", save_config=EVERY_STEP, include_collections=["losses"])
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        copies = [copy.deepcopy(cb) for _ in range(2)]
+    assert [c.out_dir for c in copies] == [str(tmp_path / "t" / f"run-{k}") for k in range(2)]
+    assert [r.getMessage() for r in caplog.records if "a copy of the callback" in r.getMessage()] == [
+        f"tensortap: a copy of the callback writing {cb.out_dir} writes {c.out_dir}" for c in copies
+    ]
+    for c in copies:
+        history = mlp().fit(X, Y, batch_size=BATCH, callbacks=[c], verbose=0)
+        losses = tensortap.create_trial(c.out_dir).tensor("losses/loss").values(mode=Mode.TRAIN)
+        assert list(losses) == [0, 1, 2] and float(losses[2]) > 0 and history.history["loss"]
+    cb.close()
+    overwrite = ttk.Callback(tmp_path / "o", include_collections=["losses"], if_exists="overwrite")
+    assert copy.deepcopy(overwrite).out_dir == overwrite.out_dir  # if_exists given: as it says
+    overwrite.close()
+
+
 def test_stop_request_sets_stop_training(tmp_path: Path) -> None:
     model = mlp()
     cb = ttk.Callback(tmp_path, save_config=EVERY_STEP, include_collections=["losses"])

@@ -225,13 +225,23 @@ class Callback(keras.callbacks.Callback):
         max_calls: int = MAX_CALLS,
         **kwargs: Any,
     ) -> None:
-        self._setup(KerasHook(out_dir, **kwargs), close_on_train_end, all_reduce_max, max_calls)
+        make = functools.partial(KerasHook, out_dir, **kwargs)
+        self._setup(make, "if_exists" in kwargs, close_on_train_end, all_reduce_max, max_calls)
 
     def _setup(
-        self, hook: KerasHook, close_on_train_end: bool, all_reduce_max: AllReduceMax | None, max_calls: int
+        self,
+        make: Callable[..., Hook],
+        if_exists_given: bool,
+        close_on_train_end: bool,
+        all_reduce_max: AllReduceMax | None,
+        max_calls: int,
     ) -> None:
+        """Set the callback up with the hook ``make()`` opens (``make`` is kept: :meth:`__deepcopy__`)."""
         keras.callbacks.Callback.__init__(self)
+        hook = make()
+        assert isinstance(hook, KerasHook)
         self.hook = hook
+        self._make, self._if_exists_given = make, if_exists_given
         # values reach the session at the step's end, already copied or held by _tap (ops.hold): no second copy
         self.session = Session(hook, is_tensor, max_calls=max_calls)
         self.session.at_finish(self._collect_after_step)
@@ -298,10 +308,20 @@ class Callback(keras.callbacks.Callback):
     ) -> Callback:
         """A callback configured by a JSON file (see :meth:`tensortap.capture.Hook.from_json`)."""
         cb = cls.__new__(cls)
-        hook = KerasHook.from_json(path, **overrides)
-        assert isinstance(hook, KerasHook)
-        cb._setup(hook, close_on_train_end, all_reduce_max, max_calls)
+        make = functools.partial(KerasHook.from_json, path, **overrides)
+        cb._setup(make, "if_exists" in overrides, close_on_train_end, all_reduce_max, max_calls)
         return cb
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Callback:
+        """A new callback of the same configuration, which writes the trial's next run (``out_dir/run-<n>``,
+        unless ``if_exists`` was given), with a warning naming it: keras-tuner copies the callbacks given to
+        ``search()`` for each trial (their writer and session cannot be copied)."""
+        copied = type(self).__new__(type(self))
+        make = self._make if self._if_exists_given else functools.partial(self._make, if_exists="new_run")
+        copied._setup(make, True, self.close_on_train_end, self.all_reduce_max, self.session.max_calls)
+        copied._make, copied._if_exists_given = self._make, self._if_exists_given
+        logger.warning("tensortap: a copy of the callback writing %s writes %s", self.out_dir, copied.out_dir)
+        return copied
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Callback | None:
