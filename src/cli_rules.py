@@ -145,15 +145,18 @@ def _skipped(rule: Rule) -> str:
     return f"; {count(len(steps), 'step')} skipped ({step_ranges(steps)}): their shards cannot be read"
 
 
-def _rule_line(rule: Rule, verdicts: list[Verdict], saved: list[int], missing: list[str] | None, style: Style) -> str:
+def _rule_line(
+    rule: Rule, label: str, verdicts: list[Verdict], saved: list[int], missing: list[str] | None, style: Style
+) -> str:
+    """The text line of ``rule``, which starts with ``label`` (its name, or its name and spec)."""
     if missing is not None:
         needs = "; ".join(m.removeprefix(f"{rule.name} ") for m in missing)
-        return f"{rule.name}: {style('found none of its inputs', 'yellow')}: it {printable(needs, message=True)}"
+        return f"{label}: {style('found none of its inputs', 'yellow')}: it {printable(needs, message=True)}"
     if verdicts:
         steps = [v.step for v in verdicts]
         first = verdicts[0]
         return (
-            f"{rule.name}: {style('fired', 'red')} at {step_ranges(steps, saved)} ({count(len(steps), 'step')}); "
+            f"{label}: {style('fired', 'red')} at {step_ranges(steps, saved)} ({count(len(steps), 'step')}); "
             f"at step {first.step}: {printable(first.reason, message=True)}{_skipped(rule)}"
         )
     where = (
@@ -161,7 +164,27 @@ def _rule_line(rule: Rule, verdicts: list[Verdict], saved: list[int], missing: l
         if rule.last_step >= 0
         else "no step evaluated"
     )
-    return f"{rule.name}: {style('did not fire', 'green')} ({where}{_skipped(rule)})"
+    return f"{label}: {style('did not fire', 'green')} ({where}{_skipped(rule)})"
+
+
+def _labels(rules: Sequence[Rule], specs: Sequence[str]) -> list[str]:
+    """Each rule's name, followed by its ``--rule`` spec where another rule has the same name."""
+    names = [r.name for r in rules]
+    return [
+        f"{name} ({printable(spec, message=True)})" if names.count(name) > 1 else name
+        for name, spec in zip(names, specs, strict=True)
+    ]
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    """Refuse a negative ``--start-step``, ``--end-step`` or ``--idle-timeout`` (:class:`UsageError`)."""
+    for flag, value, what in (
+        ("--start-step", args.start_step, "a step"),
+        ("--end-step", args.end_step, "a step"),
+        ("--idle-timeout", args.idle_timeout, "seconds"),
+    ):
+        if value is not None and not value >= 0:
+            raise UsageError(f"{flag}: expected {what} >= 0, got {value:g}")
 
 
 def build_rules(specs: Sequence[str], trial: Any) -> list[Rule]:
@@ -207,6 +230,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("PATH is required (or use --list)")
     if not args.rule:
         raise UsageError(f"give at least one --rule; built-in rules: {', '.join(BUILTIN_RULES)}")
+    _check_options(args)
     trial = open_trial(args, wait=args.follow, timeout=args.idle_timeout)
     rules = build_rules(args.rule, trial)  # a bad spec: exit 2 (with --json, the error object)
     actions = [StopTraining()] if args.stop_training else []
@@ -247,7 +271,7 @@ def run(args: argparse.Namespace) -> int:
         logger.warning("tensortap rules: %s", note)
     saved = trial.steps()
     fired = any(verdicts.values())
-    problem = _problem(trial.path, rules, missing, interrupted, args.follow)
+    problem = _problem(trial, saved, rules, missing, interrupted, args)
     if args.json:
         result = {
             "path": trial.path,
@@ -276,8 +300,8 @@ def run(args: argparse.Namespace) -> int:
             result.update(error_json("rules", problem, "input"))
         print_json(result)
     else:
-        for r in rules:
-            print(_rule_line(r, verdicts[r], saved, missing.get(r.name), style))
+        for r, label in zip(rules, _labels(rules, args.rule), strict=True):
+            print(_rule_line(r, label, verdicts[r], saved, missing.get(r.name), style))
     if interrupted:
         print("tensortap rules: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -289,9 +313,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _problem(
-    path: str, rules: list[Rule], missing: dict[str, list[str]], interrupted: bool, follow: bool
+    trial: Any,
+    saved: list[int],
+    rules: list[Rule],
+    missing: dict[str, list[str]],
+    interrupted: bool,
+    args: argparse.Namespace,
 ) -> str | None:
     """Why ``rules`` exits 2 after running (a rule found none of its inputs, no step could be judged), or None."""
+    path = trial.path
     if interrupted:
         return None
     if missing:
@@ -300,7 +330,20 @@ def _problem(
         return None
     if any(r.skipped_steps for r in rules):
         return f"no step of {path} could be read: the shards of every step are damaged"
-    if follow:
+    start, end = args.start_step, args.end_step
+    if saved and (start is not None or end is not None):
+        where = " ".join(
+            part
+            for part in (
+                f"from step {start}" if start is not None else "",
+                f"before step {end}" if end is not None else "",
+            )
+            if part
+        )
+        return f"no step {where} in {path} (its steps: {step_ranges(saved, saved)})"
+    if trial.training_ended:  # --follow ends then too, with or without an idle timeout
+        return f"no complete step to judge in {path}: the training ended without saving one"
+    if args.follow:
         return f"no complete step to judge in {path} before the idle timeout"
     return f"no complete step to judge in {path} (is the training still starting? use --follow)"
 

@@ -403,6 +403,11 @@ def test_class_imbalance(tmp_path: Path) -> None:
     )
     assert invoke_rule(ClassImbalance(wrong)) == [1]  # judged once 800 >= 500 labels are seen
     assert invoke_rule(ClassImbalance(wrong, samples=100)) == [0, 1]
+    # the fraction 1 read as a count: "class 1: 1 of its 400 samples mispredicted"
+    assert ClassImbalance(wrong, samples=100).invoke(0).reason == (
+        "labels, predictions: class 1: 100% (200 of 200) of its samples mispredicted > threshold_misprediction "
+        "0.7 at step 0"
+    )
 
 
 def test_confusion(tmp_path: Path) -> None:
@@ -470,6 +475,31 @@ def test_tree_depth(tmp_path: Path) -> None:
     assert invoke_rule(TreeDepth(trial)) == [0]
     assert "depth 1 < depth 4" in TreeDepth(trial).invoke(0).reason
     assert invoke_rule(TreeDepth(trial, depth=5)) == [0, 1]
+
+
+@pytest.mark.parametrize(("max_depth", "fired"), [(1, []), (0, [0, 1, 2]), (2, [1, 2]), (None, [0, 1, 2])])
+def test_tree_depth_expects_no_tree_deeper_than_max_depth(
+    tmp_path: Path, max_depth: int | None, fired: list[int]
+) -> None:
+    """Trees of depth 1 fired at every step of a model whose max_depth was 1: they cannot be deeper. max_depth
+    0 is no limit; the value saved last before the step counts (max_depth 1, then 2 from step 1)."""
+    nan = np.nan
+    stump = {"Tree": [0, 0, 0], "Node": [0, 1, 2], "Yes": [1, nan, nan], "No": [2, nan, nan]}
+
+    def values(s: int) -> Values:
+        out: Values = {f"trees/{c}": (np.asarray(v, dtype=np.float64), ("trees",)) for c, v in stump.items()}
+        if max_depth is not None and (s == 0 or (max_depth == 2 and s == 1)):
+            out["hyperparameters/max_depth"] = (
+                np.float32(1 if s == 0 and max_depth == 2 else max_depth),
+                ("hyperparameters",),
+            )
+        return out
+
+    trial = make_trial(tmp_path, 3, values)
+    assert invoke_rule(TreeDepth(trial)) == fired
+    if max_depth == 2:
+        reason = TreeDepth(trial).invoke(1).reason
+        assert "depth 1 < 2 (depth 4, capped by hyperparameters/max_depth 2) at step 1" in reason, reason
 
 
 # ------------------------------------------------------------- invoke_rule

@@ -132,6 +132,10 @@ def test_a_trial_with_no_step_to_judge_exits_2(tmp_path: Path) -> None:
         "message": f"no complete step to judge in {tmp_path} (is the training still starting? use --follow)",
     }
     assert "before the idle timeout" in followed.stderr and "use --follow" not in followed.stderr
+    # ended with no step: --follow ends at once and says why (it said "before the idle timeout", none given)
+    ended = rules(str(tmp_path), "--rule", "exploding_tensor", "--follow")
+    assert ended.returncode == 2
+    assert f"no complete step to judge in {tmp_path}: the training ended without saving one" in ended.stderr
 
 
 def test_json_output(flat: Path) -> None:
@@ -170,12 +174,42 @@ def test_stop_training_writes_the_request(flat: Path) -> None:
         (["{path}", "--rule", "dead_relu:threshold_layer"], "expected param=value"),
         (["{path}", "--rule", "exploding_tensor:tensor_regex=a("], "'a(' is not a valid regular expression"),
         (["{path}/missing", "--rule", "all_zero"], "no tensortap trial at"),
+        (["{path}", "--rule", "tensor_variance:min_threshold=5,max_threshold=1"], "min_threshold 5 > max_threshold 1"),
+        (["{path}", "--rule", "all_zero", "--start-step", "-5"], "--start-step: expected a step >= 0, got -5"),
+        (["{path}", "--rule", "all_zero", "--end-step", "-1"], "--end-step: expected a step >= 0, got -1"),
+        (["{path}", "--rule", "all_zero", "--idle-timeout", "-1"], "--idle-timeout: expected seconds >= 0, got -1"),
     ],
 )
 def test_usage_errors_exit_2(flat: Path, argv: list[str], message: str) -> None:
     result = rules(*(a.format(path=flat) for a in argv))
     assert result.returncode == 2, result.stdout
     assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--start-step", "1000"], "no step from step 1000 in "),
+        (["--start-step", "10", "--end-step", "5"], "no step from step 10 before step 5 in "),
+    ],
+)
+def test_an_empty_step_range_of_an_ended_trial_says_so(flat: Path, argv: list[str], message: str) -> None:
+    """The hint "is the training still starting? use --follow" was given for a training that had ended."""
+    result = rules(str(flat), "--rule", "loss_not_decreasing", *argv)
+    assert result.returncode == 2
+    assert message in result.stderr and "(its steps: 0-11)" in result.stderr, result.stderr
+    assert "use --follow" not in result.stderr
+
+
+def test_two_rules_of_one_class_say_which_spec_each_line_is(flat: Path) -> None:
+    result = rules(str(flat), "--rule", "loss_not_decreasing:num_steps=5", "--rule", "loss_not_decreasing")
+    assert result.returncode == 1
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("LossNotDecreasing (loss_not_decreasing:num_steps=5): fired at 5, 10")
+    assert lines[1].startswith("LossNotDecreasing (loss_not_decreasing): fired at 10")
+    single = rules(str(flat), "--rule", "loss_not_decreasing:num_steps=5")
+    assert single.stdout.startswith("LossNotDecreasing: fired"), "one rule of its class: its name is enough"
 
 
 def test_param_values_are_parsed_by_type(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ Also the live path: a rule runner in another process (``tensortap rules --follow
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 import textwrap
@@ -36,9 +37,11 @@ from tensortap.rules import (
     RuleRunner,
     SaturatedActivation,
     StopTraining,
+    TreeDepth,
     UnchangedTensor,
     VanishingGradient,
     Verdict,
+    WeightUpdateRatio,
     invoke_rule,
 )
 
@@ -225,7 +228,7 @@ def test_vanishing_gradient_deep_sigmoid_not_relu(tmp_path: Path, torch: Any) ->
     sig = tensortap.create_trial(tmp_path / "sigmoid")
     assert "gradients/0.weight" in sig.tensor_names(collection="gradients")
     assert invoke_rule(VanishingGradient(sig)) == [0, 1, 2]
-    assert VanishingGradient(sig).invoke(0).reason.startswith("gradients/0.bias: mean |g| = ")
+    assert VanishingGradient(sig).invoke(0).reason.startswith("gradients/0.weight: mean |g| = ")
     assert invoke_rule(VanishingGradient(tensortap.create_trial(tmp_path / "relu"))) == []
 
 
@@ -1008,3 +1011,229 @@ def test_poor_weight_initialization_keras_text_classifier(tmp_path: Path, keras:
     assert not {n for n in judged if "embeddings" in n or "recurrent_kernel" in n}, judged
     # the weights themselves, alone (the default distribution_range is absolute: see docs/rules.md)
     assert invoke_rule(PoorWeightInitialization(trial, distribution_range=0, patience=100)) == []
+
+
+# ------------------------------------------------ healthy trainings that fired
+@pytest.mark.torch
+@pytest.mark.parametrize("reductions_only", [False, True])
+def test_vanishing_gradient_leaves_out_a_bias_before_batch_norm_pytorch(
+    tmp_path: Path, torch: Any, reductions_only: bool
+) -> None:
+    """A healthy CNN (Conv2d with its default bias, then BatchNorm2d) fired at every step: batch norm
+    subtracts the batch mean, so the conv bias has no effect on the loss and its gradient is 0 up to rounding."""
+    import tensortap.torch as ttt
+
+    nn = torch.nn
+    net = nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 2))
+    x = torch.randn(64, 1, 8, 8)
+    y = (x[:, 0, 2:5, 2:5].mean((1, 2)) > 0).long()
+    opt = torch.optim.Adam(net.parameters(), 1e-2)
+    kw = {"reduction_config": tensortap.ReductionConfig(abs_reductions=("mean",))} if reductions_only else {}
+    losses = []
+    with ttt.capture(net, tmp_path, optimizer=opt, save_config=EVERY_STEP, **kw):
+        for _ in range(5):
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(net(x), y)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    trial = tensortap.create_trial(tmp_path)
+    bias = trial.tensor("gradients/0.bias")
+    assert max(bias.reduction_value(s, "mean", abs=True) for s in bias.steps()) < 1e-7, "0 by design"
+    assert invoke_rule(VanishingGradient(trial)) == []
+    judged = VanishingGradient(trial, threshold=1e9).invoke(0).tensors  # every gradient judged fires
+    assert "gradients/0.weight" in judged and "gradients/4.weight" in judged
+    assert not [n for n in judged if n.endswith("bias")]
+
+
+@pytest.mark.torch
+def test_update_rules_leave_out_a_frozen_backbone_pytorch(
+    tmp_path: Path, torch: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Fine-tuning a head on a frozen backbone (requires_grad=False): the hook saves the backbone's weights,
+    unchanged by design, and weight_update_ratio and unchanged_tensor fired at every step."""
+    import tensortap.torch as ttt
+
+    nn = torch.nn
+    x = torch.randn(256, 10)
+    y = (x @ torch.randn(10, 3)).argmax(1)
+    backbone, head = nn.Sequential(nn.Linear(10, 32), nn.ReLU()), nn.Linear(32, 3)
+    backbone.requires_grad_(False)
+    net = nn.Sequential(backbone, head)
+    opt = torch.optim.Adam(head.parameters(), 1e-2)
+    with ttt.capture(net, tmp_path, optimizer=opt, save_config=EVERY_STEP):
+        for step in range(8):
+            i = (step * 32) % 256
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(net(x[i : i + 32]), y[i : i + 32]).backward()
+            opt.step()
+    trial = tensortap.create_trial(tmp_path)
+    assert "0.0.weight" in trial.tensor_names(collection="weights")
+    assert trial.tensor_names(collection="gradients") == ["gradients/1.bias", "gradients/1.weight"]
+    assert invoke_rule(WeightUpdateRatio(trial)) == []
+    assert invoke_rule(UnchangedTensor(trial)) == []
+    # the hook saves the gradients an optimizer applies: a layer left out of the optimizer by mistake looks
+    # frozen too, so the rule says which weights it leaves out
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        invoke_rule(WeightUpdateRatio(trial))
+    assert "WeightUpdateRatio leaves out 2 weight(s) with no gradient in the trial" in caplog.text
+    assert "0.0.bias, 0.0.weight" in caplog.text
+
+
+@pytest.mark.keras
+def test_update_rules_leave_out_frozen_layers_keras(tmp_path: Path, keras: Any) -> None:
+    """``layer.trainable = False``: its variables are saved as weights, with no gradient."""
+    import tensortap.keras as ttk
+
+    x, y = regression_data()
+    keras.utils.set_random_seed(0)
+    frozen = keras.layers.Dense(8, activation="relu")
+    model = keras.Sequential([keras.Input((4,)), frozen, keras.layers.Dense(1)])
+    frozen.trainable = False
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate=0.01), loss="mse")
+    cb = ttk.Callback(tmp_path, save_config=EVERY_STEP, include_collections=["weights", "biases", "gradients"])
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[cb])
+    trial = tensortap.create_trial(tmp_path)
+    assert f"{frozen.name}/kernel" in trial.tensor_names(collection="weights")
+    assert f"gradients/{frozen.name}/kernel" not in trial.tensor_names(collection="gradients")
+    assert invoke_rule(WeightUpdateRatio(trial)) == []
+    assert invoke_rule(UnchangedTensor(trial)) == []
+
+
+@pytest.mark.keras
+def test_unchanged_tensor_leaves_out_a_constant_learning_rate_keras(tmp_path: Path, keras: Any) -> None:
+    """Keras optimizers hold the learning rate as a variable: at a constant rate every fit that captured
+    optimizer_variables fired."""
+    import tensortap.keras as ttk
+
+    x, y = regression_data()
+    model = keras_model(keras, hidden=8)
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate=0.01), loss="mse")
+    cb = ttk.Callback(tmp_path, save_config=EVERY_STEP, include_collections=["weights", "optimizer_variables"])
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[cb])
+    trial = tensortap.create_trial(tmp_path)
+    lr = [n for n in trial.tensor_names(collection="optimizer_variables") if n.endswith("learning_rate")]
+    assert lr, trial.tensor_names()
+    assert invoke_rule(UnchangedTensor(trial)) == []
+    assert invoke_rule(UnchangedTensor(trial, tensor_regex=f"^{lr[0]}$")) == [2, 3], "when asked, judged"
+
+
+@pytest.mark.xgboost
+def test_unchanged_tensor_leaves_out_the_importance_of_unused_features_xgboost(tmp_path: Path) -> None:
+    """The importance of a feature no new tree splits on does not change: a healthy run fired."""
+    xgb = pytest.importorskip("xgboost")
+    import tensortap.xgboost as ttx
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 20))
+    y = (x[:, 0] + x[:, 1] - x[:, 2] + rng.normal(scale=0.5, size=400) > 0).astype(int)
+    collections = ["losses", "feature_importance", "average_shap", "predictions"]
+    xgb.train(
+        {"objective": "binary:logistic", "max_depth": 3, "nthread": 1},
+        xgb.DMatrix(x, label=y),
+        num_boost_round=12,
+        evals=[(xgb.DMatrix(x, label=y), "train")],
+        callbacks=[ttx.Callback(tmp_path, save_config=EVERY_STEP, include_collections=collections)],
+        verbose_eval=False,
+    )
+    trial = tensortap.create_trial(tmp_path)
+    importance = UnchangedTensor(trial, collection_names="feature_importance")
+    assert invoke_rule(importance), "the importance of some features does not change"
+    assert invoke_rule(UnchangedTensor(trial)) == []
+
+
+@pytest.mark.xgboost
+def test_tree_depth_judges_trees_against_max_depth_xgboost(tmp_path: Path) -> None:
+    """max_depth=3 (a common setting) fired at every step: a tree cannot grow past it."""
+    xgb = pytest.importorskip("xgboost")
+    import tensortap.xgboost as ttx
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(500, 8))
+    y = (x[:, 0] + 0.5 * x[:, 1] ** 2 - x[:, 2] + rng.normal(scale=0.5, size=500) > 0.5).astype(int)
+    for name, params in (("capped", {"max_depth": 3}), ("stuck", {"max_depth": 3, "min_split_loss": 1e6})):
+        xgb.train(
+            {"objective": "binary:logistic", "nthread": 1, **params},
+            xgb.DMatrix(x, label=y),
+            num_boost_round=3,
+            callbacks=[
+                ttx.Callback(tmp_path / name, save_config=EVERY_STEP, include_collections=["trees", "hyperparameters"])
+            ],
+        )
+    capped, stuck = (tensortap.create_trial(tmp_path / name) for name in ("capped", "stuck"))
+    assert capped.tensor("hyperparameters/max_depth").value(0) == 3
+    assert invoke_rule(TreeDepth(capped)) == []
+    assert invoke_rule(TreeDepth(capped, depth=3)) == []
+    assert invoke_rule(TreeDepth(stuck)) == [0, 1, 2], "no split at all: the model does not learn"
+    reason = TreeDepth(stuck).invoke(0).reason
+    assert "depth 0 < 3 (depth 4, capped by hyperparameters/max_depth 3)" in reason, reason
+
+
+@pytest.mark.torch
+def test_dead_relu_does_not_judge_a_batch_of_one_sample_pytorch(tmp_path: Path, torch: Any) -> None:
+    """A validation loop with batch size 1: with one sample a unit that is 0 for it reads as active in < 1%
+    of samples, i.e. dead; about half the units of a healthy ReLU layer are, and the rule fired."""
+    import tensortap.torch as ttt
+
+    nn = torch.nn
+    x = torch.randn(256, 10)
+    y = (x @ torch.randn(10, 3)).argmax(1)
+    net = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3))
+    opt = torch.optim.Adam(net.parameters(), 1e-2)
+    with ttt.capture(net, tmp_path, optimizer=opt, save_config=EVERY_STEP, include_collections=["outputs"]):
+        for step in range(16):
+            net.train()
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(
+                net(x[step * 16 : step * 16 + 16]), y[step * 16 : step * 16 + 16]
+            ).backward()
+            opt.step()
+            net.eval()
+            with torch.no_grad():
+                net(x[step : step + 1])  # validation, batch size 1
+    trial = tensortap.create_trial(tmp_path)
+    evals = [trial.global_step(s, tensortap.Mode.EVAL) for s in trial.steps(mode=tensortap.Mode.EVAL)]
+    assert len(evals) == 16 and trial.tensor("outputs/3").value(evals[0]).shape == (1, 32)
+    one = DeadRelu(trial, min_samples=1)
+    assert invoke_rule(one), "one sample judged: half the units of a healthy layer read as dead"
+    rule = DeadRelu(trial)
+    assert invoke_rule(rule) == []
+    assert any("min_samples" in m for m in rule.missing_inputs)
+    only_small = tmp_path / "small"
+    with ttt.capture(net, only_small, save_config=EVERY_STEP, include_collections=["outputs"]):
+        with torch.no_grad():
+            for step in range(3):
+                net(x[step : step + 1])
+    with pytest.raises(RuleInputsMissing, match="min_samples") as info:
+        invoke_rule(DeadRelu(tensortap.create_trial(only_small)))
+    assert "no ReLU output" not in str(info.value)
+
+
+@pytest.mark.xgboost
+def test_feature_importance_overweight_ranks_gblinear_coefficients_by_magnitude(tmp_path: Path) -> None:
+    """gblinear's "weight" importance is the signed coefficient: six features of about equal weight, signs
+    mixed, gave "the 3 most important ... hold 27.1 of the importance" and fired at every step."""
+    xgb = pytest.importorskip("xgboost")
+    import tensortap.xgboost as ttx
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(600, 6))
+    y = (x @ np.array([1.0, -1.0, 0.8, -0.8, 0.6, -0.6]) + rng.normal(scale=0.3, size=600) > 0).astype(int)
+    for name, classes in (("binary", 0), ("multi", 3)):
+        label = np.digitize(x @ np.array([1.0, -1.0, 0.8, -0.8, 0.6, -0.6]), [-0.5, 0.5]) if classes else y
+        params = {"objective": "multi:softprob", "num_class": 3} if classes else {"objective": "binary:logistic"}
+        booster = xgb.train(
+            {"booster": "gblinear", "eta": 0.3, "nthread": 1, **params},
+            xgb.DMatrix(x, label=label),
+            num_boost_round=12,
+            callbacks=[ttx.Callback(tmp_path / name, include_collections=["hyperparameters", "feature_importance"])],
+        )
+        coef = np.abs(np.asarray(list(booster.get_score(importance_type="weight").values()), dtype=float))
+        top = np.sort(coef.reshape(6, -1).sum(1))[::-1]
+        assert top[:3].sum() / top.sum() < 0.8, "no feature dominates"
+        trial = tensortap.create_trial(tmp_path / name)
+        assert invoke_rule(FeatureImportanceOverweight(trial)) == [], name
+        reason = FeatureImportanceOverweight(trial, threshold=0.0).invoke(0).reason
+        share = float(reason.split(" hold ")[1].split(" ")[0])
+        assert 0.5 < share < 0.8, reason  # a share, by magnitude: six features of about equal weight

@@ -74,6 +74,17 @@ class DeadRelu(LayerKindRule):
     below ``threshold_inactivity``. Fires when ``100 * dead / units >
     threshold_layer`` for a tensor.
 
+    A tensor of fewer than ``min_samples`` samples (a validation loop with
+    batch size 1, the last batch of an epoch) is not judged: with one sample, a
+    unit that is 0 for it is "active in < 1% of samples", and about half the
+    units of a healthy ReLU layer are. It records a missing input (partial when
+    another tensor of the step is judged), so a run whose every batch is
+    smaller raises ``RuleInputsMissing`` instead of passing. The default 16
+    leaves a unit active in a quarter of the samples of a healthy layer a 1%
+    chance of reading as dead; a unit dead over the data reads as dead at any
+    batch size. Judging "active in < 1%" itself would need 100 samples; below
+    that, a dead unit is one active in none of the batch's samples.
+
     Which tensors are ReLU outputs: without ``tensor_regex``, those with no
     negative value and at least one zero at the step (the output of a ReLU, and
     of what keeps it: dropout, pooling). Other tensors are outputs of other
@@ -102,6 +113,8 @@ class DeadRelu(LayerKindRule):
         Percentage of dead units above which the rule fires. Default ``50.0``.
     collection_names
         Collections to inspect. Default (with no ``tensor_regex``): ``outputs``.
+    min_samples
+        Least number of samples (first axis) of a tensor judged. Default 16.
     """
 
     def __init__(
@@ -111,14 +124,33 @@ class DeadRelu(LayerKindRule):
         threshold_inactivity: float = 1.0,
         threshold_layer: float = 50.0,
         collection_names: str | Sequence[str] | None = None,
+        min_samples: int = 16,
     ) -> None:
         super().__init__(base_trial)
         check_number("threshold_inactivity", threshold_inactivity, 0)
         check_number("threshold_layer", threshold_layer, 0)
+        check_number("min_samples", min_samples, 1, integer=True)
         self.threshold_inactivity, self.threshold_layer = threshold_inactivity, threshold_layer
+        self.min_samples = min_samples
         self.selection = Selection(collection_names, tensor_regex, ("outputs",))
         self.hook_collections = ("outputs",)
         self.relu_outputs_only = not self.selection.regexes
+        self._small = 0  # tensors of the step with fewer than min_samples samples
+
+    def invoke_at_step(self, step: int) -> bool:
+        """Judge the ReLU outputs of ``step`` (:meth:`LayerKindRule.invoke_at_step`); say when some had too few
+        samples."""
+        self._small = 0
+        fired = super().invoke_at_step(step)
+        if self._small:
+            self.need(
+                step,
+                self.requirement(),
+                f"ReLU outputs of at least {self.min_samples} samples (parameter min_samples): a tensor of fewer "
+                "is not judged (too few samples to tell a dead unit from one at 0 for them)",
+                partial=self._judged > self._small,
+            )
+        return fired
 
     def kind_missing(self, shown: str) -> str:
         return (
@@ -136,6 +168,9 @@ class DeadRelu(LayerKindRule):
             self.not_of_kind(name)
             return None
         self.of_kind()
+        if (y.shape[0] if y.ndim >= 2 else 1) < self.min_samples:
+            self._small += 1
+            return None
         dead, units = inactive_percent(y, lambda r: r > 0, self.threshold_inactivity)
         if units and dead > self.threshold_layer:
             return (

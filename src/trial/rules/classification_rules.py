@@ -81,7 +81,9 @@ class ClassImbalance(_LabelsPredictions):
     - fires when ``max(n_c) / min(n_c) > threshold_imbalance`` (over the classes seen);
     - else, with predictions saved at the same steps (same length), ``m_c`` =
       fraction of the samples of class ``c`` predicted as another class; fires
-      when ``m_c > threshold_misprediction`` for a class.
+      when ``m_c > threshold_misprediction`` for a class, saying
+      ``labels, predictions: class 1: 100% (250 of 250) of its samples
+      mispredicted > threshold_misprediction 0.7``.
 
     Labels that are not whole numbers (one value a sample) are no classes (a
     regression's targets): the rule then lacks inputs and says so.
@@ -176,8 +178,8 @@ class ClassImbalance(_LabelsPredictions):
             if frac > self.threshold_misprediction:
                 return self.fire(
                     step,
-                    f"class {c}: {frac:.3g} of its {n} samples mispredicted > "
-                    f"threshold_misprediction {self.threshold_misprediction:g} at step {step}",
+                    f"{', '.join(tensors)}: class {c}: {100 * frac:.3g}% ({self.wrong[c]} of {n}) of its samples "
+                    f"mispredicted > threshold_misprediction {self.threshold_misprediction:g} at step {step}",
                     tensors,
                 )
         return False

@@ -91,6 +91,20 @@ class Selection:
         return " or ".join(parts)
 
 
+def untrained_weights(trial: Any) -> set[str]:
+    """The weights and biases of ``trial`` that have no gradient in it while others have one: not trained.
+
+    A frozen layer (PyTorch ``requires_grad=False``, Keras ``trainable=False``)
+    is saved with the weights but gets no gradient; every capture names the
+    gradient of weight ``w`` ``gradients/w``. Empty when no weight has a
+    gradient in the trial (gradients not captured: nothing tells).
+    """
+    weights = set(Selection(("weights", "biases"), None, ()).names(trial))
+    gradients = set(Selection(("gradients",), None, ()).names(trial))
+    trained = {w for w in weights if f"gradients/{w}" in gradients}
+    return weights - trained if trained else set()
+
+
 def saved_at(tensor: Any, step: int) -> bool:
     """Whether ``tensor`` was saved at global ``step``."""
     return bool(tensor.workers(step))

@@ -10,23 +10,38 @@ from typing import Any
 import numpy as np
 
 from ...modes import Mode
-from .base import check_number, check_regexes
-from .reading import ModeSeries, PerTensorRule, Selection, raw_at, reduction_at, saved_at
+from .base import check_number, check_regexes, logger
+from .reading import ModeSeries, PerTensorRule, Selection, raw_at, reduction_at, saved_at, untrained_weights
 
 # XGBoost's tree table (trees_to_dataframe) writes NaN for "none": the split of a leaf,
 # the children of a leaf, the category of a numeric split
 NAN_ENCODED_REGEX = r"^trees/(Split|Category|Yes|No|Missing)$"
 # weights saved while evaluating do not change: judge tensors on their TRAIN steps when they have some
 TRAIN_FIRST = (Mode.TRAIN, Mode.GLOBAL, Mode.EVAL, Mode.PREDICT)
+# the gradient of a bias: the last part of the name mentions bias, as the capture files collection biases
+# (a parametrized one: fc.parametrizations.bias.original)
+BIAS_GRADIENT_REGEX = r"bias[^./]*(\.original\d*)?$"
+BIAS_GRADIENT = re.compile(BIAS_GRADIENT_REGEX)
 
 
 class VanishingGradient(PerTensorRule):
     """Fires when a gradient becomes vanishingly small.
 
-    Formula: for every tensor ``g`` of collection ``gradients`` saved at the step,
-    ``m = mean(|g|)`` (the saved ``abs_mean`` reduction, or computed from the raw
-    tensor). Fires when ``m < threshold`` for at least one gradient. A NaN mean
-    does not fire (see :class:`ExplodingTensor`).
+    Formula: for every tensor ``g`` of collection ``gradients`` saved at the step
+    but the gradients of biases, ``m = mean(|g|)`` (the saved ``abs_mean``
+    reduction, or computed from the raw tensor). Fires when ``m < threshold``
+    for at least one gradient. A NaN mean does not fire (see
+    :class:`ExplodingTensor`).
+
+    The gradient of a bias is left out: it is 0 by design when a normalization
+    follows the layer (``Conv2d`` or ``Dense`` with their default bias, then a
+    batch, group or instance norm, which subtracts the mean the bias adds), in
+    healthy models. A gradient is a bias's when the last part of its name
+    contains ``bias``, as the capture files collection ``biases``
+    (``gradients/conv.bias``, ``gradients/dense/bias``,
+    ``gradients/lstm.bias_hh_l0``: :data:`BIAS_GRADIENT_REGEX`). Gradients
+    that vanish do in the weight matrices and kernels of the same layers, and
+    those are judged.
 
     Needs: collection ``gradients`` with reduction ``abs_mean`` (or raw gradients).
 
@@ -48,6 +63,8 @@ class VanishingGradient(PerTensorRule):
         return ("abs_mean",), False
 
     def check(self, step: int, name: str) -> str | None:
+        if BIAS_GRADIENT.search(name):
+            return None
         m = reduction_at(self, self.base_trial, name, step, "abs_mean", self.requirement())
         if m is not None and m < self.threshold:
             return f"{name}: mean |g| = {m:.3g} < threshold {self.threshold:g}"
@@ -66,6 +83,16 @@ class ExplodingTensor(PerTensorRule):
     ``trees/Category``, and ``trees/Yes``, ``trees/No``, ``trees/Missing`` of
     leaves). Their infinite values still count, and so does every NaN of the
     other tree columns (``trees/Gain``, ``trees/Cover``).
+
+    Mixed precision with PyTorch's ``torch.amp.GradScaler``: the scaler skips
+    a step whose scaled gradients overflow (it applies no update, lowers its
+    scale and goes on), which healthy fp16 trainings do, mostly in their first
+    steps. The PyTorch hook saves that step's non-finite gradients, so the rule
+    fires there, and with ``StopTraining`` stops a healthy run. ``only_nan``
+    does not avoid it (an overflow makes NaN too); leave the gradients out
+    instead: ``collection_names=["weights", "biases", "losses"]`` fires once a
+    NaN or infinity reaches a weight or the loss, which a skipped step does not
+    do.
 
     Needs: the selected collections with reductions ``nan_count`` and
     ``inf_count`` (or raw tensors). In-process, a hook captures ``weights``,
@@ -124,6 +151,9 @@ class ExplodingTensor(PerTensorRule):
 # values for which zero is a value, not a fault: a hyperparameter (alpha=0), an error
 # rate reached 0, XGBoost's tree table (tree index 0), labels of class 0
 NOT_MODEL_TENSORS = ("hyperparameters", "losses", "metrics", "trees", "labels")
+# values that stay the same in a healthy training, besides those: the importance (and mean |SHAP|) of a feature
+# no new tree splits on; an optimizer's learning rate at a constant schedule (Keras holds it as a variable)
+CONSTANT_BY_DESIGN = (*NOT_MODEL_TENSORS, "feature_importance", "average_shap", "optimizer_variables")
 
 
 class AllZero(PerTensorRule):
@@ -222,6 +252,11 @@ class TensorVariance(PerTensorRule):
         for field_name, v in (("max_threshold", max_threshold), ("min_threshold", min_threshold)):
             if v is not None:
                 check_number(field_name, v)
+        if max_threshold is not None and min_threshold is not None and min_threshold > max_threshold:
+            raise ValueError(
+                f"TensorVariance: min_threshold {min_threshold:g} > max_threshold {max_threshold:g}: "
+                "the band is empty and every tensor would fire"
+            )
         self.max_threshold = max_threshold
         self.min_threshold = min_threshold
         self.selection = Selection(collection_names, tensor_regex, ("weights", "gradients"))
@@ -240,7 +275,36 @@ class TensorVariance(PerTensorRule):
         return None
 
 
-class UnchangedTensor(PerTensorRule):
+class TrainedOnlyRule(PerTensorRule):
+    """A per-tensor rule on how tensors change, which leaves out the weights that were not trained.
+
+    A weight or bias with no gradient in the trial while other weights have one
+    (:func:`~tensortap.trial.rules.reading.untrained_weights`: a frozen layer)
+    does not change by design; :meth:`check` is not called for it, and a
+    warning names the weights left out, once.
+    """
+
+    def __init__(self, base_trial: Any = None) -> None:
+        super().__init__(base_trial)
+        self.untrained: set[str] = set()
+
+    def invoke_at_step(self, step: int) -> bool:
+        """Judge the selected tensors of ``step`` but the untrained weights."""
+        untrained = untrained_weights(self.base_trial)
+        if untrained - self.untrained:
+            shown = sorted(untrained)
+            logger.warning(
+                "tensortap: %s leaves out %d weight(s) with no gradient in the trial (frozen layers, or left out "
+                "of the optimizer: not trained): %s",
+                self.name,
+                len(shown),
+                ", ".join(shown[:5]) + (", ..." if len(shown) > 5 else ""),
+            )
+        self.untrained = untrained
+        return super().invoke_at_step(step)
+
+
+class UnchangedTensor(TrainedOnlyRule):
     """Fires when a tensor has stopped changing over its last ``num_steps`` saved steps.
 
     Formula: at step ``s``, take the last ``num_steps`` saved steps of the tensor
@@ -252,10 +316,14 @@ class UnchangedTensor(PerTensorRule):
     change), else of its first mode among GLOBAL, EVAL, PREDICT; steps of its
     other modes are not judged. With neither ``collection_names`` nor
     ``tensor_regex`` it inspects every tensor but those of collections
-    ``hyperparameters``, ``losses``, ``metrics``, ``trees`` and ``labels``,
+    ``hyperparameters``, ``losses``, ``metrics``, ``trees``, ``labels``,
+    ``feature_importance``, ``average_shap`` and ``optimizer_variables``,
     which stay the same in a healthy training (the labels of an evaluation
-    set, an error rate at 0); a loss that stops falling is
-    ``LossNotDecreasing``'s.
+    set, an error rate at 0, the importance of a feature no new tree splits
+    on, a Keras optimizer's ``learning_rate`` at a constant schedule); a loss
+    that stops falling is ``LossNotDecreasing``'s. Weights and biases that
+    have no gradient in the trial while others have one are left out whatever
+    the selection (see :class:`WeightUpdateRatio`).
 
     Needs: the selected collections as raw tensors.
 
@@ -265,7 +333,8 @@ class UnchangedTensor(PerTensorRule):
         The trial to inspect.
     collection_names
         Collections to inspect. With neither this nor ``tensor_regex``: every tensor
-        but those of ``hyperparameters``, ``losses``, ``metrics``, ``trees``, ``labels``.
+        but those of ``hyperparameters``, ``losses``, ``metrics``, ``trees``, ``labels``,
+        ``feature_importance``, ``average_shap``, ``optimizer_variables``.
     tensor_regex
         Regexes of tensor names to inspect, in addition.
     num_steps
@@ -290,12 +359,12 @@ class UnchangedTensor(PerTensorRule):
         check_number("atol", atol, 0)
         self.num_steps, self.rtol, self.atol, self.equal_nan = num_steps, rtol, atol, bool(equal_nan)
         self.history = num_steps
-        self.selection = Selection(collection_names, tensor_regex, (), NOT_MODEL_TENSORS)
+        self.selection = Selection(collection_names, tensor_regex, (), CONSTANT_BY_DESIGN)
         self.series = ModeSeries(TRAIN_FIRST)
         self._recent: dict[str, dict[int, np.ndarray]] = {}  # raw values of the last window, by tensor
 
     def check(self, step: int, name: str) -> str | None:
-        found = self.series.at(self.base_trial, name, step)
+        found = None if name in self.untrained else self.series.at(self.base_trial, name, step)
         if found is None or found[3] + 1 < self.num_steps:
             return None
         _, _, series, i = found
@@ -319,7 +388,7 @@ class UnchangedTensor(PerTensorRule):
         )
 
 
-class WeightUpdateRatio(PerTensorRule):
+class WeightUpdateRatio(TrainedOnlyRule):
     """Fires when the update of a weight is too large or too small relative to the weight.
 
     Formula: for each tensor ``w`` of collection ``weights`` saved at step ``s``,
@@ -331,7 +400,16 @@ class WeightUpdateRatio(PerTensorRule):
     steps (weights saved during evaluation do not change), else in its first
     mode among GLOBAL, EVAL, PREDICT; steps of its other modes are not judged.
 
-    Needs: collection ``weights`` as raw tensors, saved at consecutive (or close) steps.
+    A weight with no gradient in the trial while other weights have one
+    (``gradients/<weight>``) was not trained and is left out: a frozen layer
+    (PyTorch ``requires_grad=False``, Keras ``trainable=False``, Keras's
+    batch-norm statistics) does not change by design. The PyTorch hook saves
+    the gradients an optimizer applies, so a layer left out of the optimizer
+    by mistake is left out too: a warning names the weights left out. With no
+    gradient in the trial every weight is judged.
+
+    Needs: collection ``weights`` as raw tensors, saved at consecutive (or close)
+    steps; collection ``gradients`` tells the weights that were trained.
 
     Parameters
     ----------
@@ -374,7 +452,7 @@ class WeightUpdateRatio(PerTensorRule):
 
     def check(self, step: int, name: str) -> str | None:
         trial = self.base_trial
-        found = self.series.at(trial, name, step)
+        found = None if name in self.untrained else self.series.at(trial, name, step)
         if found is None or found[3] == 0:
             return None
         _, now, series, i = found

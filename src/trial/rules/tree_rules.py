@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -11,13 +12,33 @@ from .base import Requirement, Rule, check_number
 from .reading import Selection, raw_at, scalar_at
 
 NUM_FEATURE = "hyperparameters/num_feature"  # the XGBoost adapter saves the booster's learner parameters
+MAX_DEPTH = "hyperparameters/max_depth"
+
+
+def saved_count(trial: Any, name: str, step: int | None = None) -> int:
+    """Hyperparameter ``name`` as a count: its value saved last at or before ``step`` (None: first saved), or 0
+    when it was not saved (yet) or is no count (a trial may come from a stranger: NaN, infinite, negative, not
+    one value, above 2**31)."""
+    if name not in trial.tensor_names(regex=f"^{re.escape(name)}$"):
+        return 0
+    t = trial.tensor(name)
+    steps = t.steps()
+    before = [s for s in steps if step is None or s <= step]
+    at = before[-1 if step is not None else 0] if before else (steps[0] if steps else None)
+    value = np.asarray(t.value(at)) if at is not None else np.empty(0)
+    if value.size != 1 or value.dtype.kind not in "iuf":
+        return 0
+    n = float(value.reshape(()))
+    return int(n) if 0 <= n < 2**31 else 0
 
 
 class FeatureImportanceOverweight(Rule):
     """Fires when a few features hold too much of the model's feature importance.
 
-    Formula: at each step, ``v_f`` = the scalar importance of each tensor matching
-    ``tensor_regex`` (one per feature); with ``r_f = v_f / sum(v)``, fires when
+    Formula: at each step, ``v_f`` = the importance of each tensor matching
+    ``tensor_regex`` (one per feature): the sum of its absolute values, so the
+    signed coefficients of ``booster="gblinear"`` (one per class) count by
+    their magnitude; with ``r_f = v_f / sum(v)``, fires when
     the model has more than ``nfeatures`` features and the sum of the
     ``nfeatures`` largest ``r_f`` exceeds ``threshold``. XGBoost saves the
     importance of the features used in a split only: the features of the model
@@ -60,23 +81,20 @@ class FeatureImportanceOverweight(Rule):
 
     def model_features(self) -> int:
         """``hyperparameters/num_feature`` (XGBoost's number of features), or 0 when it was not saved (yet) or
-        is no count (a trial may come from a stranger: NaN, infinite, negative, not one value, above 2**31).
-        Read until found, not at every step."""
+        is no count (:func:`saved_count`). Read until found, not at every step."""
         if not self._features:
-            self._features = self._saved_features()
+            self._features = saved_count(self.base_trial, NUM_FEATURE)
         return self._features
 
-    def _saved_features(self) -> int:
-        trial = self.base_trial
-        if NUM_FEATURE not in trial.tensor_names(regex=f"^{NUM_FEATURE}$"):
-            return 0
-        t = trial.tensor(NUM_FEATURE)
-        steps = t.steps()
-        value = np.asarray(t.value(steps[0])) if steps else np.empty(0)
-        if value.size != 1 or value.dtype.kind not in "iuf":
-            return 0
-        n = float(value.reshape(()))
-        return int(n) if 0 <= n < 2**31 else 0
+    def magnitude(self, name: str, step: int) -> float | None:
+        """The importance of feature tensor ``name`` at ``step``: the sum of its absolute values (gblinear's
+        signed coefficients, one per class), or the absolute value of its saved ``mean``."""
+        t = self.base_trial.tensor(name)
+        if t.has_raw(step):
+            self.found_input()
+            return float(np.abs(np.asarray(t.value(step), dtype=np.float64)).sum())
+        v = scalar_at(self, self.base_trial, name, step, Requirement("feature_importance"))
+        return None if v is None else abs(v)
 
     def invoke_at_step(self, step: int) -> bool:
         names = self.selection.names(self.base_trial, step)
@@ -84,7 +102,7 @@ class FeatureImportanceOverweight(Rule):
             if not self.selection.names(self.base_trial):
                 self.need(step, Requirement("feature_importance"), f"no tensor of {self.selection.describe()}")
             return False
-        values = {n: scalar_at(self, self.base_trial, n, step, Requirement("feature_importance")) for n in names}
+        values = {n: self.magnitude(n, step) for n in names}
         clean = {n: v for n, v in values.items() if v is not None and np.isfinite(v)}
         total = sum(clean.values())
         features = max(len(clean), self.model_features())
@@ -124,23 +142,31 @@ def tree_depths(tree: np.ndarray, node: np.ndarray, yes: np.ndarray, no: np.ndar
 
 
 class TreeDepth(Rule):
-    """Fires when the trees of a boosted model are shallower than ``depth``.
+    """Fires when the trees of a boosted model are shallower than ``depth`` (or than their ``max_depth``).
 
     Formula: from the ``trees`` collection (``trees/Tree``, ``trees/Node``,
     ``trees/Yes``, ``trees/No``: the ``trees_to_dataframe`` columns the XGBoost
     adapter saves), the depth of each tree is the number of edges from its root
-    to its deepest leaf. Fires when the deepest tree at the step has depth
-    ``< depth`` (XGBoost rejected the splits that would have made it deeper:
-    the model is not learning, or is regularized more than intended).
+    to its deepest leaf. With ``m`` = ``hyperparameters/max_depth`` (the value
+    saved last at or before the step; XGBoost's default 6 is saved too), the
+    least depth expected is ``d = min(depth, m)``, or ``depth`` when ``m`` is
+    0 (no limit, ``grow_policy="lossguide"``) or was not saved. Fires when the
+    deepest tree at the step has depth ``< d``: XGBoost rejected the splits
+    that would have made it as deep as it may grow (``min_split_loss``,
+    ``min_child_weight``, ``max_leaves``, a learning rate of 0, no signal in
+    the features): the model is not learning, or is regularized more than
+    intended. A model with ``max_depth=3`` whose trees reach depth 3 does not
+    fire.
 
-    Needs: collection ``trees`` as raw tensors (it needs pandas at capture time).
+    Needs: collection ``trees`` as raw tensors (it needs pandas at capture
+    time); ``hyperparameters`` (saved by default) for ``max_depth``.
 
     Parameters
     ----------
     base_trial
         The trial to inspect.
     depth
-        Least depth the deepest tree should reach. Default 4.
+        Least depth the deepest tree should reach, when ``max_depth`` allows it. Default 4.
     """
 
     columns = ("Tree", "Node", "Yes", "No")
@@ -167,10 +193,14 @@ class TreeDepth(Rule):
             return False
         depths = tree_depths(*(np.asarray(a, dtype=np.float64) for a in arrays))
         deepest = max(depths.values(), default=0)
-        if deepest < self.depth:
+        cap = saved_count(trial, MAX_DEPTH, step)
+        cap = cap if 0 < cap < self.depth else 0  # 0: no limit below depth
+        least = cap or self.depth
+        if deepest < least:
+            bound = f"{least} (depth {self.depth}, capped by {MAX_DEPTH} {cap})" if cap else f"depth {least}"
             return self.fire(
                 step,
-                f"the deepest of {len(depths)} trees has depth {deepest} < depth {self.depth} at step {step}",
+                f"the deepest of {len(depths)} trees has depth {deepest} < {bound} at step {step}",
                 names,
             )
         return False
