@@ -51,7 +51,11 @@ only the last (under its true index), with one warning naming the module.
 forgotten (``mark(apart=True)``: a forward nothing trained on yet), the calls
 after it are held as if they were the step's first (at most ``max_calls`` of
 them a module), so that forgetting the calls before leaves the step's first
-calls held.
+calls held. Held are at most the step's first ``max_calls`` calls of a module,
+the first ``max_calls`` since the last such mark, and the last call: memory
+stays bounded when many forwards come before a backward (a rollout); where
+the calls forgotten leave other kept calls to be saved unheld, a warning names
+them (:meth:`Session.forget`).
 """
 
 from __future__ import annotations
@@ -313,6 +317,8 @@ class Session:
         calls.marks.append(self._marks)
         self._marks += 1
         if sum(mark >= self._span for mark, _ in calls.held) < self.max_calls:
+            # held: the step's first calls, and those since the last mark(apart=True); the others are let go
+            calls.held = calls.held[: self.max_calls] + [c for c in calls.held[self.max_calls :] if c[0] >= self._span]
             calls.held.append(held)
         else:
             calls.last = held

@@ -1954,3 +1954,378 @@ def test_a_batch_skipped_after_its_backward_is_in_the_next_step_unless_steps_are
         grads = [_value(trial, "gradients/0.weight", s) for s in range(3)]
     for saved_grad, grad in zip(grads, applied, strict=True):
         np.testing.assert_array_equal(saved_grad, grad.numpy())  # those the optimizer applied
+
+
+# ------------------------------------------------------------------ hunt 5: training patterns of real loops
+def _compare_steps(
+    trial: tensortap.Trial, expected: list[dict[str, torch.Tensor]], mode: Mode = Mode.TRAIN, first: bool = False
+) -> None:
+    """Each step's saved values equal torch's, exactly: ``expected[s]`` maps names to the tensors torch had at
+    step ``s``; the trial has these steps (``first``: these steps first)."""
+    steps = trial.steps(mode=mode)
+    assert (steps[: len(expected)] if first else steps) == list(range(len(expected)))
+    for s, values in enumerate(expected):
+        for name, value in values.items():
+            np.testing.assert_array_equal(_value(trial, name, s, mode), value.detach().numpy(), err_msg=f"{name} {s}")
+
+
+@pytest.mark.parametrize("optimizer", [True, False])
+def test_a_backward_over_several_losses_saves_each_and_trains(tmp_path: Path, optimizer: bool) -> None:
+    """Multi-task training with ``torch.autograd.backward([loss_a, loss_b])``: no loss was saved, and without an
+    optimizer every step was recorded as PREDICT."""
+    torch.manual_seed(0)
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    hook = ttt.capture(model, tmp_path, optimizer=opt if optimizer else None, save_config=EVERY_STEP)
+    gen = torch.Generator().manual_seed(3)
+    expected = []
+    for _ in range(3):
+        x, y = _batch(gen)
+        opt.zero_grad()
+        out = model(x)
+        losses = [F.cross_entropy(out, y), out.pow(2).mean()]
+        torch.autograd.backward(losses)
+        grads = {f"gradients/{n}": p.grad.clone() for n, p in model.named_parameters()}
+        if optimizer:
+            opt.step()
+        else:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p -= 0.1 * p.grad
+        expected.append(
+            {"losses/loss:0": losses[0], "losses/loss:1": losses[1], "0.weight": model[0].weight.detach().clone()}
+            | grads
+        )
+    hook.close()
+    _compare_steps(_trial(tmp_path), expected)
+
+
+class _ReentrantBlocks(nn.Module):
+    """Every parameterized layer under ``checkpoint(..., use_reentrant=True)`` (HF's
+    ``gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Linear(6, 5), nn.Linear(5, 3)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.utils.checkpoint import checkpoint
+
+        for block in self.blocks:
+            x = checkpoint(block, x, use_reentrant=True)
+        return x
+
+
+@pytest.mark.parametrize("where", ["blocks", "model"])
+@pytest.mark.parametrize("optimizer", [True, False])
+def test_reentrant_checkpointing_saves_the_loss_of_train_steps(
+    tmp_path: Path, where: str, optimizer: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A reentrant checkpoint hides the parameters from the loss's graph: the loss was never saved; checkpointing
+    the whole registered model (its first forward runs under no_grad) made every step EVAL, with a warning about
+    frozen BatchNorm."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    model = _ReentrantBlocks()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    hook = ttt.capture(
+        model, tmp_path, optimizer=opt if optimizer else None, save_config=EVERY_STEP, include_collections=["losses"]
+    )
+    gen = torch.Generator().manual_seed(5)
+    expected = []
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        for _ in range(3):
+            x, y = _batch(gen)
+            x.requires_grad_(True)  # a reentrant checkpoint of the whole model needs an input that requires grad
+            opt.zero_grad()
+            out = checkpoint(model, x, use_reentrant=True) if where == "model" else model(x)
+            loss = F.cross_entropy(out, y)
+            loss.backward()
+            if optimizer:
+                opt.step()
+            else:
+                with torch.no_grad():
+                    for p in model.parameters():
+                        p -= 0.1 * p.grad
+            expected.append({"losses/loss": loss})
+    hook.close()
+    _compare_steps(_trial(tmp_path), expected)
+    assert "recorded as EVAL" not in caplog.text
+
+
+def test_checkpoint_sequential_of_the_registered_model_warns_how_to_capture_outputs(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``checkpoint_sequential(model, 2, x)`` calls the model's parts, never its forward: no outputs, and the one
+    warning told to register each network of a container. It names checkpoint_sequential now, and what it says
+    to do (register a module whose forward calls it) captures the parts' outputs."""
+    from torch.utils.checkpoint import checkpoint_sequential
+
+    class Segmented(nn.Module):
+        def __init__(self, seq: nn.Sequential) -> None:
+            super().__init__()
+            self.seq = seq
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return checkpoint_sequential(self.seq, 2, x, use_reentrant=True)
+
+    for wrapped in (False, True):
+        torch.manual_seed(0)
+        seq = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+        model = Segmented(seq) if wrapped else seq
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        out_dir = tmp_path / str(wrapped)
+        hook = ttt.capture(
+            model, out_dir, optimizer=opt, save_config=EVERY_STEP, include_collections=["losses", "outputs"]
+        )
+        gen = torch.Generator().manual_seed(6)
+        expected = []
+        with caplog.at_level(logging.WARNING, logger="tensortap"):
+            for _ in range(2):
+                x, y = _batch(gen)
+                x.requires_grad_(True)
+                opt.zero_grad()
+                out = model(x) if wrapped else checkpoint_sequential(seq, 2, x, use_reentrant=True)
+                loss = F.cross_entropy(out, y)
+                loss.backward()
+                opt.step()
+                expected.append({"losses/loss": loss} | ({"outputs/seq.2": out} if wrapped else {}))
+        hook.close()
+        trial = _trial(out_dir)
+        _compare_steps(trial, expected)
+        if wrapped:
+            assert "checkpoint_sequential" not in caplog.text
+        else:
+            assert not trial.tensor_names(collection="outputs")
+            warned = [r.getMessage() for r in caplog.records if "checkpoint_sequential" in r.getMessage()]
+            assert len(warned) == 1 and "register_module(G" not in warned[0], caplog.text
+            caplog.clear()
+
+
+@pytest.mark.parametrize("how", ["replaced", "detached"])
+def test_an_optimizer_replaced_mid_training_is_warned_about_or_detached(
+    tmp_path: Path, how: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two-phase training (Adam, then SGD): the attached Adam never stepped again and every later iteration
+    merged into one step, silently. Now one warning says so and what to do; doing it (detach_optimizer, then
+    attach_optimizer) gives a step per iteration with the gradients each optimizer applied."""
+    torch.manual_seed(0)
+    model = _mlp()
+    opt: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    hook = ttt.capture(model, tmp_path, optimizer=opt, save_config=EVERY_STEP)
+    gen = torch.Generator().manual_seed(7)
+    expected = []
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        for i in range(6):
+            if i == 3:
+                if how == "detached":
+                    hook.detach_optimizer(opt)
+                opt = torch.optim.SGD(model.parameters(), lr=0.01)
+                if how == "detached":
+                    hook.attach_optimizer(opt)
+            x, y = _batch(gen)
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            expected.append({"losses/loss": loss, "gradients/2.weight": model[2].weight.grad.clone()})
+            opt.step()
+            expected[-1]["2.weight"] = model[2].weight.detach().clone()
+    hook.close()
+    trial = _trial(tmp_path)
+    warned = [r.getMessage() for r in caplog.records if "no attached optimizer stepped" in r.getMessage()]
+    if how == "detached":
+        assert not warned, caplog.text
+        _compare_steps(trial, expected)
+        return
+    assert trial.steps() == [0, 1, 2, 3]
+    _compare_steps(trial, expected[:3], first=True)
+    assert len(warned) == 1 and "step 3" in warned[0] and "hook.detach_optimizer(" in warned[0], caplog.text
+
+
+def test_two_attached_optimizers_of_one_model_have_distinct_names(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A new optimizer attached next to the one it replaced: both were named after the model, and the close-time
+    warning read "optimizer Linear (3x) stepped in it and Linear never did"."""
+    model = nn.Linear(6, 3)
+    adam = torch.optim.Adam(model.parameters(), lr=0.01)
+    hook = ttt.capture(model, tmp_path, optimizer=adam, save_config=EVERY_STEP, include_collections=["losses"])
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        _train(model, adam, steps=2, seed=8)
+        sgd = torch.optim.SGD(model.parameters(), lr=0.01)
+        hook.attach_optimizer(sgd)
+        _train(model, sgd, steps=2, seed=9)
+        hook.close()
+    assert "optimizer Linear_SGD (2x) stepped in it and Linear never did" in caplog.text, caplog.text
+    assert _trial(tmp_path).tensor_names(step=2, collection="losses") == ["losses/Linear_SGD:0", "losses/Linear_SGD:1"]
+
+
+class SAM(torch.optim.Optimizer):
+    """Sharpness-aware minimization as github.com/davda54/sam writes it: ``first_step`` climbs to the worst point
+    near the weights, ``second_step`` goes back and steps the base optimizer with the gradients there;
+    ``step()`` itself is never called in its training loop."""
+
+    def __init__(self, params: Any, base_optimizer: type[torch.optim.Optimizer], rho: float = 0.05, **kwargs: Any):
+        super().__init__(params, dict(rho=rho, **kwargs))
+        self.base_optimizer = base_optimizer(self.param_groups, **kwargs)
+        self.param_groups = self.base_optimizer.param_groups
+
+    @torch.no_grad()
+    def first_step(self) -> None:
+        norm = torch.norm(torch.stack([p.grad.norm(2) for g in self.param_groups for p in g["params"]]), 2)
+        for group in self.param_groups:
+            for p in group["params"]:
+                self.state[p]["old_p"] = p.data.clone()
+                p.add_(p.grad * group["rho"] / (norm + 1e-12))
+        self.zero_grad()
+
+    @torch.no_grad()
+    def second_step(self) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.data = self.state[p]["old_p"]
+        self.base_optimizer.step()
+        self.zero_grad()
+
+
+def test_a_sam_optimizer_makes_a_step_per_iteration_with_the_gradients_applied(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SAM attached (``capture(model, optimizer=sam)``): its ``step()`` never runs, so the whole training was one
+    step with no gradients. Its base optimizer, which steps, is attached in its place, and SAM moving the weights
+    between the two backwards of a step is not taken for an optimizer that is not attached."""
+    caplog.set_level(logging.WARNING, logger="tensortap")
+    torch.manual_seed(0)
+    model = _mlp()
+    sam = SAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+    hook = ttt.capture(model, tmp_path, optimizer=sam, save_config=EVERY_STEP)
+    gen = torch.Generator().manual_seed(10)
+    expected = []
+    for _ in range(3):
+        x, y = _batch(gen)
+        first = F.cross_entropy(model(x), y)
+        first.backward()
+        sam.first_step()
+        second = F.cross_entropy(model(x), y)
+        second.backward()
+        grads = {f"gradients/{n}": p.grad.clone() for n, p in model.named_parameters()}
+        sam.second_step()
+        weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+        expected.append({"losses/loss:0": first, "losses/loss:1": second} | grads | weights)
+    hook.close()
+    _compare_steps(_trial(tmp_path), expected)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+
+
+def test_per_sample_gradients_with_torch_func_are_saved_every_step(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``vmap(grad(functional_call(model, params, x)))`` then ``optimizer.step()`` (the torch.func tutorial's
+    per-sample gradients): the hook kept functorch's wrapper tensors as the parameters, lost steps 0 and 1,
+    saved no gradients and warned "Cannot access data pointer of Tensor that doesn't have storage"."""
+    from torch.func import functional_call, grad, vmap
+
+    torch.manual_seed(0)
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    hook = ttt.capture(
+        model,
+        tmp_path,
+        optimizer=opt,
+        save_config=EVERY_STEP,
+        include_collections=["weights", "biases", "gradients", "outputs"],
+    )
+
+    def loss_one(params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(functional_call(model, params, (x.unsqueeze(0),)), y.unsqueeze(0))
+
+    gen = torch.Generator().manual_seed(12)
+    expected = []
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        for _ in range(3):
+            x, y = _batch(gen)
+            params = {n: p.detach() for n, p in model.named_parameters()}
+            per_sample = vmap(grad(loss_one), in_dims=(None, 0, 0))(params, x, y)
+            for n, p in model.named_parameters():
+                p.grad = per_sample[n].mean(0)
+            grads = {f"gradients/{n}": p.grad.clone() for n, p in model.named_parameters()}
+            opt.step()
+            expected.append(grads | {n: p.detach().clone() for n, p in model.named_parameters()})
+    hook.close()
+    trial = _trial(tmp_path)
+    _compare_steps(trial, expected)
+    assert not trial.tensor_names(collection="outputs")
+    assert "data pointer" not in caplog.text
+    warned = [r.getMessage() for r in caplog.records if "torch.func" in r.getMessage()]
+    assert len(warned) == 1, caplog.text
+
+
+def test_forwards_of_torch_jit_trace_and_torch_export_are_not_captured(tmp_path: Path) -> None:
+    """The tracer's forwards (the trace and its check_trace runs, on the example input) were saved as three calls
+    of every module in training step 0, and the traced module's training forwards went unseen, without a word;
+    ``torch.export`` warned about torch.compile, which was never called."""
+    torch.manual_seed(0)
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    hook = ttt.capture(
+        model, tmp_path, optimizer=opt, save_config=EVERY_STEP, include_collections=["losses", "gradients", "outputs"]
+    )
+    with pytest.warns(UserWarning, match=r"torch\.jit\.trace") as traced:
+        traced_model = torch.jit.trace(model, torch.randn(2, 6))
+    assert len([w for w in traced if "tensortap" in str(w.message)]) == 1
+    gen = torch.Generator().manual_seed(13)
+    expected = []
+    for _ in range(2):
+        x, y = _batch(gen)
+        opt.zero_grad()
+        loss = F.cross_entropy(traced_model(x), y)
+        loss.backward()
+        expected.append({"losses/loss": loss, "gradients/0.weight": model[0].weight.grad.clone()})
+        opt.step()
+    with pytest.warns(UserWarning, match=r"torch\.export") as exported:
+        torch.export.export(model, (torch.randn(2, 6),))
+    assert not [w for w in exported if "torch.compile" in str(w.message)]
+    hook.close()
+    trial = _trial(tmp_path)
+    _compare_steps(trial, expected)
+    assert not trial.tensor_names(collection="outputs")
+
+
+def test_a_rollout_of_many_forwards_in_one_step_holds_a_bounded_number_of_calls(tmp_path: Path) -> None:
+    """REINFORCE: the policy is called once per environment step with gradients on, then one backward and one
+    optimizer step per episode. Every call was held (a copy of each output) until the step ended, although only
+    calls 0 .. max_calls - 1 and the last are saved."""
+    torch.manual_seed(0)
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    hook = ttt.capture(model, tmp_path, optimizer=opt, save_config=EVERY_STEP, include_collections=["outputs"])
+    max_calls = hook.session.max_calls
+    gen = torch.Generator().manual_seed(14)
+    outs, held = [], 0
+    for _ in range(40):
+        out = model(torch.randn(1, 6, generator=gen))
+        outs.append(out)
+        held = max(held, sum(len(c.held) + (c.last is not None) for c in hook.session._calls.values()))
+    opt.zero_grad()
+    torch.stack(outs).logsumexp(-1).sum().backward()
+    opt.step()
+    hook.close()
+    assert held <= 4 * (2 * max_calls + 1)  # 4 modules: the step's first calls, the last forward's, the last
+    trial = _trial(tmp_path)
+    for i in [*range(max_calls), 39]:
+        np.testing.assert_array_equal(_value(trial, f"outputs/Sequential:{i}", 0), outs[i].detach().numpy())
+    assert len(trial.tensor_names(regex="^outputs/Sequential")) == max_calls + 1
+
+
+def test_torch_jit_script_of_a_captured_model_says_how(tmp_path: Path) -> None:
+    """TorchScript compiles a module's forward hooks: it failed with "'Tap' object has no attribute '__name__'".
+    The error says what to do; a copy (which leaves tensortap's hooks out) scripts while the model is captured."""
+    model = _mlp()
+    hook = ttt.capture(model, tmp_path)
+    with pytest.raises(AttributeError, match=r"torch\.jit\.script.*copy\.deepcopy"):
+        torch.jit.script(model)
+    scripted = torch.jit.script(copy.deepcopy(model))
+    x = torch.randn(2, 6)
+    np.testing.assert_array_equal(scripted(x).detach().numpy(), model(x).detach().numpy())
+    hook.close()

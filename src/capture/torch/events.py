@@ -33,6 +33,13 @@ What a step is
 * A forward run during a backward pass is activation checkpointing's recomputation
   (``torch.utils.checkpoint``, ``gradient_checkpointing_enable()``) of a call already
   captured: it is not captured again (it made ``outputs/b`` ``outputs/b:0`` and ``:1``).
+  A reentrant checkpoint of the whole model runs its first forward under ``no_grad``: a TRAIN forward.
+* Forwards run for a tracer (``torch.compile``, ``torch.jit.trace`` and its check, ``torch.export``) or
+  inside a ``torch.func`` transform (its tensors are wrappers living in it) are no training calls: they
+  open no step and are not captured (one warning each way).
+* Parameters of the attached optimizers that change between two backwards of a TRAIN step in which
+  none of them stepped are updated by an optimizer not attached (one that replaced the attached one):
+  one warning (:meth:`Hook._check_unattached_update`); :meth:`Hook.detach_optimizer` lets go of the old.
 * A step is recorded when the next one begins, or at :meth:`Hook.close`.
 
 Values
@@ -50,11 +57,15 @@ backward, read when the step is recorded (after clipping; as that backward
 left it if it was zeroed in place since: :class:`_Gradient`). The loss is
 the scalar tensor ``backward()`` is called on (``losses/loss``; with several
 optimizers ``losses/<optimizer name>``), unless it was named by a registered
-loss module or :meth:`Hook.record_loss`.
+loss module or :meth:`Hook.record_loss`; each scalar of several given to one
+``backward`` (``torch.autograd.backward([loss_a, loss_b])``). A loss whose graph
+reaches our parameters only through reentrant checkpoints is recognized when
+the checkpoint's own backward reaches them (:meth:`Hook._on_inner_backward`).
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 import warnings
@@ -62,10 +73,12 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass, field
+from types import CodeType, FrameType
 from typing import Any
 
 import numpy as np
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from ...exceptions import StopTrainingRequested
@@ -84,6 +97,48 @@ def _in_backward() -> bool:
     """Whether autograd is running a backward pass on this thread (as ``torch.utils.checkpoint``, which
     recomputes forwards in it, asks)."""
     return bool(torch._C._current_graph_task_id() != -1)
+
+
+_REENTRANT_NODE = torch.utils.checkpoint.CheckpointFunction._backward_cls
+"""The autograd node of a reentrant ``checkpoint(fn, x, use_reentrant=True)``: it links to ``x`` only, not to the
+parameters ``fn`` runs with (its backward recomputes ``fn`` and runs a backward of its own through them)."""
+_CHECKPOINT_CODE = torch.utils.checkpoint.CheckpointFunction.forward.__code__
+_SEQUENTIAL_CODE = torch.utils.checkpoint.checkpoint_sequential.__code__
+# torch.jit.trace's check_trace, which runs the module itself (under no_grad) to compare with the trace
+_CHECK_TRACE_CODE = inspect.unwrap(torch.jit._trace._check_trace).__code__
+
+
+def _called_from(code: CodeType, depth: int = 40) -> bool:
+    """Whether a function of code ``code`` is among the ``depth`` callers of the caller (a frame walk: call it
+    only off the common path)."""
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None and depth:
+        if frame.f_code is code:
+            return True
+        frame, depth = frame.f_back, depth - 1
+    return False
+
+
+def _is_wrapped(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a ``torch.func`` transform's wrapper tensor (``BatchedTensor``, ``GradTrackingTensor``)."""
+    return bool(torch._C._functorch.is_functorch_wrapped_tensor(t))
+
+
+def _in_transform() -> bool:
+    """Whether a ``torch.func`` transform (``vmap``, ``grad``, ...) is running: its tensors are wrappers that
+    live only in it."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def _unseen() -> bool:
+    """Whether a forward runs for ``torch.compile``, ``torch.export`` or ``torch.jit.trace``, not for training."""
+    return bool(torch.compiler.is_compiling() or torch.jit.is_tracing())
+
+
+def _differentiated(tensors: Any) -> list[torch.Tensor]:
+    """The tensors ``torch.autograd.backward(tensors)`` differentiates: one tensor, or each of a sequence."""
+    given = tensors if isinstance(tensors, (tuple, list)) else (tensors,)
+    return [t for t in given if isinstance(t, torch.Tensor) and t.grad_fn is not None]
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -106,7 +161,10 @@ def _inner_optimizer(optimizer: Any, where: str) -> torch.optim.Optimizer:
     accelerate's ``AcceleratedOptimizer`` (``accelerator.prepare``, the Hugging Face Trainer's
     callbacks), Lightning's ``LightningOptimizer`` and Fabric's optimizer pass an
     ``isinstance(torch.optim.Optimizer)`` check but are not the object ``step()`` runs the hooks
-    of; each exposes the optimizer it wraps as ``.optimizer``.
+    of; each exposes the optimizer it wraps as ``.optimizer``. A sharpness-aware optimizer (SAM,
+    ASAM as github.com/davda54/sam writes them) holds the optimizer that updates the parameters as
+    ``.base_optimizer``, over the same parameter groups, and steps it from ``second_step()`` (the
+    training loop never calls its own ``step()``, whose hooks would never run): it is unwrapped too.
 
     Raises
     ------
@@ -117,7 +175,13 @@ def _inner_optimizer(optimizer: Any, where: str) -> torch.optim.Optimizer:
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"{where}: expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
     given = optimizer
-    while isinstance(inner := getattr(optimizer, "optimizer", None), torch.optim.Optimizer) and inner is not optimizer:
+    while True:
+        inner = getattr(optimizer, "optimizer", None)
+        base = getattr(optimizer, "base_optimizer", None)
+        if isinstance(base, torch.optim.Optimizer) and base.param_groups is optimizer.param_groups:
+            inner = base
+        if not isinstance(inner, torch.optim.Optimizer) or inner is optimizer:
+            break
         optimizer = inner
     hooks = ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks")
     if not all(isinstance(getattr(optimizer, h, None), dict) for h in hooks):
@@ -126,6 +190,15 @@ def _inner_optimizer(optimizer: Any, where: str) -> torch.optim.Optimizer:
             "does not call Optimizer.__init__) and wraps no optimizer as .optimizer; pass the optimizer it wraps"
         )
     return optimizer
+
+
+def _edge_parameters(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The first and the last trainable parameter ``optimizer`` updates (a scan from each end, which stops at
+    the first found)."""
+    groups = optimizer.param_groups
+    first = next((p for g in groups for p in g["params"] if p.requires_grad), None)
+    last = next((p for g in reversed(groups) for p in reversed(g["params"]) if p.requires_grad), None)
+    return [p for p in (first, last) if p is not None]
 
 
 def _is_compiled(module: nn.Module) -> bool:
@@ -193,15 +266,22 @@ def _snapshot(t: Any) -> Any:
     return t.detach().clone() if isinstance(t, torch.Tensor) else t
 
 
-def _reaches(loss: torch.Tensor, params: Container[int]) -> bool:
+def _reaches(loss: torch.Tensor, params: Container[int]) -> bool | None:
     """Whether the autograd graph of ``loss`` leads to one of ``params``: the ids of leaf tensors, and of
     the nodes that made tensors that are not leaves (weights computed by another network and put in the
     model by ``torch.func.functional_call``).
 
     Breadth first: the last layer's parameters, next to the loss, end the search early.
+
+    Returns
+    -------
+    bool or None
+        None where the graph leads to none of ``params`` but goes through a reentrant checkpoint
+        (``_REENTRANT_NODE``), which hides the parameters it runs with: its own backward tells.
     """
     seen: set[Any] = set()
     todo = deque([loss.grad_fn])
+    hidden = False
     while todo:
         node = todo.popleft()
         if node is None or node in seen:
@@ -210,8 +290,9 @@ def _reaches(loss: torch.Tensor, params: Container[int]) -> bool:
         variable = getattr(node, "variable", None)  # AccumulateGrad: a leaf
         if id(node) in params or (variable is not None and id(variable) in params):
             return True
+        hidden = hidden or isinstance(node, _REENTRANT_NODE)
         todo.extend(n for n, _ in node.next_functions)
-    return False
+    return None if hidden else False
 
 
 @dataclass
@@ -247,6 +328,7 @@ class _Root:
 class _Optimizer:
     optimizer: torch.optim.Optimizer
     name: str
+    handles: list[Any] = field(default_factory=list)  # its step hooks
 
 
 @dataclass
@@ -335,7 +417,10 @@ class Hook(core.Hook):
         self._grad_handles: dict[int, tuple[weakref.ref[torch.Tensor], Any]] = {}
         self._loss_name = "loss"
         self._depth = 0
-        self._warned_compile = False
+        self._warned_unseen: set[str] = set()  # the ways (torch.compile, jit.trace, export) warned about
+        self._warned_transform = False
+        self._checking = 0  # depth of the forwards of registered modules torch.jit.trace's check runs
+        self._warned_sequential = False
         self._closed = False
         # the open step
         self._ended_by_optimizer = False  # pending because its optimizers (or hook.finish_step()) ended it
@@ -347,6 +432,13 @@ class Hook(core.Hook):
         self._ever_forwarded = False  # a registered module's forward has run (else calls of its parts are no step's)
         self._forwarded = self._trained = False
         self._stepped: dict[int, int] = {}  # optimizers (by id) that stepped in it: how many times
+        self._stepping = False  # an attached optimizer's step() is running (LBFGS's closure backwards)
+        # at its last backward: attached optimizer steps in it, versions of some of their parameters
+        self._versions: tuple[int, tuple[int, ...]] | None = None
+        self._warned_unattached = False
+        self._changes = 0  # of those versions between backwards with no attached optimizer step between them
+        # losses of the backward in progress that reach our parameters only through reentrant checkpoints
+        self._hidden: list[torch.Tensor] = []
         # losses backward() was called on, not yet named: (the tensor, weakly; its value)
         self._backward: list[tuple[weakref.ref[torch.Tensor], torch.Tensor]] = []
         self._named: dict[int, torch.Tensor] = {}  # tensors the user named (registered loss, record_loss)
@@ -429,12 +521,15 @@ class Hook(core.Hook):
         """
         if self._depth and any(r.sharded for r in self._roots):
             return
+        before = dict(self._params)
         self._params.clear()
         self._param_ids.clear()
         self._graph_ids.clear()
         for root in self._roots:
-            for pname, p in root.module.named_parameters():
-                if id(p) not in self._param_ids:  # else shared with a module registered before
+            for pname, found in root.module.named_parameters():
+                # in a torch.func transform, a wrapper that lives in it: the parameter it stands for
+                p = before.get(root.prefix + pname) if _is_wrapped(found) else found
+                if p is not None and id(p) not in self._param_ids:  # else shared with a module registered before
                     self._params[root.prefix + pname] = p
                     self._param_ids[id(p)] = root.prefix + pname
                     node = p if p.grad_fn is None else p.grad_fn
@@ -487,22 +582,64 @@ class Hook(core.Hook):
         updates part of that module's trainable parameters, the submodule holding them (an actor-critic
         module's ``actor`` and ``critic`` optimizers).
         A wrapper that training frameworks hand out (accelerate's ``AcceleratedOptimizer``,
-        Lightning's ``LightningOptimizer``) is unwrapped to the optimizer it wraps. If attaching
+        Lightning's ``LightningOptimizer``) is unwrapped to the optimizer it wraps, a SAM optimizer to its
+        ``base_optimizer`` (:func:`_inner_optimizer`). Two optimizers with one default name (one replacing
+        the other) are told apart by the later one's class name (``Linear_SGD``). If attaching
         fails (``TypeError``, ``ValueError``), the hook is left as it was.
         """
         optimizer = _inner_optimizer(optimizer, "attach_optimizer")
         if any(o.optimizer is optimizer for o in self._optimizers):
             raise ValueError("attach_optimizer: this optimizer is already attached")
         self._follow_modules()  # the model may have changed since registration (a new head to fine-tune)
-        att = _Optimizer(optimizer, name or self._owner_name(optimizer))
+        att = _Optimizer(optimizer, name or self._default_name(optimizer))
         self._warn_shared_parameters(att)
         # nothing above changed the hook but its tables; nothing below fails (_inner_optimizer checked the hooks)
-        self._handles.append(optimizer.register_step_pre_hook(patches.Tap(self, Hook._on_optimizer_pre, att)))
-        self._handles.append(optimizer.register_step_post_hook(patches.Tap(self, Hook._on_optimizer_post, att)))
+        att.handles = [
+            optimizer.register_step_pre_hook(patches.Tap(self, Hook._on_optimizer_pre, att)),
+            optimizer.register_step_post_hook(patches.Tap(self, Hook._on_optimizer_post, att)),
+        ]
+        self._handles += att.handles
         self._optimizers.append(att)
         for _, handle in self._grad_handles.values():  # gradients are read from p.grad at optimizer.step() now
             handle.remove()
         self._grad_handles.clear()
+
+    def detach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Stop following ``optimizer``, attached before: its steps no longer end training steps.
+
+        For an optimizer replaced mid-training (Adam, then SGD): ``hook.detach_optimizer(adam)``, then
+        ``hook.attach_optimizer(sgd)``; otherwise the steps wait for the replaced one, which never steps
+        again. With no optimizer attached any more, a training step is one forward of the model.
+
+        Raises
+        ------
+        ValueError
+            ``optimizer`` is not attached.
+        """
+        inner = _inner_optimizer(optimizer, "detach_optimizer")
+        att = next((o for o in self._optimizers if o.optimizer is inner), None)
+        if att is None:
+            raise ValueError("detach_optimizer: this optimizer is not attached")
+        for handle in att.handles:
+            handle.remove()
+            self._handles.remove(handle)
+        self._optimizers.remove(att)
+        self._stepped.pop(id(att), None)
+        self._versions = None
+        self._follow_modules()  # without optimizers: gradients by their hooks again
+
+    def _default_name(self, optimizer: torch.optim.Optimizer) -> str:
+        """:meth:`_owner_name`, or, when an attached optimizer has it (the one ``optimizer`` replaces), that
+        with ``optimizer``'s class name added (``Linear_SGD``)."""
+        name = self._owner_name(optimizer)
+        taken = {att.name for att in self._optimizers}
+        if name in taken:
+            name = f"{name}_{type(optimizer).__name__}"
+        unique, n = name, 1
+        while unique in taken:
+            n += 1
+            unique = f"{name}{n}"
+        return unique
 
     def _updated(self, att: _Optimizer) -> dict[str, torch.Tensor]:
         """The registered parameters ``att`` updates, by name."""
@@ -560,7 +697,8 @@ class Hook(core.Hook):
             module = self._roots[0].module
         if module is not None and not module.training:
             return Mode.EVAL
-        return Mode.TRAIN if torch.is_grad_enabled() else Mode.EVAL
+        # a reentrant checkpoint of the model (checkpoint(model, x, use_reentrant=True)) runs it under no_grad
+        return Mode.TRAIN if torch.is_grad_enabled() or _called_from(_CHECKPOINT_CODE) else Mode.EVAL
 
     def _spans_forwards(self) -> bool:
         """Whether the open step goes on after a forward: a TRAIN step that optimizers or hook.finish_step() end."""
@@ -607,6 +745,7 @@ class Hook(core.Hook):
         self._tentative = tentative
         self._given_unsaved = False
         self._stepped.clear()
+        self._versions = None
         if saved:
             self.session.guard(self._follow_modules)  # at a forward: a failure must not stop the training
             self._read_switches()
@@ -682,6 +821,7 @@ class Hook(core.Hook):
         """Forget what the step just recorded or dropped gathered."""
         self.end_at_exit = None
         self._backward.clear()
+        self._hidden = []
         self._named.clear()
         self._scaled.clear()
         self._grad_stash.clear()
@@ -769,10 +909,16 @@ class Hook(core.Hook):
 
     # ------------------------------------------------------------ hook bodies
     def _on_root_pre(self, root: _Root, module: nn.Module, args: Any) -> None:
-        if torch.compiler.is_compiling():  # compiled after registration: these hooks are traced once
-            self._warn_compiled_after_registration(root.module)
+        if _unseen():  # compiled, traced or exported after registration: these hooks run once, for the tracer
+            self._warn_unseen(root.module)
+            return
+        if self._checking or (not torch.is_grad_enabled() and _called_from(_CHECK_TRACE_CODE)):
+            self._checking += 1  # torch.jit.trace's check of its trace: no training call either
             return
         if _in_backward():
+            return
+        if _in_transform():
+            self._warn_transform(root.name)
             return
         self._depth += 1
         if self._depth > 1 or self._closed:
@@ -799,7 +945,10 @@ class Hook(core.Hook):
             self._forward_start = None
 
     def _on_root_post(self, root: _Root, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
-        if torch.compiler.is_compiling() or _in_backward():
+        if _unseen() or _in_backward() or _in_transform():
+            return
+        if self._checking:
+            self._checking -= 1
             return
         self._depth = max(self._depth - 1, 0)
         if self._depth or not self.session.is_open or self._closed:
@@ -816,19 +965,36 @@ class Hook(core.Hook):
         if not self._spans_forwards():
             self._end()
 
-    def _warn_compiled_after_registration(self, inner: nn.Module) -> None:
-        if not self._warned_compile:
-            self._warned_compile = True
-            warnings.warn(
-                f"tensortap: {type(inner).__name__} was compiled with torch.compile after register_module(); "
-                "its forwards are no longer seen (no outputs; steps end only at optimizer.step()). "
-                "Register the compiled module instead: hook.register_module(torch.compile(model))",
-                UserWarning,
-                stacklevel=2,
-            )
+    def _warn_unseen(self, inner: nn.Module) -> None:
+        """Once per way: the registered ``inner`` is compiled, traced or exported; what that makes runs without
+        these hooks."""
+        if torch.compiler.is_exporting():
+            how, what = "exported with torch.export", "the exported program's runs are not captured"
+        elif torch.jit.is_tracing():
+            how, what = "traced with torch.jit.trace", "the traced module's forwards are not seen"
+        else:
+            how, what = "compiled with torch.compile after register_module()", "its forwards are no longer seen"
+        if how in self._warned_unseen:
+            return
+        self._warned_unseen.add(how)
+        advice = (
+            "Register the compiled module instead: hook.register_module(torch.compile(model))"
+            if how.startswith("compiled")
+            else "The forwards of the tracer are not training calls and are not captured either; train the "
+            "module itself to capture its outputs"
+        )
+        warnings.warn(
+            f"tensortap: {type(inner).__name__} was {how}; {what} (no outputs or inputs; without an attached "
+            f"optimizer, no steps). {advice}",
+            UserWarning,
+            stacklevel=2,
+        )
 
     def _on_io(self, root: _Root, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
-        if not self._io or torch.compiler.is_compiling() or _in_backward():
+        if not self._io or _unseen() or _in_backward() or self._checking:
+            return
+        if _in_transform():
+            self._warn_transform(root.names.get(module, root.name))
             return
         name = root.names.get(module)
         if name is None:
@@ -856,6 +1022,17 @@ class Hook(core.Hook):
     def _warn_outside_forward(self, name: str) -> None:
         """Once per submodule: a call outside a forward of a registered module is skipped unless the step in
         progress has had a forward and has not ended (recorded in an ended step, it renamed its outputs)."""
+        if _called_from(_SEQUENTIAL_CODE):
+            if not self._warned_sequential:
+                self._warned_sequential = True
+                logger.warning(
+                    "tensortap: torch.utils.checkpoint.checkpoint_sequential called %s, a part of a registered "
+                    "module, without that module's forward: outputs and inputs of submodules are captured only in "
+                    "a forward of a registered module, so none is (weights, gradients and losses are). To capture "
+                    "them, register a module whose forward calls checkpoint_sequential(model, ...) instead",
+                    name,
+                )
+            return
         if not self._ever_forwarded:  # parts of a container called directly (gan.G(z)): one warning for all
             if not self._warned_outside:
                 self._warned_outside.add(name)
@@ -886,8 +1063,21 @@ class Hook(core.Hook):
         if self.session.saving("inputs"):
             self.session.offer_call(f"inputs/{name}", args, ("inputs",), keywords=kwargs)
 
+    def _warn_transform(self, name: str) -> None:
+        """Once: calls in a ``torch.func`` transform are not captured (its tensors are wrappers that die with it,
+        and recording a step in it would read the weights through it)."""
+        if not self._warned_transform:
+            self._warned_transform = True
+            logger.warning(
+                "tensortap: %s was called inside a torch.func transform (vmap, grad, jacrev, ...), whose tensors "
+                "live only in it: calls of registered modules and their parts inside torch.func transforms are "
+                "not captured (no outputs, inputs or registered losses; they open and end no step). Steps end at "
+                "optimizer.step(), which saves the weights and the gradients it applies",
+                name,
+            )
+
     def _on_loss_module(self, name: str, module: nn.Module, args: Any, output: Any) -> None:
-        if self._closed:
+        if self._closed or _in_transform():
             return
         self._ensure_open(tentative=False)
         if self._losses and isinstance(output, torch.Tensor):
@@ -901,34 +1091,92 @@ class Hook(core.Hook):
 
     # ------------------------------------------------- backward and GradScaler
     def on_backward(self, tensors: Any) -> None:
-        """``backward()`` is about to run on ``tensors``: a scalar reaching our parameters is the step's loss."""
+        """``backward()`` is about to run on ``tensors`` (one tensor or several): each scalar reaching our
+        parameters is a loss of the step."""
         if self._closed or not self._params:
             return
+        if _in_backward():  # a reentrant checkpoint's backward through what it recomputed
+            self._on_inner_backward(tensors)
+            return
+        self._hidden = []
+        if self._optimizers and not self._warned_unattached:
+            self._check_unattached_update()
         if self._stash_grads:
             self.session.guard(self._hook_gradients)
         if not self._losses and self._forwarded and self.session.is_open and not self._ended_by_optimizer:
             self._trained = True  # an unsaved step after our forward: no graph walk
             return
-        loss = tensors[0] if isinstance(tensors, (tuple, list)) and len(tensors) == 1 else tensors
-        if not isinstance(loss, torch.Tensor) or loss.grad_fn is None:
-            return
-        loss = self._scaled.get(id(loss), (loss, loss))[1]  # scaler.scale(loss).backward(), accelerator's: the loss
-        if not _reaches(loss, self._graph_ids):
-            return  # another model's backward
+        # scaler.scale(loss).backward(), accelerate's: the loss
+        losses = [self._scaled.get(id(t), (t, t))[1] for t in _differentiated(tensors)]
+        reached = [(loss, _reaches(loss, self._graph_ids)) for loss in losses]
+        self._hidden = [loss for loss, reaches in reached if reaches is None]
+        ours = [loss for loss, reaches in reached if reaches]
+        if ours:  # else another model's backward, or one through reentrant checkpoints only
+            self._train_on(ours)
+
+    def _on_inner_backward(self, tensors: Any) -> None:
+        """A backward run inside one (a reentrant checkpoint's, through the forward it recomputed): when it
+        reaches our parameters, the losses of the backward around it that reached them through that checkpoint
+        only (:attr:`_hidden`) are the step's. Its own tensors are the checkpointed function's outputs, no loss."""
+        if any(_reaches(t, self._graph_ids) for t in _differentiated(tensors)):
+            hidden, self._hidden = self._hidden, []
+            self._train_on(hidden)
+
+    def _train_on(self, losses: list[torch.Tensor]) -> None:
+        """A backward of ``losses`` trains our parameters: the step in progress (or a new one) is trained, and
+        each scalar of ``losses`` is a loss of it when it saves losses."""
         if not self.session.is_open or self._ended_by_optimizer:
             self._open(self._detect_mode())
         self._trained = True
         self._tentative = False
-        if self._losses and loss.numel() == 1:
-            self._backward.append((weakref.ref(loss), loss.detach()))
+        if self._losses:
+            self._backward += [(weakref.ref(loss), loss.detach()) for loss in losses if loss.numel() == 1]
+
+    def _check_unattached_update(self) -> None:
+        """Warn once when our parameters changed between two backwards of one TRAIN step while no attached
+        optimizer stepped: an optimizer that is not attached updates them (one that replaced the attached
+        one, a wrapper stepping an optimizer of its own), so the step never ends and every iteration merges
+        into it. A parameter's version counter moves at each in-place update (an optimizer's, not one through
+        ``.data``); the first and last trainable parameter of each attached optimizer are looked at. Warned
+        at the second change: a single one may be part of an update (SAM's ``first_step()`` moves the weights
+        before the backward its base optimizer steps on)."""
+        if (
+            self._explicit_steps
+            or self._stepping
+            or not self.session.is_open
+            or self._ended_by_optimizer
+            or self.mode != Mode.TRAIN
+        ):
+            return
+        edges = (p for att in self._optimizers for p in _edge_parameters(att.optimizer))
+        seen = (sum(self._stepped.values()), tuple(p._version for p in edges))
+        before, self._versions = self._versions, seen
+        if before is None or before[0] != seen[0]:
+            self._changes = 0
+            return
+        self._changes += before[1] != seen[1]
+        if self._changes < 2:  # once is a change of the weights inside an update (SAM's first_step())
+            return
+        self._warned_unattached = True
+        logger.warning(
+            "tensortap: the parameters of optimizer %s changed again and again between the backwards of TRAIN "
+            "step %d, but no attached optimizer stepped: an optimizer that is not attached updates them (one "
+            "made to replace the attached one, or a wrapper whose step() is not called). A step ends when every "
+            "attached optimizer has stepped, so every iteration from now on merges into step %d. Attach the "
+            "optimizer that steps, and detach the one it replaces: hook.detach_optimizer(old); "
+            "hook.attach_optimizer(new)",
+            ", ".join(att.name for att in self._optimizers),
+            self.mode_step,
+            self.mode_step,
+        )
 
     def on_backward_failed(self, tensors: Any, error: Exception) -> None:
         """``backward()`` on ``tensors`` raised ``error`` (out of memory, in a loop that skips the batch): the
-        step it was to train is dropped, unless the loss was another model's."""
+        step it was to train is dropped, unless the losses were another model's."""
         if self._closed or not self.session.is_open:
             return
-        loss = tensors[0] if isinstance(tensors, (tuple, list)) and len(tensors) == 1 else tensors
-        if isinstance(loss, torch.Tensor) and loss.grad_fn is not None and not _reaches(loss, self._graph_ids):
+        losses = _differentiated(tensors)
+        if losses and all(_reaches(loss, self._graph_ids) is False for loss in losses):
             return
         self._drop(error)
 
@@ -954,6 +1202,7 @@ class Hook(core.Hook):
         if not self.session.is_open or self._ended_by_optimizer:
             self._open(self._detect_mode())
         self._tentative = False
+        self._stepping = True
         if not (self.is_saving() and self.session.saving("gradients")):
             return None
         # args: (optimizer, closure?) as step() was called
@@ -992,6 +1241,7 @@ class Hook(core.Hook):
         )
 
     def _on_optimizer_post(self, att: _Optimizer, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self._stepping = False
         if self._closed or not self.session.is_open:
             return
         self._trained = True
@@ -1074,7 +1324,8 @@ class Hook(core.Hook):
             "ends when every attached optimizer has stepped, so optimizers that take turns rather than each "
             "stepping in every iteration (one network trained after another) have their steps merged into one "
             "(saved with the gradients of each one's last step). Use ttt.Hook(..., explicit_steps=True) and "
-            "hook.finish_step() after each update, or one hook per network",
+            "hook.finish_step() after each update, or one hook per network; an optimizer replaced by another "
+            "one: hook.detach_optimizer(old)",
             self.mode_step,
             "recorded at close()" if recorded else "not recorded at exit",
             ", ".join(stepped),

@@ -103,6 +103,13 @@ class Tap:
     def __reduce__(self) -> tuple[type[Inert], tuple[()]]:
         return Inert, ()
 
+    @property
+    def __name__(self) -> str:  # torch.jit.script asks each forward hook for its name
+        raise AttributeError(
+            "tensortap's hooks are on this module: torch.jit.script cannot compile them. Script a copy, which "
+            "leaves them out: torch.jit.script(copy.deepcopy(model)), or script after hook.close()"
+        )
+
 
 _LISTENERS: list[Listener] = []  # open hooks, in opening order
 _ORIGINALS: dict[tuple[Any, str], Any] = {}
