@@ -79,8 +79,12 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from matplotlib.figure import Figure
 
     from .trial.compare import Comparison
-    from .trial.plot import curves_axis, plot_tensors, save_plot
+    from .trial.plot import check_image_path, curves_axis, plot_tensors, save_plot
 
+    try:
+        check_image_path(args.output)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     runs = [args.path]
     names: list[str] = []
     for item in args.items:  # runs first; an item that is not a trial is a tensor name

@@ -9,6 +9,7 @@ further. The methods :meth:`Trial.plot <tensortap.Trial.plot>`,
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -213,6 +214,7 @@ def plot_tensors(
     ylabel = f"{one} ({what})" if len(names) == 1 and not scalar_only else one if len(names) == 1 else what
     xlabel = X_LABELS[x] if x != "step" or mode is None else step_word(mode)
     ax.set(xlabel=xlabel, ylabel=ylabel)
+    _whole_steps(ax, x)
     if logy:
         ax.set_yscale("log")
     if len(runs) == 1:
@@ -316,11 +318,31 @@ def plot_histograms(
     xlabel = X_LABELS[x] if x != "step" else f"{m.name.lower()} step" if m is not Mode.GLOBAL else "step"
     name = _text(tensor.name)
     ax.set(xlabel=xlabel, ylabel=f"{name} (value)", title=f"{name}: distribution over steps")
+    _whole_steps(ax, x)
     return ax
 
 
+def _whole_steps(ax: Axes, x: str) -> None:
+    """Ticks at whole steps only, where ``x`` is a step (a run of 3 steps had ticks at 0.25, 0.5, ...)."""
+    from matplotlib.ticker import MaxNLocator
+
+    if x != "time":
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+IMAGE_SUFFIXES = (".png", ".svg", ".pdf")
+
+
+def check_image_path(path: str) -> None:
+    """A ``ValueError`` unless ``path`` ends in a suffix of :data:`IMAGE_SUFFIXES` (without one, matplotlib wrote
+    ``path.png``, and the file named did not exist)."""
+    if os.path.splitext(path)[1].lower() not in IMAGE_SUFFIXES:
+        raise ValueError(f"output: {path!r} must end in {', '.join(IMAGE_SUFFIXES)}")
+
+
 def save_plot(ax: Any, path: str) -> None:
-    """Write the figure of ``ax`` to ``path`` (PNG, SVG or PDF by suffix)."""
+    """Write the figure of ``ax`` to ``path`` (PNG, SVG or PDF by suffix: :func:`check_image_path`)."""
+    check_image_path(path)
     fig = ax.get_figure()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

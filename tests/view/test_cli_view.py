@@ -113,6 +113,9 @@ def test_plot_two_runs(run: Run, run_b: Run, tmp_path: Path) -> None:
     assert main(["plot", str(run.path), str(run_b.path), "--regex", "^losses/", "--mode", "train", "-o", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["plot", str(run.path), str(run_b.path), "--regex", "^nothing"]) == 2
+    # no image suffix: matplotlib wrote plain.png, and the command said it wrote "plain", which did not exist
+    assert main(["plot", str(run.path), "--regex", "^losses/", "-o", str(tmp_path / "plain")]) == 2
+    assert not (tmp_path / "plain").exists() and not (tmp_path / "plain.png").exists()
 
 
 def test_show_of_a_mode_the_tensor_has_no_step_in_is_an_error(run: Run, capsys: pytest.CaptureFixture[str]) -> None:

@@ -50,6 +50,21 @@ def test_plain_and_html_repr_of_trial(run: Run) -> None:
     assert "steps/s" in html
 
 
+def test_a_short_run_has_ticks_at_whole_steps_only(tmp_path: Path) -> None:
+    """A run of three steps was drawn with ticks at 0.25, 0.5, ... on its step axis, steps that do not exist."""
+    with Writer(tmp_path) as w:
+        for step in range(3):
+            with w.stepping():
+                w.save("losses/loss", np.float32(1.0 / (step + 1)), ["losses"])
+                w.save("weights/w", np.arange(4.0) * step, ["weights"])
+    trial = tensortap.create_trial(tmp_path)
+    for ax in (trial.plot("losses/loss"), trial.tensor("weights/w").plot_histograms()):
+        ax.figure.canvas.draw()
+        ticks = ax.get_xticks()
+        assert len(ticks) and all(float(t).is_integer() for t in ticks), ticks
+    assert not all(float(t).is_integer() for t in trial.plot("losses/loss", x="time").get_xticks())
+
+
 def test_the_html_view_of_an_empty_trial_says_what_ls_says(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The notebook's view of an empty folder (a run about to start) said "running (or stopped without an end
     marker)" where ``ls`` says "no data yet"."""
