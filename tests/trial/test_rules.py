@@ -39,6 +39,7 @@ from tensortap.rules import (
     WeightUpdateRatio,
     invoke_rule,
 )
+from tensortap.trial.rules.loss_rules import metric_key
 
 Values = dict[str, tuple[Any, tuple[str, ...]]]
 
@@ -134,6 +135,32 @@ def test_exploding_tensor_nan_and_inf(tmp_path: Path) -> None:
         tmp_path / "counts", 7, w, reduction_config=ReductionConfig(reductions=["nan_count", "inf_count"])
     )
     assert invoke_rule(ExplodingTensor(counts, tensor_regex=r"\.weight$")) == [3, 5]
+
+
+def test_exploding_tensor_does_not_count_the_infinities_of_an_attention_mask(tmp_path: Path) -> None:
+    """An additive attention mask holds -inf where attention is masked: an encoding; its NaNs still count."""
+    causal = np.triu(np.full((3, 3), -np.inf, dtype=np.float32), 1)
+
+    def w(s: int) -> Values:
+        mask = causal.copy()
+        if s == 2:
+            mask[0, 0] = np.nan
+        return {
+            "inputs/block.self_attn/attn_mask": (mask, ("inputs",)),
+            "inputs/block/src_key_padding_mask": (causal[0], ("inputs",)),
+            "inputs/masked_head/0": (np.full(2, np.inf if s == 3 else 1.0, dtype=np.float32), ("inputs",)),
+        }
+
+    trial = make_trial(tmp_path, 4, w)
+    assert invoke_rule(ExplodingTensor(trial)) == [2, 3]
+    assert (
+        ExplodingTensor(trial)
+        .invoke(2)
+        .reason.startswith(
+            "inputs/block.self_attn/attn_mask: 1 NaN (its infinite values encode masked positions and are not counted)"
+        )
+    )
+    assert invoke_rule(ExplodingTensor(trial, inf_encoded_regex=None)) == [0, 1, 2, 3]
 
 
 def test_poor_weight_initialization(tmp_path: Path) -> None:
@@ -608,3 +635,45 @@ def test_in_process_keeps_history_for_unchanged_tensor(tmp_path: Path) -> None:
             with w.stepping(mode=Mode.TRAIN):
                 w.save("fc.weight", np.arange(50.0) + (s if s < 4 else 4), ["weights"])
     assert rule.fired_steps == [6, 7]
+
+
+def test_overfit_and_overtraining_judge_each_metric_against_its_own(tmp_path: Path) -> None:
+    """Two metrics of different scales: an rmse in hundreds that improves and overfits, an error rate that
+    neither overfits nor improves. Averaged together, the rmse decided both rules alone."""
+    rmse = {"train": [300.0, 200.0, 100.0, 50.0], "validation": [310.0, 210.0, 150.0, 100.0]}
+    error = {"train": [0.2, 0.2, 0.2, 0.2], "validation": [0.21, 0.21, 0.21, 0.21]}
+
+    def v(s: int) -> Values:
+        return {
+            f"losses/{data}-{metric}": (np.float32(values[data][s]), ("losses",))
+            for metric, values in (("rmse", rmse), ("error", error))
+            for data in ("train", "validation")
+        }
+
+    trial = make_trial(tmp_path, 4, v)
+    assert invoke_rule(Overfit(trial)) == [2, 3]  # rmse: 0.05, 0.05, 0.5, 1.0; error: 0.05
+    reason = Overfit(trial).invoke(2).reason
+    assert reason.startswith("losses/validation-rmse: validation loss 150 is 0.5 x above training loss 100 of ")
+    assert "error" not in reason
+    fired = Overtraining(trial, patience_train=3, patience_validation=3)
+    assert invoke_rule(fired) == [3]
+    reason = fired.invoke(3).reason
+    assert (
+        "losses/train-error: training loss 0.2" in reason and "losses/validation-error: validation loss 0.21" in reason
+    )
+    assert "rmse" not in reason
+
+
+def test_overfit_pairs_a_validation_loss_with_the_training_loss_of_its_metric() -> None:
+    same = [
+        ("losses/loss", "losses/val_loss"),
+        ("losses/train-logloss", "losses/validation-logloss"),
+        ("losses/validation_0-logloss", "losses/validation_1-logloss"),
+        ("losses/dtrain-rmse", "losses/dtest-rmse"),
+        ("losses/train-logloss-mean", "losses/test-logloss-mean"),
+        ("losses/out_a_loss", "losses/val_out_a_loss"),
+    ]
+    for training, validation in same:
+        assert metric_key(training) == metric_key(validation), (training, validation)
+    assert metric_key("losses/train-logloss") != metric_key("losses/validation-error")
+    assert metric_key("losses/out_a_loss") != metric_key("losses/val_out_b_loss")

@@ -204,6 +204,43 @@ def test_exploding_tensor_pytorch_fires_at_the_first_nan(tmp_path: Path, torch: 
 
 
 @pytest.mark.torch
+def test_exploding_tensor_leaves_out_a_causal_attention_mask_pytorch(tmp_path: Path, torch: Any) -> None:
+    """A causal transformer whose inputs are captured: the causal mask holds -inf above its diagonal, by design;
+    the rule fired at every saved step of this healthy training."""
+    import tensortap.torch as ttt
+
+    nn = torch.nn
+
+    class LM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.out = nn.Embedding(20, 16), nn.Linear(16, 20)
+            self.block = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+
+        def forward(self, x: Any) -> Any:
+            mask = nn.Transformer.generate_square_subsequent_mask(x.shape[1])
+            return self.out(self.block(self.emb(x), src_mask=mask, is_causal=True))
+
+    model, loss_fn = LM(), nn.CrossEntropyLoss()
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    seq = torch.randint(0, 20, (64, 9))
+    collections = ["weights", "gradients", "losses", "inputs"]
+    with ttt.capture(model, tmp_path, optimizer=opt, save_config=EVERY_STEP, include_collections=collections):
+        for s in range(4):
+            batch = seq[16 * s : 16 * s + 16]
+            opt.zero_grad()
+            loss = loss_fn(model(batch[:, :-1]).reshape(-1, 20), batch[:, 1:].reshape(-1))
+            loss.backward()
+            opt.step()
+            assert torch.isfinite(loss)
+    trial = tensortap.create_trial(tmp_path)
+    masks = [n for n in trial.tensor_names(collection="inputs") if n.endswith("mask")]
+    assert masks and all(np.isneginf(trial.tensor(n).value(0)).sum() == 28 for n in masks)
+    assert invoke_rule(ExplodingTensor(trial)) == []
+    assert invoke_rule(ExplodingTensor(trial, inf_encoded_regex=None)) == [0, 1, 2, 3]
+
+
+@pytest.mark.torch
 def test_vanishing_gradient_deep_sigmoid_not_relu(tmp_path: Path, torch: Any) -> None:
     nn = torch.nn
 
@@ -579,7 +616,7 @@ def test_overfit_and_overtraining_judge_a_keras_validation_not_its_batches(tmp_p
 
     always = Overfit(trial, ratio_threshold=-1.0)  # fires at every validation: its reason gives the loss judged
     reasons = [v.reason for s in trial.steps() if (v := always.invoke(s)).fired] + [always.invoke_end().reason]
-    judged = [float(r.split()[2]) for r in reasons]  # "validation loss 1.234 is ..."
+    judged = [float(r.split()[3]) for r in reasons]  # "losses/val_loss: validation loss 1.234 is ..."
     np.testing.assert_allclose(judged, history["val_loss"], rtol=1e-3)
     assert reasons[0].endswith("at steps 16-31 (mean of its EVAL steps)")
     assert invoke_rule(Overtraining(trial)) == []
@@ -1237,3 +1274,47 @@ def test_feature_importance_overweight_ranks_gblinear_coefficients_by_magnitude(
         reason = FeatureImportanceOverweight(trial, threshold=0.0).invoke(0).reason
         share = float(reason.split(" hold ")[1].split(" ")[0])
         assert 0.5 < share < 0.8, reason  # a share, by magnitude: six features of about equal weight
+
+
+@pytest.mark.xgboost
+def test_overfit_and_overtraining_judge_each_xgboost_metric_against_its_own(tmp_path: Path) -> None:
+    """``eval_metric=["logloss", "error"]``: the rules averaged a logloss and an error rate into one "loss"
+    (validation 0.4011 against training 0.3578 at step 0: no tensor's value). Each validation metric is now
+    judged against the training loss of the same metric, both named in the reason."""
+    xgb = pytest.importorskip("xgboost")
+    import tensortap.xgboost as ttx
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2000, 8))
+    y = (x[:, 0] + 0.5 * x[:, 1] ** 2 - x[:, 2] + rng.normal(scale=0.5, size=2000) > 0.5).astype(np.float32)
+    dtrain, dval = xgb.DMatrix(x[:1500], label=y[:1500]), xgb.DMatrix(x[1500:], label=y[1500:])
+    xgb.train(
+        {"objective": "binary:logistic", "max_depth": 4, "eta": 0.2, "eval_metric": ["logloss", "error"], "nthread": 1},
+        dtrain,
+        10,
+        evals=[(dtrain, "train"), (dval, "validation")],
+        callbacks=[ttx.Callback(tmp_path)],
+        verbose_eval=False,
+    )
+    trial = tensortap.create_trial(tmp_path)
+    value = {n: float(trial.tensor(n).value(0)) for n in trial.tensor_names(collection="losses")}
+    ratio = {m: (value[f"losses/validation-{m}"] / value[f"losses/train-{m}"] - 1) for m in ("logloss", "error")}
+    assert ratio["logloss"] < 0.1 < ratio["error"]
+
+    verdict = Overfit(trial).invoke(0)
+    assert verdict.fired and verdict.tensors == ("losses/validation-error", "losses/train-error")
+    assert verdict.reason.startswith(
+        f"losses/validation-error: validation loss {value['losses/validation-error']:.4g} is "
+        f"{ratio['error']:.3g} x above training loss {value['losses/train-error']:.4g} of losses/train-error "
+    )
+    assert "logloss" not in verdict.reason
+
+    always = Overtraining(trial, patience_train=1, patience_validation=1, delta=1.0)  # fires at each second round
+    always.invoke(0)
+    reason = always.invoke(1).reason
+    for name in value:
+        assert f"{name}: " in reason and f"{name}: {'validation' if 'valid' in name else 'training'} loss " in reason
+    assert (
+        f"losses/validation-error: validation loss {float(trial.tensor('losses/validation-error').value(1)):.4g} "
+        in reason
+    )

@@ -21,6 +21,9 @@ from .reading import LOSS_MODES, ModeSeries, Selection, parse_mode, scalar_at
 # the losses an adapter marked as computed on the training data itself (collection training_data)
 TRAINING_SELECTION = Selection((TRAINING_DATA,), None, ())
 VALIDATION_REGEX = r"(?i)(^|[/_.-])d?(val|valid|validation|eval|test)\d*([/_.-]|$)"
+# a name part that says on which data a loss was computed: ``train``, ``dtrain``, ``training``, or a validation
+# name part (``val``, ``dtest``, ``validation``, ``test1``...)
+DATA_PART = re.compile(r"d?(train|training|val|valid|validation|eval|test)\d*")
 
 
 def percent_change(before: float, now: float) -> float:
@@ -309,6 +312,26 @@ class LossNotDecreasing(_EvaluationRuns):
         return float(np.mean(values)) if values else None
 
 
+def metric_key(name: str) -> tuple[str, ...]:
+    """The metric of loss ``name``: its name parts (split at ``/``, ``_``, ``.``, ``-``, in lower case) without
+    those that say on which data it was computed (:data:`DATA_PART`, with a number part right after one:
+    ``validation_0``).
+
+    ``losses/loss`` and ``losses/val_loss``, ``losses/train-logloss`` and ``losses/validation-logloss``,
+    ``losses/validation_0-logloss`` and ``losses/validation_1-logloss`` have the same metric.
+    """
+    key: list[str] = []
+    after_data = False
+    for part in re.split(r"[/_.-]", name.lower()):
+        if DATA_PART.fullmatch(part):
+            after_data = True
+            continue
+        if not (after_data and part.isdigit()):  # else the number of a data set: validation_0
+            key.append(part)
+        after_data = False
+    return tuple(key)
+
+
 def finite(values: dict[str, float]) -> dict[str, float]:
     """``values`` without those that are not finite (NaN, +-inf)."""
     return {n: v for n, v in values.items() if np.isfinite(v)}
@@ -367,29 +390,39 @@ class _TrainValidation(_EvaluationRuns):
                 for n, v in values.items():
                     self.train_values.setdefault(n, []).append(v)
                 continue
-            kept = [v for vs in self.train_values.values() for v in vs]
-            t = float(np.mean(kept)) if kept else None
-            failures += self.judge(t, list(self.train_values), values, where)
+            training = {n: float(np.mean(vs)) for n, vs in self.train_values.items()}
+            failures += self.judge(training, values, where)
             self.train_values = {}
         return failures
 
     def judge(
-        self, t: float | None, training: list[str], validation: dict[str, float], where: str
+        self, training: dict[str, float], validation: dict[str, float], where: str
     ) -> list[tuple[str, list[str]]]:
         """Judge one validation: ``(reason, tensors)`` for each failure found.
 
         Parameters
         ----------
-        t
-            The mean of the training losses saved since the previous validation (None: none was).
         training
-            Their names.
+            The training losses saved since the previous validation: ``{loss: the mean of its values}``.
         validation
             The validation: ``{validation loss: value}`` (a mean over its EVAL steps).
         where
             The step(s) it was saved at.
         """
         raise NotImplementedError
+
+    @staticmethod
+    def training_of(name: str, training: Collection[str], validation: Collection[str]) -> list[str]:
+        """The training losses of the metric of validation loss ``name`` (:func:`metric_key`).
+
+        With none: all of ``training`` when they are of one metric and ``validation`` (the validation's
+        losses) holds ``name`` alone (``loss`` and ``val_ce``); else none.
+        """
+        key = metric_key(name)
+        same = [n for n in training if metric_key(n) == key]
+        if same or len(validation) > 1 or len({metric_key(n) for n in training}) != 1:
+            return same
+        return list(training)
 
     def losses(self, step: int) -> list[tuple[str, dict[str, float], str]]:
         """The losses to judge at ``step``, in the order they were computed.
@@ -479,12 +512,27 @@ class _TrainValidation(_EvaluationRuns):
 class Overfit(_TrainValidation):
     """Fires when the validation loss exceeds the training loss by more than ``ratio_threshold`` for long.
 
-    Formula: training losses are averaged over every training value saved since
-    the previous validation (``t``); at each validation (below) judged at a
-    step ``s >= start_step``, with ``v`` the mean of its losses,
-    ``ratio = (v - t) / |t|``. A validation with ``ratio > ratio_threshold``
-    counts one; any other resets the count. Fires when the count reaches
-    ``patience``.
+    Formula: each training loss is averaged over its values saved since the
+    previous validation; at each validation (below) judged at a step
+    ``s >= start_step``, each validation loss ``v`` is compared with ``t``, the
+    training loss of the same metric (below), ``ratio = (v - t) / |t|``. A
+    validation with ``ratio > ratio_threshold`` counts one for that loss; any
+    other resets its count. Fires when a count reaches ``patience``; the reason
+    names the validation loss and the training loss it was compared with.
+
+    Metrics are judged apart, never averaged together (``eval_metric=["logloss",
+    "error"]``: ``validation-logloss`` against ``train-logloss``,
+    ``validation-error`` against ``train-error``). The metric of a loss is its
+    name without the name part that says on which data it was computed
+    (``train``, ``training``, ``val``, ``valid``, ``validation``, ``eval``,
+    ``test``, optionally ``d`` before and digits after, and a number part right
+    after it: ``validation_0``): ``loss`` and ``val_loss``, ``out_loss`` and
+    ``val_out_loss``, ``dtrain-rmse`` and ``dtest-rmse``, ``train-logloss-mean``
+    and ``test-logloss-mean``, and a PyTorch ``losses/loss`` saved at TRAIN and
+    at EVAL steps are pairs. A validation of one loss whose metric no training
+    loss has is compared with the training losses when those are all of one
+    metric (``loss`` and a validation loss named ``val_ce``); otherwise a
+    validation loss without a training loss of its metric is not judged.
 
     A validation is the losses saved at one step that is not an EVAL step
     (XGBoost's ``validation-logloss`` of a round), or the mean of those saved
@@ -546,7 +594,7 @@ class Overfit(_TrainValidation):
         check_number("patience", patience, 1, integer=True)
         check_number("ratio_threshold", ratio_threshold)
         self.start_step, self.patience, self.ratio_threshold = start_step, patience, ratio_threshold
-        self.exceeded = 0
+        self.exceeded: dict[str, int] = {}  # per validation loss, its validations in a row above the threshold
 
     def invoke_at_step(self, step: int) -> bool:
         if step < self.start_step:
@@ -555,33 +603,39 @@ class Overfit(_TrainValidation):
         return super().invoke_at_step(step)
 
     def judge(
-        self, t: float | None, training: list[str], validation: dict[str, float], where: str
+        self, training: dict[str, float], validation: dict[str, float], where: str
     ) -> list[tuple[str, list[str]]]:
-        if t is None:
-            return []
-        v = float(np.mean(list(validation.values())))
-        ratio = (v - t) / abs(t) if t != 0 else float(np.sign(v - t) * np.inf)
-        self.exceeded = self.exceeded + 1 if ratio > self.ratio_threshold else 0
-        if self.exceeded < self.patience:
-            return []
-        reason = (
-            f"validation loss {v:.4g} is {ratio:.3g} x above training loss {t:.4g} "
-            f"(> ratio_threshold {self.ratio_threshold:g} for {self.exceeded} evaluation(s)) at {where}"
-        )
-        return [(reason, list(validation))]
+        failures = []
+        for name, v in validation.items():
+            paired = self.training_of(name, training, validation)
+            if not paired:
+                continue
+            t = float(np.mean([training[n] for n in paired]))
+            ratio = (v - t) / abs(t) if t != 0 else float(np.sign(v - t) * np.inf)
+            self.exceeded[name] = self.exceeded.get(name, 0) + 1 if ratio > self.ratio_threshold else 0
+            if self.exceeded[name] >= self.patience:
+                reason = (
+                    f"{name}: validation loss {v:.4g} is {ratio:.3g} x above training loss {t:.4g} of "
+                    f"{', '.join(paired)} (> ratio_threshold {self.ratio_threshold:g} for {self.exceeded[name]} "
+                    f"evaluation(s)) at {where}"
+                )
+                failures.append((reason, list(dict.fromkeys([name, *paired]))))
+        return failures
 
 
 class Overtraining(_TrainValidation):
     """Fires when the training or the validation loss has stopped improving.
 
-    Formula: at each validation (the mean of its losses; one per run of EVAL
-    steps, as in :class:`Overfit`), ``v``, and ``t``, the mean of the training
-    losses saved since the previous validation (one per batch in Keras and
-    PyTorch: ``t`` is the epoch's training loss, as Keras's ``loss``). Each keeps
-    a best and a counter: a loss improves when ``best - x >= delta`` (or it is
-    its first value), which sets ``best = x`` and resets its counter; otherwise
-    the counter grows by one. Fires while the training counter is
-    ``>= patience_train`` or the validation counter is ``>= patience_validation``.
+    Formula: at each validation (one per run of EVAL steps, as in
+    :class:`Overfit`), each of its losses ``v`` (its mean over the run), and
+    each training loss ``t``, the mean of its values saved since the previous
+    validation (one per batch in Keras and PyTorch: ``t`` is the epoch's
+    training loss, as Keras's ``loss``). Each loss keeps a best and a counter
+    (metrics are judged apart, never averaged together): a loss improves when
+    ``best - x >= delta`` (or it is its first value), which sets ``best = x``
+    and resets its counter; otherwise the counter grows by one. Fires while the
+    counter of a training loss is ``>= patience_train`` or that of a validation
+    loss is ``>= patience_validation``; the reason names the loss.
     Training and validation losses are told apart as in :class:`Overfit`;
     training losses saved after the last validation are not judged. Without
     training losses, or (on an ended trial) without validation losses, the rule
@@ -623,36 +677,36 @@ class Overtraining(_TrainValidation):
         check_number("delta", delta, 0)
         self.patience = {"training": patience_train, "validation": patience_validation}
         self.delta = delta
-        self.best: dict[str, float] = {}
-        self.since: dict[str, int] = {"training": 0, "validation": 0}
+        # per kind ("training", "validation"), per loss: its best value, and the validations since it improved
+        self.best: dict[str, dict[str, float]] = {"training": {}, "validation": {}}
+        self.since: dict[str, dict[str, int]] = {"training": {}, "validation": {}}
 
     def invoke_at_step(self, step: int) -> bool:
         self.check_both_kinds(step)
         return super().invoke_at_step(step)
 
     def judge(
-        self, t: float | None, training: list[str], validation: dict[str, float], where: str
+        self, training: dict[str, float], validation: dict[str, float], where: str
     ) -> list[tuple[str, list[str]]]:
-        v = float(np.mean(list(validation.values())))
         failures = []
-        for kind, x, names in (("training", t, training), ("validation", v, list(validation))):
-            if x is None:
-                continue
-            if kind not in self.best or self.best[kind] - x >= self.delta:
-                self.best[kind], self.since[kind] = x, 0
-            else:
-                self.since[kind] += 1
-            if self.since[kind] >= self.patience[kind]:
-                what = "mean since the previous validation, " if kind == "training" else ""
-                parameter = "train" if kind == "training" else kind
-                failures.append(
-                    (
-                        f"{kind} loss {x:.4g} ({what}validation at {where}) has not improved by {self.delta:g} "
-                        f"on its best {self.best[kind]:.4g} for {self.since[kind]} validation(s) "
-                        f"(patience_{parameter} {self.patience[kind]})",
-                        names,
+        for kind, values in (("training", training), ("validation", validation)):
+            best, since = self.best[kind], self.since[kind]
+            for name, x in values.items():
+                if name not in best or best[name] - x >= self.delta:
+                    best[name], since[name] = x, 0
+                else:
+                    since[name] += 1
+                if since[name] >= self.patience[kind]:
+                    what = "mean since the previous validation, " if kind == "training" else ""
+                    parameter = "train" if kind == "training" else kind
+                    failures.append(
+                        (
+                            f"{name}: {kind} loss {x:.4g} ({what}validation at {where}) has not improved by "
+                            f"{self.delta:g} on its best {best[name]:.4g} for {since[name]} validation(s) "
+                            f"(patience_{parameter} {self.patience[kind]})",
+                            [name],
+                        )
                     )
-                )
         return failures
 
 

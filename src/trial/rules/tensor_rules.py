@@ -16,6 +16,8 @@ from .reading import ModeSeries, PerTensorRule, Selection, raw_at, reduction_at,
 # XGBoost's tree table (trees_to_dataframe) writes NaN for "none": the split of a leaf,
 # the children of a leaf, the category of a numeric split
 NAN_ENCODED_REGEX = r"^trees/(Split|Category|Yes|No|Missing)$"
+# the mask arguments of a module's inputs (``inputs/<module>/<argument>``): additive attention masks hold -inf
+INF_ENCODED_REGEX = r"(?i)^inputs/.+/[^/]*mask[^/]*$"
 # weights saved while evaluating do not change: judge tensors on their TRAIN steps when they have some
 TRAIN_FIRST = (Mode.TRAIN, Mode.GLOBAL, Mode.EVAL, Mode.PREDICT)
 # the gradient of a bias: the last part of the name mentions bias, as the capture files collection biases
@@ -84,6 +86,15 @@ class ExplodingTensor(PerTensorRule):
     leaves). Their infinite values still count, and so does every NaN of the
     other tree columns (``trees/Gain``, ``trees/Cover``).
 
+    Likewise, in tensors whose name matches ``inf_encoded_regex`` an infinite
+    value is an encoding and ``i`` is taken as 0: by default the mask
+    arguments of a module's captured inputs (``inputs/<module>/<argument>``
+    whose argument name holds ``mask``, in any case), such as the -inf above
+    the diagonal of PyTorch's ``generate_square_subsequent_mask`` given to a
+    ``TransformerEncoderLayer`` (``inputs/block.self_attn/attn_mask``,
+    ``inputs/block/src_mask``) or an additive padding mask. Their NaNs still
+    count.
+
     Mixed precision with PyTorch's ``torch.amp.GradScaler``: the scaler skips
     a step whose scaled gradients overflow (it applies no update, lowers its
     scale and goes on), which healthy fp16 trainings do, mostly in their first
@@ -111,6 +122,9 @@ class ExplodingTensor(PerTensorRule):
     nan_encoded_regex
         Tensors whose NaN values are not counted; None counts every NaN.
         Default ``NAN_ENCODED_REGEX``, the XGBoost tree columns above.
+    inf_encoded_regex
+        Tensors whose infinite values are not counted; None counts every infinity.
+        Default ``INF_ENCODED_REGEX``, the mask inputs above.
     """
 
     def __init__(
@@ -120,32 +134,42 @@ class ExplodingTensor(PerTensorRule):
         tensor_regex: str | Sequence[str] | None = None,
         only_nan: bool = False,
         nan_encoded_regex: str | None = NAN_ENCODED_REGEX,
+        inf_encoded_regex: str | None = INF_ENCODED_REGEX,
     ) -> None:
         super().__init__(base_trial)
         self.only_nan = bool(only_nan)
         self.selection = Selection(collection_names, tensor_regex, ())
-        if nan_encoded_regex is not None:
-            check_regexes("nan_encoded_regex", [nan_encoded_regex])
-        self.nan_encoded = re.compile(nan_encoded_regex) if nan_encoded_regex is not None else None
+        self.nan_encoded = encoding_regex("nan_encoded_regex", nan_encoded_regex)
+        self.inf_encoded = encoding_regex("inf_encoded_regex", inf_encoded_regex)
 
     def capture(self) -> tuple[tuple[str, ...], bool]:
         return ("nan_count",) if self.only_nan else ("nan_count", "inf_count"), False
 
     def check(self, step: int, name: str) -> str | None:
         req = self.requirement()
-        encoded = self.nan_encoded is not None and self.nan_encoded.search(name) is not None
-        if encoded and self.only_nan:
+        nan_encoded = self.nan_encoded is not None and self.nan_encoded.search(name) is not None
+        inf_encoded = self.inf_encoded is not None and self.inf_encoded.search(name) is not None
+        if nan_encoded and (inf_encoded or self.only_nan):
             return None
-        nan = 0.0 if encoded else reduction_at(self, self.base_trial, name, step, "nan_count", req)
-        inf = 0.0 if self.only_nan else reduction_at(self, self.base_trial, name, step, "inf_count", req)
-        if nan is None or inf is None:
+        nan = 0.0 if nan_encoded else reduction_at(self, self.base_trial, name, step, "nan_count", req)
+        inf = 0.0 if inf_encoded or self.only_nan else reduction_at(self, self.base_trial, name, step, "inf_count", req)
+        if nan is None or inf is None or nan == inf == 0:
             return None
-        if encoded and inf > 0:
+        if nan_encoded:
             return f"{name}: {int(inf)} infinite value(s) (its NaNs encode missing values and are not counted)"
-        if nan > 0 or inf > 0:
-            what = f"{int(nan)} NaN" if self.only_nan else f"{int(nan)} NaN and {int(inf)} infinite value(s)"
-            return f"{name}: {what}"
+        if self.only_nan:
+            return f"{name}: {int(nan)} NaN"
+        if inf_encoded:
+            return f"{name}: {int(nan)} NaN (its infinite values encode masked positions and are not counted)"
+        return f"{name}: {int(nan)} NaN and {int(inf)} infinite value(s)"
+
+
+def encoding_regex(parameter: str, regex: str | None) -> re.Pattern[str] | None:
+    """``regex`` of parameter ``parameter`` compiled (None: None), or a ``ValueError`` naming it."""
+    if regex is None:
         return None
+    check_regexes(parameter, [regex])
+    return re.compile(regex)
 
 
 # values for which zero is a value, not a fault: a hyperparameter (alpha=0), an error
