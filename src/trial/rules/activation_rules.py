@@ -95,7 +95,12 @@ class DeadRelu(LayerKindRule):
     before ``F.relu`` in a forward captures the pre-activation only).
     With ``tensor_regex`` the matching tensors are judged as they are; a
     pre-activation then gives the same verdict as the ReLU after it
-    (``relu(x) > 0`` exactly when ``x > 0``).
+    (``relu(x) > 0`` exactly when ``x > 0``). Data that is non-negative with
+    zeros itself (word counts, one-hot features, pixels) passed through a
+    layer that keeps it (a first ``Dropout``, ``Flatten``) reads as a ReLU
+    output too, and a sparse input fires (a bag-of-words model's input dropout:
+    56% of 1000 units "dead"); name the ReLU outputs with ``tensor_regex``
+    then.
 
     Needs: collection ``outputs`` (or the selected ones) as raw tensors, holding
     ReLU outputs (``nn.ReLU`` modules, ``Dense(activation="relu")``,

@@ -432,6 +432,10 @@ class WeightUpdateRatio(TrainedOnlyRule):
     by mistake is left out too: a warning names the weights left out. With no
     gradient in the trial every weight is judged.
 
+    A weight initialised at zero (LoRA's ``B`` matrix, a zero-initialised head)
+    grows from nothing in its first steps: its ratio is large by design there,
+    and the rule fires. Judge such runs from a later step (``start_step``).
+
     Needs: collection ``weights`` as raw tensors, saved at consecutive (or close)
     steps; collection ``gradients`` tells the weights that were trained.
 
