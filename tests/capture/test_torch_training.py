@@ -26,6 +26,7 @@ from torch.nn.utils import parametrizations, parametrize, prune  # noqa: E402
 import tensortap  # noqa: E402
 import tensortap.torch as ttt  # noqa: E402
 from tensortap import Mode, SaveConfig  # noqa: E402
+from tensortap.rules import ExplodingTensor, invoke_rule  # noqa: E402
 
 pytestmark = [pytest.mark.torch, pytest.mark.usefixtures("torch_one_thread")]
 
@@ -602,7 +603,12 @@ def test_two_optimizers_stepping_with_closures_each_save_their_gradients(tmp_pat
             np.testing.assert_array_equal(_value(trial, f"gradients/{name}", s), value.numpy(), err_msg=name)
 
 
-def test_a_step_gradscaler_skips_is_still_a_step(tmp_path: Path) -> None:
+def test_a_step_gradscaler_skips_is_still_a_step_without_gradients(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The skipped step applied no gradient: it was saved with the non-finite ones, so ExplodingTensor fired at
+    (and with StopTraining stopped) every healthy fp16 training at its first overflow, and the gradients saved
+    were none that an update applied. A Keras LossScaleOptimizer's skipped step has no gradients either."""
     model = nn.Linear(4, 3)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     # the first scale overflows (the step is skipped); the backoff brings it down to 2**7
@@ -610,24 +616,32 @@ def test_a_step_gradscaler_skips_is_still_a_step(tmp_path: Path) -> None:
     hook = ttt.capture(model, tmp_path, optimizer=opt, save_config=EVERY_STEP)
     gen = torch.Generator().manual_seed(8)
     seen = []
-    for _ in range(3):
-        opt.zero_grad()
-        with torch.autocast("cpu", dtype=torch.float16):
-            out = model(torch.randn(8, 4, generator=gen))
-        loss = out.float().pow(2).mean()
-        scaler.scale(loss).backward()
-        before = model.weight.detach().clone()
-        scaler.step(opt)  # unscales p.grad in place, then steps unless it is not finite
-        seen.append((model.weight.grad.detach().clone(), torch.equal(before, model.weight), loss.item()))
-        scaler.update()
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        for _ in range(4):
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=torch.float16):
+                out = model(torch.randn(8, 4, generator=gen))
+            loss = out.float().pow(2).mean()
+            scaler.scale(loss).backward()
+            before = model.weight.detach().clone()
+            scaler.step(opt)  # unscales p.grad in place, then steps unless it is not finite
+            seen.append((model.weight.grad.detach().clone(), torch.equal(before, model.weight), loss.item()))
+            scaler.update()
     hook.close()
-    assert [skipped for _, skipped, _ in seen] == [True, False, False]
+    assert [skipped for _, skipped, _ in seen] == [True, False, False, False]
+    assert not np.isfinite(seen[0][0].numpy()).all()
     trial = _trial(tmp_path)
-    assert trial.steps(mode=Mode.TRAIN) == [0, 1, 2]
-    assert not np.isfinite(_value(trial, "gradients/weight", 0)).all()
+    assert trial.steps(mode=Mode.TRAIN) == [0, 1, 2, 3]
+    assert trial.tensor("gradients/weight").steps() == [1, 2, 3]
     for s, (grad, _, loss) in enumerate(seen):
-        np.testing.assert_array_equal(_value(trial, "gradients/weight", s), grad.numpy())
+        if s:
+            np.testing.assert_array_equal(_value(trial, "gradients/weight", s), grad.numpy())
         assert float(_value(trial, "losses/loss", s)) == loss  # the loss, not the scaled loss
+    assert [r.getMessage() for r in caplog.records if "GradScaler" in r.getMessage()] == [
+        "tensortap: step 0 has no gradients: the GradScaler skipped its optimizer step (the gradients were not "
+        "finite; it lowers its scale and goes on); later such steps are not named"
+    ]
+    assert invoke_rule(ExplodingTensor(trial)) == []
 
 
 def _no_op_hook(module: nn.Module, args: tuple[Any, ...]) -> None:

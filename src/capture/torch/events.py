@@ -436,6 +436,7 @@ class Hook(core.Hook):
         # at its last backward: attached optimizer steps in it, versions of some of their parameters
         self._versions: tuple[int, tuple[int, ...]] | None = None
         self._warned_unattached = False
+        self._warned_unscaled = False  # a step the GradScaler skipped was named
         self._changes = 0  # of those versions between backwards with no attached optimizer step between them
         # losses of the backward in progress that reach our parameters only through reentrant checkpoints
         self._hidden: list[torch.Tensor] = []
@@ -1187,23 +1188,33 @@ class Hook(core.Hook):
             self._scaled[id(scaled)] = (scaled, loss)
 
     def on_scaler_step(self, optimizer: torch.optim.Optimizer, stepped: bool) -> None:
-        """``GradScaler.step``: a step it skipped (non-finite gradients) is a step all the same."""
+        """``GradScaler.step``: a step it skipped (non-finite gradients) is a step all the same, without
+        gradients: it applied none (as a Keras ``LossScaleOptimizer``'s); the first such step is named."""
         if stepped or self._closed:
             return
         for att in self._optimizers:
             if att.optimizer is optimizer:
-                self._on_optimizer_pre(att, optimizer, (), {})
+                self._on_optimizer_pre(att, optimizer, (), {}, offer=False)
+                if self.is_saving() and self.session.saving("gradients") and not self._warned_unscaled:
+                    self._warned_unscaled = True
+                    logger.warning(
+                        "tensortap: step %d has no gradients: the GradScaler skipped its optimizer step (the "
+                        "gradients were not finite; it lowers its scale and goes on); later such steps are not named",
+                        self.step,
+                    )
                 self._on_optimizer_post(att, optimizer, (), {})
 
     # ------------------------------------------------------------- optimizers
-    def _on_optimizer_pre(self, att: _Optimizer, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> Any:
+    def _on_optimizer_pre(
+        self, att: _Optimizer, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any, offer: bool = True
+    ) -> Any:
         if self._closed:
             return None
         if not self.session.is_open or self._ended_by_optimizer:
             self._open(self._detect_mode())
         self._tentative = False
         self._stepping = True
-        if not (self.is_saving() and self.session.saving("gradients")):
+        if not (offer and self.is_saving() and self.session.saving("gradients")):  # offer=False: none applied
             return None
         # args: (optimizer, closure?) as step() was called
         closure = kwargs.get("closure", args[1] if len(args) > 1 else None)

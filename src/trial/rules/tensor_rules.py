@@ -95,15 +95,12 @@ class ExplodingTensor(PerTensorRule):
     ``inputs/block/src_mask``) or an additive padding mask. Their NaNs still
     count.
 
-    Mixed precision with PyTorch's ``torch.amp.GradScaler``: the scaler skips
-    a step whose scaled gradients overflow (it applies no update, lowers its
-    scale and goes on), which healthy fp16 trainings do, mostly in their first
-    steps. The PyTorch hook saves that step's non-finite gradients, so the rule
-    fires there, and with ``StopTraining`` stops a healthy run. ``only_nan``
-    does not avoid it (an overflow makes NaN too); leave the gradients out
-    instead: ``collection_names=["weights", "biases", "losses"]`` fires once a
-    NaN or infinity reaches a weight or the loss, which a skipped step does not
-    do.
+    Mixed precision: a loss scaler skips a step whose scaled gradients
+    overflow (it applies no update, lowers its scale and goes on), which healthy
+    fp16 trainings do, mostly in their first steps. Such a step has no gradients
+    in the trial (PyTorch's ``torch.amp.GradScaler``, Keras's
+    ``LossScaleOptimizer``: none was applied; one warning names the first), so
+    the rule does not fire there.
 
     Needs: the selected collections with reductions ``nan_count`` and
     ``inf_count`` (or raw tensors). In-process, a hook captures ``weights``,
