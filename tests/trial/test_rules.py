@@ -582,6 +582,11 @@ def test_state_dict_resumes(tmp_path: Path) -> None:
     assert second.fired_steps == whole
     with pytest.raises(ValueError, match="cannot load into Overfit"):
         Overfit(trial).load_state_dict(state)
+    # a state of the form Overfit kept before its counts were per metric (no state_version): refused, named
+    older = {**Overfit(trial).state_dict(), "attrs": {"train_values": {}, "exceeded": 2, "open_runs": {}}}
+    del older["state_version"]
+    with pytest.raises(ValueError, match=r"another form of Overfit \(state_version 1; this tensortap's is 2\)"):
+        Overfit(trial).load_state_dict(older)
 
 
 def test_stop_training_action_writes_the_request(tmp_path: Path) -> None:

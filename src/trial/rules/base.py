@@ -210,12 +210,16 @@ class Rule:
     state_attrs
         Names of the attributes that hold the rule's progress between steps;
         :meth:`state_dict` saves them (JSON values only) so a runner can resume.
+    state_version
+        The form of those attributes: raised where it changes, so that a state saved by an earlier form is
+        refused (:meth:`load_state_dict`) rather than failing later.
     history
         How many saved steps of raw values an in-process rule needs to look back
         over (the hook keeps that many in memory).
     """
 
     state_attrs: tuple[str, ...] = ()
+    state_version: int = 1
     history: int = 1
 
     def __init__(self, base_trial: Any = None) -> None:
@@ -436,6 +440,7 @@ class Rule:
         """The rule's progress as JSON-serialisable data (see :meth:`load_state_dict`)."""
         state = {
             "rule": self.name,
+            "state_version": self.state_version,
             "last_step": self._progress.last_step,
             "fired_steps": list(self._progress.fired_steps),
             "missing": dict(self._progress.missing),
@@ -450,6 +455,11 @@ class Rule:
         """Restore progress saved by :meth:`state_dict`; a runner then resumes after ``last_step``."""
         if state.get("rule") != self.name:
             raise ValueError(f"state: saved by rule {state.get('rule')!r}, cannot load into {self.name}")
+        if state.get("state_version", 1) != self.state_version:
+            raise ValueError(
+                f"state: saved by another form of {self.name} (state_version {state.get('state_version', 1)!r}; "
+                f"this tensortap's is {self.state_version}): run the rule from the start"
+            )
         unknown = set(state.get("attrs", {})) - set(self.state_attrs)
         if unknown:
             raise ValueError(

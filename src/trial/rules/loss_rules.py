@@ -579,6 +579,7 @@ class Overfit(_TrainValidation):
     """
 
     state_attrs = ("train_values", "exceeded", "open_runs")
+    state_version = 2  # exceeded: per validation loss (session 45), a count before
 
     def __init__(
         self,
@@ -661,6 +662,7 @@ class Overtraining(_TrainValidation):
     """
 
     state_attrs = ("best", "since", "train_values", "open_runs")
+    state_version = 2  # best and since: per kind and loss (session 45), per kind before
 
     def __init__(
         self,
