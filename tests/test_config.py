@@ -258,6 +258,33 @@ def test_hook_from_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _check_json_trial(out)
 
 
+def test_an_smdebug_configuration_is_named_as_such(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """smdebug's JSON (``LocalPath``, ``HookParameters``, ``CollectionConfigurations``) was refused with a list of
+    tensortap's keys and no word of what it was; a job moved from smdebug with only ``SMDEBUG_CONFIG_FILE_PATH``
+    set got ``from_env() -> None``: no capture, without a word."""
+    smdebug = _config_file(
+        tmp_path,
+        {
+            "LocalPath": str(tmp_path / "out"),
+            "HookParameters": {"save_interval": "2"},
+            "CollectionConfigurations": [{"CollectionName": "weights"}],
+        },
+    )
+    with pytest.raises(ValueError, match=r"an smdebug \(SageMaker Debugger\) configuration \(CollectionConfig"):
+        Writer.from_json(smdebug)
+    monkeypatch.delenv("TENSORTAP_CONFIG", raising=False)
+    monkeypatch.setenv("SMDEBUG_CONFIG_FILE_PATH", str(smdebug))
+    with caplog.at_level("WARNING", logger="tensortap"):
+        assert Writer.from_env() is None
+    assert [r.getMessage() for r in caplog.records if "SMDEBUG_CONFIG_FILE_PATH" in r.getMessage()] == [
+        "tensortap: SMDEBUG_CONFIG_FILE_PATH is set but TENSORTAP_CONFIG is not: tensortap reads its configuration "
+        "from TENSORTAP_CONFIG (a JSON file of the hook's arguments; see docs/migrating-from-smdebug.md); no hook "
+        "is made from the environment"
+    ]
+
+
 BAD_JSON = [
     ({"bogus": 1}, ["config", "bogus", "save_config", "include_collections"]),
     ({"save_config": {"save_intervall": 3}}, ["save_config", "save_intervall", "save_interval"]),

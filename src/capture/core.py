@@ -57,16 +57,45 @@ from .writer import IfExists, ShardPolicy, TrialWriter, exception_text, logger, 
 CONFIG_ENV = "TENSORTAP_CONFIG"
 
 
+SMDEBUG_CONFIG_ENV = "SMDEBUG_CONFIG_FILE_PATH"
+SMDEBUG_CONFIG_KEYS = frozenset({"LocalPath", "S3OutputPath", "HookParameters", "CollectionConfigurations"})
+
+
 def read_json_config(path: str | os.PathLike[str]) -> Any:
     """The parsed content of a JSON configuration file (see :meth:`Hook.from_json`).
 
-    JSON only: nothing is pickled or eval'd.
+    JSON only: nothing is pickled or eval'd. An smdebug configuration (its keys ``LocalPath``,
+    ``HookParameters``, ...) is refused with a ``ValueError`` that says so: its keys are not the hook's.
     """
     with open(path, encoding="utf-8") as f:
         try:
-            return json.load(f)
+            data = json.load(f)
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    if isinstance(data, dict) and (smdebug := sorted(SMDEBUG_CONFIG_KEYS & set(data))):
+        raise ValueError(
+            f"{path}: an smdebug (SageMaker Debugger) configuration ({', '.join(smdebug)}): tensortap's names the "
+            "hook's arguments (out_dir, save_config, include_collections, ...); see docs/migrating-from-smdebug.md"
+        )
+    return data
+
+
+def config_path() -> str | None:
+    """The JSON configuration file ``$TENSORTAP_CONFIG`` names, or None (the adapters' ``from_env``).
+
+    Where only smdebug's ``$SMDEBUG_CONFIG_FILE_PATH`` is set, one warning says that it is not read: a job
+    moved from smdebug as it was captured nothing, without a word.
+    """
+    path = os.environ.get(CONFIG_ENV)
+    if not path and os.environ.get(SMDEBUG_CONFIG_ENV):
+        logger.warning(
+            "tensortap: %s is set but %s is not: tensortap reads its configuration from %s (a JSON file of the "
+            "hook's arguments; see docs/migrating-from-smdebug.md); no hook is made from the environment",
+            SMDEBUG_CONFIG_ENV,
+            CONFIG_ENV,
+            CONFIG_ENV,
+        )
+    return path or None
 
 
 Prepared = tuple[np.ndarray | None, dict[str, float], str | None]
@@ -204,6 +233,19 @@ def _default_rank() -> int:
         if os.environ.get(var, "").isdigit():
             return int(os.environ[var])
     return 0
+
+
+def collection_names(collections: str | Sequence[str], where: str = "collections") -> tuple[str, ...]:
+    """The collection names a user gave: one name, or a sequence of them.
+
+    A string was read letter by letter (``save_tensor("t", v, "custom")`` saved ``t`` in collections ``c``,
+    ``u``, ``s``, ...); anything else (smdebug's ``sm_metric=True`` given in that place) raises a ``TypeError``.
+    """
+    if isinstance(collections, str):
+        return (collections,)
+    if isinstance(collections, Sequence) and all(isinstance(c, str) for c in collections):
+        return tuple(collections)
+    raise TypeError(f"{where}: expected a collection name or a list of them, got {collections!r}")
 
 
 class Hook:
@@ -412,8 +454,8 @@ class Hook:
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Hook | None:
-        """Build a hook from the JSON file named by ``TENSORTAP_CONFIG``; None if it is unset."""
-        path = os.environ.get(CONFIG_ENV)
+        """Build a hook from the JSON file named by ``TENSORTAP_CONFIG``; None if it is unset (:func:`config_path`)."""
+        path = config_path()
         return cls.from_json(path, **overrides) if path else None
 
     @classmethod
@@ -568,7 +610,7 @@ class Hook:
                 self._plans[key] = _Plan(tuple(sorted(member)), tuple(keys), raw, histogram)
         return self._plans[key]
 
-    def offer(self, name: str, value: Any, collections: Sequence[str] = ("custom",), force: bool = False) -> None:
+    def offer(self, name: str, value: Any, collections: str | Sequence[str] = ("custom",), force: bool = False) -> None:
         """Offer a tensor at the current step; it is saved if one of its collections is.
 
         Parameters
@@ -578,13 +620,13 @@ class Hook:
         value
             The tensor, in the adapter's framework (see :attr:`ops`).
         collections
-            Collections the tensor belongs to.
+            Collections the tensor belongs to (a name, or a list of them).
         force
             Save it on this saved step whatever ``include_collections`` says.
         """
         if not self._saving or self.writer is None:
             return
-        taken = self._take(name, value, tuple(collections), force)
+        taken = self._take(name, value, collection_names(collections), force)
         if taken is not None:
             self._stage([taken])
 
@@ -718,13 +760,15 @@ class Hook:
             )
         return hist
 
-    def save_tensor(self, name: str, value: Any, collections: Sequence[str] = ("custom",)) -> None:
-        """Save ``value`` under ``name`` on the current step if it is saved, whatever the collections."""
-        self.offer(name, value, tuple(collections), force=True)
+    def save_tensor(self, name: str, value: Any, collections: str | Sequence[str] = ("custom",)) -> None:
+        """Save ``value`` under ``name`` on the current step if it is saved, whatever the collections (a name,
+        or a list of them)."""
+        self.offer(name, value, collection_names(collections), force=True)
 
-    def save_scalar(self, name: str, value: Any, collections: Sequence[str] = ("metrics",)) -> None:
-        """Save a scalar as ``<first collection>/<name>`` on the current step if it is saved."""
-        colls = tuple(collections) or ("metrics",)
+    def save_scalar(self, name: str, value: Any, collections: str | Sequence[str] = ("metrics",)) -> None:
+        """Save a scalar as ``<first collection>/<name>`` on the current step if it is saved (``collections``:
+        a name, or a list of them)."""
+        colls = collection_names(collections) or ("metrics",)
         self.save_tensor(f"{colls[0]}/{name}", np.array(value), colls)
 
     def end_step(self) -> None:
@@ -1010,8 +1054,8 @@ class Writer(Hook):
             kwargs.setdefault("save_all", True)
         super().__init__(out_dir, **kwargs)
 
-    def save(self, name: str, value: Any, collections: Sequence[str] = ("custom",)) -> None:
+    def save(self, name: str, value: Any, collections: str | Sequence[str] = ("custom",)) -> None:
         """Offer ``value`` under ``name`` at the current step (see :meth:`Hook.offer`)."""
         if not self._in_step:
             raise RuntimeError("Writer.save: no step is open; call begin_step() or use `with writer.stepping():`")
-        self.offer(name, value, tuple(collections))
+        self.offer(name, value, collections)

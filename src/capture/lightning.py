@@ -361,5 +361,5 @@ def callbacks_from_env() -> list[Callback]:
 
         TENSORTAP_CONFIG=tensortap.json python train.py
     """
-    path = os.environ.get(core.CONFIG_ENV)
+    path = core.config_path()
     return [Callback.from_json(path)] if path else []

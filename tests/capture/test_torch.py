@@ -23,6 +23,7 @@ from torch import nn  # noqa: E402
 import tensortap  # noqa: E402
 import tensortap.torch as ttt  # noqa: E402
 from tensortap import Mode, ReductionConfig, SaveConfig  # noqa: E402
+from tensortap.capture import Writer  # noqa: E402
 
 pytestmark = [pytest.mark.torch, pytest.mark.usefixtures("torch_one_thread")]
 
@@ -242,6 +243,35 @@ def test_module_called_three_times_and_frozen_parameters(tmp_path: Path) -> None
     assert "gradients/frozen.weight" not in trial.tensor_names()
     assert "gradients/block.weight" in trial.tensor_names()
     np.testing.assert_array_equal(trial.tensor("frozen.weight").value(0), before["frozen.weight"].numpy())
+
+
+def test_one_collection_given_as_a_string_is_one_collection(tmp_path: Path) -> None:
+    """``save_tensor("t", v, "custom")`` saved ``t`` in collections c, u, s, t, o, m, and ``save_scalar("acc", v,
+    "metrics")`` as ``m/acc``: the string was read letter by letter (smdebug's code passes one name so).
+    smdebug's ``save_scalar(name, value, sm_metric=True)`` in third place is a TypeError that says what is
+    expected, not "'bool' object is not iterable"."""
+    model = MLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(3)
+    hook = ttt.capture(model, tmp_path, optimizer=opt, save_config=EVERY_STEP, include_collections=["losses"])
+    x, y = MLP.data(gen)
+    opt.zero_grad()
+    loss = F.cross_entropy(model(x), y)
+    hook.save_tensor("t", torch.arange(3.0), "custom")
+    hook.save_scalar("acc", 0.5, "metrics")
+    with pytest.raises(TypeError, match=r"^collections: expected a collection name or a list of them, got True$"):
+        hook.save_scalar("acc", 0.5, True)  # type: ignore[arg-type]
+    loss.backward()
+    opt.step()
+    hook.close()
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.tensor_names(collection="custom") == ["t"] and trial.tensor_names(collection="metrics") == [
+        "metrics/acc"
+    ]
+    assert float(trial.tensor("metrics/acc").value(0)) == 0.5
+    with Writer(tmp_path / "writer") as w, w.stepping():
+        w.save("v", np.ones(2), "custom")
+    assert tensortap.create_trial(tmp_path / "writer").tensor_names(collection="custom") == ["v"]
 
 
 def test_eval_and_predict_steps_count_in_their_own_modes(tmp_path: Path) -> None:

@@ -47,7 +47,7 @@ import keras
 import numpy as np
 
 from ...modes import Mode
-from ..core import CONFIG_ENV, Hook
+from ..core import Hook, config_path
 from ..session import MAX_CALLS, Session, flatten
 from ..stop import AllReduceMax, agreed
 from .naming import flatten_logs
@@ -326,7 +326,7 @@ class Callback(keras.callbacks.Callback):
     @classmethod
     def from_env(cls, **overrides: Any) -> Callback | None:
         """A callback configured by the JSON file named by ``TENSORTAP_CONFIG``; None if it is unset."""
-        path = os.environ.get(CONFIG_ENV)
+        path = config_path()
         return cls.from_json(path, **overrides) if path else None
 
     # ---------------------------------------------------- the core, read-only

@@ -1282,14 +1282,15 @@ class Hook(core.Hook):
         )
 
     # ------------------------------------------------------- user-facing saves
-    def save_tensor(self, name: str, value: Any, collections: Sequence[str] = ("custom",)) -> None:
-        """Save ``value`` as ``name`` on the current step if it is saved (any collections)."""
+    def save_tensor(self, name: str, value: Any, collections: str | Sequence[str] = ("custom",)) -> None:
+        """Save ``value`` as ``name`` on the current step if it is saved (any collections: a name, or a list)."""
+        colls = core.collection_names(collections)
         if self._closed:
             return
         self._ensure_open()
-        self.session.give(name, value, collections, held=self._fate_open())
+        self.session.give(name, value, colls, held=self._fate_open())
 
-    def save_scalar(self, name: str, value: Any, collections: Sequence[str] = ("metrics",)) -> None:
+    def save_scalar(self, name: str, value: Any, collections: str | Sequence[str] = ("metrics",)) -> None:
         """Save a scalar as ``<first collection>/<name>`` (``metrics/lr``) on the current step if it is saved."""
         if self._closed:
             return

@@ -112,7 +112,7 @@ class Callback(xgb.callback.TrainingCallback):
     @classmethod
     def from_env(cls, **overrides: Any) -> Callback | None:
         """Build a callback from the JSON file named by ``TENSORTAP_CONFIG``; None if it is unset."""
-        path = os.environ.get(core.CONFIG_ENV)
+        path = core.config_path()
         return cls.from_json(path, **overrides) if path else None
 
     def __getstate__(self) -> dict[str, Any]:
