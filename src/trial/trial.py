@@ -170,6 +170,80 @@ def resolve_names(
     return names
 
 
+def refuse_mode(step: object, order: str) -> None:
+    """A TypeError when ``step`` is a :class:`Mode`: an IntEnum, so ``global_step(Mode.EVAL, 1)``
+    (smdebug's order) read as step 2 of mode 1 and answered for another step. ``order`` tells the right
+    call; ``{mode}`` in it stands for the mode given (``Mode.EVAL``)."""
+    if isinstance(step, Mode):
+        raise TypeError(
+            f"step: expected a step (an integer), got Mode.{step.name}, a mode; "
+            + order.format(mode=f"Mode.{step.name}")
+        )
+
+
+STEP_FIRST = "tensortap takes the step first, then the mode: "
+
+
+def refuse_mode_as_abs(abs: object, call: str) -> None:
+    """A TypeError when ``abs`` is a :class:`Mode`: smdebug's ``reduction_value(step, name, mode, worker, abs)``
+    takes the mode third, where tensortap takes ``abs`` (a Mode there read as ``abs=True``)."""
+    if isinstance(abs, Mode):
+        raise TypeError(
+            f"abs: expected True or False, got Mode.{abs.name}, a mode; tensortap's order is "
+            f"{call}, abs=False, mode=None, worker=None) (a mode there read as abs=True): "
+            f"pass mode=Mode.{abs.name}"
+        )
+
+
+def check_reduction_name(reduction: object, hint: str = "") -> None:
+    """A TypeError naming the argument when ``reduction`` is not a reduction name (a string)."""
+    if not isinstance(reduction, str):
+        raise TypeError(f"reduction: expected a reduction name (a string, e.g. 'mean'), got {reduction!r}{hint}")
+
+
+def collection_name(collection: object) -> str | None:
+    """The collection name a ``collection=`` argument stands for: a name, or a :class:`Collection` (its
+    name, as smdebug took it); a TypeError for anything else."""
+    if collection is None or isinstance(collection, str):
+        return collection
+    if isinstance(collection, Collection):
+        return collection.name
+    raise TypeError(f"collection: expected a collection name (a string) or a Collection, got {collection!r}")
+
+
+# smdebug's names of Trial and Tensor attributes that tensortap spells otherwise: the AttributeError says how
+_SMDEBUG_TRIAL = {
+    "has_tensor": "name in trial.tensor_names() (or trial.tensor(name), which raises TensorUnavailable)",
+    "mode_modestep": "trial.mode_step(step) gives the (mode, mode step) of a global step",
+    "mode": "trial.mode_step(step)[0]",
+    "loaded_all_steps": "trial.training_ended",
+    "num_workers": "len(trial.workers())",
+    "worker_set": "set(trial.workers())",
+    "maybe_refresh": "trial.refresh()",
+    "refresh_data": "trial.refresh()",
+    "name": "trial.path (a tensortap trial has no other name)",
+    "index_mode": "nothing: tensortap always reads the trial's index; drop it",
+    "inputs": "[trial.tensor(n).value(step) for n in trial.tensor_names(collection='inputs', step=step)]",
+    "labels": "[trial.tensor(n).value(step) for n in trial.tensor_names(collection='labels', step=step)]",
+    "predictions": "[trial.tensor(n).value(step) for n in trial.tensor_names(collection='predictions', step=step)]",
+}
+_SMDEBUG_TENSOR = {
+    "prev_steps": (
+        "[s for s in tensor.steps(mode=mode) if s <= step][-n:] (smdebug's included step itself; "
+        "without n, leave out [-n:])"
+    ),
+    "step": "tensor.value(step), tensor.reduction_value(step, reduction), tensor.workers(step)",
+}
+
+
+def _no_attribute(obj: object, name: str, hints: Mapping[str, str], what: str) -> AttributeError:
+    """Python's AttributeError for ``name``, saying how tensortap spells it where smdebug had that name."""
+    message = f"{type(obj).__name__!r} object has no attribute {name!r}"
+    if name in hints:
+        message += f": smdebug's {what}.{name}: in tensortap, {hints[name]}"
+    return AttributeError(message)
+
+
 class Trial:
     """A trial: every tensor one training run saved, from all its workers.
 
@@ -232,6 +306,11 @@ class Trial:
             if answer.done():  # the storage's own bound, within this one
                 raise
             raise TimeoutError(f"{self.path}: the storage did not answer within {limit:.0f} s") from None
+
+    if not TYPE_CHECKING:  # mypy keeps checking attribute names
+
+        def __getattr__(self, name: str) -> Any:
+            raise _no_attribute(self, name, _SMDEBUG_TRIAL, "trial")
 
     def __repr__(self) -> str:
         from .views import trial_text
@@ -336,18 +415,27 @@ class Trial:
         return steps[-1] if steps else None
 
     def global_step(self, step: int, mode: Mode | str | None = None) -> int | None:
-        """The global step of mode step ``step`` (``step`` itself without ``mode``); None if unknown."""
+        """The global step of mode step ``step`` (``step`` itself without ``mode``); None if unknown.
+
+        The step comes first: ``global_step(1, Mode.EVAL)``. smdebug's order,
+        ``global_step(Mode.EVAL, 1)``, raises a TypeError (a :class:`Mode` is an
+        integer too, and was read as a step of another mode).
+        """
+        refuse_mode(step, STEP_FIRST + "global_step(step, mode) (smdebug's was global_step(mode, mode_step))")
         if mode is None:
             return step
+        self._auto_refresh()
         return self._index.mode_steps.get(Mode.parse(mode), {}).get(step)
 
     def mode_step(self, step: int) -> tuple[Mode, int] | None:
         """The mode and mode step of saved global step ``step``; None if it was not saved (yet)."""
+        refuse_mode(step, "mode_step(step) takes a global step and gives its (mode, mode step)")
         self._auto_refresh()
         return self._index.steps.get(step)
 
     def has_passed_step(self, step: int, mode: Mode | str | None = None) -> StepState:
         """Whether ``step`` (a mode step if ``mode``) is readable, may still come, or never will."""
+        refuse_mode(step, STEP_FIRST + "has_passed_step(step, mode={mode})")
         self._auto_refresh()
         m = None if mode is None else Mode.parse(mode)
         saved = step in (self._index.steps if m is None else self._index.mode_steps.get(m, {}))
@@ -376,6 +464,8 @@ class Trial:
         StepNotYetAvailable
             ``timeout`` seconds passed first.
         """
+        for s in steps:
+            refuse_mode(s, STEP_FIRST + "wait_for_steps(steps, mode={mode})")
         m = None if mode is None else Mode.parse(mode)
         deadline = None if timeout is None else time.monotonic() + timeout
         pending = sorted(set(steps))
@@ -395,20 +485,25 @@ class Trial:
 
     def tensor_names(
         self,
-        collection: str | None = None,
+        collection: str | Collection | None = None,
         regex: str | Sequence[str] | None = None,
         mode: Mode | str | None = None,
         step: int | None = None,
     ) -> list[str]:
         """Names of saved tensors, sorted, filtered by collection, regex, mode and step.
 
+        ``collection`` is a collection's name, or a :class:`~tensortap.Collection` (its name is used).
+
         Raises
         ------
         UnknownName
             ``collection`` is not a collection of this trial (the message suggests close names).
+        TypeError
+            ``collection`` is neither a name nor a Collection, or ``step`` is a :class:`Mode`.
         ValueError
             ``regex`` is not a valid regular expression, or ``mode`` names no mode.
         """
+        collection = collection_name(collection)
         self._auto_refresh()
         if collection is not None:
             known = self._collection_names()
@@ -631,6 +726,11 @@ class Tensor:
         self.trial = trial
         self.name = name
 
+    if not TYPE_CHECKING:  # mypy keeps checking attribute names
+
+        def __getattr__(self, name: str) -> Any:
+            raise _no_attribute(self, name, _SMDEBUG_TENSOR, "tensor")
+
     def __repr__(self) -> str:
         from .views import tensor_text
 
@@ -672,6 +772,7 @@ class Tensor:
         return np.sort(mode_steps[info.locations.saved_of(steps)]).tolist()
 
     def _locate(self, step: int, mode: Mode | str | None, worker: str | None) -> tuple[int, str, Location]:
+        refuse_mode(step, STEP_FIRST + "(step, mode={mode})")
         try:
             step = operator.index(step)  # 2.0 or "2" named no step, and read as one that other tensors had
         except TypeError:
@@ -751,7 +852,13 @@ class Tensor:
         mode: Mode | str | None = None,
         worker: str | None = None,
     ) -> float:
-        """A reduction at ``step``: the saved one, or computed from the raw tensor with the same formula."""
+        """A reduction at ``step``: the saved one, or computed from the raw tensor with the same formula.
+
+        The order is tensortap's: ``abs`` third (smdebug's third parameter was
+        the mode; a :class:`Mode` given as ``abs`` raises a TypeError).
+        """
+        check_reduction_name(reduction)
+        refuse_mode_as_abs(abs, "reduction_value(step, reduction")
         key = red.reduction_key(reduction, abs)
         red.check_key(key)
         gstep, _, loc = self._locate(step, mode, worker)
@@ -774,8 +881,16 @@ class Tensor:
         """A reduction at every step where it is saved or computable, by step (mode step if ``mode``).
 
         Reads each shard once. Without ``worker``, each step comes from the first
-        worker (in sorted order) that saved it.
+        worker (in sorted order) that saved it. (smdebug's ``reduction_values(step)``
+        gave every reduction at one step: here ``available_reductions(step)``
+        and ``reduction_value(step, reduction)``; a step given raises a TypeError saying so.)
         """
+        check_reduction_name(
+            reduction,
+            "; reduction_values(reduction) gives one reduction at every step (smdebug's reduction_values(step) "
+            "gave every reduction at one step: use available_reductions(step) and reduction_value(step, reduction))",
+        )
+        refuse_mode_as_abs(abs, "reduction_values(reduction")
         key = red.reduction_key(reduction, abs)
         red.check_key(key)
         return self._keyed(self._rows([key], worker, mode), mode)
@@ -1063,6 +1178,7 @@ class Tensor:
 
     def workers(self, step: int, mode: Mode | str | None = None) -> list[str]:
         """Workers that saved this tensor at ``step``."""
+        refuse_mode(step, STEP_FIRST + "workers(step, mode={mode})")
         m = None if mode is None else Mode.parse(mode)
         gstep = self.trial.global_step(step, m)
         return sorted(self._info.locations.get(gstep, {})) if gstep is not None else []
@@ -1109,7 +1225,7 @@ class SavedSteps(Protocol):
 def select_names(
     entries: Iterable[tuple[str, AbstractSet[str], SavedSteps]],
     steps_of_mode: Callable[[Mode], np.ndarray],
-    collection: str | None,
+    collection: str | Collection | None,
     regex: str | Sequence[str] | None,
     mode: Mode | str | None,
     step: int | None,
@@ -1128,6 +1244,8 @@ def select_names(
     global_step
         Maps a (mode) step to its global step, None when it is unknown.
     """
+    collection = collection_name(collection)
+    refuse_mode(step, STEP_FIRST + "tensor_names(step=step, mode={mode})")
     pats = [_compile(r) for r in ([regex] if isinstance(regex, str) else regex or [])]
     m = None if mode is None else Mode.parse(mode)
     gstep = None if step is None else global_step(step, m)

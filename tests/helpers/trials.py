@@ -55,3 +55,27 @@ def logged_warnings() -> Iterator[list[str]]:
         yield messages
     finally:
         logger.removeHandler(handler)
+
+
+def torch_train_and_eval(out: Path, x: Any, y: Any, epochs: int = 2, lr: float = 0.01, **hook_kw: Any) -> Any:
+    """A PyTorch ``Linear`` regression captured every step into ``out``: each epoch two TRAIN steps on ``x, y``,
+    then one EVAL step (no backward: no gradient saved); returns the closed hook."""
+    import torch
+
+    import tensortap.torch as ttt
+    from tensortap import SaveConfig
+
+    model = torch.nn.Linear(x.shape[1], 1)
+    opt, loss_fn = torch.optim.SGD(model.parameters(), lr=lr), torch.nn.MSELoss()
+    hook = ttt.capture(model, out, optimizer=opt, loss=loss_fn, save_config=SaveConfig(save_interval=1), **hook_kw)
+    for _ in range(epochs):
+        model.train()
+        for _ in range(2):
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            opt.step()
+        model.eval()
+        with torch.no_grad():
+            loss_fn(model(x), y)
+    hook.close()
+    return hook

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers.trials import torch_train_and_eval
 
 import tensortap
 from tensortap import NoMoreData, SaveConfig, StepUnavailable, TensorUnavailableForStep
@@ -77,3 +78,78 @@ def test_a_training_that_ended_before_saving_a_step_says_so(tmp_path: Path) -> N
         trial.wait_for_steps([0])
     with pytest.raises(NoMoreData, match=r"^training has ended before saving any eval step; there is no eval step 0$"):
         trial.wait_for_steps([0], mode="eval")
+
+
+@pytest.mark.torch
+def test_smdebug_idioms_get_a_clear_error_or_the_answer(tmp_path: Path) -> None:
+    """Calls ported from smdebug as they were written. ``global_step(Mode.EVAL, 1)`` (smdebug's order) answered
+    for TRAIN step 2, as Mode is an IntEnum; ``reduction_value(step, "mean", Mode.TRAIN)`` (smdebug's third
+    parameter is the mode) read ``abs=Mode.TRAIN``; ``reduction_values(0)`` failed with ``'int' object has no
+    attribute 'startswith'``; ``tensor_names(collection=<Collection>)`` with ``unhashable type``; smdebug's
+    method names with Python's bare AttributeError."""
+    torch = pytest.importorskip("torch")
+    from tensortap import Mode
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    torch_train_and_eval(tmp_path, torch.randn(4, 3), torch.randn(4, 1), lr=0.1)  # TRAIN 0 1 3 4, EVAL 2 5
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.global_step(1, Mode.EVAL) == 5 and trial.global_step(2, Mode.TRAIN) == 3
+
+    order = r"tensortap takes the step first, then the mode"
+    with pytest.raises(TypeError, match=rf"^step: expected a step \(an integer\), got Mode.EVAL, a mode; {order}: "):
+        trial.global_step(Mode.EVAL, 1)
+    with pytest.raises(TypeError, match=r"global_step\(step, mode\) \(smdebug's was global_step\(mode, mode_step\)\)"):
+        trial.global_step(Mode.EVAL, 1)
+    loss = trial.tensor("losses/MSELoss")
+    grad = trial.tensor("gradients/weight")
+    for call in (
+        lambda: trial.has_passed_step(Mode.EVAL, 1),
+        lambda: trial.wait_for_steps([Mode.EVAL]),
+        lambda: trial.tensor_names(step=Mode.EVAL, mode=1),
+        lambda: trial.mode_step(Mode.EVAL),
+        lambda: loss.value(Mode.EVAL, 1),
+        lambda: loss.reduction_value(Mode.TRAIN, "mean"),
+        lambda: loss.workers(Mode.EVAL),
+    ):
+        with pytest.raises(TypeError, match=r"^step: expected a step \(an integer\), got Mode.(EVAL|TRAIN), a mode; "):
+            call()
+    # smdebug's reduction_value(step, name, mode, worker, abs): a mode given third is not abs
+    with pytest.raises(TypeError, match=r"^abs: expected True or False, got Mode.TRAIN, a mode; .*mode=Mode.TRAIN"):
+        grad.reduction_value(0, "mean", Mode.TRAIN)
+    assert grad.reduction_value(0, "mean", mode=Mode.TRAIN) == pytest.approx(float(grad.value(0).mean()))
+
+    # reduction_values takes a reduction name (smdebug's took a step and gave every reduction there)
+    with pytest.raises(TypeError, match=r"^reduction: expected a reduction name \(a string, e.g. 'mean'\), got 0; "):
+        grad.reduction_values(0)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"available_reductions\(step\) and reduction_value\(step, reduction\)"):
+        grad.reduction_values(0)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^reduction: expected a reduction name"):
+        grad.reduction_value(0, 1)  # type: ignore[arg-type]
+    assert list(grad.reduction_values("mean")) == [0, 1, 3, 4]
+
+    # a Collection, as smdebug took it, stands for its name
+    gradients = trial.tensor_names(collection="gradients")
+    assert gradients == ["gradients/bias", "gradients/weight"]
+    assert trial.tensor_names(collection=trial.collection("gradients")) == gradients
+    assert trial.tensor_names(collection=trial.collection("gradients"), step=1, mode="eval") == []
+    with pytest.raises(TypeError, match=r"^collection: expected a collection name \(a string\) or a Collection, got "):
+        trial.tensor_names(True)  # type: ignore[arg-type]  # smdebug's first parameter: show_prefixed_tensors
+
+    # smdebug's names: an AttributeError that says how tensortap spells it
+    hints = {
+        "has_tensor": r"name in trial.tensor_names\(\)",
+        "mode_modestep": r"trial.mode_step\(step\)",
+        "mode": r"trial.mode_step\(step\)\[0\]",
+        "loaded_all_steps": r"trial.training_ended",
+        "num_workers": r"len\(trial.workers\(\)\)",
+        "maybe_refresh": r"trial.refresh\(\)",
+    }
+    for name, hint in hints.items():
+        with pytest.raises(AttributeError, match=rf"^'Trial' object has no attribute '{name}': smdebug's .*{hint}"):
+            getattr(trial, name)
+    with pytest.raises(AttributeError, match=r"^'Tensor' object has no attribute 'prev_steps': smdebug's .*s <= step"):
+        loss.prev_steps(3, 2)
+    with pytest.raises(AttributeError, match=r"^'Trial' object has no attribute 'no_such_thing'$"):
+        trial.no_such_thing  # noqa: B018
+    assert not hasattr(trial, "has_tensor") and hasattr(trial, "tensor_names")

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from helpers.trials import torch_train_and_eval
 
 import tensortap
 from tensortap import SaveConfig
@@ -1318,3 +1319,77 @@ def test_overfit_and_overtraining_judge_each_xgboost_metric_against_its_own(tmp_
         f"losses/validation-error: validation loss {float(trial.tensor('losses/validation-error').value(1)):.4g} "
         in reason
     )
+
+
+# ------------------------------------------------------------------ smdebug-style custom rules
+class SmdebugVanishingGradient(Rule):
+    """smdebug's documented custom rule (its docs/analysis.md, "Writing a custom rule"), ported as is: it reads
+    every gradient at every step, EVAL steps (where no backward runs) included."""
+
+    def __init__(self, base_trial: Any, threshold: float = 0.0000001) -> None:
+        super().__init__(base_trial)
+        self.threshold = float(threshold)
+
+    def invoke_at_step(self, step: int) -> bool:
+        for tensorname in self.base_trial.tensor_names(collection="gradients"):
+            tensor = self.base_trial.tensor(tensorname)
+            abs_mean = tensor.reduction_value(step, "mean", abs=True)
+            return bool(abs_mean < self.threshold)
+        return False
+
+
+def _train_and_eval(torch: Any, out: Path, epochs: int = 2, **hook_kw: Any) -> Any:
+    """Each epoch two TRAIN steps, then one EVAL step (no backward: no gradient saved); returns the closed hook."""
+    x, y = (torch.from_numpy(a) for a in regression_data(8))
+    return torch_train_and_eval(out, x, y, epochs=epochs, **hook_kw)
+
+
+@pytest.mark.torch
+def test_a_smdebug_style_custom_rule_skips_the_steps_it_cannot_read_offline(
+    tmp_path: Path, torch: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """smdebug's invoke_rule went on past a step where the rule's own reads raised TensorUnavailableForStep
+    (and StepUnavailable, TensorUnavailable). tensortap's raised out of invoke_rule at the first EVAL step,
+    losing the TRAIN steps it had fired at. Now the step is not judged, and the rule says so."""
+    _train_and_eval(torch, tmp_path)
+    trial = tensortap.create_trial(tmp_path)
+    train = [trial.global_step(s, "train") for s in trial.steps(mode="train")]
+    evals = [trial.global_step(s, "eval") for s in trial.steps(mode="eval")]
+    assert train == [0, 1, 3, 4] and evals == [2, 5]
+    rule = SmdebugVanishingGradient(trial, threshold=100.0)  # holds at every step it can judge
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        assert invoke_rule(rule) == train
+    assert rule.fired_steps == train and rule.evaluated_steps == 6 and not rule.lacks_inputs
+    [(message, first)] = rule.missing_inputs.items()
+    assert first == 2 and message.startswith("SmdebugVanishingGradient cannot judge the steps where ")
+    assert "TensorUnavailableForStep: 'gradients/" in message and "was not saved at step 2" in message
+    assert [r.getMessage() for r in caplog.records].count(f"tensortap: {message} (first at step 2)") == 1
+    # a step evaluated by hand: a verdict that did not fire and says why
+    verdict = SmdebugVanishingGradient(trial, threshold=100.0).invoke(5)
+    assert not verdict.fired and verdict.reason.startswith("not judged: ") and "at step 5" in verdict.reason
+    # a rule that can judge no step at all is no pass (smdebug's ended silently)
+    never = SmdebugVanishingGradient(trial, threshold=100.0)
+    never.invoke_at_step = lambda step: bool(trial.tensor("gradients/nope").value(step))  # type: ignore[method-assign]
+    with pytest.raises(RuleInputsMissing, match=r"^SmdebugVanishingGradient found none of its inputs: it cannot"):
+        invoke_rule(never)
+    assert never.lacks_inputs and never.evaluated_steps == 6 and never.fired_steps == []
+
+
+@pytest.mark.torch
+def test_a_smdebug_style_custom_rule_in_process_is_not_switched_off(
+    tmp_path: Path, torch: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """In-process, the rule's TensorUnavailableForStep at the first EVAL step switched it off for the rest of
+    the training (logged with a traceback). Now it skips that step and fires at every TRAIN step."""
+    record = Record()
+    rule = SmdebugVanishingGradient(None, threshold=100.0).add_action(record)
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        _train_and_eval(torch, tmp_path, epochs=3, rules=[rule])
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    trial = tensortap.create_trial(tmp_path)
+    train = [trial.global_step(s, "train") for s in trial.steps(mode="train")]
+    assert train == [0, 1, 3, 4, 6, 7]
+    assert rule.fired_steps == train and [v.step for v in record.verdicts] == train
+    assert list(rule.missing_inputs.values()) == [2] and rule.evaluated_steps == 9
+    offline = SmdebugVanishingGradient(trial, threshold=100.0)
+    assert invoke_rule(offline) == train and list(offline.missing_inputs.values()) == [2]

@@ -18,12 +18,21 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ...exceptions import ShardUnreadable, TensortapError
+from ...exceptions import (
+    ShardUnreadable,
+    StepUnavailable,
+    TensortapError,
+    TensorUnavailable,
+    TensorUnavailableForStep,
+)
 
 if TYPE_CHECKING:
     from .actions import Action
 
 logger = logging.getLogger("tensortap")
+
+# raised by a rule's own reads at a step: the rule cannot judge that step (smdebug's invoke_rule went on too)
+UNREADABLE_INPUT = (TensorUnavailableForStep, StepUnavailable, TensorUnavailable)
 
 
 @dataclass(frozen=True)
@@ -39,7 +48,9 @@ class Verdict:
     fired
         Whether the rule's condition held.
     reason
-        Why it fired, in words a person can act on.
+        Why it fired, in words a person can act on; for a verdict that did not
+        fire, empty, or ``"not judged: ..."`` where the rule could not judge
+        the step (what it reads there is missing, see :meth:`Rule.invoke`).
     tensors
         Names of the tensors involved.
     """
@@ -378,17 +389,54 @@ class Rule:
         neither way, so the rule does not fire there, the step is not counted
         in :attr:`evaluated_steps` but listed in :attr:`skipped_steps`, and the
         runner goes on with the next step.
+
+        A step where the rule's own read raises
+        :class:`~tensortap.exceptions.TensorUnavailableForStep`,
+        :class:`~tensortap.exceptions.StepUnavailable` or
+        :class:`~tensortap.exceptions.TensorUnavailable` (a custom rule that
+        reads the gradients at an EVAL step, where none were saved) cannot be
+        judged: the rule does not fire there, the verdict's reason says
+        ``"not judged: ..."``, and the runner goes on with the next step, as
+        smdebug's ``invoke_rule`` did. It is never silent: the first such step
+        of each kind of error is listed in :attr:`missing_inputs` and logged,
+        and a rule that could judge none of its steps lacks inputs
+        (:attr:`lacks_inputs`: the runner raises
+        :class:`~tensortap.exceptions.RuleInputsMissing`). Built-in rules
+        check their inputs (:meth:`need`) and do not raise these.
         """
         self._verdict = None
         self._step_inputs = _StepInputs()
+        not_judged = None
         try:
             fired = bool(self.invoke_at_step(step))
         except ShardUnreadable as exc:
             return self.skip(step, str(exc))
+        except UNREADABLE_INPUT as exc:
+            fired, not_judged = False, self._cannot_judge(step, exc)
         self._progress.last_step = max(self._progress.last_step, step)
         self._progress.usable_steps += self._step_inputs.usable
         self._progress.evaluated_steps += 1
+        if not_judged is not None:
+            return Verdict(self.name, step, False, not_judged)
         return self._conclude(step, fired, f"condition met at step {step}")
+
+    def _cannot_judge(self, step: int, exc: Exception) -> str:
+        """Record that the rule's own read of a tensor at ``step`` raised ``exc`` (one of
+        ``TensorUnavailableForStep``, ``StepUnavailable``, ``TensorUnavailable``): the step cannot be judged.
+
+        Like a ``need`` the step cannot do without: listed (once per kind of error, with the first
+        step) in :attr:`missing_inputs` and logged once; a rule that could judge no step lacks inputs.
+        Returns the reason of the step's verdict.
+        """
+        self._step_inputs.needed = self._step_inputs.blocked = True
+        kind = f"{self.name} cannot judge the steps where what it reads is missing ({type(exc).__name__}"
+        if not any(m.startswith(kind) for m in self._progress.missing):
+            message = f"{kind}: {exc})"
+            self._progress.missing[message] = step
+            logger.warning("tensortap: %s (first at step %d)", message, step)
+        else:
+            logger.debug("tensortap: %s does not judge step %d: %s", self.name, step, exc)
+        return f"not judged: {exc}"
 
     def skip(self, step: int, why: str) -> Verdict:
         """Record that ``step`` cannot be evaluated (``why``: its shard cannot be read) and return a
@@ -414,6 +462,8 @@ class Rule:
             fired = step >= 0 and bool(self.on_training_end(step))
         except ShardUnreadable as exc:
             return self.skip(step, str(exc))
+        except UNREADABLE_INPUT as exc:
+            return Verdict(self.name, step, False, self._cannot_judge(step, exc))
         return self._conclude(step, fired, f"condition met at the end of the training (step {step})")
 
     def invoke_idle(self, last_step: int, idle_seconds: float) -> Verdict:

@@ -18,10 +18,11 @@ import numpy as np
 
 from ... import reductions as red
 from ...backends.shard import StepRecord
+from ...config import Collection
 from ...exceptions import TensorUnavailable, TensorUnavailableForStep
 from ...modes import Mode
 from ..index import steps_meet
-from ..trial import select_names
+from ..trial import STEP_FIRST, check_reduction_name, refuse_mode, refuse_mode_as_abs, select_names
 from .base import Rule, Verdict, logger
 
 # saved steps of scalars and reductions kept in memory (raw tensors: each rule's ``history``)
@@ -98,6 +99,8 @@ class MemoryTensor:
 
     def reduction_value(self, step: int, reduction: str, abs: bool = False, mode: Mode | str | None = None) -> float:
         """A reduction at ``step``: the saved one, or computed from the raw value."""
+        check_reduction_name(reduction)
+        refuse_mode_as_abs(abs, "reduction_value(step, reduction")
         key = red.reduction_key(reduction, abs)
         raw, reds = self._entry(step, mode)
         if key in reds:
@@ -166,13 +169,14 @@ class MemoryTrial:
 
     def global_step(self, step: int, mode: Mode | str | None = None) -> int | None:
         """The global step of mode step ``step`` (``step`` itself without ``mode``)."""
+        refuse_mode(step, STEP_FIRST + "global_step(step, mode) (smdebug's was global_step(mode, mode_step))")
         if mode is None:
             return step
         return self._by_mode.get(Mode.parse(mode), {}).get(step)
 
     def tensor_names(
         self,
-        collection: str | None = None,
+        collection: str | Collection | None = None,
         regex: str | Sequence[str] | None = None,
         mode: Mode | str | None = None,
         step: int | None = None,
