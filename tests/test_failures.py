@@ -501,3 +501,35 @@ def test_a_name_that_is_not_valid_unicode_is_skipped_with_one_warning(
     assert trial.steps() == [0, 1, 2, 3]
     assert trial.tensor_names() == ["a"]
     assert trial.training_ended
+
+
+def test_a_trial_folder_removed_while_the_training_writes_it_is_said_and_stays_claimed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The trial's folder moved (or removed) mid-run: the writer made it anew without a word, with no worker
+    record; ``check`` said "ok", and a later run, not refused, wrote over its shards and index records."""
+    from tensortap.trial.check import storage_problems
+
+    out = tmp_path / "trial"
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        w = Writer(out, shard_policy=ShardPolicy(max_steps=2))
+        run_steps(w, 4, ["x"])
+        w.flush()
+        out.rename(tmp_path / "moved")
+        run_steps(w, 6, ["x"])
+        w.close()
+    lost = [r.getMessage() for r in caplog.records if "lost the record" in r.getMessage()]
+    assert len(lost) == 1 and "the 2 shard(s) published before are not there" in lost[0]
+    trial = tensortap.create_trial(out)
+    assert trial.steps() == list(range(4, 10)) and trial.end_reasons() == {"worker_0": "closed"}
+    for step in trial.steps():
+        np.testing.assert_array_equal(trial.tensor("x").value(step), default_value("x", step))
+    assert tensortap.create_trial(tmp_path / "moved").steps() == [0, 1, 2, 3]
+    with pytest.raises(tensortap.TrialExistsError):
+        Writer(out)
+    (out / "workers" / "worker_0.json").unlink()  # such a trial, made before: index records, no worker record
+    with pytest.raises(tensortap.TrialExistsError):
+        Writer(out)  # not taken for a free folder
+    assert storage_problems(tensortap.create_trial(out).storage) == [
+        "index/worker_0: index records of a worker that has no worker record (workers/worker_0.json)"
+    ]

@@ -296,7 +296,9 @@ def claim_worker(
             if run.create_json(key, record):
                 return run, 0
             n += 1
-    if storage.create_json(key, record):
+    # index records of the worker without its record (a folder removed mid-run and made anew): taken too
+    orphaned = bool(storage.list(f"{layout.INDEX}/{worker}")) and not storage.exists(key)
+    if not orphaned and storage.create_json(key, record):
         return storage, 0
     if resume and (seq := _resume(storage, worker, record)) is not None:
         return storage, seq
@@ -466,6 +468,7 @@ class TrialWriter:
             "run_id": self.run_id,
             **worker_info,
         }
+        self._record = record  # written again where a local trial's folder lost it (_keep_claim)
         self.storage, self._seq = run_bounded(
             lambda: claim_worker(storage, worker, record, if_exists, resume=run_id is not None),
             policy.timeout,
@@ -654,6 +657,7 @@ class TrialWriter:
                     prepared = self._prepare(buffer, seq)
                 record = self._write_preparing_the_next(prepared, buffer, seq)
                 buffer.release()
+                self._keep_claim(seq)
                 self.storage.publish_file(prepared.path, key)
             finally:
                 if prepared is not None:
@@ -670,6 +674,25 @@ class TrialWriter:
         if not first:  # the first pays one-off costs (laid out here while the layout process starts, ...)
             cpu = time.thread_time() - start_cpu
             self._publish_cpu = _moving_average(self._publish_cpu, cpu, self._publishes == 2)
+
+    def _keep_claim(self, seq: int) -> None:
+        """Before shard ``seq`` is published to a local folder: where the worker record is gone (the trial's
+        folder removed or moved while the training writes it), write it again, with one warning. Writing
+        made the folder anew without a word before: a trial without its worker record, which a later run
+        did not see as taken and wrote over."""
+        key = layout.worker_key(self.worker)
+        if not self.storage.is_local or self.storage.exists(key):
+            return
+        logger.warning(
+            "tensortap: %s lost the record of %s (its folder was removed or moved while the training wrote "
+            "it?): the %d shard(s) published before are not there; the record is written again and capture "
+            "goes on from shard %d",
+            self.storage.url,
+            self.worker,
+            seq,
+            seq,
+        )
+        self.storage.write_json(key, self._record)
 
     def _prepare(self, buffer: ShardBuffer, seq: int) -> PreparedShard:
         """Make shard ``seq``'s file of ``buffer`` under a temporary name in the staging folder, its

@@ -347,6 +347,12 @@ def storage_problems(
                 storage.local_path(key)  # refuses links out of the trial, FIFOs and devices
             except OSError as exc:
                 problems.append(f"{key}: {exc}")
+    indexed = {key.split("/")[1] for key in keys if key.startswith(f"{layout.INDEX}/") and key.count("/") == 2}
+    problems += [  # a folder removed while a training wrote it, made anew by the writer before session 45
+        f"{layout.INDEX}/{worker}: index records of a worker that has no worker record ({layout.worker_key(worker)})"
+        for worker in sorted(indexed)
+        if layout.worker_key(worker) not in records
+    ]
     present = set(shards)
     for shard, (key, _) in sorted(named.items()):
         if shard not in present:
