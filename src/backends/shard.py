@@ -841,10 +841,11 @@ def _pwrite_all(fd: int, pieces: list[memoryview], offset: int) -> None:
 
 def lay_out_or_error(path: str, ops: list[Op]) -> list[int] | str:
     """:func:`lay_out` in the layout process: the offsets, or why it failed (an ``OSError``, as a
-    full disk; the writer's process then lays the shard out itself, and raises it)."""
+    full disk, or the ``RuntimeError`` HDF5 raises when a full disk fails its last flush; the writer's
+    process then lays the shard out itself, and raises it)."""
     try:
         return lay_out(path, ops)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RuntimeError) as exc:
         return f"{type(exc).__name__}: {exc}"
 
 

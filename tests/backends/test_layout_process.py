@@ -3,6 +3,7 @@ the process falls back to the writer's own layout, said once, with nothing lost.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -153,6 +154,40 @@ def test_an_error_in_the_layout_process_is_raised_by_the_writers_own_layout(
     assert asked == [str(missing)] and layouts.running
     shard.prepare_shard(str(tmp_path / "next.h5"), "worker_0", 1, _buffer(), "k").write()
     assert asked[-1] == str(tmp_path / "next.h5")
+
+
+@pytest.fixture()
+def full_disk(tmp_path: Path) -> Iterator[Path]:
+    """A folder on a file system of 1 MiB, filled but for two pages (a tmpfs: needs the right to mount)."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(mnt)], capture_output=True)
+    if mounted.returncode:
+        pytest.skip(f"no tmpfs could be mounted: {mounted.stderr.decode(errors='replace').strip()}")
+    try:
+        fd = os.open(mnt / "filler", os.O_WRONLY | os.O_CREAT)
+        with contextlib.suppress(OSError):
+            while True:
+                os.write(fd, b"\0" * 4096)
+        os.ftruncate(fd, os.fstat(fd).st_size - 2 * 4096)
+        os.close(fd)
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_a_full_disk_met_by_the_layout_process_is_raised_by_the_writers_own_layout(
+    monkeypatch: pytest.MonkeyPatch, layouts: shard.Layouts, full_disk: Path, tmp_path: Path
+) -> None:
+    """HDF5 raises a RuntimeError when a full disk fails its last flush: it ended the layout process, and the
+    writer warned that "reading it killed the process that read it". It is answered as an error now: the
+    shard is laid out here, which raises it, and the process lays out the next shard."""
+    asked = _asks(monkeypatch, layouts)
+    with pytest.raises((OSError, RuntimeError)):
+        shard.prepare_shard(str(full_disk / "x.h5"), "worker_0", 0, _buffer(), "k").write()
+    assert asked == [str(full_disk / "x.h5")] and layouts.running
+    shard.prepare_shard(str(tmp_path / "next.h5"), "worker_0", 1, _buffer(), "k").write()
+    assert asked[-1] == str(tmp_path / "next.h5") and layouts.running
 
 
 @pytest.mark.parametrize("why", ["variable", "frozen"])
