@@ -202,6 +202,31 @@ def test_publish_failure_mid_run_logs_once_and_disables(tmp_path: Path, caplog: 
     w.close_for_exit("exit")  # at interpreter exit: nothing left to do, and nothing to fail
 
 
+def test_an_end_marker_the_storage_refused_when_capture_turned_off_is_written_at_close(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Capture turned off by a storage error, and the end marker refused then too: the storage came back before
+    ``close()``, which did not try again, so readers later said the worker was killed (its steps lost)."""
+    w = Writer(tmp_path, shard_policy=ShardPolicy(max_steps=1))
+    run_steps(w, 2)
+    w.flush()
+    _break_publishing(tmp_path)
+    shutil.rmtree(tmp_path / "end", ignore_errors=True)
+    (tmp_path / "end").write_text("in the way")
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        run_steps(w, 2)
+        w.flush()
+        assert w.failed
+        (tmp_path / "end").unlink()  # the storage is back
+        w.close()
+    refused = [r.getMessage() for r in caplog.records if "cannot write the end marker" in r.getMessage()]
+    assert len(refused) == 1 and refused[0].startswith(
+        f"tensortap: cannot write the end marker of worker_0 to {tmp_path}:"
+    )
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.end_reasons() == {"worker_0": "error"} and trial.steps() == [0, 1]
+
+
 def test_a_disk_that_fills_while_values_are_written_logs_once_and_keeps_what_was_published(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

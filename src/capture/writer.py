@@ -458,6 +458,8 @@ class TrialWriter:
         self._staging_step = -1
         self._hung = False  # the storage did not answer within policy.timeout: wait for it no more
         self._cause: str | None = None  # why capture turned itself off (see disable)
+        # the end marker the storage refused when capture turned itself off: tried again once, at close()
+        self._unwritten_end: dict[str, Any] | None = None
         self._pending: list[_Job] = []
         self._io_lock = threading.Lock()  # held by the writer thread while it publishes on its own
         record = {
@@ -812,14 +814,21 @@ class TrialWriter:
             record["error"] = f"{type(self.error).__name__}: {self.error}"
         elif self._cause is not None:
             record["error"] = self._cause
+        again, self._unwritten_end = self._unwritten_end is not None, None
         try:
             self.storage.write_json(layout.end_key(self.worker), record)
         except Exception as exc:  # the storage is gone: readers cannot be told
             if self.error is None:
                 self._report(exc)
             else:
-                logger.warning(
-                    "tensortap: cannot write the end marker of %s to %s: %s", self.worker, self.storage.url, exc
+                self._unwritten_end = None if again else record  # tried again once, at close()
+                logger.log(
+                    logging.INFO if again else logging.WARNING,
+                    "tensortap: cannot write the end marker of %s to %s%s: %s",
+                    self.worker,
+                    self.storage.url,
+                    " (again, at close)" if again else "",
+                    exc,
                 )
 
     def close(
@@ -847,6 +856,9 @@ class TrialWriter:
             return
         self._end(reason, last_step, mode_steps, error)
         self.drain()
+        if (unwritten := self._unwritten_end) is not None:  # capture turned off, and the storage refused it then
+            self._submit(lambda: self._write_end(unwritten))
+            self.drain()
         self._finished = True
         _OPEN_WRITERS.discard(self)
         self._thread.writers.discard(self)
