@@ -533,9 +533,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     running, stopped where no reader can tell, or killed), which does not make it fail."""
     trial = open_trial(args)  # once: the workers said unended are those of the storage checked
     problems = storage_problems(trial.storage)
-    reasons = trial.end_reasons()
-    running = sorted(set(trial.workers()) - set(reasons))
-    killed = sorted(worker for worker, reason in reasons.items() if reason == "killed")  # no end marker either
+    running = sorted(set(trial.workers()) - set(trial.end_reasons()))
+    killed = killed_workers(trial)  # no end marker either
     unended = sorted(running + killed)
     if args.json:
         print_json({"path": args.path, "ok": not problems, "problems": problems, "unended_workers": unended})
@@ -549,8 +548,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         )
     if killed:
         print(
-            f"note: {printable(', '.join(killed))} killed: its process ended without writing its end marker; the "
-            "steps it had not published are lost"
+            f"note: {killed_note(killed)}: its process ended without writing its end marker; the steps it had not "
+            "published are lost"
         )
     if problems:
         logger.warning("tensortap: %d problem(s) found in %s", len(problems), args.path)
