@@ -30,12 +30,8 @@ from ..config import SaveConfig
 from ..modes import Mode
 from . import core
 from .torch import TorchOps
+from .torch.events import parameter_collection
 from .writer import logger
-
-
-def parameter_collection(name: str) -> str:
-    """``"biases"`` for a parameter whose last name part mentions ``bias``, else ``"weights"``."""
-    return "biases" if "bias" in name.rsplit(".", 1)[-1] else "weights"
 
 
 def logged_name(key: str) -> tuple[str, str]:

@@ -137,6 +137,17 @@ def test_fit_captures_what_lightning_computed(tmp_path: Path) -> None:
     assert trial.end_reasons() == {"worker_0": "closed"}
 
 
+def test_a_parametrized_bias_is_in_biases(tmp_path: Path) -> None:
+    """``net.0.parametrizations.bias.original`` is a bias, as the PyTorch hook files it."""
+    model = Regressor()
+    torch.nn.utils.parametrize.register_parametrization(model.net[0], "bias", torch.nn.Identity())
+    trainer = L.Trainer(max_epochs=1, limit_val_batches=0, callbacks=[ttl.Callback(tmp_path)], **TRAINER)
+    trainer.fit(model, loader(16, 0))
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.tensor_names(collection="biases") == ["net.0.parametrizations.bias.original", "net.2.bias"]
+    assert trial.tensor_names(collection="weights") == ["net.0.weight", "net.2.weight"]
+
+
 def test_accumulated_batches_are_one_step(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = Regressor()

@@ -215,7 +215,7 @@ def _is_sharded(module: nn.Module) -> bool:
     return any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in module.modules())
 
 
-def _param_collection(name: str) -> str:
+def parameter_collection(name: str) -> str:
     """``biases`` for a parameter whose last name part contains ``bias``, ``weights`` otherwise.
 
     A parametrized tensor's parameters (``fc.parametrizations.bias.original``, ``original0``, ...)
@@ -880,7 +880,7 @@ class Hook(core.Hook):
         self._name_backward_losses(self._loss_name)
         s = self.session
         if not (self.weights_rank0_only and self.rank != 0) and s.saving("weights", "biases"):
-            s.offer_many((name, p, (_param_collection(name),)) for name, p in self._params.items())
+            s.offer_many((name, p, (parameter_collection(name),)) for name, p in self._params.items())
         s.offer_many((f"gradients/{name}", g.applied(), ("gradients",)) for name, g in self._grad_stash.items())
         if s.saving("optimizer_variables"):
             for att in self._optimizers:
