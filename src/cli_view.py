@@ -79,10 +79,11 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from matplotlib.figure import Figure
 
     from .trial.compare import Comparison
-    from .trial.plot import check_image_path, curves_axis, plot_tensors, save_plot
+    from .trial.export import check_suffix
+    from .trial.plot import IMAGE_SUFFIXES, curves_axis, plot_tensors, save_plot
 
     try:
-        check_image_path(args.output)
+        check_suffix(args.output, IMAGE_SUFFIXES)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     runs = [args.path]

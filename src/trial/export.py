@@ -42,6 +42,17 @@ def _without_tensorboardx_nan_warning() -> Iterator[None]:
         tb_logger.removeFilter(keep)
 
 
+def check_suffix(path: str, suffixes: Sequence[str], *, stdout: bool = False) -> str:
+    """The lower-case suffix of the output file ``path``; a ``ValueError`` naming ``suffixes`` unless it is one of
+    them, or ``path`` is ``"-"`` (standard output) where ``stdout`` allows it. Without a known suffix the writer
+    would choose (matplotlib writes ``path.png``) and the file named would not exist."""
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix not in suffixes and not (stdout and path == "-"):
+        allowed = f"{', '.join(suffixes[:-1])} or {suffixes[-1]}" if len(suffixes) > 1 else suffixes[0]
+        raise ValueError(f"output: {path!r} must end in {allowed}" + (" (or be '-')" if stdout else ""))
+    return suffix
+
+
 def export_table(
     trial: Trial,
     output: str | os.PathLike[str],
@@ -66,9 +77,7 @@ def export_table(
         name cannot act on it (files and pipes get the names as they are).
     """
     path = os.fspath(output)
-    suffix = os.path.splitext(path)[1].lower()
-    if path != "-" and suffix not in TABLE_SUFFIXES:
-        raise ValueError(f"output: {path!r} must end in {' or '.join(TABLE_SUFFIXES)} (or be '-')")
+    suffix = check_suffix(path, TABLE_SUFFIXES, stdout=True)
     df = trial.to_pandas(collection=collection, reductions=reductions, progress=show_progress)
     if path == "-":
         if escape is not None:

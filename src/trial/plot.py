@@ -9,7 +9,6 @@ further. The methods :meth:`Trial.plot <tensortap.Trial.plot>`,
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -17,6 +16,7 @@ import numpy as np
 
 from ..modes import Mode, step_label, step_word
 from ..reductions import split_key
+from .export import check_suffix
 from .progress import progress
 from .views import printable, tensor_workers
 
@@ -333,16 +333,9 @@ def _whole_steps(ax: Axes, x: str) -> None:
 IMAGE_SUFFIXES = (".png", ".svg", ".pdf")
 
 
-def check_image_path(path: str) -> None:
-    """A ``ValueError`` unless ``path`` ends in a suffix of :data:`IMAGE_SUFFIXES` (without one, matplotlib wrote
-    ``path.png``, and the file named did not exist)."""
-    if os.path.splitext(path)[1].lower() not in IMAGE_SUFFIXES:
-        raise ValueError(f"output: {path!r} must end in {', '.join(IMAGE_SUFFIXES)}")
-
-
 def save_plot(ax: Any, path: str) -> None:
-    """Write the figure of ``ax`` to ``path`` (PNG, SVG or PDF by suffix: :func:`check_image_path`)."""
-    check_image_path(path)
+    """Write the figure of ``ax`` to ``path`` (PNG, SVG or PDF by suffix: :data:`IMAGE_SUFFIXES`)."""
+    check_suffix(path, IMAGE_SUFFIXES)
     fig = ax.get_figure()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
