@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from .modes import Mode, step_label
 
@@ -216,3 +216,13 @@ class StorageUnreachable(TensortapError, ConnectionError):
     message
         What failed, naming the URL and the endpoint, with the client's error.
     """
+
+
+def no_attribute(owner: str, name: str, hints: Mapping[str, str], what: str) -> AttributeError:
+    """Python's AttributeError for the attribute ``name`` of ``owner`` (``"'Trial' object"``, ``"module
+    'tensortap.torch'"``), saying how tensortap spells it where smdebug had that name: ``hints[name]``, about
+    smdebug's ``what`` (``"trial"``, ``"hook"``, ...)."""
+    message = f"{owner} has no attribute {name!r}"
+    if name in hints:
+        message += f": smdebug's {what}.{name}: in tensortap, {hints[name]}"
+    return AttributeError(message)

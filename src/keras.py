@@ -6,6 +6,8 @@ Importing this module imports Keras (and its backend); see
 
 from __future__ import annotations
 
+from .capture.core import module_attribute_error
 from .capture.keras import Callback, KerasOps
 
 __all__ = ["Callback", "KerasOps"]
+__getattr__ = module_attribute_error(__name__)

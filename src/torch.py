@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .capture.core import module_attribute_error
 from .capture.torch import Hook, TorchOps, capture
 
 __all__ = ["Hook", "TorchOps", "capture"]
+__getattr__ = module_attribute_error(__name__)

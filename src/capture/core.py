@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, NoReturn, Protocol
 
 import numpy as np
 
@@ -48,7 +48,7 @@ from ..config import (
     check_keys,
     compile_regexes,
 )
-from ..exceptions import TrialExistsError
+from ..exceptions import TrialExistsError, no_attribute
 from ..modes import Mode
 from . import counting
 from .stop import STOP_POLL_SECONDS, StopChannel
@@ -246,6 +246,43 @@ def collection_names(collections: str | Sequence[str], where: str = "collections
     if isinstance(collections, Sequence) and all(isinstance(c, str) for c in collections):
         return tuple(collections)
     raise TypeError(f"{where}: expected a collection name or a list of them, got {collections!r}")
+
+
+_COLLECTION_CONFIGS = (
+    "collection_configs={name: {'include_regex': [...], 'reduction_config': ..., 'save_config': ...}} given to "
+    "the hook (docs/migrating-from-smdebug.md)"
+)
+#: smdebug's names of hook methods that tensortap spells otherwise: the AttributeError says how.
+SMDEBUG_HOOK = {
+    "get_collection": _COLLECTION_CONFIGS,
+    "get_collections": _COLLECTION_CONFIGS,
+    "add_to_collection": "hook.save_tensor(name, value, collections=[...]), or an include_regex of collection_configs",
+    "wrap_optimizer": "hook.attach_optimizer(optimizer) (PyTorch); the Keras callback needs no wrapped optimizer",
+    "export_collections": "nothing: the trial's worker record holds the collections (trial.collections())",
+}
+#: smdebug's names in ``smdebug.pytorch`` / ``.tensorflow`` / ``.xgboost`` that tensortap's adapter modules lack.
+SMDEBUG_MODULE = {
+    "get_hook": (
+        "keep what made the capture (ttt.capture(...) or ttt.Hook(...), tensortap.keras.Callback(...), "
+        "tensortap.xgboost.Callback(...)); Hook.from_env() makes one from TENSORTAP_CONFIG"
+    ),
+    "SaveConfig": "tensortap.SaveConfig",
+    "SaveConfigMode": "one tensortap.SaveConfig per mode: save_config={tensortap.Mode.TRAIN: SaveConfig(...)}",
+    "ReductionConfig": "tensortap.ReductionConfig",
+    "modes": "tensortap.Mode",
+    "CollectionKeys": "the collection names as strings: 'weights', 'gradients', 'losses', ...",
+    "KerasHook": "tensortap.keras.Callback",
+}
+
+
+def module_attribute_error(module: str) -> Callable[[str], NoReturn]:
+    """A module's ``__getattr__``: Python's AttributeError for a name ``module`` lacks, with tensortap's spelling
+    of smdebug's names (:data:`SMDEBUG_MODULE`)."""
+
+    def missing(name: str) -> NoReturn:
+        raise no_attribute(f"module {module!r}", name, SMDEBUG_MODULE, "smd")
+
+    return missing
 
 
 class Hook:
@@ -1020,6 +1057,11 @@ class Hook:
             listener()
         if self.writer is not None:
             self.writer.close(reason, *self._progress(), error=error)
+
+    if not TYPE_CHECKING:  # mypy keeps checking attribute names
+
+        def __getattr__(self, name: str) -> Any:
+            raise no_attribute(f"{type(self).__name__!r} object", name, SMDEBUG_HOOK, "hook")
 
     def __enter__(self) -> Hook:
         return self

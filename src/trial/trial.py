@@ -35,6 +35,7 @@ from ..exceptions import (
     TensorUnavailableForStep,
     TrialNotFound,
     UnknownName,
+    no_attribute,
     suggest,
 )
 from ..modes import Mode, StepState, step_label, step_word
@@ -236,14 +237,6 @@ _SMDEBUG_TENSOR = {
 }
 
 
-def _no_attribute(obj: object, name: str, hints: Mapping[str, str], what: str) -> AttributeError:
-    """Python's AttributeError for ``name``, saying how tensortap spells it where smdebug had that name."""
-    message = f"{type(obj).__name__!r} object has no attribute {name!r}"
-    if name in hints:
-        message += f": smdebug's {what}.{name}: in tensortap, {hints[name]}"
-    return AttributeError(message)
-
-
 class Trial:
     """A trial: every tensor one training run saved, from all its workers.
 
@@ -310,7 +303,7 @@ class Trial:
     if not TYPE_CHECKING:  # mypy keeps checking attribute names
 
         def __getattr__(self, name: str) -> Any:
-            raise _no_attribute(self, name, _SMDEBUG_TRIAL, "trial")
+            raise no_attribute(f"{type(self).__name__!r} object", name, _SMDEBUG_TRIAL, "trial")
 
     def __repr__(self) -> str:
         from .views import trial_text
@@ -729,7 +722,7 @@ class Tensor:
     if not TYPE_CHECKING:  # mypy keeps checking attribute names
 
         def __getattr__(self, name: str) -> Any:
-            raise _no_attribute(self, name, _SMDEBUG_TENSOR, "tensor")
+            raise no_attribute(f"{type(self).__name__!r} object", name, _SMDEBUG_TENSOR, "tensor")
 
     def __repr__(self) -> str:
         from .views import tensor_text

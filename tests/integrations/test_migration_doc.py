@@ -31,3 +31,27 @@ def test_every_table_row_names_both_sides() -> None:
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert all(cells), f"an empty cell: {row}"
+
+
+def test_smdebug_hook_and_module_names_say_how_tensortap_spells_them(tmp_path: Path) -> None:
+    """``hook.get_collection`` and ``smd.get_hook`` of smdebug code ported by its import line alone."""
+    import tensortap.torch as ttt
+    import tensortap.xgboost as ttx
+
+    hook_lacks = r"^'Hook' object has no attribute"
+    with ttt.Hook(tmp_path) as hook:
+        with pytest.raises(AttributeError, match=rf"{hook_lacks} 'get_collection': smdebug's .*collection_configs="):
+            hook.get_collection("weights")
+        with pytest.raises(AttributeError, match=rf"{hook_lacks} 'wrap_optimizer': smdebug's .*attach_optimizer"):
+            hook.wrap_optimizer(None)
+        with pytest.raises(AttributeError, match=rf"{hook_lacks} 'no_such_thing'$"):
+            hook.no_such_thing  # noqa: B018
+        assert not hasattr(hook, "get_collection") and hasattr(hook, "save_scalar")
+    for module in (ttt, ttx):
+        lacks = rf"^module '{module.__name__}' has no attribute"
+        with pytest.raises(AttributeError, match=rf"{lacks} 'get_hook': smdebug's smd.get_hook: .*ttt.capture"):
+            module.get_hook(create_if_not_exists=True)  # type: ignore[attr-defined]
+        with pytest.raises(AttributeError, match=rf"{lacks} 'SaveConfig': .* tensortap.SaveConfig$"):
+            module.SaveConfig  # type: ignore[attr-defined]  # noqa: B018
+        with pytest.raises(AttributeError, match=rf"{lacks} 'no_such_thing'$"):
+            module.no_such_thing  # type: ignore[attr-defined]  # noqa: B018
