@@ -164,15 +164,13 @@ class Callback(xgb.callback.TrainingCallback):
                 "the other, and only the last such set's are captured; give each set a name of its own",
                 ", ".join(map(repr, shared)),
             )
-        if mdl.is_multi_target_tree(params):
-            unsupported = [c for c in mdl.MULTI_TARGET_UNSUPPORTED if c in hook.included]
-            if unsupported:
-                logger.warning(
-                    "tensortap: %s not captured: XGBoost cannot compute them for multi-target trees "
-                    '(multi_strategy="multi_output_tree"); the other collections are still captured',
-                    ", ".join(unsupported),
-                )
-                self._skipped.update(mdl.MULTI_TARGET_UNSUPPORTED)
+        skipped, why = mdl.unsupported(params)
+        named = [name for name in skipped if name.split("/")[0] in hook.included]
+        if named:
+            logger.warning(
+                "tensortap: %s not captured: %s; the other collections are still captured", ", ".join(named), why
+            )
+        self._skipped.update(skipped)
         return model
 
     def _open(self, params: dict[str, str], kwargs: dict[str, Any]) -> Hook:
@@ -311,7 +309,7 @@ class Callback(xgb.callback.TrainingCallback):
             self._compute(hook, ("labels",), lambda: mdl.offer_labels(hook, data))
 
     def _capture_model(self, hook: Hook, model: Any, round_: int) -> None:
-        for kind in mdl.IMPORTANCE_TYPES:  # gblinear has "weight" only: the others are skipped
+        for kind in mdl.IMPORTANCE_TYPES:  # some are skipped: mdl.unsupported
             self._compute(
                 hook,
                 ("feature_importance",),

@@ -22,6 +22,8 @@ IMPORTANCE_TYPES = ("weight", "gain", "cover", "total_gain", "total_cover")
 MULTI_TARGET_UNSUPPORTED = ("trees", "average_shap", "full_shap") + (
     ("feature_importance",) if release(xgb) < (3, 0) else ()
 )
+# what XGBoost cannot compute for a linear booster: it has no trees, and only the "weight" importance
+LINEAR_UNSUPPORTED = ("trees", *(f"feature_importance/{kind}" for kind in IMPORTANCE_TYPES if kind != "weight"))
 # trees_to_dataframe columns holding node ids "<tree>-<node>", stored as the node number
 _NODE_COLUMNS = ("Yes", "No", "Missing")
 # model state in the booster's configuration, not a hyperparameter
@@ -113,9 +115,17 @@ def booster_parameters(config: Mapping[str, Any]) -> dict[str, str]:
     return {k: v for k, v in sorted(params.items()) if k not in _NOT_HYPERPARAMETERS}
 
 
-def is_multi_target_tree(params: Mapping[str, str]) -> bool:
-    """Whether the booster grows one tree for all targets (``multi_strategy="multi_output_tree"``)."""
-    return params.get("multi_strategy") == "multi_output_tree"
+def unsupported(params: Mapping[str, str]) -> tuple[tuple[str, ...], str]:
+    """What XGBoost cannot compute for the booster of ``params`` (collections, or ``feature_importance/<kind>``),
+    and why, in words."""
+    if params.get("multi_strategy") == "multi_output_tree":
+        return (
+            MULTI_TARGET_UNSUPPORTED,
+            'XGBoost cannot compute them for multi-target trees (multi_strategy="multi_output_tree")',
+        )
+    if params.get("booster") == "gblinear":
+        return LINEAR_UNSUPPORTED, 'a linear booster (booster="gblinear") has no trees and only the "weight" importance'
+    return (), ""
 
 
 def _as_number(text: str) -> float | None:
