@@ -67,3 +67,21 @@ def test_analysis_notebook_executes(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert "exploding_tensor fired at: []" in text
     assert "tensorboard: {'scalars':" in text
     assert list(tmp_path.glob("tensortap-analysis-*"))  # its trial went into tmp_path, not /tmp
+
+
+def test_long_work_shows_a_progress_bar_in_a_notebook(tmp_path: Path) -> None:
+    """A Jupyter kernel's standard error is no terminal: long work shows its bar there too, quick work none."""
+    pytest.importorskip("tqdm")
+    code = (
+        "import time\n"
+        "from tensortap.trial.progress import progress\n"
+        "for _ in progress(range(4), desc='long work'): time.sleep(0.3)\n"
+        "for _ in progress(range(4), desc='quick work'): pass\n"
+    )
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code)])
+    nbclient.NotebookClient(
+        nb, timeout=60, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
+    errors = "".join(o.get("text", "") for o in nb.cells[0].outputs if o.get("name") == "stderr")
+    assert "long work: " in errors
+    assert "quick work" not in errors  # under SHOW_AFTER_SECONDS: nothing shown

@@ -1,16 +1,20 @@
-"""Progress bars for long offline work: a tqdm bar on a terminal, nothing otherwise."""
+"""Progress bars for long offline work: a tqdm bar on a terminal or in a notebook, nothing otherwise."""
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
 T = TypeVar("T")
+#: A bar shows once the work has taken this long: quick work leaves nothing (in a notebook, an empty error output).
+SHOW_AFTER_SECONDS = 0.5
 
 
 def progress(items: Iterable[T], total: int | None = None, desc: str = "", enable: bool | None = None) -> Iterator[T]:
-    """Iterate ``items`` with a tqdm bar on standard error when it is a terminal.
+    """Iterate ``items`` with a tqdm bar on standard error when it is a terminal, or in a Jupyter notebook
+    (a widget where ipywidgets is installed).
 
     Parameters
     ----------
@@ -22,16 +26,23 @@ def progress(items: Iterable[T], total: int | None = None, desc: str = "", enabl
         Label of the bar.
     enable
         Force the bar on or off; default: only when standard error is a terminal
-        (and tqdm is installed).
+        or this runs in a Jupyter kernel (and tqdm is installed).
     """
+    notebook = in_notebook()
     if enable is None:
-        enable = sys.stderr.isatty()
-    if enable:
-        try:
-            from tqdm import tqdm
-        except ImportError:
-            enable = False
+        enable = notebook or sys.stderr.isatty()
+    if enable and importlib.util.find_spec("tqdm") is not None:
+        if notebook and importlib.util.find_spec("ipywidgets") is not None:
+            from tqdm.notebook import tqdm
         else:
-            yield from tqdm(items, total=total, desc=desc, file=sys.stderr, leave=False)
-            return
+            from tqdm import tqdm
+        yield from tqdm(items, total=total, desc=desc, file=sys.stderr, leave=False, delay=SHOW_AFTER_SECONDS)
+        return
     yield from items
+
+
+def in_notebook() -> bool:
+    """Whether this runs in a Jupyter kernel (a notebook, JupyterLab, Colab), whose standard error is no terminal."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    return shell is not None and "IPKernelApp" in shell.config
