@@ -8,7 +8,7 @@ from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
 T = TypeVar("T")
-#: A bar shows once the work has taken this long: quick work leaves nothing (in a notebook, an empty error output).
+#: In a notebook a bar shows once the work has taken this long: quick work leaves no empty error output there.
 SHOW_AFTER_SECONDS = 0.5
 
 
@@ -36,7 +36,9 @@ def progress(items: Iterable[T], total: int | None = None, desc: str = "", enabl
             from tqdm.notebook import tqdm
         else:
             from tqdm import tqdm
-        yield from tqdm(items, total=total, desc=desc, file=sys.stderr, leave=False, delay=SHOW_AFTER_SECONDS)
+        yield from tqdm(
+            items, total=total, desc=desc, file=sys.stderr, leave=False, delay=SHOW_AFTER_SECONDS if notebook else 0
+        )
         return
     yield from items
 
