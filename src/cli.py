@@ -486,19 +486,14 @@ def cmd_show(args: argparse.Namespace) -> int:
     steps = [args.step] if args.step is not None else _show_steps(tensor, mode, args.worker)
     entries: list[dict[str, Any]] = []
     skipped: list[int] = []
-    readable: set[int] | None = None  # once a shard was skipped: the steps still readable
     style = Style(sys.stdout)
     for s in steps:
-        if readable is not None and s not in readable:
-            skipped.append(s)  # in the shard skipped before: the reader forgot its steps
-            continue
         try:
             entry, text = _show_entry(tensor, s, mode, args)
         except ShardUnreadable:
             if args.step is not None:
                 raise
             skipped.append(s)
-            readable = set(tensor.steps(mode))
             continue
         entries.append(entry)
         if not args.json:

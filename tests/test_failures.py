@@ -16,7 +16,7 @@ import pytest
 from helpers.trials import default_value, run_steps, write_trial
 
 import tensortap
-from tensortap import StepState, StepUnavailable, TensorUnavailableForStep
+from tensortap import Mode, ShardUnreadable, StepState, TensorUnavailableForStep
 from tensortap.backends import shard as shard_module
 from tensortap.backends.shard import PreparedShard
 from tensortap.capture import ShardPolicy, TensorOps, Writer
@@ -461,11 +461,17 @@ def test_corrupt_shard_is_skipped_with_a_warning_naming_it(
     assert set(a.values()) == {0, 2, 3}
     np.testing.assert_array_equal(trial.tensor("b").values()[3], default_value("b", 3))
     assert list(trial.problems()) == ["shards/worker_0/0000000001.h5"]
-    # once found unreadable, the shard's step is no longer listed as saved
+    # once found unreadable, the shard's step is no longer listed as saved; its values still name the shard
     assert trial.steps() == [0, 2, 3]
     assert trial.has_passed_step(1) is StepState.UNAVAILABLE
-    with pytest.raises(StepUnavailable):
-        a.value(1)
+    for tensor in (a, trial.tensor("b")):  # b at step 1 was never read: the shard was skipped for a
+        with pytest.raises(ShardUnreadable, match=r"at step 1: shard shards/worker_0/0000000001.h5 cannot be read: "):
+            tensor.value(1)
+        with pytest.raises(ShardUnreadable, match=r"at train step 1: shard shards/worker_0/0000000001.h5 cannot "):
+            tensor.value(1, mode=Mode.TRAIN)
+        with pytest.raises(ShardUnreadable):
+            tensor.reduction_value(1, "mean")
+    assert [r.getMessage().count("0000000001.h5") for r in caplog.records if "0000000001.h5" in r.getMessage()] == [1]
 
 
 def test_corrupt_shard_warns_once_through_values(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

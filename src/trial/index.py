@@ -647,6 +647,7 @@ class TrialIndex:
         self.shards = Claims()  # shard -> what its index record says of it
         self.wall_times: dict[int, float] = {}  # saved step -> latest commit time of any worker (format 2)
         self.bad_files: dict[str, str] = {}
+        self._lost: dict[tuple[Mode | None, int], str] = {}  # (mode or None, step) -> the bad shard that held it
         self._seen: dict[str, set[str]] = {}  # worker -> names in its index folder read (or warned about)
         self._readers: OrderedDict[str, ShardReader] = OrderedDict()
         self._ranged_once: set[str] = set()  # remote shards a value of which was read by range (read_raw)
@@ -977,12 +978,20 @@ class TrialIndex:
             )
 
     def drop_shard(self, shard: str, why: str) -> None:
-        """Forget everything stored in ``shard`` (it cannot be read), with one warning saying ``why``."""
+        """Forget everything stored in ``shard`` (it cannot be read), with one warning saying ``why``; its
+        steps that no other shard holds are :meth:`lost_in` it."""
         self._warn_bad(shard, why)
-        self._forget_shard(shard)
+        for step, mode, mode_step in self._forget_shard(shard):
+            self._lost[None, step] = self._lost[mode, mode_step] = shard
 
-    def _forget_shard(self, shard: str) -> None:
-        """Forget everything stored in ``shard``, and close its reader."""
+    def lost_in(self, step: int, mode: Mode | None) -> str | None:
+        """The unreadable shard that held ``step`` (a mode step of ``mode``), forgotten since, or None."""
+        shard = self._lost.get((mode, step))
+        return shard if shard in self.bad_files else None  # not once a new run replaced the worker
+
+    def _forget_shard(self, shard: str) -> list[tuple[int, Mode, int]]:
+        """Forget everything stored in ``shard``, and close its reader; return the steps (with their mode and
+        mode step) no other shard holds, which are no longer steps of the trial."""
         for info in self.tensors.values():
             info.drop(shard)
         reader = self._readers.pop(shard, None)
@@ -992,23 +1001,28 @@ class TrialIndex:
         listed = self.shards.pop(shard, None)
         dropped = _NO_STEPS if listed is None else listed.steps
         if not len(dropped):
-            return
+            return []
         others = [other.steps for other in self.shards.values()]
         held = np.concatenate(others) if others else _NO_STEPS
         # no readable copy of these steps is left: they were not saved, as far as readers go
+        forgotten = []
         for step in np.setdiff1d(dropped, held).tolist():
             if step in self.steps:  # two records of a stranger may list one step
                 mode, mode_step = self.steps.pop(step)
                 self.mode_steps[mode].pop(mode_step, None)
+                forgotten.append((step, mode, mode_step))
             self.wall_times.pop(step, None)
         self._steps_changed()
+        return forgotten
 
     def _drop_unreadable(self, shard: str, exc: Exception) -> None:
         """:meth:`drop_shard` for the error that reading ``shard`` raised; a TimeoutError is raised again
         instead (the storage does not answer: the shard may be sound, and the next read asks again)."""
         if isinstance(exc, TimeoutError):
             raise exc
-        self.drop_shard(shard, str(exc))
+        why = str(exc)
+        path, named, rest = why.partition(f"{shard}: ")
+        self.drop_shard(shard, rest if named and (not path or path.endswith("/")) else why)  # the shard named once
 
     def reader(self, shard: str) -> ShardReader | None:
         """Return the open reader of ``shard``, or None (with a warning) if it cannot be read."""

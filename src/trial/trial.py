@@ -783,6 +783,9 @@ class Tensor:
                 f"{self.name!r} at {step_label(step, m)}: worker {worker!r} did not save it; "
                 f"workers: {', '.join(sorted(workers))}"
             )
+        lost_in = self.trial._index.lost_in(step, m)
+        if lost_in is not None:  # its steps were forgotten when it was found unreadable
+            raise self._unreadable(step_label(step, m), lost_in)
         state = self.trial.has_passed_step(step, m)
         if state is StepState.NOT_YET_AVAILABLE:
             raise StepNotYetAvailable(step, m)
@@ -796,13 +799,14 @@ class Tensor:
         index = self.trial._index
         value = index.read_raw(self.name, loc.shard, lambda r: r.value(self.name, step), one_value=True)
         if value is None:
-            raise self._unreadable(step, loc.shard)
+            raise self._unreadable(step_label(step, None), loc.shard)
         return value
 
-    def _unreadable(self, step: int, shard: str) -> ShardUnreadable:
-        """The error for a value at ``step`` that its shard, skipped as unreadable, held."""
+    def _unreadable(self, where: str, shard: str) -> ShardUnreadable:
+        """The error for a value at ``where`` (``"step 3"``, ``"eval step 1"``) that its shard, skipped as
+        unreadable, held."""
         why = self.trial._index.bad_files.get(shard, "it does not hold this value")
-        return ShardUnreadable(f"{self.name!r} at step {step}: shard {shard} cannot be read: {why}", shard, why)
+        return ShardUnreadable(f"{self.name!r} at {where}: shard {shard} cannot be read: {why}", shard, why)
 
     def value(self, step: int, mode: Mode | str | None = None, worker: str | None = None) -> np.ndarray:
         """The raw value at ``step`` (a mode step if ``mode``), from ``worker`` or the first in sorted order."""
@@ -858,7 +862,7 @@ class Tensor:
         if key in loc.reductions:
             saved = self.trial._index.read(loc.shard, lambda r: r.reductions(self.name))
             if saved is None:
-                raise self._unreadable(step, loc.shard)
+                raise self._unreadable(step_label(step, mode), loc.shard)
             if (gstep, key) in saved:
                 return saved[(gstep, key)]
         if loc.raw:
