@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import json
 import re
 import sys
 from collections.abc import Sequence
@@ -109,7 +110,8 @@ def _list(as_json: bool) -> int:
                 "parameters": [
                     {
                         "name": p.name,
-                        "default": None if p.default is inspect.Parameter.empty else repr(p.default),
+                        "required": p.default is inspect.Parameter.empty,
+                        "default": _json_default(p.default),
                         "type": p.annotation,
                         "description": described.get(p.name, ""),
                     }
@@ -121,13 +123,26 @@ def _list(as_json: bool) -> int:
         print_json(entries)
         return EXIT_OK
     style = Style(sys.stdout)
-    for e in entries:
+    for e, cls in zip(entries, BUILTIN_RULES.values(), strict=True):
         print(f"{style(e['name'], 'bold')} ({e['class']}): {e['summary']}")
-        for p in e["parameters"]:
-            default = "required" if p["default"] is None else p["default"]
+        for p, param in zip(e["parameters"], parameters(cls), strict=True):
+            default = "required" if p["required"] else repr(param.default)
             print(f"    {p['name']}={default} ({p['type']})" + (f": {p['description']}" if p["description"] else ""))
         print()
     return EXIT_OK
+
+
+def _json_default(value: object) -> object:
+    """A parameter's default as a JSON value (a tuple as a list; None, also for a required parameter, as null);
+    its ``repr`` where JSON has no such value (an infinity, an object)."""
+    if value is inspect.Parameter.empty:
+        return None
+    value = list(value) if isinstance(value, tuple) else value
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        return repr(value)
+    return value
 
 
 # ---------------------------------------------------------------- running

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -346,3 +349,36 @@ def test_the_readme_commands_run(
         assert "Traceback" not in err
     for written in ("grads.png", "losses.png", "run.parquet", "report.html", "tb"):
         assert (tmp_path / written).exists(), written
+
+
+# resolves each name given on the command line, in a process of its own (it imports every framework adapter)
+_RESOLVE = """
+import importlib, sys
+for name in sys.argv[1:]:
+    parts = name.split(".")
+    for i in range(len(parts), 0, -1):  # the longest prefix that is a module, then its attributes
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ModuleNotFoundError:
+            continue
+        break
+    for attr in parts[i:]:
+        if not hasattr(obj, attr):
+            print(name)
+            break
+        obj = getattr(obj, attr)
+"""
+
+
+def test_every_tensortap_name_the_docs_give_exists() -> None:
+    """`tensortap.rules.NAN_ENCODED_REGEX`, `tensortap.keras.Callback`, ...: a name a user copies from a page."""
+    pytest.importorskip("torch")
+    pytest.importorskip("keras")
+    pytest.importorskip("xgboost")
+    dotted = re.compile(r"`(tensortap(?:\.[A-Za-z_]\w*)+)")
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    names = sorted({name for page in pages for name in dotted.findall(page.read_text())})
+    assert len(names) > 50
+    result = subprocess.run([sys.executable, "-c", _RESOLVE, *names], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "", f"names in the docs that do not exist: {result.stdout.split()}"

@@ -58,6 +58,21 @@ def test_list_prints_every_rule_with_its_parameters_as_plain_text() -> None:
         assert markup not in out
     entries = strict_json(rules("--list", "--json").stdout)
     assert [e["name"] for e in entries] == list(BUILTIN_RULES)
+    # defaults are JSON values (they were Python reprs: "None", "1e-07", "'tanh'"), null for None
+    params = {(e["name"], p["name"]): p for e in entries for p in e["parameters"]}
+    assert params["vanishing_gradient", "threshold"] == {
+        "name": "threshold",
+        "required": False,
+        "default": 1e-07,
+        "type": "float",
+        "description": "Mean absolute gradient below which a gradient has vanished. Default 1e-7.",
+    }
+    assert {p["required"] for p in params.values()} == {False}  # the trial is given by the command line
+    defaults = {key: p["default"] for key, p in params.items()}
+    assert defaults["saturated_activation", "tanh_regex"] == "tanh"
+    assert defaults["exploding_tensor", "collection_names"] is None
+    assert defaults["saturated_activation", "threshold_tanh"] == [-9.4999, 9.4999]
+    assert defaults["unchanged_tensor", "equal_nan"] is False
     assert "``" not in json.dumps(entries)
 
 

@@ -21,6 +21,9 @@ from .inprocess import MemoryTrial
 from .loss_rules import LossNotDecreasing, Overfit, Overtraining, StalledTraining
 from .runner import RuleRunner, invoke_rule
 from .tensor_rules import (
+    BIAS_GRADIENT_REGEX,
+    INF_ENCODED_REGEX,
+    NAN_ENCODED_REGEX,
     AllZero,
     ExplodingTensor,
     SimilarAcrossRuns,
@@ -32,7 +35,10 @@ from .tensor_rules import (
 from .tree_rules import FeatureImportanceOverweight, TreeDepth
 
 __all__ = [
+    "BIAS_GRADIENT_REGEX",
     "BUILTIN_RULES",
+    "INF_ENCODED_REGEX",
+    "NAN_ENCODED_REGEX",
     "Action",
     "AllZero",
     "ClassImbalance",
