@@ -1277,9 +1277,10 @@ def create_trial(
     Raises
     ------
     TrialNotFound
-        If ``path`` holds no trial (with ``wait=True``: after ``timeout``
-        seconds): nothing there, a file, or a folder without a trial's marker
-        files; the message lists trials found in the folders below it.
+        If ``path`` holds no trial: nothing there or a folder without a
+        trial's marker files (with ``wait=True``: after ``timeout`` seconds),
+        or a file (at once); the message lists trials found in the folders
+        below it.
     """
     return Trial(path, wait=wait, timeout=timeout, **kwargs)
 
