@@ -209,12 +209,8 @@ class UsageError(Exception):
 class StorageUnreachable(TensortapError, ConnectionError):
     """Remote storage could not be used: no connection to its endpoint, no credentials to sign the
     requests, or an endpoint that does not answer as the storage does (an HTTP 404 with no S3 error
-    to a listing). Never reported as a missing trial: what is there is unknown.
-
-    Parameters
-    ----------
-    message
-        What failed, naming the URL and the endpoint, with the client's error.
+    to a listing). Never reported as a missing trial: what is there is unknown. Its message says what
+    failed, naming the URL and the endpoint, with the client's error.
     """
 
 
