@@ -196,10 +196,21 @@ def parse_index_record(record: object, worker: str) -> ParsedRecord:
         raise bad("'tensors' is not an object")
     specs: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     located: dict[str, RawAt] = {}
+    shared: dict[tuple[int, ...], np.ndarray | None] = {}  # step lists many tensors give alike (XGBoost's)
+
+    def spec_steps(value: object) -> np.ndarray | None:
+        """:func:`_spec_steps`, checked and made once for each list of integers the record gives."""
+        if not isinstance(value, list) or not value or not set(map(type, value)) <= {int}:
+            return _spec_steps(value, steps)
+        key = tuple(value)
+        if key not in shared:
+            shared[key] = _spec_steps(value, steps)
+        return shared[key]
+
     for name, entry in tensors.items():
         if not isinstance(entry, dict):
             raise bad(f"tensor {name!r} is not an object")
-        listed = {key: _spec_steps(entry.get(key, []), steps) for key in _SPECS}
+        listed = {key: spec_steps(entry.get(key, [])) for key in _SPECS}
         checks = {
             "id": _is_int(entry.get("id"), 0),
             "collections": _is_names(entry.get("collections", [])),
