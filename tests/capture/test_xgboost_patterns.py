@@ -728,3 +728,37 @@ def test_a_set_without_labels_skips_them_with_one_warning(tmp_path: Path, caplog
     assert trial.tensor_names(collection="labels") == []
     assert trial.tensor("predictions").steps() == [0, 1, 2]
     assert _series(trial, "metrics/test-mean-prediction") == result["test"]["mean-prediction"]
+
+
+def test_one_callback_in_two_trainings_at_once_refuses_the_second(tmp_path: Path) -> None:
+    """Two threads training with one callback object: it holds one training's state, so the second is refused
+    (before, both boosters' rounds went into one shard under the same steps, and the trial was unreadable)."""
+    import threading
+
+    dtrain, dval = _split()
+    callback = ttx.Callback(tmp_path, save_config=EVERY_ROUND)
+    started, refused = threading.Event(), threading.Event()
+
+    class Hold(xgb.callback.TrainingCallback):
+        def after_iteration(self, model: Any, epoch: int, evals_log: Any) -> bool:
+            started.set()
+            assert refused.wait(60)
+            return False
+
+    result: dict[str, Any] = {}
+
+    def first() -> None:
+        xgb.train(PARAMS, dtrain, 3, evals=[(dval, "validation")], evals_result=result, callbacks=[callback, Hold()])
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    assert started.wait(60)
+    try:
+        with pytest.raises(RuntimeError, match="captures a training that runs now in another thread"):
+            xgb.train(PARAMS, dtrain, 3, callbacks=[callback])
+    finally:
+        refused.set()
+        thread.join()
+    assert _series(tensortap.create_trial(tmp_path), "losses/validation-logloss") == result["validation"]["logloss"]
+    xgb.train(PARAMS, dtrain, 2, evals=[(dval, "validation")], callbacks=[callback])  # one after the other: run-0
+    assert tensortap.create_trial(tmp_path / "run-0").steps() == [0, 1]

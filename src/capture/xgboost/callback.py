@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -89,6 +90,7 @@ class Callback(xgb.callback.TrainingCallback):
         self._run_id: str | None = None  # of this callback's last training: a training further continues it
         self._run_last = -1  # the last round saved in that run
         self._watching = False  # whether this training is in mdl.PARAMETERS (its hyperparameters are captured)
+        self._training_thread: int | None = None  # the thread whose training this callback captures now
         self._reset()
 
     def _reset(self) -> None:
@@ -121,6 +123,13 @@ class Callback(xgb.callback.TrainingCallback):
     # ------------------------------------------------------------ callbacks
     def before_training(self, model: Any) -> Any:
         """Open the hook in the training process, after the booster exists."""
+        running = self._training_thread
+        if running not in (None, threading.get_ident()) and running in {t.ident for t in threading.enumerate()}:
+            raise RuntimeError(
+                "tensortap.xgboost.Callback: this callback captures a training that runs now in another thread, "
+                "and one callback holds one training's state: give each training its own callback"
+            )
+        self._training_thread = threading.get_ident()
         self._reset()
         dtrain, evals = running_train(sys._getframe(1))
         self._eval = EvalData.choose(evals, self.eval_name, self.shap_rows)
@@ -222,6 +231,7 @@ class Callback(xgb.callback.TrainingCallback):
         if self.hook is not None:
             self._capture_missed_round(self.hook, model)
             self.hook.close()
+        self._training_thread = None
         self._eval = None
         self._evals_log = None
         return model
