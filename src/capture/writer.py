@@ -309,6 +309,30 @@ def claim_worker(
     return storage, 0
 
 
+def _open_claim(storage: Storage, worker: str, if_exists: IfExists) -> None:
+    """An open writer of this process that writes ``worker`` in ``storage`` (a notebook cell run again, its first
+    hook never closed): ``if_exists="error"`` raises :class:`TrialExistsError` saying so; ``"overwrite"`` turns it
+    off first, with a warning (it would publish over the new run's shards, at the latest at exit)."""
+    for other in list(_OPEN_WRITERS):
+        if other.worker != worker or other.root_url != storage.url or other.closed:
+            continue
+        started = time.strftime("%H:%M:%S", time.localtime(other._record["started"]))
+        if if_exists == "error":
+            raise TrialExistsError(
+                f"{storage.url}: a capture that this process started at {started} still writes {worker} there (a "
+                'cell run again?): close it first (hook.close()), or pass if_exists="overwrite" to replace it '
+                'and its data, or if_exists="new_run"'
+            )
+        logger.warning(
+            "tensortap: %s: the capture this process started at %s still wrote %s there: it is turned off (it "
+            "saves nothing more) and its data replaced by this run's",
+            storage.url,
+            started,
+            worker,
+        )
+        other.retire()
+
+
 # ------------------------------------------------------------------ the writer thread
 MAX_QUEUED_JOBS = 4  # jobs waiting for the writer thread; past it, training waits (backpressure)
 
@@ -343,7 +367,7 @@ class _WriterThread:
         with cls._lock:
             if cls._instance is None or not cls._instance.thread.is_alive():
                 cls._instance = _WriterThread()
-                _install_exit_handlers()
+            _install_exit_handlers()  # every writer: one in the main thread installs the signal handlers
             return cls._instance
 
     def submit(self, fn: Callable[[], None], timeout: float) -> _Job:
@@ -471,6 +495,9 @@ class TrialWriter:
             **worker_info,
         }
         self._record = record  # written again where a local trial's folder lost it (_keep_claim)
+        self.root_url = storage.url  # the trial it claimed the worker in (its run folder is self.storage)
+        if if_exists != "new_run" and run_id is None:
+            _open_claim(storage, worker, if_exists)
         self.storage, self._seq = run_bounded(
             lambda: claim_worker(storage, worker, record, if_exists, resume=run_id is not None),
             policy.timeout,
@@ -484,6 +511,16 @@ class TrialWriter:
         self._thread = _WriterThread.get()
         self._thread.writers.add(self)
         _OPEN_WRITERS.add(self)
+
+    def retire(self) -> None:
+        """Take no more data, write nothing more (no end marker): another writer of this process claims the
+        worker. Waits for the shards already handed off, so that none is published after the claim."""
+        with self._lock:
+            self.closed = True  # the shard being built is never handed off
+        self._wait_for(list(self._pending))
+        self._finished = True
+        _OPEN_WRITERS.discard(self)
+        self._thread.writers.discard(self)
 
     def stage(self, step: int, entries: Sequence[Staged]) -> list[Any]:
         """Copy tensors of the step in progress into the shard buffer, in order; return each stored raw value.
@@ -736,9 +773,13 @@ class TrialWriter:
         and the histograms taken so far are counted (:mod:`tensortap.capture.counting`).
 
         The shard being built stays open (:meth:`flush` publishes it too).
+
+        A job stays in ``_pending`` until it is done: an exception raised while this waits (a
+        ``KeyboardInterrupt``, another library's signal handler) leaves it there, and the next
+        ``drain`` or :meth:`close` waits for it.
         """
-        pending, self._pending = self._pending, []
-        self._wait_for(pending)
+        self._wait_for(list(self._pending))
+        self._pending = [j for j in self._pending if not j.done.is_set()]
         if not counting.COUNTER.wait_idle(self.policy.timeout):
             logger.warning(
                 "tensortap: histograms taken so far are not counted after %g s; each is counted at the "
@@ -779,17 +820,29 @@ class TrialWriter:
         self._cause = cause
         self._end("error", last_step, mode_steps)
 
+    _ending = False  # _end closed this writer: its end marker is written (retire() closes without one)
+    _end_queued = False  # the end marker's job is submitted
+
     def _end(
         self, reason: str, last_step: int | None, mode_steps: dict[str, int] | None, error: str | None = None
     ) -> None:
+        """Take no more data, hand off the committed steps, then submit their publish and the end marker.
+
+        Again after an interrupt (a ``KeyboardInterrupt`` in a first :meth:`close`): what the first
+        call did not submit is submitted now, once.
+        """
         with self._lock:
-            if self.closed:
+            if not self.closed:
+                self._ending = True  # first: an interrupt between the two leaves the writer open
+                self.closed = True
+            elif not self._ending:
                 return
-            self.closed = True
+            if self._end_queued:
+                return
             self._buffer.rollback()
-            job = self._take_locked()
-        if job is not None:
-            self._submit(job)
+            self._take_locked()
+        if len(self._buffers) > 1:  # every shard handed off, also one whose job an interrupt kept from the queue
+            self._submit(self._publish_handed_off)
         if last_step is None and self._last is not None:
             last_step = self._last[0]
         if mode_steps is None:
@@ -807,6 +860,7 @@ class TrialWriter:
         if error is not None:
             record["error"] = error
         self._submit(lambda: self._write_end(record))
+        self._end_queued = True  # after: an interrupt before it submits the end marker again (written twice)
 
     def _write_end(self, record: dict[str, Any]) -> None:
         if self.error is not None:
@@ -872,6 +926,8 @@ _previous_excepthook = sys.excepthook
 _OPEN_WRITERS: weakref.WeakSet[TrialWriter] = weakref.WeakSet()
 _CLOSE_CALLBACKS: weakref.WeakSet[Any] = weakref.WeakSet()  # hooks with a close_for_exit(reason)
 _handlers_installed = False
+_signals_installed = False  # the SIGTERM and SIGINT handlers (main thread only: _install_signal_handlers)
+_warned_off_main = False
 
 
 def register_for_exit(hook: Any) -> None:
@@ -929,18 +985,40 @@ def close_all(reason: str) -> None:
 
     At exit after an uncaught exception (``sys.excepthook``) the reason is ``exception``, and the end
     markers hold the exception's text under ``error``.
+
+    An exception raised while one hook closes (a ``KeyboardInterrupt``, another library's signal handler
+    such as torch's SIGCHLD one) does not stop the others: it is logged (a ``KeyboardInterrupt`` is kept),
+    and a writer whose close it interrupted is closed again (its jobs stay pending,
+    :meth:`TrialWriter.drain`). Then the ``KeyboardInterrupt`` is raised again, except at exit, where the
+    program ends anyway and a raise would only print a traceback.
     """
-    if reason == "exit" and _deferred:  # a signal deferred until the program ended: handled first
+    at_exit = reason == "exit"
+    if at_exit and signal.SIGTERM in _deferred:  # a SIGTERM deferred until the program ended: handled first
         _deliver_deferred_at_exit()
-    if reason == "exit":
+    if at_exit:
         reason = _exit_reason()
+    interrupt: BaseException | None = None
     for hook in list(_CLOSE_CALLBACKS):
         try:
             hook.close_for_exit(reason)
-        except Exception:  # exiting: report, never raise
+        except Exception:  # report, never raise; its writer is closed below
             logger.exception("tensortap: closing a hook at %s failed", reason)
-    for w in list(_OPEN_WRITERS):
-        w.close(reason)
+        except BaseException as exc:  # KeyboardInterrupt: the others are closed first
+            interrupt = interrupt or exc
+    for _ in range(2):  # a writer whose close an exception interrupted is closed once more
+        for w in list(_OPEN_WRITERS):
+            try:
+                w.close(reason)
+            except Exception:
+                logger.exception("tensortap: closing the writer of %s at %s failed", w.worker, reason)
+            except BaseException as exc:
+                interrupt = interrupt or exc
+        if not _OPEN_WRITERS:
+            break
+    if at_exit:
+        _drop_deferred_sigint_at_exit()
+    elif interrupt is not None:
+        raise interrupt
 
 
 def _close_at_threading_exit() -> None:
@@ -1016,29 +1094,74 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
 
 
 def _deliver_deferred_at_exit() -> None:
-    """A signal still deferred when the program ends (its last steps ran in capture code) is handled now:
-    SIGTERM closes every hook (reason ``sigterm``) and still ends the process with its status."""
-    for signum in list(_deferred):
-        _on_signal(signum, None)
+    """A SIGTERM still deferred when the program ends (its last steps ran in capture code) is handled now:
+    it closes every hook (reason ``sigterm``) and still ends the process with its status. A deferred SIGINT
+    waits for :func:`_drop_deferred_sigint_at_exit`."""
+    if signal.SIGTERM in _deferred:
+        _on_signal(signal.SIGTERM, None)
+
+
+def _drop_deferred_sigint_at_exit() -> None:
+    """A Ctrl-C still deferred once the exit handler closed everything is dropped: the program ends anyway,
+    and Python's handler would raise a ``KeyboardInterrupt`` inside the exit handler (before this, it did
+    so before anything was closed, which stopped the closing and printed tracebacks). The relay thread stops
+    sending it. A program whose SIGINT handler was ``SIG_DFL`` still ends by SIGINT, as it would have."""
+    if _deferred.pop(signal.SIGINT, None) is None:
+        return
+    with contextlib.suppress(ValueError):
+        while True:
+            _pending_signals.remove(signal.SIGINT)
+    if _previous.get(signal.SIGINT) == signal.SIG_DFL:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
 
 
 def _install_exit_handlers() -> None:
-    global _handlers_installed, _relay_fd, _previous_excepthook
-    if _handlers_installed:
-        return
-    _handlers_installed = True
-    atexit.register(close_all, "exit")
-    _previous_excepthook, sys.excepthook = sys.excepthook, _note_uncaught
-    # Close earlier where possible: before threading shuts down thread pools, which asyncio
-    # clients (s3fs/aiobotocore) need for DNS and new connections, and before weakref
-    # finalizers close their sessions. Not while other non-daemon threads may still train.
-    import concurrent.futures.thread  # noqa: F401  its exit hook stops the pools; registered first, it runs after ours
+    """The exit handlers, once (from any thread), then the signal handlers (:func:`_install_signal_handlers`).
+    Called by every writer that starts: one started in the main thread installs the signal handlers that an
+    earlier writer, started in another thread, could not."""
+    global _handlers_installed, _previous_excepthook
+    if not _handlers_installed:
+        _handlers_installed = True
+        atexit.register(close_all, "exit")
+        _previous_excepthook, sys.excepthook = sys.excepthook, _note_uncaught
+        # Close earlier where possible: before threading shuts down thread pools, which asyncio
+        # clients (s3fs/aiobotocore) need for DNS and new connections, and before weakref
+        # finalizers close their sessions. Not while other non-daemon threads may still train.
+        import concurrent.futures.thread  # noqa: F401  its exit hook stops the pools; registered first, it runs after ours
 
-    register_threading_exit = getattr(threading, "_register_atexit", None)
-    if register_threading_exit is not None:
-        register_threading_exit(_close_at_threading_exit)
-    if threading.current_thread() is not threading.main_thread():
+        register_threading_exit = getattr(threading, "_register_atexit", None)
+        if register_threading_exit is not None:
+            register_threading_exit(_close_at_threading_exit)
+    _install_signal_handlers()
+
+
+def _install_signal_handlers() -> None:
+    """The SIGTERM and SIGINT handlers and their relay thread, once, from the main thread.
+
+    Python sets signal handlers from the main thread only, and nothing else is safe: the main thread's
+    signal mask cannot be changed from another thread (so ``sigwait`` on a thread of ours would race the
+    default action, which ends the process), and a C-level handler cannot run Python code. So a writer
+    started in another thread, before any in the main thread, warns once: until a writer starts in the
+    main thread, a SIGTERM ends the process as a SIGKILL would (the steps not yet published are lost, no
+    end marker); the exit handlers still publish everything at a normal exit.
+    """
+    global _signals_installed, _warned_off_main, _relay_fd
+    if _signals_installed:
         return
+    if threading.current_thread() is not threading.main_thread():
+        if not _warned_off_main:
+            _warned_off_main = True
+            logger.warning(
+                "tensortap: capture started in thread %r, not the main thread, and Python installs signal "
+                "handlers from the main thread only: a SIGTERM now ends the process without publishing the "
+                "steps not yet published (those of the last max_seconds) or writing the end marker, and a "
+                "Ctrl-C may land inside capture code. A normal exit still publishes everything. Start a hook "
+                "(or tensortap.capture.Writer) in the main thread to have them installed",
+                threading.current_thread().name,
+            )
+        return
+    _signals_installed = True
     read_fd, write_fd = os.pipe()
     os.set_blocking(write_fd, False)
     threading.Thread(target=_relay_signals, args=(read_fd,), name="tensortap-signals", daemon=True).start()

@@ -222,6 +222,56 @@ def test_a_failed_construction_leaves_the_model_untouched(tmp_path: Path) -> Non
     assert torch.autograd.backward is backward
 
 
+def test_a_cell_run_again_into_its_folder_is_refused_or_replaces_the_open_capture(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A notebook cell that captures into one folder, run twice: the first capture is never closed (until the
+    exit handlers close it), and it held a shard of steps the second run's shards are numbered over."""
+    from tensortap.trial.check import find_problems
+
+    def cell(if_exists: str) -> tuple[Any, nn.Module]:
+        model = _mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        hook = ttt.capture(model, tmp_path, optimizer=opt, save_config=EVERY_STEP, if_exists=if_exists)  # type: ignore[arg-type]
+        _train(model, opt, 3, seed=0)
+        return hook, model
+
+    first, _ = cell("error")
+    with pytest.raises(tensortap.TrialExistsError, match=r"a capture that this process started at .* still writes"):
+        cell("error")
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        second, model = cell("overwrite")
+    assert "it is turned off (it saves nothing more)" in caplog.text
+    second.close()
+    first.close()  # what the exit handlers do: it wrote its shard over the second run's, with the first's run id
+    assert find_problems(str(tmp_path)) == []
+    trial = _trial(tmp_path)
+    assert trial.steps() == [0, 1, 2] and trial.end_reasons() == {"worker_0": "closed"}
+    for name, p in model.named_parameters():
+        np.testing.assert_array_equal(_value(trial, name, 2), p.detach().numpy())
+
+
+def test_a_model_captured_by_an_open_hook_says_so_when_captured_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A cell run again into a new folder: the first hook, never closed, records the model's steps too."""
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    first = ttt.capture(model, tmp_path / "a", optimizer=opt, save_config=EVERY_STEP)
+    _train(model, opt, 2, seed=0)
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        second = ttt.capture(model, tmp_path / "b", optimizer=opt, save_config=EVERY_STEP)
+    assert f"Sequential is captured already by an open hook, which writes {tmp_path / 'a'}" in caplog.text
+    _train(model, opt, 2, seed=1)
+    second.close()
+    first.close()
+    assert _trial(tmp_path / "a").steps() == [0, 1, 2, 3]  # as said: both recorded the later steps
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        ttt.capture(model, tmp_path / "c", optimizer=opt).close()  # the others are closed: nothing to say
+    assert "captured already" not in caplog.text
+
+
 def test_an_accelerate_prepared_optimizer_is_unwrapped(tmp_path: Path) -> None:
     """``accelerator.prepare`` (and the Hugging Face Trainer's callbacks) hand out an ``AcceleratedOptimizer``:
     an ``Optimizer`` subclass whose own step hooks never run; attaching it raised ``AttributeError``."""

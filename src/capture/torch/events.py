@@ -215,6 +215,9 @@ def _is_sharded(module: nn.Module) -> bool:
     return any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in module.modules())
 
 
+_OPEN_HOOKS: weakref.WeakSet[Hook] = weakref.WeakSet()  # hooks that registered a module (closed ones left in)
+
+
 def parameter_collection(name: str) -> str:
     """``biases`` for a parameter whose last name part contains ``bias``, ``weights`` otherwise.
 
@@ -495,6 +498,15 @@ class Hook(core.Hook):
                 "or dict are not submodules: hold them in nn.ModuleList or nn.ModuleDict, or register each)",
                 root_name,
             )
+        for other in list(_OPEN_HOOKS):
+            if other is not self and not other._closed and any(r.module is inner for r in other._roots):
+                logger.warning(
+                    "tensortap: %s is captured already by an open hook, which writes %s (a cell run again?): both "
+                    "record its steps from now on; close that hook first (hook.close())",
+                    root_name,
+                    other.out_dir,
+                )
+        _OPEN_HOOKS.add(self)
         root = _Root(inner, root_name, prefix, _is_sharded(inner))
         if root.sharded:
             logger.warning(
