@@ -33,7 +33,6 @@ from .index import (
     RecordError,
     check_end_marker,
     check_worker_record,
-    declared_form,
     disagreement,
     in_background,
     parse_index_record,
@@ -81,10 +80,10 @@ def _misplaced(reader: ShardReader, parsed: ParsedRecord) -> str | None:
 def _disagreement(reader: ShardReader, parsed: ParsedRecord) -> str | None:
     """Where the index record lists other raw steps of a tensor than the shard holds, or declares another
     dtype or shape of its last raw value (readers refuse the shard), or None."""
-    for name, (raw, _, _) in parsed.tensors.items():
+    for row, (name, (raw, _, _)) in enumerate(parsed.tensors.items()):
         if name not in reader.ids:
             continue  # reported as other tensors than the shard holds
-        why = disagreement(reader, name, raw, declared_form(parsed.record["tensors"][name], raw))
+        why = disagreement(reader, name, raw, parsed.declared.form(row, raw))
         if why is not None:
             return f"{reader.path}: its index record {why}"
     return None

@@ -2,9 +2,11 @@
 
 :class:`TrialIndex` lists what is new since the last refresh (cheap: one
 listing per worker folder, parsing only records not seen before) and keeps
-where every (tensor, worker, step) lives: one :class:`Segment` per tensor and
-shard, NumPy arrays of its steps and of what each step holds, never an
-object per step. Shards are opened lazily and kept open in a small LRU cache.
+where every (tensor, worker, step) lives: a :class:`Segment` per shard shared by
+the tensors that hold the same steps there, NumPy arrays of its steps and of
+what each step holds, never an object per step nor per (tensor, shard); what
+a record says of each tensor is a row of its :class:`Declared` columns.
+Shards are opened lazily and kept open in a small LRU cache.
 
 A trial may come from a stranger: every name listed is checked with
 :func:`~tensortap.backends.layout.check_name`, every record is checked
@@ -17,6 +19,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+from array import array
 from collections import OrderedDict
 from collections.abc import Callable, ItemsView, Iterable, Iterator, Mapping, Sequence, ValuesView
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -114,26 +117,84 @@ def _spec_steps(value: object, steps: np.ndarray) -> np.ndarray | None:
 
 _SPECS = ("raw_steps", "reduction_steps", "histogram_steps")
 _RAW_AT_KEYS = ("data", "crc32", "check")
+_EMPTY: list[Any] = []  # the default of a list an entry leaves out (read, never changed)
+
+Form = tuple[str, tuple[int, ...]]
+"""A dtype (as an index record writes it) and a shape."""
 
 
-def _raw_at(entry: dict[str, Any], raw: np.ndarray) -> RawAt | None:
-    """The entry's ``raw_at`` (format 2.1), None if it has none; a ``ValueError`` if it is not as the
-    format says (``raw`` holds the entry's raw steps)."""
+def _raw_at_dtype(code: object) -> np.dtype[Any] | None:
+    """The dtype a ``raw_at`` names by ``code`` (``"<f4"``), None if it is not one the format allows."""
+    return _dtype_code(code) if isinstance(code, str) and len(code) == 3 and code[0] in "<>|" else None
+
+
+@functools.lru_cache(maxsize=64)
+def _dtype_code(code: str) -> np.dtype[Any] | None:
+    try:
+        dtype = np.dtype(code)
+    except TypeError:
+        return None
+    return dtype if dtype.kind in RAW_AT_KINDS and dtype.str == code else None
+
+
+Located = tuple[np.dtype[Any], int, int, int]
+"""A ``raw_at`` of an index record: the dtype of the values, and the offsets of the data, of the CRC-32s,
+and the check."""
+
+
+def _raw_at(entry: dict[str, Any], raw: np.ndarray) -> Located | None:
+    """The entry's ``raw_at`` (format 2.1) as ``(dtype, data, crc32, check)``, None if it has none; a
+    ``ValueError`` if it is not as the format says (``raw`` holds the entry's raw steps)."""
     value = entry.get("raw_at")
     if value is None:
         return None
     if not isinstance(value, dict) or not all(_is_int(value.get(k), 0) for k in _RAW_AT_KEYS) or "dtype" not in entry:
         raise ValueError("raw_at")
-    code = value.get("dtype")
-    if not isinstance(code, str) or len(code) != 3 or code[0] not in "<>|" or value["check"] > 0xFFFFFFFF:
+    dtype = _raw_at_dtype(value.get("dtype"))
+    if dtype is None or value["check"] > 0xFFFFFFFF or not len(raw):
         raise ValueError("raw_at")
-    try:
-        dtype = np.dtype(code)
-    except TypeError:
-        raise ValueError("raw_at") from None
-    if dtype.kind not in RAW_AT_KINDS or dtype.str != code or not len(raw):
-        raise ValueError("raw_at")
-    return RawAt(dtype, tuple(entry["shape"]), value["data"], value["crc32"], value["check"])
+    return dtype, value["data"], value["crc32"], value["check"]
+
+
+@dataclass(frozen=True, eq=False)
+class Declared:
+    """What an index record declares of its tensors, a row each in the record's order, column by column:
+    the dtype and shape of each one's values (None where it declares none), and where its raw values lie
+    in the shard (format 2.1: a dtype in ``codes``, None where the record does not say, and ``places``).
+
+    Shared by the record's segments: the index keeps no object per tensor and record.
+    """
+
+    forms: list[Form | None]
+    codes: list[np.dtype[Any] | None]
+    places: np.ndarray  # (rows, 3) int64: data, crc32 and check of each row that has a code
+
+    @classmethod
+    def of(cls, forms: list[Form | None], located: list[Located | None]) -> Declared:
+        """The columns of each row's form and ``raw_at``; a form several rows have is held once."""
+        known: dict[Form, Form] = {}
+        places = np.zeros((len(located), 3), dtype=np.int64)
+        for row, at in enumerate(located):
+            if at is not None:
+                places[row] = at[1:]
+        return cls(
+            [None if f is None else known.setdefault(f, f) for f in forms],
+            [None if at is None else at[0] for at in located],
+            places,
+        )
+
+    def form(self, row: int, raw_steps: np.ndarray) -> Form | None:
+        """The dtype and shape declared for the last raw value of the tensor of ``row``, whose raw values are
+        at ``raw_steps``: None if it has none or declares none."""
+        return self.forms[row] if len(raw_steps) else None
+
+    def raw_at(self, row: int) -> RawAt | None:
+        """Where the raw values of the tensor of ``row`` lie, None if the record does not say."""
+        dtype, form = self.codes[row], self.forms[row]
+        if dtype is None or form is None:
+            return None
+        data, crc, check = self.places[row].tolist()
+        return RawAt(dtype, form[1], data, crc, check)
 
 
 @dataclass(frozen=True)
@@ -146,12 +207,80 @@ class ParsedRecord:
     mode_steps: np.ndarray  # mode step of each step
     wall_times: np.ndarray | None  # float64 per step, None if the record has none
     tensors: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]  # name -> raw, reduction, histogram steps
-    raw_at: dict[str, RawAt]  # name -> where its raw values lie in the shard (format 2.1), if the record says
+    declared: Declared  # a row per tensor, in the order of ``tensors``
+
+    @property
+    def raw_at(self) -> dict[str, RawAt]:
+        """``{name: where its raw values lie in the shard}`` of the tensors whose record says (format 2.1)."""
+        located = ((name, self.declared.raw_at(row)) for row, name in enumerate(self.tensors))
+        return {name: at for name, at in located if at is not None}
 
 
 def _all_modes(values: np.ndarray) -> bool:
     """Whether every one of ``values`` (integers) is a mode's value (``np.isin`` took 15% of opening a trial)."""
     return not len(values) or bool(values.min() >= 0 and values.max() < len(_IS_MODE) and _IS_MODE[values].all())
+
+
+def _all_of(values: list[Any], kind: type) -> bool:
+    """Whether each of ``values`` is exactly of type ``kind`` (checked at C speed)."""
+    return set(map(type, values)) <= {kind}
+
+
+def _names_lists(values: list[Any]) -> bool:
+    """Whether each of ``values`` is a list of strings."""
+    return _all_of(values, list) and _all_of(list(chain.from_iterable(values)), str)
+
+
+def _non_negative(values: list[Any]) -> np.ndarray | None:
+    """``values`` as an int64 array if each is a JSON integer of the int64 range, at least 0, else None."""
+    out = _ints(values)
+    return out if out is not None and (not len(out) or out.min() >= 0) else None
+
+
+def _columns(
+    entries: list[Any], spec_steps: Callable[[object], np.ndarray | None]
+) -> tuple[list[tuple[np.ndarray, np.ndarray, np.ndarray]], Declared] | None:
+    """The step lists and :class:`Declared` of the tensor ``entries`` of a record, checked key by key over
+    all entries at once (a Python call per entry cost more than reading the JSON); None if any entry is
+    not as the format says, for :func:`parse_index_record` to say which, entry by entry."""
+    if not _all_of(entries, dict):
+        return None
+    ids = _non_negative([e.get("id") for e in entries])
+    shapes = [e.get("shape", _EMPTY) for e in entries]
+    has_dtype = ["dtype" in e for e in entries]
+    if (
+        ids is None
+        or not all(_names_lists([e.get(k, _EMPTY) for e in entries]) for k in ("collections", "reductions"))
+        or not all(_all_of([e.get(k, "") for e in entries], str) for k in ("dtype", "orig_dtype"))
+        or has_dtype != ["shape" in e for e in entries]
+        or not _all_of(shapes, list)
+        or _non_negative(list(chain.from_iterable(shapes))) is None
+    ):
+        return None
+    columns = [[spec_steps(e.get(key, _EMPTY)) for e in entries] for key in _SPECS]
+    if any(s is None for column in columns for s in column):
+        return None
+    specs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = list(zip(*columns, strict=True))
+    if not all(len(raw) or len(reduced) or len(hist) for raw, reduced, hist in specs):
+        return None
+    ats = [e.get("raw_at") for e in entries]
+    rows = [i for i, at in enumerate(ats) if at is not None]
+    located = [ats[i] for i in rows]
+    if not _all_of(located, dict):
+        return None
+    fields = [f for k in _RAW_AT_KEYS if (f := _non_negative([at.get(k) for at in located])) is not None]
+    dtypes = [_raw_at_dtype(at.get("dtype")) for at in located]
+    if (
+        len(fields) < len(_RAW_AT_KEYS)
+        or (rows and fields[2].max() > 0xFFFFFFFF)
+        or any(dtype is None or not has_dtype[i] or not len(specs[i][0]) for i, dtype in zip(rows, dtypes, strict=True))
+    ):
+        return None
+    places: list[Located | None] = [None] * len(entries)
+    for i, dtype, data, crc, check in zip(rows, dtypes, *(f.tolist() for f in fields), strict=True):
+        places[i] = (dtype, data, crc, check)
+    forms = [(e["dtype"], tuple(s)) if yes else None for e, s, yes in zip(entries, shapes, has_dtype, strict=True)]
+    return specs, Declared.of(forms, places)
 
 
 def parse_index_record(record: object, worker: str) -> ParsedRecord:
@@ -194,12 +323,12 @@ def parse_index_record(record: object, worker: str) -> ParsedRecord:
     tensors = record.get("tensors")
     if not isinstance(tensors, dict):
         raise bad("'tensors' is not an object")
-    specs: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-    located: dict[str, RawAt] = {}
     shared: dict[tuple[int, ...], np.ndarray | None] = {}  # step lists many tensors give alike (XGBoost's)
 
     def spec_steps(value: object) -> np.ndarray | None:
         """:func:`_spec_steps`, checked and made once for each list of integers the record gives."""
+        if value == ALL_STEPS:
+            return steps
         if not isinstance(value, list) or not value or not set(map(type, value)) <= {int}:
             return _spec_steps(value, steps)
         key = tuple(value)
@@ -207,6 +336,20 @@ def parse_index_record(record: object, worker: str) -> ParsedRecord:
             shared[key] = _spec_steps(value, steps)
         return shared[key]
 
+    specs, declared = _columns(list(tensors.values()), spec_steps) or _one_by_one(tensors, spec_steps, bad)
+    return ParsedRecord(
+        record, steps, rows[order, 1], rows[order, 2], wall_times, dict(zip(tensors, specs, strict=True)), declared
+    )
+
+
+def _one_by_one(
+    tensors: dict[str, Any], spec_steps: Callable[[object], np.ndarray | None], bad: Callable[[str], RecordError]
+) -> tuple[list[tuple[np.ndarray, np.ndarray, np.ndarray]], Declared]:
+    """What :func:`_columns` gives, checked entry by entry: ``bad(why)`` is raised for the first entry of
+    ``tensors`` that is not as the format says."""
+    specs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    forms: list[Form | None] = []
+    places: list[Located | None] = []
     for name, entry in tensors.items():
         if not isinstance(entry, dict):
             raise bad(f"tensor {name!r} is not an object")
@@ -223,16 +366,15 @@ def parse_index_record(record: object, worker: str) -> ParsedRecord:
         wrong = [key for key, ok in checks.items() if not ok]
         if wrong or ("dtype" in entry) != ("shape" in entry):
             raise bad(f"tensor {name!r}: {', '.join(wrong) or 'dtype and shape'} not as the format says")
-        specs[name] = tuple(listed[key] for key in _SPECS)  # type: ignore[assignment]
-        if not any(map(len, specs[name])):
+        if not any(map(len, listed.values())):  # type: ignore[arg-type]
             raise bad(f"tensor {name!r} lists no step (a shard holds a tensor at one step at least)")
         try:
-            at = _raw_at(entry, specs[name][0])
+            places.append(_raw_at(entry, listed["raw_steps"]))  # type: ignore[arg-type]
         except ValueError:
             raise bad(f"tensor {name!r}: raw_at not as the format says") from None
-        if at is not None:
-            located[name] = at
-    return ParsedRecord(record, steps, rows[order, 1], rows[order, 2], wall_times, specs, located)
+        specs.append(tuple(listed.values()))  # type: ignore[arg-type]
+        forms.append((entry["dtype"], tuple(entry["shape"])) if "dtype" in entry else None)
+    return specs, Declared.of(forms, places)
 
 
 def check_end_marker(end: object) -> dict[str, Any]:
@@ -277,17 +419,15 @@ class Location:
     histogram: bool = False
 
 
-Form = tuple[str, tuple[int, ...]]
-"""A dtype (as an index record writes it) and a shape."""
-
-
 @dataclass(frozen=True, eq=False)
 class Segment:
-    """One tensor's steps in one shard (one index record): arrays, not an object per step.
+    """Steps of a tensor in one shard (one index record): arrays, not an object per step.
 
     ``steps`` is sorted and unique; ``raw``, ``reduced`` and ``histogram`` say,
-    step by step, what the shard holds. Arrays a record's tensors have in
-    common (its steps, all-true and all-false masks) are shared between them.
+    step by step, what the shard holds. The tensors of a record that have the
+    same steps and reductions (most of them) share one segment, and what the
+    record declares of each (its form, where its values lie) is a row of
+    ``declared``: the index holds no object per tensor and record.
     """
 
     shard: str
@@ -297,8 +437,7 @@ class Segment:
     reduced: np.ndarray
     histogram: np.ndarray
     reductions: tuple[str, ...]
-    raw_at: RawAt | None = None  # where the raw values lie in the shard's file, if the record says (format 2.1)
-    declared: Form | None = None  # the record's dtype and shape of the last raw value (declared_form)
+    declared: Declared | None = None  # of the record's tensors, a row each
 
     @functools.cached_property
     def raw_steps(self) -> np.ndarray:
@@ -434,17 +573,19 @@ class Locations(Mapping[int, Mapping[str, Location]]):
 
 @dataclass(eq=False)
 class TensorInfo:
-    """What the index knows of one tensor name: its metadata and one :class:`Segment` per shard."""
+    """What the index knows of one tensor name: its metadata, and a :class:`Segment` per shard with the
+    tensor's row in its record (``rows``, an array: no object per shard)."""
 
     name: str
     collections: set[str] = field(default_factory=set)
     segments: list[Segment] = field(default_factory=list)
+    rows: array[int] = field(default_factory=lambda: array("q"))
     dtype: str | None = None
     shape: tuple[int, ...] | None = None
     orig_dtype: str | None = None
     _steps: np.ndarray | None = field(default=None, repr=False)
     _spans: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
-    _located: dict[str, Segment] | None = field(default=None, repr=False)
+    _located: dict[str, int] | None = field(default=None, repr=False)  # shard -> its position in ``segments``
 
     @property
     def locations(self) -> Locations:
@@ -477,32 +618,42 @@ class TensorInfo:
         firsts, lasts = self._spans
         return [self.segments[i] for i in np.flatnonzero((firsts <= step) & (lasts >= step)).tolist()]
 
-    def segment(self, shard: str) -> Segment | None:
-        """The segment of ``shard`` (one at most: the index adds one record of a shard), None if none."""
-        if self._located is None:
-            self._located = {seg.shard: seg for seg in self.segments}
-        return self._located.get(shard)
+    def _of(self, i: int) -> tuple[np.ndarray, Form | None, RawAt | None]:
+        """The raw steps of the ``i``-th segment, the form its record declares for the last raw value
+        (None if none), and where its raw values lie (None if the record does not say)."""
+        seg, row = self.segments[i], self.rows[i]
+        if seg.declared is None:
+            return seg.raw_steps, None, None
+        return seg.raw_steps, seg.declared.form(row, seg.raw_steps), seg.declared.raw_at(row)
 
-    def located(self, shard: str) -> Segment | None:
-        """The segment of ``shard`` if its record says where the raw values lie (``raw_at``), else None."""
-        found = self.segment(shard)
-        return found if found is not None and found.raw_at is not None else None
+    def in_shard(self, shard: str) -> tuple[np.ndarray, Form | None, RawAt | None]:
+        """What the record of ``shard`` says of the tensor (no raw step if it has none): the steps of its
+        raw values, the dtype and shape of the last (None if it declares none), and where they lie in the
+        shard (None if it does not say)."""
+        if self._located is None:
+            self._located = {seg.shard: i for i, seg in enumerate(self.segments)}  # one at most per shard
+        i = self._located.get(shard)
+        return (_NO_STEPS, None, None) if i is None else self._of(i)
 
     def saved_reductions(self) -> set[str]:
         """Reduction keys saved at one step or more."""
         return {k for seg in self.segments if seg.reduced.any() for k in seg.reductions}
 
-    def add(self, segment: Segment) -> None:
-        """Add the steps of one more shard."""
+    def add(self, segment: Segment, row: int = 0) -> None:
+        """Add the steps of one more shard, the tensor being the ``row``-th of its record."""
         self.segments.append(segment)
+        self.rows.append(row)
         self._steps = self._spans = self._located = None
 
     def drop(self, shard: str) -> None:
         """Forget the steps stored in ``shard``, and the dtype and shape its record declared."""
-        kept = [seg for seg in self.segments if seg.shard != shard]
+        kept = [i for i, seg in enumerate(self.segments) if seg.shard != shard]
         if len(kept) != len(self.segments):
-            self.segments, self._steps, self._spans, self._located = kept, None, None, None
-            self.dtype, self.shape = next((seg.declared for seg in reversed(kept) if seg.declared), (None, None))
+            self.segments = [self.segments[i] for i in kept]
+            self.rows = array("q", (self.rows[i] for i in kept))
+            self._steps = self._spans = self._located = None
+            forms = (self._of(i)[1] for i in reversed(range(len(kept))))
+            self.dtype, self.shape = next((form for form in forms if form), (None, None))
 
 
 @dataclass
@@ -571,15 +722,9 @@ class Claims(dict[str, Listed]):
             self.last[new.worker] = max(self.last.get(new.worker, _INT64_MIN), int(new.steps[-1]))
 
 
-def declared_form(entry: Mapping[str, Any], raw_steps: np.ndarray) -> Form | None:
-    """The dtype and shape an index record's tensor ``entry`` declares for its last raw value (of its
-    ``raw_steps``); None when it has no raw value or declares none."""
-    return (entry["dtype"], tuple(entry["shape"])) if len(raw_steps) and "dtype" in entry else None
-
-
 def disagreement(reader: ShardReader, name: str, raw_steps: np.ndarray, declared: Form | None) -> str | None:
     """How the raw values of ``name`` in ``reader``'s shard are not those its index record describes
-    (``raw_steps``, and the :func:`declared_form` of the last), as the end of a sentence whose subject is
+    (``raw_steps``, and the dtype and shape it declares for the last), as the end of a sentence whose subject is
     the record; None if they are."""
     if not np.array_equal(reader.raw_steps(name), raw_steps):
         return f"lists other steps of {name!r} than the shard holds"
@@ -963,30 +1108,35 @@ class TrialIndex:
             self.mode_steps.setdefault(mode, {}).update(zip(mode_steps.tolist(), steps[mine].tolist(), strict=True))
             w.last_mode_step[mode] = max(w.last_mode_step.get(mode, -1), int(mode_steps.max()))
         masks = _Masks()
-        for name, (raw, reduced, hist) in parsed.tensors.items():
-            entry = record["tensors"][name]
+        entries, declared = record["tensors"], parsed.declared
+        shared: dict[tuple[int, int, int, tuple[str, ...]], Segment] = {}  # the record's segments, by what they hold
+        for row, (name, (raw, reduced, hist)) in enumerate(parsed.tensors.items()):
+            entry = entries[name]
             info = self.tensors.get(name)
             if info is None:
                 info = self.tensors[name] = TensorInfo(name)
             info.collections.update(entry.get("collections", ()))
-            if "dtype" in entry:
-                info.dtype, info.shape = entry["dtype"], tuple(entry["shape"])
+            form = declared.forms[row]
+            if form is not None:
+                info.dtype, info.shape = form
             info.orig_dtype = entry.get("orig_dtype", info.orig_dtype)
-            parts = [a for a in (raw, reduced, hist) if len(a)]  # one at least (parse_index_record)
-            union = steps if all(a is steps for a in parts) else np.unique(np.concatenate(parts))
-            info.add(
-                Segment(
+            reductions = tuple(entry.get("reductions", ()))
+            key = (id(raw), id(reduced), id(hist), reductions)  # the arrays live as long as ``parsed``
+            segment = shared.get(key)
+            if segment is None:
+                parts = [a for a in (raw, reduced, hist) if len(a)]  # one at least (parse_index_record)
+                union = steps if all(a is steps for a in parts) else np.unique(np.concatenate(parts))
+                segment = shared[key] = Segment(
                     shard,
                     worker,
                     union,
                     masks.of(raw, union),
                     masks.of(reduced, union),
                     masks.of(hist, union),
-                    tuple(entry.get("reductions", ())),
-                    parsed.raw_at.get(name),
-                    declared_form(entry, raw),
+                    reductions,
+                    declared,
                 )
-            )
+            info.add(segment, row)
 
     def drop_shard(self, shard: str, why: str) -> None:
         """Forget everything stored in ``shard`` (it cannot be read), with one warning saying ``why``; its
@@ -1095,9 +1245,8 @@ class TrialIndex:
     def _agreeing(self, reader: ShardReader, name: str, shard: str) -> ShardReader:
         """``reader``, of ``shard``, once sure it holds raw values of ``name`` at the steps its index record
         lists, no more, no fewer (else a ShardError: a reader never lists a step whose value it drops)."""
-        segment = self.tensors[name].segment(shard)
+        raw_steps, declared, _ = self.tensors[name].in_shard(shard)
         record = self.shards[shard].record if shard in self.shards else "its index record"
-        raw_steps, declared = (_NO_STEPS, None) if segment is None else (segment.raw_steps, segment.declared)
         why = disagreement(reader, name, raw_steps, declared)
         if why is not None:
             raise ShardError(f"{record} {why}")
@@ -1154,12 +1303,12 @@ class TrialIndex:
     def _located(self, name: str, shard: str) -> RawAtReader | None:
         """The reader of ``name``'s values in ``shard`` where its index record says they lie, if it does
         (ShardError if the record's ``raw_at`` does not match its check)."""
-        seg = self.tensors[name].located(shard)
-        if seg is None or seg.raw_at is None:
+        raw_steps, _, at = self.tensors[name].in_shard(shard)
+        if at is None:
             return None
         open_file = functools.partial(self.storage.open_ranges, shard)
         listed = self.shards.get(shard)
-        return RawAtReader(open_file, shard, None if listed is None else listed.bytes, name, seg.raw_steps, seg.raw_at)
+        return RawAtReader(open_file, shard, None if listed is None else listed.bytes, name, raw_steps, at)
 
     def close(self) -> None:
         """Close every open shard."""

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
+import tracemalloc
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 import numpy as np
 import pytest
 from helpers.trials import logged_warnings
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tensortap
@@ -268,3 +271,140 @@ def test_steps_of_a_tensor_against_an_array_of_steps(segments: list[np.ndarray],
                 info.locations[s]
     for steps in segments:
         assert steps_meet(steps, query) == bool(np.isin(steps, query).any()) == steps_meet(query, steps)
+
+
+# Values an entry of an index record may hold, as the format says, and a few of each key that it does not
+GOOD: dict[str, Any] = {
+    "id": st.integers(0, 2**63 - 1),
+    "collections": st.lists(st.sampled_from(["weights", "gradients", "é"]), max_size=2),
+    "reductions": st.lists(st.sampled_from(["max", "l2_norm"]), max_size=2),
+    "orig_dtype": st.sampled_from(["bfloat16", "float16"]),
+    "raw_steps": st.sampled_from(["*", [], [0], [0, 2], [2, 0, 2]]),
+    "reduction_steps": st.sampled_from(["*", [], [1]]),
+    "histogram_steps": st.sampled_from([[], [1, 2]]),
+}
+BAD: dict[str, list[Any]] = {
+    "id": [-1, 2**63, True, 1.0, None, "1"],
+    "collections": ["weights", [1], [None], [["w"]]],
+    "reductions": ["max", [2]],
+    "dtype": [3, None],
+    "orig_dtype": [1.5, None],
+    "shape": ["3", [-1], [2**63], [True], [1.0], None],
+    "raw_steps": ["all", [9], [True], [0.0], 3, None, [-1]],
+    "reduction_steps": [[3], "*x"],
+    "histogram_steps": [[0, 5], {}],
+    "raw_at": [
+        "x",
+        [],
+        {},
+        {"data": -1},
+        {"crc32": 2**63},
+        {"check": 2**32},
+        {"check": True},
+        {"data": 1.0},
+        *({"dtype": code} for code in ["|b1", "<c8", "<U1", "f4", "<x4", "<f44", "=f4", 4, None, ["<f4"]]),
+    ],
+}
+
+
+RAW_AT_FIELDS = {  # and values just beyond
+    "data": st.sampled_from([0, 99, 2**63 - 1, 2**63]),
+    "crc32": st.sampled_from([0, 5, 2**40, -1]),
+    "check": st.sampled_from([0, 7, 2**32 - 1, 2**32]),
+}
+
+
+@st.composite
+def entries(draw: st.DrawFn) -> Any:
+    """An entry as the format says, or with one key wrong or left out, or none at all."""
+    entry = {key: draw(values) for key, values in GOOD.items() if key in ("id", "raw_steps") or draw(st.booleans())}
+    wrong = draw(st.sampled_from([None] * 4 + ["left out", "no form", "no raw step", *BAD]))
+    if draw(st.booleans()) or wrong in ("no form", "no raw step", "raw_at"):
+        entry["dtype"] = draw(st.sampled_from(["float32", "int8"]))
+        entry["shape"] = draw(st.lists(st.integers(0, 4), max_size=3))
+        if draw(st.booleans()) or wrong in ("no form", "no raw step", "raw_at"):
+            entry["raw_steps"] = draw(st.sampled_from(["*", [1]]))
+            located = {k: draw(v) for k, v in RAW_AT_FIELDS.items()}
+            entry["raw_at"] = {**located, "dtype": draw(st.sampled_from(["<f4", ">i8", "|u1", "<f2", "|i1"]))}
+    if wrong == "left out":
+        del entry[draw(st.sampled_from(sorted(entry)))]
+    elif wrong == "no form":  # a raw_at needs the dtype and shape of the values
+        del entry["dtype"], entry["shape"]
+    elif wrong == "no raw step":  # nor is there a raw_at of no values
+        entry["raw_steps"], entry["reduction_steps"] = [], "*"
+    elif wrong is not None:
+        bad = draw(st.sampled_from(BAD[wrong]))
+        entry[wrong] = {**entry[wrong], **bad} if isinstance(bad, dict) and wrong == "raw_at" else bad
+    return draw(st.sampled_from([entry] * 50 + [[], "x", None]))
+
+
+def parsed_tensors(entries: list[Any]) -> dict[str, Any] | str:
+    """What :func:`parse_index_record` makes of a record of ``entries`` (tensors ``t0``, ``t1``, ...): its
+    step lists, forms and raw_at locations of each tensor, or why it refused the record."""
+    record = {
+        "format": "tensortap-index",
+        "format_version": 2,
+        "worker": "worker_0",
+        "seq": 0,
+        "bytes": 10,
+        "shard": "shards/worker_0/0000000000.h5",
+        "steps": [[0, 1, 0], [1, 1, 1], [2, 1, 2]],
+        "tensors": {f"t{i}": entry for i, entry in enumerate(entries)},
+    }
+    try:
+        parsed = parse_index_record(record, "worker_0")
+    except RecordError as exc:
+        return str(exc)
+    return {
+        name: ([a.tolist() for a in specs], parsed.declared.forms[row], parsed.raw_at.get(name))
+        for row, (name, specs) in enumerate(parsed.tensors.items())
+    }
+
+
+@settings(max_examples=400)
+@given(listed=st.lists(entries(), min_size=1, max_size=3))
+def test_entries_checked_all_at_once_as_one_by_one(listed: list[Any]) -> None:
+    """An index record's entries are checked key by key over all of them at once, and one by one only
+    to say which is wrong: both accept exactly the same entries, and read them alike."""
+    at_once = parsed_tensors(listed)
+    with patch("tensortap.trial.index._columns", return_value=None):
+        one_by_one = parsed_tensors(listed)
+    assert at_once == one_by_one
+
+
+def test_the_tensors_of_a_record_share_what_the_index_holds(tmp_path: Path) -> None:
+    """The index holds a segment per record for all its tensors alike, not an object per tensor and
+    record: the memory a record adds does not grow by an object per tensor (it did by ~570 bytes)."""
+
+    def write_trial(out: Path, steps: int) -> None:
+        with Writer(out, shard_policy=ShardPolicy(max_steps=1)) as w:
+            for step in range(steps):
+                with w.stepping():
+                    w.offer_many(
+                        (f"layer{k}.weight", np.full(3, k + step, np.float32), ("weights",)) for k in range(100)
+                    )
+
+    def held(out: Path) -> int:
+        """Bytes the opened trial holds (traced allocations, not the process's memory)."""
+        gc.collect()
+        tracemalloc.start()
+        try:
+            trial = tensortap.create_trial(out)
+            trial.steps()
+            gc.collect()
+            return tracemalloc.get_traced_memory()[0]
+        finally:
+            tracemalloc.stop()
+
+    write_trial(tmp_path / "short", 10)
+    write_trial(tmp_path / "long", 50)
+    index = tensortap.create_trial(tmp_path / "long")._index
+    infos = list(index.tensors.values())
+    assert all(len(info.segments) == 50 for info in infos)
+    for i in range(50):  # every tensor: one segment of the record, its own row in it
+        assert len({id(info.segments[i]) for info in infos}) == 1
+        assert sorted(info.rows[i] for info in infos) == list(range(100))
+    value = tensortap.create_trial(tmp_path / "long").tensor("layer7.weight").value(31)
+    np.testing.assert_array_equal(value, np.full(3, 38, np.float32))
+    per_pair = (held(tmp_path / "long") - held(tmp_path / "short")) / (40 * 100)
+    assert per_pair < 150, per_pair
