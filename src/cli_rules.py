@@ -100,6 +100,7 @@ def rule_doc(cls: type[Rule]) -> tuple[str, dict[str, str]]:
 
 def _list(as_json: bool) -> int:
     entries: list[dict[str, Any]] = []
+    signatures = {name: parameters(cls) for name, cls in BUILTIN_RULES.items()}
     for name, cls in BUILTIN_RULES.items():
         summary, described = rule_doc(cls)
         entries.append(
@@ -115,7 +116,7 @@ def _list(as_json: bool) -> int:
                         "type": p.annotation,
                         "description": described.get(p.name, ""),
                     }
-                    for p in parameters(cls)
+                    for p in signatures[name]
                 ],
             }
         )
@@ -123,9 +124,9 @@ def _list(as_json: bool) -> int:
         print_json(entries)
         return EXIT_OK
     style = Style(sys.stdout)
-    for e, cls in zip(entries, BUILTIN_RULES.values(), strict=True):
+    for e in entries:
         print(f"{style(e['name'], 'bold')} ({e['class']}): {e['summary']}")
-        for p, param in zip(e["parameters"], parameters(cls), strict=True):
+        for p, param in zip(e["parameters"], signatures[e["name"]], strict=True):
             default = "required" if p["required"] else repr(param.default)
             print(f"    {p['name']}={default} ({p['type']})" + (f": {p['description']}" if p["description"] else ""))
         print()

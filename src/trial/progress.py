@@ -28,10 +28,11 @@ def progress(items: Iterable[T], total: int | None = None, desc: str = "", enabl
         Force the bar on or off; default: only when standard error is a terminal
         or this runs in a Jupyter kernel (and tqdm is installed).
     """
+    if enable is False:
+        yield from items
+        return
     notebook = in_notebook()
-    if enable is None:
-        enable = notebook or sys.stderr.isatty()
-    if enable and importlib.util.find_spec("tqdm") is not None:
+    if (enable or notebook or sys.stderr.isatty()) and importlib.util.find_spec("tqdm") is not None:
         if notebook and importlib.util.find_spec("ipywidgets") is not None:
             from tqdm.notebook import tqdm
         else:
