@@ -59,7 +59,7 @@ IF_EXISTS = ("error", "overwrite", "new_run")
 RUN_PREFIX = "run-"
 POLL_SECONDS = 0.1  # how often the writer thread looks for buffers due for publishing
 LIVE_SHARE = 0.02  # publishing at the live deadline takes at most this share of one core (the writer thread's CPU)
-IN_FLIGHT = 2  # shards handed off and not yet published that a hand-off does not wait for (see TrialWriter._hand_off)
+IN_FLIGHT = 2  # shards handed off and not yet published that a hand-off does not wait for, bytes allowing (_hand_off)
 _T = TypeVar("_T")
 Staged = tuple[str, tuple[str, ...], Any, dict[str, float], str | None, Histogram | PendingHistogram | None]
 """One tensor for :meth:`TrialWriter.stage`: name, collections, raw host array (or None), reductions,
@@ -79,10 +79,15 @@ class ShardPolicy:
         this bounds how late a live reader sees data, and what a SIGKILL loses.
     max_bytes
         Bytes of tensor data capture holds for steps not yet published (the memory bound):
-        a shard closes at a quarter of it (:attr:`shard_bytes`), and a hand-off waits until
-        at most :data:`IN_FLIGHT` (2) shards before the one being built are unpublished, so
-        those two, the shard being built and the arrays recycled from the one before them
-        (for the next shard) together never hold more.
+        a shard closes at a quarter of it (:attr:`shard_bytes`) or at the first step past
+        that, and a hand-off waits until the shards handed off and not yet published are at
+        most :data:`IN_FLIGHT` (2) holding at most three quarters of it, so that they and the
+        shard being built hold at most ``max_bytes`` plus the step in progress. A shard larger
+        than three quarters of ``max_bytes`` (one step larger than that) is published whole,
+        the only one in flight: the writer then holds it and what was built meanwhile (the
+        step in progress, where each step fills a shard). Besides, the arrays of the shard
+        published last wait in a pool (:data:`~tensortap.backends.shard.POOL`, 1 GiB at most)
+        for the next one.
     compression
         ``None`` (default), ``"gzip"`` or ``"lzf"``.
     timeout
@@ -645,17 +650,32 @@ class TrialWriter:
             self._publishing = False
 
     def _hand_off(self, job: Callable[[], None]) -> None:
-        """Submit the job that publishes a full shard, then wait until at most :data:`IN_FLIGHT`
-        shards are left to publish: this one and the one before are published while the next
-        is built. With the arrays of the shard before them, recycled for the next one, capture
-        holds four shards of a quarter of ``policy.max_bytes`` at most.
+        """Submit the job that publishes a full shard, then wait, oldest first, for the shards before it
+        until those left to publish are this one alone, or at most :data:`IN_FLIGHT` whose bytes leave
+        room for a shard of ``policy.shard_bytes`` within ``policy.max_bytes``: the one built meanwhile
+        (see :class:`ShardPolicy`).
+
+        Counting shards alone let a step larger than a shard's quarter of ``max_bytes`` (a shard of its
+        own) hold three such steps, whatever ``max_bytes`` said (session 46's scale hunt, F2). A shard
+        larger than that room is still published whole, as the only one in flight: waiting for it too
+        would make every step wait for its own write.
 
         Two in flight rather than one (with thirds): a publish that takes longer than building a
         shard (a spell of slow disk, a large layout) no longer stops the training at once, and
         a training saving every step faster than the writer waits at fewer hand-offs
         (bench/profiles/keras.md, session 21)."""
         self._submit(job)
-        self._wait_for(self._pending[:-IN_FLIGHT])
+        room = self.policy.max_bytes - self.policy.shard_bytes
+        while not self._hung and len(self._pending) > 1:
+            if len(self._pending) <= IN_FLIGHT and self.in_flight_bytes <= room:
+                return
+            self._wait_for(self._pending[:1])
+            self._pending = [j for j in self._pending if not j.done.is_set()]
+
+    @property
+    def in_flight_bytes(self) -> int:
+        """Bytes of tensor data (:attr:`ShardBuffer.nbytes`) of the shards handed off and not yet published."""
+        return sum(b.nbytes for b in self._buffers[:-1])
 
     def _submit(self, fn: Callable[[], None]) -> None:
         if self._hung:
