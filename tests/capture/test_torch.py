@@ -741,3 +741,62 @@ def test_value_is_copied_when_captured_not_later(tmp_path: Path) -> None:
     hook.close()
     captured = tensortap.create_trial(tmp_path / "run").tensor("outputs/0").value(0)
     np.testing.assert_array_equal(captured, expected)
+
+
+class Nest(nn.Module):
+    """``depth`` modules, each calling the next, around a linear layer: ``inner.inner. ... .inner``."""
+
+    def __init__(self, depth: int) -> None:
+        super().__init__()
+        self.inner: nn.Module = Nest(depth - 1) if depth else nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)
+
+
+def _free_frames() -> int:
+    """How many more nested Python calls the recursion limit allows here."""
+
+    def down(n: int) -> int:
+        try:
+            return down(n + 1)
+        except RecursionError:
+            return n
+
+    return down(0)
+
+
+def test_a_model_nested_near_the_recursion_limit_runs_captured(tmp_path: Path) -> None:
+    """An outputs hook on every submodule adds a frame per nesting level (torch's hooked call path): a model
+    that runs bare with 200 frames left must run captured too, its innermost output saved, the limit restored."""
+    depth = 44  # with 200 frames left it runs bare up to 48 levels; with a frame more a level, up to 36
+    model = Nest(depth)
+    x = torch.randn(1, 2)
+    limit = sys.getrecursionlimit()
+
+    def step_with_200_frames_left() -> int:
+        """One training step under a limit 200 frames above here; how much it changed that limit."""
+        tight = limit - _free_frames() + 200
+        sys.setrecursionlimit(tight)
+        try:
+            model(x).sum().backward()
+            return sys.getrecursionlimit() - tight
+        finally:
+            sys.setrecursionlimit(limit)
+
+    model(x).sum().backward()  # what torch imports at its first backward, imported at the usual limit
+    step_with_200_frames_left()  # bare: the test's own premise
+    hook = ttt.capture(model, tmp_path / "run", save_config=EVERY_STEP, include_collections=["outputs"])
+    try:
+        model(x).sum().backward()  # step 0, and what capture imports, at the usual limit
+        changed = step_with_200_frames_left()  # step 1
+    finally:
+        hook.close()
+    assert not hook.failed
+    assert changed == 0  # frames lent for the forward only
+    innermost = ".".join(["inner"] * (depth + 1))
+    np.testing.assert_allclose(
+        tensortap.create_trial(tmp_path / "run").tensor("outputs/" + innermost).value(1),
+        model.get_submodule(innermost)(x).detach().numpy(),
+        rtol=1e-6,
+    )

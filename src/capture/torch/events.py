@@ -104,6 +104,8 @@ _REENTRANT_NODE = torch.utils.checkpoint.CheckpointFunction._backward_cls
 parameters ``fn`` runs with (its backward recomputes ``fn`` and runs a backward of its own through them)."""
 _CHECKPOINT_CODE = torch.utils.checkpoint.CheckpointFunction.forward.__code__
 _SEQUENTIAL_CODE = torch.utils.checkpoint.checkpoint_sequential.__code__
+# the deepest a submodule's outputs/inputs hook calls below torch's frames (Hook._on_io down to the session)
+_HOOK_FRAMES = 16
 # torch.jit.trace's check_trace, which runs the module itself (under no_grad) to compare with the trace
 _CHECK_TRACE_CODE = inspect.unwrap(torch.jit._trace._check_trace).__code__
 
@@ -325,6 +327,8 @@ class _Root:
     hooked: weakref.WeakKeyDictionary[nn.Module, str] = field(default_factory=weakref.WeakKeyDictionary)
     # those still in the module, by their name now (a replaced head is no longer here)
     names: weakref.WeakKeyDictionary[nn.Module, str] = field(default_factory=weakref.WeakKeyDictionary)
+    frames: int = 1  # the frames its hooks add to its forward (patches.lend_frames): one a hooked nesting level
+    lent: list[int] = field(default_factory=list)  # frames lent by each of its forwards in progress, innermost last
 
 
 @dataclass
@@ -555,6 +559,8 @@ class Hook(core.Hook):
                     root.names[sub] = root.prefix + sub_name
                     if sub not in root.hooked:
                         root.hooked[sub] = root.prefix + sub_name
+                        # a frame for the root, one a level down to this one, and the hook's own at the last
+                        root.frames = max(root.frames, 1 + sub_name.count(".") + 1 + _HOOK_FRAMES)
                         tap = patches.Tap(self, Hook._on_io, root)
                         self._handles.append(patches.on_forward(sub, tap, with_kwargs=True))
         if not self._optimizers and self.session.may_save("gradients"):
@@ -922,6 +928,8 @@ class Hook(core.Hook):
 
     # ------------------------------------------------------------ hook bodies
     def _on_root_pre(self, root: _Root, module: nn.Module, args: Any) -> None:
+        root.lent.append(root.frames)
+        patches.lend_frames(root.frames)
         if _unseen():  # compiled, traced or exported after registration: these hooks run once, for the tracer
             self._warn_unseen(root.module)
             return
@@ -958,6 +966,8 @@ class Hook(core.Hook):
             self._forward_start = None
 
     def _on_root_post(self, root: _Root, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        if root.lent:
+            patches.return_frames(root.lent.pop())
         if _unseen() or _in_backward() or _in_transform():
             return
         if self._checking:
@@ -1367,6 +1377,9 @@ class Hook(core.Hook):
             handle.remove()
         self._handles.clear()
         self._grad_handles.clear()
+        for root in self._roots:  # closed in a forward: the post-hook that would take its frames back is gone
+            while root.lent:
+                patches.return_frames(root.lent.pop())
         patches.detach(self)
         super().close(reason)
 

@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import sys
+import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
@@ -247,6 +248,28 @@ def on_forward(module: torch.nn.Module, tap: Tap, pre: bool = False, **kwargs: A
         with contextlib.suppress(TypeError, AttributeError):  # a class that refuses it: its taps pickle as Inert
             _install([(owner, "__getstate__", _wrap_getstate)])
     return module.register_forward_pre_hook(tap) if pre else module.register_forward_hook(tap, **kwargs)
+
+
+_LIMIT_LOCK = threading.Lock()  # the recursion limit is read and set again as one step
+
+
+def lend_frames(frames: int) -> None:
+    """Raise the recursion limit by ``frames``: the Python frames tensortap's module hooks add to a forward.
+
+    A module with a forward hook runs its forward one frame deeper than a module with none (torch's
+    ``Module._call_impl`` calls it through a closure then), so a forward hook on every submodule adds a frame
+    per nesting level, and a model nested near the recursion limit would raise ``RecursionError`` only
+    when captured. The hooks lend those frames for the forward they run in, and :func:`return_frames` takes
+    them back after it (by subtraction: a limit the training sets in between is kept, less the loan).
+    """
+    with _LIMIT_LOCK:
+        sys.setrecursionlimit(sys.getrecursionlimit() + frames)
+
+
+def return_frames(frames: int) -> None:
+    """Take back the frames :func:`lend_frames` lent."""
+    with _LIMIT_LOCK:
+        sys.setrecursionlimit(sys.getrecursionlimit() - frames)
 
 
 def follow_imports() -> None:
