@@ -6,7 +6,9 @@ import contextlib
 import logging
 import math
 import os
+import socket
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +25,11 @@ logger = logging.getLogger("tensortap")
 TABLE_SUFFIXES = (".csv", ".parquet")
 TENSORBOARDX_NAN_WARNING = ("tensorboardX.x2num", "NaN or Inf found in input tensor.")
 """tensorboardX's logger and the warning it logs for every NaN or infinite value it writes, naming nothing."""
+EVENT_BATCH = 4096
+"""Events an event file holds before it writes them (:class:`_EventFile`)."""
+TOGETHER = 32
+"""Records of one length checksummed together by :func:`_tfrecords` from this many (fewer: one by one; a
+record of 1,000 bytes alone took 2.9 ms in NumPy, 0.12 ms in tensorboardX's loop)."""
 
 
 @contextlib.contextmanager
@@ -40,6 +47,94 @@ def _without_tensorboardx_nan_warning() -> Iterator[None]:
         yield
     finally:
         tb_logger.removeFilter(keep)
+
+
+def _crc32c_table() -> np.ndarray:
+    """The byte table of CRC-32C (Castagnoli, reflected polynomial 0x82F63B78)."""
+    crc = np.arange(256, dtype=np.uint32)
+    for _ in range(8):
+        crc = np.where(crc & 1, (crc >> 1) ^ np.uint32(0x82F63B78), crc >> 1)
+    return crc
+
+
+_CRC32C = _crc32c_table()
+
+
+def _masked_crc32c(rows: np.ndarray) -> np.ndarray:
+    """TFRecord's masked CRC-32C of each row of ``rows`` (records of one length, as ``uint8``), all at once."""
+    crc = np.full(len(rows), 0xFFFFFFFF, dtype=np.uint32)
+    for column in rows.T:
+        crc = _CRC32C[(crc ^ column) & 0xFF] ^ (crc >> 8)
+    crc ^= np.uint32(0xFFFFFFFF)
+    return ((crc >> 15) | (crc << 17)) + np.uint32(0xA282EAD8)
+
+
+def _tfrecords(records: list[bytes]) -> bytes:
+    """``records`` framed as TFRecords (the event file format): each its length, the length's masked
+    CRC-32C, itself and its masked CRC-32C, all little-endian; the checksums of records of one length are
+    computed together (byte by byte in Python, as tensorboardX does without the ``crc32c`` package, they
+    took most of an export's time)."""
+    from tensorboardX.record_writer import masked_crc32c
+
+    lengths = np.array([len(r) for r in records], dtype="<u8")
+    headers = lengths.view(np.uint8).reshape(-1, 8)
+    header_crcs = _masked_crc32c(headers).astype("<u4")
+    record_crcs = np.empty(len(records), dtype="<u4")
+    for length in np.unique(lengths):
+        same = np.flatnonzero(lengths == length)
+        if len(same) < TOGETHER:  # a NumPy pass per byte costs more than tensorboardX's loop for a few records
+            record_crcs[same] = [masked_crc32c(records[i]) for i in same]
+            continue
+        rows = np.frombuffer(b"".join(records[i] for i in same), dtype=np.uint8).reshape(len(same), int(length))
+        record_crcs[same] = _masked_crc32c(rows)
+    header_bytes, header_crc_bytes, record_crc_bytes = headers.tobytes(), header_crcs.tobytes(), record_crcs.tobytes()
+    return b"".join(
+        header_bytes[8 * i : 8 * i + 8]
+        + header_crc_bytes[4 * i : 4 * i + 4]
+        + record
+        + record_crc_bytes[4 * i : 4 * i + 4]
+        for i, record in enumerate(records)
+    )
+
+
+class _EventFile:
+    """The event file of one TensorBoard run (``logdir/train``), as tensorboardX's ``SummaryWriter`` writes it.
+
+    The same events, in the same order: the file version, then each summary (tensorboardX's) in one
+    ``Event`` with its step and wall time. ``SummaryWriter`` hands each event to a writer thread through
+    a ``multiprocessing.Queue`` of ten, which checksums it byte by byte in Python; here events are written
+    in the calling thread, :data:`EVENT_BATCH` at a time, their checksums computed together
+    (docs/performance.md).
+    """
+
+    def __init__(self, logdir: str) -> None:
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.record_writer import directory_check, open_file
+
+        directory_check(logdir)
+        # tensorboardX's name: the time (seconds) and the host
+        self._file = open_file(os.path.join(logdir, f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}"))
+        self._event = Event
+        self._pending = [Event(wall_time=time.time(), file_version="brain.Event:2").SerializeToString()]
+
+    def add(self, summary: Any, step: int, walltime: float | None) -> None:
+        """Write ``summary`` (a tensorboardX ``Summary``) at global step ``step``, at ``walltime`` (default: now)."""
+        wall_time = time.time() if walltime is None else walltime
+        self._pending.append(self._event(summary=summary, step=step, wall_time=wall_time).SerializeToString())
+        if len(self._pending) >= EVENT_BATCH:
+            self._write()
+
+    def _write(self) -> None:
+        self._file.write(_tfrecords(self._pending))
+        self._pending.clear()
+
+    def close(self) -> None:
+        """Write the events held and close the file."""
+        try:
+            if self._pending:
+                self._write()
+        finally:
+            self._file.close()
 
 
 def check_suffix(path: str, suffixes: Sequence[str], *, stdout: bool = False) -> str:
@@ -121,20 +216,20 @@ def export_tensorboard(
         How many ``scalars`` and ``histograms`` were written.
     """
     try:
-        from tensorboardX import SummaryWriter
+        from tensorboardX.summary import histogram_raw, scalar
     except ImportError as exc:
         raise ImportError('the TensorBoard export needs tensorboardX: pip install "tensortap[tensorboard]"') from exc
     times = trial.wall_times()
     steps = trial._index.steps
     workers = trial.workers()
     several = len(workers) > 1
-    writers: dict[tuple[Mode, str], Any] = {}
+    writers: dict[tuple[Mode, str], _EventFile] = {}
 
-    def writer(gstep: int, worker: str) -> Any:
+    def writer(gstep: int, worker: str) -> _EventFile:
         mode = steps.get(gstep, (Mode.GLOBAL, gstep))[0]
         run = (mode.name.lower(), worker) if several else (mode.name.lower(),)
         if (mode, worker) not in writers:
-            writers[mode, worker] = SummaryWriter(os.path.join(os.fspath(logdir), *run))
+            writers[mode, worker] = _EventFile(os.path.join(os.fspath(logdir), *run))
         return writers[mode, worker]
 
     counts = {"scalars": 0, "histograms": 0}
@@ -149,7 +244,7 @@ def export_tensorboard(
                     more = [(g, w, f"{name}/{k}", v) for g, w, k, v in tensor._rows(reductions)]
                     rows += [row for row in more if row[:3] not in written]
                 for gstep, worker, tag, value in rows:
-                    writer(gstep, worker).add_scalar(tag, value, gstep, walltime=times.get(gstep))
+                    writer(gstep, worker).add(scalar(tag, value), gstep, times.get(gstep))
                 counts["scalars"] += len(rows)
                 if nonfinite := sum(not math.isfinite(value) for *_, value in rows):
                     logger.warning(
@@ -167,7 +262,7 @@ def export_tensorboard(
                     c = hist.counts.astype(np.float64)
                     centres = (hist.edges[1:] + hist.edges[:-1]) / 2
                     total = float(c.sum())
-                    writer(gstep, worker).add_histogram_raw(
+                    summary = histogram_raw(
                         name,
                         min=float(hist.edges[0]),
                         max=float(hist.edges[-1]),
@@ -176,9 +271,8 @@ def export_tensorboard(
                         sum_squares=float((c * centres * centres).sum()),
                         bucket_limits=hist.edges[1:].tolist(),
                         bucket_counts=c.tolist(),
-                        global_step=gstep,
-                        walltime=times.get(gstep),
                     )
+                    writer(gstep, worker).add(summary, gstep, times.get(gstep))
                     counts["histograms"] += 1
         finally:
             for w in writers.values():

@@ -23,7 +23,7 @@ from helpers.cli import cli, strict_json  # noqa: E402
 import tensortap  # noqa: E402
 from tensortap import SaveConfig  # noqa: E402
 from tensortap.cli import main  # noqa: E402
-from tensortap.trial.export import export_tensorboard  # noqa: E402
+from tensortap.trial.export import _tfrecords, export_tensorboard  # noqa: E402
 
 from .conftest import TRAIN_STEPS, Run  # noqa: E402
 
@@ -87,6 +87,20 @@ def test_export_tensorboard_reads_back_with_tensorboards_loader(run: Run, tmp_pa
     evals = ea_mod.EventAccumulator(str(logdir / "eval"))
     evals.Reload()
     np.testing.assert_allclose([e.value for e in evals.Scalars(loss)], run.eval_loss, rtol=1e-6)
+
+
+def test_event_records_are_framed_byte_for_byte_as_tensorboardx_frames_them(tmp_path: Path) -> None:
+    """The export checksums the records of an event file together, those of one length at once: the file is
+    tensorboardX's own (RecordWriter's) for records of one length and of many, few or many of a length,
+    empty ones included."""
+    record_writer = pytest.importorskip("tensorboardX.record_writer")
+    rng = np.random.default_rng(0)
+    records = [rng.bytes(n) for n in (0, 1, 7, 8, 8, 8, 300, 1, 4097, 0)] + [rng.bytes(9) for _ in range(40)]
+    writer = record_writer.RecordWriter(str(tmp_path / "events"))
+    for record in records:
+        writer.write(record)
+    writer.close()
+    assert _tfrecords(records) == (tmp_path / "events").read_bytes()
 
 
 def test_export_tensorboard_writes_a_reduction_among_the_defaults_once(run: Run, tmp_path: Path) -> None:
