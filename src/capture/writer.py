@@ -955,6 +955,12 @@ def register_for_exit(hook: Any) -> None:
     _CLOSE_CALLBACKS.add(hook)
 
 
+def registered_for_exit() -> list[Any]:
+    """The hooks :func:`register_for_exit` was given in this process, those closed since included until
+    they are collected."""
+    return list(_CLOSE_CALLBACKS)
+
+
 def _forget_after_fork() -> None:
     """In a forked child (a DataLoader worker, ...): the parent's writers are not the child's.
 

@@ -86,7 +86,7 @@ from ...modes import Mode
 from .. import core
 from ..session import MAX_CALLS, Session, leaves
 from ..stop import agreed
-from ..writer import logger
+from ..writer import logger, registered_for_exit
 from . import patches
 from .ops import TorchOps
 
@@ -215,9 +215,6 @@ def _is_sharded(module: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 
     return any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in module.modules())
-
-
-_OPEN_HOOKS: weakref.WeakSet[Hook] = weakref.WeakSet()  # hooks that registered a module (closed ones left in)
 
 
 def parameter_collection(name: str) -> str:
@@ -469,6 +466,10 @@ class Hook(core.Hook):
         return kwargs | {k: data[k] for k in own if k in data}
 
     # ----------------------------------------------------------- registration
+    def captures(self, module: nn.Module) -> bool:
+        """Whether ``module`` (unwrapped) is registered with this hook."""
+        return any(r.module is module for r in self._roots)
+
     def register_module(self, module: nn.Module, name: str | None = None) -> None:
         """Capture ``module``: parameters, gradients, and outputs/inputs when those collections are saved.
 
@@ -481,7 +482,7 @@ class Hook(core.Hook):
         if not isinstance(module, nn.Module):
             raise TypeError(f"register_module: expected a torch.nn.Module, got {type(module).__name__}")
         inner = unwrap(module)
-        if any(r.module is inner for r in self._roots):
+        if self.captures(inner):
             raise ValueError(f"register_module: {type(inner).__name__} is already registered")
         root_name = name or type(inner).__name__
         prefix = f"{root_name}." if name or self._roots else ""
@@ -502,15 +503,14 @@ class Hook(core.Hook):
                 "or dict are not submodules: hold them in nn.ModuleList or nn.ModuleDict, or register each)",
                 root_name,
             )
-        for other in list(_OPEN_HOOKS):
-            if other is not self and not other._closed and any(r.module is inner for r in other._roots):
+        for other in registered_for_exit():  # every hook of this process
+            if isinstance(other, Hook) and other is not self and not other._closed and other.captures(inner):
                 logger.warning(
                     "tensortap: %s is captured already by an open hook, which writes %s (a cell run again?): both "
                     "record its steps from now on; close that hook first (hook.close())",
                     root_name,
                     other.out_dir,
                 )
-        _OPEN_HOOKS.add(self)
         root = _Root(inner, root_name, prefix, _is_sharded(inner))
         if root.sharded:
             logger.warning(
