@@ -163,6 +163,38 @@ def test_a_ctrl_c_that_leaves_the_hooks_with_block_mid_step_drops_that_step(tmp_
     trial = tensortap.create_trial(tmp_path)
     assert trial.steps() == [0] and trial.tensor_names() == ["a", "b"]
     assert trial.end_reasons() == {"worker_0": "closed"}
+    _ended_at(tmp_path, 0)
+
+
+def _ended_at(out: Path, step: int, mode: str = "TRAIN") -> None:
+    """The end marker says the training reached ``step`` (the last of ``mode``), and readers say there is no
+    step after it: a step dropped last is no step of the trial (it counted one, which readers called "not
+    saved and never will be", and said the training ended there)."""
+    end = json.loads((out / "end" / "worker_0.json").read_text())
+    assert (end["last_step"], end["mode_steps"]) == (step, {mode: step})
+    with pytest.raises(tensortap.NoMoreData, match=f"ended at step {step}"):
+        tensortap.create_trial(out).tensor("a").value(step + 1)
+
+
+@pytest.mark.parametrize("error", [RuntimeError("boom"), KeyboardInterrupt()])
+def test_a_step_dropped_last_is_not_reached(tmp_path: Path, error: BaseException) -> None:
+    """The last step left by an exception (caught, or a Ctrl-C that ends the run) is not counted as reached."""
+    with pytest.raises(type(error)), Writer(tmp_path) as w:
+        run_steps(w, 2, names=("a",))
+        with w.stepping():
+            w.save("a", default_value("a", 2))
+            raise error
+    _ended_at(tmp_path, 1)
+    with Writer(tmp_path / "caught") as w:
+        run_steps(w, 2, names=("a",))
+        with pytest.raises(type(error)), w.stepping():
+            raise error
+    _ended_at(tmp_path / "caught", 1)
+    with pytest.raises(type(error)), Writer(tmp_path / "begun") as w:  # the exit handlers' drop (close_for_exit)
+        run_steps(w, 2, names=("a",))
+        w.begin_step()
+        raise error
+    _ended_at(tmp_path / "begun", 1)
 
 
 def test_tensor_that_cannot_be_converted_raises_when_strict(tmp_path: Path) -> None:

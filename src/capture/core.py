@@ -416,6 +416,7 @@ class Hook:
         self.mode = Mode.TRAIN
         self.step = -1
         self._step_before = -1  # the global step before the step in progress (drop_step(take_back=True))
+        self._dropped: int | None = None  # the step begun last, if it was dropped (not reached: _progress)
         self.mode_steps: dict[Mode, int] = {}
         self.mode_step = -1
         self._active: frozenset[str] = frozenset()
@@ -548,7 +549,7 @@ class Hook:
         """
         if mode is not None:
             self.mode = mode if isinstance(mode, Mode) else Mode.parse(mode)
-        self._step_before = self.step
+        self._step_before, self._dropped = self.step, None
         self.step = self.step + 1 if step is None else int(step)
         self.mode_step = self.mode_steps.get(self.mode, -1) + 1
         self.mode_steps[self.mode] = self.mode_step
@@ -868,6 +869,8 @@ class Hook:
             self.step = self._step_before
             self.mode_step -= 1
             self.mode_steps[self.mode] = self.mode_step
+        else:
+            self._dropped = self.step
 
     def _forget_step(self) -> None:
         """Forget the step in progress, also what the writer staged of it."""
@@ -1044,12 +1047,19 @@ class Hook:
                 end()
             except Exception:  # closing: report, and still close
                 logger.exception("tensortap: writing step %d, which had ended, at %s failed", self.step, reason)
+        self.drop_step(None)  # a step in progress: not reached (_progress)
         self._forget_step()
         self._close_writer(reason, error)
 
     def _progress(self) -> tuple[int | None, dict[str, int]]:
-        """The last step counted and the last step of each mode, for the end marker."""
-        return (self.step if self.step >= 0 else None), {m.name: s for m, s in self.mode_steps.items()}
+        """The last step reached and the last step of each mode, for the end marker. A step dropped last
+        was not: the trial has no such step, and readers say the training ended before it."""
+        step, modes = self.step, dict(self.mode_steps)
+        if self._dropped is not None and self._dropped == step:
+            step = self._step_before
+            if modes.get(self.mode) == self.mode_step:
+                modes[self.mode] -= 1
+        return (step if step >= 0 else None), {m.name: s for m, s in modes.items() if s >= 0}
 
     def _close_writer(self, reason: str, error: str | None = None) -> None:
         listeners, self.end_listeners = self.end_listeners, []
