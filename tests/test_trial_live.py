@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 import uuid
@@ -400,6 +401,30 @@ def trial_at(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, dict[
     if request.param == "s3":
         return request.getfixturevalue("s3_url"), request.getfixturevalue("s3_options")
     return (str(tmp_path) if request.param == "local" else f"memory://tensortap-{uuid.uuid4().hex}"), {}
+
+
+@pytest.mark.parametrize("steps", [2, 3, 5])
+def test_a_reader_held_across_an_overwrite_of_a_format_1_trial_reads_the_new_run(
+    tmp_path: Path, steps: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A format-1 worker record has no run_id: the reader let a new run that overwrote the worker pass as the
+    same run, and went on reading the old run's values (as many steps: without a word; fewer: the steps no
+    longer there too; more: the old ones, then the new run's), silently (session 47's compatibility hunt)."""
+    shutil.copytree(Path(__file__).parent / "data" / "trial_format_1", tmp_path / "t")
+    trial = tensortap.create_trial(tmp_path / "t")
+    assert trial.steps() == [0, 1, 2] and trial.tensor("ragged").value(1).tolist() == [1, 1]
+    with Writer(tmp_path / "t", if_exists="overwrite", shard_policy=ShardPolicy(max_steps=1)) as w:
+        for step in range(steps):
+            with w.stepping():
+                w.save("ragged", np.full(2, 100 + step, dtype=np.int16))
+    with caplog.at_level("WARNING", logger="tensortap"):
+        trial.refresh()
+    assert trial.steps() == list(range(steps))
+    assert {s: trial.tensor("ragged").value(s).tolist() for s in range(steps)} == {
+        s: [100 + s] * 2 for s in range(steps)
+    }
+    warned = [r.getMessage() for r in caplog.records if r.name == "tensortap"]
+    assert len(warned) == 1 and "worker_0 was overwritten by a new run" in warned[0], warned
 
 
 @pytest.mark.parametrize(

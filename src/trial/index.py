@@ -722,6 +722,12 @@ class Claims(dict[str, Listed]):
             self.last[new.worker] = max(self.last.get(new.worker, _INT64_MIN), int(new.steps[-1]))
 
 
+def _another_run(held: object, new: object) -> bool:
+    """Whether a record of run ``new`` is of another run than the worker record of run ``held`` (None: no
+    run_id, as before format 2): also when only the new one has a run_id (a run overwrote a format-1 worker)."""
+    return new is not None and new != held
+
+
 def disagreement(reader: ShardReader, name: str, raw_steps: np.ndarray, declared: Form | None) -> str | None:
     """How the raw values of ``name`` in ``reader``'s shard are not those its index record describes
     (``raw_steps``, and the dtype and shape it declares for the last), as the end of a sentence whose subject is
@@ -944,8 +950,7 @@ class TrialIndex:
         marker are then read from the first."""
         new = [(w, key) for w, key in markers if self._worker(w).end is None]
         for worker, _, end in self._load(new, lambda record, _: check_end_marker(record), removed_ok=True):
-            run = self.workers[worker].info.get("run_id")
-            another = end is not None and run is not None and end.get("run_id") not in (None, run)
+            another = end is not None and _another_run(self.workers[worker].info.get("run_id"), end.get("run_id"))
             if another and worker in self._look_again([worker]):
                 continue
             self.workers[worker].end = end
@@ -970,7 +975,7 @@ class TrialIndex:
             if info is None:
                 continue
             version = versions[worker]
-            if info == w.info or run is None or info.get("run_id") is None:
+            if info == w.info or info.get("run_id") is None or not w.info:  # no run (format 1), or none held
                 w.version = version
                 continue
             if info["run_id"] == run:
@@ -1006,7 +1011,7 @@ class TrialIndex:
         """Add the index record ``key`` of ``worker``, unless another process than the worker's wrote it."""
         w = self._worker(worker)
         run, claimed = parsed.record.get("run_id"), w.info.get("run_id")
-        if run is not None and claimed is not None and run != claimed and worker not in self._looked:
+        if _another_run(claimed, run) and worker not in self._looked:
             self._looked.add(worker)  # a new run overwrote the worker? (once a refresh)
             self._look_again([worker])
             claimed = self.workers[worker].info.get("run_id")
