@@ -405,6 +405,27 @@ def test_check_refuses_an_unreferenced_dataset_without_reading_it(tmp_path: Path
     ]
 
 
+def test_check_leaves_an_object_of_a_later_minor_version_unread(tmp_path: Path) -> None:
+    """A later minor version of the format may add objects older readers ignore (format.md, Versioning):
+    `check` called a shard of format 2.2 with one more dataset unreadable, and exited 1, while every reader
+    read it (session 47's compatibility hunt). It leaves them unread there; in this version, still refuses."""
+    write(tmp_path)
+
+    def later(f: h5py.File) -> None:
+        f.attrs.modify("format_minor", np.int64(f.attrs["format_minor"] + 1))
+        added = np.arange(2, dtype=np.int64)
+        f["steps"].create_dataset("added", data=added).attrs["crc32"] = np.uint32(crc32(added))
+
+    rewrite(tmp_path, later)
+    with tensortap.create_trial(tmp_path) as trial:
+        np.testing.assert_array_equal(trial.tensor("dense/kernel").value(1), kernel(1))
+    assert find_problems(str(tmp_path)) == []
+    rewrite(tmp_path, lambda f: f.attrs.modify("format_minor", np.int64(f.attrs["format_minor"] - 1)))
+    assert find_problems(str(tmp_path)) == [
+        f"{SHARD}: unreadable shard ({tmp_path / SHARD}: /steps/added is not part of the format (not read))"
+    ]
+
+
 # ---------------------------------------------------------------- only numbers
 @pytest.mark.parametrize(
     "make",

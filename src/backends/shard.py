@@ -1921,9 +1921,13 @@ class ShardReader:
     def validate(self, read_apart: Container[str] = ()) -> None:
         """Check the whole file against the format and read every value once; ShardError on the first problem.
 
-        Objects the format does not define are refused, never read. The raw values of the tensors
-        named in ``read_apart`` are left to the caller, which reads them (verified) another way.
+        Objects the format does not define are refused, never read; in a shard of a later minor version of
+        this format than this reader knows, which may add objects older readers ignore, they are left unread.
+        The raw values of the tensors named in ``read_apart`` are left to the caller, which reads them
+        (verified) another way.
         """
+        minor = self._attr(self._root, "format_minor", "iu")
+        later = self.version == FORMAT_VERSION and isinstance(minor, (int, np.integer)) and minor > FORMAT_MINOR
         expected = {
             "/": {"steps", "names", "tensors", "reductions"},
             "/steps": {*STEP_PARTS, "wall_time"},
@@ -1933,11 +1937,11 @@ class ShardReader:
         for path, allowed in expected.items():
             group = self._root if path == "/" else self._group(self._root, path[1:])
             extra = sorted(_keys(group) - allowed)
-            if extra:
+            if extra and not later:
                 raise ShardError(f"{self.path}: {path.rstrip('/')}/{extra[0]} is not part of the format (not read)")
         for tid in range(len(self.names)):
             extra = sorted(_keys(self._tensor_group(tid)) - TENSOR_PARTS)
-            if extra:
+            if extra and not later:
                 raise ShardError(f"{self.path}: /tensors/{tid}/{extra[0]} is not part of the format (not read)")
         self.steps_table()
         self.wall_times()
