@@ -604,8 +604,9 @@ class TensorInfo:
                 self._steps = np.unique(np.concatenate(arrays))
         return self._steps
 
-    def segments_spanning(self, step: int) -> list[Segment]:
-        """The segments whose first and last steps enclose ``step``, in the order they were added.
+    def segments_spanning(self, step: int, last: int | None = None) -> list[Segment]:
+        """The segments whose first and last steps enclose ``step`` (with ``last``: overlap ``step`` to
+        ``last``), in the order they were added.
 
         One comparison over arrays of every segment's first and last step (built once per
         change of the segments), so a lookup does not search each of thousands of shards.
@@ -616,7 +617,8 @@ class TensorInfo:
                 np.array([seg.steps[-1] if len(seg.steps) else _INT64_MIN for seg in self.segments], dtype=np.int64),
             )
         firsts, lasts = self._spans
-        return [self.segments[i] for i in np.flatnonzero((firsts <= step) & (lasts >= step)).tolist()]
+        upto = step if last is None else last
+        return [self.segments[i] for i in np.flatnonzero((firsts <= upto) & (lasts >= step)).tolist()]
 
     def _of(self, i: int) -> tuple[np.ndarray, Form | None, RawAt | None]:
         """The raw steps of the ``i``-th segment, the form its record declares for the last raw value

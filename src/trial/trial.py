@@ -283,6 +283,7 @@ class Trial:
         self._index = TrialIndex(self.storage)
         self._last_refresh = -float("inf")
         self._one_view = False
+        self._windows: dict[str, StepWindow] = {}  # per tensor, the last shard Tensor._window read
         self.refresh()
 
     def _problem(self) -> TrialNotFound | None:
@@ -1183,6 +1184,97 @@ class Tensor:
     def shape(self, step: int, mode: Mode | str | None = None, worker: str | None = None) -> tuple[int, ...]:
         """Shape of the raw value at ``step``."""
         return tuple(self.value(step, mode, worker).shape)
+
+    def _window(self, step: int) -> StepWindow:
+        """The saved steps of the shard that holds global ``step``, for a loop over steps (the rules' reads).
+
+        Each step of the window is one whose value :meth:`value` and
+        :meth:`reduction_value` take from that shard (the first worker in sorted
+        order); the window reads the shard's values or reductions once, when first
+        asked, and answers every step of the shard from them. The trial keeps the
+        last window of each tensor while the tensor's shards stay those it was
+        made from: a loop over steps reads each shard once, and holds one shard's
+        values of a tensor at a time. Raises what :meth:`has_raw` raises where
+        ``step`` was not saved.
+        """
+        kept = self.trial._windows.get(self.name)
+        if kept is not None and kept.saved_steps is self._info.saved_steps() and step in kept.locations:
+            return kept  # saved_steps is a new array once a shard of the tensor is added or dropped
+        gstep, worker, loc = self._locate(step, None, None)
+        info = self._info
+        segment = next(seg for seg in info.segments_spanning(gstep) if seg.shard == loc.shard)
+        steps = segment.steps
+        if len(self.trial._index.workers) > 1:  # leave out the steps a worker first in order saved too
+            for seg in info.segments_spanning(int(steps[0]), int(steps[-1])):
+                if seg.worker < worker:
+                    steps = steps[~np.isin(steps, seg.steps)]
+        codes = segment.codes[np.searchsorted(segment.steps, steps)]
+        locations = {s: segment.variants[c] for s, c in zip(steps.tolist(), codes.tolist(), strict=True)}
+        window = self.trial._windows[self.name] = StepWindow(self, loc.shard, worker, locations, info.saved_steps())
+        return window
+
+
+class StepWindow:
+    """The saved steps of one tensor in one shard, and their values and reductions, each read once.
+
+    Made by :meth:`Tensor._window`. Reading a value or reduction raises
+    :class:`~tensortap.exceptions.ShardUnreadable` where the shard cannot be read
+    (the index warned and forgot it), as :meth:`Tensor.value` did at a step of it.
+
+    Parameters
+    ----------
+    tensor
+        The tensor.
+    shard
+        The shard.
+    worker
+        The worker that wrote the shard.
+    locations
+        ``{global step: where the step's value lies}`` of the steps read from the shard.
+    saved_steps
+        The tensor's saved steps when the window was made (:meth:`TensorInfo.saved_steps
+        <tensortap.trial.index.TensorInfo.saved_steps>`, a new array whenever a shard is added or dropped).
+    """
+
+    def __init__(
+        self, tensor: Tensor, shard: str, worker: str, locations: dict[int, Location], saved_steps: np.ndarray
+    ) -> None:
+        self.tensor = tensor
+        self.shard = shard
+        self.worker = worker
+        self.locations = locations
+        self.saved_steps = saved_steps
+        self._raw: dict[str, _RawValues | None] = {}  # {shard: its raw values} once read
+        self._reductions: dict[str, dict[int, float]] = {}
+
+    def _readable(self, step: int) -> None:
+        """Raise :class:`~tensortap.exceptions.ShardUnreadable` for ``step`` if the shard was found unreadable."""
+        if self.shard in self.tensor.trial._index.bad_files:
+            raise self.tensor._unreadable(step_label(step, None), self.shard)
+
+    def _raw_values(self) -> _RawValues | None:
+        if self.shard not in self._raw:
+            t = self.tensor
+            self._raw[self.shard] = t.trial._index.read_raw(t.name, self.shard, t._raw_values)
+        return self._raw[self.shard]
+
+    def value(self, step: int) -> np.ndarray | None:
+        """The raw value at global ``step`` (one of :attr:`locations`); None if the shard does not hold it."""
+        raw = self._raw_values()
+        self._readable(step)
+        return None if raw is None else raw[0].get(step)
+
+    def reduction_value(self, step: int, key: str) -> float | None:
+        """Reduction ``key`` (e.g. ``"abs_mean"``) at global ``step``, as :meth:`Tensor.reduction_value` gives it:
+        the saved one, else computed from the raw value (every step's at once); None if neither is there."""
+        if key not in self._reductions:
+            if any(loc.raw for loc in self.locations.values()):
+                self._raw_values()  # read once for every key
+            entries = [(s, self.worker, loc) for s, loc in self.locations.items()]
+            rows = self.tensor._shard_rows(self.shard, entries, [key], self._raw)
+            self._reductions[key] = {s: v for s, _, _, v in rows}
+        self._readable(step)
+        return self._reductions[key].get(step)
 
 
 def _common_edges(values: Iterable[np.ndarray], bins: int | Sequence[float]) -> np.ndarray | None:

@@ -195,6 +195,45 @@ def test_poor_weight_initialization(tmp_path: Path) -> None:
     assert invoke_rule(PoorWeightInitialization(make_trial(tmp_path / "grad", 3, narrow_grad))) == [0, 1, 2]
 
 
+# ------------------------------------------------------- reads across shards
+def two_workers_one_shard_damaged(path: Path) -> Path:
+    """Steps 0-11 of ``gradients/fc.weight`` from two workers: worker 0 (three steps a shard) tiny at steps
+    1, 4, 7 and 10 and with a NaN at step 5, its shard of steps 6-8 damaged; worker 1 (four steps a shard)
+    tiny at every step."""
+    for rank, max_steps in ((0, 3), (1, 4)):
+        with Writer(path, rank=rank, shard_policy=ShardPolicy(max_steps=max_steps)) as w:
+            for s in range(12):
+                with w.stepping():
+                    g = np.full(4, 1e-9 if rank == 1 or s % 3 == 1 else 1.0, dtype=np.float32)
+                    if rank == 0 and s == 5:
+                        g[0] = np.nan
+                    w.save("gradients/fc.weight", g, ["gradients"])
+    damaged = sorted((path / "shards" / "worker_0").glob("*.h5"))[2]
+    damaged.write_bytes(b"\x89HDF junk" * 100)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("rule_class", "fired"),
+    [
+        # steps 7 and 8 come from worker 1 once worker 0's shard is found damaged at step 6
+        (VanishingGradient, [1, 4, 7, 8, 10]),
+        (ExplodingTensor, [5]),
+    ],
+)
+def test_rules_read_each_step_from_its_first_worker_across_shards_and_skip_a_damaged_one(
+    tmp_path: Path, rule_class: type[Rule], fired: list[int]
+) -> None:
+    """Rules read a shard's steps at once (Tensor._window): each step is still judged on the value of the first
+    worker that saved it, in its own shard, and the step where a shard is found damaged is skipped."""
+    path = two_workers_one_shard_damaged(tmp_path / "run")
+    rule = rule_class(tensortap.create_trial(path))
+    assert invoke_rule(rule, wait=False) == fired
+    assert rule.skipped_steps == [6] and rule.evaluated_steps == 11
+    trial = tensortap.create_trial(path)
+    assert [s for s in range(12) if rule_class(trial).invoke(s).fired] == fired, "a new rule at each step"
+
+
 # --------------------------------------------------------------- activations
 def test_saturated_activation(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)

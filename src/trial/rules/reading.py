@@ -15,6 +15,7 @@ import numpy as np
 from ... import reductions as red
 from ...exceptions import UnknownName
 from ...modes import Mode
+from ..trial import StepWindow, Tensor
 from .base import Requirement, Rule, check_regexes, name_list, regex_list
 
 LOSS_MODES = (Mode.EVAL, Mode.TRAIN, Mode.GLOBAL)
@@ -110,41 +111,88 @@ def saved_at(tensor: Any, step: int) -> bool:
     return bool(tensor.workers(step))
 
 
+class StepRead:
+    """One tensor at one global step, as rules read it: whether it holds its raw value and which reductions,
+    and these, read through the window of its shard (``Tensor._window``: a loop over steps reads each shard
+    once) where the trial offers one, else at the step alone (the in-memory view of in-process rules).
+
+    Raises what :meth:`~tensortap.trial.Tensor.has_raw` raises where ``name`` was not saved at ``step``.
+
+    Parameters
+    ----------
+    trial
+        A :class:`~tensortap.trial.Trial`, or the in-memory view a hook gives in-process rules.
+    name
+        The tensor's name.
+    step
+        The global step.
+    """
+
+    def __init__(self, trial: Any, name: str, step: int) -> None:
+        self.name = name
+        self.step = step
+        self.tensor = trial.tensor(name)
+        self.window: StepWindow | None = None
+        self.raw: bool
+        self.reductions: tuple[str, ...]
+        if isinstance(self.tensor, Tensor):
+            self.window = self.tensor._window(step)
+            loc = self.window.locations[step]
+            self.raw, self.reductions = loc.raw, loc.reductions
+        else:
+            self.raw = self.tensor.has_raw(step)
+            self.reductions = tuple(self.tensor.available_reductions(step))
+
+    def value(self) -> np.ndarray:
+        """The raw value (:class:`~tensortap.exceptions.ShardUnreadable` where its shard cannot be read; where
+        the shard lacks it, what reading the step alone raises)."""
+        got = self.window.value(self.step) if self.window is not None else None
+        return got if got is not None else np.asarray(self.tensor.value(self.step))
+
+    def reduction(self, key: str) -> float:
+        """Reduction ``key`` (e.g. ``"abs_mean"``): the saved one, or computed from the raw value (raises as
+        :meth:`value` does)."""
+        got = self.window.reduction_value(self.step, key) if self.window is not None else None
+        if got is not None:
+            return float(got)
+        base, absolute = red.split_key(key)
+        return float(self.tensor.reduction_value(self.step, base, abs=absolute))
+
+
 def reduction_at(rule: Rule, trial: Any, name: str, step: int, key: str, requirement: Requirement) -> float | None:
     """Reduction ``key`` (e.g. ``"abs_mean"``) of ``name`` at ``step``: saved, or computed from the raw value.
 
     Returns None (after recording what is missing with :meth:`Rule.need`) when
     neither the reduction nor the raw tensor was saved.
     """
-    t = trial.tensor(name)
-    if t.has_raw(step) or key in t.available_reductions(step):
-        base, absolute = red.split_key(key)
+    read = StepRead(trial, name, step)
+    if read.raw or key in read.reductions:
         rule.found_input()
-        return float(t.reduction_value(step, base, abs=absolute))
+        return read.reduction(key)
     rule.need(step, requirement, f"{name!r} has neither reduction {key!r} nor its raw value", partial=True)
     return None
 
 
 def raw_at(rule: Rule, trial: Any, name: str, step: int, requirement: Requirement) -> np.ndarray | None:
     """The raw value of ``name`` at ``step``, or None after recording that it is missing."""
-    t = trial.tensor(name)
-    if t.has_raw(step):
+    read = StepRead(trial, name, step)
+    if read.raw:
         rule.found_input()
-        return np.asarray(t.value(step))
+        return read.value()
     rule.need(step, requirement, f"{name!r} was saved as reductions only", partial=True)
     return None
 
 
 def scalar_at(rule: Rule, trial: Any, name: str, step: int, requirement: Requirement) -> float | None:
     """A scalar tensor (a loss, a metric) at ``step``: its value, or its saved ``mean``."""
-    t = trial.tensor(name)
-    if t.has_raw(step):
+    read = StepRead(trial, name, step)
+    if read.raw:
         rule.found_input()
-        v = np.asarray(t.value(step), dtype=np.float64)
+        v = np.asarray(read.value(), dtype=np.float64)
         return float(v.reshape(-1)[0]) if v.size == 1 else float(np.mean(v))
-    if "mean" in t.available_reductions(step):
+    if "mean" in read.reductions:
         rule.found_input()
-        return float(t.reduction_value(step, "mean"))
+        return read.reduction("mean")
     rule.need(step, requirement, f"{name!r} has neither its value nor its mean", partial=True)
     return None
 

@@ -11,7 +11,16 @@ import numpy as np
 
 from ...modes import Mode
 from .base import check_number, check_regexes, logger
-from .reading import ModeSeries, PerTensorRule, Selection, raw_at, reduction_at, saved_at, untrained_weights
+from .reading import (
+    ModeSeries,
+    PerTensorRule,
+    Selection,
+    StepRead,
+    raw_at,
+    reduction_at,
+    saved_at,
+    untrained_weights,
+)
 
 # XGBoost's tree table (trees_to_dataframe) writes NaN for "none": the split of a leaf,
 # the children of a leaf, the category of a numeric split
@@ -220,9 +229,9 @@ class AllZero(PerTensorRule):
         return (("abs_max",), False) if self.threshold >= 100 else ((), True)
 
     def check(self, step: int, name: str) -> str | None:
-        t = self.base_trial.tensor(name)
-        if not t.has_raw(step) and self.threshold >= 100:
-            saved = [k for k in ("abs_max", "l1", "l2") if k in t.available_reductions(step)]
+        read = StepRead(self.base_trial, name, step)
+        if not read.raw and self.threshold >= 100:
+            saved = [k for k in ("abs_max", "l1", "l2") if k in read.reductions]
             if saved:
                 value = reduction_at(self, self.base_trial, name, step, saved[0], self.requirement())
                 return f"{name}: all values are zero ({saved[0]} = 0)" if value == 0 else None
