@@ -20,6 +20,7 @@ from .exceptions import (
     TensorUnavailableForStep,
     TrialExistsError,
     TrialNotFound,
+    TrialTooNew,
     UnknownName,
 )
 from .modes import Mode, StepState
@@ -49,6 +50,7 @@ __all__ = [
     "Trial",
     "TrialExistsError",
     "TrialNotFound",
+    "TrialTooNew",
     "UnknownName",
     "compare",
     "create_trial",

@@ -157,6 +157,33 @@ class TrialNotFound(TensortapError, FileNotFoundError):
         return str(self.args[0]) if self.args else ""
 
 
+class TrialTooNew(TensortapError):
+    """The trial holds records of a newer format version than this tensortap reads: it was written by a newer
+    tensortap, and reading what is left would show a trial with steps or workers missing.
+
+    Parameters
+    ----------
+    path
+        The trial's path or URL.
+    records
+        ``{key: why}`` of the records refused for their version (keys relative to the trial).
+
+    Attributes
+    ----------
+    path, records
+        As given.
+    """
+
+    def __init__(self, path: str, records: dict[str, str]) -> None:
+        self.path, self.records = path, dict(records)
+        key, why = next(iter(self.records.items()))
+        more = f" and {len(self.records) - 1} more" if len(self.records) > 1 else ""
+        super().__init__(
+            f"{path} was written by a newer tensortap than this one: {key}{more} ({why}); upgrade tensortap "
+            "(pip install -U tensortap) to read it"
+        )
+
+
 class RuleInputsMissing(TensortapError):
     """One or more rules found none of their inputs, so they judged nothing.
 

@@ -112,13 +112,39 @@ def test_a_worker_record_of_a_newer_or_bad_format_version_is_refused_naming_it(v
     record = json.loads(worker.read_text())
     record["format_version"] = version
     worker.write_text(json.dumps(record))
-    why = "newer than this tensortap reads" if version == 3 else "'format_version' is not a positive integer"
+    if version == 3:  # a newer tensortap wrote it: the trial is refused, saying so (session 47's hunt)
+        with pytest.raises(tensortap.TrialTooNew, match=r"workers/worker_0\.json .*newer.*upgrade tensortap"):
+            tensortap.create_trial(tmp_path)
+        assert main(["ls", str(tmp_path)]) == 2
+        return
+    why = "'format_version' is not a positive integer"
     with logged_warnings() as warned:
         trial = tensortap.create_trial(tmp_path)
         trial.workers()
     assert any("workers/worker_0.json" in w and why in w for w in warned), warned
     problems = find_problems(str(tmp_path))
     assert any(p.startswith("workers/worker_0.json") and why in p for p in problems), problems
+
+
+def test_a_trial_a_newer_tensortap_wrote_is_refused_not_shown_empty(tmp_path: Path) -> None:
+    """Every record of a newer format version was refused with a warning, and the trial then looked empty:
+    `ls` said "no tensors", `export` "wrote 0 rows" (exit 0), `rules` that the training saved no step
+    (session 47's compatibility hunt). Opening it raises TrialTooNew (exit 2), also for a live reader that
+    meets such a record later."""
+    write(tmp_path)
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.steps() == [0, 1]
+    record = json.loads((tmp_path / RECORD).read_text())
+    record["format_version"] = 3
+    (tmp_path / RECORD).write_text(json.dumps(record))
+    trial.refresh()  # read already: not read again
+    fresh = tmp_path.parent / "fresh"
+    shutil.copytree(tmp_path, fresh)
+    with pytest.raises(tensortap.TrialTooNew, match=f"{RECORD} .*format version 3 is newer.*upgrade tensortap") as got:
+        tensortap.create_trial(fresh)
+    assert got.value.records.keys() == {RECORD}
+    for command in (["ls"], ["export", "-o", str(tmp_path.parent / "out.csv")], ["rules"]):
+        assert main([*command, str(fresh)]) == 2, command
 
 
 # ---------------------------------------------------------------- keys and names
@@ -745,7 +771,6 @@ def test_format_1_trials_still_read() -> None:
         lambda r: r["tensors"]["dense/kernel"].update(shape="6"),
         lambda r: r.update(seq=True),
         lambda r: r.update(worker="worker_1"),
-        lambda r: r.update(format_version=99),
         lambda r: r["tensors"]["dense/kernel"].update(raw_at=[0, 0, 0]),
         lambda r: r["tensors"]["dense/kernel"]["raw_at"].update(dtype="float32"),
         lambda r: r["tensors"]["dense/kernel"]["raw_at"].update(dtype="|b1"),
@@ -762,7 +787,7 @@ def test_format_1_trials_still_read() -> None:
         lambda r: r.update(seq=1 << 63),
     ],
     ids=[
-        *("missing", "wrong-type", "bad-mode", "tensors-list", "foreign-step", "shape-str", "bool", "worker", "newer"),
+        *("missing", "wrong-type", "bad-mode", "tensors-list", "foreign-step", "shape-str", "bool", "worker"),
         *("raw_at-list", "raw_at-dtype-name", "raw_at-bool", "raw_at-negative", "raw_at-check", "raw_at-no-steps"),
         *("no-steps", "tensor-at-no-step", "raw_at-beyond-int64", "crc32-beyond-int64", "shape-beyond-int64"),
         "seq-beyond-int64",

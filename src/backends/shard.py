@@ -1,4 +1,4 @@
-"""The HDF5 shard format (version 1): writing and reading one shard.
+"""The HDF5 shard format: writing and reading one shard.
 
 A shard holds every tensor a worker saved over a run of consecutive saved
 steps. Tensor names map to integer ids; each tensor's values over the shard's

@@ -68,6 +68,10 @@ class RecordError(ValueError):
     """A JSON record of a trial that does not follow its schema."""
 
 
+class NewerFormat(RecordError):
+    """A JSON record of a newer format version than this tensortap reads."""
+
+
 _INT64 = (-(1 << 63), 1 << 63)  # every integer of a record is read as an int64 (steps, offsets, sizes)
 
 
@@ -297,7 +301,10 @@ def parse_index_record(record: object, worker: str) -> ParsedRecord:
     if not _is_int(version, 1):
         raise bad("'format_version' is not a positive integer")
     if version > layout.FORMAT_VERSION:  # type: ignore[operator]
-        raise bad(f"format version {version} is newer than this tensortap reads ({layout.FORMAT_VERSION})")
+        raise NewerFormat(
+            f"not a valid index record: format version {version} is newer than this tensortap reads "
+            f"({layout.FORMAT_VERSION})"
+        )
     if record.get("worker") != worker:
         raise bad(f"'worker' is {record.get('worker')!r}, but the record is in the folder of {worker!r}")
     if not _is_int(record.get("seq"), 0) or not _is_int(record.get("bytes"), 0):
@@ -399,7 +406,7 @@ def check_worker_record(info: object) -> dict[str, Any]:
     if not _is_int(version, 1):
         raise RecordError("not a valid worker record: 'format_version' is not a positive integer")
     if version > layout.FORMAT_VERSION:
-        raise RecordError(
+        raise NewerFormat(
             f"not a valid worker record: format version {version} is newer than this tensortap reads "
             f"({layout.FORMAT_VERSION})"
         )
@@ -811,6 +818,7 @@ class TrialIndex:
         self.shards = Claims()  # shard -> what its index record says of it
         self.wall_times: dict[int, float] = {}  # saved step -> latest commit time of any worker (format 2)
         self.bad_files: dict[str, str] = {}
+        self.newer: dict[str, str] = {}  # records refused for a newer format version: key -> why
         self._lost: dict[tuple[Mode | None, int], str] = {}  # (mode or None, step) -> the bad shard that held it
         self._seen: dict[str, set[str]] = {}  # worker -> names in its index folder read (or warned about)
         self._readers: OrderedDict[str, ShardReader] = OrderedDict()
@@ -1076,6 +1084,8 @@ class TrialIndex:
                     raise record
                 checked = check(record, worker)
             except (OSError, ValueError) as exc:  # RecordError, UnsafeKey and JSON errors are ValueErrors
+                if isinstance(exc, NewerFormat):
+                    self.newer[key] = str(exc)
                 if not (removed_ok and isinstance(exc, FileNotFoundError)):
                     self._warn_bad(key, f"unreadable record ({exc})")
             yield worker, key, checked

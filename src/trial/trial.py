@@ -34,6 +34,7 @@ from ..exceptions import (
     TensorUnavailable,
     TensorUnavailableForStep,
     TrialNotFound,
+    TrialTooNew,
     UnknownName,
     no_attribute,
     suggest,
@@ -318,9 +319,17 @@ class Trial:
 
     # ---------------------------------------------------------------- refresh
     def refresh(self) -> None:
-        """Look for new shards, workers and end markers now."""
+        """Look for new shards, workers and end markers now.
+
+        Raises
+        ------
+        TrialTooNew
+            A record of the trial is of a newer format version than this tensortap reads.
+        """
         self._index.refresh()
         self._last_refresh = time.monotonic()
+        if self._index.newer:
+            raise TrialTooNew(self.path, self._index.newer)
 
     def _auto_refresh(self) -> None:
         if not self._one_view and time.monotonic() - self._last_refresh >= self.refresh_interval:
