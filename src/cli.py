@@ -38,6 +38,7 @@ from .exceptions import (
     TensorUnavailable,
     TensorUnavailableForStep,
     TrialNotFound,
+    TrialTooNew,
     UnknownName,
     UsageError,
 )
@@ -290,7 +291,13 @@ def _trials_overview(path: str, options: dict[str, Any], found: Sequence[str]) -
     rows = []
     base = path.rstrip("/")
     for rel in found:
-        trial = create_trial(f"{base}/{rel}", storage_options=options)
+        try:
+            trial = create_trial(f"{base}/{rel}", storage_options=options)
+        except TrialTooNew as exc:  # listed as such: the others are still listed
+            logger.warning("tensortap: %s", exc)
+            unread = dict.fromkeys(("framework", "workers", "steps", "last_step", "ended", "last_loss"))
+            rows.append({"name": rel, "path": f"{base}/{rel}", **unread, "error": str(exc)})
+            continue
         frameworks = {str(w.info.get("framework") or "") for w in trial._index.workers.values()}
         steps = trial.steps()
         rows.append(
@@ -303,6 +310,7 @@ def _trials_overview(path: str, options: dict[str, Any], found: Sequence[str]) -
                 "last_step": steps[-1] if steps else None,
                 "ended": trial.training_ended,
                 "last_loss": _last_loss(trial),
+                "error": None,
             }
         )
         trial.close()
@@ -320,12 +328,13 @@ def _ls_parent(args: argparse.Namespace, found: Sequence[str]) -> int:
     lines = []
     for r in rows:
         loss = r["last_loss"]
+        status = "newer format" if r["error"] else "ended" if r["ended"] else "running"
         lines.append(
             (
                 r["name"],
                 r["framework"] or "-",
-                r["steps"],
-                "ended" if r["ended"] else "running",
+                "-" if r["steps"] is None else r["steps"],
+                status,
                 "-" if loss is None else f"{fmt(loss['value'])} ({loss['name']} at step {loss['step']})",
             )
         )

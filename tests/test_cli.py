@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import pty
 import subprocess
@@ -84,12 +85,18 @@ def test_ls_of_a_folder_of_trials_lists_them(tmp_path: Path) -> None:
     (tmp_path / "runs" / "notes.txt").write_text("not a trial")
     write_run(tmp_path / "runs" / "stranger", n=2)
     (tmp_path / "runs" / "stranger" / "workers" / "worker_0.json").write_text("[1, 2]")  # untrusted input
+    newer = tmp_path / "runs" / "zz-newer"
+    write_run(newer, n=2)
+    worker = newer / "workers" / "worker_0.json"
+    worker.write_text(json.dumps({**json.loads(worker.read_text()), "format_version": 99}))  # a newer tensortap
     try:
         result = cli("ls", str(tmp_path / "runs"))
         assert result.returncode == 0, result.stderr
-        assert result.stdout.startswith(f"{tmp_path / 'runs'} is not a trial; it holds 3 trials:\n")
+        assert result.stdout.startswith(f"{tmp_path / 'runs'} is not a trial; it holds 4 trials:\n")
         rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()[3:]}
         assert rows["stranger"][1:4] == ["-", "1", "ended"]
+        assert rows["zz-newer"][1:5] == ["-", "-", "newer", "format"]  # listed as such, the others too
+        assert "zz-newer was written by a newer tensortap than this one" in result.stderr
         assert (
             "skipping workers/worker_0.json: unreadable record (not a valid worker record: not an object)"
             in result.stderr
@@ -101,7 +108,9 @@ def test_ls_of_a_folder_of_trials_lists_them(tmp_path: Path) -> None:
         assert f"[{RUNNING}]" in cli("ls", str(second)).stdout
         assert f"<td style='text-align:left'>{RUNNING}</td>" in tensortap.create_trial(second)._repr_html_()
         data = strict_json(cli("ls", str(tmp_path / "runs"), "--json").stdout)
-        first, second, _ = data["trials"]
+        first, second, _, unread = data["trials"]
+        assert unread["name"] == "zz-newer" and unread["steps"] is None and "upgrade tensortap" in unread["error"]
+        assert first["error"] is None
         assert first["name"] == "first" and first["ended"] is True and first["steps"] == 2
         assert first["last_loss"] == {"name": "losses/loss", "step": 2, "value": 1 / 3}
         assert second["name"] == "group/second" and second["ended"] is False and second["framework"] == "numpy"
