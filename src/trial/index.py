@@ -630,10 +630,13 @@ class TensorInfo:
     def _of(self, i: int) -> tuple[np.ndarray, Form | None, RawAt | None]:
         """The raw steps of the ``i``-th segment, the form its record declares for the last raw value
         (None if none), and where its raw values lie (None if the record does not say)."""
-        seg, row = self.segments[i], self.rows[i]
-        if seg.declared is None:
-            return seg.raw_steps, None, None
-        return seg.raw_steps, seg.declared.form(row, seg.raw_steps), seg.declared.raw_at(row)
+        seg = self.segments[i]
+        return seg.raw_steps, self._form(i), None if seg.declared is None else seg.declared.raw_at(self.rows[i])
+
+    def _form(self, i: int) -> Form | None:
+        """The dtype and shape the record of the ``i``-th segment declares for its last raw value, or None."""
+        seg = self.segments[i]
+        return None if seg.declared is None else seg.declared.form(self.rows[i], seg.raw_steps)
 
     def in_shard(self, shard: str) -> tuple[np.ndarray, Form | None, RawAt | None]:
         """What the record of ``shard`` says of the tensor (no raw step if it has none): the steps of its
@@ -661,7 +664,7 @@ class TensorInfo:
             self.segments = [self.segments[i] for i in kept]
             self.rows = array("q", (self.rows[i] for i in kept))
             self._steps = self._spans = self._located = None
-            forms = (self._of(i)[1] for i in reversed(range(len(kept))))
+            forms = (self._form(i) for i in reversed(range(len(kept))))
             self.dtype, self.shape = next((form for form in forms if form), (None, None))
 
 
@@ -731,10 +734,11 @@ class Claims(dict[str, Listed]):
             self.last[new.worker] = max(self.last.get(new.worker, _INT64_MIN), int(new.steps[-1]))
 
 
-def _another_run(held: object, new: object) -> bool:
-    """Whether a record of run ``new`` is of another run than the worker record of run ``held`` (None: no
-    run_id, as before format 2): also when only the new one has a run_id (a run overwrote a format-1 worker)."""
-    return new is not None and new != held
+def _another_run(held: Mapping[str, Any], new: object) -> bool:
+    """Whether a record of run ``new`` is of another run than the worker record ``held``: also when only the
+    new one has a run_id (a run overwrote a format-1 worker, whose record has none); not while no worker
+    record is held (the record is read first, :meth:`TrialIndex._look_again` takes it as the first)."""
+    return new is not None and bool(held) and new != held.get("run_id")
 
 
 def disagreement(reader: ShardReader, name: str, raw_steps: np.ndarray, declared: Form | None) -> str | None:
@@ -960,7 +964,7 @@ class TrialIndex:
         marker are then read from the first."""
         new = [(w, key) for w, key in markers if self._worker(w).end is None]
         for worker, _, end in self._load(new, lambda record, _: check_end_marker(record), removed_ok=True):
-            another = end is not None and _another_run(self.workers[worker].info.get("run_id"), end.get("run_id"))
+            another = end is not None and _another_run(self.workers[worker].info, end.get("run_id"))
             if another and worker in self._look_again([worker]):
                 continue
             self.workers[worker].end = end
@@ -1021,7 +1025,7 @@ class TrialIndex:
         """Add the index record ``key`` of ``worker``, unless another process than the worker's wrote it."""
         w = self._worker(worker)
         run, claimed = parsed.record.get("run_id"), w.info.get("run_id")
-        if _another_run(claimed, run) and worker not in self._looked:
+        if _another_run(w.info, run) and worker not in self._looked:
             self._looked.add(worker)  # a new run overwrote the worker? (once a refresh)
             self._look_again([worker])
             claimed = self.workers[worker].info.get("run_id")
