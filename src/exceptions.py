@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import functools
 from collections.abc import Iterable, Mapping
 
 from .modes import Mode, step_label
@@ -75,6 +76,14 @@ class UnknownName(TensortapError, KeyError, ValueError):
     def __init__(self, kind: str, name: str, valid: Iterable[str], where: str = "", listed: str | None = None) -> None:
         self.kind, self.name = kind, name
         self.valid = sorted(set(valid))
+        # the message (its suggestions: difflib) is made when shown, not when a caller that expects the
+        # error catches it (the rules ask for collections a trial may not have, step after step)
+        super().__init__(kind, name, tuple(self.valid), where, listed)
+
+    @functools.cached_property
+    def message(self) -> str:
+        """What :func:`str` shows: the name, the closest valid names and, when few, every valid name."""
+        kind, name, _, where, listed = self.args
         message = f"no {kind} {name!r}{where}{suggest(name, self.valid)}"
         if listed is not None:
             message += f" (valid: {listed})"
@@ -82,10 +91,10 @@ class UnknownName(TensortapError, KeyError, ValueError):
             message += f" (there is no {kind} at all)"
         elif len(self.valid) <= self.MAX_LISTED:
             message += f" (valid: {', '.join(self.valid)})"
-        super().__init__(message)
+        return message
 
     def __str__(self) -> str:  # KeyError would quote the message
-        return str(self.args[0]) if self.args else ""
+        return self.message
 
 
 class TensorUnavailable(TensortapError, KeyError):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import pickle
 import pty
 import subprocess
 import sys
@@ -407,8 +408,11 @@ def test_a_trial_whose_workers_are_all_hidden_says_so(tmp_path: Path) -> None:
 # ------------------------------------------------------------ unknown names
 def test_unknown_names_are_errors_with_suggestions(trial_dir: Path) -> None:
     trial = tensortap.create_trial(trial_dir)
-    with pytest.raises(UnknownName, match=r"no collection 'gradient' in .*did you mean 'gradients'"):
+    with pytest.raises(UnknownName, match=r"no collection 'gradient' in .*did you mean 'gradients'") as caught:
         trial.tensor_names(collection="gradient")
+    copy = pickle.loads(pickle.dumps(caught.value))  # as a process pool hands it back
+    assert str(copy) == str(caught.value) and (copy.kind, copy.name) == ("collection", "gradient")
+    assert copy.valid == caught.value.valid and "gradients" in copy.valid
     with pytest.raises(KeyError, match=r"did you mean 'fc1\.weight'"):
         trial.tensor("fc1.weigth")
     with pytest.raises(ValueError, match="did you mean 'mean'"):

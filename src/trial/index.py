@@ -16,6 +16,7 @@ file that fails is skipped with one warning naming it.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import logging
 import threading
@@ -463,7 +464,7 @@ class Segment:
 
     def get(self, step: int) -> Location | None:
         """The location of ``step``, None if this segment does not hold it."""
-        i = int(np.searchsorted(self.steps, step))
+        i = int(self.steps.searchsorted(step))  # the method: np.searchsorted's dispatch costs as much again
         if i < len(self.steps) and self.steps[i] == step:
             return self.variants[int(self.codes[i])]
         return None
@@ -591,7 +592,7 @@ class TensorInfo:
     shape: tuple[int, ...] | None = None
     orig_dtype: str | None = None
     _steps: np.ndarray | None = field(default=None, repr=False)
-    _spans: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
+    _spans: tuple[array[int], array[int], bool] | None = field(default=None, repr=False)  # segments_spanning
     _located: dict[str, int] | None = field(default=None, repr=False)  # shard -> its position in ``segments``
 
     @property
@@ -615,17 +616,22 @@ class TensorInfo:
         """The segments whose first and last steps enclose ``step`` (with ``last``: overlap ``step`` to
         ``last``), in the order they were added.
 
-        One comparison over arrays of every segment's first and last step (built once per
-        change of the segments), so a lookup does not search each of thousands of shards.
+        Each segment's first and last step are kept in two arrays (built once per change of the
+        segments), so a lookup does not look at each of thousands of shards: two binary searches where
+        both go up with the segments (shards one after another, the usual case), else one comparison
+        over the arrays.
         """
         if self._spans is None:
-            self._spans = (
-                np.array([seg.steps[0] if len(seg.steps) else _INT64_MAX for seg in self.segments], dtype=np.int64),
-                np.array([seg.steps[-1] if len(seg.steps) else _INT64_MIN for seg in self.segments], dtype=np.int64),
-            )
-        firsts, lasts = self._spans
+            firsts = array("q", (seg.steps[0] if len(seg.steps) else _INT64_MAX for seg in self.segments))
+            lasts = array("q", (seg.steps[-1] if len(seg.steps) else _INT64_MIN for seg in self.segments))
+            ordered = all(a <= b for a, b in pairwise(firsts)) and all(a <= b for a, b in pairwise(lasts))
+            self._spans = (firsts, lasts, ordered)
+        firsts, lasts, ordered = self._spans
         upto = step if last is None else last
-        return [self.segments[i] for i in np.flatnonzero((firsts <= upto) & (lasts >= step)).tolist()]
+        if ordered:  # those from the first that ends at ``step`` or later to the last that starts by ``upto``
+            return self.segments[bisect.bisect_left(lasts, step) : bisect.bisect_right(firsts, upto)]
+        met = (np.frombuffer(firsts, dtype=np.int64) <= upto) & (np.frombuffer(lasts, dtype=np.int64) >= step)
+        return [self.segments[i] for i in np.flatnonzero(met).tolist()]
 
     def _of(self, i: int) -> tuple[np.ndarray, Form | None, RawAt | None]:
         """The raw steps of the ``i``-th segment, the form its record declares for the last raw value

@@ -271,6 +271,12 @@ def test_steps_of_a_tensor_against_an_array_of_steps(segments: list[np.ndarray],
                 info.locations[s]
     for steps in segments:
         assert steps_meet(steps, query) == bool(np.isin(steps, query).any()) == steps_meet(query, steps)
+    ends = sorted({*query.tolist(), *(s for seg in segments for s in (seg[0], seg[-1], seg[0] - 1, seg[-1] + 1))})
+    for a, b in zip(ends, [*ends[1:], *ends[:1]], strict=True):  # each step, and the span to the next
+        for first, last in ((a, None), (a, b)):
+            upto = first if last is None else last
+            span = [s for s in info.segments if s.steps[0] <= upto and s.steps[-1] >= first]
+            assert info.segments_spanning(first, last) == span, (first, last)
 
 
 # Values an entry of an index record may hold, as the format says, and a few of each key that it does not
