@@ -68,6 +68,7 @@ from __future__ import annotations
 import inspect
 import os
 import sys
+import threading
 import warnings
 import weakref
 from collections import deque
@@ -328,6 +329,39 @@ class _Root:
     lent: list[int] = field(default_factory=list)  # frames lent by each of its forwards in progress, innermost last
 
 
+@dataclass(frozen=True)
+class _Call:
+    """A call the hook was told began (a forward of a registered module, an optimizer's ``step()``) and is
+    told ended by a hook torch runs after it, but for a ``KeyboardInterrupt`` (Ctrl-C, a notebook's
+    "interrupt") in a forward, or any exception in a ``step()``: torch runs no hook then. The frame
+    that runs the call, held for the while, tells whether it is still on its thread's stack."""
+
+    frame: FrameType
+    thread: int
+
+    @classmethod
+    def of_caller(cls) -> _Call:
+        """The call that runs the hook method calling this (through a :class:`patches.Tap`: its caller's caller)."""
+        return cls(sys._getframe(3), threading.get_ident())
+
+    def left(self) -> bool:
+        """Whether the call is over though no hook said so: its thread is this one and its frame is no
+        longer on the stack (one of another thread is taken as running, as before)."""
+        if self.thread != threading.get_ident():
+            return False
+        frame: FrameType | None = sys._getframe(1)
+        while frame is not None:
+            if frame is self.frame:
+                return False
+            frame = frame.f_back
+        return True
+
+
+class Unfinished(Exception):
+    """Why a step is dropped that a forward or an optimizer ``step()`` left without the hooks torch runs
+    after it (a ``KeyboardInterrupt``): found at the next forward."""
+
+
 @dataclass
 class _Optimizer:
     optimizer: torch.optim.Optimizer
@@ -421,6 +455,7 @@ class Hook(core.Hook):
         self._grad_handles: dict[int, tuple[weakref.ref[torch.Tensor], Any]] = {}
         self._loss_name = "loss"
         self._depth = 0
+        self._forward_call: _Call | None = None  # the outermost forward of a registered module in progress
         self._warned_unseen: set[str] = set()  # the ways (torch.compile, jit.trace, export) warned about
         self._warned_transform = False
         self._checking = 0  # depth of the forwards of registered modules torch.jit.trace's check runs
@@ -437,6 +472,7 @@ class Hook(core.Hook):
         self._forwarded = self._trained = False
         self._stepped: dict[int, int] = {}  # optimizers (by id) that stepped in it: how many times
         self._stepping = False  # an attached optimizer's step() is running (LBFGS's closure backwards)
+        self._step_call: _Call | None = None  # that step() call
         # at its last backward: attached optimizer steps in it, versions of some of their parameters
         self._versions: tuple[int, tuple[int, ...]] | None = None
         self._warned_unattached = False
@@ -822,7 +858,7 @@ class Hook(core.Hook):
         self.session.finish()
         self._clear_step()
 
-    def _drop(self, why: Exception) -> None:
+    def _drop(self, why: BaseException) -> None:
         """Drop the open step, which ``why`` interrupted (a forward or a backward that raised).
 
         A loop that catches the error and goes on (an out-of-memory batch skipped) would
@@ -941,9 +977,11 @@ class Hook(core.Hook):
         if _in_transform():
             self._warn_transform(root.name)
             return
+        self._recover(root)
         self._depth += 1
         if self._depth > 1 or self._closed:
             return
+        self._forward_call = _Call.of_caller()
         patches.follow_imports()  # accelerate imported after the hook opened: its backward(loss), before it is called
         mode = self._detect_mode(root.module)
         s = self.session
@@ -974,6 +1012,8 @@ class Hook(core.Hook):
             self._checking -= 1
             return
         self._depth = max(self._depth - 1, 0)
+        if not self._depth:
+            self._forward_call = None
         if self._depth or not self.session.is_open or self._closed:
             return
         error = sys.exc_info()[1]
@@ -987,6 +1027,27 @@ class Hook(core.Hook):
             self._forward_start = None
         if not self._spans_forwards():
             self._end()
+
+    def _recover(self, root: _Root) -> None:
+        """Forget the forward and the optimizer ``step()`` in progress that an exception left without the
+        hooks torch runs after them (a ``KeyboardInterrupt`` in a forward: a notebook's "interrupt"), and
+        drop the step they were part of: else every later forward would count as nested in the one left
+        (no step opened, no output taken) and the next iteration would merge into the step (``:0``/``:1``).
+        Called by the forward of a registered module that comes next (``root``'s)."""
+        left = []
+        if self._depth and self._forward_call is not None and self._forward_call.left():
+            left.append("a forward of a registered module")
+            self._depth, self._forward_call = 0, None
+            current = root.lent.pop()  # lent by this forward; those of the forwards left go back
+            for r in self._roots:
+                while r.lent:
+                    patches.return_frames(r.lent.pop())
+            root.lent.append(current)
+        if self._stepping and self._step_call is not None and self._step_call.left():
+            left.append("an optimizer's step()")
+            self._stepping, self._step_call = False, None
+        if left and self.session.is_open:
+            self._drop(Unfinished(f"{' and '.join(left)} did not return (Ctrl-C?)"))
 
     def _warn_unseen(self, inner: nn.Module) -> None:
         """Once per way: the registered ``inner`` is compiled, traced or exported; what that makes runs without
@@ -1193,7 +1254,7 @@ class Hook(core.Hook):
             self.mode_step,
         )
 
-    def on_backward_failed(self, tensors: Any, error: Exception) -> None:
+    def on_backward_failed(self, tensors: Any, error: BaseException) -> None:
         """``backward()`` on ``tensors`` raised ``error`` (out of memory, in a loop that skips the batch): the
         step it was to train is dropped, unless the losses were another model's."""
         if self._closed or not self.session.is_open:
@@ -1236,6 +1297,7 @@ class Hook(core.Hook):
             self._open(self._detect_mode())
         self._tentative = False
         self._stepping = True
+        self._step_call = _Call.of_caller()
         if not (offer and self.is_saving() and self.session.saving("gradients")):  # offer=False: none applied
             return None
         # args: (optimizer, closure?) as step() was called
@@ -1274,7 +1336,7 @@ class Hook(core.Hook):
         )
 
     def _on_optimizer_post(self, att: _Optimizer, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        self._stepping = False
+        self._stepping, self._step_call = False, None
         if self._closed or not self.session.is_open:
             return
         self._trained = True

@@ -55,7 +55,7 @@ class Listener(Protocol):
     def on_backward(self, tensors: Any) -> None:
         """``torch.autograd.backward(tensors, ...)`` is about to run."""
 
-    def on_backward_failed(self, tensors: Any, error: Exception) -> None:
+    def on_backward_failed(self, tensors: Any, error: BaseException) -> None:
         """``torch.autograd.backward(tensors, ...)`` raised ``error``."""
 
     def on_scaled(self, scaled: Any, loss: Any) -> None:
@@ -127,7 +127,7 @@ def _wrap_backward(original: Callable[..., Any]) -> Callable[..., Any]:
             listener.on_backward(tensors)
         try:
             return original(tensors, *args, **kwargs)
-        except Exception as exc:
+        except BaseException as exc:  # a KeyboardInterrupt too (a notebook's "interrupt"): the step is left
             for listener in list(_LISTENERS):
                 listener.on_backward_failed(tensors, exc)
             raise
