@@ -41,6 +41,7 @@ from .cli import (
 )
 from .exceptions import RuleInputsMissing, UnknownName, UsageError
 from .trial.rules import BUILTIN_RULES, Rule, RuleRunner, StopTraining, Verdict, make_rule, parameters
+from .trial.rules.runner import rule_labels
 from .trial.views import failure_notes, killed_note, killed_workers
 
 
@@ -183,15 +184,6 @@ def _rule_line(
     return f"{label}: {style('did not fire', 'green')} ({where}{_skipped(rule)})"
 
 
-def _labels(rules: Sequence[Rule], specs: Sequence[str]) -> list[str]:
-    """Each rule's name, followed by its ``--rule`` spec where another rule has the same name."""
-    names = [r.name for r in rules]
-    return [
-        f"{name} ({printable(spec, message=True)})" if names.count(name) > 1 else name
-        for name, spec in zip(names, specs, strict=True)
-    ]
-
-
 def _check_options(args: argparse.Namespace) -> None:
     """Refuse a negative ``--start-step``, ``--end-step`` or ``--idle-timeout`` (:class:`UsageError`)."""
     for flag, value, what in (
@@ -262,10 +254,11 @@ def run(args: argparse.Namespace) -> int:
                 flush=True,
             )
 
-    missing: dict[str, list[str]] = {}
+    runner = RuleRunner(trial, rules, actions)
+    missing: dict[Rule, list[str]] = {}  # by rule, not name: two --rule of one built-in share its name
     interrupted = False
     try:
-        RuleRunner(trial, rules, actions).run(
+        runner.run(
             args.start_step,
             args.end_step,
             wait=args.follow,
@@ -273,8 +266,8 @@ def run(args: argparse.Namespace) -> int:
             on_verdict=report,
             show_progress=None,
         )
-    except RuleInputsMissing as exc:
-        missing = exc.missing
+    except RuleInputsMissing:
+        missing = runner.lacking()
     except KeyboardInterrupt:
         interrupted = True
     if killed := killed_workers(trial):
@@ -300,7 +293,7 @@ def run(args: argparse.Namespace) -> int:
                 {
                     "rule": r.name,
                     "spec": spec,
-                    "status": "inputs_missing" if r.name in missing else ("fired" if verdicts[r] else "passed"),
+                    "status": "inputs_missing" if r in missing else ("fired" if verdicts[r] else "passed"),
                     "last_step": r.last_step,
                     "evaluated_steps": r.evaluated_steps,
                     "skipped_steps": r.skipped_steps,
@@ -316,8 +309,9 @@ def run(args: argparse.Namespace) -> int:
             result.update(error_json("rules", problem, "input"))
         print_json(result)
     else:
-        for r, label in zip(rules, _labels(rules, args.rule), strict=True):
-            print(_rule_line(r, label, verdicts[r], saved, missing.get(r.name), style))
+        specs = [f"({printable(spec, message=True)})" for spec in args.rule]
+        for r, label in zip(rules, rule_labels(rules, specs), strict=True):
+            print(_rule_line(r, label, verdicts[r], saved, missing.get(r), style))
     if interrupted:
         print("tensortap rules: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -332,7 +326,7 @@ def _problem(
     trial: Any,
     saved: list[int],
     rules: list[Rule],
-    missing: dict[str, list[str]],
+    missing: dict[Rule, list[str]],
     interrupted: bool,
     args: argparse.Namespace,
 ) -> str | None:

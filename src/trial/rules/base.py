@@ -11,19 +11,28 @@ the steps it evaluated (:attr:`Rule.lacks_inputs`) makes the runner raise
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
 import re
-from collections.abc import Iterable, Sequence
+import reprlib
+import sys
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
+from ... import reductions as red
 from ...exceptions import (
+    NoMoreData,
     ShardUnreadable,
     StepUnavailable,
     TensortapError,
     TensorUnavailable,
     TensorUnavailableForStep,
+    UnknownName,
 )
 
 if TYPE_CHECKING:
@@ -31,8 +40,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("tensortap")
 
-# raised by a rule's own reads at a step: the rule cannot judge that step (smdebug's invoke_rule went on too)
-UNREADABLE_INPUT = (TensorUnavailableForStep, StepUnavailable, TensorUnavailable)
+# raised by a rule's own reads at a step: the rule cannot judge that step (smdebug's invoke_rule went on too;
+# NoMoreData: a read past the end of an ended training, which smdebug's invoke_rule ended on)
+UNREADABLE_INPUT = (TensorUnavailableForStep, StepUnavailable, TensorUnavailable, NoMoreData)
 
 
 @dataclass(frozen=True)
@@ -84,11 +94,34 @@ class Requirement:
         Reduction keys, e.g. ``("abs_mean",)``; computable from a raw tensor too.
     raw
         Whether the raw tensor itself is needed.
+
+    Raises
+    ------
+    UnknownName
+        A reduction key that names no reduction (a ``ValueError`` too): the message names it, the
+        collection and the closest keys.
+    ValueError
+        ``reductions`` given as one string rather than a tuple of keys.
     """
 
     collection: str
     reductions: tuple[str, ...] = ()
     raw: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.reductions, str):
+            raise ValueError(
+                f"Requirement({self.collection!r}): reductions: expected a tuple of reduction keys, "
+                f"got the string {self.reductions!r} (write ({self.reductions!r},))"
+            )
+        for key in self.reductions:
+            try:
+                red.check_key(key)
+            except UnknownName as exc:
+                kind, name, valid, _, listed = exc.args
+                raise UnknownName(
+                    kind, name, valid, f" (Requirement({self.collection!r}) reductions)", listed
+                ) from None
 
     def describe(self) -> str:
         """A sentence telling what to capture."""
@@ -161,12 +194,38 @@ def check_regexes(field_name: str, patterns: Iterable[str]) -> None:
 
 
 def check_number(field_name: str, value: Any, minimum: float | None = None, integer: bool = False) -> None:
-    """Raise a ValueError unless ``value`` is a number (an integer if asked) ``>= minimum``."""
+    """Raise a ValueError unless ``value`` is a finite number (an integer if asked) ``>= minimum``.
+
+    NaN is refused (no value compares with it: a rule with a NaN threshold would never fire), and so are
+    the infinities (a threshold no value crosses, or every value does).
+    """
     kinds = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds) or (minimum is not None and value < minimum):
-        what = "an integer" if integer else "a number"
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, kinds)
+        or not math.isfinite(value)
+        or (minimum is not None and value < minimum)
+    ):
+        what = "an integer" if integer else "a finite number"
         bound = f" >= {minimum}" if minimum is not None else ""
         raise ValueError(f"{field_name}: expected {what}{bound}, got {value!r}")
+
+
+def json_problem(value: Any, where: str) -> str | None:
+    """What in ``value`` a JSON round trip would not give back unchanged, described from ``where`` (its name),
+    or None: only None, bool, int, float, str, list and dict with str keys come back as they were."""
+    if value is None or type(value) in (bool, int, float, str):
+        return None
+    if type(value) is list:
+        return next((p for i, v in enumerate(value) if (p := json_problem(v, f"{where}[{i}]")) is not None), None)
+    if type(value) is dict:
+        for k, v in value.items():
+            if type(k) is not str:
+                return f"{where} has the key {k!r} ({type(k).__name__}), which JSON turns into a string"
+            if (p := json_problem(v, f"{where}[{k!r}]")) is not None:
+                return p
+        return None
+    return f"{where} holds {type(value).__name__} {reprlib.repr(value)}, which JSON does not give back as it is"
 
 
 @dataclass
@@ -287,7 +346,7 @@ class Rule:
         self._verdict = Verdict(self.name, step, True, reason, tuple(tensors))
         return True
 
-    def need(self, step: int, requirement: Requirement, detail: str = "", *, partial: bool = False) -> None:
+    def need(self, step: int, requirement: Requirement | str, detail: str = "", *, partial: bool = False) -> None:
         """Record (and log once) that an input is missing at ``step``, and what to capture instead.
 
         Parameters
@@ -295,7 +354,8 @@ class Rule:
         step
             The step being evaluated.
         requirement
-            What should have been captured.
+            What should have been captured: a :class:`Requirement`, or words for it where no collection
+            names it (``"a tensor of regex(es) ^val"``).
         detail
             What exactly was missing (a tensor name, a reduction).
         partial
@@ -315,7 +375,8 @@ class Rule:
         """
         self._step_inputs.needed = True
         self._step_inputs.blocked |= not partial
-        message = f"{self.name} needs {requirement.describe()}" + (f": {detail}" if detail else "")
+        what = requirement if isinstance(requirement, str) else requirement.describe()
+        message = f"{self.name} needs {what}" + (f": {detail}" if detail else "")
         if message not in self._progress.missing:
             self._progress.missing[message] = step
             logger.warning("tensortap: %s (first at step %d)", message, step)
@@ -392,9 +453,11 @@ class Rule:
 
         A step where the rule's own read raises
         :class:`~tensortap.exceptions.TensorUnavailableForStep`,
-        :class:`~tensortap.exceptions.StepUnavailable` or
+        :class:`~tensortap.exceptions.StepUnavailable`,
         :class:`~tensortap.exceptions.TensorUnavailable` (a custom rule that
-        reads the gradients at an EVAL step, where none were saved) cannot be
+        reads the gradients at an EVAL step, where none were saved) or
+        :class:`~tensortap.exceptions.NoMoreData` (a rule that reads the step
+        after ``step``, at the last step of an ended training) cannot be
         judged: the rule does not fire there, the verdict's reason says
         ``"not judged: ..."``, and the runner goes on with the next step, as
         smdebug's ``invoke_rule`` did. It is never silent: the first such step
@@ -403,16 +466,29 @@ class Rule:
         (:attr:`lacks_inputs`: the runner raises
         :class:`~tensortap.exceptions.RuleInputsMissing`). Built-in rules
         check their inputs (:meth:`need`) and do not raise these.
+
+        :meth:`invoke_at_step` answers with a ``bool`` (a ``numpy.bool_``
+        too; None, a method that ends without ``return``, is False). Anything
+        else raises a ``TypeError`` naming the rule, the step and what was
+        returned: a number, a string or a :class:`Verdict` would otherwise
+        fire wherever it is not empty or zero (return ``self.fire(step,
+        reason, tensors)`` to fire with a reason). So does None from a method
+        that called :meth:`fire` without returning its result. Any other
+        exception raised by the rule's code propagates as it is (the same
+        type), with a note naming the rule and the step (Python 3.11 on;
+        before, that is logged as an error).
         """
         self._verdict = None
         self._step_inputs = _StepInputs()
         not_judged = None
         try:
-            fired = bool(self.invoke_at_step(step))
+            with self._blamed("invoke_at_step", step):
+                result = self.invoke_at_step(step)
         except ShardUnreadable as exc:
             return self.skip(step, str(exc))
         except UNREADABLE_INPUT as exc:
-            fired, not_judged = False, self._cannot_judge(step, exc)
+            result, not_judged = False, self._cannot_judge(step, exc)
+        fired = self._fired(result, "invoke_at_step", step)
         self._progress.last_step = max(self._progress.last_step, step)
         self._progress.usable_steps += self._step_inputs.usable
         self._progress.evaluated_steps += 1
@@ -422,7 +498,7 @@ class Rule:
 
     def _cannot_judge(self, step: int, exc: Exception) -> str:
         """Record that the rule's own read of a tensor at ``step`` raised ``exc`` (one of
-        ``TensorUnavailableForStep``, ``StepUnavailable``, ``TensorUnavailable``): the step cannot be judged.
+        :data:`UNREADABLE_INPUT`): the step cannot be judged.
 
         Like a ``need`` the step cannot do without: listed (once per kind of error, with the first
         step) in :attr:`missing_inputs` and logged once; a rule that could judge no step lacks inputs.
@@ -459,18 +535,65 @@ class Rule:
         self._step_inputs = _StepInputs()
         step = self._progress.last_step
         try:
-            fired = step >= 0 and bool(self.on_training_end(step))
+            with self._blamed("on_training_end", step):
+                result = self.on_training_end(step) if step >= 0 else False
         except ShardUnreadable as exc:
             return self.skip(step, str(exc))
         except UNREADABLE_INPUT as exc:
             return Verdict(self.name, step, False, self._cannot_judge(step, exc))
+        fired = self._fired(result, "on_training_end", step)
         return self._conclude(step, fired, f"condition met at the end of the training (step {step})")
 
     def invoke_idle(self, last_step: int, idle_seconds: float) -> Verdict:
-        """Ask :meth:`on_idle` and return the resulting :class:`Verdict`."""
+        """Ask :meth:`on_idle` and return the resulting :class:`Verdict` (its answer checked as in :meth:`invoke`)."""
         self._verdict = None
-        fired = bool(self.on_idle(last_step, idle_seconds))
+        with self._blamed("on_idle", last_step):
+            result = self.on_idle(last_step, idle_seconds)
+        fired = self._fired(result, "on_idle", last_step)
         return self._conclude(last_step, fired, f"no new step for {idle_seconds:.0f} s after step {last_step}")
+
+    @contextlib.contextmanager
+    def _blamed(self, method: str, step: int) -> Iterator[None]:
+        """Name this rule, ``method`` and ``step`` in an exception the rule's code raises (its type unchanged):
+        a note (Python 3.11 on) or, before, a logged error. What means the step cannot be judged
+        (:data:`UNREADABLE_INPUT`) passes untouched."""
+        try:
+            yield
+        except UNREADABLE_INPUT:
+            raise
+        except Exception as exc:
+            note = f"tensortap: raised by rule {self.name} ({self.name}.{method}) at step {step}"
+            if sys.version_info >= (3, 11):
+                exc.add_note(note)
+            else:
+                logger.error("%s: %s: %s", note, type(exc).__name__, exc)
+            raise
+
+    def _fired(self, result: object, method: str, step: int) -> bool:
+        """Whether ``result``, the answer of ``method`` at ``step``, means the rule fired (see :meth:`invoke`).
+
+        Raises
+        ------
+        TypeError
+            ``result`` is not a bool (nor None for False), naming the rule, the method, the step and the type.
+        """
+        if isinstance(result, (bool, np.bool_)):
+            return bool(result)
+        if result is None and self._verdict is None:
+            return False
+        if result is None:
+            hint = "it called self.fire(...) without returning its result: write return self.fire(...)"
+        elif isinstance(result, Verdict):
+            hint = (
+                f"a Verdict (here fired={result.fired}) is what Rule.invoke makes of the answer; "
+                "return self.fire(step, reason, tensors) to fire, False not to"
+            )
+        else:
+            hint = "return self.fire(step, reason, tensors) to fire, False not to"
+        raise TypeError(
+            f"{self.name}.{method} returned {type(result).__name__} {reprlib.repr(result)} at step {step}; "
+            f"expected a bool: {hint}"
+        )
 
     def _conclude(self, step: int, fired: bool, default_reason: str) -> Verdict:
         if not fired:
@@ -487,7 +610,22 @@ class Rule:
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        """The rule's progress as JSON-serialisable data (see :meth:`load_state_dict`)."""
+        """The rule's progress as JSON-serialisable data (see :meth:`load_state_dict`).
+
+        Raises
+        ------
+        TypeError
+            An attribute of :attr:`state_attrs` holds what a JSON round trip would not give back unchanged (a
+            dict with an int key, which comes back a string; a tuple, which comes back a list; a NumPy value),
+            naming the rule, the attribute and the value: resumed from it, the rule would judge differently.
+        """
+        for attr in self.state_attrs:
+            problem = json_problem(getattr(self, attr), attr)
+            if problem is not None:
+                raise TypeError(
+                    f"{self.name}.state_dict(): state attribute {problem}, so a rule resumed from this state would "
+                    "not see what it saved; keep None, bool, int, float, str, list and dict with str keys there"
+                )
         state = {
             "rule": self.name,
             "state_version": self.state_version,

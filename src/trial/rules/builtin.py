@@ -1,13 +1,14 @@
 """The built-in rules by name, their parameters, and building a rule from text (``name:param=value,...``).
 
 Parameter values given as text are converted by the parameter's annotation:
-``none``, booleans (``true``/``false``), integers, floats, lists of numbers
-(``-9.5,9.5``) and strings. Nothing is ever eval'd.
+``none``, booleans (``true``/``false``), integers, finite floats, lists of
+finite numbers (``-9.5,9.5``) and strings. Nothing is ever eval'd.
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -93,8 +94,24 @@ def parameters(cls: type[Rule]) -> list[Parameter]:
 _BOOLS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
 
 
+def _finite(field_name: str, text: str, number: float) -> float:
+    """``number``, read from the text ``text`` of parameter ``field_name``, unless it is not finite: ``nan``
+    (which no value compares with: the rule would never fire) and the infinities raise a ValueError naming
+    the parameter."""
+    if not math.isfinite(number):
+        raise ValueError(f"{field_name}: expected a finite number, got {text!r}")
+    return number
+
+
 def convert(field_name: str, text: str, annotation: str) -> Any:
-    """Convert the text ``text`` of parameter ``field_name`` by its ``annotation`` (never eval'd)."""
+    """Convert the text ``text`` of parameter ``field_name`` by its ``annotation`` (never eval'd).
+
+    Raises
+    ------
+    ValueError
+        A value the annotation does not allow, naming the parameter: not a boolean, not a number, a number
+        that is not finite (``nan``, ``inf``).
+    """
     kinds = set(re.findall(r"\w+(?:\[\w+\])?", annotation))
     value = text.strip()
     if value.lower() == "none" and "None" in kinds:
@@ -106,14 +123,16 @@ def convert(field_name: str, text: str, annotation: str) -> Any:
     for kind, fn in (("int", int), ("float", float)):
         if kind in kinds:
             try:
-                return fn(value)
+                number = fn(value)
             except ValueError:
                 continue
+            return _finite(field_name, text, number)
     if "Sequence[float]" in kinds:
         try:
-            return tuple(float(v) for v in value.split(","))
+            numbers = tuple(float(v) for v in value.split(","))
         except ValueError:
             raise ValueError(f"{field_name}: expected numbers separated by commas, got {text!r}") from None
+        return tuple(_finite(field_name, text, n) for n in numbers)
     if kinds & {"str", "Sequence[str]", "Any"}:
         return value
     raise ValueError(f"{field_name}: expected {annotation}, got {text!r}")
@@ -123,7 +142,8 @@ def split_spec(spec: str) -> tuple[str, dict[str, str]]:
     """Split ``"name:a=1,b=x,y"`` into ``("name", {"a": "1", "b": "x,y"})``.
 
     Parameters are separated by commas that start a new ``key=``; a value may
-    therefore hold commas (a list of numbers, a regex).
+    therefore hold commas (a list of numbers, a regex). A parameter given
+    twice raises a ValueError naming it (which value was meant is not known).
     """
     name, _, rest = spec.partition(":")
     params: dict[str, str] = {}
@@ -132,6 +152,10 @@ def split_spec(spec: str) -> tuple[str, dict[str, str]]:
             key, eq, value = item.partition("=")
             if not eq or not key.strip():
                 raise ValueError(f"rule {name!r}: expected param=value, got {item!r}")
+            if key.strip() in params:
+                raise ValueError(
+                    f"rule {name!r}: parameter {key.strip()} given twice ({params[key.strip()]!r}, then {value!r})"
+                )
             params[key.strip()] = value
     return name.strip(), params
 

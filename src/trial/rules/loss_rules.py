@@ -197,7 +197,7 @@ class LossNotDecreasing(_EvaluationRuns):
         trial = self.base_trial
         names = self.selection.names(trial, step)
         if not names and not self.selection.names(trial):
-            self.need(step, Requirement("losses"), f"no tensor of {self.selection.describe()} in the trial")
+            self.selection.need_in_trial(self, step, Requirement("losses"))
         failures = self.judge_runs(self.runs_over(step, names))
         failures += [(r, [n]) for n in names if (r := self._check(step, n)) is not None]
         return self.fire_all(step, failures)
@@ -465,7 +465,7 @@ class _TrainValidation(_EvaluationRuns):
         trial = self.base_trial
         names = self.selection.names(trial, step)
         if not names and not self.selection.names(trial):
-            self.need(step, Requirement("losses"), f"no tensor of {self.selection.describe()} in the trial")
+            self.selection.need_in_trial(self, step, Requirement("losses"))
         training = set(TRAINING_SELECTION.names(trial))
         where = trial.mode_step(step)
         eval_step = where is not None and where[0] is Mode.EVAL

@@ -81,6 +81,19 @@ class Selection:
         """One :class:`Requirement` per selected collection."""
         return [Requirement(c, tuple(reductions), raw) for c in self.collections]
 
+    def need_in_trial(self, rule: Rule, step: int, requirement: Requirement) -> None:
+        """Record with :meth:`Rule.need` that the trial holds no selected tensor at all (at ``step``).
+
+        What the rule needs is ``requirement`` (what to capture) where the
+        selection names collections or is every tensor; where it is only
+        regexes, a tensor they match (a collection the regexes never
+        searched would mislead).
+        """
+        if self.regexes and not self.collections:
+            rule.need(step, f"a tensor of {self.describe()}", "none in the trial")
+        else:
+            rule.need(step, requirement, f"no tensor of {self.describe()} in the trial")
+
     def describe(self) -> str:
         """Words for error messages: which collections and regexes were searched."""
         every = f"collections other than {', '.join(self.exclude)}" if self.exclude else "any tensor"
@@ -245,7 +258,7 @@ class PerTensorRule(Rule):
         names = self.selection.names(self.base_trial, step)
         if not names:
             if not self.selection.names(self.base_trial):
-                self.need(step, self.requirement(), f"no tensor of {self.selection.describe()} in the trial")
+                self.selection.need_in_trial(self, step, self.requirement())
             return False
         hits = [(n, r) for n in names if (r := self.check(step, n)) is not None]
         if not hits:

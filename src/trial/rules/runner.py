@@ -15,6 +15,30 @@ from .base import Rule, RuleConditionMet, Verdict, logger
 POLL_SECONDS = 0.2
 
 
+def rule_labels(rules: Sequence[Rule], tags: Sequence[str]) -> list[str]:
+    """Each rule's name, followed by its tag where another rule of ``rules`` has the same name.
+
+    Parameters
+    ----------
+    rules
+        The rules of one run.
+    tags
+        One per rule, telling it apart from the others of its name: its position (``"#2"``), its spec.
+
+    Returns
+    -------
+    list of str
+        ``"LossNotDecreasing"``, or ``"LossNotDecreasing #2"`` beside another ``LossNotDecreasing``.
+    """
+    names = [r.name for r in rules]
+    return [f"{name} {tag}" if names.count(name) > 1 else name for name, tag in zip(names, tags, strict=True)]
+
+
+def _relabel(message: str, name: str, label: str) -> str:
+    """``message`` of rule ``name`` (``"LossNotDecreasing needs ..."``) starting with its ``label`` instead."""
+    return label + message.removeprefix(name) if message.startswith(name) else message
+
+
 class RuleRunner:
     """Evaluate several rules on one trial, step by step, in step order.
 
@@ -23,11 +47,18 @@ class RuleRunner:
     trial
         The trial (a :class:`~tensortap.trial.Trial`).
     rules
-        Rules whose ``base_trial`` is ``trial``.
+        Rules whose ``base_trial`` is ``trial``; each rule object once (several rules may share a name: two
+        ``LossNotDecreasing`` of different parameters, a custom rule named like a built-in one).
     actions
         Actions run on every firing of every rule, after the rule's own actions.
     poll_seconds
         Pause between two looks for new steps while a training runs.
+
+    Raises
+    ------
+    ValueError
+        No rule, or one rule object given twice: it would judge each step twice, and its progress (fired
+        steps, evaluated steps, counters) would count each twice. Build a rule per evaluation instead.
     """
 
     def __init__(
@@ -35,6 +66,13 @@ class RuleRunner:
     ) -> None:
         if not rules:
             raise ValueError("rules: expected at least one rule")
+        for i, rule in enumerate(rules):
+            first = next(j for j, other in enumerate(rules) if other is rule)
+            if first != i:
+                raise ValueError(
+                    f"rules: rule {i + 1} is rule {first + 1} again (the same {rule!r} object), which would judge "
+                    f"each step twice; give each rule once (to evaluate two, build two: {rule.name}(trial, ...))"
+                )
         self.trial = trial
         self.rules = list(rules)
         self.actions = list(actions)
@@ -95,13 +133,29 @@ class RuleRunner:
         RuleInputsMissing
             At the end of the run, when a rule evaluated steps but found none
             of its inputs (:attr:`Rule.lacks_inputs`); the exception carries
-            the steps where the other rules fired.
+            the steps where the other rules fired. Its dicts are keyed by the
+            rules' names; rules of the run that share a name are told apart by
+            their position in ``rules`` (``"LossNotDecreasing #2"``, also in
+            their messages). :meth:`lacking` gives the rules themselves.
         """
         fired = self._run(start_step, end_step, wait, raise_eval_cond, idle_timeout, on_verdict, show_progress)
-        lacking = {r.name: list(r.missing_inputs) for r in self.rules if r.lacks_inputs}
+        lacking = self.lacking()
         if lacking:
-            raise RuleInputsMissing(lacking, {r.name: steps for r, steps in fired.items()})
+            positions = [f"#{i}" for i in range(1, len(self.rules) + 1)]
+            labels = dict(zip(self.rules, rule_labels(self.rules, positions), strict=True))
+            missing = {labels[r]: [_relabel(m, r.name, labels[r]) for m in needs] for r, needs in lacking.items()}
+            raise RuleInputsMissing(missing, {labels[r]: steps for r, steps in fired.items()})
         return fired
+
+    def lacking(self) -> dict[Rule, list[str]]:
+        """The rules that found none of their inputs so far (:attr:`Rule.lacks_inputs`), with their messages.
+
+        Returns
+        -------
+        dict
+            ``{rule: [what it needs, ...]}`` (:attr:`Rule.missing_inputs`), in the order of the rules.
+        """
+        return {r: list(r.missing_inputs) for r in self.rules if r.lacks_inputs}
 
     def _run(
         self,

@@ -557,6 +557,8 @@ class SimilarAcrossRuns(PerTensorRule):
             from ..trial import create_trial
 
             other_trials = create_trial(other_trials)
+        check_number("rtol", rtol, 0)
+        check_number("atol", atol, 0)
         self.other_trial = other_trials
         self.rtol, self.atol = rtol, atol
         self.selection = Selection(collection_names, tensor_regex, ())
