@@ -33,6 +33,7 @@ import numpy as np
 from . import __version__
 from .exceptions import (
     ShardUnreadable,
+    StorageOptionsError,
     StorageUnreachable,
     TensortapError,
     TensorUnavailable,
@@ -183,6 +184,7 @@ class _Parser(argparse.ArgumentParser):
 #: ``--json``'s ``error.kind`` by exception, the first that matches (else ``input``, or ``unexpected``).
 ERROR_KINDS: list[tuple[type[BaseException], str]] = [
     (UsageError, "usage"),
+    (StorageOptionsError, "usage"),  # --storage-options that the URL's plugin does not take
     (ImportError, "missing_dependency"),
     (TrialNotFound, "not_found"),
     (UnknownName, "unknown_name"),

@@ -250,6 +250,12 @@ class StorageUnreachable(TensortapError, ConnectionError):
     """
 
 
+class StorageOptionsError(TensortapError, ValueError):
+    """``storage_options`` that the constructor of a storage plugin's class does not take (a name it
+    does not know, a required one missing): a mistake of the caller, not of the plugin. The message
+    names the URL, the scheme, the options and the names the plugin takes."""
+
+
 def no_attribute(owner: str, name: str, hints: Mapping[str, str], what: str) -> AttributeError:
     """Python's AttributeError for the attribute ``name`` of ``owner`` (``"'Trial' object"``, ``"module
     'tensortap.torch'"``), saying how tensortap spells it where smdebug had that name: ``hints[name]``, about

@@ -10,17 +10,22 @@ point group ``tensortap.backends``::
 
 A registered plugin takes precedence over fsspec for its scheme. Only the
 plugin of the scheme in use is imported; a plugin that fails to load warns
-(naming it) and is skipped instead of breaking tensortap.
+(naming it) and is skipped instead of breaking tensortap. A scheme that
+several installed distributions register goes to the first found on
+``sys.path`` that loads, with one warning naming them all.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
+from ..exceptions import StorageOptionsError
 from .storage import FsspecStorage, LocalStorage, Storage
 
 logger = logging.getLogger("tensortap")
@@ -40,46 +45,113 @@ _INSTALL_HINTS = {
 }
 
 
-def _load(ep: EntryPoint) -> type[Storage] | None:
-    """Import one plugin; warn and return None if it is broken."""
-    where = f"tensortap backend plugin {ep.name!r} ({ep.value}"
-    if ep.dist is not None:
-        where += f", from {ep.dist.name} {ep.dist.version}"
+def _origin(ep: EntryPoint) -> str:
+    """How messages name a plugin: ``'myfs' (mypkg.storage:MyStorage, from mypkg 1.0)``."""
+    dist = f", from {ep.dist.name} {ep.dist.version}" if ep.dist is not None else ""
+    return f"{ep.name!r} ({ep.value}{dist})"
+
+
+def _load(ep: EntryPoint) -> type[Storage] | str:
+    """Import one plugin: its Storage class, or why it cannot be used (a broken plugin must not break tensortap)."""
     try:
         cls = ep.load()
-    except Exception as exc:  # a broken plugin must not break tensortap
-        logger.warning("%s) failed to load and is skipped: %r", where, exc)
-        return None
+    except Exception as exc:
+        return f"failed to load: {exc!r}"
     if not (isinstance(cls, type) and issubclass(cls, Storage)):
-        logger.warning("%s) is skipped: expected a subclass of tensortap.backends.Storage, got %r", where, cls)
-        return None
+        return f"expected a subclass of tensortap.backends.Storage, got {cls!r}"
     return cls
+
+
+@functools.cache
+def _warn_shared_scheme(scheme: str, origins: tuple[str, ...], used: str) -> None:
+    """Warn, once a process, that several plugins registered ``scheme`` and which one serves it."""
+    logger.warning(
+        "tensortap backend scheme %s:// is registered by %d plugins: %s; using %s (the first found on sys.path "
+        "that loads); uninstall the others to silence this",
+        scheme,
+        len(origins),
+        "; ".join(origins),
+        used,
+    )
+
+
+def _choose(scheme: str, eps: Sequence[EntryPoint]) -> tuple[type[Storage] | None, list[str]]:
+    """The class of the first plugin of ``eps`` (all registered for ``scheme``) that loads, and the problems of
+    those skipped before it (each also a warning); a warning names them all when there are several."""
+    problems: list[str] = []
+    for ep in eps:
+        cls = _load(ep)
+        if not isinstance(cls, str):
+            if len(eps) > 1:
+                _warn_shared_scheme(scheme, tuple(_origin(e) for e in eps), _origin(ep))
+            return cls, problems
+        problems.append(f"{_origin(ep)} {cls}")
+        logger.warning("tensortap backend plugin %s, and is skipped", problems[-1])
+    return None, problems
+
+
+def _registered() -> dict[str, list[EntryPoint]]:
+    """Every entry point of the group by scheme, in the order they are found."""
+    by_scheme: dict[str, list[EntryPoint]] = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        by_scheme.setdefault(ep.name, []).append(ep)
+    return by_scheme
 
 
 def plugin_schemes() -> list[str]:
     """Return the schemes registered in the entry point group, without importing any plugin."""
-    return sorted({ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)})
+    return sorted(_registered())
 
 
 def list_backends() -> dict[str, type[Storage]]:
-    """Import every registered plugin and return them by scheme (broken ones warn and are left out)."""
+    """Import every registered plugin and return them by scheme (broken ones warn and are left out).
+
+    A scheme registered by several plugins goes to the first found that loads (with a warning naming them).
+    """
     found: dict[str, type[Storage]] = {}
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name not in found and (cls := _load(ep)) is not None:
-            found[ep.name] = cls
+    for scheme, eps in _registered().items():
+        cls, _ = _choose(scheme, eps)
+        if cls is not None:
+            found[scheme] = cls
     return found
 
 
-def _plugin(scheme: str) -> Callable[..., Storage] | None:
-    for ep in entry_points(group=ENTRY_POINT_GROUP, name=scheme):
-        cls = _load(ep)
-        if cls is not None:
-            return cls
-    return None
+def _open_plugin(cls: type[Storage], scheme: str, url: str, storage_options: dict[str, Any]) -> Storage:
+    """``cls(url, **storage_options)``; a :class:`StorageOptionsError` where the options do not fit its signature."""
+    signature = inspect.signature(cls)
+    try:
+        signature.bind(url, **storage_options)
+    except TypeError as exc:
+        params = list(signature.parameters.values())[1:]  # after the URL
+        takes = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        unknown = [] if any(p.kind is p.VAR_KEYWORD for p in params) else sorted(set(storage_options) - set(takes))
+        problem = f"unknown option(s) {', '.join(unknown)}" if unknown else str(exc)
+        raise StorageOptionsError(
+            f"storage URL {url!r}: storage_options {storage_options!r} do not fit the {scheme}:// plugin "
+            f"{cls.__module__}.{cls.__qualname__}: {problem}; it takes {', '.join(takes) or 'none'}"
+        ) from None
+    make: Callable[..., Storage] = cls  # a plugin's constructor takes the URL and its options
+    return make(url, **storage_options)
 
 
-def _check_fsspec_protocol(protocol: str, url: str) -> None:
-    """Raise ImportError (with an install hint) or ValueError (listing the valid choices) for ``protocol``."""
+def _plugin_choices() -> str:
+    """The plugin schemes an error offers: those whose plugin loads, then those registered whose plugin does not."""
+    usable: list[str] = []
+    broken: list[str] = []
+    for scheme, eps in sorted(_registered().items()):
+        loads = any(not isinstance(_load(ep), str) for ep in eps)
+        (usable if loads else broken).append(f"{scheme}://")
+    if not broken:
+        return ", ".join(usable) or "none installed"
+    return f"{', '.join(usable) or 'none that loads'}; registered but failing to load: {', '.join(broken)}"
+
+
+def _check_fsspec_protocol(protocol: str, url: str, broken: Sequence[str] = ()) -> None:
+    """Raise ImportError (with an install hint) or ValueError (listing the valid choices) for ``protocol``.
+
+    ``broken`` says why each plugin registered for ``protocol`` cannot be used: where fsspec does not know the
+    protocol either, the ValueError says that instead of calling the scheme unknown.
+    """
     import fsspec
 
     try:
@@ -89,10 +161,13 @@ def _check_fsspec_protocol(protocol: str, url: str) -> None:
         detail = f"the package {package}, which is missing: {hint}" if package else f"a missing package ({exc})"
         raise ImportError(f"storage URL {url!r}: {protocol}:// needs {detail}") from exc
     except ValueError as exc:
-        plugins = ", ".join(f"{s}://" for s in plugin_schemes()) or "none installed"
+        if broken:
+            raise ValueError(
+                f"storage URL {url!r}: the plugin registered for {protocol}:// cannot be used: {'; '.join(broken)}"
+            ) from exc
         raise ValueError(
             f"storage URL {url!r}: unknown scheme {protocol!r}; valid: a local path, file://, "
-            f"a plugin scheme ({plugins}), or an fsspec protocol ({', '.join(fsspec.available_protocols())})"
+            f"a plugin scheme ({_plugin_choices()}), or an fsspec protocol ({', '.join(fsspec.available_protocols())})"
         ) from exc
 
 
@@ -113,8 +188,13 @@ def get_storage(url: str | os.PathLike[str] | Storage, **storage_options: Any) -
     ------
     ImportError
         When the scheme needs a package that is missing; the message says what to install.
+    StorageOptionsError
+        (a ValueError) When ``storage_options`` do not fit the constructor of the scheme's plugin
+        (a name it does not take, a required one missing); the message names the scheme, the
+        options and the names the plugin takes.
     ValueError
-        When no backend serves the scheme (the message lists the valid ones), or when
+        When no backend serves the scheme (the message lists the valid ones), when the plugins
+        registered for a scheme fsspec does not know fail to load (the message says why), or when
         ``storage_options`` are given for a local path or a ready Storage.
     """
     if isinstance(url, Storage):
@@ -130,10 +210,10 @@ def get_storage(url: str | os.PathLike[str] | Storage, **storage_options: Any) -
                 f"for the local path {text!r}"
             )
         return LocalStorage(rest if scheme == "file" else text)
-    outer = text.partition("::")[0].partition("://")[0]
-    plugin = _plugin(outer)
+    protocols = [part.partition("://")[0] for part in text.split("::")]
+    plugin, broken = _choose(protocols[0], list(entry_points(group=ENTRY_POINT_GROUP, name=protocols[0])))
     if plugin is not None:
-        return plugin(text, **storage_options)
-    for part in text.split("::"):
-        _check_fsspec_protocol(part.partition("://")[0], text)
+        return _open_plugin(plugin, protocols[0], text, storage_options)
+    for protocol in protocols:
+        _check_fsspec_protocol(protocol, text, broken if protocol == protocols[0] else ())
     return FsspecStorage(text, **storage_options)

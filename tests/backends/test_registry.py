@@ -8,14 +8,17 @@ found by :mod:`importlib.metadata` as an installed package would be.
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers.cli import cli, strict_json
 
 import tensortap
+from tensortap import StorageOptionsError
 from tensortap.backends import ENTRY_POINT_GROUP, FsspecStorage, LocalStorage, get_storage
 from tensortap.backends.registry import list_backends, plugin_schemes
 from tensortap.capture import Writer
@@ -31,6 +34,13 @@ class DirStorage(LocalStorage):
         super().__init__(url.partition("://")[2])
         self.url = url
         self.options = options
+
+
+class StrictStorage(DirStorage):
+    """<scheme>://<path>, whose one option is required."""
+
+    def __init__(self, url, region):
+        super().__init__(url, region=region)
 
 
 class NotAStorage:
@@ -112,9 +122,35 @@ def test_broken_plugins_warn_and_are_skipped(
     assert type(get_storage(f"tapdir://{tmp_path}/trial")).__name__ == "DirStorage"
     assert isinstance(get_storage(f"memory://tensortap-{uuid.uuid4().hex}"), FsspecStorage)
     assert not caplog.records  # the working plugin loads without touching the broken ones
-    with pytest.raises(ValueError, match="unknown scheme 'tapgone'"):
+    with pytest.raises(ValueError, match="the plugin registered for tapgone:// cannot be used: 'tapgone'"):
         get_storage("tapgone://x")
     assert "'tapgone'" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("scheme", "target", "why"),
+    [
+        ("tapgone", "{module}_missing_module:Storage", "failed to load: ModuleNotFoundError"),
+        ("tapwrong", "{module}:NotAStorage", "expected a subclass of tensortap.backends.Storage"),
+    ],
+)
+def test_a_scheme_whose_plugin_cannot_be_used_says_so_and_is_not_offered(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, scheme: str, target: str, why: str
+) -> None:
+    """The URL of a plugin that failed to load was called an unknown scheme, in a message that listed that
+    very scheme as valid."""
+    module = install_distribution(monkeypatch, tmp_path, {"tapdir": "{module}:DirStorage", scheme: target})
+    with pytest.raises(ValueError) as info:
+        get_storage(f"{scheme}://bucket/run")
+    message = str(info.value)
+    assert message.startswith(f"storage URL '{scheme}://bucket/run': the plugin registered for {scheme}:// cannot ")
+    assert f"'{scheme}' ({target.format(module=module)}, from {module} 1.0) {why}" in message
+    assert "unknown scheme" not in message
+    with pytest.raises(ValueError) as info:
+        get_storage("nosuchscheme://bucket/run")
+    valid, _, broken = str(info.value).partition("; registered but failing to load: ")
+    assert "tapdir://" in valid and f"{scheme}://" not in valid
+    assert broken.startswith(f"{scheme}://)")
 
 
 def test_unknown_scheme_lists_the_valid_choices(plugin: str) -> None:
@@ -175,3 +211,42 @@ def test_no_plugin_module_is_imported_until_its_scheme_is_used(plugin: str, tmp_
     assert plugin not in sys.modules
     get_storage(f"tapdir://{tmp_path}")
     assert plugin in sys.modules
+
+
+def test_a_scheme_registered_by_two_distributions_warns_once_naming_both(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The first plugin found served the scheme, without a word about the other."""
+    used = install_distribution(monkeypatch, tmp_path / "a", {"tapdup": "{module}:DirStorage"})
+    broken = install_distribution(monkeypatch, tmp_path / "b", {"tapdup": "{module}:NotAStorage"})  # first on sys.path
+    for _ in range(2):
+        assert type(get_storage(f"tapdup://{tmp_path}/trial")).__module__ == used
+        assert list_backends()["tapdup"].__module__ == used
+    shared = [r.getMessage() for r in caplog.records if "registered by" in r.getMessage()]
+    assert shared == [
+        f"tensortap backend scheme tapdup:// is registered by 2 plugins: 'tapdup' ({broken}:NotAStorage, from "
+        f"{broken} 1.0); 'tapdup' ({used}:DirStorage, from {used} 1.0); using 'tapdup' ({used}:DirStorage, from "
+        f"{used} 1.0) (the first found on sys.path that loads); uninstall the others to silence this"
+    ]
+
+
+def test_storage_options_a_plugin_does_not_take_are_a_usage_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A plugin's TypeError for a misspelt option was reported by the command line as an unexpected error."""
+    module = install_distribution(monkeypatch, tmp_path, {"tapstrict": "{module}:StrictStorage"})
+    url = f"tapstrict://{tmp_path}/trial"
+    assert get_storage(url, region="eu").options == {"region": "eu"}
+    prefix = f"storage URL {url!r}: storage_options"
+    plugin = f"do not fit the tapstrict:// plugin {module}.StrictStorage"
+    with pytest.raises(StorageOptionsError) as info:
+        get_storage(url, regoin="eu")
+    assert str(info.value) == f"{prefix} {{'regoin': 'eu'}} {plugin}: unknown option(s) regoin; it takes region"
+    with pytest.raises(ValueError, match=f"{plugin}: missing a required argument: 'region'; it takes region"):
+        tensortap.create_trial(url)
+    path = os.pathsep.join([str(tmp_path / "site"), *filter(None, [os.environ.get("PYTHONPATH")])])
+    result = cli("ls", url, "--storage-options", '{"regoin": "eu"}', "--json", env={"PYTHONPATH": path})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    error = strict_json(result.stdout)["error"]
+    assert (error["kind"], error["message"]) == ("usage", str(info.value))
+    assert result.stderr == f"tensortap ls: {info.value}\n"
