@@ -68,10 +68,11 @@ class ShardChild:
     idle
         Seconds after which an unused child exits by itself (None: it lives until :meth:`close`).
     keep_on_signals
-        The child ignores SIGINT and SIGTERM, which a terminal's Ctrl-C or a job's end sends to every
-        process of the group, while its parent may catch them and go on; it still ends when its
-        parent closes it or exits. Only for a task that cannot loop forever (not reading an
-        untrusted file), since nothing but its parent would then end it.
+        The child runs in a session of its own and ignores SIGINT and SIGTERM: a terminal's Ctrl-C, a
+        notebook's "interrupt" or a job's end sends them to every process of the group, while its
+        parent may catch them and go on (before, one that came while the child was still importing
+        ended it); it still ends when its parent closes it or exits. Only for a task that cannot loop
+        forever (not reading an untrusted file), since nothing but its parent would then end it.
     """
 
     def __init__(self, task: str, timeout: float, idle: float | None = None, keep_on_signals: bool = False) -> None:
@@ -110,6 +111,7 @@ class ShardChild:
                 stdout=subprocess.PIPE,
                 stderr=subprocess.DEVNULL,  # HDF5's diagnostics of a corrupt file: the answer says what is wrong
                 text=True,
+                start_new_session=self.keep_on_signals,  # out of the group a Ctrl-C reaches, from its first instant
             )
             answers: queue.Queue[str] = queue.Queue()
             threading.Thread(target=_pump, args=(proc, answers), daemon=True).start()

@@ -344,3 +344,33 @@ def test_a_users_module_named_like_a_standard_one_does_not_stop_the_helper_proce
         [sys.executable, "train.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False
     )
     assert done.returncode == 0 and done.stdout.strip() == "started", done.stderr
+
+
+def test_a_ctrl_c_while_the_layout_process_starts_does_not_end_it(tmp_path: Path) -> None:
+    """A notebook's "interrupt" (SIGINT to the kernel's process group) that comes while the helper is
+    still importing: the helper ignored SIGINT only once its imports were done, so it died (exit status
+    -2) and shards were laid out in the training process for the rest of the session."""
+    (tmp_path / "train.py").write_text(
+        textwrap.dedent(
+            """
+            import os, signal, threading
+            from tensortap.backends import isolated
+            signal.signal(signal.SIGINT, lambda *_: print("caught"))  # the kernel catches it and goes on
+            child = isolated.ShardChild("tensortap.backends.shard:lay_out_or_error", 60, keep_on_signals=True)
+            threading.Timer(0.05, os.killpg, (os.getpgrp(), signal.SIGINT)).start()  # while the child imports
+            child.start()
+            print("started" if child.alive else "not started")
+            child.close()
+            """
+        )
+    )
+    done = subprocess.run(
+        [sys.executable, "train.py"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        start_new_session=True,  # its own group: the SIGINT reaches it and its children, not pytest
+    )
+    assert done.returncode == 0 and done.stdout.split() == ["caught", "started"], (done.stdout, done.stderr)
