@@ -77,6 +77,7 @@ def test_long_work_shows_a_progress_bar_in_a_notebook(tmp_path: Path) -> None:
         "from tensortap.trial.progress import progress\n"
         "for _ in progress(range(4), desc='long work'): time.sleep(0.3)\n"
         "for _ in progress(range(4), desc='quick work'): pass\n"
+        "for _ in progress(['one'], desc='one item'): time.sleep(0.8)\n"
     )
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code)])
     nbclient.NotebookClient(
@@ -85,3 +86,5 @@ def test_long_work_shows_a_progress_bar_in_a_notebook(tmp_path: Path) -> None:
     errors = "".join(o.get("text", "") for o in nb.cells[0].outputs if o.get("name") == "stderr")
     assert "long work: " in errors
     assert "quick work" not in errors  # under SHOW_AFTER_SECONDS: nothing shown
+    assert "one item" not in errors  # a bar of one item tells nothing
+    assert "4/4" in errors.split("\r")[-1]  # the bar stays: taken back, it left an empty error output

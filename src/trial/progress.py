@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sized
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -26,20 +26,24 @@ def progress(items: Iterable[T], total: int | None = None, desc: str = "", enabl
         Label of the bar.
     enable
         Force the bar on or off; default: only when standard error is a terminal
-        or this runs in a Jupyter kernel (and tqdm is installed).
+        or this runs in a Jupyter kernel (and tqdm is installed), and there is
+        more than one item.
     """
-    if enable is False:
+    count = total if total is not None else len(items) if isinstance(items, Sized) else None
+    if enable is False or (enable is None and count is not None and count <= 1):
         yield from items
         return
     notebook = in_notebook()
     if (enable or notebook or sys.stderr.isatty()) and importlib.util.find_spec("tqdm") is not None:
-        if notebook and importlib.util.find_spec("ipywidgets") is not None:
+        widget = notebook and importlib.util.find_spec("ipywidgets") is not None
+        if widget:
             from tqdm.notebook import tqdm
         else:
             from tqdm import tqdm
-        yield from tqdm(
-            items, total=total, desc=desc, file=sys.stderr, leave=False, delay=SHOW_AFTER_SECONDS if notebook else 0
-        )
+        # a text bar in a notebook stays: taken back, it would leave an empty error output under the cell
+        leave = notebook and not widget
+        delay = SHOW_AFTER_SECONDS if notebook else 0
+        yield from tqdm(items, total=total, desc=desc, file=sys.stderr, leave=leave, delay=delay)
         return
     yield from items
 
