@@ -39,6 +39,11 @@ BUILTIN_COLLECTIONS = (
 TRAINING_DATA = "training_data"
 
 
+# the keys of a SaveConfig in JSON, and those of a save_config given per mode (mode names, in any case)
+SAVE_CONFIG_KEYS = ("save_interval", "start_step", "end_step", "save_steps")
+MODE_KEYS = ("default", *Mode.__members__)
+
+
 def _check_int(field_name: str, value: Any, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{field_name}: expected an integer >= {minimum}, got {value!r}")
@@ -111,9 +116,9 @@ class SaveConfig:
         }
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> SaveConfig:
-        """Build from a dict such as one :meth:`to_json` returned."""
-        check_keys("save_config", data, {"save_interval", "start_step", "end_step", "save_steps"})
+    def from_json(cls, data: Mapping[str, Any], field_name: str = "save_config") -> SaveConfig:
+        """Build from a dict such as one :meth:`to_json` returned (``field_name``: how errors name it)."""
+        check_keys(field_name, data, set(SAVE_CONFIG_KEYS))
         return cls(**dict(data))
 
 
@@ -161,14 +166,33 @@ class ModeSaveConfig:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> ModeSaveConfig:
-        """Accept either one SaveConfig dict or ``{"default": ..., "TRAIN": ...}``."""
+        """Accept either one SaveConfig dict or one per mode: ``{"default": ..., "TRAIN": ...}`` (any case).
+
+        Raises
+        ------
+        ValueError
+            For a key of neither form, or keys of both; the message lists the keys of both forms.
+        """
         if not isinstance(data, Mapping):
             raise ValueError(f"save_config: expected an object, got {data!r}")
-        if "default" in data or any(k.upper() in Mode.__members__ for k in data):
-            default = SaveConfig.from_json(data.get("default", {}))
-            modes = {Mode.parse(k): SaveConfig.from_json(v) for k, v in data.items() if k != "default"}
-            return cls(modes, default)
-        return cls(SaveConfig.from_json(data))
+        modes = [k for k in data if k == "default" or (isinstance(k, str) and k.upper() in Mode.__members__)]
+        wrong = [k for k in data if k not in (modes or SAVE_CONFIG_KEYS)]
+        if wrong:
+            problem = f"unknown key(s) {', '.join(wrong)}"
+            if modes:
+                problem = f"{', '.join(map(repr, wrong))} beside the mode name(s) {', '.join(modes)}: not a mode name"
+            raise ValueError(
+                f"save_config: {problem}; valid: either the keys of one SaveConfig for every mode "
+                f"({', '.join(SAVE_CONFIG_KEYS)}), or mode names ({', '.join(MODE_KEYS)}) each with its "
+                "SaveConfig, not both"
+            )
+        if not modes:
+            return cls(SaveConfig.from_json(data))
+        default = SaveConfig.from_json(data.get("default", {}), "save_config['default']")
+        by_mode = {
+            Mode.parse(k): SaveConfig.from_json(v, f"save_config[{k!r}]") for k, v in data.items() if k != "default"
+        }
+        return cls(by_mode, default)
 
 
 def _check_names(field_name: str, values: Sequence[str] | None, valid: Sequence[str]) -> tuple[str, ...]:
@@ -326,6 +350,19 @@ class Collection:
             ModeSaveConfig(self.save_config)  # validate
         if self.reduction_config is not None and not isinstance(self.reduction_config, ReductionConfig):
             raise ValueError(f"reduction_config: expected a ReductionConfig, got {self.reduction_config!r}")
+
+    #: Tensor names a repr shows, sorted (a collection of a large model holds thousands: a notebook cell's output)
+    REPR_NAMES = 10
+
+    def __repr__(self) -> str:
+        names = sorted(self.tensor_names)
+        shown = ", ".join(map(repr, names[: self.REPR_NAMES]))
+        if len(names) > self.REPR_NAMES:
+            shown += f", ... ({len(names)} in all)"
+        return (
+            f"Collection(name={self.name!r}, include_regex={self.include_regex!r}, save_config={self.save_config!r}, "
+            f"reduction_config={self.reduction_config!r}, tensor_names={{{shown}}})"
+        )
 
     def matches(self, tensor_name: str) -> bool:
         """Return whether ``tensor_name`` matches one of the collection's regexes."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,9 @@ from helpers.trials import default_value, run_steps, write_trial
 import tensortap
 from tensortap import Collection, Mode, ReductionConfig, SaveConfig
 from tensortap.capture import Hook, Writer
+from tensortap.capture.core import from_config_file
 from tensortap.config import BUILTIN_COLLECTIONS
+from tensortap.exceptions import TrialExistsError
 
 
 def test_every_3_steps_over_10_saves_0_3_6_9(tmp_path: Path) -> None:
@@ -302,6 +305,10 @@ BAD_JSON = [
     ({"shard_policy": {"max_steps": 0}}, ["max_steps", "0", ">= 1"]),
     ({"include_collections": ["nope"]}, ["include_collections", "'nope'", "weights"]),
     ([1, 2], ["config", "object", "list"]),
+    # a mode name misspelt was refused as a SaveConfig key, listing those alone
+    ({"save_config": {"trian": {"save_interval": 1}}}, ["save_config", "trian", "save_interval", "default, TRAIN"]),
+    ({"save_config": {"TRAIN": {}, "save_interval": 3}}, ["'save_interval' beside the mode name(s) TRAIN", "not both"]),
+    ({"save_config": {"default": {"save_intervall": 3}}}, ["save_config['default']: unknown key(s) save_intervall"]),
 ]
 
 
@@ -324,6 +331,38 @@ def test_json_that_does_not_parse(tmp_path: Path) -> None:
         Writer.from_json(path)
 
 
+def test_errors_of_a_configuration_file_name_the_file(tmp_path: Path) -> None:
+    """A config file's errors named neither the file nor, for a missing out_dir, anything but Hook.__init__'s
+    positional argument (a TypeError)."""
+
+    path = _config_file(tmp_path, {"save_config": {"save_interval": 2}})
+    with pytest.raises(ValueError) as info:
+        from_config_file(path, Writer._kwargs_from_json, Writer, {})
+    assert str(info.value) == (
+        f"configuration file {str(path)!r}: out_dir: missing: the trial's folder or URL; give it in the file or "
+        "as out_dir=..."
+    )
+    with from_config_file(path, Writer._kwargs_from_json, Writer, {"out_dir": tmp_path / "given"}) as w:
+        assert w.save_config.default.save_interval == 2
+    for config, message in [
+        ({"save_config": {"trian": {}}}, "save_config: unknown key(s) trian; valid: either"),  # read
+        ({"include_regex": ["("]}, "include_regex: '(' is not a valid regular expression"),  # built
+    ]:
+        path = _config_file(tmp_path, {"out_dir": str(tmp_path / "trial"), **config})
+        with pytest.raises(ValueError, match=re.escape(f"configuration file {str(path)!r}: {message}")):
+            from_config_file(path, Writer._kwargs_from_json, Writer, {})
+    assert not (tmp_path / "trial").exists()
+    Writer(tmp_path / "taken").close()
+    with pytest.raises(TrialExistsError) as exists:  # names the trial: passes unchanged
+        from_config_file(
+            _config_file(tmp_path, {"out_dir": str(tmp_path / "taken"), "if_exists": "error"}),
+            Writer._kwargs_from_json,
+            Writer,
+            {},
+        )
+    assert "configuration file" not in str(exists.value)
+
+
 def test_config_json_round_trip() -> None:
     cfg = SaveConfig(save_interval=7, start_step=2, end_step=30, save_steps=[1])
     assert SaveConfig.from_json(json.loads(json.dumps(cfg.to_json()))) == cfg
@@ -334,3 +373,17 @@ def test_config_json_round_trip() -> None:
     back = Collection.from_json(json.loads(json.dumps(c.to_json())))
     assert back.to_json() == c.to_json()
     assert set(BUILTIN_COLLECTIONS) >= {"weights", "gradients", "full_shap", "feature_importance"}
+
+
+def test_the_repr_of_a_large_collection_is_bounded() -> None:
+    """A collection of a large model (3,000 names) printed every name, unsorted (60 KB in a notebook cell)."""
+    many = Collection("weights", tensor_names={f"layer{i}.weight" for i in range(3000)})
+    assert len(repr(many)) < 500
+    assert repr(many).endswith(
+        "tensor_names={'layer0.weight', 'layer1.weight', 'layer10.weight', 'layer100.weight', "
+        "'layer1000.weight', 'layer1001.weight', 'layer1002.weight', 'layer1003.weight', "
+        "'layer1004.weight', 'layer1005.weight', ... (3000 in all)})"
+    )
+    assert repr(Collection("b", tensor_names={"y", "x"})) == (
+        "Collection(name='b', include_regex=(), save_config=None, reduction_config=None, tensor_names={'x', 'y'})"
+    )

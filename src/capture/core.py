@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, ClassVar, NoReturn, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, NoReturn, Protocol, TypeVar
 
 import numpy as np
 
@@ -50,6 +50,7 @@ from ..config import (
 )
 from ..exceptions import TrialExistsError, no_attribute
 from ..modes import Mode
+from ..trial.rules.base import Rule
 from . import counting
 from .stop import STOP_POLL_SECONDS, StopChannel
 from .writer import IfExists, ShardPolicy, TrialWriter, exception_text, logger, register_for_exit
@@ -71,13 +72,60 @@ def read_json_config(path: str | os.PathLike[str]) -> Any:
         try:
             data = json.load(f)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not valid JSON ({exc})") from None
+            raise ValueError(f"{_config_file(path)}: not valid JSON ({exc})") from None
     if isinstance(data, dict) and (smdebug := sorted(SMDEBUG_CONFIG_KEYS & set(data))):
         raise ValueError(
-            f"{path}: an smdebug (SageMaker Debugger) configuration ({', '.join(smdebug)}): tensortap's names the "
-            "hook's arguments (out_dir, save_config, include_collections, ...); see docs/migrating-from-smdebug.md"
+            f"{_config_file(path)}: an smdebug (SageMaker Debugger) configuration ({', '.join(smdebug)}): "
+            "tensortap's names the hook's arguments (out_dir, save_config, include_collections, ...); "
+            "see docs/migrating-from-smdebug.md"
         )
     return data
+
+
+def _config_file(path: str | os.PathLike[str]) -> str:
+    """How errors name a configuration file: ``configuration file 'tensortap.json'``."""
+    return f"configuration file {os.fspath(path)!r}"
+
+
+Built = TypeVar("Built")
+
+
+def from_config_file(
+    path: str | os.PathLike[str],
+    kwargs_of: Callable[[Any], dict[str, Any]],
+    build: Callable[..., Built],
+    overrides: Mapping[str, Any],
+) -> Built:
+    """What ``build`` makes of the keyword arguments the JSON file ``path`` gives (:meth:`Hook.from_json`).
+
+    Parameters
+    ----------
+    path
+        The configuration file (``TENSORTAP_CONFIG``).
+    kwargs_of
+        The keyword arguments of the file's parsed JSON, checked (a hook class's ``_kwargs_from_json``).
+    build
+        A hook class, or an adapter's callback class, called with them.
+    overrides
+        Keyword arguments given in code (``Hook.from_json(path, out_dir=...)``): they take precedence.
+
+    Raises
+    ------
+    ValueError
+        An invalid field, in the file or found by ``build``: the message starts with ``configuration file
+        'path': ``; a missing ``out_dir`` (neither in the file nor in ``overrides``) is one. Subclasses of
+        ValueError (``TrialExistsError``, the storage's errors: they name the trial) pass unchanged.
+    """
+    data = read_json_config(path)
+    try:
+        kwargs = kwargs_of(data) | dict(overrides)
+        if "out_dir" not in kwargs:
+            raise ValueError("out_dir: missing: the trial's folder or URL; give it in the file or as out_dir=...")
+        return build(**kwargs)
+    except ValueError as exc:
+        if type(exc) is not ValueError:
+            raise
+        raise ValueError(f"{_config_file(path)}: {exc}") from None
 
 
 def config_path() -> str | None:
@@ -275,6 +323,44 @@ SMDEBUG_MODULE = {
 }
 
 
+def check_rules(rules: Iterable[object] | None) -> list[Rule]:
+    """The in-process rules given as ``rules=``, checked: rule instances, each object once.
+
+    Raises
+    ------
+    ValueError
+        ``rules`` is not a list, or holds something other than a rule instance (a rule's command-line name,
+        a rule class, a function), or the same rule object twice; the message names it and says what to write.
+    """
+    if rules is None:
+        return []
+    if isinstance(rules, (str, bytes, Rule)) or not isinstance(rules, Iterable):
+        raise ValueError(f"rules: expected a list of rule instances, got {rules!r} (write rules=[...])")
+    out: list[Rule] = []
+    for rule in rules:
+        if not isinstance(rule, Rule):
+            raise ValueError(f"rules: expected rule instances (e.g. ExplodingTensor()), got {_not_a_rule(rule)}")
+        if any(r is rule for r in out):
+            raise ValueError(f"rules: {rule!r} is given twice (the same object); give each rule once")
+        out.append(rule)
+    return out
+
+
+def _not_a_rule(value: object) -> str:
+    """Words for a ``rules=`` entry that is no rule instance, with what to write instead."""
+    if isinstance(value, type) and issubclass(value, Rule):
+        return f"the class {value.__name__} (write {value.__name__}())"
+    if isinstance(value, str):
+        from ..trial.rules.builtin import BUILTIN_RULES, rule_class
+
+        try:
+            cls = rule_class(value).__name__
+        except ValueError:
+            return f"the string {value!r}; built-in rules: {', '.join(c.__name__ for c in BUILTIN_RULES.values())}"
+        return f"the string {value!r} (write tensortap.rules.{cls}())"
+    return repr(value)
+
+
 def module_attribute_error(module: str) -> Callable[[str], NoReturn]:
     """A module's ``__getattr__``: Python's AttributeError for a name ``module`` lacks, with tensortap's spelling
     of smdebug's names (:data:`SMDEBUG_MODULE`)."""
@@ -363,7 +449,7 @@ class Hook:
         rank: int | None = None,
         strict: bool = False,
         shard_policy: ShardPolicy | None = None,
-        rules: Sequence[Any] | None = None,
+        rules: Sequence[Rule] | None = None,
         storage_options: Mapping[str, Any] | None = None,
         if_exists: IfExists = "error",
         run_id: str | None = None,
@@ -410,7 +496,7 @@ class Hook:
         self._regex_collections = [c for c in self.collections.values() if c.include_regex]
         self.rank = _default_rank() if rank is None else int(rank)
         self.worker = layout.worker_name(self.rank)
-        self.rules = list(rules or [])
+        self.rules = check_rules(rules)
         self.step_listeners: list[Callable[[StepRecord], None]] = []
         self.end_listeners: list[Callable[[], None]] = []  # told once, when the hook closes
         self.mode = Mode.TRAIN
@@ -442,9 +528,8 @@ class Hook:
         # rules may widen what is captured (require_capture), so they attach before the
         # worker record, which lists the collections, is written
         for rule in self.rules:
-            attach = getattr(rule, "attach_to_hook", None)
-            if attach is not None:
-                attach(self)
+            rule.attach_to_hook(self)
+        self.end_listeners.append(self._warn_unmatched_regexes)
         if self.enabled:
             try:
                 self.writer = TrialWriter(
@@ -488,7 +573,7 @@ class Hook:
         "include_regex"}``), ``include_workers``, ``strict``, ``shard_policy``.
         Keyword arguments override the file.
         """
-        return cls(**(cls._kwargs_from_json(read_json_config(path)) | overrides))
+        return from_config_file(path, cls._kwargs_from_json, cls, overrides)
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Hook | None:
@@ -568,8 +653,12 @@ class Hook:
         self.mode_steps[mode] = max(self.mode_steps.get(mode, -1), done - 1)
 
     def _decide(self) -> bool:
-        """Decide what the step in progress saves, from its mode and mode step; return whether it saves anything."""
-        if not self.enabled or self._failed:
+        """Decide what the step in progress saves, from its mode and mode step; return whether it saves anything.
+
+        Once a failure disabled capture, a step is still taken for the in-process rules (the step listeners),
+        if there are any: it is decided as before and goes to them alone (:meth:`_stage`, :meth:`end_step`).
+        """
+        if not self.enabled or (self._failed and not self.step_listeners):
             self._saving = False
             return False
         if self.mode_step < self._quiet_until.get(self.mode, 0):  # the cheap path of most unsaved steps
@@ -584,6 +673,23 @@ class Hook:
             later = (self._save_configs[n].next_saved(self.mode, self.mode_step) for n in names)
             self._quiet_until[self.mode] = min((s for s in later if s is not None), default=math.inf)
         return self._saving
+
+    def _warn_unmatched_regexes(self) -> None:
+        """At the close: one warning for each saved collection that takes tensors by name (``include_regex``)
+        where no tensor offered at a saved step matched, which would leave it empty without a word."""
+        offered = sorted({name for name, *_ in self._plans})
+        if not offered:
+            return
+        for c in self._regex_collections:
+            if (self.save_all or c.name in self.included) and not any(c.matches(n) for n in offered):
+                logger.warning(
+                    "tensortap: include_regex %s of collection %r matched none of the %d tensor names offered "
+                    "(e.g. %s): nothing was saved in it",
+                    list(c.include_regex),
+                    c.name,
+                    len(offered),
+                    ", ".join(map(repr, offered[:5])),
+                )
 
     @property
     def regex_collections(self) -> tuple[Collection, ...]:
@@ -662,7 +768,7 @@ class Hook:
         force
             Save it on this saved step whatever ``include_collections`` says.
         """
-        if not self._saving or self.writer is None:
+        if not self._saving:
             return
         taken = self._take(name, value, collection_names(collections), force)
         if taken is not None:
@@ -675,7 +781,7 @@ class Hook:
         into the shard buffer at once, under one hold of the writer's lock, which saves a tenth to a
         quarter of what a small tensor costs the training thread (``bench/profiles/torch.md``, session 42).
         """
-        if not self._saving or self.writer is None:
+        if not self._saving:
             return
         self._stage([one for name, value, colls in items if (one := self._take(name, value, colls, False)) is not None])
 
@@ -708,19 +814,25 @@ class Hook:
         return name, plan, (raw, values, orig), hist
 
     def _stage(self, taken: Sequence[_Taken]) -> None:
-        """Copy prepared tensors into the writer's shard buffer and keep their records for the step's end;
-        nothing once a failure disabled capture."""
+        """Copy prepared tensors into the writer's shard buffer and keep their records for the step's end.
+
+        Once a failure disabled capture, they are kept for the in-process rules alone, their raw values
+        copied (a prepared value may share the framework's memory)."""
         if not taken or not self._saving:
             return
-        assert self.writer is not None
-        entries = [(name, plan.collections, *prepared, hist) for name, plan, prepared, hist in taken]
-        try:
-            stored = self.writer.stage(self.step, entries)
-        except Exception as exc:
-            first = taken[0][0]
-            what = f"tensor {first!r}" if len(taken) == 1 else f"{len(taken)} tensors from {first!r} on"
-            self.fail(exc, f"cannot buffer {what} at step {self.step}")
-            return
+        stored: list[Any]
+        if self._failed:
+            stored = [None if raw is None else np.array(raw) for _, _, (raw, _, _), _ in taken]
+        else:
+            assert self.writer is not None
+            entries = [(name, plan.collections, *prepared, hist) for name, plan, prepared, hist in taken]
+            try:
+                stored = self.writer.stage(self.step, entries)
+            except Exception as exc:
+                first = taken[0][0]
+                what = f"tensor {first!r}" if len(taken) == 1 else f"{len(taken)} tensors from {first!r} on"
+                self.fail(exc, f"cannot buffer {what} at step {self.step}")
+                return
         for (name, plan, (_, values, orig), hist), raw in zip(taken, stored, strict=True):
             record = TensorRecord(name, plan.collections, raw, values, orig, hist)
             if name in self._offered:  # offered again in this step: the last value wins
@@ -818,10 +930,12 @@ class Hook:
         self._saving = False
         records, self._records = self._records, []
         self._offered = set()
-        if not records or self.writer is None:
+        if not records:
             return
         if self.step_listeners:
             self._tell_listeners(records)
+        if self._failed or self.writer is None:  # capture is disabled: the step was taken for the rules alone
+            return
         pending = [r.histogram for r in records if isinstance(r.histogram, red.PendingHistogram)]
         # The records' values are views of the shard buffer's rows. Dropped before the hand-off: a shard
         # the writer thread publishes before this returns could not give its arrays back to the pool
@@ -936,7 +1050,14 @@ class Hook:
             Reduction keys such as ``"abs_mean"``, ``"l2"`` or ``"nan_count"``.
         raw
             Whether the rule needs the raw tensor.
+
+        Raises
+        ------
+        UnknownName
+            A reduction key names no reduction (a ``ValueError``; the message suggests the closest).
         """
+        for key in reductions:
+            red.check_key(key)
         current = self.collections.get(collection) or Collection(collection)
         rc = current.reduction_config or self.reduction_config
         if rc is not None:
@@ -983,12 +1104,19 @@ class Hook:
     def fail(self, exc: BaseException, context: str) -> None:
         """An error of the capture path: log it once and disable capture (raise it with ``strict=True``).
 
-        Training goes on; the step in progress is dropped.
+        Training goes on; the step in progress is dropped. In-process rules go on: the steps that would
+        have been saved are still taken for them (:meth:`_decide`), and nothing more is written.
         """
         if self.strict:
             raise RuntimeError(f"tensortap: {context}: {exc}") from exc
         if not self._failed:
-            logger.error("tensortap: %s: %s; capture is disabled, training continues", context, exc, exc_info=exc)
+            logger.error(
+                "tensortap: %s: %s; capture is disabled, training continues%s",
+                context,
+                exc,
+                "; the in-process rules go on judging the steps it would have saved" if self.step_listeners else "",
+                exc_info=exc,
+            )
         self._failed = True
         self._saving = False
         self._drop_step_values()
@@ -1023,11 +1151,10 @@ class Hook:
         """Publish what is left and mark this worker's training as ended. Idempotent."""
         if self._in_step:
             self.end_step()
-        if self.writer is not None:
-            if self.stop_channel.requested and reason == "closed":
-                reason = "stop_request"
-            self._close_writer(reason)
-            self._raise_if_strict()
+        if self.writer is not None and self.stop_channel.requested and reason == "closed":
+            reason = "stop_request"
+        self._close_writer(reason)
+        self._raise_if_strict()
 
     def close_for_exit(self, reason: str, error: str | None = None) -> None:
         """Close at interpreter exit, on SIGTERM or after an exception, dropping a step still in progress.

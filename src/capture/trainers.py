@@ -119,10 +119,11 @@ def check_stop_sync_steps(value: object) -> int:
 
 
 def check_hook_kwargs(out_dir: str, hook_kwargs: Mapping[str, Any]) -> None:
-    """Raise ``ValueError`` now for a configuration the training process would reject later.
+    """Raise ``ValueError`` now for a configuration the training process would reject later (``rules`` too).
 
     A hook of rank 1 with ``include_workers="one"`` opens no writer, so this writes nothing.
     """
+    core.check_rules(hook_kwargs.get("rules"))
     probe = {**hook_kwargs, "rank": 1, "rules": None, "include_workers": "one"}
     Hook(out_dir, **probe)
 

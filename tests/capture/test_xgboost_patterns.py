@@ -762,3 +762,30 @@ def test_one_callback_in_two_trainings_at_once_refuses_the_second(tmp_path: Path
     assert _series(tensortap.create_trial(tmp_path), "losses/validation-logloss") == result["validation"]["logloss"]
     xgb.train(PARAMS, dtrain, 2, evals=[(dval, "validation")], callbacks=[callback])  # one after the other: run-0
     assert tensortap.create_trial(tmp_path / "run-0").steps() == [0, 1]
+
+
+def test_a_training_ended_by_an_interrupt_is_closed_by_the_next_one(tmp_path: Path) -> None:
+    """A Ctrl-C (a notebook's "interrupt") ends xgb.train without after_training: its trial stayed open while
+    the process lived (a live reader waited for more, rules --follow never ended), also after the cell was
+    run again, whose training went to run-0. The next training with the callback closes it."""
+
+    class Interrupt(xgb.callback.TrainingCallback):
+        def after_iteration(self, model: Any, epoch: int, evals_log: Any) -> bool:
+            if epoch == 3:
+                raise KeyboardInterrupt
+            return False
+
+    dtrain, dval = _split()
+    callback = ttx.Callback(tmp_path / "t", save_config=EVERY_ROUND, include_collections=["losses"])
+    evals = [(dtrain, "train"), (dval, "validation")]
+    with pytest.raises(KeyboardInterrupt):
+        xgb.train(PARAMS, dtrain, 10, evals=evals, callbacks=[callback, Interrupt()], verbose_eval=False)
+    assert not tensortap.create_trial(tmp_path / "t").training_ended  # as long as nothing else happens
+    log: dict[str, Any] = {}
+    xgb.train(PARAMS, dtrain, 5, evals=evals, callbacks=[callback], evals_result=log, verbose_eval=False)
+    first = tensortap.create_trial(tmp_path / "t")
+    assert first.training_ended and first.end_reasons() == {"worker_0": "exception"}
+    assert first.steps() == [0, 1, 2, 3]  # round 3 was trained and captured before the interrupt
+    again = tensortap.create_trial(tmp_path / "t" / "run-0")
+    assert again.end_reasons() == {"worker_0": "closed"}
+    assert _series(again, "losses/validation-logloss") == pytest.approx(log["validation"]["logloss"])

@@ -47,7 +47,8 @@ import keras
 import numpy as np
 
 from ...modes import Mode
-from ..core import Hook, config_path
+from ...trial.rules.inprocess import RuleSet
+from ..core import Hook, check_rules, config_path
 from ..session import MAX_CALLS, Session, flatten
 from ..stop import AllReduceMax, agreed
 from .naming import flatten_logs
@@ -226,7 +227,8 @@ class Callback(keras.callbacks.Callback):
         **kwargs: Any,
     ) -> None:
         make = functools.partial(KerasHook, out_dir, **kwargs)
-        self._setup(make, "if_exists" in kwargs, close_on_train_end, all_reduce_max, max_calls)
+        rules = RuleSet(check_rules(kwargs.get("rules")))
+        self._setup(make, "if_exists" in kwargs, close_on_train_end, all_reduce_max, max_calls, rules)
 
     def _setup(
         self,
@@ -235,10 +237,13 @@ class Callback(keras.callbacks.Callback):
         close_on_train_end: bool,
         all_reduce_max: AllReduceMax | None,
         max_calls: int,
+        rules: RuleSet,
     ) -> None:
-        """Set the callback up with the hook ``make()`` opens (``make`` is kept: :meth:`__deepcopy__`)."""
+        """Set the callback up with the hook ``make(rules=...)`` opens (``make`` is kept: :meth:`__deepcopy__`),
+        its run judged by ``rules``."""
         keras.callbacks.Callback.__init__(self)
-        hook = make()
+        self._rules = rules
+        hook = make(rules=rules.for_new_run())
         assert isinstance(hook, KerasHook)
         self.hook = hook
         self._make, self._if_exists_given = make, if_exists_given
@@ -309,16 +314,20 @@ class Callback(keras.callbacks.Callback):
         """A callback configured by a JSON file (see :meth:`tensortap.capture.Hook.from_json`)."""
         cb = cls.__new__(cls)
         make = functools.partial(KerasHook.from_json, path, **overrides)
-        cb._setup(make, "if_exists" in overrides, close_on_train_end, all_reduce_max, max_calls)
+        rules = RuleSet(check_rules(overrides.get("rules")))
+        cb._setup(make, "if_exists" in overrides, close_on_train_end, all_reduce_max, max_calls, rules)
         return cb
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Callback:
         """A new callback of the same configuration, which writes the trial's next run (``out_dir/run-<n>``,
         unless ``if_exists`` was given), with a warning naming it: keras-tuner copies the callbacks given to
-        ``search()`` for each trial (their writer and session cannot be copied)."""
+        ``search()`` for each trial (their writer and session cannot be copied). Its run is judged from scratch,
+        by fresh copies of the in-process rules as they were given (``copied.hook.rules``)."""
         copied = type(self).__new__(type(self))
         make = self._make if self._if_exists_given else functools.partial(self._make, if_exists="new_run")
-        copied._setup(make, True, self.close_on_train_end, self.all_reduce_max, self.session.max_calls)
+        copied._setup(
+            make, True, self.close_on_train_end, self.all_reduce_max, self.session.max_calls, self._rules.copy()
+        )
         copied._make, copied._if_exists_given = self._make, self._if_exists_given
         logger.warning("tensortap: a copy of the callback writing %s writes %s", self.out_dir, copied.out_dir)
         return copied

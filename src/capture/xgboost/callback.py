@@ -16,6 +16,8 @@ import xgboost as xgb
 from xgboost import collective
 
 from ...exceptions import TrialExistsError
+from ...trial.rules.base import Rule
+from ...trial.rules.inprocess import RuleSet
 from .. import core
 from ..writer import logger
 from . import model as mdl
@@ -56,6 +58,10 @@ class Callback(xgb.callback.TrainingCallback):
         ``save_config`` applies to every collection not configured in ``collection_configs``.
         Without ``if_exists``, a training that finds ``out_dir`` holding one already (a later fold of
         ``cross_val_score``, a second ``fit``) is written to ``out_dir/run-<n>``, with a warning.
+        ``rules`` (in-process rules) are checked here too. Each training that starts a new run is judged
+        from scratch: the first by the rule objects given, each later one by fresh copies of them as
+        given (``callback.hook.rules`` after it); a training further of the same run (``xgb_model=``)
+        goes on with the rules of that run.
     """
 
     def __init__(
@@ -79,6 +85,8 @@ class Callback(xgb.callback.TrainingCallback):
         self.shap_approx = bool(shap_approx)
         self.stop_poll_seconds = stop_poll_seconds
         self.hook_kwargs = hook_kwargs
+        self._rules = RuleSet(core.check_rules(hook_kwargs.get("rules")))
+        self._run_rules: list[Rule] = []  # those judging this callback's last run: a training further goes on with them
         # a rank-1 hook of include_workers="one" opens no writer: this only checks the configuration
         probe = {**hook_kwargs, "rank": 1, "rules": None}
         if probe.get("include_workers", "all") == "all":
@@ -88,6 +96,7 @@ class Callback(xgb.callback.TrainingCallback):
             raise ImportError("include_collections: 'trees' needs pandas: pip install pandas")
         self.hook: Hook | None = None
         self._run_id: str | None = None  # of this callback's last training: a training further continues it
+        self._run_dir = self.out_dir  # where that run is written (a run folder out_dir/run-<n>, or out_dir)
         self._run_last = -1  # the last round saved in that run
         self._watching = False  # whether this training is in mdl.PARAMETERS (its hyperparameters are captured)
         self._training_thread: int | None = None  # the thread whose training this callback captures now
@@ -109,7 +118,7 @@ class Callback(xgb.callback.TrainingCallback):
     @classmethod
     def from_json(cls, path: str | os.PathLike[str], **overrides: Any) -> Callback:
         """Build a callback from a JSON hook configuration (see :meth:`tensortap.capture.Hook.from_json`)."""
-        return cls(**(Hook._kwargs_from_json(core.read_json_config(path)) | overrides))
+        return core.from_config_file(path, Hook._kwargs_from_json, cls, overrides)
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Callback | None:
@@ -129,6 +138,8 @@ class Callback(xgb.callback.TrainingCallback):
                 "tensortap.xgboost.Callback: this callback captures a training that runs now in another thread, "
                 "and one callback holds one training's state: give each training its own callback"
             )
+        if running is not None and self.hook is not None:
+            self._close_left_training()
         self._training_thread = threading.get_ident()
         self._reset()
         dtrain, evals = running_train(sys._getframe(1))
@@ -145,7 +156,10 @@ class Callback(xgb.callback.TrainingCallback):
             self._replayed = self._run_last
         else:
             self._run_last = -1
+            self._run_rules = self._rules.for_new_run()
+        kwargs["rules"] = self._run_rules
         self.hook = hook = self._open(params, kwargs)
+        self._run_dir = hook.out_dir
         self._hyperparameters = params
         if booster is not None and "hyperparameters" in hook.included:
             mdl.PARAMETERS.start()
@@ -186,10 +200,12 @@ class Callback(xgb.callback.TrainingCallback):
         """The hook of this training. Where ``out_dir`` holds a training already and ``if_exists`` was not given,
         this one is written to a run folder ``out_dir/run-<n>``, with a warning: sklearn's model selection gives each
         fit a copy of the callback, and turns the error of every fit after the first into a score of NaN."""
+        if "run_id" in kwargs and kwargs.get("if_exists") != "new_run":  # the run goes on in its folder
+            return Hook(self._run_dir, hyperparameters=params, **kwargs)
         try:
             return Hook(self.out_dir, hyperparameters=params, **kwargs)
         except TrialExistsError:
-            if "if_exists" in kwargs or "run_id" in kwargs:
+            if "if_exists" in kwargs:
                 raise
         hook = Hook(self.out_dir, hyperparameters=params, if_exists="new_run", **kwargs)
         logger.warning(
@@ -235,6 +251,20 @@ class Callback(xgb.callback.TrainingCallback):
         self._eval = None
         self._evals_log = None
         return model
+
+    def _close_left_training(self) -> None:
+        """Close the trial of the training before, which an exception or a Ctrl-C (a notebook's "interrupt")
+        ended: XGBoost calls no ``after_training`` then, so its trial stayed open (live readers, ``rules
+        --follow``, waited for more) until this next training with the callback (or ``callback.hook.close()``,
+        or the interpreter's exit). The round in progress is dropped; the end reason is ``exception``."""
+        assert self.hook is not None
+        self._unwatch()
+        logger.warning(
+            "tensortap: the training before with this callback was ended by an exception or a Ctrl-C (XGBoost "
+            "then calls no callback), and its trial %s is closed now (end reason 'exception')",
+            self.hook.out_dir,
+        )
+        self.hook.close_for_exit("exception", "the training ended by an exception or a Ctrl-C (no after_training)")
 
     def _unwatch(self) -> None:
         """Stop watching this training's parameters, if they were watched."""
