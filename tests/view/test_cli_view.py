@@ -22,6 +22,7 @@ from helpers.cli import cli, strict_json  # noqa: E402
 
 import tensortap  # noqa: E402
 from tensortap import SaveConfig  # noqa: E402
+from tensortap.capture import ShardPolicy, Writer  # noqa: E402
 from tensortap.cli import main  # noqa: E402
 from tensortap.trial.export import _tfrecords, export_tensorboard  # noqa: E402
 
@@ -442,6 +443,12 @@ def test_no_progress_bar_when_not_a_terminal(run: Run, tmp_path: Path, args: lis
 @pytest.mark.parametrize(("args", "label"), PROGRESS_COMMANDS, ids=["export", "rules", "check"])
 def test_progress_bar_on_a_terminal(run: Run, tmp_path: Path, args: list[str], label: str) -> None:
     pytest.importorskip("tqdm")
+    if args[0] == "check":  # a bar of its shards: one shard shows none
+        with Writer(tmp_path / "shards", shard_policy=ShardPolicy(max_steps=1)) as w:
+            for _ in range(3):
+                with w.stepping():
+                    w.save("x", np.ones(3))
+        run = Run(tmp_path / "shards")
     leader, follower = pty.openpty()
     fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a new pty is 0 wide
     proc = subprocess.Popen(_progress_cmd(args, run, tmp_path), stdout=subprocess.DEVNULL, stderr=follower, env=_env())
