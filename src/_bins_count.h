@@ -48,11 +48,9 @@ static void COUNT(const T *x, Py_ssize_t n, T lo, T scale, T tol, const T *inter
             exact--;
             T v = xb[i];
             if (v != v || v > T_MAX || v < -T_MAX) continue; /* NaN, +-Inf: in no bin */
-            T w = (v - lo) * scale;
-            if (w > T_MAX || w < -T_MAX) /* a finite value too far out for its position: an outer bin */
-                table[w < 0 ? 0 : bins - 1]++;
-            else
-                table[UPPER(interior, bins - 1, v)]++;
+            /* Searched, whatever its position: one that overflows may lie inside the edges (a span
+             * wider than T's largest number) or outside them (the search puts it in an outer bin). */
+            table[UPPER(interior, bins - 1, v)]++;
         }
         for (Py_ssize_t b = 0; b < bins; b++)
             for (int t = 0; t < TABLES; t++) counts[b] += table[t * width + b];

@@ -406,37 +406,52 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------- show
-def array_summary(value: np.ndarray) -> dict[str, Any]:
-    """Dtype, shape and size; for a numeric dtype also min, mean and max of the finite elements (None where
-    there are none) and the NaN and infinite counts."""
+def array_summary(value: np.ndarray, orig_dtype: str | None = None) -> dict[str, Any]:
+    """Dtype (and ``orig_dtype``, the framework's dtype it was converted from, or None), shape and size;
+    for a numeric dtype also min, mean and max of the finite elements (None where there are none; of the
+    magnitudes ``|z|`` for complex, as the reductions; integers' min and max exact, in their own dtype)
+    and the NaN and infinite counts."""
     data = np.asarray(value)
-    out: dict[str, Any] = {"dtype": str(data.dtype), "shape": list(data.shape), "size": int(data.size)}
-    if data.dtype.kind in "biuf":
-        as_float = data.astype(np.float64, copy=False)
-        finite = as_float[np.isfinite(as_float)]
-        out["min"] = float(finite.min()) if finite.size else None
-        out["mean"] = float(finite.mean()) if finite.size else None
-        out["max"] = float(finite.max()) if finite.size else None
-        out["nan_count"] = int(np.isnan(as_float).sum())
-        out["inf_count"] = int(np.isinf(as_float).sum())
+    out: dict[str, Any] = {"dtype": str(data.dtype), "orig_dtype": orig_dtype, "shape": list(data.shape)}
+    out["size"] = int(data.size)
+    if data.dtype.kind not in "biufc":
+        return out
+    convert: Callable[[Any], float | int]
+    if data.dtype.kind in "iu":  # all finite, their min and max exact (float64 rounds above 2**53)
+        finite, convert = data, int
+    else:
+        as_float = (np.abs(data) if data.dtype.kind == "c" else data).astype(np.float64, copy=False)
+        finite, convert = as_float[np.isfinite(as_float)], float
+    out["min"] = convert(finite.min()) if finite.size else None
+    with np.errstate(over="ignore"):  # values near the largest float64: their sum overflows
+        mean = float(finite.mean(dtype=np.float64)) if finite.size else None
+    if mean is not None and not math.isfinite(mean):
+        mean = float(np.sum(finite / finite.size))  # each term at most the largest / n: no overflow
+    out["mean"] = mean
+    out["max"] = convert(finite.max()) if finite.size else None
+    out["nan_count"] = int(np.isnan(data).sum())
+    out["inf_count"] = int(np.isinf(data).sum())
     return out
 
 
 def summary_text(summary: dict[str, Any]) -> str:
-    """One line of :func:`array_summary`: ``float32 (5,) min -10 mean 6.667 max 25 nan 1 inf 1``; an array
+    """One line of :func:`array_summary`: ``float32 (5,) min -10 mean 6.667 max 25 nan 1 inf 1``
+    (``float32 (from bfloat16) (5,) ...`` for a converted dtype; ``|z| min`` ... for complex); an array
     without elements says ``no values``, one of NaNs alone ``all NaN (4 values)``, one without a finite
     element otherwise ``no finite value: nan 1 inf 2``."""
-    head = f"{summary['dtype']} {tuple(summary['shape'])}"
+    dtype = summary["dtype"] + (f" (from {summary['orig_dtype']})" if summary.get("orig_dtype") else "")
+    head = f"{dtype} {tuple(summary['shape'])}"
     counts = f"nan {summary['nan_count']} inf {summary['inf_count']}" if "nan_count" in summary else ""
     if summary["size"] == 0:
         return f"{head} no values"
     if "min" not in summary:
-        return head  # not a real number (complex, bytes): no min, mean or max
+        return head  # not a number (bytes, strings): no min, mean or max
     if summary["min"] is None:
         if summary["nan_count"] == summary["size"]:
             return f"{head} all NaN ({count(summary['size'], 'value')})"
         return f"{head} no finite value: {counts}"
-    return f"{head} " + " ".join(f"{k} {fmt(summary[k])}" for k in ("min", "mean", "max")) + f" {counts}"
+    of = "|z| " if np.dtype(summary["dtype"]).kind == "c" else ""
+    return f"{head} {of}" + " ".join(f"{k} {fmt(summary[k])}" for k in ("min", "mean", "max")) + f" {counts}"
 
 
 def _show_entry(tensor: Any, step: int, mode: Mode | None, args: argparse.Namespace) -> tuple[dict[str, Any], str]:
@@ -450,7 +465,7 @@ def _show_entry(tensor: Any, step: int, mode: Mode | None, args: argparse.Namesp
     if value.size == 1 and value.dtype.kind in "biuf":
         entry["value"] = value.reshape(()).item()
         return entry, fmt(entry["value"], 6)
-    entry.update(array_summary(value))
+    entry.update(array_summary(value, tensor.summary()["orig_dtype"]))
     text = summary_text(entry)
     if args.full:
         entry["value"] = value

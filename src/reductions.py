@@ -1,7 +1,9 @@
 """Reductions and health counts: names, validation and the NumPy formulas.
 
 The same functions compute a reduction at write time (for NumPy inputs) and at
-read time (from a raw tensor), so the two always agree. Every reduction is
+read time (from a raw tensor), so the two always agree; a framework's hook that
+reduces on its device uses the same formulas, identical up to floating-point
+summation order (a relative 1e-14 on large tensors). Every reduction is
 computed in float64 over all elements; on an empty tensor ``min``, ``max``,
 ``mean``, ``std`` and ``variance`` are NaN, ``sum`` is 0 and ``prod`` is 1.
 Complex tensors are reduced by magnitude ``|z|`` (so ``l2`` is their vector norm).
@@ -35,6 +37,7 @@ DEFAULT_BINS = 64
 MAX_BINS = 4096
 _CHUNK_BYTES = 8 << 20  # float64 bytes converted at once by compute_rows
 _LINEAR_MIN_SIZE = 1 << 15  # values from which counting by arithmetic beats sorting (bench/profiles/histogram.md)
+_CONSTANT_WIDTH = 2.0**-36  # half the range of a constant tensor's bins, relative to its value (equal_edges)
 _BLOCK = 1 << 18  # values binned at once by _linear_counts (bench/profiles/histogram.md: fewer calls, same speed)
 
 
@@ -269,13 +272,16 @@ def check_edges(edges: Sequence[float] | np.ndarray, field_name: str = "histogra
 def equal_edges(lo: float, hi: float, bins: int) -> np.ndarray:
     """``bins`` equal bins from ``lo`` to ``hi`` (the finite range of a tensor): ``numpy.linspace``.
 
-    A constant tensor (``lo == hi``) gets the range ``[x - 0.5, x + 0.5]``. A range wider than
-    the largest float64 (values near both of its ends), where ``linspace``'s step overflows,
-    gets the edges ``lo * (1 - t) + hi * t`` for ``t = linspace(0, 1)``: finite, from ``lo`` to ``hi``.
+    A constant tensor (``lo == hi == x``) gets the range ``[x - d, x + d]``, ``d = max(0.5, |x| * 2**-36)``:
+    ``0.5`` up to ``|x| = 2**35``, and beyond a relative width that keeps up to :data:`MAX_BINS` bins
+    distinct (``x +- 0.5`` rounds to ``x`` from about 9e15); an end beyond the largest float64 is ``x``.
+    A range wider than the largest float64 (values near both of its ends), where ``linspace``'s step
+    overflows, gets the edges ``lo * (1 - t) + hi * t`` for ``t = linspace(0, 1)``: finite, from ``lo`` to ``hi``.
     """
     lo, hi = float(lo), float(hi)  # Python floats: a span that overflows is inf, without a NumPy warning
     if not lo < hi:
-        lo, hi = lo - 0.5, hi + 0.5
+        d = max(0.5, abs(lo) * _CONSTANT_WIDTH)
+        lo, hi = (lo - d if math.isfinite(lo - d) else lo), (hi + d if math.isfinite(hi + d) else hi)
     if math.isfinite(hi - lo):
         with np.errstate(over="ignore"):  # a span near the largest float64: only the last edge overflows,
             return np.linspace(lo, hi, bins + 1)  # and linspace sets that one to hi
@@ -286,7 +292,7 @@ def equal_edges(lo: float, hi: float, bins: int) -> np.ndarray:
 def histogram_edges(array: np.ndarray, bins: int = DEFAULT_BINS) -> np.ndarray | None:
     """``bins`` equal bins over the range of the finite values of ``array``; None if it has none.
 
-    A constant tensor gets the range ``[x - 0.5, x + 0.5]``.
+    A constant tensor gets the range ``[x - 0.5, x + 0.5]`` (wider where ``|x| > 2**35``: :func:`equal_edges`).
     """
     span = _finite_range(_as_float64(np.asarray(array)).ravel())
     return None if span is None else equal_edges(*span, bins)

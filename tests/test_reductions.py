@@ -8,6 +8,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -290,6 +291,20 @@ def _assert_the_rule(hist: Histogram | None, array: np.ndarray, bins: np.ndarray
     np.testing.assert_array_equal(hist.counts, numpy_histogram_rule(array, edges))
 
 
+@pytest.mark.parametrize("value", [3.0, 2.0**35, -(2.0**53), 9.1e15, 2.0**62, 1.7e308, np.finfo(np.float64).max])
+@pytest.mark.parametrize("dtype", ["float64", "int64", "float32"])
+def test_a_constant_tensor_gets_distinct_edges_around_it(value: float, dtype: str) -> None:
+    """Beyond about 9e15 ``x -+ 0.5`` rounds to ``x``: its edges were all equal, its one value in the last bin."""
+    big = float(np.finfo(dtype).max) if np.dtype(dtype).kind == "f" else float(2**62)
+    array = np.full(6, min(value, big), dtype=dtype)
+    for bins in (1, 2, 64, reductions.MAX_BINS):
+        hist = histogram(array, bins)
+        assert hist is not None and (np.diff(hist.edges) > 0).all() and np.isfinite(hist.edges).all()
+        _assert_the_rule(hist, array, bins)
+    hist = histogram(array, 2)
+    assert hist is not None and hist.counts.tolist() == [0, 6]  # x is the middle edge (the last one at the max)
+
+
 @pytest.mark.parametrize("size", [5, 600_000], ids=["sorted", "by-arithmetic-size"])
 def test_a_range_wider_than_the_largest_float64_gets_finite_edges(size: int) -> None:
     big = np.finfo(np.float64).max
@@ -404,3 +419,24 @@ def test_edges_too_close_for_the_dtype_fall_back_to_sorting() -> None:
     values = (1000.0 + np.random.default_rng(1).uniform(-1e-3, 7e-3, reductions._LINEAR_MIN_SIZE)).astype(np.float32)
     assert reductions._rule(edges, np.dtype("float32"))[1] is None
     np.testing.assert_array_equal(reductions.histogram_counts(values, edges), numpy_histogram_rule(values, edges))
+
+
+@pytest.mark.parametrize("path", COUNTING)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float64"])
+@pytest.mark.parametrize("size", [11, 600_000], ids=["small", "large"])
+def test_a_span_wider_than_the_dtype_is_counted_exactly(dtype: str, size: int, path: str) -> None:
+    """Values over the whole range of the type the kernel counts them in (float32 for bfloat16), so that
+    many lie farther from the first edge than its largest number: in their own bins, not the last.
+    (A float64 span that wide does not fit float64 itself, so its values are sorted; complex values are
+    binned by magnitude, whose span fits.)"""
+    binned = np.dtype(reductions.bin_dtype(dtype))
+    big = float(np.finfo(binned).max)
+    values = np.random.default_rng(2).uniform(-0.99, 0.99, size) * big
+    values[:11] = np.linspace(-0.9, 0.9, 11) * big  # evenly spread: two values in most of 10 bins
+    array = values.astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
+    edges = equal_edges(float(array.min()), float(array.max()), 10)
+    assert (reductions._rule(edges, binned)[1] is not None) == (binned == np.float32)  # the kernel's plan
+    for bins in (10, 64):
+        with counted_by(path, linear_from=0):
+            hist = histogram(array, bins)
+        _assert_the_rule(hist, array, bins)

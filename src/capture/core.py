@@ -230,8 +230,18 @@ class TensorOps:
             share memory with the framework's tensor: the core copies it into the
             shard buffer before ``offer`` returns, so an extra copy here is waste.
         """
-        a = storable(np.asarray(value))
-        return (a if raw else None), red.compute_many(a, list(keys)), None
+        a, orig = widened(np.asarray(value))
+        a = storable(a)
+        return (a if raw else None), red.compute_many(a, list(keys)), orig
+
+
+def widened(a: np.ndarray) -> tuple[np.ndarray, str | None]:
+    """``a`` as a shard stores it, and its dtype's name where that is another: the floats NumPy lacks and
+    ``ml_dtypes`` adds (``bfloat16``, ``float8_e4m3fn``, ...: dtype kind ``V``) as float32, which holds each
+    of their values exactly; any other array as it is, and None."""
+    if a.dtype.kind == "V" and red.dtype_name(a.dtype).startswith(("bfloat16", "float8", "float6", "float4")):
+        return a.astype(np.float32), red.dtype_name(a.dtype)
+    return a, None
 
 
 def storable(a: np.ndarray) -> np.ndarray:

@@ -105,8 +105,9 @@ def numpy_rule_edges(array: np.ndarray, bins: int) -> np.ndarray | None:
     if finite.size == 0:
         return None
     lo, hi = float(finite.min()), float(finite.max())
-    if not lo < hi:
-        lo, hi = lo - 0.5, hi + 0.5
+    if not lo < hi:  # constant: x +- max(0.5, |x| * 2**-36); an end past the largest float64 stays at x
+        d = max(0.5, abs(lo) * 2.0**-36)
+        lo, hi = (lo - d if np.isfinite(lo - d) else lo), (hi + d if np.isfinite(hi + d) else hi)
     if hi - lo == np.inf:  # wider than the largest float64: linspace's step would overflow
         return lo * (1.0 - np.linspace(0.0, 1.0, bins + 1)) + hi * np.linspace(0.0, 1.0, bins + 1)
     with np.errstate(over="ignore"):  # near the largest float64 the last edge overflows; linspace sets it to hi

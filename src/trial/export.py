@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import decimal
 import logging
 import math
 import os
@@ -18,6 +19,8 @@ from ..modes import Mode
 from .progress import progress
 
 if TYPE_CHECKING:
+    import pandas
+
     from .trial import Trial
 
 logger = logging.getLogger("tensortap")
@@ -161,7 +164,8 @@ def export_table(
     Parameters
     ----------
     output
-        ``*.csv``, ``*.parquet`` (needs pyarrow), or ``"-"`` for CSV on standard output.
+        ``*.csv``, ``*.parquet`` (needs pyarrow), or ``"-"`` for CSV on standard output. CSV writes
+        NaN as ``nan`` (not an empty cell); Parquet adds ``value_int`` where needed (:func:`_with_exact_ints`).
     reductions
         Reduction keys to export for every tensor (saved, or computed from the raw tensor).
     show_progress
@@ -178,12 +182,64 @@ def export_table(
         if escape is not None:
             for column in df.select_dtypes(exclude="number").columns:
                 df[column] = df[column].map(lambda cell: escape(cell) if isinstance(cell, str) else cell)
-        df.to_csv(sys.stdout, index=False)
+        df.to_csv(sys.stdout, index=False, na_rep="nan")
     elif suffix == ".parquet":
-        df.to_parquet(path, index=False)
+        _with_exact_ints(df).to_parquet(path, index=False)
     else:
-        df.to_csv(path, index=False)
+        df.to_csv(path, index=False, na_rep="nan")
     return len(df)
+
+
+def _with_exact_ints(df: pandas.DataFrame) -> pandas.DataFrame:
+    """``df`` for Parquet, whose columns hold one type: a ``value`` column of Python objects (an integer
+    scalar beyond 2**53, :meth:`Trial.to_pandas`) becomes float64, beside a column ``value_int`` with the
+    exact value of every integer scalar (null in the other rows): ``Int64``, or decimals of 20 digits
+    where one does not fit int64 (a uint64 above 2**63 - 1)."""
+    import pandas as pd
+
+    if df["value"].dtype != object:
+        return df
+    ints = [v if isinstance(v, int) else None for v in df["value"]]
+    fits = all(v is None or -(2**63) <= v < 2**63 for v in ints)
+    exact = pd.array(ints, dtype="Int64") if fits else [None if v is None else decimal.Decimal(v) for v in ints]
+    return df.assign(value=df["value"].astype("float64"), value_int=exact)
+
+
+def _warn_scalars(name: str, values: Sequence[float]) -> None:
+    """Warn once for ``name`` if its TensorBoard scalars (float32, by the format) hold NaN or infinite
+    values, or values float32 changes beyond its rounding: an integer it cannot hold (above 2**24), a
+    number beyond its range (written as infinite) or below its smallest normal one (zero or subnormal)."""
+    if nonfinite := sum(not math.isfinite(v) for v in values):
+        logger.warning(
+            "tensortap: %r: %d of its %d values written as TensorBoard scalars are NaN or infinite",
+            name,
+            nonfinite,
+            len(values),
+        )
+    tiny = float(np.finfo(np.float32).tiny)
+    with np.errstate(over="ignore", under="ignore"):
+        written = [float(np.float32(v)) for v in values]
+    changed = [
+        (v, f)
+        for v, f in zip(values, written, strict=True)
+        if math.isfinite(v) and (not math.isfinite(f) or 0 < abs(v) < tiny or (isinstance(v, int) and f != v))
+    ]
+    if changed:
+        logger.warning(
+            "tensortap: %r: %d of its %d values change when written as TensorBoard scalars, which are float32 "
+            "(%r is written as %r); the CSV, Parquet and JSON exports keep them",
+            name,
+            len(changed),
+            len(values),
+            *changed[0],
+        )
+
+
+def _holds_nonfinite(key: str, value: float) -> bool:
+    """Whether a tensor's row ``key``, ``value`` (:meth:`Tensor._rows`) shows a NaN or infinite element."""
+    if key in ("nan_count", "inf_count"):
+        return value > 0
+    return key in ("min", "max") and not math.isfinite(value)
 
 
 def export_tensorboard(
@@ -201,7 +257,11 @@ def export_tensorboard(
     time of the export). A trial of several workers has one run per mode and
     worker (``logdir/train/worker_1``), each with that worker's values. A tensor whose scalars hold NaN
     or infinite values (written as they are) is named in one warning that counts them (tensorboardX's own
-    warning, once per value and naming nothing, is left out).
+    warning, once per value and naming nothing, is left out). TensorBoard scalars are float32: a tensor
+    with values that float32 changes beyond its rounding (integers above 2**24, numbers beyond its range
+    or below its smallest normal number) is named in one warning too. Histograms count the finite values
+    (a tensor whose reductions show NaN or infinite values is named in a warning), give the outer edges as
+    their min and max, and their sums from the bin centres.
 
     Parameters
     ----------
@@ -238,37 +298,38 @@ def export_tensorboard(
         try:
             for name in progress(trial.tensor_names(), desc="tensors", enable=show_progress):
                 tensor = trial.tensor(name)
-                rows = [(g, w, name if k == "value" else f"{name}/{k}", v) for g, w, k, v in tensor._rows(None)]
+                rows = tensor._rows(None)
                 if reductions:
                     written = {row[:3] for row in rows}  # a reduction among the defaults: one event a step
-                    more = [(g, w, f"{name}/{k}", v) for g, w, k, v in tensor._rows(reductions)]
-                    rows += [row for row in more if row[:3] not in written]
-                for gstep, worker, tag, value in rows:
+                    rows += [row for row in tensor._rows(reductions) if row[:3] not in written]
+                for gstep, worker, key, value in rows:
+                    tag = name if key == "value" else f"{name}/{key}"
                     writer(gstep, worker).add(scalar(tag, value), gstep, times.get(gstep))
                 counts["scalars"] += len(rows)
-                if nonfinite := sum(not math.isfinite(value) for *_, value in rows):
-                    logger.warning(
-                        "tensortap: %r: %d of its %d values written as TensorBoard scalars are NaN or infinite",
-                        name,
-                        nonfinite,
-                        len(rows),
-                    )
+                _warn_scalars(name, [value for *_, value in rows])
                 shape = tensor.summary()["shape"]
                 if shape is not None and int(np.prod(shape)) == 1:
                     continue  # a scalar: its curve is enough
-                for worker, (gstep, hist) in (
-                    (w, item) for w in workers for item in tensor.histogram_values(worker=w, bins=bins).items()
-                ):
+                hists = [(w, item) for w in workers for item in tensor.histogram_values(worker=w, bins=bins).items()]
+                if hists and any(_holds_nonfinite(key, value) for *_, key, value in rows):
+                    logger.warning(
+                        "tensortap: %r holds NaN or infinite values: its TensorBoard histograms count "
+                        "its finite values only",
+                        name,
+                    )
+                for worker, (gstep, hist) in hists:
                     c = hist.counts.astype(np.float64)
-                    centres = (hist.edges[1:] + hist.edges[:-1]) / 2
-                    total = float(c.sum())
+                    centres = hist.edges[1:] / 2 + hist.edges[:-1] / 2  # halves first: no overflow near the max
+                    filled = c > 0  # empty bins add nothing (not 0 * inf: a square beyond float64)
+                    with np.errstate(over="ignore"):  # sums beyond float64 (values near its max): inf
+                        moments = [float((c[filled] * centres[filled] ** p).sum()) for p in (1, 2)]
                     summary = histogram_raw(
                         name,
                         min=float(hist.edges[0]),
                         max=float(hist.edges[-1]),
-                        num=total,
-                        sum=float((c * centres).sum()),
-                        sum_squares=float((c * centres * centres).sum()),
+                        num=float(c.sum()),
+                        sum=moments[0],
+                        sum_squares=moments[1],
                         bucket_limits=hist.edges[1:].tolist(),
                         bucket_counts=c.tolist(),
                     )

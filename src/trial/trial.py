@@ -653,7 +653,9 @@ class Trial:
     ) -> pandas.DataFrame:
         """A long-format DataFrame: one row per worker, step, tensor and reduction.
 
-        Columns: ``worker, mode, mode_step, step, name, reduction, value``.
+        Columns: ``worker, mode, mode_step, step, name, reduction, value``. ``value``
+        is float64, unless an integer scalar lies beyond 2**53 (float64 would round
+        it): then the column holds Python objects, integer scalars as exact ints.
         With ``reductions`` (keys such as ``"mean"``, ``"abs_max"``, ``"l2"``), each
         is the saved value or is computed from the raw tensor; a tensor's shard is
         read once for all its steps. Without, scalar tensors give one row with
@@ -709,7 +711,12 @@ class Trial:
                     len(names_without),
                     ", ".join(names_without),
                 )
-        return pd.DataFrame(rows, columns=["worker", "mode", "mode_step", "step", "name", "reduction", "value"])
+        df = pd.DataFrame(rows, columns=["worker", "mode", "mode_step", "step", "name", "reduction", "value"])
+        if rows:  # float64, unless an integer scalar is beyond it (above 2**53): then exact, as Python objects
+            values = [row[-1] for row in rows]
+            exact = all(not isinstance(v, int) or float(v) == v for v in values)
+            df["value"] = pd.Series(values, dtype="float64" if exact else object)
+        return df
 
     def close(self) -> None:
         """Close open shard files."""
@@ -987,7 +994,7 @@ class Tensor:
             for gstep, w, loc in entries:
                 value = raw.get(gstep) if loc.raw else None
                 if keys is None and value is not None and value.size == 1:
-                    rows.append((gstep, w, "value", red.compute(value, "sum")))  # the scalar, as float64
+                    rows.append((gstep, w, "value", _scalar_row_value(value)))
                     continue
                 want = keys if keys is not None else loc.reductions or (DEFAULT_RAW_REDUCTIONS if loc.raw else ())
                 missing = []
@@ -1284,6 +1291,14 @@ class StepWindow:
             self._reductions[key] = {s: v for s, _, _, v in rows}
         self._readable(step)
         return self._reductions[key].get(step)
+
+
+def _scalar_row_value(value: np.ndarray) -> float | int:
+    """The ``value`` row of a scalar tensor (one element): an integer as a Python int (exact beyond
+    2**53, which float64 is not), any other number as float64 (complex: its magnitude)."""
+    if value.dtype.kind in "iu":
+        return int(value.reshape(()).item())
+    return red.compute(value, "sum")
 
 
 def _common_edges(values: Iterable[np.ndarray], bins: int | Sequence[float]) -> np.ndarray | None:

@@ -274,6 +274,32 @@ def test_one_collection_given_as_a_string_is_one_collection(tmp_path: Path) -> N
     assert tensortap.create_trial(tmp_path / "writer").tensor_names(collection="custom") == ["v"]
 
 
+def test_values_of_types_numpy_lacks_are_saved_as_float32_with_their_type(tmp_path: Path) -> None:
+    """``hook.save_scalar("lr", bf16_tensor)`` raised TypeError (``.numpy()`` of a bfloat16 tensor) into the
+    training loop at every saved step, and the Writer skipped an ml_dtypes bfloat16 array with a warning:
+    SPEC §2 stores such types as float32 with the original dtype recorded (session 48's numerics hunt)."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    model = MLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    hook = ttt.capture(model, tmp_path, optimizer=opt, save_config=EVERY_STEP, include_collections=["metrics"])
+    x, y = MLP.data(torch.Generator().manual_seed(3))
+    opt.zero_grad()
+    loss = F.cross_entropy(model(x), y)
+    hook.save_scalar("loss_bf16", loss.detach().to(torch.bfloat16))
+    loss.backward()
+    opt.step()
+    hook.close()
+    saved = tensortap.create_trial(tmp_path).tensor("metrics/loss_bf16")
+    assert saved.summary()["orig_dtype"] == "bfloat16"
+    assert saved.value(0).dtype == np.float32 and saved.value(0) == loss.detach().to(torch.bfloat16).float().item()
+    given = np.array([1.5, -2.25, 3e38], dtype=ml_dtypes.bfloat16)
+    with Writer(tmp_path / "writer") as w, w.stepping():
+        w.save("bf16", given, "custom")
+    written = tensortap.create_trial(tmp_path / "writer").tensor("bf16")
+    assert written.summary()["orig_dtype"] == "bfloat16"
+    np.testing.assert_array_equal(written.value(0), given.astype(np.float32))
+
+
 def test_eval_and_predict_steps_count_in_their_own_modes(tmp_path: Path) -> None:
     model = MLP()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -1381,8 +1381,10 @@ class Hook(core.Hook):
         self._ensure_open()
         if not self.is_saving():
             return
-        if isinstance(value, torch.Tensor):
-            value = value.detach().cpu().numpy()
+        if isinstance(value, torch.Tensor):  # as save_tensor takes it: bfloat16, float8 widened, not .numpy()'d
+            colls = core.collection_names(collections) or ("metrics",)
+            self.save_tensor(f"{colls[0]}/{name}", value.detach(), colls)
+            return
         super().save_scalar(name, value, collections)
 
     def record_loss(self, value: Any, name: str = "loss") -> None:
