@@ -53,7 +53,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     trial = _trial(args, targets[0])
     reductions = args.reduction or None
     if args.output == "-" and args.json:
-        df = trial.to_pandas(collection=args.collection, reductions=reductions)
+        df = trial.to_pandas(collection=args.collection, reductions=reductions, exact_ints=True)
         print_json({"path": targets[0], "row_count": len(df), "rows": df.to_dict(orient="records")})
         return 0
     escape = printable if args.output == "-" and sys.stdout.isatty() else None

@@ -347,6 +347,7 @@ def test_errors_of_a_configuration_file_name_the_file(tmp_path: Path) -> None:
     for config, message in [
         ({"save_config": {"trian": {}}}, "save_config: unknown key(s) trian; valid: either"),  # read
         ({"include_regex": ["("]}, "include_regex: '(' is not a valid regular expression"),  # built
+        ({"out_dir": 5}, "out_dir: expected"),  # a TypeError of the hook's
     ]:
         path = _config_file(tmp_path, {"out_dir": str(tmp_path / "trial"), **config})
         with pytest.raises(ValueError, match=re.escape(f"configuration file {str(path)!r}: {message}")):

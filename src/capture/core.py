@@ -112,18 +112,21 @@ def from_config_file(
     Raises
     ------
     ValueError
-        An invalid field, in the file or found by ``build``: the message starts with ``configuration file
-        'path': ``; a missing ``out_dir`` (neither in the file nor in ``overrides``) is one. Subclasses of
-        ValueError (``TrialExistsError``, the storage's errors: they name the trial) pass unchanged.
+        An invalid field, in the file or found by ``build`` (a ValueError or a TypeError, such as an
+        ``out_dir`` that is a number): the message starts with ``configuration file 'path': ``; a missing
+        ``out_dir`` (neither in the file nor in ``overrides``) is one. Subclasses of ValueError
+        (``TrialExistsError``, the storage's errors: they name the trial) pass unchanged.
     """
     data = read_json_config(path)
     try:
         kwargs = kwargs_of(data) | dict(overrides)
         if "out_dir" not in kwargs:
             raise ValueError("out_dir: missing: the trial's folder or URL; give it in the file or as out_dir=...")
+        if not isinstance(kwargs["out_dir"], (str, os.PathLike)):
+            raise ValueError(f"out_dir: expected the trial's folder or URL (a string), got {kwargs['out_dir']!r}")
         return build(**kwargs)
-    except ValueError as exc:
-        if type(exc) is not ValueError:
+    except (ValueError, TypeError) as exc:  # TypeError: a value of the wrong type (``"out_dir": 5``)
+        if type(exc) not in (ValueError, TypeError):
             raise
         raise ValueError(f"{_config_file(path)}: {exc}") from None
 

@@ -177,7 +177,7 @@ def export_table(
     """
     path = os.fspath(output)
     suffix = check_suffix(path, TABLE_SUFFIXES, stdout=True)
-    df = trial.to_pandas(collection=collection, reductions=reductions, progress=show_progress)
+    df = trial.to_pandas(collection=collection, reductions=reductions, progress=show_progress, exact_ints=True)
     if path == "-":
         if escape is not None:
             for column in df.select_dtypes(exclude="number").columns:

@@ -650,12 +650,15 @@ class Trial:
         collection: str | None = None,
         reductions: str | Sequence[str] | None = None,
         progress: bool | None = None,
+        exact_ints: bool = False,
     ) -> pandas.DataFrame:
         """A long-format DataFrame: one row per worker, step, tensor and reduction.
 
         Columns: ``worker, mode, mode_step, step, name, reduction, value``. ``value``
-        is float64, unless an integer scalar lies beyond 2**53 (float64 would round
-        it): then the column holds Python objects, integer scalars as exact ints.
+        is float64, which rounds an integer beyond 2**53 (a ``time.time_ns()``
+        saved as a scalar); with ``exact_ints``, where the trial holds such an
+        integer scalar, the column holds Python objects instead, integer scalars
+        as exact ints (what the exports write).
         With ``reductions`` (keys such as ``"mean"``, ``"abs_max"``, ``"l2"``), each
         is the saved value or is computed from the raw tensor; a tensor's shard is
         read once for all its steps. Without, scalar tensors give one row with
@@ -675,6 +678,8 @@ class Trial:
             The reductions of each tensor (a key, or a list of them; default: as above).
         progress
             Show a progress bar over tensors (default: when standard error is a terminal).
+        exact_ints
+            Keep integer scalars beyond 2**53 exact, as above (default: ``value`` is float64).
         """
         import pandas as pd
 
@@ -712,10 +717,10 @@ class Trial:
                     ", ".join(names_without),
                 )
         df = pd.DataFrame(rows, columns=["worker", "mode", "mode_step", "step", "name", "reduction", "value"])
-        if rows:  # float64, unless an integer scalar is beyond it (above 2**53): then exact, as Python objects
+        if rows:  # float64, unless asked to keep an integer scalar float64 rounds (above 2**53): Python objects
             values = [row[-1] for row in rows]
-            exact = all(not isinstance(v, int) or float(v) == v for v in values)
-            df["value"] = pd.Series(values, dtype="float64" if exact else object)
+            rounded = exact_ints and any(isinstance(v, int) and float(v) != v for v in values)
+            df["value"] = pd.Series(values, dtype=object if rounded else "float64")
         return df
 
     def close(self) -> None:

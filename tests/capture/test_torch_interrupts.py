@@ -6,6 +6,7 @@ and every later step holds its own iteration's values (session 48's notebook hun
 from __future__ import annotations
 
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -116,3 +117,54 @@ def test_an_interrupted_iteration_is_dropped_and_the_next_ones_hold_their_own_va
         assert float(trial.tensor("losses/loss").value(step)) == pytest.approx(losses[i], rel=1e-6)
     dropped = [w for w in warned if "step 3 was interrupted" in w and "is dropped" in w]
     assert len(dropped) == 1, warned
+
+
+def test_a_forward_of_another_thread_still_running_is_no_interrupt(tmp_path: Path) -> None:
+    """A thread's forward (an evaluation under no_grad) that starts in a training forward and outlives it:
+    the training's next forward took the one that ended for one an interrupt left, and dropped a step that
+    had finished (hunt 18, a regression of the interrupt recovery)."""
+    started, release = threading.Event(), threading.Event()
+
+    class Slow(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if threading.current_thread() is not threading.main_thread():
+                started.set()
+                release.wait(60)
+            elif len(losses) == 1:  # the second iteration: the other thread's forward starts inside this one
+                threading.Thread(target=evaluate).start()
+                started.wait(60)
+            return self.fc(x)
+
+    def evaluate() -> None:
+        with torch.no_grad():
+            model(torch.randn(2, 4))
+
+    torch.manual_seed(0)
+    model = Slow()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    hook = ttt.capture(
+        model,
+        tmp_path,
+        optimizer=opt,
+        save_config=tensortap.SaveConfig(save_interval=1),
+        include_collections=["losses"],
+    )
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    losses: list[float] = []
+    with logged_warnings() as warned:
+        for _ in range(5):
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        release.set()
+        hook.close()
+    assert not [w for w in warned if "dropped" in w], warned
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.tensor("losses/loss").steps() == [0, 1, 2, 3, 4]
+    assert [float(trial.tensor("losses/loss").value(s)) for s in range(5)] == pytest.approx(losses, rel=1e-6)

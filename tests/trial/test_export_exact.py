@@ -56,12 +56,17 @@ def _values(df: pandas.DataFrame, name: str) -> list[object]:
     return df[(df["name"] == name) & (df["reduction"] == "value")].sort_values("step")["value"].tolist()
 
 
-def test_to_pandas_keeps_integer_scalars_beyond_2_53_exact(run: Path) -> None:
-    df = tensortap.create_trial(run).to_pandas(collection="metrics")
+def test_to_pandas_keeps_integer_scalars_beyond_2_53_exact_when_asked(run: Path) -> None:
+    """By default float64 (one such integer, a time.time_ns() saved, turned the whole column into objects:
+    numpy's log and isfinite raised on every row, describe() lost mean and std); the exports ask."""
+    rounded = tensortap.create_trial(run).to_pandas(collection="metrics")
+    assert rounded["value"].dtype == np.float64 and _values(rounded, "metrics/big") == [float(BIG)] * 2
+    assert np.isfinite(rounded["value"]).sum() == 10  # metrics/missing is NaN
+    df = tensortap.create_trial(run).to_pandas(collection="metrics", exact_ints=True)
     assert _values(df, "metrics/big") == [BIG, BIG] and all(type(v) is int for v in _values(df, "metrics/big"))
     assert _values(df, "metrics/most_negative") == [-(2**63)] * 2
     assert _values(df, "metrics/loss") == [0.1 + 0.2] * 2
-    small = tensortap.create_trial(run).to_pandas("metrics/small")  # ints float64 holds: float64, as before
+    small = tensortap.create_trial(run).to_pandas("metrics/small", exact_ints=True)  # ints float64 holds: float64
     assert small["value"].dtype == np.float64 and small["value"].tolist() == [7.0, 7.0]
 
 

@@ -344,6 +344,10 @@ class _Call:
         """The call that runs the hook method calling this (through a :class:`patches.Tap`: its caller's caller)."""
         return cls(sys._getframe(3), threading.get_ident())
 
+    def runs_caller(self) -> bool:
+        """Whether this is the call that runs the hook method calling this (as :meth:`of_caller` takes it)."""
+        return sys._getframe(3) is self.frame
+
     def left(self) -> bool:
         """Whether the call is over though no hook said so: its thread is this one and its frame is no
         longer on the stack (one of another thread is taken as running, as before)."""
@@ -1012,8 +1016,8 @@ class Hook(core.Hook):
             self._checking -= 1
             return
         self._depth = max(self._depth - 1, 0)
-        if not self._depth:
-            self._forward_call = None
+        if not self._depth or (self._forward_call is not None and self._forward_call.runs_caller()):
+            self._forward_call = None  # ended, though a forward of another thread may still run (nested as before)
         if self._depth or not self.session.is_open or self._closed:
             return
         error = sys.exc_info()[1]
