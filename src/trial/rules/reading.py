@@ -171,6 +171,25 @@ class StepRead:
         base, absolute = red.split_key(key)
         return float(self.tensor.reduction_value(self.step, base, abs=absolute))
 
+    def reduction_for(self, rule: Rule, key: str, requirement: Requirement) -> float | None:
+        """:meth:`reduction` for ``rule``, or None after recording with :meth:`Rule.need` that neither the
+        reduction nor the raw value was saved (:func:`reduction_at`)."""
+        if self.raw or key in self.reductions:
+            rule.found_input()
+            return self.reduction(key)
+        rule.need(
+            self.step, requirement, f"{self.name!r} has neither reduction {key!r} nor its raw value", partial=True
+        )
+        return None
+
+    def value_for(self, rule: Rule, requirement: Requirement) -> np.ndarray | None:
+        """:meth:`value` for ``rule``, or None after recording that only reductions were saved (:func:`raw_at`)."""
+        if self.raw:
+            rule.found_input()
+            return self.value()
+        rule.need(self.step, requirement, f"{self.name!r} was saved as reductions only", partial=True)
+        return None
+
 
 def reduction_at(rule: Rule, trial: Any, name: str, step: int, key: str, requirement: Requirement) -> float | None:
     """Reduction ``key`` (e.g. ``"abs_mean"``) of ``name`` at ``step``: saved, or computed from the raw value.
@@ -178,22 +197,12 @@ def reduction_at(rule: Rule, trial: Any, name: str, step: int, key: str, require
     Returns None (after recording what is missing with :meth:`Rule.need`) when
     neither the reduction nor the raw tensor was saved.
     """
-    read = StepRead(trial, name, step)
-    if read.raw or key in read.reductions:
-        rule.found_input()
-        return read.reduction(key)
-    rule.need(step, requirement, f"{name!r} has neither reduction {key!r} nor its raw value", partial=True)
-    return None
+    return StepRead(trial, name, step).reduction_for(rule, key, requirement)
 
 
 def raw_at(rule: Rule, trial: Any, name: str, step: int, requirement: Requirement) -> np.ndarray | None:
     """The raw value of ``name`` at ``step``, or None after recording that it is missing."""
-    read = StepRead(trial, name, step)
-    if read.raw:
-        rule.found_input()
-        return read.value()
-    rule.need(step, requirement, f"{name!r} was saved as reductions only", partial=True)
-    return None
+    return StepRead(trial, name, step).value_for(rule, requirement)
 
 
 def scalar_at(rule: Rule, trial: Any, name: str, step: int, requirement: Requirement) -> float | None:

@@ -233,9 +233,9 @@ class AllZero(PerTensorRule):
         if not read.raw and self.threshold >= 100:
             saved = [k for k in ("abs_max", "l1", "l2") if k in read.reductions]
             if saved:
-                value = reduction_at(self, self.base_trial, name, step, saved[0], self.requirement())
+                value = read.reduction_for(self, saved[0], self.requirement())
                 return f"{name}: all values are zero ({saved[0]} = 0)" if value == 0 else None
-        v = raw_at(self, self.base_trial, name, step, self.requirement())
+        v = read.value_for(self, self.requirement())
         if v is None or v.size == 0:
             return None
         percent = 100.0 * np.count_nonzero(v == 0) / v.size
