@@ -144,25 +144,44 @@ def test_ragged_layout_is_used_and_readable_with_plain_h5py(tmp_path: Path) -> N
         assert_identical(trial.tensor("x").value(i), a)
 
 
-def test_checksums_are_zlib_crc32_of_each_row_and_dataset(tmp_path: Path) -> None:
-    """format.md: the checksum is zlib's CRC-32, whichever library computed it (ISA-L when installed)."""
+def plain_h5py(f: h5py.File, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(steps, data, crc32)`` of tensor ``name`` of the open shard ``f``, read as format.md tells a user of
+    plain h5py to: from ``/tensors/<id>`` where the tensor has a group, else from the tables of ``/packed``."""
+    tid = json.loads(f["names"][()].tobytes()).index(name)
+    if str(tid) in f["tensors"]:
+        g = f["tensors"][str(tid)]
+        return g["steps"][()], g["data"][()], g["crc32"][()]
+    meta = next(m for m in json.loads(f["packed/meta"][()].tobytes()) if m["id"] == tid)
+    first, count = meta["rows"]
+    dtype, shape = np.dtype(meta["dtype"]), tuple(meta["shape"])
+    raw = f["packed/data"][meta["offset"] : meta["offset"] + count * dtype.itemsize * math.prod(shape)]
+    rows = slice(first, first + count)
+    return f["packed/steps"][rows], raw.view(dtype).reshape(count, *shape), f["packed/crc32"][rows]
+
+
+@pytest.mark.parametrize("pack_bytes", [0, 1 << 20])
+def test_checksums_are_zlib_crc32_of_each_row_and_dataset(pack_bytes: int, tmp_path: Path) -> None:
+    """format.md: the checksum is zlib's CRC-32, whichever library computed it (ISA-L when installed), of a
+    tensor's own group or of ``/packed``."""
     rng = np.random.default_rng(0)
     fixed = [rng.standard_normal((300, 7)).astype(np.float32) for _ in range(3)]
     ragged = [np.arange(n, dtype=np.int64) for n in (1, 5000, 3)]
-    with Writer(tmp_path) as w:
+    with Writer(tmp_path, shard_policy=ShardPolicy(pack_bytes=pack_bytes)) as w:
         for a, b in zip(fixed, ragged, strict=True):
             with w.stepping():
                 w.save("fixed", a)
                 w.save("ragged", b)
     (shard,) = (tmp_path / "shards" / "worker_0").glob("*.h5")
     with h5py.File(shard, "r") as f:
-        names = json.loads(f["names"][()].tobytes())
-        groups = {n: f[f"tensors/{i}"] for i, n in enumerate(names)}
-        want = [zlib.crc32(a.tobytes()) for a in fixed]
-        assert groups["fixed"]["crc32"][()].tolist() == want
-        assert groups["ragged"]["crc32"][()].tolist() == [zlib.crc32(b.tobytes()) for b in ragged]
-        steps = f["steps/step"]
-        assert int(steps.attrs["crc32"]) == zlib.crc32(steps[()].tobytes())
+        assert ("packed/meta" in f) and (str(json.loads(f["names"][()].tobytes()).index("fixed")) in f["tensors"]) == (
+            not pack_bytes
+        )
+        steps, data, crc = plain_h5py(f, "fixed")
+        assert steps.tolist() == [0, 1, 2] and np.array_equal(data, np.stack(fixed))
+        assert crc.tolist() == [zlib.crc32(a.tobytes()) for a in fixed]
+        assert plain_h5py(f, "ragged")[2].tolist() == [zlib.crc32(b.tobytes()) for b in ragged]
+        for table in ("steps/step", "packed/steps", "packed/meta"):
+            assert int(f[table].attrs["crc32"]) == zlib.crc32(f[table][()].tobytes()), table
 
 
 def test_dtype_changing_between_steps_keeps_each_dtype(tmp_path: Path) -> None:
@@ -525,8 +544,8 @@ def test_large_values_are_page_aligned_and_written_around_the_page_cache(monkeyp
         (path,) = (root / "shards" / "worker_0").glob("*.h5")
         with h5py.File(path, "r") as f:
             names = json.loads(f["names"][()].tobytes())
-            data = [f[f"tensors/{i}/data"] for i in range(len(names))]
-            spans = {n: (d.id.get_offset(), d.nbytes) for n, d in zip(names, data, strict=True)}
+            data = {n: f[f"tensors/{i}/data"] for i, n in enumerate(names) if n != "small"}  # small: in /packed
+            spans = {n: (d.id.get_offset(), d.nbytes) for n, d in data.items()}
         return path, spans
 
     def read_back(root: Path) -> None:
@@ -684,6 +703,7 @@ def test_values_are_written_outside_hdf5_and_plain_h5py_reads_every_dataset(monk
         "f16": np.array([1.5, -np.inf], dtype=np.float16),
         "c64": np.array([1 + 2j], dtype=np.complex64),
         "big-endian": np.arange(5, dtype=">f4"),
+        "big-endian scalar": np.array(2.5, dtype=">f8"),
         "u64": np.array([2**64 - 1], dtype=np.uint64),
         "ragged": [np.arange(3, dtype=np.int8), np.arange(4, dtype=np.int8).reshape(2, 2)],
     }
@@ -695,17 +715,22 @@ def test_values_are_written_outside_hdf5_and_plain_h5py_reads_every_dataset(monk
     (path,) = (tmp_path / "shards" / "worker_0").glob("*.h5")
     with h5py.File(path, "r") as f:
         names = json.loads(f["names"][()].tobytes())
+        assert f["packed/data"].id.get_offset() is not None  # contiguous, allocated
         for tid, name in enumerate(names):
-            g = f[f"tensors/{tid}"]
-            assert g["data"].id.get_offset() is not None  # contiguous, allocated
-            assert g["steps"][()].tolist() == [0, 1]
+            if str(tid) in f["tensors"]:  # the others are packed
+                assert f[f"tensors/{tid}/data"].id.get_offset() is not None
+            steps, data, crc = plain_h5py(f, name)
+            assert steps.tolist() == [0, 1]
             if name == "ragged":
                 flat = np.concatenate([a.ravel() for a in saved["ragged"]])  # type: ignore[union-attr]
-                assert_identical(g["data"][()], flat)
+                assert_identical(data, flat)
                 continue
             want = np.asarray(saved[name])
-            assert_identical(g["data"][()], np.array([want, want], dtype=want.dtype))
-            assert g["crc32"][()].tolist() == [zlib.crc32(np.ascontiguousarray(want).tobytes())] * 2
+            assert_identical(data, np.array([want, want], dtype=want.dtype))
+            assert crc.tolist() == [zlib.crc32(np.ascontiguousarray(want).tobytes())] * 2
+        assert sorted(m["id"] for m in json.loads(f["packed/meta"][()].tobytes())) == sorted(
+            names.index(n) for n in ("f16", "big-endian", "big-endian scalar", "u64")
+        )
     assert sum(written) >= sum(np.asarray(v).nbytes * 2 for k, v in saved.items() if k != "ragged")
     trial = tensortap.create_trial(tmp_path)
     for name, v in saved.items():

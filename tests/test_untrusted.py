@@ -23,6 +23,7 @@ from helpers.trials import logged_warnings, write_trial
 import tensortap
 from tensortap import TensorUnavailableForStep
 from tensortap.backends import NotInTrial, get_storage
+from tensortap.backends.layout import FORMAT_VERSION
 from tensortap.backends.shard import FORMAT_1 as FORMAT_1_VETTER
 from tensortap.backends.shard import ShardError, ShardReader, crc32, raw_at_check
 from tensortap.capture import ShardPolicy, Writer
@@ -39,9 +40,11 @@ def kernel(step: int) -> np.ndarray:
     return (np.arange(6, dtype=np.float32) + 0.5) * (step + 1)
 
 
-def write(out: Path | str, steps: int = 2, **options: object) -> None:
-    """A real trial: one shard of ``steps`` steps (``dense/kernel`` fixed, ``ragged`` ragged)."""
-    with Writer(out, shard_policy=ShardPolicy(max_steps=100), storage_options=options or None) as w:  # type: ignore[arg-type]
+def write(out: Path | str, steps: int = 2, pack_bytes: int = 0, **options: object) -> None:
+    """A real trial: one shard of ``steps`` steps (``dense/kernel`` fixed, ``ragged`` ragged), each tensor in
+    a group of its own (``/tensors/<id>``, which most tests craft) unless ``pack_bytes`` packs ``dense/kernel``."""
+    policy = ShardPolicy(max_steps=100, pack_bytes=pack_bytes)
+    with Writer(out, shard_policy=policy, storage_options=options or None) as w:  # type: ignore[arg-type]
         for step in range(steps):
             with w.stepping():
                 w.save("dense/kernel", kernel(step), collections=["weights"])
@@ -103,16 +106,16 @@ def refused(out: Path, why: str, remote: bool = True) -> None:
         assert any(p.startswith(SHARD) and why in p for p in problems), (where, problems)
 
 
-@pytest.mark.parametrize("version", [3, "2"])
+@pytest.mark.parametrize("version", [FORMAT_VERSION + 1, "2"])
 def test_a_worker_record_of_a_newer_or_bad_format_version_is_refused_naming_it(version: object, tmp_path: Path) -> None:
     """format.md: readers refuse records of a newer format version, naming the file; a worker record of
-    version 3 was read as if it were 2 (found by the second hostile-input audit)."""
+    version 3 was read as if it were 2 (found by the second hostile-input audit, in format 2)."""
     write(tmp_path)
     worker = tmp_path / "workers" / "worker_0.json"
     record = json.loads(worker.read_text())
     record["format_version"] = version
     worker.write_text(json.dumps(record))
-    if version == 3:  # a newer tensortap wrote it: the trial is refused, saying so (session 47's hunt)
+    if version == FORMAT_VERSION + 1:  # a newer tensortap wrote it: the trial is refused, saying so (session 47's hunt)
         with pytest.raises(tensortap.TrialTooNew, match=r"workers/worker_0\.json .*newer.*upgrade tensortap"):
             tensortap.create_trial(tmp_path)
         assert main(["ls", str(tmp_path)]) == 2
@@ -135,12 +138,14 @@ def test_a_trial_a_newer_tensortap_wrote_is_refused_not_shown_empty(tmp_path: Pa
     trial = tensortap.create_trial(tmp_path)
     assert trial.steps() == [0, 1]
     record = json.loads((tmp_path / RECORD).read_text())
-    record["format_version"] = 3
+    record["format_version"] = FORMAT_VERSION + 1
     (tmp_path / RECORD).write_text(json.dumps(record))
     trial.refresh()  # read already: not read again
     fresh = tmp_path.parent / "fresh"
     shutil.copytree(tmp_path, fresh)
-    with pytest.raises(tensortap.TrialTooNew, match=f"{RECORD} .*format version 3 is newer.*upgrade tensortap") as got:
+    with pytest.raises(
+        tensortap.TrialTooNew, match=f"{RECORD} .*format version {FORMAT_VERSION + 1} is newer.*upgrade tensortap"
+    ) as got:
         tensortap.create_trial(fresh)
     assert got.value.records.keys() == {RECORD}
     for command in (["ls"], ["export", "-o", str(tmp_path.parent / "out.csv")], ["rules"]):
@@ -757,6 +762,151 @@ def test_format_1_trials_still_read() -> None:
         np.testing.assert_array_equal(trial.tensor("dense/kernel").value(step), kernel(step))
         np.testing.assert_array_equal(trial.tensor("ragged").value(step), np.full(step + 1, step, dtype=np.int16))
     assert find_problems(str(FORMAT_1)) == []
+
+
+FORMAT_2 = Path(__file__).parent / "data" / "trial_format_2"
+
+
+def test_format_2_trials_still_read() -> None:
+    """A trial tensortap wrote in format 2.1 (137c081, before packed tensors): every tensor in a group of its
+    own, fixed, ragged, bool, bfloat16, reductions only, histograms."""
+    trial = tensortap.create_trial(FORMAT_2)
+    assert trial.steps() == [0, 1, 2]
+    for step in range(3):
+        np.testing.assert_array_equal(trial.tensor("dense/kernel").value(step), kernel(step))
+        np.testing.assert_array_equal(trial.tensor("ragged").value(step), np.full(step + 1, step, dtype=np.int16))
+        np.testing.assert_array_equal(trial.tensor("flags").value(step), [True, step % 2 == 0])
+        np.testing.assert_array_equal(trial.tensor("half").value(step), np.array([1.5, -2.0]) * (step + 1))
+        assert trial.tensor("losses/loss").value(step) == 1.0 / (step + 1)
+        assert trial.tensor("grad").reduction_value(step, "mean") == 1.5 - step
+        assert trial.tensor("hidden").histogram_value(step)[1].sum() == 8
+    assert find_problems(str(FORMAT_2)) == []
+
+
+# ---------------------------------------------------------------- packed tensors (format 3)
+def rewrite_meta(out: Path, change: Callable[[list[Any]], Any]) -> None:
+    """Replace ``/packed/meta`` of the shard by what ``change`` makes of it, with a matching checksum, as a
+    stranger crafting a trial would (:func:`rewrite`)."""
+
+    def edit(f: h5py.File) -> None:
+        meta = change(json.loads(f["packed/meta"][()].tobytes()))
+        raw = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+        del f["packed/meta"]
+        f.create_dataset("packed/meta", data=raw).attrs["crc32"] = np.uint32(crc32(raw))
+
+    rewrite(out, edit)
+
+
+def same_values(got: dict[str, dict[int, np.ndarray]], want: dict[str, dict[int, np.ndarray]]) -> bool:
+    return got.keys() == want.keys() and all(
+        got[n].keys() == want[n].keys() and all(np.array_equal(got[n][s], want[n][s]) for s in want[n]) for n in want
+    )
+
+
+def test_packed_tensors_read_as_grouped_ones_with_and_without_hdf5(tmp_path: Path) -> None:
+    want = {"dense/kernel": {s: kernel(s) for s in range(3)}, "ragged": {s: np.full(s + 1, s, "i2") for s in range(3)}}
+    for packed in (True, False):
+        out = tmp_path / str(packed)
+        write(out, steps=3, pack_bytes=1 << 20 if packed else 0)
+        with h5py.File(out / SHARD, "r") as f:
+            assert ("0" not in f["tensors"]) == packed and "1" in f["tensors"]  # ragged: never packed
+        for located in (True, False):
+            if not located:
+                located_by_hdf5(out)
+            values, warned = read_all(out)
+            assert not warned and same_values(values, want), (packed, located)
+        assert find_problems(str(out)) == []
+
+
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        (lambda m: {"0": m[0]}, "/packed/meta is not a list"),
+        (lambda m: [{**m[0], "id": 2}], "/packed/meta[0] is not an object with the id of a tensor of /names"),
+        (lambda m: [{**m[0], "id": True}], "/packed/meta[0] is not an object with the id"),
+        (lambda m: [m[0], m[0]], "/packed/meta lists tensor 0 twice"),
+        (lambda m: [{**m[0], "dtype": "|b1"}], "dtype '|b1' is not an integer or float type code"),
+        (lambda m: [{**m[0], "dtype": "<c8"}], "dtype '<c8' is not an integer or float type code"),
+        (lambda m: [{**m[0], "dtype": "V48"}], "dtype 'V48' is not an integer or float type code"),
+        (lambda m: [{**m[0], "shape": [-6]}], "shape [-6] is not a list of sizes"),
+        (lambda m: [{**m[0], "shape": [1] * 65}], "is not a list of sizes"),
+        (lambda m: [{**m[0], "rows": [0, 3]}], "its values lie outside /packed (rows [0, 3]"),
+        (lambda m: [{**m[0], "rows": [0]}], "rows [0] is not [first, count]"),
+        (lambda m: [{**m[0], "offset": 8}], "its values lie outside /packed (rows [0, 2], offset 8)"),
+        (lambda m: [{**m[0], "offset": 1 << 62}], "its values lie outside /packed"),
+        (lambda m: [{**m[0], "shape": [1 << 61]}], "its values lie outside /packed"),
+        (lambda m: [{**m[0], "rows": [0, 1]}], "/packed: the tensors' values do not fill its tables one after another"),
+        (lambda m: [{**m[0], "shape": [3]}], "/packed: the tensors' values do not fill its tables one after another"),
+    ],
+    ids=[
+        *("not-a-list", "id-out-of-range", "id-bool", "twice", "bool", "complex", "void", "negative-shape"),
+        *("65-dims", "rows-past-steps", "rows-one", "offset-past-data", "offset-huge", "shape-huge"),
+        *("half-the-rows", "half-the-bytes"),
+    ],
+)
+def test_a_packed_table_that_lies_is_refused_naming_the_shard(
+    change: Callable[[list[Any]], Any], why: str, tmp_path: Path
+) -> None:
+    write(tmp_path, pack_bytes=1 << 20)
+    rewrite_meta(tmp_path, change)
+    refused(tmp_path, why)
+
+
+def test_a_packed_value_that_changed_is_never_returned(tmp_path: Path) -> None:
+    write(tmp_path, pack_bytes=1 << 20)
+    with h5py.File(tmp_path / SHARD, "r") as f:
+        start = int(f["packed/data"].id.get_offset())
+    data = bytearray((tmp_path / SHARD).read_bytes())
+    data[start + 24 + 2] ^= 0x10  # a bit of the value of step 1
+    (tmp_path / SHARD).write_bytes(bytes(data))
+    for located in (True, False):  # where the record says, then through HDF5
+        if not located:
+            located_by_hdf5(tmp_path)
+        with logged_warnings() as warned:
+            trial = tensortap.create_trial(tmp_path)
+            np.testing.assert_array_equal(trial.tensor("dense/kernel").value(0), kernel(0))
+            with pytest.raises(TensorUnavailableForStep, match=SHARD):
+                trial.tensor("dense/kernel").value(1)
+        assert any("of tensor step 1 does not match its checksum" in w for w in warned), warned
+    assert any("does not match its checksum" in p for p in find_problems(str(tmp_path)))
+
+
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        (lambda f: f.__delitem__("packed"), "/packed is missing"),
+        (
+            lambda f: (
+                f.create_dataset("packed/x", data=f.pop("packed/data")[()], chunks=(8,), compression="gzip")
+                and f.move("packed/x", "packed/data")
+            ),
+            "/packed/data is not stored contiguously as its bytes",
+        ),
+        (
+            lambda f: (
+                f.create_dataset("packed/x", data=f.pop("packed/crc32")[()][:1]) and f.move("packed/x", "packed/crc32")
+            ),
+            "/packed/crc32 has 1 checksums for 2 steps",
+        ),
+    ],
+    ids=["no-packed-group", "compressed-data", "one-checksum"],
+)
+def test_a_packed_table_missing_or_stored_otherwise_is_refused(
+    change: Callable[[h5py.File], object], why: str, tmp_path: Path
+) -> None:
+    write(tmp_path, pack_bytes=1 << 20)
+    rewrite(tmp_path, change)
+    refused(tmp_path, why)
+
+
+def test_check_refuses_a_tensor_both_packed_and_in_a_group(tmp_path: Path) -> None:
+    write(tmp_path, pack_bytes=1 << 20)
+    rewrite(tmp_path, lambda f: f["tensors"].create_group("0"))
+    values, _ = read_all(tmp_path)  # readers read the packed values
+    np.testing.assert_array_equal(values["dense/kernel"][1], kernel(1))
+    assert find_problems(str(tmp_path)) == [
+        f"{SHARD}: unreadable shard ({tmp_path / SHARD}: /tensors/0 is not part of the format (not read))"
+    ]
 
 
 # ---------------------------------------------------------------- malformed records

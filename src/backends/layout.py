@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import re
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 """The version this tensortap writes; it reads every version up to this one."""
 # Additions within a version that older readers of it ignore safely (docs/format.md, "Versioning"):
-# 1 adds the index record's ``raw_at`` (where a tensor's values lie in its shard).
-FORMAT_MINOR = 1
+# none yet in version 3 (in version 2, minor 1 added the index record's ``raw_at``).
+FORMAT_MINOR = 0
 
 SHARDS = "shards"
 INDEX = "index"

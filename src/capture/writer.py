@@ -42,7 +42,7 @@ from types import FrameType, TracebackType
 from typing import Any, Literal, TypeVar
 
 from ..backends import layout
-from ..backends.shard import POOL, PreparedShard, ShardBuffer, prepare_shard
+from ..backends.shard import PACK_BYTES, POOL, PreparedShard, ShardBuffer, prepare_shard
 from ..backends.storage import Storage
 from ..config import check_keys
 from ..exceptions import TrialExistsError
@@ -90,6 +90,13 @@ class ShardPolicy:
         for the next one.
     compression
         ``None`` (default), ``"gzip"`` or ``"lzf"``.
+    pack_bytes
+        A tensor whose raw values in a shard take fewer bytes than this (default 256 KiB), of
+        one shape, an integer or float dtype and without histograms, is kept in the shard's
+        shared tables (``/packed``, format 3) rather than in HDF5 objects of its own: laying
+        out a shard of 1,000 small tensors took 0.2 s of CPU with a group each. ``0`` gives
+        every tensor its own group (``/tensors/<id>``), read by path with plain h5py;
+        compressed shards do so anyway. See ``docs/format.md``.
     timeout
         Seconds the training thread waits, at most, for the storage: for the set-up at
         construction, for room in the publishing queue, for one publish at ``flush``/``close``.
@@ -108,6 +115,7 @@ class ShardPolicy:
     max_seconds: float = 2.0
     max_bytes: int = 256 << 20
     compression: str | None = None
+    pack_bytes: int = PACK_BYTES
     timeout: float = 60.0
     live_seconds: float | None = 0.5
 
@@ -125,6 +133,8 @@ class ShardPolicy:
             raise ValueError(f"timeout: expected a number > 0, got {self.timeout!r}")
         if self.compression not in (None, "gzip", "lzf"):
             raise ValueError(f"compression: {self.compression!r} is not valid; valid: None, 'gzip', 'lzf'")
+        if type(self.pack_bytes) is not int or self.pack_bytes < 0:
+            raise ValueError(f"pack_bytes: expected an integer >= 0, got {self.pack_bytes!r}")
 
     @property
     def shard_bytes(self) -> int:
@@ -762,9 +772,9 @@ class TrialWriter:
         os.close(fd)
         try:
             key = layout.shard_key(self.worker, seq)
-            return prepare_shard(
-                tmp, self.worker, seq, buffer, key, self.policy.compression, self.storage.publishes_in_place
-            )
+            policy = self.policy
+            writeback = self.storage.publishes_in_place
+            return prepare_shard(tmp, self.worker, seq, buffer, key, policy.compression, writeback, policy.pack_bytes)
         except BaseException:
             os.unlink(tmp)
             raise
