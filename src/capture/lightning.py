@@ -15,15 +15,17 @@ Steps (see :mod:`tensortap.capture.trainers` for the names):
   (Lightning's own ``on_before_optimizer_step`` runs before clipping, and a step
   pre-hook would run before the closure that computes them). Weights and
   biases are read after the step. ``losses/loss`` is the loss
-  ``training_step`` returned (``losses/loss:<i>`` for each accumulated
-  batch); everything logged with ``self.log`` during the step is saved under
-  the name Lightning's loggers get (``train_loss_step`` when it is also
-  aggregated per epoch). Lightning calls the module's own ``on_train_batch_end``
-  after the callbacks': where the module has one (or a callback of one's own
-  listed after this one), the step ends after them (at the next batch,
-  validation or the epoch's end), so what they log is saved with its step.
+  ``training_step`` returned (with gradient accumulation, ``losses/loss:<i>``
+  for each batch of every step, a step of one batch too); everything logged
+  with ``self.log`` during the step is saved under the name Lightning's
+  loggers get (``train_loss_step`` when it is also aggregated per epoch).
+  Lightning calls the module's own ``on_train_batch_end`` after the
+  callbacks': where the module has one (or a callback of one's own listed
+  after this one), the step ends after them (at the next batch, validation
+  or the epoch's end), so what they log is saved with its step.
 - ``EVAL``: one validation (or test) run: the values logged in it, as
-  Lightning aggregated them (``val_loss``, ``val_acc``). The sanity check run
+  Lightning aggregated them (``val_loss``, ``val_acc``; a name that training
+  logs too has its training values in ``TRAIN`` steps). The sanity check run
   before training is not captured. A ``trainer.validate``/``test`` after
   ``fit`` goes on in the same run.
 - ``GLOBAL``: one per training epoch: the epoch aggregates of values logged in
@@ -39,13 +41,16 @@ every :attr:`Callback.stop_sync_steps` steps).
 from __future__ import annotations
 
 import functools
+import operator
 import os
+import re
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, cast
 
 try:
     import lightning.pytorch as pl
     import torch
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
     from lightning.pytorch.utilities.model_helpers import is_overridden
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError('tensortap.lightning needs PyTorch Lightning: pip install "tensortap[lightning]"') from exc
@@ -59,14 +64,32 @@ from .writer import exception_text, logger
 __all__ = ["Callback", "Hook", "callbacks_from_env"]
 
 
+_DATALOADER_SUFFIX = re.compile(r"/dataloader_idx_\d+$")
+"""What Lightning appends to a name logged in the evaluation of one of several dataloaders."""
+
+
 def _logged(trainer: pl.Trainer) -> dict[str, Any]:
     """What the module logged with ``self.log`` so far, under the names Lightning's loggers get.
 
     A value logged both per step and per epoch appears in ``callback_metrics`` under
-    its plain name too (``train_loss`` beside ``train_loss_step``); that alias is left out.
+    its plain name too (``train_loss`` beside ``train_loss_step``; ``vl/dataloader_idx_0``
+    beside ``vl_step/dataloader_idx_0`` with several evaluation dataloaders); that alias is left out.
     """
     out = {**trainer.callback_metrics, **trainer.logged_metrics}
-    return {k: v for k, v in out.items() if f"{k}_step" not in out and f"{k}_epoch" not in out}
+
+    def alias(key: str) -> bool:
+        match = _DATALOADER_SUFFIX.search(key)
+        base, suffix = (key[: match.start()], match.group()) if match else (key, "")
+        return f"{base}_step{suffix}" in out or f"{base}_epoch{suffix}" in out
+
+    return {k: v for k, v in out.items() if not alias(k)}
+
+
+def _accumulates(trainer: pl.Trainer) -> bool:
+    """Whether ``fit`` accumulates gradients over several batches in some epoch: ``accumulate_grad_batches``,
+    or a ``GradientAccumulationScheduler``, which sets it at each epoch's start."""
+    schedulers = (c for c in getattr(trainer, "callbacks", ()) if isinstance(c, GradientAccumulationScheduler))
+    return trainer.accumulate_grad_batches > 1 or any(s.going_to_accumulate_grad_batches() for s in schedulers)
 
 
 class Callback(pl.Callback):
@@ -102,8 +125,9 @@ class Callback(pl.Callback):
         self._steps: StepCapture | None = None
         self._handles: list[Any] = []
         self._module: pl.LightningModule | None = None
-        self._seen: dict[str, Any] = {}
-        self._owner: dict[str, Mode] = {}
+        self._seen: dict[Mode, dict[str, Any]] = {}  # the last value of each name taken at a step of each mode
+        self._owner: dict[str, Mode] = {}  # TRAIN or GLOBAL: where a name logged in training goes
+        self._run_start: dict[str, Any] = {}  # the values logged before the evaluation run now going on
         self._stepped = False
         self._defer = False  # whether a TRAIN step ends after the batch end hooks that run after this callback's
         self._pending = False  # a TRAIN step that stepped, waiting for those hooks
@@ -127,7 +151,9 @@ class Callback(pl.Callback):
         return callback
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "hook": None, "_steps": None, "_handles": [], "_module": None, "_seen": {}}
+        dropped: dict[str, Any] = {"hook": None, "_steps": None, "_handles": [], "_module": None}
+        dropped |= {"_seen": {}, "_run_start": {}}
+        return {**self.__dict__, **dropped}
 
     # ------------------------------------------------------------- lifetime
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -183,24 +209,35 @@ class Callback(pl.Callback):
             now = _logged(module.trainer)
         except RuntimeError:  # the module is no longer attached to a trainer
             return
-        unsaved = sorted(k for k, v in now.items() if k not in self._seen or not same_logged(v, self._seen[k]))
+        unsaved = sorted(k for k, v in now.items() if not self._taken(k, v, same_logged))
         if unsaved:
             logger.warning(
                 "tensortap: %s logged after the last step that could hold it; not captured: log it in training_step",
                 ", ".join(map(repr, unsaved)),
             )
 
+    def _taken(self, key: str, value: Any, same: Callable[[Any, Any], bool] = operator.is_) -> bool:
+        """Whether ``value`` of ``key`` is the last one taken at a step of some mode (by ``same``)."""
+        return any(key in seen and same(value, seen[key]) for seen in self._seen.values())
+
     def _new_values(self, trainer: pl.Trainer, mode: Mode) -> dict[str, Any]:
         """The values logged at this ``mode`` step since the last look.
 
-        Lightning stores each newly logged value as a new tensor, and keeps the last
-        value of every name; a name belongs to the mode of the first step it was new
-        at, so the last ``val_loss`` is never taken for a ``TRAIN`` value.
+        Lightning stores each newly logged value as a new tensor, and keeps the last value of every
+        name, whichever loop logged it: after a validation, the training loop's last value of a name
+        both log comes back. So a value already taken at a step of any mode is not new. An ``EVAL``
+        step takes what changed during its run (a value logged in training before it, at a batch
+        whose optimizer has not stepped yet, waits for its ``TRAIN`` step); a name logged in training
+        belongs to the mode (``TRAIN`` or ``GLOBAL``) of the first step it was new at.
         """
-        new = {k: v for k, v in _logged(trainer).items() if self._seen.get(k) is not v}
-        mine = {k: v for k, v in new.items() if self._owner.setdefault(k, mode) == mode}
-        self._seen.update(mine)  # a value of another mode waits for that mode's next step
-        return mine
+        now = _logged(trainer)
+        if mode == Mode.EVAL:
+            new = {k: v for k, v in now.items() if v is not self._run_start.get(k)}
+        else:
+            fresh = {k: v for k, v in now.items() if not self._taken(k, v)}
+            new = {k: v for k, v in fresh.items() if self._owner.setdefault(k, mode) == mode}
+        self._seen.setdefault(mode, {}).update(new)  # a value of the other mode waits for that mode's next step
+        return new
 
     def _parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
         if self._module is not None:
@@ -222,7 +259,8 @@ class Callback(pl.Callback):
 
         for optimizer in trainer.optimizers:
             self._handles.append(optimizer.register_step_post_hook(after_step))
-        self._seen = _logged(trainer)
+        self._seen = {Mode.TRAIN: _logged(trainer)}
+        steps.indexed_losses = pl_module.automatic_optimization and _accumulates(trainer)
         self._defer = self._logs_after_me(trainer, pl_module)
         # resumed from a checkpoint (ckpt_path=): number on from where it was, as Lightning does; the TRAIN
         # steps at the first batch, for Lightning counts the step saved in a mid-epoch checkpoint (one taken at
@@ -336,6 +374,11 @@ class Callback(pl.Callback):
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """End a ``TRAIN`` step left open for later batch end hooks: validation logs ``EVAL`` values."""
         self._end_pending(trainer)
+        self._run_start = _logged(trainer)
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Note what was logged before the test run: its ``EVAL`` step holds what it logs."""
+        self._run_start = _logged(trainer)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Write the validation run's aggregated values as one ``EVAL`` step."""

@@ -12,8 +12,11 @@ with :class:`tensortap.torch.TorchOps` reducing on the device) through a
   logged during training.
 
 Naming (SPEC section 2): parameters by ``named_parameters()`` (``fc1.weight`` in
-``weights``, ``fc1.bias`` in ``biases``), ``gradients/<param>``, the training
-loss ``losses/loss``, a logged value whose key contains ``loss`` is
+``weights``, ``fc1.bias`` in ``biases``; those of a submodule compiled with
+``torch.compile`` without ``_orig_mod.``, as :func:`tensortap.capture.torch.events.parameter_name` gives them),
+``gradients/<param>``, the training loss ``losses/loss`` (``losses/loss:<i>`` for
+each batch of a step, at every step, where the trainer accumulates gradients:
+:attr:`StepCapture.indexed_losses`), a logged value whose key contains ``loss`` is
 ``losses/<key>``, every other logged number ``metrics/<key>``.
 """
 
@@ -30,7 +33,7 @@ from ..config import SaveConfig
 from ..modes import Mode
 from . import core
 from .torch import TorchOps
-from .torch.events import parameter_collection
+from .torch.events import parameter_collection, parameter_name
 from .writer import logger
 
 
@@ -135,11 +138,21 @@ class StepCapture:
     :meth:`end_train`; values can be added between (:meth:`offer_gradients`,
     :meth:`add_loss`, :meth:`offer_logged`). ``EVAL`` and ``GLOBAL`` steps are
     written whole by :meth:`write_step`.
+
+    Attributes
+    ----------
+    indexed_losses
+        Whether the training accumulates gradients over several batches per step: then each
+        step's losses are ``losses/loss:0``, ``losses/loss:1``, ..., also in a step of one batch
+        (an epoch's last window, when its batches do not divide evenly), so that one name holds
+        the same batch of every step. Otherwise a step of one loss saves it as ``losses/loss``
+        (several, as a manual optimization stepping every few batches gives: ``:<i>`` too).
     """
 
     def __init__(self, hook: Hook) -> None:
         self.hook = hook
         self.train_open = False
+        self.indexed_losses = False
         self._losses: list[Any] = []
         self._names: set[str] = set()
         self._warned: set[str] = set()
@@ -202,9 +215,12 @@ class StepCapture:
         return True
 
     def offer_gradients(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Offer ``p.grad`` of each ``(name, p)`` that has a gradient, as ``gradients/<name>``."""
+        """Offer ``p.grad`` of each ``(name, p)`` that has a gradient, as ``gradients/<name>``
+        (:func:`parameter_name` of a ``named_parameters()`` name)."""
         if self.hook.is_saving("gradients"):
-            self.offer_many((f"gradients/{name}", p.grad, "gradients") for name, p in named if p.grad is not None)
+            self.offer_many(
+                (f"gradients/{parameter_name(name)}", p.grad, "gradients") for name, p in named if p.grad is not None
+            )
 
     def add_loss(self, loss: Any) -> None:
         """Keep one training-step loss of the open step (several with gradient accumulation)."""
@@ -226,7 +242,7 @@ class StepCapture:
         self.train_open = False
         hook = self.hook
         if hook.is_saving("losses"):
-            if len(self._losses) == 1:
+            if len(self._losses) == 1 and not self.indexed_losses:
                 self.offer("losses/loss", self._losses[0], "losses")
             else:
                 for i, loss in enumerate(self._losses):
@@ -236,8 +252,10 @@ class StepCapture:
         hook.end_step()
 
     def offer_parameters(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Offer each ``(name, p)`` in ``weights`` or ``biases`` (:func:`parameter_collection`), as it is now."""
+        """Offer each ``(name, p)`` in ``weights`` or ``biases`` (:func:`parameter_collection`), as it is now,
+        under :func:`parameter_name` of its ``named_parameters()`` name."""
         if self.hook.is_saving("weights") or self.hook.is_saving("biases"):
+            named = ((parameter_name(name), p) for name, p in named)
             self.offer_many((name, p, parameter_collection(name)) for name, p in named)
 
     def drop_train(self, why: BaseException) -> None:

@@ -621,6 +621,32 @@ def test_compiled_module_warns_at_registration(tmp_path: Path) -> None:
     assert compiled.fc1 is not None
 
 
+def test_a_compiled_submodule_is_named_as_the_module_inside(tmp_path: Path) -> None:
+    """``model.fc1 = torch.compile(model.fc1)`` gave ``fc1._orig_mod.weight``: a model compiled whole is named
+    without ``_orig_mod.``, and so is one compiled part by part (as the Lightning and Transformers adapters)."""
+    torch.manual_seed(0)
+    model = MLP()
+    plain = [n for n, _ in model.named_parameters()]
+    model.fc1 = torch.compile(model.fc1)  # type: ignore[assignment]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(1)
+    applied = []
+    with ttt.capture(model, tmp_path, optimizer=opt, save_config=EVERY_STEP):
+        for _ in range(2):
+            x, y = MLP.data(gen)
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            applied.append({n.replace("_orig_mod.", ""): p.grad.clone() for n, p in model.named_parameters()})
+            opt.step()
+    trial = _trial(tmp_path)
+    assert sorted(trial.tensor_names(collection="weights") + trial.tensor_names(collection="biases")) == sorted(plain)
+    for step, grads in enumerate(applied):
+        for name, grad in grads.items():
+            np.testing.assert_array_equal(trial.tensor(f"gradients/{name}").value(step), grad.numpy())
+    for raw, p in model.named_parameters():
+        np.testing.assert_array_equal(trial.tensor(raw.replace("_orig_mod.", "")).value(1), p.detach().numpy())
+
+
 def test_from_json_builds_a_torch_hook(tmp_path: Path) -> None:
     cfg = tmp_path / "cfg.json"
     cfg.write_text('{"save_config": {"save_interval": 2}, "include_collections": ["weights"], "raise_on_stop": true}')

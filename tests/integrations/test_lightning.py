@@ -242,6 +242,143 @@ def test_manual_optimization_stepping_every_few_batches_across_epochs(
     assert caplog.text.count("the last 1 training batch(es) had no optimizer step after them") == 1
 
 
+def test_a_one_batch_window_with_accumulation_keeps_the_indexed_loss_names(tmp_path: Path) -> None:
+    """``accumulate_grad_batches=3`` over 4 batches: the epoch's last window holds 1 batch. Its loss was saved as
+    ``losses/loss`` beside the full windows' ``losses/loss:0``/``:1``/``:2``: one training, two names for a batch's
+    loss (``losses/loss:0`` missed the window, ``losses/loss`` held only it)."""
+    torch.manual_seed(0)
+    model = Regressor()
+    trainer = L.Trainer(
+        max_epochs=2,
+        accumulate_grad_batches=3,
+        limit_val_batches=0,
+        callbacks=[ttl.Callback(tmp_path, save_config=EVERY_STEP)],
+        **TRAINER,
+    )
+    trainer.fit(model, loader(32, 0))
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.steps(mode=Mode.TRAIN) == list(range(trainer.global_step)) == [0, 1, 2, 3]
+    losses = sorted(n for n in trial.tensor_names(collection="losses") if n.startswith("losses/loss"))
+    assert losses == ["losses/loss:0", "losses/loss:1", "losses/loss:2"]
+    windows = [[0, 1, 2], [3], [4, 5, 6], [7]]  # the batches of each optimizer step, 4 an epoch
+    first = trial.tensor("losses/loss:0").values(mode=Mode.TRAIN)
+    np.testing.assert_allclose([first[s] for s in range(4)], [model.losses[w[0]] for w in windows], rtol=1e-6)
+    for step, window in enumerate(windows):
+        got = [float(trial.tensor(f"losses/loss:{i}").value(step, mode=Mode.TRAIN)) for i in range(len(window))]
+        np.testing.assert_allclose(got, [model.losses[i] for i in window], rtol=1e-6)
+    assert trial.tensor("losses/loss:1").steps(mode=Mode.TRAIN) == [0, 2]
+
+
+class SharedName(Regressor):
+    """Logs ``acc`` in ``training_step`` (every other batch) and in ``validation_step`` (+100, to tell them apart)."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        x, y = batch
+        loss = torch.nn.functional.mse_loss(self.net(x), y)
+        if batch_idx % 2 == 0:
+            self.log("acc", (self.net(x) - y).abs().mean().detach())
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("acc", (self.net(x) - y).abs().mean() + 100)
+
+
+def test_a_name_logged_in_training_and_validation_is_saved_at_both_modes_steps(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The validation values of ``acc`` were dropped (the name belonged to ``TRAIN``, where it was first logged)
+    and the last one was named at the end in a warning that told to log it in ``training_step``."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    torch.manual_seed(0)
+    model = SharedName()
+    options = {**TRAINER, "logger": CSVLogger(tmp_path / "csv", name="run"), "log_every_n_steps": 1}
+    callback = ttl.Callback(tmp_path / "trial", save_config=EVERY_STEP)
+    trainer = L.Trainer(max_epochs=2, val_check_interval=3, num_sanity_val_steps=0, callbacks=[callback], **options)
+    trainer.fit(model, loader(48, 0), loader(16, 1))  # 6 batches an epoch, validation after the 3rd and the 6th
+
+    table = np.genfromtxt(next((tmp_path / "csv").rglob("metrics.csv")), delimiter=",", names=True)
+    rows = [r for r in table if not np.isnan(r["acc"])]  # not the rows of epoch_marker
+    assert len(rows) == 16
+    logged_train = {int(r["step"]): float(r["acc"]) for r in rows if r["acc"] < 100}
+    logged_val = [float(r["acc"]) for r in rows if r["acc"] >= 100]
+    trial = tensortap.create_trial(tmp_path / "trial")
+    assert trial.steps(mode=Mode.EVAL) == [0, 1, 2, 3]
+    acc = trial.tensor("metrics/acc")
+    np.testing.assert_allclose([acc.value(s, mode=Mode.EVAL) for s in range(4)], logged_val, rtol=1e-6)
+    got = {s: float(v) for s, v in acc.values(mode=Mode.TRAIN).items()}
+    assert got.keys() == logged_train.keys() == set(range(trainer.global_step))
+    np.testing.assert_allclose([got[s] for s in sorted(got)], [logged_train[s] for s in sorted(got)], rtol=1e-6)
+    np.testing.assert_allclose(acc.value(3, mode=Mode.EVAL), float(trainer.callback_metrics["acc"]), rtol=1e-6)
+    assert "logged after the last step" not in caplog.text
+
+
+class TrailingLog(ManualAccumulation):
+    """Logs ``tail`` at every batch: the epoch's last, after which no optimizer steps, too."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        self.log("tail", float(batch_idx))
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_value_logged_after_the_last_step_is_named_in_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A value no step holds (logged at a batch after the last optimizer step) is still named at the end."""
+    model = TrailingLog(every=2)
+    trainer = L.Trainer(max_epochs=1, callbacks=[ttl.Callback(tmp_path, save_config=EVERY_STEP)], **TRAINER)
+    trainer.fit(model, loader(40, 0))
+    assert float(trainer.callback_metrics["tail"]) == 4.0
+    tail = tensortap.create_trial(tmp_path).tensor("metrics/tail")
+    assert {s: float(v) for s, v in tail.values(mode=Mode.TRAIN).items()} == {0: 1.0, 1: 3.0}
+    assert tail.steps(mode=Mode.GLOBAL) == []
+    assert "'tail' logged after the last step that could hold it" in caplog.text
+
+
+class TwoValidationLoaders(Regressor):
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        x, y = batch
+        self.log("vl", torch.nn.functional.mse_loss(self.net(x), y), on_step=True, on_epoch=True)
+
+
+def test_several_validation_dataloaders_save_only_the_names_loggers_get(tmp_path: Path) -> None:
+    """``vl/dataloader_idx_0``, Lightning's alias of ``vl_epoch/dataloader_idx_0``, was saved beside it."""
+    torch.manual_seed(0)
+    model = TwoValidationLoaders()
+    trainer = L.Trainer(max_epochs=1, callbacks=[ttl.Callback(tmp_path, save_config=EVERY_STEP)], **TRAINER)
+    trainer.fit(model, loader(16, 0), [loader(16, 1), loader(16, 2)])
+    assert "vl/dataloader_idx_0" in trainer.callback_metrics  # the alias, which loggers do not get
+    trial = tensortap.create_trial(tmp_path)
+    names = [n for n in trial.tensor_names() if n.startswith("metrics/vl")]
+    assert names == sorted(f"metrics/vl_{k}/dataloader_idx_{i}" for k in ("epoch", "step") for i in (0, 1))
+    for i in (0, 1):
+        key = f"vl_epoch/dataloader_idx_{i}"
+        got = trial.tensor(f"metrics/{key}").value(0, mode=Mode.EVAL)
+        np.testing.assert_allclose(got, float(trainer.logged_metrics[key]), rtol=1e-6)
+
+
+def test_a_compiled_submodule_is_named_as_uncompiled(tmp_path: Path) -> None:
+    """``model.net = torch.compile(model.net)`` gave ``net._orig_mod.0.weight``; the PyTorch hook names compiled
+    modules as the module inside, and so does a whole model compiled."""
+    torch.manual_seed(0)
+    model = Regressor()
+    plain = [n for n, _ in model.named_parameters()]
+    model.net = torch.compile(model.net)
+    trainer = L.Trainer(max_epochs=1, callbacks=[ttl.Callback(tmp_path, save_config=EVERY_STEP)], **TRAINER)
+    trainer.fit(model, loader(16, 0), loader(8, 1))
+    trial = tensortap.create_trial(tmp_path)
+    assert sorted(trial.tensor_names(collection="weights") + trial.tensor_names(collection="biases")) == sorted(plain)
+    assert sorted(trial.tensor_names(collection="gradients")) == sorted(f"gradients/{n}" for n in plain)
+    for step, applied in enumerate(model.applied):
+        for raw, grad in applied.items():
+            name = raw.replace("_orig_mod.", "")
+            np.testing.assert_array_equal(trial.tensor(f"gradients/{name}").value(step, mode=Mode.TRAIN), grad)
+    for raw, p in model.named_parameters():
+        name = raw.replace("_orig_mod.", "")
+        np.testing.assert_array_equal(trial.tensor(name).value(1, mode=Mode.TRAIN), p.detach().numpy())
+
+
 def test_in_process_rule_stops_fit(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = Regressor(lr=50.0)  # diverges to NaN within a few steps

@@ -158,6 +158,27 @@ def unwrap(module: nn.Module) -> nn.Module:
             return module
 
 
+def parameter_name(name: str) -> str:
+    """A ``named_parameters()`` or ``named_modules()`` name as tensortap saves it: without the
+    ``_orig_mod`` part of each submodule compiled with ``torch.compile`` (``net._orig_mod.weight`` of
+    ``model.net = torch.compile(model.net)`` is ``net.weight``), so that a model compiled part by part
+    has the names of the model uncompiled, as one compiled whole has (:func:`unwrap`).
+
+    Parameters
+    ----------
+    name
+        A dotted name.
+
+    Returns
+    -------
+    str
+        ``name`` without its ``_orig_mod`` parts.
+    """
+    if "_orig_mod" not in name:
+        return name
+    return ".".join(part for part in name.split(".") if part != "_orig_mod")
+
+
 def _inner_optimizer(optimizer: Any, where: str) -> torch.optim.Optimizer:
     """The torch optimizer that runs step hooks, inside the wrappers training frameworks hand out.
 
@@ -583,7 +604,8 @@ class Hook(core.Hook):
         self._param_ids.clear()
         self._graph_ids.clear()
         for root in self._roots:
-            for pname, found in root.module.named_parameters():
+            for raw, found in root.module.named_parameters():
+                pname = parameter_name(raw)
                 # in a torch.func transform, a wrapper that lives in it: the parameter it stands for
                 p = before.get(root.prefix + pname) if _is_wrapped(found) else found
                 if p is not None and id(p) not in self._param_ids:  # else shared with a module registered before
@@ -593,14 +615,17 @@ class Hook(core.Hook):
                     self._graph_ids[id(node)] = node
             if self.session.may_save("outputs", "inputs"):  # no hook at all otherwise: PyTorch's dispatch costs too
                 root.names.clear()
-                for sub_name, sub in root.module.named_modules():
-                    if not sub_name:  # the root: its outputs are taken by _on_root_post
+                for raw, sub in root.module.named_modules():
+                    # the root: its outputs are taken by _on_root_post; a compiled submodule's own module: by the
+                    # compiled wrapper's hooks, under the same name
+                    if not raw or raw.rsplit(".", 1)[-1] == "_orig_mod":
                         continue
+                    sub_name = parameter_name(raw)
                     root.names[sub] = root.prefix + sub_name
                     if sub not in root.hooked:
                         root.hooked[sub] = root.prefix + sub_name
                         # a frame for the root, one a level down to this one, and the hook's own at the last
-                        root.frames = max(root.frames, 1 + sub_name.count(".") + 1 + _HOOK_FRAMES)
+                        root.frames = max(root.frames, 1 + raw.count(".") + 1 + _HOOK_FRAMES)
                         tap = patches.Tap(self, Hook._on_io, root)
                         self._handles.append(patches.on_forward(sub, tap, with_kwargs=True))
         if not self._optimizers and self.session.may_save("gradients"):
@@ -728,7 +753,9 @@ class Hook(core.Hook):
         ones, the deepest submodule holding them all (``actor``; ``D.actor`` in a module registered as ``D``)."""
         ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
         for root in self._roots:
-            trainable = [(name, id(p) in ids) for name, p in root.module.named_parameters() if p.requires_grad]
+            trainable = [
+                (parameter_name(name), id(p) in ids) for name, p in root.module.named_parameters() if p.requires_grad
+            ]
             updated = [name for name, mine in trainable if mine]
             if not updated:
                 continue
