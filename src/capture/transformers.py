@@ -157,6 +157,7 @@ class Callback(TrainerCallback):
         self._held_logs: list[dict[str, Any]] = []
         self._logs: list[dict[str, Any]] = []
         self._warned_twice: set[str] = set()  # keys logged twice in a step, warned about
+        self._warned_unsaved = False  # logs of a TRAIN step the hook does not save, warned about
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "hook": None, "_steps": None, "_previous": None}
@@ -383,6 +384,15 @@ class Callback(TrainerCallback):
         if self._pending:  # logged right after the step: they belong to it; its weights are offered
             if steps.hook.is_saving():
                 steps.offer_logged(logs)
+            elif logs and not self._warned_unsaved:
+                self._warned_unsaved = True
+                logger.warning(
+                    "tensortap: the Trainer logged %s after TRAIN step %d, which the hook's save_config does not "
+                    "save: not captured, nor at its other unsaved steps (give the logs their own save_config: "
+                    'collection_configs={"losses": {"save_config": SaveConfig(save_interval=1)}, "metrics": ...})',
+                    ", ".join(map(repr, sorted(logs))),
+                    steps.hook.mode_steps.get(Mode.TRAIN, -1),
+                )
             logs = {}
             self._pending = False
             steps.hook.end_at_exit = None

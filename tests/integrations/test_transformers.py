@@ -169,6 +169,27 @@ def test_the_default_saves_every_value_the_trainer_logs_at_its_step(tmp_path: Pa
     assert trial.tensor("classifier.weight").steps(mode=Mode.TRAIN) == [0]
 
 
+def test_logs_a_save_config_of_ones_own_leaves_out_are_named_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``logging_steps=2`` and ``save_interval=5``: the Trainer logs after TRAIN steps 1, 3, 5, 7, 9 and the
+    hook saves step 5 only; the four others were left out without a word (session 49's hunt 19, F3)."""
+    out = tmp_path / "trial"
+    trainer = transformers.Trainer(
+        model=tiny_bert(),
+        args=arguments(tmp_path, max_steps=10, logging_steps=2),
+        train_dataset=Rows(32, 0),
+        callbacks=[tth.Callback(out, save_config=SaveConfig(save_interval=5))],
+    )
+    trainer.train()
+    logged = {h["step"] - 1: h["loss"] for h in trainer.state.log_history if "loss" in h}
+    saved = tensortap.create_trial(out).tensor("losses/loss").values(mode=Mode.TRAIN)
+    assert sorted(logged) == [1, 3, 5, 7, 9] and sorted(saved) == [5]
+    np.testing.assert_allclose(saved[5], logged[5])
+    warned = [r.getMessage() for r in caplog.records if "which the hook's save_config does not save" in r.getMessage()]
+    assert len(warned) == 1 and "'loss'" in warned[0] and "TRAIN step 1," in warned[0], warned
+
+
 def test_the_default_saves_every_predict_call(tmp_path: Path) -> None:
     """PREDICT steps had the every-100th default: the metrics of every predict() after the first were dropped."""
     out = tmp_path / "trial"
