@@ -58,6 +58,7 @@ EXTRAS = {
     "pandas": "notebook",
     "matplotlib": "notebook",
     "tqdm": "notebook",
+    "pyarrow": "notebook",  # Parquet export
     "torch": "torch",
     "keras": "keras",
     "tensorflow": "keras-tf",
@@ -695,7 +696,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _UsageExit as exc:
         if _wants_json(argv):
             command = next((a for a in argv if a in parser_commands(parser)), None)
-            print_json(error_json(command, exc.message, "usage"))
+            _print_error_json(command, exc.message, "usage")
         raise
     with logging_to_stderr(args.verbose or 0, args.quiet):
         return _run(args)
@@ -706,13 +707,25 @@ def parser_commands(parser: argparse.ArgumentParser) -> list[str]:
     return [name for a in parser._actions if isinstance(a, argparse._SubParsersAction) for name in a.choices]
 
 
+def _print_error_json(command: str | None, message: str, kind: str) -> None:
+    """Print :func:`error_json` on stdout, unless stdout cannot be written (the error may be that very
+    write: a full disk, ``> /dev/full``, a closed pipe): then nothing more, and stdout is sent to
+    /dev/null so that the interpreter's last flush does not fail again (a second traceback, exit 1)."""
+    try:
+        print_json(error_json(command, message, kind))
+        sys.stdout.flush()
+    except OSError:  # BrokenPipeError too: the stderr line said what went wrong
+        _stdout_gone()
+
+
 def _fail(args: argparse.Namespace, exc: BaseException, message: str, kind: str | None = None) -> int:
-    """Report an error (one line on stderr; with ``--json`` also :func:`error_json` on stdout); exit 2."""
+    """Report an error (one line on stderr; with ``--json`` also :func:`error_json` on stdout, where it can
+    still be written); exit 2."""
     print(f"tensortap {args.command}: {printable(message, message=True)}", file=sys.stderr)
     if getattr(args, "json", False):
         if kind is None:
             kind = next((k for cls, k in ERROR_KINDS if isinstance(exc, cls)), "input")
-        print_json(error_json(args.command, message, kind))
+        _print_error_json(args.command, message, kind)
     return EXIT_USAGE
 
 

@@ -233,6 +233,11 @@ def build_rules(specs: Sequence[str], trial: Any) -> list[Rule]:
 def run(args: argparse.Namespace) -> int:
     """Run the ``rules`` subcommand; return the exit status."""
     if args.list:
+        if ignored := [what for what, given in (("PATH", args.path), ("--rule", args.rule)) if given]:
+            logger.warning(
+                "tensortap rules: --list lists the built-in rules and reads no trial: %s ignored",
+                " and ".join(ignored),
+            )
         return _list(args.json)
     if not args.path:
         raise UsageError("PATH is required (or use --list)")

@@ -17,7 +17,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         description=(
             "Read the event, index and collection files smdebug wrote and write the same tensors as a "
             "tensortap trial (names mapped as docs/migrating-from-smdebug.md says). "
-            "Exit status: 0 imported, 2 no smdebug trial, a malformed file, or OUT_DIR not empty."
+            "Exit status: 0 imported, 2 no smdebug trial, a malformed file, or OUT_DIR not empty, a file or "
+            "not writable."
         ),
     )
     p.add_argument("smdebug_trial", metavar="SMDEBUG_TRIAL", help="smdebug trial directory or URL (s3://...)")

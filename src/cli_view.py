@@ -3,7 +3,7 @@
 ::
 
     tensortap export PATH [-o out.csv|out.parquet] [--reduction mean ...] [--collection C]
-    tensortap export tensorboard PATH LOGDIR [--reduction mean ...]
+    tensortap export tensorboard PATH LOGDIR [--reduction mean ...] [--collection C]
     tensortap plot RUN [RUN ...] [NAME ...] [--regex R] [--reduction R] [--mode M] [--x step] [-o plot.png]
     tensortap report PATH [-o report.html]
 """
@@ -45,13 +45,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     targets = list(args.path)
     if targets[0] == "tensorboard" and len(targets) == 3:
         path, logdir = targets[1:]
-        counts = export_tensorboard(_trial(args, path), logdir, reductions=args.reduction or None)
+        if args.output is not None:
+            raise UsageError(
+                f"-o/--output is for tables (CSV, Parquet); `export tensorboard` writes into LOGDIR ({logdir})"
+            )
+        trial = _trial(args, path)
+        counts = export_tensorboard(trial, logdir, reductions=args.reduction or None, collection=args.collection)
         text = f"wrote {counts['scalars']} scalars and {counts['histograms']} histograms to {logdir}"
         return _wrote(args, {"path": path, "logdir": logdir, **counts}, text)
     if len(targets) != 1:
         raise UsageError("expected PATH, or `tensorboard PATH LOGDIR`")
     trial = _trial(args, targets[0])
     reductions = args.reduction or None
+    args.output = "-" if args.output is None else args.output
     if args.output == "-" and args.json:
         df = trial.to_pandas(collection=args.collection, reductions=reductions, exact_ints=True)
         print_json({"path": targets[0], "row_count": len(df), "rows": df.to_dict(orient="records")})
@@ -125,7 +131,7 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
         description="tensortap export PATH [-o out.csv|out.parquet]  |  tensortap export tensorboard PATH LOGDIR",
     )
     add_trial_arguments(p, path_nargs="+")
-    p.add_argument("--collection", help="only this collection")
+    p.add_argument("--collection", help="only the tensors of this collection (both forms)")
     p.add_argument(
         "--reduction",
         action="append",
@@ -133,7 +139,12 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="KEY",
         help="export this reduction of every tensor, saved or computed from raw (repeatable: mean, abs_max, l2, ...)",
     )
-    p.add_argument("-o", "--output", default="-", help="file.csv or file.parquet (default: CSV on standard output)")
+    p.add_argument(
+        "-o",
+        "--output",
+        help="file.csv or file.parquet (default: CSV on standard output); not with `export tensorboard`, "
+        "which writes into LOGDIR",
+    )
     add_json_argument(p)
     p.set_defaults(func=cmd_export)
     return p

@@ -468,6 +468,19 @@ def test_a_missing_optional_dependency_says_what_to_install(trial_dir: Path, tmp
     assert 'export: this needs pandas, which is not installed: pip install "tensortap[notebook]"' in err
 
 
+def test_a_parquet_export_without_pyarrow_says_which_extra_installs_it(trial_dir: Path, tmp_path: Path) -> None:
+    """pandas' own error (no extra named, its newlines shown as ``\\n``) was printed; no extra held pyarrow."""
+    fake = tmp_path / "nopyarrow" / "pyarrow"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'pyarrow'\", name='pyarrow')\n")
+    env = {"PYTHONPATH": os.pathsep.join([str(fake.parent), os.environ.get("PYTHONPATH", "")])}
+    err = user_error(cli("export", str(trial_dir), "-o", str(tmp_path / "t.parquet"), env=env))
+    assert err == 'tensortap export: this needs pyarrow, which is not installed: pip install "tensortap[notebook]"\n'
+    assert not (tmp_path / "t.parquet").exists()
+    result = cli("export", str(trial_dir), "-o", str(tmp_path / "t.parquet"))  # the real pyarrow
+    assert result.returncode == 0 and (tmp_path / "t.parquet").exists(), result.stderr
+
+
 # -------------------------------------------------- entry points, verbosity
 def test_python_m_tensortap_and_version(trial_dir: Path) -> None:
     result = cli("--version", module="tensortap")
@@ -785,3 +798,70 @@ def test_a_json_command_that_fails_prints_one_error_object(
     assert (error["command"], error["kind"]) == (args[0], kind)
     assert message in error["message"] and message in result.stderr
     assert not (tmp_path / "report.html").exists()
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["check", "{run}", "--json"],
+        ["rules", "{run}", "--rule", "loss_not_decreasing", "--json"],
+        ["show", "{run}", "losses/loss", "--json"],
+        ["show", "{run}", "no/such", "--json"],  # an error first, then its JSON object cannot be written
+        ["ls", "{run}", "--json"],
+        ["ls", "{run}"],
+    ],
+)
+def test_a_stdout_that_cannot_be_written_is_an_error_of_one_line(trial_dir: Path, args: list[str]) -> None:
+    """``--json`` to a full disk (``> /dev/full``) printed two tracebacks (the error object was written to the
+    stdout that had just failed) and exited 1, which ``check`` and ``rules`` use for "problems found"."""
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(
+            [sys.executable, "-m", "tensortap.cli", *[a.format(run=trial_dir) for a in args]],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr, result.stderr
+    (line,) = result.stderr.splitlines()
+    expected = "no tensor named 'no/such'" if "no/such" in args else "[Errno 28] No space left on device"
+    assert line.startswith(f"tensortap {args[0]}: ") and expected in line, line
+
+
+def test_export_tensorboard_takes_collection_and_refuses_output(trial_dir: Path, tmp_path: Path) -> None:
+    """``--collection`` was ignored by ``export tensorboard`` (every tensor written) and ``-o`` too (no file)."""
+    pytest.importorskip("tensorboardX")
+    ea_mod = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+
+    def tags(logdir: Path) -> dict[str, list[str]]:
+        events = ea_mod.EventAccumulator(str(logdir / "train"), size_guidance={"scalars": 0, "histograms": 0})
+        events.Reload()
+        return {kind: sorted(events.Tags()[kind]) for kind in ("scalars", "histograms")}
+
+    result = cli("export", "tensorboard", str(trial_dir), str(tmp_path / "losses"), "--collection", "losses", "--json")
+    assert result.returncode == 0, result.stderr
+    assert strict_json(result.stdout) == {
+        "path": str(trial_dir),
+        "logdir": str(tmp_path / "losses"),
+        "scalars": 3,
+        "histograms": 0,
+    }
+    assert tags(tmp_path / "losses") == {"scalars": ["losses/loss"], "histograms": []}
+    err = user_error(cli("export", "tensorboard", str(trial_dir), str(tmp_path / "no"), "--collection", "nosuch"))
+    assert "no collection 'nosuch'" in err and not (tmp_path / "no").exists()
+    err = user_error(cli("export", "tensorboard", str(trial_dir), str(tmp_path / "tb"), "-o", str(tmp_path / "x.csv")))
+    assert err == (
+        "tensortap export: -o/--output is for tables (CSV, Parquet); `export tensorboard` writes into LOGDIR "
+        f"({tmp_path / 'tb'})\n"
+    )
+    assert not (tmp_path / "tb").exists() and not (tmp_path / "x.csv").exists()
+
+
+def test_rules_list_says_that_it_ignores_a_path(trial_dir: Path) -> None:
+    """``rules PATH --list`` listed the built-in rules and ignored PATH without a word."""
+    result = cli("rules", str(trial_dir), "--list", "--json")
+    assert result.returncode == 0 and strict_json(result.stdout)[0]["name"]
+    assert result.stderr == ("tensortap rules: --list lists the built-in rules and reads no trial: PATH ignored\n")
+    assert cli("rules", "--list").stderr == ""

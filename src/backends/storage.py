@@ -421,6 +421,41 @@ def drop_cached_pages(fd: int) -> None:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (``/proc/self/status``, so that
+    no file another thread makes meanwhile gets a wrong mode); elsewhere set and set back at once."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def _umask_mode(fd: int) -> None:
+    """Give the open file ``fd`` the mode that ``open()`` gives a new file, ``0o666`` less the umask
+    (``0o644`` under the usual ``022``), so that whoever may read the trial's folders may read its files.
+
+    The files of a trial are made by :func:`tempfile.mkstemp` (then renamed into place, see
+    :meth:`LocalStorage.publish_file`), which makes them ``0o600`` whatever the umask: another user, or
+    a container of another uid on a shared volume, could list a trial but not read it. A filesystem that
+    refuses modes (some network or FAT mounts) keeps its own: the file is written all the same.
+    """
+    if hasattr(os, "fchmod"):  # not on Windows before Python 3.13, whose files have no such mode
+        with contextlib.suppress(OSError):
+            os.fchmod(fd, 0o666 & ~_umask())
+
+
+def _temporary_file(dest: Path) -> tuple[int, str]:
+    """A new temporary file beside ``dest`` (hidden: ``.NAME.*.tmp``), open for writing, with the mode of
+    :func:`_umask_mode`: its descriptor and path."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    _umask_mode(fd)
+    return fd, tmp
+
+
 def _not_a_file(path: str, mode: int) -> str:
     """What ``path``, of ``st_mode`` ``mode`` and no regular file, is: the end of a sentence naming it."""
     if stat.S_ISDIR(mode):
@@ -582,7 +617,7 @@ class LocalStorage(Storage):
 
     def _atomic(self, key: str, write: Callable[[IO[bytes]], Any]) -> None:
         dest = self._in_folders(key)
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+        fd, tmp = _temporary_file(dest)
         try:
             with os.fdopen(fd, "wb") as f:
                 write(f)
@@ -600,6 +635,7 @@ class LocalStorage(Storage):
         dest = self._in_folders(key)
         if Path(local_path).parent == dest.parent:  # the writer stages next to the destination: rename
             with open(local_path, "rb+") as f:
+                _umask_mode(f.fileno())  # made by tempfile.mkstemp (mode 0600), like the files of _atomic
                 os.fsync(f.fileno())
                 drop_cached_pages(f.fileno())
             os.replace(local_path, dest)
@@ -617,7 +653,7 @@ class LocalStorage(Storage):
     def create_json(self, key: str, obj: Any) -> bool:
         """Exclusive: the finished file is hard-linked to ``key``, which fails if ``key`` exists."""
         dest = self._in_folders(key)
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+        fd, tmp = _temporary_file(dest)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(_json_bytes(obj))

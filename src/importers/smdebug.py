@@ -32,6 +32,7 @@ dropped: they are not collections of tensors); a tensor in none of them is in
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -580,6 +581,31 @@ def _ranks(workers: Sequence[str]) -> dict[str, int]:
     return ranks
 
 
+@contextlib.contextmanager
+def _write_errors(out_dir: str | os.PathLike[str]) -> Iterator[None]:
+    """Raise an OSError that the writer (``strict=True``) wrapped in a RuntimeError as an OSError again,
+    naming ``out_dir``: a folder that cannot be made or written is a bad argument (the command's exit 2,
+    ``--json`` kind ``input``), not an unexpected error.
+
+    Raises
+    ------
+    OSError
+        ``cannot write the trial at OUT_DIR: [Errno N] ...``, of the same class as the writer's.
+    """
+    try:
+        yield
+    except RuntimeError as exc:
+        cause = exc.__cause__
+        if not isinstance(cause, OSError):
+            raise
+        message = f"cannot write the trial at {os.fspath(out_dir)}: {cause}"
+        try:
+            error = type(cause)(message)
+        except TypeError:  # a subclass of a plugin's whose constructor takes other arguments
+            error = OSError(message)
+        raise error from cause
+
+
 def import_smdebug(
     trial: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
@@ -606,7 +632,9 @@ def import_smdebug(
     SmdebugFormatError
         A file is not what smdebug writes (nothing is written for it; files before it are).
     ValueError
-        ``out_dir`` already holds files.
+        ``out_dir`` already holds files, or is a file.
+    OSError
+        ``out_dir`` cannot be made or written (a folder on its way is a file, no permission, a full disk).
     """
     fs, root = fsspec.core.url_to_fs(os.fspath(trial), **dict(storage_options or {}))
     root = root.rstrip("/")
@@ -618,6 +646,8 @@ def import_smdebug(
         why = "no smdebug event files there (events/<step>/*.tfevents)"
         raise TrialNotFound(where, why, _trials_below(fs, root), kind="smdebug")
     out_fs, out_root = fsspec.core.url_to_fs(os.fspath(out_dir), **dict(out_storage_options or {}))
+    if out_fs.isfile(out_root):
+        raise ValueError(f"{os.fspath(out_dir)}: is a file; import into a new directory")
     if out_fs.exists(out_root) and out_fs.ls(out_root):
         raise ValueError(f"{os.fspath(out_dir)}: already holds files; import into a new directory")
     smd_collections = _read_collections(fs, root)
@@ -627,17 +657,18 @@ def import_smdebug(
     names: set[str] = set()
     steps: set[int] = set()
     for worker, rank in sorted(_ranks(list(files)).items(), key=lambda item: item[1]):
-        writer = _ImportWriter(
-            out_dir, rank=rank, strict=True, collection_configs=configs, storage_options=out_storage_options
-        )
-        try:
-            for step, path in files[worker]:
-                _import_step(writer, fs, path, step, smd_collections, names, summary.skipped)
-                steps.add(step)
-        except BaseException:
-            writer.close("import failed")
-            raise
-        writer.close("closed" if ended else "incomplete")
+        with _write_errors(out_dir):
+            writer = _ImportWriter(
+                out_dir, rank=rank, strict=True, collection_configs=configs, storage_options=out_storage_options
+            )
+            try:
+                for step, path in files[worker]:
+                    _import_step(writer, fs, path, step, smd_collections, names, summary.skipped)
+                    steps.add(step)
+            except BaseException:
+                writer.close("import failed")
+                raise
+            writer.close("closed" if ended else "incomplete")
         summary.workers.append(writer.worker)
     summary.steps = len(steps)
     summary.tensors = sorted(names)

@@ -164,8 +164,9 @@ def export_table(
     Parameters
     ----------
     output
-        ``*.csv``, ``*.parquet`` (needs pyarrow), or ``"-"`` for CSV on standard output. CSV writes
-        NaN as ``nan`` (not an empty cell); Parquet adds ``value_int`` where needed (:func:`_with_exact_ints`).
+        ``*.csv``, ``*.parquet`` (needs pyarrow, of the ``notebook`` extra: an ImportError that says so
+        without it), or ``"-"`` for CSV on standard output. CSV writes NaN as ``nan`` (not an empty
+        cell); Parquet adds ``value_int`` where needed (:func:`_with_exact_ints`).
     reductions
         Reduction keys to export for every tensor (saved, or computed from the raw tensor).
     show_progress
@@ -177,6 +178,8 @@ def export_table(
     """
     path = os.fspath(output)
     suffix = check_suffix(path, TABLE_SUFFIXES, stdout=True)
+    if suffix == ".parquet":
+        _require_pyarrow()  # before reading the trial
     df = trial.to_pandas(collection=collection, reductions=reductions, progress=show_progress, exact_ints=True)
     if path == "-":
         if escape is not None:
@@ -184,10 +187,30 @@ def export_table(
                 df[column] = df[column].map(lambda cell: escape(cell) if isinstance(cell, str) else cell)
         df.to_csv(sys.stdout, index=False, na_rep="nan")
     elif suffix == ".parquet":
-        _with_exact_ints(df).to_parquet(path, index=False)
+        _with_exact_ints(df).to_parquet(path, index=False, engine="pyarrow")
     else:
         df.to_csv(path, index=False, na_rep="nan")
     return len(df)
+
+
+def _require_pyarrow() -> None:
+    """Raise an ImportError naming the extra that installs pyarrow (``notebook``) when it is missing.
+
+    pandas' own error (``Unable to find a usable engine; tried using: 'pyarrow', 'fastparquet'...``) has
+    no ``name`` and names no extra: the command printed it squashed into one line, with ``\\n`` for its
+    newlines, and no ``pip install`` that helps.
+
+    Raises
+    ------
+    ImportError
+        With ``name="pyarrow"``, which :func:`tensortap.cli.missing_dependency_hint` maps to its extra.
+    """
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError as exc:
+        raise ImportError(
+            'the Parquet export needs pyarrow: pip install "tensortap[notebook]"', name="pyarrow"
+        ) from exc
 
 
 def _with_exact_ints(df: pandas.DataFrame) -> pandas.DataFrame:
@@ -248,6 +271,7 @@ def export_tensorboard(
     reductions: Sequence[str] | None = None,
     bins: int = 64,
     show_progress: bool | None = None,
+    collection: str | None = None,
 ) -> dict[str, int]:
     """Write the trial as TensorBoard event files (with tensorboardX), one run per mode (``logdir/train``...).
 
@@ -269,6 +293,9 @@ def export_tensorboard(
         Also export these reductions of every tensor (computed from raw tensors).
     bins
         Bins of the histograms of raw tensors (equal bins over their range across all steps).
+    collection
+        Only the tensors of this collection (an unknown one: :class:`~tensortap.exceptions.UnknownName`,
+        before anything is written).
 
     Returns
     -------
@@ -295,8 +322,9 @@ def export_tensorboard(
     counts = {"scalars": 0, "histograms": 0}
     # one view of the trial (on remote storage no listing per tensor); non-finite values: one warning per tensor
     with trial.frozen(), _without_tensorboardx_nan_warning():
+        names = trial.tensor_names(collection=collection)  # an unknown collection: before any file is made
         try:
-            for name in progress(trial.tensor_names(), desc="tensors", enable=show_progress):
+            for name in progress(names, desc="tensors", enable=show_progress):
                 tensor = trial.tensor(name)
                 rows = tensor._rows(None)
                 if reductions:

@@ -327,11 +327,22 @@ def test_without_pwritev_the_values_are_written_piece_by_piece(monkeypatch: pyte
 def test_a_users_module_named_like_a_standard_one_does_not_stop_the_helper_processes(tmp_path: Path) -> None:
     """A training script whose folder (here also the working directory) holds a ``types.py`` of the
     user's: Python imported the standard ``types`` before the script's folder was on its path, so
-    the script runs, and the helper processes (layout, ``check``, format-1 vetting) must start too."""
+    the script runs, and the helper processes (layout, ``check``, format-1 vetting) must start too.
+
+    Python imports ``types`` at startup only where something run then needs it (on 3.11, the finder
+    of an editable install, a ``.pth`` file of site-packages); on 3.13 nothing does, and there the
+    script itself could not start (tensortap's ``import re`` reaches ``types`` through ``enum``). So
+    the script imports the standard ``types`` first, its folder off the path for that one import, as
+    such a startup does, on every Python and install. The helper is a fresh interpreter whose imports
+    reach ``types`` too, and would find the user's one if its path put the script's folder first."""
     (tmp_path / "types.py").write_text("raise ImportError('the types.py beside the script was imported')\n")
     (tmp_path / "train.py").write_text(
         textwrap.dedent(
             """
+            import sys
+            here = sys.path.pop(0)  # the script's folder, as Python put it first on the path
+            import types  # the standard one, as Python imported it at startup before 3.13
+            sys.path.insert(0, here)
             from tensortap.backends import isolated
             child = isolated.ShardChild("tensortap.backends.shard:lay_out_or_error", 60)
             child.start()

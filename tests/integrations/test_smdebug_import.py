@@ -94,6 +94,27 @@ def test_cli_imports_and_refuses_a_full_directory(tmp_path: Path, capsys: pytest
     assert "tensortap trial" not in err  # what is missing is an smdebug trial
 
 
+def test_cli_to_an_out_dir_that_cannot_be_written_is_an_input_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """OUT_DIR below a regular file (a folder that cannot be made, for root too) was reported as
+    ``unexpected error: RuntimeError(...)`` (kind ``unexpected``): the writer wraps its OSError."""
+    (tmp_path / "afile").write_text("x")
+    out = tmp_path / "afile" / "sub"
+    assert main(["import-smdebug", str(DATA / "trial"), str(out), "--json"]) == 2
+    captured = capsys.readouterr()
+    error = json.loads(captured.out)["error"]
+    assert error["kind"] == "input", error
+    assert error["message"] == f"cannot write the trial at {out}: [Errno 20] Not a directory: '{out}'"
+    assert captured.err == f"tensortap import-smdebug: {error['message']}\n"
+    with pytest.raises(NotADirectoryError, match="cannot write the trial at"):
+        import_smdebug(DATA / "trial", out)
+    assert main(["import-smdebug", str(DATA / "trial"), str(tmp_path / "afile")]) == 2  # OUT_DIR is a file
+    assert capsys.readouterr().err == (
+        f"tensortap import-smdebug: {tmp_path / 'afile'}: is a file; import into a new directory\n"
+    )
+
+
 def test_cli_on_the_folder_above_smdebug_trials_names_them(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """``import-smdebug`` given the folder that holds an smdebug trial (a job's output folder, its trial one
     level down) said only "no smdebug event files there": now it names the trials in the folders below."""
