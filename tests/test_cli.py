@@ -859,6 +859,18 @@ def test_export_tensorboard_takes_collection_and_refuses_output(trial_dir: Path,
     assert not (tmp_path / "tb").exists() and not (tmp_path / "x.csv").exists()
 
 
+def test_export_tensorboard_into_a_folder_of_an_earlier_export_is_refused(trial_dir: Path, tmp_path: Path) -> None:
+    """A second export into one LOGDIR wrote a second event file beside the first: TensorBoard showed every
+    point twice (session 49's hunt 20). It is refused (exit 2), naming an earlier event file; nothing is written."""
+    pytest.importorskip("tensorboardX")
+    assert cli("export", "tensorboard", str(trial_dir), str(tmp_path / "tb")).returncode == 0
+    before = sorted(p for p in (tmp_path / "tb").rglob("*") if p.is_file())
+    assert before
+    err = user_error(cli("export", "tensorboard", str(trial_dir), str(tmp_path / "tb")))
+    assert any(f"{tmp_path / 'tb'} holds event files already ({path})" in err for path in before), err
+    assert sorted(p for p in (tmp_path / "tb").rglob("*") if p.is_file()) == before
+
+
 def test_rules_list_says_that_it_ignores_a_path(trial_dir: Path) -> None:
     """``rules PATH --list`` listed the built-in rules and ignored PATH without a word."""
     result = cli("rules", str(trial_dir), "--list", "--json")

@@ -213,6 +213,25 @@ def _require_pyarrow() -> None:
         ) from exc
 
 
+def _refuse_earlier_events(logdir: str | os.PathLike[str]) -> None:
+    """Raise FileExistsError if ``logdir`` holds event files already: TensorBoard shows every event file of
+    a run, so a second export there (the same trial again, or another) showed each point twice, or two
+    trials' points as one run's, without a word.
+
+    Raises
+    ------
+    FileExistsError
+        Naming ``logdir`` and one of its event files.
+    """
+    for folder, _, files in os.walk(logdir):
+        earlier = sorted(f for f in files if f.startswith("events.out.tfevents"))
+        if earlier:
+            raise FileExistsError(
+                f"{os.fspath(logdir)} holds event files already ({os.path.join(folder, earlier[0])}): TensorBoard "
+                "would show their points beside this export's; export into a new folder, or remove them"
+            )
+
+
 def _with_exact_ints(df: pandas.DataFrame) -> pandas.DataFrame:
     """``df`` for Parquet, whose columns hold one type: a ``value`` column of Python objects (an integer
     scalar beyond 2**53, :meth:`Trial.to_pandas`) becomes float64, beside a column ``value_int`` with the
@@ -297,6 +316,11 @@ def export_tensorboard(
         Only the tensors of this collection (an unknown one: :class:`~tensortap.exceptions.UnknownName`,
         before anything is written).
 
+    Raises
+    ------
+    FileExistsError
+        ``logdir`` holds event files already (an earlier export): nothing is written.
+
     Returns
     -------
     dict
@@ -323,6 +347,7 @@ def export_tensorboard(
     # one view of the trial (on remote storage no listing per tensor); non-finite values: one warning per tensor
     with trial.frozen(), _without_tensorboardx_nan_warning():
         names = trial.tensor_names(collection=collection)  # an unknown collection: before any file is made
+        _refuse_earlier_events(logdir)
         try:
             for name in progress(names, desc="tensors", enable=show_progress):
                 tensor = trial.tensor(name)
