@@ -85,11 +85,11 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from matplotlib.figure import Figure
 
     from .trial.compare import Comparison
-    from .trial.export import check_suffix
+    from .trial.export import check_output
     from .trial.plot import IMAGE_SUFFIXES, curves_axis, plot_tensors, save_plot
 
     try:
-        check_suffix(args.output, IMAGE_SUFFIXES)
+        check_output(args.output, IMAGE_SUFFIXES)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     runs = [args.path]
@@ -112,8 +112,10 @@ def cmd_plot(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     """Write a self-contained HTML report of a trial."""
     from .cli_rules import build_rules
+    from .trial.export import check_output
     from .trial.report import default_rules, write_report
 
+    check_output(args.output)  # a folder that is a file or missing: exit 2 before the rules run
     trial = _trial(args, args.path)
     rules = args.rule or list(default_rules(trial))
     build_rules(rules, trial)  # an unknown rule or parameter: exit 2 (as `rules`) before anything is written

@@ -859,6 +859,24 @@ def test_export_tensorboard_takes_collection_and_refuses_output(trial_dir: Path,
     assert not (tmp_path / "tb").exists() and not (tmp_path / "x.csv").exists()
 
 
+@pytest.mark.parametrize("command", ["export", "plot", "report"])
+def test_an_output_whose_folder_is_a_file_or_missing_says_so(command: str, trial_dir: Path, tmp_path: Path) -> None:
+    """``export -o afile/x.csv`` said pandas' "Cannot save file into a non-existent directory: 'afile'" of a folder
+    that was a file; ``report`` ran its rules, then failed with a bare "[Errno 20] Not a directory" (session 49's
+    hunt 20). Each says what is wrong with the path, exit 2, before reading the trial."""
+    pytest.importorskip("pandas")
+    base = tmp_path / "out"
+    base.mkdir()
+    (base / "afile").write_text("")
+    suffix = {"export": ".csv", "plot": ".png", "report": ".html"}[command]
+    for folder, why in (("afile", "is a file, not a folder"), ("nodir", "no folder")):
+        out = str(base / folder / f"x{suffix}")
+        err = user_error(cli(command, str(trial_dir), "-o", out))
+        said = f"{base / folder} {why}" if folder == "afile" else f"{why} {base / folder}"
+        assert err == f"tensortap {command}: output: {out!r}: {said}\n", err
+    assert sorted(p.name for p in base.iterdir()) == ["afile"]
+
+
 def test_export_tensorboard_into_a_folder_of_an_earlier_export_is_refused(trial_dir: Path, tmp_path: Path) -> None:
     """A second export into one LOGDIR wrote a second event file beside the first: TensorBoard showed every
     point twice (session 49's hunt 20). It is refused (exit 2), naming an earlier event file; nothing is written."""

@@ -140,14 +140,23 @@ class _EventFile:
             self._file.close()
 
 
-def check_suffix(path: str, suffixes: Sequence[str], *, stdout: bool = False) -> str:
-    """The lower-case suffix of the output file ``path``; a ``ValueError`` naming ``suffixes`` unless it is one of
-    them, or ``path`` is ``"-"`` (standard output) where ``stdout`` allows it. Without a known suffix the writer
-    would choose (matplotlib writes ``path.png``) and the file named would not exist."""
+def check_output(path: str, suffixes: Sequence[str] = (), *, stdout: bool = False) -> str:
+    """The lower-case suffix of the output file ``path``, checked before any work: a ``ValueError`` naming
+    ``suffixes`` (if any) unless it is one of them, or ``path`` is ``"-"`` (standard output) where ``stdout``
+    allows it (without a known suffix the writer would choose: matplotlib writes ``path.png``, and the file
+    named would not exist); a ``NotADirectoryError`` or ``FileNotFoundError`` where its folder is a file or
+    missing (pandas said "Cannot save file into a non-existent directory" of a folder that was a file)."""
     suffix = os.path.splitext(path)[1].lower()
-    if suffix not in suffixes and not (stdout and path == "-"):
+    if stdout and path == "-":
+        return suffix
+    if suffixes and suffix not in suffixes:
         allowed = f"{', '.join(suffixes[:-1])} or {suffixes[-1]}" if len(suffixes) > 1 else suffixes[0]
         raise ValueError(f"output: {path!r} must end in {allowed}" + (" (or be '-')" if stdout else ""))
+    folder = os.path.dirname(path) or "."
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise NotADirectoryError(f"output: {path!r}: {folder} is a file, not a folder")
+    if not os.path.exists(folder):
+        raise FileNotFoundError(f"output: {path!r}: no folder {folder}")
     return suffix
 
 
@@ -177,7 +186,7 @@ def export_table(
         name cannot act on it (files and pipes get the names as they are).
     """
     path = os.fspath(output)
-    suffix = check_suffix(path, TABLE_SUFFIXES, stdout=True)
+    suffix = check_output(path, TABLE_SUFFIXES, stdout=True)
     if suffix == ".parquet":
         _require_pyarrow()  # before reading the trial
     df = trial.to_pandas(collection=collection, reductions=reductions, progress=show_progress, exact_ints=True)

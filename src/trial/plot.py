@@ -16,7 +16,7 @@ import numpy as np
 
 from ..modes import Mode, step_label, step_word
 from ..reductions import split_key
-from .export import check_suffix
+from .export import check_output
 from .progress import progress
 from .views import printable, tensor_workers
 
@@ -335,7 +335,7 @@ IMAGE_SUFFIXES = (".png", ".svg", ".pdf")
 
 def save_plot(ax: Any, path: str) -> None:
     """Write the figure of ``ax`` to ``path`` (PNG, SVG or PDF by suffix: :data:`IMAGE_SUFFIXES`)."""
-    check_suffix(path, IMAGE_SUFFIXES)
+    check_output(path, IMAGE_SUFFIXES)
     fig = ax.get_figure()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

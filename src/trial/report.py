@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..exceptions import TensortapError
+from .export import check_output
 from .progress import progress
 from .views import frameworks, html_text, trial_html
 
@@ -224,7 +225,9 @@ def write_report(
     rules: Sequence[str] | None = None,
     show_progress: bool | None = None,
 ) -> None:
-    """Write :func:`build_report` to ``output`` (UTF-8)."""
+    """Write :func:`build_report` to ``output`` (UTF-8); a folder of ``output`` that is a file or missing
+    raises before the report is built (:func:`~tensortap.trial.export.check_output`)."""
+    check_output(os.fspath(output))
     html = build_report(trial, rules, show_progress)
     with open(output, "w", encoding="utf-8") as f:
         f.write(html)
