@@ -837,11 +837,12 @@ def test_packed_tensors_read_as_grouped_ones_with_and_without_hdf5(tmp_path: Pat
         (lambda m: [{**m[0], "shape": [1 << 61]}], "its values lie outside /packed"),
         (lambda m: [{**m[0], "rows": [0, 1]}], "/packed: the tensors' values do not fill its tables one after another"),
         (lambda m: [{**m[0], "shape": [3]}], "/packed: the tensors' values do not fill its tables one after another"),
+        (lambda m: [m[0], {**m[0], "id": 1}], "/packed: the tensors' values do not fill its tables one after another"),
     ],
     ids=[
         *("not-a-list", "id-out-of-range", "id-bool", "twice", "bool", "complex", "void", "negative-shape"),
         *("65-dims", "rows-past-steps", "rows-one", "offset-past-data", "offset-huge", "shape-huge"),
-        *("half-the-rows", "half-the-bytes"),
+        *("half-the-rows", "half-the-bytes", "two-claim-the-same-rows"),
     ],
 )
 def test_a_packed_table_that_lies_is_refused_naming_the_shard(
@@ -899,11 +900,36 @@ def test_a_packed_table_missing_or_stored_otherwise_is_refused(
     refused(tmp_path, why)
 
 
+EITHER = "collections or orig_dtype"
+
+
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        (lambda m: [{**m[0], "junk": "A" * 1000}], "/packed/meta[0]: key 'junk' not as the format says"),
+        (lambda m: [{**m[0], "collections": 17}], f"/packed/meta[0]: {EITHER} not as the format says"),
+        (lambda m: [{**m[0], "collections": [1]}], "/packed/meta[0]: collections not as the format says"),
+        (lambda m: [{**m[0], "orig_dtype": ["x"]}], f"/packed/meta[0]: {EITHER} not as the format says"),
+    ],
+    ids=["unknown-key", "collections-int", "collections-of-ints", "orig-dtype-list"],
+)
+def test_check_refuses_packed_meta_the_format_does_not_define(
+    change: Callable[[list[Any]], Any], why: str, tmp_path: Path
+) -> None:
+    """Readers take collections and orig_dtype from the index record and read such a shard; ``check`` said it
+    had no problem (session 49's hunt 21)."""
+    write(tmp_path, pack_bytes=1 << 20)
+    rewrite_meta(tmp_path, change)
+    values, warned = read_all(tmp_path)
+    assert not warned and same_values({"k": values["dense/kernel"]}, {"k": {0: kernel(0), 1: kernel(1)}})
+    assert find_problems(str(tmp_path)) == [f"{SHARD}: unreadable shard ({tmp_path / SHARD}: {why})"]
+
+
 def test_check_refuses_a_tensor_both_packed_and_in_a_group(tmp_path: Path) -> None:
     write(tmp_path, pack_bytes=1 << 20)
     rewrite(tmp_path, lambda f: f["tensors"].create_group("0"))
-    values, _ = read_all(tmp_path)  # readers read the packed values
-    np.testing.assert_array_equal(values["dense/kernel"][1], kernel(1))
+    values, _ = read_all(tmp_path)  # readers look for a group first: this one holds no values
+    assert values["dense/kernel"] == {}
     assert find_problems(str(tmp_path)) == [
         f"{SHARD}: unreadable shard ({tmp_path / SHARD}: /tensors/0 is not part of the format (not read))"
     ]

@@ -526,6 +526,8 @@ def _dcpl() -> Any:
 
 _DCPL = _dcpl()
 _SCALAR = h5py.h5s.create_simple(())
+_H5_MAX_RANK = 32
+"""HDF5's most dimensions of a dataset: a tensor of more (its steps' axis included) is stored as ragged."""
 _RAW_KINDS = "biufc"  # dtypes stored in the file as their bytes in memory (bool as an 8-bit enum)
 
 
@@ -1015,6 +1017,8 @@ def _write_raw(plan: _Plan, group: int, col: _Column) -> tuple[dict[str, Any], t
     bytes in the order of their steps, the plan's objects of its ``data`` and ``crc32`` (for ``raw_at``)."""
     plan.checked(group, "steps", np.array(col.steps, dtype=np.int64))
     values = col.values()
+    if isinstance(values, np.ndarray) and values.ndim > _H5_MAX_RANK:  # HDF5's most: as ragged values, flattened
+        values = list(values)
     if isinstance(values, np.ndarray):
         data = plan.add(group, "data", values, values=True)
         crc = plan.add(group, "crc32", _row_checksums(values))
@@ -1268,6 +1272,7 @@ TENSOR_PARTS = frozenset({"steps", "data", "crc32", "offsets", "shapes", "ndims"
 STEP_PARTS = ("step", "mode", "mode_step")
 REDUCTION_PARTS = ("tensor_id", "step", "kind", "value")
 PACKED_PARTS = ("meta", "steps", "crc32", "data")
+PACKED_META_KEYS = frozenset({"id", "collections", "orig_dtype", "dtype", "shape", "rows", "offset"})
 
 MAX_READ_ENV = "TENSORTAP_MAX_READ_BYTES"
 
@@ -1460,6 +1465,28 @@ class _Values:
 _NO_VALUES = _Values(np.empty(0, dtype=np.int64), {})
 
 
+@dataclass(frozen=True)
+class _Packed:
+    """A packed tensor's checked place in ``/packed`` (format 3): ``count`` values of ``dtype`` and ``shape``
+    (None: no raw values), rows ``first`` on of ``steps`` and ``crc32``, from byte ``offset`` of ``data``."""
+
+    dtype: np.dtype[Any] | None
+    shape: tuple[int, ...]
+    first: int
+    count: int
+    offset: int
+
+    @property
+    def row_bytes(self) -> int:
+        """The size of one value."""
+        return 0 if self.dtype is None else self.dtype.itemsize * math.prod(self.shape)
+
+    @property
+    def end(self) -> int:
+        """The byte of ``data`` after its values."""
+        return self.offset + self.count * self.row_bytes
+
+
 def _bytes_of(out: np.ndarray) -> memoryview:
     """The bytes of the C-contiguous array ``out``, to read into."""
     return out.reshape(-1).view(np.uint8).data
@@ -1596,7 +1623,9 @@ class ShardReader:
         self.version = 1  # until the file says
         self._tensors: dict[int, _Values] = {}
         self._groups: _Node | None = None  # /tensors, once opened
-        self._packed: dict[int, _Values] | None = None  # the tensors of /packed (format 3), once read
+        self._packed: dict[int, _Packed] | None = None  # the tensors of /packed (format 3), once read
+        self._packed_tables: tuple[np.ndarray, np.ndarray, _Dataset]  # its steps, crc32s and data, then
+        self._packed_meta: list[dict[str, Any]] = []  # and its meta entries
         self._reductions: dict[int, dict[tuple[int, str], float]] | None = None
         self._steps: np.ndarray | None = None  # steps_table(), read once
         self._fid: Any = None
@@ -1838,13 +1867,15 @@ class ShardReader:
             t = self._tensors[tid] = self._load(tid)
         return t
 
-    def _packed_tensors(self) -> dict[int, _Values]:
+    def _packed_tensors(self) -> dict[int, _Packed]:
         """The tensors of ``/packed`` by id (none before format 3), read and checked once."""
         if self._packed is None:
             self._packed = {} if self.version < 3 else self._read_packed()
         return self._packed
 
-    def _read_packed(self) -> dict[int, _Values]:
+    def _read_packed(self) -> dict[int, _Packed]:
+        """Every entry of ``/packed/meta``, checked against the tables before any of them is read by row (a
+        stranger's entries could each claim every row: a table of a million rows read once per entry)."""
         group = self._group(self._root, "packed")
         where = f"{self.path}: /packed"
         meta = self._json(self._dataset(group, "meta", "u"))
@@ -1857,30 +1888,27 @@ class ShardReader:
             raise ShardError(f"{where}/data has type {data.dtype}, expected bytes (uint8)")
         if not isinstance(meta, list):
             raise ShardError(f"{where}/meta is not a list")
-        tensors: dict[int, _Values] = {}
-        rows: list[tuple[int, int]] = []  # (first, count) of each tensor's values
-        spans: list[tuple[int, int]] = []  # (offset, bytes) of its values in /packed/data
+        tensors: dict[int, _Packed] = {}
         for i, item in enumerate(meta):
-            tid, values = self._packed_entry(item, steps, crc, data, f"{where}/meta[{i}]")
+            tid, packed = self._packed_entry(item, len(steps), data, f"{where}/meta[{i}]")
             if tid in tensors:
                 raise ShardError(f"{where}/meta lists tensor {tid} twice")
-            tensors[tid] = values
-            if values.data is not None:
-                first, count = item["rows"]
-                rows.append((first, count))
-                spans.append((item["offset"], count * values.data.dtype.itemsize * math.prod(values.data.shape[1:])))
+            tensors[tid] = packed
+        rows = [(t.first, t.count) for t in tensors.values()]
+        spans = [(t.offset, t.count * t.row_bytes) for t in tensors.values()]
         if not (_tiles(rows, len(steps)) and _tiles(spans, data.shape[0])):
             raise ShardError(f"{where}: the tensors' values do not fill its tables one after another")
+        self._packed_tables = steps, crc, data
+        self._packed_meta = meta
         return tensors
 
-    def _packed_entry(
-        self, item: object, steps: np.ndarray, crc: np.ndarray, data: _Dataset, where: str
-    ) -> tuple[int, _Values]:
-        """The id and checked layout of the packed tensor ``item`` describes (an entry of ``/packed/meta``)."""
+    def _packed_entry(self, item: object, n_rows: int, data: _Dataset, where: str) -> tuple[int, _Packed]:
+        """The id and checked place of the packed tensor ``item`` describes (an entry of ``/packed/meta``), in
+        tables of ``n_rows`` rows and ``data``."""
         if not isinstance(item, dict) or not _is_index(tid := item.get("id"), len(self.names)):
             raise ShardError(f"{where} is not an object with the id of a tensor of /names")
         if "dtype" not in item:
-            return tid, _NO_VALUES
+            return tid, _Packed(None, (), 0, 0, 0)
         dtype, shape, rows, offset = item["dtype"], item.get("shape"), item.get("rows"), item.get("offset")
         if not isinstance(dtype, str) or not _PACKED_DTYPE.fullmatch(dtype):
             raise ShardError(f"{where}: dtype {dtype!r} is not an integer or float type code such as '<f4'")
@@ -1888,24 +1916,38 @@ class ShardReader:
             raise ShardError(f"{where}: shape {shape!r} is not a list of sizes")
         if not isinstance(rows, list) or len(rows) != 2 or not all(_is_index(r, None) for r in rows):
             raise ShardError(f"{where}: rows {rows!r} is not [first, count]")
-        first, count = rows
-        row_bytes = np.dtype(dtype).itemsize * math.prod(shape)
-        if first + count > len(steps) or not _is_index(offset, None) or offset + count * row_bytes > data.shape[0]:
+        packed = _Packed(np.dtype(dtype), tuple(shape), rows[0], rows[1], offset if _is_index(offset, None) else -1)
+        if packed.first + packed.count > n_rows or packed.offset < 0 or packed.end > data.shape[0]:
             raise ShardError(f"{where}: its values lie outside /packed (rows {rows}, offset {offset!r})")
-        if count * row_bytes and data.offset is None:
+        if packed.end > packed.offset and data.offset is None:
             raise ShardError(f"{self.path}: /packed/data is not stored contiguously as its bytes")
-        own = steps[first : first + count]
+        return tid, packed
+
+    def _packed_values(self, tid: int, packed: _Packed) -> _Values:
+        """The layout of the values of packed tensor ``tid`` (read by :meth:`_read_packed`)."""
+        if packed.dtype is None:
+            return _NO_VALUES
+        steps, crc, data = self._packed_tables
+        own = steps[packed.first : packed.first + packed.count]
         row = {int(s): i for i, s in enumerate(own)}
-        if len(row) != count:
-            raise ShardError(f"{where}: the steps of tensor {tid} repeat a step")
-        start = None if data.offset is None else data.offset + offset
-        values = _Dataset(data.id, f"/packed/data of tensor {tid}", np.dtype(dtype), (count, *shape), start)
-        return tid, _Values(own, row, values, crc[first : first + count])
+        if len(row) != packed.count:
+            raise ShardError(f"{self.path}: /packed: the steps of tensor {tid} repeat a step")
+        start = None if data.offset is None else data.offset + packed.offset
+        values = _Dataset(data.id, f"/packed/data of tensor {tid}", packed.dtype, (packed.count, *packed.shape), start)
+        return _Values(own, row, values, crc[packed.first : packed.first + packed.count])
+
+    def _grouped(self, tid: int) -> bool:
+        """Whether ``/tensors`` links a group (or anything) under ``tid``: always before format 3."""
+        if self.version < 3:
+            return True
+        if self._groups is None:
+            self._groups = self._group(self._root, "tensors")
+        return bool(self._groups.id.links.exists(str(tid).encode()))
 
     def _load(self, tid: int) -> _Values:
-        packed = self._packed_tensors().get(tid)
+        packed = None if self._grouped(tid) else self._packed_tensors().get(tid)
         if packed is not None:
-            return packed
+            return self._packed_values(tid, packed)
         g = self._tensor_group(tid)
         where = f"{self.path}: {g.where}"
         if not g.id.links.exists(b"data"):
@@ -2012,7 +2054,7 @@ class ShardReader:
         tid = self.ids.get(name)
         if tid is None:
             raise ShardError(f"{self.path}: holds no tensor {name!r}")
-        if tid in self._packed_tensors():  # a packed tensor has no histograms
+        if not self._grouped(tid) and tid in self._packed_tensors():  # a packed tensor has no histograms
             return {}
         hg = self._child(self._tensor_group(tid), "histogram", h5py.h5g.GroupID)
         if hg is None:
@@ -2109,6 +2151,14 @@ class ShardReader:
             extra = sorted(_keys(self._tensor_group(tid)) - TENSOR_PARTS)
             if extra and not later:
                 raise ShardError(f"{self.path}: /tensors/{tid}/{extra[0]} is not part of the format (not read)")
+        for i, item in enumerate(self._packed_meta if packed else ()):  # what readers take from the index record
+            extra = sorted(set(item) - PACKED_META_KEYS)
+            collections, orig = item.get("collections"), item.get("orig_dtype", "")
+            if (extra and not later) or not isinstance(collections, list) or not isinstance(orig, str):
+                why = f"key {extra[0]!r}" if extra and not later else "collections or orig_dtype"
+                raise ShardError(f"{self.path}: /packed/meta[{i}]: {why} not as the format says")
+            if not all(isinstance(c, str) for c in collections):
+                raise ShardError(f"{self.path}: /packed/meta[{i}]: collections not as the format says")
         self.steps_table()
         self.wall_times()
         for name in self.names:
