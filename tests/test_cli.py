@@ -877,6 +877,19 @@ def test_an_output_whose_folder_is_a_file_or_missing_says_so(command: str, trial
     assert sorted(p.name for p in base.iterdir()) == ["afile"]
 
 
+def test_an_output_under_home_or_at_a_url_is_written(trial_dir: Path, tmp_path: Path) -> None:
+    """``-o ~/x.csv`` and ``export_table(trial, "memory://...")`` were written by pandas; 806f9d5's folder check
+    refused both ("no folder ~", "no folder memory:") (session 49's hunt 22)."""
+    pytest.importorskip("pandas")
+    fsspec = pytest.importorskip("fsspec")
+    from tensortap.trial.export import export_table
+
+    assert cli("export", str(trial_dir), "-o", "~/x.csv", env={"HOME": str(tmp_path)}).returncode == 0
+    assert (tmp_path / "x.csv").read_text().startswith("worker,")
+    rows = export_table(tensortap.create_trial(trial_dir), "memory://tensortap-out/x.csv")
+    assert rows and fsspec.filesystem("memory").cat("/tensortap-out/x.csv").startswith(b"worker,")
+
+
 def test_export_tensorboard_into_a_folder_of_an_earlier_export_is_refused(trial_dir: Path, tmp_path: Path) -> None:
     """A second export into one LOGDIR wrote a second event file beside the first: TensorBoard showed every
     point twice (session 49's hunt 20). It is refused (exit 2), naming an earlier event file; nothing is written."""
@@ -887,6 +900,11 @@ def test_export_tensorboard_into_a_folder_of_an_earlier_export_is_refused(trial_
     err = user_error(cli("export", "tensorboard", str(trial_dir), str(tmp_path / "tb")))
     assert any(f"{tmp_path / 'tb'} holds event files already ({path})" in err for path in before), err
     assert sorted(p for p in (tmp_path / "tb").rglob("*") if p.is_file()) == before
+    other = tmp_path / "runs" / "lightning_logs" / "version_0" / "events.out.tfevents.1.host"
+    other.parent.mkdir(parents=True)
+    other.write_bytes(b"")  # another run in the folder, which the export does not write: left alone
+    assert cli("export", "tensorboard", str(trial_dir), str(tmp_path / "runs")).returncode == 0
+    assert (tmp_path / "runs" / "train").is_dir()
 
 
 def test_rules_list_says_that_it_ignores_a_path(trial_dir: Path) -> None:

@@ -58,6 +58,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 from ..modes import Mode
 from . import core
 from .stop import agreed
+from .torch.events import saved_parameters
 from .trainers import Hook, StepCapture, check_hook_kwargs, check_stop_sync_steps, open_run, same_logged
 from .writer import exception_text, logger
 
@@ -68,19 +69,28 @@ _DATALOADER_SUFFIX = re.compile(r"/dataloader_idx_\d+$")
 """What Lightning appends to a name logged in the evaluation of one of several dataloaders."""
 
 
-def _logged(trainer: pl.Trainer) -> dict[str, Any]:
+def _all_logged(trainer: pl.Trainer) -> dict[str, Any]:
+    """Every value Lightning holds of what the module logged with ``self.log``, aliases included."""
+    return {**trainer.callback_metrics, **trainer.logged_metrics}
+
+
+def _logged(trainer: pl.Trainer, since: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """What the module logged with ``self.log`` so far, under the names Lightning's loggers get.
 
     A value logged both per step and per epoch appears in ``callback_metrics`` under
     its plain name too (``train_loss`` beside ``train_loss_step``; ``vl/dataloader_idx_0``
     beside ``vl_step/dataloader_idx_0`` with several evaluation dataloaders); that alias is left out.
+    With ``since`` (:func:`_all_logged` at an evaluation run's start), only where that ``_step`` or
+    ``_epoch`` name changed since: a plain name the evaluation logs, which training logs per step and
+    per epoch, is the evaluation's own value (it was dropped as the alias of the training's names).
     """
-    out = {**trainer.callback_metrics, **trainer.logged_metrics}
+    out = _all_logged(trainer)
 
     def alias(key: str) -> bool:
         match = _DATALOADER_SUFFIX.search(key)
         base, suffix = (key[: match.start()], match.group()) if match else (key, "")
-        return f"{base}_step{suffix}" in out or f"{base}_epoch{suffix}" in out
+        forks = (f"{base}_step{suffix}", f"{base}_epoch{suffix}")
+        return any(f in out and (since is None or out[f] is not since.get(f)) for f in forks)
 
     return {k: v for k, v in out.items() if not alias(k)}
 
@@ -230,7 +240,7 @@ class Callback(pl.Callback):
         whose optimizer has not stepped yet, waits for its ``TRAIN`` step); a name logged in training
         belongs to the mode (``TRAIN`` or ``GLOBAL``) of the first step it was new at.
         """
-        now = _logged(trainer)
+        now = _logged(trainer, self._run_start if mode == Mode.EVAL else None)
         if mode == Mode.EVAL:
             new = {k: v for k, v in now.items() if v is not self._run_start.get(k)}
         else:
@@ -241,14 +251,14 @@ class Callback(pl.Callback):
 
     def _parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
         if self._module is not None:
-            yield from self._module.named_parameters()
+            yield from saved_parameters(self._module)
 
     # ------------------------------------------------------------- training
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Hook each optimizer's ``step()``: gradients are read when it returns, as it applied them."""
         if self._steps is None:
             return
-        names = {id(p): n for n, p in pl_module.named_parameters()}
+        names = {id(p): n for n, p in saved_parameters(pl_module)}
         steps = self._steps
 
         def after_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -374,11 +384,11 @@ class Callback(pl.Callback):
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """End a ``TRAIN`` step left open for later batch end hooks: validation logs ``EVAL`` values."""
         self._end_pending(trainer)
-        self._run_start = _logged(trainer)
+        self._run_start = _all_logged(trainer)
 
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Note what was logged before the test run: its ``EVAL`` step holds what it logs."""
-        self._run_start = _logged(trainer)
+        self._run_start = _all_logged(trainer)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Write the validation run's aggregated values as one ``EVAL`` step."""

@@ -13,7 +13,7 @@ with :class:`tensortap.torch.TorchOps` reducing on the device) through a
 
 Naming (SPEC section 2): parameters by ``named_parameters()`` (``fc1.weight`` in
 ``weights``, ``fc1.bias`` in ``biases``; those of a submodule compiled with
-``torch.compile`` without ``_orig_mod.``, as :func:`tensortap.capture.torch.events.parameter_name` gives them),
+``torch.compile`` without ``_orig_mod.``, as :func:`tensortap.capture.torch.events.saved_parameters` gives them),
 ``gradients/<param>``, the training loss ``losses/loss`` (``losses/loss:<i>`` for
 each batch of a step, at every step, where the trainer accumulates gradients:
 :attr:`StepCapture.indexed_losses`), a logged value whose key contains ``loss`` is
@@ -33,7 +33,7 @@ from ..config import SaveConfig
 from ..modes import Mode
 from . import core
 from .torch import TorchOps
-from .torch.events import parameter_collection, parameter_name
+from .torch.events import parameter_collection
 from .writer import logger
 
 
@@ -215,12 +215,10 @@ class StepCapture:
         return True
 
     def offer_gradients(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Offer ``p.grad`` of each ``(name, p)`` that has a gradient, as ``gradients/<name>``
-        (:func:`parameter_name` of a ``named_parameters()`` name)."""
+        """Offer ``p.grad`` of each ``(name, p)`` that has a gradient, as ``gradients/<name>`` (``name`` as saved:
+        :func:`~tensortap.capture.torch.events.saved_parameters`)."""
         if self.hook.is_saving("gradients"):
-            self.offer_many(
-                (f"gradients/{parameter_name(name)}", p.grad, "gradients") for name, p in named if p.grad is not None
-            )
+            self.offer_many((f"gradients/{name}", p.grad, "gradients") for name, p in named if p.grad is not None)
 
     def add_loss(self, loss: Any) -> None:
         """Keep one training-step loss of the open step (several with gradient accumulation)."""
@@ -252,10 +250,9 @@ class StepCapture:
         hook.end_step()
 
     def offer_parameters(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Offer each ``(name, p)`` in ``weights`` or ``biases`` (:func:`parameter_collection`), as it is now,
-        under :func:`parameter_name` of its ``named_parameters()`` name."""
+        """Offer each ``(name, p)`` in ``weights`` or ``biases`` (:func:`parameter_collection`), as it is now
+        (``name`` as saved: :func:`~tensortap.capture.torch.events.saved_parameters`)."""
         if self.hook.is_saving("weights") or self.hook.is_saving("biases"):
-            named = ((parameter_name(name), p) for name, p in named)
             self.offer_many((name, p, parameter_collection(name)) for name, p in named)
 
     def drop_train(self, why: BaseException) -> None:

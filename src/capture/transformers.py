@@ -49,7 +49,7 @@ from ..config import SaveConfig
 from ..modes import Mode
 from . import trainers
 from .stop import agreed
-from .torch.events import all_reduce_max, unwrap
+from .torch.events import all_reduce_max, saved_parameters, unwrap
 from .trainers import StepCapture, check_hook_kwargs, check_stop_sync_steps, open_run, same_logged
 from .writer import logger
 
@@ -221,7 +221,7 @@ class Callback(TrainerCallback):
         """Offer the gradients the optimizer is about to apply (clipped, unscaled)."""
         steps, model = self._steps, kw.get("model")
         if steps is not None and model is not None and steps.open_train():
-            steps.offer_gradients(unwrap(model).named_parameters())
+            steps.offer_gradients(saved_parameters(unwrap(model)))
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
         """The step is over: offer the weights it produced; it is written when the logs that follow it are in.
@@ -233,7 +233,7 @@ class Callback(TrainerCallback):
             return
         self._pending = steps.train_open
         if self._pending and model is not None:
-            steps.offer_parameters(unwrap(model).named_parameters())
+            steps.offer_parameters(saved_parameters(unwrap(model)))
         # the script may die before the step is written (in the evaluation or checkpoint save after it):
         steps.hook.end_at_exit = functools.partial(self._flush, None) if self._pending else None
         hook = self.hook
@@ -398,7 +398,7 @@ class Callback(TrainerCallback):
             steps.hook.end_at_exit = None
             steps.end_train(())
         elif steps.train_open:
-            steps.end_train(unwrap(model).named_parameters() if model is not None else ())
+            steps.end_train(saved_parameters(unwrap(model)) if model is not None else ())
         steps.write_step(Mode.GLOBAL, logs)
         self._hold = False
         for mode, metrics in self._held:  # the evaluation at the step: after it

@@ -152,7 +152,9 @@ def check_output(path: str, suffixes: Sequence[str] = (), *, stdout: bool = Fals
     if suffixes and suffix not in suffixes:
         allowed = f"{', '.join(suffixes[:-1])} or {suffixes[-1]}" if len(suffixes) > 1 else suffixes[0]
         raise ValueError(f"output: {path!r} must end in {allowed}" + (" (or be '-')" if stdout else ""))
-    folder = os.path.dirname(path) or "."
+    if "://" in path:  # a URL (memory://, s3://): the writer's file system says
+        return suffix
+    folder = os.path.dirname(os.path.expanduser(path)) or "."
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise NotADirectoryError(f"output: {path!r}: {folder} is a file, not a folder")
     if not os.path.exists(folder):
@@ -223,22 +225,31 @@ def _require_pyarrow() -> None:
 
 
 def _refuse_earlier_events(logdir: str | os.PathLike[str]) -> None:
-    """Raise FileExistsError if ``logdir`` holds event files already: TensorBoard shows every event file of
-    a run, so a second export there (the same trial again, or another) showed each point twice, or two
-    trials' points as one run's, without a word.
+    """Raise FileExistsError if a run folder the export writes (``logdir/<mode>``, ``logdir/<mode>/<worker>``)
+    holds event files already: TensorBoard shows every event file of a run, so a second export there (the
+    same trial again, or another) showed each point twice, or two trials' points as one run's, without a word.
+    Other runs in ``logdir`` (``lightning_logs/version_0``) are left alone.
 
     Raises
     ------
     FileExistsError
-        Naming ``logdir`` and one of its event files.
+        Naming ``logdir`` and one of those event files.
     """
-    for folder, _, files in os.walk(logdir):
-        earlier = sorted(f for f in files if f.startswith("events.out.tfevents"))
-        if earlier:
-            raise FileExistsError(
-                f"{os.fspath(logdir)} holds event files already ({os.path.join(folder, earlier[0])}): TensorBoard "
-                "would show their points beside this export's; export into a new folder, or remove them"
-            )
+    for mode in Mode:
+        run = os.path.join(os.fspath(logdir), mode.name.lower())
+        try:
+            entries = sorted(os.scandir(run), key=lambda e: e.name)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        folders = [run, *(e.path for e in entries if e.name.startswith("worker_") and e.is_dir())]
+        for folder in folders:
+            earlier = sorted(f for f in os.listdir(folder) if f.startswith("events.out.tfevents"))
+            if earlier:
+                raise FileExistsError(
+                    f"{os.fspath(logdir)} holds event files already ({os.path.join(folder, earlier[0])}): "
+                    "TensorBoard would show their points beside this export's; export into a new folder, or "
+                    "remove them"
+                )
 
 
 def _with_exact_ints(df: pandas.DataFrame) -> pandas.DataFrame:

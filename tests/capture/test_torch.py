@@ -647,6 +647,38 @@ def test_a_compiled_submodule_is_named_as_the_module_inside(tmp_path: Path) -> N
         np.testing.assert_array_equal(trial.tensor(raw.replace("_orig_mod.", "")).value(1), p.detach().numpy())
 
 
+def test_an_orig_mod_name_of_a_module_never_compiled_is_kept(tmp_path: Path) -> None:
+    """Only the ``_orig_mod`` of a compiled module is left out of names: a parameter named ``_orig_mod`` was saved
+    as ``''`` (at the top) or under its module's name, and a plain submodule named ``_orig_mod`` lost its outputs
+    and had its parameters renamed (session 49's hunt 22)."""
+
+    class Odd(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self._orig_mod = nn.Parameter(torch.ones(2))
+            self.inner = nn.Module()
+            self.inner._orig_mod = nn.Linear(2, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.inner._orig_mod(x * self._orig_mod)
+
+    torch.manual_seed(0)
+    model = Odd()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with ttt.capture(model, tmp_path, optimizer=opt, include_collections=["weights", "biases", "gradients", "outputs"]):
+        opt.zero_grad()
+        model(torch.ones(3, 2)).sum().backward()
+        opt.step()
+    trial = _trial(tmp_path)
+    names = [n for n, _ in model.named_parameters()]
+    assert names == ["_orig_mod", "inner._orig_mod.weight", "inner._orig_mod.bias"]
+    assert sorted(trial.tensor_names(collection="weights") + trial.tensor_names(collection="biases")) == sorted(names)
+    assert sorted(trial.tensor_names(collection="gradients")) == sorted(f"gradients/{n}" for n in names)
+    assert "outputs/inner._orig_mod" in trial.tensor_names(collection="outputs")
+    for name, p in model.named_parameters():
+        np.testing.assert_array_equal(trial.tensor(name).value(0), p.detach().numpy())
+
+
 def test_from_json_builds_a_torch_hook(tmp_path: Path) -> None:
     cfg = tmp_path / "cfg.json"
     cfg.write_text('{"save_config": {"save_interval": 2}, "include_collections": ["weights"], "raise_on_stop": true}')

@@ -314,6 +314,42 @@ def test_a_name_logged_in_training_and_validation_is_saved_at_both_modes_steps(
     assert "logged after the last step" not in caplog.text
 
 
+class SharedForkedName(Regressor):
+    """Logs ``acc`` per step and per epoch in ``training_step`` (``acc_step``, ``acc_epoch``), plainly in
+    ``validation_step`` (+100)."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        x, y = batch
+        self.log("acc", (self.net(x) - y).abs().mean().detach(), on_step=True, on_epoch=True)
+        return torch.nn.functional.mse_loss(self.net(x), y)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("acc", (self.net(x) - y).abs().mean() + 100)
+
+
+def test_a_plain_name_validation_logs_beside_trainings_step_and_epoch_names_is_saved(tmp_path: Path) -> None:
+    """Validation's ``acc`` was taken for Lightning's alias of training's ``acc_step``/``acc_epoch`` and dropped:
+    no EVAL step, no word (session 49's hunt 22)."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    torch.manual_seed(0)
+    options = {**TRAINER, "logger": CSVLogger(tmp_path / "csv", name="run"), "log_every_n_steps": 1}
+    callback = ttl.Callback(tmp_path / "trial", save_config=EVERY_STEP)
+    trainer = L.Trainer(max_epochs=2, num_sanity_val_steps=0, callbacks=[callback], **options)
+    trainer.fit(SharedForkedName(), loader(16, 0), loader(8, 1))
+    table = np.genfromtxt(next((tmp_path / "csv").rglob("metrics.csv")), delimiter=",", names=True)
+    logged_val = [float(r["acc"]) for r in table if not np.isnan(r["acc"])]
+    logged_epoch = [float(r["acc_epoch"]) for r in table if not np.isnan(r["acc_epoch"])]
+    trial = tensortap.create_trial(tmp_path / "trial")
+    acc = trial.tensor("metrics/acc")
+    assert len(logged_val) == 2 and acc.steps(mode=Mode.EVAL) == [0, 1] and acc.steps(mode=Mode.TRAIN) == []
+    np.testing.assert_allclose([acc.value(s, mode=Mode.EVAL) for s in (0, 1)], logged_val, rtol=1e-6)
+    epoch = trial.tensor("metrics/acc_epoch").values(mode=Mode.GLOBAL)
+    np.testing.assert_allclose([epoch[s] for s in sorted(epoch)], logged_epoch, rtol=1e-6)
+    assert len(trial.tensor("metrics/acc_step").steps(mode=Mode.TRAIN)) == trainer.global_step
+
+
 class TrailingLog(ManualAccumulation):
     """Logs ``tail`` at every batch: the epoch's last, after which no optimizer steps, too."""
 

@@ -149,7 +149,7 @@ def unwrap(module: nn.Module) -> nn.Module:
     while True:
         # torch.compile's OptimizedModule; Fabric's _FabricModule (fabric.setup), whose _forward_module may
         # be the module inside a strategy's wrapper (DDP)
-        inner = getattr(module, "_orig_mod", getattr(module, "_original_module", None))
+        inner = module._orig_mod if _compiled(module) else getattr(module, "_original_module", None)
         if isinstance(inner, nn.Module):
             module = inner
         elif isinstance(module, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
@@ -158,25 +158,36 @@ def unwrap(module: nn.Module) -> nn.Module:
             return module
 
 
-def parameter_name(name: str) -> str:
-    """A ``named_parameters()`` or ``named_modules()`` name as tensortap saves it: without the
-    ``_orig_mod`` part of each submodule compiled with ``torch.compile`` (``net._orig_mod.weight`` of
-    ``model.net = torch.compile(model.net)`` is ``net.weight``), so that a model compiled part by part
-    has the names of the model uncompiled, as one compiled whole has (:func:`unwrap`).
+def _compiled(module: nn.Module) -> bool:
+    """Whether ``module`` is the wrapper ``torch.compile`` made (``OptimizedModule``; its module is imported
+    once anything was compiled)."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    return eval_frame is not None and isinstance(module, eval_frame.OptimizedModule)
 
-    Parameters
-    ----------
-    name
-        A dotted name.
 
-    Returns
-    -------
-    str
-        ``name`` without its ``_orig_mod`` parts.
+def compiled_paths(module: nn.Module) -> frozenset[str]:
+    """The ``named_modules()`` names of the submodules of ``module`` that ``torch.compile`` wrapped (``""``:
+    ``module`` itself)."""
+    return frozenset(name for name, sub in module.named_modules() if _compiled(sub))
+
+
+def saved_name(name: str, compiled: Container[str]) -> str:
+    """A ``named_parameters()`` or ``named_modules()`` name as tensortap saves it: without the ``_orig_mod``
+    part under each submodule compiled with ``torch.compile`` (its name in ``compiled``,
+    :func:`compiled_paths`), so that a model compiled part by part has the names of the model uncompiled, as
+    one compiled whole has (:func:`unwrap`): ``net._orig_mod.weight`` of ``model.net = torch.compile(model.net)``
+    is ``net.weight``. An ``_orig_mod`` of a module that was not compiled stays.
     """
     if "_orig_mod" not in name:
         return name
-    return ".".join(part for part in name.split(".") if part != "_orig_mod")
+    parts = name.split(".")
+    return ".".join(p for i, p in enumerate(parts) if p != "_orig_mod" or ".".join(parts[:i]) not in compiled)
+
+
+def saved_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """``module.named_parameters()``, each under its :func:`saved_name`."""
+    compiled = compiled_paths(module)
+    return [(saved_name(name, compiled), p) for name, p in module.named_parameters()]
 
 
 def _inner_optimizer(optimizer: Any, where: str) -> torch.optim.Optimizer:
@@ -226,7 +237,8 @@ def _edge_parameters(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
 
 
 def _is_compiled(module: nn.Module) -> bool:
-    return any(isinstance(getattr(m, "_orig_mod", None), nn.Module) for m in module.modules())
+    """Whether ``module`` or one of its submodules was compiled with ``torch.compile``."""
+    return any(_compiled(m) for m in module.modules())
 
 
 def _is_sharded(module: nn.Module) -> bool:
@@ -604,8 +616,8 @@ class Hook(core.Hook):
         self._param_ids.clear()
         self._graph_ids.clear()
         for root in self._roots:
-            for raw, found in root.module.named_parameters():
-                pname = parameter_name(raw)
+            compiled = compiled_paths(root.module)
+            for pname, found in saved_parameters(root.module):
                 # in a torch.func transform, a wrapper that lives in it: the parameter it stands for
                 p = before.get(root.prefix + pname) if _is_wrapped(found) else found
                 if p is not None and id(p) not in self._param_ids:  # else shared with a module registered before
@@ -618,9 +630,10 @@ class Hook(core.Hook):
                 for raw, sub in root.module.named_modules():
                     # the root: its outputs are taken by _on_root_post; a compiled submodule's own module: by the
                     # compiled wrapper's hooks, under the same name
-                    if not raw or raw.rsplit(".", 1)[-1] == "_orig_mod":
+                    parent, _, last = raw.rpartition(".")
+                    if not raw or (last == "_orig_mod" and parent in compiled):
                         continue
-                    sub_name = parameter_name(raw)
+                    sub_name = saved_name(raw, compiled)
                     root.names[sub] = root.prefix + sub_name
                     if sub not in root.hooked:
                         root.hooked[sub] = root.prefix + sub_name
@@ -753,9 +766,7 @@ class Hook(core.Hook):
         ones, the deepest submodule holding them all (``actor``; ``D.actor`` in a module registered as ``D``)."""
         ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
         for root in self._roots:
-            trainable = [
-                (parameter_name(name), id(p) in ids) for name, p in root.module.named_parameters() if p.requires_grad
-            ]
+            trainable = [(name, id(p) in ids) for name, p in saved_parameters(root.module) if p.requires_grad]
             updated = [name for name, mine in trainable if mine]
             if not updated:
                 continue
