@@ -879,13 +879,16 @@ def test_an_output_whose_folder_is_a_file_or_missing_says_so(command: str, trial
 
 def test_an_output_under_home_or_at_a_url_is_written(trial_dir: Path, tmp_path: Path) -> None:
     """``-o ~/x.csv`` and ``export_table(trial, "memory://...")`` were written by pandas; 806f9d5's folder check
-    refused both ("no folder ~", "no folder memory:") (session 49's hunt 22)."""
+    refused both ("no folder ~", "no folder memory:"); ``plot -o ~/x.png`` was an error (session 49's hunt 22)."""
     pytest.importorskip("pandas")
     fsspec = pytest.importorskip("fsspec")
     from tensortap.trial.export import export_table
 
     assert cli("export", str(trial_dir), "-o", "~/x.csv", env={"HOME": str(tmp_path)}).returncode == 0
     assert (tmp_path / "x.csv").read_text().startswith("worker,")
+    pytest.importorskip("matplotlib")  # and matplotlib took ~ for a folder's name (it was an error before)
+    assert cli("plot", str(trial_dir), "losses/loss", "-o", "~/x.png", env={"HOME": str(tmp_path)}).returncode == 0
+    assert (tmp_path / "x.png").read_bytes().startswith(b"\x89PNG")
     rows = export_table(tensortap.create_trial(trial_dir), "memory://tensortap-out/x.csv")
     assert rows and fsspec.filesystem("memory").cat("/tensortap-out/x.csv").startswith(b"worker,")
 

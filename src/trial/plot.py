@@ -9,6 +9,7 @@ further. The methods :meth:`Trial.plot <tensortap.Trial.plot>`,
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -338,4 +339,4 @@ def save_plot(ax: Any, path: str) -> None:
     check_output(path, IMAGE_SUFFIXES)
     fig = ax.get_figure()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(os.path.expanduser(path), dpi=120)  # matplotlib takes "~" for a folder's name
