@@ -18,13 +18,16 @@ a function of the parsed arguments returning the exit status;
 from __future__ import annotations
 
 import argparse
+import codecs
 import contextlib
 import importlib
+import io
 import json
 import logging
 import math
 import os
 import sys
+import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NoReturn
 
@@ -69,8 +72,65 @@ EXTRAS = {
 
 logger = logging.getLogger("tensortap")
 
+#: The error handler that standard output and error take while a command runs where theirs would raise
+#: (an ASCII locale, ``PYTHONIOENCODING=ascii``): see :func:`escaping_unencodable`.
+ESCAPE_ERRORS = "tensortap.escape"
+
 
 # ------------------------------------------------------------------ output
+def _escape_unencodable(exc: UnicodeError) -> tuple[str | bytes, int]:
+    """:data:`ESCAPE_ERRORS`: the bytes that surrogate escapes stand for (an undecodable path given in the command
+    line, written back as it was), any other character the encoding cannot hold as a backslash escape (``\\xe9``)."""
+    try:
+        return codecs.lookup_error("surrogateescape")(exc)
+    except UnicodeError:
+        return codecs.backslashreplace_errors(exc)
+
+
+codecs.register_error(ESCAPE_ERRORS, _escape_unencodable)
+
+
+@contextlib.contextmanager
+def escaping_unencodable() -> Iterator[None]:
+    """Let standard output and error write any text while a command runs.
+
+    A stream whose error handler would raise ``UnicodeEncodeError`` for a character its encoding cannot
+    hold (``strict``, or ``surrogateescape`` in an ASCII locale) takes :data:`ESCAPE_ERRORS` instead:
+    a tensor name ``größe`` prints as ``gr\\xf6\\xdfe`` on an ASCII terminal. ``--json`` is ASCII anyway. The
+    streams get their handlers back afterwards, so that ``main`` called in a program leaves them as they were.
+    """
+    changed = [
+        (stream, stream.errors)
+        for stream in (sys.stdout, sys.stderr)
+        if isinstance(stream, io.TextIOWrapper) and stream.errors in ("strict", "surrogateescape")
+    ]
+    for stream, _ in changed:
+        stream.reconfigure(errors=ESCAPE_ERRORS)
+    try:
+        yield
+    finally:
+        for stream, errors in changed:
+            with contextlib.suppress(OSError, ValueError):  # reconfigure flushes: a stream gone or closed
+                stream.reconfigure(errors=errors)
+
+
+def columns(text: str, encoding: str = "utf-8") -> int:
+    """How many columns of a terminal ``text`` takes once written in ``encoding``: an East Asian wide or
+    full-width character two, a combining character none, a character ``encoding`` cannot hold as many as
+    its escape (:data:`ESCAPE_ERRORS`), any other one."""
+    if text.isascii():
+        return len(text)
+    width = 0
+    for char in text:
+        try:
+            char.encode(encoding)
+        except UnicodeEncodeError:
+            width += len(char.encode(encoding, ESCAPE_ERRORS))
+            continue
+        width += 0 if unicodedata.combining(char) else 2 if unicodedata.east_asian_width(char) in "WF" else 1
+    return width
+
+
 class Style:
     """ANSI colour on a terminal only, never when ``NO_COLOR`` is set (https://no-color.org)."""
 
@@ -122,10 +182,13 @@ def print_json(value: Any) -> None:
 
 def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
     """A plain text table with a rule under the header; numbers to significant digits, control
-    characters escaped (:func:`printable`)."""
+    characters escaped (:func:`printable`); columns aligned on a terminal (:func:`columns`: wide
+    characters, and those standard output writes as escapes, count as wide as they print)."""
+    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
     cells = [[printable(str(c)) for c in header]] + [[printable(fmt(c)) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
+    sized = [[(c, columns(c, encoding)) for c in r] for r in cells]
+    widths = [max(r[i][1] for r in sized) for i in range(len(header))]
+    lines = ["  ".join(c + " " * (w - n) for (c, n), w in zip(r, widths, strict=True)).rstrip() for r in sized]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -688,18 +751,30 @@ def _stdout_gone() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; return the exit status."""
-    parser = build_parser()
-    argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        args = parser.parse_args(argv)
-    except _UsageExit as exc:
-        if _wants_json(argv):
-            command = next((a for a in argv if a in parser_commands(parser)), None)
-            _print_error_json(command, exc.message, "usage")
-        raise
-    with logging_to_stderr(args.verbose or 0, args.quiet):
-        return _run(args)
+    """Run the command line; return the exit status.
+
+    A Ctrl-C is an interruption (:func:`interrupted`) from the moment this runs, also while the subcommands'
+    modules are still being imported; output is written whatever the streams' encoding (:func:`escaping_unencodable`).
+    """
+    command: str | None = None  # known once the command line is parsed
+    with escaping_unencodable():
+        try:
+            parser = build_parser()
+            argv = sys.argv[1:] if argv is None else list(argv)
+            try:
+                args = parser.parse_args(argv)
+                if args.verbose and args.quiet:  # one before the subcommand, one after: each parser saw one
+                    parser.error("argument -v/--verbose: not allowed with argument -q/--quiet")
+            except _UsageExit as exc:
+                if _wants_json(argv):
+                    named = next((a for a in argv if a in parser_commands(parser)), None)
+                    _print_error_json(named, exc.message, "usage")
+                raise
+            command = args.command
+            with logging_to_stderr(args.verbose or 0, args.quiet):
+                return _run(args)
+        except KeyboardInterrupt:
+            return interrupted(command)
 
 
 def parser_commands(parser: argparse.ArgumentParser) -> list[str]:
@@ -757,7 +832,12 @@ def _run(args: argparse.Namespace) -> int:
             return _error(args, exc)
     except KeyboardInterrupt:
         pass
-    print(f"tensortap {args.command}: interrupted", file=sys.stderr)
+    return interrupted(args.command)
+
+
+def interrupted(command: str | None) -> int:
+    """Say on stderr that ``command`` (None: before the command line was parsed) was interrupted; exit 130."""
+    print(f"tensortap{f' {command}' if command else ''}: interrupted", file=sys.stderr)
     return EXIT_INTERRUPTED
 
 

@@ -25,7 +25,6 @@ from typing import Any
 
 from .cli import (
     EXIT_FOUND,
-    EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_USAGE,
     Style,
@@ -33,6 +32,7 @@ from .cli import (
     add_trial_arguments,
     count,
     error_json,
+    interrupted,
     logger,
     open_trial,
     print_json,
@@ -261,7 +261,7 @@ def run(args: argparse.Namespace) -> int:
 
     runner = RuleRunner(trial, rules, actions)
     missing: dict[Rule, list[str]] = {}  # by rule, not name: two --rule of one built-in share its name
-    interrupted = False
+    was_interrupted = False
     try:
         runner.run(
             args.start_step,
@@ -274,7 +274,7 @@ def run(args: argparse.Namespace) -> int:
     except RuleInputsMissing:
         missing = runner.lacking()
     except KeyboardInterrupt:
-        interrupted = True
+        was_interrupted = True
     if killed := killed_workers(trial):
         logger.warning(
             "tensortap rules: %s: its process ended without writing its end marker (SIGKILL, a crash); "
@@ -285,12 +285,12 @@ def run(args: argparse.Namespace) -> int:
         logger.warning("tensortap rules: %s", note)
     saved = trial.steps()
     fired = any(verdicts.values())
-    problem = _problem(trial, saved, rules, missing, interrupted, args)
+    problem = _problem(trial, saved, rules, missing, was_interrupted, args)
     if args.json:
         result = {
             "path": trial.path,
             "training_ended": trial.training_ended,
-            "interrupted": interrupted,
+            "interrupted": was_interrupted,
             "fired": fired,
             "inputs_missing": bool(missing),
             "stop_request": trial.stop_request(),
@@ -317,9 +317,8 @@ def run(args: argparse.Namespace) -> int:
         specs = [f"({printable(spec, message=True)})" for spec in args.rule]
         for r, label in zip(rules, rule_labels(rules, specs), strict=True):
             print(_rule_line(r, label, verdicts[r], saved, missing.get(r), style))
-    if interrupted:
-        print("tensortap rules: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    if was_interrupted:
+        return interrupted("rules")
     if missing:
         return EXIT_USAGE  # the rule lines said which inputs
     if problem is not None:

@@ -512,6 +512,36 @@ def test_warnings_go_to_stderr_and_quiet_silences_them(trial_dir: Path) -> None:
     assert cli("check", str(trial_dir), "-q").returncode == 1
 
 
+def test_quiet_and_verbose_together_are_a_usage_error(trial_dir: Path) -> None:
+    """``-q`` before the subcommand and ``-v`` after it (or the other way round) were both taken, ``-q`` winning
+    without a word; each parser refused the two only when both were given to it."""
+    run = str(trial_dir)
+    for args in (["-q", "ls", run, "-v"], ["-v", "ls", run, "-q"], ["-vv", "show", run, "losses/loss", "--quiet"]):
+        assert "error: argument -v/--verbose: not allowed with argument -q/--quiet" in user_error(cli(*args))
+    result = cli("-q", "ls", run, "-v", "--json")
+    assert result.returncode == 2 and strict_json(result.stdout)["error"]["kind"] == "usage"
+    assert cli("-v", "ls", run, "-v").returncode == 0 and cli("-q", "ls", run, "-q").returncode == 0
+
+
+def test_a_ctrl_c_while_the_command_starts_is_an_interruption(trial_dir: Path) -> None:
+    """A Ctrl-C in the first second, while the command still imported its subcommands' modules (NumPy,
+    h5py), printed a traceback. Here it comes as the command builds its parser (a SIGINT the process
+    sends itself then): one line and exit 130, as a Ctrl-C later on."""
+    start = (
+        "import signal, sys\n"
+        "from tensortap.cli import main\n"
+        "def ctrl_c(frame, event, arg):\n"
+        "    if event == 'call' and frame.f_code.co_name == 'build_parser':\n"
+        "        signal.raise_signal(signal.SIGINT)\n"
+        "sys.setprofile(ctrl_c)\n"
+        "sys.exit(main())\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", start, "ls", str(trial_dir)], capture_output=True, text=True, timeout=120
+    )
+    assert (result.returncode, result.stderr, result.stdout) == (130, "tensortap: interrupted\n", "")
+
+
 def on_terminal(args: list[str], env: dict[str, str] | None = None) -> str:
     """What ``tensortap ARGS`` writes to standard output when that is a terminal (a pseudo-terminal)."""
     main_fd, child_fd = pty.openpty()
@@ -765,6 +795,50 @@ def test_export_escapes_names_on_a_terminal_and_keeps_them_in_a_pipe(tmp_path: P
     )
     names = set(pd.read_csv(io.StringIO(piped.stdout))["name"])
     assert piped.returncode == 0 and names == set(ODD_NAMES), names
+
+
+@pytest.mark.parametrize(
+    "env", [{"PYTHONIOENCODING": "ascii"}, {"PYTHONUTF8": "0"}], ids=["PYTHONIOENCODING", "no-UTF-8-mode"]
+)
+def test_an_ascii_output_writes_what_it_cannot_encode_as_escapes(tmp_path: Path, env: dict[str, str]) -> None:
+    """With standard output in ASCII (a C locale without UTF-8 mode, or ``PYTHONIOENCODING=ascii``), a name
+    outside ASCII stopped ``ls``, ``export`` and ``rules`` at its line: "unexpected error" or "'ascii' codec
+    can't encode", exit 2. Such characters are written as escapes now, as Python writes them."""
+    names = ["gr\u00f6\u00dfe", "\u6743\u91cd/\u5c42"]
+    with Writer(tmp_path / "run") as w, w.stepping():
+        for name in names:
+            w.save(name, np.zeros(2, dtype=np.float32), ["weights"])
+    run = str(tmp_path / "run")
+    env = {"LANG": "C", "LC_ALL": "C", **env}
+    for args, status in ((["ls", run], 0), (["export", run], 0), (["rules", run, "--rule", "all_zero"], 1)):
+        result = cli(*args, env=env)
+        assert result.returncode == status and "Traceback" not in result.stderr, result.stderr
+        assert result.stdout.isascii() and r"gr\xf6\xdfe" in result.stdout, result.stdout
+    assert r"\u6743\u91cd/\u5c42" in cli("ls", run, env=env).stdout
+    assert list(strict_json(cli("ls", run, "--json", env=env).stdout)["tensors"]) == sorted(names)
+
+
+def test_ls_aligns_the_columns_of_long_and_wide_names(tmp_path: Path) -> None:
+    """Long names are listed whole; but a name of East Asian wide characters (two columns each on a terminal)
+    or with a combining accent pushed the rest of its row off the columns of the others."""
+    import unicodedata
+
+    long = "encoder/" * 30 + "weight"
+    names = ["\u6743\u91cd/\u5c42", "cafe\u0301", long, "b"]
+    with Writer(tmp_path / "run") as w, w.stepping():
+        for name in names:
+            w.save(name, np.zeros(2, dtype=np.float32), ["weights"])
+
+    def width(text: str) -> int:  # the columns a terminal gives text
+        wide = [unicodedata.east_asian_width(c) in "WF" for c in text if not unicodedata.combining(c)]
+        return len(wide) + sum(wide)
+
+    for env in ({}, {"LANG": "C", "LC_ALL": "C", "PYTHONIOENCODING": "ascii"}):  # escapes are wider than the name
+        lines = cli("ls", str(tmp_path / "run"), env=env).stdout.splitlines()
+        rows = lines[lines.index(next(line for line in lines if line.startswith("tensor "))) :]
+        starts = {width(row[: row.index("weights" if i else "collections")]) for i, row in enumerate(rows) if i != 1}
+        assert len(starts) == 1 and len(rows) == 6, rows
+        assert any(row.startswith(f"{long}  ") for row in rows)
 
 
 # ------------------------------------------------------------ --json errors
