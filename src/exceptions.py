@@ -244,9 +244,10 @@ class UsageError(Exception):
 
 class StorageUnreachable(TensortapError, ConnectionError):
     """Remote storage could not be used: no connection to its endpoint, no credentials to sign the
-    requests, or an endpoint that does not answer as the storage does (an HTTP 404 with no S3 error
-    to a listing). Never reported as a missing trial: what is there is unknown. Its message says what
-    failed, naming the URL and the endpoint, with the client's error.
+    requests, an endpoint that does not answer as the storage does (an HTTP 404 with no S3 error
+    to a listing), or a request the storage failed after the client's retries (an HTTP 5xx). Never
+    reported as a missing trial or a damaged shard: what is there is unknown, and a later request may
+    succeed. Its message says what failed, naming the URL and the endpoint, with the client's error.
     """
 
 

@@ -800,3 +800,24 @@ def test_a_closed_trial_leaves_no_shard_open_and_a_users_own_handle_working(tmp_
         assert mine["tensors/0/data"][()].tolist() == [[False] * 3, [True] * 3]
     assert h5py.h5f.get_obj_count(h5py.h5f.OBJ_ALL, h5py.h5f.OBJ_FILE) == files_before
     assert open_shards() == []
+
+
+@pytest.mark.parametrize("pack_bytes", [0, 1 << 18])
+def test_an_explicit_step_that_does_not_go_up_is_refused(pack_bytes: int, tmp_path: Path) -> None:
+    """``stepping(step=...)`` took a step that went back or repeated without a word; the shard then held its steps
+    out of order or twice, and readers refused it with every step in it (steps 0 and 5 before the mistake
+    included) or the trial's index record (session 50's hunt 23, F2). It raises a ValueError at once now; the
+    steps before and after it are kept."""
+    w = Writer(tmp_path / "run", shard_policy=ShardPolicy(pack_bytes=pack_bytes))
+    refused = []
+    for step in (0, 5, 3, 5, 7):
+        try:
+            with w.stepping(step=step):
+                w.save("a", np.full(2, step, np.float32))
+        except ValueError as exc:
+            refused.append((step, str(exc)))
+    w.close()
+    assert refused == [(s, f"step: {s} is not greater than the last step, 5") for s in (3, 5)]
+    trial = tensortap.create_trial(tmp_path / "run")
+    assert trial.steps() == [0, 5, 7]
+    assert {s: v.tolist() for s, v in trial.tensor("a").values().items()} == {s: [s, s] for s in (0, 5, 7)}

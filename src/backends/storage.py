@@ -84,6 +84,10 @@ PERMANENT_ERRORS: tuple[type[BaseException], ...] = (
 _T = TypeVar("_T")
 logger = logging.getLogger("tensortap")
 
+STORAGE_FAILURES: tuple[type[BaseException], ...] = (TimeoutError, StorageUnreachable)
+"""Errors that say the storage failed, not the file asked for: a reader raises them, never takes the file for a
+damaged or missing one (the file may be sound; the next read asks again)."""
+
 # Client errors (class names, of botocore and aiohttp: neither is imported here) that say the storage was
 # not reached, and those that say there were no credentials to sign a request with.
 CONNECTION_ERRORS = frozenset(
@@ -767,6 +771,10 @@ class FsspecStorage(Storage):
             raise TimeoutError(f"{self.url}: the storage did not answer within {limit:.0f} s ({method})") from None
         except Exception as exc:
             failure = unreachable(exc, self.url, self._endpoint)
+            if failure is None and isinstance(exc, OSError) and not isinstance(exc, PERMANENT_ERRORS):
+                # an HTTP 5xx, a reset, after the client's own retries: the object may be sound, a later request
+                # may succeed (never taken for a damaged or missing file)
+                failure = StorageUnreachable(f"{self.url}: the storage failed a request ({method}: {exc})")
             if failure is None:
                 raise
             raise failure from exc

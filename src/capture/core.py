@@ -644,7 +644,15 @@ class Hook:
             Mode of this step (default: the current mode).
         step
             Explicit global step number (must be greater than the last one); default: last + 1.
+
+        Raises
+        ------
+        ValueError
+            If ``step`` is not greater than the last step (a worker saves a step once, in order: a shard holding
+            steps out of order or twice is refused by readers, with every step in it).
         """
+        if step is not None and int(step) <= self.step:
+            raise ValueError(f"step: {step} is not greater than the last step, {self.step}")
         if mode is not None:
             self.mode = mode if isinstance(mode, Mode) else Mode.parse(mode)
         self._step_before, self._dropped = self.step, None

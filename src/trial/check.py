@@ -24,7 +24,7 @@ from ..backends import layout
 from ..backends.isolated import ChildFailed, ShardChild
 from ..backends.layout import UnsafeKey, check_key
 from ..backends.shard import RawAtReader, ShardError, ShardReader
-from ..backends.storage import LocalRanges, Storage
+from ..backends.storage import STORAGE_FAILURES, LocalRanges, Storage
 from .index import (
     READS_AT_ONCE,
     Claims,
@@ -174,8 +174,8 @@ def _inspect(
     record_key, record = named.get(key, ("", {}))
     try:
         local = downloaded or storage.local_path(key)
-    except TimeoutError:
-        raise  # the storage does not answer: nothing is known of the shard
+    except STORAGE_FAILURES:
+        raise  # the storage does not answer, or failed: nothing is known of the shard
     except OSError as exc:
         return f"{key}: unreadable shard ({exc})"
     try:
@@ -241,13 +241,14 @@ def _inspect_shards(
 
     def downloaded(i: int, key: str) -> str | None:
         """The copy of remote shard ``key`` (the ``i``-th) downloaded ahead, or now; None where the download
-        failed (the error is met again by :func:`_inspect`); TimeoutError where the storage does not answer."""
+        failed (the error is met again by :func:`_inspect`); raised where the storage does not answer or failed
+        (:data:`~tensortap.backends.storage.STORAGE_FAILURES`)."""
         got = fetched[i] if i < len(fetched) else download(key)
         while not wait([got], DOWNLOAD_POLL_SECONDS).done:
             if ending.is_set():
                 raise CancelledError  # the check is over: its result is read by nobody
         error = got.exception()
-        if isinstance(error, TimeoutError):
+        if isinstance(error, STORAGE_FAILURES):
             raise error
         return None if error is not None else got.result()
 

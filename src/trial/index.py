@@ -42,7 +42,7 @@ from ..backends.shard import (
     ShardError,
     ShardReader,
 )
-from ..backends.storage import Storage
+from ..backends.storage import STORAGE_FAILURES, Storage
 from ..modes import Mode
 from ..processes import KILLED, process_gone
 
@@ -1052,7 +1052,8 @@ class TrialIndex:
     def _listings(self, listings: Sequence[tuple[Callable[[str], _T], str]], empty: _T) -> list[_T]:
         """What each ``(list, folder)`` of ``listings`` gives (a storage listing of a folder): on remote
         storage, made at once. A folder that cannot be listed (no permission, a link loop) gives ``empty``,
-        with a warning naming it (its records are read once it can be); a TimeoutError is raised."""
+        with a warning naming it (its records are read once it can be); a failure of the storage
+        (:data:`~tensortap.backends.storage.STORAGE_FAILURES`) is raised."""
         calls = [functools.partial(listing, folder) for listing, folder in listings]
         done = [_ran(call) for call in calls] if self.storage.is_local else at_once(calls, "list")
         out = []
@@ -1061,7 +1062,7 @@ class TrialIndex:
             if exc is None:
                 out.append(future.result())
                 continue
-            if isinstance(exc, TimeoutError) or not isinstance(exc, OSError):
+            if isinstance(exc, STORAGE_FAILURES) or not isinstance(exc, OSError):
                 raise exc
             self._warn_bad(folder, f"the folder cannot be listed ({exc}); what it holds is not read")
             out.append(empty)
@@ -1204,9 +1205,10 @@ class TrialIndex:
         return forgotten
 
     def _drop_unreadable(self, shard: str, exc: Exception) -> None:
-        """:meth:`drop_shard` for the error that reading ``shard`` raised; a TimeoutError is raised again
-        instead (the storage does not answer: the shard may be sound, and the next read asks again)."""
-        if isinstance(exc, TimeoutError):
+        """:meth:`drop_shard` for the error that reading ``shard`` raised; a failure of the storage (it does not
+        answer, or failed the request: :data:`~tensortap.backends.storage.STORAGE_FAILURES`) is raised again
+        instead: the shard may be sound, and the next read asks again."""
+        if isinstance(exc, STORAGE_FAILURES):
             raise exc
         why = str(exc)
         path, named, rest = why.partition(f"{shard}: ")
@@ -1319,13 +1321,13 @@ class TrialIndex:
     def fetch(self, shards: Sequence[str]) -> None:
         """Download the remote ``shards`` not open yet into the cache, :data:`READS_AT_ONCE` at once, so
         that the readers opened next find them there (a shard that fails says so when it is opened; a
-        storage that does not answer raises TimeoutError now)."""
+        storage that does not answer or fails raises now: :data:`~tensortap.backends.storage.STORAGE_FAILURES`)."""
         todo = [s for s in shards if s not in self._readers]
         if self.storage.is_local or len(todo) < 2:
             return
         for future in at_once([functools.partial(self.storage.local_path, s) for s in todo], "fetch", READS_AT_ONCE):
-            if isinstance(future.exception(), TimeoutError):
-                future.result()  # raised: the storage does not answer
+            if isinstance(future.exception(), STORAGE_FAILURES):
+                future.result()  # raised: the storage does not answer, or failed
 
     def _located(self, name: str, shard: str) -> RawAtReader | None:
         """The reader of ``name``'s values in ``shard`` where its index record says they lie, if it does

@@ -24,6 +24,7 @@ import tensortap
 import tensortap.backends.storage as storage_module
 from tensortap import ReductionConfig
 from tensortap.capture import ShardPolicy, Writer
+from tensortap.exceptions import StorageUnreachable
 from tensortap.trial.index import READS_AT_ONCE
 
 pytestmark = pytest.mark.s3
@@ -210,6 +211,45 @@ def test_check_of_a_store_that_does_not_answer_for_its_shards_is_an_input_error(
     assert codes == [2]
     err = capsys.readouterr().err
     assert f"{s3_url}: the storage did not answer within 1 s" in err and "unreadable" not in err, err
+
+
+def test_a_shard_whose_reads_the_storage_fails_is_kept_and_read_once_it_answers(
+    proxy: FaultyProxy, s3_options: dict[str, Any], s3_url: str
+) -> None:
+    """An HTTP 500 to a shard's requests (past the client's retries) made the trial drop the shard for good: its
+    values were gone from that trial, even once the storage answered again, and ``value()`` said the worker
+    "did not save it" (session 50's hunt 23, F1). The read raises StorageUnreachable naming the storage; the
+    shard is kept, and read once the storage answers."""
+    with Writer(s3_url, storage_options=s3_options, shard_policy=ShardPolicy(max_steps=1)) as w:
+        train(w, range(3))
+    trial = tensortap.create_trial(s3_url, refresh_interval=3600, **_through(proxy, s3_options))
+    assert trial.steps() == [0, 1, 2]
+    proxy.failing_paths = "/shards/"
+    for read in (lambda: trial.tensor("w").value(1), lambda: trial.tensor("w").values()):
+        with pytest.raises(StorageUnreachable, match=f"^{s3_url}: the storage failed a request"):
+            read()
+    proxy.failing_paths = ""
+    trial.refresh()
+    np.testing.assert_array_equal(trial.tensor("w").value(1), weight(1))
+    assert sorted(trial.tensor("w").values()) == [0, 1, 2] and trial.steps() == [0, 1, 2]
+
+
+def test_check_of_a_store_that_fails_the_requests_of_its_shards_is_an_input_error(
+    proxy: FaultyProxy, s3_options: dict[str, Any], s3_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``tensortap check`` where the storage answers a shard's requests with HTTP 500: exit 2 naming the storage,
+    not exit 1 with sound shards reported unreadable (session 50's hunt 23, F4)."""
+    from tensortap.cli import main
+
+    with Writer(s3_url, storage_options=s3_options, shard_policy=ShardPolicy(max_steps=1)) as w:
+        train(w, range(3))
+    proxy.failing_paths = "/shards/"
+    options = json.dumps(_through(proxy, s3_options))
+    assert main(["check", s3_url, "--storage-options", options]) == 2
+    err = capsys.readouterr().err
+    assert f"{s3_url}: the storage failed a request" in err and "unreadable" not in err, err
+    proxy.failing_paths = ""
+    assert main(["check", s3_url, "--storage-options", options]) == 0
 
 
 def test_a_training_never_waits_for_the_stop_request_of_a_remote_trial(

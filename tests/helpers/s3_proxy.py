@@ -34,6 +34,8 @@ class FaultyProxy:
         Where clients connect.
     failures
         How many of the next PUT requests are answered ``500 InternalError`` instead of forwarded.
+    failing_paths
+        When not empty, every request whose path has it is answered ``500 InternalError``.
     stalled
         While set, new requests are accepted and never answered (until :meth:`close`).
     stalled_paths
@@ -52,6 +54,7 @@ class FaultyProxy:
         self.failed = 0
         self.stalled = threading.Event()
         self.stalled_paths = ""
+        self.failing_paths = ""
         self._released = threading.Event()
         self._lock = threading.Lock()
         self._meeting: tuple[str, int, float] | None = None
@@ -77,13 +80,15 @@ class FaultyProxy:
                     return
                 if self.command == "GET" and proxy._meeting is not None and proxy._meeting[0] in self.path:
                     proxy._hold(*proxy._meeting[1:])
-                if self.command == "PUT" and proxy._take_failure():
+                failing = proxy.failing_paths and proxy.failing_paths in self.path
+                if failing or (self.command == "PUT" and proxy._take_failure()):
                     error = b"<Error><Code>InternalError</Code><Message>injected</Message></Error>"
                     self.send_response(500)
                     self.send_header("Content-Type", "application/xml")
                     self.send_header("Content-Length", str(len(error)))
                     self.end_headers()
-                    self.wfile.write(error)
+                    if self.command != "HEAD":
+                        self.wfile.write(error)
                     return
                 with proxy._lock:
                     proxy.seen.append((self.command, self.path))
