@@ -167,6 +167,13 @@ class Callback(xgb.callback.TrainingCallback):
         self._run_id = hook.run_id
         if self.stop_poll_seconds is not None:
             hook.stop_poll_seconds = self.stop_poll_seconds
+        from_boosters = sorted(set(hook.included) - {"losses", "metrics"})
+        if booster is None and from_boosters:
+            logger.warning(
+                "tensortap: %s not captured from xgb.cv: each fold has its own booster, and only the evaluation "
+                "log (losses, metrics) is shared",
+                ", ".join(from_boosters),
+            )
         if booster is not None and not evals and {"losses", "metrics"} & set(hook.included):
             logger.warning(
                 "tensortap: no evaluation set, so XGBoost computes no loss or metric to capture; pass "

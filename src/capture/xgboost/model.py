@@ -128,11 +128,15 @@ def unsupported(params: Mapping[str, str]) -> tuple[tuple[str, ...], str]:
     return (), ""
 
 
-def _as_number(text: str) -> float | None:
+def _as_numbers(text: str) -> np.ndarray | None:
+    """The number a parameter's text holds, or the numbers of a list of them (``"[5E-1]"``, XGBoost 3's
+    ``base_score``; ``"[0.25,0.25]"`` for several targets), as float64: a scalar for one; None if it is not."""
+    listed = text.startswith("[") and text.endswith("]")
     try:
-        return float(text)
+        numbers = [float(part) for part in (text[1:-1].split(",") if listed else [text])]
     except ValueError:
         return None
+    return np.array(numbers[0] if len(numbers) == 1 else numbers, dtype=np.float64)
 
 
 def feature_names(model: Any) -> list[str]:
@@ -176,11 +180,12 @@ def tree_columns(model: Any) -> tuple[dict[str, np.ndarray], list[str]]:
 
 
 def offer_hyperparameters(hook: Hook, params: Mapping[str, str]) -> None:
-    """``hyperparameters/<param>``: the numeric parameters, as float64 scalars."""
+    """``hyperparameters/<param>``: the numeric parameters, as float64 scalars (a list of numbers, as XGBoost 3
+    gives ``base_score``: an array, or a scalar for one)."""
     hook.offer_many(
-        (f"hyperparameters/{name}", np.float64(number), ("hyperparameters",))
+        (f"hyperparameters/{name}", numbers, ("hyperparameters",))
         for name, text in params.items()
-        if (number := _as_number(text)) is not None
+        if (numbers := _as_numbers(text)) is not None
     )
 
 
