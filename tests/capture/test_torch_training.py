@@ -877,6 +877,42 @@ def test_a_container_whose_networks_are_called_directly_warns_once_how_to_captur
     assert len(warned) == 1 and 'hook.register_module(model.G, name="G")' in warned[0], warned
 
 
+def test_a_registered_module_whose_forward_is_called_directly_is_named_in_the_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """pytorch/examples' mnist_forward_forward registers each layer and calls ``layer.forward(x)``: PyTorch runs
+    no module hook, so no output is captured. The warning blamed "a container of networks" and said to register
+    the networks, which were registered (session 50's hunt 24, F1); it names the module whose forward was called."""
+
+    class Layer(nn.Linear):
+        def __init__(self) -> None:
+            super().__init__(4, 4)
+            self.relu = nn.ReLU()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.relu(super().forward(x))
+
+    layers = [Layer(), Layer()]
+    hook = ttt.Hook(tmp_path, save_config=EVERY_STEP, include_collections=["weights", "outputs"])
+    for i, layer in enumerate(layers):
+        hook.register_module(layer, name=f"L{i}")
+    opt = torch.optim.SGD([p for layer in layers for p in layer.parameters()], lr=0.1)
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        for _ in range(2):
+            x = torch.randn(3, 4)
+            opt.zero_grad()
+            layers[1].forward(layers[0].forward(x)).pow(2).mean().backward()
+            opt.step()
+    hook.close()
+    trial = _trial(tmp_path)
+    assert trial.steps() and not [n for n in trial.tensor_names() if n.startswith("outputs/")]
+    warned = [r.getMessage() for r in caplog.records if "submodule" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("tensortap: submodule L0.relu was called in L0.forward(...)"), (
+        warned
+    )
+    assert "called as L0(...)" in warned[0] and "container" not in warned[0]
+
+
 class Checkpointed(nn.Module):
     """A block under activation checkpointing (``torch.utils.checkpoint``, as HF's
     ``gradient_checkpointing_enable()`` wraps each layer): its forward runs again during backward."""

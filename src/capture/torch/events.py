@@ -1162,6 +1162,18 @@ class Hook(core.Hook):
         if not self._ever_forwarded:  # parts of a container called directly (gan.G(z)): one warning for all
             if not self._warned_outside:
                 self._warned_outside.add(name)
+                direct = self._forward_called_directly()
+                if direct is not None:
+                    logger.warning(
+                        "tensortap: submodule %s was called in %s.forward(...), called directly: PyTorch runs a "
+                        "module's hooks only when it is called as %s(...), so no forward of a registered module has "
+                        "run, and outputs and inputs of its submodules (and of any other module called so) are not "
+                        "captured (weights, gradients and losses are). Call the module, not its forward",
+                        name,
+                        direct,
+                        direct,
+                    )
+                    return
                 logger.warning(
                     "tensortap: submodule %s was called, but no forward of a registered module has run (a "
                     "container of networks, called as model.G(z)?); outputs and inputs of submodules are captured "
@@ -1181,6 +1193,19 @@ class Hook(core.Hook):
             name,
             self.step,
         )
+
+    def _forward_called_directly(self) -> str | None:
+        """The name of the registered module whose ``forward`` is among the callers, or None (a frame walk: only
+        on the way to a warning)."""
+        roots = {id(root.module): root.name for root in self._roots}
+        frame: FrameType | None = sys._getframe(1)
+        for _ in range(40):
+            if frame is None:
+                break
+            if frame.f_code.co_name == "forward" and id(frame.f_locals.get("self")) in roots:
+                return roots[id(frame.f_locals["self"])]
+            frame = frame.f_back
+        return None
 
     def _capture_io(self, name: str, args: Any, kwargs: dict[str, Any], output: Any) -> None:
         """Outputs and inputs of one call: positional inputs ``inputs/<name>``, keyword ones ``inputs/<name>/<key>``."""
