@@ -133,6 +133,7 @@ class _InStep(threading.local):
         self.results: dict[int, tuple[Any, Any]] = {}
         # compute_loss's values, with their keys and sources (see _loss_source)
         self.computed: list[tuple[Any, str, Any]] = []
+        self.applied: set[int] = set()  # optimizers (by id) that applied gradients in a capturing variant's trace
 
 
 @dataclass
@@ -1042,6 +1043,7 @@ class Callback(keras.callbacks.Callback):
         """Forget the layer calls and losses seen: a step (or a step function's run or trace) begins."""
         state = self._in
         state.calls, state.loss_names, state.means, state.results, state.computed = {}, set(), {}, {}, []
+        state.applied = set()
 
     def _tap_logs(self, logs: dict[str, Any], mode: Mode) -> None:
         """The metrics a step returns, and the losses among them that no tracker or ``compute_loss`` gave.
@@ -1225,19 +1227,27 @@ class Callback(keras.callbacks.Callback):
         return wrapped
 
     def _note_apply(self, optimizer: Any) -> None:
-        """An eager ``apply`` of ``optimizer``: a second one in a saved step replaces the gradients of the
-        first (a compiled one is warned about by :meth:`TFGraphTaps.written`); one warning per optimizer."""
-        if trace_level() is not None or not self.session.saving("gradients") or replica_now()[1] > 1:
+        """An ``apply`` of ``optimizer``: a second one in a saved step (eager), or in a trace of a step that returns
+        what it captures as extra outputs (``fit`` compiled), replaces the gradients of the first; one warning per
+        optimizer (a compiled step without extra outputs is warned about by :meth:`TFGraphTaps.written`)."""
+        variant = self._in.variant
+        if trace_level() is not None:
+            if variant is None or "gradients" not in variant:
+                return
+            applied, where = self._in.applied, "each run of the compiled step"
+        elif not self.session.saving("gradients") or replica_now()[1] > 1:
             return  # (the applies of a strategy's replicas: see _eager_replicas)
-        if id(optimizer) in self._applied and id(optimizer) not in self._warned_reapplied:
+        else:
+            applied, where = self._applied, f"step {self.hook.step}"
+        if id(optimizer) in applied and id(optimizer) not in self._warned_reapplied:
             self._warned_reapplied.add(id(optimizer))
             logger.warning(
-                "tensortap: optimizer %s applied gradients twice in step %d; its gradients/ values are those of the "
-                "last apply (give each apply a step of its own to keep both)",
+                "tensortap: optimizer %s applied gradients more than once in %s; its gradients/ values are those "
+                "of the last apply (give each apply a step of its own to keep each)",
                 getattr(optimizer, "name", type(optimizer).__name__),
-                self.hook.step,
+                where,
             )
-        self._applied.add(id(optimizer))
+        applied.add(id(optimizer))
 
     def _wrap_call(self, layer: Any) -> Callable[..., Any]:
         call = layer.call
