@@ -947,7 +947,8 @@ class Hook(core.Hook):
             self._warned_unused.add(f.root)
             log(
                 "tensortap: step %d: a forward of %s was followed by another before any backward used its "
-                "outputs (a batch skipped with `continue`, or a loss that raised and was caught?); its outputs, "
+                "outputs (a batch skipped with `continue`, a loss that raised and was caught, or a sample drawn "
+                "with gradients on, as netG(fixed_noise)?); its outputs, "
                 "inputs and named losses, and the values given with save_scalar/save_tensor/record_loss after it, "
                 "are not saved: the step keeps those of the forward trained on. Run forwards that are not trained "
                 "on under torch.no_grad() to save them (later cases: at INFO)",

@@ -504,8 +504,9 @@ class _TrainValidation(_EvaluationRuns):
                 Requirement("losses"),
                 f"no validation loss: no loss ({', '.join(names)}) matches validation_regex "
                 f"{self.validation.pattern!r} and none was saved at an EVAL step (in PyTorch, a loss "
-                "computed by a function under no_grad is not captured: call the loss module given to "
-                "capture(..., loss=loss_fn), or hook.record_loss(val_loss, name='val_loss'))",
+                "computed by a function under no_grad is not captured, even one given to capture(..., loss=...): "
+                "give capture a loss module, such as loss=nn.CrossEntropyLoss(), and call it, or "
+                "hook.record_loss(val_loss, name='val_loss'))",
             )
 
 
