@@ -496,7 +496,7 @@ class _TrainValidation(_EvaluationRuns):
                 f"no training loss: every loss ({', '.join(names)}) is a validation loss by its name "
                 f"(validation_regex {self.validation.pattern!r}); evaluate on the training data too, e.g. "
                 "evals=[(dtrain, 'train'), (dval, 'validation')], or eval_set=[(X_train, y_train), (X_val, y_val)] "
-                "with the arrays given to fit",
+                "with the very objects given to fit (X[idx] written twice makes two copies)",
             )
         elif not val and trial.training_ended and not any(trial.tensor(n).steps(mode=Mode.EVAL) for n in names):
             self.need(
