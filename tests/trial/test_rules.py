@@ -28,6 +28,7 @@ from tensortap.rules import (
     PoorWeightInitialization,
     Rule,
     RuleConditionMet,
+    RuleRunner,
     SaturatedActivation,
     SimilarAcrossRuns,
     StalledTraining,
@@ -211,6 +212,23 @@ def two_workers_one_shard_damaged(path: Path) -> Path:
     damaged = sorted((path / "shards" / "worker_0").glob("*.h5"))[2]
     damaged.write_bytes(b"\x89HDF junk" * 100)
     return path
+
+
+def test_every_rule_of_a_run_skips_the_steps_of_a_shard_found_damaged(tmp_path: Path) -> None:
+    """Two rules on one worker's trial whose second shard (steps 3-5) is damaged: the first rule's read of step 3
+    found it so and the shard was dropped; the second rule, asked next at step 3, counted it as evaluated (it
+    skipped 4-5 only). Both skip 3-5 now (session 50, seen by the CLI fixer)."""
+    path = tmp_path / "run"
+    with Writer(path, shard_policy=ShardPolicy(max_steps=3)) as w:
+        for step in range(9):
+            with w.stepping():
+                w.save("w", np.arange(4.0) + step, ["weights"])
+    damaged = sorted((path / "shards" / "worker_0").glob("*.h5"))[1]
+    damaged.write_bytes(damaged.read_bytes()[:1000])
+    trial = tensortap.create_trial(path)
+    rules = [AllZero(trial), ExplodingTensor(trial)]
+    RuleRunner(trial, rules).run(wait=False)
+    assert [(r.skipped_steps, r.evaluated_steps) for r in rules] == [([3, 4, 5], 6)] * 2
 
 
 @pytest.mark.parametrize(

@@ -177,10 +177,11 @@ class RuleRunner:
             steps = self.trial.steps()
             pending = [s for s in steps if s >= next_step and (end_step is None or s < end_step)]
             for s in progress(pending, desc="steps", enable=False if wait else show_progress):
-                readable = s in self.trial._index.steps  # else its shards were found unreadable since the listing
                 for rule in self.rules:
                     if s <= floor[rule]:
                         continue
+                    # else its shards were found unreadable since the listing (by a rule before this one, too)
+                    readable = s in self.trial._index.steps
                     verdict = rule.invoke(s) if readable else rule.skip(s, "its shards cannot be read")
                     if verdict.fired:
                         fired[rule].append(s)
