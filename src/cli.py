@@ -563,12 +563,38 @@ def _show_steps(tensor: Any, mode: Mode | None, worker: str | None) -> list[int]
     )
 
 
+@contextlib.contextmanager
+def _shard_named_once() -> Iterator[None]:
+    """Name a damaged shard once: what the ``tensortap`` logger says in the block is held back and said after
+    it, but for what names the shard that a :class:`ShardUnreadable` the block raises names (its message
+    says which shard and why, as the reader's warning about that shard did)."""
+    held: list[logging.LogRecord] = []
+
+    def hold(record: logging.LogRecord) -> bool:
+        held.append(record)
+        return False
+
+    named = ""
+    logger.addFilter(hold)
+    try:
+        yield
+    except ShardUnreadable as exc:
+        named = exc.shard
+        raise
+    finally:
+        logger.removeFilter(hold)
+        for record in held:
+            if not named or named not in record.getMessage():
+                logger.handle(record)
+
+
 def cmd_show(args: argparse.Namespace) -> int:
     """Print one tensor at one step or every step: a scalar, a summary of an array, or a reduction.
 
     Over every step, a step whose shard cannot be read (damaged: the reader warns, naming it) is
     skipped and the others are shown; a warning lists the skipped steps, ``--json`` gives them as
-    ``skipped_steps``. One ``--step`` that cannot be read, or no step readable at all, is an error.
+    ``skipped_steps``. One ``--step`` that cannot be read, or no step readable at all, is an error; for
+    ``--step`` the error alone names the shard and why (:func:`_shard_named_once`).
     """
     trial = open_trial(args)
     tensor = trial.tensor(args.name)
@@ -579,7 +605,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     style = Style(sys.stdout)
     for s in steps:
         try:
-            entry, text = _show_entry(tensor, s, mode, args)
+            with _shard_named_once() if args.step is not None else contextlib.nullcontext():
+                entry, text = _show_entry(tensor, s, mode, args)
         except ShardUnreadable:
             if args.step is not None:
                 raise

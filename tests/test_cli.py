@@ -606,7 +606,7 @@ def test_main_in_a_program_logs_to_stderr_then_leaves_its_logging_as_it_was(
         f.truncate(100)  # the index says otherwise: the reader skips it with a warning
     logger = logging.getLogger("tensortap")
     before = (list(logger.handlers), logger.level, logger.propagate)
-    assert main(["show", str(tmp_path), "a", "--step", "0"]) == 2  # step 0 cannot be read
+    assert main(["show", str(tmp_path), "a"]) == 0  # step 0 cannot be read, step 1 is shown
     assert "tensortap: skipping shards/worker_0/0000000000.h5" in capsys.readouterr().err  # the logger's line
     assert (list(logger.handlers), logger.level, logger.propagate) == before
     with caplog.at_level(logging.WARNING, logger="tensortap"):
@@ -683,6 +683,37 @@ def test_show_skips_the_steps_of_a_damaged_shard_and_shows_the_rest(
     data = strict_json(capsys.readouterr().out)
     assert [e["step"] for e in data["steps"]] == [0, 1, 2, 6, 7, 8] and data["skipped_steps"] == [3, 4, 5]
     assert data["steps"][-1]["max"] == 11.0
+
+
+@pytest.mark.parametrize("pack_bytes", [0, 1 << 18], ids=["grouped", "packed"])
+def test_show_of_one_step_of_a_damaged_shard_names_the_shard_once(
+    pack_bytes: int, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``show --step`` on a value that fails its checksum said so twice on stderr: the reader's warning
+    (``skipping <shard>: <why>``) and the error (``... shard <shard> cannot be read: <why>``). The error alone
+    says it now, the same with ``-q`` and ``--json``; and it names the value by its place in the shard (a value
+    read where the record says was "value 0" whatever its step). Over every step the reader's warning names
+    the shard, ``show``'s own line the steps."""
+    from tensortap.cli import main
+
+    with Writer(tmp_path, shard_policy=ShardPolicy(max_steps=3, pack_bytes=pack_bytes)) as w:
+        for step in range(3):
+            with w.stepping():
+                w.save("w", np.arange(4.0) + step, ["weights"])
+    shard = "shards/worker_0/0000000000.h5"
+    at = json.loads((tmp_path / "index" / "worker_0" / "0000000000.json").read_text())["tensors"]["w"]["raw_at"]
+    data = bytearray((tmp_path / shard).read_bytes())
+    data[at["data"] + 32 + 3] ^= 0x10  # a byte of the value of step 1 (four float64 a value)
+    (tmp_path / shard).write_bytes(bytes(data))
+    why = "value 1 of tensor step 1 does not match its checksum"
+    for extra in ([], ["-q"], ["--json"]):
+        assert main(["show", str(tmp_path), "w", "--step", "1", *extra]) == 2
+        out, err = capsys.readouterr()
+        assert err == f"tensortap show: 'w' at step 1: shard {shard} cannot be read: {why}\n", (extra, err)
+        assert not extra or extra == ["-q"] or strict_json(out)["error"]["message"] == err[len("tensortap show: ") : -1]
+    assert main(["show", str(tmp_path), "w"]) == 0
+    err = capsys.readouterr().err
+    assert err.count(shard) == 1 and f"skipping {shard}: {why}" in err and "2 steps skipped at 1-2" in err, err
 
 
 @pytest.mark.parametrize("nan_at", [None, 7])

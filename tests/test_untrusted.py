@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -654,6 +655,33 @@ def test_check_reports_a_raw_at_that_gives_other_values_than_the_shard_holds(tmp
     assert tensortap.create_trial(tmp_path).tensor("dense/kernel").value(2).tobytes() == kernel(2).tobytes()
     problems = find_problems(str(tmp_path))
     assert len(problems) == 1 and "raw_at of 'dense/kernel' does not give the values the shard holds" in problems[0]
+
+
+@pytest.mark.parametrize("pack_bytes", [0, 1 << 20], ids=["grouped", "packed"])
+def test_a_raw_at_of_the_other_byte_order_than_its_shard_gives_no_second_value(pack_bytes: int, tmp_path: Path) -> None:
+    """The record's ``raw_at`` says ``>f4`` for the shard's ``<f4`` values, its check made to match as a
+    stranger would (hunt 21, F4). Read where the record says, a value is those bytes as ``>f4``; through HDF5 it
+    was the shard's ``<f4``, so a step's value depended on the way it was read (``histogram_values``; a shard's
+    second value on object storage, read from the downloaded shard). Read through HDF5, the shard is refused
+    as disagreeing with its record, with one warning naming both; ``check`` reports it."""
+    write(tmp_path, steps=3, pack_bytes=pack_bytes)
+    set_raw_at(tmp_path, dtype=">f4")
+    recorded = {step: kernel(step).view(">f4") for step in range(3)}  # the record's reading of the same bytes
+    why = "says the values of 'dense/kernel' are >f4 where they lie (raw_at); the shard holds <f4"
+    with logged_warnings() as warned:
+        tensor = tensortap.create_trial(tmp_path).tensor("dense/kernel")
+        assert tensor.value(1).dtype == ">f4" and tensor.value(1).tobytes() == recorded[1].tobytes()
+        assert tensor.histogram_values() == {}  # binned from the values HDF5 reads: the shard is refused
+    with logged_warnings() as warned_remote:
+        tensor = tensortap.create_trial(on_object_storage(tmp_path)).tensor("dense/kernel")
+        assert tensor.value(0).tobytes() == recorded[0].tobytes()  # by range, where the record says
+        with pytest.raises(TensorUnavailableForStep, match=re.escape(why)):
+            tensor.value(1)  # then from the downloaded shard, through HDF5
+    for said in (warned, warned_remote):
+        assert len(said) == 1 and f"{SHARD}: {RECORD} {why}" in said[0], said
+    problems = find_problems(str(tmp_path))
+    assert [p.split(":")[0] for p in problems] == [SHARD], problems
+    assert "raw_at of 'dense/kernel' does not give the values the shard holds" in problems[0], problems
 
 
 @pytest.mark.parametrize("dtype", ["float16", "float32", "float64", "complex128", "int8"])

@@ -1496,15 +1496,16 @@ def _row_error(path: str, steps: np.ndarray, i: int) -> NoReturn:
     raise ShardError(f"{path}: value {i} of tensor step {int(steps[i])} does not match its checksum")
 
 
-def _verify_rows(path: str, steps: np.ndarray, crc: np.ndarray, data: np.ndarray) -> None:
-    """Check each row of ``data`` (C-contiguous: the values at ``steps``) against its CRC-32 in ``crc``."""
+def _verify_rows(path: str, steps: np.ndarray, crc: np.ndarray, data: np.ndarray, first: int = 0) -> None:
+    """Check each row of ``data`` (C-contiguous: the values ``first`` on of those at ``steps``) against its
+    CRC-32 in ``crc``."""
     if not len(data):
         return
     size = data.nbytes // len(data)
     raw = data.reshape(-1).view(np.uint8).data
     for i, expected in enumerate(crc.tolist()):
         if _crc32(raw[i * size : (i + 1) * size]) != expected:
-            _row_error(path, steps, i)
+            _row_error(path, steps, first + i)
 
 
 class RawSource(Protocol):
@@ -1574,7 +1575,7 @@ class RawAtReader:
                 raise ShardError(f"{where} end past the end of the file (it changed)")
         finally:
             file.close()
-        _verify_rows(self.where, self.steps[first : first + count], crc, out)
+        _verify_rows(self.where, self.steps, crc, out, first)
         return out
 
     def stacked(self, name: str) -> tuple[np.ndarray, np.ndarray]:

@@ -79,11 +79,13 @@ def _misplaced(reader: ShardReader, parsed: ParsedRecord) -> str | None:
 
 def _disagreement(reader: ShardReader, parsed: ParsedRecord) -> str | None:
     """Where the index record lists other raw steps of a tensor than the shard holds, or declares another
-    dtype or shape of its last raw value (readers refuse the shard), or None."""
+    dtype or shape of its last raw value, or another dtype where it says its values lie (readers refuse the
+    shard), or None."""
+    declared = parsed.declared
     for row, (name, (raw, _, _)) in enumerate(parsed.tensors.items()):
         if name not in reader.ids:
             continue  # reported as other tensors than the shard holds
-        why = disagreement(reader, name, raw, parsed.declared.form(row, raw))
+        why = disagreement(reader, name, raw, declared.form(row, raw), declared.raw_at(row))
         if why is not None:
             return f"{reader.path}: its index record {why}"
     return None

@@ -747,10 +747,12 @@ def _another_run(held: Mapping[str, Any], new: object) -> bool:
     return new is not None and bool(held) and new != held.get("run_id")
 
 
-def disagreement(reader: ShardReader, name: str, raw_steps: np.ndarray, declared: Form | None) -> str | None:
+def disagreement(
+    reader: ShardReader, name: str, raw_steps: np.ndarray, declared: Form | None, located: RawAt | None
+) -> str | None:
     """How the raw values of ``name`` in ``reader``'s shard are not those its index record describes
-    (``raw_steps``, and the dtype and shape it declares for the last), as the end of a sentence whose subject is
-    the record; None if they are."""
+    (``raw_steps``, the dtype and shape it declares for the last, and ``located``, where it says they lie: None
+    if it does not), as the end of a sentence whose subject is the record; None if they are."""
     if not np.array_equal(reader.raw_steps(name), raw_steps):
         return f"lists other steps of {name!r} than the shard holds"
     if declared is None:
@@ -759,12 +761,17 @@ def disagreement(reader: ShardReader, name: str, raw_steps: np.ndarray, declared
     if held is None:
         return f"declares a value of {name!r}; the shard holds none"
     dtype, shape = declared
-    try:  # of either byte order: the values read are the same
+    try:  # of either byte order: the shard's reader reads its values in the shard's own byte order
         same_type = np.dtype(dtype).newbyteorder("=") == held[0].newbyteorder("=")
     except (TypeError, ValueError):  # not a dtype NumPy knows
         same_type = False
     if not same_type:
         return f"declares the dtype {dtype} for {name!r}; the shard holds {held[0]}"
+    if located is not None and located.dtype != held[0]:  # read as the bytes they are there: byte order included
+        return (
+            f"says the values of {name!r} are {located.dtype.str} where they lie (raw_at); "
+            f"the shard holds {held[0].str}"
+        )
     if shape != held[1]:
         return f"declares the shape {shape} for {name!r}; the shard holds {held[1]}"
     return None
@@ -1256,27 +1263,30 @@ class TrialIndex:
         ``one_value``: ``what`` reads one value. On remote storage the first such read of a shard reads
         it by range too (a look at one step downloads a few bytes, not the shard); later ones go through
         the shard's reader (the shard downloaded once, then read locally), since a loop over steps would
-        otherwise make requests for every value.
+        otherwise make requests for every value. Whatever reads through the shard's reader first checks
+        that the shard agrees with its record (:meth:`agreeing`).
         """
+        direct = True  # where the record says, if it does
         if one_value and not self.storage.is_local:
-            if shard in self._readers or shard in self._ranged_once:
-                return self.read(shard, what)
+            direct = shard not in self._readers and shard not in self._ranged_once
             self._ranged_once.add(shard)
         try:
-            source = self._located(name, shard)
+            source = self._located(name, shard) if direct else None
             if source is not None:
                 return what(source)
         except (ShardError, OSError, ValueError) as exc:
             self._drop_unreadable(shard, exc)
             return None
-        return self.read(shard, lambda reader: what(self._agreeing(reader, name, shard)))
+        return self.read(shard, lambda reader: what(self.agreeing(reader, name, shard)))
 
-    def _agreeing(self, reader: ShardReader, name: str, shard: str) -> ShardReader:
+    def agreeing(self, reader: ShardReader, name: str, shard: str) -> ShardReader:
         """``reader``, of ``shard``, once sure it holds raw values of ``name`` at the steps its index record
-        lists, no more, no fewer (else a ShardError: a reader never lists a step whose value it drops)."""
-        raw_steps, declared, _ = self.tensors[name].in_shard(shard)
+        lists, no more, no fewer, of the form it declares, and of the dtype its ``raw_at`` reads them as where
+        it says they lie, byte order included (else a ShardError: a reader never lists a step whose value it
+        drops, nor gives a step's value other than the one read where the record says)."""
+        raw_steps, declared, located = self.tensors[name].in_shard(shard)
         record = self.shards[shard].record if shard in self.shards else "its index record"
-        why = disagreement(reader, name, raw_steps, declared)
+        why = disagreement(reader, name, raw_steps, declared, located)
         if why is not None:
             raise ShardError(f"{record} {why}")
         return reader

@@ -1115,9 +1115,9 @@ class Tensor:
             want_raw = any(loc.raw and not loc.histogram for _, loc in entries)
             got = index.read(
                 shard,
-                lambda r, h=want_saved, v=want_raw: (  # type: ignore[misc]
+                lambda r, h=want_saved, v=want_raw, s=shard: (  # type: ignore[misc]
                     r.histograms(self.name) if h else {},
-                    r.values(self.name) if v else {},
+                    index.agreeing(r, self.name, s).values(self.name) if v else {},
                 ),
             )
             if got is None:

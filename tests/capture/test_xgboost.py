@@ -145,6 +145,34 @@ def test_hyperparameters_read_back(tmp_path: Path, dmatrices: tuple[Any, Any]) -
     assert trial.tensor("hyperparameters/base_score").value(0) == np.float64(base_score)
 
 
+@pytest.mark.parametrize("api", ["train", "sklearn"])
+def test_integer_parameters_read_back_exactly(api: str, tmp_path: Path) -> None:
+    """Every parameter was saved as float64: a seed of 2**62 + 1 read back as 2**62 (hunt 21). XGBoost's
+    configuration gives each parameter as a string, a float parameter of an integral value too (``"lambda":
+    "1"``): its integer parameters, known by name, are int64 (uint64 above that range), the others float64."""
+    seed, callback = 2**62 + 1, ttx.Callback(tmp_path, include_collections=["hyperparameters"])
+    X, y = _data()
+    if api == "train":
+        params = {**PARAMS, "seed": seed, "lambda": 1, "max_bin": 64}
+        xgb.train(params, xgb.DMatrix(X, label=y), 2, callbacks=[callback])
+    else:
+        model = xgb.XGBClassifier(n_estimators=2, max_depth=3, random_state=seed, reg_lambda=1, callbacks=[callback])
+        model.fit(X, y)
+    trial = tensortap.create_trial(tmp_path)
+    saved = {n.split("/", 1)[1]: trial.tensor(n).value(0) for n in trial.tensor_names()}
+    assert int(saved["seed"]) == int(saved["random_state"]) == seed and int(saved["max_depth"]) == 3
+    assert saved["lambda"].dtype == np.float64 and saved["lambda"] == 1  # a float parameter given as an int
+    assert saved["eta"].dtype == np.float64
+    from tensortap.capture.xgboost.model import INTEGER_PARAMETERS
+
+    texts = json.loads((tmp_path / "workers" / "worker_0.json").read_text())["hyperparameters"]
+    integers = {name: int(text) for name, text in texts.items() if name in INTEGER_PARAMETERS}
+    assert {"seed", "random_state", "max_depth", "nthread", "num_feature"} <= integers.keys()
+    for name, value in integers.items():
+        assert saved[name].dtype == (np.int64 if value < 2**63 else np.uint64) and int(saved[name]) == value, name
+    assert all(saved[name].dtype == np.float64 for name in saved.keys() - integers.keys())
+
+
 def test_a_list_of_numbers_among_the_parameters_is_saved_as_an_array(tmp_path: Path) -> None:
     """A multi-class booster's intercept, one number per class in XGBoost 3 (``"[2.5E-1,...]"``), is an array."""
     X, y = _data(rows=120, features=3)

@@ -28,6 +28,22 @@ LINEAR_UNSUPPORTED = ("trees", *(f"feature_importance/{kind}" for kind in IMPORT
 _NODE_COLUMNS = ("Yes", "No", "Missing")
 # model state in the booster's configuration, not a hyperparameter
 _NOT_HYPERPARAMETERS = frozenset({"num_trees"})
+INTEGER_PARAMETERS = frozenset(
+    # the learner and its context; the boosters (gbtree, dart, gblinear); the trees; learning to rank
+    """
+    seed random_state seed_per_iteration nthread n_jobs fail_on_invalid_gpu_id validate_parameters
+    disable_default_eval_metric num_feature num_class num_target boost_from_average
+    num_parallel_tree one_drop max_row_perbatch top_k
+    max_depth max_leaves max_bin max_cat_to_onehot max_cat_threshold refresh_leaf max_cached_hist_node
+    debug_synchronize extmem_single_page
+    lambdarank_num_pair_per_sample lambdarank_unbiased lambdarank_normalization lambdarank_score_normalization
+    ndcg_exp_gain
+    """.split()
+)
+"""XGBoost's integer and boolean parameters (fields of an integer type or ``bool`` of its parameter structs,
+aliases included; 2.1 to 3.2), saved as integers. Their type cannot be read from the configuration: it
+gives every parameter as a string, and a float parameter of an integral value as an integer
+(``"lambda": "1"``, ``"eta": "1"``)."""
 
 
 class ParameterWatch:
@@ -128,6 +144,26 @@ def unsupported(params: Mapping[str, str]) -> tuple[tuple[str, ...], str]:
     return (), ""
 
 
+def parameter_value(name: str, text: str) -> np.ndarray | None:
+    """The value of the parameter ``name`` whose text is ``text`` (as :func:`booster_parameters` gives it) as a
+    tensor: one of :data:`INTEGER_PARAMETERS` exactly, as int64 (uint64 above its range: an unsigned parameter
+    XGBoost leaves at its largest value, 2**64 - 1, when it is not set); another number, or a list of
+    numbers, as :func:`_as_numbers` gives it; None if it is not a number."""
+    value = _as_integer(text) if name in INTEGER_PARAMETERS else None
+    return _as_numbers(text) if value is None else value
+
+
+def _as_integer(text: str) -> np.ndarray | None:
+    """The integer a parameter's text holds as an int64 scalar (uint64 above its range), None if it holds
+    none of 64 bits."""
+    try:
+        value = int(text)
+    except ValueError:
+        return None
+    dtype = next((t for t in (np.int64, np.uint64) if np.iinfo(t).min <= value <= np.iinfo(t).max), None)
+    return None if dtype is None else np.array(value, dtype=dtype)
+
+
 def _as_numbers(text: str) -> np.ndarray | None:
     """The number a parameter's text holds, or the numbers of a list of them (``"[5E-1]"``, XGBoost 3's
     ``base_score``; ``"[0.25,0.25]"`` for several targets), as float64: a scalar for one; None if it is not."""
@@ -180,12 +216,12 @@ def tree_columns(model: Any) -> tuple[dict[str, np.ndarray], list[str]]:
 
 
 def offer_hyperparameters(hook: Hook, params: Mapping[str, str]) -> None:
-    """``hyperparameters/<param>``: the numeric parameters, as float64 scalars (a list of numbers, as XGBoost 3
-    gives ``base_score``: an array, or a scalar for one)."""
+    """``hyperparameters/<param>``: the numeric parameters as :func:`parameter_value` gives them (int64 scalars
+    for the integer ones, float64 for the others)."""
     hook.offer_many(
-        (f"hyperparameters/{name}", numbers, ("hyperparameters",))
+        (f"hyperparameters/{name}", value, ("hyperparameters",))
         for name, text in params.items()
-        if (numbers := _as_numbers(text)) is not None
+        if (value := parameter_value(name, text)) is not None
     )
 
 
