@@ -16,6 +16,7 @@ import abc
 import asyncio
 import atexit
 import contextlib
+import contextvars
 import functools
 import hashlib
 import json
@@ -27,6 +28,7 @@ import stat
 import sys
 import tempfile
 import time
+import types
 import uuid
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -65,10 +67,12 @@ SLOWEST_RATE = 128 << 10
 """Bytes a second (1 Mbit/s) below which a transfer to or from an object store is taken for one that does not
 answer: a shard of 256 MB is given 34 minutes (and s3fs's own timeouts end a transfer that stops before)."""
 
-# Retries of a failed write to a remote backend: attempts in all, and the first pause (doubled each
-# time, with jitter). The writer bounds the whole publish by ShardPolicy.timeout on top of this.
+# Retries of a failed write to a remote backend (:func:`retried`): attempts in all where no caller bounds
+# them, and the first pause (doubled each time, with jitter). Under a bound (:class:`Bound`: the writer's
+# storage jobs, bounded by ShardPolicy.timeout) they go on until the bound, pauses at most RETRY_PAUSE_CAP.
 WRITE_ATTEMPTS = 4
 FIRST_RETRY_PAUSE = 0.2
+RETRY_PAUSE_CAP = 2.0
 
 # Errors that another attempt cannot cure: retrying them only delays the report.
 PERMANENT_ERRORS: tuple[type[BaseException], ...] = (
@@ -96,6 +100,12 @@ CONNECTION_ERRORS = frozenset(
 CREDENTIAL_ERRORS = frozenset({"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"})
 
 
+def _class_names(exc: BaseException) -> set[str]:
+    """The names of the class of ``exc`` and of its bases (client errors are told apart by name: neither
+    botocore nor aiohttp is imported here)."""
+    return {cls.__name__ for cls in type(exc).__mro__}
+
+
 def unreachable(exc: BaseException, url: str, endpoint: str | None) -> StorageUnreachable | None:
     """The :class:`~tensortap.exceptions.StorageUnreachable` that ``exc`` (raised by an fsspec call on
     ``url``) means, or None when it is another error.
@@ -114,7 +124,7 @@ def unreachable(exc: BaseException, url: str, endpoint: str | None) -> StorageUn
     StorageUnreachable or None
         ``cannot connect to ENDPOINT`` or ``no credentials`` with the client's error.
     """
-    names = {cls.__name__ for cls in type(exc).__mro__}
+    names = _class_names(exc)
     where = endpoint or "the storage's endpoint"
     if names & CREDENTIAL_ERRORS:
         return StorageUnreachable(
@@ -133,23 +143,125 @@ def not_the_storage(exc: FileNotFoundError) -> bool:
     return isinstance(response, dict) and str(response.get("Error", {}).get("Code")) == "404"
 
 
-def retried(what: str, fn: Callable[[], _T], attempts: int = WRITE_ATTEMPTS, pause: float = FIRST_RETRY_PAUSE) -> _T:
-    """Return ``fn()``, calling it again after a transient error (bounded exponential backoff with jitter).
+def permanent(exc: BaseException) -> bool:
+    """Whether no other attempt can cure ``exc``: one of :data:`PERMANENT_ERRORS`, or no credentials to sign
+    requests with (the client's error, or the :class:`~tensortap.exceptions.StorageUnreachable` that says so)."""
+    return isinstance(exc, PERMANENT_ERRORS) or any(
+        e is not None and bool(_class_names(e) & CREDENTIAL_ERRORS) for e in (exc, exc.__cause__)
+    )
 
-    Errors in :data:`PERMANENT_ERRORS` are raised at once; the last transient error is raised
-    after ``attempts`` calls. Each retry is logged (``tensortap`` logger, warning) with ``what``.
+
+class Bound:
+    """How long the storage calls of a caller that waits for them at most so long (the writer, for
+    ``ShardPolicy.timeout``) may retry transient errors, and whether it stopped waiting. Given to the calls
+    of one thread by :func:`bounded`; :func:`retried` follows it.
+
+    Parameters
+    ----------
+    seconds
+        From now, how long transient errors are retried: the last attempt starts then at the latest (the
+        pause before it shortened to end there).
+    stopped
+        Whether the caller stopped waiting: from then on no call starts (:meth:`check`), so nothing is
+        written after the caller took the storage for gone (capture turned off; another run may own the
+        worker by then). A request in flight is not recalled.
     """
-    for attempt in range(1, attempts):
+
+    __slots__ = ("_stopped", "until")
+
+    def __init__(self, seconds: float, stopped: Callable[[], bool]) -> None:
+        self.until = time.monotonic() + seconds
+        self._stopped = stopped
+
+    def left(self) -> float:
+        """Seconds until the bound (negative once past it)."""
+        return self.until - time.monotonic()
+
+    def check(self, what: str) -> None:
+        """Raise TimeoutError, naming ``what``, if the caller stopped waiting: ``what`` must not start."""
+        if self._stopped():
+            raise TimeoutError(f"{what}: not started: its caller stopped waiting for the storage")
+
+
+_BOUND: contextvars.ContextVar[Bound | None] = contextvars.ContextVar("tensortap_storage_bound", default=None)
+
+
+@contextlib.contextmanager
+def bounded(bound: Bound) -> Iterator[Bound]:
+    """Within, the :func:`retried` storage calls of this thread retry transient errors until ``bound`` (rather
+    than :data:`WRITE_ATTEMPTS` attempts), and none starts once its caller stopped waiting."""
+    token = _BOUND.set(bound)
+    try:
+        yield bound
+    finally:
+        _BOUND.reset(token)
+
+
+def retried(what: str, fn: Callable[[], _T], attempts: int = WRITE_ATTEMPTS, pause: float = FIRST_RETRY_PAUSE) -> _T:
+    """Return ``fn()``, calling it again after a transient error.
+
+    The pauses double from ``pause`` up to :data:`RETRY_PAUSE_CAP`, each times a random factor between 0.5
+    and 1.5. Under a :class:`Bound` (:func:`bounded`: the writer's storage jobs) ``fn`` is called again until
+    the bound (the last pause shortened to end there), and not at all once the caller stopped waiting
+    (TimeoutError); elsewhere (readers, the command line) ``attempts`` times at most. Errors no attempt can
+    cure (:func:`permanent`) are raised at once; the last transient error once no attempt is left.
+
+    Logged through the ``tensortap`` logger, with ``what``: the first failure and, after a retry, the answer
+    (a result, or an error no attempt can cure) or the giving up (warnings, with the attempts made and the
+    time since the first failure); each failure between at debug level.
+    """
+    bound = _BOUND.get()
+    attempt, first_failure = 0, 0.0
+    while True:
+        attempt += 1
+        if bound is not None:
+            bound.check(what)
         try:
-            return fn()
-        except PERMANENT_ERRORS:
-            raise
+            result = fn()
         except Exception as exc:
-            logger.warning(
-                "tensortap: %s failed (%s: %s); attempt %d of %d", what, type(exc).__name__, exc, attempt + 1, attempts
-            )
-            time.sleep(pause * 2 ** (attempt - 1) * (0.5 + random.random()))
-    return fn()
+            if permanent(exc):  # an answer (a missing file, ...): after failures, the storage is back
+                if attempt > 1:
+                    _log_recovery(what, attempt, first_failure)
+                raise
+            if attempt == 1:
+                first_failure = time.monotonic()
+            wait = min(pause * 2 ** (attempt - 1), RETRY_PAUSE_CAP) * (0.5 + random.random())
+            if bound is None:
+                again = attempt < attempts
+            else:  # the last attempt at the bound, at the latest
+                left = bound.left()
+                again, wait = left > 0, min(wait, left)
+            error = f"{type(exc).__name__}: {exc}"
+            if attempt == 1 and again:
+                more = f"for up to {bound.left():.1f} s" if bound is not None else f"up to {attempts - 1} times"
+                logger.warning("tensortap: %s failed (%s); retrying %s", what, error, more)
+            elif again:
+                logger.debug("tensortap: %s failed again at attempt %d (%s)", what, attempt, error)
+            elif attempt > 1:
+                logger.warning(
+                    "tensortap: %s failed at attempt %d, %.1f s after its first failure; giving up (%s)",
+                    what,
+                    attempt,
+                    time.monotonic() - first_failure,
+                    error,
+                )
+            if not again:
+                raise
+            time.sleep(wait)
+        else:
+            if attempt > 1:
+                _log_recovery(what, attempt, first_failure)
+            return result
+
+
+def _log_recovery(what: str, attempt: int, first_failure: float) -> None:
+    """Say that ``what`` got an answer at ``attempt``, after failures since ``first_failure`` (``time.monotonic()``)."""
+    logger.warning(
+        "tensortap: %s: the storage answered at attempt %d, %.1f s after the first failure",
+        what,
+        attempt,
+        time.monotonic() - first_failure,
+    )
 
 
 def pread_exactly(fd: int, out: memoryview, start: int) -> bool:
@@ -779,30 +891,39 @@ class FsspecStorage(Storage):
                 raise
             raise failure from exc
 
+    # Reads are retried (:func:`retried`) only under a caller's bound (the writer's set-up); elsewhere they are
+    # tried once: a reader raises what failed, and its next call asks again.
     def exists(self, key: str = "") -> bool:
         path = self._path(key)
+
+        def ask() -> bool:
+            self.fs.invalidate_cache(path)
+            return bool(self._ask("exists", path))
+
+        return retried(f"looking for {path}", ask, attempts=1)
+
+    def _ls(self, path: str) -> Any:
+        """``ls`` of ``path`` with details, asked again at once (twice at most) where it raises KeyError or
+        RuntimeError: memory:// lists a dict that a concurrent write may change."""
         self.fs.invalidate_cache(path)
-        return bool(self._ask("exists", path))
+        for _ in range(2):
+            with contextlib.suppress(KeyError, RuntimeError):
+                return self._ask("ls", path, detail=True)
+        return self._ask("ls", path, detail=True)
 
     def entries(self, prefix: str) -> tuple[Keys, Keys]:
         path = self._path(prefix)
-        self.fs.invalidate_cache(path)
-        for attempt in range(3):
-            try:
-                entries = self._ask("ls", path, detail=True)
-                break
-            except FileNotFoundError as exc:
-                if not_the_storage(exc):
-                    raise StorageUnreachable(
-                        f"{self.url}: {self._endpoint or 'the endpoint'} answered a listing with HTTP 404 and no "
-                        "S3 error: it does not look like the storage (a wrong endpoint_url, or a proxy)"
-                    ) from exc
-                return [], []
-            except NotADirectoryError:
-                return [], []
-            except (KeyError, RuntimeError):  # memory:// lists a dict that a concurrent write may change
-                if attempt == 2:
-                    raise
+        try:
+            entries = retried(f"listing {path}", lambda: self._ls(path), attempts=1)
+        except FileNotFoundError as exc:
+            if not_the_storage(exc):
+                raise StorageUnreachable(
+                    f"{self.url}: {self._endpoint or 'the endpoint'} answered a listing with HTTP 404 and no "
+                    "S3 error: it does not look like the storage (a wrong endpoint_url, or a proxy)"
+                ) from exc
+            return [], []
+        except NotADirectoryError:
+            return [], []
         for e in entries:
             if e.get("type") != "directory":
                 self._versions[e["name"]] = object_version(e)
@@ -850,10 +971,15 @@ class FsspecStorage(Storage):
         return got
 
     def read_bytes(self, key: str) -> bytes:
-        data = self._cat([self._path(key)], None)[0]
-        if isinstance(data, BaseException):
-            raise data
-        return bytes(data)
+        path = self._path(key)
+
+        def read() -> bytes:
+            data = self._cat([path], None)[0]
+            if isinstance(data, BaseException):
+                raise data
+            return bytes(data)
+
+        return retried(f"reading {path}", read, attempts=1)
 
     def read_json_many(self, keys: Sequence[str]) -> Records:
         """One concurrent batch of requests, each reading at most one byte more than a record may have
@@ -1134,11 +1260,39 @@ class ShardCache:
                 total -= size
 
 
-_LIVE_FSSPEC: weakref.WeakSet[FsspecStorage] = weakref.WeakSet()
+KEPT_MODULE = "_tensortap_kept"
+"""The name in ``sys.modules`` of the module object, defined by no file, that holds what :func:`kept` keeps."""
 
 
-@atexit.register  # registered at import, so it runs after the exit handler that closes writers (LIFO)
+def kept(name: str, make: Callable[[], _T]) -> _T:
+    """This process's object ``name``, made by ``make()`` at the first call.
+
+    For a module's live state (open writers, exit handlers registered once): running the module again
+    (``importlib.reload``, or IPython's ``%autoreload``, which also empties the module's namespace first) then
+    finds the objects it made before instead of making empty ones, which would forget what is open. They are
+    kept in a module object of their own in ``sys.modules``, which no file defines, so nothing reloads it.
+    """
+    holder = sys.modules.get(KEPT_MODULE)
+    if holder is None:
+        holder = sys.modules.setdefault(KEPT_MODULE, types.ModuleType(KEPT_MODULE, "tensortap's live state"))
+    if not hasattr(holder, name):
+        setattr(holder, name, make())
+    found: _T = getattr(holder, name)
+    return found
+
+
 def _remove_temporary_dirs() -> None:
     for storage in list(_LIVE_FSSPEC):
         if storage._cleanup.detach() is not None:  # calling a finalizer is a no-op once weakref's exit hook ran
             shutil.rmtree(storage._tmp, ignore_errors=True)
+
+
+def _live_fsspec() -> weakref.WeakSet[FsspecStorage]:
+    """The set of the process's :class:`FsspecStorage`, made once (:func:`kept`) with the exit handler that
+    removes their temporary folders: registered at the first import, so that it runs after the exit handler
+    that closes the writers (LIFO), and once, so that a reload does not register one that runs before."""
+    atexit.register(_remove_temporary_dirs)
+    return weakref.WeakSet()
+
+
+_LIVE_FSSPEC: weakref.WeakSet[FsspecStorage] = kept(f"{__name__}.live_fsspec", _live_fsspec)

@@ -43,7 +43,7 @@ from typing import Any, Literal, TypeVar
 
 from ..backends import layout
 from ..backends.shard import PACK_BYTES, POOL, PreparedShard, ShardBuffer, prepare_shard
-from ..backends.storage import Storage
+from ..backends.storage import Bound, Storage, bounded, kept
 from ..config import check_keys
 from ..exceptions import TrialExistsError
 from ..modes import Mode
@@ -60,6 +60,13 @@ RUN_PREFIX = "run-"
 POLL_SECONDS = 0.1  # how often the writer thread looks for buffers due for publishing
 LIVE_SHARE = 0.02  # publishing at the live deadline takes at most this share of one core (the writer thread's CPU)
 IN_FLIGHT = 2  # shards handed off and not yet published that a hand-off does not wait for, bytes allowing (_hand_off)
+RETRY_SHARE = 0.9
+"""Share of a wait for the storage (``ShardPolicy.timeout``) during which the storage calls waited for retry
+transient errors (:class:`~tensortap.backends.storage.Bound`): an outage shorter than that is waited out. The
+rest is left for the last attempt to end, so that the waiter reports the storage's error, not its own timeout."""
+RETRY_AFTER_ERROR_SECONDS = 2.0
+"""How long the end marker of a capture that a storage error turned off is retried, at most: the storage failed
+for a whole bound already, and ``close()`` waits for it (twice where it fails: :meth:`TrialWriter.close`)."""
 _T = TypeVar("_T")
 Staged = tuple[str, tuple[str, ...], Any, dict[str, float], str | None, Histogram | PendingHistogram | None]
 """One tensor for :meth:`TrialWriter.stage`: name, collections, raw host array (or None), reductions,
@@ -100,7 +107,10 @@ class ShardPolicy:
     timeout
         Seconds the training thread waits, at most, for the storage: for the set-up at
         construction, for room in the publishing queue, for one publish at ``flush``/``close``.
-        Past it, capture turns itself off (training goes on) and the error is logged.
+        Past it, capture turns itself off (training goes on) and the error is logged. Storage
+        calls of remote backends retry transient errors for :data:`RETRY_SHARE` (90%) of it, so
+        an outage shorter than that costs no data (training waits for it where it waits for the
+        storage); a longer one turns capture off with the storage's error.
     live_seconds
         Age at which the shard is published already while publishing is cheap, so live
         readers see a step within about ``live_seconds`` plus their ``refresh_interval``.
@@ -180,13 +190,24 @@ def _moving_average(average: float, value: float, first: bool) -> float:
 def run_bounded(fn: Callable[[], _T], timeout: float, what: str) -> _T:
     """Return ``fn()`` run on a daemon thread; raise TimeoutError if it takes longer than ``timeout`` s.
 
-    A call that never returns (a storage endpoint that accepts connections and never
-    answers) is left behind on its daemon thread; the caller goes on.
+    The storage calls of ``fn`` retry transient errors for :data:`RETRY_SHARE` of ``timeout``
+    (:func:`~tensortap.backends.storage.bounded`): an outage shorter than that is waited out, a longer
+    one raises the storage's last error. A call that never returns (a storage endpoint that accepts
+    connections and never answers) is left behind on its daemon thread; the caller goes on, and no
+    other storage call of ``fn`` starts after (it would write into a trial the caller gave up on).
     """
-    result = on_daemon_thread(fn, "tensortap-storage")
+    gave_up = Done()
+    bound = Bound(RETRY_SHARE * timeout, gave_up.is_set)
+
+    def call() -> _T:
+        with bounded(bound):
+            return fn()
+
+    result = on_daemon_thread(call, "tensortap-storage")
     try:
         return result(timeout)
     except _NoAnswer:
+        gave_up.set()
         raise TimeoutError(f"{what}: the storage did not answer within {timeout:g} s") from None
 
 
@@ -328,7 +349,7 @@ def _open_claim(storage: Storage, worker: str, if_exists: IfExists) -> None:
     """An open writer of this process that writes ``worker`` in ``storage`` (a notebook cell run again, its first
     hook never closed): ``if_exists="error"`` raises :class:`TrialExistsError` saying so; ``"overwrite"`` turns it
     off first, with a warning (it would publish over the new run's shards, at the latest at exit)."""
-    for other in list(_OPEN_WRITERS):
+    for other in list(_LIVE.open_writers):
         if other.worker != worker or other.root_url != storage.url or other.closed:
             continue
         started = time.strftime("%H:%M:%S", time.localtime(other._record["started"]))
@@ -367,7 +388,6 @@ class _WriterThread:
     (:mod:`tensortap.capture.handoff`): an interrupt there leaves nothing locked.
     """
 
-    _instance: _WriterThread | None = None
     _lock = threading.Lock()
 
     def __init__(self) -> None:
@@ -380,10 +400,11 @@ class _WriterThread:
     @classmethod
     def get(cls) -> _WriterThread:
         with cls._lock:
-            if cls._instance is None or not cls._instance.thread.is_alive():
-                cls._instance = _WriterThread()
+            live = _LIVE  # one thread per process, kept across a reload of this module
+            if live.writer_thread is None or not live.writer_thread.thread.is_alive():
+                live.writer_thread = _WriterThread()
             _install_exit_handlers()  # every writer: one in the main thread installs the signal handlers
-            return cls._instance
+            return live.writer_thread
 
     def submit(self, fn: Callable[[], None], timeout: float) -> _Job:
         """Queue ``fn``; TimeoutError if the queue stays full for ``timeout`` s (the storage hangs)."""
@@ -410,12 +431,24 @@ class _WriterThread:
         finally:
             job.done.set()
 
-    def _run(self) -> None:
+    def _run(self, poll: float = POLL_SECONDS) -> None:
+        """The thread's loop; it never ends. A poll that finds nothing to do reads none of this module's names
+        (``poll`` is bound at definition): IPython's ``%autoreload`` empties the module's namespace while it runs
+        it again, and an error of a poll or a job there (a NameError) is let go, what waits being published at
+        the next poll (before, it ended the thread, and every publish after it waited in vain)."""
         while True:
-            self._wake.wait(POLL_SECONDS)
-            while self.jobs:
-                self._execute(self.jobs.popleft())
-            self._publish_due()
+            try:
+                self._wake.wait(poll)
+                while self.jobs:
+                    self._execute(self.jobs.popleft())
+                self._publish_due()
+            except NameError:  # this module is being run again (a reload): its names are back by the next poll
+                continue
+            except Exception as exc:  # jobs report their own errors: nothing else is expected here
+                try:
+                    logger.warning("tensortap: the writer thread met %s: %s; it goes on", type(exc).__name__, exc)
+                except NameError:  # a reload, as above
+                    pass
 
     def _publish_due(self) -> None:
         # a method of its own: no local of the thread's loop holds a writer (and its hook and model) once closed
@@ -525,7 +558,7 @@ class TrialWriter:
             )
         self._thread = _WriterThread.get()
         self._thread.writers.add(self)
-        _OPEN_WRITERS.add(self)
+        _LIVE.open_writers.add(self)
 
     def retire(self) -> None:
         """Take no more data, write nothing more (no end marker): another writer of this process claims the
@@ -534,7 +567,7 @@ class TrialWriter:
             self.closed = True  # the shard being built is never handed off
         self._wait_for(list(self._pending))
         self._finished = True
-        _OPEN_WRITERS.discard(self)
+        _LIVE.open_writers.discard(self)
         self._thread.writers.discard(self)
 
     def stage(self, step: int, entries: Sequence[Staged]) -> list[Any]:
@@ -600,10 +633,11 @@ class TrialWriter:
         lead = min(POLL_SECONDS + 2 * self._publish_seconds, deadline / 2)
         return time.monotonic() - self._since >= deadline - lead
 
-    def publish_if_due(self) -> None:
-        """Publish the buffer if :meth:`_due`, and every shard handed off (writer thread)."""
+    def publish_if_due(self, wait: float = POLL_SECONDS) -> None:
+        """Publish the buffer if :meth:`_due`, and every shard handed off (writer thread); ``wait``: how long
+        to wait for the training thread's lock (bound at definition, see :meth:`_WriterThread._run`)."""
         with self._io_lock:
-            if not self._lock.acquire(timeout=POLL_SECONDS):
+            if not self._lock.acquire(timeout=wait):
                 return
             try:
                 if not self.closed and self.error is None and self._due():
@@ -721,18 +755,21 @@ class TrialWriter:
         key = layout.shard_key(self.worker, seq)
         prepared = None if ahead is None else ahead[1]
         try:
-            try:
-                if prepared is None:
-                    prepared = self._prepare(buffer, seq)
-                record = self._write_preparing_the_next(prepared, buffer, seq)
-                buffer.release()
-                self._keep_claim(seq)
-                self.storage.publish_file(prepared.path, key)
-            finally:
-                if prepared is not None:
-                    _discard(prepared)
-            record["run_id"] = self.run_id
-            self.storage.write_json(layout.index_key(self.worker, seq), record)
+            with bounded(self._bound()) as bound:
+                try:
+                    if prepared is None:
+                        prepared = self._prepare(buffer, seq)
+                    record = self._write_preparing_the_next(prepared, buffer, seq)
+                    buffer.release()
+                    self._keep_claim(seq)
+                    bound.check(f"publishing {key}")  # on any backend, also those that retry nothing
+                    self.storage.publish_file(prepared.path, key)
+                finally:
+                    if prepared is not None:
+                        _discard(prepared)
+                record["run_id"] = self.run_id
+                bound.check(f"writing the index record of {key}")
+                self.storage.write_json(layout.index_key(self.worker, seq), record)
         except BaseException as exc:  # reported to the hook, never raised into the writer thread
             buffer.release()
             self._report(exc)
@@ -743,6 +780,13 @@ class TrialWriter:
         if not first:  # the first pays one-off costs (laid out here while the layout process starts, ...)
             cpu = time.thread_time() - start_cpu
             self._publish_cpu = _moving_average(self._publish_cpu, cpu, self._publishes == 2)
+
+    def _bound(self, seconds: float | None = None) -> Bound:
+        """The bound of one storage job of the writer thread: transient errors retried for :data:`RETRY_SHARE`
+        of ``policy.timeout`` (or ``seconds``, if shorter); nothing started once the training thread stopped
+        waiting for the storage (``_hung``: capture turned off, and another run may claim the worker)."""
+        share = RETRY_SHARE * self.policy.timeout
+        return Bound(share if seconds is None else min(share, seconds), lambda: self._hung)
 
     def _keep_claim(self, seq: int) -> None:
         """Before shard ``seq`` is published to a local folder: where the worker record is gone (the trial's
@@ -885,14 +929,19 @@ class TrialWriter:
             "time": time.time(),
             "run_id": self.run_id,
         }
-        if error is None and reason == "exception" and _uncaught:
-            error = _uncaught[-1]
+        if error is None and reason == "exception" and _LIVE.uncaught:
+            error = _LIVE.uncaught[-1]
         if error is not None:
             record["error"] = error
         self._submit(lambda: self._write_end(record))
         self._end_queued = True  # after: an interrupt before it submits the end marker again (written twice)
 
     def _write_end(self, record: dict[str, Any]) -> None:
+        """Write the end marker ``record`` (writer thread): not once the training thread stopped waiting for the
+        storage (a later run may own the worker by the time a storage that hung answers); retried for
+        :data:`RETRY_AFTER_ERROR_SECONDS` at most after a storage error turned capture off."""
+        if self._hung:
+            return
         if self.error is not None:
             record["reason"] = "error"
             record["error"] = f"{type(self.error).__name__}: {self.error}"
@@ -900,7 +949,8 @@ class TrialWriter:
             record["error"] = self._cause
         again, self._unwritten_end = self._unwritten_end is not None, None
         try:
-            self.storage.write_json(layout.end_key(self.worker), record)
+            with bounded(self._bound(None if self.error is None else RETRY_AFTER_ERROR_SECONDS)):
+                self.storage.write_json(layout.end_key(self.worker), record)
         except Exception as exc:  # the storage is gone: readers cannot be told
             if self.error is None:
                 self._report(exc)
@@ -944,31 +994,48 @@ class TrialWriter:
             self._submit(lambda: self._write_end(unwritten))
             self.drain()
         self._finished = True
-        _OPEN_WRITERS.discard(self)
+        _LIVE.open_writers.discard(self)
         self._thread.writers.discard(self)
-        if not _OPEN_WRITERS:
+        if not _LIVE.open_writers:
             POOL.clear()  # keep no memory once capture is over
             counting.COUNTER.clear_buffers()
 
 
-_uncaught: list[str] = []  # the exception that ends the program, as "Type: message" (see _note_uncaught)
-_previous_excepthook = sys.excepthook
-_OPEN_WRITERS: weakref.WeakSet[TrialWriter] = weakref.WeakSet()
-_CLOSE_CALLBACKS: weakref.WeakSet[Any] = weakref.WeakSet()  # hooks with a close_for_exit(reason)
-_handlers_installed = False
-_signals_installed = False  # the SIGTERM and SIGINT handlers (main thread only: _install_signal_handlers)
-_warned_off_main = False
+class _Live:
+    """What capture holds for the whole process, beyond any one writer: made once per process
+    (:func:`~tensortap.backends.storage.kept`), so that a reload of this module (IPython's ``%autoreload``)
+    keeps the writers opened before it, which the exit handler closes (it forgot them, and their last shard
+    was lost), and installs no exit or signal handler twice. Made with the handler that forgets the
+    parent's writers in a forked child (:func:`_forget_after_fork`)."""
+
+    def __init__(self) -> None:
+        self.open_writers: weakref.WeakSet[TrialWriter] = weakref.WeakSet()
+        self.close_callbacks: weakref.WeakSet[Any] = weakref.WeakSet()  # hooks with a close_for_exit(reason)
+        self.writer_thread: _WriterThread | None = None
+        self.uncaught: list[str] = []  # the exception that ends the program, as "Type: message" (_note_uncaught)
+        self.previous_excepthook = sys.excepthook
+        self.handlers_installed = False  # the exit handlers (_install_exit_handlers)
+        self.signals_installed = False  # the SIGTERM and SIGINT handlers (main thread only: _install_signal_handlers)
+        self.warned_off_main = False
+        self.previous_handlers: dict[int, Any] = {}  # signal -> the handler before tensortap's
+        self.deferred: dict[int, float] = {}  # signal -> when it was first deferred
+        self.pending_signals: collections.deque[int] = collections.deque()
+        # the write end of a pipe that wakes the relay thread: os.write is async-signal-safe and takes no lock
+        # (a threading.Event would: a signal landing inside the handler's own Event.set deadlocked the process)
+        self.relay_fd: int | None = None
+        if hasattr(os, "register_at_fork"):  # POSIX; there is no fork elsewhere
+            os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 def register_for_exit(hook: Any) -> None:
     """Make ``hook.close_for_exit(reason)`` run at interpreter exit and on SIGTERM."""
-    _CLOSE_CALLBACKS.add(hook)
+    _LIVE.close_callbacks.add(hook)
 
 
 def registered_for_exit() -> list[Any]:
     """The hooks :func:`register_for_exit` was given in this process, those closed since included until
     they are collected."""
-    return list(_CLOSE_CALLBACKS)
+    return list(_LIVE.close_callbacks)
 
 
 def _forget_after_fork() -> None:
@@ -977,18 +1044,17 @@ def _forget_after_fork() -> None:
     The child must neither publish the parent's buffered steps nor end its
     training, and cannot: the writer thread does not exist in the child.
     """
-    global _relay_fd
-    for w in list(_OPEN_WRITERS):
+    live = _LIVE
+    for w in list(live.open_writers):
         w.closed = w._finished = True
-    _OPEN_WRITERS.clear()
-    _CLOSE_CALLBACKS.clear()
-    _WriterThread._instance = None
-    _relay_fd = None
-    _deferred.clear()
+    live.open_writers.clear()
+    live.close_callbacks.clear()
+    live.writer_thread = None
+    live.relay_fd = None
+    live.deferred.clear()
 
 
-if hasattr(os, "register_at_fork"):  # POSIX; there is no fork elsewhere
-    os.register_at_fork(after_in_child=_forget_after_fork)
+_LIVE: _Live = kept(f"{__name__}.live", _Live)
 
 
 def exception_text(exc: BaseException) -> str:
@@ -1005,15 +1071,15 @@ def _note_uncaught(kind: type[BaseException], value: BaseException, tb: Tracebac
     as the hook that was there before does. A Ctrl-C is not a failure: it keeps the reason ``exit``."""
     try:
         if not issubclass(kind, KeyboardInterrupt):
-            _uncaught.append(exception_text(value))
+            _LIVE.uncaught.append(exception_text(value))
     finally:
-        _previous_excepthook(kind, value, tb)
+        _LIVE.previous_excepthook(kind, value, tb)
 
 
 def _exit_reason() -> str:
     """``exception`` when an uncaught exception ends the program (not in an interactive session, where
     the prompt goes on after one), else ``exit``."""
-    return "exception" if _uncaught and not hasattr(sys, "ps1") else "exit"
+    return "exception" if _LIVE.uncaught and not hasattr(sys, "ps1") else "exit"
 
 
 def close_all(reason: str) -> None:
@@ -1029,12 +1095,12 @@ def close_all(reason: str) -> None:
     program ends anyway and a raise would only print a traceback.
     """
     at_exit = reason == "exit"
-    if at_exit and signal.SIGTERM in _deferred:  # a SIGTERM deferred until the program ended: handled first
+    if at_exit and signal.SIGTERM in _LIVE.deferred:  # a SIGTERM deferred until the program ended: handled first
         _deliver_deferred_at_exit()
     if at_exit:
         reason = _exit_reason()
     interrupt: BaseException | None = None
-    for hook in list(_CLOSE_CALLBACKS):
+    for hook in list(_LIVE.close_callbacks):
         try:
             hook.close_for_exit(reason)
         except Exception:  # report, never raise; its writer is closed below
@@ -1042,14 +1108,14 @@ def close_all(reason: str) -> None:
         except BaseException as exc:  # KeyboardInterrupt: the others are closed first
             interrupt = interrupt or exc
     for _ in range(2):  # a writer whose close an exception interrupted is closed once more
-        for w in list(_OPEN_WRITERS):
+        for w in list(_LIVE.open_writers):
             try:
                 w.close(reason)
             except Exception:
                 logger.exception("tensortap: closing the writer of %s at %s failed", w.worker, reason)
             except BaseException as exc:
                 interrupt = interrupt or exc
-        if not _OPEN_WRITERS:
+        if not _LIVE.open_writers:
             break
     if at_exit:
         _drop_deferred_sigint_at_exit()
@@ -1070,12 +1136,6 @@ _PACKAGE = os.path.dirname(os.path.dirname(__file__)) + os.sep
 _NOT_CAPTURE = (os.path.join(_PACKAGE, "trial") + os.sep, os.path.join(_PACKAGE, "cli"))
 MAX_DEFER_SECONDS = 5.0  # a signal is deferred this long at most, then handled wherever the main thread is
 _RELAY_PAUSE = 0.002
-_previous: dict[int, Any] = {}
-_deferred: dict[int, float] = {}  # signal -> when it was first deferred
-_pending_signals: collections.deque[int] = collections.deque()
-# the write end of a pipe that wakes the relay thread: os.write is async-signal-safe and takes no lock
-# (a threading.Event would: a signal landing inside the handler's own Event.set deadlocked the process)
-_relay_fd: int | None = None
 
 
 def _in_capture_code(frame: FrameType | None) -> bool:
@@ -1093,8 +1153,8 @@ def _relay_signals(wake_fd: int) -> None:
         os.read(wake_fd, 4096)  # blocks until the handler deferred a signal
         time.sleep(_RELAY_PAUSE)
         main = threading.main_thread().ident
-        while _pending_signals and main is not None:
-            signum = _pending_signals.popleft()
+        while _LIVE.pending_signals and main is not None:
+            signum = _LIVE.pending_signals.popleft()
             if hasattr(signal, "pthread_kill"):
                 signal.pthread_kill(main, signum)  # to the main thread: it interrupts a blocking read
             else:  # Windows
@@ -1103,23 +1163,25 @@ def _relay_signals(wake_fd: int) -> None:
 
 def _on_signal(signum: int, frame: FrameType | None) -> None:
     now = time.monotonic()
+    live = _LIVE
+    relay_fd = live.relay_fd
     if (
-        _relay_fd is not None
+        relay_fd is not None
         and _in_capture_code(frame)
-        and now - _deferred.setdefault(signum, now) < MAX_DEFER_SECONDS
+        and now - live.deferred.setdefault(signum, now) < MAX_DEFER_SECONDS
     ):
-        _pending_signals.append(signum)  # lock-free; the relay thread sends it again shortly
+        live.pending_signals.append(signum)  # lock-free; the relay thread sends it again shortly
         with contextlib.suppress(OSError):  # a full pipe: the relay thread is awake anyway
-            os.write(_relay_fd, b"\0")
+            os.write(relay_fd, b"\0")
         return
-    _deferred.pop(signum, None)
+    live.deferred.pop(signum, None)
     if signum == signal.SIGTERM:
         # the process ends: a Ctrl-C deferred earlier (and sent again by the relay) must not interrupt the closing
-        _pending_signals.clear()
-        _deferred.clear()
+        live.pending_signals.clear()
+        live.deferred.clear()
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         close_all("sigterm")
-    previous = _previous.get(signum)
+    previous = live.previous_handlers.get(signum)
     if callable(previous):
         previous(signum, frame)  # SIGINT: default_int_handler raises KeyboardInterrupt here, in the user's code
     elif previous != signal.SIG_IGN:
@@ -1133,7 +1195,7 @@ def _deliver_deferred_at_exit() -> None:
     """A SIGTERM still deferred when the program ends (its last steps ran in capture code) is handled now:
     it closes every hook (reason ``sigterm``) and still ends the process with its status. A deferred SIGINT
     waits for :func:`_drop_deferred_sigint_at_exit`."""
-    if signal.SIGTERM in _deferred:
+    if signal.SIGTERM in _LIVE.deferred:
         _on_signal(signal.SIGTERM, None)
 
 
@@ -1142,12 +1204,13 @@ def _drop_deferred_sigint_at_exit() -> None:
     and Python's handler would raise a ``KeyboardInterrupt`` inside the exit handler (before this, it did
     so before anything was closed, which stopped the closing and printed tracebacks). The relay thread stops
     sending it. A program whose SIGINT handler was ``SIG_DFL`` still ends by SIGINT, as it would have."""
-    if _deferred.pop(signal.SIGINT, None) is None:
+    live = _LIVE
+    if live.deferred.pop(signal.SIGINT, None) is None:
         return
     with contextlib.suppress(ValueError):
         while True:
-            _pending_signals.remove(signal.SIGINT)
-    if _previous.get(signal.SIGINT) == signal.SIG_DFL:
+            live.pending_signals.remove(signal.SIGINT)
+    if live.previous_handlers.get(signal.SIGINT) == signal.SIG_DFL:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGINT)
 
@@ -1156,11 +1219,11 @@ def _install_exit_handlers() -> None:
     """The exit handlers, once (from any thread), then the signal handlers (:func:`_install_signal_handlers`).
     Called by every writer that starts: one started in the main thread installs the signal handlers that an
     earlier writer, started in another thread, could not."""
-    global _handlers_installed, _previous_excepthook
-    if not _handlers_installed:
-        _handlers_installed = True
+    live = _LIVE
+    if not live.handlers_installed:
+        live.handlers_installed = True
         atexit.register(close_all, "exit")
-        _previous_excepthook, sys.excepthook = sys.excepthook, _note_uncaught
+        live.previous_excepthook, sys.excepthook = sys.excepthook, _note_uncaught
         # Close earlier where possible: before threading shuts down thread pools, which asyncio
         # clients (s3fs/aiobotocore) need for DNS and new connections, and before weakref
         # finalizers close their sessions. Not while other non-daemon threads may still train.
@@ -1182,12 +1245,12 @@ def _install_signal_handlers() -> None:
     main thread, a SIGTERM ends the process as a SIGKILL would (the steps not yet published are lost, no
     end marker); the exit handlers still publish everything at a normal exit.
     """
-    global _signals_installed, _warned_off_main, _relay_fd
-    if _signals_installed:
+    live = _LIVE
+    if live.signals_installed:
         return
     if threading.current_thread() is not threading.main_thread():
-        if not _warned_off_main:
-            _warned_off_main = True
+        if not live.warned_off_main:
+            live.warned_off_main = True
             logger.warning(
                 "tensortap: capture started in thread %r, not the main thread, and Python installs signal "
                 "handlers from the main thread only: a SIGTERM now ends the process without publishing the "
@@ -1197,11 +1260,11 @@ def _install_signal_handlers() -> None:
                 threading.current_thread().name,
             )
         return
-    _signals_installed = True
+    live.signals_installed = True
     read_fd, write_fd = os.pipe()
     os.set_blocking(write_fd, False)
     threading.Thread(target=_relay_signals, args=(read_fd,), name="tensortap-signals", daemon=True).start()
-    _relay_fd = write_fd
+    live.relay_fd = write_fd
     for signum in (signal.SIGTERM, signal.SIGINT):
         previous = signal.getsignal(signum)
         if previous == signal.SIG_IGN:
@@ -1210,4 +1273,4 @@ def _install_signal_handlers() -> None:
             signal.signal(signum, _on_signal)
         except ValueError:  # not the main thread of the main interpreter
             return
-        _previous[signum] = previous
+        live.previous_handlers[signum] = previous

@@ -1,12 +1,14 @@
-"""SPEC 7, 9 on S3: transient errors are retried, a silent endpoint never blocks training, one run per trial;
-a slow store is read with concurrent requests."""
+"""SPEC 7, 9 on S3: transient errors are retried, an outage shorter than ``ShardPolicy.timeout`` costs no step,
+a silent endpoint never blocks training, one run per trial; a slow store is read with concurrent requests."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -15,6 +17,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
@@ -32,6 +35,8 @@ pytestmark = pytest.mark.s3
 # one attempt per botocore call: the retries under test are tensortap's own
 S3_BUCKET = "tensortap-test"  # the bucket tests/conftest.py creates
 NO_CLIENT_RETRIES = {"retries": {"total_max_attempts": 1}}
+OUTAGE_SECONDS = 4.0  # longer than the fixed retries of before (about 1.5 s), well within the timeout below
+OUTAGE_TIMEOUT = 20.0  # ShardPolicy.timeout of the outage tests
 
 
 def weight(step: int) -> np.ndarray:
@@ -59,11 +64,90 @@ def proxy(s3_endpoint: str) -> Iterator[FaultyProxy]:
     p.close()
 
 
-def _through(proxy: FaultyProxy, s3_options: dict[str, Any], client_retries: bool = False) -> dict[str, Any]:
+def _through(proxy: FaultyProxy | Relay, s3_options: dict[str, Any], client_retries: bool = False) -> dict[str, Any]:
     """``s3_options`` through ``proxy``: one attempt per botocore call, or with ``client_retries`` the
     client's own timeouts and retries (what a user gets)."""
     options = {**s3_options, "client_kwargs": {"endpoint_url": proxy.url}}
     return options if client_retries else {**options, "config_kwargs": NO_CLIENT_RETRIES}
+
+
+class Relay:
+    """A TCP relay on 127.0.0.1 to ``target`` (the moto server), down until :meth:`up`: nothing listens on
+    its port then, so every connection to it is refused, as by a store that is restarting."""
+
+    def __init__(self, target: str) -> None:
+        parts = urlsplit(target)
+        self.target = (str(parts.hostname), int(parts.port or 80))
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = int(probe.getsockname()[1])
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._listener: socket.socket | None = None
+
+    def up(self) -> None:
+        """Listen on the port and relay each connection to the target."""
+        self._listener = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._serve, args=(self._listener,), daemon=True).start()
+
+    def _serve(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:  # closed
+                return
+            upstream = socket.create_connection(self.target)
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=_pipe, args=(source, sink), daemon=True).start()
+
+    def close(self) -> None:
+        """Stop listening (the connections made stay until their ends close them)."""
+        if self._listener is not None:
+            with contextlib.suppress(OSError):
+                self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept()
+            self._listener.close()
+
+
+def _pipe(source: socket.socket, sink: socket.socket) -> None:
+    """Copy what ``source`` receives to ``sink`` until either end closes; then close both ways."""
+    try:
+        while data := source.recv(1 << 16):
+            sink.sendall(data)
+    except OSError:
+        pass
+    finally:
+        for s in (source, sink):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+        source.close()
+
+
+def _fail_every_request_for(proxy: FaultyProxy, seconds: float) -> threading.Timer:
+    """From now, every request through ``proxy`` is answered ``500 InternalError``, for ``seconds``; the timer
+    that ends the outage (join it to know it ended)."""
+    proxy.failing_paths = "/"
+    timer = threading.Timer(seconds, setattr, (proxy, "failing_paths", ""))
+    timer.start()
+    return timer
+
+
+def _keys(s3_options: dict[str, Any], url: str) -> set[str]:
+    """Every object under ``url``, read straight from the server (not through a proxy), relative to it."""
+    import s3fs
+
+    found = s3fs.S3FileSystem(skip_instance_cache=True, **s3_options).find(url)
+    root = url.removeprefix("s3://") + "/"
+    return {str(k).removeprefix(root) for k in found}
+
+
+def _check_every_step(url: str, s3_options: dict[str, Any], steps: range, reason: str = "closed") -> None:
+    """The trial at ``url`` holds each of ``steps`` with the value :func:`train` saved, and ended for ``reason``."""
+    trial = tensortap.create_trial(url, **s3_options)
+    assert trial.steps() == list(steps)
+    values = trial.tensor("w").values()
+    assert sorted(values) == list(steps)
+    for step, v in values.items():
+        np.testing.assert_array_equal(v, weight(step))
+    assert trial.end_reasons() == {"worker_0": reason}
 
 
 def test_transient_upload_errors_are_retried_and_capture_goes_on(
@@ -78,30 +162,144 @@ def test_transient_upload_errors_are_retried_and_capture_goes_on(
     w.close()
     assert proxy.failed == 2
     assert not w.failed
-    retries = [r.getMessage() for r in caplog.records if "attempt" in r.getMessage()]
-    assert len(retries) == 2 and all("0000000002.h5" in m and "injected" in m for m in retries)
-    trial = tensortap.create_trial(s3_url, **s3_options)
-    assert trial.steps() == [0, 1, 2, 3, 4]
-    for step, v in trial.tensor("w").values().items():
-        np.testing.assert_array_equal(v, weight(step))
-    assert trial.end_reasons() == {"worker_0": "closed"}
+    retries = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    # one warning as the retries start, one as they end: not one per attempt
+    assert len(retries) == 2 and all("0000000002.h5" in m for m in retries), retries
+    assert "injected" in retries[0] and "retrying" in retries[0] and "answered at attempt 3" in retries[1]
+    _check_every_step(s3_url, s3_options, range(5))
+
+
+def test_an_outage_while_the_hook_starts_is_waited_out(
+    s3_endpoint: str, s3_options: dict[str, Any], s3_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A store that refuses connections for a few seconds while a worker claims its name (a restart) turned
+    capture off for the whole run: its reads were not retried at all, its writes for 1.5 s. They are retried
+    for most of ``ShardPolicy.timeout`` now; the hook starts once the store is back."""
+    caplog.set_level(logging.WARNING, logger="tensortap")
+    relay = Relay(s3_endpoint)
+    restart = threading.Timer(OUTAGE_SECONDS, relay.up)
+    restart.start()
+    try:
+        start = time.monotonic()
+        w = Writer(
+            s3_url, storage_options=_through(relay, s3_options), shard_policy=ShardPolicy(timeout=OUTAGE_TIMEOUT)
+        )
+        took = time.monotonic() - start
+        assert not w.failed
+        train(w, range(3))
+        w.close()
+    finally:
+        restart.join()
+        relay.close()
+    assert OUTAGE_SECONDS * 0.9 < took < OUTAGE_TIMEOUT
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 2 and "cannot connect" in warnings[0] and "answered at attempt" in warnings[1], warnings
+    _check_every_step(s3_url, s3_options, range(3))
+
+
+def test_an_outage_mid_run_shorter_than_the_timeout_loses_no_step(
+    proxy: FaultyProxy, s3_options: dict[str, Any], s3_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every request failed for a few seconds while a shard was published: that publish failed after 1.5 s of
+    retries and capture turned off for the rest of the run. It is retried until the store answers again:
+    every step is kept; training waits meanwhile only where it waits for the storage (backpressure)."""
+    caplog.set_level(logging.WARNING, logger="tensortap")
+    policy = ShardPolicy(max_steps=1, timeout=OUTAGE_TIMEOUT)
+    w = Writer(s3_url, storage_options=_through(proxy, s3_options), shard_policy=policy)
+    train(w, range(2))
+    w.flush()
+    outage = _fail_every_request_for(proxy, OUTAGE_SECONDS)
+    start = time.monotonic()
+    train(w, range(2, 8))  # more shards than are let in flight: training waits for the first
+    took = time.monotonic() - start
+    w.close()
+    outage.join()
+    assert not w.failed
+    assert took < OUTAGE_TIMEOUT
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 2, warnings
+    assert "0000000002.h5 failed" in warnings[0] and "injected" in warnings[0]
+    assert "0000000002.h5: the storage answered at attempt" in warnings[1]
+    _check_every_step(s3_url, s3_options, range(8))
+
+
+@pytest.mark.parametrize("when", ["at start", "mid-run"])
+def test_a_storage_given_up_for_gets_nothing_more_once_it_answers(
+    proxy: FaultyProxy, s3_options: dict[str, Any], s3_url: str, caplog: pytest.LogCaptureFixture, when: str
+) -> None:
+    """A store that holds requests longer than ``ShardPolicy.timeout``: training waits no longer than that,
+    capture turns off with one error, and when the store answers again, nothing more reaches it. Before, the
+    call left behind went on once the store answered: the set-up wrote the worker record after capture had
+    turned off, the publish the shard's index record and the end marker (they would land in whatever run
+    claimed the worker since). A request in flight is not recalled: its shard may land, which no index
+    record names."""
+    caplog.set_level(logging.ERROR, logger="tensortap")
+    timeout = 2.0 if when == "at start" else 3.0
+    policy = ShardPolicy(max_steps=1, timeout=timeout)
+    options = _through(proxy, s3_options)
+    if when == "at start":
+        proxy.stalled.set()
+        start = time.monotonic()
+        w = Writer(s3_url, storage_options=options, shard_policy=policy)
+        waited = time.monotonic() - start
+        train(w, range(3))
+        w.close()
+    else:
+        w = Writer(s3_url, storage_options=options, shard_policy=policy)
+        train(w, range(2))
+        w.flush()
+        proxy.stalled.set()
+        train(w, range(2, 4))
+        start = time.monotonic()
+        w.close()
+        waited = time.monotonic() - start
+    assert w.failed
+    assert waited < timeout + 1.0  # the training thread waited for one bound, no more
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and f"within {timeout:g} s" in errors[0], errors
+    given_up = _keys(s3_options, s3_url)
+    assert len(proxy.held) == 1  # the one request of the call left behind
+    proxy.seen.clear()
+    proxy.stalled.clear()
+    proxy._released.set()  # the request held is cut: the client sends it again, and it gets through
+    deadline = time.monotonic() + 30
+    while proxy.held[0] not in proxy.seen and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.5)  # what the call left behind would write next comes within milliseconds
+    writes = [(m, p) for m, p in proxy.seen if m in ("PUT", "POST", "DELETE") and (m, p) not in proxy.held]
+    assert writes == []  # the request in flight got through (the client sent it again), nothing after it
+    late = _keys(s3_options, s3_url) - given_up
+    assert late <= {"shards/worker_0/0000000002.h5"}, late  # no worker record, index record or end marker
+    if when == "mid-run":
+        trial = tensortap.create_trial(s3_url, **s3_options)
+        assert trial.steps() == [0, 1] and trial.end_reasons() == {}
 
 
 def test_errors_that_outlast_the_retries_end_capture_with_an_end_marker(
     proxy: FaultyProxy, s3_options: dict[str, Any], s3_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.ERROR, logger="tensortap")
-    w = Writer(s3_url, storage_options=_through(proxy, s3_options), shard_policy=ShardPolicy(max_steps=1))
+    """Shards refused for longer than ``ShardPolicy.timeout``: the retries stop at the bound, capture turns off
+    with one error (the storage's, before the training thread's wait runs out), the end marker goes in."""
+    caplog.set_level(logging.WARNING, logger="tensortap")
+    timeout = 4.0  # the retries stop at 3.6 s: 0.4 s before the training thread's wait would
+    w = Writer(
+        s3_url, storage_options=_through(proxy, s3_options), shard_policy=ShardPolicy(max_steps=1, timeout=timeout)
+    )
     train(w, range(2))
     w.flush()
-    proxy.failures = 4  # every attempt of one upload
+    proxy.failing_paths = "/shards/"  # every upload of a shard, for good
     train(w, range(2, 4))
+    start = time.monotonic()
     w.flush()
+    waited = time.monotonic() - start
     assert w.failed
     train(w, range(4, 6))  # training goes on
     w.close()
-    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
-    assert len(errors) == 1 and "capture is disabled" in errors[0].getMessage()
+    assert waited < timeout + 1.0
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "capture is disabled" in errors[0] and "the storage failed a request" in errors[0]
+    gave_up = [r.getMessage() for r in caplog.records if "giving up" in r.getMessage()]
+    assert len(gave_up) == 1 and "0000000002.h5" in gave_up[0]
     trial = tensortap.create_trial(s3_url, **s3_options)
     assert trial.steps() == [0, 1]
     assert trial.end_reasons() == {"worker_0": "error"}  # live readers and rules --follow end
