@@ -803,12 +803,52 @@ def test_a_closed_trial_leaves_no_shard_open_and_a_users_own_handle_working(tmp_
 
 
 @pytest.mark.parametrize("pack_bytes", [0, 1 << 18])
-def test_an_explicit_step_that_does_not_go_up_is_refused(pack_bytes: int, tmp_path: Path) -> None:
+def test_an_explicit_step_that_does_not_go_up_is_dropped_with_a_warning(
+    pack_bytes: int, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """``stepping(step=...)`` took a step that went back or repeated without a word; the shard then held its steps
     out of order or twice, and readers refused it with every step in it (steps 0 and 5 before the mistake
-    included) or the trial's index record (session 50's hunt 23, F2). It raises a ValueError at once now; the
-    steps before and after it are kept."""
+    included) or the trial's index record (session 50's hunt 23, F2). Then it raised a ValueError out of the
+    training loop (hunt 25, M1: a Keras loop numbering its steps by ``optimizer.iterations``, which a
+    ``LossScaleOptimizer`` does not move on a batch it skips, died of it). Now the block runs and nothing of it
+    is saved, one warning names the step (later ones at INFO), and nothing of it reaches the steps after it:
+    neither its values, nor its mode, nor its numbers, also when it is left by an exception and dropped as
+    a framework that does not count a failed step drops it (``take_back``)."""
     w = Writer(tmp_path / "run", shard_policy=ShardPolicy(pack_bytes=pack_bytes))
+    ran = []
+    with caplog.at_level(logging.INFO, logger="tensortap"):
+        for i, (step, mode) in enumerate([(0, None), (5, None), (3, "eval"), (5, None), (7, None)]):
+            with w.stepping(mode, step=step) as saved:
+                w.save("a", np.full(2, step, np.float32))
+                w.save(f"block{i}", np.float32(i))
+            ran.append((step, saved))
+        w.begin_step(step=7)
+        w.save("a", np.full(2, -1, np.float32))
+        w.drop_step(RuntimeError("a failed step"), take_back=True)
+        with w.stepping() as saved:
+            w.save("a", np.full(2, 8, np.float32))
+        ran.append((w.step, saved))
+    w.close()
+    assert ran == [(0, True), (5, True), (3, False), (5, False), (7, True), (8, True)]
+    said = [(r.levelname, r.getMessage()) for r in caplog.records if "not greater than the last step" in r.getMessage()]
+    assert [(level, message.split(":")[1]) for level, message in said] == [
+        ("WARNING", " step 3 is not greater than the last step, 5"),
+        ("INFO", " step 5 is not greater than the last step, 5"),
+        ("INFO", " step 7 is not greater than the last step, 7"),
+    ]
+    assert "nothing of step 3 is saved and training goes on" in said[0][1]
+    trial = tensortap.create_trial(tmp_path / "run")
+    assert trial.steps() == [0, 5, 7, 8]
+    assert trial.modes() == [tensortap.Mode.TRAIN]
+    assert trial.steps(mode="train") == [0, 1, 2, 3]
+    assert {s: v.tolist() for s, v in trial.tensor("a").values().items()} == {s: [s, s] for s in (0, 5, 7, 8)}
+    assert [n for n in trial.tensor_names() if n.startswith("block")] == ["block0", "block1", "block4"]
+
+
+def test_an_explicit_step_that_does_not_go_up_raises_when_strict(tmp_path: Path) -> None:
+    """With ``strict=True`` a step number that does not go up raises a ValueError naming both steps before the
+    block runs, and changes nothing: the steps before and after it are kept."""
+    w = Writer(tmp_path / "run", strict=True)
     refused = []
     for step in (0, 5, 3, 5, 7):
         try:
@@ -821,3 +861,79 @@ def test_an_explicit_step_that_does_not_go_up_is_refused(pack_bytes: int, tmp_pa
     trial = tensortap.create_trial(tmp_path / "run")
     assert trial.steps() == [0, 5, 7]
     assert {s: v.tolist() for s, v in trial.tensor("a").values().items()} == {s: [s, s] for s in (0, 5, 7)}
+
+
+@pytest.mark.parametrize("pack_bytes", [None, 0], ids=["packed", "unpacked"])
+def test_a_longdouble_saved_during_torch_training_loses_nothing(
+    pack_bytes: int | None, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An ``np.longdouble`` value (not portable: float80 or float128 by platform) is neither packed nor
+    located by ``raw_at``, which define floats of 8 bytes at most: it is an HDF5 dataset of its own, read
+    back bit-equal on this platform, and every weight and loss of the training around it reads back."""
+    torch = pytest.importorskip("torch")
+    import tensortap.torch as ttt
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    opt, loss_fn = torch.optim.SGD(model.parameters(), lr=0.1), torch.nn.MSELoss()
+    policy = ShardPolicy() if pack_bytes is None else ShardPolicy(pack_bytes=pack_bytes)
+    hook = ttt.capture(
+        model, tmp_path, optimizer=opt, save_config=tensortap.SaveConfig(save_interval=1), shard_policy=policy
+    )
+    stat = np.array([1, 3], dtype=np.longdouble) / 7  # more digits than a float64 holds, where longdouble is wider
+    weights, losses = [], []
+    for step in range(5):
+        opt.zero_grad()
+        loss = loss_fn(model(torch.randn(4, 3)), torch.zeros(4, 2))
+        loss.backward()
+        if step == 3:
+            hook.save_tensor("stat", stat)
+        opt.step()
+        weights.append(model.weight.detach().numpy().copy())
+        losses.append(loss.detach().numpy().copy())
+    hook.close()
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.steps() == list(range(5))
+    assert {"weight", "bias", "losses/loss", "stat"} <= set(trial.tensor_names())
+    for step in range(5):
+        assert_identical(trial.tensor("weight").value(step), weights[step])
+        assert_identical(trial.tensor("losses/loss").value(step), losses[step])
+    assert trial.tensor("stat").steps() == [3]
+    assert_identical(trial.tensor("stat").value(3), stat)
+    trial.close()
+    (record,) = (tmp_path / "index" / "worker_0").glob("*.json")
+    entry = json.loads(record.read_text())["tensors"]["stat"]
+    assert entry["dtype"] == str(np.dtype(np.longdouble)) and "raw_at" not in entry
+    assert find_problems(str(tmp_path)) == []
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [{"raw_at": {"dtype": "<f16", "data": 0, "crc32": 0, "check": 0}}, {"id": -1}, None],
+    ids=["raw_at of a dtype readers refuse", "no id", "not an object"],
+)
+def test_an_index_entry_readers_refuse_loses_that_tensor_alone(
+    damage: dict[str, Any] | None, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A record's entry for one tensor that is not as the format says (as a writer that located a longdouble
+    wrote it) is refused alone, with one warning naming it and its shard: the record's other tensors are read."""
+    with Writer(tmp_path, shard_policy=ShardPolicy(pack_bytes=0)) as w:
+        for step in range(2):
+            with w.stepping():
+                w.save("kept", np.full(2, step, np.float32))
+                w.save("damaged", np.full(2, step, np.float64))
+    (path,) = (tmp_path / "index" / "worker_0").glob("*.json")
+    record = json.loads(path.read_text())
+    tensors = record["tensors"]
+    tensors["damaged"] = 7 if damage is None else {**tensors["damaged"], **damage}
+    path.write_text(json.dumps(record))
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.tensor_names() == ["kept"]
+    assert {s: v.tolist() for s, v in trial.tensor("kept").values().items()} == {0: [0, 0], 1: [1, 1]}
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(said) == 1 and "'damaged'" in said[0] and record["shard"] in said[0]
+    assert list(trial.problems()) == [f"index/worker_0/{path.name}"]
+    trial.close()
+    (problem,) = find_problems(str(tmp_path))
+    assert "refused tensor 'damaged'" in problem

@@ -971,31 +971,14 @@ def test_check_refuses_a_tensor_both_packed_and_in_a_group(tmp_path: Path) -> No
         lambda r: r.update(steps="0,1"),
         lambda r: r.update(steps=[[0, 9, 0]]),
         lambda r: r.update(tensors=[]),
-        lambda r: r["tensors"]["dense/kernel"].update(raw_steps=[99]),
-        lambda r: r["tensors"]["dense/kernel"].update(shape="6"),
         lambda r: r.update(seq=True),
         lambda r: r.update(worker="worker_1"),
-        lambda r: r["tensors"]["dense/kernel"].update(raw_at=[0, 0, 0]),
-        lambda r: r["tensors"]["dense/kernel"]["raw_at"].update(dtype="float32"),
-        lambda r: r["tensors"]["dense/kernel"]["raw_at"].update(dtype="|b1"),
-        lambda r: r["tensors"]["dense/kernel"]["raw_at"].update(data=-1),
-        lambda r: r["tensors"]["dense/kernel"]["raw_at"].update(check=1 << 32),
-        lambda r: r["tensors"]["dense/kernel"].pop("raw_steps"),
         lambda r: r.update(
             steps=[], wall_times=[], tensors={n: {**e, "raw_at": None} for n, e in r["tensors"].items()}
         ),
-        lambda r: r["tensors"]["dense/kernel"].update(raw_steps=[], raw_at=None) and None,
-        lambda r: r["tensors"]["dense/kernel"]["raw_at"].update(data=1 << 63),
-        lambda r: r["tensors"]["dense/kernel"]["raw_at"].update(crc32=1 << 64),
-        lambda r: r["tensors"]["dense/kernel"].update(shape=[1 << 64, 3]),
         lambda r: r.update(seq=1 << 63),
     ],
-    ids=[
-        *("missing", "wrong-type", "bad-mode", "tensors-list", "foreign-step", "shape-str", "bool", "worker"),
-        *("raw_at-list", "raw_at-dtype-name", "raw_at-bool", "raw_at-negative", "raw_at-check", "raw_at-no-steps"),
-        *("no-steps", "tensor-at-no-step", "raw_at-beyond-int64", "crc32-beyond-int64", "shape-beyond-int64"),
-        "seq-beyond-int64",
-    ],
+    ids=["missing", "wrong-type", "bad-mode", "tensors-list", "bool", "worker", "no-steps", "seq-beyond-int64"],
 )
 def test_a_malformed_record_is_skipped_and_reported(change: Callable[[dict], object], tmp_path: Path) -> None:
     write(tmp_path)
@@ -1005,6 +988,44 @@ def test_a_malformed_record_is_skipped_and_reported(change: Callable[[dict], obj
     values, warned = read_all(tmp_path)
     assert values == {}
     assert len(warned) == 1 and RECORD in warned[0] and "not a valid index record" in warned[0]
+    assert [p.split(":")[0] for p in find_problems(str(tmp_path))] == [RECORD]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda e: e.update(raw_steps=[99]),
+        lambda e: e.update(shape="6"),
+        lambda e: e.update(raw_at=[0, 0, 0]),
+        lambda e: e["raw_at"].update(dtype="float32"),
+        lambda e: e["raw_at"].update(dtype="|b1"),
+        lambda e: e["raw_at"].update(dtype="<f16"),
+        lambda e: e["raw_at"].update(data=-1),
+        lambda e: e["raw_at"].update(check=1 << 32),
+        lambda e: e.pop("raw_steps"),
+        lambda e: e.update(raw_steps=[], raw_at=None) and None,
+        lambda e: e["raw_at"].update(data=1 << 63),
+        lambda e: e["raw_at"].update(crc32=1 << 64),
+        lambda e: e.update(shape=[1 << 64, 3]),
+    ],
+    ids=[
+        *("foreign-step", "shape-str", "raw_at-list", "raw_at-dtype-name", "raw_at-bool", "raw_at-longdouble"),
+        *("raw_at-negative", "raw_at-check", "raw_at-no-steps", "tensor-at-no-step", "raw_at-beyond-int64"),
+        *("crc32-beyond-int64", "shape-beyond-int64"),
+    ],
+)
+def test_a_malformed_record_entry_is_refused_alone_and_reported(
+    change: Callable[[dict], object], tmp_path: Path
+) -> None:
+    """An entry of ``tensors`` stands alone (its id, steps and ``raw_at``): refused, it loses only its tensor."""
+    write(tmp_path)
+    record = json.loads((tmp_path / RECORD).read_text())
+    change(record["tensors"]["dense/kernel"])
+    (tmp_path / RECORD).write_text(json.dumps(record))
+    values, warned = read_all(tmp_path)
+    assert list(values) == ["ragged"] and sorted(values["ragged"]) == [0, 1]
+    assert len(warned) == 1 and RECORD in warned[0] and "refused tensor 'dense/kernel'" in warned[0], warned
+    assert SHARD in warned[0]
     assert [p.split(":")[0] for p in find_problems(str(tmp_path))] == [RECORD]
 
 

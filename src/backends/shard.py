@@ -495,6 +495,11 @@ class ShardBuffer:
         self.columns = {}
 
 
+def _bytes_of(out: np.ndarray) -> memoryview:
+    """The bytes of the C-contiguous array ``out`` (of any dtype), to read into or checksum."""
+    return out.reshape(-1).view(np.uint8).data
+
+
 def crc32(value: np.ndarray) -> int:
     """CRC-32 of the bytes of ``value`` in C order (the checksum of format version 2).
 
@@ -502,7 +507,11 @@ def crc32(value: np.ndarray) -> int:
     6x the speed of zlib's, measured in ``bench/profiles/torch.md``), else with :func:`zlib.crc32`;
     both compute the same checksum and release the GIL.
     """
-    return _crc32(np.ascontiguousarray(value).data)
+    data = np.ascontiguousarray(value)
+    try:
+        return _crc32(data.data)
+    except ValueError:  # a longdouble array in an explicit byte order (as HDF5 gives it) has no buffer
+        return _crc32(_bytes_of(data))  # a view of its bytes, 10x slower than the buffer on small values
 
 
 # The shard is laid out with h5py's low-level API (h5g, h5d, h5a), which makes the same objects as
@@ -1010,6 +1019,15 @@ def raw_at_check(name: str, dtype: np.dtype[Any], shape: Sequence[int], steps: n
 
 # what raw_at may describe: integers and floats, read back as their bytes (bool is an enum in HDF5)
 RAW_AT_KINDS = "iuf"
+_RAW_AT_FLOAT_BYTES = 8
+"""The widest float the format locates or packs: float16, float32 and float64 (``np.longdouble``, float80
+padded to 12 or 16 bytes, float128 or float64 by platform, is not portable: wider, only an HDF5 dataset)."""
+
+
+def locatable(dtype: np.dtype[Any]) -> bool:
+    """Whether values of ``dtype`` may be packed (``/packed``, format 3) or located (``raw_at``): an
+    integer, or a float of at most 8 bytes, the dtypes readers take there (docs/format.md)."""
+    return dtype.kind in RAW_AT_KINDS and (dtype.kind != "f" or dtype.itemsize <= _RAW_AT_FLOAT_BYTES)
 
 
 def _write_raw(plan: _Plan, group: int, col: _Column) -> tuple[dict[str, Any], tuple[int, int] | None]:
@@ -1025,7 +1043,7 @@ def _write_raw(plan: _Plan, group: int, col: _Column) -> tuple[dict[str, Any], t
         plan.attr(group, "layout", "fixed")
         entry = {"dtype": str(values.dtype), "shape": list(values.shape[1:])}
         ascending = all(a < b for a, b in pairwise(col.steps))
-        return entry, (data, crc) if values.dtype.kind in RAW_AT_KINDS and ascending else None
+        return entry, (data, crc) if locatable(values.dtype) and ascending else None
     dtype = np.result_type(*values)
     ndim = max(a.ndim for a in values)
     parts = [np.ascontiguousarray(a.astype(dtype, copy=False)).ravel() for a in values]
@@ -1082,14 +1100,14 @@ class _Pack:
     @staticmethod
     def takes(col: _Column, compression: str | None, pack_bytes: int) -> bool:
         """Whether ``col`` is packed: a shard whose values are not compressed, a tensor without
-        histograms whose raw values (if any) have one shape, an integer or float dtype and take
+        histograms whose raw values (if any) have one shape, a dtype :func:`locatable` and take
         fewer than ``pack_bytes`` bytes together."""
         if col.hist or compression is not None or pack_bytes <= 0:
             return False
         if not col.steps:
             return True
         values = col.values()
-        return isinstance(values, np.ndarray) and values.dtype.kind in RAW_AT_KINDS and values.nbytes < pack_bytes
+        return isinstance(values, np.ndarray) and locatable(values.dtype) and values.nbytes < pack_bytes
 
     def add(self, tid: int, col: _Column, collections: list[str]) -> tuple[dict[str, Any], tuple[int, int] | None]:
         """Pack ``col``, tensor ``tid``; return its index entry's ``dtype`` and ``shape`` (none without raw
@@ -1487,11 +1505,6 @@ class _Packed:
         return self.offset + self.count * self.row_bytes
 
 
-def _bytes_of(out: np.ndarray) -> memoryview:
-    """The bytes of the C-contiguous array ``out``, to read into."""
-    return out.reshape(-1).view(np.uint8).data
-
-
 def _row_error(path: str, steps: np.ndarray, i: int) -> NoReturn:
     raise ShardError(f"{path}: value {i} of tensor step {int(steps[i])} does not match its checksum")
 
@@ -1502,7 +1515,7 @@ def _verify_rows(path: str, steps: np.ndarray, crc: np.ndarray, data: np.ndarray
     if not len(data):
         return
     size = data.nbytes // len(data)
-    raw = data.reshape(-1).view(np.uint8).data
+    raw = _bytes_of(data)
     for i, expected in enumerate(crc.tolist()):
         if _crc32(raw[i * size : (i + 1) * size]) != expected:
             _row_error(path, steps, first + i)
@@ -2185,7 +2198,7 @@ def _is_index(value: object, bound: int | None) -> TypeGuard[int]:
 
 
 _PACKED_DTYPE = re.compile(r"[<>|=]?(?:[iu][1248]|f[248])")
-"""The dtypes ``/packed/meta`` may name: integers and floats (:data:`RAW_AT_KINDS`) as NumPy type codes."""
+"""The dtypes ``/packed/meta`` may name: those :func:`locatable`, as NumPy type codes."""
 _MAX_NDIM = 64
 """NumPy's most dimensions."""
 

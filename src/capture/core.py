@@ -411,7 +411,8 @@ class Hook:
     rank
         The process's rank; default from ``RANK`` (and MPI/SLURM equivalents), else 0.
     strict
-        Raise errors of the capture path instead of logging them once and disabling capture.
+        Raise errors of the capture path instead of logging them once and disabling capture, and a
+        ``ValueError`` for a step number that does not go up instead of saving nothing of that step.
     shard_policy
         When shards are published (:class:`ShardPolicy`).
     rules
@@ -521,6 +522,8 @@ class Hook:
         self._active: frozenset[str] = frozenset()
         self._saving = False
         self._in_step = False
+        self._refused = False  # the step in progress was given a number not greater than the last (_refuse)
+        self._warned_refused = False
         self._records: list[TensorRecord] = []
         self._plans: dict[tuple[str, tuple[str, ...], frozenset[str], bool], _Plan | None] = {}
         # per mode, the first mode step that may be saved once a step saved nothing (inf: none will be)
@@ -643,25 +646,52 @@ class Hook:
         mode
             Mode of this step (default: the current mode).
         step
-            Explicit global step number (must be greater than the last one); default: last + 1.
+            Explicit global step number; default: last + 1. One that is not greater than the last
+            step is refused (:meth:`_refuse`): the step is in progress until :meth:`end_step` and saves
+            nothing, and the numbers and the mode stay as they were.
 
         Raises
         ------
         ValueError
-            If ``step`` is not greater than the last step (a worker saves a step once, in order: a shard holding
-            steps out of order or twice is refused by readers, with every step in it).
+            With ``strict=True``, if ``step`` is not greater than the last step (a worker saves a step
+            once, in order: a shard holding steps out of order or twice is refused by readers, with every
+            step in it); nothing changes then.
         """
-        if step is not None and int(step) <= self.step:
-            raise ValueError(f"step: {step} is not greater than the last step, {self.step}")
+        given = None if step is None else int(step)
+        if given is not None and given <= self.step:
+            if self.strict:
+                raise ValueError(f"step: {given} is not greater than the last step, {self.step}")
+            return self._refuse(given)
+        self._in_step, self._refused = True, False
+        self._drop_step_values()  # of a step that never ended (interrupted)
         if mode is not None:
             self.mode = mode if isinstance(mode, Mode) else Mode.parse(mode)
         self._step_before, self._dropped = self.step, None
-        self.step = self.step + 1 if step is None else int(step)
+        self.step = self.step + 1 if given is None else given
         self.mode_step = self.mode_steps.get(self.mode, -1) + 1
         self.mode_steps[self.mode] = self.mode_step
-        self._in_step = True
-        self._drop_step_values()  # of a step that never ended (interrupted)
         return self._decide()
+
+    def _refuse(self, step: int) -> bool:
+        """Begin a step given the number ``step``, not greater than the last: it saves nothing (False is
+        returned), as saved it would make the worker's shard unreadable (steps out of order or twice) with
+        every step in it. It is in progress until :meth:`end_step` or :meth:`drop_step` as any step, but the
+        numbers and the mode stay those of the last step. One warning, later cases at INFO: capture never
+        stops the training (``strict=True`` raises instead)."""
+        self._in_step, self._refused = True, True
+        self._drop_step_values()  # of a step that never ended (interrupted)
+        self._saving, self._active = False, frozenset()
+        log = logger.info if self._warned_refused else logger.warning
+        self._warned_refused = True
+        log(
+            "tensortap: step %d is not greater than the last step, %d: a worker saves each step once and in "
+            "order, so nothing of step %d is saved and training goes on; number the steps upward (later cases: "
+            "at INFO; strict=True raises)",
+            step,
+            self.step,
+            step,
+        )
+        return False
 
     def number_on(self, mode: Mode | str, done: int) -> None:
         """Number the next step of ``mode`` ``done`` (or on from the last, if that is further): the training
@@ -726,7 +756,7 @@ class Hook:
         saved, were never taken.
         """
         mode = Mode.parse(mode)
-        if not self._in_step or mode == self.mode:
+        if not self._in_step or self._refused or mode == self.mode:
             return
         if self.mode_step == 0:
             self.mode_steps.pop(self.mode, None)
@@ -944,7 +974,7 @@ class Hook:
 
     def end_step(self) -> None:
         """End the current step and hand its record to the writer."""
-        self._in_step = False
+        self._in_step = self._refused = False
         if not self._saving:
             return
         self._deliver()
@@ -993,6 +1023,9 @@ class Hook:
         """
         if not self._in_step:
             return
+        if self._refused:  # it took no number, nor anything else
+            self._forget_step()
+            return
         if self._saving and why is not None:
             logger.warning(
                 "tensortap: step %d was interrupted by %s and is dropped: nothing of it is saved",
@@ -1009,7 +1042,7 @@ class Hook:
 
     def _forget_step(self) -> None:
         """Forget the step in progress, also what the writer staged of it."""
-        self._in_step = False
+        self._in_step = self._refused = False
         self._saving = False
         self._drop_step_values()
         if self.writer is not None:
@@ -1027,7 +1060,9 @@ class Hook:
         mode
             Mode of the step (default: the current mode).
         step
-            Explicit global step number (must be greater than the last one); default: last + 1.
+            Explicit global step number; default: last + 1. One not greater than the last step is
+            refused: the block runs and nothing of it is saved, with a warning (:meth:`begin_step`;
+            ``strict=True`` raises a ``ValueError`` before the block).
         """
         saving = self.begin_step(mode, step)
         try:

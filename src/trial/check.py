@@ -145,6 +145,9 @@ def _check_json(
                 return f"{key}: refused by readers: it {refused}"
             claims.add(record["shard"], listed)
             named[record["shard"]] = (key, record)
+            refusal = parsed.refusal()
+            if refusal is not None:
+                return f"{key}: {refusal}"
         elif folder == layout.WORKERS:
             check_worker_record(record)
         elif folder == layout.ENDS:

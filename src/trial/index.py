@@ -35,12 +35,12 @@ from ..backends.layout import UnsafeKey, check_name
 from ..backends.shard import (
     ALL_STEPS,
     INDEX_MAGIC,
-    RAW_AT_KINDS,
     RawAt,
     RawAtReader,
     RawSource,
     ShardError,
     ShardReader,
+    locatable,
 )
 from ..backends.storage import STORAGE_FAILURES, Storage
 from ..modes import Mode
@@ -139,7 +139,7 @@ def _dtype_code(code: str) -> np.dtype[Any] | None:
         dtype = np.dtype(code)
     except TypeError:
         return None
-    return dtype if dtype.kind in RAW_AT_KINDS and dtype.str == code else None
+    return dtype if locatable(dtype) and dtype.str == code else None
 
 
 Located = tuple[np.dtype[Any], int, int, int]
@@ -204,7 +204,8 @@ class Declared:
 
 @dataclass(frozen=True)
 class ParsedRecord:
-    """A valid index record with its step lists as arrays, sorted by step."""
+    """A valid index record with its step lists as arrays, sorted by step; the tensors whose entries are not
+    as the format says are left out of ``tensors``, in ``refused``."""
 
     record: dict[str, Any]
     steps: np.ndarray  # saved steps, sorted
@@ -213,12 +214,27 @@ class ParsedRecord:
     wall_times: np.ndarray | None  # float64 per step, None if the record has none
     tensors: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]  # name -> raw, reduction, histogram steps
     declared: Declared  # a row per tensor, in the order of ``tensors``
+    refused: dict[str, str] = field(default_factory=dict)  # name -> why, of the entries not as the format says
 
     @property
     def raw_at(self) -> dict[str, RawAt]:
         """``{name: where its raw values lie in the shard}`` of the tensors whose record says (format 2.1)."""
         located = ((name, self.declared.raw_at(row)) for row, name in enumerate(self.tensors))
         return {name: at for name, at in located if at is not None}
+
+    def refusal(self) -> str | None:
+        """What readers say of the tensors :attr:`refused` (the first few named, each with why), None if none."""
+        if not self.refused:
+            return None
+        named = [f"{name!r} ({why})" for name, why in list(self.refused.items())[:_NAMED_REFUSED]]
+        more = len(self.refused) - len(named)
+        tensors = (
+            f"tensor{'s' if len(self.refused) > 1 else ''} {', '.join(named)}{f' and {more} more' if more else ''}"
+        )
+        return f"refused {tensors}: not read from {self.record['shard']}; its other tensors are"
+
+
+_NAMED_REFUSED = 3  # the refused tensors of a record a warning names
 
 
 def _all_modes(values: np.ndarray) -> bool:
@@ -291,7 +307,8 @@ def _columns(
 def parse_index_record(record: object, worker: str) -> ParsedRecord:
     """Check ``record`` against the schema ``docs/format.md`` describes (keys it does not name are ignored) as
     an index record of ``worker``'s folder, and return it with its step lists as arrays; else raise
-    :class:`RecordError`."""
+    :class:`RecordError`. An entry of ``tensors`` not as the format says is refused alone
+    (:attr:`ParsedRecord.refused`)."""
 
     def bad(why: str) -> RecordError:
         return RecordError(f"not a valid index record: {why}")
@@ -344,23 +361,38 @@ def parse_index_record(record: object, worker: str) -> ParsedRecord:
             shared[key] = _spec_steps(value, steps)
         return shared[key]
 
-    specs, declared = _columns(list(tensors.values()), spec_steps) or _one_by_one(tensors, spec_steps, bad)
+    columns = _columns(list(tensors.values()), spec_steps)
+    if columns is None:
+        names, specs, declared, refused = _one_by_one(tensors, spec_steps)
+    else:
+        (specs, declared), names, refused = columns, list(tensors), {}
     return ParsedRecord(
-        record, steps, rows[order, 1], rows[order, 2], wall_times, dict(zip(tensors, specs, strict=True)), declared
+        record,
+        steps,
+        rows[order, 1],
+        rows[order, 2],
+        wall_times,
+        dict(zip(names, specs, strict=True)),
+        declared,
+        refused,
     )
 
 
 def _one_by_one(
-    tensors: dict[str, Any], spec_steps: Callable[[object], np.ndarray | None], bad: Callable[[str], RecordError]
-) -> tuple[list[tuple[np.ndarray, np.ndarray, np.ndarray]], Declared]:
-    """What :func:`_columns` gives, checked entry by entry: ``bad(why)`` is raised for the first entry of
-    ``tensors`` that is not as the format says."""
+    tensors: dict[str, Any], spec_steps: Callable[[object], np.ndarray | None]
+) -> tuple[list[str], list[tuple[np.ndarray, np.ndarray, np.ndarray]], Declared, dict[str, str]]:
+    """What :func:`_columns` gives, checked entry by entry: the names of the entries of ``tensors`` that are
+    as the format says, their step lists and :class:`Declared`, and why each other entry is refused (by
+    name). An entry stands alone (its own id, steps and ``raw_at``): refusing one loses no other."""
+    names: list[str] = []
     specs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     forms: list[Form | None] = []
     places: list[Located | None] = []
+    refused: dict[str, str] = {}
     for name, entry in tensors.items():
         if not isinstance(entry, dict):
-            raise bad(f"tensor {name!r} is not an object")
+            refused[name] = "not an object"
+            continue
         listed = {key: spec_steps(entry.get(key, [])) for key in _SPECS}
         checks = {
             "id": _is_int(entry.get("id"), 0),
@@ -373,16 +405,20 @@ def _one_by_one(
         }
         wrong = [key for key, ok in checks.items() if not ok]
         if wrong or ("dtype" in entry) != ("shape" in entry):
-            raise bad(f"tensor {name!r}: {', '.join(wrong) or 'dtype and shape'} not as the format says")
+            refused[name] = f"{', '.join(wrong) or 'dtype and shape'} not as the format says"
+            continue
         if not any(map(len, listed.values())):  # type: ignore[arg-type]
-            raise bad(f"tensor {name!r} lists no step (a shard holds a tensor at one step at least)")
+            refused[name] = "lists no step (a shard holds a tensor at one step at least)"
+            continue
         try:
             places.append(_raw_at(entry, listed["raw_steps"]))  # type: ignore[arg-type]
         except ValueError:
-            raise bad(f"tensor {name!r}: raw_at not as the format says") from None
+            refused[name] = "raw_at not as the format says"
+            continue
+        names.append(name)
         specs.append(tuple(listed.values()))  # type: ignore[arg-type]
         forms.append((entry["dtype"], tuple(entry["shape"])) if "dtype" in entry else None)
-    return specs, Declared.of(forms, places)
+    return names, specs, Declared.of(forms, places), refused
 
 
 def check_end_marker(end: object) -> dict[str, Any]:
@@ -882,10 +918,11 @@ class TrialIndex:
             self.workers[name] = WorkerState()
         return self.workers[name]
 
-    def _warn_bad(self, key: str, why: str) -> None:
+    def _warn_bad(self, key: str, why: str, skipped: bool = True) -> None:
+        """Say once why ``key`` is not read (``skipped``), or read in part."""
         if key not in self.bad_files:
             self.bad_files[key] = why
-            logger.warning("tensortap: skipping %s: %s", key, why)
+            logger.warning("tensortap: %s%s: %s", "skipping " if skipped else "", key, why)
 
     def refresh(self) -> None:
         """Read index records, worker records and end markers that are new.
@@ -1055,6 +1092,9 @@ class TrialIndex:
             self._warn_bad(key, f"refused: it {why}; the earlier record is kept")
             return
         self._add_record(w, listed, parsed)
+        refusal = parsed.refusal()
+        if refusal is not None:
+            self._warn_bad(key, refusal, skipped=False)
 
     def _listings(self, listings: Sequence[tuple[Callable[[str], _T], str]], empty: _T) -> list[_T]:
         """What each ``(list, folder)`` of ``listings`` gives (a storage listing of a folder): on remote

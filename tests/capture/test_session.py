@@ -84,6 +84,31 @@ def test_deferred_close_and_last_value_wins(tmp_path: Path) -> None:
     assert [float(trial.tensor("metrics/late").value(i)) for i in range(3)] == [0.0, 1.0, 2.0]
 
 
+def test_a_session_step_whose_number_does_not_go_up_saves_nothing_and_leaks_nothing(tmp_path: Path) -> None:
+    """A loop of one's own numbers its steps (a Keras ``cb.stepping(step=int(opt.iterations))``, whose optimizer
+    skipped a batch: the number repeats). That step is opened and runs, but saves nothing: no values, no calls,
+    no step-end values (the weights), and none of them are in the next step, which is numbered as given (hunt 25,
+    M1: the ValueError ended the training)."""
+    writer, s = _session(tmp_path)
+    s.at_finish(lambda: s.offer("weights/w", np.float64(10 * writer.step), ("weights",)))
+    saved = []
+    for i, step in enumerate((0, 1, 1, 2)):
+        saved.append(s.open(Mode.TRAIN, step))
+        s.offer("losses/loss", np.float64(i), ("losses",))
+        s.offer_call("outputs/x", np.full(2, float(i)), ("outputs",))
+        s.end()
+    s.finish()
+    writer.close()
+    assert saved == [True, True, False, True]
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.steps() == [0, 1, 2]
+    assert trial.steps(mode=Mode.TRAIN) == [0, 1, 2]
+    assert sorted(trial.tensor_names()) == ["losses/loss", "outputs/x", "weights/w"]  # no outputs/x:1 in step 2
+    assert [float(trial.tensor("losses/loss").value(i)) for i in range(3)] == [0.0, 1.0, 3.0]
+    assert [trial.tensor("outputs/x").value(i).tolist() for i in range(3)] == [[0.0, 0.0], [1.0, 1.0], [3.0, 3.0]]
+    assert [float(trial.tensor("weights/w").value(i)) for i in range(3)] == [0.0, 10.0, 20.0]
+
+
 def test_last_value_wins_for_reductions_too(tmp_path: Path) -> None:
     writer = Writer(tmp_path, reduction_config=tensortap.ReductionConfig(reductions=["max"]))
     with writer.stepping():

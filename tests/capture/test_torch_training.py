@@ -2429,3 +2429,167 @@ def test_torch_jit_script_of_a_captured_model_says_how(tmp_path: Path) -> None:
     x = torch.randn(2, 6)
     np.testing.assert_array_equal(scripted(x).detach().numpy(), model(x).detach().numpy())
     hook.close()
+
+
+@pytest.mark.parametrize("update", ["manual", "manual_record_loss", "optimizer", "dict", "record_loss_only"])
+def test_a_loop_training_through_autograd_grad_makes_train_steps(update: str, tmp_path: Path) -> None:
+    """``grads = torch.autograd.grad(loss, params)``, then ``p -= lr * g`` (or ``p.grad = g; opt.step()``), and
+    no ``backward()``: every step was recorded as PREDICT, with no gradients and no warning, also when the loop
+    gave its loss to ``record_loss`` as the quickstart said to (hunt 25, H3). They are TRAIN steps now, saved
+    or not (every other step here: the TRAIN steps keep the global numbers), with the loss the loop computed,
+    the weights after the update and the gradients it applied. ``record_loss_only``: a loop updating without
+    gradients (a random search) that records its loss."""
+    torch.manual_seed(0)
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1) if update == "optimizer" else None
+    hook = ttt.capture(model, tmp_path, optimizer=opt, save_config=SaveConfig(save_interval=2))
+    gen = torch.Generator().manual_seed(3)
+    expected = []
+    for _ in range(5):
+        x, y = _batch(gen)
+        loss = F.cross_entropy(model(x), y)
+        if update in ("manual_record_loss", "record_loss_only"):
+            hook.record_loss(loss)
+        if update == "record_loss_only":
+            grads = [0.01 * torch.randn(p.shape, generator=gen) for p in model.parameters()]
+        elif update == "dict":
+            grads = list(torch.autograd.grad(loss, dict(model.named_parameters())).values())
+        else:
+            grads = list(torch.autograd.grad(loss, model.parameters()))  # a generator: read once for both
+        if opt is not None:
+            for p, g in zip(model.parameters(), grads, strict=True):
+                p.grad = g
+            opt.step()
+        else:
+            with torch.no_grad():
+                for p, g in zip(model.parameters(), grads, strict=True):
+                    p -= 0.1 * g
+        values = {"losses/loss": loss.detach()} | {n: p.detach().clone() for n, p in model.named_parameters()}
+        if update != "record_loss_only":
+            values |= {f"gradients/{n}": g for (n, _), g in zip(model.named_parameters(), grads, strict=True)}
+        expected.append(values)
+    hook.close()
+    trial = _trial(tmp_path)
+    assert trial.modes() == [Mode.TRAIN]
+    assert trial.steps() == [0, 2, 4]
+    assert [trial.global_step(s, Mode.TRAIN) for s in (0, 2, 4)] == [0, 2, 4]
+    assert set(trial.tensor_names(collection="losses")) == {"losses/loss"}
+    assert bool(trial.tensor_names(collection="gradients")) is (update != "record_loss_only")
+    for s in (0, 2, 4):
+        for name, value in expected[s].items():
+            np.testing.assert_array_equal(_value(trial, name, s, Mode.TRAIN), value.numpy(), err_msg=f"{name} {s}")
+
+
+@pytest.mark.parametrize("optimizer", [True, False])
+def test_a_gradient_penalty_through_autograd_grad_keeps_the_backwards_losses_and_gradients(
+    optimizer: bool, tmp_path: Path
+) -> None:
+    """WGAN-GP: the critic's gradient penalty is ``torch.autograd.grad(critic(interp), interp, create_graph=True)``
+    (of the input) in a step that ``backward()`` and ``step()`` train, two critic steps a generator step; and a
+    penalty on the norm of the parameters' gradient (``create_graph=True`` too) in a loop without optimizers.
+    The losses and the gradients saved are those of the backwards, as torch had them, never the penalty's."""
+    torch.manual_seed(0)
+    net_g, net_d = Generator(), nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    hook = ttt.Hook(tmp_path, save_config=EVERY_STEP, include_collections=["weights", "biases", "gradients", "losses"])
+    hook.register_module(net_g, name="G")
+    hook.register_module(net_d, name="D")
+    opt_d = torch.optim.Adam(net_d.parameters(), lr=1e-3, betas=(0.5, 0.9))
+    opt_g = torch.optim.Adam(net_g.parameters(), lr=1e-3, betas=(0.5, 0.9))
+    gen = torch.Generator().manual_seed(7)
+    seen = []
+    if optimizer:
+        hook.attach_optimizer(opt_d)
+        hook.attach_optimizer(opt_g)
+        for _ in range(3):
+            values: dict[str, torch.Tensor] = {}
+            for k in range(2):
+                real = torch.randn(6, 4, generator=gen)
+                fake = net_g(torch.randn(6, 3, generator=gen)).detach()
+                opt_d.zero_grad()
+                alpha = torch.rand(6, 1, generator=gen)
+                interp = (alpha * real + (1 - alpha) * fake).requires_grad_(True)
+                critic = net_d(interp)
+                (g,) = torch.autograd.grad(critic, interp, torch.ones_like(critic), create_graph=True)
+                loss_d = net_d(fake).mean() - net_d(real).mean() + 10 * ((g.norm(2, dim=1) - 1) ** 2).mean()
+                loss_d.backward()
+                values |= {f"losses/D:{k}": loss_d.detach()} | _grads(net_d, "gradients/D")
+                opt_d.step()
+            opt_g.zero_grad()
+            loss_g = -net_d(net_g(torch.randn(6, 3, generator=gen))).mean()
+            loss_g.backward()
+            values |= {"losses/G": loss_g.detach()} | _grads(net_g, "gradients/G")
+            opt_g.step()
+            seen.append(values | {f"D.{n}": p.detach().clone() for n, p in net_d.named_parameters()})
+    else:
+        for _ in range(3):
+            x = torch.randn(6, 4, generator=gen)
+            net_d.zero_grad()
+            loss = net_d(x).pow(2).mean()
+            grads = torch.autograd.grad(loss, list(net_d.parameters()), create_graph=True)
+            total = loss + 0.1 * sum(g.pow(2).sum() for g in grads)
+            total.backward()
+            values = {"losses/loss": total.detach()} | _grads(net_d, "gradients/D")
+            with torch.no_grad():
+                for p in net_d.parameters():
+                    p -= 0.1 * p.grad
+            seen.append(values | {f"D.{n}": p.detach().clone() for n, p in net_d.named_parameters()})
+    hook.close()
+    trial = _trial(tmp_path)
+    assert trial.modes() == [Mode.TRAIN]
+    assert set(trial.tensor_names(collection="losses")) == {n for n in seen[0] if n.startswith("losses/")}
+    _compare_steps(trial, seen)
+
+
+def test_gradients_of_the_inputs_or_in_eval_make_no_train_steps(tmp_path: Path) -> None:
+    """Gradients taken with ``torch.autograd.grad`` outside training: a saliency map of the input under ``eval()``,
+    the parameters' gradients under ``eval()`` (a Fisher estimate), and, after training, an input gradient with
+    the model in ``train()`` (an adversarial example, no update). They make EVAL and PREDICT steps, with no
+    losses and no gradients; the training before keeps its steps."""
+    torch.manual_seed(0)
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    hook = ttt.capture(model, tmp_path, optimizer=opt, save_config=EVERY_STEP)
+    gen = _train(model, opt, steps=2, seed=4)
+    model.eval()
+    for wrt in ("input", "parameters"):
+        x, y = _batch(gen)
+        x.requires_grad_(True)
+        loss = F.cross_entropy(model(x), y)
+        torch.autograd.grad(loss, x if wrt == "input" else list(model.parameters()))
+    model.train()
+    x, y = _batch(gen)
+    x.requires_grad_(True)
+    torch.autograd.grad(F.cross_entropy(model(x), y), x)
+    hook.close()
+    trial = _trial(tmp_path)
+    assert trial.steps(mode=Mode.TRAIN) == [0, 1]
+    assert trial.steps(mode=Mode.EVAL) == [0, 1]
+    assert trial.steps(mode=Mode.PREDICT) == [0]
+    for mode in (Mode.EVAL, Mode.PREDICT):
+        assert not [n for n in trial.tensor_names(mode=mode) if n.startswith(("losses/", "gradients/"))]
+
+
+def test_a_loss_differentiated_by_autograd_grad_then_by_backward_is_saved_once(tmp_path: Path) -> None:
+    """The gradient norm taken with ``torch.autograd.grad(loss, params, retain_graph=True)`` before
+    ``loss.backward()`` and ``optimizer.step()``: one loss a step, the gradients the optimizer applied."""
+    torch.manual_seed(0)
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    hook = ttt.capture(model, tmp_path, optimizer=opt, save_config=EVERY_STEP)
+    gen = torch.Generator().manual_seed(3)
+    expected = []
+    for _ in range(3):
+        x, y = _batch(gen)
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        grads = torch.autograd.grad(loss, list(model.parameters()), retain_graph=True)
+        hook.save_scalar("grad_norm", torch.stack([g.norm() for g in grads]).norm())
+        loss.backward()
+        expected.append(
+            {"losses/loss": loss.detach()} | {f"gradients/{n}": p.grad.clone() for n, p in model.named_parameters()}
+        )
+        opt.step()
+    hook.close()
+    trial = _trial(tmp_path)
+    assert set(trial.tensor_names(collection="losses")) == {"losses/loss"}
+    _compare_steps(trial, expected)

@@ -164,9 +164,6 @@ def test_steps_listed_out_of_order_keep_their_modes_and_times(tmp_path: Path) ->
         (lambda r: r["wall_times"].__setitem__(0, False), "'wall_times'"),
         (lambda r: r["wall_times"].__setitem__(0, 10**400), "'wall_times'"),
         (lambda r: r["wall_times"].pop(), "'wall_times'"),
-        (lambda r: r["tensors"]["a"].__setitem__("raw_steps", [0, 9]), "raw_steps"),  # 9 is not a step of the record
-        (lambda r: r["tensors"]["a"].__setitem__("reduction_steps", [True]), "reduction_steps"),
-        (lambda r: r["tensors"]["a"].__setitem__("histogram_steps", "all"), "histogram_steps"),
     ],
 )
 def test_a_record_that_breaks_the_schema_is_refused(tmp_path: Path, change: Any, why: str) -> None:
@@ -182,6 +179,28 @@ def test_a_record_that_breaks_the_schema_is_refused(tmp_path: Path, change: Any,
         trial = tensortap.create_trial(tmp_path)
     assert trial.steps() == [] and trial.tensor_names() == []
     assert len(warned) == 1 and path.name in warned[0]
+
+
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        (lambda e: e.__setitem__("raw_steps", [0, 9]), "raw_steps"),  # 9 is not a step of the record
+        (lambda e: e.__setitem__("reduction_steps", [True]), "reduction_steps"),
+        (lambda e: e.__setitem__("histogram_steps", "all"), "histogram_steps"),
+    ],
+)
+def test_a_tensor_entry_that_breaks_the_schema_is_refused_alone(tmp_path: Path, change: Any, why: str) -> None:
+    write(tmp_path, 3)
+    (path,) = records(tmp_path)
+    record = json.loads(path.read_text())
+    change(record["tensors"]["a"])
+    parsed = parse_index_record(record, "worker_0")
+    assert parsed.tensors == {} and why in parsed.refused["a"]
+    path.write_text(json.dumps(record))
+    with logged_warnings() as warned:
+        trial = tensortap.create_trial(tmp_path)
+    assert trial.steps() == [0, 1, 2] and trial.tensor_names() == []
+    assert len(warned) == 1 and path.name in warned[0] and "refused tensor 'a'" in warned[0]
 
 
 # Each step's mode, and at which global steps each tensor is saved: in every mode, in one only, at one

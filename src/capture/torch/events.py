@@ -23,8 +23,11 @@ What a step is
   the module is in ``eval()`` or gradients are disabled (``no_grad``,
   ``inference_mode``), TRAIN otherwise (an optimizer stepping in such an
   EVAL step is warned about, once: frozen BatchNorm needs ``set_mode``). A
-  TRAIN step that saw a forward but no backward and no optimizer step (a
-  prediction after training) is recorded as PREDICT. A step opened by a
+  TRAIN step that saw a forward but nothing that trains (a backward, an
+  optimizer step, a ``torch.autograd.grad`` that returned the gradient of a
+  registered parameter: :meth:`Hook.on_grad`, a loss given to
+  :meth:`Hook.record_loss` after the forward) is a prediction after
+  training: it is recorded as PREDICT. A step opened by a
   value alone (``save_scalar`` before any forward) takes the mode of the
   forward that follows.
 * A submodule called outside a forward of a registered module (``model.decode(z)``)
@@ -54,9 +57,11 @@ with a closure (LBFGS), after the first evaluation of the closure in its
 ``step()`` (the gradients the step starts from), for each optimizer;
 without an optimizer, each parameter's ``p.grad`` after the step's last
 backward, read when the step is recorded (after clipping; as that backward
-left it if it was zeroed in place since: :class:`_Gradient`). The loss is
+left it if it was zeroed in place since: :class:`_Gradient`), or the gradient
+the step's last ``torch.autograd.grad`` returned for it. The loss is
 the scalar tensor ``backward()`` is called on (``losses/loss``; with several
-optimizers ``losses/<optimizer name>``), unless it was named by a registered
+optimizers ``losses/<optimizer name>``), or ``torch.autograd.grad`` differentiates
+in a step it trains, unless it was named by a registered
 loss module or :meth:`Hook.record_loss`; each scalar of several given to one
 ``backward`` (``torch.autograd.backward([loss_a, loss_b])``). A loss whose graph
 reaches our parameters only through reentrant checkpoints is recognized when
@@ -517,7 +522,7 @@ class Hook(core.Hook):
         self._changes = 0  # of those versions between backwards with no attached optimizer step between them
         # losses of the backward in progress that reach our parameters only through reentrant checkpoints
         self._hidden: list[torch.Tensor] = []
-        # losses backward() was called on, not yet named: (the tensor, weakly; its value)
+        # losses backward() was called on (or autograd.grad), not yet named: (the tensor, weakly; its value)
         self._backward: list[tuple[weakref.ref[torch.Tensor], torch.Tensor]] = []
         self._named: dict[int, torch.Tensor] = {}  # tensors the user named (registered loss, record_loss)
         self._scaled: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # scaled loss -> (it, the loss)
@@ -1238,8 +1243,13 @@ class Hook(core.Hook):
 
     def _on_grad(self, p: torch.Tensor) -> None:
         if self._stash_grads and p.grad is not None and (name := self._param_ids.get(id(p))) is not None:
-            grad = p.grad.detach()
-            self._grad_stash[name] = _Gradient(grad, grad._version, grad.clone())
+            self._stash_gradient(name, p.grad)
+
+    def _stash_gradient(self, name: str, grad: torch.Tensor) -> None:
+        """Hold ``grad``, the gradient of parameter ``name`` that a backward accumulated or ``autograd.grad``
+        returned, as the step's (read when the step is recorded: :class:`_Gradient`)."""
+        grad = grad.detach()
+        self._grad_stash[name] = _Gradient(grad, grad._version, grad.clone())
 
     # ------------------------------------------------- backward and GradScaler
     def on_backward(self, tensors: Any) -> None:
@@ -1258,13 +1268,51 @@ class Hook(core.Hook):
         if not self._losses and self._forwarded and self.session.is_open and not self._ended_by_optimizer:
             self._trained = True  # an unsaved step after our forward: no graph walk
             return
-        # scaler.scale(loss).backward(), accelerate's: the loss
-        losses = [self._scaled.get(id(t), (t, t))[1] for t in _differentiated(tensors)]
-        reached = [(loss, _reaches(loss, self._graph_ids)) for loss in losses]
+        reached = [(loss, _reaches(loss, self._graph_ids)) for loss in self._losses_of(tensors)]
         self._hidden = [loss for loss, reaches in reached if reaches is None]
         ours = [loss for loss, reaches in reached if reaches]
         if ours:  # else another model's backward, or one through reentrant checkpoints only
             self._train_on(ours)
+
+    def _losses_of(self, tensors: Any) -> list[torch.Tensor]:
+        """The losses behind the tensors differentiated: ``scaler.scale(loss)``'s, accelerate's, is ``loss``."""
+        return [self._scaled.get(id(t), (t, t))[1] for t in _differentiated(tensors)]
+
+    def on_grad(self, outputs: Any, inputs: Any, grads: Any) -> None:
+        """``torch.autograd.grad(outputs, inputs)`` returned ``grads``, which are not differentiated again: a
+        call in a TRAIN step, after its forward and before its end, that returns the gradient of a registered
+        parameter trains the step, as a ``backward()`` does (a loop that updates the parameters with them:
+        ``p -= lr * g``, or ``p.grad = g; optimizer.step()``). Each scalar of ``outputs`` is then a loss of
+        the step and, without an optimizer, the gradients returned are the step's, as a backward's are.
+
+        A gradient penalty's call (WGAN-GP: its gradients are differentiated again by the backward that
+        trains, ``create_graph=True``) is not told here; an input gradient (adversarial examples, saliency)
+        returns none of a parameter; a call in ``eval()``, under ``no_grad`` or after ``set_mode("eval")``
+        is in no TRAIN step. The inputs are looked at up to the first registered parameter, each of them
+        only in a saved step that holds gradients without an optimizer.
+        """
+        if (
+            self._closed
+            or not self._forwarded
+            or self.mode != Mode.TRAIN
+            or not self.session.is_open
+            or self._ended_by_optimizer
+        ):
+            return
+        returned = (
+            (name, grad)
+            for t, grad in patches.grad_pairs(inputs, grads)
+            if grad is not None and (name := self._param_ids.get(id(t))) is not None
+        )
+        if self._stash_grads:
+            found = list(returned)
+            for name, grad in found:
+                self.session.guard(self._stash_gradient, name, grad)
+            trains = bool(found)
+        else:  # the first parameter found tells
+            trains = next(returned, None) is not None
+        if trains:
+            self._train_on(self._losses_of(outputs) if self._losses else [])
 
     def _on_inner_backward(self, tensors: Any) -> None:
         """A backward run inside one (a reentrant checkpoint's, through the forward it recomputed): when it
@@ -1275,14 +1323,20 @@ class Hook(core.Hook):
             self._train_on(hidden)
 
     def _train_on(self, losses: list[torch.Tensor]) -> None:
-        """A backward of ``losses`` trains our parameters: the step in progress (or a new one) is trained, and
-        each scalar of ``losses`` is a loss of it when it saves losses."""
+        """A backward (or ``autograd.grad``) of ``losses`` trains our parameters: the step in progress (or a new
+        one) is trained, and each scalar of ``losses`` is a loss of it when it saves losses, once (a loss
+        whose gradient norm ``autograd.grad(loss, params, retain_graph=True)`` took before its backward)."""
         if not self.session.is_open or self._ended_by_optimizer:
             self._open(self._detect_mode())
         self._trained = True
         self._tentative = False
         if self._losses:
-            self._backward += [(weakref.ref(loss), loss.detach()) for loss in losses if loss.numel() == 1]
+            known = [ref() for ref, _ in self._backward]
+            self._backward += [
+                (weakref.ref(loss), loss.detach())
+                for loss in losses
+                if loss.numel() == 1 and not any(loss is k for k in known)
+            ]
 
     def _check_unattached_update(self) -> None:
         """Warn once when our parameters changed between two backwards of one TRAIN step while no attached
@@ -1460,11 +1514,14 @@ class Hook(core.Hook):
 
         Several calls with one name in a step give ``losses/<name>:0``, ``:1``, ...
         A tensor recorded here is not saved again as ``losses/loss`` when ``backward()``
-        is called on it.
+        is called on it. A loss recorded after a forward of a TRAIN step makes that step a
+        training step, also one with no backward and no optimizer step (not a prediction).
         """
         if self._closed:
             return
         self._ensure_open()
+        if self._forwarded and self.mode == Mode.TRAIN:
+            self._trained = True  # the loss of a forward of a TRAIN step: it trains (an update of one's own)
         if not self._losses:
             return
         if isinstance(value, torch.Tensor):

@@ -14,7 +14,8 @@ Two kinds:
   becomes an :class:`Inert` callable, which needs tensortap importable to load.
 - **Functions of torch replaced while a hook is open** (:func:`attach`):
   ``torch.autograd.backward`` (which ``Tensor.backward`` calls) to see the
-  loss a training step differentiates, ``GradScaler.scale``/``step`` to
+  loss a training step differentiates, ``torch.autograd.grad`` to see a step
+  that trains on the gradients it returns, ``GradScaler.scale``/``step`` to
   see the unscaled loss and the steps a scaler skips,
   the ``__getstate__`` of the classes of the modules tapped (:func:`on_forward`)
   to leave taps out of a pickled or copied module, and accelerate's
@@ -42,10 +43,11 @@ import sys
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import torch
+from torch.autograd.graph import GradientEdge
 from torch.utils.hooks import RemovableHandle
 
 
@@ -57,6 +59,10 @@ class Listener(Protocol):
 
     def on_backward_failed(self, tensors: Any, error: BaseException) -> None:
         """``torch.autograd.backward(tensors, ...)`` raised ``error``."""
+
+    def on_grad(self, outputs: Any, inputs: Any, grads: Any) -> None:
+        """``torch.autograd.grad(outputs, inputs)`` returned ``grads`` (:func:`grad_pairs`), which are not
+        differentiated again (``create_graph``) nor a batch of them (``is_grads_batched``)."""
 
     def on_scaled(self, scaled: Any, loss: Any) -> None:
         """``scaled``, about to be differentiated, stands for ``loss``: ``GradScaler.scale(loss)`` returned it, or
@@ -133,6 +139,40 @@ def _wrap_backward(original: Callable[..., Any]) -> Callable[..., Any]:
             raise
 
     return backward
+
+
+def grad_pairs(inputs: Any, grads: Any) -> Iterator[tuple[Any, Any]]:
+    """Each input of a ``torch.autograd.grad`` call with the gradient it returned for it: ``inputs`` is one
+    tensor or gradient edge, a sequence of them, or a dict of them (then ``grads`` is a dict too)."""
+    if isinstance(inputs, dict):
+        return zip(inputs.values(), grads.values(), strict=False)
+    return zip((inputs,) if isinstance(inputs, (torch.Tensor, GradientEdge)) else inputs, grads, strict=False)
+
+
+def _wrap_grad(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``torch.autograd.grad``, which tells the listeners what it returned, unless its gradients are to be
+    differentiated again (``create_graph``, which may be given by position: the first five parameters are
+    torch's) or are a batch of them (``is_grads_batched``)."""
+
+    @functools.wraps(original)
+    def grad(
+        outputs: Any,
+        inputs: Any,
+        grad_outputs: Any = None,
+        retain_graph: bool | None = None,
+        create_graph: bool = False,
+        *args: Any,
+        **kwargs: Any,
+    ) -> Any:
+        if isinstance(inputs, Iterator):  # model.parameters(): read once, for torch and for the listeners
+            inputs = tuple(inputs)
+        grads = original(outputs, inputs, grad_outputs, retain_graph, create_graph, *args, **kwargs)
+        if not (create_graph or kwargs.get("is_grads_batched")):
+            for listener in list(_LISTENERS):
+                listener.on_grad(outputs, inputs, grads)
+        return grads
+
+    return grad
 
 
 def _wrap_library_backward(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -219,7 +259,7 @@ _library_waits = False
 
 
 def _targets() -> list[_Target]:
-    targets: list[_Target] = [(torch.autograd, "backward", _wrap_backward)]
+    targets: list[_Target] = [(torch.autograd, "backward", _wrap_backward), (torch.autograd, "grad", _wrap_grad)]
     scaler = getattr(getattr(torch, "amp", None), "GradScaler", None)
     if scaler is not None:
         targets += [(scaler, "scale", _wrap_scale), (scaler, "step", _wrap_scaler_step)]
