@@ -930,6 +930,30 @@ def test_jax_values_inside_the_gradient_leave_the_step_without_a_host_callback(t
         )
 
 
+class KerasView(keras.callbacks.Callback):
+    """Keras's own view of the variables after every train batch (the weights and the optimizer's), by the
+    trial's names."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.after: list[dict[str, np.ndarray]] = []
+
+    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        m = self.model  # (JAX: the property puts the trainer's state into the variables)
+        names = [v.path.removeprefix(f"{m.name}/") for v in m.weights]
+        view = dict(zip(names, m.get_weights(), strict=True))
+        view |= {f"optimizer/{v.path}": to_numpy(v.value) for v in m.optimizer.variables}
+        self.after.append(view)
+
+    def assert_saved_in(self, trial: Any) -> None:
+        """Each TRAIN step of ``trial`` holds, bit for bit, every variable as Keras held it after that step."""
+        assert trial.steps(mode=Mode.TRAIN) == list(range(len(self.after)))
+        assert set(trial.tensor_names()) == set(self.after[0])
+        for s, view in enumerate(self.after):
+            for name, ref in view.items():
+                np.testing.assert_array_equal(trial.tensor(name).value(s, mode=Mode.TRAIN), ref, err_msg=f"{name}@{s}")
+
+
 @pytest.mark.parametrize("per_execution", [1, 2], ids=["one-batch", "two-batches"])
 @pytest.mark.parametrize("run_mode", list(RUN_MODES))
 def test_variables_are_keras_own_after_each_step(tmp_path: Path, run_mode: str, per_execution: int) -> None:
@@ -945,33 +969,58 @@ def test_variables_are_keras_own_after_each_step(tmp_path: Path, run_mode: str, 
     model.compile(
         optimizer=keras.optimizers.Adam(0.01), loss="mse", steps_per_execution=per_execution, **RUN_MODES[run_mode]
     )
-    after: list[dict[str, np.ndarray]] = []
-
-    class KerasView(keras.callbacks.Callback):
-        def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
-            m = self.model  # (JAX: the property puts the trainer's state into the variables)
-            names = [v.path.removeprefix(f"{m.name}/") for v in m.weights]
-            view = dict(zip(names, m.get_weights(), strict=True))
-            view |= {f"optimizer/{v.path}": to_numpy(v.value) for v in m.optimizer.variables}
-            after.append(view)
-
+    view = KerasView()
     cb = ttk.Callback(
         tmp_path, save_config=EVERY_STEP, include_collections=["weights", "biases", "optimizer_variables"]
     )
-    model.fit(X, Y, batch_size=BATCH, epochs=2, shuffle=False, callbacks=[cb, KerasView()], verbose=0)
-    trial = tensortap.create_trial(tmp_path)
-    steps = 2 * -(-3 // per_execution)  # 3 batches an epoch
-    assert trial.steps(mode=Mode.TRAIN) == list(range(steps)) and len(after) == steps
-    assert set(trial.tensor_names()) == set(after[0])
-    assert any(name.endswith("momentum") for name in after[0])
-    for s, view in enumerate(after):
-        for name, ref in view.items():
-            np.testing.assert_array_equal(trial.tensor(name).value(s, mode=Mode.TRAIN), ref, err_msg=name)
+    model.fit(X, Y, batch_size=BATCH, epochs=2, shuffle=False, callbacks=[cb, view], verbose=0)
+    assert len(view.after) == 2 * -(-3 // per_execution)  # 3 batches an epoch
+    assert any(name.endswith("momentum") for name in view.after[0])
+    view.assert_saved_in(tensortap.create_trial(tmp_path))
     returned = {
         slot.name for coll, slot in cb._extra_slots.values() if coll in ("weights", "biases", "optimizer_variables")
     }
-    assert returned == (set(after[0]) if BACKEND == "tensorflow" and run_mode != "eager" else set())
+    assert returned == (set(view.after[0]) if BACKEND == "tensorflow" and run_mode != "eager" else set())
     assert_model_clean(model)
+
+
+@pytest.mark.parametrize("run_mode", list(RUN_MODES))
+@pytest.mark.parametrize("listed_before", ["SwapEMAWeights", "ReduceLROnPlateau"])
+def test_variables_a_callback_listed_before_changes_after_the_last_batch_are_none_of_its_step(
+    tmp_path: Path, run_mode: str, listed_before: str
+) -> None:
+    """A callback listed before ours that changes variables after an epoch's last batch, before that step is
+    recorded (at the next step's begin, or the epoch's end), changes no saved step: Keras's
+    ``SwapEMAWeights`` swaps the EMA weights into the model at validation's ``on_test_begin``,
+    ``ReduceLROnPlateau`` lowers the learning rate at ``on_epoch_end``. Before, on JAX and torch (and
+    on TensorFlow run eagerly), the last step of each epoch held the EMA weights, or the lowered rate."""
+    keras.utils.set_random_seed(4)
+    layers = [
+        keras.Input((6,)),
+        keras.layers.Dense(5, activation="tanh", name="dense"),
+        keras.layers.Dense(1, name="dense_1"),
+    ]
+    model = keras.Sequential(layers, name="net")
+    if listed_before == "SwapEMAWeights":
+        optimizer = keras.optimizers.Adam(0.05, use_ema=True, ema_momentum=0.9, name="adam")
+        changes, fit_kw = keras.callbacks.SwapEMAWeights(), {"validation_data": (XV, YV)}
+    else:  # the loss never improves by 1e9: the rate is halved at the end of every epoch after the first
+        optimizer = keras.optimizers.SGD(0.05, name="sgd")
+        changes, fit_kw = keras.callbacks.ReduceLROnPlateau("loss", factor=0.5, patience=0, min_delta=1e9), {}
+    model.compile(optimizer=optimizer, loss="mse", **RUN_MODES[run_mode])
+    view = KerasView()  # listed first: its on_train_batch_end runs before any callback can change a variable
+    cb = ttk.Callback(
+        tmp_path, save_config=EVERY_STEP, include_collections=["weights", "biases", "optimizer_variables"], strict=True
+    )
+    model.fit(X, Y, batch_size=BATCH, epochs=3, shuffle=False, callbacks=[view, changes, cb], verbose=0, **fit_kw)
+    assert len(view.after) == 9
+    if listed_before == "SwapEMAWeights":  # what the swap puts in differs from what the step left
+        ema = "optimizer/adam/net_dense_kernel_average"
+        assert all(not np.allclose(view.after[s]["dense/kernel"], view.after[s][ema]) for s in (2, 5, 8))
+    else:
+        rates = [view.after[s]["optimizer/sgd/learning_rate"] for s in (2, 5, 8)]
+        np.testing.assert_array_equal(rates, np.float32([0.05, 0.05, 0.025]))  # trained with (see above)
+    view.assert_saved_in(tensortap.create_trial(tmp_path))
 
 
 @pytest.mark.parametrize("run_mode", list(RUN_MODES))

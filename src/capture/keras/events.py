@@ -21,9 +21,11 @@ leaves the model the step functions Keras alone would hold (see
 after a ``fit`` without it.
 
 How values leave the step: see :mod:`.transport`. Weights, biases and
-optimizer variables are read after the step: returned by TensorFlow's
-capturing step after its update, on JAX from the trainer's live state (the
-Variables are stale during ``fit``), otherwise from the Variables. A step is closed when
+optimizer variables are those after the step's update, taken when its step
+function returns, before any other callback runs: returned by TensorFlow's
+capturing step after its update, on JAX from the state the step returned (the
+Variables are stale during ``fit``), otherwise from the Variables (in a loop of
+your own, at the block's end). A step is closed when
 the next one begins (or at the end of the epoch, evaluation or training), so
 the callback overrides no ``on_*_batch_end`` method and Keras keeps
 dispatching batch-end callbacks asynchronously.
@@ -96,6 +98,8 @@ logger = logging.getLogger("tensortap")
 _NOTHING_WANTED = dict.fromkeys(STEP_COLLECTIONS, False)
 # collections read from the variables after a TRAIN step (TensorFlow's capturing steps return them)
 VARIABLE_COLLECTIONS = ("weights", "biases", "optimizer_variables")
+# what a JAX train function returns beside its logs: the trainer's state, in order (the keys of model._jax_state)
+_JAX_STATE = ("trainable_variables", "non_trainable_variables", "optimizer_variables", "metrics_variables")
 _STEP_FUNCTIONS = ("train_function", "test_function", "predict_function")
 # make_<kind>_function builds <kind>_function around the model's <step> method, in this mode
 _KINDS = {
@@ -274,6 +278,7 @@ class Callback(keras.callbacks.Callback):
         self._applied: set[int] = set()  # in the step: optimizers (by id) that applied gradients eagerly
         self._warned_reapplied: set[int] = set()
         self._arrived: list[Arrival] = []
+        self._variables_taken = False  # the open TRAIN step's variables were taken when its step function returned
         # by mode, collection and slot, whether the steps left a value given eagerly as it was given (True: held
         # by reference, not copied) or one step did not (False: copied from then on, see _release_held); per mode,
         # as a layer may change its input in place only when training
@@ -621,7 +626,9 @@ class Callback(keras.callbacks.Callback):
         mode
             Mode of the step (default TRAIN).
         step
-            Explicit global step number (must be greater than the last one); default: last + 1.
+            Explicit global step number; default: last + 1. One not greater than the last step is
+            refused with a warning (the block runs, its step saves nothing); with ``strict=True``
+            a ``ValueError``.
         """
         if not self._loop:
             raise RuntimeError("Callback.stepping: call attach(model, optimizer) first")
@@ -658,7 +665,7 @@ class Callback(keras.callbacks.Callback):
         self._accepting = False
         self.hook.end_at_exit = None
         saving = self.session.open(mode, step)  # records the previous step first
-        self._arrived = []
+        self._arrived, self._variables_taken = [], False
         wanted = {c: self.session.saving(c) for c in STEP_COLLECTIONS} if saving else _NOTHING_WANTED
         self.wanted_now = frozenset(c for c, w in wanted.items() if w)
         if saving and mode == Mode.TRAIN and BACKEND == "tensorflow":  # returned by the step (_return_variables)
@@ -677,12 +684,22 @@ class Callback(keras.callbacks.Callback):
         self.hook.end_at_exit = None
         self.session.finish()
 
-    def step_ran(self, mode: Mode) -> None:
-        """A step function of ``mode`` returned: the open step is complete. Keras records it when the next
+    def step_ran(self, mode: Mode, out: Any) -> None:
+        """A step function of ``mode`` returned ``out``: the open step is complete. Keras records it when the next
         step begins (or at the epoch's end); if the script dies before (in reading the next batch, in a
-        callback's ``on_epoch_end``), it is recorded at exit instead of dropped as a step in progress."""
+        callback's ``on_epoch_end``), it is recorded at exit instead of dropped as a step in progress.
+
+        A saved TRAIN step's variables are taken now, not when it is recorded: by then every callback's
+        ``on_epoch_end`` (and, with validation, ``on_test_begin``) has run, and one listed before this one
+        may have changed them (``SwapEMAWeights`` swaps the EMA weights in, ``ReduceLROnPlateau`` lowers the
+        learning rate). On JAX they are the state ``out`` holds (Keras puts it into the model after the
+        function returns). Offered now, they are copied once, now instead of then.
+        """
         if self._takes(mode):
             self.hook.end_at_exit = self._finish_step
+            if mode == Mode.TRAIN and self.hook.is_saving():
+                state = dict(zip(_JAX_STATE, out[1], strict=True)) if BACKEND == "jax" else None
+                self.session.guard(self._offer_variables, state)
 
     def step_raised(self, mode: Mode, why: BaseException) -> None:
         """A step function of ``mode`` raised: the open step did not happen (a Ctrl-C, an error in its data
@@ -762,11 +779,16 @@ class Callback(keras.callbacks.Callback):
         self.session.offer_many((s.name, value, (c,)) for s, (c, value) in latest.items() if s.call is None)
         for (base, _), (collection, tensors) in sorted(calls.items()):  # each layer's calls in order
             self.session.offer_call(base, tensors, (collection,))
-        if self.hook.mode == Mode.TRAIN:  # the variables the step did not return
-            saved = [c for c in VARIABLE_COLLECTIONS if self.session.saving(c)]
-            self.session.offer_many(
-                (name, value, (coll,)) for name, coll, value in self._variables(saved) if Slot(name) not in latest
-            )
+        if self.hook.mode == Mode.TRAIN and not self._variables_taken:  # a loop's step: at its block's end
+            self._offer_variables()
+
+    def _offer_variables(self, state: dict[str, Any] | None = None) -> None:
+        """Offer the variables the open TRAIN step saves, as they are now (JAX: as in the trainer's ``state``),
+        but those a capturing TensorFlow step returns (read in its graph after the update, with its extras)."""
+        returned = self.running or frozenset()
+        saved = [c for c in VARIABLE_COLLECTIONS if c not in returned and self.session.saving(c)]
+        self.session.offer_many((name, value, (coll,)) for name, coll, value in self._variables(saved, state))
+        self._variables_taken = True
 
     def _release_held(self, latest: dict[Slot, tuple[str, Any]]) -> None:
         """Put in ``latest`` the values of the torch tensors held from the step (:func:`.ops.hold`).
@@ -843,13 +865,14 @@ class Callback(keras.callbacks.Callback):
     def _name(self, path: str) -> str:
         return path[len(self._prefix) :] if path.startswith(self._prefix) else path
 
-    def _variables(self, collections: Collection[str]) -> Iterator[tuple[str, str, Any]]:
+    def _variables(
+        self, collections: Collection[str], state: dict[str, Any] | None = None
+    ) -> Iterator[tuple[str, str, Any]]:
         """``(name, collection, value)`` of the weights and biases (when ``collections`` has either) and
-        of the optimizer variables (``"optimizer_variables"``), as they are now (after the step)."""
+        of the optimizer variables (``"optimizer_variables"``), as they are now, or as in ``state``: the JAX
+        trainer's state a train function returned (during ``fit`` the Variables are stale), by key
+        (``"trainable_variables"``, ...)."""
         model = self._model
-        state = getattr(model, "_jax_state", None) if BACKEND == "jax" else None
-        if getattr(model, "_jax_state_synced", True):
-            state = None  # the Variables hold the values
 
         def values(variables: Sequence[Any], key: str | None) -> Iterator[tuple[Any, Any]]:
             if state is not None and key is not None and state.get(key) is not None:

@@ -107,8 +107,8 @@ class _VariantOwner(Protocol):
         """Step collections saved from inside a step function of ``mode`` run now (empty: the plain variant runs)."""
         ...
 
-    def step_ran(self, mode: Mode) -> None:
-        """A step function of ``mode`` returned: the open step of that mode is complete."""
+    def step_ran(self, mode: Mode, out: Any) -> None:
+        """A step function of ``mode`` returned ``out``: the open step of that mode is complete."""
         ...
 
     def step_raised(self, mode: Mode, why: BaseException) -> None:
@@ -118,8 +118,8 @@ class _VariantOwner(Protocol):
 
 class ReportedStep:
     """``model.<kind>_function`` while the callback is active, where :class:`StepVariants` do not serve (a
-    step run eagerly, or one that taps under flags): Keras's own, saying to ``owner`` when a step returns or
-    raises.
+    step run eagerly, or one that taps under flags): Keras's own, saying to ``owner`` when a step returns
+    (and what it returned) or raises.
 
     The function, not the step wrapper inside it, says so: a compiled function runs the
     wrapper only while it is traced, and Keras's function reads the batch before the wrapper
@@ -142,7 +142,7 @@ class ReportedStep:
         except BaseException as exc:
             self.owner.step_raised(self.mode, exc)
             raise
-        self.owner.step_ran(self.mode)
+        self.owner.step_ran(self.mode, out)
         return out
 
 
