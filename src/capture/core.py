@@ -38,6 +38,7 @@ from .. import reductions as red
 from ..backends import layout
 from ..backends.registry import get_storage
 from ..backends.shard import StepRecord, TensorRecord
+from ..backends.storage import STORAGE_FAILURES
 from ..config import (
     BUILTIN_COLLECTIONS,
     Collection,
@@ -1171,7 +1172,7 @@ class Hook:
                 context,
                 exc,
                 "; the in-process rules go on judging the steps it would have saved" if self.step_listeners else "",
-                exc_info=exc,
+                exc_info=None if isinstance(exc, STORAGE_FAILURES) else exc,  # those name their cause: no traceback
             )
         self._failed = True
         self._saving = False

@@ -261,7 +261,7 @@ def test_a_storage_given_up_for_gets_nothing_more_once_it_answers(
     assert len(proxy.held) == 1  # the one request of the call left behind
     proxy.seen.clear()
     proxy.stalled.clear()
-    proxy._released.set()  # the request held is cut: the client sends it again, and it gets through
+    proxy.release()  # the request held is cut: the client sends it again, and it gets through
     deadline = time.monotonic() + 30
     while proxy.held[0] not in proxy.seen and time.monotonic() < deadline:
         time.sleep(0.05)

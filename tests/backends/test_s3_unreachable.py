@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import http.server
 import json
+import logging
 import socket
 import threading
 import uuid
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 
 import tensortap
+from tensortap.capture import ShardPolicy, Writer
 from tensortap.cli import main
 
 pytestmark = pytest.mark.s3
@@ -76,6 +78,24 @@ def test_a_refused_connection_says_it_cannot_connect_to_the_endpoint(capsys: pyt
     with pytest.raises(ConnectionError, match=f"{url}: cannot connect to {endpoint}"):
         tensortap.create_trial(url, **options)
     assert f"cannot connect to {endpoint}" in json_error(options, url, capsys)["message"]
+
+
+def test_a_capture_that_cannot_connect_says_so_in_one_line(caplog: pytest.LogCaptureFixture) -> None:
+    """Training goes on without capture; the one error names the endpoint. It came with a 40-line chained
+    traceback (ConnectionRefusedError, ClientConnectorError, EndpointConnectionError) for this expected
+    condition."""
+    pytest.importorskip("s3fs")
+    endpoint = f"http://127.0.0.1:{closed_port()}"
+    options = {"key": "k", "secret": "s", "client_kwargs": {"endpoint_url": endpoint}, **FAST}
+    caplog.set_level(logging.ERROR, logger="tensortap")
+    writer = Writer(
+        f"s3://tensortap-test/{uuid.uuid4().hex}", storage_options=options, shard_policy=ShardPolicy(timeout=2)
+    )
+    writer.close()
+    assert writer.failed
+    [error] = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert f"cannot connect to {endpoint}" in error.getMessage() and "capture is disabled" in error.getMessage()
+    assert error.exc_info is None
 
 
 def test_no_credentials_says_so(

@@ -1676,6 +1676,23 @@ def test_optimizers_of_parts_of_one_module_name_their_losses_by_the_part(tmp_pat
         assert {n: float(_value(trial, n, s)) for n in losses} == losses
 
 
+def test_capturing_a_model_fsdp_never_touched_does_not_import_fsdp(tmp_path: Path) -> None:
+    """Whether FSDP shards a registered model was asked by importing ``torch.distributed.fsdp``: seconds
+    (17 s on a busy 2-core machine) at the first ``register_module`` of every script. No module can be
+    sharded by FSDP before it is imported; a fresh interpreter shows it stays unimported."""
+    script = (
+        "import sys, torch, tensortap.torch as ttt\n"
+        "model = torch.nn.Linear(2, 2)\n"
+        "hook = ttt.capture(model, sys.argv[1])\n"
+        "model(torch.ones(1, 2)).sum().backward()\n"
+        "hook.close()\n"
+        "print('torch.distributed.fsdp' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False"]
+
+
 def test_fsdp_fully_shard_training_is_never_stopped_by_capture(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -1758,12 +1775,13 @@ class _Flaky(nn.Module):
         return self.head(h)
 
 
-@pytest.mark.parametrize("where", ["forward", "backward"])
+@pytest.mark.parametrize(("where", "through"), [("forward", ""), ("backward", ""), ("backward", "autograd.grad")])
 def test_a_batch_skipped_after_an_out_of_memory_error_is_not_saved_with_the_next(
-    tmp_path: Path, where: str, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, where: str, through: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The loop of many scripts: ``except torch.OutOfMemoryError: zero_grad(); continue``. The skipped batch's
-    values went into the next step, as a second call (``outputs/head:0``, the failed batch's, beside ``:1``)."""
+    values went into the next step, as a second call (``outputs/head:0``, the failed batch's, beside ``:1``).
+    ``autograd.grad``: a loop taking its gradients so (``p.grad = g``), whose failed step was kept likewise."""
     torch.manual_seed(0)
     model = _Flaky(where)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -1783,12 +1801,16 @@ def test_a_batch_skipped_after_an_out_of_memory_error_is_not_saved_with_the_next
                 opt.zero_grad()
                 out = model(x)
                 loss = F.cross_entropy(out, y)
-                loss.backward()
+                if through:
+                    for p, g in zip(model.parameters(), torch.autograd.grad(loss, model.parameters()), strict=True):
+                        p.grad = g
+                else:
+                    loss.backward()
                 opt.step()
             except torch.OutOfMemoryError:
                 opt.zero_grad()
                 continue
-            done[i] = (out.detach().numpy().copy(), float(loss), model.head.weight.detach().numpy().copy())
+            done[i] = (out.detach().numpy().copy(), float(loss.detach()), model.head.weight.detach().numpy().copy())
     trial = _trial(tmp_path)
     assert trial.steps() == [0, 2, 3], "the step of the skipped batch is dropped; the others keep the loop's numbers"
     assert not [n for n in trial.tensor_names() if ":" in n], "no tensor saved as a second call"

@@ -141,8 +141,12 @@ class FaultyProxy:
             self.failed += 1
             return True
 
+    def release(self) -> None:
+        """Cut the requests held by a stall (their connections close: the client sends them again)."""
+        self._released.set()
+
     def close(self) -> None:
         """Answer stalled requests (by closing them) and stop serving."""
-        self._released.set()
+        self.release()
         self.server.shutdown()
         self.server.server_close()

@@ -249,11 +249,10 @@ def _is_compiled(module: nn.Module) -> bool:
 def _is_sharded(module: nn.Module) -> bool:
     """Whether FSDP shards ``module`` or a part of it (``fully_shard``, ``FullyShardedDataParallel``): it
     puts unsharded parameters in the modules for each forward and frees them after it."""
-    if not torch.distributed.is_available():
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # not imported: nothing is sharded (importing it takes seconds)
+    if fsdp is None:
         return False
-    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
-
-    return any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in module.modules())
+    return any(isinstance(m, (fsdp.FSDPModule, fsdp.FullyShardedDataParallel)) for m in module.modules())
 
 
 def parameter_collection(name: str) -> str:
@@ -1377,8 +1376,8 @@ class Hook(core.Hook):
         )
 
     def on_backward_failed(self, tensors: Any, error: BaseException) -> None:
-        """``backward()`` on ``tensors`` raised ``error`` (out of memory, in a loop that skips the batch): the
-        step it was to train is dropped, unless the losses were another model's."""
+        """``backward()`` (or ``autograd.grad``) on ``tensors`` raised ``error`` (out of memory, in a loop that
+        skips the batch): the step it was to train is dropped, unless the losses were another model's."""
         if self._closed or not self.session.is_open:
             return
         losses = _differentiated(tensors)

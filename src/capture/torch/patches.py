@@ -58,7 +58,7 @@ class Listener(Protocol):
         """``torch.autograd.backward(tensors, ...)`` is about to run."""
 
     def on_backward_failed(self, tensors: Any, error: BaseException) -> None:
-        """``torch.autograd.backward(tensors, ...)`` raised ``error``."""
+        """``torch.autograd.backward(tensors, ...)`` or ``torch.autograd.grad(tensors, ...)`` raised ``error``."""
 
     def on_grad(self, outputs: Any, inputs: Any, grads: Any) -> None:
         """``torch.autograd.grad(outputs, inputs)`` returned ``grads`` (:func:`grad_pairs`), which are not
@@ -152,7 +152,7 @@ def grad_pairs(inputs: Any, grads: Any) -> Iterator[tuple[Any, Any]]:
 def _wrap_grad(original: Callable[..., Any]) -> Callable[..., Any]:
     """``torch.autograd.grad``, which tells the listeners what it returned, unless its gradients are to be
     differentiated again (``create_graph``, which may be given by position: the first five parameters are
-    torch's) or are a batch of them (``is_grads_batched``)."""
+    torch's) or are a batch of them (``is_grads_batched``), and when it raises (as ``backward()``)."""
 
     @functools.wraps(original)
     def grad(
@@ -166,7 +166,12 @@ def _wrap_grad(original: Callable[..., Any]) -> Callable[..., Any]:
     ) -> Any:
         if isinstance(inputs, Iterator):  # model.parameters(): read once, for torch and for the listeners
             inputs = tuple(inputs)
-        grads = original(outputs, inputs, grad_outputs, retain_graph, create_graph, *args, **kwargs)
+        try:
+            grads = original(outputs, inputs, grad_outputs, retain_graph, create_graph, *args, **kwargs)
+        except BaseException as exc:  # as a backward's: the step it was to train is left
+            for listener in list(_LISTENERS):
+                listener.on_backward_failed(outputs, exc)
+            raise
         if not (create_graph or kwargs.get("is_grads_batched")):
             for listener in list(_LISTENERS):
                 listener.on_grad(outputs, inputs, grads)
