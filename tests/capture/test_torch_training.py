@@ -1605,6 +1605,148 @@ def test_functional_call_with_generated_weights_and_no_optimizer(tmp_path: Path)
             np.testing.assert_array_equal(_value(trial, n, s), w.numpy())
 
 
+@pytest.mark.parametrize("teacher", ["grad", "no_grad", "functional_student"])
+def test_an_ema_teacher_run_first_by_functional_call_leaves_the_trained_weights_saved(
+    tmp_path: Path, teacher: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Mean teacher: each step's first forward is ``functional_call(model, ema, x)`` (the targets), then the
+    student's. The EMA tensors were saved as the model's weights every step, with no gradients and no loss
+    (with gradients on); under ``no_grad`` each teacher forward was an EVAL step of its own. The student run
+    by functional_call too (its trained ``params``): the same."""
+    model = _mlp()
+    params = {n: p.detach().clone().requires_grad_(True) for n, p in model.named_parameters()}
+    student = params if teacher == "functional_student" else dict(model.named_parameters())
+    ema = {n: p.detach().clone() for n, p in student.items()}
+    opt = torch.optim.SGD(student.values(), lr=0.1)
+    hook = ttt.capture(model, tmp_path, optimizer=opt, save_config=EVERY_STEP)
+    gen = torch.Generator().manual_seed(8)
+    expected = []
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        for _ in range(3):
+            x, _ = _batch(gen)
+            with torch.set_grad_enabled(teacher != "no_grad"):
+                target = torch.func.functional_call(model, ema, (x,)).detach()
+            opt.zero_grad()
+            noisy = x + 0.1 * torch.randn(x.shape, generator=gen)
+            out = torch.func.functional_call(model, params, (noisy,)) if student is params else model(noisy)
+            loss = F.mse_loss(out, target)
+            loss.backward()
+            grads = {n: p.grad.clone() for n, p in student.items()}
+            opt.step()
+            with torch.no_grad():
+                for n, p in student.items():
+                    ema[n].mul_(0.9).add_(p, alpha=0.1)
+            expected.append((loss.item(), grads, {n: p.detach().clone() for n, p in student.items()}))
+    hook.close()
+    trial = _trial(tmp_path)
+    assert trial.modes() == [Mode.TRAIN] and trial.steps() == [0, 1, 2]
+    for s, (loss_value, grads, weights) in enumerate(expected):
+        assert float(_value(trial, "losses/loss", s)) == pytest.approx(loss_value, rel=1e-6)
+        for n, w in weights.items():
+            np.testing.assert_array_equal(_value(trial, n, s), w.numpy(), err_msg=n)
+            np.testing.assert_array_equal(_value(trial, f"gradients/{n}", s), grads[n].numpy(), err_msg=n)
+    assert not [r for r in caplog.records if "functional_call" in r.getMessage()]
+
+
+def test_a_model_run_with_tensors_no_attached_optimizer_updates_is_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """functional_call(model, frozen, x) with copies no attached optimizer updates, in place of the model's
+    trainable parameters (the attached optimizer trains a head on top): the copies are saved as its
+    weights, without gradients. That was silent; one warning names them now."""
+    model, head = _mlp(), nn.Linear(3, 3)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.SGD(head.parameters(), lr=0.1)
+    hook = ttt.capture(model, tmp_path, optimizer=opt, save_config=EVERY_STEP)
+    gen = torch.Generator().manual_seed(9)
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        for _ in range(2):
+            x, y = _batch(gen)
+            opt.zero_grad()
+            F.cross_entropy(head(torch.func.functional_call(model, frozen, (x,))), y).backward()
+            opt.step()
+    hook.close()
+    trial = _trial(tmp_path)
+    np.testing.assert_array_equal(_value(trial, "0.weight", 1), frozen["0.weight"].numpy())
+    warned = [r.getMessage() for r in caplog.records if "no attached optimizer updates" in r.getMessage()]
+    assert len(warned) == 1 and "(0.weight, 0.bias, 2.weight, ...)" in warned[0]
+
+
+def test_maml_with_cloned_fast_weights_saves_the_model_and_its_meta_gradients(tmp_path: Path) -> None:
+    """MAML whose fast weights start as clones (``{n: p.clone()}``): every forward runs through
+    functional_call with them. The clones of the step's first forward were saved as the weights (those
+    before the update: step s held step s-1's), with no gradients."""
+    model = _mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    hook = ttt.capture(model, tmp_path, optimizer=opt, save_config=EVERY_STEP)
+
+    def adapted(x: torch.Tensor) -> torch.Tensor:
+        fast = {n: p.clone() for n, p in model.named_parameters()}
+        inner = torch.func.functional_call(model, fast, (x,)).pow(2).mean()
+        grads = torch.autograd.grad(inner, list(fast.values()), create_graph=True)
+        fast = {n: p - 0.1 * g for (n, p), g in zip(fast.items(), grads, strict=True)}
+        return torch.func.functional_call(model, fast, (x,))
+
+    trial = _train_and_compare(tmp_path, model, opt, hook, adapted, lambda: dict(model.named_parameters()))
+    assert len(trial.tensor_names(collection="gradients")) == 4
+
+
+def test_a_frozen_teacher_in_knowledge_distillation_is_in_the_training_steps(tmp_path: Path) -> None:
+    """The PyTorch knowledge distillation tutorial's loop, teacher and student registered, the student's
+    optimizer attached: the teacher (``eval()``, ``no_grad``) run first in each iteration opened an EVAL
+    step of its own, so its outputs were in no training step and the student's validations were EVAL steps
+    3 and 7 of 8. Now the teacher's forward is in the step the student's forward decides; evaluated alone
+    (before and after the training) it still makes EVAL steps."""
+    teacher, student = _mlp().eval(), _mlp()
+    opt = torch.optim.SGD(student.parameters(), lr=0.1)
+    hook = ttt.Hook(tmp_path, save_config=EVERY_STEP, include_collections=["weights", "gradients", "losses", "outputs"])
+    hook.register_module(student, name="student")
+    hook.register_module(teacher, name="teacher")
+    hook.attach_optimizer(opt)
+    gen = torch.Generator().manual_seed(13)
+    evaluated, trained, validated = [], [], []
+
+    def evaluate_teacher() -> None:
+        with torch.no_grad():
+            evaluated.extend(teacher(_batch(gen)[0]) for _ in range(2))
+
+    evaluate_teacher()
+    for _ in range(2):
+        student.train()
+        for _ in range(3):
+            x, y = _batch(gen)
+            opt.zero_grad()
+            with torch.no_grad():
+                soft = teacher(x)
+            out = student(x)
+            loss = 0.5 * F.kl_div(F.log_softmax(out, -1), F.softmax(soft, -1), reduction="batchmean")
+            loss = loss + 0.5 * F.cross_entropy(out, y)
+            loss.backward()
+            grads = _grads(student, "student")
+            opt.step()
+            trained.append((soft, out.detach(), loss.item(), grads))
+        student.eval()
+        with torch.no_grad():
+            validated.append(student(_batch(gen)[0]))
+    evaluate_teacher()
+    hook.close()
+    trial = _trial(tmp_path)
+    assert trial.steps(mode=Mode.TRAIN) == list(range(6))
+    assert trial.steps(mode=Mode.EVAL) == list(range(6))
+    for s, (soft, out, loss_value, grads) in enumerate(trained):
+        np.testing.assert_array_equal(_value(trial, "outputs/teacher", s, Mode.TRAIN), soft.numpy())
+        np.testing.assert_array_equal(_value(trial, "outputs/student", s, Mode.TRAIN), out.numpy())
+        assert float(_value(trial, "losses/loss", s, Mode.TRAIN)) == pytest.approx(loss_value, rel=1e-6)
+        for n, g in grads.items():
+            np.testing.assert_array_equal(_value(trial, f"gradients/{n}", s, Mode.TRAIN), g.numpy(), err_msg=n)
+    assert trial.tensor("outputs/teacher").steps(mode=Mode.EVAL) == [0, 1, 4, 5]
+    assert trial.tensor("outputs/student").steps(mode=Mode.EVAL) == [2, 3]
+    for s, out in zip([0, 1, 4, 5], evaluated, strict=True):
+        np.testing.assert_array_equal(_value(trial, "outputs/teacher", s, Mode.EVAL), out.numpy())
+    for s, out in zip([2, 3], validated, strict=True):
+        np.testing.assert_array_equal(_value(trial, "outputs/student", s, Mode.EVAL), out.numpy())
+
+
 class Flaky(nn.Sequential):
     """A model whose ``named_parameters()`` fails once ``broken`` is set (a capture failure at a forward)."""
 

@@ -29,7 +29,9 @@ What a step is
   :meth:`Hook.record_loss` after the forward) is a prediction after
   training: it is recorded as PREDICT. A step opened by a
   value alone (``save_scalar`` before any forward) takes the mode of the
-  forward that follows.
+  forward that follows; so does one opened, with optimizers attached, by a
+  forward not in TRAIN mode of a module none of them trains (a frozen
+  teacher: :meth:`Hook._waits`), unless that module's next forward comes first.
 * A submodule called outside a forward of a registered module (``model.decode(z)``)
   is captured only between the step's first forward and its end; otherwise it is
   skipped, with one warning per submodule (it is no step's).
@@ -114,6 +116,8 @@ _SEQUENTIAL_CODE = torch.utils.checkpoint.checkpoint_sequential.__code__
 _HOOK_FRAMES = 16
 # torch.jit.trace's check_trace, which runs the module itself (under no_grad) to compare with the trace
 _CHECK_TRACE_CODE = inspect.unwrap(torch.jit._trace._check_trace).__code__
+# torch.func.functional_call's (and torch.nn.utils.stateless's) call of the module with other tensors put in it
+_FUNCTIONAL_CALL_CODE = torch.nn.utils.stateless._functional_call.__code__
 
 
 def _called_from(code: CodeType, depth: int = 40) -> bool:
@@ -363,6 +367,7 @@ class _Root:
     # those still in the module, by their name now (a replaced head is no longer here)
     names: weakref.WeakKeyDictionary[nn.Module, str] = field(default_factory=weakref.WeakKeyDictionary)
     frames: int = 1  # the frames its hooks add to its forward (patches.lend_frames): one a hooked nesting level
+    trained: bool = False  # an attached optimizer updates one of its parameters (as last followed)
     lent: list[int] = field(default_factory=list)  # frames lent by each of its forwards in progress, innermost last
 
 
@@ -505,6 +510,11 @@ class Hook(core.Hook):
         # the open step
         self._ended_by_optimizer = False  # pending because its optimizers (or hook.finish_step()) ended it
         self._tentative = False  # opened by a value alone: takes the mode of the next forward
+        # forwards in it, before its mode was decided, of modules no attached optimizer trains: id(root) -> their mode
+        self._waiting: dict[int, Mode] = {}
+        self._follow_again = False  # its parameters were read outside a forward or in a functional_call
+        self._untrained: list[str] = []  # names followed in a functional_call as tensors no attached optimizer updates
+        self._warned_untrained = False
         self._given_unsaved = False  # a value given in it while it was not saved (a tentative step's)
         self._warned_relabel = False
         self._warned_eval_training = False
@@ -606,29 +616,36 @@ class Hook(core.Hook):
         """Take the registered modules' parameters and submodules as they are now.
 
         Run at registration, when an optimizer is attached and when a saved step opens (or has its
-        first forward, which ``torch.func.functional_call`` may run with other parameters): a
-        submodule replaced after registration (``model.fc = nn.Linear(...)`` to fine-tune), a
-        parametrization (``weight_norm``, ``prune``) or a parameter added later is captured
-        under its name from then on, and a parameter no longer in the model is no longer saved.
-        A parameter shared by two places (tied embeddings) is saved once, under its first name.
-        Not in a forward of a module FSDP shards: the parameters it holds then are freed after it.
+        first forward, which ``torch.func.functional_call`` may run with other tensors: then again at
+        the step's next forward, :meth:`_follows`): a submodule replaced after registration
+        (``model.fc = nn.Linear(...)`` to fine-tune), a parametrization (``weight_norm``, ``prune``)
+        or a parameter added later is captured under its name from then on, and a parameter no
+        longer in the model is no longer saved. A parameter shared by two places (tied embeddings)
+        is saved once, under its first name. Not in a forward of a module FSDP shards: the
+        parameters it holds then are freed after it.
         """
         if self._depth and any(r.sharded for r in self._roots):
             return
+        substituted = bool(self._depth) and _called_from(_FUNCTIONAL_CALL_CODE)
+        self._follow_again = not self._forwarded and (substituted or not self._depth)
+        updated = {id(p) for att in self._optimizers for g in att.optimizer.param_groups for p in g["params"]}
         before = dict(self._params)
         self._params.clear()
         self._param_ids.clear()
         self._graph_ids.clear()
+        self._untrained = []
         for root in self._roots:
             compiled = compiled_paths(root.module)
+            root.trained = False
             for pname, found in saved_parameters(root.module):
-                # in a torch.func transform, a wrapper that lives in it: the parameter it stands for
-                p = before.get(root.prefix + pname) if _is_wrapped(found) else found
+                name = root.prefix + pname
+                p = self._follows(name, found, before, updated, substituted)
                 if p is not None and id(p) not in self._param_ids:  # else shared with a module registered before
-                    self._params[root.prefix + pname] = p
-                    self._param_ids[id(p)] = root.prefix + pname
+                    self._params[name] = p
+                    self._param_ids[id(p)] = name
                     node = p if p.grad_fn is None else p.grad_fn
                     self._graph_ids[id(node)] = node
+                    root.trained = root.trained or id(p) in updated
             if self.session.may_save("outputs", "inputs"):  # no hook at all otherwise: PyTorch's dispatch costs too
                 root.names.clear()
                 for raw, sub in root.module.named_modules():
@@ -647,6 +664,35 @@ class Hook(core.Hook):
                         self._handles.append(patches.on_forward(sub, tap, with_kwargs=True))
         if not self._optimizers and self.session.may_save("gradients"):
             self._hook_gradients()
+
+    def _follows(
+        self,
+        name: str,
+        found: torch.Tensor,
+        before: dict[str, torch.Tensor],
+        updated: Container[int],
+        substituted: bool,
+    ) -> torch.Tensor | None:
+        """The tensor saved under the parameter name ``name``: ``found`` in the module now, or ``known``, the one
+        followed under that name before (in ``before``); ``updated``: ids of the attached optimizers' parameters.
+
+        In a ``torch.func`` transform, ``found`` is a wrapper living in it: ``known``. In a forward run by
+        ``functional_call`` with other tensors (``substituted``), ``known`` (the module's own parameter) where an
+        attached optimizer updates it or ``found`` is computed from it (MAML's fast weights, a clone), as the
+        loss trains it through them; ``found`` otherwise (the trained ``params`` of a functional training,
+        weights a hypernetwork computes). A leaf ``found`` that no attached optimizer updates, taken for a
+        trainable ``known`` (EMA weights), is listed in :attr:`_untrained` (warned about when the step ends).
+        """
+        known = before.get(name)
+        if _is_wrapped(found):
+            return known
+        if not substituted or known is None or known is found:
+            return found
+        if id(known) in updated or (id(found) not in updated and _reaches(found, (id(known),))):
+            return known
+        if self._optimizers and found.grad_fn is None and id(found) not in updated and known.requires_grad:
+            self._untrained.append(name)
+        return found
 
     def _hook_gradients(self) -> None:
         """Without an optimizer: a gradient hook on each trainable leaf parameter that has none yet (a lazy
@@ -691,10 +737,8 @@ class Hook(core.Hook):
         optimizer = _inner_optimizer(optimizer, "attach_optimizer")
         if any(o.optimizer is optimizer for o in self._optimizers):
             raise ValueError("attach_optimizer: this optimizer is already attached")
-        self._follow_modules()  # the model may have changed since registration (a new head to fine-tune)
         att = _Optimizer(optimizer, name or self._default_name(optimizer))
-        self._warn_shared_parameters(att)
-        # nothing above changed the hook but its tables; nothing below fails (_inner_optimizer checked the hooks)
+        # nothing above changed the hook; nothing below fails (_inner_optimizer checked the hooks)
         att.handles = [
             optimizer.register_step_pre_hook(patches.Tap(self, Hook._on_optimizer_pre, att)),
             optimizer.register_step_post_hook(patches.Tap(self, Hook._on_optimizer_post, att)),
@@ -704,6 +748,8 @@ class Hook(core.Hook):
         for _, handle in self._grad_handles.values():  # gradients are read from p.grad at optimizer.step() now
             handle.remove()
         self._grad_handles.clear()
+        self._follow_modules()  # the model may have changed since registration (a new head to fine-tune)
+        self._warn_shared_parameters(att)
 
     def detach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Stop following ``optimizer``, attached before: its steps no longer end training steps.
@@ -752,6 +798,8 @@ class Hook(core.Hook):
         stepped, so one that never steps (a second optimizer made for the same model) merges every step."""
         updated = self._updated(att)
         for other in self._optimizers:
+            if other is att:
+                continue
             theirs = self._updated(other)
             shared = [name for name in updated if name in theirs]
             if shared:
@@ -891,6 +939,8 @@ class Hook(core.Hook):
         """Record the open step (if any)."""
         if not self.session.is_open:
             return
+        if self._tentative and self._waiting:  # no forward of a trained module came: they ran alone
+            self._relabel(next(iter(self._waiting.values())))
         if (
             self.mode == Mode.TRAIN
             and self._explicit_mode is None
@@ -928,6 +978,7 @@ class Hook(core.Hook):
         self._grad_stash.clear()
         self._forwards.clear()
         self._forward_start = None
+        self._waiting.clear()
 
     def _forget_unused(self) -> None:
         """Drop what the step holds of forwards that no backward used before a later forward's was.
@@ -979,6 +1030,15 @@ class Hook(core.Hook):
     def _save_step_end(self) -> None:
         """At a saved step's end: losses not yet named, parameters, stashed gradients, optimizer state."""
         self._name_backward_losses(self._loss_name)
+        if self._untrained and not self._warned_untrained:
+            self._warned_untrained = True
+            logger.warning(
+                "tensortap: step %d: the registered model ran through torch.func.functional_call with tensors that "
+                "no attached optimizer updates, in place of trainable parameters (%s): those tensors are saved as "
+                "its weights, without gradients; attach the optimizer that trains the model",
+                self.step,
+                ", ".join(self._untrained[:3]) + (", ..." if len(self._untrained) > 3 else ""),
+            )
         s = self.session
         if not (self.weights_rank0_only and self.rank != 0) and s.saving("weights", "biases"):
             s.offer_many((name, p, (parameter_collection(name),)) for name, p in self._params.items())
@@ -1032,17 +1092,22 @@ class Hook(core.Hook):
         patches.follow_imports()  # accelerate imported after the hook opened: its backward(loss), before it is called
         mode = self._detect_mode(root.module)
         s = self.session
-        if not s.is_open or s.pending:
+        waits = self._waits(root, mode)
+        if waits and (not s.is_open or s.pending or self._tentative):
+            self._wait(root, mode)
+        elif not s.is_open or s.pending:
             self._open(mode)
         elif self._tentative and mode != self.mode:
             self._relabel(mode)
         elif mode != self.mode and not self._spans_forwards():
             self._open(mode)
-        elif not self._forwarded and self.is_saving():
-            # opened before this forward (by a value given): the parameters it runs with, which
-            # torch.func.functional_call(model, params, x) puts in the model for the call only
+        elif self._follow_again and self.is_saving():
+            # read before this forward (when a value given opened the step), or in a first one run by
+            # torch.func.functional_call(model, params, x), which puts params in the model for the call only
             self.session.guard(self._follow_modules)
-        self._tentative = False
+        if not waits:  # its mode decided
+            self._tentative = False
+            self._waiting.clear()
         self._forwarded = self._ever_forwarded = True
         if self.is_saving() and self._spans_forwards():
             # the outputs of a forward before may be no backward's (a batch skipped): this one's calls are held apart
@@ -1072,8 +1137,33 @@ class Hook(core.Hook):
         if self._forward_start is not None:
             self.session.guard(self._track_forward, root, output, self._forward_start)
             self._forward_start = None
-        if not self._spans_forwards():
+        if not (self._spans_forwards() or self._waiting):
             self._end()
+
+    def _waits(self, root: _Root, mode: Mode) -> bool:
+        """Whether a forward of ``root`` in ``mode`` (not TRAIN, as ``model.train()`` and grad mode tell) leaves
+        the mode of the step it opens to the next forward of a module an attached optimizer trains: a frozen
+        teacher's (``teacher.eval()``, ``no_grad``), or one of ``root``'s run by ``functional_call`` with tensors
+        no attached optimizer updates (an EMA teacher)."""
+        if mode == Mode.TRAIN or self._explicit_mode is not None or not self._optimizers:
+            return False
+        if not root.trained:
+            return any(r.trained for r in self._roots)
+        first = next(root.module.parameters(), None)
+        return first is not None and id(first) not in self._param_ids and _called_from(_FUNCTIONAL_CALL_CODE)
+
+    def _wait(self, root: _Root, mode: Mode) -> None:
+        """Run a forward that :meth:`_waits` (``root``'s, in ``mode``) in a tentative step: one it opens, or the
+        open one, in the mode the trained modules are in (``train()``: TRAIN; else EVAL). The next forward of
+        one of them decides its mode (the teacher's outputs are in the training step that used them, the
+        validation steps are numbered as the student's forwards); a second forward of ``root`` in it (a model
+        evaluated alone) ends it, in ``mode``, and runs in the next."""
+        guess = Mode.TRAIN if any(r.module.training for r in self._roots if r.trained) else Mode.EVAL
+        if not self.session.is_open or self.session.pending or id(root) in self._waiting:
+            self._open(guess, tentative=True)
+        elif not self._waiting:  # opened by a value given
+            self._relabel(guess)
+        self._waiting.setdefault(id(root), mode)
 
     def _recover(self, root: _Root) -> None:
         """Forget the forward and the optimizer ``step()`` in progress that an exception left without the
