@@ -26,6 +26,7 @@ from torch.nn.utils import parametrizations, parametrize, prune  # noqa: E402
 import tensortap  # noqa: E402
 import tensortap.torch as ttt  # noqa: E402
 from tensortap import Mode, SaveConfig  # noqa: E402
+from tensortap.capture.torch import patches  # noqa: E402
 from tensortap.rules import ExplodingTensor, invoke_rule  # noqa: E402
 
 pytestmark = [pytest.mark.torch, pytest.mark.usefixtures("torch_one_thread")]
@@ -2757,3 +2758,201 @@ def test_a_loss_differentiated_by_autograd_grad_then_by_backward_is_saved_once(t
     trial = _trial(tmp_path)
     assert set(trial.tensor_names(collection="losses")) == {"losses/loss"}
     _compare_steps(trial, expected)
+
+
+class _ConvNet(nn.Module):
+    """A small network of the shape ``torch.ao.quantization`` fuses (conv, batch norm, ReLU) and prepares for
+    quantization-aware training (its stubs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant, self.dequant = torch.ao.quantization.QuantStub(), torch.ao.quantization.DeQuantStub()
+        self.conv, self.bn, self.relu = nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU()
+        self.fc = nn.Linear(4 * 6 * 6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn(self.conv(self.quant(x))))
+        return self.dequant(self.fc(x.flatten(1)))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore:Please use quant_min:UserWarning")
+@pytest.mark.parametrize("change", ["fuse", "prepare_qat"])
+def test_a_model_fused_or_prepared_for_qat_mid_training_goes_on_being_captured(
+    change: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``fuse_modules_qat`` and ``prepare_qat(inplace=True)`` copy the forward hooks of the modules they
+    replace onto their replacements, without ``with_kwargs``: the next forward raised ``TypeError:
+    Hook._on_io() missing 1 required positional argument: 'output'`` and the training died. The copies are
+    now ignored, with one warning; each module of the model is captured under its name in it, a fused
+    module's outputs (conv, batch norm and ReLU in one) under ``conv``'s, as torch's own hooks see them."""
+    torch.manual_seed(0)
+    model = _ConvNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    hook = ttt.capture(model, tmp_path, optimizer=opt, save_config=EVERY_STEP, include_collections=["outputs"])
+    gen = torch.Generator().manual_seed(30)
+    seen: list[dict[str, torch.Tensor]] = []
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        for s in range(4):
+            if s == 2:
+                model.eval()
+                torch.ao.quantization.fuse_modules_qat(model, [["conv", "bn", "relu"]], inplace=True)
+                model.train()
+                if change == "prepare_qat":
+                    model.qconfig = torch.ao.quantization.get_default_qat_qconfig("x86")
+                    torch.ao.quantization.prepare_qat(model, inplace=True)
+            seen.append({})  # what the modules in the model return now, as torch's own hooks see it
+            handles = [
+                getattr(model, name).register_forward_hook(lambda m, a, o, n=name: seen[-1].__setitem__(n, o.detach()))
+                for name in ("conv", "bn", "relu", "fc")
+            ]
+            opt.zero_grad()
+            F.cross_entropy(
+                model(torch.randn(4, 1, 8, 8, generator=gen)), torch.randint(0, 3, (4,), generator=gen)
+            ).backward()
+            opt.step()
+            for handle in handles:
+                handle.remove()
+    hook.close()
+    trial = _trial(tmp_path)
+    assert trial.steps() == [0, 1, 2, 3]
+    for s, outputs in enumerate(seen):
+        for name, value in outputs.items():
+            np.testing.assert_array_equal(_value(trial, f"outputs/{name}", s), value.numpy())
+    fused = seen[3]
+    assert torch.equal(fused["conv"], fused["relu"])  # bn and relu are nn.Identity now
+    assert not any(":1" in n for n in trial.tensor_names())  # each call once, not again by a copy
+    if change == "fuse":  # the ReLU inside the fused module, whose hooks fuse_modules moved: hooked again
+        assert "outputs/conv.2" in trial.tensor_names()
+    copied = [r.getMessage() for r in caplog.records if "carries a copy" in r.getMessage()]
+    assert len(copied) == 1 and copied[0].startswith("tensortap: conv (a ")
+    assert not hook.failed
+
+
+def test_an_error_in_tensortaps_hooks_never_stops_the_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A failure in the hook bodies torch runs (here the mode read at a forward; a bug stands for any)
+    reached the training: ``model(x)`` raised it. It now disables capture, with one error logged, and
+    the training goes on; ``strict=True`` still raises it."""
+
+    def broken(self: ttt.Hook, module: nn.Module | None = None) -> Mode:
+        raise RuntimeError("mode unreadable")
+
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    hook = ttt.capture(model, tmp_path / "lenient", optimizer=opt, save_config=EVERY_STEP)
+    monkeypatch.setattr(ttt.Hook, "_detect_mode", broken)
+    with caplog.at_level(logging.ERROR, logger="tensortap"):
+        _train(model, opt, steps=2, seed=31)
+    hook.close()
+    assert hook.failed
+    assert any("mode unreadable" in r.getMessage() for r in caplog.records)
+    strict = ttt.capture(model, tmp_path / "strict", optimizer=opt, strict=True)
+    with pytest.raises(RuntimeError, match="mode unreadable"):
+        _train(model, opt, steps=1, seed=31)
+    monkeypatch.undo()
+    strict.close()
+
+
+def _optimizer_in_backward(
+    out: Path, attach: bool, every: int, hooks: Callable[[nn.Module], None] | None = None
+) -> tuple[tensortap.Trial, list[dict[str, np.ndarray]]]:
+    """PyTorch's tutorial "optimizer step in backward": one optimizer per parameter, stepped (every
+    ``every`` backwards: micro-batch accumulation) and zeroed in a post-accumulate-grad hook registered
+    before capture (its optimizers attached, or not). The trial, and for each backward the weights after
+    it and ``p.grad`` as each optimizer found it (``gradients/<name>``)."""
+    torch.manual_seed(0)
+    model = _mlp()
+    optimizers = {p: torch.optim.Adam([p], lr=0.01) for p in model.parameters()}
+    names = {p: n for n, p in model.named_parameters()}
+    backwards = [0]
+    seen: list[dict[str, np.ndarray]] = []
+
+    def step_in_backward(p: torch.Tensor) -> None:
+        seen[-1][f"gradients/{names[p]}"] = p.grad.detach().clone().numpy()
+        if backwards[0] % every == every - 1:
+            optimizers[p].step()
+            optimizers[p].zero_grad()
+
+    for p in model.parameters():
+        p.register_post_accumulate_grad_hook(step_in_backward)
+    hook = ttt.Hook(out, save_config=EVERY_STEP)
+    hook.register_module(model)
+    for opt in optimizers.values() if attach else ():
+        hook.attach_optimizer(opt)
+    if hooks is not None:
+        hooks(model)
+    gen = torch.Generator().manual_seed(32)
+    for backwards[0] in range(4):
+        seen.append({})
+        x, y = _batch(gen)
+        F.cross_entropy(model(x), y).backward()
+        seen[-1].update({n: p.detach().clone().numpy() for n, p in model.named_parameters()})
+    hook.close()
+    return _trial(out), seen
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_an_optimizer_stepped_in_backward_saves_the_gradients_it_applied(every: int, tmp_path: Path) -> None:
+    """The optimizer step fused into the backward, its hooks registered before capture, no optimizer
+    attached: the user's hook ran before tensortap's and set ``p.grad`` to ``None``, so the trial held no
+    gradient at all, without a word. tensortap's hook now runs first: each step (one forward) has
+    ``p.grad`` after its backward's accumulation, which the optimizers applied at the end of a window.
+    Attached, a step ends when every per-parameter optimizer has stepped, with the gradients they applied."""
+    trial, seen = _optimizer_in_backward(tmp_path / "forwards", attach=False, every=every)
+    assert trial.steps() == [0, 1, 2, 3]
+    for s, values in enumerate(seen):
+        assert len(values) == 8
+        for name, value in values.items():
+            np.testing.assert_array_equal(_value(trial, name, s), value)
+    trial, seen = _optimizer_in_backward(tmp_path / "attached", attach=True, every=every)
+    windows = seen[every - 1 :: every]
+    assert trial.steps() == list(range(len(windows)))
+    for s, values in enumerate(windows):
+        for name, value in values.items():
+            np.testing.assert_array_equal(_value(trial, name, s), value)
+
+
+def test_a_gradient_another_hook_cleared_before_it_was_read_is_warned_about(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Where tensortap's post-accumulate-grad hook cannot run first (a torch that keeps these hooks
+    otherwise), an optimizer stepped in a hook before it leaves it ``p.grad = None``: the gradients were
+    dropped without a word. One warning now names the first one, and says how to save them."""
+    monkeypatch.setattr(
+        patches, "after_accumulation", lambda p, tap: p.register_post_accumulate_grad_hook(tap), raising=False
+    )
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        trial, _ = _optimizer_in_backward(tmp_path, attach=False, every=1)
+    assert not trial.tensor_names(collection="gradients")
+    warned = [r.getMessage() for r in caplog.records if "set p.grad to None" in r.getMessage()]
+    assert len(warned) == 1 and "hook.attach_optimizer" in warned[0]
+
+
+def test_outputs_are_what_a_module_returned_whichever_hook_replaced_them(tmp_path: Path) -> None:
+    """A forward hook of the user's that returns a new value replaces the module's output. Registered
+    after capture, tensortap's hook ran before it: ``outputs/0`` was the value replaced, half of what
+    layer 1 received (``inputs/1``); registered before, the value returned. ``outputs/<module>`` is now the
+    value the call returned (what the next module receives), whichever was registered first, the
+    registered model's own included."""
+    model = _mlp()
+    model[2].register_forward_hook(lambda m, a, o: o + 1)  # before capture
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    hook = ttt.capture(model, tmp_path, optimizer=opt, save_config=EVERY_STEP, include_collections=["outputs"])
+    model[0].register_forward_hook(lambda m, a, o: o * 2)  # after capture
+    model.register_forward_hook(lambda m, a, o: o - 1)
+    returned: list[dict[str, torch.Tensor]] = []
+    for module, name in ((model[0], "0"), (model[2], "2"), (model, "Sequential")):
+        module.register_forward_hook(lambda m, a, o, n=name: returned[-1].__setitem__(n, o.detach()))
+    gen = torch.Generator().manual_seed(33)
+    for _ in range(2):
+        returned.append({})
+        x, y = _batch(gen)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    hook.close()
+    trial = _trial(tmp_path)
+    for s, outputs in enumerate(returned):
+        for name, value in outputs.items():
+            np.testing.assert_array_equal(_value(trial, f"outputs/{name}", s), value.numpy())

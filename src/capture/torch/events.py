@@ -88,6 +88,7 @@ import numpy as np
 import torch
 import torch.utils.checkpoint
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from ...exceptions import StopTrainingRequested
 from ...modes import Mode
@@ -368,6 +369,7 @@ class _Root:
     names: weakref.WeakKeyDictionary[nn.Module, str] = field(default_factory=weakref.WeakKeyDictionary)
     frames: int = 1  # the frames its hooks add to its forward (patches.lend_frames): one a hooked nesting level
     trained: bool = False  # an attached optimizer updates one of its parameters (as last followed)
+    post: RemovableHandle | None = None  # the handle of its outputs hook, on the module registered (wrapper too)
     lent: list[int] = field(default_factory=list)  # frames lent by each of its forwards in progress, innermost last
 
 
@@ -506,6 +508,8 @@ class Hook(core.Hook):
         self._warned_transform = False
         self._checking = 0  # depth of the forwards of registered modules torch.jit.trace's check runs
         self._warned_sequential = False
+        self._warned_grad_unread = False
+        self._warned_copied = False
         self._closed = False
         # the open step
         self._ended_by_optimizer = False  # pending because its optimizers (or hook.finish_step()) ended it
@@ -607,9 +611,10 @@ class Hook(core.Hook):
             )
         self._roots.append(root)
         self._handles.append(patches.on_forward(module, patches.Tap(self, Hook._on_root_pre, root), pre=True))
-        self._handles.append(
-            patches.on_forward(module, patches.Tap(self, Hook._on_root_post, root), with_kwargs=True, always_call=True)
+        root.post = patches.on_forward(
+            module, patches.Tap(self, Hook._on_root_post, root), with_kwargs=True, always_call=True
         )
+        self._handles.append(root.post)
         self._follow_modules()
 
     def _follow_modules(self) -> None:
@@ -701,7 +706,7 @@ class Hook(core.Hook):
             held = self._grad_handles.get(id(param))
             hookable = param.requires_grad and param.is_leaf and not nn.parameter.is_lazy(param)
             if hookable and (held is None or held[0]() is not param):
-                handle = param.register_post_accumulate_grad_hook(patches.Tap(self, Hook._on_grad))
+                handle = patches.after_accumulation(param, patches.Tap(self, Hook._on_grad))
                 self._grad_handles[id(param)] = (weakref.ref(param), handle)
 
     def register_loss(self, loss: nn.Module | Callable[..., Any], name: str | None = None) -> None:
@@ -898,6 +903,18 @@ class Hook(core.Hook):
         if saved:
             self.session.guard(self._follow_modules)  # at a forward: a failure must not stop the training
             self._read_switches()
+            if self._io:
+                self.session.guard(self._run_taps_last)
+
+    def _run_taps_last(self) -> None:
+        """Put the outputs hooks after the forward hooks registered since on the same modules: a hook of the
+        user's that returns a new value replaces the call's output, and ``outputs/<module>`` is the value
+        the call returned (what the next module receives), whichever hook was registered first."""
+        for root in self._roots:
+            if root.post is not None:  # set as it is registered
+                patches.run_last(root.post.hooks_dict_ref(), self)
+            for sub in list(root.hooked):
+                patches.run_last(sub._forward_hooks, self)
 
     def _read_switches(self) -> None:
         """The per-step switches of what the open step saves."""
@@ -1240,6 +1257,37 @@ class Hook(core.Hook):
             name,
         )
 
+    def on_tap_error(self, error: Exception) -> None:
+        """One of this hook's taps raised ``error``: capture is disabled and the training goes on, unless it is
+        the stop that ``raise_on_stop`` asked for, or ``strict=True``."""
+        if isinstance(error, StopTrainingRequested) or self.strict:
+            raise error
+        self.fail(error, f"capture failed at step {self.step}")
+
+    def on_tap_copied(self, tap: patches.Tap, target: Any) -> None:
+        """``tap``, a forward hook of this hook's, was copied onto the module ``target``, which replaced the one
+        it is on (``torch.ao.quantization``'s ``fuse_modules``, ``prepare_qat``): the copy does nothing, as
+        ``target`` has, or gets when the next saved step opens, a hook of its own (the copy would capture its
+        calls twice, or under the name of the module replaced). A module whose hooks were moved (cleared:
+        the last of the modules fused, now inside the fused one) is hooked again then. One warning."""
+        if self._closed:
+            return
+        on = tap.on() if tap.on is not None else None
+        if on is not None and tap not in on._forward_hooks.values():
+            for root in self._roots:
+                root.hooked.pop(on, None)
+        if not self._warned_copied:
+            self._warned_copied = True
+            name = next((r.names[target] for r in self._roots if target in r.names), "a module")
+            logger.warning(
+                "tensortap: %s (a %s) carries a copy of a forward hook that tensortap put on the module it replaced "
+                "(torch.ao.quantization's fuse_modules and prepare_qat copy them so); the copy is ignored: outputs "
+                "and inputs are those of the modules in the model, each under its name in it (a fused module's "
+                "under the name of the first module fused), from the next saved step on",
+                name,
+                type(target).__name__,
+            )
+
     def _warn_outside_forward(self, name: str) -> None:
         """Once per submodule: a call outside a forward of a registered module is skipped unless the step in
         progress has had a forward and has not ended (recorded in an ended step, it renamed its outputs)."""
@@ -1331,8 +1379,26 @@ class Hook(core.Hook):
             self.session.guard(self.session.offer_call, name, output, ("losses",))
 
     def _on_grad(self, p: torch.Tensor) -> None:
-        if self._stash_grads and p.grad is not None and (name := self._param_ids.get(id(p))) is not None:
-            self._stash_gradient(name, p.grad)
+        if self._stash_grads and (name := self._param_ids.get(id(p))) is not None:
+            if p.grad is None:
+                self._warn_grad_unread(name)
+            else:
+                self._stash_gradient(name, p.grad)
+
+    def _warn_grad_unread(self, name: str) -> None:
+        """Once: a backward accumulated the gradient of parameter ``name``, and a hook that ran before this
+        hook's (:func:`patches.after_accumulation`) set ``p.grad`` to ``None`` (an optimizer stepped in it)."""
+        if not self._warned_grad_unread:
+            self._warned_grad_unread = True
+            logger.warning(
+                "tensortap: the gradient of %s was accumulated at step %d, but another hook that runs after "
+                "accumulation (p.register_post_accumulate_grad_hook) set p.grad to None before tensortap's could "
+                "read it: the step has no gradients/%s (later such gradients are not named). Attach the "
+                "optimizers that hook steps (hook.attach_optimizer) to save the gradients they apply",
+                name,
+                self.step,
+                name,
+            )
 
     def _stash_gradient(self, name: str, grad: torch.Tensor) -> None:
         """Hold ``grad``, the gradient of parameter ``name`` that a backward accumulated or ``autograd.grad``

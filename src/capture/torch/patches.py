@@ -4,8 +4,10 @@ Two kinds:
 
 - **Callbacks stored on the user's objects** (module forward hooks, gradient
   hooks, optimizer step hooks) are :class:`Tap` objects. A tap holds its hook
-  weakly. A module pickled or copied while a hook is open leaves its taps out
-  (its class's ``__getstate__`` is one of the patches below): ``torch.save(model)``
+  weakly, never lets an error reach the training, and a module's runs for that
+  module only (torch.ao's fusion copies hooks onto the modules it makes). A
+  module pickled or copied while a hook is open leaves its taps out (its class's
+  ``__getstate__`` is one of the patches below): ``torch.save(model)``
   of a captured model holds nothing of tensortap, so ``torch.load`` reads it
   as it reads the model never captured (``weights_only=True``, its default,
   included), and ``copy.deepcopy(model)`` makes a copy that never records
@@ -51,8 +53,19 @@ from torch.autograd.graph import GradientEdge
 from torch.utils.hooks import RemovableHandle
 
 
-class Listener(Protocol):
-    """What a hook implements to hear about backward passes and GradScaler steps."""
+class Owner(Protocol):
+    """What a hook implements to own :class:`Tap` objects."""
+
+    def on_tap_error(self, error: Exception) -> None:
+        """One of its taps raised ``error``: raise what must reach the training, else stop capturing."""
+
+    def on_tap_copied(self, tap: Tap, target: Any) -> None:
+        """``tap``, put on one object, was called for ``target``, onto which it was copied."""
+
+
+class Listener(Owner, Protocol):
+    """What a hook implements to hear about backward passes and GradScaler steps (an error in one of these
+    goes to its ``on_tap_error``, as a tap's)."""
 
     def on_backward(self, tensors: Any) -> None:
         """``torch.autograd.backward(tensors, ...)`` is about to run."""
@@ -83,6 +96,12 @@ class Inert:
 class Tap:
     """A callback stored on a user's object that calls ``fn(hook, *args)`` while the hook lives.
 
+    Torch calls it as it calls any hook. An error in ``fn`` never reaches the training: it goes to
+    ``hook.on_tap_error``. A tap put on a module by :func:`on_forward` runs only for that module: one
+    copied onto another (``torch.ao.quantization``'s ``fuse_modules`` and ``prepare_qat`` copy the hooks of
+    the modules they replace onto their replacements, without ``with_kwargs``) tells ``hook.on_tap_copied``
+    instead.
+
     Parameters
     ----------
     hook
@@ -93,19 +112,27 @@ class Tap:
         Extra leading arguments for ``fn`` (e.g. which root module or parameter name).
     """
 
-    __slots__ = ("bound", "fn", "hook")
+    __slots__ = ("bound", "fn", "hook", "on")
 
-    def __init__(self, hook: object, fn: Callable[..., Any], *bound: Any) -> None:
+    def __init__(self, hook: Owner, fn: Callable[..., Any], *bound: Any) -> None:
         self.hook = weakref.ref(hook)
         self.fn = fn
         self.bound = bound
+        self.on: weakref.ref[Any] | None = None  # the module it is put on (on_forward)
 
     def __call__(self, *args: Any) -> Any:
-        # torch calls every hook a tap stands for with positional arguments only
+        # torch calls every hook a tap stands for with positional arguments only, the object it is on first
         hook = self.hook()
         if hook is None:
             return None
-        return self.fn(hook, *self.bound, *args)
+        if self.on is not None and args[0] is not self.on():
+            hook.on_tap_copied(self, args[0])
+            return None
+        try:
+            return self.fn(hook, *self.bound, *args)
+        except Exception as exc:
+            hook.on_tap_error(exc)
+            return None
 
     def __reduce__(self) -> tuple[type[Inert], tuple[()]]:
         return Inert, ()
@@ -124,18 +151,26 @@ _ORIGINALS: dict[tuple[Any, str], Any] = {}
 _GIVEN: list[torch.Tensor] = []
 
 
+def _tell(listener: Listener, fn: Callable[..., None], *args: Any) -> None:
+    """``fn(*args)``, a method of ``listener``: an error in it goes to ``listener.on_tap_error``, as a tap's."""
+    try:
+        fn(*args)
+    except Exception as exc:
+        listener.on_tap_error(exc)
+
+
 def _wrap_backward(original: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(original)
     def backward(tensors: Any, *args: Any, **kwargs: Any) -> Any:
         for listener in list(_LISTENERS):
             if _GIVEN and isinstance(tensors, torch.Tensor):
-                listener.on_scaled(tensors, _GIVEN[-1])
-            listener.on_backward(tensors)
+                _tell(listener, listener.on_scaled, tensors, _GIVEN[-1])
+            _tell(listener, listener.on_backward, tensors)
         try:
             return original(tensors, *args, **kwargs)
         except BaseException as exc:  # a KeyboardInterrupt too (a notebook's "interrupt"): the step is left
             for listener in list(_LISTENERS):
-                listener.on_backward_failed(tensors, exc)
+                _tell(listener, listener.on_backward_failed, tensors, exc)
             raise
 
     return backward
@@ -170,11 +205,11 @@ def _wrap_grad(original: Callable[..., Any]) -> Callable[..., Any]:
             grads = original(outputs, inputs, grad_outputs, retain_graph, create_graph, *args, **kwargs)
         except BaseException as exc:  # as a backward's: the step it was to train is left
             for listener in list(_LISTENERS):
-                listener.on_backward_failed(outputs, exc)
+                _tell(listener, listener.on_backward_failed, outputs, exc)
             raise
         if not (create_graph or kwargs.get("is_grads_batched")):
             for listener in list(_LISTENERS):
-                listener.on_grad(outputs, inputs, grads)
+                _tell(listener, listener.on_grad, outputs, inputs, grads)
         return grads
 
     return grad
@@ -201,7 +236,7 @@ def _wrap_scale(original: Callable[..., Any]) -> Callable[..., Any]:
     def scale(self: Any, outputs: Any) -> Any:
         scaled = original(self, outputs)
         for listener in list(_LISTENERS):
-            listener.on_scaled(scaled, outputs)
+            _tell(listener, listener.on_scaled, scaled, outputs)
         return scaled
 
     return scale
@@ -217,7 +252,7 @@ def _wrap_scaler_step(original: Callable[..., Any]) -> Callable[..., Any]:
         finally:
             handle.remove()
         for listener in list(_LISTENERS):
-            listener.on_scaler_step(optimizer, bool(ran))
+            _tell(listener, listener.on_scaler_step, optimizer, bool(ran))
         return result
 
     return step
@@ -286,13 +321,40 @@ def _install(targets: list[_Target]) -> None:
 
 def on_forward(module: torch.nn.Module, tap: Tap, pre: bool = False, **kwargs: Any) -> RemovableHandle:
     """``module.register_forward_pre_hook(tap)`` (``pre``), else ``module.register_forward_hook(tap,
-    **kwargs)``; while a hook is open, the ``__getstate__`` that ``module``'s class uses (``nn.Module``'s, or
-    its own: ``nn.LSTM``'s, a user's) leaves the taps out of a pickled or copied module."""
+    **kwargs)``; ``tap`` runs for ``module`` only (a copy of it on another module does nothing). While a hook
+    is open, the ``__getstate__`` that ``module``'s class uses (``nn.Module``'s, or its own: ``nn.LSTM``'s, a
+    user's) leaves the taps out of a pickled or copied module."""
     owner = next((k for k in type(module).__mro__ if "__getstate__" in vars(k)), object)
     if _LISTENERS and owner is not object and (owner, "__getstate__") not in _ORIGINALS:
         with contextlib.suppress(TypeError, AttributeError):  # a class that refuses it: its taps pickle as Inert
             _install([(owner, "__getstate__", _wrap_getstate)])
+    tap.on = weakref.ref(module)
     return module.register_forward_pre_hook(tap) if pre else module.register_forward_hook(tap, **kwargs)
+
+
+def run_last(hooks: Any, owner: Owner) -> None:
+    """Move the taps of ``owner`` to the end of ``hooks`` (a module's ``_forward_hooks``, which torch runs in
+    their order), after the hooks registered since: a tap then sees the value the call returns, after each
+    forward hook that replaced it. One length test where the module has no hook but the tap."""
+    if hooks is not None and len(hooks) > 1:
+        for key in [k for k, v in hooks.items() if isinstance(v, Tap) and v.hook() is owner]:
+            hooks.move_to_end(key)
+
+
+def after_accumulation(param: torch.Tensor, tap: Tap) -> RemovableHandle:
+    """``param.register_post_accumulate_grad_hook(tap)``, run before the hooks registered before it: those
+    may step an optimizer and set ``param.grad`` to ``None`` (the optimizer step fused into the backward,
+    PyTorch's tutorial). Torch has no ``prepend`` for these hooks, and runs them in the order of the plain
+    dict under the ``OrderedDict`` that holds them (``move_to_end`` does not reorder that): the others are
+    taken out and put back after the tap, private API. Where the dict is not there, the tap stays last."""
+    handle = param.register_post_accumulate_grad_hook(tap)
+    hooks = getattr(param, "_post_accumulate_grad_hooks", None)
+    if isinstance(hooks, dict):
+        others = [(key, fn) for key, fn in hooks.items() if key != handle.id]
+        for key, _ in others:
+            del hooks[key]
+        hooks.update(others)
+    return handle
 
 
 _LIMIT_LOCK = threading.Lock()  # the recursion limit is read and set again as one step
