@@ -49,7 +49,7 @@ from .exceptions import (
 from .modes import Mode, step_word
 from .trial import Trial, create_trial
 from .trial.check import storage_problems
-from .trial.views import NO_DATA, RUNNING, killed_note, killed_workers, printable
+from .trial.views import NO_DATA, RUNNING, awaited_note, killed_note, killed_workers, printable
 
 EXIT_OK, EXIT_FOUND, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_PIPE = 0, 1, 2, 130, 141
 
@@ -446,6 +446,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
         status = style("ended", "green")
     else:
         status = style(RUNNING, "yellow")
+    if awaited := awaited_note(trial):  # a worker of the run's world size that has not started writing
+        status += style(f": {awaited}", "yellow")
     if killed := killed_workers(trial):  # its process ended without its end marker
         status += style(f": {killed_note(killed)}", "red")
     print(f"trial    {style(printable(trial.path), 'bold')}")

@@ -7,9 +7,11 @@ import shutil
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+from helpers.cli import cli, strict_json
 from helpers.trials import run_steps
 from helpers.writer_proc import value_for
 
@@ -236,3 +238,118 @@ def test_a_hook_continues_the_run_whose_id_it_is_given(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "shards" / "worker_0").iterdir()) == ["0000000000.h5", "0000000001.h5"]
     assert trial.end_reasons() == {"worker_0": "closed"}
     assert trial.problems() == {}
+
+
+def test_a_rank_that_has_not_written_yet_holds_the_run_open(tmp_path: Path) -> None:
+    """Rank 1 trains and ends before rank 0 starts (slow data loading on rank 0). Readers knew only the
+    workers that had written their record: the run read as ended, rank 1's steps as complete, and
+    ``wait_for_steps`` returned. The worker record names the world size, and readers wait for every rank."""
+    with Writer(tmp_path, rank=1, world_size=2) as first:
+        run_steps(first, 3)
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.workers() == ["worker_0", "worker_1"]
+    assert not trial.training_ended
+    assert trial.steps() == [] and trial.last_complete_step() is None
+    assert trial.steps(show_incomplete=True) == [0, 1, 2]
+    assert trial.has_passed_step(0) is StepState.NOT_YET_AVAILABLE
+    with pytest.raises(tensortap.StepNotYetAvailable):
+        trial.wait_for_steps([0], timeout=0)  # the timeout still ends the wait for a rank that never comes
+    with Writer(tmp_path, rank=0, world_size=2) as late:
+        trial.refresh()
+        assert trial._index.awaited == [] and trial.steps() == []  # started: running, at no step yet
+        run_steps(late, 2)
+    trial.refresh()
+    assert trial.training_ended
+    assert trial.steps() == [0, 1, 2] and trial.last_complete_step() == 2
+    trial.wait_for_steps([0, 1, 2])
+
+
+def test_the_world_size_a_hook_records(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ``world_size=`` given; nothing where none is given, also under a launcher (its ``WORLD_SIZE``) or a
+    process group: a script that makes its hook on rank 0 only would leave readers waiting for the other
+    ranks for ever. Nothing with ``include_workers="one"``. A rank not below it is an error naming both."""
+
+    def recorded(out: Path, **kwargs: Any) -> int | None:
+        Writer(out, **kwargs).close()
+        rank = kwargs.get("rank", 0)
+        return json.loads((out / "workers" / f"worker_{rank}.json").read_text()).get("world_size")
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert recorded(tmp_path / "single") is None
+    assert recorded(tmp_path / "given", rank=1, world_size=3) == 3
+    assert recorded(tmp_path / "one", world_size=3, include_workers="one") is None
+    with pytest.raises(ValueError, match="rank 2 is not below world_size 2"):
+        Writer(tmp_path / "bad", rank=2, world_size=2)
+    for bad in (0, -1, 1.5, "2", True):
+        with pytest.raises(ValueError, match=f"world_size: expected an integer >= 1.*got {bad!r}"):
+            Writer(tmp_path / "bad", world_size=bad)
+    assert not (tmp_path / "bad").exists()
+    with pytest.raises(ValueError, match="world_size"):
+        Writer(tmp_path / "bad", rank=1, include_workers="one", world_size=0)  # checked where not recorded too
+
+
+def test_a_trial_whose_records_name_no_world_size_reads_as_before(tmp_path: Path) -> None:
+    """Records of an older writer, or of a hook that does not know the world size, have no ``world_size``:
+    readers count the workers they see, as they always did."""
+    with Writer(tmp_path, rank=1) as w:
+        run_steps(w, 2)
+    assert "world_size" not in json.loads((tmp_path / "workers" / "worker_1.json").read_text())
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.workers() == ["worker_1"]
+    assert trial.training_ended and trial.steps() == [0, 1]
+    assert find_problems(str(tmp_path)) == []
+
+
+def test_worker_records_that_disagree_on_the_world_size_are_reported(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One warning naming the workers and what each says; readers expect the largest; ``check`` reports it."""
+    for rank, size in ((0, 2), (1, 3)):
+        with Writer(tmp_path, rank=rank, world_size=size) as w:
+            run_steps(w, 1)
+    trial = tensortap.create_trial(tmp_path)
+    trial.refresh()
+    why = (
+        "the worker records disagree on the world size (worker_0 says 2, worker_1 says 3); readers expect the "
+        "largest, 3"
+    )
+    assert [r.getMessage() for r in caplog.records if "disagree" in r.getMessage()] == [
+        f"tensortap: {trial.path}: {why}"
+    ]
+    assert trial.workers() == WORKERS and not trial.training_ended and trial.steps() == []
+    assert find_problems(str(tmp_path))[0] == f"workers: {why}"
+
+
+@pytest.mark.parametrize("size", [0, -2, "2", 1.0, None, 2**20 + 1])
+def test_a_worker_record_with_a_world_size_not_as_the_format_says_is_refused(tmp_path: Path, size: object) -> None:
+    """A stranger's record cannot make readers list billions of workers (nor anything else but a count)."""
+    with Writer(tmp_path, rank=0) as w:
+        run_steps(w, 1)
+    record = tmp_path / "workers" / "worker_0.json"
+    record.write_text(json.dumps({**json.loads(record.read_text()), "world_size": size}))
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.workers() == ["worker_0"] and trial.training_ended
+    why = "unreadable record (not a valid worker record: 'world_size' is not an integer from 1 to 1048576)"
+    assert trial.problems() == {"workers/worker_0.json": why}
+    assert find_problems(str(tmp_path)) == [f"workers/worker_0.json: {why}"]
+
+
+def test_check_and_ls_name_a_rank_that_never_wrote_anything(tmp_path: Path) -> None:
+    """A rank that failed before it started capturing: the rest of the run ended, readers wait for it (the
+    run never reads as ended), so ``check`` reports it (exit 1) and ``ls`` names it."""
+    with Writer(tmp_path, rank=1, world_size=3) as w:
+        run_steps(w, 2)
+    checked = cli("check", str(tmp_path))
+    assert checked.returncode == 1, checked.stderr
+    missing = (
+        "missing: the worker records name a world size of 3, and {} has written nothing (a rank that failed before "
+        "it started capturing, or one still starting); readers wait for it"
+    )
+    lines = checked.stdout.splitlines()
+    assert lines[:2] == [f"workers/{w}.json: {missing.format(w)}" for w in ("worker_0", "worker_2")]
+    assert "Traceback" not in checked.stderr
+    listed = cli("ls", str(tmp_path))
+    assert listed.returncode == 0, listed.stderr
+    status = "running (or stopped without an end marker): worker_0, worker_2 have written nothing yet"
+    assert f"workers  worker_0, worker_1, worker_2  [{status}]" in listed.stdout
+    assert strict_json(cli("ls", "--json", str(tmp_path)).stdout)["training_ended"] is False

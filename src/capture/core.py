@@ -297,6 +297,16 @@ def _default_rank() -> int:
     return 0
 
 
+def check_world_size(world_size: object) -> int:
+    """``world_size`` as an int if it is an integer >= 1, else ``ValueError``."""
+    if isinstance(world_size, bool) or not isinstance(world_size, (int, np.integer)) or world_size < 1:
+        raise ValueError(
+            f"world_size: expected an integer >= 1 (the number of processes of the training) or None, "
+            f"got {world_size!r}"
+        )
+    return int(world_size)
+
+
 def collection_names(collections: str | Sequence[str], where: str = "collections") -> tuple[str, ...]:
     """The collection names a user gave: one name, or a sequence of them.
 
@@ -411,6 +421,13 @@ class Hook:
         ``"all"`` (every rank writes) or ``"one"`` (rank 0 only).
     rank
         The process's rank; default from ``RANK`` (and MPI/SLURM equivalents), else 0.
+    world_size
+        The number of processes of the training (ranks ``0 .. world_size - 1``), each of which makes
+        a hook: recorded in the worker record so that a reader counts a rank that has not written
+        anything yet. Default: not recorded (readers count the workers they see); it is not taken
+        from the launcher or the process group, as a script may make its hook on some ranks only,
+        and readers would wait for the others for ever. ``rank`` must be below it (a ``ValueError``
+        names both). Not recorded with ``include_workers="one"`` (one worker writes the trial).
     strict
         Raise errors of the capture path instead of logging them once and disabling capture, and a
         ``ValueError`` for a step number that does not go up instead of saving nothing of that step.
@@ -436,6 +453,8 @@ class Hook:
     run_id
         Identifies this run in the worker record and every index record (``None`` when this
         process writes nothing).
+    world_size
+        The world size the worker record names; None when it names none.
     """
 
     framework: ClassVar[str] = "numpy"
@@ -462,6 +481,7 @@ class Hook:
         collection_configs: Mapping[str, Collection | Mapping[str, Any]] | None = None,
         include_workers: str = "all",
         rank: int | None = None,
+        world_size: int | None = None,
         strict: bool = False,
         shard_policy: ShardPolicy | None = None,
         rules: Sequence[Rule] | None = None,
@@ -511,6 +531,10 @@ class Hook:
         self._regex_collections = [c for c in self.collections.values() if c.include_regex]
         self.rank = _default_rank() if rank is None else int(rank)
         self.worker = layout.worker_name(self.rank)
+        size = None if world_size is None else check_world_size(world_size)
+        if size is not None and self.rank >= size:
+            raise ValueError(f"rank {self.rank} is not below world_size {size}: ranks go from 0 to world_size - 1")
+        self.world_size = None if include_workers == "one" else size
         self.rules = check_rules(rules)
         self.step_listeners: list[Callable[[StepRecord], None]] = []
         self.end_listeners: list[Callable[[], None]] = []  # told once, when the hook closes
@@ -576,6 +600,7 @@ class Hook:
         return {
             "framework": self.framework,
             "format_version": layout.FORMAT_VERSION,
+            **({} if self.world_size is None else {"world_size": self.world_size}),
             "save_config": self.save_config.to_json(),
             "collections": {n: self.collections[n].to_json() for n in self.included},
         }

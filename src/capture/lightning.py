@@ -167,8 +167,8 @@ class Callback(pl.Callback):
 
     # ------------------------------------------------------------- lifetime
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Open the hook of this process (rank: the trainer's global rank); after an earlier call, its run goes on."""
-        kwargs = {"rank": trainer.global_rank, **self.hook_kwargs}
+        """Open the hook of this process (rank, world size: the trainer's); after an earlier call, its run goes on."""
+        kwargs = {"rank": trainer.global_rank, "world_size": trainer.world_size, **self.hook_kwargs}
         if self.config_path is None:
             self.hook = open_run(Hook, self.hook, out_dir=self.out_dir, **kwargs)
         else:

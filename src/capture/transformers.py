@@ -165,7 +165,7 @@ class Callback(TrainerCallback):
     def _open(self, args: TrainingArguments) -> StepCapture:
         """The step capture of this run, opened at the first event (again after :meth:`close`: the run goes on)."""
         if self._steps is None:
-            kwargs = {"rank": args.process_index, **self.hook_kwargs}
+            kwargs = {"rank": args.process_index, "world_size": args.world_size, **self.hook_kwargs}
             self.hook = open_run(Hook, self._previous, out_dir=self.out_dir, **kwargs)
             self._steps = StepCapture(self.hook)
         return self._steps

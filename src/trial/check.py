@@ -34,15 +34,20 @@ from .index import (
     check_end_marker,
     check_worker_record,
     disagreement,
+    expected_workers,
     in_background,
     parse_index_record,
     read_records,
+    world_size_disagreement,
+    world_sizes,
 )
 from .progress import progress
 from .trial import trial_problem, trial_storage
 
 CHECK_SECONDS = 60.0
 """Time limit for reading one shard in full (a 256 MiB shard takes about a second)."""
+MAX_NAMED_MISSING = 10
+"""Workers of the world size without a record named one problem each; the rest are counted in one more."""
 DOWNLOAD_POLL_SECONDS = 0.1
 """How often a thread of ``check`` waiting for a remote shard's download looks whether the check has ended."""
 
@@ -155,6 +160,36 @@ def _check_json(
     except (OSError, ValueError) as exc:
         return f"{key}: unreadable record ({exc})"
     return None
+
+
+def _world_size_problems(records: dict[str, Any]) -> list[str]:
+    """Worker records (of ``records``, by key: as read, or the error reading them) that disagree on the world
+    size, and the workers of the world size they name that have no worker record: a rank that failed before
+    it started capturing (or one still starting), which readers wait for."""
+    valid = {}
+    for key, record in records.items():
+        folder, _, name = key.partition("/")
+        if folder == layout.WORKERS and "/" not in name:
+            try:
+                valid[name.removesuffix(".json")] = check_worker_record(record)
+            except RecordError:  # reported as unreadable
+                continue
+    sizes = world_sizes(valid)
+    why = world_size_disagreement(sizes)
+    problems = [f"{layout.WORKERS}: {why}"] if why is not None else []
+    missing = [worker for worker in expected_workers(sizes) if layout.worker_key(worker) not in records]
+    size = max(sizes.values(), default=0)
+    problems += [
+        f"{layout.worker_key(worker)}: missing: the worker records name a world size of {size}, and {worker} has "
+        "written nothing (a rank that failed before it started capturing, or one still starting); readers wait for it"
+        for worker in missing[:MAX_NAMED_MISSING]
+    ]
+    if len(missing) > MAX_NAMED_MISSING:
+        problems.append(
+            f"{layout.WORKERS}: {len(missing) - MAX_NAMED_MISSING} more workers of the world size {size} have "
+            "written nothing"
+        )
+    return problems
 
 
 def _compare(key: str, record: dict[str, Any], steps: list[list[int]], names: list[str]) -> str | None:
@@ -340,6 +375,7 @@ def storage_problems(
             problems.append(f"{key}: {exc}")
     problems += _folders_among_records(storage)
     records = dict(read_records(storage, [key for key in keys if key.endswith(".json")]))
+    problems += _world_size_problems(records)
     for key in keys:
         if key.endswith(".json"):
             problem = _check_json(key, records, named, claims)

@@ -63,6 +63,9 @@ _IS_MODE = np.zeros(max(_MODES) + 1, dtype=bool)  # by value
 _IS_MODE[list(_MODES)] = True
 _NO_STEPS = np.zeros(0, dtype=np.int64)
 _INT64_MIN, _INT64_MAX = int(np.iinfo(np.int64).min), int(np.iinfo(np.int64).max)
+MAX_WORLD_SIZE = 2**20
+"""The largest ``world_size`` a worker record may name: readers list every worker it names, so a
+stranger's record must not name billions (the largest trainings run some 10^5 processes)."""
 
 
 class RecordError(ValueError):
@@ -447,7 +450,28 @@ def check_worker_record(info: object) -> dict[str, Any]:
             f"not a valid worker record: format version {version} is newer than this tensortap reads "
             f"({layout.FORMAT_VERSION})"
         )
+    if "world_size" in info and not (_is_int(info["world_size"], 1) and info["world_size"] <= MAX_WORLD_SIZE):
+        raise RecordError(f"not a valid worker record: 'world_size' is not an integer from 1 to {MAX_WORLD_SIZE}")
     return info
+
+
+def world_sizes(records: Mapping[str, Mapping[str, Any]]) -> dict[str, int]:
+    """The world size each of the valid worker ``records`` (by worker) names, of those that name one."""
+    return {worker: record["world_size"] for worker, record in records.items() if "world_size" in record}
+
+
+def expected_workers(sizes: Mapping[str, int]) -> list[str]:
+    """The workers of a run whose worker records name the world sizes ``sizes`` (:func:`world_sizes`):
+    ``worker_0 .. worker_<n - 1>``, ``n`` the largest; none if no record names one."""
+    return [layout.worker_name(rank) for rank in range(max(sizes.values(), default=0))]
+
+
+def world_size_disagreement(sizes: Mapping[str, int]) -> str | None:
+    """How the worker records of ``sizes`` (:func:`world_sizes`) disagree on the world size; None if they agree."""
+    if len(set(sizes.values())) < 2:
+        return None
+    said = ", ".join(f"{worker} says {size}" for worker, size in sorted(sizes.items()))
+    return f"the worker records disagree on the world size ({said}); readers expect the largest, {max(sizes.values())}"
 
 
 MAX_OPEN_SHARDS = 64
@@ -880,6 +904,10 @@ class TrialIndex:
         self._of_mode: dict[Mode, tuple[np.ndarray, np.ndarray]] | None = None  # steps_of_mode(), likewise
         self._replaced = False  # a worker's run was replaced in this refresh: list again
         self._looked: set[str] = set()  # workers whose records were looked at again for a foreign index record
+        # workers the worker records' world size names that have written nothing yet (see _expect)
+        self.awaited: list[str] = []
+        self._expected_for = (0, 0)  # the largest world size and the number of workers awaited was listed for
+        self._disagreement: str | None = None  # the last disagreement on the world size warned about
 
     def _steps_changed(self) -> None:
         self._sorted.clear()
@@ -1000,6 +1028,21 @@ class TrialIndex:
             # read their records from the first
             self._replaced = False
             self.refresh()
+        self._expect()
+
+    def _expect(self) -> None:
+        """List in :attr:`awaited` the workers of the run (:func:`expected_workers`, from the world size its
+        worker records name) that have written nothing yet: a step is not complete, nor the training ended,
+        without them. Worker records that disagree on the world size are warned about (once each way)."""
+        sizes = world_sizes({name: w.info for name, w in self.workers.items()})
+        why = world_size_disagreement(sizes)
+        if why is not None and why != self._disagreement:
+            logger.warning("tensortap: %s: %s", self.storage.url, why)
+        self._disagreement = why
+        size = max(sizes.values(), default=0)
+        if (size, len(self.workers)) != self._expected_for:  # workers are only ever added
+            self._expected_for = (size, len(self.workers))
+            self.awaited = [name for name in expected_workers(sizes) if name not in self.workers]
 
     def _rewritten(self, worker: str) -> bool | None:
         """Whether ``worker``'s record was written again since it was read (its version in this refresh is

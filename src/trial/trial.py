@@ -354,9 +354,10 @@ class Trial:
 
     # ------------------------------------------------------------- listings
     def workers(self) -> list[str]:
-        """Names of the workers that wrote to this trial (``worker_0``, ...), sorted."""
+        """Names of the workers of this trial (``worker_0``, ...), sorted: those that wrote to it, and those
+        that have not written anything yet of the run's world size (``world_size`` in the worker records)."""
         self._auto_refresh()
-        return sorted(self._index.workers)
+        return sorted([*self._index.workers, *self._index.awaited])
 
     def modes(self) -> list[Mode]:
         """Modes that have at least one saved step."""
@@ -365,18 +366,22 @@ class Trial:
 
     @property
     def training_ended(self) -> bool:
-        """True once every known worker has recorded the end of its training."""
+        """True once every worker of :meth:`workers` has recorded the end of its training (a worker of the
+        run's world size that has not written anything yet has not)."""
         self._auto_refresh()
         ws = self._index.workers
-        return bool(ws) and all(w.end is not None for w in ws.values())
+        return bool(ws) and not self._index.awaited and all(w.end is not None for w in ws.values())
 
     def _complete_up_to(self, mode: Mode | None) -> float:
         """The last step (mode step if ``mode``) every worker has passed or ended before: the smallest
-        last step of the workers still running; -inf without workers, inf once all have ended."""
+        last step of the workers still running (-1 while one of the run's world size has written nothing);
+        -inf without workers, inf once all have ended."""
         ws = self._index.workers.values()
         if not ws:
             return -math.inf
         running = [w.last_step if mode is None else w.last_mode_step.get(mode, -1) for w in ws if w.end is None]
+        if self._index.awaited:
+            running.append(-1)  # a worker that has written nothing has passed no step
         return min(running, default=math.inf)
 
     def _passed(self, step: int, mode: Mode | None) -> bool:

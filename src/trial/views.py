@@ -96,6 +96,21 @@ def killed_note(workers: list[str]) -> str:
     return f"{printable(', '.join(workers))} killed"
 
 
+MAX_AWAITED_NAMED = 10
+"""Workers a status names of those that have written nothing yet; the rest it counts."""
+
+
+def awaited_note(trial: Trial) -> str | None:
+    """``"worker_0 has written nothing yet"``: what a status says of the workers of the run's world size
+    (``world_size`` in the worker records) that have not written anything; None when there are none."""
+    awaited = trial._index.awaited
+    if not awaited:
+        return None
+    more = len(awaited) - MAX_AWAITED_NAMED
+    names = ", ".join(awaited[:MAX_AWAITED_NAMED]) + (f" and {more} more" if more > 0 else "")
+    return f"{names} {'has' if len(awaited) == 1 else 'have'} written nothing yet"
+
+
 FAILED_REASONS = ("exception", "error")
 """End reasons of a training that failed (an exception; capture turned itself off)."""
 
@@ -138,7 +153,8 @@ NO_DATA = "no data yet (no worker has started)"
 def _status(trial: Trial) -> str:
     status = NO_DATA if not trial.workers() else "ended" if trial.training_ended else RUNNING
     killed = killed_workers(trial)
-    return f"{status}: {killed_note(killed)}" if killed else status
+    notes = (awaited_note(trial), killed_note(killed) if killed else None)
+    return ": ".join([status, *(note for note in notes if note)])
 
 
 def _kv_rows(rows: list[tuple[str, str]]) -> str:

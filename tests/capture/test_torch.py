@@ -5,6 +5,8 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import os
+import socket
 import subprocess
 import sys
 import time
@@ -808,6 +810,56 @@ def test_ddp_two_ranks_with_torchrun(tmp_path: Path) -> None:
     # DDP averages gradients: each rank saw the same p.grad, different losses
     np.testing.assert_allclose(records[0]["grad/0/0.weight"], records[1]["grad/0/0.weight"], rtol=1e-6)
     assert records[0]["loss/0"] != records[1]["loss/0"]
+
+
+@pytest.mark.slow
+def test_ddp_a_live_reader_waits_for_a_rank_that_starts_late(tmp_path: Path) -> None:
+    """Rank 0 of a DDP training starts capturing after rank 1 has trained and closed (slow data loading on
+    one rank). A live reader took the run for ended, and rank 1's steps for complete, before rank 0 wrote
+    anything: readers knew only the workers that had written their record. Each hook is given the process
+    group's world size (``world_size=dist.get_world_size()``), and the reader waits for every rank of it."""
+    worker = Path(__file__).with_name("ddp_late_worker.py")
+    out, go = tmp_path / "trial", tmp_path / "go"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "RANK"}
+    logs = [(tmp_path / f"rank{rank}.log").open("w") for rank in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(worker), str(rank), str(port), str(out), str(go)],
+            env=env,
+            stdout=logs[rank],
+            stderr=subprocess.STDOUT,
+        )
+        for rank in (1, 0)
+    ]
+    try:
+        trial = tensortap.create_trial(out, wait=True, timeout=120)
+        deadline = time.monotonic() + 120
+        while "worker_1" not in trial.end_reasons() and time.monotonic() < deadline:  # rank 1 closed
+            time.sleep(0.1)
+        assert trial.end_reasons() == {"worker_1": "closed"}
+        assert trial.steps(show_incomplete=True) == [0, 1, 2]
+        assert trial.workers() == ["worker_0", "worker_1"]
+        assert not trial.training_ended
+        assert trial.steps() == [] and trial.last_complete_step() is None
+        with pytest.raises(tensortap.StepNotYetAvailable):
+            trial.wait_for_steps([0], timeout=0)
+        go.touch()  # rank 0 starts
+        trial.wait_for_steps([0, 1, 2], timeout=120)
+        assert [p.wait(timeout=120) for p in procs] == [0, 0], [(tmp_path / f"rank{r}.log").read_text() for r in (0, 1)]
+        trial.refresh()
+        assert trial.training_ended and trial.steps() == [0, 1, 2] and trial.last_complete_step() == 2
+        assert json.loads((out / "workers" / "worker_0.json").read_text())["world_size"] == 2
+    finally:
+        go.touch()
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for log in logs:
+            log.close()
 
 
 def test_value_is_copied_when_captured_not_later(tmp_path: Path) -> None:

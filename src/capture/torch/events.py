@@ -464,7 +464,9 @@ class Hook(core.Hook):
     **kwargs
         Everything :class:`tensortap.capture.Hook` takes (``save_config``,
         ``include_collections``, ``reduction_config``, ``include_workers``, ``strict``, ...).
-        ``rank`` defaults to ``torch.distributed.get_rank()`` when a process group exists.
+        ``rank`` defaults to ``torch.distributed.get_rank()`` when a process group exists. Give
+        ``world_size=torch.distributed.get_world_size()`` when every rank makes a hook, so that a live
+        reader waits for a rank that starts capturing late (not by default: see the core hook).
     """
 
     framework = "pytorch"

@@ -150,7 +150,7 @@ class Callback(xgb.callback.TrainingCallback):
         params = mdl.booster_parameters(json.loads(booster.save_config())) if booster is not None else {}
         kwargs = dict(self.hook_kwargs)
         if collective.is_distributed():
-            kwargs["rank"] = collective.get_rank()
+            kwargs["rank"], kwargs["world_size"] = collective.get_rank(), collective.get_world_size()
         if self._offset and self._run_id is not None:  # training further (xgb_model=): the same run goes on
             kwargs.setdefault("run_id", self._run_id)
             self._replayed = self._run_last
