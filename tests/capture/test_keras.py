@@ -395,6 +395,75 @@ def test_a_base_unfrozen_without_compiling_again_trains_as_keras_alone(
         )
 
 
+@pytest.mark.parametrize("mode", ["int8", "float8"])
+def test_the_layers_of_a_quantized_model_have_their_outputs_saved(tmp_path: Path, mode: str) -> None:
+    """``model.quantize(mode)``: Keras runs a quantized layer's ``quantized_call``, not its ``call``; the
+    quantized layers' outputs and inputs were lost, without a word. They are those the model computes."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((6,)),
+            keras.layers.Dense(5, name="d1"),
+            keras.layers.ReLU(name="relu"),
+            keras.layers.Dense(1, name="d2"),
+        ]
+    )
+    model.quantize(mode)
+    model.compile(optimizer="adam", loss="mse")
+    cb = ttk.Callback(
+        tmp_path, save_config=EVERY_STEP, include_collections=["outputs", "inputs"], close_on_train_end=False
+    )
+    model.fit(X, Y, batch_size=BATCH, epochs=1, shuffle=False, callbacks=[cb], verbose=0)
+    predicted = model.predict(XV, batch_size=BATCH, callbacks=[cb], verbose=0)
+    cb.close()
+    assert_model_clean(model)
+    trial = tensortap.create_trial(tmp_path)
+    names = trial.tensor_names()
+    assert {"outputs/d1", "inputs/d1", "outputs/d2", "inputs/d2"} <= set(names), names
+    assert trial.steps(mode=Mode.TRAIN) == [0, 1, 2] and trial.steps(mode=Mode.PREDICT) == [0, 1]
+    for step in (0, 1):
+        got = trial.tensor("outputs/d2").value(step, mode=Mode.PREDICT)
+        np.testing.assert_allclose(got, predicted[step * BATCH : (step + 1) * BATCH], rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(
+            trial.tensor("inputs/d1").value(step, mode=Mode.PREDICT), XV[step * BATCH : (step + 1) * BATCH]
+        )
+
+
+@pytest.mark.parametrize("run_mode", list(RUN_MODES))
+@pytest.mark.parametrize("how", ["lora", "variable"])
+def test_a_variable_frozen_on_its_own_stays_frozen_with_the_callback(tmp_path: Path, run_mode: str, how: str) -> None:
+    """A variable frozen while its layer stays trainable (``enable_lora``, ``layer.kernel.trainable = False``):
+    on TensorFlow the callback's step functions, traced with each layer's ``trainable``, made its variables
+    trainable again: the frozen kernel was trained (by 0.13 in an epoch), in that fit and in a later one
+    without the callback, and its gradients saved. The model trains as Keras alone trains it."""
+
+    def model_() -> Any:
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(5, name="lora"), keras.layers.Dense(1)])
+        layer = model.get_layer("lora")
+        if how == "lora":
+            layer.enable_lora(2)
+        else:
+            layer.kernel.trainable = False
+        model.compile(optimizer=keras.optimizers.Adam(0.05), loss="mse", **RUN_MODES[run_mode])
+        return model
+
+    def fit(model: Any, callbacks: list[Any]) -> None:
+        model.fit(X, Y, batch_size=BATCH, epochs=1, shuffle=False, callbacks=callbacks, verbose=0)
+
+    alone, model = model_(), model_()
+    frozen = model.get_layer("lora")._kernel
+    before = keras.ops.convert_to_numpy(frozen).copy()
+    cb = ttk.Callback(tmp_path, save_config=EVERY_STEP, include_collections=["weights", "gradients", "losses"])
+    for m, callbacks in ((alone, []), (model, [cb])):
+        fit(m, callbacks)
+        fit(m, [])  # a later fit without the callback
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(frozen), before)
+    for got, want in zip(numpy_weights(model), numpy_weights(alone), strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert "gradients/lora/kernel" not in tensortap.create_trial(tmp_path).tensor_names()
+
+
 @pytest.mark.parametrize("run_mode", list(RUN_MODES))
 def test_a_fit_without_the_callback_after_one_with_it_runs_as_after_one_without_it(
     tmp_path: Path, run_mode: str

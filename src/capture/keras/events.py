@@ -958,7 +958,9 @@ class Callback(keras.callbacks.Callback):
             for layer in model._flatten_layers(include_self=False, recursive=True):
                 if isinstance(layer, keras.layers.InputLayer):
                     continue
-                self._patches.set(layer, "call", self._wrap_call(layer))
+                # a quantized layer (model.quantize) runs quantized_call in place of call
+                attr = "call" if getattr(layer, "quantization_mode", None) is None else "quantized_call"
+                self._patches.set(layer, attr, self._wrap_call(layer, getattr(layer, attr)))
 
     def _wrap_make(self, model: Any, kind: str, make: Callable[..., Any], variants: bool) -> Callable[..., Any]:
         """``make_<kind>_function``: install :class:`StepVariants` as ``model.<kind>_function`` (where they
@@ -1272,8 +1274,9 @@ class Callback(keras.callbacks.Callback):
             )
         applied.add(id(optimizer))
 
-    def _wrap_call(self, layer: Any) -> Callable[..., Any]:
-        call = layer.call
+    def _wrap_call(self, layer: Any, call: Callable[..., Any]) -> Callable[..., Any]:
+        """``call``, the method that runs ``layer`` (``call``, or ``quantized_call``), telling its inputs and
+        outputs."""
 
         @functools.wraps(call)
         def wrapped(*args: Any, **kwargs: Any) -> Any:

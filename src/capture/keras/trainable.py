@@ -115,7 +115,10 @@ _depth = 0  # traces in as_traced: a strategy of several replicas traces the ste
 
 @contextmanager
 def as_traced(state: TrainableState) -> Iterator[None]:
-    """Each layer of ``state`` (and its own trainable variables) trainable as in ``state`` inside the block.
+    """Each layer of ``state`` trainable as in ``state`` inside the block; a layer whose ``trainable`` was set
+    since (Keras's setter sets each of its variables' too) with its own trainable variables. A layer left as
+    it was keeps its variables' own flags: one frozen alone (``enable_lora``, ``kernel.trainable = False``)
+    stays frozen, as in Keras's trace.
 
     Restored as they were at the end (of the last of the blocks that overlap: the replicas'
     traces of one step, all under the same state).
@@ -124,6 +127,8 @@ def as_traced(state: TrainableState) -> Iterator[None]:
     with _lock:
         if _depth == 0:
             for layer, trainable in state.items():
+                if layer._trainable == trainable:
+                    continue
                 for obj, attr in [(layer, "_trainable"), *((v, "trainable") for v in layer._trainable_variables)]:
                     if getattr(obj, attr) != trainable:
                         _pinned.append((obj, attr, getattr(obj, attr)))
