@@ -20,6 +20,7 @@ from tensortap import Mode, StepState, TensorUnavailableForStep, TrialExistsErro
 from tensortap.capture import ShardPolicy, Writer
 from tensortap.trial.check import find_problems
 from tensortap.trial.trial import REFRESH_SECONDS
+from tensortap.trial.views import awaited_note
 
 WORKERS = ["worker_0", "worker_1", "worker_2"]
 
@@ -353,3 +354,16 @@ def test_check_and_ls_name_a_rank_that_never_wrote_anything(tmp_path: Path) -> N
     status = "running (or stopped without an end marker): worker_0, worker_2 have written nothing yet"
     assert f"workers  worker_0, worker_1, worker_2  [{status}]" in listed.stdout
     assert strict_json(cli("ls", "--json", str(tmp_path)).stdout)["training_ended"] is False
+
+
+def test_check_and_ls_name_ten_missing_ranks_and_count_the_rest(tmp_path: Path) -> None:
+    """A run of 14 ranks of which one wrote: ``check`` names ten of the 13 missing and counts the 3 others in one
+    more problem; the status ``ls`` prints names as many and counts the rest."""
+    with Writer(tmp_path, rank=1, world_size=14) as w:
+        run_steps(w, 1)
+    missing = [f"worker_{rank}" for rank in range(14) if rank != 1]
+    problems = find_problems(str(tmp_path))
+    assert [p.partition(": ")[0] for p in problems[:-1]] == [f"workers/{w}.json" for w in missing[:10]]
+    assert problems[-1] == "workers: 3 more workers of the world size 14 have written nothing"
+    trial = tensortap.create_trial(tmp_path)
+    assert awaited_note(trial) == f"{', '.join(missing[:10])} and 3 more have written nothing yet"

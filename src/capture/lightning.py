@@ -58,7 +58,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 from ..modes import Mode
 from . import core
 from .stop import agreed
-from .torch.events import saved_parameters
+from .torch.events import optimized_parameters, saved_parameters
 from .trainers import Hook, StepCapture, check_hook_kwargs, check_stop_sync_steps, open_run, same_logged
 from .writer import exception_text, logger
 
@@ -264,8 +264,7 @@ class Callback(pl.Callback):
         def after_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
             self._stepped = True
             if steps.open_train():
-                params = (p for group in optimizer.param_groups for p in group["params"])
-                steps.offer_gradients((names[id(p)], p) for p in params if id(p) in names)
+                steps.offer_gradients((names[id(p)], p) for p in optimized_parameters(optimizer) if id(p) in names)
 
         for optimizer in trainer.optimizers:
             self._handles.append(optimizer.register_step_post_hook(after_step))

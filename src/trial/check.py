@@ -26,6 +26,7 @@ from ..backends.layout import UnsafeKey, check_key
 from ..backends.shard import RawAtReader, ShardError, ShardReader
 from ..backends.storage import STORAGE_FAILURES, LocalRanges, Storage
 from .index import (
+    MAX_WORKERS_NAMED,
     READS_AT_ONCE,
     Claims,
     Listed,
@@ -46,8 +47,6 @@ from .trial import trial_problem, trial_storage
 
 CHECK_SECONDS = 60.0
 """Time limit for reading one shard in full (a 256 MiB shard takes about a second)."""
-MAX_NAMED_MISSING = 10
-"""Workers of the world size without a record named one problem each; the rest are counted in one more."""
 DOWNLOAD_POLL_SECONDS = 0.1
 """How often a thread of ``check`` waiting for a remote shard's download looks whether the check has ended."""
 
@@ -126,11 +125,16 @@ def _second_writer(worker_record: Any, worker: str, record: dict[str, Any]) -> s
 
 
 def _check_json(
-    key: str, records: dict[str, Any], named: dict[str, tuple[str, dict[str, Any]]], claims: Claims
+    key: str,
+    records: dict[str, Any],
+    named: dict[str, tuple[str, dict[str, Any]]],
+    claims: Claims,
+    workers: dict[str, dict[str, Any]],
 ) -> str | None:
     """The problem of the JSON record ``key`` (``records[key]``: as read, or the error reading it), or
     None; index records go into ``named`` and ``claims`` by shard, unless they name a shard or list a step
-    of their worker that an earlier one does (readers refuse them: :meth:`Claims.conflict`)."""
+    of their worker that an earlier one does (readers refuse them: :meth:`Claims.conflict`); valid worker
+    records go into ``workers`` by worker."""
     try:
         record = records[key]
         if isinstance(record, (OSError, ValueError)):
@@ -154,7 +158,9 @@ def _check_json(
             if refusal is not None:
                 return f"{key}: {refusal}"
         elif folder == layout.WORKERS:
-            check_worker_record(record)
+            valid = check_worker_record(record)
+            if len(rest) == 1:
+                workers[rest[0].removesuffix(".json")] = valid
         elif folder == layout.ENDS:
             check_end_marker(record)
     except (OSError, ValueError) as exc:
@@ -162,19 +168,11 @@ def _check_json(
     return None
 
 
-def _world_size_problems(records: dict[str, Any]) -> list[str]:
-    """Worker records (of ``records``, by key: as read, or the error reading them) that disagree on the world
-    size, and the workers of the world size they name that have no worker record: a rank that failed before
-    it started capturing (or one still starting), which readers wait for."""
-    valid = {}
-    for key, record in records.items():
-        folder, _, name = key.partition("/")
-        if folder == layout.WORKERS and "/" not in name:
-            try:
-                valid[name.removesuffix(".json")] = check_worker_record(record)
-            except RecordError:  # reported as unreadable
-                continue
-    sizes = world_sizes(valid)
+def _world_size_problems(workers: dict[str, dict[str, Any]], records: dict[str, Any]) -> list[str]:
+    """The valid worker records ``workers`` (by worker) that disagree on the world size, and the workers of the
+    world size they name that have no worker record among ``records`` (by key): a rank that failed before it
+    started capturing (or one still starting), which readers wait for."""
+    sizes = world_sizes(workers)
     why = world_size_disagreement(sizes)
     problems = [f"{layout.WORKERS}: {why}"] if why is not None else []
     missing = [worker for worker in expected_workers(sizes) if layout.worker_key(worker) not in records]
@@ -182,11 +180,11 @@ def _world_size_problems(records: dict[str, Any]) -> list[str]:
     problems += [
         f"{layout.worker_key(worker)}: missing: the worker records name a world size of {size}, and {worker} has "
         "written nothing (a rank that failed before it started capturing, or one still starting); readers wait for it"
-        for worker in missing[:MAX_NAMED_MISSING]
+        for worker in missing[:MAX_WORKERS_NAMED]
     ]
-    if len(missing) > MAX_NAMED_MISSING:
+    if len(missing) > MAX_WORKERS_NAMED:
         problems.append(
-            f"{layout.WORKERS}: {len(missing) - MAX_NAMED_MISSING} more workers of the world size {size} have "
+            f"{layout.WORKERS}: {len(missing) - MAX_WORKERS_NAMED} more workers of the world size {size} have "
             "written nothing"
         )
     return problems
@@ -375,10 +373,10 @@ def storage_problems(
             problems.append(f"{key}: {exc}")
     problems += _folders_among_records(storage)
     records = dict(read_records(storage, [key for key in keys if key.endswith(".json")]))
-    problems += _world_size_problems(records)
+    workers: dict[str, dict[str, Any]] = {}
     for key in keys:
         if key.endswith(".json"):
-            problem = _check_json(key, records, named, claims)
+            problem = _check_json(key, records, named, claims, workers)
             if problem:
                 problems.append(problem)
         elif key.endswith(".h5"):
@@ -388,6 +386,7 @@ def storage_problems(
                 storage.local_path(key)  # refuses links out of the trial, FIFOs and devices
             except OSError as exc:
                 problems.append(f"{key}: {exc}")
+    problems += _world_size_problems(workers, records)
     indexed = {key.split("/")[1] for key in keys if key.startswith(f"{layout.INDEX}/") and key.count("/") == 2}
     problems += [  # a folder removed while a training wrote it, made anew by the writer before session 45
         f"{layout.INDEX}/{worker}: index records of a worker that has no worker record ({layout.worker_key(worker)})"

@@ -460,6 +460,10 @@ def world_sizes(records: Mapping[str, Mapping[str, Any]]) -> dict[str, int]:
     return {worker: record["world_size"] for worker, record in records.items() if "world_size" in record}
 
 
+MAX_WORKERS_NAMED = 10
+"""Workers a report or status names one by one of those it lists (missing, awaited); the rest it counts."""
+
+
 def expected_workers(sizes: Mapping[str, int]) -> list[str]:
     """The workers of a run whose worker records name the world sizes ``sizes`` (:func:`world_sizes`):
     ``worker_0 .. worker_<n - 1>``, ``n`` the largest; none if no record names one."""

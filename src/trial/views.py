@@ -17,6 +17,7 @@ import numpy as np
 from ..exceptions import TensortapError
 from ..modes import Mode
 from ..processes import KILLED
+from .index import MAX_WORKERS_NAMED
 
 if TYPE_CHECKING:
     from .trial import Tensor, Trial
@@ -96,18 +97,14 @@ def killed_note(workers: list[str]) -> str:
     return f"{printable(', '.join(workers))} killed"
 
 
-MAX_AWAITED_NAMED = 10
-"""Workers a status names of those that have written nothing yet; the rest it counts."""
-
-
 def awaited_note(trial: Trial) -> str | None:
     """``"worker_0 has written nothing yet"``: what a status says of the workers of the run's world size
     (``world_size`` in the worker records) that have not written anything; None when there are none."""
     awaited = trial._index.awaited
     if not awaited:
         return None
-    more = len(awaited) - MAX_AWAITED_NAMED
-    names = ", ".join(awaited[:MAX_AWAITED_NAMED]) + (f" and {more} more" if more > 0 else "")
+    more = len(awaited) - MAX_WORKERS_NAMED
+    names = ", ".join(awaited[:MAX_WORKERS_NAMED]) + (f" and {more} more" if more > 0 else "")
     return f"{names} {'has' if len(awaited) == 1 else 'have'} written nothing yet"
 
 

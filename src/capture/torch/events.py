@@ -79,7 +79,7 @@ import threading
 import warnings
 import weakref
 from collections import deque
-from collections.abc import Callable, Container, Sequence
+from collections.abc import Callable, Container, Iterator, Sequence
 from dataclasses import dataclass, field
 from types import CodeType, FrameType
 from typing import Any
@@ -198,6 +198,11 @@ def saved_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """``module.named_parameters()``, each under its :func:`saved_name`."""
     compiled = compiled_paths(module)
     return [(saved_name(name, compiled), p) for name, p in module.named_parameters()]
+
+
+def optimized_parameters(optimizer: torch.optim.Optimizer) -> Iterator[torch.Tensor]:
+    """The parameters ``optimizer`` updates, group by group."""
+    return (p for group in optimizer.param_groups for p in group["params"])
 
 
 def _inner_optimizer(optimizer: Any, where: str) -> torch.optim.Optimizer:
@@ -635,7 +640,7 @@ class Hook(core.Hook):
             return
         substituted = bool(self._depth) and _called_from(_FUNCTIONAL_CALL_CODE)
         self._follow_again = not self._forwarded and (substituted or not self._depth)
-        updated = {id(p) for att in self._optimizers for g in att.optimizer.param_groups for p in g["params"]}
+        updated = {id(p) for att in self._optimizers for p in optimized_parameters(att.optimizer)}
         before = dict(self._params)
         self._params.clear()
         self._param_ids.clear()
@@ -797,7 +802,7 @@ class Hook(core.Hook):
 
     def _updated(self, att: _Optimizer) -> dict[str, torch.Tensor]:
         """The registered parameters ``att`` updates, by name."""
-        named = ((self._param_ids.get(id(p)), p) for g in att.optimizer.param_groups for p in g["params"])
+        named = ((self._param_ids.get(id(p)), p) for p in optimized_parameters(att.optimizer))
         return {name: p for name, p in named if name is not None}
 
     def _warn_shared_parameters(self, att: _Optimizer) -> None:
@@ -823,7 +828,7 @@ class Hook(core.Hook):
     def _owner_name(self, optimizer: torch.optim.Optimizer) -> str:
         """The registered module whose parameters ``optimizer`` updates; if it updates part of its trainable
         ones, the deepest submodule holding them all (``actor``; ``D.actor`` in a module registered as ``D``)."""
-        ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        ids = {id(p) for p in optimized_parameters(optimizer)}
         for root in self._roots:
             trainable = [(name, id(p) in ids) for name, p in saved_parameters(root.module) if p.requires_grad]
             updated = [name for name, mine in trainable if mine]
