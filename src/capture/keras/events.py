@@ -302,6 +302,7 @@ class Callback(keras.callbacks.Callback):
         self._callbacks_traced = False
         self._variable_names: dict[int, tuple[Any, str, str | None]] = {}
         self._renamed: dict[int, str] = {}  # layers and variables (by id) named by their tree path, see _tree_names
+        self._quantized: set[int] = set()  # the variables (by id) of quantized layers: their integer ones are weights
         self._kept: _Kept | None = None
         self._traced_as: TrainableState | None = None  # TensorFlow: what the step functions train (see .trainable)
         self._keras_own: dict[str, Callable[..., Any]] = {}  # the model's own step functions, see _leave_step_functions
@@ -897,11 +898,12 @@ class Callback(keras.callbacks.Callback):
                     yield name, "optimizer_variables", value
 
     def _variable_name(self, v: Any) -> tuple[str, str | None]:
-        """A model variable's name and collection (``"weights"``, ``"biases"``; None: not a float), remembered."""
+        """A model variable's name and collection (``"weights"``, ``"biases"``; None: neither a float nor one of
+        a quantized layer's, such as a seed generator's state), remembered."""
         known = self._variable_names.get(id(v))
         if known is None or known[0] is not v:
             coll = None
-            if keras.backend.is_float_dtype(v.dtype):
+            if keras.backend.is_float_dtype(v.dtype) or id(v) in self._quantized:
                 coll = "biases" if v.name.endswith("bias") else "weights"
             known = self._variable_names[id(v)] = (v, self._renamed.get(id(v)) or self._name(v.path), coll)
         return known[1], known[2]
@@ -921,6 +923,12 @@ class Callback(keras.callbacks.Callback):
         self._prefix = f"{_path(model)}/"
         self._variable_names = {}
         self._renamed = _tree_names(model, self._name)
+        self._quantized = {
+            id(v)
+            for layer in model._flatten_layers(include_self=False)
+            if getattr(layer, "quantization_mode", None) is not None
+            for v in layer.variables
+        }
         self._graph = graph
         if graph is None and BACKEND == "tensorflow" and (self._loop or not model.run_eagerly):
             self._graph = TFGraphTaps(xla=bool(not self._loop and model.jit_compile))
