@@ -2163,7 +2163,6 @@ def test_a_compiled_function_run_twice_in_one_step_keeps_its_last_run_with_one_w
         np.testing.assert_allclose(trial.tensor("outputs/dense_1").value(s), forward(w, xb)[1], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.skipif(BACKEND == "jax", reason="a JAX loop keeps its weights in its own state (documented)")
 def test_train_on_batch_in_a_loop_names_the_first_step_outputs_as_the_others(tmp_path: Path) -> None:
     # torch: the first train_on_batch builds the model on "meta" tensors inside the step; those
     # calls were counted, and the step's own output was saved as outputs/dense:1
@@ -2185,7 +2184,6 @@ def test_train_on_batch_in_a_loop_names_the_first_step_outputs_as_the_others(tmp
         )
 
 
-@pytest.mark.skipif(BACKEND == "jax", reason="a JAX loop keeps its weights in its own state (documented)")
 def test_a_loop_step_left_by_an_exception_is_dropped_and_the_loop_goes_on(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -2216,6 +2214,51 @@ def test_a_loop_step_left_by_an_exception_is_dropped_and_the_loop_goes_on(
     np.testing.assert_allclose(trial.tensor("dense/kernel").value(2, mode=Mode.TRAIN), after[0], rtol=1e-6)
     warnings = [r.getMessage() for r in caplog.records if r.name == "tensortap" and r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and "step 1 " in warnings[0] and "ValueError: no such batch" in warnings[0]
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="stateless_call and stateless_apply in a loop: JAX's way")
+def test_a_jax_loop_that_keeps_the_weights_in_its_own_state_is_named_in_one_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Keras's JAX loop (``stateless_call``, ``stateless_apply`` under ``jax.jit``) keeps the weights in a state
+    of its own: those saved are the variables', which do not move; one warning says so, at its first call. It
+    was said at every ``attach`` on JAX, to ``train_on_batch`` loops too, whose variables do move (tested
+    above on JAX as well)."""
+    import jax
+
+    caplog.set_level(logging.WARNING, logger="tensortap")
+    model = linear(name="loop")
+    optimizer = keras.optimizers.SGD(LR)
+    optimizer.build(model.trainable_variables)
+    cb = ttk.Callback(tmp_path, save_config=EVERY_STEP, include_collections=["weights", "losses"])
+    cb.attach(model, optimizer)
+
+    def loss_and_updates(trainable: Any, non_trainable: Any, x: Any, y: Any) -> Any:
+        predicted, non_trainable = model.stateless_call(trainable, non_trainable, x)
+        return keras.ops.mean((predicted - y) ** 2), non_trainable
+
+    @jax.jit
+    def train_step(state: Any, x: Any, y: Any) -> Any:
+        trainable, non_trainable, optimizer_variables = state
+        (loss, non_trainable), grads = jax.value_and_grad(loss_and_updates, has_aux=True)(
+            trainable, non_trainable, x, y
+        )
+        trainable, optimizer_variables = optimizer.stateless_apply(optimizer_variables, grads, trainable)
+        return loss, (trainable, non_trainable, optimizer_variables)
+
+    state = ([v.value for v in model.trainable_variables], [], [v.value for v in optimizer.variables])
+    initial = numpy_weights(model)
+    for s in range(3):
+        with cb.stepping():
+            loss, state = train_step(state, X[s * BATCH : (s + 1) * BATCH], Y[s * BATCH : (s + 1) * BATCH])
+            cb.record_loss(loss)
+    cb.close()
+    warnings = [r.getMessage() for r in caplog.records if r.name == "tensortap" and r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "the loop calls stateless_call: it keeps the weights" in warnings[0], warnings
+    assert not np.allclose(np.asarray(state[0][0]), initial[0])  # trained, in the loop's state
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.steps(mode=Mode.TRAIN) == [0, 1, 2]
+    np.testing.assert_array_equal(trial.tensor("dense/kernel").value(2, mode=Mode.TRAIN), initial[0])
 
 
 def test_metrics_train_on_batch_and_test_on_batch_return_in_a_loop_are_captured(tmp_path: Path) -> None:

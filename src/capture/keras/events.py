@@ -277,6 +277,7 @@ class Callback(keras.callbacks.Callback):
         self._runs: dict[tuple[str, int], list[set[str]]] = {}
         self._applied: set[int] = set()  # in the step: optimizers (by id) that applied gradients eagerly
         self._warned_reapplied: set[int] = set()
+        self._warned_stateless = False  # a JAX loop's stateless_call or stateless_apply, see _wrap_stateless
         self._arrived: list[Arrival] = []
         self._variables_taken = False  # the open TRAIN step's variables were taken when its step function returned
         # by mode, collection and slot, whether the steps left a value given eagerly as it was given (True: held
@@ -601,11 +602,6 @@ class Callback(keras.callbacks.Callback):
         """
         if self._depth:
             raise RuntimeError("Callback.attach: already attached (to a fit, or to a loop); close() it first")
-        if BACKEND == "jax":
-            logger.warning(
-                "tensortap: a JAX loop keeps the weights in its own state, not in the model's variables; "
-                "weights are read from the variables (assign the state back to see them move)"
-            )
         self.set_model(model)
         self._loop = True
         given = [] if optimizer is None else list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
@@ -962,6 +958,10 @@ class Callback(keras.callbacks.Callback):
         if self.session.may_save("gradients"):
             for optimizer in map(_applying, self._optimizers):
                 self._patches.set(optimizer, "apply", self._wrap_apply(optimizer))
+        if self._loop and BACKEND == "jax" and self.session.may_save("weights", "biases", "optimizer_variables"):
+            for owner in (model, *self._optimizers):
+                attr = "stateless_call" if owner is model else "stateless_apply"
+                self._patches.set(owner, attr, self._wrap_stateless(getattr(owner, attr)))
         if self.session.may_save("outputs") or self.session.may_save("inputs"):
             for layer in model._flatten_layers(include_self=False, recursive=True):
                 if isinstance(layer, keras.layers.InputLayer):
@@ -1129,21 +1129,19 @@ class Callback(keras.callbacks.Callback):
         """In a loop, a ``Mean`` updated for the first time: if a model's ``train_on_batch``/``test_on_batch``
         updates it and the callback is attached neither to that model nor to one holding it, say (once
         per model) that only its losses are saved: its metrics, weights and gradients are not."""
-        frame: FrameType | None = sys._getframe(2)
-        while frame is not None:
-            if frame.f_code.co_name in ("train_on_batch", "test_on_batch"):
-                model = frame.f_locals.get("self")
-                if isinstance(model, keras.Model) and id(model) not in self._batch_models | self._unattached:
-                    self._unattached.add(id(model))
-                    logger.warning(
-                        "tensortap: model %r runs %s in a step, but the callback is attached neither to it nor to "
-                        "a model that holds it: only its losses are saved (not its metrics, weights or "
-                        "gradients); attach the callback to a model that holds it",
-                        model.name,
-                        frame.f_code.co_name,
-                    )
-                return
-            frame = frame.f_back
+        frame = _on_batch_frame(sys._getframe(2), ("train_on_batch", "test_on_batch"))
+        if frame is None:
+            return
+        model = frame.f_locals.get("self")
+        if isinstance(model, keras.Model) and id(model) not in self._batch_models | self._unattached:
+            self._unattached.add(id(model))
+            logger.warning(
+                "tensortap: model %r runs %s in a step, but the callback is attached neither to it nor to "
+                "a model that holds it: only its losses are saved (not its metrics, weights or "
+                "gradients); attach the callback to a model that holds it",
+                model.name,
+                frame.f_code.co_name,
+            )
 
     def _wrap_on_batch(self, model: Any, on_batch: Callable[..., Any]) -> Callable[..., Any]:
         """``train_on_batch``/``test_on_batch`` of ``model`` in a loop: in a saved step, the metrics it returns
@@ -1256,6 +1254,26 @@ class Callback(keras.callbacks.Callback):
                     ],
                 )
             return apply(grads, trainable_variables)
+
+        return wrapped
+
+    def _wrap_stateless(self, method: Callable[..., Any]) -> Callable[..., Any]:
+        """A JAX loop's ``model.stateless_call`` or ``optimizer.stateless_apply``: the loop keeps the weights in
+        a state of its own, and the variables they are read from do not move; one warning, at its first call
+        not made by a ``train_on_batch``, ``test_on_batch`` or ``predict_on_batch`` (which give the variables
+        the state they end with)."""
+
+        @functools.wraps(method)
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            if not self._warned_stateless and _on_batch_frame(sys._getframe(1), _ON_BATCH) is None:
+                self._warned_stateless = True
+                logger.warning(
+                    "tensortap: the loop calls %s: it keeps the weights in a state of its own, and the model's "
+                    "variables, from which weights and optimizer variables are saved, do not move: assign the "
+                    "state back to them (variable.assign) after each step to have them saved as trained",
+                    method.__name__,
+                )
+            return method(*args, **kwargs)
 
         return wrapped
 
@@ -1509,6 +1527,19 @@ def _optimizers_of(model: Any) -> list[Any]:
 def _path(obj: Any) -> str:
     """Keras's path of a layer or variable (``"block/inner"``, ``"dense/kernel"``), else its name."""
     return str(getattr(obj, "path", None) or obj.name)
+
+
+_ON_BATCH = ("train_on_batch", "test_on_batch", "predict_on_batch")
+
+
+def _on_batch_frame(frame: FrameType | None, names: Collection[str]) -> FrameType | None:
+    """The nearest frame from ``frame`` up of a method of a Keras model named one of ``names`` (its
+    ``train_on_batch``...), or None (a frame walk: off the common path only)."""
+    while frame is not None:
+        if frame.f_code.co_name in names and isinstance(frame.f_locals.get("self"), keras.Model):
+            return frame
+        frame = frame.f_back
+    return None
 
 
 def _tree_names(model: Any, name: Callable[[str], str]) -> dict[int, str]:
