@@ -560,6 +560,8 @@ class Hook:
         self._skipped: set[str] = set()  # tensors that could not be captured (warned once)
         self._histogram_edges: dict[str, np.ndarray] = {}  # fixed per tensor from its first saved value
         self._histogram_unfixed: set[str] = set()  # warned once: no finite value to fix bins from yet
+        self._saved_given: set[str] = set()  # names of values given (save_tensor, save_scalar) at a saved step
+        self._never_saved: dict[str, int] = {}  # of those given at no saved step so far: how many times
         self._failed = False
         self._error: BaseException | None = None
         self.writer: TrialWriter | None = None
@@ -688,6 +690,7 @@ class Hook:
             if self.strict:
                 raise ValueError(f"step: {given} is not greater than the last step, {self.step}")
             return self._refuse(given)
+        self._take_writer_error()
         self._in_step, self._refused = True, False
         self._drop_step_values()  # of a step that never ended (interrupted)
         if mode is not None:
@@ -990,7 +993,31 @@ class Hook:
     def save_tensor(self, name: str, value: Any, collections: str | Sequence[str] = ("custom",)) -> None:
         """Save ``value`` under ``name`` on the current step if it is saved, whatever the collections (a name,
         or a list of them)."""
+        self.note_given(name)
         self.offer(name, value, collection_names(collections), force=True)
+
+    def note_given(self, name: str) -> None:
+        """A value was given for ``name`` (``save_tensor``, ``save_scalar``) at the current step: a name given
+        only at steps that are not saved is named when the hook closes (:meth:`_warn_never_saved`)."""
+        if self._saving:
+            self._saved_given.add(name)
+            self._never_saved.pop(name, None)
+        elif name not in self._saved_given:
+            self._never_saved[name] = self._never_saved.get(name, 0) + 1
+
+    def _warn_never_saved(self) -> None:
+        """One warning naming the values given that fell on no saved step: none of them is in the trial."""
+        if not self._never_saved or self._failed or not self.enabled:
+            return
+        given = sorted(self._never_saved.items())
+        logger.warning(
+            "tensortap: %s%s fell on no saved step: none of their values is in the trial (a value belongs to the "
+            "step it is given in, which the save config may not save: after an evaluation loop, its last EVAL "
+            "step; give it at a saved step, or save more steps of that mode)",
+            ", ".join(f"{name} (given {n} time{'s' if n > 1 else ''})" for name, n in given[:5]),
+            f" and {len(given) - 5} more" if len(given) > 5 else "",
+        )
+        self._never_saved.clear()
 
     def save_scalar(self, name: str, value: Any, collections: str | Sequence[str] = ("metrics",)) -> None:
         """Save a scalar as ``<first collection>/<name>`` on the current step if it is saved (``collections``:
@@ -1208,9 +1235,15 @@ class Hook:
     _fail = fail  # the name the XGBoost adapter still uses
 
     def _on_writer_error(self, exc: BaseException) -> None:
+        """On the writer's thread: a publish failed; the training thread turns capture off at its next step,
+        flush or close (:meth:`_take_writer_error`), not in the middle of a step it is saving."""
         self._error = exc
-        if not self.strict:
-            self.fail(exc, f"cannot publish a shard to {self.out_dir}")
+
+    def _take_writer_error(self) -> None:
+        """On the training thread: a publish failed (:meth:`_on_writer_error`): capture is turned off now
+        (with ``strict=True``, the error is raised by :meth:`flush` and :meth:`close`)."""
+        if self._error is not None and not self._failed and not self.strict:
+            self.fail(self._error, f"cannot publish a shard to {self.out_dir}")
 
     def _raise_if_strict(self) -> None:
         if self.strict and self._error is not None:
@@ -1227,6 +1260,7 @@ class Hook:
         """Publish everything saved so far (a partial shard) and wait for it."""
         if self.writer is not None:
             self.writer.flush()
+            self._take_writer_error()
             self._raise_if_strict()
 
     def close(self, reason: str = "closed") -> None:
@@ -1271,11 +1305,14 @@ class Hook:
         return (step if step >= 0 else None), {m.name: s for m, s in modes.items() if s >= 0}
 
     def _close_writer(self, reason: str, error: str | None = None) -> None:
+        self._take_writer_error()
+        self._warn_never_saved()
         listeners, self.end_listeners = self.end_listeners, []
         for listener in listeners:
             listener()
         if self.writer is not None:
             self.writer.close(reason, *self._progress(), error=error)
+            self._take_writer_error()  # a publish the close waited for failed
 
     if not TYPE_CHECKING:  # mypy keeps checking attribute names
 

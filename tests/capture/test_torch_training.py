@@ -2956,3 +2956,59 @@ def test_outputs_are_what_a_module_returned_whichever_hook_replaced_them(tmp_pat
     for s, outputs in enumerate(returned):
         for name, value in outputs.items():
             np.testing.assert_array_equal(_value(trial, f"outputs/{name}", s), value.numpy())
+
+
+def test_a_value_given_at_no_saved_step_is_named_when_the_hook_closes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """accelerate's nlp_example shape: each epoch's accuracy is given with ``save_scalar`` after the evaluation
+    loop, so it belongs to the last EVAL step, which the default save config does not save: every value was
+    dropped, without a word. One warning names it when the hook closes; a value saved at some step is not named
+    (an ``lr`` given at every step, saved every 100)."""
+    caplog.set_level(logging.WARNING, logger="tensortap")
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    hook = ttt.capture(model, tmp_path, optimizer=opt)  # the defaults: every 100th step of each mode
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        model.train()
+        for _ in range(4):
+            hook.save_scalar("lr", opt.param_groups[0]["lr"])
+            x, y = _batch(gen)
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        model.eval()
+        with torch.no_grad():
+            correct = sum(int((model(x).argmax(-1) == y).sum()) for x, y in (_batch(gen) for _ in range(3)))
+        hook.save_scalar("accuracy", correct / 24)
+    hook.close()
+    trial = _trial(tmp_path)
+    assert trial.tensor_names(collection="metrics") == ["metrics/lr"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warnings == [
+        "tensortap: metrics/accuracy (given 3 times) fell on no saved step: none of their values is in the trial "
+        "(a value belongs to the step it is given in, which the save config may not save: after an evaluation "
+        "loop, its last EVAL step; give it at a saved step, or save more steps of that mode)"
+    ]
+
+
+def test_a_run_resumed_from_a_checkpoint_numbers_on_with_number_on(tmp_path: Path) -> None:
+    """A run resumed from a checkpoint (model, optimizer and the count of steps done) numbers its steps from 0 in
+    a new trial, as the quickstart says; ``hook.number_on("train", done)`` numbers them on from the
+    checkpoint's count, as the Keras, Lightning and Transformers callbacks do from their framework's."""
+    model = _mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    _train(model, opt, 2, seed=0)
+    checkpoint = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": 2}
+    resumed = _mlp()
+    opt = torch.optim.Adam(resumed.parameters(), lr=0.01)
+    resumed.load_state_dict(checkpoint["model"])
+    opt.load_state_dict(checkpoint["optimizer"])
+    hook = ttt.capture(resumed, tmp_path, optimizer=opt, save_config=EVERY_STEP)
+    hook.number_on("train", checkpoint["step"])
+    _train(resumed, opt, 3, seed=1)
+    hook.close()
+    trial = _trial(tmp_path)
+    assert trial.steps(mode=Mode.TRAIN) == [2, 3, 4]
+    np.testing.assert_array_equal(_value(trial, "2.weight", 4, Mode.TRAIN), resumed[2].weight.detach().numpy())

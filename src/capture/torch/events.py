@@ -1656,6 +1656,7 @@ class Hook(core.Hook):
         if self._closed:
             return
         self._ensure_open()
+        self.note_given(name)
         self.session.give(name, value, colls, held=self._fate_open())
 
     def save_scalar(self, name: str, value: Any, collections: str | Sequence[str] = ("metrics",)) -> None:
@@ -1663,10 +1664,11 @@ class Hook(core.Hook):
         if self._closed:
             return
         self._ensure_open()
+        colls = core.collection_names(collections) or ("metrics",)
         if not self.is_saving():
+            self.note_given(f"{colls[0]}/{name}")
             return
         if isinstance(value, torch.Tensor):  # as save_tensor takes it: bfloat16, float8 widened, not .numpy()'d
-            colls = core.collection_names(collections) or ("metrics",)
             self.save_tensor(f"{colls[0]}/{name}", value.detach(), colls)
             return
         super().save_scalar(name, value, collections)
