@@ -785,6 +785,65 @@ def test_a_fit_resumed_by_backup_and_restore_numbers_on_from_the_restored_count(
     assert tensortap.create_trial(tmp_path / "resumed").steps(mode=Mode.TRAIN) == counts.seen
 
 
+@pytest.mark.parametrize("first", [True, False], ids=["listed-first", "listed-last"])
+def test_a_fit_resumed_by_backup_and_restore_with_the_same_callback_warns_naming_both_counts(
+    tmp_path: Path, first: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The same tensortap callback given to the resumed fit (a notebook's ``tt``, made once): BackupAndRestore
+    restored Keras's count to the backup's 4 while the callback had numbered steps 0-4, and the resumed fit's
+    steps were numbered on from 5 without a word, one apart from Keras's count. Steps only go up in a trial:
+    they still are, with one warning naming both counts, and the training goes on. A model compiled again (a
+    new optimizer, which counts from 0) is no restore: its fit goes on unwarned."""
+
+    class Crash(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+            if int(keras.ops.convert_to_numpy(self.model.optimizer.iterations)) == 5:
+                raise RuntimeError("interrupted")
+
+    class Counts(keras.callbacks.Callback):  # Keras's count at each batch
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[int] = []
+
+        def on_train_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+            self.seen.append(int(keras.ops.convert_to_numpy(self.model.optimizer.iterations)))
+
+    model, backup = mlp(), str(tmp_path / "backup")
+    tt = ttk.Callback(tmp_path / "trial", save_config=EVERY_STEP, close_on_train_end=False)
+
+    def fit(*extra: Any) -> None:
+        bnr = keras.callbacks.BackupAndRestore(backup, 2)
+        callbacks = [tt, bnr] if first else [bnr, tt]
+        model.fit(X, Y, batch_size=BATCH, epochs=3, shuffle=False, callbacks=[*callbacks, *extra], verbose=0)
+
+    def went_back() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "went back" in r.getMessage()]
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        fit(Crash())
+    counts, rec = Counts(), Recorder()
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        fit(counts, rec)
+    assert counts.seen == list(range(4, 10))  # the backup's count, then the epochs left
+    assert len(went_back()) == 1
+    assert "Keras's training step 4" in went_back()[0] and "from step 5 on, not 4" in went_back()[0]
+    tt.flush()
+    trial = tensortap.create_trial(tmp_path / "trial")
+    assert trial.steps(mode=Mode.TRAIN) == list(range(11))  # 0-4, then the resumed 6
+    for i, after in enumerate(rec.weights):  # the resumed steps' values are those of Keras's steps 4-9
+        np.testing.assert_allclose(trial.tensor("dense/kernel").value(5 + i, mode=Mode.TRAIN), after[0], rtol=1e-6)
+
+    caplog.clear()
+    model.compile(optimizer=keras.optimizers.SGD(LR), loss="mse")
+    counts = Counts()
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        model.fit(X, Y, batch_size=BATCH, epochs=3, shuffle=False, callbacks=[tt, counts], verbose=0)
+    tt.close()
+    assert not went_back()
+    assert counts.seen[0] == 0 and counts.seen
+    assert tensortap.create_trial(tmp_path / "trial").steps(mode=Mode.TRAIN) == list(range(11 + len(counts.seen)))
+
+
 @pytest.mark.parametrize("second", ["new callback", "no callback"])
 def test_a_fit_after_one_that_raised_in_a_callback_runs_as_if_its_callback_were_not_there(
     tmp_path: Path, second: str
@@ -984,6 +1043,33 @@ def test_predict_with_steps_per_execution_keeps_each_executions_last_batch_unwar
         np.testing.assert_allclose(
             trial.tensor("outputs/dense_1").value(s, mode=Mode.PREDICT), predicted[last], rtol=1e-5, atol=1e-6
         )
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow's XLA taps of a partial batch (JAX's are kept)")
+def test_xla_predict_with_steps_per_execution_and_a_partial_last_batch_saves_no_earlier_batch(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """14 rows in batches of 4, two per execution: the second execution runs batches of 4 and 2 rows. Under XLA
+    on TensorFlow Keras traces its one-batch function again for the partial batch, with an unknown batch
+    dimension, whose outputs cannot be kept (one warning each); the tap of the full batches still held the
+    third batch's outputs, marked with the same step, and they were saved as step 1's (rows 8-11 for 12-13).
+    Now a step's value of a slot is that of its last write, or none (on JAX, whose taps need no static shape,
+    step 1 has rows 12-13)."""
+    model = mlp(steps_per_execution=2, jit_compile=True)
+    cb = ttk.Callback(tmp_path, save_config=EVERY_STEP, include_collections=["outputs"])
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        predicted = model.predict(X[:14], batch_size=4, callbacks=[cb], verbose=0)
+    cb.close()
+    skipped = sorted(r.getMessage() for r in caplog.records if "no static shape" in r.getMessage())
+    assert len(skipped) == 2 and "outputs/dense " in skipped[0] and "outputs/dense_1 " in skipped[1]
+    assert not [r for r in caplog.records if "times in step" in r.getMessage()]
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.steps(mode=Mode.PREDICT) == [0]  # step 1 ran (two batches), its last batch's outputs are not kept
+    for name in ("outputs/dense", "outputs/dense_1"):
+        assert trial.tensor(name).steps(mode=Mode.PREDICT) == [0]
+    np.testing.assert_allclose(
+        trial.tensor("outputs/dense_1").value(0, mode=Mode.PREDICT), predicted[4:8], rtol=1e-5, atol=1e-6
+    )
 
 
 @pytest.mark.skipif(BACKEND != "jax", reason="JAX's jitted step differentiates with jax.value_and_grad")

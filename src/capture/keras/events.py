@@ -39,6 +39,7 @@ import logging
 import os
 import sys
 import threading
+import weakref
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -297,7 +298,9 @@ class Callback(keras.callbacks.Callback):
         self._steps: dict[str, Callable[..., Any]] = {}
         self._making = False
         self._entering = False  # _enter builds the step function (make_<kind>_function) of its call
-        self._number_train = False  # number TRAIN steps on from Keras's count at the next train batch
+        self._first_train_batch = False  # the next train batch is a fit's first: compare the counts then
+        # the optimizer of the last fit, and how far the callback's TRAIN count was ahead of Keras's at its first batch
+        self._keras_lead: tuple[weakref.ref[Any], int] | None = None
         self._extra_keys: dict[tuple[str, Slot], str] = {}
         self._extra_slots: dict[str, tuple[str, Slot]] = {}
         self._callbacks_traced = False
@@ -400,9 +403,9 @@ class Callback(keras.callbacks.Callback):
 
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         self._enter("train")
-        # its later fits go on from its own count (see _steps_done); a first one from Keras's, read at the first
-        # batch: a callback listed after this one may restore it at its train begin (BackupAndRestore)
-        self._number_train = Mode.TRAIN not in self.hook.mode_steps
+        # Keras's count is read at the first batch: a callback listed after this one may restore it at its train
+        # begin (BackupAndRestore)
+        self._first_train_batch = True
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         self._exit()
@@ -426,16 +429,46 @@ class Callback(keras.callbacks.Callback):
         self._finish_step()
 
     def on_train_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
-        if self._number_train:
-            self._number_train = False
+        if self._first_train_batch:
+            self._first_train_batch = False
             try:
-                self.hook.number_on(Mode.TRAIN, _steps_done(self._model))
+                self._count_train_on()
             except Exception as exc:
                 self.hook.fail(exc, "cannot read the optimizer's iterations")
         self._begin(Mode.TRAIN)
         if self.stop_agreed():
             logger.info("tensortap: stop requested (%s); stopping fit", self.stop_reason or "on another process")
             self._model.stop_training = True
+
+    def _count_train_on(self) -> None:
+        """At a fit's first batch: number its TRAIN steps on from Keras's count (its first fit) or the callback's.
+
+        Steps only go up in a trial: a later fit goes on from the callback's own count (see
+        :func:`_steps_done`). Where Keras's count went back since the last fit's first batch, with
+        the same optimizer (``BackupAndRestore`` restored its iterations after an interrupted fit;
+        a new optimizer, of a model compiled again, counts from 0 by design), the steps are saved
+        under other numbers than Keras's: one warning names both.
+        """
+        model = self._model
+        done = _steps_done(model)
+        if Mode.TRAIN not in self.hook.mode_steps:
+            self.hook.number_on(Mode.TRAIN, done)
+        after = self.hook.mode_steps[Mode.TRAIN] + 1  # the number of the fit's first step
+        optimizer, last = getattr(model, "optimizer", None), self._keras_lead
+        went_back = optimizer is not None and last is not None and last[0]() is optimizer and after - done > last[1]
+        if went_back and after != done:
+            logger.warning(
+                "tensortap: this fit goes on from Keras's training step %d (its optimizer's iterations went "
+                "back: restored by BackupAndRestore or from a checkpoint), but this callback has numbered TRAIN "
+                "steps up to %d, and steps only go up in a trial: its steps are saved from step %d on, not %d "
+                "as Keras counts them. To keep Keras's numbers, give a resumed fit a new tensortap callback "
+                "with a new out_dir",
+                done,
+                after - 1,
+                after,
+                done,
+            )
+        self._keras_lead = None if optimizer is None else (weakref.ref(optimizer), after - done)
 
     def on_test_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         self._begin(Mode.EVAL)
@@ -927,7 +960,7 @@ class Callback(keras.callbacks.Callback):
         }
         self._graph = graph
         if graph is None and BACKEND == "tensorflow" and (self._loop or not model.run_eagerly):
-            self._graph = TFGraphTaps(xla=bool(not self._loop and model.jit_compile))
+            self._graph = TFGraphTaps(xla=bool(not self._loop and model.jit_compile), one_function=not self._loop)
         if not self._loop:
             for kind, (attr, mode) in _KINDS.items():
                 self._steps[attr] = getattr(model, attr)

@@ -306,24 +306,38 @@ def _variable(initial: Any, shape: Any = None) -> Any:
 
 class _TFTap:
     """One captured tensor of one traced graph: a variable holding its value, and ``meta``: the step that
-    wrote it last, when (the step's clock) and how many times in that step."""
+    wrote it last, when (the step's clock) and how many times in that step.
+
+    Without a variable (``value`` None): a *mark*, where a value that cannot be kept was computed (one
+    without a static shape under XLA), so that no earlier value of its slot passes for it.
+    """
 
     def __init__(
-        self, slot: Slot, collection: str, value: Any, static: bool, origin: int, looped: bool, replica: tuple[int, int]
+        self,
+        slot: Slot,
+        collection: str,
+        value: Any,
+        static: bool,
+        origin: int,
+        looped: bool,
+        replica: tuple[int, int],
     ) -> None:
         self.slot = slot
         self.collection = collection
         self.origin = origin
         self.looped = looped  # traced in a while loop's body: written once per iteration
         self.replica = replica  # (the replica that writes it, how many replicas run the graph)
-        shape = value.shape if static else tf.TensorShape(None)
-        init = tf.zeros([d or 0 for d in value.shape] if value.shape.rank is not None else [], value.dtype)
-        self.var = _variable(init, shape)
+        self.var: Any = None
+        if value is not None:
+            shape = value.shape if static else tf.TensorShape(None)
+            init = tf.zeros([d or 0 for d in value.shape] if value.shape.rank is not None else [], value.dtype)
+            self.var = _variable(init, shape)
         self.meta = _variable(tf.constant([-1, 0, 0], tf.int64))
 
     def save(self, value: Any, step: Any, order: Any) -> None:
         """In the graph: keep ``value``, written at ``step`` (a scalar tensor) at ``order`` on its clock."""
-        self.var.assign(value)
+        if self.var is not None:
+            self.var.assign(value)
         before = self.meta.read_value()
         writes = tf.where(before[0] == step, before[2] + 1, tf.constant(1, tf.int64))
         self.meta.assign(tf.stack([step, order, writes]))
@@ -370,10 +384,17 @@ class TFGraphTaps:
     xla
         Every graph tapped is compiled by XLA (besides those seen tracing under XLA,
         see :func:`in_xla_context`).
+    one_function
+        Every graph tapped is a trace of one step function (that of a ``fit``, ``evaluate``
+        or ``predict``), which may be traced anew within a step: Keras's ``predict`` with
+        ``steps_per_execution`` calls its one-batch function once per batch, and traces it
+        again for a last, partial batch. Of the taps of one slot that a step wrote, only the
+        last written is kept (see :meth:`written`).
     """
 
-    def __init__(self, xla: bool = False) -> None:
+    def __init__(self, xla: bool = False, one_function: bool = False) -> None:
         self.xla = xla
+        self.one_function = one_function
         self.flags = {c: tf.Variable(False, trainable=False) for c in STEP_COLLECTIONS}
         self._assigned = dict.fromkeys(STEP_COLLECTIONS, False)  # what the flag variables hold
         self._wanted = dict.fromkeys(STEP_COLLECTIONS, False)
@@ -417,18 +438,21 @@ class TFGraphTaps:
         for slot, value in items:
             value = tf.convert_to_tensor(value)
             static = self.xla or in_xla_context()
+            kept: Any = value
             if static and not value.shape.is_fully_defined():
                 if slot.label() not in self.skipped:
                     self.skipped.add(slot.label())
                     logger.warning(
                         "tensortap: %s has no static shape %s under XLA; it is not captured", slot.label(), value.shape
                     )
-                continue
-            key = (origin, slot, tuple(value.shape) if static else value.dtype, replica)
+                if not self.one_function:
+                    continue
+                kept = None  # a mark: an earlier trace's value of the slot is not this run's
+            key = (origin, slot, None if kept is None else tuple(value.shape) if static else value.dtype, replica)
             if key not in self.taps:
                 with tf.init_scope():
                     first = not self.taps
-                    self.taps[key] = _TFTap(slot, collection, value, static, origin, _in_loop(graph), replica)
+                    self.taps[key] = _TFTap(slot, collection, kept, static, origin, _in_loop(graph), replica)
                     if first:  # from now on the flags are read: set them for the step being traced
                         self._assign()
             pairs.append((self.taps[key], value))
@@ -461,6 +485,8 @@ class TFGraphTaps:
         its taps each time: the last run's values are kept, and one warning says so (naming
         the layers not named by an earlier one), where it ran more than ``runs`` times (the
         batches of a step: ``steps_per_execution``, which Keras's ``predict`` unrolls).
+        With ``one_function``, a slot written by several traces in the step (another
+        shape: a partial batch) has the value of the last write, none if that was a mark.
         """
         found, rerun = [], {}
         for t in self.taps.values():
@@ -469,9 +495,11 @@ class TFGraphTaps:
             at, order, writes = (int(x) for x in t.meta.numpy())
             if at != step:
                 continue
-            found.append(Run(t.slot, t.collection, t.var.value(), t.origin, order, *t.replica))
+            found.append((t, order))
             if writes > runs and not t.looped and t.collection != "metrics" and t.slot.name not in self.rerun:
                 rerun[t.slot.name] = writes
+        if self.one_function:
+            found = list({(t.slot, t.collection, t.replica): (t, o) for t, o in sorted(found, key=_order)}.values())
         if rerun:
             self.rerun.update(rerun)
             names = sorted(rerun)
@@ -483,7 +511,15 @@ class TFGraphTaps:
                 ", ".join(names[:5]),
                 f" and {len(names) - 5} more" if len(names) > 5 else "",
             )
-        return across_replicas(found, self.one_replica)
+        runs_found = [
+            Run(t.slot, t.collection, t.var.value(), t.origin, o, *t.replica) for t, o in found if t.var is not None
+        ]
+        return across_replicas(runs_found, self.one_replica)
+
+
+def _order(written: tuple[_TFTap, int]) -> int:
+    """The place of a tap's write on the step's clock."""
+    return written[1]
 
 
 def _in_loop(graph: Any) -> bool:
