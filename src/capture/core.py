@@ -562,6 +562,8 @@ class Hook:
         self._histogram_unfixed: set[str] = set()  # warned once: no finite value to fix bins from yet
         self._saved_given: set[str] = set()  # names of values given (save_tensor, save_scalar) at a saved step
         self._never_saved: dict[str, int] = {}  # of those given at no saved step so far: how many times
+        self._given_at: dict[str, int] = {}  # the saved step each name was last given at
+        self._warned_regiven: set[str] = set()  # names warned about: given twice in a saved step
         self._failed = False
         self._error: BaseException | None = None
         self.writer: TrialWriter | None = None
@@ -998,10 +1000,20 @@ class Hook:
 
     def note_given(self, name: str) -> None:
         """A value was given for ``name`` (``save_tensor``, ``save_scalar``) at the current step: a name given
-        only at steps that are not saved is named when the hook closes (:meth:`_warn_never_saved`)."""
+        only at steps that are not saved is named when the hook closes (:meth:`_warn_never_saved`); one given
+        twice in a saved step, whose last value alone is kept, in one warning."""
         if self._saving:
             self._saved_given.add(name)
             self._never_saved.pop(name, None)
+            if self._given_at.get(name) == self.step and name not in self._warned_regiven:
+                self._warned_regiven.add(name)
+                logger.warning(
+                    "tensortap: %s was given more than once in step %d: only its last value in a step is kept "
+                    "(give each value a name of its own to keep them all)",
+                    name,
+                    self.step,
+                )
+            self._given_at[name] = self.step
         elif name not in self._saved_given:
             self._never_saved[name] = self._never_saved.get(name, 0) + 1
 
@@ -1239,11 +1251,13 @@ class Hook:
         flush or close (:meth:`_take_writer_error`), not in the middle of a step it is saving."""
         self._error = exc
 
-    def _take_writer_error(self) -> None:
+    def _take_writer_error(self) -> bool:
         """On the training thread: a publish failed (:meth:`_on_writer_error`): capture is turned off now
-        (with ``strict=True``, the error is raised by :meth:`flush` and :meth:`close`)."""
-        if self._error is not None and not self._failed and not self.strict:
-            self.fail(self._error, f"cannot publish a shard to {self.out_dir}")
+        (with ``strict=True``, the error is raised by :meth:`flush` and :meth:`close`); whether it was."""
+        if self._error is None or self._failed or self.strict:
+            return False
+        self.fail(self._error, f"cannot publish a shard to {self.out_dir}")
+        return True
 
     def _raise_if_strict(self) -> None:
         if self.strict and self._error is not None:
@@ -1260,7 +1274,8 @@ class Hook:
         """Publish everything saved so far (a partial shard) and wait for it."""
         if self.writer is not None:
             self.writer.flush()
-            self._take_writer_error()
+            if self._take_writer_error():
+                self.writer.drain()  # the end marker the failure wrote, as readers see it before flush returns
             self._raise_if_strict()
 
     def close(self, reason: str = "closed") -> None:

@@ -3012,3 +3012,34 @@ def test_a_run_resumed_from_a_checkpoint_numbers_on_with_number_on(tmp_path: Pat
     trial = _trial(tmp_path)
     assert trial.steps(mode=Mode.TRAIN) == [2, 3, 4]
     np.testing.assert_array_equal(_value(trial, "2.weight", 4, Mode.TRAIN), resumed[2].weight.detach().numpy())
+
+
+def test_a_value_given_twice_in_a_saved_step_is_named_in_one_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Gradient accumulation over two micro-batches, each giving its loss with ``save_scalar``: the step keeps
+    the last value alone (``record_loss`` keeps each, as ``:0``, ``:1``); the first was dropped without a
+    word. One warning names it, once."""
+    caplog.set_level(logging.WARNING, logger="tensortap")
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    hook = ttt.capture(model, tmp_path, optimizer=opt, save_config=EVERY_STEP)
+    gen = torch.Generator().manual_seed(0)
+    given = []
+    for _ in range(2):
+        for _ in range(2):
+            x, y = _batch(gen)
+            loss = F.cross_entropy(model(x), y)
+            hook.save_scalar("train_loss", loss.item())
+            given.append(loss.item())
+            (loss / 2).backward()
+        opt.step()
+        opt.zero_grad()
+    hook.close()
+    trial = _trial(tmp_path)
+    assert [float(_value(trial, "metrics/train_loss", s)) for s in (0, 1)] == pytest.approx(given[1::2])
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warnings == [
+        "tensortap: metrics/train_loss was given more than once in step 0: only its last value in a step is kept "
+        "(give each value a name of its own to keep them all)"
+    ]
