@@ -16,7 +16,9 @@ Steps (see :mod:`tensortap.capture.trainers` for the names):
   pre-hook would run before the closure that computes them). Weights and
   biases are read after the step. ``losses/loss`` is the loss
   ``training_step`` returned (with gradient accumulation, ``losses/loss:<i>``
-  for each batch of every step, a step of one batch too); everything logged
+  for each batch of every step, a step of one batch too; a manual optimization's
+  ``training_step`` that returns none: the losses given to ``manual_backward``,
+  ``losses/loss:<i>`` for several); everything logged
   with ``self.log`` during the step is saved under the name Lightning's
   loggers get (``train_loss_step`` when it is also aggregated per epoch).
   Lightning calls the module's own ``on_train_batch_end`` after the
@@ -95,6 +97,16 @@ def _logged(trainer: pl.Trainer, since: Mapping[str, Any] | None = None) -> dict
     return {k: v for k, v in out.items() if not alias(k)}
 
 
+def _epoch_names(trainer: pl.Trainer) -> set[str]:
+    """The names of the epoch aggregates of what training logged (``train_loss_epoch``, a value logged with
+    ``on_step=False``, and its plain alias), once the epoch's end is reached: a ``TRAIN`` step takes none."""
+    results = getattr(trainer, "_results", None)  # the running loop's logged values
+    if results is None:
+        return set()
+    epoch = results.metrics(False)  # what Lightning's own reads return after the epoch's end
+    return {*epoch["callback"], *epoch["log"]}
+
+
 def _accumulates(trainer: pl.Trainer) -> bool:
     """Whether ``fit`` accumulates gradients over several batches in some epoch: ``accumulate_grad_batches``,
     or a ``GradientAccumulationScheduler``, which sets it at each epoch's start."""
@@ -142,6 +154,8 @@ class Callback(pl.Callback):
         self._defer = False  # whether a TRAIN step ends after the batch end hooks that run after this callback's
         self._pending = False  # a TRAIN step that stepped, waiting for those hooks
         self._epoch_ended = False
+        self._backward_losses: list[torch.Tensor] = []  # the losses given to manual_backward in this batch
+        self._warned_no_loss = False
         self._number_train = False  # number the TRAIN steps on from Lightning's count at the next batch start
 
     @classmethod
@@ -162,7 +176,7 @@ class Callback(pl.Callback):
 
     def __getstate__(self) -> dict[str, Any]:
         dropped: dict[str, Any] = {"hook": None, "_steps": None, "_handles": [], "_module": None}
-        dropped |= {"_seen": {}, "_run_start": {}}
+        dropped |= {"_seen": {}, "_run_start": {}, "_backward_losses": []}
         return {**self.__dict__, **dropped}
 
     # ------------------------------------------------------------- lifetime
@@ -230,7 +244,7 @@ class Callback(pl.Callback):
         """Whether ``value`` of ``key`` is the last one taken at a step of some mode (by ``same``)."""
         return any(key in seen and same(value, seen[key]) for seen in self._seen.values())
 
-    def _new_values(self, trainer: pl.Trainer, mode: Mode) -> dict[str, Any]:
+    def _new_values(self, trainer: pl.Trainer, mode: Mode, exclude: set[str] | None = None) -> dict[str, Any]:
         """The values logged at this ``mode`` step since the last look.
 
         Lightning stores each newly logged value as a new tensor, and keeps the last value of every
@@ -238,9 +252,11 @@ class Callback(pl.Callback):
         both log comes back. So a value already taken at a step of any mode is not new. An ``EVAL``
         step takes what changed during its run (a value logged in training before it, at a batch
         whose optimizer has not stepped yet, waits for its ``TRAIN`` step); a name logged in training
-        belongs to the mode (``TRAIN`` or ``GLOBAL``) of the first step it was new at.
+        belongs to the mode (``TRAIN`` or ``GLOBAL``) of the first step it was new at. The names in
+        ``exclude`` are not looked at (the epoch aggregates, for a ``TRAIN`` step ended at the epoch's end).
         """
         now = _logged(trainer, self._run_start if mode == Mode.EVAL else None)
+        now = {k: v for k, v in now.items() if k not in (exclude or ())}
         if mode == Mode.EVAL:
             new = {k: v for k, v in now.items() if v is not self._run_start.get(k)}
         else:
@@ -296,6 +312,7 @@ class Callback(pl.Callback):
     ) -> None:
         if self._steps is not None:
             self._end_pending(trainer)
+            self._backward_losses.clear()
             if self._number_train:
                 self._number_train = False
                 epoch_loop = trainer.fit_loop.epoch_loop
@@ -310,12 +327,16 @@ class Callback(pl.Callback):
         steps = self._steps
         if steps is None or self.hook is None:
             return
+        backward, self._backward_losses = self._backward_losses, []
         if steps.hook.is_saving("losses"):
             loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
             if isinstance(loss, torch.Tensor) and pl_module.automatic_optimization:
                 # Lightning divides the returned loss by accumulate_grad_batches before backward
                 loss = loss * trainer.accumulate_grad_batches if trainer.accumulate_grad_batches != 1 else loss
-            steps.add_loss(loss)
+            if isinstance(loss, torch.Tensor) or pl_module.automatic_optimization:
+                steps.add_loss(loss)
+            else:  # manual optimization's training_step, which need not return its loss
+                self._add_backward_losses(backward)
         if not self._stepped:
             return
         self._stepped = False
@@ -329,14 +350,38 @@ class Callback(pl.Callback):
             logger.info("tensortap: stop requested (%s); stopping fit", self.hook.stop_reason)
             trainer.should_stop = True
 
-    def _end_train(self, trainer: pl.Trainer) -> None:
-        """End the ``TRAIN`` step whose optimizer stepped: the values logged in it, the parameters now."""
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        """Keep a loss given to ``manual_backward`` (unscaled, under 16-bit AMP): the loss of a manual
+        optimization's batch whose ``training_step`` returns none."""
+        if self._steps is None or pl_module.automatic_optimization or not isinstance(loss, torch.Tensor):
+            return
+        scaler = getattr(trainer.precision_plugin, "scaler", None)  # AMP's: it scales the loss before this hook
+        loss = loss.detach()
+        self._backward_losses.append(loss / scaler.get_scale() if scaler is not None else loss)
+
+    def _add_backward_losses(self, losses: list[torch.Tensor]) -> None:
+        """Add the losses given to ``manual_backward`` in a batch to its step; warn once if there were none."""
+        steps = self._steps
+        if steps is None:
+            return
+        for loss in losses:
+            steps.add_loss(loss)
+        if not losses and not self._warned_no_loss:
+            self._warned_no_loss = True
+            logger.warning(
+                "tensortap: training_step returned no loss and gave none to self.manual_backward: "
+                "no losses/loss is saved; call self.manual_backward(loss) or return the loss"
+            )
+
+    def _end_train(self, trainer: pl.Trainer, exclude: set[str] | None = None) -> None:
+        """End the ``TRAIN`` step whose optimizer stepped: the values logged in it (not the names in
+        ``exclude``), the parameters now."""
         steps = self._steps
         if steps is None:
             return
         self._pending = False
         steps.hook.end_at_exit = None
-        logged = self._new_values(trainer, Mode.TRAIN)
+        logged = self._new_values(trainer, Mode.TRAIN, exclude)
         if steps.hook.is_saving():
             steps.offer_logged(logged)
         steps.end_train(self._parameters())
@@ -362,8 +407,11 @@ class Callback(pl.Callback):
 
         That is after the module's own ``on_train_epoch_end`` (which runs after this
         callback's and often logs epoch values): at the next epoch's start or the end of training.
+        A ``TRAIN`` step left open for later batch end hooks ends now, with none of the epoch
+        aggregates Lightning's reads return from now on (they belong to the ``GLOBAL`` step).
         """
-        self._end_pending(trainer)
+        if self._pending:
+            self._end_train(trainer, _epoch_names(trainer))
         self._epoch_ended = True
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -242,6 +242,134 @@ def test_manual_optimization_stepping_every_few_batches_across_epochs(
     assert caplog.text.count("the last 1 training batch(es) had no optimizer step after them") == 1
 
 
+class BatchEndModule(Regressor):
+    """Overrides ``on_train_batch_end`` (doing nothing): Lightning runs it after the callbacks'."""
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        pass
+
+
+class LaterCallback(L.Callback):
+    """A callback of one's own with a batch end hook, listed after tensortap's."""
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        pass
+
+
+@pytest.mark.parametrize("after", ["module", "callback"])
+@pytest.mark.parametrize("every", [None, 2], ids=["no_validation", "validation_every_2nd_epoch"])
+def test_the_epoch_aggregates_are_in_global_whatever_runs_after_the_callback(
+    tmp_path: Path, after: str, every: int | None
+) -> None:
+    """With a batch end hook run after tensortap's and an epoch ending without a validation, ``train_loss_epoch``,
+    ``scaled`` (logged per epoch only) and its plain alias were saved at the epoch's last ``TRAIN`` step and again
+    at the next epoch's first, and not in ``GLOBAL`` (hunt 28 H2)."""
+    torch.manual_seed(0)
+    model = BatchEndModule() if after == "module" else Regressor()
+    callbacks: list[Any] = [ttl.Callback(tmp_path, save_config=EVERY_STEP)]
+    callbacks += [LaterCallback()] if after == "callback" else []
+    validation = {"check_val_every_n_epoch": every, "num_sanity_val_steps": 0} if every else {"limit_val_batches": 0}
+    trainer = L.Trainer(max_epochs=3, callbacks=callbacks, **validation, **TRAINER)
+    trainer.fit(model, loader(32, 0), loader(16, 1) if every else None)  # 4 batches an epoch, of 8 rows each
+
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.steps(mode=Mode.TRAIN) == list(range(trainer.global_step)) == list(range(12))
+    assert trial.steps(mode=Mode.GLOBAL) == [0, 1, 2], "one GLOBAL step per epoch"
+    epoch_means = [np.mean(model.losses[4 * e : 4 * e + 4]) for e in range(3)]
+    epoch_loss = trial.tensor("losses/train_loss_epoch")
+    np.testing.assert_allclose([epoch_loss.value(e, mode=Mode.GLOBAL) for e in range(3)], epoch_means, rtol=1e-5)
+    scaled = [float(trial.tensor("metrics/scaled").value(e, mode=Mode.GLOBAL)) for e in range(3)]
+    np.testing.assert_allclose(scaled, 2 * np.array(epoch_means), rtol=1e-5)
+    assert [float(trial.tensor("metrics/epoch_marker").value(e, mode=Mode.GLOBAL)) for e in range(3)] == [
+        0.5,
+        1.5,
+        2.5,
+    ]
+    last = trainer.callback_metrics
+    np.testing.assert_allclose(epoch_loss.value(2, mode=Mode.GLOBAL), last["train_loss_epoch"], rtol=1e-6)
+    epoch_names = {"losses/train_loss_epoch", "metrics/scaled", "losses/train_loss", "metrics/epoch_marker"}
+    assert not epoch_names & set(trial.tensor_names(mode=Mode.TRAIN)), "no epoch value at a TRAIN step"
+    step_loss = trial.tensor("losses/train_loss_step")
+    np.testing.assert_allclose([step_loss.value(s, mode=Mode.TRAIN) for s in range(12)], model.losses, rtol=1e-6)
+
+
+class ManualNoReturn(L.LightningModule):
+    """Lightning's documented manual optimization: ``manual_backward(loss)``, ``step()``, and no return value;
+    with ``gan``, two optimizers toggled in turn, as Lightning's GAN example (the discriminator's loss first)."""
+
+    def __init__(self, gan: bool) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.gan = gan
+        self.g = torch.nn.Linear(4, 1)
+        self.d = torch.nn.Linear(1, 1)
+        self.losses: list[list[float]] = []  # each batch's losses, in the order of their backward
+
+    def _train(self, optimizer: Any, loss: Any, batch_losses: list[float]) -> None:
+        self.toggle_optimizer(optimizer)
+        batch_losses.append(float(loss.detach()))
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        optimizer.step()
+        self.untoggle_optimizer(optimizer)
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        batch_losses: list[float] = []
+        if self.gan:
+            g_opt, d_opt = self.optimizers()
+            self._train(d_opt, torch.nn.functional.mse_loss(self.d(self.g(x).detach()), y), batch_losses)
+            self._train(g_opt, self.d(self.g(x)).pow(2).mean(), batch_losses)
+        else:
+            optimizer = self.optimizers()
+            self._train(optimizer, torch.nn.functional.mse_loss(self.d(self.g(x)), y), batch_losses)
+        self.losses.append(batch_losses)
+
+    def configure_optimizers(self) -> Any:
+        if self.gan:
+            return torch.optim.SGD(self.g.parameters(), lr=0.01), torch.optim.SGD(self.d.parameters(), lr=0.01)
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+@pytest.mark.parametrize("gan", [False, True], ids=["one_optimizer", "gan"])
+def test_manual_optimization_returning_nothing_saves_the_losses_given_to_manual_backward(
+    tmp_path: Path, gan: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No ``losses/*`` at all and no warning, where ``training_step`` returned no loss (hunt 28 M4). One backward a
+    batch is ``losses/loss``; a GAN's two are ``losses/loss:0`` and ``:1``, in the order of their backward."""
+    torch.manual_seed(0)
+    model = ManualNoReturn(gan)
+    trainer = L.Trainer(max_epochs=1, callbacks=[ttl.Callback(tmp_path, save_config=EVERY_STEP)], **TRAINER)
+    trainer.fit(model, loader(24, 0))
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.steps(mode=Mode.TRAIN) == [0, 1, 2]
+    names = [f"losses/loss:{i}" for i in range(2)] if gan else ["losses/loss"]
+    assert trial.tensor_names(collection="losses") == names
+    for i, name in enumerate(names):
+        got = [float(trial.tensor(name).value(s, mode=Mode.TRAIN)) for s in range(3)]
+        np.testing.assert_allclose(got, [batch[i] for batch in model.losses], rtol=1e-6)
+    assert "no losses/loss is saved" not in caplog.text
+
+
+class ManualOwnBackward(ManualNoReturn):
+    """Calls ``backward()`` itself and returns nothing: no loss reaches Lightning."""
+
+    def manual_backward(self, loss: Any, *args: Any, **kwargs: Any) -> None:
+        loss.backward()
+
+
+def test_manual_optimization_giving_lightning_no_loss_is_warned_about_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    torch.manual_seed(0)
+    trainer = L.Trainer(max_epochs=1, callbacks=[ttl.Callback(tmp_path, save_config=EVERY_STEP)], **TRAINER)
+    trainer.fit(ManualOwnBackward(gan=False), loader(24, 0))
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.steps(mode=Mode.TRAIN) == [0, 1, 2]
+    assert trial.tensor_names(collection="losses") == []
+    assert caplog.text.count("no losses/loss is saved; call self.manual_backward(loss) or return the loss") == 1
+
+
 def test_a_one_batch_window_with_accumulation_keeps_the_indexed_loss_names(tmp_path: Path) -> None:
     """``accumulate_grad_batches=3`` over 4 batches: the epoch's last window holds 1 batch. Its loss was saved as
     ``losses/loss`` beside the full windows' ``losses/loss:0``/``:1``/``:2``: one training, two names for a batch's
