@@ -419,6 +419,86 @@ def test_a_lightning_fabric_module_is_named_as_the_module_inside(tmp_path: Path)
         np.testing.assert_array_equal(_value(trial, "gradients/0.weight", s), grad.numpy())  # clipped
 
 
+def _fabric_trial(path: Path, precision: str, before: bool) -> dict[str, Any]:
+    """Two epochs of a LightningModule under Lightning Fabric, its steps run as Fabric's build_your_own_trainer
+    runs them (``model.training_step`` / ``model.validation_step`` on what ``fabric.setup`` returned; one
+    validation batch through ``model(x)``), the hook registered ``before`` or after ``fabric.setup``; what torch
+    had: the losses, and the outputs of each validation forward."""
+    lightning = pytest.importorskip("lightning")
+
+    class Lit(lightning.LightningModule):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = _mlp()
+            self.seen: list[torch.Tensor] = []
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out: torch.Tensor = self.net(x)
+            self.seen.append(out.detach().clone())
+            return out
+
+        def training_step(self, batch: Any, i: int) -> torch.Tensor:
+            return F.cross_entropy(self(batch[0]), batch[1])
+
+        def validation_step(self, batch: Any, i: int) -> torch.Tensor:
+            return F.cross_entropy(self(batch[0]), batch[1])
+
+    torch.manual_seed(0)
+    fabric = lightning.fabric.Fabric(accelerator="cpu", devices=1, precision=precision)
+    plain = Lit()
+    opt = torch.optim.SGD(plain.parameters(), lr=0.1)
+    hook = ttt.Hook(path, save_config=EVERY_STEP, include_collections=["losses", "outputs", "metrics"])
+    if before:
+        hook.register_module(plain)
+    model, opt = fabric.setup(plain, opt)
+    if not before:
+        hook.register_module(model)
+    hook.attach_optimizer(opt)
+    gen = torch.Generator().manual_seed(4)
+    ran: dict[str, Any] = {"losses": [], "outputs": []}
+    for _ in range(2):
+        model.train()
+        for i in range(2):
+            opt.zero_grad()
+            loss = model.training_step(_batch(gen), i)
+            fabric.backward(loss)
+            opt.step()
+            ran["losses"].append(loss.item())
+        model.eval()
+        plain.seen.clear()
+        with torch.no_grad():
+            val = model.validation_step(_batch(gen), 0)
+            x, y = _batch(gen)
+            val = (val + F.cross_entropy(model(x), y)) / 2
+        hook.save_scalar("val_loss", val.item())  # after the loop: its last EVAL step
+        ran["outputs"] += plain.seen
+    hook.close()
+    return ran
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_fabric_forwards_redirected_through_the_module_setup_returned_are_captured(
+    tmp_path: Path, precision: str
+) -> None:
+    """Fabric runs ``model.training_step(...)`` of the ``_FabricModule`` through its ``forward()`` without calling
+    it: a hook registered on what ``fabric.setup`` returned (as the docs say) saw no forward, so no EVAL step, no
+    outputs, and no warning (hunt 28). Registered before ``fabric.setup`` or after, the trial is the same."""
+    for before in (False, True):
+        path = tmp_path / ("before" if before else "after")
+        ran = _fabric_trial(path, precision, before)
+        trial = _trial(path)
+        assert trial.steps(mode=Mode.TRAIN) == [0, 1, 2, 3]
+        assert trial.steps(mode=Mode.EVAL) == [0, 1, 2, 3]  # one a validation forward, through either way
+        assert [float(_value(trial, "losses/loss", s, Mode.TRAIN)) for s in range(4)] == ran["losses"]
+        for s, out in enumerate(ran["outputs"]):
+            names = trial.tensor_names(mode=Mode.EVAL, step=s, collection="outputs")
+            assert {"outputs/Lit", "outputs/net", "outputs/net.0"} <= set(names)
+            assert not any(":" in n for n in names)  # model(x) through the wrapper: one call, not two
+            np.testing.assert_array_equal(_value(trial, "outputs/Lit", s, Mode.EVAL), out.float().numpy())
+        assert trial.tensor_names(mode=Mode.TRAIN, step=1, collection="metrics") == []
+        assert "metrics/val_loss" in trial.tensor_names(mode=Mode.EVAL, step=1)
+
+
 class Lookahead(torch.optim.Optimizer):
     """An optimizer wrapper as timm's ``Lookahead`` was written: an ``Optimizer`` that skips
     ``Optimizer.__init__`` (so it has no step hooks) and keeps the wrapped optimizer under its own name."""
@@ -978,6 +1058,53 @@ def test_training_in_eval_mode_warns_once_how_to_get_train_steps(
     assert got == losses
     warned = [r.getMessage() for r in caplog.records if "recorded as EVAL" in r.getMessage()]
     assert len(warned) == 1 and 'hook.set_mode("train")' in warned[0] and "step 0" in warned[0]
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_optimizer_steps_no_forward_was_seen_in_end_their_steps_whatever_the_mode(
+    tmp_path: Path, frozen: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Forwards the hook does not see (``model.forward(x)`` called directly; Fabric's redirection did the same),
+    an optimizer attached: a value given after the validation, in ``eval()``, opened an EVAL step, and every
+    later optimizer step merged into it (a step ends at ``optimizer.step()`` in TRAIN only), holding three
+    iterations' losses and the last one's gradients (hunt 28). Now that step takes the mode of the training
+    that comes first in it, as of a first forward; with the model in ``eval()`` throughout (frozen BatchNorm),
+    each optimizer step still ends an EVAL step of its own, with the warning."""
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    hook = ttt.capture(model, tmp_path, optimizer=opt, save_config=EVERY_STEP)
+    gen = torch.Generator().manual_seed(6)
+    expected, val_losses = [], []
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        for _ in range(2):
+            model.train(not frozen)
+            for _ in range(3):
+                x, y = _batch(gen)
+                opt.zero_grad()
+                loss = F.cross_entropy(model.forward(x), y)
+                loss.backward()
+                expected.append({"losses/loss": loss, "gradients/0.weight": model[0].weight.grad.clone()})
+                opt.step()
+            model.eval()
+            with torch.no_grad():
+                x, y = _batch(gen)
+                val_losses.append(F.cross_entropy(model.forward(x), y).item())
+            hook.save_scalar("val_loss", val_losses[-1])
+    hook.close()
+    trial = _trial(tmp_path)
+    mode = Mode.EVAL if frozen else Mode.TRAIN
+    _compare_steps(trial, expected, mode, first=frozen)
+    if frozen:  # the last value given makes the last step, in that mode too
+        assert "recorded as EVAL" in caplog.text
+        assert trial.steps(mode=Mode.EVAL) == list(range(7)) and trial.steps(mode=Mode.TRAIN) == []
+        given = {3: val_losses[0], 6: val_losses[1]}  # after optimizer.step(): the next step's
+    else:
+        assert "recorded as EVAL" not in caplog.text
+        assert trial.steps(mode=Mode.EVAL) == [0]
+        given = {3: val_losses[0]}  # the step it opened became the next training step
+        assert float(_value(trial, "metrics/val_loss", 0, Mode.EVAL)) == val_losses[1]
+    for s, value in given.items():
+        assert float(_value(trial, "metrics/val_loss", s, mode)) == value
 
 
 class CellLoop(nn.Module):

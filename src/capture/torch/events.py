@@ -168,6 +168,17 @@ def unwrap(module: nn.Module) -> nn.Module:
             return module
 
 
+def _called(module: nn.Module) -> nn.Module:
+    """The module of ``module`` that every forward through it calls: ``module``, or the ``_forward_module`` of
+    Lightning Fabric's ``_FabricModule`` (the model, or the strategy's wrapper of it: DDP, ``torch.compile``).
+    Fabric runs ``training_step``-like methods (``mark_forward_method``, a LightningModule's steps) through the
+    wrapper's ``forward()`` without calling the wrapper, so hooks on the wrapper would miss them."""
+    inner = getattr(module, "_forward_module", None)
+    if isinstance(inner, nn.Module) and isinstance(getattr(module, "_original_module", None), nn.Module):
+        return inner
+    return module
+
+
 def _compiled(module: nn.Module) -> bool:
     """Whether ``module`` is the wrapper ``torch.compile`` made (``OptimizedModule``; its module is imported
     once anything was compiled)."""
@@ -571,7 +582,8 @@ class Hook(core.Hook):
     def register_module(self, module: nn.Module, name: str | None = None) -> None:
         """Capture ``module``: parameters, gradients, and outputs/inputs when those collections are saved.
 
-        A compiled (``torch.compile``), DDP or DataParallel module is unwrapped for naming;
+        A compiled (``torch.compile``), DDP, DataParallel or Lightning Fabric module is unwrapped for naming
+        (Fabric's: also for its forwards, :func:`_called`);
         names are those of ``named_parameters()`` / ``named_modules()`` of the inner module.
         The first module registered without ``name`` keeps these names; a module given a
         ``name``, and every later module, has them prefixed with ``<name>.`` (default: its
@@ -617,9 +629,10 @@ class Hook(core.Hook):
                 root.name,
             )
         self._roots.append(root)
-        self._handles.append(patches.on_forward(module, patches.Tap(self, Hook._on_root_pre, root), pre=True))
+        called = _called(module)
+        self._handles.append(patches.on_forward(called, patches.Tap(self, Hook._on_root_pre, root), pre=True))
         root.post = patches.on_forward(
-            module, patches.Tap(self, Hook._on_root_post, root), with_kwargs=True, always_call=True
+            called, patches.Tap(self, Hook._on_root_post, root), with_kwargs=True, always_call=True
         )
         self._handles.append(root.post)
         self._follow_modules()
@@ -958,6 +971,14 @@ class Hook(core.Hook):
                 self._open(mode, tentative=tentative)
         if self._tentative and not self.is_saving():
             self._given_unsaved = True
+
+    def _decide_mode(self) -> None:
+        """A backward or an optimizer step trains the open step: one that a value given opened, whose mode no
+        forward decided yet (none came, or none was seen: a model not registered, its ``forward()`` called
+        directly), takes the mode of that training, as it would take its first forward's."""
+        if self._tentative and not self._waiting and (mode := self._detect_mode()) != self.mode:
+            self._relabel(mode)
+        self._tentative = False
 
     def _finish(self) -> None:
         """Record the open step (if any)."""
@@ -1491,7 +1512,7 @@ class Hook(core.Hook):
         if not self.session.is_open or self._ended_by_optimizer:
             self._open(self._detect_mode())
         self._trained = True
-        self._tentative = False
+        self._decide_mode()
         if self._losses:
             known = [ref() for ref, _ in self._backward]
             self._backward += [
@@ -1579,7 +1600,7 @@ class Hook(core.Hook):
             return None
         if not self.session.is_open or self._ended_by_optimizer:
             self._open(self._detect_mode())
-        self._tentative = False
+        self._decide_mode()
         self._stepping = True
         self._step_call = _Call.of_caller()
         if not (offer and self.is_saving() and self.session.saving("gradients")):  # offer=False: none applied
@@ -1629,10 +1650,12 @@ class Hook(core.Hook):
             self._name_backward_losses(att.name if len(self._optimizers) > 1 else self._loss_name)
         if self.mode != Mode.TRAIN:
             self._warn_optimizer_in_eval(att)
-        elif not self._explicit_steps and len(self._stepped) == len(self._optimizers):
+        if not self._explicit_steps and len(self._stepped) == len(self._optimizers):
+            # an EVAL step too (frozen BatchNorm): else, with no forward seen to end it, all later ones merge in it
             self._end()
             self._ended_by_optimizer = True
-            self._step_ended()
+            if self.mode == Mode.TRAIN:
+                self._step_ended()
 
     def _warn_optimizer_in_eval(self, att: _Optimizer) -> None:
         """Once: an optimizer stepped in a step recorded as EVAL because the model was in ``eval()`` (or
