@@ -288,7 +288,11 @@ def same_logged(a: Any, b: Any) -> bool:
 
 
 def _number(value: Any) -> np.ndarray | None:
-    """A logged value as a NumPy scalar or array; None for what is not numeric (strings, None)."""
+    """A logged value as a NumPy scalar or array; None for what is not numeric (strings, None).
+
+    An integer beyond 64 bits (``2**64``) is one of dtype object: the hook skips it with one
+    warning naming it, as :meth:`tensortap.capture.Hook.save_scalar` does.
+    """
     if isinstance(value, torch.Tensor):
         value = value.detach().cpu().numpy()
     if value is None:
@@ -297,4 +301,6 @@ def _number(value: Any) -> np.ndarray | None:
         array = np.asarray(value)
     except (TypeError, ValueError):
         return None
-    return array if array.dtype.kind in "biuf" else None
+    if array.dtype.kind in "biuf" or (isinstance(value, int) and array.dtype.kind == "O"):
+        return array
+    return None

@@ -91,13 +91,29 @@ class TrainInterrupted(Exception):
     """A ``train()`` raised in a step; seen when ``train()`` is called again."""
 
 
-def _holds(logged: Mapping[str, Any], metrics: Mapping[str, Any]) -> bool:
-    """Whether ``logged`` (a copy of what ``on_log`` got) holds every one of ``metrics``.
+class _Log(dict[str, Any]):
+    """A copy of what ``on_log`` got, with the mapping it was copied from (:attr:`source`).
 
-    ``Trainer.evaluate`` logs the very dict it then gives ``on_evaluate``: a value is the
-    same object in both, so a NaN metric (a Pearson correlation of constant predictions,
-    an ``eval_loss`` that overflowed) matches itself although ``nan != nan``.
+    ``Trainer.evaluate`` logs the very dict it then gives ``on_evaluate``; a callback may add to
+    it, or change it, between the two (a perplexity from ``eval_loss``): the evaluation's log is
+    found by that identity, not by its values.
     """
+
+    def __init__(self, source: Mapping[str, Any]) -> None:
+        super().__init__(source)
+        self.source = source
+
+
+def _holds(logged: Mapping[str, Any], metrics: Mapping[str, Any]) -> bool:
+    """Whether ``logged`` is the log of the run whose ``metrics`` these are.
+
+    It is when it was copied from ``metrics`` itself (``Trainer.evaluate`` logs the very dict it
+    then gives ``on_evaluate``, which a callback may have changed since), or else holds every one
+    of them: a value is the same object in both, so a NaN metric (a Pearson correlation of constant
+    predictions, an ``eval_loss`` that overflowed) matches itself although ``nan != nan``.
+    """
+    if isinstance(logged, _Log) and logged.source is metrics:
+        return True
     return all(k in logged and same_logged(logged[k], v) for k, v in metrics.items())
 
 
@@ -108,6 +124,11 @@ def _is_training_log(logs: Mapping[str, Any]) -> bool:
     the summary of ``train()`` has ``train_loss`` instead, an evaluation ``eval_loss``.
     """
     return "loss" in logs and "learning_rate" in logs
+
+
+def _logs_included(hook: trainers.Hook) -> bool:
+    """Whether ``hook`` saves what the Trainer logs at all: ``losses`` or ``metrics`` is among its collections."""
+    return hook.save_all or not {"losses", "metrics"}.isdisjoint(hook.included)
 
 
 class Callback(TrainerCallback):
@@ -154,8 +175,8 @@ class Callback(TrainerCallback):
         # here and written after the step (_holding)
         self._hold = False
         self._held: list[tuple[Mode, dict[str, Any]]] = []
-        self._held_logs: list[dict[str, Any]] = []
-        self._logs: list[dict[str, Any]] = []
+        self._held_logs: list[_Log] = []
+        self._logs: list[_Log] = []
         self._warned_twice: set[str] = set()  # keys logged twice in a step, warned about
         self._warned_unsaved = False  # logs of a TRAIN step the hook does not save, warned about
 
@@ -260,11 +281,11 @@ class Callback(TrainerCallback):
         model = kw.get("model")
         evaluating = model is not None and not model.training and not _is_training_log(logs)
         if evaluating and not self._epoch_ended and self._holding():  # an evaluation before the step's log
-            self._held_logs.append(dict(logs))
+            self._held_logs.append(_Log(logs))
             return
         if (self._epoch_ended and not _is_training_log(logs)) or (self._pending and evaluating):
             self._flush(model)  # not the step's log (the summary of train(), an evaluation's): after it
-        self._logs.append(dict(logs))
+        self._logs.append(_Log(logs))
         if self._epoch_ended:  # the epoch's log: the step is complete
             self._flush(model)
 
@@ -318,13 +339,13 @@ class Callback(TrainerCallback):
         in ``on_evaluate`` comes before the evaluation's log is matched to its metrics here.
         """
         steps = self._open(args)
-        metrics = dict(metrics or {})
         hold = self._holding()
         logs = self._held_logs if hold else self._logs
         for i in range(len(logs) - 1, -1, -1):
             if metrics and _holds(logs[i], metrics):
                 del logs[i]
                 break
+        metrics = dict(metrics or {})
         if hold:  # written after the step, once its log is in it
             self._held.append((mode, metrics))
             return
@@ -384,7 +405,7 @@ class Callback(TrainerCallback):
         if self._pending:  # logged right after the step: they belong to it; its weights are offered
             if steps.hook.is_saving():
                 steps.offer_logged(logs)
-            elif logs and not self._warned_unsaved:
+            elif logs and not self._warned_unsaved and _logs_included(steps.hook):
                 self._warned_unsaved = True
                 logger.warning(
                     "tensortap: the Trainer logged %s after TRAIN step %d, which the hook's save_config does not "
@@ -404,5 +425,7 @@ class Callback(TrainerCallback):
         for mode, metrics in self._held:  # the evaluation at the step: after it
             steps.write_step(mode, metrics)
         self._held.clear()
-        self._logs.extend(self._held_logs)  # what else it logged: for the next step's end, as after any evaluation
-        self._held_logs.clear()
+        if self._held_logs:  # what else was logged while it ran: a GLOBAL step after it, never the next TRAIN step
+            self._logs.extend(self._held_logs)
+            self._held_logs.clear()
+            steps.write_step(Mode.GLOBAL, self._merged_logs())

@@ -797,3 +797,138 @@ def test_a_log_at_an_epochs_end_is_saved_in_the_train_step_it_follows(
     assert trial.tensor("losses/loss").steps(mode=Mode.GLOBAL) == []
     np.testing.assert_allclose(trial.tensor("losses/train_loss").value(0, mode=Mode.GLOBAL), summary["train_loss"])
     assert trial.tensor("metrics/train_runtime").steps(mode=Mode.TRAIN) == []
+
+
+def test_a_value_logged_in_an_evaluation_at_a_step_without_a_training_log_goes_to_a_global_step(
+    tmp_path: Path,
+) -> None:
+    """``eval_steps=2``, ``logging_steps=3``: the evaluations at steps 2 and 4 run at a step the Trainer logs
+    nothing after (hunt 29, H1). What ``compute_loss`` logged in them went into the next ``TRAIN`` step, with
+    their ``epoch``; it belongs in a ``GLOBAL`` step after each evaluation, as at step 6."""
+
+    class Logging(transformers.Trainer):  # type: ignore[misc]
+        def compute_loss(
+            self, model: Any, inputs: Any, return_outputs: bool = False, num_items_in_batch: Any = None
+        ) -> Any:
+            outputs = model(**inputs)
+            if not model.training:
+                self.log({"val_batch_ce": float(outputs.loss)})
+            return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    out = tmp_path / "trial"
+    trainer = Logging(
+        model=tiny_bert(),
+        args=arguments(tmp_path, max_steps=6, logging_steps=3, eval_strategy="steps", eval_steps=2),
+        train_dataset=Rows(48, 0),
+        eval_dataset=Rows(8, 1),
+        callbacks=[tth.Callback(out, save_config=EVERY_STEP)],
+    )
+    trainer.train()
+    trial = tensortap.create_trial(out)
+    history = trainer.state.log_history
+    logged = {h["step"] - 1: h for h in history if "loss" in h}
+    assert sorted(logged) == [2, 5]
+    epochs = trial.tensor("metrics/epoch").values(mode=Mode.TRAIN)
+    assert sorted(epochs) == [2, 5], "the TRAIN steps the Trainer logged after, no other"
+    np.testing.assert_allclose([epochs[2], epochs[5]], [logged[2]["epoch"], logged[5]["epoch"]])
+    assert trial.tensor("metrics/val_batch_ce").steps(mode=Mode.TRAIN) == []
+    in_evals = [h["val_batch_ce"] for h in history if "val_batch_ce" in h]
+    got = trial.tensor("metrics/val_batch_ce").values(mode=Mode.GLOBAL)
+    assert len(in_evals) == 3 and sorted(got) == [0, 1, 2]
+    np.testing.assert_allclose([got[s] for s in range(3)], in_evals)
+    for s in range(3):  # each right after its evaluation
+        assert trial.global_step(s, Mode.GLOBAL) == trial.global_step(s, Mode.EVAL) + 1
+    evals = [h["eval_loss"] for h in history if "eval_loss" in h]
+    got = trial.tensor("losses/eval_loss").values(mode=Mode.EVAL)
+    np.testing.assert_allclose([got[s] for s in range(3)], evals)
+
+
+class PerplexityOnEvaluate(transformers.TrainerCallback):  # type: ignore[misc]
+    """Adds ``eval_perplexity`` to the metrics ``on_evaluate`` gets (the dict ``evaluate`` returns)."""
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: Any = None, **kw: Any) -> None:
+        metrics["eval_perplexity"] = float(np.exp(metrics["eval_loss"]))
+
+
+class PerplexityOnLog(transformers.TrainerCallback):  # type: ignore[misc]
+    """Adds ``eval_perplexity`` to an evaluation's log in ``on_log`` (the dict ``evaluate`` returns)."""
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
+        if "eval_loss" in logs:
+            logs["eval_perplexity"] = float(np.exp(logs["eval_loss"]))
+
+
+@pytest.mark.parametrize("where", ["on_evaluate-before", "on_log-after"])
+def test_an_evaluations_metrics_a_callback_adds_to_are_saved_once(tmp_path: Path, where: str) -> None:
+    """A callback adds a perplexity to the dict ``evaluate`` logs and gives ``on_evaluate`` (hunt 29, H1): the
+    evaluation's log no longer matched its metrics, and was saved again, in the ``TRAIN`` step after (an
+    evaluation at a step without a training log) or a ``GLOBAL`` step."""
+    out = tmp_path / "trial"
+    capture = tth.Callback(out, save_config=EVERY_STEP)
+    callbacks = [PerplexityOnEvaluate(), capture] if where == "on_evaluate-before" else [capture, PerplexityOnLog()]
+    trainer = transformers.Trainer(
+        model=tiny_bert(),
+        args=arguments(tmp_path, max_steps=6, logging_steps=3, eval_strategy="steps", eval_steps=2),
+        train_dataset=Rows(48, 0),
+        eval_dataset=Rows(8, 1),
+        callbacks=callbacks,
+    )
+    trainer.train()
+    trial = tensortap.create_trial(out)
+    history = trainer.state.log_history
+    evals = [h["eval_loss"] for h in history if "eval_loss" in h]
+    assert len(evals) == 3
+    got = trial.tensor("losses/eval_loss").values(mode=Mode.EVAL)
+    assert sorted(got) == [0, 1, 2]
+    np.testing.assert_allclose([got[s] for s in range(3)], evals)
+    got = trial.tensor("metrics/eval_perplexity").values(mode=Mode.EVAL)
+    np.testing.assert_allclose([got[s] for s in range(3)], np.exp(evals), rtol=1e-6)
+    assert [n for n in trial.tensor_names(mode=Mode.TRAIN) if "eval" in n] == []
+    assert [n for n in trial.tensor_names(mode=Mode.GLOBAL) if "eval" in n] == []
+    assert trial.steps(mode=Mode.GLOBAL) == [0], "the summary of train() alone"
+    logged = {h["step"] - 1: h["loss"] for h in history if "loss" in h}
+    got = trial.tensor("losses/loss").values(mode=Mode.TRAIN)
+    assert sorted(got) == sorted(logged) == [2, 5]
+    np.testing.assert_allclose([got[2], got[5]], [logged[2], logged[5]])
+
+
+def test_logs_left_out_of_include_collections_on_purpose_are_not_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``include_collections=["gradients", "weights"]``: the Trainer's logs are left out on purpose; a warning
+    suggested a ``save_config`` for them (hunt 29, L1)."""
+    out = tmp_path / "trial"
+    trainer = transformers.Trainer(
+        model=tiny_bert(),
+        args=arguments(tmp_path, max_steps=3),
+        train_dataset=Rows(32, 0),
+        callbacks=[tth.Callback(out, include_collections=["gradients", "weights"])],
+    )
+    trainer.train()
+    assert len([h for h in trainer.state.log_history if "loss" in h]) == 3
+    trial = tensortap.create_trial(out)
+    assert [n for n in trial.tensor_names() if n.startswith(("losses/", "metrics/"))] == []
+    assert "save_config does not save" not in caplog.text
+
+
+def test_an_integer_metric_beyond_64_bits_is_skipped_with_a_warning_naming_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``compute_metrics`` returns ``2**64``: it was left out without a word (hunt 29, L2). Like the hook's
+    ``save_scalar``, it is skipped with one warning naming it; the evaluation's other metrics are saved."""
+    out = tmp_path / "trial"
+    trainer = transformers.Trainer(
+        model=tiny_bert(),
+        args=arguments(tmp_path, max_steps=4, eval_strategy="steps", eval_steps=2),
+        train_dataset=Rows(32, 0),
+        eval_dataset=Rows(8, 1),
+        compute_metrics=lambda p: {"acc": 0.5, "big": 2**64},
+        callbacks=[tth.Callback(out, save_config=EVERY_STEP)],
+    )
+    trainer.train()
+    history = [h for h in trainer.state.log_history if "eval_loss" in h]
+    assert [h["eval_big"] for h in history] == [2**64, 2**64]
+    trial = tensortap.create_trial(out)
+    assert "metrics/eval_big" not in trial.tensor_names()
+    np.testing.assert_allclose(list(trial.tensor("metrics/eval_acc").values(mode=Mode.EVAL).values()), [0.5, 0.5])
+    assert caplog.text.count("metrics/eval_big cannot be captured and is skipped") == 1
