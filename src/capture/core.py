@@ -560,9 +560,8 @@ class Hook:
         self._skipped: set[str] = set()  # tensors that could not be captured (warned once)
         self._histogram_edges: dict[str, np.ndarray] = {}  # fixed per tensor from its first saved value
         self._histogram_unfixed: set[str] = set()  # warned once: no finite value to fix bins from yet
-        self._saved_given: set[str] = set()  # names of values given (save_tensor, save_scalar) at a saved step
-        self._never_saved: dict[str, int] = {}  # of those given at no saved step so far: how many times
-        self._given_at: dict[str, int] = {}  # the saved step each name was last given at
+        self._given_at: dict[str, int] = {}  # the saved step each name given (save_tensor, ...) was last given at
+        self._never_saved: dict[str, int] = {}  # of the names given at no saved step so far: how many times
         self._warned_regiven: set[str] = set()  # names warned about: given twice in a saved step
         self._failed = False
         self._error: BaseException | None = None
@@ -1003,7 +1002,6 @@ class Hook:
         only at steps that are not saved is named when the hook closes (:meth:`_warn_never_saved`); one given
         twice in a saved step, whose last value alone is kept, in one warning."""
         if self._saving:
-            self._saved_given.add(name)
             self._never_saved.pop(name, None)
             if self._given_at.get(name) == self.step and name not in self._warned_regiven:
                 self._warned_regiven.add(name)
@@ -1014,7 +1012,7 @@ class Hook:
                     self.step,
                 )
             self._given_at[name] = self.step
-        elif name not in self._saved_given:
+        elif name not in self._given_at:
             self._never_saved[name] = self._never_saved.get(name, 0) + 1
 
     def _warn_never_saved(self) -> None:
