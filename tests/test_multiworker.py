@@ -16,7 +16,7 @@ from helpers.trials import run_steps
 from helpers.writer_proc import value_for
 
 import tensortap
-from tensortap import Mode, StepState, TensorUnavailableForStep, TrialExistsError
+from tensortap import Mode, StepNotYetAvailable, StepState, TensorUnavailableForStep, TrialExistsError, UnknownName
 from tensortap.capture import ShardPolicy, Writer
 from tensortap.trial.check import find_problems
 from tensortap.trial.trial import REFRESH_SECONDS
@@ -367,3 +367,60 @@ def test_check_and_ls_name_ten_missing_ranks_and_count_the_rest(tmp_path: Path) 
     assert problems[-1] == "workers: 3 more workers of the world size 14 have written nothing"
     trial = tensortap.create_trial(tmp_path)
     assert awaited_note(trial) == f"{', '.join(missing[:10])} and 3 more have written nothing yet"
+
+
+def test_a_live_read_of_a_step_one_worker_has_not_written_yet_is_not_another_workers_value(tmp_path: Path) -> None:
+    """Two ranks, worker_1 ahead of worker_0: a tensor read live at a step worker_0 has not written yet gave
+    worker_1's value, which ``value(step)`` no longer gave once worker_0 wrote it (the first worker's, SPEC
+    section 4); ``steps()`` and ``values()`` listed steps ``trial.steps()`` held back. Now a tensor's steps
+    and values are those of complete steps, and ``value`` of a step still to complete raises
+    StepNotYetAvailable (``worker=`` reads a worker's own values whenever they are there)."""
+
+    def value(name: str, step: int, rank: int = 0) -> np.ndarray:
+        return np.full(2, 10.0 * step + rank, dtype=np.float32)
+
+    with Writer(tmp_path, rank=0, world_size=2) as w0, Writer(tmp_path, rank=1, world_size=2) as w1:
+        run_steps(w0, 2, value=value)
+        run_steps(w1, 4, value=lambda n, s: value(n, s, 1))
+        w0.flush()
+        w1.flush()
+        trial = tensortap.create_trial(tmp_path, refresh_interval=0)
+        tensor = trial.tensor("a")
+        assert trial.steps() == [0, 1] and tensor.steps() == [0, 1]
+        assert list(tensor.values()) == [0, 1] and list(tensor.histogram_values(bins=4)) == [0, 1]
+        # and the readers of rows (hunt 33 M1): the step's reductions, the DataFrame, the summary line
+        assert tensor.reduction_values("mean") == {0: 0.0, 1: 10.0} and list(tensor.to_series("max").index) == [0, 1]
+        assert sorted(set(trial.to_pandas(reductions="mean")["step"])) == [0, 1, 2, 3]  # each row its worker's
+        assert "2 steps (+2 incomplete) (train 2)" in repr(trial) and "2 worker(s)" in repr(trial)
+        assert list(tensor.reduction_values("mean", worker="worker_1")) == [0, 1, 2, 3]
+        assert tensor.value(1).tolist() == [10.0, 10.0]
+        with pytest.raises(StepNotYetAvailable):
+            tensor.value(2)
+        assert tensor.value(2, worker="worker_1").tolist() == [21.0, 21.0]
+        run_steps(w0, 2, value=value)
+    trial.refresh()
+    assert tensor.steps() == [0, 1, 2, 3] and tensor.value(2).tolist() == [20.0, 20.0]
+    assert [v.tolist()[0] for v in tensor.values().values()] == [0.0, 10.0, 20.0, 30.0]
+
+
+@pytest.mark.parametrize("reader", ["values", "histogram_values", "reduction_values", "to_series", "value"])
+def test_an_unknown_worker_is_refused_naming_the_workers(reader: str, tmp_path: Path) -> None:
+    """``values(worker="worker_9")`` and the other readers of every step gave ``{}`` (an empty Series), as for a
+    worker that saved nothing of the tensor, while ``value(0, worker="worker_9")`` raised (hunt 33 M2)."""
+    with Writer(tmp_path, rank=0, world_size=2) as w0, Writer(tmp_path, rank=1, world_size=2) as w1:
+        run_steps(w0, 1)
+        run_steps(w1, 1)
+    tensor = tensortap.create_trial(tmp_path).tensor("a")
+    call = {
+        "values": lambda w: tensor.values(worker=w),
+        "histogram_values": lambda w: tensor.histogram_values(worker=w),
+        "reduction_values": lambda w: tensor.reduction_values("mean", worker=w),
+        "to_series": lambda w: tensor.to_series("mean", worker=w),
+        "value": lambda w: tensor.value(0, worker=w),
+    }[reader]
+    assert len(call("worker_1")) > 0
+    expected = (TensorUnavailableForStep, "worker 'worker_9' did not save it; workers: worker_0, worker_1")
+    if reader != "value":  # one value: as before
+        expected = (UnknownName, r"no worker 'worker_9' in .*\(valid: worker_0, worker_1\)")
+    with pytest.raises(expected[0], match=expected[1]):
+        call("worker_9")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import threading
 import time
@@ -12,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from helpers.trials import run_steps
+from helpers.trials import run_steps, write_trial
 from helpers.writer_proc import value_for
 
 import tensortap
@@ -484,3 +485,25 @@ def test_a_reader_held_across_an_overwrite_reads_the_new_run(
     new.close()
     if first_run.startswith("open"):
         old.close()
+
+
+@pytest.mark.parametrize(
+    ("steps", "timeout", "error"),
+    [
+        ([-1], None, "steps: expected integers >= 0, got -1"),
+        ([5.0], None, "steps: expected integers >= 0, got 5.0"),
+        (["5"], None, "steps: expected integers >= 0, got '5'"),
+        (5, None, "steps: expected a sequence of steps, got 5"),
+        ([5], float("nan"), "timeout: expected a number of seconds >= 0 or None, got nan"),
+        ([5], -1.0, "timeout: expected a number of seconds >= 0 or None, got -1.0"),
+    ],
+)
+def test_wait_for_steps_refuses_what_it_does_not_understand(
+    tmp_path: Path, steps: Any, timeout: float | None, error: str
+) -> None:
+    """``[-1]`` returned at once as if waited for, ``timeout=nan`` waited for ever, ``["5"]`` and ``5`` raised
+    Python's own TypeErrors, ``[5.0]`` was taken though ``value(5.0)`` refuses it (hunt 30 L2)."""
+    write_trial(tmp_path, 2)
+    trial = tensortap.create_trial(tmp_path)
+    with pytest.raises((TypeError, ValueError), match=re.escape(error)):
+        trial.wait_for_steps(steps, timeout=timeout)

@@ -981,12 +981,17 @@ class TrialIndex:
         workers, ends, folders = self._listings(
             [(storage.list, layout.WORKERS), (storage.list, layout.ENDS), (storage.list_dirs, layout.INDEX)], none
         )
-        new = [(w, key) for w, key in self._records(layout.WORKERS, workers) if not self._worker(w).info]
+        new = [
+            (w, key)
+            for w, key in self._records(layout.WORKERS, workers)
+            if w not in self.workers or not self.workers[w].info
+        ]
         versions = {w: storage.listed_version(key) for w, key in new}  # before reading (Storage.listed_version)
         for worker, _, info in self._load(new, lambda record, _: check_worker_record(record)):
-            self.workers[worker].info = info or {}
-            self.workers[worker].version = versions[worker]
-        met = [w for w, _ in new if process_gone(self.workers[w].info)]  # checked after the listings: next round
+            if info is not None or worker in self.workers:  # an unreadable record alone is no worker (warned)
+                self._worker(worker).info = info or {}
+                self.workers[worker].version = versions[worker]
+        met = [w for w, _ in new if w in self.workers and process_gone(self.workers[w].info)]  # next round
         markers = self._records(layout.ENDS, ends)
         listed = {w for w, _ in markers}
         # a resumed run removes the end marker; a killed worker's record is looked at until one resumes it; an
@@ -1005,12 +1010,14 @@ class TrialIndex:
         listings = self._listings([(storage.entries, f"{layout.INDEX}/{w}") for w in folders], (none, none))
         new = []
         removed = []  # workers whose records read before are gone: their run may have been overwritten
+        gone_records: set[str] = set()  # the keys of those records
         for worker, (names, dirs) in zip(folders, listings, strict=True):
             seen = self._seen.setdefault(worker, set())
             new += [(worker, f"{layout.INDEX}/{worker}/{n}") for n in names if n not in seen and n.endswith(".json")]
-            if len(seen) > len(names):
+            if missing := seen.difference(names):
                 removed.append(worker)
-                seen.intersection_update(names)  # looked at once
+                seen.difference_update(missing)  # looked at once
+                gone_records.update(f"{layout.INDEX}/{worker}/{n}" for n in missing)
             for name in set(dirs).difference(names):  # a name in both is read, and warned about if it fails
                 self._warn_bad(f"{layout.INDEX}/{worker}/{name}", "a folder where index records belong; not read")
         # a running worker's record written again: by a run that overwrote it and may have published as many
@@ -1018,6 +1025,8 @@ class TrialIndex:
         # version is its state now: a run that claimed the worker while this refresh listed is seen too)
         running = [n for n, w in self.workers.items() if w.end is None and self._rewritten(n)]
         self._look_again([*removed, *running])
+        for shard in [shard for shard, listed in self.shards.items() if listed.record in gone_records]:
+            self.drop_shard(shard, "its index record is gone (the trial's files removed while it was read?)")
         after_end = set()  # workers that ended before this refresh and published since: resumed
         for worker, key, parsed in self._load(new, parse_index_record):
             if parsed is not None:

@@ -471,9 +471,18 @@ class Trial:
             A step lies past the end of a training that has ended.
         StepNotYetAvailable
             ``timeout`` seconds passed first.
+        TypeError, ValueError
+            ``steps`` is not a sequence of integers >= 0, or ``timeout`` not a number >= 0 (nor None).
         """
+        if isinstance(steps, (int, str, bytes)) or not isinstance(steps, Iterable):
+            raise TypeError(f"steps: expected a sequence of steps, got {steps!r}")
+        steps = list(steps)
         for s in steps:
             refuse_mode(s, STEP_FIRST + "wait_for_steps(steps, mode={mode})")
+            if not isinstance(s, (int, np.integer)) or s < 0:
+                raise ValueError(f"steps: expected integers >= 0, got {s!r}")
+        if timeout is not None and not (isinstance(timeout, (int, float)) and timeout >= 0):  # nan is not >= 0
+            raise ValueError(f"timeout: expected a number of seconds >= 0 or None, got {timeout!r}")
         m = None if mode is None else Mode.parse(mode)
         deadline = None if timeout is None else time.monotonic() + timeout
         pending = sorted(set(steps))
@@ -706,7 +715,7 @@ class Trial:
             lacking: dict[str, list[str]] = {k: [] for k in reductions or ()}  # reduction: tensors without it
             for name in bar(selected, desc="tensors", enable=progress):
                 found = set()
-                for step, worker, key, value in self.tensor(name)._rows(reductions):
+                for step, worker, key, value in self.tensor(name)._rows(reductions, every_worker=True):
                     mode, mode_step = self._index.steps.get(step, (Mode.GLOBAL, step))
                     rows.append((worker, mode.name, mode_step, step, name, key, value))
                     found.add(key)
@@ -784,12 +793,26 @@ class Tensor:
         }
 
     def steps(self, mode: Mode | str | None = None) -> list[int]:
-        """Steps at which this tensor was saved (mode steps when ``mode`` is given)."""
+        """Complete steps at which this tensor was saved (mode steps when ``mode`` is given): as
+        :meth:`Trial.steps`, not those some worker of a live run has not written yet."""
         info = self._info
+        complete = self.trial._complete_up_to(None)
         if mode is None:
-            return info.saved_steps().tolist()
+            saved = info.saved_steps()
+            return saved[saved <= complete].tolist()
         steps, mode_steps = self.trial._index.steps_of_mode(Mode.parse(mode))
-        return np.sort(mode_steps[info.locations.saved_of(steps)]).tolist()
+        steps = steps[steps <= complete]
+        return np.sort(mode_steps[: len(steps)][info.locations.saved_of(steps)]).tolist()
+
+    def _complete(self, worker: str | None) -> float:
+        """The last step the readers of every worker's values give (:meth:`Trial.steps`' complete steps); any
+        step for one ``worker``'s values, which are there as soon as it wrote them. An unknown ``worker``
+        raises :class:`UnknownName`."""
+        if worker is None:
+            return self.trial._complete_up_to(None)
+        if worker not in (workers := self.trial.workers()):
+            raise UnknownName("worker", worker, workers, f" in {self.trial.path}")
+        return math.inf
 
     def _locate(self, step: int, mode: Mode | str | None, worker: str | None) -> tuple[int, str, Location]:
         refuse_mode(step, STEP_FIRST + "(step, mode={mode})")
@@ -801,6 +824,8 @@ class Tensor:
         info = self._info
         gstep = self.trial.global_step(step, m)
         workers = info.locations.get(gstep) if gstep is not None else None
+        if workers and worker is None and gstep is not None and gstep > self.trial._complete_up_to(None):
+            raise StepNotYetAvailable(step, m)  # the first worker's value, whichever comes first, may be to come
         if workers:
             if worker is None:
                 worker = sorted(workers)[0]
@@ -851,8 +876,9 @@ class Tensor:
         m = None if mode is None else Mode.parse(mode)
         index = self.trial._index
         by_shard: dict[str, list[tuple[int, int]]] = {}
+        complete = self._complete(worker)
         for gstep, workers in self._info.locations.items():
-            if m is not None and (gstep not in index.steps or index.steps[gstep][0] is not m):
+            if gstep > complete or (m is not None and (gstep not in index.steps or index.steps[gstep][0] is not m)):
                 continue
             w = worker if worker is not None else min(workers)
             loc = workers.get(w)
@@ -954,9 +980,15 @@ class Tensor:
         return None if raw is None else (saved, *raw)
 
     def _rows(
-        self, keys: Sequence[str] | None, worker: str | None = None, mode: Mode | str | None = None
+        self,
+        keys: Sequence[str] | None,
+        worker: str | None = None,
+        mode: Mode | str | None = None,
+        every_worker: bool = False,
     ) -> list[tuple[int, str, str, float]]:
-        """``(global step, worker, key, value)`` of every saved location, sorted, reading each shard once.
+        """``(global step, worker, key, value)`` of every saved location, sorted, reading each shard once:
+        of the complete steps without ``worker`` (:meth:`_complete`), unless ``every_worker`` asks for every
+        row of every worker (each row is its worker's, also at a step another has not written yet).
 
         ``keys=None``: the value of a scalar (key ``"value"``), else the saved
         reductions, else (raw only) :data:`DEFAULT_RAW_REDUCTIONS`.
@@ -964,8 +996,9 @@ class Tensor:
         m = None if mode is None else Mode.parse(mode)
         index = self.trial._index
         by_shard: dict[str, list[tuple[int, str, Location]]] = {}
+        complete = math.inf if every_worker else self._complete(worker)
         for gstep, workers in self._info.locations.items():
-            if m is not None and (gstep not in index.steps or index.steps[gstep][0] is not m):
+            if gstep > complete or (m is not None and (gstep not in index.steps or index.steps[gstep][0] is not m)):
                 continue
             for w, loc in workers.items():
                 if worker is None or w == worker:
@@ -1107,8 +1140,9 @@ class Tensor:
         m = None if mode is None else Mode.parse(mode)
         index = self.trial._index
         by_shard: dict[str, list[tuple[int, Location]]] = {}
+        complete = self._complete(worker)
         for gstep, workers in self._info.locations.items():
-            if m is not None and (gstep not in index.steps or index.steps[gstep][0] is not m):
+            if gstep > complete or (m is not None and (gstep not in index.steps or index.steps[gstep][0] is not m)):
                 continue
             w = worker if worker is not None else min(workers)
             if (loc := workers.get(w)) is not None and (loc.histogram or loc.raw):

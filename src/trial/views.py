@@ -162,11 +162,13 @@ def _kv_rows(rows: list[tuple[str, str]]) -> str:
 
 def trial_text(trial: Trial) -> str:
     """One line: path, steps per mode, tensors, workers and status."""
-    modes = ", ".join(f"{m.name.lower()} {len(trial.steps(m, show_incomplete=True))}" for m in trial.modes())
+    modes = ", ".join(f"{m.name.lower()} {len(trial.steps(m))}" for m in trial.modes())
     idx = trial._index
+    incomplete = len(idx.steps) - len(trial.steps())
+    more = f" (+{incomplete} incomplete)" if incomplete else ""
     return (
-        f"<Trial {trial.path!r}: {len(idx.steps)} steps ({modes or 'none'}), {len(idx.tensors)} tensors, "
-        f"{len(idx.workers)} worker(s), {'ended' if trial.training_ended else 'running'}>"
+        f"<Trial {trial.path!r}: {len(trial.steps())} steps{more} ({modes or 'none'}), {len(idx.tensors)} tensors, "
+        f"{len(trial.workers())} worker(s), {'ended' if trial.training_ended else 'running'}>"
     )
 
 
