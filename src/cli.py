@@ -269,7 +269,7 @@ def error_json(command: str | None, message: str, kind: str) -> dict[str, Any]:
     kind
         ``usage``, ``not_found``, ``unknown_name``, ``storage`` (not reached: no connection, no
         credentials), ``missing_dependency``, ``input`` (unreadable or
-        wrong input) or ``unexpected`` (see :data:`ERROR_KINDS`).
+        wrong input), ``unexpected`` (see :data:`ERROR_KINDS`) or ``interrupted`` (a Ctrl-C; exit 130).
 
     Returns
     -------
@@ -803,7 +803,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             with logging_to_stderr(args.verbose or 0, args.quiet):
                 return _run(args)
         except KeyboardInterrupt:
-            return interrupted(command)
+            return interrupted(command, _wants_json(sys.argv[1:] if argv is None else argv))
 
 
 def parser_commands(parser: argparse.ArgumentParser) -> list[str]:
@@ -861,12 +861,15 @@ def _run(args: argparse.Namespace) -> int:
             return _error(args, exc)
     except KeyboardInterrupt:
         pass
-    return interrupted(args.command)
+    return interrupted(args.command, getattr(args, "json", False))
 
 
-def interrupted(command: str | None) -> int:
-    """Say on stderr that ``command`` (None: before the command line was parsed) was interrupted; exit 130."""
+def interrupted(command: str | None, json: bool) -> int:
+    """Say on stderr that ``command`` (None: before the command line was parsed) was interrupted, with
+    ``json`` also on stdout (:func:`error_json`, kind ``interrupted``); exit 130."""
     print(f"tensortap{f' {command}' if command else ''}: interrupted", file=sys.stderr)
+    if json:
+        _print_error_json(command, "interrupted", "interrupted")
     return EXIT_INTERRUPTED
 
 

@@ -318,7 +318,7 @@ def run(args: argparse.Namespace) -> int:
         for r, label in zip(rules, rule_labels(rules, specs), strict=True):
             print(_rule_line(r, label, verdicts[r], saved, missing.get(r), style))
     if was_interrupted:
-        return interrupted("rules")
+        return interrupted("rules", json=False)  # the result said so
     if missing:
         return EXIT_USAGE  # the rule lines said which inputs
     if problem is not None:

@@ -523,23 +523,39 @@ def test_quiet_and_verbose_together_are_a_usage_error(trial_dir: Path) -> None:
     assert cli("-v", "ls", run, "-v").returncode == 0 and cli("-q", "ls", run, "-q").returncode == 0
 
 
-def test_a_ctrl_c_while_the_command_starts_is_an_interruption(trial_dir: Path) -> None:
-    """A Ctrl-C in the first second, while the command still imported its subcommands' modules (NumPy,
-    h5py), printed a traceback. Here it comes as the command builds its parser (a SIGINT the process
-    sends itself then): one line and exit 130, as a Ctrl-C later on."""
+def ctrl_c_in(function: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run the command line ``args``, which sends itself a SIGINT (a Ctrl-C) when ``function`` is called."""
     start = (
         "import signal, sys\n"
         "from tensortap.cli import main\n"
         "def ctrl_c(frame, event, arg):\n"
-        "    if event == 'call' and frame.f_code.co_name == 'build_parser':\n"
+        f"    if event == 'call' and frame.f_code.co_name == {function!r}:\n"
         "        signal.raise_signal(signal.SIGINT)\n"
         "sys.setprofile(ctrl_c)\n"
         "sys.exit(main())\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", start, "ls", str(trial_dir)], capture_output=True, text=True, timeout=120
-    )
+    return subprocess.run([sys.executable, "-c", start, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_a_ctrl_c_while_the_command_starts_is_an_interruption(trial_dir: Path) -> None:
+    """A Ctrl-C in the first second, while the command still imported its subcommands' modules (NumPy,
+    h5py), printed a traceback. Here it comes as the command builds its parser (a SIGINT the process
+    sends itself then): one line and exit 130, as a Ctrl-C later on; with ``--json`` an error object."""
+    result = ctrl_c_in("build_parser", "ls", str(trial_dir))
     assert (result.returncode, result.stderr, result.stdout) == (130, "tensortap: interrupted\n", "")
+    result = ctrl_c_in("build_parser", "ls", str(trial_dir), "--json")
+    assert (result.returncode, result.stderr) == (130, "tensortap: interrupted\n")
+    assert strict_json(result.stdout) == {"error": {"command": None, "kind": "interrupted", "message": "interrupted"}}
+
+
+def test_a_ctrl_c_before_the_followed_trial_exists_prints_json(tmp_path: Path) -> None:
+    """``rules --follow --json`` interrupted while it waits for the trial to appear printed nothing on stdout,
+    not valid JSON (hunt 30 L3): now the error object of kind ``interrupted``; exit 130."""
+    result = ctrl_c_in(
+        "open_trial", "rules", str(tmp_path / "later"), "--rule", "loss_not_decreasing", "--follow", "--json"
+    )
+    assert (result.returncode, result.stderr) == (130, "tensortap rules: interrupted\n")
+    assert strict_json(result.stdout)["error"] == {"command": "rules", "kind": "interrupted", "message": "interrupted"}
 
 
 def on_terminal(args: list[str], env: dict[str, str] | None = None) -> str:

@@ -596,3 +596,29 @@ def test_a_trial_folder_removed_while_the_training_writes_it_is_said_and_stays_c
     assert storage_problems(tensortap.create_trial(out).storage) == [
         "index/worker_0: index records of a worker that has no worker record (workers/worker_0.json)"
     ]
+
+
+def test_a_reader_open_while_the_trial_folder_is_removed_forgets_the_steps_that_went_with_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A reader opened before the folder was removed kept listing the steps whose records and shards went with
+    it (the worker's record, written again, is of the same run), while ``values()`` left them out and
+    ``value`` raised (hunt 30 L1): now it lists what a fresh reader lists, and says why the others went."""
+    out = tmp_path / "trial"
+    w = Writer(out, shard_policy=ShardPolicy(max_steps=2))
+    run_steps(w, 4, ["x"])
+    w.flush()
+    trial = tensortap.create_trial(out)
+    assert trial.steps() == [0, 1, 2, 3]
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        shutil.rmtree(out)
+        run_steps(w, 6, ["x"])
+        w.flush()
+        trial.refresh()
+    assert trial.steps() == list(range(4, 10)) == tensortap.create_trial(out).steps()
+    assert sorted(trial.tensor("x").values()) == trial.tensor("x").steps() == trial.steps()
+    with pytest.raises(ShardUnreadable, match="its index record is gone"):
+        trial.tensor("x").value(0)
+    gone = [r.getMessage() for r in caplog.records if "its index record is gone" in r.getMessage()]
+    assert len(gone) == 2, gone  # one per shard
+    w.close()
