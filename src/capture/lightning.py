@@ -336,7 +336,7 @@ class Callback(pl.Callback):
             if isinstance(loss, torch.Tensor) or pl_module.automatic_optimization:
                 steps.add_loss(loss)
             else:  # manual optimization's training_step, which need not return its loss
-                self._add_backward_losses(backward)
+                self._add_backward_losses(steps, backward)
         if not self._stepped:
             return
         self._stepped = False
@@ -359,11 +359,8 @@ class Callback(pl.Callback):
         loss = loss.detach()
         self._backward_losses.append(loss / scaler.get_scale() if scaler is not None else loss)
 
-    def _add_backward_losses(self, losses: list[torch.Tensor]) -> None:
-        """Add the losses given to ``manual_backward`` in a batch to its step; warn once if there were none."""
-        steps = self._steps
-        if steps is None:
-            return
+    def _add_backward_losses(self, steps: StepCapture, losses: list[torch.Tensor]) -> None:
+        """Add the losses given to ``manual_backward`` in a batch to its ``steps``; warn once if there were none."""
         for loss in losses:
             steps.add_loss(loss)
         if not losses and not self._warned_no_loss:

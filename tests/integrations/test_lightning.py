@@ -331,15 +331,21 @@ class ManualNoReturn(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
-@pytest.mark.parametrize("gan", [False, True], ids=["one_optimizer", "gan"])
+@pytest.mark.parametrize(("gan", "amp"), [(False, False), (True, False), (False, True)], ids=["one", "gan", "amp"])
 def test_manual_optimization_returning_nothing_saves_the_losses_given_to_manual_backward(
-    tmp_path: Path, gan: bool, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, gan: bool, amp: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
     """No ``losses/*`` at all and no warning, where ``training_step`` returned no loss (hunt 28 M4). One backward a
-    batch is ``losses/loss``; a GAN's two are ``losses/loss:0`` and ``:1``, in the order of their backward."""
+    batch is ``losses/loss``; a GAN's two are ``losses/loss:0`` and ``:1``, in the order of their backward. Under
+    16-bit AMP with a ``GradScaler`` (scale 1024), the loss saved is the one computed, not the scaled one."""
+    from lightning.pytorch.plugins import MixedPrecision
+
     torch.manual_seed(0)
     model = ManualNoReturn(gan)
-    trainer = L.Trainer(max_epochs=1, callbacks=[ttl.Callback(tmp_path, save_config=EVERY_STEP)], **TRAINER)
+    scaled = [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=1024.0))] if amp else []
+    trainer = L.Trainer(
+        max_epochs=1, callbacks=[ttl.Callback(tmp_path, save_config=EVERY_STEP)], plugins=scaled, **TRAINER
+    )
     trainer.fit(model, loader(24, 0))
     trial = tensortap.create_trial(tmp_path)
     assert trial.steps(mode=Mode.TRAIN) == [0, 1, 2]
