@@ -320,6 +320,94 @@ def test_training_further_continues_the_steps(tmp_path: Path, dmatrices: tuple[A
     assert trial.training_ended
 
 
+def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "tensortap" and r.levelno == logging.WARNING]
+
+
+def _series(trial: Any, name: str) -> dict[int, float]:
+    return {s: float(v) for s, v in trial.tensor(name).values().items()}
+
+
+@pytest.mark.parametrize("other", ["saved-model", "another-callbacks-booster"])
+def test_training_further_a_booster_unrelated_to_the_run_starts_a_run_of_its_own(
+    tmp_path: Path, dmatrices: tuple[Any, Any], caplog: pytest.LogCaptureFixture, other: str
+) -> None:
+    """Before, any booster with rounds was taken for the callback's last run going on: an unrelated model
+    (``xgb_model="other.json"``) was merged into the first trial, steps [0, 1, 2, 5, 6], without a word
+    (hunt 31 H1). Only the booster the run left (marked ``tensortap_run``) goes on with it."""
+    from sklearn.datasets import make_regression
+
+    dtrain, dval = dmatrices
+    callback = ttx.Callback(tmp_path / "t", include_collections=["losses", "hyperparameters"])
+    first: dict[str, Any] = {}
+    evals = [(dval, "validation")]
+    xgb.train(PARAMS, dtrain, 3, evals=evals, callbacks=[callback], evals_result=first, verbose_eval=False)
+    X, y = make_regression(120, 4, random_state=0)
+    dreg = xgb.DMatrix(X, label=y)
+    regression = {"objective": "reg:squarederror", "max_depth": 2, "nthread": 1}
+    unrelated = xgb.train(
+        regression, dreg, 5, callbacks=[ttx.Callback(tmp_path / "other")] if other != "saved-model" else None
+    )
+    unrelated.save_model(tmp_path / "other.json")
+    further: dict[str, Any] = {}
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        booster = xgb.train(
+            regression, dreg, 2, evals=[(dreg, "train")], callbacks=[callback], evals_result=further,
+            verbose_eval=False, xgb_model=str(tmp_path / "other.json") if other == "saved-model" else unrelated,
+        )  # fmt: skip
+    trial = tensortap.create_trial(tmp_path / "t")  # untouched
+    assert trial.steps() == [0, 1, 2] and trial.training_ended
+    assert list(_series(trial, "losses/validation-logloss").values()) == first["validation"]["logloss"]
+    assert not trial.tensor_names(regex="rmse")
+    run = tensortap.create_trial(tmp_path / "t" / "run-0")
+    assert run.steps() == [5, 6]  # numbered from the booster's rounds, as XGBoost counts
+    assert _series(run, "losses/train-rmse") == dict(zip([5, 6], further["train"]["rmse"], strict=True))
+    [moved] = _warnings(caplog)
+    assert "holds a training already" in moved and str(tmp_path / "t" / "run-0") in moved
+    assert booster.attr("tensortap_run") == callback.hook.run_id != unrelated.attr("tensortap_run")
+
+
+def test_training_further_an_earlier_checkpoint_of_the_run_starts_a_run_of_its_own(
+    tmp_path: Path, dmatrices: tuple[Any, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A booster trained further twice from one checkpoint (XGBoost's continuation demo, with another eta the
+    second time). Before, the second training was not captured at all, and the only warning blamed
+    EarlyStopping(save_best=True), which was not used (hunt 31 M1)."""
+    dtrain, dval = dmatrices
+    callback = ttx.Callback(tmp_path / "t", include_collections=["losses", "hyperparameters"])
+    evals = [(dval, "validation")]
+    logs: list[dict[str, Any]] = [{}, {}, {}]
+    booster = xgb.train(PARAMS, dtrain, 4, evals=evals, callbacks=[callback], evals_result=logs[0], verbose_eval=False)
+    checkpoint = booster.copy()
+    booster.save_model(tmp_path / "b.json")
+    # a saved model of the run goes on in its trial
+    xgb.train(
+        PARAMS, dtrain, 3, evals=evals, callbacks=[callback], evals_result=logs[1], verbose_eval=False,
+        xgb_model=str(tmp_path / "b.json"),
+    )  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        xgb.train(
+            {**PARAMS, "eta": 0.01}, dtrain, 3, evals=evals, callbacks=[callback], evals_result=logs[2],
+            xgb_model=checkpoint, verbose_eval=False,
+        )  # fmt: skip
+    assert _warnings(caplog) == [
+        f"tensortap: the booster continues from round 4 of the run in {tmp_path / 't'}, which trained rounds up to 6 "
+        "(the booster is an earlier checkpoint of that run, or one EarlyStopping(save_best=True) cut back): this "
+        f"training is written to {tmp_path / 't' / 'run-0'} as a new run, its steps numbered from round 4 as "
+        "XGBoost counts them"
+    ]
+    trial = tensortap.create_trial(tmp_path / "t")
+    assert trial.steps() == list(range(7))
+    expected = logs[0]["validation"]["logloss"] + logs[1]["validation"]["logloss"]
+    assert list(_series(trial, "losses/validation-logloss").values()) == expected
+    assert list(_series(trial, "hyperparameters/eta").values()) == [pytest.approx(0.3)] * 2  # at each training
+    branch = tensortap.create_trial(tmp_path / "t" / "run-0")
+    assert branch.steps() == [4, 5, 6]
+    assert list(_series(branch, "losses/validation-logloss").values()) == logs[2]["validation"]["logloss"]
+    assert _series(branch, "hyperparameters/eta") == {4: pytest.approx(0.01)}
+
+
 def test_cv_captures_mean_and_std_of_the_folds(
     tmp_path: Path, dmatrices: tuple[Any, Any], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -361,8 +449,36 @@ def test_configuration_errors(tmp_path: Path, dmatrices: tuple[Any, Any]) -> Non
         ttx.Callback(tmp_path, shap_rows=0)
     with pytest.raises(ValueError, match="save_interval"):
         ttx.Callback(tmp_path, save_config=SaveConfig(save_interval=0))
+
+
+def test_an_eval_name_that_names_no_set_is_warned_about_and_training_goes_on(
+    tmp_path: Path, dmatrices: tuple[Any, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before, a misspelled eval_name raised a ValueError out of fit (GridSearchCV scored it NaN), and with no
+    evaluation set it was accepted without a word (hunt 31 M3)."""
+    X, y = _data()
+    callback = ttx.Callback(tmp_path / "t", eval_name="validation", include_collections=["losses", "predictions"])
+    clf = xgb.XGBClassifier(n_estimators=3, max_depth=2, n_jobs=1, callbacks=[callback])
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        clf.fit(X[:200], y[:200], eval_set=[(X[200:], y[200:])], verbose=False)
+    assert _warnings(caplog) == [
+        "tensortap: eval_name='validation' is not an evaluation set of this training (its sets: validation_0): the "
+        "predictions, labels and SHAP values computed on it are not captured, the other collections are"
+    ]
+    trial = tensortap.create_trial(tmp_path / "t")
+    assert list(_series(trial, "losses/validation_0-logloss").values()) == clf.evals_result()["validation_0"]["logloss"]
+    assert trial.tensor_names(collection="predictions") == []
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        xgb.XGBClassifier(n_estimators=2, n_jobs=1, callbacks=[ttx.Callback(tmp_path / "u", eval_name="val")]).fit(
+            X, y, verbose=False
+        )
+    [warning] = _warnings(caplog)
+    assert warning.startswith("tensortap: no evaluation set, so XGBoost computes no loss or metric to capture, and "
+                              "eval_name='val' names none; pass")  # fmt: skip
     with pytest.raises(ValueError, match="eval_name: 'test' is not an evaluation set; valid: train, validation"):
-        _train(tmp_path, *dmatrices, eval_name="test")
+        _train(tmp_path / "strict", *dmatrices, eval_name="test", strict=True)
+    assert not (tmp_path / "strict").exists()
 
 
 def test_from_json(tmp_path: Path, dmatrices: tuple[Any, Any]) -> None:

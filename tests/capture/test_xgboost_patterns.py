@@ -386,16 +386,20 @@ def test_training_further_from_the_best_round_of_early_stopping(
             params, dtrain, 6, evals=[(dval, "validation")], evals_result=further, xgb_model=booster,
             callbacks=[callback], verbose_eval=False,
         )  # fmt: skip
+    # the trial holds the rounds cut, under the numbers the training further trains again: a new run (before,
+    # those rounds of the training further were not captured, with a warning; hunt 31 M1)
     assert _warnings(caplog) == [
-        f"tensortap: rounds {kept} to {trained - 1} not captured: the trial holds rounds of those numbers from the "
-        "training before, which the booster no longer has (EarlyStopping(save_best=True) keeps the best round's); "
-        "the rounds after them are captured"
+        f"tensortap: the booster continues from round {kept} of the run in {tmp_path}, which trained rounds up to "
+        f"{trained - 1} (the booster is an earlier checkpoint of that run, or one EarlyStopping(save_best=True) cut "
+        f"back): this training is written to {tmp_path / 'run-0'} as a new run, its steps numbered from round {kept} "
+        "as XGBoost counts them"
     ]
     trial = tensortap.create_trial(tmp_path)
-    assert trial.steps() == list(range(kept + 6))
-    # rounds of the first training up to its last, then those of the training further after them
-    expected = first["validation"]["logloss"] + further["validation"]["logloss"][trained - kept :]
-    assert _series(trial, "losses/validation-logloss") == expected
+    assert trial.steps() == list(range(trained))
+    assert _series(trial, "losses/validation-logloss") == first["validation"]["logloss"]
+    further_run = tensortap.create_trial(tmp_path / "run-0")
+    assert further_run.steps() == list(range(kept, kept + 6))
+    assert _series(further_run, "losses/validation-logloss") == further["validation"]["logloss"]
 
 
 def test_cv_with_early_stopping_before_the_callback(tmp_path: Path) -> None:
@@ -789,3 +793,43 @@ def test_a_training_ended_by_an_interrupt_is_closed_by_the_next_one(tmp_path: Pa
     again = tensortap.create_trial(tmp_path / "t" / "run-0")
     assert again.end_reasons() == {"worker_0": "closed"}
     assert _series(again, "losses/validation-logloss") == pytest.approx(log["validation"]["logloss"])
+
+
+@pytest.mark.parametrize("copied", [False, True], ids=["same-callback", "deepcopy"])
+def test_after_an_interrupted_training_a_training_in_a_thread_is_not_refused(tmp_path: Path, copied: bool) -> None:
+    """XGBoost calls no after_training after an exception: before, the next training in another thread, with
+    the callback or a copy of it (``sklearn.base.clone`` deep-copies it), was refused with a RuntimeError, as
+    if the interrupted training still ran there (hunt 31 M2)."""
+    import copy
+    import threading
+
+    class Interrupt(xgb.callback.TrainingCallback):
+        def after_iteration(self, model: Any, epoch: int, evals_log: Any) -> bool:
+            if epoch == 1:
+                raise KeyboardInterrupt
+            return False
+
+    dtrain, dval = _split()
+    callback = ttx.Callback(tmp_path / "t", include_collections=["losses"])
+    evals = [(dval, "validation")]
+    with pytest.raises(KeyboardInterrupt):
+        xgb.train(PARAMS, dtrain, 5, evals=evals, callbacks=[callback, Interrupt()], verbose_eval=False)
+    next_callback = copy.deepcopy(callback) if copied else callback
+    log: dict[str, Any] = {}
+    errors: list[BaseException] = []
+
+    def train() -> None:
+        try:
+            xgb.train(PARAMS, dtrain, 3, evals=evals, callbacks=[next_callback], evals_result=log, verbose_eval=False)
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=train)
+    thread.start()
+    thread.join()
+    assert errors == []
+    run = tensortap.create_trial(tmp_path / "t" / "run-0")
+    assert run.steps() == [0, 1, 2] and run.training_ended
+    assert _series(run, "losses/validation-logloss") == log["validation"]["logloss"]
+    # the same callback closed the interrupted training; a copy holds none of it
+    assert tensortap.create_trial(tmp_path / "t").training_ended is not copied

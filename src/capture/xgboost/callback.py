@@ -9,6 +9,7 @@ import os
 import sys
 import threading
 from collections.abc import Callable
+from types import CodeType
 from typing import Any
 
 import numpy as np
@@ -21,8 +22,10 @@ from ...trial.rules.inprocess import RuleSet
 from .. import core
 from ..writer import logger
 from . import model as mdl
-from .evals import EvalData, EvalsLog, offer_evals, running_train, shared_names, training_sets
+from .evals import EvalData, EvalsLog, offer_evals, running_train, shared_names, training_frame, training_sets
 from .hook import Hook
+
+RUN_ATTRIBUTE = "tensortap_run"  # the booster attribute naming the run the booster was last trained in
 
 
 class Callback(xgb.callback.TrainingCallback):
@@ -44,7 +47,9 @@ class Callback(xgb.callback.TrainingCallback):
     eval_name
         Name of the evaluation set whose predictions, labels and SHAP values are
         captured (as given in ``evals``, e.g. ``"validation"``, or ``"validation_0"``
-        for the sklearn API); default: the last one.
+        for the sklearn API); default: the last one. A name that is not one of the
+        training's sets is said in one warning, and those collections are not
+        captured (``strict=True`` raises a ``ValueError`` before training).
     shap_rows
         SHAP values are computed on at most this many rows of that set (a fixed
         random sample, seed 0).
@@ -62,6 +67,15 @@ class Callback(xgb.callback.TrainingCallback):
         from scratch: the first by the rule objects given, each later one by fresh copies of them as
         given (``callback.hook.rules`` after it); a training further of the same run (``xgb_model=``)
         goes on with the rules of that run.
+
+    Notes
+    -----
+    The callback marks the booster it trains with the attribute ``tensortap_run``
+    (the run's id; it is saved with the model). A training with ``xgb_model=``
+    goes on with this callback's last run only where the booster carries that
+    run's mark and has the rounds the run trained; any other training (an
+    unrelated booster, an earlier checkpoint of the run, a booster
+    ``EarlyStopping(save_best=True)`` cut back) starts a new run.
     """
 
     def __init__(
@@ -97,9 +111,11 @@ class Callback(xgb.callback.TrainingCallback):
         self.hook: Hook | None = None
         self._run_id: str | None = None  # of this callback's last training: a training further continues it
         self._run_dir = self.out_dir  # where that run is written (a run folder out_dir/run-<n>, or out_dir)
-        self._run_last = -1  # the last round saved in that run
+        self._run_rounds = 0  # the rounds of the booster after the last round that run trained
         self._watching = False  # whether this training is in mdl.PARAMETERS (its hyperparameters are captured)
-        self._training_thread: int | None = None  # the thread whose training this callback captures now
+        # the training this callback captures now, until its after_training: its thread, and the id and code of
+        # its xgboost.train (or xgboost.cv) frame (not the frame, which holds the user's data)
+        self._training_at: tuple[int, int | None, CodeType | None] | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -109,7 +125,6 @@ class Callback(xgb.callback.TrainingCallback):
         self._training: frozenset[str] = frozenset()
         self._evals_log: EvalsLog | None = None
         self._next_epoch = 0
-        self._replayed = -1  # rounds up to this one are in the trial already, from the training before
         self._logged = 0  # entries of the evaluation log when the last round was captured
         self._skipped: set[str] = set()
         self._hyperparameters: dict[str, str] = {}  # those of the round in progress
@@ -127,22 +142,29 @@ class Callback(xgb.callback.TrainingCallback):
         return cls.from_json(path, **overrides) if path else None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "hook": None, "_eval": None, "_evals_log": None, "_watching": False}
+        # a copy carries no training
+        state = {"hook": None, "_eval": None, "_evals_log": None, "_watching": False, "_training_at": None}
+        return {**self.__dict__, **state}
 
     # ------------------------------------------------------------ callbacks
     def before_training(self, model: Any) -> Any:
-        """Open the hook in the training process, after the booster exists."""
-        running = self._training_thread
-        if running not in (None, threading.get_ident()) and running in {t.ident for t in threading.enumerate()}:
+        """Open the hook in the training process, after the booster exists, and mark the booster with its run."""
+        if self._runs_elsewhere():
             raise RuntimeError(
                 "tensortap.xgboost.Callback: this callback captures a training that runs now in another thread, "
                 "and one callback holds one training's state: give each training its own callback"
             )
-        if running is not None and self.hook is not None:
+        if self._training_at is not None and self.hook is not None:
             self._close_left_training()
-        self._training_thread = threading.get_ident()
+        frame = training_frame(sys._getframe(1))
+        dtrain, evals = running_train(frame)
+        names = [name for _, name in evals]
+        unknown_eval = self.eval_name is not None and bool(evals) and self.eval_name not in names
+        if unknown_eval and self.hook_kwargs.get("strict"):
+            raise ValueError(f"eval_name: {self.eval_name!r} is not an evaluation set; valid: {', '.join(names)}")
+        thread = threading.get_ident()
+        self._training_at = (thread, None, None) if frame is None else (thread, id(frame), frame.f_code)
         self._reset()
-        dtrain, evals = running_train(sys._getframe(1))
         self._eval = EvalData.choose(evals, self.eval_name, self.shap_rows)
         self._training = training_sets(dtrain, evals)
         self._offset = model.num_boosted_rounds()
@@ -151,22 +173,38 @@ class Callback(xgb.callback.TrainingCallback):
         kwargs = dict(self.hook_kwargs)
         if collective.is_distributed():
             kwargs["rank"], kwargs["world_size"] = collective.get_rank(), collective.get_world_size()
-        if self._offset and self._run_id is not None:  # training further (xgb_model=): the same run goes on
+        # the same run goes on only with the booster it left (xgb_model=): marked by it, with the rounds it trained
+        of_run = booster is not None and self._run_id is not None and booster.attr(RUN_ATTRIBUTE) == self._run_id
+        branch = of_run and 0 < self._offset < self._run_rounds  # an earlier checkpoint of the run, or one cut back
+        if of_run and self._offset == self._run_rounds:
             kwargs.setdefault("run_id", self._run_id)
-            self._replayed = self._run_last
         else:
-            self._run_last = -1
             self._run_rules = self._rules.for_new_run()
         kwargs["rules"] = self._run_rules
-        self.hook = hook = self._open(params, kwargs)
+        run_dir, run_rounds = self._run_dir, self._run_rounds
+        self.hook = hook = self._open(params, kwargs, said=branch)
         self._run_dir = hook.out_dir
+        self._run_rounds = self._offset
         self._hyperparameters = params
         if booster is not None and "hyperparameters" in hook.included:
             mdl.PARAMETERS.start()
             self._watching = True
         self._run_id = hook.run_id
+        if booster is not None:
+            booster.set_attr(**{RUN_ATTRIBUTE: hook.run_id})
         if self.stop_poll_seconds is not None:
             hook.stop_poll_seconds = self.stop_poll_seconds
+        if branch:
+            logger.warning(
+                "tensortap: the booster continues from round %d of the run in %s, which trained rounds up to %d (the "
+                "booster is an earlier checkpoint of that run, or one EarlyStopping(save_best=True) cut back): this "
+                "training is written to %s as a new run, its steps numbered from round %d as XGBoost counts them",
+                self._offset,
+                run_dir,
+                run_rounds - 1,
+                hook.out_dir,
+                self._offset,
+            )
         from_boosters = sorted(set(hook.included) - {"losses", "metrics"})
         if booster is None and from_boosters:
             logger.warning(
@@ -176,16 +214,16 @@ class Callback(xgb.callback.TrainingCallback):
             )
         if booster is not None and not evals and {"losses", "metrics"} & set(hook.included):
             logger.warning(
-                "tensortap: no evaluation set, so XGBoost computes no loss or metric to capture; pass "
-                "evals=[(dtrain, 'train'), (dval, 'validation')] to xgb.train, or eval_set=[...] to fit"
+                "tensortap: no evaluation set, so XGBoost computes no loss or metric to capture%s; pass "
+                "evals=[(dtrain, 'train'), (dval, 'validation')] to xgb.train, or eval_set=[...] to fit",
+                "" if self.eval_name is None else f", and eval_name={self.eval_name!r} names none",
             )
-        if self._offset <= self._replayed:
+        if unknown_eval:
             logger.warning(
-                "tensortap: rounds %d to %d not captured: the trial holds rounds of those numbers from the training "
-                "before, which the booster no longer has (EarlyStopping(save_best=True) keeps the best round's); "
-                "the rounds after them are captured",
-                self._offset,
-                self._replayed,
+                "tensortap: eval_name=%r is not an evaluation set of this training (its sets: %s): the predictions, "
+                "labels and SHAP values computed on it are not captured, the other collections are",
+                self.eval_name,
+                ", ".join(names),
             )
         shared = shared_names(evals)
         if shared and {"losses", "metrics"} & set(hook.included):
@@ -203,10 +241,11 @@ class Callback(xgb.callback.TrainingCallback):
         self._skipped.update(skipped)
         return model
 
-    def _open(self, params: dict[str, str], kwargs: dict[str, Any]) -> Hook:
+    def _open(self, params: dict[str, str], kwargs: dict[str, Any], said: bool = False) -> Hook:
         """The hook of this training. Where ``out_dir`` holds a training already and ``if_exists`` was not given,
-        this one is written to a run folder ``out_dir/run-<n>``, with a warning: sklearn's model selection gives each
-        fit a copy of the callback, and turns the error of every fit after the first into a score of NaN."""
+        this one is written to a run folder ``out_dir/run-<n>``, with a warning (unless ``said``: the caller warns
+        of it): sklearn's model selection gives each fit a copy of the callback, and turns the error of every fit
+        after the first into a score of NaN."""
         if "run_id" in kwargs and kwargs.get("if_exists") != "new_run":  # the run goes on in its folder
             return Hook(self._run_dir, hyperparameters=params, **kwargs)
         try:
@@ -215,6 +254,8 @@ class Callback(xgb.callback.TrainingCallback):
             if "if_exists" in kwargs:
                 raise
         hook = Hook(self.out_dir, hyperparameters=params, if_exists="new_run", **kwargs)
+        if said:
+            return hook
         logger.warning(
             "tensortap: %s holds a training already (an earlier training with this callback or a copy of it, as "
             "cross_val_score and GridSearchCV make for each fit, or an earlier run): this one is written to %s. "
@@ -254,10 +295,28 @@ class Callback(xgb.callback.TrainingCallback):
         if self.hook is not None:
             self._capture_missed_round(self.hook, model)
             self.hook.close()
-        self._training_thread = None
+        self._training_at = None
         self._eval = None
         self._evals_log = None
         return model
+
+    def _runs_elsewhere(self) -> bool:
+        """Whether the training this callback captures runs now in another thread: that thread's stack still
+        holds the frame of its ``xgboost.train`` (or ``xgboost.cv``) call. An exception or a Ctrl-C ends a
+        training without ``after_training``: its thread may live on, its frame does not."""
+        if self._training_at is None:
+            return False
+        thread, frame_id, code = self._training_at
+        if thread == threading.get_ident():
+            return False
+        frame = sys._current_frames().get(thread)
+        if code is None:  # a training outside xgboost.train and xgboost.cv: while its thread lives
+            return frame is not None
+        while frame is not None:
+            if id(frame) == frame_id and frame.f_code is code:
+                return True
+            frame = frame.f_back
+        return False
 
     def _close_left_training(self) -> None:
         """Close the trial of the training before, which an exception or a Ctrl-C (a notebook's "interrupt")
@@ -266,6 +325,7 @@ class Callback(xgb.callback.TrainingCallback):
         or the interpreter's exit). The round in progress is dropped; the end reason is ``exception``."""
         assert self.hook is not None
         self._unwatch()
+        self._training_at = None
         logger.warning(
             "tensortap: the training before with this callback was ended by an exception or a Ctrl-C (XGBoost "
             "then calls no callback), and its trial %s is closed now (end reason 'exception')",
@@ -312,11 +372,9 @@ class Callback(xgb.callback.TrainingCallback):
     def _capture_round(self, hook: Hook, model: Any, epoch: int, model_has_round: bool) -> None:
         round_ = self._offset + epoch
         self._next_epoch = epoch + 1
+        self._run_rounds = round_ + 1
         self._logged = self._log_length()
-        if round_ <= self._replayed:  # a worker saves a step once
-            return
         if hook.begin_round(round_):
-            self._run_last = round_
             offer_evals(hook, self._evals_log or {}, self._training)
             if isinstance(model, xgb.Booster):  # xgb.cv: one booster per fold, only the evaluation log is shared
                 # what does not depend on the booster handed over

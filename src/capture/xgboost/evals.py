@@ -38,6 +38,7 @@ LOSS_METRICS = frozenset(
     }
 )
 _TRAIN_CODE = inspect.unwrap(xgb.training.train).__code__
+_TRAINING_CODES = frozenset({_TRAIN_CODE, inspect.unwrap(xgb.training.cv).__code__})
 
 EvalsLog = Mapping[str, Mapping[str, Sequence[Any]]]
 
@@ -47,20 +48,26 @@ def metric_collection(metric: str) -> str:
     return "losses" if metric.split("@")[0] in LOSS_METRICS else "metrics"
 
 
+def training_frame(frame: FrameType | None) -> FrameType | None:
+    """The frame of the ``xgboost.train`` or ``xgboost.cv`` call that is running, found on the stack from
+    ``frame`` up; None outside both."""
+    while frame is not None and frame.f_code not in _TRAINING_CODES:
+        frame = frame.f_back
+    return frame
+
+
 def running_train(frame: FrameType | None) -> tuple[Any, list[tuple[Any, str]]]:
-    """``(dtrain, evals)`` of the ``xgboost.train`` call that is running, found on the stack.
+    """``(dtrain, evals)`` of the ``xgboost.train`` call that is running, ``frame`` being its :func:`training_frame`.
 
     XGBoost's callback API passes evaluation results to callbacks but not the
     DMatrix objects; every path (``xgb.train``, the sklearn estimators,
     ``xgboost.dask``) runs ``xgboost.train``, whose arguments hold them.
     ``(None, [])`` outside ``xgboost.train`` (``xgb.cv``).
     """
-    while frame is not None:
-        if frame.f_code is _TRAIN_CODE:
-            local = frame.f_locals
-            return local.get("dtrain"), list(local.get("evals") or [])
-        frame = frame.f_back
-    return None, []
+    if frame is None or frame.f_code is not _TRAIN_CODE:
+        return None, []
+    local = frame.f_locals
+    return local.get("dtrain"), list(local.get("evals") or [])
 
 
 def shared_names(evals: Sequence[tuple[Any, str]]) -> list[str]:
@@ -122,16 +129,14 @@ class EvalData:
 
     @classmethod
     def choose(cls, evals: Sequence[tuple[Any, str]], eval_name: str | None, shap_rows: int) -> EvalData | None:
-        """The set named ``eval_name`` (default: the last one); None without evaluation sets."""
-        if not evals:
-            return None
+        """The set named ``eval_name`` (default: the last one); None without evaluation sets or without that name."""
         names = [name for _, name in evals]
-        if eval_name is None:
+        if eval_name is None and evals:
             dmatrix, name = evals[-1]
         elif eval_name in names:
             dmatrix, name = evals[names.index(eval_name)]
         else:
-            raise ValueError(f"eval_name: {eval_name!r} is not an evaluation set; valid: {', '.join(names)}")
+            return None
         return cls(dmatrix, name, shap_rows)
 
     @property
