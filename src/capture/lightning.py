@@ -59,7 +59,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from ..modes import Mode
 from . import core
-from .stop import agreed
+from .stop import agreed, log_stop
 from .torch.events import optimized_parameters, saved_parameters
 from .trainers import Hook, StepCapture, check_hook_kwargs, check_stop_sync_steps, open_run, same_logged
 from .writer import exception_text, logger
@@ -347,7 +347,7 @@ class Callback(pl.Callback):
         else:
             self._end_train(trainer)
         if self._stop_agreed(trainer):
-            logger.info("tensortap: stop requested (%s); stopping fit", self.hook.stop_reason)
+            log_stop(self.hook.stop_reason, "fit")
             trainer.should_stop = True
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:

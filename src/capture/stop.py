@@ -11,10 +11,11 @@ collective, ...); no framework is imported here.
 
 Interface::
 
-    channel = StopChannel(storage)
+    channel = StopChannel(storage, since=None)                # since: a resumed run's start
     channel.request("loss exploded", rule="ExplodingTensor")   # write + see it at once
     channel.poll(poll_seconds=1.0) -> bool                     # rate-limited look
     channel.reason -> str | None
+    log_stop(channel.reason, "fit")                           # the line an adapter logs when it stops
     agree(channel.poll(), all_reduce_max) -> bool              # any rank asked => all stop
     agreed(step, every=10, channel, poll_seconds, all_reduce_max=...) -> bool  # agree every 10 steps
 """
@@ -55,10 +56,16 @@ class StopChannel:
     ----------
     storage
         The trial's storage (anything with ``write_json``, ``read_json``, ``exists``, ``is_local`` and ``url``).
+    since
+        When the run was resumed (``time.time()``; a hook given ``run_id=``), or None. A request written before
+        it (its ``"time"`` earlier) was left by the run before, and does not stop this one: it is ignored, with
+        one warning naming it. A request without a time counts.
     """
 
-    def __init__(self, storage: _JsonStorage) -> None:
+    def __init__(self, storage: _JsonStorage, since: float | None = None) -> None:
         self.storage = storage
+        self.since = since
+        self._stale: Any = None  # the time of the stale request warned about last
         self._checked = float("-inf")
         self._request: dict[str, Any] | None = None
         self._looking: threading.Thread | None = None  # remote storage: the look in progress
@@ -106,9 +113,29 @@ class StopChannel:
         try:
             if self.storage.exists(layout.STOP_REQUEST):
                 found = self.storage.read_json(layout.STOP_REQUEST)
-                self._request = found if isinstance(found, dict) else {"reason": str(found)}
+                request = found if isinstance(found, dict) else {"reason": str(found)}
+                if not self._is_stale(request):
+                    self._request = request
         except (OSError, ValueError):
             pass
+
+    def _is_stale(self, request: dict[str, Any]) -> bool:
+        """Whether ``request`` was written before this run was resumed (:attr:`since`); warns once for each."""
+        written = request.get("time")
+        if self.since is None or isinstance(written, bool) or not isinstance(written, (int, float)):
+            return False
+        if written >= self.since:
+            return False
+        if written != self._stale:
+            self._stale = written
+            logger.warning(
+                "tensortap: the stop request in %s (%s; written %s) is ignored: it was left by the run before, "
+                "written before this training resumed the run",
+                self.storage.url,
+                request.get("reason", ""),
+                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(written)),
+            )
+        return True
 
     @property
     def requested(self) -> bool:
@@ -119,6 +146,11 @@ class StopChannel:
     def reason(self) -> str | None:
         """The reason of the request seen, or None."""
         return None if self._request is None else str(self._request.get("reason", ""))
+
+
+def log_stop(reason: str | None, what: str) -> None:
+    """Log that a stop request ends ``what`` (``"fit"``, ``"training"``); ``reason`` None: seen by another rank."""
+    logger.info("tensortap: stop requested (%s); stopping %s", reason or "on another process", what)
 
 
 def agree(flag: bool, all_reduce_max: AllReduceMax | None) -> bool:

@@ -48,7 +48,7 @@ if not hasattr(TrainerCallback, "on_pre_optimizer_step"):  # pragma: no cover - 
 from ..config import SaveConfig
 from ..modes import Mode
 from . import trainers
-from .stop import agreed
+from .stop import agreed, log_stop
 from .torch.events import all_reduce_max, saved_parameters, unwrap
 from .trainers import StepCapture, check_hook_kwargs, check_stop_sync_steps, open_run, same_logged
 from .writer import logger
@@ -259,7 +259,7 @@ class Callback(TrainerCallback):
         steps.hook.end_at_exit = functools.partial(self._flush, None) if self._pending else None
         hook = self.hook
         if agreed(hook.mode_step, self.stop_sync_steps, hook.stop_channel, hook.stop_poll_seconds, all_reduce_max()):
-            logger.info("tensortap: stop requested (%s); stopping training", self.hook.stop_reason)
+            log_stop(self.hook.stop_reason, "training")
             control.should_training_stop = True
 
     def on_log(

@@ -260,6 +260,31 @@ def test_stop_channel_writes_polls_and_reads(tmp_path: Path) -> None:
     writer.close()
 
 
+def test_a_resumed_run_ignores_a_stop_request_left_by_the_run_before(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A request written after a run ended (or the one that stopped it) stopped the run's continuation (XGBoost's
+    ``xgb_model=``) at its first poll, without a word (hunt 31 M5). It is stale for the resumed run: ignored, with
+    one warning naming it; a request written while the resumed run runs stops it."""
+    with Writer(tmp_path) as first, first.stepping():
+        first.save("loss", np.float64(0.0))
+    tensortap.create_trial(tmp_path).request_stop("left over", rule="R")
+    caplog.set_level(logging.WARNING, logger="tensortap")
+    resumed = Writer(tmp_path, run_id=first.run_id)
+    assert not resumed.stop_channel.poll(0.0) and not resumed.stop_channel.poll(0.0)
+    warned = [r.getMessage() for r in caplog.records if "stop request" in r.getMessage()]
+    assert len(warned) == 1 and "left over" in warned[0] and "left by the run before" in warned[0], warned
+    tensortap.create_trial(tmp_path).request_stop("now")
+    assert resumed.stop_channel.poll(0.0) and resumed.stop_reason == "now"
+    resumed.close()
+    assert tensortap.create_trial(tmp_path).end_reasons() == {"worker_0": "stop_request"}
+    # a run that is not resumed sees a request in its folder, as before
+    fresh = Writer(tmp_path / "fresh")
+    tensortap.create_trial(tmp_path / "fresh").request_stop("enough")
+    assert fresh.stop_channel.poll(0.0)
+    fresh.close()
+
+
 def test_agreement_over_an_all_reduce(tmp_path: Path) -> None:
     assert agree(True, None) and not agree(False, None)
     ranks = [False, True, False]

@@ -128,8 +128,14 @@ def test_predictions_labels_shap_and_importance_equal_xgboost(tmp_path: Path, dm
     assert final == booster.get_score(importance_type="gain")
 
 
+def _intercept(booster: Any) -> np.ndarray:
+    """The model's ``base_score`` as XGBoost reports it after training (one number per class or target)."""
+    text = json.loads(booster.save_config())["learner"]["learner_model_param"]["base_score"]
+    return np.array([float(x) for x in text.strip("[]").split(",")])
+
+
 def test_hyperparameters_read_back(tmp_path: Path, dmatrices: tuple[Any, Any]) -> None:
-    _train(tmp_path, *dmatrices, include_collections=["hyperparameters"])
+    booster, _ = _train(tmp_path, *dmatrices, include_collections=["hyperparameters"])
     trial = tensortap.create_trial(tmp_path)
     assert trial.steps() == [0]
     assert trial.tensor("hyperparameters/max_depth").value(0) == 3
@@ -140,9 +146,10 @@ def test_hyperparameters_read_back(tmp_path: Path, dmatrices: tuple[Any, Any]) -
     assert params["objective"] == "binary:logistic"
     assert params["eval_metric"] == "logloss,auc,error"
     assert params["max_depth"] == "3"
-    # XGBoost 3 writes the intercept as a list, "[5E-1]": it was left out without a word (session 50's hunt 24, F3)
-    base_score = params["base_score"].strip("[]")
-    assert trial.tensor("hyperparameters/base_score").value(0) == np.float64(base_score)
+    # XGBoost 3 writes the intercept as a list, "[5E-1]": it was left out without a word (session 50's hunt 24, F3);
+    # the record holds it as training starts, the placeholder 0.5 that the first round replaces (boost_from_average)
+    assert params["base_score"] == "[5E-1]"
+    assert trial.tensor("hyperparameters/base_score").value(0) == _intercept(booster)[0] != 0.5
 
 
 @pytest.mark.parametrize("api", ["train", "sklearn"])
@@ -179,12 +186,32 @@ def test_a_list_of_numbers_among_the_parameters_is_saved_as_an_array(tmp_path: P
     y = (X[:, 0] > 0).astype(int) + 2 * (X[:, 1] > 0).astype(int)  # four classes
     params = {"objective": "multi:softprob", "num_class": 4, "max_depth": 2, "nthread": 1}
     callback = ttx.Callback(tmp_path, include_collections=["hyperparameters"])
-    xgb.train(params, xgb.DMatrix(X, label=y), 2, callbacks=[callback])
-    text = json.loads((tmp_path / "workers" / "worker_0.json").read_text())["hyperparameters"]["base_score"]
-    assert text.count(",") == 3  # the parameters as the training started: one intercept per class
-    expected = np.array([float(x) for x in text.strip("[]").split(",")])
+    booster = xgb.train(params, xgb.DMatrix(X, label=y), 2, callbacks=[callback])
+    expected = _intercept(booster)
+    assert expected.shape == (4,)  # one intercept per class
     got = tensortap.create_trial(tmp_path).tensor("hyperparameters/base_score").value(0)
-    np.testing.assert_array_equal(got, expected[0] if len(expected) == 1 else expected)
+    np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("targets", [1, 2])
+def test_base_score_is_the_intercept_the_model_trains_with(tmp_path: Path, targets: int) -> None:
+    """XGBoost estimates ``base_score`` (the labels' mean, one per target) at the first update, after the callback
+    read the configuration: the trial held the placeholder 0.5, and a continuation "changed" it to the model's
+    (hunt 31 M4). Step 0 holds the intercept round 0 trained with, and so does the continuation's first step."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(80, 3))
+    y = 100.0 + 10.0 * np.arange(targets) + X @ rng.normal(size=(3, targets))
+    dtrain = xgb.DMatrix(X, label=y if targets > 1 else y[:, 0])
+    params = {"max_depth": 2, "nthread": 1}
+    callback = ttx.Callback(tmp_path, include_collections=["hyperparameters"])
+    booster = xgb.train(params, dtrain, 2, callbacks=[callback])
+    intercept = _intercept(booster)
+    np.testing.assert_allclose(intercept, y.mean(axis=0), rtol=1e-5)
+    xgb.train(params, dtrain, 2, callbacks=[callback], xgb_model=booster)
+    values = tensortap.create_trial(tmp_path).tensor("hyperparameters/base_score").values()
+    assert sorted(values) == [0, 2]  # once per training call
+    for value in values.values():
+        np.testing.assert_array_equal(value, intercept if targets > 1 else intercept[0])
 
 
 def test_shap_row_sample_and_multiclass_shapes(tmp_path: Path) -> None:
@@ -283,6 +310,37 @@ def test_stop_request_ends_training_at_the_next_poll(tmp_path: Path, dmatrices: 
     trial = tensortap.create_trial(tmp_path)
     assert trial.steps() == [0, 1, 2, 3]
     assert trial.end_reasons() == {"worker_0": "stop_request"}
+
+
+@pytest.mark.usefixtures("ordered_callbacks")
+def test_a_stop_request_left_in_the_trial_does_not_stop_the_training_further(
+    tmp_path: Path, dmatrices: tuple[Any, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A request written after a training ended stopped the next training of the run (``xgb_model=``) after its
+    first round, and no stop ever logged anything (hunt 31 M5). The left request is ignored, with one warning
+    naming it; a request written during the training ends it, as the other adapters log it."""
+    dtrain, _ = dmatrices
+    callback = ttx.Callback(tmp_path, stop_poll_seconds=0.0, include_collections=["losses"])
+    booster = xgb.train(PARAMS, dtrain, 3, evals=[(dtrain, "train")], callbacks=[callback], verbose_eval=False)
+    tensortap.create_trial(tmp_path).request_stop("after the end", rule="none")
+    with caplog.at_level(logging.INFO, logger="tensortap"):
+        booster = xgb.train(
+            PARAMS, dtrain, 3, evals=[(dtrain, "train")], callbacks=[callback], xgb_model=booster, verbose_eval=False
+        )
+    assert booster.num_boosted_rounds() == 6
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "stop request" in warning and "after the end" in warning and "left by the run before" in warning
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.steps() == list(range(6)) and trial.end_reasons() == {"worker_0": "closed"}
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="tensortap"):
+        booster = xgb.train(
+            PARAMS, dtrain, 5, evals=[(dtrain, "train")], callbacks=[_RequestStopAt(tmp_path, 1), callback],
+            xgb_model=booster, verbose_eval=False,
+        )  # fmt: skip
+    assert booster.num_boosted_rounds() == 8
+    assert "tensortap: stop requested (test); stopping training" in [r.getMessage() for r in caplog.records]
+    assert tensortap.create_trial(tmp_path).end_reasons() == {"worker_0": "stop_request"}
 
 
 def test_stop_request_with_the_default_poll_of_one_second(tmp_path: Path) -> None:

@@ -460,6 +460,29 @@ def test_evaluation_sets_sharing_a_name(tmp_path: Path, caplog: pytest.LogCaptur
     assert _series(trial, "losses/d-logloss") == logged[1::2]
 
 
+def test_a_custom_metric_named_like_a_built_in_one_is_named_in_one_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``custom_metric`` returning ``("logloss", ...)`` beside the built-in logloss: XGBoost logs both under one
+    name, two values a round, and ``losses/d-logloss`` held the custom ones without a word (hunt 31 L1)."""
+    dtrain, dval = _split()
+
+    def logloss(predt: np.ndarray, data: Any) -> tuple[str, float]:
+        return "logloss", float(np.mean(predt))  # not a logloss at all
+
+    result: dict[str, Any] = {}
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        xgb.train(
+            PARAMS, dtrain, 3, evals=[(dval, "d")], custom_metric=logloss, evals_result=result,
+            callbacks=[ttx.Callback(tmp_path, include_collections=["losses"])], verbose_eval=False,
+        )  # fmt: skip
+    logged = result["d"]["logloss"]
+    assert len(logged) == 6  # built-in, custom, built-in, ...
+    [warning] = _warnings(caplog)
+    assert "'d-logloss' more than once a round" in warning and "custom metric" in warning, warning
+    assert _series(tensortap.create_trial(tmp_path), "losses/d-logloss") == logged[1::2]
+
+
 # ----------------------------------------------------------- sklearn
 def test_sklearn_pipeline(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from sklearn.pipeline import Pipeline

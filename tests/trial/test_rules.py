@@ -586,6 +586,31 @@ def test_tree_depth_expects_no_tree_deeper_than_max_depth(
         assert "depth 1 < 2 (depth 4, capped by hyperparameters/max_depth 2) at step 1" in reason, reason
 
 
+def test_tree_depth_says_when_max_depth_is_not_in_the_trial(tmp_path: Path) -> None:
+    """A healthy max_depth=3 model captured without hyperparameters fires against the default depth 4: the
+    reason says max_depth was unknown (hunt 31 L4); with max_depth saved, it does not fire."""
+    nan = np.nan
+    depth3 = {  # one tree: 0 -> 1 -> 3 -> 5
+        "Tree": [0] * 7,
+        "Node": [0, 1, 2, 3, 4, 5, 6],
+        "Yes": [1, 3, nan, 5, nan, nan, nan],
+        "No": [2, 4, nan, 6, nan, nan, nan],
+    }
+
+    def values(max_depth: bool) -> Values:
+        out: Values = {f"trees/{c}": (np.asarray(v, dtype=np.float64), ("trees",)) for c, v in depth3.items()}
+        if max_depth:
+            out["hyperparameters/max_depth"] = (np.int64(3), ("hyperparameters",))
+        return out
+
+    unknown = make_trial(tmp_path / "unknown", 1, lambda s: values(False))
+    assert invoke_rule(TreeDepth(unknown)) == [0]
+    reason = TreeDepth(unknown).invoke(0).reason
+    assert "depth 3 < depth 4" in reason, reason
+    assert "hyperparameters/max_depth is not in the trial" in reason, reason
+    assert invoke_rule(TreeDepth(make_trial(tmp_path / "known", 1, lambda s: values(True)))) == []
+
+
 # ------------------------------------------------------------- invoke_rule
 def losses_trial(path: Path) -> tensortap.Trial:
     return make_trial(path, 20, lambda s: {"losses/loss": (np.float32(1.0), ("losses",))})

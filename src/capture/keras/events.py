@@ -53,7 +53,7 @@ from ...modes import Mode
 from ...trial.rules.inprocess import RuleSet
 from ..core import Hook, check_rules, config_path
 from ..session import MAX_CALLS, Session, flatten
-from ..stop import AllReduceMax, agreed
+from ..stop import AllReduceMax, agreed, log_stop
 from .naming import flatten_logs
 from .ops import (
     BACKEND,
@@ -437,7 +437,7 @@ class Callback(keras.callbacks.Callback):
                 self.hook.fail(exc, "cannot read the optimizer's iterations")
         self._begin(Mode.TRAIN)
         if self.stop_agreed():
-            logger.info("tensortap: stop requested (%s); stopping fit", self.stop_reason or "on another process")
+            log_stop(self.stop_reason, "fit")
             self._model.stop_training = True
 
     def _count_train_on(self) -> None:

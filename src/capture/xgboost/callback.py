@@ -20,9 +20,19 @@ from ...exceptions import TrialExistsError
 from ...trial.rules.base import Rule
 from ...trial.rules.inprocess import RuleSet
 from .. import core
+from ..stop import log_stop
 from ..writer import logger
 from . import model as mdl
-from .evals import EvalData, EvalsLog, offer_evals, running_train, shared_names, training_frame, training_sets
+from .evals import (
+    EvalData,
+    EvalsLog,
+    offer_evals,
+    overlong,
+    running_train,
+    shared_names,
+    training_frame,
+    training_sets,
+)
 from .hook import Hook
 
 RUN_ATTRIBUTE = "tensortap_run"  # the booster attribute naming the run the booster was last trained in
@@ -287,6 +297,8 @@ class Callback(xgb.callback.TrainingCallback):
         stop = hook.should_stop
         if collective.is_distributed():  # a stop one worker sees stops all, at the same round
             stop = bool(collective.allreduce(np.array([stop], dtype=np.int32), collective.Op.MAX)[0])
+        if stop:
+            log_stop(hook.stop_reason, "training")
         return stop
 
     def after_training(self, model: Any) -> Any:
@@ -374,6 +386,10 @@ class Callback(xgb.callback.TrainingCallback):
         self._next_epoch = epoch + 1
         self._run_rounds = round_ + 1
         self._logged = self._log_length()
+        if epoch == 0:
+            self._warn_overlong(hook)
+            if self._watching:
+                self._read_base_score(model)
         if hook.begin_round(round_):
             offer_evals(hook, self._evals_log or {}, self._training)
             if isinstance(model, xgb.Booster):  # xgb.cv: one booster per fold, only the evaluation log is shared
@@ -385,6 +401,29 @@ class Callback(xgb.callback.TrainingCallback):
                 else:
                     self._skip_model(hook, round_)
         hook.end_step()
+
+    def _warn_overlong(self, hook: Hook) -> None:
+        """At the first round: name each metric XGBoost logged more than once (a custom metric named like a
+        built-in one), whose last value alone is captured. Sets that share a name were warned about already."""
+        if not {"losses", "metrics"} & set(hook.included):
+            return
+        _, evals = running_train(training_frame(sys._getframe()))
+        names = overlong(self._evals_log or {}, 1, shared_names(evals))
+        if names:
+            logger.warning(
+                "tensortap: XGBoost logs %s more than once a round, one value after the other under one name (a "
+                "custom metric named like a built-in one that is evaluated too), and only the value logged last "
+                "(the custom metric's) is captured; give the custom metric a name of its own",
+                ", ".join(map(repr, names)),
+            )
+
+    def _read_base_score(self, model: Any) -> None:
+        """After the first round: ``base_score`` as the model trains with it. With ``boost_from_average`` XGBoost
+        estimates it (the labels' mean, one per target) at the first update, after :meth:`before_training`
+        read the configuration, which held a placeholder (0.5) then."""
+        score = mdl.booster_parameters(json.loads(model.save_config())).get("base_score")
+        if score is not None:
+            self._hyperparameters = {**self._hyperparameters, "base_score": score}
 
     def _skip_model(self, hook: Hook, round_: int) -> None:
         done = {"losses", "metrics", "hyperparameters", "labels", *self._skipped}

@@ -75,6 +75,21 @@ def shared_names(evals: Sequence[tuple[Any, str]]) -> list[str]:
     return [name for name, count in Counter(name for _, name in evals).items() if count > 1]
 
 
+def overlong(evals_log: EvalsLog, rounds: int, shared: Collection[str] = ()) -> list[str]:
+    """``<data>-<metric>`` of each history with more than ``rounds`` entries, sets named in ``shared`` left out.
+
+    XGBoost logs a custom metric named like a built-in one that is evaluated too (``custom_metric``
+    returning ``("rmse", ...)``) under that name right after it, two values a round.
+    """
+    return [
+        f"{data}-{metric}"
+        for data, metrics in evals_log.items()
+        if data not in shared
+        for metric, history in metrics.items()
+        if len(history) > rounds
+    ]
+
+
 def training_sets(dtrain: Any, evals: Sequence[tuple[Any, str]]) -> frozenset[str]:
     """Names of the evaluation sets that are the training DMatrix itself."""
     return frozenset(name for dmatrix, name in evals if dtrain is not None and dmatrix is dtrain)

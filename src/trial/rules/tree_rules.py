@@ -156,7 +156,8 @@ class TreeDepth(Rule):
     ``min_child_weight``, ``max_leaves``, a learning rate of 0, no signal in
     the features): the model is not learning, or is regularized more than
     intended. A model with ``max_depth=3`` whose trees reach depth 3 does not
-    fire.
+    fire; where ``hyperparameters/max_depth`` is not in the trial (collection
+    ``hyperparameters`` left out), ``depth`` is expected, and the reason says so.
 
     Needs: collection ``trees`` as raw tensors (it needs pandas at capture
     time); ``hyperparameters`` (saved by default) for ``max_depth``.
@@ -198,9 +199,15 @@ class TreeDepth(Rule):
         least = cap or self.depth
         if deepest < least:
             bound = f"{least} (depth {self.depth}, capped by {MAX_DEPTH} {cap})" if cap else f"depth {least}"
+            unknown = (
+                ""
+                if cap or MAX_DEPTH in trial.tensor_names(regex=f"^{re.escape(MAX_DEPTH)}$")
+                else f"; {MAX_DEPTH} is not in the trial (collection hyperparameters not captured), so the model's "
+                f"max_depth is unknown and depth {self.depth} is expected"
+            )
             return self.fire(
                 step,
-                f"the deepest of {len(depths)} trees has depth {deepest} < {bound} at step {step}",
+                f"the deepest of {len(depths)} trees has depth {deepest} < {bound} at step {step}{unknown}",
                 names,
             )
         return False
