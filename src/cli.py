@@ -47,11 +47,14 @@ from .exceptions import (
     UsageError,
 )
 from .modes import Mode, step_word
+from .reductions import split_key
 from .trial import Trial, create_trial
 from .trial.check import storage_problems
+from .trial.trial import run_folders
 from .trial.views import NO_DATA, RUNNING, awaited_note, killed_note, killed_workers, printable
 
 EXIT_OK, EXIT_FOUND, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_PIPE = 0, 1, 2, 130, 141
+MAX_RUNS_NAMED = 5  # run folders `ls` of a trial names; more are counted
 
 #: Modules (in this package) whose ``PARSERS`` add subcommands, after the ones of this module.
 COMMAND_MODULES: list[str] = ["cli_rules", "cli_view", "cli_smdebug"]
@@ -221,8 +224,10 @@ def count(n: int, noun: str) -> str:
     return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
-def _steps_summary(steps: list[int]) -> str:
-    return f"{step_ranges(steps)} ({count(len(steps), 'step')})" if steps else "none"
+def _steps_summary(steps: Sequence[int], saved: Sequence[int]) -> str:
+    """``"0-10 (6 steps)"``: ``steps`` as :func:`step_ranges` of the ``saved`` steps (every other step saved
+    reads as one range), and how many; ``"none"``."""
+    return f"{step_ranges(steps, saved)} ({count(len(steps), 'step')})" if steps else "none"
 
 
 # ---------------------------------------------------------------- errors
@@ -311,6 +316,11 @@ def add_trial_arguments(parser: argparse.ArgumentParser, path_nargs: str | None 
         metavar="JSON",
         help='fsspec options for URLs, e.g. \'{"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}\'',
     )
+
+
+def add_mode_argument(parser: argparse.ArgumentParser, help: str) -> None:
+    """``--mode``: a mode's name in any case (``eval``, ``EVAL``), as :meth:`Mode.parse` takes it."""
+    parser.add_argument("--mode", type=str.lower, choices=[m.name.lower() for m in Mode], help=help)
 
 
 def add_json_argument(parser: argparse.ArgumentParser, schema: str = "docs/trial.md") -> None:
@@ -425,10 +435,12 @@ def cmd_ls(args: argparse.Namespace) -> int:
             ) from None
         return _ls_parent(args, exc.trials_below)
     names = trial.tensor_names(collection=args.collection, regex=args.regex)
+    runs = run_folders(trial.storage)  # later runs of if_exists="new_run": trials of their own
     if args.json:
         print_json(
             {
                 "path": trial.path,
+                "runs": runs,
                 "workers": trial.workers(),
                 "training_ended": trial.training_ended,
                 "end_reasons": trial.end_reasons(),
@@ -453,10 +465,16 @@ def cmd_ls(args: argparse.Namespace) -> int:
     print(f"trial    {style(printable(trial.path), 'bold')}")
     print(f"workers  {printable(', '.join(trial.workers())) or 'none'}  [{status}]")
     for m in trial.modes():
-        print(f"{m.name.lower():8} {_steps_summary(trial.steps(mode=m))}")
-    complete = trial.steps()
-    incomplete = len(trial.steps(show_incomplete=True)) - len(complete)
-    print(f"steps    {_steps_summary(complete)}" + (f" (+{incomplete} incomplete)" if incomplete else ""))
+        mode_steps = trial.steps(mode=m)
+        print(f"{m.name.lower():8} {_steps_summary(mode_steps, mode_steps)}")
+    complete, saved = trial.steps(), trial.steps(show_incomplete=True)
+    incomplete = len(saved) - len(complete)
+    print(f"steps    {_steps_summary(complete, saved)}" + (f" (+{incomplete} incomplete)" if incomplete else ""))
+    if runs:
+        more = len(runs) - MAX_RUNS_NAMED
+        named = printable(", ".join(runs[:MAX_RUNS_NAMED])) + (f" and {more} more" if more > 0 else "")
+        first = printable(f"{trial.path.rstrip('/')}/{runs[0]}")
+        print(f"runs     {named}: later runs in this folder, each a trial (tensortap ls {first})")
     rows = []
     for n in names:
         info = trial.tensor(n).summary()
@@ -521,12 +539,19 @@ def summary_text(summary: dict[str, Any]) -> str:
 
 
 def _show_entry(tensor: Any, step: int, mode: Mode | None, args: argparse.Namespace) -> tuple[dict[str, Any], str]:
-    """``show``'s entry (for ``--json``) and text for ``tensor`` at ``step``."""
+    """``show``'s entry (for ``--json``) and text for ``tensor`` at ``step``: with ``--reduction`` that
+    reduction; where only reductions were saved, each of them (``reductions``); else the value."""
     entry: dict[str, Any] = {"step": step}
     if args.reduction:
-        name, absolute = (args.reduction[4:], True) if args.reduction.startswith("abs_") else (args.reduction, False)
+        name, absolute = split_key(args.reduction)
         entry["value"] = tensor.reduction_value(step, name, abs=absolute, mode=mode, worker=args.worker)
         return entry, fmt(entry["value"], 6)
+    saved = tensor.available_reductions(step, mode, args.worker)
+    if saved and not tensor.has_raw(step, mode, args.worker):  # a ReductionConfig without save_raw_tensor
+        entry["reductions"] = {
+            key: tensor.reduction_value(step, *split_key(key), mode=mode, worker=args.worker) for key in saved
+        }
+        return entry, "reductions only: " + " ".join(f"{k} {fmt(v, 6)}" for k, v in entry["reductions"].items())
     value = np.asarray(tensor.value(step, mode=mode, worker=args.worker))
     if value.size == 1 and value.dtype.kind in "biuf":
         entry["value"] = value.reshape(()).item()
@@ -559,7 +584,19 @@ def _show_steps(tensor: Any, mode: Mode | None, worker: str | None) -> list[int]
     where = f"no {step_word(mode)}"
     if worker is not None:
         where += f" saved by worker {worker!r} (workers: {', '.join(tensor.trial.workers())})"
-    saved = [f"{m.name.lower()} steps {_steps_summary(s)}" for m in Mode if (s := tensor.steps(m))]
+    elif pending := tensor.summary()["steps"] - len(tensor.steps()):  # saved, but not by every worker yet
+        awaited = awaited_note(tensor.trial)
+        raise TensorUnavailableForStep(
+            f"{tensor.name!r} has no complete {step_word(mode)} yet: {count(pending, 'saved step')} "
+            f"{'waits' if pending == 1 else 'wait'} for the other workers to write "
+            + ("it" if pending == 1 else "them")
+            + (f" ({awaited})" if awaited else " (see `tensortap ls`)")
+        )
+    saved = [
+        f"{m.name.lower()} steps {_steps_summary(s, tensor.trial.steps(mode=m))}"
+        for m in Mode
+        if (s := tensor.steps(m))
+    ]
     raise TensorUnavailableForStep(
         f"{tensor.name!r} has {where}" + (f"; it was saved at {', '.join(saved)}" if saved else "")
     )
@@ -623,7 +660,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         logger.warning(
             "tensortap show: %s skipped at %s: their shards cannot be read",
             count(len(skipped), "step"),
-            step_ranges(skipped),
+            step_ranges(skipped, steps),
         )
         if not entries:
             raise ShardUnreadable(f"no step of {args.name!r} could be read: the shards of every step are damaged")
@@ -694,7 +731,7 @@ def add_show_parser(sub: Any) -> argparse.ArgumentParser:
     add_trial_arguments(p)
     p.add_argument("name", help="tensor name (see `tensortap ls`)")
     p.add_argument("--step", type=int, help="only this step (default: every step)")
-    p.add_argument("--mode", choices=[m.name.lower() for m in Mode], help="interpret --step as a step of this mode")
+    add_mode_argument(p, "interpret --step as a step of this mode")
     p.add_argument("--reduction", help="print a reduction instead of the value, e.g. mean, abs_max, l2, nan_count")
     p.add_argument("--worker", help="worker to read (default: the first)")
     p.add_argument("--full", action="store_true", help="print every element of arrays, not only a summary")

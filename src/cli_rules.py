@@ -41,7 +41,7 @@ from .cli import (
 )
 from .exceptions import RuleInputsMissing, UnknownName, UsageError
 from .trial.rules import BUILTIN_RULES, Rule, RuleRunner, StopTraining, Verdict, make_rule, parameters
-from .trial.rules.runner import rule_labels
+from .trial.rules.runner import rule_labels, rule_status
 from .trial.views import failure_notes, killed_note, killed_workers
 
 
@@ -260,7 +260,6 @@ def run(args: argparse.Namespace) -> int:
             )
 
     runner = RuleRunner(trial, rules, actions)
-    missing: dict[Rule, list[str]] = {}  # by rule, not name: two --rule of one built-in share its name
     was_interrupted = False
     try:
         runner.run(
@@ -272,9 +271,10 @@ def run(args: argparse.Namespace) -> int:
             show_progress=None,
         )
     except RuleInputsMissing:
-        missing = runner.lacking()
+        pass  # runner.lacking() below
     except KeyboardInterrupt:
         was_interrupted = True
+    missing = runner.lacking()  # by rule, not name: two --rule of one built-in share its name
     if killed := killed_workers(trial):
         logger.warning(
             "tensortap rules: %s: its process ended without writing its end marker (SIGKILL, a crash); "
@@ -285,7 +285,7 @@ def run(args: argparse.Namespace) -> int:
         logger.warning("tensortap rules: %s", note)
     saved = trial.steps()
     fired = any(verdicts.values())
-    problem = _problem(trial, saved, rules, missing, was_interrupted, args)
+    problem = None if was_interrupted else run_problem(trial, rules, args.start_step, args.end_step, args.follow)
     if args.json:
         result = {
             "path": trial.path,
@@ -298,7 +298,7 @@ def run(args: argparse.Namespace) -> int:
                 {
                     "rule": r.name,
                     "spec": spec,
-                    "status": "inputs_missing" if r in missing else ("fired" if verdicts[r] else "passed"),
+                    "status": rule_status(r),
                     "last_step": r.last_step,
                     "evaluated_steps": r.evaluated_steps,
                     "skipped_steps": r.skipped_steps,
@@ -326,25 +326,41 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_FOUND if fired else EXIT_OK
 
 
-def _problem(
+def run_problem(
     trial: Any,
-    saved: list[int],
-    rules: list[Rule],
-    missing: dict[Rule, list[str]],
-    interrupted: bool,
-    args: argparse.Namespace,
+    rules: Sequence[Rule],
+    start: int | None = None,
+    end: int | None = None,
+    follow: bool | None = None,
 ) -> str | None:
-    """Why ``rules`` exits 2 after running (a rule found none of its inputs, no step could be judged), or None."""
+    """Why a run of ``rules`` on ``trial`` judged nothing, for which ``rules`` and ``report`` exit 2, or None.
+
+    Parameters
+    ----------
+    trial
+        The trial the rules ran on.
+    rules
+        The rules, after their run.
+    start, end
+        The run's ``--start-step`` and ``--end-step``, if given.
+    follow
+        Whether the run followed the training (``--follow``); None: the command cannot (``report``).
+
+    Returns
+    -------
+    str or None
+        What a rule that found none of its inputs needs (:func:`~tensortap.trial.rules.runner.rule_status`
+        ``inputs_missing``), or why no step was judged (no complete step, none readable, none in the range).
+    """
     path = trial.path
-    if interrupted:
-        return None
+    missing = [m for r in rules if rule_status(r) == "inputs_missing" for m in r.missing_inputs]
     if missing:
-        return "; ".join(m for messages in missing.values() for m in messages)
+        return "; ".join(missing)
     if any(r.evaluated_steps for r in rules):
         return None
     if any(r.skipped_steps for r in rules):
         return f"no step of {path} could be read: the shards of every step are damaged"
-    start, end = args.start_step, args.end_step
+    saved = trial.steps()
     if saved and (start is not None or end is not None):
         where = " ".join(
             part
@@ -357,9 +373,10 @@ def _problem(
         return f"no step {where} in {path} (its steps: {step_ranges(saved, saved)})"
     if trial.training_ended:  # --follow ends then too, with or without an idle timeout
         return f"no complete step to judge in {path}: the training ended without saving one"
-    if args.follow:
+    if follow:
         return f"no complete step to judge in {path} before the idle timeout"
-    return f"no complete step to judge in {path} (is the training still starting? use --follow)"
+    hint = "" if follow is None else " (is the training still starting? use --follow)"
+    return f"no complete step to judge in {path}{hint}"
 
 
 PARSERS = [add_parser]

@@ -12,12 +12,24 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 from .exceptions import UsageError
 from .modes import Mode
 
 X_CHOICES = ("step", "global_step", "time")
+
+
+def _check_output(path: str, suffixes: Sequence[str]) -> None:
+    """Check ``-o`` before any work (:func:`~tensortap.trial.export.check_output`): a suffix not among
+    ``suffixes`` is a usage error (exit 2)."""
+    from .trial.export import check_output
+
+    try:
+        check_output(path, suffixes)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _trial(args: argparse.Namespace, path: str) -> Any:
@@ -85,13 +97,9 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from matplotlib.figure import Figure
 
     from .trial.compare import Comparison
-    from .trial.export import check_output
     from .trial.plot import IMAGE_SUFFIXES, curves_axis, plot_tensors, save_plot
 
-    try:
-        check_output(args.output, IMAGE_SUFFIXES)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
+    _check_output(args.output, IMAGE_SUFFIXES)
     runs = [args.path]
     names: list[str] = []
     for item in args.items:  # runs first; an item that is not a trial is a tensor name
@@ -110,17 +118,28 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    """Write a self-contained HTML report of a trial."""
-    from .cli_rules import build_rules
-    from .trial.export import check_output
-    from .trial.report import default_rules, write_report
+    """Write a self-contained HTML report of a trial; exit 2, as ``rules``, when a rule given with ``--rule``
+    judged nothing, or no rule of the default set judged a step."""
+    from .cli import EXIT_USAGE, error_json, printable
+    from .cli_rules import build_rules, run_problem
+    from .trial.report import REPORT_SUFFIXES, default_rules, write_report
 
-    check_output(args.output)  # a folder that is a file or missing: exit 2 before the rules run
+    _check_output(args.output, REPORT_SUFFIXES)  # a wrong suffix, a folder that is a file or missing: exit 2
     trial = _trial(args, args.path)
     rules = args.rule or list(default_rules(trial))
     build_rules(rules, trial)  # an unknown rule or parameter: exit 2 (as `rules`) before anything is written
-    write_report(trial, args.output, rules=rules)
-    return _wrote(args, {"path": args.path, "output": args.output, "rules": rules}, f"wrote {args.output}")
+    ran = write_report(trial, args.output, rules=rules)
+    problem = run_problem(trial, ran) if ran else None  # none ran: the page says why its rules were not drawn
+    if problem is not None and not args.rule and any(r.evaluated_steps for r in ran):
+        problem = None  # of the default set, the rules that could judge did: the page says which could not
+    result: dict[str, Any] = {"path": args.path, "output": args.output, "rules": rules}
+    if problem is not None and args.json:  # the result, and the error every --json command gives then
+        result.update(error_json("report", problem, "input"))
+    _wrote(args, result, f"wrote {args.output}")
+    if problem is None:
+        return 0
+    print(f"tensortap report: {printable(problem, message=True)}", file=sys.stderr)
+    return EXIT_USAGE
 
 
 def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -154,14 +173,14 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def add_plot_parser(subparsers: Any) -> argparse.ArgumentParser:
     """``tensortap plot``."""
-    from .cli import add_json_argument, add_trial_arguments
+    from .cli import add_json_argument, add_mode_argument, add_trial_arguments
 
     p = subparsers.add_parser("plot", help="plot tensors of one or more runs across steps into an image")
     add_trial_arguments(p)
     p.add_argument("items", nargs="*", metavar="RUN_OR_NAME", help="more runs (trial paths), then tensor names")
     p.add_argument("--regex", help="also every tensor whose name matches")
     p.add_argument("--reduction", help="reduction to plot (mean, abs_max, l2, ...); default: scalar values, else mean")
-    p.add_argument("--mode", choices=[m.name.lower() for m in Mode], help="only steps of this mode")
+    add_mode_argument(p, "only steps of this mode")
     p.add_argument(
         "--x",
         choices=X_CHOICES,
@@ -181,7 +200,7 @@ def add_report_parser(subparsers: Any) -> argparse.ArgumentParser:
 
     p = subparsers.add_parser("report", help="write a self-contained HTML report of a trial")
     add_trial_arguments(p)
-    p.add_argument("-o", "--output", default="report.html", help="HTML file (default: report.html)")
+    p.add_argument("-o", "--output", default="report.html", help="HTML file, .html or .htm (default: report.html)")
     p.add_argument(
         "--rule", action="append", default=[], metavar="NAME[:PARAM=VALUE,...]", help="rules to run (default: a set)"
     )

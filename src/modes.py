@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import numbers
 
 
 class Mode(enum.IntEnum):
@@ -18,7 +19,8 @@ class Mode(enum.IntEnum):
 
     @classmethod
     def parse(cls, value: Mode | str | int) -> Mode:
-        """Return the mode named by ``value`` (a Mode, its name or its number).
+        """Return the mode named by ``value`` (a Mode, its name in any case, or its number: any integer
+        but a bool).
 
         Raises
         ------
@@ -32,9 +34,9 @@ class Mode(enum.IntEnum):
                 return cls[value.upper()]
             except KeyError:
                 pass
-        elif isinstance(value, int):
+        elif isinstance(value, numbers.Integral) and not isinstance(value, bool):  # np.int64 too
             try:
-                return cls(value)
+                return cls(int(value))
             except ValueError:
                 pass
         raise ValueError(f"mode: {value!r} is not a mode; valid: {', '.join(m.name for m in cls)}")

@@ -269,6 +269,17 @@ def check_edges(edges: Sequence[float] | np.ndarray, field_name: str = "histogra
     return e
 
 
+def check_bins(bins: int | Sequence[float] | np.ndarray, field_name: str = "bins") -> int | np.ndarray:
+    """``bins`` checked: a number of bins (an integer, not a bool, 1 to :data:`MAX_BINS`) as an int, else
+    edges as :func:`check_edges` gives them; a ValueError naming ``field_name`` otherwise (``0`` or ``-3``
+    too: they gave an empty histogram, or NumPy's error)."""
+    if isinstance(bins, bool) or (isinstance(bins, (int, np.integer)) and not 1 <= bins <= MAX_BINS):
+        raise ValueError(f"{field_name}: expected a number of bins (1 to {MAX_BINS}) or edges, got {bins!r}")
+    if isinstance(bins, (int, np.integer)):
+        return int(bins)
+    return check_edges(bins, field_name)
+
+
 def equal_edges(lo: float, hi: float, bins: int) -> np.ndarray:
     """``bins`` equal bins from ``lo`` to ``hi`` (the finite range of a tensor): ``numpy.linspace``.
 

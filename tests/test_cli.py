@@ -57,7 +57,7 @@ def test_ls_lists_workers_steps_and_tensors(trial_dir: Path) -> None:
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "worker_0" in out and "[ended]" in out
-    assert "steps    0, 2, 4 (3 steps)" in out
+    assert "steps    0-4 (3 steps)" in out  # every other step saved: no saved step between
     lines = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(("fc1", "losses/"))}
     assert lines["fc1.weight"][1:] == ["weights", "float32", "2x3", "3"]
     assert lines["losses/loss"][1:] == ["losses", "float64", "()", "3"]
@@ -651,6 +651,21 @@ def test_report_with_an_unknown_rule_or_parameter_is_an_error_and_writes_nothing
     assert not out.exists()
 
 
+def test_report_to_a_file_that_is_not_html_is_a_usage_error(trial_dir: Path, tmp_path: Path) -> None:
+    """Hunt 33 L5: `report -o r.txt` wrote HTML into r.txt and exited 0, while `plot` refused a wrong suffix.
+    Both check it as `plot` did, before any work: exit 2, nothing written."""
+    pytest.importorskip("matplotlib")
+    from tensortap.trial.report import write_report
+
+    out = tmp_path / "r.txt"
+    assert user_error(cli("report", str(trial_dir), "-o", str(out))) == (
+        f"tensortap report: output: {str(out)!r} must end in .html or .htm\n"
+    )
+    with pytest.raises(ValueError, match=r"must end in \.html or \.htm$"):
+        write_report(tensortap.create_trial(trial_dir), out)
+    assert not out.exists()
+
+
 # ------------------------------------------------------------------- rules
 def test_rules_from_a_start_step_count_only_the_steps_evaluated(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -1037,3 +1052,111 @@ def test_rules_list_says_that_it_ignores_a_path(trial_dir: Path) -> None:
     assert result.returncode == 0 and strict_json(result.stdout)[0]["name"]
     assert result.stderr == ("tensortap rules: --list lists the built-in rules and reads no trial: PATH ignored\n")
     assert cli("rules", "--list").stderr == ""
+
+
+# ---------------------------------------------------- hunt 33 (M3, L1, L4, L6, L8, L9), hunt 31 (L2)
+def write_reductions_only(out: Path) -> None:
+    """A loss and a weight captured under a ReductionConfig without ``save_raw_tensor``: reductions only."""
+    config = tensortap.ReductionConfig(reductions=["mean", "max"], norms=["l2"])
+    with Writer(out, reduction_config=config) as w:
+        for s in range(3):
+            with w.stepping():
+                w.save("losses/loss", np.float32(3 - s), ["losses"])
+                w.save("fc1.weight", np.full((2, 3), s, dtype=np.float32), ["weights"])
+
+
+def test_show_of_a_tensor_that_saved_only_reductions_prints_them(tmp_path: Path) -> None:
+    """hunt 33 M3: ``show`` of a tensor that saved only reductions exited 2 telling to capture again with
+    ``save_raw_tensor=True``; it now prints the saved reductions of each step (``--json``: ``reductions``),
+    and ``--reduction`` one of them, as before; ``to_series()`` no longer calls a loss "not a scalar"."""
+    write_reductions_only(tmp_path / "run")
+    run = str(tmp_path / "run")
+    result = cli("show", run, "losses/loss")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        f"step {s}: reductions only: l2 {3 - s} max {3 - s} mean {3 - s}" for s in range(3)
+    ]
+    data = strict_json(cli("show", run, "fc1.weight", "--step", "2", "--json").stdout)
+    assert data["steps"] == [{"step": 2, "reductions": {"mean": 2.0, "max": 2.0, "l2": pytest.approx(np.sqrt(24))}}]
+    assert cli("show", run, "losses/loss", "--reduction", "mean").stdout == "step 0: 3\nstep 1: 2\nstep 2: 1\n"
+    loss = tensortap.create_trial(run).tensor("losses/loss")
+    with pytest.raises(
+        ValueError, match=r"has no values, only reductions were saved: pass reduction= one of l2, max, mean$"
+    ):
+        loss.to_series()
+    assert loss.to_series("mean").to_dict() == {0: 3.0, 1: 2.0, 2: 1.0}
+    with pytest.raises(tensortap.TensorUnavailableForStep, match=r"read one with reduction_value\(step, REDUCTION\)"):
+        loss.value(0)
+
+
+def test_step_lists_of_steps_saved_every_n_read_as_ranges(trial_dir: Path) -> None:
+    """hunt 33 L1: steps saved every 2nd step printed ``0, 2, 4 (3 steps)`` (and ``...`` hid one number of a
+    longer list); steps are consecutive where no saved step lies between, in ``ls`` and ``show``'s errors."""
+    out = cli("ls", str(trial_dir)).stdout
+    assert "train    0-4 (3 steps)" in out and "steps    0-4 (3 steps)" in out
+    err = user_error(cli("show", str(trial_dir), "losses/loss", "--mode", "eval"))
+    assert err == "tensortap show: 'losses/loss' has no eval step; it was saved at train steps 0-4 (3 steps)\n"
+
+
+def test_show_of_a_tensor_whose_steps_wait_for_a_worker_says_so(tmp_path: Path) -> None:
+    """hunt 33 L4: ``show`` of a tensor whose steps are all incomplete said "has no step" while ``ls`` listed
+    its 3 steps: now it says they are not complete yet and which worker they wait for."""
+    with Writer(tmp_path, rank=0, world_size=2) as w:
+        for s in range(3):
+            with w.stepping():
+                w.save("losses/loss", np.float32(3 - s), ["losses"])
+    err = user_error(cli("show", str(tmp_path), "losses/loss"))
+    assert err == (
+        "tensortap show: 'losses/loss' has no complete step yet: 3 saved steps wait for the other workers to "
+        "write them (worker_1 has written nothing yet)\n"
+    )
+
+
+def test_mode_in_any_case_and_as_any_integer(tmp_path: Path) -> None:
+    """hunt 33 L6: ``--mode EVAL`` was an argparse error while the API takes ``mode="EVAL"``, and
+    ``Mode.parse(np.int64(2))`` was refused while ``2`` worked. A bool is no mode."""
+    with Writer(tmp_path) as w:
+        for mode in ("train", "eval"):
+            with w.stepping(mode):
+                w.save("losses/loss", np.float32(1.0), ["losses"])
+    assert cli("show", str(tmp_path), "losses/loss", "--mode", "EVAL").stdout == "step 0 (eval): 1\n"
+    assert tensortap.Mode.parse(np.int64(2)) is tensortap.Mode.EVAL
+    assert tensortap.create_trial(tmp_path).steps(mode=np.int64(2)) == [0]
+    with pytest.raises(ValueError, match="True is not a mode"):
+        tensortap.Mode.parse(True)
+
+
+def test_a_negative_step_is_refused_as_such(trial_dir: Path) -> None:
+    """hunt 33 L8: ``value(-1)`` said "step -1 was not saved and never will be"; a negative step is now a
+    ValueError naming it, and ``show --step -1`` exit 2, as ``rules --start-step -5``."""
+    loss = tensortap.create_trial(trial_dir).tensor("losses/loss")
+    for read in (loss.value, loss.has_raw, loss.workers):
+        with pytest.raises(ValueError, match="step: expected a step >= 0, got -1"):
+            read(-1)
+    err = user_error(cli("show", str(trial_dir), "losses/loss", "--step", "-1"))
+    assert err == "tensortap show: step: expected a step >= 0, got -1\n"
+
+
+def test_plot_errors_name_the_run_by_its_path(trial_dir: Path, tmp_path: Path) -> None:
+    """hunt 33 L9: ``plot`` named the run by its last path component (``in run``), ``show`` by its path."""
+    err = user_error(cli("plot", str(trial_dir), "nope", "-o", str(tmp_path / "p.png")))
+    assert err == f"tensortap plot: no tensor named 'nope' in {trial_dir}\n"
+
+
+def test_ls_shows_the_run_folders_of_a_trial_and_of_a_folder(tmp_path: Path) -> None:
+    """hunt 31 L2: after ``if_exists="new_run"`` (GridSearchCV's fits), later runs are in ``out/run-<n>``,
+    each a trial: ``ls out`` showed the first fit alone, ``ls PARENT`` none of the run folders."""
+    out = tmp_path / "parent" / "out"
+    for fit in range(8):  # the first fit in `out`, as the XGBoost callback writes it, the others in run folders
+        with Writer(out, if_exists="new_run" if fit else "error") as w, w.stepping():
+            w.save("losses/loss", np.float32(1.0), ["losses"])
+    text = cli("ls", str(out)).stdout
+    assert (
+        "runs     run-0, run-1, run-2, run-3, run-4 and 2 more: later runs in this folder, each a trial "
+        f"(tensortap ls {out}/run-0)" in text
+    )
+    assert strict_json(cli("ls", str(out), "--json").stdout)["runs"] == [f"run-{n}" for n in range(7)]
+    listing = cli("ls", str(tmp_path / "parent"))
+    assert listing.stdout.startswith(f"{tmp_path / 'parent'} is not a trial; it holds 8 trials:")
+    names = [r["name"] for r in strict_json(cli("ls", str(tmp_path / "parent"), "--json").stdout)["trials"]]
+    assert names == ["out", *(f"out/run-{n}" for n in range(7))]

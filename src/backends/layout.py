@@ -23,6 +23,15 @@ WORKERS = "workers"
 ENDS = "end"
 STOP_REQUEST = "control/stop.json"
 
+RUN_PREFIX = "run-"
+"""A run folder ``run-<n>`` in a trial folder: a later run that ``if_exists="new_run"`` wrote there, a trial itself."""
+
+
+def run_number(name: str) -> int | None:
+    """The ``n`` of a run folder's name ``run-<n>`` (:data:`RUN_PREFIX`); None for any other name."""
+    return int(name[len(RUN_PREFIX) :]) if re.fullmatch(r"run-\d{1,9}", name) else None
+
+
 MAX_NAME_LENGTH = 255
 _BAD_NAME = re.compile(r"[/\\\x00-\x1f\x7f:]")
 

@@ -28,7 +28,6 @@ import functools
 import logging
 import math
 import os
-import re
 import signal
 import sys
 import tempfile
@@ -56,7 +55,6 @@ logger = logging.getLogger("tensortap")
 
 IfExists = Literal["error", "overwrite", "new_run"]
 IF_EXISTS = ("error", "overwrite", "new_run")
-RUN_PREFIX = "run-"
 POLL_SECONDS = 0.1  # how often the writer thread looks for buffers due for publishing
 LIVE_SHARE = 0.02  # publishing at the live deadline takes at most this share of one core (the writer thread's CPU)
 IN_FLIGHT = 2  # shards handed off and not yet published that a hand-off does not wait for, bytes allowing (_hand_off)
@@ -252,7 +250,7 @@ def _exists_message(storage: Storage, worker: str) -> str:
     return (
         f"{storage.url} already holds data of {worker} ({layout.worker_key(worker)}: a previous run, or another "
         'process running now with the same rank). Choose: if_exists="overwrite" replaces that worker\'s data, '
-        f'if_exists="new_run" writes each run to {storage.url.rstrip("/")}/{RUN_PREFIX}<n>, or give each run '
+        f'if_exists="new_run" writes each run to {storage.url.rstrip("/")}/{layout.RUN_PREFIX}<n>, or give each run '
         "a folder of its own (and each process of one run its own rank)"
     )
 
@@ -322,12 +320,13 @@ def claim_worker(
     storage.makedirs()
     key = layout.worker_key(worker)
     if if_exists == "new_run":
-        numbers = [int(n[len(RUN_PREFIX) :]) for n in storage.list_dirs("") if re.fullmatch(r"run-\d{1,9}", n)]
+        numbers = [k for name in storage.list_dirs("") if (k := layout.run_number(name)) is not None]
         n = max(numbers, default=0)
-        if resume and numbers and (seq := _resume(storage.child(f"{RUN_PREFIX}{n}"), worker, record)) is not None:
-            return storage.child(f"{RUN_PREFIX}{n}"), seq
+        last = storage.child(f"{layout.RUN_PREFIX}{n}")
+        if resume and numbers and (seq := _resume(last, worker, record)) is not None:
+            return last, seq
         while True:
-            run = storage.child(f"{RUN_PREFIX}{n}")
+            run = storage.child(f"{layout.RUN_PREFIX}{n}")
             run.makedirs()
             if run.create_json(key, record):
                 return run, 0

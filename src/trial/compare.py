@@ -23,20 +23,25 @@ def _labels(trials: Sequence[Trial]) -> list[str]:
     return short if len(set(short)) == len(short) else [t.path for t in trials]
 
 
-def check_names(trials: Sequence[Trial], names: Sequence[str], labels: Sequence[str] | None = None) -> None:
+def _paths(trials: Sequence[Trial]) -> str:
+    """How errors name ``trials``: their paths as given (``runs2/known``, as ``show`` names a trial), not
+    the plot's labels (``known``)."""
+    return ", ".join(trial.path for trial in trials)
+
+
+def check_names(trials: Sequence[Trial], names: Sequence[str]) -> None:
     """Check that each of ``names`` is saved in one of ``trials`` at least.
 
     Raises
     ------
     TensorUnavailable
-        One of ``names`` is saved in none of them (the message names ``labels``, default the
-        trials' paths, and suggests the closest names).
+        One of ``names`` is saved in none of them (the message names the trials' paths, and
+        suggests the closest names).
     """
     known = {n for trial in trials for n in trial.tensor_names()}
     unknown = [n for n in names if n not in known]
     if unknown:
-        where = ", ".join(labels if labels is not None else [trial.path for trial in trials])
-        raise TensorUnavailable(f"no tensor named {unknown[0]!r} in {where}{suggest(unknown[0], known)}")
+        raise TensorUnavailable(f"no tensor named {unknown[0]!r} in {_paths(trials)}{suggest(unknown[0], known)}")
 
 
 class Comparison:
@@ -66,7 +71,7 @@ class Comparison:
         return sorted({n for t in self.trials for n in t.tensor_names(regex=regex)})
 
     def _resolve(self, names_or_regex: str | Sequence[str]) -> list[str]:
-        return resolve_names(names_or_regex, self.tensor_names(), self.tensor_names, ", ".join(self.labels))
+        return resolve_names(names_or_regex, self.tensor_names(), self.tensor_names, _paths(self.trials))
 
     def plot(
         self,
@@ -95,7 +100,7 @@ class Comparison:
 
         selected = None if names is None else self._resolve(names)
         if selected is not None:
-            check_names(self.trials, selected, self.labels)
+            check_names(self.trials, selected)
         frames = []
         for label, trial in zip(self.labels, self.trials, strict=True):
             wanted = None if selected is None else [n for n in selected if n in trial.tensor_names()]

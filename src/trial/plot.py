@@ -32,6 +32,12 @@ XAxis = Literal["step", "global_step", "time"]
 X_LABELS: Mapping[str, str] = {"step": "step", "global_step": "global step", "time": "time since start (s)"}
 
 
+def check_x(x: str) -> None:
+    """A ValueError naming the valid axes unless ``x`` is one of :data:`X_LABELS` (before anything is drawn)."""
+    if x not in X_LABELS:
+        raise ValueError(f"x: {x!r} is not valid; valid: {', '.join(X_LABELS)}")
+
+
 MAX_TEXT = 120
 """Characters of a name drawn at most: a longer one keeps its start and end around an ellipsis (a stranger's
 name of two million characters took matplotlib minutes and a gigabyte, then failed to draw)."""
@@ -100,10 +106,9 @@ def mode_lines(
     Raises
     ------
     ValueError
-        ``x="time"`` on a trial written before wall times were recorded, or an unknown ``x``.
+        ``x="time"`` on a trial written before wall times were recorded, or an unknown ``x`` (:func:`check_x`).
     """
-    if x not in X_LABELS:
-        raise ValueError(f"x: {x!r} is not valid; valid: {', '.join(X_LABELS)}")
+    check_x(x)
     trial = tensor.trial
     data = series(trial, tensor.name, reduction, worker=worker)  # by global step
     steps = trial._index.steps
@@ -183,8 +188,9 @@ def plot_tensors(
     from .compare import check_names
 
     runs = [trials] if not isinstance(trials, Sequence) else list(trials)
-    check_names(runs, names, labels)
+    check_names(runs, names)
     x = curves_axis(runs, names, mode) if x is None else x
+    check_x(x)
     run_labels = [_text(label) for label in (labels if labels is not None else [t.path for t in runs])]
     ax = _axes(ax)
     drawn = 0
@@ -275,6 +281,7 @@ def plot_histograms(
     from matplotlib import colormaps
     from matplotlib.colors import LogNorm, Normalize
 
+    check_x(x)
     trial = tensor.trial
     saved = tensor._info.locations
     modes = [m for m in Mode if saved.any_in(trial._index.steps_of_mode(m)[0])]

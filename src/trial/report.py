@@ -10,6 +10,7 @@ why instead of disappearing.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import os
 import time
@@ -26,6 +27,7 @@ from .views import frameworks, html_text, trial_html
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
+    from .rules import Rule, Verdict
     from .trial import Tensor, Trial
 
 DEFAULT_RULES = (
@@ -40,6 +42,9 @@ DEFAULT_RULES = (
 XGBOOST_RULES = ("loss_not_decreasing", "overtraining", "exploding_tensor")
 """Rules the report runs on an XGBoost trial: those the default collections (losses, metrics) feed; a
 network's rules find no weights or gradients there."""
+
+REPORT_SUFFIXES = (".html", ".htm")
+"""What the name of a report's file may end in."""
 
 MAX_DISTRIBUTIONS = 8  # heat maps per collection
 MAX_FEATURES = 10  # lines of the feature importance plot
@@ -158,35 +163,39 @@ def _feature_importance(trial: Trial) -> str:
     return _png(lambda ax: plot_tensors(trial, top, ax=ax), figsize=(9, 5)) + more
 
 
-def _rules(trial: Trial, rules: Sequence[str]) -> str:
+def _rules(trial: Trial, specs: Sequence[str], ran: list[Rule]) -> str:
+    """The table of the verdicts of the rules ``specs``; the rules, once run, are appended to ``ran``."""
+    from ..exceptions import RuleInputsMissing
     from .rules import RuleRunner, make_rule
+    from .rules.runner import rule_status
 
     rows = []
     built = []
-    for spec in rules:
+    for spec in specs:
         try:
             built.append((spec, make_rule(spec, trial)))
         except (ValueError, TypeError) as exc:
             rows.append((spec, "<span class='note'>not run</span>", html_text(str(exc), message=True)))
-    fired: dict[str, list[Any]] = {spec: [] for spec, _ in built}
-    errors: dict[str, str] = {}
     for spec, rule in built:  # one runner per rule: one rule that cannot judge does not stop the others
-        try:
-            RuleRunner(trial, [rule]).run(wait=False, on_verdict=lambda _, verdict: fired[spec].append(verdict))  # noqa: B023
-        except TensortapError as exc:
-            errors[spec] = str(exc)
-    for spec, rule in built:
-        verdicts = fired[spec]
-        missing = errors.get(spec) or "; ".join(rule.missing_inputs)  # none of its inputs: the error names them
-        if verdicts:
-            steps = ", ".join(str(v.step) for v in verdicts[:10]) + (" ..." if len(verdicts) > 10 else "")
-            status = f"<span class='fired'>fired at {len(verdicts)} step(s): {steps}</span>"
-            reason = html_text(verdicts[0].reason, message=True)
-        elif missing:
-            status, reason = "<span class='note'>could not judge</span>", html_text(missing, message=True)
+        fired: list[Verdict] = []
+        with contextlib.suppress(RuleInputsMissing):  # its status says so
+            RuleRunner(trial, [rule]).run(wait=False, on_verdict=lambda _, verdict: fired.append(verdict))  # noqa: B023
+        ran.append(rule)
+        status = rule_status(rule)
+        lacked = "; ".join(rule.missing_inputs)
+        if status == "inputs_missing":
+            verdict, reason = "<span class='note'>could not judge</span>", lacked
+        elif status == "no_step":
+            verdict, reason = "<span class='note'>judged nothing</span>", "no step evaluated"
         else:
-            status, reason = "<span class='ok'>did not fire</span>", f"evaluated up to step {rule.last_step}"
-        rows.append((html_text(spec), status, reason))
+            if fired:
+                steps = ", ".join(str(v.step) for v in fired[:10]) + (" ..." if len(fired) > 10 else "")
+                verdict, reason = f"<span class='fired'>fired at {len(fired)} step(s): {steps}</span>", fired[0].reason
+            else:
+                verdict = "<span class='ok'>did not fire</span>"
+                reason = f"evaluated {rule.evaluated_steps} step(s) up to step {rule.last_step}"
+            reason += f"; it lacked some inputs: {lacked}" if lacked else ""  # and judged with the others
+        rows.append((html_text(spec), verdict, html_text(reason, message=True)))
     body = "".join(f"<tr><td>{a}</td><td>{b}</td><td>{c}</td></tr>" for a, b, c in rows)
     return f"<table><tr><th>rule</th><th>verdict</th><th>reason</th></tr>{body}</table>"
 
@@ -194,6 +203,12 @@ def _rules(trial: Trial, rules: Sequence[str]) -> str:
 def build_report(trial: Trial, rules: Sequence[str] | None = None, show_progress: bool | None = None) -> str:
     """The report of ``trial`` as one HTML document (no external resources); ``rules``: default
     :func:`default_rules`."""
+    return _report(trial, rules, show_progress)[0]
+
+
+def _report(trial: Trial, rules: Sequence[str] | None, show_progress: bool | None) -> tuple[str, list[Rule]]:
+    """:func:`build_report`, and the rules it ran."""
+    ran: list[Rule] = []
     sections: list[tuple[str, Callable[[], str]]] = [
         ("Summary", lambda: trial_html(trial)),
         ("Losses", lambda: _curves(trial, "losses")),
@@ -207,16 +222,17 @@ def build_report(trial: Trial, rules: Sequence[str] | None = None, show_progress
             ("Weight distributions over steps", lambda: _distributions(trial, "weights")),
             ("Gradient distributions over steps", lambda: _distributions(trial, "gradients")),
         ]
-    sections.append(("Rules", lambda: _rules(trial, default_rules(trial) if rules is None else rules)))
+    sections.append(("Rules", lambda: _rules(trial, default_rules(trial) if rules is None else rules, ran)))
     with trial.frozen():  # one view of the trial, and on remote storage no listing per tensor
         parts = [_section(title, draw) for title, draw in progress(sections, desc="report", enable=show_progress)]
     stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
-    return (
+    page = (
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
         f"<title>tensortap report: {html_text(trial.path)}</title><style>{STYLE}</style></head><body>"
         f"<h1>tensortap report</h1><p>{html_text(trial.path)} &middot; generated {stamp}</p>"
         f"{''.join(parts)}</body></html>"
     )
+    return page, ran
 
 
 def write_report(
@@ -224,10 +240,25 @@ def write_report(
     output: str | os.PathLike[str],
     rules: Sequence[str] | None = None,
     show_progress: bool | None = None,
-) -> None:
-    """Write :func:`build_report` to ``output`` (UTF-8); a folder of ``output`` that is a file or missing
-    raises before the report is built (:func:`~tensortap.trial.export.check_output`)."""
-    check_output(os.fspath(output))
-    html = build_report(trial, rules, show_progress)
+) -> list[Rule]:
+    """Write :func:`build_report` to ``output`` (UTF-8) and return the rules it ran.
+
+    Returns
+    -------
+    list of Rule
+        The rules of the report, after their run: :func:`~tensortap.trial.rules.runner.rule_status` gives the
+        outcome of each (its row of the page).
+
+    Raises
+    ------
+    ValueError
+        ``output`` does not end in one of :data:`REPORT_SUFFIXES`.
+    NotADirectoryError, FileNotFoundError
+        A folder of ``output`` is a file or missing. Either way before the report is built
+        (:func:`~tensortap.trial.export.check_output`).
+    """
+    check_output(os.fspath(output), REPORT_SUFFIXES)
+    html, ran = _report(trial, rules, show_progress)
     with open(output, "w", encoding="utf-8") as f:
         f.write(html)
+    return ran

@@ -78,31 +78,48 @@ def is_trial(storage: Storage, prefix: str = "") -> bool:
     )
 
 
-def find_trials(storage: Storage, depth: int = SEARCH_DEPTH) -> list[str]:
-    """Folders below ``storage`` (up to ``depth`` levels) that hold a trial, relative to it, sorted.
+def run_folders(storage: Storage, prefix: str = "") -> list[str]:
+    """The run folders ``run-<n>`` directly in the trial folder ``prefix`` of ``storage`` that hold a trial (the
+    later runs a hook with ``if_exists="new_run"`` wrote there), by run number; names relative to ``prefix``."""
+    runs = sorted((n, name) for name in storage.list_dirs(prefix) if (n := layout.run_number(name)) is not None)
+    keys = [(name, f"{prefix}/{name}" if prefix else name) for _, name in runs]
+    return [name for name, key in keys if storage.leads_outside(key) is None and is_trial(storage, key)]
 
-    The search does not go into trials, nor follow a link out of ``storage`` (the folder may be a
-    stranger's: such a link is named in one warning), and looks into at most ``SEARCH_FOLDERS`` folders
-    (a path given by mistake may be a large tree).
+
+def find_trials(storage: Storage, depth: int = SEARCH_DEPTH) -> list[str]:
+    """Folders below ``storage`` (up to ``depth`` levels) that hold a trial, relative to it, sorted; after
+    each trial, its run folders (:func:`run_folders`).
+
+    The search does not go into trials (but for their run folders, one level), nor follow a link out of
+    ``storage`` (the folder may be a stranger's: such a link is named in one warning), and looks into at
+    most ``SEARCH_FOLDERS`` folders (a path given by mistake may be a large tree).
     """
-    found: list[str] = []
+    found: dict[str, list[str]] = {}  # trial: its run folders
     level, visited = [""], 0
     for _ in range(depth):
         below: list[str] = []
         for prefix in level:
             for name in storage.list_dirs(prefix):
                 if visited >= SEARCH_FOLDERS:
-                    return sorted(found)
+                    return _with_runs(found)
                 visited += 1
                 key = f"{prefix}/{name}" if prefix else name
                 if (real := storage.leads_outside(key)) is not None:
                     logger.warning(
                         "tensortap: %s/%s not searched: a link that leads outside it (to %s)", storage.url, key, real
                     )
-                    continue
-                (found if is_trial(storage, key) else below).append(key)
+                elif is_trial(storage, key):
+                    found[key] = run_folders(storage, key)
+                    visited += len(found[key])
+                else:
+                    below.append(key)
         level = below
-    return sorted(found)
+    return _with_runs(found)
+
+
+def _with_runs(found: Mapping[str, Sequence[str]]) -> list[str]:
+    """The trials of ``found`` (``{trial: its run folders}``), sorted, each followed by its run folders."""
+    return [key for trial in sorted(found) for key in (trial, *(f"{trial}/{run}" for run in found[trial]))]
 
 
 def trial_storage(path: str | os.PathLike[str] | Storage, **options: Any) -> Storage:
@@ -816,10 +833,7 @@ class Tensor:
 
     def _locate(self, step: int, mode: Mode | str | None, worker: str | None) -> tuple[int, str, Location]:
         refuse_mode(step, STEP_FIRST + "(step, mode={mode})")
-        try:
-            step = operator.index(step)  # 2.0 or "2" named no step, and read as one that other tensors had
-        except TypeError:
-            raise TypeError(f"step: expected an integer, got {step!r}") from None
+        step = _step_number(step)
         m = None if mode is None else Mode.parse(mode)
         info = self._info
         gstep = self.trial.global_step(step, m)
@@ -866,8 +880,8 @@ class Tensor:
         if not loc.raw:
             have = ", ".join(loc.reductions) or "none"
             raise TensorUnavailableForStep(
-                f"{self.name!r} at {step_label(step, mode)}: only reductions were saved ({have}); "
-                "save the raw tensor with ReductionConfig(save_raw_tensor=True)"
+                f"{self.name!r} at {step_label(step, mode)}: only reductions were saved ({have}): read one with "
+                "reduction_value(step, REDUCTION), or capture the raw tensor with ReductionConfig(save_raw_tensor=True)"
             )
         return self._reader_value(gstep, loc)
 
@@ -1074,7 +1088,8 @@ class Tensor:
         Raises
         ------
         ValueError
-            ``reduction=None`` and the tensor is not a scalar.
+            ``reduction=None`` and the tensor is not a scalar, or saved only reductions (a scalar too,
+            such as a loss captured under a ``ReductionConfig``): the message names the reductions to pass.
         """
         import pandas as pd
 
@@ -1082,9 +1097,13 @@ class Tensor:
             info = self._info
             if info.shape is None or int(np.prod(info.shape)) != 1:
                 saved = sorted(info.saved_reductions())
-                what = "only reductions were saved" if info.shape is None else f"its shape is {info.shape}"
+                if info.shape is None:  # no raw value: whether it is a scalar is not known
+                    raise ValueError(
+                        f"{self.name!r} has no values, only reductions were saved: pass reduction= one of "
+                        f"{', '.join(saved) or 'none'}"
+                    )
                 raise ValueError(
-                    f"{self.name!r} is not a scalar ({what}); pass reduction= one of "
+                    f"{self.name!r} is not a scalar (its shape is {info.shape}); pass reduction= one of "
                     f"{', '.join(saved) or ', '.join(DEFAULT_RAW_REDUCTIONS)}"
                 )
             data = self._keyed([r for r in self._rows(None, worker, mode) if r[2] == "value"], mode)
@@ -1109,14 +1128,20 @@ class Tensor:
         bins
             For a raw tensor: equal bins over its finite range, or explicit edges.
             A saved histogram keeps the bins it was captured with.
+
+        Raises
+        ------
+        ValueError
+            ``bins`` is neither a number of bins (1 to 4096) nor strictly increasing edges.
         """
+        checked = red.check_bins(bins)
         gstep, _, loc = self._locate(step, mode, worker)
         if loc.histogram:
             saved = self.trial._index.read(loc.shard, lambda r: r.histograms(self.name))
             if saved is not None and gstep in saved:
                 return saved[gstep]
         if loc.raw:
-            hist = red.histogram(self._reader_value(gstep, loc), bins)
+            hist = red.histogram(self._reader_value(gstep, loc), checked)
             if hist is None:
                 raise TensorUnavailableForStep(f"{self.name!r} at {step_label(step, mode)}: no finite value to bin")
             return hist
@@ -1135,8 +1160,10 @@ class Tensor:
 
         Saved histograms are returned as captured. Raw tensors are binned on
         common edges: ``bins`` equal bins over the finite range of all their
-        steps (or explicit edges). Each shard is read once.
+        steps (or explicit edges). Each shard is read once. ``bins`` is checked as in
+        :meth:`histogram_value`.
         """
+        checked = red.check_bins(bins)
         m = None if mode is None else Mode.parse(mode)
         index = self.trial._index
         by_shard: dict[str, list[tuple[int, Location]]] = {}
@@ -1168,7 +1195,7 @@ class Tensor:
                 elif gstep in values:
                     raw[gstep] = values[gstep]
         if raw:
-            edges = _common_edges(raw.values(), bins)
+            edges = _common_edges(raw.values(), checked)
             if edges is not None:
                 found.update({g: red.Histogram(edges, red.histogram_counts(v, edges)) for g, v in raw.items()})
         keyed = {(g if m is None else index.steps[g][1]): h for g, h in found.items()}
@@ -1237,6 +1264,7 @@ class Tensor:
     def workers(self, step: int, mode: Mode | str | None = None) -> list[str]:
         """Workers that saved this tensor at ``step``."""
         refuse_mode(step, STEP_FIRST + "workers(step, mode={mode})")
+        step = _step_number(step)
         m = None if mode is None else Mode.parse(mode)
         gstep = self.trial.global_step(step, m)
         return sorted(self._info.locations.get(gstep, {})) if gstep is not None else []
@@ -1337,6 +1365,18 @@ class StepWindow:
         return self._reductions[key].get(step)
 
 
+def _step_number(step: Any) -> int:
+    """``step`` as an int: a TypeError for one that is not an integer (2.0 or "2" named no step, and read as one
+    that other tensors had), a ValueError for a negative one (steps count from 0: -1 is not the last step)."""
+    try:
+        number = operator.index(step)
+    except TypeError:
+        raise TypeError(f"step: expected an integer, got {step!r}") from None
+    if number < 0:
+        raise ValueError(f"step: expected a step >= 0, got {number}")
+    return number
+
+
 def _scalar_row_value(value: np.ndarray) -> float | int:
     """The ``value`` row of a scalar tensor (one element): an integer as a Python int (exact beyond
     2**53, which float64 is not), any other number as float64 (complex: its magnitude)."""
@@ -1345,10 +1385,11 @@ def _scalar_row_value(value: np.ndarray) -> float | int:
     return red.compute(value, "sum")
 
 
-def _common_edges(values: Iterable[np.ndarray], bins: int | Sequence[float]) -> np.ndarray | None:
-    """Edges shared by histograms of several arrays: explicit ``bins``, or equal bins over their joint finite range."""
-    if not isinstance(bins, (int, np.integer)):
-        return red.check_edges(bins, "bins")
+def _common_edges(values: Iterable[np.ndarray], bins: int | np.ndarray) -> np.ndarray | None:
+    """Edges shared by histograms of several arrays: ``bins`` checked (:func:`~tensortap.reductions.check_bins`):
+    its edges, or that many equal bins over their joint finite range."""
+    if not isinstance(bins, int):
+        return bins
     lo, hi = np.inf, -np.inf
     for v in values:
         a = np.asarray(v)
@@ -1358,7 +1399,7 @@ def _common_edges(values: Iterable[np.ndarray], bins: int | Sequence[float]) -> 
             lo, hi = min(lo, float(finite.min())), max(hi, float(finite.max()))
     if not np.isfinite(lo):
         return None
-    return red.histogram_edges(np.array([lo, hi]), int(bins))
+    return red.histogram_edges(np.array([lo, hi]), bins)
 
 
 def _compile(pattern: str) -> re.Pattern[str]:

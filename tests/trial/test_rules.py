@@ -94,6 +94,53 @@ def test_vanishing_gradient_uses_saved_reduction_and_says_what_is_missing(tmp_pa
     assert info.value.missing == {"VanishingGradient": [message]} and info.value.fired == {"VanishingGradient": []}
 
 
+def test_a_rule_that_judged_nothing_lacks_inputs_though_the_trial_has_an_eval_step(tmp_path: Path) -> None:
+    """Hunt 33 H1: at an EVAL step, where no gradient (no update) was saved, a rule of gradients (or weight
+    updates) looked at nothing, and that step counted as usable: one EVAL step turned "found none of its inputs"
+    into a pass. A step that reads nothing and lacks nothing now judges nothing for a rule that tells its reads."""
+
+    def values(s: int) -> Values:
+        if s == 2:  # an evaluation: a loss, no gradient, no weight
+            return {"losses/loss": (np.float32(1.0), ("losses",))}
+        return {
+            "gradients/fc.weight": (np.full(3, 1e-9), ("gradients",)),
+            "fc.weight": (np.full(3, 1.0 + s), ("weights",)),
+        }
+
+    means_only = ReductionConfig(reductions=["mean"], norms=["l2"])  # no abs_mean, no raw tensor
+    trial = make_trial(tmp_path, 5, values, lambda s: "EVAL" if s == 2 else "TRAIN", reduction_config=means_only)
+    for rule in (VanishingGradient(trial), WeightUpdateRatio(trial)):
+        with pytest.raises(RuleInputsMissing, match=f"^{rule.name} found none of its inputs"):
+            invoke_rule(rule)
+        assert rule.lacks_inputs and rule.evaluated_steps == 5 and rule.fired_steps == []
+        restored = type(rule)(trial)
+        restored.load_state_dict(rule.state_dict())
+        assert restored.lacks_inputs
+    raw = make_trial(tmp_path / "raw", 5, values, lambda s: "EVAL" if s == 2 else "TRAIN")
+    rule = VanishingGradient(raw)
+    assert invoke_rule(rule) == [0, 1, 3, 4] and not rule.lacks_inputs  # with its inputs it judges
+
+
+def test_a_missing_input_names_the_collection_of_the_tensor(tmp_path: Path) -> None:
+    """Hunt 33 L7: a rule over every tensor named the first collection it could read (``weights``) in what
+    ``outputs/fc1`` or ``gradients/fc1.weight`` lacked; it names each tensor's own collection now."""
+    v = lambda s: {  # noqa: E731
+        "fc1.weight": (np.ones(3), ("weights",)),
+        "gradients/fc1.weight": (np.ones(3), ("gradients",)),
+        "outputs/fc1": (np.ones(3), ("outputs",)),
+    }
+    trial = make_trial(tmp_path, 2, v, reduction_config=ReductionConfig(reductions=["nan_count"]))
+    rule = ExplodingTensor(trial)
+    assert invoke_rule(rule) == [] and not rule.lacks_inputs  # the NaN counts were saved: judged with those
+    lacked = {m.split(": ")[1].split("'")[1]: m.split(" with ")[0] for m in rule.missing_inputs}
+    assert lacked == {
+        "fc1.weight": "ExplodingTensor needs collection 'weights'",
+        "gradients/fc1.weight": "ExplodingTensor needs collection 'gradients'",
+        "outputs/fc1": "ExplodingTensor needs collection 'outputs'",
+    }
+    assert all(m.endswith("has neither reduction 'inf_count' nor its raw value") for m in rule.missing_inputs)
+
+
 def test_rule_with_no_input_tensor_says_what_to_capture(tmp_path: Path) -> None:
     trial = make_trial(tmp_path, 3, scalars("losses/loss", "losses", {0: 1.0, 1: 1.0, 2: 1.0}))
     rule = VanishingGradient(trial)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import html
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -15,6 +17,7 @@ import pytest
 from helpers.cli import strict_json
 
 import tensortap
+from tensortap import ReductionConfig
 from tensortap.capture import ShardPolicy, Writer
 from tensortap.rules import BUILTIN_RULES, parameters
 
@@ -37,10 +40,10 @@ def falling(tmp_path: Path) -> Path:
     return write_losses(tmp_path / "falling", [1.0 - 0.05 * s for s in range(12)])
 
 
-def rules(*args: str) -> subprocess.CompletedProcess[str]:
-    """``python -m tensortap.cli rules ARGS``, run to its end."""
+def rules(*args: str, command: str = "rules") -> subprocess.CompletedProcess[str]:
+    """``python -m tensortap.cli rules ARGS`` (or another ``command``), run to its end."""
     return subprocess.run(
-        [sys.executable, "-m", "tensortap.cli", "rules", *args], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "tensortap.cli", command, *args], capture_output=True, text=True, timeout=120
     )
 
 
@@ -109,6 +112,61 @@ def test_a_rising_loss_reads_rose(tmp_path: Path) -> None:
     result = rules(str(tmp_path), "--rule", "loss_not_decreasing:num_steps=5,window=1")
     assert result.returncode == 1
     assert "loss 1.016 at TRAIN step 5 rose 1.6% from 1 at TRAIN step 0" in result.stdout
+
+
+def report_rows(page: str) -> dict[str, tuple[str, str]]:
+    """The rules table of a report: ``{rule: (verdict, reason)}``, as text."""
+    rows = re.findall(r"<tr><td>([^<]*)</td><td><span class='\w+'>([^<]*)</span></td><td>([^<]*)</td></tr>", page)
+    return {rule: (verdict, html.unescape(reason)) for rule, verdict, reason in rows}
+
+
+def test_rules_and_report_agree_on_a_rule_that_judged_nothing(tmp_path: Path) -> None:
+    """Hunt 33 H1 and M4: with one EVAL step (no gradient there) a rule of gradients that found none of its
+    inputs passed (`rules` exit 0, status "passed"), while `report` said it "could not judge" and exited 0; a
+    rule that judged some inputs and lacked others was "could not judge" in the report and passed in `rules`.
+    Both now give the status of :func:`rule_status`, and both exit 2 for the rule that judged nothing."""
+    pytest.importorskip("matplotlib")
+    config = ReductionConfig(reductions=["mean", "nan_count"])  # no abs_mean, no inf_count, no raw tensor
+    with Writer(tmp_path / "run", reduction_config=config) as w:
+        for s in range(5):
+            with w.stepping(mode="EVAL" if s == 2 else "TRAIN"):
+                w.save("losses/loss", np.float32(1.0 - 0.1 * s), ["losses"])
+                if s != 2:  # no backward while evaluating
+                    w.save("gradients/fc.weight", np.full(3, 1e-3), ["gradients"])
+    run = str(tmp_path / "run")
+    result = rules(run, "--rule", "vanishing_gradient", "--rule", "exploding_tensor", "--json")
+    assert result.returncode == 2, result.stdout
+    answer = strict_json(result.stdout)
+    assert [r["status"] for r in answer["rules"]] == ["inputs_missing", "passed"]
+    assert answer["inputs_missing"] is True and "VanishingGradient needs" in answer["error"]["message"]
+    page = tmp_path / "r.html"
+    result = rules(run, "--rule", "vanishing_gradient", "--rule", "exploding_tensor", "-o", str(page), command="report")
+    assert result.returncode == 2 and result.stdout == f"wrote {page}\n", result.stderr
+    assert result.stderr.splitlines()[-1].startswith("tensortap report: VanishingGradient needs collection 'gradients'")
+    rows = report_rows(page.read_text(encoding="utf-8"))
+    assert rows["vanishing_gradient"][0] == "could not judge"
+    verdict, reason = rows["exploding_tensor"]
+    assert verdict == "did not fire" and reason.startswith("evaluated 5 step(s) up to step 4; it lacked some inputs")
+
+
+def test_rules_and_report_on_a_trial_without_a_step_exit_2(tmp_path: Path) -> None:
+    """Hunt 33 M4: `report` of a trial with no step said each rule "did not fire, evaluated up to step -1" and
+    exited 0, while `rules` exited 2 (with each rule's status "passed"). Both now say it judged nothing."""
+    pytest.importorskip("matplotlib")
+    with Writer(tmp_path / "empty"):
+        pass
+    empty = str(tmp_path / "empty")
+    result = rules(empty, "--rule", "all_zero", "--json")
+    answer = strict_json(result.stdout)
+    assert result.returncode == 2 and [r["status"] for r in answer["rules"]] == ["no_step"]
+    page = tmp_path / "r.html"
+    result = rules(empty, "--rule", "all_zero", "-o", str(page), "--json", command="report")
+    assert result.returncode == 2, result.stderr
+    answer = strict_json(result.stdout)
+    message = f"no complete step to judge in {empty}: the training ended without saving one"
+    assert answer["output"] == str(page) and answer["error"]["message"] == message
+    assert result.stderr == f"tensortap report: {message}\n"
+    assert report_rows(page.read_text(encoding="utf-8")) == {"all_zero": ("judged nothing", "no step evaluated")}
 
 
 def test_a_rule_that_finds_none_of_its_inputs_exits_2(flat: Path) -> None:

@@ -373,7 +373,8 @@ def test_compare_to_pandas_takes_a_name_and_refuses_one_no_run_saved(run: Run, r
     for r, label in ((run, "run_a"), (run_b, "run_b")):
         train = df[(df["run"] == label) & (df["mode"] == "TRAIN")].sort_values("mode_step")
         np.testing.assert_allclose(train.value, r.train_loss, rtol=1e-6)
-    with pytest.raises(tensortap.TensorUnavailable, match=f"no tensor named {name[:-1]!r} in run_a, run_b; did you"):
+    where = f"{run.trial().path}, {run_b.trial().path}"  # paths, not the labels (hunt 33 L9)
+    with pytest.raises(tensortap.TensorUnavailable, match=re.escape(f"no tensor named {name[:-1]!r} in {where}; did")):
         cmp.to_pandas([name[:-1]])
 
 
@@ -531,3 +532,23 @@ def test_a_tensor_two_workers_saved_is_drawn_per_worker_never_joined(tmp_path: P
     label, spark = default_series(trial.tensor("losses/MSELoss"))
     assert label == "value [worker_0]"
     np.testing.assert_allclose(list(spark.values()), losses["worker_0"], rtol=1e-6)
+
+
+def test_histogram_arguments_are_checked_before_anything_is_drawn(tmp_path: Path) -> None:
+    """hunt 33 L2, L3: ``plot_histograms(x="epoch")`` raised a bare KeyError after drawing, where ``plot``
+    gives a ValueError naming the valid axes; ``bins=0`` gave an empty histogram and ``bins=-3`` NumPy's
+    error, where ``bins=1.5`` got the package's "1 to 4096" message."""
+    with Writer(tmp_path) as w:
+        for s in range(2):
+            with w.stepping():
+                w.save("x", np.arange(5.0) + s)
+    x = tensortap.create_trial(tmp_path).tensor("x")
+    figures = len(plt.get_fignums())
+    with pytest.raises(ValueError, match="x: 'epoch' is not valid; valid: step, global_step, time"):
+        x.plot_histograms(x="epoch")  # type: ignore[arg-type]
+    assert len(plt.get_fignums()) == figures  # nothing drawn
+    for bins in (0, -3, np.int64(0), 5000, True):
+        for read in (lambda b: x.histogram_value(1, bins=b), lambda b: x.histogram_values(bins=b)):
+            with pytest.raises(ValueError, match=r"bins: expected a number of bins \(1 to 4096\)"):
+                read(bins)
+    assert x.histogram_value(1, bins=np.int64(2)).counts.tolist() == [2, 3]

@@ -166,7 +166,7 @@ class DeadRelu(LayerKindRule):
         )
 
     def check(self, step: int, name: str) -> str | None:
-        y = raw_at(self, self.base_trial, name, step, self.requirement())
+        y = raw_at(self, self.base_trial, name, step, self.requirement(name))
         if y is None:
             return None
         if self.relu_outputs_only and not (bool(np.all(y >= 0)) and bool(np.any(y == 0))):
@@ -270,7 +270,7 @@ class SaturatedActivation(LayerKindRule):
             self.not_of_kind(name)
             return None
         self.of_kind()
-        x = raw_at(self, self.base_trial, name, step, self.requirement())
+        x = raw_at(self, self.base_trial, name, step, self.requirement(name))
         if x is None:
             return None
         lo, hi = self.bounds[kind]

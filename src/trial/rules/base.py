@@ -233,7 +233,9 @@ class _Progress:
     last_step: int = -1
     fired_steps: list[int] = field(default_factory=list)
     missing: dict[str, int] = field(default_factory=dict)
-    usable_steps: int = 0  # steps evaluated with (some of) the rule's inputs
+    usable_steps: int = 0  # steps evaluated with (some of) the rule's inputs read
+    silent_steps: int = 0  # steps evaluated that neither read an input nor lacked one (see Rule.lacks_inputs)
+    tells_reads: bool = False  # the rule called found_input or need(partial=True): it says what it reads
     evaluated_steps: int = 0  # steps evaluated (invoke), however many are skipped before a start step
     skipped_steps: list[int] = field(default_factory=list)  # steps whose shard could not be read
 
@@ -248,7 +250,12 @@ class _StepInputs:
 
     @property
     def usable(self) -> bool:
-        return not self.blocked and (self.found or not self.needed)
+        return self.found and not self.blocked
+
+    @property
+    def silent(self) -> bool:
+        """Nothing read and nothing lacked: usable only for a rule that does not tell its reads."""
+        return not self.found and not self.needed
 
 
 class Rule:
@@ -375,6 +382,7 @@ class Rule:
         """
         self._step_inputs.needed = True
         self._step_inputs.blocked |= not partial
+        self._progress.tells_reads |= partial
         what = requirement if isinstance(requirement, str) else requirement.describe()
         message = f"{self.name} needs {what}" + (f": {detail}" if detail else "")
         if message not in self._progress.missing:
@@ -389,6 +397,7 @@ class Rule:
         it after each successful read.
         """
         self._step_inputs.found = True
+        self._progress.tells_reads = True
 
     def not_judged(self) -> str | None:
         """What the rule still needs to judge although it read its inputs, or None (the default).
@@ -417,8 +426,17 @@ class Rule:
 
     @property
     def lacks_inputs(self) -> bool:
-        """Whether the rule could use none of the steps it evaluated (see :meth:`need` and :meth:`not_judged`)."""
-        no_usable = bool(self._progress.missing) and not self._progress.usable_steps
+        """Whether the rule could use none of the steps it evaluated (see :meth:`need` and :meth:`not_judged`).
+
+        A step is usable where the rule read one of its inputs (:meth:`found_input`) and lacked none it cannot
+        do without. A step where it neither read nor lacked anything (its inputs are of another mode: no
+        gradient at an EVAL step) judged nothing for a rule that tells its reads (one that called
+        :meth:`found_input` or ``need(..., partial=True)``, as the reading helpers and the built-in rules do),
+        and is usable for one that does not (a custom rule that reads tensors itself).
+        """
+        progress = self._progress
+        usable = progress.usable_steps + (0 if progress.tells_reads else progress.silent_steps)
+        no_usable = bool(progress.missing) and not usable
         return self._progress.last_step >= 0 and (no_usable or self._unjudged() is not None)
 
     @property
@@ -491,6 +509,7 @@ class Rule:
         fired = self._fired(result, "invoke_at_step", step)
         self._progress.last_step = max(self._progress.last_step, step)
         self._progress.usable_steps += self._step_inputs.usable
+        self._progress.silent_steps += self._step_inputs.silent
         self._progress.evaluated_steps += 1
         if not_judged is not None:
             return Verdict(self.name, step, False, not_judged)
@@ -633,6 +652,8 @@ class Rule:
             "fired_steps": list(self._progress.fired_steps),
             "missing": dict(self._progress.missing),
             "usable_steps": self._progress.usable_steps,
+            "silent_steps": self._progress.silent_steps,
+            "tells_reads": self._progress.tells_reads,
             "evaluated_steps": self._progress.evaluated_steps,
             "skipped_steps": list(self._progress.skipped_steps),
             "attrs": {a: getattr(self, a) for a in self.state_attrs},
@@ -659,6 +680,8 @@ class Rule:
             [int(s) for s in state["fired_steps"]],
             {str(k): int(v) for k, v in state.get("missing", {}).items()},
             int(state.get("usable_steps", 0)),
+            int(state.get("silent_steps", 0)),
+            bool(state.get("tells_reads", False)),
             int(state.get("evaluated_steps", 0)),
             [int(s) for s in state.get("skipped_steps", [])],
         )

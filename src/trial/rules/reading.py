@@ -258,9 +258,17 @@ class PerTensorRule(Rule):
         collections = self.selection.collections or self.hook_collections
         return [Requirement(c, keys, raw) for c in collections]
 
-    def requirement(self) -> Requirement:
-        """The requirement reported when an input is missing."""
-        return self.required_captures()[0]
+    def requirement(self, name: str | None = None) -> Requirement:
+        """The requirement reported when an input is missing: for tensor ``name``, that of the first selected
+        collection it belongs to, else of its own first collection (an ``outputs/...`` tensor of a rule that
+        inspects every tensor needs collection ``outputs``); without ``name``, the first of
+        :meth:`required_captures`."""
+        first = self.required_captures()[0]
+        if name is None:
+            return first
+        held = self.base_trial.tensor(name).collections
+        wanted = [c for c in self.selection.collections if c in held] or held
+        return Requirement(wanted[0], first.reductions, first.raw) if wanted else first
 
     def invoke_at_step(self, step: int) -> bool:
         """Fire when :meth:`check` finds a failing tensor at ``step``; the reason names the first."""

@@ -34,6 +34,27 @@ def rule_labels(rules: Sequence[Rule], tags: Sequence[str]) -> list[str]:
     return [f"{name} {tag}" if names.count(name) > 1 else name for name, tag in zip(names, tags, strict=True)]
 
 
+RULE_STATUSES = ("fired", "passed", "inputs_missing", "no_step")
+"""The outcomes of a rule's run (:func:`rule_status`)."""
+
+
+def rule_status(rule: Rule) -> str:
+    """The outcome of the run of ``rule`` so far, as ``tensortap rules`` and ``tensortap report`` give it.
+
+    Returns
+    -------
+    str
+        ``"inputs_missing"``: it found none of its inputs (:attr:`Rule.lacks_inputs`; a runner raised
+        :class:`~tensortap.exceptions.RuleInputsMissing`); ``"fired"``: it fired at a step; ``"passed"``: it
+        judged steps and did not fire; ``"no_step"``: it evaluated no step (none complete, or none readable).
+    """
+    if rule.lacks_inputs:
+        return "inputs_missing"
+    if rule.fired_steps:
+        return "fired"
+    return "passed" if rule.evaluated_steps else "no_step"
+
+
 def _relabel(message: str, name: str, label: str) -> str:
     """``message`` of rule ``name`` (``"LossNotDecreasing needs ..."``) starting with its ``label`` instead."""
     return label + message.removeprefix(name) if message.startswith(name) else message

@@ -152,7 +152,7 @@ class ExplodingTensor(PerTensorRule):
         return ("nan_count",) if self.only_nan else ("nan_count", "inf_count"), False
 
     def check(self, step: int, name: str) -> str | None:
-        req = self.requirement()
+        req = self.requirement(name)
         nan_encoded = self.nan_encoded is not None and self.nan_encoded.search(name) is not None
         inf_encoded = self.inf_encoded is not None and self.inf_encoded.search(name) is not None
         if nan_encoded and (inf_encoded or self.only_nan):
@@ -233,9 +233,9 @@ class AllZero(PerTensorRule):
         if not read.raw and self.threshold >= 100:
             saved = [k for k in ("abs_max", "l1", "l2") if k in read.reductions]
             if saved:
-                value = read.reduction_for(self, saved[0], self.requirement())
+                value = read.reduction_for(self, saved[0], self.requirement(name))
                 return f"{name}: all values are zero ({saved[0]} = 0)" if value == 0 else None
-        v = read.value_for(self, self.requirement())
+        v = read.value_for(self, self.requirement(name))
         if v is None or v.size == 0:
             return None
         percent = 100.0 * np.count_nonzero(v == 0) / v.size
@@ -295,7 +295,7 @@ class TensorVariance(PerTensorRule):
         return ("variance",), False
 
     def check(self, step: int, name: str) -> str | None:
-        var = reduction_at(self, self.base_trial, name, step, "variance", self.requirement())
+        var = reduction_at(self, self.base_trial, name, step, "variance", self.requirement(name))
         if var is None:
             return None
         if self.max_threshold is not None and var > self.max_threshold:
@@ -402,7 +402,7 @@ class UnchangedTensor(TrainedOnlyRule):
         recent = {g: v for g, v in self._recent.get(name, {}).items() if g >= steps[0]}
         for g in steps:
             if g not in recent:
-                v = raw_at(self, self.base_trial, name, g, self.requirement())
+                v = raw_at(self, self.base_trial, name, g, self.requirement(name))
                 if v is None:
                     return None
                 recent[g] = v
@@ -566,8 +566,9 @@ class SimilarAcrossRuns(PerTensorRule):
     def check(self, step: int, name: str) -> str | None:
         if name not in self.other_trial.tensor_names() or not saved_at(self.other_trial.tensor(name), step):
             return None
-        a = raw_at(self, self.base_trial, name, step, self.requirement())
-        b = raw_at(self, self.other_trial, name, step, self.requirement())
+        req = self.requirement(name)
+        a = raw_at(self, self.base_trial, name, step, req)
+        b = raw_at(self, self.other_trial, name, step, req)
         if a is None or b is None:
             return None
         if a.shape != b.shape:
