@@ -21,6 +21,7 @@ import os
 import subprocess
 import sys
 import types
+import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -53,6 +54,7 @@ LR = 0.1
 BATCH = 16
 ALL = ["weights", "biases", "gradients", "outputs", "inputs", "losses", "metrics", "optimizer_variables"]
 EVERY_STEP = SaveConfig(save_interval=1)
+SGD_VARIABLES = ("iteration", "learning_rate")  # the variables of an SGD without momentum
 WEIGHTS = ["dense/kernel", "dense/bias", "dense_1/kernel", "dense_1/bias"]  # mlp()'s, in model.weights order
 
 if BACKEND == "torch":
@@ -582,6 +584,75 @@ def test_xla_with_a_partial_batch_keeps_every_value(tmp_path: Path) -> None:
     assert float(trial.tensor("losses/loss").value(2, mode=Mode.TRAIN)) == pytest.approx(
         mse(before, X[32:40], Y[32:40]), rel=1e-5
     )
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow's stateful random ops keep a state per traced function")
+# (XLA's stateful random ops draw anew in each run of a script, with or without the callback: not compared)
+@pytest.mark.parametrize(
+    ("run_mode", "draw"), [("compiled", "tf.random"), ("compiled", "keras.random"), ("xla", "keras.random")]
+)
+def test_a_train_step_drawing_random_numbers_trains_as_without_the_callback(
+    tmp_path: Path, run_mode: str, draw: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """keras-io's WGAN-GP and DCGAN draw their noise with ``tf.random.normal`` in ``train_step``: TensorFlow gives
+    each traced function a random state of its own, seeded alike, so with ``save_interval=2`` the capturing and the
+    plain step function each drew the same noise, every sample was used twice and training changed, without a
+    word (hunt 32 H1). Now every step runs the capturing function (one warning says why) and draws as without
+    the callback. ``keras.random`` with a ``SeedGenerator`` keeps its state in a variable: unsaved steps stay plain."""
+
+    def train(callbacks: list[Any]) -> tuple[Any, list[float], list[Any]]:
+        keras.utils.set_random_seed(0)
+
+        class Noisy(keras.Model):
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                super().__init__(*args, **kwargs)
+                self.seeds = keras.random.SeedGenerator(0)
+
+            def train_step(self, data: Any) -> Any:
+                x, y = data
+                if draw == "tf.random":
+                    noise = tf.random.normal(tf.shape(x))
+                else:
+                    noise = keras.random.normal(tf.shape(x), seed=self.seeds)
+                with tf.GradientTape() as tape:
+                    loss = self.compute_loss(x=x, y=y, y_pred=self(x + noise, training=True))
+                grads = tape.gradient(loss, self.trainable_variables)
+                self.optimizer.apply_gradients(zip(grads, self.trainable_variables, strict=True))
+                return {"noise": tf.reduce_sum(noise)}
+
+        inputs = keras.Input((6,))
+        model = Noisy(inputs, keras.layers.Dense(1, name="dense")(inputs))
+        model.compile(optimizer=keras.optimizers.SGD(LR), loss="mse", **RUN_MODES[run_mode])
+        noise: list[float] = []
+        ran: list[Any] = []
+
+        class Seen(keras.callbacks.Callback):
+            def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+                noise.append(float((logs or {})["noise"]))
+                ran.append(getattr(model.train_function, "last", None))
+
+        model.fit(X, Y, batch_size=BATCH, epochs=2, shuffle=False, callbacks=[*callbacks, Seen()], verbose=0)
+        return model, noise, ran
+
+    reference, noise, _ = train([])
+    assert len(set(noise)) == len(noise)  # fresh noise at each step
+    cb = ttk.Callback(tmp_path, save_config=SaveConfig(save_interval=2), include_collections=["weights", "metrics"])
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        model, captured, ran = train([cb])
+    assert captured == noise
+    for ours, theirs in zip(numpy_weights(model), numpy_weights(reference), strict=True):
+        np.testing.assert_array_equal(ours, theirs)
+    warned = [r.getMessage() for r in caplog.records if "stateful random ops" in r.getMessage()]
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.steps(mode=Mode.TRAIN) == [0, 2, 4]
+    saved = values(trial, "metrics/noise")
+    assert {s: float(v) for s, v in saved.items()} == pytest.approx({s: noise[s] for s in saved}, rel=1e-6)
+    if draw == "tf.random":
+        assert len(warned) == 1 and "RandomStandardNormal" in warned[0], warned
+        assert len(set(ran)) == 1 and "metrics" in ran[0]  # one step function: the capturing one
+    else:
+        assert not warned
+        assert ran == [frozenset({"metrics", "weights"}), frozenset()] * 3
 
 
 @pytest.mark.skipif(BACKEND == "torch", reason="the torch backend runs its steps eagerly: no step function to vary")
@@ -1929,6 +2000,47 @@ def test_gan_with_two_optimizers(tmp_path: Path, raw: bool) -> None:
         assert float(trial.tensor("losses/g_loss").value(s, mode=Mode.TRAIN)) == pytest.approx(g_loss, rel=1e-5)
     assert_model_clean(gan)
     assert "apply" not in gan.d_optimizer.__dict__ and "apply" not in gan.g_optimizer.__dict__
+
+
+@pytest.mark.skipif(BACKEND == "jax", reason="Keras's JAX trainer threads only model.optimizer's state")
+@pytest.mark.parametrize("run_mode", list(RUN_MODES))
+def test_a_gans_default_optimizer_never_applied_is_left_out(tmp_path: Path, run_mode: str) -> None:
+    """A GAN's ``compile()`` calls ``super().compile()``, which makes a default RMSprop that nothing applies.
+    Keras's torch trainer builds it when ``fit`` begins: its variables were saved, all zeros at every step
+    (``optimizer/rm_sprop/iteration``, ``..._velocity``), and the AllZero rule fired on them (hunt 32 M1).
+    The two optimizers that train are saved from the first step on."""
+    gan = GAN(raw=True)
+    gan.compile(keras.optimizers.SGD(LR, name="d_sgd"), keras.optimizers.SGD(LR / 2, name="g_sgd"))
+    gan.run_eagerly, gan.jit_compile = RUN_MODES[run_mode].get("run_eagerly", False), run_mode == "xla"
+    z = RNG.normal(size=(32, LATENT)).astype("float32")
+    gan.generator(z[:1]), gan.discriminator(X[:1, :3])
+    gan.built = True
+    cb = ttk.Callback(tmp_path, save_config=EVERY_STEP, include_collections=["optimizer_variables"])
+    gan.fit({"real": X[:32, :3], "z": z}, batch_size=BATCH, shuffle=False, callbacks=[cb], verbose=0)
+    assert isinstance(gan.optimizer, keras.optimizers.RMSprop)
+    assert int(keras.ops.convert_to_numpy(gan.optimizer.iterations)) == 0
+    trial = tensortap.create_trial(tmp_path)
+    assert set(trial.tensor_names()) == {f"optimizer/{o}/{v}" for o in ("d_sgd", "g_sgd") for v in SGD_VARIABLES}
+    for o in ("d_sgd", "g_sgd"):
+        assert {s: int(v) for s, v in values(trial, f"optimizer/{o}/iteration").items()} == {0: 1, 1: 2}
+
+
+@pytest.mark.parametrize("run_mode", list(RUN_MODES))
+def test_a_fit_that_applies_no_gradients_saves_no_optimizer_variables(tmp_path: Path, run_mode: str) -> None:
+    """A fit of a model whose weights are all frozen (``model.trainable = False``) applies no optimizer (Keras's
+    JAX trainer gives it no gradients), and none of its variables is saved: before, on torch and JAX,
+    ``optimizer/sgd/iteration`` was, 0 at every step (Keras builds the optimizer when ``fit`` begins)."""
+    model = keras.Sequential([keras.Input((6,)), keras.layers.BatchNormalization(name="bn")], name="net")
+    model.trainable = False
+    model.compile(optimizer=keras.optimizers.SGD(LR, name="sgd"), loss="mse", **RUN_MODES[run_mode])
+    cb = ttk.Callback(tmp_path, save_config=EVERY_STEP, include_collections=["weights", "optimizer_variables"])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The model does not have any trainable weights")
+        model.fit(X, X, batch_size=BATCH, shuffle=False, callbacks=[cb], verbose=0)
+    trial = tensortap.create_trial(tmp_path)
+    assert int(keras.ops.convert_to_numpy(model.optimizer.iterations)) == 0
+    assert not any(n.startswith("optimizer/") for n in trial.tensor_names())
+    assert trial.steps(mode=Mode.TRAIN) == [0, 1, 2] and "bn/moving_mean" in trial.tensor_names()
 
 
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="a train_step of TensorFlow's GradientTape")

@@ -277,6 +277,8 @@ class Callback(keras.callbacks.Callback):
         # in the step: (key, id(source)) -> what gave each of its runs ("computed", "tracked", ...), see _run_slot
         self._runs: dict[tuple[str, int], list[set[str]]] = {}
         self._applied: set[int] = set()  # in the step: optimizers (by id) that applied gradients eagerly
+        # optimizers seen applying (their apply run or traced) or found applied before, see _has_applied
+        self._ever_applied: weakref.WeakSet[Any] = weakref.WeakSet()
         self._warned_reapplied: set[int] = set()
         self._warned_stateless = False  # a JAX loop's stateless_call or stateless_apply, see _wrap_stateless
         self._arrived: list[Arrival] = []
@@ -776,6 +778,14 @@ class Callback(keras.callbacks.Callback):
         """What a step function of ``mode`` run now saves from inside it (see :meth:`_takes`)."""
         return self.wanted_now if self._takes(mode) else frozenset()
 
+    def returnable_in(self, mode: Mode) -> frozenset[str]:
+        """What a capturing step function of ``mode`` may return at some step (see :meth:`_begin`)."""
+        collections = [
+            *STEP_COLLECTIONS,
+            *(VARIABLE_COLLECTIONS if mode == Mode.TRAIN and BACKEND == "tensorflow" else ()),
+        ]
+        return frozenset(c for c in collections if self.session.may_save(c))
+
     def _takes(self, mode: Mode | None) -> bool:
         """Whether values from a step function of ``mode`` (None: no step function) belong to the open step.
 
@@ -795,6 +805,8 @@ class Callback(keras.callbacks.Callback):
             latest[slot] = (collection, value)
         extras_out, self.extras_out = self.extras_out, []
         for extras in extras_out:
+            # a variant returns more where every step runs one (see StepVariants._only): what the step saves
+            extras = {k: v for k, v in extras.items() if self._extra_slots[k][0] in self.wanted_now}
             for key, value in _on_host(extras).items():
                 collection, slot = self._extra_slots[key]
                 latest[slot] = (collection, value)
@@ -918,13 +930,20 @@ class Callback(keras.callbacks.Callback):
                         yield name, coll, value
         if "optimizer_variables" in collections:
             for optimizer in self._optimizers:
-                if not getattr(optimizer, "built", True):
+                if not self._has_applied(optimizer):
                     continue  # never applied (the default optimizer of a model that trains its own)
                 own = optimizer is getattr(model, "optimizer", None)
                 names = _numbered([f"optimizer/{v.path}" for v in optimizer.variables])
                 state_key = "optimizer_variables" if own else None
                 for name, (_, value) in zip(names, values(optimizer.variables, state_key), strict=True):
                     yield name, "optimizer_variables", value
+
+    def _has_applied(self, optimizer: Any) -> bool:
+        """Whether ``optimizer`` (or the one it wraps) applied gradients: its ``apply`` was run or traced while
+        attached, or its ``iterations`` counted steps when the callback attached. Not whether it is built:
+        Keras's torch and JAX trainers (TensorFlow's under a strategy) build ``model.optimizer`` when ``fit``
+        begins, also a GAN's default one, which its own two optimizers leave unapplied."""
+        return any(o in self._ever_applied for o in _chain(optimizer))
 
     def _variable_name(self, v: Any) -> tuple[str, str | None]:
         """A model variable's name and collection (``"weights"``, ``"biases"``; None: neither a float nor one of
@@ -988,9 +1007,13 @@ class Callback(keras.callbacks.Callback):
             self._unlisten = listen_to_mean_updates(self._on_mean_event)
         self._optimizers = list(dict.fromkeys([*optimizers, *_optimizers_of(model)]))
         self._loss_scaled = any(isinstance(o, keras.optimizers.LossScaleOptimizer) for o in self._optimizers)
-        if self.session.may_save("gradients"):
-            for optimizer in map(_applying, self._optimizers):
-                self._patches.set(optimizer, "apply", self._wrap_apply(optimizer))
+        if self.session.may_save("optimizer_variables"):
+            self._ever_applied.update(o for o in self._optimizers if _steps_counted(o))
+        if self.session.may_save("gradients", "optimizer_variables"):
+            # each optimizer's apply, and that of the one it wraps, which is given the gradients applied
+            for optimizer in dict.fromkeys(o for top in self._optimizers for o in _chain(top)):
+                taps = _applying(optimizer) is optimizer and self.session.may_save("gradients")
+                self._patches.set(optimizer, "apply", self._wrap_apply(optimizer, taps))
         if self._loop and BACKEND == "jax" and self.session.may_save("weights", "biases", "optimizer_variables"):
             for owner in (model, *self._optimizers):
                 attr = "stateless_call" if owner is model else "stateless_apply"
@@ -1270,12 +1293,15 @@ class Callback(keras.callbacks.Callback):
             if not any(k == key and (source is metric or _same_value(value, loss)) for loss, k, source in computed):
                 self._tap("losses", [(self._run_slot(key, metric, "tracked"), value)])
 
-    def _wrap_apply(self, optimizer: Any) -> Callable[..., Any]:
+    def _wrap_apply(self, optimizer: Any, taps: bool) -> Callable[..., Any]:
+        """``optimizer.apply``, noting that it applied (:meth:`_has_applied`); ``taps``: telling the gradients."""
         apply = optimizer.apply
 
         @functools.wraps(apply)
         def wrapped(grads: Any, trainable_variables: Any = None) -> Any:
-            if self._in.mode == Mode.TRAIN:
+            if len(grads):  # (Keras applies no gradients as nothing)
+                self._ever_applied.add(optimizer)
+            if taps and self._in.mode == Mode.TRAIN:
                 self._note_apply(optimizer)
                 variables = trainable_variables if trainable_variables is not None else optimizer._trainable_variables
                 self._tap(
@@ -1548,6 +1574,19 @@ def _applying(optimizer: Any) -> Any:
     while isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
         optimizer = optimizer.inner_optimizer
     return optimizer
+
+
+def _chain(optimizer: Any) -> Iterator[Any]:
+    """``optimizer``, then the optimizers it wraps (a ``LossScaleOptimizer``'s inner one), outermost first."""
+    yield optimizer
+    while isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        optimizer = optimizer.inner_optimizer
+        yield optimizer
+
+
+def _steps_counted(optimizer: Any) -> bool:
+    """Whether ``optimizer``'s ``iterations`` counts steps applied (read from its variable, outside a step)."""
+    return int(keras.ops.convert_to_numpy(optimizer.iterations)) > 0
 
 
 def _optimizers_of(model: Any) -> list[Any]:

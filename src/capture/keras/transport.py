@@ -7,7 +7,9 @@
   step that saves nothing from inside the step, and a *capturing* variant
   whose step returns ``(out, {key: tensor})`` (JAX: ``((out, {key: tensor}), state)``),
   run on the steps that do (on TensorFlow also the variables a ``fit`` step saves,
-  read after its update); the extras are stripped before Keras sees the output.
+  read after its update); the extras are stripped before Keras sees the output. A TensorFlow
+  step drawing from stateful random ops (``tf.random.normal``) runs one capturing variant at
+  every step, dropping what an unsaved step captured (see :meth:`StepVariants._only`).
 - Values computed inside ``jax.value_and_grad`` in a jitted step: their primal, computed
   in the step's own trace (:func:`.ops.at_level`), is returned like the others.
 - Values the compiled step cannot return (computed in a TensorFlow ``while``/``cond``
@@ -38,6 +40,7 @@ from .ops import BACKEND
 
 if BACKEND == "tensorflow":
     import tensorflow as tf
+    from tensorflow.python.framework import op_def_registry
     from tensorflow.python.ops import control_flow_util, resource_variable_ops
     from tensorflow.python.ops.control_flow_v2_func_graphs import WhileBodyFuncGraph
 
@@ -105,6 +108,10 @@ class _VariantOwner(Protocol):
 
     def wanted_in(self, mode: Mode) -> frozenset[str]:
         """Step collections saved from inside a step function of ``mode`` run now (empty: the plain variant runs)."""
+        ...
+
+    def returnable_in(self, mode: Mode) -> frozenset[str]:
+        """The collections a capturing variant of ``mode`` may return at some step (empty: none)."""
         ...
 
     def step_ran(self, mode: Mode, out: Any) -> None:
@@ -181,10 +188,19 @@ class StepVariants(ReportedStep):
         self.capturing: dict[frozenset[str], Callable[..., Any]] = {}
         #: the variant of the last call: its wanted collections, empty for the plain one
         self.last: frozenset[str] | None = None
+        #: the variant every step runs (empty: each step runs its own), known at the first call (see :meth:`_only`)
+        self.only: frozenset[str] | None = None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         owner = self.owner
-        key = owner.wanted_in(self.mode)
+        wanted = owner.wanted_in(self.mode)
+        if self.only is None:
+            try:
+                self.only = self._only(args, kwargs)
+            except BaseException as exc:  # the step's trace raised: so would its call
+                owner.step_raised(self.mode, exc)
+                raise
+        key = self.only or wanted
         if key:
             fn = self.capturing.get(key)
             if fn is None:
@@ -204,8 +220,73 @@ class StepVariants(ReportedStep):
             out = (first, state)
         else:
             out, extras = out
-        owner.extras_out.append(extras)
+        if wanted:  # an unsaved step's extras (the `only` variant's) are dropped
+            owner.extras_out.append(extras)
         return out
+
+    def _only(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> frozenset[str]:
+        """Before the first step: the variant every step must run, empty where each step may run its own.
+
+        TensorFlow gives each stateful random op (``tf.random.normal``, ...) of each traced function a
+        random state of its own, seeded alike: steps run by two variants would draw the same numbers
+        again, and training would change. Where the plain function's graph (traced here for ``args``,
+        not run) holds such ops, every step runs the variant of every collection the mode may return,
+        and the extras of an unsaved step are dropped: one random state goes on, as without the callback.
+        """
+        every = self.owner.returnable_in(self.mode) if BACKEND == "tensorflow" else frozenset()
+        if not every:
+            return frozenset()
+        self.owner.running = frozenset()  # traced as the plain variant
+        try:
+            graph = traced_graph(self.plain, args, kwargs)
+        finally:
+            self.owner.running = None
+        found = stateful_random_ops(graph) if graph is not None else []
+        if not found:
+            return frozenset()
+        logger.warning(
+            "tensortap: the %s step draws with TensorFlow's stateful random ops (%s), from a state of each traced "
+            "function's own: every step runs the capturing step function, so that it draws as without the "
+            "callback (unsaved steps drop what it captures, at a cost in time; keras.random with a SeedGenerator, "
+            "or tf.random.Generator, keeps its state in a variable and lets unsaved steps run the plain function)",
+            self.mode.name,
+            ", ".join(found),
+        )
+        return every
+
+
+def traced_graph(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """TensorFlow: the graph of Keras's step function ``fn`` traced for ``args`` without running it (the trace
+    serves its call), None where it cannot be traced alone.
+
+    ``fn`` is a ``tf.function`` (``predict``), or Keras's function of ``fit`` and ``evaluate``, which
+    runs the ``tf.function`` ``multi_step_on_iterator`` of its closure on a ``tf.data`` iterator.
+    """
+    traced: Any = fn
+    if not isinstance(fn, tf.types.experimental.PolymorphicFunction):
+        code, cells = getattr(fn, "__code__", None), getattr(fn, "__closure__", None) or ()
+        inner = dict(zip(code.co_freevars, cells, strict=True)).get("multi_step_on_iterator") if code else None
+        iterators = (tf.data.Iterator, tf.distribute.DistributedIterator)
+        if inner is None or not args or not isinstance(args[0], iterators):
+            return None
+        traced = inner.cell_contents
+    return traced.get_concrete_function(*args, **kwargs).graph
+
+
+def stateful_random_ops(graph: Any) -> list[str]:
+    """The types of the ops of ``graph`` (with the functions it calls) that draw from a random state their
+    kernel keeps (``RandomStandardNormal``, ``RandomUniform``, ``TruncatedNormal``, ``Multinomial``, ...)."""
+    graph_def = graph.as_graph_def()
+    nodes = itertools.chain(graph_def.node, *(f.node_def for f in graph_def.library.function))
+    return sorted({node.op for node in nodes if _keeps_random_state(node.op)})
+
+
+@functools.cache
+def _keeps_random_state(op_type: str) -> bool:
+    """Whether ops of ``op_type`` are stateful and seeded by their ``seed`` and ``seed2`` attributes (not by
+    a variable, as ``tf.random.Generator``'s, nor by their inputs, as stateless ones)."""
+    op_def = op_def_registry.get(op_type)
+    return op_def is not None and op_def.is_stateful and {"seed", "seed2"} <= {a.name for a in op_def.attr}
 
 
 class Run(NamedTuple):
