@@ -26,7 +26,6 @@ import dataclasses
 import json
 import math
 import os
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -447,8 +446,8 @@ class Hook:
     run_id
         Continue the run of an earlier hook of the same training (its :attr:`run_id`, e.g. when
         an adapter's training goes on in a second call): that worker's data is kept and its steps
-        go on, whatever ``if_exists`` says. A stop request the run before left in the trial (written
-        before this hook) is stale: ignored, with one warning naming it. Default: a new run.
+        go on, whatever ``if_exists`` says. A stop request the run before left in the trial (there when
+        this hook starts) is stale: ignored, with one warning naming it. Default: a new run.
 
     Attributes
     ----------
@@ -576,7 +575,6 @@ class Hook:
         for rule in self.rules:
             rule.attach_to_hook(self)
         self.end_listeners.append(self._warn_unmatched_regexes)
-        resumed = time.time() if run_id is not None else None
         if self.enabled:
             try:
                 self.writer = TrialWriter(
@@ -599,7 +597,7 @@ class Hook:
             except Exception as exc:
                 self.fail(exc, f"cannot write the trial at {self.out_dir}")
         # after the writer chose the run folder (new_run); a resumed run ignores the requests left before it
-        self.stop_channel = StopChannel(self.storage, since=resumed)
+        self.stop_channel = StopChannel(self.storage, resumed=run_id is not None)
         register_for_exit(self)
 
     # ---------------------------------------------------------------- config

@@ -11,7 +11,7 @@ collective, ...); no framework is imported here.
 
 Interface::
 
-    channel = StopChannel(storage, since=None)                # since: a resumed run's start
+    channel = StopChannel(storage, resumed=False)             # resumed: the request left is ignored
     channel.request("loss exploded", rule="ExplodingTensor")   # write + see it at once
     channel.poll(poll_seconds=1.0) -> bool                     # rate-limited look
     channel.reason -> str | None
@@ -56,16 +56,16 @@ class StopChannel:
     ----------
     storage
         The trial's storage (anything with ``write_json``, ``read_json``, ``exists``, ``is_local`` and ``url``).
-    since
-        When the run was resumed (``time.time()``; a hook given ``run_id=``), or None. A request written before
-        it (its ``"time"`` earlier) was left by the run before, and does not stop this one: it is ignored, with
-        one warning naming it. A request without a time counts.
+    resumed
+        Whether the run was resumed (a hook given ``run_id=``): the request in the trial now, if any, was
+        left by the run before and does not stop this one; it is ignored, with one warning naming it. A
+        request written since (another one: each holds the time it was written) stops it.
     """
 
-    def __init__(self, storage: _JsonStorage, since: float | None = None) -> None:
+    def __init__(self, storage: _JsonStorage, resumed: bool = False) -> None:
         self.storage = storage
-        self.since = since
-        self._stale: Any = None  # the time of the stale request warned about last
+        self._left = self._read() if resumed else None  # the request the run before left
+        self._warned_left = False
         self._checked = float("-inf")
         self._request: dict[str, Any] | None = None
         self._looking: threading.Thread | None = None  # remote storage: the look in progress
@@ -108,34 +108,29 @@ class StopChannel:
                 self._looking.start()
         return self._request is not None
 
-    def _look(self) -> None:
-        """Read the stop request, if there is one."""
+    def _read(self) -> dict[str, Any] | None:
+        """The stop request in the trial, or None (none, or unreadable: retried at the next look)."""
         try:
             if self.storage.exists(layout.STOP_REQUEST):
                 found = self.storage.read_json(layout.STOP_REQUEST)
-                request = found if isinstance(found, dict) else {"reason": str(found)}
-                if not self._is_stale(request):
-                    self._request = request
+                return found if isinstance(found, dict) else {"reason": str(found)}
         except (OSError, ValueError):
             pass
+        return None
 
-    def _is_stale(self, request: dict[str, Any]) -> bool:
-        """Whether ``request`` was written before this run was resumed (:attr:`since`); warns once for each."""
-        written = request.get("time")
-        if self.since is None or isinstance(written, bool) or not isinstance(written, (int, float)):
-            return False
-        if written >= self.since:
-            return False
-        if written != self._stale:
-            self._stale = written
+    def _look(self) -> None:
+        """Read the stop request, if there is one and it is not the one the run before left."""
+        request = self._read()
+        if request is None or request != self._left:
+            self._request = request
+        elif not self._warned_left:
+            self._warned_left = True
             logger.warning(
-                "tensortap: the stop request in %s (%s; written %s) is ignored: it was left by the run before, "
-                "written before this training resumed the run",
+                "tensortap: the stop request in %s (%s) is ignored: it was left by the run before, there when this "
+                "training resumed the run; a request written from now on stops it",
                 self.storage.url,
                 request.get("reason", ""),
-                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(written)),
             )
-        return True
 
     @property
     def requested(self) -> bool:

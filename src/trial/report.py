@@ -10,7 +10,6 @@ why instead of disappearing.
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
 import os
 import time
@@ -165,7 +164,7 @@ def _feature_importance(trial: Trial) -> str:
 
 def _rules(trial: Trial, specs: Sequence[str], ran: list[Rule]) -> str:
     """The table of the verdicts of the rules ``specs``; the rules, once run, are appended to ``ran``."""
-    from ..exceptions import RuleInputsMissing
+    from ..exceptions import RuleInputsMissing, TensortapError
     from .rules import RuleRunner, make_rule
     from .rules.runner import rule_status
 
@@ -178,8 +177,15 @@ def _rules(trial: Trial, specs: Sequence[str], ran: list[Rule]) -> str:
             rows.append((spec, "<span class='note'>not run</span>", html_text(str(exc), message=True)))
     for spec, rule in built:  # one runner per rule: one rule that cannot judge does not stop the others
         fired: list[Verdict] = []
-        with contextlib.suppress(RuleInputsMissing):  # its status says so
+        try:
             RuleRunner(trial, [rule]).run(wait=False, on_verdict=lambda _, verdict: fired.append(verdict))  # noqa: B023
+        except RuleInputsMissing:
+            pass  # its status says so
+        except TensortapError as exc:  # this rule's row says so; the others are judged
+            rows.append(
+                (html_text(spec), "<span class='note'>could not judge</span>", html_text(str(exc), message=True))
+            )
+            continue
         ran.append(rule)
         status = rule_status(rule)
         lacked = "; ".join(rule.missing_inputs)

@@ -378,6 +378,23 @@ def test_training_further_continues_the_steps(tmp_path: Path, dmatrices: tuple[A
     assert trial.training_ended
 
 
+def test_copies_of_a_callback_training_its_booster_further_are_runs_of_their_own(
+    tmp_path: Path, dmatrices: tuple[Any, Any]
+) -> None:
+    """Two deep copies of a callback (``sklearn.base.clone`` makes them) both training the run's booster further
+    went on in the run, and both wrote its steps 4 and 5 (review of session 54): a copy carries no run."""
+    dtrain, dval = dmatrices
+    callback = ttx.Callback(tmp_path, include_collections=["losses"], collection_configs=EVERY_ROUND)
+    booster = xgb.train(PARAMS, dtrain, 4, evals=[(dval, "validation")], callbacks=[callback], verbose_eval=False)
+    for twin in (copy.deepcopy(callback), copy.deepcopy(callback)):
+        xgb.train(
+            PARAMS, dtrain, 2, evals=[(dval, "validation")], callbacks=[twin], xgb_model=booster, verbose_eval=False
+        )
+    assert tensortap.create_trial(tmp_path).steps() == [0, 1, 2, 3]
+    for run in ("run-0", "run-1"):
+        assert tensortap.create_trial(tmp_path / run).steps() == [4, 5]
+
+
 def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == "tensortap" and r.levelno == logging.WARNING]
 

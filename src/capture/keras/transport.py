@@ -196,17 +196,12 @@ class StepVariants(ReportedStep):
         wanted = owner.wanted_in(self.mode)
         if self.only is None:
             try:
-                self.only = self._only(args, kwargs)
+                self.only = self._only(wanted, args, kwargs)
             except BaseException as exc:  # the step's trace raised: so would its call
                 owner.step_raised(self.mode, exc)
                 raise
         key = self.only or wanted
-        if key:
-            fn = self.capturing.get(key)
-            if fn is None:
-                fn = self.capturing[key] = self.build()
-        else:
-            fn = self.plain
+        fn = self._variant(key)
         owner.running = key
         try:
             out = self.run(fn, args, kwargs)
@@ -224,24 +219,40 @@ class StepVariants(ReportedStep):
             owner.extras_out.append(extras)
         return out
 
-    def _only(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> frozenset[str]:
+    def _variant(self, key: frozenset[str]) -> Callable[..., Any]:
+        """The step function that captures the collections ``key`` (the plain one for none), built once."""
+        if not key:
+            return self.plain
+        fn = self.capturing.get(key)
+        if fn is None:
+            fn = self.capturing[key] = self.build()
+        return fn
+
+    def _only(self, wanted: frozenset[str], args: tuple[Any, ...], kwargs: dict[str, Any]) -> frozenset[str]:
         """Before the first step: the variant every step must run, empty where each step may run its own.
 
         TensorFlow gives each stateful random op (``tf.random.normal``, ...) of each traced function a
         random state of its own, seeded alike: steps run by two variants would draw the same numbers
-        again, and training would change. Where the plain function's graph (traced here for ``args``,
-        not run) holds such ops, every step runs the variant of every collection the mode may return,
-        and the extras of an unsaved step are dropped: one random state goes on, as without the callback.
+        again, and training would change. Where the graph of the first step's variant (``wanted``; traced
+        here for ``args``, not run: its call then uses this trace) holds such ops, every step runs the
+        variant of every collection the mode may return, and the extras of an unsaved step are dropped:
+        one random state goes on, as without the callback.
         """
         every = self.owner.returnable_in(self.mode) if BACKEND == "tensorflow" else frozenset()
         if not every:
             return frozenset()
-        self.owner.running = frozenset()  # traced as the plain variant
+        self.owner.running = wanted  # traced as it runs
         try:
-            graph = traced_graph(self.plain, args, kwargs)
+            graph = traced_graph(self._variant(wanted), args, kwargs)
         finally:
             self.owner.running = None
-        found = stateful_random_ops(graph) if graph is not None else []
+        try:
+            found = stateful_random_ops(graph) if graph is not None else []
+        except Exception as exc:  # a graph too large to serialize, ...: each step runs its own variant
+            logger.warning(
+                "tensortap: the %s step's graph could not be looked into for random ops: %s", self.mode.name, exc
+            )
+            found = []
         if not found:
             return frozenset()
         logger.warning(

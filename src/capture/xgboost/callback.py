@@ -152,9 +152,10 @@ class Callback(xgb.callback.TrainingCallback):
         return cls.from_json(path, **overrides) if path else None
 
     def __getstate__(self) -> dict[str, Any]:
-        # a copy carries no training
+        # a copy carries no training, nor the run of the last one: its trainings are new runs (two copies
+        # training the booster further would both write the run's next steps)
         state = {"hook": None, "_eval": None, "_evals_log": None, "_watching": False, "_training_at": None}
-        return {**self.__dict__, **state}
+        return {**self.__dict__, **state, "_run_id": None, "_run_rounds": 0}
 
     # ------------------------------------------------------------ callbacks
     def before_training(self, model: Any) -> Any:
