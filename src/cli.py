@@ -848,6 +848,13 @@ def parser_commands(parser: argparse.ArgumentParser) -> list[str]:
     return [name for a in parser._actions if isinstance(a, argparse._SubParsersAction) for name in a.choices]
 
 
+def usage_after_output(command: str, message: str) -> int:
+    """Exit 2 after ``command`` printed its result (``--json``: its object is the one on stdout, with the
+    :func:`error_json` member): ``message`` on stderr."""
+    print(f"tensortap {command}: {printable(message, message=True)}", file=sys.stderr)
+    return EXIT_USAGE
+
+
 def _print_error_json(command: str | None, message: str, kind: str) -> None:
     """Print :func:`error_json` on stdout, unless stdout cannot be written (the error may be that very
     write: a full disk, ``> /dev/full``, a closed pipe): then nothing more, and stdout is sent to

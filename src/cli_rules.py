@@ -38,6 +38,7 @@ from .cli import (
     print_json,
     printable,
     step_ranges,
+    usage_after_output,
 )
 from .exceptions import RuleInputsMissing, UnknownName, UsageError
 from .trial.rules import BUILTIN_RULES, Rule, RuleRunner, StopTraining, Verdict, make_rule, parameters
@@ -148,12 +149,6 @@ def _json_default(value: object) -> object:
 
 
 # ---------------------------------------------------------------- running
-def _usage(message: str) -> int:
-    """Exit 2 after the output was printed (``--json``: its object is the one on stdout)."""
-    print(f"tensortap rules: {printable(message, message=True)}", file=sys.stderr)
-    return EXIT_USAGE
-
-
 def _skipped(rule: Rule) -> str:
     """``"; 3 steps skipped (3-5): their shards cannot be read"``, or nothing when the rule skipped none."""
     steps = rule.skipped_steps
@@ -322,7 +317,7 @@ def run(args: argparse.Namespace) -> int:
     if missing:
         return EXIT_USAGE  # the rule lines said which inputs
     if problem is not None:
-        return _usage(problem)
+        return usage_after_output("rules", problem)
     return EXIT_FOUND if fired else EXIT_OK
 
 

@@ -120,7 +120,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     """Write a self-contained HTML report of a trial; exit 2, as ``rules``, when a rule given with ``--rule``
     judged nothing, or no rule of the default set judged a step."""
-    from .cli import EXIT_USAGE, error_json, printable
+    from .cli import error_json, usage_after_output
     from .cli_rules import build_rules, run_problem
     from .trial.report import REPORT_SUFFIXES, default_rules, write_report
 
@@ -136,10 +136,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     if problem is not None and args.json:  # the result, and the error every --json command gives then
         result.update(error_json("report", problem, "input"))
     _wrote(args, result, f"wrote {args.output}")
-    if problem is None:
-        return 0
-    print(f"tensortap report: {printable(problem, message=True)}", file=sys.stderr)
-    return EXIT_USAGE
+    return 0 if problem is None else usage_after_output("report", problem)
 
 
 def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:

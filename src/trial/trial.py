@@ -831,6 +831,14 @@ class Tensor:
             raise UnknownName("worker", worker, workers, f" in {self.trial.path}")
         return math.inf
 
+    def _located(self, mode: Mode | None, last: float) -> Iterator[tuple[int, dict[str, Location]]]:
+        """``(global step, {worker: location})`` of this tensor's saved steps up to ``last`` (:meth:`_complete`),
+        of ``mode`` if given."""
+        steps = self.trial._index.steps
+        for gstep, workers in self._info.locations.items():
+            if gstep <= last and (mode is None or (gstep in steps and steps[gstep][0] is mode)):
+                yield gstep, workers
+
     def _locate(self, step: int, mode: Mode | str | None, worker: str | None) -> tuple[int, str, Location]:
         refuse_mode(step, STEP_FIRST + "(step, mode={mode})")
         step = _step_number(step)
@@ -890,10 +898,7 @@ class Tensor:
         m = None if mode is None else Mode.parse(mode)
         index = self.trial._index
         by_shard: dict[str, list[tuple[int, int]]] = {}
-        complete = self._complete(worker)
-        for gstep, workers in self._info.locations.items():
-            if gstep > complete or (m is not None and (gstep not in index.steps or index.steps[gstep][0] is not m)):
-                continue
+        for gstep, workers in self._located(m, self._complete(worker)):
             w = worker if worker is not None else min(workers)
             loc = workers.get(w)
             if loc is None or not loc.raw:
@@ -1010,10 +1015,7 @@ class Tensor:
         m = None if mode is None else Mode.parse(mode)
         index = self.trial._index
         by_shard: dict[str, list[tuple[int, str, Location]]] = {}
-        complete = math.inf if every_worker else self._complete(worker)
-        for gstep, workers in self._info.locations.items():
-            if gstep > complete or (m is not None and (gstep not in index.steps or index.steps[gstep][0] is not m)):
-                continue
+        for gstep, workers in self._located(m, math.inf if every_worker else self._complete(worker)):
             for w, loc in workers.items():
                 if worker is None or w == worker:
                     by_shard.setdefault(loc.shard, []).append((gstep, w, loc))
@@ -1167,10 +1169,7 @@ class Tensor:
         m = None if mode is None else Mode.parse(mode)
         index = self.trial._index
         by_shard: dict[str, list[tuple[int, Location]]] = {}
-        complete = self._complete(worker)
-        for gstep, workers in self._info.locations.items():
-            if gstep > complete or (m is not None and (gstep not in index.steps or index.steps[gstep][0] is not m)):
-                continue
+        for gstep, workers in self._located(m, self._complete(worker)):
             w = worker if worker is not None else min(workers)
             if (loc := workers.get(w)) is not None and (loc.histogram or loc.raw):
                 by_shard.setdefault(loc.shard, []).append((gstep, loc))

@@ -164,10 +164,10 @@ def trial_text(trial: Trial) -> str:
     """One line: path, steps per mode, tensors, workers and status."""
     modes = ", ".join(f"{m.name.lower()} {len(trial.steps(m))}" for m in trial.modes())
     idx = trial._index
-    incomplete = len(idx.steps) - len(trial.steps())
-    more = f" (+{incomplete} incomplete)" if incomplete else ""
+    complete = len(trial.steps())
+    more = f" (+{len(idx.steps) - complete} incomplete)" if len(idx.steps) > complete else ""
     return (
-        f"<Trial {trial.path!r}: {len(trial.steps())} steps{more} ({modes or 'none'}), {len(idx.tensors)} tensors, "
+        f"<Trial {trial.path!r}: {complete} steps{more} ({modes or 'none'}), {len(idx.tensors)} tensors, "
         f"{len(trial.workers())} worker(s), {'ended' if trial.training_ended else 'running'}>"
     )
 

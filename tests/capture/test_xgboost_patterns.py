@@ -757,6 +757,19 @@ def test_a_set_without_labels_skips_them_with_one_warning(tmp_path: Path, caplog
     assert _series(trial, "metrics/test-mean-prediction") == result["test"]["mean-prediction"]
 
 
+class Interrupt(xgb.callback.TrainingCallback):
+    """A Ctrl-C (``KeyboardInterrupt``) in the round ``epoch`` of a training."""
+
+    def __init__(self, epoch: int) -> None:
+        super().__init__()
+        self.epoch = epoch
+
+    def after_iteration(self, model: Any, epoch: int, evals_log: Any) -> bool:
+        if epoch == self.epoch:
+            raise KeyboardInterrupt
+        return False
+
+
 def test_one_callback_in_two_trainings_at_once_refuses_the_second(tmp_path: Path) -> None:
     """Two threads training with one callback object: it holds one training's state, so the second is refused
     (before, both boosters' rounds went into one shard under the same steps, and the trial was unreadable)."""
@@ -796,17 +809,11 @@ def test_a_training_ended_by_an_interrupt_is_closed_by_the_next_one(tmp_path: Pa
     the process lived (a live reader waited for more, rules --follow never ended), also after the cell was
     run again, whose training went to run-0. The next training with the callback closes it."""
 
-    class Interrupt(xgb.callback.TrainingCallback):
-        def after_iteration(self, model: Any, epoch: int, evals_log: Any) -> bool:
-            if epoch == 3:
-                raise KeyboardInterrupt
-            return False
-
     dtrain, dval = _split()
     callback = ttx.Callback(tmp_path / "t", save_config=EVERY_ROUND, include_collections=["losses"])
     evals = [(dtrain, "train"), (dval, "validation")]
     with pytest.raises(KeyboardInterrupt):
-        xgb.train(PARAMS, dtrain, 10, evals=evals, callbacks=[callback, Interrupt()], verbose_eval=False)
+        xgb.train(PARAMS, dtrain, 10, evals=evals, callbacks=[callback, Interrupt(3)], verbose_eval=False)
     assert not tensortap.create_trial(tmp_path / "t").training_ended  # as long as nothing else happens
     log: dict[str, Any] = {}
     xgb.train(PARAMS, dtrain, 5, evals=evals, callbacks=[callback], evals_result=log, verbose_eval=False)
@@ -826,17 +833,11 @@ def test_after_an_interrupted_training_a_training_in_a_thread_is_not_refused(tmp
     import copy
     import threading
 
-    class Interrupt(xgb.callback.TrainingCallback):
-        def after_iteration(self, model: Any, epoch: int, evals_log: Any) -> bool:
-            if epoch == 1:
-                raise KeyboardInterrupt
-            return False
-
     dtrain, dval = _split()
     callback = ttx.Callback(tmp_path / "t", include_collections=["losses"])
     evals = [(dval, "validation")]
     with pytest.raises(KeyboardInterrupt):
-        xgb.train(PARAMS, dtrain, 5, evals=evals, callbacks=[callback, Interrupt()], verbose_eval=False)
+        xgb.train(PARAMS, dtrain, 5, evals=evals, callbacks=[callback, Interrupt(1)], verbose_eval=False)
     next_callback = copy.deepcopy(callback) if copied else callback
     log: dict[str, Any] = {}
     errors: list[BaseException] = []

@@ -1570,10 +1570,9 @@ def _applying(optimizer: Any) -> Any:
     """The optimizer whose ``apply`` is given the gradients ``optimizer`` applies: a ``LossScaleOptimizer``'s
     inner one, which it gives them divided by the loss scale, on the steps whose gradients are finite (on the
     others it applies nothing); its own ``apply`` gets them multiplied by the scale, and on JAX is not
-    called (its ``stateless_apply`` calls the inner one's)."""
-    while isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-        optimizer = optimizer.inner_optimizer
-    return optimizer
+    called (its ``stateless_apply`` calls the inner one's): the last of :func:`_chain`."""
+    *_, innermost = _chain(optimizer)
+    return innermost
 
 
 def _chain(optimizer: Any) -> Iterator[Any]:

@@ -137,6 +137,7 @@ class Callback(xgb.callback.TrainingCallback):
         self._next_epoch = 0
         self._logged = 0  # entries of the evaluation log when the last round was captured
         self._skipped: set[str] = set()
+        self._shared: list[str] = []  # names more than one evaluation set has (shared_names)
         self._hyperparameters: dict[str, str] = {}  # those of the round in progress
         self._saved_hyperparameters: dict[str, str] = {}  # those saved last in this training
 
@@ -236,12 +237,12 @@ class Callback(xgb.callback.TrainingCallback):
                 self.eval_name,
                 ", ".join(names),
             )
-        shared = shared_names(evals)
-        if shared and {"losses", "metrics"} & set(hook.included):
+        self._shared = shared_names(evals)
+        if self._shared and {"losses", "metrics"} & set(hook.included):
             logger.warning(
                 "tensortap: evaluation sets share a name (%s): XGBoost logs their metrics under it one after "
                 "the other, and only the last such set's are captured; give each set a name of its own",
-                ", ".join(map(repr, shared)),
+                ", ".join(map(repr, self._shared)),
             )
         skipped, why = mdl.unsupported(params)
         named = [name for name in skipped if name.split("/")[0] in hook.included]
@@ -408,8 +409,7 @@ class Callback(xgb.callback.TrainingCallback):
         built-in one), whose last value alone is captured. Sets that share a name were warned about already."""
         if not {"losses", "metrics"} & set(hook.included):
             return
-        _, evals = running_train(training_frame(sys._getframe()))
-        names = overlong(self._evals_log or {}, 1, shared_names(evals))
+        names = overlong(self._evals_log or {}, 1, self._shared)
         if names:
             logger.warning(
                 "tensortap: XGBoost logs %s more than once a round, one value after the other under one name (a "
