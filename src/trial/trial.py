@@ -33,6 +33,7 @@ from ..exceptions import (
     StepUnavailable,
     TensorUnavailable,
     TensorUnavailableForStep,
+    TensortapError,
     TrialNotFound,
     TrialTooNew,
     UnknownName,
@@ -857,17 +858,23 @@ class Tensor:
                 f"{self.name!r} at {step_label(step, m)}: worker {worker!r} did not save it; "
                 f"workers: {', '.join(sorted(workers))}"
             )
+        raise self._not_saved(step, m)
+
+    def _not_saved(self, step: int, m: Mode | None) -> TensortapError:
+        """The error for ``step`` (of mode ``m``), at which no worker saved this tensor: its shard was found
+        unreadable, the step is to come, past the training's end, a step of the trial without this tensor
+        (:class:`TensorUnavailableForStep`), or never saved."""
         lost_in = self.trial._index.lost_in(step, m)
         if lost_in is not None:  # its steps were forgotten when it was found unreadable
-            raise self._unreadable(step_label(step, m), lost_in)
+            return self._unreadable(step_label(step, m), lost_in)
         state = self.trial.has_passed_step(step, m)
         if state is StepState.NOT_YET_AVAILABLE:
-            raise StepNotYetAvailable(step, m)
+            return StepNotYetAvailable(step, m)
         if self.trial._past_end(step, m):
-            raise NoMoreData(self.trial._ended_message(step, m))
+            return NoMoreData(self.trial._ended_message(step, m))
         if state is StepState.AVAILABLE:
-            raise TensorUnavailableForStep(f"{self.name!r} was not saved at {step_label(step, m)} (other tensors were)")
-        raise StepUnavailable(step, m)
+            return TensorUnavailableForStep(f"{self.name!r} was not saved at {step_label(step, m)} (other tensors were)")
+        return StepUnavailable(step, m)
 
     def _reader_value(self, step: int, loc: Location) -> np.ndarray:
         index = self.trial._index
@@ -1261,12 +1268,20 @@ class Tensor:
         return self._locate(step, mode, worker)[2].raw
 
     def workers(self, step: int, mode: Mode | str | None = None) -> list[str]:
-        """Workers that saved this tensor at ``step``."""
+        """Workers that saved this tensor at ``step``, so far at a step not complete yet; ``[]`` at a step of
+        the trial where no worker saved it. Raises what :meth:`value` raises for a step the trial has not
+        (not reached yet, past the training's end, never saved)."""
         refuse_mode(step, STEP_FIRST + "workers(step, mode={mode})")
         step = _step_number(step)
         m = None if mode is None else Mode.parse(mode)
         gstep = self.trial.global_step(step, m)
-        return sorted(self._info.locations.get(gstep, {})) if gstep is not None else []
+        workers = self._info.locations.get(gstep) if gstep is not None else None
+        if workers:
+            return sorted(workers)
+        error = self._not_saved(step, m)
+        if type(error) is TensorUnavailableForStep:  # not ShardUnreadable: who saved what it held is unknown
+            return []
+        raise error
 
     def shape(self, step: int, mode: Mode | str | None = None, worker: str | None = None) -> tuple[int, ...]:
         """Shape of the raw value at ``step``."""

@@ -53,6 +53,14 @@ def test_errors_about_a_mode_step_name_its_mode(tmp_path: Path) -> None:
         trial.tensor("gradients/0.weight").value(0, mode="eval")
     with pytest.raises(StepUnavailable, match=r"^step 3 was not saved and never will be$"):
         loss.value(3)  # a global step (eval step 1): named as before
+    # workers(): who saved it, [] at a step of the trial without it; a step the trial has not raises as value()
+    # does (hunt 33 L8: workers(100) was [] while shape(100) raised NoMoreData)
+    assert loss.workers(2, mode="eval") == ["worker_0"]
+    assert trial.tensor("gradients/0.weight").workers(0, mode="eval") == []
+    with pytest.raises(NoMoreData, match=ended):
+        loss.workers(5, mode="eval")
+    with pytest.raises(StepUnavailable, match=r"^eval step 1 was not saved and never will be$"):
+        loss.workers(1, mode="eval")
     # arguments of the wrong type: a TypeError that says what is expected, not an answer about another step
     for step in (2.0, "2"):
         with pytest.raises(TypeError, match=r"^step: expected an integer, got "):
