@@ -31,9 +31,9 @@ from ..exceptions import (
     ShardUnreadable,
     StepNotYetAvailable,
     StepUnavailable,
+    TensortapError,
     TensorUnavailable,
     TensorUnavailableForStep,
-    TensortapError,
     TrialNotFound,
     TrialTooNew,
     UnknownName,
@@ -873,7 +873,9 @@ class Tensor:
         if self.trial._past_end(step, m):
             return NoMoreData(self.trial._ended_message(step, m))
         if state is StepState.AVAILABLE:
-            return TensorUnavailableForStep(f"{self.name!r} was not saved at {step_label(step, m)} (other tensors were)")
+            return TensorUnavailableForStep(
+                f"{self.name!r} was not saved at {step_label(step, m)} (other tensors were)"
+            )
         return StepUnavailable(step, m)
 
     def _reader_value(self, step: int, loc: Location) -> np.ndarray:
