@@ -16,9 +16,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="write an smdebug (SageMaker Debugger) trial as a tensortap trial",
         description=(
             "Read the event, index and collection files smdebug wrote and write the same tensors as a "
-            "tensortap trial (names mapped as docs/migrating-from-smdebug.md says). "
-            "Exit status: 0 imported, 2 no smdebug trial, a malformed file, or OUT_DIR not empty, a file or "
-            "not writable."
+            "tensortap trial (names mapped as docs/migrating-from-smdebug.md says; each step's mode from its "
+            "index file, as smdebug reads it; what is not imported, such as shapes saved without values, is "
+            "listed as skipped). "
+            "Exit status: 0 imported, 2 no smdebug trial, a malformed file (or two of one step of a worker), "
+            "or OUT_DIR not empty, a file or not writable."
         ),
     )
     p.add_argument("smdebug_trial", metavar="SMDEBUG_TRIAL", help="smdebug trial directory or URL (s3://...)")

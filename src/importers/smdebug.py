@@ -1,14 +1,16 @@
 """Turn a trial written by smdebug (SageMaker Debugger) into a tensortap trial.
 
 smdebug writes one TFRecord file of TensorFlow ``Event`` protobufs per step and
-worker (``events/<step>/<step>_<worker>.tfevents``), index files
-(``index/``) and the collections each worker defined (``collections/``).
-This module reads them without smdebug, TensorFlow or protobuf: the TFRecord
-framing and the few protobuf messages involved are decoded here, every length
-checked against the bytes that are really there (a trial may come from a
-stranger: nothing is unpickled, no path is taken from a file's content, no
-symbolic link below the trial's folder is followed, nothing but a regular
-file is opened, a shape filled with one repeated value is bounded by
+worker (``events/<step>/<step>_<worker>.tfevents``), an index file per step and
+worker (``index/<n>/<step>_<worker>.json``: the step's mode and mode step, and
+the shapes saved with ``save_shape``) and the collections each worker defined
+(``collections/``). This module reads them without smdebug, TensorFlow or
+protobuf: the TFRecord framing and the few protobuf messages involved are
+decoded here, every length checked against the bytes that are really there (a
+trial may come from a stranger: nothing is unpickled, no path is taken from a
+file's content, no symbolic link below the trial's folder is followed, nothing
+but a regular file is opened, a shape filled with one repeated value and
+packed integers that decode to more bytes than they take are bounded by
 :func:`~tensortap.backends.shard.max_read_bytes`, and only numeric tensors
 are kept). The tensors are written with
 :class:`tensortap.capture.Writer`.
@@ -51,6 +53,7 @@ from ..backends.shard import MAX_READ_ENV, max_read_bytes
 from ..backends.storage import NotInTrial, open_regular
 from ..capture import TensorOps, Writer
 from ..config import Collection, ReductionConfig
+from ..crc32c import masked_crc32c
 from ..exceptions import TensortapError, TrialNotFound
 from ..modes import Mode
 from ..trial.trial import SEARCH_DEPTH, SEARCH_FOLDERS
@@ -61,8 +64,7 @@ __all__ = ["ImportSummary", "SmdebugFormatError", "import_smdebug"]
 
 MAX_FILE_BYTES = 1 << 31  # one event file is read whole; larger ones are refused
 MAX_NAME_CHARS = 4096
-_EVENT_FILE = re.compile(r"^(\d{1,18})_(.{1,200})\.tfevents$")
-_WORKER = re.compile(r"^worker_(\d{1,9})$")
+_WORKER = re.compile(r"^worker_(0|[1-9]\d{0,8})$")  # worker_00 is another worker than worker_0
 _REDUCTION_PREFIX = "smdebug/reductions/"
 _META_COLLECTIONS = frozenset({"all", "default"})
 # smdebug's reduction names (tags use "l2", configurations "l2_norm") to tensortap's keys
@@ -101,34 +103,6 @@ class SmdebugFormatError(TensortapError, ValueError):
 
 
 # ----------------------------------------------------------------- TFRecord
-def _crc32c_table() -> list[int]:
-    table = []
-    for i in range(256):
-        crc = i
-        for _ in range(8):
-            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
-        table.append(crc)
-    return table
-
-
-_CRC_TABLE = _crc32c_table()
-
-
-def crc32c(data: bytes | memoryview) -> int:
-    """CRC-32C (Castagnoli) of ``data``, as TFRecord uses it."""
-    crc = 0xFFFFFFFF
-    table = _CRC_TABLE
-    for byte in bytes(data):
-        crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
-
-
-def masked_crc32c(data: bytes | memoryview) -> int:
-    """The masked CRC stored in TFRecord framing."""
-    crc = crc32c(data)
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
 # smdebug writes this CRC instead of the payload's unless asked to checksum
 _UNCHECKED_PAYLOAD_CRC = masked_crc32c(b"0x12345678")
 
@@ -214,10 +188,11 @@ def _signed64(value: int) -> int:
 
 
 class _Budget:
-    """What the values repeated to fill declared shapes may still allocate while one event file is read.
+    """What the values of one event file may allocate beyond the bytes that store them.
 
-    A TensorProto may hold one value for a shape of any size ("TensorFlow repeats the last value"): a few
-    bytes of a stranger's file must not become gigabytes. All of one file's such tensors together get
+    A TensorProto may hold one value for a shape of any size ("TensorFlow repeats the last value"), and
+    packed integers of one byte each that decode to 8 (:func:`_varints`): a few bytes of a stranger's file
+    must not become gigabytes. All of one file's such tensors together get
     :func:`~tensortap.backends.shard.max_read_bytes` (``$TENSORTAP_MAX_READ_BYTES``), what tensortap lets
     one read allocate.
     """
@@ -225,16 +200,66 @@ class _Budget:
     def __init__(self) -> None:
         self.limit = self.left = max_read_bytes()
 
-    def take(self, nbytes: int, where: str, shape: tuple[int, ...]) -> None:
-        """Count ``nbytes`` for the tensor ``where`` of shape ``shape``; :class:`SmdebugFormatError` if more
-        than is left."""
+    def take(self, nbytes: int, where: str, what: str) -> None:
+        """Count ``nbytes`` for the tensor ``where``, which ``what`` (``"declares shape ..."``);
+        :class:`SmdebugFormatError` if more than is left."""
         if nbytes > self.left:
             raise SmdebugFormatError(
-                f"{where} declares shape {shape} ({nbytes} bytes) filled with one value, more than reading one "
-                f"event file may still allocate ({self.left} of {self.limit} bytes; set the environment variable "
-                f"{MAX_READ_ENV} to raise it)"
+                f"{where} {what} ({nbytes} bytes), more than reading one event file may still allocate "
+                f"({self.left} of {self.limit} bytes; set the environment variable {MAX_READ_ENV} to raise it)"
             )
         self.left -= nbytes
+
+
+_VARINT_CHUNK = 1 << 16  # bytes of packed varints decoded at a time: bounds the decoding's own arrays
+
+
+def _varints(buf: memoryview, where: str, budget: _Budget) -> np.ndarray:
+    """Packed varints as uint64 (their low 64 bits, as protobuf reads them), decoded with NumPy.
+
+    The array (8 bytes for each varint, which may be one byte) is counted in ``budget`` before it is made.
+    """
+    data = np.frombuffer(buf, dtype=np.uint8)
+    if len(data) and data[-1] & 0x80:
+        raise SmdebugFormatError(f"{where}: malformed varint")
+    count = int(np.count_nonzero(data < 0x80))
+    budget.take(8 * count, where, f"holds {count} packed integers")
+    out = np.empty(count, dtype=np.uint64)
+    pos = done = 0
+    while pos < len(data):
+        chunk = data[pos : pos + _VARINT_CHUNK]
+        ends = np.flatnonzero(chunk < 0x80)  # the last byte of each varint
+        lengths = np.diff(ends, prepend=-1)
+        if not len(ends) or lengths.max() > 10:
+            raise SmdebugFormatError(f"{where}: malformed varint")
+        values = (chunk[ends] & 0x7F).astype(np.uint64)
+        for k in range(1, int(lengths.max())):  # Horner's rule, from each varint's last byte to its first
+            longer = np.flatnonzero(lengths > k)
+            values[longer] = (values[longer] << np.uint64(7)) | (chunk[ends[longer] - k] & 0x7F)
+        out[done : done + len(values)] = values
+        done += len(values)
+        pos += int(ends[-1]) + 1
+    return out
+
+
+def _unpacked(values: list[Any]) -> np.ndarray:
+    """The values of repeated fields that were not packed, as one array: uint64 for varints, float64 where
+    one is a float."""
+    return np.array(values, dtype=np.float64 if any(isinstance(v, float) for v in values) else np.uint64)
+
+
+def _as_dtype(values: np.ndarray, dtype: np.dtype[Any]) -> np.ndarray:
+    """The values of a TensorProto field as ``dtype``: a varint's (uint64) as protobuf reads an integer of
+    that type (two's complement for a signed one); ValueError or FloatingPointError for a value that does
+    not fit."""
+    if values.dtype == np.uint64 and dtype.kind in "iu":
+        if dtype.kind == "i":
+            values = values.view(np.int64)
+        info = np.iinfo(dtype)
+        if len(values) and (values.min() < info.min or values.max() > info.max):
+            raise ValueError(f"a value beyond the range of {dtype}")
+    with np.errstate(invalid="raise"):  # NaN or a float beyond the range of an integer type
+        return values.astype(dtype)
 
 
 @dataclass
@@ -257,7 +282,7 @@ def _tensor(buf: memoryview, where: str, budget: _Budget) -> np.ndarray | None:
     where
         The file and tensor, for errors.
     budget
-        What a value repeated to fill the declared shape may allocate (:class:`_Budget`).
+        What a value repeated to fill the declared shape, and packed varints, may allocate (:class:`_Budget`).
 
     Raises
     ------
@@ -268,7 +293,8 @@ def _tensor(buf: memoryview, where: str, budget: _Budget) -> np.ndarray | None:
     dtype_code = 0
     dims: list[int] = []
     content: memoryview | None = None
-    repeated: list[Any] = []
+    parts: list[np.ndarray] = []  # the repeated values, packed fields as arrays
+    singles: list[Any] = []  # values of fields not packed, until the next packed one
     for number, wire, value in _fields(buf, where):
         if number == 1 and wire == 0:
             dtype_code = value
@@ -283,17 +309,21 @@ def _tensor(buf: memoryview, where: str, budget: _Budget) -> np.ndarray | None:
             content = value
         elif number in _VALUE_FIELDS:
             layout = _VALUE_FIELDS[number]
-            if wire == 2 and layout != "varint":
-                if len(value) % np.dtype(layout).itemsize:
+            if wire == 2:  # packed
+                if layout != "varint" and len(value) % np.dtype(layout).itemsize:
                     raise SmdebugFormatError(f"{where}: packed values of a broken length")
-                repeated.extend(np.frombuffer(value, dtype=layout).tolist())
-            elif wire == 2:
-                pos = 0
-                while pos < len(value):
-                    item, pos = _varint(value, pos, where)
-                    repeated.append(item)
+                if singles:
+                    parts.append(_unpacked(singles))
+                    singles = []
+                parts.append(_varints(value, where, budget) if layout == "varint" else np.frombuffer(value, layout))
+            elif layout == "varint" and wire == 0:
+                singles.append(value & 0xFFFFFFFFFFFFFFFF)  # protobuf keeps a varint's low 64 bits
+            elif layout != "varint" and wire != 0 and len(value) == np.dtype(layout).itemsize:
+                singles.append(float(np.frombuffer(value, dtype=layout)[0]))
             else:
-                repeated.append(value if wire == 0 else np.frombuffer(value, dtype=layout)[0])
+                raise SmdebugFormatError(f"{where}: field {number} of wire type {wire}")
+    if singles:
+        parts.append(_unpacked(singles))
     dtype = _DTYPES.get(dtype_code)
     if dtype is None:
         return None
@@ -306,17 +336,17 @@ def _tensor(buf: memoryview, where: str, budget: _Budget) -> np.ndarray | None:
             if len(content) != count * dtype.itemsize:
                 raise SmdebugFormatError(f"{where}: {len(content)} bytes for a {dtype} tensor of shape {shape}")
             return np.frombuffer(content, dtype=dtype).reshape(shape).copy()
-        if dtype.kind in "iu":
-            repeated = [_signed64(v) if dtype.kind == "i" else v for v in repeated]
-        values = np.array(repeated, dtype=dtype)
+        converted = [_as_dtype(part, dtype) for part in parts]
+        values = converted[0] if len(converted) == 1 else np.concatenate([np.zeros(0, dtype), *converted])
         if values.size == count:
             return values.reshape(shape)
         if values.size == 1:  # TensorFlow repeats the last value
-            budget.take(count * dtype.itemsize, where, shape)
+            budget.take(count * dtype.itemsize, where, f"declares shape {shape} filled with one value")
             return np.full(shape, values[0], dtype=dtype)
     except SmdebugFormatError:
         raise
-    except (ValueError, OverflowError) as exc:  # more than 64 dimensions, too large even if empty, 2**40 as int32
+    # more than 64 dimensions, too large even if empty, 2**40 as int32, NaN as int32
+    except (ValueError, OverflowError, FloatingPointError) as exc:
         raise SmdebugFormatError(f"{where}: not a {dtype} tensor of shape {shape} ({exc})") from None
     raise SmdebugFormatError(f"{where}: {values.size} values for a tensor of shape {shape}")
 
@@ -360,17 +390,64 @@ def _mode(metadata: memoryview, where: str, mode: Mode, mode_step: int | None) -
                 name = _text(value, where)
             elif pnum == 2 and pwire == 2:
                 content = _text(value, where)
-        if name in ("mode", "mode_step"):
-            if not content.isdigit():
-                raise SmdebugFormatError(f"{where}: {name} {content!r} is not a number")
-            if name == "mode":
-                try:
-                    mode = Mode(int(content))
-                except ValueError:
-                    raise SmdebugFormatError(f"{where}: unknown mode {content}") from None
-            else:
-                mode_step = int(content)
+        if name == "mode":
+            number = _integer(content, name, where)
+            try:
+                mode = Mode(number)
+            except ValueError:
+                raise SmdebugFormatError(f"{where}: unknown mode {number}") from None
+        elif name == "mode_step":
+            # -1: smdebug's mode step before a mode's first step, which it gives a value saved for the step
+            # before (save_scalar); the step's index file says its mode (_import_step)
+            mode_step = _integer(content, name, where, low=-1)
     return mode, mode_step
+
+
+def _integer(text: str, what: str, where: str, low: int = 0) -> int:
+    """``text``, a decimal integer from ``low`` to 2**63 - 1 (a step of a tensortap trial is an int64).
+
+    Raises
+    ------
+    SmdebugFormatError
+        ``text`` is not a decimal integer (``str.isdigit`` takes ``"²"``, which ``int`` refuses), or is out
+        of that range.
+    """
+    if not re.fullmatch(r"-?[0-9]+", text):
+        raise SmdebugFormatError(f"{where}: {what} {text!r} is not a number")
+    value = int(text)
+    if not low <= value < 1 << 63:
+        raise SmdebugFormatError(f"{where}: {what} {value} out of range")
+    return value
+
+
+def _read_index(fs: Any, path: str) -> tuple[Mode, int, list[str]]:
+    """The mode and mode step of a step, and the tensors saved as their shape, from its smdebug index file
+    ``path`` (``index/<n>/<step>_<worker>.json``): smdebug's trial takes the mode of every tensor of the
+    step from there, not from the event file.
+
+    Raises
+    ------
+    SmdebugFormatError
+        The file is not JSON, or its ``meta`` has no mode or mode step, or its ``shape_payload`` is not a
+        list of tensors.
+    """
+    try:
+        index = json.loads(_read(fs, path))
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        why = "nested too deeply" if isinstance(exc, RecursionError) else exc
+        raise SmdebugFormatError(f"{path}: not valid JSON ({why})") from None
+    meta = index.get("meta") if isinstance(index, dict) else None
+    mode, mode_step = (meta.get("mode"), meta.get("mode_step")) if isinstance(meta, dict) else (None, None)
+    if not isinstance(mode, str) or mode.strip() not in Mode.__members__:
+        raise SmdebugFormatError(f"{path}: meta names no mode ({', '.join(Mode.__members__)})")
+    if type(mode_step) is not int:
+        raise SmdebugFormatError(f"{path}: meta mode_step {mode_step!r} is not a number")
+    shapes = index.get("shape_payload") or []
+    if not isinstance(shapes, list) or not all(
+        isinstance(s, dict) and isinstance(s.get("tensorname"), str) for s in shapes
+    ):
+        raise SmdebugFormatError(f"{path}: shape_payload is not a list of tensors with their names")
+    return Mode[mode.strip()], _integer(str(mode_step), "meta mode_step", path), [s["tensorname"] for s in shapes]
 
 
 # --------------------------------------------------------------- the import
@@ -527,17 +604,29 @@ def _read(fs: Any, path: str) -> bytes:
         return f.read()
 
 
-def _event_files(fs: Any, root: str) -> dict[str, list[tuple[int, str]]]:
-    """worker -> [(step, path)] of ``events/<step>/<step>_<worker>.tfevents``, sorted by step."""
-    out: dict[str, list[tuple[int, str]]] = {}
-    for path in _files(fs, f"{root}/events"):
-        match = _EVENT_FILE.match(path.rsplit("/", 1)[-1])
+def _step_files(fs: Any, folder: str, suffix: str) -> dict[str, dict[int, str]]:
+    """worker -> {step: path} of the files ``<step>_<worker><suffix>`` below ``folder`` (smdebug's
+    ``events/<step>/<step>_<worker>.tfevents`` and ``index/<n>/<step>_<worker>.json``), sorted by step.
+
+    Raises
+    ------
+    SmdebugFormatError
+        Two files of one step and worker (``0_worker_0`` and ``000000000000_worker_0``), naming both:
+        nothing is written for such a trial.
+    """
+    name = re.compile(rf"^(\d{{1,18}})_(.{{1,200}}){re.escape(suffix)}$")
+    out: dict[str, dict[int, str]] = {}
+    for path in _files(fs, folder):
+        match = name.match(path.rsplit("/", 1)[-1])
         if match is None:
-            if path.endswith(".tfevents"):
-                logger.warning("tensortap: %s: not named <step>_<worker>.tfevents; not imported", path)
+            if path.endswith(suffix):
+                logger.warning("tensortap: %s: not named <step>_<worker>%s; not imported", path, suffix)
             continue
-        out.setdefault(match.group(2), []).append((int(match.group(1)), path))
-    return {w: sorted(files) for w, files in out.items()}
+        step, worker = int(match.group(1)), match.group(2)
+        other = out.setdefault(worker, {}).setdefault(step, path)
+        if other != path:
+            raise SmdebugFormatError(f"{other} and {path}: two files of step {step} of worker {worker!r}")
+    return {w: dict(sorted(steps.items())) for w, steps in out.items()}
 
 
 def _folders(fs: Any, path: str) -> list[str]:
@@ -572,7 +661,8 @@ def _trials_below(fs: Any, root: str, depth: int = SEARCH_DEPTH) -> list[str]:
 
 
 def _ranks(workers: Sequence[str]) -> dict[str, int]:
-    """``worker_<n>`` keeps rank n; other worker names get free ranks in sorted order (with a warning)."""
+    """``worker_<n>`` keeps rank n; other worker names (``worker_00`` too: smdebug's workers ``worker_0`` and
+    ``worker_00`` are two) get free ranks in sorted order (with a warning)."""
     ranks = {w: int(m.group(1)) for w in workers if (m := _WORKER.match(w))}
     free = (r for r in range(len(workers) + len(ranks) + 1) if r not in ranks.values())
     for w in sorted(set(workers) - set(ranks)):
@@ -630,7 +720,8 @@ def import_smdebug(
         ``trial`` holds no smdebug event files (its message names the smdebug trials in the folders
         below it, :func:`_trials_below`).
     SmdebugFormatError
-        A file is not what smdebug writes (nothing is written for it; files before it are).
+        A file is not what smdebug writes (nothing is written for it; files before it are), or two files are
+        of one step of a worker (nothing is written).
     ValueError
         ``out_dir`` already holds files, or is a file.
     OSError
@@ -638,7 +729,7 @@ def import_smdebug(
     """
     fs, root = fsspec.core.url_to_fs(os.fspath(trial), **dict(storage_options or {}))
     root = root.rstrip("/")
-    files = _event_files(fs, root)
+    files = _step_files(fs, f"{root}/events", ".tfevents")
     if not files:
         where = os.fspath(trial)
         if not fs.exists(root):
@@ -650,6 +741,7 @@ def import_smdebug(
         raise ValueError(f"{os.fspath(out_dir)}: is a file; import into a new directory")
     if out_fs.exists(out_root) and out_fs.ls(out_root):
         raise ValueError(f"{os.fspath(out_dir)}: already holds files; import into a new directory")
+    indexes = _step_files(fs, f"{root}/index", ".json")
     smd_collections = _read_collections(fs, root)
     configs = {name: Collection(name, reduction_config=config) for name, (_, config) in smd_collections.items()}
     ended = fs.exists(f"{root}/training_job_end.ts")
@@ -662,8 +754,9 @@ def import_smdebug(
                 out_dir, rank=rank, strict=True, collection_configs=configs, storage_options=out_storage_options
             )
             try:
-                for step, path in files[worker]:
-                    _import_step(writer, fs, path, step, smd_collections, names, summary.skipped)
+                for step, path in files[worker].items():
+                    index = indexes.get(worker, {}).get(step)
+                    _import_step(writer, fs, path, index, step, smd_collections, names, summary.skipped)
                     steps.add(step)
             except BaseException:
                 writer.close("import failed")
@@ -679,6 +772,7 @@ def _import_step(
     writer: _ImportWriter,
     fs: Any,
     path: str,
+    index: str | None,
     step: int,
     smd_collections: Mapping[str, tuple[set[str], ReductionConfig | None]],
     names: set[str],
@@ -718,9 +812,18 @@ def _import_step(
             ", ".join(sorted(duplicates)),
             step,
         )
-    if len(modes) > 1:
+    shapes: list[str] = []
+    if index is not None:  # as smdebug's trial reads it: one mode for the step, whatever its tensors say
+        mode, mode_step, shapes = _read_index(fs, index)
+    elif len(modes) > 1:
         raise SmdebugFormatError(f"{path}: tensors of one step in several modes or mode steps: {sorted(modes)}")
-    mode, mode_step = modes.pop() if modes else (Mode.GLOBAL, step)
+    else:
+        mode, mode_step = modes.pop() if modes else (Mode.GLOBAL, step)
+        if mode_step < 0:
+            raise SmdebugFormatError(f"{path}: mode_step {mode_step} out of range")
+    for name in shapes:
+        if name not in tensors or tensors[name].raw is None:
+            skipped[name] = "its shape alone (save_shape): a tensortap trial holds a shape only with its values"
     writer.mode_steps[mode] = mode_step - 1  # smdebug's mode step, not a count of the saved ones
     with writer.stepping(mode, step=step):
         for tag, stored in tensors.items():

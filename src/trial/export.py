@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..crc32c import masked_crc32c, masked_crc32c_rows
 from ..modes import Mode
 from .progress import progress
 
@@ -52,44 +53,22 @@ def _without_tensorboardx_nan_warning() -> Iterator[None]:
         tb_logger.removeFilter(keep)
 
 
-def _crc32c_table() -> np.ndarray:
-    """The byte table of CRC-32C (Castagnoli, reflected polynomial 0x82F63B78)."""
-    crc = np.arange(256, dtype=np.uint32)
-    for _ in range(8):
-        crc = np.where(crc & 1, (crc >> 1) ^ np.uint32(0x82F63B78), crc >> 1)
-    return crc
-
-
-_CRC32C = _crc32c_table()
-
-
-def _masked_crc32c(rows: np.ndarray) -> np.ndarray:
-    """TFRecord's masked CRC-32C of each row of ``rows`` (records of one length, as ``uint8``), all at once."""
-    crc = np.full(len(rows), 0xFFFFFFFF, dtype=np.uint32)
-    for column in rows.T:
-        crc = _CRC32C[(crc ^ column) & 0xFF] ^ (crc >> 8)
-    crc ^= np.uint32(0xFFFFFFFF)
-    return ((crc >> 15) | (crc << 17)) + np.uint32(0xA282EAD8)
-
-
 def _tfrecords(records: list[bytes]) -> bytes:
     """``records`` framed as TFRecords (the event file format): each its length, the length's masked
     CRC-32C, itself and its masked CRC-32C, all little-endian; the checksums of records of one length are
     computed together (byte by byte in Python, as tensorboardX does without the ``crc32c`` package, they
     took most of an export's time)."""
-    from tensorboardX.record_writer import masked_crc32c
-
     lengths = np.array([len(r) for r in records], dtype="<u8")
     headers = lengths.view(np.uint8).reshape(-1, 8)
-    header_crcs = _masked_crc32c(headers).astype("<u4")
+    header_crcs = masked_crc32c_rows(headers).astype("<u4")
     record_crcs = np.empty(len(records), dtype="<u4")
     for length in np.unique(lengths):
         same = np.flatnonzero(lengths == length)
-        if len(same) < TOGETHER:  # a NumPy pass per byte costs more than tensorboardX's loop for a few records
+        if len(same) < TOGETHER:  # a NumPy pass per byte costs more than one record at a time for a few
             record_crcs[same] = [masked_crc32c(records[i]) for i in same]
             continue
         rows = np.frombuffer(b"".join(records[i] for i in same), dtype=np.uint8).reshape(len(same), int(length))
-        record_crcs[same] = _masked_crc32c(rows)
+        record_crcs[same] = masked_crc32c_rows(rows)
     header_bytes, header_crc_bytes, record_crc_bytes = headers.tobytes(), header_crcs.tobytes(), record_crcs.tobytes()
     return b"".join(
         header_bytes[8 * i : 8 * i + 8]

@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import struct
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +18,11 @@ import pytest
 import tensortap
 from tensortap import Mode
 from tensortap.cli import main
+from tensortap.crc32c import crc32c, masked_crc32c
 from tensortap.exceptions import TrialNotFound
 from tensortap.importers.smdebug import (
     SmdebugFormatError,
     import_smdebug,
-    masked_crc32c,
     read_records,
     tensortap_name,
 )
@@ -222,33 +223,47 @@ def test_symbolic_links_are_not_followed(tmp_path: Path, caplog: pytest.LogCaptu
 
 
 # ------------------------------------------------------- hostile trials (docs/reliability.md)
+def varint(n: int) -> bytes:
+    """``n`` (>= 0) as a protobuf varint."""
+    out = b""
+    while n > 0x7F:
+        out += bytes([n & 0x7F | 0x80])
+        n >>= 7
+    return out + bytes([n])
+
+
 def protobuf_field(number: int, wire: int, value: int | bytes) -> bytes:
     """One protobuf field: a varint (wire 0) or length-delimited bytes (wire 2)."""
-
-    def varint(n: int) -> bytes:
-        out = b""
-        while n > 0x7F:
-            out += bytes([n & 0x7F | 0x80])
-            n >>= 7
-        return out + bytes([n])
-
     if isinstance(value, int):
         return varint(number << 3 | wire) + varint(value)
     return varint(number << 3 | wire) + varint(len(value)) + value
 
 
+def tensor_proto(dtype: int, dims: tuple[int, ...], field: int, packed: bytes) -> bytes:
+    """A TensorProto of TensorFlow type ``dtype`` and shape ``dims`` whose values are the packed field ``field``."""
+    shape = b"".join(protobuf_field(2, 2, protobuf_field(1, 0, d)) for d in dims)
+    return protobuf_field(1, 0, dtype) + protobuf_field(2, 2, shape) + protobuf_field(field, 2, packed)
+
+
+def summary_value(tag: str, tensor: bytes, **plugins: str) -> bytes:
+    """A Summary.Value: ``tag``, the TensorProto ``tensor`` and smdebug's metadata (``mode="1"``)."""
+    meta = b"".join(
+        protobuf_field(1, 2, protobuf_field(1, 2, name.encode()) + protobuf_field(2, 2, content.encode()))
+        for name, content in plugins.items()
+    )
+    value = protobuf_field(1, 2, tag.encode()) + protobuf_field(8, 2, tensor)
+    return value + protobuf_field(9, 2, meta) if meta else value
+
+
+def event_of(*values: bytes) -> bytes:
+    """An event file of one Event whose Summary holds ``values`` (Summary.Values)."""
+    return record(protobuf_field(5, 2, b"".join(protobuf_field(1, 2, v) for v in values)))
+
+
 def event_file(dims: tuple[int, ...], values: tuple[float, ...], tags: tuple[str, ...] = ("t",)) -> bytes:
     """An event file of one step whose tensors ``tags`` are float32 of shape ``dims`` stored as ``float_val``."""
-    shape = b"".join(protobuf_field(2, 2, protobuf_field(1, 0, d)) for d in dims)
-    tensor = (
-        protobuf_field(1, 0, 1)
-        + protobuf_field(2, 2, shape)
-        + protobuf_field(5, 2, struct.pack(f"<{len(values)}f", *values))
-    )
-    summary = b"".join(
-        protobuf_field(1, 2, protobuf_field(1, 2, t.encode()) + protobuf_field(8, 2, tensor)) for t in tags
-    )
-    return record(protobuf_field(5, 2, summary))
+    tensor = tensor_proto(1, dims, 5, struct.pack(f"<{len(values)}f", *values))
+    return event_of(*(summary_value(t, tensor) for t in tags))
 
 
 def one_event_trial(root: Path, data: bytes) -> Path:
@@ -345,3 +360,172 @@ def test_values_that_do_not_fill_the_shape_are_refused(
     event = one_event_trial(tmp_path / "smd", event_file(dims, values))
     with pytest.raises(SmdebugFormatError, match=f"{event}: tensor 't': {why}"):
         import_smdebug(tmp_path / "smd", tmp_path / "out")
+
+
+def test_packed_integers_are_decoded_within_what_the_file_stores(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """hunt 36 H36-1: the packed varints of ``int_val`` were decoded one at a time into a Python list (a
+    Python int for each value, then the array): a 32 MB file took 38 s and 616 MB. Now NumPy decodes them,
+    in what the values take, and the decoded array (8 bytes for a varint of one byte) counts in the read
+    budget."""
+    n = 1 << 18
+    tensor = tensor_proto(3, (n,), 7, varint(300) * n)  # int32, int_val: 2 bytes a value
+    one_event_trial(tmp_path / "smd", event_of(summary_value("w", tensor)))
+    tracemalloc.start()
+    try:
+        import_smdebug(tmp_path / "smd", tmp_path / "out")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # the file (2 bytes a value), the decoded uint64 and the int32 array; before: 13 times the int32 array
+    assert peak < 6 * 4 * n, peak
+    np.testing.assert_array_equal(tensortap.create_trial(tmp_path / "out").tensor("w").value(0), np.full(n, 300))
+
+    # every integer type reads as protobuf reads it: two's complement of 10 bytes for a negative int32,
+    # uint64 beyond int64, bool_val; a value split over the decoder's chunks of 65,536 bytes
+    cases = {
+        "i": (3, 7, [-1, 2**31 - 1, -(2**31)], [2**64 - 1, 2**31 - 1, 2**64 - 2**31]),
+        "u": (23, 17, [2**64 - 1, 0], [2**64 - 1, 0]),
+        "b": (10, 11, [True, False, True], [1, 0, 2]),
+        "long": (9, 10, [2**62] * 10_000, [2**62] * 10_000),  # 9 bytes a value: 90,000 bytes
+    }
+    for name, (dtype, field, expected, encoded) in cases.items():
+        tensor = tensor_proto(dtype, (len(expected),), field, b"".join(map(varint, encoded)))
+        one_event_trial(tmp_path / name, event_of(summary_value("v", tensor)))
+        import_smdebug(tmp_path / name, tmp_path / f"out-{name}")
+        value = tensortap.create_trial(tmp_path / f"out-{name}").tensor("v").value(0)
+        assert value.tolist() == expected, name
+    for encoded, why in (([2**31], "a value beyond the range of int32"), ([1 << 70], "malformed varint")):
+        packed = b"".join(map(varint, encoded))
+        one_event_trial(tmp_path / why, event_of(summary_value("v", tensor_proto(3, (1,), 7, packed))))
+        with pytest.raises(SmdebugFormatError, match=why):
+            import_smdebug(tmp_path / why, tmp_path / f"out-{why}")
+
+    monkeypatch.setenv("TENSORTAP_MAX_READ_BYTES", str(8 * n - 1))
+    assert main(["import-smdebug", str(tmp_path / "smd"), str(tmp_path / "out2")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'smd'}/events/000000000000/000000000000_worker_0.tfevents: tensor 'w' holds {n} " in err
+    assert "TENSORTAP_MAX_READ_BYTES" in err and "unexpected" not in err
+
+
+def test_crc32c_is_bit_exact() -> None:
+    """hunt 36 H36-2: the payload's CRC-32C was computed a byte at a time in Python (about 5 MB/s, paid by
+    every import of a file whose records carry their real CRC); long data is now computed in NumPy lanes
+    (about 20 times the speed; measured, not asserted). The same CRC as RFC 3720's vectors, a bitwise
+    reference, and the records smdebug wrote with its checksums (``write_checksum=True``)."""
+    assert crc32c(b"123456789") == 0xE3069283
+    assert crc32c(bytes(32)) == 0x8A9136AA and crc32c(b"\xff" * 32) == 0x62A8AB43
+    assert crc32c(bytes(range(32))) == 0x46DD794E
+
+    def bitwise(data: bytes) -> int:
+        crc = 0xFFFFFFFF
+        for byte in data:
+            crc ^= byte
+            for _ in range(8):
+                crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
+        return crc ^ 0xFFFFFFFF
+
+    rng = np.random.default_rng(0)
+    for n in (4095, 4096, 4097, 65_537, 100_003):  # both sides of the byte loop's limit, lanes padded
+        data = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+        assert crc32c(data) == bitwise(data) == crc32c(memoryview(data)), n
+    data = (SHAPES / "checksummed.tfrecord").read_bytes()
+    assert [len(r) for r in read_records(data, "t")] == [9, 20480]
+    flipped = bytearray(data)
+    flipped[-100] ^= 1  # in the long record's payload
+    with pytest.raises(SmdebugFormatError, match="corrupted record at byte 25"):
+        list(read_records(bytes(flipped), "t"))
+
+
+def test_workers_of_one_rank_and_two_files_of_one_step(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """hunt 36 H36-3: smdebug workers ``worker_0`` and ``worker_00`` both became rank 0, and two event files of
+    one step of a worker both step 0: the import stopped half-way ("if_exists=" options the command lacks;
+    "0 is not greater than the last step" naming no file) and left a half trial that ``check`` called ok.
+    Now ``worker_00`` is another worker (a free rank, with a warning), and two files of one step are refused
+    before anything is written, naming both."""
+    smd = tmp_path / "smd"
+    for worker, values in (("worker_0", (1.0, 2.0)), ("worker_00", (10.0, 20.0))):
+        path = smd / "events" / "000000000000" / f"000000000000_{worker}.tfevents"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(event_file((2,), values, tags=("w",)))
+    summary = import_smdebug(smd, tmp_path / "out")
+    assert summary.workers == ["worker_0", "worker_1"]
+    assert "smdebug worker 'worker_00' is imported as worker_1" in caplog.text
+    w = tensortap.create_trial(tmp_path / "out").tensor("w")
+    assert w.value(0, worker="worker_0").tolist() == [1, 2] and w.value(0, worker="worker_1").tolist() == [10, 20]
+
+    first = one_event_trial(tmp_path / "two", event_file((2,), (1.0, 2.0)))
+    second = tmp_path / "two" / "events" / "000000000001" / "0_worker_0.tfevents"
+    second.parent.mkdir()
+    second.write_bytes(event_file((2,), (5.0, 6.0)))
+    assert main(["import-smdebug", str(tmp_path / "two"), str(tmp_path / "out2")]) == 2
+    assert capsys.readouterr().err == (
+        f"tensortap import-smdebug: {first} and {second}: two files of step 0 of worker 'worker_0'\n"
+    )
+    assert not (tmp_path / "out2").exists()
+
+
+@pytest.mark.parametrize(
+    ("mode_step", "why"),
+    [
+        (str(2**70), f"mode_step {2**70} out of range"),
+        ("\u00b2", "mode_step '\u00b2' is not a number"),  # str.isdigit() takes it, int() does not
+        ("-1", "mode_step -1 out of range"),  # with no index file to give the step's mode
+    ],
+)
+def test_a_mode_step_that_is_no_step_is_refused_naming_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], mode_step: str, why: str
+) -> None:
+    """hunt 36 H36-4: a mode step beyond int64 gave "unexpected error: RuntimeError(... Python int too large
+    ...)" blaming the output folder, and wrote an end marker every reader refuses; "²" a raw int() error
+    naming no file."""
+    tensor = tensor_proto(1, (1,), 5, struct.pack("<f", 1.0))
+    event = one_event_trial(tmp_path / "smd", event_of(summary_value("t", tensor, mode="1", mode_step=mode_step)))
+    assert main(["import-smdebug", str(tmp_path / "smd"), str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == f"tensortap import-smdebug: {event}: {why}\n"
+    # the end marker of the worker begun is one readers read (it held the mode step beyond int64)
+    assert tensortap.create_trial(tmp_path / "out").end_reasons() == {"worker_0": "import failed"}
+
+
+SHAPES = Path(__file__).parents[1] / "data" / "smdebug-scalar-shapes"
+
+
+def test_the_mode_of_a_step_is_its_index_files_and_shapes_alone_are_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """hunt 37 F1: smdebug writes a ``save_scalar`` value of the last TRAIN step before an EVAL step into that
+    TRAIN step's event file tagged ``mode=EVAL, mode_step=-1``: the import of such a trial (written by smdebug
+    1.0.34, tests/data/make_smdebug_scalar_shapes_trial.py) exited 2 with "mode_step '-1' is not a number".
+    Each step's mode is now its index file's, as smdebug's trial reads it. F3: shapes saved with
+    ``save_shape=True`` (in the index files only) were dropped without a word, a tensor saved as its shape
+    alone not even in ``skipped``: a tensortap trial holds no shape without values, so they are listed there."""
+    expected = json.loads((SHAPES / "expected.json").read_text())
+    assert main(["import-smdebug", str(SHAPES / "trial"), str(tmp_path / "out"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["skipped"] == {
+        name: "its shape alone (save_shape): a tensortap trial holds a shape only with its values"
+        for name in expected["shapes"]
+    }
+    trial = tensortap.create_trial(tmp_path / "out")
+    assert {str(s): [m.name, ms] for s, (m, ms) in ((s, trial.mode_step(s)) for s in trial.steps())} == expected[
+        "steps"
+    ]
+    lr = trial.tensor("metrics/lr")
+    assert {str(s): lr.value(s).item() for s in lr.steps()} == expected["scalar"]
+    mean = trial.tensor("Sequential_0.weight")
+    assert {str(s): mean.reduction_value(s, "mean") for s in (0, 1)} == pytest.approx(expected["means"])
+    assert "Sequential_2.weight" not in trial.tensor_names()
+
+    # an index file that gives no mode step is refused, naming it
+    smd = tmp_path / "smd"
+    shutil.copytree(SHAPES / "trial", smd)
+    index = smd / "index" / "000000000" / "000000000001_worker_0.json"
+    content = json.loads(index.read_text())
+    for mode_step, why in ((2**70, f"meta mode_step {2**70} out of range"), ("1", "meta mode_step '1' is not")):
+        content["meta"]["mode_step"] = mode_step
+        index.write_text(json.dumps(content))
+        with pytest.raises(SmdebugFormatError, match=f"^{index}: {why}"):
+            import_smdebug(smd, tmp_path / f"out-{mode_step}")
