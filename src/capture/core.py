@@ -324,6 +324,10 @@ _COLLECTION_CONFIGS = (
     "collection_configs={name: {'include_regex': [...], 'reduction_config': ..., 'save_config': ...}} given to "
     "the hook (docs/migrating-from-smdebug.md)"
 )
+_GET_HOOK = (
+    "keep what made the capture (ttt.capture(...) or ttt.Hook(...), tensortap.keras.Callback(...), "
+    "tensortap.xgboost.Callback(...)); Hook.from_env() makes one from TENSORTAP_CONFIG"
+)
 #: smdebug's names of hook methods that tensortap spells otherwise: the AttributeError says how.
 SMDEBUG_HOOK = {
     "get_collection": _COLLECTION_CONFIGS,
@@ -331,13 +335,12 @@ SMDEBUG_HOOK = {
     "add_to_collection": "hook.save_tensor(name, value, collections=[...]), or an include_regex of collection_configs",
     "wrap_optimizer": "hook.attach_optimizer(optimizer) (PyTorch); the Keras callback needs no wrapped optimizer",
     "export_collections": "nothing: the trial's worker record holds the collections (trial.collections())",
+    "create_from_json_file": "Hook.from_env() (TENSORTAP_CONFIG) or Hook.from_json(path)",
+    "get_hook": _GET_HOOK,
 }
 #: smdebug's names in ``smdebug.pytorch`` / ``.tensorflow`` / ``.xgboost`` that tensortap's adapter modules lack.
 SMDEBUG_MODULE = {
-    "get_hook": (
-        "keep what made the capture (ttt.capture(...) or ttt.Hook(...), tensortap.keras.Callback(...), "
-        "tensortap.xgboost.Callback(...)); Hook.from_env() makes one from TENSORTAP_CONFIG"
-    ),
+    "get_hook": _GET_HOOK,
     "SaveConfig": "tensortap.SaveConfig",
     "SaveConfigMode": "one tensortap.SaveConfig per mode: save_config={tensortap.Mode.TRAIN: SaveConfig(...)}",
     "ReductionConfig": "tensortap.ReductionConfig",
@@ -395,7 +398,17 @@ def module_attribute_error(module: str) -> Callable[[str], NoReturn]:
     return missing
 
 
-class Hook:
+class _HookClass(type):
+    """The class of :class:`Hook`: smdebug's class attributes (``Hook.create_from_json_file()``) raise an
+    AttributeError that names tensortap's spelling (:data:`SMDEBUG_HOOK`), as a hook's attributes do."""
+
+    if not TYPE_CHECKING:  # mypy keeps checking attribute names
+
+        def __getattr__(cls, name: str) -> Any:
+            raise no_attribute(f"type object {cls.__name__!r}", name, SMDEBUG_HOOK, "Hook")
+
+
+class Hook(metaclass=_HookClass):
     """Framework-neutral hook: configuration, step bookkeeping and saving.
 
     Parameters

@@ -28,19 +28,24 @@ anything else                    unchanged (``Sequential_0.weight``)     smdebug
 ================================ ======================================= ===============
 
 smdebug's own collections keep their names (``all`` and ``default`` are
-dropped: they are not collections of tensors); a tensor in none of them is in
-``custom``. Modes and mode steps are the ones smdebug recorded.
+dropped: they are not collections of tensors); a tensor is in those whose
+``tensor_names`` list it or whose ``include_regex`` matches its smdebug name, as
+smdebug's trial reads them; a tensor in none of them is in ``custom``. Modes and
+mode steps are the ones smdebug recorded.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import importlib
 import json
 import logging
+import math
 import os
 import re
 import struct
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -485,11 +490,24 @@ class ImportSummary:
     skipped: dict[str, str] = field(default_factory=dict)  # smdebug name -> why it was not imported
 
 
-def _reduction_config(text: Any) -> ReductionConfig | None:
-    """smdebug's ``"mean,max,l2_norm,abs_max"`` with ``save_raw_tensor`` as a tensortap ReductionConfig."""
-    if not isinstance(text, Mapping):
+def _reduction_config(text: Any, where: str) -> ReductionConfig | None:
+    """smdebug's ``"mean,max,l2_norm,abs_max"`` with ``save_raw_tensor`` as a tensortap ReductionConfig.
+
+    Raises
+    ------
+    SmdebugFormatError
+        ``text`` (its fields) is not of the types smdebug writes; ``where`` names the collection.
+    """
+    if text is None:
         return None
-    names = [t.strip() for t in str(text.get("reductions") or "").split(",") if t.strip()]
+    if not isinstance(text, Mapping):
+        raise SmdebugFormatError(f"{where}: 'reduction_config' is not an object")
+    reductions, save_raw = text.get("reductions") or "", text.get("save_raw_tensor", False)
+    if not isinstance(reductions, str) or not isinstance(save_raw, bool):
+        raise SmdebugFormatError(
+            f"{where}: 'reduction_config' needs 'reductions' text and 'save_raw_tensor' true/false"
+        )
+    names = [t.strip() for t in reductions.split(",") if t.strip()]
     plain: list[str] = []
     absolute: list[str] = []
     norms: list[str] = []
@@ -510,32 +528,154 @@ def _reduction_config(text: Any) -> ReductionConfig | None:
         abs_reductions=tuple(absolute),
         norms=tuple(norms),
         abs_norms=tuple(abs_norms),
-        save_raw_tensor=bool(text.get("save_raw_tensor", False)),
+        save_raw_tensor=save_raw,
     )
 
 
-def _read_collections(fs: Any, root: str) -> dict[str, tuple[set[str], ReductionConfig | None]]:
-    """smdebug's collections of every worker: name -> (tensor names, reduction config)."""
-    out: dict[str, tuple[set[str], ReductionConfig | None]] = {}
+# parsing a pattern into the tree ``re`` compiles (public in no version; ``sre_parse`` warns from 3.11)
+_RE_PARSER: Any = importlib.import_module("re._parser" if sys.version_info >= (3, 11) else "sre_parse")
+_REPEATS = frozenset({"MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"})
+MATCH_BUDGET = 10**10
+"""What matching smdebug's ``include_regex`` against tensor names may cost in one import, in the units of
+:func:`_match_cost` (about one second's work: ``re`` backtracks, and a stranger's pattern such as
+``(a|a)*$`` or ``.*.*.*x`` would take hours on one long name)."""
+
+
+def _match_cost(items: Any, n: int, repeated: bool = False) -> float:
+    """An upper bound of the steps ``re`` takes to match the parsed pattern ``items`` at one position of a
+    name of ``n`` characters: each choice (a repeat of varying count, an alternation) multiplies the ways to
+    try; a choice inside a repeat makes them exponential in ``n`` (inf). ``repeated``: ``items`` is repeated."""
+    cost = 1.0
+    for op, av in items:
+        kind = str(op)
+        if kind in _REPEATS:
+            low, high, body = av
+            if repeated and low != high:
+                return math.inf
+            cost *= (min(high - low, n) + 1) * _match_cost(body, n, repeated or high > 1)
+        elif kind in ("BRANCH", "GROUPREF_EXISTS"):
+            if repeated:
+                return math.inf
+            cost *= sum(_match_cost(branch, n) for branch in (av[1] if kind == "BRANCH" else av[1:]) if branch)
+        elif kind == "SUBPATTERN":
+            cost *= _match_cost(av[-1], n, repeated)
+        elif kind == "ATOMIC_GROUP":
+            cost *= _match_cost(av, n, repeated)
+        elif kind in ("ASSERT", "ASSERT_NOT"):
+            cost *= _match_cost(av[1], n, repeated)
+        elif kind == "GROUPREF":
+            cost *= n + 1
+    return cost
+
+
+@dataclass
+class _SmdCollection:
+    """One smdebug collection as its workers' files define it."""
+
+    path: str  # a file that defines it, for errors
+    names: set[str] = field(default_factory=set)  # its ``tensor_names``
+    patterns: dict[str, tuple[re.Pattern[str], Any]] = field(default_factory=dict)  # include_regex: compiled, parsed
+    config: ReductionConfig | None = None
+
+
+class _SmdCollections:
+    """smdebug's collections and which of them a tensor is in, as smdebug's trial reads it: those whose
+    ``tensor_names`` list its smdebug name or one of whose ``include_regex`` matches it (``re.search``),
+    the cost of all matches bounded by :data:`MATCH_BUDGET`."""
+
+    def __init__(self, collections: dict[str, _SmdCollection]) -> None:
+        self.collections = collections
+        self.budget = float(MATCH_BUDGET)
+        self._of: dict[str, list[str]] = {}
+
+    def of(self, name: str) -> list[str]:
+        """The collections smdebug's tensor ``name`` is in.
+
+        Raises
+        ------
+        SmdebugFormatError
+            Matching an ``include_regex`` against ``name`` could cost more than is left of the budget
+            (the message names the collections file, the collection and the pattern).
+        """
+        if name not in self._of:
+            self._of[name] = [c for c, spec in self.collections.items() if self._member(c, spec, name)]
+        return self._of[name]
+
+    def _member(self, collection: str, spec: _SmdCollection, name: str) -> bool:
+        if name in spec.names:
+            return True
+        for text, (pattern, parsed) in spec.patterns.items():
+            at_start = len(parsed) and str(parsed[0][0]) == "AT" and str(parsed[0][1]).startswith("AT_BEGINNING")
+            searched = 1 if at_start and not pattern.flags & re.MULTILINE else len(name) + 1  # positions tried
+            cost = searched * _match_cost(parsed, len(name))
+            if cost > self.budget:
+                raise SmdebugFormatError(
+                    f"{spec.path}: collection {collection!r}: include_regex {text!r} could take too long to match "
+                    f"tensor names such as one of {len(name)} characters (it repeats too much)"
+                )
+            self.budget -= cost
+            if pattern.search(name):
+                return True
+        return False
+
+
+def _read_collections(fs: Any, root: str) -> _SmdCollections:
+    """smdebug's collections of every worker (``all`` and ``default`` left out).
+
+    Raises
+    ------
+    SmdebugFormatError
+        A collections file is not what smdebug writes: not JSON (or nested too deeply), a collection name that
+        is empty or not valid Unicode, a field of another type, an ``include_regex`` that is not a pattern.
+    """
+    out: dict[str, _SmdCollection] = {}
     for path in _files(fs, f"{root}/collections"):
         if not path.endswith(".json"):
             continue
         try:
             data = json.loads(_read(fs, path))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except RecursionError:
+            raise SmdebugFormatError(f"{path}: not valid JSON (nested too deeply)") from None
+        except ValueError as exc:  # not UTF-8, not JSON, an integer of more digits than Python converts
             raise SmdebugFormatError(f"{path}: not valid JSON ({exc})") from None
         collections = data.get("collections") if isinstance(data, dict) else None
         if not isinstance(collections, dict):
             raise SmdebugFormatError(f"{path}: no 'collections' object")
         for name, spec in collections.items():
-            if not isinstance(name, str) or not isinstance(spec, dict) or name in _META_COLLECTIONS:
+            if not name or len(name) > MAX_NAME_CHARS or not _is_unicode(name):
+                raise SmdebugFormatError(f"{path}: {name!r} is not a collection name")
+            where = f"{path}: collection {name!r}"
+            if not isinstance(spec, dict):
+                raise SmdebugFormatError(f"{where}: not an object")
+            if name in _META_COLLECTIONS:
                 continue
-            names = spec.get("tensor_names") or []
-            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-                raise SmdebugFormatError(f"{path}: collection {name!r}: 'tensor_names' is not a list of names")
-            members, config = out.get(name, (set(), None))
-            out[name] = (members | set(names), config or _reduction_config(spec.get("reduction_config")))
-    return out
+            names, patterns = spec.get("tensor_names") or [], spec.get("include_regex") or []
+            for key, value in (("tensor_names", names), ("include_regex", patterns)):
+                if not isinstance(value, list) or not all(isinstance(n, str) for n in value):
+                    raise SmdebugFormatError(f"{where}: {key!r} is not a list of strings")
+            collection = out.setdefault(name, _SmdCollection(path))
+            collection.names.update(names)
+            for text in patterns:
+                try:
+                    pattern, parsed = re.compile(text), _RE_PARSER.parse(text)
+                except (re.error, RecursionError, OverflowError) as exc:
+                    raise SmdebugFormatError(f"{where}: include_regex {text!r} is not a pattern ({exc})") from None
+                if math.isinf(_match_cost(parsed, 1)):  # before anything is written
+                    raise SmdebugFormatError(
+                        f"{where}: include_regex {text!r} could take too long to match (it repeats a choice)"
+                    )
+                collection.patterns[text] = pattern, parsed
+            collection.config = collection.config or _reduction_config(spec.get("reduction_config"), where)
+    return _SmdCollections(out)
+
+
+def _is_unicode(text: str) -> bool:
+    """Whether ``text`` can be stored as UTF-8 (JSON's ``\\ud800`` escapes make lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def tensortap_name(name: str, collections: Sequence[str]) -> str:
@@ -743,7 +883,7 @@ def import_smdebug(
         raise ValueError(f"{os.fspath(out_dir)}: already holds files; import into a new directory")
     indexes = _step_files(fs, f"{root}/index", ".json")
     smd_collections = _read_collections(fs, root)
-    configs = {name: Collection(name, reduction_config=config) for name, (_, config) in smd_collections.items()}
+    configs = {name: Collection(name, reduction_config=c.config) for name, c in smd_collections.collections.items()}
     ended = fs.exists(f"{root}/training_job_end.ts")
     summary = ImportSummary(workers=[], steps=0, tensors=[])
     names: set[str] = set()
@@ -774,7 +914,7 @@ def _import_step(
     path: str,
     index: str | None,
     step: int,
-    smd_collections: Mapping[str, tuple[set[str], ReductionConfig | None]],
+    smd_collections: _SmdCollections,
     names: set[str],
     skipped: dict[str, str],
 ) -> None:
@@ -827,7 +967,7 @@ def _import_step(
     writer.mode_steps[mode] = mode_step - 1  # smdebug's mode step, not a count of the saved ones
     with writer.stepping(mode, step=step):
         for tag, stored in tensors.items():
-            colls = [c for c, (members, _) in smd_collections.items() if tag in members]
+            colls = list(smd_collections.of(tag))
             name = tensortap_name(tag, colls)
             if name.startswith("metrics/") and "metrics" not in colls:
                 colls.append("metrics")

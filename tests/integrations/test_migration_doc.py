@@ -55,3 +55,27 @@ def test_smdebug_hook_and_module_names_say_how_tensortap_spells_them(tmp_path: P
             module.SaveConfig  # type: ignore[attr-defined]  # noqa: B018
         with pytest.raises(AttributeError, match=rf"{lacks} 'no_such_thing'$"):
             module.no_such_thing  # type: ignore[attr-defined]  # noqa: B018
+
+
+def test_smdebug_hook_class_names_say_how_tensortap_spells_them(tmp_path: Path) -> None:
+    """hunt 37 F6: ``ttt.Hook.create_from_json_file`` (smdebug's class method), ``hook.create_from_json_file`` and
+    ``hook.get_hook`` gave the plain AttributeError, unlike ``hook.get_collection``."""
+    import tensortap.torch as ttt
+
+    with pytest.raises(
+        AttributeError,
+        match=r"^type object 'Hook' has no attribute 'create_from_json_file': smdebug's Hook.create_from_json_file: "
+        r"in tensortap, Hook.from_env\(\) \(TENSORTAP_CONFIG\) or Hook.from_json\(path\)$",
+    ):
+        ttt.Hook.create_from_json_file()  # type: ignore[attr-defined]
+    with pytest.raises(AttributeError, match=r"^type object 'Hook' has no attribute 'no_such_thing'$"):
+        ttt.Hook.no_such_thing  # type: ignore[attr-defined]  # noqa: B018
+    with ttt.Hook(tmp_path) as hook:
+        with pytest.raises(
+            AttributeError, match=r"^'Hook' object has no attribute 'create_from_json_file': .*from_env"
+        ):
+            hook.create_from_json_file()
+        with pytest.raises(
+            AttributeError, match=r"^'Hook' object has no attribute 'get_hook': smdebug's .*ttt.capture"
+        ):
+            hook.get_hook()

@@ -19,13 +19,14 @@ import tensortap
 from tensortap import Mode
 from tensortap.cli import main
 from tensortap.crc32c import crc32c, masked_crc32c
-from tensortap.exceptions import TrialNotFound
+from tensortap.exceptions import RuleInputsMissing, TrialNotFound
 from tensortap.importers.smdebug import (
     SmdebugFormatError,
     import_smdebug,
     read_records,
     tensortap_name,
 )
+from tensortap.rules import TreeDepth, invoke_rule
 
 DATA = Path(__file__).parents[1] / "data" / "smdebug-trial"
 EXPECTED = json.loads((DATA / "expected.json").read_text())
@@ -529,3 +530,118 @@ def test_the_mode_of_a_step_is_its_index_files_and_shapes_alone_are_named(
         index.write_text(json.dumps(content))
         with pytest.raises(SmdebugFormatError, match=f"^{index}: {why}"):
             import_smdebug(smd, tmp_path / f"out-{mode_step}")
+
+
+REGEX_DATA = Path(__file__).parents[1] / "data" / "smdebug-regex"  # made by tests/data/make_smdebug_regex_trials.py
+
+
+@pytest.mark.parametrize("kind", ["torch", "xgboost"])
+def test_collections_are_what_smdebug_reads_include_regex_too(
+    tmp_path: Path, kind: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """hunt 37 F2: the importer read only each collection's ``tensor_names`` and ignored its ``include_regex``,
+    which smdebug's trial uses too: ``gradients`` (saved through a regex collection of reductions), a
+    collection filled by ``save_tensor`` and XGBoost's ``losses`` came out empty (``act_h`` in ``custom``), so
+    vanishing_gradient, loss_not_decreasing and overfit found none of their inputs (exit 2)."""
+    expected = json.loads((REGEX_DATA / "expected.json").read_text())[kind]
+    out = tmp_path / "out"
+    import_smdebug(REGEX_DATA / kind, out)
+    trial = tensortap.create_trial(out)
+    for collection, members in expected.items():
+        if collection in ("all", "default"):
+            continue
+        names = sorted(tensortap_name(n, [c for c, m in expected.items() if n in m]) for n in members)
+        # smdebug's text columns of XGBoost trees are not imported (skipped)
+        imported = [n for n in names if n in trial.tensor_names()]
+        assert trial.tensor_names(collection=collection) == imported, collection
+    assert trial.tensor_names(collection="custom") == []
+    if kind == "torch":
+        assert trial.tensor_names(collection="acts") == ["act_h"]
+        assert len(trial.tensor_names(collection="gradients")) == 4
+        rules = ["vanishing_gradient"]
+    else:
+        assert trial.tensor_names(collection="losses") == [
+            "losses/train-error",
+            "losses/train-logloss",
+            "losses/validation-error",
+            "losses/validation-logloss",
+        ]
+        rules = ["loss_not_decreasing", "overfit"]
+    for rule in rules:
+        assert main(["rules", str(out), "--rule", rule]) == 0, rule
+        assert "did not fire" in capsys.readouterr().out
+
+
+def test_tree_depth_says_it_lacks_the_text_columns_smdebug_stored(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """hunt 37 F4: smdebug stores ``trees/Yes`` and ``trees/No`` as text, which the import skips; tree_depth
+    then said "did not fire" (exit 0, a passing gate) on a trial it could not read at all."""
+    out = tmp_path / "out"
+    summary = import_smdebug(REGEX_DATA / "xgboost", out)
+    assert summary.skipped["trees/Yes"] == summary.skipped["trees/No"] == "not numeric"
+    assert main(["rules", str(out), "--rule", "tree_depth"]) == 2
+    assert "TreeDepth: found none of its inputs" in capsys.readouterr().out
+    rule = TreeDepth(tensortap.create_trial(out))
+    with pytest.raises(RuleInputsMissing, match="trees/No, trees/Yes not saved"):
+        invoke_rule(rule)
+
+
+def collections_file(root: Path, text: str) -> Path:
+    """An smdebug trial at ``root`` (the test trial's events) whose collections file holds ``text``."""
+    shutil.copytree(DATA / "trial", root)
+    path = next((root / "collections").rglob("*.json"))
+    path.write_text(text)
+    return path
+
+
+def collection(name: str = "c", **spec: object) -> str:
+    return json.dumps({"collections": {name: {"tensor_names": [], **spec}}})
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ("[" * 100_000 + "]" * 100_000, "not valid JSON \\(nested too deeply\\)"),
+        (json.dumps({"collections": {"evil\ud800": {}}}), "'evil\\\\ud800' is not a collection name"),
+        (collection(""), "'' is not a collection name"),
+        (collection(reduction_config={"reductions": "max", "save_raw_tensor": "no"}), "'save_raw_tensor'"),
+        (collection(reduction_config={"reductions": ["max"]}), "'reductions'"),
+        (collection(reduction_config="max"), "'reduction_config' is not an object"),
+        (collection(include_regex="^a"), "'include_regex' is not a list of strings"),
+        (collection(include_regex=["(unclosed"]), "include_regex '\\(unclosed' is not a pattern"),
+        (collection(include_regex=["(a|ab)*c"]), "include_regex '\\(a\\|ab\\)\\*c' could take too long"),
+        (json.dumps({"collections": {"c": []}}), "collection 'c': not an object"),
+    ],
+)
+def test_crafted_collections_files_are_refused_naming_them(
+    tmp_path: Path, text: str, why: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """hunt 36 H36-7: collections JSON nested 100,000 deep gave "unexpected error: RecursionError"; a collection
+    named with a lone surrogate an "unexpected" RuntimeError blaming the output folder (leaving a trial
+    ``check`` called ok); an empty name a message naming no file; ``"save_raw_tensor": "no"`` was read as true.
+    A regex matching could take hours on (``(a|ab)*c``) is refused before it is tried."""
+    path = collections_file(tmp_path / "smd", text)
+    with pytest.raises(SmdebugFormatError, match=f"^{path}: .*{why}"):
+        import_smdebug(tmp_path / "smd", tmp_path / "out")
+    assert main(["import-smdebug", str(tmp_path / "smd"), str(tmp_path / "out2"), "--json"]) == 2
+    assert json.loads(capsys.readouterr().out)["error"]["kind"] == "input"
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out2").exists()
+
+
+def test_matching_include_regex_is_bounded_by_the_names(tmp_path: Path) -> None:
+    """hunt 37 F2 (its fix): ``include_regex`` comes from a stranger's file and is matched by a backtracking
+    engine: ``a*a*a*a*x`` against a name of 4,000 characters would take hours; it is refused naming the file,
+    while the same pattern is matched against short names."""
+    smd = tmp_path / "smd"
+    one_event_trial(smd, event_file((1,), (1.0,), ("a" * 4000, "ab")))
+    (smd / "collections" / "000000000").mkdir(parents=True)
+    path = smd / "collections" / "000000000" / "worker_0_collections.json"
+    path.write_text(collection("slow", include_regex=["a*a*a*a*x"]))
+    with pytest.raises(SmdebugFormatError, match=f"^{path}: collection 'slow': .* one of 4000 characters"):
+        import_smdebug(smd, tmp_path / "out")
+    (smd / "events" / "000000000000" / "000000000000_worker_0.tfevents").write_bytes(
+        event_file((1,), (1.0,), ("a" * 30 + "x", "ab"))
+    )
+    import_smdebug(smd, tmp_path / "out2")
+    assert tensortap.create_trial(tmp_path / "out2").tensor_names(collection="slow") == ["a" * 30 + "x"]

@@ -267,3 +267,35 @@ def test_a_requirement_with_an_unknown_reduction_is_refused_naming_the_collectio
     with pytest.raises(ValueError, match=r"reductions: expected a tuple of reduction keys, got the string 'abs_mean'"):
         Requirement("gradients", "abs_mean")  # type: ignore[arg-type]
     assert Requirement("gradients", ("abs_mean", "l2", "nan_count")).reductions == ("abs_mean", "l2", "nan_count")
+
+
+class SmdebugStyle(Rule):
+    """A custom rule ported from smdebug, whose ``Rule.__init__(base_trial, action_str, other_trials=None)``
+    needs ``action_str``."""
+
+    def __init__(self, base_trial: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(base_trial, *args, **kwargs)
+
+    def invoke_at_step(self, step: int) -> bool:
+        return False
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "given"),
+    [
+        ((), {"action_str": ""}, "action_str"),
+        (("",), {}, "action_str"),
+        ((), {"other_trials": []}, "other_trials"),
+        (("", []), {}, "action_str and other_trials"),
+    ],
+)
+def test_smdebug_arguments_of_rule_init_say_what_to_write(
+    trial: tensortap.Trial, args: tuple[Any, ...], kwargs: dict[str, Any], given: str
+) -> None:
+    """hunt 37 F5: ``super().__init__(base_trial, action_str="")``, as every smdebug custom rule writes it,
+    raised a bare ``TypeError: Rule.__init__() got an unexpected keyword argument 'action_str'``."""
+    with pytest.raises(
+        TypeError, match=rf"^SmdebugStyle: Rule.__init__ takes only base_trial, not smdebug's {given}: .*add_action"
+    ):
+        SmdebugStyle(trial, *args, **kwargs)
+    assert SmdebugStyle(trial).base_trial is trial

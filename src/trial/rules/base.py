@@ -281,6 +281,10 @@ class Rule:
     base_trial
         The trial the rule reads; None when the rule is given to a hook
         (``Hook(rules=[...])``), which provides a view of the steps being saved.
+    action_str, other_trials
+        smdebug's arguments (``super().__init__(base_trial, action_str="")`` of a ported rule): refused with a
+        TypeError that says what tensortap does instead (``rule.add_action(...)``; other trials given to
+        your rule's own ``__init__``).
 
     Attributes
     ----------
@@ -299,7 +303,16 @@ class Rule:
     state_version: int = 1
     history: int = 1
 
-    def __init__(self, base_trial: Any = None) -> None:
+    def __init__(self, base_trial: Any = None, action_str: str | None = None, other_trials: Any = None) -> None:
+        if action_str is not None or other_trials is not None:
+            given = " and ".join(
+                n for n, v in (("action_str", action_str), ("other_trials", other_trials)) if v is not None
+            )
+            raise TypeError(
+                f"{type(self).__name__}: Rule.__init__ takes only base_trial, not smdebug's {given}: call "
+                "super().__init__(base_trial); add actions with rule.add_action(...) and give other trials to "
+                "your rule's own __init__ (docs/migrating-from-smdebug.md)"
+            )
         self.base_trial = base_trial
         self.actions: list[Action] = []
         self._progress = _Progress()

@@ -613,7 +613,7 @@ class Overfit(_TrainValidation):
             if not paired:
                 continue
             t = float(np.mean([training[n] for n in paired]))
-            ratio = (v - t) / abs(t) if t != 0 else float(np.sign(v - t) * np.inf)
+            ratio = (v - t) / abs(t) if t != 0 else math.copysign(math.inf, v - t) if v != t else 0.0
             self.exceeded[name] = self.exceeded.get(name, 0) + 1 if ratio > self.ratio_threshold else 0
             if self.exceeded[name] >= self.patience:
                 reason = (

@@ -188,6 +188,10 @@ class TreeDepth(Rule):
         if len(names) < len(self.columns):
             if not trees.names(trial):
                 self.need(step, self.required_captures()[0], "no tree of the model was saved")
+            elif saved:  # trees of this step, without a column the depths are read from
+                lacking = ", ".join(sorted({f"trees/{c}" for c in self.columns} - saved))
+                why = f"{lacking} not saved (import-smdebug skips them: smdebug stores them as text)"
+                self.need(step, self.required_captures()[0], why)
             return False
         arrays = [raw_at(self, trial, n, step, self.required_captures()[0]) for n in names]
         if any(a is None for a in arrays):
