@@ -33,6 +33,8 @@ REDUCTIONS = ("min", "max", "mean", "std", "variance", "sum", "prod")
 NORMS = ("l1", "l2")
 HEALTH_COUNTS = ("nan_count", "inf_count", "zero_count")
 ALL_REDUCTIONS = REDUCTIONS + NORMS + HEALTH_COUNTS
+KEYS = (*ALL_REDUCTIONS, *(f"abs_{r}" for r in ALL_REDUCTIONS))
+"""Every key a reduction is stored under (``"mean"``, ``"abs_mean"``...)."""
 DEFAULT_BINS = 64
 MAX_BINS = 4096
 _CHUNK_BYTES = 8 << 20  # float64 bytes converted at once by compute_rows
@@ -109,7 +111,7 @@ def check_key(key: str) -> tuple[str, bool]:
         raise UnknownName(
             "reduction",
             key,
-            [*ALL_REDUCTIONS, *(f"abs_{r}" for r in ALL_REDUCTIONS)],
+            KEYS,
             listed=f"{', '.join(ALL_REDUCTIONS)}, each also as abs_NAME",
         )
     return name, absolute

@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tracemalloc
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -24,11 +25,13 @@ from helpers.trials import logged_warnings, write_trial
 import tensortap
 from tensortap import TensorUnavailableForStep
 from tensortap.backends import NotInTrial, get_storage
-from tensortap.backends.layout import FORMAT_VERSION
+from tensortap.backends import storage as storage_module
+from tensortap.backends.layout import FORMAT_VERSION, UnsafeKey, check_key
 from tensortap.backends.shard import FORMAT_1 as FORMAT_1_VETTER
 from tensortap.backends.shard import ShardError, ShardReader, crc32, raw_at_check
 from tensortap.capture import ShardPolicy, Writer
 from tensortap.cli import main
+from tensortap.config import Collection, ReductionConfig
 from tensortap.trial.check import _inspect_shards, _same_bits, find_problems
 from tensortap.trial.trial import find_trials
 
@@ -188,6 +191,23 @@ def test_a_worker_folder_with_an_unsafe_name_is_skipped(tmp_path: Path) -> None:
     assert len(warned) == 1 and "index/bad" in warned[0]
 
 
+@pytest.mark.parametrize(
+    ("key", "why"),
+    [
+        ("index/notes:old", "its part 'notes:old' holds ':'"),
+        ("index/../x", "its part '..' leads out of its folder"),
+        ("/etc/passwd", "its part '' is empty"),
+        ("index/a\\b", "its part 'a\\\\b' holds '\\\\'"),
+        ("index/w\udcff/x", "its part 'w\\udcff' is not valid Unicode"),
+    ],
+)
+def test_an_unsafe_key_is_refused_saying_what_is_wrong_with_its_part(key: str, why: str) -> None:
+    """hunt 36 H36-8: the message names the part and its fault. Before, it said "absolute, '..' or an empty
+    part" whatever the fault (a ':' of a timestamp)."""
+    with pytest.raises(UnsafeKey, match=re.escape(f"{key!r} is not a valid key in a trial: {why}")):
+        check_key(key)
+
+
 # ---------------------------------------------------------------- nothing from outside the trial
 def test_external_link_is_refused(tmp_path: Path) -> None:
     out = tmp_path / "trial"
@@ -296,6 +316,27 @@ def test_a_search_for_trials_follows_no_link_out_of_the_folder(tmp_path: Path) -
         f"tensortap: {folder}/{name} not searched: a link that leads outside it (to {to})"
         for name, to in (("evil", private), ("up", tmp_path))
     ]
+
+
+def test_a_folder_named_as_no_path_in_a_trial_may_be_is_named_and_the_other_trials_listed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """hunt 36 H36-8: a folder of the user's named with ':' (a run's timestamp) or a control character is not
+    searched, named in one warning each; the other trials are listed, exit 0, and the trial in such a folder
+    reads from its own path. Before, ``ls`` of the folder above failed whole (exit 2) with a wrong reason
+    ("absolute, '..' or an empty part")."""
+    write_trial(tmp_path / "good", 2)
+    write_trial(tmp_path / "run-2024-01-01T10:30", 2)
+    (tmp_path / "notes\x1b[1m").mkdir()
+    with logged_warnings() as warned:
+        assert main(["ls", str(tmp_path)]) == 0
+    assert "good" in capsys.readouterr().out
+    assert warned == [
+        f"tensortap: {tmp_path}/{name} not searched: its name holds {held!r}, which no path in a trial may; "
+        "give its path to read a trial there"
+        for name, held in (("notes\x1b[1m", "\x1b"), ("run-2024-01-01T10:30", ":"))
+    ]
+    assert main(["ls", str(tmp_path / "run-2024-01-01T10:30")]) == 0
 
 
 def test_a_symlink_inside_the_trial_reads(tmp_path: Path) -> None:
@@ -1009,17 +1050,22 @@ def test_a_malformed_record_is_skipped_and_reported(change: Callable[[dict], obj
         lambda e: e["raw_at"].update(data=1 << 63),
         lambda e: e["raw_at"].update(crc32=1 << 64),
         lambda e: e.update(shape=[1 << 64, 3]),
+        lambda e: e.update(reductions=["max", "__class__"]),
+        lambda e: e.update(reductions=["abs_<b>x</b>"]),
+        lambda e: e.update(reductions=[["max"]]),
     ],
     ids=[
         *("foreign-step", "shape-str", "raw_at-list", "raw_at-dtype-name", "raw_at-bool", "raw_at-longdouble"),
         *("raw_at-negative", "raw_at-check", "raw_at-no-steps", "tensor-at-no-step", "raw_at-beyond-int64"),
-        *("crc32-beyond-int64", "shape-beyond-int64"),
+        *("crc32-beyond-int64", "shape-beyond-int64", "reduction-unknown", "reduction-abs-unknown"),
+        "reduction-list",
     ],
 )
 def test_a_malformed_record_entry_is_refused_alone_and_reported(
     change: Callable[[dict], object], tmp_path: Path
 ) -> None:
-    """An entry of ``tensors`` stands alone (its id, steps and ``raw_at``): refused, it loses only its tensor."""
+    """An entry of ``tensors`` stands alone (its id, steps and ``raw_at``): refused, it loses only its tensor.
+    hunt 36 H36-9: reductions are among the keys the format defines (before, ``"__class__"`` passed ``check``)."""
     write(tmp_path)
     record = json.loads((tmp_path / RECORD).read_text())
     change(record["tensors"]["dense/kernel"])
@@ -1029,6 +1075,73 @@ def test_a_malformed_record_entry_is_refused_alone_and_reported(
     assert len(warned) == 1 and RECORD in warned[0] and "refused tensor 'dense/kernel'" in warned[0], warned
     assert SHARD in warned[0]
     assert [p.split(":")[0] for p in find_problems(str(tmp_path))] == [RECORD]
+
+
+def test_a_tensor_name_that_is_not_valid_unicode_is_refused_alone_and_reported(tmp_path: Path) -> None:
+    """hunt 36 H36-6: a tensor named with a lone surrogate (``"evil\\ud800name"``: valid escaped JSON, in the record
+    and the shard's ``/names`` alike) is refused alone, as the writer refuses the name; the other tensors read,
+    export and ``check`` reports it. Before, it passed ``check`` and then broke export (``'utf-8' codec can't
+    encode``), report, plot and ``to_pandas`` for the whole trial."""
+    write(tmp_path)
+    names = json.dumps(["evil\ud800name", "ragged"]).encode()
+
+    def rename(f: h5py.File) -> None:
+        del f["names"]
+        f.create_dataset("names", data=np.frombuffer(names, np.uint8)).attrs.create(
+            "crc32", crc32(names), dtype=np.uint32
+        )
+
+    rewrite(tmp_path, rename)
+    record = json.loads((tmp_path / RECORD).read_text())
+    record["tensors"]["evil\ud800name"] = record["tensors"].pop("dense/kernel")
+    (tmp_path / RECORD).write_text(json.dumps(record))
+    values, warned = read_all(tmp_path)
+    assert list(values) == ["ragged"] and sorted(values["ragged"]) == [0, 1]
+    assert len(warned) == 1 and "refused tensor 'evil\\ud800name' (its name is not valid Unicode)" in warned[0]
+    assert [p.split(":")[0] for p in find_problems(str(tmp_path))] == [RECORD]
+    assert main(["export", str(tmp_path), "-o", str(tmp_path / "out.csv")]) == 0
+    assert "ragged" in (tmp_path / "out.csv").read_text()
+
+
+def test_a_worker_folder_named_with_a_byte_that_is_not_utf_8_is_skipped_and_reported(tmp_path: Path) -> None:
+    """hunt 36 H36-6: a worker folder whose name is not UTF-8 (``w\\xff``, listed as ``"w\\udcff"``) is skipped with
+    one warning naming it and reported by ``check``; the other worker reads and exports. Before, ``check`` said
+    ok and export and report failed for the whole trial (``'utf-8' codec can't encode``)."""
+    write(tmp_path)
+    record = json.loads((tmp_path / RECORD).read_text())
+    record.update(worker="w\udcff", shard="shards/w\udcff/0000000000.h5")
+    (tmp_path / "index" / "w\udcff").mkdir()
+    (tmp_path / "index" / "w\udcff" / "0000000000.json").write_text(json.dumps(record))
+    shutil.copytree(tmp_path / "shards" / "worker_0", tmp_path / "shards" / "w\udcff")
+    values, warned = read_all(tmp_path)
+    np.testing.assert_array_equal(values["dense/kernel"][1], kernel(1))
+    assert len(warned) == 1 and "index/w\udcff" in warned[0] and "not valid Unicode" in warned[0], warned
+    problems = find_problems(str(tmp_path))
+    assert problems and all("w\udcff" in p and "not valid Unicode" in p for p in problems), problems
+    assert main(["export", str(tmp_path), "-o", str(tmp_path / "out.csv")]) == 0
+
+
+def test_a_record_listing_a_reduction_its_shard_lacks_is_reported_and_readers_name_what_the_shard_holds(
+    tmp_path: Path,
+) -> None:
+    """hunt 36 H36-9: ``check`` reports a record that lists a reduction its shard does not hold, and the reader's
+    error names the reductions the shard holds. Before, ``check`` said ok and the error said "reduction
+    'nan_count' was not saved ...; saved: max, mean, nan_count"."""
+    weights = Collection("weights", reduction_config=ReductionConfig(reductions=["mean", "max"]))
+    with Writer(tmp_path, collection_configs={"weights": weights}) as w:
+        with w.stepping():
+            w.save("w", np.arange(4, dtype=np.float32), collections=["weights"])
+    record = json.loads((tmp_path / RECORD).read_text())
+    record["tensors"]["w"]["reductions"] = ["max", "mean", "nan_count"]
+    (tmp_path / RECORD).write_text(json.dumps(record))
+    tensor = tensortap.create_trial(tmp_path).tensor("w")
+    assert tensor.reduction_value(0, "max") == 3
+    with pytest.raises(TensorUnavailableForStep, match=r"reduction 'nan_count' was not saved .*; saved: max, mean$"):
+        tensor.reduction_value(0, "nan_count")
+    assert find_problems(str(tmp_path)) == [
+        f"{SHARD}: unreadable shard ({tmp_path / SHARD}: its index record lists the reductions max, mean, nan_count "
+        "of 'w'; the shard holds max, mean)"
+    ]
 
 
 # ---------------------------------------------------------------- records that disagree with their shards
@@ -1148,6 +1261,34 @@ def test_broken_json_anywhere_is_skipped_with_a_warning(text: str, folder: str, 
     _, warned = read_all(tmp_path)
     assert len(warned) == 1 and folder in warned[0]
     assert folder in find_problems(str(tmp_path))[0]
+
+
+@pytest.mark.parametrize("key", [RECORD, "workers/worker_0.json", "end/worker_0.json", "control/stop.json"])
+def test_a_sparse_json_file_is_refused_reading_no_more_than_a_record_may_have(
+    key: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """hunt 36 H36-5: a JSON file that claims a gigabyte and takes nothing on disk (sparse, as ``truncate`` or an
+    archive makes it) is refused having read at most one byte more than a record may have. Before, it was read
+    whole, then refused: a 2 GiB end marker made ``ls`` take 4 GB of memory, a larger one all of it."""
+    monkeypatch.setattr(storage_module, "MAX_JSON_BYTES", 1 << 20)
+    write(tmp_path)
+    (tmp_path / key).parent.mkdir(exist_ok=True)
+    with open(tmp_path / key, "ab") as f:
+        f.truncate(1 << 30)
+    why = f"more than the {1 << 20}"
+    tracemalloc.start()
+    try:
+        if key == "control/stop.json":
+            with pytest.raises(ValueError, match=re.escape(why)):
+                tensortap.create_trial(tmp_path).stop_request()
+        else:
+            _, warned = read_all(tmp_path)
+            assert len(warned) == 1 and key in warned[0] and why in warned[0], warned
+            assert any(p.startswith(key) and why in p for p in find_problems(str(tmp_path)))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 << 20
 
 
 def test_check_exits_1_naming_each_problem(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

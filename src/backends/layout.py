@@ -40,18 +40,48 @@ class UnsafeKey(ValueError):
     """A key or name from a trial that could reach outside the trial (``..``, an absolute path, ...)."""
 
 
+def is_unicode(text: str) -> bool:
+    """Whether ``text`` can be stored as UTF-8: it holds no lone surrogate (as JSON's ``"\\ud800"`` gives, or a
+    file name's byte that is not UTF-8, as Python lists it)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def name_fault(name: object) -> str | None:
+    """What makes ``name`` unsafe as one path component of a trial (see :func:`check_name`), to follow "its
+    name" in a sentence (``"holds ':'"``); None if nothing."""
+    if not isinstance(name, str):
+        return "is not a string"
+    if not name:
+        return "is empty"
+    if len(name) > MAX_NAME_LENGTH:
+        return f"is longer than {MAX_NAME_LENGTH} characters"
+    if name == "..":
+        return "leads out of its folder"
+    if name == ".":
+        return "is '.'"
+    if name.startswith("."):
+        return "starts with '.'"
+    if (bad := _BAD_NAME.search(name)) is not None:
+        return f"holds {bad.group()!r}"
+    if not is_unicode(name):
+        return "is not valid Unicode"
+    return None
+
+
 def check_name(name: object) -> str:
     """Return ``name`` if it is safe as one path component of a trial, else raise :class:`UnsafeKey`.
 
-    A name is a non-empty string of at most 255 characters, without ``/``,
-    ``\\``, ``:``, control characters, and not starting with ``.`` (which also
-    excludes ``.`` and ``..``).
+    A name is a non-empty string of valid Unicode, of at most 255 characters, without ``/``, ``\\``, ``:``,
+    control characters, and not starting with ``.`` (which also excludes ``.`` and ``..``).
     """
-    if not isinstance(name, str) or not name or len(name) > MAX_NAME_LENGTH:
-        raise UnsafeKey(f"{name!r} is not a valid name in a trial")
-    if name.startswith(".") or _BAD_NAME.search(name):
-        raise UnsafeKey(f"{name!r} is not a valid name in a trial (separator, control character or leading '.')")
-    return name
+    why = name_fault(name)
+    if why is not None:
+        raise UnsafeKey(f"{name!r} is not a valid name in a trial: it {why}")
+    return name  # type: ignore[return-value]
 
 
 def check_key(key: object) -> str:
@@ -65,11 +95,10 @@ def check_key(key: object) -> str:
     if not isinstance(key, str):
         raise UnsafeKey(f"{key!r} is not a valid key in a trial")
     if key:
-        try:
-            for part in key.split("/"):
-                check_name(part[1:] if part.startswith(".") and part not in (".", "..") else part)
-        except UnsafeKey:
-            raise UnsafeKey(f"{key!r} is not a valid key in a trial (absolute, '..' or an empty part)") from None
+        for part in key.split("/"):
+            why = name_fault(part[1:] if part.startswith(".") and part not in (".", "..") else part)
+            if why is not None:
+                raise UnsafeKey(f"{key!r} is not a valid key in a trial: its part {part!r} {why}")
     return key
 
 

@@ -329,7 +329,7 @@ class LocalRanges:
 def _parse_json(key: str, data: bytes) -> Any:
     """``data``, the content of ``key``, parsed; ValueError if it is not JSON, too large or too deep."""
     if len(data) > MAX_JSON_BYTES:
-        raise ValueError(f"{key}: {len(data)} bytes, more than the {MAX_JSON_BYTES} a JSON record may have")
+        raise ValueError(f"{key}: more than the {MAX_JSON_BYTES} bytes a JSON record may have")
     try:
         return json.loads(data)
     except RecursionError:
@@ -424,6 +424,14 @@ class Storage(abc.ABC):
     def read_bytes(self, key: str) -> bytes:
         """Return the content of ``key``; FileNotFoundError if it does not exist."""
 
+    def read_start(self, key: str, size: int) -> bytes:
+        """Return the first ``size`` bytes of ``key`` (all of it if shorter); FileNotFoundError if it does not exist.
+
+        The default reads the whole file (:meth:`read_bytes`); the built-in backends read no more than ``size``
+        bytes (a stranger's sparse file may claim gigabytes and take none on disk).
+        """
+        return self.read_bytes(key)[:size]
+
     @abc.abstractmethod
     def write_bytes(self, key: str, data: bytes) -> None:
         """Atomically create or replace ``key`` with ``data``."""
@@ -471,7 +479,7 @@ class Storage(abc.ABC):
 
     def read_json(self, key: str) -> Any:
         """Return the parsed JSON content of ``key``; ValueError if it is not JSON, too large or too deep."""
-        return _parse_json(key, self.read_bytes(key))
+        return _parse_json(key, self.read_start(key, MAX_JSON_BYTES + 1))
 
     def read_json_many(self, keys: Sequence[str]) -> Records:
         """:meth:`read_json` of each of ``keys``, in order, and in place of a record that cannot be read
@@ -703,6 +711,11 @@ class LocalStorage(Storage):
     def read_bytes(self, key: str) -> bytes:
         with os.fdopen(self._open(key), "rb") as f:
             return f.read()
+
+    def read_start(self, key: str, size: int) -> bytes:
+        with os.fdopen(self._open(key), "rb") as f:
+            # read(size) allocates size bytes whatever the file holds: ask for no more than it holds, and a byte more
+            return f.read(min(size, os.fstat(f.fileno()).st_size + 1))
 
     def open_ranges(self, key: str) -> RangedFile:
         return LocalRanges(self._open(key))
@@ -971,10 +984,17 @@ class FsspecStorage(Storage):
         return got
 
     def read_bytes(self, key: str) -> bytes:
+        return self._read(key, None)
+
+    def read_start(self, key: str, size: int) -> bytes:
+        return self._read(key, size)
+
+    def _read(self, key: str, size: int | None) -> bytes:
+        """The first ``size`` bytes of ``key`` (None: all of it)."""
         path = self._path(key)
 
         def read() -> bytes:
-            data = self._cat([path], None)[0]
+            data = self._cat([path], size)[0]
             if isinstance(data, BaseException):
                 raise data
             return bytes(data)

@@ -152,6 +152,14 @@ class StorageTests:
         with pytest.raises(ValueError, match="more than"):
             storage.read_json(big)
 
+    def test_read_start_gives_the_first_bytes(self, storage: Storage) -> None:
+        """What a record is read with: its first bytes, one more than a record may have (hunt 36 H36-5)."""
+        storage.write_bytes("control/stop.json", b"0123456789")
+        assert storage.read_start("control/stop.json", 4) == b"0123"
+        assert storage.read_start("control/stop.json", 100) == b"0123456789"
+        with pytest.raises(FileNotFoundError):
+            storage.read_start("control/missing.json", 4)
+
     @pytest.mark.parametrize("key", ["missing.json", "no/such/folder/file.json"])
     def test_read_missing_raises_file_not_found(self, storage: Storage, key: str) -> None:
         storage.write_bytes("present.json", b"{}")

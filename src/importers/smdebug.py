@@ -54,6 +54,7 @@ import fsspec
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
+from ..backends import layout
 from ..backends.shard import MAX_READ_ENV, max_read_bytes
 from ..backends.storage import NotInTrial, open_regular
 from ..capture import TensorOps, Writer
@@ -642,7 +643,7 @@ def _read_collections(fs: Any, root: str) -> _SmdCollections:
         if not isinstance(collections, dict):
             raise SmdebugFormatError(f"{path}: no 'collections' object")
         for name, spec in collections.items():
-            if not name or len(name) > MAX_NAME_CHARS or not _is_unicode(name):
+            if not name or len(name) > MAX_NAME_CHARS or not layout.is_unicode(name):
                 raise SmdebugFormatError(f"{path}: {name!r} is not a collection name")
             where = f"{path}: collection {name!r}"
             if not isinstance(spec, dict):
@@ -667,15 +668,6 @@ def _read_collections(fs: Any, root: str) -> _SmdCollections:
                 collection.patterns[text] = pattern, parsed
             collection.config = collection.config or _reduction_config(spec.get("reduction_config"), where)
     return _SmdCollections(out)
-
-
-def _is_unicode(text: str) -> bool:
-    """Whether ``text`` can be stored as UTF-8 (JSON's ``\\ud800`` escapes make lone surrogates)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def tensortap_name(name: str, collections: Sequence[str]) -> str:

@@ -95,6 +95,22 @@ def _disagreement(reader: ShardReader, parsed: ParsedRecord) -> str | None:
     return None
 
 
+def _other_reductions(reader: ShardReader, parsed: ParsedRecord) -> str | None:
+    """Where the index record lists other reductions of a tensor than the shard holds (readers would say one
+    it lists and the shard lacks was not saved), or None."""
+    for name in parsed.tensors:
+        if name not in reader.ids:
+            continue  # reported as other tensors than the shard holds
+        listed = sorted(set(parsed.record["tensors"][name].get("reductions", [])))
+        held = sorted({key for _, key in reader.reductions(name)})
+        if listed != held:
+            return (
+                f"{reader.path}: its index record lists the reductions {', '.join(listed) or 'none'} of {name!r}; "
+                f"the shard holds {', '.join(held) or 'none'}"
+            )
+    return None
+
+
 def inspect_shard(path: str, expected_bytes: int | None, record: dict[str, Any] | None = None) -> Summary:
     """Read the shard at ``path`` in full: ``(problem or None, its steps, its tensor names)``; with its
     index record ``record``, also what the record's ``raw_at`` locations give."""
@@ -105,7 +121,11 @@ def inspect_shard(path: str, expected_bytes: int | None, record: dict[str, Any] 
     try:
         parsed = None if record is None else parse_index_record(record, record["worker"])
         reader.validate(read_apart=() if parsed is None else parsed.raw_at)  # the located values: read below
-        problem = None if parsed is None else _misplaced(reader, parsed) or _disagreement(reader, parsed)
+        problem = (
+            None
+            if parsed is None
+            else _misplaced(reader, parsed) or _disagreement(reader, parsed) or _other_reductions(reader, parsed)
+        )
         return problem, reader.steps_table().tolist(), list(reader.names)
     except ShardError as exc:
         return str(exc), [], []

@@ -45,6 +45,7 @@ from ..backends.shard import (
 from ..backends.storage import STORAGE_FAILURES, Storage
 from ..modes import Mode
 from ..processes import KILLED, process_gone
+from ..reductions import KEYS as REDUCTION_KEYS
 
 logger = logging.getLogger("tensortap")
 _T = TypeVar("_T")
@@ -255,6 +256,14 @@ def _names_lists(values: list[Any]) -> bool:
     return _all_of(values, list) and _all_of(list(chain.from_iterable(values)), str)
 
 
+_REDUCTION_KEYS = frozenset(REDUCTION_KEYS)
+
+
+def _reduction_keys(values: list[Any]) -> bool:
+    """Whether each of ``values`` is a list of the keys reductions are stored under (``"mean"``, ``"abs_max"``...)."""
+    return _names_lists(values) and set(chain.from_iterable(values)) <= _REDUCTION_KEYS
+
+
 def _non_negative(values: list[Any]) -> np.ndarray | None:
     """``values`` as an int64 array if each is a JSON integer of the int64 range, at least 0, else None."""
     out = _ints(values)
@@ -274,7 +283,8 @@ def _columns(
     has_dtype = ["dtype" in e for e in entries]
     if (
         ids is None
-        or not all(_names_lists([e.get(k, _EMPTY) for e in entries]) for k in ("collections", "reductions"))
+        or not _names_lists([e.get("collections", _EMPTY) for e in entries])
+        or not _reduction_keys([e.get("reductions", _EMPTY) for e in entries])
         or not all(_all_of([e.get(k, "") for e in entries], str) for k in ("dtype", "orig_dtype"))
         or has_dtype != ["shape" in e for e in entries]
         or not _all_of(shapes, list)
@@ -342,12 +352,15 @@ def parse_index_record(record: object, worker: str) -> ParsedRecord:
     if (np.diff(steps) <= 0).any():
         raise bad("'steps' repeats a step")
     times = record.get("wall_times", [])
+    bad_times = "'wall_times' is not a list of finite numbers, one per step"
     if not isinstance(times, list) or not set(map(type, times)) <= {int, float} or len(times) not in (0, len(steps)):
-        raise bad("'wall_times' is not a list of numbers, one per step")
+        raise bad(bad_times)
     try:
         wall_times = np.array(times, dtype=np.float64)[order] if times else None
     except OverflowError:  # an integer too large for a float
-        raise bad("'wall_times' is not a list of numbers, one per step") from None
+        raise bad(bad_times) from None
+    if wall_times is not None and not np.isfinite(wall_times).all():  # Python's JSON reads NaN and Infinity
+        raise bad(bad_times)
     tensors = record.get("tensors")
     if not isinstance(tensors, dict):
         raise bad("'tensors' is not an object")
@@ -364,7 +377,8 @@ def parse_index_record(record: object, worker: str) -> ParsedRecord:
             shared[key] = _spec_steps(value, steps)
         return shared[key]
 
-    columns = _columns(list(tensors.values()), spec_steps)
+    # a name JSON gives with a lone surrogate ("\ud800") cannot be written out (exports, plots): the writer's rule
+    columns = _columns(list(tensors.values()), spec_steps) if layout.is_unicode("".join(tensors)) else None
     if columns is None:
         names, specs, declared, refused = _one_by_one(tensors, spec_steps)
     else:
@@ -393,6 +407,9 @@ def _one_by_one(
     places: list[Located | None] = []
     refused: dict[str, str] = {}
     for name, entry in tensors.items():
+        if not layout.is_unicode(name):
+            refused[name] = "its name is not valid Unicode"
+            continue
         if not isinstance(entry, dict):
             refused[name] = "not an object"
             continue
@@ -400,7 +417,7 @@ def _one_by_one(
         checks = {
             "id": _is_int(entry.get("id"), 0),
             "collections": _is_names(entry.get("collections", [])),
-            "reductions": _is_names(entry.get("reductions", [])),
+            "reductions": _reduction_keys([entry.get("reductions", [])]),
             "dtype": isinstance(entry.get("dtype", ""), str),
             "orig_dtype": isinstance(entry.get("orig_dtype", ""), str),
             "shape": isinstance(entry.get("shape", []), list) and all(_is_int(d, 0) for d in entry.get("shape", [])),

@@ -92,7 +92,8 @@ def find_trials(storage: Storage, depth: int = SEARCH_DEPTH) -> list[str]:
     each trial, its run folders (:func:`run_folders`).
 
     The search does not go into trials (but for their run folders, one level), nor follow a link out of
-    ``storage`` (the folder may be a stranger's: such a link is named in one warning), and looks into at
+    ``storage`` (the folder may be a stranger's: such a link is named in one warning), nor into a folder whose
+    name a trial's paths may not have (``:`` of a timestamp: named in one warning), and looks into at
     most ``SEARCH_FOLDERS`` folders (a path given by mistake may be a large tree).
     """
     found: dict[str, list[str]] = {}  # trial: its run folders
@@ -105,7 +106,15 @@ def find_trials(storage: Storage, depth: int = SEARCH_DEPTH) -> list[str]:
                     return _with_runs(found)
                 visited += 1
                 key = f"{prefix}/{name}" if prefix else name
-                if (real := storage.leads_outside(key)) is not None:
+                if (why := layout.name_fault(name)) is not None:  # a folder of the user's, as a run's timestamp
+                    logger.warning(
+                        "tensortap: %s/%s not searched: its name %s, which no path in a trial may; give its path to "
+                        "read a trial there",
+                        storage.url,
+                        key,
+                        why,
+                    )
+                elif (real := storage.leads_outside(key)) is not None:
                     logger.warning(
                         "tensortap: %s/%s not searched: a link that leads outside it (to %s)", storage.url, key, real
                     )
@@ -940,17 +949,19 @@ class Tensor:
         key = red.reduction_key(reduction, abs)
         red.check_key(key)
         gstep, _, loc = self._locate(step, mode, worker)
+        held: Sequence[str] = loc.reductions
         if key in loc.reductions:
             saved = self.trial._index.read(loc.shard, lambda r: r.reductions(self.name))
             if saved is None:
                 raise self._unreadable(step_label(step, mode), loc.shard)
             if (gstep, key) in saved:
                 return saved[(gstep, key)]
+            held = sorted(k for s, k in saved if s == gstep)  # the shard's: its record listed one it lacks
         if loc.raw:
             return red.compute(self._reader_value(gstep, loc), key)
         raise TensorUnavailableForStep(
             f"{self.name!r} at {step_label(step, mode)}: reduction {key!r} was not saved and no raw tensor was; "
-            f"saved: {', '.join(loc.reductions) or 'none'}"
+            f"saved: {', '.join(held) or 'none'}"
         )
 
     def reduction_values(

@@ -164,9 +164,13 @@ def test_steps_listed_out_of_order_keep_their_modes_and_times(tmp_path: Path) ->
         (lambda r: r["wall_times"].__setitem__(0, False), "'wall_times'"),
         (lambda r: r["wall_times"].__setitem__(0, 10**400), "'wall_times'"),
         (lambda r: r["wall_times"].pop(), "'wall_times'"),
+        (lambda r: r["wall_times"].__setitem__(0, float("nan")), "'wall_times'"),
+        (lambda r: r["wall_times"].__setitem__(0, float("-inf")), "'wall_times'"),
     ],
 )
 def test_a_record_that_breaks_the_schema_is_refused(tmp_path: Path, change: Any, why: str) -> None:
+    """The record is skipped with one warning naming it. hunt 36 (Low): a wall time NaN or Infinity (Python's JSON
+    reads them) passed, and ``plot --x time`` drew them silently."""
     write(tmp_path, 3)
     (path,) = records(tmp_path)
     record = json.loads(path.read_text())
