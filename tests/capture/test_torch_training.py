@@ -856,6 +856,209 @@ def test_a_captured_lstm_saved_whole_loads_as_if_never_captured(tmp_path: Path) 
     assert "outputs/rnn/0" in _trial(tmp_path).tensor_names()  # its outputs were captured while it was saved
 
 
+def _saved_losses(trial: tensortap.Trial, name: str) -> dict[tuple[Mode, int], list[float]]:
+    """Per (mode, mode step): the values of loss ``name`` saved at the step, in call order (``name``, or
+    ``name:0``, ``name:1``, ...)."""
+    out = {}
+    for mode in (Mode.TRAIN, Mode.EVAL):
+        for s in trial.steps(mode=mode):
+            names = [n for n in trial.tensor_names(step=s, mode=mode) if n.split(":")[0] == name]
+            names.sort(key=lambda n: int(n.split(":")[1]) if ":" in n else 0)
+            out[mode, s] = [float(_value(trial, n, s, mode)) for n in names]
+    return out
+
+
+def test_the_loss_of_a_model_not_captured_is_not_saved_in_the_last_evaluation_step(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """hunt 34 F1: pytorch/examples word_language_model trains, validates, loads its best model back with
+    ``torch.load`` (a copy without tensortap's hooks) and tests it with the registered criterion. The copy's
+    losses went into the last validation step, as ``losses/NLLLoss:1``, ``:2``, ..., and renamed the step's own
+    validation loss ``losses/NLLLoss:0``, without a word."""
+    model, criterion = _WordModel(), nn.NLLLoss()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    hook = ttt.capture(model, tmp_path, optimizer=opt, loss=criterion, save_config=EVERY_STEP)
+    gen = torch.Generator().manual_seed(34)
+
+    def batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [
+            (torch.randint(0, 12, (4, 2), generator=gen), torch.randint(0, 12, (8,), generator=gen)) for _ in range(n)
+        ]
+
+    def evaluate(m: nn.Module, data: list[tuple[torch.Tensor, torch.Tensor]]) -> list[float]:
+        m.eval()
+        with torch.no_grad():
+            return [criterion(m(x, None)[0], y).item() for x, y in data]
+
+    train_data, val_data, test_data = batches(2), batches(2), batches(3)
+    expected: dict[tuple[Mode, int], list[float]] = {}
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        for epoch in range(2):
+            model.train()
+            for s, (x, y) in enumerate(train_data, start=2 * epoch):
+                opt.zero_grad()
+                loss = criterion(model(x, None)[0], y)
+                loss.backward()
+                opt.step()
+                expected[Mode.TRAIN, s] = [loss.item()]
+            for s, v in enumerate(evaluate(model, val_data), start=2 * epoch):
+                expected[Mode.EVAL, s] = [v]
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        with torch.serialization.safe_globals([_WordModel, nn.Embedding, nn.LSTM, nn.Linear]):
+            best = torch.load(buffer)
+        test = evaluate(best, test_data)
+    hook.close()
+    trial = _trial(tmp_path)
+    assert trial.tensor_names(collection="losses") == ["losses/NLLLoss"]
+    assert _saved_losses(trial, "losses/NLLLoss") == expected
+    assert not set(test) & {v for vs in expected.values() for v in vs}
+    warned = [r.getMessage() for r in caplog.records if "not saved" in r.getMessage()]
+    assert len(warned) == 1 and "losses/NLLLoss" in warned[0] and "torch.load" in warned[0]
+    assert "step 7:" in warned[0]  # the last validation's
+
+
+class _Heads(nn.Module):
+    """The patterns of losses that a step saves several calls of one registered loss module for: per time
+    step of one output (``"per_time_step"``), per head of a model with two (``"two_heads"``), computed in
+    ``forward`` (``"in_forward"``, as a model returning its loss), on a transformed output
+    (``"transformed"``, ``criterion(log_softmax(out), y)``)."""
+
+    def __init__(self, pattern: str, criterion: nn.Module) -> None:
+        super().__init__()
+        self.body = nn.Linear(6, 12)
+        self.head = nn.Linear(6, 3)
+        self.pattern, self.criterion = pattern, criterion
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> Any:
+        if self.pattern == "per_time_step":
+            return self.body(x).view(-1, 4, 3)
+        if self.pattern == "two_heads":
+            return self.body(x)[:, :3].tanh(), self.head(x)
+        if self.pattern == "in_forward":
+            logits = self.head(x)
+            return logits, self.criterion(logits, y) + self.criterion(self.body(x)[:, 3:6], y)
+        return self.head(x)
+
+    def losses(self, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+        out = self(x, y)
+        if self.pattern == "per_time_step":
+            return [self.criterion(out[:, t], y) for t in range(4)]
+        if self.pattern == "two_heads":
+            return [self.criterion(out[0], y), self.criterion(out[1], y)]
+        if self.pattern == "in_forward":
+            return [out[1]]
+        return [self.criterion(F.log_softmax(out, 1), y)]
+
+
+@pytest.mark.parametrize("pattern", ["per_time_step", "two_heads", "in_forward", "transformed"])
+def test_every_call_of_a_registered_loss_on_the_outputs_of_a_forward_is_saved(
+    pattern: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """hunt 34 F1: the calls of a registered loss module that are the step's, several for one forward, are all
+    saved, in training and under ``no_grad`` in evaluation, while those of a model not captured are not."""
+    criterion = nn.NLLLoss() if pattern == "transformed" else nn.CrossEntropyLoss()
+    model = _Heads(pattern, criterion)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    hook = ttt.capture(model, tmp_path, optimizer=opt, loss=criterion, save_config=EVERY_STEP)
+    gen = torch.Generator().manual_seed(35)
+    expected: dict[tuple[Mode, int], list[float]] = {}
+    calls = {"per_time_step": 4, "two_heads": 2, "in_forward": 2, "transformed": 1}[pattern]
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        for s in range(2):
+            model.train()
+            x, y = _batch(gen)
+            opt.zero_grad()
+            losses = model.losses(x, y)
+            sum(losses).backward()
+            opt.step()
+            expected[Mode.TRAIN, s] = [v.item() for v in losses]
+            model.eval()
+            with torch.no_grad():
+                expected[Mode.EVAL, s] = [v.item() for v in model.losses(*_batch(gen))]
+    hook.close()
+    trial = _trial(tmp_path)
+    saved = _saved_losses(trial, f"losses/{type(criterion).__name__}")
+    if pattern == "in_forward":  # the calls themselves, summed in forward
+        assert {k: len(v) for k, v in saved.items()} == {k: calls for k in expected}
+        saved = {k: [sum(v)] for k, v in saved.items()}
+    assert {k: len(v) for k, v in saved.items()} == {k: len(v) for k, v in expected.items()}
+    for key, values in expected.items():
+        np.testing.assert_allclose(saved[key], values, rtol=1e-6, err_msg=str(key))
+    assert not [r for r in caplog.records if "not saved" in r.getMessage()]
+
+
+@pytest.mark.parametrize("registered", ["G and D", "G"])
+def test_a_gan_s_losses_of_one_registered_criterion_are_all_saved(
+    registered: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """hunt 34 F1: dcgan's criterion registered: D on real, D on ``fake.detach()``, G through D, each saved in
+    the iteration's step, whether D is registered (a forward before each call) or not (G's loss is told by its
+    graph, which leads to G's parameters)."""
+    net_g, net_d = Generator(), Discriminator()
+    opt_d = torch.optim.Adam(net_d.parameters(), lr=2e-4)
+    opt_g = torch.optim.Adam(net_g.parameters(), lr=2e-4)
+    criterion = nn.BCELoss()
+    hook = ttt.Hook(tmp_path, save_config=EVERY_STEP, include_collections=["losses"])
+    hook.register_module(net_g, name="G")
+    hook.attach_optimizer(opt_g)
+    if registered == "G and D":
+        hook.register_module(net_d, name="D")
+        hook.attach_optimizer(opt_d)
+    hook.register_loss(criterion)
+    gen = torch.Generator().manual_seed(36)
+    expected = {}
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        for s in range(3):
+            net_d.zero_grad()
+            err_d_real = criterion(net_d(torch.randn(6, 4, generator=gen)), torch.ones(6))
+            err_d_real.backward()
+            fake = net_g(torch.randn(6, 3, generator=gen))
+            err_d_fake = criterion(net_d(fake.detach()), torch.zeros(6))
+            err_d_fake.backward()
+            opt_d.step()
+            net_g.zero_grad()
+            err_g = criterion(net_d(fake), torch.ones(6))
+            err_g.backward()
+            opt_g.step()
+            expected[Mode.TRAIN, s] = [err_d_real.item(), err_d_fake.item(), err_g.item()]
+    hook.close()
+    assert _saved_losses(_trial(tmp_path), "losses/BCELoss") == expected
+    assert not [r for r in caplog.records if "not saved" in r.getMessage()]
+
+
+def test_a_distillation_s_losses_of_one_registered_criterion_are_all_saved(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """hunt 34 F1: knowledge distillation with the registered criterion called twice on the student's outputs,
+    against the labels and, tempered, against a frozen registered teacher's soft targets: both are the step's."""
+    teacher, student = _mlp().eval(), _mlp()
+    criterion = nn.CrossEntropyLoss()
+    opt = torch.optim.SGD(student.parameters(), lr=0.1)
+    hook = ttt.Hook(tmp_path, save_config=EVERY_STEP, include_collections=["losses"])
+    hook.register_module(student, name="student")
+    hook.register_module(teacher, name="teacher")
+    hook.attach_optimizer(opt)
+    hook.register_loss(criterion)
+    gen = torch.Generator().manual_seed(37)
+    expected = {}
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        for s in range(3):
+            x, y = _batch(gen)
+            with torch.no_grad():
+                soft = F.softmax(teacher(x) / 2.0, 1)
+            opt.zero_grad()
+            out = student(x)
+            hard_loss, soft_loss = criterion(out, y), criterion(out / 2.0, soft)
+            (hard_loss + soft_loss).backward()
+            opt.step()
+            expected[Mode.TRAIN, s] = [hard_loss.item(), soft_loss.item()]
+    hook.close()
+    assert _saved_losses(_trial(tmp_path), "losses/CrossEntropyLoss") == expected
+    assert not [r for r in caplog.records if "not saved" in r.getMessage()]
+
+
 def test_forwards_outside_training_make_no_train_steps(tmp_path: Path) -> None:
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

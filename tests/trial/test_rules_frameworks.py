@@ -6,6 +6,7 @@ Also the live path: a rule runner in another process (``tensortap rules --follow
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import subprocess
@@ -453,6 +454,58 @@ def test_poor_weight_initialization_leaves_embedding_tables_out(tmp_path: Path, 
     trial = tensortap.create_trial(tmp_path)
     assert "embedding.weight" in trial.tensor_names(collection="weights")
     assert invoke_rule(PoorWeightInitialization(trial)) == []
+
+
+@pytest.mark.torch
+def test_poor_weight_initialization_compares_training_losses_with_training_losses(tmp_path: Path, torch: Any) -> None:
+    """hunt 34 F2: the loss module given to ``capture`` is saved under one name in TRAIN and EVAL steps (epochs
+    of 4 batches, each followed by 2 validation batches). The loss check compared global steps of every mode:
+    training step 7 (global 9) with the validation at global step 4, and fired on a training whose loss
+    decreased at every step (a validation on easy examples: lower). A training whose loss did not move (a
+    validation on hard examples: higher) fired at steps 5, 6, 7, 8: at the validation's step 5, and not at
+    step 9, compared with it; now at the training steps 7, 8, 9, each against a training step."""
+    nn = torch.nn
+    import tensortap.torch as ttt
+
+    def run(out: Path, lr: float, easy: bool) -> list[float]:
+        torch.manual_seed(0)
+        model, criterion = nn.Linear(8, 3), nn.CrossEntropyLoss()
+        opt = torch.optim.SGD(model.parameters(), lr=lr)
+        x = torch.randn(32, 8)
+        y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+        with torch.no_grad():
+            order = nn.functional.cross_entropy(model(x), y, reduction="none").argsort()
+        val = order[:8] if easy else order[-8:]
+        training = []
+        with ttt.capture(model, out, optimizer=opt, loss=criterion, save_config=EVERY_STEP):
+            for _ in range(2):
+                model.train()
+                for _ in range(4):
+                    opt.zero_grad()
+                    loss = criterion(model(x), y)
+                    loss.backward()
+                    opt.step()
+                    training.append(loss.item())
+                model.eval()
+                with torch.no_grad():
+                    for _ in range(2):
+                        criterion(model(x[val]), y[val])
+        return training
+
+    training = run(tmp_path / "learns", 0.1, easy=True)
+    assert all(b < a for a, b in itertools.pairwise(training))
+    trial = tensortap.create_trial(tmp_path / "learns")
+    validation = [trial.tensor("losses/CrossEntropyLoss").value(s, mode=tensortap.Mode.EVAL) for s in range(4)]
+    assert max(validation) < min(training)  # the training loss at step 9 is above the validation's at step 4
+    assert invoke_rule(PoorWeightInitialization(trial, distribution_range=0)) == []
+
+    training = run(tmp_path / "stuck", 0.0, easy=False)
+    trial = tensortap.create_trial(tmp_path / "stuck")
+    assert trial.tensor("losses/CrossEntropyLoss").value(0, mode=tensortap.Mode.EVAL) > training[0]
+    # TRAIN step 5 (global 7) against TRAIN step 0: the first at least `patience` training steps after it
+    assert invoke_rule(PoorWeightInitialization(trial, distribution_range=0)) == [7, 8, 9]
+    reason = PoorWeightInitialization(trial, distribution_range=0).invoke(7).reason
+    assert f"did not decrease from {training[0]:.4g} at step 0" in reason
 
 
 # -------------------------------------------------------------------- Keras

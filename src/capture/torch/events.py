@@ -327,6 +327,15 @@ def _snapshot(t: Any) -> Any:
     return t.detach().clone() if isinstance(t, torch.Tensor) else t
 
 
+def _storage(t: torch.Tensor) -> Any:
+    """The storage of ``t`` (one Python object per storage, shared by its views), or None where it has none
+    that Python can hold (a sparse tensor, a tensor subclass without storage)."""
+    try:
+        return t.untyped_storage()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
+
+
 def _reaches(loss: torch.Tensor, params: Container[int]) -> bool | None:
     """Whether the autograd graph of ``loss`` leads to one of ``params``: the ids of leaf tensors, and of
     the nodes that made tensors that are not leaves (weights computed by another network and put in the
@@ -522,6 +531,7 @@ class Hook(core.Hook):
         self._loss_name = "loss"
         self._depth = 0
         self._forward_call: _Call | None = None  # the outermost forward of a registered module in progress
+        self._forward_count = 0  # outermost forwards of registered modules begun
         self._warned_unseen: set[str] = set()  # the ways (torch.compile, jit.trace, export) warned about
         self._warned_transform = False
         self._checking = 0  # depth of the forwards of registered modules torch.jit.trace's check runs
@@ -541,6 +551,7 @@ class Hook(core.Hook):
         self._warned_relabel = False
         self._warned_eval_training = False
         self._warned_outside: set[str] = set()  # submodules called outside a forward of their root
+        self._warned_foreign: set[str] = set()  # registered loss modules called on another model's outputs
         self._ever_forwarded = False  # a registered module's forward has run (else calls of its parts are no step's)
         self._forwarded = self._trained = False
         self._stepped: dict[int, int] = {}  # optimizers (by id) that stepped in it: how many times
@@ -561,6 +572,9 @@ class Hook(core.Hook):
         # its forwards, while it goes on after them and saves calls (a batch skipped between them is told apart)
         self._forwards: list[_Forward] = []
         self._forward_start: int | None = None  # the session's mark at the forward in progress
+        # while it saves losses: the storages of its forwards' outputs, weakly, by id (their views share them)
+        self._output_storages: dict[int, weakref.ref[Any]] = {}
+        self._loss_calls: dict[int, int] = {}  # id(loss module) -> _forward_count at its last call saved in it
         self._warned_unused: set[str] = set()  # roots with a forward nothing trained on, warned about
         # per-step switches, each one boolean test in the hooks
         self._io = self._losses = self._stash_grads = False
@@ -1024,6 +1038,8 @@ class Hook(core.Hook):
         self._forwards.clear()
         self._forward_start = None
         self._waiting.clear()
+        self._output_storages.clear()
+        self._loss_calls.clear()
 
     def _forget_unused(self) -> None:
         """Drop what the step holds of forwards that no backward used before a later forward's was.
@@ -1154,6 +1170,7 @@ class Hook(core.Hook):
             self._tentative = False
             self._waiting.clear()
         self._forwarded = self._ever_forwarded = True
+        self._forward_count += 1
         if self.is_saving() and self._spans_forwards():
             # the outputs of a forward before may be no backward's (a batch skipped): this one's calls are held apart
             self._forward_start = self.session.mark(apart=any(f.followed and not f.used for f in self._forwards))
@@ -1179,6 +1196,8 @@ class Hook(core.Hook):
             return
         if self._io and output is not None:
             self.session.guard(self._capture_io, root.name, args, kwargs, output)
+        if self._losses and output is not None:
+            self.session.guard(self._keep_output_storages, output)
         if self._forward_start is not None:
             self.session.guard(self._track_forward, root, output, self._forward_start)
             self._forward_start = None
@@ -1403,8 +1422,57 @@ class Hook(core.Hook):
             return
         self._ensure_open(tentative=False)
         if self._losses and isinstance(output, torch.Tensor):
+            if not self._loss_of_step(module, args, output):
+                self._warn_foreign_loss(name)
+                return
+            self._loss_calls[id(module)] = self._forward_count
             self._named[id(output)] = output
             self.session.guard(self.session.offer_call, name, output, ("losses",))
+
+    def _keep_output_storages(self, output: Any) -> None:
+        """Hold (weakly) the storages of the outputs of a forward of a registered module, which ended in the
+        open step: a loss module called on them, or on views of them, is a loss of the step."""
+        for t in leaves(output, torch.is_tensor):
+            storage = _storage(t)
+            if storage is not None:
+                self._output_storages[id(storage)] = weakref.ref(storage)
+
+    def _loss_of_step(self, module: nn.Module, args: Any, output: torch.Tensor) -> bool:
+        """Whether a call of the registered loss ``module`` (``args``, returning ``output``) is a loss of the open
+        step: called in a forward of a registered module, in a step without such a forward, after such a forward
+        that began since its previous call in the step (forward, then loss), on an output of one of the step's
+        forwards or a view of one (losses per time step, per head), or on a loss whose graph leads to a
+        registered parameter. Else it is the loss of a model the hook does not capture (a copy made by
+        ``torch.load`` or ``copy.deepcopy``, evaluated after the training): saved, it would be another call
+        of the step's loss and rename the step's own. The usual calls are told by the first, cheap, tests."""
+        if self._depth or not self._forwarded or self._loss_calls.get(id(module), -1) < self._forward_count:
+            return True
+        for t in leaves(args, torch.is_tensor):
+            storage = _storage(t)
+            held = self._output_storages.get(id(storage)) if storage is not None else None
+            if held is not None and held() is storage:
+                return True
+        return output.grad_fn is not None and _reaches(output, self._graph_ids) is not False
+
+    def _warn_foreign_loss(self, name: str) -> None:
+        """Once per loss: a call :meth:`_loss_of_step` took for another model's loss is not saved."""
+        if name in self._warned_foreign:
+            return
+        self._warned_foreign.add(name)
+        logger.warning(
+            "tensortap: step %d: the registered loss module saved as %s was called again with no forward of a "
+            "registered model since its last call, on tensors that are neither outputs of the step's forwards "
+            "(or views of them) nor lead to a registered parameter: the loss of a model tensortap does not "
+            "capture (a copy made by torch.load or copy.deepcopy, evaluated after the training?) or of values "
+            "computed from several batches' outputs. It is not saved, nor are later such calls (saved, it would "
+            "be another call of the step's loss and rename the step's own %s:0). Register that model "
+            "(hook.register_module(model, name=...)), give the value with hook.save_scalar, or, for a second use "
+            "of the loss on the same outputs under no_grad, register a loss module of its own "
+            "(hook.register_loss(module, name=...))",
+            self.step,
+            name,
+            name,
+        )
 
     def _on_grad(self, p: torch.Tensor) -> None:
         if self._stash_grads and (name := self._param_ids.get(id(p))) is not None:

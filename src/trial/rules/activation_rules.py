@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from .base import Requirement, Rule, check_number, check_regexes, regex_list
-from .reading import PerTensorRule, Selection, raw_at, reduction_at, scalar_at
+from .reading import TRAIN_FIRST, ModeSeries, PerTensorRule, Selection, raw_at, reduction_at, scalar_at
 
 
 def inactive_percent(
@@ -345,8 +346,13 @@ class PoorWeightInitialization(Rule):
        percentile5`` of its values. Fires when the smallest spread
        ``< distribution_range``.
     3. Loss: for a tensor of collection ``losses`` saved at ``s`` and at an
-       earlier step, ``p`` = the latest such step with ``p <= s - patience``.
-       Fires when ``loss(s) >= loss(p)``.
+       earlier step of the same mode, ``p`` = the latest such step with
+       ``p <= s - patience``, counted in mode steps. Fires when
+       ``loss(s) >= loss(p)``. A loss is judged on its TRAIN steps when it has
+       some (a loss saved in training and validation alike, as the PyTorch
+       loss module given to ``capture``: a training loss is never compared
+       with a validation loss), else on its first mode among GLOBAL, EVAL,
+       PREDICT; steps of its other modes are not judged.
 
     Needs: collection ``weights`` as raw tensors (with ``activation_inputs_regex``:
     reduction ``variance``), ``gradients`` as raw tensors, ``losses``.
@@ -363,7 +369,7 @@ class PoorWeightInitialization(Rule):
     distribution_range
         Smallest allowed 5th-to-95th percentile spread of a gradient. Default ``0.001``.
     patience
-        Steps after which the loss must have decreased. Default 5.
+        Steps of the mode the loss is judged in (check 3) after which it must have decreased. Default 5.
     steps
         Number of first steps analysed. Default 10.
     """
@@ -393,6 +399,7 @@ class PoorWeightInitialization(Rule):
         self.by_fan = not regexes  # weights: compared as initializations scale them
         self.gradients = Selection(("gradients",), None, ())
         self.losses = Selection(("losses",), None, ())
+        self.loss_series = ModeSeries(TRAIN_FIRST)
 
     def required_captures(self) -> list[Requirement]:
         variances = self.variances.requirements((), True) if self.by_fan else self.variances.requirements(("variance",))
@@ -475,18 +482,23 @@ class PoorWeightInitialization(Rule):
 
     def _loss(self, step: int) -> tuple[str, list[str]] | None:
         for n in self.losses.names(self.base_trial, step):
-            t = self.base_trial.tensor(n)
-            earlier = [s for s in t.steps() if s <= step - self.patience]
-            if not earlier:
+            found = self.loss_series.at(self.base_trial, n, step)
+            if found is None:
                 continue
+            _, now_step, series, _ = found
+            # the latest saved step of its mode at least `patience` steps of that mode before
+            i = bisect.bisect_right(series, (now_step - self.patience, step)) - 1
+            if i < 0:
+                continue
+            earlier = series[i][1]
             req = Requirement("losses")
             now, before = (
                 scalar_at(self, self.base_trial, n, step, req),
-                scalar_at(self, self.base_trial, n, earlier[-1], req),
+                scalar_at(self, self.base_trial, n, earlier, req),
             )
             if now is not None and before is not None and now >= before:
                 return (
-                    f"{n}: loss {now:.4g} did not decrease from {before:.4g} at step {earlier[-1]} "
+                    f"{n}: loss {now:.4g} did not decrease from {before:.4g} at step {earlier} "
                     f"(patience {self.patience})",
                     [n],
                 )

@@ -19,6 +19,9 @@ from ..trial import StepWindow, Tensor
 from .base import Requirement, Rule, check_regexes, name_list, regex_list
 
 LOSS_MODES = (Mode.EVAL, Mode.TRAIN, Mode.GLOBAL)
+# weights saved while evaluating do not change, and the training loss tells how the training starts: judge
+# tensors on their TRAIN steps when they have some
+TRAIN_FIRST = (Mode.TRAIN, Mode.GLOBAL, Mode.EVAL, Mode.PREDICT)
 
 
 class Selection:

@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 
-from ...modes import Mode
 from .base import check_number, check_regexes, logger
 from .reading import (
+    TRAIN_FIRST,
     ModeSeries,
     PerTensorRule,
     Selection,
@@ -27,8 +27,6 @@ from .reading import (
 NAN_ENCODED_REGEX = r"^trees/(Split|Category|Yes|No|Missing)$"
 # the mask arguments of a module's inputs (``inputs/<module>/<argument>``): additive attention masks hold -inf
 INF_ENCODED_REGEX = r"(?i)^inputs/.+/[^/]*mask[^/]*$"
-# weights saved while evaluating do not change: judge tensors on their TRAIN steps when they have some
-TRAIN_FIRST = (Mode.TRAIN, Mode.GLOBAL, Mode.EVAL, Mode.PREDICT)
 # the gradient of a bias: the last part of the name mentions bias, as the capture files collection biases
 # (a parametrized one: fc.parametrizations.bias.original)
 BIAS_GRADIENT_REGEX = r"bias[^./]*(\.original\d*)?$"
