@@ -11,6 +11,9 @@ at the first; or that it did not fire; or that it found none of its inputs.
 Exit status: 0 no rule fired, 1 a rule fired, 2 a usage error, no trial at
 PATH, no step to judge, or a rule that found none of its inputs; 130 when
 interrupted (Ctrl-C during ``--follow``), after printing what was evaluated.
+With ``--follow``, a storage that fails (refuses connections, answers HTTP 5xx,
+does not answer) is tried again for up to :data:`FOLLOW_OUTAGE_SECONDS`, then
+exit 2.
 """
 
 from __future__ import annotations
@@ -45,6 +48,11 @@ from .trial.rules import BUILTIN_RULES, Rule, RuleRunner, StopTraining, Verdict,
 from .trial.rules.runner import rule_labels, rule_status
 from .trial.views import failure_notes, killed_note, killed_workers
 
+FOLLOW_OUTAGE_SECONDS = 120.0
+"""How long ``--follow`` tries again a storage that fails before it gives up (exit 2): longer than a training's
+writer retries the same failures by default (90% of ``ShardPolicy.timeout``: 54 s), so the follower outlives any
+outage the training rides out."""
+
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``rules`` subcommand to ``subparsers`` (the ``tensortap`` command's)."""
@@ -63,7 +71,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="a built-in rule, e.g. vanishing_gradient:threshold=1e-6 (repeatable; see --list)",
     )
     p.add_argument("--list", action="store_true", help="list the built-in rules with their parameters")
-    p.add_argument("--follow", action="store_true", help="run alongside the training until it ends")
+    p.add_argument(
+        "--follow",
+        action="store_true",
+        help="run alongside the training until it ends (a storage that fails is tried again for up to "
+        f"{FOLLOW_OUTAGE_SECONDS:g} s)",
+    )
     p.add_argument("--stop-training", action="store_true", help="ask the training to stop when a rule fires")
     p.add_argument("--start-step", type=int, help="first global step to evaluate (default 0)")
     p.add_argument("--end-step", type=int, help="stop before this global step")
@@ -264,6 +277,7 @@ def run(args: argparse.Namespace) -> int:
             idle_timeout=args.idle_timeout,
             on_verdict=report,
             show_progress=None,
+            outage=FOLLOW_OUTAGE_SECONDS,
         )
     except RuleInputsMissing:
         pass  # runner.lacking() below

@@ -244,8 +244,10 @@ class UsageError(Exception):
 
 class StorageUnreachable(TensortapError, ConnectionError):
     """Remote storage could not be used: no connection to its endpoint, no credentials to sign the
-    requests, an endpoint that does not answer as the storage does (an HTTP 404 with no S3 error
-    to a listing), or a request the storage failed after the client's retries (an HTTP 5xx). Never
+    requests or credentials it refused (an HTTP 403 ``AccessDenied``, ``InvalidAccessKeyId``, 400
+    ``ExpiredToken``: also credentials that may list the trial but not read it), an endpoint that does
+    not answer as the storage does (an HTTP 404 with no S3 error to a listing), or a request the
+    storage failed after the client's retries (an HTTP 5xx). Never
     reported as a missing trial or a damaged shard: what is there is unknown, and a later request may
     succeed. Its message says what failed, naming the URL and the endpoint, with the client's error.
     """

@@ -98,12 +98,41 @@ CONNECTION_ERRORS = frozenset(
     {"EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError", "ClientConnectorError"}
 )
 CREDENTIAL_ERRORS = frozenset({"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"})
+# S3 error codes (of the client error a filesystem's error was translated from) that say the storage refused the
+# request's credentials or their permissions: a wrong key or signature, an expired token, no right to the object
+# ("403": the code of a HEAD answered 403, which has no body)
+DENIED_CODES = frozenset(
+    {
+        "AccessDenied",
+        "AccountProblem",
+        "AllAccessDisabled",
+        "ExpiredToken",
+        "InvalidAccessKeyId",
+        "InvalidToken",
+        "SignatureDoesNotMatch",
+        "TokenRefreshRequired",
+        "403",
+    }
+)
 
 
 def _class_names(exc: BaseException) -> set[str]:
     """The names of the class of ``exc`` and of its bases (client errors are told apart by name: neither
     botocore nor aiohttp is imported here)."""
     return {cls.__name__ for cls in type(exc).__mro__}
+
+
+def _denied(exc: BaseException) -> str | None:
+    """The S3 error code (one of :data:`DENIED_CODES`) of the client error ``exc`` is, or was translated from
+    (its causes), or None: the storage refused the credentials."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        response = getattr(cause, "response", None)
+        if isinstance(response, dict):
+            code = str(response.get("Error", {}).get("Code"))
+            return code if code in DENIED_CODES else None
+        cause = cause.__cause__
+    return None
 
 
 def unreachable(exc: BaseException, url: str, endpoint: str | None) -> StorageUnreachable | None:
@@ -122,7 +151,8 @@ def unreachable(exc: BaseException, url: str, endpoint: str | None) -> StorageUn
     Returns
     -------
     StorageUnreachable or None
-        ``cannot connect to ENDPOINT`` or ``no credentials`` with the client's error.
+        ``cannot connect to ENDPOINT``, ``no credentials`` or ``access denied`` (credentials the storage
+        refused, or that may not do what was asked), with the client's error.
     """
     names = _class_names(exc)
     where = endpoint or "the storage's endpoint"
@@ -130,6 +160,12 @@ def unreachable(exc: BaseException, url: str, endpoint: str | None) -> StorageUn
         return StorageUnreachable(
             f"{url}: no credentials to sign requests to {where}: give key and secret in --storage-options "
             f"(or the client's environment variables, e.g. AWS_ACCESS_KEY_ID) ({type(exc).__name__}: {exc})"
+        )
+    code = _denied(exc)
+    if code is not None:
+        return StorageUnreachable(
+            f"{url}: access denied by {where} ({code}: {exc}): check the credentials (--storage-options, or the "
+            "client's environment variables, e.g. AWS_ACCESS_KEY_ID) and their permissions on the trial"
         )
     if names & CONNECTION_ERRORS or isinstance(exc, ConnectionRefusedError | ConnectionResetError):
         return StorageUnreachable(f"{url}: cannot connect to {where} ({type(exc).__name__}: {exc})")
@@ -144,10 +180,13 @@ def not_the_storage(exc: FileNotFoundError) -> bool:
 
 
 def permanent(exc: BaseException) -> bool:
-    """Whether no other attempt can cure ``exc``: one of :data:`PERMANENT_ERRORS`, or no credentials to sign
-    requests with (the client's error, or the :class:`~tensortap.exceptions.StorageUnreachable` that says so)."""
-    return isinstance(exc, PERMANENT_ERRORS) or any(
-        e is not None and bool(_class_names(e) & CREDENTIAL_ERRORS) for e in (exc, exc.__cause__)
+    """Whether no other attempt can cure ``exc``: one of :data:`PERMANENT_ERRORS`, no credentials to sign
+    requests with, or credentials the storage refused (the client's error, or the
+    :class:`~tensortap.exceptions.StorageUnreachable` that says so)."""
+    return (
+        isinstance(exc, PERMANENT_ERRORS)
+        or any(e is not None and bool(_class_names(e) & CREDENTIAL_ERRORS) for e in (exc, exc.__cause__))
+        or _denied(exc) is not None
     )
 
 
@@ -483,7 +522,8 @@ class Storage(abc.ABC):
 
     def read_json_many(self, keys: Sequence[str]) -> Records:
         """:meth:`read_json` of each of ``keys``, in order, and in place of a record that cannot be read
-        or parsed, the OSError or ValueError it raised. Every key is checked before anything is read.
+        or parsed, the OSError or ValueError it raised. Every key is checked before anything is read. A
+        failure of the storage (:data:`STORAGE_FAILURES`: it says nothing of the records) is raised.
 
         The default reads them one after the other; a remote backend makes the requests at once.
         """
@@ -493,6 +533,8 @@ class Storage(abc.ABC):
         for key in keys:
             try:
                 out.append(self.read_json(key))
+            except STORAGE_FAILURES:
+                raise
             except (OSError, ValueError) as exc:
                 out.append(exc)
         return out
@@ -882,27 +924,36 @@ class FsspecStorage(Storage):
     def _path(self, key: str) -> str:
         return f"{self.root}/{check_key(key)}" if key else self.root
 
-    def _ask(self, method: str, *args: Any, moves: int = 0, **kwargs: Any) -> Any:
+    def _ask(self, method: str, *args: Any, moves: int = 0, limit: float | None = None, **kwargs: Any) -> Any:
         """``self.fs.<method>(*args, **kwargs)``; on an asynchronous filesystem (the object stores), given
-        :data:`ANSWER_SECONDS` and a second for each :data:`SLOWEST_RATE` bytes it ``moves``, after which
-        its requests are cancelled and it raises TimeoutError naming the storage."""
+        ``limit`` seconds (by default :data:`ANSWER_SECONDS` and a second for each :data:`SLOWEST_RATE` bytes
+        it ``moves``), after which its requests are cancelled and it raises TimeoutError naming the storage.
+        An error that says the storage failed, not the file, is raised as
+        :class:`~tensortap.exceptions.StorageUnreachable` (:meth:`_failure`)."""
         call = getattr(self.fs, method)
         if not self._asynchronous:
             return call(*args, **kwargs)
-        limit = ANSWER_SECONDS + moves / SLOWEST_RATE
+        if limit is None:
+            limit = ANSWER_SECONDS + moves / SLOWEST_RATE
         try:
             return call(*args, timeout=limit, **kwargs)  # fsspec's sync() takes it: asyncio.wait_for
         except (TimeoutError, asyncio.TimeoutError):  # fsspec's FSTimeoutError: not a TimeoutError on Python 3.10
             raise TimeoutError(f"{self.url}: the storage did not answer within {limit:.0f} s ({method})") from None
         except Exception as exc:
-            failure = unreachable(exc, self.url, self._endpoint)
-            if failure is None and isinstance(exc, OSError) and not isinstance(exc, PERMANENT_ERRORS):
-                # an HTTP 5xx, a reset, after the client's own retries: the object may be sound, a later request
-                # may succeed (never taken for a damaged or missing file)
-                failure = StorageUnreachable(f"{self.url}: the storage failed a request ({method}: {exc})")
+            failure = self._failure(method, exc)
             if failure is None:
                 raise
             raise failure from exc
+
+    def _failure(self, method: str, exc: BaseException) -> StorageUnreachable | None:
+        """The :class:`~tensortap.exceptions.StorageUnreachable` that the error ``exc`` of a call of ``method``
+        means (:func:`unreachable`, or a request the storage failed), or None: an answer about the file."""
+        failure = unreachable(exc, self.url, self._endpoint)
+        if failure is None and isinstance(exc, OSError) and not isinstance(exc, PERMANENT_ERRORS):
+            # an HTTP 5xx, a reset, after the client's own retries: the object may be sound, a later request
+            # may succeed (never taken for a damaged or missing file)
+            failure = StorageUnreachable(f"{self.url}: the storage failed a request ({method}: {exc})")
+        return failure
 
     # Reads are retried (:func:`retried`) only under a caller's bound (the writer's set-up); elsewhere they are
     # tried once: a reader raises what failed, and its next call asks again.
@@ -966,21 +1017,36 @@ class FsspecStorage(Storage):
 
     def _cat(self, paths: Sequence[str], end: int | None) -> Contents:
         """The first ``end`` bytes (None: all) of each of ``paths``, one concurrent batch of requests
-        (``cat_ranges``: no glob expansion of names), an exception in place of a file that fails.
+        (``cat_ranges``: no glob expansion of names), an exception in place of a file that fails; a failure
+        of the storage for any of them (:meth:`_failure`) is raised.
 
         Each is one ranged GET from byte 0: without a range, s3fs asks every object's size first (a
         ``HEAD``, to split large downloads), which doubles the round trips of small records. An empty
         object has no byte 0 (S3 answers 416, each filesystem raises its own error): a file that fails
-        other than missing is read again whole.
+        other than missing, and that its folder's last listing did not show with bytes, is read again
+        whole, in what is left of the time the first request was given (one read: one bound).
         """
         # explicit lists: fsspec 2023.1 repeats `starts` for a missing `ends` list
-        moves = sum(min(self._listed.get(p, 0), end or MAX_JSON_BYTES) for p in paths)
-        got: Contents = self._ask("cat_ranges", [*paths], [0] * len(paths), [end] * len(paths), moves=moves)
-        again = [i for i, g in enumerate(got) if isinstance(g, Exception) and not isinstance(g, FileNotFoundError)]
+        limit = ANSWER_SECONDS + sum(min(self._listed.get(p, 0), end or MAX_JSON_BYTES) for p in paths) / SLOWEST_RATE
+        start = time.monotonic()
+        got: Contents = self._ask("cat_ranges", [*paths], [0] * len(paths), [end] * len(paths), limit=limit)
+        again = [
+            i
+            for i, g in enumerate(got)
+            if isinstance(g, Exception) and not isinstance(g, FileNotFoundError) and not self._listed.get(paths[i])
+        ]
         if again:
-            whole = self._ask("cat_ranges", [paths[i] for i in again], [None] * len(again), [None] * len(again))
+            left = max(limit - (time.monotonic() - start), 0.0)
+            whole = self._ask(
+                "cat_ranges", [paths[i] for i in again], [None] * len(again), [None] * len(again), limit=left
+            )
             for i, data in zip(again, whole, strict=True):
                 got[i] = data
+        for data in got:  # cat_ranges returns each file's error: none went through _ask's translation
+            if isinstance(data, STORAGE_FAILURES):
+                raise data
+            if isinstance(data, Exception) and (failure := self._failure("cat_ranges", data)) is not None:
+                raise failure from data
         return got
 
     def read_bytes(self, key: str) -> bytes:

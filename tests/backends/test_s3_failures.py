@@ -734,3 +734,234 @@ def test_new_run_on_s3_keeps_every_fit(s3_options: dict[str, Any], s3_url: str) 
         assert trial.steps() == [0, 1]
         np.testing.assert_array_equal(trial.tensor("w").value(1), weight(fit + 1))
         assert trial.end_reasons() == {"worker_0": "closed"}
+
+
+SLOW_DOWN = (503, "SlowDown", "Please reduce your request rate.")
+
+
+@pytest.mark.parametrize("answer", [SLOW_DOWN, (500, "InternalError", "We encountered an internal error.")])
+def test_index_records_whose_reads_the_storage_fails_are_read_by_the_next_refresh(
+    proxy: FaultyProxy,
+    s3_options: dict[str, Any],
+    s3_url: str,
+    caplog: pytest.LogCaptureFixture,
+    answer: tuple[int, str, str],
+) -> None:
+    """hunt 35 F1: index records whose GETs the storage answered 503 SlowDown (or 500, past the client's retries)
+    were taken for damaged records (``cat_ranges`` returns each file's error, which never became
+    StorageUnreachable): a live reader warned "unreadable record" and never read them again (steps 2-4 lost for
+    good), and each was read a second time whole first (a second call of the storage's bound: one refresh took
+    80 s). The refresh raises StorageUnreachable after one request per record; the next one reads them."""
+    caplog.set_level(logging.WARNING, logger="tensortap")
+    w = Writer(s3_url, storage_options=s3_options, shard_policy=ShardPolicy(max_steps=1))
+    train(w, range(2))
+    w.flush()
+    trial = tensortap.create_trial(s3_url, refresh_interval=3600, **_through(proxy, s3_options))
+    assert trial.steps() == [0, 1]
+    train(w, range(2, 5))
+    w.close()
+    proxy.failing_paths, proxy.failing_answer = "/index/", answer
+    with pytest.raises(StorageUnreachable, match=f"^{s3_url}: the storage failed a request"):
+        trial.refresh()
+    assert len({p for _, p in proxy.failed_paths}) == 3
+    if answer != SLOW_DOWN:  # which s3fs retries itself
+        assert len(proxy.failed_paths) == 3  # one request each: none read again whole
+    proxy.failing_paths = ""
+    trial.refresh()
+    assert trial.steps() == [0, 1, 2, 3, 4] and trial.end_reasons() == {"worker_0": "closed"}
+    assert sorted(trial.tensor("w").values()) == [0, 1, 2, 3, 4]
+    assert not [r for r in caplog.records if "unreadable" in r.getMessage()]
+
+
+def test_commands_on_a_trial_whose_index_records_the_storage_fails_exit_2_naming_it(
+    proxy: FaultyProxy, s3_options: dict[str, Any], s3_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """hunt 35 F1: with index records answered 503 SlowDown, ``ls`` exited 0 showing a run that ended with no
+    step, ``check`` exited 1 reporting every sound record as damaged, ``show`` said the tensor did not exist.
+    Each exits 2 naming the storage (``--json`` kind ``storage``)."""
+    from tensortap.cli import main
+
+    with Writer(s3_url, storage_options=s3_options, shard_policy=ShardPolicy(max_steps=1)) as w:
+        train(w, range(3))
+    proxy.failing_paths, proxy.failing_answer = "/index/", SLOW_DOWN
+    options = json.dumps(_through(proxy, s3_options))
+    assert main(["ls", s3_url, "--json", "--storage-options", options]) == 2
+    out, err = capsys.readouterr()
+    error = json.loads(out)["error"]
+    assert error["kind"] == "storage" and error["message"].startswith(f"{s3_url}: the storage failed a request")
+    for command in (["check", s3_url], ["show", s3_url, "w"]):
+        assert main([*command, "--storage-options", options]) == 2
+        err = capsys.readouterr().err
+        assert f"{s3_url}: the storage failed a request" in err and "unreadable" not in err, err
+    proxy.failing_paths = ""
+    assert main(["check", s3_url, "--storage-options", options]) == 0
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        (403, "InvalidAccessKeyId", "The AWS Access Key Id you provided does not exist in our records."),
+        (
+            403,
+            "SignatureDoesNotMatch",
+            "The request signature we calculated does not match the signature you provided. Check your key.",
+        ),
+        (403, "AccessDenied", "Access Denied"),
+        (400, "ExpiredToken", "The provided token has expired."),
+    ],
+)
+def test_credentials_the_storage_refuses_are_a_storage_error_naming_the_trial_and_the_endpoint(
+    proxy: FaultyProxy,
+    s3_options: dict[str, Any],
+    s3_url: str,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    answer: tuple[int, str, str],
+) -> None:
+    """hunt 35 F2: credentials the storage rejected gave s3fs's bare ``PermissionError("Access Denied")``: readers
+    said ``tensortap ls: Access Denied`` (``--json`` kind ``input``), naming neither the trial nor the endpoint, and
+    the hook logged an 85-line chained traceback. They are StorageUnreachable naming both (kind ``storage``), and
+    the hook's error is one line."""
+    from tensortap.cli import main
+
+    with Writer(s3_url, storage_options=s3_options) as w:
+        train(w, range(1))
+    proxy.failing_paths, proxy.failing_answer = "/", answer
+    options = _through(proxy, s3_options)
+    denied = f"{s3_url}: access denied by {proxy.url} ({answer[1]}: {answer[2]})"
+    with pytest.raises(StorageUnreachable) as opened:
+        tensortap.create_trial(s3_url, **options)
+    assert str(opened.value).startswith(denied) and "credentials" in str(opened.value)
+    assert main(["ls", s3_url, "--json", "--storage-options", json.dumps(options)]) == 2
+    error = json.loads(capsys.readouterr().out)["error"]
+    assert error["kind"] == "storage" and error["message"].startswith(denied)
+    caplog.set_level(logging.WARNING, logger="tensortap")
+    other = f"{s3_url}/other"
+    w = Writer(other, storage_options=options)
+    train(w, range(2))
+    w.close()
+    assert w.failed
+    (error_record,) = [r for r in caplog.records if r.levelno >= logging.WARNING]  # not retried: no warning
+    assert f"{other}: access denied by {proxy.url} ({answer[1]}" in error_record.getMessage()
+    assert error_record.exc_info is None  # no traceback
+
+
+@pytest.mark.parametrize("who", ["list only", "anonymous"])
+def test_credentials_that_may_list_but_not_read_are_a_storage_error(
+    proxy: FaultyProxy,
+    s3_endpoint: str,
+    s3_options: dict[str, Any],
+    s3_url: str,
+    capsys: pytest.CaptureFixture[str],
+    who: str,
+) -> None:
+    """hunt 35 F3: credentials that may list the trial's objects but not read them (s3:ListBucket without
+    s3:GetObject; ``anon=True`` where moto lets anyone list) made every record "unreadable": an ended trial read
+    as a run still running with no step (``ls`` exit 0), ``check`` reported every sound file damaged (exit 1), and
+    ``rules --follow`` followed for ever. Each is a storage error naming the trial (exit 2, kind ``storage``)."""
+    from tensortap.cli import main
+
+    with Writer(s3_url, storage_options=s3_options, shard_policy=ShardPolicy(max_steps=1)) as w:
+        train(w, range(3))
+    if who == "list only":
+        proxy.failing_paths = f"/{s3_url.removeprefix('s3://')}/"  # the objects' requests, not the listings'
+        proxy.failing_answer = (403, "AccessDenied", "Access Denied")
+        options = _through(proxy, s3_options)
+    else:
+        options = {"anon": True, "client_kwargs": {"endpoint_url": s3_endpoint}}
+    with pytest.raises(StorageUnreachable, match=f"^{s3_url}: access denied by "):
+        tensortap.create_trial(s3_url, **options)
+    flag = ["--storage-options", json.dumps(options)]
+    assert main(["ls", s3_url, "--json", *flag]) == 2
+    assert json.loads(capsys.readouterr().out)["error"]["kind"] == "storage"
+    codes: list[int] = []
+    for command in (["check", s3_url], ["rules", s3_url, "--rule", "loss_not_decreasing", "--follow"]):
+        _in_thread(lambda command=command: codes.append(main([*command, *flag])), limit=60)
+        err = capsys.readouterr().err
+        assert f"{s3_url}: access denied by" in err and "unreadable" not in err and "trying again" not in err, err
+    assert codes == [2, 2]
+
+
+def _train_loss(writer: Writer, steps: range) -> None:
+    for step in steps:
+        with writer.stepping():
+            writer.save("losses/loss", np.float32(10.0 / (step + 1)), collections=["losses"])
+
+
+class _Follower(threading.Thread):
+    """``tensortap rules URL --rule loss_not_decreasing --follow --json`` on a thread; :attr:`codes` gets its
+    exit status."""
+
+    def __init__(self, url: str, options: dict[str, Any]) -> None:
+        super().__init__(daemon=True)
+        self.command = ["rules", url, "--rule", "loss_not_decreasing", "--follow", "--json"]
+        self.command += ["--storage-options", json.dumps(options)]
+        self.codes: list[int] = []
+
+    def run(self) -> None:
+        from tensortap.cli import main
+
+        self.codes.append(main(self.command))
+
+
+def _follow(proxy: FaultyProxy, url: str, s3_options: dict[str, Any]) -> _Follower:
+    """A :class:`_Follower` of ``url`` through ``proxy``, started, once it read the trial's first index record:
+    it follows the training."""
+    follower = _Follower(url, _through(proxy, s3_options))
+    follower.start()
+    deadline = time.monotonic() + 60
+    while not any("/index/worker_0/" in p for _, p in proxy.seen) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return follower
+
+
+def test_rules_follow_rides_out_a_storage_that_fails_for_a_while(
+    proxy: FaultyProxy, s3_options: dict[str, Any], s3_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """hunt 35 F4: ``rules --follow`` (the watcher that may stop the training) exited 2 at the first failed
+    request of a store restart the training rode out, and judged nothing after. It warns once, looks again every
+    poll, and once the storage answers judges every step to the training's end."""
+    w = Writer(s3_url, storage_options=s3_options, shard_policy=ShardPolicy(max_steps=1))
+    _train_loss(w, range(3))
+    w.flush()
+    follower = _follow(proxy, s3_url, s3_options)
+    proxy.failing_paths = "/"
+    deadline = time.monotonic() + 60
+    while not proxy.failed_paths and time.monotonic() < deadline:
+        time.sleep(0.05)  # until it met the failing storage
+    _train_loss(w, range(3, 8))
+    w.close()
+    while len(proxy.failed_paths) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)  # it looked again, and again
+    proxy.failing_paths = ""
+    follower.join(60)
+    assert follower.codes == [0]
+    out, err = capsys.readouterr()
+    (rule,) = json.loads(out)["rules"]
+    assert rule["evaluated_steps"] == 8 and rule["last_step"] == 7
+    assert err.count("trying again every") == 1 and err.count("the storage answers again") == 1, err
+
+
+def test_rules_follow_gives_up_on_a_storage_that_keeps_failing(
+    proxy: FaultyProxy,
+    s3_options: dict[str, Any],
+    s3_url: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """hunt 35 F4: past ``FOLLOW_OUTAGE_SECONDS`` of failures, ``rules --follow`` exits 2 with the storage's
+    error (kind ``storage``), after one warning."""
+    import tensortap.cli_rules as cli_rules
+
+    monkeypatch.setattr(cli_rules, "FOLLOW_OUTAGE_SECONDS", 1.0)
+    w = Writer(s3_url, storage_options=s3_options, shard_policy=ShardPolicy(max_steps=1))
+    _train_loss(w, range(3))
+    w.flush()
+    follower = _follow(proxy, s3_url, s3_options)
+    proxy.failing_paths = "/"
+    follower.join(60)
+    w.close()
+    assert follower.codes == [2]
+    out, err = capsys.readouterr()
+    assert json.loads(out)["error"]["kind"] == "storage"
+    assert err.count("trying again every 0.2 s for up to 1 s") == 1, err

@@ -35,7 +35,11 @@ class FaultyProxy:
     failures
         How many of the next PUT requests are answered ``500 InternalError`` instead of forwarded.
     failing_paths
-        When not empty, every request whose path has it is answered ``500 InternalError``.
+        When not empty, every request whose path has it is answered :attr:`failing_answer`.
+    failing_answer
+        The HTTP status, S3 error code and message of those answers (``500 InternalError`` by default).
+    failed_paths
+        Each request answered so: its method and path, in order.
     stalled
         While set, new requests are accepted and never answered (until :meth:`close`).
     stalled_paths
@@ -55,6 +59,8 @@ class FaultyProxy:
         self.stalled = threading.Event()
         self.stalled_paths = ""
         self.failing_paths = ""
+        self.failing_answer = (500, "InternalError", "injected")
+        self.failed_paths: list[tuple[str, str]] = []
         self._released = threading.Event()
         self._lock = threading.Lock()
         self._meeting: tuple[str, int, float] | None = None
@@ -82,8 +88,12 @@ class FaultyProxy:
                     proxy._hold(*proxy._meeting[1:])
                 failing = proxy.failing_paths and proxy.failing_paths in self.path
                 if failing or (self.command == "PUT" and proxy._take_failure()):
-                    error = b"<Error><Code>InternalError</Code><Message>injected</Message></Error>"
-                    self.send_response(500)
+                    status, code, message = proxy.failing_answer if failing else (500, "InternalError", "injected")
+                    if failing:
+                        with proxy._lock:
+                            proxy.failed_paths.append((self.command, self.path))
+                    error = f"<Error><Code>{code}</Code><Message>{message}</Message></Error>".encode()
+                    self.send_response(status)
                     self.send_header("Content-Type", "application/xml")
                     self.send_header("Content-Length", str(len(error)))
                     self.end_headers()

@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from ...backends.storage import STORAGE_FAILURES, permanent
 from ...exceptions import RuleInputsMissing
 from ...modes import StepState
 from ..progress import progress
@@ -99,6 +100,21 @@ class RuleRunner:
         self.actions = list(actions)
         self.poll_seconds = poll_seconds
 
+    def _storage_failed(self, exc: BaseException, since: float | None, outage: float) -> float:
+        """Since when the storage fails, now that a look at the trial raised ``exc``; ``exc`` is raised again
+        where it cannot be waited out: an error no other attempt cures (credentials refused), or the storage
+        failing for ``outage`` seconds."""
+        now = time.monotonic()
+        first = since is None
+        since = now if since is None else since
+        if permanent(exc) or now - since >= outage:
+            raise exc
+        if first:
+            logger.warning(
+                "tensortap: rules: %s; trying again every %g s for up to %g s", exc, self.poll_seconds, outage
+            )
+        return since
+
     def _act(
         self, rule: Rule, verdict: Verdict, raise_eval_cond: bool, on_verdict: Callable[[Rule, Verdict], None] | None
     ) -> None:
@@ -119,6 +135,7 @@ class RuleRunner:
         idle_timeout: float | None = None,
         on_verdict: Callable[[Rule, Verdict], None] | None = None,
         show_progress: bool | None = False,
+        outage: float = 0.0,
     ) -> dict[Rule, list[int]]:
         """Evaluate every rule on every complete step in ``[start_step, end_step)``.
 
@@ -143,6 +160,11 @@ class RuleRunner:
         show_progress
             A progress bar over the steps on standard error when not waiting for new
             steps: True always, None only on a terminal, False never (the default).
+        outage
+            With ``wait``: for how many seconds a storage that fails (``StorageUnreachable``,
+            ``TimeoutError``: a restart, a network outage) is tried again, every ``poll_seconds``,
+            before its error is raised; one warning when it starts failing, one when it answers
+            again. Credentials it refuses are raised at once. 0 (the default): raised at once.
 
         Returns
         -------
@@ -159,7 +181,16 @@ class RuleRunner:
             their position in ``rules`` (``"LossNotDecreasing #2"``, also in
             their messages). :meth:`lacking` gives the rules themselves.
         """
-        fired = self._run(start_step, end_step, wait, raise_eval_cond, idle_timeout, on_verdict, show_progress)
+        fired = self._run(
+            start_step,
+            end_step,
+            wait,
+            raise_eval_cond,
+            idle_timeout,
+            on_verdict,
+            show_progress,
+            outage if wait else 0.0,
+        )
         lacking = self.lacking()
         if lacking:
             positions = [f"#{i}" for i in range(1, len(self.rules) + 1)]
@@ -187,27 +218,40 @@ class RuleRunner:
         idle_timeout: float | None,
         on_verdict: Callable[[Rule, Verdict], None] | None,
         show_progress: bool | None,
+        outage: float,
     ) -> dict[Rule, list[int]]:
         fired: dict[Rule, list[int]] = {r: [] for r in self.rules}
-        floor = {r: (start_step - 1 if start_step is not None else r.last_step) for r in self.rules}
+        floor = {r: (start_step - 1 if start_step is not None else r.last_step) for r in self.rules}  # judged
         next_step = min(floor.values()) + 1
         last_new, last_seen = time.monotonic(), next_step - 1
+        failing: float | None = None  # since when the storage fails (``outage``)
         while True:
-            ended = self.trial.training_ended
-            self.trial.refresh()
-            steps = self.trial.steps()
-            pending = [s for s in steps if s >= next_step and (end_step is None or s < end_step)]
-            for s in progress(pending, desc="steps", enable=False if wait else show_progress):
-                for rule in self.rules:
-                    if s <= floor[rule]:
-                        continue
-                    # else its shards were found unreadable since the listing (by a rule before this one, too)
-                    readable = s in self.trial._index.steps
-                    verdict = rule.invoke(s) if readable else rule.skip(s, "its shards cannot be read")
-                    if verdict.fired:
-                        fired[rule].append(s)
-                        self._act(rule, verdict, raise_eval_cond, on_verdict)
-                next_step, last_seen = s + 1, s
+            try:
+                ended = self.trial.training_ended
+                self.trial.refresh()
+                steps = self.trial.steps()
+                pending = [s for s in steps if s >= next_step and (end_step is None or s < end_step)]
+                for s in progress(pending, desc="steps", enable=False if wait else show_progress):
+                    for rule in self.rules:
+                        if s <= floor[rule]:
+                            continue
+                        # else its shards were found unreadable since the listing (by a rule before this one, too)
+                        readable = s in self.trial._index.steps
+                        verdict = rule.invoke(s) if readable else rule.skip(s, "its shards cannot be read")
+                        floor[rule] = s  # after a storage failure in this step, the rules after it judge it
+                        if verdict.fired:
+                            fired[rule].append(s)
+                            self._act(rule, verdict, raise_eval_cond, on_verdict)
+                    next_step, last_seen = s + 1, s
+            except STORAGE_FAILURES as exc:
+                failing = self._storage_failed(exc, failing, outage)
+                time.sleep(self.poll_seconds)
+                continue
+            if failing is not None:
+                logger.warning(
+                    "tensortap: rules: the storage answers again, %.1f s after it failed", time.monotonic() - failing
+                )
+                failing = None
             reached_end = end_step is not None and (
                 end_step <= next_step or self.trial.has_passed_step(end_step - 1) is not StepState.NOT_YET_AVAILABLE
             )
