@@ -32,10 +32,12 @@ def _check_output(path: str, suffixes: Sequence[str]) -> None:
         raise UsageError(str(exc)) from None
 
 
-def _trial(args: argparse.Namespace, path: str) -> Any:
+def _trial(args: argparse.Namespace, path: str, storage_options: dict[str, Any] | None = None) -> Any:
+    """The trial at ``path``, opened with ``storage_options`` (default: ``--storage-options``)."""
     from .cli import open_trial
 
-    return open_trial(argparse.Namespace(**{**vars(args), "path": path}))
+    options = args.storage_options if storage_options is None else storage_options
+    return open_trial(argparse.Namespace(**{**vars(args), "path": path, "storage_options": options}))
 
 
 def _wrote(args: argparse.Namespace, result: dict[str, Any], text: str) -> int:
@@ -83,19 +85,28 @@ def cmd_export(args: argparse.Namespace) -> int:
     )
 
 
+def _run_options(path: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``--storage-options`` as they apply to the run at ``path`` among the runs of ``plot``: to a URL's; a local
+    path takes none (a local run compared with an S3 one)."""
+    from .backends.registry import is_local_path
+
+    return {} if is_local_path(path) else options
+
+
 def _is_trial(path: str, options: dict[str, Any]) -> bool:
+    """Whether ``path`` (an argument of ``plot`` after its first run) holds a trial: another run; else it is a
+    tensor name. An error telling it (a storage that fails, a folder that cannot be read) is raised: an existing
+    trial is never taken for a name."""
     from .trial.trial import is_trial, trial_storage
 
-    try:
-        return is_trial(trial_storage(path, **options))
-    except (ValueError, OSError, ImportError):
-        return False
+    return is_trial(trial_storage(path, **_run_options(path, options)))
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
     """Plot tensors (scalars, or a reduction) of one or more runs across steps into an image file."""
     from matplotlib.figure import Figure
 
+    from .backends.registry import is_local_path
     from .trial.compare import Comparison
     from .trial.plot import IMAGE_SUFFIXES, curves_axis, plot_tensors, save_plot
 
@@ -104,7 +115,9 @@ def cmd_plot(args: argparse.Namespace) -> int:
     names: list[str] = []
     for item in args.items:  # runs first; an item that is not a trial is a tensor name
         (runs if not names and _is_trial(item, args.storage_options) else names).append(item)
-    comparison = Comparison([_trial(args, r) for r in runs])
+    # --storage-options are for the URLs among the runs; where there is none, every run refuses them (exit 2)
+    remote = not all(map(is_local_path, runs))
+    comparison = Comparison([_trial(args, r, _run_options(r, args.storage_options) if remote else None) for r in runs])
     names += [n for n in comparison.tensor_names(regex=args.regex) if n not in names] if args.regex else []
     if not names:
         raise UsageError("give tensor names or a --regex that matches some")

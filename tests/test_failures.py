@@ -7,6 +7,7 @@ import json
 import logging
 import shutil
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -622,3 +623,25 @@ def test_a_reader_open_while_the_trial_folder_is_removed_forgets_the_steps_that_
     gone = [r.getMessage() for r in caplog.records if "its index record is gone" in r.getMessage()]
     assert len(gone) == 2, gone  # one per shard
     w.close()
+
+
+def test_a_set_up_waits_while_the_storage_answers_and_no_longer() -> None:
+    """hunt 35 F6, F7: a hook's set-up (the claim of its worker, an overwrite, a resume) was given
+    ``ShardPolicy.timeout`` in all: a large trial on a store that answered every request (1,479 of them) was
+    given up as one that "did not answer within 60 s". The bound is one on progress now: the set-up goes on
+    while the storage answers its batches (here 8 answers 0.1 s apart, 0.8 s in all, under a bound of 0.5 s),
+    and is given up once none came for the bound."""
+
+    def answering(answered: Any) -> str:
+        for _ in range(8):
+            time.sleep(0.1)
+            answered()
+        return "set up"
+
+    def stops_answering(answered: Any) -> None:
+        answered()
+        time.sleep(5)
+
+    assert writer_module.run_bounded(answering, 0.5, "setting up") == "set up"
+    with pytest.raises(TimeoutError, match=r"setting up: the storage did not answer within 0\.5 s"):
+        writer_module.run_bounded(stops_answering, 0.5, "setting up")

@@ -171,6 +171,24 @@ def _check_fsspec_protocol(protocol: str, url: str, broken: Sequence[str] = ()) 
         ) from exc
 
 
+def is_local_path(url: str) -> bool:
+    """Whether ``url`` names a local folder (a path, a ``file://`` URL): :func:`get_storage` opens it without
+    storage options.
+
+    Parameters
+    ----------
+    url
+        A trial's path or URL.
+
+    Returns
+    -------
+    bool
+        False for a URL of another scheme (``s3://``, ``memory://``, chained ``simplecache::s3://``).
+    """
+    scheme, sep, _ = url.partition("://")
+    return not sep or (len(scheme) == 1 and os.name == "nt") or scheme == "file"
+
+
 def get_storage(url: str | os.PathLike[str] | Storage, **storage_options: Any) -> Storage:
     """Return the storage backend for ``url``.
 
@@ -202,14 +220,13 @@ def get_storage(url: str | os.PathLike[str] | Storage, **storage_options: Any) -
             raise ValueError(f"storage_options: not used with a ready {url!r}, got {sorted(storage_options)}")
         return url
     text = os.fspath(url)
-    scheme, sep, rest = text.partition("://")
-    if not sep or (len(scheme) == 1 and os.name == "nt") or scheme == "file":
+    if is_local_path(text):
         if storage_options:
             raise ValueError(
                 f"storage_options: only used with URLs such as s3://, got {sorted(storage_options)} "
                 f"for the local path {text!r}"
             )
-        return LocalStorage(rest if scheme == "file" else text)
+        return LocalStorage(text.removeprefix("file://"))
     protocols = [part.partition("://")[0] for part in text.split("::")]
     plugin, broken = _choose(protocols[0], list(entry_points(group=ENTRY_POINT_GROUP, name=protocols[0])))
     if plugin is not None:

@@ -32,6 +32,7 @@ import types
 import uuid
 import weakref
 from collections.abc import Callable, Iterator, Sequence
+from glob import has_magic  # what fsspec takes for a glob pattern
 from pathlib import Path
 from typing import IO, Any, Protocol, TypeVar
 
@@ -503,6 +504,13 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     def delete(self, key: str) -> None:
         """Remove ``key`` if it exists."""
+
+    def delete_many(self, keys: Sequence[str]) -> None:
+        """Remove each of ``keys`` that exists, in no particular order: in as few requests as the backend can (on
+        S3 one for up to 1,000 keys). A batch may pass over a key the store refused (s3fs does): a caller that
+        must know lists again. The default deletes them one after the other."""
+        for key in keys:
+            self.delete(key)
 
     @abc.abstractmethod
     def makedirs(self) -> None:
@@ -1197,6 +1205,16 @@ class FsspecStorage(Storage):
                 self._ask("rm_file", self._path(key))
 
         retried(f"deleting {self._path(key)}", rm)
+
+    def delete_many(self, keys: Sequence[str]) -> None:
+        """One ``rm`` of a list of paths on an object store (s3fs: ``DeleteObjects``, 1,000 keys a request, which
+        passes over the keys S3 says it could not delete); one :meth:`delete` each elsewhere, and where a path has a
+        glob character (``rm`` would expand it, to other files maybe)."""
+        paths = [self._path(key) for key in keys]
+        if len(paths) < 2 or not self._asynchronous or any(map(has_magic, paths)):
+            super().delete_many(keys)
+            return
+        retried(f"deleting {len(paths)} files under {self.root}", lambda: self._ask("rm", paths))
 
     def makedirs(self) -> None:
         if self.whole_object_uploads:

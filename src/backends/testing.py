@@ -181,6 +181,8 @@ class StorageTests:
             with pytest.raises(UnsafeKey):
                 call(key)
         with pytest.raises(UnsafeKey):
+            storage.delete_many([key, "present.json"])
+        with pytest.raises(UnsafeKey):
             storage.write_bytes(key, b"x")
         with pytest.raises(UnsafeKey):  # refused before anything is read
             storage.read_json_many(["present.json", key])
@@ -243,6 +245,17 @@ class StorageTests:
         storage.delete("end/worker_0.json")  # missing: no error
         storage.delete("never/was.json")
         assert storage.walk() == ["end/worker_1.json"]
+
+    def test_delete_many(self, storage: Storage) -> None:
+        """Each key asked for goes, and no other; a missing one is no error."""
+        keys = ["index/worker_0/0000000000.json", "index/worker_0/0000000001.json", "shards/worker_0/0000000000.h5"]
+        for key in keys:
+            storage.write_bytes(key, b"x")
+        storage.delete_many([*keys[:2], "never/was.json"])
+        assert storage.walk() == keys[2:]
+        storage.delete_many([])
+        storage.delete_many(keys[2:])
+        assert storage.walk() == []
 
     # ---------------------------------------------------------- publish
     def test_publish_file_moves_a_finished_file(self, storage: Storage) -> None:

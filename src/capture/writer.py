@@ -42,12 +42,13 @@ from typing import Any, Literal, TypeVar
 
 from ..backends import layout
 from ..backends.shard import PACK_BYTES, POOL, PreparedShard, ShardBuffer, prepare_shard
-from ..backends.storage import Bound, Storage, bounded, kept
+from ..backends.storage import STORAGE_FAILURES, Bound, Storage, bounded, kept
 from ..config import check_keys
 from ..exceptions import TrialExistsError
 from ..modes import Mode
 from ..processes import process_record
 from ..reductions import Histogram, PendingHistogram
+from ..trial.index import read_records
 from . import counting
 from .handoff import Done, Wake
 
@@ -185,28 +186,40 @@ def _moving_average(average: float, value: float, first: bool) -> float:
     return value if first else 0.7 * average + 0.3 * value
 
 
-def run_bounded(fn: Callable[[], _T], timeout: float, what: str) -> _T:
-    """Return ``fn()`` run on a daemon thread; raise TimeoutError if it takes longer than ``timeout`` s.
+def run_bounded(fn: Callable[[Callable[[], None]], _T], timeout: float, what: str) -> _T:
+    """Return ``fn(answered)`` run on a daemon thread; raise TimeoutError once the storage gave it no answer for
+    ``timeout`` s.
 
-    The storage calls of ``fn`` retry transient errors for :data:`RETRY_SHARE` of ``timeout``
-    (:func:`~tensortap.backends.storage.bounded`): an outage shorter than that is waited out, a longer
-    one raises the storage's last error. A call that never returns (a storage endpoint that accepts
-    connections and never answers) is left behind on its daemon thread; the caller goes on, and no
-    other storage call of ``fn`` starts after (it would write into a trial the caller gave up on).
+    ``fn`` calls ``answered()`` after each part of a task whose length grows with the trial (a batch of
+    deletes or of records read): the caller waits on while the storage answers, so a large trial on a store
+    that answers is set up however long it takes, and one that stops answering is given up ``timeout`` s after
+    its last answer. The storage calls of ``fn`` retry transient errors for :data:`RETRY_SHARE` of ``timeout``
+    from the start or the last answer (:func:`~tensortap.backends.storage.bounded`): an outage shorter than
+    that is waited out, a longer one raises the storage's last error. A call that never returns (a storage
+    endpoint that accepts connections and never answers) is left behind on its daemon thread; the caller goes
+    on, and no other storage call of ``fn`` starts after (it would write into a trial the caller gave up on).
     """
     gave_up = Done()
     bound = Bound(RETRY_SHARE * timeout, gave_up.is_set)
+    last = time.monotonic()
+
+    def answered() -> None:
+        nonlocal last
+        last = time.monotonic()
+        bound.until = last + RETRY_SHARE * timeout
 
     def call() -> _T:
         with bounded(bound):
-            return fn()
+            return fn(answered)
 
     result = on_daemon_thread(call, "tensortap-storage")
-    try:
-        return result(timeout)
-    except _NoAnswer:
-        gave_up.set()
-        raise TimeoutError(f"{what}: the storage did not answer within {timeout:g} s") from None
+    while True:
+        try:
+            return result(max(0.0, last + timeout - time.monotonic()))
+        except _NoAnswer:
+            if time.monotonic() - last >= timeout:
+                gave_up.set()
+                raise TimeoutError(f"{what}: the storage did not answer within {timeout:g} s") from None
 
 
 class _NoAnswer(Exception):
@@ -255,12 +268,28 @@ def _exists_message(storage: Storage, worker: str) -> str:
     )
 
 
-def _remove_worker(storage: Storage, worker: str, started: float) -> None:
-    """Delete what an earlier run of ``worker`` wrote: index records first, so no reader follows one to a gone shard."""
-    for folder in (f"{layout.INDEX}/{worker}", f"{layout.SHARDS}/{worker}"):
-        for name in storage.list(folder):
-            storage.delete(f"{folder}/{name}")
+DELETES_AT_ONCE = 1000
+"""Files one :meth:`~tensortap.backends.storage.Storage.delete_many` call removes when a run is overwritten (one
+request on S3, whose ``DeleteObjects`` takes 1,000 keys)."""
+
+
+def _remove_worker(storage: Storage, worker: str, started: float, answered: Callable[[], None]) -> None:
+    """Delete what an earlier run of ``worker`` wrote, :data:`DELETES_AT_ONCE` files a call (``answered()`` after
+    each). Its end marker first, so a run removed half-way (capture gave up) reads as one that did not end,
+    never as one that ended with fewer steps; then its index records, so no reader follows one to a gone shard;
+    then its shards."""
     storage.delete(layout.end_key(worker))
+    for folder in (f"{layout.INDEX}/{worker}", f"{layout.SHARDS}/{worker}"):
+        names = storage.list(folder)
+        answered()
+        for first in range(0, len(names), DELETES_AT_ONCE):
+            storage.delete_many([f"{folder}/{name}" for name in names[first : first + DELETES_AT_ONCE]])
+            answered()
+        if names:
+            # a batch passes over keys the store refused (s3fs: S3's quiet DeleteObjects): those still listed are
+            # deleted one by one, which raises the refusal
+            for name in storage.list(folder):
+                storage.delete(f"{folder}/{name}")
     try:
         request = storage.read_json(layout.STOP_REQUEST)
     except (OSError, ValueError):
@@ -270,44 +299,66 @@ def _remove_worker(storage: Storage, worker: str, started: float) -> None:
         storage.delete(layout.STOP_REQUEST)
 
 
-def _resume(storage: Storage, worker: str, record: dict[str, Any]) -> int | None:
-    """Continue ``worker``'s run in ``storage`` if its record has ``record``'s run id; return the next shard number."""
+Recorded = tuple[int, dict[int, int]]
+"""The last global step of a worker's index records, and the last step of each mode (by its number)."""
+
+
+def _resume(
+    storage: Storage, worker: str, record: dict[str, Any], answered: Callable[[], None]
+) -> tuple[int, Recorded] | None:
+    """Continue ``worker``'s run in ``storage`` if its record has ``record``'s run id: return the next shard number
+    and the steps its index records list (:func:`recorded_steps`). Its end marker is removed and its record
+    written anew only once those are read: a resume that fails (the storage stops answering) leaves the run as
+    it was."""
     key = layout.worker_key(worker)
     try:
         if storage.read_json(key).get("run_id") != record["run_id"]:
             return None
+    except STORAGE_FAILURES:  # the record may be there: never taken for another run's (overwritten)
+        raise
     except (OSError, ValueError, AttributeError):
         return None
+    names = [n for n in storage.list(f"{layout.INDEX}/{worker}") if n.endswith(".json")]
+    recorded = recorded_steps(storage, worker, names, answered)
     storage.delete(layout.end_key(worker))
     storage.write_json(key, record)
-    seqs = [n.split(".")[0] for n in storage.list(f"{layout.INDEX}/{worker}") if n.endswith(".json")]
-    return max((int(n) for n in seqs if n.isdigit()), default=-1) + 1
+    seqs = [n.split(".")[0] for n in names]
+    return max((int(n) for n in seqs if n.isdigit()), default=-1) + 1, recorded
 
 
 _MODES = frozenset(int(m) for m in Mode)
 
 
-def recorded_steps(storage: Storage, worker: str) -> tuple[int, dict[int, int]]:
-    """The last global step ``worker``'s index records in ``storage`` list, and the last step of each mode (by
-    its number): -1 and none where there is none. A record that cannot be read is passed over (a reader
-    reports it)."""
+def recorded_steps(storage: Storage, worker: str, names: Sequence[str], answered: Callable[[], None]) -> Recorded:
+    """The last global step the index records ``names`` of ``worker`` in ``storage`` list, and the last step of
+    each mode (by its number): -1 and none where there is none. Read :data:`~tensortap.trial.index.RECORDS_AT_ONCE`
+    at once (``answered()`` after each). A record that cannot be read is passed over (a reader reports it); a
+    failure of the storage is raised."""
     last, modes = -1, dict[int, int]()
-    folder = f"{layout.INDEX}/{worker}"
-    for name in storage.list(folder):
+    for _, record in read_records(storage, [f"{layout.INDEX}/{worker}/{name}" for name in names]):
+        answered()
+        if isinstance(record, STORAGE_FAILURES):
+            raise record
         try:
-            steps = storage.read_json(f"{folder}/{name}").get("steps")
-            for step, mode, mode_step in steps:
+            for step, mode, mode_step in record.get("steps"):
                 if type(step) is type(mode) is type(mode_step) is int and mode in _MODES:
                     last, modes[mode] = max(last, step), max(modes.get(mode, -1), mode_step)
-        except (OSError, ValueError, TypeError, AttributeError):
+        except (ValueError, TypeError, AttributeError):  # an error in place of the record has no .get
             continue
     return last, modes
 
 
 def claim_worker(
-    storage: Storage, worker: str, record: dict[str, Any], if_exists: IfExists, resume: bool = False
-) -> tuple[Storage, int]:
-    """Create the trial root and write ``worker``'s record; return the storage the worker writes to and its first seq.
+    storage: Storage,
+    worker: str,
+    record: dict[str, Any],
+    if_exists: IfExists,
+    resume: bool = False,
+    *,
+    answered: Callable[[], None],
+) -> tuple[Storage, int, Recorded]:
+    """Create the trial root and write ``worker``'s record; return the storage the worker writes to, its first seq
+    and, of a continued run, the steps recorded (:func:`recorded_steps`; else -1 and none).
 
     ``if_exists`` says what happens when ``worker`` is already recorded there: ``"error"``
     raises :class:`TrialExistsError`, ``"overwrite"`` removes that worker's data first,
@@ -315,7 +366,8 @@ def claim_worker(
     recorded in it yet: ranks of one run share it; otherwise a new one). On storage with
     exclusive create (local folders), two processes claiming one name at the same instant
     cannot both succeed. With ``resume``, a worker recorded with ``record["run_id"]`` (the
-    same run, trained further) is continued instead.
+    same run, trained further) is continued instead. ``answered`` is called after each batch of
+    a task that grows with the trial (see :func:`run_bounded`).
     """
     storage.makedirs()
     key = layout.worker_key(worker)
@@ -323,25 +375,25 @@ def claim_worker(
         numbers = [k for name in storage.list_dirs("") if (k := layout.run_number(name)) is not None]
         n = max(numbers, default=0)
         last = storage.child(f"{layout.RUN_PREFIX}{n}")
-        if resume and numbers and (seq := _resume(last, worker, record)) is not None:
-            return last, seq
+        if resume and numbers and (resumed := _resume(last, worker, record, answered)) is not None:
+            return last, *resumed
         while True:
             run = storage.child(f"{layout.RUN_PREFIX}{n}")
             run.makedirs()
             if run.create_json(key, record):
-                return run, 0
+                return run, 0, (-1, {})
             n += 1
     # index records of the worker without its record (a folder removed mid-run and made anew): taken too
     orphaned = bool(storage.list(f"{layout.INDEX}/{worker}")) and not storage.exists(key)
     if not orphaned and storage.create_json(key, record):
-        return storage, 0
-    if resume and (seq := _resume(storage, worker, record)) is not None:
-        return storage, seq
+        return storage, 0, (-1, {})
+    if resume and (resumed := _resume(storage, worker, record, answered)) is not None:
+        return storage, *resumed
     if if_exists == "error":
         raise TrialExistsError(_exists_message(storage, worker))
-    _remove_worker(storage, worker, record["started"])
+    _remove_worker(storage, worker, record["started"], answered)
     storage.write_json(key, record)
-    return storage, 0
+    return storage, 0, (-1, {})
 
 
 def _open_claim(storage: Storage, worker: str, if_exists: IfExists) -> None:
@@ -545,16 +597,11 @@ class TrialWriter:
         self.root_url = storage.url  # the trial it claimed the worker in (its run folder is self.storage)
         if if_exists != "new_run" and run_id is None:
             _open_claim(storage, worker, if_exists)
-        self.storage, self._seq = run_bounded(
-            lambda: claim_worker(storage, worker, record, if_exists, resume=run_id is not None),
+        self.storage, self._seq, self.recorded = run_bounded(
+            lambda answered: claim_worker(storage, worker, record, if_exists, run_id is not None, answered=answered),
             policy.timeout,
             f"setting up {storage.url}",
         )
-        self.recorded: tuple[int, dict[int, int]] = (-1, {})
-        if run_id is not None and self._seq:
-            self.recorded = run_bounded(
-                lambda: recorded_steps(self.storage, worker), policy.timeout, f"reading {self.storage.url}"
-            )
         self._thread = _WriterThread.get()
         self._thread.writers.add(self)
         _LIVE.open_writers.add(self)

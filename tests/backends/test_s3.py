@@ -269,3 +269,36 @@ def test_cli_reads_an_s3_trial_with_storage_options(
         main(["ls", s3_url, "--storage-options", "[1, 2]"])
     assert exc.value.code == 2
     assert "expected a JSON object" in capsys.readouterr().err
+
+
+def test_plot_compares_a_local_run_with_an_s3_run(
+    s3_url: str, s3_options: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """hunt 35 F5: ``plot LOCAL S3 NAME --storage-options ...`` applied the options to the local run too and
+    exited 2 ("storage_options: only used with URLs"); ``plot S3 LOCAL NAME`` took the local trial for a tensor
+    name ("no tensor named '/tmp/...'"), the error telling it swallowed. The options now go to the URLs among the
+    runs; an error telling whether an argument is a run is said (a store that cannot be reached), and with no URL
+    among the runs the options are refused as before."""
+    pytest.importorskip("matplotlib")
+    from tensortap.cli import main
+
+    local = str(tmp_path / "local")
+    for url, options in ((s3_url, s3_options), (local, None)):
+        with Writer(url, storage_options=options) as w:
+            write_steps(w, range(3))
+    options = ["--storage-options", json.dumps(s3_options), "--json"]
+    for runs in ([local, s3_url], [s3_url, local]):
+        assert main(["plot", *runs, "losses/loss", "-o", str(tmp_path / "p.png"), *options]) == 0
+        answer = json.loads(capsys.readouterr().out)
+        assert answer["runs"] == runs and answer["tensors"] == ["losses/loss"]
+    refused = {
+        **s3_options,
+        "client_kwargs": {"endpoint_url": "http://127.0.0.1:9"},
+        "config_kwargs": {"connect_timeout": 1, "retries": {"total_max_attempts": 1}},
+    }
+    unreachable = ["--storage-options", json.dumps(refused)]
+    assert main(["plot", local, s3_url, "losses/loss", "-o", str(tmp_path / "q.png"), *unreachable]) == 2
+    assert "cannot connect to http://127.0.0.1:9" in capsys.readouterr().err
+    assert main(["plot", local, local, "losses/loss", "-o", str(tmp_path / "r.png"), *options]) == 2
+    refusal = f"only used with URLs such as s3://, got ['client_kwargs', 'key', 'secret'] for the local path {local!r}"
+    assert refusal in capsys.readouterr().err

@@ -965,3 +965,78 @@ def test_rules_follow_gives_up_on_a_storage_that_keeps_failing(
     out, err = capsys.readouterr()
     assert json.loads(out)["error"]["kind"] == "storage"
     assert err.count("trying again every 0.2 s for up to 1 s") == 1, err
+
+
+def test_an_overwrite_deletes_the_old_run_in_batches_and_its_end_marker_first(
+    proxy: FaultyProxy, s3_options: dict[str, Any], s3_url: str
+) -> None:
+    """hunt 35 F6: ``if_exists="overwrite"`` deleted the old run one request a file (1,100 shards at 30 ms a
+    request: 2,201 DELETEs, past the 60 s set-up bound: capture off, the new run saved nothing, the old run left
+    reading as "closed" with no steps). Its index records and its shards now go in one ``DeleteObjects`` each
+    (1,000 keys a request), after its end marker alone, checked gone by one listing each."""
+    with Writer(s3_url, storage_options=s3_options, shard_policy=ShardPolicy(max_steps=1)) as w:
+        train(w, range(30))
+    with Writer(s3_url, storage_options=_through(proxy, s3_options), if_exists="overwrite") as w:
+        train(w, range(2))
+    assert not w.failed
+    deletes = [(m, p) for m, p in proxy.seen if m == "DELETE" or (m == "POST" and "delete" in p)]
+    assert len(deletes) == 3, deletes  # before: 61
+    assert deletes[0][0] == "DELETE" and deletes[0][1].split("?")[0].endswith("/end/worker_0.json")
+    trial = tensortap.create_trial(s3_url, **s3_options)
+    assert trial.steps() == [0, 1]
+    assert trial.end_reasons() == {"worker_0": "closed"}
+    assert trial.storage.list("shards/worker_0") == ["0000000000.h5"]
+    assert trial.problems() == {}
+
+
+def test_an_overwrite_given_up_half_way_leaves_a_run_that_did_not_end(
+    proxy: FaultyProxy, s3_options: dict[str, Any], s3_url: str
+) -> None:
+    """hunt 35 F6: an overwrite that capture gave up half-way left the old run without its index records but
+    with its end marker: it read as a run that ended normally with no steps. The end marker goes first now: the
+    store holds the batch delete of the index records, and the old run reads as one that did not end."""
+    with Writer(s3_url, storage_options=s3_options, shard_policy=ShardPolicy(max_steps=1)) as w:
+        train(w, range(5))
+    proxy.stalled_paths = "?delete"
+    options = _through(proxy, s3_options)
+    w = Writer(s3_url, storage_options=options, if_exists="overwrite", shard_policy=ShardPolicy(timeout=2))
+    assert w.failed
+    w.close()
+    trial = tensortap.create_trial(s3_url, **s3_options)
+    assert trial.steps() == list(range(5))
+    assert trial.end_reasons() == {} and not trial.training_ended
+
+
+def test_a_resumed_run_reads_its_index_records_at_once(
+    proxy: FaultyProxy, s3_options: dict[str, Any], s3_url: str
+) -> None:
+    """hunt 35 F7: a hook given the ``run_id`` of a run read each of its index records in turn (1,100 shards at
+    30 ms a request: past the 60 s bound, capture off). They are read several at once: the proxy holds each
+    request for a record until eight are held together (one after the other, each waits 0.5 s alone)."""
+    with Writer(s3_url, storage_options=s3_options, shard_policy=ShardPolicy(max_steps=1)) as first:
+        train(first, range(20))
+    proxy.meet("/index/", 8, timeout=0.5)
+    with Writer(s3_url, storage_options=_through(proxy, s3_options), run_id=first.run_id) as w:
+        train(w, range(20, 22))
+    assert not w.failed and proxy.met == 8  # before: 1
+    trial = tensortap.create_trial(s3_url, **s3_options)
+    assert trial.steps() == list(range(22))
+    assert trial.end_reasons() == {"worker_0": "closed"}
+
+
+def test_a_resume_that_fails_leaves_the_run_as_it_was(
+    proxy: FaultyProxy, s3_options: dict[str, Any], s3_url: str
+) -> None:
+    """hunt 35 F7: resuming a run removed its end marker before reading its index records: when the storage
+    did not answer those reads, capture turned off and the run that had ended normally read as one that did not
+    end. The end marker and the worker record are changed only once the records are read."""
+    with Writer(s3_url, storage_options=s3_options, shard_policy=ShardPolicy(max_steps=1)) as first:
+        train(first, range(3))
+    proxy.stalled_paths = "/index/"
+    options = _through(proxy, s3_options)
+    w = Writer(s3_url, storage_options=options, run_id=first.run_id, shard_policy=ShardPolicy(timeout=2))
+    assert w.failed
+    w.close()
+    trial = tensortap.create_trial(s3_url, **s3_options)
+    assert trial.steps() == [0, 1, 2]
+    assert trial.end_reasons() == {"worker_0": "closed"}

@@ -179,3 +179,12 @@ class TestS3Storage(FsspecStorageTests):
     def test_uploads_are_whole_objects(self, storage: Storage) -> None:
         assert isinstance(storage, FsspecStorage)
         assert storage.whole_object_uploads
+
+    def test_delete_many_of_names_with_glob_characters_deletes_them_alone(self, storage: Storage) -> None:
+        """hunt 35 F6: the batch delete (fsspec's ``rm`` of a list) expands glob patterns: a key named
+        ``x[12].h5`` is deleted by itself, never ``x1.h5`` and ``x2.h5`` that the pattern matches."""
+        keys = ["shards/worker_0/x[12].h5", "shards/worker_0/x1.h5", "shards/worker_0/x2.h5"]
+        for key in keys:
+            storage.write_bytes(key, b"x")
+        storage.delete_many(keys[:2])
+        assert storage.walk() == ["shards/worker_0/x2.h5"]
