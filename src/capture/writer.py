@@ -333,12 +333,10 @@ def recorded_steps(storage: Storage, worker: str, names: Sequence[str], answered
     """The last global step the index records ``names`` of ``worker`` in ``storage`` list, and the last step of
     each mode (by its number): -1 and none where there is none. Read :data:`~tensortap.trial.index.RECORDS_AT_ONCE`
     at once (``answered()`` after each). A record that cannot be read is passed over (a reader reports it); a
-    failure of the storage is raised."""
+    failure of the storage is raised (:meth:`~tensortap.backends.storage.Storage.read_json_many`)."""
     last, modes = -1, dict[int, int]()
     for _, record in read_records(storage, [f"{layout.INDEX}/{worker}/{name}" for name in names]):
         answered()
-        if isinstance(record, STORAGE_FAILURES):
-            raise record
         try:
             for step, mode, mode_step in record.get("steps"):
                 if type(step) is type(mode) is type(mode_step) is int and mode in _MODES:

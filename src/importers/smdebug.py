@@ -46,6 +46,7 @@ import os
 import re
 import struct
 import sys
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -537,9 +538,13 @@ def _reduction_config(text: Any, where: str) -> ReductionConfig | None:
 _RE_PARSER: Any = importlib.import_module("re._parser" if sys.version_info >= (3, 11) else "sre_parse")
 _REPEATS = frozenset({"MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"})
 MATCH_BUDGET = 10**10
-"""What matching smdebug's ``include_regex`` against tensor names may cost in one import, in the units of
-:func:`_match_cost` (about one second's work: ``re`` backtracks, and a stranger's pattern such as
-``(a|a)*$`` or ``.*.*.*x`` would take hours on one long name)."""
+"""What matching one of smdebug's ``include_regex`` against one tensor name may cost at most, in the units of
+:func:`_match_cost` (about a second's work: ``re`` backtracks, and a stranger's pattern such as ``(a|a)*$`` or
+``.*.*.*x`` would take hours on one long name). The estimate is an upper bound, far above what the usual
+patterns cost (``.*layer\\d+.*(weight|bias)``), so the matches of an import together are bounded by the
+time they take, :data:`MATCH_SECONDS`."""
+MATCH_SECONDS = 30.0
+"""How long all the ``include_regex`` matches of one import may take."""
 
 
 def _match_cost(items: Any, n: int, repeated: bool = False) -> float:
@@ -582,11 +587,11 @@ class _SmdCollection:
 class _SmdCollections:
     """smdebug's collections and which of them a tensor is in, as smdebug's trial reads it: those whose
     ``tensor_names`` list its smdebug name or one of whose ``include_regex`` matches it (``re.search``),
-    the cost of all matches bounded by :data:`MATCH_BUDGET`."""
+    the cost of each match bounded by :data:`MATCH_BUDGET`, the time of all by :data:`MATCH_SECONDS`."""
 
     def __init__(self, collections: dict[str, _SmdCollection]) -> None:
         self.collections = collections
-        self.budget = float(MATCH_BUDGET)
+        self.seconds = 0.0  # spent matching
         self._of: dict[str, list[str]] = {}
 
     def of(self, name: str) -> list[str]:
@@ -608,14 +613,20 @@ class _SmdCollections:
         for text, (pattern, parsed) in spec.patterns.items():
             at_start = len(parsed) and str(parsed[0][0]) == "AT" and str(parsed[0][1]).startswith("AT_BEGINNING")
             searched = 1 if at_start and not pattern.flags & re.MULTILINE else len(name) + 1  # positions tried
-            cost = searched * _match_cost(parsed, len(name))
-            if cost > self.budget:
+            if searched * _match_cost(parsed, len(name)) > MATCH_BUDGET:
                 raise SmdebugFormatError(
                     f"{spec.path}: collection {collection!r}: include_regex {text!r} could take too long to match "
                     f"tensor names such as one of {len(name)} characters (it repeats too much)"
                 )
-            self.budget -= cost
-            if pattern.search(name):
+            start = time.monotonic()
+            found = pattern.search(name)
+            self.seconds += time.monotonic() - start
+            if self.seconds > MATCH_SECONDS:
+                raise SmdebugFormatError(
+                    f"{spec.path}: collection {collection!r}: matching the include_regex of the collections took "
+                    f"more than {MATCH_SECONDS:g} s (the last: {text!r}, against a name of {len(name)} characters)"
+                )
+            if found:
                 return True
         return False
 

@@ -905,12 +905,12 @@ class _Follower(threading.Thread):
 
 
 def _follow(proxy: FaultyProxy, url: str, s3_options: dict[str, Any]) -> _Follower:
-    """A :class:`_Follower` of ``url`` through ``proxy``, started, once it read the trial's first index record:
-    it follows the training."""
+    """A :class:`_Follower` of ``url`` through ``proxy``, started, once it read a shard: its rules judge the
+    training's steps (it opened the trial and built its rules, which a storage that fails ends at once)."""
     follower = _Follower(url, _through(proxy, s3_options))
     follower.start()
     deadline = time.monotonic() + 60
-    while not any("/index/worker_0/" in p for _, p in proxy.seen) and time.monotonic() < deadline:
+    while not any("/shards/worker_0/" in p for _, p in proxy.seen) and time.monotonic() < deadline:
         time.sleep(0.05)
     return follower
 
@@ -940,6 +940,40 @@ def test_rules_follow_rides_out_a_storage_that_fails_for_a_while(
     (rule,) = json.loads(out)["rules"]
     assert rule["evaluated_steps"] == 8 and rule["last_step"] == 7
     assert err.count("trying again every") == 1 and err.count("the storage answers again") == 1, err
+
+
+def test_a_stop_request_the_storage_fails_to_take_is_written_once_it_answers(
+    proxy: FaultyProxy, s3_options: dict[str, Any], s3_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """review 55: a rule that fired while the storage failed the write of its stop request (``rules --follow
+    --stop-training``, riding out the outage) was reported as fired, but its action and its report were lost
+    for good: the step counted as judged. The action is done again once the storage answers."""
+    w = Writer(s3_url, storage_options=s3_options, shard_policy=ShardPolicy(max_steps=1))
+    for _ in range(2):  # a loss that does not decrease: loss_not_decreasing fires at step 1, once
+        with w.stepping():
+            w.save("losses/loss", np.float32(1.0), collections=["losses"])
+    w.flush()
+    proxy.failing_paths = "/control/"
+    follower = _Follower(s3_url, _through(proxy, s3_options))
+    follower.command[3] = "loss_not_decreasing:num_steps=1"
+    follower.command.append("--stop-training")
+    follower.start()
+    deadline = time.monotonic() + 60
+    while not any("/control/" in p for _, p in proxy.failed_paths) and time.monotonic() < deadline:
+        time.sleep(0.05)  # the rule fired: its stop request met the failing storage
+    proxy.failing_paths = ""
+    deadline = time.monotonic() + 60
+    while (request := tensortap.create_trial(s3_url, **s3_options).stop_request()) is None:
+        assert time.monotonic() < deadline, "the stop request was never written"
+        time.sleep(0.1)
+    w.close()
+    follower.join(60)
+    assert follower.codes == [1]
+    assert request["rule"] == "LossNotDecreasing"
+    out, err = capsys.readouterr()
+    (rule,) = json.loads(out)["rules"]
+    assert rule["fired_steps"] == [1], out
+    assert err.count("trying again every") == 1, err
 
 
 def test_rules_follow_gives_up_on_a_storage_that_keeps_failing(

@@ -645,3 +645,18 @@ def test_matching_include_regex_is_bounded_by_the_names(tmp_path: Path) -> None:
     )
     import_smdebug(smd, tmp_path / "out2")
     assert tensortap.create_trial(tmp_path / "out2").tensor_names(collection="slow") == ["a" * 30 + "x"]
+    # review 55: a usual pattern of several repeats was refused after 42 names of 104 characters (the bounds of
+    # all matches were summed); each is bounded on its own, and all of them together by the time they take
+    names = [
+        f"gradients/model/encoder/layer{i}/attention/self/query/{k}_grad/" + "x" * 40
+        for i in range(24)
+        for k in ("weight", "bias", "kernel", "beta")
+    ]
+    smd3 = tmp_path / "smd3"
+    one_event_trial(smd3, event_file((1,), (1.0,), tuple(names)))
+    (smd3 / "collections" / "000000000").mkdir(parents=True)
+    (smd3 / "collections" / "000000000" / "worker_0_collections.json").write_text(
+        collection("layers", include_regex=[r".*layer\d+.*(weight|bias)"])
+    )
+    import_smdebug(smd3, tmp_path / "out3")
+    assert len(tensortap.create_trial(tmp_path / "out3").tensor_names(collection="layers")) == 48

@@ -225,11 +225,30 @@ class RuleRunner:
         next_step = min(floor.values()) + 1
         last_new, last_seen = time.monotonic(), next_step - 1
         failing: float | None = None  # since when the storage fails (``outage``)
+        unacted: list[tuple[Rule, Verdict]] = []  # fired, their actions not yet done (the storage failed in one)
+        ended_rules: set[Rule] = set()  # asked invoke_end
+
+        def judged(rule: Rule, verdict: Verdict) -> None:
+            if verdict.fired:
+                fired[rule].append(verdict.step)
+                unacted.append((rule, verdict))
+                self._act(rule, verdict, raise_eval_cond, on_verdict)
+                unacted.pop()
+
         while True:
             try:
+                while unacted:  # a storage failure interrupted their actions (a stop request being written)
+                    self._act(*unacted[0], raise_eval_cond, on_verdict)
+                    unacted.pop(0)
                 ended = self.trial.training_ended
                 self.trial.refresh()
                 steps = self.trial.steps()
+                if failing is not None:
+                    logger.warning(
+                        "tensortap: rules: the storage answers again, %.1f s after it failed",
+                        time.monotonic() - failing,
+                    )
+                    failing = None
                 pending = [s for s in steps if s >= next_step and (end_step is None or s < end_step)]
                 for s in progress(pending, desc="steps", enable=False if wait else show_progress):
                     for rule in self.rules:
@@ -239,44 +258,30 @@ class RuleRunner:
                         readable = s in self.trial._index.steps
                         verdict = rule.invoke(s) if readable else rule.skip(s, "its shards cannot be read")
                         floor[rule] = s  # after a storage failure in this step, the rules after it judge it
-                        if verdict.fired:
-                            fired[rule].append(s)
-                            self._act(rule, verdict, raise_eval_cond, on_verdict)
+                        judged(rule, verdict)
                     next_step, last_seen = s + 1, s
+                reached_end = end_step is not None and (
+                    end_step <= next_step or self.trial.has_passed_step(end_step - 1) is not StepState.NOT_YET_AVAILABLE
+                )
+                # every step of an ended training is evaluated: what the last one left pending is judged now
+                over = ended and (end_step is None or not steps or steps[-1] < end_step)
+                if over or reached_end or not wait:
+                    for rule in self.rules if over else ():
+                        if rule not in ended_rules:
+                            ended_rules.add(rule)
+                            judged(rule, rule.invoke_end())
+                    return fired
+                if pending:
+                    last_new = time.monotonic()
+                    continue
+                idle = time.monotonic() - last_new
+                if idle_timeout is not None and idle >= idle_timeout:
+                    logger.warning("tensortap: no new step for %.0f s; rules stop waiting at step %d", idle, last_seen)
+                    return fired
+                for rule in self.rules:
+                    judged(rule, rule.invoke_idle(last_seen, idle))
             except STORAGE_FAILURES as exc:
                 failing = self._storage_failed(exc, failing, outage)
-                time.sleep(self.poll_seconds)
-                continue
-            if failing is not None:
-                logger.warning(
-                    "tensortap: rules: the storage answers again, %.1f s after it failed", time.monotonic() - failing
-                )
-                failing = None
-            reached_end = end_step is not None and (
-                end_step <= next_step or self.trial.has_passed_step(end_step - 1) is not StepState.NOT_YET_AVAILABLE
-            )
-            # every step of an ended training is evaluated: what the last one left pending is judged now
-            over = ended and (end_step is None or not steps or steps[-1] < end_step)
-            if over or reached_end or not wait:
-                if over:
-                    for rule in self.rules:
-                        verdict = rule.invoke_end()
-                        if verdict.fired:
-                            fired[rule].append(verdict.step)
-                            self._act(rule, verdict, raise_eval_cond, on_verdict)
-                return fired
-            if pending:
-                last_new = time.monotonic()
-                continue
-            idle = time.monotonic() - last_new
-            if idle_timeout is not None and idle >= idle_timeout:
-                logger.warning("tensortap: no new step for %.0f s; rules stop waiting at step %d", idle, last_seen)
-                return fired
-            for rule in self.rules:
-                verdict = rule.invoke_idle(last_seen, idle)
-                if verdict.fired:
-                    fired[rule].append(verdict.step)
-                    self._act(rule, verdict, raise_eval_cond, on_verdict)
             time.sleep(self.poll_seconds)
 
 
