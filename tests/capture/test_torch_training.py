@@ -1436,6 +1436,82 @@ def test_a_manual_update_without_an_optimizer_saves_the_gradients_it_applied(tmp
             np.testing.assert_array_equal(_value(trial, f"gradients/{name}", step), grad.numpy(), err_msg=name)
 
 
+class _CharRNN(nn.Module):
+    """The char_rnn tutorials' network: called once per character, on the hidden state it returned."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cell = nn.RNNCell(5, 6)
+        self.out = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.cell(x, hidden)
+        return F.log_softmax(self.out(hidden), dim=1), hidden
+
+
+_SPLIT = "the model was called several times before one backward"
+
+
+@pytest.mark.parametrize("loop", ["per_character", "explicit_steps", "optimizer", "one_forward"])
+def test_a_model_called_once_per_character_before_one_backward_is_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, loop: str
+) -> None:
+    """hunt 38 H38-2: pytorch/tutorials char_rnn_generation: the RNN called once per character, the losses
+    summed, one backward per word, ``p.data.add_(p.grad.data, alpha=-lr)``, no optimizer. A step is one forward
+    there: each word is a PREDICT step per character but the last and one TRAIN step, its per-character losses
+    in the PREDICT steps. Before, without a word; now one warning names the step and both remedies, which give
+    one TRAIN step per word with each character's loss. A loop of one forward per backward is not warned about."""
+    torch.manual_seed(0)
+    model = _CharRNN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05) if loop == "optimizer" else None
+    criterion = nn.NLLLoss()
+    gen = torch.Generator().manual_seed(3)
+    words = [torch.randn(n, 1, 5, generator=gen) for n in (3, 2, 4)]
+    seen = []
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        hook = ttt.capture(
+            model,
+            tmp_path,
+            optimizer=opt,
+            loss=criterion,
+            save_config=EVERY_STEP,
+            include_collections=["losses"],
+            explicit_steps=loop == "explicit_steps",
+        )
+        for word in words:
+            model.zero_grad()
+            hidden = torch.zeros(1, 6)
+            chars = word[-1:] if loop == "one_forward" else word
+            losses = []
+            for char in chars:
+                output, hidden = model(char, hidden)
+                losses.append(criterion(output, torch.tensor([1])))
+            sum(losses).backward()
+            seen.append([loss.item() for loss in losses])
+            if opt is not None:
+                opt.step()
+            else:
+                for p in model.parameters():
+                    p.data.add_(p.grad.data, alpha=-0.05)
+            if loop == "explicit_steps":
+                hook.finish_step()
+        hook.close()
+    warned = [r.getMessage() for r in caplog.records if _SPLIT in r.getMessage()]
+    trial = _trial(tmp_path)
+    if loop == "per_character":
+        assert len(warned) == 1
+        assert "a backward at step 2 went through the outputs of a forward of _CharRNN recorded as step 1" in warned[0]
+        assert "hook.attach_optimizer" in warned[0] and "explicit_steps=True" in warned[0]
+        assert trial.steps(mode=Mode.PREDICT) == [0, 1, 2, 3, 4, 5]  # unchanged: a step is one forward
+        return
+    assert warned == []
+    assert trial.modes() == [Mode.TRAIN]
+    assert trial.steps() == [0, 1, 2]
+    for step, losses in enumerate(seen):
+        names = [f"losses/NLLLoss:{i}" for i in range(len(losses))] if len(losses) > 1 else ["losses/NLLLoss"]
+        assert [float(_value(trial, name, step)) for name in names] == pytest.approx(losses)
+
+
 class _ForwardForwardLayer(nn.Linear):
     """A layer of pytorch/examples' mnist_forward_forward: trained by itself, with its own optimizer and loss."""
 

@@ -19,6 +19,8 @@ What a step is
 * **Without optimizers, and in EVAL and PREDICT**: a step is one top-level
   forward of a registered module, with the loss, backward and values given
   after it (until the next forward, or a value given in another mode).
+  A backward through the outputs of a TRAIN forward recorded as an earlier step (a model called
+  once per character before one backward) is warned about, once (:meth:`Hook._on_own_step_used`).
 * The mode is the one given to :meth:`Hook.set_mode`; until then EVAL when
   the module is in ``eval()`` or gradients are disabled (``no_grad``,
   ``inference_mode``), TRAIN otherwise (an optimizer stepping in such an
@@ -365,6 +367,15 @@ def _reaches(loss: torch.Tensor, params: Container[int]) -> bool | None:
     return None if hidden else False
 
 
+def _prehook_outputs(output: Any, prehook: Callable[[Any], None]) -> bool:
+    """Register ``prehook`` on the autograd nodes that made the tensors of ``output`` (each node once), to learn
+    when a backward uses them; whether there was any (none under ``no_grad``)."""
+    nodes = {t.grad_fn for t in leaves(output, torch.is_tensor) if t.grad_fn is not None}
+    for node in nodes:
+        node.register_prehook(prehook)
+    return bool(nodes)
+
+
 @dataclass
 class _Forward:
     """A top-level forward of a registered module in a saved TRAIN step that goes on after it.
@@ -375,11 +386,28 @@ class _Forward:
 
     root: str
     start: int  # the session's mark when it began: its calls, and its loss's, come after
-    followed: bool  # its outputs came out of autograd nodes (else, under no_grad, no backward can use them)
+    followed: bool = False  # its outputs came out of autograd nodes (else, under no_grad, no backward can use them)
     used: bool = False  # a backward went through them
 
     def __call__(self, grad_outputs: Any) -> None:
         self.used = True
+
+
+@dataclass
+class _OwnStep:
+    """A top-level TRAIN forward with gradients in a step that ends with it (no optimizer attached, no
+    explicit steps). A pre-hook on the autograd nodes that made its outputs (this object) tells the hook when a
+    backward uses them (:meth:`Hook._on_own_step_used`): in a later step, the model ran several times before one
+    backward. The hook is held weakly, the nodes not at all (they hold the forward's graph)."""
+
+    hook: weakref.ref[Hook]
+    root: str
+    step: int  # the step it was recorded as
+
+    def __call__(self, grad_outputs: Any) -> None:
+        hook = self.hook()
+        if hook is not None:
+            hook._on_own_step_used(self)
 
 
 @dataclass
@@ -576,6 +604,7 @@ class Hook(core.Hook):
         self._output_storages: dict[int, weakref.ref[Any]] = {}
         self._loss_calls: dict[int, int] = {}  # id(loss module) -> _forward_count at its last call saved in it
         self._warned_unused: set[str] = set()  # roots with a forward nothing trained on, warned about
+        self._warned_split = False  # a backward went through a forward recorded as an earlier step of its own
         # per-step switches, each one boolean test in the hooks
         self._io = self._losses = self._stash_grads = False
         patches.attach(self)
@@ -1082,11 +1111,34 @@ class Hook(core.Hook):
     def _track_forward(self, root: _Root, output: Any, start: int) -> None:
         """Follow the top-level forward that began at mark ``start`` and just ended: a pre-hook on the
         autograd nodes of its outputs."""
-        nodes = {t.grad_fn for t in leaves(output, torch.is_tensor) if t.grad_fn is not None}
-        forward = _Forward(root.name, start, followed=bool(nodes))
-        for node in nodes:
-            node.register_prehook(forward)
+        forward = _Forward(root.name, start)
+        forward.followed = _prehook_outputs(output, forward)
         self._forwards.append(forward)
+
+    def _track_own_step(self, root: _Root, output: Any) -> None:
+        """Follow the TRAIN forward of ``root`` that just ended its step (it does not span forwards): a pre-hook
+        on the autograd nodes of its outputs (:class:`_OwnStep`), until :meth:`_on_own_step_used` warns."""
+        _prehook_outputs(output, _OwnStep(weakref.ref(self), root.name, self.step))
+
+    def _on_own_step_used(self, forward: _OwnStep) -> None:
+        """A backward (or ``autograd.grad``) went through the outputs of ``forward``: when it was recorded as a
+        step before the one in progress, the model ran several times before one backward (an RNN cell called
+        once per character), each call a step of its own. Warned once: a step is one forward here."""
+        if self._warned_split or self._closed or forward.step >= self.step:
+            return
+        self._warned_split = True
+        logger.warning(
+            "tensortap: a backward at step %d went through the outputs of a forward of %s recorded as step %d: the "
+            "model was called several times before one backward (an RNN called once per character?), and without "
+            "an optimizer attached each call is recorded as a step of its own (%s), with its outputs and losses; "
+            "the backward's step holds the last call's only. Attach the optimizer (hook.attach_optimizer(optimizer)) "
+            "if there is one, or use ttt.capture(..., explicit_steps=True) and call hook.finish_step() after each "
+            "update: one TRAIN step per iteration, with every call's losses",
+            self.step,
+            forward.root,
+            forward.step,
+            "a PREDICT step, as nothing trained on it yet" if self._explicit_mode is None else self.mode.name,
+        )
 
     def _save_step_end(self) -> None:
         """At a saved step's end: losses not yet named, parameters, stashed gradients, optimizer state."""
@@ -1201,6 +1253,8 @@ class Hook(core.Hook):
         if self._forward_start is not None:
             self.session.guard(self._track_forward, root, output, self._forward_start)
             self._forward_start = None
+        elif not self._warned_split and self.mode == Mode.TRAIN and torch.is_grad_enabled():
+            self.session.guard(self._track_own_step, root, output)
         if not (self._spans_forwards() or self._waiting):
             self._end()
 
