@@ -424,3 +424,31 @@ def test_an_unknown_worker_is_refused_naming_the_workers(reader: str, tmp_path: 
         expected = (UnknownName, r"no worker 'worker_9' in .*\(valid: worker_0, worker_1\)")
     with pytest.raises(expected[0], match=expected[1]):
         call("worker_9")
+
+
+def test_ranks_resumed_together_number_on_from_the_same_step(tmp_path: Path) -> None:
+    """hunt 40 F1: the ranks of a DDP run killed mid-training had each published a different number of steps
+    (each loses its own unpublished tail); resumed with their ``run_id``, each numbered on from its own last
+    step, so one training step had a different number on each rank (the trial merged different steps into one,
+    ``check`` said ok; the ranks' stop agreements fell on different iterations). Every rank now numbers on from
+    the last step of the run, over all its workers: a rank that published fewer steps leaves a gap."""
+    ids = []
+    for rank, n in ((0, 4), (1, 2)):
+        with Writer(tmp_path, rank=rank, world_size=2) as w:
+            run_steps(w, n, mode="train")
+            run_steps(w, rank + 1, mode="eval")
+        ids.append(w.run_id)
+    numbered: dict[int, list[tuple[int, str, int]]] = {0: [], 1: []}
+    resumed = [Writer(tmp_path, rank=rank, world_size=2, run_id=ids[rank]) for rank in (0, 1)]  # torchrun's restart
+    for rank, w in enumerate(resumed):
+        for mode in ("train", "eval"):
+            with w.stepping(mode=mode):
+                w.save("a", np.full(2, w.step, np.float32))
+                numbered[rank].append((w.step, mode, w.mode_step))
+        w.close()
+    # worker_0 recorded steps 0-4 (4 training steps, then 1 eval), worker_1 0-3 (2 training, then 2 eval)
+    assert numbered[0] == numbered[1] == [(5, "train", 4), (6, "eval", 2)]
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.steps() == list(range(7))
+    assert sorted(_values(trial, "worker_1")) == [0, 1, 2, 3, 5, 6]  # step 4 was worker_0's alone: a gap
+    assert trial.problems() == {}

@@ -459,8 +459,10 @@ class Hook(metaclass=_HookClass):
     run_id
         Continue the run of an earlier hook of the same training (its :attr:`run_id`, e.g. when
         an adapter's training goes on in a second call): that worker's data is kept and its steps
-        go on, whatever ``if_exists`` says. A stop request the run before left in the trial (there when
-        this hook starts) is stale: ignored, with one warning naming it. Default: a new run.
+        go on, whatever ``if_exists`` says: from the last step that any worker of the run recorded,
+        so that the ranks of a run resumed together number each step alike. A stop request the run
+        before left in the trial (there when this hook starts) is stale: ignored, with one warning
+        naming it. Default: a new run.
 
     Attributes
     ----------

@@ -307,9 +307,9 @@ def _resume(
     storage: Storage, worker: str, record: dict[str, Any], answered: Callable[[], None]
 ) -> tuple[int, Recorded] | None:
     """Continue ``worker``'s run in ``storage`` if its record has ``record``'s run id: return the next shard number
-    and the steps its index records list (:func:`recorded_steps`). Its end marker is removed and its record
-    written anew only once those are read: a resume that fails (the storage stops answering) leaves the run as
-    it was."""
+    and the steps the index records of the run list (:func:`recorded_steps`: those of every worker, so that the
+    ranks of a run resumed together number on alike). Its end marker is removed and its record written anew only
+    once those are read: a resume that fails (the storage stops answering) leaves the run as it was."""
     key = layout.worker_key(worker)
     try:
         if storage.read_json(key).get("run_id") != record["run_id"]:
@@ -319,7 +319,7 @@ def _resume(
     except (OSError, ValueError, AttributeError):
         return None
     names = [n for n in storage.list(f"{layout.INDEX}/{worker}") if n.endswith(".json")]
-    recorded = recorded_steps(storage, worker, names, answered)
+    recorded = recorded_steps(storage, answered)
     storage.delete(layout.end_key(worker))
     storage.write_json(key, record)
     seqs = [n.split(".")[0] for n in names]
@@ -329,13 +329,21 @@ def _resume(
 _MODES = frozenset(int(m) for m in Mode)
 
 
-def recorded_steps(storage: Storage, worker: str, names: Sequence[str], answered: Callable[[], None]) -> Recorded:
-    """The last global step the index records ``names`` of ``worker`` in ``storage`` list, and the last step of
-    each mode (by its number): -1 and none where there is none. Read :data:`~tensortap.trial.index.RECORDS_AT_ONCE`
-    at once (``answered()`` after each). A record that cannot be read is passed over (a reader reports it); a
-    failure of the storage is raised (:meth:`~tensortap.backends.storage.Storage.read_json_many`)."""
+def recorded_steps(storage: Storage, answered: Callable[[], None]) -> Recorded:
+    """The last global step the index records of every worker in ``storage`` (a run) list, and the last step of
+    each mode (by its number), the greatest over the workers: -1 and none where there is none. The ranks of a run
+    resumed after a crash had each published a different number of steps; numbered on from their own, they would
+    give one training step different numbers. Read :data:`~tensortap.trial.index.RECORDS_AT_ONCE` at once
+    (``answered()`` after each, and after each worker's listing). A record that cannot be read is passed over (a
+    reader reports it); a failure of the storage is raised
+    (:meth:`~tensortap.backends.storage.Storage.read_json_many`)."""
+    keys = []
+    for worker in storage.list_dirs(layout.INDEX):
+        folder = f"{layout.INDEX}/{worker}"
+        keys += [f"{folder}/{name}" for name in storage.list(folder) if name.endswith(".json")]
+        answered()
     last, modes = -1, dict[int, int]()
-    for _, record in read_records(storage, [f"{layout.INDEX}/{worker}/{name}" for name in names]):
+    for _, record in read_records(storage, keys):
         answered()
         try:
             for step, mode, mode_step in record.get("steps"):
@@ -535,8 +543,9 @@ class TrialWriter:
         Written into the worker record and every index record, so readers detect two
         processes writing one worker name.
     recorded
-        Of a continued run (``run_id`` given): the last global step its index records list and the last
-        step of each mode (:func:`recorded_steps`), for the steps to be numbered on; else -1 and none.
+        Of a continued run (``run_id`` given): the last global step the run's index records list and the last
+        step of each mode, over all its workers (:func:`recorded_steps`), for the steps to be numbered on; else
+        -1 and none.
 
     Raises
     ------
