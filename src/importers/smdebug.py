@@ -438,11 +438,7 @@ def _read_index(fs: Any, path: str) -> tuple[Mode, int, list[str]]:
         The file is not JSON, or its ``meta`` has no mode or mode step, or its ``shape_payload`` is not a
         list of tensors.
     """
-    try:
-        index = json.loads(_read(fs, path))
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        why = "nested too deeply" if isinstance(exc, RecursionError) else exc
-        raise SmdebugFormatError(f"{path}: not valid JSON ({why})") from None
+    index = _read_json(fs, path)
     meta = index.get("meta") if isinstance(index, dict) else None
     mode, mode_step = (meta.get("mode"), meta.get("mode_step")) if isinstance(meta, dict) else (None, None)
     if not isinstance(mode, str) or mode.strip() not in Mode.__members__:
@@ -644,12 +640,7 @@ def _read_collections(fs: Any, root: str) -> _SmdCollections:
     for path in _files(fs, f"{root}/collections"):
         if not path.endswith(".json"):
             continue
-        try:
-            data = json.loads(_read(fs, path))
-        except RecursionError:
-            raise SmdebugFormatError(f"{path}: not valid JSON (nested too deeply)") from None
-        except ValueError as exc:  # not UTF-8, not JSON, an integer of more digits than Python converts
-            raise SmdebugFormatError(f"{path}: not valid JSON ({exc})") from None
+        data = _read_json(fs, path)
         collections = data.get("collections") if isinstance(data, dict) else None
         if not isinstance(collections, dict):
             raise SmdebugFormatError(f"{path}: no 'collections' object")
@@ -716,6 +707,22 @@ def _files(fs: Any, folder: str) -> list[str]:
         else:
             out.append(path)
     return out
+
+
+def _read_json(fs: Any, path: str) -> Any:
+    """The JSON content of the file ``path`` (:func:`_read`: an index or collections file).
+
+    Raises
+    ------
+    SmdebugFormatError
+        It is not UTF-8, not JSON, nested too deeply, or holds an integer of more digits than Python converts.
+    """
+    try:
+        return json.loads(_read(fs, path))
+    except RecursionError:
+        raise SmdebugFormatError(f"{path}: not valid JSON (nested too deeply)") from None
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise SmdebugFormatError(f"{path}: not valid JSON ({exc})") from None
 
 
 def _read(fs: Any, path: str) -> bytes:
