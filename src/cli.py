@@ -680,8 +680,9 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    """Report unreadable files; exit 1 when there are any. Say which workers wrote no end marker (still
-    running, stopped where no reader can tell, or killed), which does not make it fail."""
+    """Report unreadable files and workers of an import that failed (:func:`storage_problems`); exit 1 when
+    there are any. Say which workers wrote no end marker (still running, stopped where no reader can tell, or
+    killed), which does not make it fail."""
     trial = open_trial(args)  # once: the workers said unended are those of the storage checked
     problems = storage_problems(trial.storage)
     running = sorted(set(trial.workers()) - set(trial.end_reasons()))
@@ -742,7 +743,7 @@ def add_show_parser(sub: Any) -> argparse.ArgumentParser:
 
 def add_check_parser(sub: Any) -> argparse.ArgumentParser:
     """``tensortap check``."""
-    p = sub.add_parser("check", help="find unreadable shards and records; exit 1 if any")
+    p = sub.add_parser("check", help="find unreadable shards and records, and half imports; exit 1 if any")
     add_trial_arguments(p)
     add_json_argument(p)
     p.set_defaults(func=cmd_check)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import shutil
 import threading
@@ -17,7 +18,9 @@ from helpers.writer_proc import value_for
 
 import tensortap
 from tensortap import Mode, StepNotYetAvailable, StepState, TensorUnavailableForStep, TrialExistsError, UnknownName
+from tensortap.backends import LocalStorage
 from tensortap.capture import ShardPolicy, Writer
+from tensortap.capture.writer import claim_worker
 from tensortap.trial.check import find_problems
 from tensortap.trial.trial import REFRESH_SECONDS
 from tensortap.trial.views import awaited_note
@@ -222,6 +225,30 @@ def test_a_run_continued_in_another_process_numbers_its_steps_on_from_those_reco
     assert trial.problems() == {}
     assert trial.steps() == list(range(6)) and _values(trial) == {s: float(s) for s in range(6)}
     assert trial.steps(mode=Mode.TRAIN) == [0, 1, 2, 3] and trial.steps(mode=Mode.EVAL) == [0, 1]
+
+
+class _ListingCounted(LocalStorage):
+    """A local trial that counts the listings of each folder."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.listed: collections.Counter[str] = collections.Counter()
+
+    def list(self, prefix: str) -> list[str]:
+        self.listed[prefix] += 1
+        return super().list(prefix)
+
+
+def test_a_resumed_run_lists_its_own_index_folder_once(tmp_path: Path) -> None:
+    """Perf nit A2: a writer continuing a run (``run_id``) listed its own index folder three times: to
+    see whether its records were orphaned (though its worker record was there), for its next shard number, and
+    for the steps of the run; the one listing now gives both."""
+    _run(tmp_path, 3, 1.0)
+    record = json.loads((tmp_path / "workers" / "worker_0.json").read_text())  # the same run's id
+    storage = _ListingCounted(tmp_path)
+    claimed, seq, (last, _) = claim_worker(storage, "worker_0", record, "error", resume=True, answered=lambda: None)
+    assert claimed is storage and seq == 1 and last == 2  # its next shard and the run's last step
+    assert storage.listed["index/worker_0"] == 1
 
 
 def test_a_hook_continues_the_run_whose_id_it_is_given(tmp_path: Path) -> None:

@@ -1121,6 +1121,22 @@ def test_a_worker_folder_named_with_a_byte_that_is_not_utf_8_is_skipped_and_repo
     assert main(["export", str(tmp_path), "-o", str(tmp_path / "out.csv")]) == 0
 
 
+def test_a_tensor_name_that_is_not_valid_unicode_is_refused_by_the_writer_as_by_readers(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Duplication A3: the writer's own test of a name's Unicode (a twin of ``layout.is_unicode``, the readers'
+    rule) is that function now; a name readers would refuse is skipped with one warning naming it, the rest of
+    the step saved."""
+    with Writer(tmp_path) as w, w.stepping():
+        w.save("evil\ud800name", np.ones(2))
+        w.save("ok", np.ones(2))
+    warned = [r.getMessage() for r in caplog.records if r.name == "tensortap"]
+    assert warned == [
+        "tensortap: evil\ud800name cannot be captured and is skipped: name: 'evil\\ud800name' is not valid Unicode"
+    ]
+    assert tensortap.create_trial(tmp_path).tensor_names() == ["ok"]
+
+
 def test_a_record_listing_a_reduction_its_shard_lacks_is_reported_and_readers_name_what_the_shard_holds(
     tmp_path: Path,
 ) -> None:

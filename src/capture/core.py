@@ -828,10 +828,8 @@ class Hook(metaclass=_HookClass):
     def _plan(self, name: str, collections: tuple[str, ...], force: bool) -> _Plan | None:
         key = (name, collections, self._active, force)
         if key not in self._plans:
-            try:
-                name.encode("utf-8")  # stored as UTF-8: fail here, not when the whole shard is written
-            except UnicodeEncodeError as exc:
-                raise ValueError(f"name: {name!r} is not valid Unicode ({exc.reason})") from None
+            if not layout.is_unicode(name):  # stored as UTF-8: fail here, not when the whole shard is written
+                raise ValueError(f"name: {name!r} is not valid Unicode")
             member = set(collections) | {c.name for c in self._regex_collections if c.matches(name)}
             saved = sorted(member) if force or self.save_all else sorted(member & self._active)
             if not saved:

@@ -318,30 +318,36 @@ def _resume(
         raise
     except (OSError, ValueError, AttributeError):
         return None
-    names = [n for n in storage.list(f"{layout.INDEX}/{worker}") if n.endswith(".json")]
-    recorded = recorded_steps(storage, answered)
+    listed = _index_records(storage, answered)
+    recorded = recorded_steps(storage, listed, answered)
     storage.delete(layout.end_key(worker))
     storage.write_json(key, record)
-    seqs = [n.split(".")[0] for n in names]
+    seqs = [n.split(".")[0] for n in listed.get(worker, [])]
     return max((int(n) for n in seqs if n.isdigit()), default=-1) + 1, recorded
 
 
 _MODES = frozenset(int(m) for m in Mode)
 
 
-def recorded_steps(storage: Storage, answered: Callable[[], None]) -> Recorded:
-    """The last global step the index records of every worker in ``storage`` (a run) list, and the last step of
-    each mode (by its number), the greatest over the workers: -1 and none where there is none. The ranks of a run
-    resumed after a crash had each published a different number of steps; numbered on from their own, they would
-    give one training step different numbers. Read :data:`~tensortap.trial.index.RECORDS_AT_ONCE` at once
-    (``answered()`` after each, and after each worker's listing). A record that cannot be read is passed over (a
-    reader reports it); a failure of the storage is raised
-    (:meth:`~tensortap.backends.storage.Storage.read_json_many`)."""
-    keys = []
+def _index_records(storage: Storage, answered: Callable[[], None]) -> dict[str, list[str]]:
+    """The names of the index records (``*.json``) of every worker in ``storage``, by worker, each folder listed
+    once (``answered()`` after each)."""
+    listed: dict[str, list[str]] = {}
     for worker in storage.list_dirs(layout.INDEX):
-        folder = f"{layout.INDEX}/{worker}"
-        keys += [f"{folder}/{name}" for name in storage.list(folder) if name.endswith(".json")]
+        listed[worker] = [name for name in storage.list(f"{layout.INDEX}/{worker}") if name.endswith(".json")]
         answered()
+    return listed
+
+
+def recorded_steps(storage: Storage, listed: Mapping[str, list[str]], answered: Callable[[], None]) -> Recorded:
+    """The last global step the index records ``listed`` (:func:`_index_records`: of every worker in ``storage``, a
+    run) list, and the last step of each mode (by its number), the greatest over the workers: -1 and none where
+    there is none. The ranks of a run resumed after a crash had each published a different number of steps;
+    numbered on from their own, they would give one training step different numbers. Read
+    :data:`~tensortap.trial.index.RECORDS_AT_ONCE` at once (``answered()`` after each). A record that cannot be
+    read is passed over (a reader reports it); a failure of the storage is raised
+    (:meth:`~tensortap.backends.storage.Storage.read_json_many`)."""
+    keys = [f"{layout.INDEX}/{worker}/{name}" for worker, names in listed.items() for name in names]
     last, modes = -1, dict[int, int]()
     for _, record in read_records(storage, keys):
         answered()
@@ -390,7 +396,7 @@ def claim_worker(
                 return run, 0, (-1, {})
             n += 1
     # index records of the worker without its record (a folder removed mid-run and made anew): taken too
-    orphaned = bool(storage.list(f"{layout.INDEX}/{worker}")) and not storage.exists(key)
+    orphaned = not storage.exists(key) and bool(storage.list(f"{layout.INDEX}/{worker}"))
     if not orphaned and storage.create_json(key, record):
         return storage, 0, (-1, {})
     if resume and (resumed := _resume(storage, worker, record, answered)) is not None:

@@ -63,6 +63,7 @@ from ..config import Collection, ReductionConfig
 from ..crc32c import masked_crc32c
 from ..exceptions import TensortapError, TrialNotFound
 from ..modes import Mode
+from ..trial.index import IMPORT_FAILED
 from ..trial.trial import SEARCH_DEPTH, SEARCH_FOLDERS
 
 logger = logging.getLogger("tensortap")
@@ -839,11 +840,45 @@ def _write_errors(out_dir: str | os.PathLike[str]) -> Iterator[None]:
         if not isinstance(cause, OSError):
             raise
         message = f"cannot write the trial at {os.fspath(out_dir)}: {cause}"
+        raise (_reworded(cause, message) or OSError(message)) from cause
+
+
+def _reworded(exc: Exception, message: str) -> Exception | None:
+    """An exception of ``exc``'s class saying ``message``; None where its constructor takes other arguments (a
+    subclass of a plugin's)."""
+    try:
+        return type(exc)(message)
+    except TypeError:
+        return None
+
+
+@contextlib.contextmanager
+def _nothing_kept(out_fs: Any, out_root: str, out_dir: str | os.PathLike[str]) -> Iterator[None]:
+    """Remove what the import wrote to ``out_dir`` (``out_root`` in ``out_fs``), new or empty before it, when it
+    fails: ``out_dir`` itself where it is new, else what it holds. An error says so, or what is left where the
+    removal failed (``check`` reports that trial); after a Ctrl-C, a warning."""
+    existed = out_fs.exists(out_root)
+    try:
+        yield
+    except BaseException as exc:
+        where = os.fspath(out_dir)
+        note: str | None = f"nothing was kept: what it had written to {where} was removed"
         try:
-            error = type(cause)(message)
-        except TypeError:  # a subclass of a plugin's whose constructor takes other arguments
-            error = OSError(message)
-        raise error from cause
+            out_fs.invalidate_cache(out_root)  # the writer wrote through its own storage: a cached listing misses it
+            written = (out_fs.ls(out_root, detail=False) if existed else [out_root]) if out_fs.exists(out_root) else []
+            if written:
+                out_fs.rm(written, recursive=True)
+            else:
+                note = None  # nothing was written
+        except Exception as removal:  # what is left stays, for the user to see
+            note = f"{where} may still hold part of the trial: removing what was written failed ({removal})"
+        if note is None:
+            raise
+        reworded = _reworded(exc, f"{exc} ({note})") if isinstance(exc, Exception) else None
+        if reworded is None:
+            logger.warning("tensortap: import-smdebug stopped by %r: %s", exc, note)
+            raise
+        raise reworded from exc
 
 
 def import_smdebug(
@@ -854,6 +889,9 @@ def import_smdebug(
     out_storage_options: Mapping[str, Any] | None = None,
 ) -> ImportSummary:
     """Write the smdebug trial at ``trial`` as a tensortap trial at ``out_dir`` (which must be empty or absent).
+
+    An import that fails keeps nothing: what it wrote to ``out_dir`` is removed (``out_dir`` too, where it made
+    it) and the error's message says so, or says what is left where that removal failed.
 
     Parameters
     ----------
@@ -870,8 +908,7 @@ def import_smdebug(
         ``trial`` holds no smdebug event files (its message names the smdebug trials in the folders
         below it, :func:`_trials_below`).
     SmdebugFormatError
-        A file is not what smdebug writes (nothing is written for it; files before it are), or two files are
-        of one step of a worker (nothing is written).
+        A file is not what smdebug writes, or two files are of one step of a worker.
     ValueError
         ``out_dir`` already holds files, or is a file.
     OSError
@@ -898,21 +935,22 @@ def import_smdebug(
     summary = ImportSummary(workers=[], steps=0, tensors=[])
     names: set[str] = set()
     steps: set[int] = set()
-    for worker, rank in sorted(_ranks(list(files)).items(), key=lambda item: item[1]):
-        with _write_errors(out_dir):
-            writer = _ImportWriter(
-                out_dir, rank=rank, strict=True, collection_configs=configs, storage_options=out_storage_options
-            )
-            try:
-                for step, path in files[worker].items():
-                    index = indexes.get(worker, {}).get(step)
-                    _import_step(writer, fs, path, index, step, smd_collections, names, summary.skipped)
-                    steps.add(step)
-            except BaseException:
-                writer.close("import failed")
-                raise
-            writer.close("closed" if ended else "incomplete")
-        summary.workers.append(writer.worker)
+    with _nothing_kept(out_fs, out_root, out_dir):
+        for worker, rank in sorted(_ranks(list(files)).items(), key=lambda item: item[1]):
+            with _write_errors(out_dir):
+                writer = _ImportWriter(
+                    out_dir, rank=rank, strict=True, collection_configs=configs, storage_options=out_storage_options
+                )
+                try:
+                    for step, path in files[worker].items():
+                        index = indexes.get(worker, {}).get(step)
+                        _import_step(writer, fs, path, index, step, smd_collections, names, summary.skipped)
+                        steps.add(step)
+                except BaseException:
+                    writer.close(IMPORT_FAILED)
+                    raise
+                writer.close("closed" if ended else "incomplete")
+            summary.workers.append(writer.worker)
     summary.steps = len(steps)
     summary.tensors = sorted(names)
     return summary

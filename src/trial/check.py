@@ -5,7 +5,9 @@ trial is opened and read in full (whether or not an index record names it)
 in a child process with a time limit, because a corrupt HDF5 structure can
 make HDF5 loop forever; and every shard an index record names must exist,
 hold the steps and tensors the record lists, and hold under each name the
-values the record's ``raw_at`` locates (format 2.1).
+values the record's ``raw_at`` locates (format 2.1). A worker whose end marker
+says ``import failed`` (an ``import-smdebug`` that an older version left
+half-way) is a problem too.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from ..backends.layout import UnsafeKey, check_key
 from ..backends.shard import RawAtReader, ShardError, ShardReader
 from ..backends.storage import STORAGE_FAILURES, LocalRanges, Storage
 from .index import (
+    IMPORT_FAILED,
     MAX_WORKERS_NAMED,
     READS_AT_ONCE,
     Claims,
@@ -181,8 +184,11 @@ def _check_json(
             valid = check_worker_record(record)
             if len(rest) == 1:
                 workers[rest[0].removesuffix(".json")] = valid
-        elif folder == layout.ENDS:
-            check_end_marker(record)
+        elif folder == layout.ENDS and check_end_marker(record).get("reason") == IMPORT_FAILED:
+            return (
+                f"{key}: tensortap import-smdebug failed midway ({IMPORT_FAILED!r}): the trial holds part of the "
+                "smdebug trial; import it again into an empty folder"
+            )
     except (OSError, ValueError) as exc:
         return f"{key}: unreadable record ({exc})"
     return None

@@ -441,6 +441,11 @@ def _one_by_one(
     return names, specs, Declared.of(forms, places), refused
 
 
+IMPORT_FAILED = "import failed"
+"""The end marker's ``reason`` of a worker that ``tensortap import-smdebug`` began and did not finish: a half
+trial, which ``check`` reports (an import that fails now removes what it wrote; older versions left it)."""
+
+
 def check_end_marker(end: object) -> dict[str, Any]:
     """Return ``end`` if it is a valid end marker, else raise :class:`RecordError`."""
     if not isinstance(end, dict):

@@ -5,6 +5,7 @@ tests/data/smdebug-trial was made by tests/data/make_smdebug_trial.py in smdebug
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -12,8 +13,10 @@ import struct
 import tracemalloc
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import pytest
+from fsspec.implementations.local import LocalFileSystem
 
 import tensortap
 from tensortap import Mode
@@ -469,6 +472,58 @@ def test_workers_of_one_rank_and_two_files_of_one_step(
     assert not (tmp_path / "out2").exists()
 
 
+class _Unremovable(LocalFileSystem):
+    """A local folder (``unremovable://``) from which nothing can be removed, as a store that refuses deletes."""
+
+    protocol = "unremovable"
+
+    def rm(self, path: str | list[str], recursive: bool = False, maxdepth: int | None = None) -> None:
+        raise PermissionError(errno.EACCES, "deletes refused", str(path))
+
+
+def test_an_import_that_fails_midway_keeps_nothing_and_check_reports_one_that_did(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """hunt 36 H36-3 (rest): an import that met a damaged event file after some steps were written left them in
+    OUT_DIR (end marker "import failed"), which ``check`` called ok and ``ls`` listed as a trial. Now what it
+    wrote is removed (a folder it made too; an empty one given stays, empty) and the error says so, or says what
+    is left where the removal fails; and ``check`` reports a worker whose end marker says "import failed"."""
+    smd = tmp_path / "smd"
+    shutil.copytree(DATA / "trial", smd)
+    event = smd / "events" / "000000000002" / "000000000002_worker_0.tfevents"  # the second step's
+    damaged = bytearray(event.read_bytes())
+    damaged[-1] ^= 1  # the last record's payload CRC
+    event.write_bytes(damaged)
+    out = tmp_path / "out"
+    assert main(["import-smdebug", str(smd), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"tensortap import-smdebug: {event}: corrupted record at byte ")
+    assert err.endswith(f" (nothing was kept: what it had written to {out} was removed)\n")
+    assert not out.exists()
+    out.mkdir()  # given empty: it stays, empty
+    with pytest.raises(SmdebugFormatError, match="nothing was kept"):
+        import_smdebug(smd, out)
+    assert list(out.iterdir()) == []
+
+    fsspec.register_implementation(_Unremovable.protocol, _Unremovable, clobber=True)
+    left = tmp_path / "left"
+    with pytest.raises(SmdebugFormatError) as failed:
+        import_smdebug(smd, f"unremovable://{left}")
+    assert str(failed.value).endswith(
+        f"(unremovable://{left} may still hold part of the trial: removing what was written failed "
+        f"([Errno 13] deletes refused: \"['{left}']\"))"
+    )
+    assert tensortap.create_trial(left).end_reasons() == {"worker_0": "import failed"}
+    problem = (
+        "end/worker_0.json: tensortap import-smdebug failed midway ('import failed'): the trial holds part of the "
+        "smdebug trial; import it again into an empty folder"
+    )
+    assert main(["check", str(left)]) == 1
+    assert capsys.readouterr().out == f"{problem}\n"
+    assert main(["check", str(left), "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["problems"] == [problem]
+
+
 @pytest.mark.parametrize(
     ("mode_step", "why"),
     [
@@ -485,10 +540,12 @@ def test_a_mode_step_that_is_no_step_is_refused_naming_the_file(
     naming no file."""
     tensor = tensor_proto(1, (1,), 5, struct.pack("<f", 1.0))
     event = one_event_trial(tmp_path / "smd", event_of(summary_value("t", tensor, mode="1", mode_step=mode_step)))
-    assert main(["import-smdebug", str(tmp_path / "smd"), str(tmp_path / "out")]) == 2
-    assert capsys.readouterr().err == f"tensortap import-smdebug: {event}: {why}\n"
-    # the end marker of the worker begun is one readers read (it held the mode step beyond int64)
-    assert tensortap.create_trial(tmp_path / "out").end_reasons() == {"worker_0": "import failed"}
+    out = tmp_path / "out"
+    assert main(["import-smdebug", str(tmp_path / "smd"), str(out)]) == 2
+    assert capsys.readouterr().err == (
+        f"tensortap import-smdebug: {event}: {why} (nothing was kept: what it had written to {out} was removed)\n"
+    )
+    assert not out.exists()
 
 
 SHAPES = Path(__file__).parents[1] / "data" / "smdebug-scalar-shapes"
