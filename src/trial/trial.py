@@ -311,7 +311,8 @@ class Trial:
         self._index = TrialIndex(self.storage)
         self._last_refresh = -float("inf")
         self._one_view = False
-        self._windows: dict[str, StepWindow] = {}  # per tensor, the last shard Tensor._window read
+        # per tensor and worker asked for (None: the first), the last shard Tensor._window read
+        self._windows: dict[tuple[str, str | None], StepWindow] = {}
         self.refresh()
 
     def _problem(self) -> TrialNotFound | None:
@@ -1300,32 +1301,35 @@ class Tensor:
         """Shape of the raw value at ``step``."""
         return tuple(self.value(step, mode, worker).shape)
 
-    def _window(self, step: int) -> StepWindow:
+    def _window(self, step: int, worker: str | None = None) -> StepWindow:
         """The saved steps of the shard that holds global ``step``, for a loop over steps (the rules' reads).
 
         Each step of the window is one whose value :meth:`value` and
-        :meth:`reduction_value` take from that shard (the first worker in sorted
-        order); the window reads the shard's values or reductions once, when first
-        asked, and answers every step of the shard from them. The trial keeps the
-        last window of each tensor while the tensor's shards stay those it was
-        made from: a loop over steps reads each shard once, and holds one shard's
-        values of a tensor at a time. Raises what :meth:`has_raw` raises where
-        ``step`` was not saved.
+        :meth:`reduction_value` take from that shard (from ``worker``, or the
+        first worker in sorted order); the window reads the shard's values or
+        reductions once, when first asked, and answers every step of the shard
+        from them. The trial keeps the last window of each tensor and worker
+        asked for while the tensor's shards stay those it was made from: a loop
+        over steps reads each shard once, and holds one shard's values of a
+        tensor (per worker asked for) at a time. Raises what :meth:`has_raw`
+        raises where ``step`` was not saved (by ``worker``).
         """
-        kept = self.trial._windows.get(self.name)
+        kept = self.trial._windows.get((self.name, worker))
         if kept is not None and kept.saved_steps is self._info.saved_steps() and step in kept.locations:
             return kept  # saved_steps is a new array once a shard of the tensor is added or dropped
-        gstep, worker, loc = self._locate(step, None, None)
+        gstep, first, loc = self._locate(step, None, worker)
         info = self._info
         segment = next(seg for seg in info.segments_spanning(gstep) if seg.shard == loc.shard)
         steps = segment.steps
-        if len(self.trial._index.workers) > 1:  # leave out the steps a worker first in order saved too
+        # the first worker's window: leave out the steps a worker first in order saved too
+        if worker is None and len(self.trial._index.workers) > 1:
             for seg in info.segments_spanning(int(steps[0]), int(steps[-1])):
-                if seg.worker < worker:
+                if seg.worker < first:
                     steps = steps[~np.isin(steps, seg.steps)]
         codes = segment.codes[np.searchsorted(segment.steps, steps)]
         locations = {s: segment.variants[c] for s, c in zip(steps.tolist(), codes.tolist(), strict=True)}
-        window = self.trial._windows[self.name] = StepWindow(self, loc.shard, worker, locations, info.saved_steps())
+        window = StepWindow(self, loc.shard, first, locations, info.saved_steps())
+        self.trial._windows[(self.name, worker)] = window
         return window
 
 

@@ -279,24 +279,111 @@ def test_every_rule_of_a_run_skips_the_steps_of_a_shard_found_damaged(tmp_path: 
 
 
 @pytest.mark.parametrize(
-    ("rule_class", "fired"),
+    ("rule_class", "fired", "reasons"),
     [
-        # steps 7 and 8 come from worker 1 once worker 0's shard is found damaged at step 6
-        (VanishingGradient, [1, 4, 7, 8, 10]),
-        (ExplodingTensor, [5]),
+        # worker 1's gradient is tiny at every step; worker 0's at 1, 4, 7, 10, and its steps 7 and 8 are gone
+        # once its shard is found damaged at step 6
+        (
+            VanishingGradient,
+            [0, 1, 2, 3, 4, 5, 7, 8, 9, 10, 11],
+            {0: "at step 0 on worker_1", 1: "at step 1 on worker_0 (also on worker_1)", 7: "at step 7 on worker_1"},
+        ),
+        (ExplodingTensor, [5], {5: "gradients/fc.weight: 1 NaN and 0 infinite value(s) at step 5 on worker_0"}),
     ],
 )
-def test_rules_read_each_step_from_its_first_worker_across_shards_and_skip_a_damaged_one(
-    tmp_path: Path, rule_class: type[Rule], fired: list[int]
+def test_rules_read_each_workers_steps_across_shards_and_skip_a_damaged_one(
+    tmp_path: Path, rule_class: type[Rule], fired: list[int], reasons: dict[int, str]
 ) -> None:
-    """Rules read a shard's steps at once (Tensor._window): each step is still judged on the value of the first
-    worker that saved it, in its own shard, and the step where a shard is found damaged is skipped."""
+    """Rules read a shard's steps at once (Tensor._window): each step is judged on the value of every worker that
+    saved it, each in its own shards (three steps a shard on worker 0, four on worker 1), and the step where a
+    shard is found damaged is skipped. Before hunt 44 F2, only the first worker's value was judged."""
     path = two_workers_one_shard_damaged(tmp_path / "run")
     rule = rule_class(tensortap.create_trial(path))
     assert invoke_rule(rule, wait=False) == fired
     assert rule.skipped_steps == [6] and rule.evaluated_steps == 11
     trial = tensortap.create_trial(path)
     assert [s for s in range(12) if rule_class(trial).invoke(s).fired] == fired, "a new rule at each step"
+    for step, reason in reasons.items():
+        assert rule_class(trial).invoke(step).reason.endswith(reason)
+
+
+def test_class_rules_pool_the_labels_and_predictions_of_every_worker(tmp_path: Path) -> None:
+    """hunt 44 F2: each rank saves the labels of its own share of the samples; ClassImbalance counted worker_0's
+    alone (here 450 of 915 labels: fewer than its 500 samples, so it judged nothing) and Confusion judged
+    worker_0's predictions alone (all correct). Both pool every worker's now."""
+    labels = {(0, 0): [0] * 200 + [1] * 40, (0, 1): [0] * 250 + [1] * 10, (1, 0): [0] * 200 + [1] * 10}
+    labels[(1, 1)] = [0] * 200 + [1] * 5  # {(step, rank): labels}
+    for rank in (0, 1):
+        with Writer(tmp_path / "imbalance", rank=rank, world_size=2) as w:
+            for s in range(2):
+                with w.stepping():
+                    w.save("labels", np.array(labels[(s, rank)]), ["labels"])
+    trial = tensortap.create_trial(tmp_path / "imbalance")
+    zeros, ones = (sum(v.count(c) for v in labels.values()) for c in (0, 1))
+    assert (zeros, ones) == (850, 65)
+    assert invoke_rule(ClassImbalance(trial)) == [1]  # after step 0: 450 against 50, a ratio of 9
+    rule = ClassImbalance(trial)
+    assert not rule.invoke(0).fired
+    assert rule.invoke(1).reason == (
+        f"labels: class 0 has {zeros} samples, class 1 {ones}: ratio {zeros / ones:.3g} > threshold_imbalance 10 "
+        f"(over {zeros + ones} labels) at step 1"
+    )
+
+    pairs = {0: ([0, 0, 1, 1], [0, 0, 1, 1]), 1: ([0, 1], [1, 1])}  # {rank: (labels, predictions)}
+    for rank, (y, p) in pairs.items():
+        with Writer(tmp_path / "confusion", rank=rank, world_size=2) as w, w.stepping():
+            w.save("labels", np.array(y), ["labels"])
+            w.save("predictions", np.array(p), ["predictions"])
+    verdict = Confusion(tensortap.create_trial(tmp_path / "confusion")).invoke(0)
+    assert verdict.reason == "predicted class 1: 0.75 correct < min_diag 0.9 at step 0"  # 3 of its 4 samples
+
+
+def test_overfit_compares_each_workers_validation_with_its_own_training_loss(tmp_path: Path) -> None:
+    """hunt 44 F2: worker_1's validation loss is twice its training loss, worker_0's 5% above. Only worker_0's
+    losses were read: Overfit did not fire. Each worker's validation is compared with its own training loss
+    now, never another worker's."""
+    for rank, val in ((0, 1.05), (1, 2.0)):
+        with Writer(tmp_path, rank=rank, world_size=2) as w:
+            for _ in range(3):
+                with w.stepping():
+                    w.save("losses/loss", np.float32(1.0), ["losses"])
+                    w.save("losses/val_loss", np.float32(val), ["losses"])
+    trial = tensortap.create_trial(tmp_path)
+    assert invoke_rule(Overfit(trial)) == [0, 1, 2]
+    verdict = Overfit(trial).invoke(0)
+    assert verdict.reason == (
+        "losses/val_loss on worker_1: validation loss 2 is 1 x above training loss 1 of losses/loss on worker_1 "
+        "(> ratio_threshold 0.1 for 1 evaluation(s)) at step 0"
+    )
+    assert verdict.tensors == ("losses/val_loss", "losses/loss")
+
+
+def test_a_live_runner_judges_a_step_of_several_workers_once_every_worker_wrote_it(tmp_path: Path) -> None:
+    """hunt 44 F2, live (``tensortap rules --follow``): worker_0 has written steps 0-5, worker_1 steps 0-2 so far.
+    The runner judges steps 0-2 only (a step is complete when every worker wrote it), then worker_1's NaN at
+    step 3 once it is written, naming worker_1."""
+    path = tmp_path / "run"
+    with Writer(path, rank=0, world_size=2) as w:
+        run_steps_of(w, range(6))
+    late = Writer(path, rank=1, world_size=2, shard_policy=ShardPolicy(max_steps=1))
+    run_steps_of(late, range(3))
+    late.flush()
+    trial = tensortap.create_trial(path)
+    rule = ExplodingTensor(trial)
+    runner = RuleRunner(trial, [rule])
+    assert runner.run(wait=False) == {rule: []} and rule.last_step == 2
+    run_steps_of(late, range(3, 6), nan_at=3)
+    late.close()
+    assert runner.run(wait=False) == {rule: [3, 4, 5]}
+    assert ExplodingTensor(trial).invoke(3).reason == "w: 4 NaN and 0 infinite value(s) at step 3 on worker_1"
+
+
+def run_steps_of(w: Writer, steps: range, nan_at: int | None = None) -> None:
+    """Save weight ``w`` at ``steps``, NaN from step ``nan_at`` on."""
+    for s in steps:
+        with w.stepping():
+            v = np.full(4, np.nan if nan_at is not None and s >= nan_at else float(s), dtype=np.float32)
+            w.save("w", v, ["weights"])
 
 
 # --------------------------------------------------------------- activations

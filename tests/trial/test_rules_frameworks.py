@@ -508,6 +508,59 @@ def test_poor_weight_initialization_compares_training_losses_with_training_losse
     assert f"did not decrease from {training[0]:.4g} at step 0" in reason
 
 
+def torch_ranks(out: Path, torch: Any, steps: int, lrs: tuple[float, float], nan_step: int | None = None) -> Any:
+    """Rank 0 and rank 1 of one run (``world_size=2``), trained one after the other in this process, each on its
+    own batch with learning rate ``lrs[rank]``; rank 1's batch holds a NaN at ``nan_step``. Returns the trial."""
+    import tensortap.torch as ttt
+
+    for rank in (0, 1):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 1)
+        x, y = (torch.from_numpy(a) for a in regression_data(seed=rank))
+        opt = torch.optim.SGD(model.parameters(), lr=lrs[rank])
+        loss_fn = torch.nn.MSELoss()
+        hook = ttt.capture(model, out, optimizer=opt, loss=loss_fn, save_config=EVERY_STEP, rank=rank, world_size=2)
+        for step in range(steps):
+            xb = x.clone()
+            if rank == 1 and step == nan_step:
+                xb[0, 0] = float("nan")
+            opt.zero_grad()
+            loss_fn(model(xb), y).backward()
+            opt.step()
+        hook.close()
+    return tensortap.create_trial(out)
+
+
+@pytest.mark.torch
+def test_exploding_tensor_judges_every_worker_pytorch(tmp_path: Path, torch: Any) -> None:
+    """hunt 44 F2: a NaN in rank 1's batch at step 3 makes its loss, gradients and weights NaN, worker_0's stay
+    finite. Rules read the first worker only: ``exploding_tensor`` did not fire (exit 0). Each worker's tensors
+    are judged now, and the reason names the worker."""
+    trial = torch_ranks(tmp_path, torch, 6, (0.05, 0.05), nan_step=3)
+    loss = trial.tensor("losses/MSELoss")
+    assert np.isfinite([loss.value(s, worker="worker_0") for s in range(6)]).all()
+    assert np.isnan(loss.value(3, worker="worker_1"))
+    assert invoke_rule(ExplodingTensor(trial)) == [3, 4, 5]
+    verdict = ExplodingTensor(trial).invoke(3)
+    assert "at step 3 on worker_1 (and " in verdict.reason and "also on" not in verdict.reason
+    assert "losses/MSELoss" in verdict.tensors
+    assert invoke_rule(ExplodingTensor(trial, collection_names="losses")) == [3, 4, 5]
+
+
+@pytest.mark.torch
+def test_loss_not_decreasing_judges_each_workers_loss_pytorch(tmp_path: Path, torch: Any) -> None:
+    """hunt 44 F2: worker_0's loss falls, worker_1's stays flat (learning rate 0 on that rank). Only worker_0's
+    was judged: the rule did not fire. Each worker's loss is a series of its own now; the reason names the
+    worker. A trial of one worker keeps its reasons (no worker named)."""
+    trial = torch_ranks(tmp_path / "two", torch, 25, (0.05, 0.0))
+    assert invoke_rule(LossNotDecreasing(trial)) == [10, 20]
+    reason = LossNotDecreasing(trial).invoke(10).reason
+    assert reason.startswith("losses/MSELoss on worker_1: loss ") and "did not change" in reason
+    torch_run(tmp_path / "one", torch.nn.Linear(4, 1), 0.0, 25, include_collections=["losses"])
+    one = tensortap.create_trial(tmp_path / "one")
+    assert LossNotDecreasing(one).invoke(10).reason.startswith("losses/MSELoss: loss ")
+
+
 # -------------------------------------------------------------------- Keras
 @pytest.fixture
 def keras() -> Any:

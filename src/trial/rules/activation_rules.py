@@ -45,8 +45,9 @@ class LayerKindRule(PerTensorRule):
         self._judged = 0  # tensors of the step judged
 
     def not_of_kind(self, name: str) -> None:
-        """Record that tensor ``name`` is not of the layers this rule judges."""
-        self._other.append(name)
+        """Record that tensor ``name`` is not of the layers this rule judges (once, whatever its workers)."""
+        if name not in self._other:
+            self._other.append(name)
 
     def of_kind(self) -> None:
         """Record that the tensor being checked is judged."""
@@ -166,8 +167,8 @@ class DeadRelu(LayerKindRule):
             "or name the pre-activations with tensor_regex"
         )
 
-    def check(self, step: int, name: str) -> str | None:
-        y = raw_at(self, self.base_trial, name, step, self.requirement(name))
+    def check(self, step: int, name: str, worker: str | None) -> str | None:
+        y = raw_at(self, self.base_trial, name, step, self.requirement(name), worker)
         if y is None:
             return None
         if self.relu_outputs_only and not (bool(np.all(y >= 0)) and bool(np.any(y == 0))):
@@ -265,13 +266,13 @@ class SaturatedActivation(LayerKindRule):
             "input: make the activation a layer of its own"
         )
 
-    def check(self, step: int, name: str) -> str | None:
+    def check(self, step: int, name: str, worker: str | None) -> str | None:
         kind = next((k for k, p in self.patterns.items() if p.search(name)), None)
         if kind is None:
             self.not_of_kind(name)
             return None
         self.of_kind()
-        x = raw_at(self, self.base_trial, name, step, self.requirement(name))
+        x = raw_at(self, self.base_trial, name, step, self.requirement(name), worker)
         if x is None:
             return None
         lo, hi = self.bounds[kind]
@@ -353,6 +354,10 @@ class PoorWeightInitialization(Rule):
        loss module given to ``capture``: a training loss is never compared
        with a validation loss), else on its first mode among GLOBAL, EVAL,
        PREDICT; steps of its other modes are not judged.
+
+    On a trial of several workers it reads the first worker (in sorted order)
+    that saved a tensor: data-parallel training starts every rank from the same
+    weights.
 
     Needs: collection ``weights`` as raw tensors (with ``activation_inputs_regex``:
     reduction ``variance``), ``gradients`` as raw tensors, ``losses``.

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from .base import Requirement, Rule, check_number
-from .reading import Selection, raw_at
+from .reading import Selection, judged_workers, raw_at
 
 
 def as_classes(values: np.ndarray, argmax: bool) -> np.ndarray:
@@ -19,13 +19,29 @@ def as_classes(values: np.ndarray, argmax: bool) -> np.ndarray:
     return np.rint(v.astype(np.float64)).astype(np.int64).reshape(-1)
 
 
+def predicted(
+    classes: dict[str | None, np.ndarray], predictions: dict[str | None, np.ndarray], argmax: bool
+) -> np.ndarray | None:
+    """The class numbers of ``predictions`` (:func:`as_classes`) of every worker, in the order of the labels'
+    ``classes`` (by worker), or None unless each worker of ``classes`` saved as many predictions as labels."""
+    p = {w: as_classes(v, argmax) for w, v in predictions.items()}
+    if p.keys() != classes.keys() or any(p[w].size != c.size for w, c in classes.items()):
+        return None
+    return np.concatenate([p[w] for w in classes])
+
+
 def _named(name: str | None, collection: str) -> Selection:
     """The tensor called ``name``, else the tensors of ``collection``."""
     return Selection((collection,), None, ()) if name is None else Selection(None, f"^{re.escape(name)}$", ())
 
 
 class _LabelsPredictions(Rule):
-    """Reads a labels tensor and a predictions tensor saved at the same step."""
+    """Reads a labels tensor and a predictions tensor saved at the same step.
+
+    On a trial of several workers, each rank saved the labels of its own share
+    of the samples: the rules pool those of every worker that saved them at the
+    step (:meth:`read`, :meth:`pooled`, :func:`predicted`).
+    """
 
     def __init__(self, base_trial: Any, labels: Selection, predictions: Selection) -> None:
         super().__init__(base_trial)
@@ -35,8 +51,9 @@ class _LabelsPredictions(Rule):
     def required_captures(self) -> list[Requirement]:
         return [*self.labels.requirements(raw=True), *self.predictions.requirements(raw=True)]
 
-    def read(self, step: int, selection: Selection, need: bool) -> tuple[str, np.ndarray] | None:
-        """The first tensor of ``selection`` saved at ``step`` and its raw value."""
+    def read(self, step: int, selection: Selection, need: bool) -> tuple[str, dict[str | None, np.ndarray]] | None:
+        """The first tensor of ``selection`` saved at ``step`` and its raw value from each worker that saved it
+        (:func:`~tensortap.trial.rules.reading.judged_workers`), by worker; None when one lacks it."""
         names = selection.names(self.base_trial, step)
         if not names:
             if need and not selection.names(self.base_trial):
@@ -44,8 +61,25 @@ class _LabelsPredictions(Rule):
                 self.need(step, req, f"no tensor of {selection.describe()} in the trial")
             return None
         req = (selection.requirements(raw=True) or [Requirement("custom", (), True)])[0]
-        value = raw_at(self, self.base_trial, names[0], step, req)
-        return None if value is None else (names[0], value)
+        values = {}
+        for worker in judged_workers(self.base_trial, names[0], step):
+            value = raw_at(self, self.base_trial, names[0], step, req, worker)
+            if value is None:
+                return None
+            values[worker] = value
+        return names[0], values
+
+    def pooled(
+        self, name: str, labels: dict[str | None, np.ndarray], argmax: bool
+    ) -> dict[str | None, np.ndarray] | None:
+        """The class numbers of labels tensor ``name`` (:meth:`classes`) by worker; None when they are no classes."""
+        classes = {}
+        for worker, value in labels.items():
+            c = self.classes(name, value, argmax)
+            if c is None:
+                return None
+            classes[worker] = c
+        return classes
 
     def classes(self, name: str, labels: np.ndarray, argmax: bool) -> np.ndarray | None:
         """The class numbers of labels tensor ``name`` (as :func:`as_classes`).
@@ -146,16 +180,17 @@ class ClassImbalance(_LabelsPredictions):
         found = self.read(step, self.labels, need=True)
         if found is None:
             return False
-        lname, labels = found[0], self.classes(found[0], found[1], self.argmax)
-        if labels is None:
+        lname, classes = found[0], self.pooled(found[0], found[1], self.argmax)
+        if classes is None:
             return False
+        labels = np.concatenate(list(classes.values()))
         for c, n in zip(*np.unique(labels, return_counts=True), strict=True):
             self.counts[str(c)] = self.counts.get(str(c), 0) + int(n)
         preds = self.read(step, self.predictions, need=False)
         tensors = [lname]
-        if preds is not None and as_classes(preds[1], self.argmax).size == labels.size:
+        p = None if preds is None else predicted(classes, preds[1], self.argmax)
+        if preds is not None and p is not None:
             tensors.append(preds[0])
-            p = as_classes(preds[1], self.argmax)
             for c in np.unique(labels):
                 mask = labels == c
                 self.predicted[str(c)] = self.predicted.get(str(c), 0) + int(mask.sum())
@@ -241,9 +276,11 @@ class Confusion(_LabelsPredictions):
         lab, pred = self.read(step, self.labels, need=True), self.read(step, self.predictions, need=True)
         if lab is None or pred is None:
             return False
-        y, p = self.classes(lab[0], lab[1], False), as_classes(pred[1], False)
-        if y is None or y.size != p.size or y.size == 0:
+        classes = self.pooled(lab[0], lab[1], False)
+        p = None if classes is None else predicted(classes, pred[1], False)
+        if classes is None or p is None or p.size == 0:
             return False
+        y = np.concatenate(list(classes.values()))
         k = self.category_no or int(max(y.max(), p.max())) + 1
         keep = (y >= 0) & (y < k) & (p >= 0) & (p < k)
         c = np.zeros((k, k), dtype=np.int64)

@@ -14,7 +14,7 @@ from ...config import TRAINING_DATA
 from ...modes import Mode
 from .actions import StopTraining
 from .base import Requirement, Rule, check_number, check_regexes
-from .reading import LOSS_MODES, ModeSeries, Selection, parse_mode, scalar_at
+from .reading import LOSS_MODES, ModeSeries, Selection, judged_workers, on_worker, parse_mode, scalar_at
 
 # a name part (between "/", "_", ".", "-") "val", "valid", "validation", "eval" or "test", in any
 # case (``Valid``), optionally prefixed with "d" (``dtest``, ``dval``) and followed by digits (``test1``)
@@ -43,6 +43,12 @@ class _EvaluationRuns(Rule):
     when the training ends (:meth:`on_training_end`); its value is the mean of
     the loss over the run (Keras's ``val_loss``). Subclasses extend runs
     (:meth:`extend_run`) and judge those over (:meth:`judge_runs`).
+
+    On a trial of several workers, each worker's loss is a series of its own
+    (each rank's loss is that of its own batches): the rules key their state by
+    the loss of one worker, ``"losses/loss on worker_1"``
+    (:func:`~tensortap.trial.rules.reading.on_worker`), and their reasons show it
+    so; on a trial of one worker, by the loss's name.
     """
 
     def __init__(self, base_trial: Any) -> None:
@@ -50,8 +56,16 @@ class _EvaluationRuns(Rule):
         # per loss, its run not over yet: first and last global step, first and last mode step
         self.open_runs: dict[str, list[int]] = {}
 
+    def source(self, loss: str) -> tuple[str, str | None]:
+        """The tensor name and the worker (None on a trial of one worker) of ``loss``, as
+        :func:`~tensortap.trial.rules.reading.on_worker` names it."""
+        name, on, worker = loss.rpartition(" on ")
+        workers = self.base_trial.workers()
+        return (name, worker) if on and len(workers) > 1 and worker in workers else (loss, None)
+
     def runs_over(self, step: int, names: Collection[str]) -> list[tuple[str, list[int]]]:
-        """The runs (forgotten now) that ``step``, which saved ``names``, does not continue, as ``(loss, run)``."""
+        """The runs (forgotten now) that ``step``, which saved ``names`` (losses as :meth:`source` reads them),
+        does not continue, as ``(loss, run)``."""
         where = self.base_trial.mode_step(step)
         eval_step = where is not None and where[0] is Mode.EVAL
         over = [n for n, run in self.open_runs.items() if not eval_step or n not in names or step != run[1] + 1]
@@ -62,9 +76,12 @@ class _EvaluationRuns(Rule):
         run = self.open_runs.get(name)
         self.open_runs[name] = [run[0] if run else step, step, run[2] if run else mode_step, mode_step]
 
-    def run_values(self, name: str, first: int, last: int) -> list[float]:
-        """The values of ``name`` saved at global steps ``first`` to ``last`` (those that can be read)."""
-        read = [scalar_at(self, self.base_trial, name, s, Requirement("losses")) for s in range(first, last + 1)]
+    def run_values(self, loss: str, first: int, last: int) -> list[float]:
+        """The values of ``loss`` (:meth:`source`) saved at global steps ``first`` to ``last`` (those that can be
+        read)."""
+        name, worker = self.source(loss)
+        req = Requirement("losses")
+        read = [scalar_at(self, self.base_trial, name, s, req, worker) for s in range(first, last + 1)]
         return [v for v in read if v is not None]
 
     def judge_runs(self, runs: list[tuple[str, list[int]]]) -> list[tuple[str, list[str]]]:
@@ -198,31 +215,32 @@ class LossNotDecreasing(_EvaluationRuns):
         names = self.selection.names(trial, step)
         if not names and not self.selection.names(trial):
             self.selection.need_in_trial(self, step, Requirement("losses"))
-        failures = self.judge_runs(self.runs_over(step, names))
-        failures += [(r, [n]) for n in names if (r := self._check(step, n)) is not None]
+        saved = [(n, w) for n in names for w in judged_workers(trial, n, step)]
+        failures = self.judge_runs(self.runs_over(step, [on_worker(n, w) for n, w in saved]))
+        failures += [(r, [n]) for n, w in saved if (r := self._check(step, n, w)) is not None]
         return self.fire_all(step, failures)
 
-    def _check(self, step: int, name: str) -> str | None:
+    def _check(self, step: int, name: str, worker: str | None) -> str | None:
         found = self.series.at(self.base_trial, name, step)
         if found is None:
             return None
         mode, ms, series, i = found
         if mode is Mode.EVAL:
-            self.extend_run(name, step, ms)
+            self.extend_run(on_worker(name, worker), step, ms)
             return None
-        return self._judge(name, mode, series, i)
+        return self._judge(on_worker(name, worker), mode, series, i)
 
     def judge_runs(self, runs: list[tuple[str, list[int]]]) -> list[tuple[str, list[str]]]:
-        return [(r, [name]) for name, run in runs if (r := self._judge_run(name, run)) is not None]
+        return [(r, [self.source(loss)[0]]) for loss, run in runs if (r := self._judge_run(loss, run)) is not None]
 
     def _judge_run(self, name: str, run: list[int]) -> str | None:
-        """Judge the evaluation of ``name`` saved over ``run``, which is over."""
+        """Judge the evaluation of loss ``name`` (:meth:`source`) saved over ``run``, which is over."""
         first, last, first_ms, last_ms = run
         evaluations = self._evaluations.get(name)
         if evaluations is None:  # the runs over before this one, as the trial saved them
             evaluations = self._evaluations[name] = []
             runs = self._run_first[name] = {}
-            found = self.series.at(self.base_trial, name, last)
+            found = self.series.at(self.base_trial, self.source(name)[0], last)
             for ms, g in found[2] if found is not None else ():
                 if g >= first:
                     break
@@ -390,9 +408,13 @@ class _TrainValidation(_EvaluationRuns):
                 for n, v in values.items():
                     self.train_values.setdefault(n, []).append(v)
                 continue
-            training = {n: float(np.mean(vs)) for n, vs in self.train_values.items()}
-            failures += self.judge(training, values, where)
-            self.train_values = {}
+            for worker in dict.fromkeys(self.source(n)[1] for n in values):  # each worker with its own losses
+                ours = {n: v for n, v in values.items() if self.source(n)[1] == worker}
+                mine = {n: vs for n, vs in self.train_values.items() if self.source(n)[1] == worker}
+                training = {n: float(np.mean(vs)) for n, vs in mine.items()}
+                failed = self.judge(training, ours, where)
+                failures += [(r, list(dict.fromkeys(self.source(t)[0] for t in ts))) for r, ts in failed]
+                self.train_values = {n: vs for n, vs in self.train_values.items() if n not in mine}
         return failures
 
     def judge(
@@ -411,16 +433,16 @@ class _TrainValidation(_EvaluationRuns):
         """
         raise NotImplementedError
 
-    @staticmethod
-    def training_of(name: str, training: Collection[str], validation: Collection[str]) -> list[str]:
-        """The training losses of the metric of validation loss ``name`` (:func:`metric_key`).
+    def training_of(self, name: str, training: Collection[str], validation: Collection[str]) -> list[str]:
+        """The training losses of the metric of validation loss ``name`` (:func:`metric_key` of its tensor,
+        :meth:`source`).
 
         With none: all of ``training`` when they are of one metric and ``validation`` (the validation's
         losses) holds ``name`` alone (``loss`` and ``val_ce``); else none.
         """
-        key = metric_key(name)
-        same = [n for n in training if metric_key(n) == key]
-        if same or len(validation) > 1 or len({metric_key(n) for n in training}) != 1:
+        keys = {n: metric_key(self.source(n)[0]) for n in (name, *training)}
+        same = [n for n in training if keys[n] == keys[name]]
+        if same or len(validation) > 1 or len({keys[n] for n in training}) != 1:
             return same
         return list(training)
 
@@ -461,7 +483,7 @@ class _TrainValidation(_EvaluationRuns):
 
     def split(self, step: int) -> tuple[dict[str, float], dict[str, float], bool]:
         """``({training loss: value}, {validation loss: value}, whether step is an EVAL step)`` at ``step``
-        (values not finite included)."""
+        (values not finite included; losses of one worker each, as :meth:`source` reads them)."""
         trial = self.base_trial
         names = self.selection.names(trial, step)
         if not names and not self.selection.names(trial):
@@ -472,9 +494,10 @@ class _TrainValidation(_EvaluationRuns):
         train: dict[str, float] = {}
         val: dict[str, float] = {}
         for n in names:
-            v = scalar_at(self, trial, n, step, Requirement("losses"))
-            if v is not None:
-                (val if self.is_validation(n, training, eval_step) else train)[n] = v
+            for w in judged_workers(trial, n, step):
+                v = scalar_at(self, trial, n, step, Requirement("losses"), w)
+                if v is not None:
+                    (val if self.is_validation(n, training, eval_step) else train)[on_worker(n, w)] = v
         return train, val, eval_step
 
     def check_both_kinds(self, step: int) -> None:

@@ -122,9 +122,18 @@ def untrained_weights(trial: Any) -> set[str]:
     return weights - trained if trained else set()
 
 
-def saved_at(tensor: Any, step: int) -> bool:
-    """Whether ``tensor`` was saved at global ``step``."""
-    return bool(tensor.workers(step))
+def judged_workers(trial: Any, name: str, step: int) -> list[str | None]:
+    """The workers whose value of tensor ``name`` at global ``step`` a rule judges, each on its own: on a trial
+    of several workers, every worker that saved it there (each rank trains on its own batches: a NaN on one
+    rank alone is a NaN of the training); on a trial of one worker (and in-process, where a hook's view holds
+    its own worker), ``[None]``: the one worker, read as before."""
+    return trial.tensor(name).workers(step) if len(trial.workers()) > 1 else [None]
+
+
+def on_worker(name: str, worker: str | None) -> str:
+    """``name`` as reasons show it and rules keep its state: ``"losses/loss on worker_1"`` for ``worker``, the
+    name alone for None (:func:`judged_workers` on a trial of one worker)."""
+    return name if worker is None else f"{name} on {worker}"
 
 
 class StepRead:
@@ -132,7 +141,8 @@ class StepRead:
     and these, read through the window of its shard (``Tensor._window``: a loop over steps reads each shard
     once) where the trial offers one, else at the step alone (the in-memory view of in-process rules).
 
-    Raises what :meth:`~tensortap.trial.Tensor.has_raw` raises where ``name`` was not saved at ``step``.
+    Raises what :meth:`~tensortap.trial.Tensor.has_raw` raises where ``name`` was not saved at ``step`` (by
+    ``worker``).
 
     Parameters
     ----------
@@ -142,28 +152,31 @@ class StepRead:
         The tensor's name.
     step
         The global step.
+    worker
+        The worker whose value is read; None: the first in sorted order that saved it.
     """
 
-    def __init__(self, trial: Any, name: str, step: int) -> None:
+    def __init__(self, trial: Any, name: str, step: int, worker: str | None = None) -> None:
         self.name = name
         self.step = step
+        self.worker = worker
         self.tensor = trial.tensor(name)
         self.window: StepWindow | None = None
         self.raw: bool
         self.reductions: tuple[str, ...]
         if isinstance(self.tensor, Tensor):
-            self.window = self.tensor._window(step)
+            self.window = self.tensor._window(step, worker)
             loc = self.window.locations[step]
             self.raw, self.reductions = loc.raw, loc.reductions
         else:
-            self.raw = self.tensor.has_raw(step)
-            self.reductions = tuple(self.tensor.available_reductions(step))
+            self.raw = self.tensor.has_raw(step, worker=worker)
+            self.reductions = tuple(self.tensor.available_reductions(step, worker=worker))
 
     def value(self) -> np.ndarray:
         """The raw value (:class:`~tensortap.exceptions.ShardUnreadable` where its shard cannot be read; where
         the shard lacks it, what reading the step alone raises)."""
         got = self.window.value(self.step) if self.window is not None else None
-        return got if got is not None else np.asarray(self.tensor.value(self.step))
+        return got if got is not None else np.asarray(self.tensor.value(self.step, worker=self.worker))
 
     def reduction(self, key: str) -> float:
         """Reduction ``key`` (e.g. ``"abs_mean"``): the saved one, or computed from the raw value (raises as
@@ -172,7 +185,7 @@ class StepRead:
         if got is not None:
             return float(got)
         base, absolute = red.split_key(key)
-        return float(self.tensor.reduction_value(self.step, base, abs=absolute))
+        return float(self.tensor.reduction_value(self.step, base, abs=absolute, worker=self.worker))
 
     def reduction_for(self, rule: Rule, key: str, requirement: Requirement) -> float | None:
         """:meth:`reduction` for ``rule``, or None after recording with :meth:`Rule.need` that neither the
@@ -194,23 +207,32 @@ class StepRead:
         return None
 
 
-def reduction_at(rule: Rule, trial: Any, name: str, step: int, key: str, requirement: Requirement) -> float | None:
+def reduction_at(
+    rule: Rule, trial: Any, name: str, step: int, key: str, requirement: Requirement, worker: str | None = None
+) -> float | None:
     """Reduction ``key`` (e.g. ``"abs_mean"``) of ``name`` at ``step``: saved, or computed from the raw value.
 
     Returns None (after recording what is missing with :meth:`Rule.need`) when
-    neither the reduction nor the raw tensor was saved.
+    neither the reduction nor the raw tensor was saved. ``worker``: whose value
+    (None: the first worker in sorted order that saved it).
     """
-    return StepRead(trial, name, step).reduction_for(rule, key, requirement)
+    return StepRead(trial, name, step, worker).reduction_for(rule, key, requirement)
 
 
-def raw_at(rule: Rule, trial: Any, name: str, step: int, requirement: Requirement) -> np.ndarray | None:
-    """The raw value of ``name`` at ``step``, or None after recording that it is missing."""
-    return StepRead(trial, name, step).value_for(rule, requirement)
+def raw_at(
+    rule: Rule, trial: Any, name: str, step: int, requirement: Requirement, worker: str | None = None
+) -> np.ndarray | None:
+    """The raw value of ``name`` at ``step`` (of ``worker``, as :func:`reduction_at`), or None after recording
+    that it is missing."""
+    return StepRead(trial, name, step, worker).value_for(rule, requirement)
 
 
-def scalar_at(rule: Rule, trial: Any, name: str, step: int, requirement: Requirement) -> float | None:
-    """A scalar tensor (a loss, a metric) at ``step``: its value, or its saved ``mean``."""
-    read = StepRead(trial, name, step)
+def scalar_at(
+    rule: Rule, trial: Any, name: str, step: int, requirement: Requirement, worker: str | None = None
+) -> float | None:
+    """A scalar tensor (a loss, a metric) at ``step`` (of ``worker``, as :func:`reduction_at`): its value, or its
+    saved ``mean``."""
+    read = StepRead(trial, name, step, worker)
     if read.raw:
         rule.found_input()
         v = np.asarray(read.value(), dtype=np.float64)
@@ -240,6 +262,8 @@ def parse_mode(value: Mode | str | None) -> Mode | None:
 class PerTensorRule(Rule):
     """A rule that checks each selected tensor on its own and fires when any one fails.
 
+    On a trial of several workers, the tensor of each worker that saved it is
+    checked on its own (:func:`judged_workers`), and the reason names the worker.
     Subclasses set :attr:`selection` and implement :meth:`check`, which returns
     the reason of a failure or None.
     """
@@ -247,8 +271,8 @@ class PerTensorRule(Rule):
     selection: Selection
     hook_collections: tuple[str, ...] = ("weights", "biases", "gradients", "losses")
 
-    def check(self, step: int, name: str) -> str | None:
-        """Return why tensor ``name`` fails at ``step``, or None."""
+    def check(self, step: int, name: str, worker: str | None) -> str | None:
+        """Return why tensor ``name`` of ``worker`` (None: the trial's one worker) fails at ``step``, or None."""
         raise NotImplementedError
 
     def capture(self) -> tuple[tuple[str, ...], bool]:
@@ -274,17 +298,29 @@ class PerTensorRule(Rule):
         return Requirement(wanted[0], first.reductions, first.raw) if wanted else first
 
     def invoke_at_step(self, step: int) -> bool:
-        """Fire when :meth:`check` finds a failing tensor at ``step``; the reason names the first."""
-        names = self.selection.names(self.base_trial, step)
+        """Fire when :meth:`check` finds a failing tensor at ``step``; the reason names the first (and its
+        worker, and the other workers with a failing tensor, on a trial of several)."""
+        trial = self.base_trial
+        names = self.selection.names(trial, step)
         if not names:
-            if not self.selection.names(self.base_trial):
+            if not self.selection.names(trial):
                 self.selection.need_in_trial(self, step, self.requirement())
             return False
-        hits = [(n, r) for n in names if (r := self.check(step, n)) is not None]
+        hits = [
+            (n, w, r)
+            for n in names
+            for w in judged_workers(trial, n, step)
+            if (r := self.check(step, n, w)) is not None
+        ]
         if not hits:
             return False
-        more = f" (and {len(hits) - 1} more tensor(s))" if len(hits) > 1 else ""
-        return self.fire(step, f"{hits[0][1]} at step {step}{more}", [n for n, _ in hits])
+        tensors = list(dict.fromkeys(n for n, _, _ in hits))
+        _, worker, reason = hits[0]
+        more = f" (and {len(tensors) - 1} more tensor(s))" if len(tensors) > 1 else ""
+        if worker is not None:
+            others = sorted({w for _, w, _ in hits if w is not None and w != worker})
+            more = f" on {worker}{more}" + (f" (also on {', '.join(others)})" if others else "")
+        return self.fire(step, f"{reason} at step {step}{more}", tensors)
 
 
 class ModeSeries:

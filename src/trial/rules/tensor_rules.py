@@ -16,9 +16,9 @@ from .reading import (
     PerTensorRule,
     Selection,
     StepRead,
+    on_worker,
     raw_at,
     reduction_at,
-    saved_at,
     untrained_weights,
 )
 
@@ -71,10 +71,10 @@ class VanishingGradient(PerTensorRule):
     def capture(self) -> tuple[tuple[str, ...], bool]:
         return ("abs_mean",), False
 
-    def check(self, step: int, name: str) -> str | None:
+    def check(self, step: int, name: str, worker: str | None) -> str | None:
         if BIAS_GRADIENT.search(name):
             return None
-        m = reduction_at(self, self.base_trial, name, step, "abs_mean", self.requirement())
+        m = reduction_at(self, self.base_trial, name, step, "abs_mean", self.requirement(), worker)
         if m is not None and m < self.threshold:
             return f"{name}: mean |g| = {m:.3g} < threshold {self.threshold:g}"
         return None
@@ -149,14 +149,15 @@ class ExplodingTensor(PerTensorRule):
     def capture(self) -> tuple[tuple[str, ...], bool]:
         return ("nan_count",) if self.only_nan else ("nan_count", "inf_count"), False
 
-    def check(self, step: int, name: str) -> str | None:
+    def check(self, step: int, name: str, worker: str | None) -> str | None:
         req = self.requirement(name)
         nan_encoded = self.nan_encoded is not None and self.nan_encoded.search(name) is not None
         inf_encoded = self.inf_encoded is not None and self.inf_encoded.search(name) is not None
         if nan_encoded and (inf_encoded or self.only_nan):
             return None
-        nan = 0.0 if nan_encoded else reduction_at(self, self.base_trial, name, step, "nan_count", req)
-        inf = 0.0 if inf_encoded or self.only_nan else reduction_at(self, self.base_trial, name, step, "inf_count", req)
+        trial = self.base_trial
+        nan = 0.0 if nan_encoded else reduction_at(self, trial, name, step, "nan_count", req, worker)
+        inf = 0.0 if inf_encoded or self.only_nan else reduction_at(self, trial, name, step, "inf_count", req, worker)
         if nan is None or inf is None or nan == inf == 0:
             return None
         if nan_encoded:
@@ -226,8 +227,8 @@ class AllZero(PerTensorRule):
     def capture(self) -> tuple[tuple[str, ...], bool]:
         return (("abs_max",), False) if self.threshold >= 100 else ((), True)
 
-    def check(self, step: int, name: str) -> str | None:
-        read = StepRead(self.base_trial, name, step)
+    def check(self, step: int, name: str, worker: str | None) -> str | None:
+        read = StepRead(self.base_trial, name, step, worker)
         if not read.raw and self.threshold >= 100:
             saved = [k for k in ("abs_max", "l1", "l2") if k in read.reductions]
             if saved:
@@ -292,8 +293,8 @@ class TensorVariance(PerTensorRule):
     def capture(self) -> tuple[tuple[str, ...], bool]:
         return ("variance",), False
 
-    def check(self, step: int, name: str) -> str | None:
-        var = reduction_at(self, self.base_trial, name, step, "variance", self.requirement(name))
+    def check(self, step: int, name: str, worker: str | None) -> str | None:
+        var = reduction_at(self, self.base_trial, name, step, "variance", self.requirement(name), worker)
         if var is None:
             return None
         if self.max_threshold is not None and var > self.max_threshold:
@@ -389,22 +390,24 @@ class UnchangedTensor(TrainedOnlyRule):
         self.history = num_steps
         self.selection = Selection(collection_names, tensor_regex, (), CONSTANT_BY_DESIGN)
         self.series = ModeSeries(TRAIN_FIRST)
-        self._recent: dict[str, dict[int, np.ndarray]] = {}  # raw values of the last window, by tensor
+        # raw values of the last window, by tensor and worker (reading.on_worker)
+        self._recent: dict[str, dict[int, np.ndarray]] = {}
 
-    def check(self, step: int, name: str) -> str | None:
+    def check(self, step: int, name: str, worker: str | None) -> str | None:
         found = None if name in self.untrained else self.series.at(self.base_trial, name, step)
         if found is None or found[3] + 1 < self.num_steps:
             return None
         _, _, series, i = found
         steps = [g for _, g in series[i + 1 - self.num_steps : i + 1]]
-        recent = {g: v for g, v in self._recent.get(name, {}).items() if g >= steps[0]}
+        key = on_worker(name, worker)
+        recent = {g: v for g, v in self._recent.get(key, {}).items() if g >= steps[0]}
         for g in steps:
             if g not in recent:
-                v = raw_at(self, self.base_trial, name, g, self.requirement(name))
+                v = raw_at(self, self.base_trial, name, g, self.requirement(name), worker)
                 if v is None:
                     return None
                 recent[g] = v
-        self._recent[name] = recent
+        self._recent[key] = recent
         values = [recent[g] for g in steps]
         current = values[-1]
         for v in values[:-1]:
@@ -482,7 +485,7 @@ class WeightUpdateRatio(TrainedOnlyRule):
         self.selection = Selection(("weights",), None, ())
         self.series = ModeSeries(TRAIN_FIRST)
 
-    def check(self, step: int, name: str) -> str | None:
+    def check(self, step: int, name: str, worker: str | None) -> str | None:
         trial = self.base_trial
         found = None if name in self.untrained else self.series.at(trial, name, step)
         if found is None or found[3] == 0:
@@ -496,8 +499,8 @@ class WeightUpdateRatio(TrainedOnlyRule):
                 return None
             prev_step = series[first][1]
         w, w_prev = (
-            raw_at(self, trial, name, step, self.requirement()),
-            raw_at(self, trial, name, prev_step, self.requirement()),
+            raw_at(self, trial, name, step, self.requirement(), worker),
+            raw_at(self, trial, name, prev_step, self.requirement(), worker),
         )
         if w is None or w_prev is None or w.shape != w_prev.shape:
             return None
@@ -561,12 +564,15 @@ class SimilarAcrossRuns(PerTensorRule):
         self.rtol, self.atol = rtol, atol
         self.selection = Selection(collection_names, tensor_regex, ())
 
-    def check(self, step: int, name: str) -> str | None:
-        if name not in self.other_trial.tensor_names() or not saved_at(self.other_trial.tensor(name), step):
+    def check(self, step: int, name: str, worker: str | None) -> str | None:
+        if name not in self.other_trial.tensor_names():
+            return None
+        saved = self.other_trial.tensor(name).workers(step)
+        if not saved or (worker is not None and worker not in saved):  # each worker against the same worker
             return None
         req = self.requirement(name)
-        a = raw_at(self, self.base_trial, name, step, req)
-        b = raw_at(self, self.other_trial, name, step, req)
+        a = raw_at(self, self.base_trial, name, step, req, worker)
+        b = raw_at(self, self.other_trial, name, step, req, worker)
         if a is None or b is None:
             return None
         if a.shape != b.shape:

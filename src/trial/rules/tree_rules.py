@@ -11,6 +11,8 @@ import numpy as np
 from .base import Requirement, Rule, check_number
 from .reading import Selection, raw_at, scalar_at
 
+# XGBoost's distributed training builds one model, whose trees and feature importance every rank saves alike:
+# these rules read the first worker that saved them (the reading helpers without ``worker``)
 NUM_FEATURE = "hyperparameters/num_feature"  # the XGBoost adapter saves the booster's learner parameters
 MAX_DEPTH = "hyperparameters/max_depth"
 
