@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -442,6 +443,120 @@ def test_weight_update_ratio_ignores_eval_steps(tmp_path: Path) -> None:
     assert invoke_rule(WeightUpdateRatio(trial)) == []
 
 
+def test_weight_update_ratio_norms_wake_no_blas(tmp_path: Path) -> None:
+    """hunt 44 F4: the ratio's norms were ``np.linalg.norm``, a BLAS ``dot`` on float64 arrays, which woke
+    OpenBLAS's thread pool on the training thread (in-process: a training 6x slower on a busy 2-core host).
+    They are the ``l2`` reduction now (a sum of squares): no dot, matmul or linalg call, the same value."""
+    import cProfile
+    import pstats
+
+    rng = np.random.default_rng(0)
+    w = [rng.normal(size=(64, 64)) * (1 + 0.1 * s) for s in range(3)]
+    trial = make_trial(tmp_path, 3, lambda s: {"fc.weight": (w[s], ("weights",))})
+    rule = WeightUpdateRatio(trial, large_threshold=0.05)
+    profile = cProfile.Profile()
+    fired = profile.runcall(invoke_rule, rule)
+    called = [f"{file}:{fn}" for file, _, fn in pstats.Stats(profile).stats]  # type: ignore[attr-defined]
+    assert [c for c in called if "dot" in c or "matmul" in c or "linalg" in c] == []
+    assert fired == [1, 2]
+    expected = np.linalg.norm(w[1] - w[0]) / (np.linalg.norm(w[0]) + 1e-9)
+    assert (
+        f"update/weight ratio {expected:.3g} (steps 0->1)"
+        in WeightUpdateRatio(trial, large_threshold=0.05).invoke(1).reason
+    )
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: DeadRelu(threshold_layer=150), "threshold_layer: expected a finite number in [0, 100], got 150"),
+        (lambda: DeadRelu(threshold_inactivity=101), "threshold_inactivity: expected a finite number in [0, 100]"),
+        (lambda: SaturatedActivation(threshold_layer=-1), "threshold_layer: expected a finite number in [0, 100]"),
+        (lambda: SaturatedActivation(threshold_inactivity=200), "threshold_inactivity: expected a finite number in"),
+        (lambda: AllZero(threshold=150), "threshold: expected a finite number in [0, 100], got 150"),
+        (
+            lambda: ClassImbalance(threshold_misprediction=5),
+            "threshold_misprediction: expected a finite number in [0, 1]",
+        ),
+        (lambda: Confusion(min_diag=3), "min_diag: expected a finite number in [0, 1], got 3"),
+        (lambda: Confusion(max_off_diag=2), "max_off_diag: expected a finite number in [0, 1], got 2"),
+        (lambda: FeatureImportanceOverweight(threshold=1.5), "threshold: expected a finite number in [0, 1], got 1.5"),
+        (lambda: WeightUpdateRatio(small_threshold=20), "small_threshold 20 >= large_threshold 10: the band"),
+        (lambda: WeightUpdateRatio(large_threshold=1e-3, small_threshold=1e-2), "small_threshold 0.01 >= large_thr"),
+    ],
+)
+def test_a_parameter_out_of_its_range_is_refused(make: Callable[[], Rule], message: str) -> None:
+    """hunt 44 F3: percentages above 100, fractions above 1 and a WeightUpdateRatio band with
+    ``small_threshold >= large_threshold`` were taken: a rule that could never fire passed (``dead_relu``
+    with ``threshold_layer=150`` on a layer 100% dead), one with an empty band fired at every step, and
+    ``AllZero(threshold=150)`` fired or not depending on whether reductions or raw tensors were saved."""
+    with pytest.raises(ValueError) as info:
+        make()
+    assert message in str(info.value)
+
+
+def test_a_rule_that_could_judge_no_step_lacks_inputs(tmp_path: Path) -> None:
+    """hunt 44 F5: a rule that could not judge a single step passed (``tensortap rules`` exit 0):
+    WeightUpdateRatio with ``num_steps`` below the save interval, and with one saved step; UnchangedTensor with
+    fewer than ``num_steps`` saved steps; LossNotDecreasing with no saved step ``num_steps`` back. Each now lacks
+    inputs once the training has ended and says what it needed; one that judged a step passes or fires as
+    before, and while the training runs a rule that has not judged yet is not said to lack anything."""
+    values = lambda s: {  # noqa: E731
+        "fc.weight": (np.ones(4), ("weights",)),
+        "losses/loss": (np.float32(1.0), ("losses",)),
+    }
+    sparse = make_trial(tmp_path / "sparse", 41, values, save_config=SaveConfig(save_interval=10))
+    one = make_trial(tmp_path / "one", 1, values)
+    cases = [
+        (
+            lambda t: WeightUpdateRatio(t, num_steps=5),
+            "WeightUpdateRatio needs weights saved at most num_steps=5 steps apart (parameter num_steps): saved 10 "
+            "steps apart at the closest",
+        ),
+        (
+            lambda t: UnchangedTensor(t, num_steps=6),
+            "UnchangedTensor needs a tensor saved at 6 TRAIN (or GLOBAL) steps to judge (parameter num_steps): 5 "
+            "at most",
+        ),
+        (
+            lambda t: LossNotDecreasing(t, num_steps=50),
+            "LossNotDecreasing needs a loss saved at two steps of one mode at least num_steps=50 steps apart to judge "
+            "(parameter num_steps): its saved steps span 40 step(s) at most",
+        ),
+    ]
+    for make, message in cases:
+        rule = make(sparse)
+        with pytest.raises(RuleInputsMissing, match=f"^{rule.name} found none of its inputs"):
+            invoke_rule(rule)
+        assert rule.lacks_inputs and rule.fired_steps == [] and rule.evaluated_steps == 5
+        assert [m.split(";")[0] for m in rule.missing_inputs] == [message]
+        restored = make(sparse)
+        restored.load_state_dict(rule.state_dict())
+        assert restored.lacks_inputs
+    for rule, message in (
+        (WeightUpdateRatio(one), "a weight saved at two TRAIN (or GLOBAL) steps to compare: each was saved at one"),
+        (UnchangedTensor(one), "a tensor saved at 3 TRAIN (or GLOBAL) steps to judge (parameter num_steps): 1 at"),
+        (LossNotDecreasing(one), "apart to judge (parameter num_steps): its saved steps span 0 step(s) at most"),
+    ):
+        with pytest.raises(RuleInputsMissing, match=re.escape(message)):
+            invoke_rule(rule)
+    # a step judged: as before (the weights never change, the loss does not fall)
+    assert invoke_rule(WeightUpdateRatio(sparse)) == invoke_rule(WeightUpdateRatio(sparse, num_steps=10))
+    assert invoke_rule(WeightUpdateRatio(sparse)) == [10, 20, 30, 40]
+    assert invoke_rule(UnchangedTensor(sparse, num_steps=5)) == [40]
+    assert invoke_rule(LossNotDecreasing(sparse, num_steps=40)) == [40]
+    # while the training runs, a rule may not have judged yet
+    w = Writer(tmp_path / "running", shard_policy=ShardPolicy(max_steps=1))
+    with w.stepping():
+        w.save("fc.weight", np.ones(4), ["weights"])
+    running = tensortap.create_trial(tmp_path / "running")
+    rule = WeightUpdateRatio(running)
+    assert invoke_rule(rule, wait=False) == [] and not rule.lacks_inputs
+    w.close()
+    with pytest.raises(RuleInputsMissing, match="each was saved at one at most"):
+        invoke_rule(rule)
+
+
 def test_tensor_variance(tmp_path: Path) -> None:
     base = np.array([-1.0, 1.0])  # variance 1
     vals = [base, base * 10, base * 0.01]
@@ -527,7 +642,7 @@ def test_loss_not_decreasing_diff_percent_and_increase_between_checks(tmp_path: 
     assert invoke_rule(LossNotDecreasing(trial, num_steps=3, window=2)) == [3]
 
 
-def test_loss_not_decreasing_prefers_eval_mode(tmp_path: Path) -> None:
+def test_loss_not_decreasing_judges_evaluations_apart_from_training(tmp_path: Path) -> None:
     modes = ["TRAIN", "TRAIN", "EVAL", "TRAIN", "TRAIN", "EVAL", "TRAIN", "TRAIN", "EVAL"]
     loss = [1.0, 0.9, 2.0, 0.8, 0.7, 2.0, 0.6, 0.5, 2.0]  # training decreases, evaluation stays at 2.0
     trial = make_trial(
@@ -536,6 +651,32 @@ def test_loss_not_decreasing_prefers_eval_mode(tmp_path: Path) -> None:
     # an evaluation (here one EVAL step) is judged at the next step, which shows it is over, or at the trial's end
     assert invoke_rule(LossNotDecreasing(trial, num_steps=1)) == [6, 8]
     assert invoke_rule(LossNotDecreasing(trial, num_steps=1, mode="TRAIN")) == []
+
+
+def test_loss_not_decreasing_judges_each_mode_on_its_own_live_as_offline(tmp_path: Path) -> None:
+    """hunt 44 F1: the rule judged a loss in the first of EVAL, TRAIN, GLOBAL in which it had steps *so far*: a
+    live runner judged the flat training loss until the first evaluation (fired at step 3), then the
+    evaluations alone; offline it judged the evaluations alone and passed. Each mode is now a series of its own,
+    judged whenever the rule runs: the training loss fires at TRAIN steps 3 and 6, live and offline."""
+    modes = ["TRAIN"] * 6 + ["EVAL", "TRAIN", "TRAIN", "EVAL", "TRAIN"]
+    loss = [1.0] * 6 + [2.0, 1.0, 1.0, 1.5, 1.0]  # training flat; the evaluation falls
+    w = Writer(tmp_path, shard_policy=ShardPolicy(max_steps=1))
+    live = LossNotDecreasing(None, num_steps=3, window=1)
+    fired: list[int] = []
+    for s, (mode, value) in enumerate(zip(modes, loss, strict=True)):
+        with w.stepping(mode=mode):
+            w.save("losses/loss", np.float32(value), ["losses"])
+        if s == 0:
+            live.base_trial = tensortap.create_trial(tmp_path)
+            runner = RuleRunner(live.base_trial, [live])
+        fired += runner.run(wait=False)[live]
+    w.close()
+    fired += runner.run()[live]
+    trial = tensortap.create_trial(tmp_path)
+    assert fired == invoke_rule(LossNotDecreasing(trial, num_steps=3, window=1)) == [3, 7]
+    reason = LossNotDecreasing(trial, num_steps=3, window=1).invoke(7).reason
+    assert "at TRAIN step 6 did not change from 1 at TRAIN step 3" in reason
+    assert invoke_rule(LossNotDecreasing(trial, num_steps=1, window=1, mode="EVAL")) == []
 
 
 def test_overfit(tmp_path: Path) -> None:

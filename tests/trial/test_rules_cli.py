@@ -17,7 +17,7 @@ import pytest
 from helpers.cli import strict_json
 
 import tensortap
-from tensortap import ReductionConfig
+from tensortap import ReductionConfig, SaveConfig
 from tensortap.capture import ShardPolicy, Writer
 from tensortap.rules import BUILTIN_RULES, parameters
 
@@ -251,6 +251,22 @@ def test_stop_training_writes_the_request(flat: Path) -> None:
         (["{path}", "--rule", "all_zero", "--start-step", "-5"], "--start-step: expected a step >= 0, got -5"),
         (["{path}", "--rule", "all_zero", "--end-step", "-1"], "--end-step: expected a step >= 0, got -1"),
         (["{path}", "--rule", "all_zero", "--idle-timeout", "-1"], "--idle-timeout: expected seconds >= 0, got -1"),
+        # hunt 44 F3: percentages above 100, fractions above 1, an empty band: a rule that never fires, or always
+        (
+            ["{path}", "--rule", "dead_relu:threshold_layer=150"],
+            "threshold_layer: expected a finite number in [0, 100]",
+        ),
+        (["{path}", "--rule", "dead_relu:threshold_inactivity=101"], "threshold_inactivity: expected a finite number"),
+        (["{path}", "--rule", "saturated_activation:threshold_layer=101"], "threshold_layer: expected a finite number"),
+        (["{path}", "--rule", "all_zero:threshold=150"], "threshold: expected a finite number in [0, 100], got 150"),
+        (["{path}", "--rule", "class_imbalance:threshold_misprediction=5"], "threshold_misprediction: expected a"),
+        (["{path}", "--rule", "confusion:min_diag=3"], "min_diag: expected a finite number in [0, 1], got 3"),
+        (["{path}", "--rule", "confusion:max_off_diag=2"], "max_off_diag: expected a finite number in [0, 1], got 2"),
+        (
+            ["{path}", "--rule", "feature_importance_overweight:threshold=2"],
+            "threshold: expected a finite number in [0, 1]",
+        ),
+        (["{path}", "--rule", "weight_update_ratio:small_threshold=20"], "small_threshold 20 >= large_threshold 10"),
     ],
 )
 def test_usage_errors_exit_2(flat: Path, argv: list[str], message: str) -> None:
@@ -273,6 +289,30 @@ def test_an_empty_step_range_of_an_ended_trial_says_so(flat: Path, argv: list[st
     assert result.returncode == 2
     assert message in result.stderr and "(its steps: 0-11)" in result.stderr, result.stderr
     assert "use --follow" not in result.stderr
+
+
+def test_rules_that_could_judge_no_step_exit_2(tmp_path: Path) -> None:
+    """hunt 44 F5: on a trial of one step (or weights saved every 10 steps with ``num_steps=5``), rules that
+    compare steps judged none, and said "did not fire", exit 0. They say what they lacked now, exit 2."""
+    with Writer(tmp_path / "sparse", save_config=SaveConfig(save_interval=10)) as w:
+        for _ in range(21):
+            with w.stepping():
+                w.save("fc.weight", np.ones(4), ["weights"])
+                w.save("losses/loss", np.float32(1.0), ["losses"])
+    result = rules(str(tmp_path / "sparse"), "--rule", "weight_update_ratio:num_steps=5", "--rule", "unchanged_tensor")
+    assert result.returncode == 2, result.stdout
+    lines = result.stdout.splitlines()
+    assert lines[0] == (
+        "WeightUpdateRatio: found none of its inputs: it needs weights saved at "
+        "most num_steps=5 steps apart (parameter num_steps): saved 10 steps apart at the closest; raise num_steps, "
+        "or save weights more often"
+    )
+    assert lines[1].startswith("UnchangedTensor: fired at 20")
+    one = write_losses(tmp_path / "one", [1.0])
+    result = rules(str(one), "--rule", "loss_not_decreasing", "--json")
+    assert result.returncode == 2
+    (rule,) = strict_json(result.stdout)["rules"]
+    assert rule["status"] == "inputs_missing" and "its saved steps span 0 step(s) at most" in rule["missing_inputs"][0]
 
 
 def test_two_rules_of_one_class_say_which_spec_each_line_is(flat: Path) -> None:

@@ -171,6 +171,61 @@ def test_loss_not_decreasing_fires_at_a_loss_that_is_not_finite(tmp_path: Path, 
 
 
 @pytest.mark.torch
+@pytest.mark.parametrize("sanity_check", [False, True])
+def test_rules_judge_the_same_steps_in_process_and_offline(tmp_path: Path, torch: Any, sanity_check: bool) -> None:
+    """hunt 44 F1: a rule judged each tensor in the first mode of its preference in which the tensor had steps
+    *so far*. A training validated every 40 steps (the loss module given to ``capture``: ``losses/MSELoss`` at
+    TRAIN and EVAL steps): in-process, and live, before the first validation the loss had TRAIN steps alone and
+    LossNotDecreasing judged them (fired at step 10: StopTraining would stop the training there); offline it
+    judged the 3 EVAL steps alone and passed. A sanity-check validation before the training (Lightning's: EVAL
+    steps first) made WeightUpdateRatio and UnchangedTensor judge the weights of those EVAL steps in-process
+    (unchanged: fired at step 1), TRAIN steps offline. A loss is now judged in each of its modes, on its own,
+    weights on their TRAIN steps, whenever the rule runs."""
+    import tensortap.torch as ttt
+
+    nn = torch.nn
+    x, w = torch.randn(512, 8), torch.randn(8, 1)
+    batches = [x[i * 32 : (i + 1) * 32] * (1 + i % 4) for i in range(8)]  # batches of different scales
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+    opt, loss_fn = torch.optim.SGD(model.parameters(), lr=0.005), nn.MSELoss()
+
+    def rules(trial: Any = None) -> list[Rule]:
+        return [LossNotDecreasing(trial), WeightUpdateRatio(trial), UnchangedTensor(trial, num_steps=2)]
+
+    in_process = rules()
+    with ttt.capture(model, tmp_path, optimizer=opt, loss=loss_fn, save_config=EVERY_STEP, rules=in_process) as hook:
+
+        def validate(n: int = 1) -> None:
+            hook.set_mode(tensortap.Mode.EVAL)
+            with torch.no_grad():
+                for i in range(n):
+                    loss_fn(model(x[256 + 32 * i :]), x[256 + 32 * i :] @ w)
+            hook.set_mode(tensortap.Mode.TRAIN)
+
+        if sanity_check:
+            validate(2)
+        for step in range(120):
+            opt.zero_grad()
+            loss_fn(model(batches[step % 8]), batches[step % 8] @ w).backward()
+            opt.step()
+            if (step + 1) % 40 == 0:
+                validate()
+    trial = tensortap.create_trial(tmp_path)
+    loss = trial.tensor("losses/MSELoss")
+    assert len(loss.steps(mode=tensortap.Mode.EVAL)) == 3 + 2 * sanity_check
+    assert len(loss.steps(mode=tensortap.Mode.TRAIN)) == 120
+    offline = rules(trial)
+    assert [invoke_rule(r) for r in offline] == [r.fired_steps for r in in_process]
+    first = 2 if sanity_check else 0  # the global step of TRAIN step 0
+    assert in_process[0].fired_steps[0] == first + 10, "the training loss is judged, also offline"
+    assert "at TRAIN step 10 " in LossNotDecreasing(trial).invoke(first + 10).reason
+    assert in_process[1].fired_steps == in_process[2].fired_steps == [], "the weights of EVAL steps are not judged"
+    # the TRAIN step before a validation is kept in memory for the TRAIN step after it: judged as offline
+    assert [r.missing_inputs for r in in_process] == [r.missing_inputs for r in offline] == [{}, {}, {}]
+
+
+@pytest.mark.torch
 def test_exploding_tensor_pytorch_fires_at_the_first_nan(tmp_path: Path, torch: Any) -> None:
     import tensortap.torch as ttt
 

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from .base import Requirement, Rule, check_number, check_regexes, regex_list
-from .reading import TRAIN_FIRST, ModeSeries, PerTensorRule, Selection, raw_at, reduction_at, scalar_at
+from .reading import TRAINING_MODES, ModeSeries, PerTensorRule, Selection, raw_at, reduction_at, scalar_at
 
 
 def inactive_percent(
@@ -134,8 +134,8 @@ class DeadRelu(LayerKindRule):
         min_samples: int = 16,
     ) -> None:
         super().__init__(base_trial)
-        check_number("threshold_inactivity", threshold_inactivity, 0)
-        check_number("threshold_layer", threshold_layer, 0)
+        check_number("threshold_inactivity", threshold_inactivity, 0, 100)
+        check_number("threshold_layer", threshold_layer, 0, 100)
         check_number("min_samples", min_samples, 1, integer=True)
         self.threshold_inactivity, self.threshold_layer = threshold_inactivity, threshold_layer
         self.min_samples = min_samples
@@ -248,8 +248,8 @@ class SaturatedActivation(LayerKindRule):
             if len(b) != 2 or not b[0] < b[1]:
                 raise ValueError(f"{field_name}: expected (min, max) with min < max, got {b!r}")
             self.bounds[field_name] = (float(b[0]), float(b[1]))
-        check_number("threshold_inactivity", threshold_inactivity, 0)
-        check_number("threshold_layer", threshold_layer, 0)
+        check_number("threshold_inactivity", threshold_inactivity, 0, 100)
+        check_number("threshold_layer", threshold_layer, 0, 100)
         check_regexes("tanh_regex", [tanh_regex, sigmoid_regex])
         self.threshold_inactivity, self.threshold_layer = threshold_inactivity, threshold_layer
         self.patterns = {"threshold_tanh": re.compile(tanh_regex), "threshold_sigmoid": re.compile(sigmoid_regex)}
@@ -349,11 +349,11 @@ class PoorWeightInitialization(Rule):
     3. Loss: for a tensor of collection ``losses`` saved at ``s`` and at an
        earlier step of the same mode, ``p`` = the latest such step with
        ``p <= s - patience``, counted in mode steps. Fires when
-       ``loss(s) >= loss(p)``. A loss is judged on its TRAIN steps when it has
-       some (a loss saved in training and validation alike, as the PyTorch
-       loss module given to ``capture``: a training loss is never compared
-       with a validation loss), else on its first mode among GLOBAL, EVAL,
-       PREDICT; steps of its other modes are not judged.
+       ``loss(s) >= loss(p)``. A loss is judged on its TRAIN steps, and (a
+       series of their own) on its GLOBAL steps (saved without a mode); its
+       EVAL and PREDICT steps are not judged (a loss saved in training and
+       validation alike, as the PyTorch loss module given to ``capture``: a
+       training loss is never compared with a validation loss).
 
     On a trial of several workers it reads the first worker (in sorted order)
     that saved a tensor: data-parallel training starts every rank from the same
@@ -404,7 +404,7 @@ class PoorWeightInitialization(Rule):
         self.by_fan = not regexes  # weights: compared as initializations scale them
         self.gradients = Selection(("gradients",), None, ())
         self.losses = Selection(("losses",), None, ())
-        self.loss_series = ModeSeries(TRAIN_FIRST)
+        self.loss_series = ModeSeries(TRAINING_MODES)
 
     def required_captures(self) -> list[Requirement]:
         variances = self.variances.requirements((), True) if self.by_fan else self.variances.requirements(("variance",))

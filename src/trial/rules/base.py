@@ -193,11 +193,14 @@ def check_regexes(field_name: str, patterns: Iterable[str]) -> None:
             raise ValueError(f"{field_name}: {p!r} is not a valid regular expression ({exc})") from None
 
 
-def check_number(field_name: str, value: Any, minimum: float | None = None, integer: bool = False) -> None:
-    """Raise a ValueError unless ``value`` is a finite number (an integer if asked) ``>= minimum``.
+def check_number(
+    field_name: str, value: Any, minimum: float | None = None, maximum: float | None = None, integer: bool = False
+) -> None:
+    """Raise a ValueError unless ``value`` is a finite number (an integer if asked) in ``[minimum, maximum]``.
 
     NaN is refused (no value compares with it: a rule with a NaN threshold would never fire), and so are
-    the infinities (a threshold no value crosses, or every value does).
+    the infinities (a threshold no value crosses, or every value does), and values out of the range a
+    parameter means something in (a percentage above 100 that no layer reaches, a fraction above 1).
     """
     kinds = (int,) if integer else (int, float)
     if (
@@ -205,9 +208,12 @@ def check_number(field_name: str, value: Any, minimum: float | None = None, inte
         or not isinstance(value, kinds)
         or not math.isfinite(value)
         or (minimum is not None and value < minimum)
+        or (maximum is not None and value > maximum)
     ):
         what = "an integer" if integer else "a finite number"
         bound = f" >= {minimum}" if minimum is not None else ""
+        if maximum is not None:
+            bound = f" in [{minimum:g}, {maximum:g}]" if minimum is not None else f" <= {maximum}"
         raise ValueError(f"{field_name}: expected {what}{bound}, got {value!r}")
 
 

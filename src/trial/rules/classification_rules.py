@@ -158,7 +158,7 @@ class ClassImbalance(_LabelsPredictions):
             base_trial, Selection(("labels",), labels_regex, ()), Selection(("predictions",), predictions_regex, ())
         )
         check_number("threshold_imbalance", threshold_imbalance, 1)
-        check_number("threshold_misprediction", threshold_misprediction, 0)
+        check_number("threshold_misprediction", threshold_misprediction, 0, 1)
         check_number("samples", samples, 1, integer=True)
         self.threshold_imbalance, self.threshold_misprediction = threshold_imbalance, threshold_misprediction
         self.samples, self.argmax = samples, bool(argmax)
@@ -268,8 +268,8 @@ class Confusion(_LabelsPredictions):
         super().__init__(base_trial, _named(labels, labels_collection), _named(predictions, predictions_collection))
         if category_no is not None:
             check_number("category_no", category_no, 2, integer=True)
-        check_number("min_diag", min_diag, 0)
-        check_number("max_off_diag", max_off_diag, 0)
+        check_number("min_diag", min_diag, 0, 1)
+        check_number("max_off_diag", max_off_diag, 0, 1)
         self.category_no, self.min_diag, self.max_off_diag = category_no, min_diag, max_off_diag
 
     def invoke_at_step(self, step: int) -> bool:

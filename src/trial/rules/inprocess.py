@@ -269,7 +269,9 @@ class MemoryTrial:
     """The steps a hook saved, kept in memory, with the :class:`~tensortap.trial.Trial` methods rules use.
 
     Raw tensors of more than one element are kept for the last ``keep`` saved
-    steps of each tensor; scalars and reductions for the last ``SMALL_HISTORY``.
+    steps of each tensor in each mode (a rule that compares TRAIN steps reads
+    the one before an evaluation); scalars and reductions for the last
+    ``SMALL_HISTORY``.
     A ``Trial`` method it lacks raises an ``AttributeError`` that lists those it has.
     """
 
@@ -310,9 +312,13 @@ class MemoryTrial:
             self._trim(saved)
 
     def _trim(self, saved: _Saved) -> None:
-        big = [s for s, (raw, _) in saved.values.items() if raw is not None and raw.size > 1]
-        for s in sorted(big)[: -self.keep]:
-            del saved.values[s]
+        big: dict[Mode, list[int]] = {}
+        for s, (raw, _) in saved.values.items():
+            if raw is not None and raw.size > 1:
+                big.setdefault(self._steps[s][0], []).append(s)
+        for steps in big.values():
+            for s in sorted(steps)[: -self.keep]:
+                del saved.values[s]
         if len(saved.values) > SMALL_HISTORY:
             for s in sorted(saved.values)[: len(saved.values) - SMALL_HISTORY]:
                 del saved.values[s]

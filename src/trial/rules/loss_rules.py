@@ -103,13 +103,15 @@ class _EvaluationRuns(Rule):
 class LossNotDecreasing(_EvaluationRuns):
     """Fires when a loss has not decreased enough over ``num_steps`` steps.
 
-    Formula, for each selected loss tensor, in its mode ``M`` (``mode``, or the
-    first of EVAL, TRAIN, GLOBAL in which the tensor has steps); steps below are
-    mode steps of ``M``. The loss *at* a saved step ``s``, ``loss(s)``, is the mean
-    of the values saved at steps ``s - window < step <= s`` (``window`` defaults to
-    ``num_steps``): a mini-batch loss saved at every step is judged by its mean over
-    the window, not by one batch's noise; saved every ``window`` steps or less
-    often, it is the value saved at ``s`` alone (``window=1``: always, as smdebug).
+    Formula, for each selected loss tensor and each of its modes ``M`` (``mode``,
+    or each of EVAL, TRAIN, GLOBAL in which it has steps), on its own: steps
+    below are mode steps of ``M``, and a training loss is compared with
+    training losses, a validation loss with validation losses. The loss *at*
+    a saved step ``s``, ``loss(s)``, is the mean of the values saved at steps
+    ``s - window < step <= s`` (``window`` defaults to ``num_steps``): a
+    mini-batch loss saved at every step is judged by its mean over the window,
+    not by one batch's noise; saved every ``window`` steps or less often, it is
+    the value saved at ``s`` alone (``window=1``: always, as smdebug).
 
     - Check steps: the first saved step ``s`` that has a saved step
       ``b <= s - num_steps``, then each first saved step ``>= last check + num_steps``.
@@ -141,7 +143,12 @@ class LossNotDecreasing(_EvaluationRuns):
     4.4% from 0.30, fires; ``loss(16)`` (steps 8, 12, 16) shares steps with it and
     is not judged before the next check.
 
-    Needs: collection ``losses`` (scalars).
+    A run of an ended training that could make no check (no loss saved
+    ``num_steps`` steps after an earlier one of its mode: a training too short)
+    lacks inputs and says so (:meth:`~tensortap.rules.Rule.not_judged`): not a
+    pass (while the training runs, more steps may come).
+
+    Needs: collection ``losses`` (scalars), saved over more than ``num_steps`` steps of a mode.
 
     Parameters
     ----------
@@ -160,12 +167,13 @@ class LossNotDecreasing(_EvaluationRuns):
     increase_threshold_percent
         Largest increase, in percent of the last checked value, tolerated between checks. Default ``5.0``.
     mode
-        Mode of the steps compared (``"TRAIN"``, ``"EVAL"``, ...); default: EVAL, else TRAIN, else GLOBAL.
+        Mode of the steps judged (``"TRAIN"``, ``"EVAL"``, ...); default: each of EVAL, TRAIN, GLOBAL.
     window
         Steps whose saved values are averaged into the loss at a step; default ``num_steps``, 1: no mean.
     """
 
-    state_attrs = ("last_checked", "last_value", "open_runs")
+    state_attrs = ("last_checked", "last_value", "open_runs", "judged", "span")
+    state_version = 2  # last_checked, last_value: per mode and loss (hunt 44), per loss before
 
     def __init__(
         self,
@@ -199,9 +207,13 @@ class LossNotDecreasing(_EvaluationRuns):
         self.mode = parse_mode(mode)
         self.series = ModeSeries((self.mode,) if self.mode is not None else LOSS_MODES)
         self.window = num_steps if window is None else window
+        # per series (series_key: a loss in one mode), its last check: mode step and value
         self.last_checked: dict[str, int] = {}
         self.last_value: dict[str, float] = {}
-        self._values: dict[str, dict[int, float | None]] = {}  # per tensor, {global step: value} of recent windows
+        self.judged = False  # a check (or a loss that is not finite) was judged
+        # the most mode steps between the first saved step of a loss's series and a later one (None: no loss seen)
+        self.span: int | None = None
+        self._values: dict[str, dict[int, float | None]] = {}  # per series, {global step: value} of recent windows
         # per loss judged in EVAL mode, its run of EVAL steps not over yet: first and last global, mode step
         self.open_runs: dict[str, list[int]] = {}
         self._evaluations: dict[str, list[tuple[int, int]]] = {}  # per such loss, its runs over: (mode step, global)
@@ -260,36 +272,40 @@ class LossNotDecreasing(_EvaluationRuns):
     ) -> str | None:
         """The reason the loss at ``series[i]`` fails, or None (``steps``: the EVAL steps of an evaluation)."""
         ms = series[i][0]
-        now = self._loss(name, series, i)
+        key = series_key(name, mode)
+        self.span = max(self.span or 0, ms - series[0][0])
+        now = self._loss(key, name, series, i)
         if now is None:
             return None
         where = steps or (f"{mode.name} step {ms}" if mode is not Mode.GLOBAL else f"step {ms}")
         if not math.isfinite(now):
-            return f"{name}: loss {now:.4g} at {where}{self._over(name, series, i)} is not finite"
-        last = self.last_checked.get(name)
+            self.judged = True
+            return f"{name}: loss {now:.4g} at {where}{self._over(mode, series, i)} is not finite"
+        last = self.last_checked.get(key)
         if last is not None and ms < last + self.num_steps:
             if ms - self.window < last:  # its window holds steps of the last check's: one batch's noise apart
                 return None
-            rise = percent_change(self.last_value[name], now)
+            rise = percent_change(self.last_value[key], now)
             if rise > self.increase_threshold_percent:
                 return (
-                    f"{name}: loss {now:.4g} at {where}{self._over(name, series, i)} is {rise:.3g}% above "
-                    f"{self.last_value[name]:.4g} at the last check ({mode.name} step {last}; "
+                    f"{name}: loss {now:.4g} at {where}{self._over(mode, series, i)} is {rise:.3g}% above "
+                    f"{self.last_value[key]:.4g} at the last check ({mode.name} step {last}; "
                     f"increase_threshold_percent {self.increase_threshold_percent:g})"
                 )
             return None
         b = bisect.bisect_right(series, (ms - self.num_steps, float("inf"))) - 1
         if b < 0:
             return None
-        before = self._loss(name, series, b)
+        before = self._loss(key, name, series, b)
         if before is None:
             return None
-        self.last_checked[name], self.last_value[name] = ms, now
+        self.last_checked[key], self.last_value[key] = ms, now
+        self.judged = True
         decrease = -percent_change(before, now) + 0.0  # no "-0%"
         if decrease <= self.diff_percent:
             return (
-                f"{name}: loss {now:.4g} at {where}{self._over(name, series, i)} {change_words(decrease)} from "
-                f"{before:.4g} at {mode.name} step {series[b][0]}{self._over(name, series, b)} "
+                f"{name}: loss {now:.4g} at {where}{self._over(mode, series, i)} {change_words(decrease)} from "
+                f"{before:.4g} at {mode.name} step {series[b][0]}{self._over(mode, series, b)} "
                 f"(num_steps {self.num_steps}; needs a decrease > {self.diff_percent:g}%)"
             )
         return None
@@ -298,19 +314,20 @@ class LossNotDecreasing(_EvaluationRuns):
         """The index in ``series`` of the first saved step of the window that ends at ``series[i]``."""
         return bisect.bisect_right(series, (series[i][0] - self.window, float("inf")), 0, i)
 
-    def _over(self, name: str, series: list[tuple[int, int]], i: int) -> str:
-        """``" (mean of 10 saved steps)"`` where the loss at ``series[i]`` is a mean, else ``""``."""
+    def _over(self, mode: Mode, series: list[tuple[int, int]], i: int) -> str:
+        """``" (mean of 10 saved steps)"`` where the loss at ``series[i]`` (of ``mode``) is a mean, else ``""``."""
         n = i + 1 - self._first(series, i)
-        unit = "evaluations" if name in self._run_first else "saved steps"
+        unit = "evaluations" if mode is Mode.EVAL else "saved steps"
         return f" (mean of {n} {unit})" if n > 1 else ""
 
-    def _loss(self, name: str, series: list[tuple[int, int]], i: int) -> float | None:
-        """The loss at ``series[i]``: the mean of the values saved in its window (None: none could be read).
+    def _loss(self, key: str, name: str, series: list[tuple[int, int]], i: int) -> float | None:
+        """The loss at ``series[i]`` of series ``key`` (loss ``name`` in one mode): the mean of the values saved
+        in its window (None: none could be read).
 
         Values are read once and kept while a later window may hold them.
         """
         first = self._first(series, i)
-        kept = self._values.setdefault(name, {})
+        kept = self._values.setdefault(key, {})
         values = []
         for _, g in series[first : i + 1]:
             if g not in kept:
@@ -328,6 +345,22 @@ class LossNotDecreasing(_EvaluationRuns):
         """The loss saved at global step ``g``, or the mean over the evaluation that ends there; None: unreadable."""
         values = self.run_values(name, self._run_first.get(name, {}).get(g, g), g)
         return float(np.mean(values)) if values else None
+
+    def not_judged(self) -> str | None:
+        """A loss saved ``num_steps`` apart, while no check could be made by the end of the training (no saved
+        step that far back; no loss at all is told by :meth:`Selection.need_in_trial`)."""
+        if self.judged or not self.base_trial.training_ended or self.span is None:
+            return None
+        return (
+            f"a loss saved at two steps of one mode at least num_steps={self.num_steps} steps apart to judge "
+            f"(parameter num_steps): its saved steps span {self.span} step(s) at most; lower num_steps, or train "
+            "longer"
+        )
+
+
+def series_key(name: str, mode: Mode) -> str:
+    """The key of the series of loss ``name`` in ``mode`` (a string: kept in a rule's state, JSON)."""
+    return f"{mode.name}:{name}"
 
 
 def metric_key(name: str) -> tuple[str, ...]:

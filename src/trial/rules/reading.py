@@ -18,10 +18,12 @@ from ...modes import Mode
 from ..trial import StepWindow, Tensor
 from .base import Requirement, Rule, check_regexes, name_list, regex_list
 
+# a loss is judged in each of these modes, each mode's steps a series of their own (a validation loss against
+# validation losses): which mode is judged never depends on which steps exist yet (live, in-process, offline)
 LOSS_MODES = (Mode.EVAL, Mode.TRAIN, Mode.GLOBAL)
-# weights saved while evaluating do not change, and the training loss tells how the training starts: judge
-# tensors on their TRAIN steps when they have some
-TRAIN_FIRST = (Mode.TRAIN, Mode.GLOBAL, Mode.EVAL, Mode.PREDICT)
+# weights saved while evaluating or predicting do not change: tensors are judged on their TRAIN steps (GLOBAL: saved
+# without a mode), never on EVAL or PREDICT steps (a sanity-check validation before the training)
+TRAINING_MODES = (Mode.TRAIN, Mode.GLOBAL)
 
 
 class Selection:
@@ -324,38 +326,32 @@ class PerTensorRule(Rule):
 
 
 class ModeSeries:
-    """Per tensor, its saved steps in the mode a rule judges it in, kept up to date as steps come in order.
+    """Per tensor and mode, its saved steps in that mode, kept up to date as steps come in order.
 
-    A tensor is judged in the first mode of ``preference`` in which it has saved
-    steps; steps of its other modes are skipped. The series is read from the
-    trial once, then extended step by step, so each step costs ``O(log n)``.
+    A step is judged when its mode is one of ``modes``, in the series of the
+    tensor's steps of that mode; steps of other modes are skipped. Whether a
+    step is judged depends on its own mode alone, never on the modes of the
+    steps saved so far: a rule judges the same steps in-process, live and
+    offline. Each series is read from the trial once, then extended step by
+    step, so each step costs ``O(log n)``.
 
     Parameters
     ----------
-    preference
-        Modes in order of preference.
+    modes
+        The modes judged.
     """
 
-    def __init__(self, preference: Sequence[Mode]) -> None:
-        self.preference = tuple(preference)
-        self._modes: dict[str, set[Mode]] = {}
+    def __init__(self, modes: Sequence[Mode]) -> None:
+        self.modes = tuple(modes)
         self._series: dict[tuple[str, Mode], list[tuple[int, int]]] = {}
 
     def at(self, trial: Any, name: str, step: int) -> tuple[Mode, int, list[tuple[int, int]], int] | None:
         """``(mode, mode step, [(mode step, global step), ...], index of step)``, or None if ``step`` is not judged."""
         where = trial.mode_step(step)
-        if where is None:
+        if where is None or where[0] not in self.modes:
             return None
         mode: Mode = where[0]
         ms: int = where[1]
-        seen = self._modes.get(name)
-        if seen is None:
-            t = trial.tensor(name)
-            seen = self._modes[name] = {m for m in Mode if t.steps(mode=m)}
-        seen.add(mode)
-        judged = next((m for m in self.preference if m in seen), None)
-        if judged is None or judged is not mode:
-            return None
         series = self._series.get((name, mode))
         if series is None:
             by_global = mode_steps(trial, trial.tensor(name), mode)

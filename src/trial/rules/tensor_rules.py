@@ -9,9 +9,10 @@ from typing import Any
 
 import numpy as np
 
+from ... import reductions as red
 from .base import check_number, check_regexes, logger
 from .reading import (
-    TRAIN_FIRST,
+    TRAINING_MODES,
     ModeSeries,
     PerTensorRule,
     Selection,
@@ -189,14 +190,14 @@ class AllZero(PerTensorRule):
     """Fires when at least ``threshold`` percent of a tensor's values are zero.
 
     Formula: ``z = 100 * count(v == 0) / size(v)`` on the raw tensor; fires when
-    ``z >= threshold``. With ``threshold >= 100`` saved reductions suffice: the
-    tensor is all zero when its ``abs_max`` (or ``l1`` or ``l2``) is 0. Empty
-    tensors never fire. With neither ``collection_names`` nor ``tensor_regex``
+    ``z >= threshold`` (``threshold`` in [0, 100]). With ``threshold=100``
+    saved reductions suffice: the tensor is all zero when its ``abs_max`` (or
+    ``l1`` or ``l2``) is 0. Empty tensors never fire. With neither ``collection_names`` nor ``tensor_regex``
     it inspects every tensor but those of collections ``hyperparameters``,
     ``losses``, ``metrics``, ``trees`` and ``labels``, where zero is a value,
     not a fault (``alpha=0``, a training error of 0, the index of tree 0).
 
-    Needs: the selected collections as raw tensors (for ``threshold >= 100``,
+    Needs: the selected collections as raw tensors (for ``threshold=100``,
     reduction ``abs_max`` is enough).
 
     Parameters
@@ -220,7 +221,7 @@ class AllZero(PerTensorRule):
         threshold: float = 100.0,
     ) -> None:
         super().__init__(base_trial)
-        check_number("threshold", threshold, 0)
+        check_number("threshold", threshold, 0, 100)
         self.threshold = threshold
         self.selection = Selection(collection_names, tensor_regex, (), NOT_MODEL_TENSORS)
 
@@ -341,10 +342,13 @@ class UnchangedTensor(TrainedOnlyRule):
     ``n == num_steps`` and ``numpy.allclose(v(s_i), v(s), rtol, atol, equal_nan)``
     holds for every ``i``. So identical values at steps 0, 1, 2 fire at step 2
     with ``num_steps=3``, and not before. The steps are those of the tensor's
-    TRAIN mode when it has TRAIN steps (weights saved while evaluating do not
-    change), else of its first mode among GLOBAL, EVAL, PREDICT; steps of its
-    other modes are not judged. With neither ``collection_names`` nor
-    ``tensor_regex`` it inspects every tensor but those of collections
+    TRAIN mode, and (a series of their own) of its GLOBAL mode (steps saved
+    without a mode); EVAL and PREDICT steps are not judged: weights saved while
+    evaluating do not change (a sanity-check validation before the training).
+    A run of an ended training where no tensor had ``num_steps`` such steps
+    lacks inputs and says so (:meth:`~tensortap.rules.Rule.not_judged`): not a
+    pass (while the training runs, more steps may come). With neither
+    ``collection_names`` nor ``tensor_regex`` it inspects every tensor but those of collections
     ``hyperparameters``, ``losses``, ``metrics``, ``trees``, ``labels``,
     ``feature_importance``, ``average_shap`` and ``optimizer_variables``,
     which stay the same in a healthy training (the labels of an evaluation
@@ -372,6 +376,8 @@ class UnchangedTensor(TrainedOnlyRule):
         As in ``numpy.allclose``. Defaults ``1e-05``, ``1e-08``, False.
     """
 
+    state_attrs = ("judged", "most")
+
     def __init__(
         self,
         base_trial: Any = None,
@@ -389,12 +395,25 @@ class UnchangedTensor(TrainedOnlyRule):
         self.num_steps, self.rtol, self.atol, self.equal_nan = num_steps, rtol, atol, bool(equal_nan)
         self.history = num_steps
         self.selection = Selection(collection_names, tensor_regex, (), CONSTANT_BY_DESIGN)
-        self.series = ModeSeries(TRAIN_FIRST)
+        self.series = ModeSeries(TRAINING_MODES)
         # raw values of the last window, by tensor and worker (reading.on_worker)
         self._recent: dict[str, dict[int, np.ndarray]] = {}
+        self.judged = False  # a tensor's last num_steps saved steps were compared
+        self.most = 0  # the most saved steps of a judged mode a tensor had
+
+    def not_judged(self) -> str | None:
+        """``num_steps`` saved steps of a tensor, while no tensor had as many by the end of the training."""
+        if self.judged or not self.base_trial.training_ended or self.most >= self.num_steps:
+            return None
+        return (
+            f"a tensor saved at {self.num_steps} TRAIN (or GLOBAL) steps to judge (parameter num_steps): "
+            f"{self.most} at most; lower num_steps, or save more steps"
+        )
 
     def check(self, step: int, name: str, worker: str | None) -> str | None:
         found = None if name in self.untrained else self.series.at(self.base_trial, name, step)
+        if found is not None:
+            self.most = max(self.most, found[3] + 1)
         if found is None or found[3] + 1 < self.num_steps:
             return None
         _, _, series, i = found
@@ -408,6 +427,7 @@ class UnchangedTensor(TrainedOnlyRule):
                     return None
                 recent[g] = v
         self._recent[key] = recent
+        self.judged = True
         values = [recent[g] for g in steps]
         current = values[-1]
         for v in values[:-1]:
@@ -427,9 +447,13 @@ class WeightUpdateRatio(TrainedOnlyRule):
     earliest saved step with ``s - num_steps <= p < s``:
     ``ratio = ||w(s) - w(p)||_2 / (||w(p)||_2 + epsilon)``. Fires when
     ``ratio > large_threshold`` or ``ratio < small_threshold``. Steps (and
-    ``num_steps``) are counted in the tensor's TRAIN mode when it has TRAIN
-    steps (weights saved during evaluation do not change), else in its first
-    mode among GLOBAL, EVAL, PREDICT; steps of its other modes are not judged.
+    ``num_steps``) are counted in the tensor's TRAIN mode, and (a series of
+    their own) in its GLOBAL mode (steps saved without a mode); EVAL and
+    PREDICT steps are not judged: weights saved during evaluation do not
+    change. A run of an ended training that computed no ratio (each weight
+    saved at one step, or never twice within ``num_steps`` steps) lacks inputs
+    and says so (:meth:`~tensortap.rules.Rule.not_judged`): not a pass (while
+    the training runs, more steps may come).
 
     A weight with no gradient in the trial while other weights have one
     (``gradients/<weight>``) was not trained and is left out: a frozen layer
@@ -461,6 +485,7 @@ class WeightUpdateRatio(TrainedOnlyRule):
     """
 
     history = 2
+    state_attrs = ("judged", "closest")
 
     def __init__(
         self,
@@ -480,10 +505,31 @@ class WeightUpdateRatio(TrainedOnlyRule):
             ("epsilon", epsilon),
         ):
             check_number(field_name, v, 0)
+        if small_threshold >= large_threshold:
+            raise ValueError(
+                f"WeightUpdateRatio: small_threshold {small_threshold:g} >= large_threshold {large_threshold:g}: "
+                "the band of healthy ratios is empty and every weight would fire"
+            )
         self.num_steps = num_steps
         self.large_threshold, self.small_threshold, self.epsilon = large_threshold, small_threshold, epsilon
         self.selection = Selection(("weights",), None, ())
-        self.series = ModeSeries(TRAIN_FIRST)
+        self.series = ModeSeries(TRAINING_MODES)
+        self.judged = False  # a ratio was computed
+        self.closest: int | None = None  # the fewest steps between two saved steps of a weight (None: no two)
+
+    def not_judged(self) -> str | None:
+        """Two saved steps of a weight close enough to compare, while no ratio was computed by the end of the
+        training."""
+        if self.judged or not self.base_trial.training_ended:
+            return None
+        if self.closest is None:
+            return "a weight saved at two TRAIN (or GLOBAL) steps to compare: each was saved at one at most"
+        if self.num_steps is not None and self.closest > self.num_steps:
+            return (
+                f"weights saved at most num_steps={self.num_steps} steps apart (parameter num_steps): saved "
+                f"{self.closest} steps apart at the closest; raise num_steps, or save weights more often"
+            )
+        return None
 
     def check(self, step: int, name: str, worker: str | None) -> str | None:
         trial = self.base_trial
@@ -491,6 +537,8 @@ class WeightUpdateRatio(TrainedOnlyRule):
         if found is None or found[3] == 0:
             return None
         _, now, series, i = found
+        gap = now - series[i - 1][0]
+        self.closest = gap if self.closest is None else min(self.closest, gap)
         if self.num_steps is None:
             prev_step = series[i - 1][1]
         else:
@@ -504,8 +552,11 @@ class WeightUpdateRatio(TrainedOnlyRule):
         )
         if w is None or w_prev is None or w.shape != w_prev.shape:
             return None
+        self.judged = True
         w64, p64 = w.astype(np.float64), w_prev.astype(np.float64)
-        ratio = float(np.linalg.norm(w64 - p64) / (np.linalg.norm(p64) + self.epsilon))
+        # the l2 reduction, not np.linalg.norm: its BLAS dot wakes OpenBLAS's threads on the training thread
+        # (in-process), which slowed a training 6x on a busy 2-core host
+        ratio = red.compute(w64 - p64, "l2") / (red.compute(p64, "l2") + self.epsilon)
         if ratio > self.large_threshold:
             return (
                 f"{name}: update/weight ratio {ratio:.3g} (steps {prev_step}->{step}) > large_threshold "

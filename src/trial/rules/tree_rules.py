@@ -72,7 +72,7 @@ class FeatureImportanceOverweight(Rule):
         tensor_regex: str | Sequence[str] = ".*feature_importance/weight",
     ) -> None:
         super().__init__(base_trial)
-        check_number("threshold", threshold, 0)
+        check_number("threshold", threshold, 0, 1)
         check_number("nfeatures", nfeatures, 1, integer=True)
         self.threshold, self.nfeatures = threshold, nfeatures
         self.selection = Selection(None, tensor_regex, ())
