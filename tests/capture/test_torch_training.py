@@ -124,6 +124,96 @@ def test_a_model_switched_to_float64_mid_run_keeps_every_value_in_its_dtype(tmp_
             np.testing.assert_array_equal(got, want.numpy())
 
 
+@pytest.mark.parametrize("conversion", ["to", "to_empty"])
+def test_a_model_captured_without_an_optimizer_converts_under_swap_on_conversion(
+    conversion: str, tmp_path: Path
+) -> None:
+    """hunt 42 H42-3: under ``torch.__future__.set_swap_module_params_on_conversion(True)``, ``model.to(float64)``
+    between steps and ``to_empty()`` of a model made on the meta device run as they do uncaptured, and every
+    step saves the model's parameters and gradients as they are then (those of the tensors swapped in).
+    Before, with no optimizer given, the weak reference held to each parameter made them raise
+    ``Couldn't swap Linear.weight`` ("it has weakref associated with it")."""
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        with torch.device("meta" if conversion == "to_empty" else "cpu"):
+            model = _mlp()
+        hook = ttt.capture(model, tmp_path, save_config=EVERY_STEP)
+        if conversion == "to_empty":
+            model.to_empty(device="cpu")
+            for p in model.parameters():
+                nn.init.normal_(p, std=0.3)
+        gen = torch.Generator().manual_seed(4)
+        seen: list[dict[str, torch.Tensor]] = []
+        for s in range(4):
+            if conversion == "to" and s == 2:
+                model.to(torch.float64)
+            dtype = model[0].weight.dtype
+            x, y = _batch(gen)
+            model.zero_grad()
+            F.cross_entropy(model(x.to(dtype)), y).backward()
+            grads = {f"gradients/{n}": p.grad.clone() for n, p in model.named_parameters()}
+            with torch.no_grad():
+                for p in model.parameters():
+                    p -= 0.1 * p.grad
+            seen.append({**grads, **{n: p.detach().clone() for n, p in model.named_parameters()}})
+        hook.close()
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap)
+    assert model[0].weight.dtype == (torch.float64 if conversion == "to" else torch.float32)
+    trial = _trial(tmp_path)
+    assert trial.steps() == list(range(4))
+    for s, values in enumerate(seen):
+        for name, want in values.items():
+            got = _value(trial, name, s)
+            assert got.dtype == want.numpy().dtype or s == 1, (name, s)  # step 1's weights: read after the switch
+            np.testing.assert_array_equal(got, want.numpy())
+
+
+class UncertaintyLoss(nn.Module):
+    """Two task losses weighted by learned log variances (Kendall et al.'s multi-task weighting)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.log_var = nn.Parameter(torch.zeros(2))
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return (torch.exp(-self.log_var) * torch.stack([a, b]) + self.log_var).sum()
+
+
+def test_parameters_the_optimizer_trains_outside_the_model_are_saved_or_named_in_one_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """hunt 42 H42-1: the optimizer also trains the loss module's log variances and a loose temperature
+    (``nn.Parameter``): the loss module's are saved as a registered module's (``UncertaintyLoss.log_var`` and
+    its gradient, as torch has them), the temperature, which no module holds, is named in one warning for the
+    run. Before, both were dropped without a word."""
+    model, crit = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 2)), UncertaintyLoss()
+    temp = nn.Parameter(torch.ones(1))
+    opt = torch.optim.SGD([*model.parameters(), *crit.parameters(), temp], lr=0.1)
+    hook = ttt.capture(model, tmp_path, optimizer=opt, loss=crit, save_config=EVERY_STEP)
+    gen = torch.Generator().manual_seed(6)
+    seen: list[dict[str, torch.Tensor]] = []
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        for _ in range(3):
+            x, y = torch.randn(5, 6, generator=gen), torch.randn(5, 2, generator=gen)
+            opt.zero_grad()
+            err = (model(x) / temp - y) ** 2
+            crit(err[:, 0].mean(), err[:, 1].mean()).backward()
+            grad = crit.log_var.grad.clone()
+            opt.step()
+            seen.append({"gradients/UncertaintyLoss.log_var": grad, "UncertaintyLoss.log_var": crit.log_var.clone()})
+    hook.close()
+    trial = _trial(tmp_path)
+    for s, values in enumerate(seen):
+        for name, want in values.items():
+            np.testing.assert_array_equal(_value(trial, name, s), want.detach().numpy())
+    assert not [n for n in trial.tensor_names() if "temp" in n]
+    warned = [r.getMessage() for r in caplog.records if "no registered module holds" in r.getMessage()]
+    assert len(warned) == 1 and "1 parameter(s)" in warned[0] and "[1]" in warned[0], warned
+    assert "hook.register_module(module, name=...)" in warned[0]
+
+
 class WithLoss(nn.Module):
     """Returns ``(logits, loss)``, or a dict with ``"loss"`` (as Hugging Face models do)."""
 
@@ -1127,6 +1217,79 @@ def test_a_submodule_called_after_the_step_ended_is_skipped_with_one_warning(
             np.testing.assert_array_equal(_value(trial, "outputs/fc3", s, mode), out.numpy())
     warned = [r.getMessage() for r in caplog.records if "outside a forward" in r.getMessage()]
     assert len(warned) == 1 and "submodule fc3" in warned[0] and "after step 0 ended" in warned[0]
+
+
+class _Head(nn.Module):
+    """A network made of a shared encoder (``enc``) and a head of its own."""
+
+    def __init__(self, enc: nn.Module) -> None:
+        super().__init__()
+        self.enc = enc
+        self.head = nn.Linear(3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.enc(x)))
+
+
+def test_a_submodule_two_registered_models_share_saves_each_call_once_under_the_caller_s_name(
+    tmp_path: Path,
+) -> None:
+    """hunt 42 H42-2: an encoder shared by two registered models (``A.enc is B.enc``): each call is saved once,
+    under its name in the model whose forward made it, and a call of it by the loop itself (after the forwards,
+    in the step) under its first name. Before, each model's hook recorded every call: ``inputs/B.enc:0`` held
+    A's call and ``inputs/A.enc:1`` B's, as if each model had called ``enc`` twice."""
+    shared = nn.Linear(3, 3)
+    a, b = _Head(shared), _Head(shared)
+    opt = torch.optim.SGD([*a.parameters(), *b.head.parameters()], lr=0.1)
+    hook = ttt.Hook(tmp_path, save_config=EVERY_STEP, include_collections=["weights", "outputs", "inputs"])
+    hook.register_module(a, name="A")
+    hook.register_module(b, name="B")
+    hook.attach_optimizer(opt)
+    xs = {"A.enc:0": torch.ones(2, 3), "B.enc": torch.full((2, 3), 2.0), "A.enc:1": torch.full((2, 3), 3.0)}
+    opt.zero_grad()
+    loss = a(xs["A.enc:0"]).mean() + b(xs["B.enc"]).mean()
+    with torch.no_grad():
+        shared(xs["A.enc:1"])  # the loop's own call
+        outs = {name: F.linear(x, shared.weight, shared.bias) for name, x in xs.items()}
+    loss.backward()
+    opt.step()
+    hook.close()
+    trial = _trial(tmp_path)
+    inputs = {"inputs/A", "inputs/A.head", "inputs/B", "inputs/B.head", *(f"inputs/{name}" for name in xs)}
+    assert set(trial.tensor_names(collection="inputs")) == inputs
+    for name, x in xs.items():
+        np.testing.assert_array_equal(_value(trial, f"inputs/{name}", 0), x.numpy())
+        np.testing.assert_array_equal(_value(trial, f"outputs/{name}", 0), outs[name].numpy())
+    assert "B.enc.weight" not in trial.tensor_names()  # a shared parameter: once, under its first name
+
+
+def test_a_registered_submodule_of_a_registered_model_saves_each_call_once(tmp_path: Path) -> None:
+    """hunt 42 H42-2 (c16): a model and its own encoder both registered (``enc``): a call inside the model's
+    forward is the model's (``outputs/0.0``), a call of the encoder by the loop is the encoder's (``outputs/enc``,
+    ``outputs/enc.0``). Before, each call of the encoder's parts was saved twice, as ``outputs/0.0`` and
+    ``outputs/enc.0``, and the encoder called by the loop also as ``outputs/0``."""
+    model = nn.Sequential(nn.Sequential(nn.Linear(3, 3), nn.Tanh()), nn.Linear(3, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    hook = ttt.Hook(tmp_path, save_config=EVERY_STEP, include_collections=["outputs"])
+    hook.register_module(model)
+    hook.register_module(model[0], name="enc")
+    hook.attach_optimizer(opt)
+    x, z = torch.ones(2, 3), torch.full((2, 3), 2.0)
+    opt.zero_grad()
+    out = model(x)
+    with torch.no_grad():
+        encoded = model[0](z)  # the loop's own call
+        linear = {name: F.linear(t, model[0][0].weight, model[0][0].bias) for name, t in [("0.0", x), ("enc.0", z)]}
+    out.mean().backward()
+    opt.step()
+    hook.close()
+    trial = _trial(tmp_path)
+    names = ["outputs/0", "outputs/0.0", "outputs/0.1", "outputs/1", "outputs/Sequential"]
+    assert trial.tensor_names() == [*names, "outputs/enc", "outputs/enc.0", "outputs/enc.1"]
+    for name, want in linear.items():
+        np.testing.assert_array_equal(_value(trial, f"outputs/{name}", 0), want.numpy())
+    np.testing.assert_array_equal(_value(trial, "outputs/enc", 0), encoded.numpy())
+    np.testing.assert_array_equal(_value(trial, "outputs/Sequential", 0), out.detach().numpy())
 
 
 def test_a_container_whose_networks_are_called_directly_warns_once_how_to_capture_them(

@@ -416,9 +416,7 @@ class _Root:
     name: str  # outputs/<name> for its own outputs
     prefix: str  # "" or "<name>." before parameter and submodule names
     sharded: bool  # by FSDP (_is_sharded)
-    # submodules with an outputs/inputs hook, by the name they had when hooked
-    hooked: weakref.WeakKeyDictionary[nn.Module, str] = field(default_factory=weakref.WeakKeyDictionary)
-    # those still in the module, by their name now (a replaced head is no longer here)
+    # its submodules now, by their name now (a replaced head is no longer here)
     names: weakref.WeakKeyDictionary[nn.Module, str] = field(default_factory=weakref.WeakKeyDictionary)
     frames: int = 1  # the frames its hooks add to its forward (patches.lend_frames): one a hooked nesting level
     trained: bool = False  # an attached optimizer updates one of its parameters (as last followed)
@@ -554,11 +552,19 @@ class Hook(core.Hook):
         self._graph_ids: dict[int, Any] = {}
         self._optimizers: list[_Optimizer] = []
         self._handles: list[Any] = []
-        # only while no optimizer is attached: id(parameter) -> (the parameter, weakly; its hook's handle)
-        self._grad_handles: dict[int, tuple[weakref.ref[torch.Tensor], Any]] = {}
+        # only while no optimizer is attached: id(parameter) -> (its tensor's _cdata when hooked, its hook's
+        # handle); no reference to the parameter, not even a weak one: swap_tensors refuses a tensor that has one
+        self._grad_handles: dict[int, tuple[int, RemovableHandle]] = {}
         self._loss_name = "loss"
+        # registered loss modules, by the prefix of their parameters' names ("<name>."): theirs are saved too
+        self._loss_modules: dict[str, nn.Module] = {}
+        self._warned_unheld = False
         self._depth = 0
         self._forward_call: _Call | None = None  # the outermost forward of a registered module in progress
+        self._forward_root: _Root | None = None  # the module of that forward
+        # submodules with an outputs/inputs hook (one each, whatever the registered modules holding it), by the
+        # name they had when hooked
+        self._hooked: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
         self._forward_count = 0  # outermost forwards of registered modules begun
         self._warned_unseen: set[str] = set()  # the ways (torch.compile, jit.trace, export) warned about
         self._warned_transform = False
@@ -639,7 +645,7 @@ class Hook(core.Hook):
             raise ValueError(f"register_module: {type(inner).__name__} is already registered")
         root_name = name or type(inner).__name__
         prefix = f"{root_name}." if name or self._roots else ""
-        if any(r.prefix == prefix for r in self._roots):
+        if any(r.prefix == prefix for r in self._roots) or prefix in self._loss_modules:
             raise ValueError(f"register_module: the name {root_name!r} is taken; give another with name=")
         if _is_compiled(module) and self.session.may_save("outputs", "inputs"):
             warnings.warn(
@@ -689,7 +695,9 @@ class Hook(core.Hook):
         (``model.fc = nn.Linear(...)`` to fine-tune), a parametrization (``weight_norm``, ``prune``)
         or a parameter added later is captured under its name from then on, and a parameter no
         longer in the model is no longer saved. A parameter shared by two places (tied embeddings)
-        is saved once, under its first name. Not in a forward of a module FSDP shards: the
+        is saved once, under its first name; so are a registered loss module's own trainable parameters,
+        under ``<its name>.``. A submodule of several registered modules gets one outputs hook (its calls
+        are named by :meth:`_on_io`). Not in a forward of a module FSDP shards: the
         parameters it holds then are freed after it.
         """
         if self._depth and any(r.sharded for r in self._roots):
@@ -722,14 +730,19 @@ class Hook(core.Hook):
                     parent, _, last = raw.rpartition(".")
                     if not raw or (last == "_orig_mod" and parent in compiled):
                         continue
-                    sub_name = saved_name(raw, compiled)
-                    root.names[sub] = root.prefix + sub_name
-                    if sub not in root.hooked:
-                        root.hooked[sub] = root.prefix + sub_name
-                        # a frame for the root, one a level down to this one, and the hook's own at the last
-                        root.frames = max(root.frames, 1 + raw.count(".") + 1 + _HOOK_FRAMES)
-                        tap = patches.Tap(self, Hook._on_io, root)
+                    root.names[sub] = root.prefix + saved_name(raw, compiled)
+                    # a frame for the root, one a level down to this one, and the hook's own at the last
+                    root.frames = max(root.frames, 1 + raw.count(".") + 1 + _HOOK_FRAMES)
+                    if sub not in self._hooked:
+                        self._hooked[sub] = root.names[sub]
+                        tap = patches.Tap(self, Hook._on_io)
                         self._handles.append(patches.on_forward(sub, tap, with_kwargs=True))
+        # a loss module's trainable parameters (uncertainty weighting's log variances), not a frozen network's (LPIPS)
+        for prefix, loss in self._loss_modules.items():
+            for pname, p in saved_parameters(loss):
+                if p.requires_grad and id(p) not in self._param_ids:  # else a registered module holds it too
+                    self._params[prefix + pname] = p
+                    self._param_ids[id(p)] = prefix + pname
         if not self._optimizers and self.session.may_save("gradients"):
             self._hook_gradients()
 
@@ -764,25 +777,50 @@ class Hook(core.Hook):
 
     def _hook_gradients(self) -> None:
         """Without an optimizer: a gradient hook on each trainable leaf parameter that has none yet (a lazy
-        parameter once its first forward gave it a shape, which may be after the step opened)."""
+        parameter once its first forward gave it a shape, which may be after the step opened), or whose tensor
+        ``torch.utils.swap_tensors`` replaced since (``model.to(torch.float64)`` under
+        ``torch.__future__.set_swap_module_params_on_conversion(True)``: :func:`patches.rearm_after_accumulation`)."""
         for param in self._params.values():
+            if not (param.requires_grad and param.is_leaf and not nn.parameter.is_lazy(param)):
+                continue
             held = self._grad_handles.get(id(param))
-            hookable = param.requires_grad and param.is_leaf and not nn.parameter.is_lazy(param)
-            if hookable and (held is None or held[0]() is not param):
+            if held is None or not patches.hooks_after_accumulation(held[1], param):
                 handle = patches.after_accumulation(param, patches.Tap(self, Hook._on_grad))
-                self._grad_handles[id(param)] = (weakref.ref(param), handle)
+            elif held[0] != param._cdata:
+                patches.rearm_after_accumulation(param)
+                handle = held[1]
+            else:
+                continue
+            self._grad_handles[id(param)] = (param._cdata, handle)
 
     def register_loss(self, loss: nn.Module | Callable[..., Any], name: str | None = None) -> None:
         """Name a loss.
 
         An ``nn.Module`` loss: its output is saved as ``losses/<name>`` (default: its class
-        name; ``losses/<name>:0``, ``:1``, ... when called several times in one step).
+        name; ``losses/<name>:0``, ``:1``, ... when called several times in one step), and its own
+        trainable parameters (the log variances of uncertainty weighting; not those of a frozen network
+        such as a perceptual loss's) as a registered module's, under
+        ``<name>.`` (``UncertaintyLoss.log_var``, its gradient ``gradients/UncertaintyLoss.log_var``).
         A function (``F.nll_loss``): the loss ``backward()`` is called on is saved as
         ``losses/<name>`` (default: the function's name) instead of ``losses/loss``.
+
+        Raises
+        ------
+        ValueError
+            ``loss`` has parameters and a registered module's names begin with ``<name>.``.
         """
         if isinstance(loss, nn.Module):
-            full = f"losses/{name or type(loss).__name__}"
-            self._handles.append(patches.on_forward(loss, patches.Tap(self, Hook._on_loss_module, full)))
+            loss_name = name or type(loss).__name__
+            prefix = f"{loss_name}."
+            trained = next(loss.parameters(), None) is not None
+            if trained and any(r.prefix == prefix for r in self._roots):
+                raise ValueError(f"register_loss: the name {loss_name!r} is taken; give another with name=")
+            self._handles.append(
+                patches.on_forward(loss, patches.Tap(self, Hook._on_loss_module, f"losses/{loss_name}"))
+            )
+            if trained:
+                self._loss_modules[prefix] = loss
+                self._follow_modules()
         elif callable(loss):
             self._loss_name = name or getattr(loss, "__name__", None) or "loss"
         else:
@@ -860,6 +898,24 @@ class Hook(core.Hook):
         """The registered parameters ``att`` updates, by name."""
         named = ((self._param_ids.get(id(p)), p) for p in optimized_parameters(att.optimizer))
         return {name: p for name, p in named if name is not None}
+
+    def _warn_unheld(self, att: _Optimizer) -> None:
+        """Once: ``att`` trains parameters that no registered module (nor registered loss module) holds (a
+        learnable temperature made as a loose ``nn.Parameter``): they are not saved. Looked at as gradients are
+        offered, after the step's first forward has followed what a ``functional_call`` puts in the model."""
+        unheld = [p for p in optimized_parameters(att.optimizer) if p.requires_grad and id(p) not in self._param_ids]
+        if not unheld:
+            return
+        self._warned_unheld = True
+        shapes = ", ".join(str(list(p.shape)) for p in unheld[:5]) + (", ..." if len(unheld) > 5 else "")
+        logger.warning(
+            "tensortap: optimizer %s trains %d parameter(s) that no registered module holds (shapes %s): their "
+            "weights and gradients are not saved. Hold them in a module and register it: "
+            "hook.register_module(module, name=...) (a loss module's: hook.register_loss(module))",
+            att.name,
+            len(unheld),
+            shapes,
+        )
 
     def _warn_shared_parameters(self, att: _Optimizer) -> None:
         """Warn if ``att`` updates parameters an attached optimizer updates too: a step ends when each has
@@ -976,8 +1032,8 @@ class Hook(core.Hook):
         for root in self._roots:
             if root.post is not None:  # set as it is registered
                 patches.run_last(root.post.hooks_dict_ref(), self)
-            for sub in list(root.hooked):
-                patches.run_last(sub._forward_hooks, self)
+        for sub in list(self._hooked):
+            patches.run_last(sub._forward_hooks, self)
 
     def _read_switches(self) -> None:
         """The per-step switches of what the open step saves."""
@@ -1201,7 +1257,7 @@ class Hook(core.Hook):
         self._depth += 1
         if self._depth > 1 or self._closed:
             return
-        self._forward_call = _Call.of_caller()
+        self._forward_call, self._forward_root = _Call.of_caller(), root
         patches.follow_imports()  # accelerate imported after the hook opened: its backward(loss), before it is called
         mode = self._detect_mode(root.module)
         s = self.session
@@ -1239,7 +1295,8 @@ class Hook(core.Hook):
             return
         self._depth = max(self._depth - 1, 0)
         if not self._depth or (self._forward_call is not None and self._forward_call.runs_caller()):
-            self._forward_call = None  # ended, though a forward of another thread may still run (nested as before)
+            # ended, though a forward of another thread may still run (nested as before)
+            self._forward_call = self._forward_root = None
         if self._depth or not self.session.is_open or self._closed:
             return
         error = sys.exc_info()[1]
@@ -1292,7 +1349,7 @@ class Hook(core.Hook):
         left = []
         if self._depth and self._forward_call is not None and self._forward_call.left():
             left.append("a forward of a registered module")
-            self._depth, self._forward_call = 0, None
+            self._depth, self._forward_call, self._forward_root = 0, None, None
             current = root.lent.pop()  # lent by this forward; those of the forwards left go back
             for r in self._roots:
                 while r.lent:
@@ -1329,15 +1386,22 @@ class Hook(core.Hook):
             stacklevel=2,
         )
 
-    def _on_io(self, root: _Root, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+    def _on_io(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        """A call of a submodule: saved once, under its name in the registered module whose forward runs
+        (``A.enc`` of an encoder two registered models share, called in A's), else, called outside such a
+        forward (by the loop, or in the forward of a registered module not holding it), under its first name."""
         if not self._io or _unseen() or _in_backward() or self._checking:
             return
+        running = self._forward_root
+        if running is not None and module is running.module:
+            return  # a registered module held by another, called by the loop: its _on_root_post takes the call
+        name = running.names.get(module) if running is not None else None
+        if name is None:  # called outside a forward of a registered module holding it: its first name
+            name = next((r.names[module] for r in self._roots if module in r.names), None)
         if _in_transform():
-            self._warn_transform(root.names.get(module, root.name))
-            return
-        name = root.names.get(module)
-        if name is None:
-            self._warn_removed(root.hooked[module], module)
+            self._warn_transform(name or self._hooked[module])
+        elif name is None:
+            self._warn_removed(self._hooked[module], module)
         elif not self._depth and (self.session.pending or not self._forwarded):
             self._warn_outside_forward(name)
         else:
@@ -1375,8 +1439,7 @@ class Hook(core.Hook):
             return
         on = tap.on() if tap.on is not None else None
         if on is not None and tap not in on._forward_hooks.values():
-            for root in self._roots:
-                root.hooked.pop(on, None)
+            self._hooked.pop(on, None)
         if not self._warned_copied:
             self._warned_copied = True
             name = next((r.names[target] for r in self._roots if target in r.names), "a module")
@@ -1756,6 +1819,8 @@ class Hook(core.Hook):
         return evaluate
 
     def _offer_gradients(self, att: _Optimizer) -> None:
+        if not self._warned_unheld:
+            self._warn_unheld(att)
         self.session.offer_many(
             (f"gradients/{name}", p.grad, ("gradients",))
             for name, p in self._updated(att).items()

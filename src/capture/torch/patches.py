@@ -357,6 +357,27 @@ def after_accumulation(param: torch.Tensor, tap: Tap) -> RemovableHandle:
     return handle
 
 
+def hooks_after_accumulation(handle: RemovableHandle, param: torch.Tensor) -> bool:
+    """Whether ``handle``, which :func:`after_accumulation` returned, is of a hook of ``param``: not of a
+    parameter freed since, whose ``id`` ``param`` took (the handle holds the freed one's hooks weakly)."""
+    hooks = getattr(param, "_post_accumulate_grad_hooks", None)
+    return hooks is not None and handle.hooks_dict_ref() is hooks
+
+
+def rearm_after_accumulation(param: torch.Tensor) -> None:
+    """Make the post-accumulate-grad hooks of ``param`` run for the tensor it holds now.
+
+    ``torch.utils.swap_tensors`` (``model.to()``, ``half()``, ``to_empty()`` under
+    ``torch.__future__.set_swap_module_params_on_conversion(True)``) puts another tensor in ``param``
+    and leaves its hooks, a dict on the Python object, registered with the tensor it held: none would
+    run again, and ``register_post_accumulate_grad_hook`` adds to that dict without registering it.
+    Setting the dict again registers it, every hook in it, with the tensor held now (private API).
+    """
+    hooks = getattr(param, "_post_accumulate_grad_hooks", None)
+    if hooks is not None:
+        param._post_accumulate_grad_hooks = hooks
+
+
 _LIMIT_LOCK = threading.Lock()  # the recursion limit is read and set again as one step
 
 
