@@ -51,10 +51,11 @@ from .reductions import split_key
 from .trial import Trial, create_trial
 from .trial.check import storage_problems
 from .trial.trial import run_folders
-from .trial.views import NO_DATA, RUNNING, awaited_note, killed_note, killed_workers, printable
+from .trial.views import awaited_note, killed_note, killed_workers, printable, shortened, status_parts
 
 EXIT_OK, EXIT_FOUND, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_PIPE = 0, 1, 2, 130, 141
 MAX_RUNS_NAMED = 5  # run folders `ls` of a trial names; more are counted
+STATUS_COLOURS = {"ok": "green", "wait": "yellow", "bad": "red"}  # of the tones of views.status_parts
 
 #: Modules (in this package) whose ``PARSERS`` add subcommands, after the ones of this module.
 COMMAND_MODULES: list[str] = ["cli_rules", "cli_view", "cli_smdebug"]
@@ -185,10 +186,12 @@ def print_json(value: Any) -> None:
 
 def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
     """A plain text table with a rule under the header; numbers to significant digits, control
-    characters escaped (:func:`printable`); columns aligned on a terminal (:func:`columns`: wide
+    characters escaped (:func:`printable`), a cell longer than :data:`~tensortap.trial.views.MAX_TEXT`
+    characters cut as plots cut it (:func:`~tensortap.trial.views.shortened`: one name of 3,000 characters
+    made every row as wide); columns aligned on a terminal (:func:`columns`: wide
     characters, and those standard output writes as escapes, count as wide as they print)."""
     encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
-    cells = [[printable(str(c)) for c in header]] + [[printable(fmt(c)) for c in r] for r in rows]
+    cells = [[printable(str(c)) for c in header]] + [[shortened(printable(fmt(c))) for c in r] for r in rows]
     sized = [[(c, columns(c, encoding)) for c in r] for r in cells]
     widths = [max(r[i][1] for r in sized) for i in range(len(header))]
     lines = ["  ".join(c + " " * (w - n) for (c, n), w in zip(r, widths, strict=True)).rstrip() for r in sized]
@@ -452,16 +455,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         )
         return EXIT_OK
     style = Style(sys.stdout)
-    if not trial.workers():
-        status = style(NO_DATA, "yellow")
-    elif trial.training_ended:
-        status = style("ended", "green")
-    else:
-        status = style(RUNNING, "yellow")
-    if awaited := awaited_note(trial):  # a worker of the run's world size that has not started writing
-        status += style(f": {awaited}", "yellow")
-    if killed := killed_workers(trial):  # its process ended without its end marker
-        status += style(f": {killed_note(killed)}", "red")
+    status = ": ".join(style(text, STATUS_COLOURS[tone]) for text, tone in status_parts(trial))
     print(f"trial    {style(printable(trial.path), 'bold')}")
     print(f"workers  {printable(', '.join(trial.workers())) or 'none'}  [{status}]")
     for m in trial.modes():
@@ -824,6 +818,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     modules are still being imported; output is written whatever the streams' encoding (:func:`escaping_unencodable`).
     """
     command: str | None = None  # known once the command line is parsed
+    if sys.stdout is None:  # file descriptor 1 closed (`>&-`): Python gives no stream, print() writes nothing
+        print("tensortap: standard output is closed: give the command one (> FILE, > /dev/null)", file=sys.stderr)
+        return EXIT_USAGE
     with escaping_unencodable():
         try:
             parser = build_parser()

@@ -431,6 +431,22 @@ def test_unknown_names_are_errors_with_suggestions(trial_dir: Path) -> None:
         assert message in user_error(cli(*args)), args
 
 
+def test_ls_cuts_a_very_long_name_as_plots_do(tmp_path: Path) -> None:
+    """hunt 41 F10: one tensor name of 3,000 characters made every row of ``ls`` 3,000 columns wide (short names
+    padded to it), so the other columns of every tensor were off an 80-column screen; plots cut names at 120."""
+    long = "w/" + "A" * 3000 + "/end"
+    with Writer(tmp_path / "run") as w, w.stepping():
+        w.save(long, np.float32(1.0), ["weights"])
+        w.save("short", np.float32(2.0), ["weights"])
+    result = cli("ls", str(tmp_path / "run"))
+    assert result.returncode == 0, result.stderr
+    rows = result.stdout.splitlines()
+    assert max(map(len, rows)) < 200, max(map(len, rows))
+    (row,) = [r for r in rows if r.startswith("w/AAA")]
+    assert "\u2026" in row and "A/end" in row and "weights" in row
+    assert long in strict_json(cli("ls", str(tmp_path / "run"), "--json").stdout)["tensors"]  # whole in JSON
+
+
 # ------------------------------------------------------------- pipes, deps
 @pytest.fixture
 def big_trial(tmp_path: Path) -> Path:
@@ -881,8 +897,9 @@ def test_an_ascii_output_writes_what_it_cannot_encode_as_escapes(tmp_path: Path,
 
 
 def test_ls_aligns_the_columns_of_long_and_wide_names(tmp_path: Path) -> None:
-    """Long names are listed whole; but a name of East Asian wide characters (two columns each on a terminal)
-    or with a combining accent pushed the rest of its row off the columns of the others."""
+    """A name of East Asian wide characters (two columns each on a terminal) or with a combining accent pushed
+    the rest of its row off the columns of the others. A name over 120 characters is cut around an ellipsis
+    (hunt 41 F10: ``test_ls_cuts_a_very_long_name_as_plots_do``); its row is aligned all the same."""
     import unicodedata
 
     long = "encoder/" * 30 + "weight"
@@ -900,7 +917,7 @@ def test_ls_aligns_the_columns_of_long_and_wide_names(tmp_path: Path) -> None:
         rows = lines[lines.index(next(line for line in lines if line.startswith("tensor "))) :]
         starts = {width(row[: row.index("weights" if i else "collections")]) for i, row in enumerate(rows) if i != 1}
         assert len(starts) == 1 and len(rows) == 6, rows
-        assert any(row.startswith(f"{long}  ") for row in rows)
+        assert any(row.startswith(long[:59]) and f"{long[-59:]}  " in row for row in rows)
 
 
 # ------------------------------------------------------------ --json errors
@@ -964,6 +981,32 @@ def test_a_stdout_that_cannot_be_written_is_an_error_of_one_line(trial_dir: Path
     (line,) = result.stderr.splitlines()
     expected = "no tensor named 'no/such'" if "no/such" in args else "[Errno 28] No space left on device"
     assert line.startswith(f"tensortap {args[0]}: ") and expected in line, line
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["ls", "{run}"],
+        ["ls", "{run}", "--json"],
+        ["show", "{run}", "losses/loss"],
+        ["export", "{run}"],
+        ["rules", "{run}", "--rule", "exploding_tensor", "--json"],
+    ],
+)
+def test_a_closed_stdout_is_an_error_of_one_line(trial_dir: Path, args: list[str]) -> None:
+    """hunt 41 F1: run with standard output closed (``>&-``, as cron or a service may run it), Python gives no
+    ``sys.stdout``: ``ls`` and ``show`` said "unexpected error: AttributeError(...)", and ``--json`` printed a
+    traceback and exited 1, which ``rules`` uses for "a rule fired" (the rule had not)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "tensortap.cli", *[a.format(run=trial_dir) for a in args]],
+        preexec_fn=lambda: os.close(1),
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.splitlines()
+    assert line == "tensortap: standard output is closed: give the command one (> FILE, > /dev/null)"
 
 
 def test_export_tensorboard_takes_collection_and_refuses_output(trial_dir: Path, tmp_path: Path) -> None:

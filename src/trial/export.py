@@ -7,6 +7,7 @@ import decimal
 import logging
 import math
 import os
+import secrets
 import socket
 import sys
 import time
@@ -79,6 +80,39 @@ def _tfrecords(records: list[bytes]) -> bytes:
     )
 
 
+@contextlib.contextmanager
+def written_whole(path: str) -> Iterator[str]:
+    """The name to write the output file ``path`` under: a hidden one beside it (``.tensortap-<random>.partial``),
+    renamed to ``path`` when the block ends, removed when it raises (Ctrl-C, a full disk).
+
+    An interrupted export or report leaves no file at ``path``: a truncated CSV read back as a complete table,
+    and event files as a complete TensorBoard run. A URL (``s3://``) is written as it is: an object store
+    makes the object once it is whole.
+
+    Parameters
+    ----------
+    path
+        The output file (``~`` expanded).
+
+    Yields
+    ------
+    str
+        The name to write to.
+    """
+    if "://" in path:
+        yield path
+        return
+    target = os.path.expanduser(path)
+    partial = os.path.join(os.path.dirname(target), f".tensortap-{secrets.token_hex(6)}.partial")
+    try:
+        yield partial
+        os.replace(partial, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(partial)
+        raise
+
+
 class _EventFile:
     """The event file of one TensorBoard run (``logdir/train``), as tensorboardX's ``SummaryWriter`` writes it.
 
@@ -89,13 +123,17 @@ class _EventFile:
     (docs/performance.md).
     """
 
-    def __init__(self, logdir: str) -> None:
+    def __init__(self, logdir: str, files: contextlib.ExitStack) -> None:
+        """Open the file (:func:`written_whole`: in place once ``files`` closes without an error) and close it
+        before ``files`` puts it in place."""
         from tensorboardX.proto.event_pb2 import Event
         from tensorboardX.record_writer import directory_check, open_file
 
         directory_check(logdir)
         # tensorboardX's name: the time (seconds) and the host
-        self._file = open_file(os.path.join(logdir, f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}"))
+        name = os.path.join(logdir, f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}")
+        self._file = open_file(files.enter_context(written_whole(name)))
+        files.callback(self.close)
         self._event = Event
         self._pending = [Event(wall_time=time.time(), file_version="brain.Event:2").SerializeToString()]
 
@@ -156,7 +194,9 @@ def export_table(
     output
         ``*.csv``, ``*.parquet`` (needs pyarrow, of the ``notebook`` extra: an ImportError that says so
         without it), or ``"-"`` for CSV on standard output. CSV writes NaN as ``nan`` (not an empty
-        cell); Parquet adds ``value_int`` where needed (:func:`_with_exact_ints`).
+        cell) and a text cell that starts as a formula with a ``'`` before it (:func:`spreadsheet_text`);
+        Parquet adds ``value_int`` where needed (:func:`_with_exact_ints`). A file is written whole or not
+        at all (:func:`written_whole`).
     reductions
         Reduction keys to export for every tensor (saved, or computed from the raw tensor).
     show_progress
@@ -166,21 +206,40 @@ def export_table(
         passes ``tensortap.cli.printable`` when that is a terminal, so that a stranger's tensor
         name cannot act on it (files and pipes get the names as they are).
     """
+    from pandas.api.types import is_string_dtype
+
     path = os.fspath(output)
     suffix = check_output(path, TABLE_SUFFIXES, stdout=True)
     if suffix == ".parquet":
         _require_pyarrow()  # before reading the trial
     df = trial.to_pandas(collection=collection, reductions=reductions, progress=show_progress, exact_ints=True)
+    if suffix == ".parquet":
+        with written_whole(path) as partial:
+            _with_exact_ints(df).to_parquet(partial, index=False, engine="pyarrow")
+        return len(df)
+    shown = escape if path == "-" else None
+    for column in df.columns:
+        if is_string_dtype(df[column]):  # names, workers: text from the trial; each text once (few, many rows)
+            texts = {c: spreadsheet_text(c, shown) if isinstance(c, str) else c for c in df[column].unique()}
+            df[column] = df[column].map(texts)
     if path == "-":
-        if escape is not None:
-            for column in df.select_dtypes(exclude="number").columns:
-                df[column] = df[column].map(lambda cell: escape(cell) if isinstance(cell, str) else cell)
         df.to_csv(sys.stdout, index=False, na_rep="nan")
-    elif suffix == ".parquet":
-        _with_exact_ints(df).to_parquet(path, index=False, engine="pyarrow")
-    else:
-        df.to_csv(path, index=False, na_rep="nan")
+        return len(df)
+    with written_whole(path) as partial:
+        df.to_csv(partial, index=False, na_rep="nan")
     return len(df)
+
+
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+"""What a CSV cell a spreadsheet reads as a formula starts with (OWASP, "CSV Injection")."""
+
+
+def spreadsheet_text(cell: str, escape: Callable[[str], str] | None = None) -> str:
+    """A text cell of a CSV export: ``escape`` applied (if any), then a ``'`` put before a cell that starts
+    with one of :data:`FORMULA_STARTS`, so that a spreadsheet shows a stranger's tensor name
+    ``=HYPERLINK(...)`` as text instead of evaluating it (OWASP's advice for CSV injection)."""
+    text = cell if escape is None else escape(cell)
+    return f"'{text}" if text.startswith(FORMULA_STARTS) else text
 
 
 def _require_pyarrow() -> None:
@@ -303,7 +362,8 @@ def export_tensorboard(
     with values that float32 changes beyond its rounding (integers above 2**24, numbers beyond its range
     or below its smallest normal number) is named in one warning too. Histograms count the finite values
     (a tensor whose reductions show NaN or infinite values is named in a warning), give the outer edges as
-    their min and max, and their sums from the bin centres.
+    their min and max, and their sums from the bin centres. The event files are put in place once all are
+    written (:func:`written_whole`): an export cut short leaves none.
 
     Parameters
     ----------
@@ -334,12 +394,13 @@ def export_tensorboard(
     workers = trial.workers()
     several = len(workers) > 1
     writers: dict[tuple[Mode, str], _EventFile] = {}
+    files = contextlib.ExitStack()  # the event files: in place at the end, removed on an error (a partial run)
 
     def writer(gstep: int, worker: str) -> _EventFile:
         mode = steps.get(gstep, (Mode.GLOBAL, gstep))[0]
         run = (mode.name.lower(), worker) if several else (mode.name.lower(),)
         if (mode, worker) not in writers:
-            writers[mode, worker] = _EventFile(os.path.join(os.fspath(logdir), *run))
+            writers[mode, worker] = _EventFile(os.path.join(os.fspath(logdir), *run), files)
         return writers[mode, worker]
 
     counts = {"scalars": 0, "histograms": 0}
@@ -347,7 +408,7 @@ def export_tensorboard(
     with trial.frozen(), _without_tensorboardx_nan_warning():
         names = trial.tensor_names(collection=collection)  # an unknown collection: before any file is made
         _refuse_earlier_events(logdir)
-        try:
+        with files:
             for name in progress(names, desc="tensors", enable=show_progress):
                 tensor = trial.tensor(name)
                 rows = tensor._rows(None)
@@ -387,7 +448,4 @@ def export_tensorboard(
                     )
                     writer(gstep, worker).add(summary, gstep, times.get(gstep))
                     counts["histograms"] += 1
-        finally:
-            for w in writers.values():
-                w.close()
     return counts

@@ -19,7 +19,7 @@ from ..modes import Mode, step_label, step_word
 from ..reductions import split_key
 from .export import check_output
 from .progress import progress
-from .views import printable, tensor_workers
+from .views import printable, shortened, tensor_workers
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -38,20 +38,19 @@ def check_x(x: str) -> None:
         raise ValueError(f"x: {x!r} is not valid; valid: {', '.join(X_LABELS)}")
 
 
-MAX_TEXT = 120
-"""Characters of a name drawn at most: a longer one keeps its start and end around an ellipsis (a stranger's
-name of two million characters took matplotlib minutes and a gigabyte, then failed to draw)."""
-
-
 def _text(name: str) -> str:
-    """A string from a trial as matplotlib text: control characters escaped (:func:`printable`), shortened
-    to :data:`MAX_TEXT` characters, and ``$`` literal, so that a stranger's name neither starts mathtext
-    (which refuses ``$\\frac{$`` when drawn) nor asks the font for glyphs of control characters."""
-    text = printable(name)
-    if len(text) > MAX_TEXT:
-        half = (MAX_TEXT - 1) // 2
-        text = f"{text[:half]}\u2026{text[-half:]}"
-    return text.replace("$", r"\$")
+    """A string from a trial as matplotlib text: control characters and lone surrogates escaped
+    (:func:`printable`: a trial's path that is not UTF-8 failed to draw), shortened (:func:`shortened`), and
+    ``$`` literal, so that a stranger's name neither starts mathtext (which refuses ``$\\frac{$`` when drawn)
+    nor asks the font for glyphs of control characters."""
+    return shortened(printable(name, unicode=True)).replace("$", r"\$")
+
+
+def _line_label(label: str) -> str:
+    """``label`` as a line's label: matplotlib leaves one starting with ``_`` out of the legend (its name for
+    a line without a label), and a tensor ``_head.weight`` (PyTorch's ``self._head``) was drawn unnamed; a
+    leading space keeps it."""
+    return f" {label}" if label.startswith("_") else label
 
 
 def _pyplot() -> Any:
@@ -209,7 +208,7 @@ def plot_tensors(
                     label += f" ({m.name.lower()})"
                 if worker is not None:
                     label += f" [{_text(worker)}]"
-                ax.plot(xs, ys, marker="." if len(xs) < 50 else None, label=label)
+                ax.plot(xs, ys, marker="." if len(xs) < 50 else None, label=_line_label(label))
                 drawn += 1
     if not drawn:
         first = next((r.tensor(n) for r in runs for n in names if n in r._index.tensors), None)
@@ -268,6 +267,7 @@ def plot_histograms(
     x: XAxis = "step",
     ax: Axes | None = None,
     log: bool = True,
+    worker: str | None = None,
 ) -> Axes:
     """Heat map of the distribution over steps: one column per step, one row per bin, colour = count.
 
@@ -277,6 +277,9 @@ def plot_histograms(
     ``log``: counts coloured on a logarithmic scale from 1 (the colour map's lowest colour;
     empty bins white), so that a tail of a few values shows beside a peak of thousands;
     False: a linear scale from 0.
+    ``worker``: that worker's values; default: where several workers saved the tensor, the first one's
+    (a heat map never joins two workers' values), named in the title (``name: distribution over steps
+    [worker_0]``).
     """
     from matplotlib import colormaps
     from matplotlib.colors import LogNorm, Normalize
@@ -287,7 +290,9 @@ def plot_histograms(
     modes = [m for m in Mode if saved.any_in(trial._index.steps_of_mode(m)[0])]
     if mode is None and modes:
         mode = Mode.TRAIN if Mode.TRAIN in modes else modes[0]
-    hists = tensor.histogram_values(mode, bins=bins)  # by mode step
+    workers = tensor_workers(tensor)
+    worker = workers[0] if worker is None and len(workers) > 1 else worker
+    hists = tensor.histogram_values(mode, worker, bins=bins)  # by mode step
     if not hists:
         raise ValueError(f"{tensor.name!r}: no histogram and no raw tensor was saved at any step")
     m = Mode.parse(mode) if mode is not None else Mode.GLOBAL
@@ -325,7 +330,8 @@ def plot_histograms(
         ax.figure.colorbar(mesh, ax=ax, label="count (log scale)" if log else "count")
     xlabel = X_LABELS[x] if x != "step" else f"{m.name.lower()} step" if m is not Mode.GLOBAL else "step"
     name = _text(tensor.name)
-    ax.set(xlabel=xlabel, ylabel=f"{name} (value)", title=f"{name}: distribution over steps")
+    title = f"{name}: distribution over steps" + (f" [{_text(worker)}]" if worker is not None else "")
+    ax.set(xlabel=xlabel, ylabel=f"{name} (value)", title=title)
     _whole_steps(ax, x)
     return ax
 

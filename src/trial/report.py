@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..exceptions import TensortapError
-from .export import check_output
+from .export import check_output, written_whole
 from .progress import progress
 from .views import frameworks, html_text, trial_html
 
@@ -73,8 +73,10 @@ def _png(draw: Callable[[Axes], Any], figsize: tuple[float, float] = (9, 4)) -> 
 
 
 def _described(ax: Axes) -> str:
-    """The text of an image of ``ax``: its title and the labels of its lines (the first ``MAX_LABELS``)."""
-    labels = [label for line in ax.get_lines() if not (label := str(line.get_label())).startswith("_")]
+    """The text of an image of ``ax``: its title and the labels of its lines (the first ``MAX_LABELS``; a label
+    starting with ``_`` is matplotlib's for a line without one, a name starting so is drawn as `` _name``)."""
+    named = [label for line in ax.get_lines() if not (label := str(line.get_label())).startswith("_")]
+    labels = [label[1:] if label.startswith(" _") else label for label in named]
     more = f", and {len(labels) - MAX_LABELS} more" if len(labels) > MAX_LABELS else ""
     return "; ".join(filter(None, (ax.get_title(), ", ".join(labels[:MAX_LABELS]) + more))) or "plot"
 
@@ -247,7 +249,8 @@ def write_report(
     rules: Sequence[str] | None = None,
     show_progress: bool | None = None,
 ) -> list[Rule]:
-    """Write :func:`build_report` to ``output`` (UTF-8) and return the rules it ran.
+    """Write :func:`build_report` to ``output`` (UTF-8; whole or not at all: :func:`written_whole`) and return
+    the rules it ran.
 
     Returns
     -------
@@ -265,6 +268,6 @@ def write_report(
     """
     check_output(os.fspath(output), REPORT_SUFFIXES)
     html, ran = _report(trial, rules, show_progress)
-    with open(output, "w", encoding="utf-8") as f:
+    with written_whole(os.fspath(output)) as partial, open(partial, "w", encoding="utf-8") as f:
         f.write(html)
     return ran

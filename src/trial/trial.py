@@ -1262,16 +1262,18 @@ class Tensor:
         x: XAxis = "step",
         ax: Axes | None = None,
         log: bool = True,
+        worker: str | None = None,
     ) -> Axes:
         """The distribution over steps as a heat map (x: step, y: value, colour: count), as TensorBoard's.
 
         Without ``mode``: the TRAIN steps if there are any, else the first mode's. ``log``: the
         counts coloured on a logarithmic scale (the default: a tail of a few values shows beside
-        a peak of thousands), else a linear one.
+        a peak of thousands), else a linear one. ``worker``: that worker's values (default: where
+        several workers saved the tensor, the first one's, named in the title).
         """
         from .plot import plot_histograms
 
-        return plot_histograms(self, mode, bins, x, ax, log)
+        return plot_histograms(self, mode, bins, x, ax, log, worker)
 
     def available_reductions(self, step: int, mode: Mode | str | None = None, worker: str | None = None) -> list[str]:
         """Reduction keys saved at ``step`` (any reduction is computable when the raw tensor was saved)."""

@@ -30,9 +30,11 @@ _CONTROLS = "\x00-\x1f\x7f-\x9f\xad\u061c\u180e\u200b-\u200f\u2028-\u202e\u2060-
 CONTROL_CHARACTERS = re.compile(f"[{_CONTROLS}]")
 #: The same and the backslash: what :func:`printable` escapes in a name, so that its escapes read one way.
 ESCAPED_IN_NAMES = re.compile(f"[\\\\{_CONTROLS}]")
+#: Lone surrogates: the bytes of a path that are not UTF-8, as Python decodes them (``r\udce9sultats``).
+SURROGATES = re.compile("[\ud800-\udfff]")
 
 
-def printable(text: str, message: bool = False) -> str:
+def printable(text: str, message: bool = False, unicode: bool = False) -> str:
     """``text`` with every control character escaped as Python writes it (``\\x1b``, ``\\n``, ``\\u202e``),
     and its backslashes too (``\\\\``) unless it is a ``message``.
 
@@ -52,6 +54,10 @@ def printable(text: str, message: bool = False) -> str:
         backslashes are kept, since the names a message quotes are quoted with ``repr`` (escaped
         already: escaping them again would double their backslashes); control characters are
         escaped all the same.
+    unicode
+        The text must be valid Unicode (HTML, a plot's text): lone surrogates (:data:`SURROGATES`, a path
+        that is not UTF-8) are escaped too (``\\udce9``); text output writes them back as the bytes they
+        stand for.
 
     Returns
     -------
@@ -59,13 +65,33 @@ def printable(text: str, message: bool = False) -> str:
         ``text`` itself when it has nothing to escape.
     """
     pattern = CONTROL_CHARACTERS if message else ESCAPED_IN_NAMES
-    return pattern.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+    text = pattern.sub(_escaped, text)
+    return SURROGATES.sub(_escaped, text) if unicode else text
+
+
+def _escaped(match: re.Match[str]) -> str:
+    return match.group().encode("unicode_escape").decode("ascii")
+
+
+MAX_TEXT = 120
+"""Characters of a name shown at most in a plot or a table of ``ls``: a longer one keeps its start and end
+around an ellipsis (:func:`shortened`; a stranger's name of two million characters took matplotlib minutes
+and a gigabyte, then failed to draw, and one of 3,000 made every row of ``ls`` 3,000 columns wide)."""
+
+
+def shortened(text: str) -> str:
+    """``text`` cut to :data:`MAX_TEXT` characters, its start and end kept around ``…``; ``text`` itself
+    when it is no longer."""
+    if len(text) <= MAX_TEXT:
+        return text
+    half = (MAX_TEXT - 1) // 2
+    return f"{text[:half]}\u2026{text[-half:]}"
 
 
 def html_text(text: str, message: bool = False) -> str:
-    """``text`` for HTML: escaped as :func:`printable` writes it (a ``message`` keeps its backslashes), then
-    HTML-escaped."""
-    return escape(printable(text, message))
+    """``text`` for HTML: escaped as :func:`printable` writes it (a ``message`` keeps its backslashes; lone
+    surrogates escaped too: the page is UTF-8), then HTML-escaped."""
+    return escape(printable(text, message, unicode=True))
 
 
 MAX_ROWS = 200  # tensors listed in a trial's HTML table
@@ -147,11 +173,36 @@ NO_DATA = "no data yet (no worker has started)"
 """The status of a trial with no worker (an empty folder: a run about to start)."""
 
 
-def _status(trial: Trial) -> str:
-    status = NO_DATA if not trial.workers() else "ended" if trial.training_ended else RUNNING
-    killed = killed_workers(trial)
-    notes = (awaited_note(trial), killed_note(killed) if killed else None)
-    return ": ".join([status, *(note for note in notes if note)])
+def status_parts(trial: Trial) -> list[tuple[str, str]]:
+    """The parts of a trial's status (``ls``, the notebook views, the report), each with its tone.
+
+    Parameters
+    ----------
+    trial
+        The trial.
+
+    Returns
+    -------
+    list of (str, str)
+        ``(text, tone)``, texts escaped already: first :data:`NO_DATA`, ``"ended"`` or :data:`RUNNING`; then
+        :func:`awaited_note`, :func:`killed_note` and each of :func:`failure_notes`, where they apply. Tone
+        ``"ok"`` (ended), ``"wait"`` (no data, running, awaited) or ``"bad"`` (killed, failed).
+    """
+    if not trial.workers():
+        parts = [(NO_DATA, "wait")]
+    else:
+        parts = [("ended", "ok") if trial.training_ended else (RUNNING, "wait")]
+    if awaited := awaited_note(trial):  # a worker of the run's world size that has not started writing
+        parts.append((awaited, "wait"))
+    if killed := killed_workers(trial):  # its process ended without its end marker
+        parts.append((killed_note(killed), "bad"))
+    parts += [(note, "bad") for note in failure_notes(trial)]  # its training raised: "ended" alone read as a success
+    return parts
+
+
+def status_text(trial: Trial) -> str:
+    """``"ended: worker_0 killed"``: the texts of :func:`status_parts` joined."""
+    return ": ".join(text for text, _ in status_parts(trial))
 
 
 def _kv_rows(rows: list[tuple[str, str]]) -> str:
@@ -161,14 +212,14 @@ def _kv_rows(rows: list[tuple[str, str]]) -> str:
 
 
 def trial_text(trial: Trial) -> str:
-    """One line: path, steps per mode, tensors, workers and status."""
+    """One line: path, steps per mode, tensors, workers and status (:func:`status_text`, as the HTML view)."""
     modes = ", ".join(f"{m.name.lower()} {len(trial.steps(m))}" for m in trial.modes())
     idx = trial._index
     complete = len(trial.steps())
     more = f" (+{len(idx.steps) - complete} incomplete)" if len(idx.steps) > complete else ""
     return (
         f"<Trial {trial.path!r}: {complete} steps{more} ({modes or 'none'}), {len(idx.tensors)} tensors, "
-        f"{len(trial.workers())} worker(s), {'ended' if trial.training_ended else 'running'}>"
+        f"{len(trial.workers())} worker(s), {status_text(trial)}>"
     )
 
 
@@ -179,7 +230,7 @@ def trial_html(trial: Trial) -> str:
         ("path", html_text(trial.path)),
         ("framework", html_text(", ".join(sorted(frameworks(trial))) or "unknown")),
         ("workers", html_text(", ".join(trial.workers()) or "none")),
-        ("status", html_text(_status(trial))),
+        ("status", html_text(status_text(trial), message=True)),  # its names escaped already
     ]
     for m in trial.modes():
         rows.append((f"{m.name.lower()} steps", _range_text(trial.steps(m, show_incomplete=True))))
@@ -220,23 +271,48 @@ def tensor_text(tensor: Tensor) -> str:
     return f"<Tensor {tensor.name!r}: {info['steps']} steps, {what}, collections {collections}>"
 
 
-def sparkline(values: list[float], width: int = 160, height: int = 32) -> str:
-    """An inline SVG polyline of ``values`` (finite ones; at most SPARK_POINTS, evenly sampled)."""
-    y = np.asarray(values, dtype=np.float64)
-    y = y[np.isfinite(y)]
-    if len(y) > SPARK_POINTS:
-        y = y[np.linspace(0, len(y) - 1, SPARK_POINTS).astype(int)]
+def nonfinite_note(values: np.ndarray) -> str | None:
+    """``"2 NaN, 1 inf of 8 values (red marks)"``: the non-finite ``values`` a sparkline marks rather than
+    draws; None when all are finite."""
+    counts = {
+        "NaN": int(np.isnan(values).sum()),
+        "inf": int(np.isposinf(values).sum()),
+        "-inf": int(np.isneginf(values).sum()),
+    }
+    shown = ", ".join(f"{n} {kind}" for kind, n in counts.items() if n)
+    return f"{shown} of {len(values)} values (red marks)" if shown else None
+
+
+def sparkline(series: dict[int, float], width: int = 160, height: int = 32) -> str:
+    """An inline SVG of ``series`` (step: value): a polyline of its finite values (at most SPARK_POINTS,
+    evenly sampled) placed by step, so that missing steps leave a gap, and a red mark across the height at
+    each step of a NaN or infinite value (a diverged loss read as a smooth one when they were left out),
+    with :func:`nonfinite_note` under it; ``""`` when there is nothing to draw."""
+    steps = np.asarray(sorted(series), dtype=np.float64)
+    y = np.asarray([series[s] for s in sorted(series)], dtype=np.float64)
     if len(y) < 2:
         return ""
-    lo, hi = float(y.min()), float(y.max())
-    span = hi - lo or 1.0
-    xs = np.linspace(1, width - 1, len(y))
-    ys = height - 1 - (y - lo) / span * (height - 2)
-    points = " ".join(f"{a:.1f},{b:.1f}" for a, b in zip(xs, ys, strict=True))
-    return (
-        f"<svg width='{width}' height='{height}' xmlns='http://www.w3.org/2000/svg'>"
-        f"<polyline fill='none' stroke='#1f77b4' stroke-width='1.5' points='{points}'/></svg>"
-    )
+    first, span_x = steps[0], steps[-1] - steps[0] or 1.0
+    xs = 1 + (steps - first) / span_x * (width - 2)
+    finite = np.isfinite(y)
+    fx, fy = xs[finite], y[finite]
+    if len(fy) > SPARK_POINTS:
+        keep = np.linspace(0, len(fy) - 1, SPARK_POINTS).astype(int)
+        fx, fy = fx[keep], fy[keep]
+    parts = []
+    if len(fy) >= 2:
+        lo, hi = float(fy.min()), float(fy.max())
+        span = hi - lo or 1.0
+        ys = height - 1 - (fy - lo) / span * (height - 2)
+        points = " ".join(f"{a:.1f},{b:.1f}" for a, b in zip(fx, ys, strict=True))
+        parts.append(f"<polyline fill='none' stroke='#1f77b4' stroke-width='1.5' points='{points}'/>")
+    for x in sorted({round(float(x)) for x in xs[~finite]}):  # one mark a pixel: at most `width` of them
+        parts.append(f"<line x1='{x}' x2='{x}' y1='0' y2='{height}' stroke='#d62728' stroke-width='1'/>")
+    if not parts:
+        return ""
+    note = nonfinite_note(y)
+    svg = f"<svg width='{width}' height='{height}' xmlns='http://www.w3.org/2000/svg'>{''.join(parts)}</svg>"
+    return svg + (f"<br><small>{note}</small>" if note else "")
 
 
 def tensor_workers(tensor: Tensor) -> list[str]:
@@ -281,7 +357,7 @@ def tensor_html(tensor: Tensor) -> str:
         key, values = default_series(tensor)
     except (TensortapError, ValueError, KeyError):
         key, values = "", {}
-    spark = sparkline(list(values.values()))
+    spark = sparkline(values)
     if spark:
         rows.append((html_text(key), spark))
     return f"<div class='tensortap-tensor'><table>{_kv_rows(rows)}</table></div>"

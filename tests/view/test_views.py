@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import math
+import os
 import re
+import subprocess
+import sys
+from html import escape
 from pathlib import Path
 
 import numpy as np
@@ -552,3 +556,130 @@ def test_histogram_arguments_are_checked_before_anything_is_drawn(tmp_path: Path
             with pytest.raises(ValueError, match=r"bins: expected a number of bins \(1 to 4096\)"):
                 read(bins)
     assert x.histogram_value(1, bins=np.int64(2)).counts.tolist() == [2, 3]
+
+
+def test_a_sparkline_marks_nan_and_inf_values_at_their_steps(tmp_path: Path) -> None:
+    """hunt 41 F2: the sparkline of a loss that diverged (NaN, inf) left those values out and spaced the rest
+    evenly: 1.0, 0.9, 0.7, 0.5 read as a smooth decreasing loss, and nothing in the view said NaN; a tensor
+    whose mean was NaN at every step lost its sparkline row without a word."""
+    loss = [1.0, 0.9, np.nan, 0.7, np.inf, 0.5, np.nan, np.nan]
+    with Writer(tmp_path) as w:
+        for value in loss:
+            with w.stepping():
+                w.save("losses/loss", np.float32(value), ["losses"])
+                w.save("weights/nanw", np.full(3, np.nan, np.float32), ["weights"])
+    trial = tensortap.create_trial(tmp_path)
+    html = trial.tensor("losses/loss")._repr_html_()
+    assert "3 NaN, 1 inf of 8 values (red marks)" in html
+    points = re.search(r"points='([^']+)'", html)
+    assert points is not None
+    xs = [float(p.split(",")[0]) for p in points.group(1).split()]
+    marks = [float(x) for x in re.findall(r"<line x1='([^']+)'", html)]
+    step_x = [1 + s / 7 * 158 for s in range(8)]  # placed by step: the gaps show
+    np.testing.assert_allclose(xs, [step_x[s] for s in (0, 1, 3, 5)], atol=0.06)
+    np.testing.assert_allclose(marks, [round(step_x[s]) for s in (2, 4, 6, 7)])
+    assert "8 NaN of 8 values (red marks)" in trial.tensor("weights/nanw")._repr_html_()
+
+
+def test_a_name_starting_with_an_underscore_keeps_its_legend_entry(tmp_path: Path) -> None:
+    """hunt 41 F4: matplotlib leaves a label starting with ``_`` out of the legend, so a PyTorch submodule
+    ``self._head`` was drawn as an unnamed line (alone: an empty legend and matplotlib's warning), and the
+    report's image text left it out too."""
+    from tensortap.trial.report import build_report
+
+    with Writer(tmp_path) as w:
+        for step in range(3):
+            with w.stepping():
+                for name in ("_head.weight", "body.weight"):
+                    w.save(f"gradients/{name}", np.arange(4.0) * step, ["gradients"])
+                w.save("_loss", np.float32(1.0 / (step + 1)), ["losses"])
+    trial = tensortap.create_trial(tmp_path)
+    ax = trial.plot(["gradients/body.weight", "gradients/_head.weight"])
+    legend = [t.get_text().strip() for t in ax.get_legend().get_texts()]
+    assert legend == ["gradients/body.weight", "gradients/_head.weight"]
+    assert [t.get_text().strip() for t in trial.tensor("_loss").plot().get_legend().get_texts()] == ["_loss"]
+    alts = re.findall(r"<img alt='([^']*)'", build_report(trial, rules=["exploding_tensor"], show_progress=False))
+    assert any(a.endswith("; _loss") for a in alts), alts
+    assert any("gradients/_head.weight, gradients/body.weight" in a for a in alts), alts
+
+
+FAILING_TRAINING = """
+import numpy as np, os, signal, sys
+from tensortap.capture import Writer
+w = Writer(sys.argv[1])
+for step in range(3):
+    with w.stepping():
+        w.save("losses/loss", np.float32(1.0 / (step + 1)), ["losses"])
+if sys.argv[2] == "killed":
+    w.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+with w:
+    raise RuntimeError("CUDA out of memory at epoch 1")
+"""
+
+
+def test_a_failed_killed_or_empty_trial_reads_so_in_repr_html_ls_and_the_report(tmp_path: Path) -> None:
+    """hunt 41 F5, F6: a training that died of an exception read as plain "ended" in the notebook view, its
+    ``repr``, ``ls`` and the report's summary (only ``rules`` said so); ``repr`` said "ended" of a killed
+    run and "running" of an empty folder, where the HTML view said "worker_0 killed" and "no data yet"."""
+    from helpers.cli import cli
+
+    from tensortap.trial.report import build_report
+
+    for how in ("failed", "killed"):
+        subprocess.run([sys.executable, "-c", FAILING_TRAINING, str(tmp_path / how), how], timeout=120)
+    (tmp_path / "empty").mkdir()
+    expected = {
+        "failed": "ended: worker_0 ended with reason 'exception': RuntimeError: CUDA out of memory at epoch 1",
+        "killed": "ended: worker_0 killed",
+        "empty": "no data yet (no worker has started)",
+    }
+    for how, status in expected.items():
+        trial = tensortap.create_trial(tmp_path / how)
+        assert repr(trial).endswith(f", {status}>"), repr(trial)
+        assert f"<td style='text-align:left'>{escape(status)}</td>" in trial._repr_html_()
+        assert f"[{status}]" in cli("ls", str(tmp_path / how)).stdout
+    report = build_report(tensortap.create_trial(tmp_path / "failed"), show_progress=False)
+    assert escape(expected["failed"]) in report
+
+
+def test_a_trial_path_that_is_not_utf_8_is_shown_escaped(tmp_path: Path) -> None:
+    """hunt 41 F7: a trial folder named with a byte that is not UTF-8 (Latin-1 ``r\\xe9sultats``, which Python
+    reads as the lone surrogate ``\\udce9``) failed to draw any plot ("set_text(): incompatible function
+    arguments", the path is every plot's title), ``write_report`` raised it, and the notebook's HTML held the
+    surrogate, which cannot be sent as UTF-8."""
+    from tensortap.trial.report import write_report
+
+    folder = os.fsdecode(os.fsencode(str(tmp_path)) + b"/r\xe9sultats")
+    try:
+        os.mkdir(folder)
+    except (UnicodeEncodeError, OSError):
+        pytest.skip("this file system takes no name that is not UTF-8")
+    with Writer(folder) as w:
+        for step in range(3):
+            with w.stepping():
+                w.save("losses/loss", np.float32(1.0 / (step + 1)), ["losses"])
+                w.save("weights/w", np.arange(4.0) * step, ["weights"])
+    trial = tensortap.create_trial(folder)
+    ax = trial.plot("losses/loss")
+    ax.figure.savefig(tmp_path / "plot.png")
+    assert ax.get_title().endswith("r\\udce9sultats")
+    write_report(trial, tmp_path / "report.html", rules=["exploding_tensor"], show_progress=False)
+    assert "r\\udce9sultats" in (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert "r\\udce9sultats" in trial._repr_html_().encode("utf-8").decode("utf-8")
+
+
+def test_plot_histograms_of_a_tensor_two_workers_saved_names_the_worker_drawn(tmp_path: Path) -> None:
+    """hunt 41 F8: the heat map of a tensor two workers saved drew each step's first worker's values with a
+    title that named none (worker_1's values, 1000 more, were nowhere); ``worker=`` draws another one's."""
+    for rank in (0, 1):
+        with Writer(tmp_path, rank=rank, world_size=2) as w:
+            for step in range(3):
+                with w.stepping():
+                    w.save("weights/w", np.full(4, step + 1000.0 * rank, np.float32), ["weights"])
+    tensor = tensortap.create_trial(tmp_path).tensor("weights/w")
+    for worker, low in (("worker_0", 0.0), ("worker_1", 1000.0)):
+        ax = tensor.plot_histograms(worker=None if worker == "worker_0" else worker)
+        assert ax.get_title() == f"weights/w: distribution over steps [{worker}]"
+        edges = ax.collections[0].get_coordinates()[:, 0, 1]
+        assert low <= edges.min() and edges.max() <= low + 3
