@@ -553,6 +553,23 @@ def test_a_resumed_fit_numbers_its_steps_on_from_the_optimizer_iterations(tmp_pa
         ttk.Callback(tmp_path / "a", **kw)
 
 
+@pytest.mark.skipif(BACKEND == "torch", reason="Keras's torch backend requires steps_per_execution=1")
+def test_a_resumed_fit_counts_the_partial_executions_of_the_epochs_done(tmp_path: Path) -> None:
+    """hunt 43 F3: with ``steps_per_execution=2`` and 3 batches an epoch (executions of 2 and 1), 2 epochs run 4
+    executions (TRAIN steps 0-3) and 6 ``iterations``: a resumed ``fit(initial_epoch=2)`` with a new callback
+    numbered its first step ``6 // 2 = 3``, the number of the first run's last step. Now 4."""
+    kw: dict[str, Any] = {"save_config": EVERY_STEP, "include_collections": ["weights", "biases"]}
+    model = mlp(steps_per_execution=2)
+    model.fit(X, Y, batch_size=BATCH, epochs=2, callbacks=[ttk.Callback(tmp_path / "a", **kw)], verbose=0)
+    rec = Recorder()
+    cb = ttk.Callback(tmp_path / "b", **kw)
+    model.fit(X, Y, batch_size=BATCH, epochs=3, initial_epoch=2, callbacks=[cb, rec], verbose=0)
+    assert tensortap.create_trial(tmp_path / "a").steps(mode=Mode.TRAIN) == [0, 1, 2, 3]
+    resumed = tensortap.create_trial(tmp_path / "b")
+    assert resumed.steps(mode=Mode.TRAIN) == [4, 5]
+    np.testing.assert_allclose(resumed.tensor("dense/kernel").value(4, mode=Mode.TRAIN), rec.weights[0][0])
+
+
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="XLA's static shapes matter for TensorFlow's variables")
 def test_xla_with_a_partial_batch_keeps_every_value(tmp_path: Path) -> None:
     # 40 rows in batches of 16: Keras traces with an unknown batch dimension; the values
@@ -727,6 +744,34 @@ def test_a_cell_called_in_a_loop_gives_its_last_value(tmp_path: Path) -> None:
             trial.tensor("outputs/lstm/lstm_cell/0").value(s, mode=Mode.TRAIN),
             trial.tensor("outputs/lstm").value(s, mode=Mode.TRAIN),
         )
+
+
+@pytest.mark.skipif(BACKEND == "torch", reason="Keras's torch LSTM runs one fused kernel: its cell is never called")
+def test_a_masked_recurrent_layer_is_named_in_one_warning_as_its_cell_is_not_its_output(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """hunt 43 F1: with a mask (``Masking``, ``Embedding(mask_zero=True)``) and sequences padded at their end,
+    the cell's kept value is its call at the loop's last timestep, on the padding, while Keras keeps the output
+    of each sequence's last unmasked timestep: the docs said the two were equal, and nothing said otherwise.
+    Now the docs say when they differ, and one warning per layer names it."""
+    x = RNG.normal(size=(48, 3, 2)).astype("float32")
+    x[::2, 1:] = 0.0  # every other sequence is one timestep long, padded
+    lstm = keras.layers.LSTM(4, name="lstm", use_cudnn=False)
+    model = keras.Sequential([keras.Input((3, 2)), keras.layers.Masking(0.0), lstm, keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.SGD(LR), loss="mse")
+    cb = ttk.Callback(tmp_path, save_config=EVERY_STEP, include_collections=["outputs"])
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        model.fit(x, Y, batch_size=BATCH, epochs=2, shuffle=False, callbacks=[cb], verbose=0)
+    assert [r.getMessage() for r in caplog.records if r.name == "tensortap"] == [
+        "tensortap: layer lstm receives a mask: its cell's values (outputs/lstm/...) are those of its call at the "
+        "loop's last timestep, computed on the padding of a sequence that ends earlier, while the layer's output "
+        "(outputs/lstm) is that of each sequence's last unmasked timestep: they differ there"
+    ]
+    trial = tensortap.create_trial(tmp_path)
+    cell = trial.tensor("outputs/lstm/lstm_cell/0").value(0, mode=Mode.TRAIN)
+    output = trial.tensor("outputs/lstm").value(0, mode=Mode.TRAIN)
+    np.testing.assert_array_equal(cell[1::2], output[1::2])  # unpadded: the layer's output
+    assert not np.allclose(cell[::2], output[::2])
 
 
 # what is kept of a recurrent layer's cell (quickstart-keras, "Recurrent layers"), by backend, run mode and layer:
@@ -1521,6 +1566,38 @@ def test_a_deep_copy_of_the_callback_writes_the_trials_next_run(
     overwrite = ttk.Callback(tmp_path / "o", include_collections=["losses"], if_exists="overwrite")
     assert copy.deepcopy(overwrite).out_dir == overwrite.out_dir  # if_exists given: as it says
     overwrite.close()
+
+
+def test_a_callback_given_to_the_calls_of_another_model_writes_the_trials_next_run(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """hunt 43 F2: a callback made with ``close_on_train_end=False`` given to ``a.fit`` then to ``b.fit`` of
+    another model wrote b's steps into a's trial, under the same names, numbered on (``dense/kernel`` of shape
+    (6, 5) at steps 0-2, (6, 1) at steps 3-5), without a word. Now b's calls are the trial's next run, with one
+    warning; the same model's later calls go on in its run, as before."""
+    a, b = mlp(), linear()  # both name their first layer "dense"
+    b.compile(optimizer=keras.optimizers.SGD(LR), loss="mse")
+    cb = ttk.Callback(tmp_path / "t", save_config=EVERY_STEP, close_on_train_end=False)
+    a.fit(X, Y, batch_size=BATCH, callbacks=[cb], verbose=0)
+    a.evaluate(X, Y, batch_size=BATCH, callbacks=[cb], verbose=0)
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        b.fit(X, Y, batch_size=BATCH, callbacks=[cb], verbose=0)
+        b.fit(X, Y, batch_size=BATCH, callbacks=[cb], verbose=0)
+        b.evaluate(X, Y, batch_size=BATCH, callbacks=[cb], verbose=0)
+    cb.close()
+    run = str(tmp_path / "t" / "run-0")
+    assert cb.out_dir == run
+    assert [r.getMessage() for r in caplog.records if r.name == "tensortap"] == [
+        f"tensortap: this callback wrote the steps of model {a.name!r} to {tmp_path / 't'}, and a run holds one "
+        f"model's steps: those of model {b.name!r} are written to {run}, the trial's next run. Give each model a "
+        "callback of its own"
+    ]
+    first = tensortap.create_trial(tmp_path / "t")
+    assert first.steps(mode=Mode.TRAIN) == [0, 1, 2] and first.steps(mode=Mode.EVAL) == [0, 1, 2]
+    assert {v.shape for v in first.tensor("dense/kernel").values(mode=Mode.TRAIN).values()} == {(6, 5)}
+    second = tensortap.create_trial(run)
+    assert second.steps(mode=Mode.TRAIN) == [0, 1, 2, 3, 4, 5] and second.steps(mode=Mode.EVAL) == [0, 1, 2]
+    np.testing.assert_allclose(second.tensor("dense/kernel").value(5, mode=Mode.TRAIN), numpy_weights(b)[0])
 
 
 def test_stop_request_sets_stop_training(tmp_path: Path) -> None:

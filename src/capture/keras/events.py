@@ -192,7 +192,9 @@ class Callback(keras.callbacks.Callback):
     close_on_train_end
         Close the trial (mark training as ended) when ``fit`` ends. Set False
         to go on capturing ``evaluate``/``predict`` with the same callback,
-        then call :meth:`close`.
+        then call :meth:`close`. A run holds one model's steps: a call of
+        another model starts the trial's next run (``out_dir/run-<n>``, as a
+        copy of the callback does), with a warning.
     all_reduce_max
         For several processes training together: a blocking collective that
         takes this process's flag (0 or 1) and returns the maximum over all
@@ -288,6 +290,7 @@ class Callback(keras.callbacks.Callback):
         # as a layer may change its input in place only when training
         self._as_given: dict[tuple[Mode, str, Slot], bool] = {}
         self._warned_changed: set[str] = set()
+        self._warned_masked: set[str] = set()  # recurrent layers (by path) warned about receiving a mask
         self._skipped: set[str] = set()
         self._accepting = False
         self.flags_now = NO_FLAGS
@@ -301,6 +304,7 @@ class Callback(keras.callbacks.Callback):
         self._making = False
         self._entering = False  # _enter builds the step function (make_<kind>_function) of its call
         self._first_train_batch = False  # the next train batch is a fit's first: compare the counts then
+        self._epoch: int | None = None  # the epoch begun last (at a fit's first batch: its first, see _steps_done)
         # the optimizer of the last fit, and how far the callback's TRAIN count was ahead of Keras's at its first batch
         self._keras_lead: tuple[weakref.ref[Any], int] | None = None
         self._extra_keys: dict[tuple[str, Slot], str] = {}
@@ -314,6 +318,7 @@ class Callback(keras.callbacks.Callback):
         self._keras_own: dict[str, Callable[..., Any]] = {}  # the model's own step functions, see _leave_step_functions
         self._warned_closed = False
         self._closed_by_fit = False  # closed by on_train_end (close_on_train_end): _attach says so
+        self._last_model: weakref.ref[Any] | None = None  # the model of the last call (see _one_model_a_run)
 
     @classmethod
     def from_json(
@@ -337,13 +342,17 @@ class Callback(keras.callbacks.Callback):
         ``search()`` for each trial (their writer and session cannot be copied). Its run is judged from scratch,
         by fresh copies of the in-process rules as they were given (``copied.hook.rules``)."""
         copied = type(self).__new__(type(self))
-        make = self._make if self._if_exists_given else functools.partial(self._make, if_exists="new_run")
-        copied._setup(
-            make, True, self.close_on_train_end, self.all_reduce_max, self.session.max_calls, self._rules.copy()
-        )
-        copied._make, copied._if_exists_given = self._make, self._if_exists_given
+        copied._setup_next_run(self, self._rules.copy())
         logger.warning("tensortap: a copy of the callback writing %s writes %s", self.out_dir, copied.out_dir)
         return copied
+
+    def _setup_next_run(self, like: Callback, rules: RuleSet) -> None:
+        """Set this callback up afresh with ``like``'s configuration, writing the next run of its trial
+        (``out_dir/run-<n>``, unless ``if_exists`` was given: then as that says), judged by ``rules``."""
+        make, if_exists_given = like._make, like._if_exists_given
+        next_run = make if if_exists_given else functools.partial(make, if_exists="new_run")
+        self._setup(next_run, True, like.close_on_train_end, like.all_reduce_max, like.session.max_calls, rules)
+        self._make, self._if_exists_given = make, if_exists_given
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Callback | None:
@@ -395,6 +404,8 @@ class Callback(keras.callbacks.Callback):
     def set_model(self, model: Any) -> None:
         """Keras gives a call's callbacks the model before it builds the call's step functions: the model's
         step functions of Keras's own now are those it held before the call (see :meth:`_leave_step_functions`)."""
+        if not self._depth and model is not None:
+            self._one_model_a_run(model)
         super().set_model(model)
         if not self._depth:
             self._keras_own = {
@@ -402,6 +413,28 @@ class Callback(keras.callbacks.Callback):
                 for fn in _STEP_FUNCTIONS
                 if (f := getattr(model, fn, None)) is not None and not isinstance(f, ReportedStep)
             }
+
+    def _one_model_a_run(self, model: Any) -> None:
+        """Before a call with ``model`` (``fit``, ``evaluate``, ``predict``, :meth:`attach`): a run holds the steps of
+        one model. Where the callback's open trial holds steps of another model (the callback given to the fits of
+        two models), its run is closed and this call starts the trial's next run, as a copy of the callback does
+        (:meth:`_setup_next_run`), with one warning naming both folders; its steps are numbered as a first fit's."""
+        last, self._last_model = self._last_model, weakref.ref(model)
+        writer = self.hook.writer
+        if last is None or last() is model or self.hook.step < 0 or writer is None or writer.closed:
+            return
+        earlier, before = self.out_dir, last()
+        self.close()
+        self._setup_next_run(self, self._rules)
+        self._last_model = weakref.ref(model)
+        logger.warning(
+            "tensortap: this callback wrote the steps of %s to %s, and a run holds one model's steps: those of "
+            "model %r are written to %s, the trial's next run. Give each model a callback of its own",
+            "another model" if before is None else f"model {getattr(before, 'name', '')!r}",
+            earlier,
+            getattr(model, "name", ""),
+            self.out_dir,
+        )
 
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         self._enter("train")
@@ -426,6 +459,9 @@ class Callback(keras.callbacks.Callback):
 
     def on_predict_end(self, logs: dict[str, Any] | None = None) -> None:
         self._exit()
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self._epoch = epoch
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         self._finish_step()
@@ -452,7 +488,7 @@ class Callback(keras.callbacks.Callback):
         under other numbers than Keras's: one warning names both.
         """
         model = self._model
-        done = _steps_done(model)
+        done = _steps_done(model, self._epoch, (self.params or {}).get("steps"))
         if Mode.TRAIN not in self.hook.mode_steps:
             self.hook.number_on(Mode.TRAIN, done)
         after = self.hook.mode_steps[Mode.TRAIN] + 1  # the number of the fit's first step
@@ -1373,6 +1409,8 @@ class Callback(keras.callbacks.Callback):
                 # the path, known once the layer is built: "block/inner" for a layer nested in "block"
                 path = self._renamed.get(id(layer)) or self._name(_path(layer))
                 i = self._call_index(path)
+                if kwargs.get("mask") is not None and isinstance(layer, keras.layers.RNN):
+                    self._warn_masked(path)
                 if args:
                     inputs = flatten("", args[0], is_tensor)
                     self._tap("inputs", [(Slot(f"inputs/{path}", i, sub), v) for sub, v in inputs])
@@ -1380,6 +1418,21 @@ class Callback(keras.callbacks.Callback):
             return out
 
         return wrapped
+
+    def _warn_masked(self, path: str) -> None:
+        """A recurrent layer at ``path`` given a mask: one warning per layer that its cell's values are not the
+        layer's output (Keras keeps the output of each sequence's last unmasked timestep, not of the last one)."""
+        if path in self._warned_masked or "outputs" not in self.hook.included:
+            return
+        self._warned_masked.add(path)
+        logger.warning(
+            "tensortap: layer %s receives a mask: its cell's values (outputs/%s/...) are those of its call at the "
+            "loop's last timestep, computed on the padding of a sequence that ends earlier, while the layer's "
+            "output (outputs/%s) is that of each sequence's last unmasked timestep: they differ there",
+            path,
+            path,
+            path,
+        )
 
     def _call_index(self, path: str) -> int:
         """The index of this call of the layer at ``path`` in the running step (or in the graph being traced).
@@ -1528,10 +1581,15 @@ def _on_host(extras: dict[str, Any]) -> dict[str, Any]:
     return extras
 
 
-def _steps_done(model: Any) -> int:
+def _steps_done(model: Any, epoch: int | None, steps: int | None) -> int:
     """The steps ``model`` was trained so far, as Keras counts them: its optimizer's ``iterations`` (a model
     restored by ``keras.models.load_model`` has those of the run it was saved in), one step per execution
     of ``steps_per_execution`` batches. Where a callback's first ``fit`` starts numbering.
+
+    A ``fit`` of ``steps`` batches an epoch that begins at ``epoch`` after as many whole epochs of those
+    (``iterations == epoch * steps``) counts ``ceil(steps / N)`` executions an epoch, as Keras ran them (the
+    last one partial); otherwise ``iterations // N``, which is one less per epoch that ended in a partial
+    execution.
 
     Not at a later ``fit`` of the same callback, which counts on from the steps Keras ran: compiled on
     TensorFlow, over data of unknown length, ``iterations`` also counts the step that found no batch at
@@ -1540,7 +1598,11 @@ def _steps_done(model: Any) -> int:
     optimizer = getattr(model, "optimizer", None)
     if optimizer is None:
         return 0
-    return int(keras.ops.convert_to_numpy(optimizer.iterations)) // max(int(model.steps_per_execution), 1)
+    iterations = int(keras.ops.convert_to_numpy(optimizer.iterations))
+    n = max(int(model.steps_per_execution), 1)
+    if epoch and steps and iterations == epoch * steps:  # whole epochs, each ending in a partial execution
+        return epoch * -(-steps // n)
+    return iterations // n
 
 
 def _ran_out(error: BaseException) -> bool:
