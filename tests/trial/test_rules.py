@@ -339,6 +339,32 @@ def test_class_rules_pool_the_labels_and_predictions_of_every_worker(tmp_path: P
     assert verdict.reason == "predicted class 1: 0.75 correct < min_diag 0.9 at step 0"  # 3 of its 4 samples
 
 
+def test_class_rules_judge_the_workers_that_saved_labels_and_predictions(tmp_path: Path) -> None:
+    """hunt 56 F5: both workers save labels, worker_0 alone its predictions (all wrong). The worker sets
+    differed, so Confusion and ClassImbalance judged no prediction and passed without a word. They judge
+    worker_0's pairs now and name worker_1 as missing; with no worker saving both, the run lacks inputs."""
+    for rank in (0, 1):
+        with Writer(tmp_path / "some", rank=rank, world_size=2) as w:
+            for _ in range(3):
+                with w.stepping():
+                    w.save("labels", np.array([0, 1] * 300), ["labels"])
+                    if rank == 0:
+                        w.save("predictions", np.array([1, 0] * 300), ["predictions"])
+    trial = tensortap.create_trial(tmp_path / "some")
+    for rule in (Confusion(trial), ClassImbalance(trial)):
+        assert invoke_rule(rule) == [0, 1, 2]
+        assert list(rule.missing_inputs) == [
+            f"{rule.name} needs collection 'predictions' with raw tensors (no ReductionConfig, or "
+            "ReductionConfig(save_raw_tensor=True)): 'labels' and 'predictions' of as many samples on worker_1"
+        ]
+    for rank in (0, 1):
+        with Writer(tmp_path / "none", rank=rank, world_size=2) as w, w.stepping():
+            name = "labels" if rank else "predictions"
+            w.save(name, np.array([0, 1]), [name])
+    with pytest.raises(RuleInputsMissing, match="of as many samples on worker_1, worker_0"):
+        invoke_rule(Confusion(tensortap.create_trial(tmp_path / "none")))
+
+
 def test_overfit_compares_each_workers_validation_with_its_own_training_loss(tmp_path: Path) -> None:
     """hunt 44 F2: worker_1's validation loss is twice its training loss, worker_0's 5% above. Only worker_0's
     losses were read: Overfit did not fire. Each worker's validation is compared with its own training loss
@@ -357,6 +383,58 @@ def test_overfit_compares_each_workers_validation_with_its_own_training_loss(tmp
         "(> ratio_threshold 0.1 for 1 evaluation(s)) at step 0"
     )
     assert verdict.tensors == ("losses/val_loss", "losses/loss")
+
+
+def test_each_worker_is_judged_on_the_steps_it_saved(tmp_path: Path) -> None:
+    """hunt 56 F1: worker_1 saves the loss and a weight at even steps only, worker_0 at every step; both flat.
+    The series of a tensor was built from every worker's steps, so worker_1 was read at odd steps it never
+    saved: the read failed and the whole step went unjudged, worker_0's verdict too (LossNotDecreasing never
+    fired; UnchangedTensor and WeightUpdateRatio lost every step worker_1 saved). Each worker's series holds
+    its own steps now."""
+    for rank in (0, 1):
+        with Writer(tmp_path, rank=rank, world_size=2) as w:
+            for s in range(12):
+                with w.stepping("TRAIN"):
+                    if rank == 0 or s % 2 == 0:
+                        w.save("losses/loss", np.float32(1.0), ["losses"])
+                        w.save("fc.weight", np.full(4, 1.0, np.float32), ["weights"])
+    trial = tensortap.create_trial(tmp_path)
+    loss = LossNotDecreasing(trial, num_steps=4)
+    assert invoke_rule(loss) == [4, 8] and not loss.lacks_inputs
+    assert "losses/loss on worker_1: loss 1 at TRAIN step 4 (mean of 2 saved steps) did not change" in (
+        LossNotDecreasing(trial, num_steps=4).invoke(4).reason or ""
+    )
+    assert invoke_rule(UnchangedTensor(trial, num_steps=3)) == list(range(2, 12))
+    assert invoke_rule(WeightUpdateRatio(trial)) == list(range(1, 12))
+    assert UnchangedTensor(trial, num_steps=3).invoke(4).reason == (
+        "fc.weight: unchanged over its last 3 saved steps (2, 3, 4; rtol=1e-05, atol=1e-08) at step 4 on worker_0 "
+        "(also on worker_1)"
+    )
+
+
+def test_overfit_keeps_no_training_loss_of_a_worker_that_never_validates(tmp_path: Path) -> None:
+    """hunt 56 F2: two workers train 20 epochs of 10 TRAIN steps; rank 0 alone saves a validation loss at its
+    EVAL step (the usual DDP pattern). Overfit and Overtraining kept every training loss of worker_1 (200, growing
+    with the training) in their state: a validation consumed the training losses of its own worker only. It
+    consumes those of every worker not evaluating now, so at most one epoch's are kept."""
+    for rank in (0, 1):
+        with Writer(tmp_path, rank=rank, world_size=2) as w:
+            for _ in range(20):
+                for _ in range(10):
+                    with w.stepping("TRAIN"):
+                        w.save("losses/loss", np.float32(1.0), ["losses"])
+                with w.stepping("EVAL"):
+                    if rank == 0:
+                        w.save("losses/val_loss", np.float32(1.5), ["losses"])
+    trial = tensortap.create_trial(tmp_path)
+    for rule in (Overfit(trial), Overtraining(trial)):
+        kept = []
+        for s in trial.steps():
+            rule.invoke(s)
+            kept.append(sum(len(vs) for vs in rule.train_values.values()))
+        assert max(kept) == 20, "one epoch of each worker's training losses at most"
+    # each validation of worker_0 is judged at the next step, which ends its run, the last at the training's end
+    assert invoke_rule(Overfit(trial)) == [*range(11, 220, 11), 219]
 
 
 def test_a_live_runner_judges_a_step_of_several_workers_once_every_worker_wrote_it(tmp_path: Path) -> None:
@@ -942,8 +1020,30 @@ def test_state_dict_resumes(tmp_path: Path) -> None:
     # a state of the form Overfit kept before its counts were per metric (no state_version): refused, named
     older = {**Overfit(trial).state_dict(), "attrs": {"train_values": {}, "exceeded": 2, "open_runs": {}}}
     del older["state_version"]
-    with pytest.raises(ValueError, match=r"another form of Overfit \(state_version 1; this tensortap's is 2\)"):
+    with pytest.raises(ValueError, match=r"another form of Overfit \(state_version 1; this tensortap's is 3\)"):
         Overfit(trial).load_state_dict(older)
+
+
+@pytest.mark.parametrize(
+    ("make", "version"),
+    [
+        (UnchangedTensor, 1),
+        (WeightUpdateRatio, 1),
+        (Overfit, 2),
+        (Overtraining, 2),
+    ],
+)
+def test_a_state_saved_before_rules_judged_each_worker_is_refused(
+    tmp_path: Path, make: Callable[[Any], Rule], version: int
+) -> None:
+    """hunt 56 F9: UnchangedTensor and WeightUpdateRatio kept no state before (state_version 1, no attrs),
+    Overfit and Overtraining kept their losses by name (state_version 2). Such a state loaded without a word and
+    resumed wrongly (UnchangedTensor lacked inputs on a trial it had judged; Overfit's counts restarted). It is
+    refused now, saying to run the rule from the start."""
+    trial = losses_trial(tmp_path)
+    older = {**make(trial).state_dict(), "state_version": version}
+    with pytest.raises(ValueError, match=rf"state_version {version}; this tensortap's is {version + 1}\): run the"):
+        make(trial).load_state_dict(older)
 
 
 def test_stop_training_action_writes_the_request(tmp_path: Path) -> None:

@@ -19,17 +19,6 @@ def as_classes(values: np.ndarray, argmax: bool) -> np.ndarray:
     return np.rint(v.astype(np.float64)).astype(np.int64).reshape(-1)
 
 
-def predicted(
-    classes: dict[str | None, np.ndarray], predictions: dict[str | None, np.ndarray], argmax: bool
-) -> np.ndarray | None:
-    """The class numbers of ``predictions`` (:func:`as_classes`) of every worker, in the order of the labels'
-    ``classes`` (by worker), or None unless each worker of ``classes`` saved as many predictions as labels."""
-    p = {w: as_classes(v, argmax) for w, v in predictions.items()}
-    if p.keys() != classes.keys() or any(p[w].size != c.size for w, c in classes.items()):
-        return None
-    return np.concatenate([p[w] for w in classes])
-
-
 def _named(name: str | None, collection: str) -> Selection:
     """The tensor called ``name``, else the tensors of ``collection``."""
     return Selection((collection,), None, ()) if name is None else Selection(None, f"^{re.escape(name)}$", ())
@@ -80,6 +69,32 @@ class _LabelsPredictions(Rule):
                 return None
             classes[worker] = c
         return classes
+
+    def paired(
+        self,
+        step: int,
+        labels: tuple[str, dict[str | None, np.ndarray]],
+        predictions: tuple[str, dict[str | None, np.ndarray]],
+        argmax: bool,
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """The class numbers of the labels (``labels``: the tensor's name and its classes by worker, from
+        :meth:`pooled`) and of the predictions (as :func:`as_classes`; ``predictions``: as :meth:`read` gives
+        them) of the workers that saved as many of both at ``step``, pooled in worker order.
+
+        The workers left out (those that saved one of the two, or not as many of each) are recorded with
+        :meth:`Rule.need`, which does not let the step count as judged where no worker is left (None).
+        """
+        p = {w: as_classes(v, argmax) for w, v in predictions[1].items()}
+        both = [w for w, c in labels[1].items() if w in p and p[w].size == c.size]
+        left = [w for w in dict.fromkeys([*labels[1], *p]) if w not in both]
+        if left:
+            on = "" if None in left else f" on {', '.join(str(w) for w in left)}"
+            req = (self.predictions.requirements(raw=True) or [Requirement("predictions", (), True)])[0]
+            detail = f"{labels[0]!r} and {predictions[0]!r} of as many samples{on}"
+            self.need(step, req, detail, partial=bool(both))
+        if not both:
+            return None
+        return np.concatenate([labels[1][w] for w in both]), np.concatenate([p[w] for w in both])
 
     def classes(self, name: str, labels: np.ndarray, argmax: bool) -> np.ndarray | None:
         """The class numbers of labels tensor ``name`` (as :func:`as_classes`).
@@ -188,11 +203,12 @@ class ClassImbalance(_LabelsPredictions):
             self.counts[str(c)] = self.counts.get(str(c), 0) + int(n)
         preds = self.read(step, self.predictions, need=False)
         tensors = [lname]
-        p = None if preds is None else predicted(classes, preds[1], self.argmax)
-        if preds is not None and p is not None:
+        pairs = None if preds is None else self.paired(step, (lname, classes), preds, self.argmax)
+        if preds is not None and pairs is not None:
             tensors.append(preds[0])
-            for c in np.unique(labels):
-                mask = labels == c
+            y, p = pairs
+            for c in np.unique(y):
+                mask = y == c
                 self.predicted[str(c)] = self.predicted.get(str(c), 0) + int(mask.sum())
                 self.wrong[str(c)] = self.wrong.get(str(c), 0) + int((p[mask] != c).sum())
         total = sum(self.counts.values())
@@ -277,10 +293,10 @@ class Confusion(_LabelsPredictions):
         if lab is None or pred is None:
             return False
         classes = self.pooled(lab[0], lab[1], False)
-        p = None if classes is None else predicted(classes, pred[1], False)
-        if classes is None or p is None or p.size == 0:
+        pairs = None if classes is None else self.paired(step, (lab[0], classes), pred, False)
+        if pairs is None or pairs[1].size == 0:
             return False
-        y = np.concatenate(list(classes.values()))
+        y, p = pairs
         k = self.category_no or int(max(y.max(), p.max())) + 1
         keep = (y >= 0) & (y < k) & (p >= 0) & (p < k)
         c = np.zeros((k, k), dtype=np.int64)

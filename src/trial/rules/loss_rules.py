@@ -233,7 +233,7 @@ class LossNotDecreasing(_EvaluationRuns):
         return self.fire_all(step, failures)
 
     def _check(self, step: int, name: str, worker: str | None) -> str | None:
-        found = self.series.at(self.base_trial, name, step)
+        found = self.series.at(self.base_trial, name, step, worker)
         if found is None:
             return None
         mode, ms, series, i = found
@@ -252,7 +252,8 @@ class LossNotDecreasing(_EvaluationRuns):
         if evaluations is None:  # the runs over before this one, as the trial saved them
             evaluations = self._evaluations[name] = []
             runs = self._run_first[name] = {}
-            found = self.series.at(self.base_trial, self.source(name)[0], last)
+            tensor, worker = self.source(name)
+            found = self.series.at(self.base_trial, tensor, last, worker)
             for ms, g in found[2] if found is not None else ():
                 if g >= first:
                     break
@@ -448,6 +449,11 @@ class _TrainValidation(_EvaluationRuns):
                 failed = self.judge(training, ours, where)
                 failures += [(r, list(dict.fromkeys(self.source(t)[0] for t in ts))) for r, ts in failed]
                 self.train_values = {n: vs for n, vs in self.train_values.items() if n not in mine}
+            # a validation consumes the training values of every worker but those evaluating still (their
+            # validation is judged once their run is over), as it does on a trial of one worker: a worker that
+            # never validates (each DDP rank but rank 0) keeps none, so the state stays bounded
+            evaluating = {self.source(n)[1] for n in self.open_runs}
+            self.train_values = {n: vs for n, vs in self.train_values.items() if self.source(n)[1] in evaluating}
         return failures
 
     def judge(
@@ -636,7 +642,7 @@ class Overfit(_TrainValidation):
     """
 
     state_attrs = ("train_values", "exceeded", "open_runs")
-    state_version = 2  # exceeded: per validation loss (session 45), a count before
+    state_version = 3  # keys: per loss and worker (hunt 56), per loss before; exceeded a count before session 45
 
     def __init__(
         self,
@@ -719,7 +725,7 @@ class Overtraining(_TrainValidation):
     """
 
     state_attrs = ("best", "since", "train_values", "open_runs")
-    state_version = 2  # best and since: per kind and loss (session 45), per kind before
+    state_version = 3  # keys: per loss and worker (hunt 56), per loss before; per kind before session 45
 
     def __init__(
         self,

@@ -246,12 +246,13 @@ def scalar_at(
     return None
 
 
-def mode_steps(trial: Any, tensor: Any, mode: Mode) -> dict[int, int]:
-    """``{global step: mode step}`` of the steps of ``mode`` at which ``tensor`` was saved."""
+def mode_steps(trial: Any, tensor: Any, mode: Mode, worker: str | None = None) -> dict[int, int]:
+    """``{global step: mode step}`` of the steps of ``mode`` at which ``tensor`` was saved (by ``worker``; None:
+    by any worker)."""
     out = {}
     for ms in tensor.steps(mode=mode):
         g = trial.global_step(ms, mode)
-        if g is not None:
+        if g is not None and (worker is None or worker in tensor.workers(g)):
             out[g] = ms
     return out
 
@@ -326,10 +327,13 @@ class PerTensorRule(Rule):
 
 
 class ModeSeries:
-    """Per tensor and mode, its saved steps in that mode, kept up to date as steps come in order.
+    """Per tensor, worker and mode, the steps in that mode at which the worker saved the tensor, kept up to date
+    as steps come in order.
 
     A step is judged when its mode is one of ``modes``, in the series of the
-    tensor's steps of that mode; steps of other modes are skipped. Whether a
+    tensor's steps of that mode; steps of other modes are skipped. Each worker
+    judged (:func:`judged_workers`) has a series of its own, of the steps it
+    saved: a step another worker saved alone is not read from it. Whether a
     step is judged depends on its own mode alone, never on the modes of the
     steps saved so far: a rule judges the same steps in-process, live and
     offline. Each series is read from the trial once, then extended step by
@@ -343,19 +347,22 @@ class ModeSeries:
 
     def __init__(self, modes: Sequence[Mode]) -> None:
         self.modes = tuple(modes)
-        self._series: dict[tuple[str, Mode], list[tuple[int, int]]] = {}
+        self._series: dict[tuple[str, str | None, Mode], list[tuple[int, int]]] = {}
 
-    def at(self, trial: Any, name: str, step: int) -> tuple[Mode, int, list[tuple[int, int]], int] | None:
-        """``(mode, mode step, [(mode step, global step), ...], index of step)``, or None if ``step`` is not judged."""
+    def at(
+        self, trial: Any, name: str, step: int, worker: str | None = None
+    ) -> tuple[Mode, int, list[tuple[int, int]], int] | None:
+        """``(mode, mode step, [(mode step, global step), ...], index of step)`` in the series of ``worker`` (None:
+        of every worker, the trial's one), or None if ``step`` is not judged."""
         where = trial.mode_step(step)
         if where is None or where[0] not in self.modes:
             return None
         mode: Mode = where[0]
         ms: int = where[1]
-        series = self._series.get((name, mode))
+        series = self._series.get((name, worker, mode))
         if series is None:
-            by_global = mode_steps(trial, trial.tensor(name), mode)
-            series = self._series[(name, mode)] = sorted((m, g) for g, m in by_global.items())
+            by_global = mode_steps(trial, trial.tensor(name), mode, worker)
+            series = self._series[(name, worker, mode)] = sorted((m, g) for g, m in by_global.items())
         if not series or series[-1][1] < step:
             series.append((ms, step))
         return mode, ms, series, bisect.bisect_right(series, (ms, step)) - 1

@@ -377,6 +377,7 @@ class UnchangedTensor(TrainedOnlyRule):
     """
 
     state_attrs = ("judged", "most")
+    state_version = 2  # judged, most (hunt 56): no state before
 
     def __init__(
         self,
@@ -411,7 +412,7 @@ class UnchangedTensor(TrainedOnlyRule):
         )
 
     def check(self, step: int, name: str, worker: str | None) -> str | None:
-        found = None if name in self.untrained else self.series.at(self.base_trial, name, step)
+        found = None if name in self.untrained else self.series.at(self.base_trial, name, step, worker)
         if found is not None:
             self.most = max(self.most, found[3] + 1)
         if found is None or found[3] + 1 < self.num_steps:
@@ -486,6 +487,7 @@ class WeightUpdateRatio(TrainedOnlyRule):
 
     history = 2
     state_attrs = ("judged", "closest")
+    state_version = 2  # judged, closest (hunt 56): no state before
 
     def __init__(
         self,
@@ -533,7 +535,7 @@ class WeightUpdateRatio(TrainedOnlyRule):
 
     def check(self, step: int, name: str, worker: str | None) -> str | None:
         trial = self.base_trial
-        found = None if name in self.untrained else self.series.at(trial, name, step)
+        found = None if name in self.untrained else self.series.at(trial, name, step, worker)
         if found is None or found[3] == 0:
             return None
         _, now, series, i = found
