@@ -46,6 +46,7 @@ import functools
 import operator
 import os
 import re
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, cast
 
@@ -61,7 +62,7 @@ from ..modes import Mode
 from . import core
 from .stop import agreed, log_stop
 from .torch.events import optimized_parameters, saved_parameters
-from .trainers import Hook, StepCapture, check_hook_kwargs, check_stop_sync_steps, open_run, same_logged
+from .trainers import Hook, StepCapture, check_hook_kwargs, check_stop_sync_steps, open_run, same_logged, warn_unfilled
 from .writer import exception_text, logger
 
 __all__ = ["Callback", "Hook", "callbacks_from_env"]
@@ -117,10 +118,12 @@ def _accumulates(trainer: pl.Trainer) -> bool:
 class Callback(pl.Callback):
     """Capture a Lightning ``Trainer``'s ``fit``, ``validate`` and ``test`` into a tensortap trial.
 
-    The hook that writes is created in :meth:`setup`, in each process the
-    strategy runs (so the callback may be pickled, e.g. by ``ddp_spawn``), and
-    closed in :meth:`teardown`. A later ``validate``/``test``/``fit`` of the
-    same trainer goes on with the same run: its steps are numbered on from the
+    The hook that writes is created when training, validation or test starts, in
+    each process the strategy runs (so the callback may be pickled, e.g. by
+    ``ddp_spawn``), and closed in :meth:`teardown`: a tuner's probe fit, which
+    runs no step of this callback, opens no run. A later ``validate``/``test``/``fit`` of the
+    same trainer goes on with the same run (its id is chosen here, so also in the
+    processes ``ddp_spawn`` starts anew for it): its steps are numbered on from the
     ones before, in the same trial.
 
     Parameters
@@ -143,6 +146,9 @@ class Callback(pl.Callback):
         self.hook_kwargs = hook_kwargs
         check_hook_kwargs(self.out_dir, hook_kwargs)
         self.config_path: str | None = None  # set by from_json: the hook is built from that file
+        # the run of every call: pickled with the callback, so the processes that ddp_spawn or ddp_fork starts for a
+        # later call (whose callback never saw the earlier call's hook) go on with it
+        self._run_id = uuid.uuid4().hex
         self.hook: Hook | None = None  # after teardown, the closed hook: a later call continues its run
         self._steps: StepCapture | None = None
         self._handles: list[Any] = []
@@ -170,7 +176,8 @@ class Callback(pl.Callback):
             raise ValueError(f"{path}: expected a JSON object with an 'out_dir' string")
         callback = cls(out_dir, **overrides)
         probe = {**callback.hook_kwargs, "rank": 1, "include_workers": "one", "rules": None}
-        Hook.from_json(path, **probe)  # checks the file now: a rank-1 probe of include_workers="one" writes nothing
+        # checks the file now: a rank-1 probe of include_workers="one" writes nothing
+        warn_unfilled(Hook.from_json(path, **probe))
         callback.config_path = os.fspath(path)
         return callback
 
@@ -181,18 +188,31 @@ class Callback(pl.Callback):
 
     # ------------------------------------------------------------- lifetime
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Open the hook of this process (rank, world size: the trainer's); after an earlier call, its run goes on."""
-        kwargs = {"rank": trainer.global_rank, "world_size": trainer.world_size, **self.hook_kwargs}
+        """Note the module; the hook opens when training, validation or test starts (:meth:`_open`)."""
+        self._module = pl_module
+
+    def _open(self, trainer: pl.Trainer) -> StepCapture:
+        """The steps of this process's hook, opened (rank, world size: the trainer's) at the first start of training,
+        validation or test of a call of the trainer; after an earlier call, its run goes on.
+
+        Not at :meth:`setup`: a tuner's probe fit (``Tuner.lr_find``, ``scale_batch_size``) runs this callback's
+        ``setup`` and ``teardown`` around steps it runs without it; that call opens no run and ends none.
+        """
+        if self._steps is not None:
+            return self._steps
+        kwargs = {"rank": trainer.global_rank, "world_size": trainer.world_size, "run_id": self._run_id}
+        kwargs |= self.hook_kwargs
         if self.config_path is None:
             self.hook = open_run(Hook, self.hook, out_dir=self.out_dir, **kwargs)
         else:
             build = cast(Callable[..., Hook], functools.partial(Hook.from_json, self.config_path))
             self.hook = open_run(build, self.hook, **kwargs)
         self._steps = StepCapture(self.hook)
-        self._module = pl_module
+        return self._steps
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Remove the optimizer hooks, publish what is left and mark this worker's run as ended."""
+        """Remove the optimizer hooks, publish what is left and mark this worker's run as ended (if this call
+        opened it)."""
         self.close()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -200,7 +220,7 @@ class Callback(pl.Callback):
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        if self.hook is not None:
+        if self.hook is not None and self._steps is not None:  # else no run of this call to end
             self.hook.close_for_exit("exception", exception_text(exception))
         self._steps = None
         self._module = None
@@ -219,7 +239,7 @@ class Callback(pl.Callback):
             else:
                 self._steps.discard_unstepped()
         self._warn_unsaved()
-        if self.hook is not None:
+        if self.hook is not None and self._steps is not None:  # else this call opened no run (or it ended)
             self.hook.close(reason)
         self._steps = None
         self._module = None
@@ -272,10 +292,8 @@ class Callback(pl.Callback):
     # ------------------------------------------------------------- training
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Hook each optimizer's ``step()``: gradients are read when it returns, as it applied them."""
-        if self._steps is None:
-            return
+        steps = self._open(trainer)
         names = {id(p): n for n, p in saved_parameters(pl_module)}
-        steps = self._steps
 
         def after_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
             self._stepped = True
@@ -427,11 +445,13 @@ class Callback(pl.Callback):
     # ----------------------------------------------------------- evaluation
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """End a ``TRAIN`` step left open for later batch end hooks: validation logs ``EVAL`` values."""
+        self._open(trainer)
         self._end_pending(trainer)
         self._run_start = _all_logged(trainer)
 
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Note what was logged before the test run: its ``EVAL`` step holds what it logs."""
+        self._open(trainer)
         self._run_start = _all_logged(trainer)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

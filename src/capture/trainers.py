@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import SaveConfig
+from ..config import BUILTIN_COLLECTIONS, SaveConfig
 from ..modes import Mode
 from . import core
 from .torch import TorchOps
@@ -122,13 +122,35 @@ def check_stop_sync_steps(value: object) -> int:
 
 
 def check_hook_kwargs(out_dir: str, hook_kwargs: Mapping[str, Any]) -> None:
-    """Raise ``ValueError`` now for a configuration the training process would reject later (``rules`` too).
+    """Raise ``ValueError`` now for a configuration the training process would reject later (``rules`` too);
+    warn about collections it asks for that the callback never fills (:func:`warn_unfilled`).
 
     A hook of rank 1 with ``include_workers="one"`` opens no writer, so this writes nothing.
     """
     core.check_rules(hook_kwargs.get("rules"))
     probe = {**hook_kwargs, "rank": 1, "rules": None, "include_workers": "one"}
-    Hook(out_dir, **probe)
+    warn_unfilled(Hook(out_dir, **probe))
+
+
+FILLED = ("weights", "biases", "gradients", "losses", "metrics")
+"""The built-in collections a trainer callback fills (:class:`StepCapture`)."""
+
+
+def warn_unfilled(hook: core.Hook) -> None:
+    """Warn, naming them, about built-in collections ``hook`` includes that a trainer callback never fills.
+
+    With ``save_all``, the layers' ``outputs`` and ``inputs``, which a user asking for everything expects.
+    """
+    asked = ("outputs", "inputs") if hook.save_all else hook.included
+    unfilled = [c for c in asked if c in BUILTIN_COLLECTIONS and c not in FILLED]
+    if unfilled:
+        logger.warning(
+            "tensortap: %s (%s) stay empty: a trainer callback saves only %s; for the layers' outputs and inputs, "
+            "register a tensortap.torch Hook on the model (hook.register_module(model)), in a trial of its own",
+            ", ".join(map(repr, unfilled)),
+            "save_all" if hook.save_all else "include_collections",
+            ", ".join(FILLED),
+        )
 
 
 class StepCapture:

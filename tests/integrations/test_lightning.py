@@ -81,7 +81,7 @@ def test_the_quickstart_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     """docs/quickstart-lightning.md's blocks, in order, with this file's module and data for the script's."""
     page = ROOT / "docs" / "quickstart-lightning.md"
     blocks = python_blocks(page)
-    assert len(blocks) == 2
+    assert len(blocks) == 3
     monkeypatch.chdir(tmp_path)  # the Trainer's own logs
     namespace = {"__name__": "docs", "model": Regressor(), "train_loader": loader(32, 0), "val_loader": loader(16, 1)}
     for i, block in enumerate(blocks):
@@ -601,6 +601,35 @@ def test_validate_and_test_after_fit_go_on_in_the_same_run(tmp_path: Path) -> No
     assert trial.end_reasons() == {"worker_0": "closed"}
 
 
+def test_a_tuners_probe_fit_opens_no_run_and_warns_nothing(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """hunt 45 M1: ``Tuner.lr_find`` runs the callback's setup and teardown around probe steps it runs without it.
+
+    Before, that teardown warned falsely that the probe's ``train_loss_*`` were "logged after the last step ...
+    log it in training_step", and the run was opened and ended (``closed``) before the real ``fit`` began.
+    """
+    from lightning.pytorch.tuner import Tuner
+
+    out = tmp_path / "trial"
+    model = Regressor()
+    trainer = L.Trainer(
+        max_epochs=1,
+        limit_val_batches=0,
+        callbacks=[ttl.Callback(out, save_config=EVERY_STEP)],
+        **{**TRAINER, "default_root_dir": tmp_path},
+    )
+    Tuner(trainer).lr_find(model, train_dataloaders=loader(64, 0), num_training=5)
+    assert len(model.losses) == 5, "the probe ran its steps"
+    assert not out.exists(), "no run opened, none ended"
+    model.losses.clear()
+    trainer.fit(model, loader(64, 0))
+    trial = tensortap.create_trial(out)
+    assert trial.steps(mode=Mode.TRAIN) == list(range(8))
+    loss = trial.tensor("losses/loss").values(mode=Mode.TRAIN)
+    np.testing.assert_allclose([loss[s] for s in range(8)], model.losses, rtol=1e-6)
+    assert trial.end_reasons() == {"worker_0": "closed"}
+    assert "tensortap" not in caplog.text
+
+
 def test_resumed_fit_numbers_steps_on_from_the_checkpoint(tmp_path: Path) -> None:
     torch.manual_seed(0)
     first = L.Trainer(
@@ -810,6 +839,34 @@ def test_bad_configuration_fails_at_construction(tmp_path: Path) -> None:
     assert not list(tmp_path.iterdir()), "checking the configuration writes nothing"
 
 
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        ({"include_collections": ["outputs", "inputs", "losses"]}, "'outputs', 'inputs' (include_collections)"),
+        ({"save_all": True}, "'outputs', 'inputs' (save_all)"),
+    ],
+)
+def test_collections_the_callback_never_fills_are_named_in_one_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, options: dict[str, Any], named: str
+) -> None:
+    """hunt 45 M3: ``include_collections=["outputs", "inputs"]`` (or ``save_all``) on the Lightning callback.
+
+    Before, they were accepted and stayed empty without a word (a rule needing ``outputs`` then read as if the user
+    had not asked for them). Now one warning at construction names them and the PyTorch hook that fills them.
+    """
+    config = tmp_path / "tensortap.json"
+    config.write_text(json.dumps({"out_dir": str(tmp_path / "json"), **options}))
+    for build in (lambda: ttl.Callback(tmp_path / "trial", **options), lambda: ttl.Callback.from_json(config)):
+        caplog.clear()
+        build()
+        warned = [r.getMessage() for r in caplog.records if "stay empty" in r.getMessage()]
+        assert len(warned) == 1, warned
+        assert named in warned[0] and "register a tensortap.torch Hook on the model" in warned[0]
+    caplog.clear()
+    ttl.Callback(tmp_path / "trial", include_collections=["losses", "gradients"])
+    assert "stay empty" not in caplog.text
+
+
 @pytest.mark.slow
 def test_ddp_ranks_are_workers(tmp_path: Path) -> None:
     torch.manual_seed(0)
@@ -829,6 +886,24 @@ def test_ddp_ranks_are_workers(tmp_path: Path) -> None:
     grad = trial.tensor("gradients/net.2.weight")
     # DDP averages the gradients: both ranks applied the same ones
     np.testing.assert_allclose(grad.value(1, worker="worker_0"), grad.value(1, worker="worker_1"), rtol=1e-6)
+    assert trial.end_reasons() == {"worker_0": "closed", "worker_1": "closed"}
+
+
+@pytest.mark.slow
+def test_validate_after_a_ddp_fork_fit_goes_on_in_the_same_run(tmp_path: Path) -> None:
+    """hunt 45 H1: under ``ddp_fork`` (``ddp_spawn`` alike) ``trainer.validate`` after ``fit`` starts new processes,
+    whose callback never saw the hook of ``fit``. Before, each rank raised ``TrialExistsError`` (its worker was the
+    fit's, under another run id); now the run id is the callback's, pickled with it, and the run goes on."""
+    torch.manual_seed(0)
+    callback = ttl.Callback(tmp_path, save_config=EVERY_STEP)
+    trainer = L.Trainer(max_epochs=1, strategy="ddp_fork", devices=2, callbacks=[callback], **TRAINER)
+    model = Regressor()
+    trainer.fit(model, loader(32, 0), loader(16, 1))
+    trainer.validate(model, loader(16, 2), verbose=False)
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.steps(mode=Mode.EVAL) == [0, 1], "the fit's validation, then validate's"
+    for worker in ("worker_0", "worker_1"):
+        assert list(trial.tensor("losses/val_loss").values(mode=Mode.EVAL, worker=worker)) == [0, 1]
     assert trial.end_reasons() == {"worker_0": "closed", "worker_1": "closed"}
 
 

@@ -634,6 +634,16 @@ def test_bad_configuration_fails_at_construction(tmp_path: Path) -> None:
     assert not list(tmp_path.iterdir())
 
 
+def test_collections_the_callback_never_fills_are_named_in_one_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """hunt 45 M3 (shared with the Lightning callback): ``include_collections=["outputs"]`` stayed empty without
+    a word; one warning at construction now names it and the PyTorch hook that fills it."""
+    tth.Callback(tmp_path, include_collections=["outputs", "losses"])
+    warned = [r.getMessage() for r in caplog.records if "stay empty" in r.getMessage()]
+    assert len(warned) == 1 and "'outputs' (include_collections)" in warned[0], warned
+
+
 def test_a_key_logged_twice_in_a_step_keeps_the_last_and_says_so(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
