@@ -852,15 +852,28 @@ def _reworded(exc: Exception, message: str) -> Exception | None:
         return None
 
 
+@dataclass
+class _Opened:
+    """Whether one of the import's writers opened, i.e. claimed its worker in ``out_dir``."""
+
+    writer: bool = False
+
+
 @contextlib.contextmanager
-def _nothing_kept(out_fs: Any, out_root: str, out_dir: str | os.PathLike[str]) -> Iterator[None]:
+def _nothing_kept(out_fs: Any, out_root: str, out_dir: str | os.PathLike[str]) -> Iterator[_Opened]:
     """Remove what the import wrote to ``out_dir`` (``out_root`` in ``out_fs``), new or empty before it, when it
-    fails: ``out_dir`` itself where it is new, else what it holds. An error says so, or what is left where the
-    removal failed (``check`` reports that trial); after a Ctrl-C, a warning."""
+    fails after one of its writers opened (the caller sets :attr:`_Opened.writer`): ``out_dir`` itself where it is
+    new, else what it holds. An error says so, or what is left where the removal failed (``check`` reports that
+    trial); after a Ctrl-C, a warning."""
     existed = out_fs.exists(out_root)
+    opened = _Opened()
     try:
-        yield
+        yield opened
     except BaseException as exc:
+        if not opened.writer:
+            # What OUT_DIR holds now is not ours: another process may have written a trial there since it was
+            # found empty (the first writer's refusal to claim its worker says so).
+            raise
         where = os.fspath(out_dir)
         note: str | None = f"nothing was kept: what it had written to {where} was removed"
         try:
@@ -891,7 +904,8 @@ def import_smdebug(
     """Write the smdebug trial at ``trial`` as a tensortap trial at ``out_dir`` (which must be empty or absent).
 
     An import that fails keeps nothing: what it wrote to ``out_dir`` is removed (``out_dir`` too, where it made
-    it) and the error's message says so, or says what is left where that removal failed.
+    it) and the error's message says so, or says what is left where that removal failed. Where its first writer
+    cannot open (another process wrote a trial into ``out_dir`` since it was found empty), nothing is removed.
 
     Parameters
     ----------
@@ -935,12 +949,13 @@ def import_smdebug(
     summary = ImportSummary(workers=[], steps=0, tensors=[])
     names: set[str] = set()
     steps: set[int] = set()
-    with _nothing_kept(out_fs, out_root, out_dir):
+    with _nothing_kept(out_fs, out_root, out_dir) as opened:
         for worker, rank in sorted(_ranks(list(files)).items(), key=lambda item: item[1]):
             with _write_errors(out_dir):
                 writer = _ImportWriter(
                     out_dir, rank=rank, strict=True, collection_configs=configs, storage_options=out_storage_options
                 )
+                opened.writer = True
                 try:
                     for step, path in files[worker].items():
                         index = indexes.get(worker, {}).get(step)

@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import secrets
+import shutil
 import socket
 import sys
 import time
@@ -86,8 +87,10 @@ def written_whole(path: str) -> Iterator[str]:
     renamed to ``path`` when the block ends, removed when it raises (Ctrl-C, a full disk).
 
     An interrupted export or report leaves no file at ``path``: a truncated CSV read back as a complete table,
-    and event files as a complete TensorBoard run. A URL (``s3://``) is written as it is: an object store
-    makes the object once it is whole.
+    and event files as a complete TensorBoard run. A symbolic link is followed (the file it names is replaced,
+    in that file's folder), and a replaced file keeps its permissions. Where the hidden file cannot be made
+    (a folder the user cannot write) but ``path`` is a file the user can write, ``path`` is written in place.
+    A URL (``s3://``) is written as it is: an object store makes the object once it is whole.
 
     Parameters
     ----------
@@ -98,18 +101,34 @@ def written_whole(path: str) -> Iterator[str]:
     ------
     str
         The name to write to.
+
+    Raises
+    ------
+    OSError
+        The file cannot be written; one about the hidden file names ``path``, the name the user gave.
     """
     if "://" in path:
         yield path
         return
-    target = os.path.expanduser(path)
+    target = os.path.realpath(os.path.expanduser(path))
     partial = os.path.join(os.path.dirname(target), f".tensortap-{secrets.token_hex(6)}.partial")
     try:
+        open(partial, "x").close()  # made now: can the folder be written?
+    except OSError as exc:
+        if os.path.isfile(target) and os.access(target, os.W_OK):
+            yield target
+            return
+        raise OSError(exc.errno, exc.strerror, path) from exc
+    try:
         yield partial
+        if os.path.exists(target):
+            shutil.copymode(target, partial)
         os.replace(partial, target)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.remove(partial)
+        if isinstance(exc, OSError) and exc.filename == partial:
+            raise OSError(exc.errno, exc.strerror, path) from exc
         raise
 
 

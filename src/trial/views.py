@@ -129,9 +129,14 @@ def awaited_note(trial: Trial) -> str | None:
     awaited = trial._index.awaited
     if not awaited:
         return None
-    more = len(awaited) - MAX_WORKERS_NAMED
-    names = ", ".join(awaited[:MAX_WORKERS_NAMED]) + (f" and {more} more" if more > 0 else "")
-    return f"{names} {'has' if len(awaited) == 1 else 'have'} written nothing yet"
+    return f"{_first_named(awaited)} {'has' if len(awaited) == 1 else 'have'} written nothing yet"
+
+
+def _first_named(workers: list[str]) -> str:
+    """``"worker_0, worker_1 and 30 more"``: the first :data:`MAX_WORKERS_NAMED` of ``workers``, the rest
+    counted."""
+    more = len(workers) - MAX_WORKERS_NAMED
+    return ", ".join(workers[:MAX_WORKERS_NAMED]) + (f" and {more} more" if more > 0 else "")
 
 
 FAILED_REASONS = ("exception", "error")
@@ -141,7 +146,8 @@ MAX_ERROR_TEXT = 500  # characters of an end marker's error shown (a stranger's 
 
 
 def failure_notes(trial: Trial) -> list[str]:
-    """One line per worker whose end marker says its training failed (:data:`FAILED_REASONS`).
+    """What a status says of the workers whose end marker says their training failed (:data:`FAILED_REASONS`):
+    the first worker's error in full, the others by name (a job that times out fails on every rank).
 
     Parameters
     ----------
@@ -151,19 +157,23 @@ def failure_notes(trial: Trial) -> list[str]:
     Returns
     -------
     list of str
-        ``"worker_0 ended with reason 'exception': RuntimeError: boom"`` (names and texts escaped by
-        :func:`printable`, the text cut at :data:`MAX_ERROR_TEXT` characters), in the order of the
-        workers' names.
+        ``"worker_0 ended with reason 'exception': RuntimeError: boom"`` for the first of the workers in the
+        order of their names (the text cut at :data:`MAX_ERROR_TEXT` characters), then one line per reason of
+        the others, ``"worker_1, worker_2 and 30 more also ended with reason 'exception'"`` (names capped by
+        :func:`_first_named`); names and texts escaped by :func:`printable`. Empty when none failed.
     """
-    notes = []
-    for name, w in sorted(trial._index.workers.items()):
-        end = w.end or {}
-        reason = end.get("reason")
-        if reason in FAILED_REASONS:
-            error = str(end.get("error") or "")
-            shown = error if len(error) <= MAX_ERROR_TEXT else error[:MAX_ERROR_TEXT] + "..."
-            text = f": {printable(shown, message=True)}" if error else ""
-            notes.append(f"{printable(name)} ended with reason {reason!r}{text}")
+    failed = [(name, w.end or {}) for name, w in sorted(trial._index.workers.items())]
+    failed = [(name, end) for name, end in failed if end.get("reason") in FAILED_REASONS]
+    if not failed:
+        return []
+    (name, end), others = failed[0], failed[1:]
+    error = str(end.get("error") or "")
+    shown = error if len(error) <= MAX_ERROR_TEXT else error[:MAX_ERROR_TEXT] + "..."
+    text = f": {printable(shown, message=True)}" if error else ""
+    notes = [f"{printable(name)} ended with reason {end['reason']!r}{text}"]
+    for reason in FAILED_REASONS:
+        if alike := [other for other, e in others if e["reason"] == reason]:
+            notes.append(f"{printable(_first_named(alike))} also ended with reason {reason!r}")
     return notes
 
 

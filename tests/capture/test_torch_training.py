@@ -214,6 +214,77 @@ def test_parameters_the_optimizer_trains_outside_the_model_are_saved_or_named_in
     assert "hook.register_module(module, name=...)" in warned[0]
 
 
+def test_the_optimizers_parameters_are_looked_at_for_unheld_ones_only_when_they_change(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """review 56 F10: with every parameter held, ``_warn_unheld`` scanned every optimizer parameter at every
+    step for the whole run (~1.1 ms a step at 2000 parameters). Now once, and again when the optimizer's
+    parameters change: a loose parameter added by ``add_param_group`` is still named in the warning."""
+    model = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    hook = ttt.capture(model, tmp_path, optimizer=opt, save_config=EVERY_STEP)
+    looks: list[int] = []  # the optimizer's parameter count at each look
+    warn_unheld = type(hook)._warn_unheld
+
+    def counted(self: Any, att: Any, *args: Any) -> None:
+        looks.append(sum(len(group["params"]) for group in att.optimizer.param_groups))
+        warn_unheld(self, att, *args)
+
+    monkeypatch.setattr(type(hook), "_warn_unheld", counted)
+    gen = torch.Generator().manual_seed(4)
+
+    def steps(n: int) -> None:
+        for _ in range(n):
+            opt.zero_grad()
+            (model(torch.randn(3, 6, generator=gen)) * temp).sum().backward()
+            opt.step()
+
+    temp = nn.Parameter(torch.ones(1))
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        steps(4)
+        assert looks == [4]
+        opt.add_param_group({"params": [temp]})
+        steps(3)
+    hook.close()
+    assert looks == [4, 5]
+    warned = [r.getMessage() for r in caplog.records if "no registered module holds" in r.getMessage()]
+    assert len(warned) == 1 and "1 parameter(s)" in warned[0], warned
+
+
+class Perceptual(nn.Module):
+    """A perceptual loss made by hand: a feature network whose parameters were never frozen (``requires_grad``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8))
+        self.log_var = nn.Parameter(torch.zeros(1))
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.exp(-self.log_var) * F.mse_loss(self.features(a), self.features(b)) + self.log_var
+
+
+@pytest.mark.parametrize("with_optimizer", [True, False])
+def test_a_loss_modules_feature_network_no_optimizer_trains_is_not_saved(tmp_path: Path, with_optimizer: bool) -> None:
+    """review 56 F8: the weights of a loss module's feature network that no optimizer trains but that keep
+    ``requires_grad`` (a perceptual loss never frozen explicitly) were saved at every saved step (~59 MB a step
+    for VGG16's). Now only the loss module's parameters an attached optimizer trains are saved (its
+    ``log_var`` here), and none without an optimizer."""
+    model, crit = nn.Linear(6, 6), Perceptual()
+    opt = torch.optim.SGD([*model.parameters(), crit.log_var], lr=0.1)
+    hook = ttt.capture(model, tmp_path, optimizer=opt if with_optimizer else None, loss=crit, save_config=EVERY_STEP)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(2):
+        x = torch.randn(4, 6, generator=gen)
+        opt.zero_grad()
+        crit(model(x), x).backward()
+        opt.step()
+    hook.close()
+    names = _trial(tmp_path).tensor_names()
+    assert not [n for n in names if "features" in n], names
+    assert ("Perceptual.log_var" in names) == with_optimizer, names
+    assert "weight" in names, names
+
+
 class WithLoss(nn.Module):
     """Returns ``(logits, loss)``, or a dict with ``"loss"`` (as Hugging Face models do)."""
 

@@ -20,9 +20,11 @@ from fsspec.implementations.local import LocalFileSystem
 
 import tensortap
 from tensortap import Mode
+from tensortap.capture import Writer
 from tensortap.cli import main
 from tensortap.crc32c import crc32c, masked_crc32c
 from tensortap.exceptions import RuleInputsMissing, TrialNotFound
+from tensortap.importers import smdebug as smdebug_importer
 from tensortap.importers.smdebug import (
     SmdebugFormatError,
     import_smdebug,
@@ -522,6 +524,31 @@ def test_an_import_that_fails_midway_keeps_nothing_and_check_reports_one_that_di
     assert capsys.readouterr().out == f"{problem}\n"
     assert main(["check", str(left), "--json"]) == 1
     assert json.loads(capsys.readouterr().out)["problems"] == [problem]
+
+
+def test_an_import_whose_writer_cannot_claim_out_dir_removes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """review 56 F6: another process wrote a trial into OUT_DIR after the import found it empty (two imports, or
+    an import and a training, started into one folder); the import's writer refused to claim worker_0, and the
+    import's cleanup then removed everything in OUT_DIR, the other process's trial included. Now nothing is
+    removed where no writer of the import opened. The other process writes where the import reads the
+    collections file (after the emptiness check, before its first write)."""
+    out = tmp_path / "out"
+    read_collections = smdebug_importer._read_collections
+
+    def racing(fs: object, root: str) -> object:
+        with Writer(out) as writer, writer.stepping():
+            writer.save("theirs", np.float32(1.0), ["metrics"])
+        return read_collections(fs, root)
+
+    monkeypatch.setattr(smdebug_importer, "_read_collections", racing)
+    with pytest.raises(tensortap.TrialExistsError, match="already holds data of worker_0") as refused:
+        import_smdebug(DATA / "trial", out)
+    assert "nothing was kept" not in str(refused.value)
+    trial = tensortap.create_trial(out)
+    assert trial.tensor_names() == ["theirs"]
+    assert trial.tensor("theirs").value(0) == 1.0
 
 
 @pytest.mark.parametrize(

@@ -591,6 +591,59 @@ def test_an_output_cut_short_leaves_nothing_that_reads_as_whole(tmp_path: Path, 
         assert len(pd.read_csv(where)) == len(tensortap.create_trial(run).to_pandas())
 
 
+def test_an_export_updates_an_existing_output_through_its_link_keeping_its_mode(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """review 56 F3: since exports are written under a hidden name and renamed, an output that is a symbolic
+    link (a shared results file linked into the folder) was replaced by a regular file, the file it named kept
+    its old content; an existing file's mode became the umask's (0o664 -> 0o644); and an error named the hidden
+    ``.tensortap-<random>.partial`` file instead of the output asked for. Now the link is followed, the mode
+    kept, and the error names the output."""
+    with Writer(tmp_path / "run") as w, w.stepping():
+        w.save("a", np.float32(1.0), ["metrics"])
+    run = str(tmp_path / "run")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "real.csv").write_text("old\n")
+    link = tmp_path / "link.csv"
+    link.symlink_to(shared / "real.csv")
+    assert main(["export", run, "-o", str(link)]) == 0
+    assert link.is_symlink()
+    assert len(pd.read_csv(shared / "real.csv")) == 1
+    kept = tmp_path / "mode.csv"
+    kept.write_text("x")
+    kept.chmod(0o664)
+    assert main(["export", run, "-o", str(kept)]) == 0
+    assert kept.stat().st_mode & 0o777 == 0o664
+    assert len(pd.read_csv(kept)) == 1
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    capsys.readouterr()
+    assert main(["export", run, "-o", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert f"'{folder}'" in err and ".partial" not in err, err
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes in any folder")
+def test_an_export_to_a_writable_file_in_a_folder_it_cannot_write_writes_it_in_place(tmp_path: Path) -> None:
+    """review 56 F3: an existing writable file in a folder the user cannot write (a shared results folder) was
+    overwritten before exports were written under a hidden name; then making that name failed (EACCES), naming
+    it. Now the file is written in place."""
+    with Writer(tmp_path / "run") as w, w.stepping():
+        w.save("a", np.float32(1.0), ["metrics"])
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    out = shared / "out.csv"
+    out.write_text("x")
+    shared.chmod(0o555)
+    try:
+        assert main(["export", str(tmp_path / "run"), "-o", str(out)]) == 0
+    finally:
+        shared.chmod(0o755)
+    assert len(pd.read_csv(out)) == 1
+
+
 def test_csv_cells_that_a_spreadsheet_reads_as_formulas_start_with_a_quote(tmp_path: Path) -> None:
     """hunt 41 F9: a stranger's tensor name ``=HYPERLINK(...)`` was written to the CSV as it is, a formula
     that Excel and LibreOffice evaluate on opening the file; OWASP's advice: a ``'`` before such a cell."""

@@ -643,6 +643,25 @@ def test_a_failed_killed_or_empty_trial_reads_so_in_repr_html_ls_and_the_report(
     assert escape(expected["failed"]) in report
 
 
+def test_a_training_that_failed_on_every_rank_names_the_first_error_and_counts_the_others(tmp_path: Path) -> None:
+    """review 56 F4: a DDP job that times out fails on every rank; the status (``repr``, the HTML view, ``ls``,
+    the report) gave each worker's note, its error up to 500 characters: 7,519 characters of ``repr`` at 32
+    ranks. Now the first worker's error in full, then the others by name, capped as the awaited workers are."""
+    error = "RuntimeError: [Rank {}] Watchdog caught collective operation timeout: WorkNCCL(OpType=ALLREDUCE)"
+    for rank in range(32):
+        w = Writer(tmp_path, rank=rank, world_size=32)
+        with w.stepping():
+            w.save("a", np.float32(1.0), ["metrics"])
+        w.close_for_exit("exception" if rank < 31 else "error", error.format(rank))
+    trial = tensortap.create_trial(tmp_path)
+    others = ", ".join(sorted(f"worker_{rank}" for rank in range(1, 31))[:10])
+    status = (
+        f"ended: worker_0 ended with reason 'exception': {error.format(0)}: {others} and 20 more also ended with "
+        "reason 'exception': worker_31 also ended with reason 'error'"
+    )
+    assert repr(trial).endswith(f", {status}>"), repr(trial)
+
+
 def test_a_trial_path_that_is_not_utf_8_is_shown_escaped(tmp_path: Path) -> None:
     """hunt 41 F7: a trial folder named with a byte that is not UTF-8 (Latin-1 ``r\\xe9sultats``, which Python
     reads as the lone surrogate ``\\udce9``) failed to draw any plot ("set_text(): incompatible function

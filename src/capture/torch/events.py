@@ -466,6 +466,7 @@ class _Optimizer:
     optimizer: torch.optim.Optimizer
     name: str
     handles: list[Any] = field(default_factory=list)  # its step hooks
+    held: int | None = None  # its parameter count when each was found held (Hook._warn_unheld), until a change
 
 
 @dataclass
@@ -737,12 +738,17 @@ class Hook(core.Hook):
                         self._hooked[sub] = root.names[sub]
                         tap = patches.Tap(self, Hook._on_io)
                         self._handles.append(patches.on_forward(sub, tap, with_kwargs=True))
-        # a loss module's trainable parameters (uncertainty weighting's log variances), not a frozen network's (LPIPS)
+        # a loss module's parameters an attached optimizer trains (uncertainty weighting's log variances), not a
+        # feature network's (LPIPS, a perceptual loss): requires_grad alone does not tell them, such a network is
+        # often never frozen
         for prefix, loss in self._loss_modules.items():
             for pname, p in saved_parameters(loss):
-                if p.requires_grad and id(p) not in self._param_ids:  # else a registered module holds it too
+                if id(p) in updated and id(p) not in self._param_ids:  # else a registered module holds it too
                     self._params[prefix + pname] = p
                     self._param_ids[id(p)] = prefix + pname
+        if self._param_ids.keys() != {id(p) for p in before.values()}:
+            for att in self._optimizers:
+                att.held = None
         if not self._optimizers and self.session.may_save("gradients"):
             self._hook_gradients()
 
@@ -798,9 +804,10 @@ class Hook(core.Hook):
 
         An ``nn.Module`` loss: its output is saved as ``losses/<name>`` (default: its class
         name; ``losses/<name>:0``, ``:1``, ... when called several times in one step), and its own
-        trainable parameters (the log variances of uncertainty weighting; not those of a frozen network
-        such as a perceptual loss's) as a registered module's, under
+        parameters that an attached optimizer trains (the log variances of uncertainty weighting; not those
+        of a feature network such as a perceptual loss's, frozen or not) as a registered module's, under
         ``<name>.`` (``UncertaintyLoss.log_var``, its gradient ``gradients/UncertaintyLoss.log_var``).
+        Without an attached optimizer, none of its parameters is saved.
         A function (``F.nll_loss``): the loss ``backward()`` is called on is saved as
         ``losses/<name>`` (default: the function's name) instead of ``losses/loss``.
 
@@ -899,12 +906,15 @@ class Hook(core.Hook):
         named = ((self._param_ids.get(id(p)), p) for p in optimized_parameters(att.optimizer))
         return {name: p for name, p in named if name is not None}
 
-    def _warn_unheld(self, att: _Optimizer) -> None:
+    def _warn_unheld(self, att: _Optimizer, count: int) -> None:
         """Once: ``att`` trains parameters that no registered module (nor registered loss module) holds (a
         learnable temperature made as a loose ``nn.Parameter``): they are not saved. Looked at as gradients are
-        offered, after the step's first forward has followed what a ``functional_call`` puts in the model."""
+        offered, after the step's first forward has followed what a ``functional_call`` puts in the model.
+        ``count``: how many parameters ``att`` updates; with none unheld, not looked at again until that or the
+        parameters followed change (:attr:`_Optimizer.held`)."""
         unheld = [p for p in optimized_parameters(att.optimizer) if p.requires_grad and id(p) not in self._param_ids]
         if not unheld:
+            att.held = count
             return
         self._warned_unheld = True
         shapes = ", ".join(str(list(p.shape)) for p in unheld[:5]) + (", ..." if len(unheld) > 5 else "")
@@ -1819,8 +1829,9 @@ class Hook(core.Hook):
         return evaluate
 
     def _offer_gradients(self, att: _Optimizer) -> None:
-        if not self._warned_unheld:
-            self._warn_unheld(att)
+        count = sum(len(group["params"]) for group in att.optimizer.param_groups)
+        if not self._warned_unheld and att.held != count:
+            self._warn_unheld(att, count)
         self.session.offer_many(
             (f"gradients/{name}", p.grad, ("gradients",))
             for name, p in self._updated(att).items()
