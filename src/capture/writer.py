@@ -396,7 +396,7 @@ def claim_worker(
                 return run, 0, (-1, {})
             n += 1
     # index records of the worker without its record (a folder removed mid-run and made anew): taken too
-    orphaned = not storage.exists(key) and bool(storage.list(f"{layout.INDEX}/{worker}"))
+    orphaned = bool(storage.list(f"{layout.INDEX}/{worker}")) and not storage.exists(key)
     if not orphaned and storage.create_json(key, record):
         return storage, 0, (-1, {})
     if resume and (resumed := _resume(storage, worker, record, answered)) is not None:

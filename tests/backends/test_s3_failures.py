@@ -889,12 +889,11 @@ def _train_loss(writer: Writer, steps: range) -> None:
 
 
 class _Follower(threading.Thread):
-    """``tensortap rules URL --rule loss_not_decreasing --follow --json`` on a thread; :attr:`codes` gets its
-    exit status."""
+    """``tensortap rules URL --rule RULE --follow --json`` on a thread; :attr:`codes` gets its exit status."""
 
-    def __init__(self, url: str, options: dict[str, Any]) -> None:
+    def __init__(self, url: str, options: dict[str, Any], rule: str = "loss_not_decreasing") -> None:
         super().__init__(daemon=True)
-        self.command = ["rules", url, "--rule", "loss_not_decreasing", "--follow", "--json"]
+        self.command = ["rules", url, "--rule", rule, "--follow", "--json"]
         self.command += ["--storage-options", json.dumps(options)]
         self.codes: list[int] = []
 
@@ -904,10 +903,11 @@ class _Follower(threading.Thread):
         self.codes.append(main(self.command))
 
 
-def _follow(proxy: FaultyProxy, url: str, s3_options: dict[str, Any]) -> _Follower:
-    """A :class:`_Follower` of ``url`` through ``proxy``, started, once it read a shard: its rules judge the
-    training's steps (it opened the trial and built its rules, which a storage that fails ends at once)."""
-    follower = _Follower(url, _through(proxy, s3_options))
+def _follow(proxy: FaultyProxy, url: str, s3_options: dict[str, Any], rule: str = "loss_not_decreasing") -> _Follower:
+    """A :class:`_Follower` of ``url`` through ``proxy`` judging by ``rule``, started, once it read a shard: its
+    rules judge the training's steps (it opened the trial and built its rules, which a storage that fails ends at
+    once)."""
+    follower = _Follower(url, _through(proxy, s3_options), rule)
     follower.start()
     deadline = time.monotonic() + 60
     while not any("/shards/worker_0/" in p for _, p in proxy.seen) and time.monotonic() < deadline:
@@ -924,7 +924,7 @@ def test_rules_follow_rides_out_a_storage_that_fails_for_a_while(
     w = Writer(s3_url, storage_options=s3_options, shard_policy=ShardPolicy(max_steps=1))
     _train_loss(w, range(3))
     w.flush()
-    follower = _follow(proxy, s3_url, s3_options)
+    follower = _follow(proxy, s3_url, s3_options, "loss_not_decreasing:num_steps=3")  # 8 steps judged
     proxy.failing_paths = "/"
     deadline = time.monotonic() + 60
     while not proxy.failed_paths and time.monotonic() < deadline:
