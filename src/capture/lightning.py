@@ -53,7 +53,7 @@ from typing import Any, cast
 try:
     import lightning.pytorch as pl
     import torch
-    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler, StochasticWeightAveraging
     from lightning.pytorch.utilities.model_helpers import is_overridden
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError('tensortap.lightning needs PyTorch Lightning: pip install "tensortap[lightning]"') from exc
@@ -310,6 +310,13 @@ class Callback(pl.Callback):
         # a batch end) only as that epoch's loop starts, after on_train_start
         self._number_train = True
         steps.hook.number_on(Mode.GLOBAL, trainer.current_epoch)
+        if any(isinstance(callback, StochasticWeightAveraging) for callback in trainer.callbacks):
+            logger.warning(
+                "tensortap: StochasticWeightAveraging copies its averaged weights into the module when fit ends, "
+                "after the last TRAIN step: the trial holds the weights of the optimizer steps, not the averaged "
+                "ones (with BatchNorm layers, its last epoch, which only refreshes their statistics, is a TRAIN "
+                "step without gradients)"
+            )
 
     def _logs_after_me(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
         """Whether a batch end hook that Lightning runs after this callback's may log: the module's own

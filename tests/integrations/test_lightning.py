@@ -630,6 +630,27 @@ def test_a_tuners_probe_fit_opens_no_run_and_warns_nothing(tmp_path: Path, caplo
     assert "tensortap" not in caplog.text
 
 
+def test_stochastic_weight_averaging_is_named_in_one_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """hunt 45 L2: ``StochasticWeightAveraging`` copies its average into the module in its ``on_train_end``.
+
+    The trial's last weights are those of the last optimizer step, not the ones the fit ends with; before, nothing
+    said so.
+    """
+    from lightning.pytorch.callbacks import StochasticWeightAveraging
+
+    torch.manual_seed(0)
+    model = Regressor()
+    swa = StochasticWeightAveraging(swa_lrs=0.01, swa_epoch_start=1)
+    trainer = L.Trainer(max_epochs=3, callbacks=[ttl.Callback(tmp_path, save_config=EVERY_STEP), swa], **TRAINER)
+    trainer.fit(model, loader(16, 0))
+
+    assert caplog.text.count("StochasticWeightAveraging copies its averaged weights") == 1
+    trial = tensortap.create_trial(tmp_path)
+    last = trial.steps(mode=Mode.TRAIN)[-1]
+    saved = trial.tensor("net.0.weight").value(last, mode=Mode.TRAIN)
+    assert not np.allclose(saved, model.net[0].weight.detach().numpy()), "the fit ends with the averaged weights"
+
+
 def test_resumed_fit_numbers_steps_on_from_the_checkpoint(tmp_path: Path) -> None:
     torch.manual_seed(0)
     first = L.Trainer(
