@@ -570,6 +570,23 @@ def test_a_resumed_fit_counts_the_partial_executions_of_the_epochs_done(tmp_path
     np.testing.assert_allclose(resumed.tensor("dense/kernel").value(4, mode=Mode.TRAIN), rec.weights[0][0])
 
 
+@pytest.mark.skipif(BACKEND == "torch", reason="Keras's torch backend requires steps_per_execution=1")
+def test_a_second_fit_with_partial_executions_is_not_taken_for_a_restore(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """hunt 43 (left): with ``steps_per_execution=2`` and 3 batches an epoch, a fit of 2 epochs runs 4 executions
+    and 6 ``iterations``; a second fit with the same callback compared ``6 // 2 = 3`` with the callback's 4 steps
+    and warned that the optimizer's iterations "went back" (restored by BackupAndRestore). They did not."""
+    model = mlp(steps_per_execution=2)
+    cb = ttk.Callback(tmp_path, save_config=EVERY_STEP, include_collections=["losses"], close_on_train_end=False)
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        for _ in range(2):
+            model.fit(X, Y, batch_size=BATCH, epochs=2, callbacks=[cb], verbose=0)
+    cb.close()
+    assert "went back" not in caplog.text
+    assert tensortap.create_trial(tmp_path).steps(mode=Mode.TRAIN) == list(range(8))
+
+
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="XLA's static shapes matter for TensorFlow's variables")
 def test_xla_with_a_partial_batch_keeps_every_value(tmp_path: Path) -> None:
     # 40 rows in batches of 16: Keras traces with an unknown batch dimension; the values

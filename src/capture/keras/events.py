@@ -305,8 +305,9 @@ class Callback(keras.callbacks.Callback):
         self._entering = False  # _enter builds the step function (make_<kind>_function) of its call
         self._first_train_batch = False  # the next train batch is a fit's first: compare the counts then
         self._epoch: int | None = None  # the epoch begun last (at a fit's first batch: its first, see _steps_done)
-        # the optimizer of the last fit, and how far the callback's TRAIN count was ahead of Keras's at its first batch
-        self._keras_lead: tuple[weakref.ref[Any], int] | None = None
+        # at the last fit's first batch: its optimizer, iterations, steps_per_execution, first TRAIN step, epochs
+        self._keras_lead: tuple[weakref.ref[Any], int, int, int, int] | None = None
+        self._epochs_begun = 0  # by this callback's fits (on_epoch_begin)
         self._extra_keys: dict[tuple[str, Slot], str] = {}
         self._extra_slots: dict[str, tuple[str, Slot]] = {}
         self._callbacks_traced = False
@@ -462,6 +463,7 @@ class Callback(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         self._epoch = epoch
+        self._epochs_begun += 1
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         self._finish_step()
@@ -485,15 +487,23 @@ class Callback(keras.callbacks.Callback):
         :func:`_steps_done`). Where Keras's count went back since the last fit's first batch, with
         the same optimizer (``BackupAndRestore`` restored its iterations after an interrupted fit;
         a new optimizer, of a model compiled again, counts from 0 by design), the steps are saved
-        under other numbers than Keras's: one warning names both.
+        under other numbers than Keras's: one warning names both. Went back: the optimizer's
+        iterations are fewer than the batches of the steps numbered since, each execution of
+        ``steps_per_execution`` batches whole but the last of each epoch (one batch at least).
         """
         model = self._model
-        done = _steps_done(model, self._epoch, (self.params or {}).get("steps"))
+        optimizer, last = getattr(model, "optimizer", None), self._keras_lead
+        iterations = None if optimizer is None else int(keras.ops.convert_to_numpy(optimizer.iterations))
+        n = max(int(model.steps_per_execution), 1)
+        done = _steps_done(iterations or 0, n, self._epoch, (self.params or {}).get("steps"))
         if Mode.TRAIN not in self.hook.mode_steps:
             self.hook.number_on(Mode.TRAIN, done)
         after = self.hook.mode_steps[Mode.TRAIN] + 1  # the number of the fit's first step
-        optimizer, last = getattr(model, "optimizer", None), self._keras_lead
-        went_back = optimizer is not None and last is not None and last[0]() is optimizer and after - done > last[1]
+        went_back = False
+        if iterations is not None and last is not None and last[0]() is optimizer:
+            _, since, per_execution, first, epochs = last
+            steps, partial = after - first, min(self._epochs_begun - epochs, after - first)
+            went_back = iterations < since + (steps - partial) * per_execution + partial
         if went_back and after != done:
             logger.warning(
                 "tensortap: this fit goes on from Keras's training step %d (its optimizer's iterations went "
@@ -506,7 +516,9 @@ class Callback(keras.callbacks.Callback):
                 after,
                 done,
             )
-        self._keras_lead = None if optimizer is None else (weakref.ref(optimizer), after - done)
+        self._keras_lead = None
+        if iterations is not None:
+            self._keras_lead = (weakref.ref(optimizer), iterations, n, after, self._epochs_begun)
 
     def on_test_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         self._begin(Mode.EVAL)
@@ -1581,25 +1593,21 @@ def _on_host(extras: dict[str, Any]) -> dict[str, Any]:
     return extras
 
 
-def _steps_done(model: Any, epoch: int | None, steps: int | None) -> int:
-    """The steps ``model`` was trained so far, as Keras counts them: its optimizer's ``iterations`` (a model
-    restored by ``keras.models.load_model`` has those of the run it was saved in), one step per execution
-    of ``steps_per_execution`` batches. Where a callback's first ``fit`` starts numbering.
+def _steps_done(iterations: int, n: int, epoch: int | None, steps: int | None) -> int:
+    """The steps a model was trained so far, as Keras counts them: its optimizer's ``iterations`` (a model
+    restored by ``keras.models.load_model`` has those of the run it was saved in; 0 without an optimizer),
+    one step per execution of ``n`` (``steps_per_execution``) batches. Where a callback's first ``fit`` starts
+    numbering.
 
     A ``fit`` of ``steps`` batches an epoch that begins at ``epoch`` after as many whole epochs of those
-    (``iterations == epoch * steps``) counts ``ceil(steps / N)`` executions an epoch, as Keras ran them (the
-    last one partial); otherwise ``iterations // N``, which is one less per epoch that ended in a partial
+    (``iterations == epoch * steps``) counts ``ceil(steps / n)`` executions an epoch, as Keras ran them (the
+    last one partial); otherwise ``iterations // n``, which is one less per epoch that ended in a partial
     execution.
 
     Not at a later ``fit`` of the same callback, which counts on from the steps Keras ran: compiled on
     TensorFlow, over data of unknown length, ``iterations`` also counts the step that found no batch at
     each epoch's end.
     """
-    optimizer = getattr(model, "optimizer", None)
-    if optimizer is None:
-        return 0
-    iterations = int(keras.ops.convert_to_numpy(optimizer.iterations))
-    n = max(int(model.steps_per_execution), 1)
     if epoch and steps and iterations == epoch * steps:  # whole epochs, each ending in a partial execution
         return epoch * -(-steps // n)
     return iterations // n
