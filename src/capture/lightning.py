@@ -310,7 +310,7 @@ class Callback(pl.Callback):
         # a batch end) only as that epoch's loop starts, after on_train_start
         self._number_train = True
         steps.hook.number_on(Mode.GLOBAL, trainer.current_epoch)
-        if any(isinstance(callback, StochasticWeightAveraging) for callback in trainer.callbacks):
+        if any(isinstance(callback, StochasticWeightAveraging) for callback in getattr(trainer, "callbacks", ())):
             logger.warning(
                 "tensortap: StochasticWeightAveraging copies its averaged weights into the module when fit ends, "
                 "after the last TRAIN step: the trial holds the weights of the optimizer steps, not the averaged "
