@@ -29,7 +29,7 @@ import os
 import sys
 import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 import numpy as np
 
@@ -51,7 +51,16 @@ from .reductions import split_key
 from .trial import Trial, create_trial
 from .trial.check import storage_problems
 from .trial.trial import run_folders
-from .trial.views import awaited_note, killed_note, killed_workers, printable, shortened, status_parts
+from .trial.views import (
+    awaited_note,
+    first_named,
+    killed_note,
+    killed_workers,
+    printable,
+    shortened,
+    status_parts,
+    status_summary,
+)
 
 EXIT_OK, EXIT_FOUND, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_PIPE = 0, 1, 2, 130, 141
 MAX_RUNS_NAMED = 5  # run folders `ls` of a trial names; more are counted
@@ -184,16 +193,33 @@ def print_json(value: Any) -> None:
     print(json.dumps(json_safe(value), indent=2, allow_nan=False))
 
 
-def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
+class Toned(NamedTuple):
+    """A cell of :func:`table` escaped already (a trial's status, :func:`~tensortap.trial.views.status_summary`),
+    in the colour of ``tone`` (:data:`STATUS_COLOURS`) on a terminal."""
+
+    text: str
+    tone: str
+
+
+def table(rows: Sequence[Sequence[Any]], header: Sequence[str], style: Style | None = None) -> str:
     """A plain text table with a rule under the header; numbers to significant digits, control
-    characters escaped (:func:`printable`), a cell longer than :data:`~tensortap.trial.views.MAX_TEXT`
-    characters cut as plots cut it (:func:`~tensortap.trial.views.shortened`: one name of 3,000 characters
-    made every row as wide); columns aligned on a terminal (:func:`columns`: wide
-    characters, and those standard output writes as escapes, count as wide as they print)."""
+    characters escaped (:func:`printable`; a :class:`Toned` cell is escaped already), a cell longer than
+    :data:`~tensortap.trial.views.MAX_TEXT` characters cut as plots cut it
+    (:func:`~tensortap.trial.views.shortened`: one name of 3,000 characters made every row as wide); columns
+    aligned on a terminal (:func:`columns`: wide characters, and those standard output writes as escapes,
+    count as wide as they print); :class:`Toned` cells coloured by ``style``, where given."""
     encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
-    cells = [[printable(str(c)) for c in header]] + [[shortened(printable(fmt(c))) for c in r] for r in rows]
+    cells = [[printable(str(c)) for c in header]] + [
+        [shortened(c.text if isinstance(c, Toned) else printable(fmt(c))) for c in r] for r in rows
+    ]
     sized = [[(c, columns(c, encoding)) for c in r] for r in cells]
     widths = [max(r[i][1] for r in sized) for i in range(len(header))]
+    if style is not None:  # colour after the widths are measured: its codes take no column
+        tones = [[None] * len(header)] + [[c.tone if isinstance(c, Toned) else None for c in r] for r in rows]
+        sized = [
+            [(style(c, STATUS_COLOURS[t]) if t else c, n) for (c, n), t in zip(r, ts, strict=True)]
+            for r, ts in zip(sized, tones, strict=True)
+        ]
     lines = ["  ".join(c + " " * (w - n) for (c, n), w in zip(r, widths, strict=True)).rstrip() for r in sized]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
@@ -366,7 +392,9 @@ def _last_loss(trial: Trial) -> dict[str, Any] | None:
     return None
 
 
-def _trials_overview(path: str, options: dict[str, Any], found: Sequence[str]) -> list[dict[str, Any]]:
+def _trials_overview(path: str, options: dict[str, Any], found: Sequence[str]) -> list[tuple[dict[str, Any], Toned]]:
+    """Each trial of the folder ``path`` (``found``, relative to it): its row of ``ls --json``, and its status as
+    ``ls`` of the trial says it (:func:`status_summary`; ``newer format`` for one a newer tensortap wrote)."""
     rows = []
     base = path.rstrip("/")
     for rel in found:
@@ -374,24 +402,26 @@ def _trials_overview(path: str, options: dict[str, Any], found: Sequence[str]) -
             trial = create_trial(f"{base}/{rel}", storage_options=options)
         except TrialTooNew as exc:  # listed as such: the others are still listed
             logger.warning("tensortap: %s", exc)
-            unread = dict.fromkeys(("framework", "workers", "steps", "last_step", "ended", "last_loss"))
-            rows.append({"name": rel, "path": f"{base}/{rel}", **unread, "error": str(exc)})
+            unread = dict.fromkeys(("framework", "workers", "steps", "last_step", "ended", "end_reasons", "last_loss"))
+            rows.append(
+                ({"name": rel, "path": f"{base}/{rel}", **unread, "error": str(exc)}, Toned("newer format", "wait"))
+            )
             continue
         frameworks = {str(w.info.get("framework") or "") for w in trial._index.workers.values()}
         steps = trial.steps()
-        rows.append(
-            {
-                "name": rel,
-                "path": trial.path,
-                "framework": ",".join(sorted(f for f in frameworks if f)) or None,
-                "workers": len(trial.workers()),
-                "steps": len(steps),
-                "last_step": steps[-1] if steps else None,
-                "ended": trial.training_ended,
-                "last_loss": _last_loss(trial),
-                "error": None,
-            }
-        )
+        row = {
+            "name": rel,
+            "path": trial.path,
+            "framework": ",".join(sorted(f for f in frameworks if f)) or None,
+            "workers": len(trial.workers()),
+            "steps": len(steps),
+            "last_step": steps[-1] if steps else None,
+            "ended": trial.training_ended,
+            "end_reasons": trial.end_reasons(),
+            "last_loss": _last_loss(trial),
+            "error": None,
+        }
+        rows.append((row, Toned(*status_summary(trial))))
         trial.close()
     return rows
 
@@ -399,15 +429,14 @@ def _trials_overview(path: str, options: dict[str, Any], found: Sequence[str]) -
 def _ls_parent(args: argparse.Namespace, found: Sequence[str]) -> int:
     rows = _trials_overview(args.path, args.storage_options, found)
     if args.json:
-        print_json({"path": args.path, "trials": rows})
+        print_json({"path": args.path, "trials": [row for row, _ in rows]})
         return EXIT_OK
     style = Style(sys.stdout)
     print(f"{style(printable(args.path), 'bold')} is not a trial; it holds {count(len(rows), 'trial')}:")
     print()
     lines = []
-    for r in rows:
+    for r, status in rows:
         loss = r["last_loss"]
-        status = "newer format" if r["error"] else "ended" if r["ended"] else "running"
         lines.append(
             (
                 r["name"],
@@ -417,7 +446,7 @@ def _ls_parent(args: argparse.Namespace, found: Sequence[str]) -> int:
                 "-" if loss is None else f"{fmt(loss['value'])} ({loss['name']} at step {loss['step']})",
             )
         )
-    print(table(lines, ("trial", "framework", "steps", "status", "last loss")))
+    print(table(lines, ("trial", "framework", "steps", "status", "last loss"), style))
     return EXIT_OK
 
 
@@ -457,7 +486,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     style = Style(sys.stdout)
     status = ": ".join(style(text, STATUS_COLOURS[tone]) for text, tone in status_parts(trial))
     print(f"trial    {style(printable(trial.path), 'bold')}")
-    print(f"workers  {printable(', '.join(trial.workers())) or 'none'}  [{status}]")
+    print(f"workers  {printable(first_named(trial.workers())) or 'none'}  [{status}]")
     for m in trial.modes():
         mode_steps = trial.steps(mode=m)
         print(f"{m.name.lower():8} {_steps_summary(mode_steps, mode_steps)}")
@@ -689,7 +718,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(printable(p, message=True))
     if running:
         print(
-            f"note: {printable(', '.join(running))} wrote no end marker: the training is still running, or it "
+            f"note: {printable(first_named(running))} wrote no end marker: the training is still running, or it "
             "stopped without one (killed, or a machine lost; a reader on its machine would say killed)"
         )
     if killed:

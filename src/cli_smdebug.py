@@ -20,7 +20,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
             "index file, as smdebug reads it; what is not imported, such as shapes saved without values, is "
             "listed as skipped). "
             "Exit status: 0 imported, 2 no smdebug trial, a malformed file (or two of one step of a worker), "
-            "or OUT_DIR not empty, a file or not writable; an import that fails removes what it wrote to OUT_DIR."
+            "or OUT_DIR not empty, a file or not writable; an import that fails removes what it wrote to OUT_DIR "
+            "(and the empty folders it made above it)."
         ),
     )
     p.add_argument("smdebug_trial", metavar="SMDEBUG_TRIAL", help="smdebug trial directory or URL (s3://...)")

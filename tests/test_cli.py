@@ -19,6 +19,7 @@ from helpers.cli import cli, strict_json
 import tensortap
 from tensortap import TrialNotFound, UnknownName
 from tensortap.capture import ShardPolicy, Writer
+from tensortap.trial.index import IMPORT_FAILED
 from tensortap.trial.views import RUNNING
 
 
@@ -103,8 +104,8 @@ def test_ls_of_a_folder_of_trials_lists_them(tmp_path: Path) -> None:
             in result.stderr
         )
         assert rows["first"][1:5] == ["numpy", "2", "ended", "0.3333"]  # last loss 1/3 at step 2
-        assert rows["group/second"][1:5] == ["numpy", "3", "running", "0.2"]  # 1/5 at step 4
-        # one wording of a run without its end marker: ls of the trial and its notebook view
+        # one wording of a run without its end marker: ls of the folder, of the trial and its notebook view
+        assert rows["group/second"][1:3] == ["numpy", "3"] and f"  {RUNNING}  0.2 (" in result.stdout  # 1/5 at step 4
         second = tmp_path / "runs" / "group" / "second"
         assert f"[{RUNNING}]" in cli("ls", str(second)).stdout
         assert f"<td style='text-align:left'>{RUNNING}</td>" in tensortap.create_trial(second)._repr_html_()
@@ -117,6 +118,61 @@ def test_ls_of_a_folder_of_trials_lists_them(tmp_path: Path) -> None:
         assert second["name"] == "group/second" and second["ended"] is False and second["framework"] == "numpy"
     finally:
         live.close()
+
+
+KILLED_WORKERS = """
+import numpy as np, os, signal, sys
+from tensortap.capture import Writer
+writers = [Writer(sys.argv[1], rank=rank, world_size=int(sys.argv[2])) for rank in range(int(sys.argv[2]))]
+for w in writers:
+    with w.stepping():
+        w.save("losses/loss", np.float32(0.5), ["losses"])
+    w.flush()
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_ls_of_a_folder_gives_each_trial_the_status_ls_of_the_trial_gives(tmp_path: Path) -> None:
+    """hunt 57 A57-1: ``ls`` of a folder of trials said ``ended`` or ``running`` alone, in no colour: a training
+    that died of an exception, one killed and an smdebug import that stopped midway read as plain "ended",
+    where ``ls`` of each trial said so (in red). Now each row's status is that of ``ls`` of the trial
+    (``tensortap.trial.views.status_parts``), coloured by its worst tone; ``--json`` gives ``end_reasons``.
+    An import that failed now reads so in ``ls`` of the trial too."""
+    runs = tmp_path / "runs"
+    write_run(runs / "ok", n=2)
+    w = write_run(runs / "failed", n=2, close=False)
+    w.close_for_exit("exception", "RuntimeError: CUDA out of memory")
+    write_run(runs / "import", n=2, close=False).close(IMPORT_FAILED)
+    subprocess.run([sys.executable, "-c", KILLED_WORKERS, str(runs / "killed"), "1"], timeout=120)
+    statuses = {
+        "failed": "ended: worker_0 ended with reason 'exception': RuntimeError: CUDA out of memory",
+        "import": "ended: worker_0 ended with reason 'import failed'",
+        "killed": "ended: worker_0 killed",
+        "ok": "ended",
+    }
+    result = cli("ls", str(runs))
+    assert result.returncode == 0, result.stderr
+    for name, status in statuses.items():
+        assert f"[{status}]" in cli("ls", str(runs / name)).stdout
+        line = next(line for line in result.stdout.splitlines() if line.startswith(f"{name} "))
+        assert f"  {status}  " in line, line
+    trials = {t["name"]: t for t in strict_json(cli("ls", str(runs), "--json").stdout)["trials"]}
+    assert trials["killed"]["end_reasons"] == {"worker_0": "killed"}
+    assert trials["import"]["end_reasons"] == {"worker_0": IMPORT_FAILED}
+    coloured = on_terminal(["ls", str(runs)], {"NO_COLOR": None})
+    assert f"\033[31m{statuses['failed']}\033[0m" in coloured and "\033[32mended\033[0m" in coloured
+
+
+def test_ls_and_check_name_the_first_workers_and_count_the_others(tmp_path: Path) -> None:
+    """hunt 57 A57-5: ``ls``'s workers line and the note of killed workers (``ls``, ``check``, ``rules``) named
+    every worker: a line of thousands of characters for a job of 512 ranks. Now the first 10 are named and the
+    others counted, as the notes of failed and awaited workers are."""
+    subprocess.run([sys.executable, "-c", KILLED_WORKERS, str(tmp_path / "run"), "12"], timeout=120)
+    named = "worker_0, worker_1, worker_10, worker_11, worker_2, worker_3, worker_4, worker_5, worker_6, worker_7"
+    listing = cli("ls", str(tmp_path / "run")).stdout
+    assert f"workers  {named} and 2 more  [ended: {named} and 2 more killed]\n" in listing
+    check = cli("check", str(tmp_path / "run"))
+    assert check.returncode == 0 and check.stdout.startswith(f"note: {named} and 2 more killed: "), check.stdout
 
 
 def test_ls_of_a_folder_of_trials_refuses_the_options_that_select_tensors(tmp_path: Path) -> None:

@@ -63,6 +63,7 @@ from ..config import Collection, ReductionConfig
 from ..crc32c import masked_crc32c
 from ..exceptions import TensortapError, TrialNotFound
 from ..modes import Mode
+from ..trial.export import new_folders_removed_on_error
 from ..trial.index import IMPORT_FAILED
 from ..trial.trial import SEARCH_DEPTH, SEARCH_FOLDERS
 
@@ -903,8 +904,9 @@ def import_smdebug(
 ) -> ImportSummary:
     """Write the smdebug trial at ``trial`` as a tensortap trial at ``out_dir`` (which must be empty or absent).
 
-    An import that fails keeps nothing: what it wrote to ``out_dir`` is removed (``out_dir`` too, where it made
-    it) and the error's message says so, or says what is left where that removal failed. Where its first writer
+    An import that fails keeps nothing: what it wrote to ``out_dir`` is removed (``out_dir`` too where it made
+    it, and the empty folders it made above it: :func:`~tensortap.trial.export.new_folders_removed_on_error`)
+    and the error's message says so, or says what is left where that removal failed. Where its first writer
     cannot open (another process wrote a trial into ``out_dir`` since it was found empty), nothing is removed.
 
     Parameters
@@ -949,7 +951,8 @@ def import_smdebug(
     summary = ImportSummary(workers=[], steps=0, tensors=[])
     names: set[str] = set()
     steps: set[int] = set()
-    with _nothing_kept(out_fs, out_root, out_dir) as opened:
+    made = new_folders_removed_on_error(out_root) if isinstance(out_fs, LocalFileSystem) else contextlib.nullcontext()
+    with made, _nothing_kept(out_fs, out_root, out_dir) as opened:  # OUT_DIR's new parents after what it holds
         for worker, rank in sorted(_ranks(list(files)).items(), key=lambda item: item[1]):
             with _write_errors(out_dir):
                 writer = _ImportWriter(

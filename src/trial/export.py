@@ -13,7 +13,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 
@@ -82,15 +82,17 @@ def _tfrecords(records: list[bytes]) -> bytes:
 
 
 @contextlib.contextmanager
-def written_whole(path: str) -> Iterator[str]:
-    """The name to write the output file ``path`` under: a hidden one beside it (``.tensortap-<random>.partial``),
-    renamed to ``path`` when the block ends, removed when it raises (Ctrl-C, a full disk).
+def written_whole(path: str) -> Iterator[BinaryIO]:
+    """The file to write the output ``path`` to: a hidden one beside it (``.tensortap-<random>.partial``), made
+    here (once, refused if the name exists), renamed to ``path`` when the block ends, removed when it raises
+    (Ctrl-C, a full disk).
 
     An interrupted export or report leaves no file at ``path``: a truncated CSV read back as a complete table,
     and event files as a complete TensorBoard run. A symbolic link is followed (the file it names is replaced,
     in that file's folder), and a replaced file keeps its permissions. Where the hidden file cannot be made
     (a folder the user cannot write) but ``path`` is a file the user can write, ``path`` is written in place.
-    A URL (``s3://``) is written as it is: an object store makes the object once it is whole.
+    A URL (``s3://``) is written as it is (:func:`fsspec.open`): an object store makes the object once it is
+    whole.
 
     Parameters
     ----------
@@ -99,8 +101,8 @@ def written_whole(path: str) -> Iterator[str]:
 
     Yields
     ------
-    str
-        The name to write to.
+    BinaryIO
+        The file, open for writing bytes; closed when the block ends.
 
     Raises
     ------
@@ -108,19 +110,24 @@ def written_whole(path: str) -> Iterator[str]:
         The file cannot be written; one about the hidden file names ``path``, the name the user gave.
     """
     if "://" in path:
-        yield path
+        import fsspec
+
+        with fsspec.open(path, "wb") as remote:
+            yield remote
         return
     target = os.path.realpath(os.path.expanduser(path))
     partial = os.path.join(os.path.dirname(target), f".tensortap-{secrets.token_hex(6)}.partial")
     try:
-        open(partial, "x").close()  # made now: can the folder be written?
+        file = open(partial, "xb")  # made once, here: "x" refuses a name that exists
     except OSError as exc:
         if os.path.isfile(target) and os.access(target, os.W_OK):
-            yield target
+            with open(target, "wb") as in_place:
+                yield in_place
             return
         raise OSError(exc.errno, exc.strerror, path) from exc
     try:
-        yield partial
+        with file:  # closed (its last bytes written) before the rename
+            yield file
         if os.path.exists(target):
             shutil.copymode(target, partial)
         os.replace(partial, target)
@@ -129,6 +136,41 @@ def written_whole(path: str) -> Iterator[str]:
             os.remove(partial)
         if isinstance(exc, OSError) and exc.filename == partial:
             raise OSError(exc.errno, exc.strerror, path) from exc
+        raise
+
+
+@contextlib.contextmanager
+def new_folders_removed_on_error(path: str) -> Iterator[None]:
+    """Within, the local folder ``path`` and those above it that do not exist yet may be made; where the block
+    raises, those of them that are empty then are removed, the deepest first.
+
+    A folder that existed before is never removed, nor one that holds anything (what the block left, what
+    another process put there), nor any above such a folder: an export or import cut short leaves no empty
+    folders behind (``logdir/train``, the parents of ``OUT_DIR``). A URL (``s3://``) is left alone: an object
+    store has no folders to leave.
+
+    Parameters
+    ----------
+    path
+        A local folder (``~`` expanded).
+    """
+    missing: list[str] = []
+    folder = os.path.abspath(os.path.expanduser(path))
+    while "://" not in path and not os.path.lexists(folder):  # lexists: a dangling link is not a folder this made
+        missing.append(folder)
+        folder, child = os.path.dirname(folder), folder
+        if folder == child:
+            break
+    try:
+        yield
+    except BaseException:
+        for folder in missing:
+            try:
+                os.rmdir(folder)
+            except FileNotFoundError:  # removed by the block already (an import's OUT_DIR)
+                continue
+            except OSError:  # not empty (or not ours to remove): nor is any folder above it
+                break
         raise
 
 
@@ -144,14 +186,16 @@ class _EventFile:
 
     def __init__(self, logdir: str, files: contextlib.ExitStack) -> None:
         """Open the file (:func:`written_whole`: in place once ``files`` closes without an error) and close it
-        before ``files`` puts it in place."""
+        before ``files`` puts it in place; the folders made for it are removed where ``files`` closes on an
+        error (:func:`new_folders_removed_on_error`)."""
         from tensorboardX.proto.event_pb2 import Event
-        from tensorboardX.record_writer import directory_check, open_file
+        from tensorboardX.record_writer import directory_check
 
+        files.enter_context(new_folders_removed_on_error(logdir))  # after the file's removal on an error
         directory_check(logdir)
         # tensorboardX's name: the time (seconds) and the host
         name = os.path.join(logdir, f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}")
-        self._file = open_file(files.enter_context(written_whole(name)))
+        self._file = files.enter_context(written_whole(name))
         files.callback(self.close)
         self._event = Event
         self._pending = [Event(wall_time=time.time(), file_version="brain.Event:2").SerializeToString()]
@@ -233,8 +277,8 @@ def export_table(
         _require_pyarrow()  # before reading the trial
     df = trial.to_pandas(collection=collection, reductions=reductions, progress=show_progress, exact_ints=True)
     if suffix == ".parquet":
-        with written_whole(path) as partial:
-            _with_exact_ints(df).to_parquet(partial, index=False, engine="pyarrow")
+        with written_whole(path) as file:
+            _with_exact_ints(df).to_parquet(file, index=False, engine="pyarrow")
         return len(df)
     shown = escape if path == "-" else None
     for column in df.columns:
@@ -244,8 +288,8 @@ def export_table(
     if path == "-":
         df.to_csv(sys.stdout, index=False, na_rep="nan")
         return len(df)
-    with written_whole(path) as partial:
-        df.to_csv(partial, index=False, na_rep="nan")
+    with written_whole(path) as file:
+        df.to_csv(file, index=False, na_rep="nan")
     return len(df)
 
 
@@ -382,7 +426,7 @@ def export_tensorboard(
     or below its smallest normal number) is named in one warning too. Histograms count the finite values
     (a tensor whose reductions show NaN or infinite values is named in a warning), give the outer edges as
     their min and max, and their sums from the bin centres. The event files are put in place once all are
-    written (:func:`written_whole`): an export cut short leaves none.
+    written (:func:`written_whole`): an export cut short leaves none, nor the run folders it made.
 
     Parameters
     ----------

@@ -9,7 +9,6 @@ further. The methods :meth:`Trial.plot <tensortap.Trial.plot>`,
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -17,7 +16,7 @@ import numpy as np
 
 from ..modes import Mode, step_label, step_word
 from ..reductions import split_key
-from .export import check_output
+from .export import check_output, written_whole
 from .progress import progress
 from .views import printable, shortened, tensor_workers
 
@@ -348,8 +347,10 @@ IMAGE_SUFFIXES = (".png", ".svg", ".pdf")
 
 
 def save_plot(ax: Any, path: str) -> None:
-    """Write the figure of ``ax`` to ``path`` (PNG, SVG or PDF by suffix: :data:`IMAGE_SUFFIXES`)."""
-    check_output(path, IMAGE_SUFFIXES)
+    """Write the figure of ``ax`` to ``path`` (PNG, SVG or PDF by suffix: :data:`IMAGE_SUFFIXES`), whole or not
+    at all (:func:`written_whole`)."""
+    suffix = check_output(path, IMAGE_SUFFIXES)
     fig = ax.get_figure()
     fig.tight_layout()
-    fig.savefig(os.path.expanduser(path), dpi=120)  # matplotlib takes "~" for a folder's name
+    with written_whole(path) as file:  # a file object: the format is said
+        fig.savefig(file, dpi=120, format=suffix[1:])

@@ -268,6 +268,6 @@ def write_report(
     """
     check_output(os.fspath(output), REPORT_SUFFIXES)
     html, ran = _report(trial, rules, show_progress)
-    with written_whole(os.fspath(output)) as partial, open(partial, "w", encoding="utf-8") as f:
-        f.write(html)
+    with written_whole(os.fspath(output)) as file:
+        file.write(html.encode("utf-8"))
     return ran

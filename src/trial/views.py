@@ -17,7 +17,7 @@ import numpy as np
 from ..exceptions import TensortapError
 from ..modes import Mode
 from ..processes import KILLED
-from .index import MAX_WORKERS_NAMED
+from .index import IMPORT_FAILED, MAX_WORKERS_NAMED
 
 if TYPE_CHECKING:
     from .trial import Tensor, Trial
@@ -119,8 +119,9 @@ def killed_workers(trial: Trial) -> list[str]:
 
 
 def killed_note(workers: list[str]) -> str:
-    """``"worker_0 killed"``: what a status says of :func:`killed_workers` (names escaped)."""
-    return f"{printable(', '.join(workers))} killed"
+    """``"worker_0 killed"``: what a status says of :func:`killed_workers` (names escaped, capped by
+    :func:`first_named`)."""
+    return f"{printable(first_named(workers))} killed"
 
 
 def awaited_note(trial: Trial) -> str | None:
@@ -129,18 +130,19 @@ def awaited_note(trial: Trial) -> str | None:
     awaited = trial._index.awaited
     if not awaited:
         return None
-    return f"{_first_named(awaited)} {'has' if len(awaited) == 1 else 'have'} written nothing yet"
+    return f"{first_named(awaited)} {'has' if len(awaited) == 1 else 'have'} written nothing yet"
 
 
-def _first_named(workers: list[str]) -> str:
+def first_named(workers: list[str]) -> str:
     """``"worker_0, worker_1 and 30 more"``: the first :data:`MAX_WORKERS_NAMED` of ``workers``, the rest
     counted."""
     more = len(workers) - MAX_WORKERS_NAMED
     return ", ".join(workers[:MAX_WORKERS_NAMED]) + (f" and {more} more" if more > 0 else "")
 
 
-FAILED_REASONS = ("exception", "error")
-"""End reasons of a training that failed (an exception; capture turned itself off)."""
+FAILED_REASONS = ("exception", "error", IMPORT_FAILED)
+"""End reasons of a training that failed (an exception; capture turned itself off), or of an smdebug import
+that stopped midway (what it wrote is removed; a trial an older tensortap left holds part of the steps)."""
 
 MAX_ERROR_TEXT = 500  # characters of an end marker's error shown (a stranger's may be of any length)
 
@@ -160,7 +162,7 @@ def failure_notes(trial: Trial) -> list[str]:
         ``"worker_0 ended with reason 'exception': RuntimeError: boom"`` for the first of the workers in the
         order of their names (the text cut at :data:`MAX_ERROR_TEXT` characters), then one line per reason of
         the others, ``"worker_1, worker_2 and 30 more also ended with reason 'exception'"`` (names capped by
-        :func:`_first_named`); names and texts escaped by :func:`printable`. Empty when none failed.
+        :func:`first_named`); names and texts escaped by :func:`printable`. Empty when none failed.
     """
     failed = [(name, w.end or {}) for name, w in sorted(trial._index.workers.items())]
     failed = [(name, end) for name, end in failed if end.get("reason") in FAILED_REASONS]
@@ -173,7 +175,7 @@ def failure_notes(trial: Trial) -> list[str]:
     notes = [f"{printable(name)} ended with reason {end['reason']!r}{text}"]
     for reason in FAILED_REASONS:
         if alike := [other for other, e in others if e["reason"] == reason]:
-            notes.append(f"{printable(_first_named(alike))} also ended with reason {reason!r}")
+            notes.append(f"{printable(first_named(alike))} also ended with reason {reason!r}")
     return notes
 
 
@@ -210,9 +212,20 @@ def status_parts(trial: Trial) -> list[tuple[str, str]]:
     return parts
 
 
+TONES = ("ok", "wait", "bad")
+"""The tones of :func:`status_parts`, the best first."""
+
+
+def status_summary(trial: Trial) -> tuple[str, str]:
+    """``("ended: worker_0 killed", "bad")``: the texts of :func:`status_parts` joined, and the worst of their
+    tones (:data:`TONES`: what ``ls`` of a folder of trials colours a trial's status by)."""
+    parts = status_parts(trial)
+    return ": ".join(text for text, _ in parts), max((tone for _, tone in parts), key=TONES.index)
+
+
 def status_text(trial: Trial) -> str:
     """``"ended: worker_0 killed"``: the texts of :func:`status_parts` joined."""
-    return ": ".join(text for text, _ in status_parts(trial))
+    return status_summary(trial)[0]
 
 
 def _kv_rows(rows: list[tuple[str, str]]) -> str:

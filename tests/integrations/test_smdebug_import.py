@@ -526,6 +526,32 @@ def test_an_import_that_fails_midway_keeps_nothing_and_check_reports_one_that_di
     assert json.loads(capsys.readouterr().out)["problems"] == [problem]
 
 
+def test_an_import_that_fails_removes_the_folders_it_made_above_out_dir(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """hunt 57 A57-6: an import into ``new/a/b/out`` (``new`` absent) that failed removed ``out`` but left the
+    empty ``new/a/b`` it had made for it. Now the folders it made are removed too, and only those: a folder that
+    existed stays, and so does one that holds anything (with the folders above it)."""
+    smd = tmp_path / "smd"
+    shutil.copytree(DATA / "trial", smd)
+    event = smd / "events" / "000000000002" / "000000000002_worker_0.tfevents"
+    damaged = bytearray(event.read_bytes())
+    damaged[-1] ^= 1  # the second step's file: the import fails after writing the first step
+    event.write_bytes(damaged)
+    assert main(["import-smdebug", str(smd), str(tmp_path / "new" / "a" / "b" / "out")]) == 2
+    assert "nothing was kept" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(SmdebugFormatError, match="nothing was kept"):
+        import_smdebug(smd, tmp_path / "kept" / "a" / "out")
+    assert list((tmp_path / "kept").iterdir()) == []
+    (tmp_path / "old" / "a").mkdir(parents=True)
+    (tmp_path / "old" / "a" / "theirs.txt").write_text("not the import's")
+    with pytest.raises(SmdebugFormatError, match="nothing was kept"):
+        import_smdebug(smd, tmp_path / "old" / "a" / "b" / "out")
+    assert [p.name for p in (tmp_path / "old" / "a").iterdir()] == ["theirs.txt"]
+
+
 def test_an_import_whose_writer_cannot_claim_out_dir_removes_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import pty
 import re
@@ -548,13 +549,15 @@ def test_report_renders_in_headless_chromium(run: Run, tmp_path: Path) -> None:
 SIZE_LIMIT = 16_384  # bytes a file may grow to under RLIMIT_FSIZE: each output of the trial below is larger
 
 
-@pytest.mark.parametrize("target", ["t.csv", "t.parquet", "logdir", "r.html"])
+@pytest.mark.parametrize("target", ["t.csv", "t.parquet", "logdir", "r.html", "p.svg"])
 def test_an_output_cut_short_leaves_nothing_that_reads_as_whole(tmp_path: Path, target: str) -> None:
     """hunt 41 F3: an export cut short (Ctrl-C, a full disk; here a write past the file size limit, which fails
     at the same point every run) left its truncated file at the path asked for: a CSV that pandas read back as
     a whole table, ending on a whole row, and event files TensorBoard showed as a complete run, which then made
     the export's rerun refuse the folder ("holds event files already"). Outputs are written under a hidden
-    name and renamed at the end, or removed."""
+    name and renamed at the end, or removed. hunt 57 A57-2: ``plot -o p.svg`` (or ``.pdf``; a ``.png`` on a
+    Ctrl-C, Pillow removes it on an error) still wrote straight to its path, leaving a truncated image there.
+    hunt 57 A57-3: the export to TensorBoard left the empty run folders (``logdir/train``) it had made."""
     resource = pytest.importorskip("resource")
     if target == "t.parquet":
         pytest.importorskip("pyarrow")
@@ -574,6 +577,7 @@ def test_an_output_cut_short_leaves_nothing_that_reads_as_whole(tmp_path: Path, 
         "t.parquet": ["export", run, "-o", where],
         "logdir": ["export", "tensorboard", run, where],
         "r.html": ["report", run, "--rule", "exploding_tensor", "-o", where],
+        "p.svg": ["plot", run, "--regex", "weights", "-o", where],
     }[target]
 
     def limited() -> None:  # Python ignores SIGXFSZ: a write past the limit fails (EFBIG)
@@ -583,7 +587,11 @@ def test_an_output_cut_short_leaves_nothing_that_reads_as_whole(tmp_path: Path, 
         [sys.executable, "-m", "tensortap.cli", *args], preexec_fn=limited, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 2 and "File too large" in result.stderr, result.stderr
-    assert [p for p in out.rglob("*") if p.is_file()] == []  # not the truncated output, not its partial file
+    assert list(out.iterdir()) == []  # not the truncated output, its partial file or the run folders it made
+    if target == "logdir":  # a LOGDIR that existed stays, without the run folders the export made in it
+        Path(where).mkdir()
+        subprocess.run([sys.executable, "-m", "tensortap.cli", *args], preexec_fn=limited, timeout=120)
+        assert list(out.iterdir()) == [Path(where)] and list(Path(where).iterdir()) == []
     again = cli(*args)  # the rerun is not refused for what the first one left
     assert again.returncode == 0, again.stderr
     assert [p.name for p in out.rglob("*") if p.is_file() and p.name.startswith(".")] == []
@@ -642,6 +650,56 @@ def test_an_export_to_a_writable_file_in_a_folder_it_cannot_write_writes_it_in_p
     finally:
         shared.chmod(0o755)
     assert len(pd.read_csv(out)) == 1
+
+
+OPENS_OF_HIDDEN_FILES = r"""
+import json, re, sys
+from tensortap.cli import main
+opened = {}
+hidden = re.compile(r"\.tensortap-[0-9a-f]+\.partial$")
+
+def audit(event, args):  # every open of a hidden file: its mode, or os.open's flags
+    if event == "open" and isinstance(args[0], str) and hidden.search(args[0]):
+        opened.setdefault(args[0], []).append(args[1] or args[2])
+
+sys.addaudithook(audit)
+run, out = sys.argv[1:]
+commands = [
+    ["export", run, "-o", f"{out}/t.csv"],
+    ["export", run, "-o", f"{out}/t.parquet"],
+    ["export", "tensorboard", run, f"{out}/logdir"],
+    ["report", run, "--rule", "exploding_tensor", "-o", f"{out}/r.html"],
+    ["plot", run, "a", "-o", f"{out}/p.svg"],
+]
+for args in commands:
+    assert main(args) == 0, args
+print(json.dumps(list(opened.values())))
+"""
+
+
+def test_each_hidden_file_of_an_output_is_opened_once(tmp_path: Path) -> None:
+    """hunt 57 A57-4: ``written_whole`` made its hidden ``.tensortap-<random>.partial`` file (with ``"x"``, to
+    see that the folder can be written), closed it, and each writer opened that name again: the file was
+    created twice, the second time through whatever the name named by then. Now it is made once and written
+    through that handle (counted by Python's ``open`` audit event, in a process of its own)."""
+    pytest.importorskip("pyarrow")
+    pytest.importorskip("tensorboardX")
+    with Writer(tmp_path / "run") as w:
+        for _ in range(3):
+            with w.stepping():
+                w.save("a", np.float32(1.0), ["metrics"])
+    out = tmp_path / "out"
+    out.mkdir()
+    result = subprocess.run(
+        [sys.executable, "-c", OPENS_OF_HIDDEN_FILES, str(tmp_path / "run"), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.splitlines()[-1]) == [["x"]] * 5  # csv, parquet, events, html, svg: made, once
+    assert sorted(p.name for p in out.iterdir()) == ["logdir", "p.svg", "r.html", "t.csv", "t.parquet"]
+    assert len(pd.read_csv(out / "t.csv")) == 3 and len(pd.read_parquet(out / "t.parquet")) == 3
 
 
 def test_csv_cells_that_a_spreadsheet_reads_as_formulas_start_with_a_quote(tmp_path: Path) -> None:
