@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import threading
 import time
@@ -17,6 +18,7 @@ import tensortap
 from tensortap import Mode, ReductionConfig, RuleInputsMissing, SaveConfig
 from tensortap.capture import ShardPolicy, Writer
 from tensortap.rules import (
+    BUILTIN_RULES,
     AllZero,
     ClassImbalance,
     Confusion,
@@ -29,6 +31,7 @@ from tensortap.rules import (
     PoorWeightInitialization,
     Rule,
     RuleConditionMet,
+    RuleFailure,
     RuleRunner,
     SaturatedActivation,
     SimilarAcrossRuns,
@@ -40,8 +43,10 @@ from tensortap.rules import (
     VanishingGradient,
     WeightUpdateRatio,
     invoke_rule,
+    parameters,
 )
 from tensortap.trial.rules.loss_rules import metric_key
+from tensortap.trial.rules.runner import rule_status
 
 Values = dict[str, tuple[Any, tuple[str, ...]]]
 
@@ -165,6 +170,36 @@ def test_a_rule_missing_only_some_inputs_still_judges_the_others(tmp_path: Path)
     assert state["usable_steps"] == 2
 
 
+def test_a_misspelled_collection_among_valid_ones_is_a_missing_input(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """hunt 48 F2: a collection named among others that is no collection of the trial was dropped without a
+    word: ``ExplodingTensor(collection_names=["losses", "gradiants"])`` judged the losses alone and passed
+    (``missing_inputs`` empty, exit 0) on NaN gradients; a single such name was reported. It is a missing input
+    now (partial: the others are judged), logged once, naming the closest collection."""
+    v = lambda s: {  # noqa: E731
+        "losses/loss": (np.float32(0.875), ("losses",)),
+        "gradients/fc.weight": (np.array([np.nan, 1.0]), ("gradients",)),
+    }
+    trial = make_trial(tmp_path, 2, v)
+    assert invoke_rule(ExplodingTensor(trial, collection_names=["losses", "gradients"])) == [0, 1]
+    rule = ExplodingTensor(trial, collection_names=["losses", "gradiants"])
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        assert invoke_rule(rule) == []
+    [message] = rule.missing_inputs  # then the valid collections: those the Writer configures
+    assert message.startswith(
+        "ExplodingTensor needs collection 'gradiants' with reductions nan_count, inf_count (or raw tensors): "
+        f"no collection 'gradiants' in {trial.path}; did you mean 'gradients'? (valid: "
+    )
+    assert rule_status(rule) == "passed" and not rule.lacks_inputs  # the losses were judged
+    logged = [r.getMessage() for r in caplog.records if "gradiants" in r.getMessage()]
+    assert logged == [f"tensortap: {message} (first at step 0)"]
+    loss = LossNotDecreasing(trial, collection_names="losss", num_steps=1)  # beside collection losses
+    invoke_rule(loss)
+    [message] = loss.missing_inputs
+    assert f": no collection 'losss' in {trial.path}; did you mean 'losses'? (valid: " in message
+
+
 def test_exploding_tensor_nan_and_inf(tmp_path: Path) -> None:
     def w(s: int) -> Values:
         v = np.ones(4, dtype=np.float32)
@@ -242,6 +277,43 @@ def test_poor_weight_initialization(tmp_path: Path) -> None:
         return {**good(s), "gradients/a.weight": (rng.normal(0, 1e-5, (10, 10)), ("gradients",))}
 
     assert invoke_rule(PoorWeightInitialization(make_trial(tmp_path / "grad", 3, narrow_grad))) == [0, 1, 2]
+
+
+def test_poor_weight_initialization_that_read_nothing_lacks_inputs(tmp_path: Path) -> None:
+    """hunt 48 F1: PoorWeightInitialization passed (status ``passed``, ``tensortap rules`` exit 0) where it read
+    nothing: a trial without weights, gradients and losses; one that saved them from step 15 on only
+    (``SaveConfig(start_step=15)``, a resumed training), ``steps`` being 10; and ``activation_inputs_regex``
+    matching nothing was skipped without a word. It lacks inputs now and says what it needs (a regex matching
+    nothing: a missing input beside the checks it made)."""
+    rng = np.random.default_rng(0)
+
+    def model(s: int) -> Values:
+        return {
+            "a.weight": (rng.normal(0, 1.0, (10, 10)), ("weights",)),
+            "gradients/a.weight": (rng.normal(0, 0.1, (10, 10)), ("gradients",)),
+            "losses/loss": (np.float32(1.0 - 0.05 * s), ("losses",)),
+        }
+
+    outputs = lambda s: {"outputs/fc": (np.ones(3), ("outputs",))}  # noqa: E731
+    absent = PoorWeightInitialization(make_trial(tmp_path / "absent", 12, outputs))
+    with pytest.raises(RuleInputsMissing):
+        invoke_rule(absent)
+    assert rule_status(absent) == "inputs_missing"
+    for needed in ("collection 'weights' with raw tensors", "collection 'gradients' with raw", "collection 'losses'"):
+        assert any(m.startswith(f"PoorWeightInitialization needs {needed}") for m in absent.missing_inputs), needed
+    late = make_trial(tmp_path / "late", 30, lambda s: {**outputs(s), **(model(s) if s >= 15 else {})})
+    rule = PoorWeightInitialization(late)
+    with pytest.raises(RuleInputsMissing):
+        invoke_rule(rule)
+    assert list(rule.missing_inputs) == [
+        "PoorWeightInitialization needs weights, gradients or losses saved at a step below steps=10 to judge "
+        "(parameter steps): it read none there (it judges the first steps of a training only)"
+    ]
+    rule = PoorWeightInitialization(late, steps=20)  # steps 15-19 judged
+    assert invoke_rule(rule) == [] and rule_status(rule) == "passed" and rule.missing_inputs == {}
+    rule = PoorWeightInitialization(make_trial(tmp_path / "good", 12, model), activation_inputs_regex="zzz")
+    assert invoke_rule(rule) == [] and rule_status(rule) == "passed"
+    assert rule.missing_inputs == {"PoorWeightInitialization needs a tensor of regex(es) zzz: none in the trial": 0}
 
 
 # ------------------------------------------------------- reads across shards
@@ -573,6 +645,46 @@ def test_a_parameter_out_of_its_range_is_refused(make: Callable[[], Rule], messa
     assert message in str(info.value)
 
 
+BOOLEAN_PARAMETERS = [
+    (cls, p.name) for cls in BUILTIN_RULES.values() for p in parameters(cls) if p.annotation == "bool"
+]
+
+
+@pytest.mark.parametrize(("cls", "name"), BOOLEAN_PARAMETERS, ids=[f"{c.__name__}.{n}" for c, n in BOOLEAN_PARAMETERS])
+def test_a_boolean_parameter_takes_a_bool_alone(cls: type[Rule], name: str) -> None:
+    """hunt 48 F3: a boolean parameter given as a string from Python (a configuration read as text) was taken
+    as True: ``UnchangedTensor(equal_nan="False")`` fired at 16 steps where ``equal_nan=False`` fired at none,
+    ``ExplodingTensor(only_nan="false")`` left the infinities out. A string is refused now, naming the
+    parameter; a bool and a ``numpy.bool_`` are taken (as bools)."""
+    assert len(BOOLEAN_PARAMETERS) == 5  # only_nan, equal_nan, argmax, use_losses_collection, stop_training_on_fire
+    for text in ("False", "false", "no"):
+        with pytest.raises(ValueError, match=f"^{name}: expected a bool, got '{text}'$"):
+            cls(**{name: text})
+    with pytest.raises(ValueError, match=f"^{name}: expected a bool, got 0$"):
+        cls(**{name: 0})
+    for value in (True, np.bool_(True)):
+        rule = cls(**{name: value})
+        assert getattr(rule, name, True) is True  # kept as a Python bool where the rule keeps it
+
+
+def test_numpy_scalars_are_numbers(tmp_path: Path) -> None:
+    """hunt 48 F4: NumPy scalars (a threshold computed with NumPy) were refused with a message saying they were
+    no number: ``LossNotDecreasing(num_steps=np.int64(5))``: "expected an integer >= 1, got np.int64(5)". They are
+    taken now, as Python numbers (a rule's state holds JSON values); bools and float integers are still refused."""
+    trial = losses_trial(tmp_path)
+    rule = LossNotDecreasing(trial, num_steps=np.int64(3), diff_percent=np.float32(0.0))
+    assert type(rule.num_steps) is int and type(rule.diff_percent) is float
+    assert invoke_rule(rule) == [3, 6, 9, 12, 15, 18]
+    json.dumps(rule.state_dict())
+    assert TensorVariance(max_threshold=np.float32(10)).max_threshold == 10.0
+    assert DeadRelu(threshold_layer=np.float32(40), min_samples=np.uint8(4)).threshold_layer == 40.0
+    for bad in (True, np.bool_(True), np.float64(5.0), "5"):
+        with pytest.raises(ValueError, match=r"^num_steps: expected an integer >= 1, got "):
+            LossNotDecreasing(num_steps=bad)
+    with pytest.raises(ValueError, match=r"^threshold_layer: expected a finite number in \[0, 100\], got "):
+        DeadRelu(threshold_layer=np.float32(140))
+
+
 def test_a_rule_that_could_judge_no_step_lacks_inputs(tmp_path: Path) -> None:
     """hunt 44 F5: a rule that could not judge a single step passed (``tensortap rules`` exit 0):
     WeightUpdateRatio with ``num_steps`` below the save interval, and with one saved step; UnchangedTensor with
@@ -818,6 +930,9 @@ def test_similar_across_runs(tmp_path: Path) -> None:
     trial = make_trial(tmp_path / "base", 5, lambda s: vals(s) if s != 3 else changed)
     assert invoke_rule(SimilarAcrossRuns(trial, other_trials=other)) == [3]
     assert invoke_rule(SimilarAcrossRuns(trial, other_trials=str(tmp_path / "other"))) == [3]
+    # hunt 48 F7: a TrialNotFound that read as the error of the trial judged, naming no parameter
+    with pytest.raises(ValueError, match=f"^other_trials: no tensortap trial at {tmp_path / 'none'}: nothing exists"):
+        SimilarAcrossRuns(trial, other_trials=str(tmp_path / "none"))
 
 
 # ----------------------------------------------------------- classification
@@ -1027,6 +1142,7 @@ def test_state_dict_resumes(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("make", "version"),
     [
+        (PoorWeightInitialization, 1),
         (UnchangedTensor, 1),
         (WeightUpdateRatio, 1),
         (Overfit, 2),
@@ -1072,6 +1188,66 @@ def test_in_process_rule_stops_the_hook_at_once(tmp_path: Path) -> None:
     req = trial.stop_request()
     assert req["rule"] == "ExplodingTensor" and req["step"] == 4
     assert req["reason"] == "losses/loss: 0 NaN and 1 infinite value(s) at step 4"
+
+
+class Flaky(Rule):
+    """A rule whose own code fails at step 3 (a network call), and would fire at step 20."""
+
+    def invoke_at_step(self, step: int) -> bool:
+        if step == 3:
+            raise ConnectionError("webhook down")
+        return step == 20
+
+
+class FailsAtTheEnd(Rule):
+    def invoke_at_step(self, step: int) -> bool:
+        return False
+
+    def on_training_end(self, last_step: int) -> bool:
+        raise KeyError("summary")
+
+
+def test_an_in_process_rule_switched_off_says_so(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """hunt 48 F5: an in-process rule that raised was switched off (one ERROR line), then read as ``passed``
+    (``rule_status``): nothing on the rule told it, though it judged 3 steps of 30 and would have fired at step
+    20. It keeps where and what it raised (``rule.switched_off``), and its status is ``switched_off``."""
+    flaky, at_end, healthy = Flaky(), FailsAtTheEnd(), ExplodingTensor()
+    with caplog.at_level(logging.ERROR, logger="tensortap"), Writer(tmp_path, rules=[flaky, at_end, healthy]) as w:
+        for _ in range(30):
+            with w.stepping():
+                w.save("losses/loss", np.float32(1.0), ["losses"])
+    failure = flaky.switched_off
+    assert isinstance(failure, RuleFailure) and failure.step == 3 and isinstance(failure.error, ConnectionError)
+    assert rule_status(flaky) == "switched_off" and flaky.evaluated_steps == 3 and flaky.fired_steps == []
+    assert at_end.switched_off is not None and at_end.switched_off.step is None
+    assert rule_status(at_end) == "switched_off" and at_end.evaluated_steps == 30
+    assert healthy.switched_off is None and rule_status(healthy) == "passed"
+    switched = [r.getMessage() for r in caplog.records if "switched off" in r.getMessage()]
+    assert switched == [
+        "tensortap: rule Flaky failed at step 3 and is switched off: webhook down",
+        "tensortap: rule FailsAtTheEnd failed at the end of the training and is switched off: 'summary'",
+    ]
+
+
+def test_in_process_firings_after_the_first_are_logged_at_debug_and_summed_up(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """hunt 48 F6: an in-process rule logged a WARNING at every firing step: a training diverged at step 12 of
+    200 logged 374 lines for two rules. The first firing of each rule is a WARNING, the later ones DEBUG, and
+    the hook's close sums each rule that fired up in one WARNING, as ``tensortap rules --follow`` prints the
+    first firing of each rule."""
+    rules = [ExplodingTensor(), AllZero(collection_names="losses")]  # AllZero never fires
+    with caplog.at_level(logging.DEBUG, logger="tensortap"), Writer(tmp_path, rules=rules) as w:
+        for s in range(50):
+            with w.stepping():
+                w.save("losses/loss", np.float32(np.nan if s >= 12 else 1.0), ["losses"])
+    fired = [(r.levelno, r.getMessage()) for r in caplog.records if " fired at " in r.getMessage()]
+    assert [m for level, m in fired if level == logging.WARNING] == [
+        "tensortap: rule ExplodingTensor fired at step 12: losses/loss: 1 NaN and 0 infinite value(s) at step 12",
+        "tensortap: rule ExplodingTensor fired at 38 step(s) of this training, first at step 12, last at step 49",
+    ]
+    later = [m for level, m in fired if level == logging.DEBUG]
+    assert len(later) == 37 and later[-1].startswith("tensortap: rule ExplodingTensor fired at step 49: ")
 
 
 def test_in_process_rule_configures_capture(tmp_path: Path) -> None:

@@ -276,6 +276,20 @@ def test_usage_errors_exit_2(flat: Path, argv: list[str], message: str) -> None:
     assert len(result.stderr.splitlines()) == 1, result.stderr
 
 
+def test_a_wrong_other_trials_is_a_usage_error_naming_the_rule_and_parameter(flat: Path) -> None:
+    """hunt 48 F7: ``similar_across_runs:other_trials=`` a path with no trial gave the error of a wrong PATH
+    (``tensortap rules: no tensortap trial at ...``, ``--json`` kind ``not_found``) though PATH was right, naming
+    neither the rule nor the parameter. It is a usage error of the spec now, as other parameter errors are."""
+    spec = f"similar_across_runs:other_trials={flat}/none"
+    result = rules(str(flat), "--rule", spec)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == (
+        f"tensortap rules: --rule {spec!r}: other_trials: no tensortap trial at {flat}/none: nothing exists there\n"
+    )
+    error = strict_json(rules(str(flat), "--rule", spec, "--json").stdout)["error"]
+    assert error["kind"] == "usage" and error["message"].startswith(f"--rule {spec!r}: other_trials: no tensortap")
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

@@ -14,7 +14,7 @@ from __future__ import annotations
 from ...exceptions import RuleInputsMissing
 from .actions import Action, StopTraining
 from .activation_rules import DeadRelu, PoorWeightInitialization, SaturatedActivation
-from .base import Requirement, Rule, RuleConditionMet, Verdict
+from .base import Requirement, Rule, RuleConditionMet, RuleFailure, Verdict
 from .builtin import BUILTIN_RULES, make_rule, parameters, rule_class
 from .classification_rules import ClassImbalance, Confusion
 from .inprocess import MemoryTrial
@@ -54,6 +54,7 @@ __all__ = [
     "Requirement",
     "Rule",
     "RuleConditionMet",
+    "RuleFailure",
     "RuleInputsMissing",
     "RuleRunner",
     "SaturatedActivation",

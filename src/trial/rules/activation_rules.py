@@ -134,11 +134,9 @@ class DeadRelu(LayerKindRule):
         min_samples: int = 16,
     ) -> None:
         super().__init__(base_trial)
-        check_number("threshold_inactivity", threshold_inactivity, 0, 100)
-        check_number("threshold_layer", threshold_layer, 0, 100)
-        check_number("min_samples", min_samples, 1, integer=True)
-        self.threshold_inactivity, self.threshold_layer = threshold_inactivity, threshold_layer
-        self.min_samples = min_samples
+        self.threshold_inactivity = check_number("threshold_inactivity", threshold_inactivity, 0, 100)
+        self.threshold_layer = check_number("threshold_layer", threshold_layer, 0, 100)
+        self.min_samples = check_number("min_samples", min_samples, 1, integer=True)
         self.selection = Selection(collection_names, tensor_regex, ("outputs",))
         self.hook_collections = ("outputs",)
         self.relu_outputs_only = not self.selection.regexes
@@ -248,10 +246,9 @@ class SaturatedActivation(LayerKindRule):
             if len(b) != 2 or not b[0] < b[1]:
                 raise ValueError(f"{field_name}: expected (min, max) with min < max, got {b!r}")
             self.bounds[field_name] = (float(b[0]), float(b[1]))
-        check_number("threshold_inactivity", threshold_inactivity, 0, 100)
-        check_number("threshold_layer", threshold_layer, 0, 100)
+        self.threshold_inactivity = check_number("threshold_inactivity", threshold_inactivity, 0, 100)
+        self.threshold_layer = check_number("threshold_layer", threshold_layer, 0, 100)
         check_regexes("tanh_regex", [tanh_regex, sigmoid_regex])
-        self.threshold_inactivity, self.threshold_layer = threshold_inactivity, threshold_layer
         self.patterns = {"threshold_tanh": re.compile(tanh_regex), "threshold_sigmoid": re.compile(sigmoid_regex)}
         self.selection = Selection(collection_names, tensor_regex, ("inputs",))
         self.hook_collections = ("inputs",)
@@ -360,7 +357,11 @@ class PoorWeightInitialization(Rule):
     weights.
 
     Needs: collection ``weights`` as raw tensors (with ``activation_inputs_regex``:
-    reduction ``variance``), ``gradients`` as raw tensors, ``losses``.
+    reduction ``variance``), ``gradients`` as raw tensors, ``losses``, saved at
+    steps below ``steps``. Each of the three the trial lacks is a missing input
+    (the rule judges with the others); one that read nothing below ``steps``
+    (saved from a later step on, a resumed training's global steps) lacks
+    inputs (:meth:`~tensortap.rules.Rule.not_judged`): not a pass.
 
     Parameters
     ----------
@@ -379,6 +380,9 @@ class PoorWeightInitialization(Rule):
         Number of first steps analysed. Default 10.
     """
 
+    state_attrs = ("judged",)
+    state_version = 2  # judged (hunt 48 F1): no state before
+
     def __init__(
         self,
         base_trial: Any = None,
@@ -389,22 +393,17 @@ class PoorWeightInitialization(Rule):
         steps: int = 10,
     ) -> None:
         super().__init__(base_trial)
-        check_number("threshold", threshold, 1)
-        check_number("distribution_range", distribution_range, 0)
-        check_number("patience", patience, 1, integer=True)
-        check_number("steps", steps, 1, integer=True)
-        self.threshold, self.distribution_range, self.patience, self.steps = (
-            threshold,
-            distribution_range,
-            patience,
-            steps,
-        )
+        self.threshold = check_number("threshold", threshold, 1)
+        self.distribution_range = check_number("distribution_range", distribution_range, 0)
+        self.patience = check_number("patience", patience, 1, integer=True)
+        self.steps = check_number("steps", steps, 1, integer=True)
         regexes = regex_list(activation_inputs_regex)
         self.variances = Selection(None if regexes else ("weights",), regexes or None, ())
         self.by_fan = not regexes  # weights: compared as initializations scale them
         self.gradients = Selection(("gradients",), None, ())
         self.losses = Selection(("losses",), None, ())
         self.loss_series = ModeSeries(TRAINING_MODES)
+        self.judged = False  # an input was read at a step below `steps`
 
     def required_captures(self) -> list[Requirement]:
         variances = self.variances.requirements((), True) if self.by_fan else self.variances.requirements(("variance",))
@@ -419,12 +418,27 @@ class PoorWeightInitialization(Rule):
                 return self.fire(step, f"{found[0]} at step {step}", found[1])
         return False
 
+    def found_input(self) -> None:
+        """Record the read (:meth:`Rule.found_input`) and that the rule judged a step below ``steps``."""
+        super().found_input()
+        self.judged = True
+
+    def not_judged(self) -> str | None:
+        """An input read at a step below ``steps``, once the rule evaluated a later step (or the training ended)
+        without one: steps come in order, so none will come."""
+        if self.judged or not (self.last_step >= self.steps or self.base_trial.training_ended):
+            return None
+        return (
+            f"weights, gradients or losses saved at a step below steps={self.steps} to judge (parameter steps): "
+            "it read none there (it judges the first steps of a training only)"
+        )
+
     def _variance(self, step: int) -> tuple[str, list[str]] | None:
         if self.by_fan:
             return self._scaled_variance(step)
         req = self.required_captures()[0]
         var = {}
-        for n in self.variances.names(self.base_trial, step):
+        for n in self.variances.names_for(self, step, req, partial=True):
             v = reduction_at(self, self.base_trial, n, step, "variance", req)
             if v is not None and np.isfinite(v):
                 var[n] = v
@@ -442,7 +456,7 @@ class PoorWeightInitialization(Rule):
         """The default check 1: weight variances times fan-in, and times mean fan, must both spread too far."""
         req = Requirement("weights", (), True)
         scaled: dict[str, dict[str, float]] = {"fan-in": {}, "mean fan": {}}
-        for n in self.variances.names(self.base_trial, step):
+        for n in self.variances.names_for(self, step, req, partial=True):
             if EMBEDDING.search(n):
                 continue
             w = raw_at(self, self.base_trial, n, step, req)
@@ -467,10 +481,11 @@ class PoorWeightInitialization(Rule):
 
     def _gradient_spread(self, step: int) -> tuple[str, list[str]] | None:
         spreads = {}
-        for n in self.gradients.names(self.base_trial, step):
+        req = Requirement("gradients", (), True)
+        for n in self.gradients.names_for(self, step, req, partial=True):
             if EMBEDDING.search(n) or RECURRENT.search(n):
                 continue
-            g = raw_at(self, self.base_trial, n, step, Requirement("gradients", (), True))
+            g = raw_at(self, self.base_trial, n, step, req)
             if g is not None and g.ndim >= 2 and g.size >= 2:
                 p5, p95 = np.percentile(g.astype(np.float64), [5, 95])
                 spreads[n] = float(p95 - p5)
@@ -486,7 +501,8 @@ class PoorWeightInitialization(Rule):
         return None
 
     def _loss(self, step: int) -> tuple[str, list[str]] | None:
-        for n in self.losses.names(self.base_trial, step):
+        req = Requirement("losses")
+        for n in self.losses.names_for(self, step, req, partial=True):
             found = self.loss_series.at(self.base_trial, n, step)
             if found is None:
                 continue
@@ -496,7 +512,6 @@ class PoorWeightInitialization(Rule):
             if i < 0:
                 continue
             earlier = series[i][1]
-            req = Requirement("losses")
             now, before = (
                 scalar_at(self, self.base_trial, n, step, req),
                 scalar_at(self, self.base_trial, n, earlier, req),

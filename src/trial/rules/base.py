@@ -15,12 +15,13 @@ import contextlib
 import json
 import logging
 import math
+import numbers
 import re
 import reprlib
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import numpy as np
 
@@ -139,6 +140,22 @@ class Requirement:
         return {"collection": self.collection, "reductions": list(self.reductions), "raw": self.raw}
 
 
+@dataclass(frozen=True)
+class RuleFailure:
+    """Why an in-process rule was switched off (:attr:`Rule.switched_off`): its own code raised.
+
+    Attributes
+    ----------
+    step
+        The global step it was evaluating; None: at the end of the training (:meth:`Rule.on_training_end`).
+    error
+        What it raised.
+    """
+
+    step: int | None
+    error: Exception
+
+
 class RuleConditionMet(TensortapError):
     """Raised by :func:`~tensortap.rules.invoke_rule` with ``raise_eval_cond=True`` at the first firing.
 
@@ -193,28 +210,62 @@ def check_regexes(field_name: str, patterns: Iterable[str]) -> None:
             raise ValueError(f"{field_name}: {p!r} is not a valid regular expression ({exc})") from None
 
 
+@overload
+def check_number(
+    field_name: str, value: Any, minimum: float | None = None, maximum: float | None = None, *, integer: Literal[True]
+) -> int: ...
+
+
+@overload
+def check_number(
+    field_name: str,
+    value: Any,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    integer: Literal[False] = False,
+) -> float: ...
+
+
 def check_number(
     field_name: str, value: Any, minimum: float | None = None, maximum: float | None = None, integer: bool = False
-) -> None:
-    """Raise a ValueError unless ``value`` is a finite number (an integer if asked) in ``[minimum, maximum]``.
+) -> float:
+    """``value`` as a Python ``int`` or ``float``; a ValueError unless it is a finite number (an integer if asked)
+    in ``[minimum, maximum]``.
 
+    NumPy scalars are numbers too (``numbers.Integral``, ``numbers.Real``: a threshold computed with NumPy), and
+    come back as Python numbers (a rule's state holds JSON values only); a bool is refused, whatever its type.
     NaN is refused (no value compares with it: a rule with a NaN threshold would never fire), and so are
     the infinities (a threshold no value crosses, or every value does), and values out of the range a
     parameter means something in (a percentage above 100 that no layer reaches, a fraction above 1).
     """
-    kinds = (int,) if integer else (int, float)
+    number: float | None = None
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        number = int(value)
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool) and not integer:
+        number = float(value)
     if (
-        isinstance(value, bool)
-        or not isinstance(value, kinds)
-        or not math.isfinite(value)
-        or (minimum is not None and value < minimum)
-        or (maximum is not None and value > maximum)
+        number is None
+        or not math.isfinite(number)
+        or (minimum is not None and number < minimum)
+        or (maximum is not None and number > maximum)
     ):
         what = "an integer" if integer else "a finite number"
         bound = f" >= {minimum}" if minimum is not None else ""
         if maximum is not None:
             bound = f" in [{minimum:g}, {maximum:g}]" if minimum is not None else f" <= {maximum}"
         raise ValueError(f"{field_name}: expected {what}{bound}, got {value!r}")
+    return number
+
+
+def check_bool(field_name: str, value: Any) -> bool:
+    """``value`` as a Python ``bool``; a ValueError unless it is one (or a ``numpy.bool_``).
+
+    A string is refused: ``bool("False")`` is True, so a flag read from a configuration as text would mean
+    the opposite of what it says (the command line converts ``true``/``false`` itself).
+    """
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{field_name}: expected a bool, got {value!r}")
+    return bool(value)
 
 
 def json_problem(value: Any, where: str) -> str | None:
@@ -303,6 +354,10 @@ class Rule:
     history
         How many saved steps of raw values an in-process rule needs to look back
         over (the hook keeps that many in memory).
+    switched_off
+        None, or why the rule was switched off (a :class:`RuleFailure`): in-process
+        (``Hook(rules=[...])``), a rule whose code raises is no longer evaluated
+        and the training goes on; it judged no step after that one.
     """
 
     state_attrs: tuple[str, ...] = ()
@@ -324,6 +379,7 @@ class Rule:
         self._progress = _Progress()
         self._verdict: Verdict | None = None
         self._step_inputs = _StepInputs()
+        self.switched_off: RuleFailure | None = None
 
     # ------------------------------------------------------------ identity
     @property

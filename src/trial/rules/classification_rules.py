@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import Requirement, Rule, check_number
+from .base import Requirement, Rule, check_bool, check_number
 from .reading import Selection, judged_workers, raw_at
 
 
@@ -172,11 +172,10 @@ class ClassImbalance(_LabelsPredictions):
         super().__init__(
             base_trial, Selection(("labels",), labels_regex, ()), Selection(("predictions",), predictions_regex, ())
         )
-        check_number("threshold_imbalance", threshold_imbalance, 1)
-        check_number("threshold_misprediction", threshold_misprediction, 0, 1)
-        check_number("samples", samples, 1, integer=True)
-        self.threshold_imbalance, self.threshold_misprediction = threshold_imbalance, threshold_misprediction
-        self.samples, self.argmax = samples, bool(argmax)
+        self.threshold_imbalance = check_number("threshold_imbalance", threshold_imbalance, 1)
+        self.threshold_misprediction = check_number("threshold_misprediction", threshold_misprediction, 0, 1)
+        self.samples = check_number("samples", samples, 1, integer=True)
+        self.argmax = check_bool("argmax", argmax)
         self.counts: dict[str, int] = {}
         self.wrong: dict[str, int] = {}
         self.predicted: dict[str, int] = {}
@@ -282,11 +281,9 @@ class Confusion(_LabelsPredictions):
         max_off_diag: float = 0.1,
     ) -> None:
         super().__init__(base_trial, _named(labels, labels_collection), _named(predictions, predictions_collection))
-        if category_no is not None:
-            check_number("category_no", category_no, 2, integer=True)
-        check_number("min_diag", min_diag, 0, 1)
-        check_number("max_off_diag", max_off_diag, 0, 1)
-        self.category_no, self.min_diag, self.max_off_diag = category_no, min_diag, max_off_diag
+        self.category_no = None if category_no is None else check_number("category_no", category_no, 2, integer=True)
+        self.min_diag = check_number("min_diag", min_diag, 0, 1)
+        self.max_off_diag = check_number("max_off_diag", max_off_diag, 0, 1)
 
     def invoke_at_step(self, step: int) -> bool:
         lab, pred = self.read(step, self.labels, need=True), self.read(step, self.predictions, need=True)

@@ -42,7 +42,7 @@ from ..trial import (
     select_names,
 )
 from .actions import Action
-from .base import Rule, Verdict, logger
+from .base import Rule, RuleFailure, Verdict, logger
 
 # saved steps of scalars and reductions kept in memory (raw tensors: each rule's ``history``)
 SMALL_HISTORY = 10_000
@@ -433,7 +433,6 @@ class InProcessRunner:
     def __init__(self, hook: SavingHook) -> None:
         self.trial = MemoryTrial(hook)
         self.rules: list[Rule] = []
-        self._broken: set[int] = set()
 
     def add(self, rule: Rule) -> None:
         """Evaluate ``rule`` from the next saved step on."""
@@ -447,23 +446,34 @@ class InProcessRunner:
         self._evaluate(record.step, lambda rule: rule.invoke(record.step))
 
     def on_end(self) -> None:
-        """The hook closes: the training has ended; every rule judges what its last step left pending."""
+        """The hook closes: the training has ended; every rule judges what its last step left pending, and each
+        rule that fired is summed up in one line (its firings after the first were logged at DEBUG)."""
         self.trial.training_ended = True
         self._evaluate(None, lambda rule: rule.invoke_end())
+        for rule in self.rules:
+            if steps := rule.fired_steps:
+                logger.warning(
+                    "tensortap: rule %s fired at %d step(s) of this training, first at step %d, last at step %d",
+                    rule.name,
+                    len(steps),
+                    steps[0],
+                    steps[-1],
+                )
 
     def _evaluate(self, step: int | None, invoke: Callable[[Rule], Verdict]) -> None:
         """Run ``invoke`` on every rule still on, and its actions where it fires (``step``: None at the end).
 
-        A rule that raises is switched off. An action that raises is logged, naming it and its rule; the
-        rule's other actions still run and the rule stays on.
+        A rule that raises is switched off (:attr:`Rule.switched_off`). Its first firing is logged as a
+        warning, the later ones at DEBUG (a diverged training fires at every step). An action that raises is
+        logged, naming it and its rule; the rule's other actions still run and the rule stays on.
         """
         for rule in self.rules:
-            if id(rule) in self._broken:
+            if rule.switched_off is not None:
                 continue
             try:
                 verdict = invoke(rule)
             except Exception as exc:
-                self._broken.add(id(rule))
+                rule.switched_off = RuleFailure(step, exc)
                 logger.error(
                     "tensortap: rule %s failed %s and is switched off: %s",
                     rule.name,
@@ -473,7 +483,8 @@ class InProcessRunner:
                 )
                 continue
             if verdict.fired:
-                logger.warning("tensortap: rule %s fired at step %d: %s", rule.name, verdict.step, verdict.reason)
+                log = logger.warning if len(rule.fired_steps) == 1 else logger.debug
+                log("tensortap: rule %s fired at step %d: %s", rule.name, verdict.step, verdict.reason)
                 for action in rule.actions:
                     self._act(action, rule, verdict)
 

@@ -13,7 +13,7 @@ import numpy as np
 from ...config import TRAINING_DATA
 from ...modes import Mode
 from .actions import StopTraining
-from .base import Requirement, Rule, check_number, check_regexes
+from .base import Requirement, Rule, check_bool, check_number, check_regexes
 from .reading import LOSS_MODES, ModeSeries, Selection, judged_workers, on_worker, parse_mode, scalar_at
 
 # a name part (between "/", "_", ".", "-") "val", "valid", "validation", "eval" or "test", in any
@@ -188,11 +188,12 @@ class LossNotDecreasing(_EvaluationRuns):
         window: int | None = None,
     ) -> None:
         super().__init__(base_trial)
-        check_number("num_steps", num_steps, 1, integer=True)
+        num_steps = check_number("num_steps", num_steps, 1, integer=True)
         if window is not None:
-            check_number("window", window, 1, integer=True)
-        check_number("diff_percent", diff_percent)
-        check_number("increase_threshold_percent", increase_threshold_percent, 0)
+            window = check_number("window", window, 1, integer=True)
+        diff_percent = check_number("diff_percent", diff_percent)
+        increase_threshold_percent = check_number("increase_threshold_percent", increase_threshold_percent, 0)
+        use_losses_collection = check_bool("use_losses_collection", use_losses_collection)
         names = [*((collection_names,) if isinstance(collection_names, str) else collection_names or ())]
         if use_losses_collection:
             names.append("losses")
@@ -224,9 +225,7 @@ class LossNotDecreasing(_EvaluationRuns):
 
     def invoke_at_step(self, step: int) -> bool:
         trial = self.base_trial
-        names = self.selection.names(trial, step)
-        if not names and not self.selection.names(trial):
-            self.selection.need_in_trial(self, step, Requirement("losses"))
+        names = self.selection.names_for(self, step, Requirement("losses"))
         saved = [(n, w) for n in names for w in judged_workers(trial, n, step)]
         failures = self.judge_runs(self.runs_over(step, [on_worker(n, w) for n, w in saved]))
         failures += [(r, [n]) for n, w in saved if (r := self._check(step, n, w)) is not None]
@@ -524,9 +523,7 @@ class _TrainValidation(_EvaluationRuns):
         """``({training loss: value}, {validation loss: value}, whether step is an EVAL step)`` at ``step``
         (values not finite included; losses of one worker each, as :meth:`source` reads them)."""
         trial = self.base_trial
-        names = self.selection.names(trial, step)
-        if not names and not self.selection.names(trial):
-            self.selection.need_in_trial(self, step, Requirement("losses"))
+        names = self.selection.names_for(self, step, Requirement("losses"))
         training = set(TRAINING_SELECTION.names(trial))
         where = trial.mode_step(step)
         eval_step = where is not None and where[0] is Mode.EVAL
@@ -654,10 +651,9 @@ class Overfit(_TrainValidation):
         validation_regex: str = VALIDATION_REGEX,
     ) -> None:
         super().__init__(base_trial, tensor_regex, validation_regex)
-        check_number("start_step", start_step, 0, integer=True)
-        check_number("patience", patience, 1, integer=True)
-        check_number("ratio_threshold", ratio_threshold)
-        self.start_step, self.patience, self.ratio_threshold = start_step, patience, ratio_threshold
+        self.start_step = check_number("start_step", start_step, 0, integer=True)
+        self.patience = check_number("patience", patience, 1, integer=True)
+        self.ratio_threshold = check_number("ratio_threshold", ratio_threshold)
         self.exceeded: dict[str, int] = {}  # per validation loss, its validations in a row above the threshold
 
     def invoke_at_step(self, step: int) -> bool:
@@ -737,11 +733,11 @@ class Overtraining(_TrainValidation):
         validation_regex: str = VALIDATION_REGEX,
     ) -> None:
         super().__init__(base_trial, tensor_regex, validation_regex)
-        check_number("patience_train", patience_train, 1, integer=True)
-        check_number("patience_validation", patience_validation, 1, integer=True)
-        check_number("delta", delta, 0)
-        self.patience = {"training": patience_train, "validation": patience_validation}
-        self.delta = delta
+        self.patience = {
+            "training": check_number("patience_train", patience_train, 1, integer=True),
+            "validation": check_number("patience_validation", patience_validation, 1, integer=True),
+        }
+        self.delta = check_number("delta", delta, 0)
         # per kind ("training", "validation"), per loss: its best value, and the validations since it improved
         self.best: dict[str, dict[str, float]] = {"training": {}, "validation": {}}
         self.since: dict[str, dict[str, int]] = {"training": {}, "validation": {}}
@@ -800,10 +796,9 @@ class StalledTraining(Rule):
 
     def __init__(self, base_trial: Any = None, threshold: float = 1800, stop_training_on_fire: bool = False) -> None:
         super().__init__(base_trial)
-        check_number("threshold", threshold, 0)
-        self.threshold = threshold
+        self.threshold = check_number("threshold", threshold, 0)
         self.stalled_at = -2
-        if stop_training_on_fire:
+        if check_bool("stop_training_on_fire", stop_training_on_fire):
             self.add_action(StopTraining())
 
     def invoke_at_step(self, step: int) -> bool:

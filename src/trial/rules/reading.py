@@ -62,7 +62,12 @@ class Selection:
             self.exclude = () if self.collections else tuple(default_exclude)
 
     def names(self, trial: Any, step: int | None = None) -> list[str]:
-        """Selected tensor names saved at global ``step`` (all steps if None), sorted."""
+        """Selected tensor names saved at global ``step`` (all steps if None), sorted; a collection named that the
+        trial lacks adds none (:meth:`names_for` tells the rule)."""
+        return self._names(trial, step)[0]
+
+    def _names(self, trial: Any, step: int | None) -> tuple[list[str], list[UnknownName]]:
+        """:meth:`names`, and the errors of the collections named that are no collection of ``trial``."""
         if not self.collections and not self.regexes:
             names = trial.tensor_names(step=step)
             left_out: set[str] = set()
@@ -71,33 +76,66 @@ class Selection:
                     left_out.update(trial.tensor_names(collection=c, step=step))
                 except UnknownName:
                     continue
-            return [n for n in names if n not in left_out]
+            return [n for n in names if n not in left_out], []
         out: set[str] = set()
+        unknown = []
         for c in self.collections:
             try:
                 out.update(trial.tensor_names(collection=c, step=step))
-            except UnknownName:  # not in the trial: the rule says what it needs (Rule.need)
-                continue
+            except UnknownName as exc:
+                unknown.append(exc)
         if self.regexes:
             out.update(trial.tensor_names(regex=list(self.regexes), step=step))
-        return sorted(out)
+        return sorted(out), unknown
+
+    def names_for(self, rule: Rule, step: int, requirement: Requirement, *, partial: bool = False) -> list[str]:
+        """:meth:`names` at ``step`` in the trial of ``rule``, recording with :meth:`Rule.need` what it lacks.
+
+        Where the trial holds no selected tensor at all: :meth:`need_in_trial`. Where it holds some, each
+        collection named that is no collection of the trial (nor one its hook saves) is a partial need naming
+        it and the closest collections (``did you mean 'gradients'?``): a misspelled name among valid ones
+        would otherwise judge only the others. Either is decided at each step, as the trial is then (a live
+        training may write a collection later), as for a single name.
+
+        Parameters
+        ----------
+        rule
+            The rule reading the tensors.
+        step
+            The global step being evaluated.
+        requirement
+            What to capture where the trial holds no selected tensor; its reductions and raw flag also for a
+            collection it lacks.
+        partial
+            Whether the rule judges the step with its other inputs where the trial holds no selected tensor
+            (as :meth:`Rule.need`).
+        """
+        names, unknown = self._names(rule.base_trial, step)
+        if not names and not self.names(rule.base_trial):
+            self.need_in_trial(rule, step, requirement, partial=partial)
+            return names
+        for exc in unknown:
+            lacking = Requirement(exc.name, requirement.reductions, requirement.raw)
+            rule.need(step, lacking, str(exc), partial=True)
+        return names
 
     def requirements(self, reductions: Sequence[str] = (), raw: bool = False) -> list[Requirement]:
         """One :class:`Requirement` per selected collection."""
         return [Requirement(c, tuple(reductions), raw) for c in self.collections]
 
-    def need_in_trial(self, rule: Rule, step: int, requirement: Requirement) -> None:
+    def need_in_trial(self, rule: Rule, step: int, requirement: Requirement, *, partial: bool = False) -> None:
         """Record with :meth:`Rule.need` that the trial holds no selected tensor at all (at ``step``).
 
         What the rule needs is ``requirement`` (what to capture) where the
         selection names collections or is every tensor; where it is only
         regexes, a tensor they match (a collection the regexes never
-        searched would mislead).
+        searched would mislead). ``partial``: as :meth:`Rule.need` (the rule
+        judges the step with its other inputs).
         """
         if self.regexes and not self.collections:
-            rule.need(step, f"a tensor of {self.describe()}", "none in the trial")
+            rule.need(step, f"a tensor of {self.describe()}", "none in the trial", partial=partial)
         else:
-            rule.need(step, requirement, f"no tensor of {self.describe()} in the trial")
+            rule.need(step, requirement, f"no tensor of {self.describe()} in the trial", partial=partial)
 
     def describe(self) -> str:
         """Words for error messages: which collections and regexes were searched."""
@@ -304,10 +342,8 @@ class PerTensorRule(Rule):
         """Fire when :meth:`check` finds a failing tensor at ``step``; the reason names the first (and its
         worker, and the other workers with a failing tensor, on a trial of several)."""
         trial = self.base_trial
-        names = self.selection.names(trial, step)
+        names = self.selection.names_for(self, step, self.requirement())
         if not names:
-            if not self.selection.names(trial):
-                self.selection.need_in_trial(self, step, self.requirement())
             return False
         hits = [
             (n, w, r)

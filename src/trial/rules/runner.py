@@ -35,7 +35,7 @@ def rule_labels(rules: Sequence[Rule], tags: Sequence[str]) -> list[str]:
     return [f"{name} {tag}" if names.count(name) > 1 else name for name, tag in zip(names, tags, strict=True)]
 
 
-RULE_STATUSES = ("fired", "passed", "inputs_missing", "no_step")
+RULE_STATUSES = ("fired", "passed", "inputs_missing", "no_step", "switched_off")
 """The outcomes of a rule's run (:func:`rule_status`)."""
 
 
@@ -45,10 +45,14 @@ def rule_status(rule: Rule) -> str:
     Returns
     -------
     str
+        ``"switched_off"``: in-process, its code raised before it fired and it judged no step after that one
+        (:attr:`Rule.switched_off`; one that fired before it raised is ``"fired"``);
         ``"inputs_missing"``: it found none of its inputs (:attr:`Rule.lacks_inputs`; a runner raised
         :class:`~tensortap.exceptions.RuleInputsMissing`); ``"fired"``: it fired at a step; ``"passed"``: it
         judged steps and did not fire; ``"no_step"``: it evaluated no step (none complete, or none readable).
     """
+    if rule.switched_off is not None and not rule.fired_steps:  # one that fired before is "fired": it did
+        return "switched_off"
     if rule.lacks_inputs:
         return "inputs_missing"
     if rule.fired_steps:

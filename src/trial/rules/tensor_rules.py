@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 
 from ... import reductions as red
-from .base import check_number, check_regexes, logger
+from ...exceptions import TrialNotFound
+from .base import check_bool, check_number, check_regexes, logger
 from .reading import (
     TRAINING_MODES,
     ModeSeries,
@@ -65,8 +66,7 @@ class VanishingGradient(PerTensorRule):
 
     def __init__(self, base_trial: Any = None, threshold: float = 1e-7) -> None:
         super().__init__(base_trial)
-        check_number("threshold", threshold, 0)
-        self.threshold = threshold
+        self.threshold = check_number("threshold", threshold, 0)
         self.selection = Selection(("gradients",), None, ())
 
     def capture(self) -> tuple[tuple[str, ...], bool]:
@@ -142,7 +142,7 @@ class ExplodingTensor(PerTensorRule):
         inf_encoded_regex: str | None = INF_ENCODED_REGEX,
     ) -> None:
         super().__init__(base_trial)
-        self.only_nan = bool(only_nan)
+        self.only_nan = check_bool("only_nan", only_nan)
         self.selection = Selection(collection_names, tensor_regex, ())
         self.nan_encoded = encoding_regex("nan_encoded_regex", nan_encoded_regex)
         self.inf_encoded = encoding_regex("inf_encoded_regex", inf_encoded_regex)
@@ -221,8 +221,7 @@ class AllZero(PerTensorRule):
         threshold: float = 100.0,
     ) -> None:
         super().__init__(base_trial)
-        check_number("threshold", threshold, 0, 100)
-        self.threshold = threshold
+        self.threshold = check_number("threshold", threshold, 0, 100)
         self.selection = Selection(collection_names, tensor_regex, (), NOT_MODEL_TENSORS)
 
     def capture(self) -> tuple[tuple[str, ...], bool]:
@@ -279,9 +278,10 @@ class TensorVariance(PerTensorRule):
         super().__init__(base_trial)
         if max_threshold is None and min_threshold is None:
             raise ValueError("TensorVariance: give max_threshold and/or min_threshold (both are None)")
-        for field_name, v in (("max_threshold", max_threshold), ("min_threshold", min_threshold)):
-            if v is not None:
-                check_number(field_name, v)
+        if max_threshold is not None:
+            max_threshold = check_number("max_threshold", max_threshold)
+        if min_threshold is not None:
+            min_threshold = check_number("min_threshold", min_threshold)
         if max_threshold is not None and min_threshold is not None and min_threshold > max_threshold:
             raise ValueError(
                 f"TensorVariance: min_threshold {min_threshold:g} > max_threshold {max_threshold:g}: "
@@ -390,11 +390,10 @@ class UnchangedTensor(TrainedOnlyRule):
         equal_nan: bool = False,
     ) -> None:
         super().__init__(base_trial)
-        check_number("num_steps", num_steps, 2, integer=True)
-        check_number("rtol", rtol, 0)
-        check_number("atol", atol, 0)
-        self.num_steps, self.rtol, self.atol, self.equal_nan = num_steps, rtol, atol, bool(equal_nan)
-        self.history = num_steps
+        self.num_steps = check_number("num_steps", num_steps, 2, integer=True)
+        self.rtol, self.atol = check_number("rtol", rtol, 0), check_number("atol", atol, 0)
+        self.equal_nan = check_bool("equal_nan", equal_nan)
+        self.history = self.num_steps
         self.selection = Selection(collection_names, tensor_regex, (), CONSTANT_BY_DESIGN)
         self.series = ModeSeries(TRAINING_MODES)
         # raw values of the last window, by tensor and worker (reading.on_worker)
@@ -499,14 +498,11 @@ class WeightUpdateRatio(TrainedOnlyRule):
     ) -> None:
         super().__init__(base_trial)
         if num_steps is not None:
-            check_number("num_steps", num_steps, 1, integer=True)
+            num_steps = check_number("num_steps", num_steps, 1, integer=True)
             self.history = num_steps + 1
-        for field_name, v in (
-            ("large_threshold", large_threshold),
-            ("small_threshold", small_threshold),
-            ("epsilon", epsilon),
-        ):
-            check_number(field_name, v, 0)
+        large_threshold = check_number("large_threshold", large_threshold, 0)
+        small_threshold = check_number("small_threshold", small_threshold, 0)
+        epsilon = check_number("epsilon", epsilon, 0)
         if small_threshold >= large_threshold:
             raise ValueError(
                 f"WeightUpdateRatio: small_threshold {small_threshold:g} >= large_threshold {large_threshold:g}: "
@@ -593,6 +589,12 @@ class SimilarAcrossRuns(PerTensorRule):
         Regexes of tensor names to compare, in addition.
     rtol, atol
         As in ``numpy.allclose``. Defaults ``1e-05``, ``1e-08``.
+
+    Raises
+    ------
+    ValueError
+        ``other_trials`` is None, or a path where there is no trial (the message names the parameter and
+        says what is there, as :class:`~tensortap.exceptions.TrialNotFound` does).
     """
 
     def __init__(
@@ -610,11 +612,12 @@ class SimilarAcrossRuns(PerTensorRule):
         if isinstance(other_trials, str):
             from ..trial import create_trial
 
-            other_trials = create_trial(other_trials)
-        check_number("rtol", rtol, 0)
-        check_number("atol", atol, 0)
+            try:
+                other_trials = create_trial(other_trials)
+            except TrialNotFound as exc:  # a parameter of the rule, not the trial it judges
+                raise ValueError(f"other_trials: {exc}") from exc
         self.other_trial = other_trials
-        self.rtol, self.atol = rtol, atol
+        self.rtol, self.atol = check_number("rtol", rtol, 0), check_number("atol", atol, 0)
         self.selection = Selection(collection_names, tensor_regex, ())
 
     def check(self, step: int, name: str, worker: str | None) -> str | None:

@@ -72,9 +72,8 @@ class FeatureImportanceOverweight(Rule):
         tensor_regex: str | Sequence[str] = ".*feature_importance/weight",
     ) -> None:
         super().__init__(base_trial)
-        check_number("threshold", threshold, 0, 1)
-        check_number("nfeatures", nfeatures, 1, integer=True)
-        self.threshold, self.nfeatures = threshold, nfeatures
+        self.threshold = check_number("threshold", threshold, 0, 1)
+        self.nfeatures = check_number("nfeatures", nfeatures, 1, integer=True)
         self.selection = Selection(None, tensor_regex, ())
         self._features = 0  # model_features once found: saved once, it does not change
 
@@ -176,8 +175,7 @@ class TreeDepth(Rule):
 
     def __init__(self, base_trial: Any = None, depth: int = 4) -> None:
         super().__init__(base_trial)
-        check_number("depth", depth, 1, integer=True)
-        self.depth = depth
+        self.depth = check_number("depth", depth, 1, integer=True)
 
     def required_captures(self) -> list[Requirement]:
         return [Requirement("trees", (), True)]
