@@ -141,6 +141,25 @@ def test_new_run_keeps_every_fit_and_the_first_trial_as_it_was(tmp_path: Path) -
     assert _values(first) == {0: 1.0, 1: 2.0}
 
 
+def test_a_run_resumed_with_new_run_goes_on_in_its_run_folder_after_later_runs(tmp_path: Path) -> None:
+    """hunt 47 F2: a writer given ``run_id`` and ``if_exists="new_run"`` looked for the run in the last run folder
+    only: once another run had written ``run-1``, run-0's training further went to a new ``run-2`` under the same
+    run id, without a word. Every run folder is looked in (the last first); a run id none holds is a new run."""
+    first = _run(tmp_path, 2, 1.0, if_exists="new_run")
+    _run(tmp_path, 2, 7.0, if_exists="new_run")
+    with Writer(tmp_path, if_exists="new_run", run_id=first.run_id) as w:
+        assert w.out_dir == str(tmp_path / "run-0") and w.run_id == first.run_id
+        for step in range(2, 4):
+            with w.stepping(step=step):
+                w.save("a", np.full(2, step + 1, np.float32))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run-0", "run-1"]
+    trial = tensortap.create_trial(tmp_path / "run-0")
+    assert _values(trial) == {0: 1.0, 1: 2.0, 2: 3.0, 3: 4.0} and trial.problems() == {}
+    assert _values(tensortap.create_trial(tmp_path / "run-1")) == {0: 7.0, 1: 14.0}
+    with Writer(tmp_path, if_exists="new_run", run_id="a-run-of-none") as w:
+        assert w.out_dir == str(tmp_path / "run-2")
+
+
 def test_ranks_of_one_run_share_its_run_folder(tmp_path: Path) -> None:
     """The check is per worker name: rank 1, starting after rank 0, joins rank 0's run."""
     for run in range(2):

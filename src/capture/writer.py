@@ -360,6 +360,23 @@ def recorded_steps(storage: Storage, listed: Mapping[str, list[str]], answered: 
     return last, modes
 
 
+def _run_folder_of(
+    storage: Storage, worker: str, run_id: str, numbers: Sequence[int], answered: Callable[[], None]
+) -> int | None:
+    """The number of the last of the run folders ``run-<n>`` (``numbers``) of ``storage`` whose record of ``worker``
+    names ``run_id``; None if none does. Not only the last folder: other trainings may have written run folders
+    since (a run trained further after another run). The records are read
+    :data:`~tensortap.trial.index.RECORDS_AT_ONCE` at once, the last folders first (``answered()`` after each); one
+    that cannot be read is passed over, a failure of the storage is raised."""
+    key = layout.worker_key(worker)
+    keys = [f"{layout.RUN_PREFIX}{n}/{key}" for n in sorted(numbers, reverse=True)]
+    for found, got in read_records(storage, keys):
+        answered()
+        if isinstance(got, dict) and got.get("run_id") == run_id:
+            return layout.run_number(found.partition("/")[0])
+    return None
+
+
 def claim_worker(
     storage: Storage,
     worker: str,
@@ -378,17 +395,19 @@ def claim_worker(
     recorded in it yet: ranks of one run share it; otherwise a new one). On storage with
     exclusive create (local folders), two processes claiming one name at the same instant
     cannot both succeed. With ``resume``, a worker recorded with ``record["run_id"]`` (the
-    same run, trained further) is continued instead. ``answered`` is called after each batch of
+    same run, trained further) is continued instead; with ``"new_run"``, in whichever run folder
+    it is recorded (:func:`_run_folder_of`). ``answered`` is called after each batch of
     a task that grows with the trial (see :func:`run_bounded`).
     """
     storage.makedirs()
     key = layout.worker_key(worker)
     if if_exists == "new_run":
         numbers = [k for name in storage.list_dirs("") if (k := layout.run_number(name)) is not None]
+        if resume and (found := _run_folder_of(storage, worker, record["run_id"], numbers, answered)) is not None:
+            run = storage.child(f"{layout.RUN_PREFIX}{found}")
+            if (resumed := _resume(run, worker, record, answered)) is not None:
+                return run, *resumed
         n = max(numbers, default=0)
-        last = storage.child(f"{layout.RUN_PREFIX}{n}")
-        if resume and numbers and (resumed := _resume(last, worker, record, answered)) is not None:
-            return last, *resumed
         while True:
             run = storage.child(f"{layout.RUN_PREFIX}{n}")
             run.makedirs()

@@ -549,11 +549,145 @@ def test_an_eval_name_that_names_no_set_is_warned_about_and_training_goes_on(
             X, y, verbose=False
         )
     [warning] = _warnings(caplog)
-    assert warning.startswith("tensortap: no evaluation set, so XGBoost computes no loss or metric to capture, and "
-                              "eval_name='val' names none; pass")  # fmt: skip
+    assert warning.startswith("tensortap: no evaluation set (eval_name='val' names none), so losses, metrics not "
+                              "captured: XGBoost computes")  # fmt: skip
     with pytest.raises(ValueError, match="eval_name: 'test' is not an evaluation set; valid: train, validation"):
         _train(tmp_path / "strict", *dmatrices, eval_name="test", strict=True)
     assert not (tmp_path / "strict").exists()
+
+
+def test_a_new_run_trained_further_after_another_run_goes_on_in_its_own_run_folder(
+    tmp_path: Path, dmatrices: tuple[Any, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """hunt 47 F2: with ``if_exists="new_run"``, a run trained further (``xgb_model=``) after another training
+    wrote ``run-1`` was split off, silently, into ``run-2`` under the same run id: the resume looked for the run
+    in the last run folder only. It goes on in ``run-0``, as it does without the other training."""
+    dtrain, dval = dmatrices
+    evals = [(dval, "validation")]
+    mine = ttx.Callback(tmp_path, if_exists="new_run", include_collections=["losses"])
+    logs: list[dict[str, Any]] = [{}, {}]
+    booster = xgb.train(PARAMS, dtrain, 3, evals=evals, callbacks=[mine], evals_result=logs[0], verbose_eval=False)
+    other = ttx.Callback(tmp_path, if_exists="new_run", include_collections=["losses"])
+    xgb.train(PARAMS, dtrain, 2, evals=evals, callbacks=[other], verbose_eval=False)
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        xgb.train(
+            PARAMS, dtrain, 2, evals=evals, callbacks=[mine], evals_result=logs[1], verbose_eval=False,
+            xgb_model=booster,
+        )  # fmt: skip
+    assert _warnings(caplog) == []
+    assert mine.hook is not None and mine.hook.out_dir == str(tmp_path / "run-0")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run-0", "run-1"]
+    trial = tensortap.create_trial(tmp_path / "run-0")
+    assert trial.steps() == list(range(5)) and trial.training_ended and trial.problems() == {}
+    expected = logs[0]["validation"]["logloss"] + logs[1]["validation"]["logloss"]
+    assert list(_series(trial, "losses/validation-logloss").values()) == expected
+    assert tensortap.create_trial(tmp_path / "run-1").steps() == [0, 1]
+
+
+@pytest.mark.filterwarnings("ignore:.*Empty dataset:UserWarning")  # XGBoost's own, for the set without rows
+def test_an_evaluation_set_without_rows_is_named_in_one_warning_and_not_captured(
+    tmp_path: Path, dmatrices: tuple[Any, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """hunt 47 F1: XGBoost evaluates a set of 0 rows as 0 (``rmse`` 0.0): that was saved as its loss (and rules
+    read it as a real validation loss); its labels were said to be missing, its SHAP values failed on a numpy
+    reshape after ``full_shap`` was saved, ``average_shap`` not. Now one warning names the set and its 0 rows,
+    and nothing computed on it is captured; the other sets are, and so is all of a set ``eval_name`` chooses."""
+    dtrain, _ = dmatrices
+    empty = xgb.DMatrix(np.empty((0, dtrain.num_col())), label=np.empty(0))
+    asked = ["losses", "predictions", "labels", "full_shap", "average_shap"]
+    lost = "losses, predictions, labels, full_shap, average_shap"
+    for folder, eval_name, not_captured in (("last", None, lost), ("train", "train", "losses")):
+        callback = ttx.Callback(tmp_path / folder, eval_name=eval_name, include_collections=asked,
+                                collection_configs=EVERY_ROUND)  # fmt: skip
+        result: dict[str, Any] = {}
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="tensortap"):
+            booster = xgb.train(
+                {**PARAMS, "eval_metric": "logloss"}, dtrain, 3, evals=[(dtrain, "train"), (empty, "empty")],
+                callbacks=[callback], evals_result=result, verbose_eval=False,
+            )  # fmt: skip
+        assert result["empty"]["logloss"] == [0.0] * 3  # what XGBoost reports of it
+        assert _warnings(caplog) == [
+            "tensortap: evaluation set 'empty' has 0 rows (XGBoost evaluates it as 0, which measures nothing): its "
+            f"{not_captured} not captured"
+        ]
+        trial = tensortap.create_trial(tmp_path / folder)
+        assert trial.tensor_names(collection="losses") == ["losses/train-logloss"]
+        assert list(_series(trial, "losses/train-logloss").values()) == result["train"]["logloss"]
+        per_set = [n for c in asked[1:] for n in trial.tensor_names(collection=c)]
+        if eval_name is None:
+            assert per_set == []
+        else:
+            assert all(trial.tensor(n).steps() == [0, 1, 2] for n in per_set) and "full_shap" in per_set
+            assert len(per_set) == 3 + dtrain.num_col()  # predictions, labels, full_shap, average_shap/<feature>
+            np.testing.assert_array_equal(trial.tensor("predictions").value(2), booster.predict(dtrain))
+
+
+def test_predictions_labels_and_shap_without_an_evaluation_set_are_named_in_one_warning(
+    tmp_path: Path, dmatrices: tuple[Any, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """hunt 47 F3: predictions, labels and SHAP values asked for, and no evaluation set: they were dropped without
+    a word (the warning was given for losses and metrics only, and did not name them)."""
+    dtrain, _ = dmatrices
+    asked = ["predictions", "labels", "full_shap", "feature_importance"]
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        xgb.train(PARAMS, dtrain, 2, callbacks=[ttx.Callback(tmp_path, include_collections=asked)])
+    assert _warnings(caplog) == [
+        "tensortap: no evaluation set, so predictions, labels, full_shap not captured: XGBoost computes losses and "
+        "metrics on the evaluation sets, and the callback predictions, labels and SHAP values on one of them; pass "
+        "evals=[(dtrain, 'train'), (dval, 'validation')] to xgb.train, or eval_set=[...] to fit"
+    ]
+    trial = tensortap.create_trial(tmp_path)
+    assert {name.split("/")[0] for name in trial.tensor_names()} == {"feature_importance"}
+
+
+def test_eval_name_naming_sets_that_share_it_takes_the_last_as_the_losses_do(
+    tmp_path: Path, dmatrices: tuple[Any, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """hunt 47 F4: ``evals=[(dtrain, "d"), (dval, "d")]`` with ``eval_name="d"``: the losses were the last set's
+    (XGBoost logs it last) but the predictions and labels the first set's, and the warning spoke of metrics only.
+    Both are the last set's now, and the warning names them."""
+    dtrain, dval = dmatrices
+    callback = ttx.Callback(tmp_path, eval_name="d", include_collections=["losses", "predictions", "labels"])
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        booster = xgb.train(
+            PARAMS, dtrain, 2, evals=[(dtrain, "d"), (dval, "d")], callbacks=[callback], verbose_eval=False
+        )
+    assert _warnings(caplog) == [
+        "tensortap: evaluation sets share a name ('d'): XGBoost logs their metrics under it one after the other; "
+        "the last such set's losses, predictions, labels are captured, the others' not; give each set a name of its "
+        "own"
+    ]
+    trial = tensortap.create_trial(tmp_path)
+    np.testing.assert_array_equal(trial.tensor("labels").value(0), dval.get_label())
+    np.testing.assert_array_equal(trial.tensor("predictions").value(0), booster.predict(dval, iteration_range=(0, 1)))
+
+
+def test_a_callback_called_by_hand_says_the_evaluation_sets_are_unknown(
+    tmp_path: Path, dmatrices: tuple[Any, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """hunt 47 F5: the callback's methods called by hand in a loop of ``booster.update`` (not supported) warned
+    "no evaluation set, so XGBoost computes no loss or metric to capture", which was false (the losses given are
+    captured), and dropped the predictions asked for without naming them."""
+    dtrain, dval = dmatrices
+    callback = ttx.Callback(tmp_path, include_collections=["losses", "predictions"], collection_configs=EVERY_ROUND)
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        booster = callback.before_training(xgb.Booster({**PARAMS, "eval_metric": "logloss"}, [dtrain, dval]))
+    assert _warnings(caplog) == [
+        "tensortap: the callback is not run by xgboost.train or xgboost.cv (its methods called by hand, as in a "
+        "loop of booster.update?), so the evaluation sets are unknown: predictions not captured; the losses and "
+        "metrics are those of the evaluation log given to after_iteration, none of them marked as the training "
+        "set's (collection training_data); train with xgb.train(..., evals=[...], callbacks=[callback]) to capture "
+        "them all"
+    ]
+    log: dict[str, dict[str, list[float]]] = {"validation": {"logloss": []}}
+    for i in range(2):
+        booster.update(dtrain, i)
+        log["validation"]["logloss"].append(float(booster.eval(dval, "validation").split(":")[1]))
+        callback.after_iteration(booster, i, log)
+    callback.after_training(booster)
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.tensor_names() == ["losses/validation-logloss"] and trial.steps() == [0, 1]
 
 
 def test_from_json(tmp_path: Path, dmatrices: tuple[Any, Any]) -> None:

@@ -1369,6 +1369,33 @@ def test_tree_depth_judges_trees_against_max_depth_xgboost(tmp_path: Path) -> No
     assert "depth 0 < 3 (depth 4, capped by hyperparameters/max_depth 3)" in reason, reason
 
 
+@pytest.mark.xgboost
+def test_tree_depth_on_a_model_without_trees_says_so_xgboost(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """hunt 47 F6: on a gblinear or multi_output_tree trial whose ``trees`` were asked for (capture warned they
+    cannot be), the rule said it needed ``trees`` "with raw tensors (no ReductionConfig, or
+    ReductionConfig(save_raw_tensor=True))", a remedy that does not apply: it says the model has no trees now."""
+    xgb = pytest.importorskip("xgboost")
+    import tensortap.xgboost as ttx
+
+    x, y = regression_data()
+    dtrain = xgb.DMatrix(x, label=np.hstack([y, -y]))  # two targets
+    for name, params, collections in (
+        ("linear", {"booster": "gblinear"}, ["losses", "trees"]),
+        ("multi", {"multi_strategy": "multi_output_tree", "tree_method": "hist"}, ["losses", "trees"]),
+        ("not-asked", {}, ["losses"]),
+    ):
+        with caplog.at_level(logging.ERROR, logger="tensortap"):  # capture's own warning is not this test's
+            xgb.train({"nthread": 1, **params}, dtrain, 2, evals=[(dtrain, "train")], verbose_eval=False,
+                      callbacks=[ttx.Callback(tmp_path / name, include_collections=collections)])  # fmt: skip
+    for name in ("linear", "multi"):
+        with pytest.raises(RuleInputsMissing, match="collection 'trees': it was captured but holds no tree") as info:
+            invoke_rule(TreeDepth(tensortap.create_trial(tmp_path / name)))
+        assert 'booster="gblinear"' in str(info.value) and "ReductionConfig" not in str(info.value)
+    with pytest.raises(RuleInputsMissing, match="collection 'trees': no tree of the model was saved") as info:
+        invoke_rule(TreeDepth(tensortap.create_trial(tmp_path / "not-asked")))
+    assert "ReductionConfig" not in str(info.value)
+
+
 @pytest.mark.torch
 def test_dead_relu_does_not_judge_a_batch_of_one_sample_pytorch(tmp_path: Path, torch: Any) -> None:
     """A validation loop with batch size 1: with one sample a unit that is 0 for it reads as active in < 1%

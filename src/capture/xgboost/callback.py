@@ -26,6 +26,7 @@ from . import model as mdl
 from .evals import (
     EvalData,
     EvalsLog,
+    empty_sets,
     offer_evals,
     overlong,
     running_train,
@@ -36,6 +37,8 @@ from .evals import (
 from .hook import Hook
 
 RUN_ATTRIBUTE = "tensortap_run"  # the booster attribute naming the run the booster was last trained in
+EVALUATED = ("losses", "metrics")  # what XGBoost evaluates on every evaluation set
+ON_ONE_SET = ("predictions", "labels", "full_shap", "average_shap")  # computed on the set eval_name chooses
 
 
 class Callback(xgb.callback.TrainingCallback):
@@ -133,6 +136,7 @@ class Callback(xgb.callback.TrainingCallback):
         self._offset = 0
         self._eval: EvalData | None = None
         self._training: frozenset[str] = frozenset()
+        self._empty: frozenset[str] = frozenset()  # the evaluation sets without a row (empty_sets)
         self._evals_log: EvalsLog | None = None
         self._next_epoch = 0
         self._logged = 0  # entries of the evaluation log when the last round was captured
@@ -179,6 +183,8 @@ class Callback(xgb.callback.TrainingCallback):
         self._reset()
         self._eval = EvalData.choose(evals, self.eval_name, self.shap_rows)
         self._training = training_sets(dtrain, evals)
+        self._shared = shared_names(evals)
+        self._empty = empty_sets(evals)
         self._offset = model.num_boosted_rounds()
         booster = model if isinstance(model, xgb.Booster) else None
         params = mdl.booster_parameters(json.loads(booster.save_config())) if booster is not None else {}
@@ -217,33 +223,17 @@ class Callback(xgb.callback.TrainingCallback):
                 hook.out_dir,
                 self._offset,
             )
-        from_boosters = sorted(set(hook.included) - {"losses", "metrics"})
+        from_boosters = sorted(set(hook.included) - set(EVALUATED))
         if booster is None and from_boosters:
             logger.warning(
                 "tensortap: %s not captured from xgb.cv: each fold has its own booster, and only the evaluation "
                 "log (losses, metrics) is shared",
                 ", ".join(from_boosters),
             )
-        if booster is not None and not evals and {"losses", "metrics"} & set(hook.included):
-            logger.warning(
-                "tensortap: no evaluation set, so XGBoost computes no loss or metric to capture%s; pass "
-                "evals=[(dtrain, 'train'), (dval, 'validation')] to xgb.train, or eval_set=[...] to fit",
-                "" if self.eval_name is None else f", and eval_name={self.eval_name!r} names none",
-            )
-        if unknown_eval:
-            logger.warning(
-                "tensortap: eval_name=%r is not an evaluation set of this training (its sets: %s): the predictions, "
-                "labels and SHAP values computed on it are not captured, the other collections are",
-                self.eval_name,
-                ", ".join(names),
-            )
-        self._shared = shared_names(evals)
-        if self._shared and {"losses", "metrics"} & set(hook.included):
-            logger.warning(
-                "tensortap: evaluation sets share a name (%s): XGBoost logs their metrics under it one after "
-                "the other, and only the last such set's are captured; give each set a name of its own",
-                ", ".join(map(repr, self._shared)),
-            )
+        if frame is None:
+            self._warn_by_hand(hook)
+        elif booster is not None:
+            self._warn_of_evals(hook, evals, unknown_eval)
         skipped, why = mdl.unsupported(params)
         named = [name for name in skipped if name.split("/")[0] in hook.included]
         if named:
@@ -252,6 +242,62 @@ class Callback(xgb.callback.TrainingCallback):
             )
         self._skipped.update(skipped)
         return model
+
+    def _warn_by_hand(self, hook: Hook) -> None:
+        """Say that the training is not run by ``xgboost.train`` or ``xgboost.cv``, which hold its evaluation sets
+        (a loop of ``booster.update`` calling the callback's methods by hand: not supported)."""
+        on_one_set = [c for c in ON_ONE_SET if c in hook.included]
+        logger.warning(
+            "tensortap: the callback is not run by xgboost.train or xgboost.cv (its methods called by hand, as in a "
+            "loop of booster.update?), so the evaluation sets are unknown: %sthe losses and metrics are those of the "
+            "evaluation log given to after_iteration, none of them marked as the training set's (collection "
+            "training_data); train with xgb.train(..., evals=[...], callbacks=[callback]) to capture them all",
+            f"{', '.join(on_one_set)} not captured; " if on_one_set else "",
+        )
+
+    def _warn_of_evals(self, hook: Hook, evals: list[tuple[Any, str]], unknown_eval: bool) -> None:
+        """Say, before the first round, what is not captured of the evaluation sets of the ``xgboost.train`` that
+        runs: none, one that ``eval_name`` names not, sets sharing a name, sets without a row (whose predictions,
+        labels and SHAP values are then not computed either)."""
+        evaluated = [c for c in EVALUATED if c in hook.included]
+        on_one_set = [c for c in ON_ONE_SET if c in hook.included]
+        if not evals:
+            if evaluated or on_one_set:
+                logger.warning(
+                    "tensortap: no evaluation set%s, so %s not captured: XGBoost computes losses and metrics on the "
+                    "evaluation sets, and the callback predictions, labels and SHAP values on one of them; pass "
+                    "evals=[(dtrain, 'train'), (dval, 'validation')] to xgb.train, or eval_set=[...] to fit",
+                    "" if self.eval_name is None else f" (eval_name={self.eval_name!r} names none)",
+                    ", ".join(evaluated + on_one_set),
+                )
+            return
+        if unknown_eval:
+            logger.warning(
+                "tensortap: eval_name=%r is not an evaluation set of this training (its sets: %s): the predictions, "
+                "labels and SHAP values computed on it are not captured, the other collections are",
+                self.eval_name,
+                ", ".join(name for _, name in evals),
+            )
+        chosen = None if self._eval is None else self._eval.name
+        of_last = evaluated + (on_one_set if chosen in self._shared else [])
+        if self._shared and of_last:
+            logger.warning(
+                "tensortap: evaluation sets share a name (%s): XGBoost logs their metrics under it one after the "
+                "other; the last such set's %s are captured, the others' not; give each set a name of its own",
+                ", ".join(map(repr, self._shared)),
+                ", ".join(of_last),
+            )
+        for name in dict.fromkeys(name for _, name in evals if name in self._empty):
+            lost = evaluated + (on_one_set if name == chosen else [])
+            if lost:
+                logger.warning(
+                    "tensortap: evaluation set %r has 0 rows (XGBoost evaluates it as 0, which measures nothing): "
+                    "its %s not captured",
+                    name,
+                    ", ".join(lost),
+                )
+        if chosen in self._empty:
+            self._eval = None
 
     def _open(self, params: dict[str, str], kwargs: dict[str, Any], said: bool = False) -> Hook:
         """The hook of this training. Where ``out_dir`` holds a training already and ``if_exists`` was not given,
@@ -393,7 +439,7 @@ class Callback(xgb.callback.TrainingCallback):
             if self._watching:
                 self._read_base_score(model)
         if hook.begin_round(round_):
-            offer_evals(hook, self._evals_log or {}, self._training)
+            offer_evals(hook, self._evals_log or {}, self._training, self._empty)
             if isinstance(model, xgb.Booster):  # xgb.cv: one booster per fold, only the evaluation log is shared
                 # what does not depend on the booster handed over
                 self._capture_hyperparameters(hook)

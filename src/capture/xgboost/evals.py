@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import xgboost as xgb
+from xgboost import collective
 
 from ...config import TRAINING_DATA
 from ..core import Hook
@@ -62,7 +63,7 @@ def running_train(frame: FrameType | None) -> tuple[Any, list[tuple[Any, str]]]:
     XGBoost's callback API passes evaluation results to callbacks but not the
     DMatrix objects; every path (``xgb.train``, the sklearn estimators,
     ``xgboost.dask``) runs ``xgboost.train``, whose arguments hold them.
-    ``(None, [])`` outside ``xgboost.train`` (``xgb.cv``).
+    ``(None, [])`` outside ``xgboost.train`` (``xgb.cv``, or the callback's methods called by hand).
     """
     if frame is None or frame.f_code is not _TRAIN_CODE:
         return None, []
@@ -73,6 +74,17 @@ def running_train(frame: FrameType | None) -> tuple[Any, list[tuple[Any, str]]]:
 def shared_names(evals: Sequence[tuple[Any, str]]) -> list[str]:
     """Names given to more than one evaluation set (XGBoost logs those sets under one name)."""
     return [name for name, count in Counter(name for _, name in evals).items() if count > 1]
+
+
+def empty_sets(evals: Sequence[tuple[Any, str]]) -> frozenset[str]:
+    """Names of the evaluation sets without a row (over the workers of a distributed training, whose metrics
+    XGBoost sums over them): XGBoost evaluates such a set as 0 (``rmse`` 0.0), which measures nothing. Of sets
+    sharing a name, the last counts, as its metrics are the ones captured (:func:`shared_names`)."""
+    rows = {name: dmatrix.num_row() for dmatrix, name in evals}
+    counts = np.array(list(rows.values()), dtype=np.int64)
+    if collective.is_distributed() and counts.size:  # every worker has the same sets, so all take part
+        counts = collective.allreduce(counts, collective.Op.SUM)
+    return frozenset(name for name, count in zip(rows, counts, strict=True) if count == 0)
 
 
 def overlong(evals_log: EvalsLog, rounds: int, shared: Collection[str] = ()) -> list[str]:
@@ -95,8 +107,9 @@ def training_sets(dtrain: Any, evals: Sequence[tuple[Any, str]]) -> frozenset[st
     return frozenset(name for dmatrix, name in evals if dtrain is not None and dmatrix is dtrain)
 
 
-def offer_evals(hook: Hook, evals_log: EvalsLog, training: Collection[str]) -> None:
-    """Offer the last value of every metric of ``evals_log`` to ``losses`` or ``metrics``.
+def offer_evals(hook: Hook, evals_log: EvalsLog, training: Collection[str], empty: Collection[str] = ()) -> None:
+    """Offer the last value of every metric of ``evals_log`` to ``losses`` or ``metrics``, but those of the sets
+    named in ``empty`` (:func:`empty_sets`).
 
     ``losses/<data>-<metric>`` or ``metrics/<data>-<metric>``; the metrics of the
     sets named in ``training`` (the training DMatrix itself: ``evals=[(dtrain, ...)]``,
@@ -105,12 +118,16 @@ def offer_evals(hook: Hook, evals_log: EvalsLog, training: Collection[str]) -> N
     the log holds ``(mean, std)`` over the folds: the mean under that name, the
     standard deviation as ``metrics/<data>-<metric>-std`` (a spread, not a loss).
     """
-    hook.offer_many(_last_values(evals_log, training))
+    hook.offer_many(_last_values(evals_log, training, empty))
 
 
-def _last_values(evals_log: EvalsLog, training: Collection[str]) -> Iterator[tuple[str, np.float64, tuple[str, ...]]]:
+def _last_values(
+    evals_log: EvalsLog, training: Collection[str], empty: Collection[str]
+) -> Iterator[tuple[str, np.float64, tuple[str, ...]]]:
     """``(name, value, collections)`` of each metric's last value, as :func:`offer_evals` names them."""
     for data, metrics in evals_log.items():
+        if data in empty:
+            continue
         extra = (TRAINING_DATA,) if data in training else ()
         for metric, history in metrics.items():
             collection = metric_collection(metric)
@@ -144,14 +161,12 @@ class EvalData:
 
     @classmethod
     def choose(cls, evals: Sequence[tuple[Any, str]], eval_name: str | None, shap_rows: int) -> EvalData | None:
-        """The set named ``eval_name`` (default: the last one); None without evaluation sets or without that name."""
-        names = [name for _, name in evals]
-        if eval_name is None and evals:
-            dmatrix, name = evals[-1]
-        elif eval_name in names:
-            dmatrix, name = evals[names.index(eval_name)]
-        else:
+        """The set named ``eval_name`` (default: the last one); None without evaluation sets or without that name.
+        Of sets sharing the name, the last: the one whose metrics XGBoost logs last, and so are captured."""
+        named = [(dmatrix, name) for dmatrix, name in evals if eval_name in (None, name)]
+        if not named:
             return None
+        dmatrix, name = named[-1]
         return cls(dmatrix, name, shap_rows)
 
     @property

@@ -187,7 +187,7 @@ class TreeDepth(Rule):
         names = [n for n in (f"trees/{c}" for c in self.columns) if n in saved]
         if len(names) < len(self.columns):
             if not trees.names(trial):
-                self.need(step, self.required_captures()[0], "no tree of the model was saved")
+                self._need_trees(step)
             elif saved:  # trees of this step, without a column the depths are read from
                 lacking = ", ".join(sorted({f"trees/{c}" for c in self.columns} - saved))
                 why = f"{lacking} not saved (import-smdebug skips them: smdebug stores them as text)"
@@ -215,3 +215,16 @@ class TreeDepth(Rule):
                 names,
             )
         return False
+
+    def _need_trees(self, step: int) -> None:
+        """Say that the trial holds no tree at all: not asked for, or asked for of a model XGBoost dumps none of
+        (the XGBoost callback warned of it at capture). A ReductionConfig is no cause: its trees would be named."""
+        if "trees" not in self.base_trial.collections():
+            self.need(step, Requirement("trees"), "no tree of the model was saved")
+        else:
+            self.need(
+                step,
+                Requirement("trees"),
+                "it was captured but holds no tree: the model has none of the kind XGBoost dumps (a linear "
+                'booster, booster="gblinear", or multi-target trees, multi_strategy="multi_output_tree")',
+            )
