@@ -388,6 +388,22 @@ def _not_a_rule(value: object) -> str:
     return repr(value)
 
 
+def warn_next_run(before: str, earlier: str, model: str, now: str) -> None:
+    """The one warning of a callback given the calls of two models (the Keras and Transformers callbacks).
+
+    A run holds one model's steps: the callback that wrote those of ``before`` to ``earlier`` writes those
+    of ``model`` (both described, as ``"model 'a'"``) to ``now``, the trial's next run.
+    """
+    logger.warning(
+        "tensortap: this callback wrote the steps of %s to %s, and a run holds one model's steps: those of %s are "
+        "written to %s, the trial's next run. Give each model a callback of its own",
+        before,
+        earlier,
+        model,
+        now,
+    )
+
+
 def module_attribute_error(module: str) -> Callable[[str], NoReturn]:
     """A module's ``__getattr__``: Python's AttributeError for a name ``module`` lacks, with tensortap's spelling
     of smdebug's names (:data:`SMDEBUG_MODULE`)."""

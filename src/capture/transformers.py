@@ -12,10 +12,11 @@ Steps (see :mod:`tensortap.capture.trainers` for the names):
 - ``TRAIN``: one optimizer step (``gradient_accumulation_steps`` batches).
   Gradients are read at ``on_pre_optimizer_step``, after the Trainer clipped
   them (``max_grad_norm``) and unscaled them: what ``optimizer.step()``
-  applies. Weights and biases are read after the step. What the Trainer logs
-  right after the step (every ``logging_steps``: ``loss``, averaged over the
-  steps since the last log, ``grad_norm`` before clipping, ``learning_rate``,
-  ``epoch``) is saved in it: ``losses/loss``, ``metrics/grad_norm``, ...
+  applies, of the parameters it updates. Weights and biases are read after
+  the step. What the Trainer logs right after the step (every
+  ``logging_steps``: ``loss``, averaged over the steps since the last log,
+  each what the Trainer makes of its batches, ``grad_norm`` before clipping,
+  ``learning_rate``, ``epoch``) is saved in it: ``losses/loss``, ``metrics/grad_norm``, ...
   So is the log of an epoch (``logging_strategy="epoch"``, written after
   ``on_epoch_end``): it goes to the epoch's last step, the ``step`` that
   ``trainer.state.log_history`` gives it.
@@ -33,13 +34,18 @@ rules --stop-training``, ``Trial.request_stop``, an in-process rule) sets
 from __future__ import annotations
 
 import functools
+import inspect
 import os
-from collections.abc import Mapping
+import sys
+import weakref
+from collections.abc import Iterable, Mapping
+from types import CodeType, FrameType
 from typing import Any, ClassVar
 
 try:
     import torch
     from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+    from transformers.trainer_callback import CallbackHandler
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError('tensortap.transformers needs Transformers: pip install "tensortap[transformers]"') from exc
 if not hasattr(TrainerCallback, "on_pre_optimizer_step"):  # pragma: no cover - depends on the environment
@@ -47,9 +53,11 @@ if not hasattr(TrainerCallback, "on_pre_optimizer_step"):  # pragma: no cover - 
 
 from ..config import SaveConfig
 from ..modes import Mode
+from ..trial.rules.inprocess import RuleSet
 from . import trainers
+from .core import check_rules, warn_next_run
 from .stop import agreed, log_stop
-from .torch.events import all_reduce_max, saved_parameters, unwrap
+from .torch.events import all_reduce_max, optimized_parameters, saved_parameters, unwrap
 from .trainers import StepCapture, check_hook_kwargs, check_stop_sync_steps, open_run, same_logged
 from .writer import logger
 
@@ -88,7 +96,39 @@ STAMPS = frozenset({"epoch", "num_input_tokens_seen"})
 
 
 class TrainInterrupted(Exception):
-    """A ``train()`` raised in a step; seen when ``train()`` is called again."""
+    """A ``train()`` raised in a step; seen at the next event from outside it (``train()`` called again, an
+    ``evaluate()``)."""
+
+
+_HANDLER_CODES = frozenset(f.__code__ for f in vars(CallbackHandler).values() if inspect.isfunction(f))
+
+
+def _dispatcher() -> tuple[int, CodeType] | None:
+    """The frame (its id and code) that has the Trainer's ``CallbackHandler`` run the event being handled: at
+    ``on_train_begin``, the training loop, on the stack until ``train()`` returns or raises. None when no
+    ``CallbackHandler`` runs it."""
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None and frame.f_code not in _HANDLER_CODES:
+        frame = frame.f_back
+    while frame is not None and frame.f_code in _HANDLER_CODES:
+        frame = frame.f_back
+    return None if frame is None else (id(frame), frame.f_code)
+
+
+def _running(at: tuple[int, CodeType]) -> bool:
+    """Whether the frame ``at`` (:func:`_dispatcher`) is on this thread's stack: its code runs still."""
+    frame_id, code = at
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None:
+        if id(frame) == frame_id and frame.f_code is code:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _described(model: torch.nn.Module) -> str:
+    """A model's name for a warning: where it was loaded from, else its class."""
+    return repr(getattr(model, "name_or_path", "") or type(model).__name__)
 
 
 class _Log(dict[str, Any]):
@@ -136,8 +176,9 @@ class Callback(TrainerCallback):
 
     The hook that writes is created at the first training or evaluation event
     and closed at ``on_train_end``. An ``evaluate`` or ``predict`` outside
-    ``train`` (alone, or after it) is written and closed at once, into the same
-    run: its steps are numbered on from the ones before. A ``TRAIN`` step is written once the
+    ``train`` (alone, or after it, also after one that raised) is written and closed at once, into the same
+    run: its steps are numbered on from the ones before. The events of another model start the trial's
+    next run (:meth:`_one_model_a_run`). A ``TRAIN`` step is written once the
     logs that follow it are in: at the next step, or once an evaluation's first batch is done if
     the step's log came (the Trainer logs before it evaluates), so an evaluation that raises does
     not lose it. A step without its log yet may get it after an evaluation or prediction at it (the
@@ -167,7 +208,14 @@ class Callback(TrainerCallback):
         self.hook: trainers.Hook | None = None
         self._steps: StepCapture | None = None
         self._previous: trainers.Hook | None = None  # closed: a later event continues its run
-        self._training = False  # between on_train_begin and on_train_end
+        self._rules = RuleSet(check_rules(hook_kwargs.get("rules")))
+        self._run_rules = self._rules.for_new_run()  # the rules of this run
+        self._if_exists: str | None = None  # "new_run" once another model's steps went to the trial's next run
+        # the model of the last event and its name (_one_model_a_run)
+        self._model: tuple[weakref.ref[torch.nn.Module], str] | None = None
+        self._training = False  # between on_train_begin and on_train_end, or the train() after it that raised
+        self._loop: tuple[int, CodeType] | None = None  # the training loop of that train() (_dispatcher)
+        self._raised: str | None = None  # the train() before raised: the run's end reason is exception
         self._pending = False  # a TRAIN step ended; logs may still come for it, until an evaluation begins
         self._epoch_ended = False  # the pending step ended its epoch: the Trainer may log the epoch for it
         # a step's log may come after an evaluation or prediction at it (the epoch's log, after an evaluation at
@@ -181,25 +229,58 @@ class Callback(TrainerCallback):
         self._warned_unsaved = False  # logs of a TRAIN step the hook does not save, warned about
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "hook": None, "_steps": None, "_previous": None}
+        return {**self.__dict__, "hook": None, "_steps": None, "_previous": None, "_model": None, "_loop": None}
 
-    def _open(self, args: TrainingArguments) -> StepCapture:
-        """The step capture of this run, opened at the first event (again after :meth:`close`: the run goes on)."""
+    def _open(self, args: TrainingArguments, model: torch.nn.Module | None) -> StepCapture:
+        """The step capture of this run, opened at the first event (again after :meth:`close`: the run goes on);
+        the trial's next run for another ``model`` than the run's (:meth:`_one_model_a_run`)."""
+        self._end_if_train_raised()
+        before = None if model is None else self._one_model_a_run(unwrap(model))
         if self._steps is None:
             kwargs = {"rank": args.process_index, "world_size": args.world_size, **self.hook_kwargs}
+            kwargs["rules"] = self._run_rules
+            if self._if_exists is not None:
+                kwargs["if_exists"] = self._if_exists
             self.hook = open_run(Hook, self._previous, out_dir=self.out_dir, **kwargs)
             self._steps = StepCapture(self.hook)
+        if before is not None:
+            warn_next_run(*before, self._steps.hook.out_dir)
         return self._steps
+
+    def _one_model_a_run(self, model: torch.nn.Module) -> tuple[str, str, str] | None:
+        """Before an event of ``model``: a run holds the steps of one model, as with the Keras callback.
+
+        Where the run holds steps of another model (the callback given to the Trainers of two models: a
+        notebook's next experiment, a loop over configurations), it is closed, and the next one is the trial's
+        next run (``out_dir/run-<n>``; with ``if_exists`` given, as that says), judged by fresh copies of the
+        rules, its steps numbered as a first ``train()``'s. Returns the other model, the folder of its run and
+        ``model``, described for the warning; else None.
+        """
+        last, self._model = self._model, (weakref.ref(model), _described(model))
+        held = self.hook if self.hook is not None else self._previous
+        if last is None or last[0]() is model or held is None or held.step < 0:
+            return None
+        earlier = (f"model {last[1]}", held.out_dir, f"another model {self._model[1]}")
+        self.close()
+        self._previous = None
+        self._run_rules = self._rules.for_new_run()
+        if "if_exists" not in self.hook_kwargs:
+            self._if_exists = "new_run"
+        return earlier
 
     def close(self, reason: str = "closed") -> None:
         """Write what is pending, publish it and mark this worker's run as ended.
 
-        Idempotent; a later event of the trainer opens the run again.
+        Idempotent; a later event of the trainer opens the run again. After a ``train()`` that raised, the end
+        reason is ``exception`` until a ``train()`` begins.
         """
         if self._steps is not None:
             self._flush(None)
         if self.hook is not None:
-            self.hook.close(reason)
+            if self._raised is not None and reason == "closed":
+                self.hook.close_for_exit("exception", self._raised)
+            else:
+                self.hook.close(reason)
             self._previous = self.hook
         self._steps = None
         self.hook = None
@@ -212,12 +293,10 @@ class Callback(TrainerCallback):
         the run goes on: the step it finished is written with its logs, the step it left
         unfinished is dropped and its number taken by the next step, as the Trainer counts.
         """
-        steps = self._open(args)
         if self._training:  # the train() before never reached on_train_end: it raised
-            if self._pending:
-                self._flush(None)
-            steps.drop_train(TrainInterrupted("the train() before raised in it"))
-        self._training = True
+            self._end_raised_train()
+        steps = self._open(args, kw.get("model"))
+        self._training, self._loop, self._raised = True, _dispatcher(), None
         steps.hook.number_on(Mode.TRAIN, state.global_step)
         last = steps.hook.mode_steps.get(Mode.TRAIN, -1)
         if state.global_step <= last:
@@ -239,10 +318,14 @@ class Callback(TrainerCallback):
     def on_pre_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
     ) -> None:
-        """Offer the gradients the optimizer is about to apply (clipped, unscaled)."""
-        steps, model = self._steps, kw.get("model")
+        """Offer the gradients the optimizer is about to apply (clipped, unscaled), of the parameters it updates."""
+        steps, model, optimizer = self._steps, kw.get("model"), kw.get("optimizer")
         if steps is not None and model is not None and steps.open_train():
-            steps.offer_gradients(saved_parameters(unwrap(model)))
+            named: Iterable[tuple[str, torch.Tensor]] = saved_parameters(unwrap(model))
+            if optimizer is not None:  # a parameter outside it may have a gradient, which nothing applies
+                stepped = {id(p) for p in optimized_parameters(optimizer)}
+                named = ((name, p) for name, p in named if id(p) in stepped)
+            steps.offer_gradients(named)
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
         """The step is over: offer the weights it produced; it is written when the logs that follow it are in.
@@ -277,8 +360,8 @@ class Callback(TrainerCallback):
         """
         if not logs:
             return
-        self._open(args)
         model = kw.get("model")
+        self._open(args, model)
         evaluating = model is not None and not model.training and not _is_training_log(logs)
         if evaluating and not self._epoch_ended and self._holding():  # an evaluation before the step's log
             self._held_logs.append(_Log(logs))
@@ -305,6 +388,7 @@ class Callback(TrainerCallback):
         An evaluation that raises (a bug in ``compute_metrics``, out of memory, a Ctrl-C) cannot lose it then. A
         step whose log may still come is not complete (:meth:`_holding`); the run's step is held for after it.
         """
+        self._end_if_train_raised()
         if self._pending and not self._holding():
             self._flush(kw.get("model"))
 
@@ -338,7 +422,7 @@ class Callback(TrainerCallback):
         The logs that came during the run stay for the next step's end: a ``predict`` that a callback runs
         in ``on_evaluate`` comes before the evaluation's log is matched to its metrics here.
         """
-        steps = self._open(args)
+        steps = self._open(args, model)
         hold = self._holding()
         logs = self._held_logs if hold else self._logs
         for i in range(len(logs) - 1, -1, -1):
@@ -355,6 +439,24 @@ class Callback(TrainerCallback):
         if not self._training:
             self.close()
 
+    def _end_if_train_raised(self) -> None:
+        """At an event from outside the ``train()`` begun last, which did not reach ``on_train_end``: it raised
+        (a Ctrl-C in a notebook, an error in ``compute_metrics``), and this event is the next cell's
+        (``evaluate()``, ``predict()``): end it (:meth:`_end_raised_train`)."""
+        if self._training and self._loop is not None and not _running(self._loop):
+            self._end_raised_train()
+
+    def _end_raised_train(self) -> None:
+        """The ``train()`` begun last raised: write the step it finished, with its logs, and drop the step it
+        left unfinished (one warning), whose numbers the next ``TRAIN`` step takes, as the Trainer counts. Until
+        a ``train()`` begins, the run's end reason is ``exception``."""
+        self._training, self._loop = False, None
+        self._raised = "train() raised (the Trainer then calls no on_train_end)"
+        if self._pending:
+            self._flush(None)
+        if self._steps is not None:
+            self._steps.drop_train(TrainInterrupted("the train() before raised in it"))
+
     def _holding(self) -> bool:
         """Whether an evaluation or prediction running now is held, to be written after the pending ``TRAIN`` step.
 
@@ -370,7 +472,7 @@ class Callback(TrainerCallback):
         return self._hold
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
-        self._training = False
+        self._training, self._loop = False, None
         self._flush(kw.get("model"))
         self.close()
 

@@ -62,10 +62,10 @@ class StopAt(transformers.TrainerCallback):  # type: ignore[misc]
             tensortap.create_trial(self.out).request_stop("enough")
 
 
-def tiny_bert() -> Any:
+def tiny_bert(hidden_size: int = 16) -> Any:
     config = transformers.BertConfig(
         vocab_size=50,
-        hidden_size=16,
+        hidden_size=hidden_size,
         num_hidden_layers=2,
         num_attention_heads=2,
         intermediate_size=32,
@@ -356,6 +356,19 @@ class AfterStep(transformers.TrainerCallback):  # type: ignore[misc]
         self.params[state.global_step - 1] = {n: p.detach().numpy().copy() for n, p in model.named_parameters()}
 
 
+class CtrlCAt(transformers.TrainerCallback):  # type: ignore[misc]
+    """A Ctrl-C once, in the Trainer's step ``step + 1`` (from 1), before its optimizer step (listed after tensortap's
+    callback: the step is begun)."""
+
+    def __init__(self, step: int) -> None:
+        self.step, self.armed = step, True
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if self.armed and state.global_step == self.step:
+            self.armed = False
+            raise KeyboardInterrupt
+
+
 def test_a_train_interrupted_by_ctrl_c_and_resumed_in_the_same_process(tmp_path: Path) -> None:
     """A notebook: Ctrl-C in step 4 of train(), then train(resume_from_checkpoint=True) with the same Trainer.
 
@@ -364,20 +377,11 @@ def test_a_train_interrupted_by_ctrl_c_and_resumed_in_the_same_process(tmp_path:
     """
     out = tmp_path / "trial"
     after = AfterStep()
-
-    class CtrlC(transformers.TrainerCallback):  # type: ignore[misc]
-        armed = True
-
-        def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            if self.armed and state.global_step == 3:
-                self.armed = False
-                raise KeyboardInterrupt
-
     trainer = transformers.Trainer(
         model=tiny_bert(),
         args=arguments(tmp_path, max_steps=6, save_strategy="steps", save_steps=3),
         train_dataset=Rows(64, 0),
-        callbacks=[tth.Callback(out, save_config=EVERY_STEP), CtrlC(), after],
+        callbacks=[tth.Callback(out, save_config=EVERY_STEP), CtrlCAt(3), after],
     )
     with pytest.raises(KeyboardInterrupt):
         trainer.train()
@@ -439,6 +443,145 @@ def test_the_weights_of_a_step_before_an_evaluation_that_raised_are_the_steps(
     np.testing.assert_allclose([got[0], got[1], got[2]], losses, rtol=1e-6)
     for name in ("classifier.weight", "bert.pooler.dense.bias"):
         np.testing.assert_array_equal(trial.tensor(name).value(2, mode=Mode.TRAIN), third[name])
+
+
+def test_an_evaluate_after_a_train_interrupted_mid_step_drops_the_unfinished_step(tmp_path: Path) -> None:
+    """hunt 46 F5: a notebook: Ctrl-C in the Trainer's step 3 (before its optimizer step), then ``evaluate()`` (a
+    "where am I?" cell), then ``train(resume_from_checkpoint=True)``.
+
+    The evaluate wrote the unfinished step as TRAIN step 2 (the weights of step 1, no gradients, no loss), the run
+    stayed open, and the resumed steps were numbered one after the Trainer's (its step 2's loss in TRAIN step 3).
+    """
+    out = tmp_path / "trial"
+    after = AfterStep()
+    trainer = transformers.Trainer(
+        model=tiny_bert(),
+        args=arguments(tmp_path, max_steps=6, save_strategy="steps", save_steps=2),
+        train_dataset=Rows(64, 0),
+        eval_dataset=Rows(16, 1),
+        callbacks=[tth.Callback(out, save_config=EVERY_STEP), CtrlCAt(2), after],
+    )
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    evaluated = trainer.evaluate()
+    trial = tensortap.create_trial(out)
+    assert trial.steps(mode=Mode.TRAIN) == [0, 1] and trial.steps(mode=Mode.EVAL) == [0]
+    np.testing.assert_allclose(trial.tensor("losses/eval_loss").value(0, mode=Mode.EVAL), evaluated["eval_loss"])
+    assert trial.end_reasons() == {"worker_0": "exception"}, "the train() raised; closed after the evaluate"
+    trainer.train(resume_from_checkpoint=True)
+    trial = tensortap.create_trial(out)
+    assert trial.steps(mode=Mode.TRAIN) == list(range(6)) and trainer.state.global_step == 6
+    logged = {h["step"] - 1: h["loss"] for h in trainer.state.log_history if "loss" in h}
+    got = trial.tensor("losses/loss").values(mode=Mode.TRAIN)
+    assert sorted(got) == sorted(logged) == list(range(6))
+    np.testing.assert_allclose([got[s] for s in range(6)], [logged[s] for s in range(6)], rtol=1e-6)
+    for step in range(6):
+        np.testing.assert_array_equal(
+            trial.tensor("classifier.weight").value(step, mode=Mode.TRAIN), after.params[step]["classifier.weight"]
+        )
+    assert trial.end_reasons() == {"worker_0": "closed"}
+
+
+def test_an_evaluate_and_predict_after_a_train_that_raised_close_the_run(tmp_path: Path) -> None:
+    """hunt 46 F4: ``compute_metrics`` raised in the evaluation after the Trainer's step 2; the next cell runs
+    ``evaluate()`` and ``predict()`` with it fixed.
+
+    They were taken for calls inside ``train()``: the run stayed open (``end_reasons() == {}``, readers waited for
+    more) until the interpreter exited, and their steps were published only by the writer's timer.
+    """
+    out = tmp_path / "trial"
+    broken = [True]
+
+    def accuracy(p: Any) -> dict[str, float]:
+        if broken[0]:
+            raise RuntimeError("a bug in compute_metrics")
+        return {"accuracy": float((p.predictions.argmax(-1) == p.label_ids).mean())}
+
+    trainer = transformers.Trainer(
+        model=tiny_bert(),
+        args=arguments(tmp_path, max_steps=4, eval_strategy="steps", eval_steps=2),
+        train_dataset=Rows(64, 0),
+        eval_dataset=Rows(16, 1),
+        compute_metrics=accuracy,
+        callbacks=[tth.Callback(out, save_config=EVERY_STEP)],
+    )
+    with pytest.raises(RuntimeError, match="compute_metrics"):
+        trainer.train()
+    broken[0] = False
+    trainer.evaluate()
+    trainer.predict(Rows(16, 2))
+    trial = tensortap.create_trial(out)
+    assert trial.steps(mode=Mode.TRAIN) == [0, 1], "the steps train() finished"
+    assert trial.steps(mode=Mode.EVAL) == [0] and trial.steps(mode=Mode.PREDICT) == [0]
+    assert trial.training_ended and trial.end_reasons() == {"worker_0": "exception"}
+
+
+def test_gradients_are_saved_only_of_the_parameters_the_optimizer_updates(tmp_path: Path) -> None:
+    """hunt 46 F1: ``optimizers=(opt, None)`` with an ``opt`` of every parameter but the classifier's (which
+    still gets a gradient): ``gradients/classifier.*`` were saved at every step, though nothing applied them."""
+    out = tmp_path / "trial"
+    model = tiny_bert()
+    applied = Applied()
+    opt = torch.optim.SGD([p for n, p in model.named_parameters() if not n.startswith("classifier.")], lr=0.1)
+    trainer = transformers.Trainer(
+        model=model,
+        args=arguments(tmp_path, max_steps=2),
+        train_dataset=Rows(32, 0),
+        optimizers=(opt, None),
+        callbacks=[tth.Callback(out, save_config=EVERY_STEP), applied],
+    )
+    trainer.train()
+    assert "classifier.weight" in applied.grads[0], "the classifier has a gradient"
+    trial = tensortap.create_trial(out)
+    gradients = set(trial.tensor_names(collection="gradients"))
+    stepped = {f"gradients/{n}" for n, _ in model.named_parameters() if not n.startswith("classifier.")}
+    assert gradients == stepped
+    np.testing.assert_array_equal(
+        trial.tensor("gradients/bert.pooler.dense.weight").value(1, mode=Mode.TRAIN),
+        applied.grads[1]["bert.pooler.dense.weight"],
+    )
+
+
+def test_a_callback_given_to_the_trainers_of_two_models_writes_the_trials_next_run(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """hunt 46 F2: one callback given to the Trainers of a loop over configurations (hidden size 16, then 32).
+
+    The second model's training went into the first one's run under the same names, numbered on
+    (``classifier.weight`` of shape (2, 16) at TRAIN steps 0-1, (2, 32) at 2-3), with a warning that said nothing of
+    another model. Now it is the trial's next run, with one warning naming both folders, as the Keras callback
+    does; the same Trainer's later calls go on in its run.
+    """
+    out = tmp_path / "trial"
+    callback = tth.Callback(out, save_config=EVERY_STEP)
+    trainers = []
+    with caplog.at_level("WARNING", logger="tensortap"):
+        for hidden in (16, 32):
+            trainer = transformers.Trainer(
+                model=tiny_bert(hidden),
+                args=arguments(tmp_path, max_steps=2),
+                train_dataset=Rows(32, 0),
+                eval_dataset=Rows(16, 1),
+                callbacks=[callback],
+            )
+            trainer.train()
+            trainer.evaluate()
+            trainers.append(trainer)
+        trainers[1].evaluate()
+    run = str(out / "run-0")
+    assert [r.getMessage() for r in caplog.records if r.name == "tensortap"] == [
+        f"tensortap: this callback wrote the steps of model 'BertForSequenceClassification' to {out}, and a run "
+        "holds one model's steps: those of another model 'BertForSequenceClassification' are written to "
+        f"{run}, the trial's next run. Give each model a callback of its own"
+    ]
+    for path, hidden, evaluations in ((out, 16, [0]), (run, 32, [0, 1])):
+        trial = tensortap.create_trial(path)
+        assert trial.steps(mode=Mode.TRAIN) == [0, 1] and trial.steps(mode=Mode.EVAL) == evaluations, path
+        assert trial.steps(mode=Mode.GLOBAL) == [0], "one training's summary"
+        weights = trial.tensor("classifier.weight").values(mode=Mode.TRAIN)
+        assert {w.shape for w in weights.values()} == {(2, hidden)}
+        assert trial.end_reasons() == {"worker_0": "closed"}
+    np.testing.assert_array_equal(weights[1], trainers[1].model.classifier.weight.detach().numpy())
 
 
 DIES_AFTER_ITS_FOURTH_STEP = """

@@ -51,7 +51,7 @@ import numpy as np
 
 from ...modes import Mode
 from ...trial.rules.inprocess import RuleSet
-from ..core import Hook, check_rules, config_path
+from ..core import Hook, check_rules, config_path, warn_next_run
 from ..session import MAX_CALLS, Session, flatten
 from ..stop import AllReduceMax, agreed, log_stop
 from .naming import flatten_logs
@@ -428,12 +428,10 @@ class Callback(keras.callbacks.Callback):
         self.close()
         self._setup_next_run(self, self._rules)
         self._last_model = weakref.ref(model)
-        logger.warning(
-            "tensortap: this callback wrote the steps of %s to %s, and a run holds one model's steps: those of "
-            "model %r are written to %s, the trial's next run. Give each model a callback of its own",
+        warn_next_run(
             "another model" if before is None else f"model {getattr(before, 'name', '')!r}",
             earlier,
-            getattr(model, "name", ""),
+            f"model {getattr(model, 'name', '')!r}",
             self.out_dir,
         )
 
