@@ -41,6 +41,7 @@ from ..backends.shard import StepRecord, TensorRecord
 from ..backends.storage import STORAGE_FAILURES
 from ..config import (
     BUILTIN_COLLECTIONS,
+    TRAINING_DATA,
     Collection,
     ModeSaveConfig,
     ReductionConfig,
@@ -49,7 +50,7 @@ from ..config import (
     check_keys,
     compile_regexes,
 )
-from ..exceptions import TrialExistsError, no_attribute
+from ..exceptions import TrialExistsError, no_attribute, suggest
 from ..modes import Mode
 from ..trial.rules.base import Rule
 from . import counting
@@ -594,6 +595,7 @@ class Hook(metaclass=_HookClass):
         self._histogram_unfixed: set[str] = set()  # warned once: no finite value to fix bins from yet
         self._given_at: dict[str, int] = {}  # the saved step each name given (save_tensor, ...) was last given at
         self._never_saved: dict[str, int] = {}  # of the names given at no saved step so far: how many times
+        self._rule_named: set[str] = set()  # collections a rule asked for that the hook did not define
         self._warned_regiven: set[str] = set()  # names warned about: given twice in a saved step
         self._failed = False
         self._error: BaseException | None = None
@@ -606,6 +608,7 @@ class Hook(metaclass=_HookClass):
         for rule in self.rules:
             rule.attach_to_hook(self)
         self.end_listeners.append(self._warn_unmatched_regexes)
+        self.end_listeners.append(self._warn_unfilled_rule_collections)
         if self.enabled:
             try:
                 self.writer = TrialWriter(
@@ -804,6 +807,20 @@ class Hook(metaclass=_HookClass):
                     len(offered),
                     ", ".join(map(repr, offered[:5])),
                 )
+
+    def _warn_unfilled_rule_collections(self) -> None:
+        """At the close: one warning for each collection a rule asked for that the hook does not define and no
+        tensor was given to (a misspelled ``collection_names=["losses", "gradiants"]``): the rule judged the
+        others alone, without a word (an offline run says it lacks that input)."""
+        offered = {c for _, collections, *_ in self._plans for c in collections}
+        for name in sorted(self._rule_named - offered):
+            hint = suggest(name, set(self.collections) - self._rule_named).removeprefix("; ")
+            logger.warning(
+                "tensortap: a rule asked for collection %r, which is none of this hook's, and no tensor was given "
+                "to it%s: the rule judged without it",
+                name,
+                f" ({hint})" if hint else "",
+            )
 
     @property
     def regex_collections(self) -> tuple[Collection, ...]:
@@ -1208,6 +1225,8 @@ class Hook(metaclass=_HookClass):
         """
         for key in reductions:
             red.check_key(key)
+        if collection not in self.collections and collection != TRAINING_DATA:
+            self._rule_named.add(collection)
         current = self.collections.get(collection) or Collection(collection)
         rc = current.reduction_config or self.reduction_config
         if rc is not None:

@@ -283,6 +283,34 @@ def test_a_regex_collection_that_matches_nothing_is_warned_about_at_the_close(
     assert warned[1].startswith("tensortap: include_regex ['zzz'] of collection 'mine' matched none")
 
 
+def test_a_misspelled_collection_a_rule_asks_for_is_warned_about_at_the_close(
+    tmp_path: Path, torch_one_thread: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """hunt 48 F2, in-process: ``collection_names=["losses", "gradiants"]`` made the hook define an empty
+    collection 'gradiants', and the rule judged the losses alone without a word (offline, that is a missing
+    input). One warning at the close names it with the closest collection; a collection the training fills,
+    defined by the user or by a rule (``save_tensor`` into it), is not warned about."""
+    model, opt = _linear()
+    rule = ExplodingTensor(collection_names=["losses", "gradiants"])
+    filled = ExplodingTensor(collection_names=["mine"])
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        hook = ttt.capture(model, tmp_path, optimizer=opt, save_config=EVERY_STEP, rules=[rule, filled])
+        x, y = torch.randn(8, 4), torch.randn(8, 1)
+        for _ in range(2):
+            opt.zero_grad()
+            loss = ((model(x) - y) ** 2).mean()
+            hook.save_tensor("extra", np.ones(2), collections=["mine"])
+            loss.backward()
+            opt.step()
+        hook.close()
+    warned = [r.getMessage() for r in caplog.records if "a rule asked for collection" in r.getMessage()]
+    assert warned == [
+        "tensortap: a rule asked for collection 'gradiants', which is none of this hook's, and no tensor was given "
+        "to it (did you mean 'gradients'?): the rule judged without it"
+    ]
+    assert rule.evaluated_steps == 2
+
+
 # ------------------------------------------------------- runs and copies
 def test_a_reused_xgboost_callback_judges_each_new_run_from_scratch(tmp_path: Path) -> None:
     """The second xgb.train with the same callback went on with the first run's rule state and was stopped
