@@ -52,7 +52,6 @@ from .trial import Trial, create_trial
 from .trial.check import storage_problems
 from .trial.trial import run_folders
 from .trial.views import (
-    awaited_note,
     first_named,
     killed_note,
     killed_workers,
@@ -60,6 +59,7 @@ from .trial.views import (
     shortened,
     status_parts,
     status_summary,
+    waiting_note,
 )
 
 EXIT_OK, EXIT_FOUND, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_PIPE = 0, 1, 2, 130, 141
@@ -607,14 +607,8 @@ def _show_steps(tensor: Any, mode: Mode | None, worker: str | None) -> list[int]
     where = f"no {step_word(mode)}"
     if worker is not None:
         where += f" saved by worker {worker!r} (workers: {', '.join(tensor.trial.workers())})"
-    elif pending := tensor.summary()["steps"] - len(tensor.steps()):  # saved, but not by every worker yet
-        awaited = awaited_note(tensor.trial)
-        raise TensorUnavailableForStep(
-            f"{tensor.name!r} has no complete {step_word(mode)} yet: {count(pending, 'saved step')} "
-            f"{'waits' if pending == 1 else 'wait'} for the other workers to write "
-            + ("it" if pending == 1 else "them")
-            + (f" ({awaited})" if awaited else " (see `tensortap ls`)")
-        )
+    elif (waiting := waiting_note(tensor, mode)) is not None:  # saved, but not by every worker yet
+        raise TensorUnavailableForStep(waiting)
     saved = [
         f"{m.name.lower()} steps {_steps_summary(s, tensor.trial.steps(mode=m))}"
         for m in Mode

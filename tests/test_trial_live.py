@@ -19,6 +19,7 @@ from helpers.writer_proc import value_for
 import tensortap
 from tensortap import (
     NoMoreData,
+    ShardUnreadable,
     StepNotYetAvailable,
     StepState,
     StepUnavailable,
@@ -507,3 +508,47 @@ def test_wait_for_steps_refuses_what_it_does_not_understand(
     trial = tensortap.create_trial(tmp_path)
     with pytest.raises((TypeError, ValueError), match=re.escape(error)):
         trial.wait_for_steps(steps, timeout=timeout)
+
+
+def test_an_index_record_listed_before_its_shard_waits_for_it(
+    trial_at: tuple[str, dict[str, Any]], caplog: pytest.LogCaptureFixture
+) -> None:
+    """hunt 49 F1: an index record listed before its shard can be read (a store that shows objects in any
+    order, a live trial copied with `aws s3 sync` or rsync) made the reader take the shard for damaged and drop
+    it for good: the steps it had listed as complete left `steps()` and never came back once the shard was
+    there, with a warning that named the object's key alone. Its steps, and the later ones, now wait for the
+    shard while the worker runs; once the worker has ended, a shard that never came is dropped with one
+    warning naming it, its record and its steps, and no step listed before leaves the trial."""
+    import fsspec
+
+    url, options = trial_at
+    fs, root = fsspec.core.url_to_fs(url, **options)
+    aside = f"{root}-aside.h5"
+    w = Writer(url, storage_options=options, shard_policy=ShardPolicy(max_steps=1))  # a shard per step
+    run_steps(w, 4, value=lambda _, step: float(step))
+    w.flush()
+    fs.mv(f"{root}/shards/worker_0/0000000001.h5", aside)  # the record of step 1 is there, its shard not yet
+    trial = tensortap.create_trial(url, refresh_interval=3600, **options)  # reads only when told to refresh
+    assert trial.steps() == [0] and trial.has_passed_step(2) is StepState.NOT_YET_AVAILABLE
+    with pytest.raises(StepNotYetAvailable):
+        trial.tensor("a").value(1)
+    assert trial.problems() == {}
+    fs.mv(aside, f"{root}/shards/worker_0/0000000001.h5")  # the shard arrives
+    trial.refresh()
+    assert _steps_of(trial) == {s: float(s) for s in range(4)} and trial.steps() == [0, 1, 2, 3]
+    run_steps(w, 2, value=lambda _, step: float(step))
+    w.flush()
+    fs.mv(f"{root}/shards/worker_0/0000000004.h5", aside)  # a shard that never comes
+    trial.refresh()
+    assert trial.steps() == [0, 1, 2, 3]
+    with caplog.at_level("WARNING", logger="tensortap"):
+        w.close()
+        trial.refresh()  # the worker has ended: the shard is missing
+        assert trial.steps() == [0, 1, 2, 3, 5] and _steps_of(trial) == {s: float(s) for s in (0, 1, 2, 3, 5)}
+        with pytest.raises(ShardUnreadable, match="not found"):
+            trial.tensor("a").value(4)
+    warned = [r.getMessage() for r in caplog.records if r.name == "tensortap"]
+    assert warned == [
+        "tensortap: skipping shards/worker_0/0000000004.h5: not found, though its index record "
+        "index/worker_0/0000000004.json lists it, holding step 4"
+    ], warned

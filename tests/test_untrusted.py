@@ -156,6 +156,24 @@ def test_a_trial_a_newer_tensortap_wrote_is_refused_not_shown_empty(tmp_path: Pa
         assert main([*command, str(fresh)]) == 2, command
 
 
+def test_a_trial_refused_as_too_new_says_so_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """hunt 49 F3: a trial whose index records a newer tensortap wrote logged one "skipping ..." warning per
+    record (a run of 1,000 shards: 1,000 lines), then the one TrialTooNew error, which names the first and
+    counts the others; nothing is skipped, the trial is refused whole. The error is all that is said now."""
+    with Writer(tmp_path, shard_policy=ShardPolicy(max_steps=1)) as w:  # a record per step
+        for step in range(3):
+            with w.stepping():
+                w.save("x", np.float32(step))
+    for record in (tmp_path / "index" / "worker_0").iterdir():
+        record.write_text(json.dumps({**json.loads(record.read_text()), "format_version": FORMAT_VERSION + 1}))
+    with logged_warnings() as warned, pytest.raises(tensortap.TrialTooNew, match=r"0000000000\.json and 2 more"):
+        tensortap.create_trial(tmp_path)
+    assert warned == []
+    assert main(["ls", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "was written by a newer tensortap than this one" in err[0], err
+
+
 # ---------------------------------------------------------------- keys and names
 def traversal_record(target: str) -> dict[str, object]:
     return {

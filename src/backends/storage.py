@@ -237,6 +237,22 @@ def bounded(bound: Bound) -> Iterator[Bound]:
         _BOUND.reset(token)
 
 
+_ANSWER_BY: contextvars.ContextVar[float | None] = contextvars.ContextVar("tensortap_answer_by", default=None)
+
+
+@contextlib.contextmanager
+def answer_by(deadline: float | None) -> Iterator[None]:
+    """Within, each call to an asynchronous fsspec filesystem (the object stores) made in this context is given
+    no more than the time left until ``deadline`` (a ``time.monotonic()``; None: no bound), rather than
+    :data:`ANSWER_SECONDS`: for a reader that waits no longer (``wait_for_steps(timeout=)``). Threads that make
+    calls for it run in a copy of its context (:func:`~tensortap.trial.index.at_once`)."""
+    token = _ANSWER_BY.set(deadline)
+    try:
+        yield
+    finally:
+        _ANSWER_BY.reset(token)
+
+
 def retried(what: str, fn: Callable[[], _T], attempts: int = WRITE_ATTEMPTS, pause: float = FIRST_RETRY_PAUSE) -> _T:
     """Return ``fn()``, calling it again after a transient error.
 
@@ -935,14 +951,19 @@ class FsspecStorage(Storage):
     def _ask(self, method: str, *args: Any, moves: int = 0, limit: float | None = None, **kwargs: Any) -> Any:
         """``self.fs.<method>(*args, **kwargs)``; on an asynchronous filesystem (the object stores), given
         ``limit`` seconds (by default :data:`ANSWER_SECONDS` and a second for each :data:`SLOWEST_RATE` bytes
-        it ``moves``), after which its requests are cancelled and it raises TimeoutError naming the storage.
-        An error that says the storage failed, not the file, is raised as
-        :class:`~tensortap.exceptions.StorageUnreachable` (:meth:`_failure`)."""
+        it ``moves``; within :func:`answer_by`, no more than the time left), after which its requests are
+        cancelled and it raises TimeoutError naming the storage. An error that says the storage failed, not
+        the file, is raised as :class:`~tensortap.exceptions.StorageUnreachable` (:meth:`_failure`)."""
         call = getattr(self.fs, method)
         if not self._asynchronous:
             return call(*args, **kwargs)
         if limit is None:
             limit = ANSWER_SECONDS + moves / SLOWEST_RATE
+        deadline = _ANSWER_BY.get()
+        if deadline is not None:
+            limit = min(limit, deadline - time.monotonic())
+        if limit <= 0:  # fsspec takes a timeout of 0 for none
+            raise TimeoutError(f"{self.url}: no time was left to ask the storage ({method})")
         try:
             return call(*args, timeout=limit, **kwargs)  # fsspec's sync() takes it: asyncio.wait_for
         except (TimeoutError, asyncio.TimeoutError):  # fsspec's FSTimeoutError: not a TimeoutError on Python 3.10

@@ -1,7 +1,9 @@
 """The read side's view of a trial's files: index records, workers, end markers, shards.
 
 :class:`TrialIndex` lists what is new since the last refresh (cheap: one
-listing per worker folder, parsing only records not seen before) and keeps
+listing per worker folder, parsing only records not seen before; and one of
+the shard folder of a running worker that published records, whose shards
+may show after them) and keeps
 where every (tensor, worker, step) lives: a :class:`Segment` per shard shared by
 the tensors that hold the same steps there, NumPy arrays of its steps and of
 what each step holds, never an object per step nor per (tensor, shard); what
@@ -17,6 +19,7 @@ file that fails is skipped with one warning naming it.
 from __future__ import annotations
 
 import bisect
+import contextvars
 import functools
 import logging
 import threading
@@ -770,6 +773,19 @@ class WorkerState:
     end: dict[str, Any] | None = None
     killed: bool = False  # ``end`` is this reader's: the process ended without writing an end marker
     version: str | None = None  # Storage.listed_version of the worker record ``info`` was read from
+    # shard -> (key, record) of the index records listed before their shard (a store that shows objects in any
+    # order, a copy of a live trial): added once the shard is listed (TrialIndex._add_held)
+    held: dict[str, tuple[str, ParsedRecord]] = field(default_factory=dict)
+
+    def passed(self, mode: Mode | None) -> int:
+        """The last step (mode step of ``mode``) this worker has passed: its last saved one, but before the
+        first step of a record :attr:`held` for its shard (that step, and those after it, are not complete)."""
+        last = self.last_step if mode is None else self.last_mode_step.get(mode, -1)
+        for _, parsed in self.held.values():
+            mine = parsed.steps if mode is None else parsed.mode_steps[parsed.modes == mode]
+            if len(mine):
+                last = min(last, int(mine.min()) - 1)
+        return last
 
 
 @dataclass(frozen=True, eq=False)
@@ -873,14 +889,15 @@ def read_records(storage: Storage, keys: Sequence[str]) -> Iterator[tuple[str, A
 
 
 def at_once(calls: Sequence[Callable[[], _T]], name: str, limit: int = REQUESTS_AT_ONCE) -> list[Future[_T]]:
-    """Run ``calls`` on threads (named ``tensortap-<name>``), ``limit`` at a time; return their futures,
-    all done, in the same order (for requests to remote storage: a round trip or more each). Fewer than
-    two run on this thread: there is nothing to overlap."""
+    """Run ``calls`` on threads (named ``tensortap-<name>``), ``limit`` at a time, each in a copy of this
+    thread's context (a reader's bound on the storage's answers: :func:`~tensortap.backends.storage.answer_by`);
+    return their futures, all done, in the same order (for requests to remote storage: a round trip or more
+    each). Fewer than two run on this thread: there is nothing to overlap."""
     if len(calls) < 2:
         return [_ran(call) for call in calls]
     pool = ThreadPoolExecutor(min(limit, len(calls)), thread_name_prefix=f"tensortap-{name}")
     try:
-        futures = [pool.submit(call) for call in calls]
+        futures = [pool.submit(contextvars.copy_context().run, call) for call in calls]
         wait(futures)
     finally:
         pool.shutdown(cancel_futures=True)
@@ -1049,13 +1066,19 @@ class TrialIndex:
         self._look_again([*removed, *running])
         for shard in [shard for shard, listed in self.shards.items() if listed.record in gone_records]:
             self.drop_shard(shard, "its index record is gone (the trial's files removed while it was read?)")
+        # the shard folders of the workers that have not ended and published records, and of those with records
+        # held for their shards: listed after the index folders (a writer publishes a shard before its record)
+        publishing = {w for w, _ in new if w not in self.workers or self.workers[w].end is None}
+        shards = self._shard_names(publishing | {w for w, state in self.workers.items() if state.held})
         after_end = set()  # workers that ended before this refresh and published since: resumed
         for worker, key, parsed in self._load(new, parse_index_record):
             if parsed is not None:
-                self._add_checked(worker, key, parsed)  # may find the worker's run replaced, and forget what was seen
+                # may find the worker's run replaced, and forget what was seen
+                self._add_checked(worker, key, parsed, shards.get(worker) if worker in publishing else None)
                 if worker in ended and self.workers[worker].end is not None:
                     after_end.add(worker)
             self._seen[worker].add(key.rsplit("/", 1)[1])  # once read (or warned about)
+        self._add_held(shards)
         renewed = self._look_again(after_end)
         self._read_ends([(w, key) for w, key in markers if w in renewed])  # its records up to it are read above
         if self._replaced or any(self.workers[w].end is None for w in met):
@@ -1149,8 +1172,10 @@ class TrialIndex:
             del self.bad_files[key]  # the new run's files, of the same names, are warned about afresh
         self._replaced = True
 
-    def _add_checked(self, worker: str, key: str, parsed: ParsedRecord) -> None:
-        """Add the index record ``key`` of ``worker``, unless another process than the worker's wrote it."""
+    def _add_checked(self, worker: str, key: str, parsed: ParsedRecord, shards: set[str] | None = None) -> None:
+        """Add the index record ``key`` of ``worker``, unless another process than the worker's wrote it; hold
+        it (:attr:`WorkerState.held`) while ``shards``, the names listed in the worker's shard folder (None: not
+        listed), lacks its shard."""
         w = self._worker(worker)
         run, claimed = parsed.record.get("run_id"), w.info.get("run_id")
         if _another_run(w.info, run) and worker not in self._looked:
@@ -1168,6 +1193,10 @@ class TrialIndex:
         why = self.shards.conflict(parsed.record["shard"], listed)
         if why is not None:
             self._warn_bad(key, f"refused: it {why}; the earlier record is kept")
+            return
+        shard = parsed.record["shard"]
+        if shards is not None and shard.rsplit("/", 1)[1] not in shards:  # not there yet: neither are its steps
+            self.workers[worker].held[shard] = (key, parsed)
             return
         self._add_record(w, listed, parsed)
         refusal = parsed.refusal()
@@ -1220,11 +1249,44 @@ class TrialIndex:
                     raise record
                 checked = check(record, worker)
             except (OSError, ValueError) as exc:  # RecordError, UnsafeKey and JSON errors are ValueErrors
-                if isinstance(exc, NewerFormat):
+                if isinstance(exc, NewerFormat):  # the trial is refused whole (TrialTooNew), naming them: no warning
                     self.newer[key] = str(exc)
-                if not (removed_ok and isinstance(exc, FileNotFoundError)):
+                elif not (removed_ok and isinstance(exc, FileNotFoundError)):
                     self._warn_bad(key, f"unreadable record ({exc})")
             yield worker, key, checked
+
+    def _shard_names(self, workers: Iterable[str]) -> dict[str, set[str]]:
+        """The names in the shard folder of each of ``workers`` (on remote storage, listed at once); a folder
+        that cannot be listed is left out, with a warning naming it (:meth:`_listings`)."""
+        named = sorted(set(workers))
+        listed = self._listings([(self.storage.list, f"{layout.SHARDS}/{w}") for w in named], None)
+        return {w: set(names) for w, names in zip(named, listed, strict=True) if names is not None}
+
+    def _add_held(self, shards: Mapping[str, set[str]]) -> None:
+        """Add the index records :attr:`WorkerState.held` whose shards are now listed in ``shards`` (the names
+        in each worker's shard folder: :meth:`_shard_names`), and those of a worker that has ended or whose
+        folder was not listed; a shard still not listed once its worker has ended is dropped as missing (one
+        warning, :meth:`drop_shard`): its steps were never complete, so no step listed leaves the trial."""
+        for worker, w in list(self.workers.items()):
+            names = shards.get(worker)
+            for shard, (key, parsed) in list(w.held.items()):
+                missing = names is not None and shard.rsplit("/", 1)[1] not in names
+                if missing and w.end is None:
+                    continue  # not there yet: looked for at the next refresh
+                del w.held[shard]
+                self._add_checked(worker, key, parsed)
+                if missing and shard in self.shards and self.shards[shard].record == key:
+                    self.drop_shard(shard, self.missing(shard))
+
+    def missing(self, shard: str) -> str:
+        """Why ``shard`` is dropped when the storage does not have it: the index record that names it, and
+        the steps it lists (the file's error says no more than its path, or an object's key)."""
+        listed = self.shards.get(shard)
+        if listed is None:
+            return "not found"
+        steps = listed.steps.tolist()
+        held = f"step {steps[0]}" if len(steps) == 1 else f"{len(steps)} steps, {steps[0]} to {steps[-1]}"
+        return f"not found, though its index record {listed.record} lists it, holding {held}"
 
     def _index_folders(self, names: Sequence[str]) -> list[str]:
         """The workers whose index folders to list: those known, and the folders ``names`` (of the
@@ -1335,6 +1397,9 @@ class TrialIndex:
         instead: the shard may be sound, and the next read asks again."""
         if isinstance(exc, STORAGE_FAILURES):
             raise exc
+        if isinstance(exc, FileNotFoundError):
+            self.drop_shard(shard, self.missing(shard))
+            return
         why = str(exc)
         path, named, rest = why.partition(f"{shard}: ")
         self.drop_shard(shard, rest if named and (not path or path.endswith("/")) else why)  # the shard named once

@@ -18,7 +18,7 @@ from ..modes import Mode, step_label, step_word
 from ..reductions import split_key
 from .export import check_output, written_whole
 from .progress import progress
-from .views import printable, shortened, tensor_workers
+from .views import printable, shortened, tensor_workers, waiting_note
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -88,7 +88,7 @@ def _why_no_line(tensor: Tensor, reduction: str | None, mode: Mode | str | None)
     """``"; 'g' has no 'mean' ..."``: why :func:`series` of ``tensor`` is empty, where it can tell."""
     steps = tensor.steps(mode)
     if not steps:
-        return f"; {tensor.name!r} has no {step_word(mode)}"
+        return f"; {waiting_note(tensor, mode) or f'{tensor.name!r} has no {step_word(mode)}'}"
     key = reduction or "mean"
     saved = tensor.available_reductions(steps[-1], mode)
     if tensor.has_raw(steps[-1], mode) or key in saved:
@@ -293,7 +293,8 @@ def plot_histograms(
     worker = workers[0] if worker is None and len(workers) > 1 else worker
     hists = tensor.histogram_values(mode, worker, bins=bins)  # by mode step
     if not hists:
-        raise ValueError(f"{tensor.name!r}: no histogram and no raw tensor was saved at any step")
+        waiting = None if worker is not None else waiting_note(tensor, mode)  # a worker's steps need no other
+        raise ValueError(waiting or f"{tensor.name!r}: no histogram and no raw tensor was saved at any step")
     m = Mode.parse(mode) if mode is not None else Mode.GLOBAL
     if x == "step":
         positions = {s: float(s) for s in hists}

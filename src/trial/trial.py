@@ -397,17 +397,21 @@ class Trial:
         """True once every worker of :meth:`workers` has recorded the end of its training (a worker of the
         run's world size that has not written anything yet has not)."""
         self._auto_refresh()
+        return self._ended()
+
+    def _ended(self) -> bool:
+        """:attr:`training_ended` as the trial stands, without looking for new data."""
         ws = self._index.workers
         return bool(ws) and not self._index.awaited and all(w.end is not None for w in ws.values())
 
     def _complete_up_to(self, mode: Mode | None) -> float:
         """The last step (mode step if ``mode``) every worker has passed or ended before: the smallest
-        last step of the workers still running (-1 while one of the run's world size has written nothing);
-        -inf without workers, inf once all have ended."""
+        last step the workers still running have passed (:meth:`WorkerState.passed`; -1 while one of the run's
+        world size has written nothing); -inf without workers, inf once all have ended."""
         ws = self._index.workers.values()
         if not ws:
             return -math.inf
-        running = [w.last_step if mode is None else w.last_mode_step.get(mode, -1) for w in ws if w.end is None]
+        running = [w.passed(mode) for w in ws if w.end is None]
         if self._index.awaited:
             running.append(-1)  # a worker that has written nothing has passed no step
         return min(running, default=math.inf)
@@ -480,7 +484,7 @@ class Trial:
         return StepState.NOT_YET_AVAILABLE
 
     def _past_end(self, step: int, mode: Mode | None) -> bool:
-        return self.training_ended and step > self._last(mode)
+        return self._ended() and step > self._last(mode)
 
     def _ended_message(self, step: int, mode: Mode | None) -> str:
         """``"training has ended at eval step 4; there is no eval step 9"``: ``step`` lies past the end."""
@@ -493,12 +497,18 @@ class Trial:
     ) -> None:
         """Return once every step in ``steps`` has passed (saved or skipped).
 
+        Steps known to have passed return at once, without asking the storage. On remote storage a look for
+        new data is given no longer than what is left of ``timeout`` (at least ``WAIT_POLL_SECONDS``).
+
         Raises
         ------
         NoMoreData
             A step lies past the end of a training that has ended.
         StepNotYetAvailable
-            ``timeout`` seconds passed first.
+            ``timeout`` seconds passed first (also while the storage did not answer).
+        TimeoutError
+            The storage did not answer within its own bound (:data:`~tensortap.backends.storage.ANSWER_SECONDS`),
+            shorter than ``timeout``.
         TypeError, ValueError
             ``steps`` is not a sequence of integers >= 0, or ``timeout`` not a number >= 0 (nor None).
         """
@@ -514,16 +524,26 @@ class Trial:
         m = None if mode is None else Mode.parse(mode)
         deadline = None if timeout is None else time.monotonic() + timeout
         pending = sorted(set(steps))
+        refreshed = False
         while True:
-            self.refresh()
-            pending = [s for s in pending if self.has_passed_step(s, m) is StepState.NOT_YET_AVAILABLE]
+            pending = [s for s in pending if not self._passed(s, m)]  # as known: a silent storage holds no step known
             if not pending:
                 break
-            if self.training_ended:
-                raise NoMoreData(self._ended_message(pending[0], m))
-            if deadline is not None and time.monotonic() >= deadline:
-                raise StepNotYetAvailable(pending[0], m)
-            time.sleep(WAIT_POLL_SECONDS)
+            if refreshed:
+                if self._ended():
+                    raise NoMoreData(self._ended_message(pending[0], m))
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise StepNotYetAvailable(pending[0], m)
+                time.sleep(WAIT_POLL_SECONDS)
+            answer_by = None if deadline is None else max(deadline, time.monotonic() + WAIT_POLL_SECONDS)
+            try:
+                with storage_module.answer_by(answer_by):  # a storage that does not answer holds no longer
+                    self.refresh()
+            except TimeoutError as exc:
+                if deadline is None or time.monotonic() < deadline:
+                    raise  # the storage's own bound, shorter than the wait
+                raise StepNotYetAvailable(pending[0], m) from exc
+            refreshed = True
         for s in steps:
             if self._past_end(s, m):
                 raise NoMoreData(self._ended_message(s, m))

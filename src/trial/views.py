@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..exceptions import TensortapError
-from ..modes import Mode
+from ..modes import Mode, step_word
 from ..processes import KILLED
 from .index import IMPORT_FAILED, MAX_WORKERS_NAMED
 
@@ -133,6 +133,42 @@ def awaited_note(trial: Trial) -> str | None:
     return f"{first_named(awaited)} {'has' if len(awaited) == 1 else 'have'} written nothing yet"
 
 
+def waiting_note(tensor: Tensor, mode: Mode | str | None = None) -> str | None:
+    """Why ``tensor`` has no complete step (of ``mode``) though it was saved at some: not every worker of the live
+    run has written them yet (``show``, the plots). None where it has a complete step, or no saved one.
+
+    Parameters
+    ----------
+    tensor
+        The tensor.
+    mode
+        The mode of the steps asked for (None: every step).
+
+    Returns
+    -------
+    str or None
+        ``"'loss' has no complete step yet: 10 saved steps wait for the other workers to write them (worker_1
+        has written nothing yet)"`` (:func:`awaited_note`; else ``(see `tensortap ls`)``).
+    """
+    m = None if mode is None else Mode.parse(mode)
+    if tensor.steps(m):
+        return None
+    saved = tensor._info.locations
+    waiting = len(saved) if m is None else int(saved.saved_of(tensor.trial._index.steps_of_mode(m)[0]).sum())
+    if not waiting:
+        return None
+    awaited = awaited_note(tensor.trial)
+    return (
+        f"{tensor.name!r} has no complete {step_word(m)} yet: {waiting} saved "
+        + (
+            "step waits for the other workers to write it"
+            if waiting == 1
+            else "steps wait for the other workers to write them"
+        )
+        + (f" ({awaited})" if awaited else " (see `tensortap ls`)")
+    )
+
+
 def first_named(workers: list[str]) -> str:
     """``"worker_0, worker_1 and 30 more"``: the first :data:`MAX_WORKERS_NAMED` of ``workers``, the rest
     counted."""
@@ -236,7 +272,7 @@ def _kv_rows(rows: list[tuple[str, str]]) -> str:
 
 def trial_text(trial: Trial) -> str:
     """One line: path, steps per mode, tensors, workers and status (:func:`status_text`, as the HTML view)."""
-    modes = ", ".join(f"{m.name.lower()} {len(trial.steps(m))}" for m in trial.modes())
+    modes = ", ".join(f"{m.name.lower()} {len(trial.steps(m)) or 'none'}" for m in trial.modes())  # as `ls`
     idx = trial._index
     complete = len(trial.steps())
     more = f" (+{len(idx.steps) - complete} incomplete)" if len(idx.steps) > complete else ""

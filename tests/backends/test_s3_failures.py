@@ -388,6 +388,34 @@ def test_a_reader_whose_store_stops_answering_fails_in_bounded_time_and_keeps_it
     assert trial.steps() == [0, 1, 2]
 
 
+def test_wait_for_steps_on_a_store_that_stops_answering_keeps_to_its_timeout(
+    proxy: FaultyProxy, s3_options: dict[str, Any], s3_url: str
+) -> None:
+    """hunt 49 F4: once the endpoint stopped answering, `wait_for_steps(..., timeout=3)` took 60 s (a refresh
+    bounded by ``ANSWER_SECONDS`` alone, made before anything else) and raised TimeoutError, also for a step
+    it knew was complete. A step known to have passed now returns without asking the storage; a wait for
+    another one asks it no longer than the timeout and raises StepNotYetAvailable, as trial.md says."""
+    w = Writer(s3_url, storage_options=s3_options)
+    train(w, range(3))
+    w.flush()  # the training goes on
+    trial = tensortap.create_trial(s3_url, **_through(proxy, s3_options, client_retries=True))
+    assert trial.steps() == [0, 1, 2] and not trial.training_ended
+    proxy.stalled.set()
+    outcomes: list[type[BaseException] | None] = []
+
+    def wait() -> None:
+        trial.wait_for_steps([1], timeout=1)
+        for _ in range(2):  # the second: after a refresh cut short
+            with pytest.raises(tensortap.StepNotYetAvailable) as waited:
+                trial.wait_for_steps([1, 100], timeout=1)
+            outcomes.append(type(waited.value.__cause__) if waited.value.__cause__ else None)
+
+    _in_thread(wait, limit=30)  # ANSWER_SECONDS is 60 s
+    assert outcomes == [TimeoutError, TimeoutError]
+    proxy.stalled.clear()
+    w.close()
+
+
 def test_check_of_a_store_that_does_not_answer_for_its_shards_is_an_input_error(
     proxy: FaultyProxy,
     s3_options: dict[str, Any],

@@ -702,3 +702,30 @@ def test_plot_histograms_of_a_tensor_two_workers_saved_names_the_worker_drawn(tm
         assert ax.get_title() == f"weights/w: distribution over steps [{worker}]"
         edges = ax.collections[0].get_coordinates()[:, 0, 1]
         assert low <= edges.min() and edges.max() <= low + 3
+
+
+def test_plots_of_a_tensor_whose_steps_wait_for_a_worker_say_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """hunt 49 F2: with rank 1 of two not started yet, `plot` (`Trial.plot`, `Tensor.plot`, the command) said
+    the tensor "has no step" and `plot_histograms` that "no raw tensor was saved at any step" (10 were),
+    while `show` said the steps wait for worker_1 (hunt 33 L4); the repr listed the mode as `(train 0)`. They
+    now say what `show` and `ls` say."""
+    from tensortap.cli import main
+
+    with Writer(tmp_path, rank=0, world_size=2) as w:
+        for s in range(10):
+            with w.stepping():
+                w.save("b", np.arange(4.0) * s)
+                w.save("loss", np.float32(1 / (s + 1)), ["losses"])
+    trial = tensortap.create_trial(tmp_path)
+    waiting = "has no complete step yet: 10 saved steps wait for the other workers to write them (worker_1 has"
+    for plot in (lambda: trial.plot("loss"), lambda: trial.tensor("loss").plot()):
+        with pytest.raises(tensortap.TensorUnavailable, match=re.escape(f"; 'loss' {waiting} written nothing yet)")):
+            plot()
+    with pytest.raises(ValueError, match=re.escape(f"'b' {waiting.replace('step', 'train step', 1)} written")):
+        trial.tensor("b").plot_histograms()
+    assert main(["plot", str(tmp_path), "loss", "-o", str(tmp_path / "loss.png")]) == 2
+    assert f"'loss' {waiting} written nothing yet)" in capsys.readouterr().err
+    assert "0 steps (+10 incomplete) (train none)" in repr(trial)
+    plt.close("all")
