@@ -11,6 +11,7 @@ import secrets
 import shutil
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -91,8 +92,9 @@ def written_whole(path: str) -> Iterator[BinaryIO]:
     and event files as a complete TensorBoard run. A symbolic link is followed (the file it names is replaced,
     in that file's folder), and a replaced file keeps its permissions. Where the hidden file cannot be made
     (a folder the user cannot write) but ``path`` is a file the user can write, ``path`` is written in place.
-    A URL (``s3://``) is written as it is (:func:`fsspec.open`): an object store makes the object once it is
-    whole.
+    A URL (``s3://``, ``file://``) is written to a local temporary file first, copied to the URL
+    (:func:`fsspec.open`) once the block ends: fsspec makes the object of what was written when its file
+    closes, also after an error.
 
     Parameters
     ----------
@@ -112,8 +114,11 @@ def written_whole(path: str) -> Iterator[BinaryIO]:
     if "://" in path:
         import fsspec
 
-        with fsspec.open(path, "wb") as remote:
-            yield remote
+        with tempfile.TemporaryFile() as local:
+            yield local
+            local.seek(0)
+            with fsspec.open(path, "wb") as remote:
+                shutil.copyfileobj(local, remote)
         return
     target = os.path.realpath(os.path.expanduser(path))
     partial = os.path.join(os.path.dirname(target), f".tensortap-{secrets.token_hex(6)}.partial")

@@ -621,6 +621,16 @@ def test_an_evaluation_set_without_rows_is_named_in_one_warning_and_not_captured
             assert all(trial.tensor(n).steps() == [0, 1, 2] for n in per_set) and "full_shap" in per_set
             assert len(per_set) == 3 + dtrain.num_col()  # predictions, labels, full_shap, average_shap/<feature>
             np.testing.assert_array_equal(trial.tensor("predictions").value(2), booster.predict(dtrain))
+    # the last of sets sharing a name has no row: said once (before, also "the last such set's losses are captured")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        evals = [(dtrain, "train"), (dtrain, "empty"), (empty, "empty")]
+        callback = ttx.Callback(tmp_path / "shared", include_collections=["losses"])
+        xgb.train(PARAMS, dtrain, 1, evals=evals, callbacks=[callback], verbose_eval=False)
+    assert _warnings(caplog) == [
+        "tensortap: evaluation set 'empty' has 0 rows (XGBoost evaluates it as 0, which measures nothing): its "
+        "losses not captured"
+    ]
 
 
 def test_predictions_labels_and_shap_without_an_evaluation_set_are_named_in_one_warning(

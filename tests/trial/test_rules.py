@@ -1193,8 +1193,10 @@ def test_in_process_rule_stops_the_hook_at_once(tmp_path: Path) -> None:
 class Flaky(Rule):
     """A rule whose own code fails at step 3 (a network call), and would fire at step 20."""
 
+    fails_at: int | None = 3
+
     def invoke_at_step(self, step: int) -> bool:
-        if step == 3:
+        if step == self.fails_at:
             raise ConnectionError("webhook down")
         return step == 20
 
@@ -1248,6 +1250,31 @@ def test_in_process_firings_after_the_first_are_logged_at_debug_and_summed_up(
     ]
     later = [m for level, m in fired if level == logging.DEBUG]
     assert len(later) == 37 and later[-1].startswith("tensortap: rule ExplodingTensor fired at step 49: ")
+
+
+def test_a_rule_given_to_a_second_hook_is_logged_and_judged_afresh(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Review of hunt 48 F5/F6: the same rule objects given to a second hook (a second training): its first
+    firing there was logged at DEBUG, its summary counted the first training's firings (``fired at 6 step(s) of
+    this training, first at step 2``), and a rule switched off in the first training was never judged again."""
+    flaky, exploding = Flaky(), ExplodingTensor()
+    for run, nan_from in (("a", 2), ("b", 0)):
+        caplog.clear()
+        with (
+            caplog.at_level(logging.WARNING, logger="tensortap"),
+            Writer(tmp_path / run, rules=[flaky, exploding]) as w,
+        ):
+            for s in range(4):
+                with w.stepping():
+                    w.save("losses/loss", np.float32(np.nan if s >= nan_from else 1.0), ["losses"])
+        flaky.fails_at = None
+    warned = [r.getMessage() for r in caplog.records if " fired at " in r.getMessage()]
+    assert warned == [
+        "tensortap: rule ExplodingTensor fired at step 0: losses/loss: 1 NaN and 0 infinite value(s) at step 0",
+        "tensortap: rule ExplodingTensor fired at 4 step(s) of this training, first at step 0, last at step 3",
+    ]
+    assert flaky.switched_off is None and flaky.evaluated_steps > 4  # judged again in the second training
 
 
 def test_in_process_rule_configures_capture(tmp_path: Path) -> None:

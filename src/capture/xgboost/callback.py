@@ -280,11 +280,12 @@ class Callback(xgb.callback.TrainingCallback):
             )
         chosen = None if self._eval is None else self._eval.name
         of_last = evaluated + (on_one_set if chosen in self._shared else [])
-        if self._shared and of_last:
+        shared = [name for name in self._shared if name not in self._empty]  # an empty last set: warned below
+        if shared and of_last:
             logger.warning(
                 "tensortap: evaluation sets share a name (%s): XGBoost logs their metrics under it one after the "
                 "other; the last such set's %s are captured, the others' not; give each set a name of its own",
-                ", ".join(map(repr, self._shared)),
+                ", ".join(map(repr, shared)),
                 ", ".join(of_last),
             )
         for name in dict.fromkeys(name for _, name in evals if name in self._empty):

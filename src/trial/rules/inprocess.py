@@ -433,11 +433,15 @@ class InProcessRunner:
     def __init__(self, hook: SavingHook) -> None:
         self.trial = MemoryTrial(hook)
         self.rules: list[Rule] = []
+        self._fired: dict[int, list[int]] = {}  # id of a rule -> the steps it fired at under this hook
 
     def add(self, rule: Rule) -> None:
-        """Evaluate ``rule`` from the next saved step on."""
+        """Evaluate ``rule`` from the next saved step on (again, if an earlier hook's training switched it off:
+        :attr:`Rule.switched_off` is of the last training)."""
         rule.base_trial = self.trial
+        rule.switched_off = None
         self.rules.append(rule)
+        self._fired[id(rule)] = []
         self.trial.keep = max(self.trial.keep, rule.history)
 
     def on_step(self, record: StepRecord) -> None:
@@ -451,7 +455,7 @@ class InProcessRunner:
         self.trial.training_ended = True
         self._evaluate(None, lambda rule: rule.invoke_end())
         for rule in self.rules:
-            if steps := rule.fired_steps:
+            if steps := self._fired[id(rule)]:
                 logger.warning(
                     "tensortap: rule %s fired at %d step(s) of this training, first at step %d, last at step %d",
                     rule.name,
@@ -483,7 +487,9 @@ class InProcessRunner:
                 )
                 continue
             if verdict.fired:
-                log = logger.warning if len(rule.fired_steps) == 1 else logger.debug
+                fired = self._fired[id(rule)]
+                fired.append(verdict.step)
+                log = logger.warning if len(fired) == 1 else logger.debug
                 log("tensortap: rule %s fired at step %d: %s", rule.name, verdict.step, verdict.reason)
                 for action in rule.actions:
                     self._act(action, rule, verdict)
