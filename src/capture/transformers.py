@@ -103,16 +103,29 @@ class TrainInterrupted(Exception):
 _HANDLER_CODES = frozenset(f.__code__ for f in vars(CallbackHandler).values() if inspect.isfunction(f))
 
 
+def _handler_frame(frame: FrameType | None) -> FrameType | None:
+    """The innermost frame of the Trainer's ``CallbackHandler`` at or above ``frame``: the one running the event
+    being handled; None when no ``CallbackHandler`` runs it (the callback's methods called by hand)."""
+    while frame is not None and frame.f_code not in _HANDLER_CODES:
+        frame = frame.f_back
+    return frame
+
+
 def _dispatcher() -> tuple[int, CodeType] | None:
     """The frame (its id and code) that has the Trainer's ``CallbackHandler`` run the event being handled: at
     ``on_train_begin``, the training loop, on the stack until ``train()`` returns or raises. None when no
     ``CallbackHandler`` runs it."""
-    frame: FrameType | None = sys._getframe(1)
-    while frame is not None and frame.f_code not in _HANDLER_CODES:
-        frame = frame.f_back
+    frame = _handler_frame(sys._getframe(1))
     while frame is not None and frame.f_code in _HANDLER_CODES:
         frame = frame.f_back
     return None if frame is None else (id(frame), frame.f_code)
+
+
+def _handler() -> CallbackHandler | None:
+    """The ``CallbackHandler`` running the event being handled (one per ``Trainer``); None when none does."""
+    frame = _handler_frame(sys._getframe(1))
+    handler = None if frame is None else frame.f_locals.get("self")
+    return handler if isinstance(handler, CallbackHandler) else None
 
 
 def _running(at: tuple[int, CodeType]) -> bool:
@@ -211,8 +224,8 @@ class Callback(TrainerCallback):
         self._rules = RuleSet(check_rules(hook_kwargs.get("rules")))
         self._run_rules = self._rules.for_new_run()  # the rules of this run
         self._if_exists: str | None = None  # "new_run" once another model's steps went to the trial's next run
-        # the model of the last event and its name (_one_model_a_run)
-        self._model: tuple[weakref.ref[torch.nn.Module], str] | None = None
+        # the model of the last event, its name, and the CallbackHandler of its Trainer (_one_model_a_run)
+        self._model: tuple[weakref.ref[torch.nn.Module], str, weakref.ref[CallbackHandler] | None] | None = None
         self._training = False  # between on_train_begin and on_train_end, or the train() after it that raised
         self._loop: tuple[int, CodeType] | None = None  # the training loop of that train() (_dispatcher)
         self._raised: str | None = None  # the train() before raised: the run's end reason is exception
@@ -250,15 +263,20 @@ class Callback(TrainerCallback):
     def _one_model_a_run(self, model: torch.nn.Module) -> tuple[str, str, str] | None:
         """Before an event of ``model``: a run holds the steps of one model, as with the Keras callback.
 
-        Where the run holds steps of another model (the callback given to the Trainers of two models: a
-        notebook's next experiment, a loop over configurations), it is closed, and the next one is the trial's
-        next run (``out_dir/run-<n>``; with ``if_exists`` given, as that says), judged by fresh copies of the
-        rules, its steps numbered as a first ``train()``'s. Returns the other model, the folder of its run and
-        ``model``, described for the warning; else None.
+        Where the run holds steps of another model of another Trainer (the callback given to the Trainers of
+        two models: a notebook's next experiment, a loop over configurations), it is closed, and the next one is
+        the trial's next run (``out_dir/run-<n>``; with ``if_exists`` given, as that says), judged by fresh copies
+        of the rules, its steps numbered as a first ``train()``'s. The same Trainer's new model (``model_init``
+        makes one at each ``train()``: a resumed one, a hyperparameter search) goes on in the run. Returns the
+        other model, the folder of its run and ``model``, described for the warning; else None.
         """
-        last, self._model = self._model, (weakref.ref(model), _described(model))
+        handler = _handler()
+        last = self._model
+        self._model = (weakref.ref(model), _described(model), None if handler is None else weakref.ref(handler))
         held = self.hook if self.hook is not None else self._previous
         if last is None or last[0]() is model or held is None or held.step < 0:
+            return None
+        if handler is not None and last[2] is not None and last[2]() is handler:  # the same Trainer's
             return None
         earlier = (f"model {last[1]}", held.out_dir, f"another model {self._model[1]}")
         self.close()

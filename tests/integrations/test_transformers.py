@@ -542,6 +542,31 @@ def test_gradients_are_saved_only_of_the_parameters_the_optimizer_updates(tmp_pa
     )
 
 
+def test_a_trainer_with_model_init_keeps_its_new_models_in_one_run(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Review of hunt 46 F2: a Trainer built with ``model_init`` (a hyperparameter search, a reproducible re-init)
+    makes a new model at each ``train()``: its baseline ``evaluate()`` then ``train()`` went to two runs, the
+    training to ``run-0`` with a warning to give each model a callback of its own. The same Trainer's calls go
+    on in one run."""
+    out = tmp_path / "trial"
+    trainer = transformers.Trainer(
+        model_init=lambda: tiny_bert(16),
+        args=arguments(tmp_path, max_steps=2),
+        train_dataset=Rows(32, 0),
+        eval_dataset=Rows(16, 1),
+        callbacks=[tth.Callback(out, save_config=EVERY_STEP)],
+    )
+    with caplog.at_level("WARNING", logger="tensortap"):
+        trainer.evaluate()  # the baseline, of the model made at construction
+        trainer.train()  # model_init again
+        trainer.evaluate()
+    assert "next run" not in caplog.text
+    assert not list(out.glob("run-*"))
+    trial = tensortap.create_trial(out)
+    assert trial.steps(mode=Mode.TRAIN) == [0, 1] and trial.steps(mode=Mode.EVAL) == [0, 1]
+
+
 def test_a_callback_given_to_the_trainers_of_two_models_writes_the_trials_next_run(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
