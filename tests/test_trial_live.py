@@ -552,3 +552,23 @@ def test_an_index_record_listed_before_its_shard_waits_for_it(
         "tensortap: skipping shards/worker_0/0000000004.h5: not found, though its index record "
         "index/worker_0/0000000004.json lists it, holding step 4"
     ], warned
+
+
+def test_wait_for_steps_after_the_run_was_resumed_looks_again(tmp_path: Path) -> None:
+    """Review of hunt 49 F4: ``wait_for_steps`` returns at once for steps it knows passed, without asking the
+    storage; a trial read as ended counts every step as passed, so a step past its end raised ``NoMoreData``
+    from that view though the run had been resumed since (``Writer(run_id=...)``, as the Transformers and
+    Lightning callbacks go on with a run). A step past the end known is looked for again."""
+    first = Writer(tmp_path)
+    run_steps(first, 3, value=lambda _, s: float(s))
+    first.close()
+    trial = tensortap.create_trial(tmp_path)
+    assert trial.training_ended and trial.steps() == [0, 1, 2]
+    resumed = Writer(tmp_path, run_id=first.run_id)
+    run_steps(resumed, 3, value=lambda _, s: float(s))
+    resumed.flush()
+    trial.wait_for_steps([4], timeout=30)
+    assert 4 in trial.steps()
+    resumed.close()
+    with pytest.raises(NoMoreData):
+        trial.wait_for_steps([9], timeout=30)

@@ -812,6 +812,8 @@ class Hook(metaclass=_HookClass):
         """At the close: one warning for each collection a rule asked for that the hook does not define and no
         tensor was given to (a misspelled ``collection_names=["losses", "gradiants"]``): the rule judged the
         others alone, without a word (an offline run says it lacks that input)."""
+        if not self.enabled or not self._plans:  # no step saved here: nothing to tell of one collection
+            return
         offered = {c for _, collections, *_ in self._plans for c in collections}
         for name in sorted(self._rule_named - offered):
             hint = suggest(name, set(self.collections) - self._rule_named).removeprefix("; ")

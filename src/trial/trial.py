@@ -526,7 +526,8 @@ class Trial:
         pending = sorted(set(steps))
         refreshed = False
         while True:
-            pending = [s for s in pending if not self._passed(s, m)]  # as known: a silent storage holds no step known
+            # as known: a silent storage holds no step known; past an end known, the run may have been resumed
+            pending = [s for s in pending if not self._passed(s, m) or self._past_end(s, m)]
             if not pending:
                 break
             if refreshed:

@@ -311,6 +311,30 @@ def test_a_misspelled_collection_a_rule_asks_for_is_warned_about_at_the_close(
     assert rule.evaluated_steps == 2
 
 
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"rank": 1, "world_size": 2, "include_workers": "one"}, {"save_config": SaveConfig(start_step=10)}],
+    ids=["a rank that saves nothing", "no step saved"],
+)
+def test_a_hook_that_saved_no_step_names_no_collection_a_rule_asked_for(
+    tmp_path: Path, torch_one_thread: None, caplog: pytest.LogCaptureFixture, kwargs: dict[str, Any]
+) -> None:
+    """Review of the warning above: a rank that saves nothing (``include_workers="one"``) and a hook that saved no
+    step named a collection the training gave tensors to at every step as one no tensor was given to."""
+    model, opt = _linear()
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        hook = ttt.capture(model, tmp_path, optimizer=opt, rules=[ExplodingTensor(collection_names=["mine"])], **kwargs)
+        x, y = torch.randn(8, 4), torch.randn(8, 1)
+        for _ in range(4):
+            opt.zero_grad()
+            loss = ((model(x) - y) ** 2).mean()
+            hook.save_tensor("extra", np.ones(2), collections=["mine"])
+            loss.backward()
+            opt.step()
+        hook.close()
+    assert "a rule asked for collection" not in caplog.text
+
+
 # ------------------------------------------------------- runs and copies
 def test_a_reused_xgboost_callback_judges_each_new_run_from_scratch(tmp_path: Path) -> None:
     """The second xgb.train with the same callback went on with the first run's rule state and was stopped
