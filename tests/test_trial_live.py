@@ -572,3 +572,30 @@ def test_wait_for_steps_after_the_run_was_resumed_looks_again(tmp_path: Path) ->
     resumed.close()
     with pytest.raises(NoMoreData):
         trial.wait_for_steps([9], timeout=30)
+
+
+def test_a_shard_folder_that_cannot_be_listed_says_what_follows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review of hunt 49 F1: the shard folder of a running worker is listed to hold records whose shards have not
+    shown yet; one that could not be listed (root runs these tests: the error is injected) was reported with the
+    index folders' words, "what it holds is not read", though every step of it was read."""
+    writer = Writer(tmp_path, shard_policy=ShardPolicy(max_steps=1))
+    run_steps(writer, 2, value=lambda _, s: float(s))
+    writer.flush()
+    trial = tensortap.create_trial(tmp_path, refresh_interval=3600)
+    listed = LocalStorage.list
+
+    def refused(self: LocalStorage, folder: str) -> list[str]:
+        if folder.startswith("shards/"):
+            raise PermissionError(13, "Permission denied", folder)
+        return listed(self, folder)
+
+    monkeypatch.setattr(LocalStorage, "list", refused)
+    run_steps(writer, 1, value=lambda _, s: float(s))
+    writer.flush()
+    trial.refresh()
+    assert trial.steps() == [0, 1, 2]
+    [(folder, why)] = trial.problems().items()
+    assert folder == "shards/worker_0" and why.endswith("its index records are read without waiting for their shards")
+    writer.close()

@@ -1203,11 +1203,16 @@ class TrialIndex:
         if refusal is not None:
             self._warn_bad(key, refusal, skipped=False)
 
-    def _listings(self, listings: Sequence[tuple[Callable[[str], _T], str]], empty: _T) -> list[_T]:
+    def _listings(
+        self,
+        listings: Sequence[tuple[Callable[[str], _T], str]],
+        empty: _T,
+        unlisted: str = "what it holds is not read",
+    ) -> list[_T]:
         """What each ``(list, folder)`` of ``listings`` gives (a storage listing of a folder): on remote
         storage, made at once. A folder that cannot be listed (no permission, a link loop) gives ``empty``,
-        with a warning naming it (its records are read once it can be); a failure of the storage
-        (:data:`~tensortap.backends.storage.STORAGE_FAILURES`) is raised."""
+        with a warning naming it and what follows (``unlisted``; its records are read once it can be); a
+        failure of the storage (:data:`~tensortap.backends.storage.STORAGE_FAILURES`) is raised."""
         calls = [functools.partial(listing, folder) for listing, folder in listings]
         done = [_ran(call) for call in calls] if self.storage.is_local else at_once(calls, "list")
         out = []
@@ -1218,7 +1223,7 @@ class TrialIndex:
                 continue
             if isinstance(exc, STORAGE_FAILURES) or not isinstance(exc, OSError):
                 raise exc
-            self._warn_bad(folder, f"the folder cannot be listed ({exc}); what it holds is not read")
+            self._warn_bad(folder, f"the folder cannot be listed ({exc}); {unlisted}")
             out.append(empty)
         return out
 
@@ -1259,7 +1264,8 @@ class TrialIndex:
         """The names in the shard folder of each of ``workers`` (on remote storage, listed at once); a folder
         that cannot be listed is left out, with a warning naming it (:meth:`_listings`)."""
         named = sorted(set(workers))
-        listed = self._listings([(self.storage.list, f"{layout.SHARDS}/{w}") for w in named], None)
+        unlisted = "its index records are read without waiting for their shards"
+        listed = self._listings([(self.storage.list, f"{layout.SHARDS}/{w}") for w in named], None, unlisted)
         return {w: set(names) for w, names in zip(named, listed, strict=True) if names is not None}
 
     def _add_held(self, shards: Mapping[str, set[str]]) -> None:
