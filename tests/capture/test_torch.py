@@ -623,6 +623,20 @@ def test_compiled_module_warns_at_registration(tmp_path: Path) -> None:
     assert compiled.fc1 is not None
 
 
+def test_a_module_compiled_in_place_is_named_so_in_the_warning(tmp_path: Path) -> None:
+    """hunt 50 F1: ``model.compile()`` (in place: its calls, hooks included, run compiled) before registration:
+    its forwards are unseen (no outputs, no EVAL steps), and the warning said it was compiled "after
+    register_module()", advising to register ``torch.compile(model)``, which the user thought was done."""
+    model = MLP()
+    model.compile()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with ttt.capture(model, tmp_path, optimizer=opt, save_config=EVERY_STEP, include_collections=["outputs"]):
+        with pytest.warns(UserWarning, match=r"compiled in place with its compile\(\) method") as caught:
+            model(torch.randn(2, 6)).sum().backward()
+            opt.step()
+    assert not any("after register_module" in str(w.message) for w in caught)
+
+
 def test_a_compiled_submodule_is_named_as_the_module_inside(tmp_path: Path) -> None:
     """``model.fc1 = torch.compile(model.fc1)`` gave ``fc1._orig_mod.weight``: a model compiled whole is named
     without ``_orig_mod.``, and so is one compiled part by part (as the Lightning and Transformers adapters)."""

@@ -1378,13 +1378,16 @@ class Hook(core.Hook):
             how, what = "exported with torch.export", "the exported program's runs are not captured"
         elif torch.jit.is_tracing():
             how, what = "traced with torch.jit.trace", "the traced module's forwards are not seen"
+        elif getattr(inner, "_compiled_call_impl", None) is not None:  # nn.Module.compile(): in place, hooks within
+            how, what = "compiled in place with its compile() method", "its forwards are not seen"
         else:
             how, what = "compiled with torch.compile after register_module()", "its forwards are no longer seen"
         if how in self._warned_unseen:
             return
         self._warned_unseen.add(how)
         advice = (
-            "Register the compiled module instead: hook.register_module(torch.compile(model))"
+            "Register the module torch.compile returns instead (model = torch.compile(model), not model.compile()): "
+            "hook.register_module(torch.compile(model))"
             if how.startswith("compiled")
             else "The forwards of the tracer are not training calls and are not captured either; train the "
             "module itself to capture its outputs"
