@@ -2507,6 +2507,36 @@ def test_fsdp_fully_shard_training_is_never_stopped_by_capture(
         dist.destroy_process_group()
 
 
+def test_zero_redundancy_optimizer_state_is_saved(tmp_path: Path) -> None:
+    """hunt 50 F3: a ``ZeroRedundancyOptimizer`` keeps the state of its rank's partition in the optimizer it wraps
+    (``.optim``); its own ``state`` stays empty, so ``optimizer_variables`` held nothing, without a word."""
+    dist = torch.distributed
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        model = _mlp()
+        opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.Adam, lr=0.01)
+        hook = ttt.capture(
+            model, tmp_path, optimizer=opt, save_config=EVERY_STEP, include_collections=["optimizer_variables"]
+        )
+        _train(model, opt, steps=2, seed=6)
+        hook.close()
+    finally:
+        dist.destroy_process_group()
+    trial = _trial(tmp_path)
+    names = trial.tensor_names(collection="optimizer_variables")
+    assert "optimizer/0.weight/exp_avg" in names
+    np.testing.assert_array_equal(
+        _value(trial, "optimizer/0.weight/exp_avg", 1), opt.optim.state[model[0].weight]["exp_avg"].numpy()
+    )
+
+
 def test_a_lazy_module_registered_before_its_first_forward(tmp_path: Path) -> None:
     """nn.LazyLinear registered before its first forward, trained without an optimizer: register_module
     raised (a gradient hook on an uninitialized parameter). Its gradients are saved from the first step."""

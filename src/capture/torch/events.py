@@ -81,7 +81,7 @@ import threading
 import warnings
 import weakref
 from collections import deque
-from collections.abc import Callable, Container, Iterator, Sequence
+from collections.abc import Callable, Container, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import CodeType, FrameType
 from typing import Any
@@ -179,6 +179,13 @@ def _called(module: nn.Module) -> nn.Module:
     if isinstance(inner, nn.Module) and isinstance(getattr(module, "_original_module", None), nn.Module):
         return inner
     return module
+
+
+def _state(optimizer: torch.optim.Optimizer) -> Mapping[Any, Mapping[str, Any]]:
+    """The per-parameter state of ``optimizer``: its ``state``, or that of the optimizer of this rank's partition
+    for a ``ZeroRedundancyOptimizer`` (``.optim``), whose own ``state`` stays empty."""
+    inner = getattr(optimizer, "optim", None)
+    return inner.state if isinstance(inner, torch.optim.Optimizer) and not optimizer.state else optimizer.state
 
 
 def _compiled(module: nn.Module) -> bool:
@@ -1224,7 +1231,7 @@ class Hook(core.Hook):
         s.offer_many((f"gradients/{name}", g.applied(), ("gradients",)) for name, g in self._grad_stash.items())
         if s.saving("optimizer_variables"):
             for att in self._optimizers:
-                for p, state in att.optimizer.state.items():
+                for p, state in _state(att.optimizer).items():
                     pname = self._param_ids.get(id(p))
                     if pname is None:
                         continue
