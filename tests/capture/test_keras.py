@@ -587,6 +587,40 @@ def test_a_second_fit_with_partial_executions_is_not_taken_for_a_restore(
     assert tensortap.create_trial(tmp_path).steps(mode=Mode.TRAIN) == list(range(8))
 
 
+def test_gradient_accumulation_counts_batches_not_updates(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """hunt 51 F1/F2: with ``gradient_accumulation_steps=2`` Keras's ``iterations`` counts updates, one every two
+    batches: a fit resumed with a new callback after 6 batches numbered its steps from 3 (the first run's steps
+    again), and a second fit with the same callback warned that the iterations "went back"."""
+    keras.utils.set_random_seed(1)
+    model = mlp()
+    model.compile(optimizer=keras.optimizers.SGD(LR, gradient_accumulation_steps=2), loss="mse")
+    kw: dict[str, Any] = {"save_config": EVERY_STEP, "include_collections": ["losses"]}
+    same = ttk.Callback(tmp_path / "a", close_on_train_end=False, **kw)
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        for _ in range(2):
+            model.fit(X, Y, batch_size=BATCH, epochs=1, shuffle=False, callbacks=[same], verbose=0)
+    same.close()
+    assert "went back" not in caplog.text
+    assert tensortap.create_trial(tmp_path / "a").steps(mode=Mode.TRAIN) == list(range(6))
+    resumed = ttk.Callback(tmp_path / "b", **kw)
+    model.fit(X, Y, batch_size=BATCH, epochs=2, initial_epoch=1, shuffle=False, callbacks=[resumed], verbose=0)
+    assert tensortap.create_trial(tmp_path / "b").steps(mode=Mode.TRAIN) == [6, 7, 8]
+
+
+def test_a_loss_scale_factor_is_taken_out_of_the_gradients(tmp_path: Path) -> None:
+    """hunt 51 F4: ``optimizer(loss_scale_factor=128)`` scales the loss and ``apply`` divides the gradients by it:
+    the saved gradients were 128 times those applied."""
+    keras.utils.set_random_seed(1)
+    model = mlp()
+    model.compile(optimizer=keras.optimizers.SGD(LR, loss_scale_factor=128.0), loss="mse")
+    before = numpy_weights(model)
+    cb = ttk.Callback(tmp_path, save_config=EVERY_STEP, include_collections=["gradients"])
+    model.fit(X[:BATCH], Y[:BATCH], batch_size=BATCH, epochs=1, shuffle=False, callbacks=[cb], verbose=0)
+    applied = (before[0] - numpy_weights(model)[0]) / LR
+    saved = tensortap.create_trial(tmp_path).tensor("gradients/dense/kernel").value(0, mode=Mode.TRAIN)
+    np.testing.assert_allclose(saved, applied, rtol=1e-3, atol=1e-6)
+
+
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="XLA's static shapes matter for TensorFlow's variables")
 def test_xla_with_a_partial_batch_keeps_every_value(tmp_path: Path) -> None:
     # 40 rows in batches of 16: Keras traces with an unknown batch dimension; the values

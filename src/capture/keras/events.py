@@ -491,7 +491,7 @@ class Callback(keras.callbacks.Callback):
         """
         model = self._model
         optimizer, last = getattr(model, "optimizer", None), self._keras_lead
-        iterations = None if optimizer is None else int(keras.ops.convert_to_numpy(optimizer.iterations))
+        iterations = None if optimizer is None else _applied(optimizer)
         n = max(int(model.steps_per_execution), 1)
         done = _steps_done(iterations or 0, n, self._epoch, (self.params or {}).get("steps"))
         if Mode.TRAIN not in self.hook.mode_steps:
@@ -1350,12 +1350,14 @@ class Callback(keras.callbacks.Callback):
             if taps and self._in.mode == Mode.TRAIN:
                 self._note_apply(optimizer)
                 variables = trainable_variables if trainable_variables is not None else optimizer._trainable_variables
+                scale = getattr(optimizer, "loss_scale_factor", None)  # apply divides the gradients by it
                 self._tap(
                     "gradients",
                     [
-                        (Slot(f"gradients/{self._variable_name(v)[0]}"), g)
+                        (Slot(f"gradients/{self._variable_name(v)[0]}"), g if scale is None else g / scale)
                         for g, v in zip(grads, variables, strict=True)
-                        if g is not None
+                        # a variable overwritten with its "gradient" (float8 scales, amax histories): no gradient
+                        if g is not None and not getattr(v, "overwrite_with_gradient", False)
                     ],
                 )
             return apply(grads, trainable_variables)
@@ -1589,6 +1591,13 @@ def _on_host(extras: dict[str, Any]) -> dict[str, Any]:
     if BACKEND == "jax" and jax.default_backend() != "cpu":
         return dict(jax.device_get(extras))
     return extras
+
+
+def _applied(optimizer: Any) -> int:
+    """The optimizer's ``apply`` calls, one per execution of a ``fit``: its ``iterations``, which with
+    ``gradient_accumulation_steps=N`` counts its updates, one every N calls (its own count of calls then)."""
+    counter = optimizer._iterations if getattr(optimizer, "gradient_accumulation_steps", None) else optimizer.iterations
+    return int(keras.ops.convert_to_numpy(counter))
 
 
 def _steps_done(iterations: int, n: int, epoch: int | None, steps: int | None) -> int:
