@@ -599,9 +599,7 @@ def _mode_step_text(trial: Trial, step: int) -> str:
 def _show_steps(tensor: Any, mode: Mode | None, worker: str | None) -> list[int]:
     """The steps ``show`` prints without ``--step``: those of ``mode`` (every step without), those that
     ``worker`` saved when it is given; :class:`TensorUnavailableForStep` saying why when there are none."""
-    steps = tensor.steps(mode)
-    if worker is not None:
-        steps = [s for s in steps if worker in tensor.workers(s, mode)]
+    steps = tensor.steps(mode, worker)  # an unknown worker: UnknownName
     if steps:
         return steps
     where = f"no {step_word(mode)}"
@@ -652,6 +650,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     ``skipped_steps``. One ``--step`` that cannot be read, or no step readable at all, is an error; for
     ``--step`` the error alone names the shard and why (:func:`_shard_named_once`).
     """
+    if args.full and args.reduction:
+        logger.warning("tensortap show: --reduction shows one number a step: --full ignored")
     trial = open_trial(args)
     tensor = trial.tensor(args.name)
     mode = Mode.parse(args.mode) if args.mode else None

@@ -241,10 +241,19 @@ def build_rules(specs: Sequence[str], trial: Any) -> list[Rule]:
 def run(args: argparse.Namespace) -> int:
     """Run the ``rules`` subcommand; return the exit status."""
     if args.list:
-        if ignored := [what for what, given in (("PATH", args.path), ("--rule", args.rule)) if given]:
+        given = (
+            ("PATH", args.path),
+            ("--rule", args.rule),
+            ("--follow", args.follow),
+            ("--stop-training", args.stop_training),
+            ("--start-step", args.start_step is not None),
+            ("--end-step", args.end_step is not None),
+            ("--idle-timeout", args.idle_timeout is not None),
+        )
+        if ignored := [what for what, is_given in given if is_given]:
             logger.warning(
                 "tensortap rules: --list lists the built-in rules and reads no trial: %s ignored",
-                " and ".join(ignored),
+                ", ".join(ignored),
             )
         return _list(args.json)
     if not args.path:
@@ -252,6 +261,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.rule:
         raise UsageError(f"give at least one --rule; built-in rules: {', '.join(BUILTIN_RULES)}")
     _check_options(args)
+    if args.idle_timeout is not None and not args.follow:
+        logger.warning("tensortap rules: --idle-timeout is for --follow (a run that waits for steps): ignored")
     trial = open_trial(args, wait=args.follow, timeout=args.idle_timeout)
     rules = build_rules(args.rule, trial)  # a bad spec: exit 2 (with --json, the error object)
     actions = [StopTraining()] if args.stop_training else []

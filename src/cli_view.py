@@ -21,15 +21,27 @@ from .modes import Mode
 X_CHOICES = ("step", "global_step", "time")
 
 
-def _check_output(path: str, suffixes: Sequence[str]) -> None:
-    """Check ``-o`` before any work (:func:`~tensortap.trial.export.check_output`): a suffix not among
-    ``suffixes`` is a usage error (exit 2)."""
+def _check_output(
+    path: str, suffixes: Sequence[str], *, stdout: bool = False, storage_options: dict[str, Any] | None = None
+) -> None:
+    """Check ``-o`` before any work (:func:`~tensortap.trial.export.check_output`, a URL's storage reached with
+    ``storage_options``): a suffix not among ``suffixes`` is a usage error (exit 2)."""
     from .trial.export import check_output
 
     try:
-        check_output(path, suffixes)
+        check_output(path, suffixes, stdout=stdout, storage_options=storage_options)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+
+
+def _output_options(args: argparse.Namespace, path: str, output: str) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """``--storage-options`` for the trial at ``path`` (None: all of them, refused by a local trial) and for the
+    output file or folder ``output``: where that is a URL (``s3://``), each of the two that is a URL gets them."""
+    from .backends.registry import is_local_path
+
+    if output == "-" or is_local_path(output):
+        return None, {}
+    return _run_options(path, args.storage_options), args.storage_options
 
 
 def _trial(args: argparse.Namespace, path: str, storage_options: dict[str, Any] | None = None) -> Any:
@@ -54,7 +66,7 @@ def _wrote(args: argparse.Namespace, result: dict[str, Any], text: str) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     """Export reductions of every tensor to CSV/Parquet (or JSON), or the trial to TensorBoard event files."""
     from .cli import print_json, printable
-    from .trial.export import export_table, export_tensorboard
+    from .trial.export import TABLE_SUFFIXES, export_table, export_tensorboard
 
     targets = list(args.path)
     if targets[0] == "tensorboard" and len(targets) == 3:
@@ -63,21 +75,33 @@ def cmd_export(args: argparse.Namespace) -> int:
             raise UsageError(
                 f"-o/--output is for tables (CSV, Parquet); `export tensorboard` writes into LOGDIR ({logdir})"
             )
-        trial = _trial(args, path)
-        counts = export_tensorboard(trial, logdir, reductions=args.reduction or None, collection=args.collection)
+        trial_options, out_options = _output_options(args, path, logdir)
+        trial = _trial(args, path, trial_options)
+        counts = export_tensorboard(
+            trial, logdir, reductions=args.reduction or None, collection=args.collection, storage_options=out_options
+        )
         text = f"wrote {counts['scalars']} scalars and {counts['histograms']} histograms to {logdir}"
         return _wrote(args, {"path": path, "logdir": logdir, **counts}, text)
     if len(targets) != 1:
         raise UsageError("expected PATH, or `tensorboard PATH LOGDIR`")
-    trial = _trial(args, targets[0])
-    reductions = args.reduction or None
     args.output = "-" if args.output is None else args.output
+    trial_options, out_options = _output_options(args, targets[0], args.output)
+    _check_output(args.output, TABLE_SUFFIXES, stdout=True, storage_options=out_options)
+    trial = _trial(args, targets[0], trial_options)
+    reductions = args.reduction or None
     if args.output == "-" and args.json:
         df = trial.to_pandas(collection=args.collection, reductions=reductions, exact_ints=True)
         print_json({"path": targets[0], "row_count": len(df), "rows": df.to_dict(orient="records")})
         return 0
     escape = printable if args.output == "-" and sys.stdout.isatty() else None
-    rows = export_table(trial, args.output, reductions=reductions, collection=args.collection, escape=escape)
+    rows = export_table(
+        trial,
+        args.output,
+        reductions=reductions,
+        collection=args.collection,
+        escape=escape,
+        storage_options=out_options,
+    )
     if args.output == "-":
         return 0
     return _wrote(
@@ -110,13 +134,14 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from .trial.compare import Comparison
     from .trial.plot import IMAGE_SUFFIXES, curves_axis, plot_tensors, save_plot
 
-    _check_output(args.output, IMAGE_SUFFIXES)
+    out_options = _run_options(args.output, args.storage_options)
+    _check_output(args.output, IMAGE_SUFFIXES, storage_options=out_options)
     runs = [args.path]
     names: list[str] = []
     for item in args.items:  # runs first; an item that is not a trial is a tensor name
         (runs if not names and _is_trial(item, args.storage_options) else names).append(item)
-    # --storage-options are for the URLs among the runs; where there is none, every run refuses them (exit 2)
-    remote = not all(map(is_local_path, runs))
+    # --storage-options are for the URLs among the runs and -o; where there is none, every run refuses them (exit 2)
+    remote = not all(map(is_local_path, [*runs, args.output]))
     comparison = Comparison([_trial(args, r, _run_options(r, args.storage_options) if remote else None) for r in runs])
     names += [n for n in comparison.tensor_names(regex=args.regex) if n not in names] if args.regex else []
     if not names:
@@ -125,7 +150,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     mode = Mode.parse(args.mode) if args.mode else None
     x = args.x or curves_axis(comparison.trials, names, mode)
     plot_tensors(comparison.trials, names, args.reduction, mode, ax=ax, logy=args.logy, x=x, labels=comparison.labels)
-    save_plot(ax, args.output)
+    save_plot(ax, args.output, out_options)
     text = f"wrote {args.output} ({len(names)} tensor(s), {len(runs)} run(s), against the {x.replace('_', ' ')})"
     return _wrote(args, {"runs": runs, "tensors": names, "output": args.output, "x": x}, text)
 
@@ -137,11 +162,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .cli_rules import build_rules, run_problem
     from .trial.report import REPORT_SUFFIXES, default_rules, write_report
 
-    _check_output(args.output, REPORT_SUFFIXES)  # a wrong suffix, a folder that is a file or missing: exit 2
-    trial = _trial(args, args.path)
+    trial_options, out_options = _output_options(args, args.path, args.output)
+    # a wrong suffix, a folder that is a file or missing, a URL's storage that cannot be reached: exit 2
+    _check_output(args.output, REPORT_SUFFIXES, storage_options=out_options)
+    trial = _trial(args, args.path, trial_options)
     rules = args.rule or list(default_rules(trial))
     build_rules(rules, trial)  # an unknown rule or parameter: exit 2 (as `rules`) before anything is written
-    ran = write_report(trial, args.output, rules=rules)
+    ran = write_report(trial, args.output, rules=rules, storage_options=out_options)
     problem = run_problem(trial, ran) if ran else None  # none ran: the page says why its rules were not drawn
     if problem is not None and not args.rule and any(r.evaluated_steps for r in ran):
         problem = None  # of the default set, the rules that could judge did: the page says which could not

@@ -1145,12 +1145,64 @@ def test_export_tensorboard_into_a_folder_of_an_earlier_export_is_refused(trial_
     assert (tmp_path / "runs" / "train").is_dir()
 
 
+@pytest.mark.parametrize("scheme", ["file", "memory"])
+def test_export_tensorboard_into_a_url_of_an_earlier_export_is_refused_and_writes_nothing_beside(
+    trial_dir: Path, tmp_path: Path, scheme: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """hunt 52 F2: into a URL LOGDIR (``file://``, ``memory://``, ``s3://``) a second export was not refused (the
+    earlier event files were looked for with ``os.scandir`` of the URL, which never exists): TensorBoard drew every
+    point twice. A ``file://`` LOGDIR also left empty folders ``./file:/...`` in the current folder (tensorboardX
+    made them). The URL is listed through its storage and refused as a local LOGDIR; nothing is made elsewhere."""
+    pytest.importorskip("tensorboardX")
+    import fsspec
+
+    from tensortap.cli import main
+
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    logdir = f"file://{tmp_path}/tb" if scheme == "file" else f"memory://{tmp_path.name}-f2/tb"
+    fs, root = fsspec.core.url_to_fs(logdir)
+    assert main(["export", "tensorboard", str(trial_dir), logdir]) == 0
+    capsys.readouterr()
+    before = sorted(fs.find(root))
+    assert before and all("/train/events.out.tfevents." in p for p in before)
+    assert main(["export", "tensorboard", str(trial_dir), logdir, "--json"]) == 2
+    error = strict_json(capsys.readouterr().out)["error"]
+    assert f"{logdir} holds event files already ({logdir}/train/events.out.tfevents." in error["message"]
+    assert sorted(fs.find(root)) == before
+    assert list(cwd.iterdir()) == []
+
+
 def test_rules_list_says_that_it_ignores_a_path(trial_dir: Path) -> None:
     """``rules PATH --list`` listed the built-in rules and ignored PATH without a word."""
     result = cli("rules", str(trial_dir), "--list", "--json")
     assert result.returncode == 0 and strict_json(result.stdout)[0]["name"]
     assert result.stderr == ("tensortap rules: --list lists the built-in rules and reads no trial: PATH ignored\n")
     assert cli("rules", "--list").stderr == ""
+
+
+def test_options_that_do_nothing_together_are_named_and_slips_of_hunt_52(trial_dir: Path, tmp_path: Path) -> None:
+    """hunt 52 F5 and F7: ``rules --idle-timeout`` without ``--follow``, ``rules --list`` with ``--follow``,
+    ``--stop-training`` or a step option, and ``show --reduction --full`` were taken and ignored without a word:
+    each is now named in a warning, as ``--list PATH`` was. ``export -o x.txt`` was kind ``input`` (``report``'s
+    and ``plot``'s ``usage``), and ``rules --follow`` that stopped waiting before any step said "at step -1"."""
+    result = cli("rules", str(trial_dir), "--rule", "exploding_tensor", "--idle-timeout", "5")
+    assert result.returncode == 1  # it fired: the trial holds NaN
+    assert "tensortap rules: --idle-timeout is for --follow (a run that waits for steps): ignored\n" in result.stderr
+    result = cli("rules", "--list", "--follow", "--stop-training", "--start-step", "3")
+    assert result.returncode == 0 and result.stderr == (
+        "tensortap rules: --list lists the built-in rules and reads no trial: "
+        "--follow, --stop-training, --start-step ignored\n"
+    )
+    result = cli("show", str(trial_dir), "losses/loss", "--step", "2", "--reduction", "mean", "--full")
+    assert result.returncode == 0
+    assert result.stderr == "tensortap show: --reduction shows one number a step: --full ignored\n"
+    result = cli("export", str(trial_dir), "-o", str(tmp_path / "x.txt"), "--json")
+    assert result.returncode == 2 and strict_json(result.stdout)["error"]["kind"] == "usage"
+    (tmp_path / "empty").mkdir()
+    result = cli("rules", str(tmp_path / "empty"), "--rule", "exploding_tensor", "--follow", "--idle-timeout", "0")
+    assert "rules stop waiting before any step" in result.stderr and "step -1" not in result.stderr
 
 
 # ---------------------------------------------------- hunt 33 (M3, L1, L4, L6, L8, L9), hunt 31 (L2)
@@ -1209,6 +1261,32 @@ def test_show_of_a_tensor_whose_steps_wait_for_a_worker_says_so(tmp_path: Path) 
         "tensortap show: 'losses/loss' has no complete step yet: 3 saved steps wait for the other workers to "
         "write them (worker_1 has written nothing yet)\n"
     )
+
+
+def test_show_worker_shows_the_steps_it_saved_before_the_other_workers_and_knows_its_workers(
+    tmp_path: Path,
+) -> None:
+    """hunt 52 F1 and F6: ``show NAME --worker worker_1`` of a run whose rank 0 has not written yet said
+    "'losses/loss' has no step saved by worker 'worker_1'" (exit 2) while ``--step 1`` and the API's
+    ``values(worker="worker_1")`` read its steps: it listed the complete steps only. It shows every step the
+    worker saved, as the API. A worker the trial does not have was "no step saved by worker" (kind ``input``),
+    or with ``--step`` "did not save it": it is the API's unknown name with the closest names."""
+    with Writer(tmp_path, rank=1, world_size=2) as w:
+        for s in range(3):
+            with w.stepping():
+                w.save("losses/loss", np.float32(s), ["losses"])
+    result = cli("show", str(tmp_path), "losses/loss", "--worker", "worker_1")
+    assert (result.returncode, result.stdout) == (0, "step 0: 0\nstep 1: 1\nstep 2: 2\n"), result.stderr
+    loss = tensortap.create_trial(tmp_path).tensor("losses/loss")
+    assert loss.steps(worker="worker_1") == sorted(loss.values(worker="worker_1")) == [0, 1, 2]
+    assert loss.steps(mode="train", worker="worker_1") == [0, 1, 2]
+    for more in ([], ["--step", "1"]):
+        result = cli("show", str(tmp_path), "losses/loss", "--worker", "worker_9", *more, "--json")
+        error = strict_json(result.stdout)["error"]
+        assert result.returncode == 2 and error["kind"] == "unknown_name"
+        assert error["message"].startswith(f"no worker 'worker_9' in {tmp_path}; did you mean 'worker_1'")
+    with pytest.raises(UnknownName, match="no worker 'worker_9'"):
+        loss.value(0, worker="worker_9")
 
 
 def test_mode_in_any_case_and_as_any_integer(tmp_path: Path) -> None:

@@ -442,6 +442,12 @@ class Storage(abc.ABC):
     def exists(self, key: str = "") -> bool:
         """Return whether ``key`` (or the root, for ``""``) exists; never answers from a stale cache."""
 
+    def is_file(self, key: str = "") -> bool:
+        """Return whether ``key`` (or the root, for ``""``) is a file (on an object store: an object of that
+        name, even where objects below the prefix ``key/`` exist too). This default, for a backend that does
+        not tell: False."""
+        return False
+
     @abc.abstractmethod
     def list(self, prefix: str) -> Keys:
         """Return the names of files directly under folder ``prefix`` (sorted, no hidden names; [] if none)."""
@@ -721,6 +727,9 @@ class LocalStorage(Storage):
     def exists(self, key: str = "") -> bool:
         return self._path(key).exists()
 
+    def is_file(self, key: str = "") -> bool:
+        return self._path(key).is_file()
+
     def entries(self, prefix: str) -> tuple[Keys, Keys]:
         """The names of the files and of the folders under ``prefix``. One whose kind cannot be told (a
         link loop, a link through a folder that cannot be read) is in both, so that whoever reads it meets
@@ -994,6 +1003,14 @@ class FsspecStorage(Storage):
             return bool(self._ask("exists", path))
 
         return retried(f"looking for {path}", ask, attempts=1)
+
+    def is_file(self, key: str = "") -> bool:
+        path = self._path(key)
+        self.fs.invalidate_cache(path)
+        try:
+            return bool(self._ask("info", path).get("type") == "file")
+        except FileNotFoundError:
+            return False
 
     def _ls(self, path: str) -> Any:
         """``ls`` of ``path`` with details, asked again at once (twice at most) where it raises KeyError or

@@ -13,11 +13,12 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 
+from ..backends.registry import get_storage
 from ..crc32c import masked_crc32c, masked_crc32c_rows
 from ..modes import Mode
 from .progress import progress
@@ -83,7 +84,7 @@ def _tfrecords(records: list[bytes]) -> bytes:
 
 
 @contextlib.contextmanager
-def written_whole(path: str) -> Iterator[BinaryIO]:
+def written_whole(path: str, storage_options: Mapping[str, Any] | None = None) -> Iterator[BinaryIO]:
     """The file to write the output ``path`` to: a hidden one beside it (``.tensortap-<random>.partial``), made
     here (once, refused if the name exists), renamed to ``path`` when the block ends, removed when it raises
     (Ctrl-C, a full disk).
@@ -100,6 +101,8 @@ def written_whole(path: str) -> Iterator[BinaryIO]:
     ----------
     path
         The output file (``~`` expanded).
+    storage_options
+        For a URL: passed to its fsspec filesystem (s3fs's ``key``, ``secret``, ``client_kwargs``, ...).
 
     Yields
     ------
@@ -114,10 +117,11 @@ def written_whole(path: str) -> Iterator[BinaryIO]:
     if "://" in path:
         import fsspec
 
-        with tempfile.TemporaryFile() as local:
-            yield local
-            local.seek(0)
-            with fsspec.open(path, "wb") as remote:
+        with tempfile.TemporaryDirectory(prefix="tensortap-") as folder:
+            local_path = os.path.join(folder, "output")
+            with open(local_path, "wb") as file:  # the caller may close it (an event file does)
+                yield file
+            with open(local_path, "rb") as local, fsspec.open(path, "wb", **(storage_options or {})) as remote:
                 shutil.copyfileobj(local, remote)
         return
     target = os.path.realpath(os.path.expanduser(path))
@@ -189,18 +193,21 @@ class _EventFile:
     (docs/performance.md).
     """
 
-    def __init__(self, logdir: str, files: contextlib.ExitStack) -> None:
-        """Open the file (:func:`written_whole`: in place once ``files`` closes without an error) and close it
-        before ``files`` puts it in place; the folders made for it are removed where ``files`` closes on an
-        error (:func:`new_folders_removed_on_error`)."""
+    def __init__(
+        self, logdir: str, files: contextlib.ExitStack, storage_options: Mapping[str, Any] | None = None
+    ) -> None:
+        """Open the file (:func:`written_whole`, with ``storage_options`` for a URL: in place once ``files``
+        closes without an error) and close it before ``files`` puts it in place; the local folders made for it
+        are removed where ``files`` closes on an error (:func:`new_folders_removed_on_error`)."""
         from tensorboardX.proto.event_pb2 import Event
         from tensorboardX.record_writer import directory_check
 
         files.enter_context(new_folders_removed_on_error(logdir))  # after the file's removal on an error
-        directory_check(logdir)
+        if "://" not in logdir:  # it takes a scheme it does not know (file://) for a relative folder
+            directory_check(logdir)
         # tensorboardX's name: the time (seconds) and the host
         name = os.path.join(logdir, f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}")
-        self._file = files.enter_context(written_whole(name))
+        self._file = files.enter_context(written_whole(name, storage_options))
         files.callback(self.close)
         self._event = Event
         self._pending = [Event(wall_time=time.time(), file_version="brain.Event:2").SerializeToString()]
@@ -225,19 +232,30 @@ class _EventFile:
             self._file.close()
 
 
-def check_output(path: str, suffixes: Sequence[str] = (), *, stdout: bool = False) -> str:
+def check_output(
+    path: str,
+    suffixes: Sequence[str] = (),
+    *,
+    stdout: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
+) -> str:
     """The lower-case suffix of the output file ``path``, checked before any work: a ``ValueError`` naming
     ``suffixes`` (if any) unless it is one of them, or ``path`` is ``"-"`` (standard output) where ``stdout``
     allows it (without a known suffix the writer would choose: matplotlib writes ``path.png``, and the file
     named would not exist); a ``NotADirectoryError`` or ``FileNotFoundError`` where its folder is a file or
-    missing (pandas said "Cannot save file into a non-existent directory" of a folder that was a file)."""
+    missing (pandas said "Cannot save file into a non-existent directory" of a folder that was a file). A
+    URL is asked for once, with ``storage_options``: a storage that cannot be reached (no
+    credentials, a wrong endpoint) raises its :class:`~tensortap.exceptions.StorageUnreachable` before the
+    trial is read, not once it has been."""
     suffix = os.path.splitext(path)[1].lower()
     if stdout and path == "-":
         return suffix
     if suffixes and suffix not in suffixes:
         allowed = f"{', '.join(suffixes[:-1])} or {suffixes[-1]}" if len(suffixes) > 1 else suffixes[0]
         raise ValueError(f"output: {path!r} must end in {allowed}" + (" (or be '-')" if stdout else ""))
-    if "://" in path:  # a URL (memory://, s3://): the writer's file system says
+    if "://" in path:  # a URL (memory://, s3://): its file system says whether its folder exists when written
+        # asked for the file, not its folder: s3fs takes a bucket it cannot reach for a missing one
+        get_storage(path, **(storage_options or {})).exists()
         return suffix
     folder = os.path.dirname(os.path.expanduser(path)) or "."
     if os.path.exists(folder) and not os.path.isdir(folder):
@@ -254,6 +272,7 @@ def export_table(
     collection: str | None = None,
     show_progress: bool | None = None,
     escape: Callable[[str], str] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> int:
     """Write :meth:`Trial.to_pandas` (every tensor, raw or not) to ``output``; return the number of rows.
 
@@ -273,16 +292,19 @@ def export_table(
         Applied to every text cell (names, workers) written to standard output: the command line
         passes ``tensortap.cli.printable`` when that is a terminal, so that a stranger's tensor
         name cannot act on it (files and pipes get the names as they are).
+    storage_options
+        For a URL ``output`` (``s3://``): passed to its fsspec filesystem, as :func:`~tensortap.create_trial`
+        takes them.
     """
     from pandas.api.types import is_string_dtype
 
     path = os.fspath(output)
-    suffix = check_output(path, TABLE_SUFFIXES, stdout=True)
+    suffix = check_output(path, TABLE_SUFFIXES, stdout=True, storage_options=storage_options)
     if suffix == ".parquet":
         _require_pyarrow()  # before reading the trial
     df = trial.to_pandas(collection=collection, reductions=reductions, progress=show_progress, exact_ints=True)
     if suffix == ".parquet":
-        with written_whole(path) as file:
+        with written_whole(path, storage_options) as file:
             _with_exact_ints(df).to_parquet(file, index=False, engine="pyarrow")
         return len(df)
     shown = escape if path == "-" else None
@@ -293,7 +315,7 @@ def export_table(
     if path == "-":
         df.to_csv(sys.stdout, index=False, na_rep="nan")
         return len(df)
-    with written_whole(path) as file:
+    with written_whole(path, storage_options) as file:
         df.to_csv(file, index=False, na_rep="nan")
     return len(df)
 
@@ -330,29 +352,29 @@ def _require_pyarrow() -> None:
         ) from exc
 
 
-def _refuse_earlier_events(logdir: str | os.PathLike[str]) -> None:
+def _refuse_earlier_events(logdir: str, storage_options: Mapping[str, Any] | None = None) -> None:
     """Raise FileExistsError if a run folder the export writes (``logdir/<mode>``, ``logdir/<mode>/<worker>``)
     holds event files already: TensorBoard shows every event file of a run, so a second export there (the
     same trial again, or another) showed each point twice, or two trials' points as one run's, without a word.
-    Other runs in ``logdir`` (``lightning_logs/version_0``) are left alone.
+    Other runs in ``logdir`` (``lightning_logs/version_0``) are left alone. A URL is listed through its storage
+    (:func:`~tensortap.backends.get_storage`, with ``storage_options``): one that fails raises its
+    :class:`~tensortap.exceptions.StorageUnreachable` before anything is written.
 
     Raises
     ------
     FileExistsError
         Naming ``logdir`` and one of those event files.
     """
+    storage = get_storage(logdir, **(storage_options or {}))
     for mode in Mode:
-        run = os.path.join(os.fspath(logdir), mode.name.lower())
-        try:
-            entries = sorted(os.scandir(run), key=lambda e: e.name)
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        folders = [run, *(e.path for e in entries if e.name.startswith("worker_") and e.is_dir())]
-        for folder in folders:
-            earlier = sorted(f for f in os.listdir(folder) if f.startswith("events.out.tfevents"))
+        run = mode.name.lower()
+        files, folders = storage.entries(run)
+        runs = [(run, files), *((f"{run}/{f}", storage.list(f"{run}/{f}")) for f in folders if f.startswith("worker_"))]
+        for folder, names in runs:
+            earlier = sorted(f for f in names if f.startswith("events.out.tfevents"))
             if earlier:
                 raise FileExistsError(
-                    f"{os.fspath(logdir)} holds event files already ({os.path.join(folder, earlier[0])}): "
+                    f"{logdir} holds event files already ({logdir.rstrip('/')}/{folder}/{earlier[0]}): "
                     "TensorBoard would show their points beside this export's; export into a new folder, or "
                     "remove them"
                 )
@@ -417,6 +439,7 @@ def export_tensorboard(
     bins: int = 64,
     show_progress: bool | None = None,
     collection: str | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> dict[str, int]:
     """Write the trial as TensorBoard event files (with tensorboardX), one run per mode (``logdir/train``...).
 
@@ -442,6 +465,9 @@ def export_tensorboard(
     collection
         Only the tensors of this collection (an unknown one: :class:`~tensortap.exceptions.UnknownName`,
         before anything is written).
+    storage_options
+        For a URL ``logdir`` (``s3://``): passed to its fsspec filesystem, as :func:`~tensortap.create_trial`
+        takes them.
 
     Raises
     ------
@@ -468,14 +494,14 @@ def export_tensorboard(
         mode = steps.get(gstep, (Mode.GLOBAL, gstep))[0]
         run = (mode.name.lower(), worker) if several else (mode.name.lower(),)
         if (mode, worker) not in writers:
-            writers[mode, worker] = _EventFile(os.path.join(os.fspath(logdir), *run), files)
+            writers[mode, worker] = _EventFile(os.path.join(os.fspath(logdir), *run), files, storage_options)
         return writers[mode, worker]
 
     counts = {"scalars": 0, "histograms": 0}
     # one view of the trial (on remote storage no listing per tensor); non-finite values: one warning per tensor
     with trial.frozen(), _without_tensorboardx_nan_warning():
         names = trial.tensor_names(collection=collection)  # an unknown collection: before any file is made
-        _refuse_earlier_events(logdir)
+        _refuse_earlier_events(os.fspath(logdir), storage_options)
         with files:
             for name in progress(names, desc="tensors", enable=show_progress):
                 tensor = trial.tensor(name)

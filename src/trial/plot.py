@@ -347,11 +347,11 @@ def _whole_steps(ax: Axes, x: str) -> None:
 IMAGE_SUFFIXES = (".png", ".svg", ".pdf")
 
 
-def save_plot(ax: Any, path: str) -> None:
+def save_plot(ax: Any, path: str, storage_options: Mapping[str, Any] | None = None) -> None:
     """Write the figure of ``ax`` to ``path`` (PNG, SVG or PDF by suffix: :data:`IMAGE_SUFFIXES`), whole or not
-    at all (:func:`written_whole`)."""
-    suffix = check_output(path, IMAGE_SUFFIXES)
+    at all (:func:`written_whole`; ``storage_options`` for a URL)."""
+    suffix = check_output(path, IMAGE_SUFFIXES, storage_options=storage_options)
     fig = ax.get_figure()
     fig.tight_layout()
-    with written_whole(path) as file:  # a file object: the format is said
+    with written_whole(path, storage_options) as file:  # a file object: the format is said
         fig.savefig(file, dpi=120, format=suffix[1:])

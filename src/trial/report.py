@@ -13,7 +13,7 @@ import base64
 import io
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -248,9 +248,10 @@ def write_report(
     output: str | os.PathLike[str],
     rules: Sequence[str] | None = None,
     show_progress: bool | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> list[Rule]:
-    """Write :func:`build_report` to ``output`` (UTF-8; whole or not at all: :func:`written_whole`) and return
-    the rules it ran.
+    """Write :func:`build_report` to ``output`` (UTF-8; whole or not at all: :func:`written_whole`, with
+    ``storage_options`` for a URL) and return the rules it ran.
 
     Returns
     -------
@@ -266,8 +267,8 @@ def write_report(
         A folder of ``output`` is a file or missing. Either way before the report is built
         (:func:`~tensortap.trial.export.check_output`).
     """
-    check_output(os.fspath(output), REPORT_SUFFIXES)
+    check_output(os.fspath(output), REPORT_SUFFIXES, storage_options=storage_options)
     html, ran = _report(trial, rules, show_progress)
-    with written_whole(os.fspath(output)) as file:
+    with written_whole(os.fspath(output), storage_options) as file:
         file.write(html.encode("utf-8"))
     return ran

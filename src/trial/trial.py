@@ -146,6 +146,10 @@ def trial_storage(path: str | os.PathLike[str] | Storage, **options: Any) -> Sto
     return get_storage(path, **options)
 
 
+NOT_A_FOLDER = "not a trial folder"
+"""How :func:`trial_problem` ends the reason for a path that is no folder (it will never become a trial)."""
+
+
 def trial_problem(storage: Storage) -> TrialNotFound | None:
     """None if ``storage`` holds a trial (or is an empty folder); else the :class:`TrialNotFound` to raise.
 
@@ -161,9 +165,10 @@ def trial_problem(storage: Storage) -> TrialNotFound | None:
             siblings = [p.name for p in Path(path).parent.iterdir() if p.is_dir()]
             why += suggest(Path(path).name, siblings).replace("; did", ", did", 1)
         return TrialNotFound(path, why)
+    if storage.is_file():  # on an object store, a prefix of that name with marker files is a trial (above)
+        return TrialNotFound(path, f"it is a file, {NOT_A_FOLDER}")
     if local and not Path(path).is_dir():
-        kind = "a file" if Path(path).is_file() else "neither a folder nor a file (a FIFO, device or socket)"
-        return TrialNotFound(path, f"it is {kind}, not a trial folder")
+        return TrialNotFound(path, f"it is neither a folder nor a file (a FIFO, device or socket), {NOT_A_FOLDER}")
     if not storage.list("") and not storage.list_dirs(""):
         return None  # an empty folder: a run about to start
     trials = find_trials(storage)
@@ -302,8 +307,7 @@ class Trial:
         deadline = None if timeout is None else time.monotonic() + timeout
         while (problem := self._problem()) is not None:
             late = deadline is not None and time.monotonic() >= deadline
-            here = "://" not in self.path and os.path.exists(self.path) and not os.path.isdir(self.path)
-            never = bool(problem.trials_below) or here
+            never = bool(problem.trials_below) or problem.why.endswith(NOT_A_FOLDER)
             if not wait or late or never:  # a file (FIFO, device), or a folder of trials, never becomes a trial
                 raise problem
             time.sleep(WAIT_POLL_SECONDS)
@@ -841,10 +845,17 @@ class Tensor:
             "steps": len(info.locations),
         }
 
-    def steps(self, mode: Mode | str | None = None) -> list[int]:
+    def steps(self, mode: Mode | str | None = None, worker: str | None = None) -> list[int]:
         """Complete steps at which this tensor was saved (mode steps when ``mode`` is given): as
-        :meth:`Trial.steps`, not those some worker of a live run has not written yet."""
+        :meth:`Trial.steps`, not those some worker of a live run has not written yet. With ``worker``, every
+        step that worker saved it at, as ``values(worker=...)`` reads them (also those another worker has not
+        reached yet); a worker the trial does not have raises :class:`UnknownName`."""
         info = self._info
+        if worker is not None:
+            m = None if mode is None else Mode.parse(mode)
+            index = self.trial._index
+            located = self._located(m, self._complete(worker))
+            return sorted(g if m is None else index.steps[g][1] for g, workers in located if worker in workers)
         complete = self.trial._complete_up_to(None)
         if mode is None:
             saved = info.saved_steps()
@@ -859,9 +870,13 @@ class Tensor:
         raises :class:`UnknownName`."""
         if worker is None:
             return self.trial._complete_up_to(None)
+        self._check_worker(worker)
+        return math.inf
+
+    def _check_worker(self, worker: str) -> None:
+        """Raise :class:`UnknownName` (with the closest names) for a ``worker`` the trial does not have."""
         if worker not in (workers := self.trial.workers()):
             raise UnknownName("worker", worker, workers, f" in {self.trial.path}")
-        return math.inf
 
     def _located(self, mode: Mode | None, last: float) -> Iterator[tuple[int, dict[str, Location]]]:
         """``(global step, {worker: location})`` of this tensor's saved steps up to ``last`` (:meth:`_complete`),
@@ -885,6 +900,7 @@ class Tensor:
                 worker = sorted(workers)[0]
             if worker in workers:
                 return gstep, worker, workers[worker]  # type: ignore[return-value]
+            self._check_worker(worker)
             raise TensorUnavailableForStep(
                 f"{self.name!r} at {step_label(step, m)}: worker {worker!r} did not save it; "
                 f"workers: {', '.join(sorted(workers))}"

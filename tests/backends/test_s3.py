@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import tensortap
-from tensortap import StepState
+from tensortap import StepState, TrialNotFound
 from tensortap.backends.shard import ShardError, ShardReader
 from tensortap.capture import ShardPolicy, Writer
 
@@ -269,6 +269,84 @@ def test_cli_reads_an_s3_trial_with_storage_options(
         main(["ls", s3_url, "--storage-options", "[1, 2]"])
     assert exc.value.code == 2
     assert "expected a JSON object" in capsys.readouterr().err
+
+
+def test_a_path_that_is_an_object_is_a_file_not_a_trial_and_is_not_waited_for(
+    s3_url: str, s3_options: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """hunt 52 F4: a trial path naming an object (``.../workers/worker_0.json``) was taken for a folder without
+    marker files: ``ls`` said so, and ``rules --follow`` waited for ever for it to become a trial (a local file
+    raises at once). It is now "a file, not a trial folder" at once, as a local file; an object beside a trial
+    at the prefix of its name (both may be on S3) leaves that trial readable."""
+    import s3fs
+
+    from tensortap.cli import main
+
+    with Writer(s3_url, storage_options=s3_options) as w:
+        write_steps(w, range(2))
+    options = ["--storage-options", json.dumps(s3_options)]
+    record = f"{s3_url}/workers/worker_0.json"
+    assert main(["ls", record, *options]) == 2
+    assert f"no tensortap trial at {record}: it is a file, not a trial folder" in capsys.readouterr().err
+    # the idle timeout only bounds the test should the wait come back
+    follow = ["rules", record, "--rule", "exploding_tensor", "--follow", "--idle-timeout", "20", *options]
+    assert main([*follow, "--json"]) == 2
+    error = json.loads(capsys.readouterr().out)["error"]
+    assert error["kind"] == "not_found" and "it is a file" in error["message"]
+    with pytest.raises(TrialNotFound, match="it is a file"):
+        tensortap.create_trial(record, wait=True, **s3_options)
+    s3fs.S3FileSystem(skip_instance_cache=True, **s3_options).pipe(s3_url, b"an object named as the trial")
+    assert tensortap.create_trial(s3_url, **s3_options).steps() == [0, 1]
+
+
+def test_outputs_to_s3_take_the_storage_options_and_say_a_storage_failure_first(
+    s3_url: str, s3_options: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """hunt 52 F3 and F2: an output to S3 (``export -o``, ``report -o``, ``plot -o``, ``export tensorboard``'s
+    LOGDIR) was opened without ``--storage-options``: botocore's NoCredentialsError, an "unexpected error" (kind
+    ``unexpected``), once the whole trial was read. The options now go to the output as to the trial (a local
+    trial takes none); a storage that cannot be reached is the readers' one-line storage error (kind
+    ``storage``), said before the trial is opened. A second TensorBoard export into the S3 LOGDIR is refused."""
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("tensorboardX")
+    import s3fs
+
+    from tensortap.cli import main
+
+    local = str(tmp_path / "local")
+    with Writer(local) as w:
+        write_steps(w, range(3))
+    with Writer(s3_url, storage_options=s3_options) as w:
+        write_steps(w, range(3))
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **s3_options)
+    options = ["--storage-options", json.dumps(s3_options)]
+    out = f"{s3_url}-out"
+    for trial in (local, s3_url):
+        assert main(["export", trial, "-o", f"{out}/t.csv", *options]) == 0
+        assert fs.cat(f"{out}/t.csv").startswith(b"worker,")
+        assert main(["report", trial, "-o", f"{out}/r.html", *options]) == 0
+        assert fs.cat(f"{out}/r.html").startswith(b"<!")
+        assert main(["plot", trial, "losses/loss", "-o", f"{out}/p.png", *options]) == 0
+        assert fs.cat(f"{out}/p.png").startswith(b"\x89PNG")
+        assert main(["export", "tensorboard", trial, f"{out}/tb-{trial == local}", *options]) == 0
+    capsys.readouterr()
+    assert main(["export", "tensorboard", local, f"{out}/tb-True", *options, "--json"]) == 2
+    assert "holds event files already" in json.loads(capsys.readouterr().out)["error"]["message"]
+    refused = {
+        **s3_options,
+        "client_kwargs": {"endpoint_url": "http://127.0.0.1:9"},
+        "config_kwargs": {"connect_timeout": 1, "retries": {"total_max_attempts": 1}},
+    }
+    missing = str(tmp_path / "no-trial")  # the output is checked first: its error, not this one's
+    for command in (
+        ["export", missing, "-o", f"{out}/u.csv"],
+        ["report", missing, "-o", f"{out}/u.html"],
+        ["plot", missing, "losses/loss", "-o", f"{out}/u.png"],
+        ["export", "tensorboard", local, f"{out}/tb-u"],
+    ):
+        assert main([*command, "--storage-options", json.dumps(refused), "--json"]) == 2, command
+        error = json.loads(capsys.readouterr().out)["error"]
+        assert error["kind"] == "storage" and "cannot connect to http://127.0.0.1:9" in error["message"], command
 
 
 def test_plot_compares_a_local_run_with_an_s3_run(

@@ -280,7 +280,8 @@ class RuleRunner:
                     continue
                 idle = time.monotonic() - last_new
                 if idle_timeout is not None and idle >= idle_timeout:
-                    logger.warning("tensortap: no new step for %.0f s; rules stop waiting at step %d", idle, last_seen)
+                    where = f"at step {last_seen}" if last_seen >= 0 else "before any step"  # -1: none seen yet
+                    logger.warning("tensortap: no new step for %.0f s; rules stop waiting %s", idle, where)
                     return fired
                 for rule in self.rules:
                     judged(rule, rule.invoke_idle(last_seen, idle))
