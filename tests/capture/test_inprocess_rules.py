@@ -283,6 +283,18 @@ def test_a_regex_collection_that_matches_nothing_is_warned_about_at_the_close(
     assert warned[1].startswith("tensortap: include_regex ['zzz'] of collection 'mine' matched none")
 
 
+def _train_filling_mine(hook: ttt.Hook, model: nn.Module, opt: torch.optim.Optimizer, steps: int) -> None:
+    """Train ``steps`` steps, giving a tensor to the collection ``mine`` at each, and close ``hook``."""
+    x, y = torch.randn(8, 4), torch.randn(8, 1)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = ((model(x) - y) ** 2).mean()
+        hook.save_tensor("extra", np.ones(2), collections=["mine"])
+        loss.backward()
+        opt.step()
+    hook.close()
+
+
 def test_a_misspelled_collection_a_rule_asks_for_is_warned_about_at_the_close(
     tmp_path: Path, torch_one_thread: None, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -295,14 +307,7 @@ def test_a_misspelled_collection_a_rule_asks_for_is_warned_about_at_the_close(
     filled = ExplodingTensor(collection_names=["mine"])
     with caplog.at_level(logging.WARNING, logger="tensortap"):
         hook = ttt.capture(model, tmp_path, optimizer=opt, save_config=EVERY_STEP, rules=[rule, filled])
-        x, y = torch.randn(8, 4), torch.randn(8, 1)
-        for _ in range(2):
-            opt.zero_grad()
-            loss = ((model(x) - y) ** 2).mean()
-            hook.save_tensor("extra", np.ones(2), collections=["mine"])
-            loss.backward()
-            opt.step()
-        hook.close()
+        _train_filling_mine(hook, model, opt, 2)
     warned = [r.getMessage() for r in caplog.records if "a rule asked for collection" in r.getMessage()]
     assert warned == [
         "tensortap: a rule asked for collection 'gradiants', which is none of this hook's, and no tensor was given "
@@ -324,14 +329,7 @@ def test_a_hook_that_saved_no_step_names_no_collection_a_rule_asked_for(
     model, opt = _linear()
     with caplog.at_level(logging.WARNING, logger="tensortap"):
         hook = ttt.capture(model, tmp_path, optimizer=opt, rules=[ExplodingTensor(collection_names=["mine"])], **kwargs)
-        x, y = torch.randn(8, 4), torch.randn(8, 1)
-        for _ in range(4):
-            opt.zero_grad()
-            loss = ((model(x) - y) ** 2).mean()
-            hook.save_tensor("extra", np.ones(2), collections=["mine"])
-            loss.backward()
-            opt.step()
-        hook.close()
+        _train_filling_mine(hook, model, opt, 4)
     assert "a rule asked for collection" not in caplog.text
 
 

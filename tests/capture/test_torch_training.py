@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import io
@@ -10,7 +11,7 @@ import logging
 import socket
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -2476,6 +2477,19 @@ def test_capturing_a_model_fsdp_never_touched_does_not_import_fsdp(tmp_path: Pat
     assert out.stdout.split() == ["False"]
 
 
+@contextlib.contextmanager
+def _one_rank_group() -> Iterator[None]:
+    """A gloo process group of this process alone (rank 0 of 1), destroyed at the end."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 def test_fsdp_fully_shard_training_is_never_stopped_by_capture(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -2488,11 +2502,7 @@ def test_fsdp_fully_shard_training_is_never_stopped_by_capture(
         pytest.skip("torch.distributed is not available")
     from torch.distributed.fsdp import fully_shard
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    try:
+    with _one_rank_group():
         model = _mlp()
         fully_shard(model[0])
         fully_shard(model)
@@ -2503,8 +2513,6 @@ def test_fsdp_fully_shard_training_is_never_stopped_by_capture(
         _train(model, opt, steps=3, seed=6)
         hook.close()
         assert not hook.failed
-    finally:
-        dist.destroy_process_group()
 
 
 def test_zero_redundancy_optimizer_state_is_saved(tmp_path: Path) -> None:
@@ -2515,11 +2523,7 @@ def test_zero_redundancy_optimizer_state_is_saved(tmp_path: Path) -> None:
         pytest.skip("torch.distributed is not available")
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    try:
+    with _one_rank_group():
         model = _mlp()
         opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.Adam, lr=0.01)
         hook = ttt.capture(
@@ -2527,8 +2531,6 @@ def test_zero_redundancy_optimizer_state_is_saved(tmp_path: Path) -> None:
         )
         _train(model, opt, steps=2, seed=6)
         hook.close()
-    finally:
-        dist.destroy_process_group()
     trial = _trial(tmp_path)
     names = trial.tensor_names(collection="optimizer_variables")
     assert "optimizer/0.weight/exp_avg" in names

@@ -369,6 +369,18 @@ class CtrlCAt(transformers.TrainerCallback):  # type: ignore[misc]
             raise KeyboardInterrupt
 
 
+class BrokenAccuracy:
+    """A ``compute_metrics`` with a bug until it is fixed (``broken = False``)."""
+
+    def __init__(self) -> None:
+        self.broken = True
+
+    def __call__(self, p: Any) -> dict[str, float]:
+        if self.broken:
+            raise RuntimeError("a bug in compute_metrics")
+        return {"accuracy": float((p.predictions.argmax(-1) == p.label_ids).mean())}
+
+
 def test_a_train_interrupted_by_ctrl_c_and_resumed_in_the_same_process(tmp_path: Path) -> None:
     """A notebook: Ctrl-C in step 4 of train(), then train(resume_from_checkpoint=True) with the same Trainer.
 
@@ -413,13 +425,8 @@ def test_the_weights_of_a_step_before_an_evaluation_that_raised_are_the_steps(
     hold it twice, so its steps are numbered on, with a warning.
     """
     out = tmp_path / "trial"
-    broken = [True]
+    accuracy = BrokenAccuracy()
     after = AfterStep()
-
-    def accuracy(p: Any) -> dict[str, float]:
-        if broken[0]:
-            raise RuntimeError("a bug in compute_metrics")
-        return {"accuracy": float((p.predictions.argmax(-1) == p.label_ids).mean())}
 
     trainer = transformers.Trainer(
         model=tiny_bert(),
@@ -433,7 +440,7 @@ def test_the_weights_of_a_step_before_an_evaluation_that_raised_are_the_steps(
         trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     third = after.params[2]
-    broken[0] = False
+    accuracy.broken = False
     with caplog.at_level("WARNING", logger="tensortap"):
         trainer.train(resume_from_checkpoint=True)
     assert "numbered on from 3, not as the Trainer counts" in caplog.text
@@ -490,12 +497,7 @@ def test_an_evaluate_and_predict_after_a_train_that_raised_close_the_run(tmp_pat
     more) until the interpreter exited, and their steps were published only by the writer's timer.
     """
     out = tmp_path / "trial"
-    broken = [True]
-
-    def accuracy(p: Any) -> dict[str, float]:
-        if broken[0]:
-            raise RuntimeError("a bug in compute_metrics")
-        return {"accuracy": float((p.predictions.argmax(-1) == p.label_ids).mean())}
+    accuracy = BrokenAccuracy()
 
     trainer = transformers.Trainer(
         model=tiny_bert(),
@@ -507,7 +509,7 @@ def test_an_evaluate_and_predict_after_a_train_that_raised_close_the_run(tmp_pat
     )
     with pytest.raises(RuntimeError, match="compute_metrics"):
         trainer.train()
-    broken[0] = False
+    accuracy.broken = False
     trainer.evaluate()
     trainer.predict(Rows(16, 2))
     trial = tensortap.create_trial(out)
