@@ -842,6 +842,58 @@ def test_lbfgs_gradients_are_those_each_step_starts_from(tmp_path: Path) -> None
         np.testing.assert_array_equal(_value(trial, "gradients/weight", s), first[s].numpy())
 
 
+def test_lbfgs_state_is_saved_as_the_optimizers_and_what_is_not_saved_is_named(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """hunt 50 F2: torch's LBFGS keeps its whole state on its first parameter (``self.state[self._params[0]]``):
+    directions and gradients flat over all the parameters (46 values here), a scalar ``H_diag``, counters, and
+    its history as lists of tensors. The trial named the tensors the state of ``0.weight`` (``optimizer/0.weight/d``
+    of shape (46,) for a (4, 8) weight) and left the counters and the history out without a word. Now they are
+    the optimizer's (``optimizer/<its name>/<key>``), numbers saved, the history named in one warning; Adafactor's
+    row and column factors, of other shapes than their parameter's, stay the parameter's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 4), nn.Tanh(), nn.Linear(4, 2))
+    opt = torch.optim.LBFGS(model.parameters(), lr=0.1, max_iter=3)
+    hook = ttt.capture(
+        model, tmp_path, optimizer=opt, save_config=EVERY_STEP, include_collections=["optimizer_variables"]
+    )
+    gen = torch.Generator().manual_seed(3)
+    x, y = torch.randn(4, 8, generator=gen), torch.randn(4, 2, generator=gen)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        for _ in range(2):
+            opt.step(closure)
+    hook.close()
+    state = opt.state[model[0].weight]
+    assert state["d"].shape == (46,)
+    trial = _trial(tmp_path)
+    saved = {k for k, v in state.items() if isinstance(v, (torch.Tensor, int, float))}
+    assert trial.tensor_names(collection="optimizer_variables") == sorted(f"optimizer/Sequential/{k}" for k in saved)
+    for key in saved:
+        np.testing.assert_array_equal(_value(trial, f"optimizer/Sequential/{key}", 1), np.asarray(state[key]))
+    warned = [r.getMessage() for r in caplog.records if "not saved" in r.getMessage()]
+    assert len(warned) == 1, warned
+    assert all(f"optimizer/Sequential/{k} (list)" in warned[0] for k in ("old_dirs", "old_stps", "ro", "al"))
+
+    model = nn.Sequential(nn.Linear(8, 4), nn.Tanh(), nn.Linear(4, 2))
+    opt = torch.optim.Adafactor(model.parameters(), lr=0.01)
+    out = tmp_path / "adafactor"
+    with ttt.capture(model, out, optimizer=opt, save_config=EVERY_STEP, include_collections=["optimizer_variables"]):
+        F.mse_loss(model(x), y).backward()
+        opt.step()
+    trial = _trial(out)
+    for p, name in ((model[0].weight, "0.weight"), (model[2].bias, "2.bias")):
+        for key, v in opt.state[p].items():
+            np.testing.assert_array_equal(_value(trial, f"optimizer/{name}/{key}", 0), v.numpy())
+    assert _value(trial, "optimizer/0.weight/row_var", 0).shape != tuple(model[0].weight.shape)
+
+
 def _step_with_closure(
     opt: torch.optim.Optimizer,
     net: nn.Module,

@@ -272,8 +272,9 @@ def _edge_parameters(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
 
 
 def _is_compiled(module: nn.Module) -> bool:
-    """Whether ``module`` or one of its submodules was compiled with ``torch.compile``."""
-    return any(_compiled(m) for m in module.modules())
+    """Whether ``module`` or one of its submodules was compiled with ``torch.compile`` or in place
+    (``module.compile()``)."""
+    return any(_compiled(m) or getattr(m, "_compiled_call_impl", None) is not None for m in module.modules())
 
 
 def _is_sharded(module: nn.Module) -> bool:
@@ -474,6 +475,7 @@ class _Optimizer:
     name: str
     handles: list[Any] = field(default_factory=list)  # its step hooks
     held: int | None = None  # its parameter count when each was found held (Hook._warn_unheld), until a change
+    warned_unsaved: bool = False  # state it holds that is not saved was named (Hook._save_optimizer_state)
 
 
 @dataclass
@@ -841,7 +843,8 @@ class Hook(core.Hook):
             raise TypeError(f"register_loss: expected a torch.nn.Module or a function, got {type(loss).__name__}")
 
     def attach_optimizer(self, optimizer: torch.optim.Optimizer, name: str | None = None) -> None:
-        """Let ``optimizer.step()`` end training steps; save its state as ``optimizer/<param>/<key>``.
+        """Let ``optimizer.step()`` end training steps; save its state as ``optimizer/<param>/<key>``
+        (``torch.optim.LBFGS``'s, the whole optimizer's: ``optimizer/<name>/<key>``).
 
         Several optimizers (a GAN): a training step ends when each has stepped.
         ``name`` names the losses differentiated before its step when there are several
@@ -1231,13 +1234,42 @@ class Hook(core.Hook):
         s.offer_many((f"gradients/{name}", g.applied(), ("gradients",)) for name, g in self._grad_stash.items())
         if s.saving("optimizer_variables"):
             for att in self._optimizers:
-                for p, state in _state(att.optimizer).items():
-                    pname = self._param_ids.get(id(p))
-                    if pname is None:
-                        continue
-                    for key, v in state.items():
-                        if isinstance(v, torch.Tensor):
-                            s.offer(f"optimizer/{pname}/{key}", v, ("optimizer_variables",))
+                self._save_optimizer_state(att)
+
+    def _save_optimizer_state(self, att: _Optimizer) -> None:
+        """Offer the state of ``att``: a parameter's as ``optimizer/<parameter name>/<key>``, LBFGS's (the whole
+        optimizer's) as ``optimizer/<optimizer name>/<key>``. A number is saved as a tensor of no dimension;
+        a value neither a tensor, a number nor ``None`` (LBFGS's history: lists of tensors) is named in one
+        warning per optimizer."""
+        optimizer = att.optimizer
+        state = _state(optimizer)
+        if isinstance(optimizer, torch.optim.LBFGS):
+            # torch's LBFGS keeps all its state on its first parameter (self.state[self._params[0]]): directions
+            # and gradients flat over every parameter it updates, its history and counters; no parameter's own.
+            # Told by the type, not by shapes: Adafactor's row and column factors, of other shapes than their
+            # parameter's, are that parameter's own
+            first = next(optimized_parameters(optimizer), None)
+            owned: list[tuple[str | None, Mapping[str, Any]]] = [(att.name, state.get(first, {}))]
+        else:
+            owned = [(self._param_ids.get(id(p)), values) for p, values in state.items()]
+        unsaved = []
+        for owner, values in owned:
+            if owner is None:  # a parameter no registered module holds
+                continue
+            for key, v in values.items():
+                if isinstance(v, (int, float)):  # bool too
+                    v = torch.tensor(v, dtype=torch.float64 if isinstance(v, float) else None)
+                if isinstance(v, torch.Tensor):
+                    self.session.offer(f"optimizer/{owner}/{key}", v, ("optimizer_variables",))
+                elif v is not None:
+                    unsaved.append(f"optimizer/{owner}/{key} ({type(v).__name__})")
+        if unsaved and not att.warned_unsaved:
+            att.warned_unsaved = True
+            logger.warning(
+                "tensortap: the state of optimizer %s holds values that are neither tensors nor numbers, not saved: %s",
+                att.name,
+                ", ".join(unsaved[:5]) + (", ..." if len(unsaved) > 5 else ""),
+            )
 
     def _name_backward_losses(self, name: str) -> None:
         """Offer the losses ``backward()`` was called on since the last naming as ``losses/<name>``."""
@@ -1385,15 +1417,18 @@ class Hook(core.Hook):
             how, what = "exported with torch.export", "the exported program's runs are not captured"
         elif torch.jit.is_tracing():
             how, what = "traced with torch.jit.trace", "the traced module's forwards are not seen"
-        elif getattr(inner, "_compiled_call_impl", None) is not None:  # nn.Module.compile(): in place, hooks within
-            how, what = "compiled in place with its compile() method", "its forwards are not seen"
+        elif getattr(inner, "_compiled_call_impl", None) is not None:  # model.compile() since: our hooks traced
+            how, what = (
+                "compiled in place with its compile() method after register_module()",
+                "its forwards are not seen",
+            )
         else:
             how, what = "compiled with torch.compile after register_module()", "its forwards are no longer seen"
         if how in self._warned_unseen:
             return
         self._warned_unseen.add(how)
         advice = (
-            "Register the module torch.compile returns instead (model = torch.compile(model), not model.compile()): "
+            "Compile it before registering it: model.compile(), then hook.register_module(model), or "
             "hook.register_module(torch.compile(model))"
             if how.startswith("compiled")
             else "The forwards of the tracer are not training calls and are not captured either; train the "

@@ -145,6 +145,26 @@ class Tap:
         )
 
 
+class Untraced(Tap):
+    """A :class:`Tap` that ``torch.compile`` runs, not traces: put on a module compiled in place
+    (``module.compile()``), whose calls, its hooks included, run compiled. A tap traced runs once, for the
+    tracer (which keeps nothing of what it does); this one runs at each call, between the compiled graphs.
+    Its ``__call__``, Tap's under ``torch.compiler.disable``, is set by :func:`untraced`, not at import: that
+    imports ``torch._dynamo``, which costs seconds.
+    """
+
+    __slots__ = ()
+
+
+def untraced(tap: Tap) -> Untraced:
+    """``tap`` as an :class:`Untraced` tap (called once ``torch.compile`` was: ``torch._dynamo`` is imported)."""
+    if "__call__" not in vars(Untraced):
+        Untraced.__call__ = torch.compiler.disable(Tap.__call__)  # type: ignore[method-assign]
+    hook = tap.hook()
+    assert hook is not None  # a tap is put on a module by its live hook
+    return Untraced(hook, tap.fn, *tap.bound)
+
+
 _LISTENERS: list[Listener] = []  # open hooks, in opening order
 _ORIGINALS: dict[tuple[Any, str], Any] = {}
 # the losses given to a training library's backward() now running, innermost last
@@ -321,13 +341,16 @@ def _install(targets: list[_Target]) -> None:
 
 def on_forward(module: torch.nn.Module, tap: Tap, pre: bool = False, **kwargs: Any) -> RemovableHandle:
     """``module.register_forward_pre_hook(tap)`` (``pre``), else ``module.register_forward_hook(tap,
-    **kwargs)``; ``tap`` runs for ``module`` only (a copy of it on another module does nothing). While a hook
+    **kwargs)``; ``tap`` runs for ``module`` only (a copy of it on another module does nothing), and, ``module``
+    compiled in place, at each of its calls (:class:`Untraced`). While a hook
     is open, the ``__getstate__`` that ``module``'s class uses (``nn.Module``'s, or its own: ``nn.LSTM``'s, a
     user's) leaves the taps out of a pickled or copied module."""
     owner = next((k for k in type(module).__mro__ if "__getstate__" in vars(k)), object)
     if _LISTENERS and owner is not object and (owner, "__getstate__") not in _ORIGINALS:
         with contextlib.suppress(TypeError, AttributeError):  # a class that refuses it: its taps pickle as Inert
             _install([(owner, "__getstate__", _wrap_getstate)])
+    if getattr(module, "_compiled_call_impl", None) is not None:  # module.compile(): its hooks run compiled
+        tap = untraced(tap)
     tap.on = weakref.ref(module)
     return module.register_forward_pre_hook(tap) if pre else module.register_forward_hook(tap, **kwargs)
 
