@@ -230,6 +230,7 @@ class Callback(TrainerCallback):
         self._loop: tuple[int, CodeType] | None = None  # the training loop of that train() (_dispatcher)
         self._raised: str | None = None  # the train() before raised: the run's end reason is exception
         self._pending = False  # a TRAIN step ended; logs may still come for it, until an evaluation begins
+        self._stepping = False  # the open TRAIN step reached its optimizer step (its gradients were offered)
         self._epoch_ended = False  # the pending step ended its epoch: the Trainer may log the epoch for it
         # a step's log may come after an evaluation or prediction at it (the epoch's log, after an evaluation at
         # the epoch's last step; a predict in a callback's on_step_end): the runs and logs of those are kept
@@ -332,6 +333,7 @@ class Callback(TrainerCallback):
         if steps is not None:
             self._flush(kw.get("model"))
             steps.open_train()
+            self._stepping = False
 
     def on_pre_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
@@ -344,6 +346,7 @@ class Callback(TrainerCallback):
                 stepped = {id(p) for p in optimized_parameters(optimizer)}
                 named = ((name, p) for name, p in named if id(p) in stepped)
             steps.offer_gradients(named)
+            self._stepping = True
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
         """The step is over: offer the weights it produced; it is written when the logs that follow it are in.
@@ -353,7 +356,7 @@ class Callback(TrainerCallback):
         steps, model = self._steps, kw.get("model")
         if steps is None or self.hook is None:
             return
-        self._pending = steps.train_open
+        self._pending, self._stepping = steps.train_open, False
         if self._pending and model is not None:
             steps.offer_parameters(saved_parameters(unwrap(model)))
         # the script may die before the step is written (in the evaluation or checkpoint save after it):
@@ -438,7 +441,9 @@ class Callback(TrainerCallback):
         """Write one evaluation or prediction run as a step of ``mode``; outside ``train``, close the run again.
 
         The logs that came during the run stay for the next step's end: a ``predict`` that a callback runs
-        in ``on_evaluate`` comes before the evaluation's log is matched to its metrics here.
+        in ``on_evaluate`` comes before the evaluation's log is matched to its metrics here. A run within a
+        ``TRAIN`` step before its optimizer step (a callback's ``trainer.evaluate()`` in ``on_substep_end``) saw
+        the weights of the step before: it is written before the step, which goes on, with the same numbers.
         """
         steps = self._open(args, model)
         hold = self._holding()
@@ -451,9 +456,14 @@ class Callback(TrainerCallback):
         if hold:  # written after the step, once its log is in it
             self._held.append((mode, metrics))
             return
-        if steps.train_open:  # a run without a batch (on_prediction_step ends the step before it)
+        if self._pending:  # a run without a batch (on_prediction_step ends the step before it)
             self._flush(model)
+        within = steps.train_open  # a callback's run within a step, before its optimizer step: the step goes on
+        if within:
+            steps.suspend_train()
         steps.write_step(mode, metrics)
+        if within:
+            steps.open_train()
         if not self._training:
             self.close()
 
@@ -468,12 +478,12 @@ class Callback(TrainerCallback):
         """The ``train()`` begun last raised: write the step it finished, with its logs, and drop the step it
         left unfinished (one warning), whose numbers the next ``TRAIN`` step takes, as the Trainer counts. Until
         a ``train()`` begins, the run's end reason is ``exception``."""
-        self._training, self._loop = False, None
+        self._training, self._loop, self._stepping = False, None, False
         self._raised = "train() raised (the Trainer then calls no on_train_end)"
-        if self._pending:
-            self._flush(None)
         if self._steps is not None:
-            self._steps.drop_train(TrainInterrupted("the train() before raised in it"))
+            if not self._pending:
+                self._steps.drop_train(TrainInterrupted("the train() before raised in it"))
+            self._flush(None)  # the step it finished, then the runs held for either step (an evaluation in it)
 
     def _holding(self) -> bool:
         """Whether an evaluation or prediction running now is held, to be written after the pending ``TRAIN`` step.
@@ -483,9 +493,14 @@ class Callback(TrainerCallback):
         (``logging_strategy="epoch"``, a callback's ``control.should_log`` in ``on_epoch_end``); a run that a
         callback starts in ``on_step_end`` (``trainer.predict``) comes before the step's log. So a run at a
         pending step without its training log is held (from its start to the step's end) while the step's
-        epoch goes on; once the epoch ended without a log, no log comes for the step.
+        epoch goes on; once the epoch ended without a log, no log comes for the step. So is a run a callback starts
+        after the optimizer step of the open step, before its end (``on_optimizer_step``, an ``on_step_end`` that
+        runs before this callback's): it saw the step's weights. One before the optimizer step (in
+        ``on_substep_end``, within a gradient accumulation window) is written at once (:meth:`_write_run`).
         """
-        if not self._hold and self._pending and not self._epoch_ended:
+        if self._stepping:  # a callback's run after the optimizer step, before the step's end: after the step too
+            self._hold = True
+        elif not self._hold and self._pending and not self._epoch_ended:
             self._hold = not any(_is_training_log(logs) for logs in self._logs)
         return self._hold
 

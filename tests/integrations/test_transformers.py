@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -487,6 +488,96 @@ def test_an_evaluate_after_a_train_interrupted_mid_step_drops_the_unfinished_ste
             trial.tensor("classifier.weight").value(step, mode=Mode.TRAIN), after.params[step]["classifier.weight"]
         )
     assert trial.end_reasons() == {"worker_0": "closed"}
+
+
+class EvaluateIn(transformers.TrainerCallback):  # type: ignore[misc]
+    """Runs ``trainer.evaluate()`` once, in the event ``event`` of the Trainer's step ``step + 1`` (from 1); listed
+    before tensortap's callback. ``on_substep_end``: within the step's gradient accumulation window, before its
+    optimizer step; ``on_optimizer_step``: after it, before the step's end. Then raises ``error``, if given, in
+    the step's ``on_step_end`` (before tensortap's)."""
+
+    def __init__(self, trainer: Any, event: str, step: int, error: Exception | None = None) -> None:
+        self.trainer, self.event, self.step, self.error = trainer, event, step, error
+        self.evaluated: list[dict[str, float]] = []
+        setattr(self, event, self._evaluate)
+
+    def _evaluate(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if state.global_step == self.step and not self.evaluated:
+            self.evaluated.append(self.trainer.evaluate())
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if self.error is not None and self.evaluated and state.global_step == self.step + 1:
+            raise self.error
+
+
+@pytest.mark.parametrize("event", ["on_substep_end", "on_optimizer_step"])
+def test_an_evaluate_a_callback_runs_within_a_train_step_leaves_the_step_open(tmp_path: Path, event: str) -> None:
+    """hunt 46 F5 (leftover): a callback runs ``trainer.evaluate()`` within the Trainer's step 2 (GA=2): in
+    ``on_substep_end`` (between the step's two batches) or ``on_optimizer_step``.
+
+    The evaluation ended the open TRAIN step as a finished one: within the accumulation window, TRAIN step 1 was
+    written with no gradients and the weights of step 0, and the step went on as TRAIN step 2 (4 TRAIN steps for 3
+    optimizer steps, every loss one step off); after the optimizer step, the step's loss went to a GLOBAL step.
+    Now the EVAL step comes before the step (the evaluation saw step 0's weights) or after it (step 1's), and the
+    step keeps its gradients, weights and loss."""
+    out = tmp_path / "trial"
+    after = AfterStep()
+    trainer = transformers.Trainer(
+        model=tiny_bert(),
+        args=arguments(tmp_path, max_steps=3, gradient_accumulation_steps=2),
+        train_dataset=Rows(48, 0),
+        eval_dataset=Rows(16, 1),
+    )
+    evaluate = EvaluateIn(trainer, event, 1)
+    for callback in (evaluate, tth.Callback(out, save_config=EVERY_STEP), after):
+        trainer.add_callback(callback)
+    trainer.train()
+    trial = tensortap.create_trial(out)
+    assert trial.steps(mode=Mode.TRAIN) == [0, 1, 2] and trainer.state.global_step == 3
+    assert trial.steps(mode=Mode.EVAL) == [0] and trial.steps(mode=Mode.GLOBAL) == [0], "and the summary of train()"
+    np.testing.assert_allclose(
+        trial.tensor("losses/eval_loss").value(0, mode=Mode.EVAL), evaluate.evaluated[0]["eval_loss"]
+    )
+    logged = {h["step"] - 1: h["loss"] for h in trainer.state.log_history if "loss" in h}
+    got = trial.tensor("losses/loss").values(mode=Mode.TRAIN)
+    assert sorted(got) == sorted(logged) == [0, 1, 2]
+    np.testing.assert_allclose([got[s] for s in range(3)], [logged[s] for s in range(3)], rtol=1e-6)
+    for step in range(3):
+        for name in ("classifier.weight", "bert.pooler.dense.bias"):
+            np.testing.assert_array_equal(trial.tensor(name).value(step, mode=Mode.TRAIN), after.params[step][name])
+            np.testing.assert_array_equal(
+                trial.tensor(f"gradients/{name}").value(step, mode=Mode.TRAIN), after.grads[step][name]
+            )
+    saw = 0 if event == "on_substep_end" else 1  # the weights the evaluation saw: of TRAIN step saw
+    evaluated_at = trial.global_step(0, mode=Mode.EVAL)
+    assert trial.global_step(saw, mode=Mode.TRAIN) < evaluated_at < trial.global_step(saw + 1, mode=Mode.TRAIN)
+
+
+def test_an_evaluate_held_for_its_train_step_is_written_when_train_raises_before_the_steps_end(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """hunt 46 F5 (leftover): an evaluation a callback runs after the optimizer step is written after the step;
+    where ``train()`` raises before the step ends, the unfinished step is dropped (one warning), and the
+    evaluation is still written, before the next cell's ``evaluate()``."""
+    out = tmp_path / "trial"
+    trainer = transformers.Trainer(
+        model=tiny_bert(),
+        args=arguments(tmp_path, max_steps=3),
+        train_dataset=Rows(48, 0),
+        eval_dataset=Rows(16, 1),
+    )
+    evaluate = EvaluateIn(trainer, "on_optimizer_step", 1, RuntimeError("a callback's bug"))
+    for callback in (evaluate, tth.Callback(out, save_config=EVERY_STEP)):
+        trainer.add_callback(callback)
+    with pytest.raises(RuntimeError, match="a callback's bug"):
+        trainer.train()
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        again = trainer.evaluate()
+    assert "step 1 was interrupted by TrainInterrupted" in caplog.text
+    trial = tensortap.create_trial(out)
+    assert trial.steps(mode=Mode.TRAIN) == [0] and trial.steps(mode=Mode.EVAL) == [0, 1]
+    got = trial.tensor("losses/eval_loss").values(mode=Mode.EVAL)
+    np.testing.assert_allclose([got[0], got[1]], [evaluate.evaluated[0]["eval_loss"], again["eval_loss"]])
 
 
 def test_an_evaluate_and_predict_after_a_train_that_raised_close_the_run(tmp_path: Path) -> None:

@@ -1373,7 +1373,9 @@ def test_tree_depth_judges_trees_against_max_depth_xgboost(tmp_path: Path) -> No
 def test_tree_depth_on_a_model_without_trees_says_so_xgboost(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """hunt 47 F6: on a gblinear or multi_output_tree trial whose ``trees`` were asked for (capture warned they
     cannot be), the rule said it needed ``trees`` "with raw tensors (no ReductionConfig, or
-    ReductionConfig(save_raw_tensor=True))", a remedy that does not apply: it says the model has no trees now."""
+    ReductionConfig(save_raw_tensor=True))", a remedy that does not apply: it says the model has no trees now.
+    hunt 47 F6 (leftover): it named both treeless kinds (gblinear and multi_output_tree) whatever the model was;
+    it names the trial's own booster now, from the parameters its worker recorded."""
     xgb = pytest.importorskip("xgboost")
     import tensortap.xgboost as ttx
 
@@ -1387,10 +1389,14 @@ def test_tree_depth_on_a_model_without_trees_says_so_xgboost(tmp_path: Path, cap
         with caplog.at_level(logging.ERROR, logger="tensortap"):  # capture's own warning is not this test's
             xgb.train({"nthread": 1, **params}, dtrain, 2, evals=[(dtrain, "train")], verbose_eval=False,
                       callbacks=[ttx.Callback(tmp_path / name, include_collections=collections)])  # fmt: skip
-    for name in ("linear", "multi"):
+    for name, kind, other in (
+        ("linear", 'the model is a linear booster (booster="gblinear")', "multi_output_tree"),
+        ("multi", 'the model has multi-target trees (multi_strategy="multi_output_tree")', "gblinear"),
+    ):
         with pytest.raises(RuleInputsMissing, match="collection 'trees': it was captured but holds no tree") as info:
             invoke_rule(TreeDepth(tensortap.create_trial(tmp_path / name)))
-        assert 'booster="gblinear"' in str(info.value) and "ReductionConfig" not in str(info.value)
+        message = str(info.value)
+        assert kind in message and other not in message and "ReductionConfig" not in message, message
     with pytest.raises(RuleInputsMissing, match="collection 'trees': no tree of the model was saved") as info:
         invoke_rule(TreeDepth(tensortap.create_trial(tmp_path / "not-asked")))
     assert "ReductionConfig" not in str(info.value)

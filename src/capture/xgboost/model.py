@@ -252,11 +252,16 @@ def offer_labels(hook: Hook, data: EvalData) -> None:
 
 
 def offer_shap(hook: Hook, model: Any, round_: int, data: EvalData, approx: bool) -> None:
-    """``full_shap`` (the SHAP matrix of the row sample) and ``average_shap/<feature>`` (mean |SHAP|)."""
+    """``full_shap`` (the SHAP matrix of the row sample) and ``average_shap/<feature>`` (mean |SHAP|).
+
+    Both are computed before either is offered: where the computation fails, neither is saved (the caller
+    warns once for the pair)."""
     shap = model.predict(data.shap_sample, pred_contribs=True, approx_contribs=approx, iteration_range=(0, round_ + 1))
-    hook.offer("full_shap", shap, ("full_shap",))
+    averages = []
     if hook.is_saving("average_shap"):
         # the last column is the bias; average |SHAP| over rows (and classes) per feature
         mean_abs = np.abs(shap[..., :-1]).reshape(-1, shap.shape[-1] - 1).mean(axis=0)
         features = zip(feature_names(model), mean_abs, strict=True)
-        hook.offer_many((f"average_shap/{f}", np.float64(value), ("average_shap",)) for f, value in features)
+        averages = [(f"average_shap/{f}", np.float64(value), ("average_shap",)) for f, value in features]
+    hook.offer("full_shap", shap, ("full_shap",))
+    hook.offer_many(averages)

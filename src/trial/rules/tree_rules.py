@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .base import Requirement, Rule, check_number
 from .reading import Selection, raw_at, scalar_at
+
+if TYPE_CHECKING:
+    from ..trial import Trial
 
 # XGBoost's distributed training builds one model, whose trees and feature importance every rank saves alike:
 # these rules read the first worker that saved them (the reading helpers without ``worker``)
@@ -142,6 +145,24 @@ def tree_depths(tree: np.ndarray, node: np.ndarray, yes: np.ndarray, no: np.ndar
     return depths
 
 
+def _treeless(trial: Trial) -> str:
+    """Why the model of ``trial`` has no tree XGBoost dumps, in words: its booster, from the parameters the
+    workers recorded (``workers/worker_<rank>.json``, key ``"hyperparameters"``); both kinds where no worker
+    recorded one (a trial from elsewhere)."""
+    for worker in trial._index.workers.values():
+        params = worker.info.get("hyperparameters")
+        if not isinstance(params, dict):
+            continue
+        if params.get("multi_strategy") == "multi_output_tree":
+            return 'the model has multi-target trees (multi_strategy="multi_output_tree"), which XGBoost cannot dump'
+        if params.get("booster") == "gblinear":
+            return 'the model is a linear booster (booster="gblinear"), which has no trees'
+    return (
+        'the model has none of the kind XGBoost dumps (a linear booster, booster="gblinear", or multi-target '
+        'trees, multi_strategy="multi_output_tree")'
+    )
+
+
 class TreeDepth(Rule):
     """Fires when the trees of a boosted model are shallower than ``depth`` (or than their ``max_depth``).
 
@@ -222,9 +243,4 @@ class TreeDepth(Rule):
         if "trees" not in self.base_trial.collections():
             self.need(step, Requirement("trees"), "no tree of the model was saved")
         else:
-            self.need(
-                step,
-                Requirement("trees"),
-                "it was captured but holds no tree: the model has none of the kind XGBoost dumps (a linear "
-                'booster, booster="gblinear", or multi-target trees, multi_strategy="multi_output_tree")',
-            )
+            self.need(step, Requirement("trees"), f"it was captured but holds no tree: {_treeless(self.base_trial)}")
