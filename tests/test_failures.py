@@ -8,7 +8,7 @@ import logging
 import shutil
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -204,9 +204,18 @@ def test_tensor_that_cannot_be_converted_raises_when_strict(tmp_path: Path) -> N
             w.save("obj", np.array(["text"]))
 
 
-def _break_publishing(out: Path) -> None:
-    shutil.rmtree(out / "shards")
+def _break_publishing(out: Path) -> Callable[[], None]:
+    """Make publishing fail (the shards folder is a file); return what puts back the shards published before (the
+    storage is back): a reader looks for the shards of the records it reads."""
+    aside = out.parent / f"{out.name}-shards"
+    shutil.move(out / "shards", aside)
     (out / "shards").write_text("in the way")
+
+    def restore() -> None:
+        (out / "shards").unlink()
+        shutil.move(aside, out / "shards")
+
+    return restore
 
 
 def test_publish_failure_mid_run_logs_once_and_disables(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -215,7 +224,7 @@ def test_publish_failure_mid_run_logs_once_and_disables(tmp_path: Path, caplog: 
     run_steps(w, 2)
     w.flush()
     live = tensortap.create_trial(tmp_path, refresh_interval=0)
-    _break_publishing(tmp_path)
+    restore = _break_publishing(tmp_path)
     run_steps(w, 3)
     w.flush()
     assert w.failed
@@ -226,6 +235,7 @@ def test_publish_failure_mid_run_logs_once_and_disables(tmp_path: Path, caplog: 
     errors = _errors(caplog)
     assert len(errors) == 1
     assert "cannot publish" in errors[0].getMessage()
+    restore()
     trial = tensortap.create_trial(tmp_path)
     assert trial.steps() == [0, 1]
     # the end marker still tells live readers (rules --follow) that nothing more will come, and why
@@ -243,7 +253,7 @@ def test_an_end_marker_the_storage_refused_when_capture_turned_off_is_written_at
     w = Writer(tmp_path, shard_policy=ShardPolicy(max_steps=1))
     run_steps(w, 2)
     w.flush()
-    _break_publishing(tmp_path)
+    restore = _break_publishing(tmp_path)
     shutil.rmtree(tmp_path / "end", ignore_errors=True)
     (tmp_path / "end").write_text("in the way")
     with caplog.at_level(logging.WARNING, logger="tensortap"):
@@ -251,6 +261,7 @@ def test_an_end_marker_the_storage_refused_when_capture_turned_off_is_written_at
         w.flush()
         assert w.failed
         (tmp_path / "end").unlink()  # the storage is back
+        restore()
         w.close()
     refused = [r.getMessage() for r in caplog.records if "cannot write the end marker" in r.getMessage()]
     assert len(refused) == 1 and refused[0].startswith(

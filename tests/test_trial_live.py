@@ -30,6 +30,7 @@ from tensortap import (
 from tensortap.backends.storage import LocalStorage
 from tensortap.capture import ShardPolicy, Writer
 from tensortap.capture.writer import LIVE_SHARE, TrialWriter, publish_deadline
+from tensortap.trial.index import SHARDS_ASKED_FOR
 from tensortap.trial.trial import REFRESH_SECONDS
 
 
@@ -592,10 +593,86 @@ def test_a_shard_folder_that_cannot_be_listed_says_what_follows(
         return listed(self, folder)
 
     monkeypatch.setattr(LocalStorage, "list", refused)
-    run_steps(writer, 1, value=lambda _, s: float(s))
+    run_steps(writer, SHARDS_ASKED_FOR + 1, value=lambda _, s: float(s))  # so many new shards: the folder is listed
     writer.flush()
     trial.refresh()
-    assert trial.steps() == [0, 1, 2]
+    assert trial.steps() == list(range(SHARDS_ASKED_FOR + 3))
     [(folder, why)] = trial.problems().items()
     assert folder == "shards/worker_0" and why.endswith("its index records are read without waiting for their shards")
     writer.close()
+
+
+def test_a_live_reader_polling_its_workers_lists_no_shard_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """review 57b F4: every refresh that read new records listed the whole shard folder of each worker that
+    published them (to hold a record whose shard has not shown yet): one more listing per worker per poll of a
+    live run, of a folder that only grows (a request per 1,000 shards on S3). A poll now asks for the new
+    records' shards alone; a worker's folder is listed where its records are first read, or many come at once
+    (``test_an_index_record_listed_before_its_shard_waits_for_it`` holds records both ways)."""
+    writers = [Writer(tmp_path, rank=r, world_size=2, shard_policy=ShardPolicy(max_steps=1)) for r in range(2)]
+    for w in writers:
+        run_steps(w, 20, value=lambda _, s: float(s))
+        w.flush()
+    trial = tensortap.create_trial(tmp_path, refresh_interval=3600)
+    assert trial.steps() == list(range(20))
+    listed: list[str] = []
+    entries = LocalStorage.entries
+
+    def counted(self: LocalStorage, folder: str) -> tuple[list[str], list[str]]:
+        listed.append(folder)
+        return entries(self, folder)
+
+    monkeypatch.setattr(LocalStorage, "entries", counted)
+    for poll in range(3):
+        for w in writers:
+            run_steps(w, 1, value=lambda _, s: float(s))
+            w.flush()
+        trial.refresh()
+        assert trial.steps() == list(range(21 + poll))
+    assert listed and not [folder for folder in listed if folder.startswith("shards/")], listed
+    assert _steps_of(trial) == {s: float(s) for s in range(23)}
+    for w in writers:
+        w.close()
+
+
+def test_a_shard_missing_from_an_ended_trial_leaves_its_steps_out_from_the_open(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """hunt 49 F1 (offline part): in a trial whose workers have all ended, a shard an index record names that
+    the storage does not have was found only when a value of it was read: until then ``steps()`` and
+    ``tensor_names()`` listed its steps, which then left them. Its worker's shard folder is listed once, as
+    its records are first read: the steps are left out from the open, with the one warning."""
+    with Writer(tmp_path, shard_policy=ShardPolicy(max_steps=1)) as w:
+        run_steps(w, 6, value=lambda _, s: float(s))
+    (tmp_path / "shards/worker_0/0000000004.h5").unlink()
+    with caplog.at_level("WARNING", logger="tensortap"):
+        trial = tensortap.create_trial(tmp_path)
+        assert trial.training_ended and trial.steps() == [0, 1, 2, 3, 5]
+        assert trial.tensor("a").steps() == [0, 1, 2, 3, 5]
+    warned = [r.getMessage() for r in caplog.records if r.name == "tensortap"]
+    assert warned == [
+        "tensortap: skipping shards/worker_0/0000000004.h5: not found, though its index record "
+        "index/worker_0/0000000004.json lists it, holding step 4"
+    ], warned
+    with pytest.raises(ShardUnreadable, match="not found"):
+        trial.tensor("a").value(4)
+    assert _steps_of(trial) == {s: float(s) for s in (0, 1, 2, 3, 5)}
+
+
+def test_the_steps_of_a_record_held_for_its_shard_are_counted_incomplete(tmp_path: Path) -> None:
+    """review 57b F6: ``repr(trial)`` counted the steps after a record held for its shard as incomplete, not
+    the held record's own steps (``1 steps (+2 incomplete)`` for steps 0-3 with the shard of step 1 not there
+    yet), though they are saved and not complete."""
+    w = Writer(tmp_path, shard_policy=ShardPolicy(max_steps=1))
+    run_steps(w, 4, value=lambda _, s: float(s))
+    w.flush()
+    shard = tmp_path / "shards/worker_0/0000000001.h5"
+    aside = tmp_path.parent / "aside.h5"
+    shard.rename(aside)
+    trial = tensortap.create_trial(tmp_path, refresh_interval=3600)
+    assert trial.steps() == [0] and ": 1 steps (+3 incomplete) (train 1)," in repr(trial)
+    aside.rename(shard)
+    trial.refresh()
+    assert trial.steps() == [0, 1, 2, 3] and ": 4 steps (train 4)," in repr(trial)
+    w.close()

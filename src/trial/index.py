@@ -1,9 +1,10 @@
 """The read side's view of a trial's files: index records, workers, end markers, shards.
 
 :class:`TrialIndex` lists what is new since the last refresh (cheap: one
-listing per worker folder, parsing only records not seen before; and one of
-the shard folder of a running worker that published records, whose shards
-may show after them) and keeps
+listing per worker folder, parsing only records not seen before; and a look
+for the shards of the records read, which may show after them: a listing of
+a worker's shard folder as its records are first read, else a request for
+each new shard) and keeps
 where every (tensor, worker, step) lives: a :class:`Segment` per shard shared by
 the tensors that hold the same steps there, NumPy arrays of its steps and of
 what each step holds, never an object per step nor per (tensor, shard); what
@@ -24,7 +25,7 @@ import functools
 import logging
 import threading
 from array import array
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, ItemsView, Iterable, Iterator, Mapping, Sequence, ValuesView
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -59,6 +60,10 @@ REQUESTS_AT_ONCE = 32
 """Small requests to remote storage made at once: folders listed, and the values of a tensor read by range
 where its index records locate them (:meth:`TrialIndex.read_raw_many`). Each is a round trip or two, its
 answer small or returned anyway; the filesystem's own connection pool may queue some (s3fs: 10)."""
+SHARDS_ASKED_FOR = 8
+"""A refresh asks for the shards of a worker's new index records one by one (one small request each) where they
+are at most this many and its shard folder holds more (a live worker polled); else it lists the folder (a
+request per 1,000 names, on S3 billed as some ten object requests, its answer growing with the run)."""
 READS_AT_ONCE = 8
 """Whole shards downloaded at once from remote storage (:meth:`TrialIndex.fetch`), and shards whose values
 a reduction holds together."""
@@ -774,7 +779,7 @@ class WorkerState:
     killed: bool = False  # ``end`` is this reader's: the process ended without writing an end marker
     version: str | None = None  # Storage.listed_version of the worker record ``info`` was read from
     # shard -> (key, record) of the index records listed before their shard (a store that shows objects in any
-    # order, a copy of a live trial): added once the shard is listed (TrialIndex._add_held)
+    # order, a copy of a live trial): added once the shard is there (TrialIndex._add_held)
     held: dict[str, tuple[str, ParsedRecord]] = field(default_factory=dict)
 
     def passed(self, mode: Mode | None) -> int:
@@ -1001,7 +1006,9 @@ class TrialIndex:
         End markers are listed before the index records: a worker writes its end marker after its
         last index record, so every record of an ended worker is read in this same refresh. Two
         rounds of listings (on remote storage each round's requests made at once): the workers'
-        records, the end markers and the index folders; then each worker's index folder. A worker
+        records, the end markers and the index folders; then each worker's index folder. Then the shards of
+        the records read are looked for (:data:`SHARDS_ASKED_FOR`): a record whose shard is not there yet is
+        held for it (:attr:`WorkerState.held`). A worker
         without an end marker whose process has ended (:func:`~tensortap.processes.process_gone`, looked
         at before the listings, so that everything it published is read here) ends, reason ``killed``,
         unless its worker record, read again (:meth:`_look_again`), names another process that resumed
@@ -1066,18 +1073,33 @@ class TrialIndex:
         self._look_again([*removed, *running])
         for shard in [shard for shard, listed in self.shards.items() if listed.record in gone_records]:
             self.drop_shard(shard, "its index record is gone (the trial's files removed while it was read?)")
-        # the shard folders of the workers that have not ended and published records, and of those with records
-        # held for their shards: listed after the index folders (a writer publishes a shard before its record)
-        publishing = {w for w, _ in new if w not in self.workers or self.workers[w].end is None}
-        shards = self._shard_names(publishing | {w for w, state in self.workers.items() if state.held})
+        # the shards of the new records, and of those held for theirs, are looked for after the index folders (a
+        # writer publishes a shard before its record): a worker's shard folder listed where it is not much more
+        # than those (a worker first read), else each shard asked for (a live worker's poll: its folder grows)
+        wanted = Counter(w for w, _ in new)
+        wanted.update({w: len(state.held) for w, state in self.workers.items() if state.held})
+        whole = {w for w, n in wanted.items() if n > SHARDS_ASKED_FOR or len(self._seen.get(w, ())) <= n}
+        shards = self._shard_names(whole)
+        asked: list[tuple[str, str, ParsedRecord]] = []  # records whose shards are asked for, added after
         after_end = set()  # workers that ended before this refresh and published since: resumed
+
+        def add(worker: str, key: str, parsed: ParsedRecord) -> None:
+            # may find the worker's run replaced, and forget what was seen
+            self._add_checked(worker, key, parsed, shards.get(worker))
+            if worker in ended and self.workers[worker].end is not None:
+                after_end.add(worker)
+
         for worker, key, parsed in self._load(new, parse_index_record):
             if parsed is not None:
-                # may find the worker's run replaced, and forget what was seen
-                self._add_checked(worker, key, parsed, shards.get(worker) if worker in publishing else None)
-                if worker in ended and self.workers[worker].end is not None:
-                    after_end.add(worker)
+                if worker in whole:
+                    add(worker, key, parsed)
+                else:
+                    asked.append((worker, key, parsed))
             self._seen[worker].add(key.rsplit("/", 1)[1])  # once read (or warned about)
+        held = [shard for w, state in self.workers.items() if w not in whole for shard in state.held]
+        shards.update(self._shards_there([parsed.record["shard"] for _, _, parsed in asked] + held))
+        for record in asked:
+            add(*record)
         self._add_held(shards)
         renewed = self._look_again(after_end)
         self._read_ends([(w, key) for w, key in markers if w in renewed])  # its records up to it are read above
@@ -1174,8 +1196,8 @@ class TrialIndex:
 
     def _add_checked(self, worker: str, key: str, parsed: ParsedRecord, shards: set[str] | None = None) -> None:
         """Add the index record ``key`` of ``worker``, unless another process than the worker's wrote it; hold
-        it (:attr:`WorkerState.held`) while ``shards``, the names listed in the worker's shard folder (None: not
-        listed), lacks its shard."""
+        it (:attr:`WorkerState.held`) while ``shards``, the names of the worker's shards found there (None: not
+        looked for), lacks its shard."""
         w = self._worker(worker)
         run, claimed = parsed.record.get("run_id"), w.info.get("run_id")
         if _another_run(w.info, run) and worker not in self._looked:
@@ -1268,10 +1290,27 @@ class TrialIndex:
         listed = self._listings([(self.storage.list, f"{layout.SHARDS}/{w}") for w in named], None, unlisted)
         return {w: set(names) for w, names in zip(named, listed, strict=True) if names is not None}
 
+    def _shards_there(self, shards: Sequence[str]) -> dict[str, set[str]]:
+        """The names of those of ``shards`` (keys) that the storage has, by worker (as :meth:`_shard_names`:
+        every worker of ``shards`` is in it), each asked for (on remote storage, at once). One that cannot
+        be asked for (no permission) counts as there: its read says what fails."""
+        calls = [functools.partial(self.storage.exists, shard) for shard in shards]
+        done = [_ran(call) for call in calls] if self.storage.is_local else at_once(calls, "exists")
+        there: dict[str, set[str]] = {}
+        for shard, future in zip(shards, done, strict=True):
+            _, worker, name = shard.split("/")  # a shard key of its worker (parse_index_record)
+            names = there.setdefault(worker, set())
+            exc = future.exception()
+            if exc is not None and (isinstance(exc, STORAGE_FAILURES) or not isinstance(exc, OSError)):
+                raise exc
+            if exc is not None or future.result():
+                names.add(name)
+        return there
+
     def _add_held(self, shards: Mapping[str, set[str]]) -> None:
-        """Add the index records :attr:`WorkerState.held` whose shards are now listed in ``shards`` (the names
-        in each worker's shard folder: :meth:`_shard_names`), and those of a worker that has ended or whose
-        folder was not listed; a shard still not listed once its worker has ended is dropped as missing (one
+        """Add the index records :attr:`WorkerState.held` whose shards are now in ``shards`` (the names of each
+        worker's shards found there: :meth:`_shard_names`, :meth:`_shards_there`), and those of a worker whose
+        shards were not looked for; a shard still not there once its worker has ended is dropped as missing (one
         warning, :meth:`drop_shard`): its steps were never complete, so no step listed leaves the trial."""
         for worker, w in list(self.workers.items()):
             names = shards.get(worker)
@@ -1283,6 +1322,12 @@ class TrialIndex:
                 self._add_checked(worker, key, parsed)
                 if missing and shard in self.shards and self.shards[shard].record == key:
                     self.drop_shard(shard, self.missing(shard))
+
+    def held_steps(self) -> set[int]:
+        """The steps of the index records :attr:`WorkerState.held` for their shards that no record read lists:
+        saved, not complete (not in :attr:`steps` until their shards are there)."""
+        held = (parsed.steps.tolist() for w in self.workers.values() for _, parsed in w.held.values())
+        return set(chain.from_iterable(held)).difference(self.steps)
 
     def missing(self, shard: str) -> str:
         """Why ``shard`` is dropped when the storage does not have it: the index record that names it, and

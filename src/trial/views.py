@@ -275,7 +275,8 @@ def trial_text(trial: Trial) -> str:
     modes = ", ".join(f"{m.name.lower()} {len(trial.steps(m)) or 'none'}" for m in trial.modes())  # as `ls`
     idx = trial._index
     complete = len(trial.steps())
-    more = f" (+{len(idx.steps) - complete} incomplete)" if len(idx.steps) > complete else ""
+    incomplete = len(idx.steps) - complete + len(idx.held_steps())
+    more = f" (+{incomplete} incomplete)" if incomplete else ""
     return (
         f"<Trial {trial.path!r}: {complete} steps{more} ({modes or 'none'}), {len(idx.tensors)} tensors, "
         f"{len(trial.workers())} worker(s), {status_text(trial)}>"

@@ -18,7 +18,7 @@ from torch import nn  # noqa: E402
 import tensortap  # noqa: E402
 import tensortap.torch as ttt  # noqa: E402
 from tensortap import ReductionConfig, SaveConfig, StepState  # noqa: E402
-from tensortap.capture import ShardPolicy  # noqa: E402
+from tensortap.capture import ShardPolicy, Writer  # noqa: E402
 from tensortap.exceptions import UnknownName  # noqa: E402
 from tensortap.rules import (  # noqa: E402
     Action,
@@ -147,7 +147,8 @@ def test_in_process_rules_go_on_after_a_storage_error_disabled_capture(
     assert len(losses) == first + 2
     [error] = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert "capture is disabled" in error and "in-process rules go on" in error
-    assert tensortap.create_trial(tmp_path).steps() == [0]  # nothing more was written (step 1 is recorded later)
+    # nothing more was written (step 1 is recorded later); the shard of step 0 went with the folder
+    assert [p.name for p in (tmp_path / "index" / "worker_0").iterdir()] == ["0000000000.json"]
 
 
 # ---------------------------------------------------------- rules= checked
@@ -314,6 +315,32 @@ def test_a_misspelled_collection_a_rule_asks_for_is_warned_about_at_the_close(
         "to it (did you mean 'gradients'?): the rule judged without it"
     ]
     assert rule.evaluated_steps == 2
+
+
+def test_a_collection_named_among_others_that_shows_later_is_no_longer_missing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """review 57 R57-1: ``ExplodingTensor(collection_names=["losses", "custom_stats"])`` where the training saves
+    ``custom_stats`` first at step 4 was said to lack it from step 0 (with a did-you-mean of 'custom'), and
+    the entry stayed in ``missing_inputs`` after the rule read it and fired on it. Once it shows, it is no
+    longer missing (one info line says so)."""
+    rule = ExplodingTensor(collection_names=["losses", "custom_stats"])
+    with caplog.at_level(logging.INFO, logger="tensortap"), Writer(tmp_path, rules=[rule]) as w:
+        for step in range(8):
+            with w.stepping():
+                w.save("losses/loss", np.float32(1.0), ["losses"])
+                if step >= 4:
+                    w.save("custom_stats/x", np.float32(np.nan if step == 6 else 1.0), ["custom_stats"])
+            if step == 3:
+                assert [m.split(":")[0] for m in rule.missing_inputs] == [
+                    "ExplodingTensor needs collection 'custom_stats' with reductions nan_count, inf_count (or raw "
+                    "tensors)"
+                ]
+    assert rule.fired_steps == [6] and rule.missing_inputs == {} and not rule.lacks_inputs
+    assert (
+        "tensortap: ExplodingTensor needs collection 'custom_stats' with reductions nan_count, inf_count (or raw "
+        "tensors) no more: the trial holds it from step 4 on" in [r.getMessage() for r in caplog.records]
+    )
 
 
 @pytest.mark.parametrize(

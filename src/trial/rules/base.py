@@ -464,6 +464,23 @@ class Rule:
             self._progress.missing[message] = step
             logger.warning("tensortap: %s (first at step %d)", message, step)
 
+    def need_met(self, step: int, requirement: Requirement | str, detail: str = "") -> None:
+        """Forget what :meth:`need` recorded of ``requirement`` with ``detail``: the trial holds it now (a
+        collection a live training saves first at a later step), so it leaves :attr:`missing_inputs` (one info
+        line says so).
+
+        Parameters
+        ----------
+        step
+            The step being evaluated: the first that holds it.
+        requirement, detail
+            As given to :meth:`need`.
+        """
+        what = requirement if isinstance(requirement, str) else requirement.describe()
+        message = f"{self.name} needs {what}" + (f": {detail}" if detail else "")
+        if self._progress.missing.pop(message, None) is not None:
+            logger.info("tensortap: %s needs %s no more: the trial holds it from step %d on", self.name, what, step)
+
     def found_input(self) -> None:
         """Record that the step being evaluated read one of the rule's inputs.
 

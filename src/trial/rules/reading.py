@@ -57,6 +57,7 @@ class Selection:
         self.regexes = regex_list(tensor_regex)
         check_regexes("tensor_regex", self.regexes)
         self.exclude: tuple[str, ...] = ()
+        self._lacked: dict[str, str] = {}  # collection named that the trial lacked -> why (names_for)
         if not self.collections and not self.regexes:
             self.collections = tuple(default_collections)
             self.exclude = () if self.collections else tuple(default_exclude)
@@ -95,7 +96,8 @@ class Selection:
         collection named that is no collection of the trial (nor one its hook saves) is a partial need naming
         it and the closest collections (``did you mean 'gradients'?``): a misspelled name among valid ones
         would otherwise judge only the others. Either is decided at each step, as the trial is then (a live
-        training may write a collection later), as for a single name.
+        training may write a collection later), as for a single name; a collection that shows up is no longer
+        needed (:meth:`Rule.need_met`).
 
         Parameters
         ----------
@@ -114,9 +116,13 @@ class Selection:
         if not names and not self.names(rule.base_trial):
             self.need_in_trial(rule, step, requirement, partial=partial)
             return names
-        for exc in unknown:
-            lacking = Requirement(exc.name, requirement.reductions, requirement.raw)
-            rule.need(step, lacking, str(exc), partial=True)
+        lacking = {exc.name: exc for exc in unknown}
+        for c in self.collections:
+            collection = Requirement(c, requirement.reductions, requirement.raw)
+            if c in lacking:  # said once, in the words of the first step that lacked it
+                rule.need(step, collection, self._lacked.setdefault(c, str(lacking[c])), partial=True)
+            elif c in self._lacked:
+                rule.need_met(step, collection, self._lacked.pop(c))
         return names
 
     def requirements(self, reductions: Sequence[str] = (), raw: bool = False) -> list[Requirement]:
