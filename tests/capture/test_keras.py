@@ -607,6 +607,66 @@ def test_gradient_accumulation_counts_batches_not_updates(tmp_path: Path, caplog
     assert tensortap.create_trial(tmp_path / "b").steps(mode=Mode.TRAIN) == [6, 7, 8]
 
 
+def test_a_loss_scale_optimizer_over_gradient_accumulation_counts_batches(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """hunt 51 F1/F2 (follow-up): a ``LossScaleOptimizer`` has no ``gradient_accumulation_steps`` of its own and
+    its ``iterations`` are its inner optimizer's updates: with the inner one accumulating two batches, a second
+    fit with the same callback warned that the iterations "went back", and a resumed fit numbered its steps
+    from the updates. Its saved gradients are each batch's own, unscaled: those of the same training without
+    the loss scale."""
+    kw: dict[str, Any] = {"save_config": EVERY_STEP, "include_collections": ["losses", "gradients"]}
+
+    def fit_twice(out: Path, scaled: bool) -> Any:
+        keras.utils.set_random_seed(1)
+        model = mlp()
+        optimizer = keras.optimizers.SGD(LR, gradient_accumulation_steps=2)
+        model.compile(optimizer=keras.optimizers.LossScaleOptimizer(optimizer) if scaled else optimizer, loss="mse")
+        same = ttk.Callback(out, close_on_train_end=False, **kw)
+        for _ in range(2):
+            model.fit(X, Y, batch_size=BATCH, epochs=1, shuffle=False, callbacks=[same], verbose=0)
+        same.close()
+        return model
+
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        model = fit_twice(tmp_path / "a", scaled=True)
+    assert "went back" not in caplog.text
+    scaled = tensortap.create_trial(tmp_path / "a")
+    assert scaled.steps(mode=Mode.TRAIN) == list(range(6))
+    fit_twice(tmp_path / "plain", scaled=False)
+    plain = tensortap.create_trial(tmp_path / "plain")
+    for step in range(6):
+        np.testing.assert_allclose(
+            scaled.tensor("gradients/dense/kernel").value(step, mode=Mode.TRAIN),
+            plain.tensor("gradients/dense/kernel").value(step, mode=Mode.TRAIN),
+            rtol=1e-5,
+            err_msg=f"step {step}",
+        )
+    resumed = ttk.Callback(tmp_path / "b", **kw)
+    model.fit(X, Y, batch_size=BATCH, epochs=2, initial_epoch=1, shuffle=False, callbacks=[resumed], verbose=0)
+    assert tensortap.create_trial(tmp_path / "b").steps(mode=Mode.TRAIN) == [6, 7, 8]
+
+
+def test_a_loss_scale_optimizer_that_skips_steps_is_not_taken_for_a_restore(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """hunt 51 (follow-up): a ``LossScaleOptimizer`` skips the update of a step whose scaled gradients are not
+    finite, and its ``iterations`` do not count it: a second fit with the same callback after skipped steps
+    warned that the optimizer's iterations "went back" (restored by BackupAndRestore), though nothing was."""
+    keras.utils.set_random_seed(1)
+    model = mlp()
+    optimizer = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(LR), initial_scale=2.0**127)
+    model.compile(optimizer=optimizer, loss="mse")
+    cb = ttk.Callback(tmp_path, close_on_train_end=False, save_config=EVERY_STEP, include_collections=["losses"])
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        for _ in range(2):
+            model.fit(X, 100 * Y, batch_size=BATCH, epochs=1, shuffle=False, callbacks=[cb], verbose=0)
+    cb.close()
+    assert int(keras.ops.convert_to_numpy(optimizer.iterations)) < 6  # steps were skipped (overflow)
+    assert "went back" not in caplog.text
+    assert tensortap.create_trial(tmp_path).steps(mode=Mode.TRAIN) == list(range(6))
+
+
 def test_a_loss_scale_factor_is_taken_out_of_the_gradients(tmp_path: Path) -> None:
     """hunt 51 F4: ``optimizer(loss_scale_factor=128)`` scales the loss and ``apply`` divides the gradients by it:
     the saved gradients were 128 times those applied."""
@@ -797,32 +857,46 @@ def test_a_cell_called_in_a_loop_gives_its_last_value(tmp_path: Path) -> None:
         )
 
 
-@pytest.mark.skipif(BACKEND == "torch", reason="Keras's torch LSTM runs one fused kernel: its cell is never called")
+@pytest.mark.parametrize("run_mode", list(RUN_MODES))
 def test_a_masked_recurrent_layer_is_named_in_one_warning_as_its_cell_is_not_its_output(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, run_mode: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """hunt 43 F1: with a mask (``Masking``, ``Embedding(mask_zero=True)``) and sequences padded at their end,
     the cell's kept value is its call at the loop's last timestep, on the padding, while Keras keeps the output
     of each sequence's last unmasked timestep: the docs said the two were equal, and nothing said otherwise.
-    Now the docs say when they differ, and one warning per layer names it."""
+    Now the docs say when they differ, and one warning per layer names it.
+
+    hunt 51 F3: only where the cell runs in a compiled loop (TensorFlow compiled, JAX). On torch and TensorFlow
+    with ``run_eagerly=True`` (Keras's torch ``LSTM`` falls back to its loop when given a mask) every call is
+    kept (``lstm_cell:0`` Keras's call before its loop, ``lstm_cell:<t+1>`` timestep ``t``); before, the
+    warning said otherwise there too."""
     x = RNG.normal(size=(48, 3, 2)).astype("float32")
     x[::2, 1:] = 0.0  # every other sequence is one timestep long, padded
     lstm = keras.layers.LSTM(4, name="lstm", use_cudnn=False)
     model = keras.Sequential([keras.Input((3, 2)), keras.layers.Masking(0.0), lstm, keras.layers.Dense(1)])
-    model.compile(optimizer=keras.optimizers.SGD(LR), loss="mse")
+    model.compile(optimizer=keras.optimizers.SGD(LR), loss="mse", **RUN_MODES[run_mode])
     cb = ttk.Callback(tmp_path, save_config=EVERY_STEP, include_collections=["outputs"])
     with caplog.at_level(logging.WARNING, logger="tensortap"):
         model.fit(x, Y, batch_size=BATCH, epochs=2, shuffle=False, callbacks=[cb], verbose=0)
-    assert [r.getMessage() for r in caplog.records if r.name == "tensortap"] == [
-        "tensortap: layer lstm receives a mask: its cell's values (outputs/lstm/...) are those of its call at the "
-        "loop's last timestep, computed on the padding of a sequence that ends earlier, while the layer's output "
-        "(outputs/lstm) is that of each sequence's last unmasked timestep: they differ there"
-    ]
     trial = tensortap.create_trial(tmp_path)
-    cell = trial.tensor("outputs/lstm/lstm_cell/0").value(0, mode=Mode.TRAIN)
     output = trial.tensor("outputs/lstm").value(0, mode=Mode.TRAIN)
-    np.testing.assert_array_equal(cell[1::2], output[1::2])  # unpadded: the layer's output
-    assert not np.allclose(cell[::2], output[::2])
+    warned = [r.getMessage() for r in caplog.records if r.name == "tensortap"]
+    if BACKEND == "jax" or (BACKEND == "tensorflow" and run_mode != "eager"):
+        assert warned == [
+            "tensortap: layer lstm receives a mask: its cell's values (outputs/lstm/...) are those of its call at "
+            "the loop's last timestep, computed on the padding of a sequence that ends earlier, while the layer's "
+            "output (outputs/lstm) is that of each sequence's last unmasked timestep: they differ there"
+        ]
+        cell = trial.tensor("outputs/lstm/lstm_cell/0").value(0, mode=Mode.TRAIN)
+        np.testing.assert_array_equal(cell[1::2], output[1::2])  # unpadded: the layer's output
+        assert not np.allclose(cell[::2], output[::2])
+    else:
+        assert warned == []
+        calls = trial.tensor_names(regex=r"^outputs/lstm/lstm_cell:\d+/0$")
+        assert calls == [f"outputs/lstm/lstm_cell:{i}/0" for i in range(4)]  # before the loop, then 3 timesteps
+        for i, rows in ((1, slice(0, None, 2)), (3, slice(1, None, 2))):  # each sequence's last unmasked timestep
+            cell = trial.tensor(f"outputs/lstm/lstm_cell:{i}/0").value(0, mode=Mode.TRAIN)
+            np.testing.assert_allclose(cell[rows], output[rows], rtol=1e-6)
 
 
 # what is kept of a recurrent layer's cell (quickstart-keras, "Recurrent layers"), by backend, run mode and layer:
@@ -3182,6 +3256,44 @@ def test_a_value_left_as_given_in_evaluation_but_changed_in_training_is_saved_in
     assert sorted(given) == sorted(halved) == [0, 1, 2]
     for step in given:
         np.testing.assert_array_equal(given[step], 2 * halved[step], err_msg=f"step {step}")
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="keras.layers.TorchModuleWrapper runs on the torch backend only")
+def test_a_torch_module_wrapper_s_parameters_are_named_by_the_layer_and_the_module_s_names(tmp_path: Path) -> None:
+    """hunt 51 F6: a ``TorchModuleWrapper``'s variables have no name: they were saved as ``variable_4``,
+    ``gradients/variable_5``, ... (Keras's count of unnamed variables in the process: a second run of a script
+    named them apart), its biases not in ``biases``. Now ``tw/0.weight``, ``tw/0.bias``, ...: stable whatever
+    was made before, the values of the torch module's own parameters and gradients."""
+    import torch
+
+    for _ in range(3):  # unnamed variables made before: Keras's count of them goes on
+        keras.Variable(np.zeros(2, "float32"))
+    keras.utils.set_random_seed(1)
+    module = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    tw = keras.layers.TorchModuleWrapper(module, name="tw")
+    model = keras.Sequential([keras.Input((6,)), tw, keras.layers.Dense(1, name="head")])
+    model.compile(optimizer=keras.optimizers.SGD(LR), loss="mse")
+    seen: list[dict[str, np.ndarray]] = []  # the module's parameters and gradients after each step
+
+    class Seen(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+            seen.append({n: p.detach().cpu().numpy().copy() for n, p in module.named_parameters()})
+            seen[-1].update({f"gradients/{n}": p.grad.cpu().numpy().copy() for n, p in module.named_parameters()})
+
+    cb = ttk.Callback(tmp_path, save_config=EVERY_STEP, include_collections=["weights", "biases", "gradients"])
+    model.fit(X, Y, batch_size=BATCH, epochs=1, shuffle=False, callbacks=[cb, Seen()], verbose=0)
+    trial = tensortap.create_trial(tmp_path)
+    torch_names = ["0.bias", "0.weight", "2.bias", "2.weight"]
+    assert trial.tensor_names(regex="tw") == [
+        *(f"gradients/tw/{n}" for n in torch_names),
+        *(f"tw/{n}" for n in torch_names),
+    ]
+    assert trial.tensor_names(collection="biases") == ["head/bias", "tw/0.bias", "tw/2.bias"]
+    assert len(seen) == 3
+    for step, params in enumerate(seen):
+        for name, value in params.items():
+            tensor = name.replace("gradients/", "gradients/tw/") if name.startswith("gradients/") else f"tw/{name}"
+            np.testing.assert_allclose(trial.tensor(tensor).value(step, mode=Mode.TRAIN), value, rtol=1e-6)
 
 
 DATA_PARALLEL = """

@@ -132,6 +132,7 @@ class _InStep(threading.local):
         self.extras: dict[str, Any] = {}
         self.level: Any = None
         self.calls: dict[str, int] = {}  # the calls of each layer, by path (see Callback._call_index)
+        self.levels: dict[str, Any] = {}  # the trace level (see ops.trace_level) of each layer's last call, by path
         self.loss_names: set[str] = set()
         # the Means updated with a scalar, by id (metric, value), and their results (result, metric)
         self.means: dict[int, tuple[Any, Any]] = {}
@@ -487,7 +488,9 @@ class Callback(keras.callbacks.Callback):
         a new optimizer, of a model compiled again, counts from 0 by design), the steps are saved
         under other numbers than Keras's: one warning names both. Went back: the optimizer's
         iterations are fewer than the batches of the steps numbered since, each execution of
-        ``steps_per_execution`` batches whole but the last of each epoch (one batch at least).
+        ``steps_per_execution`` batches whole but the last of each epoch (one batch at least); for a
+        ``LossScaleOptimizer``, which does not count the steps it skips (non-finite gradients), fewer than
+        at the last fit's first batch.
         """
         model = self._model
         optimizer, last = getattr(model, "optimizer", None), self._keras_lead
@@ -501,7 +504,10 @@ class Callback(keras.callbacks.Callback):
         if iterations is not None and last is not None and last[0]() is optimizer:
             _, since, per_execution, first, epochs = last
             steps, partial = after - first, min(self._epochs_begun - epochs, after - first)
-            went_back = iterations < since + (steps - partial) * per_execution + partial
+            if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+                went_back = iterations < since
+            else:
+                went_back = iterations < since + (steps - partial) * per_execution + partial
         if went_back and after != done:
             logger.warning(
                 "tensortap: this fit goes on from Keras's training step %d (its optimizer's iterations went "
@@ -996,10 +1002,10 @@ class Callback(keras.callbacks.Callback):
         a quantized layer's, such as a seed generator's state), remembered."""
         known = self._variable_names.get(id(v))
         if known is None or known[0] is not v:
-            coll = None
+            name, coll = self._renamed.get(id(v)) or self._name(v.path), None
             if keras.backend.is_float_dtype(v.dtype) or id(v) in self._quantized:
-                coll = "biases" if v.name.endswith("bias") else "weights"
-            known = self._variable_names[id(v)] = (v, self._renamed.get(id(v)) or self._name(v.path), coll)
+                coll = "biases" if name.endswith("bias") else "weights"
+            known = self._variable_names[id(v)] = (v, name, coll)
         return known[1], known[2]
 
     def _return_variables(self, collections: Collection[str]) -> None:
@@ -1178,7 +1184,7 @@ class Callback(keras.callbacks.Callback):
         """Forget the layer calls and losses seen: a step (or a step function's run or trace) begins."""
         state = self._in
         state.calls, state.loss_names, state.means, state.results, state.computed = {}, set(), {}, {}, []
-        state.applied = set()
+        state.levels, state.applied = {}, set()
 
     def _tap_logs(self, logs: dict[str, Any], mode: Mode) -> None:
         """The metrics a step returns, and the losses among them that no tracker or ``compute_loss`` gave.
@@ -1421,8 +1427,11 @@ class Callback(keras.callbacks.Callback):
                 # the path, known once the layer is built: "block/inner" for a layer nested in "block"
                 path = self._renamed.get(id(layer)) or self._name(_path(layer))
                 i = self._call_index(path)
+                level = self._in.levels[path] = trace_level()
                 if kwargs.get("mask") is not None and isinstance(layer, keras.layers.RNN):
-                    self._warn_masked(path)
+                    cell = self._renamed.get(id(layer.cell)) or self._name(_path(layer.cell))
+                    if self._in.levels.get(cell, level) != level:  # a compiled loop's body: its last iteration kept
+                        self._warn_masked(path)
                 if args:
                     inputs = flatten("", args[0], is_tensor)
                     self._tap("inputs", [(Slot(f"inputs/{path}", i, sub), v) for sub, v in inputs])
@@ -1432,8 +1441,10 @@ class Callback(keras.callbacks.Callback):
         return wrapped
 
     def _warn_masked(self, path: str) -> None:
-        """A recurrent layer at ``path`` given a mask: one warning per layer that its cell's values are not the
-        layer's output (Keras keeps the output of each sequence's last unmasked timestep, not of the last one)."""
+        """A recurrent layer at ``path`` given a mask, whose cell ran in a compiled loop (a TensorFlow ``while``
+        body, a JAX ``lax.scan``): one warning per layer that its cell's values are not the layer's output (Keras
+        keeps the output of each sequence's last unmasked timestep, not of the last one). A loop run in Python
+        keeps every call of the cell: nothing to warn about."""
         if path in self._warned_masked or "outputs" not in self.hook.included:
             return
         self._warned_masked.add(path)
@@ -1593,10 +1604,28 @@ def _on_host(extras: dict[str, Any]) -> dict[str, Any]:
     return extras
 
 
+# optimizers warned about by _applied (a warning each)
+_WARNED_UNCOUNTED: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
 def _applied(optimizer: Any) -> int:
-    """The optimizer's ``apply`` calls, one per execution of a ``fit``: its ``iterations``, which with
-    ``gradient_accumulation_steps=N`` counts its updates, one every N calls (its own count of calls then)."""
-    counter = optimizer._iterations if getattr(optimizer, "gradient_accumulation_steps", None) else optimizer.iterations
+    """The optimizer's ``apply`` calls, one per execution of a ``fit``: its ``iterations`` (a
+    ``LossScaleOptimizer``'s, its inner optimizer's), which with ``gradient_accumulation_steps=N`` counts
+    its updates, one every N calls: its own count of calls then, Keras's private ``_iterations`` (Keras 3
+    has no public one); a Keras without it gets one warning and the count of updates."""
+    *_, inner = _chain(optimizer)
+    counter = inner.iterations
+    if getattr(inner, "gradient_accumulation_steps", None):
+        calls = getattr(inner, "_iterations", None)
+        if calls is not None:
+            counter = calls
+        elif inner not in _WARNED_UNCOUNTED:
+            _WARNED_UNCOUNTED.add(inner)
+            logger.warning(
+                "tensortap: optimizer %s accumulates gradients but has no count of its apply calls (_iterations) "
+                "in this Keras: a fit that goes on from its iterations numbers its TRAIN steps by its updates",
+                getattr(inner, "name", type(inner).__name__),
+            )
     return int(keras.ops.convert_to_numpy(counter))
 
 
@@ -1691,7 +1720,8 @@ def _on_batch_frame(frame: FrameType | None, names: Collection[str]) -> FrameTyp
 
 
 def _tree_names(model: Any, name: Callable[[str], str]) -> dict[int, str]:
-    """Tree names of the layers and variables of ``model`` whose name another one shares, by id.
+    """Tree names of the layers and variables of ``model`` whose name another one shares, by id, and
+    of the variables of its ``keras.layers.TorchModuleWrapper`` layers.
 
     Keras names a layer or variable by its path where it was built: the layers of two
     functional sub-models built alike (``e1`` and ``e2``, each with a layer ``dense``)
@@ -1699,6 +1729,10 @@ def _tree_names(model: Any, name: Callable[[str], str]) -> dict[int, str]:
     place under ``model`` instead: ``e1/dense``, ``e1/dense/kernel``, ``e2/dense/kernel``
     (a layer reached twice keeps its first place). ``name`` makes a Keras path relative
     to the model.
+
+    A ``TorchModuleWrapper`` makes a variable of each parameter of its torch module
+    without a name (Keras numbers them in the process: ``variable_4``): each is named by
+    the layer's name and the parameter's in the module (``named_parameters``): ``tw/0.weight``.
 
     Parameters
     ----------
@@ -1728,7 +1762,15 @@ def _tree_names(model: Any, name: Callable[[str], str]) -> dict[int, str]:
     shared: dict[str, list[int]] = {}
     for key, (obj, _) in tree.items():
         shared.setdefault(name(_path(obj)), []).append(key)
-    return {key: tree[key][1] for keys in shared.values() if len(keys) > 1 for key in keys}
+    renamed = {key: tree[key][1] for keys in shared.values() if len(keys) > 1 for key in keys}
+    for layer, _ in tree.values():
+        if isinstance(layer, keras.layers.TorchModuleWrapper):
+            prefix = renamed.get(id(layer)) or name(_path(layer))
+            parameters = {id(p): n for n, p in layer.module.named_parameters()}
+            for v in layer.variables:  # each wraps its parameter itself (torch backend)
+                if id(v.value) in parameters:
+                    renamed[id(v)] = f"{prefix}/{parameters[id(v.value)]}"
+    return renamed
 
 
 def _numbered(names: list[str]) -> list[str]:
