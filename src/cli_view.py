@@ -23,13 +23,14 @@ X_CHOICES = ("step", "global_step", "time")
 
 def _check_output(
     path: str, suffixes: Sequence[str], *, stdout: bool = False, storage_options: dict[str, Any] | None = None
-) -> None:
-    """Check ``-o`` before any work (:func:`~tensortap.trial.export.check_output`, a URL's storage reached with
-    ``storage_options``): a suffix not among ``suffixes`` is a usage error (exit 2)."""
+) -> str:
+    """``-o``, checked before any work (:func:`~tensortap.trial.export.check_output`, a URL's storage reached with
+    ``storage_options``; the function that writes it does not ask the storage again): a suffix not among
+    ``suffixes`` is a usage error (exit 2)."""
     from .trial.export import check_output
 
     try:
-        check_output(path, suffixes, stdout=stdout, storage_options=storage_options)
+        return check_output(path, suffixes, stdout=stdout, storage_options=storage_options)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 
@@ -86,7 +87,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise UsageError("expected PATH, or `tensorboard PATH LOGDIR`")
     args.output = "-" if args.output is None else args.output
     trial_options, out_options = _output_options(args, targets[0], args.output)
-    _check_output(args.output, TABLE_SUFFIXES, stdout=True, storage_options=out_options)
+    args.output = _check_output(args.output, TABLE_SUFFIXES, stdout=True, storage_options=out_options)
     trial = _trial(args, targets[0], trial_options)
     reductions = args.reduction or None
     if args.output == "-" and args.json:
@@ -135,7 +136,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from .trial.plot import IMAGE_SUFFIXES, curves_axis, plot_tensors, save_plot
 
     out_options = _run_options(args.output, args.storage_options)
-    _check_output(args.output, IMAGE_SUFFIXES, storage_options=out_options)
+    args.output = _check_output(args.output, IMAGE_SUFFIXES, storage_options=out_options)
     runs = [args.path]
     names: list[str] = []
     for item in args.items:  # runs first; an item that is not a trial is a tensor name
@@ -164,7 +165,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     trial_options, out_options = _output_options(args, args.path, args.output)
     # a wrong suffix, a folder that is a file or missing, a URL's storage that cannot be reached: exit 2
-    _check_output(args.output, REPORT_SUFFIXES, storage_options=out_options)
+    args.output = _check_output(args.output, REPORT_SUFFIXES, storage_options=out_options)
     trial = _trial(args, args.path, trial_options)
     rules = args.rule or list(default_rules(trial))
     build_rules(rules, trial)  # an unknown rule or parameter: exit 2 (as `rules`) before anything is written

@@ -1126,6 +1126,9 @@ def test_an_output_under_home_or_at_a_url_is_written(trial_dir: Path, tmp_path: 
     assert (tmp_path / "x.png").read_bytes().startswith(b"\x89PNG")
     rows = export_table(tensortap.create_trial(trial_dir), "memory://tensortap-out/x.csv")
     assert rows and fsspec.filesystem("memory").cat("/tensortap-out/x.csv").startswith(b"worker,")
+    # a URL at its file system's root (written by the storage of the URL's folder since session 58: "memory:/")
+    assert export_table(tensortap.create_trial(trial_dir), "memory://tensortap-root-x.csv") == rows
+    assert fsspec.filesystem("memory").cat("/tensortap-root-x.csv").startswith(b"worker,")
 
 
 def test_export_tensorboard_into_a_folder_of_an_earlier_export_is_refused(trial_dir: Path, tmp_path: Path) -> None:
@@ -1203,6 +1206,15 @@ def test_options_that_do_nothing_together_are_named_and_slips_of_hunt_52(trial_d
     (tmp_path / "empty").mkdir()
     result = cli("rules", str(tmp_path / "empty"), "--rule", "exploding_tensor", "--follow", "--idle-timeout", "0")
     assert "rules stop waiting before any step" in result.stderr and "step -1" not in result.stderr
+
+
+def test_rules_follow_from_a_start_step_that_stops_waiting_before_it_says_so(tmp_path: Path) -> None:
+    """re-read 58 (of session 57's diff) A5b: ``rules --follow --start-step 5`` that stopped waiting before any
+    step said "rules stop waiting at step 4", a step it never saw."""
+    (tmp_path / "empty").mkdir()
+    args = ("--rule", "exploding_tensor", "--follow", "--idle-timeout", "0", "--start-step", "5")
+    result = cli("rules", str(tmp_path / "empty"), *args)
+    assert "rules stop waiting before any step from step 5" in result.stderr and "step 4" not in result.stderr
 
 
 # ---------------------------------------------------- hunt 33 (M3, L1, L4, L6, L8, L9), hunt 31 (L2)

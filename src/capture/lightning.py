@@ -48,7 +48,7 @@ import os
 import re
 import uuid
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 try:
     import lightning.pytorch as pl
@@ -108,10 +108,18 @@ def _epoch_names(trainer: pl.Trainer) -> set[str]:
     return {*epoch["callback"], *epoch["log"]}
 
 
+_C = TypeVar("_C", bound=pl.Callback)
+
+
+def _callbacks(trainer: pl.Trainer, kind: type[_C]) -> list[_C]:
+    """The trainer's callbacks of type ``kind``, in their order."""
+    return [c for c in getattr(trainer, "callbacks", ()) if isinstance(c, kind)]  # a property mypy does not see
+
+
 def _accumulates(trainer: pl.Trainer) -> bool:
     """Whether ``fit`` accumulates gradients over several batches in some epoch: ``accumulate_grad_batches``,
     or a ``GradientAccumulationScheduler``, which sets it at each epoch's start."""
-    schedulers = (c for c in getattr(trainer, "callbacks", ()) if isinstance(c, GradientAccumulationScheduler))
+    schedulers = _callbacks(trainer, GradientAccumulationScheduler)
     return trainer.accumulate_grad_batches > 1 or any(s.going_to_accumulate_grad_batches() for s in schedulers)
 
 
@@ -310,7 +318,7 @@ class Callback(pl.Callback):
         # a batch end) only as that epoch's loop starts, after on_train_start
         self._number_train = True
         steps.hook.number_on(Mode.GLOBAL, trainer.current_epoch)
-        if any(isinstance(callback, StochasticWeightAveraging) for callback in getattr(trainer, "callbacks", ())):
+        if _callbacks(trainer, StochasticWeightAveraging):
             logger.warning(
                 "tensortap: StochasticWeightAveraging copies its averaged weights into the module when fit ends, "
                 "after the last TRAIN step: the trial holds the weights of the optimizer steps, not the averaged "
@@ -324,7 +332,7 @@ class Callback(pl.Callback):
         this one that is not Lightning's (its own callbacks do not ``log``)."""
         if is_overridden("on_train_batch_end", pl_module):
             return True
-        callbacks = list(getattr(trainer, "callbacks", ()))  # a property mypy does not see
+        callbacks = _callbacks(trainer, pl.Callback)
         later = callbacks[callbacks.index(self) + 1 :] if self in callbacks else []
         return any(
             is_overridden("on_train_batch_end", c)

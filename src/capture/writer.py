@@ -306,18 +306,25 @@ Recorded = tuple[int, dict[int, int]]
 def _resume(
     storage: Storage, worker: str, record: dict[str, Any], answered: Callable[[], None]
 ) -> tuple[int, Recorded] | None:
-    """Continue ``worker``'s run in ``storage`` if its record has ``record``'s run id: return the next shard number
-    and the steps the index records of the run list (:func:`recorded_steps`: those of every worker, so that the
-    ranks of a run resumed together number on alike). Its end marker is removed and its record written anew only
-    once those are read: a resume that fails (the storage stops answering) leaves the run as it was."""
-    key = layout.worker_key(worker)
+    """:func:`_continue` ``worker``'s run in ``storage`` if its record has ``record``'s run id; None if not."""
     try:
-        if storage.read_json(key).get("run_id") != record["run_id"]:
+        if storage.read_json(layout.worker_key(worker)).get("run_id") != record["run_id"]:
             return None
     except STORAGE_FAILURES:  # the record may be there: never taken for another run's (overwritten)
         raise
     except (OSError, ValueError, AttributeError):
         return None
+    return _continue(storage, worker, record, answered)
+
+
+def _continue(
+    storage: Storage, worker: str, record: dict[str, Any], answered: Callable[[], None]
+) -> tuple[int, Recorded]:
+    """Continue ``worker``'s run in ``storage``, whose record has ``record``'s run id: return the next shard number
+    and the steps the index records of the run list (:func:`recorded_steps`: those of every worker, so that the
+    ranks of a run resumed together number on alike). Its end marker is removed and its record written anew only
+    once those are read: a resume that fails (the storage stops answering) leaves the run as it was."""
+    key = layout.worker_key(worker)
     listed = _index_records(storage, answered)
     recorded = recorded_steps(storage, listed, answered)
     storage.delete(layout.end_key(worker))
@@ -405,8 +412,7 @@ def claim_worker(
         numbers = [k for name in storage.list_dirs("") if (k := layout.run_number(name)) is not None]
         if resume and (found := _run_folder_of(storage, worker, record["run_id"], numbers, answered)) is not None:
             run = storage.child(f"{layout.RUN_PREFIX}{found}")
-            if (resumed := _resume(run, worker, record, answered)) is not None:
-                return run, *resumed
+            return run, *_continue(run, worker, record, answered)
         n = max(numbers, default=0)
         while True:
             run = storage.child(f"{layout.RUN_PREFIX}{n}")

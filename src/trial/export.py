@@ -93,9 +93,10 @@ def written_whole(path: str, storage_options: Mapping[str, Any] | None = None) -
     and event files as a complete TensorBoard run. A symbolic link is followed (the file it names is replaced,
     in that file's folder), and a replaced file keeps its permissions. Where the hidden file cannot be made
     (a folder the user cannot write) but ``path`` is a file the user can write, ``path`` is written in place.
-    A URL (``s3://``, ``file://``) is written to a local temporary file first, copied to the URL
-    (:func:`fsspec.open`) once the block ends: fsspec makes the object of what was written when its file
-    closes, also after an error.
+    A URL (``s3://``, ``file://``) is written to a local temporary file first, published whole in its folder
+    once the block ends (:meth:`~tensortap.backends.storage.Storage.publish_file` of the folder's storage:
+    transient errors retried, one that says the storage failed raised as a
+    :class:`~tensortap.exceptions.StorageUnreachable` naming the folder).
 
     Parameters
     ----------
@@ -115,14 +116,14 @@ def written_whole(path: str, storage_options: Mapping[str, Any] | None = None) -
         The file cannot be written; one about the hidden file names ``path``, the name the user gave.
     """
     if "://" in path:
-        import fsspec
-
+        scheme, _, rest = path.partition("://")
+        folder, _, name = rest.rpartition("/")  # "memory://o.csv": the file system's root
+        storage = get_storage(f"{scheme}://{folder}", **(storage_options or {}))
         with tempfile.TemporaryDirectory(prefix="tensortap-") as folder:
             local_path = os.path.join(folder, "output")
             with open(local_path, "wb") as file:  # the caller may close it (an event file does)
                 yield file
-            with open(local_path, "rb") as local, fsspec.open(path, "wb", **(storage_options or {})) as remote:
-                shutil.copyfileobj(local, remote)
+            storage.publish_file(local_path, name)
         return
     target = os.path.realpath(os.path.expanduser(path))
     partial = os.path.join(os.path.dirname(target), f".tensortap-{secrets.token_hex(6)}.partial")
@@ -232,37 +233,49 @@ class _EventFile:
             self._file.close()
 
 
+class CheckedOutput(str):
+    """An output file's path that :func:`check_output` checked: checked again, a URL's storage is not asked for
+    again (the command line checks ``-o`` before it reads the trial, then the function that writes it checks it
+    too)."""
+
+    @property
+    def suffix(self) -> str:
+        """The lower-case suffix of the path (``.csv``)."""
+        return os.path.splitext(self)[1].lower()
+
+
 def check_output(
     path: str,
     suffixes: Sequence[str] = (),
     *,
     stdout: bool = False,
     storage_options: Mapping[str, Any] | None = None,
-) -> str:
-    """The lower-case suffix of the output file ``path``, checked before any work: a ``ValueError`` naming
-    ``suffixes`` (if any) unless it is one of them, or ``path`` is ``"-"`` (standard output) where ``stdout``
+) -> CheckedOutput:
+    """The output file ``path``, checked before any work: a ``ValueError`` naming ``suffixes`` (if any) unless its
+    :attr:`~CheckedOutput.suffix` is one of them, or ``path`` is ``"-"`` (standard output) where ``stdout``
     allows it (without a known suffix the writer would choose: matplotlib writes ``path.png``, and the file
     named would not exist); a ``NotADirectoryError`` or ``FileNotFoundError`` where its folder is a file or
     missing (pandas said "Cannot save file into a non-existent directory" of a folder that was a file). A
-    URL is asked for once, with ``storage_options``: a storage that cannot be reached (no
-    credentials, a wrong endpoint) raises its :class:`~tensortap.exceptions.StorageUnreachable` before the
-    trial is read, not once it has been."""
-    suffix = os.path.splitext(path)[1].lower()
+    URL is asked for once, with ``storage_options`` (not again for a path this returned): a storage that cannot
+    be reached (no credentials, a wrong endpoint) raises its :class:`~tensortap.exceptions.StorageUnreachable`
+    before the trial is read, not once it has been."""
+    checked = CheckedOutput(path)
     if stdout and path == "-":
-        return suffix
-    if suffixes and suffix not in suffixes:
+        return checked
+    if suffixes and checked.suffix not in suffixes:
         allowed = f"{', '.join(suffixes[:-1])} or {suffixes[-1]}" if len(suffixes) > 1 else suffixes[0]
         raise ValueError(f"output: {path!r} must end in {allowed}" + (" (or be '-')" if stdout else ""))
     if "://" in path:  # a URL (memory://, s3://): its file system says whether its folder exists when written
-        # asked for the file, not its folder: s3fs takes a bucket it cannot reach for a missing one
-        get_storage(path, **(storage_options or {})).exists()
-        return suffix
+        if not isinstance(path, CheckedOutput):
+            # asked for the file, not its folder: s3fs takes a bucket it cannot reach for a missing one
+            get_storage(path, **(storage_options or {})).exists()
+        return checked
     folder = os.path.dirname(os.path.expanduser(path)) or "."
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise NotADirectoryError(f"output: {path!r}: {folder} is a file, not a folder")
     if not os.path.exists(folder):
         raise FileNotFoundError(f"output: {path!r}: no folder {folder}")
-    return suffix
+    return checked
 
 
 def export_table(
@@ -299,7 +312,7 @@ def export_table(
     from pandas.api.types import is_string_dtype
 
     path = os.fspath(output)
-    suffix = check_output(path, TABLE_SUFFIXES, stdout=True, storage_options=storage_options)
+    suffix = check_output(path, TABLE_SUFFIXES, stdout=True, storage_options=storage_options).suffix
     if suffix == ".parquet":
         _require_pyarrow()  # before reading the trial
     df = trial.to_pandas(collection=collection, reductions=reductions, progress=show_progress, exact_ints=True)

@@ -350,7 +350,7 @@ IMAGE_SUFFIXES = (".png", ".svg", ".pdf")
 def save_plot(ax: Any, path: str, storage_options: Mapping[str, Any] | None = None) -> None:
     """Write the figure of ``ax`` to ``path`` (PNG, SVG or PDF by suffix: :data:`IMAGE_SUFFIXES`), whole or not
     at all (:func:`written_whole`; ``storage_options`` for a URL)."""
-    suffix = check_output(path, IMAGE_SUFFIXES, storage_options=storage_options)
+    suffix = check_output(path, IMAGE_SUFFIXES, storage_options=storage_options).suffix
     fig = ax.get_figure()
     fig.tight_layout()
     with written_whole(path, storage_options) as file:  # a file object: the format is said

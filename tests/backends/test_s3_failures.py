@@ -1102,3 +1102,59 @@ def test_a_resume_that_fails_leaves_the_run_as_it_was(
     trial = tensortap.create_trial(s3_url, **s3_options)
     assert trial.steps() == [0, 1, 2]
     assert trial.end_reasons() == {"worker_0": "closed"}
+
+
+def test_an_s3_output_is_asked_for_once_by_the_command_line(
+    proxy: FaultyProxy, s3_options: dict[str, Any], s3_url: str, tmp_path: Path
+) -> None:
+    """re-read 58 (of session 57's diff) A3: ``export``, ``plot`` and ``report -o s3://...`` checked the output
+    before reading the trial, then ``export_table``/``save_plot``/``write_report`` checked it again: its storage
+    was asked twice whether it was there (a HEAD and a listing each). Asked once; the Python API still checks."""
+    from tensortap.cli import main
+    from tensortap.trial.export import export_table
+
+    with Writer(tmp_path / "run") as w:
+        train(w, range(2))
+    options = _through(proxy, s3_options)
+    for command, name in (("export", "t.csv"), ("report", "r.html"), ("plot", "p.png")):
+        url = f"{s3_url}/{name}"
+        extra = ["w"] if command == "plot" else []
+        assert main([command, str(tmp_path / "run"), *extra, "-o", url, "--storage-options", json.dumps(options)]) == 0
+        assert proxy.seen.count(("HEAD", f"/{url.removeprefix('s3://')}")) == 1, command  # before: 2
+    url = f"{s3_url}/api.csv"
+    export_table(tensortap.create_trial(tmp_path / "run"), url, storage_options=options)
+    assert proxy.seen.count(("HEAD", f"/{url.removeprefix('s3://')}")) == 1
+
+
+def test_an_s3_output_the_storage_fails_to_take_is_an_error_naming_it(
+    proxy: FaultyProxy,
+    s3_endpoint: str,
+    s3_options: dict[str, Any],
+    s3_url: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """re-read 58 (of session 57's diff) A5a: an S3 output whose upload failed gave the client's error as it was:
+    ``tensortap export: [Errno 121] injected`` (a request answered 500), naming no output, and one whose endpoint
+    went away mid-write botocore's EndpointConnectionError, not an OSError (``unexpected error: ...``). The
+    upload is the storage's (retried, bounded in time): a StorageUnreachable naming the output's folder (a
+    warning names the object), exit 2."""
+    from tensortap.cli import main
+    from tensortap.trial.export import written_whole
+
+    with Writer(tmp_path / "run") as w:
+        train(w, range(2))
+    url = f"{s3_url}/t.csv"
+    proxy.failures = 100  # every PUT answered 500; the check of the output (HEAD, a listing) passes
+    options = json.dumps(_through(proxy, s3_options))
+    assert main(["export", str(tmp_path / "run"), "-o", url, "--storage-options", options]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith(f"tensortap export: {s3_url}: the storage failed a request") and "Traceback" not in err
+    assert f"uploading {url.removeprefix('s3://')} failed" in err[0]  # retried, naming the object
+    relay = Relay(s3_endpoint)
+    relay.up()
+    with pytest.raises(StorageUnreachable, match=f"^{s3_url}: cannot connect to {relay.url}"):
+        with written_whole(url, _through(relay, s3_options)) as file:
+            file.write(b"a,b\n")
+            relay.close()  # the endpoint goes away before the upload
+    assert not _keys(s3_options, s3_url)

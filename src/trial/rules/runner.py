@@ -280,7 +280,11 @@ class RuleRunner:
                     continue
                 idle = time.monotonic() - last_new
                 if idle_timeout is not None and idle >= idle_timeout:
-                    where = f"at step {last_seen}" if last_seen >= 0 else "before any step"  # -1: none seen yet
+                    # none seen yet: -1, or the step before start_step
+                    if last_seen >= 0 and (start_step is None or last_seen >= start_step):
+                        where = f"at step {last_seen}"
+                    else:
+                        where = f"before any step from step {start_step}" if start_step else "before any step"
                     logger.warning("tensortap: no new step for %.0f s; rules stop waiting %s", idle, where)
                     return fired
                 for rule in self.rules:
