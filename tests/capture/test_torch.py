@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 import weakref
 from collections.abc import Callable
 from pathlib import Path
@@ -677,6 +678,89 @@ def test_a_module_compiled_in_place_after_registration_is_named_so_in_the_warnin
         with pytest.warns(UserWarning, match=r"compiled in place with its compile\(\) method after register_module"):
             model(torch.randn(2, 6)).sum().backward()
             opt.step()
+
+
+def _train_in_a_compiled_step(model: nn.Module, out: Path, compiled: str) -> tensortap.Trial:
+    """Three training iterations of ``MLP`` whose forward and loss run in a function compiled with ``torch.compile``
+    (``compiled``: "fullgraph", "graph breaks", or "" for none), backward and ``optimizer.step()`` outside it."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def forward_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(model(x), y)
+
+    if compiled:
+        forward_loss = torch.compile(forward_loss, backend="eager", fullgraph=compiled == "fullgraph")
+    gen = torch.Generator().manual_seed(1)
+    collections = ["weights", "biases", "gradients", "losses", "outputs"]
+    with ttt.capture(model, out, optimizer=opt, save_config=EVERY_STEP, include_collections=collections):
+        for _ in range(3):
+            opt.zero_grad()
+            forward_loss(*MLP.data(gen)).backward()
+            opt.step()
+    return _trial(out)
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["plain", "compiled in place"])
+@pytest.mark.parametrize("compiled", ["fullgraph", "graph breaks"])
+def test_a_model_called_in_a_compiled_function_trains_as_without_tensortap(
+    tmp_path: Path, compiled: str, in_place: bool
+) -> None:
+    """review 58 D2: a registered model called in a function compiled with ``torch.compile(fn, fullgraph=True)``
+    (``@torch.compile(fullgraph=True) def train_step``) stopped the training: Dynamo traced tensortap's forward
+    pre-hook, whose ``with`` on a lock (the recursion limit it lends) it cannot trace ("Unsupported context
+    manager"); a model compiled in place (``model.compile()``) before registration, whose hooks are disabled for
+    Dynamo, stopped it too ("Skip inlining torch.compiler.disable()d function"). Now a hook traced where the graph
+    may not break does nothing but set a flag, told of in one warning from eager code: the trial is that of the
+    model uncompiled but for its forwards in the compiled function (outputs), values equal. Where the graph may
+    break, the hooks run as before: a model compiled in place is captured whole, a plain one as unseen."""
+    torch.manual_seed(0)
+    model, plain = MLP(), MLP()
+    plain.load_state_dict(model.state_dict())
+    if in_place:
+        model.compile(backend="eager")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        got = _train_in_a_compiled_step(model, tmp_path / "compiled", compiled)
+    want = _train_in_a_compiled_step(plain, tmp_path / "plain", compiled="")
+    unseen = [str(w.message) for w in record if "are not seen" in str(w.message)]
+    assert got.steps(mode=Mode.TRAIN) == want.steps(mode=Mode.TRAIN) == [0, 1, 2]
+    outputs = {f"outputs/{n}" for n in ("MLP", "fc1", "relu", "fc2")}
+    if in_place and compiled == "graph breaks":  # the hooks run between the graphs (hunt 50 F1)
+        assert not unseen
+        assert set(got.tensor_names()) == set(want.tensor_names()) - outputs | {"outputs/MLP"}
+    else:
+        how = "compiled in place with its compile() method;" if in_place else "called in code compiled with"
+        assert len(unseen) == 1 and unseen[0].startswith(f"tensortap: MLP was {how}"), unseen
+        assert set(got.tensor_names()) == set(want.tensor_names()) - outputs
+    for name in got.tensor_names():
+        tensor, expected = got.tensor(name), want.tensor(name)
+        assert tensor.steps() == expected.steps(), name
+        for step in tensor.steps():
+            np.testing.assert_allclose(tensor.value(step), expected.value(step), rtol=1e-6, err_msg=name)
+    for (name, p), q in zip(model.named_parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(p, q, msg=name)  # trained as the model uncompiled was
+
+
+def test_a_model_called_only_in_a_fullgraph_compiled_function_is_named_in_the_warning_at_close(tmp_path: Path) -> None:
+    """review 58 D2: predictions of a registered model in a function compiled with ``fullgraph=True``, no backward
+    and no optimizer after them: the predictions are those without tensortap (before: "Unsupported context
+    manager"), and the one warning naming the model comes at ``close`` (nothing else runs eagerly to give it)."""
+    model = MLP()
+    predict = torch.compile(lambda x: model(x).argmax(-1), backend="eager", fullgraph=True)
+    x = torch.randn(4, 6)
+    want = model(x).argmax(-1)
+    hook = ttt.capture(model, tmp_path, save_config=EVERY_STEP, include_collections=["outputs"])
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            torch.testing.assert_close(predict(x), want)
+        assert not record
+        hook.close()
+    assert [str(w.message).split(";")[0] for w in record] == [
+        "tensortap: MLP was called in code compiled with torch.compile (a compiled function, or torch.compile(model) "
+        "since)"
+    ]
+    assert _trial(tmp_path).steps() == []
 
 
 def test_a_compiled_submodule_is_named_as_the_module_inside(tmp_path: Path) -> None:

@@ -894,6 +894,44 @@ def test_lbfgs_state_is_saved_as_the_optimizers_and_what_is_not_saved_is_named(
     assert _value(trial, "optimizer/0.weight/row_var", 0).shape != tuple(model[0].weight.shape)
 
 
+class _CountingSGD(torch.optim.SGD):
+    """An SGD whose state holds NumPy and Python numbers, one an int beyond int64 (a user's counter of bits)."""
+
+    def step(self, closure: Any = None) -> Any:
+        loss = super().step(closure)
+        for p in (p for group in self.param_groups for p in group["params"]):
+            state = self.state[p]
+            state["calls"] = np.int64(state.get("calls", 0) + 1)
+            state["seen_bits"] = 2**70
+        return loss
+
+
+def test_numbers_in_optimizer_state_are_saved_and_an_int_beyond_int64_is_named(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """review 58 R58-1: since numbers in optimizer state were saved (hunt 50 F2), a Python int beyond int64 in it
+    (``2**70``) failed the step's capture with an OverflowError: capture was disabled from step 0, an empty trial;
+    a NumPy scalar (``np.int64``) was named as not saved. Now the NumPy scalar is saved as a number, the big int is
+    named in the one warning, and the rest of the step is saved."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 4), nn.Tanh(), nn.Linear(4, 2))
+    opt = _CountingSGD(model.parameters(), lr=0.1)
+    collections = ["weights", "optimizer_variables"]
+    with caplog.at_level(logging.WARNING, logger="tensortap"):
+        with ttt.capture(model, tmp_path, optimizer=opt, save_config=EVERY_STEP, include_collections=collections):
+            for _ in range(2):
+                opt.zero_grad()
+                model(torch.randn(4, 8)).pow(2).mean().backward()
+                opt.step()
+    trial = _trial(tmp_path)
+    assert trial.steps() == [0, 1]
+    assert _value(trial, "optimizer/0.weight/calls", 1) == 2
+    np.testing.assert_array_equal(_value(trial, "0.weight", 1), model[0].weight.detach().numpy())
+    warned = [r.getMessage() for r in caplog.records if "not saved" in r.getMessage()]
+    assert len(warned) == 1 and "optimizer/0.weight/seen_bits (int)" in warned[0], warned
+    assert not [r for r in caplog.records if "capture failed" in r.getMessage()]
+
+
 def _step_with_closure(
     opt: torch.optim.Optimizer,
     net: nn.Module,

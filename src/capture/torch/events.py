@@ -430,6 +430,9 @@ class _Root:
     trained: bool = False  # an attached optimizer updates one of its parameters (as last followed)
     post: RemovableHandle | None = None  # the handle of its outputs hook, on the module registered (wrapper too)
     lent: list[int] = field(default_factory=list)  # frames lent by each of its forwards in progress, innermost last
+    # its hooks were traced into code torch.compile compiled (Hook.on_tap_traced): "tap", or "untraced" for
+    # patches.Untraced ones (it was compiled in place before registration); "" if not
+    traced: str = ""
 
 
 @dataclass(frozen=True)
@@ -1238,9 +1241,9 @@ class Hook(core.Hook):
 
     def _save_optimizer_state(self, att: _Optimizer) -> None:
         """Offer the state of ``att``: a parameter's as ``optimizer/<parameter name>/<key>``, LBFGS's (the whole
-        optimizer's) as ``optimizer/<optimizer name>/<key>``. A number is saved as a tensor of no dimension;
-        a value neither a tensor, a number nor ``None`` (LBFGS's history: lists of tensors) is named in one
-        warning per optimizer."""
+        optimizer's) as ``optimizer/<optimizer name>/<key>``. A number (Python's or a NumPy scalar) is saved as a
+        tensor of no dimension; a value neither a tensor, a number nor ``None`` (LBFGS's history: lists of tensors;
+        an int beyond int64) is named in one warning per optimizer."""
         optimizer = att.optimizer
         state = _state(optimizer)
         if isinstance(optimizer, torch.optim.LBFGS):
@@ -1257,9 +1260,10 @@ class Hook(core.Hook):
             if owner is None:  # a parameter no registered module holds
                 continue
             for key, v in values.items():
-                if isinstance(v, (int, float)):  # bool too
-                    v = torch.tensor(v, dtype=torch.float64 if isinstance(v, float) else None)
-                if isinstance(v, torch.Tensor):
+                if isinstance(v, (int, float, np.generic)):  # bool too; NumPy's scalars
+                    number = np.asarray(v)  # an int beyond int64 is an object: not saved, named below
+                    v = number if number.dtype.kind in "biuf" else v
+                if isinstance(v, (torch.Tensor, np.ndarray)):
                     self.session.offer(f"optimizer/{owner}/{key}", v, ("optimizer_variables",))
                 elif v is not None:
                     unsaved.append(f"optimizer/{owner}/{key} ({type(v).__name__})")
@@ -1289,8 +1293,9 @@ class Hook(core.Hook):
 
     # ------------------------------------------------------------ hook bodies
     def _on_root_pre(self, root: _Root, module: nn.Module, args: Any) -> None:
-        root.lent.append(root.frames)
-        patches.lend_frames(root.frames)
+        if not torch.compiler.is_dynamo_compiling():  # Dynamo cannot trace the lock, nor runs these frames
+            root.lent.append(root.frames)
+            patches.lend_frames(root.frames)
         if _unseen():  # compiled, traced or exported after registration: these hooks run once, for the tracer
             self._warn_unseen(root.module)
             return
@@ -1335,7 +1340,7 @@ class Hook(core.Hook):
             self._forward_start = None
 
     def _on_root_post(self, root: _Root, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
-        if root.lent:
+        if root.lent and not torch.compiler.is_dynamo_compiling():
             patches.return_frames(root.lent.pop())
         if _unseen() or _in_backward() or _in_transform():
             return
@@ -1410,33 +1415,57 @@ class Hook(core.Hook):
         if left and self.session.is_open:
             self._drop(Unfinished(f"{' and '.join(left)} did not return (Ctrl-C?)"))
 
-    def _warn_unseen(self, inner: nn.Module) -> None:
+    def on_tap_traced(self, tap: patches.Tap) -> None:
+        """``tap`` was traced into code ``torch.compile`` compiled that may have no graph break (the model called
+        in a function compiled with ``fullgraph=True``): the root it is of is flagged (Dynamo sets the flag again at
+        each run of the compiled code), and :meth:`_warn_traced` tells of it from eager code (a warning or a lock
+        here would fail the compile: the training). An optimizer's step hooks never are: its ``step()`` breaks
+        the graph (torch's own ``graph_break()``). ``torch.export``'s strict mode keeps no flag (it replays no
+        side effects, and says so): its forwards, run for the tracer, are no training calls anyway."""
+        if tap.fn is Hook._on_root_pre:
+            tap.bound[0].traced = "untraced" if isinstance(tap, patches.Untraced) else "tap"
+
+    def _warn_traced(self) -> None:
+        """Warn about the roots :meth:`on_tap_traced` flagged (once per way): called from eager code, at each
+        backward, optimizer step and at :meth:`close`."""
+        for root in self._roots:
+            if root.traced:
+                self._warn_unseen(root.module, root.traced)
+
+    def _warn_unseen(self, inner: nn.Module, traced: str = "") -> None:
         """Once per way: the registered ``inner`` is compiled, traced or exported; what that makes runs without
-        these hooks."""
-        if torch.compiler.is_exporting():
-            how, what = "exported with torch.export", "the exported program's runs are not captured"
+        these hooks. ``traced``: how :meth:`on_tap_traced` found its hooks traced into compiled code (told from
+        eager code, after it)."""
+        before = (
+            "Compile it before registering it: model.compile(), then hook.register_module(model), or "
+            "hook.register_module(torch.compile(model))"
+        )
+        outside = "To capture them, call it outside the compiled function"
+        tracer = (
+            "The forwards of the tracer are not training calls and are not captured either; train the module itself "
+            "to capture its outputs"
+        )
+        if traced == "untraced":
+            how, what = "compiled in place with its compile() method", "its forwards in a compiled function calling it"
+            advice = outside
+        elif torch.compiler.is_exporting():
+            how, what = "exported with torch.export", "the exported program's runs"
+            advice = tracer
         elif torch.jit.is_tracing():
-            how, what = "traced with torch.jit.trace", "the traced module's forwards are not seen"
+            how, what = "traced with torch.jit.trace", "the traced module's forwards"
+            advice = tracer
         elif getattr(inner, "_compiled_call_impl", None) is not None:  # model.compile() since: our hooks traced
-            how, what = (
-                "compiled in place with its compile() method after register_module()",
-                "its forwards are not seen",
-            )
-        else:
-            how, what = "compiled with torch.compile after register_module()", "its forwards are no longer seen"
+            how, what = "compiled in place with its compile() method after register_module()", "its forwards"
+            advice = before
+        else:  # a compiled function calling it (fullgraph=True too), or torch.compile(model) since
+            how = "called in code compiled with torch.compile (a compiled function, or torch.compile(model) since)"
+            what, advice = "its forwards there", f"{outside}, or compile the model itself. {before}"
         if how in self._warned_unseen:
             return
         self._warned_unseen.add(how)
-        advice = (
-            "Compile it before registering it: model.compile(), then hook.register_module(model), or "
-            "hook.register_module(torch.compile(model))"
-            if how.startswith("compiled")
-            else "The forwards of the tracer are not training calls and are not captured either; train the "
-            "module itself to capture its outputs"
-        )
         warnings.warn(
-            f"tensortap: {type(inner).__name__} was {how}; {what} (no outputs or inputs; without an attached "
-            f"optimizer, no steps). {advice}",
+            f"tensortap: {type(inner).__name__} was {how}; {what} are not seen, tensortap's hooks do not run in "
+            f"compiled or traced code (no outputs or inputs; without an attached optimizer, no steps). {advice}",
             UserWarning,
             stacklevel=2,
         )
@@ -1678,6 +1707,7 @@ class Hook(core.Hook):
     def on_backward(self, tensors: Any) -> None:
         """``backward()`` is about to run on ``tensors`` (one tensor or several): each scalar reaching our
         parameters is a loss of the step."""
+        self._warn_traced()
         if self._closed or not self._params:
             return
         if _in_backward():  # a reentrant checkpoint's backward through what it recomputed
@@ -1836,6 +1866,7 @@ class Hook(core.Hook):
     def _on_optimizer_pre(
         self, att: _Optimizer, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any, offer: bool = True
     ) -> Any:
+        self._warn_traced()
         if self._closed:
             return None
         if not self.session.is_open or self._ended_by_optimizer:
@@ -2001,6 +2032,7 @@ class Hook(core.Hook):
                 patches.return_frames(root.lent.pop())
         patches.detach(self)
         super().close(reason)
+        self._warn_traced()  # last: a warning made an error (-W error) leaves the hook closed
 
     def close_for_exit(self, reason: str, error: str | None = None) -> None:
         """At interpreter exit, on SIGTERM or after an exception: a step that has ended but is not yet recorded

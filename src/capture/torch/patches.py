@@ -62,6 +62,10 @@ class Owner(Protocol):
     def on_tap_copied(self, tap: Tap, target: Any) -> None:
         """``tap``, put on one object, was called for ``target``, onto which it was copied."""
 
+    def on_tap_traced(self, tap: Tap) -> None:
+        """``tap`` was traced into code that ``torch.compile`` compiled and that may not break its graph, which
+        runs without it: do only what Dynamo traces in ``fullgraph`` mode (set a flag, told of from eager code)."""
+
 
 class Listener(Owner, Protocol):
     """What a hook implements to hear about backward passes and GradScaler steps (an error in one of these
@@ -100,7 +104,9 @@ class Tap:
     ``hook.on_tap_error``. A tap put on a module by :func:`on_forward` runs only for that module: one
     copied onto another (``torch.ao.quantization``'s ``fuse_modules`` and ``prepare_qat`` copy the hooks of
     the modules they replace onto their replacements, without ``with_kwargs``) tells ``hook.on_tap_copied``
-    instead.
+    instead. One that Dynamo traces where the graph may not break (the module called in a function compiled
+    with ``fullgraph=True``) tells ``hook.on_tap_traced`` and does nothing else: a graph break, a lock, a
+    warning there would fail the compile, the training.
 
     Parameters
     ----------
@@ -125,6 +131,9 @@ class Tap:
         hook = self.hook()
         if hook is None:
             return None
+        if torch.compiler.is_dynamo_compiling() and not _may_break_graph():  # a graph break would fail the compile
+            hook.on_tap_traced(self)
+            return None
         if self.on is not None and args[0] is not self.on():
             hook.on_tap_copied(self, args[0])
             return None
@@ -148,18 +157,46 @@ class Tap:
 class Untraced(Tap):
     """A :class:`Tap` that ``torch.compile`` runs, not traces: put on a module compiled in place
     (``module.compile()``), whose calls, its hooks included, run compiled. A tap traced runs once, for the
-    tracer (which keeps nothing of what it does); this one runs at each call, between the compiled graphs.
-    Its ``__call__``, Tap's under ``torch.compiler.disable``, is set by :func:`untraced`, not at import: that
-    imports ``torch._dynamo``, which costs seconds.
+    tracer (which keeps nothing of what it does); this one runs at each call, between the compiled graphs: its
+    body, Tap's ``__call__`` under ``torch.compiler.disable`` (set by :func:`untraced`, not at import: that
+    imports ``torch._dynamo``, which costs seconds), is a graph break. Where the compiled code may have none
+    (the module called in a function compiled with ``fullgraph=True``, or exported), the tap is traced as a
+    :class:`Tap` is: a disabled call there fails the compile, the training.
     """
 
     __slots__ = ()
 
+    def __call__(self, *args: Any) -> Any:
+        if torch.compiler.is_dynamo_compiling() and not _may_break_graph():
+            return super().__call__(*args)
+        return self._run(*args)
+
+    _run: Callable[..., Any]
+
+
+def _may_break_graph() -> bool:
+    """Whether the code Dynamo traces now may break its graph: not compiled with ``fullgraph=True``, nor
+    exported, nor under ``torch._dynamo.error_on_graph_break(True)`` (private API). A :class:`Tap` that may
+    runs as before, its body between the graphs; one that may not does nothing there. A torch whose tracer
+    does not say (its private API moved): may not, the safe answer (an error here would fail the compile)."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        tx = InstructionTranslator.current_tx()
+        return not (getattr(tx, "one_graph", True) or getattr(tx, "error_on_graph_break", True))
+    except Exception:
+        return False
+
+
+# Dynamo runs it as it traces, each compile anew: torch.compiler.assume_constant_result's mark, set without that
+# function, which imports torch._dynamo (seconds)
+_may_break_graph._dynamo_marked_constant = True  # type: ignore[attr-defined]
+
 
 def untraced(tap: Tap) -> Untraced:
     """``tap`` as an :class:`Untraced` tap (called once ``torch.compile`` was: ``torch._dynamo`` is imported)."""
-    if "__call__" not in vars(Untraced):
-        Untraced.__call__ = torch.compiler.disable(Tap.__call__)  # type: ignore[method-assign]
+    if "_run" not in vars(Untraced):
+        Untraced._run = torch.compiler.disable(Tap.__call__)
     hook = tap.hook()
     assert hook is not None  # a tap is put on a module by its live hook
     return Untraced(hook, tap.fn, *tap.bound)
