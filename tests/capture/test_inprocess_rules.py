@@ -343,6 +343,31 @@ def test_a_collection_named_among_others_that_shows_later_is_no_longer_missing(
     )
 
 
+def test_a_collection_lacked_before_a_resume_is_no_longer_missing_once_it_shows(tmp_path: Path) -> None:
+    """review 58 R58-2: the rule above, resumed from its saved state (``load_state_dict``) before
+    ``custom_stats`` shows, fired on it at step 6 yet kept "needs collection 'custom_stats'" in
+    ``missing_inputs``: which entries leave once their collection shows was not saved with the state."""
+    w = Writer(tmp_path)
+
+    def train(steps: range) -> None:
+        for step in steps:
+            with w.stepping():
+                w.save("losses/loss", np.float32(1.0), ["losses"])
+                if step >= 4:
+                    w.save("custom_stats/x", np.float32(np.nan if step == 6 else 1.0), ["custom_stats"])
+
+    train(range(4))
+    w.flush()
+    first = ExplodingTensor(tensortap.create_trial(tmp_path), collection_names=["losses", "custom_stats"])
+    assert invoke_rule(first, wait=False) == [] and len(first.missing_inputs) == 1
+    state = first.state_dict()
+    train(range(4, 8))
+    w.close()
+    resumed = ExplodingTensor(tensortap.create_trial(tmp_path), collection_names=["losses", "custom_stats"])
+    resumed.load_state_dict(state)
+    assert invoke_rule(resumed) == [6] and resumed.missing_inputs == {} and not resumed.lacks_inputs
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [{"rank": 1, "world_size": 2, "include_workers": "one"}, {"save_config": SaveConfig(start_step=10)}],

@@ -741,6 +741,78 @@ def test_a_model_called_in_a_compiled_function_trains_as_without_tensortap(
         torch.testing.assert_close(p, q, msg=name)  # trained as the model uncompiled was
 
 
+def _train_with_autograd_grad(model: nn.Module) -> None:
+    """Ten iterations of ``MLP``: ``torch.autograd.grad(loss, params)`` in a function compiled with
+    ``fullgraph=True``, the parameters updated with the gradients outside it."""
+    params = list(model.parameters())
+
+    def gradients(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return torch.autograd.grad(F.cross_entropy(model(x), y), params)
+
+    compiled = torch.compile(gradients, backend="eager", fullgraph=True)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(10):  # more than Dynamo's recompile limit (8)
+        grads = compiled(*MLP.data(gen))
+        with torch.no_grad():
+            for p, g in zip(params, grads, strict=True):
+                p -= 0.1 * g
+
+
+def test_autograd_grad_in_a_fullgraph_compiled_function_trains_as_without_tensortap_and_is_named_in_a_warning(
+    tmp_path: Path,
+) -> None:
+    """review 58 D2 follow-up: ``torch.autograd.grad`` called in a function compiled with ``fullgraph=True`` ran
+    tensortap's bookkeeping of its losses and gradients for the tracer only: nothing of it was captured, without a
+    warning, and what it read made Dynamo recompile at each call (with torch's own ``autograd.grad`` traced
+    without its checks, past the recompile limit the training failed). Now the traced wrapper is torch's
+    function alone: the training is that without tensortap, and one warning names ``torch.autograd.grad``."""
+    import torch._dynamo
+
+    if not hasattr(torch._dynamo.config, "trace_autograd_ops"):
+        pytest.skip("this torch has no trace_autograd_ops: torch.autograd.grad is refused in fullgraph mode")
+    torch.manual_seed(0)
+    model, plain = MLP(), MLP()
+    plain.load_state_dict(model.state_dict())
+    with torch._dynamo.config.patch(trace_autograd_ops=True):  # else torch itself refuses it (fullgraph)
+        _train_with_autograd_grad(plain)
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            with ttt.capture(model, tmp_path, save_config=EVERY_STEP):
+                _train_with_autograd_grad(model)
+    grad_warnings = [str(w.message) for w in record if "torch.autograd.grad" in str(w.message)]
+    assert len(grad_warnings) == 1 and grad_warnings[0].startswith(
+        "tensortap: torch.autograd.grad was called in code torch.compile compiled with fullgraph=True; the losses "
+        "and gradients it returned there are not captured"
+    ), grad_warnings
+    for (name, p), q in zip(model.named_parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(p, q, msg=name)
+
+
+def test_a_registered_loss_called_in_a_fullgraph_compiled_function_is_named_in_a_warning(tmp_path: Path) -> None:
+    """review 58 D2 follow-up: a loss module given to ``register_loss`` and called in a function compiled with
+    ``fullgraph=True`` (the model outside it) was not saved under its name, without a warning: its tap, traced,
+    does nothing, and the backward on its value saved it as ``losses/loss``. One warning now names it."""
+    model, criterion = MLP(), nn.CrossEntropyLoss()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss_of = torch.compile(lambda out, y: criterion(out, y), backend="eager", fullgraph=True)
+    gen = torch.Generator().manual_seed(1)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        hook = ttt.capture(model, tmp_path, optimizer=opt, save_config=EVERY_STEP, include_collections=["losses"])
+        hook.register_loss(criterion)
+        for _ in range(3):
+            opt.zero_grad()
+            x, y = MLP.data(gen)
+            loss_of(model(x), y).backward()
+            opt.step()
+        hook.close()
+    assert [str(w.message).split(";")[0] for w in record] == [
+        "tensortap: the loss CrossEntropyLoss (register_loss) was called in code torch.compile compiled with "
+        "fullgraph=True"
+    ]
+    assert _trial(tmp_path).tensor_names() == ["losses/loss"]
+
+
 def test_a_model_called_only_in_a_fullgraph_compiled_function_is_named_in_the_warning_at_close(tmp_path: Path) -> None:
     """review 58 D2: predictions of a registered model in a function compiled with ``fullgraph=True``, no backward
     and no optimizer after them: the predictions are those without tensortap (before: "Unsupported context

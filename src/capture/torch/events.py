@@ -580,6 +580,10 @@ class Hook(core.Hook):
         self._hooked: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
         self._forward_count = 0  # outermost forwards of registered modules begun
         self._warned_unseen: set[str] = set()  # the ways (torch.compile, jit.trace, export) warned about
+        # calls traced where the graph may not break, whose values are lost (on_tap_traced, on_grad_traced):
+        # "losses/<name>" of a registered loss module, "torch.autograd.grad"; each warned about once
+        self._traced_calls: set[str] = set()
+        self._warned_traced: set[str] = set()
         self._warned_transform = False
         self._checking = 0  # depth of the forwards of registered modules torch.jit.trace's check runs
         self._warned_sequential = False
@@ -1417,20 +1421,47 @@ class Hook(core.Hook):
 
     def on_tap_traced(self, tap: patches.Tap) -> None:
         """``tap`` was traced into code ``torch.compile`` compiled that may have no graph break (the model called
-        in a function compiled with ``fullgraph=True``): the root it is of is flagged (Dynamo sets the flag again at
-        each run of the compiled code), and :meth:`_warn_traced` tells of it from eager code (a warning or a lock
-        here would fail the compile: the training). An optimizer's step hooks never are: its ``step()`` breaks
-        the graph (torch's own ``graph_break()``). ``torch.export``'s strict mode keeps no flag (it replays no
-        side effects, and says so): its forwards, run for the tracer, are no training calls anyway."""
+        in a function compiled with ``fullgraph=True``): the root it is of, or the registered loss module it is on,
+        is flagged (Dynamo sets the flag again at each run of the compiled code), and :meth:`_warn_traced` tells of
+        it from eager code (a warning or a lock here would fail the compile: the training). An optimizer's step
+        hooks never are: its ``step()`` breaks the graph (torch's own ``graph_break()``). ``torch.export``'s strict
+        mode keeps no flag (it replays no side effects, and says so): its forwards, run for the tracer, are no
+        training calls anyway."""
         if tap.fn is Hook._on_root_pre:
             tap.bound[0].traced = "untraced" if isinstance(tap, patches.Untraced) else "tap"
+        elif tap.fn is Hook._on_loss_module:
+            self._traced_calls.add(tap.bound[0])
+
+    def on_grad_traced(self) -> None:
+        """``torch.autograd.grad`` was traced where the graph may not break: the losses and gradients it returns
+        there are not captured, :meth:`_warn_traced` tells of it (as :meth:`on_tap_traced`)."""
+        self._traced_calls.add("torch.autograd.grad")
 
     def _warn_traced(self) -> None:
-        """Warn about the roots :meth:`on_tap_traced` flagged (once per way): called from eager code, at each
-        backward, optimizer step and at :meth:`close`."""
+        """Warn about the roots :meth:`on_tap_traced` flagged (once per way) and the calls it and
+        :meth:`on_grad_traced` flagged (once each): called from eager code, at each backward, optimizer step and
+        at :meth:`close`."""
         for root in self._roots:
             if root.traced:
                 self._warn_unseen(root.module, root.traced)
+        for call in sorted(self._traced_calls - self._warned_traced):
+            self._warned_traced.add(call)
+            if call == "torch.autograd.grad":
+                what = "torch.autograd.grad was called in code torch.compile compiled with fullgraph=True"
+                lost = (
+                    "the losses and gradients it returned there are not captured (nor, without an attached "
+                    "optimizer, the steps they trained)"
+                )
+            else:
+                loss = call.removeprefix("losses/")
+                what = f"the loss {loss} (register_loss) was called in code torch.compile compiled with fullgraph=True"
+                lost = f"its values there are not saved as {call} (one a backward() is called on: as losses/loss)"
+            warnings.warn(
+                f"tensortap: {what}; {lost}: tensortap's hooks do not run there. To capture them, call it outside "
+                "the compiled function",
+                UserWarning,
+                stacklevel=2,
+            )
 
     def _warn_unseen(self, inner: nn.Module, traced: str = "") -> None:
         """Once per way: the registered ``inner`` is compiled, traced or exported; what that makes runs without

@@ -66,6 +66,10 @@ class Owner(Protocol):
         """``tap`` was traced into code that ``torch.compile`` compiled and that may not break its graph, which
         runs without it: do only what Dynamo traces in ``fullgraph`` mode (set a flag, told of from eager code)."""
 
+    def on_grad_traced(self) -> None:
+        """``torch.autograd.grad`` was traced as :meth:`on_tap_traced` tells (its gradients not differentiated
+        again): do only what Dynamo traces in ``fullgraph`` mode."""
+
 
 class Listener(Owner, Protocol):
     """What a hook implements to hear about backward passes and GradScaler steps (an error in one of these
@@ -244,7 +248,10 @@ def grad_pairs(inputs: Any, grads: Any) -> Iterator[tuple[Any, Any]]:
 def _wrap_grad(original: Callable[..., Any]) -> Callable[..., Any]:
     """``torch.autograd.grad``, which tells the listeners what it returned, unless its gradients are to be
     differentiated again (``create_graph``, which may be given by position: the first five parameters are
-    torch's) or are a batch of them (``is_grads_batched``), and when it raises (as ``backward()``)."""
+    torch's) or are a batch of them (``is_grads_batched``), and when it raises (as ``backward()``). Traced where
+    the graph may not break, it is torch's alone, as a :class:`Tap` does nothing there: what the listeners do
+    would run only for the tracer (and change what it guards: a recompile at each call, then a failed training);
+    they are told that it was (``on_grad_traced``)."""
 
     @functools.wraps(original)
     def grad(
@@ -258,13 +265,19 @@ def _wrap_grad(original: Callable[..., Any]) -> Callable[..., Any]:
     ) -> Any:
         if isinstance(inputs, Iterator):  # model.parameters(): read once, for torch and for the listeners
             inputs = tuple(inputs)
+        told = not (create_graph or kwargs.get("is_grads_batched"))
+        if torch.compiler.is_dynamo_compiling() and not _may_break_graph():
+            if told:
+                for listener in list(_LISTENERS):
+                    listener.on_grad_traced()
+            return original(outputs, inputs, grad_outputs, retain_graph, create_graph, *args, **kwargs)
         try:
             grads = original(outputs, inputs, grad_outputs, retain_graph, create_graph, *args, **kwargs)
         except BaseException as exc:  # as a backward's: the step it was to train is left
             for listener in list(_LISTENERS):
                 _tell(listener, listener.on_backward_failed, outputs, exc)
             raise
-        if not (create_graph or kwargs.get("is_grads_batched")):
+        if told:
             for listener in list(_LISTENERS):
                 _tell(listener, listener.on_grad, outputs, inputs, grads)
         return grads

@@ -295,6 +295,9 @@ class _Progress:
     tells_reads: bool = False  # the rule called found_input or need(partial=True): it says what it reads
     evaluated_steps: int = 0  # steps evaluated (invoke), however many are skipped before a start step
     skipped_steps: list[int] = field(default_factory=list)  # steps whose shard could not be read
+    # a collection named that the trial lacked (Requirement.describe) -> why: it leaves `missing` once it shows
+    # (Selection.names_for), also after a resume
+    lacked: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -748,6 +751,7 @@ class Rule:
             "tells_reads": self._progress.tells_reads,
             "evaluated_steps": self._progress.evaluated_steps,
             "skipped_steps": list(self._progress.skipped_steps),
+            "lacked": dict(self._progress.lacked),
             "attrs": {a: getattr(self, a) for a in self.state_attrs},
         }
         return json.loads(json.dumps(state))
@@ -776,6 +780,7 @@ class Rule:
             bool(state.get("tells_reads", False)),
             int(state.get("evaluated_steps", 0)),
             [int(s) for s in state.get("skipped_steps", [])],
+            {str(k): str(v) for k, v in state.get("lacked", {}).items()},
         )
         for a, v in state.get("attrs", {}).items():
             setattr(self, a, v)

@@ -57,7 +57,6 @@ class Selection:
         self.regexes = regex_list(tensor_regex)
         check_regexes("tensor_regex", self.regexes)
         self.exclude: tuple[str, ...] = ()
-        self._lacked: dict[str, str] = {}  # collection named that the trial lacked -> why (names_for)
         if not self.collections and not self.regexes:
             self.collections = tuple(default_collections)
             self.exclude = () if self.collections else tuple(default_exclude)
@@ -117,12 +116,14 @@ class Selection:
             self.need_in_trial(rule, step, requirement, partial=partial)
             return names
         lacking = {exc.name: exc for exc in unknown}
+        lacked = rule._progress.lacked  # kept with the rule's state: a resumed rule forgets the need too
         for c in self.collections:
             collection = Requirement(c, requirement.reductions, requirement.raw)
+            what = collection.describe()
             if c in lacking:  # said once, in the words of the first step that lacked it
-                rule.need(step, collection, self._lacked.setdefault(c, str(lacking[c])), partial=True)
-            elif c in self._lacked:
-                rule.need_met(step, collection, self._lacked.pop(c))
+                rule.need(step, collection, lacked.setdefault(what, str(lacking[c])), partial=True)
+            elif what in lacked:
+                rule.need_met(step, collection, lacked.pop(what))
         return names
 
     def requirements(self, reductions: Sequence[str] = (), raw: bool = False) -> list[Requirement]:
