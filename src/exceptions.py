@@ -36,7 +36,10 @@ class NoMoreData(TensortapError):
 
 
 def suggest(name: str, valid: Iterable[str]) -> str:
-    """``"; did you mean 'a' or 'b'?"`` for the valid names closest to ``name`` (difflib), or ``""``."""
+    """``"; did you mean 'a' or 'b'?"`` for the valid names closest to ``name`` (difflib), or ``""`` (also for a
+    ``name`` that is no str: the message of the error that names it must not fail)."""
+    if not isinstance(name, str):
+        return ""
     close = difflib.get_close_matches(name, list(valid), n=3, cutoff=0.6)
     return f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
 

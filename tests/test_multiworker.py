@@ -471,6 +471,27 @@ def test_an_unknown_worker_is_refused_naming_the_workers(reader: str, tmp_path: 
         call("worker_9")
 
 
+@pytest.mark.parametrize("reader", ["values", "steps", "reduction_values", "value"])
+def test_a_worker_given_as_a_rank_is_refused_saying_it_takes_a_name(reader: str, tmp_path: Path) -> None:
+    """review 58b R58b-3: ``value(0, worker=1)`` (a rank, not the name ``"worker_1"``) raised an ``UnknownName``
+    whose message failed to be made (``TypeError`` in difflib: printing it showed ``<exception str() failed>``).
+    A worker that is no str is a ``TypeError`` naming what ``worker=`` takes; an ``UnknownName`` of a name that
+    is no str has a message too."""
+    with Writer(tmp_path, rank=0, world_size=2) as w0, Writer(tmp_path, rank=1, world_size=2) as w1:
+        run_steps(w0, 1)
+        run_steps(w1, 1)
+    tensor = tensortap.create_trial(tmp_path).tensor("a")
+    call = {
+        "values": lambda w: tensor.values(worker=w),
+        "steps": lambda w: tensor.steps(worker=w),
+        "reduction_values": lambda w: tensor.reduction_values("mean", worker=w),
+        "value": lambda w: tensor.value(0, worker=w),
+    }[reader]
+    with pytest.raises(TypeError, match=r"worker= takes a worker's name, a str such as 'worker_1'.* not 1 \(int\)"):
+        call(1)
+    assert str(UnknownName("worker", 1, ["worker_0"])) == "no worker 1 (valid: worker_0)"  # type: ignore[arg-type]
+
+
 def test_ranks_resumed_together_number_on_from_the_same_step(tmp_path: Path) -> None:
     """hunt 40 F1: the ranks of a DDP run killed mid-training had each published a different number of steps
     (each loses its own unpublished tail); resumed with their ``run_id``, each numbered on from its own last

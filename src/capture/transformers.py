@@ -340,13 +340,17 @@ class Callback(TrainerCallback):
     ) -> None:
         """Offer the gradients the optimizer is about to apply (clipped, unscaled), of the parameters it updates."""
         steps, model, optimizer = self._steps, kw.get("model"), kw.get("optimizer")
-        if steps is not None and model is not None and steps.open_train():
+        if steps is None:
+            return
+        if model is not None and steps.open_train():
             named: Iterable[tuple[str, torch.Tensor]] = saved_parameters(unwrap(model))
             if optimizer is not None:  # a parameter outside it may have a gradient, which nothing applies
                 stepped = {id(p) for p in optimized_parameters(optimizer)}
                 named = ((name, p) for name, p in named if id(p) in stepped)
             steps.offer_gradients(named)
-            self._stepping = True
+        self._stepping = True  # saved or not: a run a callback starts from now on is written after the step
+        # a callback may raise, or the script die, before the step's end: it is written then (_end_stepped)
+        steps.hook.end_at_exit = self._end_stepped
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
         """The step is over: offer the weights it produced; it is written when the logs that follow it are in.
@@ -356,15 +360,27 @@ class Callback(TrainerCallback):
         steps, model = self._steps, kw.get("model")
         if steps is None or self.hook is None:
             return
-        self._pending, self._stepping = steps.train_open, False
-        if self._pending and model is not None:
-            steps.offer_parameters(saved_parameters(unwrap(model)))
+        self._step_ended(steps, model)
         # the script may die before the step is written (in the evaluation or checkpoint save after it):
         steps.hook.end_at_exit = functools.partial(self._flush, None) if self._pending else None
         hook = self.hook
         if agreed(hook.mode_step, self.stop_sync_steps, hook.stop_channel, hook.stop_poll_seconds, all_reduce_max()):
             log_stop(self.hook.stop_reason, "training")
             control.should_training_stop = True
+
+    def _step_ended(self, steps: StepCapture, model: torch.nn.Module | None) -> None:
+        """The open ``TRAIN`` step is over: it is pending, its weights (those of ``model`` now) offered."""
+        self._pending, self._stepping = steps.train_open, False
+        if self._pending and model is not None:
+            steps.offer_parameters(saved_parameters(unwrap(model)))
+
+    def _end_stepped(self) -> None:
+        """Write the open ``TRAIN`` step, which passed its optimizer step but not its end (a callback raised in
+        ``on_optimizer_step`` or ``on_step_end``, or the script dies there), with the weights of the model now,
+        then the runs held for after it (:meth:`_holding`)."""
+        if self._steps is not None:
+            self._step_ended(self._steps, None if self._model is None else self._model[0]())
+            self._flush(None)
 
     def on_log(
         self,
@@ -476,11 +492,14 @@ class Callback(TrainerCallback):
 
     def _end_raised_train(self) -> None:
         """The ``train()`` begun last raised: write the step it finished, with its logs, and drop the step it
-        left unfinished (one warning), whose numbers the next ``TRAIN`` step takes, as the Trainer counts. Until
-        a ``train()`` begins, the run's end reason is ``exception``."""
-        self._training, self._loop, self._stepping = False, None, False
+        left unfinished before its optimizer step (one warning), whose numbers the next ``TRAIN`` step takes, as
+        the Trainer counts (one that passed its optimizer step is written: :meth:`_end_stepped`). Until a
+        ``train()`` begins, the run's end reason is ``exception``."""
+        stepped, self._training, self._loop, self._stepping = self._stepping, False, None, False
         self._raised = "train() raised (the Trainer then calls no on_train_end)"
-        if self._steps is not None:
+        if stepped:  # it raised after the step's optimizer step: the step is complete
+            self._end_stepped()
+        elif self._steps is not None:
             if not self._pending:
                 self._steps.drop_train(TrainInterrupted("the train() before raised in it"))
             self._flush(None)  # the step it finished, then the runs held for either step (an evaluation in it)

@@ -874,8 +874,15 @@ class Tensor:
         return math.inf
 
     def _check_worker(self, worker: str) -> None:
-        """Raise :class:`UnknownName` (with the closest names) for a ``worker`` the trial does not have."""
-        if worker not in (workers := self.trial.workers()):
+        """Raise :class:`UnknownName` (with the closest names) for a ``worker`` the trial does not have, a
+        ``TypeError`` for one that is no name (a rank)."""
+        workers = self.trial.workers()
+        if not isinstance(worker, str):
+            raise TypeError(
+                f"worker= takes a worker's name, a str such as 'worker_1' (trial.workers() lists those of "
+                f"{self.trial.path}), not {worker!r} ({type(worker).__name__})"
+            )
+        if worker not in workers:
             raise UnknownName("worker", worker, workers, f" in {self.trial.path}")
 
     def _located(self, mode: Mode | None, last: float) -> Iterator[tuple[int, dict[str, Location]]]:
