@@ -7,6 +7,7 @@ import json
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -450,22 +451,29 @@ def test_a_live_read_of_a_step_one_worker_has_not_written_yet_is_not_another_wor
     assert [v.tolist()[0] for v in tensor.values().values()] == [0.0, 10.0, 20.0, 30.0]
 
 
+def _reader_of_two_workers(tmp_path: Path, reader: str) -> Callable[[Any], Any]:
+    """``reader`` of tensor ``a`` (one step by each of two workers, written in ``tmp_path``), given ``worker=``."""
+    with Writer(tmp_path, rank=0, world_size=2) as w0, Writer(tmp_path, rank=1, world_size=2) as w1:
+        run_steps(w0, 1)
+        run_steps(w1, 1)
+    tensor = tensortap.create_trial(tmp_path).tensor("a")
+    readers: dict[str, Callable[[Any], Any]] = {
+        "values": lambda w: tensor.values(worker=w),
+        "histogram_values": lambda w: tensor.histogram_values(worker=w),
+        "reduction_values": lambda w: tensor.reduction_values("mean", worker=w),
+        "to_series": lambda w: tensor.to_series("mean", worker=w),
+        "steps": lambda w: tensor.steps(worker=w),
+        "value": lambda w: tensor.value(0, worker=w),
+    }
+    return readers[reader]
+
+
 @pytest.mark.parametrize("reader", ["values", "histogram_values", "reduction_values", "to_series", "value"])
 def test_an_unknown_worker_is_refused_naming_the_workers(reader: str, tmp_path: Path) -> None:
     """``values(worker="worker_9")`` and the other readers of every step gave ``{}`` (an empty Series), as for a
     worker that saved nothing of the tensor, while ``value(0, worker="worker_9")`` raised (hunt 33 M2). Since
     hunt 52 F6, ``value`` also names the unknown worker with the closest names (it said "did not save it")."""
-    with Writer(tmp_path, rank=0, world_size=2) as w0, Writer(tmp_path, rank=1, world_size=2) as w1:
-        run_steps(w0, 1)
-        run_steps(w1, 1)
-    tensor = tensortap.create_trial(tmp_path).tensor("a")
-    call = {
-        "values": lambda w: tensor.values(worker=w),
-        "histogram_values": lambda w: tensor.histogram_values(worker=w),
-        "reduction_values": lambda w: tensor.reduction_values("mean", worker=w),
-        "to_series": lambda w: tensor.to_series("mean", worker=w),
-        "value": lambda w: tensor.value(0, worker=w),
-    }[reader]
+    call = _reader_of_two_workers(tmp_path, reader)
     assert len(call("worker_1")) > 0
     with pytest.raises(UnknownName, match=r"no worker 'worker_9' in .*\(valid: worker_0, worker_1\)"):
         call("worker_9")
@@ -477,16 +485,7 @@ def test_a_worker_given_as_a_rank_is_refused_saying_it_takes_a_name(reader: str,
     whose message failed to be made (``TypeError`` in difflib: printing it showed ``<exception str() failed>``).
     A worker that is no str is a ``TypeError`` naming what ``worker=`` takes; an ``UnknownName`` of a name that
     is no str has a message too."""
-    with Writer(tmp_path, rank=0, world_size=2) as w0, Writer(tmp_path, rank=1, world_size=2) as w1:
-        run_steps(w0, 1)
-        run_steps(w1, 1)
-    tensor = tensortap.create_trial(tmp_path).tensor("a")
-    call = {
-        "values": lambda w: tensor.values(worker=w),
-        "steps": lambda w: tensor.steps(worker=w),
-        "reduction_values": lambda w: tensor.reduction_values("mean", worker=w),
-        "value": lambda w: tensor.value(0, worker=w),
-    }[reader]
+    call = _reader_of_two_workers(tmp_path, reader)
     with pytest.raises(TypeError, match=r"worker= takes a worker's name, a str such as 'worker_1'.* not 1 \(int\)"):
         call(1)
     assert str(UnknownName("worker", 1, ["worker_0"])) == "no worker 1 (valid: worker_0)"  # type: ignore[arg-type]

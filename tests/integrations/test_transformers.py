@@ -357,6 +357,21 @@ class AfterStep(transformers.TrainerCallback):  # type: ignore[misc]
         self.params[state.global_step - 1] = {n: p.detach().numpy().copy() for n, p in model.named_parameters()}
 
 
+def _matches_the_trainer(trial: tensortap.Trial, trainer: Any, after: AfterStep, n: int) -> None:
+    """The trial's TRAIN steps are ``0 .. n-1``, each with the loss the Trainer logged and the weights and gradients
+    ``after`` recorded of two parameters."""
+    logged = {h["step"] - 1: h["loss"] for h in trainer.state.log_history if "loss" in h}
+    got = trial.tensor("losses/loss").values(mode=Mode.TRAIN)
+    assert sorted(got) == sorted(logged) == list(range(n))
+    np.testing.assert_allclose([got[s] for s in range(n)], [logged[s] for s in range(n)], rtol=1e-6)
+    for step in range(n):
+        for name in ("classifier.weight", "bert.pooler.dense.bias"):
+            np.testing.assert_array_equal(trial.tensor(name).value(step, mode=Mode.TRAIN), after.params[step][name])
+            np.testing.assert_array_equal(
+                trial.tensor(f"gradients/{name}").value(step, mode=Mode.TRAIN), after.grads[step][name]
+            )
+
+
 class CtrlCAt(transformers.TrainerCallback):  # type: ignore[misc]
     """A Ctrl-C once, in the Trainer's step ``step + 1`` (from 1), before its optimizer step (listed after tensortap's
     callback: the step is begun)."""
@@ -403,16 +418,7 @@ def test_a_train_interrupted_by_ctrl_c_and_resumed_in_the_same_process(tmp_path:
     assert trial.steps(mode=Mode.TRAIN) == list(range(6)) and trainer.state.global_step == 6
     # the dropped step's global number goes to the next step, as in Keras
     assert [trial.global_step(s, mode=Mode.TRAIN) for s in range(6)] == list(range(6))
-    logged = {h["step"] - 1: h["loss"] for h in trainer.state.log_history if "loss" in h}
-    got = trial.tensor("losses/loss").values(mode=Mode.TRAIN)
-    assert sorted(got) == sorted(logged) == list(range(6))
-    np.testing.assert_allclose([got[s] for s in range(6)], [logged[s] for s in range(6)], rtol=1e-6)
-    for step in range(6):
-        for name in ("classifier.weight", "bert.pooler.dense.bias"):
-            np.testing.assert_array_equal(trial.tensor(name).value(step, mode=Mode.TRAIN), after.params[step][name])
-            np.testing.assert_array_equal(
-                trial.tensor(f"gradients/{name}").value(step, mode=Mode.TRAIN), after.grads[step][name]
-            )
+    _matches_the_trainer(trial, trainer, after, 6)
     assert trial.end_reasons() == {"worker_0": "closed"}
 
 
@@ -538,16 +544,7 @@ def test_an_evaluate_a_callback_runs_within_a_train_step_leaves_the_step_open(tm
     np.testing.assert_allclose(
         trial.tensor("losses/eval_loss").value(0, mode=Mode.EVAL), evaluate.evaluated[0]["eval_loss"]
     )
-    logged = {h["step"] - 1: h["loss"] for h in trainer.state.log_history if "loss" in h}
-    got = trial.tensor("losses/loss").values(mode=Mode.TRAIN)
-    assert sorted(got) == sorted(logged) == [0, 1, 2]
-    np.testing.assert_allclose([got[s] for s in range(3)], [logged[s] for s in range(3)], rtol=1e-6)
-    for step in range(3):
-        for name in ("classifier.weight", "bert.pooler.dense.bias"):
-            np.testing.assert_array_equal(trial.tensor(name).value(step, mode=Mode.TRAIN), after.params[step][name])
-            np.testing.assert_array_equal(
-                trial.tensor(f"gradients/{name}").value(step, mode=Mode.TRAIN), after.grads[step][name]
-            )
+    _matches_the_trainer(trial, trainer, after, 3)
     saw = 0 if event == "on_substep_end" else 1  # the weights the evaluation saw: of TRAIN step saw
     evaluated_at = trial.global_step(0, mode=Mode.EVAL)
     assert trial.global_step(saw, mode=Mode.TRAIN) < evaluated_at < trial.global_step(saw + 1, mode=Mode.TRAIN)
