@@ -231,6 +231,7 @@ class Callback(TrainerCallback):
         self._raised: str | None = None  # the train() before raised: the run's end reason is exception
         self._pending = False  # a TRAIN step ended; logs may still come for it, until an evaluation begins
         self._stepping = False  # the open TRAIN step reached its optimizer step (its gradients were offered)
+        self._stepped = False  # and its optimizer step returned (on_optimizer_step): the step is trained
         self._epoch_ended = False  # the pending step ended its epoch: the Trainer may log the epoch for it
         # a step's log may come after an evaluation or prediction at it (the epoch's log, after an evaluation at
         # the epoch's last step; a predict in a callback's on_step_end): the runs and logs of those are kept
@@ -333,7 +334,7 @@ class Callback(TrainerCallback):
         if steps is not None:
             self._flush(kw.get("model"))
             steps.open_train()
-            self._stepping = False
+            self._stepping = self._stepped = False
 
     def on_pre_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
@@ -349,8 +350,16 @@ class Callback(TrainerCallback):
                 named = ((name, p) for name, p in named if id(p) in stepped)
             steps.offer_gradients(named)
         self._stepping = True  # saved or not: a run a callback starts from now on is written after the step
-        # a callback may raise, or the script die, before the step's end: it is written then (_end_stepped)
-        steps.hook.end_at_exit = self._end_stepped
+
+    def on_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
+    ) -> None:
+        """The optimizer stepped: a callback may raise, or the script die, before the step's end, which is written
+        then (:meth:`_end_stepped`). Not before: an ``optimizer.step()`` that raises (out of memory) trained
+        nothing, and the Trainer does not count the step."""
+        if self._steps is not None and self._stepping:
+            self._stepped = True
+            self._steps.hook.end_at_exit = self._end_stepped
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
         """The step is over: offer the weights it produced; it is written when the logs that follow it are in.
@@ -370,7 +379,7 @@ class Callback(TrainerCallback):
 
     def _step_ended(self, steps: StepCapture, model: torch.nn.Module | None) -> None:
         """The open ``TRAIN`` step is over: it is pending, its weights (those of ``model`` now) offered."""
-        self._pending, self._stepping = steps.train_open, False
+        self._pending, self._stepping, self._stepped = steps.train_open, False, False
         if self._pending and model is not None:
             steps.offer_parameters(saved_parameters(unwrap(model)))
 
@@ -492,10 +501,11 @@ class Callback(TrainerCallback):
 
     def _end_raised_train(self) -> None:
         """The ``train()`` begun last raised: write the step it finished, with its logs, and drop the step it
-        left unfinished before its optimizer step (one warning), whose numbers the next ``TRAIN`` step takes, as
-        the Trainer counts (one that passed its optimizer step is written: :meth:`_end_stepped`). Until a
+        left unfinished before its optimizer step returned (one warning; an ``optimizer.step()`` that raised trained
+        nothing), whose numbers the next ``TRAIN`` step takes, as the Trainer counts (one whose optimizer step
+        returned is written: :meth:`_end_stepped`). Until a
         ``train()`` begins, the run's end reason is ``exception``."""
-        stepped, self._training, self._loop, self._stepping = self._stepping, False, None, False
+        stepped, self._training, self._loop, self._stepping, self._stepped = self._stepped, False, None, False, False
         self._raised = "train() raised (the Trainer then calls no on_train_end)"
         if stepped:  # it raised after the step's optimizer step: the step is complete
             self._end_stepped()

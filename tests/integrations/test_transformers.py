@@ -609,6 +609,48 @@ finally:
 """
 
 
+class OutOfMemoryAt(transformers.TrainerCallback):  # type: ignore[misc]
+    """Makes ``optimizer.step()`` raise ``torch.OutOfMemoryError`` once, at the Trainer's 0-based step ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step, self.armed = step, True
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kw: Any) -> None:
+        if self.armed and state.global_step == self.step:
+            self.armed = False
+            step = optimizer.step
+
+            def out_of_memory(*a: Any, **k: Any) -> None:
+                optimizer.step = step
+                raise torch.OutOfMemoryError("CUDA out of memory (raised by the test)")
+
+            optimizer.step = out_of_memory
+
+
+def test_a_step_whose_optimizer_step_raised_is_dropped_and_a_resumed_train_numbers_as_the_trainer(
+    tmp_path: Path,
+) -> None:
+    """review 58c R58c-1: since 96d0cfd a step counted as trained from ``on_pre_optimizer_step`` on, which runs
+    before ``optimizer.step()``: one that raised (out of memory) was written as a TRAIN step, with no loss, the
+    gradients of the failed step and the weights of the step before, and ``train(resume_from_checkpoint=True)``
+    was then numbered one step off the Trainer (seven TRAIN steps for six, losses shifted). The step is trained
+    once ``on_optimizer_step`` comes: before, it is dropped as interrupted."""
+    out = tmp_path / "trial"
+    after = AfterStep()
+    trainer = transformers.Trainer(
+        model=tiny_bert(),
+        args=arguments(tmp_path, max_steps=6, save_strategy="steps", save_steps=3),
+        train_dataset=Rows(64, 0),
+        callbacks=[tth.Callback(out, save_config=EVERY_STEP), OutOfMemoryAt(3), after],
+    )
+    with pytest.raises(torch.OutOfMemoryError):
+        trainer.train()
+    trainer.train(resume_from_checkpoint=True)
+    trial = tensortap.create_trial(out)
+    assert [trial.global_step(s, mode=Mode.TRAIN) for s in trial.steps(mode=Mode.TRAIN)] == list(range(6))
+    _matches_the_trainer(trial, trainer, after, 6)
+
+
 def test_an_evaluate_held_for_its_train_step_is_written_with_it_when_the_script_dies_before_the_steps_end(
     tmp_path: Path,
 ) -> None:
